@@ -1,0 +1,40 @@
+"""asyncjobs: durable background jobs inside your web app's own event loop."""
+
+from __future__ import annotations
+
+from asyncjobs._errors import (
+    AsyncJobsError,
+    ConfigurationError,
+    JobFailed,
+    NotSerializable,
+    PayloadTooLarge,
+    Retry,
+    StoreError,
+    TaskNotRegistered,
+)
+from asyncjobs._jobs import Jobs
+from asyncjobs._models import Job, JobInfo, JobStatus
+from asyncjobs._runner import JobContext, current_job
+from asyncjobs._tasks import JobSpec, Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncJobsError",
+    "ConfigurationError",
+    "Job",
+    "JobContext",
+    "JobFailed",
+    "JobInfo",
+    "JobSpec",
+    "JobStatus",
+    "Jobs",
+    "NotSerializable",
+    "PayloadTooLarge",
+    "Retry",
+    "StoreError",
+    "Task",
+    "TaskNotRegistered",
+    "__version__",
+    "current_job",
+]

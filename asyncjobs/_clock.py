@@ -1,0 +1,56 @@
+"""Time, injected: every loop and timeout in asyncjobs goes through a ``Clock``.
+
+``SystemClock`` is wall time for timestamps and the event loop's clock for
+waiting. ``asyncjobs.testing.FakeClock`` implements the same protocol and moves
+only when told, so tests never sleep.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime
+from typing import Protocol
+
+import anyio
+
+
+class Clock(Protocol):
+    """Where asyncjobs reads the time and how it waits."""
+
+    def now(self) -> float:
+        """The current time as epoch seconds (UTC)."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` of this clock's time."""
+        ...
+
+    def move_on_after(self, seconds: float | None) -> AbstractContextManager[anyio.CancelScope]:
+        """A cancel scope that is cancelled once ``seconds`` of this clock's time passed.
+
+        ``None`` means no deadline. Check ``scope.cancelled_caught`` afterwards.
+        """
+        ...
+
+
+class SystemClock:
+    """The real clock."""
+
+    def now(self) -> float:
+        return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        await anyio.sleep(max(seconds, 0.0))
+
+    def move_on_after(self, seconds: float | None) -> AbstractContextManager[anyio.CancelScope]:
+        return anyio.move_on_after(seconds)
+
+
+def to_datetime(epoch: float | None) -> datetime | None:
+    """Epoch seconds to an aware UTC datetime (``None`` passes through)."""
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
+
+
+def utcnow_from(clock: Clock) -> datetime:
+    return datetime.fromtimestamp(clock.now(), UTC)

@@ -1,0 +1,73 @@
+"""The errors asyncjobs raises, and the one signal task code may raise.
+
+::
+
+    AsyncJobsError                          root of everything asyncjobs raises
+    ├── ConfigurationError(ValueError)      bad URL, setting, rate string, missing extra
+    ├── NotSerializable(TypeError)          an argument or result is not strict JSON
+    ├── PayloadTooLarge(ValueError)         the encoded job is over max_payload_bytes
+    ├── TaskNotRegistered(LookupError)      no task of that name in this process
+    ├── JobFailed                           a job ended dead or cancelled
+    └── StoreError                          the database failed; driver error as __cause__
+
+    Retry(Exception)                        raised by task code to ask for a retry
+
+``Retry`` sits outside the tree on purpose: an ``except AsyncJobsError`` in a task
+must not swallow it.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+
+class AsyncJobsError(Exception):
+    """Root of every error asyncjobs raises."""
+
+
+class ConfigurationError(AsyncJobsError, ValueError):
+    """A setting, URL or option is invalid, or an optional extra is missing."""
+
+
+class NotSerializable(AsyncJobsError, TypeError):
+    """A job argument or result cannot be encoded as strict JSON."""
+
+
+class PayloadTooLarge(AsyncJobsError, ValueError):
+    """The encoded job is larger than ``max_payload_bytes``."""
+
+
+class TaskNotRegistered(AsyncJobsError, LookupError):
+    """No task of that name is registered in this process."""
+
+
+class JobFailed(AsyncJobsError):
+    """The job ended ``dead`` or ``cancelled`` instead of succeeding."""
+
+    def __init__(self, job_id: str, status: str, error: str | None) -> None:
+        detail = f": {error.strip().splitlines()[-1]}" if error else ""
+        super().__init__(f"job {job_id} ended {status}{detail}")
+        self.job_id = job_id
+        self.status = status
+        self.error = error
+
+
+class StoreError(AsyncJobsError):
+    """The store could not complete an operation; the driver's error is ``__cause__``."""
+
+
+class Retry(Exception):
+    """Raise from a task to fail this attempt and retry after ``delay`` seconds.
+
+    It spends an attempt like any failure; with no attempts left the job ends ``dead``.
+    Without ``delay`` the task's usual exponential backoff applies.
+    """
+
+    def __init__(self, delay: float | timedelta | None = None, reason: str | None = None) -> None:
+        if isinstance(delay, timedelta):
+            delay = delay.total_seconds()
+        if delay is not None and not delay >= 0:
+            raise ValueError(f"Retry delay must be >= 0 seconds, got {delay!r}")
+        super().__init__(reason or "retry requested")
+        self.delay = delay
+        self.reason = reason

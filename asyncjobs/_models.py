@@ -1,0 +1,145 @@
+"""What users see of a job: its status, a snapshot (``JobInfo``) and a handle (``Job``)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from asyncjobs._clock import to_datetime
+from asyncjobs._codec import JSON, decode, decode_payload
+from asyncjobs.stores._protocol import JobRow
+
+if TYPE_CHECKING:
+    from asyncjobs._jobs import Jobs
+
+R = TypeVar("R")
+
+
+class JobStatus(enum.StrEnum):
+    """Where a job is in its life. Compares equal to the plain strings."""
+
+    WAITING = "waiting"
+    """A chain member or batch callback waiting on other jobs."""
+    SCHEDULED = "scheduled"
+    """``run_at`` is in the future (a delay, or a retry's backoff)."""
+    QUEUED = "queued"
+    """Due, waiting for a worker."""
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    DEAD = "dead"
+    """Failed on every attempt (the dead-letter state); ``jobs.retry()`` revives it."""
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED
+
+
+FINISHED = frozenset({JobStatus.SUCCEEDED, JobStatus.DEAD, JobStatus.CANCELLED})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobInfo:
+    """A snapshot of one job, as stored."""
+
+    id: str
+    task: str
+    queue: str
+    status: JobStatus
+    attempts: int
+    max_attempts: int
+    priority: int
+    run_at: datetime
+    enqueued_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    result: JSON
+    error: str | None
+    idempotency_key: str | None
+    args: list[JSON]
+    kwargs: dict[str, JSON]
+    group: str | None = None
+    progress: float | None = None
+    progress_message: str | None = None
+
+
+class Job(Generic[R]):
+    """A handle on an enqueued job. Cheap to create; every method reads the store."""
+
+    __slots__ = ("_jobs", "id")
+
+    def __init__(self, jobs: Jobs, job_id: str) -> None:
+        self.id = job_id
+        self._jobs = jobs
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Job) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    async def info(self) -> JobInfo:
+        info = await self._jobs.get(self.id)
+        if info is None:
+            from asyncjobs._errors import AsyncJobsError
+
+            raise AsyncJobsError(f"job {self.id} no longer exists (pruned or purged)")
+        return info
+
+    async def result(self, timeout: float | None = None) -> R:
+        """Wait for the job to finish and return its result.
+
+        Raises ``JobFailed`` when it ends dead or cancelled, ``TimeoutError`` when
+        ``timeout`` seconds (real time) pass first.
+        """
+        value: Any = await self._jobs._wait_result(self.id, timeout)
+        return value  # type: ignore[no-any-return]
+
+    async def cancel(self) -> bool:
+        """Cancel the job unless it already finished; True if it was cancelled."""
+        return await self._jobs.cancel(self.id)
+
+
+def info_from_row(row: JobRow, now: float) -> JobInfo:
+    """The user's view of a stored row; ``scheduled``/``queued`` follow ``run_at``."""
+    status = row.status
+    if status in ("scheduled", "queued"):
+        status = "scheduled" if row.run_at > now else "queued"
+    try:
+        args, kwargs = decode_payload(row.payload)
+    except ValueError:
+        args, kwargs = [], {}
+    try:
+        result = decode(row.result)
+    except ValueError:
+        result = None
+    return JobInfo(
+        id=row.id,
+        task=row.task,
+        queue=row.queue,
+        status=JobStatus(status),
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        priority=row.priority,
+        run_at=_dt(row.run_at),
+        enqueued_at=_dt(row.enqueued_at),
+        started_at=to_datetime(row.started_at),
+        finished_at=to_datetime(row.finished_at),
+        result=result,
+        error=row.error,
+        idempotency_key=row.idempotency_key,
+        args=args,
+        kwargs=kwargs,
+        group=row.group_key,
+        progress=row.progress,
+        progress_message=row.progress_message,
+    )
+
+
+def _dt(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)

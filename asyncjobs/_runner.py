@@ -1,0 +1,409 @@
+"""The runner: claim ready jobs, run them under limits, ack the outcome.
+
+One ``Runner`` per ``Jobs``. ``serve`` is the long-lived loop used when workers
+are started; ``drain`` runs ready jobs until none is left (tests, scripts).
+Both claim in batches sized to the free slots and ack through group commit, so
+a busy runner costs a couple of store round trips per batch, not per job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import traceback
+import uuid
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from asyncjobs._backoff import backoff_delay
+from asyncjobs._batching import GroupCommit
+from asyncjobs._codec import decode_payload, encode
+from asyncjobs._errors import NotSerializable, Retry
+from asyncjobs.stores._protocol import ClaimRequest, JobRow, Outcome, OutcomeKind, TaskLimits
+
+if TYPE_CHECKING:
+    from asyncjobs._jobs import Jobs
+
+logger = logging.getLogger("asyncjobs")
+
+_current: ContextVar[JobContext] = ContextVar("asyncjobs_current_job")
+
+
+@dataclass(slots=True, kw_only=True)
+class JobContext:
+    """What a running task knows about its own job (``asyncjobs.current_job()``)."""
+
+    id: str
+    task: str
+    queue: str
+    attempt: int
+    max_attempts: int
+    idempotency_key: str | None
+    _jobs: Jobs = field(repr=False)
+
+    async def set_progress(self, progress: float, message: str | None = None) -> None:
+        """Record progress (0.0 to 1.0) and an optional message, shown in ``JobInfo``."""
+        if not 0.0 <= float(progress) <= 1.0:
+            raise ValueError(f"progress must be between 0.0 and 1.0, got {progress!r}")
+        await self._jobs.store.set_progress(self.id, float(progress), message)
+
+
+def current_job() -> JobContext:
+    """The job the calling task is running; raises ``LookupError`` outside a job."""
+    try:
+        return _current.get()
+    except LookupError:
+        raise LookupError("current_job() is only available inside a running job") from None
+
+
+@dataclass(slots=True)
+class _Running:
+    row: JobRow
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    cancelled_by_user: bool = False
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Runner:
+    def __init__(self, jobs: Jobs) -> None:
+        self.jobs = jobs
+        self.settings = jobs.settings
+        self.clock = jobs.settings.clock
+        self.worker_id = _worker_id()
+        self.running: dict[str, _Running] = {}
+        self._wakeup = anyio.Event()
+        self._slot_freed = anyio.Event()
+        self._acks: GroupCommit[Outcome, bool] = GroupCommit(self._flush_acks)
+        self._shutting_down = False
+
+    # -- signals ---------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """A job was enqueued locally: claim now instead of at the next poll."""
+        self._wakeup.set()
+
+    def cancel_local(self, job_id: str) -> None:
+        running = self.running.get(job_id)
+        if running is not None:
+            running.cancelled_by_user = True
+            running.scope.cancel()
+
+    # -- claiming --------------------------------------------------------------------
+
+    def _request(self, limit: int) -> ClaimRequest:
+        tasks = {
+            name: TaskLimits(
+                max_attempts=task.retries + 1,
+                concurrency=task.concurrency,
+                limiter=task.limiter,
+            )
+            for name, task in self.jobs.registry.items()
+        }
+        return ClaimRequest(
+            worker=self.worker_id,
+            tasks=tasks,
+            queues=self.settings.queues,
+            limit=limit,
+            lease=self.settings.visibility_timeout,
+            queue_concurrency=self.jobs.queue_limits,
+        )
+
+    @property
+    def free_slots(self) -> int:
+        return self.settings.concurrency - len(self.running)
+
+    async def claim_into(self, tg: TaskGroup) -> int:
+        """Claim as many jobs as there are free slots and start them in ``tg``."""
+        free = self.free_slots
+        if free <= 0 or not self.jobs.registry:
+            return 0
+        rows = await self.jobs.store.claim(self._request(free), now=self.clock.now())
+        for row in rows:
+            self.running[row.id] = _Running(row)
+            tg.start_soon(self._execute, row, name=f"asyncjobs job {row.id}")
+        return len(rows)
+
+    async def drain(self) -> None:
+        """Run ready jobs until none is ready or running (workers must not be started)."""
+        await self.recover()
+        async with anyio.create_task_group() as tg:
+            while True:
+                claimed = await self.claim_into(tg)
+                if claimed:
+                    continue
+                if not self.running:
+                    break
+                await self._slot_freed.wait()
+
+    async def serve(self, jobs_tg: TaskGroup, *, task_status: TaskStatus[None]) -> None:
+        """Claim loop: runs until cancelled (that is how shutdown stops claiming)."""
+        task_status.started()
+        check_every = min(self.settings.poll_interval, 0.1)
+        last_full_poll = self.clock.now()
+        while True:
+            if self.free_slots <= 0:
+                await self._slot_freed.wait()
+                continue
+            self._wakeup = anyio.Event()
+            try:
+                claimed = await self.claim_into(jobs_tg)
+            except Exception:
+                logger.exception(
+                    "claiming jobs failed; retrying in %.1fs", self.settings.poll_interval
+                )
+                await self.clock.sleep(self.settings.poll_interval)
+                continue
+            last_full_poll = self.clock.now()
+            if claimed and self.free_slots > 0:
+                continue  # there may be more ready
+            # Idle (or full): sleep until a local enqueue, another process's write,
+            # the next scheduled job, a freed slot, or the poll interval.
+            wake_at = last_full_poll + self.settings.poll_interval
+            if claimed == 0:
+                next_run = await self._next_run_at()
+                if next_run is not None:
+                    wake_at = min(wake_at, next_run)
+            while True:
+                remaining = wake_at - self.clock.now()
+                if remaining <= 0 or self._wakeup.is_set():
+                    break
+                with self.clock.move_on_after(min(check_every, remaining)):
+                    await self._wakeup.wait()
+                if self._wakeup.is_set():
+                    break
+                if claimed == 0 and await self._store_changed():
+                    break
+
+    async def _next_run_at(self) -> float | None:
+        try:
+            return await self.jobs.store.next_run_at()
+        except Exception:
+            logger.exception("reading the next scheduled job failed")
+            return None
+
+    async def _store_changed(self) -> bool:
+        try:
+            return await self.jobs.store.changed()
+        except Exception:
+            logger.exception("checking the store for changes failed")
+            return False
+
+    # -- running one job -------------------------------------------------------------
+
+    async def _execute(self, row: JobRow) -> None:
+        running = self.running[row.id]
+        outcome: Outcome | None = None
+        started = self.clock.now()
+        try:
+            outcome = await self._attempt(row, running)
+        except Exception:  # a bug of ours, not the task's: record it, never lose the job
+            logger.exception("running job %s failed inside asyncjobs", row.id)
+            outcome = self._failure(row, traceback.format_exc())
+        except anyio.get_cancelled_exc_class():
+            # Shutdown cut it off: give the job back without spending the attempt.
+            outcome = Outcome(
+                job_id=row.id, worker=self.worker_id, attempt=row.attempts, kind=OutcomeKind.RELEASE
+            )
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._complete(row, outcome, started)
+
+    async def _attempt(self, row: JobRow, running: _Running) -> Outcome:
+        task = self.jobs.registry.get(row.task)
+        if task is None:  # unregistered between claim and run: give it back
+            return self._outcome(row, OutcomeKind.RELEASE)
+        try:
+            args, kwargs = decode_payload(row.payload)
+            options: dict[str, Any] = json.loads(row.options) if row.options else {}
+            if not isinstance(options, dict):
+                raise ValueError("options are not a JSON object")
+        except ValueError as error:
+            return self._outcome(
+                row, OutcomeKind.DEAD, error=f"the stored payload cannot be decoded: {error}"
+            )
+        timeout = options.get("timeout", task.timeout)
+        token = _current.set(
+            JobContext(
+                id=row.id,
+                task=row.task,
+                queue=row.queue,
+                attempt=row.attempts,
+                max_attempts=row.max_attempts,
+                idempotency_key=row.idempotency_key,
+                _jobs=self.jobs,
+            )
+        )
+        logger.debug(
+            "job %s (%s) started, attempt %d/%d", row.id, row.task, row.attempts, row.max_attempts,
+            extra={"job_id": row.id, "task": row.task, "attempt": row.attempts},
+        )  # fmt: skip
+        try:
+            with running.scope, self.clock.move_on_after(timeout) as deadline:
+                result = await task.fn(*args, **kwargs)
+            if running.cancelled_by_user:
+                return self._outcome(row, OutcomeKind.CANCELLED, error="cancelled while running")
+            if deadline.cancelled_caught:
+                return self._failure(
+                    row, f"TimeoutError: the job ran longer than its {timeout}s timeout"
+                )
+            try:
+                encoded = encode(result, what=f"the result of task {row.task!r}")
+            except NotSerializable as error:
+                return self._failure(row, f"NotSerializable: {error}")
+            return self._outcome(row, OutcomeKind.SUCCEEDED, result=encoded)
+        except Retry as signal:
+            return self._failure(row, f"Retry: {signal}", delay=signal.delay)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception:
+            return self._failure(row, traceback.format_exc())
+        finally:
+            _current.reset(token)
+
+    def _outcome(
+        self,
+        row: JobRow,
+        kind: OutcomeKind,
+        *,
+        result: str | None = None,
+        error: str | None = None,
+        run_at: float | None = None,
+    ) -> Outcome:
+        return Outcome(
+            job_id=row.id,
+            worker=self.worker_id,
+            attempt=row.attempts,
+            kind=kind,
+            result=result,
+            error=error,
+            run_at=run_at,
+            max_attempts=row.max_attempts,
+        )
+
+    def _failure(self, row: JobRow, error: str, *, delay: float | None = None) -> Outcome:
+        """A failed attempt: retry after backoff, or dead when out of attempts."""
+        if row.attempts >= row.max_attempts:
+            return self._outcome(row, OutcomeKind.DEAD, error=error)
+        if delay is None:
+            delay = backoff_delay(
+                row.attempts, base=self.settings.backoff_base, maximum=self.settings.max_backoff
+            )
+        return self._outcome(row, OutcomeKind.RETRY, error=error, run_at=self.clock.now() + delay)
+
+    async def _complete(self, row: JobRow, outcome: Outcome | None, started: float) -> None:
+        try:
+            if outcome is not None:
+                try:
+                    applied = await self._acks.submit(outcome)
+                except Exception:
+                    # The lease will expire and the job will run again: at least once.
+                    logger.exception("recording the outcome of job %s failed", row.id)
+                    applied = False
+                self._log(row, outcome, applied, self.clock.now() - started)
+        finally:
+            self.running.pop(row.id, None)
+            freed, self._slot_freed = self._slot_freed, anyio.Event()
+            freed.set()
+            self.jobs._notify_finished(row.id)
+
+    async def _flush_acks(self, outcomes: list[Outcome]) -> list[bool]:
+        applied = set(await self.jobs.store.finish(outcomes, now=self.clock.now()))
+        return [o.job_id in applied for o in outcomes]
+
+    def _log(self, row: JobRow, outcome: Outcome, applied: bool, duration: float) -> None:
+        extra = {
+            "job_id": row.id,
+            "task": row.task,
+            "attempt": row.attempts,
+            "duration": round(duration, 6),
+            "outcome": str(outcome.kind),
+        }
+        if not applied:
+            logger.warning(
+                "job %s (%s) finished as %s but was no longer ours (lease expired or cancelled)",
+                row.id, row.task, outcome.kind, extra=extra,
+            )  # fmt: skip
+        elif outcome.kind is OutcomeKind.SUCCEEDED:
+            logger.info("job %s (%s) succeeded in %.3fs", row.id, row.task, duration, extra=extra)
+        elif outcome.kind is OutcomeKind.RETRY:
+            logger.warning(
+                "job %s (%s) failed attempt %d/%d, retrying: %s",
+                row.id, row.task, row.attempts, row.max_attempts, _last_line(outcome.error),
+                extra=extra,
+            )  # fmt: skip
+        elif outcome.kind is OutcomeKind.DEAD:
+            logger.error(
+                "job %s (%s) is dead after %d attempts: %s",
+                row.id, row.task, row.attempts, _last_line(outcome.error), extra=extra,
+            )  # fmt: skip
+        else:
+            logger.info("job %s (%s) %s", row.id, row.task, outcome.kind, extra=extra)
+
+    # -- leases ----------------------------------------------------------------------
+
+    async def heartbeat_once(self) -> None:
+        """Extend our leases; cancel local jobs that are no longer ours."""
+        ids = list(self.running)
+        if not ids:
+            return
+        lease_until = self.clock.now() + self.settings.visibility_timeout
+        owned = await self.jobs.store.heartbeat(ids, worker=self.worker_id, lease_until=lease_until)
+        for job_id in ids:
+            if job_id not in owned and job_id in self.running:
+                logger.warning(
+                    "job %s is no longer ours (cancelled, or lease expired); stopping it", job_id,
+                    extra={"job_id": job_id},
+                )  # fmt: skip
+                self.cancel_local(job_id)
+
+    async def heartbeat_loop(self, *, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        while True:
+            await self.clock.sleep(self.settings.heartbeat_interval)
+            try:
+                await self.heartbeat_once()
+            except Exception:
+                logger.exception("heartbeat failed; leases may expire")
+
+    async def recover(self) -> None:
+        """Requeue jobs whose lease expired (their worker died)."""
+        for job in await self.jobs.store.recover(now=self.clock.now()):
+            extra = {"job_id": job.id, "task": job.task, "attempt": job.attempts}
+            if job.dead:
+                logger.error(
+                    "job %s (%s) is dead: its lease expired on its last attempt (%d)",
+                    job.id, job.task, job.attempts, extra=extra,
+                )  # fmt: skip
+            else:
+                logger.warning(
+                    "job %s (%s) requeued: its lease expired during attempt %d",
+                    job.id, job.task, job.attempts, extra=extra,
+                )  # fmt: skip
+
+    async def maintenance_loop(self, *, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        interval = min(self.settings.visibility_timeout / 2, 30.0)
+        while True:
+            try:
+                await self.recover()
+            except Exception:
+                logger.exception("recovering expired leases failed")
+            await self.clock.sleep(interval)
+
+    async def wait_idle(self) -> None:
+        while self.running:
+            await self._slot_freed.wait()
+
+
+def _last_line(text: str | None) -> str:
+    return text.strip().splitlines()[-1] if text and text.strip() else ""

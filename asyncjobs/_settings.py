@@ -1,0 +1,112 @@
+"""``Jobs(...)`` settings, validated once and frozen."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from asyncjobs._clock import Clock
+from asyncjobs._errors import ConfigurationError
+
+Seconds = float | int | timedelta
+
+
+def seconds(value: object, name: str, *, allow_zero: bool = True) -> float:
+    """Normalise a duration (seconds or timedelta) and check it is finite and >= 0."""
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(f"{name} must be seconds or a timedelta, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigurationError(
+            f"{name} must be a finite number of seconds {bound}, got {value!r}"
+        )
+    return value
+
+
+def positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be a whole number >= 1, got {value!r}")
+    return value
+
+
+def check_name(value: object, what: str) -> str:
+    """Task, queue and group names: non-empty printable text of at most 200 characters."""
+    if not isinstance(value, str) or not value or len(value) > 200:
+        raise ConfigurationError(
+            f"{what} must be a non-empty string of at most 200 characters, got {value!r}"
+        )
+    if not value.isprintable() or value != value.strip():
+        raise ConfigurationError(
+            f"{what} {value!r} must be printable with no surrounding white space"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    url: str
+    concurrency: int
+    workers: bool
+    queues: tuple[str, ...] | None
+    visibility_timeout: float
+    shutdown_timeout: float
+    poll_interval: float
+    retention: float
+    dead_retention: float
+    max_payload_bytes: int
+    synchronous: str
+    backoff_base: float
+    max_backoff: float
+    clock: Clock
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self.visibility_timeout / 3
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        url: str,
+        concurrency: int,
+        workers: bool,
+        queues: Sequence[str] | None,
+        visibility_timeout: Seconds,
+        shutdown_timeout: Seconds,
+        poll_interval: Seconds,
+        retention: Seconds,
+        dead_retention: Seconds | None,
+        max_payload_bytes: int,
+        synchronous: str,
+        backoff_base: Seconds,
+        max_backoff: Seconds,
+        clock: Clock,
+    ) -> Settings:
+        if isinstance(queues, str):
+            raise ConfigurationError(f"queues must be a list of names, not the string {queues!r}")
+        if synchronous.lower() not in ("normal", "full"):
+            raise ConfigurationError(f"synchronous must be 'normal' or 'full', got {synchronous!r}")
+        kept = seconds(retention, "retention")
+        return cls(
+            url=url,
+            concurrency=positive_int(concurrency, "concurrency"),
+            workers=bool(workers),
+            queues=None if queues is None else tuple(check_name(q, "queue") for q in queues),
+            visibility_timeout=seconds(visibility_timeout, "visibility_timeout", allow_zero=False),
+            shutdown_timeout=seconds(shutdown_timeout, "shutdown_timeout"),
+            poll_interval=seconds(poll_interval, "poll_interval", allow_zero=False),
+            retention=kept,
+            dead_retention=kept * 4
+            if dead_retention is None
+            else seconds(dead_retention, "dead_retention"),
+            max_payload_bytes=positive_int(max_payload_bytes, "max_payload_bytes"),
+            synchronous=synchronous.lower(),
+            backoff_base=seconds(backoff_base, "backoff_base"),
+            max_backoff=seconds(max_backoff, "max_backoff"),
+            clock=clock,
+        )

@@ -1,0 +1,205 @@
+"""Tasks (``@jobs.task``), per-call options and ``JobSpec``: a job not yet enqueued."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+from asyncjobs._codec import JSON
+from asyncjobs._errors import ConfigurationError
+from asyncjobs._settings import Seconds, check_name, positive_int, seconds
+
+if TYPE_CHECKING:
+    from asyncjobs._jobs import Jobs
+    from asyncjobs._models import Job
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+PRIORITY_MIN = -(2**31)
+PRIORITY_MAX = 2**31 - 1
+
+
+def check_priority(priority: object) -> int:
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ConfigurationError(f"priority must be an int, got {priority!r}")
+    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise ConfigurationError(
+            f"priority must be between {PRIORITY_MIN} and {PRIORITY_MAX}, got {priority}"
+        )
+    return priority
+
+
+def check_retries(retries: object) -> int:
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 1000:
+        raise ConfigurationError(f"retries must be a whole number from 0 to 1000, got {retries!r}")
+    return retries
+
+
+def check_timeout(timeout: Seconds | None) -> float | None:
+    return None if timeout is None else seconds(timeout, "timeout", allow_zero=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobOptions:
+    """Per-call options given with ``task.options(...)``; None means "not given"."""
+
+    delay: float | None = None
+    run_at: float | None = None
+    priority: int | None = None
+    queue: str | None = None
+    idempotency_key: str | None = None
+    retries: int | None = None
+    timeout: float | None = None
+    group: str | None = None
+
+    def merge(self, other: JobOptions) -> JobOptions:
+        given = {f.name: getattr(other, f.name) for f in dataclasses.fields(other)}
+        return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
+
+
+def make_options(
+    *,
+    delay: Seconds | None = None,
+    run_at: datetime | None = None,
+    priority: int | None = None,
+    queue: str | None = None,
+    idempotency_key: str | None = None,
+    retries: int | None = None,
+    timeout: Seconds | None = None,
+    group: str | None = None,
+) -> JobOptions:
+    """Validate per-call options once, at the call site."""
+    if delay is not None and run_at is not None:
+        raise ConfigurationError("give either delay or run_at, not both")
+    run_at_epoch: float | None = None
+    if run_at is not None:
+        if not isinstance(run_at, datetime):
+            raise ConfigurationError(f"run_at must be a datetime, got {run_at!r}")
+        if run_at.tzinfo is None or run_at.utcoffset() is None:
+            raise ConfigurationError(
+                f"run_at must be timezone-aware (e.g. datetime.now(UTC)), got naive {run_at!r}"
+            )
+        run_at_epoch = run_at.timestamp()
+    key: object = idempotency_key
+    if key is not None and (not isinstance(key, str) or not key or len(key) > 500):
+        raise ConfigurationError(
+            f"idempotency_key must be a non-empty string of at most 500 characters, "
+            f"got {idempotency_key!r}"
+        )
+    return JobOptions(
+        delay=None if delay is None else seconds(delay, "delay"),
+        run_at=run_at_epoch,
+        priority=None if priority is None else check_priority(priority),
+        queue=None if queue is None else check_name(queue, "queue"),
+        idempotency_key=idempotency_key,
+        retries=None if retries is None else check_retries(retries),
+        timeout=check_timeout(timeout),
+        group=None if group is None else check_name(group, "group"),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobSpec(Generic[R]):
+    """A job not yet enqueued: for ``enqueue``, ``enqueue_many``, ``chain`` and ``batch``."""
+
+    task: str
+    args: tuple[JSON, ...] = ()
+    kwargs: Mapping[str, JSON] = field(default_factory=dict)
+    options: JobOptions = field(default_factory=JobOptions)
+    definition: Task[..., R] | None = field(default=None, repr=False, compare=False)
+
+
+class Task(Generic[P, R]):
+    """An ``async def`` registered with ``@jobs.task``.
+
+    Calling it runs the function inline; ``enqueue`` runs it in the background.
+    """
+
+    def __init__(
+        self,
+        jobs: Jobs,
+        fn: Callable[P, Awaitable[R]],
+        *,
+        name: str,
+        queue: str,
+        retries: int,
+        timeout: float | None,
+        priority: int,
+        rate_limit: Any = None,
+        limiter: str | None = None,
+        concurrency: int | None = None,
+        options: JobOptions | None = None,
+    ) -> None:
+        self.jobs = jobs
+        self.fn = fn
+        self.name = check_name(name, "task name")
+        self.queue = check_name(queue, "queue")
+        self.retries = check_retries(retries)
+        self.timeout = timeout
+        self.priority = check_priority(priority)
+        self.rate_limit = rate_limit
+        self.limiter = limiter
+        self.concurrency = None if concurrency is None else positive_int(concurrency, "concurrency")
+        self._options = options or JobOptions()
+        self.__name__ = getattr(fn, "__name__", name)
+        self.__doc__ = getattr(fn, "__doc__", None)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name} queue={self.queue}>"
+
+    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await self.fn(*args, **kwargs)
+
+    def options(
+        self,
+        *,
+        delay: Seconds | None = None,
+        run_at: datetime | None = None,
+        priority: int | None = None,
+        queue: str | None = None,
+        idempotency_key: str | None = None,
+        retries: int | None = None,
+        timeout: float | timedelta | None = None,
+        group: str | None = None,
+    ) -> Task[P, R]:
+        """A copy of this task whose jobs get these options (the task itself is unchanged)."""
+        given = make_options(
+            delay=delay,
+            run_at=run_at,
+            priority=priority,
+            queue=queue,
+            idempotency_key=idempotency_key,
+            retries=retries,
+            timeout=timeout,
+            group=group,
+        )
+        merged = self._options.merge(given)
+        if given.delay is not None:
+            merged = dataclasses.replace(merged, run_at=None)
+        elif given.run_at is not None:
+            merged = dataclasses.replace(merged, delay=None)
+        return Task(
+            self.jobs,
+            self.fn,
+            name=self.name,
+            queue=self.queue,
+            retries=self.retries,
+            timeout=self.timeout,
+            priority=self.priority,
+            rate_limit=self.rate_limit,
+            limiter=self.limiter,
+            concurrency=self.concurrency,
+            options=merged,
+        )
+
+    def spec(self, *args: P.args, **kwargs: P.kwargs) -> JobSpec[R]:
+        return JobSpec(
+            task=self.name, args=tuple(args), kwargs=kwargs, options=self._options, definition=self
+        )
+
+    async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
+        return await self.jobs.enqueue(self.spec(*args, **kwargs))

@@ -1,0 +1,92 @@
+"""Stores: where jobs live. ``open_store(url)`` picks one by the URL's scheme."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from asyncjobs._errors import ConfigurationError
+from asyncjobs.stores._protocol import (
+    ClaimRequest,
+    JobRow,
+    NewJob,
+    Outcome,
+    OutcomeKind,
+    Recovered,
+    Store,
+    TaskLimits,
+)
+from asyncjobs.stores._sqlite import SQLiteStore
+
+__all__ = [
+    "ClaimRequest",
+    "JobRow",
+    "NewJob",
+    "Outcome",
+    "OutcomeKind",
+    "PostgresStore",
+    "Recovered",
+    "SQLiteStore",
+    "Store",
+    "TaskLimits",
+    "default_url",
+    "open_store",
+    "sqlite_path",
+]
+
+DEFAULT_URL = "sqlite:///asyncjobs.db"
+
+
+def default_url() -> str:
+    """``$ASYNCJOBS_URL`` if set, else ``./asyncjobs.db``. The one place it is read."""
+    return os.environ.get("ASYNCJOBS_URL") or DEFAULT_URL
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file a SQLite URL or plain path names; None for other schemes."""
+    if url.startswith("sqlite://"):
+        rest = url[len("sqlite://") :]
+        if not rest.startswith("/") or rest == "/":
+            raise ConfigurationError(
+                f"cannot read SQLite URL {url!r}: use sqlite:///relative.db or "
+                "sqlite:////absolute/path.db"
+            )
+        return Path(rest[1:])
+    if "://" in url:
+        return None
+    if not url:
+        raise ConfigurationError("the store URL is empty")
+    return Path(url)
+
+
+def open_store(url: str, **options: Any) -> Store:
+    """A store for ``url``: ``sqlite:///file.db``, a plain path, or ``postgresql://...``.
+
+    The store is not connected yet; it connects on first use or ``await store.open()``.
+    """
+    path = sqlite_path(url)
+    if path is not None:
+        return SQLiteStore(path, **options)
+    if url.startswith(("postgresql://", "postgres://")):
+        try:
+            from asyncjobs.stores._postgres import PostgresStore
+        except ImportError as error:  # asyncpg missing
+            raise ConfigurationError(
+                "the PostgreSQL store needs asyncpg: pip install 'asyncjobs[postgres]'"
+            ) from error
+        options.pop("synchronous", None)
+        store: Store = PostgresStore(url, **options)
+        return store
+    scheme = url.split("://", 1)[0]
+    raise ConfigurationError(
+        f"unknown store URL scheme {scheme!r} in {url!r}; use sqlite:///path.db or postgresql://..."
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PostgresStore":
+        from asyncjobs.stores._postgres import PostgresStore
+
+        return PostgresStore
+    raise AttributeError(name)

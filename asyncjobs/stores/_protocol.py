@@ -1,0 +1,219 @@
+"""The contract between asyncjobs and a database.
+
+The protocol is domain-level: insert jobs, claim ready ones, finish them. The
+store decides nothing. The runner computes retries, backoff and dead-letter
+decisions with pure functions and hands the store an ``Outcome`` to apply
+atomically. The store never reads a clock: every method that needs the time is
+given ``now`` (epoch seconds).
+"""
+
+from __future__ import annotations
+
+import builtins
+import enum
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewJob:
+    """A job to insert. ``payload`` and ``options`` are JSON text."""
+
+    id: str
+    task: str
+    queue: str
+    payload: str
+    status: str  # "queued", "scheduled" or "waiting"
+    priority: int
+    run_at: float
+    max_attempts: int
+    options: str | None = None  # per-call settings that win over the task definition
+    idempotency_key: str | None = None
+    group_key: str | None = None
+    chain_next: str | None = None  # released when this job succeeds
+    batch_id: str | None = None  # the batch's on_complete job, released when all finish
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobRow:
+    """A stored job. Times are epoch seconds; JSON columns are raw text."""
+
+    id: str
+    seq: int
+    task: str
+    queue: str
+    status: str
+    priority: int
+    payload: str
+    options: str | None
+    attempts: int
+    max_attempts: int
+    run_at: float
+    enqueued_at: float
+    started_at: float | None
+    finished_at: float | None
+    lease_until: float | None
+    worker: str | None
+    result: str | None
+    error: str | None
+    idempotency_key: str | None
+    group_key: str | None
+    progress: float | None
+    progress_message: str | None
+    chain_next: str | None
+    batch_id: str | None
+
+
+class OutcomeKind(enum.StrEnum):
+    SUCCEEDED = "succeeded"
+    RETRY = "retry"  # back to scheduled at run_at; the attempt is spent
+    DEAD = "dead"
+    RELEASE = "release"  # cut off by shutdown: back to queued, attempt refunded
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    """How one attempt ended, decided by the runner, applied by the store.
+
+    The store applies it only while the job is still ``running`` under
+    ``worker`` at ``attempt``: a job whose lease expired and was claimed again,
+    or that was cancelled meanwhile, is left alone.
+    """
+
+    job_id: str
+    worker: str
+    attempt: int
+    kind: OutcomeKind
+    result: str | None = None
+    error: str | None = None
+    run_at: float | None = None  # for RETRY
+    max_attempts: int | None = None  # the claiming worker's view, stored for lease expiry
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskLimits:
+    """What the claiming process knows of one task it can run."""
+
+    max_attempts: int  # from the worker's definition; per-job options win
+    concurrency: int | None = None  # across all processes
+    limiter: str | None = None  # name of the rate-limit bucket it draws from
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClaimRequest:
+    worker: str
+    tasks: Mapping[str, TaskLimits]
+    queues: Collection[str] | None  # None: every queue
+    limit: int
+    lease: float  # seconds
+    queue_concurrency: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Recovered:
+    """A job whose lease expired: requeued, or dead when it had no attempts left."""
+
+    id: str
+    task: str
+    attempts: int
+    dead: bool
+
+
+class Store(Protocol):
+    """A durable job table. Implementations: ``SQLiteStore``, ``PostgresStore``.
+
+    Every method is safe to call from many coroutines at once and, for stores
+    shared by several processes, from many processes at once.
+    """
+
+    async def open(self) -> None:
+        """Connect and create or migrate the schema. Idempotent."""
+        ...
+
+    async def close(self) -> None:
+        """Finish pending writes and disconnect. Idempotent."""
+        ...
+
+    async def insert(self, jobs: Sequence[NewJob], *, now: float) -> list[str]:
+        """Insert jobs in one transaction; return their ids in order.
+
+        A job whose ``idempotency_key`` is already stored is not inserted; its
+        slot in the result holds the id of the stored job.
+        """
+        ...
+
+    async def claim(self, request: ClaimRequest, *, now: float) -> list[JobRow]:
+        """Atomically take up to ``limit`` due jobs: status ``running``, attempts
+        raised by one, ``lease_until = now + lease``, ``worker`` set.
+
+        Only jobs whose task is in ``request.tasks`` (and queue in ``queues``)
+        are taken; higher priority first, then enqueue order.
+        """
+        ...
+
+    async def finish(self, outcomes: Sequence[Outcome], *, now: float) -> list[str]:
+        """Apply outcomes in one transaction; return the ids that were applied.
+
+        Also releases what waits on a finished job: the next chain member on
+        success, the rest of the chain on dead/cancelled, a batch's callback
+        when its last member finishes.
+        """
+        ...
+
+    async def heartbeat(
+        self, job_ids: Sequence[str], *, worker: str, lease_until: float
+    ) -> set[str]:
+        """Extend the leases of jobs still running under ``worker``; return those ids."""
+        ...
+
+    async def recover(self, *, now: float) -> list[Recovered]:
+        """Requeue running jobs whose lease expired (dead when out of attempts)."""
+        ...
+
+    async def next_run_at(self) -> float | None:
+        """The earliest ``run_at`` of a scheduled job, to sleep until it."""
+        ...
+
+    async def changed(self) -> bool:
+        """Whether another connection wrote since the last call (cheap)."""
+        ...
+
+    async def get(self, job_id: str) -> JobRow | None: ...
+
+    async def list(
+        self,
+        *,
+        status: str | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        limit: int = 100,
+        before_seq: int | None = None,
+        now: float,
+    ) -> list[JobRow]:
+        """Jobs newest first. ``status="scheduled"``/``"queued"`` follow ``run_at``."""
+        ...
+
+    async def retry(self, job_id: str, *, now: float) -> bool:
+        """Put a dead or cancelled job back to queued with at least one more attempt."""
+        ...
+
+    async def cancel(self, job_ids: Sequence[str], *, now: float) -> builtins.list[str]:
+        """Cancel jobs that have not finished; return the ids cancelled.
+
+        Cancelling a job cancels the rest of its chain.
+        """
+        ...
+
+    async def purge(
+        self, *, status: str | None = None, older_than: float | None = None, now: float
+    ) -> int:
+        """Delete finished jobs with that status and/or finished before ``older_than``."""
+        ...
+
+    async def set_progress(self, job_id: str, progress: float, message: str | None) -> None: ...
+
+    async def counts(self, *, now: float) -> dict[tuple[str, str, str], int]:
+        """Job counts keyed by (queue, task, status); scheduled/queued follow ``run_at``."""
+        ...

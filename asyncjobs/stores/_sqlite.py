@@ -1,0 +1,571 @@
+"""``SQLiteStore``: the default store, one SQLite file in WAL mode.
+
+Every operation is one call into aiosqlite's connection thread that runs the
+whole transaction there (``BEGIN IMMEDIATE`` … ``COMMIT``), so an operation costs
+one thread round trip however many statements it takes. Write transactions
+begin IMMEDIATE, wait on the busy timeout and are retried a bounded number of
+times, so several processes can share the file without "database is locked"
+reaching a user.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import aiosqlite
+
+from asyncjobs._errors import ConfigurationError, StoreError
+from asyncjobs.stores._protocol import (
+    ClaimRequest,
+    JobRow,
+    NewJob,
+    Outcome,
+    OutcomeKind,
+    Recovered,
+)
+
+logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+COLUMNS = (
+    "id", "seq", "task", "queue", "status", "priority", "payload", "options", "attempts",
+    "max_attempts", "run_at", "enqueued_at", "started_at", "finished_at", "lease_until",
+    "worker", "result", "error", "idempotency_key", "group_key", "progress",
+    "progress_message", "chain_next", "batch_id",
+)  # fmt: skip
+_SELECT = ", ".join(COLUMNS)
+_PENDING = ("scheduled", "queued")
+_UNFINISHED = ("waiting", "scheduled", "queued", "running")
+
+_BUSY_RETRIES = 5
+"""How many busy timeouts a write waits out before it gives up with StoreError."""
+
+SCHEMA_VERSION_TABLE = "asyncjobs_migrations"
+
+
+def _row(values: Sequence[Any]) -> JobRow:
+    return JobRow(**dict(zip(COLUMNS, values, strict=True)))
+
+
+def _is_busy(error: sqlite3.OperationalError) -> bool:
+    message = str(error)
+    return "locked" in message or "busy" in message
+
+
+def _migrations() -> list[tuple[int, str]]:
+    folder = resources.files("asyncjobs.stores").joinpath("migrations", "sqlite")
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.read_text("utf-8")))
+    return sorted(found)
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration script into complete statements."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        if line.lstrip().startswith("--") and not current:
+            continue
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip():
+        raise ConfigurationError(f"incomplete SQL statement in migration: {current[:80]!r}")
+    return statements
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Create or upgrade the schema through ``db`` (any sqlite3 connection)."""
+    db.execute(
+        f"CREATE TABLE IF NOT EXISTS {SCHEMA_VERSION_TABLE} "
+        "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+    )
+    (current,) = db.execute(
+        f"SELECT coalesce(max(version), 0) FROM {SCHEMA_VERSION_TABLE}"  # noqa: S608 - constant
+    ).fetchone()
+    for version, script in _migrations():
+        if version <= current:
+            continue
+        for statement in _statements(script):
+            db.execute(statement)
+        db.execute(
+            f"INSERT INTO {SCHEMA_VERSION_TABLE} (version, applied_at) VALUES (?, ?)",  # noqa: S608
+            (version, time.time()),  # noqa: TID251 - bookkeeping only, not job time
+        )
+
+
+class SQLiteStore:
+    """A job store in one SQLite file (WAL). Safe for several processes on one host."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        synchronous: str = "normal",
+        busy_timeout: float = 5.0,
+    ) -> None:
+        if synchronous.lower() not in ("normal", "full", "extra"):
+            raise ConfigurationError(f"synchronous must be 'normal' or 'full', got {synchronous!r}")
+        self.path = Path(path)
+        self.synchronous = synchronous.upper()
+        self.busy_timeout = busy_timeout
+        self._db: aiosqlite.Connection | None = None
+        self._raw: sqlite3.Connection | None = None
+        self._data_version: int | None = None
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({str(self.path)!r})"
+
+    # -- plumbing --------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._db is not None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = await aiosqlite.connect(self.path, isolation_level=None, timeout=self.busy_timeout)
+        except (OSError, sqlite3.Error) as error:
+            raise StoreError(f"cannot open the SQLite store at {self.path}: {error}") from error
+        # aiosqlite exposes no public way to run a function in its connection thread;
+        # _execute is how its own methods do it, and it saves a round trip per statement.
+        raw = db._connection
+        if raw is None or not hasattr(db, "_execute"):  # pragma: no cover - aiosqlite changed
+            await db.close()
+            raise StoreError("this aiosqlite version is not supported; install aiosqlite<0.23")
+        self._db, self._raw = db, raw
+        try:
+            await self._call(self._setup)
+        except BaseException:
+            await self.close()
+            raise
+
+    def _setup(self, db: sqlite3.Connection) -> None:
+        (mode,) = db.execute("PRAGMA journal_mode=WAL").fetchone()
+        if str(mode).lower() != "wal":
+            raise StoreError(f"could not switch {self.path} to WAL mode (got {mode!r})")
+        db.execute(f"PRAGMA synchronous={self.synchronous}")
+        db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+        self._write(db, migrate)
+        (self._data_version,) = db.execute("PRAGMA data_version").fetchone()
+
+    async def close(self) -> None:
+        db, self._db, self._raw = self._db, None, None
+        if db is not None:
+            await db.close()
+
+    async def _call(
+        self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Run ``fn(connection, ...)`` in the connection thread; map driver errors."""
+        db, raw = self._db, self._raw
+        if db is None or raw is None:
+            await self.open()
+            db, raw = self._db, self._raw
+            assert db is not None  # noqa: S101 - set by open()
+            assert raw is not None  # noqa: S101 - set by open()
+        try:
+            result: T = await db._execute(fn, raw, *args, **kwargs)  # type: ignore[no-untyped-call]
+        except sqlite3.Error as error:
+            raise StoreError(f"SQLite store {self.path}: {error}") from error
+        return result
+
+    @staticmethod
+    def _write(
+        db: sqlite3.Connection,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """Run ``fn`` in a write transaction that begins IMMEDIATE (in the thread)."""
+        for attempt in range(_BUSY_RETRIES):
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as error:
+                # busy_timeout already waited; a few more rounds ride out a long writer.
+                if _is_busy(error) and attempt < _BUSY_RETRIES - 1:
+                    logger.warning("SQLite store busy, retrying the write (%d)", attempt + 1)
+                    continue
+                raise
+            try:
+                result = fn(db, *args, **kwargs)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            return result
+        raise sqlite3.OperationalError("database is locked")  # pragma: no cover - loop returns
+
+    async def _transaction(
+        self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        return await self._call(self._write, fn, *args, **kwargs)
+
+    # -- enqueue ---------------------------------------------------------------------
+
+    async def insert(self, jobs: Sequence[NewJob], *, now: float) -> list[str]:
+        return await self._transaction(insert_jobs, jobs, now)
+
+    # -- claim and finish ------------------------------------------------------------
+
+    async def claim(self, request: ClaimRequest, *, now: float) -> list[JobRow]:
+        if request.limit <= 0 or not request.tasks:
+            return []
+        return await self._transaction(_claim, request, now)
+
+    async def finish(self, outcomes: Sequence[Outcome], *, now: float) -> list[str]:
+        if not outcomes:
+            return []
+        return await self._transaction(_finish, outcomes, now)
+
+    async def heartbeat(
+        self, job_ids: Sequence[str], *, worker: str, lease_until: float
+    ) -> set[str]:
+        if not job_ids:
+            return set()
+        return await self._transaction(_heartbeat, job_ids, worker, lease_until)
+
+    async def recover(self, *, now: float) -> list[Recovered]:
+        return await self._transaction(_recover, now)
+
+    async def next_run_at(self) -> float | None:
+        rows = await self._call(
+            _fetchall, "SELECT min(run_at) FROM asyncjobs_jobs WHERE status = 'scheduled'", ()
+        )
+        value = rows[0][0]
+        return None if value is None else float(value)
+
+    async def changed(self) -> bool:
+        (version,) = (await self._call(_fetchall, "PRAGMA data_version", ()))[0]
+        changed = version != self._data_version
+        self._data_version = version
+        return bool(changed)
+
+    # -- queries and admin -----------------------------------------------------------
+
+    async def get(self, job_id: str) -> JobRow | None:
+        rows = await self._call(
+            _fetchall,
+            f"SELECT {_SELECT} FROM asyncjobs_jobs WHERE id = ?",  # noqa: S608 - constant columns
+            (job_id,),
+        )
+        return _row(rows[0]) if rows else None
+
+    async def list(
+        self,
+        *,
+        status: str | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        limit: int = 100,
+        before_seq: int | None = None,
+        now: float,
+    ) -> list[JobRow]:
+        where, params = _status_filter(status, now)
+        if queue is not None:
+            where.append("queue = ?")
+            params.append(queue)
+        if task is not None:
+            where.append("task = ?")
+            params.append(task)
+        if before_seq is not None:
+            where.append("seq < ?")
+            params.append(before_seq)
+        sql = f"SELECT {_SELECT} FROM asyncjobs_jobs"  # noqa: S608 - constant columns
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        params.append(limit)
+        return [_row(r) for r in await self._call(_fetchall, sql, tuple(params))]
+
+    async def retry(self, job_id: str, *, now: float) -> bool:
+        return await self._transaction(_retry, job_id, now)
+
+    async def cancel(self, job_ids: Sequence[str], *, now: float) -> builtins.list[str]:
+        return await self._transaction(_cancel, job_ids, now)
+
+    async def purge(
+        self, *, status: str | None = None, older_than: float | None = None, now: float
+    ) -> int:
+        where, params = _status_filter(status, now)
+        if older_than is not None:
+            where.append("finished_at < ?")
+            params.append(older_than)
+        if not where:
+            raise ValueError("purge() needs a status or older_than")
+        where.append("status != 'running'")
+        # Only fixed terms with ? placeholders are joined here; values go in params.
+        sql = "DELETE FROM asyncjobs_jobs WHERE " + " AND ".join(where)  # noqa: S608
+        return await self._transaction(_rowcount, sql, tuple(params))
+
+    async def set_progress(self, job_id: str, progress: float, message: str | None) -> None:
+        await self._transaction(
+            _rowcount,
+            "UPDATE asyncjobs_jobs SET progress = ?, progress_message = ? "
+            "WHERE id = ? AND status = 'running'",
+            (progress, message, job_id),
+        )
+
+    async def counts(self, *, now: float) -> dict[tuple[str, str, str], int]:
+        rows = await self._call(
+            _fetchall,
+            "SELECT queue, task, CASE WHEN status IN ('scheduled', 'queued') THEN "
+            "CASE WHEN run_at > ? THEN 'scheduled' ELSE 'queued' END ELSE status END AS s, "
+            "count(*) FROM asyncjobs_jobs GROUP BY queue, task, s",
+            (now,),
+        )
+        return {(q, t, s): n for q, t, s, n in rows}
+
+
+# -- the functions below run in the connection thread, inside a transaction ---------
+
+
+def _fetchall(db: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
+    return db.execute(sql, params).fetchall()
+
+
+def _rowcount(db: sqlite3.Connection, sql: str, params: Sequence[Any]) -> int:
+    return db.execute(sql, params).rowcount
+
+
+def _status_filter(status: str | None, now: float) -> tuple[list[str], list[Any]]:
+    """WHERE terms for a status as users see it (scheduled/queued follow run_at)."""
+    if status is None:
+        return [], []
+    if status == "scheduled":
+        return ["status IN ('scheduled', 'queued')", "run_at > ?"], [now]
+    if status == "queued":
+        return ["status IN ('scheduled', 'queued')", "run_at <= ?"], [now]
+    return ["status = ?"], [str(status)]
+
+
+_INSERT = (
+    "INSERT INTO asyncjobs_jobs (id, task, queue, status, priority, payload, options, "
+    "max_attempts, run_at, enqueued_at, idempotency_key, group_key, chain_next, batch_id) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+)
+
+
+def insert_jobs(db: sqlite3.Connection, jobs: Sequence[NewJob], now: float) -> list[str]:
+    """Insert ``jobs`` through ``db`` (already in a transaction); return their ids.
+
+    Also used by transactional enqueue on the caller's own connection.
+    """
+    db.executemany(
+        _INSERT,
+        [
+            (
+                j.id, j.task, j.queue, j.status, j.priority, j.payload, j.options,
+                j.max_attempts, j.run_at, now, j.idempotency_key, j.group_key,
+                j.chain_next, j.batch_id,
+            )
+            for j in jobs
+        ],
+    )  # fmt: skip
+    keys = [j.idempotency_key for j in jobs if j.idempotency_key is not None]
+    if not keys:
+        return [j.id for j in jobs]
+    stored = dict(
+        db.execute(
+            "SELECT idempotency_key, id FROM asyncjobs_jobs WHERE idempotency_key IN "
+            "(SELECT value FROM json_each(?))",
+            (json.dumps(keys),),
+        ).fetchall()
+    )
+    return [j.id if j.idempotency_key is None else stored[j.idempotency_key] for j in jobs]
+
+
+def _claim(db: sqlite3.Connection, request: ClaimRequest, now: float) -> list[JobRow]:
+    db.execute(
+        "UPDATE asyncjobs_jobs SET status = 'queued' WHERE status = 'scheduled' AND run_at <= ?",
+        (now,),
+    )
+    tasks = json.dumps(list(request.tasks))
+    attempts = json.dumps({name: limits.max_attempts for name, limits in request.tasks.items()})
+    params: list[Any] = [now, now + request.lease, request.worker, attempts, tasks]
+    queue_filter = ""
+    if request.queues is not None:
+        queue_filter = "AND j.queue IN (SELECT value FROM json_each(?))"
+        params.append(json.dumps(list(request.queues)))
+    params.append(request.limit)
+    rows = db.execute(
+        f"""
+        UPDATE asyncjobs_jobs SET
+            status = 'running', attempts = attempts + 1, started_at = ?, lease_until = ?,
+            worker = ?, progress = NULL, progress_message = NULL,
+            max_attempts = CASE
+                WHEN json_extract(options, '$.retries') IS NOT NULL THEN max_attempts
+                ELSE coalesce(json_extract(?, '$."' || task || '"'), max_attempts) END
+        WHERE seq IN (
+            SELECT j.seq FROM asyncjobs_jobs AS j
+            WHERE j.status = 'queued'
+              AND j.task IN (SELECT value FROM json_each(?)) {queue_filter}
+              AND (j.group_key IS NULL OR NOT EXISTS (
+                    SELECT 1 FROM asyncjobs_jobs AS g
+                    WHERE g.group_key = j.group_key AND g.seq < j.seq
+                      AND g.status IN ('scheduled', 'queued', 'running')))
+            ORDER BY j.priority DESC, j.seq
+            LIMIT ?)
+        RETURNING {_SELECT}
+        """,  # noqa: S608 - only constants are interpolated
+        params,
+    ).fetchall()
+    claimed = [_row(r) for r in rows]
+    claimed.sort(key=lambda r: (-r.priority, r.seq))
+    return claimed
+
+
+_FINISH_SQL = {
+    OutcomeKind.SUCCEEDED: (
+        "status = 'succeeded', result = ?, error = NULL, finished_at = ?, lease_until = NULL"
+    ),
+    OutcomeKind.DEAD: "status = 'dead', result = ?, error = ?, finished_at = ?, lease_until = NULL",
+    OutcomeKind.CANCELLED: (
+        "status = 'cancelled', result = ?, error = ?, finished_at = ?, lease_until = NULL"
+    ),
+    OutcomeKind.RETRY: (
+        "status = 'scheduled', result = ?, error = ?, run_at = ?, lease_until = NULL, worker = NULL"
+    ),
+    OutcomeKind.RELEASE: (
+        "status = 'queued', result = ?, attempts = attempts - 1, lease_until = NULL, worker = NULL"
+    ),
+}
+
+
+def _finish(db: sqlite3.Connection, outcomes: Sequence[Outcome], now: float) -> list[str]:
+    applied: list[str] = []
+    for o in outcomes:
+        if o.kind is OutcomeKind.SUCCEEDED:
+            values: tuple[Any, ...] = (o.result, now)
+        elif o.kind is OutcomeKind.RETRY:
+            values = (o.result, o.error, o.run_at)
+        elif o.kind is OutcomeKind.RELEASE:
+            values = (o.result,)
+        else:
+            values = (o.result, o.error, now)
+        row = db.execute(
+            f"UPDATE asyncjobs_jobs SET {_FINISH_SQL[o.kind]}, "  # noqa: S608 - constant
+            "max_attempts = coalesce(?, max_attempts) "
+            "WHERE id = ? AND status = 'running' AND worker = ? AND attempts = ? "
+            "RETURNING chain_next, batch_id",
+            (*values, o.max_attempts, o.job_id, o.worker, o.attempt),
+        ).fetchone()
+        if row is None:
+            continue
+        applied.append(o.job_id)
+        _release_dependents(db, o.kind, row[0], row[1], now)
+    return applied
+
+
+def _release_dependents(
+    db: sqlite3.Connection, kind: str, chain_next: str | None, batch_id: str | None, now: float
+) -> None:
+    """After a job finished: move its chain on (or cancel the rest) and its batch."""
+    if kind in (OutcomeKind.RETRY, OutcomeKind.RELEASE):
+        return
+    if chain_next is not None:
+        if kind == OutcomeKind.SUCCEEDED:
+            db.execute(
+                "UPDATE asyncjobs_jobs SET status = CASE WHEN run_at > ? THEN 'scheduled' "
+                "ELSE 'queued' END, run_at = max(run_at, ?) WHERE id = ? AND status = 'waiting'",
+                (now, now, chain_next),
+            )
+        else:
+            _cancel(db, [chain_next], now, reason="an earlier job in its chain did not succeed")
+    if batch_id is not None:
+        (left,) = db.execute(
+            "SELECT count(*) FROM asyncjobs_jobs WHERE batch_id = ? "
+            "AND status IN ('waiting', 'scheduled', 'queued', 'running')",
+            (batch_id,),
+        ).fetchone()
+        if left == 0:
+            db.execute(
+                "UPDATE asyncjobs_jobs SET status = 'queued', run_at = ? "
+                "WHERE id = ? AND status = 'waiting'",
+                (now, batch_id),
+            )
+
+
+def _heartbeat(
+    db: sqlite3.Connection, job_ids: Sequence[str], worker: str, lease_until: float
+) -> set[str]:
+    rows = db.execute(
+        "UPDATE asyncjobs_jobs SET lease_until = ? WHERE status = 'running' AND worker = ? "
+        "AND id IN (SELECT value FROM json_each(?)) RETURNING id",
+        (lease_until, worker, json.dumps(list(job_ids))),
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
+def _recover(db: sqlite3.Connection, now: float) -> list[Recovered]:
+    rows = db.execute(
+        """
+        UPDATE asyncjobs_jobs SET
+            status = CASE WHEN attempts >= max_attempts THEN 'dead' ELSE 'queued' END,
+            error = CASE WHEN attempts >= max_attempts
+                THEN 'lease expired: the worker running attempt ' || attempts ||
+                     ' stopped heartbeating (crashed or killed) and no attempts are left'
+                ELSE error END,
+            finished_at = CASE WHEN attempts >= max_attempts THEN ? ELSE NULL END,
+            lease_until = NULL, worker = NULL
+        WHERE status = 'running' AND lease_until < ?
+        RETURNING id, task, attempts, status, chain_next, batch_id
+        """,
+        (now, now),
+    ).fetchall()
+    recovered = []
+    for job_id, task, attempts, status, chain_next, batch_id in rows:
+        dead = status == "dead"
+        if dead:
+            _release_dependents(db, OutcomeKind.DEAD, chain_next, batch_id, now)
+        recovered.append(Recovered(id=job_id, task=task, attempts=attempts, dead=dead))
+    return recovered
+
+
+def _retry(db: sqlite3.Connection, job_id: str, now: float) -> bool:
+    row = db.execute(
+        "UPDATE asyncjobs_jobs SET status = 'queued', run_at = ?, finished_at = NULL, "
+        "lease_until = NULL, worker = NULL, max_attempts = max(max_attempts, attempts + 1) "
+        "WHERE id = ? AND status IN ('dead', 'cancelled') RETURNING id",
+        (now, job_id),
+    ).fetchone()
+    return row is not None
+
+
+def _cancel(
+    db: sqlite3.Connection, job_ids: Sequence[str], now: float, reason: str = "cancelled"
+) -> list[str]:
+    cancelled: list[str] = []
+    pending = list(job_ids)
+    while pending:
+        job_id = pending.pop()
+        row = db.execute(
+            "UPDATE asyncjobs_jobs SET status = 'cancelled', finished_at = ?, lease_until = NULL, "
+            "error = coalesce(error, ?) "
+            "WHERE id = ? AND status IN ('waiting', 'scheduled', 'queued', 'running') "
+            "RETURNING chain_next, batch_id",
+            (now, reason, job_id),
+        ).fetchone()
+        if row is None:
+            continue
+        cancelled.append(job_id)
+        chain_next, batch_id = row
+        if chain_next is not None:
+            pending.append(chain_next)
+        if batch_id is not None:
+            _release_dependents(db, OutcomeKind.CANCELLED, None, batch_id, now)
+    return cancelled

@@ -1,0 +1,252 @@
+"""Enqueue: arguments, options, validation, idempotency, enqueue_many."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from asyncjobs import ConfigurationError, Jobs, JobStatus, NotSerializable, PayloadTooLarge
+from asyncjobs.testing import FakeClock, drain
+
+
+def count_rows(db_url: str) -> int:
+    path = db_url.removeprefix("sqlite:///")
+    if not Path(path).exists():
+        return 0
+    with sqlite3.connect(path) as db:
+        try:
+            return int(db.execute("SELECT count(*) FROM asyncjobs_jobs").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0
+
+
+async def test_enqueue_stores_a_queued_job_with_its_arguments(jobs: Jobs) -> None:
+    @jobs.task(queue="email", retries=5)
+    async def send(user_id: int, address: str) -> None: ...
+
+    job = await jobs.enqueue(send, 42, address="a@example.com")
+    info = await job.info()
+    assert info.status == JobStatus.QUEUED == "queued"
+    assert info.queue == "email"
+    assert info.args == [42]
+    assert info.kwargs == {"address": "a@example.com"}
+    assert info.max_attempts == 6
+    assert info.attempts == 0
+    assert isinstance(job.id, str)
+    assert info.enqueued_at.tzinfo is not None
+
+
+async def test_task_enqueue_is_the_same_as_jobs_enqueue(jobs: Jobs) -> None:
+    @jobs.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    job = await add.enqueue(1, b=2)
+    assert (await job.info()).task == add.name
+    await drain(jobs)
+    assert await job.result(timeout=5) == 3
+
+
+async def test_calling_a_task_runs_it_inline(jobs: Jobs) -> None:
+    @jobs.task
+    async def double(x: int) -> int:
+        return 2 * x
+
+    assert await double(21) == 42
+    assert await jobs.list() == []
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "named"),
+    [
+        ((b"raw",), {}, "argument 0"),
+        ((1, {1: "x"}), {}, "argument 1"),
+        ((), {"when": datetime.now(UTC)}, "keyword argument 'when'"),
+        ((float("nan"),), {}, "argument 0"),
+        (((1, 2),), {}, "argument 0"),
+        ((), {"s": {1, 2}}, "keyword argument 's'"),
+        (([float("inf")],), {}, "argument 0"),
+    ],
+)
+async def test_unencodable_argument_is_refused_naming_it_and_nothing_is_written(
+    jobs: Jobs, db_url: str, args: tuple[object, ...], kwargs: dict[str, object], named: str
+) -> None:
+    @jobs.task(name="t")
+    async def t(*args: object, **kwargs: object) -> None: ...
+
+    await jobs.enqueue(t, 1)  # the store exists
+    with pytest.raises(NotSerializable, match=named):
+        await jobs.enqueue(t, *args, **kwargs)
+    assert count_rows(db_url) == 1
+
+
+async def test_payload_over_the_limit_is_refused(make_jobs: object, db_url: str) -> None:
+    jobs = Jobs(db_url, max_payload_bytes=100, clock=FakeClock())
+    try:
+
+        @jobs.task
+        async def t(text: str) -> None: ...
+
+        with pytest.raises(PayloadTooLarge, match="over the limit of 100 bytes"):
+            await jobs.enqueue(t, "x" * 200)
+        await jobs.enqueue(t, "x" * 10)
+        assert count_rows(db_url) == 1
+    finally:
+        await jobs.close()
+
+
+async def test_unicode_big_ints_and_nesting_round_trip(jobs: Jobs) -> None:
+    @jobs.task
+    async def echo(value: object) -> object:
+        return value
+
+    value = {"s": "héllo \U0001f600 \ud800", "n": 2**200, "l": [[[{"a": None}]]], "f": -0.5}
+    job = await echo.enqueue(value)
+    assert (await job.info()).args == [value]
+    await drain(jobs)
+    assert await job.result(timeout=5) == value
+
+
+async def test_delay_makes_a_job_scheduled_until_due(jobs: Jobs, clock: FakeClock) -> None:
+    ran: list[int] = []
+
+    @jobs.task
+    async def remind(n: int) -> None:
+        ran.append(n)
+
+    job = await jobs.enqueue(remind.options(delay=60), 1)
+    assert (await job.info()).status == "scheduled"
+    await drain(jobs)
+    assert ran == []
+    clock.advance(59)
+    await drain(jobs)
+    assert ran == []
+    clock.advance(1)
+    assert (await job.info()).status == "queued"
+    await drain(jobs)
+    assert ran == [1]
+
+
+async def test_run_at_needs_an_aware_datetime(jobs: Jobs, clock: FakeClock) -> None:
+    @jobs.task
+    async def t() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="timezone-aware"):
+        t.options(run_at=datetime(2030, 1, 1))  # noqa: DTZ001 - the point of the test
+    when = datetime.fromtimestamp(clock.now(), UTC) + timedelta(hours=1)
+    job = await jobs.enqueue(t.options(run_at=when))
+    assert (await job.info()).run_at == when
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"delay": -1},
+        {"priority": 2**40},
+        {"priority": "high"},
+        {"retries": -1},
+        {"timeout": 0},
+        {"queue": ""},
+        {"queue": "bad\nname"},
+        {"idempotency_key": ""},
+        {"delay": float("nan")},
+    ],
+)
+async def test_absurd_options_are_refused(jobs: Jobs, options: dict[str, object]) -> None:
+    @jobs.task
+    async def t() -> None: ...
+
+    with pytest.raises(ConfigurationError):
+        t.options(**options)  # type: ignore[arg-type]
+
+
+async def test_options_returns_a_copy(jobs: Jobs) -> None:
+    @jobs.task(queue="a")
+    async def t() -> None: ...
+
+    other = t.options(queue="b", priority=3)
+    job1 = await t.enqueue()
+    job2 = await other.enqueue()
+    assert (await job1.info()).queue == "a"
+    info2 = await job2.info()
+    assert (info2.queue, info2.priority) == ("b", 3)
+
+
+async def test_idempotency_key_returns_the_existing_job(jobs: Jobs, clock: FakeClock) -> None:
+    @jobs.task
+    async def verify(user_id: int) -> None: ...
+
+    first = await jobs.enqueue(verify.options(idempotency_key="verify:42"), 42)
+    second = await jobs.enqueue(verify.options(idempotency_key="verify:42"), 42)
+    assert first.id == second.id
+    await drain(jobs)
+    third = await jobs.enqueue(verify.options(idempotency_key="verify:42"), 42)
+    assert third.id == first.id
+    assert len(await jobs.list()) == 1
+
+
+async def test_concurrent_enqueues_with_one_key_make_one_job(jobs: Jobs) -> None:
+    import anyio
+
+    @jobs.task
+    async def t() -> None: ...
+
+    ids: list[str] = []
+
+    async def one() -> None:
+        ids.append((await jobs.enqueue(t.options(idempotency_key="k"))).id)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(one)
+    assert len(set(ids)) == 1
+    assert len(await jobs.list()) == 1
+
+
+async def test_enqueue_many_is_one_transaction(jobs: Jobs, db_url: str) -> None:
+    @jobs.task
+    async def t(x: object) -> None: ...
+
+    made = await jobs.enqueue_many([t.spec(i) for i in range(5)])
+    assert len(made) == 5
+    with pytest.raises(NotSerializable, match="argument 0"):
+        await jobs.enqueue_many([t.spec(1), t.spec(b"bad")])
+    assert count_rows(db_url) == 5
+
+
+async def test_enqueue_by_name_of_a_task_this_process_lacks(jobs: Jobs, make_jobs: object) -> None:
+    job = await jobs.enqueue("elsewhere.task", 1, x=2)
+    info = await job.info()
+    assert (info.task, info.args, info.kwargs, info.queue) == ("elsewhere.task", [1], {"x": 2}, "default")
+    await drain(jobs)  # not claimed: this process does not know the task
+    assert (await job.info()).status == "queued"
+
+
+async def test_many_concurrent_producers_share_commits(jobs: Jobs) -> None:
+    import anyio
+
+    @jobs.task
+    async def t(i: int) -> None: ...
+
+    flushes: list[int] = []
+    original = jobs.store.insert
+
+    async def counting_insert(new, *, now):  # type: ignore[no-untyped-def]
+        flushes.append(len(new))
+        return await original(new, now=now)
+
+    jobs.store.insert = counting_insert  # type: ignore[method-assign]
+
+    async def producer(base: int) -> None:
+        for i in range(10):
+            await t.enqueue(base + i)
+
+    async with anyio.create_task_group() as tg:
+        for p in range(50):
+            tg.start_soon(producer, p * 100)
+    assert sum(flushes) == 500
+    assert len(flushes) < 250  # group commit: far fewer transactions than enqueues
+    assert len(await jobs.list(limit=1000)) == 500
