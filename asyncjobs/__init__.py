@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from asyncjobs._asgi import JobsMiddleware
 from asyncjobs._errors import (
     AsyncJobsError,
     ConfigurationError,
@@ -14,13 +15,20 @@ from asyncjobs._errors import (
 )
 from asyncjobs._jobs import Jobs
 from asyncjobs._models import Job, JobInfo, JobStatus
+from asyncjobs._ratelimit import RateLimit
 from asyncjobs._runner import JobContext, current_job
+from asyncjobs._scheduler import ScheduleInfo
 from asyncjobs._tasks import JobSpec, Task
+from asyncjobs._workflows import Batch, BatchCounts, BatchProgress, Chain
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncJobsError",
+    "Batch",
+    "BatchCounts",
+    "BatchProgress",
+    "Chain",
     "ConfigurationError",
     "Job",
     "JobContext",
@@ -29,9 +37,12 @@ __all__ = [
     "JobSpec",
     "JobStatus",
     "Jobs",
+    "JobsMiddleware",
     "NotSerializable",
     "PayloadTooLarge",
+    "RateLimit",
     "Retry",
+    "ScheduleInfo",
     "StoreError",
     "Task",
     "TaskNotRegistered",

@@ -55,6 +55,8 @@ class GroupCommit(Generic[T, R]):
                 await waiter.event.wait()
             if not waiter.done:
                 self._busy = True
+                # Let submitters woken in this same loop iteration join the batch.
+                await anyio.lowlevel.checkpoint()
                 await self._lead()
         if waiter.error is not None:
             raise waiter.error

@@ -8,6 +8,7 @@ turned into strings. Refusals name the argument and the path inside it.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -59,6 +60,24 @@ def _problem(value: Any, path: str, depth: int = 0) -> str | None:
     return f"{path or 'value'} is of type {kind}, which is not JSON{hint}"
 
 
+_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
+
+
+def _surrogate_pair(value: Any) -> str | None:
+    """Describe a string holding a surrogate pair (JSON reads it back as one character)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is str and _PAIR.search(item):
+            return f"the string {item!r} holds a surrogate pair, which JSON reads back as one"
+        if type(item) is list:
+            stack.extend(item)
+        elif type(item) is dict:
+            stack.extend(item)
+            stack.extend(item.values())
+    return None
+
+
 def encode(value: JSON, *, what: str = "value") -> str:
     """Encode one value strictly; raise ``NotSerializable`` naming ``what``."""
     try:
@@ -67,7 +86,7 @@ def encode(value: JSON, *, what: str = "value") -> str:
             return text
     except (TypeError, ValueError, RecursionError):
         pass
-    reason = _problem(value, "") or "it does not round-trip through JSON"
+    reason = _problem(value, "") or _surrogate_pair(value) or "it does not round-trip through JSON"
     raise NotSerializable(f"{what} cannot be stored as JSON: {reason}")
 
 
@@ -91,6 +110,9 @@ def encode_payload(
     try:
         text = _encoder.encode(payload)
         ok = _is_strict(payload)
+        if ok and "\\ud" in text:
+            # surrogate escapes: a pair of lone surrogates would read back as one character
+            ok = _decode(text) == payload
     except (TypeError, ValueError, RecursionError):
         ok = False
     if not ok:
@@ -98,6 +120,11 @@ def encode_payload(
             encode(arg, what=f"argument {index} of task {task!r}")
         for key, arg in kwargs.items():
             encode(arg, what=f"keyword argument {key!r} of task {task!r}")
+            if _surrogate_pair(key):
+                raise NotSerializable(
+                    f"keyword argument name {key!r} of task {task!r} holds a surrogate pair, "
+                    "which JSON reads back as one character"
+                )
         raise NotSerializable(f"the arguments of task {task!r} cannot be stored as JSON")
     size = len(text)  # ensure_ascii: characters == bytes
     if size > max_bytes:

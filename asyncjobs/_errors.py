@@ -66,8 +66,9 @@ class Retry(Exception):
     def __init__(self, delay: float | timedelta | None = None, reason: str | None = None) -> None:
         if isinstance(delay, timedelta):
             delay = delay.total_seconds()
-        if delay is not None and not delay >= 0:
-            raise ValueError(f"Retry delay must be >= 0 seconds, got {delay!r}")
+        # at most 100 years (asyncjobs._settings.MAX_DELAY): later dates are unreadable
+        if delay is not None and not 0 <= delay <= 3_155_760_000:
+            raise ValueError(f"Retry delay must be 0 to 100 years in seconds, got {delay!r}")
         super().__init__(reason or "retry requested")
         self.delay = delay
         self.reason = reason

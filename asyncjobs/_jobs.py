@@ -7,22 +7,43 @@ import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import timedelta
+from contextlib import AbstractAsyncContextManager
+from datetime import timedelta, tzinfo
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 import anyio
 
+from asyncjobs._asgi import lifespan as _lifespan
 from asyncjobs._batching import GroupCommit
 from asyncjobs._clock import Clock, SystemClock
 from asyncjobs._codec import JSON, encode_payload
+from asyncjobs._cron import Cron, Every, zone
 from asyncjobs._errors import AsyncJobsError, ConfigurationError, JobFailed, TaskNotRegistered
 from asyncjobs._models import FINISHED, Job, JobInfo, JobStatus, info_from_row
+from asyncjobs._ratelimit import Limiter, RateLimit, parse_rate
 from asyncjobs._runner import Runner
-from asyncjobs._settings import Seconds, Settings, check_name, positive_int, seconds
+from asyncjobs._scheduler import ScheduleInfo, Scheduler
+from asyncjobs._settings import (
+    Seconds,
+    Settings,
+    check_name,
+    is_name,
+    job_id_or_none,
+    positive_int,
+    seconds,
+)
 from asyncjobs._tasks import JobSpec, Task, check_timeout
+from asyncjobs._transaction import bound_insert
+from asyncjobs._transaction import transaction as _transaction
+from asyncjobs._workflows import Batch, Chain, create_batch, create_chain
 from asyncjobs.stores import Store, default_url, open_store
 from asyncjobs.stores._protocol import NewJob
+
+if TYPE_CHECKING:
+    from asyncjobs._dashboard.auth import DashboardAuth
+    from asyncjobs._metrics import ASGIApp
+    from asyncjobs._stats import Stats
 
 logger = logging.getLogger("asyncjobs")
 
@@ -78,7 +99,9 @@ class Jobs:
         self.store: Store = store or open_store(url, synchronous=self.settings.synchronous)
         self.registry: dict[str, Task[..., Any]] = {}
         self.queue_limits: dict[str, int] = {}
+        self.limiters: dict[str, Limiter] = {}
         self.runner = Runner(self)
+        self.scheduler = Scheduler(self)
         self._inserts: GroupCommit[NewJob, str] = GroupCommit(self._flush_inserts)
         self._result_events: dict[str, anyio.Event] = {}
         self._host: asyncio.Task[None] | None = None
@@ -107,7 +130,7 @@ class Jobs:
         retries: int = DEFAULT_RETRIES,
         timeout: Seconds | None = None,
         priority: int = 0,
-        rate_limit: Any = None,
+        rate_limit: str | RateLimit | None = None,
         limiter: str | None = None,
         concurrency: int | None = None,
     ) -> Callable[[Callable[P, Awaitable[R]]], Task[P, R]]: ...
@@ -122,11 +145,12 @@ class Jobs:
         retries: int = DEFAULT_RETRIES,
         timeout: Seconds | None = None,
         priority: int = 0,
-        rate_limit: Any = None,
+        rate_limit: str | RateLimit | None = None,
         limiter: str | None = None,
         concurrency: int | None = None,
     ) -> Task[P, R] | Callable[[Callable[P, Awaitable[R]]], Task[P, R]]:
         """Register an ``async def`` as a task (``@jobs.task`` or ``@jobs.task(...)``)."""
+        rate = None if rate_limit is None else parse_rate(rate_limit)  # fail at the decorator
 
         def register(fn: Callable[P, Awaitable[R]]) -> Task[P, R]:
             if not asyncio.iscoroutinefunction(fn):
@@ -140,6 +164,11 @@ class Jobs:
                     f"a task named {task_name!r} is already registered; "
                     "pass name=... to one of them"
                 )
+            if limiter is not None and limiter not in self.limiters:
+                raise ConfigurationError(
+                    f"task {task_name!r} uses limiter {limiter!r}, which is not defined; call "
+                    f"jobs.limiter({limiter!r}, '10/s') before defining the task"
+                )
             task = Task(
                 self,
                 fn,
@@ -148,7 +177,7 @@ class Jobs:
                 retries=retries,
                 timeout=check_timeout(timeout),
                 priority=priority,
-                rate_limit=rate_limit,
+                rate_limit=rate,
                 limiter=limiter,
                 concurrency=concurrency,
             )
@@ -160,6 +189,69 @@ class Jobs:
     def queue(self, name: str, *, concurrency: int) -> None:
         """Bound how many jobs of queue ``name`` run at once across every process."""
         self.queue_limits[check_name(name, "queue")] = positive_int(concurrency, "concurrency")
+
+    # -- schedules (asyncjobs/_scheduler.py) -----------------------------------------
+
+    def cron(
+        self,
+        expr: str,
+        *,
+        timezone: str | tzinfo = "UTC",
+        catch_up: bool = True,
+        name: str | None = None,
+        queue: str = "default",
+        retries: int = DEFAULT_RETRIES,
+        timeout: Seconds | None = None,
+        priority: int = 0,
+    ) -> Callable[[Callable[[], Awaitable[R]]], Task[[], R]]:
+        """Register an ``async def`` taking no arguments to run at each slot of the cron
+        expression ``expr`` in ``timezone`` (DST-correct), once per slot across all
+        processes. ``catch_up``: after downtime, run the most recent missed slot once."""
+        return self.scheduler.decorator(
+            Cron(expr, zone(timezone)),
+            catch_up=catch_up,
+            task_options={"name": name, "queue": queue, "retries": retries,
+                          "timeout": timeout, "priority": priority},
+        )  # fmt: skip
+
+    def periodic(
+        self,
+        *,
+        every: Seconds,
+        catch_up: bool = True,
+        name: str | None = None,
+        queue: str = "default",
+        retries: int = DEFAULT_RETRIES,
+        timeout: Seconds | None = None,
+        priority: int = 0,
+    ) -> Callable[[Callable[[], Awaitable[R]]], Task[[], R]]:
+        """Like ``cron`` but every ``every`` (whole seconds or a timedelta), at multiples
+        of it since the Unix epoch (every 5 minutes: :00, :05, ...)."""
+        return self.scheduler.decorator(
+            Every.parse(every),
+            catch_up=catch_up,
+            task_options={"name": name, "queue": queue, "retries": retries,
+                          "timeout": timeout, "priority": priority},
+        )  # fmt: skip
+
+    def schedules(self) -> list[ScheduleInfo]:
+        """Every cron/periodic schedule registered here, with its next run time."""
+        return self.scheduler.infos()
+
+    def limiter(
+        self, name: str, rate: str | RateLimit, *, key: Callable[..., Any] | None = None
+    ) -> None:
+        """Define a rate limit shared by every task with ``limiter=name``, across processes.
+
+        ``rate`` is ``"10/s"``-style text or a ``RateLimit``. With ``key``, a function
+        of the job's arguments (``key(*args, **kwargs)``, run at enqueue), each key
+        gets its own bucket of that rate (per customer, per domain); None or ``""``
+        draws from the shared bucket.
+        """
+        name = check_name(name, "limiter name")
+        if key is not None and not callable(key):
+            raise ConfigurationError(f"limiter key must be a function, got {key!r}")
+        self.limiters[name] = Limiter(name=name, limit=parse_rate(rate), key=key)
 
     # -- enqueue ---------------------------------------------------------------------
 
@@ -192,6 +284,19 @@ class Jobs:
         if not new:
             return []
         return [Job(self, job_id) for job_id in await self._insert(new)]
+
+    async def chain(self, *specs: JobSpec[Any], pass_result: bool = False) -> Chain:
+        """Enqueue jobs to run one after another (one transaction): each starts when the
+        one before succeeds; if one ends dead or cancelled, the rest are cancelled.
+        ``pass_result=True``: each job gets the previous result as its first argument."""
+        return await create_chain(self, specs, pass_result=pass_result)
+
+    async def batch(
+        self, specs: Sequence[JobSpec[Any]], *, on_complete: JobSpec[Any] | None = None
+    ) -> Batch:
+        """Enqueue jobs to run in parallel (one transaction); ``on_complete`` runs once
+        after all finished, with ``batch=BatchCounts`` if it takes a ``batch`` argument."""
+        return await create_batch(self, specs, on_complete=on_complete)
 
     def _spec(
         self,
@@ -251,10 +356,19 @@ class Jobs:
             group_key=o.group,
             chain_next=chain_next,
             batch_id=batch_id,
+            rate_key=self._rate_key(definition, spec),
         )
 
+    def _rate_key(self, definition: Task[..., Any] | None, spec: JobSpec[Any]) -> str | None:
+        limiter = self.limiters.get(definition.limiter or "") if definition else None
+        return None if limiter is None else limiter.key_for(spec.args, dict(spec.kwargs))
+
     async def _insert(self, new: list[NewJob]) -> list[str]:
-        ids = await self._inserts.submit_many(new)
+        outer = bound_insert(self)  # inside `async with jobs.transaction(conn):`
+        if outer is not None:
+            ids = await outer(new, self.clock.now())
+        else:
+            ids = await self._inserts.submit_many(new)
         if self._host is not None:
             self.runner.wake()
         return ids
@@ -265,7 +379,8 @@ class Jobs:
     # -- queries and admin -----------------------------------------------------------
 
     async def get(self, job_id: str) -> JobInfo | None:
-        row = await self.store.get(str(job_id))
+        checked = job_id_or_none(job_id)
+        row = None if checked is None else await self.store.get(checked)
         return None if row is None else info_from_row(row, self.clock.now())
 
     async def list(
@@ -278,22 +393,32 @@ class Jobs:
         """Jobs newest first, optionally filtered."""
         if status is not None:
             status = JobStatus(status).value
+        limit = min(positive_int(limit, "limit"), 2**62)  # any bigger limit means "all"
+        for name, value in (("queue", queue), ("task", task)):
+            if value is not None and not isinstance(value, str):
+                raise ConfigurationError(f"{name} must be a string, got {value!r}")
+            if value is not None and not is_name(value):
+                return []  # no job can have it (and a store could choke on it)
         now = self.clock.now()
-        rows = await self.store.list(
-            status=status, queue=queue, task=task, limit=positive_int(limit, "limit"), now=now
-        )
+        rows = await self.store.list(status=status, queue=queue, task=task, limit=limit, now=now)
         return [info_from_row(row, now) for row in rows]
 
     async def retry(self, job_id: str) -> bool:
         """Put a dead or cancelled job back in the queue with one more attempt."""
-        done = await self.store.retry(str(job_id), now=self.clock.now())
+        checked = job_id_or_none(job_id)
+        if checked is None:
+            return False
+        done = await self.store.retry(checked, now=self.clock.now())
         if done and self._host is not None:
             self.runner.wake()
         return done
 
     async def cancel(self, job_id: str) -> bool:
         """Cancel a job that has not finished (a running one is stopped)."""
-        cancelled = await self.store.cancel([str(job_id)], now=self.clock.now())
+        checked = job_id_or_none(job_id)
+        if checked is None:
+            return False
+        cancelled = await self.store.cancel([checked], now=self.clock.now())
         for cid in cancelled:
             self.runner.cancel_local(cid)
         return bool(cancelled)
@@ -309,6 +434,39 @@ class Jobs:
         now = self.clock.now()
         before = None if older_than is None else now - seconds(older_than, "older_than")
         return await self.store.purge(status=status, older_than=before, now=now)
+
+    # -- operations (asyncjobs/_stats.py, _metrics.py, _dashboard/) -------------------
+
+    async def retry_dead(self, *, queue: str | None = None, task: str | None = None) -> int:
+        """Put every dead job (of that queue/task) back in the queue; return how many."""
+        count = await self.store.retry_dead(queue=queue, task=task, now=self.clock.now())
+        if count and self._host is not None:
+            self.runner.wake()
+        return count
+
+    async def discard(self, job_id: str) -> bool:
+        """Delete one job that is not running (cancel a running one first)."""
+        checked = job_id_or_none(job_id)
+        return checked is not None and await self.store.delete([checked]) == 1
+
+    async def stats(self) -> Stats:
+        """Counts, ages, throughput, failure rate, timings, workers: see ``_stats.Stats``."""
+        from asyncjobs._stats import collect
+
+        return await collect(self)
+
+    def metrics_app(self) -> ASGIApp:
+        """An ASGI app serving Prometheus metrics read from the store (mount at /metrics)."""
+        from asyncjobs._metrics import metrics_app
+
+        return metrics_app(self)
+
+    def dashboard(self, *, auth: DashboardAuth | None = None) -> ASGIApp:
+        """The web dashboard as an ASGI app to mount; ``auth`` is required: a callable
+        ``request -> bool`` (or awaitable bool) or a ``(username, password)`` tuple."""
+        from asyncjobs._dashboard import dashboard_app
+
+        return dashboard_app(self, auth=auth)
 
     # -- results ---------------------------------------------------------------------
 
@@ -373,6 +531,7 @@ class Jobs:
 
                 await loops.start(runner.heartbeat_loop)
                 await loops.start(runner.maintenance_loop)
+                await loops.start(self.scheduler.run)
                 await loops.start(serve)
                 logger.info(
                     "asyncjobs workers started (%s, concurrency %d, worker %s)",
@@ -411,6 +570,18 @@ class Jobs:
         await self.stop()
         await self.store.close()
 
+    def lifespan(self, app: object = None) -> AbstractAsyncContextManager[dict[str, Any]]:
+        """ASGI lifespan: ``Starlette(lifespan=jobs.lifespan)``; the state holds ``jobs``."""
+        return _lifespan(self)
+
+    def transaction(self, conn: Any) -> AbstractAsyncContextManager[None]:
+        """Enqueue inside ``conn``'s open transaction: jobs exist iff the caller commits.
+
+        ``conn`` is an aiosqlite connection to the store's own SQLite file (or an
+        asyncpg connection to its PostgreSQL database).
+        """
+        return _transaction(self, conn)
+
     async def __aenter__(self) -> Jobs:
         await self.start()
         return self
@@ -426,9 +597,11 @@ class Jobs:
     # -- testing hooks ---------------------------------------------------------------
 
     async def drain(self) -> None:
-        """Run ready jobs until none is ready or running (see ``asyncjobs.testing.drain``)."""
+        """Enqueue the cron/periodic slots due now, then run ready jobs until none is
+        ready or running (see ``asyncjobs.testing.drain``)."""
         if self._host is not None:
             raise AsyncJobsError("drain() is for a Jobs whose workers are not started")
+        await self.scheduler.tick()
         await self.runner.drain()
 
     def require_task(self, name: str) -> Task[..., Any]:

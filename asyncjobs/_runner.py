@@ -25,7 +25,16 @@ from asyncjobs._backoff import backoff_delay
 from asyncjobs._batching import GroupCommit
 from asyncjobs._codec import decode_payload, encode
 from asyncjobs._errors import NotSerializable, Retry
-from asyncjobs.stores._protocol import ClaimRequest, JobRow, Outcome, OutcomeKind, TaskLimits
+from asyncjobs._retention import Pruner
+from asyncjobs.stores._protocol import (
+    Claimed,
+    ClaimRequest,
+    JobRow,
+    Outcome,
+    OutcomeKind,
+    TaskLimits,
+    WorkerBeat,
+)
 
 if TYPE_CHECKING:
     from asyncjobs._jobs import Jobs
@@ -79,11 +88,13 @@ class Runner:
         self.settings = jobs.settings
         self.clock = jobs.settings.clock
         self.worker_id = _worker_id()
+        self.started_at = self.clock.now()
         self.running: dict[str, _Running] = {}
         self._wakeup = anyio.Event()
         self._slot_freed = anyio.Event()
         self._acks: GroupCommit[Outcome, bool] = GroupCommit(self._flush_acks)
         self._shutting_down = False
+        self._next_token_at: float | None = None
 
     # -- signals ---------------------------------------------------------------------
 
@@ -105,6 +116,7 @@ class Runner:
                 max_attempts=task.retries + 1,
                 concurrency=task.concurrency,
                 limiter=task.limiter,
+                rate_limit=task.rate_limit,
             )
             for name, task in self.jobs.registry.items()
         }
@@ -115,6 +127,7 @@ class Runner:
             limit=limit,
             lease=self.settings.visibility_timeout,
             queue_concurrency=self.jobs.queue_limits,
+            limiters={name: limiter.limit for name, limiter in self.jobs.limiters.items()},
         )
 
     @property
@@ -126,7 +139,13 @@ class Runner:
         free = self.free_slots
         if free <= 0 or not self.jobs.registry:
             return 0
-        rows = await self.jobs.store.claim(self._request(free), now=self.clock.now())
+        # Shielded: shutdown cancels the claim loop, but a claim the store committed must
+        # reach self.running, or its jobs stay 'running' until their lease expires and
+        # spend an attempt they never had.
+        with anyio.CancelScope(shield=True):
+            rows = await self.jobs.store.claim(self._request(free), now=self.clock.now())
+        # When a ready job was held back by an empty rate-limit bucket: its next token.
+        self._next_token_at = rows.next_token_at if isinstance(rows, Claimed) else None
         for row in rows:
             self.running[row.id] = _Running(row)
             tg.start_soon(self._execute, row, name=f"asyncjobs job {row.id}")
@@ -152,6 +171,10 @@ class Runner:
         while True:
             if self.free_slots <= 0:
                 await self._slot_freed.wait()
+                # Jobs acked in one flush free their slots in the next few loop
+                # iterations; claim once for all of them rather than one by one.
+                for _ in range(3):
+                    await anyio.lowlevel.checkpoint()
                 continue
             self._wakeup = anyio.Event()
             try:
@@ -163,15 +186,19 @@ class Runner:
                 await self.clock.sleep(self.settings.poll_interval)
                 continue
             last_full_poll = self.clock.now()
-            if claimed and self.free_slots > 0:
-                continue  # there may be more ready
-            # Idle (or full): sleep until a local enqueue, another process's write,
-            # the next scheduled job, a freed slot, or the poll interval.
+            if claimed:
+                # More may be ready: claim again now, or (when full) as soon as a slot
+                # frees at the top of the loop, not after the poll interval.
+                continue
+            # Idle: sleep until a local enqueue, another process's write, the next
+            # scheduled job, or the poll interval.
             wake_at = last_full_poll + self.settings.poll_interval
             if claimed == 0:
                 next_run = await self._next_run_at()
                 if next_run is not None:
                     wake_at = min(wake_at, next_run)
+                if self._next_token_at is not None:
+                    wake_at = min(wake_at, self._next_token_at)
             while True:
                 remaining = wake_at - self.clock.now()
                 if remaining <= 0 or self._wakeup.is_set():
@@ -180,7 +207,7 @@ class Runner:
                     await self._wakeup.wait()
                 if self._wakeup.is_set():
                     break
-                if claimed == 0 and await self._store_changed():
+                if await self._store_changed():
                     break
 
     async def _next_run_at(self) -> float | None:
@@ -314,7 +341,18 @@ class Runner:
             self.running.pop(row.id, None)
             freed, self._slot_freed = self._slot_freed, anyio.Event()
             freed.set()
+            if self._releases_others(row):
+                self.wake()  # the next job of its group, task or queue may run now
             self.jobs._notify_finished(row.id)
+
+    def _releases_others(self, row: JobRow) -> bool:
+        """Whether this job's end can free a job held back by a group or concurrency limit."""
+        task = self.jobs.registry.get(row.task)
+        return (
+            row.group_key is not None
+            or row.queue in self.jobs.queue_limits
+            or (task is not None and task.concurrency is not None)
+        )
 
     async def _flush_acks(self, outcomes: list[Outcome]) -> list[bool]:
         applied = set(await self.jobs.store.finish(outcomes, now=self.clock.now()))
@@ -367,13 +405,37 @@ class Runner:
                 self.cancel_local(job_id)
 
     async def heartbeat_loop(self, *, task_status: TaskStatus[None]) -> None:
+        self.started_at = self.clock.now()
+        await self.record_beat()
         task_status.started()
-        while True:
-            await self.clock.sleep(self.settings.heartbeat_interval)
-            try:
-                await self.heartbeat_once()
-            except Exception:
-                logger.exception("heartbeat failed; leases may expire")
+        try:
+            while True:
+                await self.clock.sleep(self.settings.heartbeat_interval)
+                try:
+                    await self.heartbeat_once()
+                except Exception:
+                    logger.exception("heartbeat failed; leases may expire")
+                await self.record_beat()
+        finally:
+            with anyio.CancelScope(shield=True), self.clock.move_on_after(5):
+                await self.record_beat(stopped=True)
+
+    async def record_beat(self, *, stopped: bool = False) -> None:
+        """Upsert this process in the store's workers table (``jobs.stats()["workers"]``)."""
+        beat = WorkerBeat(
+            id=self.worker_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=self.started_at,
+            running=0 if stopped else len(self.running),
+            concurrency=self.settings.concurrency,
+            queues=self.settings.queues,
+            stopped=stopped,
+        )
+        try:
+            await self.jobs.store.record_worker(beat, now=self.clock.now())
+        except Exception:
+            logger.exception("recording this worker's heartbeat failed")
 
     async def recover(self) -> None:
         """Requeue jobs whose lease expired (their worker died)."""
@@ -389,15 +451,20 @@ class Runner:
                     "job %s (%s) requeued: its lease expired during attempt %d",
                     job.id, job.task, job.attempts, extra=extra,
                 )  # fmt: skip
+                # Our own write does not show in data_version: claim it now, not at
+                # the next poll.
+                self.wake()
 
     async def maintenance_loop(self, *, task_status: TaskStatus[None]) -> None:
         task_status.started()
         interval = min(self.settings.visibility_timeout / 2, 30.0)
+        pruner = Pruner(self.jobs)
         while True:
             try:
                 await self.recover()
             except Exception:
                 logger.exception("recovering expired leases failed")
+            await pruner.maybe_prune()
             await self.clock.sleep(interval)
 
     async def wait_idle(self) -> None:

@@ -47,6 +47,51 @@ def check_name(value: object, what: str) -> str:
     return value
 
 
+def is_name(value: str) -> bool:
+    """Whether ``value`` could be a task or queue name (``check_name`` without raising)."""
+    return 0 < len(value) <= 200 and value.isprintable() and value == value.strip()
+
+
+MAX_DELAY = 100 * 365.25 * 86400.0
+"""The furthest ahead a job can be scheduled (100 years): beyond it dates stop being
+representable as ``datetime`` and every read of the job would fail."""
+
+
+def check_text(value: object, what: str, *, max_length: int) -> str:
+    """Free text stored in the database (idempotency keys): non-empty, at most
+    ``max_length`` characters, valid Unicode (no lone surrogates) and no NUL."""
+    if not isinstance(value, str) or not value or len(value) > max_length:
+        raise ConfigurationError(
+            f"{what} must be a non-empty string of at most {max_length} characters, got {value!r}"
+        )
+    if "\x00" in value or not _encodable(value):
+        raise ConfigurationError(
+            f"{what} {value!r} must be valid Unicode text without NUL characters "
+            "(no lone surrogates)"
+        )
+    return value
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def job_id_or_none(value: object) -> str | None:
+    """A job id given to get/retry/cancel/discard, or None when no job can have it.
+
+    Ids are short URL-safe strings; text that no store could hold (too long, NUL, lone
+    surrogates) names no job, so callers answer "not found" instead of a driver error.
+    """
+    text = value if isinstance(value, str) else str(value)
+    if not text or len(text) > 1000 or "\x00" in text or not _encodable(text):
+        return None
+    return text
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     url: str

@@ -5,12 +5,20 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Generic, ParamSpec, TypeVar
 
 from asyncjobs._codec import JSON
 from asyncjobs._errors import ConfigurationError
-from asyncjobs._settings import Seconds, check_name, positive_int, seconds
+from asyncjobs._ratelimit import RateLimit, parse_rate
+from asyncjobs._settings import (
+    MAX_DELAY,
+    Seconds,
+    check_name,
+    check_text,
+    positive_int,
+    seconds,
+)
 
 if TYPE_CHECKING:
     from asyncjobs._jobs import Jobs
@@ -37,6 +45,15 @@ def check_retries(retries: object) -> int:
     if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 1000:
         raise ConfigurationError(f"retries must be a whole number from 0 to 1000, got {retries!r}")
     return retries
+
+
+def check_delay(delay: Seconds) -> float:
+    value = seconds(delay, "delay")
+    if value > MAX_DELAY:
+        raise ConfigurationError(
+            f"delay must be at most {MAX_DELAY:.0f} seconds (100 years), got {delay!r}"
+        )
+    return value
 
 
 def check_timeout(timeout: Seconds | None) -> float | None:
@@ -83,15 +100,15 @@ def make_options(
             raise ConfigurationError(
                 f"run_at must be timezone-aware (e.g. datetime.now(UTC)), got naive {run_at!r}"
             )
-        run_at_epoch = run_at.timestamp()
-    key: object = idempotency_key
-    if key is not None and (not isinstance(key, str) or not key or len(key) > 500):
-        raise ConfigurationError(
-            f"idempotency_key must be a non-empty string of at most 500 characters, "
-            f"got {idempotency_key!r}"
-        )
+        try:
+            run_at_epoch = run_at.timestamp()
+            datetime.fromtimestamp(run_at_epoch, UTC)  # readable back as a datetime
+        except (OverflowError, ValueError, OSError) as error:
+            raise ConfigurationError(f"run_at {run_at!r} is out of range: {error}") from None
+    if idempotency_key is not None:
+        check_text(idempotency_key, "idempotency_key", max_length=500)
     return JobOptions(
-        delay=None if delay is None else seconds(delay, "delay"),
+        delay=None if delay is None else check_delay(delay),
         run_at=run_at_epoch,
         priority=None if priority is None else check_priority(priority),
         queue=None if queue is None else check_name(queue, "queue"),
@@ -129,7 +146,7 @@ class Task(Generic[P, R]):
         retries: int,
         timeout: float | None,
         priority: int,
-        rate_limit: Any = None,
+        rate_limit: str | RateLimit | None = None,
         limiter: str | None = None,
         concurrency: int | None = None,
         options: JobOptions | None = None,
@@ -141,7 +158,7 @@ class Task(Generic[P, R]):
         self.retries = check_retries(retries)
         self.timeout = timeout
         self.priority = check_priority(priority)
-        self.rate_limit = rate_limit
+        self.rate_limit = None if rate_limit is None else parse_rate(rate_limit)
         self.limiter = limiter
         self.concurrency = None if concurrency is None else positive_int(concurrency, "concurrency")
         self._options = options or JobOptions()

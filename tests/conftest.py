@@ -1,14 +1,25 @@
-"""Shared fixtures: a real SQLite file per test, a fake clock, and Jobs factories."""
+"""Shared fixtures: a real SQLite file per test, a fake clock, and Jobs factories.
+
+Backend-parametrised fixtures: ``backend_url`` and ``store`` run a test on SQLite
+and on PostgreSQL (a fresh schema per test, dropped after). PostgreSQL tests skip
+unless ``$ASYNCJOBS_TEST_POSTGRES_DSN`` names a server (``.ci/run`` sets it). A
+module can run ``make_jobs``/``jobs`` on both backends by overriding ``db_url``:
+``@pytest.fixture def db_url(backend_url: str) -> str: return backend_url``.
+"""
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
 
 from asyncjobs import Jobs
+from asyncjobs.stores import Store, open_store
 from asyncjobs.testing import FakeClock
 
 MakeJobs = Callable[..., Jobs]
@@ -17,6 +28,72 @@ MakeJobs = Callable[..., Jobs]
 @pytest.fixture
 def db_url(tmp_path: Path) -> str:
     return "sqlite:///" + str(tmp_path / "jobs.db")
+
+
+POSTGRES_DSN_ENV = "ASYNCJOBS_TEST_POSTGRES_DSN"
+
+
+def postgres_dsn() -> str:
+    """The test server's DSN, or skip the test saying how to configure one."""
+    dsn = os.environ.get(POSTGRES_DSN_ENV)
+    if not dsn:
+        pytest.skip(
+            f"PostgreSQL tests need a server: set {POSTGRES_DSN_ENV}="
+            "postgresql://user@host:5432/db (.ci/run sets it)"
+        )
+    return dsn
+
+
+def with_search_path(dsn: str, schema: str) -> str:
+    """``dsn`` with its connections' search_path set to ``schema`` (asyncpg query param)."""
+    parts = urlsplit(dsn)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "search_path"]
+    query.append(("search_path", schema))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    """A PostgreSQL URL whose connections use a fresh schema, dropped after the test.
+
+    Each test gets its own schema, so tests (and helpers running tests at the same
+    time on the same server) never see each other's jobs.
+    """
+    import asyncpg
+
+    dsn = postgres_dsn()
+    schema = f"asyncjobs_test_{uuid.uuid4().hex[:16]}"
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+    finally:
+        await conn.close()
+    yield with_search_path(dsn, schema)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A store URL on each backend: a SQLite file in tmp_path, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        return "sqlite:///" + str(tmp_path / "backend.db")
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture
+async def store(backend_url: str) -> AsyncIterator[Store]:
+    """An opened store on each backend (``store[sqlite]``, ``store[postgres]``), closed after."""
+    opened = open_store(backend_url)
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
 
 
 @pytest.fixture

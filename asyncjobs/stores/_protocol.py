@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import builtins
 import enum
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from asyncjobs._ratelimit import RateLimit
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -33,6 +35,7 @@ class NewJob:
     group_key: str | None = None
     chain_next: str | None = None  # released when this job succeeds
     batch_id: str | None = None  # the batch's on_complete job, released when all finish
+    rate_key: str | None = None  # bucket key within the task's named limiter (None: shared)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,7 +101,8 @@ class TaskLimits:
 
     max_attempts: int  # from the worker's definition; per-job options win
     concurrency: int | None = None  # across all processes
-    limiter: str | None = None  # name of the rate-limit bucket it draws from
+    limiter: str | None = None  # name of the shared limiter (ClaimRequest.limiters) it draws from
+    rate_limit: RateLimit | None = None  # the task's own bucket
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,6 +113,19 @@ class ClaimRequest:
     limit: int
     lease: float  # seconds
     queue_concurrency: Mapping[str, int] = field(default_factory=dict)
+    limiters: Mapping[str, RateLimit] = field(default_factory=dict)  # named, shared buckets
+
+
+class Claimed(list[JobRow]):
+    """What ``claim`` may return: the claimed rows, plus ``next_token_at``, the
+    earliest time a due job held back by an empty rate-limit bucket can get a
+    token (None when none was held back), so the runner sleeps until then."""
+
+    __slots__ = ("next_token_at",)
+
+    def __init__(self, rows: Iterable[JobRow] = (), *, next_token_at: float | None = None) -> None:
+        super().__init__(rows)
+        self.next_token_at = next_token_at
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -149,7 +166,13 @@ class Store(Protocol):
         raised by one, ``lease_until = now + lease``, ``worker`` set.
 
         Only jobs whose task is in ``request.tasks`` (and queue in ``queues``)
-        are taken; higher priority first, then enqueue order.
+        are taken; higher priority first, then enqueue order. Flow control holds
+        across every process sharing the store, checked in the same transaction:
+        only the oldest unfinished job of a ``group_key`` runs; a task's or queue's
+        ``concurrency`` bounds its running jobs; a job of a rate-limited task takes
+        one token from each of its buckets, and one that finds none is skipped
+        without spending an attempt. A store that knows when a skipped job can next
+        get a token returns a ``Claimed`` carrying it.
         """
         ...
 
@@ -158,7 +181,9 @@ class Store(Protocol):
 
         Also releases what waits on a finished job: the next chain member on
         success, the rest of the chain on dead/cancelled, a batch's callback
-        when its last member finishes.
+        when its last member finishes. A released job whose options ask for it
+        gets the result or the batch counts in its payload, in the same
+        transaction (``asyncjobs/stores/_dependents.py``).
         """
         ...
 
@@ -217,3 +242,107 @@ class Store(Protocol):
     async def counts(self, *, now: float) -> dict[tuple[str, str, str], int]:
         """Job counts keyed by (queue, task, status); scheduled/queued follow ``run_at``."""
         ...
+
+    async def batch_counts(self, batch_id: str) -> dict[str, int]:
+        """Counts by stored status of the members of a batch (jobs with that ``batch_id``)."""
+        ...
+
+    # -- operations (stats, dashboard, pruning) --------------------------------------
+
+    async def snapshot(
+        self, *, now: float, windows: Sequence[float], sample: int, workers_since: float
+    ) -> OpsSnapshot:
+        """Everything ``jobs.stats()`` needs, read in one transaction.
+
+        Counts per (queue, task, status) with scheduled/queued following ``run_at``;
+        jobs finished in each of ``windows`` (seconds back from ``now``); the newest
+        ``sample`` succeeded/dead jobs for run/wait times; running jobs whose lease
+        expired; workers seen since ``workers_since``. Reads only indexes or recent
+        rows, so it stays cheap with millions of finished jobs.
+        """
+        ...
+
+    async def record_worker(self, beat: WorkerBeat, *, now: float) -> None:
+        """Upsert this process's row in the workers table (``last_seen_at = now``)."""
+        ...
+
+    async def prune(
+        self, *, finished_before: float, dead_before: float, workers_before: float, limit: int
+    ) -> int:
+        """Delete up to ``limit`` succeeded/cancelled jobs finished before
+        ``finished_before`` and dead ones before ``dead_before`` (one transaction),
+        and workers not seen since ``workers_before``; return the jobs deleted."""
+        ...
+
+    async def retry_dead(self, *, queue: str | None, task: str | None, now: float) -> int:
+        """``retry`` every dead job (of that queue/task); return how many."""
+        ...
+
+    async def delete(self, job_ids: Sequence[str]) -> int:
+        """Delete these jobs unless they are running; return how many were deleted."""
+        ...
+
+    async def meta(self, key: str, default: str) -> str:
+        """The shared value stored under ``key``, storing ``default`` first if absent."""
+        ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerBeat:
+    """What a worker process reports about itself on each heartbeat."""
+
+    id: str
+    host: str
+    pid: int
+    started_at: float
+    running: int
+    concurrency: int
+    queues: tuple[str, ...] | None
+    stopped: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerRow:
+    id: str
+    host: str
+    pid: int
+    started_at: float
+    last_seen_at: float
+    stopped_at: float | None
+    running: int
+    concurrency: int
+    queues: tuple[str, ...] | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FinishedSample:
+    """Timings of one recently finished job (its last attempt)."""
+
+    queue: str
+    task: str
+    status: str
+    run_at: float
+    started_at: float | None
+    finished_at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StuckJob:
+    """A running job whose lease expired: its worker stopped heartbeating."""
+
+    id: str
+    queue: str
+    task: str
+    worker: str | None
+    attempts: int
+    lease_until: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpsSnapshot:
+    counts: dict[tuple[str, str, str], int]  # (queue, task, status) -> jobs
+    oldest_due: dict[tuple[str, str], float]  # (queue, task) -> min run_at of due jobs
+    finished: dict[tuple[str, str, str], list[int]]  # (queue, task, status) -> per window
+    samples: list[FinishedSample]  # newest first
+    stuck: list[StuckJob]
+    workers: list[WorkerRow]

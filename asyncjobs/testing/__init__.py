@@ -1,11 +1,20 @@
-"""Testing helpers for users of asyncjobs: a fake clock and ``drain``."""
+"""Testing helpers for users of asyncjobs: a fake clock, ``drain``, assertions, store swap."""
 
 from __future__ import annotations
 
 from asyncjobs._jobs import Jobs
+from asyncjobs.testing._assertions import assert_enqueued, assert_not_enqueued, enqueued
 from asyncjobs.testing._clock import FakeClock
+from asyncjobs.testing._isolation import replace_store
 
-__all__ = ["FakeClock", "drain"]
+__all__ = [
+    "FakeClock",
+    "assert_enqueued",
+    "assert_not_enqueued",
+    "drain",
+    "enqueued",
+    "replace_store",
+]
 
 
 async def drain(jobs: Jobs) -> None:

@@ -1,0 +1,396 @@
+"""Commands of the ``asyncjobs`` CLI (click). Entry point: ``asyncjobs.cli.main``."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import importlib
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+import click
+
+from asyncjobs._jobs import Jobs
+from asyncjobs._models import JobInfo, JobStatus
+from asyncjobs._stats import GroupStats, Stats
+
+T = TypeVar("T")
+
+APP_HELP = "Your Jobs as module:attribute, e.g. myapp:jobs (or set $ASYNCJOBS_APP)."
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+# -- loading the app ----------------------------------------------------------------
+
+
+def load_jobs(spec: str | None) -> Jobs:
+    """Import ``module:attribute`` (the current directory is importable) as a ``Jobs``."""
+    if not spec:
+        raise click.UsageError("name your Jobs with --app module:attribute or $ASYNCJOBS_APP")
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise click.BadParameter(
+            f"{spec!r} is not module:attribute (e.g. myapp:jobs)", param_hint="--app"
+        )
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as error:
+        raise click.BadParameter(
+            f"cannot import {module_name!r}: {error}", param_hint="--app"
+        ) from error
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise click.BadParameter(
+                f"module {module_name!r} has no attribute {attribute!r}", param_hint="--app"
+            ) from None
+    if not isinstance(target, Jobs):
+        raise click.BadParameter(
+            f"{spec} is a {type(target).__name__}, not an asyncjobs.Jobs", param_hint="--app"
+        )
+    return target
+
+
+def run(ctx: click.Context, action: Callable[[Jobs], Awaitable[T]]) -> T:
+    """Load the app, run ``action(jobs)`` in a fresh event loop, close the store."""
+    jobs = load_jobs(ctx.obj)
+
+    async def main() -> T:
+        try:
+            return await action(jobs)
+        finally:
+            await jobs.close()
+
+    return asyncio.run(main())
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``12h``, ``7d``, ``2w`` -> seconds."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise click.BadParameter(f"{text!r} is not a duration like 90s, 15m, 12h, 7d or 2w")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+# -- output -------------------------------------------------------------------------
+
+
+def to_json(value: object) -> str:
+    def default(obj: object) -> object:
+        if isinstance(obj, datetime):
+            return obj.isoformat()
+        if isinstance(obj, enum.Enum):
+            return obj.value
+        raise TypeError(f"cannot encode {type(obj).__name__}")
+
+    return json.dumps(value, default=default, indent=2, ensure_ascii=False)
+
+
+def job_dict(info: JobInfo) -> dict[str, object]:
+    data = dataclasses.asdict(info)
+    data["status"] = info.status.value
+    return data
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain text table with aligned columns (numbers right-aligned)."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    numeric = [
+        all(isinstance(row[i], int | float) or row[i] is None for row in rows)
+        for i in range(len(headers))
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [
+            v.rjust(w) if num else v.ljust(w)
+            for v, w, num in zip(values, widths, numeric, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    out = [line(list(headers)), line(["-" * w for w in widths])]
+    out += [line(row) for row in cells]
+    return "\n".join(out)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 1:
+        return f"{value * 1000:.0f}ms"
+    if value < 120:
+        return f"{value:.1f}s"
+    if value < 7200:
+        return f"{value / 60:.1f}m"
+    return f"{value / 3600:.1f}h"
+
+
+def _rate(group: GroupStats, window: str) -> str:
+    rate = group["windows"][window]["failure_rate"]
+    return "-" if rate is None else f"{rate:.0%}"
+
+
+# -- commands -----------------------------------------------------------------------
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--app", "app", envvar="ASYNCJOBS_APP", metavar="MODULE:ATTR", help=APP_HELP)
+@click.version_option(package_name="asyncjobs")
+@click.pass_context
+def cli(ctx: click.Context, app: str | None) -> None:
+    """Inspect and operate asyncjobs queues."""
+    ctx.obj = app
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def stats(ctx: click.Context, as_json: bool) -> None:
+    """Counts by status, age, throughput, failure rate and timings per queue and task."""
+    result: Stats = run(ctx, lambda jobs: jobs.stats())
+    if as_json:
+        click.echo(to_json(result))
+        return
+    statuses = [s.value for s in JobStatus]
+    rows: list[list[object]] = []
+    for queue in result["queues"]:
+        for task in queue["tasks"]:
+            rows.append(
+                [
+                    queue["queue"],
+                    task["task"],
+                    *(task["counts"][s] for s in statuses),
+                    _seconds(task["oldest_queued_age"]),
+                    task["windows"]["1m"]["throughput"],
+                    _rate(task, "5m"),
+                    _seconds(task["run_time"]["p50"]),
+                    _seconds(task["run_time"]["p99"]),
+                    task["stuck"],
+                ]
+            )
+    headers = [
+        "queue",
+        "task",
+        *statuses,
+        "oldest",
+        "jobs/s 1m",
+        "fail 5m",
+        "run p50",
+        "run p99",
+        "stuck",
+    ]
+    click.echo(table(headers, rows) if rows else "no jobs")
+    if result["workers"]:
+        click.echo("\nworkers")
+        click.echo(
+            table(
+                ["id", "alive", "running", "concurrency", "last seen"],
+                [
+                    [
+                        w["id"],
+                        "yes" if w["alive"] else "no",
+                        w["running"],
+                        w["concurrency"],
+                        _seconds(w["seconds_since_seen"]) + " ago",
+                    ]
+                    for w in result["workers"]
+                ],
+            )
+        )
+    if result["schedules"]:
+        click.echo("\nschedules")
+        click.echo(
+            table(
+                ["task", "schedule", "next run"],
+                [[s["task"], s["schedule"], s["next_run_at"]] for s in result["schedules"]],
+            )
+        )
+    if result["stuck_jobs"]:
+        click.echo("\nstuck (lease expired, waiting for recovery)")
+        click.echo(
+            table(
+                ["id", "task", "worker", "lease expired at"],
+                [
+                    [s["id"], s["task"], s["worker"], s["lease_expired_at"]]
+                    for s in result["stuck_jobs"]
+                ],
+            )
+        )
+
+
+@cli.command("list")
+@click.option("--status", type=click.Choice([s.value for s in JobStatus]), help="Only this status.")
+@click.option("--queue", help="Only this queue.")
+@click.option("--task", help="Only this task.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@json_option
+@click.pass_context
+def list_jobs(
+    ctx: click.Context,
+    status: str | None,
+    queue: str | None,
+    task: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Jobs, newest first."""
+    infos = run(ctx, lambda jobs: jobs.list(status=status, queue=queue, task=task, limit=limit))
+    if as_json:
+        click.echo(to_json([job_dict(info) for info in infos]))
+        return
+    if not infos:
+        click.echo("no jobs")
+        return
+    click.echo(
+        table(
+            ["id", "task", "queue", "status", "attempts", "enqueued at", "finished at"],
+            [
+                [
+                    i.id,
+                    i.task,
+                    i.queue,
+                    i.status.value,
+                    f"{i.attempts}/{i.max_attempts}",
+                    i.enqueued_at,
+                    i.finished_at,
+                ]
+                for i in infos
+            ],
+        )
+    )
+
+
+@cli.command()
+@click.argument("job_id")
+@json_option
+@click.pass_context
+def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
+    """One job: arguments, result, attempts and last error."""
+    info = run(ctx, lambda jobs: jobs.get(job_id))
+    if info is None:
+        raise click.ClickException(f"no job {job_id!r} (never enqueued, or pruned)")
+    if as_json:
+        click.echo(to_json(job_dict(info)))
+        return
+    data = job_dict(info)
+    error = data.pop("error")
+    width = max(len(k) for k in data)
+    for key, value in data.items():
+        shown = (
+            json.dumps(value, ensure_ascii=False)
+            if key in ("args", "kwargs", "result")
+            else _cell(value)
+        )
+        click.echo(f"{key.ljust(width)}  {shown}")
+    if error:
+        click.echo("\nlast error:\n" + str(error).rstrip())
+
+
+@cli.command()
+@click.argument("job_id", required=False)
+@click.option("--all-dead", is_flag=True, help="Retry every dead job (of --queue/--task).")
+@click.option("--queue", help="With --all-dead: only this queue.")
+@click.option("--task", help="With --all-dead: only this task.")
+@json_option
+@click.pass_context
+def retry(
+    ctx: click.Context,
+    job_id: str | None,
+    all_dead: bool,
+    queue: str | None,
+    task: str | None,
+    as_json: bool,
+) -> None:
+    """Put a dead or cancelled job (or every dead one) back in the queue."""
+    if all_dead == (job_id is not None):
+        raise click.UsageError("give a job id or --all-dead (not both)")
+    if job_id is None:
+        count = run(ctx, lambda jobs: jobs.retry_dead(queue=queue, task=task))
+        click.echo(to_json({"retried": count}) if as_json else f"retried {count} dead job(s)")
+        return
+    if queue or task:
+        raise click.UsageError("--queue and --task go with --all-dead")
+    done = run(ctx, lambda jobs: jobs.retry(job_id))
+    if as_json:
+        click.echo(to_json({"id": job_id, "retried": done}))
+    elif done:
+        click.echo(f"job {job_id} queued again")
+    if not done:
+        raise click.ClickException(f"job {job_id} is not dead or cancelled (or does not exist)")
+
+
+@cli.command()
+@click.argument("job_id")
+@json_option
+@click.pass_context
+def cancel(ctx: click.Context, job_id: str, as_json: bool) -> None:
+    """Cancel a job that has not finished."""
+    done = run(ctx, lambda jobs: jobs.cancel(job_id))
+    if as_json:
+        click.echo(to_json({"id": job_id, "cancelled": done}))
+    elif done:
+        click.echo(f"job {job_id} cancelled")
+    if not done:
+        raise click.ClickException(f"job {job_id} already finished (or does not exist)")
+
+
+@cli.command()
+@click.option(
+    "--status",
+    type=click.Choice(["succeeded", "dead", "cancelled", "waiting", "scheduled", "queued"]),
+)
+@click.option(
+    "--older-than",
+    "older_than",
+    metavar="DURATION",
+    help="Finished longer ago than this: 90s, 15m, 12h, 7d, 2w.",
+)
+@json_option
+@click.pass_context
+def purge(ctx: click.Context, status: str | None, older_than: str | None, as_json: bool) -> None:
+    """Delete jobs by status and/or finished longer ago than --older-than."""
+    if status is None and older_than is None:
+        raise click.UsageError("purge needs --status and/or --older-than")
+    age = None if older_than is None else parse_duration(older_than)
+    count = run(ctx, lambda jobs: jobs.purge(status=status, older_than=age))
+    click.echo(to_json({"purged": count}) if as_json else f"purged {count} job(s)")
+
+
+@cli.command()
+@click.argument("app_arg", metavar="[MODULE:ATTR]", required=False)
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))  # fmt: skip
+@click.pass_context
+def worker(ctx: click.Context, app_arg: str | None, log_level: str) -> None:
+    """Run workers until SIGTERM or SIGINT, then drain (finish or release running jobs)."""
+    from asyncjobs._worker import run_worker
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    jobs = load_jobs(app_arg or ctx.obj)
+    asyncio.run(run_worker(jobs))

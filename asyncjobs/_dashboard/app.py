@@ -1,0 +1,280 @@
+"""Dashboard pages (overview, job lists, one job) and actions (retry, cancel, discard)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlencode
+
+import jinja2
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from asyncjobs._dashboard.auth import CSRF_COOKIE, CSRF_FIELD, Authenticator, Csrf
+from asyncjobs._models import FINISHED, JobStatus, info_from_row
+
+if TYPE_CHECKING:
+    from asyncjobs._jobs import Jobs
+    from asyncjobs._metrics import Message, Receive, Scope, Send
+
+logger = logging.getLogger("asyncjobs")
+
+PAGE_SIZE = 50
+JOB_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+"""Job ids are URL-safe tokens (uuid hex); anything else is refused before the store."""
+MAX_FORM_BYTES = 16 * 1024
+STATUSES = [s.value for s in JobStatus]
+NOTICES = {
+    "retried": "The job is queued again.",
+    "not-retried": "Only dead or cancelled jobs can be retried.",
+    "cancelled": "The job was cancelled.",
+    "not-cancelled": "The job had already finished.",
+    "discarded": "The job was deleted.",
+    "not-discarded": "Running jobs cannot be deleted; cancel them first.",
+    "retried-dead": "Every dead job is queued again.",
+}
+SECURITY_HEADERS = [
+    (
+        b"content-security-policy",
+        b"default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+        b"form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    ),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"same-origin"),
+    (b"cache-control", b"no-store"),
+]
+
+
+class Dashboard:
+    """The dashboard's ASGI app: authentication first, then the Starlette routes."""
+
+    def __init__(self, jobs: Jobs, auth: Authenticator) -> None:
+        self.jobs = jobs
+        self.auth = auth
+        self.csrf = Csrf(jobs)
+        self.templates = jinja2.Environment(
+            loader=jinja2.PackageLoader("asyncjobs._dashboard", "templates"),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+        )
+        self.templates.filters.update(ago=_ago, when=_when, pretty=_pretty)
+        self.app = Starlette(
+            routes=[
+                Route("/", self.overview, methods=["GET"]),
+                Route("/jobs", self.job_list, methods=["GET"]),
+                Route("/jobs/{job_id}", self.job_page, methods=["GET"]),
+                Route("/jobs/{job_id}/{action}", self.job_action, methods=["POST"]),
+                Route("/retry-dead", self.retry_dead, methods=["POST"]),
+            ]
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            return
+
+        async def send_secure(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+            await send(message)
+
+        request = Request(scope, receive)
+        try:
+            allowed = await self.auth.allowed(request)
+        except Exception:
+            logger.exception("the dashboard's auth callable failed; refusing the request")
+            allowed = False
+        if not allowed:
+            await self.auth.denied()(scope, receive, send_secure)
+            return
+        await self.app(scope, receive, send_secure)
+
+    # -- pages -----------------------------------------------------------------------
+
+    async def overview(self, request: Request) -> Response:
+        stats = await self.jobs.stats()
+        return await self.render(request, "overview.html", stats=stats, statuses=STATUSES)
+
+    async def job_list(self, request: Request) -> Response:
+        query = request.query_params
+        status = query.get("status") or None
+        queue = query.get("queue") or None
+        task = query.get("task") or None
+        before_text = query.get("before") or None
+        if status is not None and status not in STATUSES:
+            return await self.message(request, 400, f"Unknown status {status!r}.")
+        if any(v is not None and len(v) > 200 for v in (queue, task)):
+            return await self.message(
+                request, 400, "Queue and task names are at most 200 characters."
+            )
+        before = None
+        if before_text is not None:
+            if not before_text.isdigit() or len(before_text) > 18:
+                return await self.message(request, 400, "Bad page cursor.")
+            before = int(before_text)
+        now = self.jobs.clock.now()
+        rows = await self.jobs.store.list(
+            status=status, queue=queue, task=task, limit=PAGE_SIZE + 1, before_seq=before, now=now
+        )
+        page = rows[:PAGE_SIZE]
+        return await self.render(
+            request,
+            "jobs.html",
+            jobs=[info_from_row(row, now) for row in page],
+            status=status,
+            queue=queue,
+            task=task,
+            paged=before is not None,
+            next_before=page[-1].seq if len(rows) > PAGE_SIZE else None,
+            statuses=STATUSES,
+        )
+
+    async def job_page(self, request: Request) -> Response:
+        job_id = request.path_params["job_id"]
+        if not JOB_ID.match(job_id):
+            return await self.message(request, 404, "No such job.")
+        info = await self.jobs.get(job_id)
+        if info is None:
+            return await self.message(request, 404, "No such job (never enqueued, or pruned).")
+        return await self.render(
+            request,
+            "job.html",
+            job=info,
+            finished=info.status in FINISHED,
+            retryable=info.status in (JobStatus.DEAD, JobStatus.CANCELLED),
+            notice=NOTICES.get(request.query_params.get("done", "")),
+        )
+
+    # -- actions ---------------------------------------------------------------------
+
+    async def job_action(self, request: Request) -> Response:
+        job_id = request.path_params["job_id"]
+        action = request.path_params["action"]
+        if not JOB_ID.match(job_id) or action not in ("retry", "cancel", "discard"):
+            return await self.message(request, 404, "No such job or action.")
+        refused = await self.check_csrf(request)
+        if refused is not None:
+            return refused
+        if action == "retry":
+            done = "retried" if await self.jobs.retry(job_id) else "not-retried"
+        elif action == "cancel":
+            done = "cancelled" if await self.jobs.cancel(job_id) else "not-cancelled"
+        elif await self.jobs.discard(job_id):
+            logger.info("job %s discarded from the dashboard", job_id, extra={"job_id": job_id})
+            return self.redirect(request, "/jobs", done="discarded")
+        else:
+            done = "not-discarded"
+        logger.info("dashboard action %s on job %s: %s", action, job_id, done,
+                    extra={"job_id": job_id})  # fmt: skip
+        return self.redirect(request, f"/jobs/{job_id}", done=done)
+
+    async def retry_dead(self, request: Request) -> Response:
+        refused = await self.check_csrf(request)
+        if refused is not None:
+            return refused
+        count = await self.jobs.retry_dead()
+        logger.info("dashboard: retried %d dead job(s)", count)
+        return self.redirect(request, "/jobs", status="queued")
+
+    async def check_csrf(self, request: Request) -> Response | None:
+        form = await _read_form(request)
+        if form is None or not await self.csrf.valid(request, form.get(CSRF_FIELD)):
+            return await self.message(
+                request, 403, "Missing or invalid CSRF token: reload the page and try again."
+            )
+        return None
+
+    # -- rendering -------------------------------------------------------------------
+
+    async def render(
+        self, request: Request, template: str, *, status_code: int = 200, **context: Any
+    ) -> Response:
+        prefix = str(request.scope.get("root_path", "")).rstrip("/")
+        nonce = self.csrf.nonce(request)
+        new_nonce = nonce is None
+        if nonce is None:
+            nonce = self.csrf.new_nonce()
+
+        def url(path: str, **params: object) -> str:
+            query = {k: v for k, v in params.items() if v is not None and v != ""}
+            return prefix + path + ("?" + urlencode(query) if query else "")
+
+        html = self.templates.get_template(template).render(
+            url=url,
+            csrf_field=CSRF_FIELD,
+            csrf_token=await self.csrf.token(nonce),
+            path=request.url.path,
+            **context,
+        )
+        response = HTMLResponse(html, status_code=status_code)
+        if new_nonce:
+            response.set_cookie(
+                CSRF_COOKIE,
+                nonce,
+                path=prefix or "/",
+                httponly=True,
+                samesite="strict",
+                secure=request.url.scheme == "https",
+            )
+        return response
+
+    async def message(self, request: Request, status_code: int, text: str) -> Response:
+        return await self.render(request, "message.html", status_code=status_code, text=text)
+
+    def redirect(self, request: Request, path: str, **params: str) -> Response:
+        prefix = str(request.scope.get("root_path", "")).rstrip("/")
+        query = "?" + urlencode(params) if params else ""
+        return RedirectResponse(prefix + path + query, status_code=303)
+
+
+async def _read_form(request: Request) -> dict[str, str] | None:
+    """An urlencoded form body (small, no files); None if it is anything else."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/x-www-form-urlencoded":
+        return None
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            return None
+    try:
+        parsed = parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=20)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return {key: values[0] for key, values in parsed.items()}
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "\u2013"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def _when(value: datetime | str | None) -> str:
+    if value is None:
+        return "\u2013"
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _pretty(value: object) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True)

@@ -1,0 +1,210 @@
+"""The scheduler: turns cron and periodic slots into jobs.
+
+Each slot is enqueued as an ordinary job whose idempotency key names the task and
+the slot (``cron:{task}:{slot}``, the slot in epoch seconds), so however many
+processes share a store, a slot becomes one job and runs once.
+
+The loop (started by ``Jobs`` with the workers) wakes at the next slot of any
+schedule; ``jobs.drain()`` runs one ``tick`` first, so tests with a ``FakeClock``
+drive schedules by advancing the clock and draining.
+
+Missed slots: the first tick of a process looks up the last slot this schedule
+ran in the store. If slots passed since then (the app was down), the most recent
+one runs once at start when ``catch_up=True`` (the default) and none runs when
+``catch_up=False``. A schedule never seen in the store has nothing to catch up.
+Later ticks enqueue the most recent slot that passed since the previous tick; if
+several passed at once (the process was frozen), they are coalesced into one run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, tzinfo
+from typing import TYPE_CHECKING, Any
+
+from anyio.abc import TaskStatus
+
+from asyncjobs._cron import Cron, Every, Slots
+from asyncjobs._cron import to_datetime as slot_datetime
+from asyncjobs._errors import ConfigurationError
+from asyncjobs._tasks import JobSpec, Task
+
+if TYPE_CHECKING:
+    from asyncjobs._jobs import Jobs
+
+logger = logging.getLogger("asyncjobs")
+
+MAX_SLEEP = 60.0
+"""Re-check at least this often (seconds), in case the wall clock jumped."""
+
+_HISTORY_ROWS = 1000
+"""How many recent jobs of a task the first tick reads to find the last slot."""
+
+
+def slot_key(task: str, slot: int) -> str:
+    """The idempotency key of a slot's job (``_last_slot`` parses it back)."""
+    return f"cron:{task}:{slot}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScheduleInfo:
+    """A cron or periodic schedule as ``jobs.schedules()`` reports it."""
+
+    task: str
+    cron: str | None
+    """The cron expression, or None for a periodic schedule."""
+    timezone: str | None
+    """The cron expression's time zone (IANA name), or None for a periodic schedule."""
+    every: float | None
+    """The period in seconds, or None for a cron schedule."""
+    catch_up: bool
+    next_run_at: datetime
+
+
+@dataclass(slots=True, kw_only=True)
+class _Schedule:
+    task: Task[..., Any]
+    slots: Slots
+    catch_up: bool
+    cursor: float | None = None  # time of this process's previous tick
+
+
+class Scheduler:
+    """Owns the schedules of one ``Jobs`` and enqueues their slots."""
+
+    def __init__(self, jobs: Jobs) -> None:
+        self.jobs = jobs
+        self.clock = jobs.settings.clock
+        self._schedules: dict[str, _Schedule] = {}
+
+    # -- registration ----------------------------------------------------------------
+
+    def decorator(
+        self, slots: Slots, *, catch_up: bool, task_options: dict[str, Any]
+    ) -> Callable[[Callable[[], Awaitable[Any]]], Task[[], Any]]:
+        """``@jobs.cron``/``@jobs.periodic``: register the task and its schedule."""
+        if not isinstance(catch_up, bool):
+            raise ConfigurationError(f"catch_up must be True or False, got {catch_up!r}")
+
+        def register(fn: Callable[[], Awaitable[Any]]) -> Task[[], Any]:
+            try:
+                inspect.signature(fn).bind()
+            except TypeError:
+                raise ConfigurationError(
+                    f"scheduled task {getattr(fn, '__qualname__', fn)!r} must be callable "
+                    "with no arguments"
+                ) from None
+            except ValueError:  # no signature (a builtin); let the task registry judge
+                pass
+            task: Task[[], Any] = self.jobs.task(**task_options)(fn)
+            self._schedules[task.name] = _Schedule(task=task, slots=slots, catch_up=catch_up)
+            return task
+
+        return register
+
+    def infos(self) -> list[ScheduleInfo]:
+        now = self.clock.now()
+        return [
+            ScheduleInfo(
+                task=name,
+                cron=s.slots.expr if isinstance(s.slots, Cron) else None,
+                timezone=_zone_name(s.slots.tz) if isinstance(s.slots, Cron) else None,
+                every=float(s.slots.seconds) if isinstance(s.slots, Every) else None,
+                catch_up=s.catch_up,
+                next_run_at=slot_datetime(s.slots.next_after(now)),
+            )
+            for name, s in sorted(self._schedules.items())
+        ]
+
+    # -- ticking ---------------------------------------------------------------------
+
+    async def tick(self) -> int:
+        """Enqueue the slots due now; return how many jobs that asked for.
+
+        Cursors move only once the jobs are stored, so a failed tick is retried.
+        """
+        now = self.clock.now()
+        due: list[JobSpec[Any]] = []
+        for name, schedule in self._schedules.items():
+            latest = schedule.slots.latest_at_or_before(now)
+            if latest is None:
+                continue
+            if schedule.cursor is None and latest < now:  # first tick: was a slot missed?
+                if not schedule.catch_up:
+                    continue
+                last = await self._last_slot(name, now)
+                if last is None or latest <= last:
+                    continue
+                logger.info(
+                    "schedule %s missed its slot at %s while stopped; running it now",
+                    name, slot_datetime(latest).isoformat(), extra={"task": name},
+                )  # fmt: skip
+            elif schedule.cursor is not None and latest <= schedule.cursor:
+                continue
+            spec = schedule.task.spec()
+            options = dataclasses.replace(
+                spec.options,
+                run_at=float(latest),
+                delay=None,
+                idempotency_key=slot_key(name, latest),
+            )
+            due.append(dataclasses.replace(spec, options=options))
+        if due:
+            await self.jobs.enqueue_many(due)
+        for schedule in self._schedules.values():
+            schedule.cursor = now
+        return len(due)
+
+    async def _last_slot(self, task: str, now: float) -> int | None:
+        """The latest slot of ``task`` stored (from the idempotency keys of its jobs)."""
+        prefix = f"cron:{task}:"
+        before: int | None = None
+        seen = 0
+        while seen < _HISTORY_ROWS:
+            rows = await self.jobs.store.list(task=task, limit=100, before_seq=before, now=now)
+            for row in rows:
+                key = row.idempotency_key
+                if key is not None and key.startswith(prefix) and key[len(prefix) :].isdigit():
+                    return int(key[len(prefix) :])
+            if len(rows) < 100:
+                return None
+            seen += len(rows)
+            before = rows[-1].seq
+        return None
+
+    def next_wake(self) -> float:
+        now = self.clock.now()
+        wake = now + MAX_SLEEP
+        for schedule in self._schedules.values():
+            wake = min(wake, schedule.slots.next_after(now))
+        return wake
+
+    async def run(self, *, task_status: TaskStatus[None]) -> None:
+        """The scheduler loop: tick, sleep until the next slot, repeat (until cancelled).
+
+        The first tick (catching up missed slots) happens before ``started()``.
+        """
+        ok = await self._tick_logged()
+        task_status.started()
+        while True:
+            wake = self.next_wake()
+            if not ok:
+                wake = min(wake, self.clock.now() + self.jobs.settings.poll_interval)
+            await self.clock.sleep(max(wake - self.clock.now(), 0.0))
+            ok = await self._tick_logged()
+
+    async def _tick_logged(self) -> bool:
+        try:
+            await self.tick()
+        except Exception:
+            logger.exception("enqueueing scheduled jobs failed; trying again shortly")
+            return False
+        return True
+
+
+def _zone_name(tz: tzinfo) -> str:
+    return str(getattr(tz, "key", None) or tz)

@@ -1,0 +1,169 @@
+"""Transactional enqueue: jobs written through the caller's own open transaction.
+
+``async with jobs.transaction(conn):`` binds ``conn`` (an aiosqlite connection to
+the job store's own SQLite file, or an asyncpg connection to its PostgreSQL
+database) to ``jobs`` for the current task and context. Every enqueue inside the
+block inserts through ``conn``, so the job is part of the caller's transaction:
+it exists if and only if the caller commits (the outbox pattern without a relay).
+
+Workers are woken at enqueue time; the job is not visible to them until the
+caller commits, and then the runner's change polling picks it up.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from asyncjobs._errors import ConfigurationError, StoreError
+from asyncjobs.stores._protocol import NewJob
+from asyncjobs.stores._sqlite import SQLiteStore, insert_jobs, migrate
+
+if TYPE_CHECKING:
+    from asyncjobs._jobs import Jobs
+
+
+Inserter = Callable[[Sequence[NewJob], float], Awaitable[list[str]]]
+"""Insert jobs (with ``now``) through the caller's transaction; return their ids."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Binding:
+    jobs: Jobs
+    insert: Inserter
+
+
+_bindings: ContextVar[tuple[_Binding, ...]] = ContextVar("asyncjobs_transactions", default=())
+
+
+def bound_insert(jobs: Jobs) -> Inserter | None:
+    """The caller's transaction bound to ``jobs`` in this context, if any."""
+    for binding in reversed(_bindings.get()):
+        if binding.jobs is jobs:
+            return binding.insert
+    return None
+
+
+@asynccontextmanager
+async def transaction(jobs: Jobs, conn: Any) -> AsyncIterator[None]:
+    """Make every ``jobs.enqueue`` in this block part of ``conn``'s open transaction."""
+    insert = await _inserter(jobs, conn)
+    token = _bindings.set((*_bindings.get(), _Binding(jobs, insert)))
+    try:
+        yield
+    finally:
+        _bindings.reset(token)
+
+
+async def _inserter(jobs: Jobs, conn: Any) -> Inserter:
+    module = type(conn).__module__
+    if module.startswith("aiosqlite"):
+        return await _sqlite_inserter(jobs, conn)
+    if module.startswith("asyncpg"):
+        return await _asyncpg_inserter(jobs, conn)
+    raise ConfigurationError(
+        f"jobs.transaction() takes an aiosqlite or asyncpg connection, not {type(conn).__name__}"
+    )
+
+
+# -- SQLite ---------------------------------------------------------------------------
+
+
+async def _sqlite_inserter(jobs: Jobs, conn: Any) -> Inserter:
+    store = jobs.store
+    if not isinstance(store, SQLiteStore):
+        raise ConfigurationError(
+            f"jobs.transaction() got an aiosqlite connection but the job store is {store!r}; "
+            "pass a connection to the store's own database"
+        )
+    raw = getattr(conn, "_connection", None)
+    if not isinstance(raw, sqlite3.Connection) or not hasattr(conn, "_execute"):
+        raise ConfigurationError(
+            "jobs.transaction() needs an open aiosqlite connection (aiosqlite<0.23)"
+        )
+    main_file, in_transaction = await _run(conn, _describe, raw)
+    if not main_file or not _same_file(main_file, store.path):
+        raise ConfigurationError(
+            f"jobs.transaction() needs a connection to the job store's file {str(store.path)!r}, "
+            f"but the connection is on {main_file or 'an in-memory database'!r}"
+        )
+    if in_transaction:
+        # Opening the store now would wait on the caller's own write lock; create
+        # the schema through the caller's connection instead (part of its transaction).
+        await _run(conn, migrate, raw)
+    else:
+        await store.open()
+
+    async def insert(new: Sequence[NewJob], now: float) -> list[str]:
+        ids: list[str] = await _run(conn, _insert_in_transaction, raw, new, now)
+        return ids
+
+    return insert
+
+
+def _describe(db: sqlite3.Connection) -> tuple[str, bool]:
+    main = ""
+    for _seq, name, file in db.execute("PRAGMA database_list").fetchall():
+        if name == "main":
+            main = file or ""
+    return main, db.in_transaction
+
+
+def _insert_in_transaction(db: sqlite3.Connection, new: Sequence[NewJob], now: float) -> list[str]:
+    if db.isolation_level is None and not db.in_transaction:
+        raise ConfigurationError(
+            "jobs.transaction(conn): the connection is in autocommit mode with no open "
+            "transaction, so the job would be committed on its own; run BEGIN first"
+        )
+    return insert_jobs(db, new, now)
+
+
+def _same_file(a: str, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == b.resolve()
+
+
+async def _run(conn: Any, fn: Any, *args: Any) -> Any:
+    """Run ``fn(*args)`` in the aiosqlite connection's thread; map driver errors."""
+    try:
+        return await conn._execute(fn, *args)
+    except sqlite3.Error as error:
+        raise StoreError(f"transactional enqueue through {conn!r} failed: {error}") from error
+
+
+# -- PostgreSQL -----------------------------------------------------------------------
+
+
+async def _asyncpg_inserter(jobs: Jobs, conn: Any) -> Inserter:
+    store = jobs.store
+    try:
+        from asyncjobs.stores._postgres import PostgresStore
+    except ImportError as error:  # pragma: no cover - asyncpg is what made conn
+        raise ConfigurationError(
+            "transactional enqueue with asyncpg needs: pip install 'asyncjobs[postgres]'"
+        ) from error
+    if not isinstance(store, PostgresStore):
+        raise ConfigurationError(
+            f"jobs.transaction() got an asyncpg connection but the job store is {store!r}; "
+            "pass a connection to the store's own database"
+        )
+    pg: PostgresStore = store
+    await pg.open()  # the schema exists before the caller's transaction needs it
+
+    async def insert(new: Sequence[NewJob], now: float) -> list[str]:
+        if not conn.is_in_transaction():
+            raise ConfigurationError(
+                "jobs.transaction(conn): the asyncpg connection has no open transaction, so "
+                "the job would be committed on its own; use `async with conn.transaction():`"
+            )
+        return await pg.insert_with(conn, new, now=now)
+
+    return insert

@@ -1,0 +1,232 @@
+"""Chains and batches: several jobs inserted in one transaction, linked in the store.
+
+A chain's first job is queued and the rest wait (status ``waiting``), each linked
+to the next by ``chain_next``. When a member succeeds the store releases the next
+one in the same transaction; when one ends dead or cancelled the rest are
+cancelled. With ``pass_result=True`` each released member receives the result of
+the one before as its first positional argument.
+
+A batch's members run in parallel, each carrying ``batch_id``: the id of the
+batch's ``on_complete`` job, which waits until the store sees the last member
+finish (succeeded, dead or cancelled) and then runs exactly once. If that task
+has a ``batch`` parameter (or ``**kwargs``), it receives the counts as
+``batch=BatchCounts(...)`` (a dict).
+
+A member's ``delay`` counts from when the chain or batch is created; a member
+released later than that runs at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import uuid
+from collections.abc import Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypedDict
+
+import anyio
+
+from asyncjobs._errors import ConfigurationError, JobFailed
+from asyncjobs._models import FINISHED, Job, JobInfo, JobStatus
+from asyncjobs._tasks import JobSpec
+from asyncjobs.stores._dependents import COUNTS_FLAG, RESULT_FLAG, with_batch
+from asyncjobs.stores._protocol import NewJob
+
+if TYPE_CHECKING:
+    from asyncjobs._jobs import Jobs
+
+
+class BatchCounts(TypedDict):
+    """What a batch's ``on_complete`` task receives as its ``batch`` keyword argument."""
+
+    id: str
+    total: int
+    succeeded: int
+    dead: int
+    cancelled: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchProgress:
+    """How far a batch is: ``done`` of ``total`` members finished."""
+
+    total: int
+    done: int
+    succeeded: int
+    dead: int
+    cancelled: int
+
+    @property
+    def fraction(self) -> float:
+        """``done / total`` (1.0 for an empty batch)."""
+        return self.done / self.total if self.total else 1.0
+
+    @property
+    def finished(self) -> bool:
+        return self.done == self.total
+
+
+class Chain:
+    """A handle on a chain: its members in order (``jobs``), its status and result."""
+
+    __slots__ = ("_jobs", "jobs")
+
+    def __init__(self, jobs: Jobs, job_ids: Sequence[str]) -> None:
+        self._jobs = jobs
+        self.jobs: list[Job[Any]] = [Job(jobs, job_id) for job_id in job_ids]
+
+    def __repr__(self) -> str:
+        return f"<Chain of {len(self.jobs)} jobs, first {self.jobs[0].id}>"
+
+    async def infos(self) -> list[JobInfo]:
+        return [await job.info() for job in self.jobs]
+
+    async def status(self) -> JobStatus:
+        """The status of the first member that has not succeeded (``succeeded`` when all
+        have): ``running`` while one runs, ``dead`` or ``cancelled`` when it broke."""
+        for info in await self.infos():
+            if info.status != JobStatus.SUCCEEDED:
+                return info.status
+        return JobStatus.SUCCEEDED
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """Wait (real time) for the last member and return its result.
+
+        Raises ``JobFailed`` for the member that ended dead or cancelled and broke the
+        chain, ``TimeoutError`` when ``timeout`` seconds pass first.
+        """
+        try:
+            return await self.jobs[-1].result(timeout=timeout)
+        except JobFailed as error:
+            for info in await self.infos():
+                if info.status in (JobStatus.DEAD, JobStatus.CANCELLED):
+                    raise JobFailed(info.id, info.status, info.error) from error
+            raise
+
+    async def cancel(self) -> bool:
+        """Cancel the first unfinished member, and so the rest; False if all finished."""
+        for job in self.jobs:
+            if await job.cancel():
+                return True
+        return False
+
+
+class Batch:
+    """A handle on a batch: members (``jobs``), ``on_complete`` and progress."""
+
+    __slots__ = ("_jobs", "id", "jobs", "on_complete")
+
+    def __init__(
+        self, jobs: Jobs, batch_id: str, job_ids: Sequence[str], on_complete: str | None
+    ) -> None:
+        self._jobs = jobs
+        self.id = batch_id
+        self.jobs: list[Job[Any]] = [Job(jobs, job_id) for job_id in job_ids]
+        self.on_complete: Job[Any] | None = None if on_complete is None else Job(jobs, on_complete)
+
+    def __repr__(self) -> str:
+        return f"<Batch {self.id} of {len(self.jobs)} jobs>"
+
+    async def progress(self) -> BatchProgress:
+        """Counts of the members by outcome, read in one query."""
+        counts = await self._jobs.store.batch_counts(self.id)
+        finished = {str(s): counts.get(str(s), 0) for s in FINISHED}
+        return BatchProgress(
+            total=len(self.jobs),
+            done=sum(finished.values()),
+            succeeded=finished[JobStatus.SUCCEEDED],
+            dead=finished[JobStatus.DEAD],
+            cancelled=finished[JobStatus.CANCELLED],
+        )
+
+    async def wait(self, timeout: float | None = None) -> BatchProgress:
+        """Wait (real time) until every member finished, and ``on_complete`` too."""
+        with anyio.fail_after(timeout):
+            for job in [self.on_complete] if self.on_complete is not None else self.jobs:
+                with suppress(JobFailed):
+                    await job.result()
+        return await self.progress()
+
+    async def results(self, timeout: float | None = None) -> list[Any]:
+        """The members' results in order; raises ``JobFailed`` for the first that failed."""
+        with anyio.fail_after(timeout):
+            return [await job.result() for job in self.jobs]
+
+
+def _member(jobs: Jobs, spec: object, what: str) -> JobSpec[Any]:
+    if not isinstance(spec, JobSpec):
+        raise TypeError(f"{what} must be a JobSpec (task.spec(...)), got {spec!r}")
+    if spec.options.idempotency_key is not None:
+        raise ConfigurationError(
+            f"{what} has an idempotency_key; chain and batch members cannot have one "
+            "(a member that already exists would leave the rest waiting)"
+        )
+    return spec
+
+
+def _flag(job: NewJob, flag: str) -> NewJob:
+    options = json.loads(job.options) if job.options else {}
+    options[flag] = True
+    return dataclasses.replace(job, options=json.dumps(options))
+
+
+async def create_chain(jobs: Jobs, specs: Sequence[JobSpec[Any]], *, pass_result: bool) -> Chain:
+    if not specs:
+        raise ValueError("chain() needs at least one job")
+    members = [_member(jobs, spec, f"chain member {i}") for i, spec in enumerate(specs)]
+    now = jobs.clock.now()
+    ids = [uuid.uuid4().hex for _ in members]
+    new: list[NewJob] = []
+    for i, spec in enumerate(members):
+        job = jobs._new_job(
+            spec,
+            now,
+            status=None if i == 0 else "waiting",
+            chain_next=ids[i + 1] if i + 1 < len(ids) else None,
+            job_id=ids[i],
+        )
+        new.append(_flag(job, RESULT_FLAG) if pass_result and i > 0 else job)
+    return Chain(jobs, await jobs._insert(new))
+
+
+def _takes_batch(jobs: Jobs, spec: JobSpec[Any]) -> bool:
+    """Whether the ``on_complete`` task, as defined here, accepts ``batch=``."""
+    definition = spec.definition or jobs.registry.get(spec.task)
+    if definition is None:
+        return False
+    try:
+        parameters = inspect.signature(definition.fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.kind is inspect.Parameter.VAR_KEYWORD
+        or (p.name == "batch" and p.kind is not inspect.Parameter.POSITIONAL_ONLY)
+        for p in parameters
+    )
+
+
+async def create_batch(
+    jobs: Jobs, specs: Sequence[JobSpec[Any]], *, on_complete: JobSpec[Any] | None
+) -> Batch:
+    members = [_member(jobs, spec, f"batch member {i}") for i, spec in enumerate(specs)]
+    now = jobs.clock.now()
+    batch_id = uuid.uuid4().hex
+    new = [jobs._new_job(spec, now, batch_id=batch_id) for spec in members]
+    if on_complete is not None:
+        callback = _member(jobs, on_complete, "on_complete")
+        # With no member there is nothing to wait for: the callback is due at once.
+        job = jobs._new_job(callback, now, status="waiting" if new else None, job_id=batch_id)
+        if _takes_batch(jobs, callback):
+            job = _flag(job, COUNTS_FLAG)
+            if not new:
+                job = dataclasses.replace(job, payload=with_batch(job.payload, batch_id, {}))
+        new.append(job)
+    if not new:
+        return Batch(jobs, batch_id, [], None)
+    ids = await jobs._insert(new)
+    if on_complete is None:
+        return Batch(jobs, batch_id, ids, None)
+    return Batch(jobs, batch_id, ids[:-1], ids[-1])

@@ -1,0 +1,194 @@
+"""Which ready jobs a claim may take under flow control: shared by every store.
+
+No I/O: a store reads the running counts, the bucket states and the candidate rows
+inside its claim transaction, hands them to an ``Admission``, and writes back the
+buckets it changed. The rules:
+
+- a task's ``concurrency`` and a queue's ``queue_concurrency`` bound the jobs running
+  in the whole store (counted before the claim, plus those it admits);
+- a job of a task with its own ``rate_limit`` takes a token from ``task:<task>``; of a
+  task with a named ``limiter``, from ``limiter:<name>`` under the job's rate key ('' if
+  none); it needs every bucket it uses to hold a token, or it is skipped;
+- a skipped job is simply left queued (no attempt spent); ``wake_at`` records when the
+  first empty bucket that held a job back gets its next token.
+
+Groups are filtered by the stores' SQL (only the oldest unfinished job of a group is
+a candidate).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from asyncjobs._errors import ConfigurationError
+from asyncjobs._ratelimit import (
+    BucketState,
+    RateLimit,
+    full,
+    has_token,
+    next_token_at,
+    refill,
+    take,
+)
+from asyncjobs.stores._protocol import ClaimRequest, TaskLimits
+
+BucketId = tuple[str, str]
+"""(name, key) of a row in asyncjobs_rate_buckets."""
+
+
+def has_limits(request: ClaimRequest) -> bool:
+    """Whether a claim needs admission (else a store's plain claim applies)."""
+    for limits in request.tasks.values():
+        if limits.concurrency is not None or limits.rate_limit is not None or limits.limiter:
+            return True
+    if not request.queue_concurrency:
+        return False
+    return request.queues is None or any(q in request.queue_concurrency for q in request.queues)
+
+
+def needs_running_counts(request: ClaimRequest) -> bool:
+    return bool(request.queue_concurrency) or any(
+        t.concurrency is not None for t in request.tasks.values()
+    )
+
+
+def own_bucket(task: str) -> BucketId:
+    return ("task:" + task, "")
+
+
+def limiter_bucket(limiter: str, key: str) -> BucketId:
+    return ("limiter:" + limiter, key)
+
+
+@dataclass(slots=True)
+class Candidate:
+    """A ready job as a claim sees it, in claim order (priority desc, seq)."""
+
+    seq: int
+    priority: int
+    task: str
+    queue: str
+    rate_key: str  # '' when the job has none
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return (-self.priority, self.seq)
+
+
+@dataclass(slots=True)
+class Admission:
+    request: ClaimRequest
+    now: float
+    load: Callable[[BucketId], BucketState | None]  # the stored state, None if never used
+    running_tasks: Counter[str] = field(default_factory=Counter)
+    running_queues: Counter[str] = field(default_factory=Counter)
+    buckets: dict[BucketId, BucketState] = field(default_factory=dict)
+    taken: set[BucketId] = field(default_factory=set)
+    blocked_tasks: set[str] = field(default_factory=set)
+    full_queues: set[str] = field(default_factory=set)
+    blocked_keys: dict[str, set[str]] = field(default_factory=dict)  # limiter -> keys
+    wake_at: float | None = None
+
+    def count_running(self, rows: list[tuple[str, str, int]]) -> None:
+        """Jobs running now in the whole store, as (task, queue, count) rows."""
+        for task, queue, n in rows:
+            self.running_tasks[task] += n
+            self.running_queues[queue] += n
+        for queue, limit in self.request.queue_concurrency.items():
+            if self.running_queues[queue] >= limit:
+                self.full_queues.add(queue)
+
+    # -- buckets -------------------------------------------------------------------
+
+    def bucket(self, bucket_id: BucketId, limit: RateLimit) -> BucketState:
+        state = self.buckets.get(bucket_id)
+        if state is None:
+            state = self.load(bucket_id) or full(limit, self.now)
+            self.buckets[bucket_id] = state
+        return state
+
+    def empty(self, bucket_id: BucketId, limit: RateLimit) -> bool:
+        """Whether the bucket has no token now; if so, note when it gets one."""
+        state = self.bucket(bucket_id, limit)
+        if has_token(limit, refill(limit, state, self.now)):
+            return False
+        at = next_token_at(limit, state, self.now)
+        self.wake_at = at if self.wake_at is None else min(self.wake_at, at)
+        return True
+
+    def changed_buckets(self) -> list[tuple[str, str, float, float]]:
+        """(name, key, tokens, updated_at) of every bucket this claim took from."""
+        return [(*b, self.buckets[b].tokens, self.buckets[b].updated_at) for b in self.taken]
+
+    # -- tasks -----------------------------------------------------------------------
+
+    def limits_of(self, task: str) -> tuple[TaskLimits, RateLimit | None]:
+        limits = self.request.tasks[task]
+        if not limits.limiter:
+            return limits, None
+        named = self.request.limiters.get(limits.limiter)
+        if named is None:
+            raise ConfigurationError(
+                f"task {task!r} uses limiter {limits.limiter!r}, which is not defined; "
+                f"define it with jobs.limiter({limits.limiter!r}, '10/s')"
+            )
+        return limits, named
+
+    def task_open(self, task: str) -> bool:
+        """Whether jobs of ``task`` may be admitted at all (checked before reading them)."""
+        limits, _ = self.limits_of(task)
+        if limits.concurrency is not None and self.running_tasks[task] >= limits.concurrency:
+            return False
+        own = limits.rate_limit
+        return own is None or not self.empty(own_bucket(task), own)
+
+    def keyed_only(self, task: str) -> bool:
+        """Whether only keyed jobs of ``task`` can run: its limiter's shared bucket is empty."""
+        limits, named = self.limits_of(task)
+        if named is None or not limits.limiter:
+            return False
+        if not self.empty(limiter_bucket(limits.limiter, ""), named):
+            return False
+        self.blocked_keys.setdefault(limits.limiter, set()).add("")
+        return True
+
+    def blocked_keys_of(self, task: str) -> set[str]:
+        limiter = self.request.tasks[task].limiter
+        return self.blocked_keys.get(limiter, set()) if limiter else set()
+
+    # -- one job ---------------------------------------------------------------------
+
+    def admit(self, job: Candidate) -> bool:
+        """Take the job if its task, queue and buckets allow it now."""
+        if job.task in self.blocked_tasks or job.queue in self.full_queues:
+            return False
+        limits, named = self.limits_of(job.task)
+        wanted: list[tuple[BucketId, RateLimit]] = []
+        if limits.rate_limit is not None:
+            own = own_bucket(job.task)
+            if self.empty(own, limits.rate_limit):
+                self.blocked_tasks.add(job.task)
+                return False
+            wanted.append((own, limits.rate_limit))
+        if named is not None and limits.limiter:
+            blocked = self.blocked_keys.setdefault(limits.limiter, set())
+            shared = limiter_bucket(limits.limiter, job.rate_key)
+            if job.rate_key in blocked or self.empty(shared, named):
+                blocked.add(job.rate_key)
+                return False
+            wanted.append((shared, named))
+        for bucket_id, limit in wanted:
+            state = take(limit, self.buckets[bucket_id], self.now)
+            if state is not None:  # always: empty() just found a token
+                self.buckets[bucket_id] = state
+                self.taken.add(bucket_id)
+        self.running_tasks[job.task] += 1
+        self.running_queues[job.queue] += 1
+        if limits.concurrency is not None and self.running_tasks[job.task] >= limits.concurrency:
+            self.blocked_tasks.add(job.task)
+        queue_limit = self.request.queue_concurrency.get(job.queue)
+        if queue_limit is not None and self.running_queues[job.queue] >= queue_limit:
+            self.full_queues.add(job.queue)
+        return True

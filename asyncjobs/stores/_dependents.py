@@ -1,0 +1,72 @@
+"""What a store does to a waiting job's payload when it releases it (pure, shared by stores).
+
+Chains and batches (``asyncjobs/_workflows.py``) mark a waiting job in its
+``options`` JSON:
+
+- ``"pass_result": true`` on a chain member: when the member before it succeeds,
+  that member's result becomes this job's first positional argument;
+- ``"batch_counts": true`` on a batch's ``on_complete`` job: when the last member
+  finishes, the job gets a ``batch`` keyword argument holding the counts
+  (see ``batch_summary``).
+
+The store applies these in the same transaction that releases the job.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+RESULT_FLAG = "pass_result"
+COUNTS_FLAG = "batch_counts"
+
+
+def wants(options: str | None, flag: str) -> bool:
+    """Whether a job's stored ``options`` JSON sets ``flag``."""
+    if not options:
+        return False
+    try:
+        parsed = json.loads(options)
+    except ValueError:
+        return False
+    return isinstance(parsed, dict) and parsed.get(flag) is True
+
+
+def _load(payload: str) -> dict[str, Any]:
+    parsed = json.loads(payload)
+    if not isinstance(parsed, dict):
+        raise ValueError("payload is not a JSON object")
+    return parsed
+
+
+def _dump(payload: Mapping[str, Any]) -> str:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def prepend_result(payload: str, result: str | None) -> str:
+    """``payload`` with ``result`` (JSON text; None is JSON null) as the first argument."""
+    data = _load(payload)
+    value = None if result is None else json.loads(result)
+    data["args"] = [value, *data.get("args", [])]
+    return _dump(data)
+
+
+def batch_summary(batch_id: str, counts: Mapping[str, int]) -> dict[str, Any]:
+    """The ``batch`` keyword an ``on_complete`` job receives (``asyncjobs.BatchCounts``)."""
+    return {
+        "id": batch_id,
+        "total": sum(counts.values()),
+        "succeeded": counts.get("succeeded", 0),
+        "dead": counts.get("dead", 0),
+        "cancelled": counts.get("cancelled", 0),
+    }
+
+
+def with_batch(payload: str, batch_id: str, counts: Mapping[str, int]) -> str:
+    """``payload`` with the ``batch`` keyword argument set to the batch's counts."""
+    data = _load(payload)
+    kwargs = data.get("kwargs") or {}
+    kwargs["batch"] = batch_summary(batch_id, counts)
+    data["kwargs"] = kwargs
+    return _dump(data)

@@ -1,0 +1,218 @@
+"""Flow control inside a PostgreSQL claim: the counterpart of ``_sqlite_limits``.
+
+``choose`` runs inside the claim's transaction. It first takes a transaction-level
+advisory lock for the store's schema, so claims under limits from every host are
+serialised (a plain claim, with no limits configured, never takes it): the running
+counts it reads and the tokens it takes cannot race another claimer. Then it reads
+the head of each open task's ready jobs in one round trip, merges them in priority
+then enqueue order, and lets an ``Admission`` (asyncjobs/stores/_admission.py)
+decide; a task whose page was all held back by keyed buckets is read further, up to
+``WINDOW`` rows.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from asyncjobs._ratelimit import BucketState
+from asyncjobs.stores._admission import (
+    Admission,
+    BucketId,
+    Candidate,
+    limiter_bucket,
+    needs_running_counts,
+    own_bucket,
+)
+from asyncjobs.stores._protocol import ClaimRequest
+from asyncjobs.stores._sqlite_limits import WINDOW
+
+if TYPE_CHECKING:
+    from asyncjobs.stores._postgres_sql import Connection
+
+_GROUP_HEAD = (
+    "(j.group_key IS NULL OR NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS g "
+    "WHERE g.group_key = j.group_key AND g.seq < j.seq "
+    "AND g.status IN ('scheduled', 'queued', 'running')))"
+)
+
+_LOCK = "SELECT pg_advisory_xact_lock(hashtext('asyncjobs claim ' || current_schema()))"
+
+
+async def choose(
+    conn: Connection, request: ClaimRequest, now: float
+) -> tuple[list[int], float | None]:
+    """Pick the jobs to claim under every limit and take their tokens (in a transaction).
+
+    Returns their ``seq`` in claim order and, when a ready job was held back by an
+    empty bucket, the earliest time one of those buckets gets a token.
+    """
+    await conn.execute(_LOCK)
+    stored: dict[BucketId, BucketState] = {}
+    admission = Admission(request, now, stored.get)
+    if needs_running_counts(request):
+        rows = await conn.fetch(
+            "SELECT task, queue, count(*) AS n FROM asyncjobs_jobs WHERE status = 'running' "
+            "GROUP BY task, queue"
+        )
+        admission.count_running([(r["task"], r["queue"], int(r["n"])) for r in rows])
+    wanted = [own_bucket(t) for t, lim in request.tasks.items() if lim.rate_limit is not None]
+    wanted += [limiter_bucket(lim.limiter, "") for lim in request.tasks.values() if lim.limiter]
+    await _load(conn, stored, wanted)
+
+    open_tasks: list[str] = []
+    for task in request.tasks:
+        wake_at = admission.wake_at
+        if admission.task_open(task):
+            open_tasks.append(task)
+        elif admission.wake_at != wake_at and not await _has_ready(conn, task):
+            admission.wake_at = wake_at  # its bucket is empty but nothing waits on it
+    keyed_only = {task: admission.keyed_only(task) for task in open_tasks}
+    page = request.limit + 16
+    buffers = await _first_pages(conn, request, open_tasks, keyed_only, page)
+    await _load_keyed(conn, admission, stored, [c for b in buffers.values() for c in b])
+    read = {task: len(rows) for task, rows in buffers.items()}
+    exhausted = {task: len(rows) < page for task, rows in buffers.items()}
+    heap = [(rows[0].order, task) for task, rows in buffers.items() if rows]
+    heapq.heapify(heap)
+    chosen: list[int] = []
+    while heap and len(chosen) < request.limit:
+        _, task = heapq.heappop(heap)
+        job = buffers[task].popleft()
+        if admission.admit(job):
+            chosen.append(job.seq)
+        if (
+            not buffers[task]
+            and not exhausted[task]
+            and read[task] < WINDOW
+            and task not in admission.blocked_tasks
+        ):
+            more = await _next_page(conn, admission, task, keyed_only[task], job, page)
+            await _load_keyed(conn, admission, stored, more)
+            buffers[task].extend(more)
+            read[task] += len(more)
+            exhausted[task] = len(more) < page
+        if buffers[task]:
+            heapq.heappush(heap, (buffers[task][0].order, task))
+    changed = admission.changed_buckets()
+    if changed:
+        await conn.executemany(
+            "INSERT INTO asyncjobs_rate_buckets (name, key, tokens, updated_at) "
+            "VALUES ($1, $2, $3, $4) ON CONFLICT (name, key) DO UPDATE SET "
+            "tokens = excluded.tokens, updated_at = excluded.updated_at",
+            changed,
+        )
+    return chosen, admission.wake_at
+
+
+async def _load(
+    conn: Connection, stored: dict[BucketId, BucketState], wanted: list[BucketId]
+) -> None:
+    wanted = [b for b in dict.fromkeys(wanted) if b not in stored]
+    if not wanted:
+        return
+    rows = await conn.fetch(
+        "SELECT b.name, b.key, b.tokens, b.updated_at FROM asyncjobs_rate_buckets AS b "
+        "JOIN unnest($1::text[], $2::text[]) AS w(name, key) "
+        "ON b.name = w.name AND b.key = w.key",
+        [b[0] for b in wanted],
+        [b[1] for b in wanted],
+    )
+    for r in rows:
+        stored[(r["name"], r["key"])] = BucketState(r["tokens"], r["updated_at"])
+
+
+async def _load_keyed(
+    conn: Connection,
+    admission: Admission,
+    stored: dict[BucketId, BucketState],
+    jobs: list[Candidate],
+) -> None:
+    """Read the buckets of the keys these candidates draw from, in one query."""
+    wanted = []
+    for job in jobs:
+        limiter = admission.request.tasks[job.task].limiter
+        if limiter and job.rate_key:
+            wanted.append(limiter_bucket(limiter, job.rate_key))
+    await _load(conn, stored, wanted)
+
+
+async def _has_ready(conn: Connection, task: str) -> bool:
+    row = await conn.fetchval(
+        "SELECT 1 FROM asyncjobs_jobs WHERE status = 'queued' AND task = $1 LIMIT 1", task
+    )
+    return row is not None
+
+
+def _queue_filter(request: ClaimRequest, params: list[Any]) -> str:
+    if request.queues is None:
+        return ""
+    params.append(list(request.queues))
+    return f"AND j.queue = ANY(${len(params)}::text[])"
+
+
+async def _first_pages(
+    conn: Connection,
+    request: ClaimRequest,
+    tasks: list[str],
+    keyed_only: dict[str, bool],
+    page: int,
+) -> dict[str, deque[Candidate]]:
+    """The head of every open task's ready jobs, in one round trip."""
+    buffers: dict[str, deque[Candidate]] = {task: deque() for task in tasks}
+    if not tasks:
+        return buffers
+    params: list[Any] = [tasks, [keyed_only[t] for t in tasks], page]
+    queue_filter = _queue_filter(request, params)
+    rows = await conn.fetch(
+        "SELECT t.name, c.seq, c.priority, c.queue, c.rate_key "  # noqa: S608 - constants
+        "FROM unnest($1::text[], $2::bool[]) AS t(name, keyed_only) CROSS JOIN LATERAL ("
+        "SELECT j.seq, j.priority, j.queue, j.rate_key FROM asyncjobs_jobs AS j "
+        "WHERE j.status = 'queued' AND j.task = t.name "
+        f"AND (NOT t.keyed_only OR j.rate_key IS NOT NULL) {queue_filter} AND {_GROUP_HEAD} "
+        "ORDER BY j.priority DESC, j.seq LIMIT $3) AS c",
+        *params,
+    )
+    for r in rows:
+        buffers[r["name"]].append(
+            Candidate(r["seq"], r["priority"], r["name"], r["queue"], r["rate_key"] or "")
+        )
+    return buffers
+
+
+async def _next_page(
+    conn: Connection,
+    admission: Admission,
+    task: str,
+    keyed_only: bool,
+    after: Candidate,
+    page: int,
+) -> list[Candidate]:
+    """The task's next ready jobs after ``after``, skipping full queues and empty keys."""
+    params: list[Any] = [task, after.priority, after.seq, page]
+    where = [
+        "j.status = 'queued'",
+        "j.task = $1",
+        "(j.priority < $2 OR (j.priority = $2 AND j.seq > $3))",
+        _GROUP_HEAD,
+    ]
+    if keyed_only:
+        where.append("j.rate_key IS NOT NULL")
+    if admission.request.queues is not None:
+        params.append(list(admission.request.queues))
+        where.append(f"j.queue = ANY(${len(params)}::text[])")
+    if admission.full_queues:
+        params.append(sorted(admission.full_queues))
+        where.append(f"NOT (j.queue = ANY(${len(params)}::text[]))")
+    blocked = admission.blocked_keys_of(task)
+    if blocked:
+        params.append(sorted(blocked))
+        where.append(f"NOT (coalesce(j.rate_key, '') = ANY(${len(params)}::text[]))")
+    # Only fixed terms with $n placeholders are joined; values go in params.
+    rows = await conn.fetch(
+        "SELECT j.seq, j.priority, j.queue, j.rate_key FROM asyncjobs_jobs AS j "  # noqa: S608
+        f"WHERE {' AND '.join(where)} ORDER BY j.priority DESC, j.seq LIMIT $4",
+        *params,
+    )
+    return [Candidate(r["seq"], r["priority"], task, r["queue"], r["rate_key"] or "") for r in rows]

@@ -1,0 +1,585 @@
+"""The SQL of ``PostgresStore``: each function runs on one asyncpg connection.
+
+Functions named for a store operation run inside the transaction the store opened
+(or, for ``insert_jobs``, inside the caller's own transaction). Claims and lease
+recovery lock rows with ``FOR UPDATE SKIP LOCKED`` so concurrent workers never
+wait on each other's rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from asyncjobs._errors import StoreError
+from asyncjobs.stores._admission import has_limits
+from asyncjobs.stores._dependents import COUNTS_FLAG, RESULT_FLAG, prepend_result, wants, with_batch
+from asyncjobs.stores._postgres_limits import choose as choose_limited
+from asyncjobs.stores._protocol import (
+    Claimed,
+    ClaimRequest,
+    FinishedSample,
+    JobRow,
+    NewJob,
+    OpsSnapshot,
+    Outcome,
+    OutcomeKind,
+    Recovered,
+    StuckJob,
+    WorkerBeat,
+    WorkerRow,
+)
+
+logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from asyncpg.pool import PoolConnectionProxy
+
+    Connection: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+    Pool: TypeAlias = asyncpg.Pool[asyncpg.Record]
+
+COLUMNS = (
+    "id", "seq", "task", "queue", "status", "priority", "payload", "options", "attempts",
+    "max_attempts", "run_at", "enqueued_at", "started_at", "finished_at", "lease_until",
+    "worker", "result", "error", "idempotency_key", "group_key", "progress",
+    "progress_message", "chain_next", "batch_id",
+)  # fmt: skip
+SELECT = ", ".join(COLUMNS)
+_UNFINISHED = ("waiting", "scheduled", "queued", "running")
+
+SCHEMA_VERSION_TABLE = "asyncjobs_migrations"
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.TooManyConnectionsError,
+    # A connection the server cut mid-operation can be left in an inconsistent state.
+    asyncpg.InternalClientError,
+)
+DRIVER_ERRORS: tuple[type[BaseException], ...] = (
+    *CONNECTION_ERRORS,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
+
+
+def is_connection_error(error: BaseException) -> bool:
+    """Whether ``error`` means the server is (or was just) out of reach."""
+    if isinstance(error, CONNECTION_ERRORS):
+        return True
+    return isinstance(error, asyncpg.InterfaceError) and "closed" in str(error)
+
+
+def job_row(record: asyncpg.Record) -> JobRow:
+    return JobRow(**{name: record[name] for name in COLUMNS})
+
+
+def _migrations() -> list[tuple[int, str]]:
+    folder = resources.files("asyncjobs.stores").joinpath("migrations", "postgres")
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.read_text("utf-8")))
+    return sorted(found)
+
+
+async def migrate(conn: Connection) -> None:
+    """Create or upgrade the schema through ``conn`` (in the current schema)."""
+    async with conn.transaction():
+        schema = await conn.fetchval("SELECT current_schema()")
+        if schema is None:
+            raise StoreError(
+                "PostgreSQL store: no schema to create the job table in; the search_path "
+                "names no existing schema (CREATE SCHEMA it first)"
+            )
+        # Serialize migrations of this schema across processes; released at commit.
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('asyncjobs.migrate:' || current_schema()))"
+        )
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {SCHEMA_VERSION_TABLE} "
+            "(version integer PRIMARY KEY, applied_at double precision NOT NULL)"
+        )
+        current = await conn.fetchval(
+            f"SELECT coalesce(max(version), 0) FROM {SCHEMA_VERSION_TABLE}"  # noqa: S608
+        )
+        for version, script in _migrations():
+            if version <= current:
+                continue
+            logger.info("PostgreSQL store: applying migration %04d in %s", version, schema)
+            await conn.execute(script)
+            await conn.execute(
+                f"INSERT INTO {SCHEMA_VERSION_TABLE} (version, applied_at) "  # noqa: S608
+                "VALUES ($1, extract(epoch FROM now()))",
+                version,
+            )
+
+
+def _insert_sql(table: str) -> str:
+    return (
+        f"INSERT INTO {table} (id, task, queue, status, priority, payload, options, "  # noqa: S608
+        "max_attempts, run_at, enqueued_at, idempotency_key, group_key, chain_next, batch_id, "
+        "rate_key) "
+        "SELECT id, task, queue, status, priority, payload, options, max_attempts, run_at, $1, "
+        "idempotency_key, group_key, chain_next, batch_id, rate_key FROM unnest("
+        "$2::text[], $3::text[], $4::text[], $5::text[], $6::int[], $7::text[], $8::text[], "
+        "$9::int[], $10::float8[], $11::text[], $12::text[], $13::text[], $14::text[], "
+        "$15::text[]) "
+        "WITH ORDINALITY AS n(id, task, queue, status, priority, payload, options, max_attempts, "
+        "run_at, idempotency_key, group_key, chain_next, batch_id, rate_key, ord) "
+        "ORDER BY ord ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+    )
+
+
+async def insert_jobs(
+    conn: Connection, jobs: Sequence[NewJob], now: float, *, table: str = "asyncjobs_jobs"
+) -> list[str]:
+    """Insert ``jobs`` through ``conn``; return their ids (the stored one for a known key).
+
+    Used by ``PostgresStore.insert`` and by transactional enqueue on the caller's own
+    connection (inside the caller's transaction, so the jobs exist iff it commits).
+    A job whose idempotency key is already stored is not inserted again.
+    """
+    if not jobs:
+        return []
+    columns: list[list[Any]] = [[] for _ in range(14)]
+    for j in jobs:
+        values = (
+            j.id, j.task, j.queue, j.status, j.priority, j.payload, j.options,
+            j.max_attempts, j.run_at, j.idempotency_key, j.group_key, j.chain_next, j.batch_id,
+            j.rate_key,
+        )  # fmt: skip
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    await conn.execute(_insert_sql(table), now, *columns)
+    keys = [j.idempotency_key for j in jobs if j.idempotency_key is not None]
+    if not keys:
+        return [j.id for j in jobs]
+    rows = await conn.fetch(
+        f"SELECT idempotency_key, id FROM {table} WHERE idempotency_key = ANY($1::text[])",  # noqa: S608
+        keys,
+    )
+    stored = {r["idempotency_key"]: r["id"] for r in rows}
+    return [j.id if j.idempotency_key is None else stored[j.idempotency_key] for j in jobs]
+
+
+def status_filter(status: str | None, now: float, params: list[Any]) -> list[str]:
+    """WHERE terms for a status as users see it (scheduled/queued follow run_at)."""
+    if status is None:
+        return []
+    if status in ("scheduled", "queued"):
+        params.append(now)
+        op = ">" if status == "scheduled" else "<="
+        return ["status IN ('scheduled', 'queued')", f"run_at {op} ${len(params)}"]
+    params.append(str(status))
+    return [f"status = ${len(params)}"]
+
+
+# -- the functions below run on one connection (inside a transaction where noted) ---
+
+
+async def notify(conn: Connection) -> None:
+    """Wake listening workers when the surrounding transaction commits."""
+    await conn.execute("SELECT pg_notify(left('asyncjobs:' || current_schema(), 63), '')")
+
+
+async def claim(conn: Connection, request: ClaimRequest, now: float) -> list[JobRow]:
+    if has_limits(request) and not conn.is_in_transaction():
+        async with conn.transaction():  # flow control counts and takes tokens atomically
+            return await claim(conn, request, now)
+    # Due scheduled jobs become queued; rows another claimer holds are left to it.
+    await conn.execute(
+        "UPDATE asyncjobs_jobs SET status = 'queued' WHERE seq IN (SELECT seq FROM "
+        "asyncjobs_jobs WHERE status = 'scheduled' AND run_at <= $1 FOR UPDATE SKIP LOCKED)",
+        now,
+    )
+    names = list(request.tasks)
+    attempts = [limits.max_attempts for limits in request.tasks.values()]
+    params: list[Any] = [now, now + request.lease, request.worker, names, attempts]
+    queue_filter = ""
+    if request.queues is not None:
+        params.append(list(request.queues))
+        queue_filter = f"AND j.queue = ANY(${len(params)}::text[])"
+    next_token_at = None
+    if has_limits(request):  # concurrency, rate limits: chosen by _postgres_limits
+        chosen, next_token_at = await choose_limited(conn, request, now)
+        if not chosen:
+            return Claimed(next_token_at=next_token_at)
+        params.append(chosen)
+        queue_filter += f" AND j.seq = ANY(${len(params)}::bigint[])"
+    params.append(request.limit)
+    records = await conn.fetch(
+        f"""
+        WITH picked AS (
+            SELECT j.seq FROM asyncjobs_jobs AS j
+            WHERE j.status = 'queued' AND j.task = ANY($4::text[]) {queue_filter}
+              AND (j.group_key IS NULL OR NOT EXISTS (
+                    SELECT 1 FROM asyncjobs_jobs AS g
+                    WHERE g.group_key = j.group_key AND g.seq < j.seq
+                      AND g.status IN ('scheduled', 'queued', 'running')))
+            ORDER BY j.priority DESC, j.seq
+            LIMIT ${len(params)}
+            FOR UPDATE SKIP LOCKED
+        ), limits AS (
+            SELECT * FROM unnest($4::text[], $5::int[]) AS l(task, max_attempts)
+        )
+        UPDATE asyncjobs_jobs AS t SET
+            status = 'running', attempts = t.attempts + 1, started_at = $1, lease_until = $2,
+            worker = $3, progress = NULL, progress_message = NULL,
+            max_attempts = CASE
+                WHEN t.options IS NOT NULL AND (t.options::jsonb ->> 'retries') IS NOT NULL
+                THEN t.max_attempts
+                ELSE coalesce(
+                    (SELECT l.max_attempts FROM limits AS l WHERE l.task = t.task),
+                    t.max_attempts)
+                END
+        FROM picked WHERE t.seq = picked.seq
+        RETURNING {", ".join("t." + c for c in COLUMNS)}
+        """,  # noqa: S608 - only constants are interpolated
+        *params,
+    )
+    claimed = [job_row(r) for r in records]
+    claimed.sort(key=lambda r: (-r.priority, r.seq))
+    return Claimed(claimed, next_token_at=next_token_at)
+
+
+_FINISH_SET = """
+UPDATE asyncjobs_jobs AS j SET
+    status = CASE o.kind WHEN 'succeeded' THEN 'succeeded' WHEN 'dead' THEN 'dead'
+        WHEN 'cancelled' THEN 'cancelled' WHEN 'retry' THEN 'scheduled' ELSE 'queued' END,
+    result = o.result,
+    error = CASE o.kind WHEN 'succeeded' THEN NULL WHEN 'release' THEN j.error ELSE o.error END,
+    finished_at = CASE WHEN o.kind IN ('succeeded', 'dead', 'cancelled') THEN $1
+        ELSE j.finished_at END,
+    run_at = CASE o.kind WHEN 'retry' THEN o.run_at ELSE j.run_at END,
+    attempts = CASE o.kind WHEN 'release' THEN j.attempts - 1 ELSE j.attempts END,
+    worker = CASE WHEN o.kind IN ('retry', 'release') THEN NULL ELSE j.worker END,
+    lease_until = NULL,
+    max_attempts = coalesce(o.max_attempts, j.max_attempts)
+FROM unnest($2::text[], $3::text[], $4::int[], $5::text[], $6::text[], $7::text[],
+            $8::float8[], $9::int[])
+    AS o(id, worker, attempt, kind, result, error, run_at, max_attempts)
+"""
+_FINISH_OWNED = """
+    j.id = o.id AND j.status = 'running' AND j.worker = o.worker AND j.attempts = o.attempt
+RETURNING j.id, o.kind, j.chain_next, j.batch_id, j.result
+"""
+_FINISH = _FINISH_SET + "WHERE" + _FINISH_OWNED
+# Only jobs nothing waits on: no dependents to release, so no transaction is needed.
+_FINISH_PLAIN = (
+    _FINISH_SET + "WHERE j.chain_next IS NULL AND j.batch_id IS NULL AND" + _FINISH_OWNED
+)
+
+
+def _outcome_columns(outcomes: Sequence[Outcome]) -> list[list[Any]]:
+    columns: list[list[Any]] = [[] for _ in range(8)]
+    for o in outcomes:
+        values = (
+            o.job_id, o.worker, o.attempt, str(o.kind), o.result, o.error, o.run_at,
+            o.max_attempts,
+        )  # fmt: skip
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    return columns
+
+
+async def finish_plain(conn: Connection, outcomes: Sequence[Outcome], now: float) -> set[str]:
+    """Apply the outcomes of jobs nothing waits on, in one statement (atomic on its own).
+
+    Outcomes of chain members and batch members are left for ``finish``, which
+    releases their dependents in the same transaction.
+    """
+    records = await conn.fetch(_FINISH_PLAIN, now, *_outcome_columns(outcomes))
+    return {r["id"] for r in records}
+
+
+async def finish(conn: Connection, outcomes: Sequence[Outcome], now: float) -> list[str]:
+    """Apply outcomes and release what waits on them (inside a transaction)."""
+    records = await conn.fetch(_FINISH, now, *_outcome_columns(outcomes))
+    done = {r["id"]: r for r in records}
+    for record in done.values():
+        if record["chain_next"] is not None or record["batch_id"] is not None:
+            await release_dependents(
+                conn,
+                record["kind"],
+                record["chain_next"],
+                record["batch_id"],
+                now,
+                record["result"],
+            )
+    # Applied ids in the order the outcomes came.
+    return [o.job_id for o in outcomes if done.pop(o.job_id, None) is not None]
+
+
+async def release_dependents(
+    conn: Connection,
+    kind: str,
+    chain_next: str | None,
+    batch_id: str | None,
+    now: float,
+    result: str | None = None,
+) -> None:
+    """After a job finished: move its chain on (or cancel the rest) and its batch.
+
+    A released job marked for it gets the result or the batch counts in its payload
+    (``asyncjobs/stores/_dependents.py``).
+    """
+    if kind in (OutcomeKind.RETRY, OutcomeKind.RELEASE):
+        return
+    if chain_next is not None:
+        if kind == OutcomeKind.SUCCEEDED:
+            waiting = await conn.fetchrow(
+                "SELECT payload, options FROM asyncjobs_jobs "
+                "WHERE id = $1 AND status = 'waiting' FOR UPDATE",
+                chain_next,
+            )
+            if waiting is not None:
+                payload = waiting["payload"]
+                if wants(waiting["options"], RESULT_FLAG):
+                    payload = prepend_result(payload, result)
+                await conn.execute(
+                    "UPDATE asyncjobs_jobs SET payload = $3, status = CASE WHEN run_at > $1 "
+                    "THEN 'scheduled' ELSE 'queued' END, run_at = greatest(run_at, $1) "
+                    "WHERE id = $2",
+                    now,
+                    chain_next,
+                    payload,
+                )
+                await notify(conn)
+        else:
+            await cancel(
+                conn, [chain_next], now, reason="an earlier job in its chain did not succeed"
+            )
+    if batch_id is not None:
+        # Lock the callback first: members finishing at once in other transactions
+        # count in turn, so the last one sees every other member finished.
+        callback = await conn.fetchrow(
+            "SELECT status, payload, options FROM asyncjobs_jobs WHERE id = $1 FOR UPDATE",
+            batch_id,
+        )
+        if callback is None or callback["status"] != "waiting":
+            return
+        counts = {
+            r["status"]: r["n"]
+            for r in await conn.fetch(
+                "SELECT status, count(*) AS n FROM asyncjobs_jobs WHERE batch_id = $1 "
+                "GROUP BY status",
+                batch_id,
+            )
+        }
+        if any(counts.get(s, 0) for s in _UNFINISHED):
+            return
+        payload = callback["payload"]
+        if wants(callback["options"], COUNTS_FLAG):
+            payload = with_batch(payload, batch_id, counts)
+        await conn.execute(
+            "UPDATE asyncjobs_jobs SET status = 'queued', run_at = $1, payload = $3 WHERE id = $2",
+            now,
+            batch_id,
+            payload,
+        )
+        await notify(conn)
+
+
+async def recover(conn: Connection, now: float) -> list[Recovered]:
+    records = await conn.fetch(
+        """
+        UPDATE asyncjobs_jobs SET
+            status = CASE WHEN attempts >= max_attempts THEN 'dead' ELSE 'queued' END,
+            error = CASE WHEN attempts >= max_attempts
+                THEN 'lease expired: the worker running attempt ' || attempts ||
+                     ' stopped heartbeating (crashed or killed) and no attempts are left'
+                ELSE error END,
+            finished_at = CASE WHEN attempts >= max_attempts THEN $1 ELSE NULL END,
+            lease_until = NULL, worker = NULL
+        WHERE seq IN (SELECT seq FROM asyncjobs_jobs
+                      WHERE status = 'running' AND lease_until < $1 FOR UPDATE SKIP LOCKED)
+        RETURNING id, task, attempts, status, chain_next, batch_id
+        """,
+        now,
+    )
+    recovered = []
+    for r in records:
+        dead = r["status"] == "dead"
+        if dead:
+            await release_dependents(conn, OutcomeKind.DEAD, r["chain_next"], r["batch_id"], now)
+        recovered.append(Recovered(id=r["id"], task=r["task"], attempts=r["attempts"], dead=dead))
+    if any(not r.dead for r in recovered):
+        await notify(conn)
+    return recovered
+
+
+async def cancel(
+    conn: Connection, job_ids: Sequence[str], now: float, reason: str = "cancelled"
+) -> list[str]:
+    cancelled: list[str] = []
+    pending = list(job_ids)
+    while pending:
+        job_id = pending.pop()
+        record = await conn.fetchrow(
+            "UPDATE asyncjobs_jobs SET status = 'cancelled', finished_at = $1, "
+            "lease_until = NULL, error = coalesce(error, $2) "
+            "WHERE id = $3 AND status IN ('waiting', 'scheduled', 'queued', 'running') "
+            "RETURNING chain_next, batch_id",
+            now,
+            reason,
+            job_id,
+        )
+        if record is None:
+            continue
+        cancelled.append(job_id)
+        if record["chain_next"] is not None:
+            pending.append(record["chain_next"])
+        if record["batch_id"] is not None:
+            await release_dependents(conn, OutcomeKind.CANCELLED, None, record["batch_id"], now)
+    return cancelled
+
+
+# -- operations (stats, dashboard, pruning) ------------------------------------------
+
+
+async def snapshot(
+    conn: Connection, now: float, windows: Sequence[float], sample: int, since: float
+) -> OpsSnapshot:
+    """What ``jobs.stats()`` needs; run in one REPEATABLE READ transaction (one state)."""
+    counts: dict[tuple[str, str, str], int] = {}
+    for r in await conn.fetch(
+        "SELECT status, queue, task, count(*) AS n FROM asyncjobs_jobs "
+        "WHERE status NOT IN ('scheduled', 'queued') GROUP BY status, queue, task"
+    ):
+        counts[(r["queue"], r["task"], r["status"])] = r["n"]
+    oldest_due: dict[tuple[str, str], float] = {}
+    for r in await conn.fetch(
+        "SELECT queue, task, count(*) FILTER (WHERE run_at > $1) AS scheduled, "
+        "count(*) FILTER (WHERE run_at <= $1) AS queued, "
+        "min(run_at) FILTER (WHERE run_at <= $1) AS oldest FROM asyncjobs_jobs "
+        "WHERE status IN ('scheduled', 'queued') GROUP BY queue, task",
+        now,
+    ):
+        key = (r["queue"], r["task"])
+        if r["scheduled"]:
+            counts[(*key, "scheduled")] = r["scheduled"]
+        if r["queued"]:
+            counts[(*key, "queued")] = r["queued"]
+        if r["oldest"] is not None:
+            oldest_due[key] = float(r["oldest"])
+    finished: dict[tuple[str, str, str], list[int]] = {}
+    if windows:
+        since_each = [now - w for w in windows]
+        for r in await conn.fetch(
+            "SELECT queue, task, status, array_agg(n ORDER BY i) AS per_window FROM ("
+            "  SELECT queue, task, status, w.i, count(*) FILTER (WHERE finished_at >= w.since) AS n"
+            "  FROM asyncjobs_jobs CROSS JOIN unnest($1::float8[]) WITH ORDINALITY AS w(since, i)"
+            "  WHERE finished_at >= $2 GROUP BY queue, task, status, w.i"
+            ") AS c GROUP BY queue, task, status",
+            since_each,
+            min(since_each),
+        ):
+            finished[(r["queue"], r["task"], r["status"])] = [int(n) for n in r["per_window"]]
+    samples = [
+        FinishedSample(
+            queue=r["queue"], task=r["task"], status=r["status"], run_at=r["run_at"],
+            started_at=r["started_at"], finished_at=r["finished_at"],
+        )
+        for r in await conn.fetch(
+            "SELECT queue, task, status, run_at, started_at, finished_at FROM asyncjobs_jobs "
+            "WHERE finished_at IS NOT NULL AND status IN ('succeeded', 'dead') "
+            "ORDER BY finished_at DESC LIMIT $1",
+            sample,
+        )
+    ]  # fmt: skip
+    stuck = [
+        StuckJob(
+            id=r["id"], queue=r["queue"], task=r["task"], worker=r["worker"],
+            attempts=r["attempts"], lease_until=r["lease_until"],
+        )
+        for r in await conn.fetch(
+            "SELECT id, queue, task, worker, attempts, lease_until FROM asyncjobs_jobs "
+            "WHERE status = 'running' AND lease_until < $1 ORDER BY lease_until LIMIT 1000",
+            now,
+        )
+    ]  # fmt: skip
+    workers = [
+        WorkerRow(
+            id=r["id"], host=r["host"], pid=r["pid"], started_at=r["started_at"],
+            last_seen_at=r["last_seen_at"], stopped_at=r["stopped_at"], running=r["running"],
+            concurrency=r["concurrency"],
+            queues=None if r["queues"] is None else tuple(json.loads(r["queues"])),
+        )
+        for r in await conn.fetch(
+            "SELECT id, host, pid, started_at, last_seen_at, stopped_at, running, concurrency, "
+            "queues FROM asyncjobs_workers WHERE last_seen_at >= $1 ORDER BY started_at, id",
+            since,
+        )
+    ]  # fmt: skip
+    return OpsSnapshot(
+        counts=counts,
+        oldest_due=oldest_due,
+        finished=finished,
+        samples=samples,
+        stuck=stuck,
+        workers=workers,
+    )
+
+
+async def record_worker(conn: Connection, beat: WorkerBeat, now: float) -> None:
+    await conn.execute(
+        "INSERT INTO asyncjobs_workers (id, host, pid, started_at, last_seen_at, stopped_at, "
+        "running, concurrency, queues) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
+        "ON CONFLICT (id) DO UPDATE SET last_seen_at = excluded.last_seen_at, "
+        "stopped_at = excluded.stopped_at, running = excluded.running",
+        beat.id, beat.host, beat.pid, beat.started_at, now, now if beat.stopped else None,
+        beat.running, beat.concurrency,
+        None if beat.queues is None else json.dumps(list(beat.queues)),
+    )  # fmt: skip
+
+
+async def prune(
+    conn: Connection, finished_before: float, dead_before: float, workers_before: float,
+    limit: int,
+) -> int:  # fmt: skip
+    deleted = _count(
+        await conn.execute(
+            "DELETE FROM asyncjobs_jobs WHERE seq IN (SELECT seq FROM asyncjobs_jobs "
+            "WHERE finished_at < $1 AND status IN ('succeeded', 'cancelled') LIMIT $2)",
+            finished_before,
+            limit,
+        )
+    )
+    if deleted < limit:
+        deleted += _count(
+            await conn.execute(
+                "DELETE FROM asyncjobs_jobs WHERE seq IN (SELECT seq FROM asyncjobs_jobs "
+                "WHERE finished_at < $1 AND status = 'dead' LIMIT $2)",
+                dead_before,
+                limit - deleted,
+            )
+        )
+    await conn.execute("DELETE FROM asyncjobs_workers WHERE last_seen_at < $1", workers_before)
+    return deleted
+
+
+async def meta(conn: Connection, key: str, default: str) -> str:
+    await conn.execute(
+        "INSERT INTO asyncjobs_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+        key,
+        default,
+    )
+    value = await conn.fetchval("SELECT value FROM asyncjobs_meta WHERE key = $1", key)
+    return str(value)
+
+
+def _count(status: str) -> int:
+    """The row count of a command status such as ``DELETE 3``."""
+    return int(status.rsplit(" ", 1)[-1])

@@ -1,0 +1,152 @@
+"""Flow control inside a SQLite claim: concurrency limits, rate-limit buckets, groups.
+
+``choose`` runs in the connection thread, inside the claim's ``BEGIN IMMEDIATE``
+transaction, so what it counts and the tokens it takes hold across every process
+sharing the file. It reads the head of each task's ready jobs (one index seek per
+task, see migration 0002), merges them in priority then enqueue order, lets an
+``Admission`` (asyncjobs/stores/_admission.py) decide, and writes the buckets back. A
+task blocked as a whole (its concurrency is full or its own bucket is empty) is not
+read at all, so a held-back backlog costs one seek however long it is.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import sqlite3
+from collections.abc import Iterator
+from typing import Any
+
+from asyncjobs._ratelimit import BucketState
+from asyncjobs.stores._admission import (
+    Admission,
+    BucketId,
+    Candidate,
+    has_limits,
+    needs_running_counts,
+)
+from asyncjobs.stores._protocol import ClaimRequest
+
+__all__ = ["WINDOW", "choose", "has_limits"]
+
+WINDOW = 1000
+"""How many of a task's ready jobs one claim looks through. Jobs behind more than
+this many held back by a keyed bucket, a full queue or a group wait for the head
+of the line to move."""
+
+_GROUP_HEAD = (
+    "(j.group_key IS NULL OR NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS g "
+    "WHERE g.group_key = j.group_key AND g.seq < j.seq "
+    "AND g.status IN ('scheduled', 'queued', 'running')))"
+)
+
+
+def choose(
+    db: sqlite3.Connection, request: ClaimRequest, now: float
+) -> tuple[list[int], float | None]:
+    """Pick the jobs to claim under every limit and take their tokens.
+
+    Returns their ``seq`` in claim order and, when a ready job was held back by an
+    empty bucket, the earliest time one of those buckets gets a token.
+    """
+
+    def load(bucket_id: BucketId) -> BucketState | None:
+        row = db.execute(
+            "SELECT tokens, updated_at FROM asyncjobs_rate_buckets WHERE name = ? AND key = ?",
+            bucket_id,
+        ).fetchone()
+        return None if row is None else BucketState(row[0], row[1])
+
+    admission = Admission(request, now, load)
+    if needs_running_counts(request):
+        admission.count_running(
+            db.execute(
+                "SELECT task, queue, count(*) FROM asyncjobs_jobs WHERE status = 'running' "
+                "GROUP BY task, queue"
+            ).fetchall()
+        )
+    open_tasks = []
+    for task in request.tasks:
+        wake_at = admission.wake_at
+        if admission.task_open(task):
+            open_tasks.append(task)
+        elif admission.wake_at != wake_at and not _has_ready(db, task):
+            admission.wake_at = wake_at  # its bucket is empty but nothing waits on it
+    page = request.limit + 16
+    streams = [_candidates(db, admission, task, page) for task in open_tasks]
+    chosen: list[int] = []
+    for job in heapq.merge(*streams, key=lambda c: c.order):
+        if admission.admit(job):
+            chosen.append(job.seq)
+            if len(chosen) >= request.limit:
+                break
+    changed = admission.changed_buckets()
+    if changed:
+        db.executemany(
+            "INSERT INTO asyncjobs_rate_buckets (name, key, tokens, updated_at) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (name, key) DO UPDATE SET "
+            "tokens = excluded.tokens, updated_at = excluded.updated_at",
+            changed,
+        )
+    return chosen, admission.wake_at
+
+
+def _has_ready(db: sqlite3.Connection, task: str) -> bool:
+    row = db.execute(
+        "SELECT 1 FROM asyncjobs_jobs WHERE status = 'queued' AND task = ? LIMIT 1", (task,)
+    ).fetchone()
+    return row is not None
+
+
+def _candidates(
+    db: sqlite3.Connection, admission: Admission, task: str, page: int
+) -> Iterator[Candidate]:
+    """The task's ready jobs that may be admitted, in claim order, read page by page."""
+    keyed_only = admission.keyed_only(task)
+    after: tuple[int, int] | None = None
+    while task not in admission.blocked_tasks:
+        rows = _page(db, admission, task, page, after, keyed_only)
+        for seq, priority, queue, rate_key in rows:
+            yield Candidate(seq, priority, task, queue, rate_key or "")
+        if len(rows) < page:
+            return
+        after = (rows[-1][1], rows[-1][0])
+
+
+def _page(
+    db: sqlite3.Connection,
+    admission: Admission,
+    task: str,
+    page: int,
+    after: tuple[int, int] | None,
+    keyed_only: bool,
+) -> list[Any]:
+    head_where = ["status = 'queued'", "task = ?"]
+    head_params: list[Any] = [task]
+    if keyed_only:
+        head_where.append("rate_key IS NOT NULL")
+    queues = admission.request.queues
+    if queues is not None:
+        head_where.append("queue IN (SELECT value FROM json_each(?))")
+        head_params.append(json.dumps(list(queues)))
+    where: list[str] = [_GROUP_HEAD]
+    params: list[Any] = []
+    if admission.full_queues:
+        where.append("j.queue NOT IN (SELECT value FROM json_each(?))")
+        params.append(json.dumps(sorted(admission.full_queues)))
+    blocked = admission.blocked_keys_of(task)
+    if blocked:
+        where.append("coalesce(j.rate_key, '') NOT IN (SELECT value FROM json_each(?))")
+        params.append(json.dumps(sorted(blocked)))
+    if after is not None:
+        where.append("(j.priority < ? OR (j.priority = ? AND j.seq > ?))")
+        params.extend((after[0], after[0], after[1]))
+    # Only fixed terms with ? placeholders are joined; values go in params.
+    sql = (
+        "WITH head AS (SELECT seq, priority, queue, rate_key, group_key "  # noqa: S608
+        f"FROM asyncjobs_jobs WHERE {' AND '.join(head_where)} "
+        "ORDER BY priority DESC, seq LIMIT ?) "
+        "SELECT j.seq, j.priority, j.queue, j.rate_key FROM head AS j "
+        f"WHERE {' AND '.join(where)} ORDER BY j.priority DESC, j.seq LIMIT ?"
+    )
+    return db.execute(sql, (*head_params, WINDOW, *params, page)).fetchall()

@@ -1,0 +1,138 @@
+"""Assertions about what code under test enqueued: ``assert_enqueued`` and friends.
+
+Arguments are matched the way the task would receive them: with the task's
+signature, ``assert_enqueued(jobs, send, user_id=42)`` matches a job enqueued as
+``send.enqueue(42, address=...)``. Only the arguments you name are compared.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from typing import Any
+
+from asyncjobs._jobs import Jobs
+from asyncjobs._models import JobInfo
+from asyncjobs._tasks import Task
+
+MAX_JOBS = 100_000
+
+_NOTHING = object()
+
+
+async def enqueued(
+    jobs: Jobs, task: Task[..., Any] | str | None = None, /, *args: Any, **kwargs: Any
+) -> list[JobInfo]:
+    """Jobs of ``task`` (any task if None) whose arguments match, oldest first.
+
+    Jobs in every status count: a job that already ran was still enqueued.
+    """
+    name = _task_name(task)
+    infos = await jobs.list(task=name, limit=MAX_JOBS)
+    infos.reverse()
+    if task is None:
+        if args or kwargs:
+            raise TypeError("give a task to match arguments against")
+        return infos
+    definition = task if isinstance(task, Task) else jobs.registry.get(name or "")
+    return [info for info in infos if _matches(definition, info, args, kwargs)]
+
+
+async def assert_enqueued(
+    jobs: Jobs, task: Task[..., Any] | str, /, *args: Any, **kwargs: Any
+) -> JobInfo:
+    """Assert a job of ``task`` with these arguments was enqueued; return the newest match."""
+    found = await enqueued(jobs, task, *args, **kwargs)
+    if not found:
+        raise AssertionError(
+            f"expected a job {_call(_task_name(task), args, kwargs)}; "
+            + await _what_was_enqueued(jobs, task)
+        )
+    return found[-1]
+
+
+async def assert_not_enqueued(
+    jobs: Jobs, task: Task[..., Any] | str, /, *args: Any, **kwargs: Any
+) -> None:
+    """Assert no job of ``task`` matching these arguments was enqueued."""
+    found = await enqueued(jobs, task, *args, **kwargs)
+    if found:
+        listed = ", ".join(_describe(info) for info in found)
+        raise AssertionError(
+            f"expected no job {_call(_task_name(task), args, kwargs)}, found {len(found)}: {listed}"
+        )
+
+
+def _task_name(task: Task[..., Any] | str | None) -> str | None:
+    if task is None or isinstance(task, str):
+        return task
+    if isinstance(task, Task):
+        return task.name
+    raise TypeError(f"expected a task or a task name, got {task!r}")
+
+
+def _matches(
+    definition: Task[..., Any] | None,
+    info: JobInfo,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> bool:
+    expected_args, expected_kwargs = _as_json(list(args)), _as_json(kwargs)
+    if definition is not None:
+        want = _bind(definition, expected_args, expected_kwargs, partial=True)
+        have = _bind(definition, info.args, info.kwargs, partial=False)
+        if want is not None and have is not None:
+            return all(have.get(key, _NOTHING) == value for key, value in want.items())
+    # No signature to go by: positional arguments must be equal, named ones a subset.
+    if expected_args and info.args != expected_args:
+        return False
+    return all(info.kwargs.get(key, _NOTHING) == value for key, value in expected_kwargs.items())
+
+
+def _bind(
+    definition: Task[..., Any], args: list[Any], kwargs: dict[str, Any], *, partial: bool
+) -> dict[str, Any] | None:
+    """Arguments by parameter name (``**kwargs`` spread out), or None if they do not bind."""
+    try:
+        signature = inspect.signature(definition.fn)
+        bound = (
+            signature.bind_partial(*args, **kwargs) if partial else signature.bind(*args, **kwargs)
+        )
+    except (TypeError, ValueError):
+        return None
+    named: dict[str, Any] = {}
+    for key, value in bound.arguments.items():
+        if signature.parameters[key].kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif signature.parameters[key].kind is inspect.Parameter.VAR_POSITIONAL:
+            named[key] = list(value)
+        else:
+            named[key] = value
+    return named
+
+
+def _as_json(value: Any) -> Any:
+    """What the value looks like after the round trip through the store (tuples -> lists)."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError):
+        return value
+
+
+def _call(name: str | None, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> str:
+    parts = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
+    return f"{name}({', '.join(parts)})"
+
+
+def _describe(info: JobInfo) -> str:
+    return f"{_call(info.task, info.args, info.kwargs)} [{info.status}]"
+
+
+async def _what_was_enqueued(jobs: Jobs, task: Task[..., Any] | str) -> str:
+    same = await enqueued(jobs, task)
+    if same:
+        return f"{len(same)} job(s) of that task were: " + ", ".join(_describe(i) for i in same)
+    others = await enqueued(jobs)
+    if not others:
+        return "no job was enqueued at all"
+    return "none of that task; enqueued: " + ", ".join(_describe(i) for i in others[:20])

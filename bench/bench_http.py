@@ -1,0 +1,231 @@
+"""HTTP benchmark: an endpoint that enqueues one durable job vs Starlette BackgroundTasks.
+
+Run: ``.venv/bin/python bench/bench_http.py`` (``--help`` for durations). One uvicorn
+process serves both endpoints (same app, same process, same run):
+
+- ``POST /durable``: ``await request.state.jobs.enqueue(task, n)`` (SQLite, committed
+  before the 202), with the asyncjobs workers running the jobs in the same process;
+- ``POST /background``: the same no-op task run by Starlette's ``BackgroundTasks``
+  after the response (not durable).
+
+The load generator is ``wrk`` on loopback (``apt-get install -y wrk``); without it a
+bounded keep-alive HTTP/1.1 load generator runs in a separate Python process. Rounds
+alternate between the endpoints; the report gives each endpoint's median requests/s
+and the ratio durable / background (target >= 0.8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ENDPOINTS = ("background", "durable")
+
+
+# -- the server (runs in the child process) -------------------------------------------
+
+
+def serve(port: int, db: str, workers: bool) -> None:
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.background import BackgroundTasks
+    from starlette.middleware import Middleware
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from asyncjobs import Jobs, JobsMiddleware
+
+    jobs = Jobs("sqlite:///" + db, concurrency=50, workers=workers)
+
+    @jobs.task(name="record")
+    async def record(n: int) -> None:
+        return None
+
+    async def durable(request: Request) -> JSONResponse:
+        job = await request.state.jobs.enqueue(record, 1)
+        return JSONResponse({"job": job.id}, status_code=202)
+
+    async def background(request: Request) -> JSONResponse:
+        tasks = BackgroundTasks()
+        tasks.add_task(record, 1)
+        return JSONResponse({"job": None}, status_code=202, background=tasks)
+
+    app = Starlette(
+        routes=[
+            Route("/durable", durable, methods=["POST"]),
+            Route("/background", background, methods=["POST"]),
+        ],
+        middleware=[Middleware(JobsMiddleware, jobs=jobs)],
+    )
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+# -- load generators ------------------------------------------------------------------
+
+WRK_SCRIPT = (
+    'wrk.method = "POST"\nwrk.body = "{}"\nwrk.headers["Content-Type"] = "application/json"\n'
+)
+
+
+def run_wrk(url: str, seconds: int, connections: int, threads: int, script: Path) -> float:
+    out = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise SystemExit(f"{url}: {errors.group(1)} failed responses\n{out}")
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if match is None:
+        raise SystemExit(f"cannot read wrk's output:\n{out}")
+    return float(match.group(1))
+
+
+async def _python_load(host: str, port: int, path: str, seconds: float, connections: int) -> int:
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 2\r\n\r\n{}"
+    ).encode()
+    deadline = time.perf_counter() + seconds
+    done = 0
+
+    async def client() -> None:
+        nonlocal done
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while time.perf_counter() < deadline:
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                if not head.startswith(b"HTTP/1.1 2"):
+                    raise SystemExit(f"failed response: {head!r}")
+                length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))  # type: ignore[union-attr]
+                await reader.readexactly(length)
+                done += 1
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    await asyncio.gather(*(client() for _ in range(connections)))
+    return done
+
+
+def run_python_load(url: str, seconds: int, connections: int) -> float:
+    """The fallback load generator, in its own process so it does not share the server's."""
+    match = re.match(r"http://([^:/]+):(\d+)(/.*)", url)
+    assert match is not None
+    out = subprocess.run(
+        [sys.executable, __file__, "--load", url, "--seconds", str(seconds),
+         "--connections", str(connections)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return float(out.strip())
+
+
+# -- the driver -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("the server exited during startup")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("the server did not start")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=5, help="length of one round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per endpoint")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads")
+    parser.add_argument("--python-load", action="store_true", help="do not use wrk")
+    parser.add_argument(
+        "--no-workers",
+        action="store_true",
+        help="enqueue only (Jobs(workers=False)): isolates the cost of the durable write",
+    )
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--db", help=argparse.SUPPRESS)
+    parser.add_argument("--load", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.serve is not None:
+        serve(args.serve, args.db, workers=not args.no_workers)
+        return
+    if args.load is not None:
+        match = re.match(r"http://([^:/]+):(\d+)(/.*)", args.load)
+        assert match is not None
+        host, port, path = match.group(1), int(match.group(2)), match.group(3)
+        print(
+            asyncio.run(_python_load(host, port, path, args.seconds, args.connections))
+            / args.seconds
+        )
+        return
+
+    use_wrk = not args.python_load and shutil.which("wrk") is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        db = str(Path(tmp) / "bench-jobs.db")
+        server = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--db", db])
+        script = Path(tmp) / "post.lua"
+        script.write_text(WRK_SCRIPT)
+        try:
+            wait_for_port(port, server)
+
+            def measure(endpoint: str, seconds: int) -> float:
+                url = f"http://127.0.0.1:{port}/{endpoint}"
+                if use_wrk:
+                    return run_wrk(url, seconds, args.connections, args.threads, script)
+                return run_python_load(url, seconds, args.connections)
+
+            for endpoint in ENDPOINTS:  # warm up
+                measure(endpoint, 1)
+            results: dict[str, list[float]] = {e: [] for e in ENDPOINTS}
+            for _ in range(args.rounds):
+                for endpoint in ENDPOINTS:
+                    results[endpoint].append(measure(endpoint, args.seconds))
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=30)
+
+    generator = (
+        f"wrk -t{args.threads} -c{args.connections} -d{args.seconds}s"
+        if use_wrk
+        else f"python load generator, {args.connections} connections, {args.seconds}s"
+    )
+    workers = "no workers (enqueue only)" if args.no_workers else "workers running the jobs"
+    print(f"load: {generator}, {args.rounds} rounds per endpoint, cpus: {os.cpu_count()}")
+    print(f"durable endpoint: {workers} in the same process")
+    medians = {e: statistics.median(v) for e, v in results.items()}
+    for endpoint in ENDPOINTS:
+        rounds = ", ".join(f"{v:,.0f}" for v in results[endpoint])
+        print(f"{endpoint:>10}: {medians[endpoint]:>9,.0f} req/s (median; rounds {rounds})")
+    ratio = medians["durable"] / medians["background"]
+    print(f"durable / background = {ratio:.2f}x (target >= 0.8x)")
+
+
+if __name__ == "__main__":
+    main()

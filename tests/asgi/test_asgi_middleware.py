@@ -1,0 +1,245 @@
+"""JobsMiddleware and jobs.lifespan under Starlette's and FastAPI's TestClient (runs lifespan)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request as StarletteRequest
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from asyncjobs import Jobs, JobsMiddleware, JobStatus, StoreError
+from asyncjobs._asgi import Receive, Scope, Send
+
+
+def make_jobs(tmp_path: Path) -> Jobs:
+    jobs = Jobs("sqlite:///" + str(tmp_path / "jobs.db"), shutdown_timeout=5)
+
+    @jobs.task(name="double")
+    async def double(x: int) -> int:
+        return 2 * x
+
+    return jobs
+
+
+async def enqueue_and_wait(request: StarletteRequest) -> JSONResponse:
+    jobs: Jobs = request.state.jobs
+    job = await jobs.enqueue("double", int(request.path_params["x"]))
+    return JSONResponse({"id": job.id, "result": await job.result(timeout=5)})
+
+
+ROUTES = [Route("/double/{x}", enqueue_and_wait, methods=["POST"])]
+
+
+def stored_status(tmp_path: Path, job_id: str) -> str:
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "jobs.db") as db:
+        row = db.execute("SELECT status FROM asyncjobs_jobs WHERE id = ?", (job_id,)).fetchone()
+    (status,) = row
+    return str(status)
+
+
+def running(jobs: Jobs) -> bool:
+    """Whether workers run (a call, so mypy does not narrow the property)."""
+    return jobs.started
+
+
+def test_starlette_middleware_runs_workers_for_the_app_lifetime(tmp_path: Path) -> None:
+    jobs = make_jobs(tmp_path)
+    app = Starlette(routes=ROUTES, middleware=[Middleware(JobsMiddleware, jobs=jobs)])
+    assert not running(jobs)
+    with TestClient(app) as client:
+        assert running(jobs)
+        response = client.post("/double/21")
+        assert response.status_code == 200
+        assert response.json()["result"] == 42
+    assert not running(jobs)
+    assert stored_status(tmp_path, response.json()["id"]) == JobStatus.SUCCEEDED
+
+
+def test_app_lifespan_starts_before_the_workers_and_stops_after_them(tmp_path: Path) -> None:
+    jobs = make_jobs(tmp_path)
+    events: list[tuple[str, bool]] = []
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        events.append(("app startup", jobs.started))
+        yield {"greeting": "hello"}
+        events.append(("app shutdown", jobs.started))
+
+    async def greet(request: StarletteRequest) -> PlainTextResponse:
+        assert request.state.jobs is jobs
+        return PlainTextResponse(request.state.greeting)
+
+    app = Starlette(
+        routes=[*ROUTES, Route("/greet", greet)],
+        middleware=[Middleware(JobsMiddleware, jobs=jobs)],
+        lifespan=lifespan,
+    )
+    with TestClient(app) as client:
+        events.append(("serving", jobs.started))
+        assert client.get("/greet").text == "hello"
+        assert client.post("/double/2").json()["result"] == 4
+    assert events == [("app startup", False), ("serving", True), ("app shutdown", False)]
+
+
+def test_fastapi_app_with_lifespan_gets_jobs_on_request_state(tmp_path: Path) -> None:
+    jobs = make_jobs(tmp_path)
+    shut_down = []
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        shut_down.append(True)
+
+    app = FastAPI(lifespan=lifespan)
+    app.add_middleware(JobsMiddleware, jobs=jobs)
+
+    @app.post("/double/{x}")
+    async def double(x: int, request: Request) -> dict[str, Any]:
+        job = await request.state.jobs.enqueue("double", x)
+        return {"result": await job.result(timeout=5)}
+
+    with TestClient(app) as client:
+        assert running(jobs)
+        assert client.post("/double/5").json() == {"result": 10}
+    assert shut_down == [True]
+    assert not running(jobs)
+
+
+def test_fastapi_app_without_lifespan(tmp_path: Path) -> None:
+    jobs = make_jobs(tmp_path)
+    app = FastAPI()
+    app.add_middleware(JobsMiddleware, jobs=jobs)
+
+    @app.post("/double/{x}")
+    async def double(x: int, request: Request) -> dict[str, Any]:
+        job = await request.state.jobs.enqueue("double", x)
+        return {"result": await job.result(timeout=5)}
+
+    with TestClient(app) as client:
+        assert client.post("/double/8").json() == {"result": 16}
+    assert not running(jobs)
+
+
+def test_app_that_does_not_speak_lifespan_still_completes_startup_and_shutdown(
+    tmp_path: Path,
+) -> None:
+    jobs = make_jobs(tmp_path)
+    seen: list[str] = []
+
+    async def bare_app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            raise RuntimeError(f"this app only serves http, not {scope['type']}")
+        seen.append(type(scope["state"]["jobs"]).__name__)
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    with TestClient(JobsMiddleware(bare_app, jobs=jobs)) as client:
+        assert running(jobs)
+        assert client.get("/").status_code == 204
+    assert not running(jobs)
+    assert seen == ["Jobs"]
+
+
+async def test_requests_get_jobs_on_state_even_without_a_lifespan_run(tmp_path: Path) -> None:
+    """Without lifespan (httpx's ASGITransport) the store opens lazily on enqueue."""
+    jobs = make_jobs(tmp_path)
+
+    async def enqueue(request: StarletteRequest) -> JSONResponse:
+        job = await request.state.jobs.enqueue("double", 1)
+        return JSONResponse({"id": job.id})
+
+    app = Starlette(
+        routes=[Route("/", enqueue, methods=["POST"])],
+        middleware=[Middleware(JobsMiddleware, jobs=jobs)],
+    )
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            job_id = (await client.post("/")).json()["id"]
+        assert not running(jobs)
+        info = await jobs.get(job_id)
+        assert info is not None
+        assert info.status == JobStatus.QUEUED
+    finally:
+        await jobs.close()
+
+
+def test_unwritable_store_fails_startup_with_a_clear_message(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the store's directory should be")
+    jobs = Jobs("sqlite:///" + str(blocker / "jobs.db"))
+    messages: list[dict[str, Any]] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise AssertionError("never reached")
+
+    middleware = JobsMiddleware(app, jobs=jobs)
+
+    async def spy(scope: Scope, receive: Receive, send: Send) -> None:
+        async def recording_send(message: Any) -> None:
+            messages.append(dict(message))
+            await send(message)
+
+        await middleware(scope, receive, recording_send)
+
+    with pytest.raises(StoreError, match="cannot open the SQLite store"), TestClient(spy):
+        pass
+    assert [m["type"] for m in messages] == ["lifespan.startup.failed"]
+    assert messages[0]["message"].startswith("asyncjobs could not start: cannot open the SQLite")
+    assert str(blocker) in messages[0]["message"]
+    assert not running(jobs)
+
+
+def test_app_startup_failure_is_reported_and_workers_never_start(tmp_path: Path) -> None:
+    jobs = make_jobs(tmp_path)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        missing = ["0002_users.sql"]
+        if missing:
+            raise RuntimeError("database migrations are missing")
+        yield
+
+    app = Starlette(middleware=[Middleware(JobsMiddleware, jobs=jobs)], lifespan=lifespan)
+    with pytest.raises(RuntimeError, match="migrations are missing"), TestClient(app):
+        pass
+    assert not running(jobs)
+
+
+def test_jobs_lifespan_for_apps_that_compose_their_own(tmp_path: Path) -> None:
+    jobs = make_jobs(tmp_path)
+    app = Starlette(routes=ROUTES, lifespan=jobs.lifespan)
+    with TestClient(app) as client:
+        assert running(jobs)
+        assert client.post("/double/4").json()["result"] == 8
+    assert not running(jobs)
+
+
+def test_jobs_lifespan_nested_in_an_app_lifespan(tmp_path: Path) -> None:
+    jobs = make_jobs(tmp_path)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        async with jobs.lifespan(app) as state:
+            yield {**state, "name": "demo"}
+
+    async def name(request: StarletteRequest) -> PlainTextResponse:
+        return PlainTextResponse(request.state.name)
+
+    app = Starlette(routes=[*ROUTES, Route("/name", name)], lifespan=lifespan)
+    with TestClient(app) as client:
+        assert client.get("/name").text == "demo"
+        assert client.post("/double/3").json()["result"] == 6
+    assert not running(jobs)

@@ -1,0 +1,257 @@
+"""Transactional enqueue: the job exists if and only if the caller's transaction commits."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiosqlite
+import anyio
+import pytest
+
+from asyncjobs import ConfigurationError, Jobs, JobStatus
+from asyncjobs.testing import FakeClock, drain
+
+MakeJobs = Callable[..., Jobs]
+
+
+@pytest.fixture
+def db_path(db_url: str) -> Path:
+    return Path(db_url.removeprefix("sqlite:///"))
+
+
+@pytest.fixture
+async def conn(db_path: Path) -> AsyncIterator[aiosqlite.Connection]:
+    """The app's own connection to the same file, in explicit-transaction mode."""
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    async with aiosqlite.connect(db_path, isolation_level=None, timeout=5) as db:
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("CREATE TABLE IF NOT EXISTS users (id INTEGER PRIMARY KEY, email TEXT)")
+        yield db
+
+
+def job_count(db_path: Path) -> int:
+    with sqlite3.connect(db_path) as db:
+        try:
+            return int(db.execute("SELECT count(*) FROM asyncjobs_jobs").fetchone()[0])
+        except sqlite3.OperationalError:  # no table yet
+            return 0
+
+
+def register(jobs: Jobs) -> None:
+    @jobs.task(name="welcome")
+    async def welcome(user_id: int) -> str:
+        return f"welcome {user_id}"
+
+
+async def test_commit_keeps_the_job_and_the_business_row(
+    jobs: Jobs, conn: aiosqlite.Connection, db_path: Path
+) -> None:
+    register(jobs)
+    await conn.execute("BEGIN IMMEDIATE")
+    async with jobs.transaction(conn):
+        cursor = await conn.execute("INSERT INTO users (email) VALUES ('a@example.com')")
+        job = await jobs.enqueue("welcome", cursor.lastrowid)
+    await conn.execute("COMMIT")
+
+    assert job_count(db_path) == 1
+    await drain(jobs)
+    assert await job.result(timeout=5) == f"welcome {cursor.lastrowid}"
+
+
+async def test_rollback_leaves_no_job(
+    jobs: Jobs, conn: aiosqlite.Connection, db_path: Path
+) -> None:
+    register(jobs)
+    await jobs.store.open()
+    await conn.execute("BEGIN IMMEDIATE")
+    async with jobs.transaction(conn):
+        await conn.execute("INSERT INTO users (email) VALUES ('b@example.com')")
+        job = await jobs.enqueue("welcome", 1)
+        many = await jobs.enqueue_many([jobs.registry["welcome"].spec(2)])
+    await conn.execute("ROLLBACK")
+
+    assert job_count(db_path) == 0
+    assert await jobs.get(job.id) is None
+    assert await jobs.get(many[0].id) is None
+    await drain(jobs)  # nothing to run
+
+
+async def test_the_job_is_invisible_to_workers_until_the_caller_commits(
+    jobs: Jobs, conn: aiosqlite.Connection
+) -> None:
+    register(jobs)
+    await jobs.store.open()
+    await conn.execute("BEGIN IMMEDIATE")
+    async with jobs.transaction(conn):
+        job = await jobs.enqueue("welcome", 3)
+    assert await jobs.get(job.id) is None  # the store's own connection cannot see it yet
+    await conn.execute("COMMIT")
+    info = await jobs.get(job.id)
+    assert info is not None
+    assert info.status == JobStatus.QUEUED
+
+
+async def test_legacy_implicit_transactions_of_aiosqlite_work_too(
+    jobs: Jobs, db_path: Path
+) -> None:
+    """aiosqlite's default isolation level opens a transaction on the first write."""
+    register(jobs)
+    async with aiosqlite.connect(db_path) as db:
+        await db.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT)")
+        await db.commit()
+        async with jobs.transaction(db):
+            await db.execute("INSERT INTO users (email) VALUES ('c@example.com')")
+            await jobs.enqueue("welcome", 1)
+        await db.rollback()
+        async with jobs.transaction(db):
+            await jobs.enqueue("welcome", 2)
+        await db.commit()
+    assert [info.args for info in await jobs.list()] == [[2]]
+
+
+async def test_enqueues_outside_the_block_or_in_other_tasks_are_not_part_of_it(
+    jobs: Jobs, conn: aiosqlite.Connection
+) -> None:
+    register(jobs)
+    await jobs.store.open()
+    go = anyio.Event()
+    outside: list[str] = []
+
+    async def other_task() -> None:
+        await go.wait()  # runs while the block is open, in its own context
+        outside.append((await jobs.enqueue("welcome", 99)).id)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other_task)
+            await conn.execute("BEGIN")
+            async with jobs.transaction(conn):
+                inside = await jobs.enqueue("welcome", 1)
+                go.set()
+                await anyio.lowlevel.checkpoint()
+            await conn.execute("ROLLBACK")
+    after = await jobs.enqueue("welcome", 2)
+
+    assert await jobs.get(inside.id) is None
+    assert await jobs.get(outside[0]) is not None
+    assert await jobs.get(after.id) is not None
+
+
+async def test_another_jobs_instance_is_not_bound_by_the_block(
+    make_jobs: MakeJobs, conn: aiosqlite.Connection, tmp_path: Path
+) -> None:
+    jobs = make_jobs()
+    register(jobs)
+    other = make_jobs("sqlite:///" + str(tmp_path / "other.db"))
+    register(other)
+    await jobs.store.open()
+    await conn.execute("BEGIN")
+    async with jobs.transaction(conn):
+        mine = await jobs.enqueue("welcome", 1)
+        theirs = await other.enqueue("welcome", 2)
+    await conn.execute("ROLLBACK")
+    assert await jobs.get(mine.id) is None
+    assert await other.get(theirs.id) is not None
+
+
+async def test_idempotency_key_inside_a_transaction_returns_the_stored_job(
+    jobs: Jobs, conn: aiosqlite.Connection
+) -> None:
+    register(jobs)
+    first = await jobs.enqueue(jobs.registry["welcome"].options(idempotency_key="k"), 1)
+    await conn.execute("BEGIN")
+    async with jobs.transaction(conn):
+        again = await jobs.enqueue(jobs.registry["welcome"].options(idempotency_key="k"), 1)
+    await conn.execute("COMMIT")
+    assert again.id == first.id
+    assert len(await jobs.list()) == 1
+
+
+async def test_store_not_yet_open_while_the_caller_holds_the_write_lock_does_not_deadlock(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """The schema is created through the caller's connection, inside its transaction."""
+    path = tmp_path / "fresh.db"
+    jobs = Jobs("sqlite:///" + str(path), clock=clock)
+    register(jobs)
+    try:
+        async with aiosqlite.connect(path, isolation_level=None, timeout=5) as db:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+            await db.execute("BEGIN IMMEDIATE")
+            await db.execute("INSERT INTO users DEFAULT VALUES")
+            with anyio.fail_after(5):
+                async with jobs.transaction(db):
+                    job = await jobs.enqueue("welcome", 1)
+            await db.execute("COMMIT")
+        await drain(jobs)
+        assert await job.result(timeout=5) == "welcome 1"
+    finally:
+        await jobs.close()
+
+
+async def test_autocommit_connection_without_begin_is_refused_and_nothing_is_written(
+    jobs: Jobs, conn: aiosqlite.Connection, db_path: Path
+) -> None:
+    register(jobs)
+    async with jobs.transaction(conn):
+        with pytest.raises(ConfigurationError, match="autocommit"):
+            await jobs.enqueue("welcome", 1)
+    assert job_count(db_path) == 0
+
+
+async def test_connection_to_another_database_file_is_refused(jobs: Jobs, tmp_path: Path) -> None:
+    async with aiosqlite.connect(tmp_path / "app.db") as db:
+        with pytest.raises(ConfigurationError, match="store's file"):
+            async with jobs.transaction(db):
+                pass
+
+
+async def test_unsupported_connection_types_are_refused(jobs: Jobs) -> None:
+    with pytest.raises(ConfigurationError, match="aiosqlite or asyncpg"):
+        async with jobs.transaction(object()):
+            pass
+
+
+async def test_asyncpg_connection_with_a_sqlite_store_is_refused(
+    jobs: Jobs, postgres_url: str
+) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        with pytest.raises(ConfigurationError, match="asyncpg connection"):
+            async with jobs.transaction(conn):
+                pass
+    finally:
+        await conn.close()
+
+
+async def test_asyncpg_commit_keeps_the_job_and_rollback_drops_it(
+    make_jobs: MakeJobs, postgres_url: str
+) -> None:
+    import asyncpg
+
+    jobs = make_jobs(postgres_url)
+    register(jobs)
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        async with conn.transaction(), jobs.transaction(conn):
+            kept = await jobs.enqueue("welcome", 1)
+        tx = conn.transaction()
+        await tx.start()
+        async with jobs.transaction(conn):
+            dropped = await jobs.enqueue("welcome", 2)
+        await tx.rollback()
+        async with jobs.transaction(conn):
+            with pytest.raises(ConfigurationError, match="no open transaction"):
+                await jobs.enqueue("welcome", 3)
+    finally:
+        await conn.close()
+    assert await jobs.get(kept.id) is not None
+    assert await jobs.get(dropped.id) is None
+    assert len(await jobs.list()) == 1
+    await drain(jobs)
+    assert await kept.result(timeout=5) == "welcome 1"

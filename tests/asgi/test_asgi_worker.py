@@ -1,0 +1,97 @@
+"""Enqueue-only processes (``workers=False``) and the worker-only runtime ``run_worker``."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import anyio
+import pytest
+
+from asyncjobs import Jobs, JobStatus
+from asyncjobs._worker import run_worker
+from asyncjobs.testing import FakeClock, drain
+
+
+async def test_enqueue_only_jobs_never_runs_jobs_even_when_started(
+    db_url: str, clock: FakeClock
+) -> None:
+    ran: list[int] = []
+    async with Jobs(db_url, workers=False, clock=clock) as web:
+
+        @web.task(name="work")
+        async def work(n: int) -> None:
+            ran.append(n)
+
+        job = await web.enqueue(work, 1)
+        assert not web.started
+        assert (await job.info()).status == JobStatus.QUEUED
+
+    worker = Jobs(db_url, clock=clock)
+    try:
+
+        @worker.task(name="work")
+        async def work_here(n: int) -> None:
+            ran.append(n)
+
+        await drain(worker)
+    finally:
+        await worker.close()
+    assert ran == [1]
+
+
+async def test_run_worker_runs_jobs_from_other_processes_and_drains_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    url = "sqlite:///" + str(tmp_path / "jobs.db")
+    # The worker's module may build its Jobs with workers=False (shared with the web
+    # app); run_worker runs the workers anyway.
+    worker = Jobs(url, workers=False, poll_interval=0.05, shutdown_timeout=10)
+    web = Jobs(url, workers=False)
+    started, release = anyio.Event(), anyio.Event()
+
+    @worker.task(name="work")
+    async def work(n: int) -> int:
+        started.set()
+        await release.wait()
+        return n * 10
+
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_worker, worker)
+                job = await web.enqueue("work", 4)  # no local wake-up: found by polling
+                await started.wait()
+                os.kill(os.getpid(), signal.SIGTERM)
+                while not worker._stop_requested.is_set():
+                    await worker.clock.sleep(0.01)
+                os.kill(os.getpid(), signal.SIGINT)  # a second signal while draining
+                await worker.clock.sleep(0.05)
+                assert worker.started  # still draining: the running job is not cut off
+                release.set()
+        info = await web.get(job.id)
+        assert info is not None
+        assert info.status == JobStatus.SUCCEEDED
+        assert info.result == 40
+        assert not worker.started
+    finally:
+        await web.close()
+        await worker.close()
+
+
+async def test_run_worker_raises_when_the_workers_cannot_start(tmp_path: Path) -> None:
+    worker = Jobs("sqlite:///" + str(tmp_path / "jobs.db"), poll_interval=0.05)
+
+    @worker.task(name="noop")
+    async def noop() -> None: ...
+
+    async def crash() -> None:
+        raise RuntimeError("recovering leases broke")
+
+    worker.runner.recover = crash  # type: ignore[method-assign]
+    try:
+        with anyio.fail_after(10), pytest.raises(RuntimeError, match="recovering leases broke"):
+            await run_worker(worker)
+    finally:
+        await worker.close()

@@ -1,0 +1,278 @@
+"""The dashboard over HTTP (httpx + ASGI): auth, CSRF, escaping, ids, actions, paging."""
+
+from __future__ import annotations
+
+import builtins
+
+import httpx
+import pytest
+from dashboard_helpers import (
+    EVIL,
+    PASSWORD,
+    USER,
+    MakeJobs,
+    Mix,
+    build_mix,
+    client_for,
+    csrf_token,
+)
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.routing import Mount
+
+from asyncjobs import ConfigurationError, Jobs, JobStatus
+from asyncjobs.testing import FakeClock
+
+AUTH = httpx.BasicAuth(USER, PASSWORD)
+
+
+@pytest.fixture
+async def mix(make_jobs: MakeJobs, clock: FakeClock) -> Mix:
+    return await build_mix(make_jobs())
+
+
+# -- authentication ---------------------------------------------------------------
+
+
+def test_building_without_auth_is_refused(jobs: Jobs) -> None:
+    with pytest.raises(ConfigurationError, match="needs auth"):
+        jobs.dashboard()
+    with pytest.raises(ConfigurationError, match="username, password"):
+        jobs.dashboard(auth=("admin", ""))
+    with pytest.raises(ConfigurationError, match="tuple or a callable"):
+        jobs.dashboard(auth="admin:secret")  # type: ignore[arg-type]
+
+
+async def test_requests_without_or_with_wrong_credentials_are_refused(mix: Mix) -> None:
+    async with client_for(mix.jobs) as client:
+        for path in ("/", "/jobs", f"/jobs/{mix.dead_id}"):
+            response = await client.get(path)
+            assert response.status_code == 401
+            assert response.headers["www-authenticate"].startswith("Basic")
+            assert "send_email" not in response.text
+        for user, password in [
+            (USER, "wrong"),
+            ("root", PASSWORD),
+            (USER, PASSWORD + "x"),
+            ("", ""),
+        ]:
+            response = await client.get("/", auth=httpx.BasicAuth(user, password))
+            assert response.status_code == 401
+        garbled = await client.get("/", headers={"authorization": "Basic !!!not-base64"})
+        assert garbled.status_code == 401
+        token = await client.get("/", headers={"authorization": "Bearer abc"})
+        assert token.status_code == 401
+        refused = await client.post(f"/jobs/{mix.dead_id}/retry")
+        assert refused.status_code == 401
+        assert (await client.get("/", auth=AUTH)).status_code == 200
+    assert (await mix.jobs.get(mix.dead_id)).status == JobStatus.DEAD  # type: ignore[union-attr]
+
+
+async def test_a_callable_decides_sync_or_async(mix: Mix) -> None:
+    def header_ok(request: Request) -> bool:
+        return request.headers.get("x-admin") == "yes"
+
+    async def async_ok(request: Request) -> bool:
+        return request.headers.get("x-admin") == "yes"
+
+    def broken(request: Request) -> bool:
+        raise RuntimeError("auth backend down")
+
+    for auth in (header_ok, async_ok):
+        async with client_for(mix.jobs, auth=auth) as client:
+            assert (await client.get("/")).status_code == 403
+            assert (await client.get("/", headers={"x-admin": "yes"})).status_code == 200
+    async with client_for(mix.jobs, auth=broken) as client:
+        assert (await client.get("/", headers={"x-admin": "yes"})).status_code == 403
+
+
+# -- CSRF -------------------------------------------------------------------------
+
+
+async def test_posts_without_a_valid_csrf_token_are_refused(mix: Mix) -> None:
+    async with client_for(mix.jobs, login=True) as client:
+        page = await client.get(f"/jobs/{mix.dead_id}")
+        token = csrf_token(page.text)
+        assert "asyncjobs_csrf" in client.cookies
+        url = f"/jobs/{mix.dead_id}/retry"
+        assert (await client.post(url)).status_code == 403
+        assert (await client.post(url, data={"csrf_token": "0" * 64})).status_code == 403
+        assert (await client.post(url, json={"csrf_token": token})).status_code == 403
+        cross_site = await client.post(
+            url, data={"csrf_token": token}, headers={"sec-fetch-site": "cross-site"}
+        )
+        assert cross_site.status_code == 403
+        assert (await client.get(url)).status_code == 405
+        assert (await client.post("/retry-dead", data={})).status_code == 403
+    # A token is bound to the browser's cookie: another browser's token fails.
+    async with client_for(mix.jobs, login=True) as other:
+        await other.get("/")
+        assert (await other.post(url, data={"csrf_token": token})).status_code == 403
+    assert (await mix.jobs.get(mix.dead_id)).status == JobStatus.DEAD  # type: ignore[union-attr]
+
+
+async def test_tokens_are_shared_by_every_process_on_the_store(mix: Mix) -> None:
+    """Two dashboards (two processes behind a load balancer) accept each other's tokens."""
+    async with client_for(mix.jobs, login=True) as first:
+        token = csrf_token((await first.get("/")).text)
+        cookies = dict(first.cookies)
+    async with client_for(mix.jobs, login=True, cookies=cookies) as second:
+        response = await second.post(f"/jobs/{mix.dead_id}/retry", data={"csrf_token": token})
+        assert response.status_code == 303
+    assert (await mix.jobs.get(mix.dead_id)).status == JobStatus.QUEUED  # type: ignore[union-attr]
+
+
+# -- escaping and ids -------------------------------------------------------------
+
+
+async def test_script_in_an_argument_is_escaped_everywhere(mix: Mix) -> None:
+    async with client_for(mix.jobs, login=True) as client:
+        for path in (f"/jobs/{mix.evil_id}", "/jobs", "/jobs?status=queued"):
+            html = (await client.get(path)).text
+            assert "<script>" not in html
+            assert "alert(" in html  # it is shown, as text
+        page = (await client.get(f"/jobs/{mix.evil_id}")).text
+        assert "&lt;script&gt;alert(&#39;owned&#39;)&lt;/script&gt;" in page
+        dead = (await client.get(f"/jobs/{mix.dead_id}")).text
+        assert "flaky failed &lt;b&gt;7&lt;/b&gt;" in dead  # the traceback is escaped too
+        assert "<b>7" not in dead
+        response = await client.get("/jobs", params={"queue": EVIL})
+        assert "<script>" not in response.text
+        assert response.headers["content-security-policy"].startswith("default-src 'none'")
+        assert response.headers["x-frame-options"] == "DENY"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/jobs/..%2F..%2Fetc%2Fpasswd",
+        "/jobs/%2e%2e",
+        "/jobs/abc%00def",
+        "/jobs/x'%20OR%20'1'='1",
+        "/jobs/%3Cscript%3E",
+        "/jobs/" + "a" * 65,
+        "/jobs/%E2%80%AEabc",
+        "/jobs/ab%20cd",
+    ],
+)
+async def test_tricky_job_ids_are_refused(mix: Mix, path: str) -> None:
+    async with client_for(mix.jobs, login=True) as client:
+        response = await client.get(path)
+        assert response.status_code == 404
+        assert "<script>" not in response.text
+        token = csrf_token((await client.get("/")).text)
+        posted = await client.post(path + "/retry", data={"csrf_token": token})
+        assert posted.status_code == 404
+
+
+async def test_unknown_filters_and_cursors_are_rejected(mix: Mix) -> None:
+    async with client_for(mix.jobs, login=True) as client:
+        assert (await client.get("/jobs", params={"status": "bogus"})).status_code == 400
+        assert (await client.get("/jobs", params={"before": "-1"})).status_code == 400
+        assert (await client.get("/jobs", params={"before": "1e9"})).status_code == 400
+        assert (await client.get("/jobs", params={"queue": "q" * 201})).status_code == 400
+        assert (await client.get("/jobs/" + "0" * 32)).status_code == 404
+        assert (await client.post("/jobs/" + mix.dead_id + "/explode")).status_code == 404
+
+
+# -- pages and actions ------------------------------------------------------------
+
+
+async def test_pages_show_the_queues_and_a_job(mix: Mix) -> None:
+    async with client_for(mix.jobs, login=True) as client:
+        overview = (await client.get("/")).text
+        assert 'id="queues"' in overview
+        assert "send_email" in overview
+        assert "Retry all 1 dead job(s)" in overview
+        dead_list = (await client.get("/jobs", params={"status": "dead"})).text
+        assert mix.dead_id[:12] in dead_list
+        assert mix.queued_id[:12] not in dead_list
+        email = (await client.get("/jobs", params={"queue": "email", "task": "send_email"})).text
+        assert mix.queued_id[:12] in email
+        assert mix.dead_id[:12] not in email
+        job = (await client.get(f"/jobs/{mix.dead_id}")).text
+        assert "ValueError" in job
+        assert 'id="retry"' in job
+        assert "1 of 1" in job
+        done = (await client.get(f"/jobs/{mix.succeeded_id}")).text
+        assert "sent to a@example.com" in done
+
+
+async def test_retry_cancel_discard_and_retry_all_dead(mix: Mix) -> None:
+    jobs = mix.jobs
+    async with client_for(jobs, login=True) as client:
+        token = csrf_token((await client.get("/")).text)
+        form = {"csrf_token": token}
+        retried = await client.post(f"/jobs/{mix.dead_id}/retry", data=form)
+        assert retried.status_code == 303
+        assert retried.headers["location"] == f"/jobs/{mix.dead_id}?done=retried"
+        assert (await jobs.get(mix.dead_id)).status == JobStatus.QUEUED  # type: ignore[union-attr]
+        page = await client.get(retried.headers["location"])
+        assert "The job is queued again." in page.text
+        assert (
+            (await client.post(f"/jobs/{mix.dead_id}/retry", data=form))
+            .headers["location"]
+            .endswith("done=not-retried")
+        )
+
+        await client.post(f"/jobs/{mix.queued_id}/cancel", data=form)
+        assert (await jobs.get(mix.queued_id)).status == JobStatus.CANCELLED  # type: ignore[union-attr]
+        discarded = await client.post(f"/jobs/{mix.queued_id}/discard", data=form)
+        assert discarded.headers["location"] == "/jobs?done=discarded"
+        assert await jobs.get(mix.queued_id) is None
+
+        await jobs.cancel(mix.dead_id)
+        await jobs.cancel(mix.evil_id)
+        assert await jobs.list(status="dead") == []
+        # Make two dead jobs to retry at once.
+        for job_id in (mix.dead_id, mix.evil_id):
+            await jobs.retry(job_id)
+        await jobs.drain()
+        assert len(await jobs.list(status="dead")) == 1  # flaky fails again; send_email succeeds
+        response = await client.post("/retry-dead", data=form)
+        assert response.status_code == 303
+        assert await jobs.list(status="dead") == []
+
+
+async def test_paging_through_a_long_list(jobs: Jobs) -> None:
+    @jobs.task(name="many")
+    async def many(n: int) -> None: ...
+
+    for n in range(60):
+        await jobs.enqueue(many, n)
+    async with client_for(jobs, login=True) as client:
+        first = (await client.get("/jobs")).text
+        assert first.count('<tr>\n    <td><a href="/jobs/') == 50
+        older = first.split('id="older" href="', 1)[1].split('"', 1)[0].replace("&amp;", "&")
+        second = (await client.get(older)).text
+        assert second.count('<tr>\n    <td><a href="/jobs/') == 10
+        assert 'id="older"' not in second
+        assert "newest" in second
+
+
+async def test_mounted_under_a_prefix(mix: Mix) -> None:
+    outer = Starlette(routes=[Mount("/admin/jobs", app=mix.jobs.dashboard(auth=(USER, PASSWORD)))])
+    transport = httpx.ASGITransport(app=outer)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t", auth=AUTH) as client:
+        page = await client.get(f"/admin/jobs/jobs/{mix.dead_id}")
+        assert page.status_code == 200
+        assert f'action="/admin/jobs/jobs/{mix.dead_id}/retry"' in page.text
+        assert 'href="/admin/jobs/jobs?status=dead"' in page.text
+        assert "Path=/admin/jobs" in page.headers["set-cookie"]
+        response = await client.post(
+            f"/admin/jobs/jobs/{mix.dead_id}/retry", data={"csrf_token": csrf_token(page.text)}
+        )
+        assert response.headers["location"] == f"/admin/jobs/jobs/{mix.dead_id}?done=retried"
+
+
+def test_missing_starlette_names_the_extra(jobs: Jobs, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_import = builtins.__import__
+
+    def fake_import(name: str, *args: object, **kwargs: object) -> object:
+        if name in ("starlette", "jinja2"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ConfigurationError, match=r"asyncjobs\[dashboard\]"):
+        jobs.dashboard(auth=(USER, PASSWORD))

@@ -1,0 +1,661 @@
+"""The store contract, proven on every store (``store[sqlite]``, ``store[postgres]``).
+
+Each test drives the ``Store`` protocol directly with explicit ``now`` values, so
+the same expectations hold whatever the backend.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import pytest
+
+from asyncjobs._errors import StoreError
+from asyncjobs.stores import (
+    ClaimRequest,
+    JobRow,
+    NewJob,
+    Outcome,
+    OutcomeKind,
+    Store,
+    TaskLimits,
+    open_store,
+)
+from asyncjobs.stores._protocol import WorkerBeat
+
+T0 = 1_000_000.0
+
+
+def new(job_id: str, **fields: Any) -> NewJob:
+    values: dict[str, Any] = {
+        "task": "t",
+        "queue": "default",
+        "payload": '{"args": [], "kwargs": {}}',
+        "status": "queued",
+        "priority": 0,
+        "run_at": T0,
+        "max_attempts": 3,
+    }
+    values.update(fields)
+    return NewJob(id=job_id, **values)
+
+
+def request(
+    *,
+    tasks: Sequence[str] = ("t",),
+    queues: Sequence[str] | None = None,
+    limit: int = 10,
+    worker: str = "w1",
+    lease: float = 30.0,
+    max_attempts: int = 3,
+) -> ClaimRequest:
+    return ClaimRequest(
+        worker=worker,
+        tasks={name: TaskLimits(max_attempts=max_attempts) for name in tasks},
+        queues=queues,
+        limit=limit,
+        lease=lease,
+    )
+
+
+def outcome(row: JobRow, kind: OutcomeKind, **fields: Any) -> Outcome:
+    assert row.worker is not None
+    return Outcome(job_id=row.id, worker=row.worker, attempt=row.attempts, kind=kind, **fields)
+
+
+async def claim(store: Store, now: float = T0, **kwargs: Any) -> list[JobRow]:
+    return list(await store.claim(request(**kwargs), now=now))
+
+
+async def status(store: Store, job_id: str) -> str:
+    row = await store.get(job_id)
+    assert row is not None
+    return row.status
+
+
+# -- insert ------------------------------------------------------------------------
+
+
+async def test_insert_stores_jobs_and_returns_their_ids_in_order(store: Store) -> None:
+    ids = await store.insert(
+        [new("a", priority=2, options='{"retries": 1}'), new("b", queue="q", group_key="g")],
+        now=T0 - 5,
+    )
+    assert ids == ["a", "b"]
+    a = await store.get("a")
+    assert a is not None
+    assert (a.task, a.queue, a.status, a.priority, a.attempts, a.max_attempts) == (
+        "t",
+        "default",
+        "queued",
+        2,
+        0,
+        3,
+    )
+    assert (a.run_at, a.enqueued_at, a.options) == (T0, T0 - 5, '{"retries": 1}')
+    assert a.payload == '{"args": [], "kwargs": {}}'
+    assert a.started_at is None
+    assert a.finished_at is None
+    assert a.worker is None
+    b = await store.get("b")
+    assert b is not None
+    assert b.seq > a.seq
+    assert b.group_key == "g"
+    assert await store.get("missing") is None
+    assert await store.insert([], now=T0) == []
+
+
+async def test_idempotency_key_returns_the_stored_job(store: Store) -> None:
+    assert await store.insert([new("a", idempotency_key="k")], now=T0) == ["a"]
+    assert await store.insert([new("b", idempotency_key="k"), new("c")], now=T0) == ["a", "c"]
+    assert await store.get("b") is None
+    # Two jobs with one key in a single insert: the first wins.
+    assert await store.insert(
+        [new("d", idempotency_key="k2"), new("e", idempotency_key="k2")], now=T0
+    ) == ["d", "d"]
+    assert await store.get("e") is None
+
+
+async def test_idempotency_key_holds_after_the_job_finished(store: Store) -> None:
+    await store.insert([new("a", idempotency_key="k")], now=T0)
+    (row,) = await claim(store)
+    await store.finish([outcome(row, OutcomeKind.SUCCEEDED, result="1")], now=T0 + 1)
+    assert await store.insert([new("b", idempotency_key="k")], now=T0 + 2) == ["a"]
+
+
+# -- claim -------------------------------------------------------------------------
+
+
+async def test_claim_takes_higher_priority_first_then_enqueue_order(store: Store) -> None:
+    await store.insert(
+        [new("low1"), new("high1", priority=5), new("low2"), new("high2", priority=5)], now=T0
+    )
+    first = await claim(store, limit=3)
+    assert [r.id for r in first] == ["high1", "high2", "low1"]
+    assert [r.id for r in await claim(store, limit=3)] == ["low2"]
+    assert await claim(store) == []
+
+
+async def test_claim_marks_jobs_running_and_raises_attempts(store: Store) -> None:
+    await store.insert([new("a")], now=T0)
+    (row,) = await claim(store, now=T0 + 1, worker="w9", lease=30)
+    assert (row.status, row.attempts, row.worker) == ("running", 1, "w9")
+    assert (row.started_at, row.lease_until) == (T0 + 1, T0 + 31)
+    stored = await store.get("a")
+    assert stored is not None
+    assert stored.status == "running"
+    assert stored.attempts == 1
+
+
+async def test_claim_takes_only_known_tasks_and_listed_queues(store: Store) -> None:
+    await store.insert(
+        [new("a", task="other"), new("b", queue="email"), new("c", queue="sms")], now=T0
+    )
+    assert [r.id for r in await claim(store, queues=["email"])] == ["b"]
+    assert [r.id for r in await claim(store, tasks=["t"])] == ["c"]
+    assert await claim(store, tasks=["t"]) == []
+    assert [r.id for r in await claim(store, tasks=["other"])] == ["a"]
+    assert await claim(store, tasks=[]) == []
+    assert await claim(store, limit=0) == []
+
+
+async def test_claim_waits_for_run_at(store: Store) -> None:
+    await store.insert([new("later", status="scheduled", run_at=T0 + 60)], now=T0)
+    assert await store.next_run_at() == T0 + 60
+    assert await claim(store, now=T0 + 59) == []
+    assert [r.id for r in await claim(store, now=T0 + 60)] == ["later"]
+    assert await store.next_run_at() is None
+
+
+async def test_max_attempts_follow_the_worker_unless_the_job_set_retries(store: Store) -> None:
+    await store.insert(
+        [new("plain", max_attempts=3), new("own", max_attempts=2, options='{"retries": 1}')],
+        now=T0,
+    )
+    rows = {r.id: r for r in await claim(store, max_attempts=8)}
+    assert rows["plain"].max_attempts == 8
+    assert rows["own"].max_attempts == 2
+
+
+async def test_group_runs_one_job_at_a_time_in_enqueue_order(store: Store) -> None:
+    await store.insert(
+        [new("g1", group_key="g"), new("g2", group_key="g", priority=9), new("x")], now=T0
+    )
+    assert {r.id for r in await claim(store)} == {"g1", "x"}
+    assert await claim(store) == []
+    g1 = await store.get("g1")
+    assert g1 is not None
+    await store.finish([outcome(g1, OutcomeKind.SUCCEEDED)], now=T0 + 1)
+    assert [r.id for r in await claim(store, now=T0 + 1)] == ["g2"]
+
+
+async def test_group_waits_on_an_earlier_job_scheduled_for_retry(store: Store) -> None:
+    await store.insert([new("g1", group_key="g"), new("g2", group_key="g")], now=T0)
+    (g1,) = await claim(store)
+    await store.finish([outcome(g1, OutcomeKind.RETRY, error="x", run_at=T0 + 10)], now=T0)
+    assert await claim(store, now=T0 + 1) == []
+    assert [r.id for r in await claim(store, now=T0 + 10)] == ["g1"]
+
+
+# -- finish ------------------------------------------------------------------------
+
+
+async def test_finish_succeeded_stores_the_result(store: Store) -> None:
+    await store.insert([new("a")], now=T0)
+    (row,) = await claim(store)
+    applied = await store.finish([outcome(row, OutcomeKind.SUCCEEDED, result="42")], now=T0 + 2)
+    assert applied == ["a"]
+    done = await store.get("a")
+    assert done is not None
+    assert (done.status, done.result, done.error, done.finished_at) == (
+        "succeeded",
+        "42",
+        None,
+        T0 + 2,
+    )
+    assert done.lease_until is None
+
+
+async def test_finish_retry_schedules_the_job_and_spends_the_attempt(store: Store) -> None:
+    await store.insert([new("a")], now=T0)
+    (row,) = await claim(store)
+    await store.finish(
+        [outcome(row, OutcomeKind.RETRY, error="boom", run_at=T0 + 30, max_attempts=5)], now=T0
+    )
+    again = await store.get("a")
+    assert again is not None
+    assert (again.status, again.attempts, again.error, again.run_at) == (
+        "scheduled",
+        1,
+        "boom",
+        T0 + 30,
+    )
+    assert (again.worker, again.lease_until, again.max_attempts) == (None, None, 5)
+    assert await store.next_run_at() == T0 + 30
+    (second,) = await claim(store, now=T0 + 30)
+    assert second.attempts == 2
+
+
+async def test_finish_dead_and_cancelled_end_the_job(store: Store) -> None:
+    await store.insert([new("a"), new("b")], now=T0)
+    a, b = await claim(store)
+    applied = await store.finish(
+        [
+            outcome(a, OutcomeKind.DEAD, error="Traceback"),
+            outcome(b, OutcomeKind.CANCELLED, error="cancelled"),
+        ],
+        now=T0 + 1,
+    )
+    assert applied == ["a", "b"]
+    dead = await store.get("a")
+    assert dead is not None
+    assert (dead.status, dead.error, dead.finished_at) == ("dead", "Traceback", T0 + 1)
+    assert await status(store, "b") == "cancelled"
+
+
+async def test_finish_release_refunds_the_attempt(store: Store) -> None:
+    await store.insert([new("a")], now=T0)
+    (row,) = await claim(store)
+    await store.finish([outcome(row, OutcomeKind.RELEASE)], now=T0 + 1)
+    released = await store.get("a")
+    assert released is not None
+    assert (released.status, released.attempts, released.worker) == ("queued", 0, None)
+    (again,) = await claim(store, now=T0 + 1)
+    assert again.attempts == 1
+
+
+async def test_finish_applies_only_for_the_owning_worker_and_attempt(store: Store) -> None:
+    await store.insert([new("a")], now=T0)
+    (row,) = await claim(store, worker="w1")
+    stale = [
+        Outcome(job_id="a", worker="w2", attempt=1, kind=OutcomeKind.SUCCEEDED),
+        Outcome(job_id="a", worker="w1", attempt=2, kind=OutcomeKind.SUCCEEDED),
+        Outcome(job_id="missing", worker="w1", attempt=1, kind=OutcomeKind.SUCCEEDED),
+    ]
+    assert await store.finish(stale, now=T0 + 1) == []
+    assert await status(store, "a") == "running"
+    assert await store.finish([outcome(row, OutcomeKind.SUCCEEDED)], now=T0 + 1) == ["a"]
+    # A second outcome for the same attempt is not applied again.
+    assert await store.finish([outcome(row, OutcomeKind.DEAD)], now=T0 + 2) == []
+    assert await status(store, "a") == "succeeded"
+    assert await store.finish([], now=T0) == []
+
+
+async def test_finish_ignores_a_job_whose_lease_was_recovered_and_claimed_again(
+    store: Store,
+) -> None:
+    await store.insert([new("a")], now=T0)
+    (first,) = await claim(store, worker="w1", lease=10)
+    await store.recover(now=T0 + 11)
+    (second,) = await claim(store, now=T0 + 11, worker="w2")
+    assert await store.finish([outcome(first, OutcomeKind.SUCCEEDED)], now=T0 + 12) == []
+    assert await store.finish([outcome(second, OutcomeKind.SUCCEEDED)], now=T0 + 12) == ["a"]
+
+
+# -- chains and batches ------------------------------------------------------------
+
+
+async def test_chain_success_releases_the_next_member(store: Store) -> None:
+    await store.insert(
+        [new("one", chain_next="two"), new("two", status="waiting", chain_next="three"),
+         new("three", status="waiting")],
+        now=T0,
+    )  # fmt: skip
+    (one,) = await claim(store)
+    assert await status(store, "two") == "waiting"
+    await store.finish([outcome(one, OutcomeKind.SUCCEEDED)], now=T0 + 5)
+    two_row = await store.get("two")
+    assert two_row is not None
+    assert two_row.status == "queued"
+    assert two_row.run_at == T0 + 5
+    assert await status(store, "three") == "waiting"
+    (two,) = await claim(store, now=T0 + 5)
+    assert two.id == "two"
+
+
+async def test_chain_stops_and_cancels_the_rest_when_a_member_dies(store: Store) -> None:
+    await store.insert(
+        [new("one", chain_next="two"), new("two", status="waiting", chain_next="three"),
+         new("three", status="waiting")],
+        now=T0,
+    )  # fmt: skip
+    (one,) = await claim(store)
+    await store.finish([outcome(one, OutcomeKind.DEAD, error="x")], now=T0 + 1)
+    assert [await status(store, j) for j in ("two", "three")] == ["cancelled", "cancelled"]
+    assert await claim(store, now=T0 + 1) == []
+
+
+async def test_chain_retry_keeps_the_rest_waiting(store: Store) -> None:
+    await store.insert([new("one", chain_next="two"), new("two", status="waiting")], now=T0)
+    (one,) = await claim(store)
+    await store.finish([outcome(one, OutcomeKind.RETRY, run_at=T0, error="x")], now=T0)
+    assert await status(store, "two") == "waiting"
+
+
+async def test_batch_callback_runs_once_every_member_finished(store: Store) -> None:
+    await store.insert(
+        [new("m1", batch_id="cb"), new("m2", batch_id="cb"), new("m3", batch_id="cb"),
+         new("cb", status="waiting", task="done")],
+        now=T0,
+    )  # fmt: skip
+    m1, m2, m3 = await claim(store)
+    await store.finish([outcome(m1, OutcomeKind.SUCCEEDED)], now=T0 + 1)
+    await store.finish([outcome(m2, OutcomeKind.RETRY, run_at=T0 + 1, error="x")], now=T0 + 1)
+    await store.finish([outcome(m3, OutcomeKind.DEAD, error="x")], now=T0 + 1)
+    assert await status(store, "cb") == "waiting"
+    (m2,) = await claim(store, now=T0 + 2)
+    await store.finish([outcome(m2, OutcomeKind.SUCCEEDED)], now=T0 + 3)
+    assert await status(store, "cb") == "queued"
+    assert [r.id for r in await claim(store, now=T0 + 3, tasks=["done"])] == ["cb"]
+
+
+async def test_batch_callback_is_released_when_members_are_cancelled(store: Store) -> None:
+    await store.insert(
+        [new("m1", batch_id="cb"), new("m2", batch_id="cb"), new("cb", status="waiting")],
+        now=T0,
+    )
+    assert sorted(await store.cancel(["m1", "m2"], now=T0)) == ["m1", "m2"]
+    assert await status(store, "cb") == "queued"
+
+
+# -- leases ------------------------------------------------------------------------
+
+
+async def test_heartbeat_extends_only_the_workers_own_running_jobs(store: Store) -> None:
+    await store.insert([new("a"), new("b"), new("c")], now=T0)
+    await claim(store, worker="w1", limit=2)
+    await claim(store, worker="w2", limit=1)
+    extended = await store.heartbeat(["a", "b", "c", "nope"], worker="w1", lease_until=T0 + 99)
+    assert extended == {"a", "b"}
+    a, c = await store.get("a"), await store.get("c")
+    assert a is not None
+    assert a.lease_until == T0 + 99
+    assert c is not None
+    assert c.lease_until == T0 + 30
+    assert await store.heartbeat([], worker="w1", lease_until=T0) == set()
+
+
+async def test_recover_requeues_jobs_whose_lease_expired(store: Store) -> None:
+    await store.insert([new("a"), new("b")], now=T0)
+    await claim(store, lease=10, limit=1)
+    await claim(store, now=T0 + 5, lease=10, limit=1)
+    assert await store.recover(now=T0 + 10) == []
+    (recovered,) = await store.recover(now=T0 + 12)
+    assert (recovered.id, recovered.task, recovered.attempts, recovered.dead) == (
+        "a",
+        "t",
+        1,
+        False,
+    )
+    a = await store.get("a")
+    assert a is not None
+    assert (a.status, a.worker, a.lease_until) == ("queued", None, None)
+    assert await status(store, "b") == "running"
+    (again,) = await claim(store, now=T0 + 12, worker="w2")
+    assert (again.id, again.attempts) == ("a", 2)
+
+
+async def test_recover_kills_a_job_on_its_last_attempt(store: Store) -> None:
+    await store.insert(
+        [new("a", max_attempts=1, chain_next="b"), new("b", status="waiting")], now=T0
+    )
+    await claim(store, lease=10, max_attempts=1)
+    (recovered,) = await store.recover(now=T0 + 11)
+    assert recovered.dead
+    a = await store.get("a")
+    assert a is not None
+    assert a.status == "dead"
+    assert a.finished_at == T0 + 11
+    assert a.error is not None
+    assert "lease expired" in a.error
+    assert await status(store, "b") == "cancelled"
+    assert await claim(store, now=T0 + 11, max_attempts=1) == []
+
+
+# -- queries and admin -------------------------------------------------------------
+
+
+async def test_list_is_newest_first_with_filters(store: Store) -> None:
+    await store.insert(
+        [new("a"), new("b", queue="q"), new("c", task="u"),
+         new("d", status="scheduled", run_at=T0 + 100)],
+        now=T0,
+    )  # fmt: skip
+    ids = [r.id for r in await store.list(now=T0)]
+    assert ids == ["d", "c", "b", "a"]
+    assert [r.id for r in await store.list(queue="q", now=T0)] == ["b"]
+    assert [r.id for r in await store.list(task="u", now=T0)] == ["c"]
+    assert [r.id for r in await store.list(status="scheduled", now=T0)] == ["d"]
+    assert [r.id for r in await store.list(status="queued", now=T0)] == ["c", "b", "a"]
+    assert [r.id for r in await store.list(status="queued", now=T0 + 100)] == ["d", "c", "b", "a"]
+    assert [r.id for r in await store.list(limit=2, now=T0)] == ["d", "c"]
+    c = await store.get("c")
+    assert c is not None
+    assert [r.id for r in await store.list(before_seq=c.seq, now=T0)] == ["b", "a"]
+    assert await store.list(status="dead", now=T0) == []
+
+
+async def test_counts_split_pending_jobs_by_run_at(store: Store) -> None:
+    await store.insert(
+        [new("a"), new("b"), new("c", status="scheduled", run_at=T0 + 10),
+         new("d", queue="q", task="u")],
+        now=T0,
+    )  # fmt: skip
+    await claim(store, limit=1)
+    assert await store.counts(now=T0) == {
+        ("default", "t", "running"): 1,
+        ("default", "t", "queued"): 1,
+        ("default", "t", "scheduled"): 1,
+        ("q", "u", "queued"): 1,
+    }
+    assert (await store.counts(now=T0 + 10))[("default", "t", "queued")] == 2
+
+
+async def test_retry_puts_a_dead_job_back_with_one_more_attempt(store: Store) -> None:
+    await store.insert([new("a", max_attempts=1), new("b")], now=T0)
+    a, b = await claim(store, max_attempts=1)
+    await store.finish([outcome(a, OutcomeKind.DEAD, error="x")], now=T0 + 1)
+    await store.finish([outcome(b, OutcomeKind.SUCCEEDED)], now=T0 + 1)
+    assert await store.retry("b", now=T0 + 2) is False
+    assert await store.retry("missing", now=T0 + 2) is False
+    assert await store.retry("a", now=T0 + 2) is True
+    row = await store.get("a")
+    assert row is not None
+    assert (row.status, row.run_at, row.finished_at, row.max_attempts) == (
+        "queued",
+        T0 + 2,
+        None,
+        2,
+    )
+    (again,) = await claim(store, now=T0 + 2, max_attempts=1, tasks=["t"])
+    assert (again.id, again.attempts) == ("a", 2)
+    assert await store.retry("a", now=T0 + 2) is False  # running
+
+
+async def test_retry_takes_back_a_cancelled_job(store: Store) -> None:
+    await store.insert([new("a")], now=T0)
+    assert await store.cancel(["a"], now=T0) == ["a"]
+    assert await store.retry("a", now=T0 + 1) is True
+    assert await status(store, "a") == "queued"
+
+
+async def test_cancel_stops_unfinished_jobs_and_the_rest_of_their_chain(store: Store) -> None:
+    await store.insert(
+        [new("one", chain_next="two"), new("two", status="waiting"), new("done"),
+         new("run")],
+        now=T0,
+    )  # fmt: skip
+    rows = {r.id: r for r in await claim(store, limit=3)}
+    await store.finish([outcome(rows["done"], OutcomeKind.SUCCEEDED)], now=T0)
+    cancelled = await store.cancel(["one", "done", "run", "missing"], now=T0 + 1)
+    assert sorted(cancelled) == ["one", "run", "two"]
+    one = await store.get("one")
+    assert one is not None
+    assert one.status == "cancelled"
+    assert one.finished_at == T0 + 1
+    assert await status(store, "done") == "succeeded"
+    # The worker that ran "run" finds it cancelled: its outcome is not applied.
+    assert await store.finish([outcome(rows["run"], OutcomeKind.SUCCEEDED)], now=T0 + 2) == []
+    assert await status(store, "run") == "cancelled"
+
+
+async def test_purge_deletes_finished_jobs_by_status_or_age(store: Store) -> None:
+    await store.insert([new("a"), new("b"), new("c"), new("d")], now=T0)
+    a, b, c = await claim(store, limit=3)
+    await store.finish([outcome(a, OutcomeKind.SUCCEEDED)], now=T0 + 1)
+    await store.finish([outcome(b, OutcomeKind.DEAD, error="x")], now=T0 + 5)
+    with pytest.raises(ValueError, match="status or older_than"):
+        await store.purge(now=T0 + 10)
+    assert await store.purge(status="running", now=T0 + 10) == 0
+    assert await store.purge(older_than=T0 + 3, now=T0 + 10) == 1
+    assert await store.get("a") is None
+    assert await store.purge(status="dead", now=T0 + 10) == 1
+    assert [r.id for r in await store.list(now=T0)] == ["d", "c"]
+    assert await status(store, c.id) == "running"
+
+
+async def test_set_progress_on_a_running_job(store: Store) -> None:
+    await store.insert([new("a"), new("b")], now=T0)
+    await claim(store, limit=1)
+    await store.set_progress("a", 0.5, "half")
+    await store.set_progress("b", 0.5, "not running")
+    a, b = await store.get("a"), await store.get("b")
+    assert a is not None
+    assert (a.progress, a.progress_message) == (0.5, "half")
+    assert b is not None
+    assert b.progress is None
+
+
+# -- lifecycle and other connections -----------------------------------------------
+
+
+async def test_open_and_close_are_idempotent(backend_url: str) -> None:
+    store = open_store(backend_url)
+    await store.open()
+    await store.open()
+    await store.insert([new("a")], now=T0)
+    await store.close()
+    await store.close()
+    reopened = open_store(backend_url)
+    try:
+        assert await status(reopened, "a") == "queued"  # opens on first use
+    finally:
+        await reopened.close()
+
+
+async def test_changed_reports_another_connections_write(store: Store, backend_url: str) -> None:
+    other = open_store(backend_url)
+    try:
+        await other.open()
+        await store.changed()
+        assert await store.changed() is False
+        await other.insert([new("a")], now=T0)
+        # Wake-ups may arrive asynchronously (NOTIFY): wait a little in real time.
+        deadline = time.monotonic() + 5  # noqa: TID251 - real delivery delay
+        while not await store.changed():
+            assert time.monotonic() < deadline, "changed() never saw the insert"  # noqa: TID251
+            await anyio.sleep(0.01)  # noqa: TID251 - waiting for a real notification
+        assert await store.changed() is False
+    finally:
+        await other.close()
+
+
+async def test_two_stores_claim_disjoint_jobs(store: Store, backend_url: str) -> None:
+    other = open_store(backend_url)
+    try:
+        await store.insert([new(f"j{i}") for i in range(40)], now=T0)
+        results: list[list[JobRow]] = []
+
+        async def grab(s: Store, worker: str) -> None:
+            for _ in range(10):
+                results.append(list(await s.claim(request(worker=worker, limit=3), now=T0)))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(grab, store, "w1")
+            tg.start_soon(grab, other, "w2")
+        ids = [r.id for rows in results for r in rows]
+        assert len(ids) == len(set(ids)) == 40
+    finally:
+        await other.close()
+
+
+async def test_driver_errors_become_store_errors(store: Store) -> None:
+    await store.insert([new("a")], now=T0)
+    with pytest.raises(StoreError):
+        # The same id twice in one batch breaks the primary key on every backend.
+        await store.insert([new("b"), new("b", idempotency_key="other")], now=T0)
+    assert await store.get("b") is None  # the whole insert rolled back
+
+
+async def test_released_jobs_receive_the_result_or_the_batch_counts(store: Store) -> None:
+    await store.insert(
+        [new("one", chain_next="two"),
+         new("two", status="waiting", payload='{"args": [1], "kwargs": {}}',
+             options='{"pass_result": true}'),
+         new("m1", batch_id="cb"), new("m2", batch_id="cb"),
+         new("cb", status="waiting", options='{"batch_counts": true}')],
+        now=T0,
+    )  # fmt: skip
+    rows = {r.id: r for r in await claim(store)}
+    await store.finish(
+        [
+            outcome(rows["one"], OutcomeKind.SUCCEEDED, result='{"size": 3}'),
+            outcome(rows["m1"], OutcomeKind.SUCCEEDED),
+            outcome(rows["m2"], OutcomeKind.DEAD, error="x"),
+        ],
+        now=T0 + 1,
+    )
+    two, cb = await store.get("two"), await store.get("cb")
+    assert two is not None
+    assert json.loads(two.payload) == {"args": [{"size": 3}, 1], "kwargs": {}}
+    assert cb is not None
+    assert cb.status == "queued"
+    assert json.loads(cb.payload)["kwargs"]["batch"] == {
+        "id": "cb", "total": 2, "succeeded": 1, "dead": 1, "cancelled": 0,
+    }  # fmt: skip
+    assert await store.batch_counts("cb") == {"succeeded": 1, "dead": 1}
+
+
+async def test_operations_snapshot_prune_meta_retry_dead_delete(store: Store) -> None:
+    await store.insert(
+        [new("a"), new("b"), new("c", status="scheduled", run_at=T0 + 50), new("d")], now=T0
+    )
+    rows = {r.id: r for r in await claim(store, limit=2)}
+    await store.finish([outcome(rows["a"], OutcomeKind.SUCCEEDED)], now=T0 + 10)
+    await store.finish([outcome(rows["b"], OutcomeKind.DEAD, error="x")], now=T0 + 20)
+    beat = WorkerBeat(
+        id="w1", host="h", pid=1, started_at=T0, running=0, concurrency=4, queues=("default",)
+    )
+    await store.record_worker(beat, now=T0 + 20)
+    snap = await store.snapshot(now=T0 + 30, windows=[15.0, 60.0], sample=10, workers_since=T0)
+    assert snap.counts == {
+        ("default", "t", "succeeded"): 1,
+        ("default", "t", "dead"): 1,
+        ("default", "t", "scheduled"): 1,
+        ("default", "t", "queued"): 1,
+    }
+    assert snap.oldest_due == {("default", "t"): T0}
+    assert snap.finished[("default", "t", "succeeded")] == [0, 1]
+    assert snap.finished[("default", "t", "dead")] == [1, 1]
+    assert [s.status for s in snap.samples] == ["dead", "succeeded"]
+    assert [(w.id, w.queues, w.last_seen_at) for w in snap.workers] == [
+        ("w1", ("default",), T0 + 20)
+    ]
+    assert await store.meta("k", "first") == "first"
+    assert await store.meta("k", "second") == "first"
+    assert await store.retry_dead(queue=None, task="t", now=T0 + 31) == 1
+    assert await status(store, "b") == "queued"
+    assert (
+        await store.prune(
+            finished_before=T0 + 40, dead_before=T0 + 40, workers_before=T0 + 21, limit=10
+        )
+        == 1
+    )
+    assert await store.get("a") is None
+    assert (await store.snapshot(now=T0, windows=[], sample=1, workers_since=0)).workers == []
+    assert await store.delete(["b", "d", "missing"]) == 2
+    assert [r.id for r in await store.list(now=T0)] == ["c"]

@@ -1,0 +1,122 @@
+"""Store contract for workflows: result passing, batch counts (``store[sqlite|postgres]``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from asyncjobs.stores import ClaimRequest, JobRow, NewJob, Outcome, OutcomeKind, Store, TaskLimits
+from asyncjobs.stores._dependents import prepend_result, wants, with_batch
+
+T0 = 1_000_000.0
+EMPTY = '{"args":[],"kwargs":{}}'
+
+
+def new(job_id: str, **fields: Any) -> NewJob:
+    values: dict[str, Any] = {
+        "task": "t",
+        "queue": "default",
+        "payload": EMPTY,
+        "status": "queued",
+        "priority": 0,
+        "run_at": T0,
+        "max_attempts": 1,
+    }
+    values.update(fields)
+    return NewJob(id=job_id, **values)
+
+
+async def claim(store: Store, now: float = T0) -> list[JobRow]:
+    request = ClaimRequest(
+        worker="w", tasks={"t": TaskLimits(max_attempts=1)}, queues=None, limit=100, lease=30
+    )
+    return list(await store.claim(request, now=now))
+
+
+def done(row: JobRow, kind: OutcomeKind, result: str | None = None) -> Outcome:
+    return Outcome(job_id=row.id, worker="w", attempt=row.attempts, kind=kind, result=result)
+
+
+async def payload(store: Store, job_id: str) -> Any:
+    row = await store.get(job_id)
+    assert row is not None
+    return json.loads(row.payload)
+
+
+async def test_a_marked_chain_member_gets_the_result_as_its_first_argument(store: Store) -> None:
+    await store.insert(
+        [
+            new("a", chain_next="b"),
+            new("b", status="waiting", chain_next="c", options='{"pass_result": true}',
+                payload='{"args":[2],"kwargs":{"k":1}}'),
+            new("c", status="waiting"),
+        ],
+        now=T0,
+    )  # fmt: skip
+    (a,) = await claim(store)
+    await store.finish([done(a, OutcomeKind.SUCCEEDED, '{"x":[1,"y"]}')], now=T0 + 1)
+    assert await payload(store, "b") == {"args": [{"x": [1, "y"]}, 2], "kwargs": {"k": 1}}
+    (b,) = await claim(store, T0 + 1)
+    await store.finish([done(b, OutcomeKind.SUCCEEDED, "5")], now=T0 + 2)
+    assert await payload(store, "c") == {"args": [], "kwargs": {}}, "c did not ask for it"
+
+
+async def test_a_failed_member_passes_nothing(store: Store) -> None:
+    await store.insert(
+        [new("a", chain_next="b"), new("b", status="waiting", options='{"pass_result": true}')],
+        now=T0,
+    )
+    (a,) = await claim(store)
+    await store.finish([done(a, OutcomeKind.DEAD)], now=T0 + 1)
+    row = await store.get("b")
+    assert row is not None
+    assert (row.status, json.loads(row.payload)) == ("cancelled", {"args": [], "kwargs": {}})
+
+
+async def test_the_batch_callback_gets_the_counts_and_batch_counts_reports_them(
+    store: Store,
+) -> None:
+    await store.insert(
+        [
+            new("m1", batch_id="cb"),
+            new("m2", batch_id="cb"),
+            new("m3", batch_id="cb"),
+            new("cb", task="other", status="waiting", options='{"batch_counts": true}'),
+        ],
+        now=T0,
+    )
+    assert await store.batch_counts("cb") == {"queued": 3}
+    m1, m2, _ = await claim(store)
+    await store.cancel(["m3"], now=T0)
+    await store.finish([done(m1, OutcomeKind.SUCCEEDED, "1")], now=T0 + 1)
+    assert (await payload(store, "cb"))["kwargs"] == {}, "not before the last member"
+    await store.finish([done(m2, OutcomeKind.DEAD)], now=T0 + 2)
+    assert await store.batch_counts("cb") == {"succeeded": 1, "dead": 1, "cancelled": 1}
+    row = await store.get("cb")
+    assert row is not None
+    assert row.status == "queued"
+    assert json.loads(row.payload)["kwargs"] == {
+        "batch": {"id": "cb", "total": 3, "succeeded": 1, "dead": 1, "cancelled": 1}
+    }
+    assert await store.batch_counts("missing") == {}
+
+
+def test_payload_helpers() -> None:
+    assert wants('{"pass_result": true}', "pass_result")
+    assert not wants('{"pass_result": 1}', "pass_result")
+    assert not wants(None, "pass_result")
+    assert not wants("not json", "pass_result")
+    assert not wants("[true]", "pass_result")
+    assert json.loads(prepend_result('{"args":[1],"kwargs":{}}', "null")) == {
+        "args": [None, 1],
+        "kwargs": {},
+    }
+    counts = {"succeeded": 2, "running": 1}
+    assert json.loads(with_batch('{"args":[],"kwargs":{"batch":null}}', "b", counts)) == {
+        "args": [],
+        "kwargs": {"batch": {"id": "b", "total": 3, "succeeded": 2, "dead": 0, "cancelled": 0}},
+    }
+    with pytest.raises(ValueError, match="not a JSON object"):
+        prepend_result("[]", "1")

@@ -1,0 +1,100 @@
+"""Operations methods of the Store protocol on every store: stuck jobs, pruning limits,
+worker upserts, filtered retry of dead jobs, delete never touching running jobs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from asyncjobs.stores import ClaimRequest, NewJob, Outcome, OutcomeKind, Store, TaskLimits
+from asyncjobs.stores._protocol import WorkerBeat
+
+T0 = 2_000_000.0
+
+
+def new(job_id: str, **fields: Any) -> NewJob:
+    values: dict[str, Any] = {
+        "task": "t", "queue": "default", "payload": '{"args": [], "kwargs": {}}',
+        "status": "queued", "priority": 0, "run_at": T0, "max_attempts": 1,
+    }  # fmt: skip
+    values.update(fields)
+    return NewJob(id=job_id, **values)
+
+
+async def claim_all(
+    store: Store, *, now: float, lease: float = 30.0, worker: str = "w"
+) -> list[str]:
+    request = ClaimRequest(
+        worker=worker, tasks={"t": TaskLimits(max_attempts=1)}, queues=None, limit=100, lease=lease
+    )
+    return [row.id for row in await store.claim(request, now=now)]
+
+
+async def finish(store: Store, job_id: str, kind: OutcomeKind, *, now: float) -> None:
+    done = await store.finish(
+        [Outcome(job_id=job_id, worker="w", attempt=1, kind=kind, error="e")], now=now
+    )
+    assert done == [job_id]
+
+
+async def test_running_jobs_with_an_expired_lease_are_stuck(store: Store) -> None:
+    await store.insert([new("s", queue="q"), new("ok", queue="q")], now=T0)
+    await claim_all(store, now=T0, lease=10)
+    await store.heartbeat(["ok"], worker="w", lease_until=T0 + 100)
+    snap = await store.snapshot(now=T0 + 11, windows=[60], sample=10, workers_since=T0)
+    assert [(s.id, s.queue, s.task, s.worker, s.attempts) for s in snap.stuck] == [
+        ("s", "q", "t", "w", 1)
+    ]
+    assert snap.stuck[0].lease_until == T0 + 10
+    assert snap.counts[("q", "t", "running")] == 2
+
+
+async def test_prune_respects_the_limit_and_keeps_dead_jobs_longer(store: Store) -> None:
+    ids = [f"j{n}" for n in range(5)]
+    await store.insert([new(i) for i in ids], now=T0)
+    await claim_all(store, now=T0)
+    for i in ids[:3]:
+        await finish(store, i, OutcomeKind.SUCCEEDED, now=T0 + 1)
+    await finish(store, "j3", OutcomeKind.DEAD, now=T0 + 1)
+    await finish(store, "j4", OutcomeKind.CANCELLED, now=T0 + 1)
+    kwargs = {"finished_before": T0 + 5, "dead_before": T0, "workers_before": 0.0}
+    assert await store.prune(limit=2, **kwargs) == 2
+    assert await store.prune(limit=2, **kwargs) == 2
+    assert await store.prune(limit=2, **kwargs) == 0
+    assert [r.id for r in await store.list(now=T0 + 5)] == ["j3"]  # dead: kept longer
+    kwargs["dead_before"] = T0 + 5
+    assert await store.prune(limit=2, **kwargs) == 1
+
+
+async def test_record_worker_upserts_and_marks_a_clean_stop(store: Store) -> None:
+    beat = WorkerBeat(id="w1", host="h", pid=7, started_at=T0, running=3, concurrency=8,
+                      queues=None)  # fmt: skip
+    await store.record_worker(beat, now=T0 + 1)
+    await store.record_worker(
+        WorkerBeat(id="w1", host="h", pid=7, started_at=T0, running=0, concurrency=8,
+                   queues=None, stopped=True),
+        now=T0 + 9,
+    )  # fmt: skip
+    (worker,) = (await store.snapshot(now=T0 + 10, windows=[], sample=0, workers_since=T0)).workers
+    assert (worker.pid, worker.running, worker.last_seen_at, worker.stopped_at) == (
+        7, 0, T0 + 9, T0 + 9,
+    )  # fmt: skip
+    assert worker.queues is None
+    assert await store.prune(finished_before=0, dead_before=0, workers_before=T0 + 10, limit=1) == 0
+    assert (await store.snapshot(now=T0, windows=[], sample=0, workers_since=0)).workers == []
+
+
+async def test_retry_dead_filters_and_delete_spares_running_jobs(store: Store) -> None:
+    await store.insert([new("a", queue="q1"), new("b", queue="q2"), new("r")], now=T0)
+    await claim_all(store, now=T0)
+    await finish(store, "a", OutcomeKind.DEAD, now=T0 + 1)
+    await finish(store, "b", OutcomeKind.DEAD, now=T0 + 1)
+    assert await store.retry_dead(queue="q1", task=None, now=T0 + 2) == 1
+    assert await store.retry_dead(queue=None, task="other", now=T0 + 2) == 0
+    a, b = await store.get("a"), await store.get("b")
+    assert a is not None
+    assert b is not None
+    assert (a.status, b.status) == ("queued", "dead")
+    assert a.max_attempts == 2  # one more attempt
+    assert await store.delete(["r"]) == 0  # running
+    assert await store.get("r") is not None
+    assert await store.delete([]) == 0

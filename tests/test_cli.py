@@ -1,0 +1,177 @@
+"""The ``asyncjobs`` command through its real entry points, in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from asyncjobs import Jobs, JobStatus
+
+APP = """
+import os
+from asyncjobs import Jobs
+
+jobs = Jobs(os.environ["CLI_TEST_DB_URL"], poll_interval=0.05)
+
+@jobs.task(name="greet")
+async def greet(name: str) -> str:
+    return "hi " + name
+
+@jobs.task(name="boom", retries=0, queue="risky")
+async def boom() -> None:
+    raise RuntimeError("kaboom")
+"""
+
+ENTRY_POINT = Path(sys.executable).with_name("asyncjobs")
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "cli_test_app.py").write_text(APP)
+    return {
+        **os.environ,
+        "PYTHONPATH": str(tmp_path),
+        "CLI_TEST_DB_URL": "sqlite:///" + str(tmp_path / "cli.db"),
+        "ASYNCJOBS_APP": "cli_test_app:jobs",
+    }
+
+
+@pytest.fixture
+async def app_jobs(env: dict[str, str]) -> AsyncIterator[Jobs]:
+    """The same store as the app module, seen from the test: 1 succeeded, 1 dead, 1 queued."""
+    jobs = Jobs(env["CLI_TEST_DB_URL"])
+
+    @jobs.task(name="greet")
+    async def greet(name: str) -> str:
+        return "hi " + name
+
+    @jobs.task(name="boom", retries=0, queue="risky")
+    async def boom() -> None:
+        raise RuntimeError("kaboom")
+
+    await jobs.enqueue(greet, "ada")
+    await jobs.enqueue(boom)
+    await jobs.drain()
+    await jobs.enqueue(greet, "later")
+    yield jobs
+    await jobs.close()
+
+
+def cli(env: dict[str, str], *args: str, module: bool = False) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "asyncjobs"] if module else [str(ENTRY_POINT)]
+    return subprocess.run(
+        [*command, *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+async def test_list_json_prints_job_objects(env: dict[str, str], app_jobs: Jobs) -> None:
+    listed: list[dict[str, Any]] = json.loads(ok(cli(env, "list", "--json")))
+    assert [(j["task"], j["status"]) for j in listed] == [
+        ("greet", "queued"),
+        ("boom", "dead"),
+        ("greet", "succeeded"),
+    ]  # fmt: skip  (newest first)
+    assert {"id", "task", "status", "queue", "attempts", "args", "error"} <= set(listed[0])
+    assert listed[0]["args"] == ["later"]
+    dead = json.loads(ok(cli(env, "list", "--status", "dead", "--queue", "risky", "--json")))
+    assert [j["task"] for j in dead] == ["boom"]
+    assert len(json.loads(ok(cli(env, "list", "--limit", "1", "--json")))) == 1
+
+
+async def test_list_prints_a_table_for_people(env: dict[str, str], app_jobs: Jobs) -> None:
+    lines = ok(cli(env, "list", "--task", "greet")).splitlines()
+    assert lines[0].split() == [
+        "id", "task", "queue", "status", "attempts", "enqueued", "at", "finished", "at",
+    ]  # fmt: skip
+    assert set(lines[1]) <= {"-", " "}
+    assert len(lines) == 4
+    assert "succeeded" in lines[3]
+
+
+async def test_stats_json_and_table(env: dict[str, str], app_jobs: Jobs) -> None:
+    stats = json.loads(ok(cli(env, "stats", "--json")))
+    assert stats["totals"]["counts"]["dead"] == 1
+    assert [q["queue"] for q in stats["queues"]] == ["default", "risky"]
+    table = ok(cli(env, "stats", module=True))  # python -m asyncjobs works the same
+    header, _, *rows = table.splitlines()
+    assert header.split()[:4] == ["queue", "task", "waiting", "scheduled"]
+    assert rows[0].split()[:2] == ["default", "greet"]
+
+
+async def test_show_retry_cancel(env: dict[str, str], app_jobs: Jobs) -> None:
+    (dead,) = await app_jobs.list(status="dead")
+    shown = ok(cli(env, "show", dead.id))
+    assert "RuntimeError: kaboom" in shown
+    assert json.loads(ok(cli(env, "show", dead.id, "--json")))["status"] == "dead"
+    assert "queued again" in ok(cli(env, "retry", dead.id))
+    assert (await app_jobs.get(dead.id)).status == JobStatus.QUEUED  # type: ignore[union-attr]
+    again = cli(env, "retry", dead.id)
+    assert again.returncode == 1
+    assert "not dead or cancelled" in again.stderr
+    assert "cancelled" in ok(cli(env, "cancel", dead.id))
+    assert cli(env, "cancel", dead.id).returncode == 1
+    missing = cli(env, "show", "0" * 32)
+    assert missing.returncode == 1
+    assert "no job" in missing.stderr
+
+
+async def test_retry_all_dead_and_purge(env: dict[str, str], app_jobs: Jobs) -> None:
+    assert json.loads(ok(cli(env, "retry", "--all-dead", "--json"))) == {"retried": 1}
+    assert await app_jobs.list(status="dead") == []
+    assert cli(env, "retry").returncode == 2  # neither an id nor --all-dead
+    assert json.loads(ok(cli(env, "purge", "--status", "succeeded", "--json"))) == {"purged": 1}
+    assert "purged 0 job(s)" in ok(cli(env, "purge", "--older-than", "7d"))
+    bad = cli(env, "purge", "--older-than", "soon")
+    assert bad.returncode == 2
+    assert "not a duration" in bad.stderr
+    assert cli(env, "purge").returncode == 2
+
+
+def test_app_errors_are_clear(env: dict[str, str]) -> None:
+    no_app = {k: v for k, v in env.items() if k != "ASYNCJOBS_APP"}
+    result = cli(no_app, "stats")
+    assert result.returncode == 2
+    assert "--app" in result.stderr
+    result = cli(env, "--app", "cli_test_app:nothing", "stats")
+    assert result.returncode == 2
+    assert "no attribute 'nothing'" in result.stderr
+    result = cli(env, "--app", "cli_test_app:os", "stats")
+    assert "not an asyncjobs.Jobs" in result.stderr
+
+
+async def test_worker_runs_jobs_until_sigterm(env: dict[str, str], app_jobs: Jobs) -> None:
+    """``asyncjobs worker APP`` runs queued jobs, and drains and exits 0 on SIGTERM."""
+    (queued,) = await app_jobs.list(status="queued")
+    worker_env = {k: v for k, v in env.items() if k != "ASYNCJOBS_APP"}
+    async with await anyio.open_process(
+        [str(ENTRY_POINT), "worker", "cli_test_app:jobs"], env=worker_env
+    ) as process:
+        with anyio.fail_after(30):
+            # Real time: the job runs in another process (app_jobs has the system clock).
+            while (info := await app_jobs.get(queued.id)) and info.status != "succeeded":
+                assert process.returncode is None
+                await app_jobs.clock.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            await process.wait()
+            assert process.stderr is not None
+            stderr = b""
+            async for chunk in process.stderr:
+                stderr += chunk
+    assert process.returncode == 0, stderr.decode()
+    assert b"received SIGTERM" in stderr
+    assert info is not None
+    assert info.result == "hi later"

@@ -1,0 +1,369 @@
+"""A job's life: statuses, attempts counted at claim, leases and heartbeats, recovery of
+expired leases, and graceful stop that gives unfinished jobs back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import anyio
+import pytest
+
+from asyncjobs import JobFailed, Jobs, JobStatus, current_job
+from asyncjobs.stores import ClaimRequest, TaskLimits
+from asyncjobs.testing import FakeClock, drain
+
+MakeJobs = Callable[..., Jobs]
+
+
+async def until(check: Callable[[], object], clock: FakeClock | None = None) -> None:
+    """Yield to the loop (optionally moving fake time 1 s per turn) until ``check()``."""
+    with anyio.fail_after(5):
+        while not check():
+            if clock is not None:
+                clock.advance(1)
+            for _ in range(10):
+                await anyio.lowlevel.checkpoint()
+
+
+async def claim_as_dead_worker(jobs: Jobs, task: str, *, lease: float, max_attempts: int) -> None:
+    """Claim one job as a worker that then vanishes (its process was killed)."""
+    rows = await jobs.store.claim(
+        ClaimRequest(
+            worker="ghost:1:dead",
+            tasks={task: TaskLimits(max_attempts=max_attempts)},
+            queues=None,
+            limit=1,
+            lease=lease,
+        ),
+        now=jobs.clock.now(),
+    )
+    assert len(rows) == 1
+
+
+# -- statuses ------------------------------------------------------------------------
+
+
+async def test_a_job_goes_scheduled_queued_running_succeeded(jobs: Jobs, clock: FakeClock) -> None:
+    seen: list[tuple[str, int]] = []
+
+    @jobs.task
+    async def work(x: int) -> int:
+        info = await jobs.get(current_job().id)
+        assert info is not None
+        seen.append((info.status, info.attempts))
+        return x * 2
+
+    job = await work.options(delay=10).enqueue(21)
+    info = await job.info()
+    assert (info.status, info.attempts, info.started_at, info.finished_at) == (
+        "scheduled", 0, None, None,
+    )  # fmt: skip
+    clock.advance(10)
+    assert (await job.info()).status == JobStatus.QUEUED
+    await drain(jobs)
+    assert seen == [("running", 1)]  # attempts are counted at claim
+    info = await job.info()
+    assert (info.status, info.result, info.error, info.attempts) == ("succeeded", 42, None, 1)
+    assert info.started_at is not None
+    assert info.finished_at is not None
+    assert info.enqueued_at <= info.started_at <= info.finished_at
+    assert await job.result(timeout=1) == 42
+
+
+async def test_result_raises_job_failed_for_a_dead_job(jobs: Jobs) -> None:
+    @jobs.task(retries=0)
+    async def bad() -> None:
+        raise ValueError("no such user")
+
+    job = await bad.enqueue()
+    await drain(jobs)
+    with pytest.raises(JobFailed, match="ended dead: ValueError: no such user") as caught:
+        await job.result(timeout=1)
+    assert (caught.value.job_id, caught.value.status) == (job.id, "dead")
+
+
+async def test_list_filters_by_status_and_returns_newest_first(
+    jobs: Jobs, clock: FakeClock
+) -> None:
+    @jobs.task
+    async def t(i: int) -> None:
+        if i == 1:
+            raise RuntimeError("x")
+
+    made = [await t.enqueue(i) for i in range(3)]
+    later = await t.options(delay=60).enqueue(9)
+    await drain(jobs)
+    assert [i.id for i in await jobs.list()] == [later.id, *(j.id for j in reversed(made))]
+    assert [i.id for i in await jobs.list(status="scheduled")] == [later.id, made[1].id]
+    assert [i.id for i in await jobs.list(status="succeeded")] == [made[2].id, made[0].id]
+    assert await jobs.list(status="queued") == []
+    assert len(await jobs.list(limit=2)) == 2
+
+
+async def test_purge_deletes_by_status(jobs: Jobs) -> None:
+    @jobs.task(retries=0)
+    async def t(fail: bool) -> None:
+        if fail:
+            raise RuntimeError("x")
+
+    await t.enqueue(True)
+    ok = await t.enqueue(False)
+    await drain(jobs)
+    assert await jobs.purge(status="dead") == 1
+    assert [i.id for i in await jobs.list()] == [ok.id]
+    with pytest.raises(ValueError, match="needs a status"):
+        await jobs.purge()
+
+
+# -- leases --------------------------------------------------------------------------
+
+
+async def test_heartbeat_extends_the_lease(make_jobs: MakeJobs, clock: FakeClock) -> None:
+    jobs = make_jobs(visibility_timeout=30)
+    started, release = anyio.Event(), anyio.Event()
+
+    @jobs.task
+    async def slow() -> None:
+        started.set()
+        await release.wait()
+
+    job = await slow.enqueue()
+
+    async def beat() -> None:
+        row = await jobs.store.get(job.id)
+        assert row is not None
+        assert row.lease_until == pytest.approx(clock.now() + 30)
+        clock.advance(20)
+        await jobs.runner.heartbeat_once()
+        row = await jobs.store.get(job.id)
+        assert row is not None
+        assert row.lease_until == pytest.approx(clock.now() + 30)
+        release.set()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain, jobs)
+            await started.wait()
+            await beat()
+    info = await job.info()
+    assert (info.status, info.attempts) == ("succeeded", 1)
+
+
+async def test_a_long_job_keeps_its_lease_over_many_visibility_timeouts(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """With workers started, the heartbeat loop renews the lease; recovery never takes it."""
+    jobs = make_jobs(visibility_timeout=30)
+    started, release = anyio.Event(), anyio.Event()
+    runs: list[int] = []
+
+    @jobs.task
+    async def slow() -> str:
+        runs.append(1)
+        started.set()
+        await release.wait()
+        return "done"
+
+    async with jobs:
+        job = await slow.enqueue()
+        with anyio.fail_after(5):
+            await started.wait()
+        first = await jobs.store.get(job.id)
+        assert first is not None
+        assert first.lease_until is not None
+        row = first
+        for _ in range(200):  # 200 s of fake time, over six visibility timeouts
+            clock.advance(1)
+            for _ in range(20):
+                await anyio.lowlevel.checkpoint()
+            got = await jobs.store.get(job.id)
+            assert got is not None
+            row = got
+            assert (row.status, row.attempts, row.worker) == ("running", 1, jobs.runner.worker_id)
+        assert row.lease_until is not None
+        assert row.lease_until > first.lease_until + 150
+        release.set()
+        assert await job.result(timeout=5) == "done"
+    assert runs == [1]
+
+
+async def test_an_expired_lease_is_recovered_when_workers_start(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    jobs = make_jobs()
+
+    @jobs.task(name="t")
+    async def t() -> str:
+        return f"attempt {current_job().attempt}"
+
+    job = await t.enqueue()
+    await claim_as_dead_worker(jobs, "t", lease=30, max_attempts=4)
+    clock.advance(29)
+    await drain(jobs)  # lease still valid: nobody else may run it
+    assert (await job.info()).status == "running"
+    clock.advance(2)
+    async with jobs:
+        assert await job.result(timeout=5) == "attempt 2"
+    info = await job.info()
+    assert (info.status, info.attempts) == ("succeeded", 2)
+
+
+async def test_an_expired_lease_is_recovered_while_workers_run(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    jobs = make_jobs(visibility_timeout=30, poll_interval=3600)
+    done: list[int] = []
+
+    @jobs.task(name="t")
+    async def t() -> None:
+        done.append(current_job().attempt)
+
+    async with jobs:
+        job = await t.enqueue()
+        await until(lambda: done)  # the first job runs normally
+        done.clear()
+        other = await jobs.store.insert(
+            [jobs._new_job(t.spec(), clock.now())], now=clock.now()
+        )  # written behind the runner's back, then taken by a worker that dies
+        await claim_as_dead_worker(jobs, "t", lease=30, max_attempts=4)
+        clock.advance(31)  # past the lease and the maintenance interval; then time stops
+        await until(lambda: done)  # recovered, and run at once (not at the next poll)
+        assert done == [2]
+        info = await jobs.get(other[0])
+        assert info is not None
+        assert (info.status, info.attempts) == ("succeeded", 2)
+    assert (await job.info()).status == "succeeded"
+
+
+async def test_a_lease_that_expires_on_the_last_attempt_makes_the_job_dead(
+    jobs: Jobs, clock: FakeClock
+) -> None:
+    runs: list[int] = []
+
+    @jobs.task(name="t", retries=2)
+    async def t() -> None:
+        runs.append(1)
+
+    job = await t.enqueue()
+    for _ in range(3):  # three attempts, each lost with its worker
+        await claim_as_dead_worker(jobs, "t", lease=10, max_attempts=3)
+        clock.advance(11)
+        await jobs.runner.recover()
+    info = await job.info()
+    assert (info.status, info.attempts, runs) == ("dead", 3, [])
+    assert "lease expired" in (info.error or "")
+    assert info.finished_at is not None
+    await drain(jobs)
+    assert runs == []  # not run again
+
+
+async def test_an_outcome_from_a_worker_that_lost_its_lease_is_ignored(
+    jobs: Jobs, clock: FakeClock
+) -> None:
+    """At least once: the late worker's ack must not overwrite the new attempt's state."""
+    started, release = anyio.Event(), anyio.Event()
+
+    @jobs.task(name="t")
+    async def t() -> str:
+        started.set()
+        await release.wait()
+        return "late"
+
+    job = await t.enqueue()
+
+    async def lose_the_lease() -> None:
+        clock.advance(61)
+        await jobs.runner.recover()  # another process's maintenance loop would do this
+        await claim_as_dead_worker(jobs, "t", lease=60, max_attempts=4)
+        release.set()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain, jobs)
+            await started.wait()
+            await lose_the_lease()
+    row = await jobs.store.get(job.id)
+    assert row is not None
+    assert (row.status, row.attempts, row.worker) == ("running", 2, "ghost:1:dead")
+
+
+# -- graceful stop -------------------------------------------------------------------
+
+
+async def test_stop_waits_for_running_jobs_and_stops_claiming(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    jobs = make_jobs(shutdown_timeout=10)
+    started, release = anyio.Event(), anyio.Event()
+    ran: list[int] = []
+
+    @jobs.task(name="t")
+    async def t(i: int) -> None:
+        if i == 0:
+            started.set()
+            await release.wait()
+        ran.append(i)
+
+    await jobs.start()
+    first = await t.enqueue(0)
+    with anyio.fail_after(5):
+        await started.wait()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(jobs.stop)
+            await until(lambda: jobs._stop_requested.is_set())
+            second = await t.enqueue(1)  # arrives during shutdown: not claimed
+            for _ in range(50):
+                await anyio.lowlevel.checkpoint()
+            release.set()
+    assert ran == [0]
+    assert (await first.info()).status == "succeeded"
+    info = await second.info()
+    assert (info.status, info.attempts) == ("queued", 0)
+    await jobs.close()
+
+
+@pytest.mark.parametrize("earlier_attempts", [0, 1])
+async def test_stop_cancels_jobs_after_the_shutdown_timeout_and_refunds_the_attempt(
+    make_jobs: MakeJobs, clock: FakeClock, earlier_attempts: int
+) -> None:
+    jobs = make_jobs(shutdown_timeout=10)
+    started = anyio.Event()
+    cut_at: list[float] = []
+
+    @jobs.task(name="stuck", retries=3)
+    async def stuck() -> None:
+        if current_job().attempt <= earlier_attempts:
+            raise RuntimeError("an earlier failed attempt")
+        started.set()
+        try:
+            await anyio.Event().wait()
+        finally:
+            cut_at.append(clock.now())
+
+    job = await stuck.enqueue()
+    if earlier_attempts:
+        await drain(jobs)
+        clock.advance(3600)
+    await jobs.start()
+    with anyio.fail_after(5):
+        await started.wait()
+    info = await job.info()
+    assert (info.status, info.attempts) == ("running", earlier_attempts + 1)
+    stop_at = clock.now()
+    stopped = anyio.Event()
+
+    async def stop() -> None:
+        await jobs.stop()
+        stopped.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stop)
+        await until(lambda: stopped.is_set(), clock)
+    assert len(cut_at) == 1
+    assert 10 <= cut_at[0] - stop_at <= 15  # it had its shutdown_timeout, then was cut off
+    info = await job.info()
+    assert (info.status, info.attempts) == ("queued", earlier_attempts)
+    row = await jobs.store.get(job.id)
+    assert row is not None
+    assert (row.worker, row.lease_until) == (None, None)
+    await jobs.close()

@@ -1,0 +1,82 @@
+"""Logging: one record per job transition, with ids and timing in ``extra``, never the arguments."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import pytest
+
+from asyncjobs import Jobs
+from asyncjobs.stores._protocol import ClaimRequest, TaskLimits
+from asyncjobs.testing import FakeClock, drain
+
+SECRET = "hunter2-secret-token"
+
+
+def job_records(caplog: pytest.LogCaptureFixture, job_id: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r, "job_id", None) == job_id]
+
+
+async def test_one_record_per_transition_with_extra_fields(
+    make_jobs: Callable[..., Jobs], clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    jobs = make_jobs(concurrency=1)  # one at a time: each run takes exactly its 1.5 s
+
+    @jobs.task(name="charge", retries=1)
+    async def charge(token: str, fail: bool) -> str:
+        clock.advance(1.5)
+        if fail:
+            raise RuntimeError("card declined")
+        return "ok"
+
+    caplog.set_level(logging.DEBUG, logger="asyncjobs")
+    good = await jobs.enqueue(charge, SECRET, fail=False)
+    bad = await jobs.enqueue(charge, SECRET, fail=True)
+    await drain(jobs)  # good succeeds; bad fails its first attempt
+    clock.advance(3600)
+    await drain(jobs)  # bad fails again: dead
+
+    good_records = job_records(caplog, good.id)
+    assert [(r.levelname, getattr(r, "outcome", "started")) for r in good_records] == [
+        ("DEBUG", "started"), ("INFO", "succeeded"),
+    ]  # fmt: skip
+    done = good_records[-1]
+    assert (done.task, done.attempt) == ("charge", 1)  # type: ignore[attr-defined]
+    assert done.duration == pytest.approx(1.5)  # type: ignore[attr-defined]
+
+    bad_transitions = [
+        (r.levelname, r.outcome, r.attempt)  # type: ignore[attr-defined]
+        for r in job_records(caplog, bad.id)
+        if hasattr(r, "outcome")
+    ]
+    assert bad_transitions == [("WARNING", "retry", 1), ("ERROR", "dead", 2)]
+
+    for record in caplog.records:
+        if record.levelno >= logging.INFO:
+            assert SECRET not in record.getMessage()
+            assert SECRET not in repr(vars(record))
+
+
+async def test_a_stuck_job_recovered_by_lease_expiry_is_logged(
+    jobs: Jobs, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    @jobs.task(name="slow", retries=2)
+    async def slow() -> None: ...
+
+    job = await jobs.enqueue(slow)
+    request = ClaimRequest(
+        worker="crashed", tasks={"slow": TaskLimits(max_attempts=3)}, queues=None, limit=1, lease=5
+    )
+    await jobs.store.claim(request, now=clock.now())
+    assert (await jobs.stats())["totals"]["stuck"] == 0
+    clock.advance(6)
+    assert (await jobs.stats())["totals"]["stuck"] == 1  # counted while its lease is expired
+    caplog.set_level(logging.INFO, logger="asyncjobs")
+    await jobs.runner.recover()
+    (record,) = job_records(caplog, job.id)
+    assert record.levelname == "WARNING"
+    assert "lease expired" in record.getMessage()
+    assert (record.task, record.attempt) == ("slow", 1)  # type: ignore[attr-defined]
+    assert (await jobs.stats())["totals"]["stuck"] == 0
+    assert (await jobs.stats())["totals"]["counts"]["queued"] == 1

@@ -1,0 +1,505 @@
+"""The runner: retries and backoff, timeouts, dead letters, cancel, priorities, queues,
+which settings apply, unknown tasks, corrupt rows, and workers in the loop."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from asyncjobs import Jobs, JobStatus, Retry
+from asyncjobs._clock import SystemClock
+from asyncjobs.testing import FakeClock, drain
+
+MakeJobs = Callable[..., Jobs]
+
+
+def db_path(db_url: str) -> str:
+    return db_url.removeprefix("sqlite:///")
+
+
+def run_sql(db_url: str, sql: str, params: tuple[Any, ...] = ()) -> None:
+    with sqlite3.connect(db_path(db_url)) as db:
+        db.execute(sql, params)
+    db.close()
+
+
+async def drain_while(jobs: Jobs, started: anyio.Event, then: Callable[[], Any]) -> None:
+    """Drain in a task group; once ``started`` fires await ``then()`` (advance, cancel...)."""
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain, jobs)
+            await started.wait()
+            result = then()
+            if result is not None:
+                await result
+
+
+# -- retries, backoff, dead letters --------------------------------------------------
+
+
+async def test_failure_retries_with_exponential_backoff_then_dead(
+    make_jobs: MakeJobs, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the jitter drawn at its top, the delays are exactly base * 2**(n-1), capped."""
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)
+    jobs = make_jobs(backoff_base=10, max_backoff=25)
+    runs: list[float] = []
+
+    @jobs.task(retries=3)
+    async def flaky() -> None:
+        runs.append(clock.now())
+        raise RuntimeError("boom")
+
+    job = await flaky.enqueue()
+    for attempt, delay in [(1, 10.0), (2, 20.0), (3, 25.0)]:
+        await drain(jobs)
+        info = await job.info()
+        assert (info.status, info.attempts, info.max_attempts) == ("scheduled", attempt, 4)
+        assert info.run_at.timestamp() == pytest.approx(clock.now() + delay)
+        assert "RuntimeError: boom" in (info.error or "")
+        clock.advance(delay - 0.5)
+        await drain(jobs)
+        assert len(runs) == attempt  # not yet due
+        clock.advance(0.501)  # past run_at, whatever float rounding did to the sum
+    await drain(jobs)
+    info = await job.info()
+    assert (info.status, info.attempts) == ("dead", 4)
+    assert info.finished_at is not None
+    assert len(runs) == 4
+    clock.advance(10_000)
+    await drain(jobs)
+    assert len(runs) == 4  # dead stays dead
+
+
+async def test_backoff_is_jittered_within_its_bound(make_jobs: MakeJobs, clock: FakeClock) -> None:
+    jobs = make_jobs(backoff_base=8, max_backoff=1000)
+
+    @jobs.task(retries=5)
+    async def fails(i: int) -> None:
+        raise RuntimeError(str(i))
+
+    made = await jobs.enqueue_many([fails.spec(i) for i in range(40)])
+    await drain(jobs)  # first attempt of each: delay in [0, 8]
+    clock.advance(8.001)
+    await drain(jobs)  # second attempt of each: delay in [0, 16]
+    infos = [await job.info() for job in made]
+    assert {info.attempts for info in infos} == {2}
+    delays = [info.run_at.timestamp() - clock.now() for info in infos]
+    assert all(0 <= d <= 16 + 1e-6 for d in delays)
+    assert max(delays) > 8  # the bound doubled
+    assert len({round(d, 6) for d in delays}) > 30  # full jitter, not one shared delay
+
+
+async def test_retry_signal_uses_its_delay_and_spends_an_attempt(
+    jobs: Jobs, clock: FakeClock
+) -> None:
+    runs: list[int] = []
+
+    @jobs.task(retries=1)
+    async def later() -> None:
+        runs.append(1)
+        raise Retry(delay=42, reason="upstream busy")
+
+    job = await later.enqueue()
+    await drain(jobs)
+    info = await job.info()
+    assert (info.status, info.attempts) == ("scheduled", 1)
+    assert info.run_at.timestamp() == pytest.approx(clock.now() + 42)
+    assert "upstream busy" in (info.error or "")
+    clock.advance(41)
+    await drain(jobs)
+    assert len(runs) == 1
+    clock.advance(1.001)
+    await drain(jobs)
+    info = await job.info()
+    assert (info.status, info.attempts, len(runs)) == ("dead", 2, 2)
+
+
+async def test_timeout_counts_as_a_failure(jobs: Jobs, clock: FakeClock) -> None:
+    started: list[anyio.Event] = [anyio.Event(), anyio.Event()]
+    ends: list[str] = []
+
+    @jobs.task(timeout=30, retries=1)
+    async def hangs() -> None:
+        started[len(ends)].set()
+        try:
+            await anyio.Event().wait()
+        except anyio.get_cancelled_exc_class():
+            ends.append("cut off")
+            raise
+
+    job = await hangs.enqueue()
+
+    async def at_29_then_31() -> None:
+        clock.advance(29)
+        for _ in range(20):
+            await anyio.lowlevel.checkpoint()
+        assert ends == []  # 29 s in: still running
+        clock.advance(2)
+
+    await drain_while(jobs, started[0], at_29_then_31)
+    info = await job.info()
+    assert (info.status, info.attempts, ends) == ("scheduled", 1, ["cut off"])
+    assert "timeout" in (info.error or "")
+    clock.advance(info.run_at.timestamp() - clock.now() + 1)
+    await drain_while(jobs, started[1], lambda: clock.advance(31))
+    info = await job.info()
+    assert (info.status, info.attempts) == ("dead", 2)
+    assert "ran longer than its 30.0s timeout" in (info.error or "")
+
+
+async def test_manual_retry_of_a_dead_job_gives_one_more_attempt(jobs: Jobs) -> None:
+    runs: list[int] = []
+
+    @jobs.task(retries=0)
+    async def once_broken() -> str:
+        runs.append(1)
+        if len(runs) == 1:
+            raise RuntimeError("first time")
+        return "ok"
+
+    job = await once_broken.enqueue()
+    await drain(jobs)
+    info = await job.info()
+    assert (info.status, info.attempts, info.max_attempts) == ("dead", 1, 1)
+    assert await jobs.retry(job.id) is True
+    info = await job.info()
+    assert info.status == "queued"
+    assert info.max_attempts >= info.attempts + 1
+    assert info.finished_at is None
+    await drain(jobs)
+    info = await job.info()
+    assert (info.status, info.attempts, info.result) == ("succeeded", 2, "ok")
+    assert await jobs.retry(job.id) is False  # only dead or cancelled jobs
+
+
+async def test_manual_retry_of_a_dead_job_that_fails_again_is_dead_again(jobs: Jobs) -> None:
+    @jobs.task(retries=1)
+    async def broken() -> None:
+        raise RuntimeError("always")
+
+    job = await broken.enqueue()
+    await drain(jobs)
+    jobs.clock.advance(10)  # type: ignore[attr-defined]
+    await drain(jobs)
+    assert (await job.info()).status == "dead"
+    await jobs.retry(job.id)
+    await drain(jobs)
+    info = await job.info()
+    assert (info.status, info.attempts) == ("dead", 3)  # exactly one more attempt
+
+
+# -- cancel --------------------------------------------------------------------------
+
+
+async def test_cancel_a_queued_job(jobs: Jobs) -> None:
+    runs: list[int] = []
+
+    @jobs.task
+    async def t() -> None:
+        runs.append(1)
+
+    job = await t.enqueue()
+    assert await job.cancel() is True
+    assert await job.cancel() is False
+    await drain(jobs)
+    info = await job.info()
+    assert (info.status, runs) == ("cancelled", [])
+    assert info.finished_at is not None
+    assert await jobs.retry(job.id) is True  # a cancelled job can be retried
+    await drain(jobs)
+    assert ((await job.info()).status, runs) == ("succeeded", [1])
+
+
+async def test_cancel_a_running_job_stops_it(jobs: Jobs) -> None:
+    started = anyio.Event()
+    stopped: list[bool] = []
+
+    @jobs.task
+    async def long() -> None:
+        started.set()
+        try:
+            await anyio.Event().wait()
+        except anyio.get_cancelled_exc_class():
+            stopped.append(True)
+            raise
+
+    job = await long.enqueue()
+    await drain_while(jobs, started, job.cancel)
+    info = await job.info()
+    assert (info.status, stopped) == ("cancelled", [True])
+    assert await job.cancel() is False
+
+
+# -- ordering and queues -------------------------------------------------------------
+
+
+async def test_higher_priority_first_and_fifo_within_a_priority(make_jobs: MakeJobs) -> None:
+    jobs = make_jobs(concurrency=1)
+    order: list[str] = []
+
+    @jobs.task
+    async def t(name: str) -> None:
+        order.append(name)
+
+    for name, priority in [("a0", 0), ("b5", 5), ("c0", 0), ("d-1", -1), ("e5", 5), ("f9", 9)]:
+        await jobs.enqueue(t.options(priority=priority), name)
+    await drain(jobs)
+    assert order == ["f9", "b5", "e5", "a0", "c0", "d-1"]
+
+
+async def test_task_priority_is_the_default_and_options_win(make_jobs: MakeJobs) -> None:
+    jobs = make_jobs(concurrency=1)
+    order: list[str] = []
+
+    @jobs.task(priority=3)
+    async def urgent(name: str) -> None:
+        order.append(name)
+
+    @jobs.task
+    async def normal(name: str) -> None:
+        order.append(name)
+
+    await normal.enqueue("normal")
+    await urgent.options(priority=-5).enqueue("demoted")
+    await urgent.enqueue("urgent")
+    await drain(jobs)
+    assert order == ["urgent", "normal", "demoted"]
+
+
+async def test_workers_serve_only_their_queues(make_jobs: MakeJobs) -> None:
+    ran: list[str] = []
+
+    def register(jobs: Jobs) -> None:
+        @jobs.task(name="mail", queue="email")
+        async def mail() -> None:
+            ran.append(f"mail@{jobs.settings.queues}")
+
+        @jobs.task(name="report")
+        async def report() -> None:
+            ran.append(f"report@{jobs.settings.queues}")
+
+    email_only = make_jobs(queues=["email"])
+    everything = make_jobs()
+    register(email_only)
+    register(everything)
+    await email_only.enqueue("report")
+    await email_only.enqueue("mail")
+    second = await email_only.enqueue("report")
+    await everything.enqueue("mail")
+    await drain(email_only)
+    assert ran == ["mail@('email',)", "mail@('email',)"]
+    assert (await second.info()).status == "queued"
+    await drain(everything)
+    assert sorted(ran[2:]) == ["report@None", "report@None"]
+
+
+async def test_queue_option_at_enqueue_moves_the_job(make_jobs: MakeJobs) -> None:
+    jobs = make_jobs(queues=["low"])
+    ran: list[int] = []
+
+    @jobs.task(queue="high")
+    async def t(i: int) -> None:
+        ran.append(i)
+
+    await t.enqueue(1)
+    await t.options(queue="low").enqueue(2)
+    await drain(jobs)
+    assert ran == [2]
+
+
+# -- which settings apply ------------------------------------------------------------
+
+
+async def test_job_enqueued_by_name_takes_the_claiming_workers_definition(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    producer = make_jobs(workers=False)
+    worker = make_jobs()
+
+    @worker.task(name="charge", retries=1)
+    async def charge(amount: int) -> None:
+        raise RuntimeError(f"declined {amount}")
+
+    job = await producer.enqueue("charge", 5)
+    assert (await job.info()).max_attempts == 4  # the producer's guess: default retries
+    await drain(worker)
+    info = await job.info()
+    assert (info.status, info.attempts, info.max_attempts) == ("scheduled", 1, 2)
+    clock.advance(3600)
+    await drain(worker)
+    info = await job.info()
+    assert (info.status, info.attempts) == ("dead", 2)
+
+
+async def test_options_given_at_enqueue_win_over_the_workers_definition(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    producer = make_jobs(workers=False)
+    worker = make_jobs()
+    started = anyio.Event()
+
+    @producer.task(name="sync")
+    async def sync_stub() -> None: ...
+
+    @worker.task(name="sync", retries=0, timeout=1000)
+    async def sync() -> None:
+        started.set()
+        await anyio.Event().wait()
+
+    job = await producer.enqueue(sync_stub.options(retries=2, timeout=5))
+    await drain_while(worker, started, lambda: clock.advance(6))  # the 5 s timeout applies
+    info = await job.info()
+    assert (info.status, info.attempts, info.max_attempts) == ("scheduled", 1, 3)
+    assert "5.0s timeout" in (info.error or "")
+
+
+# -- what this process cannot run ----------------------------------------------------
+
+
+async def test_a_job_whose_task_is_unknown_here_is_never_claimed(jobs: Jobs) -> None:
+    @jobs.task
+    async def known() -> None: ...
+
+    stranger = await jobs.enqueue("other_service.task", 1)
+    mine = await known.enqueue()
+    await drain(jobs)
+    assert (await mine.info()).status == "succeeded"
+    info = await stranger.info()
+    assert (info.status, info.attempts, info.started_at) == ("queued", 0, None)
+
+
+async def test_corrupt_payload_sends_the_job_to_dead_without_a_crash_loop(
+    jobs: Jobs, db_url: str
+) -> None:
+    ran: list[int] = []
+
+    @jobs.task
+    async def t(i: int) -> None:
+        ran.append(i)
+
+    bad = await t.enqueue(1)
+    good = await t.enqueue(2)
+    run_sql(db_url, "UPDATE asyncjobs_jobs SET payload = '{not json' WHERE id = ?", (bad.id,))
+    with anyio.fail_after(5):
+        await drain(jobs)
+    info = await bad.info()
+    assert (info.status, info.attempts) == ("dead", 1)
+    assert "payload cannot be decoded" in (info.error or "")
+    assert (await good.info()).status == "succeeded"
+    assert ran == [2]
+    await drain(jobs)
+    assert (await bad.info()).attempts == 1
+
+
+async def test_corrupt_options_send_the_job_to_dead_and_do_not_block_claims(
+    jobs: Jobs, db_url: str
+) -> None:
+    @jobs.task
+    async def t(i: int) -> int:
+        return i
+
+    bad = await t.options(retries=2).enqueue(1)
+    good = await t.enqueue(2)
+    run_sql(db_url, "UPDATE asyncjobs_jobs SET options = '{oops' WHERE id = ?", (bad.id,))
+    with anyio.fail_after(5):
+        await drain(jobs)
+    assert (await good.info()).status == "succeeded"
+    info = await bad.info()
+    assert info.status == "dead"
+    assert "cannot be decoded" in (info.error or "")
+
+
+async def test_a_result_that_is_not_json_is_a_failure(jobs: Jobs) -> None:
+    @jobs.task(retries=0)
+    async def returns_bytes() -> bytes:
+        return b"raw"
+
+    job = await returns_bytes.enqueue()
+    await drain(jobs)
+    info = await job.info()
+    assert info.status == "dead"
+    assert "NotSerializable" in (info.error or "")
+
+
+# -- workers in the event loop -------------------------------------------------------
+
+
+async def test_workers_never_exceed_the_concurrency_bound(make_jobs: MakeJobs) -> None:
+    jobs = make_jobs(concurrency=3, clock=SystemClock())
+    now_running = 0
+    peak = 0
+
+    @jobs.task
+    async def busy(i: int) -> int:
+        nonlocal now_running, peak
+        now_running += 1
+        peak = max(peak, now_running)
+        for _ in range(5):
+            await anyio.lowlevel.checkpoint()
+        now_running -= 1
+        return i
+
+    made = await jobs.enqueue_many([busy.spec(i) for i in range(40)])
+    async with jobs:
+        results = [await job.result(timeout=10) for job in made]
+    assert results == list(range(40))
+    assert peak == 3
+
+
+async def test_a_local_enqueue_wakes_idle_workers_at_once(make_jobs: MakeJobs) -> None:
+    """The fake clock never moves, so neither the poll nor change detection can fire."""
+    jobs = make_jobs(poll_interval=3600)
+
+    @jobs.task
+    async def hello(name: str) -> str:
+        return f"hello {name}"
+
+    async with jobs:
+        for name in ["a", "b", "c"]:
+            with anyio.fail_after(5):
+                job = await hello.enqueue(name)
+                assert await job.result(timeout=5) == f"hello {name}"
+
+
+async def test_workers_see_jobs_another_connection_wrote(make_jobs: MakeJobs) -> None:
+    """Another process's insert is seen through PRAGMA data_version, well before the poll."""
+    worker = make_jobs(poll_interval=3600, clock=SystemClock())
+    producer = make_jobs(workers=False, clock=SystemClock())
+
+    @worker.task(name="ping")
+    async def ping() -> str:
+        return "pong"
+
+    async with worker:
+        await drain_idle(worker)
+        job = await producer.enqueue("ping")
+        assert await job.result(timeout=5) == "pong"
+
+
+async def drain_idle(jobs: Jobs) -> None:
+    """Let the claim loop reach its idle wait."""
+    for _ in range(50):
+        await anyio.lowlevel.checkpoint()
+
+
+async def test_jobs_without_tasks_starts_and_stops(make_jobs: MakeJobs, tmp_path: Path) -> None:
+    jobs = make_jobs()
+    async with jobs:
+        assert jobs.started
+    assert not jobs.started
+
+
+async def test_status_enum_compares_to_plain_strings() -> None:
+    assert JobStatus("dead") is JobStatus.DEAD
+    dead: str = JobStatus.DEAD
+    assert dead == "dead"
+    assert {s.value for s in JobStatus} == {
+        "waiting", "scheduled", "queued", "running", "succeeded", "dead", "cancelled",
+    }  # fmt: skip

@@ -1,0 +1,309 @@
+"""Cron and periodic schedules: slots run once, across processes, DST, after downtime."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta, tzinfo
+from zoneinfo import ZoneInfo
+
+import anyio
+import pytest
+
+from asyncjobs import ConfigurationError, Job, Jobs, JobStatus, ScheduleInfo
+from asyncjobs.testing import FakeClock, drain
+
+MakeJobs = Callable[..., Jobs]
+
+ROME = ZoneInfo("Europe/Rome")
+
+
+def at(year: int, month: int, day: int, hour: int, minute: int, tz: tzinfo = ROME) -> float:
+    return datetime(year, month, day, hour, minute, tzinfo=tz).timestamp()
+
+
+def register_counter(jobs: Jobs, runs: list[float], *, every: float | timedelta | None = None,
+                     cron: str | None = None, timezone: str = "UTC",
+                     catch_up: bool = True) -> None:  # fmt: skip
+    """Register the task "tick" on ``jobs``; each run appends the clock's time to ``runs``."""
+
+    async def tick() -> None:
+        runs.append(jobs.clock.now())
+
+    if every is not None:
+        jobs.periodic(every=every, name="tick", catch_up=catch_up)(tick)
+    else:
+        assert cron is not None
+        jobs.cron(cron, timezone=timezone, name="tick", catch_up=catch_up)(tick)
+
+
+async def run_for(jobs_list: list[Jobs], clock: FakeClock, total: float, step: float) -> None:
+    """Advance the clock by ``step`` until ``total`` passed, draining every Jobs each step."""
+    for _ in range(round(total / step)):
+        clock.advance(step)
+        for jobs in jobs_list:
+            await drain(jobs)
+
+
+async def test_a_five_minute_periodic_over_an_hour_runs_twelve_times(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    jobs = make_jobs()
+    runs: list[float] = []
+    register_counter(jobs, runs, every=timedelta(minutes=5))
+    await drain(jobs)
+    await run_for([jobs], clock, 3600, 60)
+    assert len(runs) == 12
+    slots = {info.run_at.timestamp() for info in await jobs.list(task="tick")}
+    assert len(slots) == 12
+    assert all(slot % 300 == 0 for slot in slots), "slots are multiples of 5 minutes"
+
+
+async def test_a_ten_minute_cron_over_an_hour_with_two_processes_runs_six_times(
+    make_jobs: MakeJobs, db_url: str
+) -> None:
+    clock = FakeClock(start=datetime(2026, 11, 23, 9, 3, tzinfo=UTC))
+    first, second = make_jobs(db_url, clock=clock), make_jobs(db_url, clock=clock)
+    runs: list[float] = []
+    register_counter(first, runs, cron="*/10 * * * *")
+    register_counter(second, runs, cron="*/10 * * * *")
+    await drain(first)
+    await drain(second)
+    await run_for([first, second], clock, 3600, 60)
+    assert sorted(runs) == [at(2026, 11, 23, 9, m, tz=UTC) for m in (10, 20, 30, 40, 50)] + [
+        at(2026, 11, 23, 10, 0, tz=UTC)
+    ]
+    assert len(await first.list(task="tick")) == 6
+
+
+async def test_two_processes_ticking_the_same_slot_store_one_job(
+    make_jobs: MakeJobs, db_url: str, clock: FakeClock
+) -> None:
+    first, second = make_jobs(db_url), make_jobs(db_url)
+    register_counter(first, [], every=60)
+    register_counter(second, [], every=60)
+    await first.scheduler.tick()
+    await second.scheduler.tick()
+    clock.advance(60)
+    assert await first.scheduler.tick() == 1
+    assert await second.scheduler.tick() == 1
+    (job,) = await first.list(task="tick")
+    assert job.idempotency_key is not None
+    assert job.idempotency_key.startswith("cron:tick:")
+    assert job.run_at.timestamp() % 60 == 0
+
+
+@pytest.mark.parametrize(
+    ("start", "expected"),
+    [
+        # Spring forward (2026-03-29 02:00 -> 03:00): 02:30 does not exist; runs once at 03:30.
+        (
+            datetime(2026, 3, 28, 3, 0, tzinfo=ROME),
+            [(2026, 3, 29, 3, 30), (2026, 3, 30, 2, 30), (2026, 3, 31, 2, 30)],
+        ),
+        # Fall back (2026-10-25 03:00 -> 02:00): 02:30 happens twice; runs once, the first.
+        (
+            datetime(2026, 10, 24, 3, 0, tzinfo=ROME),
+            [(2026, 10, 25, 2, 30), (2026, 10, 26, 2, 30), (2026, 10, 27, 2, 30)],
+        ),
+    ],
+    ids=["spring-forward", "fall-back"],
+)
+async def test_a_daily_0230_job_runs_once_each_day_across_a_dst_change(
+    make_jobs: MakeJobs, start: datetime, expected: list[tuple[int, ...]]
+) -> None:
+    clock = FakeClock(start=start)
+    jobs = make_jobs(clock=clock)
+    runs: list[float] = []
+    register_counter(jobs, runs, cron="30 2 * * *", timezone="Europe/Rome")
+    await drain(jobs)
+    await run_for([jobs], clock, 3 * 86400 + 7200, 1800)
+    local = [datetime.fromtimestamp(t, ROME) for t in runs]
+    assert [d.timetuple()[:5] for d in local] == expected
+    if start.month == 10:
+        assert local[0].utcoffset() == timedelta(hours=2), "the first 02:30 (summer time)"
+
+
+async def test_an_hourly_cron_follows_the_real_clock_through_the_repeated_hour(
+    make_jobs: MakeJobs,
+) -> None:
+    clock = FakeClock(start=datetime(2026, 10, 25, 0, 30, tzinfo=ROME))
+    jobs = make_jobs(clock=clock)
+    runs: list[float] = []
+    register_counter(jobs, runs, cron="0 * * * *", timezone="Europe/Rome")
+    await drain(jobs)
+    await run_for([jobs], clock, 5 * 3600, 600)
+    assert [r - runs[0] for r in runs] == [0, 3600, 7200, 10800, 14400], "hourly in real time"
+
+
+async def missed_slot_setup(
+    make_jobs: MakeJobs, db_url: str, clock: FakeClock, *, catch_up: bool
+) -> tuple[Jobs, list[float]]:
+    """Run an hourly schedule once in one process, stop it for five hours, start another."""
+    clock.advance(3600 - clock.now() % 3600 + 120)  # 2 minutes past an hour
+    first = make_jobs(db_url)
+    runs: list[float] = []
+    register_counter(first, runs, every=3600, catch_up=catch_up)
+    await drain(first)
+    await run_for([first], clock, 3600, 600)
+    assert len(runs) == 1
+    await first.close()
+    clock.advance(5 * 3600)  # down over five slots
+    second = make_jobs(db_url)
+    register_counter(second, runs, every=3600, catch_up=catch_up)
+    return second, runs
+
+
+async def test_after_downtime_the_most_recent_missed_slot_runs_once_at_start(
+    make_jobs: MakeJobs, db_url: str, clock: FakeClock
+) -> None:
+    second, runs = await missed_slot_setup(make_jobs, db_url, clock, catch_up=True)
+    await drain(second)
+    await drain(second)
+    latest = clock.now() // 3600 * 3600
+    assert runs[1:] == [clock.now()]
+    (caught_up, _) = await second.list(task="tick")
+    assert caught_up.run_at.timestamp() == latest
+    assert caught_up.idempotency_key == f"cron:tick:{int(latest)}"
+    clock.advance(3600)  # and the schedule goes on
+    await drain(second)
+    assert len(runs) == 3
+
+
+async def test_after_downtime_missed_slots_are_skipped_without_catch_up(
+    make_jobs: MakeJobs, db_url: str, clock: FakeClock
+) -> None:
+    second, runs = await missed_slot_setup(make_jobs, db_url, clock, catch_up=False)
+    await drain(second)
+    assert len(runs) == 1
+    clock.advance(3600)
+    await drain(second)
+    assert len(runs) == 2
+
+
+async def test_a_new_schedule_does_not_run_a_slot_from_before_it_existed(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    clock.advance(3600 - clock.now() % 3600 + 120)
+    jobs = make_jobs()
+    runs: list[float] = []
+    register_counter(jobs, runs, every=3600)
+    await drain(jobs)
+    assert runs == []
+    assert await jobs.list() == []
+
+
+async def test_a_slot_missed_by_another_running_process_is_not_run_twice(
+    make_jobs: MakeJobs, db_url: str, clock: FakeClock
+) -> None:
+    """A process joining late sees the slot already stored by the one that runs."""
+    first = make_jobs(db_url)
+    runs: list[float] = []
+    register_counter(first, runs, every=600)
+    await drain(first)
+    await run_for([first], clock, 1200, 300)
+    second = make_jobs(db_url)
+    register_counter(second, runs, every=600)
+    await drain(second)
+    await drain(first)
+    assert len(runs) == 2
+
+
+async def test_schedules_lists_each_with_its_next_run_time(
+    make_jobs: MakeJobs,
+) -> None:
+    clock = FakeClock(start=datetime(2026, 11, 23, 9, 3, tzinfo=UTC))
+    jobs = make_jobs(clock=clock)
+
+    @jobs.cron("0 2 * * *", timezone="Europe/Rome", catch_up=False)
+    async def nightly() -> None: ...
+
+    @jobs.periodic(every=timedelta(minutes=5), name="sweep")
+    async def sweep() -> None: ...
+
+    by_task = {s.task: s for s in jobs.schedules()}
+    assert by_task["sweep"] == ScheduleInfo(
+        task="sweep",
+        cron=None,
+        timezone=None,
+        every=300.0,
+        catch_up=True,
+        next_run_at=datetime(2026, 11, 23, 9, 5, tzinfo=UTC),
+    )
+    night = by_task[nightly.name]
+    assert (night.cron, night.timezone, night.every, night.catch_up) == (
+        "0 2 * * *",
+        "Europe/Rome",
+        None,
+        False,
+    )
+    assert night.next_run_at == datetime(2026, 11, 24, 2, 0, tzinfo=ROME)
+
+
+async def test_scheduled_jobs_use_the_task_options(jobs: Jobs, clock: FakeClock) -> None:
+    @jobs.periodic(every=60, name="report", queue="reports", retries=7, priority=3)
+    async def report() -> None: ...
+
+    await drain(jobs)
+    clock.advance(60)
+    await jobs.scheduler.tick()
+    (info,) = await jobs.list(task="report")
+    assert (info.queue, info.max_attempts, info.priority) == ("reports", 8, 3)
+    assert info.status == JobStatus.QUEUED
+
+
+@pytest.mark.parametrize(
+    ("register", "message"),
+    [
+        (lambda jobs: jobs.cron("61 * * * *"), "invalid cron expression"),
+        (lambda jobs: jobs.cron("not cron"), "invalid cron expression"),
+        (lambda jobs: jobs.cron("* * * * *", timezone="Mars/Olympus"), "unknown timezone"),
+        (lambda jobs: jobs.periodic(every=0), "at least 1 second"),
+        (lambda jobs: jobs.periodic(every=1.5), "whole number of seconds"),
+        (lambda jobs: jobs.periodic(every="5m"), "timedelta or a number"),
+        (lambda jobs: jobs.periodic(every=60, catch_up="yes"), "catch_up"),
+    ],
+)
+async def test_bad_schedules_are_refused_when_declared(
+    jobs: Jobs, register: object, message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        register(jobs)  # type: ignore[operator]
+
+
+async def test_a_scheduled_task_must_take_no_arguments(jobs: Jobs) -> None:
+    async def needs(user_id: int) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="no arguments"):
+        jobs.periodic(every=60)(needs)  # type: ignore[arg-type]
+    assert jobs.registry == {}
+
+
+async def test_started_workers_run_slots_as_the_clock_reaches_them(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    jobs = make_jobs()
+    ran = anyio.Event()
+    runs: list[float] = []
+
+    @jobs.periodic(every=60, name="tick")
+    async def tick() -> None:
+        runs.append(clock.now())
+        ran.set()
+
+    async with jobs:
+        with anyio.fail_after(5):
+            next_slot = jobs.schedules()[0].next_run_at.timestamp()
+            clock.advance(next_slot - clock.now())
+            await ran.wait()
+    assert runs == [next_slot]
+
+
+async def test_started_workers_catch_up_a_missed_slot_before_start_returns(
+    make_jobs: MakeJobs, db_url: str, clock: FakeClock
+) -> None:
+    second, runs = await missed_slot_setup(make_jobs, db_url, clock, catch_up=True)
+    async with second:
+        caught_up, _ = await second.list(task="tick")
+        assert caught_up.idempotency_key == f"cron:tick:{int(clock.now() // 3600 * 3600)}"
+        await Job(second, caught_up.id).result(timeout=5)
+    assert runs[1:] == [clock.now()]

@@ -1,0 +1,187 @@
+"""``jobs.stats()`` on a known mix of jobs, with a fake clock."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+import anyio
+import pytest
+
+from asyncjobs import Jobs
+from asyncjobs._stats import percentile, timing
+from asyncjobs.stores._protocol import ClaimRequest, TaskLimits
+from asyncjobs.testing import FakeClock, drain
+
+MakeJobs = Callable[..., Jobs]
+
+
+async def make_mix(jobs: Jobs, clock: FakeClock) -> None:
+    """Default queue: 3 succeeded (2 s each, waited 10 s), 2 queued, 1 scheduled.
+    Email queue: 1 dead, 1 cancelled, 1 stuck (running, lease expired)."""
+
+    @jobs.task(name="work")
+    async def work(n: int) -> int:
+        clock.advance(2)
+        return n
+
+    @jobs.task(name="boom", queue="email", retries=0)
+    async def boom() -> None:
+        raise RuntimeError("no")
+
+    for n in range(3):
+        await jobs.enqueue(work, n)
+    await jobs.enqueue(boom)
+    clock.advance(10)
+    await drain(jobs)  # one at a time: 3 succeed, each takes 2 s; boom dies
+
+    cancelled = await jobs.enqueue(boom)
+    await cancelled.cancel()
+    stuck = await jobs.enqueue(boom)
+    request = ClaimRequest(
+        worker="ghost:1:dead", tasks={"boom": TaskLimits(max_attempts=1)}, queues=None,
+        limit=1, lease=5,
+    )  # fmt: skip
+    (claimed,) = await jobs.store.claim(request, now=clock.now())
+    assert claimed.id == stuck.id
+
+    await jobs.enqueue(work.options(delay=3600), 9)
+    clock.advance(30)
+    await jobs.enqueue(work, 1)
+    await jobs.enqueue(work, 2)
+
+
+async def test_stats_on_a_known_mix(make_jobs: MakeJobs, clock: FakeClock) -> None:
+    jobs = make_jobs(concurrency=1)  # one job at a time: each takes its own 2 s
+    await make_mix(jobs, clock)
+    stats = await jobs.stats()
+    json.dumps(stats)  # JSON-shaped all the way down
+
+    totals = stats["totals"]
+    assert totals["counts"] == {
+        "waiting": 0, "scheduled": 1, "queued": 2, "running": 1,
+        "succeeded": 3, "dead": 1, "cancelled": 1,
+    }  # fmt: skip
+    assert [q["queue"] for q in stats["queues"]] == ["default", "email"]
+    default, email = stats["queues"]
+    assert default["counts"]["succeeded"] == 3
+    assert default["counts"]["queued"] == 2
+    assert default["oldest_queued_age"] == 0.0  # both queued jobs were just enqueued
+    assert email["counts"]["dead"] == 1
+    assert email["counts"]["cancelled"] == 1
+    assert [t["task"] for t in default["tasks"]] == ["work"]
+    assert email["tasks"][0]["task"] == "boom"
+
+    # Timings of the newest finished jobs: 3 runs of 2 s (boom ran 0 s); waits 10 to 14 s.
+    run = default["run_time"]
+    assert run["count"] == 3
+    assert run["p50"] == pytest.approx(2.0)
+    assert run["max"] == pytest.approx(2.0)
+    wait = default["wait_time"]
+    assert wait["count"] == 3
+    assert wait["p50"] == pytest.approx(12.0)
+    assert wait["max"] == pytest.approx(14.0)
+    assert totals["run_time"]["count"] == 4  # cancelled jobs have no run time
+
+    # Everything finished 30 to 34 s ago: inside both windows.
+    one_minute = totals["windows"]["1m"]
+    assert (one_minute["succeeded"], one_minute["dead"], one_minute["cancelled"]) == (3, 1, 1)
+    assert one_minute["failure_rate"] == pytest.approx(0.25)
+    assert one_minute["throughput"] == pytest.approx(4 / 60, rel=1e-4)
+
+    # The stuck job's lease (5 s) expired 30 s ago; nobody recovered it yet.
+    assert totals["stuck"] == 1
+    assert email["stuck"] == 1
+    assert [s["task"] for s in stats["stuck_jobs"]] == ["boom"]
+    assert stats["stuck_jobs"][0]["worker"] == "ghost:1:dead"
+
+
+async def test_windows_slide_and_queued_age_grows(make_jobs: MakeJobs, clock: FakeClock) -> None:
+    jobs = make_jobs(concurrency=1)
+    await make_mix(jobs, clock)
+    clock.advance(60)  # finished jobs are now 90 to 94 s old
+    stats = await jobs.stats()
+    windows = stats["totals"]["windows"]
+    assert windows["1m"]["succeeded"] == 0
+    assert windows["1m"]["failure_rate"] is None
+    assert windows["5m"]["succeeded"] == 3
+    assert windows["5m"]["dead"] == 1
+    assert stats["queues"][0]["oldest_queued_age"] == pytest.approx(60.0)
+    clock.advance(3600)  # the delayed job is due now
+    stats = await jobs.stats()
+    assert stats["totals"]["counts"]["scheduled"] == 0
+    assert stats["totals"]["counts"]["queued"] == 3
+    assert stats["totals"]["windows"]["5m"]["succeeded"] == 0
+
+
+async def test_stats_of_an_empty_store(jobs: Jobs) -> None:
+    stats = await jobs.stats()
+    assert stats["queues"] == []
+    assert set(stats["totals"]["counts"].values()) == {0}
+    assert stats["totals"]["run_time"] == {
+        "count": 0, "p50": None, "p90": None, "p99": None, "max": None,
+    }  # fmt: skip
+    assert stats["workers"] == []
+
+
+async def test_workers_appear_with_their_heartbeat_and_stop(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    jobs = make_jobs(concurrency=3, visibility_timeout=30)
+
+    @jobs.task
+    async def noop() -> None: ...
+
+    async with jobs:
+        (worker,) = (await jobs.stats())["workers"]
+        assert worker["id"] == jobs.runner.worker_id
+        assert worker["alive"] is True
+        assert worker["concurrency"] == 3
+        assert worker["stopped_at"] is None
+        clock.advance(25)  # two heartbeat intervals (10 s): last_seen follows
+        with anyio.fail_after(5):
+            while (await jobs.stats())["workers"][0]["seconds_since_seen"] > 5:
+                await anyio.lowlevel.checkpoint()
+    (worker,) = (await jobs.stats())["workers"]
+    assert worker["alive"] is False
+    assert worker["stopped_at"] is not None
+
+
+async def test_a_worker_that_stopped_heartbeating_is_not_alive(
+    jobs: Jobs, clock: FakeClock
+) -> None:
+    await jobs.runner.record_beat()
+    clock.advance(61)  # longer than visibility_timeout (60 s)
+    (worker,) = (await jobs.stats())["workers"]
+    assert worker["alive"] is False
+    assert worker["stopped_at"] is None
+    assert worker["seconds_since_seen"] == pytest.approx(61)
+    clock.advance(3600)  # not seen for over an hour: left out
+    assert (await jobs.stats())["workers"] == []
+
+
+async def test_schedules_are_listed_with_their_next_run(jobs: Jobs, clock: FakeClock) -> None:
+    @jobs.periodic(every=timedelta(minutes=5), name="tidy")
+    async def tidy() -> None: ...
+
+    @jobs.cron("0 2 * * *", timezone="Europe/Rome", name="nightly")
+    async def nightly() -> None: ...
+
+    nightly_stats, tidy_stats = (await jobs.stats())["schedules"]
+    assert tidy_stats["task"] == "tidy"
+    assert tidy_stats["schedule"] == "every 300s"
+    assert tidy_stats["every"] == 300
+    next_run = datetime.fromisoformat(tidy_stats["next_run_at"])
+    assert 0 < next_run.timestamp() - clock.now() <= 300
+    assert next_run.timestamp() % 300 == 0
+    assert nightly_stats["schedule"] == "0 2 * * * (Europe/Rome)"
+    assert nightly_stats["cron"] == "0 2 * * *"
+
+
+def test_percentiles_use_nearest_rank() -> None:
+    values = [float(n) for n in range(1, 101)]
+    assert percentile(values, 0.5) == 50.0
+    assert percentile(values, 0.99) == 99.0
+    assert percentile([7.0], 0.9) == 7.0
+    assert timing([3.0, 1.0, 2.0]) == {"count": 3, "p50": 2.0, "p90": 3.0, "p99": 3.0, "max": 3.0}

@@ -1,0 +1,221 @@
+"""SQLiteStore: WAL and durability settings, migrations, claim indexes, busy handling,
+and group commit (including its failure path)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import anyio
+import pytest
+
+from asyncjobs import Jobs, StoreError
+from asyncjobs._batching import GroupCommit
+from asyncjobs.stores import ClaimRequest, SQLiteStore, TaskLimits
+from asyncjobs.stores._protocol import NewJob
+from asyncjobs.stores._sqlite import _PICK_READY, SCHEMA_VERSION_TABLE, _migrations
+from asyncjobs.testing import FakeClock, drain
+
+MakeJobs = Callable[..., Jobs]
+
+
+def new_job(job_id: str, **overrides: object) -> NewJob:
+    fields: dict[str, object] = {
+        "id": job_id, "task": "t", "queue": "default", "payload": '{"args":[],"kwargs":{}}',
+        "status": "queued", "priority": 0, "run_at": 0.0, "max_attempts": 1,
+    }  # fmt: skip
+    fields.update(overrides)
+    return NewJob(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> SQLiteStore:
+    return SQLiteStore(tmp_path / "store.db")
+
+
+async def test_opening_sets_wal_normal_sync_and_a_busy_timeout(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "s.db", busy_timeout=2.5)
+    await store.open()
+    try:
+        assert await store._call(lambda db: db.execute("PRAGMA journal_mode").fetchone()) == (
+            "wal",
+        )
+        assert await store._call(lambda db: db.execute("PRAGMA synchronous").fetchone()) == (1,)
+        assert await store._call(lambda db: db.execute("PRAGMA busy_timeout").fetchone()) == (2500,)
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "s.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)  # persistent
+    db.close()
+
+
+async def test_synchronous_full_on_request(make_jobs: MakeJobs) -> None:
+    jobs = make_jobs(synchronous="full")
+    await jobs.store.open()
+    store = jobs.store
+    assert isinstance(store, SQLiteStore)
+    assert await store._call(lambda db: db.execute("PRAGMA synchronous").fetchone()) == (2,)
+
+
+async def test_migrations_are_recorded_and_run_once(tmp_path: Path) -> None:
+    path = tmp_path / "m.db"
+    for _ in range(2):
+        store = SQLiteStore(path)
+        await store.open()
+        await store.close()
+    with sqlite3.connect(path) as db:
+        versions = [v for (v,) in db.execute(f"SELECT version FROM {SCHEMA_VERSION_TABLE}")]
+    db.close()
+    assert versions == [v for v, _ in _migrations()]
+    assert versions[0] == 1
+
+
+def query_plan(db: sqlite3.Connection, sql: str, params: Sequence[object]) -> str:
+    return " ".join(str(row[-1]) for row in db.execute("EXPLAIN QUERY PLAN " + sql, params))
+
+
+async def test_the_claim_query_walks_the_ready_index_without_sorting(tmp_path: Path) -> None:
+    """Claims read queued rows in claim order: backlog and finished rows cost nothing."""
+    store = SQLiteStore(tmp_path / "i.db")
+    await store.open()
+    await store.close()
+    with sqlite3.connect(tmp_path / "i.db") as db:
+        pick = _PICK_READY.format(queue_filter="")
+        plan = query_plan(db, pick, ('["t"]', 10))
+        recover_plan = query_plan(
+            db, "SELECT id FROM asyncjobs_jobs WHERE status = 'running' AND lease_until < ?", (5,)
+        )
+    db.close()
+    assert "USING INDEX asyncjobs_jobs_ready" in plan
+    assert "TEMP B-TREE" not in plan
+    assert "USING INDEX" in recover_plan  # only running rows, never a table scan
+
+
+async def test_claims_take_priority_then_fifo_among_many_rows(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "big.db")
+    await store.open()
+    try:
+        await store.insert(
+            [new_job(f"done{i}", status="succeeded") for i in range(20_000)], now=0.0
+        )
+        await store.insert([new_job("ready", priority=1)], now=0.0)
+        await store.insert([new_job(f"later{i}") for i in range(5_000)], now=0.0)
+
+        rows = await store.claim(
+            ClaimRequest(worker="w", tasks={"t": TaskLimits(max_attempts=1)}, queues=None,
+                         limit=10, lease=30),
+            now=1.0,
+        )  # fmt: skip
+        assert [r.id for r in rows][:2] == ["ready", "later0"]  # priority, then FIFO
+        assert len(rows) == 10
+    finally:
+        await store.close()
+
+
+async def test_a_write_waits_out_another_connections_lock(tmp_path: Path) -> None:
+    path = tmp_path / "busy.db"
+    store = SQLiteStore(path, busy_timeout=0.2)
+    await store.open()
+    blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.3, lambda: blocker.execute("COMMIT"))
+    try:
+        release.start()
+        with anyio.fail_after(5):
+            ids = await store.insert([new_job("a")], now=0.0)  # waits ~0.3 s, then commits
+        assert ids == ["a"]
+    finally:
+        release.join()
+        blocker.close()
+        await store.close()
+
+
+async def test_a_lock_held_past_every_retry_is_a_store_error(tmp_path: Path) -> None:
+    path = tmp_path / "stuck.db"
+    store = SQLiteStore(path, busy_timeout=0.02)
+    await store.open()
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreError, match="locked") as caught:
+            await store.insert([new_job("a")], now=0.0)
+        assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    try:
+        assert await store.insert([new_job("a")], now=0.0) == ["a"]  # usable again
+    finally:
+        await store.close()
+
+
+# -- group commit --------------------------------------------------------------------
+
+
+async def test_group_commit_failure_raises_in_every_waiter_and_the_next_flush_works() -> None:
+    gate = anyio.Event()
+    flushes: list[list[str]] = []
+
+    async def flush(items: list[str]) -> Sequence[str]:
+        flushes.append(list(items))
+        if len(flushes) == 1:
+            await gate.wait()
+        if "bad" in items:
+            raise RuntimeError("disk on fire")
+        return [item.upper() for item in items]
+
+    group: GroupCommit[str, str] = GroupCommit(flush)
+    outcomes: dict[str, str] = {}
+
+    async def submit(item: str) -> None:
+        try:
+            outcomes[item] = await group.submit(item)
+        except RuntimeError as error:
+            outcomes[item] = f"error: {error}"
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(submit, "a")  # leads the first flush, held at the gate
+            for _ in range(5):
+                await anyio.lowlevel.checkpoint()
+            for item in ["b", "bad", "c"]:
+                tg.start_soon(submit, item)  # queue up behind it: one shared flush
+            for _ in range(5):
+                await anyio.lowlevel.checkpoint()
+            gate.set()
+    assert flushes == [["a"], ["b", "bad", "c"]]
+    assert outcomes == {
+        "a": "A", "b": "error: disk on fire", "bad": "error: disk on fire",
+        "c": "error: disk on fire",
+    }  # fmt: skip
+    assert group.idle
+    assert await group.submit_many(["d", "e"]) == ["D", "E"]
+    assert flushes[-1] == ["d", "e"]
+
+
+async def test_a_failed_enqueue_flush_raises_and_writes_nothing_then_enqueue_works(
+    jobs: Jobs, clock: FakeClock
+) -> None:
+    @jobs.task
+    async def t(i: int) -> int:
+        return i
+
+    original = jobs.store.insert
+    calls = 0
+
+    async def failing_once(new: Sequence[NewJob], *, now: float) -> list[str]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise StoreError("SQLite store: disk I/O error")
+        return await original(new, now=now)
+
+    jobs.store.insert = failing_once  # type: ignore[method-assign, assignment]
+    with pytest.raises(StoreError, match="disk I/O"):
+        await t.enqueue(1)
+    job = await t.enqueue(2)
+    await drain(jobs)
+    assert await job.result(timeout=1) == 2
+    assert [info.args for info in await jobs.list()] == [[2]]

@@ -1,0 +1,234 @@
+"""asyncjobs.testing for users: assertions, replace_store, and the pytest plugin (pytester)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from asyncjobs import Jobs, JobStatus
+from asyncjobs.testing import (
+    FakeClock,
+    assert_enqueued,
+    assert_not_enqueued,
+    drain,
+    enqueued,
+    replace_store,
+)
+
+pytest_plugins = ["pytester"]
+
+
+async def test_assert_enqueued_matches_arguments_by_the_tasks_signature(jobs: Jobs) -> None:
+    @jobs.task(name="send")
+    async def send(user_id: int, address: str, *, tags: list[str] | None = None) -> None: ...
+
+    await send.enqueue(42, address="a@example.com", tags=["welcome"])
+    await send.enqueue(user_id=7, address="b@example.com")
+
+    info = await assert_enqueued(jobs, send, user_id=42)
+    assert info.args == [42]
+    assert (await assert_enqueued(jobs, send, 7)).kwargs == {
+        "user_id": 7,
+        "address": "b@example.com",
+    }
+    await assert_enqueued(jobs, "send", address="b@example.com")
+    await assert_enqueued(jobs, send, 42, "a@example.com", tags=("welcome",))
+    await assert_not_enqueued(jobs, send, user_id=8)
+    assert [i.args for i in await enqueued(jobs, send)] == [[42], []]  # oldest first
+    assert len(await enqueued(jobs)) == 2
+
+
+async def test_assert_enqueued_failure_lists_what_was_enqueued(jobs: Jobs) -> None:
+    @jobs.task(name="send")
+    async def send(user_id: int) -> None: ...
+
+    @jobs.task(name="other")
+    async def other() -> None: ...
+
+    with pytest.raises(AssertionError, match="no job was enqueued at all"):
+        await assert_enqueued(jobs, send, user_id=1)
+    await other.enqueue()
+    with pytest.raises(AssertionError, match=r"none of that task; enqueued: other\(\)"):
+        await assert_enqueued(jobs, send, user_id=1)
+    await send.enqueue(2)
+    with pytest.raises(AssertionError, match=r"expected a job send\(user_id=1\); 1 job.*send\(2\)"):
+        await assert_enqueued(jobs, send, user_id=1)
+    with pytest.raises(AssertionError, match=r"expected no job send\(2\), found 1"):
+        await assert_not_enqueued(jobs, send, 2)
+
+
+async def test_jobs_that_already_ran_still_count_as_enqueued(jobs: Jobs) -> None:
+    @jobs.task(name="noop")
+    async def noop(n: int) -> int:
+        return n
+
+    await noop.enqueue(1)
+    await drain(jobs)
+    assert (await assert_enqueued(jobs, noop, n=1)).status == JobStatus.SUCCEEDED
+
+
+async def test_replace_store_runs_the_apps_own_tasks_on_a_test_store_and_restores_it(
+    tmp_path: Path,
+) -> None:
+    app_jobs = Jobs("sqlite:///" + str(tmp_path / "app.db"))
+    app_jobs.queue("email", concurrency=2)
+
+    @app_jobs.task(name="greet", queue="email")
+    async def greet(name: str) -> str:
+        return f"hello {name}"
+
+    @app_jobs.periodic(every=3600, name="hourly")
+    async def hourly() -> None: ...
+
+    original_store, original_clock = app_jobs.store, app_jobs.clock
+    clock = FakeClock()
+    try:
+        async with replace_store(app_jobs, "sqlite:///" + str(tmp_path / "t.db"), clock=clock):
+            assert app_jobs.store is not original_store
+            assert app_jobs.clock is clock
+            assert app_jobs.queue_limits == {"email": 2}
+            assert [s.task for s in app_jobs.schedules()] == ["hourly"]
+            job = await greet.enqueue("ada")  # the task object still enqueues via app_jobs
+            await drain(app_jobs)
+            assert await job.result(timeout=5) == "hello ada"
+        assert app_jobs.store is original_store
+        assert app_jobs.clock is original_clock
+        assert await app_jobs.get(job.id) is None  # nothing reached the app's store
+        assert not (tmp_path / "app.db").exists() or await app_jobs.list() == []
+    finally:
+        await app_jobs.close()
+
+
+USER_APP = """
+    from __future__ import annotations
+
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from asyncjobs import Jobs, JobsMiddleware, Retry
+
+    jobs = Jobs("sqlite:///app-jobs.db")  # the app's real store; tests never touch it
+    sent: list[str] = []
+
+    @jobs.task(retries=2)
+    async def send_welcome(user_id: int, address: str) -> None:
+        if address.endswith("@flaky.example"):
+            raise Retry(delay=30)
+        sent.append(address)
+
+    async def signup(request: Request) -> JSONResponse:
+        data = await request.json()
+        job = await request.state.jobs.enqueue(send_welcome, data["id"], address=data["email"])
+        return JSONResponse({"job": job.id}, status_code=202)
+
+    app = Starlette(
+        routes=[Route("/signup", signup, methods=["POST"])],
+        middleware=[Middleware(JobsMiddleware, jobs=jobs)],
+    )
+"""
+
+USER_CONFTEST = """
+    import pytest
+
+    import myapp
+
+    @pytest.fixture
+    async def jobs(asyncjobs_isolate):
+        return await asyncjobs_isolate(myapp.jobs)
+"""
+
+USER_TESTS = """
+    import httpx
+
+    from asyncjobs.testing import assert_enqueued, drain
+
+    import myapp
+
+    async def test_signup_enqueues_a_welcome_email(jobs):
+        transport = httpx.ASGITransport(app=myapp.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.post("/signup", json={"id": 1, "email": "a@example.com"})
+        assert response.status_code == 202
+        info = await assert_enqueued(jobs, myapp.send_welcome, user_id=1)
+        assert info.id == response.json()["job"]
+        await drain(jobs)
+        assert myapp.sent == ["a@example.com"]
+
+    async def test_retries_follow_the_fake_clock(jobs, asyncjobs_clock):
+        job = await myapp.send_welcome.enqueue(2, address="b@flaky.example")
+        await drain(jobs)
+        assert (await job.info()).status == "scheduled"
+        asyncjobs_clock.advance(30)
+        await drain(jobs)
+        asyncjobs_clock.advance(30)
+        await drain(jobs)
+        assert (await job.info()).status == "dead"
+
+    async def test_a_wrong_expectation_explains_itself(jobs):
+        await myapp.send_welcome.enqueue(3, address="c@example.com")
+        await assert_enqueued(jobs, myapp.send_welcome, address="wrong@example.com")
+"""
+
+USER_TESTS_FRESH_JOBS = """
+    from asyncjobs.testing import drain
+
+    async def test_fresh_jobs_fixture(jobs, asyncjobs_clock):
+        @jobs.task
+        async def add(a: int, b: int) -> int:
+            return a + b
+
+        job = await add.options(delay=60).enqueue(1, 2)
+        await drain(jobs)
+        assert (await job.info()).status == "scheduled"
+        asyncjobs_clock.advance(60)
+        await drain(jobs)
+        assert await job.result(timeout=5) == 3
+"""
+
+INI = """
+    [pytest]
+    asyncio_mode = auto
+    asyncio_default_fixture_loop_scope = function
+    filterwarnings = error
+"""
+
+
+def test_plugin_lets_a_user_test_an_endpoint_that_enqueues(pytester: pytest.Pytester) -> None:
+    pytester.makeini(textwrap.dedent(INI))
+    pytester.makepyfile(
+        myapp=textwrap.dedent(USER_APP),
+        conftest=textwrap.dedent(USER_CONFTEST),
+        test_myapp=textwrap.dedent(USER_TESTS),
+    )
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*AssertionError: expected a job myapp.send_welcome(address='wrong@example.com'); "
+            "1 job(s) of that task were: myapp.send_welcome(3, address='c@example.com')*",
+        ]
+    )
+    assert not (pytester.path / "app-jobs.db").exists(), "the app's real store was touched"
+
+
+def test_plugin_jobs_fixture_in_strict_mode(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nasyncio_mode = strict\nfilterwarnings = error\n")
+    pytester.makepyfile(
+        test_fresh=textwrap.dedent(USER_TESTS_FRESH_JOBS).replace(
+            "async def test_", "import pytest\n\n@pytest.mark.asyncio\nasync def test_"
+        )
+    )
+    result = pytester.runpytest_subprocess(
+        "-p",
+        "no:randomly",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "asyncio_default_fixture_loop_scope=function",
+    )
+    result.assert_outcomes(passed=1)

@@ -1,0 +1,476 @@
+"""Chains, batches, results and current_job(), on every backend (``db_url`` is overridden)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from asyncjobs import (
+    Batch,
+    BatchCounts,
+    BatchProgress,
+    Chain,
+    ConfigurationError,
+    Job,
+    JobFailed,
+    Jobs,
+    JobStatus,
+    Retry,
+    current_job,
+)
+from asyncjobs.testing import FakeClock, drain
+
+MakeJobs = Callable[..., Jobs]
+
+
+@pytest.fixture
+def db_url(backend_url: str) -> str:
+    return backend_url
+
+
+# -- chains ------------------------------------------------------------------------
+
+
+async def test_a_chain_runs_its_jobs_in_order_one_after_another(jobs: Jobs) -> None:
+    order: list[str] = []
+
+    @jobs.task
+    async def step(name: str) -> str:
+        order.append(name)
+        return name.upper()
+
+    chain = await jobs.chain(step.spec("encode"), step.spec("thumbnail"), step.spec("notify"))
+    assert isinstance(chain, Chain)
+    assert [i.status for i in await chain.infos()] == ["queued", "waiting", "waiting"]
+    assert await chain.status() == JobStatus.QUEUED
+    await drain(jobs)
+    assert order == ["encode", "thumbnail", "notify"]
+    assert await chain.status() == JobStatus.SUCCEEDED
+    assert await chain.result(timeout=5) == "NOTIFY"
+    started = [(await job.info()).started_at for job in chain.jobs]
+    finished = [(await job.info()).finished_at for job in chain.jobs]
+    assert all(f is not None and s is not None for s, f in zip(started, finished, strict=True))
+    assert finished[0] <= started[1]  # type: ignore[operator]
+    assert finished[1] <= started[2]  # type: ignore[operator]
+
+
+async def test_a_chain_can_pass_each_result_to_the_next_job(jobs: Jobs) -> None:
+    @jobs.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    @jobs.task
+    async def times(value: int, factor: int) -> int:
+        return value * factor
+
+    @jobs.task
+    async def describe(value: int, *, unit: str) -> dict[str, Any]:
+        return {"value": value, "unit": unit}
+
+    chain = await jobs.chain(
+        add.spec(1, 2),
+        times.spec(10),  # type: ignore[call-arg]
+        describe.spec(unit="cm"),  # type: ignore[call-arg]
+        pass_result=True,
+    )
+    await drain(jobs)
+    assert await chain.result(timeout=5) == {"value": 30, "unit": "cm"}
+    assert [(await job.info()).args for job in chain.jobs] == [[1, 2], [3, 10], [30]]
+
+
+async def test_a_chain_without_pass_result_leaves_arguments_alone(jobs: Jobs) -> None:
+    @jobs.task
+    async def echo(*args: int) -> list[int]:
+        return list(args)
+
+    chain = await jobs.chain(echo.spec(1), echo.spec(2))
+    await drain(jobs)
+    assert await chain.result(timeout=5) == [2]
+
+
+async def test_when_a_chain_member_ends_dead_the_rest_are_cancelled(jobs: Jobs) -> None:
+    ran: list[str] = []
+
+    @jobs.task(retries=0)
+    async def step(name: str) -> None:
+        ran.append(name)
+        if name == "transcode":
+            raise RuntimeError("codec missing")
+
+    chain = await jobs.chain(
+        step.spec("upload"), step.spec("transcode"), step.spec("thumbnail"), step.spec("notify")
+    )
+    await drain(jobs)
+    assert ran == ["upload", "transcode"]
+    statuses = [i.status for i in await chain.infos()]
+    assert statuses == ["succeeded", "dead", "cancelled", "cancelled"]
+    assert await chain.status() == JobStatus.DEAD
+    with pytest.raises(JobFailed) as failed:
+        await chain.result(timeout=5)
+    assert failed.value.job_id == chain.jobs[1].id
+    assert failed.value.status == JobStatus.DEAD
+    assert "codec missing" in (failed.value.error or "")
+
+
+async def test_a_chain_member_retried_before_succeeding_moves_the_chain_on(
+    jobs: Jobs, clock: FakeClock
+) -> None:
+    attempts: list[int] = []
+
+    @jobs.task
+    async def fetch() -> int:
+        return 7
+
+    @jobs.task(retries=3)
+    async def flaky(value: int) -> int:
+        attempts.append(current_job().attempt)
+        if len(attempts) < 3:
+            raise Retry(delay=30)
+        return value * 2
+
+    @jobs.task
+    async def publish(value: int) -> str:
+        return f"published {value}"
+
+    chain = await jobs.chain(
+        fetch.spec(),
+        flaky.spec(),  # type: ignore[call-arg]
+        publish.spec(),  # type: ignore[call-arg]
+        pass_result=True,
+    )
+    await drain(jobs)
+    assert await chain.status() == JobStatus.SCHEDULED  # flaky waits out its retry delay
+    assert (await chain.jobs[2].info()).status == JobStatus.WAITING
+    for _ in range(2):
+        clock.advance(30)
+        await drain(jobs)
+    assert attempts == [1, 2, 3]
+    assert await chain.result(timeout=5) == "published 14"
+    assert (await chain.jobs[1].info()).args == [7], "the result was passed once"
+
+
+async def test_cancelling_a_chain_cancels_every_member_not_finished(jobs: Jobs) -> None:
+    @jobs.task
+    async def step(n: int) -> None: ...
+
+    chain = await jobs.chain(step.spec(1), step.spec(2), step.spec(3))
+    assert await chain.cancel()
+    assert [i.status for i in await chain.infos()] == ["cancelled"] * 3
+    assert not await chain.cancel()
+    await drain(jobs)
+    assert await chain.status() == JobStatus.CANCELLED
+
+
+async def test_chain_members_go_in_one_transaction_and_are_validated_first(jobs: Jobs) -> None:
+    @jobs.task
+    async def step(n: object) -> None: ...
+
+    with pytest.raises(ValueError, match="at least one"):
+        await jobs.chain()
+    with pytest.raises(ConfigurationError, match="idempotency_key"):
+        await jobs.chain(step.spec(1), step.options(idempotency_key="k").spec(2))
+    with pytest.raises(TypeError, match="argument 0"):
+        await jobs.chain(step.spec(1), step.spec(b"bytes"))
+    with pytest.raises(TypeError, match="JobSpec"):
+        await jobs.chain(step)  # type: ignore[arg-type]
+    assert await jobs.list() == []
+
+
+# -- batches -----------------------------------------------------------------------
+
+
+async def test_a_batch_runs_on_complete_once_with_the_counts(jobs: Jobs, clock: FakeClock) -> None:
+    seen: list[BatchCounts | None] = []
+
+    @jobs.task(retries=0)
+    async def send_report(user_id: int) -> int:
+        if user_id == 3:
+            raise RuntimeError("mailbox full")
+        return user_id
+
+    @jobs.task
+    async def report_done(batch: BatchCounts | None = None) -> str:
+        seen.append(batch)
+        return "done"
+
+    batch = await jobs.batch(
+        [send_report.spec(u) for u in range(5)]
+        + [send_report.options(delay=60).spec(u) for u in (10, 11)],
+        on_complete=report_done.spec(),
+    )
+    assert isinstance(batch, Batch)
+    assert batch.on_complete is not None
+    assert (await batch.on_complete.info()).status == JobStatus.WAITING
+    assert await batch.progress() == BatchProgress(
+        total=7, done=0, succeeded=0, dead=0, cancelled=0
+    )
+    await drain(jobs)
+    progress = await batch.progress()
+    assert (progress.done, progress.total, progress.succeeded, progress.dead) == (5, 7, 4, 1)
+    assert progress.fraction == pytest.approx(5 / 7)
+    assert seen == []
+    assert (await batch.on_complete.info()).status == JobStatus.WAITING
+    clock.advance(60)
+    await drain(jobs)
+    await drain(jobs)
+    assert seen == [{"id": batch.id, "total": 7, "succeeded": 6, "dead": 1, "cancelled": 0}]
+    assert await batch.on_complete.result(timeout=5) == "done"
+    final = await batch.wait(timeout=5)
+    assert final.finished
+    assert (final.succeeded, final.dead) == (6, 1)
+
+
+async def test_a_batch_waits_for_a_member_that_is_retried(jobs: Jobs, clock: FakeClock) -> None:
+    seen: list[BatchCounts] = []
+    tries: list[int] = []
+
+    @jobs.task
+    async def member(n: int) -> int:
+        if n == 0:
+            tries.append(1)
+            if len(tries) == 1:
+                raise Retry(delay=10)
+        return n
+
+    @jobs.task
+    async def done(*, batch: BatchCounts) -> None:
+        seen.append(batch)
+
+    batch = await jobs.batch(
+        [member.spec(n) for n in range(3)],
+        on_complete=done.spec(batch={"id": "", "total": 0, "succeeded": 0, "dead": 0,
+                                     "cancelled": 0}),
+    )  # fmt: skip
+    await drain(jobs)
+    assert seen == []
+    assert (await batch.progress()).done == 2
+    clock.advance(10)
+    await drain(jobs)
+    assert len(tries) == 2
+    assert seen == [{"id": batch.id, "total": 3, "succeeded": 3, "dead": 0, "cancelled": 0}]
+    assert await batch.results(timeout=5) == [0, 1, 2]
+
+
+async def test_a_batch_counts_cancelled_members_and_still_completes(jobs: Jobs) -> None:
+    seen: list[BatchCounts] = []
+
+    @jobs.task
+    async def member(n: int) -> None: ...
+
+    @jobs.task
+    async def done(**kwargs: Any) -> None:
+        seen.append(kwargs["batch"])
+
+    batch = await jobs.batch([member.spec(n) for n in range(3)], on_complete=done.spec())
+    assert await batch.jobs[1].cancel()
+    await drain(jobs)
+    assert seen == [{"id": batch.id, "total": 3, "succeeded": 2, "dead": 0, "cancelled": 1}]
+    with pytest.raises(JobFailed):
+        await batch.results(timeout=5)
+
+
+async def test_an_on_complete_without_a_batch_parameter_gets_no_extra_argument(
+    jobs: Jobs,
+) -> None:
+    calls: list[tuple[Any, ...]] = []
+
+    @jobs.task
+    async def member(n: int) -> None: ...
+
+    @jobs.task
+    async def done(label: str) -> None:
+        calls.append((label,))
+
+    batch = await jobs.batch([member.spec(1)], on_complete=done.spec("all sent"))
+    await drain(jobs)
+    assert calls == [("all sent",)]
+    assert batch.on_complete is not None
+    assert (await batch.on_complete.info()).status == JobStatus.SUCCEEDED
+
+
+async def test_an_empty_batch_runs_on_complete_at_once_with_zero_counts(jobs: Jobs) -> None:
+    seen: list[BatchCounts | None] = []
+
+    @jobs.task
+    async def done(batch: BatchCounts | None = None) -> None:
+        seen.append(batch)
+
+    batch = await jobs.batch([], on_complete=done.spec())
+    await drain(jobs)
+    assert seen == [{"id": batch.id, "total": 0, "succeeded": 0, "dead": 0, "cancelled": 0}]
+    assert (await batch.progress()).fraction == 1.0
+    assert (await jobs.batch([])).jobs == []
+
+
+async def test_a_batch_without_on_complete_reports_progress(jobs: Jobs) -> None:
+    @jobs.task
+    async def member(n: int) -> int:
+        return n * n
+
+    batch = await jobs.batch([member.spec(n) for n in range(4)])
+    assert batch.on_complete is None
+    assert (await batch.progress()).done == 0
+    await drain(jobs)
+    assert await batch.wait(timeout=5) == BatchProgress(
+        total=4, done=4, succeeded=4, dead=0, cancelled=0
+    )
+    assert await batch.results(timeout=5) == [0, 1, 4, 9]
+
+
+async def test_on_complete_runs_once_with_two_processes_draining_one_store(
+    make_jobs: MakeJobs, db_url: str
+) -> None:
+    calls: list[BatchCounts] = []
+    instances = [make_jobs(db_url), make_jobs(db_url)]
+    for jobs in instances:
+
+        @jobs.task(name="member")
+        async def member(n: int) -> None: ...
+
+        @jobs.task(name="done")
+        async def done(batch: BatchCounts | None = None) -> None:
+            assert batch is not None
+            calls.append(batch)
+
+    first, second = instances
+    spec = first.registry["member"].spec
+    await first.batch([spec(n) for n in range(20)], on_complete=first.registry["done"].spec())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain, first)
+        tg.start_soon(drain, second)
+    await drain(first)
+    await drain(second)
+    assert len(calls) == 1
+    assert calls[0]["succeeded"] == 20
+
+
+# -- results and current_job() ------------------------------------------------------
+
+
+async def test_result_is_stored_as_json_and_returned(jobs: Jobs) -> None:
+    @jobs.task
+    async def compute() -> dict[str, Any]:
+        return {"items": [1, 2.5, "three", None, True], "nested": {"ok": False}}
+
+    job = await compute.enqueue()
+    await drain(jobs)
+    expected = {"items": [1, 2.5, "three", None, True], "nested": {"ok": False}}
+    assert await job.result(timeout=5) == expected
+    assert (await job.info()).result == expected
+
+
+async def test_result_of_a_dead_job_raises_job_failed(jobs: Jobs) -> None:
+    @jobs.task(retries=0)
+    async def broken() -> None:
+        raise ValueError("nope")
+
+    job = await broken.enqueue()
+    await drain(jobs)
+    with pytest.raises(JobFailed) as failed:
+        await job.result(timeout=5)
+    assert failed.value.status == JobStatus.DEAD
+
+
+async def test_waiting_for_a_result_is_woken_by_the_finish_not_by_polling(jobs: Jobs) -> None:
+    """A waiter that has backed off to a long poll still returns as soon as the job ends."""
+
+    @jobs.task
+    async def slow(n: int) -> int:
+        return n + 1
+
+    job = await slow.enqueue(41)
+    returned_at: list[float] = []
+
+    async def wait() -> None:
+        assert await job.result(timeout=10) == 42
+        returned_at.append(anyio.current_time())
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            # Let the waiter back off (its polls are now ~0.64 s apart); real time passes.
+            with pytest.raises(TimeoutError):
+                await (await jobs.enqueue("elsewhere.task")).result(timeout=0.65)
+            await drain(jobs)
+            finished_at = anyio.current_time()
+    assert returned_at
+    assert returned_at[0] - finished_at < 0.3
+
+
+async def test_waiting_for_a_result_backs_off_instead_of_busy_polling(jobs: Jobs) -> None:
+    """A job nobody runs: a 0.3 s wait reads the store a handful of times, not hundreds."""
+    gets = 0
+    real_get = jobs.store.get
+
+    async def counting_get(job_id: str) -> Any:
+        nonlocal gets
+        gets += 1
+        return await real_get(job_id)
+
+    jobs.store.get = counting_get  # type: ignore[method-assign]
+    job: Job[Any] = await jobs.enqueue("elsewhere.task")
+    with pytest.raises(TimeoutError):
+        await job.result(timeout=0.3)
+    assert 1 <= gets <= 10
+
+
+async def test_current_job_tells_a_task_about_its_own_job(jobs: Jobs) -> None:
+    seen: list[tuple[str, int, str | None, str, int]] = []
+
+    @jobs.task(retries=2)
+    async def charge(order: int) -> None:
+        ctx = current_job()
+        seen.append((ctx.id, ctx.attempt, ctx.idempotency_key, ctx.task, ctx.max_attempts))
+        if ctx.attempt == 1:
+            raise Retry(delay=0)
+
+    job = await charge.options(idempotency_key="charge:9").enqueue(9)
+    await drain(jobs)
+    await drain(jobs)
+    assert seen == [
+        (job.id, 1, "charge:9", charge.name, 3),
+        (job.id, 2, "charge:9", charge.name, 3),
+    ]
+    with pytest.raises(LookupError, match="inside a running job"):
+        current_job()
+
+
+async def test_progress_set_by_a_task_shows_in_job_info(jobs: Jobs) -> None:
+    during: list[tuple[float | None, str | None]] = []
+
+    @jobs.task
+    async def encode() -> None:
+        ctx = current_job()
+        await ctx.set_progress(0.4, "encoding")
+        info = await jobs.get(ctx.id)
+        assert info is not None
+        during.append((info.progress, info.progress_message))
+        await ctx.set_progress(1.0)
+
+    job = await encode.enqueue()
+    await drain(jobs)
+    assert during == [(0.4, "encoding")]
+    info = await job.info()
+    assert (info.progress, info.progress_message) == (1.0, None)
+    with pytest.raises(ValueError, match=r"between 0\.0 and 1\.0"):
+        await current_job_progress(jobs, 1.5)
+
+
+async def current_job_progress(jobs: Jobs, value: float) -> None:
+    """Run a task that sets ``value`` as its progress and re-raise what it raised."""
+    errors: list[BaseException] = []
+
+    @jobs.task(name=f"progress-{value}", retries=0)
+    async def bad() -> None:
+        try:
+            await current_job().set_progress(value)
+        except ValueError as error:
+            errors.append(error)
+
+    await bad.enqueue()
+    await drain(jobs)
+    if errors:
+        raise errors[0]

@@ -1,0 +1,116 @@
+"""Strict JSON: a value round-trips exactly or is refused, naming where."""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections import OrderedDict
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from asyncjobs import NotSerializable, PayloadTooLarge
+from asyncjobs._codec import decode, decode_payload, encode, encode_payload
+
+
+class Colour(enum.IntEnum):
+    RED = 1
+
+
+class Name(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        True,
+        0,
+        -(2**100),
+        1.5,
+        -0.0,
+        "",
+        "héllo \U0001f600",
+        "\ud800",
+        [],
+        {},
+        {"a": [1, {"b": None}], "": "empty key"},
+        [[[[[["deep"]]]]]],
+    ],
+)
+def test_json_values_round_trip_exactly(value: Any) -> None:
+    text = encode(value)
+    assert decode(text) == value
+    assert type(decode(text)) is type(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (float("nan"), "nan"),
+        (float("inf"), "inf"),
+        ([1, float("-inf")], r"\[1\] is -inf"),
+        (b"raw", "bytes"),
+        (bytearray(b"x"), "bytearray"),
+        ((1, 2), "tuple.*pass a list"),
+        ({1, 2}, "set"),
+        ({1: "a"}, "key 1 of type int"),
+        ({"k": {(1,): 2}}, "key"),
+        (Colour.RED, "Colour"),
+        (Name("x"), "Name"),
+        (OrderedDict(a=1), "OrderedDict"),
+        (Decimal("1.1"), "Decimal"),
+        (object(), "object"),
+    ],
+)
+def test_values_json_cannot_represent_exactly_are_refused(value: Any, reason: str) -> None:
+    with pytest.raises(NotSerializable, match=reason):
+        encode(value, what="the result")
+
+
+def test_circular_values_are_refused() -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+    with pytest.raises(NotSerializable):
+        encode(loop)
+
+
+def test_too_deep_nesting_is_refused() -> None:
+    value: Any = "leaf"
+    for _ in range(300):
+        value = [value]
+    with pytest.raises(NotSerializable, match="nested more than 200"):
+        encode(value)
+
+
+def test_encode_payload_names_the_bad_argument() -> None:
+    with pytest.raises(NotSerializable, match=r"argument 1 of task 'send'.*bytes"):
+        encode_payload([1, b"x"], {}, max_bytes=1000, task="send")
+    with pytest.raises(NotSerializable, match=r"keyword argument 'to' of task 'send'.*\['a'\]"):
+        encode_payload([], {"to": {"a": float("nan")}}, max_bytes=1000, task="send")
+
+
+def test_payload_limit_counts_encoded_bytes() -> None:
+    text = encode_payload(["é"], {}, max_bytes=1000, task="t")
+    limit = len(text.encode())
+    assert encode_payload(["é"], {}, max_bytes=limit, task="t") == text
+    with pytest.raises(PayloadTooLarge, match=f"{limit} bytes, over the limit of {limit - 1}"):
+        encode_payload(["é"], {}, max_bytes=limit - 1, task="t")
+
+
+def test_payload_round_trips() -> None:
+    text = encode_payload([1, "a"], {"k": [None]}, max_bytes=1000, task="t")
+    assert json.loads(text) == {"args": [1, "a"], "kwargs": {"k": [None]}}
+    assert decode_payload(text) == ([1, "a"], {"k": [None]})
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"args": 1}', '{"kwargs": []}', ""])
+def test_decode_payload_refuses_what_we_did_not_write(text: str) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 - any ValueError; the runner reports it
+        decode_payload(text)
+
+
+def test_decode_of_none_is_none() -> None:
+    assert decode(None) is None
