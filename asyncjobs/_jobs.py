@@ -549,6 +549,7 @@ class Jobs:
                         len(runner.running), self.settings.shutdown_timeout,
                     )  # fmt: skip
                 jobs_tg.cancel_scope.cancel()
+            await runner.flush_outbox()  # outcomes of the last jobs, released ones too
             loops.cancel_scope.cancel()
         logger.info("asyncjobs workers stopped")
 

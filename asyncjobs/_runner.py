@@ -2,8 +2,12 @@
 
 One ``Runner`` per ``Jobs``. ``serve`` is the long-lived loop used when workers
 are started; ``drain`` runs ready jobs until none is left (tests, scripts).
-Both claim in batches sized to the free slots and ack through group commit, so
-a busy runner costs a couple of store round trips per batch, not per job.
+
+The hot path costs one store round trip per batch, not per job: a finished job
+frees its slot at once and leaves its outcome in the outbox; the next claim
+writes the outbox and takes new jobs in the same transaction
+(``Store.finish_and_claim``). Result waiters are told, and the transition
+logged, only once the outcome is durable.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from asyncjobs._backoff import backoff_delay
-from asyncjobs._batching import GroupCommit
 from asyncjobs._codec import decode_payload, encode
 from asyncjobs._errors import NotSerializable, Retry
 from asyncjobs._retention import Pruner
@@ -92,7 +95,7 @@ class Runner:
         self.running: dict[str, _Running] = {}
         self._wakeup = anyio.Event()
         self._slot_freed = anyio.Event()
-        self._acks: GroupCommit[Outcome, bool] = GroupCommit(self._flush_acks)
+        self._outbox: list[tuple[JobRow, Outcome, float]] = []  # finished, not yet written
         self._shutting_down = False
         self._next_token_at: float | None = None
 
@@ -135,29 +138,68 @@ class Runner:
         return self.settings.concurrency - len(self.running)
 
     async def claim_into(self, tg: TaskGroup) -> int:
-        """Claim as many jobs as there are free slots and start them in ``tg``."""
+        """Write the outbox, claim as many jobs as there are free slots, start them in ``tg``.
+
+        Returns how many jobs were claimed plus how many outcomes were written.
+        """
         free = self.free_slots
-        if free <= 0 or not self.jobs.registry:
+        if not self.jobs.registry:
             return 0
+        if free <= 0:
+            return await self.flush_outbox()
+        outbox, self._outbox = self._outbox, []
         # Shielded: shutdown cancels the claim loop, but a claim the store committed must
         # reach self.running, or its jobs stay 'running' until their lease expires and
         # spend an attempt they never had.
         with anyio.CancelScope(shield=True):
-            rows = await self.jobs.store.claim(self._request(free), now=self.clock.now())
+            request = self._request(free)
+            now = self.clock.now()
+            try:
+                if outbox:
+                    applied, rows = await self.jobs.store.finish_and_claim(
+                        [outcome for _, outcome, _ in outbox], request, now=now
+                    )
+                else:
+                    applied, rows = [], await self.jobs.store.claim(request, now=now)
+            except BaseException:
+                self._outbox[:0] = outbox  # written by the next round; leases cover a crash
+                raise
+        self._acknowledged(outbox, set(applied))
         # When a ready job was held back by an empty rate-limit bucket: its next token.
         self._next_token_at = rows.next_token_at if isinstance(rows, Claimed) else None
         for row in rows:
             self.running[row.id] = _Running(row)
             tg.start_soon(self._execute, row, name=f"asyncjobs job {row.id}")
-        return len(rows)
+        return len(rows) + len(outbox)
+
+    async def flush_outbox(self) -> int:
+        """Write finished jobs' outcomes now (shutdown, or no claim coming)."""
+        outbox, self._outbox = self._outbox, []
+        if not outbox:
+            return 0
+        with anyio.CancelScope(shield=True):
+            try:
+                applied = await self.jobs.store.finish(
+                    [outcome for _, outcome, _ in outbox], now=self.clock.now()
+                )
+            except Exception:
+                # The leases expire and the jobs run again: at least once, never lost.
+                logger.exception("recording the outcome of %d job(s) failed", len(outbox))
+                applied = []
+        self._acknowledged(outbox, set(applied))
+        return len(outbox)
+
+    def _acknowledged(self, outbox: list[tuple[JobRow, Outcome, float]], applied: set[str]) -> None:
+        for row, outcome, duration in outbox:
+            self._log(row, outcome, row.id in applied, duration)
+            self.jobs._notify_finished(row.id)
 
     async def drain(self) -> None:
         """Run ready jobs until none is ready or running (workers must not be started)."""
         await self.recover()
         async with anyio.create_task_group() as tg:
             while True:
-                claimed = await self.claim_into(tg)
-                if claimed:
+                if await self.claim_into(tg) or self._outbox:
                     continue
                 if not self.running:
                     break
@@ -178,7 +220,7 @@ class Runner:
                 continue
             self._wakeup = anyio.Event()
             try:
-                claimed = await self.claim_into(jobs_tg)
+                claimed = await self.claim_into(jobs_tg)  # also writes finished outcomes
             except Exception:
                 logger.exception(
                     "claiming jobs failed; retrying in %.1fs", self.settings.poll_interval
@@ -242,8 +284,7 @@ class Runner:
             )
             raise
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._complete(row, outcome, started)
+            self._complete(row, outcome, started)
 
     async def _attempt(self, row: JobRow, running: _Running) -> Outcome:
         task = self.jobs.registry.get(row.task)
@@ -327,36 +368,14 @@ class Runner:
             )
         return self._outcome(row, OutcomeKind.RETRY, error=error, run_at=self.clock.now() + delay)
 
-    async def _complete(self, row: JobRow, outcome: Outcome | None, started: float) -> None:
-        try:
-            if outcome is not None:
-                try:
-                    applied = await self._acks.submit(outcome)
-                except Exception:
-                    # The lease will expire and the job will run again: at least once.
-                    logger.exception("recording the outcome of job %s failed", row.id)
-                    applied = False
-                self._log(row, outcome, applied, self.clock.now() - started)
-        finally:
-            self.running.pop(row.id, None)
-            freed, self._slot_freed = self._slot_freed, anyio.Event()
-            freed.set()
-            if self._releases_others(row):
-                self.wake()  # the next job of its group, task or queue may run now
-            self.jobs._notify_finished(row.id)
-
-    def _releases_others(self, row: JobRow) -> bool:
-        """Whether this job's end can free a job held back by a group or concurrency limit."""
-        task = self.jobs.registry.get(row.task)
-        return (
-            row.group_key is not None
-            or row.queue in self.jobs.queue_limits
-            or (task is not None and task.concurrency is not None)
-        )
-
-    async def _flush_acks(self, outcomes: list[Outcome]) -> list[bool]:
-        applied = set(await self.jobs.store.finish(outcomes, now=self.clock.now()))
-        return [o.job_id in applied for o in outcomes]
+    def _complete(self, row: JobRow, outcome: Outcome | None, started: float) -> None:
+        """Free the slot now; the outcome is written by the next claim (or flush)."""
+        if outcome is not None:
+            self._outbox.append((row, outcome, self.clock.now() - started))
+        self.running.pop(row.id, None)
+        freed, self._slot_freed = self._slot_freed, anyio.Event()
+        freed.set()
+        self.wake()  # write the outcome soon, and claim the next job
 
     def _log(self, row: JobRow, outcome: Outcome, applied: bool, duration: float) -> None:
         extra = {

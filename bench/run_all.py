@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import importlib.metadata
 import importlib.util
@@ -191,10 +192,8 @@ def machine() -> dict[str, Any]:
 def versions() -> dict[str, str]:
     found = {}
     for name in ("asyncjobs", "aiosqlite", "arq", "saq", "huey", "procrastinate", "pgqueuer"):
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return found
 
 
@@ -208,7 +207,7 @@ async def _servers() -> dict[str, Any]:
             cfg = {}
             for key in ("appendonly", "appendfsync", "save"):
                 cfg.update(await client.config_get(key))
-            info["redis"] = {k: v for k, v in cfg.items()}
+            info["redis"] = dict(cfg)
             info["redis"]["version"] = (await client.info("server"))["redis_version"]
         finally:
             await client.aclose()
@@ -238,7 +237,9 @@ def redis_durable(servers: dict[str, Any]) -> bool:
 # -- running -------------------------------------------------------------------------
 
 
-def run_one(config: Config, workload: str, params: dict[str, Any], timeout: float) -> dict[str, Any]:
+def run_one(
+    config: Config, workload: str, params: dict[str, Any], timeout: float
+) -> dict[str, Any]:
     cmd = [
         sys.executable, "-m", f"bench.peers.{config.module}",
         "--variant", config.variant, "--workload", workload,
@@ -256,7 +257,9 @@ def run_one(config: Config, workload: str, params: dict[str, Any], timeout: floa
     result: dict[str, Any] = json.loads(lines[-1].removeprefix("RESULT "))
     if "error" in result:
         tail = proc.stderr.strip().splitlines()[-1:]
-        result["error"] += "".join(f" ({t.strip()})" for t in tail if t.strip() not in result["error"])
+        result["error"] += "".join(
+            f" ({t.strip()})" for t in tail if t.strip() not in result["error"]
+        )
     result["wall_s"] = round(time.perf_counter() - started, 2)
     return result
 
@@ -269,16 +272,15 @@ def _fmt(value: float, digits: int = 0) -> str:
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
+    """First column left-aligned, the others right-aligned."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    out = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in
-                     enumerate(zip(headers, widths, strict=True)))]  # fmt: skip
-    out.append("  ".join("-" * w for w in widths))
-    for row in rows:
-        out.append(
-            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                      enumerate(zip(row, widths, strict=True)))  # fmt: skip
-        )
-    return "\n".join(out)
+
+    def line(cells: list[str]) -> str:
+        padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                  enumerate(zip(cells, widths, strict=True))]  # fmt: skip
+        return "  ".join(padded).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def _best_peer(
@@ -373,9 +375,7 @@ def report(run: dict[str, Any]) -> str:
                  _fmt(p["segment_jobs_per_s"])]
                 for p in r["points"]
             ]  # fmt: skip
-            out.append(
-                _table(["finished jobs", "RSS MiB", "db MiB", "jobs/s in segment"], rows)
-            )
+            out.append(_table(["finished jobs", "RSS MiB", "db MiB", "jobs/s in segment"], rows))
             out.append(f"  RSS growth first -> last checkpoint: {r['rss_growth_mib']:+.1f} MiB")
     out.append("\n" + targets(run))
     if run["skipped"]:
@@ -402,10 +402,10 @@ def targets(run: dict[str, Any]) -> str:
         r = get("throughput", key)
         if r and best:
             x = r["jobs_per_s"] / best[1]
-            lines.append(f"  throughput {key}: {x:.2f}x best peer (need {need:g}x): {ok(x >= need)}")
-    durable = {
-        c.key for c in CONFIGS if c.service != "redis" or run["servers_durable"]["redis"]
-    }
+            lines.append(
+                f"  throughput {key}: {x:.2f}x best peer (need {need:g}x): {ok(x >= need)}"
+            )
+    durable = {c.key for c in CONFIGS if c.service != "redis" or run["servers_durable"]["redis"]}
     best_enq = _best_peer(res.get("enqueue", {}), "p50_us", False, durable)
     r = get("enqueue", "asyncjobs-normal")
     if r and best_enq:
@@ -415,7 +415,9 @@ def targets(run: dict[str, Any]) -> str:
         )
     r = get("enqueue_concurrent", "asyncjobs-normal")
     if r:
-        lines.append(f"  50 producers: {r['per_s']:,.0f}/s (need 20,000): {ok(r['per_s'] >= 20_000)}")
+        lines.append(
+            f"  50 producers: {r['per_s']:,.0f}/s (need 20,000): {ok(r['per_s'] >= 20_000)}"
+        )
     r = get("pickup", "asyncjobs-normal")
     if r:
         lines.append(

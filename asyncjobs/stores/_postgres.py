@@ -268,6 +268,12 @@ class PostgresStore:
 
         return await self._run("finish", finish)
 
+    async def finish_and_claim(
+        self, outcomes: Sequence[Outcome], request: ClaimRequest, *, now: float
+    ) -> tuple[list[str], list[JobRow]]:
+        applied = await self.finish(outcomes, now=now)
+        return applied, await self.claim(request, now=now)
+
     async def heartbeat(
         self, job_ids: Sequence[str], *, worker: str, lease_until: float
     ) -> set[str]:

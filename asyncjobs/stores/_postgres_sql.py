@@ -237,13 +237,15 @@ async def claim(conn: Connection, request: ClaimRequest, now: float) -> list[Job
         UPDATE asyncjobs_jobs AS t SET
             status = 'running', attempts = t.attempts + 1, started_at = $1, lease_until = $2,
             worker = $3, progress = NULL, progress_message = NULL,
-            max_attempts = CASE
-                WHEN t.options IS NOT NULL AND (t.options::jsonb ->> 'retries') IS NOT NULL
-                THEN t.max_attempts
+            -- The claimer's definition applies unless retries were given at enqueue
+            -- (options is written only by json.dumps; a text test cannot fail on a
+            -- corrupt row the way a ::jsonb cast would); never below this attempt.
+            max_attempts = GREATEST(t.attempts + 1, CASE
+                WHEN t.options LIKE '%"retries"%' THEN t.max_attempts
                 ELSE coalesce(
                     (SELECT l.max_attempts FROM limits AS l WHERE l.task = t.task),
                     t.max_attempts)
-                END
+                END)
         FROM picked WHERE t.seq = picked.seq
         RETURNING {", ".join("t." + c for c in COLUMNS)}
         """,  # noqa: S608 - only constants are interpolated

@@ -187,6 +187,13 @@ class Store(Protocol):
         """
         ...
 
+    async def finish_and_claim(
+        self, outcomes: Sequence[Outcome], request: ClaimRequest, *, now: float
+    ) -> tuple[builtins.list[str], builtins.list[JobRow]]:
+        """``finish(outcomes)`` then ``claim(request)``: the runner's hot path, one
+        transaction where the store can (it need not be atomic across the two)."""
+        ...
+
     async def heartbeat(
         self, job_ids: Sequence[str], *, worker: str, lease_until: float
     ) -> set[str]:

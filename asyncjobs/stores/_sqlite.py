@@ -245,6 +245,13 @@ class SQLiteStore:
             return []
         return await self._transaction(_finish, outcomes, now)
 
+    async def finish_and_claim(
+        self, outcomes: Sequence[Outcome], request: ClaimRequest, *, now: float
+    ) -> tuple[list[str], list[JobRow]]:
+        if request.limit <= 0 or not request.tasks:
+            return await self.finish(outcomes, now=now), []
+        return await self._transaction(_finish_and_claim, outcomes, request, now)
+
     async def heartbeat(
         self, job_ids: Sequence[str], *, worker: str, lease_until: float
     ) -> set[str]:
@@ -485,13 +492,15 @@ def _claim(db: sqlite3.Connection, request: ClaimRequest, now: float) -> Claimed
         UPDATE asyncjobs_jobs SET
             status = 'running', attempts = attempts + 1, started_at = ?, lease_until = ?,
             worker = ?, progress = NULL, progress_message = NULL,
-            max_attempts = CASE
+            -- The claimer's definition applies unless retries were given at enqueue;
+            -- never below this attempt (a manual retry allows one more).
+            max_attempts = max(attempts + 1, CASE
                 -- Corrupt options must not fail the whole claim (the runner sends that
                 -- job to dead); CASE evaluates in order, so json_extract sees valid JSON.
                 WHEN options IS NOT NULL AND NOT json_valid(options) THEN max_attempts
                 WHEN json_extract(options, '$.retries') IS NOT NULL THEN max_attempts
                 ELSE coalesce((SELECT value FROM json_each(?) WHERE key = task), max_attempts)
-                END
+                END)
         WHERE seq IN ({pick}) AND status = 'queued'
         RETURNING {_SELECT}
         """,  # noqa: S608 - only constants are interpolated
@@ -532,6 +541,13 @@ _FINISH_SQL = {
         "status = 'queued', result = ?, attempts = attempts - 1, lease_until = NULL, worker = NULL"
     ),
 }
+
+
+def _finish_and_claim(
+    db: sqlite3.Connection, outcomes: Sequence[Outcome], request: ClaimRequest, now: float
+) -> tuple[list[str], Claimed]:
+    applied = _finish(db, outcomes, now)
+    return applied, _claim(db, request, now)
 
 
 def _finish(db: sqlite3.Connection, outcomes: Sequence[Outcome], now: float) -> list[str]:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from asyncjobs import Jobs
-
 from bench.peers._common import (
     CONCURRENCY,
     Adapter,
@@ -183,7 +182,7 @@ async def memory(adapter: Adapter, params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-VARIANTS = {name: AsyncJobsAdapter for name in ("sqlite-normal", "sqlite-full", "postgres")}
+VARIANTS = dict.fromkeys(("sqlite-normal", "sqlite-full", "postgres"), AsyncJobsAdapter)
 
 if __name__ == "__main__":
     main(VARIANTS, {"idle": idle, "memory": memory})

@@ -64,7 +64,9 @@ class HueyAdapter(Adapter):
 
     async def teardown(self) -> None:
         self.huey.storage.flush_all()
-        self.huey.storage.close() if hasattr(self.huey.storage, "close") else None
+        close = getattr(self.huey.storage, "close", None)
+        if close is not None:
+            close()
 
     def enqueue_sync(self, x: float) -> None:
         self.noop(x)

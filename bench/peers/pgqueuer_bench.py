@@ -2,9 +2,9 @@
 
 Concurrency 10: the entrypoint's ``concurrency_limit=10`` (enforced in SQL) with
 ``batch_size=10``. That was faster here than the other way to cap at 10,
-``max_concurrent_tasks=10``, which forces ``batch_size<=5``. LISTEN/NOTIFY wake-ups (its default). Producer and worker use separate
-connections. A fresh database per run (schema from ``Queries.install()``),
-dropped after.
+``max_concurrent_tasks=10``, which forces ``batch_size<=5``. LISTEN/NOTIFY
+wake-ups (its default). Producer and worker use separate connections. A fresh
+database per run (schema from ``Queries.install()``), dropped after.
 """
 
 from __future__ import annotations
@@ -60,9 +60,7 @@ class PgQueuerAdapter(Adapter):
         async def noop(job: Job) -> None:
             self.hook(float(job.payload or b"0"))
 
-        self.task = asyncio.create_task(
-            self.qm.run(batch_size=BATCH, max_concurrent_tasks=None)
-        )
+        self.task = asyncio.create_task(self.qm.run(batch_size=BATCH, max_concurrent_tasks=None))
 
     async def stop_workers(self) -> None:
         self.qm.shutdown.set()

@@ -52,9 +52,7 @@ class SaqAdapter(Adapter):
 
         self.worker_queue = Queue.from_url(URL, name=self.name)
         await self.worker_queue.connect()
-        self.worker = Worker(
-            self.worker_queue, functions=[("noop", noop)], concurrency=CONCURRENCY
-        )
+        self.worker = Worker(self.worker_queue, functions=[("noop", noop)], concurrency=CONCURRENCY)
         self.task = asyncio.create_task(self.worker.start())
 
     async def stop_workers(self) -> None:
