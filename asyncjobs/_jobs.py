@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import timedelta, tzinfo
@@ -20,7 +19,7 @@ from asyncjobs._clock import Clock, SystemClock
 from asyncjobs._codec import JSON, encode_payload
 from asyncjobs._cron import Cron, Every, zone
 from asyncjobs._errors import AsyncJobsError, ConfigurationError, JobFailed, TaskNotRegistered
-from asyncjobs._models import FINISHED, Job, JobInfo, JobStatus, info_from_row
+from asyncjobs._models import FINISHED, Job, JobInfo, JobStatus, info_from_row, new_job_id
 from asyncjobs._ratelimit import Limiter, RateLimit, parse_rate
 from asyncjobs._runner import Runner
 from asyncjobs._scheduler import ScheduleInfo, Scheduler
@@ -343,7 +342,7 @@ class Jobs:
             status = "scheduled" if run_at > now else "queued"
         default_priority = definition.priority if definition else 0
         return NewJob(
-            id=job_id or uuid.uuid4().hex,
+            id=job_id or new_job_id(),
             task=spec.task,
             queue=o.queue or (definition.queue if definition else "default"),
             payload=payload,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -15,6 +16,11 @@ if TYPE_CHECKING:
     from asyncjobs._jobs import Jobs
 
 R = TypeVar("R")
+
+
+def new_job_id() -> str:
+    """A job id: 128 random bits as 32 hex characters (unique, safe in URLs)."""
+    return os.urandom(16).hex()
 
 
 class JobStatus(enum.StrEnum):

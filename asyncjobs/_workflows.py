@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import uuid
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 import anyio
 
 from asyncjobs._errors import ConfigurationError, JobFailed
-from asyncjobs._models import FINISHED, Job, JobInfo, JobStatus
+from asyncjobs._models import FINISHED, Job, JobInfo, JobStatus, new_job_id
 from asyncjobs._tasks import JobSpec
 from asyncjobs.stores._dependents import COUNTS_FLAG, RESULT_FLAG, with_batch
 from asyncjobs.stores._protocol import NewJob
@@ -178,7 +177,7 @@ async def create_chain(jobs: Jobs, specs: Sequence[JobSpec[Any]], *, pass_result
         raise ValueError("chain() needs at least one job")
     members = [_member(jobs, spec, f"chain member {i}") for i, spec in enumerate(specs)]
     now = jobs.clock.now()
-    ids = [uuid.uuid4().hex for _ in members]
+    ids = [new_job_id() for _ in members]
     new: list[NewJob] = []
     for i, spec in enumerate(members):
         job = jobs._new_job(
@@ -213,7 +212,7 @@ async def create_batch(
 ) -> Batch:
     members = [_member(jobs, spec, f"batch member {i}") for i, spec in enumerate(specs)]
     now = jobs.clock.now()
-    batch_id = uuid.uuid4().hex
+    batch_id = new_job_id()
     new = [jobs._new_job(spec, now, batch_id=batch_id) for spec in members]
     if on_complete is not None:
         callback = _member(jobs, on_complete, "on_complete")

@@ -82,7 +82,7 @@ CONFIGS = [
 # workload -> (params by mode, which configs run it)
 WORKLOADS: dict[str, tuple[dict[str, dict[str, Any]], str]] = {
     "throughput": (
-        {"quick": {"n": 1000}, "normal": {"n": 10_000}},
+        {"quick": {"n": 1000, "timeout": 20}, "normal": {"n": 10_000, "timeout": 60}},
         "all",
     ),
     "enqueue": (
@@ -267,8 +267,8 @@ def run_one(
 # -- reporting -----------------------------------------------------------------------
 
 
-def _fmt(value: float, digits: int = 0) -> str:
-    return f"{value:,.{digits}f}"
+def _fmt(value: float | None, digits: int = 0) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -314,7 +314,12 @@ def report(run: dict[str, Any]) -> str:
                 continue
             cells = [_fmt(r[m], d) for _, m, d in cols]
             ratio = f"{r[metric] / best[1]:.2f}x" if best else "n/a"
-            rows.append([labels[key], *cells, ratio, ""])
+            note = ""
+            if r.get("partial"):
+                note = f"only {r['finished']:,} of {r['n']:,} ran in {r['ran_s']:.0f}s"
+            elif r.get("runs", 0) > r.get("n", 0) and workload == "throughput":
+                note = f"{r['runs'] - r['n']} job(s) ran twice"
+            rows.append([labels[key], *cells, ratio, note])
         return rows, best
 
     sections = [

@@ -11,6 +11,8 @@ Settings (environment variables):
 - ``EMAIL_DELAY``: seconds each fake email call takes (``0.5``)
 - ``EMAIL_RATE``: the provider's rate limit (``"5/s"``)
 - ``SHUTDOWN_TIMEOUT``: seconds running jobs get on shutdown (``10``)
+- ``DASHBOARD_USER`` / ``DASHBOARD_PASSWORD``: HTTP basic credentials for the
+  dashboard at ``/admin/jobs`` (``admin`` / ``change-me``; set your own)
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from asyncjobs import JobInfo, Jobs, JobsMiddleware, JobStatus, current_job
 
@@ -232,6 +234,18 @@ app = Starlette(
         Route("/jobs/{job_id}", job_status),
         Route("/jobs/{job_id}/retry", retry_job, methods=["POST"]),
         Route("/health", health),
+        # Operations: the dashboard (HTTP basic auth, CSRF-protected actions) and
+        # Prometheus metrics, both read from the store so every process agrees.
+        Mount(
+            "/admin/jobs",
+            jobs.dashboard(
+                auth=(
+                    os.environ.get("DASHBOARD_USER", "admin"),
+                    os.environ.get("DASHBOARD_PASSWORD", "change-me"),
+                )
+            ),
+        ),
+        Mount("/metrics", jobs.metrics_app()),
     ],
     middleware=[Middleware(JobsMiddleware, jobs=jobs)],
     lifespan=lifespan,

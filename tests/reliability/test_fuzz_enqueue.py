@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from asyncjobs import (
     AsyncJobsError,
     ConfigurationError,
+    Job,
     Jobs,
     JobStatus,
     NotSerializable,
@@ -390,9 +391,15 @@ def check_options(h: Harness, options: dict[str, Any]) -> None:
     except Exception as error:
         assert_clear(error)
         return
-    if h.refused(lambda: task.enqueue("x")) is not None:
+    returned: list[Job[Any]] = []
+
+    async def enqueue() -> None:
+        returned.append(await task.enqueue("x"))
+
+    if h.refused(enqueue) is not None:
         return
-    (info,) = h.run(h.jobs.list(limit=1))  # must be readable, whatever was given
+    h.run(h.jobs.list(limit=1000))  # every job stays readable, whatever was given
+    info = h.run(returned[0].info())
     key = options.get("idempotency_key")
     if key is not None and h.rows() == before:
         assert info.idempotency_key == key  # an existing job with that key came back
