@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import click
 
+from asyncjobs._errors import AsyncJobsError
 from asyncjobs._jobs import Jobs
 from asyncjobs._models import JobInfo, JobStatus
 from asyncjobs._stats import GroupStats, Stats
@@ -72,7 +73,10 @@ def run(ctx: click.Context, action: Callable[[Jobs], Awaitable[T]]) -> T:
         finally:
             await jobs.close()
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except AsyncJobsError as error:  # a store or setting problem: say it, no traceback
+        raise click.ClickException(str(error)) from error
 
 
 def parse_duration(text: str) -> float:

@@ -18,7 +18,13 @@ from asyncjobs._batching import GroupCommit
 from asyncjobs._clock import Clock, SystemClock
 from asyncjobs._codec import JSON, encode_payload
 from asyncjobs._cron import Cron, Every, zone
-from asyncjobs._errors import AsyncJobsError, ConfigurationError, JobFailed, TaskNotRegistered
+from asyncjobs._errors import (
+    AsyncJobsError,
+    ConfigurationError,
+    JobFailed,
+    StoreError,
+    TaskNotRegistered,
+)
 from asyncjobs._models import FINISHED, Job, JobInfo, JobStatus, info_from_row, new_job_id
 from asyncjobs._ratelimit import Limiter, RateLimit, parse_rate
 from asyncjobs._runner import Runner
@@ -481,13 +487,19 @@ class Jobs:
         with anyio.fail_after(timeout):
             while True:
                 event = self._result_events.setdefault(job_id, anyio.Event())
-                info = await self.get(job_id)
-                if info is None:
-                    raise AsyncJobsError(f"job {job_id} does not exist (or was purged)")
-                if info.status == JobStatus.SUCCEEDED:
-                    return info.result
-                if info.status in FINISHED:
-                    raise JobFailed(job_id, info.status, info.error)
+                try:
+                    info = await self.get(job_id)
+                except StoreError:
+                    # The store is briefly unreachable (a PostgreSQL restart): keep
+                    # waiting until our own timeout rather than failing the waiter.
+                    logger.debug("reading job %s failed; retrying", job_id, exc_info=True)
+                else:
+                    if info is None:
+                        raise AsyncJobsError(f"job {job_id} does not exist (or was purged)")
+                    if info.status == JobStatus.SUCCEEDED:
+                        return info.result
+                    if info.status in FINISHED:
+                        raise JobFailed(job_id, info.status, info.error)
                 with anyio.move_on_after(delay):
                     await event.wait()
                 delay = min(delay * 2, self.settings.poll_interval)

@@ -175,3 +175,16 @@ async def test_worker_runs_jobs_until_sigterm(env: dict[str, str], app_jobs: Job
     assert b"received SIGTERM" in stderr
     assert info is not None
     assert info.result == "hi later"
+
+
+def test_a_store_error_is_a_clean_message_not_a_traceback(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A store that cannot open (its path is a directory) gives one line and exit 1."""
+    (tmp_path / "not-a-file.db").mkdir()
+    broken = {**env, "CLI_TEST_DB_URL": "sqlite:///" + str(tmp_path / "not-a-file.db")}
+    result = cli(broken, "list")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "Error:" in result.stderr
+    assert "not-a-file.db" in result.stderr

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import anyio
 import pytest
 
-from asyncjobs import JobFailed, Jobs, JobStatus, current_job
+from asyncjobs import Job, JobFailed, Jobs, JobStatus, current_job
 from asyncjobs.stores import ClaimRequest, TaskLimits
 from asyncjobs.testing import FakeClock, drain
 
@@ -229,6 +229,8 @@ async def test_an_expired_lease_is_recovered_while_workers_run(
         clock.advance(31)  # past the lease and the maintenance interval; then time stops
         await until(lambda: done)  # recovered, and run at once (not at the next poll)
         assert done == [2]
+        # The outcome is written with the runner's next round trip; result() waits for it.
+        await Job(jobs, other[0]).result(timeout=5)
         info = await jobs.get(other[0])
         assert info is not None
         assert (info.status, info.attempts) == ("succeeded", 2)

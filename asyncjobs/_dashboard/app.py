@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from asyncjobs._dashboard.auth import CSRF_COOKIE, CSRF_FIELD, Authenticator, Csrf
 from asyncjobs._models import FINISHED, JobStatus, info_from_row
+from asyncjobs._settings import is_name
 
 if TYPE_CHECKING:
     from asyncjobs._jobs import Jobs
@@ -113,9 +114,11 @@ class Dashboard:
         before_text = query.get("before") or None
         if status is not None and status not in STATUSES:
             return await self.message(request, 400, f"Unknown status {status!r}.")
-        if any(v is not None and len(v) > 200 for v in (queue, task)):
+        if any(v is not None and not is_name(v) for v in (queue, task)):
             return await self.message(
-                request, 400, "Queue and task names are at most 200 characters."
+                request,
+                400,
+                "Queue and task names are printable text of at most 200 characters.",
             )
         before = None
         if before_text is not None:

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import aiosqlite
+import anyio
+import anyio.to_thread
 
 from asyncjobs._errors import ConfigurationError, StoreError
 from asyncjobs.stores._dependents import (
@@ -147,10 +149,15 @@ class SQLiteStore:
     async def open(self) -> None:
         if self._db is not None:
             return
+        pending = aiosqlite.connect(self.path, isolation_level=None, timeout=self.busy_timeout)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = await aiosqlite.connect(self.path, isolation_level=None, timeout=self.busy_timeout)
+            db = await pending
         except (OSError, sqlite3.Error) as error:
+            # aiosqlite stops its thread on a failed connect but does not wait for it;
+            # wait here, with the loop alive, or the thread reports to a closed loop.
+            if pending._thread.is_alive():
+                await anyio.to_thread.run_sync(pending._thread.join, 5.0)
             raise StoreError(f"cannot open the SQLite store at {self.path}: {error}") from error
         # aiosqlite exposes no public way to run a function in its connection thread;
         # _execute is how its own methods do it, and it saves a round trip per statement.
