@@ -311,16 +311,24 @@ class Runner:
                 _jobs=self.jobs,
             )
         )
-        logger.debug(
-            "job %s (%s) started, attempt %d/%d", row.id, row.task, row.attempts, row.max_attempts,
-            extra={"job_id": row.id, "task": row.task, "attempt": row.attempts},
-        )  # fmt: skip
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "job %s (%s) started, attempt %d/%d",
+                row.id, row.task, row.attempts, row.max_attempts,
+                extra={"job_id": row.id, "task": row.task, "attempt": row.attempts},
+            )  # fmt: skip
         try:
-            with running.scope, self.clock.move_on_after(timeout) as deadline:
-                result = await task.fn(*args, **kwargs)
+            timed_out = False
+            with running.scope:
+                if timeout is None:  # the common case: one cancel scope, not two
+                    result = await task.fn(*args, **kwargs)
+                else:
+                    with self.clock.move_on_after(timeout) as deadline:
+                        result = await task.fn(*args, **kwargs)
+                    timed_out = deadline.cancelled_caught
             if running.cancelled_by_user:
                 return self._outcome(row, OutcomeKind.CANCELLED, error="cancelled while running")
-            if deadline.cancelled_caught:
+            if timed_out:
                 return self._failure(
                     row, f"TimeoutError: the job ran longer than its {timeout}s timeout"
                 )
@@ -378,6 +386,11 @@ class Runner:
         self.wake()  # write the outcome soon, and claim the next job
 
     def _log(self, row: JobRow, outcome: Outcome, applied: bool, duration: float) -> None:
+        if not logger.isEnabledFor(logging.INFO):  # the hot path: nothing will be emitted
+            if applied and outcome.kind in _INFO_OUTCOMES:
+                return
+            if not logger.isEnabledFor(logging.WARNING):
+                return
         extra = {
             "job_id": row.id,
             "task": row.task,
@@ -489,6 +502,9 @@ class Runner:
     async def wait_idle(self) -> None:
         while self.running:
             await self._slot_freed.wait()
+
+
+_INFO_OUTCOMES = frozenset({OutcomeKind.SUCCEEDED, OutcomeKind.CANCELLED, OutcomeKind.RELEASE})
 
 
 def _last_line(text: str | None) -> str:
