@@ -462,6 +462,7 @@ def chart(run: dict[str, Any], path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     labels = {c.key: c.label for c in CONFIGS}
@@ -474,8 +475,11 @@ def chart(run: dict[str, Any], path: Path) -> bool:
     values = [r["jobs_per_s"] for _, r in items]
     colors = ["#2b8a3e" if k in ours else "#868e96" for k, _ in items]
     bars = ax.barh([labels[k] for k, _ in items], values, color=colors)
-    for bar, value in zip(bars, values, strict=True):
-        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {value:,.0f}",
+    for bar, (_, r) in zip(bars, items, strict=True):
+        text = f" {r['jobs_per_s']:,.0f}"
+        if r.get("partial"):
+            text += f" (only {r['finished']:,} of {r['n']:,} ran in {r['ran_s']:.0f}s)"
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, text,
                 va="center", fontsize=9)  # fmt: skip
     m = run["machine"]
     n = run["params"]["throughput"]["n"]
@@ -486,6 +490,7 @@ def chart(run: dict[str, Any], path: Path) -> bool:
         fontsize=10,
     )
     ax.set_xlim(0, max(values) * 1.15)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -502,7 +507,16 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated config keys to run")
     parser.add_argument("--workloads", default="", help="comma-separated workloads to run")
     parser.add_argument("--no-chart", action="store_true", help="do not write docs/throughput.png")
+    parser.add_argument(
+        "--report", metavar="JSON", help="print the tables and redraw the chart of a saved run"
+    )
     args = parser.parse_args()
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        print(report(saved))
+        if not args.no_chart and chart(saved, CHART):
+            print(f"chart: {CHART.relative_to(ROOT)}")
+        return
     mode = "quick" if args.quick else "full" if args.full else "normal"
 
     wanted = [c for c in CONFIGS if not args.only or c.key in args.only.split(",")]

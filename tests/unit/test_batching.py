@@ -1,0 +1,109 @@
+"""Group commit: batching, failure isolation and cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import anyio
+import pytest
+
+from asyncjobs._batching import GroupCommit
+
+
+class SlowStore:
+    """A flush that waits until the test lets it finish, recording every batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.release = anyio.Event()
+        self.started = anyio.Event()
+
+    async def flush(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.started.set()
+        await self.release.wait()
+        return [i * 10 for i in items]
+
+
+async def test_waiters_that_arrive_during_a_flush_share_the_next_one() -> None:
+    store = SlowStore()
+    group: GroupCommit[int, int] = GroupCommit(store.flush)
+    results: dict[int, int] = {}
+
+    async def submit(i: int) -> None:
+        results[i] = await group.submit(i)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(submit, 0)
+        await store.started.wait()
+        for i in range(1, 6):
+            tg.start_soon(submit, i)
+        await anyio.wait_all_tasks_blocked()
+        store.release.set()
+    assert store.batches == [[0], [1, 2, 3, 4, 5]]
+    assert results == {i: i * 10 for i in range(6)}
+    assert group.idle
+
+
+async def test_a_waiter_cancelled_before_its_flush_writes_nothing() -> None:
+    store = SlowStore()
+    group: GroupCommit[int, int] = GroupCommit(store.flush)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(group.submit, 0)
+        await store.started.wait()
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await group.submit(99)  # queued behind the flush, then cancelled
+        tg.start_soon(group.submit, 1)
+        await anyio.wait_all_tasks_blocked()
+        store.release.set()
+    assert store.batches == [[0], [1]]
+    assert group.idle
+
+
+async def test_an_elected_leader_that_is_cancelled_still_flushes_the_others() -> None:
+    """asyncio's task.cancel() can land after the election and before the waiter resumes."""
+    doomed: asyncio.Task[int] | None = None
+    batches: list[list[int]] = []
+    release = anyio.Event()
+
+    async def flush(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        if items == [0]:
+            await release.wait()
+            # Runs after this flush elects the waiter of 1 and before that waiter resumes.
+            assert doomed is not None
+            asyncio.get_running_loop().call_soon(doomed.cancel)
+        return [i * 10 for i in items]
+
+    group: GroupCommit[int, int] = GroupCommit(flush)
+    with anyio.fail_after(5):
+        first = asyncio.create_task(group.submit(0))
+        await anyio.wait_all_tasks_blocked()
+        doomed = asyncio.create_task(group.submit(1))  # first in line: the next leader
+        await anyio.wait_all_tasks_blocked()
+        third = asyncio.create_task(group.submit(2))
+        await anyio.wait_all_tasks_blocked()
+        release.set()
+        assert await first == 0
+        assert await third == 20
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+    assert batches == [[0], [1, 2]]  # the elected leader flushed before giving up
+    assert group.idle
+
+
+async def test_a_failed_flush_fails_its_batch_only() -> None:
+    calls: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        calls.append(items)
+        if 13 in items:
+            raise RuntimeError("disk full")
+        return items
+
+    group: GroupCommit[int, int] = GroupCommit(flush)
+    with pytest.raises(RuntimeError, match="disk full"):
+        await group.submit(13)
+    assert await group.submit(1) == 1
