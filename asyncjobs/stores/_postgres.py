@@ -271,8 +271,20 @@ class PostgresStore:
     async def finish_and_claim(
         self, outcomes: Sequence[Outcome], request: ClaimRequest, *, now: float
     ) -> tuple[list[str], list[JobRow]]:
-        applied = await self.finish(outcomes, now=now)
-        return applied, await self.claim(request, now=now)
+        if request.limit <= 0 or not request.tasks:
+            return await self.finish(outcomes, now=now), []
+
+        async def both(conn: Connection) -> tuple[list[str], list[JobRow]]:
+            # One transaction: one commit (one WAL flush) for the acks and the claim.
+            async with conn.transaction():
+                applied = await sql.finish_plain(conn, outcomes, now)
+                rest = [o for o in outcomes if o.job_id not in applied]
+                if rest:
+                    applied.update(await sql.finish(conn, rest, now))
+                claimed = await sql.claim(conn, request, now)
+            return [o.job_id for o in outcomes if o.job_id in applied], claimed
+
+        return await self._run("claim", both)
 
     async def heartbeat(
         self, job_ids: Sequence[str], *, worker: str, lease_until: float

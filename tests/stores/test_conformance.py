@@ -220,6 +220,24 @@ async def test_finish_succeeded_stores_the_result(store: Store) -> None:
     assert done.lease_until is None
 
 
+async def test_finish_and_claim_acks_and_takes_new_jobs_in_one_call(store: Store) -> None:
+    """The runner's hot path: outcomes written and the next jobs claimed together;
+    a chain member released by an outcome is claimable in the same call."""
+    await store.insert([new("a", chain_next="b"), new("b", status="waiting"), new("c")], now=T0)
+    (a,) = await claim(store, limit=1)
+    applied, claimed = await store.finish_and_claim(
+        [outcome(a, OutcomeKind.SUCCEEDED, result="1")], request(limit=5), now=T0 + 1
+    )
+    assert applied == ["a"]
+    assert await status(store, "a") == "succeeded"
+    assert sorted(row.id for row in claimed) == ["b", "c"]
+    assert all(row.status == "running" and row.attempts == 1 for row in claimed)
+    stale, more = await store.finish_and_claim(
+        [outcome(a, OutcomeKind.SUCCEEDED, result="again")], request(), now=T0 + 2
+    )
+    assert (stale, list(more)) == ([], [])  # not ours any more: not applied
+
+
 async def test_finish_retry_schedules_the_job_and_spends_the_attempt(store: Store) -> None:
     await store.insert([new("a")], now=T0)
     (row,) = await claim(store)
