@@ -78,6 +78,24 @@ def _is_busy(error: sqlite3.OperationalError) -> bool:
     return "locked" in message or "busy" in message
 
 
+def _switch_to_wal(db: sqlite3.Connection) -> tuple[str]:
+    """``PRAGMA journal_mode=WAL``, retried: when several processes open a new file at
+    once, the switch can fail with SQLITE_BUSY without waiting on the busy timeout."""
+    for attempt in range(_WAL_RETRIES):
+        try:
+            row: tuple[str] = db.execute("PRAGMA journal_mode=WAL").fetchone()
+        except sqlite3.OperationalError as error:
+            if not _is_busy(error) or attempt == _WAL_RETRIES - 1:
+                raise
+            time.sleep(0.01 * (attempt + 1))  # in the connection thread, not the loop
+        else:
+            return row
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+_WAL_RETRIES = 30
+
+
 def _migrations() -> list[tuple[int, str]]:
     folder = resources.files("asyncjobs.stores").joinpath("migrations", "sqlite")
     found = []
@@ -173,7 +191,7 @@ class SQLiteStore:
             raise
 
     def _setup(self, db: sqlite3.Connection) -> None:
-        (mode,) = db.execute("PRAGMA journal_mode=WAL").fetchone()
+        (mode,) = _switch_to_wal(db)
         if str(mode).lower() != "wal":
             raise StoreError(f"could not switch {self.path} to WAL mode (got {mode!r})")
         db.execute(f"PRAGMA synchronous={self.synchronous}")
@@ -435,30 +453,34 @@ def _status_filter(status: str | None, now: float) -> tuple[list[str], list[Any]
     return ["status = ?"], [str(status)]
 
 
-_INSERT = (
+_INSERT_HEAD = (
     "INSERT INTO asyncjobs_jobs (id, task, queue, status, priority, payload, options, "
     "max_attempts, run_at, enqueued_at, idempotency_key, group_key, chain_next, batch_id, "
-    "rate_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+    "rate_key) VALUES "
 )
+_INSERT_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_TAIL = " ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+_INSERT_CHUNK = 500
+"""Rows per INSERT statement (15 values each, well under SQLite's 32,766 variables)."""
 
 
 def insert_jobs(db: sqlite3.Connection, jobs: Sequence[NewJob], now: float) -> list[str]:
     """Insert ``jobs`` through ``db`` (already in a transaction); return their ids.
 
-    Also used by transactional enqueue on the caller's own connection.
+    Also used by transactional enqueue on the caller's own connection. One multi-row
+    statement per chunk rather than ``executemany``: each statement step releases and
+    retakes the GIL, and under a busy event loop every retake can wait.
     """
-    db.executemany(
-        _INSERT,
-        [
-            (
+    for start in range(0, len(jobs), _INSERT_CHUNK):
+        chunk = jobs[start : start + _INSERT_CHUNK]
+        values: list[Any] = []
+        for j in chunk:
+            values += (
                 j.id, j.task, j.queue, j.status, j.priority, j.payload, j.options,
                 j.max_attempts, j.run_at, now, j.idempotency_key, j.group_key,
                 j.chain_next, j.batch_id, j.rate_key,
-            )
-            for j in jobs
-        ],
-    )  # fmt: skip
+            )  # fmt: skip
+        db.execute(_INSERT_HEAD + ", ".join([_INSERT_ROW] * len(chunk)) + _INSERT_TAIL, values)
     keys = [j.idempotency_key for j in jobs if j.idempotency_key is not None]
     if not keys:
         return [j.id for j in jobs]

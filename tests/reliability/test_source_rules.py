@@ -47,6 +47,11 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     ("stores/_sqlite.py", "migrate", "statement"): (
         "statements come from the migration .sql files shipped inside the package"
     ),
+    (
+        "stores/_sqlite.py",
+        "insert_jobs",
+        "[_INSERT_ROW] * len(chunk)",
+    ): "constant text and one constant '(?, ...)' group per row; values are parameters",
     ("stores/_sqlite.py", "_setup", "self.synchronous"): (
         "SQLiteStore.__init__ accepts only normal/full/extra and upper-cases it"
     ),
