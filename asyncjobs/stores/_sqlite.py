@@ -248,6 +248,25 @@ class SQLiteStore:
             return result
         raise sqlite3.OperationalError("database is locked")  # pragma: no cover - loop returns
 
+    @staticmethod
+    def _statement(
+        db: sqlite3.Connection,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """Run ``fn``, which runs exactly one write statement, in autocommit mode."""
+        for attempt in range(_BUSY_RETRIES):
+            try:
+                return fn(db, *args, **kwargs)
+            except sqlite3.OperationalError as error:
+                if _is_busy(error) and attempt < _BUSY_RETRIES - 1 and not db.in_transaction:
+                    logger.warning("SQLite store busy, retrying the write (%d)", attempt + 1)
+                    continue
+                raise
+        raise sqlite3.OperationalError("database is locked")  # pragma: no cover - loop returns
+
     async def _transaction(
         self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:
@@ -256,6 +275,10 @@ class SQLiteStore:
     # -- enqueue ---------------------------------------------------------------------
 
     async def insert(self, jobs: Sequence[NewJob], *, now: float) -> list[str]:
+        if len(jobs) <= _INSERT_CHUNK and all(j.idempotency_key is None for j in jobs):
+            # The common enqueue is one INSERT statement, atomic on its own (autocommit);
+            # like BEGIN IMMEDIATE it takes the write lock up front, in two fewer steps.
+            return await self._call(self._statement, insert_jobs, jobs, now)
         return await self._transaction(insert_jobs, jobs, now)
 
     # -- claim and finish ------------------------------------------------------------
