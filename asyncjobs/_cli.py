@@ -101,6 +101,16 @@ def to_json(value: object) -> str:
     return json.dumps(value, default=default, indent=2, ensure_ascii=False)
 
 
+def report(job_id: str, done: bool, as_json: bool, *, key: str, said: str, refused: str) -> None:
+    """The outcome of an action on one job: JSON or a line; exit 1 when it did not apply."""
+    if as_json:
+        click.echo(to_json({"id": job_id, key: done}))
+    elif done:
+        click.echo(f"job {job_id} {said}")
+    if not done:
+        raise click.ClickException(f"job {job_id} {refused}")
+
+
 def job_dict(info: JobInfo) -> dict[str, object]:
     data = dataclasses.asdict(info)
     data["status"] = info.status.value
@@ -339,12 +349,8 @@ def retry(
     if queue or task:
         raise click.UsageError("--queue and --task go with --all-dead")
     done = run(ctx, lambda jobs: jobs.retry(job_id))
-    if as_json:
-        click.echo(to_json({"id": job_id, "retried": done}))
-    elif done:
-        click.echo(f"job {job_id} queued again")
-    if not done:
-        raise click.ClickException(f"job {job_id} is not dead or cancelled (or does not exist)")
+    report(job_id, done, as_json, key="retried", said="queued again",
+           refused="is not dead or cancelled (or does not exist)")  # fmt: skip
 
 
 @cli.command()
@@ -354,12 +360,8 @@ def retry(
 def cancel(ctx: click.Context, job_id: str, as_json: bool) -> None:
     """Cancel a job that has not finished."""
     done = run(ctx, lambda jobs: jobs.cancel(job_id))
-    if as_json:
-        click.echo(to_json({"id": job_id, "cancelled": done}))
-    elif done:
-        click.echo(f"job {job_id} cancelled")
-    if not done:
-        raise click.ClickException(f"job {job_id} already finished (or does not exist)")
+    report(job_id, done, as_json, key="cancelled", said="cancelled",
+           refused="already finished (or does not exist)")  # fmt: skip
 
 
 @cli.command()

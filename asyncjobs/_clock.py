@@ -50,7 +50,3 @@ class SystemClock:
 def to_datetime(epoch: float | None) -> datetime | None:
     """Epoch seconds to an aware UTC datetime (``None`` passes through)."""
     return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
-
-
-def utcnow_from(clock: Clock) -> datetime:
-    return datetime.fromtimestamp(clock.now(), UTC)

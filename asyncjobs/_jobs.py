@@ -23,7 +23,6 @@ from asyncjobs._errors import (
     ConfigurationError,
     JobFailed,
     StoreError,
-    TaskNotRegistered,
 )
 from asyncjobs._models import FINISHED, Job, JobInfo, JobStatus, info_from_row, new_job_id
 from asyncjobs._ratelimit import Limiter, RateLimit, parse_rate
@@ -615,12 +614,3 @@ class Jobs:
             raise AsyncJobsError("drain() is for a Jobs whose workers are not started")
         await self.scheduler.tick()
         await self.runner.drain()
-
-    def require_task(self, name: str) -> Task[..., Any]:
-        try:
-            return self.registry[name]
-        except KeyError:
-            raise TaskNotRegistered(
-                f"task {name!r} is not registered in this process; import the module that "
-                "defines it"
-            ) from None

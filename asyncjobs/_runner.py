@@ -96,7 +96,6 @@ class Runner:
         self._wakeup = anyio.Event()
         self._slot_freed = anyio.Event()
         self._outbox: list[tuple[JobRow, Outcome, float]] = []  # finished, not yet written
-        self._shutting_down = False
         self._next_token_at: float | None = None
 
     # -- signals ---------------------------------------------------------------------

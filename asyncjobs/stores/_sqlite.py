@@ -61,7 +61,11 @@ COLUMNS = (
 )  # fmt: skip
 _SELECT = ", ".join(COLUMNS)
 _PENDING = ("scheduled", "queued")
-_UNFINISHED = ("waiting", "scheduled", "queued", "running")
+_SYNCHRONOUS = {
+    "NORMAL": "PRAGMA synchronous=NORMAL",
+    "FULL": "PRAGMA synchronous=FULL",
+    "EXTRA": "PRAGMA synchronous=EXTRA",
+}
 
 _BUSY_RETRIES = 5
 """How many busy timeouts a write waits out before it gives up with StoreError."""
@@ -150,7 +154,7 @@ class SQLiteStore:
         synchronous: str = "normal",
         busy_timeout: float = 5.0,
     ) -> None:
-        if synchronous.lower() not in ("normal", "full", "extra"):
+        if synchronous.upper() not in _SYNCHRONOUS:
             raise ConfigurationError(f"synchronous must be 'normal' or 'full', got {synchronous!r}")
         self.path = Path(path)
         self.synchronous = synchronous.upper()
@@ -194,8 +198,9 @@ class SQLiteStore:
         (mode,) = _switch_to_wal(db)
         if str(mode).lower() != "wal":
             raise StoreError(f"could not switch {self.path} to WAL mode (got {mode!r})")
-        db.execute(f"PRAGMA synchronous={self.synchronous}")
-        db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+        # PRAGMAs take no parameters: a fixed statement per setting; the busy timeout
+        # is set by connect(timeout=...) through sqlite3_busy_timeout.
+        db.execute(_SYNCHRONOUS[self.synchronous])
         self._write(db, migrate)
         (self._data_version,) = db.execute("PRAGMA data_version").fetchone()
 

@@ -52,9 +52,6 @@ ALLOWED: dict[tuple[str, str, str], str] = {
         "insert_jobs",
         "[_INSERT_ROW] * len(chunk)",
     ): "constant text and one constant '(?, ...)' group per row; values are parameters",
-    ("stores/_sqlite.py", "_setup", "self.synchronous"): (
-        "SQLiteStore.__init__ accepts only normal/full/extra and upper-cases it"
-    ),
     ("stores/_postgres_sql.py", "migrate", "script"): (
         "scripts come from the migration .sql files shipped inside the package"
     ),
