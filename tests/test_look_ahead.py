@@ -1,0 +1,126 @@
+"""Claiming ahead: short jobs are claimed before a slot frees (so a store round trip
+overlaps running jobs); long jobs are not; jobs claimed ahead are heartbeated like
+running ones and given back, attempt unspent, when workers stop. Each job runs in a
+task of its own, so context variables never leak from one job to the next."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextvars import ContextVar
+
+import anyio
+
+from asyncjobs import Jobs
+from asyncjobs.testing import FakeClock, drain
+
+MakeJobs = Callable[..., Jobs]
+
+
+async def until(check: Callable[[], object]) -> None:
+    with anyio.fail_after(5):
+        while not check():
+            await anyio.lowlevel.checkpoint()
+
+
+async def until_finished(jobs: Jobs, ids: list[str]) -> None:
+    with anyio.fail_after(5):
+        while any(status in ("queued", "running") for status, _ in await statuses(jobs, ids)):
+            await anyio.lowlevel.checkpoint()
+
+
+async def statuses(jobs: Jobs, ids: list[str]) -> list[tuple[str, int]]:
+    infos = [await jobs.get(job_id) for job_id in ids]
+    return [(info.status, info.attempts) for info in infos if info is not None]
+
+
+async def run_blocked(jobs: Jobs, clock: FakeClock, *, job_seconds: float) -> list[str]:
+    """Run one job taking ``job_seconds`` (fake time), then start two jobs that block
+    both slots with four more behind them. Returns the six ids."""
+    release = anyio.Event()
+    ran: list[int] = []
+
+    @jobs.task(name="t")
+    async def t(i: int) -> None:
+        clock.advance(job_seconds)
+        ran.append(i)
+        if i in (0, 1):
+            await release.wait()
+
+    jobs.release = release  # type: ignore[attr-defined]
+    jobs.ran = ran  # type: ignore[attr-defined]
+    await jobs.start()
+    await (await t.enqueue(-1)).result(timeout=5)
+    made = await jobs.enqueue_many([t.spec(i) for i in range(6)])
+    await until(lambda: len(jobs.runner.running) == 2)
+    return [job.id for job in made]
+
+
+async def test_short_jobs_are_claimed_ahead_then_given_back_unspent_at_stop(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    jobs = make_jobs(concurrency=2, shutdown_timeout=10)
+    ids = await run_blocked(jobs, clock, job_seconds=0.0)
+    # Two run, two more are claimed ahead (leased to this worker), two wait in the store.
+    assert await statuses(jobs, ids) == [("running", 1)] * 4 + [("queued", 0)] * 2
+
+    clock.advance(30)
+    await jobs.runner.heartbeat_once()  # jobs claimed ahead keep their lease too
+    for job_id in ids[:4]:
+        row = await jobs.store.get(job_id)
+        assert row is not None
+        assert row.lease_until == clock.now() + 60
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(jobs.stop)
+        await until(lambda: not jobs.runner._accepting)
+        jobs.release.set()  # type: ignore[attr-defined]
+    assert await statuses(jobs, ids) == [("succeeded", 1)] * 2 + [("queued", 0)] * 4
+    assert jobs.ran == [-1, 0, 1]  # type: ignore[attr-defined]
+    for job_id in ids[2:4]:
+        row = await jobs.store.get(job_id)
+        assert row is not None
+        assert (row.worker, row.lease_until) == (None, None)
+    await jobs.close()
+
+
+async def test_long_jobs_are_not_claimed_ahead(make_jobs: MakeJobs, clock: FakeClock) -> None:
+    jobs = make_jobs(concurrency=2, shutdown_timeout=10)
+    ids = await run_blocked(jobs, clock, job_seconds=1.0)
+    assert await statuses(jobs, ids) == [("running", 1)] * 2 + [("queued", 0)] * 4
+    jobs.release.set()  # type: ignore[attr-defined]
+    await until_finished(jobs, ids)
+    await jobs.close()
+    assert await statuses(jobs, ids) == [("succeeded", 1)] * 6
+
+
+async def test_a_cancelled_job_claimed_ahead_never_runs(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    jobs = make_jobs(concurrency=2, shutdown_timeout=10)
+    ids = await run_blocked(jobs, clock, job_seconds=0.0)
+    assert await jobs.cancel(ids[2])
+    jobs.release.set()  # type: ignore[attr-defined]
+    await until_finished(jobs, ids)
+    await jobs.close()
+    assert (
+        await statuses(jobs, ids)
+        == [("succeeded", 1)] * 2 + [("cancelled", 1)] + [("succeeded", 1)] * 3
+    )
+    assert sorted(jobs.ran) == [-1, 0, 1, 3, 4, 5]  # type: ignore[attr-defined]
+
+
+async def test_context_variables_set_by_a_job_do_not_leak_into_the_next(
+    make_jobs: MakeJobs,
+) -> None:
+    jobs = make_jobs(concurrency=1)
+    var: ContextVar[int | None] = ContextVar("var", default=None)
+    seen: list[int | None] = []
+
+    @jobs.task
+    async def sets(i: int) -> None:
+        seen.append(var.get())
+        var.set(i)
+
+    await jobs.enqueue_many([sets.spec(i) for i in range(5)])
+    await drain(jobs)
+    assert seen == [None] * 5
