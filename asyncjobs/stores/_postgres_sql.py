@@ -126,11 +126,24 @@ async def migrate(conn: Connection) -> None:
             )
 
 
-def _insert_sql(table: str) -> str:
+_INSERT_COLUMNS = (
+    "id, task, queue, status, priority, payload, options, max_attempts, run_at, enqueued_at, "
+    "idempotency_key, group_key, chain_next, batch_id, rate_key"
+)
+_ON_CONFLICT = "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+
+
+def _insert_sql(table: str, *, rows: int) -> str:
+    """The INSERT of ``rows`` jobs: $1 is ``now``, then one parameter per column (one
+    value for a single job, which plans and runs cheaper than unnest; else arrays)."""
+    if rows == 1:
+        return (
+            f"INSERT INTO {table} ({_INSERT_COLUMNS}) "  # noqa: S608 - identifier, constants
+            "VALUES ($2, $3, $4, $5, $6, $7, $8, $9, $10, $1, $11, $12, $13, $14, $15) "
+            + _ON_CONFLICT
+        )
     return (
-        f"INSERT INTO {table} (id, task, queue, status, priority, payload, options, "  # noqa: S608
-        "max_attempts, run_at, enqueued_at, idempotency_key, group_key, chain_next, batch_id, "
-        "rate_key) "
+        f"INSERT INTO {table} ({_INSERT_COLUMNS}) "  # noqa: S608 - identifier, constants
         "SELECT id, task, queue, status, priority, payload, options, max_attempts, run_at, $1, "
         "idempotency_key, group_key, chain_next, batch_id, rate_key FROM unnest("
         "$2::text[], $3::text[], $4::text[], $5::text[], $6::int[], $7::text[], $8::text[], "
@@ -138,8 +151,15 @@ def _insert_sql(table: str) -> str:
         "$15::text[]) "
         "WITH ORDINALITY AS n(id, task, queue, status, priority, payload, options, max_attempts, "
         "run_at, idempotency_key, group_key, chain_next, batch_id, rate_key, ord) "
-        "ORDER BY ord ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+        "ORDER BY ord " + _ON_CONFLICT
     )
+
+
+def _job_values(j: NewJob) -> tuple[Any, ...]:
+    return (
+        j.id, j.task, j.queue, j.status, j.priority, j.payload, j.options, j.max_attempts,
+        j.run_at, j.idempotency_key, j.group_key, j.chain_next, j.batch_id, j.rate_key,
+    )  # fmt: skip
 
 
 async def insert_jobs(
@@ -149,28 +169,29 @@ async def insert_jobs(
 
     Used by ``PostgresStore.insert`` and by transactional enqueue on the caller's own
     connection (inside the caller's transaction, so the jobs exist iff it commits).
-    A job whose idempotency key is already stored is not inserted again.
+    One statement, so atomic on its own. A job whose idempotency key is already
+    stored is not inserted again; only then is the stored id read back (a second
+    round trip).
     """
     if not jobs:
         return []
-    columns: list[list[Any]] = [[] for _ in range(14)]
-    for j in jobs:
-        values = (
-            j.id, j.task, j.queue, j.status, j.priority, j.payload, j.options,
-            j.max_attempts, j.run_at, j.idempotency_key, j.group_key, j.chain_next, j.batch_id,
-            j.rate_key,
-        )  # fmt: skip
-        for column, value in zip(columns, values, strict=True):
-            column.append(value)
-    await conn.execute(_insert_sql(table), now, *columns)
-    keys = [j.idempotency_key for j in jobs if j.idempotency_key is not None]
-    if not keys:
+    if len(jobs) == 1:
+        params: list[Any] = list(_job_values(jobs[0]))
+    else:
+        params = [list(column) for column in zip(*map(_job_values, jobs), strict=True)]
+    query = _insert_sql(table, rows=len(jobs))
+    if all(j.idempotency_key is None for j in jobs):
+        await conn.execute(query, now, *params)
         return [j.id for j in jobs]
-    rows = await conn.fetch(
-        f"SELECT idempotency_key, id FROM {table} WHERE idempotency_key = ANY($1::text[])",  # noqa: S608
-        keys,
-    )
-    stored = {r["idempotency_key"]: r["id"] for r in rows}
+    inserted = await conn.fetch(query + " RETURNING idempotency_key, id", now, *params)
+    stored = {r["idempotency_key"]: r["id"] for r in inserted}
+    known = [k for j in jobs if (k := j.idempotency_key) is not None and k not in stored]
+    if known:
+        rows = await conn.fetch(
+            f"SELECT idempotency_key, id FROM {table} WHERE idempotency_key = ANY($1::text[])",  # noqa: S608
+            known,
+        )
+        stored.update((r["idempotency_key"], r["id"]) for r in rows)
     return [j.id if j.idempotency_key is None else stored[j.idempotency_key] for j in jobs]
 
 
