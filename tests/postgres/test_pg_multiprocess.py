@@ -140,6 +140,8 @@ async def test_a_killed_process_loses_no_job(
     assert await counts(postgres_url) == {"succeeded": JOBS}
     runs = collections.Counter(run for worker in workers for run in worker.run_ids())
     assert set(runs) == set(ids)
-    # Only jobs the victim held when it died can have run twice.
-    assert sum(n - 1 for n in runs.values()) <= 10
+    # Only jobs the victim held when it died can have run twice: at most its 10 slots'
+    # jobs plus those it ran while claiming ahead (short jobs: up to 10 more) whose
+    # outcomes were not written yet.
+    assert sum(n - 1 for n in runs.values()) <= 20
     check_stderr(survivors)
