@@ -233,3 +233,39 @@ async def test_many_connections_opening_a_new_file_at_once_all_succeed(tmp_path:
         finally:
             for store in stores:
                 await store.close()
+
+
+async def test_idle_polls_cost_the_same_with_many_jobs_scheduled_for_later(
+    tmp_path: Path,
+) -> None:
+    """``next_run_at`` and a claim that finds nothing due read the due rows only: the
+    SQLite VM steps they take do not grow with the number of scheduled jobs."""
+    request = ClaimRequest(
+        worker="w", tasks={"t": TaskLimits(max_attempts=1)}, queues=None, limit=10, lease=60
+    )
+
+    async def steps_of_idle_polls(scheduled: int) -> int:
+        store = SQLiteStore(tmp_path / f"sched-{scheduled}.db")
+        await store.open()
+        try:
+            jobs = [
+                new_job(f"s{i}", status="scheduled", run_at=3600.0 + i) for i in range(scheduled)
+            ]
+            await store.insert(jobs, now=0.0)
+            steps = 0
+
+            def count() -> int:
+                nonlocal steps
+                steps += 1
+                return 0
+
+            await store._call(lambda db: db.set_progress_handler(count, 1))
+            assert await store.next_run_at() == 3600.0
+            assert await store.claim(request, now=10.0) == []
+            await store._call(lambda db: db.set_progress_handler(None, 1))
+            return steps
+        finally:
+            await store.close()
+
+    few, many = await steps_of_idle_polls(10), await steps_of_idle_polls(5000)
+    assert many < few * 2

@@ -47,6 +47,7 @@ from asyncjobs.stores._protocol import (
     WorkerRow,
 )
 from asyncjobs.stores._sqlite_limits import choose, has_limits
+from asyncjobs.stores._sqlite_side import ChangeWatch, Checkpointer, hand_checkpoints_over
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,8 @@ class SQLiteStore:
         self._db: aiosqlite.Connection | None = None
         self._raw: sqlite3.Connection | None = None
         self._data_version: int | None = None
+        self._checkpointer: Checkpointer | None = None
+        self._watch: ChangeWatch | None = None
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
@@ -190,6 +193,8 @@ class SQLiteStore:
         self._db, self._raw = db, raw
         try:
             await self._call(self._setup)
+            self._checkpointer = Checkpointer(self.path)
+            self._watch = await self._call(lambda _: ChangeWatch(self.path))
         except BaseException:
             await self.close()
             raise
@@ -201,10 +206,17 @@ class SQLiteStore:
         # PRAGMAs take no parameters: a fixed statement per setting; the busy timeout
         # is set by connect(timeout=...) through sqlite3_busy_timeout.
         db.execute(_SYNCHRONOUS[self.synchronous])
+        hand_checkpoints_over(db)
         self._write(db, migrate)
         (self._data_version,) = db.execute("PRAGMA data_version").fetchone()
 
     async def close(self) -> None:
+        checkpointer, self._checkpointer = self._checkpointer, None
+        watch, self._watch = self._watch, None
+        if checkpointer is not None:
+            await checkpointer.close()
+        if watch is not None:
+            watch.close()
         db, self._db, self._raw = self._db, None, None
         if db is not None:
             await db.close()
@@ -275,7 +287,13 @@ class SQLiteStore:
     async def _transaction(
         self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:
-        return await self._call(self._write, fn, *args, **kwargs)
+        result = await self._call(self._write, fn, *args, **kwargs)
+        self._committed()
+        return result
+
+    def _committed(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.committed()
 
     # -- enqueue ---------------------------------------------------------------------
 
@@ -283,7 +301,9 @@ class SQLiteStore:
         if len(jobs) <= _INSERT_CHUNK and all(j.idempotency_key is None for j in jobs):
             # The common enqueue is one INSERT statement, atomic on its own (autocommit);
             # like BEGIN IMMEDIATE it takes the write lock up front, in two fewer steps.
-            return await self._call(self._statement, insert_jobs, jobs, now)
+            ids = await self._call(self._statement, insert_jobs, jobs, now)
+            self._committed()
+            return ids
         return await self._transaction(insert_jobs, jobs, now)
 
     # -- claim and finish ------------------------------------------------------------
@@ -317,12 +337,19 @@ class SQLiteStore:
 
     async def next_run_at(self) -> float | None:
         rows = await self._call(
-            _fetchall, "SELECT min(run_at) FROM asyncjobs_jobs WHERE status = 'scheduled'", ()
+            _fetchall,
+            # INDEXED BY: the planner picks the (status, seq) index and reads every
+            # scheduled row (1 ms with 10,000 of them) instead of the first of this one.
+            "SELECT min(run_at) FROM asyncjobs_jobs INDEXED BY asyncjobs_jobs_scheduled "
+            "WHERE status = 'scheduled'",
+            (),
         )
         value = rows[0][0]
         return None if value is None else float(value)
 
     async def changed(self) -> bool:
+        if self._watch is not None:
+            return self._watch.changed()
         (version,) = (await self._call(_fetchall, "PRAGMA data_version", ()))[0]
         changed = version != self._data_version
         self._data_version = version
@@ -524,7 +551,9 @@ def insert_jobs(db: sqlite3.Connection, jobs: Sequence[NewJob], now: float) -> l
 
 def _claim(db: sqlite3.Connection, request: ClaimRequest, now: float) -> Claimed:
     db.execute(
-        "UPDATE asyncjobs_jobs SET status = 'queued' WHERE status = 'scheduled' AND run_at <= ?",
+        # INDEXED BY: as in next_run_at, the due rows only, not every scheduled one.
+        "UPDATE asyncjobs_jobs INDEXED BY asyncjobs_jobs_scheduled SET status = 'queued' "
+        "WHERE status = 'scheduled' AND run_at <= ?",
         (now,),
     )
     attempts = json.dumps({name: limits.max_attempts for name, limits in request.tasks.items()})

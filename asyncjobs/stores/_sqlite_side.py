@@ -1,0 +1,118 @@
+"""Two side connections of the SQLite store, so its connection thread only runs SQL
+that callers wait for.
+
+- ``Checkpointer`` copies the write-ahead log back into the database file (a PASSIVE
+  checkpoint) on a worker thread of its own, every ``every`` commits. SQLite's own
+  automatic checkpoint runs inside a commit, on the connection thread, and its fsync
+  of the database file (milliseconds on a slow disk) would delay every claim and
+  enqueue queued behind it. The store raises the automatic threshold to a safety net
+  (``AUTOCHECKPOINT_PAGES``) that this checkpointer keeps the log from reaching.
+- ``ChangeWatch`` reads ``PRAGMA data_version`` on the event loop thread: an idle
+  runner asks ten times a second whether another process committed, and a few
+  microseconds here beat a round trip through the connection thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from pathlib import Path
+
+logger = logging.getLogger("asyncjobs")
+
+AUTOCHECKPOINT_PAGES = 4000
+"""SQLite's automatic checkpoint threshold on the store's connections (16 MiB of log at
+4 KiB pages): reached only if the checkpointer falls behind."""
+
+CHECKPOINT_EVERY = 100
+"""Commits between checkpoints: a commit adds a few pages, so the log stays well under
+SQLite's default threshold of 1,000 pages."""
+
+
+def hand_checkpoints_over(db: sqlite3.Connection) -> None:
+    """Raise ``db``'s automatic checkpoint threshold to the safety net (its thread)."""
+    db.execute("PRAGMA wal_autocheckpoint=4000")  # AUTOCHECKPOINT_PAGES; no parameters
+
+
+def _side_connection(path: Path) -> sqlite3.Connection:
+    # timeout=0: neither connection ever waits for a lock; busy means "try later".
+    return sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+
+
+class Checkpointer:
+    """Runs a PASSIVE WAL checkpoint in a worker thread every ``every`` commits.
+
+    ``committed()`` is called on the event loop thread after each commit; at most one
+    checkpoint runs at a time. PASSIVE never waits: with another process's
+    checkpoint or a long reader in the way it copies what it can, and the next one
+    goes on from there.
+    """
+
+    def __init__(self, path: Path, *, every: int = CHECKPOINT_EVERY) -> None:
+        self._path = path
+        self._every = every
+        self._commits = 0
+        self._running: asyncio.Task[None] | None = None
+        self._db: sqlite3.Connection | None = None  # one worker thread at a time
+        self.checkpoints = 0  # completed, for tests and curiosity
+
+    def committed(self, commits: int = 1) -> None:
+        self._commits += commits
+        if self._commits < self._every:
+            return
+        if self._running is not None and not self._running.done():
+            return  # the next commit asks again
+        self._commits = 0
+        self._running = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(self._checkpoint), name="asyncjobs WAL checkpoint"
+        )
+
+    def _checkpoint(self) -> None:
+        try:
+            if self._db is None:
+                self._db = _side_connection(self._path)
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            self.checkpoints += 1
+        except sqlite3.Error as error:
+            # Busy, or the disk failed: the safety net threshold still bounds the log.
+            logger.debug("SQLite WAL checkpoint of %s skipped: %s", self._path, error)
+
+    async def idle(self) -> None:
+        """Wait for the checkpoint in progress, if any."""
+        running = self._running
+        if running is not None:
+            await asyncio.shield(running)
+
+    async def close(self) -> None:
+        await self.idle()
+        self._running = None
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+
+
+class ChangeWatch:
+    """Has another connection committed since the last look? (event loop thread)."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = _side_connection(path)
+        self._version = self._read()
+
+    def _read(self) -> int:
+        # fetchall, not fetchone: a statement not stepped to its end keeps its read
+        # transaction open, and an open reader stops every checkpoint at its snapshot.
+        ((version,),) = self._db.execute("PRAGMA data_version").fetchall()
+        return int(version)
+
+    def changed(self) -> bool:
+        try:
+            version = self._read()
+        except sqlite3.OperationalError:
+            return True  # busy (another process is recovering the log): go and look
+        changed = version != self._version
+        self._version = version
+        return changed
+
+    def close(self) -> None:
+        self._db.close()
