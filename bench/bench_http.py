@@ -189,7 +189,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         db = str(Path(tmp) / "bench-jobs.db")
-        server = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--db", db])
+        serve_args = ["--serve", str(port), "--db", db]
+        if args.no_workers:
+            serve_args.append("--no-workers")  # the server reads it, not just the report
+        server = subprocess.Popen([sys.executable, __file__, *serve_args])
         script = Path(tmp) / "post.lua"
         script.write_text(WRK_SCRIPT)
         try:
