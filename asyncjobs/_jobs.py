@@ -347,7 +347,7 @@ class Jobs:
             status = "scheduled" if run_at > now else "queued"
         default_priority = definition.priority if definition else 0
         return NewJob(
-            id=job_id or new_job_id(),
+            id=job_id or new_job_id(now),
             task=spec.task,
             queue=o.queue or (definition.queue if definition else "default"),
             payload=payload,
