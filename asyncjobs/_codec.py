@@ -8,6 +8,7 @@ turned into strings. Refusals name the argument and the path inside it.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -90,9 +91,27 @@ def encode(value: JSON, *, what: str = "value") -> str:
     raise NotSerializable(f"{what} cannot be stored as JSON: {reason}")
 
 
-def _is_strict(value: Any) -> bool:
-    """Fast check that a value round-trips: only exact JSON types."""
-    return _problem(value, "") is None
+_SCALARS = (str, int, bool, type(None))
+
+
+def _is_strict(value: Any, depth: int = 0) -> bool:
+    """Fast check that a value round-trips: only exact JSON types.
+
+    True exactly when ``_problem(value, "")`` is None, without building the path text
+    ``_problem`` needs for its message (this runs on every enqueue).
+    """
+    if depth > 200:
+        return False
+    kind = type(value)
+    if kind in _SCALARS:
+        return True
+    if kind is float:
+        return math.isfinite(value)
+    if kind is list:
+        return all(_is_strict(item, depth + 1) for item in value)
+    if kind is dict:
+        return all(type(key) is str and _is_strict(item, depth + 1) for key, item in value.items())
+    return False
 
 
 def encode_payload(
