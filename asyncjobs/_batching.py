@@ -27,6 +27,9 @@ import anyio
 T = TypeVar("T")
 R = TypeVar("R")
 
+_GATHER_PASSES = 2
+"""Loop iterations a leader waits for more submitters before it flushes, at most."""
+
 
 class _Waiter(Generic[T, R]):
     __slots__ = ("done", "error", "future", "items", "results")
@@ -77,8 +80,16 @@ class GroupCommit(Generic[T, R]):
     async def _lead_shielded(self) -> None:
         self._busy = True
         with anyio.CancelScope(shield=True):
-            # Let submitters woken in this same loop iteration join the batch.
-            await anyio.lowlevel.checkpoint()
+            # Let submitters woken in this same loop iteration join the batch. If some
+            # did, wait one more iteration: the loop polls its sockets in between, so
+            # the requests that just arrived join too (under load, twice the batch for
+            # the same per-flush cost); a lone producer yields only once.
+            waiting = len(self._queue)
+            for _ in range(_GATHER_PASSES):
+                await anyio.lowlevel.checkpoint()
+                if len(self._queue) == waiting:
+                    break
+                waiting = len(self._queue)
             await self._lead()
 
     async def _lead(self) -> None:
