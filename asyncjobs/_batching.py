@@ -49,6 +49,9 @@ class GroupCommit(Generic[T, R]):
         self._flush = flush
         self._queue: list[_Waiter[T, R]] = []
         self._busy = False
+        # Did the last flush have company? Then leaders wait for submitters woken in the
+        # same loop iteration; a lone producer flushes at once (one loop turn sooner).
+        self._gather = False
 
     @property
     def idle(self) -> bool:
@@ -83,9 +86,9 @@ class GroupCommit(Generic[T, R]):
             # Let submitters woken in this same loop iteration join the batch. If some
             # did, wait one more iteration: the loop polls its sockets in between, so
             # the requests that just arrived join too (under load, twice the batch for
-            # the same per-flush cost); a lone producer yields only once.
+            # the same per-flush cost).
             waiting = len(self._queue)
-            for _ in range(_GATHER_PASSES):
+            for _ in range(_GATHER_PASSES if self._gather else 0):
                 await anyio.lowlevel.checkpoint()
                 if len(self._queue) == waiting:
                     break
@@ -95,6 +98,7 @@ class GroupCommit(Generic[T, R]):
     async def _lead(self) -> None:
         batch = [w for w in self._queue if not w.future.cancelled()]
         self._queue = []
+        self._gather = len(batch) > 1
         items = [item for waiter in batch for item in waiter.items]
         try:
             results = list(await self._flush(items)) if items else []

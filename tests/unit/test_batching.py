@@ -45,6 +45,35 @@ async def test_waiters_that_arrive_during_a_flush_share_the_next_one() -> None:
     assert group.idle
 
 
+async def test_a_lone_producer_flushes_at_once_and_company_makes_leaders_gather() -> None:
+    store = SlowStore()
+    store.release.set()
+    group: GroupCommit[int, int] = GroupCommit(store.flush)
+
+    async def two_in_one_loop_iteration(first: int) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(group.submit, first)
+            tg.start_soon(group.submit, first + 1)
+
+    # No company seen yet: the first submitter does not wait for the second.
+    await two_in_one_loop_iteration(0)
+    assert store.batches == [[0], [1]]
+    # A flush that did have company (submitters queued behind a slow flush)...
+    store.release = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(group.submit, 2)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(group.submit, 3)
+        tg.start_soon(group.submit, 4)
+        await anyio.wait_all_tasks_blocked()
+        store.release.set()
+    assert store.batches[-2:] == [[2], [3, 4]]
+    # ...makes the next leader wait one loop iteration for the others.
+    await two_in_one_loop_iteration(5)
+    assert store.batches[-1] == [5, 6]
+    assert group.idle
+
+
 async def test_a_waiter_cancelled_before_its_flush_writes_nothing() -> None:
     store = SlowStore()
     group: GroupCommit[int, int] = GroupCommit(store.flush)
