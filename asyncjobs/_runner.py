@@ -108,10 +108,10 @@ class Runner:
         # Claimed ahead, waiting for a slot; popped from the end (highest priority first).
         self._ready: list[JobRow] = []
         self._accepting = True  # False once shutdown begins: nothing new starts
-        self._job_claimed = anyio.Event()
+        self._job_claimed = asyncio.Event()
         self._mean_duration: float | None = None  # recent jobs, moving average
-        self._wakeup = anyio.Event()
-        self._slot_freed = anyio.Event()
+        self._wakeup = asyncio.Event()
+        self._slot_freed = asyncio.Event()
         self._outbox: list[tuple[JobRow, Outcome, float]] = []  # finished, not yet written
         self._next_token_at: float | None = None
 
@@ -197,7 +197,7 @@ class Runner:
         if rows:
             self._ready.extend(rows)
             self._ready.sort(key=_run_order)
-            claimed, self._job_claimed = self._job_claimed, anyio.Event()
+            claimed, self._job_claimed = self._job_claimed, asyncio.Event()
             claimed.set()
         return len(rows) + len(outbox)
 
@@ -286,7 +286,7 @@ class Runner:
                 for _ in range(3):
                     await anyio.lowlevel.checkpoint()
                 continue
-            self._wakeup = anyio.Event()
+            self._wakeup = asyncio.Event()
             try:
                 claimed = await self.claim()  # also writes finished outcomes
             except Exception:
@@ -453,7 +453,7 @@ class Runner:
         mean = self._mean_duration
         self._mean_duration = duration if mean is None else mean + (duration - mean) / 8
         self.running.pop(row.id, None)
-        freed, self._slot_freed = self._slot_freed, anyio.Event()
+        freed, self._slot_freed = self._slot_freed, asyncio.Event()
         freed.set()
         self.wake()  # write the outcome soon, and claim the next job
 
