@@ -636,8 +636,38 @@ def _finish_and_claim(
     return applied, _claim(db, request, now)
 
 
+# Every success of a flush in one statement (the common case: no-op jobs finish by
+# the dozen). Each outcome is a JSON array [id, worker, attempt, result, max_attempts].
+_FINISH_SUCCEEDED = """
+    UPDATE asyncjobs_jobs INDEXED BY sqlite_autoindex_asyncjobs_jobs_1
+    SET status = 'succeeded', result = json_extract(o.value, '$[3]'),
+        error = NULL, finished_at = ?, lease_until = NULL,
+        max_attempts = coalesce(json_extract(o.value, '$[4]'), max_attempts)
+    FROM json_each(?) AS o
+    WHERE asyncjobs_jobs.id = json_extract(o.value, '$[0]')
+      AND asyncjobs_jobs.status = 'running'
+      AND asyncjobs_jobs.worker = json_extract(o.value, '$[1]')
+      AND asyncjobs_jobs.attempts = json_extract(o.value, '$[2]')
+    RETURNING asyncjobs_jobs.id, chain_next, batch_id"""
+
+
 def _finish(db: sqlite3.Connection, outcomes: Sequence[Outcome], now: float) -> list[str]:
     applied: list[str] = []
+    successes = [o for o in outcomes if o.kind is OutcomeKind.SUCCEEDED]
+    if len(successes) > 1:
+        outcomes = [o for o in outcomes if o.kind is not OutcomeKind.SUCCEEDED]
+        results = {o.job_id: o.result for o in successes}
+        encoded = json.dumps(
+            [[o.job_id, o.worker, o.attempt, o.result, o.max_attempts] for o in successes]
+        )
+        for job_id, chain_next, batch_id in db.execute(
+            _FINISH_SUCCEEDED, (now, encoded)
+        ).fetchall():
+            applied.append(job_id)
+            if chain_next is not None or batch_id is not None:
+                _release_dependents(
+                    db, OutcomeKind.SUCCEEDED, chain_next, batch_id, now, results[job_id]
+                )
     for o in outcomes:
         if o.kind is OutcomeKind.SUCCEEDED:
             values: tuple[Any, ...] = (o.result, now)
