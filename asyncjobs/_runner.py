@@ -89,7 +89,8 @@ def current_job() -> JobContext:
 @dataclass(slots=True)
 class _Running:
     row: JobRow
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    task: asyncio.Task[None] | None = None  # the job's own task, once created
+    started: bool = False  # its code may be running: cancel the task to stop it
     cancelled_by_user: bool = False
 
 
@@ -126,7 +127,8 @@ class Runner:
         running = self.running.get(job_id)
         if running is not None:
             running.cancelled_by_user = True
-            running.scope.cancel()
+            if running.started and running.task is not None:
+                running.task.cancel()  # else it sees the flag before it starts
 
     # -- claiming --------------------------------------------------------------------
 
@@ -216,10 +218,12 @@ class Runner:
                 await self._job_claimed.wait()
                 continue
             row = self._ready.pop()
-            self.running[row.id] = _Running(row)
+            running = self.running[row.id] = _Running(row)
             # A task per job, so that context variables a job sets never leak into the
-            # next job of this slot (a plain asyncio task: cheaper than a task group's).
-            await asyncio.get_running_loop().create_task(self._execute(row))
+            # next job of this slot (a plain asyncio task: cheaper than a task group's),
+            # and so that cancelling it (cancel_local) stops that job alone.
+            running.task = asyncio.get_running_loop().create_task(self._execute(row))
+            await running.task
 
     def stop_accepting(self) -> None:
         """Shutdown: start nothing more; jobs claimed ahead go back, attempt unspent."""
@@ -338,10 +342,14 @@ class Runner:
 
     async def _execute(self, row: JobRow) -> None:
         running = self.running[row.id]
+        running.started = True
         outcome: Outcome | None = None
         started = self.clock.now()
         try:
-            outcome = await self._attempt(row, running)
+            if running.cancelled_by_user:  # before its task first ran
+                outcome = self._outcome(row, OutcomeKind.CANCELLED, error="cancelled before it ran")
+            else:
+                outcome = await self._attempt(row, running)
         except Exception:  # a bug of ours, not the task's: record it, never lose the job
             logger.exception("running job %s failed inside asyncjobs", row.id)
             outcome = self._failure(row, traceback.format_exc())
@@ -387,19 +395,26 @@ class Runner:
             )  # fmt: skip
         try:
             timed_out = False
-            with running.scope:
-                if timeout is None:  # the common case: one cancel scope, not two
+            try:
+                if timeout is None:  # the common case: no cancel scope at all
                     result = await task.fn(*args, **kwargs)
                 else:
                     with self.clock.move_on_after(timeout) as deadline:
                         result = await task.fn(*args, **kwargs)
                     timed_out = deadline.cancelled_caught
+            except asyncio.CancelledError:
+                this = asyncio.current_task()
+                # Ours alone (cancel_local), not shutdown's too: the job ends cancelled.
+                if not running.cancelled_by_user or this is None or this.uncancel() > 0:
+                    raise
             if running.cancelled_by_user:
                 return self._outcome(row, OutcomeKind.CANCELLED, error="cancelled while running")
             if timed_out:
                 return self._failure(
                     row, f"TimeoutError: the job ran longer than its {timeout}s timeout"
                 )
+            if result is None:  # the common case, without the encoder
+                return self._outcome(row, OutcomeKind.SUCCEEDED, result="null")
             try:
                 encoded = encode(result, what=f"the result of task {row.task!r}")
             except NotSerializable as error:
