@@ -5,6 +5,7 @@ task of its own, so context variables never leak from one job to the next."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from contextvars import ContextVar
 
@@ -124,3 +125,30 @@ async def test_context_variables_set_by_a_job_do_not_leak_into_the_next(
     await jobs.enqueue_many([sets.spec(i) for i in range(5)])
     await drain(jobs)
     assert seen == [None] * 5
+
+
+async def test_a_job_cancelled_between_its_task_creation_and_first_step_never_runs(
+    make_jobs: MakeJobs,
+) -> None:
+    """The narrow window where the job's task exists but has not run yet: cancelling the
+    task then would drop the job silently, so the runner leaves a flag it reads first."""
+    jobs = make_jobs(concurrency=1)
+    ran: list[int] = []
+
+    @jobs.task(name="t")
+    async def t(i: int) -> None:
+        ran.append(i)
+
+    class CancelOnStart(dict[str, object]):
+        def __setitem__(self, job_id: str, running: object) -> None:
+            super().__setitem__(job_id, running)
+            # Runs after the slot created the job's task, before that task's first step.
+            asyncio.get_running_loop().call_soon(jobs.runner.cancel_local, job_id)
+
+    jobs.runner.running = CancelOnStart()  # type: ignore[assignment]
+    job = await t.enqueue(1)
+    await drain(jobs)
+    info = await job.info()
+    assert (info.status, info.error) == ("cancelled", "cancelled before it ran")
+    assert ran == []
+    assert not jobs.runner.running
