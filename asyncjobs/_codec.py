@@ -27,38 +27,53 @@ _encoder = json.JSONEncoder(
 _decode = json.JSONDecoder().decode
 
 
-def _problem(value: Any, path: str, depth: int = 0) -> str | None:
+_SCALARS = (str, int, bool, type(None))
+
+
+def _problem(value: Any) -> str | None:
     """Describe the first part of ``value`` that strict JSON refuses, or None."""
+    found = _refused(value, 0)
+    if found is None:
+        return None
+    steps, reason = found
+    return ("".join(reversed(steps)) or "value") + reason
+
+
+def _refused(value: Any, depth: int) -> tuple[list[str], str] | None:
+    """The path (innermost step first) to the first refused part, and why; or None.
+
+    Runs on every enqueue, so the path text is only built for a refusal.
+    """
     if depth > 200:
-        return f"{path or 'value'} is nested more than 200 levels deep"
-    if value is None or type(value) in (bool, str, int):
+        return [], " is nested more than 200 levels deep"
+    kind = type(value)
+    if kind in _SCALARS:
         return None
-    if type(value) is float:
-        if value != value or value in (float("inf"), float("-inf")):
-            return f"{path or 'value'} is {value!r}, which JSON cannot represent"
-        return None
-    if type(value) is list:
+    if kind is float:
+        return None if math.isfinite(value) else ([], f" is {value!r}, which JSON cannot represent")
+    if kind is list:
         for index, item in enumerate(value):
-            found = _problem(item, f"{path}[{index}]", depth + 1)
-            if found:
+            found = _refused(item, depth + 1)
+            if found is not None:
+                found[0].append(f"[{index}]")
                 return found
         return None
-    if type(value) is dict:
+    if kind is dict:
         for key, item in value.items():
             if type(key) is not str:
-                kind = type(key).__name__
-                return f"{path or 'value'} has a key {key!r} of type {kind}; JSON keys must be str"
-            found = _problem(item, f"{path}[{key!r}]", depth + 1)
-            if found:
+                key_kind = type(key).__name__
+                return [], f" has a key {key!r} of type {key_kind}; JSON keys must be str"
+            found = _refused(item, depth + 1)
+            if found is not None:
+                found[0].append(f"[{key!r}]")
                 return found
         return None
-    kind = type(value).__name__
     hint = ""
     if isinstance(value, tuple | set | frozenset):
         hint = " (pass a list)"
     elif isinstance(value, bytes | bytearray):
         hint = " (decode or base64-encode it first)"
-    return f"{path or 'value'} is of type {kind}, which is not JSON{hint}"
+    return [], f" is of type {kind.__name__}, which is not JSON{hint}"
 
 
 _PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
@@ -83,35 +98,12 @@ def encode(value: JSON, *, what: str = "value") -> str:
     """Encode one value strictly; raise ``NotSerializable`` naming ``what``."""
     try:
         text = _encoder.encode(value)
-        if _decode(text) == value and _problem(value, "") is None:
+        if _decode(text) == value and _problem(value) is None:
             return text
     except (TypeError, ValueError, RecursionError):
         pass
-    reason = _problem(value, "") or _surrogate_pair(value) or "it does not round-trip through JSON"
+    reason = _problem(value) or _surrogate_pair(value) or "it does not round-trip through JSON"
     raise NotSerializable(f"{what} cannot be stored as JSON: {reason}")
-
-
-_SCALARS = (str, int, bool, type(None))
-
-
-def _is_strict(value: Any, depth: int = 0) -> bool:
-    """Fast check that a value round-trips: only exact JSON types.
-
-    True exactly when ``_problem(value, "")`` is None, without building the path text
-    ``_problem`` needs for its message (this runs on every enqueue).
-    """
-    if depth > 200:
-        return False
-    kind = type(value)
-    if kind in _SCALARS:
-        return True
-    if kind is float:
-        return math.isfinite(value)
-    if kind is list:
-        return all(_is_strict(item, depth + 1) for item in value)
-    if kind is dict:
-        return all(type(key) is str and _is_strict(item, depth + 1) for key, item in value.items())
-    return False
 
 
 def encode_payload(
@@ -128,7 +120,7 @@ def encode_payload(
     payload = {"args": list(args), "kwargs": dict(kwargs)}
     try:
         text = _encoder.encode(payload)
-        ok = _is_strict(payload)
+        ok = _refused(payload, 0) is None
         if ok and "\\ud" in text:
             # surrogate escapes: a pair of lone surrogates would read back as one character
             ok = _decode(text) == payload
