@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 import itertools
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -20,52 +19,20 @@ if TYPE_CHECKING:
 R = TypeVar("R")
 
 
-class _RandomHex:
-    """Random hex text drawn from ``os.urandom`` in blocks.
-
-    One ``getrandom`` call per 256 ids instead of one per id: the call is cheap alone
-    but costs several microseconds on a busy event loop. Taking the next part of a
-    block is one C call under the GIL, so threads never share a part; a forked child
-    starts a fresh block, so parent and child never share one either.
-    """
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._parts: Iterator[str] = iter(())
-        os.register_at_fork(after_in_child=self._reset)
-
-    def _reset(self) -> None:
-        self._parts = iter(())
-
-    def __call__(self) -> str:
-        part = next(self._parts, None)
-        if part is None:
-            width = 2 * self._size
-            block = os.urandom(self._size * 256).hex()
-            self._parts = iter([block[i : i + width] for i in range(0, len(block), width)])
-            part = next(self._parts)
-        return part
-
-
-_random80 = _RandomHex(10)
 _sequence = itertools.count()
 
 
-def new_job_id(now: float | None = None) -> str:
-    """A job id: 32 hex characters (unique, safe in URLs).
+def new_job_id(now: float) -> str:
+    """A job id: 32 hex characters (unique, safe in URLs), like a UUIDv7.
 
-    Given the enqueue time ``now`` (epoch seconds), the id starts with 48 bits that
-    grow with time (its milliseconds, then 6 bits of a counter so that ids made in one
-    millisecond still differ in their first 12 characters, which the dashboard shows)
-    and ends with 80 random bits, like a UUIDv7. Jobs enqueued one after another then
-    get ids that sort together, so an insert adds to the end of the unique index on
-    ``id`` instead of dirtying a random page of it (one more page per commit, and cache
-    misses once the index outgrows the cache). Without ``now``, all 128 bits are random.
+    48 bits grow with the enqueue time ``now`` (epoch seconds): its milliseconds, then
+    6 bits of a counter, so ids made in one millisecond still differ in their first 12
+    characters, which the dashboard shows. 80 random bits follow. Jobs enqueued one
+    after another get ids that sort together, so an insert adds to the end of the
+    unique index on ``id`` instead of dirtying a random page of it.
     """
-    if now is None:
-        return os.urandom(16).hex()
     head = (int(now * 1000) << 6 | next(_sequence) & 0x3F) & 0xFFFFFFFFFFFF
-    return f"{head:012x}{_random80()}"
+    return f"{head:012x}{os.urandom(10).hex()}"
 
 
 class JobStatus(enum.StrEnum):

@@ -177,7 +177,7 @@ async def create_chain(jobs: Jobs, specs: Sequence[JobSpec[Any]], *, pass_result
         raise ValueError("chain() needs at least one job")
     members = [_member(jobs, spec, f"chain member {i}") for i, spec in enumerate(specs)]
     now = jobs.clock.now()
-    ids = [new_job_id() for _ in members]
+    ids = [new_job_id(now) for _ in members]
     new: list[NewJob] = []
     for i, spec in enumerate(members):
         job = jobs._new_job(
@@ -212,7 +212,7 @@ async def create_batch(
 ) -> Batch:
     members = [_member(jobs, spec, f"batch member {i}") for i, spec in enumerate(specs)]
     now = jobs.clock.now()
-    batch_id = new_job_id()
+    batch_id = new_job_id(now)
     new = [jobs._new_job(spec, now, batch_id=batch_id) for spec in members]
     if on_complete is not None:
         callback = _member(jobs, on_complete, "on_complete")
