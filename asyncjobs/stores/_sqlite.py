@@ -162,7 +162,6 @@ class SQLiteStore:
         self.busy_timeout = busy_timeout
         self._db: aiosqlite.Connection | None = None
         self._raw: sqlite3.Connection | None = None
-        self._data_version: int | None = None
         self._checkpointer: Checkpointer | None = None
         self._watch: ChangeWatch | None = None
 
@@ -208,7 +207,6 @@ class SQLiteStore:
         db.execute(_SYNCHRONOUS[self.synchronous])
         hand_checkpoints_over(db)
         self._write(db, migrate)
-        (self._data_version,) = db.execute("PRAGMA data_version").fetchone()
 
     async def close(self) -> None:
         checkpointer, self._checkpointer = self._checkpointer, None
@@ -348,12 +346,10 @@ class SQLiteStore:
         return None if value is None else float(value)
 
     async def changed(self) -> bool:
-        if self._watch is not None:
-            return self._watch.changed()
-        (version,) = (await self._call(_fetchall, "PRAGMA data_version", ()))[0]
-        changed = version != self._data_version
-        self._data_version = version
-        return bool(changed)
+        if self._watch is None:
+            await self.open()
+        assert self._watch is not None  # noqa: S101 - set by open()
+        return self._watch.changed()
 
     # -- queries and admin -----------------------------------------------------------
 
