@@ -171,17 +171,17 @@ class Runner:
 
         Returns how many jobs were claimed plus how many outcomes were written.
         """
-        free = self.room
+        room = self.room
         if not self.jobs.registry:
             return 0
-        if free <= 0:
+        if room <= 0:
             return await self.flush_outbox()
         outbox, self._outbox = self._outbox, []
         # Shielded: shutdown cancels the claim loop, but a claim the store committed must
         # reach self.running, or its jobs stay 'running' until their lease expires and
         # spend an attempt they never had.
         with anyio.CancelScope(shield=True):
-            request = self._request(free)
+            request = self._request(room)
             now = self.clock.now()
             try:
                 if outbox:
