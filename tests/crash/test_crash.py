@@ -12,7 +12,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from crash_processes import Worker, enqueue, status_counts, wait_for
+from crash_processes import enqueue, status_counts
+from worker_process import Worker, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow
 def test_kill_9_mid_run_then_restart_and_every_job_completes(tmp_path: Path) -> None:
     db = tmp_path / "jobs.db"
     ids = enqueue(db, "record", [(i,) for i in range(300)])
-    first = Worker(db, "first", "--visibility-timeout", "2", "--work", "0.005")
+    first = Worker(str(db), db.parent, "first", "--visibility-timeout", "2", "--work", "0.005")
     try:
         first.wait_ready()
         wait_for(lambda: len(first.run_ids()) >= 60, timeout=15)
@@ -32,7 +33,7 @@ def test_kill_9_mid_run_then_restart_and_every_job_completes(tmp_path: Path) -> 
     assert counts.get("succeeded", 0) < 300  # killed in the middle
     in_flight = counts.get("running", 0)
 
-    second = Worker(db, "second", "--visibility-timeout", "2", "--work", "0.005")
+    second = Worker(str(db), db.parent, "second", "--visibility-timeout", "2", "--work", "0.005")
     try:
         wait_for(lambda: status_counts(db).get("succeeded", 0) == 300, timeout=20)
         assert second.stop() == 0
@@ -59,10 +60,10 @@ def test_a_task_that_kills_its_process_every_time_ends_dead(tmp_path: Path) -> N
     workers: list[Worker] = []
     try:
         for n in range(3):  # retries=2: three attempts, each kills its worker
-            worker = Worker(db, f"w{n}", "--visibility-timeout", "1")
+            worker = Worker(str(db), db.parent, f"w{n}", "--visibility-timeout", "1")
             workers.append(worker)
             assert worker.process.wait(15) == 3
-        last = Worker(db, "last", "--visibility-timeout", "1")
+        last = Worker(str(db), db.parent, "last", "--visibility-timeout", "1")
         workers.append(last)
         wait_for(lambda: status_counts(db) == {"dead": 1}, timeout=15)
         assert last.stop() == 0

@@ -7,7 +7,8 @@ import collections
 from pathlib import Path
 
 import pytest
-from crash_processes import Worker, enqueue, status_counts, wait_for
+from crash_processes import enqueue, status_counts
+from worker_process import Worker, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_two_processes_run_2000_jobs_and_none_twice(tmp_path: Path) -> None:
     db = tmp_path / "jobs.db"
     enqueue(db, "record", [(-1,)])  # create the schema before the workers race to
-    workers = [Worker(db, f"p{n}") for n in range(2)]
+    workers = [Worker(str(db), db.parent, f"p{n}") for n in range(2)]
     try:
         for worker in workers:
             worker.wait_ready()

@@ -8,47 +8,19 @@ runs file (line-buffered, so it survives kill -9).
 from __future__ import annotations
 
 import collections
-import subprocess
-import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import anyio
 import asyncpg
 import pytest
+from worker_process import Worker
 
 from asyncjobs import Jobs, JobSpec
 
 pytestmark = pytest.mark.slow
 
-WORKER = Path(__file__).parents[1] / "crash" / "crash_worker.py"
 JOBS = 10_000
-
-
-class Worker:
-    def __init__(self, url: str, folder: Path, name: str, *extra: str) -> None:
-        self.runs = folder / f"{name}.runs"
-        self.ready = folder / f"{name}.ready"
-        self.stop_file = folder / f"{name}.stop"
-        self.stderr = folder / f"{name}.stderr"
-        with self.stderr.open("ab") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, str(WORKER), url, "--runs", str(self.runs),
-                 "--ready", str(self.ready), "--stop", str(self.stop_file), *extra],
-                stderr=err,
-            )  # fmt: skip
-
-    def stop(self, timeout: float = 15) -> int:
-        self.stop_file.touch()
-        return self.process.wait(timeout)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(10)
-
-    def run_ids(self) -> list[str]:
-        return self.runs.read_text().split() if self.runs.exists() else []
 
 
 async def counts(url: str) -> dict[str, int]:
