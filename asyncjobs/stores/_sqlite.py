@@ -83,6 +83,20 @@ def _is_busy(error: sqlite3.OperationalError) -> bool:
     return "locked" in message or "busy" in message
 
 
+def _while_busy(db: sqlite3.Connection, write: Callable[[], T]) -> T:
+    """Run ``write`` (one statement, or a whole transaction), again while the file is
+    busy: busy_timeout already waited; a few more rounds ride out a long writer."""
+    for attempt in range(_BUSY_RETRIES):
+        try:
+            return write()
+        except sqlite3.OperationalError as error:
+            if _is_busy(error) and attempt < _BUSY_RETRIES - 1 and not db.in_transaction:
+                logger.warning("SQLite store busy, retrying the write (%d)", attempt + 1)
+                continue
+            raise
+    raise sqlite3.OperationalError("database is locked")  # pragma: no cover - loop returns
+
+
 def _switch_to_wal(db: sqlite3.Connection) -> tuple[str]:
     """``PRAGMA journal_mode=WAL``, retried: when several processes open a new file at
     once, the switch can fail with SQLITE_BUSY without waiting on the busy timeout."""
@@ -244,15 +258,9 @@ class SQLiteStore:
         **kwargs: P.kwargs,
     ) -> T:
         """Run ``fn`` in a write transaction that begins IMMEDIATE (in the thread)."""
-        for attempt in range(_BUSY_RETRIES):
-            try:
-                db.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as error:
-                # busy_timeout already waited; a few more rounds ride out a long writer.
-                if _is_busy(error) and attempt < _BUSY_RETRIES - 1:
-                    logger.warning("SQLite store busy, retrying the write (%d)", attempt + 1)
-                    continue
-                raise
+
+        def transaction() -> T:
+            db.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(db, *args, **kwargs)
                 db.execute("COMMIT")
@@ -261,7 +269,8 @@ class SQLiteStore:
                     db.execute("ROLLBACK")
                 raise
             return result
-        raise sqlite3.OperationalError("database is locked")  # pragma: no cover - loop returns
+
+        return _while_busy(db, transaction)
 
     @staticmethod
     def _statement(
@@ -272,15 +281,7 @@ class SQLiteStore:
         **kwargs: P.kwargs,
     ) -> T:
         """Run ``fn``, which runs exactly one write statement, in autocommit mode."""
-        for attempt in range(_BUSY_RETRIES):
-            try:
-                return fn(db, *args, **kwargs)
-            except sqlite3.OperationalError as error:
-                if _is_busy(error) and attempt < _BUSY_RETRIES - 1 and not db.in_transaction:
-                    logger.warning("SQLite store busy, retrying the write (%d)", attempt + 1)
-                    continue
-                raise
-        raise sqlite3.OperationalError("database is locked")  # pragma: no cover - loop returns
+        return _while_busy(db, lambda: fn(db, *args, **kwargs))
 
     async def _transaction(
         self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
