@@ -70,6 +70,13 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+_REQUEUE = (
+    "status = 'queued', run_at = $1, finished_at = NULL, lease_until = NULL, worker = NULL, "
+    "max_attempts = greatest(max_attempts, attempts + 1)"
+)
+"""A manual retry: queued now, with one more attempt than it had (``run_at`` is $1)."""
+
+
 async def _keep_session(conn: Connection) -> None:
     """Release a pooled connection without asyncpg's default reset round trip.
 
@@ -427,9 +434,7 @@ class PostgresStore:
     async def retry(self, job_id: str, *, now: float) -> bool:
         async def retry(conn: Connection) -> bool:
             row = await conn.fetchrow(
-                "UPDATE asyncjobs_jobs SET status = 'queued', run_at = $1, finished_at = NULL, "
-                "lease_until = NULL, worker = NULL, "
-                "max_attempts = greatest(max_attempts, attempts + 1) "
+                f"UPDATE asyncjobs_jobs SET {_REQUEUE} "  # noqa: S608 - constant
                 "WHERE id = $2 AND status IN ('dead', 'cancelled') RETURNING id",
                 now,
                 job_id,
@@ -520,9 +525,7 @@ class PostgresStore:
     async def retry_dead(self, *, queue: str | None, task: str | None, now: float) -> int:
         async def retry_dead(conn: Connection) -> int:
             status = await conn.execute(
-                "UPDATE asyncjobs_jobs SET status = 'queued', run_at = $1, finished_at = NULL, "
-                "lease_until = NULL, worker = NULL, "
-                "max_attempts = greatest(max_attempts, attempts + 1) WHERE status = 'dead' "
+                f"UPDATE asyncjobs_jobs SET {_REQUEUE} WHERE status = 'dead' "  # noqa: S608
                 "AND ($2::text IS NULL OR queue = $2) AND ($3::text IS NULL OR task = $3)",
                 now,
                 queue,

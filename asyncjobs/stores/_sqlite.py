@@ -68,6 +68,12 @@ _SYNCHRONOUS = {
     "EXTRA": "PRAGMA synchronous=EXTRA",
 }
 
+_REQUEUE = (
+    "status = 'queued', run_at = ?, finished_at = NULL, lease_until = NULL, worker = NULL, "
+    "max_attempts = max(max_attempts, attempts + 1)"
+)
+"""A manual retry: queued now, with one more attempt than it had (``run_at`` first)."""
+
 _BUSY_RETRIES = 5
 """How many busy timeouts a write waits out before it gives up with StoreError."""
 
@@ -448,8 +454,7 @@ class SQLiteStore:
     async def retry_dead(self, *, queue: str | None, task: str | None, now: float) -> int:
         return await self._transaction(
             _rowcount,
-            "UPDATE asyncjobs_jobs SET status = 'queued', run_at = ?, finished_at = NULL, "
-            "lease_until = NULL, worker = NULL, max_attempts = max(max_attempts, attempts + 1) "
+            f"UPDATE asyncjobs_jobs SET {_REQUEUE} "  # noqa: S608 - constant
             "WHERE status = 'dead' AND (? IS NULL OR queue = ?) AND (? IS NULL OR task = ?)",
             (now, queue, queue, task, task),
         )
@@ -790,8 +795,7 @@ def _recover(db: sqlite3.Connection, now: float) -> list[Recovered]:
 
 def _retry(db: sqlite3.Connection, job_id: str, now: float) -> bool:
     row = db.execute(
-        "UPDATE asyncjobs_jobs SET status = 'queued', run_at = ?, finished_at = NULL, "
-        "lease_until = NULL, worker = NULL, max_attempts = max(max_attempts, attempts + 1) "
+        f"UPDATE asyncjobs_jobs SET {_REQUEUE} "  # noqa: S608 - constant
         "WHERE id = ? AND status IN ('dead', 'cancelled') RETURNING id",
         (now, job_id),
     ).fetchone()
