@@ -37,7 +37,7 @@ from asyncjobs._settings import (
     positive_int,
     seconds,
 )
-from asyncjobs._tasks import JobSpec, Task, check_timeout
+from asyncjobs._tasks import JobOptions, JobSpec, Task, check_timeout
 from asyncjobs._transaction import bound_insert
 from asyncjobs._transaction import transaction as _transaction
 from asyncjobs._workflows import Batch, Chain, create_batch, create_chain
@@ -277,14 +277,14 @@ class Jobs:
         is written then.
         """
         spec = self._spec(task, args, kwargs)
-        new = self._new_job(spec, self.clock.now())
+        new = self._new_job(spec, self.clock.now(), dispatch=True)
         (job_id,) = await self._insert([new])
         return Job(self, job_id)
 
     async def enqueue_many(self, specs: Sequence[JobSpec[Any]]) -> list[Job[Any]]:
         """Enqueue several jobs in one transaction: all are stored or none."""
         now = self.clock.now()
-        new = [self._new_job(self._spec(spec, (), {}), now) for spec in specs]
+        new = [self._new_job(self._spec(spec, (), {}), now, dispatch=True) for spec in specs]
         if not new:
             return []
         return [Job(self, job_id) for job_id in await self._insert(new)]
@@ -328,7 +328,10 @@ class Jobs:
         chain_next: str | None = None,
         batch_id: str | None = None,
         job_id: str | None = None,
+        dispatch: bool = False,
     ) -> NewJob:
+        """The row to insert for ``spec``. ``dispatch``: if this process can run it at
+        once, insert it running in a free local slot (``Runner.reserve``)."""
         definition = spec.definition or self.registry.get(spec.task)
         o = spec.options
         payload = encode_payload(
@@ -346,10 +349,23 @@ class Jobs:
         if status is None:
             status = "scheduled" if run_at > now else "queued"
         default_priority = definition.priority if definition else 0
+        job_id = job_id or new_job_id(now)
+        queue = o.queue or (definition.queue if definition else "default")
+        rate_key = self._rate_key(definition, spec)
+        worker: str | None = None
+        lease_until: float | None = None
+        if (
+            dispatch
+            and status == "queued"
+            and self._runs_at_once(spec.task, queue, o)
+            and self.runner.reserve(job_id)
+        ):
+            status, worker = "running", self.runner.worker_id
+            lease_until = now + self.settings.visibility_timeout
         return NewJob(
-            id=job_id or new_job_id(now),
+            id=job_id,
             task=spec.task,
-            queue=o.queue or (definition.queue if definition else "default"),
+            queue=queue,
             payload=payload,
             status=status,
             priority=o.priority if o.priority is not None else default_priority,
@@ -360,7 +376,27 @@ class Jobs:
             group_key=o.group,
             chain_next=chain_next,
             batch_id=batch_id,
-            rate_key=self._rate_key(definition, spec),
+            rate_key=rate_key,
+            worker=worker,
+            lease_until=lease_until,
+        )
+
+    def _runs_at_once(self, task: str, queue: str, o: JobOptions) -> bool:
+        """Can a job skip the queue for a local slot? Not when the store must decide
+        (ordered groups, idempotency keys, concurrency and rate limits), when this
+        process does not run it, or inside a caller's transaction (no commit yet)."""
+        definition = self.registry.get(task)  # what the runner runs it with
+        return (
+            self._host is not None
+            and definition is not None
+            and o.group is None
+            and o.idempotency_key is None
+            and definition.concurrency is None
+            and definition.rate_limit is None
+            and definition.limiter is None
+            and queue not in self.queue_limits
+            and (self.settings.queues is None or queue in self.settings.queues)
+            and bound_insert(self) is None
         )
 
     def _rate_key(self, definition: Task[..., Any] | None, spec: JobSpec[Any]) -> str | None:
@@ -372,13 +408,24 @@ class Jobs:
         if outer is not None:
             ids = await outer(new, self.clock.now())
         else:
-            ids = await self._inserts.submit_many(new)
-        if self._host is not None:
+            try:
+                ids = await self._inserts.submit_many(new)
+            except BaseException:
+                self.runner.unreserve(new)
+                raise
+        if self._host is not None and not all(j.worker for j in new):
             self.runner.wake()
         return ids
 
     async def _flush_inserts(self, new: list[NewJob]) -> list[str]:
-        return await self.store.insert(new, now=self.clock.now())
+        now = self.clock.now()
+        try:
+            inserted = await self.store.insert(new, now=now)
+        except BaseException:
+            self.runner.unreserve(new)
+            raise
+        self.runner.dispatched(new, inserted, now)
+        return inserted
 
     # -- queries and admin -----------------------------------------------------------
 

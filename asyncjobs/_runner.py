@@ -25,6 +25,8 @@ import os
 import socket
 import traceback
 import uuid
+from collections import deque
+from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -39,7 +41,9 @@ from asyncjobs._retention import Pruner
 from asyncjobs.stores._protocol import (
     Claimed,
     ClaimRequest,
+    Inserted,
     JobRow,
+    NewJob,
     Outcome,
     OutcomeKind,
     TaskLimits,
@@ -109,12 +113,16 @@ class Runner:
         # Claimed ahead, waiting for a slot; popped from the end (highest priority first).
         self._ready: list[JobRow] = []
         self._accepting = True  # False once shutdown begins: nothing new starts
-        self._job_claimed = asyncio.Event()
+        self._idle_slots: deque[asyncio.Future[None]] = deque()  # slot workers waiting
         self._mean_duration: float | None = None  # recent jobs, moving average
         self._wakeup = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._outbox: list[tuple[JobRow, Outcome, float]] = []  # finished, not yet written
         self._next_token_at: float | None = None
+        # Local dispatch (reserve / dispatched): ids of jobs being inserted running,
+        # each holding a slot; and whether the last claim left ready jobs behind.
+        self._reserved: set[str] = set()
+        self._backlog = True
 
     # -- signals ---------------------------------------------------------------------
 
@@ -129,6 +137,50 @@ class Runner:
             running.cancelled_by_user = True
             if running.started and running.task is not None:
                 running.task.cancel()  # else it sees the flag before it starts
+
+    # -- local dispatch --------------------------------------------------------------
+
+    def reserve(self, job_id: str) -> bool:
+        """May a job this process enqueues now go straight to a free slot?
+
+        Then it is inserted running (one write instead of insert plus claim) and runs
+        as soon as the insert commits. Only while nothing waits, as far as this
+        worker knows: a slot is free (not promised to a job claimed ahead or being
+        dispatched), and the last claim found every ready job, so a job jumps no queue.
+        """
+        if not self._accepting or self._backlog:
+            return False
+        busy = len(self.running) + len(self._ready) + len(self._reserved)
+        if busy >= self.settings.concurrency:
+            return False
+        self._reserved.add(job_id)
+        return True
+
+    def unreserve(self, jobs: Sequence[NewJob]) -> None:
+        """The insert of ``jobs`` failed or was abandoned: free their slots."""
+        for job in jobs:
+            self._reserved.discard(job.id)
+        if not self._reserved:
+            self._free_slot()
+
+    def dispatched(self, jobs: Sequence[NewJob], inserted: Inserted, now: float) -> None:
+        """The insert of ``jobs`` committed: run those inserted running."""
+        rows: list[JobRow] = []
+        for job in jobs:
+            if job.worker is None:
+                continue
+            # Run it even if its reservation was dropped: its enqueue was cancelled
+            # while the insert was under way, and the insert committed after all.
+            self._reserved.discard(job.id)
+            seq = inserted.seqs.get(job.id)
+            if seq is not None:  # else not inserted (an idempotency key already stored)
+                rows.append(_dispatched_row(job, seq, now))
+        if not self._accepting:  # shutdown began meanwhile: give them back unstarted
+            for row in rows:
+                self._outbox.append((row, self._outcome(row, OutcomeKind.RELEASE), 0.0))
+            self._free_slot()  # wait_idle waits for reservations too
+        elif rows:
+            self._add_ready(rows)
 
     # -- claiming --------------------------------------------------------------------
 
@@ -155,7 +207,8 @@ class Runner:
     @property
     def room(self) -> int:
         """How many jobs to claim now: free slots plus the look-ahead not yet filled."""
-        return self.settings.concurrency + self._look_ahead() - len(self.running) - len(self._ready)
+        busy = len(self.running) + len(self._ready) + len(self._reserved)
+        return self.settings.concurrency + self._look_ahead() - busy
 
     def _look_ahead(self) -> int:
         mean = self._mean_duration
@@ -196,12 +249,23 @@ class Runner:
         self._acknowledged(outbox, set(applied))
         # When a ready job was held back by an empty rate-limit bucket: its next token.
         self._next_token_at = rows.next_token_at if isinstance(rows, Claimed) else None
+        self._backlog = len(rows) >= room  # a full claim: more may be ready
         if rows:
-            self._ready.extend(rows)
-            self._ready.sort(key=_run_order)
-            claimed, self._job_claimed = self._job_claimed, asyncio.Event()
-            claimed.set()
+            self._add_ready(rows)
         return len(rows) + len(outbox)
+
+    def _add_ready(self, rows: Sequence[JobRow]) -> None:
+        self._ready.extend(rows)
+        self._ready.sort(key=_run_order)
+        # Wake one idle slot worker per job, not all of them (each wake is a task step).
+        for _ in range(len(rows)):
+            while self._idle_slots:
+                waiter = self._idle_slots.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    break
+            else:
+                return
 
     def start_slots(self, tg: TaskGroup) -> None:
         """Start ``concurrency`` slot workers in ``tg``; each runs one job at a time.
@@ -213,9 +277,12 @@ class Runner:
             tg.start_soon(self._slot, name=f"asyncjobs slot {number}")
 
     async def _slot(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             if not self._ready or not self._accepting:
-                await self._job_claimed.wait()
+                waiter = loop.create_future()
+                self._idle_slots.append(waiter)
+                await waiter  # _add_ready wakes it; cancelled at shutdown
                 continue
             row = self._ready.pop()
             running = self.running[row.id] = _Running(row)
@@ -468,9 +535,12 @@ class Runner:
         mean = self._mean_duration
         self._mean_duration = duration if mean is None else mean + (duration - mean) / 8
         self.running.pop(row.id, None)
+        self._free_slot()
+        self.wake()  # write the outcome soon, and claim the next job
+
+    def _free_slot(self) -> None:
         freed, self._slot_freed = self._slot_freed, asyncio.Event()
         freed.set()
-        self.wake()  # write the outcome soon, and claim the next job
 
     def _log(self, row: JobRow, outcome: Outcome, applied: bool, duration: float) -> None:
         if not logger.isEnabledFor(logging.INFO):  # the hot path: nothing will be emitted
@@ -587,8 +657,20 @@ class Runner:
             await self.clock.sleep(interval)
 
     async def wait_idle(self) -> None:
-        while self.running:
+        while self.running or self._reserved:
             await self._slot_freed.wait()
+
+
+def _dispatched_row(job: NewJob, seq: int, now: float) -> JobRow:
+    """The row of ``job`` as its insert stored it, running (local dispatch)."""
+    return JobRow(
+        id=job.id, seq=seq, task=job.task, queue=job.queue, status="running",
+        priority=job.priority, payload=job.payload, options=job.options, attempts=1,
+        max_attempts=job.max_attempts, run_at=job.run_at, enqueued_at=now, started_at=now,
+        finished_at=None, lease_until=job.lease_until, worker=job.worker, result=None,
+        error=None, idempotency_key=job.idempotency_key, group_key=job.group_key,
+        progress=None, progress_message=None, chain_next=job.chain_next, batch_id=job.batch_id,
+    )  # fmt: skip
 
 
 def _run_order(row: JobRow) -> tuple[int, int]:

@@ -52,6 +52,7 @@ from asyncjobs.stores._postgres_sql import (
 )
 from asyncjobs.stores._protocol import (
     ClaimRequest,
+    Inserted,
     JobRow,
     NewJob,
     OpsSnapshot,
@@ -290,15 +291,15 @@ class PostgresStore:
 
     # -- enqueue ---------------------------------------------------------------------
 
-    async def insert(self, jobs: Sequence[NewJob], *, now: float) -> list[str]:
+    async def insert(self, jobs: Sequence[NewJob], *, now: float) -> Inserted:
         if not jobs:
-            return []
+            return Inserted()
         # One INSERT statement, atomic on its own: no BEGIN/COMMIT round trips.
         return await self._run("enqueue", lambda conn: insert_jobs(conn, jobs, now), producer=True)
 
     async def insert_with(
         self, conn: Connection, jobs: Sequence[NewJob], *, now: float
-    ) -> list[str]:
+    ) -> Inserted:
         """Insert through the caller's connection (and so its open transaction)."""
         await self.open()
         if self._schema is None:  # pragma: no cover - set by open()

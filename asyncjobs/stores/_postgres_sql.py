@@ -24,6 +24,7 @@ from asyncjobs.stores._protocol import (
     Claimed,
     ClaimRequest,
     FinishedSample,
+    Inserted,
     JobRow,
     NewJob,
     OpsSnapshot,
@@ -128,29 +129,35 @@ async def migrate(conn: Connection) -> None:
 
 _INSERT_COLUMNS = (
     "id, task, queue, status, priority, payload, options, max_attempts, run_at, enqueued_at, "
-    "idempotency_key, group_key, chain_next, batch_id, rate_key"
+    "idempotency_key, group_key, chain_next, batch_id, rate_key, attempts, started_at, "
+    "lease_until, worker"
 )
 _ON_CONFLICT = "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
 
 
 def _insert_sql(table: str, *, rows: int) -> str:
     """The INSERT of ``rows`` jobs: $1 is ``now``, then one parameter per column (one
-    value for a single job, which plans and runs cheaper than unnest; else arrays)."""
+    value for a single job, which plans and runs cheaper than unnest; else arrays).
+    A job with a ``worker`` (local dispatch) starts its first attempt at ``now``."""
     if rows == 1:
         return (
             f"INSERT INTO {table} ({_INSERT_COLUMNS}) "  # noqa: S608 - identifier, constants
-            "VALUES ($2, $3, $4, $5, $6, $7, $8, $9, $10, $1, $11, $12, $13, $14, $15) "
-            + _ON_CONFLICT
+            "VALUES ($2, $3, $4, $5, $6, $7, $8, $9, $10, $1, $11, $12, $13, $14, $15, "
+            "CASE WHEN $17::text IS NULL THEN 0 ELSE 1 END, "
+            "CASE WHEN $17::text IS NULL THEN NULL ELSE $1::float8 END, $16, $17) " + _ON_CONFLICT
         )
     return (
         f"INSERT INTO {table} ({_INSERT_COLUMNS}) "  # noqa: S608 - identifier, constants
         "SELECT id, task, queue, status, priority, payload, options, max_attempts, run_at, $1, "
-        "idempotency_key, group_key, chain_next, batch_id, rate_key FROM unnest("
+        "idempotency_key, group_key, chain_next, batch_id, rate_key, "
+        "CASE WHEN worker IS NULL THEN 0 ELSE 1 END, "
+        "CASE WHEN worker IS NULL THEN NULL ELSE $1::float8 END, lease_until, worker FROM unnest("
         "$2::text[], $3::text[], $4::text[], $5::text[], $6::int[], $7::text[], $8::text[], "
         "$9::int[], $10::float8[], $11::text[], $12::text[], $13::text[], $14::text[], "
-        "$15::text[]) "
+        "$15::text[], $16::float8[], $17::text[]) "
         "WITH ORDINALITY AS n(id, task, queue, status, priority, payload, options, max_attempts, "
-        "run_at, idempotency_key, group_key, chain_next, batch_id, rate_key, ord) "
+        "run_at, idempotency_key, group_key, chain_next, batch_id, rate_key, lease_until, "
+        "worker, ord) "
         "ORDER BY ord " + _ON_CONFLICT
     )
 
@@ -159,32 +166,35 @@ def _job_values(j: NewJob) -> tuple[Any, ...]:
     return (
         j.id, j.task, j.queue, j.status, j.priority, j.payload, j.options, j.max_attempts,
         j.run_at, j.idempotency_key, j.group_key, j.chain_next, j.batch_id, j.rate_key,
+        j.lease_until, j.worker,
     )  # fmt: skip
 
 
 async def insert_jobs(
     conn: Connection, jobs: Sequence[NewJob], now: float, *, table: str = "asyncjobs_jobs"
-) -> list[str]:
+) -> Inserted:
     """Insert ``jobs`` through ``conn``; return their ids (the stored one for a known key).
 
     Used by ``PostgresStore.insert`` and by transactional enqueue on the caller's own
     connection (inside the caller's transaction, so the jobs exist iff it commits).
     One statement, so atomic on its own. A job whose idempotency key is already
     stored is not inserted again; only then is the stored id read back (a second
-    round trip).
+    round trip). Jobs inserted running (local dispatch) have their seq returned.
     """
     if not jobs:
-        return []
+        return Inserted()
     if len(jobs) == 1:
         params: list[Any] = list(_job_values(jobs[0]))
     else:
         params = [list(column) for column in zip(*map(_job_values, jobs), strict=True)]
     query = _insert_sql(table, rows=len(jobs))
-    if all(j.idempotency_key is None for j in jobs):
+    dispatched = any(j.worker is not None for j in jobs)
+    if not dispatched and all(j.idempotency_key is None for j in jobs):
         await conn.execute(query, now, *params)
-        return [j.id for j in jobs]
-    inserted = await conn.fetch(query + " RETURNING idempotency_key, id", now, *params)
-    stored = {r["idempotency_key"]: r["id"] for r in inserted}
+        return Inserted([j.id for j in jobs])
+    inserted = await conn.fetch(query + " RETURNING idempotency_key, id, seq, worker", now, *params)
+    seqs = {r["id"]: r["seq"] for r in inserted if r["worker"] is not None}
+    stored = {r["idempotency_key"]: r["id"] for r in inserted if r["idempotency_key"] is not None}
     known = [k for j in jobs if (k := j.idempotency_key) is not None and k not in stored]
     if known:
         rows = await conn.fetch(
@@ -192,7 +202,8 @@ async def insert_jobs(
             known,
         )
         stored.update((r["idempotency_key"], r["id"]) for r in rows)
-    return [j.id if j.idempotency_key is None else stored[j.idempotency_key] for j in jobs]
+    ids = [j.id if j.idempotency_key is None else stored[j.idempotency_key] for j in jobs]
+    return Inserted(ids, seqs=seqs)
 
 
 def status_filter(status: str | None, now: float, params: list[Any]) -> list[str]:

@@ -26,7 +26,7 @@ class NewJob:
     task: str
     queue: str
     payload: str
-    status: str  # "queued", "scheduled" or "waiting"
+    status: str  # "queued", "scheduled", "waiting", or "running" when ``worker`` is set
     priority: int
     run_at: float
     max_attempts: int
@@ -36,6 +36,21 @@ class NewJob:
     chain_next: str | None = None  # released when this job succeeds
     batch_id: str | None = None  # the batch's on_complete job, released when all finish
     rate_key: str | None = None  # bucket key within the task's named limiter (None: shared)
+    # Local dispatch: the enqueuing process runs the job at once. Inserted 'running',
+    # first attempt started at insert, leased to ``worker`` until ``lease_until``.
+    worker: str | None = None
+    lease_until: float | None = None
+
+
+class Inserted(list[str]):
+    """What ``insert`` returns: the job ids in order, plus ``seqs``, the ``seq`` of
+    every job inserted running (local dispatch), which the runner orders them by."""
+
+    __slots__ = ("seqs",)
+
+    def __init__(self, ids: Iterable[str] = (), *, seqs: Mapping[str, int] | None = None) -> None:
+        super().__init__(ids)
+        self.seqs: Mapping[str, int] = seqs or {}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -153,11 +168,13 @@ class Store(Protocol):
         """Finish pending writes and disconnect. Idempotent."""
         ...
 
-    async def insert(self, jobs: Sequence[NewJob], *, now: float) -> list[str]:
+    async def insert(self, jobs: Sequence[NewJob], *, now: float) -> Inserted:
         """Insert jobs in one transaction; return their ids in order.
 
         A job whose ``idempotency_key`` is already stored is not inserted; its
-        slot in the result holds the id of the stored job.
+        slot in the result holds the id of the stored job. A job with ``worker``
+        set is inserted running: attempt 1 started at ``now``, leased to that
+        worker until ``lease_until``, and its ``seq`` is in the result's ``seqs``.
         """
         ...
 

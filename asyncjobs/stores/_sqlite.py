@@ -36,6 +36,7 @@ from asyncjobs.stores._protocol import (
     Claimed,
     ClaimRequest,
     FinishedSample,
+    Inserted,
     JobRow,
     NewJob,
     OpsSnapshot,
@@ -302,7 +303,7 @@ class SQLiteStore:
 
     # -- enqueue ---------------------------------------------------------------------
 
-    async def insert(self, jobs: Sequence[NewJob], *, now: float) -> list[str]:
+    async def insert(self, jobs: Sequence[NewJob], *, now: float) -> Inserted:
         if len(jobs) <= _INSERT_CHUNK and all(j.idempotency_key is None for j in jobs):
             # The common enqueue is one INSERT statement, atomic on its own (autocommit);
             # like BEGIN IMMEDIATE it takes the write lock up front, in two fewer steps.
@@ -513,34 +514,48 @@ def _status_filter(status: str | None, now: float) -> tuple[list[str], list[Any]
 _INSERT_HEAD = (
     "INSERT INTO asyncjobs_jobs (id, task, queue, status, priority, payload, options, "
     "max_attempts, run_at, enqueued_at, idempotency_key, group_key, chain_next, batch_id, "
-    "rate_key) VALUES "
+    "rate_key, attempts, started_at, lease_until, worker) VALUES "
 )
-_INSERT_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _INSERT_TAIL = " ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+_NOT_STARTED = (0, None, None, None)
+"""attempts, started_at, lease_until and worker of a job not dispatched at insert."""
 _INSERT_CHUNK = 500
-"""Rows per INSERT statement (15 values each, well under SQLite's 32,766 variables)."""
+"""Rows per INSERT statement (19 values each, well under SQLite's 32,766 variables)."""
 
 
-def insert_jobs(db: sqlite3.Connection, jobs: Sequence[NewJob], now: float) -> list[str]:
+def insert_jobs(db: sqlite3.Connection, jobs: Sequence[NewJob], now: float) -> Inserted:
     """Insert ``jobs`` through ``db`` (already in a transaction); return their ids.
 
     Also used by transactional enqueue on the caller's own connection. One multi-row
     statement per chunk rather than ``executemany``: each statement step releases and
     retakes the GIL, and under a busy event loop every retake can wait.
     """
+    seqs: dict[str, int] = {}
     for start in range(0, len(jobs), _INSERT_CHUNK):
         chunk = jobs[start : start + _INSERT_CHUNK]
         values: list[Any] = []
+        dispatched = False
         for j in chunk:
             values += (
                 j.id, j.task, j.queue, j.status, j.priority, j.payload, j.options,
                 j.max_attempts, j.run_at, now, j.idempotency_key, j.group_key,
                 j.chain_next, j.batch_id, j.rate_key,
             )  # fmt: skip
-        db.execute(_INSERT_HEAD + ", ".join([_INSERT_ROW] * len(chunk)) + _INSERT_TAIL, values)
+            if j.worker is None:
+                values += _NOT_STARTED
+            else:  # local dispatch: the first attempt starts now
+                values += (1, now, j.lease_until, j.worker)
+                dispatched = True
+        sql = _INSERT_HEAD + ", ".join([_INSERT_ROW] * len(chunk)) + _INSERT_TAIL
+        if dispatched:  # the runner needs their seq; RETURNING lists every inserted row
+            returned = db.execute(sql + " RETURNING id, seq, worker", values).fetchall()
+            seqs.update((job_id, seq) for job_id, seq, worker in returned if worker is not None)
+        else:
+            db.execute(sql, values)
     keys = [j.idempotency_key for j in jobs if j.idempotency_key is not None]
     if not keys:
-        return [j.id for j in jobs]
+        return Inserted([j.id for j in jobs], seqs=seqs)
     stored = dict(
         db.execute(
             "SELECT idempotency_key, id FROM asyncjobs_jobs WHERE idempotency_key IN "
@@ -548,7 +563,8 @@ def insert_jobs(db: sqlite3.Connection, jobs: Sequence[NewJob], now: float) -> l
             (json.dumps(keys),),
         ).fetchall()
     )
-    return [j.id if j.idempotency_key is None else stored[j.idempotency_key] for j in jobs]
+    ids = [j.id if j.idempotency_key is None else stored[j.idempotency_key] for j in jobs]
+    return Inserted(ids, seqs=seqs)
 
 
 def _claim(db: sqlite3.Connection, request: ClaimRequest, now: float) -> Claimed:

@@ -53,6 +53,47 @@ def test_kill_9_mid_run_then_restart_and_every_job_completes(tmp_path: Path) -> 
     assert "Traceback" not in second.stderr.read_text()
 
 
+def test_kill_9_with_jobs_dispatched_locally_then_restart_runs_each_one(
+    tmp_path: Path,
+) -> None:
+    """Jobs a worker enqueued itself go straight to its free slots, inserted running
+    (no claim); after kill -9 their leases expire and another worker runs them."""
+    db = tmp_path / "jobs.db"
+    first = Worker(
+        str(db), db.parent, "first", "--visibility-timeout", "2", "--work", "2",
+        "--concurrency", "20", "--enqueue", "40",
+    )  # fmt: skip
+    try:
+        first.wait_ready()
+        ids = (db.parent / "first.ready").read_text().split()
+        assert len(ids) == 40
+        with sqlite3.connect(db) as conn:
+            # Dispatched at enqueue: started in the insert itself, at its very time.
+            running, dispatched = conn.execute(
+                "SELECT count(*), count(*) FILTER (WHERE started_at = enqueued_at) "
+                "FROM asyncjobs_jobs WHERE status = 'running'"
+            ).fetchone()
+        conn.close()
+        assert dispatched == 20  # every free slot; the others were claimed ahead or wait
+        assert running >= 20
+        first.process.send_signal(signal.SIGKILL)
+        assert first.process.wait(10) == -signal.SIGKILL
+    finally:
+        first.kill()
+    counts = status_counts(db)
+    assert (counts["succeeded"], counts["running"] + counts.get("queued", 0)) == (1, 40)
+
+    second = Worker(str(db), db.parent, "second", "--visibility-timeout", "2")
+    try:
+        wait_for(lambda: status_counts(db).get("succeeded", 0) == 41, timeout=20)
+        assert second.stop() == 0
+    finally:
+        second.kill()
+    assert status_counts(db) == {"succeeded": 41}  # and the ping
+    assert set(first.run_ids() + second.run_ids()) == set(ids)
+    assert "Traceback" not in second.stderr.read_text()
+
+
 def test_a_task_that_kills_its_process_every_time_ends_dead(tmp_path: Path) -> None:
     """The attempt counter rises at claim, so a poison pill cannot loop forever."""
     db = tmp_path / "jobs.db"

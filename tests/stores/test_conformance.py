@@ -127,6 +127,42 @@ async def test_idempotency_key_holds_after_the_job_finished(store: Store) -> Non
     assert await store.insert([new("b", idempotency_key="k")], now=T0 + 2) == ["a"]
 
 
+async def test_insert_running_starts_the_first_attempt_for_that_worker(store: Store) -> None:
+    """Local dispatch: a job with ``worker`` set is stored running, leased, attempt 1,
+    and its seq comes back; a plain job in the same insert stays queued."""
+    running = new("a", status="running", worker="w1", lease_until=T0 + 30)
+    inserted = await store.insert([new("q"), running, new("k", idempotency_key="key")], now=T0)
+    assert inserted == ["q", "a", "k"]
+    a = await store.get("a")
+    assert a is not None
+    assert (a.status, a.attempts, a.worker, a.started_at, a.lease_until) == (
+        "running", 1, "w1", T0, T0 + 30,
+    )  # fmt: skip
+    assert inserted.seqs == {"a": a.seq}
+    queued = await store.get("q")
+    assert queued is not None
+    assert (queued.status, queued.attempts, queued.worker, queued.started_at) == (
+        "queued", 0, None, None,
+    )  # fmt: skip
+    # Not claimable, finished like a claimed job, recovered when its lease expires.
+    assert [r.id for r in await claim(store)] == ["q", "k"]
+    assert await store.finish([outcome(a, OutcomeKind.SUCCEEDED, result="1")], now=T0 + 1) == ["a"]
+    assert await status(store, "a") == "succeeded"
+    await store.insert([new("b", status="running", worker="w1", lease_until=T0 + 30)], now=T0)
+    recovered = {r.id: (r.attempts, r.dead) for r in await store.recover(now=T0 + 31)}
+    assert recovered == {"q": (1, False), "k": (1, False), "b": (1, False)}
+    assert await status(store, "b") == "queued"
+
+
+async def test_insert_running_with_a_stored_key_runs_nothing(store: Store) -> None:
+    await store.insert([new("a", idempotency_key="k")], now=T0)
+    duplicate = new("b", idempotency_key="k", status="running", worker="w1", lease_until=T0 + 9)
+    inserted = await store.insert([duplicate], now=T0)
+    assert inserted == ["a"]
+    assert inserted.seqs == {}
+    assert await status(store, "a") == "queued"
+
+
 # -- claim -------------------------------------------------------------------------
 
 

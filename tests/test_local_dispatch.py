@@ -1,0 +1,232 @@
+"""Local dispatch: a job enqueued while this process has a free slot is inserted
+running and starts when the insert commits, without a claim. Jobs the store must
+order or limit, jobs this process does not run, and jobs enqueued while others wait
+go through the queue as before."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import anyio
+import pytest
+
+from asyncjobs import Jobs
+from asyncjobs.stores import ClaimRequest, JobRow, Outcome
+from asyncjobs.stores._protocol import NewJob
+from asyncjobs.testing import FakeClock
+
+MakeJobs = Callable[..., Jobs]
+
+
+def spy_claims(jobs: Jobs) -> list[str]:
+    """Record the id of every job the store hands out through a claim."""
+    claimed: list[str] = []
+    store: Any = jobs.store
+    claim, finish_and_claim = store.claim, store.finish_and_claim
+
+    async def spy_claim(request: ClaimRequest, *, now: float) -> list[JobRow]:
+        rows: list[JobRow] = await claim(request, now=now)
+        claimed.extend(row.id for row in rows)
+        return rows
+
+    async def spy_finish_and_claim(
+        outcomes: Sequence[Outcome], request: ClaimRequest, *, now: float
+    ) -> tuple[list[str], list[JobRow]]:
+        applied, rows = await finish_and_claim(outcomes, request, now=now)
+        claimed.extend(row.id for row in rows)
+        return applied, rows
+
+    store.claim, store.finish_and_claim = spy_claim, spy_finish_and_claim
+    return claimed
+
+
+async def settled(jobs: Jobs) -> None:
+    """Until a claim of the started workers found nothing more waiting in the store."""
+    with anyio.fail_after(5):
+        while jobs.runner._backlog:
+            await anyio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize("with_options", [False, True], ids=["plain", "with-options"])
+async def test_a_job_enqueued_with_a_free_slot_runs_without_a_claim(
+    make_jobs: MakeJobs, clock: FakeClock, with_options: bool
+) -> None:
+    jobs = make_jobs(concurrency=2)
+    claimed = spy_claims(jobs)
+    release = anyio.Event()
+
+    @jobs.task(name="hold")
+    async def hold(n: int) -> int:
+        await release.wait()
+        return n
+
+    async with jobs:
+        await settled(jobs)  # the first claim found the queue empty
+        try:
+            if with_options:
+                job = await hold.options(priority=3, retries=1, timeout=60).enqueue(7)
+            else:
+                job = await hold.enqueue(7)
+            row = await jobs.store.get(job.id)
+            assert row is not None
+            # Stored running by the insert itself: attempt 1, leased to this worker.
+            assert (row.status, row.attempts, row.worker) == ("running", 1, jobs.runner.worker_id)
+            assert row.started_at == row.enqueued_at == clock.now()
+            assert row.lease_until == clock.now() + jobs.settings.visibility_timeout
+        finally:
+            release.set()  # else a failed check would wait for it at shutdown
+        assert await job.result(timeout=5) == 7
+    assert job.id not in claimed
+
+
+@pytest.mark.parametrize(
+    "enqueue",
+    [
+        pytest.param(lambda t: t.options(idempotency_key="k").enqueue(1), id="idempotency-key"),
+        pytest.param(lambda t: t.options(group="g").enqueue(1), id="ordered-group"),
+        pytest.param(lambda t: t.options(delay=0.5).enqueue(1), id="delayed"),
+        pytest.param(lambda t: t.options(queue="elsewhere").enqueue(1), id="queue-not-served"),
+        pytest.param(lambda t: t.jobs.enqueue("limited", 1), id="rate-limited-task"),
+        pytest.param(lambda t: t.jobs.enqueue("capped", 1), id="task-concurrency"),
+    ],
+)
+async def test_jobs_the_store_must_order_or_limit_go_through_the_queue(
+    make_jobs: MakeJobs, clock: FakeClock, enqueue: Callable[[Any], Any]
+) -> None:
+    jobs = make_jobs(concurrency=4, queues=["default"])
+    claimed = spy_claims(jobs)
+
+    @jobs.task(name="plain")
+    async def plain(n: int) -> int:
+        return n
+
+    @jobs.task(name="limited", rate_limit="100/s")
+    async def limited(n: int) -> int:
+        return n
+
+    @jobs.task(name="capped", concurrency=1)
+    async def capped(n: int) -> int:
+        return n
+
+    async with jobs:
+        await settled(jobs)
+        job = await enqueue(plain)
+        info = await jobs.get(job.id)
+        assert info is not None
+        assert info.status in ("queued", "scheduled")
+        assert info.attempts == 0
+        if info.queue == "elsewhere":
+            return  # no worker here serves it
+        clock.advance(1)  # the delayed one is due
+        jobs.runner.wake()
+        assert await job.result(timeout=5) == 1
+    assert job.id in claimed
+
+
+async def test_a_job_enqueued_by_name_for_a_task_not_registered_here_waits(
+    make_jobs: MakeJobs,
+) -> None:
+    jobs = make_jobs(concurrency=2)
+
+    @jobs.task(name="plain")
+    async def plain() -> None:
+        return None
+
+    async with jobs:
+        await settled(jobs)
+        job = await jobs.enqueue("another_process_runs_it")
+        info = await jobs.get(job.id)
+        assert info is not None
+        assert (info.status, info.attempts) == ("queued", 0)
+
+
+async def test_while_jobs_wait_in_the_store_a_new_one_queues_behind_them(
+    make_jobs: MakeJobs, db_url: str
+) -> None:
+    ran: list[int] = []
+    release = anyio.Event()
+
+    def register(jobs: Jobs) -> None:
+        @jobs.task(name="hold")
+        async def hold(n: int) -> None:
+            ran.append(n)
+            await release.wait()
+
+    producer = make_jobs(workers=False)
+    register(producer)
+    async with producer:
+        for n in range(4):
+            await producer.enqueue("hold", n)
+
+    jobs = make_jobs(concurrency=2)
+    register(jobs)
+    claimed = spy_claims(jobs)
+    async with jobs:
+        with anyio.fail_after(5):
+            while len(ran) < 2:  # a full claim: two run, two still wait in the store
+                await anyio.lowlevel.checkpoint()
+        try:
+            late = await jobs.enqueue("hold", 4)
+            info = await jobs.get(late.id)
+            assert info is not None
+            assert info.status == "queued"
+        finally:
+            release.set()
+        await late.result(timeout=5)
+    assert ran == [0, 1, 2, 3, 4]
+    assert late.id in claimed
+
+
+async def test_inside_a_caller_transaction_the_job_waits_for_the_commit(
+    make_jobs: MakeJobs, tmp_path: Path
+) -> None:
+    path = tmp_path / "app.db"
+    jobs = make_jobs("sqlite:///" + str(path), concurrency=2)
+
+    @jobs.task(name="plain")
+    async def plain() -> str:
+        return "done"
+
+    claimed = spy_claims(jobs)
+    async with jobs, aiosqlite.connect(path, isolation_level=None, timeout=5) as conn:
+        await settled(jobs)
+        await conn.execute("BEGIN IMMEDIATE")
+        async with jobs.transaction(conn):
+            job = await jobs.enqueue("plain")
+            row = await jobs.store.get(job.id)  # another connection: not committed yet
+            assert row is None
+        await conn.execute("COMMIT")
+        jobs.runner.wake()
+        assert await job.result(timeout=5) == "done"
+    assert job.id in claimed  # inserted queued, then claimed
+
+
+async def test_a_dispatch_that_commits_after_shutdown_began_is_given_back_unspent(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    jobs = make_jobs(concurrency=2)
+
+    @jobs.task(name="plain")
+    async def plain() -> None:
+        return None
+
+    async with jobs:
+        await settled(jobs)
+        runner = jobs.runner
+        new = NewJob(
+            id="0" * 31 + "1", task="plain", queue="default", payload='{"args":[],"kwargs":{}}',
+            status="running", priority=0, run_at=clock.now(), max_attempts=4,
+            worker=runner.worker_id, lease_until=clock.now() + 60,
+        )  # fmt: skip
+        assert runner.reserve(new.id)
+        inserted = await jobs.store.insert([new], now=clock.now())
+        runner.stop_accepting()  # shutdown starts while the insert was under way
+        runner.dispatched([new], inserted, clock.now())
+        assert not runner.running
+        await runner.flush_outbox()
+    row = await jobs.store.get(new.id)
+    assert row is not None
+    assert (row.status, row.attempts, row.worker) == ("queued", 0, None)
