@@ -10,8 +10,9 @@ process serves both endpoints (same app, same process, same run):
 
 The load generator is ``wrk`` on loopback (``apt-get install -y wrk``); without it a
 bounded keep-alive HTTP/1.1 load generator runs in a separate Python process. Rounds
-alternate between the endpoints; the report gives each endpoint's median requests/s
-and the ratio durable / background (target >= 0.8).
+alternate between the endpoints; the report gives each endpoint's median requests/s,
+the server's CPU time per request (all its threads), and the ratio durable /
+background (target >= 0.8).
 """
 
 from __future__ import annotations
@@ -155,6 +156,19 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise SystemExit("the server did not start")
 
 
+def server_cpu(pid: int) -> float | None:
+    """CPU seconds the server process has used, all threads (Linux /proc; else None).
+
+    Requests/s moves with the machine's load; CPU per request moves much less, so the
+    report gives both: the server's CPU per request shows what the durable write costs.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=5, help="length of one round")
@@ -198,14 +212,24 @@ def main() -> None:
         try:
             wait_for_port(port, server)
 
+            cpu: dict[str, list[float]] = {e: [] for e in ENDPOINTS}  # µs per request
+
             def measure(endpoint: str, seconds: int) -> float:
                 url = f"http://127.0.0.1:{port}/{endpoint}"
+                before = server_cpu(server.pid)
                 if use_wrk:
-                    return run_wrk(url, seconds, args.connections, args.threads, script)
-                return run_python_load(url, seconds, args.connections)
+                    rate = run_wrk(url, seconds, args.connections, args.threads, script)
+                else:
+                    rate = run_python_load(url, seconds, args.connections)
+                after = server_cpu(server.pid)
+                if before is not None and after is not None and rate > 0:
+                    cpu[endpoint].append((after - before) / (rate * seconds) * 1e6)
+                return rate
 
             for endpoint in ENDPOINTS:  # warm up
                 measure(endpoint, 1)
+            for samples in cpu.values():
+                samples.clear()
             results: dict[str, list[float]] = {e: [] for e in ENDPOINTS}
             for _ in range(args.rounds):
                 for endpoint in ENDPOINTS:
@@ -225,7 +249,10 @@ def main() -> None:
     medians = {e: statistics.median(v) for e, v in results.items()}
     for endpoint in ENDPOINTS:
         rounds = ", ".join(f"{v:,.0f}" for v in results[endpoint])
-        print(f"{endpoint:>10}: {medians[endpoint]:>9,.0f} req/s (median; rounds {rounds})")
+        line = f"{endpoint:>10}: {medians[endpoint]:>9,.0f} req/s (median; rounds {rounds})"
+        if cpu[endpoint]:
+            line += f", server CPU {statistics.median(cpu[endpoint]):.0f} µs/request"
+        print(line)
     ratio = medians["durable"] / medians["background"]
     print(f"durable / background = {ratio:.2f}x (target >= 0.8x)")
 
