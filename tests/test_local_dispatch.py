@@ -43,6 +43,17 @@ def spy_claims(jobs: Jobs) -> list[str]:
     return claimed
 
 
+def with_a_task(make_jobs: MakeJobs) -> Jobs:
+    """Two slots and one no-op task, ``plain``."""
+    jobs = make_jobs(concurrency=2)
+
+    @jobs.task(name="plain")
+    async def plain() -> None:
+        return None
+
+    return jobs
+
+
 async def settled(jobs: Jobs) -> None:
     """Until a claim of the started workers found nothing more waiting in the store."""
     with anyio.fail_after(5):
@@ -129,12 +140,7 @@ async def test_jobs_the_store_must_order_or_limit_go_through_the_queue(
 async def test_a_job_enqueued_by_name_for_a_task_not_registered_here_waits(
     make_jobs: MakeJobs,
 ) -> None:
-    jobs = make_jobs(concurrency=2)
-
-    @jobs.task(name="plain")
-    async def plain() -> None:
-        return None
-
+    jobs = with_a_task(make_jobs)
     async with jobs:
         await settled(jobs)
         job = await jobs.enqueue("another_process_runs_it")
@@ -207,12 +213,7 @@ async def test_inside_a_caller_transaction_the_job_waits_for_the_commit(
 async def test_a_dispatch_that_commits_after_shutdown_began_is_given_back_unspent(
     make_jobs: MakeJobs, clock: FakeClock
 ) -> None:
-    jobs = make_jobs(concurrency=2)
-
-    @jobs.task(name="plain")
-    async def plain() -> None:
-        return None
-
+    jobs = with_a_task(make_jobs)
     async with jobs:
         await settled(jobs)
         runner = jobs.runner
