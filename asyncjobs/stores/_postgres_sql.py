@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     Connection: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
     Pool: TypeAlias = asyncpg.Pool[asyncpg.Record]
 
+# JobRow's fields (a test holds them equal): the columns every read of a job returns.
 COLUMNS = (
     "id", "seq", "task", "queue", "status", "priority", "payload", "options", "attempts",
     "max_attempts", "run_at", "enqueued_at", "started_at", "finished_at", "lease_until",
@@ -83,7 +84,7 @@ def is_connection_error(error: BaseException) -> bool:
 
 
 def job_row(record: asyncpg.Record) -> JobRow:
-    return JobRow(**{name: record[name] for name in COLUMNS})
+    return JobRow._make(record[name] for name in COLUMNS)
 
 
 def _migrations() -> list[tuple[int, str]]:

@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
+# JobRow's fields in order (a test holds them equal): a row builds a JobRow as it is.
 COLUMNS = (
     "id", "seq", "task", "queue", "status", "priority", "payload", "options", "attempts",
     "max_attempts", "run_at", "enqueued_at", "started_at", "finished_at", "lease_until",
@@ -82,7 +83,7 @@ SCHEMA_VERSION_TABLE = "asyncjobs_migrations"
 
 
 def _row(values: Sequence[Any]) -> JobRow:
-    return JobRow(**dict(zip(COLUMNS, values, strict=True)))
+    return JobRow._make(values)
 
 
 def _is_busy(error: sqlite3.OperationalError) -> bool:
@@ -514,14 +515,19 @@ def _status_filter(status: str | None, now: float) -> tuple[list[str], list[Any]
 _INSERT_HEAD = (
     "INSERT INTO asyncjobs_jobs (id, task, queue, status, priority, payload, options, "
     "max_attempts, run_at, enqueued_at, idempotency_key, group_key, chain_next, batch_id, "
-    "rate_key, attempts, started_at, lease_until, worker) VALUES "
+    "rate_key) VALUES "
 )
-_INSERT_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# With a job dispatched at insert: four columns more. Only then, as the driver binds
+# every parameter holding the GIL.
+_INSERT_STARTED_HEAD = _INSERT_HEAD[: -len(") VALUES ")] + (
+    ", attempts, started_at, lease_until, worker) VALUES "
+)
+_INSERT_STARTED_ROW = _INSERT_ROW[:-1] + ", ?, ?, ?, ?)"
 _INSERT_TAIL = " ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
 _NOT_STARTED = (0, None, None, None)
-"""attempts, started_at, lease_until and worker of a job not dispatched at insert."""
 _INSERT_CHUNK = 500
-"""Rows per INSERT statement (19 values each, well under SQLite's 32,766 variables)."""
+"""Rows per INSERT statement (at most 19 values each, well under SQLite's 32,766)."""
 
 
 def insert_jobs(db: sqlite3.Connection, jobs: Sequence[NewJob], now: float) -> Inserted:
@@ -534,20 +540,23 @@ def insert_jobs(db: sqlite3.Connection, jobs: Sequence[NewJob], now: float) -> I
     seqs: dict[str, int] = {}
     for start in range(0, len(jobs), _INSERT_CHUNK):
         chunk = jobs[start : start + _INSERT_CHUNK]
+        dispatched = any(j.worker is not None for j in chunk)
         values: list[Any] = []
-        dispatched = False
         for j in chunk:
             values += (
                 j.id, j.task, j.queue, j.status, j.priority, j.payload, j.options,
                 j.max_attempts, j.run_at, now, j.idempotency_key, j.group_key,
                 j.chain_next, j.batch_id, j.rate_key,
             )  # fmt: skip
+            if not dispatched:
+                continue
             if j.worker is None:
                 values += _NOT_STARTED
             else:  # local dispatch: the first attempt starts now
                 values += (1, now, j.lease_until, j.worker)
-                dispatched = True
-        sql = _INSERT_HEAD + ", ".join([_INSERT_ROW] * len(chunk)) + _INSERT_TAIL
+        head = _INSERT_STARTED_HEAD if dispatched else _INSERT_HEAD
+        row = _INSERT_STARTED_ROW if dispatched else _INSERT_ROW
+        sql = head + ", ".join([row] * len(chunk)) + _INSERT_TAIL
         if dispatched:  # the runner needs their seq; RETURNING lists every inserted row
             returned = db.execute(sql + " RETURNING id, seq, worker", values).fetchall()
             seqs.update((job_id, seq) for job_id, seq, worker in returned if worker is not None)

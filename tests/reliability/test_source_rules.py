@@ -50,7 +50,7 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     (
         "stores/_sqlite.py",
         "insert_jobs",
-        "[_INSERT_ROW] * len(chunk)",
+        "[row] * len(chunk)",
     ): "constant text and one constant '(?, ...)' group per row; values are parameters",
     ("stores/_postgres_sql.py", "migrate", "script"): (
         "scripts come from the migration .sql files shipped inside the package"
