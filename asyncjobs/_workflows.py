@@ -18,7 +18,6 @@ released later than that runs at once.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 from collections.abc import Sequence
@@ -169,7 +168,7 @@ def _member(jobs: Jobs, spec: object, what: str) -> JobSpec[Any]:
 def _flag(job: NewJob, flag: str) -> NewJob:
     options = json.loads(job.options) if job.options else {}
     options[flag] = True
-    return dataclasses.replace(job, options=json.dumps(options))
+    return job._replace(options=json.dumps(options))
 
 
 async def create_chain(jobs: Jobs, specs: Sequence[JobSpec[Any]], *, pass_result: bool) -> Chain:
@@ -221,7 +220,7 @@ async def create_batch(
         if _takes_batch(jobs, callback):
             job = _flag(job, COUNTS_FLAG)
             if not new:
-                job = dataclasses.replace(job, payload=with_batch(job.payload, batch_id, {}))
+                job = job._replace(payload=with_batch(job.payload, batch_id, {}))
         new.append(job)
     if not new:
         return Batch(jobs, batch_id, [], None)

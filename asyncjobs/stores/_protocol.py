@@ -18,9 +18,12 @@ from typing import NamedTuple, Protocol
 from asyncjobs._ratelimit import RateLimit
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class NewJob:
-    """A job to insert. ``payload`` and ``options`` are JSON text."""
+class NewJob(NamedTuple):
+    """A job to insert. ``payload`` and ``options`` are JSON text.
+
+    Named tuples, this and ``Outcome`` (one per job on the enqueue and finish paths):
+    immutable like a frozen dataclass, built three times faster. Build them with
+    keywords."""
 
     id: str
     task: str
@@ -94,8 +97,7 @@ class OutcomeKind(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Outcome:
+class Outcome(NamedTuple):
     """How one attempt ended, decided by the runner, applied by the store.
 
     The store applies it only while the job is still ``running`` under
