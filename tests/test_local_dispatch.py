@@ -102,12 +102,16 @@ async def test_a_job_enqueued_with_a_free_slot_runs_without_a_claim(
         pytest.param(lambda t: t.options(queue="elsewhere").enqueue(1), id="queue-not-served"),
         pytest.param(lambda t: t.jobs.enqueue("limited", 1), id="rate-limited-task"),
         pytest.param(lambda t: t.jobs.enqueue("capped", 1), id="task-concurrency"),
+        pytest.param(lambda t: t.jobs.enqueue("shared", 1), id="named-limiter"),
+        pytest.param(lambda t: t.options(queue="bounded").enqueue(1), id="queue-concurrency"),
     ],
 )
 async def test_jobs_the_store_must_order_or_limit_go_through_the_queue(
     make_jobs: MakeJobs, clock: FakeClock, enqueue: Callable[[Any], Any]
 ) -> None:
-    jobs = make_jobs(concurrency=4, queues=["default"])
+    jobs = make_jobs(concurrency=4, queues=["default", "bounded"])
+    jobs.limiter("provider", "100/s")
+    jobs.queue("bounded", concurrency=2)
     claimed = spy_claims(jobs)
 
     @jobs.task(name="plain")
@@ -120,6 +124,10 @@ async def test_jobs_the_store_must_order_or_limit_go_through_the_queue(
 
     @jobs.task(name="capped", concurrency=1)
     async def capped(n: int) -> int:
+        return n
+
+    @jobs.task(name="shared", limiter="provider")
+    async def shared(n: int) -> int:
         return n
 
     async with jobs:
