@@ -419,11 +419,7 @@ class Jobs:
 
     async def _flush_inserts(self, new: list[NewJob]) -> list[str]:
         now = self.clock.now()
-        try:
-            inserted = await self.store.insert(new, now=now)
-        except BaseException:
-            self.runner.unreserve(new)
-            raise
+        inserted = await self.store.insert(new, now=now)  # failed: each _insert unreserves
         self.runner.dispatched(new, inserted, now)
         return inserted
 

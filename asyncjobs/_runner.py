@@ -148,10 +148,7 @@ class Runner:
         worker knows: a slot is free (not promised to a job claimed ahead or being
         dispatched), and the last claim found every ready job, so a job jumps no queue.
         """
-        if not self._accepting or self._backlog:
-            return False
-        busy = len(self.running) + len(self._ready) + len(self._reserved)
-        if busy >= self.settings.concurrency:
+        if not self._accepting or self._backlog or self._busy >= self.settings.concurrency:
             return False
         self._reserved.add(job_id)
         return True
@@ -176,8 +173,7 @@ class Runner:
             if seq is not None:  # else not inserted (an idempotency key already stored)
                 rows.append(_dispatched_row(job, seq, now))
         if not self._accepting:  # shutdown began meanwhile: give them back unstarted
-            for row in rows:
-                self._outbox.append((row, self._outcome(row, OutcomeKind.RELEASE), 0.0))
+            self._give_back(rows)
             self._free_slot()  # wait_idle waits for reservations too
         elif rows:
             self._add_ready(rows)
@@ -205,10 +201,14 @@ class Runner:
         )
 
     @property
+    def _busy(self) -> int:
+        """Slots taken or promised: running, claimed ahead, or being dispatched."""
+        return len(self.running) + len(self._ready) + len(self._reserved)
+
+    @property
     def room(self) -> int:
         """How many jobs to claim now: free slots plus the look-ahead not yet filled."""
-        busy = len(self.running) + len(self._ready) + len(self._reserved)
-        return self.settings.concurrency + self._look_ahead() - busy
+        return self.settings.concurrency + self._look_ahead() - self._busy
 
     def _look_ahead(self) -> int:
         mean = self._mean_duration
@@ -268,11 +268,8 @@ class Runner:
                 return
 
     def start_slots(self, tg: TaskGroup) -> None:
-        """Start ``concurrency`` slot workers in ``tg``; each runs one job at a time.
-
-        Long-lived workers instead of a task per job: starting a task costs more
-        than running a short job.
-        """
+        """Start ``concurrency`` slot workers in ``tg``; each runs one job at a time,
+        the next from the ready buffer (highest priority first), in a task of its own."""
         for number in range(self.settings.concurrency):
             tg.start_soon(self._slot, name=f"asyncjobs slot {number}")
 
@@ -289,16 +286,19 @@ class Runner:
             # A task per job, so that context variables a job sets never leak into the
             # next job of this slot (a plain asyncio task: cheaper than a task group's),
             # and so that cancelling it (cancel_local) stops that job alone.
-            running.task = asyncio.get_running_loop().create_task(self._execute(row))
+            running.task = loop.create_task(self._execute(row))
             await running.task
 
     def stop_accepting(self) -> None:
         """Shutdown: start nothing more; jobs claimed ahead go back, attempt unspent."""
         self._accepting = False
-        for row in self._ready:
-            release = self._outcome(row, OutcomeKind.RELEASE)
-            self._outbox.append((row, release, 0.0))
-        self._ready.clear()
+        self._give_back(self._ready)
+        self._ready = []
+
+    def _give_back(self, rows: Sequence[JobRow]) -> None:
+        """Queue jobs that never started to go back with the next write, attempt unspent."""
+        for row in rows:
+            self._outbox.append((row, self._outcome(row, OutcomeKind.RELEASE), 0.0))
 
     async def flush_outbox(self) -> int:
         """Write finished jobs' outcomes now (shutdown, or no claim coming)."""

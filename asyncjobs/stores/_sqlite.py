@@ -548,12 +548,8 @@ def insert_jobs(db: sqlite3.Connection, jobs: Sequence[NewJob], now: float) -> I
                 j.max_attempts, j.run_at, now, j.idempotency_key, j.group_key,
                 j.chain_next, j.batch_id, j.rate_key,
             )  # fmt: skip
-            if not dispatched:
-                continue
-            if j.worker is None:
-                values += _NOT_STARTED
-            else:  # local dispatch: the first attempt starts now
-                values += (1, now, j.lease_until, j.worker)
+            if dispatched:  # a dispatched job's first attempt starts now
+                values += _NOT_STARTED if j.worker is None else (1, now, j.lease_until, j.worker)
         head = _INSERT_STARTED_HEAD if dispatched else _INSERT_HEAD
         row = _INSERT_STARTED_ROW if dispatched else _INSERT_ROW
         sql = head + ", ".join([row] * len(chunk)) + _INSERT_TAIL
