@@ -21,6 +21,30 @@ R = TypeVar("R")
 
 _sequence = itertools.count()
 
+_RANDOM_BYTES_PER_ID = 10
+_IDS_PER_DRAW = 256
+_random_hex: list[str] = []  # random suffixes drawn ahead, taken from the end
+
+
+def _forget_random_hex() -> None:
+    _random_hex.clear()  # a forked child must not reuse its parent's suffixes
+
+
+os.register_at_fork(after_in_child=_forget_random_hex)
+
+
+def _random_suffix() -> str:
+    """80 random bits as 20 hex characters, from the OS's CSPRNG.
+
+    Drawn 256 at a time: ``os.urandom`` releases the GIL, and taking it back can wait
+    for the store's thread, so one draw per job cost far more than the bytes.
+    """
+    if not _random_hex:
+        draw = os.urandom(_RANDOM_BYTES_PER_ID * _IDS_PER_DRAW).hex()
+        step = 2 * _RANDOM_BYTES_PER_ID
+        _random_hex.extend(draw[i : i + step] for i in range(0, len(draw), step))
+    return _random_hex.pop()
+
 
 def new_job_id(now: float) -> str:
     """A job id: 32 hex characters (unique, safe in URLs), like a UUIDv7.
@@ -32,7 +56,7 @@ def new_job_id(now: float) -> str:
     unique index on ``id`` instead of dirtying a random page of it.
     """
     head = (int(now * 1000) << 6 | next(_sequence) & 0x3F) & 0xFFFFFFFFFFFF
-    return f"{head:012x}{os.urandom(10).hex()}"
+    return f"{head:012x}{_random_suffix()}"
 
 
 class JobStatus(enum.StrEnum):
