@@ -575,13 +575,13 @@ class Jobs:
         runner = self.runner
         await runner.recover()
         async with anyio.create_task_group() as loops:
-            async with anyio.create_task_group() as jobs_tg:
-                claim_scope = anyio.CancelScope()
+            claim_scope = anyio.CancelScope()
 
-                async def serve(*, task_status: anyio.abc.TaskStatus[None]) -> None:
-                    with claim_scope:
-                        await runner.serve(jobs_tg, task_status=task_status)
+            async def serve(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+                with claim_scope:
+                    await runner.serve(task_status=task_status)
 
+            try:
                 await loops.start(runner.heartbeat_loop)
                 await loops.start(runner.maintenance_loop)
                 await loops.start(self.scheduler.run)
@@ -601,7 +601,9 @@ class Jobs:
                         "they will run again",
                         len(runner.running), self.settings.shutdown_timeout,
                     )  # fmt: skip
-                jobs_tg.cancel_scope.cancel()
+            finally:  # also when a loop crashed: no job outlives the workers
+                with anyio.CancelScope(shield=True):
+                    await runner.cancel_running()
             await runner.flush_outbox()  # outcomes of the last jobs, released ones too
             loops.cancel_scope.cancel()
         logger.info("asyncjobs workers stopped")

@@ -19,20 +19,20 @@ process; jobs claimed ahead are given back, attempt unspent, when workers stop.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import os
 import socket
 import traceback
 import uuid
-from collections import deque
 from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskStatus
 
 from asyncjobs._backoff import backoff_delay
 from asyncjobs._codec import decode_payload, encode
@@ -113,7 +113,10 @@ class Runner:
         # Claimed ahead, waiting for a slot; popped from the end (highest priority first).
         self._ready: list[JobRow] = []
         self._accepting = True  # False once shutdown begins: nothing new starts
-        self._idle_slots: deque[asyncio.Future[None]] = deque()  # slot workers waiting
+        # Each job runs in a copy of this context (taken when the workers start), so
+        # context variables a job sets never leak into another job or into the code
+        # whose enqueue dispatched it.
+        self._context = contextvars.copy_context()
         self._mean_duration: float | None = None  # recent jobs, moving average
         self._wakeup = asyncio.Event()
         self._slot_freed = asyncio.Event()
@@ -257,37 +260,41 @@ class Runner:
     def _add_ready(self, rows: Sequence[JobRow]) -> None:
         self._ready.extend(rows)
         self._ready.sort(key=_run_order)
-        # Wake one idle slot worker per job, not all of them (each wake is a task step).
-        for _ in range(len(rows)):
-            while self._idle_slots:
-                waiter = self._idle_slots.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
-                    break
-            else:
-                return
+        self._start_ready()
 
-    def start_slots(self, tg: TaskGroup) -> None:
-        """Start ``concurrency`` slot workers in ``tg``; each runs one job at a time,
-        the next from the ready buffer (highest priority first), in a task of its own."""
-        for number in range(self.settings.concurrency):
-            tg.start_soon(self._slot, name=f"asyncjobs slot {number}")
+    def _start_ready(self) -> None:
+        """Start ready jobs, highest priority first, while fewer than ``concurrency`` run.
 
-    async def _slot(self) -> None:
+        Each job gets a plain asyncio task of its own (cheaper than a task group's):
+        cancelling it (``cancel_local``, shutdown) stops that job alone. A job's task
+        starts the next ready job when it ends (``_complete``), so no task waits
+        between jobs. ``cancel_running`` stops whatever still runs at shutdown.
+        """
+        free = self.settings.concurrency - len(self.running)
+        if free <= 0 or not self._ready or not self._accepting:
+            return
         loop = asyncio.get_running_loop()
-        while True:
-            if not self._ready or not self._accepting:
-                waiter = loop.create_future()
-                self._idle_slots.append(waiter)
-                await waiter  # _add_ready wakes it; cancelled at shutdown
-                continue
+        for _ in range(min(free, len(self._ready))):
             row = self._ready.pop()
             running = self.running[row.id] = _Running(row)
-            # A task per job, so that context variables a job sets never leak into the
-            # next job of this slot (a plain asyncio task: cheaper than a task group's),
-            # and so that cancelling it (cancel_local) stops that job alone.
-            running.task = loop.create_task(self._execute(row))
-            await running.task
+            running.task = loop.create_task(self._execute(row), context=self._context.copy())
+
+    async def cancel_running(self) -> None:
+        """Cancel the jobs still running and wait for each to record its release.
+
+        A job whose task was cancelled before its first step never ran its code (nor
+        ``_execute``'s cleanup): it goes back unspent here. Nothing new starts.
+        """
+        self.stop_accepting()
+        tasks = [running.task for running in self.running.values() if running.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        never_started = [running.row for running in self.running.values()]
+        self.running.clear()
+        self._give_back(never_started)
+        self._free_slot()
 
     def stop_accepting(self) -> None:
         """Shutdown: start nothing more; jobs claimed ahead go back, attempt unspent."""
@@ -325,21 +332,25 @@ class Runner:
     async def drain(self) -> None:
         """Run ready jobs until none is ready or running (workers must not be started)."""
         await self.recover()
-        async with anyio.create_task_group() as tg:
-            self.start_slots(tg)
+        self._accepting = True
+        self._context = contextvars.copy_context()
+        try:
             while True:
                 if await self.claim() or self._outbox:
                     continue
                 if not self.running and not self._ready:
                     break
                 await self._slot_freed.wait()
-            tg.cancel_scope.cancel()  # the idle slot workers
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.cancel_running()  # drain itself was cancelled
+                await self.flush_outbox()
 
-    async def serve(self, jobs_tg: TaskGroup, *, task_status: TaskStatus[None]) -> None:
-        """Claim loop: runs until cancelled (that is how shutdown stops claiming); the
-        jobs run in ``jobs_tg``."""
+    async def serve(self, *, task_status: TaskStatus[None]) -> None:
+        """Claim loop: runs until cancelled (that is how shutdown stops claiming); each
+        job runs in a task of its own (``_start_ready``)."""
         self._accepting = True
-        self.start_slots(jobs_tg)
+        self._context = contextvars.copy_context()
         task_status.started()
         try:
             await self._serve()
@@ -536,6 +547,7 @@ class Runner:
         self._mean_duration = duration if mean is None else mean + (duration - mean) / 8
         self.running.pop(row.id, None)
         self._free_slot()
+        self._start_ready()
         self.wake()  # write the outcome soon, and claim the next job
 
     def _free_slot(self) -> None:

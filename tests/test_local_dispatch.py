@@ -6,6 +6,7 @@ go through the queue as before."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,29 @@ async def test_a_job_enqueued_with_a_free_slot_runs_without_a_claim(
             release.set()  # else a failed check would wait for it at shutdown
         assert await job.result(timeout=5) == 7
     assert job.id not in claimed
+
+
+async def test_a_dispatched_job_does_not_see_the_context_of_the_code_that_enqueued_it(
+    make_jobs: MakeJobs,
+) -> None:
+    """The insert that dispatches a job runs in some request's task; the job itself runs
+    in a copy of the workers' own context, as a claimed job does."""
+    jobs = make_jobs(concurrency=2)
+    claimed = spy_claims(jobs)
+    request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+    seen: list[str | None] = []
+
+    @jobs.task(name="look")
+    async def look() -> None:
+        seen.append(request_id.get())
+
+    async with jobs:
+        await settled(jobs)
+        request_id.set("request 1")
+        job = await look.enqueue()
+        await job.result(timeout=5)
+    assert job.id not in claimed  # dispatched, not claimed
+    assert seen == [None]
 
 
 @pytest.mark.parametrize(

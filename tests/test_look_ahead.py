@@ -99,6 +99,7 @@ async def test_a_cancelled_job_claimed_ahead_never_runs(
 ) -> None:
     jobs = make_jobs(concurrency=2, shutdown_timeout=10)
     ids = await run_blocked(jobs, clock, job_seconds=0.0)
+    await until(lambda: len(jobs.runner._ready) == 2)  # ids[2:4] claimed ahead
     assert await jobs.cancel(ids[2])
     jobs.release.set()  # type: ignore[attr-defined]
     await until_finished(jobs, ids)
@@ -152,3 +153,27 @@ async def test_a_job_cancelled_between_its_task_creation_and_first_step_never_ru
     assert (info.status, info.error) == ("cancelled", "cancelled before it ran")
     assert ran == []
     assert not jobs.runner.running
+
+
+async def test_a_job_whose_task_is_cancelled_before_its_first_step_goes_back_unspent(
+    make_jobs: MakeJobs,
+) -> None:
+    """Shutdown cancels the tasks of running jobs; a task cancelled before its first step
+    never runs its job's code nor its cleanup, so ``cancel_running`` gives it back."""
+    jobs = make_jobs(concurrency=1)
+    ran: list[int] = []
+
+    @jobs.task(name="t")
+    async def t(i: int) -> None:
+        ran.append(i)
+
+    job = await t.enqueue(1)
+    runner = jobs.runner
+    assert await runner.claim() == 1  # its task is created, its first step not yet run
+    assert [running.started for running in runner.running.values()] == [False]
+    await runner.cancel_running()
+    await runner.flush_outbox()
+    assert not runner.running
+    info = await job.info()
+    assert (info.status, info.attempts) == ("queued", 0)
+    assert ran == []
