@@ -116,6 +116,40 @@ async def test_insert_stores_jobs_and_returns_their_ids_in_order(store: Store) -
     assert await store.insert([], now=T0) == []
 
 
+async def test_a_multi_row_insert_stores_every_field_exactly(store: Store) -> None:
+    """Text with quotes, backslashes, escapes and non-ASCII, negative and large numbers,
+    and a float's last bits survive one insert of several rows, in order."""
+    odd = 'quote " backslash \\ escape \\ud800 tab\t é \U0001f600'
+    jobs = [
+        new(
+            "x" * 32,
+            task="tâche.send",
+            queue="q-é",
+            payload=json.dumps({"args": [odd, -(2**62)], "kwargs": {"k": 0.1}}),
+            priority=-7,
+            run_at=T0 + 0.123456789012,
+            max_attempts=1000,
+            options='{"retries": 999, "timeout": 0.25}',
+            idempotency_key=odd,
+            group_key="groupe \U0001f600",
+            batch_id="b" * 32,
+            chain_next="c" * 32,
+        ),
+        new("y" * 32, status="scheduled", run_at=T0 + 86400.5),
+        new("z" * 32, rate_key='tenant "7"'),
+    ]
+    assert await store.insert(jobs, now=T0) == [job.id for job in jobs]
+    rows = [await store.get(job.id) for job in jobs]
+    assert [row.seq for row in rows if row is not None] == sorted(
+        row.seq for row in rows if row is not None
+    )
+    for job, row in zip(jobs, rows, strict=True):
+        assert row is not None
+        stored = {field: getattr(row, field) for field in NewJob._fields if hasattr(row, field)}
+        expected = {field: getattr(job, field) for field in stored}
+        assert stored == expected
+
+
 async def test_idempotency_key_returns_the_stored_job(store: Store) -> None:
     assert await store.insert([new("a", idempotency_key="k")], now=T0) == ["a"]
     assert await store.insert([new("b", idempotency_key="k"), new("c")], now=T0) == ["a", "c"]
