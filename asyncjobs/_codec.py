@@ -27,6 +27,29 @@ _encoder = json.JSONEncoder(
 _decode = json.JSONDecoder().decode
 
 
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+# The C encoder behind ``_encoder``, made once: ``JSONEncoder.encode`` makes a new one
+# per call, which costs more than encoding a typical payload. Same output; without the
+# circular check a cycle ends in RecursionError, which callers treat as not JSON too.
+_make_c_encoder: Any = getattr(json.encoder, "c_make_encoder", None)  # None: no _json
+_c_encoder = (
+    None
+    if _make_c_encoder is None
+    else _make_c_encoder(
+        None, _not_json, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, False
+    )
+)
+
+
+def _dumps(value: Any) -> str:
+    if _c_encoder is None:
+        return _encoder.encode(value)
+    return "".join(_c_encoder(value, 0))
+
+
 _SCALARS = (str, int, bool, type(None))
 
 
@@ -97,7 +120,7 @@ def _surrogate_pair(value: Any) -> str | None:
 def encode(value: JSON, *, what: str = "value") -> str:
     """Encode one value strictly; raise ``NotSerializable`` naming ``what``."""
     try:
-        text = _encoder.encode(value)
+        text = _dumps(value)
         if _decode(text) == value and _problem(value) is None:
             return text
     except (TypeError, ValueError, RecursionError):
@@ -119,7 +142,7 @@ def encode_payload(
     """
     payload = {"args": list(args), "kwargs": dict(kwargs)}
     try:
-        text = _encoder.encode(payload)
+        text = _dumps(payload)
         ok = _refused(payload, 0) is None
         if ok and "\\ud" in text:
             # surrogate escapes: a pair of lone surrogates would read back as one character

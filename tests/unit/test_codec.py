@@ -10,8 +10,17 @@ from typing import Any
 
 import pytest
 
-from asyncjobs import NotSerializable, PayloadTooLarge
+from asyncjobs import NotSerializable, PayloadTooLarge, _codec
 from asyncjobs._codec import decode, decode_payload, encode, encode_payload
+
+
+@pytest.fixture(autouse=True, params=["c-encoder", "python-encoder"])
+def encoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with the cached C encoder and with the fallback used by a Python
+    without the _json accelerator: the two must agree."""
+    if request.param == "python-encoder":
+        monkeypatch.setattr(_codec, "_c_encoder", None)
+    return str(request.param)
 
 
 class Colour(enum.IntEnum):
@@ -75,6 +84,15 @@ def test_circular_values_are_refused() -> None:
     loop.append(loop)
     with pytest.raises(NotSerializable):
         encode(loop)
+    with pytest.raises(NotSerializable, match="argument 0 of task 't'"):
+        encode_payload([loop], {}, max_bytes=1000, task="t")
+
+
+def test_both_encoders_write_the_same_text(encoder: str) -> None:
+    value = {"s": 'é \U0001f600 \ud800 "q" \\', "n": [-(2**70), 1.5, -0.0, None, True], "e": {}}
+    assert encode(value) == json.dumps(
+        value, ensure_ascii=True, allow_nan=False, separators=(",", ":")
+    )
 
 
 def test_too_deep_nesting_is_refused() -> None:
