@@ -223,7 +223,7 @@ class Runner:
         return min(concurrency, int(concurrency * _PREFETCH_WAIT / mean))
 
     async def claim(self) -> int:
-        """Write the outbox, claim up to ``room`` jobs for the slot workers to run.
+        """Write the outbox, claim up to ``room`` jobs and start those that have a slot.
 
         Returns how many jobs were claimed plus how many outcomes were written.
         """
