@@ -6,6 +6,7 @@ import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import anyio
 import pytest
 
 from asyncjobs import ConfigurationError, Jobs, JobStatus, NotSerializable, PayloadTooLarge
@@ -253,3 +254,29 @@ async def test_many_concurrent_producers_share_commits(jobs: Jobs) -> None:
     assert sum(flushes) == 500
     assert len(flushes) < 250  # group commit: far fewer transactions than enqueues
     assert len(await jobs.list(limit=1000)) == 500
+
+
+async def test_a_producer_enqueuing_in_a_loop_lets_other_tasks_run(jobs: Jobs) -> None:
+    """A lone enqueue may be written on the event loop itself (no thread round trip);
+    it still lets the loop run, so a tight enqueue loop starves no other task."""
+
+    @jobs.task(name="t")
+    async def t(i: int) -> None:
+        return None
+
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await t.enqueue(0)  # opens the store (through its thread)
+        before = ticks
+        for i in range(20):
+            await t.enqueue(i)
+        assert ticks - before >= 20
+        tg.cancel_scope.cancel()

@@ -132,6 +132,61 @@ async def test_a_write_waits_out_another_connections_lock(tmp_path: Path) -> Non
         await store.close()
 
 
+@pytest.mark.parametrize("synchronous", ["normal", "full"])
+async def test_a_lone_insert_skips_the_connection_thread_only_while_the_file_is_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, synchronous: str
+) -> None:
+    """With synchronous=NORMAL a lone job is inserted on the event loop (InlineWriter);
+    a batch, a locked file, or synchronous=FULL (an fsync per commit) go through the
+    store's connection thread."""
+    path = tmp_path / "inline.db"
+    store = SQLiteStore(path, synchronous=synchronous, busy_timeout=2.0)
+    await store.open()
+    thread_calls: list[object] = []
+    call = store._call
+
+    async def counting_call(fn: Callable[..., object], *args: object, **kwargs: object) -> object:
+        thread_calls.append(fn)
+        return await call(fn, *args, **kwargs)
+
+    monkeypatch.setattr(store, "_call", counting_call)
+    inline = synchronous == "normal"
+    blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        assert await store.insert([new_job("a")], now=0.0) == ["a"]
+        assert len(thread_calls) == (0 if inline else 1)
+        assert await store.insert([new_job("b"), new_job("c")], now=0.0) == ["b", "c"]
+        assert len(thread_calls) == (1 if inline else 2)
+
+        blocker.execute("BEGIN IMMEDIATE")  # another connection writes
+        release = threading.Timer(0.2, lambda: blocker.execute("COMMIT"))
+        release.start()
+        with anyio.fail_after(5):
+            assert await store.insert([new_job("d")], now=0.0) == ["d"]  # waited, then wrote
+        release.join()
+        assert len(thread_calls) == (2 if inline else 3)
+        for job_id in "abcd":
+            assert await store.get(job_id) is not None
+    finally:
+        blocker.close()
+        await store.close()
+
+
+async def test_a_lone_insert_on_the_loop_reports_driver_errors_as_store_errors(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteStore(tmp_path / "dup.db")
+    await store.open()
+    try:
+        await store.insert([new_job("a")], now=0.0)
+        with pytest.raises(StoreError, match="UNIQUE") as caught:
+            await store.insert([new_job("a")], now=0.0)
+        assert isinstance(caught.value.__cause__, sqlite3.IntegrityError)
+        assert await store.insert([new_job("b")], now=0.0) == ["b"]  # usable again
+    finally:
+        await store.close()
+
+
 async def test_a_lock_held_past_every_retry_is_a_store_error(tmp_path: Path) -> None:
     path = tmp_path / "stuck.db"
     store = SQLiteStore(path, busy_timeout=0.02)

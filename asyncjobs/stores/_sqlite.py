@@ -48,7 +48,12 @@ from asyncjobs.stores._protocol import (
     WorkerRow,
 )
 from asyncjobs.stores._sqlite_limits import choose, has_limits
-from asyncjobs.stores._sqlite_side import ChangeWatch, Checkpointer, hand_checkpoints_over
+from asyncjobs.stores._sqlite_side import (
+    ChangeWatch,
+    Checkpointer,
+    InlineWriter,
+    hand_checkpoints_over,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +191,7 @@ class SQLiteStore:
         self._raw: sqlite3.Connection | None = None
         self._checkpointer: Checkpointer | None = None
         self._watch: ChangeWatch | None = None
+        self._inline: InlineWriter | None = None  # synchronous=NORMAL only
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
@@ -216,6 +222,8 @@ class SQLiteStore:
             await self._call(self._setup)
             self._checkpointer = Checkpointer(self.path)
             self._watch = await self._call(lambda _: ChangeWatch(self.path))
+            if self.synchronous == "NORMAL":  # FULL fsyncs each commit: not on the loop
+                self._inline = await self._call(lambda _: InlineWriter(self.path))
         except BaseException:
             await self.close()
             raise
@@ -233,6 +241,9 @@ class SQLiteStore:
     async def close(self) -> None:
         checkpointer, self._checkpointer = self._checkpointer, None
         watch, self._watch = self._watch, None
+        inline, self._inline = self._inline, None
+        if inline is not None:
+            inline.close()
         if checkpointer is not None:
             await checkpointer.close()
         if watch is not None:
@@ -308,10 +319,24 @@ class SQLiteStore:
         if len(jobs) <= _INSERT_CHUNK and all(j.idempotency_key is None for j in jobs):
             # The common enqueue is one INSERT statement, atomic on its own (autocommit);
             # like BEGIN IMMEDIATE it takes the write lock up front, in two fewer steps.
-            ids = await self._call(self._statement, insert_jobs, jobs, now)
+            # A lone job goes in on the loop when the file is free (InlineWriter).
+            done = await self._insert_inline(jobs, now) if len(jobs) == 1 else None
+            ids = done[0] if done else await self._call(self._statement, insert_jobs, jobs, now)
             self._committed()
             return ids
         return await self._transaction(insert_jobs, jobs, now)
+
+    async def _insert_inline(self, jobs: Sequence[NewJob], now: float) -> tuple[Inserted] | None:
+        if self._inline is None:
+            return None
+        # Let the loop run first, as the thread's round trip would: a producer that
+        # enqueues in a loop must not starve every other task (and a cancellation
+        # arriving here leaves nothing written).
+        await anyio.lowlevel.checkpoint()
+        try:
+            return self._inline.try_write(insert_jobs, jobs, now)
+        except sqlite3.Error as error:
+            raise StoreError(f"SQLite store {self.path}: {error}") from error
 
     # -- claim and finish ------------------------------------------------------------
 

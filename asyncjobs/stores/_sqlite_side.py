@@ -1,5 +1,5 @@
-"""Two side connections of the SQLite store, so its connection thread only runs SQL
-that callers wait for.
+"""Side connections of the SQLite store, so its connection thread only runs SQL that
+callers wait for, and a lone enqueue need not wait for that thread at all.
 
 - ``Checkpointer`` copies the write-ahead log back into the database file (a PASSIVE
   checkpoint) on a worker thread of its own, every ``every`` commits. SQLite's own
@@ -10,6 +10,8 @@ that callers wait for.
 - ``ChangeWatch`` reads ``PRAGMA data_version`` on the event loop thread: an idle
   runner asks ten times a second whether another process committed, and a few
   microseconds here beat a round trip through the connection thread.
+- ``InlineWriter`` inserts a lone job on the event loop thread when no other
+  connection is writing (synchronous=NORMAL only, where a commit does not fsync).
 """
 
 from __future__ import annotations
@@ -17,9 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
 
 logger = logging.getLogger("asyncjobs")
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 AUTOCHECKPOINT_PAGES = 4000
 """SQLite's automatic checkpoint threshold on the store's connections (16 MiB of log at
@@ -113,6 +120,43 @@ class ChangeWatch:
         changed = version != self._version
         self._version = version
         return changed
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class InlineWriter:
+    """Runs one short write on the event loop thread, if the file is free right now.
+
+    A round trip through the store's connection thread costs two thread wake-ups,
+    which on a virtual machine take longer than inserting one job: a lone sequential
+    enqueue waited about 260 µs, of which the insert took 50. With
+    synchronous=NORMAL a WAL commit does not fsync (checkpoints do, on their own
+    thread), so this write is CPU work of tens of microseconds. It never waits for a
+    lock: when another connection (this store's own thread included) holds the write
+    lock, ``try_write`` returns None at once and the caller goes through the thread.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._db = _side_connection(path)
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        hand_checkpoints_over(self._db)
+
+    def try_write(
+        self,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> tuple[T] | None:
+        """``(fn(connection, ...),)``; None if the file is locked. ``fn`` must run one
+        write statement (autocommit), so a lock refused means nothing was written."""
+        try:
+            return (fn(self._db, *args, **kwargs),)
+        except sqlite3.OperationalError as error:
+            if error.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                return None
+            raise
 
     def close(self) -> None:
         self._db.close()

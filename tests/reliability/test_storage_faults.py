@@ -34,7 +34,9 @@ def rows(path: Path, where: str = "1") -> int:
 
 
 async def set_max_pages(store: SQLiteStore, pages: int | None) -> None:
-    """Cap the file at its current size (``None``: lift the cap), on the store's connection."""
+    """Cap the file at its current size (``None``: lift the cap) on the store's writing
+    connections: its thread's, and the event loop's for lone inserts (a full disk
+    refuses every connection; this cap is per connection)."""
 
     def apply(db: sqlite3.Connection) -> None:
         if pages is None:
@@ -45,6 +47,8 @@ async def set_max_pages(store: SQLiteStore, pages: int | None) -> None:
         db.execute(f"PRAGMA max_page_count = {int(count) + pages}")
 
     await store._call(apply)
+    if store._inline is not None:
+        apply(store._inline._db)
 
 
 async def wait_for(jobs: Jobs, job_id: str, status: JobStatus, seconds: float = 15) -> None:
