@@ -57,8 +57,13 @@ logger = logging.getLogger("asyncjobs")
 
 # A job claimed ahead waits for a free slot about this long on average, at most: the
 # look-ahead is concurrency * _PREFETCH_WAIT / (recent mean job duration), capped at
-# the concurrency. No-op jobs get the full look-ahead, 100 ms jobs one, 1 s jobs none.
+# _PREFETCH_MAX * concurrency. Jobs under about 1.7 ms get the full look-ahead, 100 ms
+# jobs one per ten slots, 1 s jobs none.
 _PREFETCH_WAIT = 0.005
+# At most this many jobs per slot are claimed ahead: with the running ones, 4 per slot
+# in hand, as Celery's default prefetch. A claim of 40 no-op jobs instead of 20 (at
+# concurrency 10) wrote about 20% more jobs per second: one commit per batch.
+_PREFETCH_MAX = 3
 
 _current: ContextVar[JobContext] = ContextVar("asyncjobs_current_job")
 
@@ -217,10 +222,10 @@ class Runner:
         mean = self._mean_duration
         if mean is None or not self._accepting:
             return 0  # nothing ran yet: no idea how long a slot stays busy
-        concurrency = self.settings.concurrency
+        cap = _PREFETCH_MAX * self.settings.concurrency
         if mean <= 0:
-            return concurrency
-        return min(concurrency, int(concurrency * _PREFETCH_WAIT / mean))
+            return cap
+        return min(cap, int(self.settings.concurrency * _PREFETCH_WAIT / mean))
 
     async def claim(self) -> int:
         """Write the outbox, claim up to ``room`` jobs and start those that have a slot.

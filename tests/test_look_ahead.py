@@ -12,9 +12,13 @@ from contextvars import ContextVar
 import anyio
 
 from asyncjobs import Jobs
+from asyncjobs._runner import _PREFETCH_MAX
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]
+
+AHEAD = 2 * _PREFETCH_MAX  # jobs claimed ahead at most, at concurrency 2
+JOBS = 2 + AHEAD + 2  # two running, AHEAD claimed ahead, two left in the store
 
 
 async def until(check: Callable[[], object]) -> None:
@@ -36,7 +40,7 @@ async def statuses(jobs: Jobs, ids: list[str]) -> list[tuple[str, int]]:
 
 async def run_blocked(jobs: Jobs, clock: FakeClock, *, job_seconds: float) -> list[str]:
     """Run one job taking ``job_seconds`` (fake time), then start two jobs that block
-    both slots with four more behind them. Returns the six ids."""
+    both slots with ``JOBS - 2`` more behind them. Returns the ``JOBS`` ids."""
     release = anyio.Event()
     ran: list[int] = []
 
@@ -51,7 +55,7 @@ async def run_blocked(jobs: Jobs, clock: FakeClock, *, job_seconds: float) -> li
     jobs.ran = ran  # type: ignore[attr-defined]
     await jobs.start()
     await (await t.enqueue(-1)).result(timeout=5)
-    made = await jobs.enqueue_many([t.spec(i) for i in range(6)])
+    made = await jobs.enqueue_many([t.spec(i) for i in range(JOBS)])
     await until(lambda: len(jobs.runner.running) == 2)
     return [job.id for job in made]
 
@@ -61,12 +65,13 @@ async def test_short_jobs_are_claimed_ahead_then_given_back_unspent_at_stop(
 ) -> None:
     jobs = make_jobs(concurrency=2, shutdown_timeout=10)
     ids = await run_blocked(jobs, clock, job_seconds=0.0)
-    # Two run, two more are claimed ahead (leased to this worker), two wait in the store.
-    assert await statuses(jobs, ids) == [("running", 1)] * 4 + [("queued", 0)] * 2
+    # Two run, AHEAD more are claimed ahead (leased to this worker), two wait in the store.
+    await until(lambda: len(jobs.runner._ready) == AHEAD)
+    assert await statuses(jobs, ids) == [("running", 1)] * (2 + AHEAD) + [("queued", 0)] * 2
 
     clock.advance(30)
     await jobs.runner.heartbeat_once()  # jobs claimed ahead keep their lease too
-    for job_id in ids[:4]:
+    for job_id in ids[: 2 + AHEAD]:
         row = await jobs.store.get(job_id)
         assert row is not None
         assert row.lease_until == clock.now() + 60
@@ -75,9 +80,9 @@ async def test_short_jobs_are_claimed_ahead_then_given_back_unspent_at_stop(
         tg.start_soon(jobs.stop)
         await until(lambda: not jobs.runner._accepting)
         jobs.release.set()  # type: ignore[attr-defined]
-    assert await statuses(jobs, ids) == [("succeeded", 1)] * 2 + [("queued", 0)] * 4
+    assert await statuses(jobs, ids) == [("succeeded", 1)] * 2 + [("queued", 0)] * (JOBS - 2)
     assert jobs.ran == [-1, 0, 1]  # type: ignore[attr-defined]
-    for job_id in ids[2:4]:
+    for job_id in ids[2 : 2 + AHEAD]:
         row = await jobs.store.get(job_id)
         assert row is not None
         assert (row.worker, row.lease_until) == (None, None)
@@ -87,11 +92,11 @@ async def test_short_jobs_are_claimed_ahead_then_given_back_unspent_at_stop(
 async def test_long_jobs_are_not_claimed_ahead(make_jobs: MakeJobs, clock: FakeClock) -> None:
     jobs = make_jobs(concurrency=2, shutdown_timeout=10)
     ids = await run_blocked(jobs, clock, job_seconds=1.0)
-    assert await statuses(jobs, ids) == [("running", 1)] * 2 + [("queued", 0)] * 4
+    assert await statuses(jobs, ids) == [("running", 1)] * 2 + [("queued", 0)] * (JOBS - 2)
     jobs.release.set()  # type: ignore[attr-defined]
     await until_finished(jobs, ids)
     await jobs.close()
-    assert await statuses(jobs, ids) == [("succeeded", 1)] * 6
+    assert await statuses(jobs, ids) == [("succeeded", 1)] * JOBS
 
 
 async def test_a_cancelled_job_claimed_ahead_never_runs(
@@ -99,16 +104,15 @@ async def test_a_cancelled_job_claimed_ahead_never_runs(
 ) -> None:
     jobs = make_jobs(concurrency=2, shutdown_timeout=10)
     ids = await run_blocked(jobs, clock, job_seconds=0.0)
-    await until(lambda: len(jobs.runner._ready) == 2)  # ids[2:4] claimed ahead
+    await until(lambda: len(jobs.runner._ready) == AHEAD)  # ids[2:2 + AHEAD] claimed ahead
     assert await jobs.cancel(ids[2])
     jobs.release.set()  # type: ignore[attr-defined]
     await until_finished(jobs, ids)
     await jobs.close()
-    assert (
-        await statuses(jobs, ids)
-        == [("succeeded", 1)] * 2 + [("cancelled", 1)] + [("succeeded", 1)] * 3
-    )
-    assert sorted(jobs.ran) == [-1, 0, 1, 3, 4, 5]  # type: ignore[attr-defined]
+    assert await statuses(jobs, ids) == [("succeeded", 1)] * 2 + [("cancelled", 1)] + [
+        ("succeeded", 1)
+    ] * (JOBS - 3)
+    assert sorted(jobs.ran) == [-1, 0, 1, *range(3, JOBS)]  # type: ignore[attr-defined]
 
 
 async def test_context_variables_set_by_a_job_do_not_leak_into_the_next(

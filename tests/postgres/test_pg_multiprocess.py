@@ -113,7 +113,7 @@ async def test_a_killed_process_loses_no_job(
     runs = collections.Counter(run for worker in workers for run in worker.run_ids())
     assert set(runs) == set(ids)
     # Only jobs the victim held when it died can have run twice: at most its 10 slots'
-    # jobs plus those it ran while claiming ahead (short jobs: up to 10 more) whose
-    # outcomes were not written yet.
-    assert sum(n - 1 for n in runs.values()) <= 20
+    # jobs plus those it ran while claiming ahead (short jobs: up to 3 per slot more)
+    # whose outcomes were not written yet.
+    assert sum(n - 1 for n in runs.values()) <= 10 + 3 * 10
     check_stderr(survivors)
