@@ -576,10 +576,14 @@ class Jobs:
         await runner.recover()
         async with anyio.create_task_group() as loops:
             claim_scope = anyio.CancelScope()
+            claiming_stopped = anyio.Event()
 
             async def serve(*, task_status: anyio.abc.TaskStatus[None]) -> None:
-                with claim_scope:
-                    await runner.serve(task_status=task_status)
+                try:
+                    with claim_scope:
+                        await runner.serve(task_status=task_status)
+                finally:
+                    claiming_stopped.set()
 
             try:
                 await loops.start(runner.heartbeat_loop)
@@ -593,6 +597,9 @@ class Jobs:
                 ready.set()
                 await self._stop_requested.wait()
                 claim_scope.cancel()
+                # A claim in flight is shielded: let it land, so the jobs it took are
+                # given back (serve's last step) before the final flush below.
+                await claiming_stopped.wait()
                 with self.clock.move_on_after(self.settings.shutdown_timeout):
                     await runner.wait_idle()
                 if runner.running:
@@ -615,6 +622,9 @@ class Jobs:
         if host is None:
             return
         self._stop_requested.set()
+        # Nothing new starts from here on, not even a job enqueued (and dispatched to a
+        # free slot) before the workers' task has woken up to the request.
+        self.runner.stop_accepting()
         try:
             await asyncio.shield(host)
         finally:

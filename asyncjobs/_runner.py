@@ -57,8 +57,8 @@ logger = logging.getLogger("asyncjobs")
 
 # A job claimed ahead waits for a free slot about this long on average, at most: the
 # look-ahead is concurrency * _PREFETCH_WAIT / (recent mean job duration), capped at
-# _PREFETCH_MAX * concurrency. Jobs under about 1.7 ms get the full look-ahead, 100 ms
-# jobs one per ten slots, 1 s jobs none.
+# _PREFETCH_MAX * concurrency. Jobs under about 1.7 ms get the full look-ahead, 10 ms
+# jobs one per two slots, 100 ms jobs one per twenty, 1 s jobs none.
 _PREFETCH_WAIT = 0.005
 # At most this many jobs per slot are claimed ahead: with the running ones, 4 per slot
 # in hand, as Celery's default prefetch. A claim of 40 no-op jobs instead of 20 (at
