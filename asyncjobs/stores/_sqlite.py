@@ -53,6 +53,7 @@ from asyncjobs.stores._sqlite_side import (
     Checkpointer,
     InlineWriter,
     hand_checkpoints_over,
+    is_busy,
 )
 
 logger = logging.getLogger(__name__)
@@ -91,11 +92,6 @@ def _row(values: Sequence[Any]) -> JobRow:
     return JobRow._make(values)
 
 
-def _is_busy(error: sqlite3.OperationalError) -> bool:
-    message = str(error)
-    return "locked" in message or "busy" in message
-
-
 def _while_busy(db: sqlite3.Connection, write: Callable[[], T]) -> T:
     """Run ``write`` (one statement, or a whole transaction), again while the file is
     busy: busy_timeout already waited; a few more rounds ride out a long writer."""
@@ -103,7 +99,7 @@ def _while_busy(db: sqlite3.Connection, write: Callable[[], T]) -> T:
         try:
             return write()
         except sqlite3.OperationalError as error:
-            if _is_busy(error) and attempt < _BUSY_RETRIES - 1 and not db.in_transaction:
+            if is_busy(error) and attempt < _BUSY_RETRIES - 1 and not db.in_transaction:
                 logger.warning("SQLite store busy, retrying the write (%d)", attempt + 1)
                 continue
             raise
@@ -117,7 +113,7 @@ def _switch_to_wal(db: sqlite3.Connection) -> tuple[str]:
         try:
             row: tuple[str] = db.execute("PRAGMA journal_mode=WAL").fetchone()
         except sqlite3.OperationalError as error:
-            if not _is_busy(error) or attempt == _WAL_RETRIES - 1:
+            if not is_busy(error) or attempt == _WAL_RETRIES - 1:
                 raise
             time.sleep(0.01 * (attempt + 1))  # in the connection thread, not the loop
         else:
@@ -320,13 +316,14 @@ class SQLiteStore:
             # The common enqueue is one INSERT statement, atomic on its own (autocommit);
             # like BEGIN IMMEDIATE it takes the write lock up front, in two fewer steps.
             # A lone job goes in on the loop when the file is free (InlineWriter).
-            done = await self._insert_inline(jobs, now) if len(jobs) == 1 else None
-            ids = done[0] if done else await self._call(self._statement, insert_jobs, jobs, now)
+            ids = await self._insert_inline(jobs, now) if len(jobs) == 1 else None
+            if ids is None:
+                ids = await self._call(self._statement, insert_jobs, jobs, now)
             self._committed()
             return ids
         return await self._transaction(insert_jobs, jobs, now)
 
-    async def _insert_inline(self, jobs: Sequence[NewJob], now: float) -> tuple[Inserted] | None:
+    async def _insert_inline(self, jobs: Sequence[NewJob], now: float) -> Inserted | None:
         if self._inline is None:
             return None
         # Let the loop run first, as the thread's round trip would: a producer that

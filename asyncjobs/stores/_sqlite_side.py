@@ -42,6 +42,12 @@ def hand_checkpoints_over(db: sqlite3.Connection) -> None:
     db.execute("PRAGMA wal_autocheckpoint=4000")  # AUTOCHECKPOINT_PAGES; no parameters
 
 
+def is_busy(error: sqlite3.OperationalError) -> bool:
+    """Did another connection hold the lock (SQLITE_BUSY or SQLITE_LOCKED)?"""
+    message = str(error)
+    return "locked" in message or "busy" in message
+
+
 def _side_connection(path: Path) -> sqlite3.Connection:
     # timeout=0: neither connection ever waits for a lock; busy means "try later".
     return sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
@@ -148,13 +154,14 @@ class InlineWriter:
         /,
         *args: P.args,
         **kwargs: P.kwargs,
-    ) -> tuple[T] | None:
-        """``(fn(connection, ...),)``; None if the file is locked. ``fn`` must run one
-        write statement (autocommit), so a lock refused means nothing was written."""
+    ) -> T | None:
+        """``fn(connection, ...)``, which must not return None; None if the file is
+        locked. ``fn`` must run one write statement (autocommit), so a lock refused
+        means nothing was written."""
         try:
-            return (fn(self._db, *args, **kwargs),)
+            return fn(self._db, *args, **kwargs)
         except sqlite3.OperationalError as error:
-            if error.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            if is_busy(error):
                 return None
             raise
 
