@@ -16,7 +16,10 @@ pytestmark = pytest.mark.slow
 def test_two_processes_run_2000_jobs_and_none_twice(tmp_path: Path) -> None:
     db = tmp_path / "jobs.db"
     enqueue(db, "record", [(-1,)])  # create the schema before the workers race to
-    workers = [Worker(str(db), db.parent, f"p{n}") for n in range(2)]
+    # 5 ms jobs: one process alone would take a second, well past the other's first
+    # poll. No-op jobs could all be drained by one process before the other wakes (a
+    # claim takes up to 40 of them), and this test is about the two sharing the work.
+    workers = [Worker(str(db), db.parent, f"p{n}", "--work", "0.005") for n in range(2)]
     try:
         for worker in workers:
             worker.wait_ready()
