@@ -65,6 +65,10 @@ _PREFETCH_WAIT = 0.005
 # concurrency 10) wrote about 20% more jobs per second: one commit per batch.
 _PREFETCH_MAX = 3
 
+# At most this many jobs per claim (a larger room is filled by the next claims): the
+# transaction stays short enough for the SQLite store to run it on the event loop.
+_CLAIM_MAX = 100
+
 _current: ContextVar[JobContext] = ContextVar("asyncjobs_current_job")
 
 
@@ -232,7 +236,7 @@ class Runner:
 
         Returns how many jobs were claimed plus how many outcomes were written.
         """
-        room = self.room
+        room = min(self.room, _CLAIM_MAX)
         if not self.jobs.registry:
             return 0
         if room <= 0:

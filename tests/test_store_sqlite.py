@@ -14,8 +14,9 @@ import pytest
 from asyncjobs import Jobs, StoreError
 from asyncjobs._batching import GroupCommit
 from asyncjobs.stores import ClaimRequest, SQLiteStore, TaskLimits
-from asyncjobs.stores._protocol import NewJob
-from asyncjobs.stores._sqlite import _PICK_READY, SCHEMA_VERSION_TABLE, _migrations
+from asyncjobs.stores._protocol import NewJob, Outcome, OutcomeKind
+from asyncjobs.stores._sqlite import _PICK_READY, INLINE_ROWS, SCHEMA_VERSION_TABLE, _migrations
+from asyncjobs.stores._sqlite_side import InlineWriter
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]
@@ -132,16 +133,8 @@ async def test_a_write_waits_out_another_connections_lock(tmp_path: Path) -> Non
         await store.close()
 
 
-@pytest.mark.parametrize("synchronous", ["normal", "full"])
-async def test_a_lone_insert_skips_the_connection_thread_only_while_the_file_is_free(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, synchronous: str
-) -> None:
-    """With synchronous=NORMAL a lone job is inserted on the event loop (InlineWriter);
-    a batch, a locked file, or synchronous=FULL (an fsync per commit) go through the
-    store's connection thread."""
-    path = tmp_path / "inline.db"
-    store = SQLiteStore(path, synchronous=synchronous, busy_timeout=2.0)
-    await store.open()
+def count_thread_calls(store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Record each function the store runs in its connection thread."""
     thread_calls: list[object] = []
     call = store._call
 
@@ -150,26 +143,131 @@ async def test_a_lone_insert_skips_the_connection_thread_only_while_the_file_is_
         return await call(fn, *args, **kwargs)
 
     monkeypatch.setattr(store, "_call", counting_call)
-    inline = synchronous == "normal"
+    return thread_calls
+
+
+def hold_write_lock(path: Path, seconds: float) -> tuple[sqlite3.Connection, threading.Timer]:
+    """Another connection takes the write lock now and commits after ``seconds``."""
     blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(seconds, lambda: blocker.execute("COMMIT"))
+    release.start()
+    return blocker, release
+
+
+@pytest.mark.parametrize("synchronous", ["normal", "full"])
+async def test_a_short_insert_skips_the_connection_thread_only_while_the_file_is_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, synchronous: str
+) -> None:
+    """With synchronous=NORMAL an insert of up to INLINE_ROWS jobs runs on the event loop
+    (InlineWriter); a larger batch, a locked file, or synchronous=FULL (an fsync per
+    commit) go through the store's connection thread."""
+    path = tmp_path / "inline.db"
+    store = SQLiteStore(path, synchronous=synchronous, busy_timeout=2.0)
+    await store.open()
+    thread_calls = count_thread_calls(store, monkeypatch)
+    inline = synchronous == "normal"
     try:
         assert await store.insert([new_job("a")], now=0.0) == ["a"]
-        assert len(thread_calls) == (0 if inline else 1)
         assert await store.insert([new_job("b"), new_job("c")], now=0.0) == ["b", "c"]
-        assert len(thread_calls) == (1 if inline else 2)
+        assert len(thread_calls) == (0 if inline else 2)
+        large = [new_job(f"x{i}") for i in range(INLINE_ROWS + 1)]
+        assert len(await store.insert(large, now=0.0)) == INLINE_ROWS + 1
+        assert len(thread_calls) == (1 if inline else 3)
 
-        blocker.execute("BEGIN IMMEDIATE")  # another connection writes
-        release = threading.Timer(0.2, lambda: blocker.execute("COMMIT"))
-        release.start()
-        with anyio.fail_after(5):
-            assert await store.insert([new_job("d")], now=0.0) == ["d"]  # waited, then wrote
-        release.join()
-        assert len(thread_calls) == (2 if inline else 3)
+        blocker, release = hold_write_lock(path, 0.2)  # another connection writes
+        try:
+            with anyio.fail_after(5):
+                assert await store.insert([new_job("d")], now=0.0) == ["d"]  # waited, wrote
+        finally:
+            release.join()
+            blocker.close()
+        assert len(thread_calls) == (2 if inline else 4)
         for job_id in "abcd":
             assert await store.get(job_id) is not None
     finally:
-        blocker.close()
         await store.close()
+
+
+@pytest.mark.parametrize("synchronous", ["normal", "full"])
+async def test_a_runners_finish_and_claim_skips_the_thread_only_while_the_file_is_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, synchronous: str
+) -> None:
+    """Claims and outcomes of at most INLINE_ROWS jobs are written on the event loop with
+    synchronous=NORMAL; with the file locked they wait in the thread, and land the same."""
+    path = tmp_path / "claims.db"
+    store = SQLiteStore(path, synchronous=synchronous, busy_timeout=2.0)
+    await store.open()
+    limits = {"t": TaskLimits(max_attempts=1)}
+
+    def request(limit: int) -> ClaimRequest:
+        return ClaimRequest(worker="w", tasks=limits, queues=None, limit=limit, lease=30)
+
+    def succeeded(job_id: str) -> Outcome:
+        return Outcome(job_id, "w", 1, OutcomeKind.SUCCEEDED, result="1")
+
+    try:
+        await store.insert([new_job(f"j{i}") for i in range(4)], now=0.0)
+        thread_calls = count_thread_calls(store, monkeypatch)
+        inline = synchronous == "normal"
+        claimed = await store.claim(request(2), now=1.0)
+        assert [r.id for r in claimed] == ["j0", "j1"]
+        applied, claimed = await store.finish_and_claim([succeeded("j0")], request(1), now=2.0)
+        assert (applied, [r.id for r in claimed]) == (["j0"], ["j2"])
+        assert await store.finish([succeeded("j1")], now=3.0) == ["j1"]
+        assert len(thread_calls) == (0 if inline else 3)
+
+        blocker, release = hold_write_lock(path, 0.2)
+        try:
+            with anyio.fail_after(5):
+                applied, claimed = await store.finish_and_claim(
+                    [succeeded("j2")], request(5), now=4.0
+                )
+        finally:
+            release.join()
+            blocker.close()
+        assert (applied, [r.id for r in claimed]) == (["j2"], ["j3"])
+        assert len(thread_calls) == (1 if inline else 4)
+        # More rows than INLINE_ROWS: the thread, free file or not.
+        assert await store.claim(request(INLINE_ROWS + 1), now=5.0) == []
+        assert len(thread_calls) == (2 if inline else 5)
+        statuses = {job_id: (await store.get(job_id)) for job_id in ("j0", "j1", "j2", "j3")}
+        assert {k: r.status for k, r in statuses.items() if r is not None} == {
+            "j0": "succeeded", "j1": "succeeded", "j2": "succeeded", "j3": "running",
+        }  # fmt: skip
+    finally:
+        await store.close()
+
+
+def test_an_inline_transaction_refused_or_failed_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "tx.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE t (x INTEGER UNIQUE)")
+    writer = InlineWriter(path)
+
+    def add(db: sqlite3.Connection, *values: int) -> int:
+        for value in values:
+            db.execute("INSERT INTO t VALUES (?)", (value,))
+        return len(values)
+
+    def stored() -> list[int]:
+        with sqlite3.connect(path) as db:
+            return [x for (x,) in db.execute("SELECT x FROM t ORDER BY x")]
+
+    try:
+        assert writer.try_transaction(add, 1, 2) == 2
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        assert writer.try_transaction(add, 3) is None  # refused at once, not waited
+        blocker.execute("COMMIT")
+        blocker.close()
+        with pytest.raises(sqlite3.IntegrityError):
+            writer.try_transaction(add, 4, 1)  # 4 went in, then 1 failed: rolled back
+        assert stored() == [1, 2]
+        assert writer.try_transaction(add, 5) == 1  # usable again
+        assert stored() == [1, 2, 5]
+    finally:
+        writer.close()
 
 
 async def test_a_lone_insert_on_the_loop_reports_driver_errors_as_store_errors(

@@ -82,6 +82,11 @@ _REQUEUE = (
 )
 """A manual retry: queued now, with one more attempt than it had (``run_at`` first)."""
 
+INLINE_ROWS = 100
+"""The most rows a write may touch on the event loop thread (InlineWriter): a hundred
+inserts or finishes hold the loop one to two milliseconds. A runner claims at most this
+many jobs at a time, so its finish-and-claim fits."""
+
 _BUSY_RETRIES = 5
 """How many busy timeouts a write waits out before it gives up with StoreError."""
 
@@ -305,6 +310,46 @@ class SQLiteStore:
         self._committed()
         return result
 
+    async def _on_loop(
+        self,
+        transaction: bool,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T | None:
+        """Run a write of at most ``INLINE_ROWS`` rows on the event loop thread
+        (``InlineWriter``: synchronous=NORMAL, file free right now); ``fn`` runs one
+        statement unless ``transaction``. None: not written, go through the thread."""
+        if self._inline is None:
+            return None
+        # Let the loop run first, as the thread's round trip would: a producer that
+        # enqueues in a loop must not starve every other task (and a cancellation
+        # arriving here leaves nothing written).
+        await anyio.lowlevel.checkpoint()
+        write = self._inline.try_transaction if transaction else self._inline.try_write
+        try:
+            result = write(fn, *args, **kwargs)
+        except sqlite3.Error as error:
+            raise StoreError(f"SQLite store {self.path}: {error}") from error
+        if result is not None:
+            self._committed()
+        return result
+
+    async def _short_transaction(
+        self,
+        rows: int,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """A transaction touching about ``rows`` rows: on the loop if it is short and
+        the file is free, else in the connection thread."""
+        if rows <= INLINE_ROWS:
+            result = await self._on_loop(True, fn, *args, **kwargs)
+            if result is not None:
+                return result
+        return await self._transaction(fn, *args, **kwargs)
+
     def _committed(self) -> None:
         if self._checkpointer is not None:
             self._checkpointer.committed()
@@ -315,44 +360,35 @@ class SQLiteStore:
         if len(jobs) <= _INSERT_CHUNK and all(j.idempotency_key is None for j in jobs):
             # The common enqueue is one INSERT statement, atomic on its own (autocommit);
             # like BEGIN IMMEDIATE it takes the write lock up front, in two fewer steps.
-            # A lone job goes in on the loop when the file is free (InlineWriter).
-            ids = await self._insert_inline(jobs, now) if len(jobs) == 1 else None
-            if ids is None:
-                ids = await self._call(self._statement, insert_jobs, jobs, now)
+            # A group commit's batch goes in on the loop when the file is free.
+            if len(jobs) <= INLINE_ROWS:
+                ids = await self._on_loop(False, insert_jobs, jobs, now)
+                if ids is not None:
+                    return ids
+            ids = await self._call(self._statement, insert_jobs, jobs, now)
             self._committed()
             return ids
         return await self._transaction(insert_jobs, jobs, now)
-
-    async def _insert_inline(self, jobs: Sequence[NewJob], now: float) -> Inserted | None:
-        if self._inline is None:
-            return None
-        # Let the loop run first, as the thread's round trip would: a producer that
-        # enqueues in a loop must not starve every other task (and a cancellation
-        # arriving here leaves nothing written).
-        await anyio.lowlevel.checkpoint()
-        try:
-            return self._inline.try_write(insert_jobs, jobs, now)
-        except sqlite3.Error as error:
-            raise StoreError(f"SQLite store {self.path}: {error}") from error
 
     # -- claim and finish ------------------------------------------------------------
 
     async def claim(self, request: ClaimRequest, *, now: float) -> list[JobRow]:
         if request.limit <= 0 or not request.tasks:
             return []
-        return await self._transaction(_claim, request, now)
+        return await self._short_transaction(request.limit, _claim, request, now)
 
     async def finish(self, outcomes: Sequence[Outcome], *, now: float) -> list[str]:
         if not outcomes:
             return []
-        return await self._transaction(_finish, outcomes, now)
+        return await self._short_transaction(len(outcomes), _finish, outcomes, now)
 
     async def finish_and_claim(
         self, outcomes: Sequence[Outcome], request: ClaimRequest, *, now: float
     ) -> tuple[list[str], list[JobRow]]:
         if request.limit <= 0 or not request.tasks:
             return await self.finish(outcomes, now=now), []
-        return await self._transaction(_finish_and_claim, outcomes, request, now)
+        rows = max(len(outcomes), request.limit)
+        return await self._short_transaction(rows, _finish_and_claim, outcomes, request, now)
 
     async def heartbeat(
         self, job_ids: Sequence[str], *, worker: str, lease_until: float

@@ -1,5 +1,5 @@
 """Side connections of the SQLite store, so its connection thread only runs SQL that
-callers wait for, and a lone enqueue need not wait for that thread at all.
+callers wait for, and the hot path's short writes need not wait for that thread at all.
 
 - ``Checkpointer`` copies the write-ahead log back into the database file (a PASSIVE
   checkpoint) on a worker thread of its own, every ``every`` commits. SQLite's own
@@ -10,8 +10,9 @@ callers wait for, and a lone enqueue need not wait for that thread at all.
 - ``ChangeWatch`` reads ``PRAGMA data_version`` on the event loop thread: an idle
   runner asks ten times a second whether another process committed, and a few
   microseconds here beat a round trip through the connection thread.
-- ``InlineWriter`` inserts a lone job on the event loop thread when no other
-  connection is writing (synchronous=NORMAL only, where a commit does not fsync).
+- ``InlineWriter`` runs the short writes of the hot path (an enqueue, a runner's
+  finish-and-claim) on the event loop thread when no other connection is writing
+  (synchronous=NORMAL only, where a commit does not fsync).
 """
 
 from __future__ import annotations
@@ -132,15 +133,20 @@ class ChangeWatch:
 
 
 class InlineWriter:
-    """Runs one short write on the event loop thread, if the file is free right now.
+    """Runs a short write on the event loop thread, if the file is free right now.
 
     A round trip through the store's connection thread costs two thread wake-ups,
     which on a virtual machine take longer than inserting one job: a lone sequential
-    enqueue waited about 260 µs, of which the insert took 50. With
-    synchronous=NORMAL a WAL commit does not fsync (checkpoints do, on their own
-    thread), so this write is CPU work of tens of microseconds. It never waits for a
-    lock: when another connection (this store's own thread included) holds the write
-    lock, ``try_write`` returns None at once and the caller goes through the thread.
+    enqueue waited about 260 µs, of which the insert took 50. Worse, under load every
+    SQLite call in that thread gives the GIL up and must win it back from a busy event
+    loop, so a runner's finish-and-claim waited milliseconds for a few hundred
+    microseconds of work. With synchronous=NORMAL a WAL commit does not fsync
+    (checkpoints do, on their own thread), so a write of a bounded batch is CPU work
+    of tens to hundreds of microseconds, cheaper here than the hand-over.
+
+    It never waits for a lock: when another connection (this store's own thread
+    included) holds the write lock, the write is refused at once, nothing of it is
+    written, and it returns None: the caller goes through the thread, which waits.
     """
 
     def __init__(self, path: Path) -> None:
@@ -155,15 +161,37 @@ class InlineWriter:
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T | None:
-        """``fn(connection, ...)``, which must not return None; None if the file is
-        locked. ``fn`` must run one write statement (autocommit), so a lock refused
-        means nothing was written."""
+        """``fn(connection, ...)``, which must run exactly one write statement
+        (autocommit) and not return None; None if the file is locked."""
         try:
             return fn(self._db, *args, **kwargs)
         except sqlite3.OperationalError as error:
             if is_busy(error):
                 return None
             raise
+
+    def try_transaction(
+        self,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T | None:
+        """``fn(connection, ...)`` in a transaction that begins IMMEDIATE; ``fn`` must not
+        return None. None if the file is locked, at the start or (never expected in
+        WAL mode) later: the transaction is rolled back, so nothing was written."""
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            result = fn(db, *args, **kwargs)
+            db.execute("COMMIT")
+        except BaseException as error:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if isinstance(error, sqlite3.OperationalError) and is_busy(error):
+                return None
+            raise
+        return result
 
     def close(self) -> None:
         self._db.close()
