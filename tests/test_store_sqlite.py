@@ -239,6 +239,29 @@ async def test_a_runners_finish_and_claim_skips_the_thread_only_while_the_file_i
         await store.close()
 
 
+async def test_the_next_scheduled_time_is_read_on_the_loop_and_through_the_thread_if_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SQLiteStore(tmp_path / "next.db")
+    await store.open()
+    try:
+        assert await store.next_run_at() is None
+        await store.insert(
+            [new_job("a", status="scheduled", run_at=50.0), new_job("b", run_at=10.0),
+             new_job("c", status="scheduled", run_at=30.0)],
+            now=0.0,
+        )  # fmt: skip
+        thread_calls = count_thread_calls(store, monkeypatch)
+        assert await store.next_run_at() == 30.0  # the earliest scheduled, not queued
+        assert thread_calls == []
+        assert store._watch is not None
+        monkeypatch.setattr(store._watch, "try_read", lambda sql: None)  # as when busy
+        assert await store.next_run_at() == 30.0
+        assert len(thread_calls) == 1
+    finally:
+        await store.close()
+
+
 def test_an_inline_transaction_refused_or_failed_writes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "tx.db"
     with sqlite3.connect(path) as db:
@@ -412,10 +435,19 @@ async def test_idle_polls_cost_the_same_with_many_jobs_scheduled_for_later(
                 steps += 1
                 return 0
 
+            # Each connection that may run them: the thread's, and the loop's two.
+            assert store._inline is not None
+            assert store._watch is not None
+            loop_side = [store._inline._db, store._watch._db]
             await store._call(lambda db: db.set_progress_handler(count, 1))
+            for db in loop_side:
+                db.set_progress_handler(count, 1)
             assert await store.next_run_at() == 3600.0
             assert await store.claim(request, now=10.0) == []
             await store._call(lambda db: db.set_progress_handler(None, 1))
+            for db in loop_side:
+                db.set_progress_handler(None, 1)
+            assert steps > 0
             return steps
         finally:
             await store.close()

@@ -401,14 +401,19 @@ class SQLiteStore:
         return await self._transaction(_recover, now)
 
     async def next_run_at(self) -> float | None:
-        rows = await self._call(
-            _fetchall,
-            # INDEXED BY: the planner picks the (status, seq) index and reads every
-            # scheduled row (1 ms with 10,000 of them) instead of the first of this one.
+        # INDEXED BY: the planner picks the (status, seq) index and reads every scheduled
+        # row (1 ms with 10,000 of them) instead of the first of this one. A runner asks
+        # each time it goes idle: an index lookup, read on the loop (ChangeWatch).
+        sql = (
             "SELECT min(run_at) FROM asyncjobs_jobs INDEXED BY asyncjobs_jobs_scheduled "
-            "WHERE status = 'scheduled'",
-            (),
+            "WHERE status = 'scheduled'"
         )
+        try:
+            rows = None if self._watch is None else self._watch.try_read(sql)
+        except sqlite3.Error as error:
+            raise StoreError(f"SQLite store {self.path}: {error}") from error
+        if rows is None:
+            rows = await self._call(_fetchall, sql, ())
         value = rows[0][0]
         return None if value is None else float(value)
 

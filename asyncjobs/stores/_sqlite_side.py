@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 logger = logging.getLogger("asyncjobs")
 
@@ -107,7 +107,10 @@ class Checkpointer:
 
 
 class ChangeWatch:
-    """Has another connection committed since the last look? (event loop thread)."""
+    """Has another connection committed since the last look? (event loop thread).
+
+    Its connection also serves the idle runner's one other read, ``try_read``.
+    """
 
     def __init__(self, path: Path) -> None:
         self._db = _side_connection(path)
@@ -127,6 +130,16 @@ class ChangeWatch:
         changed = version != self._version
         self._version = version
         return changed
+
+    def try_read(self, sql: str, params: Sequence[object] = ()) -> list[Any] | None:
+        """The rows of a short indexed read (an idle runner's next wake-up time), here
+        on the loop thread; None if the file is busy: read it through the thread."""
+        try:
+            return self._db.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as error:
+            if is_busy(error):
+                return None
+            raise
 
     def close(self) -> None:
         self._db.close()
