@@ -7,7 +7,9 @@ each in a fresh process:
 
 1. Round trips: counts every call into aiosqlite's connection thread during the
    drain (``aiosqlite.Connection._execute``, wrapped here, asyncjobs untouched),
-   by operation, with their latency, and how many jobs each claim/ack carried.
+   and every write run on the event loop instead (``InlineWriter``, named
+   ``loop:...``), by operation, with their latency, and how many jobs each
+   claim/ack carried.
 2. Sampling: py-spy attaches to the process for the drain only (``--threads``,
    250 Hz) and the stacks are folded into time per thread, the top functions by
    self time on the event loop thread, and asyncjobs functions by inclusive time.
@@ -54,6 +56,7 @@ def _op_name(fn: Any, args: tuple[Any, ...]) -> str:
 async def _child(n: int, variant: str, mode: str, out: Path) -> None:
     import aiosqlite
 
+    from asyncjobs.stores._sqlite_side import InlineWriter
     from bench.peers._common import Recorder
     from bench.peers.asyncjobs_bench import AsyncJobsAdapter
 
@@ -73,6 +76,19 @@ async def _child(n: int, variant: str, mode: str, out: Path) -> None:
         finally:
             calls[_op_name(fn, args)].append(time.perf_counter() - t)
 
+    inline_writes = {name: getattr(InlineWriter, name) for name in ("try_write", "try_transaction")}
+
+    def counted_on_loop(name: str) -> Any:
+        def write(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return inline_writes[name](self, fn, *args, **kwargs)
+            finally:
+                if counting:
+                    calls[f"loop:{name}:{fn.__name__}"].append(time.perf_counter() - t)
+
+        return write
+
     spy = None
     try:
         await adapter.enqueue_bulk(n)
@@ -80,6 +96,8 @@ async def _child(n: int, variant: str, mode: str, out: Path) -> None:
         adapter.hook = recorder.hit
         if mode == "count":
             aiosqlite.Connection._execute = counted  # type: ignore[method-assign]
+            for name in inline_writes:
+                setattr(InlineWriter, name, counted_on_loop(name))
             counting = True
         else:
             py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -97,6 +115,8 @@ async def _child(n: int, variant: str, mode: str, out: Path) -> None:
         await adapter.stop_workers()
     finally:
         aiosqlite.Connection._execute = original  # type: ignore[method-assign]
+        for name, write in inline_writes.items():
+            setattr(InlineWriter, name, write)
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(30)
@@ -235,8 +255,9 @@ def report(count: dict[str, Any], spy: dict[str, Any], folded: dict[str, Any]) -
         f"({count['cpu_s'] / count['drain_s'] * 100:.0f}% of a core)",
         f"pass 2 (py-spy attached):     {spy['jobs_per_s']:,.0f} jobs/s",
         "",
-        "Round trips into the aiosqlite thread during the drain:",
-        f"  {'operation':<34}{'calls':>8}{'per job':>9}{'mean us':>9}{'total s':>9}{'% wall':>8}",
+        "Store calls during the drain: round trips into the aiosqlite thread, and",
+        "writes run on the event loop instead (loop:...):",
+        f"  {'operation':<42}{'calls':>8}{'per job':>9}{'mean us':>9}{'total s':>9}{'% wall':>8}",
     ]
     total_calls = 0
     total_time = 0.0
@@ -244,11 +265,11 @@ def report(count: dict[str, Any], spy: dict[str, Any], folded: dict[str, Any]) -
         total_calls += c["count"]
         total_time += c["total_s"]
         out.append(
-            f"  {op:<34}{c['count']:>8,}{c['count'] / n:>9.3f}{c['mean_us']:>9.0f}"
+            f"  {op:<42}{c['count']:>8,}{c['count'] / n:>9.3f}{c['mean_us']:>9.0f}"
             f"{c['total_s']:>9.2f}{c['total_s'] / count['drain_s'] * 100:>7.0f}%"
         )
     out.append(
-        f"  {'all':<34}{total_calls:>8,}{total_calls / n:>9.3f}"
+        f"  {'all':<42}{total_calls:>8,}{total_calls / n:>9.3f}"
         f"{total_time / max(total_calls, 1) * 1e6:>9.0f}{total_time:>9.2f}"
         f"{total_time / count['drain_s'] * 100:>7.0f}%   (calls overlap: several awaiting at once)"
     )
