@@ -228,6 +228,10 @@ async def test_an_expired_lease_is_recovered_while_workers_run(
             [jobs._new_job(t.spec(), clock.now())], now=clock.now()
         )  # written behind the runner's back, then taken by a worker that dies
         await claim_as_dead_worker(jobs, "t", lease=30, max_attempts=4)
+        # The maintenance loop's first pass goes through the store's thread (real time):
+        # let it fall asleep on the fake clock (15 s: visibility_timeout / 2) first.
+        maintenance_due = clock.now() + 15
+        await until(lambda: any(at == maintenance_due for at, _, _ in clock._sleepers))
         clock.advance(31)  # past the lease and the maintenance interval; then time stops
         await until(lambda: done)  # recovered, and run at once (not at the next poll)
         assert done == [2]

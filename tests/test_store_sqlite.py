@@ -255,7 +255,7 @@ async def test_the_next_scheduled_time_is_read_on_the_loop_and_through_the_threa
         assert await store.next_run_at() == 30.0  # the earliest scheduled, not queued
         assert thread_calls == []
         assert store._watch is not None
-        monkeypatch.setattr(store._watch, "try_read", lambda sql: None)  # as when busy
+        monkeypatch.setattr(store._watch, "try_read", lambda fn: None)  # as when busy
         assert await store.next_run_at() == 30.0
         assert len(thread_calls) == 1
     finally:

@@ -401,19 +401,13 @@ class SQLiteStore:
         return await self._transaction(_recover, now)
 
     async def next_run_at(self) -> float | None:
-        # INDEXED BY: the planner picks the (status, seq) index and reads every scheduled
-        # row (1 ms with 10,000 of them) instead of the first of this one. A runner asks
-        # each time it goes idle: an index lookup, read on the loop (ChangeWatch).
-        sql = (
-            "SELECT min(run_at) FROM asyncjobs_jobs INDEXED BY asyncjobs_jobs_scheduled "
-            "WHERE status = 'scheduled'"
-        )
+        # A runner asks each time it goes idle: an index lookup, read on the loop.
         try:
-            rows = None if self._watch is None else self._watch.try_read(sql)
+            rows = None if self._watch is None else self._watch.try_read(_next_run_at)
         except sqlite3.Error as error:
             raise StoreError(f"SQLite store {self.path}: {error}") from error
         if rows is None:
-            rows = await self._call(_fetchall, sql, ())
+            rows = await self._call(_next_run_at)
         value = rows[0][0]
         return None if value is None else float(value)
 
@@ -558,6 +552,15 @@ def _read(
 
 def _fetchall(db: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
     return db.execute(sql, params).fetchall()
+
+
+def _next_run_at(db: sqlite3.Connection) -> list[Any]:
+    # INDEXED BY: the planner picks the (status, seq) index and reads every scheduled row
+    # (1 ms with 10,000 of them) instead of the first of this one.
+    return db.execute(
+        "SELECT min(run_at) FROM asyncjobs_jobs INDEXED BY asyncjobs_jobs_scheduled "
+        "WHERE status = 'scheduled'"
+    ).fetchall()
 
 
 def _rowcount(db: sqlite3.Connection, sql: str, params: Sequence[Any]) -> int:

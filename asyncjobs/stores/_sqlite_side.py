@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 logger = logging.getLogger("asyncjobs")
 
@@ -131,11 +131,17 @@ class ChangeWatch:
         self._version = version
         return changed
 
-    def try_read(self, sql: str, params: Sequence[object] = ()) -> list[Any] | None:
-        """The rows of a short indexed read (an idle runner's next wake-up time), here
-        on the loop thread; None if the file is busy: read it through the thread."""
+    def try_read(
+        self,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T | None:
+        """``fn(connection, ...)``: a short indexed read (an idle runner's next wake-up
+        time) on the loop thread; None if the file is busy: read it through the thread."""
         try:
-            return self._db.execute(sql, params).fetchall()
+            return fn(self._db, *args, **kwargs)
         except sqlite3.OperationalError as error:
             if is_busy(error):
                 return None
