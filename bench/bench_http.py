@@ -4,7 +4,9 @@ Run: ``.venv/bin/python bench/bench_http.py`` (``--help`` for durations). One uv
 process serves both endpoints (same app, same process, same run):
 
 - ``POST /durable``: ``await request.state.jobs.enqueue(task, n)`` (SQLite, committed
-  before the 202), with the asyncjobs workers running the jobs in the same process;
+  before the 202), with the asyncjobs workers running the jobs in the same process
+  (``--no-workers``: nobody runs them; ``--worker-process``: a second process on the
+  same file runs them, and the report says how long it took to catch up);
 - ``POST /background``: the same no-op task run by Starlette's ``BackgroundTasks``
   after the response (not durable).
 
@@ -31,6 +33,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -99,6 +102,33 @@ def serve(port: int, db: str, workers: bool) -> None:
         middleware=[Middleware(JobsMiddleware, jobs=jobs)],
     )
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def work(db: str) -> None:
+    """The ``--worker-process`` child: run the jobs the server enqueues until SIGTERM."""
+    from asyncjobs import Jobs
+
+    jobs = Jobs("sqlite:///" + db, concurrency=50)
+
+    @jobs.task(name="record")
+    async def record(n: int) -> None:
+        return None
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        async with jobs:
+            await stop.wait()
+
+    asyncio.run(main())
+
+
+def unfinished(db: str) -> int:
+    with sqlite3.connect(db) as conn:
+        (count,) = conn.execute(
+            "SELECT count(*) FROM asyncjobs_jobs WHERE status <> 'succeeded'"
+        ).fetchone()
+    return int(count)
 
 
 # -- load generators ------------------------------------------------------------------
@@ -210,6 +240,11 @@ def main() -> None:
         help="enqueue only (Jobs(workers=False)): isolates the cost of the durable write",
     )
     parser.add_argument(
+        "--worker-process",
+        action="store_true",
+        help="enqueue only in the server; a second process on the same file runs the jobs",
+    )
+    parser.add_argument(
         "--reference",
         action="store_true",
         help="also measure /yield and /wait: endpoints that wait but do no job work",
@@ -217,8 +252,12 @@ def main() -> None:
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--db", help=argparse.SUPPRESS)
     parser.add_argument("--load", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.work is not None:
+        work(args.work)
+        return
     if args.serve is not None:
         serve(args.serve, args.db, workers=not args.no_workers)
         return
@@ -238,13 +277,18 @@ def main() -> None:
         port = free_port()
         db = str(Path(tmp) / "bench-jobs.db")
         serve_args = ["--serve", str(port), "--db", db]
-        if args.no_workers:
+        if args.no_workers or args.worker_process:
             serve_args.append("--no-workers")  # the server reads it, not just the report
         server = subprocess.Popen([sys.executable, __file__, *serve_args])
+        worker = None
+        caught_up: float | None = None
+        left = 0
         script = Path(tmp) / "post.lua"
         script.write_text(WRK_SCRIPT)
         try:
             wait_for_port(port, server)
+            if args.worker_process:  # the server created the file's tables by now
+                worker = subprocess.Popen([sys.executable, __file__, "--work", db])
 
             cpu: dict[str, list[float]] = {e: [] for e in endpoints}  # µs per request
 
@@ -268,18 +312,35 @@ def main() -> None:
             for _ in range(args.rounds):
                 for endpoint in endpoints:
                     results[endpoint].append(measure(endpoint, args.seconds))
+            if worker is not None:  # how long until the worker has run every job
+                started = time.monotonic()
+                while unfinished(db) and time.monotonic() - started < 120:
+                    time.sleep(0.1)
+                caught_up = time.monotonic() - started
+                left = unfinished(db)
         finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=30)
+            for proc in (worker, server):
+                if proc is not None:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(timeout=30)
 
     generator = (
         f"wrk -t{args.threads} -c{args.connections} -d{args.seconds}s"
         if use_wrk
         else f"python load generator, {args.connections} connections, {args.seconds}s"
     )
-    workers = "no workers (enqueue only)" if args.no_workers else "workers running the jobs"
+    if args.worker_process:
+        workers = "enqueue only; a second process runs the jobs"
+    elif args.no_workers:
+        workers = "no workers (enqueue only) in the same process"
+    else:
+        workers = "workers running the jobs in the same process"
     print(f"load: {generator}, {args.rounds} rounds per endpoint, cpus: {os.cpu_count()}")
-    print(f"durable endpoint: {workers} in the same process")
+    print(f"durable endpoint: {workers}")
+    if caught_up is not None:
+        print(
+            f"worker process: caught up {caught_up:.1f}s after the last round, {left} job(s) left"
+        )
     medians = {e: statistics.median(v) for e, v in results.items()}
     for endpoint in endpoints:
         rounds = ", ".join(f"{v:,.0f}" for v in results[endpoint])
