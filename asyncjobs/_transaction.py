@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from asyncjobs._errors import ConfigurationError, StoreError
 from asyncjobs.stores._protocol import NewJob
-from asyncjobs.stores._sqlite import SQLiteStore, insert_jobs, migrate
+from asyncjobs.stores._sqlite import SQLiteStore
+from asyncjobs.stores._sqlite_schema import migrate
+from asyncjobs.stores._sqlite_sql import insert_jobs
 
 if TYPE_CHECKING:
     from asyncjobs._jobs import Jobs

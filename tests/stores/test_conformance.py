@@ -79,9 +79,9 @@ async def status(store: Store, job_id: str) -> str:
 
 def test_each_store_reads_the_columns_of_job_row_in_its_order() -> None:
     """SQLite builds a JobRow from the row tuple as it is: the column order is the API."""
-    from asyncjobs.stores import _postgres_sql, _sqlite
+    from asyncjobs.stores import _postgres_sql, _sqlite_sql
 
-    assert _sqlite.COLUMNS == _postgres_sql.COLUMNS == JobRow._fields
+    assert _sqlite_sql.COLUMNS == _postgres_sql.COLUMNS == JobRow._fields
 
 
 # -- insert ------------------------------------------------------------------------

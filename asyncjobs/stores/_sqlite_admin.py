@@ -1,0 +1,187 @@
+"""The SQL of ``SQLiteStore``'s operator and maintenance calls: lease recovery, a
+manual retry, the operations snapshot (see ``asyncjobs/_stats.py``), worker records,
+pruning and the store's metadata.
+
+Each function runs in the store's connection thread on the connection it is given:
+``_snapshot`` inside one read transaction (``_read``), the others inside the write
+transaction the store opened. Cancelling lives in ``_sqlite_sql``, with the chain and
+batch releases it calls and that call it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+
+from asyncjobs.stores._protocol import (
+    FinishedSample,
+    OpsSnapshot,
+    OutcomeKind,
+    Recovered,
+    StuckJob,
+    WorkerBeat,
+    WorkerRow,
+)
+from asyncjobs.stores._sqlite_sql import _release_dependents
+
+_PENDING = ("scheduled", "queued")
+
+_REQUEUE = (
+    "status = 'queued', run_at = ?, finished_at = NULL, lease_until = NULL, worker = NULL, "
+    "max_attempts = max(max_attempts, attempts + 1)"
+)
+"""A manual retry: queued now, with one more attempt than it had (``run_at`` first)."""
+
+
+def _recover(db: sqlite3.Connection, now: float) -> list[Recovered]:
+    rows = db.execute(
+        """
+        UPDATE asyncjobs_jobs SET
+            status = CASE WHEN attempts >= max_attempts THEN 'dead' ELSE 'queued' END,
+            error = CASE WHEN attempts >= max_attempts
+                THEN 'lease expired: the worker running attempt ' || attempts ||
+                     ' stopped heartbeating (crashed or killed) and no attempts are left'
+                ELSE error END,
+            finished_at = CASE WHEN attempts >= max_attempts THEN ? ELSE NULL END,
+            lease_until = NULL, worker = NULL
+        WHERE status = 'running' AND lease_until < ?
+        RETURNING id, task, attempts, status, chain_next, batch_id
+        """,
+        (now, now),
+    ).fetchall()
+    recovered = []
+    for job_id, task, attempts, status, chain_next, batch_id in rows:
+        dead = status == "dead"
+        if dead:
+            _release_dependents(db, OutcomeKind.DEAD, chain_next, batch_id, now)
+        recovered.append(Recovered(id=job_id, task=task, attempts=attempts, dead=dead))
+    return recovered
+
+
+def _retry(db: sqlite3.Connection, job_id: str, now: float) -> bool:
+    row = db.execute(
+        f"UPDATE asyncjobs_jobs SET {_REQUEUE} "  # noqa: S608 - constant
+        "WHERE id = ? AND status IN ('dead', 'cancelled') RETURNING id",
+        (now, job_id),
+    ).fetchone()
+    return row is not None
+
+
+def _snapshot(
+    db: sqlite3.Connection, now: float, windows: Sequence[float], sample: int, since: float
+) -> OpsSnapshot:
+    # Every status from the (status, queue, task) index alone, without table rows.
+    counts: dict[tuple[str, str, str], int] = {}
+    for status, queue, task, n in db.execute(
+        "SELECT status, queue, task, count(*) FROM asyncjobs_jobs "
+        "INDEXED BY asyncjobs_jobs_counts GROUP BY status, queue, task"
+    ):
+        if status not in _PENDING:
+            counts[(queue, task, status)] = n
+    # Pending jobs are split by run_at as users see them (a store updates that lazily).
+    oldest_due: dict[tuple[str, str], float] = {}
+    for queue, task, scheduled, queued, oldest in db.execute(
+        "SELECT queue, task, sum(run_at > ?), sum(run_at <= ?), "
+        "min(CASE WHEN run_at <= ? THEN run_at END) FROM asyncjobs_jobs "
+        "WHERE status IN ('scheduled', 'queued') GROUP BY queue, task",
+        (now, now, now),
+    ):
+        if scheduled:
+            counts[(queue, task, "scheduled")] = scheduled
+        if queued:
+            counts[(queue, task, "queued")] = queued
+        if oldest is not None:
+            oldest_due[(queue, task)] = float(oldest)
+    finished: dict[tuple[str, str, str], list[int]] = {}
+    if windows:
+        since_each = [now - w for w in windows]
+        sums = ", ".join("sum(finished_at >= ?)" for _ in windows)
+        rows = db.execute(
+            f"SELECT queue, task, status, {sums} FROM asyncjobs_jobs "  # noqa: S608 - constant
+            "INDEXED BY asyncjobs_jobs_finished WHERE finished_at >= ? "
+            "GROUP BY queue, task, status",
+            (*since_each, min(since_each)),
+        )
+        for queue, task, status, *per_window in rows:
+            finished[(queue, task, status)] = [int(n or 0) for n in per_window]
+    samples = [
+        FinishedSample(queue=q, task=t, status=st, run_at=r, started_at=s, finished_at=f)
+        for q, t, st, r, s, f in db.execute(
+            "SELECT queue, task, status, run_at, started_at, finished_at FROM asyncjobs_jobs "
+            "INDEXED BY asyncjobs_jobs_finished WHERE finished_at IS NOT NULL "
+            "AND status IN ('succeeded', 'dead') ORDER BY finished_at DESC LIMIT ?",
+            (sample,),
+        )
+    ]
+    stuck = [
+        StuckJob(id=i, queue=q, task=t, worker=w, attempts=a, lease_until=lu)
+        for i, q, t, w, a, lu in db.execute(
+            "SELECT id, queue, task, worker, attempts, lease_until FROM asyncjobs_jobs "
+            "WHERE status = 'running' AND lease_until < ? ORDER BY lease_until LIMIT 1000",
+            (now,),
+        )
+    ]
+    workers = [
+        WorkerRow(
+            id=i, host=h, pid=p, started_at=sa, last_seen_at=ls, stopped_at=so, running=r,
+            concurrency=c, queues=None if qs is None else tuple(json.loads(qs)),
+        )
+        for i, h, p, sa, ls, so, r, c, qs in db.execute(
+            "SELECT id, host, pid, started_at, last_seen_at, stopped_at, running, concurrency, "
+            "queues FROM asyncjobs_workers WHERE last_seen_at >= ? ORDER BY started_at, id",
+            (since,),
+        )
+    ]  # fmt: skip
+    return OpsSnapshot(
+        counts=counts,
+        oldest_due=oldest_due,
+        finished=finished,
+        samples=samples,
+        stuck=stuck,
+        workers=workers,
+    )
+
+
+def _record_worker(db: sqlite3.Connection, beat: WorkerBeat, now: float) -> None:
+    db.execute(
+        "INSERT INTO asyncjobs_workers (id, host, pid, started_at, last_seen_at, stopped_at, "
+        "running, concurrency, queues) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (id) DO UPDATE SET last_seen_at = excluded.last_seen_at, "
+        "stopped_at = excluded.stopped_at, running = excluded.running",
+        (
+            beat.id, beat.host, beat.pid, beat.started_at, now, now if beat.stopped else None,
+            beat.running, beat.concurrency,
+            None if beat.queues is None else json.dumps(list(beat.queues)),
+        ),
+    )  # fmt: skip
+
+
+def _prune(
+    db: sqlite3.Connection, finished_before: float, dead_before: float, workers_before: float,
+    limit: int,
+) -> int:  # fmt: skip
+    deleted = db.execute(
+        "DELETE FROM asyncjobs_jobs WHERE seq IN (SELECT seq FROM asyncjobs_jobs "
+        "INDEXED BY asyncjobs_jobs_finished WHERE finished_at < ? "
+        "AND status IN ('succeeded', 'cancelled') LIMIT ?)",
+        (finished_before, limit),
+    ).rowcount
+    if deleted < limit:
+        deleted += db.execute(
+            "DELETE FROM asyncjobs_jobs WHERE seq IN (SELECT seq FROM asyncjobs_jobs "
+            "INDEXED BY asyncjobs_jobs_finished WHERE finished_at < ? AND status = 'dead' "
+            "LIMIT ?)",
+            (dead_before, limit - deleted),
+        ).rowcount
+    db.execute("DELETE FROM asyncjobs_workers WHERE last_seen_at < ?", (workers_before,))
+    return int(deleted)
+
+
+def _meta(db: sqlite3.Connection, key: str, default: str) -> str:
+    db.execute(
+        "INSERT INTO asyncjobs_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+        (key, default),
+    )
+    (value,) = db.execute("SELECT value FROM asyncjobs_meta WHERE key = ?", (key,)).fetchone()
+    return str(value)

@@ -1,0 +1,79 @@
+"""The schema of ``SQLiteStore``'s file: switching it to WAL mode, and the numbered
+migrations in ``migrations/sqlite/`` applied in order and recorded in a version table.
+
+``migrate`` takes any sqlite3 connection: the store's own, in its write transaction, or
+the caller's for transactional enqueue (``asyncjobs/_transaction.py``).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from importlib import resources
+
+from asyncjobs._errors import ConfigurationError
+from asyncjobs.stores._sqlite_side import is_busy
+
+SCHEMA_VERSION_TABLE = "asyncjobs_migrations"
+
+
+def _switch_to_wal(db: sqlite3.Connection) -> tuple[str]:
+    """``PRAGMA journal_mode=WAL``, retried: when several processes open a new file at
+    once, the switch can fail with SQLITE_BUSY without waiting on the busy timeout."""
+    for attempt in range(_WAL_RETRIES):
+        try:
+            row: tuple[str] = db.execute("PRAGMA journal_mode=WAL").fetchone()
+        except sqlite3.OperationalError as error:
+            if not is_busy(error) or attempt == _WAL_RETRIES - 1:
+                raise
+            time.sleep(0.01 * (attempt + 1))  # in the connection thread, not the loop
+        else:
+            return row
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+_WAL_RETRIES = 30
+
+
+def _migrations() -> list[tuple[int, str]]:
+    folder = resources.files("asyncjobs.stores").joinpath("migrations", "sqlite")
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.read_text("utf-8")))
+    return sorted(found)
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration script into complete statements."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        if line.lstrip().startswith("--") and not current:
+            continue
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip():
+        raise ConfigurationError(f"incomplete SQL statement in migration: {current[:80]!r}")
+    return statements
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Create or upgrade the schema through ``db`` (any sqlite3 connection)."""
+    db.execute(
+        f"CREATE TABLE IF NOT EXISTS {SCHEMA_VERSION_TABLE} "
+        "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+    )
+    (current,) = db.execute(
+        f"SELECT coalesce(max(version), 0) FROM {SCHEMA_VERSION_TABLE}"  # noqa: S608 - constant
+    ).fetchone()
+    for version, script in _migrations():
+        if version <= current:
+            continue
+        for statement in _statements(script):
+            db.execute(statement)
+        db.execute(
+            f"INSERT INTO {SCHEMA_VERSION_TABLE} (version, applied_at) VALUES (?, ?)",  # noqa: S608
+            (version, time.time()),  # noqa: TID251 - bookkeeping only, not job time
+        )
