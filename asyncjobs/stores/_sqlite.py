@@ -5,7 +5,11 @@ whole transaction there (``BEGIN IMMEDIATE`` … ``COMMIT``), so an operation co
 one thread round trip however many statements it takes. Write transactions
 begin IMMEDIATE, wait on the busy timeout and are retried a bounded number of
 times, so several processes can share the file without "database is locked"
-reaching a user.
+reaching a user. The exceptions are the hot path's short writes (an enqueue, a
+runner's claim and finish of at most ``INLINE_ROWS`` jobs) and an idle runner's
+reads: with synchronous=NORMAL they run on the event loop thread when the file is
+free, and go through the thread only when another connection is writing
+(``_sqlite_side``).
 
 The SQL it runs lives beside it: ``_sqlite_sql`` (enqueue, claim, finish),
 ``_sqlite_admin`` (operator and maintenance calls) and ``_sqlite_schema`` (WAL mode
