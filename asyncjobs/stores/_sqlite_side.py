@@ -49,6 +49,22 @@ def is_busy(error: sqlite3.OperationalError) -> bool:
     return "locked" in message or "busy" in message
 
 
+def _unless_busy(
+    db: sqlite3.Connection,
+    fn: Callable[Concatenate[sqlite3.Connection, P], T],
+    /,
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> T | None:
+    """``fn(db, ...)``, or None if another connection held the lock (nothing done)."""
+    try:
+        return fn(db, *args, **kwargs)
+    except sqlite3.OperationalError as error:
+        if is_busy(error):
+            return None
+        raise
+
+
 def _side_connection(path: Path) -> sqlite3.Connection:
     # timeout=0: neither connection ever waits for a lock; busy means "try later".
     return sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
@@ -140,12 +156,7 @@ class ChangeWatch:
     ) -> T | None:
         """``fn(connection, ...)``: a short indexed read (an idle runner's next wake-up
         time) on the loop thread; None if the file is busy: read it through the thread."""
-        try:
-            return fn(self._db, *args, **kwargs)
-        except sqlite3.OperationalError as error:
-            if is_busy(error):
-                return None
-            raise
+        return _unless_busy(self._db, fn, *args, **kwargs)
 
     def close(self) -> None:
         self._db.close()
@@ -182,12 +193,7 @@ class InlineWriter:
     ) -> T | None:
         """``fn(connection, ...)``, which must run exactly one write statement
         (autocommit) and not return None; None if the file is locked."""
-        try:
-            return fn(self._db, *args, **kwargs)
-        except sqlite3.OperationalError as error:
-            if is_busy(error):
-                return None
-            raise
+        return _unless_busy(self._db, fn, *args, **kwargs)
 
     def try_transaction(
         self,
