@@ -192,7 +192,7 @@ class Runner:
 
     # -- claiming --------------------------------------------------------------------
 
-    def _request(self, limit: int) -> ClaimRequest:
+    def _request(self, limit: int, *, ahead: int = 0) -> ClaimRequest:
         tasks = {
             name: TaskLimits(
                 max_attempts=task.retries + 1,
@@ -210,6 +210,7 @@ class Runner:
             lease=self.settings.visibility_timeout,
             queue_concurrency=self.jobs.queue_limits,
             limiters={name: limiter.limit for name, limiter in self.jobs.limiters.items()},
+            ahead=ahead,
         )
 
     @property
@@ -246,7 +247,10 @@ class Runner:
         # reach self.running, or its jobs stay 'running' until their lease expires and
         # spend an attempt they never had.
         with anyio.CancelScope(shield=True):
-            request = self._request(room)
+            # Beyond the free slots, jobs are claimed ahead: the store skips those on
+            # their last attempt (a kill -9 before they start would leave them dead).
+            free = max(0, self.settings.concurrency - self._busy)
+            request = self._request(room, ahead=max(0, room - free))
             now = self.clock.now()
             try:
                 if outbox:
@@ -261,7 +265,9 @@ class Runner:
         self._acknowledged(outbox, set(applied))
         # When a ready job was held back by an empty rate-limit bucket: its next token.
         self._next_token_at = rows.next_token_at if isinstance(rows, Claimed) else None
-        self._backlog = len(rows) >= room  # a full claim: more may be ready
+        # A full claim, or every free slot filled (jobs on their last attempt may wait
+        # behind those claimed ahead): more may be ready.
+        self._backlog = len(rows) >= room or 0 < free <= len(rows)
         if rows:
             self._add_ready(rows)
         return len(rows) + len(outbox)

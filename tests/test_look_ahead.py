@@ -115,6 +115,46 @@ async def test_a_cancelled_job_claimed_ahead_never_runs(
     assert sorted(jobs.ran) == [-1, 0, 1, *range(3, JOBS)]  # type: ignore[attr-defined]
 
 
+async def test_jobs_on_their_last_attempt_wait_for_a_free_slot_not_a_claim_ahead(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """A claim spends an attempt: a job of a task without retries, claimed ahead, would
+    end dead if the process were killed before it started. Such jobs stay in the store
+    until a slot is free; jobs behind them are claimed ahead as usual."""
+    jobs = make_jobs(concurrency=2, shutdown_timeout=10)
+    release = anyio.Event()
+    ran: list[str] = []
+
+    @jobs.task(name="t")
+    async def t(i: int) -> None:
+        clock.advance(0.0)
+        ran.append(f"t{i}")
+        if i in (0, 1):
+            await release.wait()
+
+    @jobs.task(name="once", retries=0)
+    async def once(i: int) -> None:
+        ran.append(f"once{i}")
+
+    await jobs.start()
+    try:
+        await (await t.enqueue(-1)).result(timeout=5)  # a mean duration: short jobs
+        specs = [t.spec(0), t.spec(1), once.spec(0), once.spec(1)]
+        specs += [t.spec(i) for i in range(2, 2 + AHEAD)]
+        made = [job.id for job in await jobs.enqueue_many(specs)]
+        await until(lambda: len(jobs.runner.running) == 2 and jobs.runner._ready)
+        # The next AHEAD in line: the two "once" jobs are left, four "t" jobs claimed.
+        await until(lambda: len(jobs.runner._ready) == AHEAD - 2)
+        assert {row.id for row in jobs.runner._ready} == set(made[4 : 2 + AHEAD])
+        assert await statuses(jobs, made[2:4]) == [("queued", 0)] * 2
+    finally:
+        release.set()
+    await until_finished(jobs, made)
+    await jobs.close()
+    assert await statuses(jobs, made) == [("succeeded", 1)] * len(made)
+    assert sorted(ran) == sorted(["t-1", "once0", "once1", *(f"t{i}" for i in range(2 + AHEAD))])
+
+
 async def test_context_variables_set_by_a_job_do_not_leak_into_the_next(
     make_jobs: MakeJobs,
 ) -> None:

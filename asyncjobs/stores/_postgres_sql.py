@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -234,25 +235,32 @@ async def claim(conn: Connection, request: ClaimRequest, now: float) -> list[Job
         "asyncjobs_jobs WHERE status = 'scheduled' AND run_at <= $1 FOR UPDATE SKIP LOCKED)",
         now,
     )
+    # Of ``limit``, the ``ahead`` last in claim order skip jobs on their last attempt
+    # (not under concurrency or rate limits, which take none ahead).
+    limited = has_limits(request)
+    limit = request.limit - request.ahead if limited else request.limit
+    slots = limit if limited else limit - request.ahead
+    if limit <= 0:
+        return Claimed()
     names = list(request.tasks)
     attempts = [limits.max_attempts for limits in request.tasks.values()]
-    params: list[Any] = [now, now + request.lease, request.worker, names, attempts]
+    params: list[Any] = [now, now + request.lease, request.worker, names, attempts, slots]
     queue_filter = ""
     if request.queues is not None:
         params.append(list(request.queues))
         queue_filter = f"AND j.queue = ANY(${len(params)}::text[])"
     next_token_at = None
-    if has_limits(request):  # concurrency, rate limits: chosen by _postgres_limits
-        chosen, next_token_at = await choose_limited(conn, request, now)
+    if limited:  # concurrency, rate limits: chosen by _postgres_limits
+        chosen, next_token_at = await choose_limited(conn, replace(request, limit=limit), now)
         if not chosen:
             return Claimed(next_token_at=next_token_at)
         params.append(chosen)
         queue_filter += f" AND j.seq = ANY(${len(params)}::bigint[])"
-    params.append(request.limit)
+    params.append(limit)
     records = await conn.fetch(
         f"""
         WITH picked AS (
-            SELECT j.seq FROM asyncjobs_jobs AS j
+            SELECT j.seq, j.priority FROM asyncjobs_jobs AS j
             WHERE j.status = 'queued' AND j.task = ANY($4::text[]) {queue_filter}
               AND (j.group_key IS NULL OR NOT EXISTS (
                     SELECT 1 FROM asyncjobs_jobs AS g
@@ -261,22 +269,18 @@ async def claim(conn: Connection, request: ClaimRequest, now: float) -> list[Job
             ORDER BY j.priority DESC, j.seq
             LIMIT ${len(params)}
             FOR UPDATE SKIP LOCKED
+        ), ranked AS (
+            SELECT seq, row_number() OVER (ORDER BY priority DESC, seq) AS rank FROM picked
         ), limits AS (
             SELECT * FROM unnest($4::text[], $5::int[]) AS l(task, max_attempts)
         )
         UPDATE asyncjobs_jobs AS t SET
             status = 'running', attempts = t.attempts + 1, started_at = $1, lease_until = $2,
             worker = $3, progress = NULL, progress_message = NULL,
-            -- The claimer's definition applies unless retries were given at enqueue
-            -- (options is written only by json.dumps; a text test cannot fail on a
-            -- corrupt row the way a ::jsonb cast would); never below this attempt.
-            max_attempts = GREATEST(t.attempts + 1, CASE
-                WHEN t.options LIKE '%"retries"%' THEN t.max_attempts
-                ELSE coalesce(
-                    (SELECT l.max_attempts FROM limits AS l WHERE l.task = t.task),
-                    t.max_attempts)
-                END)
-        FROM picked WHERE t.seq = picked.seq
+            -- never below this attempt (a manual retry allows one more)
+            max_attempts = GREATEST(t.attempts + 1, {_MAX_ATTEMPTS})
+        FROM ranked WHERE t.seq = ranked.seq
+            AND (ranked.rank <= $6 OR t.attempts + 1 < {_MAX_ATTEMPTS})
         RETURNING {", ".join("t." + c for c in COLUMNS)}
         """,  # noqa: S608 - only constants are interpolated
         *params,
@@ -284,6 +288,17 @@ async def claim(conn: Connection, request: ClaimRequest, now: float) -> list[Job
     claimed = [job_row(r) for r in records]
     claimed.sort(key=lambda r: (-r.priority, r.seq))
     return Claimed(claimed, next_token_at=next_token_at)
+
+
+# A job's attempts under this claim: the claimer's definition applies unless retries
+# were given at enqueue (options is written only by json.dumps; a text test cannot fail
+# on a corrupt row the way a ::jsonb cast would).
+_MAX_ATTEMPTS = """CASE
+                WHEN t.options LIKE '%"retries"%' THEN t.max_attempts
+                ELSE coalesce(
+                    (SELECT l.max_attempts FROM limits AS l WHERE l.task = t.task),
+                    t.max_attempts)
+                END"""
 
 
 _FINISH_SET = """

@@ -134,6 +134,11 @@ class ClaimRequest:
     lease: float  # seconds
     queue_concurrency: Mapping[str, int] = field(default_factory=dict)
     limiters: Mapping[str, RateLimit] = field(default_factory=dict)  # named, shared buckets
+    # Of ``limit``, how many are claimed ahead of a free slot (the runner's look-ahead).
+    # Those skip jobs on their last attempt: a claim spends the attempt, and a crash
+    # before the job starts would leave it dead without ever running. Claims under
+    # concurrency or rate limits take none ahead: ``limit - ahead`` at most.
+    ahead: int = 0
 
 
 class Claimed(list[JobRow]):

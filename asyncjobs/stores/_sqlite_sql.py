@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from asyncjobs.stores._dependents import (
@@ -141,11 +142,39 @@ def _claim(db: sqlite3.Connection, request: ClaimRequest, now: float) -> Claimed
         "WHERE status = 'scheduled' AND run_at <= ?",
         (now,),
     )
+    slots = request.limit - request.ahead
+    claimed = _claim_ready(db, request, slots, now, last_attempts=True)
+    # More may be ready: look ahead (not under concurrency or rate limits, which choose
+    # jobs by their own rules).
+    if request.ahead and len(claimed) == slots and not has_limits(request):
+        ahead = _claim_ready(db, request, request.ahead, now, last_attempts=False)
+        claimed.extend(ahead)
+        claimed.sort(key=lambda r: (-r.priority, r.seq))
+    return claimed
+
+
+# A job's attempts under this claim: the claimer's definition applies unless retries
+# were given at enqueue. Corrupt options must not fail the whole claim (the runner
+# sends that job to dead); CASE evaluates in order, so json_extract sees valid JSON.
+_MAX_ATTEMPTS = """CASE
+                WHEN options IS NOT NULL AND NOT json_valid(options) THEN max_attempts
+                WHEN json_extract(options, '$.retries') IS NOT NULL THEN max_attempts
+                ELSE coalesce((SELECT value FROM json_each(?) WHERE key = task), max_attempts)
+                END"""
+
+
+def _claim_ready(
+    db: sqlite3.Connection, request: ClaimRequest, limit: int, now: float, *, last_attempts: bool
+) -> Claimed:
+    """Claim up to ``limit`` ready jobs in claim order; without ``last_attempts``,
+    leave those about to start their last attempt where they are."""
+    if limit <= 0:
+        return Claimed()
     attempts = json.dumps({name: limits.max_attempts for name, limits in request.tasks.items()})
     params: list[Any] = [now, now + request.lease, request.worker, attempts]
     next_token_at = None
     if has_limits(request):  # concurrency, rate limits: chosen in Python, same transaction
-        seqs, next_token_at = choose(db, request, now)
+        seqs, next_token_at = choose(db, replace(request, limit=limit), now)
         if not seqs:
             return Claimed(next_token_at=next_token_at)
         pick = "SELECT value FROM json_each(?)"
@@ -156,23 +185,20 @@ def _claim(db: sqlite3.Connection, request: ClaimRequest, now: float) -> Claimed
         if request.queues is not None:
             queue_filter = "AND j.queue IN (SELECT value FROM json_each(?))"
             params.append(json.dumps(list(request.queues)))
-        params.append(request.limit)
+        params.append(limit)
         pick = _PICK_READY.format(queue_filter=queue_filter)
+    spare = ""
+    if not last_attempts:  # the next ``limit`` in order, less those on their last attempt
+        spare = f"AND attempts + 1 < {_MAX_ATTEMPTS}"
+        params.append(attempts)
     rows = db.execute(
         f"""
         UPDATE asyncjobs_jobs SET
             status = 'running', attempts = attempts + 1, started_at = ?, lease_until = ?,
             worker = ?, progress = NULL, progress_message = NULL,
-            -- The claimer's definition applies unless retries were given at enqueue;
-            -- never below this attempt (a manual retry allows one more).
-            max_attempts = max(attempts + 1, CASE
-                -- Corrupt options must not fail the whole claim (the runner sends that
-                -- job to dead); CASE evaluates in order, so json_extract sees valid JSON.
-                WHEN options IS NOT NULL AND NOT json_valid(options) THEN max_attempts
-                WHEN json_extract(options, '$.retries') IS NOT NULL THEN max_attempts
-                ELSE coalesce((SELECT value FROM json_each(?) WHERE key = task), max_attempts)
-                END)
-        WHERE seq IN ({pick}) AND status = 'queued'
+            -- never below this attempt (a manual retry allows one more)
+            max_attempts = max(attempts + 1, {_MAX_ATTEMPTS})
+        WHERE seq IN ({pick}) AND status = 'queued' {spare}
         RETURNING {_SELECT}
         """,  # noqa: S608 - only constants are interpolated
         params,

@@ -52,6 +52,7 @@ def request(
     worker: str = "w1",
     lease: float = 30.0,
     max_attempts: int = 3,
+    ahead: int = 0,
 ) -> ClaimRequest:
     return ClaimRequest(
         worker=worker,
@@ -59,6 +60,7 @@ def request(
         queues=queues,
         limit=limit,
         lease=lease,
+        ahead=ahead,
     )
 
 
@@ -256,6 +258,48 @@ async def test_max_attempts_follow_the_worker_unless_the_job_set_retries(store: 
     rows = {r.id: r for r in await claim(store, max_attempts=8)}
     assert rows["plain"].max_attempts == 8
     assert rows["own"].max_attempts == 2
+
+
+async def test_jobs_on_their_last_attempt_are_never_claimed_ahead(store: Store) -> None:
+    """Of a claim's ``limit``, the ``ahead`` part (no free slot yet) skips jobs whose
+    claim would start their last attempt: a crash before they start would leave them
+    dead. They stay queued, first in line for the next free slot."""
+    await store.insert(
+        [
+            new("ok"),  # the worker allows 3 attempts
+            new("no-retries", options='{"retries": 0}', max_attempts=1),
+            new("tried", options='{"retries": 1}', max_attempts=2),
+            new("beyond"),
+        ],
+        now=T0,
+    )
+    for row in await claim(store):  # "tried" fails once: its next attempt is its last
+        kind = OutcomeKind.RETRY if row.id == "tried" else OutcomeKind.RELEASE
+        assert await store.finish([outcome(row, kind, run_at=T0)], now=T0) == [row.id]
+
+    # One free slot and three claimed ahead: the slot takes "ok"; of the next three,
+    # "no-retries" and "tried" are on their last attempt and stay queued.
+    rows = await store.claim(request(limit=4, ahead=3), now=T0 + 1)
+    assert [r.id for r in rows] == ["ok", "beyond"]
+    assert await status(store, "no-retries") == "queued"
+    assert await status(store, "tried") == "queued"
+    # Ahead only: the next in line is on its last attempt, so nothing is claimed.
+    assert list(await store.claim(request(limit=1, ahead=1), now=T0 + 1)) == []
+    # Free slots take them, last attempt or not.
+    rows = await store.claim(request(limit=2), now=T0 + 1)
+    assert [(r.id, r.attempts, r.max_attempts) for r in rows] == [
+        ("no-retries", 1, 1), ("tried", 2, 2),
+    ]  # fmt: skip
+
+
+async def test_claims_under_limits_take_no_jobs_ahead(store: Store) -> None:
+    await store.insert([new(f"j{i}") for i in range(4)], now=T0)
+    limited = ClaimRequest(
+        worker="w1", tasks={"t": TaskLimits(max_attempts=3, concurrency=10)}, queues=None,
+        limit=3, lease=30.0, ahead=2,
+    )  # fmt: skip
+    assert [r.id for r in await store.claim(limited, now=T0)] == ["j0"]  # the free slot
+    assert [r.id for r in await claim(store, limit=3, ahead=2)] == ["j1", "j2", "j3"]
 
 
 async def test_group_runs_one_job_at_a_time_in_enqueue_order(store: Store) -> None:
