@@ -20,24 +20,20 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import json
 import logging
 import os
 import socket
-import traceback
 import uuid
 from collections.abc import Sequence
-from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import TaskStatus
 
-from asyncjobs._backoff import backoff_delay
-from asyncjobs._codec import decode_payload, encode
-from asyncjobs._errors import NotSerializable, Retry
-from asyncjobs._retention import Pruner
+from asyncjobs._execution import JobContext as JobContext
+from asyncjobs._execution import _Execution, _Running
+from asyncjobs._execution import current_job as current_job
+from asyncjobs._leases import _Leases
 from asyncjobs.stores._protocol import (
     Claimed,
     ClaimRequest,
@@ -47,7 +43,6 @@ from asyncjobs.stores._protocol import (
     Outcome,
     OutcomeKind,
     TaskLimits,
-    WorkerBeat,
 )
 
 if TYPE_CHECKING:
@@ -69,49 +64,12 @@ _PREFETCH_MAX = 3
 # transaction stays short enough for the SQLite store to run it on the event loop.
 _CLAIM_MAX = 100
 
-_current: ContextVar[JobContext] = ContextVar("asyncjobs_current_job")
-
-
-@dataclass(slots=True, kw_only=True)
-class JobContext:
-    """What a running task knows about its own job (``asyncjobs.current_job()``)."""
-
-    id: str
-    task: str
-    queue: str
-    attempt: int
-    max_attempts: int
-    idempotency_key: str | None
-    _jobs: Jobs = field(repr=False)
-
-    async def set_progress(self, progress: float, message: str | None = None) -> None:
-        """Record progress (0.0 to 1.0) and an optional message, shown in ``JobInfo``."""
-        if not 0.0 <= float(progress) <= 1.0:
-            raise ValueError(f"progress must be between 0.0 and 1.0, got {progress!r}")
-        await self._jobs.store.set_progress(self.id, float(progress), message)
-
-
-def current_job() -> JobContext:
-    """The job the calling task is running; raises ``LookupError`` outside a job."""
-    try:
-        return _current.get()
-    except LookupError:
-        raise LookupError("current_job() is only available inside a running job") from None
-
-
-@dataclass(slots=True)
-class _Running:
-    row: JobRow
-    task: asyncio.Task[None] | None = None  # the job's own task, once created
-    started: bool = False  # its code may be running: cancel the task to stop it
-    cancelled_by_user: bool = False
-
 
 def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-class Runner:
+class Runner(_Leases, _Execution):
     def __init__(self, jobs: Jobs) -> None:
         self.jobs = jobs
         self.settings = jobs.settings
@@ -431,126 +389,7 @@ class Runner:
             logger.exception("checking the store for changes failed")
             return False
 
-    # -- running one job -------------------------------------------------------------
-
-    async def _execute(self, row: JobRow) -> None:
-        running = self.running[row.id]
-        running.started = True
-        outcome: Outcome | None = None
-        started = self.clock.now()
-        try:
-            if running.cancelled_by_user:  # before its task first ran
-                outcome = self._outcome(row, OutcomeKind.CANCELLED, error="cancelled before it ran")
-            else:
-                outcome = await self._attempt(row, running)
-        except Exception:  # a bug of ours, not the task's: record it, never lose the job
-            logger.exception("running job %s failed inside asyncjobs", row.id)
-            outcome = self._failure(row, traceback.format_exc())
-        except anyio.get_cancelled_exc_class():
-            # Shutdown cut it off: give the job back without spending the attempt.
-            outcome = Outcome(
-                job_id=row.id, worker=self.worker_id, attempt=row.attempts, kind=OutcomeKind.RELEASE
-            )
-            raise
-        finally:
-            self._complete(row, outcome, started)
-
-    async def _attempt(self, row: JobRow, running: _Running) -> Outcome:
-        task = self.jobs.registry.get(row.task)
-        if task is None:  # unregistered between claim and run: give it back
-            return self._outcome(row, OutcomeKind.RELEASE)
-        try:
-            args, kwargs = decode_payload(row.payload)
-            options: dict[str, Any] = json.loads(row.options) if row.options else {}
-            if not isinstance(options, dict):
-                raise ValueError("options are not a JSON object")
-        except ValueError as error:
-            return self._outcome(
-                row, OutcomeKind.DEAD, error=f"the stored payload cannot be decoded: {error}"
-            )
-        timeout = options.get("timeout", task.timeout)
-        token = _current.set(
-            JobContext(
-                id=row.id,
-                task=row.task,
-                queue=row.queue,
-                attempt=row.attempts,
-                max_attempts=row.max_attempts,
-                idempotency_key=row.idempotency_key,
-                _jobs=self.jobs,
-            )
-        )
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "job %s (%s) started, attempt %d/%d",
-                row.id, row.task, row.attempts, row.max_attempts,
-                extra={"job_id": row.id, "task": row.task, "attempt": row.attempts},
-            )  # fmt: skip
-        try:
-            timed_out = False
-            try:
-                if timeout is None:  # the common case: no cancel scope at all
-                    result = await task.fn(*args, **kwargs)
-                else:
-                    with self.clock.move_on_after(timeout) as deadline:
-                        result = await task.fn(*args, **kwargs)
-                    timed_out = deadline.cancelled_caught
-            except asyncio.CancelledError:
-                this = asyncio.current_task()
-                # Ours alone (cancel_local), not shutdown's too: the job ends cancelled.
-                if not running.cancelled_by_user or this is None or this.uncancel() > 0:
-                    raise
-            if running.cancelled_by_user:
-                return self._outcome(row, OutcomeKind.CANCELLED, error="cancelled while running")
-            if timed_out:
-                return self._failure(
-                    row, f"TimeoutError: the job ran longer than its {timeout}s timeout"
-                )
-            if result is None:  # the common case, without the encoder
-                return self._outcome(row, OutcomeKind.SUCCEEDED, result="null")
-            try:
-                encoded = encode(result, what=f"the result of task {row.task!r}")
-            except NotSerializable as error:
-                return self._failure(row, f"NotSerializable: {error}")
-            return self._outcome(row, OutcomeKind.SUCCEEDED, result=encoded)
-        except Retry as signal:
-            return self._failure(row, f"Retry: {signal}", delay=signal.delay)
-        except anyio.get_cancelled_exc_class():
-            raise
-        except Exception:
-            return self._failure(row, traceback.format_exc())
-        finally:
-            _current.reset(token)
-
-    def _outcome(
-        self,
-        row: JobRow,
-        kind: OutcomeKind,
-        *,
-        result: str | None = None,
-        error: str | None = None,
-        run_at: float | None = None,
-    ) -> Outcome:
-        return Outcome(
-            job_id=row.id,
-            worker=self.worker_id,
-            attempt=row.attempts,
-            kind=kind,
-            result=result,
-            error=error,
-            run_at=run_at,
-            max_attempts=row.max_attempts,
-        )
-
-    def _failure(self, row: JobRow, error: str, *, delay: float | None = None) -> Outcome:
-        """A failed attempt: retry after backoff, or dead when out of attempts."""
-        if row.attempts >= row.max_attempts:
-            return self._outcome(row, OutcomeKind.DEAD, error=error)
-        if delay is None:
-            delay = backoff_delay(
-                row.attempts, base=self.settings.backoff_base, maximum=self.settings.max_backoff
-            )
-        return self._outcome(row, OutcomeKind.RETRY, error=error, run_at=self.clock.now() + delay)
+    # -- slots -----------------------------------------------------------------------
 
     def _complete(self, row: JobRow, outcome: Outcome | None, started: float) -> None:
         """Free the slot now (for the next job claimed ahead, if any); the outcome is
@@ -568,120 +407,6 @@ class Runner:
     def _free_slot(self) -> None:
         freed, self._slot_freed = self._slot_freed, asyncio.Event()
         freed.set()
-
-    def _log(self, row: JobRow, outcome: Outcome, applied: bool, duration: float) -> None:
-        if not logger.isEnabledFor(logging.INFO):  # the hot path: nothing will be emitted
-            if applied and outcome.kind in _INFO_OUTCOMES:
-                return
-            if not logger.isEnabledFor(logging.WARNING):
-                return
-        extra = {
-            "job_id": row.id,
-            "task": row.task,
-            "attempt": row.attempts,
-            "duration": round(duration, 6),
-            "outcome": str(outcome.kind),
-        }
-        if not applied:
-            logger.warning(
-                "job %s (%s) finished as %s but was no longer ours (lease expired or cancelled)",
-                row.id, row.task, outcome.kind, extra=extra,
-            )  # fmt: skip
-        elif outcome.kind is OutcomeKind.SUCCEEDED:
-            logger.info("job %s (%s) succeeded in %.3fs", row.id, row.task, duration, extra=extra)
-        elif outcome.kind is OutcomeKind.RETRY:
-            logger.warning(
-                "job %s (%s) failed attempt %d/%d, retrying: %s",
-                row.id, row.task, row.attempts, row.max_attempts, _last_line(outcome.error),
-                extra=extra,
-            )  # fmt: skip
-        elif outcome.kind is OutcomeKind.DEAD:
-            logger.error(
-                "job %s (%s) is dead after %d attempts: %s",
-                row.id, row.task, row.attempts, _last_line(outcome.error), extra=extra,
-            )  # fmt: skip
-        else:
-            logger.info("job %s (%s) %s", row.id, row.task, outcome.kind, extra=extra)
-
-    # -- leases ----------------------------------------------------------------------
-
-    async def heartbeat_once(self) -> None:
-        """Extend our leases; cancel local jobs that are no longer ours."""
-        ids = [*self.running, *(row.id for row in self._ready)]
-        if not ids:
-            return
-        lease_until = self.clock.now() + self.settings.visibility_timeout
-        owned = await self.jobs.store.heartbeat(ids, worker=self.worker_id, lease_until=lease_until)
-        for job_id in ids:
-            if job_id not in owned and job_id in self.running:
-                logger.warning(
-                    "job %s is no longer ours (cancelled, or lease expired); stopping it", job_id,
-                    extra={"job_id": job_id},
-                )  # fmt: skip
-                self.cancel_local(job_id)
-
-    async def heartbeat_loop(self, *, task_status: TaskStatus[None]) -> None:
-        self.started_at = self.clock.now()
-        await self.record_beat()
-        task_status.started()
-        try:
-            while True:
-                await self.clock.sleep(self.settings.heartbeat_interval)
-                try:
-                    await self.heartbeat_once()
-                except Exception:
-                    logger.exception("heartbeat failed; leases may expire")
-                await self.record_beat()
-        finally:
-            with anyio.CancelScope(shield=True), self.clock.move_on_after(5):
-                await self.record_beat(stopped=True)
-
-    async def record_beat(self, *, stopped: bool = False) -> None:
-        """Upsert this process in the store's workers table (``jobs.stats()["workers"]``)."""
-        beat = WorkerBeat(
-            id=self.worker_id,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            started_at=self.started_at,
-            running=0 if stopped else len(self.running),
-            concurrency=self.settings.concurrency,
-            queues=self.settings.queues,
-            stopped=stopped,
-        )
-        try:
-            await self.jobs.store.record_worker(beat, now=self.clock.now())
-        except Exception:
-            logger.exception("recording this worker's heartbeat failed")
-
-    async def recover(self) -> None:
-        """Requeue jobs whose lease expired (their worker died)."""
-        for job in await self.jobs.store.recover(now=self.clock.now()):
-            extra = {"job_id": job.id, "task": job.task, "attempt": job.attempts}
-            if job.dead:
-                logger.error(
-                    "job %s (%s) is dead: its lease expired on its last attempt (%d)",
-                    job.id, job.task, job.attempts, extra=extra,
-                )  # fmt: skip
-            else:
-                logger.warning(
-                    "job %s (%s) requeued: its lease expired during attempt %d",
-                    job.id, job.task, job.attempts, extra=extra,
-                )  # fmt: skip
-                # Our own write does not show in data_version: claim it now, not at
-                # the next poll.
-                self.wake()
-
-    async def maintenance_loop(self, *, task_status: TaskStatus[None]) -> None:
-        task_status.started()
-        interval = min(self.settings.visibility_timeout / 2, 30.0)
-        pruner = Pruner(self.jobs)
-        while True:
-            try:
-                await self.recover()
-            except Exception:
-                logger.exception("recovering expired leases failed")
-            await pruner.maybe_prune()
-            await self.clock.sleep(interval)
 
     async def wait_idle(self) -> None:
         while self.running or self._reserved:
@@ -703,10 +428,3 @@ def _dispatched_row(job: NewJob, seq: int, now: float) -> JobRow:
 def _run_order(row: JobRow) -> tuple[int, int]:
     """Sort key that puts the next job to run last (``list.pop()``)."""
     return (row.priority, -row.seq)
-
-
-_INFO_OUTCOMES = frozenset({OutcomeKind.SUCCEEDED, OutcomeKind.CANCELLED, OutcomeKind.RELEASE})
-
-
-def _last_line(text: str | None) -> str:
-    return text.strip().splitlines()[-1] if text and text.strip() else ""

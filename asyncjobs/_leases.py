@@ -1,0 +1,124 @@
+"""Leases: ``Runner``'s heartbeats, which extend the leases of the jobs it holds and
+record this worker in the store, and lease recovery, which requeues the jobs of a
+worker that died (``recover``, run with pruning by ``maintenance_loop``).
+
+``_Leases`` holds these methods of ``Runner``, which inherits them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING
+
+import anyio
+from anyio.abc import TaskStatus
+
+from asyncjobs._retention import Pruner
+from asyncjobs.stores._protocol import JobRow, WorkerBeat
+
+if TYPE_CHECKING:
+    from asyncjobs._clock import Clock
+    from asyncjobs._execution import _Running
+    from asyncjobs._jobs import Jobs
+    from asyncjobs._settings import Settings
+
+logger = logging.getLogger("asyncjobs")
+
+
+class _Leases:
+    """``Runner``'s heartbeat, worker record and lease recovery loops."""
+
+    if TYPE_CHECKING:
+        jobs: Jobs
+        running: dict[str, _Running]
+        _ready: list[JobRow]
+        worker_id: str
+        started_at: float
+        settings: Settings
+        clock: Clock
+
+        def wake(self) -> None: ...
+
+        def cancel_local(self, job_id: str) -> None: ...
+
+    # -- leases ----------------------------------------------------------------------
+
+    async def heartbeat_once(self) -> None:
+        """Extend our leases; cancel local jobs that are no longer ours."""
+        ids = [*self.running, *(row.id for row in self._ready)]
+        if not ids:
+            return
+        lease_until = self.clock.now() + self.settings.visibility_timeout
+        owned = await self.jobs.store.heartbeat(ids, worker=self.worker_id, lease_until=lease_until)
+        for job_id in ids:
+            if job_id not in owned and job_id in self.running:
+                logger.warning(
+                    "job %s is no longer ours (cancelled, or lease expired); stopping it", job_id,
+                    extra={"job_id": job_id},
+                )  # fmt: skip
+                self.cancel_local(job_id)
+
+    async def heartbeat_loop(self, *, task_status: TaskStatus[None]) -> None:
+        self.started_at = self.clock.now()
+        await self.record_beat()
+        task_status.started()
+        try:
+            while True:
+                await self.clock.sleep(self.settings.heartbeat_interval)
+                try:
+                    await self.heartbeat_once()
+                except Exception:
+                    logger.exception("heartbeat failed; leases may expire")
+                await self.record_beat()
+        finally:
+            with anyio.CancelScope(shield=True), self.clock.move_on_after(5):
+                await self.record_beat(stopped=True)
+
+    async def record_beat(self, *, stopped: bool = False) -> None:
+        """Upsert this process in the store's workers table (``jobs.stats()["workers"]``)."""
+        beat = WorkerBeat(
+            id=self.worker_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=self.started_at,
+            running=0 if stopped else len(self.running),
+            concurrency=self.settings.concurrency,
+            queues=self.settings.queues,
+            stopped=stopped,
+        )
+        try:
+            await self.jobs.store.record_worker(beat, now=self.clock.now())
+        except Exception:
+            logger.exception("recording this worker's heartbeat failed")
+
+    async def recover(self) -> None:
+        """Requeue jobs whose lease expired (their worker died)."""
+        for job in await self.jobs.store.recover(now=self.clock.now()):
+            extra = {"job_id": job.id, "task": job.task, "attempt": job.attempts}
+            if job.dead:
+                logger.error(
+                    "job %s (%s) is dead: its lease expired on its last attempt (%d)",
+                    job.id, job.task, job.attempts, extra=extra,
+                )  # fmt: skip
+            else:
+                logger.warning(
+                    "job %s (%s) requeued: its lease expired during attempt %d",
+                    job.id, job.task, job.attempts, extra=extra,
+                )  # fmt: skip
+                # Our own write does not show in data_version: claim it now, not at
+                # the next poll.
+                self.wake()
+
+    async def maintenance_loop(self, *, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        interval = min(self.settings.visibility_timeout / 2, 30.0)
+        pruner = Pruner(self.jobs)
+        while True:
+            try:
+                await self.recover()
+            except Exception:
+                logger.exception("recovering expired leases failed")
+            await pruner.maybe_prune()
+            await self.clock.sleep(interval)
