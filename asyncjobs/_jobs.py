@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -16,27 +15,17 @@ import anyio
 from asyncjobs._asgi import lifespan as _lifespan
 from asyncjobs._batching import GroupCommit
 from asyncjobs._clock import Clock, SystemClock
-from asyncjobs._codec import JSON, encode_payload
+from asyncjobs._codec import JSON
 from asyncjobs._cron import Cron, Every, zone
-from asyncjobs._errors import (
-    AsyncJobsError,
-    ConfigurationError,
-    JobFailed,
-    StoreError,
-)
-from asyncjobs._models import FINISHED, Job, JobInfo, JobStatus, info_from_row, new_job_id
+from asyncjobs._errors import AsyncJobsError, ConfigurationError
+from asyncjobs._lifecycle import _Lifecycle
+from asyncjobs._models import Job
+from asyncjobs._new_jobs import DEFAULT_RETRIES, _NewJobs
+from asyncjobs._queries import _Queries
 from asyncjobs._ratelimit import Limiter, RateLimit, parse_rate
 from asyncjobs._runner import Runner
 from asyncjobs._scheduler import ScheduleInfo, Scheduler
-from asyncjobs._settings import (
-    Seconds,
-    Settings,
-    check_name,
-    is_name,
-    job_id_or_none,
-    positive_int,
-    seconds,
-)
+from asyncjobs._settings import Seconds, Settings, check_name, job_id_or_none, positive_int
 from asyncjobs._tasks import JobOptions, JobSpec, Task, check_timeout
 from asyncjobs._transaction import bound_insert
 from asyncjobs._transaction import transaction as _transaction
@@ -54,10 +43,8 @@ logger = logging.getLogger("asyncjobs")
 P = ParamSpec("P")
 R = TypeVar("R")
 
-DEFAULT_RETRIES = 3
 
-
-class Jobs:
+class Jobs(_Queries, _Lifecycle, _NewJobs):
     """Background jobs in this event loop, stored durably.
 
     ``Jobs()`` uses ``$ASYNCJOBS_URL`` or ``./asyncjobs.db``. The store opens on
@@ -302,85 +289,6 @@ class Jobs:
         after all finished, with ``batch=BatchCounts`` if it takes a ``batch`` argument."""
         return await create_batch(self, specs, on_complete=on_complete)
 
-    def _spec(
-        self,
-        task: Task[..., Any] | JobSpec[Any] | str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> JobSpec[Any]:
-        if isinstance(task, JobSpec):
-            if args or kwargs:
-                raise TypeError("pass arguments to task.spec(...), not to enqueue(spec, ...)")
-            return task
-        if isinstance(task, Task):
-            return task.spec(*args, **kwargs)
-        if isinstance(task, str):
-            return JobSpec(task=check_name(task, "task name"), args=args, kwargs=kwargs,
-                           definition=self.registry.get(task))  # fmt: skip
-        raise TypeError(f"enqueue() takes a task, a JobSpec or a task name, not {task!r}")
-
-    def _new_job(
-        self,
-        spec: JobSpec[Any],
-        now: float,
-        *,
-        status: str | None = None,
-        chain_next: str | None = None,
-        batch_id: str | None = None,
-        job_id: str | None = None,
-        dispatch: bool = False,
-    ) -> NewJob:
-        """The row to insert for ``spec``. ``dispatch``: if this process can run it at
-        once, insert it running in a free local slot (``Runner.reserve``)."""
-        definition = spec.definition or self.registry.get(spec.task)
-        o = spec.options
-        payload = encode_payload(
-            spec.args, spec.kwargs, max_bytes=self.settings.max_payload_bytes, task=spec.task
-        )
-        run_at = o.run_at if o.run_at is not None else now + (o.delay or 0.0)
-        retries = o.retries if o.retries is not None else (
-            definition.retries if definition else DEFAULT_RETRIES
-        )  # fmt: skip
-        explicit: dict[str, Any] = {}
-        if o.retries is not None:
-            explicit["retries"] = o.retries
-        if o.timeout is not None:
-            explicit["timeout"] = o.timeout
-        if status is None:
-            status = "scheduled" if run_at > now else "queued"
-        default_priority = definition.priority if definition else 0
-        job_id = job_id or new_job_id(now)
-        queue = o.queue or (definition.queue if definition else "default")
-        rate_key = self._rate_key(definition, spec)
-        worker: str | None = None
-        lease_until: float | None = None
-        if (
-            dispatch
-            and status == "queued"
-            and self._runs_at_once(spec.task, queue, o)
-            and self.runner.reserve(job_id)
-        ):
-            status, worker = "running", self.runner.worker_id
-            lease_until = now + self.settings.visibility_timeout
-        return NewJob(
-            id=job_id,
-            task=spec.task,
-            queue=queue,
-            payload=payload,
-            status=status,
-            priority=o.priority if o.priority is not None else default_priority,
-            run_at=run_at,
-            max_attempts=retries + 1,
-            options=json.dumps(explicit) if explicit else None,
-            idempotency_key=o.idempotency_key,
-            group_key=o.group,
-            chain_next=chain_next,
-            batch_id=batch_id,
-            rate_key=rate_key,
-            worker=worker,
-            lease_until=lease_until,
-        )
-
     def _runs_at_once(self, task: str, queue: str, o: JobOptions) -> bool:
         """Can a job skip the queue for a local slot? Not when the store must decide
         (ordered groups, idempotency keys, concurrency and rate limits), when this
@@ -398,10 +306,6 @@ class Jobs:
             and (self.settings.queues is None or queue in self.settings.queues)
             and bound_insert(self) is None
         )
-
-    def _rate_key(self, definition: Task[..., Any] | None, spec: JobSpec[Any]) -> str | None:
-        limiter = self.limiters.get(definition.limiter or "") if definition else None
-        return None if limiter is None else limiter.key_for(spec.args, dict(spec.kwargs))
 
     async def _insert(self, new: list[NewJob]) -> list[str]:
         outer = bound_insert(self)  # inside `async with jobs.transaction(conn):`
@@ -422,65 +326,6 @@ class Jobs:
         inserted = await self.store.insert(new, now=now)  # failed: each _insert unreserves
         self.runner.dispatched(new, inserted, now)
         return inserted
-
-    # -- queries and admin -----------------------------------------------------------
-
-    async def get(self, job_id: str) -> JobInfo | None:
-        checked = job_id_or_none(job_id)
-        row = None if checked is None else await self.store.get(checked)
-        return None if row is None else info_from_row(row, self.clock.now())
-
-    async def list(
-        self,
-        status: str | None = None,
-        queue: str | None = None,
-        task: str | None = None,
-        limit: int = 100,
-    ) -> list[JobInfo]:
-        """Jobs newest first, optionally filtered."""
-        if status is not None:
-            status = JobStatus(status).value
-        limit = min(positive_int(limit, "limit"), 2**62)  # any bigger limit means "all"
-        for name, value in (("queue", queue), ("task", task)):
-            if value is not None and not isinstance(value, str):
-                raise ConfigurationError(f"{name} must be a string, got {value!r}")
-            if value is not None and not is_name(value):
-                return []  # no job can have it (and a store could choke on it)
-        now = self.clock.now()
-        rows = await self.store.list(status=status, queue=queue, task=task, limit=limit, now=now)
-        return [info_from_row(row, now) for row in rows]
-
-    async def retry(self, job_id: str) -> bool:
-        """Put a dead or cancelled job back in the queue with one more attempt."""
-        checked = job_id_or_none(job_id)
-        if checked is None:
-            return False
-        done = await self.store.retry(checked, now=self.clock.now())
-        if done and self._host is not None:
-            self.runner.wake()
-        return done
-
-    async def cancel(self, job_id: str) -> bool:
-        """Cancel a job that has not finished (a running one is stopped)."""
-        checked = job_id_or_none(job_id)
-        if checked is None:
-            return False
-        cancelled = await self.store.cancel([checked], now=self.clock.now())
-        for cid in cancelled:
-            self.runner.cancel_local(cid)
-        return bool(cancelled)
-
-    async def purge(self, *, status: str | None = None, older_than: Seconds | None = None) -> int:
-        """Delete jobs with ``status`` and/or finished more than ``older_than`` ago."""
-        if status is None and older_than is None:
-            raise ValueError("purge() needs a status or older_than")
-        if status is not None:
-            status = JobStatus(status).value
-            if status == "running":
-                raise ValueError("running jobs cannot be purged; cancel them first")
-        now = self.clock.now()
-        before = None if older_than is None else now - seconds(older_than, "older_than")
-        return await self.store.purge(status=status, older_than=before, now=now)
 
     # -- operations (asyncjobs/_stats.py, _metrics.py, _dashboard/) -------------------
 
@@ -515,126 +360,7 @@ class Jobs:
 
         return dashboard_app(self, auth=auth)
 
-    # -- results ---------------------------------------------------------------------
-
-    def _notify_finished(self, job_id: str) -> None:
-        event = self._result_events.pop(job_id, None)
-        if event is not None:
-            event.set()
-
-    async def _wait_result(self, job_id: str, timeout: float | None) -> Any:
-        """Wait (real time) for a job to finish: woken at once when it finishes here,
-        polling with backoff when another process runs it."""
-        delay = 0.005
-        with anyio.fail_after(timeout):
-            while True:
-                event = self._result_events.setdefault(job_id, anyio.Event())
-                try:
-                    info = await self.get(job_id)
-                except StoreError:
-                    # The store is briefly unreachable (a PostgreSQL restart): keep
-                    # waiting until our own timeout rather than failing the waiter.
-                    logger.debug("reading job %s failed; retrying", job_id, exc_info=True)
-                else:
-                    if info is None:
-                        raise AsyncJobsError(f"job {job_id} does not exist (or was purged)")
-                    if info.status == JobStatus.SUCCEEDED:
-                        return info.result
-                    if info.status in FINISHED:
-                        raise JobFailed(job_id, info.status, info.error)
-                with anyio.move_on_after(delay):
-                    await event.wait()
-                delay = min(delay * 2, self.settings.poll_interval)
-
     # -- lifecycle -------------------------------------------------------------------
-
-    @property
-    def started(self) -> bool:
-        return self._host is not None
-
-    async def start(self) -> None:
-        """Open the store and, unless ``workers=False``, start the workers."""
-        await self.store.open()
-        if self._host is not None or not self.settings.workers:
-            return
-        if not self.registry:
-            logger.warning("starting workers with no task registered; nothing will run")
-        self._stop_requested = anyio.Event()
-        ready = anyio.Event()
-        self._host = asyncio.get_running_loop().create_task(self._main(ready), name="asyncjobs")
-        waiter = asyncio.ensure_future(ready.wait())
-        done, _ = await asyncio.wait({self._host, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if self._host in done:
-            waiter.cancel()
-            host, self._host = self._host, None
-            host.result()  # raises why it stopped
-            raise AsyncJobsError("the workers stopped while starting")
-
-    async def _main(self, ready: anyio.Event) -> None:
-        """Own every long-lived task of this ``Jobs``: loops and running jobs."""
-        runner = self.runner
-        await runner.recover()
-        async with anyio.create_task_group() as loops:
-            claim_scope = anyio.CancelScope()
-            claiming_stopped = anyio.Event()
-
-            async def serve(*, task_status: anyio.abc.TaskStatus[None]) -> None:
-                try:
-                    with claim_scope:
-                        await runner.serve(task_status=task_status)
-                finally:
-                    claiming_stopped.set()
-
-            try:
-                await loops.start(runner.heartbeat_loop)
-                await loops.start(runner.maintenance_loop)
-                await loops.start(self.scheduler.run)
-                await loops.start(serve)
-                logger.info(
-                    "asyncjobs workers started (%s, concurrency %d, worker %s)",
-                    self.store, self.settings.concurrency, runner.worker_id,
-                )  # fmt: skip
-                ready.set()
-                await self._stop_requested.wait()
-                claim_scope.cancel()
-                # A claim in flight is shielded: let it land, so the jobs it took are
-                # given back (serve's last step) before the final flush below.
-                await claiming_stopped.wait()
-                with self.clock.move_on_after(self.settings.shutdown_timeout):
-                    await runner.wait_idle()
-                if runner.running:
-                    logger.warning(
-                        "shutdown: cancelling %d job(s) still running after %ss; "
-                        "they will run again",
-                        len(runner.running), self.settings.shutdown_timeout,
-                    )  # fmt: skip
-            finally:  # also when a loop crashed: no job outlives the workers
-                with anyio.CancelScope(shield=True):
-                    await runner.cancel_running()
-            await runner.flush_outbox()  # outcomes of the last jobs, released ones too
-            loops.cancel_scope.cancel()
-        logger.info("asyncjobs workers stopped")
-
-    async def stop(self) -> None:
-        """Stop claiming, let running jobs finish within ``shutdown_timeout``, then
-        cancel the rest and give them back without spending an attempt."""
-        host = self._host
-        if host is None:
-            return
-        self._stop_requested.set()
-        # Nothing new starts from here on, not even a job enqueued (and dispatched to a
-        # free slot) before the workers' task has woken up to the request.
-        self.runner.stop_accepting()
-        try:
-            await asyncio.shield(host)
-        finally:
-            if host.done():
-                self._host = None
-
-    async def close(self) -> None:
-        """Stop the workers if they run, then close the store."""
-        await self.stop()
-        await self.store.close()
 
     def lifespan(self, app: object = None) -> AbstractAsyncContextManager[dict[str, Any]]:
         """ASGI lifespan: ``Starlette(lifespan=jobs.lifespan)``; the state holds ``jobs``."""

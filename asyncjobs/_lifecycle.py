@@ -1,0 +1,131 @@
+"""``Jobs``' worker lifecycle: ``start`` opens the store and starts the workers in a
+task of their own (``_main``, which owns every long-lived loop and running job);
+``stop`` lets running jobs finish within ``shutdown_timeout`` and gives the rest
+back; ``close`` also closes the store.
+
+``_Lifecycle`` holds these methods of ``Jobs``, which inherits them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from asyncjobs._errors import AsyncJobsError
+
+if TYPE_CHECKING:
+    from asyncjobs._clock import Clock
+    from asyncjobs._runner import Runner
+    from asyncjobs._scheduler import Scheduler
+    from asyncjobs._settings import Settings
+    from asyncjobs._tasks import Task
+    from asyncjobs.stores import Store
+
+logger = logging.getLogger("asyncjobs")
+
+
+class _Lifecycle:
+    """``Jobs``' start, workers' main task, stop and close."""
+
+    if TYPE_CHECKING:
+        settings: Settings
+        store: Store
+        registry: dict[str, Task[..., Any]]
+        runner: Runner
+        scheduler: Scheduler
+        _host: asyncio.Task[None] | None
+        _stop_requested: anyio.Event
+
+        @property
+        def clock(self) -> Clock: ...
+
+    @property
+    def started(self) -> bool:
+        return self._host is not None
+
+    async def start(self) -> None:
+        """Open the store and, unless ``workers=False``, start the workers."""
+        await self.store.open()
+        if self._host is not None or not self.settings.workers:
+            return
+        if not self.registry:
+            logger.warning("starting workers with no task registered; nothing will run")
+        self._stop_requested = anyio.Event()
+        ready = anyio.Event()
+        self._host = asyncio.get_running_loop().create_task(self._main(ready), name="asyncjobs")
+        waiter = asyncio.ensure_future(ready.wait())
+        done, _ = await asyncio.wait({self._host, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if self._host in done:
+            waiter.cancel()
+            host, self._host = self._host, None
+            host.result()  # raises why it stopped
+            raise AsyncJobsError("the workers stopped while starting")
+
+    async def _main(self, ready: anyio.Event) -> None:
+        """Own every long-lived task of this ``Jobs``: loops and running jobs."""
+        runner = self.runner
+        await runner.recover()
+        async with anyio.create_task_group() as loops:
+            claim_scope = anyio.CancelScope()
+            claiming_stopped = anyio.Event()
+
+            async def serve(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+                try:
+                    with claim_scope:
+                        await runner.serve(task_status=task_status)
+                finally:
+                    claiming_stopped.set()
+
+            try:
+                await loops.start(runner.heartbeat_loop)
+                await loops.start(runner.maintenance_loop)
+                await loops.start(self.scheduler.run)
+                await loops.start(serve)
+                logger.info(
+                    "asyncjobs workers started (%s, concurrency %d, worker %s)",
+                    self.store, self.settings.concurrency, runner.worker_id,
+                )  # fmt: skip
+                ready.set()
+                await self._stop_requested.wait()
+                claim_scope.cancel()
+                # A claim in flight is shielded: let it land, so the jobs it took are
+                # given back (serve's last step) before the final flush below.
+                await claiming_stopped.wait()
+                with self.clock.move_on_after(self.settings.shutdown_timeout):
+                    await runner.wait_idle()
+                if runner.running:
+                    logger.warning(
+                        "shutdown: cancelling %d job(s) still running after %ss; "
+                        "they will run again",
+                        len(runner.running), self.settings.shutdown_timeout,
+                    )  # fmt: skip
+            finally:  # also when a loop crashed: no job outlives the workers
+                with anyio.CancelScope(shield=True):
+                    await runner.cancel_running()
+            await runner.flush_outbox()  # outcomes of the last jobs, released ones too
+            loops.cancel_scope.cancel()
+        logger.info("asyncjobs workers stopped")
+
+    async def stop(self) -> None:
+        """Stop claiming, let running jobs finish within ``shutdown_timeout``, then
+        cancel the rest and give them back without spending an attempt."""
+        host = self._host
+        if host is None:
+            return
+        self._stop_requested.set()
+        # Nothing new starts from here on, not even a job enqueued (and dispatched to a
+        # free slot) before the workers' task has woken up to the request.
+        self.runner.stop_accepting()
+        try:
+            await asyncio.shield(host)
+        finally:
+            if host.done():
+                self._host = None
+
+    async def close(self) -> None:
+        """Stop the workers if they run, then close the store."""
+        await self.stop()
+        await self.store.close()

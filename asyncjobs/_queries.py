@@ -1,0 +1,130 @@
+"""``Jobs``' queries and admin calls on stored jobs (``get``, ``list``, ``retry``,
+``cancel``, ``purge``), and waiting for a job's result (``Job.result()``), woken
+by the runner when the job finishes in this process.
+
+``_Queries`` holds these methods of ``Jobs``, which inherits them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from asyncjobs._errors import AsyncJobsError, ConfigurationError, JobFailed, StoreError
+from asyncjobs._models import FINISHED, JobInfo, JobStatus, info_from_row
+from asyncjobs._settings import Seconds, is_name, job_id_or_none, positive_int, seconds
+
+if TYPE_CHECKING:
+    from asyncjobs._clock import Clock
+    from asyncjobs._runner import Runner
+    from asyncjobs._settings import Settings
+    from asyncjobs.stores import Store
+
+logger = logging.getLogger("asyncjobs")
+
+
+class _Queries:
+    """``Jobs``' reads and admin writes of stored jobs, and result waiting."""
+
+    if TYPE_CHECKING:
+        store: Store
+        runner: Runner
+        _host: asyncio.Task[None] | None
+        _result_events: dict[str, anyio.Event]
+        settings: Settings
+
+        @property
+        def clock(self) -> Clock: ...
+
+    # -- queries and admin -----------------------------------------------------------
+
+    async def get(self, job_id: str) -> JobInfo | None:
+        checked = job_id_or_none(job_id)
+        row = None if checked is None else await self.store.get(checked)
+        return None if row is None else info_from_row(row, self.clock.now())
+
+    async def list(
+        self,
+        status: str | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        limit: int = 100,
+    ) -> list[JobInfo]:
+        """Jobs newest first, optionally filtered."""
+        if status is not None:
+            status = JobStatus(status).value
+        limit = min(positive_int(limit, "limit"), 2**62)  # any bigger limit means "all"
+        for name, value in (("queue", queue), ("task", task)):
+            if value is not None and not isinstance(value, str):
+                raise ConfigurationError(f"{name} must be a string, got {value!r}")
+            if value is not None and not is_name(value):
+                return []  # no job can have it (and a store could choke on it)
+        now = self.clock.now()
+        rows = await self.store.list(status=status, queue=queue, task=task, limit=limit, now=now)
+        return [info_from_row(row, now) for row in rows]
+
+    async def retry(self, job_id: str) -> bool:
+        """Put a dead or cancelled job back in the queue with one more attempt."""
+        checked = job_id_or_none(job_id)
+        if checked is None:
+            return False
+        done = await self.store.retry(checked, now=self.clock.now())
+        if done and self._host is not None:
+            self.runner.wake()
+        return done
+
+    async def cancel(self, job_id: str) -> bool:
+        """Cancel a job that has not finished (a running one is stopped)."""
+        checked = job_id_or_none(job_id)
+        if checked is None:
+            return False
+        cancelled = await self.store.cancel([checked], now=self.clock.now())
+        for cid in cancelled:
+            self.runner.cancel_local(cid)
+        return bool(cancelled)
+
+    async def purge(self, *, status: str | None = None, older_than: Seconds | None = None) -> int:
+        """Delete jobs with ``status`` and/or finished more than ``older_than`` ago."""
+        if status is None and older_than is None:
+            raise ValueError("purge() needs a status or older_than")
+        if status is not None:
+            status = JobStatus(status).value
+            if status == "running":
+                raise ValueError("running jobs cannot be purged; cancel them first")
+        now = self.clock.now()
+        before = None if older_than is None else now - seconds(older_than, "older_than")
+        return await self.store.purge(status=status, older_than=before, now=now)
+
+    # -- results ---------------------------------------------------------------------
+
+    def _notify_finished(self, job_id: str) -> None:
+        event = self._result_events.pop(job_id, None)
+        if event is not None:
+            event.set()
+
+    async def _wait_result(self, job_id: str, timeout: float | None) -> Any:
+        """Wait (real time) for a job to finish: woken at once when it finishes here,
+        polling with backoff when another process runs it."""
+        delay = 0.005
+        with anyio.fail_after(timeout):
+            while True:
+                event = self._result_events.setdefault(job_id, anyio.Event())
+                try:
+                    info = await self.get(job_id)
+                except StoreError:
+                    # The store is briefly unreachable (a PostgreSQL restart): keep
+                    # waiting until our own timeout rather than failing the waiter.
+                    logger.debug("reading job %s failed; retrying", job_id, exc_info=True)
+                else:
+                    if info is None:
+                        raise AsyncJobsError(f"job {job_id} does not exist (or was purged)")
+                    if info.status == JobStatus.SUCCEEDED:
+                        return info.result
+                    if info.status in FINISHED:
+                        raise JobFailed(job_id, info.status, info.error)
+                with anyio.move_on_after(delay):
+                    await event.wait()
+                delay = min(delay * 2, self.settings.poll_interval)
