@@ -24,29 +24,29 @@ Driver errors become ``StoreError`` here. While the server is unreachable every
 operation fails at once with a ``StoreError`` saying so, and reconnecting is
 tried again after an exponential backoff; a connection that died under a
 restart is replaced and the operation retried once.
+
+The code lives in modules beside this one: ``_postgres_connections`` (the connection
+handling above, which ``PostgresStore`` inherits), ``_postgres_sql`` (enqueue, claim,
+finish), ``_postgres_admin`` (lease recovery, operator and maintenance calls) and
+``_postgres_schema`` (migrations).
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import asyncpg
-
 from asyncjobs._errors import ConfigurationError, StoreError
+from asyncjobs.stores import _postgres_admin as admin
 from asyncjobs.stores import _postgres_sql as sql
+from asyncjobs.stores._postgres_connections import _Connections
 from asyncjobs.stores._postgres_sql import (
-    DRIVER_ERRORS,
     SELECT,
     insert_jobs,
-    is_connection_error,
     job_row,
-    migrate,
     notify,
     status_filter,
 )
@@ -66,10 +66,6 @@ if TYPE_CHECKING:
 
 __all__ = ["PostgresStore", "insert_jobs"]
 
-logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
 
 _REQUEUE = (
     "status = 'queued', run_at = $1, finished_at = NULL, lease_until = NULL, worker = NULL, "
@@ -78,19 +74,7 @@ _REQUEUE = (
 """A manual retry: queued now, with one more attempt than it had (``run_at`` is $1)."""
 
 
-async def _keep_session(conn: Connection) -> None:
-    """Release a pooled connection without asyncpg's default reset round trip.
-
-    The default runs ``SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
-    RESET ALL`` on every release: a round trip per store operation (0.15 ms of a
-    0.6 ms enqueue when measured). Pool connections are this store's own and never
-    change session state (no SET, LISTEN, session advisory lock or cursor outside
-    a transaction; the LISTEN connection is not pooled), so there is nothing to
-    reset. asyncpg still rolls back a transaction left open before calling this.
-    """
-
-
-class PostgresStore:
+class PostgresStore(_Connections):
     """A job store in PostgreSQL, shared by any number of processes and hosts."""
 
     def __init__(
@@ -134,160 +118,6 @@ class PostgresStore:
         host = parts.hostname or "localhost"
         port = f":{parts.port}" if parts.port else ""
         return f"PostgresStore('postgresql://{host}{port}{parts.path}')"
-
-    # -- connections -----------------------------------------------------------------
-
-    async def open(self) -> None:
-        if self._pool is not None:
-            return
-        async with self._opening:
-            if self._is_open():
-                return
-            async with self._errors("open"):
-                pool = await asyncpg.create_pool(
-                    self.url,
-                    min_size=self.pool_min,
-                    max_size=self.pool_max,
-                    timeout=self.connect_timeout,
-                    reset=_keep_session,
-                )
-                try:
-                    async with pool.acquire() as conn:
-                        await migrate(conn)
-                        self._schema = await conn.fetchval("SELECT current_schema()")
-                        self._channel = await conn.fetchval(
-                            "SELECT left('asyncjobs:' || current_schema(), 63)"
-                        )
-                except BaseException:
-                    await pool.close()
-                    raise
-            self._pool = pool
-
-    async def close(self) -> None:
-        pool, self._pool = self._pool, None
-        listener, self._listener = self._listener, None
-        producer, self._producer = self._producer, None
-        for conn in (listener, producer):
-            if conn is not None and not conn.is_closed():
-                with contextlib.suppress(Exception):
-                    await conn.close(timeout=2)
-        if pool is not None:
-            try:
-                await asyncio.wait_for(pool.close(), timeout=5)
-            except DRIVER_ERRORS:
-                pool.terminate()
-
-    def _is_open(self) -> bool:
-        return self._pool is not None
-
-    async def _listen(self) -> bool:
-        """(Re)open the LISTEN connection; failures leave polling to do the work."""
-        channel = self._channel
-        if channel is None:
-            return False
-        try:
-            conn = await asyncpg.connect(self.url, timeout=self.connect_timeout)
-            try:
-                await conn.add_listener(channel, self._on_notify)
-            except BaseException:
-                conn.terminate()
-                raise
-        except DRIVER_ERRORS as error:
-            logger.warning("PostgreSQL store: cannot LISTEN (%s); polling instead", error)
-            return False
-        self._listener = conn
-        return True
-
-    def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
-        self._notified = True
-
-    @contextlib.asynccontextmanager
-    async def _errors(self, what: str) -> AsyncIterator[None]:
-        """Map driver errors to StoreError; track reachability for the backoff."""
-        try:
-            yield
-        except DRIVER_ERRORS as error:
-            if not is_connection_error(error):
-                raise StoreError(f"PostgreSQL store {self!r} ({what}): {error}") from error
-            delay = self._backoff()
-            raise StoreError(
-                f"PostgreSQL store {self!r} is unreachable ({what}): "
-                f"{type(error).__name__}: {error}; reconnecting in {delay:.1f}s"
-            ) from error
-        else:
-            self._failures = 0
-
-    def _backoff(self) -> float:
-        """Count a failed connection; the next attempt waits 0.1 s, doubling up to max_backoff."""
-        self._failures += 1
-        delay = min(self.max_backoff, 0.1 * 2.0 ** (self._failures - 1))
-        # Reconnect bookkeeping on the loop's clock; job time never comes from here.
-        self._retry_at = asyncio.get_running_loop().time() + delay
-        return delay
-
-    async def _run(
-        self, what: str, fn: Callable[[Connection], Awaitable[T]], *, producer: bool = False
-    ) -> T:
-        """Run ``fn`` on a pooled connection (``producer``: on the enqueue connection when
-        it is free): open on first use, back off while down, and retry once when the
-        connection turns out to have died (server restart)."""
-        if self._failures and asyncio.get_running_loop().time() < self._retry_at:
-            raise StoreError(
-                f"PostgreSQL store {self!r} is unreachable ({what}); "
-                "waiting before the next reconnect attempt"
-            )
-        if self._pool is None:
-            await self.open()
-        pool = self._pool
-        if pool is None:
-            raise StoreError(f"PostgreSQL store {self!r} is closed")
-        async with self._errors(what):
-            for attempt in (1, 2):
-                try:
-                    if producer and not self._producing:
-                        return await self._on_producer(fn)
-                    async with pool.acquire() as conn:
-                        return await fn(conn)
-                except (
-                    asyncpg.ConnectionDoesNotExistError,
-                    asyncpg.AdminShutdownError,
-                    ConnectionResetError,
-                ):
-                    if attempt == 2:
-                        raise
-                    logger.info("PostgreSQL store: connection lost; retrying %s once", what)
-            raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _on_producer(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
-        """Run ``fn`` on the enqueue connection, the store's own outside the pool: a lone
-        producer skips the pool's acquire and release (a task and loop iterations each
-        time). Opened on first use; dropped (and opened again) after an error that is not
-        the server's answer to the statement."""
-        self._producing = True
-        try:
-            conn = self._producer
-            if conn is None or conn.is_closed():
-                if self._pool is None:  # closed meanwhile: open nothing it would not close
-                    raise StoreError(f"PostgreSQL store {self!r} is closed")
-                conn = await asyncpg.connect(self.url, timeout=self.connect_timeout)
-                self._producer = conn
-            try:
-                return await fn(conn)
-            except asyncpg.PostgresError:
-                raise  # the statement failed, the connection is fine (or is_closed())
-            except BaseException:  # cancelled, cut off: its state is unknown
-                self._producer = None
-                conn.terminate()
-                raise
-        finally:
-            self._producing = False
-
-    async def _transaction(self, what: str, fn: Callable[[Connection], Awaitable[T]]) -> T:
-        async def in_transaction(conn: Connection) -> T:
-            async with conn.transaction():
-                return await fn(conn)
-
-        return await self._run(what, in_transaction)
 
     # -- enqueue ---------------------------------------------------------------------
 
@@ -366,7 +196,7 @@ class PostgresStore:
         return {r["id"] for r in rows}
 
     async def recover(self, *, now: float) -> list[Recovered]:
-        return await self._transaction("recover", lambda conn: sql.recover(conn, now))
+        return await self._transaction("recover", lambda conn: admin.recover(conn, now))
 
     async def next_run_at(self) -> float | None:
         value = await self._run(
@@ -508,19 +338,19 @@ class PostgresStore:
     ) -> OpsSnapshot:
         async def read(conn: Connection) -> OpsSnapshot:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
-                return await sql.snapshot(conn, now, windows, sample, workers_since)
+                return await admin.snapshot(conn, now, windows, sample, workers_since)
 
         return await self._run("snapshot", read)
 
     async def record_worker(self, beat: WorkerBeat, *, now: float) -> None:
-        await self._run("record_worker", lambda conn: sql.record_worker(conn, beat, now))
+        await self._run("record_worker", lambda conn: admin.record_worker(conn, beat, now))
 
     async def prune(
         self, *, finished_before: float, dead_before: float, workers_before: float, limit: int
     ) -> int:
         return await self._transaction(
             "prune",
-            lambda conn: sql.prune(conn, finished_before, dead_before, workers_before, limit),
+            lambda conn: admin.prune(conn, finished_before, dead_before, workers_before, limit),
         )
 
     async def retry_dead(self, *, queue: str | None, task: str | None, now: float) -> int:
@@ -550,4 +380,4 @@ class PostgresStore:
         return int(status.rsplit(" ", 1)[-1])
 
     async def meta(self, key: str, default: str) -> str:
-        return await self._run("meta", lambda conn: sql.meta(conn, key, default))
+        return await self._run("meta", lambda conn: admin.meta(conn, key, default))

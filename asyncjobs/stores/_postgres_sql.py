@@ -1,43 +1,33 @@
-"""The SQL of ``PostgresStore``: each function runs on one asyncpg connection.
+"""The SQL of ``PostgresStore``'s hot path: enqueue, claim and finish, and the chain
+and batch releases (or cancellations) that a finished job sets off. Each function runs
+on one asyncpg connection.
 
 Functions named for a store operation run inside the transaction the store opened
-(or, for ``insert_jobs``, inside the caller's own transaction). Claims and lease
-recovery lock rows with ``FOR UPDATE SKIP LOCKED`` so concurrent workers never
-wait on each other's rows.
+(or, for ``insert_jobs``, inside the caller's own transaction). Claims lock rows with
+``FOR UPDATE SKIP LOCKED`` so concurrent workers never wait on each other's rows.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 from dataclasses import replace
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from asyncjobs._errors import StoreError
 from asyncjobs.stores._admission import has_limits
 from asyncjobs.stores._dependents import COUNTS_FLAG, RESULT_FLAG, prepend_result, wants, with_batch
 from asyncjobs.stores._postgres_limits import choose as choose_limited
 from asyncjobs.stores._protocol import (
     Claimed,
     ClaimRequest,
-    FinishedSample,
     Inserted,
     JobRow,
     NewJob,
-    OpsSnapshot,
     Outcome,
     OutcomeKind,
-    Recovered,
-    StuckJob,
-    WorkerBeat,
-    WorkerRow,
 )
-
-logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -57,76 +47,9 @@ COLUMNS = (
 SELECT = ", ".join(COLUMNS)
 _UNFINISHED = ("waiting", "scheduled", "queued", "running")
 
-SCHEMA_VERSION_TABLE = "asyncjobs_migrations"
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    asyncpg.ConnectionDoesNotExistError,
-    asyncpg.TooManyConnectionsError,
-    # A connection the server cut mid-operation can be left in an inconsistent state.
-    asyncpg.InternalClientError,
-)
-DRIVER_ERRORS: tuple[type[BaseException], ...] = (
-    *CONNECTION_ERRORS,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-)
-
-
-def is_connection_error(error: BaseException) -> bool:
-    """Whether ``error`` means the server is (or was just) out of reach."""
-    if isinstance(error, CONNECTION_ERRORS):
-        return True
-    return isinstance(error, asyncpg.InterfaceError) and "closed" in str(error)
-
 
 def job_row(record: asyncpg.Record) -> JobRow:
     return JobRow._make(record[name] for name in COLUMNS)
-
-
-def _migrations() -> list[tuple[int, str]]:
-    folder = resources.files("asyncjobs.stores").joinpath("migrations", "postgres")
-    found = []
-    for entry in folder.iterdir():
-        if entry.name.endswith(".sql"):
-            found.append((int(entry.name.split("_", 1)[0]), entry.read_text("utf-8")))
-    return sorted(found)
-
-
-async def migrate(conn: Connection) -> None:
-    """Create or upgrade the schema through ``conn`` (in the current schema)."""
-    async with conn.transaction():
-        schema = await conn.fetchval("SELECT current_schema()")
-        if schema is None:
-            raise StoreError(
-                "PostgreSQL store: no schema to create the job table in; the search_path "
-                "names no existing schema (CREATE SCHEMA it first)"
-            )
-        # Serialize migrations of this schema across processes; released at commit.
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtext('asyncjobs.migrate:' || current_schema()))"
-        )
-        await conn.execute(
-            f"CREATE TABLE IF NOT EXISTS {SCHEMA_VERSION_TABLE} "
-            "(version integer PRIMARY KEY, applied_at double precision NOT NULL)"
-        )
-        current = await conn.fetchval(
-            f"SELECT coalesce(max(version), 0) FROM {SCHEMA_VERSION_TABLE}"  # noqa: S608
-        )
-        for version, script in _migrations():
-            if version <= current:
-                continue
-            logger.info("PostgreSQL store: applying migration %04d in %s", version, schema)
-            await conn.execute(script)
-            await conn.execute(
-                f"INSERT INTO {SCHEMA_VERSION_TABLE} (version, applied_at) "  # noqa: S608
-                "VALUES ($1, extract(epoch FROM now()))",
-                version,
-            )
 
 
 _INSERT_COLUMNS = (
@@ -439,34 +362,6 @@ async def release_dependents(
         await notify(conn)
 
 
-async def recover(conn: Connection, now: float) -> list[Recovered]:
-    records = await conn.fetch(
-        """
-        UPDATE asyncjobs_jobs SET
-            status = CASE WHEN attempts >= max_attempts THEN 'dead' ELSE 'queued' END,
-            error = CASE WHEN attempts >= max_attempts
-                THEN 'lease expired: the worker running attempt ' || attempts ||
-                     ' stopped heartbeating (crashed or killed) and no attempts are left'
-                ELSE error END,
-            finished_at = CASE WHEN attempts >= max_attempts THEN $1 ELSE NULL END,
-            lease_until = NULL, worker = NULL
-        WHERE seq IN (SELECT seq FROM asyncjobs_jobs
-                      WHERE status = 'running' AND lease_until < $1 FOR UPDATE SKIP LOCKED)
-        RETURNING id, task, attempts, status, chain_next, batch_id
-        """,
-        now,
-    )
-    recovered = []
-    for r in records:
-        dead = r["status"] == "dead"
-        if dead:
-            await release_dependents(conn, OutcomeKind.DEAD, r["chain_next"], r["batch_id"], now)
-        recovered.append(Recovered(id=r["id"], task=r["task"], attempts=r["attempts"], dead=dead))
-    if any(not r.dead for r in recovered):
-        await notify(conn)
-    return recovered
-
-
 async def cancel(
     conn: Connection, job_ids: Sequence[str], now: float, reason: str = "cancelled"
 ) -> list[str]:
@@ -491,142 +386,3 @@ async def cancel(
         if record["batch_id"] is not None:
             await release_dependents(conn, OutcomeKind.CANCELLED, None, record["batch_id"], now)
     return cancelled
-
-
-# -- operations (stats, dashboard, pruning) ------------------------------------------
-
-
-async def snapshot(
-    conn: Connection, now: float, windows: Sequence[float], sample: int, since: float
-) -> OpsSnapshot:
-    """What ``jobs.stats()`` needs; run in one REPEATABLE READ transaction (one state)."""
-    counts: dict[tuple[str, str, str], int] = {}
-    for r in await conn.fetch(
-        "SELECT status, queue, task, count(*) AS n FROM asyncjobs_jobs "
-        "WHERE status NOT IN ('scheduled', 'queued') GROUP BY status, queue, task"
-    ):
-        counts[(r["queue"], r["task"], r["status"])] = r["n"]
-    oldest_due: dict[tuple[str, str], float] = {}
-    for r in await conn.fetch(
-        "SELECT queue, task, count(*) FILTER (WHERE run_at > $1) AS scheduled, "
-        "count(*) FILTER (WHERE run_at <= $1) AS queued, "
-        "min(run_at) FILTER (WHERE run_at <= $1) AS oldest FROM asyncjobs_jobs "
-        "WHERE status IN ('scheduled', 'queued') GROUP BY queue, task",
-        now,
-    ):
-        key = (r["queue"], r["task"])
-        if r["scheduled"]:
-            counts[(*key, "scheduled")] = r["scheduled"]
-        if r["queued"]:
-            counts[(*key, "queued")] = r["queued"]
-        if r["oldest"] is not None:
-            oldest_due[key] = float(r["oldest"])
-    finished: dict[tuple[str, str, str], list[int]] = {}
-    if windows:
-        since_each = [now - w for w in windows]
-        for r in await conn.fetch(
-            "SELECT queue, task, status, array_agg(n ORDER BY i) AS per_window FROM ("
-            "  SELECT queue, task, status, w.i, count(*) FILTER (WHERE finished_at >= w.since) AS n"
-            "  FROM asyncjobs_jobs CROSS JOIN unnest($1::float8[]) WITH ORDINALITY AS w(since, i)"
-            "  WHERE finished_at >= $2 GROUP BY queue, task, status, w.i"
-            ") AS c GROUP BY queue, task, status",
-            since_each,
-            min(since_each),
-        ):
-            finished[(r["queue"], r["task"], r["status"])] = [int(n) for n in r["per_window"]]
-    samples = [
-        FinishedSample(
-            queue=r["queue"], task=r["task"], status=r["status"], run_at=r["run_at"],
-            started_at=r["started_at"], finished_at=r["finished_at"],
-        )
-        for r in await conn.fetch(
-            "SELECT queue, task, status, run_at, started_at, finished_at FROM asyncjobs_jobs "
-            "WHERE finished_at IS NOT NULL AND status IN ('succeeded', 'dead') "
-            "ORDER BY finished_at DESC LIMIT $1",
-            sample,
-        )
-    ]  # fmt: skip
-    stuck = [
-        StuckJob(
-            id=r["id"], queue=r["queue"], task=r["task"], worker=r["worker"],
-            attempts=r["attempts"], lease_until=r["lease_until"],
-        )
-        for r in await conn.fetch(
-            "SELECT id, queue, task, worker, attempts, lease_until FROM asyncjobs_jobs "
-            "WHERE status = 'running' AND lease_until < $1 ORDER BY lease_until LIMIT 1000",
-            now,
-        )
-    ]  # fmt: skip
-    workers = [
-        WorkerRow(
-            id=r["id"], host=r["host"], pid=r["pid"], started_at=r["started_at"],
-            last_seen_at=r["last_seen_at"], stopped_at=r["stopped_at"], running=r["running"],
-            concurrency=r["concurrency"],
-            queues=None if r["queues"] is None else tuple(json.loads(r["queues"])),
-        )
-        for r in await conn.fetch(
-            "SELECT id, host, pid, started_at, last_seen_at, stopped_at, running, concurrency, "
-            "queues FROM asyncjobs_workers WHERE last_seen_at >= $1 ORDER BY started_at, id",
-            since,
-        )
-    ]  # fmt: skip
-    return OpsSnapshot(
-        counts=counts,
-        oldest_due=oldest_due,
-        finished=finished,
-        samples=samples,
-        stuck=stuck,
-        workers=workers,
-    )
-
-
-async def record_worker(conn: Connection, beat: WorkerBeat, now: float) -> None:
-    await conn.execute(
-        "INSERT INTO asyncjobs_workers (id, host, pid, started_at, last_seen_at, stopped_at, "
-        "running, concurrency, queues) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
-        "ON CONFLICT (id) DO UPDATE SET last_seen_at = excluded.last_seen_at, "
-        "stopped_at = excluded.stopped_at, running = excluded.running",
-        beat.id, beat.host, beat.pid, beat.started_at, now, now if beat.stopped else None,
-        beat.running, beat.concurrency,
-        None if beat.queues is None else json.dumps(list(beat.queues)),
-    )  # fmt: skip
-
-
-async def prune(
-    conn: Connection, finished_before: float, dead_before: float, workers_before: float,
-    limit: int,
-) -> int:  # fmt: skip
-    deleted = _count(
-        await conn.execute(
-            "DELETE FROM asyncjobs_jobs WHERE seq IN (SELECT seq FROM asyncjobs_jobs "
-            "WHERE finished_at < $1 AND status IN ('succeeded', 'cancelled') LIMIT $2)",
-            finished_before,
-            limit,
-        )
-    )
-    if deleted < limit:
-        deleted += _count(
-            await conn.execute(
-                "DELETE FROM asyncjobs_jobs WHERE seq IN (SELECT seq FROM asyncjobs_jobs "
-                "WHERE finished_at < $1 AND status = 'dead' LIMIT $2)",
-                dead_before,
-                limit - deleted,
-            )
-        )
-    await conn.execute("DELETE FROM asyncjobs_workers WHERE last_seen_at < $1", workers_before)
-    return deleted
-
-
-async def meta(conn: Connection, key: str, default: str) -> str:
-    await conn.execute(
-        "INSERT INTO asyncjobs_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
-        key,
-        default,
-    )
-    value = await conn.fetchval("SELECT value FROM asyncjobs_meta WHERE key = $1", key)
-    return str(value)
-
-
-def _count(status: str) -> int:
-    """The row count of a command status such as ``DELETE 3``."""
-    return int(status.rsplit(" ", 1)[-1])

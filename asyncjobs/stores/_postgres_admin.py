@@ -1,0 +1,197 @@
+"""The SQL of ``PostgresStore``'s operator and maintenance calls: lease recovery, the
+operations snapshot (see ``asyncjobs/_stats.py``), worker records, pruning and the
+store's metadata.
+
+Each function runs on the asyncpg connection it is given: ``snapshot`` inside the
+store's REPEATABLE READ transaction, ``recover`` and ``prune`` inside the transaction
+the store opened. Lease recovery locks rows with ``FOR UPDATE SKIP LOCKED``, as claims
+do. Cancelling lives in ``_postgres_sql``, with the chain and batch releases it calls
+and that call it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from asyncjobs.stores._postgres_sql import notify, release_dependents
+from asyncjobs.stores._protocol import (
+    FinishedSample,
+    OpsSnapshot,
+    OutcomeKind,
+    Recovered,
+    StuckJob,
+    WorkerBeat,
+    WorkerRow,
+)
+
+if TYPE_CHECKING:
+    from asyncjobs.stores._postgres_sql import Connection
+
+
+async def recover(conn: Connection, now: float) -> list[Recovered]:
+    records = await conn.fetch(
+        """
+        UPDATE asyncjobs_jobs SET
+            status = CASE WHEN attempts >= max_attempts THEN 'dead' ELSE 'queued' END,
+            error = CASE WHEN attempts >= max_attempts
+                THEN 'lease expired: the worker running attempt ' || attempts ||
+                     ' stopped heartbeating (crashed or killed) and no attempts are left'
+                ELSE error END,
+            finished_at = CASE WHEN attempts >= max_attempts THEN $1 ELSE NULL END,
+            lease_until = NULL, worker = NULL
+        WHERE seq IN (SELECT seq FROM asyncjobs_jobs
+                      WHERE status = 'running' AND lease_until < $1 FOR UPDATE SKIP LOCKED)
+        RETURNING id, task, attempts, status, chain_next, batch_id
+        """,
+        now,
+    )
+    recovered = []
+    for r in records:
+        dead = r["status"] == "dead"
+        if dead:
+            await release_dependents(conn, OutcomeKind.DEAD, r["chain_next"], r["batch_id"], now)
+        recovered.append(Recovered(id=r["id"], task=r["task"], attempts=r["attempts"], dead=dead))
+    if any(not r.dead for r in recovered):
+        await notify(conn)
+    return recovered
+
+
+# -- operations (stats, dashboard, pruning) ------------------------------------------
+
+
+async def snapshot(
+    conn: Connection, now: float, windows: Sequence[float], sample: int, since: float
+) -> OpsSnapshot:
+    """What ``jobs.stats()`` needs; run in one REPEATABLE READ transaction (one state)."""
+    counts: dict[tuple[str, str, str], int] = {}
+    for r in await conn.fetch(
+        "SELECT status, queue, task, count(*) AS n FROM asyncjobs_jobs "
+        "WHERE status NOT IN ('scheduled', 'queued') GROUP BY status, queue, task"
+    ):
+        counts[(r["queue"], r["task"], r["status"])] = r["n"]
+    oldest_due: dict[tuple[str, str], float] = {}
+    for r in await conn.fetch(
+        "SELECT queue, task, count(*) FILTER (WHERE run_at > $1) AS scheduled, "
+        "count(*) FILTER (WHERE run_at <= $1) AS queued, "
+        "min(run_at) FILTER (WHERE run_at <= $1) AS oldest FROM asyncjobs_jobs "
+        "WHERE status IN ('scheduled', 'queued') GROUP BY queue, task",
+        now,
+    ):
+        key = (r["queue"], r["task"])
+        if r["scheduled"]:
+            counts[(*key, "scheduled")] = r["scheduled"]
+        if r["queued"]:
+            counts[(*key, "queued")] = r["queued"]
+        if r["oldest"] is not None:
+            oldest_due[key] = float(r["oldest"])
+    finished: dict[tuple[str, str, str], list[int]] = {}
+    if windows:
+        since_each = [now - w for w in windows]
+        for r in await conn.fetch(
+            "SELECT queue, task, status, array_agg(n ORDER BY i) AS per_window FROM ("
+            "  SELECT queue, task, status, w.i, count(*) FILTER (WHERE finished_at >= w.since) AS n"
+            "  FROM asyncjobs_jobs CROSS JOIN unnest($1::float8[]) WITH ORDINALITY AS w(since, i)"
+            "  WHERE finished_at >= $2 GROUP BY queue, task, status, w.i"
+            ") AS c GROUP BY queue, task, status",
+            since_each,
+            min(since_each),
+        ):
+            finished[(r["queue"], r["task"], r["status"])] = [int(n) for n in r["per_window"]]
+    samples = [
+        FinishedSample(
+            queue=r["queue"], task=r["task"], status=r["status"], run_at=r["run_at"],
+            started_at=r["started_at"], finished_at=r["finished_at"],
+        )
+        for r in await conn.fetch(
+            "SELECT queue, task, status, run_at, started_at, finished_at FROM asyncjobs_jobs "
+            "WHERE finished_at IS NOT NULL AND status IN ('succeeded', 'dead') "
+            "ORDER BY finished_at DESC LIMIT $1",
+            sample,
+        )
+    ]  # fmt: skip
+    stuck = [
+        StuckJob(
+            id=r["id"], queue=r["queue"], task=r["task"], worker=r["worker"],
+            attempts=r["attempts"], lease_until=r["lease_until"],
+        )
+        for r in await conn.fetch(
+            "SELECT id, queue, task, worker, attempts, lease_until FROM asyncjobs_jobs "
+            "WHERE status = 'running' AND lease_until < $1 ORDER BY lease_until LIMIT 1000",
+            now,
+        )
+    ]  # fmt: skip
+    workers = [
+        WorkerRow(
+            id=r["id"], host=r["host"], pid=r["pid"], started_at=r["started_at"],
+            last_seen_at=r["last_seen_at"], stopped_at=r["stopped_at"], running=r["running"],
+            concurrency=r["concurrency"],
+            queues=None if r["queues"] is None else tuple(json.loads(r["queues"])),
+        )
+        for r in await conn.fetch(
+            "SELECT id, host, pid, started_at, last_seen_at, stopped_at, running, concurrency, "
+            "queues FROM asyncjobs_workers WHERE last_seen_at >= $1 ORDER BY started_at, id",
+            since,
+        )
+    ]  # fmt: skip
+    return OpsSnapshot(
+        counts=counts,
+        oldest_due=oldest_due,
+        finished=finished,
+        samples=samples,
+        stuck=stuck,
+        workers=workers,
+    )
+
+
+async def record_worker(conn: Connection, beat: WorkerBeat, now: float) -> None:
+    await conn.execute(
+        "INSERT INTO asyncjobs_workers (id, host, pid, started_at, last_seen_at, stopped_at, "
+        "running, concurrency, queues) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
+        "ON CONFLICT (id) DO UPDATE SET last_seen_at = excluded.last_seen_at, "
+        "stopped_at = excluded.stopped_at, running = excluded.running",
+        beat.id, beat.host, beat.pid, beat.started_at, now, now if beat.stopped else None,
+        beat.running, beat.concurrency,
+        None if beat.queues is None else json.dumps(list(beat.queues)),
+    )  # fmt: skip
+
+
+async def prune(
+    conn: Connection, finished_before: float, dead_before: float, workers_before: float,
+    limit: int,
+) -> int:  # fmt: skip
+    deleted = _count(
+        await conn.execute(
+            "DELETE FROM asyncjobs_jobs WHERE seq IN (SELECT seq FROM asyncjobs_jobs "
+            "WHERE finished_at < $1 AND status IN ('succeeded', 'cancelled') LIMIT $2)",
+            finished_before,
+            limit,
+        )
+    )
+    if deleted < limit:
+        deleted += _count(
+            await conn.execute(
+                "DELETE FROM asyncjobs_jobs WHERE seq IN (SELECT seq FROM asyncjobs_jobs "
+                "WHERE finished_at < $1 AND status = 'dead' LIMIT $2)",
+                dead_before,
+                limit - deleted,
+            )
+        )
+    await conn.execute("DELETE FROM asyncjobs_workers WHERE last_seen_at < $1", workers_before)
+    return deleted
+
+
+async def meta(conn: Connection, key: str, default: str) -> str:
+    await conn.execute(
+        "INSERT INTO asyncjobs_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+        key,
+        default,
+    )
+    value = await conn.fetchval("SELECT value FROM asyncjobs_meta WHERE key = $1", key)
+    return str(value)
+
+
+def _count(status: str) -> int:
+    """The row count of a command status such as ``DELETE 3``."""
+    return int(status.rsplit(" ", 1)[-1])

@@ -1,0 +1,63 @@
+"""The schema of ``PostgresStore``: the numbered migrations in ``migrations/postgres/``,
+applied in order and recorded in a version table, under an advisory lock so two
+processes never migrate one schema at once.
+
+``migrate`` runs on the connection it is given, in that connection's current schema
+(the first schema of its ``search_path``).
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from typing import TYPE_CHECKING
+
+from asyncjobs._errors import StoreError
+
+if TYPE_CHECKING:
+    from asyncjobs.stores._postgres_sql import Connection
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION_TABLE = "asyncjobs_migrations"
+
+
+def _migrations() -> list[tuple[int, str]]:
+    folder = resources.files("asyncjobs.stores").joinpath("migrations", "postgres")
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.read_text("utf-8")))
+    return sorted(found)
+
+
+async def migrate(conn: Connection) -> None:
+    """Create or upgrade the schema through ``conn`` (in the current schema)."""
+    async with conn.transaction():
+        schema = await conn.fetchval("SELECT current_schema()")
+        if schema is None:
+            raise StoreError(
+                "PostgreSQL store: no schema to create the job table in; the search_path "
+                "names no existing schema (CREATE SCHEMA it first)"
+            )
+        # Serialize migrations of this schema across processes; released at commit.
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('asyncjobs.migrate:' || current_schema()))"
+        )
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {SCHEMA_VERSION_TABLE} "
+            "(version integer PRIMARY KEY, applied_at double precision NOT NULL)"
+        )
+        current = await conn.fetchval(
+            f"SELECT coalesce(max(version), 0) FROM {SCHEMA_VERSION_TABLE}"  # noqa: S608
+        )
+        for version, script in _migrations():
+            if version <= current:
+                continue
+            logger.info("PostgreSQL store: applying migration %04d in %s", version, schema)
+            await conn.execute(script)
+            await conn.execute(
+                f"INSERT INTO {SCHEMA_VERSION_TABLE} (version, applied_at) "  # noqa: S608
+                "VALUES ($1, extract(epoch FROM now()))",
+                version,
+            )
