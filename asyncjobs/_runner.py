@@ -351,19 +351,20 @@ class Runner(_Leases, _Execution):
                 await self.clock.sleep(self.settings.poll_interval)
                 continue
             last_full_poll = self.clock.now()
-            if claimed:
+            if claimed and self._backlog:
                 # More may be ready: claim again now, or (when full) as soon as a slot
-                # frees at the top of the loop, not after the poll interval.
+                # frees at the top of the loop, not after the poll interval. Otherwise
+                # the claim found every ready job: another would find none (under
+                # load, that empty claim cost about as much as the write before it).
                 continue
-            # Idle: sleep until a local enqueue, another process's write, the next
-            # scheduled job, or the poll interval.
+            # Idle: sleep until a local enqueue or a job's end, another process's write,
+            # the next scheduled job, or the poll interval.
             wake_at = last_full_poll + self.settings.poll_interval
-            if claimed == 0:
-                next_run = await self._next_run_at()
-                if next_run is not None:
-                    wake_at = min(wake_at, next_run)
-                if self._next_token_at is not None:
-                    wake_at = min(wake_at, self._next_token_at)
+            next_run = await self._next_run_at()
+            if next_run is not None:
+                wake_at = min(wake_at, next_run)
+            if self._next_token_at is not None:
+                wake_at = min(wake_at, self._next_token_at)
             while True:
                 remaining = wake_at - self.clock.now()
                 if remaining <= 0 or self._wakeup.is_set():

@@ -131,6 +131,31 @@ async def test_a_dispatched_job_does_not_see_the_context_of_the_code_that_enqueu
     assert seen == [None]
 
 
+async def test_writing_the_outcomes_of_dispatched_jobs_costs_no_extra_claim(
+    make_jobs: MakeJobs,
+) -> None:
+    """Each outcome is written with a claim for freed slots (finish_and_claim); when that
+    claim found every ready job, the runner waits for its next wake-up instead of
+    claiming again at once: under load that empty claim cost as much as the write."""
+    jobs = with_a_task(make_jobs)
+    plain_claims: list[ClaimRequest] = []
+    store: Any = jobs.store
+    claim = store.claim
+
+    async def spy_claim(request: ClaimRequest, *, now: float) -> list[JobRow]:
+        plain_claims.append(request)
+        rows: list[JobRow] = await claim(request, now=now)
+        return rows
+
+    async with jobs:
+        await settled(jobs)
+        store.claim = spy_claim
+        for _ in range(5):
+            job = await jobs.enqueue("plain")
+            await job.result(timeout=5)  # its outcome was written: the claim loop ran
+        assert plain_claims == []
+
+
 @pytest.mark.parametrize(
     "enqueue",
     [
