@@ -27,8 +27,10 @@ import anyio
 T = TypeVar("T")
 R = TypeVar("R")
 
-_GATHER_PASSES = 2
+_GATHER_PASSES = 4
 """Loop iterations a leader waits for more submitters before it flushes, at most."""
+_QUIET_PASSES = 2
+"""...and it flushes after this many iterations in a row without a new submitter."""
 
 
 class _Waiter(Generic[T, R]):
@@ -83,14 +85,16 @@ class GroupCommit(Generic[T, R]):
     async def _lead_shielded(self) -> None:
         self._busy = True
         with anyio.CancelScope(shield=True):
-            # Let submitters woken in this same loop iteration join the batch. If some
-            # did, wait one more iteration: the loop polls its sockets in between, so
-            # the requests that just arrived join too (under load, twice the batch for
-            # the same per-flush cost).
-            waiting = len(self._queue)
+            # Let submitters woken in the next few loop iterations join the batch, until
+            # two in a row bring nobody new: the loop polls its sockets in between, and
+            # a request read in one iteration enqueues in the next. Under HTTP load the
+            # wave of requests that the last flush's responses set off then goes in
+            # one flush, not the first request alone and the rest in another.
+            waiting, quiet = len(self._queue), 0
             for _ in range(_GATHER_PASSES if self._gather else 0):
                 await anyio.lowlevel.checkpoint()
-                if len(self._queue) == waiting:
+                quiet = quiet + 1 if len(self._queue) == waiting else 0
+                if quiet == _QUIET_PASSES:
                     break
                 waiting = len(self._queue)
             await self._lead()

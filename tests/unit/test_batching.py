@@ -136,3 +136,34 @@ async def test_a_failed_flush_fails_its_batch_only() -> None:
     with pytest.raises(RuntimeError, match="disk full"):
         await group.submit(13)
     assert await group.submit(1) == 1
+
+
+async def test_a_gathering_leader_waits_out_one_quiet_loop_iteration() -> None:
+    """Under HTTP load a request is read in one loop iteration and enqueues in the next:
+    a leader that flushed at the first iteration without newcomers wrote one job
+    alone, then the rest of the wave (measured: a third of all flushes held one job)."""
+    store = SlowStore()
+    group: GroupCommit[int, int] = GroupCommit(store.flush)
+    async with anyio.create_task_group() as tg:  # company: the next leaders gather
+        tg.start_soon(group.submit, 0)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(group.submit, 1)
+        tg.start_soon(group.submit, 2)
+        await anyio.wait_all_tasks_blocked()
+        store.release.set()
+
+    async def after_iterations(item: int, iterations: int) -> None:
+        for _ in range(iterations):
+            await anyio.lowlevel.checkpoint()
+        await group.submit(item)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(group.submit, 3)
+        tg.start_soon(after_iterations, 4, 1)  # one iteration with nobody new between
+    assert store.batches[-1] == [3, 4]
+    # A lone producer is not held for long: at most _GATHER_PASSES iterations.
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(group.submit, 5)
+        tg.start_soon(after_iterations, 6, 8)
+    assert store.batches[-2:] == [[5], [6]]
+    assert group.idle
