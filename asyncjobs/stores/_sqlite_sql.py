@@ -248,18 +248,20 @@ def _finish_and_claim(
 
 
 # Every success of a flush in one statement (the common case: no-op jobs finish by
-# the dozen). Each outcome is a JSON array [id, worker, attempt, result, max_attempts].
-_FINISH_SUCCEEDED = """
+# the dozen), its outcomes bound as rows of VALUES: (id, worker, attempt, result,
+# max_attempts). A json_each of the same rows cost 20% more per job.
+_FINISH_SUCCEEDED_HEAD = "WITH o(id, worker, attempt, result, max_attempts) AS (VALUES "
+_FINISH_SUCCEEDED_ROW = "(?, ?, ?, ?, ?)"
+_FINISH_SUCCEEDED_TAIL = """)
     UPDATE asyncjobs_jobs INDEXED BY sqlite_autoindex_asyncjobs_jobs_1
-    SET status = 'succeeded', result = json_extract(o.value, '$[3]'),
-        error = NULL, finished_at = ?, lease_until = NULL,
-        max_attempts = coalesce(json_extract(o.value, '$[4]'), max_attempts)
-    FROM json_each(?) AS o
-    WHERE asyncjobs_jobs.id = json_extract(o.value, '$[0]')
-      AND asyncjobs_jobs.status = 'running'
-      AND asyncjobs_jobs.worker = json_extract(o.value, '$[1]')
-      AND asyncjobs_jobs.attempts = json_extract(o.value, '$[2]')
+    SET status = 'succeeded', result = o.result, error = NULL, finished_at = ?,
+        lease_until = NULL, max_attempts = coalesce(o.max_attempts, asyncjobs_jobs.max_attempts)
+    FROM o
+    WHERE asyncjobs_jobs.id = o.id AND asyncjobs_jobs.status = 'running'
+      AND asyncjobs_jobs.worker = o.worker AND asyncjobs_jobs.attempts = o.attempt
     RETURNING asyncjobs_jobs.id, chain_next, batch_id"""
+_FINISH_CHUNK = 500
+"""Successes per statement (five values each, well under SQLite's 32,766)."""
 
 
 def _finish(db: sqlite3.Connection, outcomes: Sequence[Outcome], now: float) -> list[str]:
@@ -268,32 +270,35 @@ def _finish(db: sqlite3.Connection, outcomes: Sequence[Outcome], now: float) -> 
     if len(successes) > 1:
         outcomes = [o for o in outcomes if o.kind is not OutcomeKind.SUCCEEDED]
         results = {o.job_id: o.result for o in successes}
-        encoded = json.dumps(
-            [[o.job_id, o.worker, o.attempt, o.result, o.max_attempts] for o in successes]
-        )
-        for job_id, chain_next, batch_id in db.execute(
-            _FINISH_SUCCEEDED, (now, encoded)
-        ).fetchall():
-            applied.append(job_id)
-            if chain_next is not None or batch_id is not None:
-                _release_dependents(
-                    db, OutcomeKind.SUCCEEDED, chain_next, batch_id, now, results[job_id]
-                )
+        for start in range(0, len(successes), _FINISH_CHUNK):
+            chunk = successes[start : start + _FINISH_CHUNK]
+            values: list[Any] = []
+            for o in chunk:
+                values += (o.job_id, o.worker, o.attempt, o.result, o.max_attempts)
+            values.append(now)
+            rows = ", ".join([_FINISH_SUCCEEDED_ROW] * len(chunk))
+            sql = _FINISH_SUCCEEDED_HEAD + rows + _FINISH_SUCCEEDED_TAIL
+            for job_id, chain_next, batch_id in db.execute(sql, values).fetchall():
+                applied.append(job_id)
+                if chain_next is not None or batch_id is not None:
+                    _release_dependents(
+                        db, OutcomeKind.SUCCEEDED, chain_next, batch_id, now, results[job_id]
+                    )
     for o in outcomes:
         if o.kind is OutcomeKind.SUCCEEDED:
-            values: tuple[Any, ...] = (o.result, now)
+            row_values: tuple[Any, ...] = (o.result, now)
         elif o.kind is OutcomeKind.RETRY:
-            values = (o.result, o.error, o.run_at)
+            row_values = (o.result, o.error, o.run_at)
         elif o.kind is OutcomeKind.RELEASE:
-            values = (o.result,)
+            row_values = (o.result,)
         else:
-            values = (o.result, o.error, now)
+            row_values = (o.result, o.error, now)
         row = db.execute(
             f"UPDATE asyncjobs_jobs SET {_FINISH_SQL[o.kind]}, "  # noqa: S608 - constant
             "max_attempts = coalesce(?, max_attempts) "
             "WHERE id = ? AND status = 'running' AND worker = ? AND attempts = ? "
             "RETURNING chain_next, batch_id",
-            (*values, o.max_attempts, o.job_id, o.worker, o.attempt),
+            (*row_values, o.max_attempts, o.job_id, o.worker, o.attempt),
         ).fetchone()
         if row is None:
             continue

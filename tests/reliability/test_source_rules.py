@@ -52,6 +52,11 @@ ALLOWED: dict[tuple[str, str, str], str] = {
         "insert_jobs",
         "[row] * len(chunk)",
     ): "constant text and one constant '(?, ...)' group per row; values are parameters",
+    (
+        "stores/_sqlite_sql.py",
+        "_finish",
+        "[_FINISH_SUCCEEDED_ROW] * len(chunk)",
+    ): "one constant '(?, ...)' group per outcome; the outcomes are parameters",
     ("stores/_sqlite.py", "get", "_SELECT"): (
         "imported from stores/_sqlite_sql.py, where it is the constant join of COLUMNS"
     ),

@@ -341,6 +341,40 @@ async def test_finish_succeeded_stores_the_result(store: Store) -> None:
     assert done.lease_until is None
 
 
+async def test_finish_writes_many_successes_at_once_each_with_its_own_values(
+    store: Store,
+) -> None:
+    """Successes are written together (one statement in both stores): each keeps its
+    own result and attempts, a stale one is skipped, a chain member is released."""
+    await store.insert(
+        [new("a"), new("b", chain_next="c"), new("c", status="waiting"), new("d"),
+         new("e")],
+        now=T0,
+    )  # fmt: skip
+    rows = {row.id: row for row in await claim(store, limit=4)}
+    assert sorted(rows) == ["a", "b", "d", "e"]
+    outcomes = [
+        outcome(rows["a"], OutcomeKind.SUCCEEDED, result='"first"', max_attempts=7),
+        outcome(rows["b"], OutcomeKind.SUCCEEDED, result="2"),
+        Outcome(job_id="d", worker="someone else", attempt=1, kind=OutcomeKind.SUCCEEDED),
+        outcome(rows["e"], OutcomeKind.SUCCEEDED),
+    ]
+    assert sorted(await store.finish(outcomes, now=T0 + 3)) == ["a", "b", "e"]
+    stored = [await store.get(j) for j in "abcde"]
+    assert None not in stored
+    a, b, c, d, e = (row for row in stored if row is not None)
+    assert (a.status, a.result, a.finished_at, a.max_attempts) == (
+        "succeeded",
+        '"first"',
+        T0 + 3,
+        7,
+    )
+    assert (b.status, b.result, b.max_attempts) == ("succeeded", "2", rows["b"].max_attempts)
+    assert (e.status, e.result, e.lease_until) == ("succeeded", None, None)
+    assert (d.status, d.finished_at) == ("running", None)
+    assert (c.status, c.run_at) == ("queued", T0 + 3)
+
+
 async def test_finish_and_claim_acks_and_takes_new_jobs_in_one_call(store: Store) -> None:
     """The runner's hot path: outcomes written and the next jobs claimed together;
     a chain member released by an outcome is claimable in the same call."""
