@@ -48,7 +48,6 @@ from asyncjobs.stores._postgres_sql import (
     insert_jobs,
     job_row,
     notify,
-    status_filter,
 )
 from asyncjobs.stores._protocol import (
     ClaimRequest,
@@ -248,12 +247,16 @@ class PostgresStore(_Connections):
         now: float,
     ) -> list[JobRow]:
         params: list[Any] = []
-        where = status_filter(status, now, params)
-        for column, value in (("queue", queue), ("task", task), ("seq", before_seq)):
-            if value is not None:
-                params.append(value)
-                op = "<" if column == "seq" else "="
-                where.append(f"{column} {op} ${len(params)}")
+        where = _status_filter(status, now, params)
+        if queue is not None:
+            params.append(queue)
+            where.append(f"queue = ${len(params)}")
+        if task is not None:
+            params.append(task)
+            where.append(f"task = ${len(params)}")
+        if before_seq is not None:
+            params.append(before_seq)
+            where.append(f"seq < ${len(params)}")
         sql = f"SELECT {SELECT} FROM asyncjobs_jobs"  # noqa: S608 - constant columns
         if where:
             sql += " WHERE " + " AND ".join(where)
@@ -284,7 +287,7 @@ class PostgresStore(_Connections):
         self, *, status: str | None = None, older_than: float | None = None, now: float
     ) -> int:
         params: list[Any] = []
-        where = status_filter(status, now, params)
+        where = _status_filter(status, now, params)
         if older_than is not None:
             params.append(older_than)
             where.append(f"finished_at < ${len(params)}")
@@ -381,3 +384,15 @@ class PostgresStore(_Connections):
 
     async def meta(self, key: str, default: str) -> str:
         return await self._run("meta", lambda conn: admin.meta(conn, key, default))
+
+
+def _status_filter(status: str | None, now: float, params: list[Any]) -> list[str]:
+    """WHERE terms for a status as users see it (scheduled/queued follow run_at)."""
+    if status is None:
+        return []
+    if status in ("scheduled", "queued"):
+        params.append(now)
+        op = ">" if status == "scheduled" else "<="
+        return ["status IN ('scheduled', 'queued')", f"run_at {op} ${len(params)}"]
+    params.append(str(status))
+    return [f"status = ${len(params)}"]

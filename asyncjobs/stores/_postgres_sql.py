@@ -128,18 +128,6 @@ async def insert_jobs(
     return Inserted(ids, seqs=seqs)
 
 
-def status_filter(status: str | None, now: float, params: list[Any]) -> list[str]:
-    """WHERE terms for a status as users see it (scheduled/queued follow run_at)."""
-    if status is None:
-        return []
-    if status in ("scheduled", "queued"):
-        params.append(now)
-        op = ">" if status == "scheduled" else "<="
-        return ["status IN ('scheduled', 'queued')", f"run_at {op} ${len(params)}"]
-    params.append(str(status))
-    return [f"status = ${len(params)}"]
-
-
 # -- the functions below run on one connection (inside a transaction where noted) ---
 
 
