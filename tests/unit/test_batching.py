@@ -25,6 +25,20 @@ class SlowStore:
         return [i * 10 for i in items]
 
 
+async def flush_with_company(group: GroupCommit[int, int], store: SlowStore, first: int) -> None:
+    """``first`` flushes alone while ``first + 1`` and ``first + 2`` queue behind it and
+    share the next flush: the group has seen company, so its next leaders gather."""
+    store.release = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(group.submit, first)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(group.submit, first + 1)
+        tg.start_soon(group.submit, first + 2)
+        await anyio.wait_all_tasks_blocked()
+        store.release.set()
+    assert store.batches[-2:] == [[first], [first + 1, first + 2]]
+
+
 async def test_waiters_that_arrive_during_a_flush_share_the_next_one() -> None:
     store = SlowStore()
     group: GroupCommit[int, int] = GroupCommit(store.flush)
@@ -59,15 +73,7 @@ async def test_a_lone_producer_flushes_at_once_and_company_makes_leaders_gather(
     await two_in_one_loop_iteration(0)
     assert store.batches == [[0], [1]]
     # A flush that did have company (submitters queued behind a slow flush)...
-    store.release = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(group.submit, 2)
-        await anyio.wait_all_tasks_blocked()
-        tg.start_soon(group.submit, 3)
-        tg.start_soon(group.submit, 4)
-        await anyio.wait_all_tasks_blocked()
-        store.release.set()
-    assert store.batches[-2:] == [[2], [3, 4]]
+    await flush_with_company(group, store, 2)
     # ...makes the next leader wait one loop iteration for the others.
     await two_in_one_loop_iteration(5)
     assert store.batches[-1] == [5, 6]
@@ -144,13 +150,7 @@ async def test_a_gathering_leader_waits_out_one_quiet_loop_iteration() -> None:
     alone, then the rest of the wave (measured: a third of all flushes held one job)."""
     store = SlowStore()
     group: GroupCommit[int, int] = GroupCommit(store.flush)
-    async with anyio.create_task_group() as tg:  # company: the next leaders gather
-        tg.start_soon(group.submit, 0)
-        await anyio.wait_all_tasks_blocked()
-        tg.start_soon(group.submit, 1)
-        tg.start_soon(group.submit, 2)
-        await anyio.wait_all_tasks_blocked()
-        store.release.set()
+    await flush_with_company(group, store, 0)
 
     async def after_iterations(item: int, iterations: int) -> None:
         for _ in range(iterations):
