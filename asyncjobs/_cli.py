@@ -20,7 +20,7 @@ import click
 from asyncjobs._errors import AsyncJobsError
 from asyncjobs._jobs import Jobs
 from asyncjobs._models import JobInfo, JobStatus
-from asyncjobs._stats import GroupStats, Stats
+from asyncjobs._stats import GroupStats, Stats, human_duration
 
 T = TypeVar("T")
 
@@ -149,18 +149,6 @@ def _cell(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _seconds(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if value < 1:
-        return f"{value * 1000:.0f}ms"
-    if value < 120:
-        return f"{value:.1f}s"
-    if value < 7200:
-        return f"{value / 60:.1f}m"
-    return f"{value / 3600:.1f}h"
-
-
 def _rate(group: GroupStats, window: str) -> str:
     rate = group["windows"][window]["failure_rate"]
     return "-" if rate is None else f"{rate:.0%}"
@@ -198,11 +186,11 @@ def stats(ctx: click.Context, as_json: bool) -> None:
                     queue["queue"],
                     task["task"],
                     *(task["counts"][s] for s in statuses),
-                    _seconds(task["oldest_queued_age"]),
+                    human_duration(task["oldest_queued_age"]),
                     task["windows"]["1m"]["throughput"],
                     _rate(task, "5m"),
-                    _seconds(task["run_time"]["p50"]),
-                    _seconds(task["run_time"]["p99"]),
+                    human_duration(task["run_time"]["p50"]),
+                    human_duration(task["run_time"]["p99"]),
                     task["stuck"],
                 ]
             )
@@ -229,7 +217,7 @@ def stats(ctx: click.Context, as_json: bool) -> None:
                         "yes" if w["alive"] else "no",
                         w["running"],
                         w["concurrency"],
-                        _seconds(w["seconds_since_seen"]) + " ago",
+                        human_duration(w["seconds_since_seen"]) + " ago",
                     ]
                     for w in result["workers"]
                 ],

@@ -299,3 +299,19 @@ def read_schedules(jobs: Jobs) -> list[ScheduleStats]:
 
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat()
+
+
+def human_duration(seconds: float | None, *, missing: str = "-") -> str:
+    """A duration as people read it (the CLI's and the dashboard's tables): 850 ms,
+    4.2 s, 3.5 min, 36.0 h, 3.0 d; ``missing`` when there is none."""
+    if seconds is None:
+        return missing
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"

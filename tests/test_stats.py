@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from asyncjobs import Jobs
-from asyncjobs._stats import percentile, timing
+from asyncjobs._stats import human_duration, percentile, timing
 from asyncjobs.stores._protocol import ClaimRequest, TaskLimits
 from asyncjobs.testing import FakeClock, drain
 
@@ -185,3 +185,23 @@ def test_percentiles_use_nearest_rank() -> None:
     assert percentile(values, 0.99) == 99.0
     assert percentile([7.0], 0.9) == 7.0
     assert timing([3.0, 1.0, 2.0]) == {"count": 3, "p50": 2.0, "p90": 3.0, "p99": 3.0, "max": 3.0}
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [
+        (None, "-"),
+        (0.0004, "0 ms"),
+        (0.85, "850 ms"),
+        (4.25, "4.2 s"),
+        (119.0, "119.0 s"),
+        (210.0, "3.5 min"),
+        (7200.0, "2.0 h"),
+        (129600.0, "36.0 h"),
+        (259200.0, "3.0 d"),
+    ],
+)
+def test_durations_read_as_people_read_them(seconds: float | None, shown: str) -> None:
+    """One formatter for the CLI's and the dashboard's tables."""
+    assert human_duration(seconds) == shown
+    assert human_duration(None, missing="\u2013") == "\u2013"

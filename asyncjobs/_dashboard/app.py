@@ -18,6 +18,7 @@ from starlette.routing import Route
 from asyncjobs._dashboard.auth import CSRF_COOKIE, CSRF_FIELD, Authenticator, Csrf
 from asyncjobs._models import FINISHED, JobStatus, info_from_row
 from asyncjobs._settings import is_name
+from asyncjobs._stats import human_duration
 
 if TYPE_CHECKING:
     from asyncjobs._jobs import Jobs
@@ -258,17 +259,7 @@ async def _read_form(request: Request) -> dict[str, str] | None:
 
 
 def _ago(seconds: float | None) -> str:
-    if seconds is None:
-        return "\u2013"
-    if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} d"
+    return human_duration(seconds, missing="\u2013")
 
 
 def _when(value: datetime | str | None) -> str:
