@@ -135,6 +135,9 @@ def insert_jobs(db: sqlite3.Connection, jobs: Sequence[NewJob], now: float) -> I
     return Inserted(ids, seqs=seqs)
 
 
+_ANY_QUEUED = "SELECT 1 FROM asyncjobs_jobs WHERE status = 'queued' LIMIT 1"
+
+
 def _claim(db: sqlite3.Connection, request: ClaimRequest, now: float) -> Claimed:
     db.execute(
         # INDEXED BY: as in next_run_at, the due rows only, not every scheduled one.
@@ -142,6 +145,10 @@ def _claim(db: sqlite3.Connection, request: ClaimRequest, now: float) -> Claimed
         "WHERE status = 'scheduled' AND run_at <= ?",
         (now,),
     )
+    if not db.execute(_ANY_QUEUED).fetchall():
+        # Nothing ready (a runner's claim with each write of outcomes, an idle poll):
+        # a probe of the status index costs a twentieth of the claim's statement.
+        return Claimed()
     slots = request.limit - request.ahead
     claimed = _claim_ready(db, request, slots, now, last_attempts=True)
     # More may be ready: look ahead (not under concurrency or rate limits, which choose
