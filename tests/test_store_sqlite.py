@@ -14,9 +14,10 @@ import pytest
 from asyncjobs import Jobs, StoreError
 from asyncjobs._batching import GroupCommit
 from asyncjobs.stores import ClaimRequest, SQLiteStore, TaskLimits
+from asyncjobs.stores._migrations import migration_scripts
 from asyncjobs.stores._protocol import NewJob, Outcome, OutcomeKind
 from asyncjobs.stores._sqlite import INLINE_ROWS
-from asyncjobs.stores._sqlite_schema import SCHEMA_VERSION_TABLE, _migrations
+from asyncjobs.stores._sqlite_schema import SCHEMA_VERSION_TABLE
 from asyncjobs.stores._sqlite_side import InlineWriter
 from asyncjobs.stores._sqlite_sql import _PICK_READY
 from asyncjobs.testing import FakeClock, drain
@@ -71,7 +72,7 @@ async def test_migrations_are_recorded_and_run_once(tmp_path: Path) -> None:
     with sqlite3.connect(path) as db:
         versions = [v for (v,) in db.execute(f"SELECT version FROM {SCHEMA_VERSION_TABLE}")]
     db.close()
-    assert versions == [v for v, _ in _migrations()]
+    assert versions == [v for v, _ in migration_scripts("sqlite")]
     assert versions[0] == 1
 
 

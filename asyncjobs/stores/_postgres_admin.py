@@ -11,7 +11,6 @@ and that call it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -123,18 +122,13 @@ async def snapshot(
         )
     ]  # fmt: skip
     workers = [
-        WorkerRow(
-            id=r["id"], host=r["host"], pid=r["pid"], started_at=r["started_at"],
-            last_seen_at=r["last_seen_at"], stopped_at=r["stopped_at"], running=r["running"],
-            concurrency=r["concurrency"],
-            queues=None if r["queues"] is None else tuple(json.loads(r["queues"])),
-        )
-        for r in await conn.fetch(
+        WorkerRow.from_columns(row)
+        for row in await conn.fetch(
             "SELECT id, host, pid, started_at, last_seen_at, stopped_at, running, concurrency, "
             "queues FROM asyncjobs_workers WHERE last_seen_at >= $1 ORDER BY started_at, id",
             since,
         )
-    ]  # fmt: skip
+    ]
     return OpsSnapshot(
         counts=counts,
         oldest_due=oldest_due,
@@ -151,10 +145,8 @@ async def record_worker(conn: Connection, beat: WorkerBeat, now: float) -> None:
         "running, concurrency, queues) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
         "ON CONFLICT (id) DO UPDATE SET last_seen_at = excluded.last_seen_at, "
         "stopped_at = excluded.stopped_at, running = excluded.running",
-        beat.id, beat.host, beat.pid, beat.started_at, now, now if beat.stopped else None,
-        beat.running, beat.concurrency,
-        None if beat.queues is None else json.dumps(list(beat.queues)),
-    )  # fmt: skip
+        *beat.columns(now),
+    )
 
 
 async def prune(

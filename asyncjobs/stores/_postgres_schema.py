@@ -9,10 +9,10 @@ processes never migrate one schema at once.
 from __future__ import annotations
 
 import logging
-from importlib import resources
 from typing import TYPE_CHECKING
 
 from asyncjobs._errors import StoreError
+from asyncjobs.stores._migrations import migration_scripts
 
 if TYPE_CHECKING:
     from asyncjobs.stores._postgres_sql import Connection
@@ -20,15 +20,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION_TABLE = "asyncjobs_migrations"
-
-
-def _migrations() -> list[tuple[int, str]]:
-    folder = resources.files("asyncjobs.stores").joinpath("migrations", "postgres")
-    found = []
-    for entry in folder.iterdir():
-        if entry.name.endswith(".sql"):
-            found.append((int(entry.name.split("_", 1)[0]), entry.read_text("utf-8")))
-    return sorted(found)
 
 
 async def migrate(conn: Connection) -> None:
@@ -51,7 +42,7 @@ async def migrate(conn: Connection) -> None:
         current = await conn.fetchval(
             f"SELECT coalesce(max(version), 0) FROM {SCHEMA_VERSION_TABLE}"  # noqa: S608
         )
-        for version, script in _migrations():
+        for version, script in migration_scripts("postgres"):
             if version <= current:
                 continue
             logger.info("PostgreSQL store: applying migration %04d in %s", version, schema)

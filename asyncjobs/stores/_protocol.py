@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import builtins
 import enum
+import json
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from asyncjobs._ratelimit import RateLimit
 
@@ -334,6 +335,15 @@ class WorkerBeat:
     queues: tuple[str, ...] | None
     stopped: bool = False
 
+    def columns(self, now: float) -> tuple[Any, ...]:
+        """The values both stores write to ``asyncjobs_workers`` for this beat, in the
+        order ``WorkerRow.from_columns`` reads them back (queues as JSON)."""
+        return (
+            self.id, self.host, self.pid, self.started_at, now, now if self.stopped else None,
+            self.running, self.concurrency,
+            None if self.queues is None else json.dumps(list(self.queues)),
+        )  # fmt: skip
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerRow:
@@ -346,6 +356,17 @@ class WorkerRow:
     running: int
     concurrency: int
     queues: tuple[str, ...] | None
+
+    @classmethod
+    def from_columns(cls, values: Iterable[Any]) -> WorkerRow:
+        """A row of ``asyncjobs_workers`` as both stores select it: id, host, pid,
+        started_at, last_seen_at, stopped_at, running, concurrency, queues (JSON)."""
+        id_, host, pid, started_at, last_seen_at, stopped_at, running, concurrency, queues = values
+        return cls(
+            id=id_, host=host, pid=pid, started_at=started_at, last_seen_at=last_seen_at,
+            stopped_at=stopped_at, running=running, concurrency=concurrency,
+            queues=None if queues is None else tuple(json.loads(queues)),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

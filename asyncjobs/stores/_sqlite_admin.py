@@ -10,7 +10,6 @@ batch releases it calls and that call it.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Sequence
 
@@ -123,16 +122,13 @@ def _snapshot(
         )
     ]
     workers = [
-        WorkerRow(
-            id=i, host=h, pid=p, started_at=sa, last_seen_at=ls, stopped_at=so, running=r,
-            concurrency=c, queues=None if qs is None else tuple(json.loads(qs)),
-        )
-        for i, h, p, sa, ls, so, r, c, qs in db.execute(
+        WorkerRow.from_columns(row)
+        for row in db.execute(
             "SELECT id, host, pid, started_at, last_seen_at, stopped_at, running, concurrency, "
             "queues FROM asyncjobs_workers WHERE last_seen_at >= ? ORDER BY started_at, id",
             (since,),
         )
-    ]  # fmt: skip
+    ]
     return OpsSnapshot(
         counts=counts,
         oldest_due=oldest_due,
@@ -149,12 +145,8 @@ def _record_worker(db: sqlite3.Connection, beat: WorkerBeat, now: float) -> None
         "running, concurrency, queues) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (id) DO UPDATE SET last_seen_at = excluded.last_seen_at, "
         "stopped_at = excluded.stopped_at, running = excluded.running",
-        (
-            beat.id, beat.host, beat.pid, beat.started_at, now, now if beat.stopped else None,
-            beat.running, beat.concurrency,
-            None if beat.queues is None else json.dumps(list(beat.queues)),
-        ),
-    )  # fmt: skip
+        beat.columns(now),
+    )
 
 
 def _prune(

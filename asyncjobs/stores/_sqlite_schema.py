@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from importlib import resources
 
 from asyncjobs._errors import ConfigurationError
+from asyncjobs.stores._migrations import migration_scripts
 from asyncjobs.stores._sqlite_side import is_busy
 
 SCHEMA_VERSION_TABLE = "asyncjobs_migrations"
@@ -33,15 +33,6 @@ def _switch_to_wal(db: sqlite3.Connection) -> tuple[str]:
 
 
 _WAL_RETRIES = 30
-
-
-def _migrations() -> list[tuple[int, str]]:
-    folder = resources.files("asyncjobs.stores").joinpath("migrations", "sqlite")
-    found = []
-    for entry in folder.iterdir():
-        if entry.name.endswith(".sql"):
-            found.append((int(entry.name.split("_", 1)[0]), entry.read_text("utf-8")))
-    return sorted(found)
 
 
 def _statements(script: str) -> list[str]:
@@ -68,7 +59,7 @@ def migrate(db: sqlite3.Connection) -> None:
     (current,) = db.execute(
         f"SELECT coalesce(max(version), 0) FROM {SCHEMA_VERSION_TABLE}"  # noqa: S608 - constant
     ).fetchone()
-    for version, script in _migrations():
+    for version, script in migration_scripts("sqlite"):
         if version <= current:
             continue
         for statement in _statements(script):
