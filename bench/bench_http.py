@@ -20,8 +20,8 @@ endpoint that waits costs before a job is built or written:
 The load generator is ``wrk`` on loopback (``apt-get install -y wrk``); without it a
 bounded keep-alive HTTP/1.1 load generator runs in a separate Python process. Rounds
 alternate between the endpoints; the report gives each endpoint's median requests/s,
-the server's CPU time per request (all its threads), and the ratio durable /
-background (target >= 0.8).
+the server's CPU time per request (all its threads), wrk's 99th percentile latency,
+and the ratio durable / background (target >= 0.8).
 """
 
 from __future__ import annotations
@@ -138,18 +138,26 @@ WRK_SCRIPT = (
 )
 
 
-def run_wrk(url: str, seconds: int, connections: int, threads: int, script: Path) -> float:
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def run_wrk(
+    url: str, seconds: int, connections: int, threads: int, script: Path
+) -> tuple[float, float]:
+    """Requests/s and the 99th percentile latency in ms, as wrk measured them."""
     out = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
+         "-s", str(script), url],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if errors:
         raise SystemExit(f"{url}: {errors.group(1)} failed responses\n{out}")
-    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if match is None:
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
+    if rate is None or p99 is None:
         raise SystemExit(f"cannot read wrk's output:\n{out}")
-    return float(match.group(1))
+    return float(rate.group(1)), float(p99.group(1)) * _UNITS[p99.group(2)]
 
 
 async def _python_load(host: str, port: int, path: str, seconds: float, connections: int) -> int:
@@ -292,11 +300,14 @@ def main() -> None:
 
             cpu: dict[str, list[float]] = {e: [] for e in endpoints}  # µs per request
 
+            p99: dict[str, list[float]] = {e: [] for e in endpoints}  # ms, wrk only
+
             def measure(endpoint: str, seconds: int) -> float:
                 url = f"http://127.0.0.1:{port}/{endpoint}"
                 before = server_cpu(server.pid)
                 if use_wrk:
-                    rate = run_wrk(url, seconds, args.connections, args.threads, script)
+                    rate, latency = run_wrk(url, seconds, args.connections, args.threads, script)
+                    p99[endpoint].append(latency)
                 else:
                     rate = run_python_load(url, seconds, args.connections)
                 after = server_cpu(server.pid)
@@ -306,7 +317,7 @@ def main() -> None:
 
             for endpoint in endpoints:  # warm up
                 measure(endpoint, 1)
-            for samples in cpu.values():
+            for samples in (*cpu.values(), *p99.values()):
                 samples.clear()
             results: dict[str, list[float]] = {e: [] for e in endpoints}
             for _ in range(args.rounds):
@@ -347,6 +358,8 @@ def main() -> None:
         line = f"{endpoint:>10}: {medians[endpoint]:>9,.0f} req/s (median; rounds {rounds})"
         if cpu[endpoint]:
             line += f", server CPU {statistics.median(cpu[endpoint]):.0f} µs/request"
+        if p99[endpoint]:
+            line += f", p99 latency {statistics.median(p99[endpoint]):.1f} ms"
         print(line)
     for endpoint in REFERENCE_ENDPOINTS if args.reference else ():
         print(f"{endpoint:>10} / background = {medians[endpoint] / medians['background']:.2f}x")
