@@ -3,6 +3,7 @@ and group commit (including its failure path)."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -239,6 +240,37 @@ async def test_a_runners_finish_and_claim_skips_the_thread_only_while_the_file_i
             "j0": "succeeded", "j1": "succeeded", "j2": "succeeded", "j3": "running",
         }  # fmt: skip
     finally:
+        await store.close()
+
+
+async def test_a_short_write_refused_by_another_writer_tries_again_on_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another connection holds the write lock for a millisecond: the insert and the
+    finish-and-claim wait it out in short pauses on the loop, and never go through the
+    connection thread (whose SQLite busy handler sleeps a millisecond or more a try)."""
+    path = tmp_path / "pauses.db"
+    store = SQLiteStore(path)
+    await store.open()
+    thread_calls = count_thread_calls(store, monkeypatch)
+    loop = asyncio.get_running_loop()
+    request = ClaimRequest(
+        worker="w", tasks={"t": TaskLimits(max_attempts=1)}, queues=None, limit=1, lease=30
+    )
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        loop.call_later(0.001, blocker.execute, "COMMIT")  # before the pauses run out
+        assert await store.insert([new_job("a")], now=0.0) == ["a"]
+        assert not blocker.in_transaction  # the insert did wait for the other writer
+
+        blocker.execute("BEGIN IMMEDIATE")
+        loop.call_later(0.001, blocker.execute, "COMMIT")
+        assert await store.claim(request, now=1.0) != []
+        assert not blocker.in_transaction
+        assert thread_calls == []
+    finally:
+        blocker.close()
         await store.close()
 
 

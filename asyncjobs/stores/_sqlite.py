@@ -8,8 +8,8 @@ times, so several processes can share the file without "database is locked"
 reaching a user. The exceptions are the hot path's short writes (an enqueue, a
 runner's claim and finish of at most ``INLINE_ROWS`` jobs) and an idle runner's
 reads: with synchronous=NORMAL they run on the event loop thread when the file is
-free, and go through the thread only when another connection is writing
-(``_sqlite_side``).
+free, wait out another connection's short write there in short pauses, and go
+through the thread only when the file stays locked (``_sqlite_side``).
 
 The SQL it runs lives beside it: ``_sqlite_sql`` (enqueue, claim, finish),
 ``_sqlite_admin`` (operator and maintenance calls) and ``_sqlite_schema`` (WAL mode
@@ -18,6 +18,7 @@ and migrations).
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import json
 import logging
@@ -88,6 +89,15 @@ INLINE_ROWS = 100
 """The most rows a write may touch on the event loop thread (InlineWriter): a hundred
 inserts or finishes hold the loop one to two milliseconds. A runner claims at most this
 many jobs at a time, so its finish-and-claim fits."""
+
+_INLINE_PAUSES = (0.0001, 0.0002, 0.0005, 0.001, *(0.002,) * 10)
+"""Pauses (seconds) between tries of a short write refused on the loop thread because
+another connection held the lock, about 25 ms in all, before it goes through the
+connection thread. There SQLite's busy handler sleeps 1, 2, 5, 10, 15… ms between its
+tries, and against another process that writes every millisecond or so it loses the
+lock again and again: an enqueue waited 4 ms at the median and 19 ms at the 90th
+percentile. A refused try costs microseconds, and short pauses on the loop find the
+lock free between that process's transactions."""
 
 _BUSY_RETRIES = 5
 """How many busy timeouts a write waits out before it gives up with StoreError."""
@@ -252,8 +262,9 @@ class SQLiteStore:
         **kwargs: P.kwargs,
     ) -> T | None:
         """Run a write of at most ``INLINE_ROWS`` rows on the event loop thread
-        (``InlineWriter``: synchronous=NORMAL, file free right now); ``fn`` runs one
-        statement unless ``transaction``. None: not written, go through the thread."""
+        (``InlineWriter``: synchronous=NORMAL, file free now or after a few short
+        pauses); ``fn`` runs one statement unless ``transaction``. None: not written,
+        go through the thread."""
         if self._inline is None:
             return None
         # Let the loop run first, as the thread's round trip would: a producer that
@@ -261,13 +272,19 @@ class SQLiteStore:
         # arriving here leaves nothing written).
         await anyio.lowlevel.checkpoint()
         write = self._inline.try_transaction if transaction else self._inline.try_write
-        try:
-            result = write(fn, *args, **kwargs)
-        except sqlite3.Error as error:
-            raise StoreError(f"SQLite store {self.path}: {error}") from error
-        if result is not None:
-            self._committed()
-        return result
+        pauses = iter(_INLINE_PAUSES)
+        while True:
+            try:
+                result = write(fn, *args, **kwargs)
+            except sqlite3.Error as error:
+                raise StoreError(f"SQLite store {self.path}: {error}") from error
+            if result is not None:
+                self._committed()
+                return result
+            pause = next(pauses, None)
+            if pause is None:
+                return None  # still locked: the thread waits on the busy timeout
+            await asyncio.sleep(pause)  # noqa: TID251 - waits on another process, not job time
 
     async def _short_transaction(
         self,
