@@ -21,7 +21,8 @@ The load generator is ``wrk`` on loopback (``apt-get install -y wrk``); without 
 bounded keep-alive HTTP/1.1 load generator runs in a separate Python process. Rounds
 alternate between the endpoints; the report gives each endpoint's median requests/s,
 the server's CPU time per request (all its threads), wrk's 99th percentile latency,
-and the ratio durable / background (target >= 0.8).
+and the ratio durable / background (target >= 0.8), also as the median of each round's
+own ratio.
 """
 
 from __future__ import annotations
@@ -364,7 +365,15 @@ def main() -> None:
     for endpoint in REFERENCE_ENDPOINTS if args.reference else ():
         print(f"{endpoint:>10} / background = {medians[endpoint] / medians['background']:.2f}x")
     ratio = medians["durable"] / medians["background"]
-    print(f"   durable / background = {ratio:.2f}x (target >= 0.8x)")
+    # Each round measures background then durable back to back: on a noisy shared machine
+    # the ratio within a round drifts less than the two medians taken apart.
+    paired = statistics.median(
+        d / b for d, b in zip(results["durable"], results["background"], strict=True)
+    )
+    print(
+        f"   durable / background = {ratio:.2f}x (target >= 0.8x); "
+        f"median of the rounds' own ratios {paired:.2f}x"
+    )
 
 
 if __name__ == "__main__":
