@@ -3,7 +3,6 @@ and group commit (including its failure path)."""
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -246,28 +245,43 @@ async def test_a_runners_finish_and_claim_skips_the_thread_only_while_the_file_i
 async def test_a_short_write_refused_by_another_writer_tries_again_on_the_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Another connection holds the write lock for a millisecond: the insert and the
+    """Another connection holds the write lock through two tries: the insert and the
     finish-and-claim wait it out in short pauses on the loop, and never go through the
     connection thread (whose SQLite busy handler sleeps a millisecond or more a try)."""
     path = tmp_path / "pauses.db"
     store = SQLiteStore(path)
     await store.open()
     thread_calls = count_thread_calls(store, monkeypatch)
-    loop = asyncio.get_running_loop()
+    blocker = sqlite3.connect(path, isolation_level=None)
+    tries: list[bool] = []  # True: written
+
+    def releasing_after_two_refusals(write: Callable[..., object]) -> Callable[..., object]:
+        def attempt(*args: object, **kwargs: object) -> object:
+            result = write(*args, **kwargs)
+            tries.append(result is not None)
+            if tries.count(False) == 2 and blocker.in_transaction:
+                blocker.execute("COMMIT")  # the other writer is done
+            return result
+
+        return attempt
+
+    assert store._inline is not None
+    for name in ("try_write", "try_transaction"):
+        monkeypatch.setattr(
+            store._inline, name, releasing_after_two_refusals(getattr(store._inline, name))
+        )
     request = ClaimRequest(
         worker="w", tasks={"t": TaskLimits(max_attempts=1)}, queues=None, limit=1, lease=30
     )
-    blocker = sqlite3.connect(path, isolation_level=None)
     try:
         blocker.execute("BEGIN IMMEDIATE")
-        loop.call_later(0.001, blocker.execute, "COMMIT")  # before the pauses run out
         assert await store.insert([new_job("a")], now=0.0) == ["a"]
-        assert not blocker.in_transaction  # the insert did wait for the other writer
+        assert tries == [False, False, True]
 
+        tries.clear()
         blocker.execute("BEGIN IMMEDIATE")
-        loop.call_later(0.001, blocker.execute, "COMMIT")
-        assert await store.claim(request, now=1.0) != []
-        assert not blocker.in_transaction
+        assert [row.id for row in await store.claim(request, now=1.0)] == ["a"]
+        assert tries == [False, False, True]
         assert thread_calls == []
     finally:
         blocker.close()
