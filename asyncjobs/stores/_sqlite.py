@@ -92,7 +92,7 @@ many jobs at a time, so its finish-and-claim fits."""
 
 _INLINE_PAUSES = (0.0001, 0.0002, 0.0005, 0.001, *(0.002,) * 10)
 """Pauses (seconds) between tries of a short write refused on the loop thread because
-another connection held the lock, about 25 ms in all, before it goes through the
+another connection held the lock, about 22 ms in all, before it goes through the
 connection thread. There SQLite's busy handler sleeps 1, 2, 5, 10, 15… ms between its
 tries, and against another process that writes every millisecond or so it loses the
 lock again and again: an enqueue waited 4 ms at the median and 19 ms at the 90th
