@@ -98,29 +98,24 @@ async def snapshot(
             min(since_each),
         ):
             finished[(r["queue"], r["task"], r["status"])] = [int(n) for n in r["per_window"]]
+    # Each query selects exactly the fields of its dataclass, by name.
     samples = [
-        FinishedSample(
-            queue=r["queue"], task=r["task"], status=r["status"], run_at=r["run_at"],
-            started_at=r["started_at"], finished_at=r["finished_at"],
-        )
+        FinishedSample(**r)
         for r in await conn.fetch(
             "SELECT queue, task, status, run_at, started_at, finished_at FROM asyncjobs_jobs "
             "WHERE finished_at IS NOT NULL AND status IN ('succeeded', 'dead') "
             "ORDER BY finished_at DESC LIMIT $1",
             sample,
         )
-    ]  # fmt: skip
+    ]
     stuck = [
-        StuckJob(
-            id=r["id"], queue=r["queue"], task=r["task"], worker=r["worker"],
-            attempts=r["attempts"], lease_until=r["lease_until"],
-        )
+        StuckJob(**r)
         for r in await conn.fetch(
             "SELECT id, queue, task, worker, attempts, lease_until FROM asyncjobs_jobs "
             "WHERE status = 'running' AND lease_until < $1 ORDER BY lease_until LIMIT 1000",
             now,
         )
-    ]  # fmt: skip
+    ]
     workers = [
         WorkerRow.from_columns(row)
         for row in await conn.fetch(
