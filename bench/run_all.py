@@ -14,7 +14,8 @@ that is not installed, or whose server is not reachable, is skipped with a note.
 
 The machine is often shared, so absolute figures move between runs: compare
 the ratios, which are taken against the best peer measured in the same run.
-Results go to bench/results/ (JSON) and the throughput chart to docs/throughput.png.
+Results go to bench/results/ (JSON) and, from a whole run (no --quick, --only or
+--workloads; or with --chart), the throughput chart to docs/throughput.png.
 
 Servers: Redis at $BENCH_REDIS_HOST:$BENCH_REDIS_PORT (127.0.0.1:6379), database
 $BENCH_REDIS_DB (9), keys under per-run names, deleted after; PostgreSQL at
@@ -506,7 +507,15 @@ def main() -> None:
     size.add_argument("--full", action="store_true", help="memory up to 1,000,000 finished jobs")
     parser.add_argument("--only", default="", help="comma-separated config keys to run")
     parser.add_argument("--workloads", default="", help="comma-separated workloads to run")
-    parser.add_argument("--no-chart", action="store_true", help="do not write docs/throughput.png")
+    chart_flags = parser.add_mutually_exclusive_group()
+    chart_flags.add_argument(
+        "--no-chart", action="store_true", help="do not write docs/throughput.png"
+    )
+    chart_flags.add_argument(
+        "--chart",
+        action="store_true",
+        help="write docs/throughput.png even for a --quick, --only or --workloads run",
+    )
     parser.add_argument(
         "--report", metavar="JSON", help="print the tables and redraw the chart of a saved run"
     )
@@ -569,7 +578,10 @@ def main() -> None:
         path.write_text(json.dumps(run, indent=2) + "\n")
     (RESULTS / f"run-{stamp}.txt").write_text(text + "\n")
     print(f"results: {RESULTS / f'run-{stamp}.json'}")
-    if not args.no_chart and "throughput" in run["results"] and chart(run, CHART):
+    # The README shows the chart: only a whole run replaces it, unless asked to.
+    whole = not (args.quick or args.only or args.workloads)
+    draw = args.chart or (whole and not args.no_chart)
+    if draw and "throughput" in run["results"] and chart(run, CHART):
         print(f"chart: {CHART.relative_to(ROOT)}")
 
 
