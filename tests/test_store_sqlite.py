@@ -14,9 +14,10 @@ import pytest
 from asyncjobs import Jobs, StoreError
 from asyncjobs._batching import GroupCommit
 from asyncjobs.stores import ClaimRequest, SQLiteStore, TaskLimits
-from asyncjobs.stores._migrations import SCHEMA_VERSION_TABLE, migration_scripts
+from asyncjobs.stores._migrations import migration_scripts
 from asyncjobs.stores._protocol import NewJob, Outcome, OutcomeKind
 from asyncjobs.stores._sqlite import INLINE_ROWS
+from asyncjobs.stores._sqlite_schema import SCHEMA_VERSION_TABLE
 from asyncjobs.stores._sqlite_side import InlineWriter
 from asyncjobs.stores._sqlite_sql import _PICK_READY
 from asyncjobs.testing import FakeClock, drain

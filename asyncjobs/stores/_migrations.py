@@ -5,9 +5,6 @@ from __future__ import annotations
 
 from importlib import resources
 
-SCHEMA_VERSION_TABLE = "asyncjobs_migrations"
-"""The table where both stores record each applied script's version."""
-
 
 def migration_scripts(backend: str) -> list[tuple[int, str]]:
     """``(version, script)`` of every ``NNNN_name.sql`` file of ``backend``, in order."""

@@ -12,12 +12,14 @@ import logging
 from typing import TYPE_CHECKING
 
 from asyncjobs._errors import StoreError
-from asyncjobs.stores._migrations import SCHEMA_VERSION_TABLE, migration_scripts
+from asyncjobs.stores._migrations import migration_scripts
 
 if TYPE_CHECKING:
     from asyncjobs.stores._postgres_sql import Connection
 
 logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION_TABLE = "asyncjobs_migrations"
 
 
 async def migrate(conn: Connection) -> None:

@@ -11,8 +11,10 @@ import sqlite3
 import time
 
 from asyncjobs._errors import ConfigurationError
-from asyncjobs.stores._migrations import SCHEMA_VERSION_TABLE, migration_scripts
+from asyncjobs.stores._migrations import migration_scripts
 from asyncjobs.stores._sqlite_side import is_busy
+
+SCHEMA_VERSION_TABLE = "asyncjobs_migrations"
 
 
 def _switch_to_wal(db: sqlite3.Connection) -> tuple[str]:
