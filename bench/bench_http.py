@@ -10,6 +10,10 @@ process serves both endpoints (same app, same process, same run):
 - ``POST /background``: the same no-op task run by Starlette's ``BackgroundTasks``
   after the response (not durable).
 
+``--server-stats`` adds what the server counts itself for each endpoint: the garbage
+collector's runs and time per request, and how many of the store's writes on the event
+loop found the file locked by another connection (with ``--worker-process``).
+
 ``--reference`` adds two endpoints that do no job work at all, to show what any
 endpoint that waits costs before a job is built or written:
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -40,8 +45,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 ENDPOINTS = ("background", "durable")
 REFERENCE_ENDPOINTS = ("yield", "wait")
@@ -50,7 +57,53 @@ REFERENCE_ENDPOINTS = ("yield", "wait")
 # -- the server (runs in the child process) -------------------------------------------
 
 
-def serve(port: int, db: str, workers: bool) -> None:
+class ServerStats:
+    """``--server-stats``: what the server spends besides answering, counted in the server.
+
+    The garbage collector's runs by generation and its time (``gc.callbacks``), and the
+    store's short writes tried on the event loop and how many of them found the file
+    locked by another connection (``InlineWriter``'s tries, wrapped: a diagnostic only).
+    ``GET /stats`` returns the counts since the last call and starts them again.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[str, float] = {}
+        self._started = 0.0
+        self.reset()
+
+    def reset(self) -> dict[str, float]:
+        taken = self.counts
+        self.counts = dict.fromkeys(
+            ("gen0", "gen1", "gen2", "gc_seconds", "inline_writes", "inline_refused"), 0
+        )
+        return taken
+
+    def install(self) -> None:
+        import gc
+
+        from asyncjobs.stores._sqlite_side import InlineWriter
+
+        def collected(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                self._started = time.perf_counter()
+            else:
+                self.counts[f"gen{info['generation']}"] += 1
+                self.counts["gc_seconds"] += time.perf_counter() - self._started
+
+        gc.callbacks.append(collected)
+        for name in ("try_write", "try_transaction"):
+            tried = getattr(InlineWriter, name)
+
+            def counted(writer: Any, *args: Any, _tried: Any = tried, **kwargs: Any) -> Any:
+                result = _tried(writer, *args, **kwargs)
+                self.counts["inline_writes"] += 1
+                self.counts["inline_refused"] += result is None
+                return result
+
+            setattr(InlineWriter, name, counted)
+
+
+def serve(port: int, db: str, workers: bool, stats: bool = False) -> None:
     import uvicorn
     from starlette.applications import Starlette
     from starlette.background import BackgroundTasks
@@ -93,12 +146,20 @@ def serve(port: int, db: str, workers: bool) -> None:
         await commits.submit(1)
         return JSONResponse({"job": None}, status_code=202)
 
+    counted = ServerStats()
+    if stats:
+        counted.install()
+
+    async def server_stats(request: Request) -> JSONResponse:
+        return JSONResponse(counted.reset())
+
     app = Starlette(
         routes=[
             Route("/durable", durable, methods=["POST"]),
             Route("/background", background, methods=["POST"]),
             Route("/yield", yield_once, methods=["POST"]),
             Route("/wait", wait, methods=["POST"]),
+            Route("/stats", server_stats),
         ],
         middleware=[Middleware(JobsMiddleware, jobs=jobs)],
     )
@@ -236,6 +297,40 @@ def server_cpu(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
+def read_stats(port: int) -> dict[str, float]:
+    """The server's ``--server-stats`` counts since the last call (which restarts them)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=10) as response:
+        counts: dict[str, float] = json.load(response)
+    return counts
+
+
+def per_request(counts: dict[str, float], requests: float) -> dict[str, float]:
+    """One round's counts as µs of collection per request, collections and store writes
+    on the loop per 1,000 requests, and the share of those writes refused."""
+    writes = counts["inline_writes"]
+    return {
+        "gc_us": counts["gc_seconds"] / requests * 1e6,
+        **{f"gen{g}": counts[f"gen{g}"] / requests * 1000 for g in range(3)},
+        "refused": counts["inline_refused"] / writes if writes else 0.0,
+        "writes": writes / requests * 1000,
+    }
+
+
+def describe_stats(rounds: list[dict[str, float]]) -> str:
+    """The medians of the rounds' ``per_request`` figures, as one line."""
+    m = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    text = (
+        f"gc {m['gc_us']:.1f} µs/request; collections per 1,000 requests: "
+        f"{m['gen0']:.1f} young, {m['gen1']:.2f} middle, {m['gen2']:.2f} full"
+    )
+    if m["writes"]:
+        text += (
+            f"; store writes on the loop: {m['writes']:.1f} per 1,000 requests, "
+            f"{m['refused']:.0%} of them refused (file locked)"
+        )
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=5, help="length of one round")
@@ -258,6 +353,12 @@ def main() -> None:
         action="store_true",
         help="also measure /yield and /wait: endpoints that wait but do no job work",
     )
+    parser.add_argument(
+        "--server-stats",
+        action="store_true",
+        help="also report the server's garbage collections per request and, for the "
+        "durable endpoint, how many of the store's writes on the loop found the file locked",
+    )
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--db", help=argparse.SUPPRESS)
     parser.add_argument("--load", help=argparse.SUPPRESS)
@@ -268,7 +369,7 @@ def main() -> None:
         work(args.work)
         return
     if args.serve is not None:
-        serve(args.serve, args.db, workers=not args.no_workers)
+        serve(args.serve, args.db, workers=not args.no_workers, stats=args.server_stats)
         return
     if args.load is not None:
         match = re.match(r"http://([^:/]+):(\d+)(/.*)", args.load)
@@ -288,6 +389,8 @@ def main() -> None:
         serve_args = ["--serve", str(port), "--db", db]
         if args.no_workers or args.worker_process:
             serve_args.append("--no-workers")  # the server reads it, not just the report
+        if args.server_stats:
+            serve_args.append("--server-stats")
         server = subprocess.Popen([sys.executable, __file__, *serve_args])
         worker = None
         caught_up: float | None = None
@@ -302,9 +405,13 @@ def main() -> None:
             cpu: dict[str, list[float]] = {e: [] for e in endpoints}  # µs per request
 
             p99: dict[str, list[float]] = {e: [] for e in endpoints}  # ms, wrk only
+            # --server-stats: each round's counts, per request
+            spent: dict[str, list[dict[str, float]]] = {e: [] for e in endpoints}
 
             def measure(endpoint: str, seconds: int) -> float:
                 url = f"http://127.0.0.1:{port}/{endpoint}"
+                if args.server_stats:
+                    read_stats(port)  # start counting
                 before = server_cpu(server.pid)
                 if use_wrk:
                     rate, latency = run_wrk(url, seconds, args.connections, args.threads, script)
@@ -314,11 +421,13 @@ def main() -> None:
                 after = server_cpu(server.pid)
                 if before is not None and after is not None and rate > 0:
                     cpu[endpoint].append((after - before) / (rate * seconds) * 1e6)
+                if args.server_stats and rate > 0:
+                    spent[endpoint].append(per_request(read_stats(port), rate * seconds))
                 return rate
 
             for endpoint in endpoints:  # warm up
                 measure(endpoint, 1)
-            for samples in (*cpu.values(), *p99.values()):
+            for samples in (*cpu.values(), *p99.values(), *spent.values()):
                 samples.clear()
             results: dict[str, list[float]] = {e: [] for e in endpoints}
             for _ in range(args.rounds):
@@ -362,6 +471,8 @@ def main() -> None:
         if p99[endpoint]:
             line += f", p99 latency {statistics.median(p99[endpoint]):.1f} ms"
         print(line)
+        if spent[endpoint]:
+            print(" " * 12 + describe_stats(spent[endpoint]))
     for endpoint in REFERENCE_ENDPOINTS if args.reference else ():
         print(f"{endpoint:>10} / background = {medians[endpoint] / medians['background']:.2f}x")
     ratio = medians["durable"] / medians["background"]
