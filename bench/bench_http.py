@@ -427,8 +427,10 @@ def main() -> None:
 
             for endpoint in endpoints:  # warm up
                 measure(endpoint, 1)
-            for samples in (*cpu.values(), *p99.values(), *spent.values()):
+            for samples in (*cpu.values(), *p99.values()):
                 samples.clear()
+            for counted in spent.values():
+                counted.clear()
             results: dict[str, list[float]] = {e: [] for e in endpoints}
             for _ in range(args.rounds):
                 for endpoint in endpoints:
