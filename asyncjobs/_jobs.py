@@ -271,7 +271,13 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
     async def enqueue_many(self, specs: Sequence[JobSpec[Any]]) -> list[Job[Any]]:
         """Enqueue several jobs in one transaction: all are stored or none."""
         now = self.clock.now()
-        new = [self._new_job(self._spec(spec, (), {}), now, dispatch=True) for spec in specs]
+        new: list[NewJob] = []
+        try:
+            for spec in specs:
+                new.append(self._new_job(self._spec(spec, (), {}), now, dispatch=True))
+        except BaseException:
+            self.runner.unreserve(new)  # a later spec was refused: free the earlier slots
+            raise
         if not new:
             return []
         return [Job(self, job_id) for job_id in await self._insert(new)]

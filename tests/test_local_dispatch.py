@@ -14,7 +14,7 @@ import aiosqlite
 import anyio
 import pytest
 
-from asyncjobs import Jobs
+from asyncjobs import Jobs, NotSerializable
 from asyncjobs.stores import ClaimRequest, JobRow, Outcome
 from asyncjobs.stores._protocol import NewJob
 from asyncjobs.testing import FakeClock
@@ -302,3 +302,25 @@ async def test_a_dispatch_that_commits_after_shutdown_began_is_given_back_unspen
     row = await jobs.store.get(new.id)
     assert row is not None
     assert (row.status, row.attempts, row.worker) == ("queued", 0, None)
+
+
+async def test_an_enqueue_many_refused_part_way_frees_the_slots_it_reserved(
+    make_jobs: MakeJobs,
+) -> None:
+    jobs = make_jobs(concurrency=1, shutdown_timeout=0)  # a leaked slot must not hang close
+
+    @jobs.task(name="echo")
+    async def echo(value: Any) -> Any:
+        return value
+
+    async with jobs:
+        await settled(jobs)
+        # The first spec takes the only slot before the second is found not to be JSON.
+        with pytest.raises(NotSerializable, match="argument 0"):
+            await jobs.enqueue_many([echo.spec(1), echo.spec(object())])
+        assert not jobs.runner._reserved
+        job = await echo.enqueue(2)  # the slot is free: it runs
+        with anyio.fail_after(5):
+            assert await job.result() == 2
+        rows = await jobs.store.list(now=jobs.clock.now())
+    assert [row.id for row in rows] == [job.id]  # nothing of the refused call was written
