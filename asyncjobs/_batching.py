@@ -6,11 +6,15 @@ up, and when the flush ends the first of them leads the next flush with
 everything that queued. Each submission's items always land in one flush, so
 ``submit_many`` is one transaction.
 
-Cancellation: a flush, once started, always completes (the leader is shielded),
-so a submission that returned is written. A caller cancelled while its items
-still wait in the queue is taken out (nothing of it is written); one cancelled
-after its batch started may still be written. A waiter elected to lead the next
-flush leads it even if it is cancelled meanwhile, so leadership is never lost.
+Cancellation: a flush, once started, always completes, so a submission that
+returned is written. It runs in a task of its own, which the leader waits on: a
+plain asyncio cancellation of the leader (``task.cancel()``, ``asyncio.timeout``),
+which an anyio shield does not stop, cannot cut a flush short, and the other
+callers of its batch hear how it went, not of a cancellation that was not theirs.
+A caller cancelled while its items still wait in the queue is taken out (nothing of
+it is written); one cancelled after its batch started may still be written. A
+waiter elected to lead the next flush leads it even if it is cancelled meanwhile,
+without its own items, so leadership is never lost.
 
 Waiters use plain asyncio futures (asyncjobs runs on asyncio only): this is the
 enqueue hot path, and they cost a fraction of an ``anyio.Event`` plus a scope.
@@ -71,19 +75,27 @@ class GroupCommit(Generic[T, R]):
             except asyncio.CancelledError:
                 if waiter.done:
                     raise  # written; the caller just does not hear about it
-                if waiter.future.done() and not waiter.future.cancelled():
-                    await self._lead_shielded()  # elected: lead anyway, then give up
-                elif waiter in self._queue:
+                if waiter in self._queue:
                     self._queue.remove(waiter)  # never flushed: nothing written
+                if waiter.future.done() and not waiter.future.cancelled():
+                    await self._lead_shielded(None)  # elected: lead the others, give up
                 raise
         if not waiter.done:
-            await self._lead_shielded()
+            await self._lead_shielded(waiter)
         if waiter.error is not None:
             raise waiter.error
         return waiter.results
 
-    async def _lead_shielded(self) -> None:
+    async def _lead_shielded(self, own: _Waiter[T, R] | None) -> None:
+        """Gather, then flush the queue in a task of its own and wait for it to end.
+
+        A cancellation of the leader (asyncio's own, which the anyio shield lets
+        through) ends the gathering and takes the leader's ``own`` items out, but
+        never stops the flush of the others; it is raised once that flush has ended
+        and every caller of the batch has its outcome.
+        """
         self._busy = True
+        cancelled = False
         with anyio.CancelScope(shield=True):
             # Let submitters woken in the next few loop iterations join the batch, until
             # two in a row bring nobody new: the loop polls its sockets in between, and
@@ -92,17 +104,39 @@ class GroupCommit(Generic[T, R]):
             # one flush, not the first request alone and the rest in another.
             waiting, quiet = len(self._queue), 0
             for _ in range(_GATHER_PASSES if self._gather else 0):
-                await anyio.lowlevel.checkpoint()
+                try:
+                    await anyio.lowlevel.checkpoint()
+                except asyncio.CancelledError:
+                    cancelled = True
+                    if own in self._queue:
+                        self._queue.remove(own)  # not flushed yet: nothing of it written
+                    break
                 quiet = quiet + 1 if len(self._queue) == waiting else 0
                 if quiet == _QUIET_PASSES:
                     break
                 waiting = len(self._queue)
-            await self._lead()
+            batch = self._take_batch()
+            flush = asyncio.get_running_loop().create_task(self._lead(batch))
+            if own in batch and not cancelled:
+                try:
+                    await own.future  # set as the flush ends: no wait on the task's end
+                except asyncio.CancelledError:
+                    cancelled = True
+            while not flush.done():
+                try:
+                    await asyncio.shield(flush)
+                except asyncio.CancelledError:
+                    cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
 
-    async def _lead(self) -> None:
+    def _take_batch(self) -> list[_Waiter[T, R]]:
         batch = [w for w in self._queue if not w.future.cancelled()]
         self._queue = []
         self._gather = len(batch) > 1
+        return batch
+
+    async def _lead(self, batch: list[_Waiter[T, R]]) -> None:
         items = [item for waiter in batch for item in waiter.items]
         try:
             results = list(await self._flush(items)) if items else []

@@ -5,6 +5,7 @@ go through the queue as before."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from pathlib import Path
@@ -324,3 +325,47 @@ async def test_an_enqueue_many_refused_part_way_frees_the_slots_it_reserved(
             assert await job.result() == 2
         rows = await jobs.store.list(now=jobs.clock.now())
     assert [row.id for row in rows] == [job.id]  # nothing of the refused call was written
+
+
+async def test_an_enqueue_cancelled_by_asyncio_mid_flush_still_runs_the_batch(
+    make_jobs: MakeJobs,
+) -> None:
+    """``asyncio.timeout`` around one enqueue cancels its task natively: the flush it
+    leads still ends, the rows it wrote (inserted running here) are run, and the other
+    caller of the batch gets its job, not that cancellation."""
+    jobs = make_jobs(concurrency=4)
+    ran: list[int] = []
+    both_ran = anyio.Event()
+
+    @jobs.task(name="once", retries=0)
+    async def once(n: int) -> None:
+        ran.append(n)
+        if len(ran) == 2:
+            both_ran.set()
+
+    async with jobs:
+        await settled(jobs)
+        store: Any = jobs.store
+        insert, release, waiting = store.insert, anyio.Event(), anyio.Event()
+
+        async def slow_insert(new: Sequence[NewJob], *, now: float) -> Any:
+            waiting.set()
+            await release.wait()  # a round trip through the store's thread
+            return await insert(new, now=now)
+
+        store.insert = slow_insert
+        with anyio.fail_after(5):
+            leader = asyncio.create_task(jobs.enqueue(once, 1))
+            other = asyncio.create_task(jobs.enqueue(once, 2))
+            await waiting.wait()
+            leader.cancel()
+            await anyio.wait_all_tasks_blocked()
+            release.set()
+            job = await other
+            with pytest.raises(asyncio.CancelledError):
+                await leader
+            await job.result()
+            await both_ran.wait()  # the leader's job was written: it runs too
+        rows = await jobs.store.list(now=jobs.clock.now())
+    assert sorted(ran) == [1, 2]
+    assert sorted(row.status for row in rows) == ["succeeded", "succeeded"]

@@ -267,10 +267,6 @@ class SQLiteStore:
         go through the thread."""
         if self._inline is None:
             return None
-        # Let the loop run first, as the thread's round trip would: a producer that
-        # enqueues in a loop must not starve every other task (and a cancellation
-        # arriving here leaves nothing written).
-        await anyio.lowlevel.checkpoint()
         write = self._inline.try_transaction if transaction else self._inline.try_write
         pauses = iter(_INLINE_PAUSES)
         while True:
@@ -296,6 +292,10 @@ class SQLiteStore:
         """A transaction touching about ``rows`` rows: on the loop if it is short and
         the file is free, else in the connection thread."""
         if rows <= INLINE_ROWS:
+            # Let the loop run first, as the thread's round trip would: a runner that
+            # claims in a loop must not starve every other task (and a cancellation
+            # arriving here leaves nothing written).
+            await anyio.lowlevel.checkpoint()
             result = await self._on_loop(True, fn, *args, **kwargs)
             if result is not None:
                 return result
@@ -311,7 +311,9 @@ class SQLiteStore:
         if len(jobs) <= _INSERT_CHUNK and all(j.idempotency_key is None for j in jobs):
             # The common enqueue is one INSERT statement, atomic on its own (autocommit);
             # like BEGIN IMMEDIATE it takes the write lock up front, in two fewer steps.
-            # A group commit's batch goes in on the loop when the file is free.
+            # A group commit's batch goes in on the loop when the file is free. No need
+            # to let the loop run first: the group commit flushes in a task of its own,
+            # so its callers (a producer enqueuing in a loop) have already let it run.
             if len(jobs) <= INLINE_ROWS:
                 ids = await self._on_loop(False, insert_jobs, jobs, now)
                 if ids is not None:

@@ -97,8 +97,10 @@ async def test_a_waiter_cancelled_before_its_flush_writes_nothing() -> None:
     assert group.idle
 
 
-async def test_an_elected_leader_that_is_cancelled_still_flushes_the_others() -> None:
-    """asyncio's task.cancel() can land after the election and before the waiter resumes."""
+async def test_an_elected_leader_that_is_cancelled_flushes_the_others_but_not_its_own() -> None:
+    """asyncio's task.cancel() can land after the election and before the waiter resumes:
+    its caller hears CancelledError, so its item must not be written (it could not
+    learn that it was, and would submit it again)."""
     doomed: asyncio.Task[int] | None = None
     batches: list[list[int]] = []
     release = anyio.Event()
@@ -125,7 +127,48 @@ async def test_an_elected_leader_that_is_cancelled_still_flushes_the_others() ->
         assert await third == 20
         with pytest.raises(asyncio.CancelledError):
             await doomed
-    assert batches == [[0], [1, 2]]  # the elected leader flushed before giving up
+    assert batches == [[0], [2]]  # the elected leader flushed the others before giving up
+    assert group.idle
+
+
+async def test_a_leader_cancelled_by_asyncio_mid_flush_lets_the_flush_end_for_all() -> None:
+    """``task.cancel()`` (``asyncio.timeout``, ``wait_for``) goes through an anyio shield:
+    it must neither cut the flush short nor reach the other callers of the batch."""
+    store = SlowStore()
+    group: GroupCommit[int, int] = GroupCommit(store.flush)
+    await flush_with_company(group, store, 0)  # the next leader gathers company
+    store.release = anyio.Event()
+    with anyio.fail_after(5):
+        leader = asyncio.create_task(group.submit(10))
+        other = asyncio.create_task(group.submit(11))
+        while store.batches[-1] != [10, 11]:
+            await anyio.lowlevel.checkpoint()
+        leader.cancel()  # while the flush waits on the store
+        await anyio.wait_all_tasks_blocked()
+        assert not leader.done()  # it waits for the flush to end
+        store.release.set()
+        assert await other == 110
+        with pytest.raises(asyncio.CancelledError):
+            await leader
+    assert group.idle
+    assert await group.submit(12) == 120  # leadership was not lost
+
+
+async def test_a_leader_cancelled_by_asyncio_while_gathering_flushes_the_others_only() -> None:
+    store = SlowStore()
+    store.release.set()
+    group: GroupCommit[int, int] = GroupCommit(store.flush)
+    await flush_with_company(group, store, 0)  # the next leader gathers company
+    store.release.set()
+    with anyio.fail_after(5):
+        leader = asyncio.create_task(group.submit(10))
+        other = asyncio.create_task(group.submit(11))
+        await anyio.lowlevel.checkpoint()  # both queued; the leader gathers for a while
+        leader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leader
+        assert await other == 110
+    assert store.batches[-1] == [11]  # nothing of the cancelled leader was written
     assert group.idle
 
 
