@@ -52,13 +52,16 @@ class _Leases:
             return
         lease_until = self.clock.now() + self.settings.visibility_timeout
         owned = await self.jobs.store.heartbeat(ids, worker=self.worker_id, lease_until=lease_until)
-        for job_id in ids:
-            if job_id not in owned and job_id in self.running:
-                logger.warning(
-                    "job %s is no longer ours (cancelled, or lease expired); stopping it", job_id,
-                    extra={"job_id": job_id},
-                )  # fmt: skip
-                self.cancel_local(job_id)
+        lost = [job_id for job_id in ids if job_id not in owned]
+        for job_id in lost:
+            # Running here: stop it. Claimed ahead and not started: never start it.
+            logger.warning(
+                "job %s is no longer ours (cancelled, or lease expired); stopping it", job_id,
+                extra={"job_id": job_id},
+            )  # fmt: skip
+            self.cancel_local(job_id)
+        if lost:
+            self.wake()  # a slot promised to a job claimed ahead may be free again
 
     async def heartbeat_loop(self, *, task_status: TaskStatus[None]) -> None:
         self.started_at = self.clock.now()

@@ -115,6 +115,26 @@ async def test_a_cancelled_job_claimed_ahead_never_runs(
     assert sorted(jobs.ran) == [-1, 0, 1, *range(3, JOBS)]  # type: ignore[attr-defined]
 
 
+async def test_a_job_claimed_ahead_and_cancelled_by_another_process_never_runs(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """The CLI or a dashboard in another process cancels it in the store; this worker
+    learns it at its next heartbeat, before a slot frees."""
+    jobs = make_jobs(concurrency=2, shutdown_timeout=10)
+    other = make_jobs(workers=False)
+    ids = await run_blocked(jobs, clock, job_seconds=0.0)
+    await until(lambda: len(jobs.runner._ready) == AHEAD)  # ids[2:2 + AHEAD] claimed ahead
+    assert await other.cancel(ids[2])
+    await jobs.runner.heartbeat_once()
+    still_ready = ids[2] in {row.id for row in jobs.runner._ready}
+    jobs.release.set()  # type: ignore[attr-defined]
+    await until_finished(jobs, ids)
+    await jobs.close()
+    assert not still_ready
+    assert (await statuses(jobs, ids))[2] == ("cancelled", 1)
+    assert sorted(jobs.ran) == [-1, 0, 1, *range(3, JOBS)]  # type: ignore[attr-defined]
+
+
 async def test_jobs_on_their_last_attempt_wait_for_a_free_slot_not_a_claim_ahead(
     make_jobs: MakeJobs, clock: FakeClock
 ) -> None:
