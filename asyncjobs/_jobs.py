@@ -330,7 +330,10 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
     async def _flush_inserts(self, new: list[NewJob]) -> list[str]:
         now = self.clock.now()
         inserted = await self.store.insert(new, now=now)  # failed: each _insert unreserves
-        self.runner.dispatched(new, inserted, now)
+        if self.runner.dispatched(new, inserted, now):
+            # Shutdown began during the insert, maybe past the workers' last write (the
+            # insert outlasted shutdown_timeout): give the jobs back now, not never.
+            await self.runner.flush_outbox()
         return inserted
 
     # -- operations (asyncjobs/_stats.py, _metrics.py, _dashboard/) -------------------

@@ -130,8 +130,10 @@ class Runner(_Leases, _Execution):
         if not self._reserved:
             self._free_slot()
 
-    def dispatched(self, jobs: Sequence[NewJob], inserted: Inserted, now: float) -> None:
-        """The insert of ``jobs`` committed: run those inserted running."""
+    def dispatched(self, jobs: Sequence[NewJob], inserted: Inserted, now: float) -> bool:
+        """The insert of ``jobs`` committed: run those inserted running. True if
+        shutdown began meanwhile and they were queued to go back instead (the caller
+        writes that now: the workers' last write may be past)."""
         rows: list[JobRow] = []
         for job in jobs:
             if job.worker is None:
@@ -145,8 +147,10 @@ class Runner(_Leases, _Execution):
         if not self._accepting:  # shutdown began meanwhile: give them back unstarted
             self._give_back(rows)
             self._free_slot()  # wait_idle waits for reservations too
-        elif rows:
+            return bool(rows)
+        if rows:
             self._add_ready(rows)
+        return False
 
     # -- claiming --------------------------------------------------------------------
 

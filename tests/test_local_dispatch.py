@@ -305,6 +305,43 @@ async def test_a_dispatch_that_commits_after_shutdown_began_is_given_back_unspen
     assert (row.status, row.attempts, row.worker) == ("queued", 0, None)
 
 
+async def test_a_dispatch_that_commits_after_the_workers_stopped_is_given_back_at_once(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """The insert outlasts shutdown_timeout (say it waits on another process's lock):
+    the workers' last write is past when it commits, so the enqueue gives it back."""
+    jobs = make_jobs(concurrency=2, shutdown_timeout=1)
+
+    @jobs.task(name="once", retries=0)
+    async def once() -> None:
+        return None
+
+    await jobs.start()
+    await settled(jobs)
+    store: Any = jobs.store
+    insert, release = store.insert, anyio.Event()
+
+    async def slow_insert(new: Sequence[NewJob], *, now: float) -> Any:
+        await release.wait()
+        return await insert(new, now=now)
+
+    store.insert = slow_insert
+    with anyio.fail_after(5):
+        enqueue = asyncio.create_task(jobs.enqueue(once))
+        while not jobs.runner._reserved:  # dispatched to a free slot, insert under way
+            await anyio.lowlevel.checkpoint()
+        stopping = asyncio.create_task(jobs.stop())
+        await anyio.wait_all_tasks_blocked()
+        clock.advance(1)  # shutdown_timeout passes; the workers stop
+        await stopping
+        assert not jobs.started
+        release.set()
+        job = await enqueue
+    row = await jobs.store.get(job.id)
+    assert row is not None
+    assert (row.status, row.attempts, row.worker) == ("queued", 0, None)
+
+
 async def test_an_enqueue_many_refused_part_way_frees_the_slots_it_reserved(
     make_jobs: MakeJobs,
 ) -> None:
