@@ -79,12 +79,12 @@ class _Execution:
         worker_id: str
         running: dict[str, _Running]
 
-        def _complete(self, row: JobRow, outcome: Outcome | None, started: float) -> None: ...
+        def _complete(self, running: _Running, outcome: Outcome | None, started: float) -> None: ...
 
     # -- running one job -------------------------------------------------------------
 
-    async def _execute(self, row: JobRow) -> None:
-        running = self.running[row.id]
+    async def _execute(self, running: _Running) -> None:
+        row = running.row
         running.started = True
         outcome: Outcome | None = None
         started = self.clock.now()
@@ -103,7 +103,7 @@ class _Execution:
             )
             raise
         finally:
-            self._complete(row, outcome, started)
+            self._complete(running, outcome, started)
 
     async def _attempt(self, row: JobRow, running: _Running) -> Outcome:
         task = self.jobs.registry.get(row.task)

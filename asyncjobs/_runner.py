@@ -253,8 +253,20 @@ class Runner(_Leases, _Execution):
         loop = asyncio.get_running_loop()
         for _ in range(min(free, len(self._ready))):
             row = self._ready.pop()
+            stale = self.running.get(row.id)
+            if stale is not None:
+                # An earlier attempt still runs here: its lease expired (the loop or the
+                # store stalled) and the job was claimed again. Stop that copy, as a
+                # heartbeat would have; the store ignores its outcome (attempt number).
+                logger.warning(
+                    "job %s was claimed again while attempt %d still ran here; stopping it",
+                    row.id, stale.row.attempts, extra={"job_id": row.id},
+                )  # fmt: skip
+                stale.cancelled_by_user = True
+                if stale.task is not None:
+                    stale.task.cancel()
             running = self.running[row.id] = _Running(row)
-            running.task = loop.create_task(self._execute(row), context=self._context.copy())
+            running.task = loop.create_task(self._execute(running), context=self._context.copy())
 
     async def cancel_running(self) -> None:
         """Cancel the jobs still running and wait for each to record its release.
@@ -396,15 +408,17 @@ class Runner(_Leases, _Execution):
 
     # -- slots -----------------------------------------------------------------------
 
-    def _complete(self, row: JobRow, outcome: Outcome | None, started: float) -> None:
+    def _complete(self, running: _Running, outcome: Outcome | None, started: float) -> None:
         """Free the slot now (for the next job claimed ahead, if any); the outcome is
         written by the next claim (or flush)."""
+        row = running.row
         duration = self.clock.now() - started
         if outcome is not None:
             self._outbox.append((row, outcome, duration))
         mean = self._mean_duration
         self._mean_duration = duration if mean is None else mean + (duration - mean) / 8
-        self.running.pop(row.id, None)
+        if self.running.get(row.id) is running:  # not a later attempt's entry
+            del self.running[row.id]
         self._free_slot()
         self._start_ready()
         self.wake()  # write the outcome soon, and claim the next job

@@ -503,3 +503,54 @@ async def test_status_enum_compares_to_plain_strings() -> None:
     assert {s.value for s in JobStatus} == {
         "waiting", "scheduled", "queued", "running", "succeeded", "dead", "cancelled",
     }  # fmt: skip
+
+
+async def test_a_job_claimed_again_while_its_stale_attempt_runs_here_stops_that_attempt(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """The store stalled past the lease, so recovery requeued a job that still ran here,
+    and this worker claimed it again: one copy runs, the newer one, and the runner
+    tracks it to its end (concurrency, shutdown)."""
+    jobs = make_jobs(concurrency=2, shutdown_timeout=0)  # a failure must not hang close
+    started: list[int] = []
+    stopped: list[int] = []
+    gates = [anyio.Event(), anyio.Event()]
+
+    @jobs.task(name="long")
+    async def long() -> str:
+        attempt = len(started)
+        started.append(attempt)
+        try:
+            await gates[attempt].wait()
+        except BaseException:
+            stopped.append(attempt)
+            raise
+        return f"attempt {attempt}"
+
+    async def until(check: Callable[[], object]) -> None:
+        with anyio.fail_after(5):
+            while not check():
+                await anyio.lowlevel.checkpoint()
+
+    async with jobs:
+        job = await long.enqueue()
+        await until(lambda: started == [0])
+        store: Any = jobs.store
+        heartbeat = store.heartbeat
+
+        async def unreachable(*args: Any, **kwargs: Any) -> Any:
+            raise ConnectionError("store unreachable")
+
+        store.heartbeat = unreachable  # the lease is not extended
+        clock.advance(jobs.settings.visibility_timeout + 1)
+        await jobs.runner.recover()  # requeued; this worker claims it again
+        await until(lambda: started == [0, 1])
+        await until(lambda: stopped == [0])  # the stale attempt was stopped
+        store.heartbeat = heartbeat
+        assert list(jobs.runner.running) == [job.id]
+        gates[1].set()
+        with anyio.fail_after(5):
+            assert await job.result() == "attempt 1"
+    info = await jobs.get(job.id)
+    assert info is not None
+    assert (info.status, info.attempts) == ("succeeded", 2)
