@@ -22,6 +22,7 @@ import anyio
 from asyncjobs._backoff import backoff_delay
 from asyncjobs._codec import decode_payload, encode
 from asyncjobs._errors import NotSerializable, Retry
+from asyncjobs._settings import storable
 from asyncjobs.stores._protocol import JobRow, Outcome, OutcomeKind
 
 if TYPE_CHECKING:
@@ -50,7 +51,8 @@ class JobContext:
         """Record progress (0.0 to 1.0) and an optional message, shown in ``JobInfo``."""
         if not 0.0 <= float(progress) <= 1.0:
             raise ValueError(f"progress must be between 0.0 and 1.0, got {progress!r}")
-        await self._jobs.store.set_progress(self.id, float(progress), message)
+        text = None if message is None else storable(str(message))
+        await self._jobs.store.set_progress(self.id, float(progress), text)
 
 
 def current_job() -> JobContext:
@@ -187,7 +189,7 @@ class _Execution:
             attempt=row.attempts,
             kind=kind,
             result=result,
-            error=error,
+            error=None if error is None else storable(error),  # a task may raise anything
             run_at=run_at,
             max_attempts=row.max_attempts,
         )

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from asyncjobs._errors import ConfigurationError
+from asyncjobs._settings import is_storable
 
 _SLACK = 1e-6
 """Seconds of refill granted for float drift: epoch seconds near 2e9 carry about 2e-7 s
@@ -180,4 +181,10 @@ class Limiter:
                 f"the key function of limiter {self.name!r} returned {value!r}; "
                 "it must return a string, an int or None"
             )
-        return str(value)
+        key = str(value)
+        if not is_storable(key):
+            raise ConfigurationError(
+                f"the key function of limiter {self.name!r} returned {value!r}; "
+                "a key must be text without NUL characters or lone surrogates"
+            )
+        return key

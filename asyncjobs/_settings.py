@@ -64,7 +64,7 @@ def check_text(value: object, what: str, *, max_length: int) -> str:
         raise ConfigurationError(
             f"{what} must be a non-empty string of at most {max_length} characters, got {value!r}"
         )
-    if "\x00" in value or not _encodable(value):
+    if not is_storable(value):
         raise ConfigurationError(
             f"{what} {value!r} must be valid Unicode text without NUL characters "
             "(no lone surrogates)"
@@ -72,12 +72,25 @@ def check_text(value: object, what: str, *, max_length: int) -> str:
     return value
 
 
-def _encodable(value: str) -> bool:
+def is_storable(value: str) -> bool:
+    """Can both stores keep ``value`` in a text column? PostgreSQL refuses NUL, and
+    no UTF-8 encodes a lone surrogate."""
+    if "\x00" in value:
+        return False
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True
+
+
+def storable(text: str) -> str:
+    """``text`` made storable (``is_storable``) for what a job's run produces, an error
+    or a progress message: NUL and lone surrogates become backslash escapes."""
+    if is_storable(text):
+        return text
+    escaped = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return escaped.replace("\x00", "\\x00")
 
 
 def job_id_or_none(value: object) -> str | None:
@@ -87,7 +100,7 @@ def job_id_or_none(value: object) -> str | None:
     surrogates) names no job, so callers answer "not found" instead of a driver error.
     """
     text = value if isinstance(value, str) else str(value)
-    if not text or len(text) > 1000 or "\x00" in text or not _encodable(text):
+    if not text or len(text) > 1000 or not is_storable(text):
         return None
     return text
 
