@@ -19,6 +19,7 @@ import asyncpg
 
 from asyncjobs._errors import StoreError
 from asyncjobs.stores._postgres_schema import migrate
+from asyncjobs.stores._postgres_sql import channel
 
 if TYPE_CHECKING:
     from asyncjobs.stores._postgres_sql import Connection, Pool
@@ -106,9 +107,7 @@ class _Connections:
                     async with pool.acquire() as conn:
                         await migrate(conn)
                         self._schema = await conn.fetchval("SELECT current_schema()")
-                        self._channel = await conn.fetchval(
-                            "SELECT left('asyncjobs:' || current_schema(), 63)"
-                        )
+                        self._channel = await channel(conn)
                 except BaseException:
                     await pool.close()
                     raise

@@ -131,9 +131,25 @@ async def insert_jobs(
 # -- the functions below run on one connection (inside a transaction where noted) ---
 
 
+# The schema's NOTIFY channel: 'asyncjobs:' and its name cut to 63 characters, or, when
+# that is over PostgreSQL's 63 bytes (a long non-ASCII name), 'asyncjobs:' and the
+# name's md5. The insert trigger computes the same (migration 0004).
+CHANNEL = (
+    "CASE WHEN octet_length(left('asyncjobs:' || current_schema(), 63)) <= 63 "
+    "THEN left('asyncjobs:' || current_schema(), 63) "
+    "ELSE 'asyncjobs:' || md5(current_schema()) END"
+)
+
+
+async def channel(conn: Connection) -> str:
+    """The channel to LISTEN on for the inserts into this connection's schema."""
+    name: str = await conn.fetchval(f"SELECT {CHANNEL}")
+    return name
+
+
 async def notify(conn: Connection) -> None:
     """Wake listening workers when the surrounding transaction commits."""
-    await conn.execute("SELECT pg_notify(left('asyncjobs:' || current_schema(), 63), '')")
+    await conn.execute(f"SELECT pg_notify({CHANNEL}, '')")
 
 
 async def claim(conn: Connection, request: ClaimRequest, now: float) -> list[JobRow]:

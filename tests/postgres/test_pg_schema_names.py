@@ -1,0 +1,66 @@
+"""The PostgreSQL store in schemas with any valid name: its NOTIFY channel must stay
+within PostgreSQL's 63 bytes, and the listeners must listen where the insert trigger
+notifies."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import anyio
+import asyncpg
+import pytest
+from conftest import postgres_dsn, with_search_path
+
+from asyncjobs import Jobs
+from asyncjobs.stores._postgres_sql import channel
+
+NAMES = {
+    "ascii": "jobs_{}",
+    "ascii-63-bytes": "j_{}_" + "x" * 54,  # as long as a name can be: cut as before
+    "cyrillic-58-bytes": "задачи_{}_очередь_заданий_прил",  # 34 characters, 58 bytes
+}
+
+
+@pytest.fixture(params=list(NAMES), ids=list(NAMES))
+async def schema_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    dsn = postgres_dsn()
+    schema = NAMES[request.param].format(uuid.uuid4().hex[:6])
+    assert len(schema.encode()) <= 63  # a valid name
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+    finally:
+        await conn.close()
+    yield with_search_path(dsn, schema)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+async def test_an_enqueue_notifies_the_channel_that_workers_listen_on(schema_url: str) -> None:
+    jobs = Jobs(schema_url, workers=False)
+
+    @jobs.task(name="t")
+    async def t() -> None: ...
+
+    heard = anyio.Event()
+    listener = await asyncpg.connect(schema_url.split("?")[0])
+    try:
+        await jobs.store.open()
+        conn = await asyncpg.connect(schema_url)
+        try:
+            on = await channel(conn)  # what the store's listener listens on
+        finally:
+            await conn.close()
+        assert len(on.encode()) <= 63
+        await listener.add_listener(on, lambda *args: heard.set())
+        job = await jobs.enqueue(t)  # the insert trigger notifies
+        assert await jobs.get(job.id) is not None
+        with anyio.fail_after(5):
+            await heard.wait()
+    finally:
+        await listener.close()
+        await jobs.close()
