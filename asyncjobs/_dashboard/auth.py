@@ -130,4 +130,5 @@ class Csrf:
             return False
         if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
             return False
-        return hmac.compare_digest(token, await self.token(nonce))
+        # Bytes: compare_digest refuses str with non-ASCII characters (a 500, not a 403).
+        return hmac.compare_digest(token.encode(), (await self.token(nonce)).encode())

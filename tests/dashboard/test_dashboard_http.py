@@ -97,6 +97,7 @@ async def test_posts_without_a_valid_csrf_token_are_refused(mix: Mix) -> None:
         url = f"/jobs/{mix.dead_id}/retry"
         assert (await client.post(url)).status_code == 403
         assert (await client.post(url, data={"csrf_token": "0" * 64})).status_code == 403
+        assert (await client.post(url, data={"csrf_token": "é" * 64})).status_code == 403
         assert (await client.post(url, json={"csrf_token": token})).status_code == 403
         cross_site = await client.post(
             url, data={"csrf_token": token}, headers={"sec-fetch-site": "cross-site"}
@@ -232,6 +233,21 @@ async def test_retry_cancel_discard_and_retry_all_dead(mix: Mix) -> None:
         response = await client.post("/retry-dead", data=form)
         assert response.status_code == 303
         assert await jobs.list(status="dead") == []
+
+
+async def test_the_list_cuts_long_arguments_short(jobs: Jobs) -> None:
+    @jobs.task(name="big")
+    async def big(blob: str, *, note: str = "") -> None: ...
+
+    await jobs.enqueue(big, "x" * 10_000)
+    await jobs.enqueue(big, "y", note="z" * 10_000)
+    async with client_for(jobs, login=True) as client:
+        page = await client.get("/jobs")
+    assert page.status_code == 200
+    assert "x" * 100 not in page.text
+    assert "z" * 100 not in page.text
+    assert '["xxxx' in page.text
+    assert '["y"] {"note":...' in page.text
 
 
 async def test_paging_through_a_long_list(jobs: Jobs) -> None:
