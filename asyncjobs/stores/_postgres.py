@@ -42,7 +42,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from asyncjobs._errors import ConfigurationError, StoreError
 from asyncjobs.stores import _postgres_admin as admin
 from asyncjobs.stores import _postgres_sql as sql
-from asyncjobs.stores._postgres_connections import _Connections
+from asyncjobs.stores._postgres_connections import _Connections, backoff
 from asyncjobs.stores._postgres_sql import (
     SELECT,
     insert_jobs,
@@ -111,6 +111,8 @@ class PostgresStore(_Connections):
         self._notified = False
         self._failures = 0
         self._retry_at = 0.0
+        self._listen_failures = 0  # the LISTEN connection's own: polling covers for it
+        self._listen_retry_at = 0.0
 
     def __repr__(self) -> str:
         parts = urlsplit(self.url)
@@ -215,11 +217,16 @@ class PostgresStore(_Connections):
             # (Re)connect (with the backoff) and report a change: nothing was heard so
             # far, so the caller looks once more now that it will be told.
             self._listener = None
-            if self._failures and asyncio.get_running_loop().time() < self._retry_at:
+            now = asyncio.get_running_loop().time()
+            if self._listen_failures and now < self._listen_retry_at:
                 return False
             if not await self._listen():
-                self._backoff()
+                # Its own backoff: a listener that cannot connect (the server at
+                # max_connections, say) must not make the working pool look down.
+                self._listen_failures += 1
+                self._listen_retry_at = now + backoff(self._listen_failures, self.max_backoff)
                 return False
+            self._listen_failures = 0
             return True
         notified, self._notified = self._notified, False
         return notified

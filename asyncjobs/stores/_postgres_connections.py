@@ -66,6 +66,12 @@ async def _keep_session(conn: Connection) -> None:
     """
 
 
+def backoff(failures: int, maximum: float) -> float:
+    """Seconds to wait after ``failures`` failed connections in a row: 0.1 s, doubling
+    up to ``maximum``."""
+    return min(maximum, 0.1 * 2.0 ** (failures - 1))
+
+
 class _Connections:
     """``PostgresStore``'s pool, LISTEN and enqueue connections, and running an
     operation on one of them."""
@@ -86,6 +92,8 @@ class _Connections:
         _notified: bool
         _failures: int
         _retry_at: float
+        _listen_failures: int
+        _listen_retry_at: float
 
     # -- connections -----------------------------------------------------------------
 
@@ -168,9 +176,9 @@ class _Connections:
             self._failures = 0
 
     def _backoff(self) -> float:
-        """Count a failed connection; the next attempt waits 0.1 s, doubling up to max_backoff."""
+        """Count a failed connection; the next attempt waits (``backoff``)."""
         self._failures += 1
-        delay = min(self.max_backoff, 0.1 * 2.0 ** (self._failures - 1))
+        delay = backoff(self._failures, self.max_backoff)
         # Reconnect bookkeeping on the loop's clock; job time never comes from here.
         self._retry_at = asyncio.get_running_loop().time() + delay
         return delay
