@@ -348,7 +348,9 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
     async def discard(self, job_id: str) -> bool:
         """Delete one job that is not running (cancel a running one first)."""
         checked = job_id_or_none(job_id)
-        return checked is not None and await self.store.delete([checked]) == 1
+        if checked is None:
+            return False
+        return await self.store.delete([checked], now=self.clock.now()) == 1
 
     async def stats(self) -> Stats:
         """Counts, ages, throughput, failure rate, timings, workers: see ``_stats.Stats``."""

@@ -164,6 +164,34 @@ async def test_cancelling_a_chain_cancels_every_member_not_finished(jobs: Jobs) 
     assert await chain.status() == JobStatus.CANCELLED
 
 
+async def test_discarding_a_waiting_chain_member_cancels_the_rest(jobs: Jobs) -> None:
+    @jobs.task
+    async def step(n: int) -> None: ...
+
+    chain = await jobs.chain(step.spec(1), step.spec(2), step.spec(3))
+    assert await jobs.discard(chain.jobs[1].id)  # the middle one, still waiting
+    assert await jobs.get(chain.jobs[1].id) is None
+    third = await jobs.get(chain.jobs[2].id)
+    assert third is not None
+    assert third.status == "cancelled"  # not left waiting for a job that is gone
+    await drain(jobs)
+    first = await jobs.get(chain.jobs[0].id)
+    assert first is not None
+    assert first.status == "succeeded"
+
+
+async def test_purging_queued_jobs_cancels_the_chains_behind_them(jobs: Jobs) -> None:
+    @jobs.task
+    async def step(n: int) -> None: ...
+
+    chain = await jobs.chain(step.spec(1), step.spec(2), step.spec(3))
+    lone = await jobs.enqueue(step, 4)
+    assert await jobs.purge(status="queued") == 2  # the chain's first job and the lone one
+    assert await jobs.get(lone.id) is None
+    assert await jobs.get(chain.jobs[0].id) is None
+    assert [(await job.info()).status for job in chain.jobs[1:]] == ["cancelled"] * 2
+
+
 async def test_chain_members_go_in_one_transaction_and_are_validated_first(jobs: Jobs) -> None:
     @jobs.task
     async def step(n: object) -> None: ...
@@ -270,6 +298,27 @@ async def test_a_batch_counts_cancelled_members_and_still_completes(jobs: Jobs) 
     assert seen == [{"id": batch.id, "total": 3, "succeeded": 2, "dead": 0, "cancelled": 1}]
     with pytest.raises(JobFailed):
         await batch.results(timeout=5)
+
+
+async def test_discarding_the_last_open_batch_member_still_completes_the_batch(
+    jobs: Jobs, clock: FakeClock
+) -> None:
+    seen: list[BatchCounts] = []
+
+    @jobs.task
+    async def member(n: int) -> None: ...
+
+    @jobs.task
+    async def done(**kwargs: Any) -> None:
+        seen.append(kwargs["batch"])
+
+    batch = await jobs.batch(
+        [member.spec(1), member.options(delay=60).spec(2)], on_complete=done.spec()
+    )
+    await drain(jobs)  # the first member succeeds; the second waits for its time
+    assert await jobs.discard(batch.jobs[1].id)
+    await drain(jobs)
+    assert seen == [{"id": batch.id, "total": 2, "succeeded": 1, "dead": 0, "cancelled": 1}]
 
 
 async def test_an_on_complete_without_a_batch_parameter_gets_no_extra_argument(

@@ -300,11 +300,15 @@ class PostgresStore(_Connections):
             where.append(f"finished_at < ${len(params)}")
         if not where:
             raise ValueError("purge() needs a status or older_than")
-        where.append("status != 'running'")
         # Only fixed terms with $n placeholders are joined here; values go in params.
-        sql = "DELETE FROM asyncjobs_jobs WHERE " + " AND ".join(where)  # noqa: S608
-        result = await self._run("purge", lambda conn: conn.execute(sql, *params))
-        return int(result.rsplit(" ", 1)[-1])
+        matching = " AND ".join(where)
+        matched = f" OR id = ANY(${len(params) + 1}::text[]))"
+        return await self._transaction(
+            "purge",
+            lambda conn: _delete(
+                conn, _UNFINISHED + matching, _DELETE + matching + matched, params, now
+            ),
+        )
 
     async def set_progress(self, job_id: str, progress: float, message: str | None) -> None:
         await self._run(
@@ -377,20 +381,47 @@ class PostgresStore(_Connections):
 
         return await self._transaction("retry_dead", retry_dead)
 
-    async def delete(self, job_ids: Sequence[str]) -> int:
+    async def delete(self, job_ids: Sequence[str], *, now: float) -> int:
         if not job_ids:
             return 0
-        status = await self._run(
+        matching = "id = ANY($1::text[])"
+        matched = " OR id = ANY($2::text[]))"
+        return await self._transaction(
             "delete",
-            lambda conn: conn.execute(
-                "DELETE FROM asyncjobs_jobs WHERE status != 'running' AND id = ANY($1::text[])",
-                list(job_ids),
+            lambda conn: _delete(
+                conn, _UNFINISHED + matching, _DELETE + matching + matched, [list(job_ids)], now
             ),
         )
-        return int(status.rsplit(" ", 1)[-1])
 
     async def meta(self, key: str, default: str) -> str:
         return await self._run("meta", lambda conn: admin.meta(conn, key, default))
+
+
+# A deletion (discard, purge) of the jobs matching a condition: _UNFINISHED + condition
+# finds those not finished (with whether they belong to a chain or batch), and
+# _DELETE + condition + " OR id = ANY($n::text[]))" deletes those that match, or matched
+# before.
+_UNFINISHED = (
+    "SELECT id, chain_next IS NOT NULL OR batch_id IS NOT NULL AS member FROM asyncjobs_jobs "
+    "WHERE status IN ('waiting', 'scheduled', 'queued') AND "
+)
+_DELETE = "DELETE FROM asyncjobs_jobs WHERE status != 'running' AND ("
+
+
+async def _delete(
+    conn: Connection, unfinished_sql: str, delete_sql: str, params: list[Any], now: float
+) -> int:
+    """Delete the jobs a condition matches, unless running (inside a transaction). An
+    unfinished member of a chain or batch is cancelled first, as ``cancel`` would, so
+    what waits on it moves on (the rest of its chain is cancelled, its batch's
+    on_complete still comes)."""
+    unfinished = await conn.fetch(unfinished_sql, *params)
+    members = [r["id"] for r in unfinished if r["member"]]
+    if members:
+        await sql.cancel(conn, members, now, reason="discarded")
+    # Also the rows the condition matched before the cancel changed their status.
+    status = await conn.execute(delete_sql, *params, [r["id"] for r in unfinished])
+    return int(status.rsplit(" ", 1)[-1])
 
 
 def _status_filter(status: str | None, now: float, params: list[Any]) -> list[str]:

@@ -269,7 +269,8 @@ class Store(Protocol):
     async def purge(
         self, *, status: str | None = None, older_than: float | None = None, now: float
     ) -> int:
-        """Delete finished jobs with that status and/or finished before ``older_than``."""
+        """Delete the jobs (never running ones) with that status and/or finished before
+        ``older_than``; unfinished chain and batch members as ``delete`` does."""
         ...
 
     async def set_progress(self, job_id: str, progress: float, message: str | None) -> None: ...
@@ -313,8 +314,11 @@ class Store(Protocol):
         """``retry`` every dead job (of that queue/task); return how many."""
         ...
 
-    async def delete(self, job_ids: Sequence[str]) -> int:
-        """Delete these jobs unless they are running; return how many were deleted."""
+    async def delete(self, job_ids: Sequence[str], *, now: float) -> int:
+        """Delete these jobs unless they are running; return how many were deleted.
+
+        An unfinished member of a chain or batch is cancelled first, in the same
+        transaction, so what waits on it moves on; ``purge`` does the same."""
         ...
 
     async def meta(self, key: str, default: str) -> str:

@@ -422,10 +422,11 @@ class SQLiteStore:
             params.append(older_than)
         if not where:
             raise ValueError("purge() needs a status or older_than")
-        where.append("status != 'running'")
         # Only fixed terms with ? placeholders are joined here; values go in params.
-        sql = "DELETE FROM asyncjobs_jobs WHERE " + " AND ".join(where)  # noqa: S608
-        return await self._transaction(_rowcount, sql, tuple(params))
+        matching = " AND ".join(where)
+        return await self._transaction(
+            _delete, _UNFINISHED + matching, _DELETE + matching + _DELETE_END, tuple(params), now
+        )
 
     async def set_progress(self, job_id: str, progress: float, message: str | None) -> None:
         await self._transaction(
@@ -471,14 +472,16 @@ class SQLiteStore:
             (now, queue, queue, task, task),
         )
 
-    async def delete(self, job_ids: Sequence[str]) -> int:
+    async def delete(self, job_ids: Sequence[str], *, now: float) -> int:
         if not job_ids:
             return 0
+        matching = "id IN (SELECT value FROM json_each(?))"
         return await self._transaction(
-            _rowcount,
-            "DELETE FROM asyncjobs_jobs WHERE status != 'running' "
-            "AND id IN (SELECT value FROM json_each(?))",
+            _delete,
+            _UNFINISHED + matching,
+            _DELETE + matching + _DELETE_END,
             (json.dumps(list(job_ids)),),
+            now,
         )
 
     async def meta(self, key: str, default: str) -> str:
@@ -494,6 +497,32 @@ def _fetchall(db: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[A
 
 def _rowcount(db: sqlite3.Connection, sql: str, params: Sequence[Any]) -> int:
     return db.execute(sql, params).rowcount
+
+
+# A deletion (discard, purge) of the jobs matching a condition: _UNFINISHED + condition
+# finds those not finished (with whether they belong to a chain or batch), and
+# _DELETE + condition + _DELETE_END deletes those that match, or matched before.
+_UNFINISHED = (
+    "SELECT id, chain_next IS NOT NULL OR batch_id IS NOT NULL FROM asyncjobs_jobs "
+    "WHERE status IN ('waiting', 'scheduled', 'queued') AND "
+)
+_DELETE = "DELETE FROM asyncjobs_jobs WHERE status != 'running' AND ("
+_DELETE_END = " OR id IN (SELECT value FROM json_each(?)))"
+
+
+def _delete(
+    db: sqlite3.Connection, unfinished_sql: str, delete_sql: str, params: Sequence[Any], now: float
+) -> int:
+    """Delete the jobs a condition matches, unless running. An unfinished member of a
+    chain or batch is cancelled first, as ``cancel`` would, so what waits on it moves on
+    (the rest of its chain is cancelled, its batch's on_complete still comes)."""
+    unfinished = db.execute(unfinished_sql, params).fetchall()
+    members = [job_id for job_id, member in unfinished if member]
+    if members:
+        _cancel(db, members, now, reason="discarded")
+    # Also the rows the condition matched before the cancel changed their status.
+    matched = json.dumps([job_id for job_id, _ in unfinished])
+    return db.execute(delete_sql, (*params, matched)).rowcount
 
 
 def _status_filter(status: str | None, now: float) -> tuple[list[str], list[Any]]:

@@ -830,5 +830,5 @@ async def test_operations_snapshot_prune_meta_retry_dead_delete(store: Store) ->
     )
     assert await store.get("a") is None
     assert (await store.snapshot(now=T0, windows=[], sample=1, workers_since=0)).workers == []
-    assert await store.delete(["b", "d", "missing"]) == 2
+    assert await store.delete(["b", "d", "missing"], now=T0) == 2
     assert [r.id for r in await store.list(now=T0)] == ["c"]

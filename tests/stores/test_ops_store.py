@@ -95,6 +95,6 @@ async def test_retry_dead_filters_and_delete_spares_running_jobs(store: Store) -
     assert b is not None
     assert (a.status, b.status) == ("queued", "dead")
     assert a.max_attempts == 2  # one more attempt
-    assert await store.delete(["r"]) == 0  # running
+    assert await store.delete(["r"], now=T0) == 0  # running
     assert await store.get("r") is not None
-    assert await store.delete([]) == 0
+    assert await store.delete([], now=T0) == 0
