@@ -300,6 +300,26 @@ async def test_a_batch_counts_cancelled_members_and_still_completes(jobs: Jobs) 
         await batch.results(timeout=5)
 
 
+async def test_purging_a_batchs_queued_members_keeps_the_on_complete_they_release(
+    jobs: Jobs,
+) -> None:
+    """Purging cancels the members first, which releases on_complete (queued now): the
+    purge deletes what matched before, not the job it just released."""
+    seen: list[BatchCounts] = []
+
+    @jobs.task
+    async def member(n: int) -> None: ...
+
+    @jobs.task
+    async def done(**kwargs: Any) -> None:
+        seen.append(kwargs["batch"])
+
+    batch = await jobs.batch([member.spec(1), member.spec(2)], on_complete=done.spec())
+    assert await jobs.purge(status="queued") == 2
+    await drain(jobs)
+    assert seen == [{"id": batch.id, "total": 2, "succeeded": 0, "dead": 0, "cancelled": 2}]
+
+
 async def test_discarding_the_last_open_batch_member_still_completes_the_batch(
     jobs: Jobs, clock: FakeClock
 ) -> None:

@@ -302,11 +302,11 @@ class PostgresStore(_Connections):
             raise ValueError("purge() needs a status or older_than")
         # Only fixed terms with $n placeholders are joined here; values go in params.
         matching = " AND ".join(where)
-        matched = f" OR id = ANY(${len(params) + 1}::text[]))"
+        end = _DELETE_END.format(changed=len(params) + 1, matched=len(params) + 2)
         return await self._transaction(
             "purge",
             lambda conn: _delete(
-                conn, _UNFINISHED + matching, _DELETE + matching + matched, params, now
+                conn, _UNFINISHED + matching, _DELETE + matching + end, params, now
             ),
         )
 
@@ -385,11 +385,11 @@ class PostgresStore(_Connections):
         if not job_ids:
             return 0
         matching = "id = ANY($1::text[])"
-        matched = " OR id = ANY($2::text[]))"
+        end = _DELETE_END.format(changed=2, matched=3)
         return await self._transaction(
             "delete",
             lambda conn: _delete(
-                conn, _UNFINISHED + matching, _DELETE + matching + matched, [list(job_ids)], now
+                conn, _UNFINISHED + matching, _DELETE + matching + end, [list(job_ids)], now
             ),
         )
 
@@ -398,14 +398,23 @@ class PostgresStore(_Connections):
 
 
 # A deletion (discard, purge) of the jobs matching a condition: _UNFINISHED + condition
-# finds those not finished (with whether they belong to a chain or batch), and
-# _DELETE + condition + " OR id = ANY($n::text[]))" deletes those that match, or matched
-# before.
+# finds the unfinished ones (and whether they belong to a chain or batch), and
+# _DELETE + condition + _DELETE_END deletes what the condition matched before the
+# cancel in between changed any row: finished rows it matches (but not those that
+# cancel just finished), and the unfinished ones found first (not those it released).
 _UNFINISHED = (
     "SELECT id, chain_next IS NOT NULL OR batch_id IS NOT NULL AS member FROM asyncjobs_jobs "
     "WHERE status IN ('waiting', 'scheduled', 'queued') AND "
 )
-_DELETE = "DELETE FROM asyncjobs_jobs WHERE status != 'running' AND ("
+_DELETE = "DELETE FROM asyncjobs_jobs WHERE status != 'running' AND (("
+
+
+# ...the condition's parameters come first, then the two lists: .format(changed=n + 1,
+# matched=n + 2) for a condition of n parameters.
+_DELETE_END = (
+    ") AND status NOT IN ('waiting', 'scheduled', 'queued') "
+    "AND id <> ALL(${changed}::text[]) OR id = ANY(${matched}::text[]))"
+)
 
 
 async def _delete(
@@ -417,10 +426,9 @@ async def _delete(
     on_complete still comes)."""
     unfinished = await conn.fetch(unfinished_sql, *params)
     members = [r["id"] for r in unfinished if r["member"]]
-    if members:
-        await sql.cancel(conn, members, now, reason="discarded")
-    # Also the rows the condition matched before the cancel changed their status.
-    status = await conn.execute(delete_sql, *params, [r["id"] for r in unfinished])
+    changed = await sql.cancel(conn, members, now, reason="discarded") if members else []
+    matched = [r["id"] for r in unfinished]
+    status = await conn.execute(delete_sql, *params, changed, matched)
     return int(status.rsplit(" ", 1)[-1])
 
 

@@ -500,14 +500,19 @@ def _rowcount(db: sqlite3.Connection, sql: str, params: Sequence[Any]) -> int:
 
 
 # A deletion (discard, purge) of the jobs matching a condition: _UNFINISHED + condition
-# finds those not finished (with whether they belong to a chain or batch), and
-# _DELETE + condition + _DELETE_END deletes those that match, or matched before.
+# finds the unfinished ones (and whether they belong to a chain or batch), and
+# _DELETE + condition + _DELETE_END deletes what the condition matched before the
+# cancel in between changed any row: finished rows it matches (but not those that
+# cancel just finished), and the unfinished ones found first (not those it released).
 _UNFINISHED = (
     "SELECT id, chain_next IS NOT NULL OR batch_id IS NOT NULL FROM asyncjobs_jobs "
     "WHERE status IN ('waiting', 'scheduled', 'queued') AND "
 )
-_DELETE = "DELETE FROM asyncjobs_jobs WHERE status != 'running' AND ("
-_DELETE_END = " OR id IN (SELECT value FROM json_each(?)))"
+_DELETE = "DELETE FROM asyncjobs_jobs WHERE status != 'running' AND (("
+_DELETE_END = (
+    ") AND status NOT IN ('waiting', 'scheduled', 'queued') "
+    "AND id NOT IN (SELECT value FROM json_each(?)) OR id IN (SELECT value FROM json_each(?)))"
+)
 
 
 def _delete(
@@ -518,11 +523,9 @@ def _delete(
     (the rest of its chain is cancelled, its batch's on_complete still comes)."""
     unfinished = db.execute(unfinished_sql, params).fetchall()
     members = [job_id for job_id, member in unfinished if member]
-    if members:
-        _cancel(db, members, now, reason="discarded")
-    # Also the rows the condition matched before the cancel changed their status.
-    matched = json.dumps([job_id for job_id, _ in unfinished])
-    return db.execute(delete_sql, (*params, matched)).rowcount
+    changed = _cancel(db, members, now, reason="discarded") if members else []
+    matched = [job_id for job_id, _ in unfinished]
+    return db.execute(delete_sql, (*params, json.dumps(changed), json.dumps(matched))).rowcount
 
 
 def _status_filter(status: str | None, now: float) -> tuple[list[str], list[Any]]:
