@@ -3,6 +3,7 @@ and group commit (including its failure path)."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -503,3 +504,25 @@ async def test_idle_polls_cost_the_same_with_many_jobs_scheduled_for_later(
 
     few, many = await steps_of_idle_polls(10), await steps_of_idle_polls(5000)
     assert many < few * 2
+
+
+async def test_first_uses_at_once_open_the_store_once(tmp_path: Path) -> None:
+    """An enqueue-only app without a lifespan opens the store on first use, and two
+    requests can make that first use together."""
+    store = SQLiteStore(tmp_path / "jobs.db")
+    setups: list[sqlite3.Connection] = []
+    setup = store._setup
+
+    def counted(db: sqlite3.Connection) -> None:
+        setups.append(db)
+        setup(db)
+
+    store._setup = counted  # type: ignore[method-assign]
+    try:
+        got = await asyncio.gather(
+            store.get("a" * 32), store.changed(), store.counts(now=0.0), store.get("b" * 32)
+        )
+    finally:
+        await store.close()
+    assert got[0] is None
+    assert len(setups) == 1

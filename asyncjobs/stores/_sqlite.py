@@ -137,6 +137,8 @@ class SQLiteStore:
         self._checkpointer: Checkpointer | None = None
         self._watch: ChangeWatch | None = None
         self._inline: InlineWriter | None = None  # synchronous=NORMAL only
+        self._opening = asyncio.Lock()  # first uses at once open it once
+        self._open = False  # set up: migrated, side connections made
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
@@ -144,8 +146,14 @@ class SQLiteStore:
     # -- plumbing --------------------------------------------------------------------
 
     async def open(self) -> None:
-        if self._db is not None:
+        if self._open:
             return
+        async with self._opening:
+            if not self._open:  # else another first use opened it meanwhile
+                await self._connect()
+                self._open = True
+
+    async def _connect(self) -> None:
         pending = aiosqlite.connect(self.path, isolation_level=None, timeout=self.busy_timeout)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,6 +192,7 @@ class SQLiteStore:
         self._write(db, migrate)
 
     async def close(self) -> None:
+        self._open = False
         checkpointer, self._checkpointer = self._checkpointer, None
         watch, self._watch = self._watch, None
         inline, self._inline = self._inline, None
