@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from typing import Any
 
 import anyio
+import asyncpg
 import pytest
 
 from asyncjobs import (
@@ -417,6 +419,52 @@ async def test_on_complete_runs_once_with_two_processes_draining_one_store(
 
 
 # -- results and current_job() ------------------------------------------------------
+
+
+async def corrupt_payload(db_url: str, job_id: str) -> None:
+    """Damage a stored payload behind the store's back (a bad migration, a hand edit)."""
+    if db_url.startswith("sqlite:///"):
+        with sqlite3.connect(db_url.removeprefix("sqlite:///")) as db:
+            db.execute("UPDATE asyncjobs_jobs SET payload = '{not json' WHERE id = ?", (job_id,))
+        db.close()
+        return
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute("UPDATE asyncjobs_jobs SET payload = '{not json' WHERE id = $1", job_id)
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("kind", ["chain", "batch"])
+async def test_a_corrupt_payload_on_a_waiting_job_sends_it_dead_and_nothing_else(
+    jobs: Jobs, db_url: str, kind: str
+) -> None:
+    """Releasing a chain member (pass_result) or a batch's on_complete rewrites its
+    payload in the transaction that writes its predecessor's outcome, with others."""
+
+    @jobs.task
+    async def step(n: int = 0) -> int:
+        return n
+
+    @jobs.task
+    async def done(**kwargs: Any) -> None: ...
+
+    if kind == "chain":
+        chain = await jobs.chain(step.spec(1), step.spec(), pass_result=True)
+        first, waiting = chain.jobs
+    else:
+        batch = await jobs.batch([step.spec(1)], on_complete=done.spec())
+        assert batch.on_complete is not None
+        (first,), waiting = batch.jobs, batch.on_complete
+    other = await jobs.enqueue(step, 7)
+    await corrupt_payload(db_url, waiting.id)
+    await drain(jobs)
+    assert await first.result(timeout=5) == 1
+    assert await other.result(timeout=5) == 7
+    info = await waiting.info()
+    assert info.status == "dead"
+    assert info.error is not None
+    assert "cannot be decoded" in info.error
 
 
 async def test_result_is_stored_as_json_and_returned(jobs: Jobs) -> None:

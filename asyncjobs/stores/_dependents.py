@@ -9,7 +9,10 @@ Chains and batches (``asyncjobs/_workflows.py``) mark a waiting job in its
   finishes, the job gets a ``batch`` keyword argument holding the counts
   (see ``batch_summary``).
 
-The store applies these in the same transaction that releases the job.
+The store applies these in the same transaction that releases the job. A payload
+that cannot be rewritten (a corrupt row) is left as it is: the release must not fail
+the transaction that finishes other jobs, and the runner sends the job dead when it
+cannot decode it.
 """
 
 from __future__ import annotations
@@ -33,10 +36,18 @@ def wants(options: str | None, flag: str) -> bool:
     return isinstance(parsed, dict) and parsed.get(flag) is True
 
 
-def _load(payload: str) -> dict[str, Any]:
-    parsed = json.loads(payload)
+def _load(payload: str) -> dict[str, Any] | None:
+    """The payload's object, or None when it is not what enqueue writes."""
+    try:
+        parsed = json.loads(payload)
+    except ValueError:
+        return None
     if not isinstance(parsed, dict):
-        raise ValueError("payload is not a JSON object")
+        return None
+    if not isinstance(parsed.get("args", []), list):
+        return None
+    if not isinstance(parsed.get("kwargs") or {}, dict):
+        return None
     return parsed
 
 
@@ -47,7 +58,12 @@ def _dump(payload: Mapping[str, Any]) -> str:
 def prepend_result(payload: str, result: str | None) -> str:
     """``payload`` with ``result`` (JSON text; None is JSON null) as the first argument."""
     data = _load(payload)
-    value = None if result is None else json.loads(result)
+    try:
+        value = None if result is None else json.loads(result)
+    except ValueError:
+        return payload  # a corrupt result: the job runs without it and fails visibly
+    if data is None:
+        return payload
     data["args"] = [value, *data.get("args", [])]
     return _dump(data)
 
@@ -66,6 +82,8 @@ def batch_summary(batch_id: str, counts: Mapping[str, int]) -> dict[str, Any]:
 def with_batch(payload: str, batch_id: str, counts: Mapping[str, int]) -> str:
     """``payload`` with the ``batch`` keyword argument set to the batch's counts."""
     data = _load(payload)
+    if data is None:
+        return payload
     kwargs = data.get("kwargs") or {}
     kwargs["batch"] = batch_summary(batch_id, counts)
     data["kwargs"] = kwargs

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pytest
-
 from asyncjobs.stores import ClaimRequest, JobRow, NewJob, Outcome, OutcomeKind, Store, TaskLimits
 from asyncjobs.stores._dependents import prepend_result, wants, with_batch
 
@@ -118,5 +116,9 @@ def test_payload_helpers() -> None:
         "args": [],
         "kwargs": {"batch": {"id": "b", "total": 3, "succeeded": 2, "dead": 0, "cancelled": 0}},
     }
-    with pytest.raises(ValueError, match="not a JSON object"):
-        prepend_result("[]", "1")
+    # A payload that is not what enqueue writes is left as it is (the runner sends the
+    # job dead when it cannot decode it); so is one whose result cannot be read.
+    for corrupt in ("[]", "{not json", '{"args": 5}', '{"args": [], "kwargs": [1]}'):
+        assert prepend_result(corrupt, "1") == corrupt
+        assert with_batch(corrupt, "b", counts) == corrupt
+    assert prepend_result('{"args":[]}', "{not json") == '{"args":[]}'
