@@ -33,8 +33,8 @@ if TYPE_CHECKING:
 
 _GROUP_HEAD = (
     "(j.group_key IS NULL OR NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS g "
-    "WHERE g.group_key = j.group_key AND g.seq < j.seq "
-    "AND g.status IN ('scheduled', 'queued', 'running')))"
+    "WHERE g.group_key = j.group_key AND g.status IN ('scheduled', 'queued', 'running') "
+    "AND (g.seq < j.seq OR g.status = 'running')))"
 )
 
 _LOCK = "SELECT pg_advisory_xact_lock(hashtext('asyncjobs claim ' || current_schema()))"

@@ -191,8 +191,9 @@ async def claim(conn: Connection, request: ClaimRequest, now: float) -> list[Job
             WHERE j.status = 'queued' AND j.task = ANY($4::text[]) {queue_filter}
               AND (j.group_key IS NULL OR NOT EXISTS (
                     SELECT 1 FROM asyncjobs_jobs AS g
-                    WHERE g.group_key = j.group_key AND g.seq < j.seq
-                      AND g.status IN ('scheduled', 'queued', 'running')))
+                    WHERE g.group_key = j.group_key
+                      AND g.status IN ('scheduled', 'queued', 'running')
+                      AND (g.seq < j.seq OR g.status = 'running')))
             ORDER BY j.priority DESC, j.seq
             LIMIT ${len(params)}
             FOR UPDATE SKIP LOCKED

@@ -36,8 +36,8 @@ of the line to move."""
 
 _GROUP_HEAD = (
     "(j.group_key IS NULL OR NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS g "
-    "WHERE g.group_key = j.group_key AND g.seq < j.seq "
-    "AND g.status IN ('scheduled', 'queued', 'running')))"
+    "WHERE g.group_key = j.group_key AND g.status IN ('scheduled', 'queued', 'running') "
+    "AND (g.seq < j.seq OR g.status = 'running')))"
 )
 
 

@@ -224,8 +224,9 @@ _PICK_READY = """
               AND j.task IN (SELECT value FROM json_each(?)) {queue_filter}
               AND (j.group_key IS NULL OR NOT EXISTS (
                     SELECT 1 FROM asyncjobs_jobs AS g
-                    WHERE g.group_key = j.group_key AND g.seq < j.seq
-                      AND g.status IN ('scheduled', 'queued', 'running')))
+                    WHERE g.group_key = j.group_key
+                      AND g.status IN ('scheduled', 'queued', 'running')
+                      AND (g.seq < j.seq OR g.status = 'running')))
             ORDER BY j.priority DESC, j.seq
             LIMIT ?"""
 

@@ -322,6 +322,24 @@ async def test_group_waits_on_an_earlier_job_scheduled_for_retry(store: Store) -
     assert [r.id for r in await claim(store, now=T0 + 10)] == ["g1"]
 
 
+@pytest.mark.parametrize("limited", [False, True], ids=["plain", "under-limits"])
+async def test_a_group_job_retried_by_hand_waits_for_a_later_one_running(
+    store: Store, limited: bool
+) -> None:
+    """g1 died, so g2 ran; retrying g1 must not run it beside g2: one at a time."""
+    await store.insert([new("g1", group_key="g"), new("g2", group_key="g")], now=T0)
+    (g1,) = await claim(store)
+    await store.finish([outcome(g1, OutcomeKind.DEAD, error="x")], now=T0 + 1)
+    (g2,) = await claim(store, now=T0 + 1)
+    assert g2.id == "g2"
+    assert await store.retry("g1", now=T0 + 2)
+    tasks = {"t": TaskLimits(max_attempts=3, concurrency=10 if limited else None)}
+    retried = ClaimRequest(worker="w2", tasks=tasks, queues=None, limit=10, lease=30.0)
+    assert list(await store.claim(retried, now=T0 + 2)) == []
+    await store.finish([outcome(g2, OutcomeKind.SUCCEEDED)], now=T0 + 3)
+    assert [r.id for r in await store.claim(retried, now=T0 + 3)] == ["g1"]
+
+
 # -- finish ------------------------------------------------------------------------
 
 
