@@ -194,6 +194,56 @@ async def test_purging_queued_jobs_cancels_the_chains_behind_them(jobs: Jobs) ->
     assert [(await job.info()).status for job in chain.jobs[1:]] == ["cancelled"] * 2
 
 
+async def test_a_chain_member_cancelled_while_waiting_and_retried_waits_again(
+    jobs: Jobs,
+) -> None:
+    order: list[int] = []
+
+    @jobs.task
+    async def step(n: int) -> int:
+        order.append(n)
+        return n
+
+    chain = await jobs.chain(step.spec(1), step.spec(2))
+    second = chain.jobs[1]
+    assert await second.cancel()  # while it waits for the first
+    assert await jobs.retry(second.id)
+    assert (await second.info()).status == "waiting"  # not queued beside the first
+    await drain(jobs)
+    assert order == [1, 2]
+    assert await second.result(timeout=5) == 2
+
+
+async def test_a_batchs_on_complete_cancelled_and_retried_still_gets_the_counts(
+    jobs: Jobs,
+) -> None:
+    seen: list[BatchCounts] = []
+
+    @jobs.task
+    async def member(n: int) -> None: ...
+
+    @jobs.task
+    async def done(**kwargs: Any) -> None:
+        seen.append(kwargs["batch"])
+
+    batch = await jobs.batch([member.spec(1), member.spec(2)], on_complete=done.spec())
+    assert batch.on_complete is not None
+    assert await batch.on_complete.cancel()
+    assert await jobs.retry(batch.on_complete.id)  # members not finished: it waits again
+    assert (await batch.on_complete.info()).status == "waiting"
+    await drain(jobs)
+    assert seen == [{"id": batch.id, "total": 2, "succeeded": 2, "dead": 0, "cancelled": 0}]
+    # Retried once every member finished, it runs at once, with the counts.
+    assert await jobs.retry(batch.id) is False  # succeeded: nothing to retry
+    other = await jobs.batch([member.spec(3)], on_complete=done.spec())
+    assert other.on_complete is not None
+    assert await other.on_complete.cancel()
+    await drain(jobs)  # the member finishes; the cancelled on_complete is not released
+    assert await jobs.retry(other.id)
+    await drain(jobs)
+    assert seen[-1] == {"id": other.id, "total": 1, "succeeded": 1, "dead": 0, "cancelled": 0}
+
+
 async def test_chain_members_go_in_one_transaction_and_are_validated_first(jobs: Jobs) -> None:
     @jobs.task
     async def step(n: object) -> None: ...

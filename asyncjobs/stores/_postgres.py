@@ -282,6 +282,7 @@ class PostgresStore(_Connections):
             )
             if row is None:
                 return False
+            await sql.wait_again(conn, job_id, now)
             await notify(conn)
             return True
 

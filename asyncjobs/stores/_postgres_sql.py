@@ -297,6 +297,23 @@ async def finish(conn: Connection, outcomes: Sequence[Outcome], now: float) -> l
     return [o.job_id for o in outcomes if done.pop(o.job_id, None) is not None]
 
 
+async def wait_again(conn: Connection, job_id: str, now: float) -> None:
+    """A job retried by hand that was cancelled while it waited on others: a chain
+    member whose predecessor has not finished, or a batch's on_complete, waits again
+    and is released as it would have been (the on_complete at once, with the counts,
+    if every member has finished)."""
+    predecessor = await conn.fetchval(
+        "SELECT count(*) FROM asyncjobs_jobs WHERE chain_next = $1 "
+        "AND status IN ('waiting', 'scheduled', 'queued', 'running')",
+        job_id,
+    )
+    members = await conn.fetchval("SELECT count(*) FROM asyncjobs_jobs WHERE batch_id = $1", job_id)
+    if predecessor or members:
+        await conn.execute("UPDATE asyncjobs_jobs SET status = 'waiting' WHERE id = $1", job_id)
+    if members:
+        await release_dependents(conn, OutcomeKind.SUCCEEDED, None, job_id, now)
+
+
 async def release_dependents(
     conn: Connection,
     kind: str,

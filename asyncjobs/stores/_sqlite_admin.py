@@ -64,7 +64,29 @@ def _retry(db: sqlite3.Connection, job_id: str, now: float) -> bool:
         "WHERE id = ? AND status IN ('dead', 'cancelled') RETURNING id",
         (now, job_id),
     ).fetchone()
-    return row is not None
+    if row is None:
+        return False
+    _wait_again(db, job_id, now)
+    return True
+
+
+def _wait_again(db: sqlite3.Connection, job_id: str, now: float) -> None:
+    """A job retried by hand that was cancelled while it waited on others: a chain
+    member whose predecessor has not finished, or a batch's on_complete, waits again
+    and is released as it would have been (the on_complete at once, with the counts,
+    if every member has finished)."""
+    (predecessor,) = db.execute(
+        "SELECT count(*) FROM asyncjobs_jobs WHERE chain_next = ? "
+        "AND status IN ('waiting', 'scheduled', 'queued', 'running')",
+        (job_id,),
+    ).fetchone()
+    (members,) = db.execute(
+        "SELECT count(*) FROM asyncjobs_jobs WHERE batch_id = ?", (job_id,)
+    ).fetchone()
+    if predecessor or members:
+        db.execute("UPDATE asyncjobs_jobs SET status = 'waiting' WHERE id = ?", (job_id,))
+    if members:
+        _release_dependents(db, OutcomeKind.SUCCEEDED, None, job_id, now)
 
 
 def _snapshot(
