@@ -9,6 +9,7 @@ module can run ``make_jobs``/``jobs`` on both backends by overriding ``db_url``:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -52,6 +53,27 @@ def with_search_path(dsn: str, schema: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
+@contextlib.asynccontextmanager
+async def in_schema(schema: str) -> AsyncIterator[str]:
+    """The test server's URL with its connections in a new ``schema``, dropped after."""
+    import asyncpg
+
+    dsn = postgres_dsn()
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+    finally:
+        await conn.close()
+    try:
+        yield with_search_path(dsn, schema)
+    finally:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+
 @pytest.fixture
 async def postgres_url() -> AsyncIterator[str]:
     """A PostgreSQL URL whose connections use a fresh schema, dropped after the test.
@@ -59,21 +81,8 @@ async def postgres_url() -> AsyncIterator[str]:
     Each test gets its own schema, so tests (and helpers running tests at the same
     time on the same server) never see each other's jobs.
     """
-    import asyncpg
-
-    dsn = postgres_dsn()
-    schema = f"asyncjobs_test_{uuid.uuid4().hex[:16]}"
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(f'CREATE SCHEMA "{schema}"')
-    finally:
-        await conn.close()
-    yield with_search_path(dsn, schema)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
-    finally:
-        await conn.close()
+    async with in_schema(f"asyncjobs_test_{uuid.uuid4().hex[:16]}") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -21,6 +21,7 @@ from asyncjobs import (
     Jobs,
     JobStatus,
     Retry,
+    Task,
     current_job,
 )
 from asyncjobs.testing import FakeClock, drain
@@ -217,14 +218,7 @@ async def test_a_chain_member_cancelled_while_waiting_and_retried_waits_again(
 async def test_a_batchs_on_complete_cancelled_and_retried_still_gets_the_counts(
     jobs: Jobs,
 ) -> None:
-    seen: list[BatchCounts] = []
-
-    @jobs.task
-    async def member(n: int) -> None: ...
-
-    @jobs.task
-    async def done(**kwargs: Any) -> None:
-        seen.append(kwargs["batch"])
+    member, done, seen = counting_batch(jobs)
 
     batch = await jobs.batch([member.spec(1), member.spec(2)], on_complete=done.spec())
     assert batch.on_complete is not None
@@ -260,6 +254,20 @@ async def test_chain_members_go_in_one_transaction_and_are_validated_first(jobs:
 
 
 # -- batches -----------------------------------------------------------------------
+
+
+def counting_batch(jobs: Jobs) -> tuple[Task[[int], None], Task[..., None], list[BatchCounts]]:
+    """A no-op ``member`` task, and a ``done`` task that records the counts it gets."""
+    seen: list[BatchCounts] = []
+
+    @jobs.task
+    async def member(n: int) -> None: ...
+
+    @jobs.task
+    async def done(**kwargs: Any) -> None:
+        seen.append(kwargs["batch"])
+
+    return member, done, seen
 
 
 async def test_a_batch_runs_on_complete_once_with_the_counts(jobs: Jobs, clock: FakeClock) -> None:
@@ -335,14 +343,7 @@ async def test_a_batch_waits_for_a_member_that_is_retried(jobs: Jobs, clock: Fak
 
 
 async def test_a_batch_counts_cancelled_members_and_still_completes(jobs: Jobs) -> None:
-    seen: list[BatchCounts] = []
-
-    @jobs.task
-    async def member(n: int) -> None: ...
-
-    @jobs.task
-    async def done(**kwargs: Any) -> None:
-        seen.append(kwargs["batch"])
+    member, done, seen = counting_batch(jobs)
 
     batch = await jobs.batch([member.spec(n) for n in range(3)], on_complete=done.spec())
     assert await batch.jobs[1].cancel()
@@ -357,14 +358,7 @@ async def test_purging_a_batchs_queued_members_keeps_the_on_complete_they_releas
 ) -> None:
     """Purging cancels the members first, which releases on_complete (queued now): the
     purge deletes what matched before, not the job it just released."""
-    seen: list[BatchCounts] = []
-
-    @jobs.task
-    async def member(n: int) -> None: ...
-
-    @jobs.task
-    async def done(**kwargs: Any) -> None:
-        seen.append(kwargs["batch"])
+    member, done, seen = counting_batch(jobs)
 
     batch = await jobs.batch([member.spec(1), member.spec(2)], on_complete=done.spec())
     assert await jobs.purge(status="queued") == 2
@@ -375,14 +369,7 @@ async def test_purging_a_batchs_queued_members_keeps_the_on_complete_they_releas
 async def test_discarding_the_last_open_batch_member_still_completes_the_batch(
     jobs: Jobs, clock: FakeClock
 ) -> None:
-    seen: list[BatchCounts] = []
-
-    @jobs.task
-    async def member(n: int) -> None: ...
-
-    @jobs.task
-    async def done(**kwargs: Any) -> None:
-        seen.append(kwargs["batch"])
+    member, done, seen = counting_batch(jobs)
 
     batch = await jobs.batch(
         [member.spec(1), member.options(delay=60).spec(2)], on_complete=done.spec()

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import anyio
 import asyncpg
 import pytest
-from conftest import postgres_dsn, with_search_path
+from conftest import in_schema
 
 from asyncjobs import Jobs
 from asyncjobs.stores._postgres_sql import channel
@@ -24,20 +24,10 @@ NAMES = {
 
 @pytest.fixture(params=list(NAMES), ids=list(NAMES))
 async def schema_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
-    dsn = postgres_dsn()
     schema = NAMES[request.param].format(uuid.uuid4().hex[:6])
     assert len(schema.encode()) <= 63  # a valid name
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(f'CREATE SCHEMA "{schema}"')
-    finally:
-        await conn.close()
-    yield with_search_path(dsn, schema)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
-    finally:
-        await conn.close()
+    async with in_schema(schema) as url:
+        yield url
 
 
 async def test_an_enqueue_notifies_the_channel_that_workers_listen_on(schema_url: str) -> None:
