@@ -139,17 +139,19 @@ CHANNEL = (
     "THEN left('asyncjobs:' || current_schema(), 63) "
     "ELSE 'asyncjobs:' || md5(current_schema()) END"
 )
+_SELECT_CHANNEL = "SELECT " + CHANNEL
+_NOTIFY = "SELECT pg_notify(" + CHANNEL + ", '')"
 
 
 async def channel(conn: Connection) -> str:
     """The channel to LISTEN on for the inserts into this connection's schema."""
-    name: str = await conn.fetchval(f"SELECT {CHANNEL}")
+    name: str = await conn.fetchval(_SELECT_CHANNEL)
     return name
 
 
 async def notify(conn: Connection) -> None:
     """Wake listening workers when the surrounding transaction commits."""
-    await conn.execute(f"SELECT pg_notify({CHANNEL}, '')")
+    await conn.execute(_NOTIFY)
 
 
 async def claim(conn: Connection, request: ClaimRequest, now: float) -> list[JobRow]:
