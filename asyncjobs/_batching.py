@@ -129,6 +129,7 @@ class GroupCommit(Generic[T, R]):
                     cancelled = True
         if cancelled:
             raise asyncio.CancelledError
+        flush.result()  # an error of _lead's own surfaces here, not as a lost task's
 
     def _take_batch(self) -> list[_Waiter[T, R]]:
         batch = [w for w in self._queue if not w.future.cancelled()]
