@@ -276,13 +276,14 @@ class PostgresStore(_Connections):
         async def retry(conn: Connection) -> bool:
             row = await conn.fetchrow(
                 f"UPDATE asyncjobs_jobs SET {_REQUEUE} "  # noqa: S608 - constant
-                "WHERE id = $2 AND status IN ('dead', 'cancelled') RETURNING id",
+                "WHERE id = $2 AND status IN ('dead', 'cancelled') RETURNING attempts",
                 now,
                 job_id,
             )
             if row is None:
                 return False
-            await sql.wait_again(conn, job_id, now)
+            if row["attempts"] == 0:  # never ran: it may have been cancelled while it waited
+                await sql.wait_again(conn, job_id, now)
             await notify(conn)
             return True
 

@@ -300,10 +300,10 @@ async def finish(conn: Connection, outcomes: Sequence[Outcome], now: float) -> l
 
 
 async def wait_again(conn: Connection, job_id: str, now: float) -> None:
-    """A job retried by hand that was cancelled while it waited on others: a chain
+    """A job retried by hand that never ran, cancelled while it waited on others: a chain
     member whose predecessor has not finished, or a batch's on_complete, waits again
     and is released as it would have been (the on_complete at once, with the counts,
-    if every member has finished)."""
+    if every member has finished). Only for such jobs: ``chain_next`` has no index."""
     predecessor = await conn.fetchval(
         "SELECT count(*) FROM asyncjobs_jobs WHERE chain_next = $1 "
         "AND status IN ('waiting', 'scheduled', 'queued', 'running')",

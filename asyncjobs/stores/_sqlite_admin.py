@@ -61,20 +61,21 @@ def _recover(db: sqlite3.Connection, now: float) -> list[Recovered]:
 def _retry(db: sqlite3.Connection, job_id: str, now: float) -> bool:
     row = db.execute(
         f"UPDATE asyncjobs_jobs SET {_REQUEUE} "  # noqa: S608 - constant
-        "WHERE id = ? AND status IN ('dead', 'cancelled') RETURNING id",
+        "WHERE id = ? AND status IN ('dead', 'cancelled') RETURNING attempts",
         (now, job_id),
     ).fetchone()
     if row is None:
         return False
-    _wait_again(db, job_id, now)
+    if row[0] == 0:  # never ran: it may have been cancelled while it waited
+        _wait_again(db, job_id, now)
     return True
 
 
 def _wait_again(db: sqlite3.Connection, job_id: str, now: float) -> None:
-    """A job retried by hand that was cancelled while it waited on others: a chain
+    """A job retried by hand that never ran, cancelled while it waited on others: a chain
     member whose predecessor has not finished, or a batch's on_complete, waits again
     and is released as it would have been (the on_complete at once, with the counts,
-    if every member has finished)."""
+    if every member has finished). Only for such jobs: ``chain_next`` has no index."""
     (predecessor,) = db.execute(
         "SELECT count(*) FROM asyncjobs_jobs WHERE chain_next = ? "
         "AND status IN ('waiting', 'scheduled', 'queued', 'running')",
