@@ -215,6 +215,46 @@ async def test_a_chain_member_cancelled_while_waiting_and_retried_waits_again(
     assert await second.result(timeout=5) == 2
 
 
+async def test_a_chain_member_retried_after_its_predecessor_succeeded_gets_the_result(
+    jobs: Jobs,
+) -> None:
+    calls: list[int] = []
+
+    @jobs.task(retries=0)
+    async def fetch() -> int:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise RuntimeError("the API is down")
+        return 7
+
+    @jobs.task
+    async def publish(value: int) -> str:
+        return f"published {value}"
+
+    chain = await jobs.chain(fetch.spec(), publish.spec(), pass_result=True)  # type: ignore[call-arg]
+    first, second = chain.jobs
+    await drain(jobs)
+    assert [i.status for i in await chain.infos()] == ["dead", "cancelled"]
+    assert await jobs.retry(first.id)  # fixed; it succeeds, its follower stays cancelled
+    await drain(jobs)
+    assert await first.result(timeout=5) == 7
+    assert (await second.info()).status == "cancelled"
+    assert await jobs.retry(second.id)  # now the rest of the chain, by hand
+    await drain(jobs)
+    assert await second.result(timeout=5) == "published 7"
+    # Released with the result, then cancelled before it ran: a retry passes it once.
+    later = publish.options(delay=60)
+    chain = await jobs.chain(fetch.spec(), later.spec(), pass_result=True)  # type: ignore[call-arg]
+    first, second = chain.jobs
+    await drain(jobs)
+    assert (await second.info()).status == "scheduled"
+    assert await second.cancel()
+    assert await jobs.retry(second.id)
+    await drain(jobs)
+    assert (await second.info()).args == [7]
+    assert await second.result(timeout=5) == "published 7"
+
+
 async def test_a_batchs_on_complete_cancelled_and_retried_still_gets_the_counts(
     jobs: Jobs,
 ) -> None:

@@ -4,7 +4,8 @@ Chains and batches (``asyncjobs/_workflows.py``) mark a waiting job in its
 ``options`` JSON:
 
 - ``"pass_result": true`` on a chain member: when the member before it succeeds,
-  that member's result becomes this job's first positional argument;
+  that member's result becomes this job's first positional argument, and the flag
+  becomes ``"passed"`` so that a retry by hand never passes it twice;
 - ``"batch_counts": true`` on a batch's ``on_complete`` job: when the last member
   finishes, the job gets a ``batch`` keyword argument holding the counts
   (see ``batch_summary``).
@@ -66,6 +67,14 @@ def prepend_result(payload: str, result: str | None) -> str:
         return payload
     data["args"] = [value, *data.get("args", [])]
     return _dump(data)
+
+
+def pass_result(payload: str, options: str | None, result: str | None) -> tuple[str, str]:
+    """The payload and options of a chain member that wants ``result`` and now has it
+    (only for options where ``wants(options, RESULT_FLAG)`` holds)."""
+    parsed = json.loads(options or "{}")
+    parsed[RESULT_FLAG] = "passed"
+    return prepend_result(payload, result), _dump(parsed)
 
 
 def batch_summary(batch_id: str, counts: Mapping[str, int]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from asyncjobs.stores._admission import has_limits
-from asyncjobs.stores._dependents import COUNTS_FLAG, RESULT_FLAG, prepend_result, wants, with_batch
+from asyncjobs.stores._dependents import COUNTS_FLAG, RESULT_FLAG, pass_result, wants, with_batch
 from asyncjobs.stores._postgres_limits import choose as choose_limited
 from asyncjobs.stores._protocol import (
     Claimed,
@@ -302,16 +302,18 @@ async def finish(conn: Connection, outcomes: Sequence[Outcome], now: float) -> l
 async def wait_again(conn: Connection, job_id: str, now: float) -> None:
     """A job retried by hand that never ran, cancelled while it waited on others: a chain
     member whose predecessor has not finished, or a batch's on_complete, waits again
-    and is released as it would have been (the on_complete at once, with the counts,
-    if every member has finished). Only for such jobs: ``chain_next`` has no index."""
-    predecessor = await conn.fetchval(
-        "SELECT count(*) FROM asyncjobs_jobs WHERE chain_next = $1 "
-        "AND status IN ('waiting', 'scheduled', 'queued', 'running')",
-        job_id,
+    and is released as it would have been (at once if what it waited on is done: the
+    chain member with its predecessor's result, the on_complete with the counts).
+    Only for such jobs: ``chain_next`` has no index."""
+    predecessor = await conn.fetchrow(
+        "SELECT status, result FROM asyncjobs_jobs WHERE chain_next = $1", job_id
     )
     members = await conn.fetchval("SELECT count(*) FROM asyncjobs_jobs WHERE batch_id = $1", job_id)
-    if predecessor or members:
+    status, result = predecessor or (None, None)
+    if status in _UNFINISHED or status == "succeeded" or members:
         await conn.execute("UPDATE asyncjobs_jobs SET status = 'waiting' WHERE id = $1", job_id)
+    if status == "succeeded":
+        await release_dependents(conn, OutcomeKind.SUCCEEDED, job_id, None, now, result)
     if members:
         await release_dependents(conn, OutcomeKind.SUCCEEDED, None, job_id, now)
 
@@ -339,16 +341,17 @@ async def release_dependents(
                 chain_next,
             )
             if waiting is not None:
-                payload = waiting["payload"]
-                if wants(waiting["options"], RESULT_FLAG):
-                    payload = prepend_result(payload, result)
+                payload, options = waiting["payload"], waiting["options"]
+                if wants(options, RESULT_FLAG):
+                    payload, options = pass_result(payload, options, result)
                 await conn.execute(
-                    "UPDATE asyncjobs_jobs SET payload = $3, status = CASE WHEN run_at > $1 "
-                    "THEN 'scheduled' ELSE 'queued' END, run_at = greatest(run_at, $1) "
-                    "WHERE id = $2",
+                    "UPDATE asyncjobs_jobs SET payload = $3, options = $4, "
+                    "status = CASE WHEN run_at > $1 THEN 'scheduled' ELSE 'queued' END, "
+                    "run_at = greatest(run_at, $1) WHERE id = $2",
                     now,
                     chain_next,
                     payload,
+                    options,
                 )
                 await notify(conn)
         else:

@@ -71,21 +71,26 @@ def _retry(db: sqlite3.Connection, job_id: str, now: float) -> bool:
     return True
 
 
+_UNFINISHED = ("waiting", "scheduled", "queued", "running")
+
+
 def _wait_again(db: sqlite3.Connection, job_id: str, now: float) -> None:
     """A job retried by hand that never ran, cancelled while it waited on others: a chain
     member whose predecessor has not finished, or a batch's on_complete, waits again
-    and is released as it would have been (the on_complete at once, with the counts,
-    if every member has finished). Only for such jobs: ``chain_next`` has no index."""
-    (predecessor,) = db.execute(
-        "SELECT count(*) FROM asyncjobs_jobs WHERE chain_next = ? "
-        "AND status IN ('waiting', 'scheduled', 'queued', 'running')",
-        (job_id,),
+    and is released as it would have been (at once if what it waited on is done: the
+    chain member with its predecessor's result, the on_complete with the counts).
+    Only for such jobs: ``chain_next`` has no index."""
+    predecessor = db.execute(
+        "SELECT status, result FROM asyncjobs_jobs WHERE chain_next = ?", (job_id,)
     ).fetchone()
     (members,) = db.execute(
         "SELECT count(*) FROM asyncjobs_jobs WHERE batch_id = ?", (job_id,)
     ).fetchone()
-    if predecessor or members:
+    status, result = predecessor or (None, None)
+    if status in _UNFINISHED or status == "succeeded" or members:
         db.execute("UPDATE asyncjobs_jobs SET status = 'waiting' WHERE id = ?", (job_id,))
+    if status == "succeeded":
+        _release_dependents(db, OutcomeKind.SUCCEEDED, job_id, None, now, result)
     if members:
         _release_dependents(db, OutcomeKind.SUCCEEDED, None, job_id, now)
 

@@ -19,7 +19,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from asyncjobs.stores._dependents import (
     COUNTS_FLAG,
     RESULT_FLAG,
-    prepend_result,
+    pass_result,
     wants,
     with_batch,
 )
@@ -332,7 +332,12 @@ def _release_dependents(
         return
     if chain_next is not None:
         if kind == OutcomeKind.SUCCEEDED:
-            _rewrite_waiting(db, chain_next, RESULT_FLAG, lambda p: prepend_result(p, result))
+            row = _waiting(db, chain_next)
+            if row is not None and wants(row[1], RESULT_FLAG):
+                db.execute(
+                    "UPDATE asyncjobs_jobs SET payload = ?, options = ? WHERE id = ?",
+                    (*pass_result(row[0], row[1], result), chain_next),
+                )
             db.execute(
                 "UPDATE asyncjobs_jobs SET status = CASE WHEN run_at > ? THEN 'scheduled' "
                 "ELSE 'queued' END, run_at = max(run_at, ?) WHERE id = ? AND status = 'waiting'",
@@ -347,12 +352,13 @@ def _release_dependents(
             (batch_id,),
         ).fetchone()
         if left == 0:
-            _rewrite_waiting(
-                db,
-                batch_id,
-                COUNTS_FLAG,
-                lambda p: with_batch(p, batch_id, dict(_batch_counts(db, batch_id))),
-            )
+            row = _waiting(db, batch_id)
+            if row is not None and wants(row[1], COUNTS_FLAG):
+                counts = dict(_batch_counts(db, batch_id))
+                db.execute(
+                    "UPDATE asyncjobs_jobs SET payload = ? WHERE id = ?",
+                    (with_batch(row[0], batch_id, counts), batch_id),
+                )
             db.execute(
                 "UPDATE asyncjobs_jobs SET status = 'queued', run_at = ? "
                 "WHERE id = ? AND status = 'waiting'",
@@ -360,16 +366,13 @@ def _release_dependents(
             )
 
 
-def _rewrite_waiting(
-    db: sqlite3.Connection, job_id: str, flag: str, rewrite: Callable[[str], str]
-) -> None:
-    """Rewrite the payload of waiting job ``job_id`` if its options set ``flag``."""
+def _waiting(db: sqlite3.Connection, job_id: str) -> tuple[str, str | None] | None:
+    """The payload and options of job ``job_id`` if it is still waiting to be released."""
     row = db.execute(
         "SELECT payload, options FROM asyncjobs_jobs WHERE id = ? AND status = 'waiting'",
         (job_id,),
     ).fetchone()
-    if row is not None and wants(row[1], flag):
-        db.execute("UPDATE asyncjobs_jobs SET payload = ? WHERE id = ?", (rewrite(row[0]), job_id))
+    return None if row is None else (row[0], row[1])
 
 
 def _batch_counts(db: sqlite3.Connection, batch_id: str) -> list[tuple[str, int]]:

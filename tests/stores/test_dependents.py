@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from asyncjobs.stores import ClaimRequest, JobRow, NewJob, Outcome, OutcomeKind, Store, TaskLimits
-from asyncjobs.stores._dependents import prepend_result, wants, with_batch
+from asyncjobs.stores._dependents import pass_result, prepend_result, wants, with_batch
 
 T0 = 1_000_000.0
 EMPTY = '{"args":[],"kwargs":{}}'
@@ -111,6 +111,10 @@ def test_payload_helpers() -> None:
         "args": [None, 1],
         "kwargs": {},
     }
+    payload, options = pass_result('{"args":[1]}', '{"pass_result":true,"timeout":5}', "2")
+    assert json.loads(payload) == {"args": [2, 1]}
+    assert json.loads(options) == {"pass_result": "passed", "timeout": 5}
+    assert not wants(options, "pass_result")  # passed once, never again
     counts = {"succeeded": 2, "running": 1}
     assert json.loads(with_batch('{"args":[],"kwargs":{"batch":null}}', "b", counts)) == {
         "args": [],
