@@ -61,8 +61,11 @@ class _Lifecycle:
         if self._host in done:
             waiter.cancel()
             host, self._host = self._host, None
-            host.result()  # raises why it stopped
-            raise AsyncJobsError("the workers stopped while starting")
+            try:
+                host.result()  # raises why it stopped
+                raise AsyncJobsError("the workers stopped while starting")
+            finally:  # an open store's thread would keep the process from exiting
+                await self.store.close()
 
     async def _main(self, ready: anyio.Event) -> None:
         """Own every long-lived task of this ``Jobs``: loops and running jobs."""
@@ -126,6 +129,9 @@ class _Lifecycle:
                 self._host = None
 
     async def close(self) -> None:
-        """Stop the workers if they run, then close the store."""
-        await self.stop()
-        await self.store.close()
+        """Stop the workers if they run, then close the store (also when they crashed:
+        ``stop`` raises why)."""
+        try:
+            await self.stop()
+        finally:
+            await self.store.close()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
 
-from asyncjobs import Jobs, JobStatus
+from asyncjobs import Jobs, JobStatus, StoreError
 from asyncjobs._worker import run_worker
 from asyncjobs.testing import FakeClock, drain
 
@@ -93,5 +95,33 @@ async def test_run_worker_raises_when_the_workers_cannot_start(tmp_path: Path) -
     try:
         with anyio.fail_after(10), pytest.raises(RuntimeError, match="recovering leases broke"):
             await run_worker(worker)
+        # The store is closed too: its connection thread would keep the process alive.
+        assert not store_threads()
     finally:
         await worker.close()
+
+
+async def test_run_worker_closes_the_store_when_the_workers_crash(tmp_path: Path) -> None:
+    worker = Jobs("sqlite:///" + str(tmp_path / "jobs.db"), poll_interval=0.05)
+
+    @worker.task(name="noop")
+    async def noop() -> None: ...
+
+    async def heartbeat_loop(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        task_status.started()
+        await anyio.lowlevel.checkpoint()
+        raise StoreError("the store went away")
+
+    worker.runner.heartbeat_loop = heartbeat_loop  # type: ignore[method-assign]
+    try:
+        with anyio.fail_after(10), pytest.raises(ExceptionGroup) as crashed:
+            await run_worker(worker)
+        assert crashed.group_contains(StoreError, match="the store went away")
+        assert not store_threads()
+    finally:
+        await worker.close()
+
+
+def store_threads() -> list[str]:
+    """aiosqlite's connection threads still alive (not daemons: they hold the exit)."""
+    return [t.name for t in threading.enumerate() if "_connection_worker_thread" in t.name]
