@@ -94,7 +94,7 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
         self.runner = Runner(self)
         self.scheduler = Scheduler(self)
         self._inserts: GroupCommit[NewJob, str] = GroupCommit(self._flush_inserts)
-        self._result_events: dict[str, anyio.Event] = {}
+        self._result_events: dict[str, list[anyio.Event]] = {}
         self._host: asyncio.Task[None] | None = None
         self._stop_requested = anyio.Event()
 

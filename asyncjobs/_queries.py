@@ -33,7 +33,7 @@ class _Queries:
         store: Store
         runner: Runner
         _host: asyncio.Task[None] | None
-        _result_events: dict[str, anyio.Event]
+        _result_events: dict[str, list[anyio.Event]]
         settings: Settings
 
         @property
@@ -101,30 +101,43 @@ class _Queries:
     # -- results ---------------------------------------------------------------------
 
     def _notify_finished(self, job_id: str) -> None:
-        event = self._result_events.pop(job_id, None)
-        if event is not None:
+        for event in self._result_events.pop(job_id, ()):
             event.set()
 
     async def _wait_result(self, job_id: str, timeout: float | None) -> Any:
         """Wait (real time) for a job to finish: woken at once when it finishes here,
-        polling with backoff when another process runs it."""
+        polling with backoff when another process runs it. A ``timeout`` of 0 (or
+        less) reads the job once: its result if it has finished, else TimeoutError."""
         delay = 0.005
-        with anyio.fail_after(timeout):
-            while True:
-                event = self._result_events.setdefault(job_id, anyio.Event())
-                try:
-                    info = await self.get(job_id)
-                except StoreError:
-                    # The store is briefly unreachable (a PostgreSQL restart): keep
-                    # waiting until our own timeout rather than failing the waiter.
-                    logger.debug("reading job %s failed; retrying", job_id, exc_info=True)
-                else:
-                    if info is None:
-                        raise AsyncJobsError(f"job {job_id} does not exist (or was purged)")
-                    if info.status == JobStatus.SUCCEEDED:
-                        return info.result
-                    if info.status in FINISHED:
-                        raise JobFailed(job_id, info.status, info.error)
-                with anyio.move_on_after(delay):
-                    await event.wait()
-                delay = min(delay * 2, self.settings.poll_interval)
+        once = timeout is not None and timeout <= 0
+        event: anyio.Event | None = None  # this waiter's, in _result_events until set
+        try:
+            with anyio.fail_after(None if once else timeout):
+                while True:
+                    if event is None or event.is_set():  # before the read: no race
+                        event = anyio.Event()
+                        self._result_events.setdefault(job_id, []).append(event)
+                    try:
+                        info = await self.get(job_id)
+                    except StoreError:
+                        # The store is briefly unreachable (a PostgreSQL restart): keep
+                        # waiting until our own timeout rather than failing the waiter.
+                        logger.debug("reading job %s failed; retrying", job_id, exc_info=True)
+                    else:
+                        if info is None:
+                            raise AsyncJobsError(f"job {job_id} does not exist (or was purged)")
+                        if info.status == JobStatus.SUCCEEDED:
+                            return info.result
+                        if info.status in FINISHED:
+                            raise JobFailed(job_id, info.status, info.error)
+                    if once:
+                        raise TimeoutError
+                    with anyio.move_on_after(delay):
+                        await event.wait()
+                    delay = min(delay * 2, self.settings.poll_interval)
+        finally:  # a waiter that gives up leaves nothing behind
+            waiters = self._result_events.get(job_id, [])
+            if event in waiters:
+                waiters.remove(event)
+                if not waiters:
+                    del self._result_events[job_id]

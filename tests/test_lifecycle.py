@@ -82,6 +82,51 @@ async def test_result_raises_job_failed_for_a_dead_job(jobs: Jobs) -> None:
     assert (caught.value.job_id, caught.value.status) == (job.id, "dead")
 
 
+async def test_result_with_timeout_zero_reads_the_job_once(jobs: Jobs) -> None:
+    @jobs.task
+    async def answer() -> int:
+        return 42
+
+    job = await answer.enqueue()
+    with pytest.raises(TimeoutError):
+        await job.result(timeout=0)  # not run yet
+    await drain(jobs)
+    assert await job.result(timeout=0) == 42
+
+
+async def test_waiting_for_results_leaves_nothing_behind(make_jobs: MakeJobs) -> None:
+    jobs = make_jobs(poll_interval=0.01)
+
+    @jobs.task
+    async def answer(n: int) -> int:
+        return n
+
+    done = [await answer.enqueue(n) for n in range(3)]
+    await jobs.start()
+    for job in done:  # a status endpoint polled by clients reads finished jobs over and over
+        for _ in range(5):
+            assert await job.result(timeout=5) == done.index(job)
+    assert jobs._result_events == {}
+    # Two waiters on a job that finishes while they wait, and one that gives up.
+    await jobs.stop()
+    late, waiting = await answer.enqueue(99), await answer.enqueue(7)
+    results: list[int] = []
+
+    async def wait() -> None:
+        results.append(await waiting.result(timeout=5))
+
+    with pytest.raises(TimeoutError):
+        await late.result(timeout=0.01)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait)
+        tg.start_soon(wait)
+        await until(lambda: len(jobs._result_events.get(waiting.id, [])) == 2)
+        await jobs.start()
+    assert results == [7, 7]
+    assert jobs._result_events == {}
+    await jobs.stop()
+
+
 async def test_list_filters_by_status_and_returns_newest_first(
     jobs: Jobs, clock: FakeClock
 ) -> None:
