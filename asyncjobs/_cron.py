@@ -20,6 +20,7 @@ this module maps those wall-clock slots to instants, DST-correct:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
@@ -36,6 +37,11 @@ _MARGIN = timedelta(hours=3)
 map to an instant on the other side of ``t``."""
 
 _MAX_CANDIDATES = 100_000
+
+_Y2K = 946_684_800.0
+
+_RANDOM_FIELD = re.compile(r"(?<![a-z])[rh](?![a-z])", re.IGNORECASE)
+"""croniter's random (``R``) or hashed (``H``) value, not part of a name like MAR or THU."""
 
 
 class Slots(Protocol):
@@ -116,13 +122,23 @@ class Cron:
 
     def __post_init__(self) -> None:
         croniter = _croniter()
-        if not croniter.is_valid(str(self.expr)):
+        expr = str(self.expr)
+        fields = expr.split()
+        # croniter also takes six or seven fields (seconds last, then a year) and random
+        # or hashed fields (R, H): the first misreads a Quartz-style '0 0 2 * * *', the
+        # second would give each process (and each call) slots of its own.
+        if (
+            (len(fields) != 5 and not (len(fields) == 1 and expr.startswith("@")))
+            or _RANDOM_FIELD.search(expr)
+            or not croniter.is_valid(expr)
+        ):
             raise ConfigurationError(
                 f"invalid cron expression {self.expr!r}; expected five fields "
                 "'minute hour day month weekday' like '0 2 * * *', or '@daily'"
             )
         hours: list[object] = list(croniter(self.expr, datetime(2000, 1, 1)).expanded[1])
         object.__setattr__(self, "every_hour", str(hours[0]) == "*" or len(set(hours)) == 24)
+        self.next_after(_Y2K)  # one that never fires (February 30th) is refused here
 
     def _instants(self, wall: datetime) -> list[int]:
         """The instants a wall-clock slot fires at (none, one, or two in the repeated hour)."""
@@ -146,7 +162,10 @@ class Cron:
     def _walls(self, start: datetime, *, forward: bool) -> Iterator[datetime]:
         it = _croniter()(self.expr, start)
         for _ in range(_MAX_CANDIDATES):
-            yield it.get_next(datetime) if forward else it.get_prev(datetime)
+            try:
+                yield it.get_next(datetime) if forward else it.get_prev(datetime)
+            except ValueError:  # croniter's CroniterBadDateError: no such date for years
+                return
 
     def next_after(self, t: float) -> int:
         local = datetime.fromtimestamp(t, self.tz).replace(tzinfo=None)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asyncjobs._cron import Cron, Every, zone
+from asyncjobs._cron import Cron, Every, to_datetime, zone
 from asyncjobs._errors import ConfigurationError
 
 ROME = ZoneInfo("Europe/Rome")
@@ -72,10 +72,32 @@ def test_named_expressions_and_utc_work() -> None:
     )
 
 
-@pytest.mark.parametrize("expr", ["", "* * *", "60 * * * *", "0 25 * * *", "every day"])
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "", "* * *", "60 * * * *", "0 25 * * *", "every day", "@reboot",
+        "0 0 2 * * *",  # six fields: croniter reads seconds last, not 02:00:00 daily
+        "0 0 2 * * * 2026",
+        "R * * * *", "0 R(0-5) * * *",  # random: every process would pick its own slots
+        "H * * * *", "H/15 * * * *",
+    ],
+)  # fmt: skip
 def test_invalid_expressions_are_refused(expr: str) -> None:
     with pytest.raises(ConfigurationError, match="invalid cron expression"):
         Cron(expr, zone("UTC"))
+
+
+def test_an_expression_that_never_fires_is_refused_when_declared() -> None:
+    with pytest.raises(ConfigurationError, match="'0 0 30 2 \\*' never fires"):
+        Cron("0 0 30 2 *", zone("UTC"))  # February 30th
+    leap = Cron("0 0 29 2 *", zone("UTC"))  # once every four years is fine
+    assert to_datetime(leap.next_after(datetime(2026, 3, 1, tzinfo=UTC).timestamp())) == (
+        datetime(2028, 2, 29, tzinfo=UTC)
+    )
+    named = Cron("0 12 * MAR THU", zone("UTC"))  # names with R and H in them
+    assert to_datetime(named.next_after(datetime(2026, 1, 1, tzinfo=UTC).timestamp())) == (
+        datetime(2026, 3, 5, 12, tzinfo=UTC)
+    )
 
 
 ZONES = ["UTC", "Europe/Rome", "America/New_York", "Australia/Lord_Howe", "America/Santiago"]
