@@ -116,7 +116,7 @@ class _Execution:
             options: dict[str, Any] = json.loads(row.options) if row.options else {}
             if not isinstance(options, dict):
                 raise ValueError("options are not a JSON object")
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:  # the latter: nested too deep
             return self._outcome(
                 row, OutcomeKind.DEAD, error=f"the stored payload cannot be decoded: {error}"
             )
@@ -149,6 +149,10 @@ class _Execution:
                     timed_out = deadline.cancelled_caught
             except asyncio.CancelledError:
                 this = asyncio.current_task()
+                if this is not None and not this.cancelling() and not running.cancelled_by_user:
+                    # Nobody cancelled this task: the job's own code raised it (it awaited
+                    # something cancelled elsewhere). A failure, not shutdown.
+                    return self._failure(row, traceback.format_exc())
                 # Ours alone (cancel_local), not shutdown's too: the job ends cancelled.
                 if not running.cancelled_by_user or this is None or this.uncancel() > 0:
                     raise

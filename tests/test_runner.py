@@ -3,6 +3,7 @@ which settings apply, unknown tasks, corrupt rows, and workers in the loop."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sqlite3
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
-from asyncjobs import Jobs, JobStatus, Retry
+from asyncjobs import Jobs, JobStatus, Retry, current_job
 from asyncjobs._clock import SystemClock
 from asyncjobs.testing import FakeClock, drain
 
@@ -152,6 +153,34 @@ async def test_timeout_counts_as_a_failure(jobs: Jobs, clock: FakeClock) -> None
     info = await job.info()
     assert (info.status, info.attempts) == ("dead", 2)
     assert "ran longer than its 30.0s timeout" in (info.error or "")
+
+
+@pytest.mark.parametrize("timeout", [None, 30])
+async def test_a_cancelled_error_the_job_raises_itself_is_a_failure(
+    jobs: Jobs, clock: FakeClock, timeout: int | None
+) -> None:
+    runs: list[int] = []
+
+    @jobs.task(retries=1, timeout=timeout)
+    async def awaits_a_cancelled_future() -> None:
+        runs.append(current_job().attempt)
+        if len(runs) > 5:  # without the fix it ran again at once, forever
+            raise RuntimeError("ran again and again")
+        future = asyncio.get_running_loop().create_future()
+        future.cancel()  # by someone else, e.g. a connection pool giving up a request
+        await future  # nobody cancelled this job: it is not shutdown, it failed
+
+    job = await awaits_a_cancelled_future.enqueue()
+    with anyio.fail_after(5):
+        await drain(jobs)
+    info = await job.info()
+    assert (info.status, info.attempts, runs) == ("scheduled", 1, [1])  # backing off
+    assert "CancelledError" in (info.error or "")
+    clock.advance(info.run_at.timestamp() - clock.now() + 1)
+    with anyio.fail_after(5):
+        await drain(jobs)
+    info = await job.info()
+    assert (info.status, info.attempts, runs) == ("dead", 2, [1, 2])
 
 
 async def test_manual_retry_of_a_dead_job_gives_one_more_attempt(jobs: Jobs) -> None:
@@ -396,6 +425,14 @@ async def test_corrupt_payload_sends_the_job_to_dead_without_a_crash_loop(
     assert ran == [2]
     await drain(jobs)
     assert (await bad.info()).attempts == 1
+    # Nested deeper than the decoder goes: corrupt too, not a failure to retry.
+    deep = await t.enqueue(3)
+    run_sql(db_url, "UPDATE asyncjobs_jobs SET payload = ? WHERE id = ?", ("[" * 100_000, deep.id))
+    await drain(jobs)
+    info = await deep.info()
+    assert (info.status, info.attempts) == ("dead", 1)
+    assert "payload cannot be decoded" in (info.error or "")
+    assert ran == [2]
 
 
 async def test_corrupt_options_send_the_job_to_dead_and_do_not_block_claims(
