@@ -32,7 +32,7 @@ def wants(options: str | None, flag: str) -> bool:
         return False
     try:
         parsed = json.loads(options)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return isinstance(parsed, dict) and parsed.get(flag) is True
 
@@ -41,7 +41,7 @@ def _load(payload: str) -> dict[str, Any] | None:
     """The payload's object, or None when it is not what enqueue writes."""
     try:
         parsed = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(parsed, dict):
         return None
@@ -61,7 +61,7 @@ def prepend_result(payload: str, result: str | None) -> str:
     data = _load(payload)
     try:
         value = None if result is None else json.loads(result)
-    except ValueError:
+    except (ValueError, RecursionError):
         return payload  # a corrupt result: the job runs without it and fails visibly
     if data is None:
         return payload

@@ -122,7 +122,8 @@ def test_payload_helpers() -> None:
     }
     # A payload that is not what enqueue writes is left as it is (the runner sends the
     # job dead when it cannot decode it); so is one whose result cannot be read.
-    for corrupt in ("[]", "{not json", '{"args": 5}', '{"args": [], "kwargs": [1]}'):
+    deep = "[" * 100_000  # deeper than the decoder goes
+    for corrupt in ("[]", "{not json", '{"args": 5}', '{"args": [], "kwargs": [1]}', deep):
         assert prepend_result(corrupt, "1") == corrupt
         assert with_batch(corrupt, "b", counts) == corrupt
     assert prepend_result('{"args":[]}', "{not json") == '{"args":[]}'

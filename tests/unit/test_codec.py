@@ -101,6 +101,21 @@ def test_too_deep_nesting_is_refused() -> None:
         value = [value]
     with pytest.raises(NotSerializable, match="nested more than 200"):
         encode(value)
+    with pytest.raises(NotSerializable, match=r"argument 0 of task 't'.* nested more than 200"):
+        encode_payload([value], {}, max_bytes=10_000, task="t")
+
+
+@pytest.mark.parametrize("depth", [199, 200, 201])
+def test_the_depth_limit_is_the_same_for_an_argument_and_a_value(depth: int) -> None:
+    value: Any = "leaf"
+    for _ in range(depth):
+        value = [value]
+    if depth <= 200:  # the leaf is 200 levels down at most
+        encode(value)
+        encode_payload([value], {"k": value}, max_bytes=100_000, task="t")
+    else:
+        with pytest.raises(NotSerializable, match="keyword argument 'k' of task 't'"):
+            encode_payload([], {"k": value}, max_bytes=100_000, task="t")
 
 
 def test_encode_payload_names_the_bad_argument() -> None:
