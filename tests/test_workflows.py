@@ -24,6 +24,7 @@ from asyncjobs import (
     Task,
     current_job,
 )
+from asyncjobs._retention import prune_expired
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]
@@ -380,6 +381,28 @@ async def test_a_batch_waits_for_a_member_that_is_retried(jobs: Jobs, clock: Fak
     assert len(tries) == 2
     assert seen == [{"id": batch.id, "total": 3, "succeeded": 3, "dead": 0, "cancelled": 0}]
     assert await batch.results(timeout=5) == [0, 1, 2]
+
+
+async def test_pruning_keeps_a_batchs_finished_members_while_its_on_complete_waits(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    jobs = make_jobs(retention=3600)
+    member, done, seen = counting_batch(jobs)
+    slow = member.options(delay=4 * 3600)  # a slow or backing-off member
+    batch = await jobs.batch(
+        [member.spec(1), member.spec(2), slow.spec(3)], on_complete=done.spec()
+    )
+    lone = await member.enqueue(4)
+    await drain(jobs)
+    clock.advance(2 * 3600)
+    assert await prune_expired(jobs) == 1  # the lone job; the batch's two are kept
+    assert await jobs.get(lone.id) is None
+    assert (await batch.progress()).done == 2
+    clock.advance(3 * 3600)
+    await drain(jobs)
+    assert seen == [{"id": batch.id, "total": 3, "succeeded": 3, "dead": 0, "cancelled": 0}]
+    clock.advance(2 * 3600)
+    assert await prune_expired(jobs) == 4  # once on_complete ran: members and on_complete
 
 
 async def test_a_batch_counts_cancelled_members_and_still_completes(jobs: Jobs) -> None:

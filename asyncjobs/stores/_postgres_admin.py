@@ -144,27 +144,24 @@ async def record_worker(conn: Connection, beat: WorkerBeat, now: float) -> None:
     )
 
 
+_PRUNE = (
+    "DELETE FROM asyncjobs_jobs WHERE seq IN (SELECT seq FROM asyncjobs_jobs AS j "
+    "WHERE finished_at < $1 AND status IN ({statuses}) "
+    # A batch's on_complete that still waits counts its members when the last ends.
+    "AND (batch_id IS NULL OR NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS b "
+    "WHERE b.id = j.batch_id AND b.status = 'waiting')) LIMIT $2)"
+)
+_PRUNE_FINISHED = _PRUNE.format(statuses="'succeeded', 'cancelled'")
+_PRUNE_DEAD = _PRUNE.format(statuses="'dead'")
+
+
 async def prune(
     conn: Connection, finished_before: float, dead_before: float, workers_before: float,
     limit: int,
 ) -> int:  # fmt: skip
-    deleted = _count(
-        await conn.execute(
-            "DELETE FROM asyncjobs_jobs WHERE seq IN (SELECT seq FROM asyncjobs_jobs "
-            "WHERE finished_at < $1 AND status IN ('succeeded', 'cancelled') LIMIT $2)",
-            finished_before,
-            limit,
-        )
-    )
+    deleted = _count(await conn.execute(_PRUNE_FINISHED, finished_before, limit))
     if deleted < limit:
-        deleted += _count(
-            await conn.execute(
-                "DELETE FROM asyncjobs_jobs WHERE seq IN (SELECT seq FROM asyncjobs_jobs "
-                "WHERE finished_at < $1 AND status = 'dead' LIMIT $2)",
-                dead_before,
-                limit - deleted,
-            )
-        )
+        deleted += _count(await conn.execute(_PRUNE_DEAD, dead_before, limit - deleted))
     await conn.execute("DELETE FROM asyncjobs_workers WHERE last_seen_at < $1", workers_before)
     return deleted
 

@@ -177,23 +177,24 @@ def _record_worker(db: sqlite3.Connection, beat: WorkerBeat, now: float) -> None
     )
 
 
+_PRUNE = (
+    "DELETE FROM asyncjobs_jobs WHERE seq IN (SELECT seq FROM asyncjobs_jobs AS j "
+    "INDEXED BY asyncjobs_jobs_finished WHERE finished_at < ? AND status IN ({statuses}) "
+    # A batch's on_complete that still waits counts its members when the last ends.
+    "AND (batch_id IS NULL OR NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS b "
+    "WHERE b.id = j.batch_id AND b.status = 'waiting')) LIMIT ?)"
+)
+_PRUNE_FINISHED = _PRUNE.format(statuses="'succeeded', 'cancelled'")
+_PRUNE_DEAD = _PRUNE.format(statuses="'dead'")
+
+
 def _prune(
     db: sqlite3.Connection, finished_before: float, dead_before: float, workers_before: float,
     limit: int,
 ) -> int:  # fmt: skip
-    deleted = db.execute(
-        "DELETE FROM asyncjobs_jobs WHERE seq IN (SELECT seq FROM asyncjobs_jobs "
-        "INDEXED BY asyncjobs_jobs_finished WHERE finished_at < ? "
-        "AND status IN ('succeeded', 'cancelled') LIMIT ?)",
-        (finished_before, limit),
-    ).rowcount
+    deleted = db.execute(_PRUNE_FINISHED, (finished_before, limit)).rowcount
     if deleted < limit:
-        deleted += db.execute(
-            "DELETE FROM asyncjobs_jobs WHERE seq IN (SELECT seq FROM asyncjobs_jobs "
-            "INDEXED BY asyncjobs_jobs_finished WHERE finished_at < ? AND status = 'dead' "
-            "LIMIT ?)",
-            (dead_before, limit - deleted),
-        ).rowcount
+        deleted += db.execute(_PRUNE_DEAD, (dead_before, limit - deleted)).rowcount
     db.execute("DELETE FROM asyncjobs_workers WHERE last_seen_at < ?", (workers_before,))
     return int(deleted)
 
