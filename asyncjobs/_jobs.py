@@ -323,7 +323,7 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
             except BaseException:
                 self.runner.unreserve(new)
                 raise
-        if self._host is not None and not all(j.worker for j in new):
+        if not all(j.worker for j in new):  # for the workers, or a drain() running
             self.runner.wake()
         return ids
 

@@ -325,11 +325,12 @@ class Runner(_Leases, _Execution):
         self._context = contextvars.copy_context()
         try:
             while True:
+                self._wakeup = asyncio.Event()  # a job's end, or one enqueued by a job
                 if await self.claim() or self._outbox:
                     continue
                 if not self.running and not self._ready:
                     break
-                await self._slot_freed.wait()
+                await self._wakeup.wait()
         finally:
             with anyio.CancelScope(shield=True):
                 await self.cancel_running()  # drain itself was cancelled
