@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import anyio
 import pytest
 
 from asyncjobs import Jobs, JobStatus
@@ -67,6 +68,62 @@ async def test_jobs_that_already_ran_still_count_as_enqueued(jobs: Jobs) -> None
     await noop.enqueue(1)
     await drain(jobs)
     assert (await assert_enqueued(jobs, noop, n=1)).status == JobStatus.SUCCEEDED
+
+
+async def test_assertions_see_defaults_and_tell_true_from_1(jobs: Jobs) -> None:
+    @jobs.task(name="send")
+    async def send(
+        user_id: int, address: str = "admin@example.com", urgent: object = 0
+    ) -> None: ...
+
+    await send.enqueue(1)  # the task receives address="admin@example.com"
+    await send.enqueue(2, urgent=1)
+    await assert_enqueued(jobs, send, 1, address="admin@example.com")
+    with pytest.raises(AssertionError, match="expected no job"):
+        await assert_not_enqueued(jobs, send, 1, address="admin@example.com")
+    await assert_not_enqueued(jobs, send, 1, address="other@example.com")
+    await assert_enqueued(jobs, send, 2, urgent=1)
+    await assert_not_enqueued(jobs, send, urgent=True)  # JSON keeps true and 1 apart
+    await assert_not_enqueued(jobs, send, urgent=1.0)
+    with pytest.raises(AssertionError, match="expected a job"):
+        await assert_enqueued(jobs, send, 2, urgent=True)
+
+
+async def test_drain_runs_a_job_that_a_running_job_enqueues_and_waits_for(jobs: Jobs) -> None:
+    @jobs.task
+    async def child() -> int:
+        return 41
+
+    @jobs.task
+    async def parent() -> int:
+        job = await child.enqueue()
+        return await job.result(timeout=5) + 1
+
+    job = await parent.enqueue()
+    with anyio.fail_after(10):
+        await drain(jobs)
+    assert await job.result(timeout=0) == 42
+
+
+async def test_what_a_test_registers_on_a_replaced_store_is_gone_after_it(
+    tmp_path: Path,
+) -> None:
+    app_jobs = Jobs("sqlite:///" + str(tmp_path / "app.db"))
+    app_jobs.limiter("smtp", "10/s")
+
+    @app_jobs.task(name="send_email")
+    async def send_email(to: str) -> None: ...
+
+    for n in range(2):  # two tests in a row, each registering its own helpers
+        async with replace_store(app_jobs, f"sqlite:///{tmp_path}/t{n}.db") as jobs:
+
+            @jobs.task(name="fake_webhook")
+            async def fake_webhook() -> None: ...
+
+            jobs.limiter("test-only", "1/s")
+            assert sorted(jobs.registry) == ["fake_webhook", "send_email"]
+        assert sorted(app_jobs.registry) == ["send_email"]
+        assert sorted(app_jobs.limiters) == ["smtp"]
 
 
 async def test_replace_store_runs_the_apps_own_tasks_on_a_test_store_and_restores_it(

@@ -82,11 +82,23 @@ def _matches(
         want = _bind(definition, expected_args, expected_kwargs, partial=True)
         have = _bind(definition, info.args, info.kwargs, partial=False)
         if want is not None and have is not None:
-            return all(have.get(key, _NOTHING) == value for key, value in want.items())
+            return all(_same(have.get(key, _NOTHING), value) for key, value in want.items())
     # No signature to go by: positional arguments must be equal, named ones a subset.
-    if expected_args and info.args != expected_args:
+    if expected_args and not _same(info.args, expected_args):
         return False
-    return all(info.kwargs.get(key, _NOTHING) == value for key, value in expected_kwargs.items())
+    return all(
+        _same(info.kwargs.get(key, _NOTHING), value) for key, value in expected_kwargs.items()
+    )
+
+
+def _same(have: Any, want: Any) -> bool:
+    """Equal as JSON: unlike ``==``, true is not 1 and 1.0 is not 1."""
+    if have is _NOTHING:
+        return False
+    try:
+        return json.dumps(have, sort_keys=True) == json.dumps(want, sort_keys=True)
+    except (TypeError, ValueError):  # not JSON, so never stored: only == can say
+        return bool(have == want)
 
 
 def _bind(
@@ -100,6 +112,8 @@ def _bind(
         )
     except (TypeError, ValueError):
         return None
+    if not partial:  # what the task receives, its defaults included
+        bound.apply_defaults()
     named: dict[str, Any] = {}
     for key, value in bound.arguments.items():
         if signature.parameters[key].kind is inspect.Parameter.VAR_KEYWORD:

@@ -32,11 +32,12 @@ async def replace_store(jobs: Jobs, url: str, *, clock: Clock | None = None) -> 
     }
     Jobs.__init__(jobs, url, clock=clock or settings.clock, **options)
     fresh = vars(jobs)
-    _carry_registrations(saved, fresh)
+    copies: dict[int, Any] = {}  # a container shared by two holders stays shared
+    _carry_registrations(saved, fresh, copies)
     for name, value in saved.items():
         component = fresh.get(name)
         if type(component) is type(value) and hasattr(value, "__dict__") and value is not jobs:
-            _carry_registrations(vars(value), vars(component))  # e.g. the scheduler's entries
+            _carry_registrations(vars(value), vars(component), copies)  # the scheduler's too
     try:
         yield jobs
     finally:
@@ -47,12 +48,17 @@ async def replace_store(jobs: Jobs, url: str, *, clock: Clock | None = None) -> 
             fresh.update(saved)
 
 
-def _carry_registrations(saved: dict[str, Any], fresh: dict[str, Any]) -> None:
+def _carry_registrations(
+    saved: dict[str, Any], fresh: dict[str, Any], copies: dict[int, Any]
+) -> None:
     """Registrations (tasks, queue limits, limiters, schedules) live in containers that a
-    new instance starts with empty: carry those over, take everything else fresh."""
+    new instance starts with empty: carry copies over (what the block registers ends
+    with it), take everything else fresh."""
     for name, value in saved.items():
         if _is_registration(value, fresh.get(name)):
-            fresh[name] = value
+            if id(value) not in copies:
+                copies[id(value)] = type(value)(value)
+            fresh[name] = copies[id(value)]
 
 
 def _is_registration(saved: object, fresh: object) -> bool:
