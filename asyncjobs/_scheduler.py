@@ -9,9 +9,12 @@ schedule; ``jobs.drain()`` runs one ``tick`` first, so tests with a ``FakeClock`
 drive schedules by advancing the clock and draining.
 
 Missed slots: the first tick of a process looks up the last slot this schedule
-ran in the store. If slots passed since then (the app was down), the most recent
-one runs once at start when ``catch_up=True`` (the default) and none runs when
-``catch_up=False``. A schedule never seen in the store has nothing to catch up.
+enqueued, which the store records apart from the jobs (``Store.last_slot``), so
+pruning finished jobs never loses it; a schedule recorded before that existed falls
+back to the idempotency keys of its recent jobs. If slots passed since then (the app
+was down), the most recent one runs once at start when ``catch_up=True`` (the
+default) and none runs when ``catch_up=False``. A schedule never seen in the store
+has nothing to catch up.
 Later ticks enqueue the most recent slot that passed since the previous tick; if
 several passed at once (the process was frozen), they are coalesced into one run.
 """
@@ -129,6 +132,7 @@ class Scheduler:
         """
         now = self.clock.now()
         due: list[JobSpec[Any]] = []
+        slots: list[tuple[str, int]] = []
         for name, schedule in self._schedules.items():
             latest = schedule.slots.latest_at_or_before(now)
             if latest is None:
@@ -153,14 +157,23 @@ class Scheduler:
                 idempotency_key=slot_key(name, latest),
             )
             due.append(dataclasses.replace(spec, options=options))
+            slots.append((name, latest))
         if due:
             await self.jobs.enqueue_many(due)
+            # After the insert: a crash in between leaves an older record, and the
+            # slot's idempotency key still stops a second job at the next start.
+            for name, slot in slots:
+                await self.jobs.store.last_slot(name, slot)
         for schedule in self._schedules.values():
             schedule.cursor = now
         return len(due)
 
     async def _last_slot(self, task: str, now: float) -> int | None:
-        """The latest slot of ``task`` stored (from the idempotency keys of its jobs)."""
+        """The latest slot of ``task`` recorded, else (recorded by an older version)
+        the latest in the idempotency keys of its jobs."""
+        recorded = await self.jobs.store.last_slot(task)
+        if recorded is not None:
+            return recorded
         prefix = f"cron:{task}:"
         before: int | None = None
         seen = 0

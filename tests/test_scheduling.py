@@ -10,11 +10,13 @@ import anyio
 import pytest
 
 from asyncjobs import ConfigurationError, Job, Jobs, JobStatus, ScheduleInfo
+from asyncjobs._retention import prune_expired
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]
 
 ROME = ZoneInfo("Europe/Rome")
+DAY = 86_400
 
 
 def at(year: int, month: int, day: int, hour: int, minute: int, tz: tzinfo = ROME) -> float:
@@ -167,6 +169,55 @@ async def test_after_downtime_the_most_recent_missed_slot_runs_once_at_start(
     clock.advance(3600)  # and the schedule goes on
     await drain(second)
     assert len(runs) == 3
+
+
+async def test_after_downtime_longer_than_retention_the_missed_slot_still_runs(
+    make_jobs: MakeJobs, db_url: str, clock: FakeClock
+) -> None:
+    clock.advance(DAY - clock.now() % DAY + 120)
+    first = make_jobs(db_url, retention=3600)
+    runs: list[float] = []
+    register_counter(first, runs, every=DAY)
+    await run_for([first], clock, DAY, 3600)
+    assert len(runs) == 1
+    clock.advance(2 * 3600)
+    await prune_expired(first)  # the slot's job is gone, as a weekly prune would do
+    assert await first.list(task="tick") == []
+    await first.close()
+    clock.advance(2 * DAY)  # down over two slots
+    second = make_jobs(db_url)
+    register_counter(second, runs, every=DAY)
+    await drain(second)
+    assert runs[1:] == [clock.now()]  # the latest missed slot, once
+
+
+async def test_a_pruned_slot_is_not_run_again_after_a_restart(
+    make_jobs: MakeJobs, db_url: str, clock: FakeClock
+) -> None:
+    """An older slot kept longer (dead) than the newer one (succeeded, pruned) is not
+    taken for the last that ran: the newer one is not run a second time."""
+    clock.advance(DAY - clock.now() % DAY - 60)  # a minute before midnight
+    first = make_jobs(db_url, retention=3600, dead_retention=30 * DAY)
+    runs: list[float] = []
+
+    @first.periodic(every=DAY, name="payout", retries=0)
+    async def payout() -> None:
+        runs.append(first.clock.now())
+        if len(runs) == 1:
+            raise RuntimeError("bank offline")
+
+    await drain(first)
+    await run_for([first], clock, DAY + 3600, 3600)  # two slots: dead, then succeeded
+    assert len(runs) == 2
+    clock.advance(2 * 3600)
+    await prune_expired(first)
+    assert [i.status for i in await first.list(task="payout")] == ["dead"]
+    await first.close()
+    clock.advance(3600)  # a restart the same day: no slot missed
+    second = make_jobs(db_url)
+    second.periodic(every=DAY, name="payout")(payout.fn)
+    await drain(second)
+    assert len(runs) == 2
 
 
 async def test_after_downtime_missed_slots_are_skipped_without_catch_up(

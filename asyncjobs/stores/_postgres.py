@@ -50,6 +50,7 @@ from asyncjobs.stores._postgres_sql import (
     notify,
 )
 from asyncjobs.stores._protocol import (
+    SLOT_KEY,
     ClaimRequest,
     Inserted,
     JobRow,
@@ -397,6 +398,10 @@ class PostgresStore(_Connections):
 
     async def meta(self, key: str, default: str) -> str:
         return await self._run("meta", lambda conn: admin.meta(conn, key, default))
+
+    async def last_slot(self, schedule: str, slot: int | None = None) -> int | None:
+        key = SLOT_KEY + schedule
+        return await self._run("last_slot", lambda conn: admin.last_slot(conn, key, slot))
 
 
 # A deletion (discard, purge) of the jobs matching a condition: _UNFINISHED + condition

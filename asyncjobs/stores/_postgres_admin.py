@@ -166,6 +166,18 @@ async def prune(
     return deleted
 
 
+async def last_slot(conn: Connection, key: str, slot: int | None) -> int | None:
+    if slot is not None:
+        await conn.execute(
+            "INSERT INTO asyncjobs_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE "
+            "SET value = greatest(asyncjobs_meta.value::bigint, excluded.value::bigint)::text",
+            key,
+            str(slot),
+        )
+    value = await conn.fetchval("SELECT value FROM asyncjobs_meta WHERE key = $1", key)
+    return None if value is None else int(value)
+
+
 async def meta(conn: Connection, key: str, default: str) -> str:
     await conn.execute(
         "INSERT INTO asyncjobs_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",

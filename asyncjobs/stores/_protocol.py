@@ -18,6 +18,9 @@ from typing import Any, NamedTuple, Protocol
 
 from asyncjobs._ratelimit import RateLimit
 
+SLOT_KEY = "schedule:"
+"""The ``asyncjobs_meta`` key of a schedule's last slot: this, then the schedule's name."""
+
 
 class NewJob(NamedTuple):
     """A job to insert. ``payload`` and ``options`` are JSON text.
@@ -323,6 +326,12 @@ class Store(Protocol):
 
     async def meta(self, key: str, default: str) -> str:
         """The shared value stored under ``key``, storing ``default`` first if absent."""
+        ...
+
+    async def last_slot(self, schedule: str, slot: int | None = None) -> int | None:
+        """The latest slot (epoch seconds) recorded for ``schedule``, or None; with
+        ``slot``, record it first (a later slot already recorded is kept). Kept apart
+        from the jobs, so pruning their rows never loses it."""
         ...
 
 

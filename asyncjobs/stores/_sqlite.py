@@ -33,6 +33,7 @@ import anyio.to_thread
 
 from asyncjobs._errors import ConfigurationError, StoreError
 from asyncjobs.stores._protocol import (
+    SLOT_KEY,
     ClaimRequest,
     Inserted,
     JobRow,
@@ -44,6 +45,7 @@ from asyncjobs.stores._protocol import (
 )
 from asyncjobs.stores._sqlite_admin import (
     _REQUEUE,
+    _last_slot,
     _meta,
     _prune,
     _record_worker,
@@ -495,6 +497,9 @@ class SQLiteStore:
 
     async def meta(self, key: str, default: str) -> str:
         return await self._transaction(_meta, key, default)
+
+    async def last_slot(self, schedule: str, slot: int | None = None) -> int | None:
+        return await self._transaction(_last_slot, SLOT_KEY + schedule, slot)
 
 
 # -- the functions below run in the connection thread, inside a transaction ---------

@@ -199,6 +199,18 @@ def _prune(
     return int(deleted)
 
 
+def _last_slot(db: sqlite3.Connection, key: str, slot: int | None) -> int | None:
+    if slot is not None:
+        db.execute(
+            "INSERT INTO asyncjobs_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
+            "SET value = CAST(max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER)) "
+            "AS TEXT)",
+            (key, str(slot)),
+        )
+    row = db.execute("SELECT value FROM asyncjobs_meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else int(row[0])
+
+
 def _meta(db: sqlite3.Connection, key: str, default: str) -> str:
     db.execute(
         "INSERT INTO asyncjobs_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",

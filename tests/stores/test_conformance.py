@@ -838,6 +838,11 @@ async def test_operations_snapshot_prune_meta_retry_dead_delete(store: Store) ->
     ]
     assert await store.meta("k", "first") == "first"
     assert await store.meta("k", "second") == "first"
+    assert await store.last_slot("nightly") is None
+    assert await store.last_slot("nightly", 1_800_000_000) == 1_800_000_000
+    assert await store.last_slot("nightly", 1_700_000_000) == 1_800_000_000  # later kept
+    assert await store.last_slot("hourly", 1_799_996_400) == 1_799_996_400
+    assert await store.last_slot("nightly") == 1_800_000_000
     assert await store.retry_dead(queue=None, task="t", now=T0 + 31) == 1
     assert await status(store, "b") == "queued"
     assert (
