@@ -60,9 +60,10 @@ def _dumps(value: Any) -> str:
 _SCALARS = (str, int, bool, type(None))
 
 
-def _problem(value: Any) -> str | None:
-    """Describe the first part of ``value`` that strict JSON refuses, or None."""
-    found = _refused(value, 0)
+def _problem(value: Any, depth: int = 0) -> str | None:
+    """Describe the first part of ``value`` that strict JSON refuses, or None
+    (``depth``: the levels ``value`` is nested in, counted towards the limit)."""
+    found = _refused(value, depth)
     if found is None:
         return None
     steps, reason = found
@@ -124,15 +125,18 @@ def _surrogate_pair(value: Any) -> str | None:
     return None
 
 
-def encode(value: JSON, *, what: str = "value") -> str:
-    """Encode one value strictly; raise ``NotSerializable`` naming ``what``."""
+def encode(value: JSON, *, what: str = "value", depth: int = 0) -> str:
+    """Encode one value strictly; raise ``NotSerializable`` naming ``what``
+    (``depth``: the levels ``value`` will be nested in, counted towards the limit)."""
     try:
         text = _dumps(value)
-        if _decode(text) == value and _problem(value) is None:
+        if _decode(text) == value and _problem(value, depth) is None:
             return text
     except (TypeError, ValueError, RecursionError):
         pass
-    reason = _problem(value) or _surrogate_pair(value) or "it does not round-trip through JSON"
+    reason = (
+        _problem(value, depth) or _surrogate_pair(value) or "it does not round-trip through JSON"
+    )
     raise NotSerializable(f"{what} cannot be stored as JSON: {reason}")
 
 
@@ -150,17 +154,18 @@ def encode_payload(
     payload = {"args": list(args), "kwargs": dict(kwargs)}
     try:
         text = _dumps(payload)
-        ok = _refused(payload, -2) is None  # each argument counts from 0, as in encode()
+        ok = _refused(payload, 0) is None
         if ok and "\\ud" in text:
             # surrogate escapes: a pair of lone surrogates would read back as one character
             ok = _decode(text) == payload
     except (TypeError, ValueError, RecursionError):
         ok = False
     if not ok:
+        # Each argument sits two levels down: {"args": [...]} and {"kwargs": {...}}.
         for index, arg in enumerate(args):
-            encode(arg, what=f"argument {index} of task {task!r}")
+            encode(arg, what=f"argument {index} of task {task!r}", depth=2)
         for key, arg in kwargs.items():
-            encode(arg, what=f"keyword argument {key!r} of task {task!r}")
+            encode(arg, what=f"keyword argument {key!r} of task {task!r}", depth=2)
             if _surrogate_pair(key):
                 raise NotSerializable(
                     f"keyword argument name {key!r} of task {task!r} holds a surrogate pair, "
