@@ -92,11 +92,12 @@ async def test_run_worker_raises_when_the_workers_cannot_start(tmp_path: Path) -
         raise RuntimeError("recovering leases broke")
 
     worker.runner.recover = crash  # type: ignore[method-assign]
+    before = set(threading.enumerate())
     try:
         with anyio.fail_after(10), pytest.raises(RuntimeError, match="recovering leases broke"):
             await run_worker(worker)
         # The store is closed too: its connection thread would keep the process alive.
-        assert not store_threads()
+        assert not store_threads(before)
     finally:
         await worker.close()
 
@@ -113,15 +114,21 @@ async def test_run_worker_closes_the_store_when_the_workers_crash(tmp_path: Path
         raise StoreError("the store went away")
 
     worker.runner.heartbeat_loop = heartbeat_loop  # type: ignore[method-assign]
+    before = set(threading.enumerate())
     try:
         with anyio.fail_after(10), pytest.raises(ExceptionGroup) as crashed:
             await run_worker(worker)
         assert crashed.group_contains(StoreError, match="the store went away")
-        assert not store_threads()
+        assert not store_threads(before)
     finally:
         await worker.close()
 
 
-def store_threads() -> list[str]:
-    """aiosqlite's connection threads still alive (not daemons: they hold the exit)."""
-    return [t.name for t in threading.enumerate() if "_connection_worker_thread" in t.name]
+def store_threads(before: set[threading.Thread]) -> list[str]:
+    """aiosqlite's connection threads started since ``before`` that do not end (they are
+    not daemons: they keep the process from exiting). One that is ending gets 2 s."""
+    started = set(threading.enumerate()) - before
+    stores = [t for t in started if "_connection_worker_thread" in t.name]
+    for thread in stores:
+        thread.join(timeout=2)
+    return [t.name for t in stores if t.is_alive()]
