@@ -346,10 +346,11 @@ def retry(
 @json_option
 @click.pass_context
 def cancel(ctx: click.Context, job_id: str, as_json: bool) -> None:
-    """Cancel a job that has not finished."""
+    """Cancel a job that has not finished (a running one stops at its worker's next
+    heartbeat, and is cancelled then)."""
     done = run(ctx, lambda jobs: jobs.cancel(job_id))
     report(job_id, done, as_json, key="cancelled", said="cancelled",
-           refused="already finished (or does not exist)")  # fmt: skip
+           refused="already finished or asked to stop (or does not exist)")  # fmt: skip
 
 
 @cli.command()

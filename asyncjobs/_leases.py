@@ -100,10 +100,15 @@ class _Leases:
         """Requeue jobs whose lease expired (their worker died)."""
         for job in await self.jobs.store.recover(now=self.clock.now()):
             extra = {"job_id": job.id, "task": job.task, "attempt": job.attempts}
-            if job.dead:
+            if job.status == "dead":
                 logger.error(
                     "job %s (%s) is dead: its lease expired on its last attempt (%d)",
                     job.id, job.task, job.attempts, extra=extra,
+                )  # fmt: skip
+            elif job.status == "cancelled":
+                logger.info(
+                    "job %s (%s) is cancelled: its worker stopped heartbeating before it "
+                    "stopped the job", job.id, job.task, extra=extra,
                 )  # fmt: skip
             else:
                 logger.warning(

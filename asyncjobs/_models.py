@@ -143,7 +143,8 @@ class Job(Generic[R]):
         return value  # type: ignore[no-any-return]
 
     async def cancel(self) -> bool:
-        """Cancel the job unless it already finished; True if it was cancelled."""
+        """Cancel the job unless it already finished; True if this call cancelled it
+        (a running job stops first: see ``Jobs.cancel``)."""
         return await self._jobs.cancel(self.id)
 
 

@@ -77,7 +77,11 @@ class _Queries:
         return done
 
     async def cancel(self, job_id: str) -> bool:
-        """Cancel a job that has not finished (a running one is stopped)."""
+        """Cancel a job that has not finished; True if this call cancelled it.
+
+        A job not yet running is cancelled at once. A running one is asked to stop (in
+        this process at once, in another at its worker's next heartbeat) and stays
+        ``running``, holding its slot, until it has; then it ends ``cancelled``."""
         checked = job_id_or_none(job_id)
         if checked is None:
             return False

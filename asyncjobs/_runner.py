@@ -101,7 +101,15 @@ class Runner(_Leases, _Execution):
         self._wakeup.set()
 
     def cancel_local(self, job_id: str) -> None:
-        self._ready = [row for row in self._ready if row.id != job_id]
+        """Stop this process's attempt at ``job_id``: cancelled (by the user), or lost
+        (its lease expired). Its outcome, cancelled, is written unless it is lost."""
+        dropped = [row for row in self._ready if row.id == job_id]
+        if dropped:  # claimed ahead, not started: it never will be
+            self._ready = [row for row in self._ready if row.id != job_id]
+            for row in dropped:
+                outcome = self._outcome(row, OutcomeKind.CANCELLED, error="cancelled before it ran")
+                self._outbox.append((row, outcome, 0.0))
+            self.wake()
         running = self.running.get(job_id)
         if running is not None:
             running.cancelled_by_user = True

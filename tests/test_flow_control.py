@@ -213,6 +213,55 @@ async def test_task_concurrency_bounds_running_jobs(jobs: Jobs) -> None:
     assert gauge.peak == 2
 
 
+async def test_a_job_cancelled_from_another_process_holds_its_slot_until_it_stops(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    worker = make_jobs(visibility_timeout=60, shutdown_timeout=0)
+    dashboard = make_jobs()  # another process on the same store, e.g. the web app's
+    started: list[int] = []
+    ended: list[str] = []
+
+    @worker.task(concurrency=1)
+    async def one_at_a_time(n: int) -> None:
+        started.append(n)
+        try:
+            await anyio.Event().wait()  # until cancelled
+        finally:
+            ended.append(f"{n} stopped")
+
+    first, second = await one_at_a_time.enqueue(1), await one_at_a_time.enqueue(2)
+
+    async def settle() -> None:
+        for _ in range(50):
+            await anyio.lowlevel.checkpoint()
+
+    await worker.start()
+    try:
+        with anyio.fail_after(5):
+            while started != [1]:
+                await anyio.lowlevel.checkpoint()
+        assert await dashboard.cancel(first.id) is True
+        assert await dashboard.cancel(first.id) is False  # already asked
+        worker.runner.wake()  # the worker claims again: job 1 still runs, so not job 2
+        await settle()
+        assert started == [1]
+        assert (await first.info()).status == "running"  # until it really stops
+        clock.advance(20)  # the worker's next heartbeat learns of the cancel
+        with anyio.fail_after(5):
+            while started != [1, 2]:
+                await settle()
+        assert ended == ["1 stopped"]
+        info = await first.info()
+        assert (info.status, info.attempts) == ("cancelled", 1)
+        assert await second.cancel() is True  # the same process: it stops at once
+        with anyio.fail_after(5):
+            while (await second.info()).status != "cancelled":
+                await settle()
+        assert ended == ["1 stopped", "2 stopped"]
+    finally:
+        await worker.stop()
+
+
 async def test_queue_concurrency_bounds_a_queue_but_not_the_others(jobs: Jobs) -> None:
     email, other = Gauge(), Gauge()
     jobs.queue("email", concurrency=1)

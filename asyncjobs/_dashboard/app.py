@@ -35,7 +35,9 @@ NOTICES = {
     "retried": "The job is queued again.",
     "not-retried": "Only dead or cancelled jobs can be retried.",
     "cancelled": "The job was cancelled.",
-    "not-cancelled": "The job had already finished.",
+    "stopping": "The job was asked to stop: it is cancelled once its worker has stopped it "
+    "(at the worker's next heartbeat).",
+    "not-cancelled": "The job had already finished, or was already asked to stop.",
     "discarded": "The job was deleted.",
     "not-discarded": "Running jobs cannot be deleted; cancel them first.",
     "retried-dead": "Every dead job is queued again.",
@@ -172,7 +174,11 @@ class Dashboard:
         if action == "retry":
             done = "retried" if await self.jobs.retry(job_id) else "not-retried"
         elif action == "cancel":
-            done = "cancelled" if await self.jobs.cancel(job_id) else "not-cancelled"
+            done = "not-cancelled"
+            if await self.jobs.cancel(job_id):
+                info = await self.jobs.get(job_id)
+                running = info is not None and info.status == JobStatus.RUNNING
+                done = "stopping" if running else "cancelled"
         elif await self.jobs.discard(job_id):
             logger.info("job %s discarded from the dashboard", job_id, extra={"job_id": job_id})
             return self.redirect(request, "/jobs", done="discarded")

@@ -189,13 +189,14 @@ class PostgresStore(_Connections):
             "heartbeat",
             lambda conn: conn.fetch(
                 "UPDATE asyncjobs_jobs SET lease_until = $1 WHERE status = 'running' "
-                "AND worker = $2 AND id = ANY($3::text[]) RETURNING id",
+                "AND worker = $2 AND id = ANY($3::text[]) RETURNING id, cancel_requested_at",
                 lease_until,
                 worker,
                 list(job_ids),
             ),
         )
-        return {r["id"] for r in rows}
+        # A job asked to stop keeps its lease while it stops, but is no longer ours to run.
+        return {r["id"] for r in rows if r["cancel_requested_at"] is None}
 
     async def recover(self, *, now: float) -> list[Recovered]:
         return await self._transaction("recover", lambda conn: admin.recover(conn, now))

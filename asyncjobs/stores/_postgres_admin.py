@@ -18,7 +18,6 @@ from asyncjobs.stores._postgres_sql import notify, release_dependents
 from asyncjobs.stores._protocol import (
     FinishedSample,
     OpsSnapshot,
-    OutcomeKind,
     Recovered,
     StuckJob,
     WorkerBeat,
@@ -33,12 +32,16 @@ async def recover(conn: Connection, now: float) -> list[Recovered]:
     records = await conn.fetch(
         """
         UPDATE asyncjobs_jobs SET
-            status = CASE WHEN attempts >= max_attempts THEN 'dead' ELSE 'queued' END,
-            error = CASE WHEN attempts >= max_attempts
+            status = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled'
+                WHEN attempts >= max_attempts THEN 'dead' ELSE 'queued' END,
+            error = CASE WHEN cancel_requested_at IS NOT NULL
+                THEN 'cancelled while running (its worker stopped heartbeating)'
+                WHEN attempts >= max_attempts
                 THEN 'lease expired: the worker running attempt ' || attempts ||
                      ' stopped heartbeating (crashed or killed) and no attempts are left'
                 ELSE error END,
-            finished_at = CASE WHEN attempts >= max_attempts THEN $1 ELSE NULL END,
+            finished_at = CASE WHEN cancel_requested_at IS NOT NULL OR attempts >= max_attempts
+                THEN $1 ELSE NULL END,
             lease_until = NULL, worker = NULL
         WHERE seq IN (SELECT seq FROM asyncjobs_jobs
                       WHERE status = 'running' AND lease_until < $1 FOR UPDATE SKIP LOCKED)
@@ -48,11 +51,13 @@ async def recover(conn: Connection, now: float) -> list[Recovered]:
     )
     recovered = []
     for r in records:
-        dead = r["status"] == "dead"
-        if dead:
-            await release_dependents(conn, OutcomeKind.DEAD, r["chain_next"], r["batch_id"], now)
-        recovered.append(Recovered(id=r["id"], task=r["task"], attempts=r["attempts"], dead=dead))
-    if any(not r.dead for r in recovered):
+        status = r["status"]
+        if status != "queued":
+            await release_dependents(conn, status, r["chain_next"], r["batch_id"], now)
+        recovered.append(
+            Recovered(id=r["id"], task=r["task"], attempts=r["attempts"], status=status)
+        )
+    if any(r.status == "queued" for r in recovered):
         await notify(conn)
     return recovered
 

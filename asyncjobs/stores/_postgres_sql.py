@@ -231,6 +231,8 @@ _MAX_ATTEMPTS = """CASE
                 END"""
 
 
+# A job asked to stop while it ran (cancel_requested_at) ends cancelled where it would
+# have run again (retry, release): o.kind is then taken as 'cancelled' throughout.
 _FINISH_SET = """
 UPDATE asyncjobs_jobs AS j SET
     status = CASE o.kind WHEN 'succeeded' THEN 'succeeded' WHEN 'dead' THEN 'dead'
@@ -244,9 +246,17 @@ UPDATE asyncjobs_jobs AS j SET
     worker = CASE WHEN o.kind IN ('retry', 'release') THEN NULL ELSE j.worker END,
     lease_until = NULL,
     max_attempts = coalesce(o.max_attempts, j.max_attempts)
-FROM unnest($2::text[], $3::text[], $4::int[], $5::text[], $6::text[], $7::text[],
-            $8::float8[], $9::int[])
-    AS o(id, worker, attempt, kind, result, error, run_at, max_attempts)
+FROM (
+    SELECT o.id, o.worker, o.attempt, o.result, o.run_at, o.max_attempts,
+        CASE WHEN o.kind IN ('retry', 'release') AND c.cancel_requested_at IS NOT NULL
+            THEN 'cancelled' ELSE o.kind END AS kind,
+        CASE WHEN o.kind IN ('retry', 'release') AND c.cancel_requested_at IS NOT NULL
+            THEN coalesce(o.error, 'cancelled') ELSE o.error END AS error
+    FROM unnest($2::text[], $3::text[], $4::int[], $5::text[], $6::text[], $7::text[],
+                $8::float8[], $9::int[])
+        AS o(id, worker, attempt, kind, result, error, run_at, max_attempts)
+    LEFT JOIN asyncjobs_jobs AS c ON c.id = o.id
+) AS o
 """
 _FINISH_OWNED = """
     j.id = o.id AND j.status = 'running' AND j.worker = o.worker AND j.attempts = o.attempt
@@ -399,13 +409,23 @@ async def cancel(
         record = await conn.fetchrow(
             "UPDATE asyncjobs_jobs SET status = 'cancelled', finished_at = $1, "
             "lease_until = NULL, error = coalesce(error, $2) "
-            "WHERE id = $3 AND status IN ('waiting', 'scheduled', 'queued', 'running') "
+            "WHERE id = $3 AND status IN ('waiting', 'scheduled', 'queued') "
             "RETURNING chain_next, batch_id",
             now,
             reason,
             job_id,
         )
         if record is None:
+            # Running: ask its worker to stop it. It holds its slot until then, and its
+            # outcome (cancelled, or what it reached first) moves its chain and batch on.
+            if await conn.fetchval(
+                "UPDATE asyncjobs_jobs SET cancel_requested_at = $1 "
+                "WHERE id = $2 AND status = 'running' AND cancel_requested_at IS NULL "
+                "RETURNING id",
+                now,
+                job_id,
+            ):
+                cancelled.append(job_id)
             continue
         cancelled.append(job_id)
         if record["chain_next"] is not None:

@@ -159,12 +159,14 @@ class Claimed(list[JobRow]):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Recovered:
-    """A job whose lease expired: requeued, or dead when it had no attempts left."""
+    """A job whose lease expired: requeued, dead when it had no attempts left, or
+    cancelled when it had been asked to stop."""
 
     id: str
     task: str
     attempts: int
-    dead: bool
+    status: str
+    """``queued``, ``dead`` or ``cancelled``."""
 
 
 class Store(Protocol):
@@ -228,11 +230,13 @@ class Store(Protocol):
     async def heartbeat(
         self, job_ids: Sequence[str], *, worker: str, lease_until: float
     ) -> set[str]:
-        """Extend the leases of jobs still running under ``worker``; return those ids."""
+        """Extend the leases of jobs still running under ``worker``; return those ids,
+        less the ones asked to stop (cancelled while running)."""
         ...
 
     async def recover(self, *, now: float) -> list[Recovered]:
-        """Requeue running jobs whose lease expired (dead when out of attempts)."""
+        """Requeue running jobs whose lease expired (dead when out of attempts,
+        cancelled when asked to stop)."""
         ...
 
     async def next_run_at(self) -> float | None:
@@ -265,7 +269,10 @@ class Store(Protocol):
     async def cancel(self, job_ids: Sequence[str], *, now: float) -> builtins.list[str]:
         """Cancel jobs that have not finished; return the ids cancelled.
 
-        Cancelling a job cancels the rest of its chain.
+        Cancelling a job cancels the rest of its chain. A running job is only asked to
+        stop (``cancel_requested_at``): it stays running until its worker's outcome,
+        which ends it cancelled where it would have run again, or its lease expires
+        (``recover``: cancelled). ``heartbeat`` no longer counts it as the worker's.
         """
         ...
 

@@ -37,12 +37,16 @@ def _recover(db: sqlite3.Connection, now: float) -> list[Recovered]:
     rows = db.execute(
         """
         UPDATE asyncjobs_jobs SET
-            status = CASE WHEN attempts >= max_attempts THEN 'dead' ELSE 'queued' END,
-            error = CASE WHEN attempts >= max_attempts
+            status = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled'
+                WHEN attempts >= max_attempts THEN 'dead' ELSE 'queued' END,
+            error = CASE WHEN cancel_requested_at IS NOT NULL
+                THEN 'cancelled while running (its worker stopped heartbeating)'
+                WHEN attempts >= max_attempts
                 THEN 'lease expired: the worker running attempt ' || attempts ||
                      ' stopped heartbeating (crashed or killed) and no attempts are left'
                 ELSE error END,
-            finished_at = CASE WHEN attempts >= max_attempts THEN ? ELSE NULL END,
+            finished_at = CASE WHEN cancel_requested_at IS NOT NULL OR attempts >= max_attempts
+                THEN ? ELSE NULL END,
             lease_until = NULL, worker = NULL
         WHERE status = 'running' AND lease_until < ?
         RETURNING id, task, attempts, status, chain_next, batch_id
@@ -51,10 +55,9 @@ def _recover(db: sqlite3.Connection, now: float) -> list[Recovered]:
     ).fetchall()
     recovered = []
     for job_id, task, attempts, status, chain_next, batch_id in rows:
-        dead = status == "dead"
-        if dead:
-            _release_dependents(db, OutcomeKind.DEAD, chain_next, batch_id, now)
-        recovered.append(Recovered(id=job_id, task=task, attempts=attempts, dead=dead))
+        if status != "queued":
+            _release_dependents(db, status, chain_next, batch_id, now)
+        recovered.append(Recovered(id=job_id, task=task, attempts=attempts, status=status))
     return recovered
 
 

@@ -293,6 +293,9 @@ def _finish(db: sqlite3.Connection, outcomes: Sequence[Outcome], now: float) -> 
                         db, OutcomeKind.SUCCEEDED, chain_next, batch_id, now, results[job_id]
                     )
     for o in outcomes:
+        if o.kind in (OutcomeKind.RETRY, OutcomeKind.RELEASE) and _cancel_requested(db, o.job_id):
+            # Asked to stop while it ran: it ends cancelled instead of running again.
+            o = o._replace(kind=OutcomeKind.CANCELLED, error=o.error or "cancelled")
         if o.kind is OutcomeKind.SUCCEEDED:
             row_values: tuple[Any, ...] = (o.result, now)
         elif o.kind is OutcomeKind.RETRY:
@@ -313,6 +316,14 @@ def _finish(db: sqlite3.Connection, outcomes: Sequence[Outcome], now: float) -> 
         applied.append(o.job_id)
         _release_dependents(db, o.kind, row[0], row[1], now, o.result)
     return applied
+
+
+def _cancel_requested(db: sqlite3.Connection, job_id: str) -> bool:
+    row = db.execute(
+        "SELECT 1 FROM asyncjobs_jobs WHERE id = ? AND cancel_requested_at IS NOT NULL",
+        (job_id,),
+    ).fetchone()
+    return row is not None
 
 
 def _release_dependents(
@@ -387,10 +398,11 @@ def _heartbeat(
 ) -> set[str]:
     rows = db.execute(
         "UPDATE asyncjobs_jobs SET lease_until = ? WHERE status = 'running' AND worker = ? "
-        "AND id IN (SELECT value FROM json_each(?)) RETURNING id",
+        "AND id IN (SELECT value FROM json_each(?)) RETURNING id, cancel_requested_at",
         (lease_until, worker, json.dumps(list(job_ids))),
     ).fetchall()
-    return {r[0] for r in rows}
+    # A job asked to stop keeps its lease while it stops, but is no longer ours to run.
+    return {job_id for job_id, cancel_requested in rows if cancel_requested is None}
 
 
 def _cancel(
@@ -403,11 +415,20 @@ def _cancel(
         row = db.execute(
             "UPDATE asyncjobs_jobs SET status = 'cancelled', finished_at = ?, lease_until = NULL, "
             "error = coalesce(error, ?) "
-            "WHERE id = ? AND status IN ('waiting', 'scheduled', 'queued', 'running') "
+            "WHERE id = ? AND status IN ('waiting', 'scheduled', 'queued') "
             "RETURNING chain_next, batch_id",
             (now, reason, job_id),
         ).fetchone()
         if row is None:
+            # Running: ask its worker to stop it. It holds its slot until then, and its
+            # outcome (cancelled, or what it reached first) moves its chain and batch on.
+            if db.execute(
+                "UPDATE asyncjobs_jobs SET cancel_requested_at = ? "
+                "WHERE id = ? AND status = 'running' AND cancel_requested_at IS NULL "
+                "RETURNING id",
+                (now, job_id),
+            ).fetchone():
+                cancelled.append(job_id)
             continue
         cancelled.append(job_id)
         chain_next, batch_id = row

@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.routing import Mount
 
 from asyncjobs import ConfigurationError, Jobs, JobStatus
+from asyncjobs.stores import ClaimRequest, TaskLimits
 from asyncjobs.testing import FakeClock
 
 AUTH = httpx.BasicAuth(USER, PASSWORD)
@@ -233,6 +234,25 @@ async def test_retry_cancel_discard_and_retry_all_dead(mix: Mix) -> None:
         response = await client.post("/retry-dead", data=form)
         assert response.status_code == 303
         assert await jobs.list(status="dead") == []
+
+
+async def test_cancelling_a_job_running_elsewhere_says_it_is_stopping(mix: Mix) -> None:
+    jobs = mix.jobs
+    request = ClaimRequest(
+        worker="elsewhere:1:w", tasks={"send_email": TaskLimits(max_attempts=3)},
+        queues=None, limit=1, lease=60,
+    )  # fmt: skip
+    (claimed,) = await jobs.store.claim(request, now=jobs.clock.now())
+    assert claimed.id == mix.queued_id
+    async with client_for(jobs, login=True) as client:
+        form = {"csrf_token": csrf_token((await client.get("/")).text)}
+        asked = await client.post(f"/jobs/{mix.queued_id}/cancel", data=form)
+        assert asked.headers["location"] == f"/jobs/{mix.queued_id}?done=stopping"
+        page = (await client.get(asked.headers["location"])).text
+        assert "asked to stop" in page
+        assert (await jobs.get(mix.queued_id)).status == JobStatus.RUNNING  # type: ignore[union-attr]
+        again = await client.post(f"/jobs/{mix.queued_id}/cancel", data=form)
+        assert again.headers["location"].endswith("done=not-cancelled")
 
 
 async def test_the_list_cuts_long_arguments_short(jobs: Jobs) -> None:

@@ -192,8 +192,8 @@ async def test_insert_running_starts_the_first_attempt_for_that_worker(store: St
     assert await store.finish([outcome(a, OutcomeKind.SUCCEEDED, result="1")], now=T0 + 1) == ["a"]
     assert await status(store, "a") == "succeeded"
     await store.insert([new("b", status="running", worker="w1", lease_until=T0 + 30)], now=T0)
-    recovered = {r.id: (r.attempts, r.dead) for r in await store.recover(now=T0 + 31)}
-    assert recovered == {"q": (1, False), "k": (1, False), "b": (1, False)}
+    recovered = {r.id: (r.attempts, r.status) for r in await store.recover(now=T0 + 31)}
+    assert recovered == {"q": (1, "queued"), "k": (1, "queued"), "b": (1, "queued")}
     assert await status(store, "b") == "queued"
 
 
@@ -576,11 +576,11 @@ async def test_recover_requeues_jobs_whose_lease_expired(store: Store) -> None:
     await claim(store, now=T0 + 5, lease=10, limit=1)
     assert await store.recover(now=T0 + 10) == []
     (recovered,) = await store.recover(now=T0 + 12)
-    assert (recovered.id, recovered.task, recovered.attempts, recovered.dead) == (
+    assert (recovered.id, recovered.task, recovered.attempts, recovered.status) == (
         "a",
         "t",
         1,
-        False,
+        "queued",
     )
     a = await store.get("a")
     assert a is not None
@@ -596,7 +596,7 @@ async def test_recover_kills_a_job_on_its_last_attempt(store: Store) -> None:
     )
     await claim(store, lease=10, max_attempts=1)
     (recovered,) = await store.recover(now=T0 + 11)
-    assert recovered.dead
+    assert recovered.status == "dead"
     a = await store.get("a")
     assert a is not None
     assert a.status == "dead"
@@ -677,21 +677,61 @@ async def test_retry_takes_back_a_cancelled_job(store: Store) -> None:
 async def test_cancel_stops_unfinished_jobs_and_the_rest_of_their_chain(store: Store) -> None:
     await store.insert(
         [new("one", chain_next="two"), new("two", status="waiting"), new("done"),
-         new("run")],
+         new("run"), new("later", chain_next="last"), new("last", status="waiting")],
         now=T0,
     )  # fmt: skip
     rows = {r.id: r for r in await claim(store, limit=3)}
+    assert sorted(rows) == ["done", "one", "run"]
     await store.finish([outcome(rows["done"], OutcomeKind.SUCCEEDED)], now=T0)
-    cancelled = await store.cancel(["one", "done", "run", "missing"], now=T0 + 1)
-    assert sorted(cancelled) == ["one", "run", "two"]
-    one = await store.get("one")
-    assert one is not None
-    assert one.status == "cancelled"
-    assert one.finished_at == T0 + 1
+    cancelled = await store.cancel(["later", "one", "done", "run", "missing"], now=T0 + 1)
+    assert sorted(cancelled) == ["last", "later", "one", "run"]
+    later = await store.get("later")
+    assert later is not None
+    assert (later.status, later.finished_at) == ("cancelled", T0 + 1)
+    assert await status(store, "last") == "cancelled"
     assert await status(store, "done") == "succeeded"
-    # The worker that ran "run" finds it cancelled: its outcome is not applied.
-    assert await store.finish([outcome(rows["run"], OutcomeKind.SUCCEEDED)], now=T0 + 2) == []
-    assert await status(store, "run") == "cancelled"
+    # Running jobs are asked to stop: they keep their slot until their worker answers.
+    assert [await status(store, j) for j in ("one", "two", "run")] == [
+        "running", "waiting", "running"
+    ]  # fmt: skip
+    assert await store.cancel(["one"], now=T0 + 2) == []  # asked already
+    worker = rows["one"].worker
+    assert worker is not None
+    owned = await store.heartbeat(["one", "run"], worker=worker, lease_until=T0 + 90)
+    assert owned == set()  # no longer the worker's to run
+    assert (await store.get("one")).lease_until == T0 + 90  # type: ignore[union-attr]
+    stopped = outcome(rows["one"], OutcomeKind.CANCELLED, error="cancelled while running")
+    assert await store.finish([stopped], now=T0 + 3) == ["one"]
+    assert [await status(store, j) for j in ("one", "two")] == ["cancelled", "cancelled"]
+    # A job that finished before its worker heard of the cancel keeps its outcome.
+    assert await store.finish([outcome(rows["run"], OutcomeKind.SUCCEEDED)], now=T0 + 3) == ["run"]
+    assert await status(store, "run") == "succeeded"
+
+
+async def test_a_job_asked_to_stop_never_runs_again(store: Store) -> None:
+    await store.insert([new("retry"), new("release"), new("crash")], now=T0)
+    rows = {r.id: r for r in await claim(store, limit=3, lease=10)}
+    assert sorted(await store.cancel(list(rows), now=T0 + 1)) == ["crash", "release", "retry"]
+    applied = await store.finish(
+        [
+            outcome(rows["retry"], OutcomeKind.RETRY, error="boom", run_at=T0 + 60),
+            outcome(rows["release"], OutcomeKind.RELEASE),
+        ],
+        now=T0 + 2,
+    )
+    assert sorted(applied) == ["release", "retry"]
+    for job_id, error in (("retry", "boom"), ("release", "cancelled")):
+        row = await store.get(job_id)
+        assert row is not None
+        assert (row.status, row.error, row.finished_at) == ("cancelled", error, T0 + 2)
+    # Its worker died before stopping it: cancelled when the lease expires, not requeued.
+    (recovered,) = await store.recover(now=T0 + 11)
+    assert (recovered.id, recovered.status) == ("crash", "cancelled")
+    crash = await store.get("crash")
+    assert crash is not None
+    assert (crash.status, crash.finished_at, crash.worker) == ("cancelled", T0 + 11, None)
+    assert "cancelled while running" in (crash.error or "")
+    assert await claim(store, now=T0 + 100) == []
 
 
 async def test_purge_deletes_finished_jobs_by_status_or_age(store: Store) -> None:

@@ -86,8 +86,9 @@ async def test_the_batch_callback_gets_the_counts_and_batch_counts_reports_them(
         now=T0,
     )
     assert await store.batch_counts("cb") == {"queued": 3}
-    m1, m2, _ = await claim(store)
-    await store.cancel(["m3"], now=T0)
+    m1, m2, m3 = await claim(store)
+    assert await store.cancel(["m3"], now=T0) == ["m3"]  # running: its worker stops it
+    await store.finish([done(m3, OutcomeKind.CANCELLED)], now=T0)
     await store.finish([done(m1, OutcomeKind.SUCCEEDED, "1")], now=T0 + 1)
     assert (await payload(store, "cb"))["kwargs"] == {}, "not before the last member"
     await store.finish([done(m2, OutcomeKind.DEAD)], now=T0 + 2)
