@@ -231,36 +231,33 @@ _MAX_ATTEMPTS = """CASE
                 END"""
 
 
-# A job asked to stop while it ran (cancel_requested_at) ends cancelled where it would
-# have run again (retry, release): o.kind is then taken as 'cancelled' throughout.
-_FINISH_SET = """
+# What an outcome does to its row. A job asked to stop while it ran (cancel_requested_at)
+# ends cancelled where it would have run again (retry, release): _KIND is the kind that
+# applies, read from the row being updated (no join: finishing costs what it did).
+_KIND = """(CASE WHEN o.kind IN ('retry', 'release') AND j.cancel_requested_at IS NOT NULL
+    THEN 'cancelled' ELSE o.kind END)"""
+_FINISH_SET = f"""
 UPDATE asyncjobs_jobs AS j SET
-    status = CASE o.kind WHEN 'succeeded' THEN 'succeeded' WHEN 'dead' THEN 'dead'
+    status = CASE {_KIND} WHEN 'succeeded' THEN 'succeeded' WHEN 'dead' THEN 'dead'
         WHEN 'cancelled' THEN 'cancelled' WHEN 'retry' THEN 'scheduled' ELSE 'queued' END,
     result = o.result,
-    error = CASE o.kind WHEN 'succeeded' THEN NULL WHEN 'release' THEN j.error ELSE o.error END,
-    finished_at = CASE WHEN o.kind IN ('succeeded', 'dead', 'cancelled') THEN $1
+    error = CASE {_KIND} WHEN 'succeeded' THEN NULL WHEN 'release' THEN j.error
+        WHEN 'cancelled' THEN coalesce(o.error, 'cancelled') ELSE o.error END,
+    finished_at = CASE WHEN {_KIND} IN ('succeeded', 'dead', 'cancelled') THEN $1
         ELSE j.finished_at END,
-    run_at = CASE o.kind WHEN 'retry' THEN o.run_at ELSE j.run_at END,
-    attempts = CASE o.kind WHEN 'release' THEN j.attempts - 1 ELSE j.attempts END,
-    worker = CASE WHEN o.kind IN ('retry', 'release') THEN NULL ELSE j.worker END,
+    run_at = CASE {_KIND} WHEN 'retry' THEN o.run_at ELSE j.run_at END,
+    attempts = CASE {_KIND} WHEN 'release' THEN j.attempts - 1 ELSE j.attempts END,
+    worker = CASE WHEN {_KIND} IN ('retry', 'release') THEN NULL ELSE j.worker END,
     lease_until = NULL,
     max_attempts = coalesce(o.max_attempts, j.max_attempts)
-FROM (
-    SELECT o.id, o.worker, o.attempt, o.result, o.run_at, o.max_attempts,
-        CASE WHEN o.kind IN ('retry', 'release') AND c.cancel_requested_at IS NOT NULL
-            THEN 'cancelled' ELSE o.kind END AS kind,
-        CASE WHEN o.kind IN ('retry', 'release') AND c.cancel_requested_at IS NOT NULL
-            THEN coalesce(o.error, 'cancelled') ELSE o.error END AS error
-    FROM unnest($2::text[], $3::text[], $4::int[], $5::text[], $6::text[], $7::text[],
-                $8::float8[], $9::int[])
-        AS o(id, worker, attempt, kind, result, error, run_at, max_attempts)
-    LEFT JOIN asyncjobs_jobs AS c ON c.id = o.id
-) AS o
-"""
+FROM unnest($2::text[], $3::text[], $4::int[], $5::text[], $6::text[], $7::text[],
+            $8::float8[], $9::int[])
+    AS o(id, worker, attempt, kind, result, error, run_at, max_attempts)
+"""  # noqa: S608 - only the constant above is interpolated
 _FINISH_OWNED = """
     j.id = o.id AND j.status = 'running' AND j.worker = o.worker AND j.attempts = o.attempt
-RETURNING j.id, o.kind, j.chain_next, j.batch_id, j.result
+RETURNING j.id, CASE WHEN j.status = 'cancelled' THEN 'cancelled' ELSE o.kind END AS kind,
+    j.chain_next, j.batch_id, j.result
 """
 _FINISH = _FINISH_SET + "WHERE" + _FINISH_OWNED
 # Only jobs nothing waits on: no dependents to release, so no transaction is needed.
