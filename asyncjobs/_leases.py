@@ -41,25 +41,30 @@ class _Leases:
 
         def wake(self) -> None: ...
 
-        def cancel_local(self, job_id: str) -> None: ...
+        def cancel_local(self, job_id: str, attempt: int | None = None) -> None: ...
 
     # -- leases ----------------------------------------------------------------------
 
     async def heartbeat_once(self) -> None:
         """Extend our leases; cancel local jobs that are no longer ours."""
-        ids = [*self.running, *(row.id for row in self._ready)]
-        if not ids:
+        # The attempt each job is at now: by the time the store answers, a job may have
+        # ended and been claimed again here, and that attempt is not the one asked about.
+        attempts = {job_id: running.row.attempts for job_id, running in self.running.items()}
+        attempts.update((row.id, row.attempts) for row in self._ready)
+        if not attempts:
             return
         lease_until = self.clock.now() + self.settings.visibility_timeout
-        owned = await self.jobs.store.heartbeat(ids, worker=self.worker_id, lease_until=lease_until)
-        lost = [job_id for job_id in ids if job_id not in owned]
+        owned = await self.jobs.store.heartbeat(
+            list(attempts), worker=self.worker_id, lease_until=lease_until
+        )
+        lost = [job_id for job_id in attempts if job_id not in owned]
         for job_id in lost:
             # Running here: stop it. Claimed ahead and not started: never start it.
             logger.warning(
                 "job %s is no longer ours (cancelled, or lease expired); stopping it", job_id,
                 extra={"job_id": job_id},
             )  # fmt: skip
-            self.cancel_local(job_id)
+            self.cancel_local(job_id, attempts[job_id])
         if lost:
             self.wake()  # a slot promised to a job claimed ahead may be free again
 

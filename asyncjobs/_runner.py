@@ -100,18 +100,24 @@ class Runner(_Leases, _Execution):
         """A job was enqueued locally: claim now instead of at the next poll."""
         self._wakeup.set()
 
-    def cancel_local(self, job_id: str) -> None:
-        """Stop this process's attempt at ``job_id``: cancelled (by the user), or lost
-        (its lease expired). Its outcome, cancelled, is written unless it is lost."""
-        dropped = [row for row in self._ready if row.id == job_id]
+    def cancel_local(self, job_id: str, attempt: int | None = None) -> None:
+        """Stop this process's attempt at ``job_id`` (only attempt ``attempt``, if given):
+        cancelled (by the user), or lost (its lease expired). Its outcome, cancelled, is
+        written; the store ignores it for an attempt that is no longer this worker's."""
+
+        def this(row: JobRow) -> bool:
+            return row.id == job_id and attempt in (None, row.attempts)
+
+        dropped = [row for row in self._ready if this(row)]
         if dropped:  # claimed ahead, not started: it never will be
-            self._ready = [row for row in self._ready if row.id != job_id]
+            self._ready = [row for row in self._ready if not this(row)]
             for row in dropped:
                 outcome = self._outcome(row, OutcomeKind.CANCELLED, error="cancelled before it ran")
                 self._outbox.append((row, outcome, 0.0))
+            self._free_slot()  # the claim loop may wait for room: it writes the outcome
             self.wake()
         running = self.running.get(job_id)
-        if running is not None:
+        if running is not None and this(running.row):
             running.cancelled_by_user = True
             if running.started and running.task is not None:
                 running.task.cancel()  # else it sees the flag before it starts
@@ -360,6 +366,9 @@ class Runner(_Leases, _Execution):
         last_full_poll = self.clock.now()
         while True:
             if self.room <= 0:
+                # Full (or the look-ahead shrank): no claim, but outcomes must not wait
+                # for a slot; their leases are no longer extended.
+                await self.flush_outbox()
                 await self._slot_freed.wait()
                 # Jobs acked in one flush free their slots in the next few loop
                 # iterations; claim once for all of them rather than one by one.

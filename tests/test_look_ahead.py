@@ -6,12 +6,13 @@ task of its own, so context variables never leak from one job to the next."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
+from typing import Any
 
 import anyio
 
-from asyncjobs import Jobs
+from asyncjobs import Jobs, Retry, current_job
 from asyncjobs._runner import _PREFETCH_MAX
 from asyncjobs.testing import FakeClock, drain
 
@@ -30,6 +31,12 @@ async def until(check: Callable[[], object]) -> None:
 async def until_finished(jobs: Jobs, ids: list[str]) -> None:
     with anyio.fail_after(5):
         while any(status in ("queued", "running") for status, _ in await statuses(jobs, ids)):
+            await anyio.lowlevel.checkpoint()
+
+
+async def until_cancelled(jobs: Jobs, job_id: str) -> None:
+    with anyio.fail_after(5):
+        while (await statuses(jobs, [job_id])) != [("cancelled", 1)]:
             await anyio.lowlevel.checkpoint()
 
 
@@ -106,7 +113,10 @@ async def test_a_cancelled_job_claimed_ahead_never_runs(
     ids = await run_blocked(jobs, clock, job_seconds=0.0)
     await until(lambda: len(jobs.runner._ready) == AHEAD)  # ids[2:2 + AHEAD] claimed ahead
     assert await jobs.cancel(ids[2])
-    jobs.release.set()  # type: ignore[attr-defined]
+    try:
+        await until_cancelled(jobs, ids[2])  # while both slots are still taken
+    finally:
+        jobs.release.set()  # type: ignore[attr-defined]
     await until_finished(jobs, ids)
     await jobs.close()
     assert await statuses(jobs, ids) == [("succeeded", 1)] * 2 + [("cancelled", 1)] + [
@@ -127,12 +137,116 @@ async def test_a_job_claimed_ahead_and_cancelled_by_another_process_never_runs(
     assert await other.cancel(ids[2])
     await jobs.runner.heartbeat_once()
     still_ready = ids[2] in {row.id for row in jobs.runner._ready}
-    jobs.release.set()  # type: ignore[attr-defined]
+    try:
+        await until_cancelled(jobs, ids[2])  # while both slots are still taken
+    finally:
+        jobs.release.set()  # type: ignore[attr-defined]
     await until_finished(jobs, ids)
     await jobs.close()
     assert not still_ready
     assert (await statuses(jobs, ids))[2] == ("cancelled", 1)
     assert sorted(jobs.ran) == [-1, 0, 1, *range(3, JOBS)]  # type: ignore[attr-defined]
+
+
+async def test_a_heartbeat_answer_about_an_earlier_attempt_leaves_the_next_one_alone(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """The heartbeat asks about attempt 1; before its answer (attempt 1 is not running
+    any more) arrives, attempt 1 failed and this worker claimed attempt 2 ahead."""
+    jobs = make_jobs(concurrency=1, shutdown_timeout=0)
+    failed_once, unblock = anyio.Event(), anyio.Event()
+
+    @jobs.task(retries=3)
+    async def flaky() -> str:
+        if current_job().attempt == 1:
+            await failed_once.wait()
+            raise Retry(delay=5)
+        return "ok"
+
+    @jobs.task
+    async def blocker() -> None:
+        await unblock.wait()
+
+    @jobs.task
+    async def quick() -> None: ...
+
+    asked, updated, answer = anyio.Event(), anyio.Event(), anyio.Event()
+    store_heartbeat = jobs.store.heartbeat
+
+    async def slow_heartbeat(ids: Sequence[str], **kwargs: Any) -> set[str]:
+        asked.set()
+        await until_async(lambda: status_is(jobs, job.id, "scheduled"))  # attempt 1 failed
+        owned = await store_heartbeat(ids, **kwargs)  # so it is not ours any more
+        updated.set()
+        await answer.wait()  # the answer is slow to come back
+        return owned
+
+    await jobs.start()
+    try:
+        await (await quick.enqueue()).result(timeout=5)  # 0 s on a FakeClock: look ahead
+        job = await flaky.enqueue()
+        await until(lambda: job.id in jobs.runner.running)
+        await blocker.enqueue()
+        await until(lambda: bool(jobs.runner._ready))  # the blocker, claimed ahead
+        jobs.store.heartbeat = slow_heartbeat  # type: ignore[method-assign, assignment]
+        beat = asyncio.get_running_loop().create_task(jobs.runner.heartbeat_once())
+        await until(asked.is_set)
+        failed_once.set()  # attempt 1 fails (retry in 5 s); the blocker takes the slot
+        await until(updated.is_set)
+        clock.advance(5)  # due again: claimed ahead, attempt 2, behind the blocker
+        await until(lambda: any(r.id == job.id for r in jobs.runner._ready))
+        answer.set()
+        await beat
+        unblock.set()
+        assert await job.result(timeout=5) == "ok"
+        assert (await job.info()).attempts == 2
+    finally:
+        unblock.set()
+        await jobs.stop()
+
+
+async def test_an_outcome_is_written_while_jobs_claimed_ahead_fill_every_slot(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    jobs = make_jobs(concurrency=1, shutdown_timeout=0)
+    gate, release = anyio.Event(), anyio.Event()
+
+    @jobs.task
+    async def quick() -> None: ...
+
+    @jobs.task
+    async def slow() -> None:
+        await gate.wait()
+        clock.advance(10)  # a long job: the look-ahead shrinks to nothing
+
+    @jobs.task
+    async def blocked() -> None:
+        await release.wait()
+
+    await jobs.start()
+    try:
+        await (await quick.enqueue()).result(timeout=5)  # 0 s on a FakeClock: look ahead
+        first = await slow.enqueue()
+        await until(lambda: first.id in jobs.runner.running)
+        for _ in range(2):
+            await blocked.enqueue()
+        await until(lambda: len(jobs.runner._ready) == 2)
+        gate.set()  # one blocked job takes the slot, the other waits: no room to claim
+        await until_async(lambda: status_is(jobs, first.id, "succeeded"))
+    finally:
+        release.set()
+        await jobs.stop()
+
+
+async def status_is(jobs: Jobs, job_id: str, status: str) -> bool:
+    info = await jobs.get(job_id)
+    return info is not None and info.status == status
+
+
+async def until_async(check: Callable[[], Awaitable[bool]]) -> None:
+    with anyio.fail_after(5):
+        while not await check():
+            await anyio.lowlevel.checkpoint()
 
 
 async def test_jobs_on_their_last_attempt_wait_for_a_free_slot_not_a_claim_ahead(

@@ -69,9 +69,10 @@ __all__ = ["PostgresStore", "insert_jobs"]
 
 _REQUEUE = (
     "status = 'queued', run_at = $1, finished_at = NULL, lease_until = NULL, worker = NULL, "
-    "max_attempts = greatest(max_attempts, attempts + 1)"
+    "cancel_requested_at = NULL, max_attempts = greatest(max_attempts, attempts + 1)"
 )
-"""A manual retry: queued now, with one more attempt than it had (``run_at`` is $1)."""
+"""A manual retry: queued now, with one more attempt than it had (``run_at`` is $1), and
+no longer asked to stop if it was cancelled while running."""
 
 
 class PostgresStore(_Connections):

@@ -28,9 +28,10 @@ _PENDING = ("scheduled", "queued")
 
 _REQUEUE = (
     "status = 'queued', run_at = ?, finished_at = NULL, lease_until = NULL, worker = NULL, "
-    "max_attempts = max(max_attempts, attempts + 1)"
+    "cancel_requested_at = NULL, max_attempts = max(max_attempts, attempts + 1)"
 )
-"""A manual retry: queued now, with one more attempt than it had (``run_at`` first)."""
+"""A manual retry: queued now, with one more attempt than it had (``run_at`` first), and
+no longer asked to stop if it was cancelled while running."""
 
 
 def _recover(db: sqlite3.Connection, now: float) -> list[Recovered]:

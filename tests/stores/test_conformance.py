@@ -732,6 +732,15 @@ async def test_a_job_asked_to_stop_never_runs_again(store: Store) -> None:
     assert (crash.status, crash.finished_at, crash.worker) == ("cancelled", T0 + 11, None)
     assert "cancelled while running" in (crash.error or "")
     assert await claim(store, now=T0 + 100) == []
+    # Retried by hand, it is an ordinary job again: not asked to stop any more.
+    assert await store.retry("retry", now=T0 + 100)
+    (again,) = await claim(store, now=T0 + 100)
+    assert again.worker is not None
+    owned = await store.heartbeat(["retry"], worker=again.worker, lease_until=T0 + 160)
+    assert owned == {"retry"}
+    failed = outcome(again, OutcomeKind.RETRY, error="boom", run_at=T0 + 200)
+    assert await store.finish([failed], now=T0 + 101) == ["retry"]
+    assert await status(store, "retry") == "scheduled"
 
 
 async def test_purge_deletes_finished_jobs_by_status_or_age(store: Store) -> None:
