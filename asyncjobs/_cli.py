@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import click
 
+from asyncjobs._codec import printable
 from asyncjobs._errors import AsyncJobsError
 from asyncjobs._jobs import Jobs
 from asyncjobs._models import JobInfo, JobStatus
@@ -98,7 +99,7 @@ def to_json(value: object) -> str:
             return obj.value
         raise TypeError(f"cannot encode {type(obj).__name__}")
 
-    return json.dumps(value, default=default, indent=2, ensure_ascii=False)
+    return printable(json.dumps(value, default=default, indent=2, ensure_ascii=False))
 
 
 def report(job_id: str, done: bool, as_json: bool, *, key: str, said: str, refused: str) -> None:
@@ -145,7 +146,7 @@ def _cell(value: object) -> str:
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M:%S")
-    text = str(value)
+    text = printable(str(value))
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -303,7 +304,7 @@ def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
     width = max(len(k) for k in data)
     for key, value in data.items():
         shown = (
-            json.dumps(value, ensure_ascii=False)
+            printable(json.dumps(value, ensure_ascii=False))
             if key in ("args", "kwargs", "result")
             else _cell(value)
         )

@@ -193,5 +193,11 @@ def decode_payload(text: str) -> tuple[list[JSON], dict[str, JSON]]:
     return args, kwargs
 
 
+def printable(text: str) -> str:
+    """``text`` safe to write out as UTF-8: a lone surrogate (which strict JSON keeps,
+    as a ``\\udxxx`` escape) becomes that escape again, so JSON text stays valid."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def decode(text: str | None) -> JSON:
     return None if text is None else _decode(text)

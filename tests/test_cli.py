@@ -129,6 +129,14 @@ async def test_show_retry_cancel(env: dict[str, str], app_jobs: Jobs) -> None:
     assert "no job" in missing.stderr
 
 
+async def test_a_lone_surrogate_is_printed_escaped(env: dict[str, str], app_jobs: Jobs) -> None:
+    job = await app_jobs.enqueue("greet", "caf\u00e9 \ud800")  # strict JSON keeps it
+    shown = ok(cli(env, "show", job.id))
+    assert '["caf\u00e9 \\ud800"]' in shown
+    listed = json.loads(ok(cli(env, "list", "--json")))
+    assert ["caf\u00e9 \ud800"] in [item["args"] for item in listed]
+
+
 async def test_retry_all_dead_and_purge(env: dict[str, str], app_jobs: Jobs) -> None:
     assert json.loads(ok(cli(env, "retry", "--all-dead", "--json"))) == {"retried": 1}
     assert await app_jobs.list(status="dead") == []

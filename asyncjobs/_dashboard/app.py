@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from asyncjobs._codec import printable
 from asyncjobs._dashboard.auth import CSRF_COOKIE, CSRF_FIELD, Authenticator, Csrf
 from asyncjobs._models import FINISHED, JobStatus, info_from_row
 from asyncjobs._settings import is_name
@@ -277,4 +278,4 @@ def _when(value: datetime | str | None) -> str:
 
 
 def _pretty(value: object) -> str:
-    return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True)
+    return printable(json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True))

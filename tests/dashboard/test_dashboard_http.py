@@ -255,6 +255,20 @@ async def test_cancelling_a_job_running_elsewhere_says_it_is_stopping(mix: Mix) 
         assert again.headers["location"].endswith("done=not-cancelled")
 
 
+async def test_a_lone_surrogate_in_arguments_or_result_is_shown_escaped(jobs: Jobs) -> None:
+    @jobs.task(name="echo")
+    async def echo(text: str) -> str:
+        return text + "\udc80"
+
+    job = await jobs.enqueue(echo, "caf\u00e9 \ud800")  # strict JSON keeps lone surrogates
+    await jobs.drain()
+    async with client_for(jobs, login=True) as client:
+        page = await client.get(f"/jobs/{job.id}")
+        assert page.status_code == 200
+        assert "caf\u00e9 \\ud800" in page.text  # as JSON would write it
+        assert "\\udc80" in page.text
+
+
 async def test_the_list_cuts_long_arguments_short(jobs: Jobs) -> None:
     @jobs.task(name="big")
     async def big(blob: str, *, note: str = "") -> None: ...
