@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from asyncjobs._clock import Clock
@@ -107,7 +107,7 @@ def job_id_or_none(value: object) -> str | None:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
-    url: str
+    url: str = field(repr=False)  # it may hold a password
     concurrency: int
     workers: bool
     queues: tuple[str, ...] | None

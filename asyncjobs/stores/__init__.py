@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from asyncjobs._errors import ConfigurationError
 from asyncjobs.stores._protocol import (
@@ -41,6 +42,21 @@ DEFAULT_URL = "sqlite:///asyncjobs.db"
 def default_url() -> str:
     """``$ASYNCJOBS_URL`` if set, else ``./asyncjobs.db``. The one place it is read."""
     return os.environ.get("ASYNCJOBS_URL") or DEFAULT_URL
+
+
+def redacted(url: str) -> str:
+    """``url`` for messages and logs: its password (in the user info, or a ``password``
+    parameter) replaced by ``***``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    user, at, host = netloc.rpartition("@")
+    if at and ":" in user:
+        netloc = user.split(":", 1)[0] + ":***@" + host
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if netloc == parts.netloc and not any(key.lower() == "password" for key, _ in pairs):
+        return url  # nothing to hide (and sqlite://// URLs stay as written)
+    query = [(key, "***" if key.lower() == "password" else value) for key, value in pairs]
+    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="*")))
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -80,7 +96,8 @@ def open_store(url: str, **options: Any) -> Store:
         return store
     scheme = url.split("://", 1)[0]
     raise ConfigurationError(
-        f"unknown store URL scheme {scheme!r} in {url!r}; use sqlite:///path.db or postgresql://..."
+        f"unknown store URL scheme {scheme!r} in {redacted(url)!r}; use sqlite:///path.db "
+        "or postgresql://..."
     )
 
 

@@ -42,6 +42,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from asyncjobs._errors import ConfigurationError, StoreError
 from asyncjobs.stores import _postgres_admin as admin
 from asyncjobs.stores import _postgres_sql as sql
+from asyncjobs.stores import redacted
 from asyncjobs.stores._postgres_connections import _Connections, backoff
 from asyncjobs.stores._postgres_sql import (
     SELECT,
@@ -93,7 +94,9 @@ class PostgresStore(_Connections):
             pool_min = int(query.pop("pool_min", pool_min))
             pool_max = int(query.pop("pool_max", pool_max))
         except ValueError as error:
-            raise ConfigurationError(f"pool_min/pool_max in {url!r} must be integers") from error
+            raise ConfigurationError(
+                f"pool_min/pool_max in {redacted(url)!r} must be integers"
+            ) from error
         if not 0 <= pool_min <= pool_max or pool_max < 1:
             raise ConfigurationError(
                 f"need 0 <= pool_min <= pool_max and pool_max >= 1, got {pool_min}, {pool_max}"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from asyncjobs import ConfigurationError, Jobs
-from asyncjobs.stores import SQLiteStore, default_url, open_store, sqlite_path
+from asyncjobs.stores import SQLiteStore, default_url, open_store, redacted, sqlite_path
 
 
 @pytest.mark.parametrize(
@@ -63,3 +63,37 @@ async def test_the_store_opens_lazily(tmp_path: Path) -> None:
         assert path.exists()
     finally:
         await jobs.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://app:hunter2@db:5432/app", "postgresql://app:***@db:5432/app"),
+        ("postgresql://app@db/app?password=hunter2&sslmode=require",
+         "postgresql://app@db/app?password=***&sslmode=require"),
+        ("postgresql://db/app", "postgresql://db/app"),
+        ("sqlite:////var/lib/jobs.db", "sqlite:////var/lib/jobs.db"),
+    ],
+)  # fmt: skip
+def test_redacted_urls_hide_the_password(url: str, shown: str) -> None:
+    assert redacted(url) == shown
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:hunter2@127.0.0.1/test?pool_min=ten",  # a typo in a setting
+        "postgresql+asyncpg://app:hunter2@127.0.0.1/test",  # SQLAlchemy's spelling
+    ],
+)
+def test_a_bad_store_url_is_refused_without_its_password(url: str) -> None:
+    with pytest.raises(ConfigurationError) as refused:
+        Jobs(url)
+    assert "hunter2" not in str(refused.value)
+    assert "***" in str(refused.value)
+
+
+def test_the_settings_repr_leaves_the_url_out() -> None:
+    jobs = Jobs("postgresql://app:hunter2@127.0.0.1/test")
+    assert "hunter2" not in repr(jobs.settings)
+    assert "hunter2" not in repr(jobs)
