@@ -156,7 +156,7 @@ def build(
     """Shape a store snapshot into ``Stats`` (pure: no I/O)."""
     keys = {(q, t) for q, t, _ in snapshot.counts} | {(q, t) for q, t, _ in snapshot.finished}
     keys |= {(s.queue, s.task) for s in snapshot.samples}
-    keys |= {(s.queue, s.task) for s in snapshot.stuck}
+    keys |= set(snapshot.stuck_counts)
     by_queue: dict[str, list[str]] = defaultdict(list)
     for queue, task in sorted(keys):
         by_queue[queue].append(task)
@@ -245,7 +245,7 @@ def _group(snapshot: OpsSnapshot, now: float, match: _Match) -> GroupStats:
         windows=windows,
         run_time=timing(run_times(samples)),
         wait_time=timing(wait_times(samples)),
-        stuck=sum(1 for s in snapshot.stuck if match(s.queue, s.task)),
+        stuck=sum(n for (queue, task), n in snapshot.stuck_counts.items() if match(queue, task)),
     )
 
 

@@ -121,6 +121,14 @@ async def snapshot(
             now,
         )
     ]
+    stuck_counts = {
+        (r["queue"], r["task"]): r["n"]
+        for r in await conn.fetch(
+            "SELECT queue, task, count(*) AS n FROM asyncjobs_jobs "
+            "WHERE status = 'running' AND lease_until < $1 GROUP BY queue, task",
+            now,
+        )
+    }
     workers = [
         WorkerRow.from_columns(row)
         for row in await conn.fetch(
@@ -135,6 +143,7 @@ async def snapshot(
         finished=finished,
         samples=samples,
         stuck=stuck,
+        stuck_counts=stuck_counts,
         workers=workers,
     )
 

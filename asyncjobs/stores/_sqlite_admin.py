@@ -153,6 +153,14 @@ def _snapshot(
             (now,),
         )
     ]
+    stuck_counts = {
+        (queue, task): n
+        for queue, task, n in db.execute(
+            "SELECT queue, task, count(*) FROM asyncjobs_jobs "
+            "WHERE status = 'running' AND lease_until < ? GROUP BY queue, task",
+            (now,),
+        )
+    }
     workers = [
         WorkerRow.from_columns(row)
         for row in db.execute(
@@ -167,6 +175,7 @@ def _snapshot(
         finished=finished,
         samples=samples,
         stuck=stuck,
+        stuck_counts=stuck_counts,
         workers=workers,
     )
 

@@ -46,6 +46,20 @@ async def test_running_jobs_with_an_expired_lease_are_stuck(store: Store) -> Non
     ]
     assert snap.stuck[0].lease_until == T0 + 10
     assert snap.counts[("q", "t", "running")] == 2
+    assert snap.stuck_counts == {("q", "t"): 1}
+
+
+async def test_every_stuck_job_is_counted_though_only_a_thousand_are_listed(
+    store: Store,
+) -> None:
+    await store.insert([new(f"s{i:04}", queue="q") for i in range(1100)], now=T0)
+    request = ClaimRequest(
+        worker="w", tasks={"t": TaskLimits(max_attempts=1)}, queues=None, limit=1100, lease=10
+    )
+    assert len(await store.claim(request, now=T0)) == 1100
+    snap = await store.snapshot(now=T0 + 11, windows=[60], sample=10, workers_since=T0)
+    assert len(snap.stuck) == 1000
+    assert snap.stuck_counts == {("q", "t"): 1100}
 
 
 async def test_prune_respects_the_limit_and_keeps_dead_jobs_longer(store: Store) -> None:
