@@ -341,8 +341,13 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
     async def retry_dead(self, *, queue: str | None = None, task: str | None = None) -> int:
         """Put every dead job (of that queue/task) back in the queue; return how many."""
         count = await self.store.retry_dead(queue=queue, task=task, now=self.clock.now())
-        if count and self._host is not None:
-            self.runner.wake()
+        if count:
+            logger.info(
+                "%d dead job(s) retried by hand (queue %s, task %s)", count, queue or "any",
+                task or "any", extra={"queue": queue, "task": task, "action": "retry_dead"},
+            )  # fmt: skip
+            if self._host is not None:
+                self.runner.wake()
         return count
 
     async def discard(self, job_id: str) -> bool:
@@ -350,7 +355,10 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
         checked = job_id_or_none(job_id)
         if checked is None:
             return False
-        return await self.store.delete([checked], now=self.clock.now()) == 1
+        deleted = await self.store.delete([checked], now=self.clock.now()) == 1
+        if deleted:
+            logger.info("job %s discarded", checked, extra={"job_id": checked, "action": "discard"})
+        return deleted
 
     async def stats(self) -> Stats:
         """Counts, ages, throughput, failure rate, timings, workers: see ``_stats.Stats``."""

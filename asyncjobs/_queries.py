@@ -72,8 +72,12 @@ class _Queries:
         if checked is None:
             return False
         done = await self.store.retry(checked, now=self.clock.now())
-        if done and self._host is not None:
-            self.runner.wake()
+        if done:
+            logger.info(
+                "job %s retried by hand", checked, extra={"job_id": checked, "action": "retry"}
+            )
+            if self._host is not None:
+                self.runner.wake()
         return done
 
     async def cancel(self, job_id: str) -> bool:
@@ -87,6 +91,8 @@ class _Queries:
             return False
         cancelled = await self.store.cancel([checked], now=self.clock.now())
         for cid in cancelled:
+            # A running job ends cancelled when it stops; its worker logs that too.
+            logger.info("job %s cancelled", cid, extra={"job_id": cid, "action": "cancel"})
             self.runner.cancel_local(cid)
         return bool(cancelled)
 

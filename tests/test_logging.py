@@ -80,3 +80,27 @@ async def test_a_stuck_job_recovered_by_lease_expiry_is_logged(
     assert (record.task, record.attempt) == ("slow", 1)  # type: ignore[attr-defined]
     assert (await jobs.stats())["totals"]["stuck"] == 0
     assert (await jobs.stats())["totals"]["counts"]["queued"] == 1
+
+
+async def test_actions_on_jobs_are_logged(jobs: Jobs, caplog: pytest.LogCaptureFixture) -> None:
+    @jobs.task(name="flaky", retries=0)
+    async def flaky() -> None:
+        raise RuntimeError("down")
+
+    caplog.set_level(logging.INFO, logger="asyncjobs")
+    queued = await jobs.enqueue(flaky.options(delay=60))
+    dead, other = await jobs.enqueue(flaky), await jobs.enqueue(flaky)
+    await drain(jobs)
+    assert await jobs.cancel(queued.id)
+    assert await jobs.retry(dead.id)
+    assert await jobs.discard(queued.id)
+    assert await jobs.retry_dead(task="flaky") == 1  # the other one
+
+    def actions(job_id: str) -> list[str]:
+        return [r.action for r in job_records(caplog, job_id) if hasattr(r, "action")]
+
+    assert actions(queued.id) == ["cancel", "discard"]
+    assert actions(dead.id) == ["retry"]
+    assert actions(other.id) == []
+    (bulk,) = [r for r in caplog.records if getattr(r, "action", None) == "retry_dead"]
+    assert "1 dead job(s) retried" in bulk.getMessage()

@@ -126,7 +126,7 @@ class Dashboard:
             )
         before = None
         if before_text is not None:
-            if not before_text.isdigit() or len(before_text) > 18:
+            if not _CURSOR.fullmatch(before_text):
                 return await self.message(request, 400, "Bad page cursor.")
             before = int(before_text)
         now = self.jobs.clock.now()
@@ -275,6 +275,9 @@ def _when(value: datetime | str | None) -> str:
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+_CURSOR = re.compile(r"[0-9]{1,18}")  # ASCII digits: str.isdigit() takes "²" too
 
 
 def _pretty(value: object) -> str:

@@ -172,6 +172,7 @@ async def test_unknown_filters_and_cursors_are_rejected(mix: Mix) -> None:
         assert (await client.get("/jobs", params={"status": "bogus"})).status_code == 400
         assert (await client.get("/jobs", params={"before": "-1"})).status_code == 400
         assert (await client.get("/jobs", params={"before": "1e9"})).status_code == 400
+        assert (await client.get("/jobs", params={"before": "\u00b2"})).status_code == 400
         assert (await client.get("/jobs", params={"queue": "q" * 201})).status_code == 400
         assert (await client.get("/jobs/" + "0" * 32)).status_code == 404
         assert (await client.post("/jobs/" + mix.dead_id + "/explode")).status_code == 404
