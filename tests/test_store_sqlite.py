@@ -18,9 +18,9 @@ from asyncjobs.stores import ClaimRequest, SQLiteStore, TaskLimits
 from asyncjobs.stores._migrations import migration_scripts
 from asyncjobs.stores._protocol import NewJob, Outcome, OutcomeKind
 from asyncjobs.stores._sqlite import INLINE_ROWS
-from asyncjobs.stores._sqlite_schema import SCHEMA_VERSION_TABLE
+from asyncjobs.stores._sqlite_schema import SCHEMA_VERSION_TABLE, migrate
 from asyncjobs.stores._sqlite_side import InlineWriter
-from asyncjobs.stores._sqlite_sql import _PICK_READY
+from asyncjobs.stores._sqlite_sql import _PICK_READY, _finish, insert_jobs
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]
@@ -96,6 +96,44 @@ async def test_the_claim_query_walks_the_ready_index_without_sorting(tmp_path: P
     assert "USING INDEX asyncjobs_jobs_ready" in plan
     assert "TEMP B-TREE" not in plan
     assert "USING INDEX" in recover_plan  # only running rows, never a table scan
+
+
+def steps_to_finish_a_batch_member(path: Path, members: int) -> int:
+    """SQLite VM steps of the finish of one member of a batch of ``members``, the others
+    unfinished: the work a finish does, counted rather than timed."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        migrate(db)
+        insert_jobs(db, [new_job("cb", status="waiting")], 0.0)
+        insert_jobs(
+            db,
+            [new_job(f"m{i}", batch_id="cb", status="running", worker="w") for i in range(members)],
+            0.0,
+        )
+        steps = 0
+
+        def step() -> int:
+            nonlocal steps
+            steps += 1
+            return 0
+
+        db.set_progress_handler(step, 1)
+        done = Outcome(job_id="m0", worker="w", attempt=1, kind=OutcomeKind.DEAD, error="e")
+        assert _finish(db, [done], 1.0) == ["m0"]
+        db.set_progress_handler(None, 1)
+        db.execute("COMMIT")
+        return steps
+    finally:
+        db.close()
+
+
+def test_a_batch_members_finish_costs_the_same_in_a_small_and_a_big_batch(
+    tmp_path: Path,
+) -> None:
+    small = steps_to_finish_a_batch_member(tmp_path / "small.db", 100)
+    big = steps_to_finish_a_batch_member(tmp_path / "big.db", 5_000)
+    assert big < 2 * small, (small, big)  # counting the other members made it 50 times
 
 
 async def test_claims_take_priority_then_fifo_among_many_rows(tmp_path: Path) -> None:

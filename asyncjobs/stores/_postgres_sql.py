@@ -374,6 +374,12 @@ async def release_dependents(
         )
         if callback is None or callback["status"] != "waiting":
             return
+        if await conn.fetchval(  # a seek in asyncjobs_jobs_batch, not a count of members
+            "SELECT 1 FROM asyncjobs_jobs WHERE batch_id = $1 "
+            "AND status IN ('waiting', 'scheduled', 'queued', 'running') LIMIT 1",
+            batch_id,
+        ):
+            return
         counts = {
             r["status"]: r["n"]
             for r in await conn.fetch(
@@ -382,8 +388,6 @@ async def release_dependents(
                 batch_id,
             )
         }
-        if any(counts.get(s, 0) for s in _UNFINISHED):
-            return
         payload = callback["payload"]
         if wants(callback["options"], COUNTS_FLAG):
             payload = with_batch(payload, batch_id, counts)

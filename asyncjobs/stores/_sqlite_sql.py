@@ -357,12 +357,12 @@ def _release_dependents(
         else:
             _cancel(db, [chain_next], now, reason="an earlier job in its chain did not succeed")
     if batch_id is not None:
-        (left,) = db.execute(
-            "SELECT count(*) FROM asyncjobs_jobs WHERE batch_id = ? "
-            "AND status IN ('waiting', 'scheduled', 'queued', 'running')",
+        unfinished = db.execute(  # a seek in asyncjobs_jobs_batch, not a count of members
+            "SELECT 1 FROM asyncjobs_jobs WHERE batch_id = ? "
+            "AND status IN ('waiting', 'scheduled', 'queued', 'running') LIMIT 1",
             (batch_id,),
         ).fetchone()
-        if left == 0:
+        if unfinished is None:
             row = _waiting(db, batch_id)
             if row is not None and wants(row[1], COUNTS_FLAG):
                 counts = dict(_batch_counts(db, batch_id))
