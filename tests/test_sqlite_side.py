@@ -4,11 +4,19 @@ change detection on the event loop thread."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
+
+import anyio
 
 from asyncjobs.stores import SQLiteStore
 from asyncjobs.stores._protocol import NewJob
-from asyncjobs.stores._sqlite_side import AUTOCHECKPOINT_PAGES, CHECKPOINT_EVERY
+from asyncjobs.stores._sqlite_side import (
+    AUTOCHECKPOINT_PAGES,
+    CHECKPOINT_EVERY,
+    Checkpointer,
+    InlineWriter,
+)
 
 
 def new_job(job_id: str) -> NewJob:
@@ -83,3 +91,46 @@ async def test_changed_sees_a_plain_sqlite_writer_without_the_connection_thread(
         assert calls == 0  # answered on the event loop thread
     finally:
         await store.close()
+
+
+async def test_a_log_that_readers_kept_from_starting_over_is_emptied(tmp_path: Path) -> None:
+    """Readers back to back (a dashboard, a metrics scrape in another process) keep a
+    PASSIVE checkpoint from ever finishing, and the log from ever starting over."""
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path)
+    await store.open()
+    reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM asyncjobs_jobs").fetchall()  # its snapshot
+        for i in range(100):
+            await store.insert([new_job(f"job-{i:05d}")], now=float(i))
+        assert store._checkpointer is not None
+        await store._checkpointer.idle()  # its own PASSIVE one, which copied nothing
+        wal = Path(f"{path}-wal")
+        assert wal.stat().st_size > 100 * 4096  # noqa: ASYNC240 - a stat, in a test
+        checkpointer = Checkpointer(path, every=1, truncate_pages=50)
+        # The reader ends while the checkpoint waits for it (a real reader's query would).
+        ends = threading.Timer(0.2, lambda: reader.execute("COMMIT"))
+        ends.start()
+        await anyio.to_thread.run_sync(checkpointer._checkpoint)
+        ends.join()
+        assert checkpointer.checkpoints == 1
+        assert wal.stat().st_size == 0  # noqa: ASYNC240
+        await store.insert([new_job("after")], now=0.0)  # and the log starts over
+        assert wal.stat().st_size < 100 * 4096  # noqa: ASYNC240
+        await checkpointer.close()
+    finally:
+        reader.close()
+        await store.close()
+
+
+async def test_a_write_on_the_event_loop_never_checkpoints(tmp_path: Path) -> None:
+    """A checkpoint inside a commit copies and fsyncs the log: never on the loop thread."""
+    path = tmp_path / "s.db"
+    InlineWriter(path).close()  # the schema is not needed to read its settings
+    writer = InlineWriter(path)
+    try:
+        assert writer._db.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+    finally:
+        writer.close()
