@@ -20,7 +20,7 @@ from asyncjobs.stores._protocol import NewJob, Outcome, OutcomeKind
 from asyncjobs.stores._sqlite import INLINE_ROWS
 from asyncjobs.stores._sqlite_schema import SCHEMA_VERSION_TABLE, migrate
 from asyncjobs.stores._sqlite_side import InlineWriter
-from asyncjobs.stores._sqlite_sql import _PICK_READY, _finish, insert_jobs
+from asyncjobs.stores._sqlite_sql import _PICK_READY, DUE_PER_CLAIM, _finish, insert_jobs
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]
@@ -134,6 +134,41 @@ def test_a_batch_members_finish_costs_the_same_in_a_small_and_a_big_batch(
     small = steps_to_finish_a_batch_member(tmp_path / "small.db", 100)
     big = steps_to_finish_a_batch_member(tmp_path / "big.db", 5_000)
     assert big < 2 * small, (small, big)  # counting the other members made it 50 times
+
+
+async def test_a_claim_queues_a_bounded_number_of_due_jobs_oldest_first(
+    tmp_path: Path,
+) -> None:
+    """A claim runs on the event loop: jobs due by the hundred thousand must not all be
+    made ready in one statement. The claims that follow take the rest."""
+    store = SQLiteStore(tmp_path / "due.db")
+    await store.open()
+    try:
+        due = 2 * DUE_PER_CLAIM + 100
+        await store.insert(
+            [new_job(f"d{i:05d}", status="scheduled", run_at=float(due - i)) for i in range(due)],
+            now=0.0,
+        )
+        request = ClaimRequest(
+            worker="w", tasks={"t": TaskLimits(max_attempts=1)}, queues=None, limit=10, lease=30
+        )
+        first = await store.claim(request, now=float(due + 1))
+        assert len(first) == 10
+        assert all(r.run_at <= DUE_PER_CLAIM for r in first)  # of those due first
+
+        def stored(db: sqlite3.Connection) -> dict[str, int]:
+            return dict(db.execute("SELECT status, count(*) FROM asyncjobs_jobs GROUP BY status"))
+
+        queued = DUE_PER_CLAIM - len(first)
+        assert await store._call(stored) == {"running": 10, "queued": queued, "scheduled": 600}
+        claimed = len(first)
+        while claimed < due:
+            rows = await store.claim(request, now=float(due + 1))
+            assert rows
+            claimed += len(rows)
+        assert await store._call(stored) == {"running": due}
+    finally:
+        await store.close()
 
 
 async def test_claims_take_priority_then_fifo_among_many_rows(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ __all__ = [
     "TaskLimits",
     "default_url",
     "open_store",
+    "redacted",
     "sqlite_path",
 ]
 
