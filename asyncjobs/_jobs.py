@@ -323,8 +323,8 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
             except BaseException:
                 self.runner.unreserve(new)
                 raise
-        if not all(j.worker for j in new):  # for the workers, or a drain() running
-            self.runner.wake()
+        if self.runner.accepting and not all(j.worker for j in new):
+            self.runner.wake()  # the workers, or a drain() running a job that enqueues
         return ids
 
     async def _flush_inserts(self, new: list[NewJob]) -> list[str]:

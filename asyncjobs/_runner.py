@@ -96,6 +96,11 @@ class Runner(_Leases, _Execution):
 
     # -- signals ---------------------------------------------------------------------
 
+    @property
+    def accepting(self) -> bool:
+        """Is a claim loop running (the workers' or a ``drain()``)?"""
+        return self._accepting
+
     def wake(self) -> None:
         """A job was enqueued locally: claim now instead of at the next poll."""
         self._wakeup.set()

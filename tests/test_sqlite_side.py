@@ -15,7 +15,6 @@ from asyncjobs.stores._sqlite_side import (
     AUTOCHECKPOINT_PAGES,
     CHECKPOINT_EVERY,
     Checkpointer,
-    InlineWriter,
 )
 
 
@@ -123,14 +122,3 @@ async def test_a_log_that_readers_kept_from_starting_over_is_emptied(tmp_path: P
     finally:
         reader.close()
         await store.close()
-
-
-async def test_a_write_on_the_event_loop_never_checkpoints(tmp_path: Path) -> None:
-    """A checkpoint inside a commit copies and fsyncs the log: never on the loop thread."""
-    path = tmp_path / "s.db"
-    InlineWriter(path).close()  # the schema is not needed to read its settings
-    writer = InlineWriter(path)
-    try:
-        assert writer._db.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
-    finally:
-        writer.close()
