@@ -142,7 +142,7 @@ DUE_PER_CLAIM = 1000
 """The most scheduled jobs a claim makes queued: a claim runs on the event loop thread,
 and 100,000 jobs due at once (a newsletter at 9:00) held it 0.4 s. The rest are queued
 by the claims that follow at once (the runner wakes for a due job), those due longest
-first: about 10 to 25 ms of work each. Priorities order the jobs made ready; a
+first: up to about 40 ms of work each. Priorities order the jobs made ready; a
 high-priority job due later than 1,000 others waits for those to be made ready (as
 Sidekiq's scheduled poller moves jobs in order of due time), not for them to run."""
 
