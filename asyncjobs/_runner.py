@@ -348,7 +348,12 @@ class Runner(_Leases, _Execution):
                 if await self.claim() or self._outbox:
                     continue
                 if not self.running and not self._ready:
-                    break
+                    # A claim makes only so many due jobs ready (DUE_PER_CLAIM), and
+                    # those may all be other processes' tasks: claim until none is due.
+                    due = await self._next_run_at()
+                    if due is None or due > self.clock.now() or not self.jobs.registry:
+                        break  # (with no task, claim() makes nothing ready)
+                    continue
                 await self._wakeup.wait()
         finally:
             with anyio.CancelScope(shield=True):

@@ -172,6 +172,29 @@ async def test_a_claim_queues_a_bounded_number_of_due_jobs_oldest_first(
         await store.close()
 
 
+async def test_drain_runs_a_due_job_behind_more_than_a_claim_makes_ready(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """The jobs due first are another process's (a task this one lacks): the claim that
+    makes them ready takes none of them, and drain() must not stop there."""
+    jobs, other = make_jobs(workers=False), make_jobs(workers=False)
+    ran: list[int] = []
+
+    @jobs.task(name="mine")
+    async def mine() -> None:
+        ran.append(1)
+
+    @other.task(name="theirs")
+    async def theirs() -> None: ...
+
+    await other.enqueue_many([theirs.options(delay=10).spec() for _ in range(DUE_PER_CLAIM)])
+    job = await mine.options(delay=11).enqueue()
+    clock.advance(60)
+    await drain(jobs)
+    assert ran == [1]
+    assert (await job.info()).status == "succeeded"
+
+
 async def test_claims_take_priority_then_fifo_among_many_rows(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "big.db")
     await store.open()
