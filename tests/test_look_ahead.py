@@ -34,10 +34,17 @@ async def until_finished(jobs: Jobs, ids: list[str]) -> None:
             await anyio.lowlevel.checkpoint()
 
 
-async def until_cancelled(jobs: Jobs, job_id: str) -> None:
-    with anyio.fail_after(5):
-        while (await statuses(jobs, [job_id])) != [("cancelled", 1)]:
-            await anyio.lowlevel.checkpoint()
+async def cancelled_while_blocked(jobs: Jobs, job_id: str, ids: list[str]) -> None:
+    """Wait until ``job_id`` is written cancelled while both slots are still taken (of
+    ``run_blocked``), then let the blocked jobs go, wait for all ``ids`` and close."""
+    try:
+        with anyio.fail_after(5):
+            while (await statuses(jobs, [job_id])) != [("cancelled", 1)]:
+                await anyio.lowlevel.checkpoint()
+    finally:
+        jobs.release.set()  # type: ignore[attr-defined]
+    await until_finished(jobs, ids)
+    await jobs.close()
 
 
 async def statuses(jobs: Jobs, ids: list[str]) -> list[tuple[str, int]]:
@@ -113,12 +120,7 @@ async def test_a_cancelled_job_claimed_ahead_never_runs(
     ids = await run_blocked(jobs, clock, job_seconds=0.0)
     await until(lambda: len(jobs.runner._ready) == AHEAD)  # ids[2:2 + AHEAD] claimed ahead
     assert await jobs.cancel(ids[2])
-    try:
-        await until_cancelled(jobs, ids[2])  # while both slots are still taken
-    finally:
-        jobs.release.set()  # type: ignore[attr-defined]
-    await until_finished(jobs, ids)
-    await jobs.close()
+    await cancelled_while_blocked(jobs, ids[2], ids)
     assert await statuses(jobs, ids) == [("succeeded", 1)] * 2 + [("cancelled", 1)] + [
         ("succeeded", 1)
     ] * (JOBS - 3)
@@ -137,12 +139,7 @@ async def test_a_job_claimed_ahead_and_cancelled_by_another_process_never_runs(
     assert await other.cancel(ids[2])
     await jobs.runner.heartbeat_once()
     still_ready = ids[2] in {row.id for row in jobs.runner._ready}
-    try:
-        await until_cancelled(jobs, ids[2])  # while both slots are still taken
-    finally:
-        jobs.release.set()  # type: ignore[attr-defined]
-    await until_finished(jobs, ids)
-    await jobs.close()
+    await cancelled_while_blocked(jobs, ids[2], ids)
     assert not still_ready
     assert (await statuses(jobs, ids))[2] == ("cancelled", 1)
     assert sorted(jobs.ran) == [-1, 0, 1, *range(3, JOBS)]  # type: ignore[attr-defined]
