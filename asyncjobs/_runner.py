@@ -376,9 +376,12 @@ class Runner(_Leases, _Execution):
         last_full_poll = self.clock.now()
         while True:
             if self.room <= 0:
-                # Full (or the look-ahead shrank): no claim, but outcomes must not wait
-                # for a slot; their leases are no longer extended.
-                await self.flush_outbox()
+                if self._outbox and not self._look_ahead():
+                    # Long jobs fill every slot and those claimed ahead before the
+                    # look-ahead shrank: the claim that writes outcomes may be minutes
+                    # away, and nothing extends their leases meanwhile. (Short jobs free
+                    # room within milliseconds: their outcomes go with the next claim.)
+                    await self.flush_outbox()
                 await self._slot_freed.wait()
                 # Jobs acked in one flush free their slots in the next few loop
                 # iterations; claim once for all of them rather than one by one.
