@@ -180,8 +180,7 @@ class Dashboard:
                 info = await self.jobs.get(job_id)
                 running = info is not None and info.status == JobStatus.RUNNING
                 done = "stopping" if running else "cancelled"
-        elif await self.jobs.discard(job_id):
-            logger.info("job %s discarded from the dashboard", job_id, extra={"job_id": job_id})
+        elif await self.jobs.discard(job_id):  # Jobs.discard logs it
             return self.redirect(request, "/jobs", done="discarded")
         else:
             done = "not-discarded"
