@@ -2,9 +2,10 @@
 
 ``async with jobs.transaction(conn):`` binds ``conn`` (an aiosqlite connection to
 the job store's own SQLite file, or an asyncpg connection to its PostgreSQL
-database) to ``jobs`` for the current task and context. Every enqueue inside the
-block inserts through ``conn``, so the job is part of the caller's transaction:
-it exists if and only if the caller commits (the outbox pattern without a relay).
+database) to ``jobs`` for the current task and context; tasks started inside the
+block share it until the block ends. Every enqueue inside the block inserts through
+``conn``, so the job is part of the caller's transaction: it exists if and only if
+the caller commits (the outbox pattern without a relay).
 
 Workers are woken at enqueue time; the job is not visible to them until the
 caller commits, and then the runner's change polling picks it up.
@@ -35,10 +36,13 @@ Inserter = Callable[[Sequence[NewJob], float], Awaitable[list[str]]]
 """Insert jobs (with ``now``) through the caller's transaction; return their ids."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Binding:
     jobs: Jobs
     insert: Inserter
+    open: bool = True
+    """False once the block has ended: a task started inside it keeps a copy of the
+    context, and its later enqueues must not write through the caller's connection."""
 
 
 _bindings: ContextVar[tuple[_Binding, ...]] = ContextVar("asyncjobs_transactions", default=())
@@ -47,7 +51,7 @@ _bindings: ContextVar[tuple[_Binding, ...]] = ContextVar("asyncjobs_transactions
 def bound_insert(jobs: Jobs) -> Inserter | None:
     """The caller's transaction bound to ``jobs`` in this context, if any."""
     for binding in reversed(_bindings.get()):
-        if binding.jobs is jobs:
+        if binding.open and binding.jobs is jobs:
             return binding.insert
     return None
 
@@ -55,11 +59,12 @@ def bound_insert(jobs: Jobs) -> Inserter | None:
 @asynccontextmanager
 async def transaction(jobs: Jobs, conn: Any) -> AsyncIterator[None]:
     """Make every ``jobs.enqueue`` in this block part of ``conn``'s open transaction."""
-    insert = await _inserter(jobs, conn)
-    token = _bindings.set((*_bindings.get(), _Binding(jobs, insert)))
+    binding = _Binding(jobs, await _inserter(jobs, conn))
+    token = _bindings.set((*_bindings.get(), binding))
     try:
         yield
     finally:
+        binding.open = False
         _bindings.reset(token)
 
 

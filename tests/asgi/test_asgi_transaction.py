@@ -139,6 +139,34 @@ async def test_enqueues_outside_the_block_or_in_other_tasks_are_not_part_of_it(
     assert await jobs.get(after.id) is not None
 
 
+async def test_a_task_started_inside_the_block_enqueues_on_its_own_after_it_ends(
+    jobs: Jobs, conn: aiosqlite.Connection
+) -> None:
+    """The task inherits the block's context; once the block is over, its enqueues
+    must not write through the caller's connection (where nobody would commit them)."""
+    register(jobs)
+    await jobs.store.open()
+    block_over = anyio.Event()
+    later: list[str] = []
+
+    async def follow_up() -> None:
+        await block_over.wait()
+        later.append((await jobs.enqueue("welcome", 2)).id)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await conn.execute("BEGIN")
+            async with jobs.transaction(conn):
+                inside = await jobs.enqueue("welcome", 1)
+                tg.start_soon(follow_up)
+            await conn.execute("ROLLBACK")
+            block_over.set()
+
+    assert await jobs.get(inside.id) is None
+    assert await jobs.get(later[0]) is not None
+    assert not conn.in_transaction
+
+
 async def test_another_jobs_instance_is_not_bound_by_the_block(
     make_jobs: MakeJobs, conn: aiosqlite.Connection, tmp_path: Path
 ) -> None:
