@@ -317,6 +317,12 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
         outer = bound_insert(self)  # inside `async with jobs.transaction(conn):`
         if outer is not None:
             ids = await outer(new, self.clock.now())
+        elif any(j.idempotency_key is not None for j in new):
+            # On its own, not in the group commit: on PostgreSQL the insert of a key
+            # that another open transaction holds waits for that transaction, and the
+            # wait must hold up this caller only (it may be the holder's own enqueue).
+            # Keyed jobs never run at once, so there is no local slot to give back.
+            ids = await self.store.insert(new, now=self.clock.now())
         else:
             try:
                 ids = await self._inserts.submit_many(new)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from asyncjobs._errors import StoreError
 from asyncjobs.stores._admission import has_limits
 from asyncjobs.stores._dependents import COUNTS_FLAG, RESULT_FLAG, pass_result, wants, with_batch
 from asyncjobs.stores._postgres_limits import choose as choose_limited
@@ -92,8 +93,16 @@ def _job_values(j: NewJob) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
+_KEY_ATTEMPTS = 3
+
+
 async def insert_jobs(
-    conn: Connection, jobs: Sequence[NewJob], now: float, *, table: str = "asyncjobs_jobs"
+    conn: Connection,
+    jobs: Sequence[NewJob],
+    now: float,
+    *,
+    table: str = "asyncjobs_jobs",
+    attempt: int = 1,
 ) -> Inserted:
     """Insert ``jobs`` through ``conn``; return their ids (the stored one for a known key).
 
@@ -124,6 +133,17 @@ async def insert_jobs(
             known,
         )
         stored.update((r["idempotency_key"], r["id"]) for r in rows)
+    lost = [j for j in jobs if j.idempotency_key is not None and j.idempotency_key not in stored]
+    if lost:
+        # The job holding the key was deleted (pruned, discarded) between the two
+        # statements, so the key is free again: insert these after all.
+        if attempt == _KEY_ATTEMPTS:
+            raise StoreError(
+                f"idempotency key {lost[0].idempotency_key!r} kept changing hands; not enqueued"
+            )
+        again = await insert_jobs(conn, lost, now, table=table, attempt=attempt + 1)
+        stored.update((j.idempotency_key, id_) for j, id_ in zip(lost, again, strict=True))
+        seqs.update(again.seqs)
     ids = [j.id if j.idempotency_key is None else stored[j.idempotency_key] for j in jobs]
     return Inserted(ids, seqs=seqs)
 

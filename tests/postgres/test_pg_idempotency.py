@@ -1,0 +1,105 @@
+"""Idempotency keys on PostgreSQL, where the key's insert and the read of the stored
+job are two statements and an insert can wait on another open transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from asyncjobs import Jobs
+from asyncjobs.stores import NewJob
+from asyncjobs.stores._postgres_sql import insert_jobs
+
+MakeJobs = Callable[..., Jobs]
+
+asyncpg = pytest.importorskip("asyncpg")
+
+
+def new_job(job_id: str, key: str | None) -> NewJob:
+    return NewJob(
+        id=job_id, task="t", queue="default", payload='{"args":[],"kwargs":{}}',
+        status="queued", priority=0, run_at=0.0, max_attempts=3, idempotency_key=key,
+    )  # fmt: skip
+
+
+class DeletesAfterInsert:
+    """An asyncpg connection whose first statement is followed, before the next one,
+    by another client deleting the job that holds ``key`` (pruning, say)."""
+
+    def __init__(self, conn: Any, other: Any, key: str) -> None:
+        self.conn, self.other, self.key = conn, other, key
+        self.deleted = False
+
+    async def fetch(self, query: str, *args: Any) -> Any:
+        rows = await self.conn.fetch(query, *args)
+        if not self.deleted:
+            self.deleted = True
+            await self.other.execute(
+                "DELETE FROM asyncjobs_jobs WHERE idempotency_key = $1", self.key
+            )
+        return rows
+
+
+async def test_a_key_freed_between_insert_and_read_is_inserted_after_all(
+    make_jobs: MakeJobs, postgres_url: str
+) -> None:
+    await make_jobs(postgres_url).store.open()  # the schema
+    conn = await asyncpg.connect(postgres_url)
+    other = await asyncpg.connect(postgres_url)
+    try:
+        await insert_jobs(conn, [new_job("old", "k")], now=1.0)
+        racing = DeletesAfterInsert(conn, other, "k")
+
+        ids = await insert_jobs(racing, [new_job("plain", None), new_job("new", "k")], now=2.0)  # type: ignore[arg-type]
+
+        assert racing.deleted
+        assert ids == ["plain", "new"]
+        stored = await conn.fetch("SELECT id FROM asyncjobs_jobs ORDER BY id")
+        assert [r["id"] for r in stored] == ["new", "plain"]
+    finally:
+        await conn.close()
+        await other.close()
+
+
+async def test_a_keyed_enqueue_waiting_on_an_open_transaction_holds_up_no_one_else(
+    make_jobs: MakeJobs, postgres_url: str
+) -> None:
+    """Request A holds key K in its open transaction; request B enqueues K the ordinary
+    way and must wait for A. Other enqueues, A's own included, must not wait for B:
+    A waiting for B while B waits for A would never end."""
+    jobs = make_jobs(postgres_url, workers=False)
+
+    @jobs.task(name="charge")
+    async def charge(order: int) -> None: ...
+
+    await jobs.store.open()
+    conn = await asyncpg.connect(postgres_url)
+    admin = await asyncpg.connect(postgres_url)
+    second: list[str] = []
+
+    async def retry_of_the_same_order() -> None:
+        second.append((await jobs.enqueue(charge.options(idempotency_key="order:1"), 1)).id)
+
+    try:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                async with conn.transaction():
+                    async with jobs.transaction(conn):
+                        first = await jobs.enqueue(charge.options(idempotency_key="order:1"), 1)
+                    tg.start_soon(retry_of_the_same_order)
+                    while not await admin.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                    ):
+                        await anyio.lowlevel.checkpoint()  # B's insert waits on A's row
+                    with anyio.fail_after(5):
+                        unrelated = await jobs.enqueue(charge, 2)
+                assert not second  # B waited for A's commit
+        assert second == [first.id]
+        assert await jobs.get(unrelated.id) is not None
+    finally:
+        await conn.close()
+        await admin.close()
