@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import timedelta, tzinfo
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
@@ -149,7 +151,7 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
                     f"{getattr(fn, '__qualname__', fn)!r} is not an async def; tasks must be "
                     "coroutine functions"
                 )
-            task_name = name or f"{fn.__module__}.{fn.__qualname__}"
+            task_name = name or _default_name(fn)
             if task_name in self.registry:
                 raise ConfigurationError(
                     f"a task named {task_name!r} is already registered; "
@@ -420,3 +422,21 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
             raise AsyncJobsError("drain() is for a Jobs whose workers are not started")
         await self.scheduler.tick()
         await self.runner.drain()
+
+
+def _default_name(fn: Callable[..., Any]) -> str:
+    """``module.qualname``, with the module's importable name when ``fn`` is defined in
+    the script Python was started with: a worker imports that script by its name
+    (``--app myapp:jobs``), and a job queued as ``__main__.send`` would never run."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str):
+        raise ConfigurationError(f"{fn!r} has no module and qualified name; pass name=...")
+    if module == "__main__":
+        main = sys.modules.get("__main__")
+        spec = getattr(main, "__spec__", None)
+        path = getattr(main, "__file__", None)
+        if spec is not None and spec.name != "__main__":  # python -m package.module
+            module = spec.name
+        elif isinstance(path, str):  # python myapp.py
+            module = Path(path).stem
+    return f"{module}.{qualname}"

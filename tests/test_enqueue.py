@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import sqlite3
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -227,6 +230,43 @@ async def test_enqueue_by_name_of_a_task_this_process_lacks(jobs: Jobs, make_job
     assert info.queue == "default"
     await drain(jobs)  # not claimed: this process does not know the task
     assert (await job.info()).status == "queued"
+
+
+MYAPP = """
+from asyncjobs import Jobs
+
+jobs = Jobs("sqlite:///unused.db", workers=False)
+
+@jobs.task
+async def send_report(day: str) -> None: ...
+
+if __name__ == "__main__":
+    print(*jobs.registry)
+"""
+
+
+@pytest.mark.parametrize("run", [["myapp.py"], ["-m", "myapp"]], ids=["script", "module"])
+def test_a_task_in_the_script_python_runs_is_named_as_a_worker_importing_it_names_it(
+    tmp_path: Path, run: list[str]
+) -> None:
+    """A job queued by ``python myapp.py`` must run on ``asyncjobs --app myapp:jobs``."""
+    (tmp_path / "myapp.py").write_text(MYAPP)
+    as_main = subprocess.run(
+        [sys.executable, *run], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    imported = subprocess.run(
+        [sys.executable, "-c", "import myapp; print(*myapp.jobs.registry)"],
+        cwd=tmp_path, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert as_main.stdout.split() == imported.stdout.split() == ["myapp.send_report"]
+
+
+def test_a_callable_without_a_qualified_name_needs_a_name(jobs: Jobs) -> None:
+    async def send(to: str, subject: str) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="name="):
+        jobs.task(functools.partial(send, subject="hi"))
+    assert jobs.task(name="greet")(functools.partial(send, subject="hi")).name == "greet"
 
 
 async def test_many_concurrent_producers_share_commits(jobs: Jobs) -> None:
