@@ -128,14 +128,17 @@ def _surrogate_pair(value: Any) -> str | None:
 def encode(value: JSON, *, what: str = "value", depth: int = 0) -> str:
     """Encode one value strictly; raise ``NotSerializable`` naming ``what``
     (``depth``: the levels ``value`` will be nested in, counted towards the limit)."""
+    failure = ""
     try:
         text = _dumps(value)
         if _decode(text) == value and _problem(value, depth) is None:
             return text
-    except (TypeError, ValueError, RecursionError):
-        pass
+    except (TypeError, ValueError, RecursionError) as error:
+        failure = f" ({error})"  # e.g. an int longer than Python converts to text
     reason = (
-        _problem(value, depth) or _surrogate_pair(value) or "it does not round-trip through JSON"
+        _problem(value, depth)
+        or _surrogate_pair(value)
+        or f"it does not round-trip through JSON{failure}"
     )
     raise NotSerializable(f"{what} cannot be stored as JSON: {reason}")
 
@@ -174,9 +177,14 @@ def encode_payload(
         raise NotSerializable(f"the arguments of task {task!r} cannot be stored as JSON")
     size = len(text)  # ensure_ascii: characters == bytes
     if size > max_bytes:
+        sizes = {f"argument {index}": len(_dumps(arg)) for index, arg in enumerate(args)}
+        sizes.update((f"keyword argument {key!r}", len(_dumps(arg))) for key, arg in kwargs.items())
+        largest = max(sizes, key=sizes.__getitem__, default=None)
+        which = "" if largest is None else f"; the largest is {largest} ({sizes[largest]} bytes)"
         raise PayloadTooLarge(
             f"the arguments of task {task!r} encode to {size} bytes, over the limit of "
-            f"{max_bytes} bytes (max_payload_bytes); store large data elsewhere and pass a key"
+            f"{max_bytes} bytes (max_payload_bytes){which}: store large data elsewhere "
+            "and pass a key"
         )
     return text
 

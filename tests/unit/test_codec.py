@@ -133,6 +133,20 @@ def test_payload_limit_counts_encoded_bytes() -> None:
         encode_payload(["é"], {}, max_bytes=limit - 1, task="t")
 
 
+def test_payload_over_the_limit_names_its_largest_argument() -> None:
+    with pytest.raises(PayloadTooLarge, match=r"largest is keyword argument 'body' \(1002 bytes\)"):
+        encode_payload(["x" * 500], {"to": "a", "body": "y" * 1000}, max_bytes=1000, task="t")
+    with pytest.raises(PayloadTooLarge, match=r"largest is argument 1 \(602 bytes\)"):
+        encode_payload(["x" * 500, "z" * 600], {}, max_bytes=1000, task="t")
+    with pytest.raises(PayloadTooLarge, match="over the limit of 10 bytes"):
+        encode_payload([], {}, max_bytes=10, task="t")
+
+
+def test_an_int_too_long_for_text_says_so() -> None:
+    with pytest.raises(NotSerializable, match=r"argument 0 of task 't'.*digits"):
+        encode_payload([10**5000], {}, max_bytes=10**6, task="t")
+
+
 def test_payload_round_trips() -> None:
     text = encode_payload([1, "a"], {"k": [None]}, max_bytes=1000, task="t")
     assert json.loads(text) == {"args": [1, "a"], "kwargs": {"k": [None]}}
