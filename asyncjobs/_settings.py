@@ -140,20 +140,22 @@ class Settings:
         retention: Seconds,
         dead_retention: Seconds | None,
         max_payload_bytes: int,
-        synchronous: str,
+        synchronous: object,  # checked here: Jobs(synchronous=None) is a ConfigurationError
         backoff_base: Seconds,
         max_backoff: Seconds,
         clock: Clock,
     ) -> Settings:
         if isinstance(queues, str):
             raise ConfigurationError(f"queues must be a list of names, not the string {queues!r}")
-        if synchronous.lower() not in ("normal", "full"):
+        if not isinstance(workers, bool):
+            raise ConfigurationError(f"workers must be True or False, got {workers!r}")
+        if not isinstance(synchronous, str) or synchronous.lower() not in ("normal", "full"):
             raise ConfigurationError(f"synchronous must be 'normal' or 'full', got {synchronous!r}")
         kept = seconds(retention, "retention")
         return cls(
             url=url,
             concurrency=positive_int(concurrency, "concurrency"),
-            workers=bool(workers),
+            workers=workers,
             queues=None if queues is None else tuple(check_name(q, "queue") for q in queues),
             visibility_timeout=seconds(visibility_timeout, "visibility_timeout", allow_zero=False),
             shutdown_timeout=seconds(shutdown_timeout, "shutdown_timeout"),

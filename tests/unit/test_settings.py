@@ -1,0 +1,37 @@
+"""Jobs(...) settings: a bad value is a ConfigurationError naming it, at construction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from asyncjobs import ConfigurationError, Jobs
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"synchronous": None}, "synchronous must be 'normal' or 'full', got None"),
+        ({"synchronous": 2}, "synchronous must be 'normal' or 'full', got 2"),
+        ({"synchronous": "fast"}, "synchronous must be 'normal' or 'full'"),
+        ({"workers": "no"}, "workers must be True or False, got 'no'"),
+        ({"workers": None}, "workers must be True or False"),
+        ({"concurrency": 0}, "concurrency must be a whole number >= 1"),
+        ({"visibility_timeout": 0}, "visibility_timeout must be a finite number of seconds > 0"),
+        ({"poll_interval": "1"}, "poll_interval must be seconds or a timedelta"),
+        ({"queues": "email"}, "queues must be a list of names"),
+        ({"max_payload_bytes": 1.5}, "max_payload_bytes must be a whole number"),
+    ],
+)
+def test_a_bad_setting_is_refused_naming_it(
+    tmp_path: Path, setting: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message.replace("(", r"\(")):
+        Jobs("sqlite:///" + str(tmp_path / "jobs.db"), **setting)
+
+
+def test_synchronous_is_read_in_any_case(tmp_path: Path) -> None:
+    jobs = Jobs("sqlite:///" + str(tmp_path / "jobs.db"), synchronous="FULL", workers=False)
+    assert (jobs.settings.synchronous, jobs.settings.workers) == ("full", False)
