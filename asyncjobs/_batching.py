@@ -58,10 +58,18 @@ class GroupCommit(Generic[T, R]):
         # Did the last flush have company? Then leaders wait for submitters woken in the
         # same loop iteration; a lone producer flushes at once (one loop turn sooner).
         self._gather = False
+        self._idle_waiters: list[asyncio.Future[None]] = []
 
     @property
     def idle(self) -> bool:
         return not self._busy and not self._queue
+
+    async def wait_idle(self) -> None:
+        """Wait until every submission made so far has been flushed."""
+        while not self.idle:
+            idle = asyncio.get_running_loop().create_future()
+            self._idle_waiters.append(idle)
+            await idle
 
     async def submit(self, item: T) -> R:
         return (await self.submit_many((item,)))[0]
@@ -162,3 +170,8 @@ class GroupCommit(Generic[T, R]):
                 waiter.future.set_result(False)
                 return
         self._busy = False
+        if self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for idle in waiters:
+                if not idle.done():
+                    idle.set_result(None)

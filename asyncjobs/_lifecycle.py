@@ -17,12 +17,14 @@ import anyio
 from asyncjobs._errors import AsyncJobsError
 
 if TYPE_CHECKING:
+    from asyncjobs._batching import GroupCommit
     from asyncjobs._clock import Clock
     from asyncjobs._runner import Runner
     from asyncjobs._scheduler import Scheduler
     from asyncjobs._settings import Settings
     from asyncjobs._tasks import Task
     from asyncjobs.stores import Store
+    from asyncjobs.stores._protocol import NewJob
 
 logger = logging.getLogger("asyncjobs")
 
@@ -38,6 +40,7 @@ class _Lifecycle:
         scheduler: Scheduler
         _host: asyncio.Task[None] | None
         _stop_requested: anyio.Event
+        _inserts: GroupCommit[NewJob, str]
 
         @property
         def clock(self) -> Clock: ...
@@ -129,9 +132,10 @@ class _Lifecycle:
                 self._host = None
 
     async def close(self) -> None:
-        """Stop the workers if they run, then close the store (also when they crashed:
-        ``stop`` raises why)."""
+        """Stop the workers if they run, let enqueues in flight be written, then close
+        the store (also when the workers crashed: ``stop`` raises why)."""
         try:
             await self.stop()
         finally:
+            await self._inserts.wait_idle()  # else their write would open it again
             await self.store.close()

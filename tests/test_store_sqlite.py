@@ -19,7 +19,7 @@ from asyncjobs.stores._migrations import migration_scripts
 from asyncjobs.stores._protocol import NewJob, Outcome, OutcomeKind
 from asyncjobs.stores._sqlite import INLINE_ROWS
 from asyncjobs.stores._sqlite_schema import SCHEMA_VERSION_TABLE, migrate
-from asyncjobs.stores._sqlite_side import InlineWriter
+from asyncjobs.stores._sqlite_side import CHECKPOINT_EVERY, InlineWriter
 from asyncjobs.stores._sqlite_sql import _PICK_READY, DUE_PER_CLAIM, _finish, insert_jobs
 from asyncjobs.testing import FakeClock, drain
 
@@ -623,3 +623,60 @@ async def test_first_uses_at_once_open_the_store_once(tmp_path: Path) -> None:
         await store.close()
     assert got[0] is None
     assert len(setups) == 1
+
+
+async def test_a_close_while_the_first_use_opens_the_store_lets_that_use_finish(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteStore(tmp_path / "jobs.db")
+    first = asyncio.create_task(store.insert([new_job("a" * 32)], now=0.0))
+    try:
+        with anyio.fail_after(10):
+            while store._db is None:  # connected; the schema is being set up
+                await anyio.lowlevel.checkpoint()
+            await store.close()
+            assert await first == ["a" * 32]
+            await store.close()
+            assert store._db is None
+            assert await store.get("a" * 32) is not None  # a later use opens it again
+    finally:
+        first.cancel()
+        if store._db is not None:  # without the fix: the stuck open's connection
+            await store._db.close()
+        await store.close()
+
+
+async def test_jobs_close_lets_an_enqueue_in_flight_finish_and_leaves_the_store_closed(
+    make_jobs: MakeJobs,
+) -> None:
+    jobs = make_jobs(workers=False)
+
+    @jobs.task(name="t")
+    async def t() -> None: ...
+
+    enqueuing = asyncio.create_task(jobs.enqueue(t))
+    await anyio.lowlevel.checkpoint()  # its flush is opening the store
+    try:
+        with anyio.fail_after(10):
+            await jobs.close()
+            job = await enqueuing
+            await anyio.lowlevel.checkpoint()
+            assert jobs.store._db is None  # type: ignore[attr-defined]
+    finally:
+        enqueuing.cancel()
+        await jobs.close()
+    assert await jobs.get(job.id) is not None
+
+
+def test_a_store_used_from_several_event_loops_closes_cleanly(tmp_path: Path) -> None:
+    """A script or sync app may call asyncio.run per enqueue; the WAL checkpoint that
+    an earlier loop started (and cancelled on closing) must not break close()."""
+    store = SQLiteStore(tmp_path / "jobs.db")
+    for index in range(CHECKPOINT_EVERY + 1):
+        asyncio.run(store.insert([new_job(f"{index:032d}")], now=0.0))
+    asyncio.run(store.close())
+    assert store._db is None
+    with sqlite3.connect(tmp_path / "jobs.db") as db:
+        assert db.execute("SELECT count(*) FROM asyncjobs_jobs").fetchone() == (
+            CHECKPOINT_EVERY + 1,
+        )

@@ -180,7 +180,7 @@ class SQLiteStore:
             if self.synchronous == "NORMAL":  # FULL fsyncs each commit: not on the loop
                 self._inline = await self._call(lambda _: InlineWriter(self.path))
         except BaseException:
-            await self.close()
+            await self._disconnect()
             raise
 
     def _setup(self, db: sqlite3.Connection) -> None:
@@ -194,30 +194,36 @@ class SQLiteStore:
         self._write(db, migrate)
 
     async def close(self) -> None:
+        # After an open in progress (first uses), which would otherwise finish behind
+        # this close and leave the store open, or find its connection gone.
+        async with self._opening:
+            await self._disconnect()
+
+    async def _disconnect(self) -> None:
         self._open = False
         checkpointer, self._checkpointer = self._checkpointer, None
         watch, self._watch = self._watch, None
         inline, self._inline = self._inline, None
-        if inline is not None:
-            inline.close()
-        if checkpointer is not None:
-            await checkpointer.close()
-        if watch is not None:
-            watch.close()
         db, self._db, self._raw = self._db, None, None
-        if db is not None:
-            await db.close()
+        try:
+            if inline is not None:
+                inline.close()
+            if watch is not None:
+                watch.close()
+            if checkpointer is not None:
+                await checkpointer.close()
+        finally:
+            if db is not None:
+                await db.close()
 
     async def _call(
         self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:
         """Run ``fn(connection, ...)`` in the connection thread; map driver errors."""
         db, raw = self._db, self._raw
-        if db is None or raw is None:
+        while db is None or raw is None:  # not open yet, or closed again meanwhile
             await self.open()
             db, raw = self._db, self._raw
-            assert db is not None  # noqa: S101 - set by open()
-            assert raw is not None  # noqa: S101 - set by open()
         try:
             result: T = await db._execute(fn, raw, *args, **kwargs)  # type: ignore[no-untyped-call]
         except sqlite3.Error as error:
@@ -376,10 +382,11 @@ class SQLiteStore:
         return None if value is None else float(value)
 
     async def changed(self) -> bool:
-        if self._watch is None:
+        watch = self._watch
+        while watch is None:  # not open yet, or closed again meanwhile
             await self.open()
-        assert self._watch is not None  # noqa: S101 - set by open()
-        return self._watch.changed()
+            watch = self._watch
+        return watch.changed()
 
     # -- queries and admin -----------------------------------------------------------
 

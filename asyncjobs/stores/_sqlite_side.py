@@ -130,8 +130,11 @@ class Checkpointer:
     async def idle(self) -> None:
         """Wait for the checkpoint in progress, if any."""
         running = self._running
-        if running is not None:
-            await asyncio.shield(running)
+        if running is None or running.done():
+            return
+        if running.get_loop() is not asyncio.get_running_loop():
+            return  # an earlier event loop's (asyncio.run per call), which waited for it
+        await asyncio.shield(running)
 
     async def close(self) -> None:
         await self.idle()
