@@ -131,7 +131,10 @@ class SQLiteStore:
     ) -> None:
         if synchronous.upper() not in _SYNCHRONOUS:
             raise ConfigurationError(f"synchronous must be 'normal' or 'full', got {synchronous!r}")
-        self.path = Path(path)
+        # Absolute now: every connection, the side ones opened later too, is on the
+        # same file if the working directory changes, and a name that begins "file:"
+        # is a file name, not a URI for SQLite to parse.
+        self.path = Path(path).absolute()
         self.synchronous = synchronous.upper()
         self.busy_timeout = busy_timeout
         self._db: aiosqlite.Connection | None = None
