@@ -17,7 +17,7 @@ from asyncjobs._batching import GroupCommit
 from asyncjobs.stores import ClaimRequest, SQLiteStore, TaskLimits
 from asyncjobs.stores._migrations import migration_scripts
 from asyncjobs.stores._protocol import NewJob, Outcome, OutcomeKind
-from asyncjobs.stores._sqlite import INLINE_ROWS
+from asyncjobs.stores._sqlite import ADMIN_BATCH, INLINE_ROWS
 from asyncjobs.stores._sqlite_schema import SCHEMA_VERSION_TABLE, migrate
 from asyncjobs.stores._sqlite_side import CHECKPOINT_EVERY, InlineWriter
 from asyncjobs.stores._sqlite_sql import _PICK_READY, DUE_PER_CLAIM, _finish, insert_jobs
@@ -625,6 +625,10 @@ async def test_first_uses_at_once_open_the_store_once(tmp_path: Path) -> None:
     assert len(setups) == 1
 
 
+def is_open(store: SQLiteStore) -> bool:
+    return store._db is not None
+
+
 async def test_a_close_while_the_first_use_opens_the_store_lets_that_use_finish(
     tmp_path: Path,
 ) -> None:
@@ -632,12 +636,12 @@ async def test_a_close_while_the_first_use_opens_the_store_lets_that_use_finish(
     first = asyncio.create_task(store.insert([new_job("a" * 32)], now=0.0))
     try:
         with anyio.fail_after(10):
-            while store._db is None:  # connected; the schema is being set up
+            while not is_open(store):  # connected; the schema is being set up
                 await anyio.lowlevel.checkpoint()
             await store.close()
             assert await first == ["a" * 32]
             await store.close()
-            assert store._db is None
+            assert not is_open(store)
             assert await store.get("a" * 32) is not None  # a later use opens it again
     finally:
         first.cancel()
@@ -696,3 +700,34 @@ async def test_a_relative_path_is_a_file_name_even_when_it_looks_like_a_uri(
     assert store.path == tmp_path / "file:jobs.db?mode=memory"
     assert (tmp_path / "file:jobs.db?mode=memory").exists()
     assert not (tmp_path / "jobs.db").exists()
+
+
+async def test_purge_and_retry_dead_of_many_rows_go_in_short_transactions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One transaction over every row would hold the file's write lock for seconds with
+    a million rows: other processes' enqueues would fail, this one's heartbeats wait."""
+    store = SQLiteStore(tmp_path / "jobs.db")
+    many = 2 * ADMIN_BATCH + 7
+    await store.open()
+    with sqlite3.connect(tmp_path / "jobs.db") as db:
+        insert_jobs(db, [new_job(f"{n:032d}") for n in range(many + 1)], 0.0)
+        db.execute("UPDATE asyncjobs_jobs SET status = 'dead', finished_at = 1.0 WHERE seq > 1")
+    transactions: list[str] = []
+    transaction = store._transaction
+
+    async def counted(fn: Callable[..., object], *args: object) -> object:
+        transactions.append(fn.__name__)
+        return await transaction(fn, *args)
+
+    monkeypatch.setattr(store, "_transaction", counted)
+    try:
+        assert await store.retry_dead(queue=None, task=None, now=2.0) == many
+        assert transactions == ["_requeue_dead_batch"] * 3
+        assert (await store.counts(now=2.0))[("default", "t", "queued")] == many + 1
+        transactions.clear()
+        assert await store.purge(status="queued", now=2.0) == many + 1
+        assert transactions == ["_delete_batch"] * 3
+        assert await store.counts(now=2.0) == {}
+    finally:
+        await store.close()
