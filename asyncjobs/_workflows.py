@@ -105,11 +105,15 @@ class Chain:
             raise
 
     async def cancel(self) -> bool:
-        """Cancel the first unfinished member, and so the rest; False if all finished."""
+        """Cancel every unfinished member; False if all had finished.
+
+        Each one, not only the first: a running member is only asked to stop (another
+        process's worker hears of it at its next heartbeat) and may succeed first, and
+        the members after it, already cancelled, then stay so."""
+        cancelled = False
         for job in self.jobs:
-            if await job.cancel():
-                return True
-        return False
+            cancelled = await job.cancel() or cancelled
+        return cancelled
 
 
 class Batch:

@@ -168,6 +168,34 @@ async def test_cancelling_a_chain_cancels_every_member_not_finished(jobs: Jobs) 
     assert await chain.status() == JobStatus.CANCELLED
 
 
+async def test_a_chain_cancelled_from_another_process_while_a_member_runs_goes_no_further(
+    make_jobs: MakeJobs,
+) -> None:
+    """The running member only hears of it at its worker's next heartbeat and may
+    succeed first; the members after it must not run all the same."""
+    jobs = make_jobs()
+    web = make_jobs(workers=False)  # e.g. the dashboard's process
+    release, ran = anyio.Event(), []
+
+    @jobs.task(name="step")
+    async def step(n: int) -> None:
+        ran.append(n)
+        if n == 1:
+            await release.wait()
+
+    chain = await jobs.chain(step.spec(1), step.spec(2), step.spec(3))
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain, jobs)
+            while not ran:
+                await anyio.lowlevel.checkpoint()
+            assert await Chain(web, [job.id for job in chain.jobs]).cancel()
+            release.set()
+    assert ran == [1]
+    assert [i.status for i in await chain.infos()][1:] == ["cancelled", "cancelled"]
+    assert await chain.status() == JobStatus.CANCELLED
+
+
 async def test_discarding_a_waiting_chain_member_cancels_the_rest(jobs: Jobs) -> None:
     @jobs.task
     async def step(n: int) -> None: ...
