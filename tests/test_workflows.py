@@ -224,6 +224,39 @@ async def test_purging_queued_jobs_cancels_the_chains_behind_them(jobs: Jobs) ->
     assert [(await job.info()).status for job in chain.jobs[1:]] == ["cancelled"] * 2
 
 
+async def test_a_member_retried_before_its_dead_predecessor_waits_for_it(
+    jobs: Jobs, clock: FakeClock
+) -> None:
+    failing = True
+
+    @jobs.task(retries=0)
+    async def fetch() -> int:
+        if failing:
+            raise RuntimeError("source down")
+        return 7
+
+    @jobs.task(retries=0)
+    async def publish(value: int) -> str:
+        return f"published {value}"
+
+    chain = await jobs.chain(
+        fetch.spec(),
+        publish.spec(),
+        pass_result=True,  # type: ignore[call-arg]
+    )
+    await drain(jobs)
+    assert [i.status for i in await chain.infos()] == ["dead", "cancelled"]
+
+    assert await jobs.retry(chain.jobs[1].id)  # the follower first: it must not run alone
+    await drain(jobs)
+    assert (await chain.jobs[1].info()).status == JobStatus.WAITING
+
+    failing = False
+    assert await jobs.retry(chain.jobs[0].id)
+    await drain(jobs)
+    assert await chain.result(timeout=5) == "published 7"
+
+
 async def test_a_chain_member_cancelled_while_waiting_and_retried_waits_again(
     jobs: Jobs,
 ) -> None:

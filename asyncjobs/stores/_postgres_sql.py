@@ -46,7 +46,6 @@ COLUMNS = (
     "progress_message", "chain_next", "batch_id",
 )  # fmt: skip
 SELECT = ", ".join(COLUMNS)
-_UNFINISHED = ("waiting", "scheduled", "queued", "running")
 
 
 def job_row(record: asyncpg.Record) -> JobRow:
@@ -328,16 +327,18 @@ async def finish(conn: Connection, outcomes: Sequence[Outcome], now: float) -> l
 
 async def wait_again(conn: Connection, job_id: str, now: float) -> None:
     """A job retried by hand that never ran, cancelled while it waited on others: a chain
-    member whose predecessor has not finished, or a batch's on_complete, waits again
-    and is released as it would have been (at once if what it waited on is done: the
-    chain member with its predecessor's result, the on_complete with the counts).
-    Only for such jobs: ``chain_next`` has no index."""
+    member whose predecessor is still stored, or a batch's on_complete, waits again and
+    is released as it would have been (at once if what it waited on is done: the chain
+    member with its predecessor's result, the on_complete with the counts). A chain
+    member runs only after its predecessor succeeded: behind a dead or cancelled one it
+    waits until that one is retried and succeeds. Only for jobs that never ran:
+    ``chain_next`` has no index."""
     predecessor = await conn.fetchrow(
         "SELECT status, result FROM asyncjobs_jobs WHERE chain_next = $1", job_id
     )
     members = await conn.fetchval("SELECT count(*) FROM asyncjobs_jobs WHERE batch_id = $1", job_id)
     status, result = predecessor or (None, None)
-    if status in _UNFINISHED or status == "succeeded" or members:
+    if predecessor is not None or members:
         await conn.execute("UPDATE asyncjobs_jobs SET status = 'waiting' WHERE id = $1", job_id)
     if status == "succeeded":
         await release_dependents(conn, OutcomeKind.SUCCEEDED, job_id, None, now, result)

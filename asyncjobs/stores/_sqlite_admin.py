@@ -75,15 +75,14 @@ def _retry(db: sqlite3.Connection, job_id: str, now: float) -> bool:
     return True
 
 
-_UNFINISHED = ("waiting", "scheduled", "queued", "running")
-
-
 def _wait_again(db: sqlite3.Connection, job_id: str, now: float) -> None:
     """A job retried by hand that never ran, cancelled while it waited on others: a chain
-    member whose predecessor has not finished, or a batch's on_complete, waits again
-    and is released as it would have been (at once if what it waited on is done: the
-    chain member with its predecessor's result, the on_complete with the counts).
-    Only for such jobs: ``chain_next`` has no index."""
+    member whose predecessor is still stored, or a batch's on_complete, waits again and
+    is released as it would have been (at once if what it waited on is done: the chain
+    member with its predecessor's result, the on_complete with the counts). A chain
+    member runs only after its predecessor succeeded: behind a dead or cancelled one it
+    waits until that one is retried and succeeds. Only for jobs that never ran:
+    ``chain_next`` has no index."""
     predecessor = db.execute(
         "SELECT status, result FROM asyncjobs_jobs WHERE chain_next = ?", (job_id,)
     ).fetchone()
@@ -91,7 +90,7 @@ def _wait_again(db: sqlite3.Connection, job_id: str, now: float) -> None:
         "SELECT count(*) FROM asyncjobs_jobs WHERE batch_id = ?", (job_id,)
     ).fetchone()
     status, result = predecessor or (None, None)
-    if status in _UNFINISHED or status == "succeeded" or members:
+    if predecessor is not None or members:
         db.execute("UPDATE asyncjobs_jobs SET status = 'waiting' WHERE id = ?", (job_id,))
     if status == "succeeded":
         _release_dependents(db, OutcomeKind.SUCCEEDED, job_id, None, now, result)
