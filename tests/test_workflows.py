@@ -241,8 +241,8 @@ async def test_a_member_retried_before_its_dead_predecessor_waits_for_it(
 
     chain = await jobs.chain(
         fetch.spec(),
-        publish.spec(),
-        pass_result=True,  # type: ignore[call-arg]
+        publish.spec(),  # type: ignore[call-arg]
+        pass_result=True,
     )
     await drain(jobs)
     assert [i.status for i in await chain.infos()] == ["dead", "cancelled"]
