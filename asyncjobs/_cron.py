@@ -100,6 +100,11 @@ def _croniter() -> type[croniter]:
 def zone(timezone: str | tzinfo) -> tzinfo:
     """A ``tzinfo`` for an IANA name ("Europe/Rome", "UTC") or a tzinfo object."""
     if isinstance(timezone, tzinfo):
+        name = getattr(timezone, "zone", None)
+        if hasattr(timezone, "localize") and isinstance(name, str):
+            # pytz: attached with replace(tzinfo=...), its zones keep their first
+            # offset in history (Rome's +0:50 of 1866); use the same zone from zoneinfo.
+            return zone(name)
         return timezone
     if not isinstance(timezone, str):
         raise ConfigurationError(f"timezone must be an IANA name like 'UTC', got {timezone!r}")

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
+import pytz
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -70,6 +71,14 @@ def test_named_expressions_and_utc_work() -> None:
     assert cron.latest_at_or_before(datetime(2026, 11, 23, 9, tzinfo=UTC).timestamp()) == (
         datetime(2026, 11, 23, tzinfo=UTC).timestamp()
     )
+
+
+def test_a_pytz_zone_means_what_its_iana_name_means() -> None:
+    """replace(tzinfo=pytz_zone) would use the zone's first offset (Rome's +0:50)."""
+    start = local(2026, 3, 1, 12)
+    slots = walk(Cron("0 2 * * *", zone(pytz.timezone("Europe/Rome"))), start, 3)
+    assert slots == [local(2026, 3, day, 2) for day in (2, 3, 4)]
+    assert zone(pytz.utc) == zone("UTC")
 
 
 @pytest.mark.parametrize(
