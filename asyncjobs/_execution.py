@@ -23,6 +23,7 @@ from asyncjobs._backoff import backoff_delay
 from asyncjobs._codec import decode_payload, encode
 from asyncjobs._errors import NotSerializable, Retry
 from asyncjobs._settings import storable
+from asyncjobs.stores._dependents import COUNTS_FLAG
 from asyncjobs.stores._protocol import JobRow, Outcome, OutcomeKind
 
 if TYPE_CHECKING:
@@ -116,6 +117,8 @@ class _Execution:
             options: dict[str, Any] = json.loads(row.options) if row.options else {}
             if not isinstance(options, dict):
                 raise ValueError("options are not a JSON object")
+            if options.get(COUNTS_FLAG) and not task.takes_batch:
+                kwargs.pop("batch", None)  # enqueued by a process that did not know
         except (ValueError, RecursionError) as error:  # the latter: nested too deep
             return self._outcome(
                 row, OutcomeKind.DEAD, error=f"the stored payload cannot be decoded: {error}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -130,6 +131,19 @@ class JobSpec(Generic[R]):
     definition: Task[..., R] | None = field(default=None, repr=False, compare=False)
 
 
+def accepts_keyword(fn: Callable[..., object], name: str) -> bool:
+    """Whether ``fn`` can be called with the keyword argument ``name``."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.kind is inspect.Parameter.VAR_KEYWORD
+        or (p.name == name and p.kind is not inspect.Parameter.POSITIONAL_ONLY)
+        for p in parameters
+    )
+
+
 class Task(Generic[P, R]):
     """An ``async def`` registered with ``@jobs.task``.
 
@@ -162,6 +176,8 @@ class Task(Generic[P, R]):
         self.limiter = limiter
         self.concurrency = None if concurrency is None else positive_int(concurrency, "concurrency")
         self._options = options or JobOptions()
+        self.takes_batch = accepts_keyword(fn, "batch")
+        """Whether, as a batch's ``on_complete``, it is given the counts as ``batch=``."""
         self.__name__ = getattr(fn, "__name__", name)
         self.__doc__ = getattr(fn, "__doc__", None)
 

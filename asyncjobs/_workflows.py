@@ -18,7 +18,6 @@ released later than that runs at once.
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Sequence
 from contextlib import suppress
@@ -195,19 +194,11 @@ async def create_chain(jobs: Jobs, specs: Sequence[JobSpec[Any]], *, pass_result
 
 
 def _takes_batch(jobs: Jobs, spec: JobSpec[Any]) -> bool:
-    """Whether the ``on_complete`` task, as defined here, accepts ``batch=``."""
+    """Whether the ``on_complete`` task may take ``batch=``: as defined here, or, when
+    this process does not define it (enqueued by name), maybe; the worker that runs it
+    leaves the counts out if its definition does not take them."""
     definition = spec.definition or jobs.registry.get(spec.task)
-    if definition is None:
-        return False
-    try:
-        parameters = inspect.signature(definition.fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(
-        p.kind is inspect.Parameter.VAR_KEYWORD
-        or (p.name == "batch" and p.kind is not inspect.Parameter.POSITIONAL_ONLY)
-        for p in parameters
-    )
+    return definition is None or definition.takes_batch
 
 
 async def create_batch(

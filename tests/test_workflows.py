@@ -19,6 +19,7 @@ from asyncjobs import (
     Job,
     JobFailed,
     Jobs,
+    JobSpec,
     JobStatus,
     Retry,
     Task,
@@ -521,6 +522,34 @@ async def test_an_on_complete_without_a_batch_parameter_gets_no_extra_argument(
     assert calls == [("all sent",)]
     assert batch.on_complete is not None
     assert (await batch.on_complete.info()).status == JobStatus.SUCCEEDED
+
+
+async def test_an_on_complete_named_by_a_process_without_it_gets_the_counts_if_it_takes_them(
+    make_jobs: MakeJobs,
+) -> None:
+    """The web process enqueues by name; the worker's own definition decides."""
+    worker, web = make_jobs(), make_jobs(workers=False)
+    seen: list[Any] = []
+
+    @worker.task(name="member")
+    async def member(n: int) -> None: ...
+
+    @worker.task(name="counted")
+    async def counted(label: str, batch: BatchCounts) -> None:
+        seen.append((label, batch["succeeded"]))
+
+    @worker.task(name="plain")
+    async def plain(label: str) -> None:
+        seen.append((label,))
+
+    for done in ("counted", "plain"):
+        await web.batch(
+            [JobSpec(task="member", args=(1,)), JobSpec(task="member", args=(2,))],
+            on_complete=JobSpec(task=done, args=(done,)),
+        )
+    await web.batch([], on_complete=JobSpec(task="plain", args=("empty",)))
+    await drain(worker)
+    assert sorted(seen, key=str) == [("counted", 2), ("empty",), ("plain",)]
 
 
 async def test_an_empty_batch_runs_on_complete_at_once_with_zero_counts(jobs: Jobs) -> None:
