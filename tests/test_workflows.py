@@ -552,6 +552,29 @@ async def test_an_on_complete_named_by_a_process_without_it_gets_the_counts_if_i
     assert sorted(seen, key=str) == [("counted", 2), ("empty",), ("plain",)]
 
 
+async def test_an_on_complete_with_a_delay_keeps_it_when_the_members_finish_sooner(
+    jobs: Jobs, clock: FakeClock
+) -> None:
+    ran: list[float] = []
+
+    @jobs.task
+    async def member(n: int) -> None: ...
+
+    @jobs.task
+    async def done() -> None:
+        ran.append(clock.now())
+
+    start = clock.now()
+    batch = await jobs.batch([member.spec(1)], on_complete=done.options(delay=3600).spec())
+    await drain(jobs)
+    assert batch.on_complete is not None
+    info = await batch.on_complete.info()
+    assert (info.status, ran) == (JobStatus.SCHEDULED, [])
+    clock.advance(3600)
+    await drain(jobs)
+    assert ran == [start + 3600]
+
+
 async def test_an_empty_batch_runs_on_complete_at_once_with_zero_counts(jobs: Jobs) -> None:
     seen: list[BatchCounts | None] = []
 

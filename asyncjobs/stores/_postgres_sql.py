@@ -413,7 +413,9 @@ async def release_dependents(
         if wants(callback["options"], COUNTS_FLAG):
             payload = with_batch(payload, batch_id, counts)
         await conn.execute(
-            "UPDATE asyncjobs_jobs SET status = 'queued', run_at = $1, payload = $3 WHERE id = $2",
+            "UPDATE asyncjobs_jobs SET payload = $3, "
+            "status = CASE WHEN run_at > $1 THEN 'scheduled' ELSE 'queued' END, "
+            "run_at = greatest(run_at, $1) WHERE id = $2",
             now,
             batch_id,
             payload,

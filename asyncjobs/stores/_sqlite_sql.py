@@ -336,6 +336,14 @@ def _cancel_requested(db: sqlite3.Connection, job_id: str) -> bool:
     return row is not None
 
 
+_RELEASE = (
+    "UPDATE asyncjobs_jobs SET status = CASE WHEN run_at > ? THEN 'scheduled' "
+    "ELSE 'queued' END, run_at = max(run_at, ?) WHERE id = ? AND status = 'waiting'"
+)
+"""A waiting job released (``now``, ``now``, id): due at once, or when its own delay
+(counted from when it was enqueued) ends."""
+
+
 def _release_dependents(
     db: sqlite3.Connection,
     kind: str,
@@ -359,11 +367,7 @@ def _release_dependents(
                     "UPDATE asyncjobs_jobs SET payload = ?, options = ? WHERE id = ?",
                     (*pass_result(row[0], row[1], result), chain_next),
                 )
-            db.execute(
-                "UPDATE asyncjobs_jobs SET status = CASE WHEN run_at > ? THEN 'scheduled' "
-                "ELSE 'queued' END, run_at = max(run_at, ?) WHERE id = ? AND status = 'waiting'",
-                (now, now, chain_next),
-            )
+            db.execute(_RELEASE, (now, now, chain_next))
         else:
             _cancel(db, [chain_next], now, reason="an earlier job in its chain did not succeed")
     if batch_id is not None:
@@ -380,11 +384,7 @@ def _release_dependents(
                     "UPDATE asyncjobs_jobs SET payload = ? WHERE id = ?",
                     (with_batch(row[0], batch_id, counts), batch_id),
                 )
-            db.execute(
-                "UPDATE asyncjobs_jobs SET status = 'queued', run_at = ? "
-                "WHERE id = ? AND status = 'waiting'",
-                (now, batch_id),
-            )
+            db.execute(_RELEASE, (now, now, batch_id))
 
 
 def _waiting(db: sqlite3.Connection, job_id: str) -> tuple[str, str | None] | None:
