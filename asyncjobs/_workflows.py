@@ -146,7 +146,13 @@ class Batch:
     async def wait(self, timeout: float | None = None) -> BatchProgress:
         """Wait (real time) until every member finished, and ``on_complete`` too."""
         with anyio.fail_after(timeout):
-            for job in [self.on_complete] if self.on_complete is not None else self.jobs:
+            if self.on_complete is not None:
+                try:
+                    await self.on_complete.result()
+                    return await self.progress()  # it ran: every member had finished
+                except JobFailed:
+                    pass  # maybe cancelled before they had: wait for them too
+            for job in self.jobs:
                 with suppress(JobFailed):
                     await job.result()
         return await self.progress()

@@ -414,6 +414,32 @@ async def test_a_batch_runs_on_complete_once_with_the_counts(jobs: Jobs, clock: 
     assert (final.succeeded, final.dead) == (6, 1)
 
 
+async def test_waiting_for_a_batch_whose_on_complete_was_cancelled_waits_for_the_members(
+    jobs: Jobs,
+) -> None:
+    @jobs.task
+    async def member(n: int) -> None: ...
+
+    @jobs.task
+    async def done() -> None: ...
+
+    batch = await jobs.batch([member.spec(1), member.spec(2)], on_complete=done.spec())
+    assert batch.on_complete is not None
+    assert await batch.on_complete.cancel()
+    waited: list[BatchProgress] = []
+
+    async def wait() -> None:
+        waited.append(await batch.wait(timeout=10))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait)
+        for _ in range(3):
+            await anyio.lowlevel.checkpoint()
+        await drain(jobs)
+    assert waited[0].finished
+    assert waited[0].succeeded == 2
+
+
 async def test_a_batch_waits_for_a_member_that_is_retried(jobs: Jobs, clock: FakeClock) -> None:
     seen: list[BatchCounts] = []
     tries: list[int] = []
