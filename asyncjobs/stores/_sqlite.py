@@ -44,12 +44,13 @@ from asyncjobs.stores._protocol import (
     WorkerBeat,
 )
 from asyncjobs.stores._sqlite_admin import (
-    _REQUEUE,
+    ADMIN_BATCH,
     _last_slot,
     _meta,
     _prune,
     _record_worker,
     _recover,
+    _requeue_dead_batch,
     _retry,
     _snapshot,
 )
@@ -444,7 +445,7 @@ class SQLiteStore:
         if not where:
             raise ValueError("purge() needs a status or older_than")
         # Only fixed terms with ? placeholders are joined here; values go in params.
-        pick = _PICK_NOT_RUNNING + " AND ".join(where) + _NEXT_BATCH
+        pick = _PICK_NOT_RUNNING + " AND ".join(where) + " AND seq > ? ORDER BY seq LIMIT ?"
         total, after = 0, _FIRST_BATCH
         while after is not None:  # one short transaction a batch
             deleted, after = await self._transaction(_delete_batch, pick, params, after, now)
@@ -546,20 +547,9 @@ def _delete(
     return db.execute(delete_sql, (*params, json.dumps(changed), json.dumps(matched))).rowcount
 
 
-ADMIN_BATCH = 5000
-"""Rows one transaction of ``purge`` or ``retry_dead`` takes at most: a writer in another
-process, or this one's heartbeat, waits for one batch, not for the whole operation."""
-
 _FIRST_BATCH: int | None = 0  # the seq the first batch comes after
 _PICK_NOT_RUNNING = "SELECT id, seq FROM asyncjobs_jobs WHERE status != 'running' AND "
-_NEXT_BATCH = " AND seq > ? ORDER BY seq LIMIT " + str(ADMIN_BATCH)
 _BY_ID = "id IN (SELECT value FROM json_each(?))"
-_DEAD = (
-    "SELECT id, seq FROM asyncjobs_jobs WHERE status = 'dead' "
-    "AND (? IS NULL OR queue = ?) AND (? IS NULL OR task = ?)"
-)
-_PICK_DEAD = _DEAD + _NEXT_BATCH
-_REQUEUE_IDS = f"UPDATE asyncjobs_jobs SET {_REQUEUE} WHERE " + _BY_ID  # noqa: S608 - constants
 
 
 def _delete_ids(db: sqlite3.Connection, job_ids: Sequence[str], now: float) -> int:
@@ -567,29 +557,14 @@ def _delete_ids(db: sqlite3.Connection, job_ids: Sequence[str], now: float) -> i
     return _delete(db, _UNFINISHED + _BY_ID, _DELETE + _BY_ID + _DELETE_END, ids, now)
 
 
-def _next_batch(
-    db: sqlite3.Connection, pick: str, params: Sequence[Any], after: int
-) -> tuple[list[str], int | None]:
-    """The ids of the next batch after seq ``after``, and the seq to go on after (None:
-    this batch is the last)."""
-    rows = db.execute(pick, (*params, after)).fetchall()
-    return [job_id for job_id, _ in rows], rows[-1][1] if len(rows) == ADMIN_BATCH else None
-
-
 def _delete_batch(
     db: sqlite3.Connection, pick: str, params: Sequence[Any], after: int, now: float
 ) -> tuple[int, int | None]:
-    job_ids, last = _next_batch(db, pick, params, after)
-    return (_delete_ids(db, job_ids, now) if job_ids else 0), last
-
-
-def _requeue_dead_batch(
-    db: sqlite3.Connection, queue: str | None, task: str | None, after: int, now: float
-) -> tuple[int, int | None]:
-    job_ids, last = _next_batch(db, _PICK_DEAD, (queue, queue, task, task), after)
-    if job_ids:
-        db.execute(_REQUEUE_IDS, (now, json.dumps(job_ids)))
-    return len(job_ids), last
+    """Delete the next ``ADMIN_BATCH`` jobs ``pick`` matches after seq ``after``; return
+    how many, and the seq to go on after (None: that was the last batch)."""
+    rows = db.execute(pick, (*params, after, ADMIN_BATCH)).fetchall()
+    deleted = _delete_ids(db, [job_id for job_id, _ in rows], now) if rows else 0
+    return deleted, rows[-1][1] if len(rows) == ADMIN_BATCH else None
 
 
 def _status_filter(status: str | None, now: float) -> tuple[list[str], list[Any]]:

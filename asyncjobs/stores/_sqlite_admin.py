@@ -10,6 +10,7 @@ batch releases it calls and that call it.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Sequence
 
@@ -60,6 +61,31 @@ def _recover(db: sqlite3.Connection, now: float) -> list[Recovered]:
             _release_dependents(db, status, chain_next, batch_id, now)
         recovered.append(Recovered(id=job_id, task=task, attempts=attempts, status=status))
     return recovered
+
+
+ADMIN_BATCH = 5000
+"""Rows one transaction of ``purge`` or ``retry_dead`` takes at most: a writer in another
+process, or this one's heartbeat, waits for one batch, not for the whole operation."""
+
+_PICK_DEAD = (
+    "SELECT id, seq FROM asyncjobs_jobs WHERE status = 'dead' AND (? IS NULL OR queue = ?) "
+    "AND (? IS NULL OR task = ?) AND seq > ? ORDER BY seq LIMIT ?"
+)
+_REQUEUE_IDS = (
+    f"UPDATE asyncjobs_jobs SET {_REQUEUE} "  # noqa: S608 - constant
+    "WHERE id IN (SELECT value FROM json_each(?))"
+)
+
+
+def _requeue_dead_batch(
+    db: sqlite3.Connection, queue: str | None, task: str | None, after: int, now: float
+) -> tuple[int, int | None]:
+    """Requeue the next ``ADMIN_BATCH`` dead jobs after seq ``after``; return how many,
+    and the seq to go on after (None: that was the last batch)."""
+    rows = db.execute(_PICK_DEAD, (queue, queue, task, task, after, ADMIN_BATCH)).fetchall()
+    if rows:
+        db.execute(_REQUEUE_IDS, (now, json.dumps([job_id for job_id, _ in rows])))
+    return len(rows), rows[-1][1] if len(rows) == ADMIN_BATCH else None
 
 
 def _retry(db: sqlite3.Connection, job_id: str, now: float) -> bool:

@@ -73,9 +73,6 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     ("stores/_postgres.py", "list", "SELECT"): (
         "imported from stores/_postgres_sql.py, where it is the constant join of COLUMNS"
     ),
-    ("stores/_sqlite.py", "retry_dead", "_REQUEUE"): (
-        "imported from stores/_sqlite_admin.py, where it is a string literal"
-    ),
     ("stores/_postgres_schema.py", "migrate", "script"): (
         "scripts come from the migration .sql files shipped inside the package"
     ),
