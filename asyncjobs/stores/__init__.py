@@ -48,7 +48,12 @@ def default_url() -> str:
 def redacted(url: str) -> str:
     """``url`` for messages and logs: its password (in the user info, or a ``password``
     parameter) replaced by ``***``."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed IPv6 bracket: show the scheme and host alone
+        scheme, _, rest = url.partition("://")
+        user, at, host = rest.rpartition("@")
+        return f"{scheme}://{'***@' if at else ''}{host.split('/')[0].split('?')[0]}"
     netloc = parts.netloc
     user, at, host = netloc.rpartition("@")
     if at and ":" in user:

@@ -88,7 +88,15 @@ class PostgresStore(_Connections):
         connect_timeout: float = 10.0,
         max_backoff: float = 5.0,
     ) -> None:
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port  # an IPv6 host must be in brackets, a port a number
+        except ValueError as error:
+            raise ConfigurationError(
+                f"cannot read the host and port of {redacted(url)!r}: {error}"
+            ) from None
+        if port == 0:
+            raise ConfigurationError(f"the port of {redacted(url)!r} must be 1-65535")
         query = dict(parse_qsl(parts.query))
         try:
             pool_min = int(query.pop("pool_min", pool_min))

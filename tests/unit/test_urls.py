@@ -73,6 +73,7 @@ async def test_the_store_opens_lazily(tmp_path: Path) -> None:
          "postgresql://app@db/app?password=***&sslmode=require"),
         ("postgresql://db/app", "postgresql://db/app"),
         ("sqlite:////var/lib/jobs.db", "sqlite:////var/lib/jobs.db"),
+        ("postgresql://app:hunter2@[::1/app", "postgresql://***@[::1"),  # unparsable
     ],
 )  # fmt: skip
 def test_redacted_urls_hide_the_password(url: str, shown: str) -> None:
@@ -84,6 +85,10 @@ def test_redacted_urls_hide_the_password(url: str, shown: str) -> None:
     [
         "postgresql://app:hunter2@127.0.0.1/test?pool_min=ten",  # a typo in a setting
         "postgresql+asyncpg://app:hunter2@127.0.0.1/test",  # SQLAlchemy's spelling
+        "postgresql://app:hunter2@127.0.0.1:notaport/test",
+        "postgresql://app:hunter2@127.0.0.1:99999/test",
+        "postgresql://app:hunter2@127.0.0.1:0/test",
+        "postgresql://app:hunter2@[::1/test",
     ],
 )
 def test_a_bad_store_url_is_refused_without_its_password(url: str) -> None:
