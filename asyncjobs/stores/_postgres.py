@@ -139,7 +139,14 @@ class PostgresStore(_Connections):
         if not jobs:
             return Inserted()
         # One INSERT statement, atomic on its own: no BEGIN/COMMIT round trips.
-        return await self._run("enqueue", lambda conn: insert_jobs(conn, jobs, now), producer=True)
+        sent = False
+
+        async def insert(conn: Connection) -> Inserted:
+            nonlocal sent
+            again, sent = sent, True  # retried: the first may have committed, reply lost
+            return await insert_jobs(conn, jobs, now, again=again)
+
+        return await self._run("enqueue", insert, producer=True)
 
     async def insert_with(
         self, conn: Connection, jobs: Sequence[NewJob], *, now: float

@@ -66,6 +66,14 @@ async def _keep_session(conn: Connection) -> None:
     """
 
 
+def _connection_lost(error: BaseException) -> bool:
+    """Whether the connection died under the operation (the server restarted, or cut
+    it), not the operation's own failure: worth one retry on a fresh connection."""
+    if isinstance(error, asyncpg.InterfaceError):
+        return "connection is closed" in str(error)
+    return True
+
+
 def backoff(failures: int, maximum: float) -> float:
     """Seconds to wait after ``failures`` failed connections in a row: 0.1 s, doubling
     up to ``maximum``."""
@@ -176,11 +184,15 @@ class _Connections:
             self._failures = 0
 
     def _backoff(self) -> float:
-        """Count a failed connection; the next attempt waits (``backoff``)."""
+        """Count a failed connection; the next attempt waits (``backoff``). Operations
+        that were under way together fail together: they count once, not each."""
+        # Reconnect bookkeeping on the loop's clock; job time never comes from here.
+        now = asyncio.get_running_loop().time()
+        if self._failures and now < self._retry_at:
+            return self._retry_at - now
         self._failures += 1
         delay = backoff(self._failures, self.max_backoff)
-        # Reconnect bookkeeping on the loop's clock; job time never comes from here.
-        self._retry_at = asyncio.get_running_loop().time() + delay
+        self._retry_at = now + delay
         return delay
 
     async def _run(
@@ -210,8 +222,9 @@ class _Connections:
                     asyncpg.ConnectionDoesNotExistError,
                     asyncpg.AdminShutdownError,
                     ConnectionResetError,
-                ):
-                    if attempt == 2:
+                    asyncpg.InterfaceError,  # closed under a transaction: its __aexit__'s
+                ) as error:
+                    if attempt == 2 or not _connection_lost(error):
                         raise
                     logger.info("PostgreSQL store: connection lost; retrying %s once", what)
             raise AssertionError("unreachable")  # pragma: no cover

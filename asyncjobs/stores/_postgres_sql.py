@@ -57,10 +57,15 @@ _INSERT_COLUMNS = (
     "idempotency_key, group_key, chain_next, batch_id, rate_key, attempts, started_at, "
     "lease_until, worker"
 )
-_ON_CONFLICT = "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+_ON_CONFLICT = {
+    False: "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
+    True: "ON CONFLICT DO NOTHING",
+}
+"""By ``again``: a stored idempotency key wins; inserted again, a stored id wins too (the
+store's retry after the reply to an insert that committed was lost with the connection)."""
 
 
-def _insert_sql(table: str, *, rows: int) -> str:
+def _insert_sql(table: str, *, rows: int, again: bool = False) -> str:
     """The INSERT of ``rows`` jobs: $1 is ``now``; for a single job, one parameter per
     column; for several, $2 is a JSON array of rows, one array of column values each
     (``_job_values``). One JSON text costs the client far less to encode than one
@@ -71,7 +76,8 @@ def _insert_sql(table: str, *, rows: int) -> str:
             f"INSERT INTO {table} ({_INSERT_COLUMNS}) "  # noqa: S608 - identifier, constants
             "VALUES ($2, $3, $4, $5, $6, $7, $8, $9, $10, $1, $11, $12, $13, $14, $15, "
             "CASE WHEN $17::text IS NULL THEN 0 ELSE 1 END, "
-            "CASE WHEN $17::text IS NULL THEN NULL ELSE $1::float8 END, $16, $17) " + _ON_CONFLICT
+            "CASE WHEN $17::text IS NULL THEN NULL ELSE $1::float8 END, $16, $17) "
+            + _ON_CONFLICT[again]
         )
     return (
         f"INSERT INTO {table} ({_INSERT_COLUMNS}) "  # noqa: S608 - identifier, constants
@@ -80,7 +86,7 @@ def _insert_sql(table: str, *, rows: int) -> str:
         "CASE WHEN j->>15 IS NULL THEN 0 ELSE 1 END, "
         "CASE WHEN j->>15 IS NULL THEN NULL ELSE $1::float8 END, (j->>14)::float8, j->>15 "
         "FROM jsonb_array_elements($2::jsonb) WITH ORDINALITY AS n(j, ord) "
-        "ORDER BY ord " + _ON_CONFLICT
+        "ORDER BY ord " + _ON_CONFLICT[again]
     )
 
 
@@ -102,6 +108,7 @@ async def insert_jobs(
     *,
     table: str = "asyncjobs_jobs",
     attempt: int = 1,
+    again: bool = False,
 ) -> Inserted:
     """Insert ``jobs`` through ``conn``; return their ids (the stored one for a known key).
 
@@ -117,7 +124,7 @@ async def insert_jobs(
         params: list[Any] = list(_job_values(jobs[0]))
     else:
         params = [json.dumps(list(map(_job_values, jobs)))]
-    query = _insert_sql(table, rows=len(jobs))
+    query = _insert_sql(table, rows=len(jobs), again=again)
     dispatched = any(j.worker is not None for j in jobs)
     if not dispatched and all(j.idempotency_key is None for j in jobs):
         await conn.execute(query, now, *params)
@@ -140,9 +147,9 @@ async def insert_jobs(
             raise StoreError(
                 f"idempotency key {lost[0].idempotency_key!r} kept changing hands; not enqueued"
             )
-        again = await insert_jobs(conn, lost, now, table=table, attempt=attempt + 1)
-        stored.update((j.idempotency_key, id_) for j, id_ in zip(lost, again, strict=True))
-        seqs.update(again.seqs)
+        retried = await insert_jobs(conn, lost, now, table=table, attempt=attempt + 1)
+        stored.update((j.idempotency_key, id_) for j, id_ in zip(lost, retried, strict=True))
+        seqs.update(retried.seqs)
     ids = [j.id if j.idempotency_key is None else stored[j.idempotency_key] for j in jobs]
     return Inserted(ids, seqs=seqs)
 

@@ -1,0 +1,103 @@
+"""A connection lost under an operation: retried once on a fresh connection, safely, and
+counted once towards the reconnect backoff however many operations it cut."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from asyncjobs import Jobs, JobStatus
+from asyncjobs.stores import PostgresStore
+
+MakeJobs = Callable[..., Jobs]
+
+asyncpg = pytest.importorskip("asyncpg")
+
+
+async def test_a_transaction_whose_connection_is_cut_is_retried_on_a_fresh_one(
+    make_jobs: MakeJobs, postgres_url: str
+) -> None:
+    """asyncpg reports the cut from the transaction's exit as an InterfaceError."""
+    jobs = make_jobs(postgres_url, workers=False)
+
+    @jobs.task(name="t")
+    async def t() -> None: ...
+
+    job = await jobs.enqueue(t.options(delay=3600))
+    locker = await asyncpg.connect(postgres_url)
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg, locker.transaction():
+                await locker.execute(
+                    "SELECT 1 FROM asyncjobs_jobs WHERE id = $1 FOR UPDATE", job.id
+                )
+                tg.start_soon(jobs.cancel, job.id)  # a transaction: waits on the lock
+                cut = 0
+                while not cut:
+                    await anyio.lowlevel.checkpoint()
+                    cut = len(
+                        await admin.fetch(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid() "
+                            "AND datname = current_database() AND query LIKE '%asyncjobs%'"
+                        )
+                    )
+        assert (await jobs.get(job.id)).status == JobStatus.CANCELLED  # type: ignore[union-attr]
+    finally:
+        await locker.close()
+        await admin.close()
+
+
+class ReplyLost:
+    """A connection whose server commits the statement, but whose reply never comes."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    async def execute(self, query: str, *args: Any) -> Any:
+        await self.conn.execute(query, *args)
+        raise asyncpg.ConnectionDoesNotExistError(
+            "connection was closed in the middle of operation"
+        )
+
+    async def fetch(self, query: str, *args: Any) -> Any:
+        await self.conn.fetch(query, *args)
+        raise asyncpg.ConnectionDoesNotExistError(
+            "connection was closed in the middle of operation"
+        )
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+async def test_an_enqueue_whose_committed_reply_was_lost_is_retried_and_stored_once(
+    make_jobs: MakeJobs, postgres_url: str, keyed: bool
+) -> None:
+    jobs = make_jobs(postgres_url, workers=False)
+
+    @jobs.task(name="t")
+    async def t(n: int) -> None: ...
+
+    await jobs.store.open()
+    store: Any = jobs.store
+    on_producer, lost = store._on_producer, list[bool]()
+
+    async def losing_the_first_reply(fn: Callable[[Any], Any]) -> Any:
+        if lost:
+            return await on_producer(fn)
+        lost.append(True)
+        return await on_producer(lambda conn: fn(ReplyLost(conn)))
+
+    store._on_producer = losing_the_first_reply
+    job = await jobs.enqueue(t.options(idempotency_key="k" if keyed else None), 1)
+    assert lost
+    assert [info.id for info in await jobs.list()] == [job.id]
+
+
+async def test_operations_cut_together_count_once_towards_the_backoff() -> None:
+    store: Any = PostgresStore("postgresql://127.0.0.1/unused")
+    delays = [store._backoff() for _ in range(8)]  # eight in-flight operations, one cut
+    assert store._failures == 1
+    assert max(delays) <= 0.1
