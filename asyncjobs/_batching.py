@@ -175,3 +175,30 @@ class GroupCommit(Generic[T, R]):
             for idle in waiters:
                 if not idle.done():
                     idle.set_result(None)
+
+
+class InFlight:
+    """Counts calls under way, so that closing can wait for them (writes that bypass
+    the group commit)."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle_waiters: list[asyncio.Future[None]] = []
+
+    async def run(self, call: Awaitable[R]) -> R:
+        self._count += 1
+        try:
+            return await call
+        finally:
+            self._count -= 1
+            if not self._count:
+                waiters, self._idle_waiters = self._idle_waiters, []
+                for idle in waiters:
+                    if not idle.done():
+                        idle.set_result(None)
+
+    async def wait_idle(self) -> None:
+        while self._count:
+            idle = asyncio.get_running_loop().create_future()
+            self._idle_waiters.append(idle)
+            await idle

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 import anyio
 
 from asyncjobs._asgi import lifespan as _lifespan
-from asyncjobs._batching import GroupCommit
+from asyncjobs._batching import GroupCommit, InFlight
 from asyncjobs._clock import Clock, SystemClock
 from asyncjobs._codec import JSON
 from asyncjobs._cron import Cron, Every, zone
@@ -96,6 +96,7 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
         self.runner = Runner(self)
         self.scheduler = Scheduler(self)
         self._inserts: GroupCommit[NewJob, str] = GroupCommit(self._flush_inserts)
+        self._keyed_inserts = InFlight()  # on their own: see _insert
         self._result_events: dict[str, list[anyio.Event]] = {}
         self._host: asyncio.Task[None] | None = None
         self._stop_requested = anyio.Event()
@@ -324,7 +325,7 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
             # that another open transaction holds waits for that transaction, and the
             # wait must hold up this caller only (it may be the holder's own enqueue).
             # Keyed jobs never run at once, so there is no local slot to give back.
-            ids = await self.store.insert(new, now=self.clock.now())
+            ids = await self._keyed_inserts.run(self.store.insert(new, now=self.clock.now()))
         else:
             try:
                 ids = await self._inserts.submit_many(new)

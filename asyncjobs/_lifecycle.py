@@ -17,7 +17,7 @@ import anyio
 from asyncjobs._errors import AsyncJobsError
 
 if TYPE_CHECKING:
-    from asyncjobs._batching import GroupCommit
+    from asyncjobs._batching import GroupCommit, InFlight
     from asyncjobs._clock import Clock
     from asyncjobs._runner import Runner
     from asyncjobs._scheduler import Scheduler
@@ -41,6 +41,7 @@ class _Lifecycle:
         _host: asyncio.Task[None] | None
         _stop_requested: anyio.Event
         _inserts: GroupCommit[NewJob, str]
+        _keyed_inserts: InFlight
 
         @property
         def clock(self) -> Clock: ...
@@ -138,4 +139,5 @@ class _Lifecycle:
             await self.stop()
         finally:
             await self._inserts.wait_idle()  # else their write would open it again
+            await self._keyed_inserts.wait_idle()
             await self.store.close()

@@ -130,6 +130,12 @@ class _Connections:
             self._pool = pool
 
     async def close(self) -> None:
+        # After an open in progress, which would otherwise finish behind this close
+        # and leave a pool connected.
+        async with self._opening:
+            await self._disconnect()
+
+    async def _disconnect(self) -> None:
         pool, self._pool = self._pool, None
         listener, self._listener = self._listener, None
         producer, self._producer = self._producer, None
@@ -241,6 +247,9 @@ class _Connections:
                 if self._pool is None:  # closed meanwhile: open nothing it would not close
                     raise StoreError(f"PostgreSQL store {self!r} is closed")
                 conn = await asyncpg.connect(self.url, timeout=self.connect_timeout)
+                if not self._is_open():  # closed while it connected: keep nothing open
+                    await conn.close()
+                    raise StoreError(f"PostgreSQL store {self!r} is closed")
                 self._producer = conn
             try:
                 return await fn(conn)

@@ -3,13 +3,16 @@ counted once towards the reconnect backoff however many operations it cut."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import anyio
 import pytest
 
-from asyncjobs import Jobs, JobStatus
+from asyncjobs import Jobs, JobStatus, StoreError
 from asyncjobs.stores import PostgresStore
 
 MakeJobs = Callable[..., Jobs]
@@ -101,3 +104,44 @@ async def test_operations_cut_together_count_once_towards_the_backoff() -> None:
     delays = [store._backoff() for _ in range(8)]  # eight in-flight operations, one cut
     assert store._failures == 1
     assert max(delays) <= 0.1
+
+
+async def connections_named(admin: Any, name: str) -> int:
+    count: int = await admin.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", name
+    )
+    return count
+
+
+@pytest.mark.parametrize("use", ["first use", "keyed enqueue"])
+async def test_close_while_an_operation_connects_leaves_no_connection_open(
+    make_jobs: MakeJobs, postgres_url: str, use: str
+) -> None:
+    name = f"asyncjobs_close_{uuid.uuid4().hex[:8]}"
+    jobs = make_jobs(f"{postgres_url}&application_name={name}", workers=False)
+
+    @jobs.task(name="t")
+    async def t() -> None: ...
+
+    operation: asyncio.Future[object]
+    if use == "keyed enqueue":
+        await jobs.store.open()  # the pool; the enqueue connection is opened on first use
+        operation = asyncio.ensure_future(jobs.enqueue(t.options(idempotency_key="k")))
+    else:
+        operation = asyncio.ensure_future(jobs.get("a" * 32))  # opens the pool
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        with anyio.fail_after(20):
+            await anyio.lowlevel.checkpoint()  # the operation is connecting
+            await jobs.close()
+            with contextlib.suppress(StoreError):  # closed under it: refused, or done first
+                await operation
+            assert await connections_named(admin, name) == 0
+    finally:
+        operation.cancel()
+        await jobs.close()
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            name,
+        )
+        await admin.close()
