@@ -99,6 +99,9 @@ def _job_values(j: NewJob) -> tuple[Any, ...]:
 
 
 _KEY_ATTEMPTS = 3
+JSONB_LIMIT = 200 * 2**20
+"""Bytes of one insert's JSON rows at most: PostgreSQL refuses a jsonb value over 256 MiB,
+so a bigger batch (each job within max_payload_bytes) goes in as several statements."""
 
 
 async def insert_jobs(
@@ -114,7 +117,8 @@ async def insert_jobs(
 
     Used by ``PostgresStore.insert`` and by transactional enqueue on the caller's own
     connection (inside the caller's transaction, so the jobs exist iff it commits).
-    One statement, so atomic on its own. A job whose idempotency key is already
+    One statement, so atomic on its own (a batch of more than ``JSONB_LIMIT`` bytes:
+    several, in a transaction). A job whose idempotency key is already
     stored is not inserted again; only then is the stored id read back (a second
     round trip). Jobs inserted running (local dispatch) have their seq returned.
     """
@@ -124,6 +128,12 @@ async def insert_jobs(
         params: list[Any] = list(_job_values(jobs[0]))
     else:
         params = [json.dumps(list(map(_job_values, jobs)))]
+        if len(params[0]) > JSONB_LIMIT:  # halves, in one transaction (or savepoint)
+            half = len(jobs) // 2
+            async with conn.transaction():
+                first = await insert_jobs(conn, jobs[:half], now, table=table, again=again)
+                rest = await insert_jobs(conn, jobs[half:], now, table=table, again=again)
+            return Inserted([*first, *rest], seqs={**first.seqs, **rest.seqs})
     query = _insert_sql(table, rows=len(jobs), again=again)
     dispatched = any(j.worker is not None for j in jobs)
     if not dispatched and all(j.idempotency_key is None for j in jobs):
