@@ -45,9 +45,15 @@ def default_url() -> str:
     return os.environ.get("ASYNCJOBS_URL") or DEFAULT_URL
 
 
+def _secret(parameter: str) -> bool:
+    """A URL parameter that holds a secret: ``password``, ``sslpassword`` (a client
+    key's passphrase) and the like."""
+    return "password" in parameter.lower()
+
+
 def redacted(url: str) -> str:
-    """``url`` for messages and logs: its password (in the user info, or a ``password``
-    parameter) replaced by ``***``."""
+    """``url`` for messages and logs: its password (in the user info, or a parameter
+    such as ``password`` or ``sslpassword``) replaced by ``***``."""
     try:
         parts = urlsplit(url)
     except ValueError:  # an unclosed IPv6 bracket: show the scheme and host alone
@@ -59,9 +65,9 @@ def redacted(url: str) -> str:
     if at and ":" in user:
         netloc = user.split(":", 1)[0] + ":***@" + host
     pairs = parse_qsl(parts.query, keep_blank_values=True)
-    if netloc == parts.netloc and not any(key.lower() == "password" for key, _ in pairs):
+    if netloc == parts.netloc and not any(_secret(key) for key, _ in pairs):
         return url  # nothing to hide (and sqlite://// URLs stay as written)
-    query = [(key, "***" if key.lower() == "password" else value) for key, value in pairs]
+    query = [(key, "***" if _secret(key) else value) for key, value in pairs]
     return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="*")))
 
 

@@ -74,6 +74,8 @@ async def test_the_store_opens_lazily(tmp_path: Path) -> None:
         ("postgresql://db/app", "postgresql://db/app"),
         ("sqlite:////var/lib/jobs.db", "sqlite:////var/lib/jobs.db"),
         ("postgresql://app:hunter2@[::1/app", "postgresql://***@[::1"),  # unparsable
+        ("postgresql://app@db/app?sslkey=%2Fk.pem&sslpassword=hunter2",
+         "postgresql://app@db/app?sslkey=%2Fk.pem&sslpassword=***"),
     ],
 )  # fmt: skip
 def test_redacted_urls_hide_the_password(url: str, shown: str) -> None:
