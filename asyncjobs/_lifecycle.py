@@ -57,6 +57,7 @@ class _Lifecycle:
             return
         if not self.registry:
             logger.warning("starting workers with no task registered; nothing will run")
+        self.runner.starting()
         self._stop_requested = anyio.Event()
         ready = anyio.Event()
         self._host = asyncio.get_running_loop().create_task(self._main(ready), name="asyncjobs")

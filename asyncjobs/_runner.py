@@ -75,6 +75,7 @@ class Runner(_Leases, _Execution):
         self.settings = jobs.settings
         self.clock = jobs.settings.clock
         self.worker_id = _worker_id()
+        self._pid = os.getpid()
         self.started_at = self.clock.now()
         self.running: dict[str, _Running] = {}
         # Claimed ahead, waiting for a slot; popped from the end (highest priority first).
@@ -93,6 +94,14 @@ class Runner(_Leases, _Execution):
         # each holding a slot; and whether the last claim left ready jobs behind.
         self._reserved: set[str] = set()
         self._backlog = True
+
+    def starting(self) -> None:
+        """The workers start: in a process forked after this ``Jobs`` was built (a
+        prefork server that imported the app first), under an id of their own, not
+        the parent's, which every forked sibling would share."""
+        if os.getpid() != self._pid:
+            self.worker_id, self._pid = _worker_id(), os.getpid()
+            self.started_at = self.clock.now()
 
     # -- signals ---------------------------------------------------------------------
 

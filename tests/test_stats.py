@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -205,3 +209,39 @@ def test_durations_read_as_people_read_them(seconds: float | None, shown: str) -
     """One formatter for the CLI's and the dashboard's tables."""
     assert human_duration(seconds) == shown
     assert human_duration(None, missing="\u2013") == "\u2013"
+
+
+def test_workers_forked_from_one_jobs_each_report_as_themselves(tmp_path: Path) -> None:
+    """A prefork server that imports the app before forking (gunicorn --preload)."""
+    jobs = Jobs("sqlite:///" + str(tmp_path / "jobs.db"), shutdown_timeout=0)
+
+    @jobs.task(name="noop")
+    async def noop() -> None: ...
+
+    async def start_and_stop() -> None:
+        async with jobs:
+            pass
+
+    children = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:  # the child: start its workers, stop them, leave at once
+            code = 1
+            try:
+                asyncio.run(start_and_stop())
+                code = 0
+            finally:
+                os._exit(code)
+        children.append(pid)
+    for pid in children:
+        assert os.waitpid(pid, 0)[1] == 0
+
+    async def workers() -> list[Any]:
+        try:
+            return list((await jobs.stats())["workers"])
+        finally:
+            await jobs.close()
+
+    seen = asyncio.run(workers())
+    assert sorted(worker["pid"] for worker in seen) == sorted(children)
+    assert len({worker["id"] for worker in seen}) == 2
