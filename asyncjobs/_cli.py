@@ -389,4 +389,7 @@ def worker(ctx: click.Context, app_arg: str | None, log_level: str) -> None:
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     jobs = load_jobs(app_arg or ctx.obj)
-    asyncio.run(run_worker(jobs))
+    try:
+        asyncio.run(run_worker(jobs))
+    except AsyncJobsError as error:  # as every other command: say it, no traceback
+        raise click.ClickException(str(error)) from error

@@ -191,8 +191,9 @@ def test_a_store_error_is_a_clean_message_not_a_traceback(
     """A store that cannot open (its path is a directory) gives one line and exit 1."""
     (tmp_path / "not-a-file.db").mkdir()
     broken = {**env, "CLI_TEST_DB_URL": "sqlite:///" + str(tmp_path / "not-a-file.db")}
-    result = cli(broken, "list")
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    assert "Error:" in result.stderr
-    assert "not-a-file.db" in result.stderr
+    for command in ("list", "worker"):
+        result = cli(broken, command)
+        assert result.returncode == 1
+        assert "Traceback" not in result.stderr
+        assert "Error:" in result.stderr
+        assert "not-a-file.db" in result.stderr
