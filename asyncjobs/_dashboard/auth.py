@@ -55,6 +55,11 @@ class Authenticator:
                 raise ConfigurationError(
                     "dashboard auth as a tuple must be (username, password), both non-empty"
                 )
+            if ":" in auth[0]:
+                raise ConfigurationError(
+                    "the dashboard's username cannot contain ':' (HTTP basic auth splits "
+                    "the credentials at the first one, so it could never log in)"
+                )
             self.basic = (auth[0].encode(), auth[1].encode())
         elif callable(auth):
             self.check = auth

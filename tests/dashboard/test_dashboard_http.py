@@ -42,6 +42,8 @@ def test_building_without_auth_is_refused(jobs: Jobs) -> None:
         jobs.dashboard(auth=("admin", ""))
     with pytest.raises(ConfigurationError, match="tuple or a callable"):
         jobs.dashboard(auth="admin:secret")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="cannot contain ':'"):
+        jobs.dashboard(auth=("ops:team", "secret"))  # could never log in
 
 
 async def test_requests_without_or_with_wrong_credentials_are_refused(mix: Mix) -> None:
