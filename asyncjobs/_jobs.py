@@ -23,7 +23,7 @@ from asyncjobs._errors import AsyncJobsError, ConfigurationError
 from asyncjobs._lifecycle import _Lifecycle
 from asyncjobs._models import Job
 from asyncjobs._new_jobs import DEFAULT_RETRIES, _NewJobs
-from asyncjobs._queries import _Queries
+from asyncjobs._queries import _Queries, could_match
 from asyncjobs._ratelimit import Limiter, RateLimit, parse_rate
 from asyncjobs._runner import Runner
 from asyncjobs._scheduler import ScheduleInfo, Scheduler
@@ -349,6 +349,8 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
 
     async def retry_dead(self, *, queue: str | None = None, task: str | None = None) -> int:
         """Put every dead job (of that queue/task) back in the queue; return how many."""
+        if not could_match(queue=queue, task=task):
+            return 0
         count = await self.store.retry_dead(queue=queue, task=task, now=self.clock.now())
         if count:
             logger.info(

@@ -26,6 +26,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger("asyncjobs")
 
 
+def could_match(*, queue: object, task: object) -> bool:
+    """Whether a queue and task filter (None: any) could match a job: False for a name
+    no job can have (and a store could choke on, such as a lone surrogate); a filter
+    that is not a string at all is a ConfigurationError."""
+    for name, value in (("queue", queue), ("task", task)):
+        if value is not None and not isinstance(value, str):
+            raise ConfigurationError(f"{name} must be a string, got {value!r}")
+        if value is not None and not is_name(value):
+            return False
+    return True
+
+
 class _Queries:
     """``Jobs``' reads and admin writes of stored jobs, and result waiting."""
 
@@ -57,11 +69,8 @@ class _Queries:
         if status is not None:
             status = JobStatus(status).value
         limit = min(positive_int(limit, "limit"), 2**62)  # any bigger limit means "all"
-        for name, value in (("queue", queue), ("task", task)):
-            if value is not None and not isinstance(value, str):
-                raise ConfigurationError(f"{name} must be a string, got {value!r}")
-            if value is not None and not is_name(value):
-                return []  # no job can have it (and a store could choke on it)
+        if not could_match(queue=queue, task=task):
+            return []
         now = self.clock.now()
         rows = await self.store.list(status=status, queue=queue, task=task, limit=limit, now=now)
         return [info_from_row(row, now) for row in rows]

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import anyio
 import pytest
 
-from asyncjobs import Job, JobFailed, Jobs, JobStatus, current_job
+from asyncjobs import ConfigurationError, Job, JobFailed, Jobs, JobStatus, current_job
 from asyncjobs.stores import ClaimRequest, TaskLimits
 from asyncjobs.testing import FakeClock, drain
 
@@ -424,3 +424,17 @@ async def test_stop_cancels_jobs_after_the_shutdown_timeout_and_refunds_the_atte
     assert row is not None
     assert (row.worker, row.lease_until) == (None, None)
     await jobs.close()
+
+
+async def test_retry_dead_with_a_name_no_job_can_have_retries_none(jobs: Jobs) -> None:
+    @jobs.task(retries=0)
+    async def flaky() -> None:
+        raise RuntimeError("down")
+
+    await jobs.enqueue(flaky)
+    await drain(jobs)
+    assert await jobs.retry_dead(queue="\udcff") == 0  # a lone surrogate: not even storable
+    assert await jobs.retry_dead(task="") == 0
+    with pytest.raises(ConfigurationError, match="queue must be a string"):
+        await jobs.retry_dead(queue=42)  # type: ignore[arg-type]
+    assert await jobs.retry_dead() == 1
