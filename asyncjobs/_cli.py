@@ -139,6 +139,16 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(out)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal(text: str) -> str:
+    """``text`` for the operator's terminal: a control character (an escape sequence in
+    an error message or a key could rewrite the screen) shown as its escape, ``\x1b``;
+    newlines and tabs kept."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), printable(text))
+
+
 def _cell(value: object) -> str:
     if value is None:
         return "-"
@@ -146,7 +156,7 @@ def _cell(value: object) -> str:
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M:%S")
-    text = printable(str(value))
+    text = terminal(str(value))
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -310,7 +320,7 @@ def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
         )
         click.echo(f"{key.ljust(width)}  {shown}")
     if error:
-        click.echo("\nlast error:\n" + str(error).rstrip())
+        click.echo("\nlast error:\n" + terminal(str(error).rstrip()))
 
 
 @cli.command()

@@ -137,6 +137,25 @@ async def test_a_lone_surrogate_is_printed_escaped(env: dict[str, str], app_jobs
     assert ["caf\u00e9 \ud800"] in [item["args"] for item in listed]
 
 
+async def test_control_characters_reach_the_terminal_escaped(
+    env: dict[str, str], app_jobs: Jobs
+) -> None:
+    """An escape sequence in an error message or a key must not rewrite the screen."""
+
+    @app_jobs.task(name="remote", retries=0)
+    async def remote() -> None:
+        raise RuntimeError("503\r\x1b[2K\x1b[32mall good\x1b[0m\x1b]52;c;cm0gLXJmIH4K\x07")
+
+    job = await app_jobs.enqueue(remote.options(idempotency_key="order-1\x1b]0;title\x07"))
+    await app_jobs.drain()
+    shown = ok(cli(env, "show", job.id))
+    assert "\x1b" not in shown
+    assert "\x07" not in shown
+    assert "\\x1b[32mall good" in shown
+    assert "order-1\\x1b]0;title\\x07" in shown
+    assert "\x1b" not in ok(cli(env, "list"))
+
+
 async def test_retry_all_dead_and_purge(env: dict[str, str], app_jobs: Jobs) -> None:
     assert json.loads(ok(cli(env, "retry", "--all-dead", "--json"))) == {"retried": 1}
     assert await app_jobs.list(status="dead") == []
