@@ -176,7 +176,19 @@ class _Execution:
             return self._failure(row, f"Retry: {signal}", delay=signal.delay)
         except anyio.get_cancelled_exc_class():
             raise
-        except Exception:
+        except BaseExceptionGroup as group:  # from a task group inside the job
+            retries, rest = group.split(Retry)
+            if retries is not None and rest is None:  # only Retry signals: the longest wait
+                signals = [e for e in _leaves(retries) if isinstance(e, Retry)]
+                delays = [s.delay for s in signals if s.delay is not None]
+                reason = f"Retry: {signals[0]}"
+                return self._failure(row, reason, delay=max(delays) if delays else None)
+            if not group.split((KeyboardInterrupt, SystemExit))[0]:
+                return self._failure(row, traceback.format_exc())
+            raise
+        except (KeyboardInterrupt, SystemExit):
+            raise  # the process is going down: its lease expiry runs the job again
+        except BaseException:  # GeneratorExit, a library's own: a failure like any other
             return self._failure(row, traceback.format_exc())
         finally:
             _current.reset(token)
@@ -250,4 +262,17 @@ _INFO_OUTCOMES = frozenset({OutcomeKind.SUCCEEDED, OutcomeKind.CANCELLED, Outcom
 
 
 def _last_line(text: str | None) -> str:
-    return text.strip().splitlines()[-1] if text and text.strip() else ""
+    """The traceback's last line that names an exception (an exception group's
+    traceback ends with its box drawing, not with what was raised)."""
+    for line in reversed((text or "").splitlines()):
+        shown = line.strip(" |")
+        if shown and not shown.startswith("+-"):
+            return shown
+    return ""
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for error in group.exceptions:
+        found.extend(_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
+    return found

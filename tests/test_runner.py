@@ -122,6 +122,47 @@ async def test_retry_signal_uses_its_delay_and_spends_an_attempt(
     assert (info.status, info.attempts, len(runs)) == ("dead", 2, 2)
 
 
+async def test_a_retry_signal_from_a_task_group_inside_the_job_keeps_its_delay(
+    jobs: Jobs, clock: FakeClock
+) -> None:
+    async def call_api() -> None:
+        raise Retry(delay=600, reason="rate limited")
+
+    @jobs.task(retries=1)
+    async def fan_out() -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(call_api())
+
+    job = await fan_out.enqueue()
+    await drain(jobs)
+    info = await job.info()
+    assert (info.status, info.attempts) == ("scheduled", 1)
+    assert info.run_at.timestamp() == pytest.approx(clock.now() + 600)
+    assert info.error == "Retry: rate limited"
+
+
+class Aborted(BaseException):
+    """A library's own BaseException (as pytest's outcomes are), not a cancellation."""
+
+
+async def test_a_job_raising_a_base_exception_fails_like_any_other(jobs: Jobs) -> None:
+    @jobs.task(retries=0)
+    async def abort() -> None:
+        raise Aborted("gave up")
+
+    @jobs.task(retries=0)
+    async def in_a_group() -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(abort())
+
+    jobs_made = [await abort.enqueue(), await in_a_group.enqueue()]
+    await drain(jobs)
+    for job in jobs_made:
+        info = await job.info()
+        assert info.status == JobStatus.DEAD
+        assert "Aborted: gave up" in (info.error or "")
+
+
 async def test_timeout_counts_as_a_failure(jobs: Jobs, clock: FakeClock) -> None:
     started: list[anyio.Event] = [anyio.Event(), anyio.Event()]
     ends: list[str] = []
