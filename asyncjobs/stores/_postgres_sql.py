@@ -343,13 +343,8 @@ async def finish(conn: Connection, outcomes: Sequence[Outcome], now: float) -> l
 
 
 async def wait_again(conn: Connection, job_id: str, now: float) -> None:
-    """A job retried by hand that never ran, cancelled while it waited on others: a chain
-    member whose predecessor is still stored, or a batch's on_complete, waits again and
-    is released as it would have been (at once if what it waited on is done: the chain
-    member with its predecessor's result, the on_complete with the counts). A chain
-    member runs only after its predecessor succeeded: behind a dead or cancelled one it
-    waits until that one is retried and succeeds. Only for jobs that never ran:
-    ``chain_next`` has no index."""
+    """A job retried by hand that never ran waits again for what it waited on, as
+    ``_wait_again`` in ``_sqlite_admin.py`` describes (the same steps, in PostgreSQL)."""
     predecessor = await conn.fetchrow(
         "SELECT status, result FROM asyncjobs_jobs WHERE chain_next = $1", job_id
     )
