@@ -58,7 +58,7 @@ class GroupCommit(Generic[T, R]):
         # Did the last flush have company? Then leaders wait for submitters woken in the
         # same loop iteration; a lone producer flushes at once (one loop turn sooner).
         self._gather = False
-        self._idle_waiters: list[asyncio.Future[None]] = []
+        self._idle = _IdleWaiters()
 
     @property
     def idle(self) -> bool:
@@ -66,10 +66,7 @@ class GroupCommit(Generic[T, R]):
 
     async def wait_idle(self) -> None:
         """Wait until every submission made so far has been flushed."""
-        while not self.idle:
-            idle = asyncio.get_running_loop().create_future()
-            self._idle_waiters.append(idle)
-            await idle
+        await self._idle.wait(lambda: not self.idle)
 
     async def submit(self, item: T) -> R:
         return (await self.submit_many((item,)))[0]
@@ -170,11 +167,7 @@ class GroupCommit(Generic[T, R]):
                 waiter.future.set_result(False)
                 return
         self._busy = False
-        if self._idle_waiters:
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for idle in waiters:
-                if not idle.done():
-                    idle.set_result(None)
+        self._idle.wake()
 
 
 class InFlight:
@@ -183,7 +176,7 @@ class InFlight:
 
     def __init__(self) -> None:
         self._count = 0
-        self._idle_waiters: list[asyncio.Future[None]] = []
+        self._idle = _IdleWaiters()
 
     async def run(self, call: Awaitable[R]) -> R:
         self._count += 1
@@ -192,13 +185,27 @@ class InFlight:
         finally:
             self._count -= 1
             if not self._count:
-                waiters, self._idle_waiters = self._idle_waiters, []
-                for idle in waiters:
-                    if not idle.done():
-                        idle.set_result(None)
+                self._idle.wake()
 
     async def wait_idle(self) -> None:
-        while self._count:
+        await self._idle.wait(lambda: self._count > 0)
+
+
+class _IdleWaiters:
+    """Tasks waiting for something to go idle; ``wake`` them when it may have."""
+
+    def __init__(self) -> None:
+        self._waiters: list[asyncio.Future[None]] = []
+
+    async def wait(self, busy: Callable[[], bool]) -> None:
+        while busy():
             idle = asyncio.get_running_loop().create_future()
-            self._idle_waiters.append(idle)
+            self._waiters.append(idle)
             await idle
+
+    def wake(self) -> None:
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for idle in waiters:
+                if not idle.done():
+                    idle.set_result(None)
