@@ -387,6 +387,37 @@ async def test_a_short_write_refused_by_another_writer_tries_again_on_the_loop(
         await store.close()
 
 
+async def test_a_refused_short_write_tries_again_at_the_next_turn_of_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process's claims hold the lock about a millisecond each, back to back:
+    after a timed pause the enqueue found it taken again. The first tries again come
+    at the next turns of the loop, before any timed pause."""
+    path = tmp_path / "spin.db"
+    store = SQLiteStore(path)
+    await store.open()
+    blocker = sqlite3.connect(path, isolation_level=None)
+    waits: list[float] = []
+    real_sleep = asyncio.sleep  # noqa: TID251 - wrapped to record the store's waits
+
+    async def recording_sleep(delay: float) -> None:
+        waits.append(delay)
+        if len(waits) == 2 and blocker.in_transaction:
+            blocker.execute("COMMIT")  # the other writer is done
+        await real_sleep(delay)
+
+    monkeypatch.setattr(asyncio, "sleep", recording_sleep)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        assert await store.insert([new_job("a")], now=0.0) == ["a"]
+        assert len(waits) == 2
+        assert waits[0] == 0  # the next turn of the loop, not a timed pause
+    finally:
+        monkeypatch.undo()
+        blocker.close()
+        await store.close()
+
+
 async def test_the_next_scheduled_time_is_read_on_the_loop_and_through_the_thread_if_busy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
