@@ -468,8 +468,12 @@ class Runner(_Leases, _Execution):
         freed.set()
 
     async def wait_idle(self) -> None:
+        """Shutdown: wait until no job runs, writing each outcome as its job ends (no
+        claim comes to write it; left for the end, a job that finished early would stay
+        running in the store while others run on, and its lease could expire)."""
         while self.running or self._reserved:
             await self._slot_freed.wait()
+            await self.flush_outbox()
 
 
 def _dispatched_row(job: NewJob, seq: int, now: float) -> JobRow:

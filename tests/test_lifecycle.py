@@ -375,6 +375,40 @@ async def test_stop_waits_for_running_jobs_and_stops_claiming(
     await jobs.close()
 
 
+async def test_outcomes_are_written_as_jobs_end_while_stop_waits_for_others(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """While stop waits for a long job, a job that ends meanwhile is recorded at once.
+    Written only at the end, it stayed running in the store: past its lease another
+    process's recovery ran it again, as would a restart after a kill -9."""
+    jobs = make_jobs(shutdown_timeout=600, concurrency=2)
+    started: dict[int, anyio.Event] = {0: anyio.Event(), 1: anyio.Event()}
+    go: dict[int, anyio.Event] = {0: anyio.Event(), 1: anyio.Event()}
+
+    @jobs.task(name="t")
+    async def t(i: int) -> None:
+        started[i].set()
+        await go[i].wait()
+
+    await jobs.start()
+    long, short = await t.enqueue(0), await t.enqueue(1)
+    try:
+        with anyio.fail_after(5):
+            await started[0].wait()
+            await started[1].wait()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(jobs.stop)
+                await until(lambda: jobs._stop_requested.is_set())
+                go[1].set()
+                while (await short.info()).status != "succeeded":
+                    await anyio.lowlevel.checkpoint()
+                assert (await long.info()).status == "running"
+                go[0].set()
+    finally:
+        go[0].set()  # a failure above must not leave stop() waiting for it forever
+    assert (await long.info()).status == "succeeded"
+
+
 @pytest.mark.parametrize("earlier_attempts", [0, 1])
 async def test_stop_cancels_jobs_after_the_shutdown_timeout_and_refunds_the_attempt(
     make_jobs: MakeJobs, clock: FakeClock, earlier_attempts: int
