@@ -64,6 +64,11 @@ _PREFETCH_MAX = 3
 # transaction stays short enough for the SQLite store to run it on the event loop.
 _CLAIM_MAX = 100
 
+# Seconds a job cancelled at shutdown has to end (its cleanup, its finally blocks)
+# before shutdown goes on without it: one that ignores the cancellation (a shielded
+# scope, an `except BaseException`) would otherwise hold the process forever.
+CANCEL_GRACE = 5.0
+
 
 def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -297,7 +302,8 @@ class Runner(_Leases, _Execution):
             running.task = loop.create_task(self._execute(running), context=self._context.copy())
 
     async def cancel_running(self) -> None:
-        """Cancel the jobs still running and wait for each to record its release.
+        """Cancel the jobs still running and wait for each to record its release
+        (``CANCEL_GRACE`` at most).
 
         A job whose task was cancelled before its first step never ran its code (nor
         ``_execute``'s cleanup): it goes back unspent here. Nothing new starts.
@@ -307,8 +313,20 @@ class Runner(_Leases, _Execution):
         for task in tasks:
             task.cancel()
         if tasks:
-            await asyncio.wait(tasks)
-        never_started = [running.row for running in self.running.values()]
+            with self.clock.move_on_after(CANCEL_GRACE):
+                await asyncio.wait(tasks)
+        never_started: list[JobRow] = []
+        for running in self.running.values():
+            if running.task is None or running.task.done():
+                never_started.append(running.row)
+                continue
+            # It keeps its lease: once that expires, the job runs again elsewhere.
+            row = running.row
+            logger.error(
+                "shutdown: job %s (%s) ignored its cancellation for %ss; going on without "
+                "it, it will run again once its lease expires", row.id, row.task, CANCEL_GRACE,
+                extra={"job_id": row.id, "task": row.task, "attempt": row.attempts},
+            )  # fmt: skip
         self.running.clear()
         self._give_back(never_started)
         self._free_slot()

@@ -3,6 +3,7 @@ expired leases, and graceful stop that gives unfinished jobs back."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import anyio
@@ -407,6 +408,48 @@ async def test_outcomes_are_written_as_jobs_end_while_stop_waits_for_others(
     finally:
         go[0].set()  # a failure above must not leave stop() waiting for it forever
     assert (await long.info()).status == "succeeded"
+
+
+async def test_stop_goes_on_without_a_job_that_ignores_its_cancellation(
+    make_jobs: MakeJobs, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job that swallows its cancellation held stop() forever. After the
+    shutdown timeout and the grace for cleanup, stop goes on; the job keeps its lease,
+    so it runs again once that expires, and the log says so."""
+    jobs = make_jobs(shutdown_timeout=10, visibility_timeout=60)
+    started, release = anyio.Event(), anyio.Event()
+
+    @jobs.task(name="stubborn")
+    async def stubborn() -> None:
+        started.set()
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                continue  # swallowed: the job carries on as if nothing happened
+
+    job = await stubborn.enqueue()
+    await jobs.start()
+    stopped = anyio.Event()
+
+    async def stop() -> None:
+        await jobs.stop()
+        stopped.set()
+
+    try:
+        with anyio.fail_after(5):
+            await started.wait()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop)
+            await until(lambda: stopped.is_set(), clock)
+    finally:
+        release.set()  # a failure above must not leave the job running forever
+    row = await jobs.store.get(job.id)
+    assert row is not None
+    assert (row.status, row.attempts) == ("running", 1)  # still leased: not lost
+    assert "ignored its cancellation" in caplog.text
+    await jobs.store.recover(now=clock.now() + 60)
+    assert (await job.info()).status == "queued"  # the lease expired: it runs again
 
 
 @pytest.mark.parametrize("earlier_attempts", [0, 1])
