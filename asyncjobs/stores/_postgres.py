@@ -86,6 +86,7 @@ class PostgresStore(_Connections):
         pool_min: int = 1,
         pool_max: int = 10,
         connect_timeout: float = 10.0,
+        command_timeout: float = 60.0,
         max_backoff: float = 5.0,
     ) -> None:
         try:
@@ -109,10 +110,19 @@ class PostgresStore(_Connections):
             raise ConfigurationError(
                 f"need 0 <= pool_min <= pool_max and pool_max >= 1, got {pool_min}, {pool_max}"
             )
+        try:
+            command_timeout = float(query.pop("command_timeout", command_timeout))
+        except ValueError as error:
+            raise ConfigurationError(
+                f"command_timeout in {redacted(url)!r} must be a number of seconds"
+            ) from error
+        if not 0 < command_timeout < float("inf"):
+            raise ConfigurationError(f"command_timeout must be positive, got {command_timeout}")
         self.url = urlunsplit(parts._replace(query=urlencode(query)))
         self.pool_min = pool_min
         self.pool_max = pool_max
         self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
         self.max_backoff = max_backoff
         self._pool: Pool | None = None
         self._opening = asyncio.Lock()

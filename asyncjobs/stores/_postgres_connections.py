@@ -89,6 +89,7 @@ class _Connections:
         pool_min: int
         pool_max: int
         connect_timeout: float
+        command_timeout: float
         max_backoff: float
         _pool: Pool | None
         _opening: asyncio.Lock
@@ -223,7 +224,7 @@ class _Connections:
                     if producer and not self._producing:
                         return await self._on_producer(fn)
                     async with pool.acquire() as conn:
-                        return await fn(conn)
+                        return await self._bounded(conn, fn)
                 except (
                     asyncpg.ConnectionDoesNotExistError,
                     asyncpg.AdminShutdownError,
@@ -252,7 +253,7 @@ class _Connections:
                     raise StoreError(f"PostgreSQL store {self!r} is closed")
                 self._producer = conn
             try:
-                return await fn(conn)
+                return await self._bounded(conn, fn)
             except asyncpg.PostgresError:
                 raise  # the statement failed, the connection is fine (or is_closed())
             except BaseException:  # cancelled, cut off: its state is unknown
@@ -261,6 +262,21 @@ class _Connections:
                 raise
         finally:
             self._producing = False
+
+    async def _bounded(self, conn: Connection, fn: Callable[[Connection], Awaitable[T]]) -> T:
+        """``fn(conn)`` within ``command_timeout``. A network that goes silent (a host
+        gone, a firewall dropping packets) sends no reset: a statement would wait for
+        TCP to give up, a quarter of an hour, and a runner's claim, which shutdown lets
+        finish, would hold ``stop()`` as long. Past the timeout the connection is
+        dropped (its state is unknown), and the operation fails as unreachable."""
+        try:
+            async with asyncio.timeout(self.command_timeout):
+                return await fn(conn)
+        except TimeoutError:
+            conn.terminate()  # closed without a word to the server: nothing to wait on
+            raise TimeoutError(
+                f"no reply within command_timeout={self.command_timeout:g}s"
+            ) from None
 
     async def _transaction(self, what: str, fn: Callable[[Connection], Awaitable[T]]) -> T:
         async def in_transaction(conn: Connection) -> T:

@@ -8,12 +8,13 @@ import contextlib
 import uuid
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import pytest
 
-from asyncjobs import Jobs, JobStatus, StoreError
-from asyncjobs.stores import PostgresStore
+from asyncjobs import ConfigurationError, Jobs, JobStatus, StoreError
+from asyncjobs.stores import ClaimRequest, PostgresStore, TaskLimits
 
 MakeJobs = Callable[..., Jobs]
 
@@ -145,3 +146,76 @@ async def test_close_while_an_operation_connects_leaves_no_connection_open(
             name,
         )
         await admin.close()
+
+
+class FreezingProxy:
+    """A TCP proxy to the test server that can go silent: once frozen it forwards
+    nothing either way and closes nothing, as a host gone or a firewall dropping
+    packets would (no reset comes)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.frozen = False
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._connected, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._pipe, reader, upstream_writer)
+            tg.start_soon(self._pipe, upstream_reader, writer)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                if not self.frozen:
+                    writer.write(data)
+                    await writer.drain()
+        writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_an_operation_on_a_network_gone_silent_fails_after_the_command_timeout(
+    postgres_url: str,
+) -> None:
+    """No reset comes from a silent network: a statement waited for TCP to give up (a
+    quarter of an hour), and a runner's claim, which shutdown lets finish, held stop()
+    as long. Past command_timeout the operation fails as unreachable; the store
+    reconnects once the network is back."""
+    parts = urlsplit(postgres_url)
+    proxy = FreezingProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    port = await proxy.start()
+    url = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}"))
+    store = PostgresStore(url + "&command_timeout=0.5", pool_min=0)
+    request = ClaimRequest(
+        worker="w", tasks={"t": TaskLimits(max_attempts=1)}, queues=None, limit=1, lease=30
+    )
+    try:
+        await store.open()
+        assert await store.claim(request, now=0.0) == []
+        proxy.frozen = True
+        with anyio.fail_after(20), pytest.raises(StoreError, match=r"command_timeout=0\.5s"):
+            await store.claim(request, now=0.0)
+        proxy.frozen = False
+        store._failures = 0  # skip the reconnect backoff
+        with anyio.fail_after(20):
+            assert await store.claim(request, now=0.0) == []
+    finally:
+        proxy.frozen = False
+        await store.close()
+        await proxy.close()
+
+
+def test_command_timeout_is_read_from_the_url_and_checked() -> None:
+    assert PostgresStore("postgresql://h/db?command_timeout=2.5").command_timeout == 2.5
+    assert PostgresStore("postgresql://h/db").command_timeout == 60.0
+    for bad in ("x", "0", "-1", "inf"):
+        with pytest.raises(ConfigurationError, match="command_timeout"):
+            PostgresStore(f"postgresql://h/db?command_timeout={bad}")
