@@ -8,12 +8,15 @@ import threading
 from pathlib import Path
 
 import anyio
+import pytest
 
 from asyncjobs.stores import SQLiteStore
 from asyncjobs.stores._protocol import NewJob
+from asyncjobs.stores._sqlite import INLINE_ROWS
 from asyncjobs.stores._sqlite_side import (
     AUTOCHECKPOINT_PAGES,
     CHECKPOINT_EVERY,
+    LOG_SIZE_LIMIT,
     Checkpointer,
 )
 
@@ -59,6 +62,32 @@ async def test_checkpoints_run_beside_the_connection_and_let_the_log_restart(
     with sqlite3.connect(tmp_path / "s.db") as db:
         assert db.execute("SELECT count(*) FROM asyncjobs_jobs").fetchone() == (commits + 1,)
     db.close()
+
+
+@pytest.mark.parametrize("rows", [60, INLINE_ROWS + 10])  # written on the loop, in the thread
+async def test_the_log_file_shrinks_back_after_a_burst(tmp_path: Path, rows: int) -> None:
+    """One transaction larger than the log limit (an enqueue_many of many jobs) grows
+    the file past it; once the log is copied back, the next write starts it over and
+    cuts the file to the limit, instead of keeping the burst's size on disk for good."""
+    path = tmp_path / "s.db"
+    wal = tmp_path / "s.db-wal"
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        payload = '{"args":["' + "x" * (42_000_000 // rows) + '"],"kwargs":{}}'
+        await store.insert(
+            [new_job(f"big-{i:03d}")._replace(payload=payload) for i in range(rows)], now=0.0
+        )
+        assert wal.stat().st_size > 40 * 1024 * 1024
+        with sqlite3.connect(path) as db:  # copy the log back; nobody reads
+            ((busy, frames, copied),) = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        db.close()
+        assert busy == 0
+        assert copied == frames
+        await store.insert([new_job("after")], now=0.0)  # starts the log over
+        assert wal.stat().st_size <= LOG_SIZE_LIMIT
+    finally:
+        await store.close()
 
 
 async def test_changed_sees_a_plain_sqlite_writer_without_the_connection_thread(

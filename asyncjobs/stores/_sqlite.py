@@ -60,8 +60,8 @@ from asyncjobs.stores._sqlite_side import (
     ChangeWatch,
     Checkpointer,
     InlineWriter,
-    hand_checkpoints_over,
     is_busy,
+    set_log_policy,
 )
 from asyncjobs.stores._sqlite_sql import (
     _INSERT_CHUNK,
@@ -205,7 +205,7 @@ class SQLiteStore:
         # PRAGMAs take no parameters: a fixed statement per setting; the busy timeout
         # is set by connect(timeout=...) through sqlite3_busy_timeout.
         db.execute(_SYNCHRONOUS[self.synchronous])
-        hand_checkpoints_over(db)
+        set_log_policy(db)
         self._write(db, migrate)
 
     async def close(self) -> None:

@@ -49,9 +49,18 @@ TRUNCATE_WAIT_MS = 1000
 wait in turn: at most this long, and only while the log is that long)."""
 
 
-def hand_checkpoints_over(db: sqlite3.Connection) -> None:
-    """Raise ``db``'s automatic checkpoint threshold to the safety net (its thread)."""
+LOG_SIZE_LIMIT = 32 * 1024 * 1024
+"""Bytes of log file a writer keeps when it starts the log over (twice the safety net's
+16 MiB). A burst the checkpoints could not keep up with (an ``enqueue_many`` of a
+million jobs is one transaction) grew the file to its peak, and the file kept that
+size on disk for good; the log is only ever started over, never shrunk, without it."""
+
+
+def set_log_policy(db: sqlite3.Connection) -> None:
+    """On a writing connection: raise the automatic checkpoint threshold to the safety
+    net (the checkpointer's thread does the work), and cap the log a reset leaves."""
     db.execute("PRAGMA wal_autocheckpoint=4000")  # AUTOCHECKPOINT_PAGES; no parameters
+    db.execute("PRAGMA journal_size_limit=33554432")  # LOG_SIZE_LIMIT
 
 
 def is_busy(error: sqlite3.OperationalError) -> bool:
@@ -209,7 +218,7 @@ class InlineWriter:
         # never finds it all copied when a write begins), and a log left to grow makes
         # every commit dearer (2 µs per enqueue at 22,000 frames). The checkpointer
         # has copied nearly all of it by then, unless readers held it back (see there).
-        hand_checkpoints_over(self._db)
+        set_log_policy(self._db)
 
     def try_write(
         self,
