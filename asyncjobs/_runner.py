@@ -353,9 +353,12 @@ class Runner(_Leases, _Execution):
                     [outcome for _, outcome, _ in outbox], now=self.clock.now()
                 )
             except Exception:
-                # The leases expire and the jobs run again: at least once, never lost.
-                logger.exception("recording the outcome of %d job(s) failed", len(outbox))
-                applied = []
+                # Not "no longer ours", as an outcome the store refused would be logged.
+                logger.exception(
+                    "recording the outcome of %d job(s) failed; they will run again once "
+                    "their leases expire", len(outbox),
+                )  # fmt: skip
+                return len(outbox)
         self._acknowledged(outbox, set(applied))
         return len(outbox)
 

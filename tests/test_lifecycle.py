@@ -9,7 +9,15 @@ from collections.abc import Callable
 import anyio
 import pytest
 
-from asyncjobs import ConfigurationError, Job, JobFailed, Jobs, JobStatus, current_job
+from asyncjobs import (
+    ConfigurationError,
+    Job,
+    JobFailed,
+    Jobs,
+    JobStatus,
+    StoreError,
+    current_job,
+)
 from asyncjobs.stores import ClaimRequest, TaskLimits
 from asyncjobs.testing import FakeClock, drain
 
@@ -408,6 +416,41 @@ async def test_outcomes_are_written_as_jobs_end_while_stop_waits_for_others(
     finally:
         go[0].set()  # a failure above must not leave stop() waiting for it forever
     assert (await long.info()).status == "succeeded"
+
+
+async def test_an_outcome_the_store_failed_to_write_is_not_logged_as_no_longer_ours(
+    make_jobs: MakeJobs, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write failed, the job is still ours: the log must not send an operator
+    looking for who cancelled it or why its lease expired."""
+    jobs = make_jobs(shutdown_timeout=600)
+    started, go = anyio.Event(), anyio.Event()
+
+    @jobs.task(name="t")
+    async def t() -> None:
+        started.set()
+        await go.wait()
+
+    await jobs.start()
+    job = await t.enqueue()
+
+    async def failing(*args: object, **kwargs: object) -> list[str]:
+        raise StoreError("disk I/O error")
+
+    try:
+        with anyio.fail_after(5):
+            await started.wait()
+            monkeypatch.setattr(jobs.store, "finish", failing)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(jobs.stop)
+                await until(lambda: jobs._stop_requested.is_set())
+                go.set()
+    finally:
+        go.set()
+    assert "will run again once their leases expire" in caplog.text
+    assert "no longer ours" not in caplog.text
+    monkeypatch.undo()
+    assert (await job.info()).status == "running"  # left to its lease: it runs again
 
 
 async def test_stop_goes_on_without_a_job_that_ignores_its_cancellation(
