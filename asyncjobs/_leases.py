@@ -95,6 +95,7 @@ class _Leases:
             concurrency=self.settings.concurrency,
             queues=self.settings.queues,
             stopped=stopped,
+            visibility_timeout=self.settings.visibility_timeout,
         )
         try:
             await self.jobs.store.record_worker(beat, now=self.clock.now())

@@ -98,7 +98,8 @@ class WorkerStats(TypedDict):
     seconds_since_seen: float
     stopped_at: str | None
     alive: bool
-    """Not stopped, and heartbeated within ``visibility_timeout``."""
+    """Not stopped, and heartbeated within its own ``visibility_timeout`` (the reader's
+    for a worker of an earlier version)."""
     running: int
     concurrency: int
     queues: list[str] | None
@@ -193,7 +194,8 @@ def build(
                 last_seen_at=_iso(w.last_seen_at),
                 seconds_since_seen=round(max(now - w.last_seen_at, 0.0), 3),
                 stopped_at=None if w.stopped_at is None else _iso(w.stopped_at),
-                alive=w.stopped_at is None and now - w.last_seen_at <= alive_within,
+                alive=w.stopped_at is None
+                and now - w.last_seen_at <= (w.visibility_timeout or alive_within),
                 running=w.running,
                 concurrency=w.concurrency,
                 queues=None if w.queues is None else list(w.queues),

@@ -165,6 +165,20 @@ async def test_a_worker_that_stopped_heartbeating_is_not_alive(
     assert (await jobs.stats())["workers"] == []
 
 
+async def test_a_worker_is_judged_alive_by_its_own_visibility_timeout(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """A worker with a long visibility timeout heartbeats every third of it. A process
+    with a shorter one (a dashboard, the CLI) showed it dead between its heartbeats."""
+    worker = make_jobs(visibility_timeout=600)  # heartbeats every 200 s
+    observer = make_jobs(visibility_timeout=30)
+    await worker.runner.record_beat()
+    clock.advance(150)  # within the worker's heartbeat interval
+    assert [w["alive"] for w in (await observer.stats())["workers"]] == [True]
+    clock.advance(451)  # past its own visibility timeout
+    assert [w["alive"] for w in (await observer.stats())["workers"]] == [False]
+
+
 async def test_schedules_are_listed_with_their_next_run(jobs: Jobs, clock: FakeClock) -> None:
     @jobs.periodic(every=timedelta(minutes=5), name="tidy")
     async def tidy() -> None: ...

@@ -133,7 +133,8 @@ async def snapshot(
         WorkerRow.from_columns(row)
         for row in await conn.fetch(
             "SELECT id, host, pid, started_at, last_seen_at, stopped_at, running, concurrency, "
-            "queues FROM asyncjobs_workers WHERE last_seen_at >= $1 ORDER BY started_at, id",
+            "queues, visibility_timeout FROM asyncjobs_workers "
+            "WHERE last_seen_at >= $1 ORDER BY started_at, id",
             since,
         )
     ]
@@ -151,9 +152,11 @@ async def snapshot(
 async def record_worker(conn: Connection, beat: WorkerBeat, now: float) -> None:
     await conn.execute(
         "INSERT INTO asyncjobs_workers (id, host, pid, started_at, last_seen_at, stopped_at, "
-        "running, concurrency, queues) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
+        "running, concurrency, queues, visibility_timeout) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
         "ON CONFLICT (id) DO UPDATE SET last_seen_at = excluded.last_seen_at, "
-        "stopped_at = excluded.stopped_at, running = excluded.running",
+        "stopped_at = excluded.stopped_at, running = excluded.running, "
+        "visibility_timeout = excluded.visibility_timeout",
         *beat.columns(now),
     )
 

@@ -354,6 +354,8 @@ class WorkerBeat:
     concurrency: int
     queues: tuple[str, ...] | None
     stopped: bool = False
+    visibility_timeout: float | None = None
+    """Its own: it heartbeats every third of it, so others judge it alive by it."""
 
     def columns(self, now: float) -> tuple[Any, ...]:
         """The values both stores write to ``asyncjobs_workers`` for this beat, in the
@@ -362,6 +364,7 @@ class WorkerBeat:
             self.id, self.host, self.pid, self.started_at, now, now if self.stopped else None,
             self.running, self.concurrency,
             None if self.queues is None else json.dumps(list(self.queues)),
+            self.visibility_timeout,
         )  # fmt: skip
 
 
@@ -376,16 +379,21 @@ class WorkerRow:
     running: int
     concurrency: int
     queues: tuple[str, ...] | None
+    visibility_timeout: float | None = None
+    """The worker's own; None if it did not say (an earlier version)."""
 
     @classmethod
     def from_columns(cls, values: Iterable[Any]) -> WorkerRow:
         """A row of ``asyncjobs_workers`` as both stores select it: id, host, pid,
-        started_at, last_seen_at, stopped_at, running, concurrency, queues (JSON)."""
-        id_, host, pid, started_at, last_seen_at, stopped_at, running, concurrency, queues = values
+        started_at, last_seen_at, stopped_at, running, concurrency, queues (JSON),
+        visibility_timeout."""
+        (id_, host, pid, started_at, last_seen_at, stopped_at, running, concurrency, queues,
+         visibility_timeout) = values  # fmt: skip
         return cls(
             id=id_, host=host, pid=pid, started_at=started_at, last_seen_at=last_seen_at,
             stopped_at=stopped_at, running=running, concurrency=concurrency,
             queues=None if queues is None else tuple(json.loads(queues)),
+            visibility_timeout=visibility_timeout,
         )  # fmt: skip
 
 

@@ -190,7 +190,8 @@ def _snapshot(
         WorkerRow.from_columns(row)
         for row in db.execute(
             "SELECT id, host, pid, started_at, last_seen_at, stopped_at, running, concurrency, "
-            "queues FROM asyncjobs_workers WHERE last_seen_at >= ? ORDER BY started_at, id",
+            "queues, visibility_timeout FROM asyncjobs_workers "
+            "WHERE last_seen_at >= ? ORDER BY started_at, id",
             (since,),
         )
     ]
@@ -208,9 +209,10 @@ def _snapshot(
 def _record_worker(db: sqlite3.Connection, beat: WorkerBeat, now: float) -> None:
     db.execute(
         "INSERT INTO asyncjobs_workers (id, host, pid, started_at, last_seen_at, stopped_at, "
-        "running, concurrency, queues) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "running, concurrency, queues, visibility_timeout) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (id) DO UPDATE SET last_seen_at = excluded.last_seen_at, "
-        "stopped_at = excluded.stopped_at, running = excluded.running",
+        "stopped_at = excluded.stopped_at, running = excluded.running, "
+        "visibility_timeout = excluded.visibility_timeout",
         beat.columns(now),
     )
 

@@ -868,8 +868,9 @@ async def test_operations_snapshot_prune_meta_retry_dead_delete(store: Store) ->
     await store.finish([outcome(rows["a"], OutcomeKind.SUCCEEDED)], now=T0 + 10)
     await store.finish([outcome(rows["b"], OutcomeKind.DEAD, error="x")], now=T0 + 20)
     beat = WorkerBeat(
-        id="w1", host="h", pid=1, started_at=T0, running=0, concurrency=4, queues=("default",)
-    )
+        id="w1", host="h", pid=1, started_at=T0, running=0, concurrency=4, queues=("default",),
+        visibility_timeout=90.0,
+    )  # fmt: skip
     await store.record_worker(beat, now=T0 + 20)
     snap = await store.snapshot(now=T0 + 30, windows=[15.0, 60.0], sample=10, workers_since=T0)
     assert snap.counts == {
@@ -882,8 +883,8 @@ async def test_operations_snapshot_prune_meta_retry_dead_delete(store: Store) ->
     assert snap.finished[("default", "t", "succeeded")] == [0, 1]
     assert snap.finished[("default", "t", "dead")] == [1, 1]
     assert [s.status for s in snap.samples] == ["dead", "succeeded"]
-    assert [(w.id, w.queues, w.last_seen_at) for w in snap.workers] == [
-        ("w1", ("default",), T0 + 20)
+    assert [(w.id, w.queues, w.last_seen_at, w.visibility_timeout) for w in snap.workers] == [
+        ("w1", ("default",), T0 + 20, 90.0)
     ]
     assert await store.meta("k", "first") == "first"
     assert await store.meta("k", "second") == "first"
