@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import json
 import os
 import re
@@ -46,6 +48,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -79,8 +82,6 @@ class ServerStats:
         return taken
 
     def install(self) -> None:
-        import gc
-
         from asyncjobs.stores._sqlite_side import InlineWriter
 
         def collected(phase: str, info: dict[str, int]) -> None:
@@ -103,7 +104,7 @@ class ServerStats:
             setattr(InlineWriter, name, counted)
 
 
-def serve(port: int, db: str, workers: bool, stats: bool = False) -> None:
+def serve(port: int, db: str, workers: bool, stats: bool = False, freeze: bool = False) -> None:
     import uvicorn
     from starlette.applications import Starlette
     from starlette.background import BackgroundTasks
@@ -153,7 +154,14 @@ def serve(port: int, db: str, workers: bool, stats: bool = False) -> None:
     async def server_stats(request: Request) -> JSONResponse:
         return JSONResponse(counted.reset())
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if freeze:  # --gc-freeze: what an app can do once its startup is done
+            gc.freeze()
+        yield
+
     app = Starlette(
+        lifespan=lifespan,
         routes=[
             Route("/durable", durable, methods=["POST"]),
             Route("/background", background, methods=["POST"]),
@@ -359,6 +367,12 @@ def main() -> None:
         help="also report the server's garbage collections per request and, for the "
         "durable endpoint, how many of the store's writes on the loop found the file locked",
     )
+    parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="the app calls gc.freeze() once its startup is done (every endpoint: one "
+        "server), so the collector's full runs skip the objects of startup",
+    )
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--db", help=argparse.SUPPRESS)
     parser.add_argument("--load", help=argparse.SUPPRESS)
@@ -369,7 +383,13 @@ def main() -> None:
         work(args.work)
         return
     if args.serve is not None:
-        serve(args.serve, args.db, workers=not args.no_workers, stats=args.server_stats)
+        serve(
+            args.serve,
+            args.db,
+            workers=not args.no_workers,
+            stats=args.server_stats,
+            freeze=args.gc_freeze,
+        )
         return
     if args.load is not None:
         match = re.match(r"http://([^:/]+):(\d+)(/.*)", args.load)
@@ -391,6 +411,8 @@ def main() -> None:
             serve_args.append("--no-workers")  # the server reads it, not just the report
         if args.server_stats:
             serve_args.append("--server-stats")
+        if args.gc_freeze:
+            serve_args.append("--gc-freeze")
         server = subprocess.Popen([sys.executable, __file__, *serve_args])
         worker = None
         caught_up: float | None = None
@@ -460,6 +482,8 @@ def main() -> None:
         workers = "workers running the jobs in the same process"
     print(f"load: {generator}, {args.rounds} rounds per endpoint, cpus: {os.cpu_count()}")
     print(f"durable endpoint: {workers}")
+    if args.gc_freeze:
+        print("the app calls gc.freeze() once its startup is done (--gc-freeze)")
     if caught_up is not None:
         print(
             f"worker process: caught up {caught_up:.1f}s after the last round, {left} job(s) left"
