@@ -65,8 +65,8 @@ _PREFETCH_MAX = 3
 _CLAIM_MAX = 100
 
 # Seconds a job cancelled at shutdown has to end (its cleanup, its finally blocks)
-# before shutdown goes on without it: one that ignores the cancellation (a shielded
-# scope, an `except BaseException`) would otherwise hold the process forever.
+# before shutdown goes on without it: one that ignores the cancellation (catches
+# CancelledError and carries on) would otherwise hold the process forever.
 CANCEL_GRACE = 5.0
 
 
