@@ -274,10 +274,14 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
     async def enqueue_many(self, specs: Sequence[JobSpec[Any]]) -> list[Job[Any]]:
         """Enqueue several jobs in one transaction: all are stored or none."""
         now = self.clock.now()
+        checked = [self._spec(spec, (), {}) for spec in specs]
+        # A keyed job takes the batch out of the group commit (see _insert), and only
+        # the group commit starts jobs inserted running: then none is.
+        dispatch = all(spec.options.idempotency_key is None for spec in checked)
         new: list[NewJob] = []
         try:
-            for spec in specs:
-                new.append(self._new_job(self._spec(spec, (), {}), now, dispatch=True))
+            for spec in checked:
+                new.append(self._new_job(spec, now, dispatch=dispatch))
         except BaseException:
             self.runner.unreserve(new)  # a later spec was refused: free the earlier slots
             raise
@@ -324,7 +328,8 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
             # On its own, not in the group commit: on PostgreSQL the insert of a key
             # that another open transaction holds waits for that transaction, and the
             # wait must hold up this caller only (it may be the holder's own enqueue).
-            # Keyed jobs never run at once, so there is no local slot to give back.
+            # Keyed jobs never run at once, nor do the others of their enqueue_many,
+            # so there is no local slot to give back.
             ids = await self._keyed_inserts.run(self.store.insert(new, now=self.clock.now()))
         else:
             try:

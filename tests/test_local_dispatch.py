@@ -364,6 +364,30 @@ async def test_an_enqueue_many_refused_part_way_frees_the_slots_it_reserved(
     assert [row.id for row in rows] == [job.id]  # nothing of the refused call was written
 
 
+async def test_an_enqueue_many_with_a_keyed_job_runs_every_job_and_keeps_no_slot(
+    make_jobs: MakeJobs,
+) -> None:
+    """A keyed job takes its enqueue_many out of the group commit, which is what starts
+    jobs inserted running: the unkeyed ones beside it go through the queue instead of
+    waiting, running but unstarted, for their leases to expire."""
+    jobs = make_jobs(concurrency=2, shutdown_timeout=0)  # a leaked slot must not hang close
+    inserted = spy_inserts(jobs)
+
+    @jobs.task(name="echo")
+    async def echo(value: Any) -> Any:
+        return value
+
+    async with jobs:
+        await settled(jobs)
+        plain, keyed = await jobs.enqueue_many(
+            [echo.spec(1), echo.options(idempotency_key="k").spec(2)]
+        )
+        assert [(j.status, j.worker) for j in inserted] == [("queued", None)] * 2
+        with anyio.fail_after(5):
+            assert (await plain.result(), await keyed.result()) == (1, 2)
+        assert not jobs.runner._reserved
+
+
 async def test_an_enqueue_cancelled_by_asyncio_mid_flush_still_runs_the_batch(
     make_jobs: MakeJobs,
 ) -> None:
