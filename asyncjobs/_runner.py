@@ -264,8 +264,21 @@ class Runner(_Leases, _Execution):
         # behind those claimed ahead): more may be ready.
         self._backlog = len(rows) >= room or 0 < free <= len(rows)
         if rows:
-            self._add_ready(rows)
+            self._add_ready(self._not_held(rows))
         return len(rows) + len(outbox)
+
+    def _not_held(self, rows: Sequence[JobRow]) -> list[JobRow]:
+        """``rows`` less the attempts this worker holds already. A claim retried after
+        its reply was lost hands out again the rows its first try took (PostgreSQL),
+        found by worker and time: a job dispatched here at that same instant matches."""
+        held = {(row.id, row.attempts) for row, _, _ in self._outbox}
+        held.update((row.id, row.attempts) for row in self._ready)
+        held.update((job.row.id, job.row.attempts) for job in self.running.values())
+        return [
+            row
+            for row in rows
+            if (row.id, row.attempts) not in held and row.id not in self._reserved
+        ]
 
     def _add_ready(self, rows: Sequence[JobRow]) -> None:
         self._ready.extend(rows)

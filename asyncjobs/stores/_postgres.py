@@ -76,6 +76,18 @@ _REQUEUE = (
 no longer asked to stop if it was cancelled while running."""
 
 
+class _Claim:
+    """One claim, as ``_run`` may try it twice: the second try, on a fresh connection
+    after the first one's was lost, must find what the first may have committed."""
+
+    def __init__(self) -> None:
+        self.tried = False
+
+    async def __call__(self, conn: Connection, request: ClaimRequest, now: float) -> list[JobRow]:
+        again, self.tried = self.tried, True
+        return await (sql.claim_again if again else sql.claim)(conn, request, now)
+
+
 class PostgresStore(_Connections):
     """A job store in PostgreSQL, shared by any number of processes and hosts."""
 
@@ -174,7 +186,8 @@ class PostgresStore(_Connections):
     async def claim(self, request: ClaimRequest, *, now: float) -> list[JobRow]:
         if request.limit <= 0 or not request.tasks:
             return []
-        return await self._run("claim", lambda conn: sql.claim(conn, request, now))
+        claim = _Claim()
+        return await self._run("claim", lambda conn: claim(conn, request, now))
 
     async def finish(self, outcomes: Sequence[Outcome], *, now: float) -> list[str]:
         if not outcomes:
@@ -197,6 +210,8 @@ class PostgresStore(_Connections):
         if request.limit <= 0 or not request.tasks:
             return await self.finish(outcomes, now=now), []
 
+        claim = _Claim()
+
         async def both(conn: Connection) -> tuple[list[str], list[JobRow]]:
             # One transaction: one commit (one WAL flush) for the acks and the claim.
             async with conn.transaction():
@@ -204,7 +219,7 @@ class PostgresStore(_Connections):
                 rest = [o for o in outcomes if o.job_id not in applied]
                 if rest:
                     applied.update(await sql.finish(conn, rest, now))
-                claimed = await sql.claim(conn, request, now)
+                claimed = await claim(conn, request, now)
             return [o.job_id for o in outcomes if o.job_id in applied], claimed
 
         return await self._run("claim", both)

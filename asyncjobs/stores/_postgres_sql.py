@@ -190,6 +190,25 @@ async def notify(conn: Connection) -> None:
     await conn.execute(_NOTIFY)
 
 
+_CLAIMED_BEFORE = f"""SELECT {SELECT} FROM asyncjobs_jobs
+    WHERE status = 'running' AND lease_until = $1 AND worker = $2 AND started_at = $3"""  # noqa: S608 - constants
+
+
+async def claim_again(conn: Connection, request: ClaimRequest, now: float) -> list[JobRow]:
+    """A claim retried because the reply of its first try was lost: that try may have
+    committed. The rows it took (still leased to this worker at ``now``, unseen by it)
+    come back with the claim's own, so they run now rather than wait out their leases
+    and spend an attempt they never had. The runner drops any it already holds."""
+    lost = [
+        job_row(r)
+        for r in await conn.fetch(_CLAIMED_BEFORE, now + request.lease, request.worker, now)
+    ]
+    limit = max(0, request.limit - len(lost))
+    rows = await claim(conn, replace(request, limit=limit, ahead=min(request.ahead, limit)), now)
+    next_token_at = rows.next_token_at if isinstance(rows, Claimed) else None
+    return Claimed([*lost, *rows], next_token_at=next_token_at)
+
+
 async def claim(conn: Connection, request: ClaimRequest, now: float) -> list[JobRow]:
     if has_limits(request) and not conn.is_in_transaction():
         async with conn.transaction():  # flow control counts and takes tokens atomically

@@ -15,6 +15,7 @@ import pytest
 
 from asyncjobs import ConfigurationError, Jobs, JobStatus, StoreError
 from asyncjobs.stores import ClaimRequest, PostgresStore, TaskLimits
+from asyncjobs.stores._protocol import Claimed
 
 MakeJobs = Callable[..., Jobs]
 
@@ -98,6 +99,88 @@ async def test_an_enqueue_whose_committed_reply_was_lost_is_retried_and_stored_o
     job = await jobs.enqueue(t.options(idempotency_key="k" if keyed else None), 1)
     assert lost
     assert [info.id for info in await jobs.list()] == [job.id]
+
+
+def lose_the_reply_of_the_next_claim(jobs: Jobs) -> list[bool]:
+    """The next claim (or finish and claim) commits, but its reply never comes: the
+    store retries it on a fresh connection. Returns a list that gets True once lost."""
+    store: Any = jobs.store
+    bounded, lost = store._bounded, list[bool]()
+
+    async def losing(conn: Any, fn: Callable[[Any], Any]) -> Any:
+        result = await bounded(conn, fn)
+        claimed = isinstance(result, Claimed) or (
+            isinstance(result, tuple) and isinstance(result[1], Claimed)
+        )
+        if claimed and not lost:
+            lost.append(True)
+            raise asyncpg.ConnectionDoesNotExistError(
+                "connection was closed in the middle of operation"
+            )
+        return result
+
+    store._bounded = losing
+    return lost
+
+
+@pytest.mark.parametrize("finishing", [False, True], ids=["claim", "finish-and-claim"])
+async def test_jobs_a_claim_took_before_its_reply_was_lost_run_on_their_first_attempt(
+    make_jobs: MakeJobs, postgres_url: str, finishing: bool
+) -> None:
+    """Left to wait out their leases, they would spend an attempt they never had: with
+    no retries left, they would end dead without having run."""
+    jobs = make_jobs(postgres_url, concurrency=1)
+    ran: list[int] = []
+
+    @jobs.task(name="t", retries=0)
+    async def t(n: int) -> None:
+        ran.append(n)
+
+    first = await t.enqueue(0)
+    if finishing:  # the lost claim is the one that also writes the first job's success
+        await jobs.drain()
+    rest = [await t.enqueue(n) for n in (1, 2, 3)]
+    lost = lose_the_reply_of_the_next_claim(jobs)
+    await jobs.drain()
+    assert lost
+    assert sorted(ran) == [0, 1, 2, 3]
+    for job in [first, *rest]:
+        info = await jobs.get(job.id)
+        assert info is not None
+        assert (info.status, info.attempts) == (JobStatus.SUCCEEDED, 1)
+
+
+async def test_a_retried_claim_does_not_hand_out_again_a_job_dispatched_at_that_instant(
+    make_jobs: MakeJobs, postgres_url: str
+) -> None:
+    """A job enqueued while a slot is free is inserted running, leased to this worker at
+    that time: a retried claim at the same instant finds it as one its lost try took."""
+    jobs = make_jobs(postgres_url, concurrency=2)
+    runs: list[int] = []
+    release = anyio.Event()
+
+    @jobs.task(name="hold")
+    async def hold(n: int) -> None:
+        runs.append(n)
+        await release.wait()
+
+    async with jobs:
+        with anyio.fail_after(10):
+            while jobs.runner._backlog:  # the first claim found the queue empty
+                await anyio.lowlevel.checkpoint()
+            job = await hold.enqueue(1)
+            info = await jobs.get(job.id)
+            assert info is not None
+            assert info.status == JobStatus.RUNNING  # dispatched: inserted running
+            lost = lose_the_reply_of_the_next_claim(jobs)
+            await jobs.runner.claim()  # the fake clock still reads the dispatch's time
+            assert lost
+            while not runs:
+                await anyio.lowlevel.checkpoint()
+            await anyio.wait_all_tasks_blocked()
+            release.set()
+            await job.result()
+    assert runs == [1]
 
 
 async def test_operations_cut_together_count_once_towards_the_backoff() -> None:
