@@ -99,7 +99,7 @@ def to_json(value: object) -> str:
             return obj.value
         raise TypeError(f"cannot encode {type(obj).__name__}")
 
-    return printable(json.dumps(value, default=default, indent=2, ensure_ascii=False))
+    return json_text(json.dumps(value, default=default, indent=2, ensure_ascii=False))
 
 
 def report(job_id: str, done: bool, as_json: bool, *, key: str, said: str, refused: str) -> None:
@@ -140,6 +140,17 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+_NOT_ESCAPED_BY_JSON = re.compile(r"[\x7f-\x9f]")
+
+
+def json_text(text: str) -> str:
+    """JSON from ``json.dumps(..., ensure_ascii=False)``, for the terminal and still
+    JSON: DEL and the C1 controls, which ``json`` leaves raw (an 8-bit CSI, U+009B,
+    starts an escape sequence), become ``\\u`` escapes, as lone surrogates do
+    (``printable``)."""
+    return _NOT_ESCAPED_BY_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", printable(text))
 
 
 def terminal(text: str) -> str:
@@ -314,7 +325,7 @@ def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
     width = max(len(k) for k in data)
     for key, value in data.items():
         shown = (
-            printable(json.dumps(value, ensure_ascii=False))
+            json_text(json.dumps(value, ensure_ascii=False))
             if key in ("args", "kwargs", "result")
             else _cell(value)
         )

@@ -156,6 +156,19 @@ async def test_control_characters_reach_the_terminal_escaped(
     assert "\x1b" not in ok(cli(env, "list"))
 
 
+async def test_c1_controls_in_arguments_reach_the_terminal_escaped(
+    env: dict[str, str], app_jobs: Jobs
+) -> None:
+    """JSON leaves DEL and the C1 controls raw; U+009B alone starts an escape sequence."""
+    hostile = "\x9b2J\x9b31mall good\x9d0;pwned\x9c\x7f"
+    job = await app_jobs.enqueue("greet", hostile)
+    for shown in (ok(cli(env, "show", job.id)), ok(cli(env, "list", "--json"))):
+        assert not [c for c in shown if "\x7f" <= c <= "\x9f"]
+        assert "\\u009b2J" in shown
+    listed = json.loads(ok(cli(env, "list", "--json")))
+    assert [hostile] in [item["args"] for item in listed]  # still JSON, the same value
+
+
 async def test_retry_all_dead_and_purge(env: dict[str, str], app_jobs: Jobs) -> None:
     assert json.loads(ok(cli(env, "retry", "--all-dead", "--json"))) == {"retried": 1}
     assert await app_jobs.list(status="dead") == []
