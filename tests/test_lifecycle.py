@@ -4,7 +4,13 @@ expired leases, and graceful stop that gives unfinished jobs back."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable
+from contextlib import closing
+from pathlib import Path
 
 import anyio
 import pytest
@@ -558,3 +564,30 @@ async def test_retry_dead_with_a_name_no_job_can_have_retries_none(jobs: Jobs) -
     with pytest.raises(ConfigurationError, match="queue must be a string"):
         await jobs.retry_dead(queue=42)  # type: ignore[arg-type]
     assert await jobs.retry_dead() == 1
+
+
+def test_a_script_that_enqueues_without_closing_the_store_still_exits(tmp_path: Path) -> None:
+    """What DESIGN promises a script: enqueue without workers, and return."""
+    db = tmp_path / "jobs.db"
+    script = tmp_path / "enqueue.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import asyncio
+            from asyncjobs import Jobs
+
+            jobs = Jobs("sqlite:///{db}")
+
+            @jobs.task(name="t")
+            async def t(n: int) -> None: ...
+
+            asyncio.run(t.enqueue(1))
+            """
+        )
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT task, status FROM asyncjobs_jobs").fetchall() == [
+            ("t", "queued")
+        ]

@@ -172,6 +172,10 @@ class SQLiteStore:
 
     async def _connect(self) -> None:
         pending = aiosqlite.connect(self.path, isolation_level=None, timeout=self.busy_timeout)
+        # A script that enqueues and returns without closing the store must still exit:
+        # Python waits at exit for every thread that is not a daemon. A write cut off by
+        # the exit is rolled back when the file is next opened, as after a crash.
+        pending._thread.daemon = True
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = await pending
