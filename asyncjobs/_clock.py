@@ -8,7 +8,8 @@ only when told, so tests never sleep.
 from __future__ import annotations
 
 import time
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -45,6 +46,14 @@ class SystemClock:
 
     def move_on_after(self, seconds: float | None) -> AbstractContextManager[anyio.CancelScope]:
         return anyio.move_on_after(seconds)
+
+
+@contextmanager
+def within(clock: Clock, seconds: float) -> Iterator[None]:
+    """At most ``seconds`` of ``clock``'s time and of real time, for waits that must end
+    (shutdown): a test's fake clock that nobody advances would hold them for good."""
+    with anyio.move_on_after(seconds), clock.move_on_after(seconds):
+        yield
 
 
 def to_datetime(epoch: float | None) -> datetime | None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from asyncjobs._clock import within
 from asyncjobs._errors import AsyncJobsError
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ class _Lifecycle:
                 # A claim in flight is shielded: let it land, so the jobs it took are
                 # given back (serve's last step) before the final flush below.
                 await claiming_stopped.wait()
-                with self.clock.move_on_after(self.settings.shutdown_timeout):
+                with within(self.clock, self.settings.shutdown_timeout):
                     await runner.wait_idle()
                 if runner.running:
                     logger.warning(

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.abc import TaskStatus
 
+from asyncjobs._clock import within
 from asyncjobs._execution import JobContext as JobContext
 from asyncjobs._execution import _Execution, _Running
 from asyncjobs._execution import current_job as current_job
@@ -326,7 +327,7 @@ class Runner(_Leases, _Execution):
         for task in tasks:
             task.cancel()
         if tasks:
-            with self.clock.move_on_after(CANCEL_GRACE):
+            with within(self.clock, CANCEL_GRACE):
                 await asyncio.wait(tasks)
         never_started: list[JobRow] = []
         for running in self.running.values():

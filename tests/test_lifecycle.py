@@ -591,3 +591,28 @@ def test_a_script_that_enqueues_without_closing_the_store_still_exits(tmp_path: 
         assert conn.execute("SELECT task, status FROM asyncjobs_jobs").fetchall() == [
             ("t", "queued")
         ]
+
+
+async def test_shutdown_timeout_passes_in_real_time_when_nobody_advances_a_fake_clock(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """A user's test that leaves a job running when its app shuts down (TestClient's
+    exit) must not hang: the job is cut off after shutdown_timeout and given back."""
+    jobs = make_jobs(shutdown_timeout=0.2)
+    started = anyio.Event()
+
+    @jobs.task(name="nap")
+    async def nap() -> None:
+        started.set()
+        await jobs.clock.sleep(3600)  # fake time: it never ends on its own
+
+    try:
+        with anyio.fail_after(30):
+            async with jobs:
+                job = await nap.enqueue()
+                await started.wait()
+    finally:
+        clock.advance(3600)  # without a real bound: let the stop the test gave up on end
+    info = await jobs.get(job.id)
+    assert info is not None
+    assert (info.status, info.attempts) == (JobStatus.QUEUED, 0)  # given back unspent
