@@ -76,16 +76,18 @@ _REQUEUE = (
 no longer asked to stop if it was cancelled while running."""
 
 
-class _Claim:
-    """One claim, as ``_run`` may try it twice: the second try, on a fresh connection
-    after the first one's was lost, must find what the first may have committed."""
+class _Tries:
+    """The tries of one operation: ``_run`` tries it again on a fresh connection when
+    the first one's was lost, and the second try must find what the first may have
+    committed before its reply was lost."""
 
     def __init__(self) -> None:
-        self.tried = False
+        self.count = 0
 
-    async def __call__(self, conn: Connection, request: ClaimRequest, now: float) -> list[JobRow]:
-        again, self.tried = self.tried, True
-        return await (sql.claim_again if again else sql.claim)(conn, request, now)
+    def again(self) -> bool:
+        """Count a try: True from the second on."""
+        self.count += 1
+        return self.count > 1
 
 
 class PostgresStore(_Connections):
@@ -186,20 +188,28 @@ class PostgresStore(_Connections):
     async def claim(self, request: ClaimRequest, *, now: float) -> list[JobRow]:
         if request.limit <= 0 or not request.tasks:
             return []
-        claim = _Claim()
-        return await self._run("claim", lambda conn: claim(conn, request, now))
+        tries = _Tries()
+
+        async def claim(conn: Connection) -> list[JobRow]:
+            return await (sql.claim_again if tries.again() else sql.claim)(conn, request, now)
+
+        return await self._run("claim", claim)
 
     async def finish(self, outcomes: Sequence[Outcome], *, now: float) -> list[str]:
         if not outcomes:
             return []
+        tries = _Tries()
 
         async def finish(conn: Connection) -> list[str]:
             # One statement for the usual job; a transaction only for chains and batches.
+            again = tries.again()
             applied = await sql.finish_plain(conn, outcomes, now)
             rest = [o for o in outcomes if o.job_id not in applied]
             if rest:
                 async with conn.transaction():
                     applied.update(await sql.finish(conn, rest, now))
+            if again:
+                applied.update(await sql.finished_before(conn, outcomes, applied, now))
             return [o.job_id for o in outcomes if o.job_id in applied]
 
         return await self._run("finish", finish)
@@ -209,17 +219,19 @@ class PostgresStore(_Connections):
     ) -> tuple[list[str], list[JobRow]]:
         if request.limit <= 0 or not request.tasks:
             return await self.finish(outcomes, now=now), []
-
-        claim = _Claim()
+        tries = _Tries()
 
         async def both(conn: Connection) -> tuple[list[str], list[JobRow]]:
             # One transaction: one commit (one WAL flush) for the acks and the claim.
+            again = tries.again()
             async with conn.transaction():
                 applied = await sql.finish_plain(conn, outcomes, now)
                 rest = [o for o in outcomes if o.job_id not in applied]
                 if rest:
                     applied.update(await sql.finish(conn, rest, now))
-                claimed = await claim(conn, request, now)
+                if again:
+                    applied.update(await sql.finished_before(conn, outcomes, applied, now))
+                claimed = await (sql.claim_again if again else sql.claim)(conn, request, now)
             return [o.job_id for o in outcomes if o.job_id in applied], claimed
 
         return await self._run("claim", both)

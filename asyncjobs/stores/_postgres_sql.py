@@ -361,6 +361,44 @@ async def finish(conn: Connection, outcomes: Sequence[Outcome], now: float) -> l
     return [o.job_id for o in outcomes if done.pop(o.job_id, None) is not None]
 
 
+_FINISHED_BEFORE = """
+SELECT j.id FROM asyncjobs_jobs AS j
+JOIN unnest($2::text[], $3::text[], $4::int[], $5::text[], $6::float8[])
+    AS o(id, worker, attempt, kind, run_at) ON j.id = o.id
+WHERE CASE
+    WHEN j.status IN ('succeeded', 'dead', 'cancelled')
+        THEN j.finished_at = $1 AND j.worker = o.worker AND j.attempts = o.attempt
+    WHEN o.kind = 'retry'
+        THEN j.status = 'scheduled' AND j.worker IS NULL AND j.attempts = o.attempt
+             AND j.run_at = o.run_at
+    WHEN o.kind = 'release'
+        THEN j.status = 'queued' AND j.worker IS NULL AND j.attempts = o.attempt - 1
+    ELSE false END
+"""
+
+
+async def finished_before(
+    conn: Connection, outcomes: Sequence[Outcome], applied: set[str], now: float
+) -> set[str]:
+    """Of ``outcomes`` not ``applied`` by a finish retried after its reply was lost,
+    those its first try applied: each row reads as that outcome at ``now`` left it,
+    which neither lease recovery (no worker, its own time) nor another worker's
+    attempt (another worker or attempt number) can have done."""
+    rest = [o for o in outcomes if o.job_id not in applied]
+    if not rest:
+        return set()
+    records = await conn.fetch(
+        _FINISHED_BEFORE,
+        now,
+        [o.job_id for o in rest],
+        [o.worker for o in rest],
+        [o.attempt for o in rest],
+        [str(o.kind) for o in rest],
+        [o.run_at for o in rest],
+    )
+    return {r["id"] for r in records}
+
+
 async def wait_again(conn: Connection, job_id: str, now: float) -> None:
     """A job retried by hand that never ran waits again for what it waited on, as
     ``_wait_again`` in ``_sqlite_admin.py`` describes (the same steps, in PostgreSQL)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +16,8 @@ import pytest
 
 from asyncjobs import ConfigurationError, Jobs, JobStatus, StoreError
 from asyncjobs.stores import ClaimRequest, PostgresStore, TaskLimits
-from asyncjobs.stores._protocol import Claimed
+from asyncjobs.stores._protocol import Claimed, Outcome, OutcomeKind
+from asyncjobs.testing import FakeClock
 
 MakeJobs = Callable[..., Jobs]
 
@@ -101,18 +103,17 @@ async def test_an_enqueue_whose_committed_reply_was_lost_is_retried_and_stored_o
     assert [info.id for info in await jobs.list()] == [job.id]
 
 
-def lose_the_reply_of_the_next_claim(jobs: Jobs) -> list[bool]:
-    """The next claim (or finish and claim) commits, but its reply never comes: the
-    store retries it on a fresh connection. Returns a list that gets True once lost."""
+def lose_the_reply_of_the_next(jobs: Jobs, answer: type) -> list[bool]:
+    """The next operation whose result is an ``answer`` (``Claimed`` for a claim, a
+    ``tuple`` for a finish and claim, a ``list`` for a finish) commits, but its reply
+    never comes: the store retries it on a fresh connection. Returns a list that gets
+    True once a reply was lost."""
     store: Any = jobs.store
     bounded, lost = store._bounded, list[bool]()
 
     async def losing(conn: Any, fn: Callable[[Any], Any]) -> Any:
         result = await bounded(conn, fn)
-        claimed = isinstance(result, Claimed) or (
-            isinstance(result, tuple) and isinstance(result[1], Claimed)
-        )
-        if claimed and not lost:
+        if isinstance(result, answer) and not lost:
             lost.append(True)
             raise asyncpg.ConnectionDoesNotExistError(
                 "connection was closed in the middle of operation"
@@ -125,10 +126,11 @@ def lose_the_reply_of_the_next_claim(jobs: Jobs) -> list[bool]:
 
 @pytest.mark.parametrize("finishing", [False, True], ids=["claim", "finish-and-claim"])
 async def test_jobs_a_claim_took_before_its_reply_was_lost_run_on_their_first_attempt(
-    make_jobs: MakeJobs, postgres_url: str, finishing: bool
+    make_jobs: MakeJobs, postgres_url: str, finishing: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Left to wait out their leases, they would spend an attempt they never had: with
-    no retries left, they would end dead without having run."""
+    no retries left, they would end dead without having run. The outcomes the lost try
+    wrote count as written (not logged as 'no longer ours')."""
     jobs = make_jobs(postgres_url, concurrency=1)
     ran: list[int] = []
 
@@ -136,18 +138,53 @@ async def test_jobs_a_claim_took_before_its_reply_was_lost_run_on_their_first_at
     async def t(n: int) -> None:
         ran.append(n)
 
-    first = await t.enqueue(0)
-    if finishing:  # the lost claim is the one that also writes the first job's success
+    enqueued = [await t.enqueue(n) for n in range(6)]
+    lost = lose_the_reply_of_the_next(jobs, tuple if finishing else Claimed)
+    with caplog.at_level(logging.INFO, logger="asyncjobs"):
         await jobs.drain()
-    rest = [await t.enqueue(n) for n in (1, 2, 3)]
-    lost = lose_the_reply_of_the_next_claim(jobs)
-    await jobs.drain()
     assert lost
-    assert sorted(ran) == [0, 1, 2, 3]
-    for job in [first, *rest]:
+    assert sorted(ran) == list(range(6))
+    for job in enqueued:
         info = await jobs.get(job.id)
         assert info is not None
         assert (info.status, info.attempts) == (JobStatus.SUCCEEDED, 1)
+    assert "no longer ours" not in caplog.text
+    assert caplog.text.count(" succeeded in ") == 6
+
+
+@pytest.mark.parametrize(
+    "kind", [OutcomeKind.SUCCEEDED, OutcomeKind.DEAD, OutcomeKind.RETRY, OutcomeKind.RELEASE]
+)
+async def test_a_finish_retried_after_its_reply_was_lost_reports_what_its_first_try_wrote(
+    make_jobs: MakeJobs, postgres_url: str, clock: FakeClock, kind: OutcomeKind
+) -> None:
+    jobs = make_jobs(postgres_url, workers=False)
+
+    @jobs.task(name="t")
+    async def t() -> None: ...
+
+    job = await t.enqueue()
+    store: Any = jobs.store
+    request = ClaimRequest(
+        worker="w", tasks={"t": TaskLimits(max_attempts=3)}, queues=None, limit=1, lease=60.0
+    )
+    (row,) = await store.claim(request, now=clock.now())
+    clock.advance(1)
+    outcome = Outcome(job.id, "w", row.attempts, kind, run_at=clock.now() + 30)
+    lost = lose_the_reply_of_the_next(jobs, list)
+    assert await store.finish([outcome], now=clock.now()) == [job.id]
+    assert lost
+    info = await jobs.get(job.id)
+    assert info is not None
+    expected = {
+        OutcomeKind.SUCCEEDED: (JobStatus.SUCCEEDED, 1),
+        OutcomeKind.DEAD: (JobStatus.DEAD, 1),
+        OutcomeKind.RETRY: (JobStatus.SCHEDULED, 1),
+        OutcomeKind.RELEASE: (JobStatus.QUEUED, 0),
+    }
+    assert (info.status, info.attempts) == expected[kind]
+    # Tried once, a finish reports only what it wrote itself.
+    assert await store.finish([outcome], now=clock.now()) == []
 
 
 async def test_a_retried_claim_does_not_hand_out_again_a_job_dispatched_at_that_instant(
@@ -172,7 +209,7 @@ async def test_a_retried_claim_does_not_hand_out_again_a_job_dispatched_at_that_
             info = await jobs.get(job.id)
             assert info is not None
             assert info.status == JobStatus.RUNNING  # dispatched: inserted running
-            lost = lose_the_reply_of_the_next_claim(jobs)
+            lost = lose_the_reply_of_the_next(jobs, Claimed)
             await jobs.runner.claim()  # the fake clock still reads the dispatch's time
             assert lost
             while not runs:
