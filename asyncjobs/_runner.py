@@ -265,13 +265,15 @@ class Runner(_Leases, _Execution):
         # behind those claimed ahead): more may be ready.
         self._backlog = len(rows) >= room or 0 < free <= len(rows)
         if rows:
-            self._add_ready(self._not_held(rows))
+            handed_back = isinstance(rows, Claimed) and rows.handed_back
+            self._add_ready(self._not_held(rows) if handed_back else rows)
         return len(rows) + len(outbox)
 
     def _not_held(self, rows: Sequence[JobRow]) -> list[JobRow]:
-        """``rows`` less the attempts this worker holds already. A claim retried after
-        its reply was lost hands out again the rows its first try took (PostgreSQL),
-        found by worker and time: a job dispatched here at that same instant matches."""
+        """``rows`` (``handed_back``) less the attempts this worker holds already. A claim
+        retried after its reply was lost hands out again the rows its first try took
+        (PostgreSQL), found by worker and time: a job dispatched here at that same
+        instant matches."""
         held = {(row.id, row.attempts) for row, _, _ in self._outbox}
         held.update((row.id, row.attempts) for row in self._ready)
         held.update((job.row.id, job.row.attempts) for job in self.running.values())

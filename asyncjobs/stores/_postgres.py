@@ -163,12 +163,10 @@ class PostgresStore(_Connections):
         if not jobs:
             return Inserted()
         # One INSERT statement, atomic on its own: no BEGIN/COMMIT round trips.
-        sent = False
+        tries = _Tries()
 
         async def insert(conn: Connection) -> Inserted:
-            nonlocal sent
-            again, sent = sent, True  # retried: the first may have committed, reply lost
-            return await insert_jobs(conn, jobs, now, again=again)
+            return await insert_jobs(conn, jobs, now, again=tries.again())
 
         return await self._run("enqueue", insert, producer=True)
 

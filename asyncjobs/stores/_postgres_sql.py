@@ -198,7 +198,8 @@ async def claim_again(conn: Connection, request: ClaimRequest, now: float) -> li
     """A claim retried because the reply of its first try was lost: that try may have
     committed. The rows it took (still leased to this worker at ``now``, unseen by it)
     come back with the claim's own, so they run now rather than wait out their leases
-    and spend an attempt they never had. The runner drops any it already holds."""
+    and spend an attempt they never had. The runner drops any it already holds
+    (``handed_back``)."""
     lost = [
         job_row(r)
         for r in await conn.fetch(_CLAIMED_BEFORE, now + request.lease, request.worker, now)
@@ -206,7 +207,7 @@ async def claim_again(conn: Connection, request: ClaimRequest, now: float) -> li
     limit = max(0, request.limit - len(lost))
     rows = await claim(conn, replace(request, limit=limit, ahead=min(request.ahead, limit)), now)
     next_token_at = rows.next_token_at if isinstance(rows, Claimed) else None
-    return Claimed([*lost, *rows], next_token_at=next_token_at)
+    return Claimed([*lost, *rows], next_token_at=next_token_at, handed_back=bool(lost))
 
 
 async def claim(conn: Connection, request: ClaimRequest, now: float) -> list[JobRow]:

@@ -148,13 +148,22 @@ class ClaimRequest:
 class Claimed(list[JobRow]):
     """What ``claim`` may return: the claimed rows, plus ``next_token_at``, the
     earliest time a due job held back by an empty rate-limit bucket can get a
-    token (None when none was held back), so the runner sleeps until then."""
+    token (None when none was held back), so the runner sleeps until then, and
+    ``handed_back``: the rows include those of an earlier try whose reply was lost,
+    which may match jobs the runner holds already."""
 
-    __slots__ = ("next_token_at",)
+    __slots__ = ("handed_back", "next_token_at")
 
-    def __init__(self, rows: Iterable[JobRow] = (), *, next_token_at: float | None = None) -> None:
+    def __init__(
+        self,
+        rows: Iterable[JobRow] = (),
+        *,
+        next_token_at: float | None = None,
+        handed_back: bool = False,
+    ) -> None:
         super().__init__(rows)
         self.next_token_at = next_token_at
+        self.handed_back = handed_back
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
