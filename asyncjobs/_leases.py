@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from asyncjobs._execution import _Running
     from asyncjobs._jobs import Jobs
     from asyncjobs._settings import Settings
+    from asyncjobs.stores._protocol import Outcome
 
 logger = logging.getLogger("asyncjobs")
 
@@ -34,6 +35,7 @@ class _Leases:
         jobs: Jobs
         running: dict[str, _Running]
         _ready: list[JobRow]
+        _outbox: list[tuple[JobRow, Outcome, float]]
         worker_id: str
         started_at: float
         settings: Settings
@@ -49,22 +51,26 @@ class _Leases:
         """Extend our leases; cancel local jobs that are no longer ours."""
         # The attempt each job is at now: by the time the store answers, a job may have
         # ended and been claimed again here, and that attempt is not the one asked about.
-        attempts = {job_id: running.row.attempts for job_id, running in self.running.items()}
-        attempts.update((row.id, row.attempts) for row in self._ready)
-        if not attempts:
+        held = {job_id: running.row.attempts for job_id, running in self.running.items()}
+        held.update((row.id, row.attempts) for row in self._ready)
+        # Jobs that ended but whose outcome is not written yet are ours too: while every
+        # slot is busy, or a write fails, their lease must not run out (they would run
+        # again). One that is not ours any more needs nothing: its write is ignored.
+        ended = {row.id for row, _, _ in self._outbox}
+        if not held and not ended:
             return
         lease_until = self.clock.now() + self.settings.visibility_timeout
         owned = await self.jobs.store.heartbeat(
-            list(attempts), worker=self.worker_id, lease_until=lease_until
+            list(ended.union(held)), worker=self.worker_id, lease_until=lease_until
         )
-        lost = [job_id for job_id in attempts if job_id not in owned]
+        lost = [job_id for job_id in held if job_id not in owned]
         for job_id in lost:
             # Running here: stop it. Claimed ahead and not started: never start it.
             logger.warning(
                 "job %s is no longer ours (cancelled, or lease expired); stopping it", job_id,
                 extra={"job_id": job_id},
             )  # fmt: skip
-            self.cancel_local(job_id, attempts[job_id])
+            self.cancel_local(job_id, held[job_id])
         if lost:
             self.wake()  # a slot promised to a job claimed ahead may be free again
 

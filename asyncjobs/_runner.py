@@ -70,6 +70,11 @@ _CLAIM_MAX = 100
 # CancelledError and carries on) would otherwise hold the process forever.
 CANCEL_GRACE = 5.0
 
+# Seconds the outcomes of finished jobs wait, when every slot is busy or promised, for a
+# slot to free: the claim it makes writes them in the same transaction. Past that they
+# are written alone, so result waiters and follow-up jobs do not wait on long jobs.
+_OUTBOX_DELAY = 0.01
+
 
 def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -237,7 +242,7 @@ class Runner(_Leases, _Execution):
         if not self.jobs.registry:
             return 0
         if room <= 0:
-            return await self.flush_outbox()
+            return await self._write_outbox()
         outbox, self._outbox = self._outbox, []
         # Shielded: shutdown cancels the claim loop, but a claim the store committed must
         # reach self.running, or its jobs stay 'running' until their lease expires and
@@ -359,7 +364,20 @@ class Runner(_Leases, _Execution):
             self._outbox.append((row, self._outcome(row, OutcomeKind.RELEASE), 0.0))
 
     async def flush_outbox(self) -> int:
-        """Write finished jobs' outcomes now (shutdown, or no claim coming)."""
+        """Write finished jobs' outcomes now (shutdown, or no claim coming); a failed
+        write is logged and left for the next one. Returns how many were written."""
+        try:
+            return await self._write_outbox()
+        except Exception:
+            # Not "no longer ours", as an outcome the store refused would be logged.
+            logger.exception(
+                "recording the outcome of %d job(s) failed; the next write tries again, "
+                "and if none comes they will run again once their leases expire",
+                len(self._outbox),
+            )  # fmt: skip
+            return 0
+
+    async def _write_outbox(self) -> int:
         outbox, self._outbox = self._outbox, []
         if not outbox:
             return 0
@@ -368,13 +386,9 @@ class Runner(_Leases, _Execution):
                 applied = await self.jobs.store.finish(
                     [outcome for _, outcome, _ in outbox], now=self.clock.now()
                 )
-            except Exception:
-                # Not "no longer ours", as an outcome the store refused would be logged.
-                logger.exception(
-                    "recording the outcome of %d job(s) failed; they will run again once "
-                    "their leases expire", len(outbox),
-                )  # fmt: skip
-                return len(outbox)
+            except BaseException:
+                self._outbox[:0] = outbox  # heartbeats keep their leases meanwhile
+                raise
         self._acknowledged(outbox, set(applied))
         return len(outbox)
 
@@ -422,24 +436,15 @@ class Runner(_Leases, _Execution):
         last_full_poll = self.clock.now()
         while True:
             if self.room <= 0:
-                if self._outbox and not self._look_ahead():
-                    # Long jobs fill every slot and those claimed ahead before the
-                    # look-ahead shrank: the claim that writes outcomes may be minutes
-                    # away, and nothing extends their leases meanwhile. (Short jobs free
-                    # room within milliseconds: their outcomes go with the next claim.)
-                    await self.flush_outbox()
-                await self._slot_freed.wait()
-                # Jobs acked in one flush free their slots in the next few loop
-                # iterations; claim once for all of them rather than one by one.
-                for _ in range(3):
-                    await anyio.lowlevel.checkpoint()
+                await self._wait_for_room()
                 continue
             self._wakeup = asyncio.Event()
             try:
                 claimed = await self.claim()  # also writes finished outcomes
             except Exception:
                 logger.exception(
-                    "claiming jobs failed; retrying in %.1fs", self.settings.poll_interval
+                    "writing outcomes and claiming jobs failed; retrying in %.1fs",
+                    self.settings.poll_interval,
                 )
                 await self.clock.sleep(self.settings.poll_interval)
                 continue
@@ -468,6 +473,31 @@ class Runner(_Leases, _Execution):
                     break
                 if await self._store_changed():
                     break
+
+    async def _wait_for_room(self) -> None:
+        """Every slot is busy or promised: wait until one frees. The outcomes of jobs
+        that ended meanwhile wait ``_OUTBOX_DELAY`` at most for the claim that slot
+        makes, then go alone (long jobs may hold every slot for minutes)."""
+        if self._outbox:
+            with within(self.clock, _OUTBOX_DELAY):
+                await self._slot_freed.wait()
+            if self.room > 0:
+                return
+            try:
+                await self._write_outbox()
+            except Exception:
+                logger.exception(
+                    "recording the outcome of %d job(s) failed; retrying in %.1fs",
+                    len(self._outbox), self.settings.poll_interval,
+                )  # fmt: skip
+                with within(self.clock, self.settings.poll_interval):
+                    await self._slot_freed.wait()
+                return
+        await self._slot_freed.wait()
+        # Jobs acked in one write free their slots in the next few loop iterations;
+        # claim once for all of them rather than one by one.
+        for _ in range(3):
+            await anyio.lowlevel.checkpoint()
 
     async def _next_run_at(self) -> float | None:
         try:
@@ -508,6 +538,7 @@ class Runner(_Leases, _Execution):
         """Shutdown: wait until no job runs, writing each outcome as its job ends (no
         claim comes to write it; left for the end, a job that finished early would stay
         running in the store while others run on, and its lease could expire)."""
+        await self.flush_outbox()  # jobs claimed ahead, given back when shutdown began
         while self.running or self._reserved:
             await self._slot_freed.wait()
             await self.flush_outbox()

@@ -11,6 +11,7 @@ import textwrap
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -457,6 +458,81 @@ async def test_an_outcome_the_store_failed_to_write_is_not_logged_as_no_longer_o
     assert "no longer ours" not in caplog.text
     monkeypatch.undo()
     assert (await job.info()).status == "running"  # left to its lease: it runs again
+
+
+async def test_an_outcome_whose_write_failed_keeps_its_lease_until_a_write_succeeds(
+    make_jobs: MakeJobs, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store refused the write of a finished job's outcome for longer than its
+    lease: heartbeats must keep it this worker's, or recovery runs it again."""
+    jobs = make_jobs(visibility_timeout=60, poll_interval=1)
+    ran: list[int] = []
+
+    @jobs.task(name="t")
+    async def t() -> None:
+        ran.append(1)
+
+    async def failing(*args: object, **kwargs: object) -> list[str]:
+        raise StoreError("disk I/O error")
+
+    monkeypatch.setattr(jobs.store, "finish", failing)
+    monkeypatch.setattr(jobs.store, "finish_and_claim", failing)
+    await jobs.start()
+    job = await t.enqueue()
+    await until(lambda: ran and not jobs.runner.running)
+    for _ in range(12):  # two minutes: twice the lease
+        clock.advance(10)
+        await jobs.runner.heartbeat_once()
+        await jobs.runner.recover()
+    assert jobs.runner._outbox  # still unwritten
+    monkeypatch.undo()
+    clock.advance(1)
+    with anyio.fail_after(5):
+        while (await job.info()).status != "succeeded":
+            await anyio.lowlevel.checkpoint()
+    assert ran == [1]
+    assert (await job.info()).attempts == 1
+    await jobs.close()
+
+
+async def test_an_outcome_whose_write_failed_at_shutdown_goes_with_the_next_write(
+    make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While stop waits for a long job, the write of a shorter one's outcome fails; the
+    next write, as the long job ends, records both (the first was dropped)."""
+    jobs = make_jobs(shutdown_timeout=600, concurrency=2)
+    go = {0: anyio.Event(), 1: anyio.Event()}
+    started: list[int] = []
+    wrote: list[int] = []
+    store_finish = jobs.store.finish
+
+    @jobs.task(name="t")
+    async def t(i: int) -> None:
+        started.append(i)
+        await go[i].wait()
+
+    async def failing_once(*args: Any, **kwargs: Any) -> list[str]:
+        wrote.append(1)
+        if len(wrote) == 1:
+            raise StoreError("disk I/O error")
+        return await store_finish(*args, **kwargs)
+
+    await jobs.start()
+    long, short = await t.enqueue(0), await t.enqueue(1)
+    try:
+        with anyio.fail_after(5):
+            await until(lambda: len(started) == 2)
+            monkeypatch.setattr(jobs.store, "finish", failing_once)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(jobs.stop)
+                await until(lambda: jobs._stop_requested.is_set())
+                go[1].set()
+                await until(lambda: len(wrote) == 1)
+                go[0].set()
+    finally:
+        go[0].set()
+        go[1].set()
+    assert [(await job.info()).status for job in (long, short)] == ["succeeded"] * 2
 
 
 async def test_stop_goes_on_without_a_job_that_ignores_its_cancellation(

@@ -235,6 +235,72 @@ async def test_an_outcome_is_written_while_jobs_claimed_ahead_fill_every_slot(
         await jobs.stop()
 
 
+async def test_an_outcome_is_written_while_every_slot_is_busy_with_some_look_ahead_left(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """A job ended, its slot went to a job claimed ahead, and the look-ahead shrank but
+    not to nothing: no room to claim, so no claim to write the outcome. It waited for
+    the long jobs to end (its result waiters too), and past its lease it ran again."""
+    jobs = make_jobs(concurrency=1, shutdown_timeout=0)
+    gate, release = anyio.Event(), anyio.Event()
+
+    @jobs.task
+    async def quick() -> None: ...
+
+    @jobs.task
+    async def slow() -> None:
+        await gate.wait()
+        clock.advance(0.015)  # the mean duration grows: the look-ahead drops from 3 to 2
+
+    @jobs.task
+    async def blocked() -> None:
+        await release.wait()
+
+    await jobs.start()
+    try:
+        await (await quick.enqueue()).result(timeout=5)  # 0 s on a FakeClock: look ahead
+        first = await slow.enqueue()
+        await until(lambda: first.id in jobs.runner.running)
+        for _ in range(_PREFETCH_MAX):
+            await blocked.enqueue()
+        await until(lambda: len(jobs.runner._ready) == _PREFETCH_MAX)
+        gate.set()
+        await until(lambda: first.id not in jobs.runner.running)
+        assert (jobs.runner.room, jobs.runner._look_ahead()) == (0, 2)
+        await until_async(lambda: status_is(jobs, first.id, "succeeded"))
+    finally:
+        release.set()
+        await jobs.stop()
+
+
+async def test_jobs_claimed_ahead_go_back_as_stop_begins_not_when_running_jobs_end(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """While stop waits for long jobs, those claimed ahead are back in the queue for
+    other processes; left leased until the long jobs ended, they could time out and
+    spend an attempt they never had."""
+    jobs = make_jobs(concurrency=2, shutdown_timeout=600)
+    ids = await run_blocked(jobs, clock, job_seconds=0.0)
+    await until(lambda: len(jobs.runner._ready) == AHEAD)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(jobs.stop)
+            ahead = ids[2 : 2 + AHEAD]
+            await until_async(
+                lambda: _all_are(jobs, ahead, ("queued", 0)),
+            )
+            assert await statuses(jobs, ids[:2]) == [("running", 1)] * 2
+            jobs.release.set()  # type: ignore[attr-defined]
+    finally:
+        jobs.release.set()  # type: ignore[attr-defined]
+    assert await statuses(jobs, ids[:2]) == [("succeeded", 1)] * 2
+    await jobs.close()
+
+
+async def _all_are(jobs: Jobs, ids: list[str], state: tuple[str, int]) -> bool:
+    return await statuses(jobs, ids) == [state] * len(ids)
+
+
 async def status_is(jobs: Jobs, job_id: str, status: str) -> bool:
     info = await jobs.get(job_id)
     return info is not None and info.status == status
