@@ -141,6 +141,17 @@ async def insert_jobs(
         return Inserted([j.id for j in jobs])
     inserted = await conn.fetch(query + " RETURNING idempotency_key, id, seq, worker", now, *params)
     seqs = {r["id"]: r["seq"] for r in inserted if r["worker"] is not None}
+    if again and dispatched:
+        # The first try may have committed before its reply was lost: the jobs it
+        # inserted running are this worker's, and without their seq the runner would
+        # never start them (they would wait out their leases, an attempt spent).
+        missing = [j.id for j in jobs if j.worker is not None and j.id not in seqs]
+        if missing:
+            rows = await conn.fetch(
+                f"SELECT id, seq FROM {table} WHERE id = ANY($1::text[]) AND status = 'running'",  # noqa: S608
+                missing,
+            )
+            seqs.update((r["id"], r["seq"]) for r in rows)
     stored = {r["idempotency_key"]: r["id"] for r in inserted if r["idempotency_key"] is not None}
     known = [k for j in jobs if (k := j.idempotency_key) is not None and k not in stored]
     if known:

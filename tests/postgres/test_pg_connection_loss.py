@@ -16,7 +16,7 @@ import pytest
 
 from asyncjobs import ConfigurationError, Jobs, JobStatus, StoreError
 from asyncjobs.stores import ClaimRequest, PostgresStore, TaskLimits
-from asyncjobs.stores._protocol import Claimed, Outcome, OutcomeKind
+from asyncjobs.stores._protocol import Claimed, Inserted, Outcome, OutcomeKind
 from asyncjobs.testing import FakeClock
 
 MakeJobs = Callable[..., Jobs]
@@ -217,6 +217,35 @@ async def test_a_retried_claim_does_not_hand_out_again_a_job_dispatched_at_that_
             await anyio.wait_all_tasks_blocked()
             release.set()
             await job.result()
+    assert runs == [1]
+
+
+async def test_a_dispatched_job_whose_insert_reply_was_lost_runs_on_its_first_attempt(
+    make_jobs: MakeJobs, postgres_url: str
+) -> None:
+    """Enqueued while a slot is free, the job is inserted running, leased to this
+    worker. The insert committed but its reply was lost: the retry must still hand the
+    job to the runner, or it stays running unseen and ends dead without having run."""
+    jobs = make_jobs(postgres_url, concurrency=2)
+    runs: list[int] = []
+
+    @jobs.task(name="once", retries=0)
+    async def once(n: int) -> None:
+        runs.append(n)
+
+    async with jobs:
+        with anyio.fail_after(10):
+            while jobs.runner._backlog:  # the first claim found the queue empty
+                await anyio.lowlevel.checkpoint()
+            lost = lose_the_reply_of_the_next(jobs, Inserted)
+            job = await once.enqueue(1)
+            assert lost
+            while not runs:
+                await anyio.lowlevel.checkpoint()
+            await job.result()
+    info = await jobs.get(job.id)
+    assert info is not None
+    assert (info.status, info.attempts) == (JobStatus.SUCCEEDED, 1)
     assert runs == [1]
 
 
