@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -74,6 +75,12 @@ _REQUEUE = (
 )
 """A manual retry: queued now, with one more attempt than it had (``run_at`` is $1), and
 no longer asked to stop if it was cancelled while running."""
+
+
+# At most this many unanswered claims are remembered per worker (``_unanswered_claims``):
+# a runner whose store fails tries once per poll interval, and once a claim's lease has
+# run out, lease recovery hands its rows out instead.
+_UNANSWERED_MAX = 100
 
 
 class _Tries:
@@ -150,6 +157,9 @@ class PostgresStore(_Connections):
         self._retry_at = 0.0
         self._listen_failures = 0  # the LISTEN connection's own: polling covers for it
         self._listen_retry_at = 0.0
+        # By worker: the time and lease end of each of its claims whose answer never
+        # came, while that lease lasts (``_unanswered_claims``).
+        self._unanswered: dict[str, list[tuple[float, float]]] = {}
 
     def __repr__(self) -> str:
         parts = urlsplit(self.url)
@@ -186,12 +196,30 @@ class PostgresStore(_Connections):
     async def claim(self, request: ClaimRequest, *, now: float) -> list[JobRow]:
         if request.limit <= 0 or not request.tasks:
             return []
-        tries = _Tries()
+        with self._unanswered_claims(request, now) as earlier:
+            tries = _Tries()
 
-        async def claim(conn: Connection) -> list[JobRow]:
-            return await (sql.claim_again if tries.again() else sql.claim)(conn, request, now)
+            async def claim(conn: Connection) -> list[JobRow]:
+                return await sql.claim_after(conn, request, now, earlier, again=tries.again())
 
-        return await self._run("claim", claim)
+            return await self._run("claim", claim)
+
+    @contextmanager
+    def _unanswered_claims(
+        self, request: ClaimRequest, now: float
+    ) -> Iterator[list[tuple[float, float]]]:
+        """The earlier claims of ``request.worker`` whose answer never came, as (time,
+        lease end), for this claim to hand their rows out (``sql.claim_again``). A claim
+        that fails, its committed reply lost or late past ``command_timeout``, or on a
+        connection lost on its retry too, joins them; one that succeeds clears them. A
+        claim whose lease ran out is dropped: recovery has its rows."""
+        earlier = [m for m in self._unanswered.pop(request.worker, []) if m[1] > now]
+        try:
+            yield earlier
+        except BaseException:
+            earlier.append((now, now + request.lease))
+            self._unanswered[request.worker] = earlier[-_UNANSWERED_MAX:]
+            raise
 
     async def finish(self, outcomes: Sequence[Outcome], *, now: float) -> list[str]:
         if not outcomes:
@@ -217,22 +245,23 @@ class PostgresStore(_Connections):
     ) -> tuple[list[str], list[JobRow]]:
         if request.limit <= 0 or not request.tasks:
             return await self.finish(outcomes, now=now), []
-        tries = _Tries()
+        with self._unanswered_claims(request, now) as earlier:
+            tries = _Tries()
 
-        async def both(conn: Connection) -> tuple[list[str], list[JobRow]]:
-            # One transaction: one commit (one WAL flush) for the acks and the claim.
-            again = tries.again()
-            async with conn.transaction():
-                applied = await sql.finish_plain(conn, outcomes, now)
-                rest = [o for o in outcomes if o.job_id not in applied]
-                if rest:
-                    applied.update(await sql.finish(conn, rest, now))
-                if again:
-                    applied.update(await sql.finished_before(conn, outcomes, applied, now))
-                claimed = await (sql.claim_again if again else sql.claim)(conn, request, now)
-            return [o.job_id for o in outcomes if o.job_id in applied], claimed
+            async def both(conn: Connection) -> tuple[list[str], list[JobRow]]:
+                # One transaction: one commit (one WAL flush) for the acks and the claim.
+                again = tries.again()
+                async with conn.transaction():
+                    applied = await sql.finish_plain(conn, outcomes, now)
+                    rest = [o for o in outcomes if o.job_id not in applied]
+                    if rest:
+                        applied.update(await sql.finish(conn, rest, now))
+                    if again:
+                        applied.update(await sql.finished_before(conn, outcomes, applied, now))
+                    claimed = await sql.claim_after(conn, request, now, earlier, again=again)
+                return [o.job_id for o in outcomes if o.job_id in applied], claimed
 
-        return await self._run("claim", both)
+            return await self._run("claim", both)
 
     async def heartbeat(
         self, job_ids: Sequence[str], *, worker: str, lease_until: float

@@ -202,18 +202,43 @@ async def notify(conn: Connection) -> None:
 
 
 _CLAIMED_BEFORE = f"""SELECT {SELECT} FROM asyncjobs_jobs
-    WHERE status = 'running' AND lease_until = $1 AND worker = $2 AND started_at = $3"""  # noqa: S608 - constants
+    WHERE status = 'running' AND worker = $1 AND (started_at, lease_until) IN
+    (SELECT * FROM unnest($2::float8[], $3::float8[]))"""  # noqa: S608 - constants
 
 
-async def claim_again(conn: Connection, request: ClaimRequest, now: float) -> list[JobRow]:
-    """A claim retried because the reply of its first try was lost: that try may have
-    committed. The rows it took (still leased to this worker at ``now``, unseen by it)
+async def claim_after(
+    conn: Connection,
+    request: ClaimRequest,
+    now: float,
+    earlier: Sequence[tuple[float, float]],
+    *,
+    again: bool,
+) -> list[JobRow]:
+    """``claim``, or ``claim_again`` after claims that may have committed unseen: those
+    in ``earlier``, and this claim's own first try if this is its retry (``again``)."""
+    moments = [*earlier, (now, now + request.lease)] if again else earlier
+    if moments:
+        return await claim_again(conn, request, now, moments)
+    return await claim(conn, request, now)
+
+
+async def claim_again(
+    conn: Connection, request: ClaimRequest, now: float, earlier: Sequence[tuple[float, float]]
+) -> list[JobRow]:
+    """A claim after claims of this worker whose answer never came (a lost reply, a
+    timeout): each may have committed. ``earlier`` holds the time and lease end of each.
+    The rows they took (still leased to this worker as they left them, unseen by it)
     come back with the claim's own, so they run now rather than wait out their leases
     and spend an attempt they never had. The runner drops any it already holds
     (``handed_back``)."""
     lost = [
         job_row(r)
-        for r in await conn.fetch(_CLAIMED_BEFORE, now + request.lease, request.worker, now)
+        for r in await conn.fetch(
+            _CLAIMED_BEFORE,
+            request.worker,
+            [started for started, _ in earlier],
+            [lease_until for _, lease_until in earlier],
+        )
     ]
     limit = max(0, request.limit - len(lost))
     rows = await claim(conn, replace(request, limit=limit, ahead=min(request.ahead, limit)), now)

@@ -103,11 +103,12 @@ async def test_an_enqueue_whose_committed_reply_was_lost_is_retried_and_stored_o
     assert [info.id for info in await jobs.list()] == [job.id]
 
 
-def lose_the_reply_of_the_next(jobs: Jobs, answer: type) -> list[bool]:
+def lose_the_reply_of_the_next(jobs: Jobs, answer: type, *, late: bool = False) -> list[bool]:
     """The next operation whose result is an ``answer`` (``Claimed`` for a claim, a
     ``tuple`` for a finish and claim, a ``list`` for a finish) commits, but its reply
-    never comes: the store retries it on a fresh connection. Returns a list that gets
-    True once a reply was lost."""
+    never comes: the store retries it on a fresh connection. Or, ``late``, the reply
+    comes past the command timeout: the operation fails. Returns a list that gets True
+    once a reply was lost."""
     store: Any = jobs.store
     bounded, lost = store._bounded, list[bool]()
 
@@ -115,6 +116,8 @@ def lose_the_reply_of_the_next(jobs: Jobs, answer: type) -> list[bool]:
         result = await bounded(conn, fn)
         if isinstance(result, answer) and not lost:
             lost.append(True)
+            if late:  # as _bounded raises it
+                raise TimeoutError(f"no reply within command_timeout={store.command_timeout}s")
             raise asyncpg.ConnectionDoesNotExistError(
                 "connection was closed in the middle of operation"
             )
@@ -150,6 +153,42 @@ async def test_jobs_a_claim_took_before_its_reply_was_lost_run_on_their_first_at
         assert (info.status, info.attempts) == (JobStatus.SUCCEEDED, 1)
     assert "no longer ours" not in caplog.text
     assert caplog.text.count(" succeeded in ") == 6
+
+
+@pytest.mark.parametrize("finishing", [False, True], ids=["claim", "finish-and-claim"])
+async def test_jobs_a_claim_took_before_its_reply_came_too_late_run_on_their_first_attempt(
+    make_jobs: MakeJobs, postgres_url: str, clock: FakeClock, finishing: bool
+) -> None:
+    """The claim committed, but its reply came after command_timeout: the claim failed.
+    The next claim hands out the jobs it took; left to wait out their leases, they spent
+    an attempt they never had (with no retries left, they ended dead unrun)."""
+    jobs = make_jobs(postgres_url, concurrency=1, poll_interval=1, visibility_timeout=3600)
+    store: Any = jobs.store
+    store.max_backoff = 0.0  # the next claim tries at once: fake time runs fast below
+    ran: list[int] = []
+
+    @jobs.task(name="t", retries=0)
+    async def t(n: int) -> None:
+        ran.append(n)
+
+    enqueued = [await t.enqueue(n) for n in range(4)]
+    if finishing:  # the first job runs; the claim that writes its outcome comes late
+        await jobs.runner.claim()
+        while jobs.runner.running:
+            await anyio.lowlevel.checkpoint()
+    lost = lose_the_reply_of_the_next(jobs, tuple if finishing else Claimed, late=True)
+    async with jobs:
+        with anyio.fail_after(10):
+            while len(ran) < 4 or jobs.runner.running or jobs.runner._outbox:
+                clock.advance(1)  # past the poll interval the failed claim waits
+                for _ in range(10):
+                    await anyio.lowlevel.checkpoint()
+    assert lost
+    assert sorted(ran) == list(range(4))
+    for job in enqueued:
+        info = await jobs.get(job.id)
+        assert info is not None
+        assert (info.status, info.attempts) == (JobStatus.SUCCEEDED, 1)
 
 
 @pytest.mark.parametrize(
