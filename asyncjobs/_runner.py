@@ -483,13 +483,7 @@ class Runner(_Leases, _Execution):
                 await self._slot_freed.wait()
             if self.room > 0:
                 return
-            try:
-                await self._write_outbox()
-            except Exception:
-                logger.exception(
-                    "recording the outcome of %d job(s) failed; retrying in %.1fs",
-                    len(self._outbox), self.settings.poll_interval,
-                )  # fmt: skip
+            if not await self.flush_outbox():  # the write failed (logged): pause
                 with within(self.clock, self.settings.poll_interval):
                     await self._slot_freed.wait()
                 return
