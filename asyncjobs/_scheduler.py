@@ -8,7 +8,7 @@ The loop (started by ``Jobs`` with the workers) wakes at the next slot of any
 schedule; ``jobs.drain()`` runs one ``tick`` first, so tests with a ``FakeClock``
 drive schedules by advancing the clock and draining.
 
-Missed slots: the first tick of a process looks up the last slot this schedule
+Missed slots: the first tick after each start looks up the last slot this schedule
 enqueued, which the store records apart from the jobs (``Store.last_slot``), so
 pruning finished jobs never loses it; a schedule recorded before that existed falls
 back to the idempotency keys of its recent jobs. If slots passed since then (the app
@@ -199,8 +199,12 @@ class Scheduler:
     async def run(self, *, task_status: TaskStatus[None]) -> None:
         """The scheduler loop: tick, sleep until the next slot, repeat (until cancelled).
 
-        The first tick (catching up missed slots) happens before ``started()``.
+        The first tick (catching up missed slots) happens before ``started()``. Each
+        start is a first tick: slots that passed while this ``Jobs`` was stopped are
+        missed slots, run or skipped as ``catch_up`` says.
         """
+        for schedule in self._schedules.values():
+            schedule.cursor = None
         ok = await self._tick_logged()
         task_status.started()
         while True:

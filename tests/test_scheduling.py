@@ -358,3 +358,20 @@ async def test_started_workers_catch_up_a_missed_slot_before_start_returns(
         assert caught_up.idempotency_key == f"cron:tick:{int(clock.now() // 3600 * 3600)}"
         await Job(second, caught_up.id).result(timeout=5)
     assert runs[1:] == [clock.now()]
+
+
+@pytest.mark.parametrize("catch_up", [True, False])
+async def test_slots_missed_while_the_same_jobs_was_stopped_follow_catch_up(
+    make_jobs: MakeJobs, clock: FakeClock, *, catch_up: bool
+) -> None:
+    clock.advance(3600 - clock.now() % 3600 + 120)  # 2 minutes past an hour
+    jobs = make_jobs()
+    runs: list[float] = []
+    register_counter(jobs, runs, every=3600, catch_up=catch_up)
+    await drain(jobs)
+    await run_for([jobs], clock, 3600, 600)
+    assert len(runs) == 1
+    clock.advance(5 * 3600)  # stopped over five slots; then the same Jobs starts
+    await jobs.start()  # its first tick runs before start() returns
+    await jobs.stop()
+    assert len(await jobs.list(task="tick")) == (2 if catch_up else 1)
