@@ -258,6 +258,35 @@ async def test_a_member_retried_before_its_dead_predecessor_waits_for_it(
     assert await chain.result(timeout=5) == "published 7"
 
 
+async def test_a_member_waiting_for_a_dead_predecessor_is_cancelled_when_that_is_deleted(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    jobs = make_jobs(retention=3600, dead_retention=3600)
+
+    @jobs.task(retries=0)
+    async def fetch() -> int:
+        raise RuntimeError("source down")
+
+    @jobs.task
+    async def publish() -> None:
+        pass
+
+    chain = await jobs.chain(fetch.spec(), publish.spec())
+    await drain(jobs)
+    dead, follower = chain.jobs
+    assert await jobs.retry(follower.id)  # now it waits for the dead one
+    clock.advance(2 * 3600)
+    assert await prune_expired(jobs) == 0, "kept while a retried member waits on it"
+    assert (await follower.info()).status == JobStatus.WAITING
+
+    assert await jobs.discard(dead.id)
+    info = await follower.info()
+    assert info.status == JobStatus.CANCELLED, "not left waiting for a job that is gone"
+    assert await jobs.retry(follower.id)  # and a retry by hand runs it on its own
+    await drain(jobs)
+    assert (await follower.info()).status == JobStatus.SUCCEEDED
+
+
 async def test_a_chain_member_cancelled_while_waiting_and_retried_waits_again(
     jobs: Jobs,
 ) -> None:

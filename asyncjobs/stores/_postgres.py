@@ -504,7 +504,7 @@ _DELETE = "DELETE FROM asyncjobs_jobs WHERE status != 'running' AND (("
 # matched=n + 2) for a condition of n parameters.
 _DELETE_END = (
     ") AND status NOT IN ('waiting', 'scheduled', 'queued') "
-    "AND id <> ALL(${changed}::text[]) OR id = ANY(${matched}::text[]))"
+    "AND id <> ALL(${changed}::text[]) OR id = ANY(${matched}::text[])) RETURNING chain_next"
 )
 
 
@@ -514,13 +514,22 @@ async def _delete(
     """Delete the jobs a condition matches, unless running (inside a transaction). An
     unfinished member of a chain or batch is cancelled first, as ``cancel`` would, so
     what waits on it moves on (the rest of its chain is cancelled, its batch's
-    on_complete still comes)."""
+    on_complete still comes). A chain member retried by hand that waits for a deleted
+    dead or cancelled one is cancelled too: nothing is left to release it."""
     unfinished = await conn.fetch(unfinished_sql, *params)
     members = [r["id"] for r in unfinished if r["member"]]
     changed = await sql.cancel(conn, members, now, reason="discarded") if members else []
     matched = [r["id"] for r in unfinished]
-    status = await conn.execute(delete_sql, *params, changed, matched)
-    return int(status.rsplit(" ", 1)[-1])
+    deleted = await conn.fetch(delete_sql, *params, changed, matched)
+    followers = [r["chain_next"] for r in deleted if r["chain_next"] is not None]
+    if followers:
+        waiting = await conn.fetch(
+            "SELECT id FROM asyncjobs_jobs WHERE status = 'waiting' AND id = ANY($1::text[]) "
+            "FOR UPDATE",
+            followers,
+        )
+        await sql.cancel(conn, [r["id"] for r in waiting], now)
+    return len(deleted)
 
 
 def _status_filter(status: str | None, now: float, params: list[Any]) -> list[str]:

@@ -166,7 +166,10 @@ _PRUNE = (
     "WHERE finished_at < $1 AND status IN ({statuses}) "
     # A batch's on_complete that still waits counts its members when the last ends.
     "AND (batch_id IS NULL OR NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS b "
-    "WHERE b.id = j.batch_id AND b.status = 'waiting')) LIMIT $2)"
+    "WHERE b.id = j.batch_id AND b.status = 'waiting')) "
+    # A chain member retried by hand waits for this one to be retried and succeed.
+    "AND (chain_next IS NULL OR NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS c "
+    "WHERE c.id = j.chain_next AND c.status = 'waiting')) LIMIT $2)"
 )
 _PRUNE_FINISHED = _PRUNE.format(statuses="'succeeded', 'cancelled'")
 _PRUNE_DEAD = _PRUNE.format(statuses="'dead'")

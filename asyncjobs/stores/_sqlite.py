@@ -552,7 +552,8 @@ _UNFINISHED = (
 _DELETE = "DELETE FROM asyncjobs_jobs WHERE status != 'running' AND (("
 _DELETE_END = (
     ") AND status NOT IN ('waiting', 'scheduled', 'queued') "
-    "AND id NOT IN (SELECT value FROM json_each(?)) OR id IN (SELECT value FROM json_each(?)))"
+    "AND id NOT IN (SELECT value FROM json_each(?)) OR id IN (SELECT value FROM json_each(?))) "
+    "RETURNING chain_next"
 )
 
 
@@ -561,12 +562,24 @@ def _delete(
 ) -> int:
     """Delete the jobs a condition matches, unless running. An unfinished member of a
     chain or batch is cancelled first, as ``cancel`` would, so what waits on it moves on
-    (the rest of its chain is cancelled, its batch's on_complete still comes)."""
+    (the rest of its chain is cancelled, its batch's on_complete still comes). A chain
+    member retried by hand that waits for a deleted dead or cancelled one is cancelled
+    too: nothing is left to release it."""
     unfinished = db.execute(unfinished_sql, params).fetchall()
     members = [job_id for job_id, member in unfinished if member]
     changed = _cancel(db, members, now, reason="discarded") if members else []
     matched = [job_id for job_id, _ in unfinished]
-    return db.execute(delete_sql, (*params, json.dumps(changed), json.dumps(matched))).rowcount
+    deleted = db.execute(delete_sql, (*params, json.dumps(changed), json.dumps(matched)))
+    rows = deleted.fetchall()
+    followers = [chain_next for (chain_next,) in rows if chain_next is not None]
+    if followers:
+        waiting = db.execute(
+            "SELECT id FROM asyncjobs_jobs WHERE status = 'waiting' "
+            "AND id IN (SELECT value FROM json_each(?))",
+            (json.dumps(followers),),
+        ).fetchall()
+        _cancel(db, [job_id for (job_id,) in waiting], now)
+    return len(rows)
 
 
 _FIRST_BATCH: int | None = 0  # the seq the first batch comes after
