@@ -260,8 +260,13 @@ class Runner(_Leases, _Execution):
                     )
                 else:
                     applied, rows = [], await self.jobs.store.claim(request, now=now)
-            except BaseException:
+            except BaseException as error:
                 self._outbox[:0] = outbox  # written by the next round; leases cover a crash
+                if outbox and isinstance(error, Exception):
+                    written = await self._write_apart()
+                    if written:
+                        self._backlog = True  # claim next round, at once
+                        return written
                 raise
         self._acknowledged(outbox, set(applied))
         # When a ready job was held back by an empty rate-limit bucket: its next token.
@@ -386,11 +391,49 @@ class Runner(_Leases, _Execution):
                 applied = await self.jobs.store.finish(
                     [outcome for _, outcome, _ in outbox], now=self.clock.now()
                 )
-            except BaseException:
+            except BaseException as error:
                 self._outbox[:0] = outbox  # heartbeats keep their leases meanwhile
+                if isinstance(error, Exception):
+                    written = await self._write_apart()
+                    if written:
+                        return written
                 raise
         self._acknowledged(outbox, set(applied))
         return len(outbox)
+
+    async def _write_apart(self) -> int:
+        """After a failed write: write the outcomes one at a time, so that one the
+        store refuses for good (a result too large for it, say) holds back neither the
+        others nor this worker, whose claims carry the outbox.
+
+        An outcome refused again on its own, while a failed attempt in its place is
+        accepted, is recorded as that failure: the job is retried, or dead when out of
+        attempts, and shows why. When that is refused too, the store is what fails:
+        the outcomes stay for the next write, their leases renewed meanwhile. Returns
+        how many outcomes were written (the callers shield it)."""
+        outbox, self._outbox = self._outbox, []
+        store, written = self.jobs.store, 0
+        try:
+            while outbox:
+                row, outcome, duration = outbox[0]
+                try:
+                    applied = await store.finish([outcome], now=self.clock.now())
+                except Exception as refused:
+                    outcome = self._failure(row, f"the store refused its outcome: {refused}")
+                    applied = await store.finish([outcome], now=self.clock.now())
+                    logger.error(
+                        "the store refused the outcome of job %s (%s); recorded as a "
+                        "failed attempt instead: %s", row.id, row.task, refused,
+                        extra={"job_id": row.id, "task": row.task, "attempt": row.attempts},
+                    )  # fmt: skip
+                outbox.pop(0)
+                self._acknowledged([(row, outcome, duration)], set(applied))
+                written += 1
+        except Exception:  # the caller raises its own failure, the same store's
+            logger.debug("writing outcomes one at a time failed too", exc_info=True)
+        finally:
+            self._outbox[:0] = outbox
+        return written
 
     def _acknowledged(self, outbox: list[tuple[JobRow, Outcome, float]], applied: set[str]) -> None:
         for row, outcome, duration in outbox:

@@ -15,6 +15,7 @@ import pytest
 
 from asyncjobs import Jobs, JobStatus, Retry, current_job
 from asyncjobs._clock import SystemClock
+from asyncjobs.stores import SQLiteStore
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]
@@ -504,6 +505,53 @@ async def test_a_result_that_is_not_json_is_a_failure(jobs: Jobs) -> None:
     info = await job.info()
     assert info.status == "dead"
     assert "NotSerializable" in (info.error or "")
+
+
+async def limit_value_length(jobs: Jobs, limit: int) -> None:
+    """Make the store's writing connections refuse any value over ``limit`` bytes, as
+    SQLite refuses one over a gigabyte (``SQLITE_LIMIT_LENGTH``)."""
+    store = jobs.store
+    assert isinstance(store, SQLiteStore)
+    await store.open()
+    await store._call(lambda db: db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, limit))
+    if store._inline is not None:
+        store._inline._db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, limit)
+
+
+async def test_an_outcome_the_store_refuses_for_good_is_recorded_as_a_failed_attempt(
+    jobs: Jobs, clock: FakeClock
+) -> None:
+    """It holds back neither the other outcomes nor the claims that carry them."""
+    huge = True
+
+    @jobs.task(retries=1)
+    async def report() -> str:
+        return "x" * (200_000 if huge else 10)
+
+    @jobs.task
+    async def small(n: int) -> int:
+        return n
+
+    await limit_value_length(jobs, 100_000)
+    big = await report.enqueue()
+    others = [await small.enqueue(n) for n in range(5)]
+    await drain(jobs)
+    assert [await job.result(timeout=1) for job in others] == list(range(5))
+    info = await big.info()
+    assert info.status == JobStatus.SCHEDULED, "retried after backoff, like any failure"
+    assert "refused its outcome" in (info.error or "")
+    assert "too big" in (info.error or "")
+
+    clock.advance(3600)
+    later = await small.enqueue(5)
+    await drain(jobs)
+    assert (await big.info()).status == JobStatus.DEAD, "out of attempts: dead, visible"
+    assert await later.result(timeout=1) == 5
+
+    huge = False  # fixed, then retried by hand
+    assert await jobs.retry(big.id)
+    await drain(jobs)
+    assert await big.result(timeout=1) == "x" * 10
 
 
 # -- workers in the event loop -------------------------------------------------------
