@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -76,6 +77,8 @@ _REQUEUE = (
 """A manual retry: queued now, with one more attempt than it had (``run_at`` is $1), and
 no longer asked to stop if it was cancelled while running."""
 
+
+logger = logging.getLogger(__name__)
 
 # At most this many unanswered claims are remembered per worker (``_unanswered_claims``):
 # a runner whose store fails tries once per poll interval, and once a claim's lease has
@@ -444,7 +447,28 @@ class PostgresStore(_Connections):
         return await self._run("snapshot", read)
 
     async def record_worker(self, beat: WorkerBeat, *, now: float) -> None:
+        if beat.stopped:
+            await self._release_unanswered(beat.id, now)
         await self._run("record_worker", lambda conn: admin.record_worker(conn, beat, now))
+
+    async def _release_unanswered(self, worker: str, now: float) -> None:
+        """A worker stopped: the jobs its claims took unseen (``_unanswered_claims``)
+        go back now, attempt unspent, instead of waiting out their leases."""
+        earlier = [m for m in self._unanswered.pop(worker, []) if m[1] > now]
+        if not earlier:
+            return
+
+        async def release(conn: Connection) -> int:
+            async with conn.transaction():
+                return await sql.release_claimed(conn, worker, earlier, now)
+
+        try:
+            await self._run("release", release)
+        except StoreError:
+            logger.warning(
+                "giving back the jobs of %d claim(s) whose answer was lost failed; they "
+                "run again once their leases expire", len(earlier), exc_info=True,
+            )  # fmt: skip
 
     async def prune(
         self, *, finished_before: float, dead_before: float, workers_before: float, limit: int

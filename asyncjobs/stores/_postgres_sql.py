@@ -201,9 +201,15 @@ async def notify(conn: Connection) -> None:
     await conn.execute(_NOTIFY)
 
 
-_CLAIMED_BEFORE = f"""SELECT {SELECT} FROM asyncjobs_jobs
-    WHERE status = 'running' AND worker = $1 AND (started_at, lease_until) IN
-    (SELECT * FROM unnest($2::float8[], $3::float8[]))"""  # noqa: S608 - constants
+# The rows claims of worker $1 at the times $2 with the lease ends $3 took, if they are
+# still as those claims left them.
+_CLAIMED_AT = """status = 'running' AND worker = $1 AND (started_at, lease_until) IN
+    (SELECT * FROM unnest($2::float8[], $3::float8[]))"""
+# ...taken again, as if claimed now ($4) with a lease ending at $5, so a later claim
+# that hands out this one's rows (its answer lost too) finds them by this claim's time.
+_CLAIMED_BEFORE = f"""UPDATE asyncjobs_jobs SET started_at = $4, lease_until = $5
+    WHERE {_CLAIMED_AT} RETURNING {SELECT}"""  # noqa: S608 - constants
+_CLAIMED_UNSEEN = f"SELECT id, attempts FROM asyncjobs_jobs WHERE {_CLAIMED_AT} FOR UPDATE"  # noqa: S608
 
 
 async def claim_after(
@@ -228,9 +234,9 @@ async def claim_again(
     """A claim after claims of this worker whose answer never came (a lost reply, a
     timeout): each may have committed. ``earlier`` holds the time and lease end of each.
     The rows they took (still leased to this worker as they left them, unseen by it)
-    come back with the claim's own, so they run now rather than wait out their leases
-    and spend an attempt they never had. The runner drops any it already holds
-    (``handed_back``)."""
+    come back with the claim's own, leased anew, so they run now rather than wait out
+    their leases and spend an attempt they never had. The runner drops any it already
+    holds (``handed_back``)."""
     lost = [
         job_row(r)
         for r in await conn.fetch(
@@ -238,12 +244,33 @@ async def claim_again(
             request.worker,
             [started for started, _ in earlier],
             [lease_until for _, lease_until in earlier],
+            now,
+            now + request.lease,
         )
     ]
     limit = max(0, request.limit - len(lost))
     rows = await claim(conn, replace(request, limit=limit, ahead=min(request.ahead, limit)), now)
     next_token_at = rows.next_token_at if isinstance(rows, Claimed) else None
     return Claimed([*lost, *rows], next_token_at=next_token_at, handed_back=bool(lost))
+
+
+async def release_claimed(
+    conn: Connection, worker: str, earlier: Sequence[tuple[float, float]], now: float
+) -> int:
+    """Give back, attempt unspent, the rows the claims of a stopped ``worker`` whose
+    answer never came took (``earlier``: time and lease end of each), as the runner
+    gives back jobs it claimed ahead (inside a transaction). Returns how many."""
+    rows = await conn.fetch(
+        _CLAIMED_UNSEEN,
+        worker,
+        [started for started, _ in earlier],
+        [lease_until for _, lease_until in earlier],
+    )
+    outcomes = [
+        Outcome(job_id=r["id"], worker=worker, attempt=r["attempts"], kind=OutcomeKind.RELEASE)
+        for r in rows
+    ]
+    return len(await finish(conn, outcomes, now)) if outcomes else 0
 
 
 async def claim(conn: Connection, request: ClaimRequest, now: float) -> list[JobRow]:

@@ -191,6 +191,67 @@ async def test_jobs_a_claim_took_before_its_reply_came_too_late_run_on_their_fir
         assert (info.status, info.attempts) == (JobStatus.SUCCEEDED, 1)
 
 
+async def test_jobs_handed_back_late_in_their_lease_get_a_new_one(
+    make_jobs: MakeJobs, postgres_url: str, clock: FakeClock
+) -> None:
+    """Handed out with the lease the lost claim gave them, they could be requeued by
+    lease recovery while running here. Handed back again after a second lost answer,
+    they are found by the claim that leased them anew."""
+    jobs = make_jobs(postgres_url, workers=False)
+
+    @jobs.task(name="t")
+    async def t(n: int) -> None: ...
+
+    enqueued = {(await t.enqueue(n)).id for n in range(2)}
+    store: Any = jobs.store
+    store.max_backoff = 0.0  # no wait before the next try: the clock is fake
+    request = ClaimRequest(
+        worker="w", tasks={"t": TaskLimits(max_attempts=3)}, queues=None, limit=2, lease=60.0
+    )
+    lose_the_reply_of_the_next(jobs, Claimed, late=True)
+    with pytest.raises(StoreError):
+        await store.claim(request, now=clock.now())
+    clock.advance(50)  # late in the lost claim's lease; this answer is lost too
+    lose_the_reply_of_the_next(jobs, Claimed, late=True)
+    with pytest.raises(StoreError):
+        await store.claim(request, now=clock.now())
+    clock.advance(50)  # past the first claim's lease: recovery would take them back
+    rows = await store.claim(request, now=clock.now())
+    assert {row.id for row in rows} == enqueued
+    assert {(row.attempts, row.lease_until) for row in rows} == {(1, clock.now() + 60)}
+    assert await store.recover(now=clock.now() + 59) == []
+
+
+async def test_jobs_an_unanswered_claim_took_go_back_when_the_workers_stop(
+    make_jobs: MakeJobs, postgres_url: str
+) -> None:
+    """No claim comes after it to hand them out: they waited out their leases, and
+    spent an attempt they never had."""
+    jobs = make_jobs(postgres_url, visibility_timeout=3600)
+    ran: list[int] = []
+
+    @jobs.task(name="t", retries=0)
+    async def t(n: int) -> None:
+        ran.append(n)
+
+    enqueued = [await t.enqueue(n) for n in range(3)]
+    store: Any = jobs.store
+    store.max_backoff = 0.0  # no wait before the next try: the clock is fake
+    lost = lose_the_reply_of_the_next(jobs, Claimed, late=True)
+    await jobs.start()
+    with anyio.fail_after(5):
+        while not lost:
+            await anyio.lowlevel.checkpoint()
+    await jobs.stop()  # the fake clock stands still: the claim is not tried again
+    assert ran == []
+    for job in enqueued:
+        info = await jobs.get(job.id)
+        assert info is not None
+        assert (info.status, info.attempts) == (JobStatus.QUEUED, 0)
+    await jobs.drain()
+    assert sorted(ran) == [0, 1, 2]
+
+
 @pytest.mark.parametrize(
     "kind", [OutcomeKind.SUCCEEDED, OutcomeKind.DEAD, OutcomeKind.RETRY, OutcomeKind.RELEASE]
 )
