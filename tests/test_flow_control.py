@@ -327,6 +327,25 @@ async def test_a_job_being_retried_keeps_its_group_waiting(jobs: Jobs, clock: Fa
     assert ran == ["first", "first", "second"]
 
 
+async def test_a_chain_member_waiting_for_its_chain_does_not_hold_its_group(
+    jobs: Jobs, clock: FakeClock
+) -> None:
+    ran: list[str] = []
+
+    @jobs.task
+    async def step(name: str) -> None:
+        ran.append(name)
+
+    later = step.options(delay=60)
+    await jobs.chain(later.spec("report"), step.options(group="g").spec("mail report"))
+    await step.options(group="g").enqueue("mail invoice")  # enqueued after the member
+    await drain(jobs)
+    assert ran == ["mail invoice"]
+    clock.advance(60)
+    await drain(jobs)
+    assert ran == ["mail invoice", "report", "mail report"]
+
+
 async def test_a_dead_job_releases_its_group(jobs: Jobs) -> None:
     ran: list[str] = []
 
