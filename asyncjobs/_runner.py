@@ -36,6 +36,7 @@ from asyncjobs._execution import _Execution, _Running
 from asyncjobs._execution import current_job as current_job
 from asyncjobs._leases import _Leases
 from asyncjobs.stores._protocol import (
+    Applied,
     Claimed,
     ClaimRequest,
     Inserted,
@@ -268,7 +269,7 @@ class Runner(_Leases, _Execution):
                         self._backlog = True  # claim next round, at once
                         return written
                 raise
-        self._acknowledged(outbox, set(applied))
+        self._acknowledged(outbox, applied)
         # When a ready job was held back by an empty rate-limit bucket: its next token.
         self._next_token_at = rows.next_token_at if isinstance(rows, Claimed) else None
         # A full claim, or every free slot filled (jobs on their last attempt may wait
@@ -398,7 +399,7 @@ class Runner(_Leases, _Execution):
                     if written:
                         return written
                 raise
-        self._acknowledged(outbox, set(applied))
+        self._acknowledged(outbox, applied)
         return len(outbox)
 
     async def _write_apart(self) -> int:
@@ -427,7 +428,7 @@ class Runner(_Leases, _Execution):
                         extra={"job_id": row.id, "task": row.task, "attempt": row.attempts},
                     )  # fmt: skip
                 outbox.pop(0)
-                self._acknowledged([(row, outcome, duration)], set(applied))
+                self._acknowledged([(row, outcome, duration)], applied)
                 written += 1
         except Exception:  # the caller raises its own failure, the same store's
             logger.debug("writing outcomes one at a time failed too", exc_info=True)
@@ -435,9 +436,15 @@ class Runner(_Leases, _Execution):
             self._outbox[:0] = outbox
         return written
 
-    def _acknowledged(self, outbox: list[tuple[JobRow, Outcome, float]], applied: set[str]) -> None:
+    def _acknowledged(
+        self, outbox: list[tuple[JobRow, Outcome, float]], applied: Sequence[str]
+    ) -> None:
+        ids = set(applied)
+        cancelled = applied.cancelled if isinstance(applied, Applied) else frozenset()
         for row, outcome, duration in outbox:
-            self._log(row, outcome, row.id in applied, duration)
+            if row.id in cancelled:  # asked to stop while it ran: not retried, cancelled
+                outcome = outcome._replace(kind=OutcomeKind.CANCELLED)
+            self._log(row, outcome, row.id in ids, duration)
             self.jobs._notify_finished(row.id)
 
     async def drain(self) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from asyncjobs import Jobs
+from asyncjobs import Jobs, JobStatus, current_job
 from asyncjobs.stores._protocol import ClaimRequest, TaskLimits
 from asyncjobs.testing import FakeClock, drain
 
@@ -104,3 +104,28 @@ async def test_actions_on_jobs_are_logged(jobs: Jobs, caplog: pytest.LogCaptureF
     assert actions(other.id) == []
     (bulk,) = [r for r in caplog.records if getattr(r, "action", None) == "retry_dead"]
     assert "1 dead job(s) retried" in bulk.getMessage()
+
+
+async def test_a_failure_the_store_turns_into_cancelled_is_logged_as_cancelled(
+    make_jobs: Callable[..., Jobs],
+    backend_url: str,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Cancelled from another process after this worker's last heartbeat, a job that
+    then fails is not retried: the log says cancelled, not retrying."""
+    jobs = make_jobs(backend_url)
+
+    @jobs.task(name="flaky", retries=3)
+    async def flaky() -> None:
+        job_id = current_job().id
+        await jobs.store.cancel([job_id], now=clock.now())  # as another process would
+        raise RuntimeError("down")
+
+    caplog.set_level(logging.INFO, logger="asyncjobs")
+    job = await jobs.enqueue(flaky)
+    await drain(jobs)
+    assert (await job.info()).status == JobStatus.CANCELLED
+    (record,) = job_records(caplog, job.id)
+    assert record.outcome == "cancelled"  # type: ignore[attr-defined]
+    assert "retrying" not in record.getMessage()

@@ -232,14 +232,16 @@ class PostgresStore(_Connections):
         async def finish(conn: Connection) -> list[str]:
             # One statement for the usual job; a transaction only for chains and batches.
             again = tries.again()
-            applied = await sql.finish_plain(conn, outcomes, now)
-            rest = [o for o in outcomes if o.job_id not in applied]
+            kinds = await sql.finish_plain(conn, outcomes, now)
+            rest = [o for o in outcomes if o.job_id not in kinds]
             if rest:
                 async with conn.transaction():
-                    applied.update(await sql.finish(conn, rest, now))
+                    kinds.update(await sql.finish(conn, rest, now))
             if again:
-                applied.update(await sql.finished_before(conn, outcomes, applied, now))
-            return [o.job_id for o in outcomes if o.job_id in applied]
+                kinds.update(
+                    dict.fromkeys(await sql.finished_before(conn, outcomes, kinds, now), "")
+                )
+            return sql.applied(outcomes, kinds)
 
         return await self._run("finish", finish)
 
@@ -255,14 +257,15 @@ class PostgresStore(_Connections):
                 # One transaction: one commit (one WAL flush) for the acks and the claim.
                 again = tries.again()
                 async with conn.transaction():
-                    applied = await sql.finish_plain(conn, outcomes, now)
-                    rest = [o for o in outcomes if o.job_id not in applied]
+                    kinds = await sql.finish_plain(conn, outcomes, now)
+                    rest = [o for o in outcomes if o.job_id not in kinds]
                     if rest:
-                        applied.update(await sql.finish(conn, rest, now))
+                        kinds.update(await sql.finish(conn, rest, now))
                     if again:
-                        applied.update(await sql.finished_before(conn, outcomes, applied, now))
+                        found = await sql.finished_before(conn, outcomes, kinds, now)
+                        kinds.update(dict.fromkeys(found, ""))
                     claimed = await sql.claim_after(conn, request, now, earlier, again=again)
-                return [o.job_id for o in outcomes if o.job_id in applied], claimed
+                return sql.applied(outcomes, kinds), claimed
 
             return await self._run("claim", both)
 

@@ -10,7 +10,7 @@ Functions named for a store operation run inside the transaction the store opene
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ from asyncjobs.stores._admission import has_limits
 from asyncjobs.stores._dependents import COUNTS_FLAG, RESULT_FLAG, pass_result, wants, with_batch
 from asyncjobs.stores._postgres_limits import choose as choose_limited
 from asyncjobs.stores._protocol import (
+    Applied,
     Claimed,
     ClaimRequest,
     Inserted,
@@ -397,18 +398,33 @@ def _outcome_columns(outcomes: Sequence[Outcome]) -> list[list[Any]]:
     return columns
 
 
-async def finish_plain(conn: Connection, outcomes: Sequence[Outcome], now: float) -> set[str]:
-    """Apply the outcomes of jobs nothing waits on, in one statement (atomic on its own).
+async def finish_plain(conn: Connection, outcomes: Sequence[Outcome], now: float) -> dict[str, str]:
+    """Apply the outcomes of jobs nothing waits on, in one statement (atomic on its own);
+    return the kind each applied one took, by id (a retry or release of a job asked to
+    stop ends it cancelled).
 
     Outcomes of chain members and batch members are left for ``finish``, which
     releases their dependents in the same transaction.
     """
     records = await conn.fetch(_FINISH_PLAIN, now, *_outcome_columns(outcomes))
-    return {r["id"] for r in records}
+    return {r["id"]: r["kind"] for r in records}
 
 
-async def finish(conn: Connection, outcomes: Sequence[Outcome], now: float) -> list[str]:
-    """Apply outcomes and release what waits on them (inside a transaction)."""
+def applied(outcomes: Sequence[Outcome], kinds: dict[str, str]) -> Applied:
+    """The ids of ``outcomes`` applied (``kinds``: by id, the kind each took), in the
+    order the outcomes came, and which of them ended cancelled instead."""
+    return Applied(
+        [o.job_id for o in outcomes if o.job_id in kinds],
+        cancelled=[
+            o.job_id for o in outcomes
+            if kinds.get(o.job_id) == "cancelled" and o.kind is not OutcomeKind.CANCELLED
+        ],
+    )  # fmt: skip
+
+
+async def finish(conn: Connection, outcomes: Sequence[Outcome], now: float) -> dict[str, str]:
+    """Apply outcomes and release what waits on them (inside a transaction); return the
+    kind each applied one took, by id."""
     records = await conn.fetch(_FINISH, now, *_outcome_columns(outcomes))
     done = {r["id"]: r for r in records}
     for record in done.values():
@@ -421,8 +437,7 @@ async def finish(conn: Connection, outcomes: Sequence[Outcome], now: float) -> l
                 now,
                 record["result"],
             )
-    # Applied ids in the order the outcomes came.
-    return [o.job_id for o in outcomes if done.pop(o.job_id, None) is not None]
+    return {job_id: record["kind"] for job_id, record in done.items()}
 
 
 _FINISHED_BEFORE = """
@@ -442,7 +457,7 @@ WHERE CASE
 
 
 async def finished_before(
-    conn: Connection, outcomes: Sequence[Outcome], applied: set[str], now: float
+    conn: Connection, outcomes: Sequence[Outcome], applied: Collection[str], now: float
 ) -> set[str]:
     """Of ``outcomes`` not ``applied`` by a finish retried after its reply was lost,
     those its first try applied: each row reads as that outcome at ``now`` left it,

@@ -166,6 +166,19 @@ class Claimed(list[JobRow]):
         self.handed_back = handed_back
 
 
+class Applied(list[str]):
+    """What ``finish`` may return: the ids of the outcomes applied, plus
+    ``cancelled``: those of them, a retry or a release, that ended their job
+    cancelled instead, as it was asked to stop while it ran (from another process,
+    after this worker's last heartbeat)."""
+
+    __slots__ = ("cancelled",)
+
+    def __init__(self, ids: Iterable[str] = (), *, cancelled: Iterable[str] = ()) -> None:
+        super().__init__(ids)
+        self.cancelled = frozenset(cancelled)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Recovered:
     """A job whose lease expired: requeued, dead when it had no attempts left, or
@@ -219,7 +232,8 @@ class Store(Protocol):
         ...
 
     async def finish(self, outcomes: Sequence[Outcome], *, now: float) -> list[str]:
-        """Apply outcomes in one transaction; return the ids that were applied.
+        """Apply outcomes in one transaction; return the ids that were applied (an
+        ``Applied`` tells which of them ended cancelled instead).
 
         Also releases what waits on a finished job: the next chain member on
         success, the rest of the chain on dead/cancelled, a batch's callback

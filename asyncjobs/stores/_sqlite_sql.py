@@ -24,6 +24,7 @@ from asyncjobs.stores._dependents import (
     with_batch,
 )
 from asyncjobs.stores._protocol import (
+    Applied,
     Claimed,
     ClaimRequest,
     Inserted,
@@ -282,8 +283,9 @@ _FINISH_CHUNK = 500
 """Successes per statement (five values each, well under SQLite's 32,766)."""
 
 
-def _finish(db: sqlite3.Connection, outcomes: Sequence[Outcome], now: float) -> list[str]:
+def _finish(db: sqlite3.Connection, outcomes: Sequence[Outcome], now: float) -> Applied:
     applied: list[str] = []
+    cancelled: list[str] = []
     successes = [o for o in outcomes if o.kind is OutcomeKind.SUCCEEDED]
     if len(successes) > 1:
         outcomes = [o for o in outcomes if o.kind is not OutcomeKind.SUCCEEDED]
@@ -306,6 +308,7 @@ def _finish(db: sqlite3.Connection, outcomes: Sequence[Outcome], now: float) -> 
         if o.kind in (OutcomeKind.RETRY, OutcomeKind.RELEASE) and _cancel_requested(db, o.job_id):
             # Asked to stop while it ran: it ends cancelled instead of running again.
             o = o._replace(kind=OutcomeKind.CANCELLED, error=o.error or "cancelled")
+            cancelled.append(o.job_id)
         if o.kind is OutcomeKind.SUCCEEDED:
             row_values: tuple[Any, ...] = (o.result, now)
         elif o.kind is OutcomeKind.RETRY:
@@ -325,7 +328,7 @@ def _finish(db: sqlite3.Connection, outcomes: Sequence[Outcome], now: float) -> 
             continue
         applied.append(o.job_id)
         _release_dependents(db, o.kind, row[0], row[1], now, o.result)
-    return applied
+    return Applied(applied, cancelled=[job_id for job_id in cancelled if job_id in applied])
 
 
 def _cancel_requested(db: sqlite3.Connection, job_id: str) -> bool:
