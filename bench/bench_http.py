@@ -77,8 +77,9 @@ class ServerStats:
     def reset(self) -> dict[str, float]:
         taken = self.counts
         self.counts = dict.fromkeys(
-            ("gen0", "gen1", "gen2", "gc_seconds", "inline_writes", "inline_refused"), 0
-        )
+            ("gen0", "gen1", "gen2", "gc_seconds", "gen0_seconds", "gen1_seconds",
+             "gen2_seconds", "inline_writes", "inline_refused"), 0,
+        )  # fmt: skip
         return taken
 
     def install(self) -> None:
@@ -88,8 +89,10 @@ class ServerStats:
             if phase == "start":
                 self._started = time.perf_counter()
             else:
+                took = time.perf_counter() - self._started
                 self.counts[f"gen{info['generation']}"] += 1
-                self.counts["gc_seconds"] += time.perf_counter() - self._started
+                self.counts[f"gen{info['generation']}_seconds"] += took
+                self.counts["gc_seconds"] += took
 
         gc.callbacks.append(collected)
         for name in ("try_write", "try_transaction"):
@@ -319,6 +322,7 @@ def per_request(counts: dict[str, float], requests: float) -> dict[str, float]:
     return {
         "gc_us": counts["gc_seconds"] / requests * 1e6,
         **{f"gen{g}": counts[f"gen{g}"] / requests * 1000 for g in range(3)},
+        **{f"gen{g}_us": counts[f"gen{g}_seconds"] / requests * 1e6 for g in range(3)},
         "refused": counts["inline_refused"] / writes if writes else 0.0,
         "writes": writes / requests * 1000,
     }
@@ -328,7 +332,8 @@ def describe_stats(rounds: list[dict[str, float]]) -> str:
     """The medians of the rounds' ``per_request`` figures, as one line."""
     m = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
     text = (
-        f"gc {m['gc_us']:.1f} µs/request; collections per 1,000 requests: "
+        f"gc {m['gc_us']:.1f} µs/request ({m['gen0_us']:.1f} young, {m['gen1_us']:.1f} "
+        f"middle, {m['gen2_us']:.1f} full); collections per 1,000 requests: "
         f"{m['gen0']:.1f} young, {m['gen1']:.2f} middle, {m['gen2']:.2f} full"
     )
     if m["writes"]:
