@@ -45,7 +45,7 @@ from asyncjobs._errors import ConfigurationError, StoreError
 from asyncjobs.stores import _postgres_admin as admin
 from asyncjobs.stores import _postgres_sql as sql
 from asyncjobs.stores import redacted
-from asyncjobs.stores._postgres_connections import _Connections, backoff
+from asyncjobs.stores._postgres_connections import NotSent, _Connections, backoff
 from asyncjobs.stores._postgres_sql import (
     SELECT,
     insert_jobs,
@@ -80,10 +80,11 @@ no longer asked to stop if it was cancelled while running."""
 
 logger = logging.getLogger(__name__)
 
-# At most this many unanswered claims are remembered per worker (``_unanswered_claims``):
-# a runner whose store fails tries once per poll interval, and once a claim's lease has
-# run out, lease recovery hands its rows out instead.
-_UNANSWERED_MAX = 100
+# At most this many unanswered claims are remembered per worker (``_unanswered_claims``),
+# a bound on memory alone: a claim refused without trying (the reconnect backoff) is not
+# one, so a store that is down adds one per backoff (5 s at most), and once a claim's
+# lease has run out, lease recovery hands its rows out instead.
+_UNANSWERED_MAX = 1000
 
 
 class _Tries:
@@ -219,6 +220,9 @@ class PostgresStore(_Connections):
         earlier = [m for m in self._unanswered.pop(request.worker, []) if m[1] > now]
         try:
             yield earlier
+        except NotSent:
+            self._unanswered[request.worker] = earlier  # nothing reached the server
+            raise
         except BaseException:
             earlier.append((now, now + request.lease))
             self._unanswered[request.worker] = earlier[-_UNANSWERED_MAX:]
@@ -452,7 +456,9 @@ class PostgresStore(_Connections):
     async def record_worker(self, beat: WorkerBeat, *, now: float) -> None:
         if beat.stopped:
             await self._release_unanswered(beat.id, now)
-        await self._run("record_worker", lambda conn: admin.record_worker(conn, beat, now))
+        await self._run(
+            "record_worker", lambda conn: admin.record_worker(conn, beat, now), now=beat.stopped
+        )
 
     async def _release_unanswered(self, worker: str, now: float) -> None:
         """A worker stopped: the jobs its claims took unseen (``_unanswered_claims``)
@@ -461,13 +467,17 @@ class PostgresStore(_Connections):
         if not earlier:
             return
 
-        async def release(conn: Connection) -> int:
+        async def release(conn: Connection) -> None:
             async with conn.transaction():
-                return await sql.release_claimed(conn, worker, earlier, now)
+                await sql.release_claimed(conn, worker, earlier, now)
 
         try:
-            await self._run("release", release)
+            # Once, now: not held back by the reconnect backoff that the failed claim
+            # itself may have started (its reply came late).
+            await self._run("release", release, now=True)
         except StoreError:
+            # Kept: if the same Jobs starts again, its first claim hands them out.
+            self._unanswered[worker] = earlier + self._unanswered.get(worker, [])
             logger.warning(
                 "giving back the jobs of %d claim(s) whose answer was lost failed; they "
                 "run again once their leases expire", len(earlier), exc_info=True,

@@ -74,6 +74,10 @@ def _connection_lost(error: BaseException) -> bool:
     return True
 
 
+class NotSent(StoreError):
+    """An operation refused before anything reached the server (backing off, closed)."""
+
+
 def backoff(failures: int, maximum: float) -> float:
     """Seconds to wait after ``failures`` failed connections in a row: 0.1 s, doubling
     up to ``maximum``."""
@@ -203,13 +207,19 @@ class _Connections:
         return delay
 
     async def _run(
-        self, what: str, fn: Callable[[Connection], Awaitable[T]], *, producer: bool = False
+        self,
+        what: str,
+        fn: Callable[[Connection], Awaitable[T]],
+        *,
+        producer: bool = False,
+        now: bool = False,
     ) -> T:
         """Run ``fn`` on a pooled connection (``producer``: on the enqueue connection when
-        it is free): open on first use, back off while down, and retry once when the
-        connection turns out to have died (server restart)."""
-        if self._failures and asyncio.get_running_loop().time() < self._retry_at:
-            raise StoreError(
+        it is free): open on first use, back off while down (unless ``now``: a last try
+        at shutdown), and retry once when the connection turns out to have died (server
+        restart). Raises ``NotSent`` when it did not try."""
+        if not now and self._failures and asyncio.get_running_loop().time() < self._retry_at:
+            raise NotSent(
                 f"PostgreSQL store {self!r} is unreachable ({what}); "
                 "waiting before the next reconnect attempt"
             )
@@ -217,7 +227,7 @@ class _Connections:
             await self.open()
         pool = self._pool
         if pool is None:
-            raise StoreError(f"PostgreSQL store {self!r} is closed")
+            raise NotSent(f"PostgreSQL store {self!r} is closed")
         async with self._errors(what):
             for attempt in (1, 2):
                 try:

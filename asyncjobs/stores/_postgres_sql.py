@@ -202,15 +202,16 @@ async def notify(conn: Connection) -> None:
     await conn.execute(_NOTIFY)
 
 
-# The rows claims of worker $1 at the times $2 with the lease ends $3 took, if they are
-# still as those claims left them.
-_CLAIMED_AT = """status = 'running' AND worker = $1 AND (started_at, lease_until) IN
-    (SELECT * FROM unnest($2::float8[], $3::float8[]))"""
-# ...taken again, as if claimed now ($4) with a lease ending at $5, so a later claim
-# that hands out this one's rows (its answer lost too) finds them by this claim's time.
-_CLAIMED_BEFORE = f"""UPDATE asyncjobs_jobs SET started_at = $4, lease_until = $5
-    WHERE {_CLAIMED_AT} RETURNING {SELECT}"""  # noqa: S608 - constants
-_CLAIMED_UNSEEN = f"SELECT id, attempts FROM asyncjobs_jobs WHERE {_CLAIMED_AT} FOR UPDATE"  # noqa: S608
+# The rows that claims of worker $1 at the times $2 took, if it still holds them. A claim
+# is the only write that sets started_at (heartbeats move lease_until alone), and one
+# worker claims at one time once.
+_CLAIMED_AT = "status = 'running' AND worker = $1 AND started_at = ANY($2::float8[])"
+_CLAIMED_UNSEEN = f"""SELECT id, attempts, cancel_requested_at IS NOT NULL AS stopping
+    FROM asyncjobs_jobs WHERE {_CLAIMED_AT} FOR UPDATE"""  # noqa: S608 - constants
+# ...those not asked to stop, taken again as if claimed now ($3) with a lease ending at
+# $4, so a later claim that hands out this one's rows (its answer lost too) finds them.
+_CLAIMED_BEFORE = f"""UPDATE asyncjobs_jobs SET started_at = $3, lease_until = $4
+    WHERE {_CLAIMED_AT} AND cancel_requested_at IS NULL RETURNING {SELECT}"""  # noqa: S608
 
 
 async def claim_after(
@@ -234,21 +235,21 @@ async def claim_again(
 ) -> list[JobRow]:
     """A claim after claims of this worker whose answer never came (a lost reply, a
     timeout): each may have committed. ``earlier`` holds the time and lease end of each.
-    The rows they took (still leased to this worker as they left them, unseen by it)
-    come back with the claim's own, leased anew, so they run now rather than wait out
-    their leases and spend an attempt they never had. The runner drops any it already
-    holds (``handed_back``)."""
-    lost = [
-        job_row(r)
-        for r in await conn.fetch(
-            _CLAIMED_BEFORE,
-            request.worker,
-            [started for started, _ in earlier],
-            [lease_until for _, lease_until in earlier],
-            now,
-            now + request.lease,
+    The rows they took (still running under this worker, unseen by it) come back with
+    the claim's own, leased anew, so they run now rather than wait out their leases and
+    spend an attempt they never had; those cancelled meanwhile end cancelled instead.
+    The runner drops any it already holds (``handed_back``)."""
+    if not conn.is_in_transaction():
+        async with conn.transaction():
+            return await claim_again(conn, request, now, earlier)
+    unseen = await _release_stopping(conn, request.worker, earlier, now, everything=False)
+    lost: list[JobRow] = []
+    if unseen:
+        starts = [started for started, _ in earlier]
+        records = await conn.fetch(
+            _CLAIMED_BEFORE, request.worker, starts, now, now + request.lease
         )
-    ]
+        lost = [job_row(r) for r in records]
     limit = max(0, request.limit - len(lost))
     rows = await claim(conn, replace(request, limit=limit, ahead=min(request.ahead, limit)), now)
     next_token_at = rows.next_token_at if isinstance(rows, Claimed) else None
@@ -257,21 +258,34 @@ async def claim_again(
 
 async def release_claimed(
     conn: Connection, worker: str, earlier: Sequence[tuple[float, float]], now: float
-) -> int:
+) -> None:
     """Give back, attempt unspent, the rows the claims of a stopped ``worker`` whose
     answer never came took (``earlier``: time and lease end of each), as the runner
-    gives back jobs it claimed ahead (inside a transaction). Returns how many."""
-    rows = await conn.fetch(
-        _CLAIMED_UNSEEN,
-        worker,
-        [started for started, _ in earlier],
-        [lease_until for _, lease_until in earlier],
-    )
-    outcomes = [
-        Outcome(job_id=r["id"], worker=worker, attempt=r["attempts"], kind=OutcomeKind.RELEASE)
-        for r in rows
-    ]
-    return len(await finish(conn, outcomes, now)) if outcomes else 0
+    gives back jobs it claimed ahead (inside a transaction)."""
+    await _release_stopping(conn, worker, earlier, now, everything=True)
+
+
+async def _release_stopping(
+    conn: Connection,
+    worker: str,
+    earlier: Sequence[tuple[float, float]],
+    now: float,
+    *,
+    everything: bool,
+) -> int:
+    """Release (``everything``) or, else, those asked to stop of the rows unanswered
+    claims of ``worker`` took: a release ends a job asked to stop cancelled and moves
+    its chain and batch on. Returns how many rows are left to hand out."""
+    starts = [started for started, _ in earlier]
+    rows = await conn.fetch(_CLAIMED_UNSEEN, worker, starts)
+    released = [r for r in rows if everything or r["stopping"]]
+    if released:
+        outcomes = [
+            Outcome(job_id=r["id"], worker=worker, attempt=r["attempts"], kind=OutcomeKind.RELEASE)
+            for r in released
+        ]
+        await finish(conn, outcomes, now)
+    return len(rows) - len(released)
 
 
 async def claim(conn: Connection, request: ClaimRequest, now: float) -> list[JobRow]:

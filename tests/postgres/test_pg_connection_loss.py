@@ -8,7 +8,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -236,20 +236,119 @@ async def test_jobs_an_unanswered_claim_took_go_back_when_the_workers_stop(
 
     enqueued = [await t.enqueue(n) for n in range(3)]
     store: Any = jobs.store
-    store.max_backoff = 0.0  # no wait before the next try: the clock is fake
     lost = lose_the_reply_of_the_next(jobs, Claimed, late=True)
     await jobs.start()
     with anyio.fail_after(5):
         while not lost:
             await anyio.lowlevel.checkpoint()
-    await jobs.stop()  # the fake clock stands still: the claim is not tried again
+    # The fake clock stands still: the claim is not tried again. The store backs off
+    # from the failed claim; giving the jobs back at stop does not wait for that.
+    await jobs.stop()
     assert ran == []
+    store._failures, store._retry_at = 0, 0.0  # later, the backoff over (no sleep here)
     for job in enqueued:
         info = await jobs.get(job.id)
         assert info is not None
         assert (info.status, info.attempts) == (JobStatus.QUEUED, 0)
     await jobs.drain()
     assert sorted(ran) == [0, 1, 2]
+
+
+async def test_a_claim_answered_late_is_still_handed_out_after_claims_refused_meanwhile(
+    make_jobs: MakeJobs, postgres_url: str, clock: FakeClock
+) -> None:
+    """Claims refused while the store backs off reach no server: they are not counted
+    among the unanswered, so they cannot push the one that committed out."""
+    jobs = make_jobs(postgres_url, workers=False)
+
+    @jobs.task(name="t", retries=0)
+    async def t(n: int) -> None: ...
+
+    enqueued = {(await t.enqueue(n)).id for n in range(2)}
+    store: Any = jobs.store
+    request = ClaimRequest(
+        worker="w", tasks={"t": TaskLimits(max_attempts=1)}, queues=None, limit=2,
+        lease=3600.0,
+    )  # fmt: skip
+    lose_the_reply_of_the_next(jobs, Claimed, late=True)
+    with pytest.raises(StoreError):
+        await store.claim(request, now=clock.now())
+    store._failures, store._retry_at = 1, float("inf")  # unreachable for a while
+    for _ in range(1000):  # a runner polling through the outage
+        clock.advance(1)
+        with pytest.raises(StoreError, match="waiting before the next reconnect"):
+            await store.claim(request, now=clock.now())
+    store._failures, store._retry_at = 0, 0.0
+    rows = await store.claim(request, now=clock.now())
+    assert {row.id for row in rows} == enqueued
+
+
+async def test_a_job_a_late_claim_took_is_found_though_heartbeats_moved_its_lease(
+    make_jobs: MakeJobs, postgres_url: str, clock: FakeClock
+) -> None:
+    """A finish-and-claim answered late wrote a retry due at once and took the job's
+    next attempt; the runner, still holding the outcome, heartbeats the job (its lease
+    moves). The next claim hands out that attempt all the same."""
+    jobs = make_jobs(
+        postgres_url, workers=False, concurrency=1, backoff_base=0, visibility_timeout=60
+    )
+    runs: list[int] = []
+
+    @jobs.task(name="t", retries=1)
+    async def t() -> None:
+        runs.append(len(runs) + 1)
+        if len(runs) == 1:
+            raise RuntimeError("the first attempt fails; retried at once")
+
+    job = await t.enqueue()
+    runner, store = jobs.runner, cast(Any, jobs.store)
+    await runner.claim()
+    with anyio.fail_after(5):
+        while runner.running:
+            await anyio.lowlevel.checkpoint()
+    lose_the_reply_of_the_next(jobs, tuple, late=True)
+    with pytest.raises(StoreError):
+        await runner.claim()  # and the store backs off: the outcome stays in the outbox
+    assert len(runner._outbox) == 1
+    store._failures, store._retry_at = 0, 0.0  # the backoff is over
+    clock.advance(20)
+    await runner.heartbeat_once()
+    clock.advance(1)
+    await runner.claim()
+    with anyio.fail_after(5):
+        while runner.running:
+            await anyio.lowlevel.checkpoint()
+    await runner.flush_outbox()
+    assert runs == [1, 2]
+    info = await jobs.get(job.id)
+    assert info is not None
+    assert (info.status, info.attempts) == (JobStatus.SUCCEEDED, 2)
+
+
+async def test_a_job_cancelled_while_a_late_claim_held_it_unseen_ends_cancelled_unrun(
+    make_jobs: MakeJobs, postgres_url: str, clock: FakeClock
+) -> None:
+    jobs = make_jobs(postgres_url, workers=False, concurrency=1)
+    runs: list[str] = []
+
+    @jobs.task(name="t")
+    async def t() -> None:
+        runs.append("ran")
+
+    job = await t.enqueue()
+    store: Any = jobs.store
+    store.max_backoff = 0.0  # no wait before the next try: the clock is fake
+    lose_the_reply_of_the_next(jobs, Claimed, late=True)
+    with pytest.raises(StoreError):
+        await jobs.runner.claim()
+    assert await jobs.cancel(job.id)  # it reads running: asked to stop
+    clock.advance(1)
+    await jobs.runner.claim()
+    await jobs.runner.flush_outbox()
+    assert runs == []
+    info = await jobs.get(job.id)
+    assert info is not None
+    assert info.status == JobStatus.CANCELLED
 
 
 @pytest.mark.parametrize(
