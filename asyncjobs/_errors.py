@@ -9,6 +9,7 @@
     ├── TaskNotRegistered(LookupError)      no task of that name in this process
     ├── JobFailed                           a job ended dead or cancelled
     └── StoreError                          the database failed; driver error as __cause__
+        └── DataRefused                     ...refused a value itself (too large, say)
 
     Retry(Exception)                        raised by task code to ask for a retry
 
@@ -54,6 +55,11 @@ class JobFailed(AsyncJobsError):
 
 class StoreError(AsyncJobsError):
     """The store could not complete an operation; the driver's error is ``__cause__``."""
+
+
+class DataRefused(StoreError):
+    """The database refused a value itself (one over its size limit, say): the same
+    write fails every time, unlike a store that is down, locked or timing out."""
 
 
 class Retry(Exception):

@@ -36,6 +36,7 @@ class _Leases:
         running: dict[str, _Running]
         _ready: list[JobRow]
         _outbox: list[tuple[JobRow, Outcome, float]]
+        _writing: list[list[tuple[JobRow, Outcome, float]]]
         worker_id: str
         started_at: float
         settings: Settings
@@ -57,6 +58,7 @@ class _Leases:
         # slot is busy, or a write fails, their lease must not run out (they would run
         # again). One that is not ours any more needs nothing: its write is ignored.
         ended = {row.id for row, _, _ in self._outbox}
+        ended.update(row.id for taken in self._writing for row, _, _ in taken)
         if not held and not ended:
             return
         lease_until = self.clock.now() + self.settings.visibility_timeout

@@ -24,13 +24,15 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import TaskStatus
 
 from asyncjobs._clock import within
+from asyncjobs._errors import DataRefused
 from asyncjobs._execution import JobContext as JobContext
 from asyncjobs._execution import _Execution, _Running
 from asyncjobs._execution import current_job as current_job
@@ -77,6 +79,13 @@ CANCEL_GRACE = 5.0
 _OUTBOX_DELAY = 0.01
 
 
+_Finished = tuple[JobRow, Outcome, float]
+"""A job that ended, its outcome, and how long it ran."""
+
+# Outcomes that carry data of their own (a result, an error) the database may refuse.
+_REFUSABLE = frozenset({OutcomeKind.SUCCEEDED, OutcomeKind.RETRY, OutcomeKind.DEAD})
+
+
 def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -100,7 +109,9 @@ class Runner(_Leases, _Execution):
         self._mean_duration: float | None = None  # recent jobs, moving average
         self._wakeup = asyncio.Event()
         self._slot_freed = asyncio.Event()
-        self._outbox: list[tuple[JobRow, Outcome, float]] = []  # finished, not yet written
+        self._outbox: list[_Finished] = []  # finished, outcome not yet written
+        # Outboxes taken by writes under way: their leases are renewed too (_take_outbox).
+        self._writing: list[list[_Finished]] = []
         self._next_token_at: float | None = None
         # Local dispatch (reserve / dispatched): ids of jobs being inserted running,
         # each holding a slot; and whether the last claim left ready jobs behind.
@@ -244,11 +255,10 @@ class Runner(_Leases, _Execution):
             return 0
         if room <= 0:
             return await self._write_outbox()
-        outbox, self._outbox = self._outbox, []
         # Shielded: shutdown cancels the claim loop, but a claim the store committed must
         # reach self.running, or its jobs stay 'running' until their lease expires and
         # spend an attempt they never had.
-        with anyio.CancelScope(shield=True):
+        with self._take_outbox() as outbox, anyio.CancelScope(shield=True):
             # Beyond the free slots, jobs are claimed ahead: the store skips those on
             # their last attempt (a kill -9 before they start would leave them dead).
             free = max(0, self.settings.concurrency - self._busy)
@@ -384,10 +394,9 @@ class Runner(_Leases, _Execution):
             return 0
 
     async def _write_outbox(self) -> int:
-        outbox, self._outbox = self._outbox, []
-        if not outbox:
+        if not self._outbox:
             return 0
-        with anyio.CancelScope(shield=True):
+        with self._take_outbox() as outbox, anyio.CancelScope(shield=True):
             try:
                 applied = await self.jobs.store.finish(
                     [outcome for _, outcome, _ in outbox], now=self.clock.now()
@@ -404,41 +413,55 @@ class Runner(_Leases, _Execution):
 
     async def _write_apart(self) -> int:
         """After a failed write: write the outcomes one at a time, so that one the
-        store refuses for good (a result too large for it, say) holds back neither the
+        database refuses for good (a result over its size limit) holds back neither the
         others nor this worker, whose claims carry the outbox.
 
-        An outcome refused again on its own, while a failed attempt in its place is
-        accepted, is recorded as that failure: the job is retried, or dead when out of
-        attempts, and shows why. When that is refused too, the store is what fails:
-        the outcomes stay for the next write, their leases renewed meanwhile. Returns
-        how many outcomes were written (the callers shield it)."""
-        outbox, self._outbox = self._outbox, []
+        An outcome refused as data (``DataRefused``) is recorded as a failed attempt
+        instead: the job is retried, or dead when out of attempts, and shows why. Any
+        other failure (down, locked, timing out) is the store's, not the outcome's: the
+        outcomes stay for the next write, their leases renewed meanwhile. Returns how
+        many outcomes were written (the callers shield it)."""
         store, written = self.jobs.store, 0
-        try:
-            while outbox:
-                row, outcome, duration = outbox[0]
-                try:
-                    applied = await store.finish([outcome], now=self.clock.now())
-                except Exception as refused:
-                    outcome = self._failure(row, f"the store refused its outcome: {refused}")
-                    applied = await store.finish([outcome], now=self.clock.now())
-                    logger.error(
-                        "the store refused the outcome of job %s (%s); recorded as a "
-                        "failed attempt instead: %s", row.id, row.task, refused,
-                        extra={"job_id": row.id, "task": row.task, "attempt": row.attempts},
-                    )  # fmt: skip
-                outbox.pop(0)
-                self._acknowledged([(row, outcome, duration)], applied)
-                written += 1
-        except Exception:  # the caller raises its own failure, the same store's
-            logger.debug("writing outcomes one at a time failed too", exc_info=True)
-        finally:
-            self._outbox[:0] = outbox
+        with self._take_outbox() as outbox:
+            try:
+                while outbox:
+                    row, outcome, duration = outbox[0]
+                    try:
+                        applied = await store.finish([outcome], now=self.clock.now())
+                    except DataRefused as refused:
+                        if outcome.kind not in _REFUSABLE:
+                            raise  # nothing of its own to refuse: the store fails
+                        outcome = self._failure(row, f"the store refused its outcome: {refused}")
+                        applied = await store.finish([outcome], now=self.clock.now())
+                        if row.id in applied:
+                            logger.error(
+                                "the store refused the outcome of job %s (%s); recorded as "
+                                "a failed attempt instead: %s", row.id, row.task, refused,
+                                extra={"job_id": row.id, "task": row.task,
+                                       "attempt": row.attempts},
+                            )  # fmt: skip
+                    outbox.pop(0)
+                    self._acknowledged([(row, outcome, duration)], applied)
+                    written += 1
+            except Exception:  # the caller raises its own failure, the same store's
+                logger.debug("writing outcomes one at a time failed too", exc_info=True)
+            finally:
+                self._outbox[:0] = outbox
         return written
 
-    def _acknowledged(
-        self, outbox: list[tuple[JobRow, Outcome, float]], applied: Sequence[str]
-    ) -> None:
+    @contextmanager
+    def _take_outbox(self) -> Iterator[list[_Finished]]:
+        """The outbox, taken to be written. Until each outcome is written (or put back
+        after a failure), heartbeats still renew its job's lease: else a slow write
+        could outlast it and the job run again."""
+        outbox, self._outbox = self._outbox, []
+        self._writing.append(outbox)
+        try:
+            yield outbox
+        finally:
+            self._writing = [taken for taken in self._writing if taken is not outbox]
+
+    def _acknowledged(self, outbox: list[_Finished], applied: Sequence[str]) -> None:
         ids = set(applied)
         cancelled = applied.cancelled if isinstance(applied, Applied) else frozenset()
         for row, outcome, duration in outbox:

@@ -499,8 +499,8 @@ async def test_an_outcome_whose_write_failed_at_shutdown_goes_with_the_next_writ
     make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """While stop waits for a long job, the writes of a shorter one's outcome fail (with
-    it, alone, and a failed attempt in its place: the store fails, not the outcome); the
-    next write, as the long job ends, records both (the first was dropped)."""
+    it, then alone: the store fails, not the outcome); the next write, as the long job
+    ends, records both (the first was dropped)."""
     jobs = make_jobs(shutdown_timeout=600, concurrency=2)
     go = {0: anyio.Event(), 1: anyio.Event()}
     started: list[int] = []
@@ -514,7 +514,7 @@ async def test_an_outcome_whose_write_failed_at_shutdown_goes_with_the_next_writ
 
     async def failing_once(*args: Any, **kwargs: Any) -> list[str]:
         wrote.append(1)
-        if len(wrote) <= 3:
+        if len(wrote) <= 2:
             raise StoreError("disk I/O error")
         return await store_finish(*args, **kwargs)
 
@@ -528,7 +528,7 @@ async def test_an_outcome_whose_write_failed_at_shutdown_goes_with_the_next_writ
                 tg.start_soon(jobs.stop)
                 await until(lambda: jobs._stop_requested.is_set())
                 go[1].set()
-                await until(lambda: len(wrote) == 3)
+                await until(lambda: len(wrote) == 2)
                 go[0].set()
     finally:
         go[0].set()
@@ -574,7 +574,8 @@ async def test_stop_goes_on_without_a_job_that_ignores_its_cancellation(
     assert row is not None
     assert (row.status, row.attempts) == ("running", 1)  # still leased: not lost
     assert "ignored its cancellation" in caplog.text
-    await jobs.store.recover(now=clock.now() + 60)
+    # A heartbeat may have renewed the lease at the clock's last reading: past that.
+    await jobs.store.recover(now=clock.now() + 61)
     assert (await job.info()).status == "queued"  # the lease expired: it runs again
 
 

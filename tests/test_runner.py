@@ -13,9 +13,10 @@ from typing import Any
 import anyio
 import pytest
 
-from asyncjobs import Jobs, JobStatus, Retry, current_job
+from asyncjobs import Jobs, JobStatus, Retry, StoreError, current_job
 from asyncjobs._clock import SystemClock
 from asyncjobs.stores import SQLiteStore
+from asyncjobs.stores._protocol import Outcome
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]
@@ -552,6 +553,90 @@ async def test_an_outcome_the_store_refuses_for_good_is_recorded_as_a_failed_att
     assert await jobs.retry(big.id)
     await drain(jobs)
     assert await big.result(timeout=1) == "x" * 10
+
+
+async def test_an_outcome_whose_writes_meet_a_locked_file_is_kept_not_failed(
+    make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holds the write lock past the busy timeout, through the write
+    of the outbox and of the outcome alone: the store fails, not the outcome. It is
+    written once the lock is gone; the job ran once."""
+    jobs = make_jobs()
+    store = jobs.store
+    assert isinstance(store, SQLiteStore)
+    store.busy_timeout = 0.02  # each refused write gives up after a few of these
+    runs: list[int] = []
+
+    @jobs.task(retries=0)
+    async def work() -> str:
+        runs.append(1)
+        return "done"
+
+    job = await work.enqueue()
+    runner = jobs.runner
+    assert await runner.claim() == 1
+    with anyio.fail_after(5):
+        while runner.running:
+            await anyio.lowlevel.checkpoint()
+    other = sqlite3.connect(store.path, isolation_level=None, timeout=0)
+    other.execute("BEGIN IMMEDIATE")
+    store_finish, refused = store.finish, []
+
+    async def locked_twice(outcomes: list[Outcome], *, now: float) -> list[str]:
+        try:
+            return await store_finish(outcomes, now=now)
+        except StoreError:
+            refused.append(len(outcomes))
+            if len(refused) == 2:
+                other.execute("COMMIT")  # the other process's write ends just then
+            raise
+
+    monkeypatch.setattr(store, "finish", locked_twice)
+    try:
+        assert await runner.flush_outbox() == 0  # refused, logged, kept
+    finally:
+        other.close()
+    assert refused == [1, 1]  # the outbox, then the outcome alone
+    assert (await job.info()).status == JobStatus.RUNNING  # its lease covers it
+    assert await runner.flush_outbox() == 1
+    assert await job.result(timeout=1) == "done"
+    assert runs == [1]
+
+
+async def test_outcomes_written_one_at_a_time_keep_their_leases(
+    make_jobs: MakeJobs, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outbox is written apart (one outcome is refused); a slow single write lasts
+    longer than a lease, with heartbeats as usual: the others' leases hold."""
+    jobs = make_jobs(visibility_timeout=60)
+    runs: list[str] = []
+
+    @jobs.task(retries=1)
+    async def huge() -> str:
+        runs.append("huge")
+        return "x" * 200_000
+
+    @jobs.task
+    async def small() -> str:
+        runs.append("small")
+        return "ok"
+
+    await limit_value_length(jobs, 100_000)
+    first, second = await huge.enqueue(), await small.enqueue()
+    store_finish = jobs.store.finish
+
+    async def slow_for_huge(outcomes: list[Outcome], *, now: float) -> list[str]:
+        if [o.job_id for o in outcomes] == [first.id]:
+            for _ in range(4):  # 4/3 of a lease, heartbeats every third of one
+                clock.advance(20)
+                await jobs.runner.heartbeat_once()
+            await jobs.runner.recover()  # as any worker's maintenance would
+        return await store_finish(outcomes, now=now)
+
+    monkeypatch.setattr(jobs.store, "finish", slow_for_huge)
+    await drain(jobs)
+    assert await second.result(timeout=1) == "ok"
+    assert runs.count("small") == 1
 
 
 # -- workers in the event loop -------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
 
-from asyncjobs._errors import StoreError
+from asyncjobs._errors import DataRefused, StoreError
 from asyncjobs.stores._postgres_schema import migrate
 from asyncjobs.stores._postgres_sql import channel
 
@@ -185,7 +185,11 @@ class _Connections:
             yield
         except DRIVER_ERRORS as error:
             if not is_connection_error(error):
-                raise StoreError(f"PostgreSQL store {self!r} ({what}): {error}") from error
+                # Class 22 (data exception) and 54 (program limit exceeded): the server
+                # refused a value itself, as it will every time.
+                refused = isinstance(error, (asyncpg.DataError, asyncpg.ProgramLimitExceededError))
+                kind = DataRefused if refused else StoreError
+                raise kind(f"PostgreSQL store {self!r} ({what}): {error}") from error
             delay = self._backoff()
             raise StoreError(
                 f"PostgreSQL store {self!r} is unreachable ({what}): "

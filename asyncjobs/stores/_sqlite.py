@@ -32,7 +32,7 @@ import aiosqlite
 import anyio
 import anyio.to_thread
 
-from asyncjobs._errors import ConfigurationError, StoreError
+from asyncjobs._errors import ConfigurationError, DataRefused, StoreError
 from asyncjobs.stores._protocol import (
     SLOT_KEY,
     ClaimRequest,
@@ -246,8 +246,14 @@ class SQLiteStore:
         try:
             result: T = await db._execute(fn, raw, *args, **kwargs)  # type: ignore[no-untyped-call]
         except sqlite3.Error as error:
-            raise StoreError(f"SQLite store {self.path}: {error}") from error
+            raise self._error(error) from error
         return result
+
+    def _error(self, error: sqlite3.Error) -> StoreError:
+        """A driver error as a ``StoreError``; ``DataRefused`` when SQLite refused a
+        value itself (``SQLITE_TOOBIG`` and the like), which no retry will change."""
+        kind = DataRefused if isinstance(error, sqlite3.DataError) else StoreError
+        return kind(f"SQLite store {self.path}: {error}")
 
     @staticmethod
     def _write(
@@ -310,7 +316,7 @@ class SQLiteStore:
             try:
                 result = write(fn, *args, **kwargs)
             except sqlite3.Error as error:
-                raise StoreError(f"SQLite store {self.path}: {error}") from error
+                raise self._error(error) from error
             if result is not None:
                 self._committed()
                 return result
@@ -401,7 +407,7 @@ class SQLiteStore:
         try:
             rows = None if self._watch is None else self._watch.try_read(_next_run_at)
         except sqlite3.Error as error:
-            raise StoreError(f"SQLite store {self.path}: {error}") from error
+            raise self._error(error) from error
         if rows is None:
             rows = await self._call(_next_run_at)
         value = rows[0][0]

@@ -15,6 +15,7 @@ import anyio
 import pytest
 
 from asyncjobs import ConfigurationError, Jobs, JobStatus, StoreError
+from asyncjobs._errors import DataRefused
 from asyncjobs.stores import ClaimRequest, PostgresStore, TaskLimits
 from asyncjobs.stores._protocol import Claimed, Inserted, Outcome, OutcomeKind
 from asyncjobs.testing import FakeClock
@@ -567,3 +568,19 @@ def test_command_timeout_is_read_from_the_url_and_checked() -> None:
     for bad in ("x", "0", "-1", "inf"):
         with pytest.raises(ConfigurationError, match="command_timeout"):
             PostgresStore(f"postgresql://h/db?command_timeout={bad}")
+
+
+async def test_a_value_the_server_refuses_is_data_refused_not_the_store_failing(
+    postgres_url: str,
+) -> None:
+    """The runner records an outcome refused as data as a failed attempt; any other
+    failure leaves outcomes to be written again."""
+    store = PostgresStore(postgres_url)
+    try:
+        with pytest.raises(DataRefused, match="invalid input syntax"):
+            await store._run("check", lambda conn: conn.fetchval("SELECT 'many'::int"))
+        with pytest.raises(StoreError) as failed:
+            await store._run("check", lambda conn: conn.fetchval("SELECT * FROM nowhere"))
+        assert not isinstance(failed.value, DataRefused)
+    finally:
+        await store.close()
