@@ -13,7 +13,9 @@ against a baseline measured in the same run (rounds alternate):
    that many requests), on a plain ``sqlite3`` connection to a file with the real schema:
    the insert of jobs dispatched at once (running, ``RETURNING`` their seq), the write of
    their successes, and a claim that finds nothing. Baseline: the same rows inserted into
-   a table with the same columns and no index.
+   a table with the same columns and no index. Two alternatives to the group commit's
+   writes, each against them: the last batch's outcomes written in the next batch's
+   insert transaction, and each insert in a transaction of its own.
 """
 
 from __future__ import annotations
@@ -111,6 +113,13 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+def _insert_and_finish(
+    db: sqlite3.Connection, new: list[NewJob], outcomes: list[Outcome], now: float
+) -> None:
+    insert_jobs(db, new, now)
+    _finish(db, outcomes, now)
+
+
 def statements(directory: Path, batch: int, batches: int) -> dict[str, float]:
     """µs per job of each statement, the commit included, and of the baseline."""
     db = _connect(directory / f"store-{time.perf_counter_ns()}.db")
@@ -122,7 +131,9 @@ def statements(directory: Path, batch: int, batches: int) -> dict[str, float]:
         worker="w", tasks={"record": TaskLimits(max_attempts=4)}, queues=None, limit=50,
         lease=60.0, queue_concurrency={}, limiters={}, ahead=0,
     )  # fmt: skip
-    spent = dict.fromkeys(("plain insert", "insert", "finish", "empty claim"), 0.0)
+    spent = dict.fromkeys(
+        ("plain insert", "insert", "finish", "empty claim", "insert+finish", "insert alone"), 0.0
+    )
 
     def timed(name: str, write: Callable[..., object], *args: object) -> None:
         start = time.process_time()
@@ -131,6 +142,7 @@ def statements(directory: Path, batch: int, batches: int) -> dict[str, float]:
         db.execute("COMMIT")
         spent[name] += time.process_time() - start
 
+    pending: list[Outcome] = []  # "insert+finish": the last batch's outcomes
     for _ in range(batches):
         now = time.time()
         new = [
@@ -148,6 +160,14 @@ def statements(directory: Path, batch: int, batches: int) -> dict[str, float]:
         ]
         timed("finish", _finish, db, outcomes, now)
         timed("empty claim", _claim, db, request, now)
+        # The outcomes of the previous batch written in this batch's insert transaction,
+        # as if they rode with the next group commit (against insert + finish above).
+        later = [j._replace(id=new_job_id(now)) for j in new]
+        timed("insert+finish", _insert_and_finish, db, later, pending, now)
+        pending = [o._replace(job_id=j.id) for o, j in zip(outcomes, later, strict=True)]
+        # Each enqueue committed alone: no group commit for a request to wait on.
+        for job in (j._replace(id=new_job_id(now)) for j in new):
+            timed("insert alone", insert_jobs, db, [job], now)
     db.close()
     per_job = {name: s / (batch * batches) * 1e6 for name, s in spent.items()}
     per_job["empty claim"] *= batch  # one claim per batch: report it per claim
@@ -192,6 +212,14 @@ def main() -> None:
             print(f"  {name:>12}: {value:6.2f} µs per job  ({value / plain:.1f}x the plain insert)")
         value = statistics.median(r["empty claim"] for r in runs)
         print(f"  {'empty claim':>12}: {value:6.2f} µs per claim")
+        apart = statistics.median(r["insert"] + r["finish"] for r in runs)
+        value = statistics.median(r["insert+finish"] for r in runs)
+        print(f"  insert, and the last batch's finish, in one transaction: {value:6.2f} µs per "
+              f"job ({value / apart:.2f}x the two apart, {apart:.2f} µs)")  # fmt: skip
+        value = statistics.median(r["insert alone"] for r in runs)
+        batched = statistics.median(r["insert"] for r in runs)
+        print(f"  each insert in a transaction of its own: {value:6.2f} µs per job "
+              f"({value / batched:.1f}x in batches)")  # fmt: skip
 
 
 if __name__ == "__main__":
