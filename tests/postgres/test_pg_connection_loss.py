@@ -14,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import pytest
 
-from asyncjobs import ConfigurationError, Jobs, JobStatus, StoreError
+from asyncjobs import ConfigurationError, Jobs, JobStatus, StoreError, Task
 from asyncjobs._errors import DataRefused
 from asyncjobs.stores import ClaimRequest, PostgresStore, TaskLimits
 from asyncjobs.stores._protocol import Claimed, Inserted, Outcome, OutcomeKind
@@ -128,6 +128,18 @@ def lose_the_reply_of_the_next(jobs: Jobs, answer: type, *, late: bool = False) 
     return lost
 
 
+def recording_task(jobs: Jobs) -> tuple[Task[[int], None], list[int]]:
+    """Register the task "t" (no retries: an attempt spent unrun ends it dead); each
+    run appends its argument to the list."""
+    ran: list[int] = []
+
+    @jobs.task(name="t", retries=0)
+    async def t(n: int) -> None:
+        ran.append(n)
+
+    return t, ran
+
+
 @pytest.mark.parametrize("finishing", [False, True], ids=["claim", "finish-and-claim"])
 async def test_jobs_a_claim_took_before_its_reply_was_lost_run_on_their_first_attempt(
     make_jobs: MakeJobs, postgres_url: str, finishing: bool, caplog: pytest.LogCaptureFixture
@@ -136,12 +148,7 @@ async def test_jobs_a_claim_took_before_its_reply_was_lost_run_on_their_first_at
     no retries left, they would end dead without having run. The outcomes the lost try
     wrote count as written (not logged as 'no longer ours')."""
     jobs = make_jobs(postgres_url, concurrency=1)
-    ran: list[int] = []
-
-    @jobs.task(name="t", retries=0)
-    async def t(n: int) -> None:
-        ran.append(n)
-
+    t, ran = recording_task(jobs)
     enqueued = [await t.enqueue(n) for n in range(6)]
     lost = lose_the_reply_of_the_next(jobs, tuple if finishing else Claimed)
     with caplog.at_level(logging.INFO, logger="asyncjobs"):
@@ -166,12 +173,7 @@ async def test_jobs_a_claim_took_before_its_reply_came_too_late_run_on_their_fir
     jobs = make_jobs(postgres_url, concurrency=1, poll_interval=1, visibility_timeout=3600)
     store: Any = jobs.store
     store.max_backoff = 0.0  # the next claim tries at once: fake time runs fast below
-    ran: list[int] = []
-
-    @jobs.task(name="t", retries=0)
-    async def t(n: int) -> None:
-        ran.append(n)
-
+    t, ran = recording_task(jobs)
     enqueued = [await t.enqueue(n) for n in range(4)]
     if finishing:  # the first job runs; the claim that writes its outcome comes late
         await jobs.runner.claim()
@@ -229,12 +231,7 @@ async def test_jobs_an_unanswered_claim_took_go_back_when_the_workers_stop(
     """No claim comes after it to hand them out: they waited out their leases, and
     spent an attempt they never had."""
     jobs = make_jobs(postgres_url, visibility_timeout=3600)
-    ran: list[int] = []
-
-    @jobs.task(name="t", retries=0)
-    async def t(n: int) -> None:
-        ran.append(n)
-
+    t, ran = recording_task(jobs)
     enqueued = [await t.enqueue(n) for n in range(3)]
     store: Any = jobs.store
     lost = lose_the_reply_of_the_next(jobs, Claimed, late=True)
