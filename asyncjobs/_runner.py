@@ -273,7 +273,7 @@ class Runner(_Leases, _Execution):
                     applied, rows = [], await self.jobs.store.claim(request, now=now)
             except BaseException as error:
                 self._outbox[:0] = outbox  # written by the next round; leases cover a crash
-                if outbox and isinstance(error, Exception):
+                if outbox and isinstance(error, DataRefused):
                     written = await self._write_apart()
                     if written:
                         self._backlog = True  # claim next round, at once
@@ -403,7 +403,7 @@ class Runner(_Leases, _Execution):
                 )
             except BaseException as error:
                 self._outbox[:0] = outbox  # heartbeats keep their leases meanwhile
-                if isinstance(error, Exception):
+                if isinstance(error, DataRefused):
                     written = await self._write_apart()
                     if written:
                         return written
@@ -412,9 +412,10 @@ class Runner(_Leases, _Execution):
         return len(outbox)
 
     async def _write_apart(self) -> int:
-        """After a failed write: write the outcomes one at a time, so that one the
-        database refuses for good (a result over its size limit) holds back neither the
-        others nor this worker, whose claims carry the outbox.
+        """After a write refused as data: write the outcomes one at a time, so that one
+        the database refuses for good (a result over its size limit) holds back neither
+        the others nor this worker, whose claims carry the outbox. (After any other
+        failure, of the store itself, a write apart would fail the same way.)
 
         An outcome refused as data (``DataRefused``) is recorded as a failed attempt
         instead: the job is retried, or dead when out of attempts, and shows why. Any
