@@ -242,9 +242,7 @@ class PostgresStore(_Connections):
                 async with conn.transaction():
                     kinds.update(await sql.finish(conn, rest, now))
             if again:
-                kinds.update(
-                    dict.fromkeys(await sql.finished_before(conn, outcomes, kinds, now), "")
-                )
+                kinds.update(await sql.finished_before(conn, outcomes, kinds, now))
             return sql.applied(outcomes, kinds)
 
         return await self._run("finish", finish)
@@ -267,7 +265,7 @@ class PostgresStore(_Connections):
                         kinds.update(await sql.finish(conn, rest, now))
                     if again:
                         found = await sql.finished_before(conn, outcomes, kinds, now)
-                        kinds.update(dict.fromkeys(found, ""))
+                        kinds.update(found)
                     claimed = await sql.claim_after(conn, request, now, earlier, again=again)
                 return sql.applied(outcomes, kinds), claimed
 

@@ -204,14 +204,16 @@ async def notify(conn: Connection) -> None:
 
 # The rows that claims of worker $1 at the times $2 took, if it still holds them. A claim
 # is the only write that sets started_at (heartbeats move lease_until alone), and one
-# worker claims at one time once.
-_CLAIMED_AT = "status = 'running' AND worker = $1 AND started_at = ANY($2::float8[])"
-_CLAIMED_UNSEEN = f"""SELECT id, attempts, cancel_requested_at IS NOT NULL AS stopping
-    FROM asyncjobs_jobs WHERE {_CLAIMED_AT} FOR UPDATE"""  # noqa: S608 - constants
-# ...those not asked to stop, taken again as if claimed now ($3) with a lease ending at
-# $4, so a later claim that hands out this one's rows (its answer lost too) finds them.
+# worker claims at one time once. Rows asked to stop meanwhile are left to lease
+# recovery, which ends them cancelled: this worker may be running one (a job
+# dispatched here at that same instant), and then its next heartbeat stops it.
+_CLAIMED_AT = """status = 'running' AND worker = $1 AND started_at = ANY($2::float8[])
+    AND cancel_requested_at IS NULL"""
+_CLAIMED_UNSEEN = f"SELECT id, attempts FROM asyncjobs_jobs WHERE {_CLAIMED_AT} FOR UPDATE"  # noqa: S608
+# ...taken again as if claimed now ($3) with a lease ending at $4, so a later claim that
+# hands out this one's rows (its answer lost too) finds them.
 _CLAIMED_BEFORE = f"""UPDATE asyncjobs_jobs SET started_at = $3, lease_until = $4
-    WHERE {_CLAIMED_AT} AND cancel_requested_at IS NULL RETURNING {SELECT}"""  # noqa: S608
+    WHERE {_CLAIMED_AT} RETURNING {SELECT}"""  # noqa: S608 - constants
 
 
 async def claim_after(
@@ -237,19 +239,11 @@ async def claim_again(
     timeout): each may have committed. ``earlier`` holds the time and lease end of each.
     The rows they took (still running under this worker, unseen by it) come back with
     the claim's own, leased anew, so they run now rather than wait out their leases and
-    spend an attempt they never had; those cancelled meanwhile end cancelled instead.
-    The runner drops any it already holds (``handed_back``)."""
-    if not conn.is_in_transaction():
-        async with conn.transaction():
-            return await claim_again(conn, request, now, earlier)
-    unseen = await _release_stopping(conn, request.worker, earlier, now, everything=False)
-    lost: list[JobRow] = []
-    if unseen:
-        starts = [started for started, _ in earlier]
-        records = await conn.fetch(
-            _CLAIMED_BEFORE, request.worker, starts, now, now + request.lease
-        )
-        lost = [job_row(r) for r in records]
+    spend an attempt they never had. The runner drops any it already holds
+    (``handed_back``)."""
+    starts = [started for started, _ in earlier]
+    records = await conn.fetch(_CLAIMED_BEFORE, request.worker, starts, now, now + request.lease)
+    lost = [job_row(r) for r in records]
     limit = max(0, request.limit - len(lost))
     rows = await claim(conn, replace(request, limit=limit, ahead=min(request.ahead, limit)), now)
     next_token_at = rows.next_token_at if isinstance(rows, Claimed) else None
@@ -262,30 +256,14 @@ async def release_claimed(
     """Give back, attempt unspent, the rows the claims of a stopped ``worker`` whose
     answer never came took (``earlier``: time and lease end of each), as the runner
     gives back jobs it claimed ahead (inside a transaction)."""
-    await _release_stopping(conn, worker, earlier, now, everything=True)
-
-
-async def _release_stopping(
-    conn: Connection,
-    worker: str,
-    earlier: Sequence[tuple[float, float]],
-    now: float,
-    *,
-    everything: bool,
-) -> int:
-    """Release (``everything``) or, else, those asked to stop of the rows unanswered
-    claims of ``worker`` took: a release ends a job asked to stop cancelled and moves
-    its chain and batch on. Returns how many rows are left to hand out."""
     starts = [started for started, _ in earlier]
     rows = await conn.fetch(_CLAIMED_UNSEEN, worker, starts)
-    released = [r for r in rows if everything or r["stopping"]]
-    if released:
-        outcomes = [
-            Outcome(job_id=r["id"], worker=worker, attempt=r["attempts"], kind=OutcomeKind.RELEASE)
-            for r in released
-        ]
+    outcomes = [
+        Outcome(job_id=r["id"], worker=worker, attempt=r["attempts"], kind=OutcomeKind.RELEASE)
+        for r in rows
+    ]
+    if outcomes:
         await finish(conn, outcomes, now)
-    return len(rows) - len(released)
 
 
 async def claim(conn: Connection, request: ClaimRequest, now: float) -> list[JobRow]:
@@ -455,7 +433,8 @@ async def finish(conn: Connection, outcomes: Sequence[Outcome], now: float) -> d
 
 
 _FINISHED_BEFORE = """
-SELECT j.id FROM asyncjobs_jobs AS j
+SELECT j.id, CASE WHEN j.status = 'cancelled' THEN 'cancelled' ELSE o.kind END AS kind
+FROM asyncjobs_jobs AS j
 JOIN unnest($2::text[], $3::text[], $4::int[], $5::text[], $6::float8[])
     AS o(id, worker, attempt, kind, run_at) ON j.id = o.id
 WHERE CASE
@@ -472,14 +451,15 @@ WHERE CASE
 
 async def finished_before(
     conn: Connection, outcomes: Sequence[Outcome], applied: Collection[str], now: float
-) -> set[str]:
+) -> dict[str, str]:
     """Of ``outcomes`` not ``applied`` by a finish retried after its reply was lost,
-    those its first try applied: each row reads as that outcome at ``now`` left it,
+    those its first try applied, with the kind each took: each row reads as that
+    outcome at ``now`` left it,
     which neither lease recovery (no worker, its own time) nor another worker's
     attempt (another worker or attempt number) can have done."""
     rest = [o for o in outcomes if o.job_id not in applied]
     if not rest:
-        return set()
+        return {}
     records = await conn.fetch(
         _FINISHED_BEFORE,
         now,
@@ -489,7 +469,7 @@ async def finished_before(
         [str(o.kind) for o in rest],
         [o.run_at for o in rest],
     )
-    return {r["id"] for r in records}
+    return {r["id"]: r["kind"] for r in records}
 
 
 async def wait_again(conn: Connection, job_id: str, now: float) -> None:

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import pytest
 
-from asyncjobs import ConfigurationError, Jobs, JobStatus, StoreError, Task
+from asyncjobs import ConfigurationError, Jobs, JobStatus, StoreError, Task, current_job
 from asyncjobs._errors import DataRefused
 from asyncjobs.stores import ClaimRequest, PostgresStore, TaskLimits
 from asyncjobs.stores._protocol import Claimed, Inserted, Outcome, OutcomeKind
@@ -326,7 +326,8 @@ async def test_a_job_a_late_claim_took_is_found_though_heartbeats_moved_its_leas
 async def test_a_job_cancelled_while_a_late_claim_held_it_unseen_ends_cancelled_unrun(
     make_jobs: MakeJobs, postgres_url: str, clock: FakeClock
 ) -> None:
-    jobs = make_jobs(postgres_url, workers=False, concurrency=1)
+    """The next claim does not hand it out: lease recovery ends it cancelled."""
+    jobs = make_jobs(postgres_url, workers=False, concurrency=1, visibility_timeout=60)
     runs: list[str] = []
 
     @jobs.task(name="t")
@@ -341,12 +342,80 @@ async def test_a_job_cancelled_while_a_late_claim_held_it_unseen_ends_cancelled_
         await jobs.runner.claim()
     assert await jobs.cancel(job.id)  # it reads running: asked to stop
     clock.advance(1)
-    await jobs.runner.claim()
-    await jobs.runner.flush_outbox()
+    assert await jobs.runner.claim() == 0
+    clock.advance(60)
+    await jobs.runner.recover()
     assert runs == []
-    info = await jobs.get(job.id)
-    assert info is not None
-    assert info.status == JobStatus.CANCELLED
+    assert (await job.info()).status == JobStatus.CANCELLED
+
+
+async def test_a_retried_claim_leaves_alone_a_job_running_here_that_was_asked_to_stop(
+    make_jobs: MakeJobs, postgres_url: str, clock: FakeClock
+) -> None:
+    """Dispatched here at the instant of a claim whose reply was lost, and asked to stop
+    by another process: the retried claim must not end it while it runs here (its
+    heartbeat stops it, or it finishes first and keeps that outcome)."""
+    jobs = make_jobs(postgres_url, concurrency=2)
+    release = anyio.Event()
+    runs: list[int] = []
+
+    @jobs.task(name="hold")
+    async def hold(n: int) -> str:
+        runs.append(n)
+        await release.wait()
+        return "done"
+
+    async with jobs:
+        with anyio.fail_after(10):
+            while jobs.runner._backlog:  # the first claim found the queue empty
+                await anyio.lowlevel.checkpoint()
+            job = await hold.enqueue(1)
+            while not runs:
+                await anyio.lowlevel.checkpoint()
+            assert await jobs.store.cancel([job.id], now=clock.now())  # another process
+            lost = lose_the_reply_of_the_next(jobs, Claimed)
+            await jobs.runner.claim()  # the fake clock still reads the dispatch's time
+            assert lost
+            assert job.id in jobs.runner.running
+            assert (await job.info()).status == JobStatus.RUNNING
+            release.set()
+            assert await job.result() == "done"
+    assert runs == [1]
+
+
+@pytest.mark.parametrize("answer", [list, tuple], ids=["finish", "finish-and-claim"])
+async def test_a_failure_ended_cancelled_is_logged_so_after_a_lost_reply(
+    make_jobs: MakeJobs, postgres_url: str, clock: FakeClock, caplog: pytest.LogCaptureFixture,
+    answer: type,
+) -> None:  # fmt: skip
+    """The retried write finds what its first try wrote, cancelled included."""
+    jobs = make_jobs(postgres_url, workers=False, concurrency=1)
+
+    @jobs.task(name="flaky", retries=3)
+    async def flaky() -> None:
+        await jobs.store.cancel([current_job().id], now=clock.now())  # another process
+        raise RuntimeError("down")
+
+    @jobs.task(name="other")
+    async def other() -> None: ...
+
+    caplog.set_level(logging.INFO, logger="asyncjobs")
+    job = await jobs.enqueue(flaky)
+    runner = jobs.runner
+    await runner.claim()
+    with anyio.fail_after(5):
+        while runner.running:
+            await anyio.lowlevel.checkpoint()
+    lost = lose_the_reply_of_the_next(jobs, answer)
+    if answer is list:
+        assert await runner.flush_outbox() == 1
+    else:
+        await jobs.enqueue(other)  # something to claim: a finish and claim
+        await runner.claim()
+    assert lost
+    assert (await job.info()).status == JobStatus.CANCELLED
+    ours = [r for r in caplog.records if getattr(r, "job_id", None) == job.id]
+    assert [getattr(r, "outcome", None) for r in ours if hasattr(r, "outcome")] == ["cancelled"]
 
 
 @pytest.mark.parametrize(
