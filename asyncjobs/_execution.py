@@ -171,6 +171,12 @@ class _Execution:
                 encoded = encode(result, what=f"the result of task {row.task!r}")
             except NotSerializable as error:
                 return self._failure(row, f"NotSerializable: {error}")
+            if len(encoded) > MAX_RESULT_BYTES:  # ensure_ascii: characters == bytes
+                return self._failure(
+                    row, f"PayloadTooLarge: the result of task {row.task!r} encodes to "
+                    f"{len(encoded)} bytes, over the {MAX_RESULT_BYTES} a result may take: "
+                    "store large data elsewhere and return a key",
+                )  # fmt: skip
             return self._outcome(row, OutcomeKind.SUCCEEDED, result=encoded)
         except Retry as signal:
             return self._failure(row, f"Retry: {signal}", delay=signal.delay)
@@ -257,6 +263,10 @@ class _Execution:
         else:
             logger.info("job %s (%s) %s", row.id, row.task, outcome.kind, extra=extra)
 
+
+MAX_RESULT_BYTES = 64 * 1024 * 1024
+"""A larger result is a failed attempt: far below what either database refuses (SQLite
+1e9 bytes, PostgreSQL 1 GB), so a result never holds up the write of the others."""
 
 _INFO_OUTCOMES = frozenset({OutcomeKind.SUCCEEDED, OutcomeKind.CANCELLED, OutcomeKind.RELEASE})
 

@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
-from asyncjobs import Jobs, JobStatus, Retry, StoreError, current_job
+from asyncjobs import Jobs, JobStatus, Retry, StoreError, _execution, current_job
 from asyncjobs._clock import SystemClock
 from asyncjobs.stores import SQLiteStore
 from asyncjobs.stores._protocol import Outcome
@@ -506,6 +506,23 @@ async def test_a_result_that_is_not_json_is_a_failure(jobs: Jobs) -> None:
     info = await job.info()
     assert info.status == "dead"
     assert "NotSerializable" in (info.error or "")
+
+
+async def test_a_result_over_the_size_a_result_may_take_is_a_failure(
+    jobs: Jobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_execution, "MAX_RESULT_BYTES", 1000)
+
+    @jobs.task(retries=0)
+    async def report(size: int) -> str:
+        return "x" * size
+
+    fits, too_large = await report.enqueue(998), await report.enqueue(999)  # + 2 quotes
+    await drain(jobs)
+    assert await fits.result(timeout=1) == "x" * 998
+    info = await too_large.info()
+    assert info.status == JobStatus.DEAD
+    assert "1001 bytes, over the 1000" in (info.error or "")
 
 
 async def limit_value_length(jobs: Jobs, limit: int) -> None:
