@@ -412,16 +412,16 @@ class Runner(_Leases, _Execution):
         return len(outbox)
 
     async def _write_apart(self) -> int:
-        """After a write refused as data: write the outcomes one at a time, so that one
-        the database refuses for good (a result over its size limit) holds back neither
-        the others nor this worker, whose claims carry the outbox. (After any other
-        failure, of the store itself, a write apart would fail the same way.)
+        """After a write refused as data (``DataRefused``): write the outcomes one at a
+        time, so that one the database refuses for good (a result over its size limit)
+        holds back neither the others nor this worker, whose claims carry the outbox.
+        (After a failure of the store itself, down, locked or timing out, pieces would
+        fail the same way: the callers do not come here.)
 
-        An outcome refused as data (``DataRefused``) is recorded as a failed attempt
-        instead: the job is retried, or dead when out of attempts, and shows why. Any
-        other failure (down, locked, timing out) is the store's, not the outcome's: the
-        outcomes stay for the next write, their leases renewed meanwhile. Returns how
-        many outcomes were written (the callers shield it)."""
+        An outcome refused as data on its own is recorded as a failed attempt instead:
+        the job is retried, or dead when out of attempts, and shows why. Should the
+        store fail meanwhile, the outcomes left stay for the next write, their leases
+        renewed. Returns how many outcomes were written (the callers shield it)."""
         store, written = self.jobs.store, 0
         with self._take_outbox() as outbox:
             try:

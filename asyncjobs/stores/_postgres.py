@@ -473,9 +473,12 @@ class PostgresStore(_Connections):
             # Once, now: not held back by the reconnect backoff that the failed claim
             # itself may have started (its reply came late).
             await self._run("release", release, now=True)
-        except StoreError:
-            # Kept: if the same Jobs starts again, its first claim hands them out.
+        except BaseException as error:
+            # Kept (cut short too): if the same Jobs starts again, its first claim hands
+            # them out.
             self._unanswered[worker] = earlier + self._unanswered.get(worker, [])
+            if not isinstance(error, StoreError):
+                raise
             logger.warning(
                 "giving back the jobs of %d claim(s) whose answer was lost failed; they "
                 "run again once their leases expire", len(earlier), exc_info=True,
