@@ -552,16 +552,20 @@ class Runner(_Leases, _Execution):
         """Every slot is busy or promised: wait until one frees. The outcomes of jobs
         that ended meanwhile wait ``_OUTBOX_DELAY`` at most for the claim that slot
         makes, then go alone (long jobs may hold every slot for minutes)."""
+        # The event of the slot that frees next, taken before any write: a job that
+        # ends during the write sets this one and puts a new one in its place.
+        freed = self._slot_freed
         if self._outbox:
             with within(self.clock, _OUTBOX_DELAY):
-                await self._slot_freed.wait()
+                await freed.wait()
             if self.room > 0:
                 return
+            freed = self._slot_freed
             if not await self.flush_outbox():  # the write failed (logged): pause
                 with within(self.clock, self.settings.poll_interval):
-                    await self._slot_freed.wait()
+                    await freed.wait()
                 return
-        await self._slot_freed.wait()
+        await freed.wait()
         # Jobs acked in one write free their slots in the next few loop iterations;
         # claim once for all of them rather than one by one.
         for _ in range(3):
@@ -608,8 +612,14 @@ class Runner(_Leases, _Execution):
         running in the store while others run on, and its lease could expire)."""
         await self.flush_outbox()  # jobs claimed ahead, given back when shutdown began
         while self.running or self._reserved:
-            await self._slot_freed.wait()
-            await self.flush_outbox()
+            freed = self._slot_freed  # before the write: a job may end during it
+            if self._outbox and await self.flush_outbox():
+                continue
+            if self._outbox:  # the write failed (logged): again after a pause
+                with within(self.clock, self.settings.poll_interval):
+                    await freed.wait()
+            else:
+                await freed.wait()
 
 
 def _dispatched_row(job: NewJob, seq: int, now: float) -> JobRow:

@@ -6,6 +6,7 @@ task of its own, so context variables never leak from one job to the next."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from typing import Any
@@ -14,6 +15,7 @@ import anyio
 
 from asyncjobs import Jobs, Retry, current_job
 from asyncjobs._runner import _PREFETCH_MAX
+from asyncjobs.stores import SQLiteStore
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]
@@ -418,3 +420,56 @@ async def test_a_job_whose_task_is_cancelled_before_its_first_step_goes_back_uns
     info = await job.info()
     assert (info.status, info.attempts) == ("queued", 0)
     assert ran == []
+
+
+async def test_a_job_ending_while_the_outbox_is_written_alone_is_not_left_behind(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """Every slot busy, the outbox is written alone while another process holds the
+    write lock, and the last running job ends during that write: its outcome is
+    written and the worker claims on (its slot's wakeup was lost: nothing ran again)."""
+    jobs = make_jobs(concurrency=1, poll_interval=3600, visibility_timeout=60)
+    producer = make_jobs(workers=False)
+    store = jobs.store
+    assert isinstance(store, SQLiteStore)
+    gates = {"A": anyio.Event(), "B": anyio.Event()}
+
+    @jobs.task(name="quick")
+    async def quick() -> str:
+        return "q"
+
+    @jobs.task(name="gated")
+    async def gated(name: str) -> str:
+        await gates[name].wait()
+        if name == "A":
+            clock.advance(10)  # a long job: the look-ahead drops to none
+        return name
+
+    await jobs.start()
+    try:
+        runner = jobs.runner
+        assert await (await quick.enqueue()).result(timeout=5) == "q"
+        a, b = await gated.enqueue("A"), await gated.enqueue("B")
+        runner.wake()
+        await until(
+            lambda: set(runner.running) == {a.id} and [r.id for r in runner._ready] == [b.id]
+        )
+        other = sqlite3.connect(store.path, isolation_level=None, timeout=0)
+        other.execute("BEGIN IMMEDIATE")  # another process writes for a while
+        try:
+            gates["A"].set()  # B takes A's slot; A's outcome is written alone
+            await until(lambda: runner._writing)
+            gates["B"].set()
+            await until(lambda: not runner.running)  # B ended during that write
+        finally:
+            other.execute("COMMIT")
+            other.close()
+        assert await a.result(timeout=5) == "A"
+        assert await b.result(timeout=5) == "B"
+        late = await producer.enqueue("quick")
+        runner.wake()  # as another process's write would
+        assert await late.result(timeout=5) == "q"
+    finally:
+        gates["A"].set()
+        gates["B"].set()
+        await jobs.stop()
