@@ -182,7 +182,19 @@ class PostgresStore(_Connections):
         async def insert(conn: Connection) -> Inserted:
             return await insert_jobs(conn, jobs, now, again=tries.again())
 
-        return await self._run("enqueue", insert, producer=True)
+        try:
+            return await self._run("enqueue", insert, producer=True)
+        except NotSent:
+            raise
+        except BaseException:
+            # Jobs dispatched to a worker's free slot are inserted running, started now:
+            # if this insert committed unanswered, that worker's next claim hands them
+            # out (or its stop gives them back), as an unanswered claim's.
+            for job in jobs:
+                if job.worker is not None and job.lease_until is not None:
+                    self._unanswered.setdefault(job.worker, []).append((now, job.lease_until))
+                    break
+            raise
 
     async def insert_with(
         self, conn: Connection, jobs: Sequence[NewJob], *, now: float
@@ -245,7 +257,10 @@ class PostgresStore(_Connections):
                 kinds.update(await sql.finished_before(conn, outcomes, kinds, now))
             return sql.applied(outcomes, kinds)
 
-        return await self._run("finish", finish)
+        # Not held back by a reconnect backoff: the runner tries a failed write again
+        # only after a pause, and at shutdown this is the last chance before the leases
+        # of the jobs it finishes run out (the server may be up: a reply came late).
+        return await self._run("finish", finish, now=True)
 
     async def finish_and_claim(
         self, outcomes: Sequence[Outcome], request: ClaimRequest, *, now: float

@@ -219,8 +219,8 @@ class _Connections:
         now: bool = False,
     ) -> T:
         """Run ``fn`` on a pooled connection (``producer``: on the enqueue connection when
-        it is free): open on first use, back off while down (unless ``now``: a last try
-        at shutdown), and retry once when the connection turns out to have died (server
+        it is free): open on first use, back off while down (unless ``now``: a write that
+        must not wait), and retry once when the connection turns out to have died (server
         restart). Raises ``NotSent`` when it did not try."""
         if not now and self._failures and asyncio.get_running_loop().time() < self._retry_at:
             raise NotSent(

@@ -650,3 +650,67 @@ async def test_a_value_the_server_refuses_is_data_refused_not_the_store_failing(
         assert not isinstance(failed.value, DataRefused)
     finally:
         await store.close()
+
+
+async def test_a_job_dispatched_here_whose_insert_answered_late_runs_on_its_first_attempt(
+    make_jobs: MakeJobs, postgres_url: str, clock: FakeClock
+) -> None:
+    """The enqueue failed (its reply came past command_timeout) but the job was stored,
+    running for this worker: the next claim hands it out (it ended dead unrun)."""
+    jobs = make_jobs(postgres_url, concurrency=2, visibility_timeout=60)
+    store: Any = jobs.store
+    store.max_backoff = 0.0  # no wait before the next try: the clock is fake
+    t, ran = recording_task(jobs)  # no retries
+    async with jobs:
+        with anyio.fail_after(10):
+            while jobs.runner._backlog:  # the first claim found the queue empty
+                await anyio.lowlevel.checkpoint()
+            lost = lose_the_reply_of_the_next(jobs, Inserted, late=True)
+            with pytest.raises(StoreError):
+                await t.enqueue(1)
+            assert lost
+            clock.advance(1)
+            jobs.runner.wake()
+            while not ran:
+                await anyio.lowlevel.checkpoint()
+    assert ran == [1]
+    (info,) = await jobs.list()
+    assert (info.status, info.attempts) == (JobStatus.SUCCEEDED, 1)
+
+
+async def test_the_outcomes_written_at_stop_are_not_held_back_by_the_reconnect_backoff(
+    make_jobs: MakeJobs, postgres_url: str, clock: FakeClock
+) -> None:
+    """A claim answered late just before stop() starts the backoff: the success of a job
+    that ends then is still written (it stayed running, and ended dead at lease end)."""
+    jobs = make_jobs(postgres_url, concurrency=2, visibility_timeout=60)
+    release = anyio.Event()
+    ran: list[int] = []
+
+    @jobs.task(name="t", retries=0)
+    async def t(n: int) -> str:
+        ran.append(n)
+        await release.wait()
+        return "done"
+
+    await jobs.start()
+    try:
+        with anyio.fail_after(10):
+            while jobs.runner._backlog:
+                await anyio.lowlevel.checkpoint()
+            job = await t.enqueue(1)  # dispatched: inserted running here
+            while not ran:
+                await anyio.lowlevel.checkpoint()
+            clock.advance(1)
+            lost = lose_the_reply_of_the_next(jobs, Claimed, late=True)
+            jobs.runner.wake()
+            while not lost:
+                await anyio.lowlevel.checkpoint()
+            release.set()
+            while jobs.runner.running:
+                await anyio.lowlevel.checkpoint()
+    finally:
+        release.set()
+        await jobs.stop()
+    assert (await job.info()).status == JobStatus.SUCCEEDED
+    assert ran == [1]
