@@ -37,7 +37,7 @@ import asyncio
 import builtins
 import logging
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -164,6 +164,8 @@ class PostgresStore(_Connections):
         # By worker: the time and lease end of each of its claims whose answer never
         # came, while that lease lasts (``_unanswered_claims``).
         self._unanswered: dict[str, list[tuple[float, float]]] = {}
+        # By worker: the times of its writes of outcomes whose answer never came.
+        self._unanswered_finishes: dict[str, list[float]] = {}
 
     def __repr__(self) -> str:
         parts = urlsplit(self.url)
@@ -240,47 +242,65 @@ class PostgresStore(_Connections):
             self._unanswered[request.worker] = earlier[-_UNANSWERED_MAX:]
             raise
 
+    @contextmanager
+    def _unanswered_writes(self, worker: str, now: float) -> Iterator[list[float]]:
+        """The times of the earlier writes of outcomes by ``worker`` whose answer never
+        came: the runner sends those outcomes again, and what such a write applied is
+        reported as applied (``sql.finished_before``), not as no longer ours. A write
+        that fails unanswered joins them; one that succeeds clears them."""
+        earlier = self._unanswered_finishes.pop(worker, [])
+        try:
+            yield earlier
+        except NotSent:
+            self._unanswered_finishes[worker] = earlier  # nothing reached the server
+            raise
+        except BaseException:
+            self._unanswered_finishes[worker] = [*earlier, now][-_UNANSWERED_MAX:]
+            raise
+
     async def finish(self, outcomes: Sequence[Outcome], *, now: float) -> list[str]:
         if not outcomes:
             return []
         tries = _Tries()
+        with self._unanswered_writes(outcomes[0].worker, now) as earlier:
 
-        async def finish(conn: Connection) -> list[str]:
-            # One statement for the usual job; a transaction only for chains and batches.
-            again = tries.again()
-            kinds = await sql.finish_plain(conn, outcomes, now)
-            rest = [o for o in outcomes if o.job_id not in kinds]
-            if rest:
-                async with conn.transaction():
-                    kinds.update(await sql.finish(conn, rest, now))
-            if again:
-                kinds.update(await sql.finished_before(conn, outcomes, kinds, now))
-            return sql.applied(outcomes, kinds)
+            async def finish(conn: Connection) -> list[str]:
+                # One statement for the usual job; a transaction only for chains and batches.
+                times = [*earlier, now] if tries.again() else earlier
+                kinds = await sql.finish_plain(conn, outcomes, now)
+                rest = [o for o in outcomes if o.job_id not in kinds]
+                if rest:
+                    async with conn.transaction():
+                        kinds.update(await sql.finish(conn, rest, now))
+                kinds.update(await sql.finished_before(conn, outcomes, kinds, times))
+                return sql.applied(outcomes, kinds)
 
-        # Not held back by a reconnect backoff: the runner tries a failed write again
-        # only after a pause, and at shutdown this is the last chance before the leases
-        # of the jobs it finishes run out (the server may be up: a reply came late).
-        return await self._run("finish", finish, now=True)
+            # Not held back by a reconnect backoff: the runner tries a failed write again
+            # only after a pause, and at shutdown this is the last chance before the
+            # leases of the jobs it finishes run out (the server may be up: a late reply).
+            return await self._run("finish", finish, now=True)
 
     async def finish_and_claim(
         self, outcomes: Sequence[Outcome], request: ClaimRequest, *, now: float
     ) -> tuple[list[str], list[JobRow]]:
         if request.limit <= 0 or not request.tasks:
             return await self.finish(outcomes, now=now), []
-        with self._unanswered_claims(request, now) as earlier:
+        writes: AbstractContextManager[list[float]] = (
+            self._unanswered_writes(request.worker, now) if outcomes else nullcontext([])
+        )
+        with self._unanswered_claims(request, now) as earlier, writes as written:
             tries = _Tries()
 
             async def both(conn: Connection) -> tuple[list[str], list[JobRow]]:
                 # One transaction: one commit (one WAL flush) for the acks and the claim.
                 again = tries.again()
+                times = [*written, now] if again else written
                 async with conn.transaction():
                     kinds = await sql.finish_plain(conn, outcomes, now)
                     rest = [o for o in outcomes if o.job_id not in kinds]
                     if rest:
                         kinds.update(await sql.finish(conn, rest, now))
-                    if again:
-                        found = await sql.finished_before(conn, outcomes, kinds, now)
-                        kinds.update(found)
+                    kinds.update(await sql.finished_before(conn, outcomes, kinds, times))
                     claimed = await sql.claim_after(conn, request, now, earlier, again=again)
                 return sql.applied(outcomes, kinds), claimed
 

@@ -439,10 +439,14 @@ JOIN unnest($2::text[], $3::text[], $4::int[], $5::text[], $6::float8[])
     AS o(id, worker, attempt, kind, run_at) ON j.id = o.id
 WHERE CASE
     WHEN j.status IN ('succeeded', 'dead', 'cancelled')
-        THEN j.finished_at = $1 AND j.worker = o.worker AND j.attempts = o.attempt
+        THEN j.finished_at = ANY($1::float8[]) AND j.worker = o.worker
+             AND j.attempts = o.attempt
     WHEN o.kind = 'retry'
         THEN j.status = 'scheduled' AND j.worker IS NULL AND j.attempts = o.attempt
              AND j.run_at = o.run_at
+          -- ...or claimed again by the same write's claim (a retry due at once)
+          OR j.status = 'running' AND j.worker = o.worker AND j.attempts = o.attempt + 1
+             AND j.started_at = ANY($1::float8[])
     WHEN o.kind = 'release'
         THEN j.status = 'queued' AND j.worker IS NULL AND j.attempts = o.attempt - 1
     ELSE false END
@@ -450,19 +454,22 @@ WHERE CASE
 
 
 async def finished_before(
-    conn: Connection, outcomes: Sequence[Outcome], applied: Collection[str], now: float
+    conn: Connection,
+    outcomes: Sequence[Outcome],
+    applied: Collection[str],
+    times: Sequence[float],
 ) -> dict[str, str]:
-    """Of ``outcomes`` not ``applied`` by a finish retried after its reply was lost,
-    those its first try applied, with the kind each took: each row reads as that
-    outcome at ``now`` left it,
-    which neither lease recovery (no worker, its own time) nor another worker's
-    attempt (another worker or attempt number) can have done."""
+    """Of ``outcomes`` not ``applied`` by a write after writes of them whose answer never
+    came (a lost reply, a timeout; made at ``times``), those an earlier one applied,
+    with the kind each took: each row reads as that outcome at one of ``times`` left it,
+    which neither lease recovery (no worker, its own time) nor another worker's attempt
+    (another worker or attempt number) can have done."""
     rest = [o for o in outcomes if o.job_id not in applied]
-    if not rest:
+    if not rest or not times:
         return {}
     records = await conn.fetch(
         _FINISHED_BEFORE,
-        now,
+        list(times),
         [o.job_id for o in rest],
         [o.worker for o in rest],
         [o.attempt for o in rest],

@@ -714,3 +714,70 @@ async def test_the_outcomes_written_at_stop_are_not_held_back_by_the_reconnect_b
         await jobs.stop()
     assert (await job.info()).status == JobStatus.SUCCEEDED
     assert ran == [1]
+
+
+def outcome_logs(caplog: pytest.LogCaptureFixture, job_id: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if getattr(r, "job_id", None) == job_id]
+
+
+@pytest.mark.parametrize("answer", [tuple, list], ids=["finish-and-claim", "finish"])
+async def test_an_outcome_a_late_write_committed_is_logged_as_written_when_sent_again(
+    make_jobs: MakeJobs, postgres_url: str, clock: FakeClock, caplog: pytest.LogCaptureFixture,
+    answer: type,
+) -> None:  # fmt: skip
+    """Not as 'no longer ours': the late write did record it."""
+    jobs = make_jobs(postgres_url, workers=False, concurrency=1)
+    store: Any = jobs.store
+    store.max_backoff = 0.0  # no wait before the next try: the clock is fake
+    t, _ = recording_task(jobs)
+    job = await t.enqueue(0)
+    runner = jobs.runner
+    caplog.set_level(logging.INFO, logger="asyncjobs")
+    await runner.claim()
+    with anyio.fail_after(5):
+        while runner.running:
+            await anyio.lowlevel.checkpoint()
+    if answer is tuple:
+        await t.enqueue(1)  # something to claim: a finish and claim
+    lost = lose_the_reply_of_the_next(jobs, answer, late=True)
+    with pytest.raises(StoreError):
+        await (runner.claim() if answer is tuple else runner._write_outbox())
+    assert lost
+    assert len(runner._outbox) == 1  # kept: sent again by the next write
+    clock.advance(1)
+    await runner.flush_outbox()
+    logs = outcome_logs(caplog, job.id)
+    assert not any("no longer ours" in m for m in logs), logs
+    assert any("succeeded" in m for m in logs), logs
+
+
+async def test_a_retry_that_the_same_lost_write_claimed_again_is_logged_as_retrying(
+    make_jobs: MakeJobs, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    jobs = make_jobs(postgres_url, workers=False, concurrency=1, backoff_base=0)
+    runs: list[int] = []
+
+    @jobs.task(name="t", retries=1)
+    async def t() -> None:
+        runs.append(len(runs) + 1)
+        if len(runs) == 1:
+            raise RuntimeError("the first attempt fails; retried at once")
+
+    job = await t.enqueue()
+    runner = jobs.runner
+    caplog.set_level(logging.INFO, logger="asyncjobs")
+    await runner.claim()
+    with anyio.fail_after(5):
+        while runner.running:
+            await anyio.lowlevel.checkpoint()
+    lost = lose_the_reply_of_the_next(jobs, tuple)  # committed; tried again
+    await runner.claim()
+    assert lost
+    with anyio.fail_after(5):
+        while runner.running:
+            await anyio.lowlevel.checkpoint()
+    await runner.flush_outbox()
+    assert runs == [1, 2]
+    logs = outcome_logs(caplog, job.id)
+    assert not any("no longer ours" in m for m in logs), logs
+    assert any("retrying" in m for m in logs), logs
