@@ -272,12 +272,10 @@ class Runner(_Leases, _Execution):
                 else:
                     applied, rows = [], await self.jobs.store.claim(request, now=now)
             except BaseException as error:
-                self._outbox[:0] = outbox  # written by the next round; leases cover a crash
-                if outbox and isinstance(error, DataRefused):
-                    written = await self._write_apart()
-                    if written:
-                        self._backlog = True  # claim next round, at once
-                        return written
+                written = await self._put_back(outbox, error)
+                if written:
+                    self._backlog = True  # claim next round, at once
+                    return written
                 raise
         self._acknowledged(outbox, applied)
         # When a ready job was held back by an empty rate-limit bucket: its next token.
@@ -402,14 +400,21 @@ class Runner(_Leases, _Execution):
                     [outcome for _, outcome, _ in outbox], now=self.clock.now()
                 )
             except BaseException as error:
-                self._outbox[:0] = outbox  # heartbeats keep their leases meanwhile
-                if isinstance(error, DataRefused):
-                    written = await self._write_apart()
-                    if written:
-                        return written
+                written = await self._put_back(outbox, error)
+                if written:
+                    return written
                 raise
         self._acknowledged(outbox, applied)
         return len(outbox)
+
+    async def _put_back(self, outbox: list[_Finished], error: BaseException) -> int:
+        """After a failed write of ``outbox``: keep it for the next write (heartbeats
+        renew its leases meanwhile; a crash leaves them to expire), or, refused as
+        data, write it apart at once. Returns how many outcomes that wrote."""
+        self._outbox[:0] = outbox
+        if outbox and isinstance(error, DataRefused):
+            return await self._write_apart()
+        return 0
 
     async def _write_apart(self) -> int:
         """After a write refused as data (``DataRefused``): write the outcomes one at a

@@ -38,7 +38,7 @@ import builtins
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from asyncjobs._errors import ConfigurationError, StoreError
@@ -85,6 +85,25 @@ logger = logging.getLogger(__name__)
 # one, so a store that is down adds one per backoff (5 s at most), and once a claim's
 # lease has run out, lease recovery hands its rows out instead.
 _UNANSWERED_MAX = 1000
+
+
+M = TypeVar("M")
+
+
+@contextmanager
+def _unanswered(memory: dict[str, list[M]], worker: str, moment: M) -> Iterator[list[M]]:
+    """The operations of ``worker`` whose answer never came (``memory``), for this one
+    to settle; it joins them (as ``moment``) if it fails too, unless nothing of it
+    reached the server, and clears them if it succeeds."""
+    earlier = memory.pop(worker, [])
+    try:
+        yield earlier
+    except NotSent:
+        memory[worker] = earlier
+        raise
+    except BaseException:
+        memory[worker] = [*earlier, moment][-_UNANSWERED_MAX:]
+        raise
 
 
 class _Tries:
@@ -192,7 +211,7 @@ class PostgresStore(_Connections):
             # Jobs dispatched to a worker's free slot are inserted running, started now:
             # if this insert committed unanswered, that worker's next claim hands them
             # out (or its stop gives them back), as an unanswered claim's.
-            for job in jobs:
+            for job in jobs:  # one worker, one time: one moment for them all
                 if job.worker is not None and job.lease_until is not None:
                     self._unanswered.setdefault(job.worker, []).append((now, job.lease_until))
                     break
@@ -222,41 +241,24 @@ class PostgresStore(_Connections):
 
             return await self._run("claim", claim)
 
-    @contextmanager
     def _unanswered_claims(
         self, request: ClaimRequest, now: float
-    ) -> Iterator[list[tuple[float, float]]]:
+    ) -> AbstractContextManager[list[tuple[float, float]]]:
         """The earlier claims of ``request.worker`` whose answer never came, as (time,
         lease end), for this claim to hand their rows out (``sql.claim_again``). A claim
         that fails, its committed reply lost or late past ``command_timeout``, or on a
         connection lost on its retry too, joins them; one that succeeds clears them. A
         claim whose lease ran out is dropped: recovery has its rows."""
         earlier = [m for m in self._unanswered.pop(request.worker, []) if m[1] > now]
-        try:
-            yield earlier
-        except NotSent:
-            self._unanswered[request.worker] = earlier  # nothing reached the server
-            raise
-        except BaseException:
-            earlier.append((now, now + request.lease))
-            self._unanswered[request.worker] = earlier[-_UNANSWERED_MAX:]
-            raise
+        self._unanswered[request.worker] = earlier
+        return _unanswered(self._unanswered, request.worker, (now, now + request.lease))
 
-    @contextmanager
-    def _unanswered_writes(self, worker: str, now: float) -> Iterator[list[float]]:
+    def _unanswered_writes(self, worker: str, now: float) -> AbstractContextManager[list[float]]:
         """The times of the earlier writes of outcomes by ``worker`` whose answer never
         came: the runner sends those outcomes again, and what such a write applied is
         reported as applied (``sql.finished_before``), not as no longer ours. A write
         that fails unanswered joins them; one that succeeds clears them."""
-        earlier = self._unanswered_finishes.pop(worker, [])
-        try:
-            yield earlier
-        except NotSent:
-            self._unanswered_finishes[worker] = earlier  # nothing reached the server
-            raise
-        except BaseException:
-            self._unanswered_finishes[worker] = [*earlier, now][-_UNANSWERED_MAX:]
-            raise
+        return _unanswered(self._unanswered_finishes, worker, now)
 
     async def finish(self, outcomes: Sequence[Outcome], *, now: float) -> list[str]:
         if not outcomes:
@@ -265,15 +267,8 @@ class PostgresStore(_Connections):
         with self._unanswered_writes(outcomes[0].worker, now) as earlier:
 
             async def finish(conn: Connection) -> list[str]:
-                # One statement for the usual job; a transaction only for chains and batches.
                 times = [*earlier, now] if tries.again() else earlier
-                kinds = await sql.finish_plain(conn, outcomes, now)
-                rest = [o for o in outcomes if o.job_id not in kinds]
-                if rest:
-                    async with conn.transaction():
-                        kinds.update(await sql.finish(conn, rest, now))
-                kinds.update(await sql.finished_before(conn, outcomes, kinds, times))
-                return sql.applied(outcomes, kinds)
+                return await sql.apply(conn, outcomes, now, times)
 
             # Not held back by a reconnect backoff: the runner tries a failed write again
             # only after a pause, and at shutdown this is the last chance before the
@@ -296,13 +291,9 @@ class PostgresStore(_Connections):
                 again = tries.again()
                 times = [*written, now] if again else written
                 async with conn.transaction():
-                    kinds = await sql.finish_plain(conn, outcomes, now)
-                    rest = [o for o in outcomes if o.job_id not in kinds]
-                    if rest:
-                        kinds.update(await sql.finish(conn, rest, now))
-                    kinds.update(await sql.finished_before(conn, outcomes, kinds, times))
+                    applied = await sql.apply(conn, outcomes, now, times)
                     claimed = await sql.claim_after(conn, request, now, earlier, again=again)
-                return sql.applied(outcomes, kinds), claimed
+                return applied, claimed
 
             return await self._run("claim", both)
 

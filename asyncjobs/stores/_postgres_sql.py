@@ -202,9 +202,9 @@ async def notify(conn: Connection) -> None:
     await conn.execute(_NOTIFY)
 
 
-# The rows that claims of worker $1 at the times $2 took, if it still holds them. A claim
-# is the only write that sets started_at (heartbeats move lease_until alone), and one
-# worker claims at one time once. Rows asked to stop meanwhile are left to lease
+# The rows that claims of worker $1 at the times $2 took, if it still holds them: a claim
+# (or a job dispatched to a free slot) is the only write that sets started_at, not a
+# heartbeat, which moves lease_until alone. Rows asked to stop meanwhile are left to lease
 # recovery, which ends them cancelled: this worker may be running one (a job
 # dispatched here at that same instant), and then its next heartbeat stops it.
 _CLAIMED_AT = """status = 'running' AND worker = $1 AND started_at = ANY($2::float8[])
@@ -414,6 +414,23 @@ def applied(outcomes: Sequence[Outcome], kinds: dict[str, str]) -> Applied:
     )  # fmt: skip
 
 
+async def apply(
+    conn: Connection, outcomes: Sequence[Outcome], now: float, times: Sequence[float]
+) -> Applied:
+    """Apply outcomes: in one statement for the usual jobs, in a transaction for chain
+    and batch members (``finish``), and report as applied what unanswered writes at
+    ``times`` applied before (``finished_before``)."""
+    kinds = await finish_plain(conn, outcomes, now)
+    rest = [o for o in outcomes if o.job_id not in kinds]
+    if rest and conn.is_in_transaction():
+        kinds.update(await finish(conn, rest, now))
+    elif rest:
+        async with conn.transaction():
+            kinds.update(await finish(conn, rest, now))
+    kinds.update(await finished_before(conn, outcomes, kinds, times))
+    return applied(outcomes, kinds)
+
+
 async def finish(conn: Connection, outcomes: Sequence[Outcome], now: float) -> dict[str, str]:
     """Apply outcomes and release what waits on them (inside a transaction); return the
     kind each applied one took, by id."""
@@ -464,8 +481,10 @@ async def finished_before(
     with the kind each took: each row reads as that outcome at one of ``times`` left it,
     which neither lease recovery (no worker, its own time) nor another worker's attempt
     (another worker or attempt number) can have done."""
+    if not times:  # the usual write: none unanswered before it
+        return {}
     rest = [o for o in outcomes if o.job_id not in applied]
-    if not rest or not times:
+    if not rest:
         return {}
     records = await conn.fetch(
         _FINISHED_BEFORE,

@@ -128,6 +128,27 @@ def lose_the_reply_of_the_next(jobs: Jobs, answer: type, *, late: bool = False) 
     return lost
 
 
+def failing_once_task(jobs: Jobs) -> tuple[Task[[], None], list[int]]:
+    """Register the task "t" (one retry): its first attempt fails, the second succeeds;
+    each run appends its number to the list."""
+    runs: list[int] = []
+
+    @jobs.task(name="t", retries=1)
+    async def t() -> None:
+        runs.append(len(runs) + 1)
+        if len(runs) == 1:
+            raise RuntimeError("the first attempt fails; retried at once")
+
+    return t, runs
+
+
+async def until_idle(runner: Any) -> None:
+    """Until the jobs the runner started have ended."""
+    with anyio.fail_after(5):
+        while runner.running:
+            await anyio.lowlevel.checkpoint()
+
+
 def recording_task(jobs: Jobs) -> tuple[Task[[int], None], list[int]]:
     """Register the task "t" (no retries: an attempt spent unrun ends it dead); each
     run appends its argument to the list."""
@@ -290,20 +311,11 @@ async def test_a_job_a_late_claim_took_is_found_though_heartbeats_moved_its_leas
     jobs = make_jobs(
         postgres_url, workers=False, concurrency=1, backoff_base=0, visibility_timeout=60
     )
-    runs: list[int] = []
-
-    @jobs.task(name="t", retries=1)
-    async def t() -> None:
-        runs.append(len(runs) + 1)
-        if len(runs) == 1:
-            raise RuntimeError("the first attempt fails; retried at once")
-
+    t, runs = failing_once_task(jobs)
     job = await t.enqueue()
     runner, store = jobs.runner, cast(Any, jobs.store)
     await runner.claim()
-    with anyio.fail_after(5):
-        while runner.running:
-            await anyio.lowlevel.checkpoint()
+    await until_idle(runner)
     lose_the_reply_of_the_next(jobs, tuple, late=True)
     with pytest.raises(StoreError):
         await runner.claim()  # and the store backs off: the outcome stays in the outbox
@@ -313,9 +325,7 @@ async def test_a_job_a_late_claim_took_is_found_though_heartbeats_moved_its_leas
     await runner.heartbeat_once()
     clock.advance(1)
     await runner.claim()
-    with anyio.fail_after(5):
-        while runner.running:
-            await anyio.lowlevel.checkpoint()
+    await until_idle(runner)
     await runner.flush_outbox()
     assert runs == [1, 2]
     info = await jobs.get(job.id)
@@ -403,9 +413,7 @@ async def test_a_failure_ended_cancelled_is_logged_so_after_a_lost_reply(
     job = await jobs.enqueue(flaky)
     runner = jobs.runner
     await runner.claim()
-    with anyio.fail_after(5):
-        while runner.running:
-            await anyio.lowlevel.checkpoint()
+    await until_idle(runner)
     lost = lose_the_reply_of_the_next(jobs, answer)
     if answer is list:
         assert await runner.flush_outbox() == 1
@@ -734,9 +742,7 @@ async def test_an_outcome_a_late_write_committed_is_logged_as_written_when_sent_
     runner = jobs.runner
     caplog.set_level(logging.INFO, logger="asyncjobs")
     await runner.claim()
-    with anyio.fail_after(5):
-        while runner.running:
-            await anyio.lowlevel.checkpoint()
+    await until_idle(runner)
     if answer is tuple:
         await t.enqueue(1)  # something to claim: a finish and claim
     lost = lose_the_reply_of_the_next(jobs, answer, late=True)
@@ -755,27 +761,16 @@ async def test_a_retry_that_the_same_lost_write_claimed_again_is_logged_as_retry
     make_jobs: MakeJobs, postgres_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     jobs = make_jobs(postgres_url, workers=False, concurrency=1, backoff_base=0)
-    runs: list[int] = []
-
-    @jobs.task(name="t", retries=1)
-    async def t() -> None:
-        runs.append(len(runs) + 1)
-        if len(runs) == 1:
-            raise RuntimeError("the first attempt fails; retried at once")
-
+    t, runs = failing_once_task(jobs)
     job = await t.enqueue()
     runner = jobs.runner
     caplog.set_level(logging.INFO, logger="asyncjobs")
     await runner.claim()
-    with anyio.fail_after(5):
-        while runner.running:
-            await anyio.lowlevel.checkpoint()
+    await until_idle(runner)
     lost = lose_the_reply_of_the_next(jobs, tuple)  # committed; tried again
     await runner.claim()
     assert lost
-    with anyio.fail_after(5):
-        while runner.running:
-            await anyio.lowlevel.checkpoint()
+    await until_idle(runner)
     await runner.flush_outbox()
     assert runs == [1, 2]
     logs = outcome_logs(caplog, job.id)
