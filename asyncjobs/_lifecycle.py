@@ -75,6 +75,13 @@ class _Lifecycle:
 
     async def _main(self, ready: anyio.Event) -> None:
         """Own every long-lived task of this ``Jobs``: loops and running jobs."""
+        try:
+            await self._run_workers(ready)
+        finally:  # enqueues go on after the workers stop (the app's own shutdown)
+            self.store.set_deadline(None)
+        logger.info("asyncjobs workers stopped")
+
+    async def _run_workers(self, ready: anyio.Event) -> None:
         runner = self.runner
         await runner.recover()
         async with anyio.create_task_group() as loops:
@@ -99,11 +106,16 @@ class _Lifecycle:
                 )  # fmt: skip
                 ready.set()
                 await self._stop_requested.wait()
+                # One deadline for the jobs and the store's waits (another process may
+                # hold the database): stop() must end in time.
+                timeout = self.settings.shutdown_timeout
+                stop_by = self.clock.now() + timeout
+                self.store.set_deadline(timeout)
                 claim_scope.cancel()
                 # A claim in flight is shielded: let it land, so the jobs it took are
                 # given back (serve's last step) before the final flush below.
                 await claiming_stopped.wait()
-                with within(self.clock, self.settings.shutdown_timeout):
+                with within(self.clock, stop_by - self.clock.now()):
                     await runner.wait_idle()
                 if runner.running:
                     logger.warning(
@@ -114,9 +126,8 @@ class _Lifecycle:
             finally:  # also when a loop crashed: no job outlives the workers
                 with anyio.CancelScope(shield=True):
                     await runner.cancel_running()
-            await runner.flush_outbox()  # outcomes of the last jobs, released ones too
-            loops.cancel_scope.cancel()
-        logger.info("asyncjobs workers stopped")
+            await runner.flush_last()  # outcomes of the last jobs, released ones too
+            loops.cancel_scope.cancel()  # the heartbeats too, once those are written
 
     async def stop(self) -> None:
         """Stop claiming, let running jobs finish within ``shutdown_timeout``, then

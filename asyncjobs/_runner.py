@@ -73,6 +73,13 @@ _CLAIM_MAX = 100
 # CancelledError and carries on) would otherwise hold the process forever.
 CANCEL_GRACE = 5.0
 
+# Seconds shutdown goes on trying to write the last outcomes (the last jobs' results,
+# the jobs cut off and given back) while the store fails or is held by another process,
+# their leases renewed meanwhile. Past that, those jobs run again once their leases
+# expire, as after a crash: a job that succeeded runs twice, and one cut off on its last
+# attempt ends dead.
+FINAL_WRITE_TIME = 5.0
+
 # Seconds the outcomes of finished jobs wait, when every slot is busy or promised, for a
 # slot to free: the claim it makes writes them in the same transaction. Past that they
 # are written alone, so result waiters and follow-up jobs do not wait on long jobs.
@@ -390,6 +397,26 @@ class Runner(_Leases, _Execution):
                 len(self._outbox),
             )  # fmt: skip
             return 0
+
+    async def flush_last(self) -> None:
+        """Shutdown's last write, after ``cancel_running``: the outcomes left, tried
+        again until written or ``FINAL_WRITE_TIME`` has passed (the store's waits are
+        bounded to it too). Heartbeats go on renewing their leases meanwhile."""
+        self.jobs.store.set_deadline(FINAL_WRITE_TIME)
+        with within(self.clock, FINAL_WRITE_TIME):
+            await self.flush_outbox()
+            while self._outbox:
+                freed = self._slot_freed  # a job that ignored its cancellation ends
+                with within(self.clock, self.settings.poll_interval):
+                    await freed.wait()
+                await self.flush_outbox()
+        for row, outcome, _ in self._outbox:
+            logger.error(
+                "shutdown: could not record the outcome (%s) of job %s (%s) within %ss; "
+                "it will run again once its lease expires", outcome.kind, row.id, row.task,
+                FINAL_WRITE_TIME, extra={"job_id": row.id, "task": row.task,
+                                         "attempt": row.attempts},
+            )  # fmt: skip
 
     async def _write_outbox(self) -> int:
         if not self._outbox:

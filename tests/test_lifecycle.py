@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import anyio
 import pytest
 
+import asyncjobs._runner
 from asyncjobs import (
     ConfigurationError,
     Job,
@@ -25,7 +27,7 @@ from asyncjobs import (
     StoreError,
     current_job,
 )
-from asyncjobs.stores import ClaimRequest, TaskLimits
+from asyncjobs.stores import ClaimRequest, SQLiteStore, TaskLimits
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]
@@ -425,11 +427,110 @@ async def test_outcomes_are_written_as_jobs_end_while_stop_waits_for_others(
     assert (await long.info()).status == "succeeded"
 
 
+def lock_the_file(jobs: Jobs) -> sqlite3.Connection:
+    """Another process's write transaction on the store's file, holding its lock."""
+    store = jobs.store
+    assert isinstance(store, SQLiteStore)
+    other = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    return other
+
+
+async def test_stop_keeps_trying_the_last_outcome_while_another_process_holds_the_file(
+    make_jobs: MakeJobs,
+) -> None:
+    """The job ends as stop begins, while another process writes for 3 s; each write
+    gives up after five busy timeouts (0.5 s). Shutdown goes on trying the outcome for
+    ``FINAL_WRITE_TIME`` (5 s) instead of dropping it after one failed write: the job
+    is recorded as succeeded, not left to its lease to run a second time."""
+    jobs = make_jobs(shutdown_timeout=0.3, poll_interval=0.1)
+    store = jobs.store
+    assert isinstance(store, SQLiteStore)
+    store.busy_timeout = 0.1
+    runs: list[int] = []
+    started, go = anyio.Event(), anyio.Event()
+
+    @jobs.task(name="t")
+    async def t() -> str:
+        runs.append(1)
+        started.set()
+        await go.wait()
+        return "done"
+
+    await jobs.start()
+    job = await t.enqueue()
+    with anyio.fail_after(5):
+        await started.wait()
+    other = lock_the_file(jobs)
+    release = threading.Timer(3.0, lambda: other.execute("COMMIT"))
+    release.start()
+    try:
+        go.set()
+        with anyio.fail_after(8):
+            await jobs.stop()
+    finally:
+        release.join()
+        other.close()
+    assert (await job.info()).status == "succeeded"
+    assert runs == [1]
+
+
+async def test_stop_ends_in_time_while_another_process_holds_the_file(
+    make_jobs: MakeJobs,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Another process holds the write lock for all of shutdown. Each write would wait
+    five busy timeouts (5 s here), one after another: stop() ends after
+    ``shutdown_timeout`` and ``FINAL_WRITE_TIME`` instead (about 1 s), says which job
+    will run again, and that job does run again once its lease expires."""
+    monkeypatch.setattr(asyncjobs._runner, "FINAL_WRITE_TIME", 0.5)
+    jobs = make_jobs(shutdown_timeout=0.5, visibility_timeout=60)
+    store = jobs.store
+    assert isinstance(store, SQLiteStore)
+    store.busy_timeout = 1.0
+    runs: list[int] = []
+    started, go = anyio.Event(), anyio.Event()
+
+    @jobs.task(name="t")
+    async def t() -> str:
+        runs.append(1)
+        started.set()
+        await go.wait()
+        return "done"
+
+    await jobs.start()
+    job = await t.enqueue()
+    with anyio.fail_after(5):
+        await started.wait()
+    other = lock_the_file(jobs)
+    try:
+        go.set()
+        with anyio.fail_after(4):
+            await jobs.stop()
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    assert f"could not record the outcome (succeeded) of job {job.id}" in caplog.text
+    assert (await job.info()).status == "running"  # to its lease, as after a crash
+
+    clock.advance(61)
+    await jobs.store.recover(now=clock.now())
+    go = anyio.Event()
+    go.set()
+    await drain(jobs)
+    assert await job.result(timeout=1) == "done"
+    assert runs == [1, 1]
+
+
 async def test_an_outcome_the_store_failed_to_write_is_not_logged_as_no_longer_ours(
     make_jobs: MakeJobs, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The write failed, the job is still ours: the log must not send an operator
-    looking for who cancelled it or why its lease expired."""
+    looking for who cancelled it or why its lease expired. Shutdown tries again for
+    ``FINAL_WRITE_TIME``, then says which jobs will run again."""
+    monkeypatch.setattr(asyncjobs._runner, "FINAL_WRITE_TIME", 0.3)
     jobs = make_jobs(shutdown_timeout=600)
     started, go = anyio.Event(), anyio.Event()
 
@@ -457,6 +558,7 @@ async def test_an_outcome_the_store_failed_to_write_is_not_logged_as_no_longer_o
     finally:
         go.set()
     assert "will run again once their leases expire" in caplog.text
+    assert f"could not record the outcome (succeeded) of job {job.id}" in caplog.text
     assert "no longer ours" not in caplog.text
     monkeypatch.undo()
     assert (await job.info()).status == "running"  # left to its lease: it runs again

@@ -180,6 +180,7 @@ class PostgresStore(_Connections):
         self._retry_at = 0.0
         self._listen_failures = 0  # the LISTEN connection's own: polling covers for it
         self._listen_retry_at = 0.0
+        self._give_up_at: float | None = None  # the loop's time; see set_deadline
         # By worker: the time and lease end of each of its claims whose answer never
         # came, while that lease lasts (``_unanswered_claims``).
         self._unanswered: dict[str, list[tuple[float, float]]] = {}

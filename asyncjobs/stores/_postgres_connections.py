@@ -107,6 +107,7 @@ class _Connections:
         _retry_at: float
         _listen_failures: int
         _listen_retry_at: float
+        _give_up_at: float | None
 
     # -- connections -----------------------------------------------------------------
 
@@ -210,6 +211,18 @@ class _Connections:
         self._retry_at = now + delay
         return delay
 
+    def set_deadline(self, seconds: float | None) -> None:
+        # On the loop's clock, as command_timeout is (asyncio.timeout).
+        loop_now = asyncio.get_running_loop().time()
+        self._give_up_at = None if seconds is None else loop_now + seconds
+
+    def _time_left(self) -> float:
+        """How long a statement may wait for its reply: ``command_timeout``, or what is
+        left before the deadline (``set_deadline``) when that comes first."""
+        if self._give_up_at is None:
+            return self.command_timeout
+        return min(self.command_timeout, self._give_up_at - asyncio.get_running_loop().time())
+
     async def _run(
         self,
         what: str,
@@ -227,6 +240,8 @@ class _Connections:
                 f"PostgreSQL store {self!r} is unreachable ({what}); "
                 "waiting before the next reconnect attempt"
             )
+        if self._time_left() <= 0:
+            raise NotSent(f"PostgreSQL store {self!r}: past its deadline ({what}); not sent")
         if self._pool is None:
             await self.open()
         pool = self._pool
@@ -283,11 +298,14 @@ class _Connections:
         TCP to give up, a quarter of an hour, and a runner's claim, which shutdown lets
         finish, would hold ``stop()`` as long. Past the timeout the connection is
         dropped (its state is unknown), and the operation fails as unreachable."""
+        limit = self._time_left()
         try:
-            async with asyncio.timeout(self.command_timeout):
+            async with asyncio.timeout(limit):
                 return await fn(conn)
         except TimeoutError:
             conn.terminate()  # closed without a word to the server: nothing to wait on
+            if limit < self.command_timeout:
+                raise TimeoutError(f"no reply before the store's deadline ({limit:g}s)") from None
             raise TimeoutError(
                 f"no reply within command_timeout={self.command_timeout:g}s"
             ) from None

@@ -206,6 +206,14 @@ class Store(Protocol):
         """Finish pending writes and disconnect. Idempotent."""
         ...
 
+    def set_deadline(self, seconds: float | None) -> None:
+        """Bound the waits of calls under way and to come: past ``seconds`` from now, a
+        call no longer waits for a busy database or a slow reply but fails with
+        ``StoreError``, perhaps untried (``None``: no bound, the default). Workers set
+        one at shutdown, so that ``stop()`` ends in time while another process holds
+        the database."""
+        ...
+
     async def insert(self, jobs: Sequence[NewJob], *, now: float) -> Inserted:
         """Insert jobs in one transaction; return their ids in order.
 

@@ -24,6 +24,7 @@ import builtins
 import json
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -117,20 +118,6 @@ _BUSY_RETRIES = 5
 """How many busy timeouts a write waits out before it gives up with StoreError."""
 
 
-def _while_busy(db: sqlite3.Connection, write: Callable[[], T]) -> T:
-    """Run ``write`` (one statement, or a whole transaction), again while the file is
-    busy: busy_timeout already waited; a few more rounds ride out a long writer."""
-    for attempt in range(_BUSY_RETRIES):
-        try:
-            return write()
-        except sqlite3.OperationalError as error:
-            if is_busy(error) and attempt < _BUSY_RETRIES - 1 and not db.in_transaction:
-                logger.warning("SQLite store busy, retrying the write (%d)", attempt + 1)
-                continue
-            raise
-    raise sqlite3.OperationalError("database is locked")  # pragma: no cover - loop returns
-
-
 class SQLiteStore:
     """A job store in one SQLite file (WAL). Safe for several processes on one host."""
 
@@ -156,6 +143,8 @@ class SQLiteStore:
         self._inline: InlineWriter | None = None  # synchronous=NORMAL only
         self._opening = asyncio.Lock()  # first uses at once open it once
         self._open = False  # set up: migrated, side connections made
+        self._give_up_at: float | None = None  # time.monotonic(); see set_deadline
+        self._busy_wait = busy_timeout  # the connection's busy timeout (its thread's)
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
@@ -171,6 +160,7 @@ class SQLiteStore:
                 self._open = True
 
     async def _connect(self) -> None:
+        self._busy_wait = self.busy_timeout
         pending = aiosqlite.connect(self.path, isolation_level=None, timeout=self.busy_timeout)
         # A script that enqueues and returns without closing the store must still exit:
         # Python waits at exit for every thread that is not a daemon. A write cut off by
@@ -235,6 +225,39 @@ class SQLiteStore:
             if db is not None:
                 await db.close()
 
+    def set_deadline(self, seconds: float | None) -> None:
+        # Real time, as SQLite's busy waits are (read in the connection thread).
+        self._give_up_at = None if seconds is None else time.monotonic() + seconds  # noqa: TID251
+
+    def _while_busy(self, db: sqlite3.Connection, write: Callable[[], T]) -> T:
+        """Run ``write`` (one statement, or a whole transaction), again while the file is
+        busy: busy_timeout already waited; a few more rounds ride out a long writer. A
+        deadline (``set_deadline``) shortens the waits, and once it has passed a write
+        is tried once more without waiting (in the connection thread)."""
+        for attempt in range(_BUSY_RETRIES):
+            if not self._bound_busy_wait(db) and attempt:
+                break
+            try:
+                return write()
+            except sqlite3.OperationalError as error:
+                if is_busy(error) and attempt < _BUSY_RETRIES - 1 and not db.in_transaction:
+                    logger.warning("SQLite store busy, retrying the write (%d)", attempt + 1)
+                    continue
+                raise
+        raise sqlite3.OperationalError("database is locked (past the store's deadline)")
+
+    def _bound_busy_wait(self, db: sqlite3.Connection) -> bool:
+        """Set the connection's busy timeout to what is left before the deadline (the
+        configured one without a deadline, or a new one). False: no time is left."""
+        wait, give_up_at = self.busy_timeout, self._give_up_at
+        if give_up_at is not None:
+            wait = max(0.0, min(wait, give_up_at - time.monotonic()))  # noqa: TID251
+        if wait != self._busy_wait:
+            # A PRAGMA takes no parameters; the value is a number formatted here.
+            db.execute(f"PRAGMA busy_timeout = {round(wait * 1000)}")
+            self._busy_wait = wait
+        return wait > 0
+
     async def _call(
         self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:
@@ -255,8 +278,8 @@ class SQLiteStore:
         kind = DataRefused if isinstance(error, sqlite3.DataError) else StoreError
         return kind(f"SQLite store {self.path}: {error}")
 
-    @staticmethod
     def _write(
+        self,
         db: sqlite3.Connection,
         fn: Callable[Concatenate[sqlite3.Connection, P], T],
         /,
@@ -276,10 +299,10 @@ class SQLiteStore:
                 raise
             return result
 
-        return _while_busy(db, transaction)
+        return self._while_busy(db, transaction)
 
-    @staticmethod
     def _statement(
+        self,
         db: sqlite3.Connection,
         fn: Callable[Concatenate[sqlite3.Connection, P], T],
         /,
@@ -287,7 +310,7 @@ class SQLiteStore:
         **kwargs: P.kwargs,
     ) -> T:
         """Run ``fn``, which runs exactly one write statement, in autocommit mode."""
-        return _while_busy(db, lambda: fn(db, *args, **kwargs))
+        return self._while_busy(db, lambda: fn(db, *args, **kwargs))
 
     async def _transaction(
         self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs

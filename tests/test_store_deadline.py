@@ -1,0 +1,95 @@
+"""``Store.set_deadline``: at shutdown, a call held up by another process's write (a
+lock on the jobs) gives up at the deadline instead of after the store's usual waits
+(SQLite: five busy timeouts; PostgreSQL: ``command_timeout``)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import anyio
+import pytest
+
+from asyncjobs import StoreError
+from asyncjobs.stores import PostgresStore, SQLiteStore, Store, open_store
+from asyncjobs.stores._protocol import NewJob
+
+
+def new_job(job_id: str) -> NewJob:
+    return NewJob(
+        id=job_id, task="t", queue="default", payload='{"args":[],"kwargs":{}}',
+        status="queued", priority=0, run_at=0.0, max_attempts=1,
+    )  # fmt: skip
+
+
+@asynccontextmanager
+async def another_writer(store: Store, url: str) -> AsyncIterator[Callable[[float], None]]:
+    """Another process's transaction holding the jobs against writes; yields a function
+    that ends it after that many seconds (from a thread, while a write waits)."""
+    if isinstance(store, SQLiteStore):
+        other = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")
+        timers: list[threading.Timer] = []
+
+        def release(after: float) -> None:
+            timers.append(threading.Timer(after, lambda: other.execute("COMMIT")))
+            timers[-1].start()
+
+        try:
+            yield release
+        finally:
+            for timer in timers:
+                timer.join()
+            if other.in_transaction:
+                other.execute("COMMIT")
+            other.close()
+        return
+    import asyncpg
+
+    assert isinstance(store, PostgresStore)
+    conn = await asyncpg.connect(url)
+    try:
+        transaction = conn.transaction()
+        await transaction.start()
+        await conn.execute("LOCK TABLE asyncjobs_jobs IN EXCLUSIVE MODE")
+        async with anyio.create_task_group() as group:
+
+            def release(after: float) -> None:
+                async def later() -> None:
+                    await anyio.to_thread.run_sync(threading.Event().wait, after)
+                    await transaction.commit()
+
+                group.start_soon(later)
+
+            yield release
+        if conn.is_in_transaction():
+            await transaction.commit()
+    finally:
+        await conn.close()
+
+
+async def test_a_deadline_cuts_short_the_wait_for_another_writer(backend_url: str) -> None:
+    """Each backend waits 2 s at least before giving up on its own (SQLite five 2 s
+    busy timeouts, PostgreSQL a command_timeout of 2 s): a deadline 0.2 s away ends the
+    wait there. Without one, a write waits as configured again, and gets through."""
+    url = backend_url + ("&" if "?" in backend_url else "?") + "command_timeout=2"
+    store = open_store(url if url.startswith("postgres") else backend_url)
+    if isinstance(store, SQLiteStore):
+        store.busy_timeout = 2.0
+    await store.open()
+    try:
+        async with another_writer(store, backend_url):
+            store.set_deadline(0.2)
+            with anyio.fail_after(1.5), pytest.raises(StoreError):
+                await store.insert([new_job("a")], now=0.0)
+        store.set_deadline(None)
+        if isinstance(store, PostgresStore):
+            store._failures = 0  # the timeout counted as unreachable: skip the backoff
+        async with another_writer(store, backend_url) as release:
+            release(0.5)
+            with anyio.fail_after(5):  # waits past where the deadline was, then writes
+                assert await store.insert([new_job("c")], now=0.0) == ["c"]
+    finally:
+        await store.close()
