@@ -508,6 +508,7 @@ class Runner(_Leases, _Execution):
         await self.recover()
         self._accepting = True
         self._context = contextvars.copy_context()
+        drained = False
         try:
             while True:
                 self._wakeup = asyncio.Event()  # a job's end, or one enqueued by a job
@@ -518,6 +519,7 @@ class Runner(_Leases, _Execution):
                     # those may all be other processes' tasks: claim until none is due.
                     due = await self._next_run_at()
                     if due is None or due > self.clock.now() or not self.jobs.registry:
+                        drained = True
                         break  # (with no task, claim() makes nothing ready)
                     continue
                 await self._wakeup.wait()
@@ -525,6 +527,15 @@ class Runner(_Leases, _Execution):
             with anyio.CancelScope(shield=True):
                 await self.cancel_running()  # drain itself was cancelled
                 await self.flush_outbox()
+            if not drained:
+                # Cut short (a store error, a cancellation): a claim whose answer was
+                # lost may have taken jobs unseen (the PostgreSQL store keeps track), and
+                # no later claim of this drain hands them out, nor does any heartbeat
+                # keep them. Record a stop, as the workers do: that gives them back,
+                # attempt unspent, instead of leaving them to wait out their leases and
+                # spend an attempt. (Run to its end, a drain's last claim handed them out.)
+                with anyio.CancelScope(shield=True), self.clock.move_on_after(5):
+                    await self.record_beat(stopped=True)
 
     async def serve(self, *, task_status: TaskStatus[None]) -> None:
         """Claim loop: runs until cancelled (that is how shutdown stops claiming); each

@@ -273,6 +273,32 @@ async def test_jobs_an_unanswered_claim_took_go_back_when_the_workers_stop(
     assert sorted(ran) == [0, 1, 2]
 
 
+@pytest.mark.parametrize("finishing", [False, True], ids=["claim", "finish-and-claim"])
+async def test_jobs_an_unanswered_claim_took_go_back_when_drain_fails(
+    make_jobs: MakeJobs, postgres_url: str, clock: FakeClock, finishing: bool
+) -> None:
+    """drain() raises the failed claim's error, and no claim of its own comes after to
+    hand the jobs out, nor any heartbeat: they stayed running, leased to this worker,
+    and once the lease ran out recovery spent an attempt they never had (dead unrun)."""
+    jobs = make_jobs(postgres_url, workers=False, concurrency=1, visibility_timeout=60)
+    t, ran = recording_task(jobs)  # no retries
+    enqueued = [await t.enqueue(n) for n in range(3)]
+    store: Any = jobs.store
+    lost = lose_the_reply_of_the_next(jobs, tuple if finishing else Claimed, late=True)
+    with pytest.raises(StoreError, match="command_timeout"):
+        await jobs.drain()
+    assert lost
+    store._failures, store._retry_at = 0, 0.0  # later, the backoff over (no sleep here)
+    assert [info.status for info in await jobs.list(status="running")] == []
+    clock.advance(61)  # past the lost claim's lease
+    await jobs.drain()
+    assert sorted(ran) == [0, 1, 2]
+    for job in enqueued:
+        info = await jobs.get(job.id)
+        assert info is not None
+        assert (info.status, info.attempts) == (JobStatus.SUCCEEDED, 1)
+
+
 async def test_a_claim_answered_late_is_still_handed_out_after_claims_refused_meanwhile(
     make_jobs: MakeJobs, postgres_url: str, clock: FakeClock
 ) -> None:
