@@ -298,8 +298,8 @@ class Runner(_Leases, _Execution):
     def _not_held(self, rows: Sequence[JobRow]) -> list[JobRow]:
         """``rows`` (``handed_back``) less the attempts this worker holds already. A claim
         retried after its reply was lost hands out again the rows its first try took
-        (PostgreSQL), found by worker and time: a job dispatched here at that same
-        instant matches."""
+        (PostgreSQL), found by that try's claim token: none of them should be held here,
+        but one handed out twice would run twice, so they are checked all the same."""
         held = {(row.id, row.attempts) for row, _, _ in self._outbox}
         held.update((row.id, row.attempts) for row in self._ready)
         held.update((job.row.id, job.row.attempts) for job in self.running.values())

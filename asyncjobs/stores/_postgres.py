@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import itertools
 import logging
+import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -181,9 +183,13 @@ class PostgresStore(_Connections):
         self._listen_failures = 0  # the LISTEN connection's own: polling covers for it
         self._listen_retry_at = 0.0
         self._give_up_at: float | None = None  # the loop's time; see set_deadline
-        # By worker: the time and lease end of each of its claims whose answer never
-        # came, while that lease lasts (``_unanswered_claims``).
-        self._unanswered: dict[str, list[tuple[float, float]]] = {}
+        # By worker: the claim token and lease end of each of its claims whose answer
+        # never came, while that lease lasts (``_unanswered_claims``).
+        self._unanswered: dict[str, list[tuple[str, float]]] = {}
+        # Claim tokens: this store's random prefix and a count, unique to each write
+        # that takes rows for a worker (``_claim_token``).
+        self._token_prefix = secrets.token_hex(8) + ":"
+        self._token_count = itertools.count()
         # By worker: the times of its writes of outcomes whose answer never came.
         self._unanswered_finishes: dict[str, list[float]] = {}
 
@@ -193,6 +199,13 @@ class PostgresStore(_Connections):
         port = f":{parts.port}" if parts.port else ""
         return f"PostgresStore('postgresql://{host}{port}{parts.path}')"
 
+    def _claim_token(self) -> str:
+        """A token for one claim (or one insert of jobs dispatched to a free slot): it
+        marks the rows that write takes, so that, its answer lost, they are found by it
+        alone (``sql.claim_again``, ``sql.release_claimed``), not by its worker and time,
+        which a job dispatched or claimed at the same clock reading shares."""
+        return f"{self._token_prefix}{next(self._token_count)}"
+
     # -- enqueue ---------------------------------------------------------------------
 
     async def insert(self, jobs: Sequence[NewJob], *, now: float) -> Inserted:
@@ -200,21 +213,22 @@ class PostgresStore(_Connections):
             return Inserted()
         # One INSERT statement, atomic on its own: no BEGIN/COMMIT round trips.
         tries = _Tries()
+        token = self._claim_token()  # stored on the jobs dispatched here alone
 
         async def insert(conn: Connection) -> Inserted:
-            return await insert_jobs(conn, jobs, now, again=tries.again())
+            return await insert_jobs(conn, jobs, now, again=tries.again(), claim_token=token)
 
         try:
             return await self._run("enqueue", insert, producer=True)
         except NotSent:
             raise
         except BaseException:
-            # Jobs dispatched to a worker's free slot are inserted running, started now:
-            # if this insert committed unanswered, that worker's next claim hands them
-            # out (or its stop gives them back), as an unanswered claim's.
-            for job in jobs:  # one worker, one time: one moment for them all
+            # Jobs dispatched to a worker's free slot are inserted running, under this
+            # insert's claim token: if it committed unanswered, that worker's next claim
+            # hands them out (or its stop gives them back), as an unanswered claim's.
+            for job in jobs:  # one worker, one lease end: one entry for them all
                 if job.worker is not None and job.lease_until is not None:
-                    self._unanswered.setdefault(job.worker, []).append((now, job.lease_until))
+                    self._unanswered.setdefault(job.worker, []).append((token, job.lease_until))
                     break
             raise
 
@@ -234,25 +248,28 @@ class PostgresStore(_Connections):
     async def claim(self, request: ClaimRequest, *, now: float) -> list[JobRow]:
         if request.limit <= 0 or not request.tasks:
             return []
-        with self._unanswered_claims(request, now) as earlier:
+        token = self._claim_token()
+        with self._unanswered_claims(request, token, now) as earlier:
             tries = _Tries()
 
             async def claim(conn: Connection) -> list[JobRow]:
-                return await sql.claim_after(conn, request, now, earlier, again=tries.again())
+                again = tries.again()
+                return await sql.claim_after(conn, request, now, token, earlier, again=again)
 
             return await self._run("claim", claim)
 
     def _unanswered_claims(
-        self, request: ClaimRequest, now: float
-    ) -> AbstractContextManager[list[tuple[float, float]]]:
-        """The earlier claims of ``request.worker`` whose answer never came, as (time,
-        lease end), for this claim to hand their rows out (``sql.claim_again``). A claim
-        that fails, its committed reply lost or late past ``command_timeout``, or on a
-        connection lost on its retry too, joins them; one that succeeds clears them. A
-        claim whose lease ran out is dropped: recovery has its rows."""
+        self, request: ClaimRequest, token: str, now: float
+    ) -> AbstractContextManager[list[tuple[str, float]]]:
+        """The earlier claims of ``request.worker`` whose answer never came, as (claim
+        token, lease end), for this claim (``token``) to hand their rows out
+        (``sql.claim_again``). A claim that fails, its committed reply lost or late past
+        ``command_timeout``, or on a connection lost on its retry too, joins them; one
+        that succeeds clears them. A claim whose lease ran out is dropped: recovery has
+        its rows."""
         earlier = [m for m in self._unanswered.pop(request.worker, []) if m[1] > now]
         self._unanswered[request.worker] = earlier
-        return _unanswered(self._unanswered, request.worker, (now, now + request.lease))
+        return _unanswered(self._unanswered, request.worker, (token, now + request.lease))
 
     def _unanswered_writes(self, worker: str, now: float) -> AbstractContextManager[list[float]]:
         """The times of the earlier writes of outcomes by ``worker`` whose answer never
@@ -284,7 +301,8 @@ class PostgresStore(_Connections):
         writes: AbstractContextManager[list[float]] = (
             self._unanswered_writes(request.worker, now) if outcomes else nullcontext([])
         )
-        with self._unanswered_claims(request, now) as earlier, writes as written:
+        token = self._claim_token()
+        with self._unanswered_claims(request, token, now) as earlier, writes as written:
             tries = _Tries()
 
             async def both(conn: Connection) -> tuple[list[str], list[JobRow]]:
@@ -293,7 +311,7 @@ class PostgresStore(_Connections):
                 times = [*written, now] if again else written
                 async with conn.transaction():
                     applied = await sql.apply(conn, outcomes, now, times)
-                    claimed = await sql.claim_after(conn, request, now, earlier, again=again)
+                    claimed = await sql.claim_after(conn, request, now, token, earlier, again=again)
                 return applied, claimed
 
             return await self._run("claim", both)

@@ -56,7 +56,7 @@ def job_row(record: asyncpg.Record) -> JobRow:
 _INSERT_COLUMNS = (
     "id, task, queue, status, priority, payload, options, max_attempts, run_at, enqueued_at, "
     "idempotency_key, group_key, chain_next, batch_id, rate_key, attempts, started_at, "
-    "lease_until, worker"
+    "lease_until, worker, claim_token"
 )
 _ON_CONFLICT = {
     False: "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
@@ -71,21 +71,23 @@ def _insert_sql(table: str, *, rows: int, again: bool = False) -> str:
     column; for several, $2 is a JSON array of rows, one array of column values each
     (``_job_values``). One JSON text costs the client far less to encode than one
     array per column, and the server parses it once (jsonb). A job with a ``worker``
-    (local dispatch) starts its first attempt at ``now``."""
+    (local dispatch) starts its first attempt at ``now``, marked with the insert's
+    claim token, the last parameter (``_CLAIMED_BY``)."""
     if rows == 1:
         return (
             f"INSERT INTO {table} ({_INSERT_COLUMNS}) "  # noqa: S608 - identifier, constants
             "VALUES ($2, $3, $4, $5, $6, $7, $8, $9, $10, $1, $11, $12, $13, $14, $15, "
             "CASE WHEN $17::text IS NULL THEN 0 ELSE 1 END, "
-            "CASE WHEN $17::text IS NULL THEN NULL ELSE $1::float8 END, $16, $17) "
-            + _ON_CONFLICT[again]
+            "CASE WHEN $17::text IS NULL THEN NULL ELSE $1::float8 END, $16, $17, "
+            "CASE WHEN $17::text IS NULL THEN NULL ELSE $18::text END) " + _ON_CONFLICT[again]
         )
     return (
         f"INSERT INTO {table} ({_INSERT_COLUMNS}) "  # noqa: S608 - identifier, constants
         "SELECT j->>0, j->>1, j->>2, j->>3, (j->>4)::int, j->>5, j->>6, (j->>7)::int, "
         "(j->>8)::float8, $1, j->>9, j->>10, j->>11, j->>12, j->>13, "
         "CASE WHEN j->>15 IS NULL THEN 0 ELSE 1 END, "
-        "CASE WHEN j->>15 IS NULL THEN NULL ELSE $1::float8 END, (j->>14)::float8, j->>15 "
+        "CASE WHEN j->>15 IS NULL THEN NULL ELSE $1::float8 END, (j->>14)::float8, j->>15, "
+        "CASE WHEN j->>15 IS NULL THEN NULL ELSE $3::text END "
         "FROM jsonb_array_elements($2::jsonb) WITH ORDINALITY AS n(j, ord) "
         "ORDER BY ord " + _ON_CONFLICT[again]
     )
@@ -113,6 +115,7 @@ async def insert_jobs(
     table: str = "asyncjobs_jobs",
     attempt: int = 1,
     again: bool = False,
+    claim_token: str | None = None,
 ) -> Inserted:
     """Insert ``jobs`` through ``conn``; return their ids (the stored one for a known key).
 
@@ -121,7 +124,8 @@ async def insert_jobs(
     One statement, so atomic on its own (a batch of more than ``JSONB_LIMIT`` bytes:
     several, in a transaction). A job whose idempotency key is already
     stored is not inserted again; only then is the stored id read back (a second
-    round trip). Jobs inserted running (local dispatch) have their seq returned.
+    round trip). Jobs inserted running (local dispatch) have their seq returned, and
+    carry ``claim_token``, this insert's own (``_CLAIMED_BY``).
     """
     if not jobs:
         return Inserted()
@@ -132,15 +136,21 @@ async def insert_jobs(
         if len(params[0]) > JSONB_LIMIT:  # halves, in one transaction (or savepoint)
             half = len(jobs) // 2
             async with conn.transaction():
-                first = await insert_jobs(conn, jobs[:half], now, table=table, again=again)
-                rest = await insert_jobs(conn, jobs[half:], now, table=table, again=again)
+                first = await insert_jobs(
+                    conn, jobs[:half], now, table=table, again=again, claim_token=claim_token
+                )
+                rest = await insert_jobs(
+                    conn, jobs[half:], now, table=table, again=again, claim_token=claim_token
+                )
             return Inserted([*first, *rest], seqs={**first.seqs, **rest.seqs})
     query = _insert_sql(table, rows=len(jobs), again=again)
     dispatched = any(j.worker is not None for j in jobs)
     if not dispatched and all(j.idempotency_key is None for j in jobs):
-        await conn.execute(query, now, *params)
+        await conn.execute(query, now, *params, claim_token)
         return Inserted([j.id for j in jobs])
-    inserted = await conn.fetch(query + " RETURNING idempotency_key, id, seq, worker", now, *params)
+    inserted = await conn.fetch(
+        query + " RETURNING idempotency_key, id, seq, worker", now, *params, claim_token
+    )
     seqs = {r["id"]: r["seq"] for r in inserted if r["worker"] is not None}
     if again and dispatched:
         # The first try may have committed before its reply was lost: the jobs it
@@ -169,7 +179,9 @@ async def insert_jobs(
             raise StoreError(
                 f"idempotency key {lost[0].idempotency_key!r} kept changing hands; not enqueued"
             )
-        retried = await insert_jobs(conn, lost, now, table=table, attempt=attempt + 1)
+        retried = await insert_jobs(
+            conn, lost, now, table=table, attempt=attempt + 1, claim_token=claim_token
+        )
         stored.update((j.idempotency_key, id_) for j, id_ in zip(lost, retried, strict=True))
         seqs.update(retried.seqs)
     ids = [j.id if j.idempotency_key is None else stored[j.idempotency_key] for j in jobs]
@@ -202,62 +214,73 @@ async def notify(conn: Connection) -> None:
     await conn.execute(_NOTIFY)
 
 
-# The rows that claims of worker $1 at the times $2 took, if it still holds them: a claim
-# (or a job dispatched to a free slot) is the only write that sets started_at, not a
-# heartbeat, which moves lease_until alone. Rows asked to stop meanwhile are left to lease
-# recovery, which ends them cancelled: this worker may be running one (a job
-# dispatched here at that same instant), and then its next heartbeat stops it.
-_CLAIMED_AT = """status = 'running' AND worker = $1 AND started_at = ANY($2::float8[])
+# The rows that the claims of worker $1 with the claim tokens $2 took, if it still holds
+# them. Each claim (and each insert of jobs dispatched to a free slot) marks the rows it
+# takes with a token of its own: no other write of this worker takes a row under it, not
+# even one at the same clock reading (a started_at would match those too: a job
+# dispatched here, or taken by an answered claim, that this worker runs). Rows asked to
+# stop meanwhile are left to lease recovery, which ends them cancelled, never run.
+_CLAIMED_BY = """status = 'running' AND worker = $1 AND claim_token = ANY($2::text[])
     AND cancel_requested_at IS NULL"""
-_CLAIMED_UNSEEN = f"SELECT id, attempts FROM asyncjobs_jobs WHERE {_CLAIMED_AT} FOR UPDATE"  # noqa: S608
-# ...taken again as if claimed now ($3) with a lease ending at $4, so a later claim that
-# hands out this one's rows (its answer lost too) finds them.
-_CLAIMED_BEFORE = f"""UPDATE asyncjobs_jobs SET started_at = $3, lease_until = $4
-    WHERE {_CLAIMED_AT} RETURNING {SELECT}"""  # noqa: S608 - constants
+_CLAIMED_UNSEEN = f"SELECT id, attempts FROM asyncjobs_jobs WHERE {_CLAIMED_BY} FOR UPDATE"  # noqa: S608
+# ...taken again as if claimed now ($3) with a lease ending at $4 and by this claim ($5),
+# so a later claim that hands out this one's rows (its answer lost too) finds them.
+_CLAIMED_BEFORE = f"""UPDATE asyncjobs_jobs SET started_at = $3, lease_until = $4,
+    claim_token = $5 WHERE {_CLAIMED_BY} RETURNING {SELECT}"""  # noqa: S608 - constants
 
 
 async def claim_after(
     conn: Connection,
     request: ClaimRequest,
     now: float,
-    earlier: Sequence[tuple[float, float]],
+    claim_token: str,
+    earlier: Sequence[tuple[str, float]],
     *,
     again: bool,
 ) -> list[JobRow]:
-    """``claim``, or ``claim_again`` after claims that may have committed unseen: those
-    in ``earlier``, and this claim's own first try if this is its retry (``again``)."""
-    moments = [*earlier, (now, now + request.lease)] if again else earlier
+    """``claim`` (marking what it takes with ``claim_token``), or ``claim_again`` after
+    claims that may have committed unseen: those in ``earlier``, and this claim's own
+    first try if this is its retry (``again``; both tries carry the same token)."""
+    moments = [*earlier, (claim_token, now + request.lease)] if again else earlier
     if moments:
-        return await claim_again(conn, request, now, moments)
-    return await claim(conn, request, now)
+        return await claim_again(conn, request, now, claim_token, moments)
+    return await claim(conn, request, now, claim_token)
 
 
 async def claim_again(
-    conn: Connection, request: ClaimRequest, now: float, earlier: Sequence[tuple[float, float]]
+    conn: Connection,
+    request: ClaimRequest,
+    now: float,
+    claim_token: str,
+    earlier: Sequence[tuple[str, float]],
 ) -> list[JobRow]:
     """A claim after claims of this worker whose answer never came (a lost reply, a
-    timeout): each may have committed. ``earlier`` holds the time and lease end of each.
-    The rows they took (still running under this worker, unseen by it) come back with
-    the claim's own, leased anew, so they run now rather than wait out their leases and
-    spend an attempt they never had. The runner drops any it already holds
+    timeout): each may have committed. ``earlier`` holds the claim token and lease end
+    of each. The rows they took (still running under this worker, unseen by it) come
+    back with the claim's own, leased anew, so they run now rather than wait out their
+    leases and spend an attempt they never had. The runner drops any it already holds
     (``handed_back``)."""
-    starts = [started for started, _ in earlier]
-    records = await conn.fetch(_CLAIMED_BEFORE, request.worker, starts, now, now + request.lease)
+    tokens = [taken_by for taken_by, _ in earlier]
+    records = await conn.fetch(
+        _CLAIMED_BEFORE, request.worker, tokens, now, now + request.lease, claim_token
+    )
     lost = [job_row(r) for r in records]
     limit = max(0, request.limit - len(lost))
-    rows = await claim(conn, replace(request, limit=limit, ahead=min(request.ahead, limit)), now)
+    rows = await claim(
+        conn, replace(request, limit=limit, ahead=min(request.ahead, limit)), now, claim_token
+    )
     next_token_at = rows.next_token_at if isinstance(rows, Claimed) else None
     return Claimed([*lost, *rows], next_token_at=next_token_at, handed_back=bool(lost))
 
 
 async def release_claimed(
-    conn: Connection, worker: str, earlier: Sequence[tuple[float, float]], now: float
+    conn: Connection, worker: str, earlier: Sequence[tuple[str, float]], now: float
 ) -> None:
     """Give back, attempt unspent, the rows the claims of a stopped ``worker`` whose
-    answer never came took (``earlier``: time and lease end of each), as the runner
-    gives back jobs it claimed ahead (inside a transaction)."""
-    starts = [started for started, _ in earlier]
-    rows = await conn.fetch(_CLAIMED_UNSEEN, worker, starts)
+    answer never came took (``earlier``: claim token and lease end of each), as the
+    runner gives back jobs it claimed ahead (inside a transaction)."""
+    tokens = [taken_by for taken_by, _ in earlier]
+    rows = await conn.fetch(_CLAIMED_UNSEEN, worker, tokens)
     outcomes = [
         Outcome(job_id=r["id"], worker=worker, attempt=r["attempts"], kind=OutcomeKind.RELEASE)
         for r in rows
@@ -266,10 +289,14 @@ async def release_claimed(
         await finish(conn, outcomes, now)
 
 
-async def claim(conn: Connection, request: ClaimRequest, now: float) -> list[JobRow]:
+async def claim(
+    conn: Connection, request: ClaimRequest, now: float, claim_token: str
+) -> list[JobRow]:
+    """Take up to ``request.limit`` due jobs for ``request.worker``, marked with
+    ``claim_token``, this claim's own (``_CLAIMED_BY``)."""
     if has_limits(request) and not conn.is_in_transaction():
         async with conn.transaction():  # flow control counts and takes tokens atomically
-            return await claim(conn, request, now)
+            return await claim(conn, request, now, claim_token)
     # Due scheduled jobs become queued; rows another claimer holds are left to it.
     await conn.execute(
         "UPDATE asyncjobs_jobs SET status = 'queued' WHERE seq IN (SELECT seq FROM "
@@ -286,6 +313,7 @@ async def claim(conn: Connection, request: ClaimRequest, now: float) -> list[Job
     names = list(request.tasks)
     attempts = [limits.max_attempts for limits in request.tasks.values()]
     params: list[Any] = [now, now + request.lease, request.worker, names, attempts, slots]
+    params.append(claim_token)  # $7
     queue_filter = ""
     if request.queues is not None:
         params.append(list(request.queues))
@@ -318,7 +346,7 @@ async def claim(conn: Connection, request: ClaimRequest, now: float) -> list[Job
         )
         UPDATE asyncjobs_jobs AS t SET
             status = 'running', attempts = t.attempts + 1, started_at = $1, lease_until = $2,
-            worker = $3, progress = NULL, progress_message = NULL,
+            worker = $3, claim_token = $7, progress = NULL, progress_message = NULL,
             -- never below this attempt (a manual retry allows one more)
             max_attempts = GREATEST(t.attempts + 1, {_MAX_ATTEMPTS})
         FROM ranked WHERE t.seq = ranked.seq
