@@ -8,6 +8,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -17,7 +18,7 @@ import pytest
 from asyncjobs import ConfigurationError, Jobs, JobStatus, StoreError, Task, current_job
 from asyncjobs._errors import DataRefused
 from asyncjobs.stores import ClaimRequest, PostgresStore, TaskLimits
-from asyncjobs.stores._protocol import Claimed, Inserted, Outcome, OutcomeKind
+from asyncjobs.stores._protocol import Claimed, Inserted, NewJob, Outcome, OutcomeKind, WorkerBeat
 from asyncjobs.testing import FakeClock
 
 MakeJobs = Callable[..., Jobs]
@@ -546,6 +547,131 @@ async def test_a_dispatched_job_whose_insert_reply_was_lost_runs_on_its_first_at
     info = await jobs.get(job.id)
     assert info is not None
     assert (info.status, info.attempts) == (JobStatus.SUCCEEDED, 1)
+    assert runs == [1]
+
+
+async def dispatched_at_a_lost_claims_instant(
+    jobs: Jobs, clock: FakeClock
+) -> tuple[PostgresStore, ClaimRequest, str, str]:
+    """Worker "w" claims job "t" (its answer never comes: a timeout), then, at the same
+    clock reading, a second job is dispatched to it (inserted running, answered), which
+    it runs. Returns the store, the claim request and the ids of the two jobs."""
+
+    @jobs.task(name="t")
+    async def t(n: int) -> None: ...
+
+    store = cast(PostgresStore, jobs.store)
+    taken = await t.enqueue(0)
+    request = ClaimRequest(
+        worker="w", tasks={"t": TaskLimits(max_attempts=1)}, queues=None, limit=1, lease=60.0
+    )
+    lost = lose_the_reply_of_the_next(jobs, Claimed, late=True)
+    with pytest.raises(StoreError):
+        await store.claim(request, now=clock.now())
+    assert lost
+    cast(Any, store)._failures = 0  # the backoff is over (the clock is fake)
+    running = NewJob(
+        id=uuid.uuid4().hex, task="t", queue="default", payload='{"args": [1], "kwargs": {}}',
+        status="running", priority=0, run_at=clock.now(), max_attempts=1, worker="w",
+        lease_until=clock.now() + 60,
+    )  # fmt: skip
+    await store.insert([running], now=clock.now())
+    return store, request, taken.id, running.id
+
+
+async def test_a_stopped_worker_gives_back_what_its_lost_claim_took_not_a_job_it_runs(
+    make_jobs: MakeJobs, postgres_url: str, clock: FakeClock
+) -> None:
+    """The dispatched job started at the lost claim's instant, and still runs here (it
+    ignored its cancellation at shutdown, say): requeued, it would run twice."""
+    jobs = make_jobs(postgres_url, workers=False)
+    store, _, taken, running = await dispatched_at_a_lost_claims_instant(jobs, clock)
+    beat = WorkerBeat(
+        id="w", host="h", pid=1, started_at=clock.now(), running=0, concurrency=2,
+        queues=None, stopped=True,
+    )  # fmt: skip
+    await store.record_worker(beat, now=clock.now())
+    given_back, still_running = await jobs.get(taken), await jobs.get(running)
+    assert given_back is not None
+    assert (given_back.status, given_back.attempts) == (JobStatus.QUEUED, 0)
+    assert still_running is not None
+    assert (still_running.status, still_running.attempts) == (JobStatus.RUNNING, 1)
+
+
+async def test_a_claim_after_a_lost_one_hands_out_what_it_took_not_a_job_dispatched_then(
+    make_jobs: MakeJobs, postgres_url: str, clock: FakeClock
+) -> None:
+    """The dispatched job started at the lost claim's instant and runs here: handed out
+    again (its lease and start moved), it is not the lost claim's to give."""
+    jobs = make_jobs(postgres_url, workers=False)
+    store, request, taken, running = await dispatched_at_a_lost_claims_instant(jobs, clock)
+    dispatched_at = clock.now()
+    clock.advance(1)
+    rows = await store.claim(replace(request, limit=2), now=clock.now())
+    assert [row.id for row in rows] == [taken]
+    row = await store.get(running)
+    assert row is not None
+    assert (row.status, row.started_at, row.lease_until) == (
+        JobStatus.RUNNING, dispatched_at, dispatched_at + 60
+    )  # fmt: skip
+
+
+async def test_a_job_that_ignores_its_cancellation_at_stop_is_not_requeued_while_it_runs(
+    make_jobs: MakeJobs, postgres_url: str, clock: FakeClock
+) -> None:
+    """Dispatched here at the instant of a claim answered late: stop goes on without it
+    (it ignored its cancellation; it keeps its lease), and the give-back of the late
+    claim's jobs must leave it running: requeued, another worker would run it again
+    beside it."""
+    jobs = make_jobs(
+        postgres_url, concurrency=2, shutdown_timeout=10, visibility_timeout=60,
+        poll_interval=3600,  # no claim after the late one to hand its jobs out
+    )  # fmt: skip
+    cast(Any, jobs.store).max_backoff = 0.0  # no wait before the next try: the clock is fake
+    release = anyio.Event()
+    runs: list[int] = []
+
+    @jobs.task(name="stubborn", retries=0)
+    async def stubborn(n: int) -> None:
+        runs.append(n)
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                continue  # swallowed: the job carries on as if nothing happened
+
+    await jobs.start()
+    stopped = anyio.Event()
+
+    async def stop() -> None:
+        await jobs.stop()
+        stopped.set()
+
+    try:
+        with anyio.fail_after(10):
+            while jobs.runner._backlog:  # the first claim found the queue empty
+                await anyio.lowlevel.checkpoint()
+            job = await stubborn.enqueue(1)  # dispatched: inserted running here
+            while not runs:
+                await anyio.lowlevel.checkpoint()
+            lost = lose_the_reply_of_the_next(jobs, Claimed, late=True)
+            jobs.runner.wake()  # the fake clock still reads the dispatch's time
+            while not lost:
+                await anyio.lowlevel.checkpoint()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stop)
+                while not stopped.is_set():
+                    # Past the shutdown timeout and the grace, and no further: the stopped
+                    # beat (and its give-back) has five seconds of the clock.
+                    if jobs.runner.running:
+                        clock.advance(1)
+                    for _ in range(10):
+                        await anyio.lowlevel.checkpoint()
+        row = await jobs.store.get(job.id)
+        assert row is not None
+        assert (row.status, row.attempts, row.worker) == ("running", 1, jobs.runner.worker_id)
+    finally:
+        release.set()  # a failure above must not leave the job running forever
     assert runs == [1]
 
 
