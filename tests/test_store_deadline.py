@@ -93,3 +93,40 @@ async def test_a_deadline_cuts_short_the_wait_for_another_writer(backend_url: st
                 assert await store.insert([new_job("c")], now=0.0) == ["c"]
     finally:
         await store.close()
+
+
+async def test_a_deadline_set_while_a_write_waits_ends_that_wait(backend_url: str) -> None:
+    """The deadline comes while a write already waits on the other writer (SQLite in
+    its busy handler, a busy timeout of 3 s; PostgreSQL for its reply, a
+    command_timeout of 3 s): that wait ends at the deadline too."""
+    url = backend_url + ("&" if "?" in backend_url else "?") + "command_timeout=3"
+    store = open_store(url if url.startswith("postgres") else backend_url)
+    if isinstance(store, SQLiteStore):
+        store.busy_timeout = 3.0
+    await store.open()
+    try:
+        async with another_writer(store, backend_url), anyio.create_task_group() as group:
+
+            async def write() -> None:
+                with anyio.fail_after(2), pytest.raises(StoreError):
+                    await store.insert([new_job("a")], now=0.0)
+
+            group.start_soon(write)
+            # Let the write reach its wait (a thread's, or the server's): real time.
+            await anyio.to_thread.run_sync(threading.Event().wait, 0.3)
+            store.set_deadline(0.1)
+    finally:
+        await store.close()
+
+
+async def test_past_the_deadline_a_free_store_is_still_written(backend_url: str) -> None:
+    """A job's cleanup, the worker's last records: past the deadline a call still goes
+    through, with next to no wait, when nothing holds it up."""
+    store = open_store(backend_url)
+    await store.open()
+    try:
+        store.set_deadline(0.0)
+        with anyio.fail_after(5):
+            assert await store.insert([new_job("a")], now=0.0) == ["a"]
+    finally:
+        await store.close()

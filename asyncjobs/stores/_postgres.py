@@ -50,6 +50,7 @@ from asyncjobs.stores import redacted
 from asyncjobs.stores._postgres_connections import NotSent, _Connections, backoff
 from asyncjobs.stores._postgres_sql import (
     SELECT,
+    Write,
     insert_jobs,
     job_row,
     notify,
@@ -101,10 +102,12 @@ def _unanswered(memory: dict[str, list[M]], worker: str, moment: M) -> Iterator[
     try:
         yield earlier
     except NotSent:
-        memory[worker] = earlier
+        memory[worker] = [*earlier, *memory.get(worker, [])]
         raise
     except BaseException:
-        memory[worker] = [*earlier, moment][-_UNANSWERED_MAX:]
+        # With those another operation of the worker added meanwhile (an insert of jobs
+        # dispatched to it, its reply lost by the same network fault).
+        memory[worker] = [*earlier, moment, *memory.get(worker, [])][-_UNANSWERED_MAX:]
         raise
 
 
@@ -183,6 +186,9 @@ class PostgresStore(_Connections):
         self._listen_failures = 0  # the LISTEN connection's own: polling covers for it
         self._listen_retry_at = 0.0
         self._give_up_at: float | None = None  # the loop's time; see set_deadline
+        # The timeouts of the waits under way (for a reply, a connection), with when
+        # each would end on its own (command_timeout): set_deadline cuts them short.
+        self._waiting: dict[asyncio.Timeout, float | None] = {}
         # By worker: the claim token and lease end of each of its claims whose answer
         # never came, while that lease lasts (``_unanswered_claims``).
         self._unanswered: dict[str, list[tuple[str, float]]] = {}
@@ -191,7 +197,8 @@ class PostgresStore(_Connections):
         self._token_prefix = secrets.token_hex(8) + ":"
         self._token_count = itertools.count()
         # By worker: the times of its writes of outcomes whose answer never came.
-        self._unanswered_finishes: dict[str, list[float]] = {}
+        # (with the claim token of a finish-and-claim).
+        self._unanswered_finishes: dict[str, list[Write]] = {}
 
     def __repr__(self) -> str:
         parts = urlsplit(self.url)
@@ -271,12 +278,15 @@ class PostgresStore(_Connections):
         self._unanswered[request.worker] = earlier
         return _unanswered(self._unanswered, request.worker, (token, now + request.lease))
 
-    def _unanswered_writes(self, worker: str, now: float) -> AbstractContextManager[list[float]]:
-        """The times of the earlier writes of outcomes by ``worker`` whose answer never
-        came: the runner sends those outcomes again, and what such a write applied is
-        reported as applied (``sql.finished_before``), not as no longer ours. A write
-        that fails unanswered joins them; one that succeeds clears them."""
-        return _unanswered(self._unanswered_finishes, worker, now)
+    def _unanswered_writes(
+        self, worker: str, now: float, token: str | None = None
+    ) -> AbstractContextManager[list[Write]]:
+        """The earlier writes of outcomes by ``worker`` whose answer never came (their
+        time, and the claim token of a finish-and-claim): the runner sends those
+        outcomes again, and what such a write applied is reported as applied
+        (``sql.finished_before``), not as no longer ours. A write that fails unanswered
+        joins them; one that succeeds clears them."""
+        return _unanswered(self._unanswered_finishes, worker, Write(now, token))
 
     async def finish(self, outcomes: Sequence[Outcome], *, now: float) -> list[str]:
         if not outcomes:
@@ -285,8 +295,8 @@ class PostgresStore(_Connections):
         with self._unanswered_writes(outcomes[0].worker, now) as earlier:
 
             async def finish(conn: Connection) -> list[str]:
-                times = [*earlier, now] if tries.again() else earlier
-                return await sql.apply(conn, outcomes, now, times)
+                written = [*earlier, Write(now, None)] if tries.again() else earlier
+                return await sql.apply(conn, outcomes, now, written)
 
             # Not held back by a reconnect backoff: the runner tries a failed write again
             # only after a pause, and at shutdown this is the last chance before the
@@ -298,19 +308,19 @@ class PostgresStore(_Connections):
     ) -> tuple[list[str], list[JobRow]]:
         if request.limit <= 0 or not request.tasks:
             return await self.finish(outcomes, now=now), []
-        writes: AbstractContextManager[list[float]] = (
-            self._unanswered_writes(request.worker, now) if outcomes else nullcontext([])
-        )
         token = self._claim_token()
+        writes: AbstractContextManager[list[Write]] = (
+            self._unanswered_writes(request.worker, now, token) if outcomes else nullcontext([])
+        )
         with self._unanswered_claims(request, token, now) as earlier, writes as written:
             tries = _Tries()
 
             async def both(conn: Connection) -> tuple[list[str], list[JobRow]]:
                 # One transaction: one commit (one WAL flush) for the acks and the claim.
                 again = tries.again()
-                times = [*written, now] if again else written
+                earlier_writes = [*written, Write(now, token)] if again else written
                 async with conn.transaction():
-                    applied = await sql.apply(conn, outcomes, now, times)
+                    applied = await sql.apply(conn, outcomes, now, earlier_writes)
                     claimed = await sql.claim_after(conn, request, now, token, earlier, again=again)
                 return applied, claimed
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -27,6 +28,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+PAST_DEADLINE_WAIT = 1.0
+"""Seconds a statement sent past the store's deadline (``set_deadline``) waits for its
+reply: a healthy server answers in milliseconds, so a stopping worker's last records
+(its stop, the jobs it gives back) and an enqueue from a job's cleanup still get
+through; a server that holds the statement (a lock, a silent network) does not hold
+``stop()``."""
 
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -108,6 +116,7 @@ class _Connections:
         _listen_failures: int
         _listen_retry_at: float
         _give_up_at: float | None
+        _waiting: dict[asyncio.Timeout, float | None]
 
     # -- connections -----------------------------------------------------------------
 
@@ -212,16 +221,42 @@ class _Connections:
         return delay
 
     def set_deadline(self, seconds: float | None) -> None:
-        # On the loop's clock, as command_timeout is (asyncio.timeout).
+        # On the loop's clock, as the waits' timeouts are.
         loop_now = asyncio.get_running_loop().time()
         self._give_up_at = None if seconds is None else loop_now + seconds
+        if self._give_up_at is not None:
+            for timeout, ends_at in self._waiting.items():  # waits under way
+                timeout.reschedule(min(ends_at or math.inf, self._give_up_at))
 
-    def _time_left(self) -> float:
-        """How long a statement may wait for its reply: ``command_timeout``, or what is
-        left before the deadline (``set_deadline``) when that comes first."""
-        if self._give_up_at is None:
-            return self.command_timeout
-        return min(self.command_timeout, self._give_up_at - asyncio.get_running_loop().time())
+    @contextlib.asynccontextmanager
+    async def _until(self, ends_at: float | None) -> AsyncIterator[asyncio.Timeout]:
+        """A wait (for a reply, a connection) that ends at ``ends_at`` (None: at none
+        of its own), or at the deadline (``set_deadline``) when that comes first, also
+        one set while it waits; one that begins past the deadline gets
+        ``PAST_DEADLINE_WAIT``. The timeout says whether it ended the wait."""
+        end = ends_at
+        if self._give_up_at is not None:
+            now = asyncio.get_running_loop().time()
+            end = min(ends_at or math.inf, max(self._give_up_at, now + PAST_DEADLINE_WAIT))
+        timeout = asyncio.timeout_at(end)
+        async with timeout:
+            self._waiting[timeout] = ends_at
+            try:
+                yield timeout
+            finally:
+                del self._waiting[timeout]
+
+    @contextlib.asynccontextmanager
+    async def _by_deadline(self, what: str) -> AsyncIterator[None]:
+        """A wait outside a statement (for a free or a new connection) that the
+        deadline ends too, as a ``StoreError``."""
+        try:
+            async with self._until(None) as timeout:
+                yield
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+            raise StoreError(f"PostgreSQL store {self!r}: no {what} before its deadline") from None
 
     async def _run(
         self,
@@ -240,8 +275,6 @@ class _Connections:
                 f"PostgreSQL store {self!r} is unreachable ({what}); "
                 "waiting before the next reconnect attempt"
             )
-        if self._time_left() <= 0:
-            raise NotSent(f"PostgreSQL store {self!r}: past its deadline ({what}); not sent")
         if self._pool is None:
             await self.open()
         pool = self._pool
@@ -252,8 +285,12 @@ class _Connections:
                 try:
                     if producer and not self._producing:
                         return await self._on_producer(fn)
-                    async with pool.acquire() as conn:
+                    async with self._by_deadline("a connection"):
+                        conn = await pool.acquire()
+                    try:
                         return await self._bounded(conn, fn)
+                    finally:
+                        await pool.release(conn)
                 except (
                     asyncpg.ConnectionDoesNotExistError,
                     asyncpg.AdminShutdownError,
@@ -276,7 +313,8 @@ class _Connections:
             if conn is None or conn.is_closed():
                 if self._pool is None:  # closed meanwhile: open nothing it would not close
                     raise StoreError(f"PostgreSQL store {self!r} is closed")
-                conn = await asyncpg.connect(self.url, timeout=self.connect_timeout)
+                async with self._by_deadline("a connection"):
+                    conn = await asyncpg.connect(self.url, timeout=self.connect_timeout)
                 if not self._is_open():  # closed while it connected: keep nothing open
                     await conn.close()
                     raise StoreError(f"PostgreSQL store {self!r} is closed")
@@ -297,15 +335,23 @@ class _Connections:
         gone, a firewall dropping packets) sends no reset: a statement would wait for
         TCP to give up, a quarter of an hour, and a runner's claim, which shutdown lets
         finish, would hold ``stop()`` as long. Past the timeout the connection is
-        dropped (its state is unknown), and the operation fails as unreachable."""
-        limit = self._time_left()
+        dropped (its state is unknown), and the operation fails as unreachable.
+
+        The store's deadline (``set_deadline``) can cut the wait shorter, also for a
+        statement already waiting: then it fails as past the deadline, which says
+        nothing of the server's reachability (no reconnect backoff)."""
+        reply_by = asyncio.get_running_loop().time() + self.command_timeout
         try:
-            async with asyncio.timeout(limit):
+            async with self._until(reply_by) as timeout:
                 return await fn(conn)
         except TimeoutError:
+            if not timeout.expired():
+                raise  # fn's own
             conn.terminate()  # closed without a word to the server: nothing to wait on
-            if limit < self.command_timeout:
-                raise TimeoutError(f"no reply before the store's deadline ({limit:g}s)") from None
+            if (timeout.when() or reply_by) < reply_by:
+                raise StoreError(
+                    f"PostgreSQL store {self!r}: no reply before its deadline"
+                ) from None
             raise TimeoutError(
                 f"no reply within command_timeout={self.command_timeout:g}s"
             ) from None

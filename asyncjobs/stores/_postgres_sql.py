@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import asyncpg
 
@@ -443,11 +443,11 @@ def applied(outcomes: Sequence[Outcome], kinds: dict[str, str]) -> Applied:
 
 
 async def apply(
-    conn: Connection, outcomes: Sequence[Outcome], now: float, times: Sequence[float]
+    conn: Connection, outcomes: Sequence[Outcome], now: float, earlier: Sequence[Write]
 ) -> Applied:
     """Apply outcomes: in one statement for the usual jobs, in a transaction for chain
-    and batch members (``finish``), and report as applied what unanswered writes at
-    ``times`` applied before (``finished_before``)."""
+    and batch members (``finish``), and report as applied what the ``earlier`` writes,
+    unanswered, applied before (``finished_before``)."""
     kinds = await finish_plain(conn, outcomes, now)
     rest = [o for o in outcomes if o.job_id not in kinds]
     if rest and conn.is_in_transaction():
@@ -455,7 +455,7 @@ async def apply(
     elif rest:
         async with conn.transaction():
             kinds.update(await finish(conn, rest, now))
-    kinds.update(await finished_before(conn, outcomes, kinds, times))
+    kinds.update(await finished_before(conn, outcomes, kinds, earlier))
     return applied(outcomes, kinds)
 
 
@@ -491,37 +491,48 @@ WHERE CASE
              AND j.run_at = o.run_at
           -- ...or claimed again by the same write's claim (a retry due at once)
           OR j.status = 'running' AND j.worker = o.worker AND j.attempts = o.attempt + 1
-             AND j.started_at = ANY($1::float8[])
+             AND EXISTS (SELECT 1 FROM unnest($1::float8[], $7::text[]) AS w(at, token)
+                         WHERE w.token = j.claim_token AND o.run_at <= w.at)
     WHEN o.kind = 'release'
         THEN j.status = 'queued' AND j.worker IS NULL AND j.attempts = o.attempt - 1
     ELSE false END
 """
 
 
+class Write(NamedTuple):
+    """A write of outcomes whose answer never came: when it was made, and the claim
+    token of a finish-and-claim (its claim may have taken a retry again at once)."""
+
+    at: float
+    claim_token: str | None
+
+
 async def finished_before(
     conn: Connection,
     outcomes: Sequence[Outcome],
     applied: Collection[str],
-    times: Sequence[float],
+    earlier: Sequence[Write],
 ) -> dict[str, str]:
-    """Of ``outcomes`` not ``applied`` by a write after writes of them whose answer never
-    came (a lost reply, a timeout; made at ``times``), those an earlier one applied,
-    with the kind each took: each row reads as that outcome at one of ``times`` left it,
-    which neither lease recovery (no worker, its own time) nor another worker's attempt
-    (another worker or attempt number) can have done."""
-    if not times:  # the usual write: none unanswered before it
+    """Of ``outcomes`` not ``applied`` by a write after ``earlier`` writes of them whose
+    answer never came (a lost reply, a timeout), those an earlier one applied, with the
+    kind each took: each row reads as that outcome at one of those writes left it (at
+    its time; a retry claimed again under its claim token), which neither lease
+    recovery (no worker, its own time) nor another worker's attempt (another worker or
+    attempt number) can have done."""
+    if not earlier:  # the usual write: none unanswered before it
         return {}
     rest = [o for o in outcomes if o.job_id not in applied]
     if not rest:
         return {}
     records = await conn.fetch(
         _FINISHED_BEFORE,
-        list(times),
+        [write.at for write in earlier],
         [o.job_id for o in rest],
         [o.worker for o in rest],
         [o.attempt for o in rest],
         [str(o.kind) for o in rest],
         [o.run_at for o in rest],
+        [write.claim_token for write in earlier],
     )
     return {r["id"]: r["kind"] for r in records}
 

@@ -207,11 +207,14 @@ class Store(Protocol):
         ...
 
     def set_deadline(self, seconds: float | None) -> None:
-        """Bound the waits of calls under way and to come: past ``seconds`` from now, a
-        call no longer waits for a busy database or a slow reply but fails with
-        ``StoreError``, perhaps untried (``None``: no bound, the default). Workers set
-        one at shutdown, so that ``stop()`` ends in time while another process holds
-        the database."""
+        """Bound the waits of calls under way and to come: at ``seconds`` from now, a
+        call stops waiting for a busy database or a slow reply and fails with
+        ``StoreError`` (``None``: no bound, the default). Past it, a call is still
+        tried, with next to no wait: SQLite tries once without waiting on a busy
+        file, PostgreSQL waits a second for the reply. (A SQLite busy wait already
+        under way ends at its own busy timeout.) Workers set one at shutdown, so that
+        ``stop()`` ends in time while another process holds the database, and their
+        last records still get through to a database that is free."""
         ...
 
     async def insert(self, jobs: Sequence[NewJob], *, now: float) -> Inserted:

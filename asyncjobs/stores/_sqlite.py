@@ -117,6 +117,11 @@ process's transactions."""
 _BUSY_RETRIES = 5
 """How many busy timeouts a write waits out before it gives up with StoreError."""
 
+_BUSY_SLICE = 0.25
+"""Seconds of one wait of the connection's busy handler: a write waits for a busy file
+in waits this long, so that a deadline set meanwhile (``set_deadline``) ends the wait
+within one of them, not at the end of a whole busy timeout."""
+
 
 class SQLiteStore:
     """A job store in one SQLite file (WAL). Safe for several processes on one host."""
@@ -231,32 +236,38 @@ class SQLiteStore:
 
     def _while_busy(self, db: sqlite3.Connection, write: Callable[[], T]) -> T:
         """Run ``write`` (one statement, or a whole transaction), again while the file is
-        busy: busy_timeout already waited; a few more rounds ride out a long writer. A
-        deadline (``set_deadline``) shortens the waits, and once it has passed a write
-        is tried once more without waiting (in the connection thread)."""
-        for attempt in range(_BUSY_RETRIES):
-            if not self._bound_busy_wait(db) and attempt:
-                break
+        busy, for ``_BUSY_RETRIES`` busy timeouts in all (a long writer is ridden out),
+        or until the deadline (``set_deadline``); past that, it is tried once without
+        waiting. Runs in the connection thread."""
+        # The thread's own waits are real time, as SQLite's busy handler's are.
+        now = time.monotonic()  # noqa: TID251
+        give_up_at = now + self.busy_timeout * _BUSY_RETRIES
+        warn_at = now + self.busy_timeout
+        tried = False
+        while True:
+            now = time.monotonic()  # noqa: TID251
+            left = give_up_at - now
+            if self._give_up_at is not None:
+                left = min(left, self._give_up_at - now)
+            if tried and left <= 0:
+                raise sqlite3.OperationalError("database is locked")
+            self._set_busy_wait(db, max(0.0, min(_BUSY_SLICE, left)))
+            tried = True
             try:
                 return write()
             except sqlite3.OperationalError as error:
-                if is_busy(error) and attempt < _BUSY_RETRIES - 1 and not db.in_transaction:
-                    logger.warning("SQLite store busy, retrying the write (%d)", attempt + 1)
-                    continue
-                raise
-        raise sqlite3.OperationalError("database is locked (past the store's deadline)")
+                if not is_busy(error) or db.in_transaction:
+                    raise
+            if time.monotonic() >= warn_at:  # noqa: TID251
+                warn_at += self.busy_timeout
+                logger.warning("SQLite store busy: another connection holds the write lock")
 
-    def _bound_busy_wait(self, db: sqlite3.Connection) -> bool:
-        """Set the connection's busy timeout to what is left before the deadline (the
-        configured one without a deadline, or a new one). False: no time is left."""
-        wait, give_up_at = self.busy_timeout, self._give_up_at
-        if give_up_at is not None:
-            wait = max(0.0, min(wait, give_up_at - time.monotonic()))  # noqa: TID251
+    def _set_busy_wait(self, db: sqlite3.Connection, wait: float) -> None:
+        """Set the connection's busy timeout (seconds), if it is not that already."""
         if wait != self._busy_wait:
             # A PRAGMA takes no parameters; the value is a number formatted here.
             db.execute(f"PRAGMA busy_timeout = {round(wait * 1000)}")
             self._busy_wait = wait
-        return wait > 0
 
     async def _call(
         self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs

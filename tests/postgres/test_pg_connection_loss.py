@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import pytest
 
+import asyncjobs._runner
 from asyncjobs import ConfigurationError, Jobs, JobStatus, StoreError, Task, current_job
 from asyncjobs._errors import DataRefused
 from asyncjobs.stores import ClaimRequest, PostgresStore, TaskLimits
@@ -24,6 +25,13 @@ from asyncjobs.testing import FakeClock
 MakeJobs = Callable[..., Jobs]
 
 asyncpg = pytest.importorskip("asyncpg")
+
+
+def new_job(job_id: str) -> NewJob:
+    return NewJob(
+        id=job_id, task="t", queue="default", payload='{"args":[],"kwargs":{}}',
+        status="queued", priority=0, run_at=0.0, max_attempts=1,
+    )  # fmt: skip
 
 
 async def test_a_transaction_whose_connection_is_cut_is_retried_on_a_fresh_one(
@@ -928,3 +936,131 @@ async def test_a_retry_that_the_same_lost_write_claimed_again_is_logged_as_retry
     logs = outcome_logs(caplog, job.id)
     assert not any("no longer ours" in m for m in logs), logs
     assert any("retrying" in m for m in logs), logs
+
+
+async def test_stop_ends_in_time_while_the_network_goes_silent_under_a_claim(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim loop's claim waits for a reply that never comes as stop() begins: the
+    deadline stop sets cuts that wait short (it was timed by command_timeout, 4 s
+    here), as it does the waits for a connection after it. Before, stop() waited
+    for the shielded claim, then for each later write: over 6 s."""
+    monkeypatch.setattr(asyncjobs._runner, "FINAL_WRITE_TIME", 0.2)
+    monkeypatch.setattr(asyncjobs._runner, "CANCEL_GRACE", 0.2)
+    parts = urlsplit(postgres_url)
+    proxy = FreezingProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    port = await proxy.start()
+    url = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}"))
+    jobs = Jobs(url + "&command_timeout=4", shutdown_timeout=0.2, poll_interval=0.05)
+    store = cast(PostgresStore, jobs.store)
+
+    @jobs.task(name="t")
+    async def t() -> None: ...
+
+    try:
+        await jobs.start()
+        proxy.frozen = True
+        with anyio.fail_after(5):  # the next poll's claim goes unanswered
+            while not store._waiting:
+                await anyio.lowlevel.checkpoint()
+        started = anyio.current_time()
+        with anyio.fail_after(20):
+            await jobs.stop()
+        # shutdown_timeout, then a second at most for each of the last two records
+        # (the give-back of the claim, the worker's stop): PAST_DEADLINE_WAIT.
+        assert anyio.current_time() - started < 3.5
+    finally:
+        proxy.frozen = False
+        with anyio.move_on_after(10):
+            await jobs.close()
+        await proxy.close()
+
+
+async def test_a_job_dispatched_while_a_claim_was_under_way_is_kept_when_both_go_unanswered(
+    postgres_url: str,
+) -> None:
+    """A claim of worker w is under way; an insert of a job dispatched to w commits but
+    its reply comes too late (remembered for w's next claim), then the claim fails
+    too, the same network fault. The claim's failure must keep the insert's entry:
+    it replaced it, and the job waited out its lease (dead unrun on a last attempt)."""
+    store = PostgresStore(postgres_url)
+    await store.open()
+    try:
+        request = ClaimRequest(
+            worker="w", tasks={"t": TaskLimits(max_attempts=1)}, queues=None, limit=1,
+            lease=60.0,
+        )  # fmt: skip
+        bounded = store._bounded
+        claim_may_fail, claim_waiting = asyncio.Event(), asyncio.Event()
+        fail = {"claim": True, "insert": True}
+
+        async def late_replies(conn: Any, fn: Any) -> Any:
+            result = await bounded(conn, fn)
+            if isinstance(result, Claimed) and fail["claim"]:
+                fail["claim"] = False
+                claim_waiting.set()
+                await claim_may_fail.wait()
+                raise TimeoutError("no reply within command_timeout")
+            if isinstance(result, Inserted) and fail["insert"]:
+                fail["insert"] = False
+                raise TimeoutError("no reply within command_timeout")
+            return result
+
+        store._bounded = late_replies
+
+        async def failing_claim() -> None:
+            with pytest.raises(StoreError):
+                await store.claim(request, now=100.0)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(failing_claim)
+            await claim_waiting.wait()
+            dispatched = new_job("d")._replace(
+                status="running", run_at=100.5, worker="w", lease_until=160.5
+            )
+            with pytest.raises(StoreError):
+                await store.insert([dispatched], now=100.5)
+            claim_may_fail.set()
+        store._failures, store._retry_at = 0, 0.0  # the reconnect backoff is over
+        rows = await store.claim(request, now=101.0)
+        assert [r.id for r in rows] == ["d"]
+    finally:
+        await store.close()
+
+
+async def test_a_retry_that_lease_recovery_made_is_not_reported_as_applied_by_a_lost_write(
+    postgres_url: str,
+) -> None:
+    """The job's lease ran out and recovery requeued it; this worker's finish-and-claim
+    then sends a retry outcome (no longer ours) and its claim takes the job again; the
+    reply is lost, and the write is sent again. The row reads as "claimed again by the
+    same write" (running under w at the next attempt, under that write's claim token),
+    but the retry was due later than the write: recovery requeued it, not the retry,
+    so the outcome is not reported as applied (it was, before: a wrong log line)."""
+    store = PostgresStore(postgres_url)
+    await store.open()
+    try:
+        await store.insert([new_job("j")._replace(max_attempts=3)], now=0.0)
+        request = ClaimRequest(
+            worker="w", tasks={"t": TaskLimits(max_attempts=3)}, queues=None, limit=1,
+            lease=10.0,
+        )  # fmt: skip
+        (row,) = await store.claim(request, now=0.0)
+        assert [r.id for r in await store.recover(now=20.0)] == ["j"]
+        bounded, lost = store._bounded, list[bool]()
+
+        async def reply_lost_once(conn: Any, fn: Any) -> Any:
+            result = await bounded(conn, fn)
+            if isinstance(result, tuple) and not lost:
+                lost.append(True)
+                raise asyncpg.ConnectionDoesNotExistError("connection was closed")
+            return result
+
+        store._bounded = reply_lost_once
+        retry = Outcome("j", "w", row.attempts, OutcomeKind.RETRY, run_at=50.0)
+        applied, claimed = await store.finish_and_claim([retry], request, now=20.0)
+        assert lost
+        assert [r.id for r in claimed] == ["j"]
+        assert applied == []
+    finally:
+        await store.close()
