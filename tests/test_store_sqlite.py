@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import anyio
@@ -253,15 +253,19 @@ async def test_a_write_gives_up_after_five_busy_timeouts(tmp_path: Path) -> None
 
 
 def count_thread_calls(store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """Record each function the store runs in its connection thread."""
+    """Record each function the store runs in a connection thread: the writing
+    connection's (``_call``) or the reading one's (``_read_call``)."""
     thread_calls: list[object] = []
-    call = store._call
 
-    async def counting_call(fn: Callable[..., object], *args: object, **kwargs: object) -> object:
-        thread_calls.append(fn)
-        return await call(fn, *args, **kwargs)
+    def counting(call: Callable[..., Awaitable[object]]) -> Callable[..., Awaitable[object]]:
+        async def counting_call(fn: Callable[..., object], *args: object, **kw: object) -> object:
+            thread_calls.append(fn)
+            return await call(fn, *args, **kw)
 
-    monkeypatch.setattr(store, "_call", counting_call)
+        return counting_call
+
+    monkeypatch.setattr(store, "_call", counting(store._call))
+    monkeypatch.setattr(store, "_read_call", counting(store._read_call))
     return thread_calls
 
 
@@ -432,6 +436,92 @@ async def test_a_refused_short_write_tries_again_at_the_next_turn_of_the_loop(
     finally:
         monkeypatch.undo()
         blocker.close()
+        await store.close()
+
+
+async def test_reads_do_not_wait_behind_a_write_that_waits_for_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write waits in the connection thread while another connection holds the lock
+    (a caller's ``jobs.transaction`` until it commits); every pure read goes through a
+    connection of its own meanwhile, as WAL lets a reader run beside a writer."""
+    path = tmp_path / "reads.db"
+    store = SQLiteStore(path, busy_timeout=5.0)
+    await store.open()
+    await store.insert([new_job("a", batch_id="b")], now=0.0)
+    writing = anyio.Event()
+    call = store._call
+
+    async def spy(fn: Callable[..., object], *args: object, **kwargs: object) -> object:
+        writing.set()  # then queued in the thread before this task yields
+        return await call(fn, *args, **kwargs)
+
+    blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        async with anyio.create_task_group() as tg:
+            monkeypatch.setattr(store, "_call", spy)
+            tg.start_soon(lambda: store.retry("a", now=1.0))  # waits on the blocker
+            with anyio.fail_after(2):
+                await writing.wait()
+            assert store._watch is not None
+            monkeypatch.setattr(store._watch, "try_read", lambda fn: None)  # as when busy
+            with anyio.fail_after(2):  # the write waits up to five busy timeouts
+                assert (row := await store.get("a")) is not None
+                assert row.status == "queued"
+                assert [r.id for r in await store.list(now=1.0)] == ["a"]
+                assert await store.counts(now=1.0) == {("default", "t", "queued"): 1}
+                assert await store.batch_counts("b") == {"queued": 1}
+                snapshot = await store.snapshot(
+                    now=1.0, windows=[60.0], sample=10, workers_since=0.0
+                )
+                assert snapshot.counts == {("default", "t", "queued"): 1}
+                assert await store.next_run_at() is None
+            blocker.execute("COMMIT")  # the write goes on
+    finally:
+        if blocker.in_transaction:
+            blocker.execute("ROLLBACK")
+        blocker.close()
+        await store.close()
+
+
+async def test_a_read_sees_every_write_committed_before_it(tmp_path: Path) -> None:
+    """Reads go through a connection of their own; each is a read transaction begun
+    after the call, so it sees the writes before it, on the loop or in the thread."""
+    store = SQLiteStore(tmp_path / "ryw.db")
+    await store.open()
+    request = ClaimRequest(
+        worker="w", tasks={"t": TaskLimits(max_attempts=1)}, queues=None, limit=1, lease=30
+    )
+    try:
+        for i in range(20):
+            await store.insert([new_job(f"j{i}")], now=0.0)  # on the loop
+            assert (row := await store.get(f"j{i}")) is not None
+            assert row.status == "queued"
+            assert [r.id for r in await store.claim(request, now=1.0)] == [f"j{i}"]
+            assert (row := await store.get(f"j{i}")) is not None
+            assert row.status == "running"
+            await store.set_progress(f"j{i}", 0.5, "half")  # in the thread
+            assert (row := await store.get(f"j{i}")) is not None
+            assert (row.progress, row.progress_message) == (0.5, "half")
+            assert await store.counts(now=2.0) == {
+                **({("default", "t", "succeeded"): i} if i else {}),
+                ("default", "t", "running"): 1,
+            }
+            done = Outcome(f"j{i}", "w", 1, OutcomeKind.SUCCEEDED, result="1")
+            assert await store.finish([done], now=3.0) == [f"j{i}"]
+            assert [r.status for r in await store.list(now=3.0, limit=1)] == ["succeeded"]
+    finally:
+        await store.close()
+
+
+async def test_the_reading_connection_refuses_writes(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "ro.db")
+    await store.open()
+    try:
+        with pytest.raises(StoreError, match="readonly"):
+            await store._read_call(lambda db: db.execute("DELETE FROM asyncjobs_jobs"))
+    finally:
         await store.close()
 
 
@@ -631,16 +721,18 @@ async def test_idle_polls_cost_the_same_with_many_jobs_scheduled_for_later(
                 steps += 1
                 return 0
 
-            # Each connection that may run them: the thread's, and the loop's two.
+            # Each connection that may run them: the threads' two, and the loop's two.
             assert store._inline is not None
             assert store._watch is not None
             loop_side = [store._inline._db, store._watch._db]
             await store._call(lambda db: db.set_progress_handler(count, 1))
+            await store._read_call(lambda db: db.set_progress_handler(count, 1))
             for db in loop_side:
                 db.set_progress_handler(count, 1)
             assert await store.next_run_at() == 3600.0
             assert await store.claim(request, now=10.0) == []
             await store._call(lambda db: db.set_progress_handler(None, 1))
+            await store._read_call(lambda db: db.set_progress_handler(None, 1))
             for db in loop_side:
                 db.set_progress_handler(None, 1)
             assert steps > 0

@@ -12,6 +12,16 @@ free, wait out another connection's short write there (trying again at every tur
 of the loop, then in short pauses), and go
 through the thread only when the file stays locked (``_sqlite_side``).
 
+Pure reads (``get``, ``list``, the counts, the operations snapshot) go through a
+second aiosqlite connection of their own, read-only. A write waits in its thread for
+as long as another connection holds the file's lock, up to five busy timeouts: the
+caller of ``jobs.transaction(conn)`` holds it until it commits, and a runner's claim
+woken by its enqueue (or by the runner's poll) waits on it there. A read queued behind
+that claim stalled the caller, who cannot commit before the read returns. In WAL mode
+a reader never waits for a writer, so on its own connection the read returns at once;
+and each read is a read transaction of its own, begun after the call was made, so it
+sees every write committed before (on any connection).
+
 The SQL it runs lives beside it: ``_sqlite_sql`` (enqueue, claim, finish),
 ``_sqlite_admin`` (operator and maintenance calls) and ``_sqlite_schema`` (WAL mode
 and migrations).
@@ -143,6 +153,8 @@ class SQLiteStore:
         self.busy_timeout = busy_timeout
         self._db: aiosqlite.Connection | None = None
         self._raw: sqlite3.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None  # pure reads (_read_call)
+        self._reader_raw: sqlite3.Connection | None = None
         self._checkpointer: Checkpointer | None = None
         self._watch: ChangeWatch | None = None
         self._inline: InlineWriter | None = None  # synchronous=NORMAL only
@@ -166,6 +178,23 @@ class SQLiteStore:
 
     async def _connect(self) -> None:
         self._busy_wait = self.busy_timeout
+        self._db, self._raw = await self._thread_connection()
+        try:
+            await self._call(self._setup)
+            self._checkpointer = Checkpointer(self.path)
+            self._watch = await self._call(lambda _: ChangeWatch(self.path))
+            if self.synchronous == "NORMAL":  # FULL fsyncs each commit: not on the loop
+                self._inline = await self._call(lambda _: InlineWriter(self.path))
+            # Last: a read that finds it set finds the schema migrated.
+            reader, reader_raw = await self._thread_connection()
+            self._reader, self._reader_raw = reader, reader_raw
+            await self._read_call(_query_only)
+        except BaseException:
+            await self._disconnect()
+            raise
+
+    async def _thread_connection(self) -> tuple[aiosqlite.Connection, sqlite3.Connection]:
+        """A new aiosqlite connection, and the sqlite3 one its thread runs."""
         pending = aiosqlite.connect(self.path, isolation_level=None, timeout=self.busy_timeout)
         # A script that enqueues and returns without closing the store must still exit:
         # Python waits at exit for every thread that is not a daemon. A write cut off by
@@ -186,16 +215,7 @@ class SQLiteStore:
         if raw is None or not hasattr(db, "_execute"):  # pragma: no cover - aiosqlite changed
             await db.close()
             raise StoreError("this aiosqlite version is not supported; install aiosqlite<0.23")
-        self._db, self._raw = db, raw
-        try:
-            await self._call(self._setup)
-            self._checkpointer = Checkpointer(self.path)
-            self._watch = await self._call(lambda _: ChangeWatch(self.path))
-            if self.synchronous == "NORMAL":  # FULL fsyncs each commit: not on the loop
-                self._inline = await self._call(lambda _: InlineWriter(self.path))
-        except BaseException:
-            await self._disconnect()
-            raise
+        return db, raw
 
     def _setup(self, db: sqlite3.Connection) -> None:
         (mode,) = _switch_to_wal(db)
@@ -218,6 +238,7 @@ class SQLiteStore:
         checkpointer, self._checkpointer = self._checkpointer, None
         watch, self._watch = self._watch, None
         inline, self._inline = self._inline, None
+        reader, self._reader, self._reader_raw = self._reader, None, None
         db, self._db, self._raw = self._db, None, None
         try:
             if inline is not None:
@@ -227,8 +248,12 @@ class SQLiteStore:
             if checkpointer is not None:
                 await checkpointer.close()
         finally:
-            if db is not None:
-                await db.close()
+            try:
+                if reader is not None:
+                    await reader.close()
+            finally:
+                if db is not None:  # last: the connection that may write closes the file
+                    await db.close()
 
     def set_deadline(self, seconds: float | None) -> None:
         # Real time, as SQLite's busy waits are (read in the connection thread).
@@ -277,6 +302,23 @@ class SQLiteStore:
         while db is None or raw is None:  # not open yet, or closed again meanwhile
             await self.open()
             db, raw = self._db, self._raw
+        try:
+            result: T = await db._execute(fn, raw, *args, **kwargs)  # type: ignore[no-untyped-call]
+        except sqlite3.Error as error:
+            raise self._error(error) from error
+        return result
+
+    async def _read_call(
+        self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Run ``fn(connection, ...)``, which only reads, in the reading connection's
+        thread (see the module's docstring); map driver errors. ``fn`` must step every
+        statement to its end (fetchall): one left open would hold its read transaction,
+        and later reads would not see later commits."""
+        db, raw = self._reader, self._reader_raw
+        while db is None or raw is None:  # not open yet, or closed again meanwhile
+            await self.open()
+            db, raw = self._reader, self._reader_raw
         try:
             result: T = await db._execute(fn, raw, *args, **kwargs)  # type: ignore[no-untyped-call]
         except sqlite3.Error as error:
@@ -443,7 +485,7 @@ class SQLiteStore:
         except sqlite3.Error as error:
             raise self._error(error) from error
         if rows is None:
-            rows = await self._call(_next_run_at)
+            rows = await self._read_call(_next_run_at)
         value = rows[0][0]
         return None if value is None else float(value)
 
@@ -457,7 +499,7 @@ class SQLiteStore:
     # -- queries and admin -----------------------------------------------------------
 
     async def get(self, job_id: str) -> JobRow | None:
-        rows = await self._call(
+        rows = await self._read_call(
             _fetchall,
             f"SELECT {_SELECT} FROM asyncjobs_jobs WHERE id = ?",  # noqa: S608 - constant columns
             (job_id,),
@@ -489,7 +531,7 @@ class SQLiteStore:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY seq DESC LIMIT ?"
         params.append(limit)
-        return [_row(r) for r in await self._call(_fetchall, sql, tuple(params))]
+        return [_row(r) for r in await self._read_call(_fetchall, sql, tuple(params))]
 
     async def retry(self, job_id: str, *, now: float) -> bool:
         return await self._transaction(_retry, job_id, now)
@@ -523,7 +565,7 @@ class SQLiteStore:
         )
 
     async def counts(self, *, now: float) -> dict[tuple[str, str, str], int]:
-        rows = await self._call(
+        rows = await self._read_call(
             _fetchall,
             "SELECT queue, task, CASE WHEN status IN ('scheduled', 'queued') THEN "
             "CASE WHEN run_at > ? THEN 'scheduled' ELSE 'queued' END ELSE status END AS s, "
@@ -533,14 +575,14 @@ class SQLiteStore:
         return {(q, t, s): n for q, t, s, n in rows}
 
     async def batch_counts(self, batch_id: str) -> dict[str, int]:
-        return dict(await self._call(_batch_counts, batch_id))
+        return dict(await self._read_call(_batch_counts, batch_id))
 
     # -- operations (see asyncjobs/_stats.py) -----------------------------------------
 
     async def snapshot(
         self, *, now: float, windows: Sequence[float], sample: int, workers_since: float
     ) -> OpsSnapshot:
-        return await self._call(_read, _snapshot, now, windows, sample, workers_since)
+        return await self._read_call(_read, _snapshot, now, windows, sample, workers_since)
 
     async def record_worker(self, beat: WorkerBeat, *, now: float) -> None:
         await self._transaction(_record_worker, beat, now)
@@ -562,6 +604,9 @@ class SQLiteStore:
             return 0
         return await self._transaction(_delete_ids, job_ids, now)
 
+    # meta and last_slot stay on the writing connection: meta stores its default on
+    # first use, last_slot records a slot when given one.
+
     async def meta(self, key: str, default: str) -> str:
         return await self._transaction(_meta, key, default)
 
@@ -570,6 +615,12 @@ class SQLiteStore:
 
 
 # -- the functions below run in the connection thread, inside a transaction ---------
+
+
+def _query_only(db: sqlite3.Connection) -> None:
+    # The reading connection refuses any write: one sent there by mistake fails loudly
+    # instead of writing outside the busy retries and the checkpointer's count.
+    db.execute("PRAGMA query_only = ON")
 
 
 def _fetchall(db: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:

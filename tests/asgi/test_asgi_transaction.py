@@ -5,12 +5,15 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 import anyio
 import pytest
 
 from asyncjobs import ConfigurationError, Jobs, JobStatus
+from asyncjobs.stores import SQLiteStore
+from asyncjobs.stores._sqlite_sql import _claim, _finish_and_claim
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]
@@ -195,6 +198,41 @@ async def test_idempotency_key_inside_a_transaction_returns_the_stored_job(
     await conn.execute("COMMIT")
     assert again.id == first.id
     assert len(await jobs.list()) == 1
+
+
+async def test_a_store_read_inside_the_block_does_not_wait_behind_a_runners_claim(
+    jobs: Jobs, conn: aiosqlite.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The enqueue wakes the runner, whose claim waits in the store's connection thread
+    for the caller's write lock (five busy timeouts, 25 s). A read of the store inside
+    the block must not queue behind that claim: the caller cannot commit, and so free
+    the claim, before the read returns."""
+    register(jobs)
+    store = jobs.store
+    assert isinstance(store, SQLiteStore)
+    armed, claiming = False, anyio.Event()
+    transaction = store._transaction
+
+    async def spy(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if armed and fn in (_claim, _finish_and_claim):
+            claiming.set()  # then queued in the thread before this task yields
+        return await transaction(fn, *args, **kwargs)
+
+    monkeypatch.setattr(store, "_transaction", spy)
+    async with jobs:
+        first = await jobs.enqueue("welcome", 0)
+        await conn.execute("BEGIN IMMEDIATE")
+        armed = True
+        async with jobs.transaction(conn):
+            job = await jobs.enqueue("welcome", 1)
+            with anyio.fail_after(5):
+                await claiming.wait()  # the claim now waits on our lock, in the thread
+            with anyio.move_on_after(3) as read:  # was: until the claim gave up, 25 s
+                info = await jobs.get(first.id)
+        await conn.execute("COMMIT")
+        assert not read.cancelled_caught
+        assert info is not None
+        assert await job.result(timeout=10) == "welcome 1"  # the claim went on after
 
 
 async def test_store_not_yet_open_while_the_caller_holds_the_write_lock_does_not_deadlock(
