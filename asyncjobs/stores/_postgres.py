@@ -247,7 +247,7 @@ class PostgresStore(_Connections):
         if self._schema is None:  # pragma: no cover - set by open()
             raise StoreError(f"PostgreSQL store {self!r} is closed")
         table = f'"{self._schema.replace(chr(34), chr(34) * 2)}".asyncjobs_jobs'
-        async with self._errors("enqueue"):
+        with self._caller_errors(conn, "enqueue"):  # not the store's: no backoff
             return await insert_jobs(conn, jobs, now, table=table)
 
     # -- claim and finish ------------------------------------------------------------

@@ -3,6 +3,8 @@ migrated), the LISTEN connection and the enqueue connection, closing them, and r
 an operation on a connection. Driver errors (``DRIVER_ERRORS``) become ``StoreError``
 here; those that mean the server is out of reach (``is_connection_error``) start a
 backoff, and an operation on a connection that died under a restart is retried once.
+Errors on the caller's own connection (transactional enqueue) are the caller's
+(``_caller_errors``): they never count towards the store's backoff.
 
 ``_Connections`` holds these methods of ``PostgresStore``, which inherits them.
 """
@@ -13,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
@@ -72,6 +74,14 @@ async def _keep_session(conn: Connection) -> None:
     a transaction; the LISTEN connection is not pooled), so there is nothing to
     reset. asyncpg still rolls back a transaction left open before calling this.
     """
+
+
+def _refused_kind(error: BaseException) -> type[StoreError]:
+    """``DataRefused`` for class 22 (data exception) and 54 (program limit exceeded):
+    the server refused a value itself, as it will every time."""
+    if isinstance(error, (asyncpg.DataError, asyncpg.ProgramLimitExceededError)):
+        return DataRefused
+    return StoreError
 
 
 def _connection_lost(error: BaseException) -> bool:
@@ -195,10 +205,7 @@ class _Connections:
             yield
         except DRIVER_ERRORS as error:
             if not is_connection_error(error):
-                # Class 22 (data exception) and 54 (program limit exceeded): the server
-                # refused a value itself, as it will every time.
-                refused = isinstance(error, (asyncpg.DataError, asyncpg.ProgramLimitExceededError))
-                kind = DataRefused if refused else StoreError
+                kind = _refused_kind(error)
                 raise kind(f"PostgreSQL store {self!r} ({what}): {error}") from error
             delay = self._backoff()
             raise StoreError(
@@ -207,6 +214,23 @@ class _Connections:
             ) from error
         else:
             self._failures = 0
+
+    @contextlib.contextmanager
+    def _caller_errors(self, conn: Connection, what: str) -> Iterator[None]:
+        """Map driver errors on the caller's own connection (transactional enqueue) to
+        StoreError naming that connection. Unlike ``_errors`` this leaves the backoff
+        alone: the caller's connection failing (cut, closed, its transaction aborted)
+        says nothing of the store's, and counting it would refuse every other enqueue
+        of the process as "unreachable" for the backoff."""
+        try:
+            yield
+        except DRIVER_ERRORS as error:
+            lost = is_connection_error(error)
+            kind = StoreError if lost else _refused_kind(error)
+            raise kind(
+                f"PostgreSQL store {self!r} ({what}): the caller's connection {conn!r} "
+                f"{'was lost' if lost else 'failed'}: {type(error).__name__}: {error}"
+            ) from error
 
     def _backoff(self) -> float:
         """Count a failed connection; the next attempt waits (``backoff``). Operations
