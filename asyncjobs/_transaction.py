@@ -5,7 +5,9 @@ the job store's own SQLite file, or an asyncpg connection to its PostgreSQL
 database) to ``jobs`` for the current task and context; tasks started inside the
 block share it until the block ends. Every enqueue inside the block inserts through
 ``conn``, so the job is part of the caller's transaction: it exists if and only if
-the caller commits (the outbox pattern without a relay).
+the caller commits (the outbox pattern without a relay). A connection to another
+database (another SQLite file; another PostgreSQL database or server, see
+``PostgresStore.check_caller``) is refused with ``ConfigurationError``.
 
 Workers are woken at enqueue time; the job is not visible to them until the
 caller commits, and then the runner's change polling picks it up.
@@ -164,6 +166,7 @@ async def _asyncpg_inserter(jobs: Jobs, conn: Any) -> Inserter:
         )
     pg: PostgresStore = store
     await pg.open()  # the schema exists before the caller's transaction needs it
+    await pg.check_caller(conn)  # on the store's database, or its jobs are lost to it
 
     async def insert(new: Sequence[NewJob], now: float) -> list[str]:
         if not conn.is_in_transaction():

@@ -38,6 +38,7 @@ import builtins
 import itertools
 import logging
 import secrets
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -47,7 +48,7 @@ from asyncjobs._errors import ConfigurationError, StoreError
 from asyncjobs.stores import _postgres_admin as admin
 from asyncjobs.stores import _postgres_sql as sql
 from asyncjobs.stores import redacted
-from asyncjobs.stores._postgres_connections import NotSent, _Connections, backoff
+from asyncjobs.stores._postgres_connections import NotSent, Place, _Connections, backoff
 from asyncjobs.stores._postgres_sql import (
     SELECT,
     Write,
@@ -180,6 +181,9 @@ class PostgresStore(_Connections):
         self._producing = False
         self._channel: str | None = None
         self._schema: str | None = None
+        self._database: Place | None = None  # where the pool is (``check_caller``)
+        # Where each caller's connection seen by ``check_caller`` is, while it lives.
+        self._callers: weakref.WeakKeyDictionary[Any, Place] = weakref.WeakKeyDictionary()
         self._notified = False
         self._failures = 0
         self._retry_at = 0.0

@@ -3,8 +3,9 @@ migrated), the LISTEN connection and the enqueue connection, closing them, and r
 an operation on a connection. Driver errors (``DRIVER_ERRORS``) become ``StoreError``
 here; those that mean the server is out of reach (``is_connection_error``) start a
 backoff, and an operation on a connection that died under a restart is retried once.
-Errors on the caller's own connection (transactional enqueue) are the caller's
-(``_caller_errors``): they never count towards the store's backoff.
+The caller's own connection (transactional enqueue) is checked to be on the store's
+database (``check_caller``), and its errors are the caller's (``_caller_errors``): they
+never count towards the store's backoff.
 
 ``_Connections`` holds these methods of ``PostgresStore``, which inherits them.
 """
@@ -15,12 +16,14 @@ import asyncio
 import contextlib
 import logging
 import math
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, TypeVar
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import asyncpg
 
-from asyncjobs._errors import DataRefused, StoreError
+from asyncjobs._errors import ConfigurationError, DataRefused, StoreError
 from asyncjobs.stores._postgres_schema import migrate
 from asyncjobs.stores._postgres_sql import channel
 
@@ -57,6 +60,16 @@ DRIVER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+Place: TypeAlias = tuple[datetime, str]
+"""Where a session is: its server's start time and its database (``check_caller``)."""
+
+
+async def where(conn: Connection) -> Place:
+    """Where ``conn``'s session is: its ``Place``."""
+    (row,) = await conn.fetch("SELECT pg_postmaster_start_time(), current_database()")
+    return (row[0], row[1])
+
+
 def is_connection_error(error: BaseException) -> bool:
     """Whether ``error`` means the server is (or was just) out of reach."""
     if isinstance(error, CONNECTION_ERRORS):
@@ -82,6 +95,13 @@ def _refused_kind(error: BaseException) -> type[StoreError]:
     if isinstance(error, (asyncpg.DataError, asyncpg.ProgramLimitExceededError)):
         return DataRefused
     return StoreError
+
+
+def _session(conn: Any) -> Any:
+    """The connection behind ``conn``: a pool's proxy is new at each acquire (and
+    cannot be weakly referenced), the connection it lends is the session."""
+    inner = getattr(conn, "_con", None)  # None once the proxy is released
+    return conn if inner is None else inner
 
 
 def _connection_lost(error: BaseException) -> bool:
@@ -127,6 +147,8 @@ class _Connections:
         _listen_retry_at: float
         _give_up_at: float | None
         _waiting: dict[asyncio.Timeout, float | None]
+        _database: Place | None
+        _callers: weakref.WeakKeyDictionary[Any, Place]
 
     # -- connections -----------------------------------------------------------------
 
@@ -148,6 +170,7 @@ class _Connections:
                     async with pool.acquire() as conn:
                         await migrate(conn)
                         self._schema = await conn.fetchval("SELECT current_schema()")
+                        self._database = await where(conn)
                         self._channel = await channel(conn)
                 except BaseException:
                     await pool.close()
@@ -231,6 +254,49 @@ class _Connections:
                 f"PostgreSQL store {self!r} ({what}): the caller's connection {conn!r} "
                 f"{'was lost' if lost else 'failed'}: {type(error).__name__}: {error}"
             ) from error
+
+    async def check_caller(self, conn: Connection) -> None:
+        """Refuse (``ConfigurationError``) a caller's connection that is not on this
+        store's database: jobs inserted through it would commit where this store never
+        looks (unnoticed if that database has asyncjobs tables in the same schema).
+
+        Compared: the server, by ``pg_postmaster_start_time()`` (to the microsecond),
+        and ``current_database()``. Any role may read the start time, over TCP or a
+        unix socket, whatever address or port reached the server (``inet_server_addr()``
+        is NULL over a socket and differs by address), and it tells apart copies of one
+        cluster, which share ``pg_control_system()``'s ``system_identifier`` (a server
+        restored from a file-level backup of another). A restart changes it, so this
+        store's own is read again before refusing. The schema is not compared: the
+        insert names this store's schema itself, whatever the connection's
+        ``search_path``. A session never changes server or database, so its answer is
+        kept while the connection lives: one round trip on its first block only.
+        Limits: two servers started in the same microsecond (a copy of a running
+        machine) pass for one; a pooler that sends read-only statements to a standby
+        makes the check see the standby, and refuse.
+        """
+        session = _session(conn)
+        try:
+            place = self._callers.get(session)
+        except TypeError:  # not weakly referable (a released proxy): asked each time
+            place = None
+        if place is None:
+            with self._caller_errors(conn, "transaction"):
+                place = await where(conn)
+            with contextlib.suppress(TypeError):
+                self._callers[session] = place
+        if place == self._database:
+            return
+        # This store's own may be from before a restart (or a failover): read it again.
+        self._database = await self._run("transaction", where)
+        if place == self._database:
+            return
+        started, database = self._database
+        elsewhere = "" if place[0] == started else f" of another server (started {place[0]})"
+        raise ConfigurationError(
+            f"jobs.transaction() needs a connection to the job store's database "
+            f"{database!r} (server started {started}), but the connection is on "
+            f"{place[1]!r}{elsewhere}; pass a connection made with the store's URL"
+        )
 
     def _backoff(self) -> float:
         """Count a failed connection; the next attempt waits (``backoff``). Operations

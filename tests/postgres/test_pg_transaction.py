@@ -1,14 +1,19 @@
-"""Transactional enqueue on PostgreSQL: failures of the caller's connection are the
-caller's, never the store's."""
+"""Transactional enqueue on PostgreSQL: the caller's connection must be on the store's
+database, and its failures are the caller's, never the store's."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import anyio
 import pytest
+from conftest import postgres_dsn, with_search_path
 
-from asyncjobs import Jobs, StoreError
+from asyncjobs import ConfigurationError, Jobs, StoreError
 from asyncjobs._errors import DataRefused
 from asyncjobs.stores import PostgresStore
 
@@ -21,6 +26,25 @@ def register(jobs: Jobs) -> None:
     @jobs.task(name="welcome")
     async def welcome(user_id: int) -> str:
         return f"welcome {user_id}"
+
+
+@pytest.fixture
+async def other_database() -> AsyncIterator[str]:
+    """The DSN of another database on the test server, dropped after the test."""
+    dsn = postgres_dsn()
+    name = f"asyncjobs_test_other_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(dsn)
+    try:
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        except asyncpg.InsufficientPrivilegeError:
+            pytest.skip("the test server's role may not CREATE DATABASE")
+        try:
+            yield urlunsplit(urlsplit(dsn)._replace(path="/" + name))
+        finally:
+            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
 
 
 async def test_a_lost_caller_connection_fails_its_enqueue_not_the_stores_other_enqueues(
@@ -82,3 +106,79 @@ async def test_errors_on_the_callers_connection_are_mapped_without_the_stores_ba
     finally:
         await conn.close()
         await store.close()
+
+
+async def test_a_connection_to_another_database_is_refused(
+    make_jobs: MakeJobs, postgres_url: str, other_database: str
+) -> None:
+    """Like the SQLite store's other file: the job would commit in that database (which
+    has the store's tables in the same schema here), where this store never sees it."""
+    jobs = make_jobs(postgres_url)
+    register(jobs)
+    await jobs.store.open()
+    name = parse_qs(urlsplit(postgres_url).query)["search_path"][0]
+    admin = await asyncpg.connect(other_database)
+    try:
+        await admin.execute(f'CREATE SCHEMA "{name}"')
+    finally:
+        await admin.close()
+    other = PostgresStore(with_search_path(other_database, name))
+    await other.open()  # the asyncjobs tables, there too
+    await other.close()
+    conn = await asyncpg.connect(other_database)
+    try:
+        async with conn.transaction():
+            with pytest.raises(
+                ConfigurationError, match=r"store's database .* on 'asyncjobs_test_"
+            ):
+                async with jobs.transaction(conn):
+                    await jobs.enqueue("welcome", 1)
+        assert await conn.fetchval(f'SELECT count(*) FROM "{name}".asyncjobs_jobs') == 0
+    finally:
+        await conn.close()
+
+
+async def test_a_pooled_connection_with_another_search_path_is_accepted_and_asked_once(
+    make_jobs: MakeJobs, postgres_url: str
+) -> None:
+    """The schema is not compared (the insert names the store's own), and where a
+    connection is is asked on its first block only, not on each enqueue's."""
+    jobs = make_jobs(postgres_url)
+    register(jobs)
+    asked: list[str] = []
+
+    def log(record: Any) -> None:
+        if "pg_postmaster_start_time" in record.query:
+            asked.append(record.query)
+
+    pool = await asyncpg.create_pool(postgres_dsn(), min_size=1, max_size=1)
+    try:
+        enqueued = []
+        for user in (1, 2):
+            async with pool.acquire() as conn:  # a new proxy, the same connection
+                conn.add_query_logger(log)  # a second logger on the second block
+                async with conn.transaction(), jobs.transaction(conn):
+                    enqueued.append(await jobs.enqueue("welcome", user))
+    finally:
+        await pool.close()
+    assert len(asked) == 1
+    for job in enqueued:
+        assert await jobs.get(job.id) is not None
+
+
+async def test_the_stores_own_database_is_read_again_before_a_connection_is_refused(
+    make_jobs: MakeJobs, postgres_url: str
+) -> None:
+    """A restart changes the server's start time: the store's remembered one is stale."""
+    jobs = make_jobs(postgres_url)
+    register(jobs)
+    store: Any = jobs.store
+    await store.open()
+    store._database = (datetime(2000, 1, 1, tzinfo=UTC), store._database[1])
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        async with conn.transaction(), jobs.transaction(conn):
+            job = await jobs.enqueue("welcome", 1)
+    finally:
+        await conn.close()
+    assert await jobs.get(job.id) is not None
