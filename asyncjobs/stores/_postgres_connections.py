@@ -316,7 +316,8 @@ class _Connections:
         self._give_up_at = None if seconds is None else loop_now + seconds
         if self._give_up_at is not None:
             for timeout, ends_at in self._waiting.items():  # waits under way
-                timeout.reschedule(min(ends_at or math.inf, self._give_up_at))
+                if not timeout.expired():  # (one that expired is ending its wait)
+                    timeout.reschedule(min(ends_at or math.inf, self._give_up_at))
 
     @contextlib.asynccontextmanager
     async def _until(self, ends_at: float | None) -> AsyncIterator[asyncio.Timeout]:

@@ -5,6 +5,7 @@ shutdown, a start again) still get through to a server that answers."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,6 +14,7 @@ import pytest
 
 import asyncjobs._runner
 from asyncjobs import Jobs
+from asyncjobs.stores import PostgresStore
 
 asyncpg = pytest.importorskip("asyncpg")
 
@@ -104,3 +106,21 @@ async def test_a_cancelled_jobs_cleanup_can_enqueue_past_the_deadline(
         assert [info.task for info in await jobs.list(task="resume")] == ["resume"]
     finally:
         await jobs.close()
+
+
+async def test_a_deadline_set_as_a_wait_times_out_passes_that_wait_over() -> None:
+    """A wait whose timeout has fired but which has not ended yet: setting a deadline
+    then must not fail (rescheduling an expiring timeout raises), nor hold it up."""
+    store = PostgresStore("postgresql://127.0.0.1/unused")
+    loop = asyncio.get_running_loop()
+
+    async def wait() -> None:
+        async with store._until(loop.time()):
+            try:
+                await asyncio.Event().wait()
+            finally:
+                store.set_deadline(0.1)
+
+    with pytest.raises(TimeoutError):
+        await wait()
+    assert store._waiting == {}
