@@ -454,8 +454,10 @@ async def test_a_job_ending_while_the_outbox_is_written_alone_is_not_left_behind
         await until(
             lambda: set(runner.running) == {a.id} and [r.id for r in runner._ready] == [b.id]
         )
-        other = sqlite3.connect(store.path, isolation_level=None, timeout=0)
-        other.execute("BEGIN IMMEDIATE")  # another process writes for a while
+        # Another process writes for a while (once the store's own write, if one is
+        # under way, lets go).
+        other = sqlite3.connect(store.path, isolation_level=None, timeout=5)
+        other.execute("BEGIN IMMEDIATE")
         try:
             gates["A"].set()  # B takes A's slot; A's outcome is written alone
             await until(lambda: runner._writing)
