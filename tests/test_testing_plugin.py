@@ -289,3 +289,31 @@ def test_plugin_jobs_fixture_in_strict_mode(pytester: pytest.Pytester) -> None:
         "asyncio_default_fixture_loop_scope=function",
     )
     result.assert_outcomes(passed=1)
+
+
+async def test_fake_clock_advanced_from_another_thread_wakes_its_waiters() -> None:
+    """A sync test drives a TestClient, whose app (and the runner's waits) run in a
+    loop of their own thread. ``advance`` from the test's thread raised half-way, the
+    deadline dropped and its cancellation never delivered: the waiter stayed stuck
+    (and the TestClient's shutdown hung). It wakes them in their loop instead."""
+    clock = FakeClock()
+    entered = anyio.Event()
+    woken: list[str] = []
+
+    async def waiter() -> None:
+        with clock.move_on_after(10):
+            entered.set()
+            await clock.sleep(20)
+        woken.append("deadline")
+
+    async def sleeper() -> None:
+        await clock.sleep(5)
+        woken.append("sleep")
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sleeper)
+            tg.start_soon(waiter)
+            await entered.wait()
+            await anyio.to_thread.run_sync(clock.advance, 11)
+    assert sorted(woken) == ["deadline", "sleep"]

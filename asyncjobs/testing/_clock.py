@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import heapq
 import itertools
 from collections.abc import Iterator
@@ -30,6 +32,7 @@ class FakeClock:
         self._seq = itertools.count()
         self._sleepers: list[tuple[float, int, anyio.Event]] = []
         self._scopes: list[tuple[float, int, anyio.CancelScope]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None  # of the last waiter
 
     def now(self) -> float:
         return self._now
@@ -45,6 +48,30 @@ class FakeClock:
             seconds = seconds.total_seconds()
         if seconds < 0:
             raise ValueError("FakeClock only moves forward")
+        loop = self._loop
+        if loop is None or _running_loop() is loop or not loop.is_running():
+            self._advance(seconds)
+            return
+        # From another thread (a sync test driving a TestClient, whose app runs in a
+        # loop of its own): waking sleepers and cancelling scopes is that loop's work.
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def advance_there() -> None:
+            try:
+                self._advance(seconds)
+            except BaseException as error:  # pragma: no cover - _advance raises nothing
+                done.set_exception(error)
+            else:
+                done.set_result(None)
+
+        try:
+            loop.call_soon_threadsafe(advance_there)
+        except RuntimeError:  # closed meanwhile: nobody waits on this clock there
+            self._advance(seconds)
+            return
+        done.result()
+
+    def _advance(self, seconds: float) -> None:
         self._now += seconds
         while self._sleepers and self._sleepers[0][0] <= self._now:
             heapq.heappop(self._sleepers)[2].set()
@@ -56,6 +83,7 @@ class FakeClock:
             await anyio.lowlevel.checkpoint()
             return
         event = anyio.Event()
+        self._loop = asyncio.get_running_loop()
         heapq.heappush(self._sleepers, (self._now + seconds, next(self._seq), event))
         await event.wait()
 
@@ -66,9 +94,17 @@ class FakeClock:
             if seconds <= 0:
                 scope.cancel()
             else:
+                self._loop = asyncio.get_running_loop()
                 heapq.heappush(self._scopes, (self._now + seconds, next(self._seq), scope))
         with scope:
             yield scope
         if seconds is not None and seconds > 0:
             self._scopes = [entry for entry in self._scopes if entry[2] is not scope]
             heapq.heapify(self._scopes)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
