@@ -441,17 +441,8 @@ def lock_the_file(jobs: Jobs) -> sqlite3.Connection:
     return other
 
 
-async def test_stop_keeps_trying_the_last_outcome_while_another_process_holds_the_file(
-    make_jobs: MakeJobs,
-) -> None:
-    """The job ends as stop begins, while another process writes for 3 s; each write
-    gives up after five busy timeouts (0.5 s). Shutdown goes on trying the outcome for
-    ``FINAL_WRITE_TIME`` (5 s) instead of dropping it after one failed write: the job
-    is recorded as succeeded, not left to its lease to run a second time."""
-    jobs = make_jobs(shutdown_timeout=0.3, poll_interval=0.1)
-    store = jobs.store
-    assert isinstance(store, SQLiteStore)
-    store.busy_timeout = 0.1
+async def a_job_under_way(jobs: Jobs) -> tuple[Job[str], list[int], anyio.Event]:
+    """Start the workers on a job that ends once the event is set; its runs counted."""
     runs: list[int] = []
     started, go = anyio.Event(), anyio.Event()
 
@@ -466,6 +457,21 @@ async def test_stop_keeps_trying_the_last_outcome_while_another_process_holds_th
     job = await t.enqueue()
     with anyio.fail_after(5):
         await started.wait()
+    return job, runs, go
+
+
+async def test_stop_keeps_trying_the_last_outcome_while_another_process_holds_the_file(
+    make_jobs: MakeJobs,
+) -> None:
+    """The job ends as stop begins, while another process writes for 3 s; each write
+    gives up after five busy timeouts (0.5 s). Shutdown goes on trying the outcome for
+    ``FINAL_WRITE_TIME`` (5 s) instead of dropping it after one failed write: the job
+    is recorded as succeeded, not left to its lease to run a second time."""
+    jobs = make_jobs(shutdown_timeout=0.3, poll_interval=0.1)
+    store = jobs.store
+    assert isinstance(store, SQLiteStore)
+    store.busy_timeout = 0.1
+    job, runs, go = await a_job_under_way(jobs)
     other = lock_the_file(jobs)
     release = threading.Timer(3.0, lambda: other.execute("COMMIT"))
     release.start()
@@ -495,20 +501,7 @@ async def test_stop_ends_in_time_while_another_process_holds_the_file(
     store = jobs.store
     assert isinstance(store, SQLiteStore)
     store.busy_timeout = 1.0
-    runs: list[int] = []
-    started, go = anyio.Event(), anyio.Event()
-
-    @jobs.task(name="t")
-    async def t() -> str:
-        runs.append(1)
-        started.set()
-        await go.wait()
-        return "done"
-
-    await jobs.start()
-    job = await t.enqueue()
-    with anyio.fail_after(5):
-        await started.wait()
+    job, runs, go = await a_job_under_way(jobs)
     other = lock_the_file(jobs)
     try:
         go.set()
@@ -522,9 +515,7 @@ async def test_stop_ends_in_time_while_another_process_holds_the_file(
 
     clock.advance(61)
     await jobs.store.recover(now=clock.now())
-    go = anyio.Event()
-    go.set()
-    await drain(jobs)
+    await drain(jobs)  # (go is set: this time the job ends at once)
     assert await job.result(timeout=1) == "done"
     assert runs == [1, 1]
 

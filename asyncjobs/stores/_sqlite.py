@@ -297,28 +297,31 @@ class SQLiteStore:
     async def _call(
         self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:
-        """Run ``fn(connection, ...)`` in the connection thread; map driver errors."""
-        db, raw = self._db, self._raw
-        while db is None or raw is None:  # not open yet, or closed again meanwhile
-            await self.open()
-            db, raw = self._db, self._raw
-        try:
-            result: T = await db._execute(fn, raw, *args, **kwargs)  # type: ignore[no-untyped-call]
-        except sqlite3.Error as error:
-            raise self._error(error) from error
-        return result
+        """Run ``fn(connection, ...)`` in the writing connection's thread."""
+        return await self._in_thread(False, fn, *args, **kwargs)
 
     async def _read_call(
         self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:
         """Run ``fn(connection, ...)``, which only reads, in the reading connection's
-        thread (see the module's docstring); map driver errors. ``fn`` must step every
-        statement to its end (fetchall): one left open would hold its read transaction,
-        and later reads would not see later commits."""
-        db, raw = self._reader, self._reader_raw
-        while db is None or raw is None:  # not open yet, or closed again meanwhile
-            await self.open()
-            db, raw = self._reader, self._reader_raw
+        thread (see the module's docstring). ``fn`` must step every statement to its
+        end (fetchall): one left open would hold its read transaction, and later reads
+        would not see later commits."""
+        return await self._in_thread(True, fn, *args, **kwargs)
+
+    async def _in_thread(
+        self,
+        reading: bool,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """Run ``fn`` on the reading or the writing connection; map driver errors."""
+        while True:
+            db, raw = (self._reader, self._reader_raw) if reading else (self._db, self._raw)
+            if db is not None and raw is not None:
+                break
+            await self.open()  # not open yet, or closed again meanwhile
         try:
             result: T = await db._execute(fn, raw, *args, **kwargs)  # type: ignore[no-untyped-call]
         except sqlite3.Error as error:
