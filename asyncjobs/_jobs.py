@@ -278,15 +278,20 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
         # A keyed job takes the batch out of the group commit (see _insert), and only
         # the group commit starts jobs inserted running: then none is.
         dispatch = all(spec.options.idempotency_key is None for spec in checked)
-        new: list[NewJob] = []
+        # Built highest priority first, so that the free slots (dispatch) go to the jobs
+        # that would be claimed first; inserted in the order given.
+        order = sorted(range(len(checked)), key=lambda i: -self._priority(checked[i]))
+        built: dict[int, NewJob] = {}
         try:
-            for spec in checked:
-                new.append(self._new_job(spec, now, dispatch=dispatch))
+            for i in order:
+                built[i] = self._new_job(checked[i], now, dispatch=dispatch)
         except BaseException:
-            self.runner.unreserve(new)  # a later spec was refused: free the earlier slots
+            # A spec was refused: free the slots reserved for the others.
+            self.runner.unreserve(list(built.values()))
             raise
-        if not new:
+        if not built:
             return []
+        new = [built[i] for i in range(len(checked))]
         return [Job(self, job_id) for job_id in await self._insert(new)]
 
     async def chain(self, *specs: JobSpec[Any], pass_result: bool = False) -> Chain:

@@ -82,7 +82,6 @@ class _NewJobs:
             explicit["timeout"] = o.timeout
         if status is None:
             status = "scheduled" if run_at > now else "queued"
-        default_priority = definition.priority if definition else 0
         job_id = job_id or new_job_id(now)
         queue = o.queue or (definition.queue if definition else "default")
         rate_key = self._rate_key(definition, spec)
@@ -102,7 +101,7 @@ class _NewJobs:
             queue=queue,
             payload=payload,
             status=status,
-            priority=o.priority if o.priority is not None else default_priority,
+            priority=self._priority(spec, definition),
             run_at=run_at,
             max_attempts=retries + 1,
             options=json.dumps(explicit) if explicit else None,
@@ -114,6 +113,14 @@ class _NewJobs:
             worker=worker,
             lease_until=lease_until,
         )
+
+    def _priority(self, spec: JobSpec[Any], definition: Task[..., Any] | None = None) -> int:
+        """The job's priority: its own option, else its task's (as the worker defines
+        it), else 0."""
+        if spec.options.priority is not None:
+            return spec.options.priority
+        definition = definition or spec.definition or self.registry.get(spec.task)
+        return definition.priority if definition else 0
 
     def _rate_key(self, definition: Task[..., Any] | None, spec: JobSpec[Any]) -> str | None:
         limiter = self.limiters.get(definition.limiter or "") if definition else None

@@ -109,6 +109,29 @@ async def test_a_job_enqueued_with_a_free_slot_runs_without_a_claim(
     assert job.id not in claimed
 
 
+async def test_enqueue_many_gives_a_free_slot_to_its_highest_priority_job(
+    make_jobs: MakeJobs,
+) -> None:
+    """One slot free: the job that takes it at once is the one a claim would have
+    picked first, the highest priority, not the first spec; the others follow by
+    priority from the queue."""
+    jobs = make_jobs(concurrency=1)
+    inserted = spy_inserts(jobs)
+    order: list[int] = []
+
+    @jobs.task(name="p")
+    async def p(n: int) -> None:
+        order.append(n)
+
+    async with jobs:
+        await settled(jobs)
+        handles = await jobs.enqueue_many([p.options(priority=n).spec(n) for n in (0, 5, 9)])
+        assert [job.status for job in inserted] == ["queued", "queued", "running"]
+        for handle in handles:
+            await handle.result(timeout=5)
+    assert order == [9, 5, 0]
+
+
 async def test_a_dispatched_job_does_not_see_the_context_of_the_code_that_enqueued_it(
     make_jobs: MakeJobs,
 ) -> None:
