@@ -4,6 +4,7 @@ and group commit (including its failure path)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 from collections.abc import Awaitable, Callable, Sequence
@@ -249,6 +250,24 @@ async def test_a_write_gives_up_after_five_busy_timeouts(tmp_path: Path) -> None
         assert anyio.current_time() - started >= 0.9
     finally:
         blocker.close()
+        await store.close()
+
+
+async def test_reads_go_on_with_the_open_file_after_it_is_deleted(tmp_path: Path) -> None:
+    """Deleted under an open store (a reset by hand, a test cleaning up), the file
+    lives on for the connections that have it open, readers included: reads and
+    writes still agree (the reader opened the WAL by name at its first read, after it
+    was gone, and every read failed while writes went on)."""
+    store = SQLiteStore(tmp_path / "s.db")
+    await store.open()
+    try:
+        for name in ("s.db", "s.db-wal", "s.db-shm"):
+            os.remove(tmp_path / name)
+        await store.insert([new_job("a")], now=0.0)
+        row = await store.get("a")
+        assert row is not None
+        assert row.id == "a"
+    finally:
         await store.close()
 
 

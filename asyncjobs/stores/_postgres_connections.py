@@ -18,7 +18,6 @@ import logging
 import math
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import asyncpg
@@ -60,13 +59,18 @@ DRIVER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-Place: TypeAlias = tuple[datetime, str]
+Place: TypeAlias = tuple[str, str]
 """Where a session is: its server's start time and its database (``check_caller``)."""
 
 
 async def where(conn: Connection) -> Place:
-    """Where ``conn``'s session is: its ``Place``."""
-    (row,) = await conn.fetch("SELECT pg_postmaster_start_time(), current_database()")
+    """Where ``conn``'s session is: its ``Place``. The start time is turned into text by
+    the server, in microseconds since the epoch: a caller's connection may decode
+    ``timestamptz`` with a codec of its own."""
+    (row,) = await conn.fetch(
+        "SELECT (extract(epoch FROM pg_postmaster_start_time()) * 1000000)::bigint::text, "
+        "current_database()::text"
+    )
     return (row[0], row[1])
 
 
@@ -291,11 +295,12 @@ class _Connections:
         if place == self._database:
             return
         started, database = self._database
-        elsewhere = "" if place[0] == started else f" of another server (started {place[0]})"
+        elsewhere = "" if place[0] == started else " of another server"
         raise ConfigurationError(
             f"jobs.transaction() needs a connection to the job store's database "
-            f"{database!r} (server started {started}), but the connection is on "
-            f"{place[1]!r}{elsewhere}; pass a connection made with the store's URL"
+            f"{database!r}, but the connection is on {place[1]!r}{elsewhere} (servers "
+            f"told apart by their start time: {started} and {place[0]} µs since the "
+            f"epoch); pass a connection made with the store's URL"
         )
 
     def _backoff(self) -> float:
@@ -313,11 +318,12 @@ class _Connections:
     def set_deadline(self, seconds: float | None) -> None:
         # On the loop's clock, as the waits' timeouts are.
         loop_now = asyncio.get_running_loop().time()
-        self._give_up_at = None if seconds is None else loop_now + seconds
-        if self._give_up_at is not None:
-            for timeout, ends_at in self._waiting.items():  # waits under way
-                if not timeout.expired():  # (one that expired is ending its wait)
-                    timeout.reschedule(min(ends_at or math.inf, self._give_up_at))
+        self._give_up_at = give_up_at = None if seconds is None else loop_now + seconds
+        for timeout, ends_at in self._waiting.items():  # waits under way
+            if not timeout.expired():  # (one that expired is ending its wait)
+                # A deadline lifted (the workers stopped in time) gives them back their own.
+                end = ends_at if give_up_at is None else min(ends_at or math.inf, give_up_at)
+                timeout.reschedule(end)
 
     @contextlib.asynccontextmanager
     async def _until(self, ends_at: float | None) -> AsyncIterator[asyncio.Timeout]:

@@ -624,6 +624,10 @@ def _query_only(db: sqlite3.Connection) -> None:
     # The reading connection refuses any write: one sent there by mistake fails loudly
     # instead of writing outside the busy retries and the checkpointer's count.
     db.execute("PRAGMA query_only = ON")
+    # One read now opens the file's WAL and shared memory while they are the ones the
+    # writing connection uses: opened on the first real read instead, a file deleted
+    # (or replaced) meanwhile would leave this connection failing, or on another WAL.
+    db.execute("SELECT count(*) FROM sqlite_master").fetchall()
 
 
 def _fetchall(db: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:

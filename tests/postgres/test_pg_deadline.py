@@ -124,3 +124,28 @@ async def test_a_deadline_set_as_a_wait_times_out_passes_that_wait_over() -> Non
     with pytest.raises(TimeoutError):
         await wait()
     assert store._waiting == {}
+
+
+async def test_a_deadline_lifted_gives_the_waits_under_way_their_own_time(
+    postgres_url: str,
+) -> None:
+    """The workers' stop sets a deadline and lifts it when done, and the app's calls go
+    on: one under way meanwhile, cut short to the deadline, gets its command_timeout
+    back (it failed at the lifted deadline, its connection dropped)."""
+    store = PostgresStore(postgres_url)
+    await store.open()
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def slow_call() -> None:
+                with anyio.fail_after(5):
+                    await store._run("app", lambda conn: conn.fetchval("SELECT pg_sleep(0.6)"))
+
+            tg.start_soon(slow_call)
+            with anyio.fail_after(5):
+                while not store._waiting:
+                    await anyio.lowlevel.checkpoint()
+            store.set_deadline(0.2)  # a stop begins...
+            store.set_deadline(None)  # ...and ends in time
+    finally:
+        await store.close()

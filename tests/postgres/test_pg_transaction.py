@@ -182,3 +182,27 @@ async def test_the_stores_own_database_is_read_again_before_a_connection_is_refu
     finally:
         await conn.close()
     assert await jobs.get(job.id) is not None
+
+
+async def test_a_caller_connection_decoding_timestamps_its_own_way_is_accepted(
+    make_jobs: MakeJobs, postgres_url: str
+) -> None:
+    """An app with its own timestamptz codec: the server check compares values the
+    server turned into text, not what the caller's codec made of them (refused)."""
+    jobs = make_jobs(postgres_url)
+
+    @jobs.task(name="welcome")
+    async def welcome(user_id: int) -> str:
+        return f"welcome {user_id}"
+
+    await jobs.store.open()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.set_type_codec(
+            "timestamptz", schema="pg_catalog", encoder=str, decoder=str, format="text"
+        )
+        async with conn.transaction(), jobs.transaction(conn):
+            job = await jobs.enqueue("welcome", 1)
+    finally:
+        await conn.close()
+    assert await jobs.get(job.id) is not None
