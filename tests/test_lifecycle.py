@@ -299,7 +299,7 @@ async def test_an_expired_lease_is_recovered_while_workers_run(
         # The maintenance loop's first pass goes through the store's thread (real time):
         # let it fall asleep on the fake clock (15 s: visibility_timeout / 2) first.
         maintenance_due = clock.now() + 15
-        await until(lambda: any(at == maintenance_due for at, _, _ in clock._sleepers))
+        await until(lambda: any(entry[0] == maintenance_due for entry in clock._sleepers))
         clock.advance(31)  # past the lease and the maintenance interval; then time stops
         await until(lambda: done)  # recovered, and run at once (not at the next poll)
         assert done == [2]
@@ -717,7 +717,7 @@ async def test_stop_cancels_jobs_after_the_shutdown_timeout_and_refunds_the_atte
         # Fake time stands still until the shutdown waits out its timeout: the claim loop
         # stops first, and a write of its in the store's thread takes real time.
         shutdown_deadline = stop_at + 10
-        await until(lambda: any(at == shutdown_deadline for at, _, _ in clock._scopes))
+        await until(lambda: any(entry[0] == shutdown_deadline for entry in clock._scopes))
         await until(lambda: stopped.is_set(), clock)
     assert len(cut_at) == 1
     assert 10 <= cut_at[0] - stop_at <= 15  # it had its shutdown_timeout, then was cut off

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
+import threading
 from pathlib import Path
 
 import anyio
@@ -317,3 +319,63 @@ async def test_fake_clock_advanced_from_another_thread_wakes_its_waiters() -> No
             await entered.wait()
             await anyio.to_thread.run_sync(clock.advance, 11)
     assert sorted(woken) == ["deadline", "sleep"]
+
+
+def test_fake_clock_advanced_from_a_thread_wakes_the_waiters_of_every_loop() -> None:
+    """Two loops (a TestClient's app and another) sleep on one FakeClock, and a sync
+    test advances it: each sleeper is woken in its own loop (only the last waiter's
+    loop was, the other's event set from a foreign thread and never seen)."""
+    clock = FakeClock()
+    woken: list[int] = []
+
+    def sleep_in_a_loop_of_its_own(n: int) -> None:
+        asyncio.run(clock.sleep(5))
+        woken.append(n)
+
+    threads = [threading.Thread(target=sleep_in_a_loop_of_its_own, args=(n,)) for n in (1, 2)]
+    for thread in threads:
+        thread.daemon = True
+        thread.start()
+    for _ in range(500):  # until both sleep (5 s at most)
+        if len(clock._sleepers) == 2:
+            break
+        threading.Event().wait(0.01)
+    clock.advance(10)
+    for thread in threads:
+        thread.join(2)
+    assert sorted(woken) == [1, 2]
+
+
+def test_fake_clock_advance_returns_when_the_waiters_loop_stops_before_waking_them() -> None:
+    """advance() from another thread hands the wake-ups to the waiter's loop. One that
+    stops (a TestClient's portal, asyncio.run at exit) before it runs them drops
+    them: advance() must not wait for them for ever."""
+    clock = FakeClock()
+    loop = asyncio.new_event_loop()
+    last_turn = threading.Event()
+    sleeping: list[asyncio.Future[None]] = []
+
+    def run() -> None:
+        async def main() -> None:
+            sleeping.append(asyncio.ensure_future(clock.sleep(100)))
+            await anyio.lowlevel.checkpoint()  # the sleeper is registered
+            loop.call_soon(loop.stop)
+            loop.call_soon(last_turn.set)
+            loop.call_soon(threading.Event().wait, 0.5)  # a last turn that takes time
+
+        sleeping.append(loop.create_task(main()))
+        loop.run_forever()
+        loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert last_turn.wait(5)
+    advanced = threading.Event()
+
+    def advance() -> None:
+        clock.advance(101)
+        advanced.set()
+
+    threading.Thread(target=advance, daemon=True).start()
+    thread.join(5)
+    assert advanced.wait(3), "advance() still waited after the loop stopped"

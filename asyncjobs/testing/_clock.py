@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import heapq
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 
@@ -30,9 +31,9 @@ class FakeClock:
         real: Clock = SystemClock()
         self._now = float(start) if start is not None else real.now()
         self._seq = itertools.count()
-        self._sleepers: list[tuple[float, int, anyio.Event]] = []
-        self._scopes: list[tuple[float, int, anyio.CancelScope]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None  # of the last waiter
+        # Each waiter with its deadline, a tie-breaker, and the loop it waits in.
+        self._sleepers: list[tuple[float, int, anyio.Event, asyncio.AbstractEventLoop]] = []
+        self._scopes: list[tuple[float, int, anyio.CancelScope, asyncio.AbstractEventLoop]] = []
 
     def now(self) -> float:
         return self._now
@@ -48,43 +49,44 @@ class FakeClock:
             seconds = seconds.total_seconds()
         if seconds < 0:
             raise ValueError("FakeClock only moves forward")
-        loop = self._loop
-        if loop is None or _running_loop() is loop or not loop.is_running():
-            self._advance(seconds)
-            return
-        # From another thread (a sync test driving a TestClient, whose app runs in a
-        # loop of its own): waking sleepers and cancelling scopes is that loop's work.
-        done: concurrent.futures.Future[None] = concurrent.futures.Future()
-
-        def advance_there() -> None:
-            try:
-                self._advance(seconds)
-            except BaseException as error:  # pragma: no cover - _advance raises nothing
-                done.set_exception(error)
-            else:
-                done.set_result(None)
-
-        try:
-            loop.call_soon_threadsafe(advance_there)
-        except RuntimeError:  # closed meanwhile: nobody waits on this clock there
-            self._advance(seconds)
-            return
-        done.result()
-
-    def _advance(self, seconds: float) -> None:
         self._now += seconds
+        due: dict[asyncio.AbstractEventLoop, list[Callable[[], object]]] = {}
         while self._sleepers and self._sleepers[0][0] <= self._now:
-            heapq.heappop(self._sleepers)[2].set()
+            _, _, event, loop = heapq.heappop(self._sleepers)
+            due.setdefault(loop, []).append(event.set)
         while self._scopes and self._scopes[0][0] <= self._now:
-            heapq.heappop(self._scopes)[2].cancel()
+            _, _, scope, loop = heapq.heappop(self._scopes)
+            due.setdefault(loop, []).append(scope.cancel)
+        # Each waiter is woken in its own loop: a sync test may advance the clock from
+        # its thread while a TestClient's app waits on it in a loop of its own.
+        here = _running_loop()
+        handed: list[tuple[asyncio.AbstractEventLoop, concurrent.futures.Future[None]]] = []
+        for loop, wakes in due.items():
+            if loop is here or not loop.is_running():
+                _wake(wakes)
+                continue
+            done: concurrent.futures.Future[None] = concurrent.futures.Future()
+            try:
+                loop.call_soon_threadsafe(_wake, wakes, done)
+            except RuntimeError:  # closed meanwhile: nobody waits there any more
+                continue
+            handed.append((loop, done))
+        for loop, done in handed:
+            # A loop that stops before it runs the wake-up drops it: stop waiting then.
+            while loop.is_running():
+                try:
+                    done.result(timeout=0.05)
+                    break
+                except concurrent.futures.TimeoutError:
+                    continue
 
     async def sleep(self, seconds: float) -> None:
         if seconds <= 0:
             await anyio.lowlevel.checkpoint()
             return
         event = anyio.Event()
-        self._loop = asyncio.get_running_loop()
-        heapq.heappush(self._sleepers, (self._now + seconds, next(self._seq), event))
+        entry = (self._now + seconds, next(self._seq), event, asyncio.get_running_loop())
+        heapq.heappush(self._sleepers, entry)
         await event.wait()
 
     @contextmanager
@@ -94,8 +96,8 @@ class FakeClock:
             if seconds <= 0:
                 scope.cancel()
             else:
-                self._loop = asyncio.get_running_loop()
-                heapq.heappush(self._scopes, (self._now + seconds, next(self._seq), scope))
+                loop = asyncio.get_running_loop()
+                heapq.heappush(self._scopes, (self._now + seconds, next(self._seq), scope, loop))
         with scope:
             yield scope
         if seconds is not None and seconds > 0:
@@ -108,3 +110,16 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+def _wake(
+    wakes: list[Callable[[], object]], done: concurrent.futures.Future[None] | None = None
+) -> None:
+    """Set the events and cancel the scopes of the waiters whose time has come."""
+    try:
+        for wake in wakes:
+            with contextlib.suppress(RuntimeError):  # its loop is gone: nobody waits
+                wake()
+    finally:
+        if done is not None:
+            done.set_result(None)
