@@ -324,7 +324,8 @@ class Store(Protocol):
         ...
 
     async def batch_counts(self, batch_id: str) -> dict[str, int]:
-        """Counts by stored status of the members of a batch (jobs with that ``batch_id``)."""
+        """Counts by stored status of the members of a batch (jobs with that ``batch_id``),
+        members deleted since included (tallied on the job ``batch_id``: ``delete``)."""
         ...
 
     # -- operations (stats, dashboard, pruning) --------------------------------------
@@ -362,7 +363,9 @@ class Store(Protocol):
         """Delete these jobs unless they are running; return how many were deleted.
 
         An unfinished member of a chain or batch is cancelled first, in the same
-        transaction, so what waits on it moves on; ``purge`` does the same."""
+        transaction, so what waits on it moves on; ``purge`` does the same. A deleted
+        batch member's status is added to the tally in its batch's on_complete job's
+        ``options`` (``_dependents.py``), which ``batch_counts`` adds back in."""
         ...
 
     async def meta(self, key: str, default: str) -> str:
