@@ -99,6 +99,12 @@ async def test_the_maintenance_loop_prunes_while_workers_run(
         job = await jobs.enqueue(ok)
         assert await job.result(timeout=5) == 1
         assert (await job.info()).status == JobStatus.SUCCEEDED
+        # The maintenance loop's first round done (else a prune under way reads the
+        # time before the clock moves and its next round is an hour later): asleep.
+        asleep_until = clock.now() + 30  # visibility_timeout / 2
+        with anyio.fail_after(5):
+            while not any(entry[0] == asleep_until for entry in clock._sleepers):
+                await anyio.lowlevel.checkpoint()
         clock.advance(HOUR + 61)  # past retention, and the loop's next pruning round
         with anyio.fail_after(5):
             while await jobs.get(job.id) is not None:
