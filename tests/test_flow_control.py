@@ -161,6 +161,71 @@ async def test_a_limiter_key_function_that_fails_fails_the_enqueue(jobs: Jobs) -
     assert await jobs.list() == []
 
 
+async def test_keyed_limiter_applies_to_jobs_enqueued_by_name(
+    make_jobs: MakeJobs, backend_url: str
+) -> None:
+    """DESIGN: "a job enqueued by name from a process that lacks the task takes its
+    retries, timeout, limits from the worker's definition": the worker computes the key
+    the producer could not, so each domain gets its own bucket, not one shared by all."""
+    producer = make_jobs(backend_url, workers=False)  # a web process, tasks not imported
+    worker = make_jobs(backend_url)
+    worker.limiter("per_domain", "1/m", key=lambda address: address.split("@")[1])
+    ran: list[str] = []
+
+    @worker.task(name="send", limiter="per_domain")
+    async def send(address: str) -> None:
+        ran.append(address)
+
+    for address in ["1@a.example", "2@b.example", "3@c.example", "4@a.example"]:
+        await producer.enqueue("send", address)
+    await drain(worker)
+    assert sorted(ran) == ["1@a.example", "2@b.example", "3@c.example"], ran
+    assert (await statuses(worker)) == {"succeeded": 3, "queued": 1}  # a.example's next token
+
+
+async def test_a_key_function_that_fails_on_a_job_enqueued_by_name_sends_it_dead(
+    make_jobs: MakeJobs, backend_url: str
+) -> None:
+    """The producer could not run the key function; the worker's fails on the job's
+    arguments: that job ends dead with the error (as its enqueue would have failed where
+    the task is known), never left queued, and the other jobs run under their keys."""
+    producer = make_jobs(backend_url, workers=False)
+    worker = make_jobs(backend_url)
+    worker.limiter("per_customer", "1/m", key=lambda customer: customer["id"])
+    ran: list[int] = []
+
+    @worker.task(name="bill", limiter="per_customer")
+    async def bill(customer: dict[str, int]) -> None:
+        ran.append(customer["id"])
+
+    bad = await producer.enqueue("bill", {"no_id": 1})
+    for n in range(3):
+        await producer.enqueue("bill", {"id": n})
+    await drain(worker)
+    assert sorted(ran) == [0, 1, 2]
+    info = await worker.get(bad.id)
+    assert info is not None
+    assert info.status == JobStatus.DEAD
+    assert "key function of limiter 'per_customer' failed" in str(info.error)
+    assert "KeyError" in str(info.error)
+
+
+async def test_a_limiter_without_a_key_puts_jobs_enqueued_by_name_in_its_shared_bucket(
+    make_jobs: MakeJobs, backend_url: str
+) -> None:
+    producer = make_jobs(backend_url, workers=False)
+    worker = make_jobs(backend_url)
+    worker.limiter("provider", "2/m")
+
+    @worker.task(name="call", limiter="provider")
+    async def call(n: int) -> None: ...
+
+    for n in range(5):
+        await producer.enqueue("call", n)
+    await drain(worker)
+    assert (await statuses(worker)) == {"succeeded": 2, "queued": 3}
+
+
 async def test_a_rate_limited_task_does_not_hold_up_other_tasks_or_queues(jobs: Jobs) -> None:
     @jobs.task(queue="slow", rate_limit="1/m", priority=10)
     async def throttled(n: int) -> None: ...

@@ -277,7 +277,10 @@ async def claim_again(
         conn, replace(request, limit=limit, ahead=min(request.ahead, limit)), now, claim_token
     )
     next_token_at = rows.next_token_at if isinstance(rows, Claimed) else None
-    return Claimed([*lost, *rows], next_token_at=next_token_at, handed_back=bool(lost))
+    unkeyed = rows.unkeyed if isinstance(rows, Claimed) else ()
+    return Claimed(
+        [*lost, *rows], next_token_at=next_token_at, handed_back=bool(lost), unkeyed=unkeyed
+    )
 
 
 async def release_claimed(
@@ -325,11 +328,13 @@ async def claim(
     if request.queues is not None:
         params.append(list(request.queues))
         queue_filter = f"AND j.queue = ANY(${len(params)}::text[])"
-    next_token_at = None
+    next_token_at, unkeyed = None, list[int]()
     if limited:  # concurrency, rate limits: chosen by _postgres_limits
-        chosen, next_token_at = await choose_limited(conn, replace(request, limit=limit), now)
+        chosen, next_token_at, unkeyed = await choose_limited(
+            conn, replace(request, limit=limit), now
+        )
         if not chosen:
-            return Claimed(next_token_at=next_token_at)
+            return Claimed(next_token_at=next_token_at, unkeyed=unkeyed)
         params.append(chosen)
         queue_filter += f" AND j.seq = ANY(${len(params)}::bigint[])"
     params.append(limit)
@@ -364,7 +369,7 @@ async def claim(
     )
     claimed = [job_row(r) for r in records]
     claimed.sort(key=lambda r: (-r.priority, r.seq))
-    return Claimed(claimed, next_token_at=next_token_at)
+    return Claimed(claimed, next_token_at=next_token_at, unkeyed=unkeyed)
 
 
 # A job's attempts under this claim: the claimer's definition applies unless retries
