@@ -8,15 +8,7 @@ Chains and batches (``asyncjobs/_workflows.py``) mark a waiting job in its
   becomes ``"passed"`` so that a retry by hand never passes it twice;
 - ``"batch_counts": true`` on a batch's ``on_complete`` job: when the last member
   finishes, the job gets a ``batch`` keyword argument holding the counts
-  (see ``batch_summary``);
-- ``"batch_deleted": {"succeeded": 2, ...}`` on a batch's ``on_complete`` job: the
-  outcomes of the members deleted (discarded, purged) since the batch was created.
-  A batch's counts come from its member rows, and a deleted member would drop out of
-  them (a batch of 3 completing as 2 of 2), so ``delete`` and ``purge`` tally here
-  what they take away and the counts add it back (``with_deleted``). A tally rather
-  than keeping the rows: the user asked for them to go, and ``purge`` returns what it
-  deleted. A batch with no ``on_complete`` has no row to keep one on; its handle
-  (``Batch.progress``) counts a member it cannot find as done, under no outcome.
+  (see ``batch_summary``).
 
 The store applies these in the same transaction that releases the job. A payload
 that cannot be rewritten (a corrupt row) is left as it is: the release must not fail
@@ -27,12 +19,11 @@ cannot decode it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 RESULT_FLAG = "pass_result"
 COUNTS_FLAG = "batch_counts"
-DELETED_KEY = "batch_deleted"
 
 
 def wants(options: str | None, flag: str) -> bool:
@@ -44,44 +35,6 @@ def wants(options: str | None, flag: str) -> bool:
     except (ValueError, RecursionError):
         return False
     return isinstance(parsed, dict) and parsed.get(flag) is True
-
-
-def _object(options: str | None) -> dict[str, Any] | None:
-    try:
-        parsed = json.loads(options or "{}")
-    except (ValueError, RecursionError):
-        return None
-    return parsed if isinstance(parsed, dict) else None
-
-
-def deleted_counts(options: str | None) -> dict[str, int]:
-    """The outcomes of a batch's deleted members tallied in its on_complete's ``options``."""
-    parsed = _object(options)
-    tally = None if parsed is None else parsed.get(DELETED_KEY)
-    if not isinstance(tally, dict):
-        return {}
-    return {str(k): v for k, v in tally.items() if isinstance(v, int)}
-
-
-def add_deleted(options: str | None, statuses: Iterable[str]) -> str | None:
-    """``options`` with the statuses of deleted members added to the batch's tally
-    (left as they are when corrupt: the runner sends such a job dead anyway)."""
-    parsed = _object(options)
-    if parsed is None:
-        return options
-    tally = deleted_counts(options)
-    for status in statuses:
-        tally[status] = tally.get(status, 0) + 1
-    parsed[DELETED_KEY] = tally
-    return _dump(parsed)
-
-
-def with_deleted(counts: Mapping[str, int], options: str | None) -> dict[str, int]:
-    """A batch's counts by status from its member rows, plus its deleted members."""
-    merged = dict(counts)
-    for status, n in deleted_counts(options).items():
-        merged[status] = merged.get(status, 0) + n
-    return merged
 
 
 def _load(payload: str) -> dict[str, Any] | None:

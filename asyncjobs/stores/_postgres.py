@@ -514,15 +514,15 @@ class PostgresStore(_Connections):
         )
 
     async def batch_counts(self, batch_id: str) -> dict[str, int]:
-        async def read(conn: Connection) -> dict[str, int]:
-            # One snapshot: a deletion moves members from the rows to the tally at once.
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                options = await conn.fetchval(
-                    "SELECT options FROM asyncjobs_jobs WHERE id = $1", batch_id
-                )
-                return await sql.batch_counts(conn, batch_id, options)
-
-        return await self._run("batch_counts", read)
+        rows = await self._run(
+            "batch_counts",
+            lambda conn: conn.fetch(
+                "SELECT status, count(*) AS n FROM asyncjobs_jobs WHERE batch_id = $1 "
+                "GROUP BY status",
+                batch_id,
+            ),
+        )
+        return {r["status"]: r["n"] for r in rows}
 
     # -- operations (see asyncjobs/_stats.py) -----------------------------------------
 
@@ -626,8 +626,7 @@ _DELETE = "DELETE FROM asyncjobs_jobs WHERE status != 'running' AND (("
 # matched=n + 2) for a condition of n parameters.
 _DELETE_END = (
     ") AND status NOT IN ('waiting', 'scheduled', 'queued') "
-    "AND id <> ALL(${changed}::text[]) OR id = ANY(${matched}::text[])) "
-    "RETURNING chain_next, batch_id, status"
+    "AND id <> ALL(${changed}::text[]) OR id = ANY(${matched}::text[])) RETURNING chain_next"
 )
 
 
@@ -638,17 +637,12 @@ async def _delete(
     unfinished member of a chain or batch is cancelled first, as ``cancel`` would, so
     what waits on it moves on (the rest of its chain is cancelled, its batch's
     on_complete still comes). A chain member retried by hand that waits for a deleted
-    dead or cancelled one is cancelled too: nothing is left to release it. A deleted
-    batch member's outcome is tallied on its batch's on_complete, so the batch's
-    counts still include it."""
+    dead or cancelled one is cancelled too: nothing is left to release it."""
     unfinished = await conn.fetch(unfinished_sql, *params)
     members = [r["id"] for r in unfinished if r["member"]]
     changed = await sql.cancel(conn, members, now, reason="discarded") if members else []
     matched = [r["id"] for r in unfinished]
     deleted = await conn.fetch(delete_sql, *params, changed, matched)
-    members = [(r["batch_id"], r["status"]) for r in deleted if r["batch_id"] is not None]
-    if members:
-        await admin.tally_deleted(conn, members)
     followers = [r["chain_next"] for r in deleted if r["chain_next"] is not None]
     if followers:
         waiting = await conn.fetch(

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from asyncjobs.stores._dependents import add_deleted
 from asyncjobs.stores._postgres_sql import notify, release_dependents
 from asyncjobs.stores._protocol import (
     FinishedSample,
@@ -160,27 +159,6 @@ async def record_worker(conn: Connection, beat: WorkerBeat, now: float) -> None:
         "visibility_timeout = excluded.visibility_timeout",
         *beat.columns(now),
     )
-
-
-async def tally_deleted(conn: Connection, members: Sequence[tuple[str, str]]) -> None:
-    """Add deleted batch members, (batch_id, status) each, to their batch's tally on its
-    on_complete job (``_dependents.py``), whatever that job's own status: the counts
-    it receives when the last member ends, and ``batch_counts`` later, include them.
-    A batch without an on_complete (no such row) keeps no tally. The rows are locked
-    in id order, as members finishing in other transactions lock them one at a time."""
-    by_batch: dict[str, list[str]] = {}
-    for batch_id, status in members:
-        by_batch.setdefault(batch_id, []).append(status)
-    for batch_id in sorted(by_batch):
-        options = await conn.fetchrow(
-            "SELECT options FROM asyncjobs_jobs WHERE id = $1 FOR UPDATE", batch_id
-        )
-        if options is not None:
-            await conn.execute(
-                "UPDATE asyncjobs_jobs SET options = $2 WHERE id = $1",
-                batch_id,
-                add_deleted(options["options"], by_batch[batch_id]),
-            )
 
 
 _PRUNE = (

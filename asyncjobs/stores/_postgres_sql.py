@@ -18,14 +18,7 @@ import asyncpg
 
 from asyncjobs._errors import StoreError
 from asyncjobs.stores._admission import has_limits
-from asyncjobs.stores._dependents import (
-    COUNTS_FLAG,
-    RESULT_FLAG,
-    pass_result,
-    wants,
-    with_batch,
-    with_deleted,
-)
+from asyncjobs.stores._dependents import COUNTS_FLAG, RESULT_FLAG, pass_result, wants, with_batch
 from asyncjobs.stores._postgres_limits import choose as choose_limited
 from asyncjobs.stores._protocol import (
     Applied,
@@ -620,9 +613,16 @@ async def release_dependents(
             batch_id,
         ):
             return
+        counts = {
+            r["status"]: r["n"]
+            for r in await conn.fetch(
+                "SELECT status, count(*) AS n FROM asyncjobs_jobs WHERE batch_id = $1 "
+                "GROUP BY status",
+                batch_id,
+            )
+        }
         payload = callback["payload"]
         if wants(callback["options"], COUNTS_FLAG):
-            counts = await batch_counts(conn, batch_id, callback["options"])
             payload = with_batch(payload, batch_id, counts)
         await conn.execute(
             "UPDATE asyncjobs_jobs SET payload = $3, "
@@ -633,16 +633,6 @@ async def release_dependents(
             payload,
         )
         await notify(conn)
-
-
-async def batch_counts(conn: Connection, batch_id: str, options: str | None) -> dict[str, int]:
-    """A batch's counts by status: its member rows, and the members deleted since,
-    tallied in its on_complete's ``options`` (see ``_dependents.py``)."""
-    rows = await conn.fetch(
-        "SELECT status, count(*) AS n FROM asyncjobs_jobs WHERE batch_id = $1 GROUP BY status",
-        batch_id,
-    )
-    return with_deleted({r["status"]: r["n"] for r in rows}, options)
 
 
 async def cancel(

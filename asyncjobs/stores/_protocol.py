@@ -346,8 +346,7 @@ class Store(Protocol):
         ...
 
     async def batch_counts(self, batch_id: str) -> dict[str, int]:
-        """Counts by stored status of the members of a batch (jobs with that ``batch_id``),
-        members deleted since included (tallied on the job ``batch_id``: ``delete``)."""
+        """Counts by stored status of the members of a batch (jobs with that ``batch_id``)."""
         ...
 
     # -- operations (stats, dashboard, pruning) --------------------------------------
@@ -385,9 +384,7 @@ class Store(Protocol):
         """Delete these jobs unless they are running; return how many were deleted.
 
         An unfinished member of a chain or batch is cancelled first, in the same
-        transaction, so what waits on it moves on; ``purge`` does the same. A deleted
-        batch member's status is added to the tally in its batch's on_complete job's
-        ``options`` (``_dependents.py``), which ``batch_counts`` adds back in."""
+        transaction, so what waits on it moves on; ``purge`` does the same."""
         ...
 
     async def meta(self, key: str, default: str) -> str:

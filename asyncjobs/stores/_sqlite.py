@@ -66,7 +66,6 @@ from asyncjobs.stores._sqlite_admin import (
     _requeue_dead_batch,
     _retry,
     _snapshot,
-    _tally_deleted,
 )
 from asyncjobs.stores._sqlite_schema import _switch_to_wal, migrate
 from asyncjobs.stores._sqlite_side import (
@@ -79,6 +78,7 @@ from asyncjobs.stores._sqlite_side import (
 from asyncjobs.stores._sqlite_sql import (
     _INSERT_CHUNK,
     _SELECT,
+    _batch_counts,
     _cancel,
     _claim,
     _finish,
@@ -86,7 +86,6 @@ from asyncjobs.stores._sqlite_sql import (
     _heartbeat,
     _next_run_at,
     _read,
-    _read_batch_counts,
     _row,
     insert_jobs,
 )
@@ -600,7 +599,7 @@ class SQLiteStore:
         return {(q, t, s): n for q, t, s, n in rows}
 
     async def batch_counts(self, batch_id: str) -> dict[str, int]:
-        return await self._read_call(_read, _read_batch_counts, batch_id)
+        return dict(await self._read_call(_batch_counts, batch_id))
 
     # -- operations (see asyncjobs/_stats.py) -----------------------------------------
 
@@ -677,7 +676,7 @@ _DELETE = "DELETE FROM asyncjobs_jobs WHERE status != 'running' AND (("
 _DELETE_END = (
     ") AND status NOT IN ('waiting', 'scheduled', 'queued') "
     "AND id NOT IN (SELECT value FROM json_each(?)) OR id IN (SELECT value FROM json_each(?))) "
-    "RETURNING chain_next, batch_id, status"
+    "RETURNING chain_next"
 )
 
 
@@ -688,16 +687,14 @@ def _delete(
     chain or batch is cancelled first, as ``cancel`` would, so what waits on it moves on
     (the rest of its chain is cancelled, its batch's on_complete still comes). A chain
     member retried by hand that waits for a deleted dead or cancelled one is cancelled
-    too: nothing is left to release it. A deleted batch member's outcome is tallied on
-    its batch's on_complete, so the batch's counts still include it."""
+    too: nothing is left to release it."""
     unfinished = db.execute(unfinished_sql, params).fetchall()
     members = [job_id for job_id, member in unfinished if member]
     changed = _cancel(db, members, now, reason="discarded") if members else []
     matched = [job_id for job_id, _ in unfinished]
     deleted = db.execute(delete_sql, (*params, json.dumps(changed), json.dumps(matched)))
     rows = deleted.fetchall()
-    _tally_deleted(db, [(batch_id, status) for _, batch_id, status in rows if batch_id])
-    followers = [chain_next for chain_next, _, _ in rows if chain_next is not None]
+    followers = [chain_next for (chain_next,) in rows if chain_next is not None]
     if followers:
         waiting = db.execute(
             "SELECT id FROM asyncjobs_jobs WHERE status = 'waiting' "

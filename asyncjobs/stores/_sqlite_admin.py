@@ -14,7 +14,6 @@ import json
 import sqlite3
 from collections.abc import Sequence
 
-from asyncjobs.stores._dependents import add_deleted
 from asyncjobs.stores._protocol import (
     FinishedSample,
     OpsSnapshot,
@@ -216,23 +215,6 @@ def _record_worker(db: sqlite3.Connection, beat: WorkerBeat, now: float) -> None
         "visibility_timeout = excluded.visibility_timeout",
         beat.columns(now),
     )
-
-
-def _tally_deleted(db: sqlite3.Connection, members: Sequence[tuple[str, str]]) -> None:
-    """Add deleted batch members, (batch_id, status) each, to their batch's tally on its
-    on_complete job (``_dependents.py``), whatever that job's own status: the counts
-    it receives when the last member ends, and ``batch_counts`` later, include them.
-    A batch without an on_complete (no such row) keeps no tally."""
-    by_batch: dict[str, list[str]] = {}
-    for batch_id, status in members:
-        by_batch.setdefault(batch_id, []).append(status)
-    for batch_id, statuses in by_batch.items():
-        row = db.execute("SELECT options FROM asyncjobs_jobs WHERE id = ?", (batch_id,)).fetchone()
-        if row is not None:
-            db.execute(
-                "UPDATE asyncjobs_jobs SET options = ? WHERE id = ?",
-                (add_deleted(row[0], statuses), batch_id),
-            )
 
 
 _PRUNE = (

@@ -22,7 +22,6 @@ from asyncjobs.stores._dependents import (
     pass_result,
     wants,
     with_batch,
-    with_deleted,
 )
 from asyncjobs.stores._protocol import (
     Applied,
@@ -384,7 +383,7 @@ def _release_dependents(
         if unfinished is None:
             row = _waiting(db, batch_id)
             if row is not None and wants(row[1], COUNTS_FLAG):
-                counts = _batch_counts(db, batch_id, row[1])
+                counts = dict(_batch_counts(db, batch_id))
                 db.execute(
                     "UPDATE asyncjobs_jobs SET payload = ? WHERE id = ?",
                     (with_batch(row[0], batch_id, counts), batch_id),
@@ -401,21 +400,11 @@ def _waiting(db: sqlite3.Connection, job_id: str) -> tuple[str, str | None] | No
     return None if row is None else (row[0], row[1])
 
 
-def _batch_counts(db: sqlite3.Connection, batch_id: str, options: str | None) -> dict[str, int]:
-    """A batch's counts by status: its member rows, and the members deleted since,
-    tallied in its on_complete's ``options`` (see ``_dependents.py``)."""
-    rows = db.execute(
+def _batch_counts(db: sqlite3.Connection, batch_id: str) -> list[tuple[str, int]]:
+    return db.execute(
         "SELECT status, count(*) FROM asyncjobs_jobs WHERE batch_id = ? GROUP BY status",
         (batch_id,),
     ).fetchall()
-    return with_deleted(dict(rows), options)
-
-
-def _read_batch_counts(db: sqlite3.Connection, batch_id: str) -> dict[str, int]:
-    """``_batch_counts`` for ``batch_counts``, reading the on_complete's options (run
-    it in ``_read``, one read transaction, so a deletion is not seen half-way)."""
-    callback = db.execute("SELECT options FROM asyncjobs_jobs WHERE id = ?", (batch_id,)).fetchall()
-    return _batch_counts(db, batch_id, callback[0][0] if callback else None)
 
 
 def _heartbeat(
