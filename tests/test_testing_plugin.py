@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
 import textwrap
 import threading
 from pathlib import Path
@@ -379,3 +381,62 @@ def test_fake_clock_advance_returns_when_the_waiters_loop_stops_before_waking_th
     threading.Thread(target=advance, daemon=True).start()
     thread.join(5)
     assert advanced.wait(3), "advance() still waited after the loop stopped"
+
+
+async def test_fake_clock_an_earlier_deadline_wins_over_a_later_sleep_in_one_advance() -> None:
+    """``with move_on_after(5): await sleep(10)``, then one ``advance(10)``: the deadline
+    came first, so the sleep is cancelled, as in real time (the sleeper was woken
+    first, and the code after it ran inside an expired scope)."""
+    clock = FakeClock()
+    out: list[object] = []
+
+    async def body() -> None:
+        with clock.move_on_after(5) as scope:
+            await clock.sleep(10)
+            out.append("ran past its deadline")
+        out.append(scope.cancelled_caught)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(body)
+        await anyio.wait_all_tasks_blocked()
+        clock.advance(10)
+    assert out == [True]
+
+
+def test_fake_clock_used_by_two_loops_at_once_loses_no_deadline() -> None:
+    """Two loops in two threads enter and leave ``move_on_after`` on one clock: every
+    deadline stays known to the clock while its scope is open (a cleanup rebuilt the
+    heap unlocked and dropped the other loop's, which then never fired)."""
+    clock = FakeClock()
+    stop = threading.Event()
+    lost: list[int] = []
+
+    async def churn() -> None:
+        while not stop.is_set():
+            with contextlib.ExitStack() as stack:
+                for _ in range(50):
+                    stack.enter_context(clock.move_on_after(1000))
+                await anyio.lowlevel.checkpoint()
+
+    async def hold() -> None:
+        try:
+            for i in range(5000):
+                with clock.move_on_after(1000) as scope:
+                    await anyio.lowlevel.checkpoint()
+                    await anyio.lowlevel.checkpoint()
+                    if not any(entry[2] is scope for entry in clock._scopes):
+                        lost.append(i)
+        finally:
+            stop.set()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often: a race shows up quickly
+    try:
+        threads = [threading.Thread(target=asyncio.run, args=(main(),)) for main in (churn, hold)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert lost == []

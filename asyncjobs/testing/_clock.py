@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import heapq
 import itertools
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -31,6 +32,9 @@ class FakeClock:
         real: Clock = SystemClock()
         self._now = float(start) if start is not None else real.now()
         self._seq = itertools.count()
+        # Loops in other threads (a TestClient's) wait on this clock too: the lock keeps
+        # their changes to the heaps from losing one another's.
+        self._lock = threading.Lock()
         # Each waiter with its deadline, a tie-breaker, and the loop it waits in.
         self._sleepers: list[tuple[float, int, anyio.Event, asyncio.AbstractEventLoop]] = []
         self._scopes: list[tuple[float, int, anyio.CancelScope, asyncio.AbstractEventLoop]] = []
@@ -49,14 +53,26 @@ class FakeClock:
             seconds = seconds.total_seconds()
         if seconds < 0:
             raise ValueError("FakeClock only moves forward")
-        self._now += seconds
         due: dict[asyncio.AbstractEventLoop, list[Callable[[], object]]] = {}
-        while self._sleepers and self._sleepers[0][0] <= self._now:
-            _, _, event, loop = heapq.heappop(self._sleepers)
-            due.setdefault(loop, []).append(event.set)
-        while self._scopes and self._scopes[0][0] <= self._now:
-            _, _, scope, loop = heapq.heappop(self._scopes)
-            due.setdefault(loop, []).append(scope.cancel)
+        with self._lock:
+            self._now += seconds
+            # In the order of their deadlines, sleepers and scopes together: a deadline
+            # that comes before a sleep's end cancels it, as it would in real time.
+            while True:
+                sleeper = self._sleepers[0] if self._sleepers else None
+                scope = self._scopes[0] if self._scopes else None
+                if sleeper is not None and sleeper[0] > self._now:
+                    sleeper = None
+                if scope is not None and scope[0] > self._now:
+                    scope = None
+                if scope is not None and (sleeper is None or scope[:2] < sleeper[:2]):
+                    heapq.heappop(self._scopes)
+                    due.setdefault(scope[3], []).append(scope[2].cancel)
+                elif sleeper is not None:
+                    heapq.heappop(self._sleepers)
+                    due.setdefault(sleeper[3], []).append(sleeper[2].set)
+                else:
+                    break
         # Each waiter is woken in its own loop: a sync test may advance the clock from
         # its thread while a TestClient's app waits on it in a loop of its own.
         here = _running_loop()
@@ -85,8 +101,9 @@ class FakeClock:
             await anyio.lowlevel.checkpoint()
             return
         event = anyio.Event()
-        entry = (self._now + seconds, next(self._seq), event, asyncio.get_running_loop())
-        heapq.heappush(self._sleepers, entry)
+        with self._lock:
+            entry = (self._now + seconds, next(self._seq), event, asyncio.get_running_loop())
+            heapq.heappush(self._sleepers, entry)
         await event.wait()
 
     @contextmanager
@@ -97,12 +114,15 @@ class FakeClock:
                 scope.cancel()
             else:
                 loop = asyncio.get_running_loop()
-                heapq.heappush(self._scopes, (self._now + seconds, next(self._seq), scope, loop))
+                with self._lock:
+                    entry = (self._now + seconds, next(self._seq), scope, loop)
+                    heapq.heappush(self._scopes, entry)
         with scope:
             yield scope
         if seconds is not None and seconds > 0:
-            self._scopes = [entry for entry in self._scopes if entry[2] is not scope]
-            heapq.heapify(self._scopes)
+            with self._lock:
+                self._scopes = [entry for entry in self._scopes if entry[2] is not scope]
+                heapq.heapify(self._scopes)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
