@@ -22,7 +22,6 @@ import anyio
 from asyncjobs._backoff import backoff_delay
 from asyncjobs._codec import decode_payload, encode
 from asyncjobs._errors import NotSerializable, Retry
-from asyncjobs._ratelimit import KEY_ERROR
 from asyncjobs._settings import storable
 from asyncjobs.stores._dependents import COUNTS_FLAG
 from asyncjobs.stores._protocol import JobRow, Outcome, OutcomeKind
@@ -124,8 +123,6 @@ class _Execution:
             return self._outcome(
                 row, OutcomeKind.DEAD, error=f"the stored payload cannot be decoded: {error}"
             )
-        if KEY_ERROR in options:  # its limiter's key function failed on its arguments
-            return self._outcome(row, OutcomeKind.DEAD, error=str(options[KEY_ERROR]))
         timeout = options.get("timeout", task.timeout)
         token = _current.set(
             JobContext(

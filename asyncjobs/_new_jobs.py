@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 from asyncjobs._codec import encode_payload
 from asyncjobs._models import new_job_id
-from asyncjobs._ratelimit import PENDING_KEY
 from asyncjobs._settings import check_name
 from asyncjobs._tasks import JobOptions, JobSpec, Task
 from asyncjobs.stores._protocol import NewJob
@@ -124,10 +123,5 @@ class _NewJobs:
         return definition.priority if definition else 0
 
     def _rate_key(self, definition: Task[..., Any] | None, spec: JobSpec[Any]) -> str | None:
-        """The job's key in its task's limiter (None: the shared bucket, or no limiter).
-        Enqueued by name in a process that lacks the task's definition (an enqueue-only
-        web process), it is left for the worker to compute: ``PENDING_KEY``."""
-        if definition is None:
-            return PENDING_KEY
-        limiter = self.limiters.get(definition.limiter or "")
+        limiter = self.limiters.get(definition.limiter or "") if definition else None
         return None if limiter is None else limiter.key_for(spec.args, dict(spec.kwargs))

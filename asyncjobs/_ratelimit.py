@@ -156,25 +156,13 @@ def next_token_at(limit: RateLimit, state: BucketState, now: float) -> float:
 KeyFunction = Callable[..., Any]
 """Computes a bucket key from a job's arguments: ``key(*args, **kwargs)``."""
 
-PENDING_KEY = "\x1fasyncjobs: key not computed"
-"""The rate key stored for a job enqueued by name in a process that lacks its task's
-definition, so cannot know its limiter or compute its key (NULL would mean "no key",
-the limiter's shared bucket). A worker whose limiter of that task has a key function
-computes the key before any claim admits the job (asyncjobs/_rate_keys.py); for a task
-without one, it counts as no key. No key function may return it (``key_for``)."""
-
-KEY_ERROR = "rate_key_error"
-"""The option a worker stores on such a job when its key function fails on the job's
-arguments: the job then ends dead with that error when it runs (``_Execution``)."""
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Limiter:
     """A named rate limit shared by tasks (``jobs.limiter(name, rate, key=...)``).
 
     With ``key``, each distinct key (a customer, a domain) gets its own bucket of
-    this rate; the key is computed from the job's arguments when it is enqueued, or
-    by the worker when the enqueuing process lacks the task (``PENDING_KEY``).
+    this rate; the key is computed from the job's arguments when it is enqueued.
     """
 
     name: str
@@ -194,11 +182,6 @@ class Limiter:
                 "it must return a string, an int or None"
             )
         key = str(value)
-        if key == PENDING_KEY:
-            raise ConfigurationError(
-                f"the key function of limiter {self.name!r} returned {value!r}, the value "
-                "asyncjobs stores for a key not computed yet; return another key"
-            )
         if not is_storable(key):
             raise ConfigurationError(
                 f"the key function of limiter {self.name!r} returned {value!r}; "

@@ -37,7 +37,6 @@ from asyncjobs._execution import JobContext as JobContext
 from asyncjobs._execution import _Execution, _Running
 from asyncjobs._execution import current_job as current_job
 from asyncjobs._leases import _Leases
-from asyncjobs._rate_keys import compute_keys
 from asyncjobs.stores._protocol import (
     Applied,
     Claimed,
@@ -231,9 +230,6 @@ class Runner(_Leases, _Execution):
             lease=self.settings.visibility_timeout,
             queue_concurrency=self.jobs.queue_limits,
             limiters={name: limiter.limit for name, limiter in self.jobs.limiters.items()},
-            keyed_limiters=frozenset(
-                name for name, limiter in self.jobs.limiters.items() if limiter.key is not None
-            ),
             ahead=ahead,
         )
 
@@ -297,11 +293,7 @@ class Runner(_Leases, _Execution):
         if rows:
             handed_back = isinstance(rows, Claimed) and rows.handed_back
             self._add_ready(self._not_held(rows) if handed_back else rows)
-        computed = 0
-        if isinstance(rows, Claimed) and rows.unkeyed:
-            computed = await compute_keys(self.jobs, rows.unkeyed)
-            self._backlog = self._backlog or computed > 0  # claim them now
-        return len(rows) + len(outbox) + computed
+        return len(rows) + len(outbox)
 
     def _not_held(self, rows: Sequence[JobRow]) -> list[JobRow]:
         """``rows`` (``handed_back``) less the attempts this worker holds already. A claim

@@ -10,10 +10,7 @@ buckets it changed. The rules:
   task with a named ``limiter``, from ``limiter:<name>`` under the job's rate key ('' if
   none); it needs every bucket it uses to hold a token, or it is skipped;
 - a skipped job is simply left queued (no attempt spent); ``wake_at`` records when the
-  first empty bucket that held a job back gets its next token;
-- a job whose rate key is not computed yet (``PENDING_KEY``: enqueued by name where the
-  task is unknown) is skipped under a keyed limiter and noted in ``unkeyed``, for the
-  runner to compute its key; under a limiter without a key function it has no key.
+  first empty bucket that held a job back gets its next token.
 
 Groups are filtered by the stores' SQL (only the oldest unfinished job of a group is
 a candidate).
@@ -27,7 +24,6 @@ from dataclasses import dataclass, field
 
 from asyncjobs._errors import ConfigurationError
 from asyncjobs._ratelimit import (
-    PENDING_KEY,
     BucketState,
     RateLimit,
     full,
@@ -94,7 +90,6 @@ class Admission:
     full_queues: set[str] = field(default_factory=set)
     blocked_keys: dict[str, set[str]] = field(default_factory=dict)  # limiter -> keys
     wake_at: float | None = None
-    unkeyed: list[int] = field(default_factory=list)  # seq of jobs whose key is not computed
 
     def count_running(self, rows: list[tuple[str, str, int]]) -> None:
         """Jobs running now in the whole store, as (task, queue, count) rows."""
@@ -179,18 +174,9 @@ class Admission:
             wanted.append((own, limits.rate_limit))
         if named is not None and limits.limiter:
             blocked = self.blocked_keys.setdefault(limits.limiter, set())
-            key = job.rate_key
-            if key == PENDING_KEY:
-                if limits.limiter in self.request.keyed_limiters:
-                    # Its bucket is unknown until the runner computes its key; blocked
-                    # as a key, so later pages leave out the other such jobs.
-                    self.unkeyed.append(job.seq)
-                    blocked.add(key)
-                    return False
-                key = ""
-            shared = limiter_bucket(limits.limiter, key)
-            if key in blocked or self.empty(shared, named):
-                blocked.add(key)
+            shared = limiter_bucket(limits.limiter, job.rate_key)
+            if job.rate_key in blocked or self.empty(shared, named):
+                blocked.add(job.rate_key)
                 return False
             wanted.append((shared, named))
         for bucket_id, limit in wanted:

@@ -45,7 +45,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from asyncjobs._errors import ConfigurationError, StoreError
-from asyncjobs._ratelimit import PENDING_KEY
 from asyncjobs.stores import _postgres_admin as admin
 from asyncjobs.stores import _postgres_sql as sql
 from asyncjobs.stores import redacted
@@ -488,30 +487,6 @@ class PostgresStore(_Connections):
             ),
         )
         return {(r["queue"], r["task"], r["s"]): r["n"] for r in rows}
-
-    async def unkeyed_jobs(
-        self, seqs: Sequence[int]
-    ) -> builtins.list[tuple[int, str, str, str | None]]:
-        rows = await self._run(
-            "unkeyed_jobs",
-            lambda conn: conn.fetch(
-                "SELECT seq, task, payload, options FROM asyncjobs_jobs "
-                "WHERE seq = ANY($1::bigint[]) AND status = 'queued' AND rate_key = $2",
-                list(seqs),
-                PENDING_KEY,
-            ),
-        )
-        return [(r["seq"], r["task"], r["payload"], r["options"]) for r in rows]
-
-    async def set_rate_keys(self, keys: Sequence[tuple[int, str | None, str | None]]) -> None:
-        await self._run(
-            "set_rate_keys",
-            lambda conn: conn.executemany(
-                "UPDATE asyncjobs_jobs SET rate_key = $1, options = coalesce($2, options) "
-                "WHERE seq = $3 AND rate_key = $4",
-                [(key, options, seq, PENDING_KEY) for seq, key, options in keys],
-            ),
-        )
 
     async def batch_counts(self, batch_id: str) -> dict[str, int]:
         rows = await self._run(

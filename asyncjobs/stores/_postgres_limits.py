@@ -16,7 +16,7 @@ import heapq
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from asyncjobs._ratelimit import PENDING_KEY, BucketState
+from asyncjobs._ratelimit import BucketState
 from asyncjobs.stores._admission import (
     Admission,
     BucketId,
@@ -42,12 +42,11 @@ _LOCK = "SELECT pg_advisory_xact_lock(hashtext('asyncjobs claim ' || current_sch
 
 async def choose(
     conn: Connection, request: ClaimRequest, now: float
-) -> tuple[list[int], float | None, list[int]]:
+) -> tuple[list[int], float | None]:
     """Pick the jobs to claim under every limit and take their tokens (in a transaction).
 
     Returns their ``seq`` in claim order and, when a ready job was held back by an
-    empty bucket, the earliest time one of those buckets gets a token; and the ``seq``
-    of the jobs held back as their key is not computed yet (``Admission.unkeyed``).
+    empty bucket, the earliest time one of those buckets gets a token.
     """
     await conn.execute(_LOCK)
     stored: dict[BucketId, BucketState] = {}
@@ -104,7 +103,7 @@ async def choose(
             "tokens = excluded.tokens, updated_at = excluded.updated_at",
             changed,
         )
-    return chosen, admission.wake_at, admission.unkeyed
+    return chosen, admission.wake_at
 
 
 async def _load(
@@ -134,7 +133,7 @@ async def _load_keyed(
     wanted = []
     for job in jobs:
         limiter = admission.request.tasks[job.task].limiter
-        if limiter and job.rate_key and job.rate_key != PENDING_KEY:
+        if limiter and job.rate_key:
             wanted.append(limiter_bucket(limiter, job.rate_key))
     await _load(conn, stored, wanted)
 

@@ -270,10 +270,7 @@ async def claim_again(
         conn, replace(request, limit=limit, ahead=min(request.ahead, limit)), now, claim_token
     )
     next_token_at = rows.next_token_at if isinstance(rows, Claimed) else None
-    unkeyed = rows.unkeyed if isinstance(rows, Claimed) else ()
-    return Claimed(
-        [*lost, *rows], next_token_at=next_token_at, handed_back=bool(lost), unkeyed=unkeyed
-    )
+    return Claimed([*lost, *rows], next_token_at=next_token_at, handed_back=bool(lost))
 
 
 async def release_claimed(
@@ -321,13 +318,11 @@ async def claim(
     if request.queues is not None:
         params.append(list(request.queues))
         queue_filter = f"AND j.queue = ANY(${len(params)}::text[])"
-    next_token_at, unkeyed = None, list[int]()
+    next_token_at = None
     if limited:  # concurrency, rate limits: chosen by _postgres_limits
-        chosen, next_token_at, unkeyed = await choose_limited(
-            conn, replace(request, limit=limit), now
-        )
+        chosen, next_token_at = await choose_limited(conn, replace(request, limit=limit), now)
         if not chosen:
-            return Claimed(next_token_at=next_token_at, unkeyed=unkeyed)
+            return Claimed(next_token_at=next_token_at)
         params.append(chosen)
         queue_filter += f" AND j.seq = ANY(${len(params)}::bigint[])"
     params.append(limit)
@@ -362,7 +357,7 @@ async def claim(
     )
     claimed = [job_row(r) for r in records]
     claimed.sort(key=lambda r: (-r.priority, r.seq))
-    return Claimed(claimed, next_token_at=next_token_at, unkeyed=unkeyed)
+    return Claimed(claimed, next_token_at=next_token_at)
 
 
 # A job's attempts under this claim: the claimer's definition applies unless retries

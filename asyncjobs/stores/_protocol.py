@@ -138,10 +138,6 @@ class ClaimRequest:
     lease: float  # seconds
     queue_concurrency: Mapping[str, int] = field(default_factory=dict)
     limiters: Mapping[str, RateLimit] = field(default_factory=dict)  # named, shared buckets
-    # Those of ``limiters`` with a key function: a job of theirs whose key is not computed
-    # yet (``PENDING_KEY``) is not admitted but reported (``Claimed.unkeyed``); under the
-    # others, that key counts as none.
-    keyed_limiters: frozenset[str] = frozenset()
     # Of ``limit``, how many are claimed ahead of a free slot (the runner's look-ahead).
     # Those skip jobs on their last attempt: a claim spends the attempt, and a crash
     # before the job starts would leave it dead without ever running. Claims under
@@ -154,11 +150,9 @@ class Claimed(list[JobRow]):
     earliest time a due job held back by an empty rate-limit bucket can get a
     token (None when none was held back), so the runner sleeps until then, and
     ``handed_back``: the rows include those of an earlier try whose reply was lost,
-    which may match jobs the runner holds already; and ``unkeyed``: the ``seq`` of
-    ready jobs held back because their key in a keyed limiter is not computed yet
-    (``ClaimRequest.keyed_limiters``), for the runner to compute (``set_rate_keys``)."""
+    which may match jobs the runner holds already."""
 
-    __slots__ = ("handed_back", "next_token_at", "unkeyed")
+    __slots__ = ("handed_back", "next_token_at")
 
     def __init__(
         self,
@@ -166,12 +160,10 @@ class Claimed(list[JobRow]):
         *,
         next_token_at: float | None = None,
         handed_back: bool = False,
-        unkeyed: Sequence[int] = (),
     ) -> None:
         super().__init__(rows)
         self.next_token_at = next_token_at
         self.handed_back = handed_back
-        self.unkeyed = unkeyed
 
 
 class Applied(list[str]):
@@ -267,20 +259,6 @@ class Store(Protocol):
     ) -> tuple[builtins.list[str], builtins.list[JobRow]]:
         """``finish(outcomes)`` then ``claim(request)``: the runner's hot path, one
         transaction where the store can (it need not be atomic across the two)."""
-        ...
-
-    async def unkeyed_jobs(
-        self, seqs: Sequence[int]
-    ) -> builtins.list[tuple[int, str, str, str | None]]:
-        """Of the jobs with these ``seq`` (``Claimed.unkeyed``), those still queued
-        with their rate key not computed (``PENDING_KEY``), as (seq, task, payload,
-        options)."""
-        ...
-
-    async def set_rate_keys(self, keys: Sequence[tuple[int, str | None, str | None]]) -> None:
-        """Store computed rate keys, each (seq, key, options): the job's key (None:
-        the shared bucket), and its options when not None. Only jobs whose key is
-        still ``PENDING_KEY`` are changed (another worker may have computed it)."""
         ...
 
     async def heartbeat(

@@ -44,7 +44,6 @@ import anyio
 import anyio.to_thread
 
 from asyncjobs._errors import ConfigurationError, DataRefused, StoreError
-from asyncjobs._ratelimit import PENDING_KEY
 from asyncjobs.stores._protocol import (
     SLOT_KEY,
     ClaimRequest,
@@ -568,26 +567,6 @@ class SQLiteStore:
             (progress, message, job_id),
         )
 
-    async def unkeyed_jobs(
-        self, seqs: Sequence[int]
-    ) -> builtins.list[tuple[int, str, str, str | None]]:
-        rows = await self._read_call(
-            _fetchall,
-            "SELECT seq, task, payload, options FROM asyncjobs_jobs "
-            "WHERE seq IN (SELECT value FROM json_each(?)) AND status = 'queued' "
-            "AND rate_key = ?",
-            (json.dumps(list(seqs)), PENDING_KEY),
-        )
-        return [(seq, task, payload, options) for seq, task, payload, options in rows]
-
-    async def set_rate_keys(self, keys: Sequence[tuple[int, str | None, str | None]]) -> None:
-        await self._transaction(
-            _executemany,
-            "UPDATE asyncjobs_jobs SET rate_key = ?, options = coalesce(?, options) "
-            "WHERE seq = ? AND rate_key = ?",
-            [(key, options, seq, PENDING_KEY) for seq, key, options in keys],
-        )
-
     async def counts(self, *, now: float) -> dict[tuple[str, str, str], int]:
         rows = await self._read_call(
             _fetchall,
@@ -657,10 +636,6 @@ def _fetchall(db: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[A
 
 def _rowcount(db: sqlite3.Connection, sql: str, params: Sequence[Any]) -> int:
     return db.execute(sql, params).rowcount
-
-
-def _executemany(db: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-    db.executemany(sql, rows)
 
 
 # A deletion (discard, purge) of the jobs matching a condition: _UNFINISHED + condition

@@ -43,12 +43,11 @@ _GROUP_HEAD = (
 
 def choose(
     db: sqlite3.Connection, request: ClaimRequest, now: float
-) -> tuple[list[int], float | None, list[int]]:
+) -> tuple[list[int], float | None]:
     """Pick the jobs to claim under every limit and take their tokens.
 
     Returns their ``seq`` in claim order and, when a ready job was held back by an
-    empty bucket, the earliest time one of those buckets gets a token; and the ``seq``
-    of the jobs held back as their key is not computed yet (``Admission.unkeyed``).
+    empty bucket, the earliest time one of those buckets gets a token.
     """
 
     def load(bucket_id: BucketId) -> BucketState | None:
@@ -89,7 +88,7 @@ def choose(
             "tokens = excluded.tokens, updated_at = excluded.updated_at",
             changed,
         )
-    return chosen, admission.wake_at, admission.unkeyed
+    return chosen, admission.wake_at
 
 
 def _has_ready(db: sqlite3.Connection, task: str) -> bool:

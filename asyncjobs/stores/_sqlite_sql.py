@@ -190,11 +190,11 @@ def _claim_ready(
         return Claimed()
     attempts = json.dumps({name: limits.max_attempts for name, limits in request.tasks.items()})
     params: list[Any] = [now, now + request.lease, request.worker, attempts]
-    next_token_at, unkeyed = None, list[int]()
+    next_token_at = None
     if has_limits(request):  # concurrency, rate limits: chosen in Python, same transaction
-        seqs, next_token_at, unkeyed = choose(db, replace(request, limit=limit), now)
+        seqs, next_token_at = choose(db, replace(request, limit=limit), now)
         if not seqs:
-            return Claimed(next_token_at=next_token_at, unkeyed=unkeyed)
+            return Claimed(next_token_at=next_token_at)
         pick = "SELECT value FROM json_each(?)"
         params.append(json.dumps(seqs))
     else:  # the fast path: one statement
@@ -223,7 +223,6 @@ def _claim_ready(
     ).fetchall()
     claimed = Claimed(sorted((_row(r) for r in rows), key=lambda r: (-r.priority, r.seq)))
     claimed.next_token_at = next_token_at
-    claimed.unkeyed = unkeyed
     return claimed
 
 

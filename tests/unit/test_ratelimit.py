@@ -6,7 +6,6 @@ import pytest
 
 from asyncjobs import ConfigurationError, RateLimit
 from asyncjobs._ratelimit import (
-    PENDING_KEY,
     BucketState,
     Limiter,
     full,
@@ -132,9 +131,3 @@ def test_limiter_key_is_computed_from_the_job_arguments() -> None:
     bad = Limiter(name="n", limit=parse_rate("5/s"), key=lambda customer: [customer])
     with pytest.raises(ConfigurationError, match="must return a string"):
         bad.key_for((42,), {})
-
-
-def test_a_limiter_key_may_not_be_the_one_reserved_for_keys_not_computed_yet() -> None:
-    echo = Limiter(name="n", limit=parse_rate("5/s"), key=lambda key: key)
-    with pytest.raises(ConfigurationError, match="a key not computed yet"):
-        echo.key_for((PENDING_KEY,), {})
