@@ -210,11 +210,10 @@ class Store(Protocol):
         """Bound the waits of calls under way and to come: at ``seconds`` from now, a
         call stops waiting for a busy database or a slow reply and fails with
         ``StoreError`` (``None``: no bound, the default). Past it, a call is still
-        tried, with next to no wait: SQLite tries once without waiting on a busy
-        file, PostgreSQL waits a second for the reply. (A SQLite busy wait already
-        under way ends at its own busy timeout.) Workers set one at shutdown, so that
-        ``stop()`` ends in time while another process holds the database, and their
-        last records still get through to a database that is free."""
+        tried, with next to no wait: SQLite tries once, waiting a quarter of a second
+        at most on a busy file; PostgreSQL waits a second for the reply. Workers set
+        one at shutdown, so that ``stop()`` ends in time while another process holds
+        the database, and their last records still get through to one that is free."""
         ...
 
     async def insert(self, jobs: Sequence[NewJob], *, now: float) -> Inserted:

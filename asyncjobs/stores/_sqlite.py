@@ -128,9 +128,10 @@ _BUSY_RETRIES = 5
 """How many busy timeouts a write waits out before it gives up with StoreError."""
 
 _BUSY_SLICE = 0.25
-"""Seconds of one wait of the connection's busy handler: a write waits for a busy file
-in waits this long, so that a deadline set meanwhile (``set_deadline``) ends the wait
-within one of them, not at the end of a whole busy timeout."""
+"""Seconds of one wait of the writing connection's busy handler (its busy timeout, set
+when it connects): a write waits for a busy file in waits this long, so that a
+deadline set meanwhile (``set_deadline``) ends the wait within one of them, not at the
+end of a whole busy timeout."""
 
 
 class SQLiteStore:
@@ -161,7 +162,6 @@ class SQLiteStore:
         self._opening = asyncio.Lock()  # first uses at once open it once
         self._open = False  # set up: migrated, side connections made
         self._give_up_at: float | None = None  # time.monotonic(); see set_deadline
-        self._busy_wait = busy_timeout  # the connection's busy timeout (its thread's)
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
@@ -177,8 +177,9 @@ class SQLiteStore:
                 self._open = True
 
     async def _connect(self) -> None:
-        self._busy_wait = self.busy_timeout
-        self._db, self._raw = await self._thread_connection()
+        # The writer's busy handler waits a slice at a time (_while_busy); reads wait
+        # the whole busy timeout, as WAL makes them wait only on rare occasions.
+        self._db, self._raw = await self._thread_connection(min(self.busy_timeout, _BUSY_SLICE))
         try:
             await self._call(self._setup)
             self._checkpointer = Checkpointer(self.path)
@@ -186,16 +187,18 @@ class SQLiteStore:
             if self.synchronous == "NORMAL":  # FULL fsyncs each commit: not on the loop
                 self._inline = await self._call(lambda _: InlineWriter(self.path))
             # Last: a read that finds it set finds the schema migrated.
-            reader, reader_raw = await self._thread_connection()
+            reader, reader_raw = await self._thread_connection(self.busy_timeout)
             self._reader, self._reader_raw = reader, reader_raw
             await self._read_call(_query_only)
         except BaseException:
             await self._disconnect()
             raise
 
-    async def _thread_connection(self) -> tuple[aiosqlite.Connection, sqlite3.Connection]:
+    async def _thread_connection(
+        self, busy_timeout: float
+    ) -> tuple[aiosqlite.Connection, sqlite3.Connection]:
         """A new aiosqlite connection, and the sqlite3 one its thread runs."""
-        pending = aiosqlite.connect(self.path, isolation_level=None, timeout=self.busy_timeout)
+        pending = aiosqlite.connect(self.path, isolation_level=None, timeout=busy_timeout)
         # A script that enqueues and returns without closing the store must still exit:
         # Python waits at exit for every thread that is not a daemon. A write cut off by
         # the exit is rolled back when the file is next opened, as after a crash.
@@ -262,8 +265,9 @@ class SQLiteStore:
     def _while_busy(self, db: sqlite3.Connection, write: Callable[[], T]) -> T:
         """Run ``write`` (one statement, or a whole transaction), again while the file is
         busy, for ``_BUSY_RETRIES`` busy timeouts in all (a long writer is ridden out),
-        or until the deadline (``set_deadline``); past that, it is tried once without
-        waiting. Runs in the connection thread."""
+        or until the deadline (``set_deadline``); past that, it is tried once. Each try
+        waits at most ``_BUSY_SLICE`` (the connection's busy timeout). Runs in the
+        connection thread."""
         # The thread's own waits are real time, as SQLite's busy handler's are.
         now = time.monotonic()  # noqa: TID251
         give_up_at = now + self.busy_timeout * _BUSY_RETRIES
@@ -276,7 +280,6 @@ class SQLiteStore:
                 left = min(left, self._give_up_at - now)
             if tried and left <= 0:
                 raise sqlite3.OperationalError("database is locked")
-            self._set_busy_wait(db, max(0.0, min(_BUSY_SLICE, left)))
             tried = True
             try:
                 return write()
@@ -286,13 +289,6 @@ class SQLiteStore:
             if time.monotonic() >= warn_at:  # noqa: TID251
                 warn_at += self.busy_timeout
                 logger.warning("SQLite store busy: another connection holds the write lock")
-
-    def _set_busy_wait(self, db: sqlite3.Connection, wait: float) -> None:
-        """Set the connection's busy timeout (seconds), if it is not that already."""
-        if wait != self._busy_wait:
-            # A PRAGMA takes no parameters; the value is a number formatted here.
-            db.execute(f"PRAGMA busy_timeout = {round(wait * 1000)}")
-            self._busy_wait = wait
 
     async def _call(
         self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
