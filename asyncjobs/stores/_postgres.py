@@ -200,8 +200,8 @@ class PostgresStore(_Connections):
         # that takes rows for a worker (``_claim_token``).
         self._token_prefix = secrets.token_hex(8) + ":"
         self._token_count = itertools.count()
-        # By worker: the times of its writes of outcomes whose answer never came.
-        # (with the claim token of a finish-and-claim).
+        # By worker: its writes of outcomes whose answer never came (their time, and
+        # the claim token of a finish-and-claim).
         self._unanswered_finishes: dict[str, list[Write]] = {}
 
     def __repr__(self) -> str:

@@ -382,6 +382,8 @@ class _Connections:
                 try:
                     if producer and not self._producing:
                         return await self._on_producer(fn)
+                    # Bounded by a deadline even one set while it waits: a new
+                    # connection on a silent network waits for connect_timeout.
                     async with self._by_deadline("a connection"):
                         conn = await pool.acquire()
                     try:

@@ -269,24 +269,20 @@ class SQLiteStore:
         waits at most ``_BUSY_SLICE`` (the connection's busy timeout). Runs in the
         connection thread."""
         # The thread's own waits are real time, as SQLite's busy handler's are.
-        now = time.monotonic()  # noqa: TID251
-        give_up_at = now + self.busy_timeout * _BUSY_RETRIES
-        warn_at = now + self.busy_timeout
-        tried = False
+        started = time.monotonic()  # noqa: TID251
+        give_up_at = started + self.busy_timeout * _BUSY_RETRIES
+        warn_at = started + self.busy_timeout
         while True:
-            now = time.monotonic()  # noqa: TID251
-            left = give_up_at - now
-            if self._give_up_at is not None:
-                left = min(left, self._give_up_at - now)
-            if tried and left <= 0:
-                raise sqlite3.OperationalError("database is locked")
-            tried = True
             try:
                 return write()
             except sqlite3.OperationalError as error:
                 if not is_busy(error) or db.in_transaction:
                     raise
-            if time.monotonic() >= warn_at:  # noqa: TID251
+                now = time.monotonic()  # noqa: TID251
+                deadline = self._give_up_at
+                if now >= give_up_at or (deadline is not None and now >= deadline):
+                    raise
+            if now >= warn_at:
                 warn_at += self.busy_timeout
                 logger.warning("SQLite store busy: another connection holds the write lock")
 
