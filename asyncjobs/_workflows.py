@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import anyio
 
-from asyncjobs._errors import ConfigurationError, JobFailed
+from asyncjobs._errors import AsyncJobsError, ConfigurationError, JobFailed
 from asyncjobs._models import FINISHED, Job, JobInfo, JobStatus, new_job_id
 from asyncjobs._tasks import JobSpec
 from asyncjobs.stores._dependents import COUNTS_FLAG, RESULT_FLAG, with_batch
@@ -132,35 +131,54 @@ class Batch:
         return f"<Batch {self.id} of {len(self.jobs)} jobs>"
 
     async def progress(self) -> BatchProgress:
-        """Counts of the members by outcome, read in one query."""
+        """Counts of the members by outcome, read in one query.
+
+        A member discarded or purged still counts under its outcome while a job of the
+        batch (a member, or ``on_complete``) is stored. One the store no longer accounts
+        for (the whole batch deleted) counts as done under no outcome: deletion never
+        takes a running job, and cancels an unfinished one first."""
         counts = await self._jobs.store.batch_counts(self.id)
         finished = {str(s): counts.get(str(s), 0) for s in FINISHED}
+        gone = max(0, len(self.jobs) - sum(counts.values()))
         return BatchProgress(
             total=len(self.jobs),
-            done=sum(finished.values()),
+            done=sum(finished.values()) + gone,
             succeeded=finished[JobStatus.SUCCEEDED],
             dead=finished[JobStatus.DEAD],
             cancelled=finished[JobStatus.CANCELLED],
         )
 
     async def wait(self, timeout: float | None = None) -> BatchProgress:
-        """Wait (real time) until every member finished, and ``on_complete`` too."""
+        """Wait (real time) until every member finished, and ``on_complete`` too.
+
+        A member (or ``on_complete``) discarded or purged counts as finished."""
         with anyio.fail_after(timeout):
-            if self.on_complete is not None:
-                try:
-                    await self.on_complete.result()
-                    return await self.progress()  # it ran: every member had finished
-                except JobFailed:
-                    pass  # maybe cancelled before they had: wait for them too
+            if self.on_complete is not None and await _succeeded(self._jobs, self.on_complete):
+                return await self.progress()  # it ran: every member had finished
+            # No on_complete, or it did not succeed (maybe cancelled or deleted before
+            # the members finished): wait for them too.
             for job in self.jobs:
-                with suppress(JobFailed):
-                    await job.result()
+                await _succeeded(self._jobs, job)
         return await self.progress()
 
     async def results(self, timeout: float | None = None) -> list[Any]:
         """The members' results in order; raises ``JobFailed`` for the first that failed."""
         with anyio.fail_after(timeout):
             return [await job.result() for job in self.jobs]
+
+
+async def _succeeded(jobs: Jobs, job: Job[Any]) -> bool:
+    """Wait for ``job`` to finish; whether it succeeded. A job no longer stored has
+    finished too: deletion never takes a running job, and cancels an unfinished one."""
+    try:
+        await job.result()
+    except JobFailed:
+        return False
+    except AsyncJobsError:
+        if await jobs.get(job.id) is not None:
+            raise  # not about a missing job
+        return False
+    return True
 
 
 def _member(jobs: Jobs, spec: object, what: str) -> JobSpec[Any]:

@@ -560,6 +560,137 @@ async def test_discarding_the_last_open_batch_member_still_completes_the_batch(
     assert seen == [{"id": batch.id, "total": 2, "succeeded": 1, "dead": 0, "cancelled": 1}]
 
 
+async def test_discarded_batch_member_is_counted_cancelled_in_on_complete(jobs: Jobs) -> None:
+    """README: discarding an unfinished member cancels it first, and its batch still
+    completes counting it cancelled, though its row is gone by then."""
+    member, done, seen = counting_batch(jobs)
+
+    batch = await jobs.batch([member.spec(n) for n in range(3)], on_complete=done.spec())
+    assert await jobs.discard(batch.jobs[0].id)
+    assert await jobs.get(batch.jobs[0].id) is None
+    await drain(jobs)
+    assert seen == [{"id": batch.id, "total": 3, "succeeded": 2, "dead": 0, "cancelled": 1}]
+    assert await batch.progress() == BatchProgress(
+        total=3, done=3, succeeded=2, dead=0, cancelled=1
+    )
+
+
+async def test_purged_batch_member_is_counted_cancelled_in_on_complete(jobs: Jobs) -> None:
+    member, done, seen = counting_batch(jobs)
+
+    batch = await jobs.batch(
+        [member.options(delay=100).spec(0), member.spec(1), member.spec(2)],
+        on_complete=done.spec(),
+    )
+    assert await jobs.purge(status="scheduled") == 1
+    await drain(jobs)
+    assert seen == [{"id": batch.id, "total": 3, "succeeded": 2, "dead": 0, "cancelled": 1}]
+
+
+async def test_purging_succeeded_members_mid_batch_keeps_the_counts(
+    jobs: Jobs, clock: FakeClock
+) -> None:
+    """A routine ``purge(status="succeeded")`` while a batch is under way: its deleted
+    members still count, under their own outcome (retention pruning keeps such rows)."""
+    member, done, seen = counting_batch(jobs)
+
+    batch = await jobs.batch(
+        [member.spec(0), member.spec(1), member.options(delay=100).spec(2)],
+        on_complete=done.spec(),
+    )
+    await drain(jobs)
+    assert await jobs.purge(status="succeeded") == 2
+    assert await batch.progress() == BatchProgress(
+        total=3, done=2, succeeded=2, dead=0, cancelled=0
+    )
+    clock.advance(101)
+    await drain(jobs)
+    assert seen == [{"id": batch.id, "total": 3, "succeeded": 3, "dead": 0, "cancelled": 0}]
+    # Purged again once the batch is done, on_complete included: nothing left to count.
+    assert await jobs.purge(status="succeeded") == 2
+    assert await batch.wait(timeout=5) == BatchProgress(
+        total=3, done=3, succeeded=0, dead=0, cancelled=0
+    )
+
+
+async def test_batch_with_a_discarded_member_finishes(jobs: Jobs, db_url: str) -> None:
+    """With no on_complete too, a deleted member counts under its outcome while the
+    batch has other members stored, and ``wait()`` does not raise for it. Once the
+    whole batch is deleted its members count as done under no outcome."""
+    member, _, _ = counting_batch(jobs)
+
+    batch = await jobs.batch([member.spec(n) for n in range(3)])
+    assert await jobs.discard(batch.jobs[0].id)
+    await drain(jobs)
+    finished = BatchProgress(total=3, done=3, succeeded=2, dead=0, cancelled=1)
+    assert await batch.progress() == finished
+    assert (await batch.progress()).finished
+    assert await batch.wait(timeout=5) == finished
+    assert await jobs.purge(status="succeeded") == 2
+    gone = BatchProgress(total=3, done=3, succeeded=0, dead=0, cancelled=0)
+    assert await batch.progress() == gone
+    assert await batch.wait(timeout=5) == gone
+    assert await tallies(db_url) == 0  # nothing kept for a batch with no job left
+
+
+async def test_a_retried_on_complete_gets_the_counts_of_members_purged_meanwhile(
+    jobs: Jobs,
+) -> None:
+    """An on_complete cancelled while it waited, retried by hand after every member was
+    purged: it waits again, is released at once, and gets the members' counts."""
+    member, done, seen = counting_batch(jobs)
+
+    batch = await jobs.batch([member.spec(n) for n in range(3)], on_complete=done.spec())
+    assert batch.on_complete is not None
+    assert await jobs.cancel(batch.on_complete.id)
+    await drain(jobs)
+    assert await jobs.purge(status="succeeded") == 3
+    assert await jobs.retry(batch.on_complete.id)
+    await drain(jobs)
+    assert seen == [{"id": batch.id, "total": 3, "succeeded": 3, "dead": 0, "cancelled": 0}]
+
+
+async def test_retention_keeps_a_batchs_counts_while_a_job_of_it_is_stored(
+    jobs: Jobs, clock: FakeClock, db_url: str
+) -> None:
+    """Retention prunes succeeded members before a dead on_complete (kept longer): the
+    batch's counts keep them until the last job of the batch is pruned too."""
+    member, _, _ = counting_batch(jobs)
+
+    @jobs.task(retries=0)
+    async def report(**kwargs: Any) -> None:
+        raise RuntimeError("the report failed")
+
+    batch = await jobs.batch([member.spec(n) for n in range(2)], on_complete=report.spec())
+    await drain(jobs)
+    clock.advance(jobs.settings.retention + 1)
+    assert await prune_expired(jobs) == 2
+    counted = BatchProgress(total=2, done=2, succeeded=2, dead=0, cancelled=0)
+    assert await batch.progress() == counted
+    assert await tallies(db_url) == 1
+    clock.advance(jobs.settings.dead_retention)
+    assert await prune_expired(jobs) == 1
+    assert await tallies(db_url) == 0
+    assert await batch.progress() == BatchProgress(
+        total=2, done=2, succeeded=0, dead=0, cancelled=0
+    )
+
+
+async def test_waiting_for_a_batch_whose_on_complete_was_discarded_waits_for_the_members(
+    jobs: Jobs,
+) -> None:
+    member, done, seen = counting_batch(jobs)
+
+    batch = await jobs.batch([member.spec(n) for n in range(2)], on_complete=done.spec())
+    assert batch.on_complete is not None
+    assert await jobs.discard(batch.on_complete.id)
+    await drain(jobs)
+    assert seen == []
+    assert await batch.wait(timeout=5) == BatchProgress(
+        total=2, done=2, succeeded=2, dead=0, cancelled=0
+    )
+
+
 async def test_an_on_complete_without_a_batch_parameter_gets_no_extra_argument(
     jobs: Jobs,
 ) -> None:
@@ -687,6 +818,21 @@ async def test_on_complete_runs_once_with_two_processes_draining_one_store(
 
 
 # -- results and current_job() ------------------------------------------------------
+
+
+async def tallies(db_url: str) -> int:
+    """How many tallies of deleted batch members the store keeps."""
+    sql = "SELECT count(*) FROM asyncjobs_batch_deleted"
+    if db_url.startswith("sqlite:///"):
+        with sqlite3.connect(db_url.removeprefix("sqlite:///")) as db:
+            (count,) = db.execute(sql).fetchone()
+        db.close()
+        return int(count)
+    conn = await asyncpg.connect(db_url)
+    try:
+        return int(await conn.fetchval(sql))
+    finally:
+        await conn.close()
 
 
 async def corrupt_payload(db_url: str, job_id: str) -> None:

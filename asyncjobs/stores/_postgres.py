@@ -489,15 +489,7 @@ class PostgresStore(_Connections):
         return {(r["queue"], r["task"], r["s"]): r["n"] for r in rows}
 
     async def batch_counts(self, batch_id: str) -> dict[str, int]:
-        rows = await self._run(
-            "batch_counts",
-            lambda conn: conn.fetch(
-                "SELECT status, count(*) AS n FROM asyncjobs_jobs WHERE batch_id = $1 "
-                "GROUP BY status",
-                batch_id,
-            ),
-        )
-        return {r["status"]: r["n"] for r in rows}
+        return await self._run("batch_counts", lambda conn: sql.batch_counts(conn, batch_id))
 
     # -- operations (see asyncjobs/_stats.py) -----------------------------------------
 
@@ -601,7 +593,8 @@ _DELETE = "DELETE FROM asyncjobs_jobs WHERE status != 'running' AND (("
 # matched=n + 2) for a condition of n parameters.
 _DELETE_END = (
     ") AND status NOT IN ('waiting', 'scheduled', 'queued') "
-    "AND id <> ALL(${changed}::text[]) OR id = ANY(${matched}::text[])) RETURNING chain_next"
+    "AND id <> ALL(${changed}::text[]) OR id = ANY(${matched}::text[])) "
+    "RETURNING chain_next, id, batch_id, status"
 )
 
 
@@ -626,6 +619,9 @@ async def _delete(
             followers,
         )
         await sql.cancel(conn, [r["id"] for r in waiting], now)
+    # Last: the tallies' lock order (see _postgres_sql). The followers cancelled above
+    # are chain members, which belong to no batch.
+    await sql.tally_deleted(conn, deleted)
     return len(deleted)
 
 

@@ -14,7 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from asyncjobs.stores._postgres_sql import notify, release_dependents
+from asyncjobs.stores._postgres_sql import (
+    lock_callbacks,
+    notify,
+    release_dependents,
+    sweep_tallies,
+    tally_deleted,
+)
 from asyncjobs.stores._protocol import (
     FinishedSample,
     OpsSnapshot,
@@ -50,6 +56,7 @@ async def recover(conn: Connection, now: float) -> list[Recovered]:
         now,
     )
     recovered = []
+    await lock_callbacks(conn, [r["batch_id"] for r in records if r["status"] != "queued"])
     for r in records:
         status = r["status"]
         if status != "queued":
@@ -169,7 +176,8 @@ _PRUNE = (
     "WHERE b.id = j.batch_id AND b.status = 'waiting')) "
     # A chain member retried by hand waits for this one to be retried and succeed.
     "AND (chain_next IS NULL OR NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS c "
-    "WHERE c.id = j.chain_next AND c.status = 'waiting')) LIMIT $2)"
+    "WHERE c.id = j.chain_next AND c.status = 'waiting')) LIMIT $2) "
+    "RETURNING id, batch_id, status"
 )
 _PRUNE_FINISHED = _PRUNE.format(statuses="'succeeded', 'cancelled'")
 _PRUNE_DEAD = _PRUNE.format(statuses="'dead'")
@@ -179,11 +187,13 @@ async def prune(
     conn: Connection, finished_before: float, dead_before: float, workers_before: float,
     limit: int,
 ) -> int:  # fmt: skip
-    deleted = _count(await conn.execute(_PRUNE_FINISHED, finished_before, limit))
-    if deleted < limit:
-        deleted += _count(await conn.execute(_PRUNE_DEAD, dead_before, limit - deleted))
+    deleted = await conn.fetch(_PRUNE_FINISHED, finished_before, limit)
+    if len(deleted) < limit:
+        deleted += await conn.fetch(_PRUNE_DEAD, dead_before, limit - len(deleted))
+    await tally_deleted(conn, deleted)
+    await sweep_tallies(conn)
     await conn.execute("DELETE FROM asyncjobs_workers WHERE last_seen_at < $1", workers_before)
-    return deleted
+    return len(deleted)
 
 
 async def last_slot(conn: Connection, key: str, slot: int | None) -> int | None:
@@ -206,8 +216,3 @@ async def meta(conn: Connection, key: str, default: str) -> str:
     )
     value = await conn.fetchval("SELECT value FROM asyncjobs_meta WHERE key = $1", key)
     return str(value)
-
-
-def _count(status: str) -> int:
-    """The row count of a command status such as ``DELETE 3``."""
-    return int(status.rsplit(" ", 1)[-1])

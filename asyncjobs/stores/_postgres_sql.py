@@ -10,7 +10,8 @@ Functions named for a store operation run inside the transaction the store opene
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Sequence
+from collections import Counter
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -464,6 +465,7 @@ async def finish(conn: Connection, outcomes: Sequence[Outcome], now: float) -> d
     kind each applied one took, by id."""
     records = await conn.fetch(_FINISH, now, *_outcome_columns(outcomes))
     done = {r["id"]: r for r in records}
+    await lock_callbacks(conn, [r["batch_id"] for r in records])
     for record in done.values():
         if record["chain_next"] is not None or record["batch_id"] is not None:
             await release_dependents(
@@ -543,7 +545,7 @@ async def wait_again(conn: Connection, job_id: str, now: float) -> None:
     predecessor = await conn.fetchrow(
         "SELECT status, result FROM asyncjobs_jobs WHERE chain_next = $1", job_id
     )
-    members = await conn.fetchval("SELECT count(*) FROM asyncjobs_jobs WHERE batch_id = $1", job_id)
+    members = sum((await batch_counts(conn, job_id)).values())  # deleted ones too
     status, result = predecessor or (None, None)
     if predecessor is not None or members:
         await conn.execute("UPDATE asyncjobs_jobs SET status = 'waiting' WHERE id = $1", job_id)
@@ -551,6 +553,66 @@ async def wait_again(conn: Connection, job_id: str, now: float) -> None:
         await release_dependents(conn, OutcomeKind.SUCCEEDED, job_id, None, now, result)
     if members:
         await release_dependents(conn, OutcomeKind.SUCCEEDED, None, job_id, now)
+
+
+async def batch_counts(conn: Connection, batch_id: str) -> dict[str, int]:
+    """A batch's members by status: the stored ones, and those deleted since
+    (``tally_deleted``), read in one statement (one snapshot: a deletion committing
+    meanwhile is counted once, as a row or in the tally)."""
+    records = await conn.fetch(
+        "SELECT status, sum(n)::bigint AS n FROM (SELECT status, count(*) AS n "
+        "FROM asyncjobs_jobs WHERE batch_id = $1 GROUP BY status UNION ALL "
+        "SELECT status, n FROM asyncjobs_batch_deleted WHERE batch_id = $1) AS c GROUP BY status",
+        batch_id,
+    )
+    return {r["status"]: r["n"] for r in records}
+
+
+# Tallies are locked by deletions only, each adding to them in (batch_id, status) order
+# as its last wait, so two deletions never wait on each other's tallies in a cycle.
+# Dropping one skips a tally another transaction holds: what is left is dropped by
+# ``sweep_tallies`` in a later prune.
+_TALLY = """
+    INSERT INTO asyncjobs_batch_deleted AS d (batch_id, status, n)
+    SELECT t.batch_id, t.status, t.n
+    FROM unnest($1::text[], $2::text[], $3::bigint[]) AS t (batch_id, status, n)
+    WHERE EXISTS (SELECT 1 FROM asyncjobs_jobs AS j WHERE j.batch_id = t.batch_id)
+       OR EXISTS (SELECT 1 FROM asyncjobs_jobs AS j WHERE j.id = t.batch_id)
+    ORDER BY t.batch_id, t.status
+    ON CONFLICT (batch_id, status) DO UPDATE SET n = d.n + excluded.n
+"""
+_ORPHAN_TALLIES = """
+    DELETE FROM asyncjobs_batch_deleted WHERE (batch_id, status) IN (
+        SELECT batch_id, status FROM asyncjobs_batch_deleted AS d WHERE {which}
+        AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS j WHERE j.batch_id = d.batch_id)
+        AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS j WHERE j.id = d.batch_id)
+        FOR UPDATE SKIP LOCKED)
+"""
+_FORGET_TALLIES = _ORPHAN_TALLIES.format(which="d.batch_id = ANY($1::text[])")
+_SWEEP_TALLIES = _ORPHAN_TALLIES.format(which="true")
+
+
+async def sweep_tallies(conn: Connection) -> None:
+    """Drop the tallies of batches left with no row (``prune`` runs it): those that two
+    deletions of a batch's last rows at once each left to the other."""
+    await conn.execute(_SWEEP_TALLIES)
+
+
+async def tally_deleted(conn: Connection, deleted: Sequence[asyncpg.Record]) -> None:
+    """After rows were deleted (records with ``id``, ``batch_id`` and ``status``): add the
+    batch members among them to their batch's tally of deleted members, which the
+    batch's counts add back, while any row of the batch is left; drop the tallies of
+    batches left with none."""
+    tally = Counter((r["batch_id"], r["status"]) for r in deleted if r["batch_id"] is not None)
+    if tally:
+        keys = sorted(tally)
+        await conn.execute(
+            _TALLY, [b for b, _ in keys], [s for _, s in keys], [tally[k] for k in keys]
+        )
+    # A deleted row may be a batch's on_complete (its id is the batch id) or its last row.
+    affected = {r["id"] for r in deleted} | {b for b, _ in tally}
+    if affected:
+        await conn.execute(_FORGET_TALLIES, sorted(affected))
 
 
 async def release_dependents(
@@ -608,14 +670,7 @@ async def release_dependents(
             batch_id,
         ):
             return
-        counts = {
-            r["status"]: r["n"]
-            for r in await conn.fetch(
-                "SELECT status, count(*) AS n FROM asyncjobs_jobs WHERE batch_id = $1 "
-                "GROUP BY status",
-                batch_id,
-            )
-        }
+        counts = await batch_counts(conn, batch_id)
         payload = callback["payload"]
         if wants(callback["options"], COUNTS_FLAG):
             payload = with_batch(payload, batch_id, counts)
@@ -634,6 +689,7 @@ async def cancel(
     conn: Connection, job_ids: Sequence[str], now: float, reason: str = "cancelled"
 ) -> list[str]:
     cancelled: list[str] = []
+    batches: set[str] = set()
     pending = list(job_ids)
     while pending:
         job_id = pending.pop()
@@ -660,7 +716,27 @@ async def cancel(
             continue
         cancelled.append(job_id)
         if record["chain_next"] is not None:
-            pending.append(record["chain_next"])
+            pending.append(record["chain_next"])  # a chain member, of no batch
         if record["batch_id"] is not None:
-            await release_dependents(conn, OutcomeKind.CANCELLED, None, record["batch_id"], now)
+            batches.add(record["batch_id"])
+    # The jobs first, then their batches' on_complete rows in id order, as ``finish``
+    # locks them (``lock_callbacks``).
+    await lock_callbacks(conn, batches)
+    for batch_id in sorted(batches):
+        await release_dependents(conn, OutcomeKind.CANCELLED, None, batch_id, now)
     return cancelled
+
+
+async def lock_callbacks(conn: Connection, batch_ids: Iterable[str | None]) -> None:
+    """Lock the on_complete rows of these batches in id order, before releasing any.
+
+    Every member that ends locks its batch's on_complete (``release_dependents``), so
+    that members ending at once count in turn. Two transactions ending members of the
+    same batches (two workers' finishes, a cancel, lease recovery) that locked them in
+    different orders deadlocked; each now takes its jobs' rows first, then these.
+    """
+    ids = sorted({batch_id for batch_id in batch_ids if batch_id is not None})
+    if len(ids) > 1:  # one is locked where it is released
+        await conn.execute(
+            "SELECT 1 FROM asyncjobs_jobs WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE", ids
+        )

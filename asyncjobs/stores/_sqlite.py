@@ -87,6 +87,7 @@ from asyncjobs.stores._sqlite_sql import (
     _read,
     _row,
     insert_jobs,
+    tally_deleted,
 )
 
 logger = logging.getLogger(__name__)
@@ -643,7 +644,7 @@ _DELETE = "DELETE FROM asyncjobs_jobs WHERE status != 'running' AND (("
 _DELETE_END = (
     ") AND status NOT IN ('waiting', 'scheduled', 'queued') "
     "AND id NOT IN (SELECT value FROM json_each(?)) OR id IN (SELECT value FROM json_each(?))) "
-    "RETURNING chain_next"
+    "RETURNING chain_next, id, batch_id, status"
 )
 
 
@@ -661,7 +662,8 @@ def _delete(
     matched = [job_id for job_id, _ in unfinished]
     deleted = db.execute(delete_sql, (*params, json.dumps(changed), json.dumps(matched)))
     rows = deleted.fetchall()
-    followers = [chain_next for (chain_next,) in rows if chain_next is not None]
+    tally_deleted(db, [(job_id, batch_id, status) for _, job_id, batch_id, status in rows])
+    followers = [chain_next for chain_next, _, _, _ in rows if chain_next is not None]
     if followers:
         waiting = db.execute(
             "SELECT id FROM asyncjobs_jobs WHERE status = 'waiting' "

@@ -23,7 +23,7 @@ from asyncjobs.stores._protocol import (
     WorkerBeat,
     WorkerRow,
 )
-from asyncjobs.stores._sqlite_sql import _release_dependents
+from asyncjobs.stores._sqlite_sql import _batch_counts, _release_dependents, tally_deleted
 
 _PENDING = ("scheduled", "queued")
 
@@ -112,9 +112,7 @@ def _wait_again(db: sqlite3.Connection, job_id: str, now: float) -> None:
     predecessor = db.execute(
         "SELECT status, result FROM asyncjobs_jobs WHERE chain_next = ?", (job_id,)
     ).fetchone()
-    (members,) = db.execute(
-        "SELECT count(*) FROM asyncjobs_jobs WHERE batch_id = ?", (job_id,)
-    ).fetchone()
+    members = sum(n for _, n in _batch_counts(db, job_id))  # deleted ones too
     status, result = predecessor or (None, None)
     if predecessor is not None or members:
         db.execute("UPDATE asyncjobs_jobs SET status = 'waiting' WHERE id = ?", (job_id,))
@@ -225,7 +223,8 @@ _PRUNE = (
     "WHERE b.id = j.batch_id AND b.status = 'waiting')) "
     # A chain member retried by hand waits for this one to be retried and succeed.
     "AND (chain_next IS NULL OR NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS c "
-    "WHERE c.id = j.chain_next AND c.status = 'waiting')) LIMIT ?)"
+    "WHERE c.id = j.chain_next AND c.status = 'waiting')) LIMIT ?) "
+    "RETURNING id, batch_id, status"
 )
 _PRUNE_FINISHED = _PRUNE.format(statuses="'succeeded', 'cancelled'")
 _PRUNE_DEAD = _PRUNE.format(statuses="'dead'")
@@ -235,11 +234,12 @@ def _prune(
     db: sqlite3.Connection, finished_before: float, dead_before: float, workers_before: float,
     limit: int,
 ) -> int:  # fmt: skip
-    deleted = db.execute(_PRUNE_FINISHED, (finished_before, limit)).rowcount
-    if deleted < limit:
-        deleted += db.execute(_PRUNE_DEAD, (dead_before, limit - deleted)).rowcount
+    deleted = db.execute(_PRUNE_FINISHED, (finished_before, limit)).fetchall()
+    if len(deleted) < limit:
+        deleted += db.execute(_PRUNE_DEAD, (dead_before, limit - len(deleted))).fetchall()
+    tally_deleted(db, deleted)
     db.execute("DELETE FROM asyncjobs_workers WHERE last_seen_at < ?", (workers_before,))
-    return int(deleted)
+    return len(deleted)
 
 
 def _last_slot(db: sqlite3.Connection, key: str, slot: int | None) -> int | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -399,11 +400,45 @@ def _waiting(db: sqlite3.Connection, job_id: str) -> tuple[str, str | None] | No
     return None if row is None else (row[0], row[1])
 
 
+_BATCH_COUNTS = (
+    "SELECT status, sum(n) FROM (SELECT status, count(*) AS n FROM asyncjobs_jobs "
+    "WHERE batch_id = ? GROUP BY status UNION ALL "
+    "SELECT status, n FROM asyncjobs_batch_deleted WHERE batch_id = ?) GROUP BY status"
+)
+
+
 def _batch_counts(db: sqlite3.Connection, batch_id: str) -> list[tuple[str, int]]:
-    return db.execute(
-        "SELECT status, count(*) FROM asyncjobs_jobs WHERE batch_id = ? GROUP BY status",
-        (batch_id,),
-    ).fetchall()
+    """A batch's members by status: the stored ones, and those deleted since
+    (``tally_deleted``)."""
+    return db.execute(_BATCH_COUNTS, (batch_id, batch_id)).fetchall()
+
+
+_TALLY = (
+    "INSERT INTO asyncjobs_batch_deleted (batch_id, status, n) "
+    "SELECT json_extract(value, '$[0]') AS b, json_extract(value, '$[1]'), "
+    "json_extract(value, '$[2]') FROM json_each(?) "
+    "WHERE EXISTS (SELECT 1 FROM asyncjobs_jobs WHERE batch_id = b) "
+    "OR EXISTS (SELECT 1 FROM asyncjobs_jobs WHERE id = b) "
+    "ON CONFLICT (batch_id, status) DO UPDATE SET n = n + excluded.n"
+)
+_FORGET_TALLIES = (
+    "DELETE FROM asyncjobs_batch_deleted AS d WHERE batch_id IN (SELECT value FROM json_each(?)) "
+    "AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs WHERE batch_id = d.batch_id) "
+    "AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs WHERE id = d.batch_id)"
+)
+
+
+def tally_deleted(db: sqlite3.Connection, deleted: Sequence[tuple[str, str | None, str]]) -> None:
+    """After rows were deleted, (id, batch_id, status) each: add the batch members among
+    them to their batch's tally of deleted members, which the batch's counts add back,
+    while any row of the batch is left; drop the tallies of batches left with none."""
+    tally = Counter((batch_id, status) for _, batch_id, status in deleted if batch_id)
+    if tally:
+        db.execute(_TALLY, (json.dumps([[b, s, n] for (b, s), n in sorted(tally.items())]),))
+    # A deleted row may be a batch's on_complete (its id is the batch id) or its last row.
+    affected = {job_id for job_id, _, _ in deleted} | {b for b, _ in tally}
+    if affected:
+        db.execute(_FORGET_TALLIES, (json.dumps(sorted(affected)),))
 
 
 def _heartbeat(

@@ -102,6 +102,33 @@ async def test_the_batch_callback_gets_the_counts_and_batch_counts_reports_them(
     assert await store.batch_counts("missing") == {}
 
 
+async def test_deleted_batch_members_still_count_in_the_callbacks_counts(store: Store) -> None:
+    """``delete`` and ``purge`` tally what they take from a batch on its callback."""
+    await store.insert(
+        [
+            new("m1", batch_id="cb"),
+            new("m2", batch_id="cb"),
+            new("m3", batch_id="cb"),
+            new("m4", batch_id="cb", status="scheduled", run_at=T0 + 60),
+            new("cb", task="other", status="waiting", options='{"batch_counts": true}'),
+        ],
+        now=T0,
+    )
+    assert await store.delete(["m1"], now=T0) == 1  # queued: cancelled first
+    m2, m3 = await claim(store)
+    await store.finish([done(m2, OutcomeKind.SUCCEEDED), done(m3, OutcomeKind.DEAD)], now=T0)
+    assert await store.purge(status="succeeded", now=T0) == 1
+    assert await store.batch_counts("cb") == {"cancelled": 1, "succeeded": 1, "dead": 1,
+                                              "scheduled": 1}  # fmt: skip
+    (m4,) = await claim(store, T0 + 60)
+    await store.finish([done(m4, OutcomeKind.SUCCEEDED)], now=T0 + 60)
+    assert (await payload(store, "cb"))["kwargs"]["batch"] == {
+        "id": "cb", "total": 4, "succeeded": 2, "dead": 1, "cancelled": 1
+    }  # fmt: skip
+    assert await store.delete(["m3", "m4"], now=T0 + 60) == 2  # after the release too
+    assert await store.batch_counts("cb") == {"cancelled": 1, "succeeded": 2, "dead": 1}
+
+
 def test_payload_helpers() -> None:
     assert wants('{"pass_result": true}', "pass_result")
     assert not wants('{"pass_result": 1}', "pass_result")
