@@ -37,6 +37,7 @@ from asyncjobs._execution import JobContext as JobContext
 from asyncjobs._execution import _Execution, _Running
 from asyncjobs._execution import current_job as current_job
 from asyncjobs._leases import _Leases
+from asyncjobs.stores._dependents import key_pending, original_arguments, without_key_flag
 from asyncjobs.stores._protocol import (
     Applied,
     Claimed,
@@ -46,6 +47,7 @@ from asyncjobs.stores._protocol import (
     NewJob,
     Outcome,
     OutcomeKind,
+    RateKeyed,
     TaskLimits,
 )
 
@@ -231,6 +233,7 @@ class Runner(_Leases, _Execution):
             queue_concurrency=self.jobs.queue_limits,
             limiters={name: limiter.limit for name, limiter in self.jobs.limiters.items()},
             ahead=ahead,
+            keyed=frozenset(name for name, lim in self.jobs.limiters.items() if lim.key),
         )
 
     @property
@@ -293,7 +296,40 @@ class Runner(_Leases, _Execution):
         if rows:
             handed_back = isinstance(rows, Claimed) and rows.handed_back
             self._add_ready(self._not_held(rows) if handed_back else rows)
-        return len(rows) + len(outbox)
+        keyed = 0
+        if isinstance(rows, Claimed) and rows.unkeyed:
+            keyed = await self.assign_keys()
+            if keyed:  # their limiter's jobs were held back: claim again
+                self._backlog = True
+        return len(rows) + len(outbox) + keyed
+
+    async def assign_keys(self) -> int:
+        """Compute the rate-limit keys of jobs enqueued by name where their task was not
+        defined (``key_pending``), as the enqueue would have, from the arguments it gave;
+        return how many. A key that cannot be computed (the key function raises, the
+        payload is corrupt) is logged, and the job takes its limiter's shared bucket."""
+        keyed = {name: lim for name, lim in self.jobs.limiters.items() if lim.key}
+        tasks = [name for name, task in self.jobs.registry.items() if task.limiter in keyed]
+        rows = await self.jobs.store.pending_keys(tasks, limit=_CLAIM_MAX)
+        keys: list[RateKeyed] = []
+        for row in rows:
+            if row.options is None or not key_pending(row.options):
+                continue
+            limiter = keyed[self.jobs.registry[row.task].limiter or ""]
+            try:
+                args, kwargs = original_arguments(row.payload, row.options)
+                key = limiter.key_for(tuple(args), kwargs)
+            except Exception as error:  # the user's key function, or a corrupt payload
+                logger.error(
+                    "job %s (task %s, enqueued by name): the key of limiter %r could not be "
+                    "computed (%s: %s); it takes the limiter's shared bucket", row.id,
+                    row.task, limiter.name, type(error).__name__, error,
+                    extra={"job_id": row.id, "task": row.task, "limiter": limiter.name},
+                )  # fmt: skip
+                key = None
+            keys.append(RateKeyed(row.id, key, without_key_flag(row.options), row.options))
+        await self.jobs.store.set_rate_keys(keys)
+        return len(keys)
 
     def _not_held(self, rows: Sequence[JobRow]) -> list[JobRow]:
         """``rows`` (``handed_back``) less the attempts this worker holds already. A claim

@@ -574,3 +574,125 @@ async def test_task_concurrency_2_never_runs_3_at_once_across_two_processes(
 def jobs_spec(task: str, n: int) -> JobSpec[Any]:
     """A job of a task defined only in the worker processes."""
     return JobSpec(task=task, args=(n,))
+
+
+# -- keyed limiters and jobs enqueued by name where the task is not defined -----------
+
+
+async def test_keyed_limiter_applies_to_jobs_enqueued_by_name(
+    make_jobs: MakeJobs, backend_url: str
+) -> None:
+    """DESIGN: "a job enqueued by name from a process that lacks the task takes its
+    retries, timeout, limits from the worker's definition": the worker computes the key
+    the producer could not, so each domain gets its own bucket, not one shared by all."""
+    producer = make_jobs(backend_url, workers=False)  # a web process, tasks not imported
+    worker = make_jobs(backend_url)
+    worker.limiter("per_domain", "1/m", key=lambda address: address.split("@")[1])
+    ran: list[str] = []
+
+    @worker.task(name="send", limiter="per_domain")
+    async def send(address: str) -> None:
+        ran.append(address)
+
+    for address in ["1@a.example", "2@b.example", "3@c.example", "4@a.example"]:
+        await producer.enqueue("send", address)
+    await drain(worker)
+    assert sorted(ran) == ["1@a.example", "2@b.example", "3@c.example"], ran
+    assert (await statuses(worker)) == {"succeeded": 3, "queued": 1}  # a.example's next token
+
+
+async def test_a_job_whose_key_is_pending_is_not_overtaken_by_a_later_one_of_its_key(
+    make_jobs: MakeJobs, backend_url: str
+) -> None:
+    """A job of the same key enqueued later where the task is defined (its key known at
+    once) waits behind the one enqueued by name: one token, the older job takes it."""
+    producer = make_jobs(backend_url, workers=False)
+    worker = make_jobs(backend_url)
+    worker.limiter("per_domain", "1/m", key=lambda address: address.split("@")[1])
+    ran: list[str] = []
+
+    @worker.task(name="send", limiter="per_domain")
+    async def send(address: str) -> None:
+        ran.append(address)
+
+    await producer.enqueue("send", "first@a.example")
+    await send.enqueue("second@a.example")
+    await drain(worker)
+    assert ran == ["first@a.example"]
+
+
+async def test_a_failing_key_function_on_a_job_enqueued_by_name_is_logged_and_it_still_runs(
+    make_jobs: MakeJobs, backend_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The producer could not run the key function and the worker's fails on the job's
+    arguments: the error is logged with the job, which takes the shared bucket."""
+    producer = make_jobs(backend_url, workers=False)
+    worker = make_jobs(backend_url)
+    worker.limiter("per_customer", "1/m", key=lambda customer: customer["id"])
+    ran: list[dict[str, int]] = []
+
+    @worker.task(name="bill", limiter="per_customer")
+    async def bill(customer: dict[str, int]) -> None:
+        ran.append(customer)
+
+    bad = await producer.enqueue("bill", {"no_id": 1})
+    for n in range(3):
+        await producer.enqueue("bill", {"id": n})
+    with caplog.at_level("ERROR", logger="asyncjobs"):
+        await drain(worker)
+    assert sorted(ran, key=str) == [{"id": 0}, {"id": 1}, {"id": 2}, {"no_id": 1}]
+    (record,) = [r for r in caplog.records if "could not be computed" in r.getMessage()]
+    assert bad.id in record.getMessage()
+    assert "KeyError" in record.getMessage()
+
+
+async def test_a_limiter_without_a_key_puts_jobs_enqueued_by_name_in_its_shared_bucket(
+    make_jobs: MakeJobs, backend_url: str
+) -> None:
+    producer = make_jobs(backend_url, workers=False)
+    worker = make_jobs(backend_url)
+    worker.limiter("provider", "2/m")
+
+    @worker.task(name="call", limiter="provider")
+    async def call(n: int) -> None: ...
+
+    for n in range(5):
+        await producer.enqueue("call", n)
+    await drain(worker)
+    assert (await statuses(worker)) == {"succeeded": 2, "queued": 3}
+
+
+async def test_keys_of_workflow_members_enqueued_by_name_come_from_their_own_arguments(
+    make_jobs: MakeJobs, backend_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chain member that receives the previous result, and a batch's on_complete that
+    receives the counts, get their key from the arguments they were enqueued with."""
+    producer = make_jobs(backend_url, workers=False)
+    worker = make_jobs(backend_url)
+    worker.limiter("per_customer", "1/m", key=lambda customer_id: customer_id)
+    seen: list[tuple[str, object]] = []
+
+    @worker.task(name="fetch")
+    async def fetch(customer_id: str) -> str:
+        return f"data of {customer_id}"
+
+    @worker.task(name="render", limiter="per_customer")
+    async def render(data: str, customer_id: str) -> None:
+        seen.append(("render", data))
+
+    @worker.task(name="report", limiter="per_customer")
+    async def report(customer_id: str, batch: Any = None) -> None:
+        seen.append(("report", batch["total"]))
+
+    await producer.chain(
+        JobSpec(task="fetch", args=("c1",)), JobSpec(task="render", args=("c1",)),
+        pass_result=True,
+    )  # fmt: skip
+    await producer.batch(
+        [JobSpec(task="fetch", args=("c2",)), JobSpec(task="fetch", args=("c3",))],
+        on_complete=JobSpec(task="report", args=("c2",)),
+    )
+    with caplog.at_level("ERROR", logger="asyncjobs"):
+        await drain(worker)
+    assert sorted(seen) == [("render", "data of c1"), ("report", 2)]
+    assert not [r for r in caplog.records if "could not be computed" in r.getMessage()]

@@ -10,7 +10,11 @@ buckets it changed. The rules:
   task with a named ``limiter``, from ``limiter:<name>`` under the job's rate key ('' if
   none); it needs every bucket it uses to hold a token, or it is skipped;
 - a skipped job is simply left queued (no attempt spent); ``wake_at`` records when the
-  first empty bucket that held a job back gets its next token.
+  first empty bucket that held a job back gets its next token;
+- a job under a keyed limiter whose key is still pending (enqueued by name where its
+  task was not defined) holds back every job of that limiter for the rest of the
+  claim, so none overtakes it with its key; ``unkeyed`` tells the runner to compute
+  the keys (``Runner.assign_keys``) and claim again.
 
 Groups are filtered by the stores' SQL (only the oldest unfinished job of a group is
 a candidate).
@@ -71,6 +75,7 @@ class Candidate:
     task: str
     queue: str
     rate_key: str  # '' when the job has none
+    key_pending: bool = False  # its limiter's key waits for a worker (``unkeyed``)
 
     @property
     def order(self) -> tuple[int, int]:
@@ -90,6 +95,8 @@ class Admission:
     full_queues: set[str] = field(default_factory=set)
     blocked_keys: dict[str, set[str]] = field(default_factory=dict)  # limiter -> keys
     wake_at: float | None = None
+    unkeyed: bool = False
+    chosen: list[int] = field(default_factory=list)  # the seq of the jobs admitted
 
     def count_running(self, rows: list[tuple[str, str, int]]) -> None:
         """Jobs running now in the whole store, as (task, queue, count) rows."""
@@ -173,6 +180,12 @@ class Admission:
                 return False
             wanted.append((own, limits.rate_limit))
         if named is not None and limits.limiter:
+            if job.key_pending and limits.limiter in self.request.keyed:
+                self.unkeyed = True
+                self.blocked_tasks.update(
+                    task for task, of in self.request.tasks.items() if of.limiter == limits.limiter
+                )
+                return False
             blocked = self.blocked_keys.setdefault(limits.limiter, set())
             shared = limiter_bucket(limits.limiter, job.rate_key)
             if job.rate_key in blocked or self.empty(shared, named):

@@ -39,7 +39,7 @@ import itertools
 import logging
 import secrets
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -64,6 +64,7 @@ from asyncjobs.stores._protocol import (
     NewJob,
     OpsSnapshot,
     Outcome,
+    RateKeyed,
     Recovered,
     WorkerBeat,
 )
@@ -490,6 +491,13 @@ class PostgresStore(_Connections):
 
     async def batch_counts(self, batch_id: str) -> dict[str, int]:
         return await self._run("batch_counts", lambda conn: sql.batch_counts(conn, batch_id))
+
+    async def pending_keys(self, tasks: Collection[str], *, limit: int) -> builtins.list[JobRow]:
+        return await self._run("pending_keys", lambda conn: sql.pending_keys(conn, tasks, limit))
+
+    async def set_rate_keys(self, keys: Sequence[RateKeyed]) -> None:
+        if keys:
+            await self._run("set_rate_keys", lambda conn: sql.set_rate_keys(conn, keys))
 
     # -- operations (see asyncjobs/_stats.py) -----------------------------------------
 

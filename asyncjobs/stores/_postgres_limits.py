@@ -25,10 +25,13 @@ from asyncjobs.stores._admission import (
     needs_running_counts,
     own_bucket,
 )
+from asyncjobs.stores._dependents import key_pending
 from asyncjobs.stores._protocol import ClaimRequest
 from asyncjobs.stores._sqlite_limits import WINDOW
 
 if TYPE_CHECKING:
+    import asyncpg
+
     from asyncjobs.stores._postgres_sql import Connection
 
 _GROUP_HEAD = (
@@ -40,13 +43,12 @@ _GROUP_HEAD = (
 _LOCK = "SELECT pg_advisory_xact_lock(hashtext('asyncjobs claim ' || current_schema()))"
 
 
-async def choose(
-    conn: Connection, request: ClaimRequest, now: float
-) -> tuple[list[int], float | None]:
+async def choose(conn: Connection, request: ClaimRequest, now: float) -> Admission:
     """Pick the jobs to claim under every limit and take their tokens (in a transaction).
 
-    Returns their ``seq`` in claim order and, when a ready job was held back by an
-    empty bucket, the earliest time one of those buckets gets a token.
+    Returns the admission: ``chosen``, their ``seq`` in claim order; ``wake_at``, when
+    a ready job was held back by an empty bucket, the earliest time one of those
+    buckets gets a token; ``unkeyed``, whether a pending key held a limiter back.
     """
     await conn.execute(_LOCK)
     stored: dict[BucketId, BucketState] = {}
@@ -76,7 +78,7 @@ async def choose(
     exhausted = {task: len(rows) < page for task, rows in buffers.items()}
     heap = [(rows[0].order, task) for task, rows in buffers.items() if rows]
     heapq.heapify(heap)
-    chosen: list[int] = []
+    chosen = admission.chosen
     while heap and len(chosen) < request.limit:
         _, task = heapq.heappop(heap)
         job = buffers[task].popleft()
@@ -103,7 +105,7 @@ async def choose(
             "tokens = excluded.tokens, updated_at = excluded.updated_at",
             changed,
         )
-    return chosen, admission.wake_at
+    return admission
 
 
 async def _load(
@@ -166,18 +168,16 @@ async def _first_pages(
     params: list[Any] = [tasks, [keyed_only[t] for t in tasks], page]
     queue_filter = _queue_filter(request, params)
     rows = await conn.fetch(
-        "SELECT t.name, c.seq, c.priority, c.queue, c.rate_key "  # noqa: S608 - constants
+        "SELECT t.name, c.seq, c.priority, c.queue, c.rate_key, c.options "  # noqa: S608
         "FROM unnest($1::text[], $2::bool[]) AS t(name, keyed_only) CROSS JOIN LATERAL ("
-        "SELECT j.seq, j.priority, j.queue, j.rate_key FROM asyncjobs_jobs AS j "
+        "SELECT j.seq, j.priority, j.queue, j.rate_key, j.options FROM asyncjobs_jobs AS j "
         "WHERE j.status = 'queued' AND j.task = t.name "
         f"AND (NOT t.keyed_only OR j.rate_key IS NOT NULL) {queue_filter} AND {_GROUP_HEAD} "
         "ORDER BY j.priority DESC, j.seq LIMIT $3) AS c",
         *params,
     )
     for r in rows:
-        buffers[r["name"]].append(
-            Candidate(r["seq"], r["priority"], r["name"], r["queue"], r["rate_key"] or "")
-        )
+        buffers[r["name"]].append(_candidate(r, r["name"]))
     return buffers
 
 
@@ -211,8 +211,16 @@ async def _next_page(
         where.append(f"NOT (coalesce(j.rate_key, '') = ANY(${len(params)}::text[]))")
     # Only fixed terms with $n placeholders are joined; values go in params.
     rows = await conn.fetch(
-        "SELECT j.seq, j.priority, j.queue, j.rate_key FROM asyncjobs_jobs AS j "  # noqa: S608
-        f"WHERE {' AND '.join(where)} ORDER BY j.priority DESC, j.seq LIMIT $4",
+        "SELECT j.seq, j.priority, j.queue, j.rate_key, j.options "  # noqa: S608
+        f"FROM asyncjobs_jobs AS j WHERE {' AND '.join(where)} "
+        "ORDER BY j.priority DESC, j.seq LIMIT $4",
         *params,
     )
-    return [Candidate(r["seq"], r["priority"], task, r["queue"], r["rate_key"] or "") for r in rows]
+    return [_candidate(r, task) for r in rows]
+
+
+def _candidate(record: asyncpg.Record, task: str) -> Candidate:
+    return Candidate(
+        record["seq"], record["priority"], task, record["queue"], record["rate_key"] or "",
+        key_pending(record["options"]),
+    )  # fmt: skip

@@ -19,7 +19,14 @@ import asyncpg
 
 from asyncjobs._errors import StoreError
 from asyncjobs.stores._admission import has_limits
-from asyncjobs.stores._dependents import COUNTS_FLAG, RESULT_FLAG, pass_result, wants, with_batch
+from asyncjobs.stores._dependents import (
+    COUNTS_FLAG,
+    KEY_PENDING_LIKE,
+    RESULT_FLAG,
+    pass_result,
+    wants,
+    with_batch,
+)
 from asyncjobs.stores._postgres_limits import choose as choose_limited
 from asyncjobs.stores._protocol import (
     Applied,
@@ -30,6 +37,7 @@ from asyncjobs.stores._protocol import (
     NewJob,
     Outcome,
     OutcomeKind,
+    RateKeyed,
 )
 
 if TYPE_CHECKING:
@@ -271,7 +279,10 @@ async def claim_again(
         conn, replace(request, limit=limit, ahead=min(request.ahead, limit)), now, claim_token
     )
     next_token_at = rows.next_token_at if isinstance(rows, Claimed) else None
-    return Claimed([*lost, *rows], next_token_at=next_token_at, handed_back=bool(lost))
+    unkeyed = isinstance(rows, Claimed) and rows.unkeyed
+    return Claimed(
+        [*lost, *rows], next_token_at=next_token_at, handed_back=bool(lost), unkeyed=unkeyed
+    )
 
 
 async def release_claimed(
@@ -319,12 +330,13 @@ async def claim(
     if request.queues is not None:
         params.append(list(request.queues))
         queue_filter = f"AND j.queue = ANY(${len(params)}::text[])"
-    next_token_at = None
+    next_token_at, unkeyed = None, False
     if limited:  # concurrency, rate limits: chosen by _postgres_limits
-        chosen, next_token_at = await choose_limited(conn, replace(request, limit=limit), now)
-        if not chosen:
-            return Claimed(next_token_at=next_token_at)
-        params.append(chosen)
+        admission = await choose_limited(conn, replace(request, limit=limit), now)
+        next_token_at, unkeyed = admission.wake_at, admission.unkeyed
+        if not admission.chosen:
+            return Claimed(next_token_at=next_token_at, unkeyed=unkeyed)
+        params.append(admission.chosen)
         queue_filter += f" AND j.seq = ANY(${len(params)}::bigint[])"
     params.append(limit)
     records = await conn.fetch(
@@ -358,7 +370,7 @@ async def claim(
     )
     claimed = [job_row(r) for r in records]
     claimed.sort(key=lambda r: (-r.priority, r.seq))
-    return Claimed(claimed, next_token_at=next_token_at)
+    return Claimed(claimed, next_token_at=next_token_at, unkeyed=unkeyed)
 
 
 # A job's attempts under this claim: the claimer's definition applies unless retries
@@ -740,3 +752,28 @@ async def lock_callbacks(conn: Connection, batch_ids: Iterable[str | None]) -> N
         await conn.execute(
             "SELECT 1 FROM asyncjobs_jobs WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE", ids
         )
+
+
+_PENDING_KEYS = (
+    "SELECT " + SELECT + " FROM asyncjobs_jobs "  # noqa: S608 - constants
+    "WHERE status = 'queued' AND task = ANY($1::text[]) "
+    "AND options LIKE $2 ORDER BY priority DESC, seq LIMIT $3"
+)
+
+
+async def pending_keys(conn: Connection, tasks: Collection[str], limit: int) -> list[JobRow]:
+    """``Store.pending_keys``: a walk of the tasks' ready jobs (the ones a claim met)."""
+    records = await conn.fetch(_PENDING_KEYS, sorted(tasks), KEY_PENDING_LIKE, limit)
+    return [job_row(r) for r in records]
+
+
+async def set_rate_keys(conn: Connection, keys: Sequence[RateKeyed]) -> None:
+    await conn.execute(
+        "UPDATE asyncjobs_jobs AS j SET rate_key = k.rate_key, options = k.options "
+        "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) "
+        "AS k(id, rate_key, options, marked) WHERE j.id = k.id AND j.options = k.marked",
+        [k.job_id for k in keys],
+        [k.rate_key for k in keys],
+        [k.options for k in keys],
+        [k.marked for k in keys],
+    )

@@ -143,6 +143,9 @@ class ClaimRequest:
     # before the job starts would leave it dead without ever running. Claims under
     # concurrency or rate limits take none ahead: ``limit - ahead`` at most.
     ahead: int = 0
+    # Named limiters with a key function: a job of theirs whose key is still pending
+    # holds back the rest of the limiter in this claim (``Claimed.unkeyed``).
+    keyed: frozenset[str] = frozenset()
 
 
 class Claimed(list[JobRow]):
@@ -150,9 +153,10 @@ class Claimed(list[JobRow]):
     earliest time a due job held back by an empty rate-limit bucket can get a
     token (None when none was held back), so the runner sleeps until then, and
     ``handed_back``: the rows include those of an earlier try whose reply was lost,
-    which may match jobs the runner holds already."""
+    which may match jobs the runner holds already, and ``unkeyed``: a job under a keyed
+    limiter whose key is pending held back that limiter's jobs (``pending_keys``)."""
 
-    __slots__ = ("handed_back", "next_token_at")
+    __slots__ = ("handed_back", "next_token_at", "unkeyed")
 
     def __init__(
         self,
@@ -160,10 +164,21 @@ class Claimed(list[JobRow]):
         *,
         next_token_at: float | None = None,
         handed_back: bool = False,
+        unkeyed: bool = False,
     ) -> None:
         super().__init__(rows)
         self.next_token_at = next_token_at
         self.handed_back = handed_back
+        self.unkeyed = unkeyed
+
+
+class RateKeyed(NamedTuple):
+    """The rate-limit key a worker computed for a job whose key was pending."""
+
+    job_id: str
+    rate_key: str | None  # None: the limiter's shared bucket
+    options: str | None  # the job's options without the ``key_pending`` mark
+    marked: str  # its options as read: the key is stored only if they are unchanged
 
 
 class Applied(list[str]):
@@ -323,7 +338,21 @@ class Store(Protocol):
         ...
 
     async def batch_counts(self, batch_id: str) -> dict[str, int]:
-        """Counts by stored status of the members of a batch (jobs with that ``batch_id``)."""
+        """Counts by status of the members of a batch (jobs with that ``batch_id``), the
+        stored ones and those deleted since (tallied by ``delete``, ``purge``, ``prune``
+        while a job of the batch is stored)."""
+        ...
+
+    async def pending_keys(self, tasks: Collection[str], *, limit: int) -> builtins.list[JobRow]:
+        """Up to ``limit`` queued jobs of these tasks, in claim order, whose rate-limit
+        key is pending: enqueued by name where their task was not defined (options
+        marked ``key_pending``, see ``_dependents.py``). Claims under a keyed limiter
+        hold its jobs back while one is met (``Claimed.unkeyed``)."""
+        ...
+
+    async def set_rate_keys(self, keys: Sequence[RateKeyed]) -> None:
+        """Store the rate-limit keys a worker computed for such jobs, and their options
+        without the mark; each only if its options are still those it was read with."""
         ...
 
     # -- operations (stats, dashboard, pruning) --------------------------------------

@@ -35,7 +35,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -52,6 +52,7 @@ from asyncjobs.stores._protocol import (
     NewJob,
     OpsSnapshot,
     Outcome,
+    RateKeyed,
     Recovered,
     WorkerBeat,
 )
@@ -87,6 +88,8 @@ from asyncjobs.stores._sqlite_sql import (
     _read,
     _row,
     insert_jobs,
+    pending_keys,
+    set_rate_keys,
     tally_deleted,
 )
 
@@ -572,6 +575,13 @@ class SQLiteStore:
 
     async def batch_counts(self, batch_id: str) -> dict[str, int]:
         return dict(await self._read_call(_batch_counts, batch_id))
+
+    async def pending_keys(self, tasks: Collection[str], *, limit: int) -> builtins.list[JobRow]:
+        return await self._read_call(pending_keys, tasks, limit)
+
+    async def set_rate_keys(self, keys: Sequence[RateKeyed]) -> None:
+        if keys:
+            await self._transaction(set_rate_keys, keys)
 
     # -- operations (see asyncjobs/_stats.py) -----------------------------------------
 

@@ -25,6 +25,7 @@ from asyncjobs.stores._admission import (
     has_limits,
     needs_running_counts,
 )
+from asyncjobs.stores._dependents import key_pending
 from asyncjobs.stores._protocol import ClaimRequest
 
 __all__ = ["WINDOW", "choose", "has_limits"]
@@ -41,13 +42,12 @@ _GROUP_HEAD = (
 )
 
 
-def choose(
-    db: sqlite3.Connection, request: ClaimRequest, now: float
-) -> tuple[list[int], float | None]:
+def choose(db: sqlite3.Connection, request: ClaimRequest, now: float) -> Admission:
     """Pick the jobs to claim under every limit and take their tokens.
 
-    Returns their ``seq`` in claim order and, when a ready job was held back by an
-    empty bucket, the earliest time one of those buckets gets a token.
+    Returns the admission: ``chosen``, their ``seq`` in claim order; ``wake_at``, when
+    a ready job was held back by an empty bucket, the earliest time one of those
+    buckets gets a token; ``unkeyed``, whether a pending key held a limiter back.
     """
 
     def load(bucket_id: BucketId) -> BucketState | None:
@@ -74,7 +74,7 @@ def choose(
             admission.wake_at = wake_at  # its bucket is empty but nothing waits on it
     page = request.limit + 16
     streams = [_candidates(db, admission, task, page) for task in open_tasks]
-    chosen: list[int] = []
+    chosen = admission.chosen
     for job in heapq.merge(*streams, key=lambda c: c.order):
         if admission.admit(job):
             chosen.append(job.seq)
@@ -88,7 +88,7 @@ def choose(
             "tokens = excluded.tokens, updated_at = excluded.updated_at",
             changed,
         )
-    return chosen, admission.wake_at
+    return admission
 
 
 def _has_ready(db: sqlite3.Connection, task: str) -> bool:
@@ -106,8 +106,8 @@ def _candidates(
     after: tuple[int, int] | None = None
     while task not in admission.blocked_tasks:
         rows = _page(db, admission, task, page, after, keyed_only)
-        for seq, priority, queue, rate_key in rows:
-            yield Candidate(seq, priority, task, queue, rate_key or "")
+        for seq, priority, queue, rate_key, options in rows:
+            yield Candidate(seq, priority, task, queue, rate_key or "", key_pending(options))
         if len(rows) < page:
             return
         after = (rows[-1][1], rows[-1][0])
@@ -143,10 +143,10 @@ def _page(
         params.extend((after[0], after[0], after[1]))
     # Only fixed terms with ? placeholders are joined; values go in params.
     sql = (
-        "WITH head AS (SELECT seq, priority, queue, rate_key, group_key "  # noqa: S608
+        "WITH head AS (SELECT seq, priority, queue, rate_key, group_key, options "  # noqa: S608
         f"FROM asyncjobs_jobs WHERE {' AND '.join(head_where)} "
         "ORDER BY priority DESC, seq LIMIT ?) "
-        "SELECT j.seq, j.priority, j.queue, j.rate_key FROM head AS j "
+        "SELECT j.seq, j.priority, j.queue, j.rate_key, j.options FROM head AS j "
         f"WHERE {' AND '.join(where)} ORDER BY j.priority DESC, j.seq LIMIT ?"
     )
     return db.execute(sql, (*head_params, WINDOW, *params, page)).fetchall()

@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from asyncjobs.stores._dependents import (
     COUNTS_FLAG,
+    KEY_PENDING_LIKE,
     RESULT_FLAG,
     pass_result,
     wants,
@@ -33,6 +34,7 @@ from asyncjobs.stores._protocol import (
     NewJob,
     Outcome,
     OutcomeKind,
+    RateKeyed,
 )
 from asyncjobs.stores._sqlite_limits import choose, has_limits
 
@@ -191,13 +193,14 @@ def _claim_ready(
         return Claimed()
     attempts = json.dumps({name: limits.max_attempts for name, limits in request.tasks.items()})
     params: list[Any] = [now, now + request.lease, request.worker, attempts]
-    next_token_at = None
+    next_token_at, unkeyed = None, False
     if has_limits(request):  # concurrency, rate limits: chosen in Python, same transaction
-        seqs, next_token_at = choose(db, replace(request, limit=limit), now)
-        if not seqs:
-            return Claimed(next_token_at=next_token_at)
+        admission = choose(db, replace(request, limit=limit), now)
+        next_token_at, unkeyed = admission.wake_at, admission.unkeyed
+        if not admission.chosen:
+            return Claimed(next_token_at=next_token_at, unkeyed=unkeyed)
         pick = "SELECT value FROM json_each(?)"
-        params.append(json.dumps(seqs))
+        params.append(json.dumps(admission.chosen))
     else:  # the fast path: one statement
         queue_filter = ""
         params.append(json.dumps(list(request.tasks)))
@@ -223,7 +226,7 @@ def _claim_ready(
         params,
     ).fetchall()
     claimed = Claimed(sorted((_row(r) for r in rows), key=lambda r: (-r.priority, r.seq)))
-    claimed.next_token_at = next_token_at
+    claimed.next_token_at, claimed.unkeyed = next_token_at, unkeyed
     return claimed
 
 
@@ -485,3 +488,24 @@ def _cancel(
         if batch_id is not None:
             _release_dependents(db, OutcomeKind.CANCELLED, None, batch_id, now)
     return cancelled
+
+
+_PENDING_KEYS = (
+    "SELECT " + _SELECT + " FROM asyncjobs_jobs INDEXED BY asyncjobs_jobs_ready_task "  # noqa: S608
+    "WHERE status = 'queued' AND task IN (SELECT value FROM json_each(?)) "
+    "AND options LIKE ? ORDER BY task, priority DESC, seq LIMIT ?"
+)
+
+
+def pending_keys(db: sqlite3.Connection, tasks: Collection[str], limit: int) -> list[JobRow]:
+    """``Store.pending_keys``: a walk of the tasks' ready jobs (the ones a claim met)."""
+    params = (json.dumps(sorted(tasks)), KEY_PENDING_LIKE, limit)
+    rows = db.execute(_PENDING_KEYS, params).fetchall()
+    return [_row(r) for r in rows]
+
+
+def set_rate_keys(db: sqlite3.Connection, keys: Sequence[RateKeyed]) -> None:
+    db.executemany(
+        "UPDATE asyncjobs_jobs SET rate_key = ?, options = ? WHERE id = ? AND options = ?",
+        [(k.rate_key, k.options, k.job_id, k.marked) for k in keys],
+    )
