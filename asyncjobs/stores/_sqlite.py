@@ -67,7 +67,7 @@ from asyncjobs.stores._sqlite_admin import (
     _retry,
     _snapshot,
 )
-from asyncjobs.stores._sqlite_schema import _switch_to_wal, migrate
+from asyncjobs.stores._sqlite_schema import _switch_to_wal, migrate, schema_current
 from asyncjobs.stores._sqlite_side import (
     ChangeWatch,
     Checkpointer,
@@ -232,7 +232,8 @@ class SQLiteStore:
         # is set by connect(timeout=...) through sqlite3_busy_timeout.
         db.execute(_SYNCHRONOUS[self.synchronous])
         set_log_policy(db)
-        self._write(db, migrate)
+        if not schema_current(db):
+            self._write(db, migrate)
 
     async def close(self) -> None:
         # After an open in progress (first uses), which would otherwise finish behind

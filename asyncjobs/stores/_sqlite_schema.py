@@ -68,3 +68,16 @@ def migrate(db: sqlite3.Connection) -> None:
             f"INSERT INTO {SCHEMA_VERSION_TABLE} (version, applied_at) VALUES (?, ?)",  # noqa: S608
             (version, time.time()),  # noqa: TID251 - bookkeeping only, not job time
         )
+
+
+def schema_current(db: sqlite3.Connection) -> bool:
+    """Whether the file already holds every migration, found by a read: opening a store
+    then takes no write lock, so it does not wait for a transaction another connection
+    holds open (a ``jobs.transaction(conn)`` caller reading the store inside its block)."""
+    try:
+        (current,) = db.execute(
+            f"SELECT coalesce(max(version), 0) FROM {SCHEMA_VERSION_TABLE}"  # noqa: S608 - constant
+        ).fetchone()
+    except sqlite3.OperationalError:  # no version table: a new file (or a busy one)
+        return False
+    return bool(current >= max(version for version, _ in migration_scripts("sqlite")))

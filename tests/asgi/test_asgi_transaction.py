@@ -321,3 +321,32 @@ async def test_asyncpg_commit_keeps_the_job_and_rollback_drops_it(
     assert len(await jobs.list()) == 1
     await drain(jobs)
     assert await kept.result(timeout=5) == "welcome 1"
+
+
+async def test_a_store_first_opened_inside_the_block_does_not_wait_for_the_callers_lock(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """An app without the lifespan: its store is first opened by a read inside the
+    block. The file's schema is already there, so opening it takes no write lock and
+    does not wait for the caller's, which the caller cannot free before the read ends."""
+    path = tmp_path / "app.db"
+    earlier = Jobs("sqlite:///" + str(path), clock=clock, workers=False)
+    register(earlier)
+    first = await earlier.enqueue("welcome", 0)
+    await earlier.close()
+
+    jobs = Jobs("sqlite:///" + str(path), clock=clock, workers=False)
+    register(jobs)
+    try:
+        async with aiosqlite.connect(path, isolation_level=None, timeout=5) as db:
+            await db.execute("BEGIN IMMEDIATE")
+            async with jobs.transaction(db):
+                await jobs.enqueue("welcome", 1)
+                with anyio.move_on_after(3) as read:  # was: until the open gave up
+                    info = await jobs.get(first.id)
+            await db.execute("COMMIT")
+        assert not read.cancelled_caught
+        assert info is not None
+        assert len(await jobs.list()) == 2
+    finally:
+        await jobs.close()
