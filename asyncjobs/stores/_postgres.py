@@ -427,6 +427,15 @@ class PostgresStore(_Connections):
 
     async def retry(self, job_id: str, *, now: float) -> bool:
         async def retry(conn: Connection) -> bool:
+            ran = await conn.fetchval("SELECT attempts FROM asyncjobs_jobs WHERE id = $1", job_id)
+            if ran == 0:  # it may wait again for the chain member before it (wait_again)
+                # That one first, as its finish and its deletion lock it before this job:
+                # read unlocked, it could be finishing or deleted unseen, and nothing
+                # would release this job from waiting. (chain_next has no index: only
+                # for jobs that never ran.)
+                await conn.execute(
+                    "SELECT 1 FROM asyncjobs_jobs WHERE chain_next = $1 FOR UPDATE", job_id
+                )
             row = await conn.fetchrow(
                 f"UPDATE asyncjobs_jobs SET {_REQUEUE} "  # noqa: S608 - constant
                 "WHERE id = $2 AND status IN ('dead', 'cancelled') RETURNING attempts",

@@ -176,8 +176,11 @@ _PRUNE = (
     "WHERE b.id = j.batch_id AND b.status = 'waiting')) "
     # A chain member retried by hand waits for this one to be retried and succeed.
     "AND (chain_next IS NULL OR NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS c "
-    "WHERE c.id = j.chain_next AND c.status = 'waiting')) LIMIT $2) "
-    "RETURNING id, batch_id, status"
+    "WHERE c.id = j.chain_next AND c.status = 'waiting')) LIMIT $2 "
+    # Rows another transaction holds are left to the next prune: one retried by hand
+    # meanwhile would be deleted once free (the outer DELETE matches by seq alone),
+    # and waiting on rows that a bulk retry or delete locks in another order deadlocked.
+    "FOR UPDATE SKIP LOCKED) RETURNING id, batch_id, status"
 )
 _PRUNE_FINISHED = _PRUNE.format(statuses="'succeeded', 'cancelled'")
 _PRUNE_DEAD = _PRUNE.format(statuses="'dead'")

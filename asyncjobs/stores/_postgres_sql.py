@@ -111,6 +111,11 @@ def _job_values(j: NewJob) -> tuple[Any, ...]:
 
 
 _KEY_ATTEMPTS = 3
+_LOCK_KEYS = (
+    "SELECT pg_advisory_xact_lock(hashtextextended('asyncjobs idempotency ' || k, 0)) "
+    "FROM unnest($1::text[]) AS k"
+)
+"""Locks idempotency keys in the order given (sorted): unnest keeps the array's order."""
 JSONB_LIMIT = 200 * 2**20
 """Bytes of one insert's JSON rows at most: PostgreSQL refuses a jsonb value over 256 MiB,
 so a bigger batch (each job within max_payload_bytes) goes in as several statements."""
@@ -138,6 +143,17 @@ async def insert_jobs(
     """
     if not jobs:
         return Inserted()
+    keys = sorted({j.idempotency_key for j in jobs if j.idempotency_key is not None})
+    if len(keys) > 1 and attempt == 1:
+        # The INSERT takes each key's slot in the unique index in the order of the rows:
+        # two inserts of the same keys in other orders deadlocked. Each first takes a
+        # lock per key in one order (held to its commit), then inserts in its own.
+        if not conn.is_in_transaction():
+            async with conn.transaction():
+                return await insert_jobs(
+                    conn, jobs, now, table=table, again=again, claim_token=claim_token
+                )
+        await conn.execute(_LOCK_KEYS, keys)
     if len(jobs) == 1:
         params: list[Any] = list(_job_values(jobs[0]))
     else:

@@ -1,0 +1,159 @@
+"""PostgreSQL: operations that lock the same rows from several connections at once.
+
+Each test runs them concurrently through one store (its pool gives each its own
+connection), or holds a lock open on a second connection to force the interleaving.
+Before the fixes these deadlocked ("deadlock detected") or lost a job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from asyncjobs.stores import (
+    ClaimRequest,
+    JobRow,
+    NewJob,
+    Outcome,
+    OutcomeKind,
+    Store,
+    TaskLimits,
+    open_store,
+)
+
+asyncpg = pytest.importorskip("asyncpg")
+
+T0 = 1_000_000.0
+REQUEST = ClaimRequest(
+    worker="w", tasks={"t": TaskLimits(max_attempts=1)}, queues=None, limit=500, lease=60
+)
+
+
+def new(job_id: str, **fields: object) -> NewJob:
+    values: dict[str, object] = {
+        "task": "t", "queue": "default", "payload": '{"args":[],"kwargs":{}}',
+        "status": "queued", "priority": 0, "run_at": T0, "max_attempts": 1,
+    }  # fmt: skip
+    values.update(fields)
+    return NewJob(id=job_id, **values)  # type: ignore[arg-type]
+
+
+async def claim_all(store: Store) -> list[JobRow]:
+    rows: list[JobRow] = []
+    while claimed := list(await store.claim(REQUEST, now=T0)):
+        rows += claimed
+    return rows
+
+
+def ended(row: JobRow, kind: OutcomeKind) -> Outcome:
+    return Outcome(job_id=row.id, worker="w", attempt=row.attempts, kind=kind)
+
+
+@pytest.fixture
+async def store(postgres_url: str) -> AsyncIterator[Store]:
+    opened = open_store(postgres_url)
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+async def test_inserts_of_the_same_idempotency_keys_in_other_orders(store: Store) -> None:
+    for round_ in range(10):
+        keys = [f"r{round_}-k{i}" for i in range(100)]
+
+        async def insert(name: str, order: list[str]) -> None:
+            await store.insert([new(f"{name}-{k}", idempotency_key=k) for k in order], now=T0)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(insert, "a", keys)
+            tg.start_soon(insert, "b", keys[::-1])
+    assert len(await store.list(limit=2000, now=T0)) == 1000
+
+
+@pytest.mark.parametrize("first_ends", ["succeeded", "deleted"])
+async def test_a_chain_member_retried_while_the_one_before_ends_is_never_stranded(
+    store: Store, first_ends: str
+) -> None:
+    """A member cancelled while it waited, retried by hand (it waits again for the one
+    before) while that one succeeds, or, dead, is deleted: it must end released (or,
+    behind a deleted one, cancelled or queued), never waiting with nothing to release it."""
+    chains = 100
+    rows: list[NewJob] = []
+    for c in range(chains):
+        rows += [new(f"x{c}", chain_next=f"y{c}"), new(f"y{c}", status="waiting")]
+    await store.insert(rows, now=T0)
+    firsts = {r.id: r for r in await claim_all(store)}
+    for c in range(chains):
+        assert await store.cancel([f"y{c}"], now=T0) == [f"y{c}"]
+    if first_ends == "deleted":
+        await store.finish([ended(r, OutcomeKind.DEAD) for r in firsts.values()], now=T0)
+
+    async def end_first(c: int) -> None:
+        if first_ends == "succeeded":
+            await store.finish([ended(firsts[f"x{c}"], OutcomeKind.SUCCEEDED)], now=T0 + 1)
+        else:
+            assert await store.delete([f"x{c}"], now=T0 + 1) == 1
+
+    async def retry(c: int) -> None:
+        assert await store.retry(f"y{c}", now=T0 + 1)
+
+    async with anyio.create_task_group() as tg:
+        for c in range(chains):
+            tg.start_soon(end_first, c)
+            tg.start_soon(retry, c)
+    for c in range(chains):
+        member = await store.get(f"y{c}")
+        assert member is not None
+        assert member.status != "waiting", f"y{c} waits with nothing left to release it"
+
+
+async def test_prune_leaves_a_job_retried_while_it_waited_for_the_row(
+    store: Store, postgres_url: str
+) -> None:
+    """Deterministic: a retry holds the dead job's row when prune reaches it."""
+    await store.insert([new("j")], now=T0)
+    (row,) = await claim_all(store)
+    await store.finish([ended(row, OutcomeKind.DEAD)], now=T0)
+    other = await asyncpg.connect(postgres_url)
+    try:
+        async with other.transaction():
+            await other.execute(
+                "UPDATE asyncjobs_jobs SET status = 'queued', finished_at = NULL, "
+                "max_attempts = 2 WHERE id = 'j'"
+            )
+            with anyio.fail_after(10):
+                pruned = await store.prune(
+                    finished_before=T0 + 1, dead_before=T0 + 1, workers_before=0, limit=10
+                )
+        assert pruned == 0
+        revived = await store.get("j")
+        assert revived is not None
+        assert revived.status == "queued"
+    finally:
+        await other.close()
+
+
+async def test_a_bulk_retry_of_dead_jobs_and_prune_at_once(store: Store) -> None:
+    await store.insert([new(f"j{n:04d}") for n in range(2000)], now=T0)
+    await store.finish([ended(r, OutcomeKind.DEAD) for r in await claim_all(store)], now=T0)
+    counted: dict[str, int] = {"pruned": 0}
+
+    async def retry_dead() -> None:
+        counted["retried"] = await store.retry_dead(queue=None, task=None, now=T0 + 10)
+
+    async def prune() -> None:
+        while deleted := await store.prune(
+            finished_before=T0 + 1, dead_before=T0 + 1, workers_before=0, limit=100
+        ):
+            counted["pruned"] += deleted
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(prune)
+        tg.start_soon(retry_dead)
+    queued = await store.list(status="queued", limit=2000, now=T0 + 10)
+    assert counted["retried"] + counted["pruned"] == 2000
+    assert len(queued) == counted["retried"]
