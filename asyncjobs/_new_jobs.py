@@ -15,7 +15,6 @@ from asyncjobs._codec import encode_payload
 from asyncjobs._models import new_job_id
 from asyncjobs._settings import check_name
 from asyncjobs._tasks import JobOptions, JobSpec, Task
-from asyncjobs.stores._dependents import KEY_FLAG
 from asyncjobs.stores._protocol import NewJob
 
 if TYPE_CHECKING:
@@ -81,10 +80,6 @@ class _NewJobs:
             explicit["retries"] = o.retries
         if o.timeout is not None:
             explicit["timeout"] = o.timeout
-        if definition is None:
-            # Its limiter (if any) and that limiter's key are unknown here: a worker
-            # that defines the task computes the key (``Runner.assign_keys``).
-            explicit[KEY_FLAG] = True
         if status is None:
             status = "scheduled" if run_at > now else "queued"
         job_id = job_id or new_job_id(now)
@@ -117,6 +112,9 @@ class _NewJobs:
             rate_key=rate_key,
             worker=worker,
             lease_until=lease_until,
+            # Its limiter (if any) and that limiter's key are unknown here: a worker
+            # that defines the task computes the key (``Runner.assign_keys``).
+            key_pending=definition is None,
         )
 
     def _priority(self, spec: JobSpec[Any], definition: Task[..., Any] | None = None) -> int:

@@ -37,7 +37,7 @@ from asyncjobs._execution import JobContext as JobContext
 from asyncjobs._execution import _Execution, _Running
 from asyncjobs._execution import current_job as current_job
 from asyncjobs._leases import _Leases
-from asyncjobs.stores._dependents import key_pending, original_arguments, without_key_flag
+from asyncjobs.stores._dependents import original_arguments
 from asyncjobs.stores._protocol import (
     Applied,
     Claimed,
@@ -305,16 +305,15 @@ class Runner(_Leases, _Execution):
 
     async def assign_keys(self) -> int:
         """Compute the rate-limit keys of jobs enqueued by name where their task was not
-        defined (``key_pending``), as the enqueue would have, from the arguments it gave;
-        return how many. A key that cannot be computed (the key function raises, the
-        payload is corrupt) is logged, and the job takes its limiter's shared bucket."""
+        defined (``NewJob.key_pending``), as their enqueue would have, from the arguments
+        it gave; return how many. A key that cannot be computed (the key function
+        raises, the payload is corrupt) is logged, and the job takes its limiter's
+        shared bucket."""
         keyed = {name: lim for name, lim in self.jobs.limiters.items() if lim.key}
         tasks = [name for name, task in self.jobs.registry.items() if task.limiter in keyed]
         rows = await self.jobs.store.pending_keys(tasks, limit=_CLAIM_MAX)
         keys: list[RateKeyed] = []
         for row in rows:
-            if row.options is None or not key_pending(row.options):
-                continue
             limiter = keyed[self.jobs.registry[row.task].limiter or ""]
             try:
                 args, kwargs = original_arguments(row.payload, row.options)
@@ -327,7 +326,7 @@ class Runner(_Leases, _Execution):
                     extra={"job_id": row.id, "task": row.task, "limiter": limiter.name},
                 )  # fmt: skip
                 key = None
-            keys.append(RateKeyed(row.id, key, without_key_flag(row.options), row.options))
+            keys.append(RateKeyed(row.id, key))
         await self.jobs.store.set_rate_keys(keys)
         return len(keys)
 

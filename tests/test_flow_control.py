@@ -19,7 +19,8 @@ import anyio
 import anyio.abc
 import pytest
 
-from asyncjobs import ConfigurationError, Jobs, JobSpec, JobStatus, RateLimit, Retry
+from asyncjobs import ConfigurationError, Job, Jobs, JobSpec, JobStatus, RateLimit, Retry
+from asyncjobs._tasks import JobOptions
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]
@@ -696,3 +697,63 @@ async def test_keys_of_workflow_members_enqueued_by_name_come_from_their_own_arg
         await drain(worker)
     assert sorted(seen) == [("render", "data of c1"), ("report", 2)]
     assert not [r for r in caplog.records if "could not be computed" in r.getMessage()]
+
+
+def domain(address: str) -> str | None:
+    return address.split("@")[1] if "@" in address else None  # no domain: shared bucket
+
+
+async def test_a_job_whose_key_is_pending_is_keyed_while_the_shared_bucket_is_empty(
+    make_jobs: MakeJobs, backend_url: str
+) -> None:
+    """With the limiter's shared bucket empty a claim reads keyed jobs only: a job
+    whose key is pending must still get its key and its own bucket's token, before a
+    later job of that key takes it."""
+    producer = make_jobs(backend_url, workers=False)
+    worker = make_jobs(backend_url)
+    worker.limiter("per_domain", "1/h", key=domain)
+    ran: list[str] = []
+
+    @worker.task(name="send", limiter="per_domain")
+    async def send(address: str) -> None:
+        ran.append(address)
+
+    await send.enqueue("postmaster")  # no key: the shared bucket's one token
+    await drain(worker)
+    await producer.enqueue("send", "first@a.example")
+    await send.enqueue("second@a.example")
+    await producer.enqueue("send", "only@b.example")
+    await drain(worker)
+    assert ran == ["postmaster", "first@a.example", "only@b.example"]
+
+
+async def test_pending_keys_come_in_claim_order(make_jobs: MakeJobs, backend_url: str) -> None:
+    producer = make_jobs(backend_url, workers=False)
+    first = await producer.enqueue("b", "x@b.example")
+    urgent: Job[Any] = await producer.enqueue(
+        JobSpec(task="a", args=("u@a.example",), options=JobOptions(priority=5))
+    )
+    for n in range(3):
+        await producer.enqueue("a", f"{n}@a.example")
+    rows = await producer.store.pending_keys(["a", "b"], limit=2)
+    assert [row.id for row in rows] == [urgent.id, first.id]
+
+
+async def test_a_job_enqueued_by_name_is_stored_as_any_other(
+    make_jobs: MakeJobs, backend_url: str
+) -> None:
+    """The pending key is a column of its own: no options to parse on each claim and
+    run, for a task without a keyed limiter, where it is never cleared."""
+    producer = make_jobs(backend_url, workers=False)
+    worker = make_jobs(backend_url)
+
+    @worker.task(name="plain")
+    async def plain(n: int) -> int:
+        return n
+
+    job = await producer.enqueue("plain", 1)
+    row = await producer.store.get(job.id)
+    assert row is not None
+    assert row.options is None
+    await drain(worker)
+    assert await job.result(timeout=5) == 1

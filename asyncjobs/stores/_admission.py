@@ -11,9 +11,9 @@ buckets it changed. The rules:
   none); it needs every bucket it uses to hold a token, or it is skipped;
 - a skipped job is simply left queued (no attempt spent); ``wake_at`` records when the
   first empty bucket that held a job back gets its next token;
-- a job under a keyed limiter whose key is still pending (enqueued by name where its
-  task was not defined) holds back every job of that limiter for the rest of the
-  claim, so none overtakes it with its key; ``unkeyed`` tells the runner to compute
+- while a job under a keyed limiter waits for its key (enqueued by name where its
+  task was not defined), no job of that limiter is taken, so none overtakes it with
+  its key, whatever the state of the buckets; ``unkeyed`` tells the runner to compute
   the keys (``Runner.assign_keys``) and claim again.
 
 Groups are filtered by the stores' SQL (only the oldest unfinished job of a group is
@@ -165,6 +165,20 @@ class Admission:
         limiter = self.request.tasks[task].limiter
         return self.blocked_keys.get(limiter, set()) if limiter else set()
 
+    def keyed_tasks(self) -> list[str]:
+        """The tasks whose limiter has a key function (``ClaimRequest.keyed``)."""
+        keyed = self.request.keyed
+        return sorted(t for t, limits in self.request.tasks.items() if limits.limiter in keyed)
+
+    def hold_limiter_of(self, task: str) -> None:
+        """A job of ``task`` waits for its key: no job of its limiter is taken in this
+        claim (none of that key may overtake it), and the runner computes the keys."""
+        self.unkeyed = True
+        limiter = self.request.tasks[task].limiter
+        self.blocked_tasks.update(
+            t for t, lim in self.request.tasks.items() if lim.limiter == limiter
+        )
+
     # -- one job ---------------------------------------------------------------------
 
     def admit(self, job: Candidate) -> bool:
@@ -181,10 +195,7 @@ class Admission:
             wanted.append((own, limits.rate_limit))
         if named is not None and limits.limiter:
             if job.key_pending and limits.limiter in self.request.keyed:
-                self.unkeyed = True
-                self.blocked_tasks.update(
-                    task for task, of in self.request.tasks.items() if of.limiter == limits.limiter
-                )
+                self.hold_limiter_of(job.task)  # enqueued since the claim began
                 return False
             blocked = self.blocked_keys.setdefault(limits.limiter, set())
             shared = limiter_bucket(limits.limiter, job.rate_key)

@@ -10,10 +10,9 @@ Chains and batches (``asyncjobs/_workflows.py``) mark a waiting job in its
   finishes, the job gets a ``batch`` keyword argument holding the counts
   (see ``batch_summary``).
 
-``original_arguments`` undoes both, for a worker that computes a rate-limit key from
-the arguments the job was enqueued with: ``"key_pending": true`` marks a job enqueued
-by name where its task was not defined, so its limiter's key could not be computed
-there (``Runner.assign_keys``).
+``original_arguments`` undoes both, for a worker that computes the rate-limit key of a
+job enqueued by name where its task was not defined from the arguments it was enqueued
+with (``Runner.assign_keys``).
 
 The store applies these in the same transaction that releases the job. A payload
 that cannot be rewritten (a corrupt row) is left as it is: the release must not fail
@@ -29,9 +28,6 @@ from typing import Any
 
 RESULT_FLAG = "pass_result"
 COUNTS_FLAG = "batch_counts"
-KEY_FLAG = "key_pending"
-KEY_PENDING_LIKE = f'%"{KEY_FLAG}"%'
-"""A SQL LIKE pattern for options that may mark a pending key (``key_pending`` tells)."""
 
 
 def wants(options: str | None, flag: str) -> bool:
@@ -105,18 +101,6 @@ def with_batch(payload: str, batch_id: str, counts: Mapping[str, int]) -> str:
     kwargs["batch"] = batch_summary(batch_id, counts)
     data["kwargs"] = kwargs
     return _dump(data)
-
-
-def key_pending(options: str | None) -> bool:
-    """Whether a job's rate-limit key waits for a worker that defines its task."""
-    return options is not None and KEY_FLAG in options and wants(options, KEY_FLAG)
-
-
-def without_key_flag(options: str) -> str | None:
-    """``options`` (marked ``key_pending``) without the mark; None when nothing is left."""
-    parsed = json.loads(options)
-    del parsed[KEY_FLAG]
-    return _dump(parsed) if parsed else None
 
 
 def original_arguments(payload: str, options: str | None) -> tuple[list[Any], dict[str, Any]]:

@@ -25,7 +25,6 @@ from asyncjobs.stores._admission import (
     needs_running_counts,
     own_bucket,
 )
-from asyncjobs.stores._dependents import key_pending
 from asyncjobs.stores._protocol import ClaimRequest
 from asyncjobs.stores._sqlite_limits import WINDOW
 
@@ -63,8 +62,18 @@ async def choose(conn: Connection, request: ClaimRequest, now: float) -> Admissi
     wanted += [limiter_bucket(lim.limiter, "") for lim in request.tasks.values() if lim.limiter]
     await _load(conn, stored, wanted)
 
+    keyed = admission.keyed_tasks()
+    if keyed:  # a seek in a small index each
+        for r in await conn.fetch(
+            "SELECT DISTINCT task FROM asyncjobs_jobs WHERE key_pending IS NOT NULL "
+            "AND status = 'queued' AND task = ANY($1::text[])",
+            keyed,
+        ):
+            admission.hold_limiter_of(r["task"])
     open_tasks: list[str] = []
     for task in request.tasks:
+        if task in admission.blocked_tasks:  # held for a pending key
+            continue
         wake_at = admission.wake_at
         if admission.task_open(task):
             open_tasks.append(task)
@@ -168,9 +177,10 @@ async def _first_pages(
     params: list[Any] = [tasks, [keyed_only[t] for t in tasks], page]
     queue_filter = _queue_filter(request, params)
     rows = await conn.fetch(
-        "SELECT t.name, c.seq, c.priority, c.queue, c.rate_key, c.options "  # noqa: S608
+        "SELECT t.name, c.seq, c.priority, c.queue, c.rate_key, c.key_pending "  # noqa: S608
         "FROM unnest($1::text[], $2::bool[]) AS t(name, keyed_only) CROSS JOIN LATERAL ("
-        "SELECT j.seq, j.priority, j.queue, j.rate_key, j.options FROM asyncjobs_jobs AS j "
+        "SELECT j.seq, j.priority, j.queue, j.rate_key, j.key_pending "
+        "FROM asyncjobs_jobs AS j "
         "WHERE j.status = 'queued' AND j.task = t.name "
         f"AND (NOT t.keyed_only OR j.rate_key IS NOT NULL) {queue_filter} AND {_GROUP_HEAD} "
         "ORDER BY j.priority DESC, j.seq LIMIT $3) AS c",
@@ -211,7 +221,7 @@ async def _next_page(
         where.append(f"NOT (coalesce(j.rate_key, '') = ANY(${len(params)}::text[]))")
     # Only fixed terms with $n placeholders are joined; values go in params.
     rows = await conn.fetch(
-        "SELECT j.seq, j.priority, j.queue, j.rate_key, j.options "  # noqa: S608
+        "SELECT j.seq, j.priority, j.queue, j.rate_key, j.key_pending "  # noqa: S608
         f"FROM asyncjobs_jobs AS j WHERE {' AND '.join(where)} "
         "ORDER BY j.priority DESC, j.seq LIMIT $4",
         *params,
@@ -222,5 +232,5 @@ async def _next_page(
 def _candidate(record: asyncpg.Record, task: str) -> Candidate:
     return Candidate(
         record["seq"], record["priority"], task, record["queue"], record["rate_key"] or "",
-        key_pending(record["options"]),
+        bool(record["key_pending"]),
     )  # fmt: skip

@@ -21,7 +21,6 @@ from asyncjobs._errors import StoreError
 from asyncjobs.stores._admission import has_limits
 from asyncjobs.stores._dependents import (
     COUNTS_FLAG,
-    KEY_PENDING_LIKE,
     RESULT_FLAG,
     pass_result,
     wants,
@@ -65,7 +64,7 @@ def job_row(record: asyncpg.Record) -> JobRow:
 _INSERT_COLUMNS = (
     "id, task, queue, status, priority, payload, options, max_attempts, run_at, enqueued_at, "
     "idempotency_key, group_key, chain_next, batch_id, rate_key, attempts, started_at, "
-    "lease_until, worker, claim_token"
+    "lease_until, worker, claim_token, key_pending"
 )
 _ON_CONFLICT = {
     False: "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
@@ -88,7 +87,7 @@ def _insert_sql(table: str, *, rows: int, again: bool = False) -> str:
             "VALUES ($2, $3, $4, $5, $6, $7, $8, $9, $10, $1, $11, $12, $13, $14, $15, "
             "CASE WHEN $17::text IS NULL THEN 0 ELSE 1 END, "
             "CASE WHEN $17::text IS NULL THEN NULL ELSE $1::float8 END, $16, $17, "
-            "CASE WHEN $17::text IS NULL THEN NULL ELSE $18::text END) " + _ON_CONFLICT[again]
+            "CASE WHEN $17::text IS NULL THEN NULL ELSE $19::text END, $18) " + _ON_CONFLICT[again]
         )
     return (
         f"INSERT INTO {table} ({_INSERT_COLUMNS}) "  # noqa: S608 - identifier, constants
@@ -96,7 +95,7 @@ def _insert_sql(table: str, *, rows: int, again: bool = False) -> str:
         "(j->>8)::float8, $1, j->>9, j->>10, j->>11, j->>12, j->>13, "
         "CASE WHEN j->>15 IS NULL THEN 0 ELSE 1 END, "
         "CASE WHEN j->>15 IS NULL THEN NULL ELSE $1::float8 END, (j->>14)::float8, j->>15, "
-        "CASE WHEN j->>15 IS NULL THEN NULL ELSE $3::text END "
+        "CASE WHEN j->>15 IS NULL THEN NULL ELSE $3::text END, (j->>16)::boolean "
         "FROM jsonb_array_elements($2::jsonb) WITH ORDINALITY AS n(j, ord) "
         "ORDER BY ord " + _ON_CONFLICT[again]
     )
@@ -106,7 +105,7 @@ def _job_values(j: NewJob) -> tuple[Any, ...]:
     return (
         j.id, j.task, j.queue, j.status, j.priority, j.payload, j.options, j.max_attempts,
         j.run_at, j.idempotency_key, j.group_key, j.chain_next, j.batch_id, j.rate_key,
-        j.lease_until, j.worker,
+        j.lease_until, j.worker, True if j.key_pending else None,
     )  # fmt: skip
 
 
@@ -772,24 +771,21 @@ async def lock_callbacks(conn: Connection, batch_ids: Iterable[str | None]) -> N
 
 _PENDING_KEYS = (
     "SELECT " + SELECT + " FROM asyncjobs_jobs "  # noqa: S608 - constants
-    "WHERE status = 'queued' AND task = ANY($1::text[]) "
-    "AND options LIKE $2 ORDER BY priority DESC, seq LIMIT $3"
+    "WHERE key_pending IS NOT NULL AND status = 'queued' AND task = ANY($1::text[]) "
+    "ORDER BY priority DESC, seq LIMIT $2"
 )
 
 
 async def pending_keys(conn: Connection, tasks: Collection[str], limit: int) -> list[JobRow]:
-    """``Store.pending_keys``: a walk of the tasks' ready jobs (the ones a claim met)."""
-    records = await conn.fetch(_PENDING_KEYS, sorted(tasks), KEY_PENDING_LIKE, limit)
+    records = await conn.fetch(_PENDING_KEYS, sorted(tasks), limit)
     return [job_row(r) for r in records]
 
 
 async def set_rate_keys(conn: Connection, keys: Sequence[RateKeyed]) -> None:
     await conn.execute(
-        "UPDATE asyncjobs_jobs AS j SET rate_key = k.rate_key, options = k.options "
-        "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) "
-        "AS k(id, rate_key, options, marked) WHERE j.id = k.id AND j.options = k.marked",
+        "UPDATE asyncjobs_jobs AS j SET rate_key = k.rate_key, key_pending = NULL "
+        "FROM unnest($1::text[], $2::text[]) AS k(id, rate_key) "
+        "WHERE j.id = k.id AND j.key_pending IS NOT NULL",
         [k.job_id for k in keys],
         [k.rate_key for k in keys],
-        [k.options for k in keys],
-        [k.marked for k in keys],
     )

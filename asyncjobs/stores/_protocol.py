@@ -47,6 +47,9 @@ class NewJob(NamedTuple):
     # first attempt started at insert, leased to ``worker`` until ``lease_until``.
     worker: str | None = None
     lease_until: float | None = None
+    # Enqueued by name where its task is not defined: a keyed limiter's key for it
+    # is computed by a worker that defines the task (``Store.pending_keys``).
+    key_pending: bool = False
 
 
 class Inserted(list[str]):
@@ -143,8 +146,8 @@ class ClaimRequest:
     # before the job starts would leave it dead without ever running. Claims under
     # concurrency or rate limits take none ahead: ``limit - ahead`` at most.
     ahead: int = 0
-    # Named limiters with a key function: a job of theirs whose key is still pending
-    # holds back the rest of the limiter in this claim (``Claimed.unkeyed``).
+    # Named limiters with a key function: while a job of theirs waits for its key, the
+    # claim takes none of the limiter's jobs (``Claimed.unkeyed``).
     keyed: frozenset[str] = frozenset()
 
 
@@ -177,8 +180,6 @@ class RateKeyed(NamedTuple):
 
     job_id: str
     rate_key: str | None  # None: the limiter's shared bucket
-    options: str | None  # the job's options without the ``key_pending`` mark
-    marked: str  # its options as read: the key is stored only if they are unchanged
 
 
 class Applied(list[str]):
@@ -345,14 +346,14 @@ class Store(Protocol):
 
     async def pending_keys(self, tasks: Collection[str], *, limit: int) -> builtins.list[JobRow]:
         """Up to ``limit`` queued jobs of these tasks, in claim order, whose rate-limit
-        key is pending: enqueued by name where their task was not defined (options
-        marked ``key_pending``, see ``_dependents.py``). Claims under a keyed limiter
-        hold its jobs back while one is met (``Claimed.unkeyed``)."""
+        key is pending: enqueued by name where their task was not defined
+        (``NewJob.key_pending``). A claim under a keyed limiter that has such a job
+        holds the limiter's jobs back (``Claimed.unkeyed``)."""
         ...
 
     async def set_rate_keys(self, keys: Sequence[RateKeyed]) -> None:
-        """Store the rate-limit keys a worker computed for such jobs, and their options
-        without the mark; each only if its options are still those it was read with."""
+        """Store the rate-limit keys a worker computed for such jobs; their keys are no
+        longer pending (a job whose key another worker stored meanwhile keeps that)."""
         ...
 
     # -- operations (stats, dashboard, pruning) --------------------------------------

@@ -25,7 +25,6 @@ from asyncjobs.stores._admission import (
     has_limits,
     needs_running_counts,
 )
-from asyncjobs.stores._dependents import key_pending
 from asyncjobs.stores._protocol import ClaimRequest
 
 __all__ = ["WINDOW", "choose", "has_limits"]
@@ -65,8 +64,13 @@ def choose(db: sqlite3.Connection, request: ClaimRequest, now: float) -> Admissi
                 "GROUP BY task, queue"
             ).fetchall()
         )
+    held = _tasks_with_pending_keys(db, admission.keyed_tasks())
+    for task in held:
+        admission.hold_limiter_of(task)
     open_tasks = []
     for task in request.tasks:
+        if task in admission.blocked_tasks:  # held for a pending key
+            continue
         wake_at = admission.wake_at
         if admission.task_open(task):
             open_tasks.append(task)
@@ -91,6 +95,20 @@ def choose(db: sqlite3.Connection, request: ClaimRequest, now: float) -> Admissi
     return admission
 
 
+def _tasks_with_pending_keys(db: sqlite3.Connection, tasks: list[str]) -> list[str]:
+    """Which of these tasks have queued jobs whose rate-limit key is pending (one seek
+    in a small index each)."""
+    if not tasks:
+        return []
+    rows = db.execute(
+        "SELECT DISTINCT task FROM asyncjobs_jobs INDEXED BY asyncjobs_jobs_key_pending "
+        "WHERE key_pending IS NOT NULL AND status = 'queued' "
+        "AND task IN (SELECT value FROM json_each(?))",
+        (json.dumps(tasks),),
+    ).fetchall()
+    return [task for (task,) in rows]
+
+
 def _has_ready(db: sqlite3.Connection, task: str) -> bool:
     row = db.execute(
         "SELECT 1 FROM asyncjobs_jobs WHERE status = 'queued' AND task = ? LIMIT 1", (task,)
@@ -106,8 +124,8 @@ def _candidates(
     after: tuple[int, int] | None = None
     while task not in admission.blocked_tasks:
         rows = _page(db, admission, task, page, after, keyed_only)
-        for seq, priority, queue, rate_key, options in rows:
-            yield Candidate(seq, priority, task, queue, rate_key or "", key_pending(options))
+        for seq, priority, queue, rate_key, pending in rows:
+            yield Candidate(seq, priority, task, queue, rate_key or "", bool(pending))
         if len(rows) < page:
             return
         after = (rows[-1][1], rows[-1][0])
@@ -143,10 +161,10 @@ def _page(
         params.extend((after[0], after[0], after[1]))
     # Only fixed terms with ? placeholders are joined; values go in params.
     sql = (
-        "WITH head AS (SELECT seq, priority, queue, rate_key, group_key, options "  # noqa: S608
+        "WITH head AS (SELECT seq, priority, queue, rate_key, group_key, key_pending "  # noqa: S608
         f"FROM asyncjobs_jobs WHERE {' AND '.join(head_where)} "
         "ORDER BY priority DESC, seq LIMIT ?) "
-        "SELECT j.seq, j.priority, j.queue, j.rate_key, j.options FROM head AS j "
+        "SELECT j.seq, j.priority, j.queue, j.rate_key, j.key_pending FROM head AS j "
         f"WHERE {' AND '.join(where)} ORDER BY j.priority DESC, j.seq LIMIT ?"
     )
     return db.execute(sql, (*head_params, WINDOW, *params, page)).fetchall()

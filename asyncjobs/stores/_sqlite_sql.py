@@ -19,7 +19,6 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from asyncjobs.stores._dependents import (
     COUNTS_FLAG,
-    KEY_PENDING_LIKE,
     RESULT_FLAG,
     pass_result,
     wants,
@@ -79,18 +78,18 @@ def _next_run_at(db: sqlite3.Connection) -> list[Any]:
     ).fetchall()
 
 
-_INSERT_HEAD = (
+_INSERT_INTO = (
     "INSERT INTO asyncjobs_jobs (id, task, queue, status, priority, payload, options, "
     "max_attempts, run_at, enqueued_at, idempotency_key, group_key, chain_next, batch_id, "
-    "rate_key) VALUES "
+    "rate_key"
 )
-_INSERT_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-# With a job dispatched at insert: four columns more. Only then, as the driver binds
-# every parameter holding the GIL.
-_INSERT_STARTED_HEAD = _INSERT_HEAD[: -len(") VALUES ")] + (
-    ", attempts, started_at, lease_until, worker) VALUES "
-)
-_INSERT_STARTED_ROW = _INSERT_ROW[:-1] + ", ?, ?, ?, ?)"
+_INSERT_MARKS = "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
+# With a job dispatched at insert, four columns more; with a job whose rate-limit key
+# is pending, one more. Only then, as the driver binds every parameter holding the GIL.
+_STARTED = ", attempts, started_at, lease_until, worker"
+_STARTED_MARKS = ", ?, ?, ?, ?"
+_PENDING = ", key_pending"
+_PENDING_MARK = ", ?"
 _INSERT_TAIL = " ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
 _NOT_STARTED = (0, None, None, None)
 _INSERT_CHUNK = 500
@@ -108,6 +107,7 @@ def insert_jobs(db: sqlite3.Connection, jobs: Sequence[NewJob], now: float) -> I
     for start in range(0, len(jobs), _INSERT_CHUNK):
         chunk = jobs[start : start + _INSERT_CHUNK]
         dispatched = any(j.worker is not None for j in chunk)
+        pending = any(j.key_pending for j in chunk)
         values: list[Any] = []
         for j in chunk:
             values += (
@@ -117,9 +117,12 @@ def insert_jobs(db: sqlite3.Connection, jobs: Sequence[NewJob], now: float) -> I
             )  # fmt: skip
             if dispatched:  # a dispatched job's first attempt starts now
                 values += _NOT_STARTED if j.worker is None else (1, now, j.lease_until, j.worker)
-        head = _INSERT_STARTED_HEAD if dispatched else _INSERT_HEAD
-        row = _INSERT_STARTED_ROW if dispatched else _INSERT_ROW
-        sql = head + ", ".join([row] * len(chunk)) + _INSERT_TAIL
+            if pending:
+                values.append(1 if j.key_pending else None)
+        columns = (_STARTED if dispatched else "") + (_PENDING if pending else "")
+        marks = (_STARTED_MARKS if dispatched else "") + (_PENDING_MARK if pending else "")
+        row = "(" + _INSERT_MARKS + marks + ")"
+        sql = _INSERT_INTO + columns + ") VALUES " + ", ".join([row] * len(chunk)) + _INSERT_TAIL
         if dispatched:  # the runner needs their seq; RETURNING lists every inserted row
             returned = db.execute(sql + " RETURNING id, seq, worker", values).fetchall()
             seqs.update((job_id, seq) for job_id, seq, worker in returned if worker is not None)
@@ -491,21 +494,20 @@ def _cancel(
 
 
 _PENDING_KEYS = (
-    "SELECT " + _SELECT + " FROM asyncjobs_jobs INDEXED BY asyncjobs_jobs_ready_task "  # noqa: S608
-    "WHERE status = 'queued' AND task IN (SELECT value FROM json_each(?)) "
-    "AND options LIKE ? ORDER BY task, priority DESC, seq LIMIT ?"
+    "SELECT " + _SELECT + " FROM asyncjobs_jobs INDEXED BY asyncjobs_jobs_key_pending "  # noqa: S608
+    "WHERE key_pending IS NOT NULL AND status = 'queued' "
+    "AND task IN (SELECT value FROM json_each(?)) ORDER BY priority DESC, seq LIMIT ?"
 )
 
 
 def pending_keys(db: sqlite3.Connection, tasks: Collection[str], limit: int) -> list[JobRow]:
-    """``Store.pending_keys``: a walk of the tasks' ready jobs (the ones a claim met)."""
-    params = (json.dumps(sorted(tasks)), KEY_PENDING_LIKE, limit)
-    rows = db.execute(_PENDING_KEYS, params).fetchall()
+    rows = db.execute(_PENDING_KEYS, (json.dumps(sorted(tasks)), limit)).fetchall()
     return [_row(r) for r in rows]
 
 
 def set_rate_keys(db: sqlite3.Connection, keys: Sequence[RateKeyed]) -> None:
     db.executemany(
-        "UPDATE asyncjobs_jobs SET rate_key = ?, options = ? WHERE id = ? AND options = ?",
-        [(k.rate_key, k.options, k.job_id, k.marked) for k in keys],
+        "UPDATE asyncjobs_jobs SET rate_key = ?, key_pending = NULL "
+        "WHERE id = ? AND key_pending IS NOT NULL",
+        [(k.rate_key, k.job_id) for k in keys],
     )
