@@ -131,18 +131,14 @@ class Batch:
         return f"<Batch {self.id} of {len(self.jobs)} jobs>"
 
     async def progress(self) -> BatchProgress:
-        """Counts of the members by outcome, read in one query.
-
-        A member discarded or purged still counts under its outcome while a job of the
-        batch (a member, or ``on_complete``) is stored. One the store no longer accounts
-        for (the whole batch deleted) counts as done under no outcome: deletion never
-        takes a running job, and cancels an unfinished one first."""
+        """Counts of the members by outcome, read in one query. A member discarded,
+        purged or pruned still counts under its outcome, until retention prunes the
+        last job of its batch."""
         counts = await self._jobs.store.batch_counts(self.id)
         finished = {str(s): counts.get(str(s), 0) for s in FINISHED}
-        gone = max(0, len(self.jobs) - sum(counts.values()))
         return BatchProgress(
             total=len(self.jobs),
-            done=sum(finished.values()) + gone,
+            done=sum(finished.values()),
             succeeded=finished[JobStatus.SUCCEEDED],
             dead=finished[JobStatus.DEAD],
             cancelled=finished[JobStatus.CANCELLED],
@@ -153,32 +149,40 @@ class Batch:
 
         A member (or ``on_complete``) discarded or purged counts as finished."""
         with anyio.fail_after(timeout):
-            if self.on_complete is not None and await _succeeded(self._jobs, self.on_complete):
+            if self.on_complete is not None and await self._succeeded(self.on_complete):
                 return await self.progress()  # it ran: every member had finished
             # No on_complete, or it did not succeed (maybe cancelled or deleted before
             # the members finished): wait for them too.
             for job in self.jobs:
-                await _succeeded(self._jobs, job)
+                await self._succeeded(job)
         return await self.progress()
+
+    async def _succeeded(self, job: Job[Any]) -> bool:
+        """Wait for ``job`` to finish; whether it succeeded. A job of the batch that is no
+        longer stored finished (deletion never takes a running job, and cancels an
+        unfinished one) if the store still counts the batch: its jobs are all inserted
+        in one transaction, so none visible means not committed (yet), or forgotten."""
+        try:
+            await job.result()
+        except JobFailed:
+            return False
+        except AsyncJobsError:
+            if await self._jobs.get(job.id) is not None or not await self._counted():
+                raise  # not about a missing job, or a batch the store does not know
+            return False
+        return True
+
+    async def _counted(self) -> bool:
+        if await self._jobs.store.batch_counts(self.id):
+            return True
+        return (
+            self.on_complete is not None and await self._jobs.get(self.on_complete.id) is not None
+        )
 
     async def results(self, timeout: float | None = None) -> list[Any]:
         """The members' results in order; raises ``JobFailed`` for the first that failed."""
         with anyio.fail_after(timeout):
             return [await job.result() for job in self.jobs]
-
-
-async def _succeeded(jobs: Jobs, job: Job[Any]) -> bool:
-    """Wait for ``job`` to finish; whether it succeeded. A job no longer stored has
-    finished too: deletion never takes a running job, and cancels an unfinished one."""
-    try:
-        await job.result()
-    except JobFailed:
-        return False
-    except AsyncJobsError:
-        if await jobs.get(job.id) is not None:
-            raise  # not about a missing job
-        return False
-    return True
 
 
 def _member(jobs: Jobs, spec: object, what: str) -> JobSpec[Any]:

@@ -606,17 +606,17 @@ async def test_purging_succeeded_members_mid_batch_keeps_the_counts(
     clock.advance(101)
     await drain(jobs)
     assert seen == [{"id": batch.id, "total": 3, "succeeded": 3, "dead": 0, "cancelled": 0}]
-    # Purged again once the batch is done, on_complete included: nothing left to count.
+    # Purged again once the batch is done, on_complete included: still counted.
     assert await jobs.purge(status="succeeded") == 2
     assert await batch.wait(timeout=5) == BatchProgress(
-        total=3, done=3, succeeded=0, dead=0, cancelled=0
+        total=3, done=3, succeeded=3, dead=0, cancelled=0
     )
 
 
 async def test_batch_with_a_discarded_member_finishes(jobs: Jobs, db_url: str) -> None:
-    """With no on_complete too, a deleted member counts under its outcome while the
-    batch has other members stored, and ``wait()`` does not raise for it. Once the
-    whole batch is deleted its members count as done under no outcome."""
+    """With no on_complete too, a deleted member counts under its outcome, and
+    ``wait()`` does not raise for it; so do all of them once the whole batch is
+    deleted, until retention prunes their tally."""
     member, _, _ = counting_batch(jobs)
 
     batch = await jobs.batch([member.spec(n) for n in range(3)])
@@ -627,10 +627,9 @@ async def test_batch_with_a_discarded_member_finishes(jobs: Jobs, db_url: str) -
     assert (await batch.progress()).finished
     assert await batch.wait(timeout=5) == finished
     assert await jobs.purge(status="succeeded") == 2
-    gone = BatchProgress(total=3, done=3, succeeded=0, dead=0, cancelled=0)
-    assert await batch.progress() == gone
-    assert await batch.wait(timeout=5) == gone
-    assert await tallies(db_url) == 0  # nothing kept for a batch with no job left
+    assert await batch.progress() == finished
+    assert await batch.wait(timeout=5) == finished
+    assert await tallies(db_url) == 2  # cancelled and succeeded
 
 
 async def test_a_retried_on_complete_gets_the_counts_of_members_purged_meanwhile(
@@ -654,7 +653,8 @@ async def test_retention_keeps_a_batchs_counts_while_a_job_of_it_is_stored(
     jobs: Jobs, clock: FakeClock, db_url: str
 ) -> None:
     """Retention prunes succeeded members before a dead on_complete (kept longer): the
-    batch's counts keep them until the last job of the batch is pruned too."""
+    batch's counts keep them until the last job of the batch is pruned too, and then
+    forget the batch."""
     member, _, _ = counting_batch(jobs)
 
     @jobs.task(retries=0)
@@ -672,7 +672,7 @@ async def test_retention_keeps_a_batchs_counts_while_a_job_of_it_is_stored(
     assert await prune_expired(jobs) == 1
     assert await tallies(db_url) == 0
     assert await batch.progress() == BatchProgress(
-        total=2, done=2, succeeded=0, dead=0, cancelled=0
+        total=2, done=0, succeeded=0, dead=0, cancelled=0
     )
 
 

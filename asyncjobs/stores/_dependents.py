@@ -23,7 +23,7 @@ cannot decode it.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 RESULT_FLAG = "pass_result"
@@ -119,3 +119,18 @@ def original_arguments(payload: str, options: str | None) -> tuple[list[Any], di
         if parsed.get(COUNTS_FLAG) is True:
             kwargs.pop("batch", None)
     return args, kwargs
+
+
+def tally(
+    deleted: Iterable[tuple[str | None, str, float | None]],
+) -> list[tuple[str, str, int, float]]:
+    """The batch members among deleted jobs, given as (batch_id, status, finished_at): by
+    batch and status, how many and their latest finish, sorted (the order in which a
+    store locks the tallies it adds them to). A member is deleted finished: an
+    unfinished one is cancelled first."""
+    counts: dict[tuple[str, str], tuple[int, float]] = {}
+    for batch_id, status, finished_at in deleted:
+        if batch_id is not None:
+            n, latest = counts.get((batch_id, status), (0, 0.0))
+            counts[batch_id, status] = (n + 1, max(latest, finished_at or 0.0))
+    return [(b, s, n, latest) for (b, s), (n, latest) in sorted(counts.items())]

@@ -611,7 +611,7 @@ _DELETE = "DELETE FROM asyncjobs_jobs WHERE status != 'running' AND (("
 _DELETE_END = (
     ") AND status NOT IN ('waiting', 'scheduled', 'queued') "
     "AND id <> ALL(${changed}::text[]) OR id = ANY(${matched}::text[])) "
-    "RETURNING chain_next, id, batch_id, status"
+    "RETURNING chain_next, batch_id, status, finished_at"
 )
 
 

@@ -18,7 +18,6 @@ from asyncjobs.stores._postgres_sql import (
     lock_callbacks,
     notify,
     release_dependents,
-    sweep_tallies,
     tally_deleted,
 )
 from asyncjobs.stores._protocol import (
@@ -180,9 +179,20 @@ _PRUNE = (
     # Rows another transaction holds are left to the next prune: one retried by hand
     # meanwhile would be deleted once free (the outer DELETE matches by seq alone),
     # and waiting on rows that a bulk retry or delete locks in another order deadlocked.
-    "FOR UPDATE SKIP LOCKED) RETURNING id, batch_id, status"
+    "FOR UPDATE SKIP LOCKED) RETURNING batch_id, status, finished_at"
 )
 _PRUNE_FINISHED = _PRUNE.format(statuses="'succeeded', 'cancelled'")
+# The tallies of deleted batch members (``tally_deleted``) go with the last job of
+# their batch, once they are as old as the members retention prunes; those another
+# transaction holds are left to the next prune.
+_PRUNE_TALLIES = (
+    "DELETE FROM asyncjobs_batch_deleted WHERE (batch_id, status) IN ("
+    "SELECT batch_id, status FROM asyncjobs_batch_deleted AS d "
+    "WHERE finished_at < CASE WHEN status = 'dead' THEN $1::float8 ELSE $2::float8 END "
+    "AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS j WHERE j.batch_id = d.batch_id) "
+    "AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS j WHERE j.id = d.batch_id) "
+    "FOR UPDATE SKIP LOCKED)"
+)
 _PRUNE_DEAD = _PRUNE.format(statuses="'dead'")
 
 
@@ -194,7 +204,7 @@ async def prune(
     if len(deleted) < limit:
         deleted += await conn.fetch(_PRUNE_DEAD, dead_before, limit - len(deleted))
     await tally_deleted(conn, deleted)
-    await sweep_tallies(conn)
+    await conn.execute(_PRUNE_TALLIES, dead_before, finished_before)
     await conn.execute("DELETE FROM asyncjobs_workers WHERE last_seen_at < $1", workers_before)
     return len(deleted)
 

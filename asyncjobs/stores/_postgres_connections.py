@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+_DEADLOCK_TRIES = 3
+"""Tries of a store transaction that PostgreSQL keeps ending to break deadlocks."""
+
 PAST_DEADLINE_WAIT = 1.0
 """Seconds a statement sent past the store's deadline (``set_deadline``) waits for its
 reply: a healthy server answers in milliseconds, so a stopping worker's last records
@@ -456,8 +459,19 @@ class _Connections:
             ) from None
 
     async def _transaction(self, what: str, fn: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run ``fn`` in a transaction, again if PostgreSQL ended it to break a deadlock
+        (rolled back: nothing of it stayed). Operations that lock many rows, such as a
+        purge or a bulk retry, can meet another in an order no lock order rules out."""
+
         async def in_transaction(conn: Connection) -> T:
-            async with conn.transaction():
-                return await fn(conn)
+            for attempt in range(1, _DEADLOCK_TRIES + 1):
+                try:
+                    async with conn.transaction():
+                        return await fn(conn)
+                except asyncpg.DeadlockDetectedError:
+                    if attempt == _DEADLOCK_TRIES:
+                        raise
+                    logger.info("PostgreSQL store: %s ended by a deadlock; trying again", what)
+            raise AssertionError("unreachable")  # pragma: no cover
 
         return await self._run(what, in_transaction)

@@ -10,7 +10,6 @@ Functions named for a store operation run inside the transaction the store opene
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -23,6 +22,7 @@ from asyncjobs.stores._dependents import (
     COUNTS_FLAG,
     RESULT_FLAG,
     pass_result,
+    tally,
     wants,
     with_batch,
 )
@@ -596,50 +596,24 @@ async def batch_counts(conn: Connection, batch_id: str) -> dict[str, int]:
 
 
 # Tallies are locked by deletions only, each adding to them in (batch_id, status) order
-# as its last wait, so two deletions never wait on each other's tallies in a cycle.
-# Dropping one skips a tally another transaction holds: what is left is dropped by
-# ``sweep_tallies`` in a later prune.
+# as its last wait, so two deletions never wait on each other's tallies in a cycle;
+# prune drops them skipping those another transaction holds.
 _TALLY = """
-    INSERT INTO asyncjobs_batch_deleted AS d (batch_id, status, n)
-    SELECT t.batch_id, t.status, t.n
-    FROM unnest($1::text[], $2::text[], $3::bigint[]) AS t (batch_id, status, n)
-    WHERE EXISTS (SELECT 1 FROM asyncjobs_jobs AS j WHERE j.batch_id = t.batch_id)
-       OR EXISTS (SELECT 1 FROM asyncjobs_jobs AS j WHERE j.id = t.batch_id)
-    ORDER BY t.batch_id, t.status
-    ON CONFLICT (batch_id, status) DO UPDATE SET n = d.n + excluded.n
+    INSERT INTO asyncjobs_batch_deleted AS d (batch_id, status, n, finished_at)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::float8[])
+    ON CONFLICT (batch_id, status) DO UPDATE
+    SET n = d.n + excluded.n, finished_at = greatest(d.finished_at, excluded.finished_at)
 """
-_ORPHAN_TALLIES = """
-    DELETE FROM asyncjobs_batch_deleted WHERE (batch_id, status) IN (
-        SELECT batch_id, status FROM asyncjobs_batch_deleted AS d WHERE {which}
-        AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS j WHERE j.batch_id = d.batch_id)
-        AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS j WHERE j.id = d.batch_id)
-        FOR UPDATE SKIP LOCKED)
-"""
-_FORGET_TALLIES = _ORPHAN_TALLIES.format(which="d.batch_id = ANY($1::text[])")
-_SWEEP_TALLIES = _ORPHAN_TALLIES.format(which="true")
-
-
-async def sweep_tallies(conn: Connection) -> None:
-    """Drop the tallies of batches left with no row (``prune`` runs it): those that two
-    deletions of a batch's last rows at once each left to the other."""
-    await conn.execute(_SWEEP_TALLIES)
 
 
 async def tally_deleted(conn: Connection, deleted: Sequence[asyncpg.Record]) -> None:
-    """After rows were deleted (records with ``id``, ``batch_id`` and ``status``): add the
-    batch members among them to their batch's tally of deleted members, which the
-    batch's counts add back, while any row of the batch is left; drop the tallies of
-    batches left with none."""
-    tally = Counter((r["batch_id"], r["status"]) for r in deleted if r["batch_id"] is not None)
-    if tally:
-        keys = sorted(tally)
-        await conn.execute(
-            _TALLY, [b for b, _ in keys], [s for _, s in keys], [tally[k] for k in keys]
-        )
-    # A deleted row may be a batch's on_complete (its id is the batch id) or its last row.
-    affected = {r["id"] for r in deleted} | {b for b, _ in tally}
-    if affected:
-        await conn.execute(_FORGET_TALLIES, sorted(affected))
+    """After rows were deleted (records with ``batch_id``, ``status``, ``finished_at``):
+    add the batch members among them to their batch's tally of deleted members, which
+    the batch's counts add back (``prune`` drops a tally with the last job of its
+    batch)."""
+    rows = tally((r["batch_id"], r["status"], r["finished_at"]) for r in deleted)
+    if rows:
+        await conn.execute(_TALLY, *(list(column) for column in zip(*rows, strict=True)))
 
 
 async def release_dependents(

@@ -655,7 +655,7 @@ _DELETE = "DELETE FROM asyncjobs_jobs WHERE status != 'running' AND (("
 _DELETE_END = (
     ") AND status NOT IN ('waiting', 'scheduled', 'queued') "
     "AND id NOT IN (SELECT value FROM json_each(?)) OR id IN (SELECT value FROM json_each(?))) "
-    "RETURNING chain_next, id, batch_id, status"
+    "RETURNING chain_next, batch_id, status, finished_at"
 )
 
 
@@ -673,7 +673,7 @@ def _delete(
     matched = [job_id for job_id, _ in unfinished]
     deleted = db.execute(delete_sql, (*params, json.dumps(changed), json.dumps(matched)))
     rows = deleted.fetchall()
-    tally_deleted(db, [(job_id, batch_id, status) for _, job_id, batch_id, status in rows])
+    tally_deleted(db, [(batch_id, status, at) for _, batch_id, status, at in rows])
     followers = [chain_next for chain_next, _, _, _ in rows if chain_next is not None]
     if followers:
         waiting = db.execute(

@@ -224,9 +224,17 @@ _PRUNE = (
     # A chain member retried by hand waits for this one to be retried and succeed.
     "AND (chain_next IS NULL OR NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS c "
     "WHERE c.id = j.chain_next AND c.status = 'waiting')) LIMIT ?) "
-    "RETURNING id, batch_id, status"
+    "RETURNING batch_id, status, finished_at"
 )
 _PRUNE_FINISHED = _PRUNE.format(statuses="'succeeded', 'cancelled'")
+# The tallies of deleted batch members (``tally_deleted``) go with the last job of
+# their batch, once they are as old as the members retention prunes.
+_PRUNE_TALLIES = (
+    "DELETE FROM asyncjobs_batch_deleted AS d "
+    "WHERE finished_at < CASE WHEN status = 'dead' THEN ? ELSE ? END "
+    "AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs WHERE batch_id = d.batch_id) "
+    "AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs WHERE id = d.batch_id)"
+)
 _PRUNE_DEAD = _PRUNE.format(statuses="'dead'")
 
 
@@ -238,6 +246,7 @@ def _prune(
     if len(deleted) < limit:
         deleted += db.execute(_PRUNE_DEAD, (dead_before, limit - len(deleted))).fetchall()
     tally_deleted(db, deleted)
+    db.execute(_PRUNE_TALLIES, (dead_before, finished_before))
     db.execute("DELETE FROM asyncjobs_workers WHERE last_seen_at < ?", (workers_before,))
     return len(deleted)
 

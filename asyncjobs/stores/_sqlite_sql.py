@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -21,6 +20,7 @@ from asyncjobs.stores._dependents import (
     COUNTS_FLAG,
     RESULT_FLAG,
     pass_result,
+    tally,
     wants,
     with_batch,
 )
@@ -420,31 +420,23 @@ def _batch_counts(db: sqlite3.Connection, batch_id: str) -> list[tuple[str, int]
 
 
 _TALLY = (
-    "INSERT INTO asyncjobs_batch_deleted (batch_id, status, n) "
-    "SELECT json_extract(value, '$[0]') AS b, json_extract(value, '$[1]'), "
-    "json_extract(value, '$[2]') FROM json_each(?) "
-    "WHERE EXISTS (SELECT 1 FROM asyncjobs_jobs WHERE batch_id = b) "
-    "OR EXISTS (SELECT 1 FROM asyncjobs_jobs WHERE id = b) "
-    "ON CONFLICT (batch_id, status) DO UPDATE SET n = n + excluded.n"
-)
-_FORGET_TALLIES = (
-    "DELETE FROM asyncjobs_batch_deleted AS d WHERE batch_id IN (SELECT value FROM json_each(?)) "
-    "AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs WHERE batch_id = d.batch_id) "
-    "AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs WHERE id = d.batch_id)"
+    "INSERT INTO asyncjobs_batch_deleted (batch_id, status, n, finished_at) "
+    "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
+    "json_extract(value, '$[2]'), json_extract(value, '$[3]') FROM json_each(?) WHERE true "
+    "ON CONFLICT (batch_id, status) DO UPDATE SET n = n + excluded.n, "
+    "finished_at = max(finished_at, excluded.finished_at)"
 )
 
 
-def tally_deleted(db: sqlite3.Connection, deleted: Sequence[tuple[str, str | None, str]]) -> None:
-    """After rows were deleted, (id, batch_id, status) each: add the batch members among
-    them to their batch's tally of deleted members, which the batch's counts add back,
-    while any row of the batch is left; drop the tallies of batches left with none."""
-    tally = Counter((batch_id, status) for _, batch_id, status in deleted if batch_id)
-    if tally:
-        db.execute(_TALLY, (json.dumps([[b, s, n] for (b, s), n in sorted(tally.items())]),))
-    # A deleted row may be a batch's on_complete (its id is the batch id) or its last row.
-    affected = {job_id for job_id, _, _ in deleted} | {b for b, _ in tally}
-    if affected:
-        db.execute(_FORGET_TALLIES, (json.dumps(sorted(affected)),))
+def tally_deleted(
+    db: sqlite3.Connection, deleted: Sequence[tuple[str | None, str, float | None]]
+) -> None:
+    """After rows were deleted, (batch_id, status, finished_at) each: add the batch
+    members among them to their batch's tally of deleted members, which the batch's
+    counts add back (``prune`` drops a tally with the last job of its batch)."""
+    rows = tally(deleted)
+    if rows:
+        db.execute(_TALLY, (json.dumps(rows),))
 
 
 def _heartbeat(

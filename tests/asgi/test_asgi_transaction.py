@@ -11,7 +11,7 @@ import aiosqlite
 import anyio
 import pytest
 
-from asyncjobs import ConfigurationError, Jobs, JobStatus
+from asyncjobs import AsyncJobsError, ConfigurationError, Jobs, JobSpec, JobStatus
 from asyncjobs.stores import SQLiteStore
 from asyncjobs.stores._sqlite_sql import _claim, _finish_and_claim
 from asyncjobs.testing import FakeClock, drain
@@ -350,3 +350,25 @@ async def test_a_store_first_opened_inside_the_block_does_not_wait_for_the_calle
         assert len(await jobs.list()) == 2
     finally:
         await jobs.close()
+
+
+async def test_a_batch_not_yet_committed_is_not_finished(
+    jobs: Jobs, conn: aiosqlite.Connection
+) -> None:
+    """Its jobs are out of sight until the caller commits: its progress is none, and
+    waiting for it fails on a job the store does not know, rather than reading it as
+    deleted (a deleted member counts as finished)."""
+    register(jobs)
+    await jobs.store.open()  # as the lifespan does: the schema is in place
+    await conn.execute("BEGIN IMMEDIATE")
+    async with jobs.transaction(conn):
+        batch = await jobs.batch(
+            [JobSpec(task="welcome", args=(1,)), JobSpec(task="welcome", args=(2,))],
+            on_complete=JobSpec(task="welcome", args=(0,)),
+        )
+    progress = await batch.progress()
+    assert not progress.finished
+    assert progress.done == 0
+    with pytest.raises(AsyncJobsError, match="does not exist"):
+        await batch.wait(timeout=5)
+    await conn.execute("ROLLBACK")

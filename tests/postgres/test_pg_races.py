@@ -8,6 +8,7 @@ Before the fixes these deadlocked ("deadlock detected") or lost a job.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -19,6 +20,7 @@ from asyncjobs.stores import (
     NewJob,
     Outcome,
     OutcomeKind,
+    PostgresStore,
     Store,
     TaskLimits,
     open_store,
@@ -157,3 +159,57 @@ async def test_a_bulk_retry_of_dead_jobs_and_prune_at_once(store: Store) -> None
     queued = await store.list(status="queued", limit=2000, now=T0 + 10)
     assert counted["retried"] + counted["pruned"] == 2000
     assert len(queued) == counted["retried"]
+
+
+async def test_a_store_transaction_ended_by_a_deadlock_runs_again(
+    store: Store, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real deadlock with another connection, which the store's transaction is made
+    to detect (its deadlock_timeout is the shorter): PostgreSQL rolls it back to break
+    the cycle, and the store runs it again once the other transaction is through."""
+    assert isinstance(store, PostgresStore)
+    await store.insert([new("a"), new("b")], now=T0)
+    other = await asyncpg.connect(postgres_url)
+    watcher = await asyncpg.connect(postgres_url)
+    other_pid = await other.fetchval("SELECT pg_backend_pid()")
+    holds_a = anyio.Event()
+    tries = 0
+
+    async def waits_on_a() -> bool:
+        return bool(
+            await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
+                other_pid,
+            )
+        )
+
+    async def write_a_then_b(conn: Any) -> None:
+        nonlocal tries
+        tries += 1
+        await conn.execute("SET LOCAL deadlock_timeout = '10ms'")
+        await conn.execute("UPDATE asyncjobs_jobs SET priority = priority + 1 WHERE id = 'a'")
+        holds_a.set()
+        if tries == 1:
+            while not await waits_on_a():  # the other transaction now waits for a
+                await anyio.lowlevel.checkpoint()
+        await conn.execute("UPDATE asyncjobs_jobs SET priority = priority + 1 WHERE id = 'b'")
+
+    async def write_b_then_a() -> None:
+        async with other.transaction():
+            await other.execute("SET LOCAL deadlock_timeout = '10s'")
+            await other.execute("UPDATE asyncjobs_jobs SET priority = priority + 10 WHERE id = 'b'")
+            await holds_a.wait()
+            await other.execute("UPDATE asyncjobs_jobs SET priority = priority + 10 WHERE id = 'a'")
+
+    try:
+        with caplog.at_level("INFO", logger="asyncjobs"), anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(write_b_then_a)
+                await store._transaction("test", write_a_then_b)
+    finally:
+        await other.close()
+        await watcher.close()
+    assert tries == 2
+    rows = [await store.get(job_id) for job_id in "ab"]
+    assert [row.priority if row else None for row in rows] == [11, 11]
+    assert any("ended by a deadlock" in r.getMessage() for r in caplog.records)

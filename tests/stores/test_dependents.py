@@ -129,6 +129,23 @@ async def test_deleted_batch_members_still_count_in_the_callbacks_counts(store: 
     assert await store.batch_counts("cb") == {"cancelled": 1, "succeeded": 2, "dead": 1}
 
 
+async def test_prune_drops_a_tally_with_the_last_job_of_its_batch_past_retention(
+    store: Store,
+) -> None:
+    await store.insert(
+        [new("m1", batch_id="b1"), new("m2", batch_id="b2"), new("m3", batch_id="b2")], now=T0
+    )
+    first, second, _ = await claim(store)
+    await store.finish([done(first, OutcomeKind.SUCCEEDED)], now=T0)
+    await store.finish([done(second, OutcomeKind.SUCCEEDED)], now=T0)
+    assert await store.purge(status="succeeded", now=T0) == 2
+    await store.prune(finished_before=T0, dead_before=T0, workers_before=0, limit=10)
+    assert await store.batch_counts("b1") == {"succeeded": 1}  # not yet past retention
+    await store.prune(finished_before=T0 + 1, dead_before=T0 + 1, workers_before=0, limit=10)
+    assert await store.batch_counts("b1") == {}  # no job of b1 is left
+    assert await store.batch_counts("b2") == {"succeeded": 1, "running": 1}
+
+
 def test_payload_helpers() -> None:
     assert wants('{"pass_result": true}', "pass_result")
     assert not wants('{"pass_result": 1}', "pass_result")
