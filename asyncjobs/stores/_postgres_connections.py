@@ -24,7 +24,7 @@ import asyncpg
 
 from asyncjobs._errors import ConfigurationError, DataRefused, StoreError
 from asyncjobs.stores._postgres_schema import migrate
-from asyncjobs.stores._postgres_sql import channel
+from asyncjobs.stores._postgres_sql import channel, retry_deadlocks
 
 if TYPE_CHECKING:
     from asyncjobs.stores._postgres_sql import Connection, Pool
@@ -32,9 +32,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-_DEADLOCK_TRIES = 3
-"""Tries of a store transaction that PostgreSQL keeps ending to break deadlocks."""
 
 PAST_DEADLINE_WAIT = 1.0
 """Seconds a statement sent past the store's deadline (``set_deadline``) waits for its
@@ -459,19 +456,14 @@ class _Connections:
             ) from None
 
     async def _transaction(self, what: str, fn: Callable[[Connection], Awaitable[T]]) -> T:
-        """Run ``fn`` in a transaction, again if PostgreSQL ended it to break a deadlock
-        (rolled back: nothing of it stayed). Operations that lock many rows, such as a
-        purge or a bulk retry, can meet another in an order no lock order rules out."""
+        """Run ``fn`` in a transaction, again if PostgreSQL ends it to break a deadlock
+        (``retry_deadlocks``)."""
 
         async def in_transaction(conn: Connection) -> T:
-            for attempt in range(1, _DEADLOCK_TRIES + 1):
-                try:
-                    async with conn.transaction():
-                        return await fn(conn)
-                except asyncpg.DeadlockDetectedError:
-                    if attempt == _DEADLOCK_TRIES:
-                        raise
-                    logger.info("PostgreSQL store: %s ended by a deadlock; trying again", what)
-            raise AssertionError("unreachable")  # pragma: no cover
+            async def attempt() -> T:
+                async with conn.transaction():
+                    return await fn(conn)
+
+            return await retry_deadlocks(what, attempt)
 
         return await self._run(what, in_transaction)

@@ -10,9 +10,10 @@ Functions named for a store operation run inside the transaction the store opene
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable, Sequence
+import logging
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import asyncpg
 
@@ -46,6 +47,10 @@ if TYPE_CHECKING:
 
     Connection: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
     Pool: TypeAlias = asyncpg.Pool[asyncpg.Record]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # JobRow's fields (a test holds them equal): the columns every read of a job returns.
 COLUMNS = (
@@ -475,16 +480,44 @@ async def apply(
 ) -> Applied:
     """Apply outcomes: in one statement for the usual jobs, in a transaction for chain
     and batch members (``finish``), and report as applied what the ``earlier`` writes,
-    unanswered, applied before (``finished_before``)."""
-    kinds = await finish_plain(conn, outcomes, now)
-    rest = [o for o in outcomes if o.job_id not in kinds]
-    if rest and conn.is_in_transaction():
-        kinds.update(await finish(conn, rest, now))
-    elif rest:
-        async with conn.transaction():
+    unanswered, applied before (``finished_before``). Outside a transaction, each is
+    tried again if PostgreSQL ends it to break a deadlock (``retry_deadlocks``)."""
+    if conn.is_in_transaction():
+        kinds = await finish_plain(conn, outcomes, now)
+        rest = [o for o in outcomes if o.job_id not in kinds]
+        if rest:
             kinds.update(await finish(conn, rest, now))
+    else:
+        kinds = await retry_deadlocks("finish", lambda: finish_plain(conn, outcomes, now))
+        rest = [o for o in outcomes if o.job_id not in kinds]
+        if rest:
+
+            async def in_transaction() -> dict[str, str]:
+                async with conn.transaction():
+                    return await finish(conn, rest, now)
+
+            kinds.update(await retry_deadlocks("finish", in_transaction))
     kinds.update(await finished_before(conn, outcomes, kinds, earlier))
     return applied(outcomes, kinds)
+
+
+DEADLOCK_TRIES = 3
+"""Tries of a statement or transaction that PostgreSQL keeps ending to break deadlocks."""
+
+
+async def retry_deadlocks(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+    """``attempt()`` (one statement, or one whole transaction), again if PostgreSQL ended
+    it to break a deadlock: rolled back, nothing of it stayed. Operations that lock many
+    rows (a purge, a bulk retry, a finish of jobs that lease recovery took meanwhile) can
+    meet others in an order that no lock order rules out."""
+    for tries in range(1, DEADLOCK_TRIES + 1):
+        try:
+            return await attempt()
+        except asyncpg.DeadlockDetectedError:
+            if tries == DEADLOCK_TRIES:
+                raise
+            logger.info("PostgreSQL store: %s ended by a deadlock; trying again", what)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def finish(conn: Connection, outcomes: Sequence[Outcome], now: float) -> dict[str, str]:

@@ -213,3 +213,47 @@ async def test_a_store_transaction_ended_by_a_deadlock_runs_again(
     rows = [await store.get(job_id) for job_id in "ab"]
     assert [row.priority if row else None for row in rows] == [11, 11]
     assert any("ended by a deadlock" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_finish_ended_by_a_deadlock_is_written_again(
+    store: Store, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker's write of outcomes meets another transaction holding one of its jobs'
+    rows and waiting for another (as a purge does, locking in its own order): the
+    write, ended by PostgreSQL to break the deadlock, is written again."""
+    await store.insert([new("a"), new("b")], now=T0)
+    first, second = sorted(await claim_all(store), key=lambda r: r.id)
+    other = await asyncpg.connect(postgres_url)
+    watcher = await asyncpg.connect(postgres_url)
+
+    async def finish_waits() -> bool:
+        return bool(
+            await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE '%UPDATE asyncjobs_jobs AS j SET%'"
+            )
+        )
+
+    async def hold_b_then_take_a() -> None:
+        async with other.transaction():
+            await other.execute("SET LOCAL deadlock_timeout = '10s'")  # the finish detects
+            await other.execute("UPDATE asyncjobs_jobs SET priority = 5 WHERE id = 'b'")
+            holds_b.set()
+            while not await finish_waits():
+                await anyio.lowlevel.checkpoint()
+            await other.execute("UPDATE asyncjobs_jobs SET priority = 5 WHERE id = 'a'")
+
+    holds_b = anyio.Event()
+    outcomes = [ended(first, OutcomeKind.SUCCEEDED), ended(second, OutcomeKind.SUCCEEDED)]
+    try:
+        with caplog.at_level("INFO", logger="asyncjobs"), anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hold_b_then_take_a)
+                await holds_b.wait()
+                assert sorted(await store.finish(outcomes, now=T0 + 1)) == ["a", "b"]
+    finally:
+        await other.close()
+        await watcher.close()
+    assert any("finish ended by a deadlock" in r.getMessage() for r in caplog.records)
+    rows = [await store.get(job_id) for job_id in "ab"]
+    assert [(r.status, r.priority) if r else None for r in rows] == [("succeeded", 5)] * 2
