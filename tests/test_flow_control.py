@@ -757,3 +757,37 @@ async def test_a_job_enqueued_by_name_is_stored_as_any_other(
     assert row.options is None
     await drain(worker)
     assert await job.result(timeout=5) == 1
+
+
+async def test_a_stream_of_jobs_enqueued_by_name_does_not_hold_up_those_already_keyed(
+    make_jobs: MakeJobs, backend_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A web process enqueues by name at a steady rate: a new job arrives each time
+    the worker has stored keys, before its next claim. A job whose key is pending holds
+    back only the limiter's jobs behind it, so those already keyed still run."""
+    producer = make_jobs(backend_url, workers=False)
+    worker = make_jobs(backend_url)
+    worker.limiter("per_domain", "1000/s", key=domain)
+    ran: list[str] = []
+
+    @worker.task(name="send", limiter="per_domain")
+    async def send(address: str) -> None:
+        ran.append(address)
+
+    enqueued: list[str] = []
+    store_keys = worker.store.set_rate_keys
+
+    async def set_rate_keys(keys: Any) -> None:
+        await store_keys(keys)
+        if len(enqueued) < 20:  # the web process enqueues another meanwhile
+            enqueued.append(f"user{len(enqueued)}@d{len(enqueued)}.example")
+            await producer.enqueue("send", enqueued[-1])
+            if len(enqueued) == 20:
+                ran.append("<stream stopped>")
+
+    monkeypatch.setattr(worker.store, "set_rate_keys", set_rate_keys)
+    await producer.enqueue("send", "first@a.example")
+    await drain(worker)
+    assert len(ran) == 22
+    assert ran.index("first@a.example") < ran.index("<stream stopped>"), ran
+    assert ran.index("user0@d0.example") < ran.index("<stream stopped>"), ran

@@ -12,9 +12,9 @@ buckets it changed. The rules:
 - a skipped job is simply left queued (no attempt spent); ``wake_at`` records when the
   first empty bucket that held a job back gets its next token;
 - while a job under a keyed limiter waits for its key (enqueued by name where its
-  task was not defined), no job of that limiter is taken, so none overtakes it with
-  its key, whatever the state of the buckets; ``unkeyed`` tells the runner to compute
-  the keys (``Runner.assign_keys``) and claim again.
+  task was not defined), no job of that limiter behind it in claim order is taken, so
+  none of its key overtakes it, whatever the state of the buckets; ``unkeyed`` tells
+  the runner to compute the keys (``Runner.assign_keys``) and claim again.
 
 Groups are filtered by the stores' SQL (only the oldest unfinished job of a group is
 a candidate).
@@ -96,6 +96,7 @@ class Admission:
     blocked_keys: dict[str, set[str]] = field(default_factory=dict)  # limiter -> keys
     wake_at: float | None = None
     unkeyed: bool = False
+    held_from: dict[str, tuple[int, int]] = field(default_factory=dict)  # limiter -> order
     chosen: list[int] = field(default_factory=list)  # the seq of the jobs admitted
 
     def count_running(self, rows: list[tuple[str, str, int]]) -> None:
@@ -170,14 +171,14 @@ class Admission:
         keyed = self.request.keyed
         return sorted(t for t, limits in self.request.tasks.items() if limits.limiter in keyed)
 
-    def hold_limiter_of(self, task: str) -> None:
-        """A job of ``task`` waits for its key: no job of its limiter is taken in this
-        claim (none of that key may overtake it), and the runner computes the keys."""
+    def key_pending(self, task: str, order: tuple[int, int]) -> None:
+        """A job of ``task`` at ``order`` in claim order waits for its key: none of its
+        limiter's jobs after it is taken in this claim (one of its key would overtake
+        it), and the runner computes the keys (``unkeyed``)."""
         self.unkeyed = True
-        limiter = self.request.tasks[task].limiter
-        self.blocked_tasks.update(
-            t for t, lim in self.request.tasks.items() if lim.limiter == limiter
-        )
+        limiter = self.request.tasks[task].limiter or ""
+        held = self.held_from.get(limiter)
+        self.held_from[limiter] = order if held is None else min(held, order)
 
     # -- one job ---------------------------------------------------------------------
 
@@ -193,10 +194,17 @@ class Admission:
                 self.blocked_tasks.add(job.task)
                 return False
             wanted.append((own, limits.rate_limit))
-        if named is not None and limits.limiter:
-            if job.key_pending and limits.limiter in self.request.keyed:
-                self.hold_limiter_of(job.task)  # enqueued since the claim began
+        if named is not None and limits.limiter in self.request.keyed:
+            if job.key_pending:  # enqueued since the claim began
+                self.key_pending(job.task, job.order)
+            held = self.held_from.get(limits.limiter or "")
+            if held is not None and job.order >= held:
+                # Every later job of the limiter comes after it too: read none of them.
+                self.blocked_tasks.update(
+                    t for t, of in self.request.tasks.items() if of.limiter == limits.limiter
+                )
                 return False
+        if named is not None and limits.limiter:
             blocked = self.blocked_keys.setdefault(limits.limiter, set())
             shared = limiter_bucket(limits.limiter, job.rate_key)
             if job.rate_key in blocked or self.empty(shared, named):

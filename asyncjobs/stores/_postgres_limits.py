@@ -39,6 +39,11 @@ _GROUP_HEAD = (
     "AND (g.seq < j.seq OR g.status = 'running')))"
 )
 
+_FIRST_PENDING_KEYS = (
+    "SELECT t.task, p.priority, p.seq FROM unnest($1::text[]) AS t(task) CROSS JOIN LATERAL "
+    "(SELECT priority, seq FROM asyncjobs_jobs WHERE key_pending IS NOT NULL "
+    "AND status = 'queued' AND task = t.task ORDER BY priority DESC, seq LIMIT 1) AS p"
+)
 _LOCK = "SELECT pg_advisory_xact_lock(hashtext('asyncjobs claim ' || current_schema()))"
 
 
@@ -63,17 +68,11 @@ async def choose(conn: Connection, request: ClaimRequest, now: float) -> Admissi
     await _load(conn, stored, wanted)
 
     keyed = admission.keyed_tasks()
-    if keyed:  # a seek in a small index each
-        for r in await conn.fetch(
-            "SELECT DISTINCT task FROM asyncjobs_jobs WHERE key_pending IS NOT NULL "
-            "AND status = 'queued' AND task = ANY($1::text[])",
-            keyed,
-        ):
-            admission.hold_limiter_of(r["task"])
+    if keyed:  # the first job of each task whose key is pending: a seek each
+        for r in await conn.fetch(_FIRST_PENDING_KEYS, keyed):
+            admission.key_pending(r["task"], (-r["priority"], r["seq"]))
     open_tasks: list[str] = []
     for task in request.tasks:
-        if task in admission.blocked_tasks:  # held for a pending key
-            continue
         wake_at = admission.wake_at
         if admission.task_open(task):
             open_tasks.append(task)

@@ -64,13 +64,12 @@ def choose(db: sqlite3.Connection, request: ClaimRequest, now: float) -> Admissi
                 "GROUP BY task, queue"
             ).fetchall()
         )
-    held = _tasks_with_pending_keys(db, admission.keyed_tasks())
-    for task in held:
-        admission.hold_limiter_of(task)
+    for task in admission.keyed_tasks():
+        first = db.execute(_FIRST_PENDING_KEY, (task,)).fetchone()
+        if first is not None:
+            admission.key_pending(task, (-first[0], first[1]))
     open_tasks = []
     for task in request.tasks:
-        if task in admission.blocked_tasks:  # held for a pending key
-            continue
         wake_at = admission.wake_at
         if admission.task_open(task):
             open_tasks.append(task)
@@ -95,18 +94,12 @@ def choose(db: sqlite3.Connection, request: ClaimRequest, now: float) -> Admissi
     return admission
 
 
-def _tasks_with_pending_keys(db: sqlite3.Connection, tasks: list[str]) -> list[str]:
-    """Which of these tasks have queued jobs whose rate-limit key is pending (one seek
-    in a small index each)."""
-    if not tasks:
-        return []
-    rows = db.execute(
-        "SELECT DISTINCT task FROM asyncjobs_jobs INDEXED BY asyncjobs_jobs_key_pending "
-        "WHERE key_pending IS NOT NULL AND status = 'queued' "
-        "AND task IN (SELECT value FROM json_each(?))",
-        (json.dumps(tasks),),
-    ).fetchall()
-    return [task for (task,) in rows]
+_FIRST_PENDING_KEY = (
+    "SELECT priority, seq FROM asyncjobs_jobs INDEXED BY asyncjobs_jobs_key_pending "
+    "WHERE key_pending IS NOT NULL AND status = 'queued' AND task = ? "
+    "ORDER BY priority DESC, seq LIMIT 1"
+)
+"""The first job of a task in claim order whose rate-limit key is pending: one seek."""
 
 
 def _has_ready(db: sqlite3.Connection, task: str) -> bool:
