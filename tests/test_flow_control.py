@@ -13,13 +13,13 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from subprocess import PIPE
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import anyio.abc
 import pytest
 
-from asyncjobs import ConfigurationError, Job, Jobs, JobSpec, JobStatus, RateLimit, Retry
+from asyncjobs import ConfigurationError, Job, Jobs, JobSpec, JobStatus, RateLimit, Retry, Task
 from asyncjobs._tasks import JobOptions
 from asyncjobs.testing import FakeClock, drain
 
@@ -580,20 +580,36 @@ def jobs_spec(task: str, n: int) -> JobSpec[Any]:
 # -- keyed limiters and jobs enqueued by name where the task is not defined -----------
 
 
+def domain(address: str) -> str | None:
+    return address.split("@")[1] if "@" in address else None  # no domain: shared bucket
+
+
+class Sender(NamedTuple):
+    producer: Jobs  # a web process: it enqueues "send" by name, without its definition
+    worker: Jobs
+    send: Task[[str], None]  # the worker's, under a limiter keyed by the domain
+    ran: list[str]  # the addresses sent, in order
+
+
+def sender(make_jobs: MakeJobs, url: str, rate: str) -> Sender:
+    producer, worker = make_jobs(url, workers=False), make_jobs(url)
+    worker.limiter("per_domain", rate, key=domain)
+    ran: list[str] = []
+
+    @worker.task(name="send", limiter="per_domain")
+    async def send(address: str) -> None:
+        ran.append(address)
+
+    return Sender(producer, worker, send, ran)
+
+
 async def test_keyed_limiter_applies_to_jobs_enqueued_by_name(
     make_jobs: MakeJobs, backend_url: str
 ) -> None:
     """DESIGN: "a job enqueued by name from a process that lacks the task takes its
     retries, timeout, limits from the worker's definition": the worker computes the key
     the producer could not, so each domain gets its own bucket, not one shared by all."""
-    producer = make_jobs(backend_url, workers=False)  # a web process, tasks not imported
-    worker = make_jobs(backend_url)
-    worker.limiter("per_domain", "1/m", key=lambda address: address.split("@")[1])
-    ran: list[str] = []
-
-    @worker.task(name="send", limiter="per_domain")
-    async def send(address: str) -> None:
-        ran.append(address)
+    producer, worker, _, ran = sender(make_jobs, backend_url, "1/m")
 
     for address in ["1@a.example", "2@b.example", "3@c.example", "4@a.example"]:
         await producer.enqueue("send", address)
@@ -607,14 +623,7 @@ async def test_a_job_whose_key_is_pending_is_not_overtaken_by_a_later_one_of_its
 ) -> None:
     """A job of the same key enqueued later where the task is defined (its key known at
     once) waits behind the one enqueued by name: one token, the older job takes it."""
-    producer = make_jobs(backend_url, workers=False)
-    worker = make_jobs(backend_url)
-    worker.limiter("per_domain", "1/m", key=lambda address: address.split("@")[1])
-    ran: list[str] = []
-
-    @worker.task(name="send", limiter="per_domain")
-    async def send(address: str) -> None:
-        ran.append(address)
+    producer, worker, send, ran = sender(make_jobs, backend_url, "1/m")
 
     await producer.enqueue("send", "first@a.example")
     await send.enqueue("second@a.example")
@@ -699,24 +708,13 @@ async def test_keys_of_workflow_members_enqueued_by_name_come_from_their_own_arg
     assert not [r for r in caplog.records if "could not be computed" in r.getMessage()]
 
 
-def domain(address: str) -> str | None:
-    return address.split("@")[1] if "@" in address else None  # no domain: shared bucket
-
-
 async def test_a_job_whose_key_is_pending_is_keyed_while_the_shared_bucket_is_empty(
     make_jobs: MakeJobs, backend_url: str
 ) -> None:
     """With the limiter's shared bucket empty a claim reads keyed jobs only: a job
     whose key is pending must still get its key and its own bucket's token, before a
     later job of that key takes it."""
-    producer = make_jobs(backend_url, workers=False)
-    worker = make_jobs(backend_url)
-    worker.limiter("per_domain", "1/h", key=domain)
-    ran: list[str] = []
-
-    @worker.task(name="send", limiter="per_domain")
-    async def send(address: str) -> None:
-        ran.append(address)
+    producer, worker, send, ran = sender(make_jobs, backend_url, "1/h")
 
     await send.enqueue("postmaster")  # no key: the shared bucket's one token
     await drain(worker)
@@ -765,14 +763,7 @@ async def test_a_stream_of_jobs_enqueued_by_name_does_not_hold_up_those_already_
     """A web process enqueues by name at a steady rate: a new job arrives each time
     the worker has stored keys, before its next claim. A job whose key is pending holds
     back only the limiter's jobs behind it, so those already keyed still run."""
-    producer = make_jobs(backend_url, workers=False)
-    worker = make_jobs(backend_url)
-    worker.limiter("per_domain", "1000/s", key=domain)
-    ran: list[str] = []
-
-    @worker.task(name="send", limiter="per_domain")
-    async def send(address: str) -> None:
-        ran.append(address)
+    producer, worker, _, ran = sender(make_jobs, backend_url, "1000/s")
 
     enqueued: list[str] = []
     store_keys = worker.store.set_rate_keys
