@@ -228,11 +228,13 @@ async def test_a_finish_ended_by_a_deadlock_is_written_again(
     other = await asyncpg.connect(postgres_url)
     watcher = await asyncpg.connect(postgres_url)
 
-    async def finish_waits() -> bool:
+    other_pid = await other.fetchval("SELECT pg_backend_pid()")
+
+    async def finish_waits() -> bool:  # for the row of b, which the other one holds
         return bool(
             await watcher.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND query LIKE '%UPDATE asyncjobs_jobs AS j SET%'"
+                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                other_pid,
             )
         )
 
