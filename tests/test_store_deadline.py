@@ -70,14 +70,23 @@ async def another_writer(store: Store, url: str) -> AsyncIterator[Callable[[floa
         await conn.close()
 
 
+def patient_store(backend_url: str, seconds: int) -> Store:
+    """A store that waits ``seconds`` for another writer before giving up on its own
+    (SQLite five busy timeouts of that, PostgreSQL a command_timeout of that)."""
+    if not backend_url.startswith("postgres"):
+        store = open_store(backend_url)
+        assert isinstance(store, SQLiteStore)
+        store.busy_timeout = float(seconds)
+        return store
+    separator = "&" if "?" in backend_url else "?"
+    return open_store(f"{backend_url}{separator}command_timeout={seconds}")
+
+
 async def test_a_deadline_cuts_short_the_wait_for_another_writer(backend_url: str) -> None:
     """Each backend waits 2 s at least before giving up on its own (SQLite five 2 s
     busy timeouts, PostgreSQL a command_timeout of 2 s): a deadline 0.2 s away ends the
     wait there. Without one, a write waits as configured again, and gets through."""
-    url = backend_url + ("&" if "?" in backend_url else "?") + "command_timeout=2"
-    store = open_store(url if url.startswith("postgres") else backend_url)
-    if isinstance(store, SQLiteStore):
-        store.busy_timeout = 2.0
+    store = patient_store(backend_url, 2)
     await store.open()
     try:
         async with another_writer(store, backend_url):
@@ -99,10 +108,7 @@ async def test_a_deadline_set_while_a_write_waits_ends_that_wait(backend_url: st
     """The deadline comes while a write already waits on the other writer (SQLite in
     its busy handler, a busy timeout of 3 s; PostgreSQL for its reply, a
     command_timeout of 3 s): that wait ends at the deadline too."""
-    url = backend_url + ("&" if "?" in backend_url else "?") + "command_timeout=3"
-    store = open_store(url if url.startswith("postgres") else backend_url)
-    if isinstance(store, SQLiteStore):
-        store.busy_timeout = 3.0
+    store = patient_store(backend_url, 3)
     await store.open()
     try:
         async with another_writer(store, backend_url), anyio.create_task_group() as group:

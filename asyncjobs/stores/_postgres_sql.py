@@ -501,6 +501,8 @@ async def apply(
     return applied(outcomes, kinds)
 
 
+_GOES_ON = (OutcomeKind.RETRY, OutcomeKind.RELEASE)
+
 DEADLOCK_TRIES = 3
 """Tries of a statement or transaction that PostgreSQL keeps ending to break deadlocks."""
 
@@ -525,7 +527,8 @@ async def finish(conn: Connection, outcomes: Sequence[Outcome], now: float) -> d
     kind each applied one took, by id."""
     records = await conn.fetch(_FINISH, now, *_outcome_columns(outcomes))
     done = {r["id"]: r for r in records}
-    await lock_callbacks(conn, [r["batch_id"] for r in records])
+    # Only an ending (not a retry or a release) moves a batch on.
+    await lock_callbacks(conn, [r["batch_id"] for r in records if r["kind"] not in _GOES_ON])
     for record in done.values():
         if record["chain_next"] is not None or record["batch_id"] is not None:
             await release_dependents(
@@ -662,7 +665,7 @@ async def release_dependents(
     A released job marked for it gets the result or the batch counts in its payload
     (``asyncjobs/stores/_dependents.py``).
     """
-    if kind in (OutcomeKind.RETRY, OutcomeKind.RELEASE):
+    if kind in _GOES_ON:
         return
     if chain_next is not None:
         if kind == OutcomeKind.SUCCEEDED:

@@ -90,6 +90,18 @@ _STARTED = ", attempts, started_at, lease_until, worker"
 _STARTED_MARKS = ", ?, ?, ?, ?"
 _PENDING = ", key_pending"
 _PENDING_MARK = ", ?"
+# By [dispatched][pending]: the statement's head, and one row's placeholders.
+_INSERT_HEADS = (
+    (_INSERT_INTO + ") VALUES ", _INSERT_INTO + _PENDING + ") VALUES "),
+    (_INSERT_INTO + _STARTED + ") VALUES ", _INSERT_INTO + _STARTED + _PENDING + ") VALUES "),
+)
+_INSERT_ROWS = (
+    ("(" + _INSERT_MARKS + ")", "(" + _INSERT_MARKS + _PENDING_MARK + ")"),
+    (
+        "(" + _INSERT_MARKS + _STARTED_MARKS + ")",
+        "(" + _INSERT_MARKS + _STARTED_MARKS + _PENDING_MARK + ")",
+    ),
+)
 _INSERT_TAIL = " ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
 _NOT_STARTED = (0, None, None, None)
 _INSERT_CHUNK = 500
@@ -119,10 +131,8 @@ def insert_jobs(db: sqlite3.Connection, jobs: Sequence[NewJob], now: float) -> I
                 values += _NOT_STARTED if j.worker is None else (1, now, j.lease_until, j.worker)
             if pending:
                 values.append(1 if j.key_pending else None)
-        columns = (_STARTED if dispatched else "") + (_PENDING if pending else "")
-        marks = (_STARTED_MARKS if dispatched else "") + (_PENDING_MARK if pending else "")
-        row = "(" + _INSERT_MARKS + marks + ")"
-        sql = _INSERT_INTO + columns + ") VALUES " + ", ".join([row] * len(chunk)) + _INSERT_TAIL
+        row = _INSERT_ROWS[dispatched][pending]
+        sql = _INSERT_HEADS[dispatched][pending] + ", ".join([row] * len(chunk)) + _INSERT_TAIL
         if dispatched:  # the runner needs their seq; RETURNING lists every inserted row
             returned = db.execute(sql + " RETURNING id, seq, worker", values).fetchall()
             seqs.update((job_id, seq) for job_id, seq, worker in returned if worker is not None)
