@@ -22,6 +22,7 @@ from asyncjobs._errors import AsyncJobsError
 from asyncjobs._jobs import Jobs
 from asyncjobs._models import JobInfo, JobStatus
 from asyncjobs._stats import GroupStats, Stats, human_duration
+from asyncjobs.stores._sqlite import SQLiteStore
 
 T = TypeVar("T")
 
@@ -50,6 +51,8 @@ def load_jobs(spec: str | None) -> Jobs:
         raise click.BadParameter(
             f"cannot import {module_name!r}: {error}", param_hint="--app"
         ) from error
+    except AsyncJobsError as error:  # its Jobs(...) refused a setting: say it, no traceback
+        raise click.ClickException(f"importing {module_name!r} failed: {error}") from error
     for part in attribute.split("."):
         try:
             target = getattr(target, part)
@@ -65,8 +68,18 @@ def load_jobs(spec: str | None) -> Jobs:
 
 
 def run(ctx: click.Context, action: Callable[[Jobs], Awaitable[T]]) -> T:
-    """Load the app, run ``action(jobs)`` in a fresh event loop, close the store."""
+    """Load the app, run ``action(jobs)`` in a fresh event loop, close the store.
+
+    A SQLite store that does not exist is refused, not created: a mistyped path would
+    otherwise read as an empty store (only the app and ``asyncjobs worker`` create it).
+    """
     jobs = load_jobs(ctx.obj)
+    store = jobs.store
+    if isinstance(store, SQLiteStore) and not store.path.exists():
+        raise click.ClickException(
+            f"no asyncjobs store at {str(store.path)!r}: start the app (or "
+            "`asyncjobs worker`) once to create it, or check the URL"
+        )
 
     async def main() -> T:
         try:
@@ -370,9 +383,26 @@ def retry(
 def cancel(ctx: click.Context, job_id: str, as_json: bool) -> None:
     """Cancel a job that has not finished (a running one stops at its worker's next
     heartbeat, and is cancelled then)."""
-    done = run(ctx, lambda jobs: jobs.cancel(job_id))
-    report(job_id, done, as_json, key="cancelled", said="cancelled",
-           refused="already finished or asked to stop (or does not exist)")  # fmt: skip
+
+    async def cancel_job(jobs: Jobs) -> JobStatus | None:
+        if not await jobs.cancel(job_id):
+            return None
+        info = await jobs.get(job_id)
+        return None if info is None else info.status
+
+    status = run(ctx, cancel_job)
+    stopping = status is JobStatus.RUNNING  # its worker stops it, then it is cancelled
+    if as_json:
+        click.echo(to_json({"id": job_id, "cancelled": status is not None and not stopping,
+                            "stopping": stopping}))  # fmt: skip
+    elif stopping:
+        click.echo(f"job {job_id} asked to stop: it is cancelled once its worker has stopped it")
+    elif status is not None:
+        click.echo(f"job {job_id} cancelled")
+    if status is None:
+        raise click.ClickException(
+            f"job {job_id} already finished or asked to stop (or does not exist)"
+        )
 
 
 @cli.command()

@@ -15,6 +15,7 @@ import anyio
 import pytest
 
 from asyncjobs import Jobs, JobStatus
+from asyncjobs.stores._protocol import ClaimRequest, TaskLimits
 
 APP = """
 import os
@@ -229,3 +230,48 @@ def test_a_store_error_is_a_clean_message_not_a_traceback(
         assert "Traceback" not in result.stderr
         assert "Error:" in result.stderr
         assert "not-a-file.db" in result.stderr
+
+
+def test_a_setting_the_app_refuses_is_a_clean_message(env: dict[str, str]) -> None:
+    """The app's ``Jobs(url)`` refusing its URL at import gives one line, not a traceback."""
+    for url in ("sqlite:///", "redis://127.0.0.1/0"):
+        result = cli({**env, "CLI_TEST_DB_URL": url}, "list")
+        assert result.returncode == 1
+        assert "Traceback" not in result.stderr
+        assert "Error: importing 'cli_test_app' failed:" in result.stderr
+
+
+def test_a_missing_sqlite_store_is_refused_not_created(env: dict[str, str], tmp_path: Path) -> None:
+    """A mistyped path must not read as an empty store (nor leave a new file behind)."""
+    missing = tmp_path / "typo" / "jobs.db"
+    typo = {**env, "CLI_TEST_DB_URL": "sqlite:///" + str(missing)}
+    for command in (["list"], ["stats"], ["purge", "--status", "dead"], ["retry", "--all-dead"]):
+        result = cli(typo, *command)
+        assert result.returncode == 1, command
+        assert "no asyncjobs store at" in result.stderr
+        assert str(missing) in result.stderr
+    assert not missing.parent.exists()
+
+
+async def test_cancelling_a_running_job_says_it_was_asked_to_stop(
+    env: dict[str, str], app_jobs: Jobs
+) -> None:
+    """A running job is not cancelled yet: its worker stops it first (README)."""
+    request = ClaimRequest(
+        worker="elsewhere:1:w", tasks={"greet": TaskLimits(max_attempts=3)},
+        queues=None, limit=1, lease=60,
+    )  # fmt: skip
+    (running,) = await app_jobs.store.claim(request, now=app_jobs.clock.now())
+    said = ok(cli(env, "cancel", running.id))
+    assert (
+        said.strip()
+        == f"job {running.id} asked to stop: it is cancelled once its worker has stopped it"
+    )
+    assert (await app_jobs.get(running.id)).status == JobStatus.RUNNING  # type: ignore[union-attr]
+    again = cli(env, "cancel", "--json", running.id)
+    assert again.returncode == 1
+    assert json.loads(again.stdout) == {"id": running.id, "cancelled": False, "stopping": False}
+    (dead,) = await app_jobs.list(status="dead")
+    await app_jobs.retry(dead.id)
+    queued = json.loads(ok(cli(env, "cancel", "--json", dead.id)))
+    assert queued == {"id": dead.id, "cancelled": True, "stopping": False}

@@ -42,6 +42,7 @@ NOTICES = {
     "discarded": "The job was deleted.",
     "not-discarded": "Running jobs cannot be deleted; cancel them first.",
     "retried-dead": "Every dead job is queued again.",
+    "retried-none": "There was no dead job to retry.",
 }
 SECURITY_HEADERS = [
     (
@@ -144,6 +145,7 @@ class Dashboard:
             paged=before is not None,
             next_before=page[-1].seq if len(rows) > PAGE_SIZE else None,
             statuses=STATUSES,
+            notice=NOTICES.get(query.get("done", "")),
         )
 
     async def job_page(self, request: Request) -> Response:
@@ -194,7 +196,9 @@ class Dashboard:
             return refused
         count = await self.jobs.retry_dead()
         logger.info("dashboard: retried %d dead job(s)", count)
-        return self.redirect(request, "/jobs", status="queued")
+        return self.redirect(
+            request, "/jobs", status="queued", done="retried-dead" if count else "retried-none"
+        )
 
     async def check_csrf(self, request: Request) -> Response | None:
         form = await _read_form(request)

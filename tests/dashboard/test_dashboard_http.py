@@ -225,6 +225,7 @@ async def test_retry_cancel_discard_and_retry_all_dead(mix: Mix) -> None:
         discarded = await client.post(f"/jobs/{mix.queued_id}/discard", data=form)
         assert discarded.headers["location"] == "/jobs?done=discarded"
         assert await jobs.get(mix.queued_id) is None
+        assert "The job was deleted." in (await client.get(discarded.headers["location"])).text
 
         await jobs.cancel(mix.dead_id)
         await jobs.cancel(mix.evil_id)
@@ -237,6 +238,10 @@ async def test_retry_cancel_discard_and_retry_all_dead(mix: Mix) -> None:
         response = await client.post("/retry-dead", data=form)
         assert response.status_code == 303
         assert await jobs.list(status="dead") == []
+        listed = (await client.get(response.headers["location"])).text
+        assert "Every dead job is queued again." in listed
+        again = await client.post("/retry-dead", data=form)
+        assert "There was no dead job to retry." in (await client.get(again.headers["location"])).text
 
 
 async def test_cancelling_a_job_running_elsewhere_says_it_is_stopping(mix: Mix) -> None:
