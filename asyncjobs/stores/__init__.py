@@ -53,7 +53,17 @@ def _secret(parameter: str) -> bool:
 
 def redacted(url: str) -> str:
     """``url`` for messages and logs: its password (in the user info, or a parameter
-    such as ``password`` or ``sslpassword``) replaced by ``***``."""
+    such as ``password`` or ``sslpassword``) replaced by ``***``.
+
+    The user info is taken to run to the URL's last ``@``: a password typed with a
+    ``/``, ``?`` or ``#`` not percent-encoded (not a valid URL, but typed all the same)
+    would otherwise read as the host, port or path, and be shown. An ``@`` in a
+    parameter's value then hides more than the password: never less."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, after = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if sep and at and colon and not any(c in user for c in "/?#"):
+        url = f"{scheme}://{user}:***@{after}"
     try:
         parts = urlsplit(url)
     except ValueError:  # an unclosed IPv6 bracket: show the scheme and host alone

@@ -206,7 +206,7 @@ class PostgresStore(_Connections):
         self._unanswered_finishes: dict[str, list[Write]] = {}
 
     def __repr__(self) -> str:
-        parts = urlsplit(self.url)
+        parts = urlsplit(redacted(self.url))  # a password typed unescaped is no host
         host = parts.hostname or "localhost"
         port = f":{parts.port}" if parts.port else ""
         return f"PostgresStore('postgresql://{host}{port}{parts.path}')"

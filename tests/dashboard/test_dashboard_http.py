@@ -241,7 +241,8 @@ async def test_retry_cancel_discard_and_retry_all_dead(mix: Mix) -> None:
         listed = (await client.get(response.headers["location"])).text
         assert "Every dead job is queued again." in listed
         again = await client.post("/retry-dead", data=form)
-        assert "There was no dead job to retry." in (await client.get(again.headers["location"])).text
+        nothing = (await client.get(again.headers["location"])).text
+        assert "There was no dead job to retry." in nothing
 
 
 async def test_cancelling_a_job_running_elsewhere_says_it_is_stopping(mix: Mix) -> None:

@@ -76,6 +76,12 @@ async def test_the_store_opens_lazily(tmp_path: Path) -> None:
         ("postgresql://app:hunter2@[::1/app", "postgresql://***@[::1"),  # unparsable
         ("postgresql://app@db/app?sslkey=%2Fk.pem&sslpassword=hunter2",
          "postgresql://app@db/app?sslkey=%2Fk.pem&sslpassword=***"),
+        # A password typed with /, ? or # unescaped: no host, port or path shows it.
+        ("postgresql://app:Xy9/hunter2@db/app", "postgresql://app:***@db/app"),
+        ("postgresql://app:1234/hunter2@127.0.0.1:5432/app",
+         "postgresql://app:***@127.0.0.1:5432/app"),
+        ("postgresql://app:a?b#hunter2@db/app?password=x", "postgresql://app:***@db/app?password=***"),
+        ("postgresql://app:p@ss/hunter2@db/app", "postgresql://app:***@db/app"),
     ],
 )  # fmt: skip
 def test_redacted_urls_hide_the_password(url: str, shown: str) -> None:
@@ -91,6 +97,7 @@ def test_redacted_urls_hide_the_password(url: str, shown: str) -> None:
         "postgresql://app:hunter2@127.0.0.1:99999/test",
         "postgresql://app:hunter2@127.0.0.1:0/test",
         "postgresql://app:hunter2@[::1/test",
+        "postgresql://app:Xy9/hunter2@127.0.0.1:5432/app",  # a / typed unescaped
     ],
 )
 def test_a_bad_store_url_is_refused_without_its_password(url: str) -> None:
@@ -104,3 +111,11 @@ def test_the_settings_repr_leaves_the_url_out() -> None:
     jobs = Jobs("postgresql://app:hunter2@127.0.0.1/test")
     assert "hunter2" not in repr(jobs.settings)
     assert "hunter2" not in repr(jobs)
+
+
+def test_a_store_never_shows_a_password_typed_unescaped() -> None:
+    """With a / in the password, the URL reads as host "app", port 1234: the store's
+    name in every message must not show the rest (the password) as its path."""
+    jobs = Jobs("postgresql://app:1234/hunter2@127.0.0.1:5432/app")
+    assert "hunter2" not in repr(jobs.store)
+    assert repr(jobs.store) == "PostgresStore('postgresql://127.0.0.1:5432/app')"
