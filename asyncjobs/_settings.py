@@ -14,16 +14,24 @@ Seconds = float | int | timedelta
 
 
 def seconds(value: object, name: str, *, allow_zero: bool = True) -> float:
-    """Normalise a duration (seconds or timedelta) and check it is finite and >= 0."""
+    """Normalise a duration (seconds or timedelta) and check it is finite, >= 0 and at
+    most ``MAX_DELAY`` (100 years: a time further ahead could not be read back)."""
     if isinstance(value, timedelta):
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigurationError(f"{name} must be seconds or a timedelta, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond any float
+        value = math.inf
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigurationError(
             f"{name} must be a finite number of seconds {bound}, got {value!r}"
+        )
+    if value > MAX_DELAY:
+        raise ConfigurationError(
+            f"{name} must be at most {MAX_DELAY:.0f} seconds (100 years), got {value!r}"
         )
     return value
 

@@ -13,7 +13,6 @@ from asyncjobs._codec import JSON
 from asyncjobs._errors import ConfigurationError
 from asyncjobs._ratelimit import RateLimit, parse_rate
 from asyncjobs._settings import (
-    MAX_DELAY,
     Seconds,
     check_name,
     check_text,
@@ -49,12 +48,7 @@ def check_retries(retries: object) -> int:
 
 
 def check_delay(delay: Seconds) -> float:
-    value = seconds(delay, "delay")
-    if value > MAX_DELAY:
-        raise ConfigurationError(
-            f"delay must be at most {MAX_DELAY:.0f} seconds (100 years), got {delay!r}"
-        )
-    return value
+    return seconds(delay, "delay")
 
 
 def check_timeout(timeout: Seconds | None) -> float | None:

@@ -440,3 +440,13 @@ def test_fake_clock_used_by_two_loops_at_once_loses_no_deadline() -> None:
     finally:
         sys.setswitchinterval(interval)
     assert lost == []
+
+
+@pytest.mark.parametrize("step", [-1.0, float("nan")])
+def test_fake_clock_refuses_to_move_back_or_by_nan(step: float) -> None:
+    """A NaN step would leave ``now()`` NaN for good: no waiter would ever wake."""
+    clock = FakeClock()
+    before = clock.now()
+    with pytest.raises(ValueError, match="only moves forward"):
+        clock.advance(step)
+    assert clock.now() == before

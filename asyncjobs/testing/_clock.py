@@ -51,8 +51,8 @@ class FakeClock:
         """Move time forward and wake whoever's deadline passed."""
         if isinstance(seconds, timedelta):
             seconds = seconds.total_seconds()
-        if seconds < 0:
-            raise ValueError("FakeClock only moves forward")
+        if not seconds >= 0:  # negative, or NaN (which would stop the clock for good)
+            raise ValueError(f"FakeClock only moves forward, by a number of seconds: {seconds!r}")
         due: dict[asyncio.AbstractEventLoop, list[Callable[[], object]]] = {}
         with self._lock:
             self._now += seconds

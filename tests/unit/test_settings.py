@@ -23,6 +23,10 @@ from asyncjobs import ConfigurationError, Jobs
         ({"poll_interval": "1"}, "poll_interval must be seconds or a timedelta"),
         ({"queues": "email"}, "queues must be a list of names"),
         ({"max_payload_bytes": 1.5}, "max_payload_bytes must be a whole number"),
+        # A backoff past 100 years would schedule a retry no read could turn into a date.
+        ({"max_backoff": 1e12}, "max_backoff must be at most 3155760000 seconds"),
+        ({"backoff_base": 10**400}, "backoff_base must be a finite number of seconds"),
+        ({"retention": 4e9}, "retention must be at most 3155760000 seconds"),
     ],
 )
 def test_a_bad_setting_is_refused_naming_it(
@@ -35,3 +39,15 @@ def test_a_bad_setting_is_refused_naming_it(
 def test_synchronous_is_read_in_any_case(tmp_path: Path) -> None:
     jobs = Jobs("sqlite:///" + str(tmp_path / "jobs.db"), synchronous="FULL", workers=False)
     assert (jobs.settings.synchronous, jobs.settings.workers) == ("full", False)
+
+
+def test_a_delay_too_large_for_a_float_is_refused_naming_it(tmp_path: Path) -> None:
+    jobs = Jobs("sqlite:///" + str(tmp_path / "jobs.db"), workers=False)
+
+    @jobs.task()
+    async def later() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="delay must be a finite number of seconds"):
+        later.options(delay=10**400)
+    with pytest.raises(ConfigurationError, match=r"delay must be at most 3155760000 seconds"):
+        later.options(delay=4e9)
