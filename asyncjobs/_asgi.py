@@ -248,8 +248,15 @@ class _AppLifespan:
 
 @asynccontextmanager
 async def lifespan(jobs: Jobs) -> AsyncIterator[dict[str, Any]]:
-    """Start ``jobs`` for the app's lifetime; yield the lifespan state ``{"jobs": jobs}``."""
-    await jobs.start()
+    """Start ``jobs`` for the app's lifetime; yield the lifespan state ``{"jobs": jobs}``.
+
+    A failure to start is logged in the words ``JobsMiddleware`` sends the server, then
+    raised: the framework reports it as its lifespan's failure (with its traceback)."""
+    try:
+        await jobs.start()
+    except Exception as error:
+        logger.error("asyncjobs could not start: %s", error)
+        raise
     try:
         yield {STATE_KEY: jobs}
     finally:

@@ -450,3 +450,95 @@ def test_fake_clock_refuses_to_move_back_or_by_nan(step: float) -> None:
     with pytest.raises(ValueError, match="only moves forward"):
         clock.advance(step)
     assert clock.now() == before
+
+
+TRANSACTIONAL_APP = """
+    from __future__ import annotations
+
+    import aiosqlite
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from asyncjobs import Jobs, JobsMiddleware
+
+    DB = "app.db"  # the app's database, where its jobs live too (the outbox pattern)
+    jobs = Jobs("sqlite:///" + DB)
+
+    @jobs.task
+    async def send_welcome(user_id: int) -> None: ...
+
+    async def signup(request: Request) -> JSONResponse:
+        email = (await request.json())["email"]
+        async with aiosqlite.connect(DB, isolation_level=None) as db:
+            await db.execute("CREATE TABLE IF NOT EXISTS users (id INTEGER PRIMARY KEY, e TEXT)")
+            await db.execute("BEGIN IMMEDIATE")
+            async with jobs.transaction(db):
+                cursor = await db.execute(
+                    "INSERT INTO users (e) VALUES (?) RETURNING id", (email,)
+                )
+                (user_id,) = await cursor.fetchone()
+                await send_welcome.enqueue(user_id)
+            await db.execute("ROLLBACK" if email.startswith("rollback") else "COMMIT")
+        return JSONResponse({"user": user_id}, status_code=202)
+
+    app = Starlette(
+        routes=[Route("/signup", signup, methods=["POST"])],
+        middleware=[Middleware(JobsMiddleware, jobs=jobs)],
+    )
+"""
+
+TRANSACTIONAL_CONFTEST = """
+    import pytest
+    import pytest_asyncio
+
+    import myapp
+
+    @pytest.fixture
+    def asyncjobs_url(tmp_path, monkeypatch):
+        monkeypatch.setattr(myapp, "DB", str(tmp_path / "test-app.db"))
+        return "sqlite:///" + myapp.DB  # the store on the file the endpoint writes to
+
+    @pytest_asyncio.fixture
+    async def jobs(asyncjobs_isolate):
+        return await asyncjobs_isolate(myapp.jobs)
+"""
+
+TRANSACTIONAL_TESTS = """
+    import httpx
+    import pytest
+
+    from asyncjobs.testing import assert_enqueued, assert_not_enqueued
+
+    import myapp
+
+    @pytest.mark.asyncio
+    async def test_signup_stores_the_user_and_its_job_together(jobs):
+        transport = httpx.ASGITransport(app=myapp.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            kept = await client.post("/signup", json={"email": "a@example.com"})
+            dropped = await client.post("/signup", json={"email": "rollback@example.com"})
+        await assert_enqueued(jobs, myapp.send_welcome, user_id=kept.json()["user"])
+        await assert_not_enqueued(jobs, myapp.send_welcome, user_id=dropped.json()["user"])
+"""
+
+
+def test_plugin_tests_an_endpoint_that_enqueues_in_its_own_transaction(
+    pytester: pytest.Pytester,
+) -> None:
+    """README: override ``asyncjobs_url`` so the store is on the app's database file;
+    the fixture as the README writes it also works in pytest-asyncio's strict mode."""
+    pytester.makeini("[pytest]\nasyncio_mode = strict\nfilterwarnings = error\n")
+    pytester.makepyfile(
+        myapp=textwrap.dedent(TRANSACTIONAL_APP),
+        conftest=textwrap.dedent(TRANSACTIONAL_CONFTEST),
+        test_myapp=textwrap.dedent(TRANSACTIONAL_TESTS),
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "no:randomly", "-p", "no:cacheprovider",
+        "-o", "asyncio_default_fixture_loop_scope=function",
+    )  # fmt: skip
+    result.assert_outcomes(passed=1)
+    assert not (pytester.path / "app.db").exists(), "the app's real database was touched"

@@ -165,12 +165,21 @@ FAILING_APP = """
 """
 
 
-def test_server_refuses_to_start_when_the_store_cannot_be_opened(tmp_path: Path) -> None:
+FAILING_LIFESPAN_APP = """
+    from starlette.applications import Starlette
+
+    from asyncjobs import Jobs
+
+    jobs = Jobs("sqlite:///{path}")
+    app = Starlette(lifespan=jobs.lifespan)
+"""
+
+
+@pytest.mark.parametrize("app", [FAILING_APP, FAILING_LIFESPAN_APP], ids=["middleware", "lifespan"])
+def test_server_refuses_to_start_when_the_store_cannot_be_opened(tmp_path: Path, app: str) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    (tmp_path / "failing_app.py").write_text(
-        textwrap.dedent(FAILING_APP).format(path=blocker / "jobs.db")
-    )
+    (tmp_path / "failing_app.py").write_text(textwrap.dedent(app).format(path=blocker / "jobs.db"))
     result = subprocess.run(
         [sys.executable, "-m", "uvicorn", "failing_app:app", "--app-dir", str(tmp_path),
          "--port", str(free_port())],
