@@ -117,6 +117,12 @@ class Admission:
             self.buckets[bucket_id] = state
         return state
 
+    def preload(self, limit: RateLimit, states: dict[BucketId, BucketState | None]) -> None:
+        """Bucket states read at once (a claim reads those of many keys in one query),
+        as ``bucket`` would load them one by one; None: never used, so full."""
+        for bucket_id, state in states.items():
+            self.buckets.setdefault(bucket_id, state or full(limit, self.now))
+
     def empty(self, bucket_id: BucketId, limit: RateLimit) -> bool:
         """Whether the bucket has no token now; if so, note when it gets one."""
         state = self.bucket(bucket_id, limit)
@@ -160,6 +166,17 @@ class Admission:
         if not self.empty(limiter_bucket(limits.limiter, ""), named):
             return False
         self.blocked_keys.setdefault(limits.limiter, set()).add("")
+        return True
+
+    def key_empty(self, task: str, key: str) -> bool:
+        """Whether ``key``'s bucket of ``task``'s limiter has no token now; if so, the
+        key is blocked for this claim (as ``admit`` would find it)."""
+        limits, named = self.limits_of(task)
+        if named is None or not limits.limiter:
+            return False
+        if not self.empty(limiter_bucket(limits.limiter, key), named):
+            return False
+        self.blocked_keys.setdefault(limits.limiter, set()).add(key)
         return True
 
     def blocked_keys_of(self, task: str) -> set[str]:

@@ -15,6 +15,7 @@ import heapq
 import json
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from asyncjobs._ratelimit import BucketState
@@ -23,17 +24,18 @@ from asyncjobs.stores._admission import (
     BucketId,
     Candidate,
     has_limits,
+    limiter_bucket,
     needs_running_counts,
 )
 from asyncjobs.stores._protocol import ClaimRequest
 
-__all__ = ["WINDOW", "choose", "has_limits"]
+__all__ = ["KEYS_PER_CLAIM", "WINDOW", "choose", "has_limits"]
 
 WINDOW = 1000
 """How many of a task's ready jobs one claim looks through in claim order. Under a keyed
-limiter, the keys behind them are then found by key (``_past_window``, up to this many
-keys); other jobs behind this many held back (by a group, a full queue, the shared
-bucket) wait for the head of the line to move."""
+limiter whose keys filled them without tokens, the keys behind are then found by key
+(``_past_window``); other jobs behind this many held back (by a group, a full queue,
+the shared bucket) wait for the head of the line to move."""
 
 _GROUP_HEAD = (
     "(j.group_key IS NULL OR NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS g "
@@ -127,7 +129,9 @@ def _candidates(
         if len(rows) < page:
             break
         after = (rows[-1][1], rows[-1][0])
-    if admission.request.tasks[task].limiter in admission.request.keyed:
+    if admission.request.tasks[task].limiter in admission.request.keyed and (
+        admission.blocked_keys_of(task)  # keys without tokens filled the window
+    ):
         yield from _past_window(db, admission, task, keyed_only)
 
 
@@ -184,39 +188,89 @@ def _page(
     return db.execute(sql, (*head_params, WINDOW, *params, page)).fetchall()
 
 
-_KEY_PAGE = 16
-"""Jobs of one key read at a time past the window: a key with tokens rarely has more."""
+KEYS_PER_CLAIM = 256
+"""Past the window, how many keys one claim looks at (besides those it found empty in
+the window): one index seek each. The next claim goes on from the last (``_CURSOR``), so
+with more keys than this each gets its turn, and the claim order between keys holds
+among those a claim looks at."""
 
-_KEYS = (
-    "WITH RECURSIVE keys(key) AS ("
-    "SELECT (SELECT rate_key FROM asyncjobs_jobs INDEXED BY asyncjobs_jobs_ready_key "
-    "WHERE status = 'queued' AND rate_key IS NOT NULL AND task = ? ORDER BY rate_key LIMIT 1) "
+_KEY_PAGE = 16
+"""Jobs of one key read at a time past the window. A key whose next this many are all
+held back (by their group, a full queue, a queue this worker does not serve) is left
+for this claim, so a claim reads a bounded number of rows per key."""
+
+_KEYS_STEP = (
     "UNION ALL SELECT (SELECT rate_key FROM asyncjobs_jobs INDEXED BY asyncjobs_jobs_ready_key "
     "WHERE status = 'queued' AND rate_key IS NOT NULL AND task = ? AND rate_key > keys.key "
     "ORDER BY rate_key LIMIT 1) FROM keys WHERE keys.key IS NOT NULL LIMIT ?) "
+    "SELECT keys.key, h.priority, h.seq FROM keys LEFT JOIN asyncjobs_jobs AS h ON h.seq = "
+    "coalesce((SELECT j.seq FROM asyncjobs_jobs AS j INDEXED BY asyncjobs_jobs_ready_key "
+    "WHERE j.status = 'queued' AND j.rate_key IS NOT NULL AND j.task = ? "
+    "AND j.rate_key = keys.key AND j.priority = ? AND j.seq > ? ORDER BY j.seq LIMIT 1), "
+    "(SELECT j.seq FROM asyncjobs_jobs AS j INDEXED BY asyncjobs_jobs_ready_key "
+    "WHERE j.status = 'queued' AND j.rate_key IS NOT NULL AND j.task = ? "
+    "AND j.rate_key = keys.key AND j.priority < ? ORDER BY j.priority DESC, j.seq LIMIT 1)) "
+    "WHERE keys.key IS NOT NULL"
 )
-"""The distinct keys of a task's ready keyed jobs, one index seek each (a loose index
-scan), at most ``?`` of them: the head of ``_past_window``'s statement."""
+"""The common part of ``_KEYS_AFTER`` and ``_KEYS_FIRST``. A key's first job after a
+point in claim order is two seeks (the rest of its priority, then the lower ones): an
+``OR`` of the two would read the key's jobs from its first, the backlog of a key found
+empty among them."""
+_KEYS_AFTER = (
+    "WITH RECURSIVE keys(key) AS (SELECT (SELECT rate_key FROM asyncjobs_jobs "  # noqa: S608
+    "INDEXED BY asyncjobs_jobs_ready_key WHERE status = 'queued' AND rate_key IS NOT NULL "
+    "AND task = ? AND rate_key > ? ORDER BY rate_key LIMIT 1) " + _KEYS_STEP
+)
+"""The keys of a task's ready keyed jobs after a key, in key order, one index seek each
+(a loose index scan), at most ``?`` of them; with each, the first of its jobs after a
+point in claim order (NULL if none)."""
+_KEYS_FIRST = (
+    "WITH RECURSIVE keys(key) AS (SELECT (SELECT rate_key FROM asyncjobs_jobs "  # noqa: S608
+    "INDEXED BY asyncjobs_jobs_ready_key WHERE status = 'queued' AND rate_key IS NOT NULL "
+    "AND task = ? ORDER BY rate_key LIMIT 1) " + _KEYS_STEP
+)
+"""``_KEYS_AFTER`` from the first key."""
 
-_KEY_JOBS = (
-    "FROM asyncjobs_jobs AS j INDEXED BY asyncjobs_jobs_ready_key WHERE j.status = 'queued' "
-    "AND j.rate_key IS NOT NULL AND j.task = ? AND j.rate_key = {key} "
-    "AND (j.priority < ? OR (j.priority = ? AND j.seq > ?)) "
+_CURSOR = "keys past the window:"
+"""``asyncjobs_meta`` key (with the task's name) of the last key a claim looked at past
+the window, when there were more than it looks at: the next claim, in any process,
+goes on after it, so every key gets its turn."""
+
+
+_KEY_PAGE_SQL = (
+    "WITH page AS (SELECT * FROM (SELECT seq, priority, queue, group_key FROM asyncjobs_jobs "
+    "INDEXED BY asyncjobs_jobs_ready_key WHERE status = 'queued' AND rate_key IS NOT NULL "
+    "AND task = ? AND rate_key = ? AND priority = ? AND seq > ? ORDER BY seq LIMIT ?) "
+    "UNION ALL SELECT * FROM (SELECT seq, priority, queue, group_key FROM asyncjobs_jobs "
+    "INDEXED BY asyncjobs_jobs_ready_key WHERE status = 'queued' AND rate_key IS NOT NULL "
+    "AND task = ? AND rate_key = ? AND priority < ? ORDER BY priority DESC, seq LIMIT ?) "
+    "ORDER BY priority DESC, seq LIMIT ?) "
 )
-"""A key's ready jobs after a point in claim order: the common part of the statements
-of ``_past_window`` (the key from ``keys``) and ``_key_candidates`` (a parameter)."""
+"""The next ``_KEY_PAGE`` ready jobs of a key after a point in claim order (two seeks,
+as in ``_KEYS_STEP``), as ``page``."""
+
+
+@dataclass(slots=True)
+class _KeyRead:
+    """Past the window, how far one key's jobs have been read in this claim."""
+
+    after: tuple[int, int]  # (priority, seq): its jobs after this point are not read yet
+    jobs: list[Candidate] = field(default_factory=list)  # read, not yet handed out
+    more: bool = True  # more of its jobs may follow ``after``
 
 
 def _past_window(
     db: sqlite3.Connection, admission: Admission, task: str, keyed_only: bool
 ) -> Iterator[Candidate]:
-    """The keyed jobs of ``task`` behind the window, when the window is full (a claim
-    got this far: it found too few jobs there it could take, its keys' buckets empty).
+    """The keyed jobs of ``task`` behind the window, when the window is full and keys
+    of its jobs were found without tokens (this claim got this far: it could take too
+    few jobs there).
 
-    One statement finds the keys of the task's ready jobs (one index seek each,
-    ``WINDOW`` keys at most) and, for each key whose bucket is not known to be empty,
-    its first job past the window that a claim may take; each such key then gives its
-    later jobs page by page as the merge, in claim order, gets to them."""
+    One statement finds up to ``KEYS_PER_CLAIM`` keys besides those found empty, one
+    index seek each (``_keys_past``), with the first job of each past the window, and
+    one more reads their buckets. Their jobs are then handed out in claim order; a
+    key's are read ``_KEY_PAGE`` at a time, only once the merge gets to it, and only
+    while its bucket has a token."""
     head_where, head_params = _head(admission, task, keyed_only)
     end = db.execute(
         "SELECT priority, seq FROM asyncjobs_jobs "  # noqa: S608 - fixed terms, ? placeholders
@@ -225,55 +279,101 @@ def _past_window(
     ).fetchone()
     if end is None:
         return  # the window held every ready job
-    where, params = _job_filters(admission, task)
-    blocked = json.dumps(sorted(admission.blocked_keys_of(task)))
-    # Only fixed terms with ? placeholders are joined; values go in params.
-    first = f"AND {' AND '.join(where)} ORDER BY j.priority DESC, j.seq LIMIT 1) "
-    heads = db.execute(
-        _KEYS + "SELECT keys.key, h.seq, h.priority, h.queue FROM keys "  # noqa: S608
-        "JOIN asyncjobs_jobs AS h ON h.seq = (SELECT j.seq "
-        + _KEY_JOBS.format(key="keys.key")
-        + first
-        + "WHERE keys.key IS NOT NULL AND keys.key NOT IN (SELECT value FROM json_each(?))",
-        (task, task, WINDOW, task, end[0], end[0], end[1], *params, blocked),
-    ).fetchall()
-    streams = [
-        _key_candidates(db, admission, Candidate(seq, priority, task, queue, key))
-        for key, seq, priority, queue in heads
-    ]
-    yield from heapq.merge(*streams, key=lambda c: c.order)
+    # A heap of (claim order of the key's next job, or a point before it; key; read).
+    blocked = admission.blocked_keys_of(task)
+    heads = {
+        key: (priority, seq)
+        for key, priority, seq in _keys_past(db, admission, task, (end[0], end[1]))
+        if priority is not None and seq is not None and key not in blocked
+    }
+    _preload_buckets(db, admission, task, heads)
+    heap = [((-p, s), key, _KeyRead(after=(p, s - 1))) for key, (p, s) in heads.items()]
+    heapq.heapify(heap)
+    while heap and task not in admission.blocked_tasks:
+        _, key, read = heapq.heappop(heap)
+        if key in admission.blocked_keys_of(task) or admission.key_empty(task, key):
+            continue  # none of its jobs can be taken now
+        if not read.jobs:
+            _read_page(db, admission, task, key, read)
+            if read.jobs:  # else none, or its next page all held back: left for now
+                heapq.heappush(heap, (read.jobs[0].order, key, read))
+            continue
+        yield read.jobs.pop(0)
+        if read.jobs:
+            heapq.heappush(heap, (read.jobs[0].order, key, read))
+        elif read.more:
+            heapq.heappush(heap, ((-read.after[0], read.after[1]), key, read))
 
 
-def _job_filters(admission: Admission, task: str) -> tuple[list[str], list[Any]]:
-    """``_filters`` without the keys' (a key's jobs are read while its bucket has
-    tokens), with the claim's queues."""
+def _preload_buckets(
+    db: sqlite3.Connection, admission: Admission, task: str, heads: dict[str, tuple[int, int]]
+) -> None:
+    """Read the buckets of the keys in ``heads`` in one query, rather than one by one as
+    their jobs come up."""
+    limits, named = admission.limits_of(task)
+    if named is None or not limits.limiter:
+        return
+    name = limiter_bucket(limits.limiter, "")[0]
+    states: dict[BucketId, BucketState | None] = {(name, key): None for key in heads}
+    for key, tokens, updated_at in db.execute(
+        "SELECT key, tokens, updated_at FROM asyncjobs_rate_buckets "
+        "WHERE name = ? AND key IN (SELECT value FROM json_each(?))",
+        (name, json.dumps(list(heads))),
+    ):
+        states[(name, key)] = BucketState(tokens, updated_at)
+    admission.preload(named, states)
+
+
+def _keys_past(
+    db: sqlite3.Connection, admission: Admission, task: str, end: tuple[int, int]
+) -> list[tuple[str, int | None, int | None]]:
+    """(key, priority, seq): up to ``KEYS_PER_CLAIM`` keys of ``task``'s ready keyed jobs besides
+    those found empty, in key order after the cursor (``_CURSOR``) and then from the
+    first key, each with its first job after ``end`` (priority and seq None if none).
+    Moves the cursor to the last key read when there may be more."""
+    limit = KEYS_PER_CLAIM + len(admission.blocked_keys_of(task))
+    cursor_key = _CURSOR + task
+    row = db.execute("SELECT value FROM asyncjobs_meta WHERE key = ?", (cursor_key,)).fetchone()
+    after: str | None = None if row is None else row[0]
+    tail = (task, limit, task, end[0], end[1], task, end[0])
+    if after is None:
+        keys = db.execute(_KEYS_FIRST, (task, *tail)).fetchall()
+    else:
+        keys = db.execute(_KEYS_AFTER, (task, after, *tail)).fetchall()
+        if len(keys) < limit:  # the last key: go round to the first ones
+            first = db.execute(_KEYS_FIRST, (task, task, limit - len(keys), *tail[2:]))
+            keys += [k for k in first.fetchall() if k[0] <= after]
+    if len(keys) >= limit:
+        db.execute(
+            "INSERT INTO asyncjobs_meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (cursor_key, keys[-1][0]),
+        )
+    elif after is not None:
+        db.execute("DELETE FROM asyncjobs_meta WHERE key = ?", (cursor_key,))
+    return keys
+
+
+def _read_page(
+    db: sqlite3.Connection, admission: Admission, task: str, key: str, read: _KeyRead
+) -> None:
+    """Read the next ``_KEY_PAGE`` jobs of ``key`` after ``read.after``: those a claim may
+    take now (not held back by their group, a full queue, a queue not served) go to
+    ``read.jobs``."""
     where, params = _filters(admission, task, keys=False)
     queues = admission.request.queues
     if queues is not None:
         where.append("j.queue IN (SELECT value FROM json_each(?))")
         params.append(json.dumps(list(queues)))
-    return where, params
-
-
-def _key_candidates(
-    db: sqlite3.Connection, admission: Admission, first: Candidate
-) -> Iterator[Candidate]:
-    """``first``, then the later ready jobs of its key in claim order, read page by page
-    until the key's bucket or the task is found blocked."""
-    task, key = first.task, first.rate_key
-    yield first
-    after = (first.priority, first.seq)
-    while task not in admission.blocked_tasks and key not in admission.blocked_keys_of(task):
-        where, params = _job_filters(admission, task)
-        # Only fixed terms with ? placeholders are joined; values go in params.
-        rows = db.execute(
-            "SELECT j.seq, j.priority, j.queue "
-            + _KEY_JOBS.format(key="?")
-            + f"AND {' AND '.join(where)} ORDER BY j.priority DESC, j.seq LIMIT ?",
-            (task, key, after[0], after[0], after[1], *params, _KEY_PAGE),
-        ).fetchall()
-        for seq, priority, queue in rows:
-            yield Candidate(seq, priority, task, queue, key)
-        if len(rows) < _KEY_PAGE:
-            return
-        after = (rows[-1][1], rows[-1][0])
+    priority, seq = read.after
+    # Only fixed terms with ? placeholders are joined; values go in params.
+    takeable = f"({' AND '.join(where)})"
+    rows = db.execute(
+        _KEY_PAGE_SQL + "SELECT j.seq, j.priority, j.queue, " + takeable + " FROM page AS j "  # noqa: S608
+        "ORDER BY j.priority DESC, j.seq",
+        (task, key, priority, seq, _KEY_PAGE, task, key, priority, _KEY_PAGE, _KEY_PAGE, *params),
+    ).fetchall()
+    read.jobs = [Candidate(s, p, task, q, key) for s, p, q, ok in rows if ok]
+    read.more = len(rows) == _KEY_PAGE
+    if rows:
+        read.after = (rows[-1][1], rows[-1][0])

@@ -1,0 +1,203 @@
+"""A keyed limiter behind a backlog longer than a SQLite claim's window (1,000 jobs).
+
+Past the window a SQLite claim finds the keys one index seek each, ``KEYS_PER_CLAIM`` a
+claim, taken in turn by name across claims (``_past_window``); PostgreSQL reads past the
+backlog. What each promises: a key with tokens is never starved by keys without any,
+a claim's cost does not grow with a backlog held back by a group or a queue, and the
+limits (held-back pending keys, task concurrency) hold past the window too.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from asyncjobs import Jobs, RateLimit
+from asyncjobs.stores import open_store
+from asyncjobs.stores._protocol import ClaimRequest, TaskLimits
+from asyncjobs.stores._sqlite_limits import WINDOW, choose
+from asyncjobs.testing import FakeClock, drain
+
+MakeJobs = Callable[..., Jobs]
+BACKLOG = WINDOW + 100
+
+
+def domain(address: str) -> str:
+    return address.split("@")[1]
+
+
+# -- which keys past the window a claim finds ------------------------------------------
+
+
+async def test_a_key_with_tokens_behind_the_window_runs_among_the_first(
+    make_jobs: MakeJobs, backend_url: str
+) -> None:
+    """'zz' is first in claim order behind the bulk backlog, before 2,000 keys enqueued
+    after it (and before it by name). PostgreSQL runs it right after bulk's two tokens;
+    SQLite, which looks at ``KEYS_PER_CLAIM`` keys a claim in turn by name, within a few
+    claims, not after every key before it by name."""
+    jobs = make_jobs(backend_url)
+    jobs.limiter("per_domain", "2/m", key=domain)
+    ran: list[str] = []
+
+    @jobs.task(limiter="per_domain")
+    async def send(address: str) -> None:
+        ran.append(address)
+
+    await jobs.enqueue_many([send.spec(f"u{n}@bulk.example") for n in range(BACKLOG)])
+    await send.enqueue("first@zz.example")
+    await jobs.enqueue_many([send.spec(f"later@a{n:04d}.example") for n in range(2 * WINDOW)])
+    await drain(jobs)
+    position = ran.index("first@zz.example")
+    assert position == 2 if backend_url.startswith("postgresql") else position < WINDOW
+
+
+async def test_a_key_with_tokens_is_not_starved_by_empty_keys_enqueued_after_it(
+    make_jobs: MakeJobs, backend_url: str, clock: FakeClock
+) -> None:
+    """The 1,000 keys behind 'zz' (and before it by name) have empty buckets: 'zz', with
+    tokens, still runs (the next SQLite claim goes on from the last key looked at)."""
+    jobs = make_jobs(backend_url)
+    jobs.limiter("per_domain", "1/h", key=domain)
+    ran: list[str] = []
+
+    @jobs.task(limiter="per_domain")
+    async def send(address: str) -> None:
+        ran.append(address)
+
+    await jobs.enqueue_many([send.spec(f"warm@a{n:04d}.example") for n in range(WINDOW)])
+    await drain(jobs)  # every a-key's bucket is now empty
+    assert len(ran) == WINDOW
+    await jobs.enqueue_many([send.spec(f"u{n}@bulk.example") for n in range(BACKLOG)])
+    await send.enqueue("first@zz.example")
+    await jobs.enqueue_many([send.spec(f"later@a{n:04d}.example") for n in range(WINDOW)])
+    clock.advance(1)
+    await drain(jobs)
+    assert ran[WINDOW:] == ["u0@bulk.example", "first@zz.example"]
+
+
+# -- what a claim reads: not a backlog held back by a group or a queue ------------------
+
+
+def _steps(tmp_path: Path, backlog: int, scenario: str) -> int:
+    """SQLite VM steps of one choose() with ``backlog`` jobs held back (not by a key)."""
+    import asyncio
+
+    path = tmp_path / f"{scenario}-{backlog}.db"
+
+    async def create() -> None:
+        store = open_store(f"sqlite:///{path}")
+        await store.open()
+        await store.close()
+
+    asyncio.run(create())
+    db = sqlite3.connect(path, isolation_level=None)
+    rows = []
+
+    def add(key: str, queue: str, status: str = "queued", group: str | None = None) -> None:
+        rows.append((uuid.uuid4().hex, "send", queue, status, "{}", 3, 0.0, 0.0, key, group))
+
+    queues: list[str] | None = None
+    queue_concurrency: dict[str, int] = {}
+    if scenario == "full_queue":  # the task's queue is full: no job of it can start
+        queue_concurrency = {"mail": 1}
+        add("x", "mail", status="running")
+        for n in range(backlog):
+            add(f"k{n % 10}", "mail")
+    elif scenario == "group":  # one group whose head runs
+        add("x", "mail", status="running", group="g")
+        for n in range(backlog):
+            add(f"k{n % 10}", "mail", group="g")
+    else:  # other_queue: a worker of queue 'mine' behind a blocked key; a backlog elsewhere
+        queues = ["mine"]
+        for _ in range(BACKLOG):
+            add("bulk", "mine")
+        for n in range(backlog):
+            add(f"k{n % 10}", "other")
+    db.execute("BEGIN")
+    db.executemany(
+        "INSERT INTO asyncjobs_jobs (id, task, queue, status, payload, max_attempts, run_at, "
+        "enqueued_at, rate_key, group_key) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        rows,
+    )
+    db.execute("INSERT INTO asyncjobs_rate_buckets VALUES ('limiter:per_domain', 'bulk', 0, 1000)")
+    db.execute("COMMIT")
+    request = ClaimRequest(
+        worker="w",
+        tasks={"send": TaskLimits(max_attempts=3, limiter="per_domain")},
+        queues=queues,
+        limit=8,
+        lease=60,
+        queue_concurrency=queue_concurrency,
+        limiters={"per_domain": RateLimit(rate=1, per=3600)},
+        keyed=frozenset({"per_domain"}),
+    )
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    db.set_progress_handler(count, 100)
+    db.execute("BEGIN IMMEDIATE")
+    admission = choose(db, request, 1000.0)
+    db.execute("ROLLBACK")
+    db.close()
+    assert admission.chosen == []
+    return steps
+
+
+def test_a_claim_with_the_queue_full_does_not_scan_the_whole_backlog(tmp_path: Path) -> None:
+    small, large = _steps(tmp_path, 2_000, "full_queue"), _steps(tmp_path, 20_000, "full_queue")
+    assert large < 2 * small, (small, large)
+
+
+def test_a_claim_behind_a_group_does_not_scan_the_whole_backlog(tmp_path: Path) -> None:
+    small, large = _steps(tmp_path, 2_000, "group"), _steps(tmp_path, 20_000, "group")
+    assert large < 2 * small, (small, large)
+
+
+def test_a_claim_does_not_scan_the_backlog_of_queues_it_does_not_serve(tmp_path: Path) -> None:
+    small, large = _steps(tmp_path, 2_000, "other_queue"), _steps(tmp_path, 20_000, "other_queue")
+    assert large < 2 * small, (small, large)
+
+
+# -- the limits past the window --------------------------------------------------------
+
+
+async def test_past_the_window_a_key_pending_job_is_not_overtaken(
+    make_jobs: MakeJobs, backend_url: str
+) -> None:
+    producer, worker = make_jobs(backend_url, workers=False), make_jobs(backend_url)
+    worker.limiter("per_domain", "1/m", key=domain)
+    ran: list[str] = []
+
+    @worker.task(name="send", limiter="per_domain")
+    async def send(address: str) -> None:
+        ran.append(address)
+
+    await worker.enqueue_many([send.spec(f"u{n}@bulk.example") for n in range(BACKLOG)])
+    await producer.enqueue("send", "first@quiet.example")  # its key pending
+    await send.enqueue("second@quiet.example")
+    await drain(worker)
+    assert ran == ["u0@bulk.example", "first@quiet.example"]
+
+
+async def test_past_the_window_task_concurrency_holds(
+    make_jobs: MakeJobs, backend_url: str
+) -> None:
+    jobs = make_jobs(backend_url)
+    jobs.limiter("per_domain", "1/m", key=domain)
+    started: list[str] = []
+
+    @jobs.task(limiter="per_domain", concurrency=1)
+    async def send(address: str) -> None:
+        started.append(address)
+
+    await jobs.enqueue_many([send.spec(f"u{n}@bulk.example") for n in range(BACKLOG)])
+    await jobs.enqueue_many([send.spec(f"x@k{n}.example") for n in range(5)])
+    await drain(jobs)
+    assert started == ["u0@bulk.example"] + [f"x@k{n}.example" for n in range(5)]
