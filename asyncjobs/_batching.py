@@ -51,8 +51,17 @@ class _Waiter(Generic[T, R]):
 class GroupCommit(Generic[T, R]):
     """Coalesce concurrent ``submit`` calls into calls of ``flush(items) -> results``."""
 
-    def __init__(self, flush: Callable[[list[T]], Awaitable[Sequence[R]]]) -> None:
+    def __init__(
+        self,
+        flush: Callable[[list[T]], Awaitable[Sequence[R]]],
+        *,
+        apart: Callable[[BaseException], bool] | None = None,
+    ) -> None:
+        """``apart``: a flush of several submissions failing with an error it accepts
+        (one item refused as data) is tried again one submission at a time, so that only
+        the submissions that fail alone hear of it."""
         self._flush = flush
+        self._apart = apart
         self._queue: list[_Waiter[T, R]] = []
         self._busy = False
         # Did the last flush have company? Then leaders wait for submitters woken in the
@@ -145,14 +154,25 @@ class GroupCommit(Generic[T, R]):
     async def _lead(self, batch: list[_Waiter[T, R]]) -> None:
         items = [item for waiter in batch for item in waiter.items]
         try:
-            results = list(await self._flush(items)) if items else []
+            try:
+                results = list(await self._flush(items)) if items else []
+            except Exception as error:
+                if self._apart is None or not self._apart(error) or len(batch) < 2:
+                    raise
+                for waiter in batch:  # each alone: only those refused fail
+                    try:
+                        waiter.results = list(await self._flush(list(waiter.items)))
+                    except Exception as alone:
+                        waiter.error = alone
+                return
             start = 0
             for waiter in batch:
                 waiter.results = results[start : start + len(waiter.items)]
                 start += len(waiter.items)
         except BaseException as error:
             for waiter in batch:
-                waiter.error = error
+                if not waiter.results and waiter.error is None:
+                    waiter.error = error
         finally:
             for waiter in batch:
                 waiter.done = True

@@ -19,7 +19,7 @@ from asyncjobs._batching import GroupCommit, InFlight
 from asyncjobs._clock import Clock, SystemClock
 from asyncjobs._codec import JSON
 from asyncjobs._cron import Cron, Every, zone
-from asyncjobs._errors import AsyncJobsError, ConfigurationError
+from asyncjobs._errors import AsyncJobsError, ConfigurationError, DataRefused
 from asyncjobs._lifecycle import _Lifecycle
 from asyncjobs._models import Job
 from asyncjobs._new_jobs import DEFAULT_RETRIES, _NewJobs
@@ -95,7 +95,11 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
         self.limiters: dict[str, Limiter] = {}
         self.runner = Runner(self)
         self.scheduler = Scheduler(self)
-        self._inserts: GroupCommit[NewJob, str] = GroupCommit(self._flush_inserts)
+        # A batch the database refuses as data is written again one enqueue at a time:
+        # only the enqueue it refuses fails, not those that shared its transaction.
+        self._inserts: GroupCommit[NewJob, str] = GroupCommit(
+            self._flush_inserts, apart=lambda error: isinstance(error, DataRefused)
+        )
         self._keyed_inserts = InFlight()  # on their own: see _insert
         self._result_events: dict[str, list[anyio.Event]] = {}
         self._host: asyncio.Task[None] | None = None

@@ -124,6 +124,10 @@ class JobSpec(Generic[R]):
     options: JobOptions = field(default_factory=JobOptions)
     definition: Task[..., R] | None = field(default=None, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        if self.definition is None:  # made by name: checked as an enqueue by name is
+            check_name(self.task, "task name")
+
 
 def accepts_keyword(fn: Callable[..., object], name: str) -> bool:
     """Whether ``fn`` can be called with the keyword argument ``name``."""
@@ -178,7 +182,7 @@ class Task(Generic[P, R]):
     def __repr__(self) -> str:
         return f"<Task {self.name} queue={self.queue}>"
 
-    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+    async def __call__(self, /, *args: P.args, **kwargs: P.kwargs) -> R:
         return await self.fn(*args, **kwargs)
 
     def options(
@@ -223,10 +227,10 @@ class Task(Generic[P, R]):
             options=merged,
         )
 
-    def spec(self, *args: P.args, **kwargs: P.kwargs) -> JobSpec[R]:
+    def spec(self, /, *args: P.args, **kwargs: P.kwargs) -> JobSpec[R]:
         return JobSpec(
             task=self.name, args=tuple(args), kwargs=kwargs, options=self._options, definition=self
         )
 
-    async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
+    async def enqueue(self, /, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
         return await self.jobs.enqueue(self.spec(*args, **kwargs))
