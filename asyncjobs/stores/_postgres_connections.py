@@ -108,6 +108,19 @@ def _session(conn: Any) -> Any:
     return conn if inner is None else inner
 
 
+_LOST: tuple[type[BaseException], ...] = (
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.AdminShutdownError,
+    ConnectionResetError,
+    asyncpg.InterfaceError,  # closed under a transaction: its __aexit__'s
+    # A session the server ended (a restart, pg_terminate_backend, idle_session_timeout)
+    # whose end the driver has read but not yet acted on: the connection still looks
+    # open, and the next statement is refused before it is sent.
+    asyncpg.InternalClientError,
+)
+"""Errors of an operation whose connection may have died under it (``_connection_lost``)."""
+
+
 def _connection_lost(error: BaseException) -> bool:
     """Whether the connection died under the operation (the server restarted, or cut
     it), not the operation's own failure: worth one retry on a fresh connection."""
@@ -388,17 +401,22 @@ class _Connections:
                         conn = await pool.acquire()
                     try:
                         return await self._bounded(conn, fn)
+                    except _LOST as error:
+                        if _connection_lost(error):
+                            # The pool opens another, not this one again (unless the
+                            # pool already took it back, seeing it closed).
+                            with contextlib.suppress(asyncpg.InterfaceError):
+                                conn.terminate()
+                        raise
                     finally:
                         await pool.release(conn)
-                except (
-                    asyncpg.ConnectionDoesNotExistError,
-                    asyncpg.AdminShutdownError,
-                    ConnectionResetError,
-                    asyncpg.InterfaceError,  # closed under a transaction: its __aexit__'s
-                ) as error:
+                except _LOST as error:
                     if attempt == 2 or not _connection_lost(error):
                         raise
                     logger.info("PostgreSQL store: connection lost; retrying %s once", what)
+                    # The server ended it, and likely every other idle one with it (a
+                    # restart): the retry gets a new connection, not another dead one.
+                    await pool.expire_connections()
             raise AssertionError("unreachable")  # pragma: no cover
 
     async def _on_producer(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
