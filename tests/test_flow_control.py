@@ -151,64 +151,6 @@ async def test_a_keyed_limiter_gives_each_key_its_own_bucket(jobs: Jobs, clock: 
     assert (await statuses(jobs)) == {"succeeded": 6, "queued": 2}
 
 
-BACKLOG = 1100  # more than a SQLite claim's window of a task's ready jobs (1,000)
-
-
-async def test_a_key_with_tokens_runs_behind_a_backlog_of_keys_without(
-    make_jobs: MakeJobs, backend_url: str, clock: FakeClock
-) -> None:
-    """A bulk send to one domain must not hold up another domain's mail: behind more
-    ready jobs of empty buckets than a claim's window, the other keys' jobs still run,
-    each key's in claim order (priority, then enqueue order)."""
-    jobs = make_jobs(backend_url)
-    jobs.limiter("per_domain", "2/m", key=domain)
-    ran: list[str] = []
-
-    @jobs.task(limiter="per_domain")
-    async def send(address: str) -> None:
-        ran.append(address)
-
-    await jobs.enqueue_many([send.spec(f"u{n}@bulk.example") for n in range(BACKLOG)])
-    for n in range(3):
-        await send.enqueue(f"u{n}@quiet.example")
-    await send.options(priority=-1).enqueue("late@other.example")
-    await send.enqueue("first@other.example")
-    await drain(jobs)
-    assert ran == [
-        "u0@bulk.example", "u1@bulk.example", "u0@quiet.example", "u1@quiet.example",
-        "first@other.example", "late@other.example",
-    ]  # fmt: skip
-    clock.advance(30)  # one more token per domain
-    await drain(jobs)
-    assert ran[6:] == ["u2@bulk.example", "u2@quiet.example"]
-    assert (await jobs.stats())["totals"]["counts"]["queued"] == BACKLOG - 3
-
-
-async def test_past_the_window_a_keys_jobs_keep_their_group_and_queue(
-    make_jobs: MakeJobs, backend_url: str
-) -> None:
-    """Behind a backlog longer than a claim's window, a key's jobs still run one at a
-    time in their group, and a worker takes only its own queues."""
-    jobs = make_jobs(backend_url, queues=["mail"])
-    jobs.limiter("per_domain", "10/m", key=domain)
-    ran: list[str] = []
-
-    @jobs.task(limiter="per_domain", queue="mail")
-    async def send(address: str) -> None:
-        ran.append(address)
-        raise Retry(60)  # its group waits for it
-
-    await jobs.enqueue_many([send.spec(f"u{n}@bulk.example") for n in range(BACKLOG)])
-    grouped = send.options(group="thread-1")
-    await grouped.enqueue("a@quiet.example")
-    await grouped.enqueue("b@quiet.example")
-    await send.options(queue="other").enqueue("c@quiet.example")
-    await send.enqueue("d@quiet.example")
-    await drain(jobs)
-    assert ran[10:] == ["a@quiet.example", "d@quiet.example"]
-    assert len(ran) == 12
-
-
 async def test_a_limiter_key_function_that_fails_fails_the_enqueue(jobs: Jobs) -> None:
     jobs.limiter("per_customer", "5/s", key=lambda customer: customer["id"])
 

@@ -13,8 +13,9 @@ import sqlite3
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
-from asyncjobs import Jobs, RateLimit
+from asyncjobs import Jobs, RateLimit, Task
 from asyncjobs.stores import open_store
 from asyncjobs.stores._protocol import ClaimRequest, TaskLimits
 from asyncjobs.stores._sqlite_limits import WINDOW, choose
@@ -28,7 +29,66 @@ def domain(address: str) -> str:
     return address.split("@")[1]
 
 
+class Sender(NamedTuple):
+    jobs: Jobs
+    send: Task[[str], None]  # under a limiter keyed by the address's domain
+    ran: list[str]  # the addresses sent, in order
+
+
+def sender(jobs: Jobs, rate: str, **task: Any) -> Sender:
+    jobs.limiter("per_domain", rate, key=domain)
+    ran: list[str] = []
+
+    @jobs.task(limiter="per_domain", **task)
+    async def send(address: str) -> None:
+        ran.append(address)
+
+    return Sender(jobs, send, ran)
+
+
 # -- which keys past the window a claim finds ------------------------------------------
+
+
+async def test_a_key_with_tokens_runs_behind_a_backlog_of_keys_without(
+    make_jobs: MakeJobs, backend_url: str, clock: FakeClock
+) -> None:
+    """A bulk send to one domain must not hold up another domain's mail: behind more
+    ready jobs of empty buckets than a claim's window, the other keys' jobs still run,
+    each key's in claim order (priority, then enqueue order)."""
+    jobs, send, ran = sender(make_jobs(backend_url), "2/m")
+
+    await jobs.enqueue_many([send.spec(f"u{n}@bulk.example") for n in range(BACKLOG)])
+    for n in range(3):
+        await send.enqueue(f"u{n}@quiet.example")
+    await send.options(priority=-1).enqueue("late@other.example")
+    await send.enqueue("first@other.example")
+    await drain(jobs)
+    assert ran == [
+        "u0@bulk.example", "u1@bulk.example", "u0@quiet.example", "u1@quiet.example",
+        "first@other.example", "late@other.example",
+    ]  # fmt: skip
+    clock.advance(30)  # one more token per domain
+    await drain(jobs)
+    assert ran[6:] == ["u2@bulk.example", "u2@quiet.example"]
+    assert (await jobs.stats())["totals"]["counts"]["queued"] == BACKLOG - 3
+
+
+async def test_past_the_window_a_keys_jobs_keep_their_group_and_queue(
+    make_jobs: MakeJobs, backend_url: str
+) -> None:
+    """Behind a backlog longer than a claim's window, a key's jobs still run one at a
+    time in their group (b only once a has ended), and a worker takes only its own
+    queues (never c)."""
+    jobs, send, ran = sender(make_jobs(backend_url, queues=["mail"]), "10/m", queue="mail")
+
+    await jobs.enqueue_many([send.spec(f"u{n}@bulk.example") for n in range(BACKLOG)])
+    grouped = send.options(group="thread-1")
+    await grouped.enqueue("a@quiet.example")
+    await grouped.enqueue("b@quiet.example")
+    await send.options(queue="other").enqueue("c@quiet.example")
+    await send.enqueue("d@quiet.example")
+    await drain(jobs)
+    assert ran[10:] == ["a@quiet.example", "d@quiet.example", "b@quiet.example"]
 
 
 async def test_a_key_with_tokens_behind_the_window_runs_among_the_first(
@@ -38,14 +98,7 @@ async def test_a_key_with_tokens_behind_the_window_runs_among_the_first(
     after it (and before it by name). PostgreSQL runs it right after bulk's two tokens;
     SQLite, which looks at ``KEYS_PER_CLAIM`` keys a claim in turn by name, within a few
     claims, not after every key before it by name."""
-    jobs = make_jobs(backend_url)
-    jobs.limiter("per_domain", "2/m", key=domain)
-    ran: list[str] = []
-
-    @jobs.task(limiter="per_domain")
-    async def send(address: str) -> None:
-        ran.append(address)
-
+    jobs, send, ran = sender(make_jobs(backend_url), "2/m")
     await jobs.enqueue_many([send.spec(f"u{n}@bulk.example") for n in range(BACKLOG)])
     await send.enqueue("first@zz.example")
     await jobs.enqueue_many([send.spec(f"later@a{n:04d}.example") for n in range(2 * WINDOW)])
@@ -59,14 +112,7 @@ async def test_a_key_with_tokens_is_not_starved_by_empty_keys_enqueued_after_it(
 ) -> None:
     """The 1,000 keys behind 'zz' (and before it by name) have empty buckets: 'zz', with
     tokens, still runs (the next SQLite claim goes on from the last key looked at)."""
-    jobs = make_jobs(backend_url)
-    jobs.limiter("per_domain", "1/h", key=domain)
-    ran: list[str] = []
-
-    @jobs.task(limiter="per_domain")
-    async def send(address: str) -> None:
-        ran.append(address)
-
+    jobs, send, ran = sender(make_jobs(backend_url), "1/h")
     await jobs.enqueue_many([send.spec(f"warm@a{n:04d}.example") for n in range(WINDOW)])
     await drain(jobs)  # every a-key's bucket is now empty
     assert len(ran) == WINDOW
