@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -51,14 +52,20 @@ def _secret(parameter: str) -> bool:
     return "password" in parameter.lower()
 
 
+_SECRET_PARAMETER = re.compile(r"([?&][^=&#?]*password[^=&#?]*=)[^&#]*", re.IGNORECASE)
+"""A parameter such as ``password=`` or ``sslpassword=`` (``_secret``) and its value."""
+
+
 def redacted(url: str) -> str:
     """``url`` for messages and logs: its password (in the user info, or a parameter
     such as ``password`` or ``sslpassword``) replaced by ``***``.
 
-    The user info is taken to run to the URL's last ``@``: a password typed with a
-    ``/``, ``?`` or ``#`` not percent-encoded (not a valid URL, but typed all the same)
-    would otherwise read as the host, port or path, and be shown. An ``@`` in a
-    parameter's value then hides more than the password: never less."""
+    Secret parameters are hidden first, wherever they appear. The user info is then
+    taken to run to the URL's last ``@``: a password typed with a ``/``, ``?`` or ``#``
+    not percent-encoded (not a valid URL, but typed all the same) would otherwise read
+    as the host, port or path, and be shown. An ``@`` in another parameter's value then
+    hides more than the password: never less."""
+    url = _SECRET_PARAMETER.sub(r"\1***", url)
     scheme, sep, rest = url.partition("://")
     userinfo, at, after = rest.rpartition("@")
     user, colon, _ = userinfo.partition(":")

@@ -82,6 +82,10 @@ async def test_the_store_opens_lazily(tmp_path: Path) -> None:
          "postgresql://app:***@127.0.0.1:5432/app"),
         ("postgresql://app:a?b#hunter2@db/app?password=x", "postgresql://app:***@db/app?password=***"),
         ("postgresql://app:p@ss/hunter2@db/app", "postgresql://app:***@db/app"),
+        # An @ in a secret parameter's value is no end of the user info.
+        ("postgresql://db:5432/app?password=p@hunter2", "postgresql://db:5432/app?password=***"),
+        ("postgresql://alice:pw@db/app?sslpassword=key@hunter2",
+         "postgresql://alice:***@db/app?sslpassword=***"),
     ],
 )  # fmt: skip
 def test_redacted_urls_hide_the_password(url: str, shown: str) -> None:
@@ -98,6 +102,7 @@ def test_redacted_urls_hide_the_password(url: str, shown: str) -> None:
         "postgresql://app:hunter2@127.0.0.1:0/test",
         "postgresql://app:hunter2@[::1/test",
         "postgresql://app:Xy9/hunter2@127.0.0.1:5432/app",  # a / typed unescaped
+        "postgresql://db:5432/app?password=p@hunter2&pool_min=x",  # an @ in a parameter
     ],
 )
 def test_a_bad_store_url_is_refused_without_its_password(url: str) -> None:
