@@ -160,13 +160,7 @@ class Admission:
 
     def keyed_only(self, task: str) -> bool:
         """Whether only keyed jobs of ``task`` can run: its limiter's shared bucket is empty."""
-        limits, named = self.limits_of(task)
-        if named is None or not limits.limiter:
-            return False
-        if not self.empty(limiter_bucket(limits.limiter, ""), named):
-            return False
-        self.blocked_keys.setdefault(limits.limiter, set()).add("")
-        return True
+        return self.key_empty(task, "")
 
     def key_empty(self, task: str, key: str) -> bool:
         """Whether ``key``'s bucket of ``task``'s limiter has no token now; if so, the

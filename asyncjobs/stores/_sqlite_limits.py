@@ -279,7 +279,6 @@ def _past_window(
     ).fetchone()
     if end is None:
         return  # the window held every ready job
-    # A heap of (claim order of the key's next job, or a point before it; key; read).
     blocked = admission.blocked_keys_of(task)
     heads = {
         key: (priority, seq)
@@ -287,6 +286,7 @@ def _past_window(
         if priority is not None and seq is not None and key not in blocked
     }
     _preload_buckets(db, admission, task, heads)
+    # A heap of (claim order of the key's next job, or a point before it; key; read).
     heap = [((-p, s), key, _KeyRead(after=(p, s - 1))) for key, (p, s) in heads.items()]
     heapq.heapify(heap)
     while heap and task not in admission.blocked_tasks:
