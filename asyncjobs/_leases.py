@@ -61,9 +61,8 @@ class _Leases:
         ended.update(row.id for taken in self._writing for row, _, _ in taken)
         if not held and not ended:
             return
-        lease_until = self.clock.now() + self.settings.visibility_timeout
         owned = await self.jobs.store.heartbeat(
-            list(ended.union(held)), worker=self.worker_id, lease_until=lease_until
+            list(ended.union(held)), worker=self.worker_id, lease_until=self._lease_until
         )
         lost = [job_id for job_id in held if job_id not in owned]
         for job_id in lost:
@@ -75,6 +74,11 @@ class _Leases:
             self.cancel_local(job_id, held[job_id])
         if lost:
             self.wake()  # a slot promised to a job claimed ahead may be free again
+
+    def _lease_until(self) -> float:
+        """A lease from now. The store calls it once it holds the lock: counted from
+        before a wait for another process's lock, the lease would be short by that wait."""
+        return self.clock.now() + self.settings.visibility_timeout
 
     async def heartbeat_loop(self, *, task_status: TaskStatus[None]) -> None:
         self.started_at = self.clock.now()

@@ -234,6 +234,7 @@ class Runner(_Leases, _Execution):
             limiters={name: limiter.limit for name, limiter in self.jobs.limiters.items()},
             ahead=ahead,
             keyed=frozenset(name for name, lim in self.jobs.limiters.items() if lim.key),
+            clock=self.clock.now,  # the lease counts from when the store holds the lock
         )
 
     @property

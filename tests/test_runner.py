@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import random
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import pytest
@@ -20,6 +20,7 @@ from asyncjobs.stores._protocol import Outcome
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]
+T = TypeVar("T")
 
 
 def db_path(db_url: str) -> str:
@@ -652,6 +653,63 @@ async def test_outcomes_written_one_at_a_time_keep_their_leases(
     await drain(jobs)
     assert await second.result(timeout=1) == "ok"
     assert runs.count("small") == 1
+
+
+async def while_another_process_writes(
+    jobs: Jobs, clock: FakeClock, call: Callable[[], Coroutine[Any, Any, T]]
+) -> T:
+    """Run ``call()`` while another connection holds the write lock; the lock is held
+    for 5 s of ``clock``'s time after ``call`` began, then let go."""
+    store = jobs.store
+    assert isinstance(store, SQLiteStore)
+    other = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        waiting = asyncio.get_running_loop().create_task(call())
+        await anyio.lowlevel.checkpoint()  # it reads the clock and asks for the lock
+        assert not waiting.done()
+        clock.advance(5)
+        other.execute("COMMIT")
+        with anyio.fail_after(5):
+            return await waiting
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("synchronous", ["normal", "full"])  # on the loop, in the thread
+async def test_a_claim_that_waited_for_the_write_lock_leases_from_when_it_got_it(
+    make_jobs: MakeJobs, clock: FakeClock, synchronous: str
+) -> None:
+    """Counted from before the wait, the lease was written short by it: already expired
+    under heavy contention (3.7 s stale with visibility_timeout=2), so another worker's
+    recovery could take a job that was running."""
+    jobs = make_jobs(visibility_timeout=2, synchronous=synchronous)
+
+    @jobs.task
+    async def work() -> None: ...
+
+    job = await work.enqueue()
+    assert await while_another_process_writes(jobs, clock, jobs.runner.claim) == 1
+    row = await jobs.store.get(job.id)  # its outcome is not written yet: still leased
+    assert row is not None
+    assert row.status == "running"
+    assert (row.started_at, row.lease_until) == (clock.now(), clock.now() + 2)
+
+
+async def test_a_heartbeat_that_waited_for_the_write_lock_extends_from_when_it_got_it(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    jobs = make_jobs(visibility_timeout=2)
+
+    @jobs.task
+    async def work() -> None: ...
+
+    job = await work.enqueue()
+    assert await jobs.runner.claim() == 1  # held here: running, or its outcome unwritten
+    await while_another_process_writes(jobs, clock, jobs.runner.heartbeat_once)
+    row = await jobs.store.get(job.id)
+    assert row is not None
+    assert (row.status, row.lease_until) == ("running", clock.now() + 2)
 
 
 # -- workers in the event loop -------------------------------------------------------

@@ -39,7 +39,7 @@ import itertools
 import logging
 import secrets
 import weakref
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -332,7 +332,7 @@ class PostgresStore(_Connections):
             return await self._run("claim", both)
 
     async def heartbeat(
-        self, job_ids: Sequence[str], *, worker: str, lease_until: float
+        self, job_ids: Sequence[str], *, worker: str, lease_until: float | Callable[[], float]
     ) -> set[str]:
         if not job_ids:
             return set()
@@ -341,7 +341,8 @@ class PostgresStore(_Connections):
             lambda conn: conn.fetch(
                 "UPDATE asyncjobs_jobs SET lease_until = $1 WHERE status = 'running' "
                 "AND worker = $2 AND id = ANY($3::text[]) RETURNING id, cancel_requested_at",
-                lease_until,
+                # Read with a connection in hand: after any wait for one (a busy pool).
+                lease_until() if callable(lease_until) else lease_until,
                 worker,
                 list(job_ids),
             ),

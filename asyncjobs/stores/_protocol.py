@@ -4,7 +4,10 @@ The protocol is domain-level: insert jobs, claim ready ones, finish them. The
 store decides nothing. The runner computes retries, backoff and dead-letter
 decisions with pure functions and hands the store an ``Outcome`` to apply
 atomically. The store never reads a clock: every method that needs the time is
-given ``now`` (epoch seconds).
+given ``now`` (epoch seconds). Only a lease, which must be counted from when it is
+written, is counted from the caller's clock read once the store holds the lock
+(``ClaimRequest.clock``, a ``heartbeat``'s ``lease_until``): a write that first waited
+for another process's lock would otherwise write a lease already short by that wait.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import builtins
 import enum
 import json
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -149,6 +152,10 @@ class ClaimRequest:
     # Named limiters with a key function: while a job of theirs waits for its key, the
     # claim takes none of the limiter's jobs (``Claimed.unkeyed``).
     keyed: frozenset[str] = frozenset()
+    # The claimer's clock (epoch seconds), for a store whose claim waits for a lock
+    # (SQLite's write lock): read once the lock is held, it gives the lease, started_at
+    # and which jobs are due, instead of the claim's ``now``. None: ``now``.
+    clock: Callable[[], float] | None = None
 
 
 class Claimed(list[JobRow]):
@@ -244,7 +251,8 @@ class Store(Protocol):
 
     async def claim(self, request: ClaimRequest, *, now: float) -> list[JobRow]:
         """Atomically take up to ``limit`` due jobs: status ``running``, attempts
-        raised by one, ``lease_until = now + lease``, ``worker`` set.
+        raised by one, ``lease_until = now + lease``, ``worker`` set (``now`` read from
+        ``request.clock`` once the lock is held, by a store whose claim waits for one).
 
         Only jobs whose task is in ``request.tasks`` (and queue in ``queues``)
         are taken; higher priority first, then enqueue order. Flow control holds
@@ -277,9 +285,10 @@ class Store(Protocol):
         ...
 
     async def heartbeat(
-        self, job_ids: Sequence[str], *, worker: str, lease_until: float
+        self, job_ids: Sequence[str], *, worker: str, lease_until: float | Callable[[], float]
     ) -> set[str]:
-        """Extend the leases of jobs still running under ``worker``; return those ids,
+        """Extend the leases of jobs still running under ``worker`` to ``lease_until``
+        (or what it returns, called once the store holds the lock); return those ids,
         less the ones asked to stop (cancelled while running)."""
         ...
 

@@ -469,7 +469,7 @@ class SQLiteStore:
         return await self._short_transaction(rows, _finish_and_claim, outcomes, request, now)
 
     async def heartbeat(
-        self, job_ids: Sequence[str], *, worker: str, lease_until: float
+        self, job_ids: Sequence[str], *, worker: str, lease_until: float | Callable[[], float]
     ) -> set[str]:
         if not job_ids:
             return set()

@@ -165,6 +165,11 @@ Sidekiq's scheduled poller moves jobs in order of due time), not for them to run
 
 
 def _claim(db: sqlite3.Connection, request: ClaimRequest, now: float) -> Claimed:
+    # The write lock is held (BEGIN IMMEDIATE): read the time now. ``now`` was read
+    # before any wait for another process's lock, and a lease counted from it would be
+    # written short by that wait, even already expired.
+    if request.clock is not None:
+        now = request.clock()
     db.execute(
         # INDEXED BY: as in next_run_at, the due rows only, not every scheduled one.
         "UPDATE asyncjobs_jobs SET status = 'queued' WHERE seq IN (SELECT seq FROM "
@@ -450,8 +455,13 @@ def tally_deleted(
 
 
 def _heartbeat(
-    db: sqlite3.Connection, job_ids: Sequence[str], worker: str, lease_until: float
+    db: sqlite3.Connection,
+    job_ids: Sequence[str],
+    worker: str,
+    lease_until: float | Callable[[], float],
 ) -> set[str]:
+    if callable(lease_until):  # read with the write lock held, as in _claim
+        lease_until = lease_until()
     rows = db.execute(
         "UPDATE asyncjobs_jobs SET lease_until = ? WHERE status = 'running' AND worker = ? "
         "AND id IN (SELECT value FROM json_each(?)) RETURNING id, cancel_requested_at",
