@@ -64,7 +64,15 @@ class _Leases:
         owned = await self.jobs.store.heartbeat(
             list(ended.union(held)), worker=self.worker_id, lease_until=self._lease_until
         )
-        lost = [job_id for job_id in held if job_id not in owned]
+        # Of those left out, only the attempts still held here were taken away. One that
+        # ended while the store was asked may have had its outcome written before this
+        # update ran, and the store rightly left it out: nothing to stop, and its write
+        # tells whether it was still ours (a true loss is logged there, by _log).
+        lost = [
+            job_id
+            for job_id, attempt in held.items()
+            if job_id not in owned and self._holds(job_id, attempt)
+        ]
         for job_id in lost:
             # Running here: stop it. Claimed ahead and not started: never start it.
             logger.warning(
@@ -79,6 +87,13 @@ class _Leases:
         """A lease from now. The store calls it once it holds the lock: counted from
         before a wait for another process's lock, the lease would be short by that wait."""
         return self.clock.now() + self.settings.visibility_timeout
+
+    def _holds(self, job_id: str, attempt: int) -> bool:
+        """Is attempt ``attempt`` at ``job_id`` running here, or claimed ahead?"""
+        running = self.running.get(job_id)
+        if running is not None and running.row.attempts == attempt:
+            return True
+        return any(row.id == job_id and row.attempts == attempt for row in self._ready)
 
     async def heartbeat_loop(self, *, task_status: TaskStatus[None]) -> None:
         self.started_at = self.clock.now()

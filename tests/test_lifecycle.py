@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -253,6 +253,67 @@ async def test_a_long_job_keeps_its_lease_over_many_visibility_timeouts(
         release.set()
         assert await job.result(timeout=5) == "done"
     assert runs == [1]
+
+
+async def test_a_job_that_ends_while_a_heartbeat_asks_about_it_is_not_reported_lost(
+    make_jobs: MakeJobs,
+    backend_url: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The heartbeat asks about a running job; before its update runs, the job succeeds
+    and its outcome is written. The store leaves the job out, as it should, but nothing
+    took it away: no warning that it is no longer ours."""
+    jobs = make_jobs(backend_url)
+    started, release = anyio.Event(), anyio.Event()
+
+    @jobs.task(name="t")
+    async def t() -> None:
+        started.set()
+        await release.wait()
+
+    job = await t.enqueue()
+    store_heartbeat = jobs.store.heartbeat
+
+    async def late_heartbeat(job_ids: Sequence[str], **kwargs: Any) -> set[str]:
+        release.set()  # the job ends, and its outcome is written before the update
+        while (await job.info()).status != "succeeded":
+            await anyio.lowlevel.checkpoint()
+        return await store_heartbeat(job_ids, **kwargs)
+
+    monkeypatch.setattr(jobs.store, "heartbeat", late_heartbeat)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain, jobs)
+            await started.wait()
+            await jobs.runner.heartbeat_once()
+    info = await job.info()
+    assert (info.status, info.attempts) == ("succeeded", 1)
+    assert "no longer ours" not in caplog.text
+
+
+async def test_a_running_job_cancelled_from_another_process_is_reported_lost_and_stopped(
+    make_jobs: MakeJobs, backend_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    jobs = make_jobs(backend_url)
+    other = make_jobs(backend_url, workers=False)
+    started = anyio.Event()
+
+    @jobs.task(name="t")
+    async def t() -> None:
+        started.set()
+        await anyio.Event().wait()  # ends only when stopped
+
+    job = await t.enqueue()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain, jobs)
+            await started.wait()
+            assert await other.cancel(job.id)
+            await jobs.runner.heartbeat_once()
+    assert (await job.info()).status == "cancelled"
+    lost = f"job {job.id} is no longer ours (cancelled, or lease expired); stopping it"
+    assert [r.levelname for r in caplog.records if r.getMessage() == lost] == ["WARNING"]
 
 
 async def test_an_expired_lease_is_recovered_when_workers_start(
