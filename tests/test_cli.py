@@ -232,6 +232,21 @@ def test_a_store_error_is_a_clean_message_not_a_traceback(
         assert "not-a-file.db" in result.stderr
 
 
+def test_a_worker_that_cannot_reach_postgres_says_so_and_exits(env: dict[str, str]) -> None:
+    """Not "reconnecting in 0.1s" before exiting: the URL (password hidden) and why."""
+    pytest.importorskip("asyncpg")
+    unreachable = "postgresql://postgres:secret@127.0.0.1:1/test"  # nothing listens on port 1
+    result = cli({**env, "CLI_TEST_DB_URL": unreachable}, "worker")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert (
+        "Error: PostgreSQL store could not connect to "
+        "'postgresql://postgres:***@127.0.0.1:1/test' (open): ConnectionRefusedError"
+    ) in result.stderr
+    assert "reconnecting" not in result.stderr
+    assert "secret" not in result.stderr
+
+
 def test_a_setting_the_app_refuses_is_a_clean_message(env: dict[str, str]) -> None:
     """The app's ``Jobs(url)`` refusing its URL at import gives one line, not a traceback."""
     for url in ("sqlite:///", "redis://127.0.0.1/0"):

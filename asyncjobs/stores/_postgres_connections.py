@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 import asyncpg
 
 from asyncjobs._errors import ConfigurationError, DataRefused, StoreError
+from asyncjobs.stores import redacted
 from asyncjobs.stores._postgres_schema import migrate
 from asyncjobs.stores._postgres_sql import channel, retry_deadlocks
 
@@ -175,7 +176,7 @@ class _Connections:
         async with self._opening:
             if self._is_open():
                 return
-            async with self._errors("open"):
+            async with self._errors("open", opening=True):
                 pool = await asyncpg.create_pool(
                     self.url,
                     min_size=self.pool_min,
@@ -239,18 +240,28 @@ class _Connections:
         self._notified = True
 
     @contextlib.asynccontextmanager
-    async def _errors(self, what: str) -> AsyncIterator[None]:
-        """Map driver errors to StoreError; track reachability for the backoff."""
+    async def _errors(self, what: str, *, opening: bool = False) -> AsyncIterator[None]:
+        """Map driver errors to StoreError; track reachability for the backoff.
+
+        ``opening``: the store is not open yet (``Jobs.start()``, or a first operation),
+        so no reconnect is under way to promise: the message says that the store could
+        not connect, to which URL (its password hidden) and why."""
         try:
             yield
         except DRIVER_ERRORS as error:
             if not is_connection_error(error):
                 kind = _refused_kind(error)
                 raise kind(f"PostgreSQL store {self!r} ({what}): {error}") from error
-            delay = self._backoff()
+            delay = self._backoff()  # a first operation that opens it backs off too
+            cause = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            if opening:
+                raise StoreError(
+                    f"PostgreSQL store could not connect to {redacted(self.url)!r} "
+                    f"({what}): {cause}"
+                ) from error
             raise StoreError(
-                f"PostgreSQL store {self!r} is unreachable ({what}): "
-                f"{type(error).__name__}: {error}; reconnecting in {delay:.1f}s"
+                f"PostgreSQL store {self!r} is unreachable ({what}): {cause}; "
+                f"reconnecting in {delay:.1f}s"
             ) from error
         else:
             self._failures = 0

@@ -202,6 +202,34 @@ def test_unwritable_store_fails_startup_with_a_clear_message(tmp_path: Path) -> 
     assert not running(jobs)
 
 
+UNREACHABLE = "postgresql://postgres:secret@127.0.0.1:1/test"  # nothing listens on port 1
+COULD_NOT_CONNECT = (
+    "PostgreSQL store could not connect to 'postgresql://postgres:***@127.0.0.1:1/test' "
+    "(open): ConnectionRefusedError"
+)
+
+
+async def test_unreachable_postgres_fails_startup_naming_the_url_and_no_reconnect(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Startup fails and the process exits: nothing will reconnect, so the message says
+    it could not connect, where (the password hidden) and why, and promises nothing."""
+    pytest.importorskip("asyncpg")
+    jobs = Jobs(UNREACHABLE)
+    try:
+        with pytest.raises(StoreError) as refused:
+            async with jobs.lifespan():
+                raise AssertionError("never reached")
+    finally:
+        await jobs.close()
+    assert str(refused.value).startswith(COULD_NOT_CONNECT)
+    (logged,) = [r.getMessage() for r in caplog.records if r.name == "asyncjobs._asgi"]
+    assert logged == f"asyncjobs could not start: {refused.value}"
+    for text in (logged, str(refused.value)):
+        assert "reconnecting" not in text
+        assert "secret" not in text
+
+
 def test_app_startup_failure_is_reported_and_workers_never_start(tmp_path: Path) -> None:
     jobs = make_jobs(tmp_path)
 

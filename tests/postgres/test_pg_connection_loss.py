@@ -796,6 +796,36 @@ async def test_an_operation_on_a_network_gone_silent_fails_after_the_command_tim
         await proxy.close()
 
 
+async def test_a_running_store_that_loses_the_server_says_it_will_reconnect(
+    postgres_url: str,
+) -> None:
+    """Unlike a store that never opened (startup fails, nothing reconnects), an open one
+    keeps going: its message says when it tries again."""
+    parts = urlsplit(postgres_url)
+    proxy = FreezingProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    port = await proxy.start()
+    name = f"asyncjobs_gone_{uuid.uuid4().hex[:10]}"
+    netloc = f"{parts.username}@127.0.0.1:{port}"
+    store = PostgresStore(urlunsplit(parts._replace(netloc=netloc)) + f"&application_name={name}")
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        await store.open()
+        await proxy.close()  # the server is gone: new connections are refused...
+        await admin.execute(  # ...and those open are cut
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            name,
+        )
+        with anyio.fail_after(20), pytest.raises(StoreError) as lost:
+            await store.get("a" * 32)
+    finally:
+        await store.close()
+        await proxy.close()
+        await admin.close()
+    message = str(lost.value)
+    assert message.startswith(f"PostgreSQL store {store!r} is unreachable (get): ")
+    assert message.endswith("; reconnecting in 0.1s")
+
+
 def test_command_timeout_is_read_from_the_url_and_checked() -> None:
     assert PostgresStore("postgresql://h/db?command_timeout=2.5").command_timeout == 2.5
     assert PostgresStore("postgresql://h/db").command_timeout == 60.0
