@@ -80,10 +80,20 @@ class Chain:
     async def infos(self) -> list[JobInfo]:
         return [await job.info() for job in self.jobs]
 
+    async def _stored(self) -> list[JobInfo]:
+        """The members still stored, in order. One discarded, purged or pruned had
+        finished: an unfinished one is cancelled first, and the rest of the chain with
+        it. Raises ``AsyncJobsError`` when none is stored."""
+        stored = [info for job in self.jobs if (info := await self._jobs.get(job.id))]
+        if not stored:
+            raise AsyncJobsError(f"no job of {self!r} is stored any more (pruned or purged)")
+        return stored
+
     async def status(self) -> JobStatus:
         """The status of the first member that has not succeeded (``succeeded`` when all
-        have): ``running`` while one runs, ``dead`` or ``cancelled`` when it broke."""
-        for info in await self.infos():
+        have): ``running`` while one runs, ``dead`` or ``cancelled`` when it broke. A
+        member discarded, purged or pruned is passed over."""
+        for info in await self._stored():
             if info.status != JobStatus.SUCCEEDED:
                 return info.status
         return JobStatus.SUCCEEDED
@@ -92,12 +102,13 @@ class Chain:
         """Wait (real time) for the last member and return its result.
 
         Raises ``JobFailed`` for the member that ended dead or cancelled and broke the
-        chain, ``TimeoutError`` when ``timeout`` seconds pass first.
+        chain (the first still stored), ``TimeoutError`` when ``timeout`` seconds pass
+        first.
         """
         try:
             return await self.jobs[-1].result(timeout=timeout)
         except JobFailed as error:
-            for info in await self.infos():
+            for info in await self._stored():
                 if info.status in (JobStatus.DEAD, JobStatus.CANCELLED):
                     raise JobFailed(info.id, info.status, info.error) from error
             raise

@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 
 from asyncjobs import (
+    AsyncJobsError,
     Batch,
     BatchCounts,
     BatchProgress,
@@ -211,6 +212,30 @@ async def test_discarding_a_waiting_chain_member_cancels_the_rest(jobs: Jobs) ->
     first = await jobs.get(chain.jobs[0].id)
     assert first is not None
     assert first.status == "succeeded"
+
+
+async def test_a_chain_broken_by_a_discarded_member_reports_it_cancelled(jobs: Jobs) -> None:
+    """status() and result() pass over the member that is gone, not raise that it is."""
+
+    @jobs.task
+    async def step(n: int) -> int:
+        return n
+
+    chain = await jobs.chain(step.spec(1), step.spec(2), step.spec(3))
+    assert await jobs.discard(chain.jobs[1].id)  # from the dashboard, say
+    await drain(jobs)
+    assert await chain.status() == JobStatus.CANCELLED
+    with pytest.raises(JobFailed) as failed:
+        await chain.result(timeout=5)
+    assert (failed.value.job_id, failed.value.status) == (chain.jobs[2].id, JobStatus.CANCELLED)
+    # A chain whose first members were purged while the last still waits is not broken.
+    later = await jobs.chain(step.spec(4), step.options(delay=60).spec(5))
+    await drain(jobs)
+    assert await jobs.purge(status="succeeded") == 2
+    assert await later.status() == JobStatus.SCHEDULED
+    assert await jobs.purge(status="scheduled") == 1
+    with pytest.raises(AsyncJobsError, match="no job of <Chain"):
+        await later.status()
 
 
 async def test_purging_queued_jobs_cancels_the_chains_behind_them(jobs: Jobs) -> None:
