@@ -611,7 +611,9 @@ class Runner(_Leases, _Execution):
             # Idle: sleep until a local enqueue or a job's end, another process's write,
             # the next scheduled job, or the poll interval.
             wake_at = last_full_poll + self.settings.poll_interval
-            next_run = await self._next_run_at()
+            # With no task, a claim neither runs nor queues the jobs that come due: waking
+            # for one would find it due again at once, forever (on SQLite, without a wait).
+            next_run = await self._next_run_at() if self.jobs.registry else None
             if next_run is not None:
                 wake_at = min(wake_at, next_run)
             if self._next_token_at is not None:

@@ -448,6 +448,37 @@ async def test_a_job_whose_task_is_unknown_here_is_never_claimed(jobs: Jobs) -> 
     assert (info.status, info.attempts, info.started_at) == ("queued", 0, None)
 
 
+async def test_workers_with_no_task_wait_for_their_poll_when_a_delayed_job_comes_due(
+    make_jobs: MakeJobs, db_url: str, clock: FakeClock
+) -> None:
+    """An app that starts workers but defines no task (it enqueues for another service)
+    does not wake again and again for another service's job that came due: on SQLite
+    that loop never waited, and froze the app's event loop."""
+    producer = make_jobs(workers=False)
+
+    @producer.task(name="reports.build")
+    async def build() -> None: ...
+
+    app = make_jobs()
+    reads = 0
+    next_run_at = app.store.next_run_at
+
+    async def counted() -> float | None:
+        nonlocal reads
+        reads += 1
+        await anyio.lowlevel.checkpoint()  # a loop that never waits lets the test go on
+        return await next_run_at()
+
+    app.store.next_run_at = counted  # type: ignore[method-assign]
+    job = await build.options(delay=10).enqueue()
+    async with app:
+        clock.advance(10)
+        for _ in range(100):
+            await anyio.lowlevel.checkpoint()
+        assert reads < 5
+    assert (await job.info()).status == "queued"
+
+
 async def test_corrupt_payload_sends_the_job_to_dead_without_a_crash_loop(
     jobs: Jobs, db_url: str
 ) -> None:
