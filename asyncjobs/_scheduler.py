@@ -190,10 +190,13 @@ class Scheduler:
         return None
 
     def next_wake(self) -> float:
+        """The first slot after the previous tick: past already if it came while that
+        tick wrote (a slow store), and then the next tick enqueues it at once."""
         now = self.clock.now()
         wake = now + MAX_SLEEP
         for schedule in self._schedules.values():
-            wake = min(wake, schedule.slots.next_after(now))
+            since = now if schedule.cursor is None else min(schedule.cursor, now)
+            wake = min(wake, schedule.slots.next_after(since))
         return wake
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
@@ -208,9 +211,8 @@ class Scheduler:
         ok = await self._tick_logged()
         task_status.started()
         while True:
-            wake = self.next_wake()
-            if not ok:
-                wake = min(wake, self.clock.now() + self.jobs.settings.poll_interval)
+            # After a failed tick the slots it left are due already: retry after a pause.
+            wake = self.next_wake() if ok else self.clock.now() + self.jobs.settings.poll_interval
             await self.clock.sleep(max(wake - self.clock.now(), 0.0))
             ok = await self._tick_logged()
 

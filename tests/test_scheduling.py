@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta, tzinfo
 from zoneinfo import ZoneInfo
 
 import anyio
 import pytest
 
-from asyncjobs import ConfigurationError, Job, Jobs, JobStatus, ScheduleInfo
+from asyncjobs import ConfigurationError, Job, Jobs, JobStatus, ScheduleInfo, StoreError
 from asyncjobs._retention import prune_expired
+from asyncjobs.stores._protocol import Inserted, NewJob
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]
@@ -375,3 +376,65 @@ async def test_slots_missed_while_the_same_jobs_was_stopped_follow_catch_up(
     await jobs.start()  # its first tick runs before start() returns
     await jobs.stop()
     assert len(await jobs.list(task="tick")) == (2 if catch_up else 1)
+
+
+async def test_a_slot_that_passes_while_a_tick_writes_is_enqueued_when_the_tick_ends(
+    make_jobs: MakeJobs,
+) -> None:
+    """A tick that outlasts the period (the store was slow to write) is followed at once
+    by one for the slot that came meanwhile: it is not skipped for the slot after."""
+    clock = FakeClock(start=datetime(2026, 11, 23, 9, 0, 59, tzinfo=UTC))
+    first = int(at(2026, 11, 23, 9, 1, tz=UTC))
+    jobs = make_jobs(clock=clock)
+    register_counter(jobs, [], every=60)
+    record = jobs.store.last_slot
+
+    async def slow_record(schedule: str, slot: int | None = None) -> int | None:
+        if slot == first:
+            clock.advance(61)  # the write ends after the next slot
+        return await record(schedule, slot)
+
+    jobs.store.last_slot = slow_record  # type: ignore[method-assign]
+
+    async def slots() -> list[int]:
+        return sorted(int(info.run_at.timestamp()) for info in await jobs.list(task="tick"))
+
+    async with jobs:
+        clock.advance(1)
+        with anyio.fail_after(5):  # until the scheduler sleeps towards the third slot
+            while not any(entry[0] == first + 120 for entry in clock._sleepers):
+                await anyio.lowlevel.checkpoint()
+        assert await slots() == [first, first + 60]
+
+
+async def test_a_slot_whose_enqueue_failed_is_enqueued_after_the_poll_interval(
+    make_jobs: MakeJobs,
+) -> None:
+    clock = FakeClock(start=datetime(2026, 11, 23, 9, 0, 59, tzinfo=UTC))
+    slot = int(at(2026, 11, 23, 9, 1, tz=UTC))
+    jobs = make_jobs(clock=clock, poll_interval=5)
+    register_counter(jobs, [], every=60)
+    insert = jobs.store.insert
+    failures = 0
+
+    async def down_once(new: Sequence[NewJob], *, now: float) -> Inserted:
+        nonlocal failures
+        if failures == 0:
+            failures += 1
+            raise StoreError("the database is restarting")
+        return await insert(new, now=now)
+
+    jobs.store.insert = down_once  # type: ignore[method-assign, assignment]
+    async with jobs:
+        clock.advance(1)
+        with anyio.fail_after(5):  # until the scheduler waits to try again
+            while not any(entry[0] == slot + 5 for entry in clock._sleepers):
+                await anyio.lowlevel.checkpoint()
+        assert failures == 1
+        assert await jobs.list(task="tick") == []
+        clock.advance(5)
+        with anyio.fail_after(5):
+            while not await jobs.list(task="tick"):
+                await anyio.lowlevel.checkpoint()
+    (info,) = await jobs.list(task="tick")
+    assert info.run_at.timestamp() == slot
