@@ -126,7 +126,10 @@ class _Lifecycle:
             finally:  # also when a loop crashed: no job outlives the workers
                 with anyio.CancelScope(shield=True):
                     await runner.cancel_running()
-            await runner.flush_last()  # outcomes of the last jobs, released ones too
+                    # Outcomes of the last jobs, released ones too; also when this task
+                    # is cancelled (a server's forced exit skips the lifespan shutdown,
+                    # and the event loop cancels every task as it closes).
+                    await runner.flush_last()
             loops.cancel_scope.cancel()  # the heartbeats too, once those are written
 
     async def stop(self) -> None:

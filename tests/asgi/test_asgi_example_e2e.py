@@ -188,3 +188,82 @@ def test_server_refuses_to_start_when_the_store_cannot_be_opened(tmp_path: Path,
     assert result.returncode != 0
     assert "Application startup failed" in result.stderr
     assert f"asyncjobs could not start: cannot open the SQLite store at {blocker}" in result.stderr
+
+
+SLOW_APP = """
+    import anyio
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from asyncjobs import Jobs, JobsMiddleware
+
+    jobs = Jobs("sqlite:///{path}")
+
+    @jobs.task(name="long", retries=0)
+    async def long() -> None:
+        await anyio.sleep(60)
+
+    async def enqueue(request):
+        return JSONResponse({{"id": (await jobs.enqueue("long")).id}})
+
+    async def slow(request):
+        await anyio.Path("{started}").touch()
+        await anyio.sleep(60)
+        return JSONResponse({{}})
+
+    app = Starlette(
+        routes=[Route("/enqueue", enqueue, methods=["POST"]), Route("/slow", slow)],
+        middleware=[Middleware(JobsMiddleware, jobs=jobs)],
+    )
+"""
+
+
+def test_a_forced_exit_still_gives_running_jobs_back_unspent(tmp_path: Path) -> None:
+    """A second Ctrl-C while uvicorn waits for requests skips the lifespan shutdown; the
+    event loop then cancels every task, the workers' too: they still release their jobs."""
+    db = tmp_path / "jobs.db"
+    started = tmp_path / "request-started"
+    app = textwrap.dedent(SLOW_APP).format(path=db, started=started)
+    (tmp_path / "slow_app.py").write_text(app)
+    port, log = free_port(), tmp_path / "slow.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "slow_app:app", "--app-dir", str(tmp_path),
+             "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    server = Server(proc, port, log)
+    try:
+        wait_until(lambda: "Uvicorn running on" in log.read_text(), 20, "the server to listen")
+        job_id = server.client.post("/enqueue").json()["id"]
+
+        def job() -> tuple[str, int]:
+            with sqlite3.connect(db) as conn:
+                row = conn.execute(
+                    "SELECT status, attempts FROM asyncjobs_jobs WHERE id = ?", (job_id,)
+                ).fetchone()
+            return str(row[0]), int(row[1])
+
+        wait_until(lambda: job()[0] == "running", 10, "the job to run")
+        in_flight = subprocess.Popen(
+            [sys.executable, "-c", f"import httpx; httpx.get('{server.url}/slow', timeout=60)"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_until(started.exists, 10, "the request to be in flight")
+            proc.send_signal(signal.SIGINT)
+            wait_until(lambda: "Waiting for connections" in log.read_text(), 10, "the wait")
+            proc.send_signal(signal.SIGINT)  # "CTRL+C to force quit"
+            proc.wait(timeout=20)
+        finally:
+            in_flight.kill()
+            in_flight.wait()
+    finally:
+        server.client.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Application shutdown" not in log.read_text()  # the lifespan shutdown was skipped
+    assert job() == ("queued", 0), log.read_text()  # released, its one attempt unspent
