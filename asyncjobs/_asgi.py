@@ -46,18 +46,36 @@ class JobsMiddleware:
     def __init__(self, app: ASGIApp, *, jobs: Jobs) -> None:
         self.app = app
         self.jobs = jobs
+        self._told = False  # the lifespan ran, or the warning that it did not was given
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "lifespan":
+            self._told = True
             await self._lifespan(scope, receive, send)
             return
         if kind in ("http", "websocket"):
+            if not self._told:
+                self._warn_if_idle()
             state = scope.get("state")
             if state is None:
                 scope["state"] = state = {}
             state[STATE_KEY] = self.jobs
         await self.app(scope, receive, send)
+
+    def _warn_if_idle(self) -> None:
+        """Say once that requests come but the lifespan never ran (``uvicorn --lifespan
+        off``, or a mounted sub-app): no worker runs here, so jobs only queue up."""
+        self._told = True
+        if self.jobs.settings.workers and not self.jobs.started:
+            logger.warning(
+                "JobsMiddleware got a request before any ASGI lifespan startup: the "
+                "asyncjobs workers are not running in this process, and jobs enqueued here "
+                "wait in the store until some process runs them. Run the server with its "
+                "lifespan on (not `uvicorn --lifespan off`), put JobsMiddleware on the "
+                "top-level app, or run `asyncjobs worker`; Jobs(..., workers=False) "
+                "silences this for an enqueue-only process."
+            )
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = await receive()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -271,3 +272,37 @@ def test_jobs_lifespan_nested_in_an_app_lifespan(tmp_path: Path) -> None:
         assert client.get("/name").text == "demo"
         assert client.post("/double/3").json()["result"] == 6
     assert not running(jobs)
+
+
+def test_requests_without_a_lifespan_warn_once_that_no_worker_runs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``uvicorn --lifespan off`` (or a mounted sub-app): jobs would only queue up."""
+    jobs = make_jobs(tmp_path)
+    app = Starlette(
+        routes=[Route("/", lambda request: PlainTextResponse("hi"))],
+        middleware=[Middleware(JobsMiddleware, jobs=jobs)],
+    )
+    client = TestClient(app)  # not as a context manager: no lifespan
+    with caplog.at_level(logging.WARNING, logger="asyncjobs"):
+        assert client.get("/").text == "hi"
+        assert client.get("/").text == "hi"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "workers are not running" in warnings[0]
+    assert "--lifespan off" in warnings[0]
+
+
+def test_no_lifespan_warning_when_the_lifespan_ran_or_the_process_only_enqueues(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    routes = [Route("/", lambda request: PlainTextResponse("hi"))]
+    jobs = make_jobs(tmp_path)
+    app = Starlette(routes=routes, middleware=[Middleware(JobsMiddleware, jobs=jobs)])
+    web = Jobs("sqlite:///" + str(tmp_path / "web.db"), workers=False)
+    enqueue_only = Starlette(routes=routes, middleware=[Middleware(JobsMiddleware, jobs=web)])
+    with caplog.at_level(logging.WARNING, logger="asyncjobs"):
+        with TestClient(app) as client:
+            assert client.get("/").text == "hi"
+        assert TestClient(enqueue_only).get("/").text == "hi"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
