@@ -81,6 +81,7 @@ class _Execution:
         clock: Clock
         worker_id: str
         running: dict[str, _Running]
+        _accepting: bool
 
         def _complete(self, running: _Running, outcome: Outcome | None, started: float) -> None: ...
 
@@ -190,14 +191,28 @@ class _Execution:
                 reason = f"Retry: {signals[0]}"
                 return self._failure(row, reason, delay=max(delays) if delays else None)
             if not group.split((KeyboardInterrupt, SystemExit))[0]:
-                return self._failure(row, traceback.format_exc())
+                return self._cut_off(row, running) or self._failure(row, traceback.format_exc())
             raise
         except (KeyboardInterrupt, SystemExit):
             raise  # the process is going down: its lease expiry runs the job again
         except BaseException:  # GeneratorExit, a library's own: a failure like any other
-            return self._failure(row, traceback.format_exc())
+            return self._cut_off(row, running) or self._failure(row, traceback.format_exc())
         finally:
             _current.reset(token)
+
+    def _cut_off(self, row: JobRow, running: _Running) -> Outcome | None:
+        """A release, when the job raised as shutdown cancelled it (its cleanup failed:
+        the connection it was using was gone): that is still shutdown's doing, and
+        spends no attempt. None when shutdown is not cancelling it."""
+        this = asyncio.current_task()
+        if self._accepting or running.cancelled_by_user or this is None or not this.cancelling():
+            return None
+        logger.warning(
+            "job %s (%s) raised while shutdown cut it off; given back all the same:\n%s",
+            row.id, row.task, traceback.format_exc(),
+            extra={"job_id": row.id, "task": row.task, "attempt": row.attempts},
+        )  # fmt: skip
+        return self._outcome(row, OutcomeKind.RELEASE)
 
     def _outcome(
         self,

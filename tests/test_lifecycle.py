@@ -854,3 +854,40 @@ async def test_shutdown_timeout_passes_in_real_time_when_nobody_advances_a_fake_
     info = await jobs.get(job.id)
     assert info is not None
     assert (info.status, info.attempts) == (JobStatus.QUEUED, 0)  # given back unspent
+
+
+@pytest.mark.parametrize("in_task_group", [False, True])
+async def test_a_job_whose_cleanup_fails_when_shutdown_cuts_it_off_is_still_released(
+    make_jobs: MakeJobs, in_task_group: bool
+) -> None:
+    """Cut off by shutdown, the job's own cleanup raised (its connection was gone): that
+    is still shutdown's doing, so the attempt is refunded, not spent as a failure."""
+    jobs = make_jobs(shutdown_timeout=0)
+    started = anyio.Event()
+
+    async def give_the_lock_back() -> None:
+        raise ConnectionError("the lock server hung up")
+
+    async def hold_the_lock() -> None:
+        started.set()
+        try:
+            await anyio.Event().wait()
+        except asyncio.CancelledError:
+            await give_the_lock_back()
+            raise
+
+    @jobs.task(name="locked", retries=0)
+    async def locked() -> None:
+        if not in_task_group:
+            await hold_the_lock()
+            return
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hold_the_lock)
+
+    job = await locked.enqueue()
+    await jobs.start()
+    with anyio.fail_after(5):
+        await started.wait()
+        await jobs.stop()
+    info = await job.info()
+    assert (info.status, info.attempts, info.error) == ("queued", 0, None)
