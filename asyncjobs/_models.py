@@ -6,11 +6,12 @@ import enum
 import itertools
 import os
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from asyncjobs._clock import to_datetime
 from asyncjobs._codec import JSON, decode, decode_payload
+from asyncjobs._settings import wait_timeout
 from asyncjobs.stores._protocol import JobRow
 
 if TYPE_CHECKING:
@@ -133,13 +134,13 @@ class Job(Generic[R]):
             raise AsyncJobsError(f"job {self.id} no longer exists (pruned or purged)")
         return info
 
-    async def result(self, timeout: float | None = None) -> R:
+    async def result(self, timeout: float | timedelta | None = None) -> R:
         """Wait for the job to finish and return its result.
 
         Raises ``JobFailed`` when it ends dead or cancelled, ``TimeoutError`` when
-        ``timeout`` seconds (real time) pass first.
+        ``timeout`` (seconds or a timedelta, real time) passes first.
         """
-        value: Any = await self._jobs._wait_result(self.id, timeout)
+        value: Any = await self._jobs._wait_result(self.id, wait_timeout(timeout))
         return value  # type: ignore[no-any-return]
 
     async def cancel(self) -> bool:

@@ -13,6 +13,12 @@ from asyncjobs._errors import ConfigurationError
 Seconds = float | int | timedelta
 
 
+def wait_timeout(timeout: float | timedelta | None) -> float | None:
+    """A wait's ``timeout=`` (``Job.result``, ``Batch.wait``...) in seconds: a number,
+    a timedelta, or None to wait for ever."""
+    return timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+
+
 def seconds(value: object, name: str, *, allow_zero: bool = True) -> float:
     """Normalise a duration (seconds or timedelta) and check it is finite, >= 0 and at
     most ``MAX_DELAY`` (100 years: a time further ahead could not be read back)."""

@@ -21,12 +21,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import anyio
 
 from asyncjobs._errors import AsyncJobsError, ConfigurationError, JobFailed
 from asyncjobs._models import FINISHED, Job, JobInfo, JobStatus, new_job_id
+from asyncjobs._settings import wait_timeout
 from asyncjobs._tasks import JobSpec
 from asyncjobs.stores._dependents import COUNTS_FLAG, RESULT_FLAG, with_batch
 from asyncjobs.stores._protocol import NewJob
@@ -98,7 +100,7 @@ class Chain:
                 return info.status
         return JobStatus.SUCCEEDED
 
-    async def result(self, timeout: float | None = None) -> Any:
+    async def result(self, timeout: float | timedelta | None = None) -> Any:
         """Wait (real time) for the last member and return its result.
 
         Raises ``JobFailed`` for the member that ended dead or cancelled and broke the
@@ -155,11 +157,11 @@ class Batch:
             cancelled=finished[JobStatus.CANCELLED],
         )
 
-    async def wait(self, timeout: float | None = None) -> BatchProgress:
+    async def wait(self, timeout: float | timedelta | None = None) -> BatchProgress:
         """Wait (real time) until every member finished, and ``on_complete`` too.
 
         A member (or ``on_complete``) discarded or purged counts as finished."""
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(wait_timeout(timeout)):
             if self.on_complete is not None and await self._succeeded(self.on_complete):
                 return await self.progress()  # it ran: every member had finished
             # No on_complete, or it did not succeed (maybe cancelled or deleted before
@@ -190,9 +192,9 @@ class Batch:
             self.on_complete is not None and await self._jobs.get(self.on_complete.id) is not None
         )
 
-    async def results(self, timeout: float | None = None) -> list[Any]:
+    async def results(self, timeout: float | timedelta | None = None) -> list[Any]:
         """The members' results in order; raises ``JobFailed`` for the first that failed."""
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(wait_timeout(timeout)):
             return [await job.result() for job in self.jobs]
 
 

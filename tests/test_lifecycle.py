@@ -11,6 +11,7 @@ import textwrap
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import closing
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,22 @@ async def test_result_with_timeout_zero_reads_the_job_once(jobs: Jobs) -> None:
         await job.result(timeout=0)  # not run yet
     await drain(jobs)
     assert await job.result(timeout=0) == 42
+
+
+async def test_result_takes_its_timeout_as_a_timedelta(jobs: Jobs) -> None:
+    """Durations are seconds or a timedelta everywhere, a wait's timeout too."""
+
+    @jobs.task
+    async def answer() -> int:
+        return 42
+
+    job = await answer.enqueue()
+    with pytest.raises(TimeoutError):
+        await job.result(timeout=timedelta(0))  # not run yet: read once
+    chain = await jobs.chain(answer.spec(), answer.spec())
+    await drain(jobs)
+    assert await job.result(timeout=timedelta(seconds=5)) == 42
+    assert await chain.result(timeout=timedelta(seconds=5)) == 42
 
 
 async def test_waiting_for_results_leaves_nothing_behind(make_jobs: MakeJobs) -> None:

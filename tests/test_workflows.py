@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import anyio
@@ -813,6 +814,8 @@ async def test_a_batch_without_on_complete_reports_progress(jobs: Jobs) -> None:
         total=4, done=4, succeeded=4, dead=0, cancelled=0
     )
     assert await batch.results(timeout=5) == [0, 1, 4, 9]
+    assert (await batch.wait(timeout=timedelta(seconds=5))).done == 4  # or a timedelta
+    assert await batch.results(timeout=timedelta(seconds=5)) == [0, 1, 4, 9]
 
 
 async def test_on_complete_runs_once_with_two_processes_draining_one_store(
