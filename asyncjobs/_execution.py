@@ -275,6 +275,11 @@ class _Execution:
                 "job %s (%s) is dead after %d attempts: %s",
                 row.id, row.task, row.attempts, _last_line(outcome.error), extra=extra,
             )  # fmt: skip
+        elif outcome.kind is OutcomeKind.RELEASE:
+            logger.info(
+                "job %s (%s) released by shutdown: it runs again, no attempt spent",
+                row.id, row.task, extra=extra,
+            )  # fmt: skip
         else:
             logger.info("job %s (%s) %s", row.id, row.task, outcome.kind, extra=extra)
 

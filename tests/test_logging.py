@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import anyio
 import pytest
 
 from asyncjobs import Jobs, JobStatus, current_job
@@ -129,3 +130,28 @@ async def test_a_failure_the_store_turns_into_cancelled_is_logged_as_cancelled(
     (record,) = job_records(caplog, job.id)
     assert record.outcome == "cancelled"  # type: ignore[attr-defined]
     assert "retrying" not in record.getMessage()
+
+
+async def test_a_job_cut_off_by_shutdown_is_logged_as_released(
+    make_jobs: Callable[..., Jobs], caplog: pytest.LogCaptureFixture
+) -> None:
+    jobs = make_jobs(shutdown_timeout=0)
+    started = anyio.Event()
+
+    @jobs.task(name="stuck")
+    async def stuck() -> None:
+        started.set()
+        await anyio.Event().wait()
+
+    caplog.set_level(logging.INFO, logger="asyncjobs")
+    job = await stuck.enqueue()
+    await jobs.start()
+    with anyio.fail_after(5):
+        await started.wait()
+        await jobs.stop()
+    [record] = job_records(caplog, job.id)
+    assert record.outcome == "release"  # type: ignore[attr-defined]
+    assert record.getMessage() == (
+        f"job {job.id} (stuck) released by shutdown: it runs again, no attempt spent"
+    )
+    assert (await job.info()).status == JobStatus.QUEUED
