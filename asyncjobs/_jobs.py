@@ -120,7 +120,7 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
     @overload
     def task(
         self,
-        fn: None = None,
+        fn: str | None = None,
         /,
         *,
         name: str | None = None,
@@ -135,7 +135,7 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
 
     def task(
         self,
-        fn: Callable[P, Awaitable[R]] | None = None,
+        fn: Callable[P, Awaitable[R]] | str | None = None,
         /,
         *,
         name: str | None = None,
@@ -147,7 +147,14 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
         limiter: str | None = None,
         concurrency: int | None = None,
     ) -> Task[P, R] | Callable[[Callable[P, Awaitable[R]]], Task[P, R]]:
-        """Register an ``async def`` as a task (``@jobs.task`` or ``@jobs.task(...)``)."""
+        """Register an ``async def`` as a task (``@jobs.task`` or ``@jobs.task(...)``;
+        the name may come first: ``@jobs.task("send_email", queue="email")``)."""
+        if isinstance(fn, str):
+            if name is not None:
+                raise ConfigurationError(
+                    f"jobs.task() was given two names, {fn!r} and name={name!r}; give one"
+                )
+            fn, name = None, fn
         rate = None if rate_limit is None else parse_rate(rate_limit)  # fail at the decorator
 
         def register(fn: Callable[P, Awaitable[R]]) -> Task[P, R]:

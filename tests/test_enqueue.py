@@ -269,6 +269,21 @@ def test_a_callable_without_a_qualified_name_needs_a_name(jobs: Jobs) -> None:
     assert jobs.task(name="greet")(functools.partial(send, subject="hi")).name == "greet"
 
 
+async def test_a_tasks_name_may_be_given_first_as_design_writes_it(jobs: Jobs) -> None:
+    """DESIGN.md: ``@jobs.task(name=None, *, queue=..., ...)``."""
+
+    @jobs.task("send_email", queue="email")
+    async def send(address: str) -> str:
+        return address
+
+    assert (send.name, jobs.registry["send_email"]) == ("send_email", send)
+    job = await jobs.enqueue("send_email", "a@example.com")
+    await drain(jobs)
+    assert await job.result(timeout=5) == "a@example.com"
+    with pytest.raises(ConfigurationError, match="two names"):
+        jobs.task("one", name="other")
+
+
 async def test_many_concurrent_producers_share_commits(jobs: Jobs) -> None:
     import anyio
 
