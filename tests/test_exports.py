@@ -1,19 +1,29 @@
-"""The public namespaces: ``__all__`` sorted, complete, and holding DESIGN.md's names."""
+"""The public namespaces: ``__all__`` sorted, complete, and holding DESIGN.md's names,
+with DESIGN.md's parameters and defaults."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
 import types
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
 
 import pytest
 
-PUBLIC = ["asyncjobs", "asyncjobs.stores", "asyncjobs.testing"]
+from asyncjobs import Job, JobInfo, Jobs, JobStatus, RateLimit, Task
+from asyncjobs.testing import FakeClock
+
+PUBLIC = ["asyncjobs", "asyncjobs.cli", "asyncjobs.stores", "asyncjobs.testing"]
 
 CONTRACT = {
     "asyncjobs": {
         "AsyncJobsError", "Job", "JobFailed", "JobInfo", "JobSpec", "JobStatus", "Jobs",
         "JobsMiddleware", "RateLimit", "Retry", "Task",
     },
+    "asyncjobs.cli": {"main"},  # the `asyncjobs` command's entry point (pyproject.toml)
     "asyncjobs.stores": {"PostgresStore", "SQLiteStore", "Store", "open_store"},
     "asyncjobs.testing": {"FakeClock", "drain"},
 }  # fmt: skip
@@ -62,3 +72,66 @@ def test_version_is_exported() -> None:
 
     assert isinstance(asyncjobs.__version__, str)
     assert "__version__" in asyncjobs.__all__
+
+
+def defaults(fn: Callable[..., Any]) -> dict[str, Any]:
+    return {
+        name: p.default
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+# DESIGN.md's signatures: each name with its default (names added since are allowed).
+SIGNATURES: list[tuple[Callable[..., Any], dict[str, Any]]] = [
+    (
+        Jobs.__init__,
+        {
+            "url": None, "concurrency": 10, "workers": True, "queues": None,
+            "visibility_timeout": 60, "shutdown_timeout": 10, "poll_interval": 1.0,
+            "retention": timedelta(days=7), "max_payload_bytes": 256 * 1024,
+            "synchronous": "normal", "clock": None,
+        },
+    ),
+    (
+        Jobs.task,
+        {
+            "name": None, "queue": "default", "retries": 3, "timeout": None, "priority": 0,
+            "rate_limit": None, "limiter": None, "concurrency": None,
+        },
+    ),
+    (
+        Task.options,
+        {
+            "delay": None, "run_at": None, "priority": None, "queue": None,
+            "idempotency_key": None, "retries": None, "timeout": None, "group": None,
+        },
+    ),
+    (Jobs.list, {"status": None, "queue": None, "task": None, "limit": 100}),
+    (Jobs.purge, {"status": None, "older_than": None}),
+    (Job.result, {"timeout": None}),
+    (FakeClock.__init__, {"start": None}),
+    (RateLimit, {"per": 1.0, "burst": None}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fn", "expected"), SIGNATURES, ids=[f.__qualname__ for f, _ in SIGNATURES]
+)
+def test_the_design_contract_signatures_and_defaults(
+    fn: Callable[..., Any], expected: dict[str, Any]
+) -> None:
+    actual = defaults(fn)
+    assert {name: actual.get(name, "<missing>") for name in expected} == expected
+
+
+def test_the_design_contract_job_info_fields_and_statuses() -> None:
+    fields = {f.name for f in dataclasses.fields(JobInfo)}
+    design = {
+        "id", "task", "queue", "status", "attempts", "max_attempts", "priority", "run_at",
+        "enqueued_at", "started_at", "finished_at", "result", "error", "idempotency_key",
+    }  # fmt: skip
+    assert design - fields == set()
+    assert [str(s) for s in JobStatus] == [
+        "waiting", "scheduled", "queued", "running", "succeeded", "dead", "cancelled",
+    ]  # fmt: skip
