@@ -275,10 +275,11 @@ class _Execution:
                 "job %s (%s) is dead after %d attempts: %s",
                 row.id, row.task, row.attempts, _last_line(outcome.error), extra=extra,
             )  # fmt: skip
-        elif outcome.kind is OutcomeKind.RELEASE:
+        elif outcome.kind is OutcomeKind.RELEASE:  # shutdown, or its task unregistered
             logger.info(
-                "job %s (%s) released by shutdown: it runs again, no attempt spent",
-                row.id, row.task, extra=extra,
+                "job %s (%s) released by %s: it runs again, no attempt spent",
+                row.id, row.task, "a worker without its task" if self._accepting else "shutdown",
+                extra=extra,
             )  # fmt: skip
         else:
             logger.info("job %s (%s) %s", row.id, row.task, outcome.kind, extra=extra)
