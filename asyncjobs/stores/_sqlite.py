@@ -73,6 +73,7 @@ from asyncjobs.stores._sqlite_side import (
     Checkpointer,
     InlineWriter,
     is_busy,
+    read_text,
     set_log_policy,
 )
 from asyncjobs.stores._sqlite_sql import (
@@ -222,6 +223,7 @@ class SQLiteStore:
         if raw is None or not hasattr(db, "_execute"):  # pragma: no cover - aiosqlite changed
             await db.close()
             raise StoreError("this aiosqlite version is not supported; install aiosqlite<0.23")
+        raw.text_factory = read_text
         return db, raw
 
     def _setup(self, db: sqlite3.Connection) -> None:

@@ -85,9 +85,19 @@ def _unless_busy(
         raise
 
 
+def read_text(data: bytes) -> str:
+    """A TEXT value as read (a connection's ``text_factory``). SQLite keeps whatever
+    bytes another program wrote: bytes that are not UTF-8 become ``\\xNN`` escapes
+    instead of failing the read of every row beside them (a claim, a list). Such a
+    payload no longer parses as JSON, so its job goes dead, "cannot be decoded"."""
+    return data.decode("utf-8", "backslashreplace")
+
+
 def _side_connection(path: Path) -> sqlite3.Connection:
     # timeout=0: neither connection ever waits for a lock; busy means "try later".
-    return sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+    db = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+    db.text_factory = read_text
+    return db
 
 
 class Checkpointer:

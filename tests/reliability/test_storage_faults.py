@@ -259,6 +259,38 @@ async def test_a_corrupt_row_makes_the_job_dead_with_the_reason(
         await jobs.close()
 
 
+async def test_text_that_is_not_utf8_in_a_row_blocks_neither_its_queue_nor_the_listing(
+    tmp_path: Path,
+) -> None:
+    """SQLite keeps whatever bytes another program wrote in a TEXT column. Reading them
+    failed the whole claim (and every later one: the queue stopped) and every list."""
+    path = tmp_path / "jobs.db"
+    jobs = Jobs(str(path), clock=FakeClock())
+
+    @jobs.task(name="echo")
+    async def echo(text: str) -> str:
+        return text
+
+    try:
+        bad_payload = await echo.enqueue("caf")
+        bad_error = await echo.enqueue("x")
+        good = await echo.enqueue("ok")
+        with sqlite3.connect(path) as db:
+            sql = "UPDATE asyncjobs_jobs SET {} = CAST(? AS TEXT) WHERE id = ?"
+            db.execute(sql.format("payload"), (b'{"args":["caf\xe9"]}', bad_payload.id))
+            db.execute(sql.format("error"), (b"latin-1 \xe9", bad_error.id))
+        db.close()
+        await drain(jobs)
+        assert await good.result(timeout=5) == "ok"
+        info = await bad_payload.info()
+        assert (info.status, info.attempts) == (JobStatus.DEAD, 1)  # not run with a guess
+        assert "cannot be decoded" in (info.error or "")
+        assert await bad_error.result(timeout=5) == "x"
+        assert len(await jobs.list()) == 3
+    finally:
+        await jobs.close()
+
+
 # -- PostgreSQL going away -------------------------------------------------------------
 
 
