@@ -81,6 +81,7 @@ class JobStatus(enum.StrEnum):
 
 
 FINISHED = frozenset({JobStatus.SUCCEEDED, JobStatus.DEAD, JobStatus.CANCELLED})
+_STATUSES = frozenset(JobStatus)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -162,6 +163,12 @@ def info_from_row(row: JobRow, now: float) -> JobInfo:
         result = decode(row.result)
     except ValueError:
         result = None
+    error = row.error
+    if status not in _STATUSES:  # written by hand, or by a newer asyncjobs: never claimed
+        status = JobStatus.DEAD  # needs a human, and ``jobs.retry()`` takes it back
+        error = f"the stored status {row.status!r} is not one asyncjobs knows" + (
+            "" if error is None else f"; last error: {error}"
+        )
     return JobInfo(
         id=row.id,
         task=row.task,
@@ -175,7 +182,7 @@ def info_from_row(row: JobRow, now: float) -> JobInfo:
         started_at=to_datetime(row.started_at),
         finished_at=to_datetime(row.finished_at),
         result=result,
-        error=row.error,
+        error=error,
         idempotency_key=row.idempotency_key,
         args=args,
         kwargs=kwargs,

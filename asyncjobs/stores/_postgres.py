@@ -82,6 +82,10 @@ _REQUEUE = (
 """A manual retry: queued now, with one more attempt than it had (``run_at`` is $1), and
 no longer asked to stop if it was cancelled while running."""
 
+_RETRYABLE = "status NOT IN ('waiting', 'scheduled', 'queued', 'running', 'succeeded')"
+"""The jobs a manual retry takes back: dead, cancelled, and those with a status this
+version does not know (written by hand, or by a newer asyncjobs), which read as dead."""
+
 
 logger = logging.getLogger(__name__)
 
@@ -439,7 +443,7 @@ class PostgresStore(_Connections):
                 )
             row = await conn.fetchrow(
                 f"UPDATE asyncjobs_jobs SET {_REQUEUE} "  # noqa: S608 - constant
-                "WHERE id = $2 AND status IN ('dead', 'cancelled') RETURNING attempts",
+                f"WHERE id = $2 AND {_RETRYABLE} RETURNING attempts",
                 now,
                 job_id,
             )

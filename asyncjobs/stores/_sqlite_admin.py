@@ -34,6 +34,10 @@ _REQUEUE = (
 """A manual retry: queued now, with one more attempt than it had (``run_at`` first), and
 no longer asked to stop if it was cancelled while running."""
 
+_RETRYABLE = "status NOT IN ('waiting', 'scheduled', 'queued', 'running', 'succeeded')"
+"""The jobs a manual retry takes back: dead, cancelled, and those with a status this
+version does not know (written by hand, or by a newer asyncjobs), which read as dead."""
+
 
 def _recover(db: sqlite3.Connection, now: float) -> list[Recovered]:
     rows = db.execute(
@@ -91,7 +95,7 @@ def _requeue_dead_batch(
 def _retry(db: sqlite3.Connection, job_id: str, now: float) -> bool:
     row = db.execute(
         f"UPDATE asyncjobs_jobs SET {_REQUEUE} "  # noqa: S608 - constant
-        "WHERE id = ? AND status IN ('dead', 'cancelled') RETURNING attempts",
+        f"WHERE id = ? AND {_RETRYABLE} RETURNING attempts",
         (now, job_id),
     ).fetchone()
     if row is None:
