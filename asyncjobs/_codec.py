@@ -28,6 +28,8 @@ _json_decode = json.JSONDecoder().decode
 
 
 def _decode(text: str) -> Any:
+    if type(text) is not str:  # a corrupt row: SQLite keeps a BLOB in any column
+        raise ValueError(f"stored as {type(text).__name__}, not JSON text")
     try:
         return _json_decode(text)
     except RecursionError:  # a corrupt row: deeper than anything encode writes

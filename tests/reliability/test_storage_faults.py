@@ -228,12 +228,13 @@ async def test_read_only_database_file_gives_a_clear_store_error(tmp_path: Path)
         ("payload", "{not json"),
         ("payload", "[1, 2]"),
         ("payload", '{"args": 5}'),
+        ("payload", b'{"args": [1]}'),  # a BLOB: SQLite keeps any type in any column
         ("options", "{broken"),
         ("options", "[]"),
     ],
 )
 async def test_a_corrupt_row_makes_the_job_dead_with_the_reason(
-    tmp_path: Path, column: str, value: str
+    tmp_path: Path, column: str, value: str | bytes
 ) -> None:
     path = tmp_path / "jobs.db"
     jobs = Jobs(str(path), clock=FakeClock())
