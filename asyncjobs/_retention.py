@@ -1,5 +1,8 @@
 """Retention: delete finished jobs after ``retention`` and dead ones after ``dead_retention``.
 
+Rate-limit buckets go too once they have refilled (a missing bucket is a full one), so
+a keyed limiter's buckets (one per customer, per domain) do not pile up.
+
 The runner's maintenance loop calls ``prune_expired`` about once a minute. It
 deletes in bounded batches, one short transaction each, so a large backlog of
 old jobs never holds the store's write lock for long; every process may prune,
@@ -12,6 +15,8 @@ import logging
 from typing import TYPE_CHECKING
 
 import anyio
+
+from asyncjobs.stores._admission import limiter_bucket, own_bucket
 
 if TYPE_CHECKING:
     from asyncjobs._jobs import Jobs
@@ -49,6 +54,36 @@ async def prune_expired(jobs: Jobs, *, batch: int = BATCH, max_batches: int = MA
         await anyio.lowlevel.checkpoint()  # let other coroutines' writes in between batches
     if total:
         logger.info("pruned %d finished job(s) past retention", total, extra={"pruned": total})
+    await prune_full_buckets(jobs, batch=batch, max_batches=max_batches)
+    return total
+
+
+def refill_times(jobs: Jobs) -> dict[str, float]:
+    """Seconds a rate-limit bucket takes to refill from empty, by bucket name, for the
+    limits defined in this process (the rate lives in code, not in the store)."""
+    limits = {
+        own_bucket(name)[0]: task.rate_limit
+        for name, task in jobs.registry.items()
+        if task.rate_limit is not None
+    }
+    limits |= {limiter_bucket(name, "")[0]: lim.limit for name, lim in jobs.limiters.items()}
+    return {name: limit.capacity / limit.per_second for name, limit in limits.items()}
+
+
+async def prune_full_buckets(
+    jobs: Jobs, *, batch: int = BATCH, max_batches: int = MAX_BATCHES
+) -> int:
+    """Delete the rate-limit buckets that have refilled since they were last used."""
+    refills = refill_times(jobs)
+    total = 0
+    for _ in range(max_batches if refills else 0):
+        now = jobs.clock.now()
+        full_before = {name: now - seconds for name, seconds in refills.items()}
+        deleted = await jobs.store.prune_buckets(full_before=full_before, limit=batch)
+        total += deleted
+        if deleted < batch:
+            break
+        await anyio.lowlevel.checkpoint()
     return total
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from collections.abc import Callable
 
 import anyio
@@ -109,3 +111,52 @@ async def test_the_maintenance_loop_prunes_while_workers_run(
         with anyio.fail_after(5):
             while await jobs.get(job.id) is not None:
                 await anyio.lowlevel.checkpoint()
+
+
+async def bucket_keys(db_url: str) -> list[tuple[str, str]]:
+    """(name, key) of every rate-limit bucket stored behind ``db_url``, sorted."""
+    if db_url.startswith("sqlite:///"):
+        with contextlib.closing(sqlite3.connect(db_url.removeprefix("sqlite:///"))) as db:
+            rows = db.execute("SELECT name, key FROM asyncjobs_rate_buckets").fetchall()
+        return sorted(rows)
+    import asyncpg
+
+    conn = await asyncpg.connect(db_url)
+    try:
+        records = await conn.fetch("SELECT name, key FROM asyncjobs_rate_buckets")
+    finally:
+        await conn.close()
+    return sorted((r["name"], r["key"]) for r in records)
+
+
+async def test_rate_limit_buckets_are_pruned_once_they_have_refilled(
+    make_jobs: MakeJobs, clock: FakeClock, backend_url: str
+) -> None:
+    """A keyed limiter stores a bucket per key (customer, domain). Once one has refilled
+    it is the same as none, so pruning deletes it: the table does not keep every key
+    ever seen. One still refilling is kept, or its tokens would come back early."""
+    jobs = make_jobs(backend_url)
+    jobs.limiter("per_customer", "1/m", key=lambda customer: customer)  # refills in 60 s
+
+    @jobs.task(name="send", limiter="per_customer", rate_limit="10/s")  # refills in 1 s
+    async def send(customer: str) -> None: ...
+
+    ann, bob = ("limiter:per_customer", "ann"), ("limiter:per_customer", "bob")
+    await jobs.enqueue(send, "ann")
+    await jobs.enqueue(send, "bob")
+    await drain(jobs)
+    assert await bucket_keys(backend_url) == [ann, bob, ("task:send", "")]
+    clock.advance(30)
+    await prune_expired(jobs)
+    assert await bucket_keys(backend_url) == [ann, bob]  # still refilling: kept
+    again = await jobs.enqueue(send, "bob")
+    await drain(jobs)
+    assert (await again.info()).status == JobStatus.QUEUED  # bob's bucket holds it back
+    clock.advance(31)
+    await drain(jobs)
+    assert (await again.info()).status == JobStatus.SUCCEEDED
+    await prune_expired(jobs)
+    assert await bucket_keys(backend_url) == [bob, ("task:send", "")]  # ann's refilled
+    clock.advance(61)
+    await prune_expired(jobs)
+    assert await bucket_keys(backend_url) == []

@@ -39,7 +39,7 @@ import itertools
 import logging
 import secrets
 import weakref
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -563,6 +563,13 @@ class PostgresStore(_Connections):
         return await self._transaction(
             "prune",
             lambda conn: admin.prune(conn, finished_before, dead_before, workers_before, limit),
+        )
+
+    async def prune_buckets(self, *, full_before: Mapping[str, float], limit: int) -> int:
+        if not full_before:
+            return 0
+        return await self._transaction(
+            "prune_buckets", lambda conn: admin.prune_buckets(conn, full_before, limit)
         )
 
     async def retry_dead(self, *, queue: str | None, task: str | None, now: float) -> int:

@@ -11,7 +11,7 @@ and that call it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from asyncjobs.stores._postgres_sql import (
@@ -207,6 +207,23 @@ async def prune(
     await conn.execute(_PRUNE_TALLIES, dead_before, finished_before)
     await conn.execute("DELETE FROM asyncjobs_workers WHERE last_seen_at < $1", workers_before)
     return len(deleted)
+
+
+_PRUNE_BUCKETS = (
+    "DELETE FROM asyncjobs_rate_buckets WHERE (name, key) IN (SELECT name, key "
+    "FROM asyncjobs_rate_buckets WHERE name = $1 AND updated_at < $2 LIMIT $3 "
+    # A bucket a claim holds is in use, not full: left to the next prune.
+    "FOR UPDATE SKIP LOCKED) RETURNING key"
+)
+
+
+async def prune_buckets(conn: Connection, full_before: Mapping[str, float], limit: int) -> int:
+    deleted = 0
+    for name, before in full_before.items():
+        if deleted >= limit:
+            break
+        deleted += len(await conn.fetch(_PRUNE_BUCKETS, name, before, limit - deleted))
+    return deleted
 
 
 async def last_slot(conn: Connection, key: str, slot: int | None) -> int | None:

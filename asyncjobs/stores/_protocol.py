@@ -392,6 +392,14 @@ class Store(Protocol):
         and workers not seen since ``workers_before``; return the jobs deleted."""
         ...
 
+    async def prune_buckets(self, *, full_before: Mapping[str, float], limit: int) -> int:
+        """Delete up to ``limit`` rate-limit buckets (one transaction) whose name is in
+        ``full_before`` and whose tokens were counted before the time given for that
+        name; return how many. The caller, which knows each name's rate, gives the
+        time by which such a bucket has refilled: deleting it changes nothing (a missing
+        bucket is a full one), and a keyed limiter's buckets do not pile up."""
+        ...
+
     async def retry_dead(self, *, queue: str | None, task: str | None, now: float) -> int:
         """``retry`` every dead job (of that queue/task); return how many."""
         ...

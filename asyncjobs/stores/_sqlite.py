@@ -35,7 +35,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -61,6 +61,7 @@ from asyncjobs.stores._sqlite_admin import (
     _last_slot,
     _meta,
     _prune,
+    _prune_buckets,
     _record_worker,
     _recover,
     _requeue_dead_batch,
@@ -600,6 +601,11 @@ class SQLiteStore:
         self, *, finished_before: float, dead_before: float, workers_before: float, limit: int
     ) -> int:
         return await self._transaction(_prune, finished_before, dead_before, workers_before, limit)
+
+    async def prune_buckets(self, *, full_before: Mapping[str, float], limit: int) -> int:
+        if not full_before:
+            return 0
+        return await self._transaction(_prune_buckets, full_before, limit)
 
     async def retry_dead(self, *, queue: str | None, task: str | None, now: float) -> int:
         total, after = 0, _FIRST_BATCH

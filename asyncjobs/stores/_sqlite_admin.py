@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from asyncjobs.stores._protocol import (
     FinishedSample,
@@ -253,6 +253,21 @@ def _prune(
     db.execute(_PRUNE_TALLIES, (dead_before, finished_before))
     db.execute("DELETE FROM asyncjobs_workers WHERE last_seen_at < ?", (workers_before,))
     return len(deleted)
+
+
+_PRUNE_BUCKETS = (
+    "DELETE FROM asyncjobs_rate_buckets WHERE (name, key) IN (SELECT name, key "
+    "FROM asyncjobs_rate_buckets WHERE name = ? AND updated_at < ? LIMIT ?)"
+)
+
+
+def _prune_buckets(db: sqlite3.Connection, full_before: Mapping[str, float], limit: int) -> int:
+    deleted = 0
+    for name, before in full_before.items():
+        if deleted >= limit:
+            break
+        deleted += db.execute(_PRUNE_BUCKETS, (name, before, limit - deleted)).rowcount
+    return deleted
 
 
 def _last_slot(db: sqlite3.Connection, key: str, slot: int | None) -> int | None:
