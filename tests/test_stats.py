@@ -259,3 +259,24 @@ def test_workers_forked_from_one_jobs_each_report_as_themselves(tmp_path: Path) 
     seen = asyncio.run(workers())
     assert sorted(worker["pid"] for worker in seen) == sorted(children)
     assert len({worker["id"] for worker in seen}) == 2
+
+
+async def test_workers_started_again_in_their_process_show_the_new_start(
+    make_jobs: MakeJobs, clock: FakeClock, backend_url: str
+) -> None:
+    """Stopped and started again, a Jobs keeps its worker id: its row is updated, and
+    showed the first start (before the stop it also shows) as when it started."""
+    jobs = make_jobs(backend_url)
+
+    @jobs.task
+    async def noop() -> None: ...
+
+    async with jobs:
+        pass
+    clock.advance(600)
+    async with jobs:
+        (worker,) = (await jobs.stats())["workers"]
+        assert worker["alive"] is True
+        assert worker["stopped_at"] is None
+        started_at = datetime.fromisoformat(worker["started_at"]).timestamp()
+        assert started_at == pytest.approx(clock.now(), abs=0.001)

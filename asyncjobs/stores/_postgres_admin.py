@@ -160,7 +160,8 @@ async def record_worker(conn: Connection, beat: WorkerBeat, now: float) -> None:
         "INSERT INTO asyncjobs_workers (id, host, pid, started_at, last_seen_at, stopped_at, "
         "running, concurrency, queues, visibility_timeout) "
         "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
-        "ON CONFLICT (id) DO UPDATE SET last_seen_at = excluded.last_seen_at, "
+        "ON CONFLICT (id) DO UPDATE SET started_at = excluded.started_at, "
+        "last_seen_at = excluded.last_seen_at, "
         "stopped_at = excluded.stopped_at, running = excluded.running, "
         "visibility_timeout = excluded.visibility_timeout",
         *beat.columns(now),

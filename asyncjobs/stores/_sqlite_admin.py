@@ -212,7 +212,8 @@ def _record_worker(db: sqlite3.Connection, beat: WorkerBeat, now: float) -> None
     db.execute(
         "INSERT INTO asyncjobs_workers (id, host, pid, started_at, last_seen_at, stopped_at, "
         "running, concurrency, queues, visibility_timeout) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT (id) DO UPDATE SET last_seen_at = excluded.last_seen_at, "
+        "ON CONFLICT (id) DO UPDATE SET started_at = excluded.started_at, "
+        "last_seen_at = excluded.last_seen_at, "
         "stopped_at = excluded.stopped_at, running = excluded.running, "
         "visibility_timeout = excluded.visibility_timeout",
         beat.columns(now),
