@@ -12,7 +12,7 @@ import os
 import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import click
@@ -178,8 +178,8 @@ def _cell(value: object) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
-    if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, datetime):  # aware: said to be UTC, as the dashboard does
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     text = terminal(str(value))
     return text if len(text) <= 60 else text[:57] + "..."
 

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from click.testing import CliRunner
 
 from asyncjobs import Jobs, JobStatus
+from asyncjobs._cli import cli as cli_group
 from asyncjobs.stores._protocol import ClaimRequest, TaskLimits
+from asyncjobs.testing import FakeClock
 
 APP = """
 import os
@@ -290,3 +295,30 @@ async def test_cancelling_a_running_job_says_it_was_asked_to_stop(
     await app_jobs.retry(dead.id)
     queued = json.loads(ok(cli(env, "cancel", "--json", dead.id)))
     assert queued == {"id": dead.id, "cancelled": True, "stopping": False}
+
+
+def test_times_in_tables_say_they_are_utc(
+    env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``list`` and ``show`` print times in UTC and say so, as the dashboard does: bare,
+    they read as local time to an operator anywhere else. (In process: the subprocess
+    tests run the installed command.)"""
+    monkeypatch.setenv("CLI_TEST_DB_URL", env["CLI_TEST_DB_URL"])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    enqueued = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+    async def seed() -> str:
+        jobs = Jobs(env["CLI_TEST_DB_URL"], workers=False, clock=FakeClock(start=enqueued))
+        job = await jobs.enqueue("greet", "ada")
+        await jobs.close()
+        return job.id
+
+    job_id = asyncio.run(seed())
+    runner = CliRunner()
+    listed = runner.invoke(cli_group, ["--app", "cli_test_app:jobs", "list"])
+    assert listed.exit_code == 0, listed.output
+    assert "2026-01-02 03:04:05 UTC" in listed.output
+    shown = runner.invoke(cli_group, ["--app", "cli_test_app:jobs", "show", job_id])
+    assert shown.exit_code == 0, shown.output
+    (line,) = [line for line in shown.output.splitlines() if line.startswith("enqueued_at")]
+    assert line.split(None, 1)[1] == "2026-01-02 03:04:05 UTC"
