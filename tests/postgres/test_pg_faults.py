@@ -52,23 +52,28 @@ def app(postgres_url: str) -> tuple[str, str]:
     return with_query(postgres_url, application_name=name), name
 
 
-async def kill_waiting(admin: Any, name: str, like: str, seconds: float = 10) -> int:
+async def kill_waiting(
+    admin: Any, name: str, like: str, seconds: float = 10, *, spare: list[int] | None = None
+) -> list[int]:
     """Terminate this test's backends (application_name ``name``) waiting on a lock in a
-    statement matching ``like``; wait until there is one."""
-    killed = 0
+    statement matching ``like``; wait until there is one. Returns their pids and adds
+    them to ``spare``, whose backends are not counted again: one just terminated can
+    still show as waiting for a moment, and a second kill must reach the next one."""
+    spare = [] if spare is None else spare
+    killed: list[int] = []
 
     async def found() -> bool:
-        nonlocal killed
         await admin.execute("SELECT pg_stat_clear_snapshot()")  # read afresh in a transaction
-        killed = len(
-            await admin.fetch(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = $1 AND wait_event_type = 'Lock' AND query LIKE $2",
-                name,
-                like,
-            )
+        rows = await admin.fetch(
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = $1 AND wait_event_type = 'Lock' AND query LIKE $2 "
+            "AND pid <> ALL($3::int[])",
+            name,
+            like,
+            spare,
         )
-        return killed > 0
+        killed[:] = [r["pid"] for r in rows]
+        return bool(killed)
 
     try:
         await poll_until(found, seconds, f"a backend waiting in {like!r}")
@@ -79,6 +84,7 @@ async def kill_waiting(admin: Any, name: str, like: str, seconds: float = 10) ->
             name,
         )
         raise AssertionError(f"none waiting in {like!r}: {[tuple(r) for r in rows]}") from None
+    spare += killed
     return killed
 
 
@@ -117,8 +123,9 @@ async def test_an_enqueue_whose_backend_is_killed_while_it_waits(
             async with anyio.create_task_group() as tg, admin.transaction():
                 await admin.execute("LOCK TABLE asyncjobs_jobs IN SHARE MODE")
                 tg.start_soon(enqueue)  # its insert waits on the lock
+                killed: list[int] = []
                 for _ in range(kills):
-                    await kill_waiting(admin, name, "%INSERT INTO%")
+                    await kill_waiting(admin, name, "%INSERT INTO%", spare=killed)
         (result,) = outcome
         stored = await statuses(admin)
         if kills == 1:
@@ -165,8 +172,9 @@ async def test_a_claim_killed_while_it_waits_runs_the_job_once_on_its_first_atte
                 with anyio.fail_after(30):
                     async with admin.transaction():
                         await admin.execute("LOCK TABLE asyncjobs_jobs IN SHARE ROW EXCLUSIVE MODE")
+                        killed: list[int] = []
                         for _ in range(kills):
-                            await kill_waiting(admin, name, "%UPDATE asyncjobs_jobs%")
+                            await kill_waiting(admin, name, "%UPDATE asyncjobs_jobs%", spare=killed)
                     job = await other.enqueue("t", 7)
             finally:
                 await other.close()
@@ -231,8 +239,9 @@ async def test_a_finish_killed_while_it_waits_is_written_and_the_job_runs_once(
     jobs = Jobs(url, poll_interval=0.2, visibility_timeout=30)
 
     async def kill() -> None:
+        killed: list[int] = []
         for _ in range(kills):
-            await kill_waiting(admin, name, "%asyncjobs_jobs%")
+            await kill_waiting(admin, name, "%asyncjobs_jobs%", spare=killed)
 
     try:
         await finish_under_row_lock(jobs, admin, kill)
