@@ -69,7 +69,7 @@ class Dashboard:
             autoescape=True,
             undefined=jinja2.StrictUndefined,
         )
-        self.templates.filters.update(ago=_ago, when=_when, pretty=_pretty)
+        self.templates.filters.update(ago=_ago, when=_when, pretty=_pretty, clip=_clip)
         self.app = Starlette(
             routes=[
                 Route("/", self.overview, methods=["GET"]),
@@ -283,5 +283,17 @@ def _when(value: datetime | str | None) -> str:
 _CURSOR = re.compile(r"[0-9]{1,18}")  # ASCII digits: str.isdigit() takes "²" too
 
 
+SHOWN_CHARS = 100_000
+"""The most of one value (arguments, result, error) a job's page shows: a result may
+be 64 MiB, more than a browser will lay out. ``asyncjobs show ID --json`` has it all."""
+
+
+def _clip(text: str) -> str:
+    if len(text) <= SHOWN_CHARS:
+        return text
+    hidden = len(text) - SHOWN_CHARS
+    return f"{text[:SHOWN_CHARS]}\n\u2026 {hidden:,} more characters (asyncjobs show ID --json)"
+
+
 def _pretty(value: object) -> str:
-    return printable(json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True))
+    return _clip(printable(json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True)))

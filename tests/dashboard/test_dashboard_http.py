@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.routing import Mount
 
 from asyncjobs import ConfigurationError, Jobs, JobStatus
+from asyncjobs._dashboard.app import SHOWN_CHARS
 from asyncjobs.stores import ClaimRequest, TaskLimits
 from asyncjobs.testing import FakeClock
 
@@ -291,6 +292,28 @@ async def test_the_list_cuts_long_arguments_short(jobs: Jobs) -> None:
     assert "z" * 100 not in page.text
     assert '["xxxx' in page.text
     assert '["y"] {"note":...' in page.text
+
+
+async def test_a_job_page_cuts_a_huge_result_and_error_short(jobs: Jobs) -> None:
+    """A result may be 64 MiB: the page shows the first SHOWN_CHARS of each value."""
+
+    @jobs.task(name="huge", retries=0)
+    async def huge(n: int) -> str:
+        if n:
+            raise RuntimeError("e" * (SHOWN_CHARS + 5_000))
+        return "r" * (SHOWN_CHARS + 7_000)
+
+    done, failed = await jobs.enqueue(huge, 0), await jobs.enqueue(huge, 1)
+    await jobs.drain()
+    async with client_for(jobs, login=True) as client:
+        result_page = (await client.get(f"/jobs/{done.id}")).text
+        error_page = (await client.get(f"/jobs/{failed.id}")).text
+    assert "r" * (SHOWN_CHARS - 10) in result_page
+    assert "r" * (SHOWN_CHARS + 1) not in result_page
+    assert "7,002 more characters" in result_page  # the two quotes of the JSON string
+    assert "e" * (SHOWN_CHARS // 2) in error_page
+    assert "e" * (SHOWN_CHARS + 1) not in error_page
+    assert "more characters (asyncjobs show ID --json)" in error_page
 
 
 async def test_paging_through_a_long_list(jobs: Jobs) -> None:
