@@ -229,7 +229,7 @@ class _Execution:
             attempt=row.attempts,
             kind=kind,
             result=result,
-            error=None if error is None else storable(error),  # a task may raise anything
+            error=None if error is None else storable(bounded(error)),  # a task may raise anything
             run_at=run_at,
             max_attempts=row.max_attempts,
         )
@@ -283,6 +283,22 @@ class _Execution:
             )  # fmt: skip
         else:
             logger.info("job %s (%s) %s", row.id, row.task, outcome.kind, extra=extra)
+
+
+MAX_ERROR_CHARS = 64 * 1024
+"""The most of an error (a traceback) a job keeps: a task may raise an exception whose
+text is megabytes, which would be written again at every attempt and shown whole."""
+
+
+def bounded(error: str) -> str:
+    """``error`` cut to ``MAX_ERROR_CHARS``: its start and its end, where a traceback
+    names the exception, with a note of what was cut between them."""
+    if len(error) <= MAX_ERROR_CHARS:
+        return error
+    head = MAX_ERROR_CHARS // 4
+    tail = MAX_ERROR_CHARS - head
+    cut = len(error) - head - tail
+    return f"{error[:head]}\n[... {cut:,} characters cut ...]\n{error[-tail:]}"
 
 
 MAX_RESULT_BYTES = 64 * 1024 * 1024

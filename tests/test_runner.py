@@ -557,6 +557,24 @@ async def test_a_result_over_the_size_a_result_may_take_is_a_failure(
     assert "1001 bytes, over the 1000" in (info.error or "")
 
 
+async def test_a_huge_error_is_kept_cut_to_its_start_and_end(jobs: Jobs) -> None:
+    """An exception whose text is megabytes is not written whole at every attempt."""
+
+    @jobs.task(retries=0)
+    async def loud() -> None:
+        raise ValueError("start " + "x" * 3_000_000 + " the end")
+
+    job = await loud.enqueue()
+    await drain(jobs)
+    info = await job.info()
+    assert info.status == JobStatus.DEAD
+    error = info.error or ""
+    assert len(error) < _execution.MAX_ERROR_CHARS + 100
+    assert error.startswith("Traceback")
+    assert error.rstrip().endswith("x" * 100 + " the end")  # the end names the exception
+    assert "characters cut ..." in error
+
+
 async def limit_value_length(jobs: Jobs, limit: int) -> None:
     """Make the store's writing connections refuse any value over ``limit`` bytes, as
     SQLite refuses one over a gigabyte (``SQLITE_LIMIT_LENGTH``)."""
