@@ -55,6 +55,7 @@ from asyncjobs.stores._postgres_sql import (
     insert_jobs,
     job_row,
     notify,
+    retry_deadlocks,
 )
 from asyncjobs.stores._protocol import (
     SLOT_KEY,
@@ -340,16 +341,21 @@ class PostgresStore(_Connections):
     ) -> set[str]:
         if not job_ids:
             return set()
-        rows = await self._run(
-            "heartbeat",
-            lambda conn: conn.fetch(
+
+        async def extend(conn: Connection) -> list[Any]:
+            return await conn.fetch(
                 "UPDATE asyncjobs_jobs SET lease_until = $1 WHERE status = 'running' "
                 "AND worker = $2 AND id = ANY($3::text[]) RETURNING id, cancel_requested_at",
                 # Read with a connection in hand: after any wait for one (a busy pool).
                 lease_until() if callable(lease_until) else lease_until,
                 worker,
                 list(job_ids),
-            ),
+            )
+
+        # Its rows are the ones this process's finishes lock too, maybe in another order:
+        # a beat that PostgreSQL ends to break a deadlock is tried again, not lost.
+        rows = await self._run(
+            "heartbeat", lambda conn: retry_deadlocks("heartbeat", lambda: extend(conn))
         )
         # A job asked to stop keeps its lease while it stops, but is no longer ours to run.
         return {r["id"] for r in rows if r["cancel_requested_at"] is None}

@@ -1,6 +1,6 @@
 """The PostgreSQL store under real faults: pg_terminate_backend on this store's own
 backends (mid-enqueue, mid-claim, mid-finish, idle), a dropped LISTEN connection, a
-small pool, lock and statement timeouts, a caller's aborted transaction. No job lost,
+small pool, lock and statement timeouts, a deadlock, a caller's aborted transaction. No job lost,
 none run twice, and the store used again without a restart. Every wait is bounded."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 
 from asyncjobs import Jobs, JobStatus, StoreError, current_job
 from asyncjobs._clock import SystemClock
+from asyncjobs.stores import ClaimRequest, TaskLimits
 
 asyncpg = pytest.importorskip("asyncpg")
 
@@ -247,6 +248,53 @@ async def test_a_finish_killed_while_it_waits_is_written_and_the_job_runs_once(
         await finish_under_row_lock(jobs, admin, kill)
     finally:
         await jobs.close()
+
+
+async def test_a_heartbeat_ended_by_a_deadlock_is_tried_again(
+    app: tuple[str, str], admin: Any
+) -> None:
+    """PostgreSQL ends one statement of a deadlock; a heartbeat so ended is tried again,
+    not lost (a lost beat can let a short lease run out, and the job run twice). The
+    test makes the heartbeat the one PostgreSQL ends: its own deadlock_timeout is
+    longer."""
+    url, name = app
+    jobs = Jobs(url, workers=False)
+    try:
+        first, second = await jobs.enqueue("t", 1), await jobs.enqueue("t", 2)
+        ids = sorted([first.id, second.id])  # the heartbeat locks rows in id order
+        request = ClaimRequest(
+            worker="w", tasks={"t": TaskLimits(max_attempts=3)}, queues=None, limit=2, lease=60
+        )
+        assert len(await jobs.store.claim(request, now=CLOCK.now())) == 2
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg, admin.transaction():
+                await admin.execute("SET LOCAL deadlock_timeout = '20s'")
+                await admin.execute("SELECT 1 FROM asyncjobs_jobs WHERE id = $1 FOR UPDATE", ids[1])
+                beats: list[set[str]] = []
+
+                async def beat() -> None:
+                    lease = CLOCK.now() + 60
+                    beats.append(await jobs.store.heartbeat(ids, worker="w", lease_until=lease))
+
+                tg.start_soon(beat)
+                await poll_until(
+                    lambda: waiting(admin, name), 10, "the heartbeat to wait on the lock"
+                )
+                # Locks the row the heartbeat holds: a deadlock, which ends the heartbeat.
+                await admin.execute("SELECT 1 FROM asyncjobs_jobs WHERE id = $1 FOR UPDATE", ids[0])
+        assert beats == [set(ids)]
+    finally:
+        await jobs.close()
+
+
+async def waiting(admin: Any, name: str) -> bool:
+    await admin.execute("SELECT pg_stat_clear_snapshot()")
+    count: int = await admin.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 "
+        "AND wait_event_type = 'Lock' AND query LIKE '%lease_until%'",
+        name,
+    )
+    return count > 0
 
 
 # -- the LISTEN connection -----------------------------------------------------------
