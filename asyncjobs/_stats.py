@@ -223,7 +223,9 @@ def _group(snapshot: OpsSnapshot, now: float, match: _Match) -> GroupStats:
     counts = dict.fromkeys(STATUSES, 0)
     for (q, t, status), n in snapshot.counts.items():
         if match(q, t):
-            counts[status] = counts.get(status, 0) + n
+            # A status this version does not know reads as dead (``info_from_row``).
+            status = status if status in counts else JobStatus.DEAD.value
+            counts[status] += n
     oldest = [run_at for (q, t), run_at in snapshot.oldest_due.items() if match(q, t)]
     windows: dict[str, WindowStats] = {}
     for i, (label, seconds) in enumerate(WINDOWS.items()):

@@ -52,6 +52,8 @@ async def test_a_job_with_a_status_this_version_does_not_know_shows_dead_and_can
     assert (info.status, info.attempts) == (JobStatus.DEAD, 0)
     assert "status 'paused'" in (info.error or "")
     assert [job.id for job in await jobs.list()] == [other.id, odd.id]
+    counts = (await jobs.stats())["totals"]["counts"]  # and so the metrics: as it reads
+    assert (counts["dead"], counts["succeeded"], "paused" in counts) == (1, 1, False)
     dashboard = jobs.dashboard(auth=("admin", "secret"))
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=dashboard),
