@@ -12,7 +12,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from asyncjobs import Jobs, JobStatus
+from asyncjobs import AsyncJobsError, Jobs, JobStatus
 from asyncjobs.testing import (
     FakeClock,
     assert_enqueued,
@@ -91,6 +91,33 @@ async def test_assertions_see_defaults_and_tell_true_from_1(jobs: Jobs) -> None:
     await assert_not_enqueued(jobs, send, urgent=1.0)
     with pytest.raises(AssertionError, match="expected a job"):
         await assert_enqueued(jobs, send, 2, urgent=True)
+
+
+async def test_assertions_refuse_a_task_of_a_jobs_on_another_store(
+    jobs: Jobs, tmp_path: Path
+) -> None:
+    """The plugin's ``jobs`` next to the app's own: the app's task enqueues into the
+    app's store, so ``assert_not_enqueued(jobs, ...)`` passed though the job was
+    enqueued, and ``assert_enqueued`` said no job was enqueued at all."""
+    app_jobs = Jobs("sqlite:///" + str(tmp_path / "app.db"), clock=FakeClock())
+    same_store = Jobs(jobs.settings.url, clock=jobs.clock)
+    try:
+
+        @app_jobs.task(name="send")
+        async def send(user_id: int) -> None: ...
+
+        @same_store.task(name="greet")
+        async def greet(user_id: int) -> None: ...
+
+        await send.enqueue(1)
+        for check in (assert_not_enqueued, assert_enqueued, enqueued):
+            with pytest.raises(AsyncJobsError, match=r"another Jobs.*asyncjobs_isolate"):
+                await check(jobs, send, 1)
+        await greet.enqueue(2)  # another Jobs on the same store: its jobs are there
+        await assert_enqueued(jobs, greet, 2)
+    finally:
+        await app_jobs.close()
+        await same_store.close()
 
 
 async def test_drain_runs_a_job_that_a_running_job_enqueues_and_waits_for(jobs: Jobs) -> None:

@@ -11,6 +11,7 @@ import inspect
 import json
 from typing import Any
 
+from asyncjobs._errors import AsyncJobsError
 from asyncjobs._jobs import Jobs
 from asyncjobs._models import JobInfo
 from asyncjobs._tasks import Task
@@ -28,6 +29,8 @@ async def enqueued(
     Jobs in every status count: a job that already ran was still enqueued.
     """
     name = _task_name(task)
+    if isinstance(task, Task):
+        _check_same_store(jobs, task)
     infos = await jobs.list(task=name, limit=MAX_JOBS)
     infos.reverse()
     if task is None:
@@ -69,6 +72,19 @@ def _task_name(task: Task[..., Any] | str | None) -> str | None:
     if isinstance(task, Task):
         return task.name
     raise TypeError(f"expected a task or a task name, got {task!r}")
+
+
+def _check_same_store(jobs: Jobs, task: Task[..., Any]) -> None:
+    """A task of another ``Jobs`` enqueues into that one's store: looking in ``jobs``
+    would find none of its jobs, and ``assert_not_enqueued`` would pass whatever ran."""
+    if task.jobs is jobs or repr(task.jobs.store) == repr(jobs.store):
+        return
+    raise AsyncJobsError(
+        f"task {task.name!r} belongs to another Jobs, on {task.jobs.store!r}: its jobs go "
+        f"there, not to {jobs.store!r}. To test your app's own Jobs, point it at the test "
+        "store: `jobs = await asyncjobs_isolate(myapp.jobs)` in a fixture (or "
+        "asyncjobs.testing.replace_store)"
+    )
 
 
 def _matches(
