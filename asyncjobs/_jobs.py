@@ -439,13 +439,13 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
 
     # -- testing hooks ---------------------------------------------------------------
 
-    async def drain(self) -> None:
+    async def drain(self, *, max_jobs: int = 10_000) -> None:
         """Enqueue the cron/periodic slots due now, then run ready jobs until none is
-        ready or running (see ``asyncjobs.testing.drain``)."""
+        ready or running, ``max_jobs`` at most (see ``asyncjobs.testing.drain``)."""
         if self._host is not None:
             raise AsyncJobsError("drain() is for a Jobs whose workers are not started")
         await self.scheduler.tick()
-        await self.runner.drain()
+        await self.runner.drain(max_jobs=positive_int(max_jobs, "max_jobs"))
 
 
 def _default_name(fn: Callable[..., Any]) -> str:

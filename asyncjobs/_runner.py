@@ -32,7 +32,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from asyncjobs._clock import within
-from asyncjobs._errors import DataRefused
+from asyncjobs._errors import AsyncJobsError, DataRefused
 from asyncjobs._execution import JobContext as JobContext
 from asyncjobs._execution import _Execution, _Running
 from asyncjobs._execution import current_job as current_job
@@ -108,6 +108,7 @@ class Runner(_Leases, _Execution):
         self._pid = os.getpid()
         self.started_at = self.clock.now()
         self.running: dict[str, _Running] = {}
+        self.jobs_started = 0  # attempts started here, ever: drain() bounds its own
         # Claimed ahead, waiting for a slot; popped from the end (highest priority first).
         self._ready: list[JobRow] = []
         self._accepting = True  # False once shutdown begins: nothing new starts
@@ -377,6 +378,7 @@ class Runner(_Leases, _Execution):
                 if stale.task is not None:
                     stale.task.cancel()
             running = self.running[row.id] = _Running(row)
+            self.jobs_started += 1
             running.task = loop.create_task(self._execute(running), context=self._context.copy())
 
     async def cancel_running(self) -> None:
@@ -539,15 +541,27 @@ class Runner(_Leases, _Execution):
             self._log(row, outcome, row.id in ids, duration)
             self.jobs._notify_finished(row.id)
 
-    async def drain(self) -> None:
-        """Run ready jobs until none is ready or running (workers must not be started)."""
+    async def drain(self, *, max_jobs: int) -> None:
+        """Run ready jobs until none is ready or running (workers must not be started).
+
+        Past ``max_jobs`` started attempts it stops, with an error: jobs that enqueue
+        one another without end would otherwise keep it (and the test) running for good.
+        """
         await self.recover()
+        stop_after = self.jobs_started + max_jobs
         self._accepting = True
         self._context = contextvars.copy_context()
         drained = False
         try:
             while True:
                 self._wakeup = asyncio.Event()  # a job's end, or one enqueued by a job
+                if self.jobs_started > stop_after:
+                    raise AsyncJobsError(
+                        f"drain() started {max_jobs:,} jobs and more are still ready: do jobs "
+                        "enqueue one another without end (a task that enqueues itself)? "
+                        "Give the follow-up a delay, so it waits for jobs.clock.advance(), "
+                        "or pass drain(jobs, max_jobs=...) for more"
+                    )
                 if await self.claim() or self._outbox:
                     continue
                 if not self.running and not self._ready:

@@ -136,6 +136,30 @@ async def test_drain_runs_a_job_that_a_running_job_enqueues_and_waits_for(jobs: 
     assert await job.result(timeout=0) == 42
 
 
+async def test_drain_stops_with_an_error_when_jobs_enqueue_one_another_without_end(
+    jobs: Jobs,
+) -> None:
+    """It ran for good (the test hung) on a task that enqueues itself."""
+
+    @jobs.task(name="again")
+    async def again(n: int) -> None:
+        await again.enqueue(n + 1)
+
+    @jobs.task(name="once")
+    async def once() -> None: ...
+
+    await again.enqueue(0)
+    with anyio.fail_after(5), pytest.raises(AsyncJobsError, match=r"without end.*max_jobs"):
+        await drain(jobs, max_jobs=50)
+    left = await enqueued(jobs, again)
+    assert 50 <= len(left) <= 70
+    assert [info.status for info in left if info.status != "succeeded"] == ["queued"]
+    await jobs.cancel(left[-1].id)
+    job = await once.enqueue()
+    await drain(jobs, max_jobs=1)  # what ends within the bound drains as before
+    assert (await job.info()).status == "succeeded"
+
+
 async def test_what_a_test_registers_on_a_replaced_store_is_gone_after_it(
     tmp_path: Path,
 ) -> None:

@@ -17,10 +17,12 @@ __all__ = [
 ]
 
 
-async def drain(jobs: Jobs) -> None:
+async def drain(jobs: Jobs, *, max_jobs: int = 10_000) -> None:
     """Run every ready job (and what they release) until none is ready or running.
 
     Time does not move: jobs delayed or backing off stay scheduled until the test
-    calls ``jobs.clock.advance(...)`` and drains again.
+    calls ``jobs.clock.advance(...)`` and drains again. Past ``max_jobs`` started
+    attempts it raises ``AsyncJobsError``: jobs that enqueue one another without end
+    (a task that enqueues itself at once) would otherwise hang the test.
     """
-    await jobs.drain()
+    await jobs.drain(max_jobs=max_jobs)
