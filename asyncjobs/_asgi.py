@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskGroup
 
+from asyncjobs._clock import SystemClock
+
 if TYPE_CHECKING:
     from asyncjobs._jobs import Jobs
 
@@ -65,9 +67,12 @@ class JobsMiddleware:
 
     def _warn_if_idle(self) -> None:
         """Say once that requests come but the lifespan never ran (``uvicorn --lifespan
-        off``, or a mounted sub-app): no worker runs here, so jobs only queue up."""
+        off``, or a mounted sub-app): no worker runs here, so jobs only queue up. Not
+        on a fake clock: a test that sends no lifespan (httpx's ASGITransport) runs
+        the jobs itself, with ``drain``."""
         self._told = True
-        if self.jobs.settings.workers and not self.jobs.started:
+        real_time = isinstance(self.jobs.clock, SystemClock)
+        if self.jobs.settings.workers and not self.jobs.started and real_time:
             logger.warning(
                 "JobsMiddleware got a request before any ASGI lifespan startup: the "
                 "asyncjobs workers are not running in this process, and jobs enqueued here "

@@ -20,6 +20,7 @@ from starlette.testclient import TestClient
 
 from asyncjobs import Jobs, JobsMiddleware, JobStatus, StoreError
 from asyncjobs._asgi import Receive, Scope, Send
+from asyncjobs.testing import FakeClock, drain
 
 
 def make_jobs(tmp_path: Path) -> Jobs:
@@ -306,3 +307,35 @@ def test_no_lifespan_warning_when_the_lifespan_ran_or_the_process_only_enqueues(
             assert client.get("/").text == "hi"
         assert TestClient(enqueue_only).get("/").text == "hi"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_no_lifespan_warning_for_a_test_that_drives_the_jobs_on_a_fake_clock(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The README's way to test an endpoint (httpx's ASGITransport, which sends no
+    lifespan; the jobs run by drain on a fake clock) is not told that no worker runs."""
+    jobs = Jobs("sqlite:///" + str(tmp_path / "jobs.db"), clock=FakeClock())
+
+    @jobs.task(name="double")
+    async def double(x: int) -> int:
+        return 2 * x
+
+    async def endpoint(request: StarletteRequest) -> JSONResponse:
+        job = await request.state.jobs.enqueue(double, 2)
+        return JSONResponse({"id": job.id})
+
+    app = Starlette(
+        routes=[Route("/", endpoint, methods=["POST"])],
+        middleware=[Middleware(JobsMiddleware, jobs=jobs)],
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="asyncjobs"):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                job_id = (await client.post("/")).json()["id"]
+            await drain(jobs)
+        assert await jobs.get(job_id) is not None
+        assert (await double.jobs.get(job_id)).status == JobStatus.SUCCEEDED  # type: ignore[union-attr]
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    finally:
+        await jobs.close()
