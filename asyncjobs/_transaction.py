@@ -102,9 +102,12 @@ async def _sqlite_inserter(jobs: Jobs, conn: Any) -> Inserter:
             f"jobs.transaction() needs a connection to the job store's file {str(store.path)!r}, "
             f"but the connection is on {main_file or 'an in-memory database'!r}"
         )
-    if in_transaction:
+    if in_transaction and not await store.open_unless_it_writes():
         # Opening the store now would wait on the caller's own write lock; create
         # the schema through the caller's connection instead (part of its transaction).
+        # Only then: a read through it would take the snapshot of a deferred BEGIN
+        # here, and another connection's commit would make the caller's first write
+        # fail at once (SQLITE_BUSY_SNAPSHOT) instead of waiting for the lock.
         await _run(conn, migrate, raw)
     else:
         await store.open()

@@ -68,7 +68,12 @@ from asyncjobs.stores._sqlite_admin import (
     _retry,
     _snapshot,
 )
-from asyncjobs.stores._sqlite_schema import _switch_to_wal, migrate, schema_current
+from asyncjobs.stores._sqlite_schema import (
+    _switch_to_wal,
+    migrate,
+    opens_without_writing,
+    schema_current,
+)
 from asyncjobs.stores._sqlite_side import (
     ChangeWatch,
     Checkpointer,
@@ -181,6 +186,16 @@ class SQLiteStore:
             if not self._open:  # else another first use opened it meanwhile
                 await self._connect()
                 self._open = True
+
+    async def open_unless_it_writes(self) -> bool:
+        """Open the store if that takes no write lock (the file is in WAL mode, its
+        schema current); return whether it is open. For ``jobs.transaction(conn)``,
+        whose caller may hold the file's write lock, and whose connection must not read
+        the file before the caller does (see ``_transaction``)."""
+        if not self._open and not await anyio.to_thread.run_sync(opens_without_writing, self.path):
+            return False
+        await self.open()
+        return True
 
     async def _connect(self) -> None:
         # The writer's busy handler waits a slice at a time (_while_busy); reads wait

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from pathlib import Path
 
 from asyncjobs._errors import ConfigurationError
 from asyncjobs.stores._migrations import migration_scripts
@@ -81,3 +82,20 @@ def schema_current(db: sqlite3.Connection) -> bool:
     except sqlite3.OperationalError:  # no version table: a new file (or a busy one)
         return False
     return bool(current >= max(version for version, _ in migration_scripts("sqlite")))
+
+
+def opens_without_writing(path: Path) -> bool:
+    """Whether opening a store on ``path`` writes nothing: the file is in WAL mode and
+    holds every migration. Found by a read on a connection of its own, which waits for
+    no lock (a busy or missing file: False)."""
+    try:
+        db = sqlite3.connect(path.as_uri() + "?mode=ro", uri=True, timeout=0)
+    except sqlite3.Error:
+        return False
+    try:
+        (mode,) = db.execute("PRAGMA journal_mode").fetchone()
+        return str(mode).lower() == "wal" and schema_current(db)
+    except sqlite3.Error:
+        return False
+    finally:
+        db.close()

@@ -258,6 +258,34 @@ async def test_store_not_yet_open_while_the_caller_holds_the_write_lock_does_not
         await jobs.close()
 
 
+@pytest.mark.parametrize("store_open", [True, False], ids=["store-open", "schema-only"])
+async def test_entering_the_block_after_a_deferred_begin_neither_locks_nor_reads(
+    jobs: Jobs, conn: aiosqlite.Connection, db_path: Path, store_open: bool
+) -> None:
+    """A plain BEGIN takes its snapshot at its first statement, and a first statement
+    that writes waits on the busy timeout for the lock. The block's start read the
+    store's schema through the caller's connection: that took the snapshot there, so
+    the next commit of any other connection (the workers, another request, another
+    process) made the caller's first write fail at once with "database is locked"
+    (SQLITE_BUSY_SNAPSHOT); on a connection whose schema cache was older than the
+    store's tables, it took the write lock there."""
+    register(jobs)
+    await jobs.store.open()  # the schema is in place
+    if not store_open:  # an enqueue-only app without the lifespan: opened on first use
+        await jobs.store.close()
+    await conn.execute_fetchall("SELECT count(*) FROM asyncjobs_jobs")  # a used connection
+    await conn.execute("BEGIN")
+    async with jobs.transaction(conn):
+        with sqlite3.connect(db_path, timeout=1) as other:  # another process commits
+            other.execute("INSERT INTO users (email) VALUES ('other@example.com')")
+        await conn.execute("INSERT INTO users (email) VALUES ('d@example.com')")
+        job = await jobs.enqueue("welcome", 1)
+    await conn.execute("COMMIT")
+    assert await jobs.get(job.id) is not None
+    ((users,),) = await conn.execute_fetchall("SELECT count(*) FROM users")
+    assert users == 2
+
+
 async def test_autocommit_connection_without_begin_is_refused_and_nothing_is_written(
     jobs: Jobs, conn: aiosqlite.Connection, db_path: Path
 ) -> None:
