@@ -594,11 +594,15 @@ class Runner(_Leases, _Execution):
         self._context = contextvars.copy_context()
         task_status.started()
         try:
-            await self._serve()
+            await self._serve(hears=self.jobs.store.on_change(self.wake))
         finally:
+            self.jobs.store.on_change(None)
             self.stop_accepting()
 
-    async def _serve(self) -> None:
+    async def _serve(self, *, hears: bool) -> None:
+        """``hears``: the store wakes this runner when another process writes (``wake``,
+        through ``Store.on_change``); the runner still looks every 0.1 s, in case its
+        listener is down."""
         check_every = min(self.settings.poll_interval, 0.1)
         last_full_poll = self.clock.now()
         while True:
@@ -632,6 +636,10 @@ class Runner(_Leases, _Execution):
                 wake_at = min(wake_at, next_run)
             if self._next_token_at is not None:
                 wake_at = min(wake_at, self._next_token_at)
+            # A store that hears of writes: its listener open (or reopened) before the
+            # wait, so a write from now on wakes it; one heard meanwhile: claim again.
+            if hears and await self._store_changed():
+                continue
             while True:
                 remaining = wake_at - self.clock.now()
                 if remaining <= 0 or self._wakeup.is_set():

@@ -4,7 +4,8 @@ Claims take rows with ``FOR UPDATE SKIP LOCKED``, so any number of workers on
 any number of hosts claim disjoint jobs without waiting on each other. Inserts
 ``NOTIFY`` the schema's channel (a statement trigger, so an insert made through
 the application's own connection wakes workers too); one dedicated connection
-``LISTEN``s and ``changed()`` reports what it heard. Polling stays the fallback.
+``LISTEN``s: another process's insert wakes the runner at once (``on_change``), and
+``changed()`` reports what it heard. Polling stays the fallback.
 That connection opens on the first ``changed()`` (a runner waiting for work), so
 a process that only enqueues holds no extra connection and is not interrupted by
 every insert's notification.
@@ -191,6 +192,10 @@ class PostgresStore(_Connections):
         # Where each caller's connection seen by ``check_caller`` is, while it lives.
         self._callers: weakref.WeakKeyDictionary[Any, Place] = weakref.WeakKeyDictionary()
         self._notified = False
+        self._wake: Callable[[], None] | None = None  # on_change: the runner's wake
+        # The server pids of this store's own connections (the newest OWN_PIDS): their
+        # inserts' NOTIFY wakes no runner here, which its enqueue woke already.
+        self._own_pids: dict[int, None] = {}
         self._failures = 0
         self._retry_at = 0.0
         self._listen_failures = 0  # the LISTEN connection's own: polling covers for it

@@ -41,6 +41,10 @@ reply: a healthy server answers in milliseconds, so a stopping worker's last rec
 through; a server that holds the statement (a lock, a silent network) does not hold
 ``stop()``."""
 
+OWN_PIDS = 256
+"""The server pids of its own connections a store remembers (the newest): more than a
+pool holds at once, while the pool replaces idle ones over the hours."""
+
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
@@ -159,6 +163,8 @@ class _Connections:
         _channel: str | None
         _schema: str | None
         _notified: bool
+        _wake: Callable[[], None] | None
+        _own_pids: dict[int, None]
         _failures: int
         _retry_at: float
         _listen_failures: int
@@ -183,6 +189,7 @@ class _Connections:
                     max_size=self.pool_max,
                     timeout=self.connect_timeout,
                     reset=_keep_session,
+                    init=self._own,
                 )
                 try:
                     async with pool.acquire() as conn:
@@ -238,6 +245,21 @@ class _Connections:
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
         self._notified = True
+        if self._wake is not None and pid not in self._own_pids:
+            self._wake()  # another process's write (or a caller's own connection's)
+
+    async def _own(self, conn: Connection) -> None:
+        """Note a connection of this store's own (its pool's, its enqueue connection)."""
+        self._own_pids[conn.get_server_pid()] = None
+        while len(self._own_pids) > OWN_PIDS:  # connections come and go: the oldest
+            del self._own_pids[next(iter(self._own_pids))]
+
+    def on_change(self, wake: Callable[[], None] | None) -> bool:
+        """Another process's write, heard by the LISTEN connection, calls ``wake``. A
+        write of this store's own connections does not: the enqueue woke the runner (or
+        gave it the job) already, and a wake would cost an empty claim per enqueue."""
+        self._wake = wake
+        return True
 
     @contextlib.asynccontextmanager
     async def _errors(self, what: str, *, opening: bool = False) -> AsyncIterator[None]:
@@ -443,6 +465,7 @@ class _Connections:
                     raise StoreError(f"PostgreSQL store {self!r} is closed")
                 async with self._by_deadline("a connection"):
                     conn = await asyncpg.connect(self.url, timeout=self.connect_timeout)
+                await self._own(conn)
                 if not self._is_open():  # closed while it connected: keep nothing open
                     await conn.close()
                     raise StoreError(f"PostgreSQL store {self!r} is closed")

@@ -305,6 +305,13 @@ class Store(Protocol):
         """Whether another connection wrote since the last call (cheap)."""
         ...
 
+    def on_change(self, wake: Callable[[], None] | None) -> bool:
+        """Call ``wake`` (on the event loop) as soon as another connection writes, from
+        now on (None: no more); return whether this store hears of writes at all
+        (PostgreSQL's NOTIFY, once ``changed()`` has opened its listener). A store that
+        cannot (SQLite) returns False, and its ``changed()`` is polled."""
+        ...
+
     async def get(self, job_id: str) -> JobRow | None: ...
 
     async def list(

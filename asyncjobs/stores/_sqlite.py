@@ -507,6 +507,9 @@ class SQLiteStore:
         value = rows[0][0]
         return None if value is None else float(value)
 
+    def on_change(self, wake: Callable[[], None] | None) -> bool:
+        return False  # another process's commit is seen by polling changed()
+
     async def changed(self) -> bool:
         watch = self._watch
         while watch is None:  # not open yet, or closed again meanwhile

@@ -10,7 +10,9 @@ import anyio
 import asyncpg
 import pytest
 
+from asyncjobs import Jobs, JobSpec
 from asyncjobs.stores import open_store
+from asyncjobs.testing import FakeClock
 
 
 async def test_a_listener_that_cannot_connect_leaves_the_store_working(
@@ -36,3 +38,47 @@ async def test_a_listener_that_cannot_connect_leaves_the_store_working(
             await anyio.sleep(0.05)  # noqa: TID251 - waiting out a real backoff
     finally:
         await store.close()
+
+
+async def test_a_notify_wakes_idle_workers_at_once_not_at_their_next_look(
+    postgres_url: str,
+) -> None:
+    """Another process's enqueue NOTIFYs: the idle runner claims on hearing it. Its
+    clock here never moves, so it would never look again on its own (with a real
+    clock it looked every 0.1 s: up to 100 ms of pickup latency across processes)."""
+    workers = Jobs(postgres_url, clock=FakeClock(), poll_interval=60)
+    web = Jobs(postgres_url, workers=False)
+
+    @workers.task(name="ping")
+    async def ping(n: int) -> int:
+        return n + 1
+
+    async with workers:
+        job = await web.enqueue("ping", 41)
+        try:
+            with anyio.fail_after(10):
+                assert await job.result() == 42
+        finally:
+            await web.close()
+
+
+async def test_only_other_connections_inserts_wake_the_runner(postgres_url: str) -> None:
+    """A store's own inserts do not wake its runner (the enqueue woke it, or gave it the
+    job, already: a wake would be an empty claim per enqueue); another's do."""
+    own, other = Jobs(postgres_url, workers=False), Jobs(postgres_url, workers=False)
+    woken: list[str] = []
+    try:
+        assert own.store.on_change(lambda: woken.append("woken")) is True
+        await own.store.open()
+        await own.store.changed()  # opens the LISTEN connection
+        await own.enqueue("t", 1)  # through its enqueue connection
+        await own.enqueue_many([JobSpec(task="t", args=(n,)) for n in range(2)])
+        await other.enqueue("t", 2)  # heard after the others: one listener, in order
+        with anyio.fail_after(10):
+            while not woken:
+                await anyio.lowlevel.checkpoint()
+        assert woken == ["woken"]
+    finally:
+        own.store.on_change(None)
+        await own.close()
+        await other.close()
