@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
 import os
 import socket
 import uuid
@@ -605,6 +606,7 @@ class Runner(_Leases, _Execution):
         listener is down."""
         check_every = min(self.settings.poll_interval, 0.1)
         last_full_poll = self.clock.now()
+        looked_at = -math.inf  # the last look at the store before an idle wait
         while True:
             if self.room <= 0:
                 await self._wait_for_room()
@@ -637,9 +639,13 @@ class Runner(_Leases, _Execution):
             if self._next_token_at is not None:
                 wake_at = min(wake_at, self._next_token_at)
             # A store that hears of writes: its listener open (or reopened) before the
-            # wait, so a write from now on wakes it; one heard meanwhile: claim again.
-            if hears and await self._store_changed():
-                continue
+            # wait, so a write from now on wakes it; one heard meanwhile: claim again. As
+            # often as the wait below looks at most: a listener the server keeps closing
+            # must not make this loop reconnect and claim without a pause.
+            if hears and self.clock.now() >= looked_at + check_every:
+                looked_at = self.clock.now()
+                if await self._store_changed():
+                    continue
             while True:
                 remaining = wake_at - self.clock.now()
                 if remaining <= 0 or self._wakeup.is_set():

@@ -244,9 +244,11 @@ class _Connections:
         return True
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
-        self._notified = True
-        if self._wake is not None and pid not in self._own_pids:
-            self._wake()  # another process's write (or a caller's own connection's)
+        if pid in self._own_pids:
+            return  # this store's own insert: its enqueue woke the runner already
+        self._notified = True  # another process's write, or a caller's own connection's
+        if self._wake is not None:
+            self._wake()
 
     async def _own(self, conn: Connection) -> None:
         """Note a connection of this store's own (its pool's, its enqueue connection)."""
@@ -255,9 +257,11 @@ class _Connections:
             del self._own_pids[next(iter(self._own_pids))]
 
     def on_change(self, wake: Callable[[], None] | None) -> bool:
-        """Another process's write, heard by the LISTEN connection, calls ``wake``. A
-        write of this store's own connections does not: the enqueue woke the runner (or
-        gave it the job) already, and a wake would cost an empty claim per enqueue."""
+        """Another process's write, heard by the LISTEN connection, calls ``wake`` (and
+        ``changed()`` reports it). A write of this store's own connections does neither:
+        the enqueue woke the runner (or gave it the job) already, and a wake would cost
+        an empty claim per enqueue. (A pid of ours the server gives again to another
+        process's connection: its writes are seen at the next poll.)"""
         self._wake = wake
         return True
 

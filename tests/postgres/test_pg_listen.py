@@ -73,6 +73,9 @@ async def test_only_other_connections_inserts_wake_the_runner(postgres_url: str)
         await own.store.changed()  # opens the LISTEN connection
         await own.enqueue("t", 1)  # through its enqueue connection
         await own.enqueue_many([JobSpec(task="t", args=(n,)) for n in range(2)])
+        # The listener's backend hands over the notifications before its next answer.
+        await own.store._listener.fetchval("SELECT 1")  # type: ignore[attr-defined]
+        assert await own.store.changed() is False  # nor would the runner claim again
         await other.enqueue("t", 2)  # heard after the others: one listener, in order
         with anyio.fail_after(10):
             while not woken:
