@@ -14,14 +14,12 @@ LISTEN connection's notification, or at its next look at the store.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
 import statistics
 import sys
 
 import asyncpg
-from bench_postgres import fresh_database
+from bench_postgres import fresh_database, parser_with_dsn
 
 from asyncjobs import Jobs
 
@@ -77,12 +75,7 @@ async def pickups(url: str, n: int, rate: float) -> list[float]:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument(
-        "--dsn",
-        default=os.environ.get("ASYNCJOBS_TEST_POSTGRES_DSN")
-        or "postgresql://postgres@127.0.0.1/test",
-    )
+    parser = parser_with_dsn(__doc__)
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--rate", type=float, default=50.0, help="enqueues per second")
     args = parser.parse_args()

@@ -183,13 +183,19 @@ PEERS: dict[str, Callable[[str, int, int, int], Awaitable[Result]]] = {
 }
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+def parser_with_dsn(doc: str | None) -> argparse.ArgumentParser:
+    """A command line whose ``--dsn`` defaults to the tests' server."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
     parser.add_argument(
         "--dsn",
         default=os.environ.get("ASYNCJOBS_TEST_POSTGRES_DSN")
         or "postgresql://postgres@127.0.0.1:5432/test",
     )
+    return parser
+
+
+async def main() -> None:
+    parser = parser_with_dsn(__doc__)
     parser.add_argument("--jobs", type=int, default=5000)
     parser.add_argument("--latency", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=50)
