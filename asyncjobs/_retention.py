@@ -12,6 +12,7 @@ and deleting what another process already deleted is harmless.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import anyio
@@ -36,22 +37,34 @@ WORKER_RETENTION = 86400.0
 """Rows of worker processes not seen for this long are deleted."""
 
 
-async def prune_expired(jobs: Jobs, *, batch: int = BATCH, max_batches: int = MAX_BATCHES) -> int:
-    """Delete expired finished jobs; return how many."""
-    settings, clock = jobs.settings, jobs.clock
+async def in_batches(
+    jobs: Jobs, delete: Callable[[float], Awaitable[int]], batch: int, max_batches: int
+) -> int:
+    """Call ``delete(now)`` (up to ``batch`` rows, one transaction) until it deletes
+    fewer, ``max_batches`` times at most; return how many it deleted."""
     total = 0
     for _ in range(max_batches):
-        now = clock.now()
-        deleted = await jobs.store.prune(
+        deleted = await delete(jobs.clock.now())
+        total += deleted
+        if deleted < batch:
+            break
+        await anyio.lowlevel.checkpoint()  # let other coroutines' writes in between batches
+    return total
+
+
+async def prune_expired(jobs: Jobs, *, batch: int = BATCH, max_batches: int = MAX_BATCHES) -> int:
+    """Delete expired finished jobs; return how many."""
+    settings = jobs.settings
+
+    def expired(now: float) -> Awaitable[int]:
+        return jobs.store.prune(
             finished_before=now - settings.retention,
             dead_before=now - settings.dead_retention,
             workers_before=now - WORKER_RETENTION,
             limit=batch,
         )
-        total += deleted
-        if deleted < batch:
-            break
-        await anyio.lowlevel.checkpoint()  # let other coroutines' writes in between batches
+
+    total = await in_batches(jobs, expired, batch, max_batches)
     if total:
         logger.info("pruned %d finished job(s) past retention", total, extra={"pruned": total})
     await prune_full_buckets(jobs, batch=batch, max_batches=max_batches)
@@ -75,16 +88,14 @@ async def prune_full_buckets(
 ) -> int:
     """Delete the rate-limit buckets that have refilled since they were last used."""
     refills = refill_times(jobs)
-    total = 0
-    for _ in range(max_batches if refills else 0):
-        now = jobs.clock.now()
-        full_before = {name: now - seconds for name, seconds in refills.items()}
-        deleted = await jobs.store.prune_buckets(full_before=full_before, limit=batch)
-        total += deleted
-        if deleted < batch:
-            break
-        await anyio.lowlevel.checkpoint()
-    return total
+    if not refills:
+        return 0
+
+    def full(now: float) -> Awaitable[int]:
+        before = {name: now - seconds for name, seconds in refills.items()}
+        return jobs.store.prune_buckets(full_before=before, limit=batch)
+
+    return await in_batches(jobs, full, batch, max_batches)
 
 
 class Pruner:
