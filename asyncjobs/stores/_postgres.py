@@ -133,6 +133,16 @@ class _Tries:
         return self.count > 1
 
 
+def _claim_time(request: ClaimRequest, now: float) -> float:
+    """The time a claim leases from: the claimer's clock read once a connection is
+    held (``ClaimRequest.clock``), not the ``now`` from before a wait for the pool or
+    a reconnect, which would write the lease short by that wait (already expired past
+    ``request.lease``, for another worker's lease recovery to take). The claim's
+    bookkeeping of unanswered tries keeps ``now``: it drops a try's entry sooner, never
+    later, than its lease ends."""
+    return request.clock() if request.clock is not None else now
+
+
 class PostgresStore(_Connections):
     """A job store in PostgreSQL, shared by any number of processes and hosts."""
 
@@ -276,7 +286,8 @@ class PostgresStore(_Connections):
 
             async def claim(conn: Connection) -> list[JobRow]:
                 again = tries.again()
-                return await sql.claim_after(conn, request, now, token, earlier, again=again)
+                at = _claim_time(request, now)
+                return await sql.claim_after(conn, request, at, token, earlier, again=again)
 
             return await self._run("claim", claim)
 
@@ -334,9 +345,10 @@ class PostgresStore(_Connections):
                 # One transaction: one commit (one WAL flush) for the acks and the claim.
                 again = tries.again()
                 earlier_writes = [*written, Write(now, token)] if again else written
+                at = _claim_time(request, now)
                 async with conn.transaction():
                     applied = await sql.apply(conn, outcomes, now, earlier_writes)
-                    claimed = await sql.claim_after(conn, request, now, token, earlier, again=again)
+                    claimed = await sql.claim_after(conn, request, at, token, earlier, again=again)
                 return applied, claimed
 
             return await self._run("claim", both)

@@ -17,7 +17,8 @@ import pytest
 
 from asyncjobs import Jobs, JobStatus, StoreError, current_job
 from asyncjobs._clock import SystemClock
-from asyncjobs.stores import ClaimRequest, TaskLimits
+from asyncjobs.stores import ClaimRequest, PostgresStore, TaskLimits
+from asyncjobs.testing import FakeClock
 
 asyncpg = pytest.importorskip("asyncpg")
 
@@ -401,6 +402,49 @@ async def test_a_pool_of_one_under_concurrent_enqueues_and_progress_reports_lose
                 for job in handles:
                     await job.result(timeout=60)
             assert sorted(runs) == sorted(k * 100 + i for k in range(30) for i in range(10))
+    finally:
+        await jobs.close()
+
+
+@pytest.mark.parametrize("outcomes", [False, True], ids=["claim", "finish_and_claim"])
+async def test_a_claim_that_waited_for_a_connection_leases_from_when_it_got_one(
+    app: tuple[str, str], outcomes: bool
+) -> None:
+    """Counted from before the wait for the pool's only connection, the lease was
+    written short by that wait (expired at once past visibility_timeout), and another
+    worker's lease recovery could take a job that was running."""
+    url, _name = app
+    clock = FakeClock()
+    jobs = Jobs(with_query(url, pool_min="0", pool_max="1"), clock=clock, visibility_timeout=2)
+
+    @jobs.task(name="work")
+    async def work() -> None: ...
+
+    try:
+        job = await work.enqueue()
+        store = jobs.store
+        assert isinstance(store, PostgresStore)
+        assert store._pool is not None
+        request = ClaimRequest(worker="w", tasks={"work": TaskLimits(max_attempts=4)}, queues=None,
+                               limit=1, lease=2, clock=clock.now)  # fmt: skip
+        async with store._pool.acquire():  # the only connection: the claim waits for it
+            now = clock.now()
+            claiming = asyncio.ensure_future(
+                store.finish_and_claim([], request, now=now) if outcomes
+                else store.claim(request, now=now)
+            )  # fmt: skip
+            await anyio.wait_all_tasks_blocked()
+            assert not claiming.done()
+            clock.advance(5)
+        with anyio.fail_after(10):
+            claimed = await claiming
+        if outcomes:
+            claimed = claimed[1]
+        assert [row.id for row in claimed] == [job.id]
+        row = await store.get(job.id)
+        assert row is not None
+        leased = (row.status, row.started_at, row.lease_until)
+        assert leased == ("running", clock.now(), clock.now() + 2)
     finally:
         await jobs.close()
 
