@@ -358,9 +358,11 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
         return ids
 
     async def _flush_inserts(self, new: list[NewJob]) -> list[str]:
-        now = self.clock.now()
-        inserted = await self.store.insert(new, now=now)  # failed: each _insert unreserves
-        if self.runner.dispatched(new, inserted, now):
+        # The clock, read by the store once it can write: the jobs inserted running
+        # are leased from then, not from before a wait for the file's write lock.
+        # Failed: each _insert unreserves.
+        inserted = await self.store.insert(new, now=self.clock.now)
+        if self.runner.dispatched(new, inserted):
             # Shutdown began during the insert, maybe past the workers' last write (the
             # insert outlasted shutdown_timeout): give the jobs back now, not never.
             await self.runner.flush_outbox()

@@ -86,7 +86,7 @@ class _NewJobs:
         queue = o.queue or (definition.queue if definition else "default")
         rate_key = self._rate_key(definition, spec)
         worker: str | None = None
-        lease_until: float | None = None
+        lease: float | None = None
         if (
             dispatch
             and status == "queued"
@@ -94,7 +94,7 @@ class _NewJobs:
             and self.runner.reserve(job_id)
         ):
             status, worker = "running", self.runner.worker_id
-            lease_until = now + self.settings.visibility_timeout
+            lease = self.settings.visibility_timeout
         return NewJob(
             id=job_id,
             task=spec.task,
@@ -111,7 +111,7 @@ class _NewJobs:
             batch_id=batch_id,
             rate_key=rate_key,
             worker=worker,
-            lease_until=lease_until,
+            lease=lease,
             # Its limiter (if any) and that limiter's key are unknown here: a worker
             # that defines the task computes the key (``Runner.assign_keys``).
             key_pending=definition is None,

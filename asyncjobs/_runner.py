@@ -192,10 +192,11 @@ class Runner(_Leases, _Execution):
         if not self._reserved:
             self._free_slot()
 
-    def dispatched(self, jobs: Sequence[NewJob], inserted: Inserted, now: float) -> bool:
+    def dispatched(self, jobs: Sequence[NewJob], inserted: Inserted) -> bool:
         """The insert of ``jobs`` committed: run those inserted running. True if
         shutdown began meanwhile and they were queued to go back instead (the caller
         writes that now: the workers' last write may be past)."""
+        now = self.clock.now() if inserted.at is None else inserted.at
         rows: list[JobRow] = []
         for job in jobs:
             if job.worker is None:
@@ -732,12 +733,12 @@ class Runner(_Leases, _Execution):
 
 
 def _dispatched_row(job: NewJob, seq: int, now: float) -> JobRow:
-    """The row of ``job`` as its insert stored it, running (local dispatch)."""
+    """The row of ``job`` as its insert at ``now`` stored it, running (local dispatch)."""
     return JobRow(
         id=job.id, seq=seq, task=job.task, queue=job.queue, status="running",
         priority=job.priority, payload=job.payload, options=job.options, attempts=1,
         max_attempts=job.max_attempts, run_at=job.run_at, enqueued_at=now, started_at=now,
-        finished_at=None, lease_until=job.lease_until, worker=job.worker, result=None,
+        finished_at=None, lease_until=job.lease_end(now), worker=job.worker, result=None,
         error=None, idempotency_key=job.idempotency_key, group_key=job.group_key,
         progress=None, progress_message=None, chain_next=job.chain_next, batch_id=job.batch_id,
     )  # fmt: skip

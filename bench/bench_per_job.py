@@ -148,11 +148,11 @@ def statements(directory: Path, batch: int, batches: int) -> dict[str, float]:
         new = [
             NewJob(id=new_job_id(now), task="record", queue="default", payload='{"args":[1]}',
                    status="running", priority=0, run_at=now, max_attempts=4, worker="w",
-                   lease_until=now + 60)
+                   lease=60)
             for _ in range(batch)
         ]  # fmt: skip
         plain = [(j.id, j.task, j.queue, j.status, 0, j.payload, None, 4, now, now, None, None,
-                  None, None, None, 1, now, j.lease_until, j.worker) for j in new]  # fmt: skip
+                  None, None, None, 1, now, j.lease_end(now), j.worker) for j in new]  # fmt: skip
         timed("plain insert", db.executemany, _PLAIN_INSERT, plain)
         timed("insert", insert_jobs, db, new, now)
         outcomes = [

@@ -51,7 +51,7 @@ def spy_inserts(jobs: Jobs) -> list[NewJob]:
     store: Any = jobs.store
     insert = store.insert
 
-    async def spy_insert(new: Sequence[NewJob], *, now: float) -> Any:
+    async def spy_insert(new: Sequence[NewJob], *, now: Any) -> Any:
         inserted.extend(new)
         return await insert(new, now=now)
 
@@ -315,12 +315,12 @@ async def test_a_dispatch_that_commits_after_shutdown_began_is_given_back_unspen
         new = NewJob(
             id="0" * 31 + "1", task="plain", queue="default", payload='{"args":[],"kwargs":{}}',
             status="running", priority=0, run_at=clock.now(), max_attempts=4,
-            worker=runner.worker_id, lease_until=clock.now() + 60,
+            worker=runner.worker_id, lease=60,
         )  # fmt: skip
         assert runner.reserve(new.id)
         inserted = await jobs.store.insert([new], now=clock.now())
         runner.stop_accepting()  # shutdown starts while the insert was under way
-        runner.dispatched([new], inserted, clock.now())
+        runner.dispatched([new], inserted)
         assert not runner.running
         await runner.flush_outbox()
     row = await jobs.store.get(new.id)

@@ -761,6 +761,36 @@ async def test_a_heartbeat_that_waited_for_the_write_lock_extends_from_when_it_g
     assert (row.status, row.lease_until) == ("running", clock.now() + 2)
 
 
+@pytest.mark.parametrize("synchronous", ["normal", "full"])  # on the loop, in the thread
+async def test_a_dispatched_job_whose_insert_waited_for_the_write_lock_leases_from_its_insert(
+    make_jobs: MakeJobs, clock: FakeClock, synchronous: str
+) -> None:
+    """Counted from the enqueue call, the lease of a job inserted running was short by
+    the insert's wait for another process's write lock: past visibility_timeout it was
+    expired when written, for that process's lease recovery to take while it ran here."""
+    jobs = make_jobs(concurrency=2, visibility_timeout=2, synchronous=synchronous)
+    release = anyio.Event()
+
+    @jobs.task(name="hold")
+    async def hold() -> None:
+        await release.wait()
+
+    async with jobs:
+        with anyio.fail_after(5):
+            while jobs.runner._backlog:  # until its first claim found the queue empty
+                await anyio.lowlevel.checkpoint()
+        try:
+            job = await while_another_process_writes(jobs, clock, hold.enqueue)
+            row = await jobs.store.get(job.id)
+            assert row is not None
+            assert (row.status, row.worker) == ("running", jobs.runner.worker_id)
+            assert (row.started_at, row.lease_until) == (clock.now(), clock.now() + 2)
+            assert jobs.runner.running[job.id].row.lease_until == clock.now() + 2
+        finally:
+            release.set()
+        await job.result(timeout=5)
+
+
 # -- workers in the event loop -------------------------------------------------------
 
 

@@ -240,9 +240,10 @@ class PostgresStore(_Connections):
 
     # -- enqueue ---------------------------------------------------------------------
 
-    async def insert(self, jobs: Sequence[NewJob], *, now: float) -> Inserted:
+    async def insert(self, jobs: Sequence[NewJob], *, now: float | Callable[[], float]) -> Inserted:
         if not jobs:
-            return Inserted()
+            return Inserted(at=now() if callable(now) else now)
+        began = now() if callable(now) else now  # no later than the insert's own time
         # One INSERT statement, atomic on its own: no BEGIN/COMMIT round trips.
         tries = _Tries()
         token = self._claim_token()  # stored on the jobs dispatched here alone
@@ -259,8 +260,8 @@ class PostgresStore(_Connections):
             # insert's claim token: if it committed unanswered, that worker's next claim
             # hands them out (or its stop gives them back), as an unanswered claim's.
             for job in jobs:  # one worker, one lease end: one entry for them all
-                if job.worker is not None and job.lease_until is not None:
-                    self._unanswered.setdefault(job.worker, []).append((token, job.lease_until))
+                if job.worker is not None and (ends := job.lease_end(began)) is not None:
+                    self._unanswered.setdefault(job.worker, []).append((token, ends))
                     break
             raise
 

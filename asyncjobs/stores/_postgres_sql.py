@@ -106,11 +106,11 @@ def _insert_sql(table: str, *, rows: int, again: bool = False) -> str:
     )
 
 
-def _job_values(j: NewJob) -> tuple[Any, ...]:
+def _job_values(j: NewJob, now: float) -> tuple[Any, ...]:
     return (
         j.id, j.task, j.queue, j.status, j.priority, j.payload, j.options, j.max_attempts,
         j.run_at, j.idempotency_key, j.group_key, j.chain_next, j.batch_id, j.rate_key,
-        j.lease_until, j.worker, True if j.key_pending else None,
+        j.lease_end(now), j.worker, True if j.key_pending else None,
     )  # fmt: skip
 
 
@@ -128,7 +128,7 @@ so a bigger batch (each job within max_payload_bytes) goes in as several stateme
 async def insert_jobs(
     conn: Connection,
     jobs: Sequence[NewJob],
-    now: float,
+    now: float | Callable[[], float],
     *,
     table: str = "asyncjobs_jobs",
     attempt: int = 1,
@@ -143,10 +143,13 @@ async def insert_jobs(
     several, in a transaction). A job whose idempotency key is already
     stored is not inserted again; only then is the stored id read back (a second
     round trip). Jobs inserted running (local dispatch) have their seq returned, and
-    carry ``claim_token``, this insert's own (``_CLAIMED_BY``).
+    carry ``claim_token``, this insert's own (``_CLAIMED_BY``). A clock for ``now`` is
+    read here, once the connection is held (see ``NewJob.lease``).
     """
+    if callable(now):
+        now = now()
     if not jobs:
-        return Inserted()
+        return Inserted(at=now)
     keys = sorted({j.idempotency_key for j in jobs if j.idempotency_key is not None})
     if len(keys) > 1 and attempt == 1:
         # The INSERT takes each key's slot in the unique index in the order of the rows:
@@ -159,9 +162,9 @@ async def insert_jobs(
                 )
         await conn.execute(_LOCK_KEYS, keys)
     if len(jobs) == 1:
-        params: list[Any] = list(_job_values(jobs[0]))
+        params: list[Any] = list(_job_values(jobs[0], now))
     else:
-        params = [json.dumps(list(map(_job_values, jobs)))]
+        params = [json.dumps([_job_values(j, now) for j in jobs])]
         if len(params[0]) > JSONB_LIMIT:  # halves, in one transaction (or savepoint)
             half = len(jobs) // 2
             async with conn.transaction():
@@ -171,12 +174,12 @@ async def insert_jobs(
                 rest = await insert_jobs(
                     conn, jobs[half:], now, table=table, again=again, claim_token=claim_token
                 )
-            return Inserted([*first, *rest], seqs={**first.seqs, **rest.seqs})
+            return Inserted([*first, *rest], seqs={**first.seqs, **rest.seqs}, at=now)
     query = _insert_sql(table, rows=len(jobs), again=again)
     dispatched = any(j.worker is not None for j in jobs)
     if not dispatched and all(j.idempotency_key is None for j in jobs):
         await conn.execute(query, now, *params, claim_token)
-        return Inserted([j.id for j in jobs])
+        return Inserted([j.id for j in jobs], at=now)
     inserted = await conn.fetch(
         query + " RETURNING idempotency_key, id, seq, worker", now, *params, claim_token
     )
@@ -214,7 +217,7 @@ async def insert_jobs(
         stored.update((j.idempotency_key, id_) for j, id_ in zip(lost, retried, strict=True))
         seqs.update(retried.seqs)
     ids = [j.id if j.idempotency_key is None else stored[j.idempotency_key] for j in jobs]
-    return Inserted(ids, seqs=seqs)
+    return Inserted(ids, seqs=seqs, at=now)
 
 
 # -- the functions below run on one connection (inside a transaction where noted) ---

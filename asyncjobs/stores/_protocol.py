@@ -47,23 +47,38 @@ class NewJob(NamedTuple):
     batch_id: str | None = None  # the batch's on_complete job, released when all finish
     rate_key: str | None = None  # bucket key within the task's named limiter (None: shared)
     # Local dispatch: the enqueuing process runs the job at once. Inserted 'running',
-    # first attempt started at insert, leased to ``worker`` until ``lease_until``.
+    # first attempt started at insert, leased to ``worker`` for ``lease`` seconds from
+    # the insert's time (``Inserted.at``), not from the enqueue's: an insert that waited
+    # for the write lock would otherwise write a lease short by that wait.
     worker: str | None = None
-    lease_until: float | None = None
+    lease: float | None = None
     # Enqueued by name where its task is not defined: a keyed limiter's key for it
     # is computed by a worker that defines the task (``Store.pending_keys``).
     key_pending: bool = False
 
+    def lease_end(self, now: float) -> float | None:
+        """When the lease of this job, inserted running at ``now``, ends (None: it is
+        not inserted running)."""
+        return None if self.worker is None or self.lease is None else now + self.lease
+
 
 class Inserted(list[str]):
     """What ``insert`` returns: the job ids in order, plus ``seqs``, the ``seq`` of
-    every job inserted running (local dispatch), which the runner orders them by."""
+    every job inserted running (local dispatch), which the runner orders them by, and
+    ``at``, the time the insert wrote as the jobs' enqueue and such a job's start."""
 
-    __slots__ = ("seqs",)
+    __slots__ = ("at", "seqs")
 
-    def __init__(self, ids: Iterable[str] = (), *, seqs: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        ids: Iterable[str] = (),
+        *,
+        seqs: Mapping[str, int] | None = None,
+        at: float | None = None,
+    ) -> None:
         super().__init__(ids)
         self.seqs: Mapping[str, int] = seqs or {}
+        self.at = at
 
 
 class JobRow(NamedTuple):
@@ -239,13 +254,16 @@ class Store(Protocol):
         the database, and their last records still get through to one that is free."""
         ...
 
-    async def insert(self, jobs: Sequence[NewJob], *, now: float) -> Inserted:
+    async def insert(self, jobs: Sequence[NewJob], *, now: float | Callable[[], float]) -> Inserted:
         """Insert jobs in one transaction; return their ids in order.
 
         A job whose ``idempotency_key`` is already stored is not inserted; its
         slot in the result holds the id of the stored job. A job with ``worker``
         set is inserted running: attempt 1 started at ``now``, leased to that
-        worker until ``lease_until``, and its ``seq`` is in the result's ``seqs``.
+        worker for ``lease`` seconds from then, and its ``seq`` is in the result's
+        ``seqs``. ``now`` may be a clock, read once the store holds the write lock
+        (or a connection), so that no wait for it comes off the lease; the time read
+        is the result's ``at``.
         """
         ...
 

@@ -450,7 +450,7 @@ class SQLiteStore:
 
     # -- enqueue ---------------------------------------------------------------------
 
-    async def insert(self, jobs: Sequence[NewJob], *, now: float) -> Inserted:
+    async def insert(self, jobs: Sequence[NewJob], *, now: float | Callable[[], float]) -> Inserted:
         if len(jobs) <= _INSERT_CHUNK and all(j.idempotency_key is None for j in jobs):
             # The common enqueue is one INSERT statement, atomic on its own (autocommit);
             # like BEGIN IMMEDIATE it takes the write lock up front, in two fewer steps.

@@ -108,13 +108,19 @@ _INSERT_CHUNK = 500
 """Rows per INSERT statement (at most 19 values each, well under SQLite's 32,766)."""
 
 
-def insert_jobs(db: sqlite3.Connection, jobs: Sequence[NewJob], now: float) -> Inserted:
+def insert_jobs(
+    db: sqlite3.Connection, jobs: Sequence[NewJob], now: float | Callable[[], float]
+) -> Inserted:
     """Insert ``jobs`` through ``db`` (already in a transaction); return their ids.
 
     Also used by transactional enqueue on the caller's own connection. One multi-row
     statement per chunk rather than ``executemany``: each statement step releases and
-    retakes the GIL, and under a busy event loop every retake can wait.
+    retakes the GIL, and under a busy event loop every retake can wait. A clock for
+    ``now`` is read here, at each try of the write: a try that found the file locked
+    and waited does not count that wait into the lease of a job inserted running.
     """
+    if callable(now):
+        now = now()
     seqs: dict[str, int] = {}
     for start in range(0, len(jobs), _INSERT_CHUNK):
         chunk = jobs[start : start + _INSERT_CHUNK]
@@ -128,7 +134,7 @@ def insert_jobs(db: sqlite3.Connection, jobs: Sequence[NewJob], now: float) -> I
                 j.chain_next, j.batch_id, j.rate_key,
             )  # fmt: skip
             if dispatched:  # a dispatched job's first attempt starts now
-                values += _NOT_STARTED if j.worker is None else (1, now, j.lease_until, j.worker)
+                values += _NOT_STARTED if j.worker is None else (1, now, j.lease_end(now), j.worker)
             if pending:
                 values.append(1 if j.key_pending else None)
         row = _INSERT_ROWS[dispatched][pending]
@@ -140,7 +146,7 @@ def insert_jobs(db: sqlite3.Connection, jobs: Sequence[NewJob], now: float) -> I
             db.execute(sql, values)
     keys = [j.idempotency_key for j in jobs if j.idempotency_key is not None]
     if not keys:
-        return Inserted([j.id for j in jobs], seqs=seqs)
+        return Inserted([j.id for j in jobs], seqs=seqs, at=now)
     stored = dict(
         db.execute(
             "SELECT idempotency_key, id FROM asyncjobs_jobs WHERE idempotency_key IN "
@@ -149,7 +155,7 @@ def insert_jobs(db: sqlite3.Connection, jobs: Sequence[NewJob], now: float) -> I
         ).fetchall()
     )
     ids = [j.id if j.idempotency_key is None else stored[j.idempotency_key] for j in jobs]
-    return Inserted(ids, seqs=seqs)
+    return Inserted(ids, seqs=seqs, at=now)
 
 
 _ANY_QUEUED = "SELECT 1 FROM asyncjobs_jobs WHERE status = 'queued' LIMIT 1"

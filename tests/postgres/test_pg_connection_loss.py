@@ -581,7 +581,7 @@ async def dispatched_at_a_lost_claims_instant(
     running = NewJob(
         id=uuid.uuid4().hex, task="t", queue="default", payload='{"args": [1], "kwargs": {}}',
         status="running", priority=0, run_at=clock.now(), max_attempts=1, worker="w",
-        lease_until=clock.now() + 60,
+        lease=60,
     )  # fmt: skip
     await store.insert([running], now=clock.now())
     return store, request, taken.id, running.id
@@ -1045,9 +1045,7 @@ async def test_a_job_dispatched_while_a_claim_was_under_way_is_kept_when_both_go
         async with anyio.create_task_group() as tg:
             tg.start_soon(failing_claim)
             await claim_waiting.wait()
-            dispatched = new_job("d")._replace(
-                status="running", run_at=100.5, worker="w", lease_until=160.5
-            )
+            dispatched = new_job("d")._replace(status="running", run_at=100.5, worker="w", lease=60)
             with pytest.raises(StoreError):
                 await store.insert([dispatched], now=100.5)
             claim_may_fail.set()

@@ -173,7 +173,7 @@ async def test_idempotency_key_holds_after_the_job_finished(store: Store) -> Non
 async def test_insert_running_starts_the_first_attempt_for_that_worker(store: Store) -> None:
     """Local dispatch: a job with ``worker`` set is stored running, leased, attempt 1,
     and its seq comes back; a plain job in the same insert stays queued."""
-    running = new("a", status="running", worker="w1", lease_until=T0 + 30)
+    running = new("a", status="running", worker="w1", lease=30)
     inserted = await store.insert([new("q"), running, new("k", idempotency_key="key")], now=T0)
     assert inserted == ["q", "a", "k"]
     a = await store.get("a")
@@ -191,7 +191,7 @@ async def test_insert_running_starts_the_first_attempt_for_that_worker(store: St
     assert [r.id for r in await claim(store)] == ["q", "k"]
     assert await store.finish([outcome(a, OutcomeKind.SUCCEEDED, result="1")], now=T0 + 1) == ["a"]
     assert await status(store, "a") == "succeeded"
-    await store.insert([new("b", status="running", worker="w1", lease_until=T0 + 30)], now=T0)
+    await store.insert([new("b", status="running", worker="w1", lease=30)], now=T0)
     recovered = {r.id: (r.attempts, r.status) for r in await store.recover(now=T0 + 31)}
     assert recovered == {"q": (1, "queued"), "k": (1, "queued"), "b": (1, "queued")}
     assert await status(store, "b") == "queued"
@@ -199,7 +199,7 @@ async def test_insert_running_starts_the_first_attempt_for_that_worker(store: St
 
 async def test_insert_running_with_a_stored_key_runs_nothing(store: Store) -> None:
     await store.insert([new("a", idempotency_key="k")], now=T0)
-    duplicate = new("b", idempotency_key="k", status="running", worker="w1", lease_until=T0 + 9)
+    duplicate = new("b", idempotency_key="k", status="running", worker="w1", lease=9)
     inserted = await store.insert([duplicate], now=T0)
     assert inserted == ["a"]
     assert inserted.seqs == {}
