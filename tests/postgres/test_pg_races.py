@@ -175,6 +175,7 @@ async def test_a_store_transaction_ended_by_a_deadlock_runs_again(
     watcher = await asyncpg.connect(postgres_url)
     other_pid = await other.fetchval("SELECT pg_backend_pid()")
     holds_a = anyio.Event()
+    other_done = anyio.Event()
     tries = 0
 
     async def waits_on_a() -> bool:
@@ -189,6 +190,10 @@ async def test_a_store_transaction_ended_by_a_deadlock_runs_again(
         nonlocal tries
         tries += 1
         await conn.execute("SET LOCAL deadlock_timeout = '10ms'")
+        if tries > 1:
+            # Else the retry could take a before the other transaction, woken by the
+            # rollback, does: the same deadlock again, and a third try.
+            await other_done.wait()
         await conn.execute("UPDATE asyncjobs_jobs SET priority = priority + 1 WHERE id = 'a'")
         holds_a.set()
         if tries == 1:
@@ -202,6 +207,7 @@ async def test_a_store_transaction_ended_by_a_deadlock_runs_again(
             await other.execute("UPDATE asyncjobs_jobs SET priority = priority + 10 WHERE id = 'b'")
             await holds_a.wait()
             await other.execute("UPDATE asyncjobs_jobs SET priority = priority + 10 WHERE id = 'a'")
+        other_done.set()
 
     try:
         with caplog.at_level("INFO", logger="asyncjobs"), anyio.fail_after(20):
