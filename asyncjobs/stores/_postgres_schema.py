@@ -12,7 +12,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from asyncjobs._errors import StoreError
-from asyncjobs.stores._migrations import migration_scripts
+from asyncjobs.stores._migrations import migration_scripts, refuse_newer
 
 if TYPE_CHECKING:
     from asyncjobs.stores._postgres_sql import Connection
@@ -42,7 +42,9 @@ async def migrate(conn: Connection) -> None:
         current = await conn.fetchval(
             f"SELECT coalesce(max(version), 0) FROM {SCHEMA_VERSION_TABLE}"  # noqa: S608
         )
-        for version, script in migration_scripts("postgres"):
+        scripts = migration_scripts("postgres")
+        refuse_newer(current, scripts, f"the PostgreSQL store's schema {schema!r}")
+        for version, script in scripts:
             if version <= current:
                 continue
             logger.info("PostgreSQL store: applying migration %04d in %s", version, schema)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from asyncjobs._errors import ConfigurationError
-from asyncjobs.stores._migrations import migration_scripts
+from asyncjobs.stores._migrations import migration_scripts, refuse_newer
 from asyncjobs.stores._sqlite_side import is_busy
 
 SCHEMA_VERSION_TABLE = "asyncjobs_migrations"
@@ -60,7 +60,11 @@ def migrate(db: sqlite3.Connection) -> None:
     (current,) = db.execute(
         f"SELECT coalesce(max(version), 0) FROM {SCHEMA_VERSION_TABLE}"  # noqa: S608 - constant
     ).fetchone()
-    for version, script in migration_scripts("sqlite"):
+    scripts = migration_scripts("sqlite")
+    if scripts and current > scripts[-1][0]:
+        main = [file for _, name, file in db.execute("PRAGMA database_list") if name == "main"]
+        refuse_newer(current, scripts, f"the SQLite store's file {''.join(main)!r}")
+    for version, script in scripts:
         if version <= current:
             continue
         for statement in _statements(script):
@@ -81,7 +85,8 @@ def schema_current(db: sqlite3.Connection) -> bool:
         ).fetchone()
     except sqlite3.OperationalError:  # no version table: a new file (or a busy one)
         return False
-    return bool(current >= max(version for version, _ in migration_scripts("sqlite")))
+    # A newer version than the last script is not current either: migrate refuses it.
+    return bool(current == max(version for version, _ in migration_scripts("sqlite")))
 
 
 def opens_without_writing(path: Path) -> bool:
