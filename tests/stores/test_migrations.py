@@ -1,11 +1,14 @@
-"""Schema versions on every store: a store whose schema a newer asyncjobs migrated
-past the versions this one ships is refused when opened, not used as if it were
-current."""
+"""Schema versions on every store: a store left at each earlier version is upgraded
+on open (by one of several processes opening it at once) and keeps its jobs, which
+then run; a store whose schema a newer asyncjobs migrated past the versions this one
+ships is refused when opened, not used as if it were current."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 import pytest
@@ -14,6 +17,8 @@ from asyncjobs import Jobs
 from asyncjobs._errors import StoreError
 from asyncjobs.stores import NewJob, SQLiteStore, open_store
 from asyncjobs.stores._migrations import migration_scripts
+from asyncjobs.stores._sqlite_schema import _statements
+from asyncjobs.testing import FakeClock, drain
 
 T0 = 1_000_000.0
 
@@ -23,6 +28,111 @@ def new(job_id: str) -> NewJob:
         id=job_id, task="t", queue="default", payload='{"args": [], "kwargs": {}}',
         status="queued", priority=0, run_at=T0, max_attempts=3,
     )  # fmt: skip
+
+
+def backend_of(url: str) -> str:
+    return "sqlite" if url.startswith("sqlite:") else "postgres"
+
+
+OLD_ROWS = [  # id, status, attempts, run_at offset, lease_until offset, worker
+    ("queued", "queued", 0, -10.0, None, None),
+    ("due", "scheduled", 0, -5.0, None, None),
+    ("taken", "running", 1, -100.0, -50.0, "gone:1:abc"),  # its process died
+    ("dead", "dead", 3, -100.0, None, None),
+]
+_OLD_INSERT = (
+    "INSERT INTO asyncjobs_jobs (id, task, queue, status, priority, payload, attempts, "
+    "max_attempts, run_at, enqueued_at, lease_until, worker, started_at, idempotency_key) "
+)
+
+
+async def create_old_store(url: str, version: int, now: float) -> None:
+    """The store as an asyncjobs of schema ``version`` left it: its migrations up to that
+    one applied, and jobs written in the columns that version had."""
+    scripts = [(v, script) for v, script in migration_scripts(backend_of(url)) if v <= version]
+    rows: list[tuple[Any, ...]] = [
+        (job_id, "t", "default", status, 0, f'{{"args":["{job_id}"],"kwargs":{{}}}}', attempts,
+         3, now + run_at, now - 100, None if lease is None else now + lease, worker,
+         None if worker is None else now - 100, f"key:{job_id}")
+        for job_id, status, attempts, run_at, lease, worker in OLD_ROWS
+    ]  # fmt: skip
+    create = "CREATE TABLE asyncjobs_migrations (version integer PRIMARY KEY, applied_at real)"
+    if url.startswith("sqlite:"):
+        db = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        try:
+            db.execute(create)
+            for v, script in scripts:
+                for statement in _statements(script):
+                    db.execute(statement)
+                db.execute("INSERT INTO asyncjobs_migrations VALUES (?, 0)", (v,))
+            db.executemany(_OLD_INSERT + "VALUES (" + ", ".join("?" * 14) + ")", rows)
+        finally:
+            db.close()
+        return
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(create)
+        for v, script in scripts:
+            await conn.execute(script)
+            await conn.execute("INSERT INTO asyncjobs_migrations VALUES ($1, 0)", v)
+        marks = ", ".join(f"${i}" for i in range(1, 15))
+        await conn.executemany(_OLD_INSERT + f"VALUES ({marks})", rows)
+    finally:
+        await conn.close()
+
+
+EARLIER = [
+    (backend, version)
+    for backend in ("sqlite", "postgres")
+    for version, _ in migration_scripts(backend)[:-1]
+]
+
+
+@pytest.fixture(params=EARLIER, ids=[f"{b}-{v}" for b, v in EARLIER])
+def earlier(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, int]:
+    """A store URL on one backend (as ``backend_url``), and an earlier schema version."""
+    backend, version = request.param
+    if backend == "sqlite":
+        return "sqlite:///" + str(tmp_path / "old.db"), version
+    url: str = request.getfixturevalue("postgres_url")
+    return url, version
+
+
+async def test_a_store_of_an_earlier_version_is_upgraded_and_its_jobs_run(
+    earlier: tuple[str, int],
+) -> None:
+    backend_url, version = earlier
+    scripts = migration_scripts(backend_of(backend_url))
+    clock = FakeClock()
+    await create_old_store(backend_url, version, clock.now())
+    # Several processes opening it at once: one upgrades it, none fails.
+    stores = [open_store(backend_url) for _ in range(3)]
+    try:
+        await asyncio.gather(*(store.open() for store in stores))
+    finally:
+        for store in stores:
+            await store.close()
+    assert await versions(backend_url) == [v for v, _ in scripts]
+
+    jobs = Jobs(backend_url, clock=clock)
+    ran: list[str] = []
+
+    @jobs.task(name="t")
+    async def t(job_id: str) -> None:
+        ran.append(job_id)
+
+    try:
+        await drain(jobs)
+        assert sorted(ran) == ["due", "queued", "taken"]
+        statuses = {info.id: info.status for info in await jobs.list()}
+        assert statuses == {"queued": "succeeded", "due": "succeeded", "taken": "succeeded",
+                            "dead": "dead"}  # fmt: skip
+        again = await jobs.enqueue(t.options(idempotency_key="key:dead"), "again")
+        assert again.id == "dead"  # the keys written then still hold
+    finally:
+        await jobs.close()
 
 
 async def versions(url: str) -> list[int]:
