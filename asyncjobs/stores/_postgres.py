@@ -185,6 +185,16 @@ class PostgresStore(_Connections):
             ) from error
         if not 0 < command_timeout < float("inf"):
             raise ConfigurationError(f"command_timeout must be positive, got {command_timeout}")
+        # A statement waiting on a lock (the insert of an idempotency key that another
+        # open transaction holds) is ended by the server (lock_timeout) before
+        # command_timeout would take the wait for a silent network: the server's answer
+        # fails that call alone, not as "unreachable", with no connection dropped and no
+        # reconnect backoff refusing every other call. A lock_timeout in the URL wins.
+        self._server_settings = (
+            {}
+            if "lock_timeout" in query
+            else {"lock_timeout": f"{max(1, round(command_timeout * 900))}ms"}  # 0: none
+        )
         self.url = urlunsplit(parts._replace(query=urlencode(query)))
         self.pool_min = pool_min
         self.pool_max = pool_max

@@ -155,6 +155,7 @@ class _Connections:
         connect_timeout: float
         command_timeout: float
         max_backoff: float
+        _server_settings: dict[str, str]
         _pool: Pool | None
         _opening: asyncio.Lock
         _listener: Connection | None
@@ -190,6 +191,7 @@ class _Connections:
                     timeout=self.connect_timeout,
                     reset=_keep_session,
                     init=self._own,
+                    server_settings=self._server_settings,
                 )
                 try:
                     async with pool.acquire() as conn:
@@ -468,7 +470,11 @@ class _Connections:
                 if self._pool is None:  # closed meanwhile: open nothing it would not close
                     raise StoreError(f"PostgreSQL store {self!r} is closed")
                 async with self._by_deadline("a connection"):
-                    conn = await asyncpg.connect(self.url, timeout=self.connect_timeout)
+                    conn = await asyncpg.connect(
+                        self.url,
+                        timeout=self.connect_timeout,
+                        server_settings=self._server_settings,
+                    )
                 await self._own(conn)
                 if not self._is_open():  # closed while it connected: keep nothing open
                     await conn.close()

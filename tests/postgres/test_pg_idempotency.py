@@ -10,6 +10,7 @@ import anyio
 import pytest
 
 from asyncjobs import Jobs
+from asyncjobs._errors import StoreError
 from asyncjobs.stores import NewJob
 from asyncjobs.stores._postgres_sql import insert_jobs
 
@@ -103,3 +104,44 @@ async def test_a_keyed_enqueue_waiting_on_an_open_transaction_holds_up_no_one_el
     finally:
         await conn.close()
         await admin.close()
+
+
+async def test_a_key_held_past_command_timeout_is_not_taken_for_an_unreachable_server(
+    make_jobs: MakeJobs, postgres_url: str
+) -> None:
+    """An enqueue of a key that another open transaction holds waits for it. Past
+    command_timeout that wait was taken for a silent network: the enqueue failed as
+    "unreachable", its connection was dropped, and every other call of the process was
+    refused for the reconnect backoff. The server now ends the wait itself first
+    (lock_timeout): the enqueue fails saying so, and nothing else is held up."""
+    holder = make_jobs(postgres_url, workers=False)
+    other = make_jobs(postgres_url + "&command_timeout=1", workers=False)
+
+    @holder.task(name="charge")
+    async def charge(order: int) -> None: ...
+
+    other.task(name="charge")(charge.fn)
+    await holder.store.open()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        async with conn.transaction():
+            async with holder.transaction(conn):
+                await holder.enqueue(charge.options(idempotency_key="order:1"), 1)
+            with anyio.fail_after(10), pytest.raises(StoreError) as waited:
+                await other.enqueue(other.registry["charge"].options(idempotency_key="order:1"), 1)
+            assert "lock timeout" in str(waited.value)
+            assert "unreachable" not in str(waited.value)
+            unrelated = await other.enqueue("charge", 2)  # no reconnect backoff
+        assert await other.get(unrelated.id) is not None
+    finally:
+        await conn.close()
+
+
+def test_the_lock_timeout_follows_command_timeout_unless_the_url_sets_one() -> None:
+    from asyncjobs.stores import PostgresStore
+
+    assert PostgresStore("postgresql://h/db")._server_settings == {"lock_timeout": "54000ms"}
+    assert PostgresStore("postgresql://h/db?command_timeout=2")._server_settings == {
+        "lock_timeout": "1800ms"
+    }
+    assert PostgresStore("postgresql://h/db?lock_timeout=5s")._server_settings == {}
