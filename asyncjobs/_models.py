@@ -13,6 +13,7 @@ from asyncjobs._clock import to_datetime
 from asyncjobs._codec import JSON, decode, decode_payload
 from asyncjobs._settings import wait_timeout
 from asyncjobs.stores._protocol import JobRow
+from asyncjobs.stores._statuses import STATUSES
 
 if TYPE_CHECKING:
     from asyncjobs._jobs import Jobs
@@ -81,7 +82,7 @@ class JobStatus(enum.StrEnum):
 
 
 FINISHED = frozenset({JobStatus.SUCCEEDED, JobStatus.DEAD, JobStatus.CANCELLED})
-_STATUSES = frozenset(JobStatus)
+_STATUSES = frozenset(STATUSES)  # JobStatus's values: the stores' SQL filters by these
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

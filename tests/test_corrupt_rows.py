@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from asyncjobs import Jobs, JobStatus
+from asyncjobs.stores._statuses import STATUSES
 from asyncjobs.testing import drain
 
 
@@ -66,3 +67,69 @@ async def test_a_job_with_a_status_this_version_does_not_know_shows_dead_and_can
     assert await jobs.retry(odd.id)
     await drain(jobs)
     assert await odd.result(timeout=5) == 1
+
+
+async def test_every_dead_filter_and_bulk_action_takes_a_job_whose_status_reads_dead(
+    jobs: Jobs, db_url: str
+) -> None:
+    """It reads as dead, but the dead list (``jobs.list``, the dashboard's and the CLI's),
+    ``retry_dead`` and ``purge(status="dead")`` filtered ``status = 'dead'`` and missed it."""
+
+    @jobs.task(name="echo", retries=0)
+    async def echo(n: int) -> int:
+        if n < 0:
+            raise ValueError("negative")
+        return n
+
+    dead, odd, done = await echo.enqueue(-1), await echo.enqueue(1), await echo.enqueue(2)
+    await drain(jobs)
+    assert (await dead.info()).status == JobStatus.DEAD
+    await run_sql(db_url, "UPDATE asyncjobs_jobs SET status = $1 WHERE id = $2", "paused", odd.id)
+    assert [job.id for job in await jobs.list(status="dead")] == [odd.id, dead.id]
+    assert [job.id for job in await jobs.list(status="succeeded")] == [done.id]
+    dashboard = jobs.dashboard(auth=("admin", "secret"))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=dashboard),
+        base_url="http://testserver",
+        auth=("admin", "secret"),
+    ) as client:
+        page = (await client.get("/jobs", params={"status": "dead"})).text
+    assert odd.id in page
+    assert dead.id in page
+    assert done.id not in page
+
+    assert await jobs.retry_dead(task="echo") == 2
+    assert {(await job.info()).status for job in (dead, odd)} == {JobStatus.QUEUED}
+    await drain(jobs)
+    assert await odd.result(timeout=5) == 1
+
+    await run_sql(db_url, "UPDATE asyncjobs_jobs SET status = $1 WHERE id = $2", "paused", odd.id)
+    assert await jobs.purge(status="dead") == 2
+    assert [job.id for job in await jobs.list()] == [done.id]
+
+
+async def test_a_waiting_job_whose_status_reads_dead_waits_again_when_retried_in_bulk(
+    jobs: Jobs, db_url: str
+) -> None:
+    """``retry_dead`` takes back a job that never ran as ``retry`` does: a chain member
+    waits again for the one before it, instead of running beside it."""
+    order: list[int] = []
+
+    @jobs.task
+    async def step(n: int) -> int:
+        order.append(n)
+        return n
+
+    chain = await jobs.chain(step.spec(1), step.spec(2))
+    second = chain.jobs[1]
+    await run_sql(
+        db_url, "UPDATE asyncjobs_jobs SET status = $1 WHERE id = $2", "paused", second.id
+    )
+    assert await jobs.retry_dead() == 1
+    assert (await second.info()).status == JobStatus.WAITING
+    await drain(jobs)
+    assert order == [1, 2]
+
+
+def test_the_stores_filter_by_the_statuses_jobstatus_names() -> None:
+    assert tuple(JobStatus) == STATUSES

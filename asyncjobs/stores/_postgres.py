@@ -70,23 +70,12 @@ from asyncjobs.stores._protocol import (
     Recovered,
     WorkerBeat,
 )
+from asyncjobs.stores._statuses import DEAD_AS_READ
 
 if TYPE_CHECKING:
     from asyncjobs.stores._postgres_sql import Connection, Pool
 
 __all__ = ["PostgresStore", "insert_jobs"]
-
-
-_REQUEUE = (
-    "status = 'queued', run_at = $1, finished_at = NULL, lease_until = NULL, worker = NULL, "
-    "cancel_requested_at = NULL, max_attempts = greatest(max_attempts, attempts + 1)"
-)
-"""A manual retry: queued now, with one more attempt than it had (``run_at`` is $1), and
-no longer asked to stop if it was cancelled while running."""
-
-_RETRYABLE = "status NOT IN ('waiting', 'scheduled', 'queued', 'running', 'succeeded')"
-"""The jobs a manual retry takes back: dead, cancelled, and those with a status this
-version does not know (written by hand, or by a newer asyncjobs), which read as dead."""
 
 
 logger = logging.getLogger(__name__)
@@ -466,27 +455,10 @@ class PostgresStore(_Connections):
 
     async def retry(self, job_id: str, *, now: float) -> bool:
         async def retry(conn: Connection) -> bool:
-            ran = await conn.fetchval("SELECT attempts FROM asyncjobs_jobs WHERE id = $1", job_id)
-            if ran == 0:  # it may wait again for the chain member before it (wait_again)
-                # That one first, as its finish and its deletion lock it before this job:
-                # read unlocked, it could be finishing or deleted unseen, and nothing
-                # would release this job from waiting. (chain_next has no index: only
-                # for jobs that never ran.)
-                await conn.execute(
-                    "SELECT 1 FROM asyncjobs_jobs WHERE chain_next = $1 FOR UPDATE", job_id
-                )
-            row = await conn.fetchrow(
-                f"UPDATE asyncjobs_jobs SET {_REQUEUE} "  # noqa: S608 - constant
-                f"WHERE id = $2 AND {_RETRYABLE} RETURNING attempts",
-                now,
-                job_id,
-            )
-            if row is None:
-                return False
-            if row["attempts"] == 0:  # never ran: it may have been cancelled while it waited
-                await sql.wait_again(conn, job_id, now)
-            await notify(conn)
-            return True
+            done = await admin.retry(conn, job_id, now)
+            if done:
+                await notify(conn)
+            return done
 
         return await self._transaction("retry", retry)
 
@@ -608,15 +580,9 @@ class PostgresStore(_Connections):
 
     async def retry_dead(self, *, queue: str | None, task: str | None, now: float) -> int:
         async def retry_dead(conn: Connection) -> int:
-            status = await conn.execute(
-                f"UPDATE asyncjobs_jobs SET {_REQUEUE} WHERE status = 'dead' "  # noqa: S608
-                "AND ($2::text IS NULL OR queue = $2) AND ($3::text IS NULL OR task = $3)",
-                now,
-                queue,
-                task,
-            )
+            count = await admin.retry_dead(conn, queue, task, now)
             await notify(conn)
-            return int(status.rsplit(" ", 1)[-1])
+            return count
 
         return await self._transaction("retry_dead", retry_dead)
 
@@ -696,5 +662,7 @@ def _status_filter(status: str | None, now: float, params: list[Any]) -> list[st
         params.append(now)
         op = ">" if status == "scheduled" else "<="
         return ["status IN ('scheduled', 'queued')", f"run_at {op} ${len(params)}"]
+    if status == "dead":  # with the statuses this version does not know, as reads show them
+        return [DEAD_AS_READ]
     params.append(str(status))
     return [f"status = ${len(params)}"]

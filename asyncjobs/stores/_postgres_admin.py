@@ -1,5 +1,5 @@
-"""The SQL of ``PostgresStore``'s operator and maintenance calls: lease recovery, the
-operations snapshot (see ``asyncjobs/_stats.py``), worker records, pruning and the
+"""The SQL of ``PostgresStore``'s operator and maintenance calls: lease recovery, a
+manual retry, the operations snapshot (see ``asyncjobs/_stats.py``), worker records, pruning and the
 store's metadata.
 
 Each function runs on the asyncpg connection it is given: ``snapshot`` inside the
@@ -19,6 +19,7 @@ from asyncjobs.stores._postgres_sql import (
     notify,
     release_dependents,
     tally_deleted,
+    wait_again,
 )
 from asyncjobs.stores._protocol import (
     FinishedSample,
@@ -28,6 +29,7 @@ from asyncjobs.stores._protocol import (
     WorkerBeat,
     WorkerRow,
 )
+from asyncjobs.stores._statuses import DEAD_AS_READ, RETRYABLE
 
 if TYPE_CHECKING:
     from asyncjobs.stores._postgres_sql import Connection
@@ -69,6 +71,59 @@ async def recover(conn: Connection, now: float) -> list[Recovered]:
 
 
 # -- operations (stats, dashboard, pruning) ------------------------------------------
+
+
+_REQUEUE = (
+    "status = 'queued', run_at = $1, finished_at = NULL, lease_until = NULL, worker = NULL, "
+    "cancel_requested_at = NULL, max_attempts = greatest(max_attempts, attempts + 1)"
+)
+"""A manual retry: queued now, with one more attempt than it had (``run_at`` is $1), and
+no longer asked to stop if it was cancelled while running."""
+
+
+async def retry(conn: Connection, job_id: str, now: float) -> bool:
+    """A manual retry of one job (``RETRYABLE``), in the store's transaction."""
+    ran = await conn.fetchval("SELECT attempts FROM asyncjobs_jobs WHERE id = $1", job_id)
+    if ran == 0:  # it may wait again for the chain member before it (wait_again)
+        # That one first, as its finish and its deletion lock it before this job:
+        # read unlocked, it could be finishing or deleted unseen, and nothing
+        # would release this job from waiting. (chain_next has no index: only
+        # for jobs that never ran.)
+        await conn.execute("SELECT 1 FROM asyncjobs_jobs WHERE chain_next = $1 FOR UPDATE", job_id)
+    row = await conn.fetchrow(
+        f"UPDATE asyncjobs_jobs SET {_REQUEUE} "  # noqa: S608 - constant
+        f"WHERE id = $2 AND {RETRYABLE} RETURNING attempts",
+        now,
+        job_id,
+    )
+    if row is None:
+        return False
+    if row["attempts"] == 0:  # never ran: it may have been cancelled while it waited
+        await wait_again(conn, job_id, now)
+    return True
+
+
+async def retry_dead(conn: Connection, queue: str | None, task: str | None, now: float) -> int:
+    """Retry every job that reads as dead (of that queue/task); return how many. One that
+    never ran (a status this version does not know, on a job that was waiting) is retried
+    as ``retry`` does, so it waits again for what it waited on."""
+    never_ran = await conn.fetch(
+        f"SELECT id FROM asyncjobs_jobs WHERE {DEAD_AS_READ} AND attempts = 0 "  # noqa: S608
+        "AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR task = $2) ORDER BY seq",
+        queue,
+        task,
+    )
+    count = 0
+    for record in never_ran:
+        count += await retry(conn, record["id"], now)
+    status = await conn.execute(
+        f"UPDATE asyncjobs_jobs SET {_REQUEUE} WHERE {DEAD_AS_READ} AND attempts > 0 "  # noqa: S608
+        "AND ($2::text IS NULL OR queue = $2) AND ($3::text IS NULL OR task = $3)",
+        now,
+        queue,
+        task,
+    )
+    return count + int(status.rsplit(" ", 1)[-1])
 
 
 async def snapshot(

@@ -342,11 +342,14 @@ class Store(Protocol):
         before_seq: int | None = None,
         now: float,
     ) -> list[JobRow]:
-        """Jobs newest first. ``status="scheduled"``/``"queued"`` follow ``run_at``."""
+        """Jobs newest first. ``status="scheduled"``/``"queued"`` follow ``run_at``;
+        ``status="dead"`` takes the jobs with a status not in ``STATUSES`` too, as they
+        read as dead (``DEAD_AS_READ``, in ``_statuses.py``)."""
         ...
 
     async def retry(self, job_id: str, *, now: float) -> bool:
-        """Put a dead or cancelled job back to queued with at least one more attempt."""
+        """Put a dead or cancelled job (or one whose status is not in ``STATUSES``, which
+        reads as dead) back to queued with at least one more attempt."""
         ...
 
     async def cancel(self, job_ids: Sequence[str], *, now: float) -> builtins.list[str]:
@@ -362,8 +365,9 @@ class Store(Protocol):
     async def purge(
         self, *, status: str | None = None, older_than: float | None = None, now: float
     ) -> int:
-        """Delete the jobs (never running ones) with that status and/or finished before
-        ``older_than``; unfinished chain and batch members as ``delete`` does."""
+        """Delete the jobs (never running ones) with that status (as ``list`` filters it)
+        and/or finished before ``older_than``; unfinished chain and batch members as
+        ``delete`` does."""
         ...
 
     async def set_progress(self, job_id: str, progress: float, message: str | None) -> None: ...
@@ -426,7 +430,8 @@ class Store(Protocol):
         ...
 
     async def retry_dead(self, *, queue: str | None, task: str | None, now: float) -> int:
-        """``retry`` every dead job (of that queue/task); return how many."""
+        """``retry`` every job that reads as dead (of that queue/task; as ``list``
+        filters them); return how many."""
         ...
 
     async def delete(self, job_ids: Sequence[str], *, now: float) -> int:

@@ -99,6 +99,7 @@ from asyncjobs.stores._sqlite_sql import (
     set_rate_keys,
     tally_deleted,
 )
+from asyncjobs.stores._statuses import DEAD_AS_READ
 
 logger = logging.getLogger(__name__)
 
@@ -739,4 +740,6 @@ def _status_filter(status: str | None, now: float) -> tuple[list[str], list[Any]
         return ["status IN ('scheduled', 'queued')", "run_at > ?"], [now]
     if status == "queued":
         return ["status IN ('scheduled', 'queued')", "run_at <= ?"], [now]
+    if status == "dead":  # with the statuses this version does not know, as reads show them
+        return [DEAD_AS_READ], []
     return ["status = ?"], [str(status)]

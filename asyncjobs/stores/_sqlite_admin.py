@@ -24,6 +24,7 @@ from asyncjobs.stores._protocol import (
     WorkerRow,
 )
 from asyncjobs.stores._sqlite_sql import _batch_counts, _release_dependents, tally_deleted
+from asyncjobs.stores._statuses import DEAD_AS_READ, RETRYABLE
 
 _PENDING = ("scheduled", "queued")
 
@@ -33,10 +34,6 @@ _REQUEUE = (
 )
 """A manual retry: queued now, with one more attempt than it had (``run_at`` first), and
 no longer asked to stop if it was cancelled while running."""
-
-_RETRYABLE = "status NOT IN ('waiting', 'scheduled', 'queued', 'running', 'succeeded')"
-"""The jobs a manual retry takes back: dead, cancelled, and those with a status this
-version does not know (written by hand, or by a newer asyncjobs), which read as dead."""
 
 
 def _recover(db: sqlite3.Connection, now: float) -> list[Recovered]:
@@ -72,8 +69,8 @@ ADMIN_BATCH = 5000
 process, or this one's heartbeat, waits for one batch, not for the whole operation."""
 
 _PICK_DEAD = (
-    "SELECT id, seq FROM asyncjobs_jobs WHERE status = 'dead' AND (? IS NULL OR queue = ?) "
-    "AND (? IS NULL OR task = ?) AND seq > ? ORDER BY seq LIMIT ?"
+    f"SELECT id, seq, attempts FROM asyncjobs_jobs WHERE {DEAD_AS_READ} "  # noqa: S608 - constant
+    "AND (? IS NULL OR queue = ?) AND (? IS NULL OR task = ?) AND seq > ? ORDER BY seq LIMIT ?"
 )
 _REQUEUE_IDS = (
     f"UPDATE asyncjobs_jobs SET {_REQUEUE} "  # noqa: S608 - constant
@@ -84,18 +81,24 @@ _REQUEUE_IDS = (
 def _requeue_dead_batch(
     db: sqlite3.Connection, queue: str | None, task: str | None, after: int, now: float
 ) -> tuple[int, int | None]:
-    """Requeue the next ``ADMIN_BATCH`` dead jobs after seq ``after``; return how many,
-    and the seq to go on after (None: that was the last batch)."""
+    """Requeue the next ``ADMIN_BATCH`` jobs that read as dead after seq ``after``; return
+    how many, and the seq to go on after (None: that was the last batch). One that never
+    ran (a status this version does not know, on a job that was waiting) is retried as
+    ``_retry`` does, so it waits again for what it waited on."""
     rows = db.execute(_PICK_DEAD, (queue, queue, task, task, after, ADMIN_BATCH)).fetchall()
-    if rows:
-        db.execute(_REQUEUE_IDS, (now, json.dumps([job_id for job_id, _ in rows])))
-    return len(rows), rows[-1][1] if len(rows) == ADMIN_BATCH else None
+    ran = [job_id for job_id, _, attempts in rows if attempts]
+    if ran:
+        db.execute(_REQUEUE_IDS, (now, json.dumps(ran)))
+    requeued = len(ran) + sum(
+        _retry(db, job_id, now) for job_id, _, attempts in rows if not attempts
+    )
+    return requeued, rows[-1][1] if len(rows) == ADMIN_BATCH else None
 
 
 def _retry(db: sqlite3.Connection, job_id: str, now: float) -> bool:
     row = db.execute(
         f"UPDATE asyncjobs_jobs SET {_REQUEUE} "  # noqa: S608 - constant
-        f"WHERE id = ? AND {_RETRYABLE} RETURNING attempts",
+        f"WHERE id = ? AND {RETRYABLE} RETURNING attempts",
         (now, job_id),
     ).fetchone()
     if row is None:

@@ -7,7 +7,9 @@ an execute-style call (``execute``, ``executemany``, ``executescript``, ``fetch`
 - a string literal, or an f-string / ``+`` / ``%`` / ``.format`` / ``.join`` whose every
   part is static;
 - a module-level UPPER_CASE name whose value is itself built only from literals (so
-  ``_SELECT = ", ".join(COLUMNS)`` and ``_FINISH_SQL[kind]`` are fine);
+  ``_SELECT = ", ".join(COLUMNS)`` and ``_FINISH_SQL[kind]`` are fine), defined in the
+  module or imported from a module of the package where it is one
+  (``from asyncjobs.stores._statuses import DEAD_AS_READ``);
 - a local variable whose every assignment, ``+=``, ``.append``/``.extend``, loop target
   and tuple-unpacked function return is static (so a ``where`` list of constant terms
   with ``?``/``$n`` placeholders joined by `` AND `` is fine);
@@ -209,7 +211,11 @@ class SourceChecker:
         if isinstance(scope.node, ast.Module) or name not in _local_names(scope.node):
             if scope.parent is not None:  # a free name of a lambda or nested function
                 return self._static_name(name, scope.parent, seen)
-            return self._module_constant(name, seen) or self._allowed_name(name, scope)
+            return (
+                self._module_constant(name, seen)
+                or self._imported_constant(name)
+                or self._allowed_name(name, scope)
+            )
         if name in scope.params:
             return self._allowed_name(name, scope)
         key = f"{scope.name}.{name}"
@@ -221,6 +227,25 @@ class SourceChecker:
         return all(
             d is not None and self._static(d, scope, seen | {key}) for d in defs
         ) or self._allowed_name(name, scope)
+
+    def _imported_constant(self, name: str) -> bool:
+        """``name`` comes from ``from asyncjobs.<module> import NAME`` at the top of this
+        module, and is a module constant of that module by the same rules."""
+        for stmt in self.tree.body:
+            if not isinstance(stmt, ast.ImportFrom) or stmt.level or stmt.module is None:
+                continue
+            parts = stmt.module.split(".")
+            for alias in stmt.names:
+                if (alias.asname or alias.name) != name or parts[0] != "asyncjobs":
+                    continue
+                source = PACKAGE.joinpath(*parts[1:])
+                path = source / "__init__.py" if source.is_dir() else source.with_suffix(".py")
+                if not path.is_file():
+                    return False
+                rel = path.relative_to(PACKAGE).as_posix()
+                other = SourceChecker(path.read_text("utf-8"), rel)
+                return other._module_constant(alias.name, frozenset())
+        return False
 
     def _allowed(self, node: ast.expr, scope: _Scope) -> bool:
         return (self.path, scope.name, ast.unparse(node)) in ALLOWED
@@ -555,6 +580,17 @@ BAD = {
         "async def g(self, name):\n    sql = 'SELECT ' + name\n"
         "    await self._run('x', lambda conn: conn.fetch(sql))\n"
     ),
+    "imported name that is not a constant": (
+        "from asyncjobs._models import FINISHED\n"
+        "def f(db):\n    db.execute(f'SELECT 1 WHERE status IN {FINISHED}')\n"
+    ),
+    "imported lowercase name": (
+        "from asyncjobs._models import new_job_id\n"
+        "def f(db):\n    db.execute(f'SELECT {new_job_id}')\n"
+    ),
+    "imported from outside the package": (
+        "from os import SEEK_END\ndef f(db):\n    db.execute(f'SELECT {SEEK_END}')\n"
+    ),
     "nested function with a parameter of its function": (
         "def g(self, name):\n    async def inner(conn):\n"
         "        return await conn.fetch('SELECT ' + name)\n    return inner\n"
@@ -580,6 +616,10 @@ GOOD = {
         "    if q is not None:\n        where.append('queue = ?')\n        params.append(q)\n"
         "    sql = 'SELECT 1'\n    if where:\n        sql += ' WHERE ' + ' AND '.join(where)\n"
         "    db.execute(sql, params)\n"
+    ),
+    "constant imported from a module of the package": (
+        "from asyncjobs.stores._statuses import DEAD_AS_READ as DEAD\n"
+        "def f(db, x):\n    db.execute(f'SELECT 1 FROM t WHERE {DEAD} AND a = $1', x)\n"
     ),
     "numeric": "def f(db, t):\n    db.execute(f'PRAGMA busy_timeout={int(t * 1000)}')\n",
     "sink helper with constants": (
