@@ -8,6 +8,7 @@
     ├── PayloadTooLarge(ValueError)         the encoded job is over max_payload_bytes
     ├── TaskNotRegistered(LookupError)      no task of that name in this process
     ├── JobFailed                           a job ended dead or cancelled
+    ├── RetryRefused                        jobs.retry() cannot run that job as it is
     └── StoreError                          the database failed; driver error as __cause__
         └── DataRefused                     ...refused a value itself (too large, say)
 
@@ -51,6 +52,11 @@ class JobFailed(AsyncJobsError):
         self.job_id = job_id
         self.status = status
         self.error = error
+
+
+class RetryRefused(AsyncJobsError):
+    """``jobs.retry()`` found the job retryable but cannot run it as it is: a chain member
+    that takes the previous member's result, which it never got and never can."""
 
 
 class StoreError(AsyncJobsError):

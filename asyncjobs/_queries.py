@@ -76,7 +76,16 @@ class _Queries:
         return [info_from_row(row, now) for row in rows]
 
     async def retry(self, job_id: str) -> bool:
-        """Put a dead or cancelled job back in the queue with one more attempt."""
+        """Put a dead or cancelled job back in the queue with one more attempt; False if
+        there is no such job, or it is neither.
+
+        A chain member that never ran (cancelled when its chain broke) waits again for
+        the member before it, and runs once that one succeeds: at once, with its result
+        if it takes it, if it already has. If that member is no longer stored (pruned
+        or purged) there is nothing to wait for, and it runs on its own; unless it takes
+        the previous result (``pass_result=True``), which it never got and no longer
+        can: then this raises ``AsyncJobsError`` (run without it, its arguments would be
+        shifted by one). Retry the chain from its first job, or enqueue the task anew."""
         checked = job_id_or_none(job_id)
         if checked is None:
             return False

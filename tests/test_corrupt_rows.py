@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from asyncjobs import Jobs, JobStatus
+from asyncjobs import AsyncJobsError, Jobs, JobStatus
 from asyncjobs.stores._statuses import STATUSES
 from asyncjobs.testing import drain
 
@@ -133,3 +133,30 @@ async def test_a_waiting_job_whose_status_reads_dead_waits_again_when_retried_in
 
 def test_the_stores_filter_by_the_statuses_jobstatus_names() -> None:
     assert tuple(JobStatus) == STATUSES
+
+
+async def test_retry_dead_leaves_a_job_that_retry_refuses(jobs: Jobs, db_url: str) -> None:
+    """A chain member that never got the previous result it takes, the member before it
+    gone: ``retry`` refuses it, so ``retry_dead`` passes it over and retries the rest."""
+
+    @jobs.task(retries=0)
+    async def fetch() -> int:
+        raise RuntimeError("source down")
+
+    @jobs.task
+    async def publish(value: int) -> int:
+        return value
+
+    chain = await jobs.chain(fetch.spec(), publish.spec(), pass_result=True)  # type: ignore[call-arg]
+    first, orphan = chain.jobs
+    other = await jobs.enqueue(fetch)
+    await drain(jobs)
+    assert await jobs.discard(first.id)
+    await run_sql(
+        db_url, "UPDATE asyncjobs_jobs SET status = $1 WHERE id = $2", "paused", orphan.id
+    )
+    assert await jobs.retry_dead() == 1
+    assert (await other.info()).status == JobStatus.QUEUED
+    assert (await orphan.info()).status == JobStatus.DEAD
+    with pytest.raises(AsyncJobsError, match="pass_result"):
+        await jobs.retry(orphan.id)

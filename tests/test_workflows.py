@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Callable
 from datetime import timedelta
@@ -9,6 +10,7 @@ from typing import Any
 
 import anyio
 import asyncpg
+import httpx
 import pytest
 
 from asyncjobs import (
@@ -311,6 +313,58 @@ async def test_a_member_waiting_for_a_dead_predecessor_is_cancelled_when_that_is
     assert await jobs.retry(follower.id)  # and a retry by hand runs it on its own
     await drain(jobs)
     assert (await follower.info()).status == JobStatus.SUCCEEDED
+
+
+async def test_a_cancelled_member_retried_after_retention_pruned_the_one_before_it(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """Dead jobs kept for less time than the rest: retention prunes a broken chain's dead
+    member before the cancelled one after it. Retried, that one has nothing to wait for
+    and runs on its own; but one that takes the previous result, which it never got, ran
+    with its arguments shifted (``publish("news")`` as ``value="news"``) and succeeded.
+    Its retry is refused, and leaves it as it was."""
+    jobs = make_jobs(retention=7200, dead_retention=3600)
+    seen: list[tuple[object, str]] = []
+
+    @jobs.task(retries=0)
+    async def fetch() -> int:
+        raise RuntimeError("source down")
+
+    @jobs.task
+    async def publish(value: object, channel: str = "main") -> str:
+        seen.append((value, channel))
+        return f"published {value} on {channel}"
+
+    plain = await jobs.chain(fetch.spec(), publish.spec(7, "news"))
+    passing = await jobs.chain(fetch.spec(), publish.spec("news"), pass_result=True)
+    await drain(jobs)
+    clock.advance(3601)
+    assert await prune_expired(jobs) == 2  # the dead ones; the cancelled ones are kept
+    for chain in (plain, passing):
+        assert await jobs.get(chain.jobs[0].id) is None
+        assert (await chain.jobs[1].info()).status == JobStatus.CANCELLED
+
+    assert await jobs.retry(plain.jobs[1].id)
+    orphan = passing.jobs[1]
+    with pytest.raises(AsyncJobsError, match=rf"job {orphan.id} cannot be retried.*pass_result"):
+        await jobs.retry(orphan.id)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=jobs.dashboard(auth=("admin", "secret"))),
+        base_url="http://testserver",
+        auth=("admin", "secret"),
+    ) as client:
+        page = await client.get(f"/jobs/{orphan.id}")
+        token = re.search(r'name="csrf_token" value="([0-9a-f]{64})"', page.text)
+        assert token is not None
+        refused = await client.post(
+            f"/jobs/{orphan.id}/retry", data={"csrf_token": token.group(1)}, follow_redirects=True
+        )
+    assert "Not retried: this chain member takes the result" in refused.text
+    await drain(jobs)
+    assert seen == [(7, "news")]
+    assert await plain.jobs[1].result(timeout=5) == "published 7 on news"
+    info = await orphan.info()
+    assert (info.status, info.attempts, info.max_attempts) == (JobStatus.CANCELLED, 0, 4)
 
 
 async def test_a_chain_member_cancelled_while_waiting_and_retried_waits_again(

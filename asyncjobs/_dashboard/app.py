@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from asyncjobs._codec import printable
 from asyncjobs._dashboard.auth import CSRF_COOKIE, CSRF_FIELD, Authenticator, Csrf
+from asyncjobs._errors import RetryRefused
 from asyncjobs._models import FINISHED, JobStatus, info_from_row
 from asyncjobs._settings import is_name
 from asyncjobs._stats import human_duration
@@ -35,6 +36,9 @@ STATUSES = [s.value for s in JobStatus]
 NOTICES = {
     "retried": "The job is queued again.",
     "not-retried": "Only dead or cancelled jobs can be retried.",
+    "result-gone": "Not retried: this chain member takes the result of the job before it, "
+    "which is no longer stored and never passed it one. Enqueue its task again with that "
+    "result, or retry the chain from its first job.",
     "cancelled": "The job was cancelled.",
     "stopping": "The job was asked to stop: it is cancelled once its worker has stopped it "
     "(at the worker's next heartbeat).",
@@ -175,7 +179,10 @@ class Dashboard:
         if refused is not None:
             return refused
         if action == "retry":
-            done = "retried" if await self.jobs.retry(job_id) else "not-retried"
+            try:
+                done = "retried" if await self.jobs.retry(job_id) else "not-retried"
+            except RetryRefused:
+                done = "result-gone"
         elif action == "cancel":
             done = "not-cancelled"
             if await self.jobs.cancel(job_id):

@@ -26,6 +26,8 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from asyncjobs._errors import RetryRefused
+
 RESULT_FLAG = "pass_result"
 COUNTS_FLAG = "batch_counts"
 
@@ -79,6 +81,19 @@ def pass_result(payload: str, options: str | None, result: str | None) -> tuple[
     parsed = json.loads(options or "{}")
     parsed[RESULT_FLAG] = "passed"
     return prepend_result(payload, result), _dump(parsed)
+
+
+def result_gone(job_id: str) -> RetryRefused:
+    """Why a manual retry of a chain member that takes the previous result (``wants``
+    ``RESULT_FLAG``) is refused when the member before it is no longer stored: it was
+    cancelled before that one succeeded, and without the result it would run with its
+    arguments shifted by one. (One that does not take the result runs on its own.)"""
+    return RetryRefused(
+        f"job {job_id} cannot be retried: it is a chain member that takes the result of "
+        "the job before it (pass_result=True), and that job is no longer stored (pruned "
+        "or purged) and never passed it one. Enqueue its task again with that result as "
+        "the first argument, or retry the chain from its first job"
+    )
 
 
 def batch_summary(batch_id: str, counts: Mapping[str, int]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from asyncjobs.stores._dependents import RESULT_FLAG, result_gone, wants
 from asyncjobs.stores._postgres_sql import (
     lock_callbacks,
     notify,
@@ -81,32 +82,48 @@ _REQUEUE = (
 no longer asked to stop if it was cancelled while running."""
 
 
-async def retry(conn: Connection, job_id: str, now: float) -> bool:
-    """A manual retry of one job (``RETRYABLE``), in the store's transaction."""
-    ran = await conn.fetchval("SELECT attempts FROM asyncjobs_jobs WHERE id = $1", job_id)
-    if ran == 0:  # it may wait again for the chain member before it (wait_again)
+async def retry(conn: Connection, job_id: str, now: float, *, or_skip: bool = False) -> bool:
+    """A manual retry of one job (``RETRYABLE``), in the store's transaction; False if it
+    is not one. As ``_retry`` in ``_sqlite_admin.py``: one that never ran waits again
+    (``wait_again``); a chain member that takes the previous result and never got it, the
+    member before it gone, is refused (``RetryRefused``, or False with ``or_skip``)."""
+    row = await conn.fetchrow(
+        f"SELECT attempts, options FROM asyncjobs_jobs WHERE id = $1 AND {RETRYABLE}",  # noqa: S608
+        job_id,
+    )
+    if row is None:
+        return False
+    predecessor = None
+    if row["attempts"] == 0:  # it may wait again for the chain member before it
         # That one first, as its finish and its deletion lock it before this job:
         # read unlocked, it could be finishing or deleted unseen, and nothing
         # would release this job from waiting. (chain_next has no index: only
         # for jobs that never ran.)
-        await conn.execute("SELECT 1 FROM asyncjobs_jobs WHERE chain_next = $1 FOR UPDATE", job_id)
-    row = await conn.fetchrow(
+        predecessor = await conn.fetchrow(
+            "SELECT status, result FROM asyncjobs_jobs WHERE chain_next = $1 FOR UPDATE", job_id
+        )
+        if predecessor is None and wants(row["options"], RESULT_FLAG):
+            if or_skip:
+                return False
+            raise result_gone(job_id)
+    requeued = await conn.fetchrow(
         f"UPDATE asyncjobs_jobs SET {_REQUEUE} "  # noqa: S608 - constant
         f"WHERE id = $2 AND {RETRYABLE} RETURNING attempts",
         now,
         job_id,
     )
-    if row is None:
+    if requeued is None:
         return False
-    if row["attempts"] == 0:  # never ran: it may have been cancelled while it waited
-        await wait_again(conn, job_id, now)
+    if requeued["attempts"] == 0:  # never ran: it may have been cancelled while it waited
+        await wait_again(conn, job_id, predecessor, now)
     return True
 
 
 async def retry_dead(conn: Connection, queue: str | None, task: str | None, now: float) -> int:
     """Retry every job that reads as dead (of that queue/task); return how many. One that
     never ran (a status this version does not know, on a job that was waiting) is retried
-    as ``retry`` does, so it waits again for what it waited on."""
+    as ``retry`` does, so it waits again for what it waited on (one ``retry`` refuses is
+    left as it is: ``jobs.retry(id)`` says why)."""
     never_ran = await conn.fetch(
         f"SELECT id FROM asyncjobs_jobs WHERE {DEAD_AS_READ} AND attempts = 0 "  # noqa: S608
         "AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR task = $2) ORDER BY seq",
@@ -115,7 +132,7 @@ async def retry_dead(conn: Connection, queue: str | None, task: str | None, now:
     )
     count = 0
     for record in never_ran:
-        count += await retry(conn, record["id"], now)
+        count += await retry(conn, record["id"], now, or_skip=True)
     status = await conn.execute(
         f"UPDATE asyncjobs_jobs SET {_REQUEUE} WHERE {DEAD_AS_READ} AND attempts > 0 "  # noqa: S608
         "AND ($2::text IS NULL OR queue = $2) AND ($3::text IS NULL OR task = $3)",

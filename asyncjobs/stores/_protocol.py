@@ -349,7 +349,11 @@ class Store(Protocol):
 
     async def retry(self, job_id: str, *, now: float) -> bool:
         """Put a dead or cancelled job (or one whose status is not in ``STATUSES``, which
-        reads as dead) back to queued with at least one more attempt."""
+        reads as dead) back to queued with at least one more attempt.
+
+        One that never ran waits again for what it waited on (the chain member before
+        it, a batch's members). Raises ``RetryRefused`` for a chain member that takes
+        the previous result, never got it, and whose predecessor is no longer stored."""
         ...
 
     async def cancel(self, job_ids: Sequence[str], *, now: float) -> builtins.list[str]:

@@ -14,6 +14,7 @@ import json
 import sqlite3
 from collections.abc import Mapping, Sequence
 
+from asyncjobs.stores._dependents import RESULT_FLAG, result_gone, wants
 from asyncjobs.stores._protocol import (
     FinishedSample,
     OpsSnapshot,
@@ -84,41 +85,58 @@ def _requeue_dead_batch(
     """Requeue the next ``ADMIN_BATCH`` jobs that read as dead after seq ``after``; return
     how many, and the seq to go on after (None: that was the last batch). One that never
     ran (a status this version does not know, on a job that was waiting) is retried as
-    ``_retry`` does, so it waits again for what it waited on."""
+    ``_retry`` does, so it waits again for what it waited on (one ``_retry`` refuses is
+    left as it is: ``jobs.retry(id)`` says why)."""
     rows = db.execute(_PICK_DEAD, (queue, queue, task, task, after, ADMIN_BATCH)).fetchall()
     ran = [job_id for job_id, _, attempts in rows if attempts]
     if ran:
         db.execute(_REQUEUE_IDS, (now, json.dumps(ran)))
     requeued = len(ran) + sum(
-        _retry(db, job_id, now) for job_id, _, attempts in rows if not attempts
+        _retry(db, job_id, now, or_skip=True) for job_id, _, attempts in rows if not attempts
     )
     return requeued, rows[-1][1] if len(rows) == ADMIN_BATCH else None
 
 
-def _retry(db: sqlite3.Connection, job_id: str, now: float) -> bool:
-    row = db.execute(
-        f"UPDATE asyncjobs_jobs SET {_REQUEUE} "  # noqa: S608 - constant
-        f"WHERE id = ? AND {RETRYABLE} RETURNING attempts",
-        (now, job_id),
-    ).fetchone()
+_RETRYABLE_ROW = f"SELECT attempts, options FROM asyncjobs_jobs WHERE id = ? AND {RETRYABLE}"  # noqa: S608
+_REQUEUE_ONE = f"UPDATE asyncjobs_jobs SET {_REQUEUE} WHERE id = ?"  # noqa: S608 - constant
+
+
+def _retry(db: sqlite3.Connection, job_id: str, now: float, *, or_skip: bool = False) -> bool:
+    """A manual retry of one job (``RETRYABLE``); False if it is not one. A job that never
+    ran waits again for what it waited on (``_wait_again``). A chain member that takes
+    the previous result and never got it, the member before it gone, is refused:
+    ``RetryRefused`` (``result_gone``), or False with ``or_skip`` (``retry_dead``)."""
+    row = db.execute(_RETRYABLE_ROW, (job_id,)).fetchone()
     if row is None:
         return False
-    if row[0] == 0:  # never ran: it may have been cancelled while it waited
-        _wait_again(db, job_id, now)
+    attempts, options = row
+    predecessor = None
+    if attempts == 0:  # never ran: it may have been cancelled while it waited
+        # chain_next has no index: only for jobs that never ran.
+        predecessor = db.execute(
+            "SELECT status, result FROM asyncjobs_jobs WHERE chain_next = ?", (job_id,)
+        ).fetchone()
+        if predecessor is None and wants(options, RESULT_FLAG):
+            if or_skip:
+                return False
+            raise result_gone(job_id)
+    db.execute(_REQUEUE_ONE, (now, job_id))
+    if attempts == 0:
+        _wait_again(db, job_id, predecessor, now)
     return True
 
 
-def _wait_again(db: sqlite3.Connection, job_id: str, now: float) -> None:
+def _wait_again(
+    db: sqlite3.Connection, job_id: str, predecessor: tuple[str, str | None] | None, now: float
+) -> None:
     """A job retried by hand that never ran, cancelled while it waited on others: a chain
-    member whose predecessor is still stored, or a batch's on_complete, waits again and
-    is released as it would have been (at once if what it waited on is done: the chain
-    member with its predecessor's result, the on_complete with the counts). A chain
-    member runs only after its predecessor succeeded: behind a dead or cancelled one it
-    waits until that one is retried and succeeds. Only for jobs that never ran:
-    ``chain_next`` has no index."""
-    predecessor = db.execute(
-        "SELECT status, result FROM asyncjobs_jobs WHERE chain_next = ?", (job_id,)
-    ).fetchone()
+    member whose ``predecessor`` (status, result) is still stored, or a batch's
+    on_complete, waits again and is released as it would have been (at once if what it
+    waited on is done: the chain member with its predecessor's result, the on_complete
+    with the counts). A chain member runs only after its predecessor succeeded: behind
+    a dead or cancelled one it waits until that one is retried and succeeds. One whose
+    predecessor is gone (pruned or purged) has nothing to wait for and runs on its own
+    (``_retry`` refuses it if it takes the previous result)."""
     members = sum(n for _, n in _batch_counts(db, job_id))  # deleted ones too
     status, result = predecessor or (None, None)
     if predecessor is not None or members:
