@@ -7,10 +7,13 @@ import contextlib
 import sys
 import textwrap
 import threading
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import pytest
+from conftest import in_schema
 
 from asyncjobs import AsyncJobsError, Jobs, JobStatus
 from asyncjobs.testing import (
@@ -23,6 +26,8 @@ from asyncjobs.testing import (
 )
 
 pytest_plugins = ["pytester"]
+
+MakeJobs = Callable[..., Jobs]
 
 
 async def test_assert_enqueued_matches_arguments_by_the_tasks_signature(jobs: Jobs) -> None:
@@ -118,6 +123,42 @@ async def test_assertions_refuse_a_task_of_a_jobs_on_another_store(
     finally:
         await app_jobs.close()
         await same_store.close()
+
+
+async def test_assertions_tell_stores_apart_by_where_their_jobs_are_not_by_repr(
+    make_jobs: MakeJobs, backend_url: str, tmp_path: Path
+) -> None:
+    """Stores were compared by ``repr``: a PostgresStore's leaves the search_path out, so
+    a task of a Jobs in another schema of the database passed for one of this store (and
+    ``assert_not_enqueued`` passed whatever it enqueued); a SQLite file named by another
+    path passed for another store, and every assertion on its tasks was refused."""
+    here = make_jobs(backend_url)
+    elsewhere: contextlib.AbstractAsyncContextManager[str]
+    if backend_url.startswith("sqlite:///"):
+        (tmp_path / "sub").mkdir()
+        path = backend_url.removeprefix("sqlite:///")
+        same_url = "sqlite:///" + str(Path(path).parent / "sub" / ".." / Path(path).name)
+        elsewhere = contextlib.nullcontext("sqlite:///" + str(tmp_path / "other.db"))
+    else:
+        same_url = backend_url + "&application_name=another-spelling"
+        elsewhere = in_schema(f"asyncjobs_test_{uuid.uuid4().hex[:16]}")
+    async with elsewhere as other_url:
+        same, other = make_jobs(same_url), make_jobs(other_url)
+
+        @same.task(name="greet")
+        async def greet(user_id: int) -> None: ...
+
+        @other.task(name="send")
+        async def send(user_id: int) -> None: ...
+
+        await greet.enqueue(2)
+        await send.enqueue(1)
+        await assert_enqueued(here, greet, 2)
+        await assert_not_enqueued(here, greet, 3)
+        for check in (assert_not_enqueued, assert_enqueued, enqueued):
+            with pytest.raises(AsyncJobsError, match=r"another Jobs"):
+                await check(here, send, 1)
+        await other.close()
 
 
 async def test_drain_runs_a_job_that_a_running_job_enqueues_and_waits_for(jobs: Jobs) -> None:

@@ -230,6 +230,16 @@ class PostgresStore(_Connections):
         port = f":{parts.port}" if parts.port else ""
         return f"PostgresStore('postgresql://{host}{port}{parts.path}')"
 
+    def _same_jobs(self, other: PostgresStore) -> bool:
+        """Whether ``other`` holds the same jobs: once both have been opened, the same
+        server (its start time), database and schema, as each found them on opening
+        (``check_caller``); before, the same URL once normalised (``_location``), which
+        may tell apart two spellings of one place, never take two places for one."""
+        mine, theirs = (self._database, self._schema), (other._database, other._schema)
+        if None not in (*mine, *theirs):
+            return mine == theirs
+        return _location(self.url) == _location(other.url)
+
     def _claim_token(self) -> str:
         """A token for one claim (or one insert of jobs dispatched to a free slot): it
         marks the rows that write takes, so that, its answer lost, they are found by it
@@ -652,6 +662,16 @@ async def _delete(
     # are chain members, which belong to no batch.
     await sql.tally_deleted(conn, deleted)
     return len(deleted)
+
+
+def _location(url: str) -> tuple[object, ...]:
+    """What in a store URL chooses where its jobs are, normalised: the host (lower case),
+    the port (5432 when not given), the user, the database and the other parameters
+    (``search_path`` among them), sorted; not the scheme's spelling nor a password."""
+    parts = urlsplit(url)
+    query = sorted((k, v) for k, v in parse_qsl(parts.query) if "password" not in k.lower())
+    host = (parts.hostname or "").lower()
+    return (host, parts.port or 5432, parts.username, parts.path.lstrip("/"), query)
 
 
 def _status_filter(status: str | None, now: float, params: list[Any]) -> list[str]:

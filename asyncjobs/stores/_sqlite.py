@@ -33,6 +33,7 @@ import asyncio
 import builtins
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -177,6 +178,14 @@ class SQLiteStore:
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
+
+    def _same_jobs(self, other: SQLiteStore) -> bool:
+        """Whether ``other`` is on the same file, whatever path names it (``..``, a
+        symbolic or hard link): compared by device and inode once the files exist."""
+        try:
+            return os.path.samefile(self.path, other.path)
+        except OSError:  # one is not created yet: the same file only by the same path
+            return self.path.resolve() == other.path.resolve()
 
     # -- plumbing --------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from asyncjobs._errors import AsyncJobsError
 from asyncjobs._jobs import Jobs
 from asyncjobs._models import JobInfo
 from asyncjobs._tasks import Task
+from asyncjobs.stores import Store
 
 MAX_JOBS = 100_000
 
@@ -29,9 +30,9 @@ async def enqueued(
     Jobs in every status count: a job that already ran was still enqueued.
     """
     name = _task_name(task)
+    infos = await jobs.list(task=name, limit=MAX_JOBS)  # opens the store: see _same_jobs
     if isinstance(task, Task):
         _check_same_store(jobs, task)
-    infos = await jobs.list(task=name, limit=MAX_JOBS)
     infos.reverse()
     if task is None:
         if args or kwargs:
@@ -77,14 +78,28 @@ def _task_name(task: Task[..., Any] | str | None) -> str | None:
 def _check_same_store(jobs: Jobs, task: Task[..., Any]) -> None:
     """A task of another ``Jobs`` enqueues into that one's store: looking in ``jobs``
     would find none of its jobs, and ``assert_not_enqueued`` would pass whatever ran."""
-    if task.jobs is jobs or repr(task.jobs.store) == repr(jobs.store):
+    if task.jobs is jobs or _same_jobs(task.jobs.store, jobs.store):
         return
+    theirs, ours = repr(task.jobs.store), repr(jobs.store)
+    if theirs == ours:  # a PostgresStore's repr shows neither the user nor the search_path
+        ours += " (another schema or database behind the same address)"
     raise AsyncJobsError(
-        f"task {task.name!r} belongs to another Jobs, on {task.jobs.store!r}: its jobs go "
-        f"there, not to {jobs.store!r}. To test your app's own Jobs, point it at the test "
+        f"task {task.name!r} belongs to another Jobs, on {theirs}: its jobs go "
+        f"there, not to {ours}. To test your app's own Jobs, point it at the test "
         "store: `jobs = await asyncjobs_isolate(myapp.jobs)` in a fixture (or "
         "asyncjobs.testing.replace_store)"
     )
+
+
+def _same_jobs(one: Store, other: Store) -> bool:
+    """Whether two stores hold the same jobs: the same object, or two stores of ours of
+    one kind that say so (the same SQLite file; the same PostgreSQL database and schema).
+    Not their ``repr``: a PostgresStore's leaves the user and search_path out, so
+    stores in two schemas passed for one, and a SQLite path spelt two ways for two."""
+    if one is other:
+        return True
+    same = getattr(one, "_same_jobs", None)
+    return type(one) is type(other) and same is not None and bool(same(other))
 
 
 def _matches(

@@ -124,3 +124,21 @@ def test_a_store_never_shows_a_password_typed_unescaped() -> None:
     jobs = Jobs("postgresql://app:1234/hunter2@127.0.0.1:5432/app")
     assert "hunter2" not in repr(jobs.store)
     assert repr(jobs.store) == "PostgresStore('postgresql://127.0.0.1:5432/app')"
+
+
+@pytest.mark.parametrize(
+    ("one", "other", "same"),
+    [
+        ("postgres://app:pw@DB.example:5432/app", "postgresql://app@db.example/app", True),
+        ("postgresql://app@db/app?search_path=a", "postgresql://app@db/app?search_path=b", False),
+        ("postgresql://app@db/app?search_path=a", "postgresql://app@db/app", False),
+        ("postgresql://app@db/app", "postgresql://admin@db/app", False),
+        ("postgresql://app@db/app", "postgresql://app@db:5433/app", False),
+    ],
+)
+def test_postgres_stores_not_yet_open_are_the_same_by_their_normalised_url(
+    one: str, other: str, same: bool
+) -> None:
+    """Their repr shows none of the user, password and parameters (search_path)."""
+    first, second = open_store(one), open_store(other)
+    assert first._same_jobs(second) is same  # type: ignore[attr-defined]
