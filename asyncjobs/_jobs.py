@@ -274,8 +274,9 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
     ) -> Job[Any]:
         """Store a job durably and return its handle; workers pick it up at once.
 
-        Raises ``NotSerializable`` / ``PayloadTooLarge`` naming the argument; nothing
-        is written then.
+        Raises ``NotSerializable`` / ``PayloadTooLarge`` naming the argument, and
+        ``TypeError`` for arguments the task (as defined here) cannot take; nothing is
+        written then.
         """
         spec = self._spec(task, args, kwargs)
         new = self._new_job(spec, self.clock.now(), dispatch=True)

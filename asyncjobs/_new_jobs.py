@@ -15,6 +15,7 @@ from asyncjobs._codec import encode_payload
 from asyncjobs._models import new_job_id
 from asyncjobs._settings import check_name
 from asyncjobs._tasks import JobOptions, JobSpec, Task
+from asyncjobs.stores._dependents import COUNTS_FLAG, RESULT_FLAG
 from asyncjobs.stores._protocol import NewJob
 
 if TYPE_CHECKING:
@@ -23,6 +24,26 @@ if TYPE_CHECKING:
     from asyncjobs._settings import Settings
 
 DEFAULT_RETRIES = 3
+
+_RESULT = object()  # stands for the result a chain member is given before its arguments
+
+
+def check_arguments(
+    definition: Task[..., Any], spec: JobSpec[Any], *, pass_result: bool, batch_counts: bool
+) -> None:
+    """Refuse (``TypeError``) arguments ``definition``'s function cannot be called with,
+    counting those a chain or batch adds when it releases the job."""
+    args, kwargs, note = spec.args, spec.kwargs, ""
+    if pass_result:
+        args = (_RESULT, *args)
+        note = (
+            " (with pass_result=True, a chain member after the first is given the result "
+            "of the one before as its first argument)"
+        )
+    if batch_counts:
+        kwargs = {**kwargs, "batch": None}
+        note = " (as a batch's on_complete it is given the batch's counts as batch=...)"
+    definition.arguments.check(spec.task, args, kwargs, note=note)
 
 
 class _NewJobs:
@@ -63,10 +84,29 @@ class _NewJobs:
         batch_id: str | None = None,
         job_id: str | None = None,
         dispatch: bool = False,
+        pass_result: bool = False,
+        batch_counts: bool = False,
     ) -> NewJob:
         """The row to insert for ``spec``. ``dispatch``: if this process can run it at
-        once, insert it running in a free local slot (``Runner.reserve``)."""
+        once, insert it running in a free local slot (``Runner.reserve``).
+        ``pass_result``: a chain member given the result before it as its first argument;
+        ``batch_counts``: an ``on_complete`` given its batch's counts as ``batch=``.
+
+        Raises ``TypeError`` when the task, as defined here, cannot take the arguments
+        (a task enqueued by name that this process does not define is not checked)."""
         definition = spec.definition or self.registry.get(spec.task)
+        if definition is not None:
+            arguments = definition.arguments
+            # The common case in two comparisons: positional arguments only, none added.
+            if (
+                spec.kwargs
+                or pass_result
+                or batch_counts
+                or not arguments.fewest <= len(spec.args) <= arguments.most
+            ):
+                check_arguments(
+                    definition, spec, pass_result=pass_result, batch_counts=batch_counts
+                )
         o = spec.options
         payload = encode_payload(
             spec.args, spec.kwargs, max_bytes=self.settings.max_payload_bytes, task=spec.task
@@ -80,6 +120,10 @@ class _NewJobs:
             explicit["retries"] = o.retries
         if o.timeout is not None:
             explicit["timeout"] = o.timeout
+        if pass_result:
+            explicit[RESULT_FLAG] = True
+        if batch_counts:
+            explicit[COUNTS_FLAG] = True
         if status is None:
             status = "scheduled" if run_at > now else "queued"
         job_id = job_id or new_job_id(now)

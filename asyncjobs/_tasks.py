@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Generic, ParamSpec, TypeVar
 
+from asyncjobs._arguments import Arguments
 from asyncjobs._codec import JSON
 from asyncjobs._errors import ConfigurationError
 from asyncjobs._ratelimit import RateLimit, parse_rate
@@ -162,6 +163,7 @@ class Task(Generic[P, R]):
         limiter: str | None = None,
         concurrency: int | None = None,
         options: JobOptions | None = None,
+        arguments: Arguments | None = None,
     ) -> None:
         self.jobs = jobs
         self.fn = fn
@@ -174,6 +176,7 @@ class Task(Generic[P, R]):
         self.limiter = limiter
         self.concurrency = None if concurrency is None else positive_int(concurrency, "concurrency")
         self._options = options or JobOptions()
+        self._arguments = arguments
         self.takes_batch = accepts_keyword(fn, "batch")
         """Whether, as a batch's ``on_complete``, it is given the counts as ``batch=``."""
         self.__name__ = getattr(fn, "__name__", name)
@@ -181,6 +184,13 @@ class Task(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<Task {self.name} queue={self.queue}>"
+
+    @property
+    def arguments(self) -> Arguments:
+        """What its function accepts: read on first use, shared with its ``options()`` copies."""
+        if self._arguments is None:
+            self._arguments = Arguments.of(self.fn)
+        return self._arguments
 
     async def __call__(self, /, *args: P.args, **kwargs: P.kwargs) -> R:
         return await self.fn(*args, **kwargs)
@@ -225,6 +235,7 @@ class Task(Generic[P, R]):
             limiter=self.limiter,
             concurrency=self.concurrency,
             options=merged,
+            arguments=self.arguments,
         )
 
     def spec(self, /, *args: P.args, **kwargs: P.kwargs) -> JobSpec[R]:

@@ -24,7 +24,6 @@ result is gone and the job would run with its arguments shifted.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -36,7 +35,7 @@ from asyncjobs._errors import AsyncJobsError, ConfigurationError, JobFailed
 from asyncjobs._models import FINISHED, Job, JobInfo, JobStatus, new_job_id
 from asyncjobs._settings import wait_timeout
 from asyncjobs._tasks import JobSpec
-from asyncjobs.stores._dependents import COUNTS_FLAG, RESULT_FLAG, with_batch
+from asyncjobs.stores._dependents import with_batch
 from asyncjobs.stores._protocol import NewJob
 
 if TYPE_CHECKING:
@@ -215,12 +214,6 @@ def _member(jobs: Jobs, spec: object, what: str) -> JobSpec[Any]:
     return spec
 
 
-def _flag(job: NewJob, flag: str) -> NewJob:
-    options = json.loads(job.options) if job.options else {}
-    options[flag] = True
-    return job._replace(options=json.dumps(options))
-
-
 async def create_chain(jobs: Jobs, specs: Sequence[JobSpec[Any]], *, pass_result: bool) -> Chain:
     if not specs:
         raise ValueError("chain() needs at least one job")
@@ -229,14 +222,16 @@ async def create_chain(jobs: Jobs, specs: Sequence[JobSpec[Any]], *, pass_result
     ids = [new_job_id(now) for _ in members]
     new: list[NewJob] = []
     for i, spec in enumerate(members):
-        job = jobs._new_job(
-            spec,
-            now,
-            status=None if i == 0 else "waiting",
-            chain_next=ids[i + 1] if i + 1 < len(ids) else None,
-            job_id=ids[i],
+        new.append(
+            jobs._new_job(
+                spec,
+                now,
+                status=None if i == 0 else "waiting",
+                chain_next=ids[i + 1] if i + 1 < len(ids) else None,
+                job_id=ids[i],
+                pass_result=pass_result and i > 0,
+            )
         )
-        new.append(_flag(job, RESULT_FLAG) if pass_result and i > 0 else job)
     return Chain(jobs, await jobs._insert(new))
 
 
@@ -258,11 +253,16 @@ async def create_batch(
     if on_complete is not None:
         callback = _member(jobs, on_complete, "on_complete")
         # With no member there is nothing to wait for: the callback is due at once.
-        job = jobs._new_job(callback, now, status="waiting" if new else None, job_id=batch_id)
-        if _takes_batch(jobs, callback):
-            job = _flag(job, COUNTS_FLAG)
-            if not new:
-                job = job._replace(payload=with_batch(job.payload, batch_id, {}))
+        counts = _takes_batch(jobs, callback)
+        job = jobs._new_job(
+            callback,
+            now,
+            status="waiting" if new else None,
+            job_id=batch_id,
+            batch_counts=counts,
+        )
+        if counts and not new:
+            job = job._replace(payload=with_batch(job.payload, batch_id, {}))
         new.append(job)
     if not new:
         return Batch(jobs, batch_id, [], None)

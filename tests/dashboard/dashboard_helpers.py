@@ -29,10 +29,10 @@ class Mix:
 
 
 async def build_mix(jobs: Jobs) -> Mix:
-    """One dead job, one succeeded, one queued, and one whose argument is ``<script>``."""
+    """One dead job, one succeeded, one queued, and one whose arguments are ``<script>``."""
 
     @jobs.task(name="send_email", queue="email")
-    async def send_email(address: str) -> str:
+    async def send_email(address: str, **extra: Any) -> str:
         return "sent to " + address
 
     @jobs.task(name="flaky", retries=0)
