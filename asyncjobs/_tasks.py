@@ -70,8 +70,20 @@ class JobOptions:
     group: str | None = None
 
     def merge(self, other: JobOptions) -> JobOptions:
-        given = {f.name: getattr(other, f.name) for f in dataclasses.fields(other)}
-        return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
+        """These options with those ``other`` gives (not None) in their place; a delay
+        given drops an earlier run_at, and a run_at an earlier delay."""
+        merged = {name: getattr(self, name) for name in _OPTION_NAMES}
+        merged.update(
+            (name, value) for name in _OPTION_NAMES if (value := getattr(other, name)) is not None
+        )
+        if other.delay is not None:
+            merged["run_at"] = None
+        elif other.run_at is not None:
+            merged["delay"] = None
+        return JobOptions(**merged)
+
+
+_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(JobOptions))
 
 
 def make_options(
@@ -163,7 +175,6 @@ class Task(Generic[P, R]):
         limiter: str | None = None,
         concurrency: int | None = None,
         options: JobOptions | None = None,
-        arguments: Arguments | None = None,
     ) -> None:
         self.jobs = jobs
         self.fn = fn
@@ -176,7 +187,7 @@ class Task(Generic[P, R]):
         self.limiter = limiter
         self.concurrency = None if concurrency is None else positive_int(concurrency, "concurrency")
         self._options = options or JobOptions()
-        self._arguments = arguments
+        self._arguments: Arguments | None = None
         self.takes_batch = accepts_keyword(fn, "batch")
         """Whether, as a batch's ``on_complete``, it is given the counts as ``batch=``."""
         self.__name__ = getattr(fn, "__name__", name)
@@ -218,25 +229,12 @@ class Task(Generic[P, R]):
             timeout=timeout,
             group=group,
         )
-        merged = self._options.merge(given)
-        if given.delay is not None:
-            merged = dataclasses.replace(merged, run_at=None)
-        elif given.run_at is not None:
-            merged = dataclasses.replace(merged, delay=None)
-        return Task(
-            self.jobs,
-            self.fn,
-            name=self.name,
-            queue=self.queue,
-            retries=self.retries,
-            timeout=self.timeout,
-            priority=self.priority,
-            rate_limit=self.rate_limit,
-            limiter=self.limiter,
-            concurrency=self.concurrency,
-            options=merged,
-            arguments=self.arguments,
-        )
+        # A copy, not a new Task: its settings are checked and its function's
+        # signature read already (``options()`` may be called per request).
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__, _arguments=self.arguments)
+        copy._options = self._options.merge(given)
+        return copy
 
     def spec(self, /, *args: P.args, **kwargs: P.kwargs) -> JobSpec[R]:
         return JobSpec(

@@ -181,6 +181,24 @@ async def test_options_returns_a_copy(jobs: Jobs) -> None:
     assert (info2.queue, info2.priority) == ("b", 3)
 
 
+async def test_options_layer_and_a_later_delay_or_run_at_replaces_the_other(
+    jobs: Jobs, clock: FakeClock
+) -> None:
+    @jobs.task(queue="a")
+    async def t() -> None: ...
+
+    at = clock.now() + 3600
+    base = t.options(queue="b", priority=3, delay=60)
+    later = base.options(run_at=datetime.fromtimestamp(at, UTC))  # the delay is dropped
+    sooner = later.options(delay=5, priority=7)  # and now the run_at
+    for task, run_at, priority in ((base, clock.now() + 60, 3), (later, at, 3),
+                                   (sooner, clock.now() + 5, 7)):  # fmt: skip
+        info = await (await task.enqueue()).info()
+        assert (info.queue, info.priority) == ("b", priority)
+        assert info.run_at.timestamp() == pytest.approx(run_at, abs=1e-3)
+    assert (await (await t.enqueue()).info()).queue == "a"  # the task itself is unchanged
+
+
 async def test_idempotency_key_returns_the_existing_job(jobs: Jobs, clock: FakeClock) -> None:
     @jobs.task
     async def verify(user_id: int) -> None: ...
