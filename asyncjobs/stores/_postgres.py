@@ -295,11 +295,15 @@ class PostgresStore(_Connections):
             tries = _Tries()
 
             async def claim(conn: Connection) -> list[JobRow]:
+                # A try ended by another claim (retry_deadlocks) may have handed out the
+                # rows of unanswered claims under this token: the next finds them (again).
                 again = tries.again()
                 at = _claim_time(request, now)
                 return await sql.claim_after(conn, request, at, token, earlier, again=again)
 
-            return await self._run("claim", claim)
+            return await self._run(
+                "claim", lambda conn: retry_deadlocks("claim", lambda: claim(conn))
+            )
 
     def _unanswered_claims(
         self, request: ClaimRequest, token: str, now: float
@@ -361,7 +365,9 @@ class PostgresStore(_Connections):
                     claimed = await sql.claim_after(conn, request, at, token, earlier, again=again)
                 return applied, claimed
 
-            return await self._run("claim", both)
+            return await self._run(
+                "claim", lambda conn: retry_deadlocks("claim", lambda: both(conn))
+            )
 
     async def heartbeat(
         self, job_ids: Sequence[str], *, worker: str, lease_until: float | Callable[[], float]

@@ -509,12 +509,17 @@ _GOES_ON = (OutcomeKind.RETRY, OutcomeKind.RELEASE)
 DEADLOCK_TRIES = 3
 """Tries of a statement or transaction that PostgreSQL keeps ending to break deadlocks."""
 
+GROUP_RUNNING = "asyncjobs_jobs_group_running"
+"""The unique index that holds one running job per group (migration 0012)."""
+
 
 async def retry_deadlocks(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
     """``attempt()`` (one statement, or one whole transaction), again if PostgreSQL ended
     it to break a deadlock: rolled back, nothing of it stayed. Operations that lock many
     rows (a purge, a bulk retry, a finish of jobs that lease recovery took meanwhile) can
-    meet others in an order that no lock order rules out."""
+    meet others in an order that no lock order rules out. A claim is made again too when
+    another claim took a job of one of its groups at once (``GROUP_RUNNING``): the next
+    try sees that job running."""
     for tries in range(1, DEADLOCK_TRIES + 1):
         try:
             return await attempt()
@@ -522,6 +527,13 @@ async def retry_deadlocks(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
             if tries == DEADLOCK_TRIES:
                 raise
             logger.info("PostgreSQL store: %s ended by a deadlock; trying again", what)
+        except asyncpg.UniqueViolationError as error:
+            if error.constraint_name != GROUP_RUNNING or tries == DEADLOCK_TRIES:
+                raise
+            logger.info(
+                "PostgreSQL store: %s took a group's job as another claim took one; trying again",
+                what,
+            )
     raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -341,3 +341,67 @@ async def test_batch_members_ended_and_deleted_at_once_neither_deadlock_nor_lose
         assert counts["total"] == MEMBERS, counts
         assert counts["succeeded"] + counts["dead"] + counts["cancelled"] == MEMBERS, counts
         assert sum((await store.batch_counts(f"cb{b}")).values()) == MEMBERS
+
+
+@pytest.mark.parametrize("earlier", ["retried by hand", "committed late"])
+async def test_two_claims_at_once_never_run_two_jobs_of_a_group(
+    store: Store, postgres_url: str, earlier: str
+) -> None:
+    """A claim of a group's job is under way (its transaction still open: the other
+    connection's update) when an earlier job of the group becomes queued: a dead one
+    retried by hand, or one whose insert took an earlier seq and commits only now. A
+    claim at that moment sees the later job still queued; it must not take the earlier
+    one, or the group runs two jobs at once."""
+    assert isinstance(store, PostgresStore)
+    other = await asyncpg.connect(postgres_url)
+    inserting = await asyncpg.connect(postgres_url)
+    watcher = await asyncpg.connect(postgres_url)
+    other_pid = await other.fetchval("SELECT pg_backend_pid()")
+    first_claim = other.transaction()
+    late_insert = inserting.transaction()
+    claimed: list[JobRow] = []
+    done = anyio.Event()
+
+    async def second_claim() -> None:
+        claimed.extend(await store.claim(REQUEST, now=T0))
+        done.set()
+
+    async def waits_on_the_first() -> bool:
+        return bool(
+            await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                other_pid,
+            )
+        )
+
+    try:
+        if earlier == "retried by hand":
+            await store.insert([new("g0", group_key="g"), new("g1", group_key="g")], now=T0)
+            (dead,) = await claim_all(store)
+            await store.finish([ended(dead, OutcomeKind.DEAD)], now=T0)
+        else:
+            await late_insert.start()
+            await store.insert_with(inserting, [new("g0", group_key="g")], now=T0)
+            await store.insert([new("g1", group_key="g")], now=T0)
+        with anyio.fail_after(20):
+            await first_claim.start()
+            await other.execute(
+                "UPDATE asyncjobs_jobs SET status = 'running', attempts = attempts + 1, "
+                "worker = 'w1', lease_until = $1 WHERE id = 'g1'",
+                T0 + 60,
+            )
+            if earlier == "retried by hand":
+                assert await store.retry("g0", now=T0)
+            else:
+                await late_insert.commit()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(second_claim)
+                while not done.is_set() and not await waits_on_the_first():
+                    await anyio.lowlevel.checkpoint()
+                await first_claim.commit()
+    finally:
+        await other.close()
+        await inserting.close()
+        await watcher.close()
+    assert claimed == []
+    assert [r.id for r in await store.list(status="running", now=T0)] == ["g1"]
