@@ -168,13 +168,17 @@ class _Execution:
                 )
             if result is None:  # the common case, without the encoder
                 return self._outcome(row, OutcomeKind.SUCCEEDED, result="null")
+            # A result that cannot be stored sends the job dead at once, as Celery and
+            # arq do: its code ran to the end, and each retry would repeat its side
+            # effects only to return the same. Fixed, ``jobs.retry()`` runs it again.
             try:
                 encoded = encode(result, what=f"the result of task {row.task!r}")
             except NotSerializable as error:
-                return self._failure(row, f"NotSerializable: {error}")
+                return self._outcome(row, OutcomeKind.DEAD, error=f"NotSerializable: {error}")
             if len(encoded) > MAX_RESULT_BYTES:  # ensure_ascii: characters == bytes
-                return self._failure(
-                    row, f"PayloadTooLarge: the result of task {row.task!r} encodes to "
+                return self._outcome(
+                    row, OutcomeKind.DEAD,
+                    error=f"PayloadTooLarge: the result of task {row.task!r} encodes to "
                     f"{len(encoded)} bytes, over the {MAX_RESULT_BYTES} a result may take: "
                     "store large data elsewhere and return a key",
                 )  # fmt: skip

@@ -528,24 +528,32 @@ async def test_corrupt_options_send_the_job_to_dead_and_do_not_block_claims(
     assert "cannot be decoded" in (info.error or "")
 
 
-async def test_a_result_that_is_not_json_is_a_failure(jobs: Jobs) -> None:
-    @jobs.task(retries=0)
+async def test_a_result_that_is_not_json_sends_the_job_dead_without_running_it_again(
+    jobs: Jobs,
+) -> None:
+    """Its code ran to the end: a retry would repeat its side effects for nothing."""
+    runs = 0
+
+    @jobs.task(retries=3)
     async def returns_bytes() -> bytes:
+        nonlocal runs
+        runs += 1
         return b"raw"
 
     job = await returns_bytes.enqueue()
     await drain(jobs)
     info = await job.info()
-    assert info.status == "dead"
-    assert "NotSerializable" in (info.error or "")
+    assert (info.status, info.attempts, runs) == ("dead", 1, 1)
+    assert "NotSerializable: the result of task" in (info.error or "")
+    assert "(decode or base64-encode it first)" in (info.error or "")
 
 
-async def test_a_result_over_the_size_a_result_may_take_is_a_failure(
+async def test_a_result_over_the_size_a_result_may_take_sends_the_job_dead(
     jobs: Jobs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(_execution, "MAX_RESULT_BYTES", 1000)
 
-    @jobs.task(retries=0)
+    @jobs.task(retries=3)
     async def report(size: int) -> str:
         return "x" * size
 
@@ -553,7 +561,7 @@ async def test_a_result_over_the_size_a_result_may_take_is_a_failure(
     await drain(jobs)
     assert await fits.result(timeout=1) == "x" * 998
     info = await too_large.info()
-    assert info.status == JobStatus.DEAD
+    assert (info.status, info.attempts) == (JobStatus.DEAD, 1)
     assert "1001 bytes, over the 1000" in (info.error or "")
 
 
