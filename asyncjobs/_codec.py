@@ -60,6 +60,7 @@ def _dumps(value: Any) -> str:
 
 
 _SCALARS = (str, int, bool, type(None))
+_DEPTH_LIMIT = 200
 
 
 def _problem(value: Any, depth: int = 0) -> str | None:
@@ -69,7 +70,36 @@ def _problem(value: Any, depth: int = 0) -> str | None:
     if found is None:
         return None
     steps, reason = found
+    if reason == _TOO_DEEP:  # nested without end, maybe: a value that contains itself
+        cycle = _cycle(value, [], {})
+        if cycle is not None:
+            return cycle
     return ("".join(reversed(steps)) or "value") + reason
+
+
+_TOO_DEEP = f" is nested more than {_DEPTH_LIMIT} levels deep"
+
+
+def _cycle(value: Any, path: list[str], inside: dict[int, str]) -> str | None:
+    """Where ``value`` contains itself (a list or dict met again inside itself), or
+    None. ``path``: the steps to ``value``; ``inside``: the containers around it, by
+    id, with their paths. Only to word a refusal: it is not on the enqueue path."""
+    kind = type(value)
+    if (kind is not list and kind is not dict) or len(path) > _DEPTH_LIMIT + 1:
+        return None
+    here = "".join(path) or "the value itself"
+    if id(value) in inside:
+        return f"{here} refers back to {inside[id(value)]} (a circular reference)"
+    inside[id(value)] = here
+    items = value.items() if kind is dict else enumerate(value)
+    for key, item in items:
+        path.append(f"[{key!r}]" if kind is dict else f"[{key}]")
+        found = _cycle(item, path, inside)
+        path.pop()
+        if found is not None:
+            return found
+    del inside[id(value)]
+    return None
 
 
 def _refused(value: Any, depth: int) -> tuple[list[str], str] | None:
@@ -77,8 +107,8 @@ def _refused(value: Any, depth: int) -> tuple[list[str], str] | None:
 
     Runs on every enqueue, so the path text is only built for a refusal.
     """
-    if depth > 200:
-        return [], " is nested more than 200 levels deep"
+    if depth > _DEPTH_LIMIT:
+        return [], _TOO_DEEP
     kind = type(value)
     if kind in _SCALARS:
         return None

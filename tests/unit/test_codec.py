@@ -105,6 +105,21 @@ def test_too_deep_nesting_is_refused() -> None:
         encode_payload([value], {}, max_bytes=10_000, task="t")
 
 
+def test_a_value_that_contains_itself_is_refused_as_circular_not_as_too_deep() -> None:
+    loop: list[Any] = [1]
+    loop.append(loop)
+    with pytest.raises(NotSerializable, match=r": \[1\] refers back to the value itself \(a circ"):
+        encode(loop)
+    inner: dict[str, Any] = {}
+    inner["c"] = [inner]
+    with pytest.raises(
+        NotSerializable, match=r"'to' of task 't'.*\['a'\]\['c'\]\[0\] refers back to \['a'\] "
+    ):
+        encode_payload([], {"to": {"a": inner}}, max_bytes=1000, task="t")
+    shared = [1, 2]  # met twice, but never inside itself: stored
+    assert json.loads(encode({"x": shared, "y": [shared]})) == {"x": [1, 2], "y": [[1, 2]]}
+
+
 @pytest.mark.parametrize("depth", [198, 199, 200])
 def test_an_argument_too_deep_for_the_payload_is_refused_by_name(depth: int) -> None:
     value: Any = "leaf"
