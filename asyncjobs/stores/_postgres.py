@@ -148,10 +148,8 @@ class PostgresStore(_Connections):
         try:
             parts = urlsplit(url)
             port = parts.port  # an IPv6 host must be in brackets, a port a number
-        except ValueError as error:
-            raise ConfigurationError(
-                f"cannot read the host and port of {redacted(url)!r}: {error}"
-            ) from None
+        except ValueError:
+            raise ConfigurationError(_unreadable(url)) from None
         if port == 0:
             raise ConfigurationError(f"the port of {redacted(url)!r} must be 1-65535")
         query = dict(parse_qsl(parts.query))
@@ -668,6 +666,22 @@ async def _delete(
     # are chain members, which belong to no batch.
     await sql.tally_deleted(conn, deleted)
     return len(deleted)
+
+
+def _unreadable(url: str) -> str:
+    """Why the host and port of ``url`` cannot be read, in words that never quote its
+    password: urllib's own error may (a password typed with ``/``, ``?`` or ``#``
+    unescaped ends the host there, and what came before reads as the port), so the
+    reason is that of the URL with its password hidden, if it has one."""
+    shown = redacted(url)
+    try:
+        _ = urlsplit(shown).port  # the same check, on the URL as shown
+    except ValueError as error:
+        return f"cannot read the host and port of {shown!r}: {error}"
+    return (
+        f"cannot read the host and port of {shown!r}: its password must be "
+        "percent-encoded (a /, ?, #, [ or ] typed as is breaks the URL)"
+    )
 
 
 def _location(url: str) -> tuple[object, ...]:

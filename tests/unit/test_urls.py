@@ -103,6 +103,10 @@ def test_redacted_urls_hide_the_password(url: str, shown: str) -> None:
         "postgresql://app:hunter2@[::1/test",
         "postgresql://app:Xy9/hunter2@127.0.0.1:5432/app",  # a / typed unescaped
         "postgresql://db:5432/app?password=p@hunter2&pool_min=x",  # an @ in a parameter
+        # What comes before the first /, ? or # reads as a port: no error quotes it.
+        "postgresql://app:hunter2/x@127.0.0.1:5432/app",
+        "postgresql://app:hunter2?@127.0.0.1/app",
+        "postgresql://app:hunter2#@127.0.0.1/app?pool_min=1",
     ],
 )
 def test_a_bad_store_url_is_refused_without_its_password(url: str) -> None:
@@ -110,6 +114,13 @@ def test_a_bad_store_url_is_refused_without_its_password(url: str) -> None:
         Jobs(url)
     assert "hunter2" not in str(refused.value)
     assert "***" in str(refused.value)
+
+
+def test_a_password_that_breaks_the_url_is_said_to_need_escaping() -> None:
+    with pytest.raises(ConfigurationError, match="percent-encoded"):
+        Jobs("postgresql://app:hunter2/x@127.0.0.1:5432/app")
+    with pytest.raises(ConfigurationError, match="Port out of range"):
+        Jobs("postgresql://app:hunter2/x@127.0.0.1:99999/app")  # the host's own fault
 
 
 def test_the_settings_repr_leaves_the_url_out() -> None:
