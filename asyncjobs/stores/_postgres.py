@@ -43,7 +43,7 @@ import weakref
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
 from asyncjobs._errors import ConfigurationError, StoreError
 from asyncjobs.stores import _postgres_admin as admin
@@ -182,7 +182,7 @@ class PostgresStore(_Connections):
             if "lock_timeout" in query
             else {"lock_timeout": f"{max(1, round(command_timeout * 900))}ms"}  # 0: none
         )
-        self.url = urlunsplit(parts._replace(query=urlencode(query)))
+        self.url = _without_settings(url, _URL_SETTINGS)
         self.pool_min = pool_min
         self.pool_max = pool_max
         self.connect_timeout = connect_timeout
@@ -666,6 +666,23 @@ async def _delete(
     # are chain members, which belong to no batch.
     await sql.tally_deleted(conn, deleted)
     return len(deleted)
+
+
+_URL_SETTINGS = ("pool_min", "pool_max", "command_timeout")
+"""Parameters of a store URL that set the store, taken out before asyncpg reads it."""
+
+
+def _without_settings(url: str, names: Collection[str]) -> str:
+    """``url`` without its parameters ``names``, otherwise as written. Rebuilt from its
+    parsed parts, a URL whose password has a ``?`` typed unescaped (the rest reads as
+    the query) lost its host, and ``redacted`` then found no password to hide."""
+    rest, hash_mark, fragment = url.partition("#")
+    base, _, query = rest.partition("?")
+    pieces = query.split("&")
+    kept = [p for p in pieces if unquote_plus(p.partition("=")[0]) not in names]
+    if len(kept) == len(pieces):
+        return url
+    return base + ("?" + "&".join(kept) if kept else "") + hash_mark + fragment
 
 
 def _unreadable(url: str) -> str:
