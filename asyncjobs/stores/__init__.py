@@ -52,8 +52,13 @@ def _secret(parameter: str) -> bool:
     return "password" in parameter.lower()
 
 
-_SECRET_PARAMETER = re.compile(r"([?&][^=&#?]*password[^=&#?]*=)[^&#]*", re.IGNORECASE)
-"""A parameter such as ``password=`` or ``sslpassword=`` (``_secret``) and its value."""
+_SECRET_PARAMETER = re.compile(
+    r"([?&][^=&#?]*password[^=&#?]*=)[^&]*(?:&[^&=]*(?=&|$))*", re.IGNORECASE
+)
+"""A parameter such as ``password=`` or ``sslpassword=`` (``_secret``) and its value,
+up to the next ``&`` that starts a parameter: a ``#`` or ``&`` typed unescaped in the
+value would otherwise leave the rest of the password shown as a fragment or as a
+parameter with no ``=`` (which no driver reads as one)."""
 
 
 def redacted(url: str) -> str:

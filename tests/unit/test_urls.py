@@ -86,6 +86,15 @@ async def test_the_store_opens_lazily(tmp_path: Path) -> None:
         ("postgresql://db:5432/app?password=p@hunter2", "postgresql://db:5432/app?password=***"),
         ("postgresql://alice:pw@db/app?sslpassword=key@hunter2",
          "postgresql://alice:***@db/app?sslpassword=***"),
+        # A # typed unescaped in a secret parameter's value is no end of it either.
+        ("postgresql://db/app?password=p#hunter2&sslmode=require",
+         "postgresql://db/app?password=***&sslmode=require"),
+        ("postgresql://app@db/app?sslpassword=#hunter2", "postgresql://app@db/app?sslpassword=***"),
+        # So is an & followed by no parameter (key=value).
+        ("postgresql://db/app?password=p&hunter2&sslmode=require",
+         "postgresql://db/app?password=***&sslmode=require"),
+        ("postgresql://db/app?sslmode=require&password=p&hunter2",
+         "postgresql://db/app?sslmode=require&password=***"),
     ],
 )  # fmt: skip
 def test_redacted_urls_hide_the_password(url: str, shown: str) -> None:
