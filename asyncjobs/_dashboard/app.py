@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("asyncjobs")
 
 PAGE_SIZE = 50
-JOB_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+JOB_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")  # fullmatch: a $ takes a trailing newline
 """Job ids are URL-safe tokens (uuid hex); anything else is refused before the store."""
 MAX_FORM_BYTES = 16 * 1024
 STATUSES = [s.value for s in JobStatus]
@@ -154,7 +154,7 @@ class Dashboard:
 
     async def job_page(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
-        if not JOB_ID.match(job_id):
+        if not JOB_ID.fullmatch(job_id):
             return await self.message(request, 404, "No such job.")
         info = await self.jobs.get(job_id)
         if info is None:
@@ -173,7 +173,7 @@ class Dashboard:
     async def job_action(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
         action = request.path_params["action"]
-        if not JOB_ID.match(job_id) or action not in ("retry", "cancel", "discard"):
+        if not JOB_ID.fullmatch(job_id) or action not in ("retry", "cancel", "discard"):
             return await self.message(request, 404, "No such job or action.")
         refused = await self.check_csrf(request)
         if refused is not None:

@@ -159,6 +159,7 @@ async def test_script_in_an_argument_is_escaped_everywhere(mix: Mix) -> None:
         "/jobs/" + "a" * 65,
         "/jobs/%E2%80%AEabc",
         "/jobs/ab%20cd",
+        "/jobs/abc%0A",  # a $ in the pattern would take the trailing newline
     ],
 )
 async def test_tricky_job_ids_are_refused(mix: Mix, path: str) -> None:
