@@ -107,6 +107,13 @@ def sqlite_path(url: str) -> Path | None:
         return None
     if not url:
         raise ConfigurationError("the store URL is empty")
+    scheme, colon, _ = url.partition(":")
+    if colon and scheme.lower() in ("sqlite", "postgresql", "postgres"):
+        # A URL typed with one slash, not a file to create (its password in the path);
+        # not quoted: without its "://", redacted() cannot find the password in it.
+        raise ConfigurationError(
+            f"cannot read the {scheme}: store URL: write {scheme}://... (two slashes)"
+        )
     return Path(url)
 
 

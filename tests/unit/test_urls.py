@@ -44,6 +44,19 @@ def test_unknown_scheme_is_a_configuration_error() -> None:
         open_store("mysql://x/y")
 
 
+@pytest.mark.parametrize(
+    "url", ["postgresql:/app:hunter2@db/app", "postgres:app:hunter2@db/app", "sqlite:/jobs.db"]
+)
+def test_a_url_typed_with_one_slash_is_refused_not_taken_for_a_file(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigurationError, match=r"write \w+://\.\.\. \(two slashes\)") as refused:
+        open_store(url)
+    assert "hunter2" not in str(refused.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_default_url_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ASYNCJOBS_URL", raising=False)
     assert default_url() == "sqlite:///asyncjobs.db"
