@@ -352,6 +352,23 @@ class Runner(_Leases, _Execution):
         self._ready.extend(rows)
         self._ready.sort(key=_run_order)
         self._start_ready()
+        if self._ready:
+            self._give_back_last_attempts()
+
+    def _give_back_last_attempts(self) -> None:
+        """Give back at once, attempt unspent, the jobs on their last attempt that found
+        no slot. A claim counts its free slots before its round trip to the store, and
+        an enqueue may dispatch to one of them meanwhile (or the other way round): one
+        of the two jobs then waits here, its attempt spent, and a kill -9 before it
+        starts would leave it dead without its having run. (The store claims none such
+        ahead of a free slot.) Jobs with attempts left wait, as jobs claimed ahead do."""
+        last = [row for row in self._ready if row.attempts >= row.max_attempts]
+        if not last:
+            return
+        self._ready = [row for row in self._ready if row.attempts < row.max_attempts]
+        self._give_back(last)
+        self._backlog = True  # they are back in the queue: no enqueue jumps them
+        self.wake()  # write the release soon
 
     def _start_ready(self) -> None:
         """Start ready jobs, highest priority first, while fewer than ``concurrency`` run.

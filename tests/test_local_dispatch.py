@@ -453,3 +453,82 @@ async def test_an_enqueue_cancelled_by_asyncio_mid_flush_still_runs_the_batch(
         rows = await jobs.store.list(now=jobs.clock.now())
     assert sorted(ran) == [1, 2]
     assert sorted(row.status for row in rows) == ["succeeded", "succeeded"]
+
+
+def pause_claims(jobs: Jobs) -> tuple[anyio.Event, anyio.Event]:
+    """Hold the next claim's answer back, as a slow round trip would: the store has taken
+    the rows (first event set) and the runner gets them once the second is set."""
+    taken, answer = anyio.Event(), anyio.Event()
+    store: Any = jobs.store
+    claim, finish_and_claim = store.claim, store.finish_and_claim
+
+    async def paused_claim(request: ClaimRequest, *, now: float) -> list[JobRow]:
+        rows: list[JobRow] = await claim(request, now=now)
+        if rows:
+            taken.set()
+            await answer.wait()
+        return rows
+
+    async def paused_finish_and_claim(
+        outcomes: Sequence[Outcome], request: ClaimRequest, *, now: float
+    ) -> tuple[list[str], list[JobRow]]:
+        applied, rows = await finish_and_claim(outcomes, request, now=now)
+        if rows:
+            taken.set()
+            await answer.wait()
+        return applied, rows
+
+    store.claim, store.finish_and_claim = paused_claim, paused_finish_and_claim
+    return taken, answer
+
+
+async def test_a_job_dispatched_while_a_claim_is_in_flight_leaves_no_last_attempt_waiting(
+    make_jobs: MakeJobs, backend_url: str
+) -> None:
+    """A claim counted a free slot, and while its answer was on its way an enqueue took
+    that slot. The claimed job, on its last attempt (its attempt spent), waited for a
+    slot behind the dispatched one: a kill -9 meanwhile left it dead, never run. It is
+    given back at once instead, attempt unspent, and runs once a slot frees."""
+    jobs = make_jobs(backend_url, concurrency=1, shutdown_timeout=0)
+    producer = make_jobs(backend_url, workers=False)
+    release = anyio.Event()
+    ran: list[str] = []
+
+    @jobs.task(name="once", retries=0)
+    async def once() -> None:
+        ran.append("once")
+
+    @jobs.task(name="hold")
+    async def hold() -> None:
+        ran.append("hold")
+        await release.wait()
+
+    async with jobs, producer:
+        await settled(jobs)
+        taken, answer = pause_claims(jobs)
+        try:
+            waiting = await producer.enqueue("once")  # another process's job
+            jobs.runner.wake()  # as its write would
+            with anyio.fail_after(5):
+                await taken.wait()  # claimed for the free slot; the answer is on its way
+            held = await hold.enqueue()  # the slot looks free: dispatched
+            with anyio.fail_after(5):
+                while "hold" not in ran:
+                    await anyio.lowlevel.checkpoint()
+            answer.set()  # the claim lands: its job finds the slot taken
+            await anyio.wait_all_tasks_blocked()
+            runner = jobs.runner
+            assert set(runner.running) == {held.id}
+            # Not waiting here on its spent last attempt: given back, attempt unspent.
+            assert [row.id for row in runner._ready] == []
+            with anyio.fail_after(5):
+                while (row := await jobs.store.get(waiting.id)) is None or row.status != "queued":
+                    await anyio.lowlevel.checkpoint()
+            assert (row.attempts, row.worker) == (0, None)
+        finally:
+            answer.set()
+            release.set()
+        with anyio.fail_after(5):
+            await waiting.result()
+        assert (await waiting.info()).attempts == 1
+    assert sorted(ran) == ["hold", "once"]
