@@ -189,6 +189,7 @@ class Runner(_Leases, _Execution):
         """The insert of ``jobs`` failed or was abandoned: free their slots."""
         for job in jobs:
             self._reserved.discard(job.id)
+        self._start_ready()  # a job claimed ahead may have waited for that slot
         if not self._reserved:
             self._free_slot()
 
@@ -198,21 +199,28 @@ class Runner(_Leases, _Execution):
         writes that now: the workers' last write may be past)."""
         now = self.clock.now() if inserted.at is None else inserted.at
         rows: list[JobRow] = []
+        promised: list[JobRow] = []  # into the slot each kept for it (not ready jobs')
         for job in jobs:
             if job.worker is None:
                 continue
             # Run it even if its reservation was dropped: its enqueue was cancelled
-            # while the insert was under way, and the insert committed after all.
+            # while the insert was under way, and the insert committed after all. It
+            # waits for a slot then, as a job claimed ahead does.
+            reserved = job.id in self._reserved
             self._reserved.discard(job.id)
             seq = inserted.seqs.get(job.id)
             if seq is not None:  # else not inserted (an idempotency key already stored)
-                rows.append(_dispatched_row(job, seq, now))
+                (promised if reserved else rows).append(_dispatched_row(job, seq, now))
         if not self._accepting:  # shutdown began meanwhile: give them back unstarted
-            self._give_back(rows)
+            self._give_back([*promised, *rows])
             self._free_slot()  # wait_idle waits for reservations too
-            return bool(rows)
+            return bool(promised or rows)
+        for row in promised:
+            self._start(row)
         if rows:
             self._add_ready(rows)
+        elif self._ready:  # a reservation without its row (not inserted): a slot is free
+            self._start_ready()
         return False
 
     # -- claiming --------------------------------------------------------------------
@@ -371,34 +379,41 @@ class Runner(_Leases, _Execution):
         self.wake()  # write the release soon
 
     def _start_ready(self) -> None:
-        """Start ready jobs, highest priority first, while fewer than ``concurrency`` run.
+        """Start ready jobs, highest priority first, while slots are free (not running a
+        job nor promised to one being dispatched).
 
         Each job gets a plain asyncio task of its own (cheaper than a task group's):
         cancelling it (``cancel_local``, shutdown) stops that job alone. A job's task
         starts the next ready job when it ends (``_complete``), so no task waits
         between jobs. ``cancel_running`` stops whatever still runs at shutdown.
         """
-        free = self.settings.concurrency - len(self.running)
+        # Not in the slots promised to jobs being dispatched (reserve): their inserts
+        # commit them running, and a job claimed ahead that took one would make them
+        # wait in its place.
+        free = self.settings.concurrency - len(self.running) - len(self._reserved)
         if free <= 0 or not self._ready or not self._accepting:
             return
-        loop = asyncio.get_running_loop()
         for _ in range(min(free, len(self._ready))):
-            row = self._ready.pop()
-            stale = self.running.get(row.id)
-            if stale is not None:
-                # An earlier attempt still runs here: its lease expired (the loop or the
-                # store stalled) and the job was claimed again. Stop that copy, as a
-                # heartbeat would have; the store ignores its outcome (attempt number).
-                logger.warning(
-                    "job %s was claimed again while attempt %d still ran here; stopping it",
-                    row.id, stale.row.attempts, extra={"job_id": row.id},
-                )  # fmt: skip
-                stale.cancelled_by_user = True
-                if stale.task is not None:
-                    stale.task.cancel()
-            running = self.running[row.id] = _Running(row)
-            self.jobs_started += 1
-            running.task = loop.create_task(self._execute(running), context=self._context.copy())
+            self._start(self._ready.pop())
+
+    def _start(self, row: JobRow) -> None:
+        """Run ``row`` in a task of its own, in a slot the caller found free."""
+        stale = self.running.get(row.id)
+        if stale is not None:
+            # An earlier attempt still runs here: its lease expired (the loop or the
+            # store stalled) and the job was claimed again. Stop that copy, as a
+            # heartbeat would have; the store ignores its outcome (attempt number).
+            logger.warning(
+                "job %s was claimed again while attempt %d still ran here; stopping it",
+                row.id, stale.row.attempts, extra={"job_id": row.id},
+            )  # fmt: skip
+            stale.cancelled_by_user = True
+            if stale.task is not None:
+                stale.task.cancel()
+        running = self.running[row.id] = _Running(row)
+        self.jobs_started += 1
+        loop = asyncio.get_running_loop()
+        running.task = loop.create_task(self._execute(running), context=self._context.copy())
 
     async def cancel_running(self) -> None:
         """Cancel the jobs still running and wait for each to record its release

@@ -15,7 +15,7 @@ import aiosqlite
 import anyio
 import pytest
 
-from asyncjobs import Jobs, NotSerializable
+from asyncjobs import Jobs, NotSerializable, StoreError
 from asyncjobs.stores import ClaimRequest, JobRow, Outcome
 from asyncjobs.stores._protocol import NewJob
 from asyncjobs.testing import FakeClock
@@ -532,3 +532,73 @@ async def test_a_job_dispatched_while_a_claim_is_in_flight_leaves_no_last_attemp
             await waiting.result()
         assert (await waiting.info()).attempts == 1
     assert sorted(ran) == ["hold", "once"]
+
+
+@pytest.mark.parametrize("insert_fails", [False, True], ids=["committed", "failed"])
+async def test_a_job_claimed_ahead_does_not_take_the_slot_of_a_job_being_dispatched(
+    make_jobs: MakeJobs, backend_url: str, insert_fails: bool
+) -> None:
+    """An enqueue took the free slot and its insert is under way; a claim meanwhile takes
+    a job ahead (beyond the free slots). That job waits for a slot: it does not start in
+    the one promised to the dispatched job, which would then wait in its stead. Should
+    the insert fail, the job claimed ahead starts in that slot at once."""
+    jobs = make_jobs(backend_url, concurrency=1, shutdown_timeout=0)
+    producer = make_jobs(backend_url, workers=False)
+    release = anyio.Event()
+    ran: list[str] = []
+
+    @jobs.task(name="quick")
+    async def quick() -> None:
+        return None
+
+    @jobs.task(name="once", retries=0)
+    async def once() -> None:
+        ran.append("once")
+        await release.wait()
+
+    @jobs.task(name="t")
+    async def t() -> None:
+        ran.append("t")
+        await release.wait()
+
+    async with jobs, producer:
+        await (await quick.enqueue()).result(timeout=5)  # 0 s on a FakeClock: look ahead
+        await settled(jobs)
+        store: Any = jobs.store
+        insert, inserting = store.insert, anyio.Event()
+
+        async def slow_insert(new: Sequence[NewJob], *, now: Any) -> Any:
+            await inserting.wait()
+            if insert_fails:
+                raise StoreError("the database is down")
+            return await insert(new, now=now)
+
+        store.insert = slow_insert
+        runner = jobs.runner
+        try:
+            with anyio.fail_after(5):
+                enqueue = asyncio.create_task(jobs.enqueue(once))
+                while not runner._reserved:  # the slot is promised; the insert waits
+                    await anyio.lowlevel.checkpoint()
+                claimed = await producer.enqueue("t")
+                runner.wake()  # as its write would: the claim takes it ahead
+                while claimed.id not in {*runner.running, *(row.id for row in runner._ready)}:
+                    await anyio.lowlevel.checkpoint()
+                assert not runner.running
+                inserting.set()
+                if insert_fails:
+                    with pytest.raises(StoreError):
+                        await enqueue
+                    assert set(runner.running) == {claimed.id}
+                else:
+                    dispatched = await enqueue  # its insert committed: dispatched() ran
+                    assert set(runner.running) == {dispatched.id}
+                    assert [row.id for row in runner._ready] == [claimed.id]
+        finally:
+            inserting.set()
+            release.set()
+        with anyio.fail_after(5):
+            if not insert_fails:
+                await dispatched.result()
+            await claimed.result()
+    assert ran == (["t"] if insert_fails else ["once", "t"])
