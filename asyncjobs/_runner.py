@@ -190,8 +190,9 @@ class Runner(_Leases, _Execution):
         for job in jobs:
             self._reserved.discard(job.id)
         self._start_ready()  # a job claimed ahead may have waited for that slot
-        if not self._reserved:
-            self._free_slot()
+        # Whether or not other reservations remain: the claim loop may wait for room,
+        # and a slot kept free until the others' jobs end would leave jobs waiting.
+        self._free_slot()
 
     def dispatched(self, jobs: Sequence[NewJob], inserted: Inserted) -> bool:
         """The insert of ``jobs`` committed: run those inserted running. True if

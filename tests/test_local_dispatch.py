@@ -602,3 +602,65 @@ async def test_a_job_claimed_ahead_does_not_take_the_slot_of_a_job_being_dispatc
                 await dispatched.result()
             await claimed.result()
     assert ran == (["t"] if insert_fails else ["once", "t"])
+
+
+async def test_a_slot_freed_by_a_cancelled_enqueue_is_claimed_while_another_is_dispatched(
+    make_jobs: MakeJobs, backend_url: str
+) -> None:
+    """Every slot promised to enqueues under way, the claim loop waits for one to free.
+    One enqueue is cancelled (``asyncio.timeout``) while the other's insert goes on: its
+    slot is free, and a job another process enqueued runs in it at once, not after the
+    other enqueue's job has ended."""
+    jobs = make_jobs(backend_url, concurrency=2, shutdown_timeout=0)
+    producer = make_jobs(backend_url, workers=False)
+    release = anyio.Event()
+    ran: list[int] = []
+
+    @jobs.task(name="hold")
+    async def hold(n: int) -> None:
+        ran.append(n)
+        await release.wait()
+
+    async with jobs, producer:
+        await settled(jobs)
+        store: Any = jobs.store
+        insert, inserting, entered = store.insert, anyio.Event(), anyio.Event()
+
+        async def slow_insert(new: Sequence[NewJob], *, now: Any) -> Any:
+            entered.set()
+            await inserting.wait()
+            return await insert(new, now=now)
+
+        store.insert = slow_insert
+        runner = jobs.runner
+        waiting, wait_for_room = anyio.Event(), runner._wait_for_room
+
+        async def spy_wait_for_room() -> None:
+            waiting.set()
+            await wait_for_room()
+
+        runner._wait_for_room = spy_wait_for_room  # type: ignore[method-assign]
+        try:
+            with anyio.fail_after(5):
+                first = asyncio.create_task(jobs.enqueue(hold, 1))
+                await entered.wait()  # its insert under way
+                second = asyncio.create_task(jobs.enqueue(hold, 2))
+                while len(runner._reserved) < 2:  # queued behind the first insert
+                    await anyio.lowlevel.checkpoint()
+                runner.wake()  # it looks for room and finds none
+                await waiting.wait()  # the claim loop waits for a slot to free
+                second.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await second  # never inserted: its slot is free again
+                other = await producer.enqueue("hold", 3)
+                runner.wake()  # as its write would
+                while 3 not in ran:
+                    await anyio.lowlevel.checkpoint()
+            assert not first.done()
+        finally:
+            inserting.set()
+            release.set()
+        with anyio.fail_after(5):
+            await (await first).result()
+            await other.result()
+    assert sorted(ran) == [1, 3]
