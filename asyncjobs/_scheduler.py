@@ -22,7 +22,6 @@ several passed at once (the process was frozen), they are coalesced into one run
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from anyio.abc import TaskStatus
 
+from asyncjobs._arguments import Arguments
 from asyncjobs._cron import Cron, Every, Slots
 from asyncjobs._cron import to_datetime as slot_datetime
 from asyncjobs._errors import ConfigurationError
@@ -94,15 +94,17 @@ class Scheduler:
             raise ConfigurationError(f"catch_up must be True or False, got {catch_up!r}")
 
         def register(fn: Callable[[], Awaitable[Any]]) -> Task[[], Any]:
+            # Judged as enqueue judges arguments: by the call the runner makes, to the
+            # function registered, not by the signature a ``functools.wraps`` decorator
+            # copies from the one it wraps (it may supply those arguments itself). No
+            # signature to read (a builtin): the task registry judges.
+            name = getattr(fn, "__qualname__", fn)
             try:
-                inspect.signature(fn).bind()
+                Arguments.of(fn).check(str(name), (), {})
             except TypeError:
                 raise ConfigurationError(
-                    f"scheduled task {getattr(fn, '__qualname__', fn)!r} must be callable "
-                    "with no arguments"
+                    f"scheduled task {name!r} must be callable with no arguments"
                 ) from None
-            except ValueError:  # no signature (a builtin); let the task registry judge
-                pass
             task: Task[[], Any] = self.jobs.task(**task_options)(fn)
             self._schedules[task.name] = _Schedule(task=task, slots=slots, catch_up=catch_up)
             return task

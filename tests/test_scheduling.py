@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta, tzinfo
 from zoneinfo import ZoneInfo
 
@@ -328,6 +329,32 @@ async def test_a_scheduled_task_must_take_no_arguments(jobs: Jobs) -> None:
     with pytest.raises(ConfigurationError, match="no arguments"):
         jobs.periodic(every=60)(needs)  # type: ignore[arg-type]
     assert jobs.registry == {}
+
+
+async def test_a_scheduled_task_whose_decorator_supplies_its_arguments_is_accepted(
+    jobs: Jobs, clock: FakeClock
+) -> None:
+    """Judged as enqueue judges arguments: by the function registered, which the runner
+    calls, not by the signature ``functools.wraps`` copies from the one it wraps."""
+    runs: list[str] = []
+
+    def with_connection(fn: Callable[[str], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        @functools.wraps(fn)
+        async def wrapper() -> None:
+            await fn("conn")
+
+        return wrapper
+
+    @jobs.periodic(every=60, name="cleanup")
+    @with_connection
+    async def cleanup(connection: str) -> None:
+        runs.append(connection)
+
+    await jobs.scheduler.tick()  # the first tick only starts the schedule
+    clock.advance(60)
+    await jobs.scheduler.tick()
+    await drain(jobs)
+    assert runs == ["conn"]
 
 
 async def test_started_workers_run_slots_as_the_clock_reaches_them(
