@@ -23,7 +23,6 @@ from asyncjobs.stores._sqlite_admin import ADMIN_BATCH
 from asyncjobs.stores._sqlite_schema import SCHEMA_VERSION_TABLE, migrate
 from asyncjobs.stores._sqlite_side import CHECKPOINT_EVERY, InlineWriter
 from asyncjobs.stores._sqlite_sql import _PICK_READY, DUE_PER_CLAIM, _finish, insert_jobs
-from asyncjobs.stores._statuses import DEAD_AS_READ
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]
@@ -98,36 +97,6 @@ async def test_the_claim_query_walks_the_ready_index_without_sorting(tmp_path: P
     assert "USING INDEX asyncjobs_jobs_ready" in plan
     assert "TEMP B-TREE" not in plan
     assert "USING INDEX" in recover_plan  # only running rows, never a table scan
-
-
-async def test_dead_jobs_are_read_through_the_dead_index_not_over_every_row(
-    tmp_path: Path,
-) -> None:
-    """The dead list, retry_dead and purge(status="dead") take the jobs whose status this
-    version does not know too (``DEAD_AS_READ``, a NOT IN): over the (status, seq) index
-    that read every row, finished ones included; the partial index holds dead rows only."""
-    store = SQLiteStore(tmp_path / "d.db")
-    await store.open()
-    statements: list[str] = []
-    try:
-        await store._call(lambda db: db.set_trace_callback(statements.append))
-        await store._read_call(lambda db: db.set_trace_callback(statements.append))
-        await store.list(status="dead", limit=10, now=0.0)
-        await store.list(status="dead", queue="q", task="t", limit=10, before_seq=5, now=0.0)
-        await store.retry_dead(queue="q", task=None, now=0.0)
-        await store.purge(status="dead", now=0.0)
-        await store._call(lambda db: db.set_trace_callback(None))
-        await store._read_call(lambda db: db.set_trace_callback(None))
-    finally:
-        await store.close()
-    reads = [s for s in statements if DEAD_AS_READ in s]
-    assert len(reads) == 4, statements
-    with sqlite3.connect(tmp_path / "d.db") as db:
-        plans = [query_plan(db, sql, ()) for sql in reads]
-    db.close()
-    for sql, plan in zip(reads, plans, strict=True):
-        assert "USING INDEX asyncjobs_jobs_dead" in plan, (sql, plan)
-        assert "TEMP B-TREE" not in plan, (sql, plan)
 
 
 def steps_to_finish_a_batch_member(path: Path, members: int) -> int:

@@ -510,7 +510,7 @@ DEADLOCK_TRIES = 3
 """Tries of a statement or transaction that PostgreSQL keeps ending to break deadlocks."""
 
 GROUP_RUNNING = "asyncjobs_jobs_group_running"
-"""The unique index that holds one running job per group (migration 0012)."""
+"""The unique index that holds one running job per group (migration 0011)."""
 
 
 async def retry_deadlocks(what: str, attempt: Callable[[], Awaitable[T]]) -> T:

@@ -1,4 +1,4 @@
--- asyncjobs schema, version 12 (PostgreSQL): one running job per group, kept by the
+-- asyncjobs schema, version 11 (PostgreSQL): one running job per group, kept by the
 -- database.
 --
 -- A claim takes a group's job when its statement's snapshot shows no earlier job of the
