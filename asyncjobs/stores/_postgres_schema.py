@@ -21,6 +21,16 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION_TABLE = "asyncjobs_migrations"
 
+_LOCK_MIGRATIONS = (
+    "SET LOCAL lock_timeout = 0; "
+    "SELECT pg_advisory_xact_lock(hashtext('asyncjobs.migrate:' || current_schema())); "
+    "SET LOCAL lock_timeout TO DEFAULT"  # the connection's own again, for the migrations
+)
+"""Take the lock that serializes migrations of the current schema, however long another
+process's migration holds it (an index built over a large table): the store's
+``lock_timeout`` bounds the waits of the job path, not this one, and would fail to open
+every process but one of those started at once."""
+
 
 async def migrate(conn: Connection) -> None:
     """Create or upgrade the schema through ``conn`` (in the current schema)."""
@@ -32,9 +42,7 @@ async def migrate(conn: Connection) -> None:
                 "names no existing schema (CREATE SCHEMA it first)"
             )
         # Serialize migrations of this schema across processes; released at commit.
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtext('asyncjobs.migrate:' || current_schema()))"
-        )
+        await conn.execute(_LOCK_MIGRATIONS)
         await conn.execute(
             f"CREATE TABLE IF NOT EXISTS {SCHEMA_VERSION_TABLE} "
             "(version integer PRIMARY KEY, applied_at double precision NOT NULL)"

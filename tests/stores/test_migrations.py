@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import anyio
 import pytest
 
 from asyncjobs import Jobs
@@ -207,3 +208,43 @@ async def test_transactional_enqueue_refuses_a_newer_sqlite_file(tmp_path: Path)
             await conn.execute("ROLLBACK")
     finally:
         await jobs.close()
+
+
+async def test_an_open_waits_for_another_process_migrating_however_long_it_takes(
+    postgres_url: str,
+) -> None:
+    """Processes started at once: one migrates (an index built over a large table takes
+    a while), the others wait for it on the migration lock. That wait is not one the
+    store's lock_timeout (90% of command_timeout) is for: cut short, every process but
+    the migrating one failed to open."""
+    import asyncpg
+
+    from asyncjobs.stores import PostgresStore
+
+    migrating = await asyncpg.connect(postgres_url)
+    try:
+        transaction = migrating.transaction()
+        await transaction.start()
+        await migrating.execute(  # what the other process's migrate holds
+            "SELECT pg_advisory_xact_lock(hashtext('asyncjobs.migrate:' || current_schema()))"
+        )
+        store = PostgresStore(postgres_url + "&command_timeout=0.2")  # lock_timeout 180 ms
+        opening = asyncio.ensure_future(store.open())
+        try:
+            pid = await migrating.fetchval("SELECT pg_backend_pid()")
+            with anyio.fail_after(10):
+                while not await migrating.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted "
+                    "AND $1 = ANY(pg_blocking_pids(pid))",  # (not pg_stat_activity: cached)
+                    pid,
+                ):
+                    assert not opening.done()
+            await migrating.execute("SELECT pg_sleep(0.5)")  # its migration goes on
+            await transaction.commit()
+            with anyio.fail_after(10):
+                await opening
+        finally:
+            opening.cancel()
+            await store.close()
+    finally:
+        await migrating.close()
