@@ -248,3 +248,58 @@ async def test_an_open_waits_for_another_process_migrating_however_long_it_takes
             await store.close()
     finally:
         await migrating.close()
+
+
+async def test_a_group_running_two_jobs_when_upgraded_keeps_them_and_runs_one_from_then_on(
+    postgres_url: str,
+) -> None:
+    """The race that version 11's unique index ends may have left a group running two
+    jobs, in processes of the earlier version still working (or killed, their leases yet
+    to expire). The index could not be built over them: the migration failed, and the
+    store could not be opened at all, not even to recover those jobs. They are left to
+    finish; the index holds every job of the group claimed from then on."""
+    import asyncpg
+
+    from asyncjobs.stores import ClaimRequest, Outcome, OutcomeKind, TaskLimits
+
+    await create_old_store(postgres_url, 10, T0)
+    old = await asyncpg.connect(postgres_url)
+    try:
+        for job_id, status in [("g1", "running"), ("g2", "running"), ("g3", "queued")]:
+            running = status == "running"
+            await old.execute(
+                _OLD_INSERT.replace("idempotency_key)", "group_key)")
+                + "VALUES ($1, 'grouped', 'default', $2, 0, '{\"args\":[],\"kwargs\":{}}', $3, 3, "
+                "$4, $4, $5, $6, $7, 'g')",
+                job_id, status, 1 if running else 0, T0 - 10,
+                T0 + 60 if running else None, "old:1:abc" if running else None,
+                T0 - 10 if running else None,
+            )  # fmt: skip
+    finally:
+        await old.close()
+
+    store = open_store(postgres_url)
+    try:
+        await store.open()
+        assert await versions(postgres_url) == [v for v, _ in migration_scripts("postgres")]
+        request = ClaimRequest(worker="w", tasks={"grouped": TaskLimits(max_attempts=3)},
+                               queues=None, limit=5, lease=60)  # fmt: skip
+        assert await store.claim(request, now=T0) == []  # the group's jobs run
+        done = [Outcome(job_id=j, worker="old:1:abc", attempt=1, kind=OutcomeKind.SUCCEEDED,
+                        result="null") for j in ("g1", "g2")]  # fmt: skip
+        assert sorted(await store.finish(done, now=T0)) == ["g1", "g2"]
+        assert [row.id for row in await store.claim(request, now=T0)] == ["g3"]
+    finally:
+        await store.close()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(
+            _OLD_INSERT.replace("idempotency_key)", "group_key)")
+            + "VALUES ('g4', 'grouped', 'default', 'queued', 0, '{}', 0, 3, $1, $1, NULL, NULL, "
+            "NULL, 'g')",
+            T0,
+        )
+        with pytest.raises(asyncpg.UniqueViolationError):  # one running job per group
+            await conn.execute("UPDATE asyncjobs_jobs SET status = 'running' WHERE id = 'g4'")
+    finally:
+        await conn.close()
