@@ -177,10 +177,10 @@ class PostgresStore(_Connections):
         # command_timeout would take the wait for a silent network: the server's answer
         # fails that call alone, not as "unreachable", with no connection dropped and no
         # reconnect backoff refusing every other call. A lock_timeout in the URL wins.
+        # (At least 1 ms, since 0 is none; at most what the server holds, about 24.8 days.)
+        lock_timeout = max(1, round(min(command_timeout * 900, _LOCK_TIMEOUT_MAX)))
         self._server_settings = (
-            {}
-            if "lock_timeout" in query
-            else {"lock_timeout": f"{max(1, round(command_timeout * 900))}ms"}  # 0: none
+            {} if "lock_timeout" in query else {"lock_timeout": f"{lock_timeout}ms"}
         )
         self.url = _without_settings(url, _URL_SETTINGS)
         self.pool_min = pool_min
@@ -667,6 +667,9 @@ async def _delete(
     await sql.tally_deleted(conn, deleted)
     return len(deleted)
 
+
+_LOCK_TIMEOUT_MAX = 2**31 - 1
+"""The longest ``lock_timeout`` PostgreSQL takes, in milliseconds (a 32-bit integer)."""
 
 _URL_SETTINGS = ("pool_min", "pool_max", "command_timeout")
 """Parameters of a store URL that set the store, taken out before asyncpg reads it."""

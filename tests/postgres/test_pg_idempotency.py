@@ -145,3 +145,23 @@ def test_the_lock_timeout_follows_command_timeout_unless_the_url_sets_one() -> N
         "lock_timeout": "1800ms"
     }
     assert PostgresStore("postgresql://h/db?lock_timeout=5s")._server_settings == {}
+
+
+async def test_a_command_timeout_past_what_lock_timeout_holds_still_connects(
+    postgres_url: str,
+) -> None:
+    """lock_timeout is a number of milliseconds that PostgreSQL keeps in 32 bits (about
+    24.8 days): 90% of a longer command_timeout (a year, say: no timeout in practice) was
+    an invalid setting, and the server refused every connection of the store (and a
+    command_timeout of 1e308 raised OverflowError)."""
+    from asyncjobs.stores import PostgresStore
+
+    longest = {"lock_timeout": "2147483647ms"}
+    assert PostgresStore("postgresql://h/db?command_timeout=1e308")._server_settings == longest
+    year = 365 * 24 * 3600
+    store = PostgresStore(postgres_url + f"&command_timeout={year}")
+    try:
+        await store.open()
+        assert await store.get("none") is None
+    finally:
+        await store.close()
