@@ -71,7 +71,7 @@ def _problem(value: Any, depth: int = 0) -> str | None:
         return None
     steps, reason = found
     if reason == _TOO_DEEP:  # nested without end, maybe: a value that contains itself
-        cycle = _cycle(value, [], {})
+        cycle = _cycle(value, [], {}, set())
         if cycle is not None:
             return cycle
     return ("".join(reversed(steps)) or "value") + reason
@@ -80,12 +80,18 @@ def _problem(value: Any, depth: int = 0) -> str | None:
 _TOO_DEEP = f" is nested more than {_DEPTH_LIMIT} levels deep"
 
 
-def _cycle(value: Any, path: list[str], inside: dict[int, str]) -> str | None:
+def _cycle(
+    value: Any, path: list[str], inside: dict[int, str], clear: set[int]
+) -> str | None:
     """Where ``value`` contains itself (a list or dict met again inside itself), or
     None. ``path``: the steps to ``value``; ``inside``: the containers around it, by
-    id, with their paths. Only to word a refusal: it is not on the enqueue path."""
+    id, with their paths; ``clear``: those already searched whole, found without one
+    (each container is searched once: one shared by many others would otherwise be
+    searched once per path to it). Only to word a refusal: not on the enqueue path."""
     kind = type(value)
-    if (kind is not list and kind is not dict) or len(path) > _DEPTH_LIMIT + 1:
+    if (kind is not list and kind is not dict) or id(value) in clear:
+        return None
+    if len(path) > _DEPTH_LIMIT + 1:
         return None
     here = "".join(path) or "the value itself"
     if id(value) in inside:
@@ -94,11 +100,12 @@ def _cycle(value: Any, path: list[str], inside: dict[int, str]) -> str | None:
     items = value.items() if kind is dict else enumerate(value)
     for key, item in items:
         path.append(f"[{key!r}]" if kind is dict else f"[{key}]")
-        found = _cycle(item, path, inside)
+        found = _cycle(item, path, inside, clear)
         path.pop()
         if found is not None:
             return found
     del inside[id(value)]
+    clear.add(id(value))
     return None
 
 
