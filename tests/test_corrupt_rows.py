@@ -14,6 +14,15 @@ from asyncjobs.stores._statuses import STATUSES
 from asyncjobs.testing import drain
 
 
+def dashboard_client(jobs: Jobs) -> httpx.AsyncClient:
+    """A client of ``jobs``' dashboard, signed in."""
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=jobs.dashboard(auth=("admin", "secret"))),
+        base_url="http://testserver",
+        auth=("admin", "secret"),
+    )
+
+
 @pytest.fixture
 def db_url(backend_url: str) -> str:
     return backend_url
@@ -55,12 +64,7 @@ async def test_a_job_with_a_status_this_version_does_not_know_shows_dead_and_can
     assert [job.id for job in await jobs.list()] == [other.id, odd.id]
     counts = (await jobs.stats())["totals"]["counts"]  # and so the metrics: as it reads
     assert (counts["dead"], counts["succeeded"], "paused" in counts) == (1, 1, False)
-    dashboard = jobs.dashboard(auth=("admin", "secret"))
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=dashboard),
-        base_url="http://testserver",
-        auth=("admin", "secret"),
-    ) as client:
+    async with dashboard_client(jobs) as client:
         for page in ("/", "/jobs", f"/jobs/{odd.id}"):
             response = await client.get(page)
             assert response.status_code == 200, page
@@ -87,12 +91,7 @@ async def test_every_dead_filter_and_bulk_action_takes_a_job_whose_status_reads_
     await run_sql(db_url, "UPDATE asyncjobs_jobs SET status = $1 WHERE id = $2", "paused", odd.id)
     assert [job.id for job in await jobs.list(status="dead")] == [odd.id, dead.id]
     assert [job.id for job in await jobs.list(status="succeeded")] == [done.id]
-    dashboard = jobs.dashboard(auth=("admin", "secret"))
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=dashboard),
-        base_url="http://testserver",
-        auth=("admin", "secret"),
-    ) as client:
+    async with dashboard_client(jobs) as client:
         page = (await client.get("/jobs", params={"status": "dead"})).text
     assert odd.id in page
     assert dead.id in page
