@@ -80,9 +80,7 @@ def _problem(value: Any, depth: int = 0) -> str | None:
 _TOO_DEEP = f" is nested more than {_DEPTH_LIMIT} levels deep"
 
 
-def _cycle(
-    value: Any, path: list[str], inside: dict[int, str], clear: set[int]
-) -> str | None:
+def _cycle(value: Any, path: list[str], inside: dict[int, str], clear: set[int]) -> str | None:
     """Where ``value`` contains itself (a list or dict met again inside itself), or
     None. ``path``: the steps to ``value``; ``inside``: the containers around it, by
     id, with their paths; ``clear``: those already searched whole, found without one
