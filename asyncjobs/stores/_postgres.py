@@ -248,9 +248,9 @@ class PostgresStore(_Connections):
     # -- enqueue ---------------------------------------------------------------------
 
     async def insert(self, jobs: Sequence[NewJob], *, now: float | Callable[[], float]) -> Inserted:
-        if not jobs:
-            return Inserted(at=now() if callable(now) else now)
         began = now() if callable(now) else now  # no later than the insert's own time
+        if not jobs:
+            return Inserted(at=began)
         # One INSERT statement, atomic on its own: no BEGIN/COMMIT round trips.
         tries = _Tries()
         token = self._claim_token()  # stored on the jobs dispatched here alone
