@@ -121,8 +121,10 @@ _LOCK_KEYS = (
 )
 """Locks idempotency keys in the order given (sorted): unnest keeps the array's order."""
 JSONB_LIMIT = 200 * 2**20
-"""Bytes of one insert's JSON rows at most: PostgreSQL refuses a jsonb value over 256 MiB,
-so a bigger batch (each job within max_payload_bytes) goes in as several statements."""
+"""Bytes of one statement's JSON rows at most: PostgreSQL refuses a jsonb value over
+256 MiB, so a bigger batch of inserts (each job within max_payload_bytes) or outcomes
+(each result within MAX_RESULT_BYTES, at most doubled by escaping) goes in as several
+statements."""
 
 
 async def insert_jobs(
@@ -426,9 +428,11 @@ UPDATE asyncjobs_jobs AS j SET
     worker = CASE WHEN {_KIND} IN ('retry', 'release') THEN NULL ELSE j.worker END,
     lease_until = NULL,
     max_attempts = coalesce(o.max_attempts, j.max_attempts)
-FROM unnest($2::text[], $3::text[], $4::int[], $5::text[], $6::text[], $7::text[],
-            $8::float8[], $9::int[])
-    AS o(id, worker, attempt, kind, result, error, run_at, max_attempts)
+FROM (
+    SELECT e->>0 AS id, e->>1 AS worker, (e->>2)::int AS attempt, e->>3 AS kind,
+        e->>4 AS result, e->>5 AS error, (e->>6)::float8 AS run_at, (e->>7)::int AS max_attempts
+    FROM jsonb_array_elements($2::jsonb) AS e
+) AS o
 """  # noqa: S608 - only the constant above is interpolated
 _FINISH_OWNED = """
     j.id = o.id AND j.status = 'running' AND j.worker = o.worker AND j.attempts = o.attempt
@@ -442,27 +446,40 @@ _FINISH_PLAIN = (
 )
 
 
-def _outcome_columns(outcomes: Sequence[Outcome]) -> list[list[Any]]:
-    columns: list[list[Any]] = [[] for _ in range(8)]
-    for o in outcomes:
-        values = (
-            o.job_id, o.worker, o.attempt, str(o.kind), o.result, o.error, o.run_at,
-            o.max_attempts,
-        )  # fmt: skip
-        for column, value in zip(columns, values, strict=True):
-            column.append(value)
-    return columns
+def _outcome_rows(outcomes: Sequence[Outcome]) -> str:
+    """The outcomes as _FINISH_SET reads them: a JSON array of rows, as an insert's.
+
+    Not one array per column: PostgreSQL plans a prepared statement for an array
+    parameter of 10 elements, and for a batch against "few running rows" (what the
+    statistics say of a working queue) it then walked the running rows and read every
+    outcome again for each (a batch of 100 against 1,000 running: 100,000 comparisons).
+    jsonb_array_elements is planned for 100 rows, and the join hashes instead
+    (tests/postgres/test_pg_plans.py)."""
+    return json.dumps(
+        [
+            (o.job_id, o.worker, o.attempt, o.kind, o.result, o.error, o.run_at, o.max_attempts)
+            for o in outcomes
+        ]
+    )
 
 
 async def finish_plain(conn: Connection, outcomes: Sequence[Outcome], now: float) -> dict[str, str]:
-    """Apply the outcomes of jobs nothing waits on, in one statement (atomic on its own);
+    """Apply the outcomes of jobs nothing waits on, in one statement (atomic on its own;
+    a batch over ``JSONB_LIMIT``: several, in a transaction);
     return the kind each applied one took, by id (a retry or release of a job asked to
     stop ends it cancelled).
 
     Outcomes of chain members and batch members are left for ``finish``, which
     releases their dependents in the same transaction.
     """
-    records = await conn.fetch(_FINISH_PLAIN, now, *_outcome_columns(outcomes))
+    rows = _outcome_rows(outcomes)
+    if len(rows) > JSONB_LIMIT and len(outcomes) > 1:  # halves, as insert_jobs does
+        half = len(outcomes) // 2
+        async with conn.transaction():
+            kinds = await finish_plain(conn, outcomes[:half], now)
+            kinds.update(await finish_plain(conn, outcomes[half:], now))
+        return kinds
+    records = await conn.fetch(_FINISH_PLAIN, now, rows)
     return {r["id"]: r["kind"] for r in records}
 
 
@@ -540,7 +557,13 @@ async def retry_deadlocks(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
 async def finish(conn: Connection, outcomes: Sequence[Outcome], now: float) -> dict[str, str]:
     """Apply outcomes and release what waits on them (inside a transaction); return the
     kind each applied one took, by id."""
-    records = await conn.fetch(_FINISH, now, *_outcome_columns(outcomes))
+    rows = _outcome_rows(outcomes)
+    if len(rows) > JSONB_LIMIT and len(outcomes) > 1:  # halves, as insert_jobs does
+        half = len(outcomes) // 2
+        kinds = await finish(conn, outcomes[:half], now)
+        kinds.update(await finish(conn, outcomes[half:], now))
+        return kinds
+    records = await conn.fetch(_FINISH, now, rows)
     done = {r["id"]: r for r in records}
     # Only an ending (not a retry or a release) moves a batch on.
     await lock_callbacks(conn, [r["batch_id"] for r in records if r["kind"] not in _GOES_ON])

@@ -1,5 +1,6 @@
 """A batch bigger than PostgreSQL takes in one jsonb value (256 MiB) goes in as several
-statements, still all or nothing. The limit is lowered here to a few kilobytes."""
+statements, still all or nothing: inserts, and outcomes. The limit is lowered here to a
+few kilobytes."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from typing import Any
 import pytest
 
 from asyncjobs import Jobs
-from asyncjobs.stores import NewJob, _postgres_sql
-from asyncjobs.stores._postgres_sql import insert_jobs
+from asyncjobs.stores import NewJob, Outcome, OutcomeKind, _postgres_sql
+from asyncjobs.stores._postgres_sql import finish, finish_plain, insert_jobs
 
 MakeJobs = Callable[..., Jobs]
 
@@ -25,17 +26,25 @@ def new_job(job_id: str) -> NewJob:
 
 
 class Counted:
-    """An asyncpg connection that counts the INSERT statements sent through it."""
+    """An asyncpg connection that counts the INSERT and UPDATE statements sent through it."""
 
     def __init__(self, conn: Any) -> None:
-        self.conn, self.inserts = conn, 0
+        self.conn, self.inserts, self.updates = conn, 0, 0
 
     def transaction(self) -> Any:
         return self.conn.transaction()
 
-    async def execute(self, query: str, *args: Any) -> Any:
+    def count(self, query: str) -> None:
         self.inserts += query.startswith("INSERT")
+        self.updates += query.lstrip().startswith("UPDATE")
+
+    async def execute(self, query: str, *args: Any) -> Any:
+        self.count(query)
         return await self.conn.execute(query, *args)
+
+    async def fetch(self, query: str, *args: Any) -> Any:
+        self.count(query)
+        return await self.conn.fetch(query, *args)
 
 
 async def test_a_batch_over_the_jsonb_limit_is_split_and_stays_atomic(
@@ -57,5 +66,54 @@ async def test_a_batch_over_the_jsonb_limit_is_split_and_stays_atomic(
         with pytest.raises(asyncpg.UniqueViolationError):
             await insert_jobs(conn, again, now=1.0)
         assert await conn.fetchval("SELECT count(*) FROM asyncjobs_jobs") == 60
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("apply", [finish_plain, finish], ids=["plain", "with_dependents"])
+async def test_outcomes_over_the_jsonb_limit_are_split_and_stay_atomic(
+    make_jobs: MakeJobs, postgres_url: str, monkeypatch: pytest.MonkeyPatch, apply: Any
+) -> None:
+    monkeypatch.setattr(_postgres_sql, "JSONB_LIMIT", 2_000)
+    await make_jobs(postgres_url).store.open()  # the schema
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        ids = [f"{n:032d}" for n in range(60)]
+        await insert_jobs(conn, [new_job(i) for i in ids], now=1.0)
+        await conn.execute(
+            "UPDATE asyncjobs_jobs SET status = 'running', worker = 'w', attempts = 1"
+        )
+        result = '"' + "r" * 100 + '"'  # about 9 kB of outcomes
+        outcomes = [Outcome(i, "w", 1, OutcomeKind.SUCCEEDED, result=result) for i in ids]
+        outcomes[40] = outcomes[40]._replace(
+            kind=OutcomeKind.RETRY, result=None, error="boom", run_at=5.0
+        )
+
+        async def apply_counted(outcomes: list[Outcome], now: float) -> tuple[Any, int]:
+            counted: Any = Counted(conn)
+            if apply is finish_plain:  # a transaction of its own when split
+                return await apply(counted, outcomes, now), counted.updates
+            async with conn.transaction():  # finish runs in the caller's
+                return await apply(counted, outcomes, now), counted.updates
+
+        kinds, updates = await apply_counted(outcomes, 2.0)
+        assert kinds == {o.job_id: str(o.kind) for o in outcomes}
+        assert updates >= 4
+        rows = await conn.fetch("SELECT id, status, result, error, run_at FROM asyncjobs_jobs")
+        stored = {r["id"]: (r["status"], r["result"], r["error"], r["run_at"]) for r in rows}
+        assert stored == {
+            o.job_id: ("scheduled", None, "boom", 5.0) if o.kind == OutcomeKind.RETRY
+            else ("succeeded", result, None, 0.0)
+            for o in outcomes
+        }  # fmt: skip
+
+        # A statement of the split that fails takes back the ones before it.
+        await conn.execute("UPDATE asyncjobs_jobs SET status = 'running', result = NULL")
+        unreadable: Any = "one"  # not a number: the second statement fails
+        broken = [*outcomes[:50], *[o._replace(attempt=unreadable) for o in outcomes[50:]]]
+        with pytest.raises(asyncpg.InvalidTextRepresentationError):
+            await apply_counted(broken, 3.0)
+        running = "SELECT count(*) FROM asyncjobs_jobs WHERE status = 'running'"
+        assert await conn.fetchval(running) == 60
     finally:
         await conn.close()

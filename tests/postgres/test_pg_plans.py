@@ -1,0 +1,76 @@
+"""The plans PostgreSQL picks for the hot statements, with the statistics it really has.
+
+The table's statistics are gathered while few jobs run (as autovacuum sees a working
+queue: most rows finished or waiting), and a batch is then finished while many run.
+A plan that trusts "few running" and walks the running rows first does work in
+proportion to running rows times batch size; these tests hold each statement to work
+in proportion to its batch. They read plans, not clocks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from asyncjobs.stores import NewJob, open_store
+from asyncjobs.stores._postgres_sql import _FINISH, _FINISH_PLAIN
+
+asyncpg = pytest.importorskip("asyncpg")
+
+RUNNING, BATCH = 250, 100
+
+
+def nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from nodes(child)
+
+
+def new_job(n: int) -> NewJob:
+    return NewJob(
+        id=f"job-{n:05d}", task="t", queue="default", payload='{"args":[],"kwargs":{}}',
+        status="queued", priority=0, run_at=0.0, max_attempts=3,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("jobs", [300, 3_000])
+@pytest.mark.parametrize("analyzed", [False, True], ids=["fresh", "analyzed"])
+@pytest.mark.parametrize("statement", [_FINISH_PLAIN, _FINISH], ids=["plain", "with_dependents"])
+async def test_finishing_a_batch_compares_each_outcome_with_its_own_row_only(
+    postgres_url: str, statement: str, analyzed: bool, jobs: int
+) -> None:
+    store = open_store(postgres_url)
+    await store.open()
+    try:
+        await store.insert([new_job(n) for n in range(jobs)], now=1.0)
+    finally:
+        await store.close()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        if analyzed:
+            await conn.execute("ANALYZE asyncjobs_jobs")  # no job running
+        await conn.execute(
+            "UPDATE asyncjobs_jobs SET status = 'running', worker = 'w', attempts = 1 "
+            "WHERE seq <= $1",
+            RUNNING,
+        )
+        rows = [(f"job-{n:05d}", "w", 1, "succeeded", None, None, None, None) for n in range(BATCH)]
+        # The plan a prepared statement settles on after its first executions.
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        await conn.execute("PREPARE finish AS " + statement)
+        text = await conn.fetchval(
+            f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE finish(2.0, '{json.dumps(rows)}')"
+        )
+        plan = json.loads(text)[0]["Plan"]
+    finally:
+        await conn.close()
+
+    assert plan["Actual Rows"] == BATCH
+    for node in nodes(plan):
+        # The outcomes are read once, and no row is compared with every outcome.
+        if node["Node Type"] == "Function Scan":
+            assert node["Actual Loops"] == 1, node
+        assert node.get("Rows Removed by Join Filter", 0) <= BATCH, node
