@@ -71,15 +71,19 @@ _INSERT_COLUMNS = (
     "idempotency_key, group_key, chain_next, batch_id, rate_key, attempts, started_at, "
     "lease_until, worker, claim_token, key_pending"
 )
-_ON_CONFLICT = {
-    False: "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
-    True: "ON CONFLICT DO NOTHING",
-}
-"""By ``again``: a stored idempotency key wins; inserted again, a stored id wins too (the
-store's retry after the reply to an insert that committed was lost with the connection)."""
+_ON_KEY_CONFLICT = "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+"""A stored idempotency key wins (written only when a job has a key: an insert that
+may conflict checks each row before it goes in, and that costs a twentieth of it)."""
+_ON_ANY_CONFLICT = "ON CONFLICT DO NOTHING"
+"""Inserted again, a stored id wins too (the store's retry after the reply to an insert
+that committed was lost with the connection)."""
 
 
-def _insert_sql(table: str, *, rows: int, again: bool = False) -> str:
+def _on_conflict(*, again: bool, keyed: bool) -> str:
+    return _ON_ANY_CONFLICT if again else _ON_KEY_CONFLICT if keyed else ""
+
+
+def _insert_sql(table: str, *, rows: int, again: bool, keyed: bool) -> str:
     """The INSERT of ``rows`` jobs: $1 is ``now``; for a single job, one parameter per
     column; for several, $2 is a JSON array of rows, one array of column values each
     (``_job_values``). One JSON text costs the client far less to encode than one
@@ -92,7 +96,8 @@ def _insert_sql(table: str, *, rows: int, again: bool = False) -> str:
             "VALUES ($2, $3, $4, $5, $6, $7, $8, $9, $10, $1, $11, $12, $13, $14, $15, "
             "CASE WHEN $17::text IS NULL THEN 0 ELSE 1 END, "
             "CASE WHEN $17::text IS NULL THEN NULL ELSE $1::float8 END, $16, $17, "
-            "CASE WHEN $17::text IS NULL THEN NULL ELSE $19::text END, $18) " + _ON_CONFLICT[again]
+            "CASE WHEN $17::text IS NULL THEN NULL ELSE $19::text END, $18) "
+            + _on_conflict(again=again, keyed=keyed)
         )
     return (
         f"INSERT INTO {table} ({_INSERT_COLUMNS}) "  # noqa: S608 - identifier, constants
@@ -102,7 +107,7 @@ def _insert_sql(table: str, *, rows: int, again: bool = False) -> str:
         "CASE WHEN j->>15 IS NULL THEN NULL ELSE $1::float8 END, (j->>14)::float8, j->>15, "
         "CASE WHEN j->>15 IS NULL THEN NULL ELSE $3::text END, (j->>16)::boolean "
         "FROM jsonb_array_elements($2::jsonb) WITH ORDINALITY AS n(j, ord) "
-        "ORDER BY ord " + _ON_CONFLICT[again]
+        "ORDER BY ord " + _on_conflict(again=again, keyed=keyed)
     )
 
 
@@ -177,9 +182,10 @@ async def insert_jobs(
                     conn, jobs[half:], now, table=table, again=again, claim_token=claim_token
                 )
             return Inserted([*first, *rest], seqs={**first.seqs, **rest.seqs}, at=now)
-    query = _insert_sql(table, rows=len(jobs), again=again)
+    keyed = any(j.idempotency_key is not None for j in jobs)
+    query = _insert_sql(table, rows=len(jobs), again=again, keyed=keyed)
     dispatched = any(j.worker is not None for j in jobs)
-    if not dispatched and all(j.idempotency_key is None for j in jobs):
+    if not dispatched and not keyed:
         await conn.execute(query, now, *params, claim_token)
         return Inserted([j.id for j in jobs], at=now)
     inserted = await conn.fetch(
