@@ -12,6 +12,11 @@ installed is skipped with a note). Measured per system:
 - bulk enqueue: ``--jobs`` jobs in batches of 500 (jobs/s);
 - throughput: the same no-op jobs run by a worker with concurrency ``--concurrency``
   from the moment it starts until the last one finished (jobs/s).
+
+``--analyze`` runs ANALYZE in each system's database between the enqueue and the run,
+as autovacuum does on a live server within a minute or so of a burst. Without it the
+run reads tables PostgreSQL has never analysed, whose plans can differ: asyncjobs'
+claim then sorts every due job of its tasks (see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -79,6 +84,22 @@ def summarize(system: str, lat: list[float], n: int, bulk_s: float, run_s: float
     )
 
 
+Settle = Callable[[str], Awaitable[None]]
+"""Run between the enqueue and the run, on the system's database URL."""
+
+
+async def analyze(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("ANALYZE")
+    finally:
+        await conn.close()
+
+
+async def leave_alone(url: str) -> None:
+    return None
+
+
 class Counter:
     def __init__(self, target: int) -> None:
         self.target, self.n, self.done = target, 0, asyncio.Event()
@@ -89,7 +110,7 @@ class Counter:
             self.done.set()
 
 
-async def bench_asyncjobs(url: str, n: int, n_lat: int, concurrency: int) -> Result:
+async def bench_asyncjobs(url: str, n: int, n_lat: int, concurrency: int, settle: Settle) -> Result:
     counter = Counter(n + n_lat)
     jobs = Jobs(url, concurrency=concurrency, poll_interval=0.5)
 
@@ -107,6 +128,7 @@ async def bench_asyncjobs(url: str, n: int, n_lat: int, concurrency: int) -> Res
             ]
             await jobs.enqueue_many(specs)
         bulk_s = time.perf_counter() - start
+        await settle(url)
         start = time.perf_counter()
         async with jobs:
             await counter.done.wait()
@@ -116,7 +138,9 @@ async def bench_asyncjobs(url: str, n: int, n_lat: int, concurrency: int) -> Res
     return summarize("asyncjobs", lat, n, bulk_s, run_s)
 
 
-async def bench_procrastinate(url: str, n: int, n_lat: int, concurrency: int) -> Result:
+async def bench_procrastinate(
+    url: str, n: int, n_lat: int, concurrency: int, settle: Settle
+) -> Result:
     import procrastinate
 
     counter = Counter(n + n_lat)
@@ -133,6 +157,7 @@ async def bench_procrastinate(url: str, n: int, n_lat: int, concurrency: int) ->
         for first in range(0, n, 500):
             await noop.batch_defer_async(*[{"i": i} for i in range(first, min(n, first + 500))])
         bulk_s = time.perf_counter() - start
+        await settle(url)
         start = time.perf_counter()
         await app.run_worker_async(concurrency=concurrency, wait=False)
         run_s = time.perf_counter() - start
@@ -140,7 +165,7 @@ async def bench_procrastinate(url: str, n: int, n_lat: int, concurrency: int) ->
     return summarize("procrastinate", lat, n, bulk_s, run_s)
 
 
-async def bench_pgqueuer(url: str, n: int, n_lat: int, concurrency: int) -> Result:
+async def bench_pgqueuer(url: str, n: int, n_lat: int, concurrency: int, settle: Settle) -> Result:
     from pgqueuer.qm import QueueManager
     from pgqueuer.queries import Queries
     from pgqueuer.types import QueueExecutionMode
@@ -157,6 +182,7 @@ async def bench_pgqueuer(url: str, n: int, n_lat: int, concurrency: int) -> Resu
             payloads: list[bytes | None] = [str(first + k).encode() for k in range(size)]
             await queries.enqueue(["noop"] * size, payloads, [0] * size)
         bulk_s = time.perf_counter() - start
+        await settle(url)
         qm = QueueManager(queries)
 
         @qm.entrypoint("noop")
@@ -176,7 +202,7 @@ async def bench_pgqueuer(url: str, n: int, n_lat: int, concurrency: int) -> Resu
     return summarize("pgqueuer", lat, n, bulk_s, run_s)
 
 
-PEERS: dict[str, Callable[[str, int, int, int], Awaitable[Result]]] = {
+PEERS: dict[str, Callable[[str, int, int, int, Settle], Awaitable[Result]]] = {
     "asyncjobs": bench_asyncjobs,
     "procrastinate": bench_procrastinate,
     "pgqueuer": bench_pgqueuer,
@@ -200,18 +226,23 @@ async def main() -> None:
     parser.add_argument("--latency", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--only", nargs="*", choices=list(PEERS), default=list(PEERS))
+    parser.add_argument("--analyze", action="store_true", help="ANALYZE before each run")
     args = parser.parse_args()
+    settle = analyze if args.analyze else leave_alone
     results: list[Result] = []
     for system in args.only:
         try:
             async with fresh_database(args.dsn, system) as url:
-                results.append(await PEERS[system](url, args.jobs, args.latency, args.concurrency))
+                results.append(
+                    await PEERS[system](url, args.jobs, args.latency, args.concurrency, settle)
+                )
         except ImportError as error:
             print(f"note: {system} skipped, not installed ({error.name}); "
                   "pip install 'asyncjobs[bench]'")  # fmt: skip
     print(
         f"\nPostgreSQL, {args.jobs} no-op jobs (+{args.latency} latency probes), "
-        f"concurrency {args.concurrency}, one process\n"
+        f"concurrency {args.concurrency}, one process"
+        f"{', tables analysed before the run' if args.analyze else ''}\n"
     )
     base = next((r for r in results if r.system == "asyncjobs"), None)
     header = (
