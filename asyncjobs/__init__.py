@@ -6,10 +6,12 @@ from asyncjobs._asgi import JobsMiddleware
 from asyncjobs._errors import (
     AsyncJobsError,
     ConfigurationError,
+    DataRefused,
     JobFailed,
     NotSerializable,
     PayloadTooLarge,
     Retry,
+    RetryRefused,
     StoreError,
     TaskNotRegistered,
 )
@@ -30,6 +32,7 @@ __all__ = [
     "BatchProgress",
     "Chain",
     "ConfigurationError",
+    "DataRefused",
     "Job",
     "JobContext",
     "JobFailed",
@@ -42,6 +45,7 @@ __all__ = [
     "PayloadTooLarge",
     "RateLimit",
     "Retry",
+    "RetryRefused",
     "ScheduleInfo",
     "StoreError",
     "Task",

@@ -135,3 +135,19 @@ def test_the_design_contract_job_info_fields_and_statuses() -> None:
     assert [str(s) for s in JobStatus] == [
         "waiting", "scheduled", "queued", "running", "succeeded", "dead", "cancelled",
     ]  # fmt: skip
+
+
+def test_every_error_asyncjobs_raises_can_be_caught_by_name() -> None:
+    """Each class of the error tree (``asyncjobs._errors``) is importable from
+    ``asyncjobs``: a caller handles ``RetryRefused`` or ``DataRefused`` by name."""
+    import asyncjobs
+    from asyncjobs import _errors
+
+    errors = {
+        name
+        for name, value in vars(_errors).items()
+        if isinstance(value, type) and issubclass(value, Exception)
+        and value.__module__ == _errors.__name__
+    }  # fmt: skip
+    assert {"DataRefused", "Retry", "RetryRefused"} <= errors
+    assert errors - set(asyncjobs.__all__) == set()
