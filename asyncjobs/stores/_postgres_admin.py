@@ -80,6 +80,8 @@ _REQUEUE = (
 )
 """A manual retry: queued now, with one more attempt than it had (``run_at`` is $1), and
 no longer asked to stop if it was cancelled while running."""
+PREDECESSOR = "SELECT status, result FROM asyncjobs_jobs WHERE chain_next = $1 FOR UPDATE"
+"""The chain member before a job, locked (index asyncjobs_jobs_chain_next, migration 0012)."""
 
 
 async def retry(conn: Connection, job_id: str, now: float, *, or_skip: bool = False) -> bool:
@@ -97,11 +99,8 @@ async def retry(conn: Connection, job_id: str, now: float, *, or_skip: bool = Fa
     if row["attempts"] == 0:  # it may wait again for the chain member before it
         # That one first, as its finish and its deletion lock it before this job:
         # read unlocked, it could be finishing or deleted unseen, and nothing
-        # would release this job from waiting. (chain_next has no index: only
-        # for jobs that never ran.)
-        predecessor = await conn.fetchrow(
-            "SELECT status, result FROM asyncjobs_jobs WHERE chain_next = $1 FOR UPDATE", job_id
-        )
+        # would release this job from waiting.
+        predecessor = await conn.fetchrow(PREDECESSOR, job_id)
         if predecessor is None and wants(row["options"], RESULT_FLAG):
             if or_skip:
                 return False

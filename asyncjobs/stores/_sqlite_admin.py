@@ -99,6 +99,8 @@ def _requeue_dead_batch(
 
 _RETRYABLE_ROW = f"SELECT attempts, options FROM asyncjobs_jobs WHERE id = ? AND {RETRYABLE}"  # noqa: S608
 _REQUEUE_ONE = f"UPDATE asyncjobs_jobs SET {_REQUEUE} WHERE id = ?"  # noqa: S608 - constant
+PREDECESSOR = "SELECT status, result FROM asyncjobs_jobs WHERE chain_next = ?"
+"""The chain member before a job (index asyncjobs_jobs_chain_next, migration 0011)."""
 
 
 def _retry(db: sqlite3.Connection, job_id: str, now: float, *, or_skip: bool = False) -> bool:
@@ -112,10 +114,7 @@ def _retry(db: sqlite3.Connection, job_id: str, now: float, *, or_skip: bool = F
     attempts, options = row
     predecessor = None
     if attempts == 0:  # never ran: it may have been cancelled while it waited
-        # chain_next has no index: only for jobs that never ran.
-        predecessor = db.execute(
-            "SELECT status, result FROM asyncjobs_jobs WHERE chain_next = ?", (job_id,)
-        ).fetchone()
+        predecessor = db.execute(PREDECESSOR, (job_id,)).fetchone()
         if predecessor is None and wants(options, RESULT_FLAG):
             if or_skip:
                 return False

@@ -1,0 +1,53 @@
+"""A chain member retried by hand before it ran finds the member before it by one index
+lookup, not by reading every job (migration 0011 on SQLite, 0012 on PostgreSQL)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from asyncjobs.stores import NewJob, Store, _postgres_admin, _sqlite_admin
+from asyncjobs.stores._sqlite import SQLiteStore
+
+
+def member(n: int, chain_next: str | None) -> NewJob:
+    return NewJob(
+        id=f"job-{n:04d}", task="t", queue="default", payload='{"args":[],"kwargs":{}}',
+        status="queued", priority=0, run_at=0.0, max_attempts=3, chain_next=chain_next,
+    )  # fmt: skip
+
+
+async def test_the_member_before_a_job_is_found_through_an_index(
+    store: Store, backend_url: str
+) -> None:
+    # Chains of two among plain jobs: enough rows that a scan would be planned.
+    jobs = [member(n, f"job-{n + 1:04d}" if n % 10 == 0 else None) for n in range(2_000)]
+    await store.insert(jobs, now=1.0)
+
+    if isinstance(store, SQLiteStore):
+        path = backend_url.removeprefix("sqlite:///")
+        with sqlite3.connect(path) as db:
+            db.execute("ANALYZE")
+            plan = " ".join(
+                row[-1]
+                for row in db.execute(
+                    "EXPLAIN QUERY PLAN " + _sqlite_admin.PREDECESSOR, ("job-0001",)
+                )
+            )
+            assert db.execute(_sqlite_admin.PREDECESSOR, ("job-0001",)).fetchone() == (
+                "queued",
+                None,
+            )
+    else:
+        import asyncpg
+
+        conn = await asyncpg.connect(backend_url)
+        try:
+            await conn.execute("ANALYZE asyncjobs_jobs")
+            async with conn.transaction():
+                rows = await conn.fetch("EXPLAIN " + _postgres_admin.PREDECESSOR, "job-0001")
+                plan = " ".join(r[0] for r in rows)
+                found = await conn.fetchrow(_postgres_admin.PREDECESSOR, "job-0001")
+            assert found is not None and tuple(found) == ("queued", None)
+        finally:
+            await conn.close()
+    assert "asyncjobs_jobs_chain_next" in plan, plan
