@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from asyncjobs import Jobs
+from asyncjobs._metrics import ASGIApp
 from asyncjobs.testing import FakeClock, drain
 
 USER, PASSWORD = "ops", "correct horse battery staple"
@@ -89,27 +90,31 @@ async def mix(tmp_path: Path) -> AsyncIterator[tuple[Jobs, Path, dict[str, str]]
         await jobs.close()
 
 
-def client(jobs: Jobs) -> httpx.AsyncClient:
-    app = jobs.dashboard(auth=(USER, PASSWORD))
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://dash")
+def client(jobs: Jobs, app: ASGIApp | None = None, address: str = "127.0.0.1") -> httpx.AsyncClient:
+    app = app or jobs.dashboard(auth=(USER, PASSWORD))
+    transport = httpx.ASGITransport(app=app, client=(address, 123))
+    return httpx.AsyncClient(transport=transport, base_url="http://dash")
 
 
 async def test_every_route_refuses_missing_wrong_and_malformed_credentials(
     mix: tuple[Jobs, Path, dict[str, str]],
 ) -> None:
+    """Each request from its own address: one address is locked out (429) after five
+    wrong logins, before its credentials are checked (tests/dashboard/test_dashboard_lockout.py)."""
     jobs, path, ids = mix
     before = snapshot(path)
+    app = jobs.dashboard(auth=(USER, PASSWORD))
     tried = 0
-    async with client(jobs) as http:
-        for headers in BAD_CREDENTIALS:
-            for route in ROUTES_GET + ROUTES_POST:
-                url = route.format(id=ids["dead"])
-                method = "GET" if route in ROUTES_GET else "POST"
+    for headers in BAD_CREDENTIALS:
+        for route in ROUTES_GET + ROUTES_POST:
+            url = route.format(id=ids["dead"])
+            method = "GET" if route in ROUTES_GET else "POST"
+            async with client(jobs, app, address=f"10.0.0.{tried}") as http:
                 response = await http.request(method, url, headers=headers)
-                assert response.status_code == 401, (headers, route, response.status_code)
-                assert ids["dead"] not in response.text
-                assert SCRIPT not in response.text
-                tried += 1
+            assert response.status_code == 401, (headers, route, response.status_code)
+            assert ids["dead"] not in response.text
+            assert SCRIPT not in response.text
+            tried += 1
     assert tried == len(BAD_CREDENTIALS) * 7
     assert snapshot(path) == before
 
