@@ -2,7 +2,8 @@
 
 Starlette + Jinja2 (``pip install 'asyncjobs[dashboard]'``), server-rendered, no
 JavaScript. ``app.py`` holds the pages and actions, ``auth.py`` authentication
-and CSRF protection, ``templates/`` the HTML (autoescaped).
+and CSRF protection, ``lockout.py`` the limit on guessing basic-auth passwords,
+``templates/`` the HTML (autoescaped).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ __all__ = ["dashboard_app"]
 
 def dashboard_app(jobs: Jobs, *, auth: object) -> ASGIApp:
     """Build the dashboard for ``jobs``; refuses to build without ``auth``."""
-    authenticator = Authenticator(auth)
+    authenticator = Authenticator(auth, jobs.clock)
     try:
         import jinja2  # noqa: F401
         import starlette  # noqa: F401

@@ -98,14 +98,9 @@ class Dashboard:
                 message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
             await send(message)
 
-        request = Request(scope, receive)
-        try:
-            allowed = await self.auth.allowed(request)
-        except Exception:
-            logger.exception("the dashboard's auth callable failed; refusing the request")
-            allowed = False
-        if not allowed:
-            await self.auth.denied()(scope, receive, send_secure)
+        refusal = await self.auth.refusal(Request(scope, receive))
+        if refusal is not None:
+            await refusal(scope, receive, send_secure)
             return
         await self.app(scope, receive, send_secure)
 
