@@ -47,7 +47,8 @@ async def test_the_member_before_a_job_is_found_through_an_index(
                 rows = await conn.fetch("EXPLAIN " + _postgres_admin.PREDECESSOR, "job-0001")
                 plan = " ".join(r[0] for r in rows)
                 found = await conn.fetchrow(_postgres_admin.PREDECESSOR, "job-0001")
-            assert found is not None and tuple(found) == ("queued", None)
+            assert found is not None
+            assert tuple(found) == ("queued", None)
         finally:
             await conn.close()
     assert "asyncjobs_jobs_chain_next" in plan, plan
