@@ -51,11 +51,13 @@ from asyncjobs.stores import _postgres_sql as sql
 from asyncjobs.stores import redacted
 from asyncjobs.stores._postgres_connections import NotSent, Place, _Connections, backoff
 from asyncjobs.stores._postgres_sql import (
+    PREVIEW_SELECT,
     SELECT,
     Write,
     insert_jobs,
     job_row,
     notify,
+    preview_row,
     retry_deadlocks,
 )
 from asyncjobs.stores._protocol import (
@@ -447,8 +449,9 @@ class PostgresStore(_Connections):
         limit: int = 100,
         before_seq: int | None = None,
         now: float,
+        preview: int | None = None,
     ) -> list[JobRow]:
-        params: list[Any] = []
+        params: list[Any] = [] if preview is None else [preview + 1]  # PREVIEW_SELECT's $1
         where = _status_filter(status, now, params)
         if queue is not None:
             params.append(queue)
@@ -460,12 +463,16 @@ class PostgresStore(_Connections):
             params.append(before_seq)
             where.append(f"seq < ${len(params)}")
         sql = f"SELECT {SELECT} FROM asyncjobs_jobs"  # noqa: S608 - constant columns
+        if preview is not None:
+            sql = f"SELECT {PREVIEW_SELECT} FROM asyncjobs_jobs"  # noqa: S608 - constant
         if where:
             sql += " WHERE " + " AND ".join(where)
         params.append(limit)
         sql += f" ORDER BY seq DESC LIMIT ${len(params)}"
         records = await self._run("list", lambda conn: conn.fetch(sql, *params))
-        return [job_row(r) for r in records]
+        if preview is None:
+            return [job_row(r) for r in records]
+        return [preview_row(r, preview) for r in records]
 
     async def retry(self, job_id: str, *, now: float) -> bool:
         async def retry(conn: Connection) -> bool:

@@ -29,6 +29,7 @@ from asyncjobs.stores._dependents import (
 )
 from asyncjobs.stores._postgres_limits import choose as choose_limited
 from asyncjobs.stores._protocol import (
+    PREVIEWED,
     Applied,
     Claimed,
     ClaimRequest,
@@ -38,6 +39,7 @@ from asyncjobs.stores._protocol import (
     Outcome,
     OutcomeKind,
     RateKeyed,
+    previewed,
 )
 
 if TYPE_CHECKING:
@@ -62,8 +64,25 @@ COLUMNS = (
 SELECT = ", ".join(COLUMNS)
 
 
+# list(preview=N): the PREVIEWED columns read as their first N + 1 characters ($1; on
+# a TOASTed value substr reads only that slice), then the size of each in bytes
+# (octet_length reads the TOAST header, not the value): a list view reads a bounded start
+# of a 64 MiB result, and sees whether (and how much) was left out.
+PREVIEW_SELECT = (
+    ", ".join(f"substr({c}, 1, $1) AS {c}" if c in PREVIEWED else c for c in COLUMNS)
+    + ", "
+    + ", ".join(f"octet_length({c}) AS {c}_size" for c in PREVIEWED)
+)
+_PREVIEW_SIZES = tuple(f"{c}_size" for c in PREVIEWED)
+
+
 def job_row(record: asyncpg.Record) -> JobRow:
     return JobRow._make(record[name] for name in COLUMNS)
+
+
+def preview_row(record: asyncpg.Record, preview: int) -> JobRow:
+    """A row read with ``PREVIEW_SELECT``, as ``list(preview=...)`` returns it."""
+    return previewed(job_row(record), preview, [record[name] for name in _PREVIEW_SIZES])
 
 
 _INSERT_COLUMNS = (

@@ -114,6 +114,38 @@ class JobRow(NamedTuple):
     batch_id: str | None
 
 
+PREVIEWED = ("payload", "result", "error")
+"""The columns ``Store.list(preview=N)`` reads only the start of: each may be megabytes."""
+
+
+class Preview(str):
+    """The first characters of a longer stored value, as ``Store.list(preview=N)`` gives
+    ``payload``, ``result`` or ``error``: ``size`` is the whole value's length in bytes
+    (UTF-8). A JSON value cut short no longer parses; ``Store.get`` reads it whole."""
+
+    size: int
+
+    def __new__(cls, text: str, size: int) -> Preview:
+        self = super().__new__(cls, text)
+        self.size = size
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:  # copy.deepcopy (dataclasses.asdict) keeps it
+        return (Preview, (str(self), self.size))
+
+
+def previewed(row: JobRow, preview: int, sizes: Sequence[int | None]) -> JobRow:
+    """``row`` as ``list(preview=...)`` returns it, from a row whose ``PREVIEWED`` columns
+    were read as their first ``preview + 1`` characters, and ``sizes``, the bytes of each
+    whole: a value with more than ``preview`` becomes a ``Preview`` of that many."""
+    cut: dict[str, Any] = {
+        name: Preview(value[:preview], size or 0)
+        for name, size in zip(PREVIEWED, sizes, strict=True)
+        if isinstance(value := getattr(row, name), str) and len(value) > preview
+    }
+    return row._replace(**cut) if cut else row
+
+
 class OutcomeKind(enum.StrEnum):
     SUCCEEDED = "succeeded"
     RETRY = "retry"  # back to scheduled at run_at; the attempt is spent
@@ -341,10 +373,16 @@ class Store(Protocol):
         limit: int = 100,
         before_seq: int | None = None,
         now: float,
+        preview: int | None = None,
     ) -> list[JobRow]:
         """Jobs newest first. ``status="scheduled"``/``"queued"`` follow ``run_at``;
         ``status="dead"`` takes the jobs with a status not in ``STATUSES`` too, as they
-        read as dead (``DEAD_AS_READ``, in ``_statuses.py``)."""
+        read as dead (``DEAD_AS_READ``, in ``_statuses.py``).
+
+        ``preview`` (a number of characters, at least 0) is for list views: the database
+        reads at most that many of each ``payload``, ``result`` and ``error`` (a result
+        may be 64 MiB), and a longer value comes back as a ``Preview`` of its start
+        (``previewed``). None reads them whole."""
         ...
 
     async def retry(self, job_id: str, *, now: float) -> bool:

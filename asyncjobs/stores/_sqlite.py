@@ -46,6 +46,7 @@ import anyio.to_thread
 
 from asyncjobs._errors import ConfigurationError, DataRefused, StoreError
 from asyncjobs.stores._protocol import (
+    PREVIEWED,
     SLOT_KEY,
     ClaimRequest,
     Inserted,
@@ -56,6 +57,7 @@ from asyncjobs.stores._protocol import (
     RateKeyed,
     Recovered,
     WorkerBeat,
+    previewed,
 )
 from asyncjobs.stores._sqlite_admin import (
     ADMIN_BATCH,
@@ -85,7 +87,9 @@ from asyncjobs.stores._sqlite_side import (
 )
 from asyncjobs.stores._sqlite_sql import (
     _INSERT_CHUNK,
+    _PREVIEW_SELECT,
     _SELECT,
+    COLUMNS,
     _batch_counts,
     _cancel,
     _claim,
@@ -546,6 +550,7 @@ class SQLiteStore:
         limit: int = 100,
         before_seq: int | None = None,
         now: float,
+        preview: int | None = None,
     ) -> list[JobRow]:
         where, params = _status_filter(status, now)
         if queue is not None:
@@ -558,11 +563,18 @@ class SQLiteStore:
             where.append("seq < ?")
             params.append(before_seq)
         sql = f"SELECT {_SELECT} FROM asyncjobs_jobs"  # noqa: S608 - constant columns
+        if preview is not None:
+            sql = f"SELECT {_PREVIEW_SELECT} FROM asyncjobs_jobs"  # noqa: S608 - constant
+            params[:0] = [preview + 1] * len(PREVIEWED)  # its substr()s' ?s come first
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY seq DESC LIMIT ?"
         params.append(limit)
-        return [_row(r) for r in await self._read_call(_fetchall, sql, tuple(params))]
+        rows = await self._read_call(_fetchall, sql, tuple(params))
+        if preview is None:
+            return [_row(r) for r in rows]
+        n = len(COLUMNS)
+        return [previewed(_row(r[:n]), preview, r[n:]) for r in rows]
 
     async def retry(self, job_id: str, *, now: float) -> bool:
         return await self._transaction(_retry, job_id, now)

@@ -25,6 +25,7 @@ from asyncjobs.stores._dependents import (
     with_batch,
 )
 from asyncjobs.stores._protocol import (
+    PREVIEWED,
     Applied,
     Claimed,
     ClaimRequest,
@@ -48,6 +49,14 @@ COLUMNS = (
     "progress_message", "chain_next", "batch_id",
 )  # fmt: skip
 _SELECT = ", ".join(COLUMNS)
+# list(preview=N): the PREVIEWED columns read as their first N + 1 characters (one ?
+# each, in COLUMNS' order), then the size of each in bytes: a list view reads a bounded
+# start of a 64 MiB result, and sees whether (and how much) was left out.
+_PREVIEW_SELECT = (
+    ", ".join(f"substr({c}, 1, ?)" if c in PREVIEWED else c for c in COLUMNS)
+    + ", "
+    + ", ".join(f"length(CAST({c} AS BLOB))" for c in PREVIEWED)
+)
 
 
 def _row(values: Sequence[Any]) -> JobRow:

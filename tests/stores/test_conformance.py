@@ -21,6 +21,7 @@ from asyncjobs.stores import (
     NewJob,
     Outcome,
     OutcomeKind,
+    Preview,
     Store,
     TaskLimits,
     open_store,
@@ -628,6 +629,58 @@ async def test_list_is_newest_first_with_filters(store: Store) -> None:
     assert c is not None
     assert [r.id for r in await store.list(before_seq=c.seq, now=T0)] == ["b", "a"]
     assert await store.list(status="dead", now=T0) == []
+
+
+async def test_list_with_a_preview_reads_only_the_start_of_big_values(store: Store) -> None:
+    """``preview=N``: at most N characters of each payload, result and error, a value cut
+    short marked (a ``Preview`` with the whole value's size in bytes); none: whole."""
+    payload = json.dumps({"args": ["p" * 3_000_000], "kwargs": {}})
+    result = json.dumps("r" * 3_000_000)
+    error = "\u00e9" * 1_000_000  # 2 bytes each in UTF-8: sizes are bytes, previews characters
+    await store.insert([new("big", payload=payload), new("small"), new("failed")], now=T0)
+    rows = {r.id: r for r in await claim(store, max_attempts=1)}
+    await store.finish(
+        [
+            outcome(rows["big"], OutcomeKind.SUCCEEDED, result=result),
+            outcome(rows["small"], OutcomeKind.SUCCEEDED, result="1"),
+            outcome(rows["failed"], OutcomeKind.DEAD, error=error),
+        ],
+        now=T0 + 1,
+    )
+    listed = {r.id: r for r in await store.list(now=T0 + 1, preview=100)}
+    big, small, failed = listed["big"], listed["small"], listed["failed"]
+    assert isinstance(big.payload, Preview)
+    assert big.payload == payload[:100]
+    assert big.payload.size == len(payload)
+    assert isinstance(big.result, Preview)
+    assert big.result == result[:100]
+    assert big.result.size == len(result)
+    assert isinstance(failed.error, Preview)
+    assert failed.error == error[:100]
+    assert failed.error.size == 2 * len(error)
+    assert failed.result is None
+    assert big.error is None
+    # What fits is whole, and plain text; the other columns are as ``get`` reads them.
+    assert small.payload == '{"args": [], "kwargs": {}}'
+    assert small.result == "1"
+    assert not isinstance(small.payload, Preview)
+    assert not isinstance(small.result, Preview)
+    assert big._replace(payload=payload, result=result) == await store.get("big")
+    exact = await store.list(limit=1, now=T0 + 1, preview=len(error))
+    assert not isinstance(exact[0].error, Preview)  # "failed", newest: exactly N is whole
+    assert exact[0].error == error
+    # Filters, paging and limits work with a preview as without.
+    assert [r.id for r in await store.list(status="dead", now=T0 + 1, preview=0)] == ["failed"]
+    assert [r.id for r in await store.list(before_seq=small.seq, now=T0 + 1, preview=5)] == ["big"]
+    (zero,) = await store.list(status="dead", now=T0 + 1, preview=0)
+    assert zero.error == ""
+    assert isinstance(zero.error, Preview)
+    # Without a preview every value is read whole.
+    whole = {r.id: r for r in await store.list(now=T0 + 1)}
+    assert whole["big"].payload == payload
+    assert whole["big"].result == result
+    assert whole["failed"].error == error
+    assert not isinstance(whole["big"].result, Preview)
 
 
 async def test_counts_split_pending_jobs_by_run_at(store: Store) -> None:
