@@ -21,6 +21,7 @@ from asyncjobs._errors import RetryRefused
 from asyncjobs._models import FINISHED, JobStatus, info_from_row
 from asyncjobs._settings import is_name
 from asyncjobs._stats import human_duration
+from asyncjobs.stores import Preview
 
 if TYPE_CHECKING:
     from asyncjobs._jobs import Jobs
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("asyncjobs")
 
 PAGE_SIZE = 50
+LIST_PREVIEW = 1_000
+"""The most of each job's payload, result and error the job list reads (characters,
+``Store.list(preview=...)``): a result may be 64 MiB, and the list shows 80 characters
+of the arguments. Longer arguments are shown as the start of their stored JSON text."""
 JOB_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")  # fullmatch: a $ takes a trailing newline
 """Job ids are URL-safe tokens (uuid hex); anything else is refused before the store."""
 MAX_FORM_BYTES = 16 * 1024
@@ -131,13 +136,23 @@ class Dashboard:
             before = int(before_text)
         now = self.jobs.clock.now()
         rows = await self.jobs.store.list(
-            status=status, queue=queue, task=task, limit=PAGE_SIZE + 1, before_seq=before, now=now
+            status=status,
+            queue=queue,
+            task=task,
+            limit=PAGE_SIZE + 1,
+            before_seq=before,
+            now=now,
+            preview=LIST_PREVIEW,
         )
         page = rows[:PAGE_SIZE]
         return await self.render(
             request,
             "jobs.html",
-            jobs=[info_from_row(row, now) for row in page],
+            # With the payload when it was cut short: its arguments no longer parse.
+            jobs=[
+                (info_from_row(row, now), row.payload if isinstance(row.payload, Preview) else None)
+                for row in page
+            ],
             status=status,
             queue=queue,
             task=task,

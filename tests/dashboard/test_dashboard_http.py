@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+from typing import Any
 
 import httpx
 import pytest
@@ -21,9 +22,9 @@ from starlette.requests import Request
 from starlette.routing import Mount
 
 from asyncjobs import ConfigurationError, Jobs, JobStatus
-from asyncjobs._dashboard.app import SHOWN_CHARS
+from asyncjobs._dashboard.app import LIST_PREVIEW, SHOWN_CHARS
 from asyncjobs._execution import MAX_ERROR_CHARS
-from asyncjobs.stores import ClaimRequest, TaskLimits
+from asyncjobs.stores import ClaimRequest, JobRow, TaskLimits
 from asyncjobs.testing import FakeClock
 
 AUTH = httpx.BasicAuth(USER, PASSWORD)
@@ -282,11 +283,13 @@ async def test_a_lone_surrogate_in_arguments_or_result_is_shown_escaped(jobs: Jo
 
 
 async def test_the_list_cuts_long_arguments_short(jobs: Jobs) -> None:
+    """Arguments the list reads whole (``LIST_PREVIEW``) are shown as JSON, cut short."""
+
     @jobs.task(name="big")
     async def big(blob: str, *, note: str = "") -> None: ...
 
-    await jobs.enqueue(big, "x" * 10_000)
-    await jobs.enqueue(big, "y", note="z" * 10_000)
+    await jobs.enqueue(big, "x" * (LIST_PREVIEW - 100))
+    await jobs.enqueue(big, "y", note="z" * (LIST_PREVIEW - 100))
     async with client_for(jobs, login=True) as client:
         page = await client.get("/jobs")
     assert page.status_code == 200
@@ -294,6 +297,48 @@ async def test_the_list_cuts_long_arguments_short(jobs: Jobs) -> None:
     assert "z" * 100 not in page.text
     assert '["xxxx' in page.text
     assert '["y"] {"note":...' in page.text
+
+
+async def test_the_list_reads_only_the_start_of_huge_arguments_and_results(
+    make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Megabytes of arguments and of result: the list reads LIST_PREVIEW characters of
+    each and shows the start of the arguments' JSON marked as cut; the job's page reads
+    the whole job."""
+    jobs = make_jobs(max_payload_bytes=8 * 1024 * 1024)
+
+    @jobs.task(name="huge")
+    async def huge(blob: str) -> str:
+        return "r" * 5_000_000
+
+    job = await jobs.enqueue(huge, "p" * 3_000_000)
+    await jobs.drain()
+    listed: list[JobRow] = []
+    store_list = jobs.store.list
+
+    async def spy(**kwargs: Any) -> list[JobRow]:
+        rows = await store_list(**kwargs)
+        listed.extend(rows)
+        return rows
+
+    monkeypatch.setattr(jobs.store, "list", spy)
+    async with client_for(jobs, login=True) as client:
+        page = await client.get("/jobs")
+        job_page = await client.get(f"/jobs/{job.id}")
+    assert page.status_code == 200
+    (row,) = listed
+    assert (len(row.payload), len(row.result or "")) == (LIST_PREVIEW, LIST_PREVIEW)
+    assert len(page.content) < 20_000
+    assert "{&#34;args&#34;:[&#34;pppp" in page.text  # the start of the stored JSON
+    assert "p" * 100 not in page.text
+    assert "(truncated, 3,000,025 bytes)" in page.text  # {"args":["p…"],"kwargs":{}}
+    assert job_page.status_code == 200
+    assert "r" * (SHOWN_CHARS - 10) in job_page.text
+    assert "4,900,002 more characters" in job_page.text  # read whole, shown clipped
+    info = await jobs.get(job.id)
+    assert info is not None
+    assert info.args == ["p" * 3_000_000]
+    assert info.result == "r" * 5_000_000
 
 
 async def test_a_job_page_cuts_a_huge_result_and_error_short(jobs: Jobs) -> None:
