@@ -19,9 +19,11 @@ import click
 
 from asyncjobs._codec import printable
 from asyncjobs._errors import AsyncJobsError
+from asyncjobs._execution import MAX_ERROR_CHARS
 from asyncjobs._jobs import Jobs
-from asyncjobs._models import JobInfo, JobStatus
+from asyncjobs._models import JobInfo, JobStatus, info_from_row
 from asyncjobs._stats import GroupStats, Stats, human_duration
+from asyncjobs.stores import JobRow, Preview
 from asyncjobs.stores._sqlite import SQLiteStore
 
 T = TypeVar("T")
@@ -128,6 +130,28 @@ def report(job_id: str, done: bool, as_json: bool, *, key: str, said: str, refus
 def job_dict(info: JobInfo) -> dict[str, object]:
     data = dataclasses.asdict(info)
     data["status"] = info.status.value
+    return data
+
+
+LIST_PREVIEW = 2 * MAX_ERROR_CHARS
+"""The most of each job's stored arguments, result and error ``list --json`` reads
+(characters): a result may be 64 MiB. An error as the runner stores it always fits.
+``show ID --json`` prints a job whole."""
+
+
+def listed_dict(row: JobRow, now: float) -> dict[str, object]:
+    """A job as ``list --json`` prints it: ``job_dict``, where a value whose stored JSON
+    was longer than ``LIST_PREVIEW`` is null and ``truncated`` maps its name to that
+    JSON's size in bytes (``{}`` when nothing was cut)."""
+    data = job_dict(info_from_row(row, now))
+    truncated: dict[str, int] = {}
+    for value, keys in ((row.payload, ("args", "kwargs")), (row.result, ("result",)),
+                        (row.error, ("error",))):  # fmt: skip
+        if isinstance(value, Preview):
+            for key in keys:
+                data[key] = None
+                truncated[key] = value.size
+    data["truncated"] = truncated
     return data
 
 
@@ -294,11 +318,20 @@ def list_jobs(
     limit: int,
     as_json: bool,
 ) -> None:
-    """Jobs, newest first."""
-    infos = run(ctx, lambda jobs: jobs.list(status=status, queue=queue, task=task, limit=limit))
+    """Jobs, newest first.
+
+    With --json, arguments or a result stored as more than 128 KiB of JSON are null,
+    and named with that size in bytes under "truncated": `show ID --json` has them."""
+    rows, now = run(
+        ctx,
+        lambda jobs: jobs._list_rows(
+            status, queue, task, limit, preview=LIST_PREVIEW if as_json else 0
+        ),  # the table shows none of them
+    )
     if as_json:
-        click.echo(to_json([job_dict(info) for info in infos]))
+        click.echo(to_json([listed_dict(row, now) for row in rows]))
         return
+    infos = [info_from_row(row, now) for row in rows]
     if not infos:
         click.echo("no jobs")
         return

@@ -8,6 +8,7 @@ by the runner when the job finishes in this process.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from asyncjobs._clock import Clock
     from asyncjobs._runner import Runner
     from asyncjobs._settings import Settings
-    from asyncjobs.stores import Store
+    from asyncjobs.stores import JobRow, Store
 
 logger = logging.getLogger("asyncjobs")
 
@@ -66,14 +67,35 @@ class _Queries:
         limit: int = 100,
     ) -> list[JobInfo]:
         """Jobs newest first, optionally filtered."""
+        rows, now = await self._list_rows(status, queue, task, limit)
+        return [info_from_row(row, now) for row in rows]
+
+    async def _list_rows(
+        self,
+        status: str | None,
+        queue: str | None,
+        task: str | None,
+        limit: int,
+        *,
+        preview: int | None = None,
+    ) -> tuple[builtins.list[JobRow], float]:
+        """``list``'s rows, and the time they were read at; ``preview`` as ``Store.list``
+        takes it (the CLI's ``list`` reads only the start of big values)."""
         if status is not None:
             status = JobStatus(status).value
         limit = min(positive_int(limit, "limit"), 2**62)  # any bigger limit means "all"
-        if not could_match(queue=queue, task=task):
-            return []
         now = self.clock.now()
-        rows = await self.store.list(status=status, queue=queue, task=task, limit=limit, now=now)
-        return [info_from_row(row, now) for row in rows]
+        if not could_match(queue=queue, task=task):
+            return [], now
+        if preview is None:  # as before preview=: a Store of your own may not take it
+            rows = await self.store.list(
+                status=status, queue=queue, task=task, limit=limit, now=now
+            )
+        else:
+            rows = await self.store.list(
+                status=status, queue=queue, task=task, limit=limit, now=now, preview=preview
+            )
+        return rows, now
 
     async def retry(self, job_id: str) -> bool:
         """Put a dead or cancelled job back in the queue with one more attempt; False if

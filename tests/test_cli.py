@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,60 @@ async def test_list_prints_a_table_for_people(env: dict[str, str], app_jobs: Job
     assert set(lines[1]) <= {"-", " "}
     assert len(lines) == 4
     assert "succeeded" in lines[3]
+
+
+@pytest.fixture
+def fresh_app_module() -> Iterator[None]:
+    """An in-process test imports ``cli_test_app`` on its own store, not another test's."""
+    sys.modules.pop("cli_test_app", None)
+    yield
+    sys.modules.pop("cli_test_app", None)
+
+
+@pytest.mark.usefixtures("fresh_app_module")
+def test_list_reads_only_the_start_of_huge_arguments_and_results(
+    env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Megabytes of arguments and result: ``list --json`` prints them as null, named under
+    ``truncated`` with their stored size in bytes; ``show --json`` prints them whole. (In
+    process: the subprocess tests run the installed command.)"""
+    monkeypatch.setenv("CLI_TEST_DB_URL", env["CLI_TEST_DB_URL"])
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    async def seed() -> tuple[str, str]:
+        jobs = Jobs(env["CLI_TEST_DB_URL"], max_payload_bytes=8 * 1024 * 1024)
+
+        @jobs.task(name="greet")
+        async def greet(name: str) -> str:
+            return "hi " + name
+
+        big = await jobs.enqueue(greet, "p" * 3_000_000)
+        await jobs.drain()
+        small = await jobs.enqueue(greet, "ada")
+        await jobs.close()
+        return big.id, small.id
+
+    big_id, small_id = asyncio.run(seed())
+    runner = CliRunner()
+
+    def run_ok(*args: str) -> str:
+        result = runner.invoke(cli_group, ["--app", "cli_test_app:jobs", *args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    listed_json = run_ok("list", "--json")
+    assert len(listed_json) < 10_000
+    listed = {job["id"]: job for job in json.loads(listed_json)}
+    assert listed[small_id]["args"] == ["ada"]
+    assert listed[small_id]["truncated"] == {}
+    huge = listed[big_id]
+    assert (huge["args"], huge["kwargs"], huge["result"]) == (None, None, None)
+    assert huge["truncated"] == {"args": 3_000_025, "kwargs": 3_000_025, "result": 3_000_005}
+    assert huge["status"] == "succeeded"
+    assert len(run_ok("list")) < 1_000
+    shown = json.loads(run_ok("show", big_id, "--json"))
+    assert shown["args"] == ["p" * 3_000_000]
+    assert shown["result"] == "hi " + "p" * 3_000_000
 
 
 async def test_stats_json_and_table(env: dict[str, str], app_jobs: Jobs) -> None:
