@@ -151,6 +151,21 @@ JSONB_LIMIT = 200 * 2**20
 statements."""
 
 
+def json_rows(rows: Iterable[Sequence[Any]]) -> str:
+    """Rows as the one JSON text a statement reads with ``jsonb_array_elements``.
+
+    Characters beyond ASCII go as themselves, as in a text parameter: escaped as
+    ``\\uXXXX`` (json.dumps' default) they were refused in a SQL_ASCII database, where
+    jsonb converts no escape past ASCII (tests/postgres/test_pg_encoding.py)."""
+    return json.dumps(list(rows), ensure_ascii=False)
+
+
+def over_limit(rows: str) -> bool:
+    """Whether ``rows`` (``json_rows``) encodes to more than ``JSONB_LIMIT`` bytes."""
+    size = len(rows) if rows.isascii() else len(rows.encode())
+    return size > JSONB_LIMIT
+
+
 async def insert_jobs(
     conn: Connection,
     jobs: Sequence[NewJob],
@@ -190,8 +205,8 @@ async def insert_jobs(
     if len(jobs) == 1:
         params: list[Any] = list(_job_values(jobs[0], now))
     else:
-        params = [json.dumps([_job_values(j, now) for j in jobs])]
-        if len(params[0]) > JSONB_LIMIT:  # halves, in one transaction (or savepoint)
+        params = [json_rows(_job_values(j, now) for j in jobs)]
+        if over_limit(params[0]):  # halves, in one transaction (or savepoint)
             half = len(jobs) // 2
             async with conn.transaction():
                 first = await insert_jobs(
@@ -480,11 +495,9 @@ def _outcome_rows(outcomes: Sequence[Outcome]) -> str:
     outcome again for each (a batch of 100 against 1,000 running: 100,000 comparisons).
     jsonb_array_elements is planned for 100 rows, and the join hashes instead
     (tests/postgres/test_pg_plans.py)."""
-    return json.dumps(
-        [
-            (o.job_id, o.worker, o.attempt, o.kind, o.result, o.error, o.run_at, o.max_attempts)
-            for o in outcomes
-        ]
+    return json_rows(
+        (o.job_id, o.worker, o.attempt, o.kind, o.result, o.error, o.run_at, o.max_attempts)
+        for o in outcomes
     )
 
 
@@ -498,7 +511,7 @@ async def finish_plain(conn: Connection, outcomes: Sequence[Outcome], now: float
     releases their dependents in the same transaction.
     """
     rows = _outcome_rows(outcomes)
-    if len(rows) > JSONB_LIMIT and len(outcomes) > 1:  # halves, as insert_jobs does
+    if over_limit(rows) and len(outcomes) > 1:  # halves, as insert_jobs does
         half = len(outcomes) // 2
         async with conn.transaction():
             kinds = await finish_plain(conn, outcomes[:half], now)
@@ -583,7 +596,7 @@ async def finish(conn: Connection, outcomes: Sequence[Outcome], now: float) -> d
     """Apply outcomes and release what waits on them (inside a transaction); return the
     kind each applied one took, by id."""
     rows = _outcome_rows(outcomes)
-    if len(rows) > JSONB_LIMIT and len(outcomes) > 1:  # halves, as insert_jobs does
+    if over_limit(rows) and len(outcomes) > 1:  # halves, as insert_jobs does
         half = len(outcomes) // 2
         kinds = await finish(conn, outcomes[:half], now)
         kinds.update(await finish(conn, outcomes[half:], now))

@@ -1,0 +1,107 @@
+"""Non-ASCII text in a database whose encoding is SQL_ASCII: PostgreSQL keeps a text
+value's bytes there as they come, but refuses a jsonb ``\\u`` escape of a character
+beyond ASCII, so the JSON rows of batch inserts and of finishes must carry such
+characters as themselves."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+from conftest import postgres_dsn
+
+from asyncjobs.stores import NewJob, Outcome, OutcomeKind, PostgresStore, _postgres_sql
+from asyncjobs.stores._postgres_sql import over_limit
+from asyncjobs.stores._protocol import ClaimRequest, TaskLimits
+
+asyncpg = pytest.importorskip("asyncpg")
+
+TASK = "café"
+
+
+@pytest.fixture
+async def sql_ascii_url() -> AsyncIterator[str]:
+    """The DSN of a new SQL_ASCII database on the test server, dropped after the test."""
+    dsn = postgres_dsn()
+    name = f"asyncjobs_test_ascii_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(dsn)
+    try:
+        try:
+            await admin.execute(
+                f"CREATE DATABASE \"{name}\" ENCODING 'SQL_ASCII' LC_COLLATE 'C' "
+                "LC_CTYPE 'C' TEMPLATE template0"
+            )
+        except asyncpg.InsufficientPrivilegeError:
+            pytest.skip("the test server's role may not CREATE DATABASE")
+        try:
+            yield urlunsplit(urlsplit(dsn)._replace(path="/" + name))
+        finally:
+            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+def new_job(n: int) -> NewJob:
+    return NewJob(
+        id=f"job-{n}", task=TASK, queue="file-d'attente", payload='{"args":[],"kwargs":{}}',
+        status="queued", priority=0, run_at=0.0, max_attempts=3, idempotency_key=f"clé-{n}",
+        group_key=f"groupe-{n}-€",
+    )  # fmt: skip
+
+
+async def test_a_batch_with_non_ascii_text_is_inserted_in_a_sql_ascii_database(
+    sql_ascii_url: str,
+) -> None:
+    store = PostgresStore(sql_ascii_url)
+    await store.open()
+    try:
+        ids = await store.insert([new_job(n) for n in range(3)], now=1.0)
+
+        assert ids == ["job-0", "job-1", "job-2"]
+        rows = [await store.get(job_id) for job_id in ids]
+        assert [(r.task, r.queue, r.idempotency_key, r.group_key) for r in rows if r] == [
+            (TASK, "file-d'attente", f"clé-{n}", f"groupe-{n}-€") for n in range(3)
+        ]
+    finally:
+        await store.close()
+
+
+async def test_outcomes_with_non_ascii_text_are_stored_in_a_sql_ascii_database(
+    sql_ascii_url: str,
+) -> None:
+    store = PostgresStore(sql_ascii_url)
+    await store.open()
+    try:
+        for n in range(3):  # one at a time: an insert of one job sends no JSON
+            await store.insert([new_job(n)], now=1.0)
+        request = ClaimRequest(
+            worker="wörker", tasks={TASK: TaskLimits(max_attempts=3)}, queues=None, limit=3,
+            lease=60.0,
+        )  # fmt: skip
+        assert len(await store.claim(request, now=2.0)) == 3
+        error = 'ValueError: "déjà vu" \\ 中文 😀'
+        outcomes = [
+            Outcome("job-0", "wörker", 1, OutcomeKind.DEAD, error=error),
+            Outcome("job-1", "wörker", 1, OutcomeKind.RETRY, error=error, run_at=9.5),
+            Outcome("job-2", "wörker", 1, OutcomeKind.SUCCEEDED, result='"\\u00e9t\\u00e9"'),
+        ]
+
+        assert await store.finish(outcomes, now=3.0) == ["job-0", "job-1", "job-2"]
+
+        rows = [await store.get(o.job_id) for o in outcomes]
+        assert [(r.status, r.error, r.result, r.run_at) for r in rows if r] == [
+            ("dead", error, None, 0.0),
+            ("scheduled", error, None, 9.5),
+            ("succeeded", None, '"\\u00e9t\\u00e9"', 0.0),
+        ]
+    finally:
+        await store.close()
+
+
+def test_the_jsonb_limit_counts_bytes_not_characters(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_postgres_sql, "JSONB_LIMIT", 10)
+    assert not over_limit("a" * 10)
+    assert over_limit("a" * 11)
+    assert over_limit("é" * 6)  # 6 characters, 12 bytes
