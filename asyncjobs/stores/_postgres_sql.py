@@ -598,13 +598,7 @@ async def retry_deadlocks(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
 async def finish(conn: Connection, outcomes: Sequence[Outcome], now: float) -> dict[str, str]:
     """Apply outcomes and release what waits on them (inside a transaction); return the
     kind each applied one took, by id."""
-    rows = _outcome_rows(outcomes)
-    if over_limit(rows) and len(outcomes) > 1:  # halves, as insert_jobs does
-        half = len(outcomes) // 2
-        kinds = await finish(conn, outcomes[:half], now)
-        kinds.update(await finish(conn, outcomes[half:], now))
-        return kinds
-    records = await conn.fetch(_FINISH, now, rows)
+    records = await _finish_rows(conn, outcomes, now)
     done = {r["id"]: r for r in records}
     # Only an ending (not a retry or a release) moves a batch on.
     await lock_callbacks(conn, [r["batch_id"] for r in records if r["kind"] not in _GOES_ON])
@@ -619,6 +613,19 @@ async def finish(conn: Connection, outcomes: Sequence[Outcome], now: float) -> d
                 record["result"],
             )
     return {job_id: record["kind"] for job_id, record in done.items()}
+
+
+async def _finish_rows(
+    conn: Connection, outcomes: Sequence[Outcome], now: float
+) -> list[asyncpg.Record]:
+    """``_FINISH`` over ``outcomes``: one statement, or past ``JSONB_LIMIT`` one per
+    part, all before any release locks an on_complete row (``lock_callbacks``)."""
+    rows = _outcome_rows(outcomes)
+    if over_limit(rows) and len(outcomes) > 1:  # halves, as insert_jobs does
+        half = len(outcomes) // 2
+        first = await _finish_rows(conn, outcomes[:half], now)
+        return [*first, *await _finish_rows(conn, outcomes[half:], now)]
+    return list(await conn.fetch(_FINISH, now, rows))
 
 
 _FINISHED_BEFORE = """

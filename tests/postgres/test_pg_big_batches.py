@@ -11,7 +11,7 @@ import pytest
 
 from asyncjobs import Jobs
 from asyncjobs.stores import NewJob, Outcome, OutcomeKind, _postgres_sql
-from asyncjobs.stores._postgres_sql import finish, finish_plain, insert_jobs
+from asyncjobs.stores._postgres_sql import _FINISH, _outcome_rows, finish, finish_plain, insert_jobs
 
 MakeJobs = Callable[..., Jobs]
 
@@ -115,5 +115,67 @@ async def test_outcomes_over_the_jsonb_limit_are_split_and_stay_atomic(
             await apply_counted(broken, 3.0)
         running = "SELECT count(*) FROM asyncjobs_jobs WHERE status = 'running'"
         assert await conn.fetchval(running) == 60
+    finally:
+        await conn.close()
+
+
+class Recorded(Counted):
+    """A ``Counted`` connection that also keeps every statement, in order."""
+
+    def __init__(self, conn: Any) -> None:
+        super().__init__(conn)
+        self.queries: list[str] = []
+
+    def count(self, query: str) -> None:
+        super().count(query)
+        self.queries.append(query)
+
+    async def fetchrow(self, query: str, *args: Any) -> Any:
+        self.count(query)
+        return await self.conn.fetchrow(query, *args)
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        self.count(query)
+        return await self.conn.fetchval(query, *args)
+
+
+async def test_a_split_finish_locks_all_its_jobs_before_any_on_complete(
+    make_jobs: MakeJobs, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock order that keeps finishes, cancels and lease recovery from deadlocking
+    (``lock_callbacks``): a finish's jobs first, then their batches' on_complete rows.
+    Split past JSONB_LIMIT, a half released its batch (locking its on_complete) before
+    the next half's jobs were taken."""
+    await make_jobs(postgres_url).store.open()  # the schema
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        callbacks = [new_job(f"on-complete-{n}")._replace(status="waiting") for n in (1, 2)]
+        members = [new_job(f"member-{n}")._replace(batch_id=f"on-complete-{n}") for n in (2, 1)]
+        await insert_jobs(conn, [*callbacks, *members], now=1.0)
+        await conn.execute(
+            "UPDATE asyncjobs_jobs SET status = 'running', worker = 'w', attempts = 1 "
+            "WHERE batch_id IS NOT NULL"
+        )
+        outcomes = [Outcome(m.id, "w", 1, OutcomeKind.SUCCEEDED, result="null") for m in members]
+        # One byte short of the two outcomes: each goes in a statement of its own.
+        monkeypatch.setattr(_postgres_sql, "JSONB_LIMIT", len(_outcome_rows(outcomes)) - 1)
+
+        recorded: Any = Recorded(conn)
+        async with conn.transaction():
+            kinds = await finish(recorded, outcomes, 2.0)
+
+        assert kinds == {"member-1": "succeeded", "member-2": "succeeded"}
+        finishes = [i for i, query in enumerate(recorded.queries) if query == _FINISH]
+        locks = [i for i, query in enumerate(recorded.queries) if "FOR UPDATE" in query]
+        assert len(finishes) == 2
+        assert locks
+        assert max(finishes) < min(locks)
+        statuses = await conn.fetch(
+            "SELECT id, status FROM asyncjobs_jobs WHERE id LIKE 'on-complete-%' ORDER BY id"
+        )
+        assert [tuple(r) for r in statuses] == [
+            ("on-complete-1", "queued"),
+            ("on-complete-2", "queued"),
+        ]
     finally:
         await conn.close()
