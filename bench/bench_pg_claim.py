@@ -1,0 +1,81 @@
+"""PostgreSQL claim cost by the number of task names a worker runs.
+
+Run: ``.venv/bin/python bench/bench_pg_claim.py [--dsn postgresql://...] [--tasks 1 200 1000]``.
+The DSN defaults to ``$ASYNCJOBS_TEST_POSTGRES_DSN`` or
+``postgresql://postgres@127.0.0.1/test``; a fresh database is created and dropped for
+each count.
+
+20,000 queued jobs spread evenly over ``N`` tasks, the table analysed; then claims of
+100 by a worker that runs all ``N`` tasks, through ``PostgresStore.claim`` (its two
+statements and their round trips). Prints the median claim time for each ``N``, and
+its ratio to one task's in the same run: an app with many tasks should claim about as
+fast as an app with one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+
+import asyncpg
+from bench_postgres import fresh_database, parser_with_dsn
+
+from asyncjobs.stores import ClaimRequest, NewJob, TaskLimits, open_store
+
+JOBS, CLAIM, CLAIMS = 20_000, 100, 20
+
+
+def new_job(n: int, task: str) -> NewJob:
+    return NewJob(
+        id=f"{task}-{n:06d}", task=task, queue="default", payload='{"args":[],"kwargs":{}}',
+        status="queued", priority=0, run_at=0.0, max_attempts=3,
+    )  # fmt: skip
+
+
+async def median_claim(url: str, tasks: int) -> float:
+    """The median seconds of a claim of ``CLAIM`` jobs over ``tasks`` task names."""
+    store = open_store(url)
+    await store.open()
+    try:
+        names = [f"task{i:04d}" for i in range(tasks)]
+        jobs = [new_job(n, names[n % tasks]) for n in range(JOBS)]
+        for first in range(0, JOBS, 1000):
+            await store.insert(jobs[first : first + 1000], now=1.0)
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute("ANALYZE asyncjobs_jobs")
+        finally:
+            await conn.close()
+        request = ClaimRequest(
+            worker="bench", tasks={name: TaskLimits(max_attempts=3) for name in names},
+            queues=None, limit=CLAIM, lease=60.0,
+        )  # fmt: skip
+        times = []
+        for _ in range(CLAIMS):
+            start = time.perf_counter()
+            claimed = await store.claim(request, now=2.0)
+            times.append(time.perf_counter() - start)
+            assert len(claimed) == CLAIM, len(claimed)
+        return statistics.median(times)
+    finally:
+        await store.close()
+
+
+async def main() -> None:
+    parser = parser_with_dsn(__doc__)
+    parser.add_argument("--tasks", type=int, nargs="+", default=[1, 200, 1000])
+    args = parser.parse_args()
+    results: dict[int, float] = {}
+    for tasks in sorted(set(args.tasks)):
+        async with fresh_database(args.dsn, f"claim{tasks}") as url:
+            results[tasks] = await median_claim(url, tasks)
+    base = results[min(results)]
+    print(f"\nPostgreSQL claims of {CLAIM} from {JOBS:,} queued jobs (median of {CLAIMS})\n")
+    print(f"{'tasks':>6}{'claim ms':>10}{'vs fewest':>11}")
+    for tasks, seconds in results.items():
+        print(f"{tasks:>6}{seconds * 1000:>10.2f}{seconds / base:>10.2f}x")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
