@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -259,6 +260,24 @@ async def test_max_attempts_follow_the_worker_unless_the_job_set_retries(store: 
     rows = {r.id: r for r in await claim(store, max_attempts=8)}
     assert rows["plain"].max_attempts == 8
     assert rows["own"].max_attempts == 2
+
+
+async def test_each_task_gets_the_attempts_its_worker_gives_it(store: Store) -> None:
+    """A worker's tasks allow different attempts: each claimed job takes its own task's,
+    the usual number and the exceptions alike, in what is stored and in which jobs are
+    left out of a claim ahead (a job whose next attempt is its task's last)."""
+    tasks = {"a": 3, "b": 3, "c": 3, "one": 1, "many": 9}
+    await store.insert([new(f"{name}-job", task=name) for name in tasks], now=T0)
+    claims = ClaimRequest(
+        worker="w1", tasks={name: TaskLimits(max_attempts=n) for name, n in tasks.items()},
+        queues=None, limit=5, lease=30.0, ahead=4,
+    )  # fmt: skip
+    # One free slot: "a-job"; of the four ahead, "one-job" would start its last attempt.
+    rows = {r.id: r.max_attempts for r in await store.claim(claims, now=T0)}
+    assert rows == {"a-job": 3, "b-job": 3, "c-job": 3, "many-job": 9}
+    assert await status(store, "one-job") == "queued"
+    rows = {r.id: r.max_attempts for r in await store.claim(replace(claims, ahead=0), now=T0)}
+    assert rows == {"one-job": 1}
 
 
 async def test_jobs_on_their_last_attempt_are_never_claimed_ahead(store: Store) -> None:
