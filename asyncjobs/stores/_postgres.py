@@ -71,6 +71,7 @@ from asyncjobs.stores._protocol import (
     RateKeyed,
     Recovered,
     WorkerBeat,
+    checked_preview,
 )
 from asyncjobs.stores._statuses import DEAD_AS_READ
 
@@ -451,6 +452,8 @@ class PostgresStore(_Connections):
         now: float,
         preview: int | None = None,
     ) -> list[JobRow]:
+        if preview is not None:
+            preview = checked_preview(preview)
         params: list[Any] = [] if preview is None else [preview + 1]  # PREVIEW_SELECT's $1
         where = _status_filter(status, now, params)
         if queue is not None:

@@ -134,6 +134,21 @@ class Preview(str):
         return (Preview, (str(self), self.size))
 
 
+MAX_PREVIEW = 2**30
+"""A preview this long reads any value whole (PostgreSQL stores at most 1 GiB a value,
+SQLite 10**9 bytes by default), and one more character still fits the 32-bit length
+that both databases' substr() takes: past 2**31 SQLite read each value as '', and
+PostgreSQL refused the query."""
+
+
+def checked_preview(preview: object) -> int:
+    """``list``'s ``preview``, at most ``MAX_PREVIEW``; ``ValueError`` unless a whole
+    number of characters >= 0."""
+    if isinstance(preview, bool) or not isinstance(preview, int) or preview < 0:
+        raise ValueError(f"preview must be a whole number of characters >= 0, got {preview!r}")
+    return min(preview, MAX_PREVIEW)
+
+
 def previewed(row: JobRow, preview: int, sizes: Sequence[int | None]) -> JobRow:
     """``row`` as ``list(preview=...)`` returns it, from a row whose ``PREVIEWED`` columns
     were read as their first ``preview + 1`` characters, and ``sizes``, the bytes of each
@@ -382,7 +397,7 @@ class Store(Protocol):
         ``preview`` (a number of characters, at least 0) is for list views: the database
         reads at most that many of each ``payload``, ``result`` and ``error`` (a result
         may be 64 MiB), and a longer value comes back as a ``Preview`` of its start
-        (``previewed``). None reads them whole."""
+        (``previewed``). None reads them whole; a negative one raises ``ValueError``."""
         ...
 
     async def retry(self, job_id: str, *, now: float) -> bool:

@@ -57,6 +57,7 @@ from asyncjobs.stores._protocol import (
     RateKeyed,
     Recovered,
     WorkerBeat,
+    checked_preview,
     previewed,
 )
 from asyncjobs.stores._sqlite_admin import (
@@ -564,6 +565,7 @@ class SQLiteStore:
             params.append(before_seq)
         sql = f"SELECT {_SELECT} FROM asyncjobs_jobs"  # noqa: S608 - constant columns
         if preview is not None:
+            preview = checked_preview(preview)
             sql = f"SELECT {_PREVIEW_SELECT} FROM asyncjobs_jobs"  # noqa: S608 - constant
             params[:0] = [preview + 1] * len(PREVIEWED)  # its substr()s' ?s come first
         if where:

@@ -702,6 +702,21 @@ async def test_list_with_a_preview_reads_only_the_start_of_big_values(store: Sto
     assert not isinstance(whole["big"].result, Preview)
 
 
+async def test_list_with_a_huge_preview_reads_values_whole_and_a_negative_one_is_refused(
+    store: Store,
+) -> None:
+    """Past 2**31 characters both substr()s took the length as a negative 32-bit number:
+    SQLite read every value as '' (returned as if whole), PostgreSQL refused the query."""
+    await store.insert([new("a")], now=T0)
+    for preview in (2**31 - 2, 2**31, 2**63):
+        (row,) = await store.list(now=T0, preview=preview)
+        assert row.payload == '{"args": [], "kwargs": {}}'
+        assert not isinstance(row.payload, Preview)
+    for bad in (-1, -2, 1.5, True):
+        with pytest.raises(ValueError, match="preview"):
+            await store.list(now=T0, preview=bad)  # type: ignore[arg-type]
+
+
 async def test_counts_split_pending_jobs_by_run_at(store: Store) -> None:
     await store.insert(
         [new("a"), new("b"), new("c", status="scheduled", run_at=T0 + 10),
