@@ -135,7 +135,8 @@ def job_dict(info: JobInfo) -> dict[str, object]:
 
 LIST_PREVIEW = 2 * MAX_ERROR_CHARS
 """The most of each job's stored arguments, result and error ``list --json`` reads
-(characters): a result may be 64 MiB. An error as the runner stores it always fits.
+(characters): a result may be 64 MiB. An error as the runner stores it fits unless
+its escaping (``storable``) grew it.
 ``show ID --json`` prints a job whole."""
 
 
@@ -320,7 +321,7 @@ def list_jobs(
 ) -> None:
     """Jobs, newest first.
 
-    With --json, arguments or a result stored as more than 128 KiB of JSON are null,
+    With --json, arguments, a result or an error stored as more than 128 KiB are null,
     and named with that size in bytes under "truncated": `show ID --json` has them."""
     rows, now = run(
         ctx,

@@ -51,6 +51,10 @@ FORGET_AFTER = 3600.0
 MAX_CLIENTS = 10_000
 """Clients remembered at once (about a hundred bytes each)."""
 
+MAX_HOST = 64
+"""Characters of a client's host that count (an address takes at most 45; a host that
+is not one, forwarded by a proxy, is cut to this)."""
+
 SHARED = ""
 """The key of every request whose scope has no client address."""
 
@@ -102,7 +106,7 @@ class Lockout:
         if failures == LOCK_AFTER:
             logger.warning(
                 "dashboard: %s locked out after %d failed logins (%d s, doubling per failure)",
-                client or "every client without an address",
+                repr(client) if client else "every client without an address",
                 failures,
                 lock,
             )
@@ -132,7 +136,7 @@ def client_key(scope: Mapping[str, Any]) -> str:
     client = scope.get("client")
     if not client:
         return SHARED
-    host = str(client[0])
+    host = str(client[0])[:MAX_HOST]  # a name a proxy forwarded: any length
     if ":" not in host:
         return host
     try:

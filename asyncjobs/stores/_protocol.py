@@ -121,7 +121,8 @@ PREVIEWED = ("payload", "result", "error")
 class Preview(str):
     """The first characters of a longer stored value, as ``Store.list(preview=N)`` gives
     ``payload``, ``result`` or ``error``: ``size`` is the whole value's length in bytes
-    (UTF-8). A JSON value cut short no longer parses; ``Store.get`` reads it whole."""
+    (in the database's encoding: UTF-8 for SQLite, the server's for PostgreSQL). A JSON
+    value cut short no longer parses; ``Store.get`` reads it whole."""
 
     size: int
 
@@ -394,10 +395,12 @@ class Store(Protocol):
         ``status="dead"`` takes the jobs with a status not in ``STATUSES`` too, as they
         read as dead (``DEAD_AS_READ``, in ``_statuses.py``).
 
-        ``preview`` (a number of characters, at least 0) is for list views: the database
-        reads at most that many of each ``payload``, ``result`` and ``error`` (a result
-        may be 64 MiB), and a longer value comes back as a ``Preview`` of its start
-        (``previewed``). None reads them whole; a negative one raises ``ValueError``."""
+        ``preview`` (a number of characters, at least 0) is for list views: at most that
+        many of each ``payload``, ``result`` and ``error`` come back from the database (a
+        result may be 64 MiB; PostgreSQL reads only that slice, SQLite reads each value
+        whole in its own memory, one row at a time), and a longer value comes back as a
+        ``Preview`` of its start (``previewed``). None reads them whole; a negative one
+        raises ``ValueError``."""
         ...
 
     async def retry(self, job_id: str, *, now: float) -> bool:

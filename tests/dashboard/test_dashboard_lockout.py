@@ -190,3 +190,20 @@ async def test_a_callable_is_never_locked_out(jobs: Jobs) -> None:
         for _ in range(20):
             assert (await client.get("/", auth=WRONG)).status_code == 403
         assert (await client.get("/", auth=RIGHT)).status_code == 200
+
+
+def test_a_host_that_is_no_address_counts_by_its_start_and_is_logged_escaped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A proxy may forward any text as the client's host: the key stays short, and the
+    warning shows it escaped (no line breaks or terminal codes in the log)."""
+    host = "evil\n\x1b[31m" + "x" * 10_000
+    key = lockout_module.client_key({"client": (host, 1234)})
+    assert key == host[: lockout_module.MAX_HOST]
+    table = Lockout()
+    with caplog.at_level(logging.WARNING, logger="asyncjobs"):
+        for _ in range(lockout_module.LOCK_AFTER):
+            table.failed(key, 0.0)
+    (record,) = [r for r in caplog.records if "locked out" in r.getMessage()]
+    assert "\n" not in record.getMessage()
+    assert "\x1b" not in record.getMessage()
