@@ -54,6 +54,28 @@ def with_search_path(dsn: str, schema: str) -> str:
 
 
 @contextlib.asynccontextmanager
+async def new_database(label: str, options: str = "") -> AsyncIterator[str]:
+    """The DSN of a new database on the test server (``CREATE DATABASE`` ``options``,
+    e.g. an encoding), dropped after; skips where the role may not create one."""
+    import asyncpg
+
+    dsn = postgres_dsn()
+    name = f"asyncjobs_test_{label}_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(dsn)
+    try:
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}" {options}')
+        except asyncpg.InsufficientPrivilegeError:
+            pytest.skip("the test server's role may not CREATE DATABASE")
+        try:
+            yield urlunsplit(urlsplit(dsn)._replace(path="/" + name))
+        finally:
+            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@contextlib.asynccontextmanager
 async def in_schema(schema: str) -> AsyncIterator[str]:
     """The test server's URL with its connections in a new ``schema``, dropped after."""
     import asyncpg

@@ -5,12 +5,10 @@ characters as themselves."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from conftest import postgres_dsn
+from conftest import new_database
 
 from asyncjobs.stores import NewJob, Outcome, OutcomeKind, PostgresStore, _postgres_sql
 from asyncjobs.stores._postgres_sql import over_limit
@@ -24,23 +22,10 @@ TASK = "café"
 @pytest.fixture
 async def sql_ascii_url() -> AsyncIterator[str]:
     """The DSN of a new SQL_ASCII database on the test server, dropped after the test."""
-    dsn = postgres_dsn()
-    name = f"asyncjobs_test_ascii_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(dsn)
-    try:
-        try:
-            await admin.execute(
-                f"CREATE DATABASE \"{name}\" ENCODING 'SQL_ASCII' LC_COLLATE 'C' "
-                "LC_CTYPE 'C' TEMPLATE template0"
-            )
-        except asyncpg.InsufficientPrivilegeError:
-            pytest.skip("the test server's role may not CREATE DATABASE")
-        try:
-            yield urlunsplit(urlsplit(dsn)._replace(path="/" + name))
-        finally:
-            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with new_database(
+        "ascii", "ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+    ) as url:
+        yield url
 
 
 def new_job(n: int) -> NewJob:

@@ -3,15 +3,14 @@ database, and its failures are the caller's, never the store's."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit
 
 import anyio
 import pytest
-from conftest import postgres_dsn, with_search_path
+from conftest import new_database, postgres_dsn, with_search_path
 
 from asyncjobs import ConfigurationError, Jobs, StoreError
 from asyncjobs._errors import DataRefused
@@ -31,20 +30,8 @@ def register(jobs: Jobs) -> None:
 @pytest.fixture
 async def other_database() -> AsyncIterator[str]:
     """The DSN of another database on the test server, dropped after the test."""
-    dsn = postgres_dsn()
-    name = f"asyncjobs_test_other_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(dsn)
-    try:
-        try:
-            await admin.execute(f'CREATE DATABASE "{name}"')
-        except asyncpg.InsufficientPrivilegeError:
-            pytest.skip("the test server's role may not CREATE DATABASE")
-        try:
-            yield urlunsplit(urlsplit(dsn)._replace(path="/" + name))
-        finally:
-            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with new_database("other") as url:
+        yield url
 
 
 async def test_a_lost_caller_connection_fails_its_enqueue_not_the_stores_other_enqueues(
