@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import functools
+import inspect
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,26 @@ if TYPE_CHECKING:
     from asyncjobs.stores import JobRow, Store
 
 logger = logging.getLogger("asyncjobs")
+
+
+async def list_rows(store: Store, *, preview: int | None, **filters: Any) -> list[JobRow]:
+    """``store.list(**filters)``, reading previews where asked and the store can: a
+    ``Store`` of your own written before ``preview=`` existed reads values whole, as it
+    always did, rather than fail the dashboard's list and the CLI's."""
+    if preview is not None and _takes_preview(type(store)):
+        return await store.list(preview=preview, **filters)
+    return await store.list(**filters)
+
+
+@functools.cache
+def _takes_preview(kind: type) -> bool:
+    try:
+        parameters = inspect.signature(kind.list).parameters  # type: ignore[attr-defined]
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return "preview" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
 
 
 def could_match(*, queue: object, task: object) -> bool:
@@ -87,14 +109,10 @@ class _Queries:
         now = self.clock.now()
         if not could_match(queue=queue, task=task):
             return [], now
-        if preview is None:  # as before preview=: a Store of your own may not take it
-            rows = await self.store.list(
-                status=status, queue=queue, task=task, limit=limit, now=now
-            )
-        else:
-            rows = await self.store.list(
-                status=status, queue=queue, task=task, limit=limit, now=now, preview=preview
-            )
+        rows = await list_rows(
+            self.store, preview=preview, status=status, queue=queue, task=task, limit=limit,
+            now=now,
+        )  # fmt: skip
         return rows, now
 
     async def retry(self, job_id: str) -> bool:

@@ -19,6 +19,7 @@ from asyncjobs._codec import printable
 from asyncjobs._dashboard.auth import CSRF_COOKIE, CSRF_FIELD, Authenticator, Csrf
 from asyncjobs._errors import RetryRefused
 from asyncjobs._models import FINISHED, JobStatus, info_from_row
+from asyncjobs._queries import list_rows
 from asyncjobs._settings import is_name
 from asyncjobs._stats import human_duration
 from asyncjobs.stores import Preview
@@ -135,14 +136,15 @@ class Dashboard:
                 return await self.message(request, 400, "Bad page cursor.")
             before = int(before_text)
         now = self.jobs.clock.now()
-        rows = await self.jobs.store.list(
+        rows = await list_rows(
+            self.jobs.store,
+            preview=LIST_PREVIEW,
             status=status,
             queue=queue,
             task=task,
             limit=PAGE_SIZE + 1,
             before_seq=before,
             now=now,
-            preview=LIST_PREVIEW,
         )
         page = rows[:PAGE_SIZE]
         return await self.render(

@@ -25,6 +25,7 @@ from asyncjobs import ConfigurationError, Jobs, JobStatus
 from asyncjobs._dashboard.app import LIST_PREVIEW, SHOWN_CHARS
 from asyncjobs._execution import MAX_ERROR_CHARS
 from asyncjobs.stores import ClaimRequest, JobRow, TaskLimits
+from asyncjobs.stores._sqlite import SQLiteStore
 from asyncjobs.testing import FakeClock
 
 AUTH = httpx.BasicAuth(USER, PASSWORD)
@@ -339,6 +340,46 @@ async def test_the_list_reads_only_the_start_of_huge_arguments_and_results(
     assert info is not None
     assert info.args == ["p" * 3_000_000]
     assert info.result == "r" * 5_000_000
+
+
+class StoreOfBefore(SQLiteStore):
+    """A store written before ``Store.list`` took ``preview``."""
+
+    async def list(  # type: ignore[override]
+        self,
+        *,
+        status: str | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        limit: int = 100,
+        before_seq: int | None = None,
+        now: float,
+    ) -> builtins.list[JobRow]:
+        return await super().list(
+            status=status, queue=queue, task=task, limit=limit, before_seq=before_seq, now=now
+        )
+
+
+async def test_a_store_written_before_previews_still_lists_jobs_whole(
+    make_jobs: MakeJobs, db_url: str
+) -> None:
+    """The dashboard's list and the CLI's ask for previews only of a store that takes
+    ``preview=``; one of your own from before reads its values whole, as it did."""
+    jobs = make_jobs(store=StoreOfBefore(db_url.removeprefix("sqlite:///")))
+
+    @jobs.task(name="echo")
+    async def echo(text: str) -> str:
+        return text
+
+    job = await jobs.enqueue(echo, "x" * (LIST_PREVIEW * 2))
+    await jobs.drain()
+    async with client_for(jobs, login=True) as client:
+        page = await client.get("/jobs")
+    assert page.status_code == 200
+    assert job.id[:12] in page.text
+    assert "truncated" not in page.text  # read whole: nothing was cut
+    rows, _ = await jobs._list_rows(None, None, None, 10, preview=0)
+    assert [(r.id, r.result) for r in rows] == [(job.id, '"' + "x" * (LIST_PREVIEW * 2) + '"')]
 
 
 async def test_a_job_page_cuts_a_huge_result_and_error_short(jobs: Jobs) -> None:
