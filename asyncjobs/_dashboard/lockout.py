@@ -89,7 +89,8 @@ class Lockout:
         strikes = self._strikes.get(client)
         if strikes is None or strikes.locked_until <= now:
             return 0.0
-        return strikes.locked_until - now
+        # The clock is wall time: stepped back, it would stretch the lock by the step.
+        return min(strikes.locked_until - now, lock_for(strikes.failures))
 
     def succeeded(self, client: str) -> None:
         self._strikes.pop(client, None)

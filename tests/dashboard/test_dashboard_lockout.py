@@ -207,3 +207,13 @@ def test_a_host_that_is_no_address_counts_by_its_start_and_is_logged_escaped(
     (record,) = [r for r in caplog.records if "locked out" in r.getMessage()]
     assert "\n" not in record.getMessage()
     assert "\x1b" not in record.getMessage()
+
+
+def test_a_clock_stepped_back_never_stretches_a_lock() -> None:
+    """The dashboard's clock is wall time: set back an hour after a lockout (an NTP
+    step), the client still waits no longer than its lock."""
+    table = Lockout()
+    for _ in range(lockout_module.LOCK_AFTER):
+        table.failed("203.0.113.7", 10_000.0)
+    assert table.wait("203.0.113.7", 10_000.0) == lockout_module.FIRST_LOCK
+    assert table.wait("203.0.113.7", 10_000.0 - 3_600.0) == lockout_module.FIRST_LOCK
