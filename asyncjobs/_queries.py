@@ -124,7 +124,7 @@ class _Queries:
         if it takes it, if it already has. If that member is no longer stored (pruned
         or purged) there is nothing to wait for, and it runs on its own; unless it takes
         the previous result (``pass_result=True``), which it never got and no longer
-        can: then this raises ``AsyncJobsError`` (run without it, its arguments would be
+        can: then this raises ``RetryRefused`` (run without it, its arguments would be
         shifted by one). Retry the chain from its first job, or enqueue the task anew."""
         checked = job_id_or_none(job_id)
         if checked is None:

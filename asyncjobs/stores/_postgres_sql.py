@@ -513,14 +513,7 @@ async def finish_plain(conn: Connection, outcomes: Sequence[Outcome], now: float
     Outcomes of chain members and batch members are left for ``finish``, which
     releases their dependents in the same transaction.
     """
-    rows = _outcome_rows(outcomes)
-    if over_limit(rows) and len(outcomes) > 1:  # halves, as insert_jobs does
-        half = len(outcomes) // 2
-        async with conn.transaction():
-            kinds = await finish_plain(conn, outcomes[:half], now)
-            kinds.update(await finish_plain(conn, outcomes[half:], now))
-        return kinds
-    records = await conn.fetch(_FINISH_PLAIN, now, rows)
+    records = await _finish_rows(conn, outcomes, now, plain=True)
     return {r["id"]: r["kind"] for r in records}
 
 
@@ -598,7 +591,7 @@ async def retry_deadlocks(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
 async def finish(conn: Connection, outcomes: Sequence[Outcome], now: float) -> dict[str, str]:
     """Apply outcomes and release what waits on them (inside a transaction); return the
     kind each applied one took, by id."""
-    records = await _finish_rows(conn, outcomes, now)
+    records = await _finish_rows(conn, outcomes, now, plain=False)
     done = {r["id"]: r for r in records}
     # Only an ending (not a retry or a release) moves a batch on.
     await lock_callbacks(conn, [r["batch_id"] for r in records if r["kind"] not in _GOES_ON])
@@ -616,16 +609,20 @@ async def finish(conn: Connection, outcomes: Sequence[Outcome], now: float) -> d
 
 
 async def _finish_rows(
-    conn: Connection, outcomes: Sequence[Outcome], now: float
+    conn: Connection, outcomes: Sequence[Outcome], now: float, *, plain: bool
 ) -> list[asyncpg.Record]:
-    """``_FINISH`` over ``outcomes``: one statement, or past ``JSONB_LIMIT`` one per
-    part, all before any release locks an on_complete row (``lock_callbacks``)."""
+    """``_FINISH_PLAIN`` (``plain``) or ``_FINISH`` over ``outcomes``: one statement,
+    or past ``JSONB_LIMIT`` one per half, as ``insert_jobs`` splits, all or none (a
+    transaction, or a savepoint in the caller's). ``finish`` releases dependents only
+    after all of them: every job of its outcomes is locked before any on_complete row
+    (``lock_callbacks``)."""
     rows = _outcome_rows(outcomes)
-    if over_limit(rows) and len(outcomes) > 1:  # halves, as insert_jobs does
-        half = len(outcomes) // 2
-        first = await _finish_rows(conn, outcomes[:half], now)
-        return [*first, *await _finish_rows(conn, outcomes[half:], now)]
-    return list(await conn.fetch(_FINISH, now, rows))
+    if not over_limit(rows) or len(outcomes) == 1:
+        return await conn.fetch(_FINISH_PLAIN if plain else _FINISH, now, rows)
+    half = len(outcomes) // 2
+    async with conn.transaction():
+        first = await _finish_rows(conn, outcomes[:half], now, plain=plain)
+        return [*first, *await _finish_rows(conn, outcomes[half:], now, plain=plain)]
 
 
 _FINISHED_BEFORE = """
