@@ -128,12 +128,18 @@ def _describe(db: sqlite3.Connection) -> tuple[str, bool]:
 
 
 def _insert_in_transaction(db: sqlite3.Connection, new: Sequence[NewJob], now: float) -> list[str]:
-    if db.isolation_level is None and not db.in_transaction:
+    if not db.in_transaction and _autocommits(db):
         raise ConfigurationError(
             "jobs.transaction(conn): the connection is in autocommit mode with no open "
             "transaction, so the job would be committed on its own; run BEGIN first"
         )
     return insert_jobs(db, new, now)
+
+
+def _autocommits(db: sqlite3.Connection) -> bool:
+    """Each statement commits on its own: ``isolation_level=None``, or Python 3.12's
+    ``autocommit=True``, which leaves ``isolation_level`` at its default."""
+    return db.isolation_level is None or getattr(db, "autocommit", None) is True
 
 
 def _same_file(a: str, b: Path) -> bool:

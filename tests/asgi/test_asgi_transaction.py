@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -293,6 +294,21 @@ async def test_autocommit_connection_without_begin_is_refused_and_nothing_is_wri
     async with jobs.transaction(conn):
         with pytest.raises(ConfigurationError, match="autocommit"):
             await jobs.enqueue("welcome", 1)
+    assert job_count(db_path) == 0
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="sqlite3's autocommit= is Python 3.12+")
+async def test_a_python_312_autocommit_connection_without_begin_is_refused(
+    jobs: Jobs, db_path: Path
+) -> None:
+    """``aiosqlite.connect(path, autocommit=True)`` leaves ``isolation_level`` at its
+    default, yet every statement commits on its own: the job would outlive a rollback."""
+    register(jobs)
+    async with aiosqlite.connect(db_path, autocommit=True) as db:
+        async with jobs.transaction(db):
+            with pytest.raises(ConfigurationError, match="autocommit"):
+                await jobs.enqueue("welcome", 1)
+        await db.rollback()
     assert job_count(db_path) == 0
 
 
