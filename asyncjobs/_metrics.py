@@ -77,8 +77,14 @@ def metrics_app(jobs: Jobs) -> ASGIApp:
         headers = dict(scope.get("headers") or [])
         accept = headers.get(b"accept", b"").decode("latin-1")
         encoder, content_type = choose_encoder(accept)
-        body = encoder(registry) if scope["method"] == "GET" else b""
-        await _respond(send, 200, body, [(b"content-type", content_type.encode("latin-1"))])
+        body = encoder(registry)  # for HEAD too: its Content-Length is the GET's
+        await _respond(
+            send,
+            200,
+            body,
+            [(b"content-type", content_type.encode("latin-1"))],
+            head=scope["method"] == "HEAD",
+        )
 
     return app
 
@@ -177,8 +183,14 @@ def _buckets(values: list[float]) -> list[tuple[str, float]]:
 
 
 async def _respond(
-    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+    send: Send,
+    status: int,
+    body: bytes,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    *,
+    head: bool = False,
 ) -> None:
+    """Send ``body`` with its length; for HEAD, the same headers and no body."""
     headers = headers or [(b"content-type", b"text/plain; charset=utf-8")]
     await send(
         {
@@ -187,7 +199,7 @@ async def _respond(
             "headers": [*headers, (b"content-length", str(len(body)).encode())],
         }
     )
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": b"" if head else body})
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -156,3 +156,17 @@ def test_missing_prometheus_client_names_the_extra(
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ConfigurationError, match=r"asyncjobs\[metrics\]"):
         jobs.metrics_app()
+
+
+async def test_head_sends_the_content_length_a_get_would_have(jobs: Jobs) -> None:
+    """RFC 9110: a HEAD response's Content-Length, when sent, is that of the GET's body
+    (not 0, which says the exposition is empty)."""
+    transport = httpx.ASGITransport(app=jobs.metrics_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        get = await client.get("/metrics")
+        head = await client.head("/metrics")
+    assert head.status_code == 200
+    assert head.content == b""
+    assert int(get.headers["content-length"]) == len(get.content) > 0
+    assert head.headers["content-length"] == get.headers["content-length"]
+    assert head.headers["content-type"] == get.headers["content-type"]
