@@ -426,17 +426,20 @@ def cancel(ctx: click.Context, job_id: str, as_json: bool) -> None:
 
     status = run(ctx, cancel_job)
     stopping = status is JobStatus.RUNNING  # its worker stops it, then it is cancelled
+    cancelled = status is JobStatus.CANCELLED
     if as_json:
-        click.echo(to_json({"id": job_id, "cancelled": status is not None and not stopping,
-                            "stopping": stopping}))  # fmt: skip
+        click.echo(to_json({"id": job_id, "cancelled": cancelled, "stopping": stopping}))
     elif stopping:
         click.echo(f"job {job_id} asked to stop: it is cancelled once its worker has stopped it")
-    elif status is not None:
+    elif cancelled:
         click.echo(f"job {job_id} cancelled")
     if status is None:
         raise click.ClickException(
             f"job {job_id} already finished or asked to stop (or does not exist)"
         )
+    if not (stopping or cancelled):
+        # Asked to stop while running, it ended on its own before its worker saw that.
+        raise click.ClickException(f"job {job_id} finished ({status}) before it could be stopped")
 
 
 @cli.command()

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from asyncjobs import Jobs, JobStatus
 from asyncjobs._cli import cli as cli_group
-from asyncjobs.stores._protocol import ClaimRequest, TaskLimits
+from asyncjobs.stores._protocol import ClaimRequest, Outcome, OutcomeKind, TaskLimits
 from asyncjobs.testing import FakeClock
 
 APP = """
@@ -376,3 +376,45 @@ def test_times_in_tables_say_they_are_utc(
     assert shown.exit_code == 0, shown.output
     (line,) = [line for line in shown.output.splitlines() if line.startswith("enqueued_at")]
     assert line.split(None, 1)[1] == "2026-01-02 03:04:05 UTC"
+
+
+def test_cancel_of_a_job_that_finishes_first_does_not_say_cancelled(
+    env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A running job asked to stop that its worker finishes before the command reads its
+    status is reported as finished (exit 1), not as cancelled. (In process, so that the
+    worker's finish can land between the two.)"""
+    monkeypatch.setenv("CLI_TEST_DB_URL", env["CLI_TEST_DB_URL"])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    worker = "elsewhere:1:w"
+
+    async def seed() -> list[str]:
+        jobs = Jobs(env["CLI_TEST_DB_URL"], workers=False)
+        for name in ("ada", "bob"):
+            await jobs.enqueue("greet", name)
+        request = ClaimRequest(
+            worker=worker, tasks={"greet": TaskLimits(max_attempts=3)},
+            queues=None, limit=2, lease=60,
+        )  # fmt: skip
+        running = await jobs.store.claim(request, now=jobs.clock.now())
+        await jobs.close()
+        return [job.id for job in running]
+
+    job_id, other_id = asyncio.run(seed())
+    ask = Jobs.cancel
+
+    async def ask_then_the_worker_finishes(self: Jobs, job_id: str) -> bool:
+        asked = await ask(self, job_id)
+        done = Outcome(job_id, worker, 1, OutcomeKind.SUCCEEDED, result='"hi ada"')
+        assert await self.store.finish([done], now=self.clock.now()) == [job_id]
+        return asked
+
+    monkeypatch.setattr(Jobs, "cancel", ask_then_the_worker_finishes)
+    runner = CliRunner()
+    said = runner.invoke(cli_group, ["--app", "cli_test_app:jobs", "cancel", job_id])
+    assert said.exit_code == 1
+    assert "cancelled" not in said.stdout
+    assert f"job {job_id} finished (succeeded) before it could be stopped" in said.output
+    as_json = runner.invoke(cli_group, ["--app", "cli_test_app:jobs", "cancel", "--json", other_id])
+    assert as_json.exit_code == 1
+    assert json.loads(as_json.stdout) == {"id": other_id, "cancelled": False, "stopping": False}
