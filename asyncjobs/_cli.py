@@ -95,8 +95,11 @@ def run(ctx: click.Context, action: Callable[[Jobs], Awaitable[T]]) -> T:
         raise click.ClickException(str(error)) from error
 
 
-def parse_duration(text: str) -> float:
-    """``90``, ``90s``, ``15m``, ``12h``, ``7d``, ``2w`` -> seconds."""
+def parse_duration(_ctx: click.Context, _param: click.Parameter, text: str | None) -> float | None:
+    """An option's ``90``, ``90s``, ``15m``, ``12h``, ``7d``, ``2w`` -> seconds (a click
+    callback, so that an error names the option)."""
+    if text is None:
+        return None
     match = _DURATION.match(text)
     if match is None:
         raise click.BadParameter(f"{text!r} is not a duration like 90s, 15m, 12h, 7d or 2w")
@@ -451,16 +454,16 @@ def cancel(ctx: click.Context, job_id: str, as_json: bool) -> None:
     "--older-than",
     "older_than",
     metavar="DURATION",
+    callback=parse_duration,
     help="Finished longer ago than this: 90s, 15m, 12h, 7d, 2w.",
 )
 @json_option
 @click.pass_context
-def purge(ctx: click.Context, status: str | None, older_than: str | None, as_json: bool) -> None:
+def purge(ctx: click.Context, status: str | None, older_than: float | None, as_json: bool) -> None:
     """Delete jobs by status and/or finished longer ago than --older-than."""
     if status is None and older_than is None:
         raise click.UsageError("purge needs --status and/or --older-than")
-    age = None if older_than is None else parse_duration(older_than)
-    count = run(ctx, lambda jobs: jobs.purge(status=status, older_than=age))
+    count = run(ctx, lambda jobs: jobs.purge(status=status, older_than=older_than))
     click.echo(to_json({"purged": count}) if as_json else f"purged {count} job(s)")
 
 

@@ -238,6 +238,7 @@ async def test_retry_all_dead_and_purge(env: dict[str, str], app_jobs: Jobs) -> 
     bad = cli(env, "purge", "--older-than", "soon")
     assert bad.returncode == 2
     assert "not a duration" in bad.stderr
+    assert "--older-than" in bad.stderr  # the error names the option
     assert cli(env, "purge").returncode == 2
 
 
@@ -351,6 +352,7 @@ async def test_cancelling_a_running_job_says_it_was_asked_to_stop(
     assert queued == {"id": dead.id, "cancelled": True, "stopping": False}
 
 
+@pytest.mark.usefixtures("fresh_app_module")
 def test_times_in_tables_say_they_are_utc(
     env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -378,6 +380,7 @@ def test_times_in_tables_say_they_are_utc(
     assert line.split(None, 1)[1] == "2026-01-02 03:04:05 UTC"
 
 
+@pytest.mark.usefixtures("fresh_app_module")
 def test_cancel_of_a_job_that_finishes_first_does_not_say_cancelled(
     env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
