@@ -111,6 +111,15 @@ class Scheduler:
 
         return register
 
+    def forget_ticks(self) -> None:
+        """Start every schedule afresh, as a new process would: the next tick is a first
+        tick. With copies: ``replace_store`` carries the schedules of the app's own
+        scheduler over, and neither the app nor a later test may see this one's ticks."""
+        self._schedules = {
+            name: dataclasses.replace(schedule, cursor=None)
+            for name, schedule in self._schedules.items()
+        }
+
     def infos(self) -> list[ScheduleInfo]:
         now = self.clock.now()
         return [

@@ -9,6 +9,7 @@ import textwrap
 import threading
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio
@@ -250,6 +251,32 @@ async def test_replace_store_runs_the_apps_own_tasks_on_a_test_store_and_restore
         assert app_jobs.clock is original_clock
         assert await app_jobs.get(job.id) is None  # nothing reached the app's store
         assert not (tmp_path / "app.db").exists() or await app_jobs.list() == []
+    finally:
+        await app_jobs.close()
+
+
+async def test_a_schedule_on_a_replaced_store_starts_afresh_in_each_test(tmp_path: Path) -> None:
+    """What one test's drains did to a schedule does not leak into the next test (or the
+    app): each test's first drain starts the schedule from its own clock's time."""
+    app_jobs = Jobs("sqlite:///" + str(tmp_path / "app.db"))
+    runs: list[float] = []
+
+    @app_jobs.periodic(every=3600, name="hourly")
+    async def hourly() -> None:
+        runs.append(app_jobs.clock.now())
+
+    start = datetime(2026, 11, 23, 9, 30, tzinfo=UTC)
+    try:
+        for n, later in enumerate([0, 6 * 3600]):  # two tests in a row
+            clock = FakeClock(start=start + timedelta(seconds=later))
+            async with replace_store(app_jobs, f"sqlite:///{tmp_path}/t{n}.db", clock=clock):
+                await drain(app_jobs)
+                assert runs == [], "a first drain runs no slot from before it"
+                clock.advance(3600)
+                await drain(app_jobs)
+                assert len(runs) == 1
+            runs.clear()
+        assert [s.cursor for s in app_jobs.scheduler._schedules.values()] == [None]
     finally:
         await app_jobs.close()
 

@@ -38,6 +38,8 @@ async def replace_store(jobs: Jobs, url: str, *, clock: Clock | None = None) -> 
         component = fresh.get(name)
         if type(component) is type(value) and hasattr(value, "__dict__") and value is not jobs:
             _carry_registrations(vars(value), vars(component), copies)  # the scheduler's too
+    # Schedules as registered, not as ticked: on this store and clock none has ticked.
+    jobs.scheduler.forget_ticks()
     try:
         yield jobs
     finally:
