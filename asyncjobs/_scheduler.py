@@ -14,7 +14,8 @@ pruning finished jobs never loses it; a schedule recorded before that existed fa
 back to the idempotency keys of its recent jobs. If slots passed since then (the app
 was down), the most recent one runs once at start when ``catch_up=True`` (the
 default) and none runs when ``catch_up=False``. A schedule never seen in the store
-has nothing to catch up.
+has nothing to catch up: its first tick records the time it was first seen in place
+of a slot, so that a slot missed after that, before any slot ran, is caught up.
 Later ticks enqueue the most recent slot that passed since the previous tick; if
 several passed at once (the process was frozen), they are coalesced into one run.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
@@ -152,7 +154,13 @@ class Scheduler:
                 if not schedule.catch_up:
                     continue
                 last = await self._last_slot(name, now)
-                if last is None or latest <= last:
+                if last is None:
+                    # Never seen: its slots so far came before it existed. Record that it
+                    # exists from now on, so that a slot missed while the app is down
+                    # before its first run is caught up all the same.
+                    await self.jobs.store.last_slot(name, math.floor(now))
+                    continue
+                if latest <= last:
                     continue
                 logger.info(
                     "schedule %s missed its slot at %s while stopped; running it now",

@@ -245,6 +245,28 @@ async def test_a_new_schedule_does_not_run_a_slot_from_before_it_existed(
     assert await jobs.list() == []
 
 
+async def test_a_slot_missed_while_down_is_caught_up_even_before_the_schedule_first_ran(
+    make_jobs: MakeJobs, db_url: str
+) -> None:
+    """A nightly job deployed at 10:00 whose app is down over its first 02:00: that slot
+    was missed after the schedule existed, so it runs at the restart."""
+    clock = FakeClock(start=datetime(2026, 11, 23, 10, 0, tzinfo=UTC))
+    first = make_jobs(db_url, clock=clock)
+    runs: list[float] = []
+    register_counter(first, runs, cron="0 2 * * *")
+    await drain(first)
+    await run_for([first], clock, 15 * 3600, 3600)  # until 01:00: no slot yet
+    assert runs == []
+    await first.close()
+    clock.advance(2 * 3600)  # down over 02:00
+    second = make_jobs(db_url, clock=clock)
+    register_counter(second, runs, cron="0 2 * * *")
+    await drain(second)
+    assert runs == [clock.now()]
+    (caught_up,) = await second.list(task="tick")
+    assert caught_up.run_at == datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
+
+
 async def test_a_slot_missed_by_another_running_process_is_not_run_twice(
     make_jobs: MakeJobs, db_url: str, clock: FakeClock
 ) -> None:
