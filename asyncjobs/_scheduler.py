@@ -15,7 +15,9 @@ back to the idempotency keys of its recent jobs. If slots passed since then (the
 was down), the most recent one runs once at start when ``catch_up=True`` (the
 default) and none runs when ``catch_up=False``. A schedule never seen in the store
 has nothing to catch up: its first tick records the time it was first seen in place
-of a slot, so that a slot missed after that, before any slot ran, is caught up.
+of a slot, so that a slot missed after that, before any slot ran, is caught up. A stop
+records the time of the last tick the same way: a slot of a definition changed since
+(02:00 moved to 03:00) that passed while the old one ran was not missed.
 Later ticks enqueue the most recent slot that passed since the previous tick; if
 several passed at once (the process was frozen), they are coalesced into one run.
 """
@@ -30,9 +32,11 @@ from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from typing import TYPE_CHECKING, Any
 
+import anyio
 from anyio.abc import TaskStatus
 
 from asyncjobs._arguments import Arguments
+from asyncjobs._clock import within
 from asyncjobs._cron import Cron, Every, Slots
 from asyncjobs._cron import to_datetime as slot_datetime
 from asyncjobs._errors import ConfigurationError
@@ -229,11 +233,30 @@ class Scheduler:
             schedule.cursor = None
         ok = await self._tick_logged()
         task_status.started()
-        while True:
-            # After a failed tick the slots it left are due already: retry after a pause.
-            wake = self.next_wake() if ok else self.clock.now() + self.jobs.settings.poll_interval
-            await self.clock.sleep(max(wake - self.clock.now(), 0.0))
-            ok = await self._tick_logged()
+        try:
+            while True:
+                # After a failed tick the slots it left are due already: retry after a pause.
+                if ok:
+                    wake = self.next_wake()
+                else:
+                    wake = self.clock.now() + self.jobs.settings.poll_interval
+                await self.clock.sleep(max(wake - self.clock.now(), 0.0))
+                ok = await self._tick_logged()
+        finally:
+            with anyio.CancelScope(shield=True), within(self.clock, 5):
+                await self._record_last_ticks()
+
+    async def _record_last_ticks(self) -> None:
+        """At stop: record the time of each schedule's last tick, as a slot, so that the
+        next start catches up only slots that came after it. The last slot enqueued is
+        not enough: a definition changed meanwhile (02:00 moved to 03:00) would take
+        today's 03:00, which passed while this ran, for a slot missed while stopped."""
+        try:
+            for name, schedule in self._schedules.items():
+                if schedule.cursor is not None:
+                    await self.jobs.store.last_slot(name, math.floor(schedule.cursor))
+        except Exception:
+            logger.exception("recording the last tick of the schedules failed")
 
     async def _tick_logged(self) -> bool:
         try:

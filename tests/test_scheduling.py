@@ -267,6 +267,35 @@ async def test_a_slot_missed_while_down_is_caught_up_even_before_the_schedule_fi
     assert caught_up.run_at == datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
 
 
+async def test_a_schedule_moved_to_a_later_time_does_not_run_again_at_the_next_start(
+    make_jobs: MakeJobs, db_url: str
+) -> None:
+    """The nightly job ran at 02:00; at 10:00 the app is stopped and the next version,
+    which runs it at 03:00, started: today's 03:00 was not missed while the app was
+    down (it was running then), so the job does not run a second time today."""
+    clock = FakeClock(start=datetime(2026, 11, 23, 1, 30, tzinfo=UTC))
+    first = make_jobs(db_url, clock=clock)
+    runs: list[float] = []
+    register_counter(first, runs, cron="0 2 * * *")
+    async with first:
+        with anyio.fail_after(5):
+            clock.advance(1800)
+            while not runs:
+                await anyio.lowlevel.checkpoint()
+            # Once the scheduler sleeps (its next look a minute on), run until 10:00.
+            while not any(entry[0] == clock.now() + 60 for entry in clock._sleepers):
+                await anyio.lowlevel.checkpoint()
+            clock.advance(8 * 3600)  # running until 10:00; then stopped for the deploy
+            while first.scheduler._schedules["tick"].cursor != clock.now():
+                await anyio.lowlevel.checkpoint()
+    second = make_jobs(db_url, clock=clock)
+    register_counter(second, runs, cron="0 3 * * *")
+    async with second:
+        pass
+    assert len(runs) == 1
+    assert len(await second.list(task="tick")) == 1
+
+
 async def test_a_slot_missed_by_another_running_process_is_not_run_twice(
     make_jobs: MakeJobs, db_url: str, clock: FakeClock
 ) -> None:
