@@ -62,6 +62,7 @@ from asyncjobs.stores._protocol import (
 )
 from asyncjobs.stores._sqlite_admin import (
     ADMIN_BATCH,
+    META_VALUE,
     _last_slot,
     _meta,
     _prune,
@@ -665,6 +666,9 @@ class SQLiteStore:
     # first use, last_slot records a slot when given one.
 
     async def meta(self, key: str, default: str) -> str:
+        stored = await self._read_call(_fetchall, META_VALUE, (key,))  # no write if stored
+        if stored:
+            return str(stored[0][0])
         return await self._transaction(_meta, key, default)
 
     async def last_slot(self, schedule: str, slot: int | None = None) -> int | None:

@@ -303,10 +303,15 @@ def _last_slot(db: sqlite3.Connection, key: str, slot: int | None) -> int | None
     return None if row is None else int(row[0])
 
 
+META_VALUE = "SELECT value FROM asyncjobs_meta WHERE key = ?"
+"""A stored metadata value: read first, so a store whose file turned read-only still
+serves the ones it has (the dashboard's CSRF key, on every page)."""
+
+
 def _meta(db: sqlite3.Connection, key: str, default: str) -> str:
     db.execute(
         "INSERT INTO asyncjobs_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
         (key, default),
     )
-    (value,) = db.execute("SELECT value FROM asyncjobs_meta WHERE key = ?", (key,)).fetchone()
+    (value,) = db.execute(META_VALUE, (key,)).fetchone()
     return str(value)

@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
+import httpx
 import pytest
 
 from asyncjobs import Job, Jobs, JobStatus, StoreError
@@ -217,6 +218,36 @@ async def test_read_only_database_file_gives_a_clear_store_error(tmp_path: Path)
     finally:
         make_writable(path)
     assert rows(path) == 1
+
+
+async def test_the_dashboard_still_shows_a_read_only_database(tmp_path: Path) -> None:
+    """Its pages only read: a dashboard used before the file turned read-only (its
+    CSRF key stored) shows them, as stats() and list() do, not a 500 on every page."""
+    path = tmp_path / "jobs.db"
+    jobs = Jobs(str(path), workers=False)
+    job = await jobs.enqueue("t", 1)
+    auth = ("admin", "secret")
+    transport = httpx.ASGITransport(app=jobs.dashboard(auth=auth))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t", auth=auth) as client:
+        assert (await client.get("/")).status_code == 200  # stores the CSRF key
+    await jobs.close()
+    make_read_only(path)
+    try:
+        jobs = Jobs(str(path), workers=False)
+        try:
+            transport = httpx.ASGITransport(app=jobs.dashboard(auth=auth))
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://t", auth=auth
+            ) as client:
+                for page in ("/", "/jobs", f"/jobs/{job.id}"):
+                    with anyio.fail_after(30):
+                        response = await client.get(page)
+                    assert response.status_code == 200, page
+                assert job.id in response.text
+        finally:
+            await jobs.close()
+    finally:
+        make_writable(path)
 
 
 # -- corrupt rows ----------------------------------------------------------------------
