@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,8 +14,8 @@ import anyio
 import pytest
 
 from asyncjobs import Jobs
-from asyncjobs._stats import human_duration, percentile, timing
-from asyncjobs.stores._protocol import ClaimRequest, TaskLimits
+from asyncjobs._stats import build, human_duration, percentile, timing
+from asyncjobs.stores._protocol import ClaimRequest, FinishedSample, OpsSnapshot, TaskLimits
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]
@@ -195,6 +195,91 @@ async def test_schedules_are_listed_with_their_next_run(jobs: Jobs, clock: FakeC
     assert next_run.timestamp() % 300 == 0
     assert nightly_stats["schedule"] == "0 2 * * * (Europe/Rome)"
     assert nightly_stats["cron"] == "0 2 * * *"
+
+
+class Visits:
+    """Counts the entries read from the parts of a snapshot wrapped with it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def seen(self, entries: Iterable[Any]) -> Iterator[Any]:
+        for entry in entries:
+            self.count += 1
+            yield entry
+
+    def mapping(self, values: dict[Any, Any]) -> dict[Any, Any]:
+        visits = self
+
+        class Counted(dict[Any, Any]):
+            def __iter__(self) -> Iterator[Any]:
+                return visits.seen(super().__iter__())
+
+            def keys(self) -> Iterator[Any]:  # type: ignore[override]
+                return visits.seen(super().keys())
+
+            def values(self) -> Iterator[Any]:  # type: ignore[override]
+                return visits.seen(super().values())
+
+            def items(self) -> Iterator[tuple[Any, Any]]:  # type: ignore[override]
+                return visits.seen(super().items())
+
+        return Counted(values)
+
+    def sequence(self, values: list[Any]) -> list[Any]:
+        visits = self
+
+        class Counted(list[Any]):
+            def __iter__(self) -> Iterator[Any]:
+                return visits.seen(super().__iter__())
+
+        return Counted(values)
+
+
+def test_stats_read_each_entry_of_the_snapshot_a_bounded_number_of_times() -> None:
+    """With many tasks: stats() read every entry of the store's snapshot once per task
+    and per queue, so the event loop stalled for seconds (1,000 tasks: 2 s) at each
+    stats(), dashboard overview and metrics scrape."""
+    visits = Visits()
+    pairs = [(f"q{n % 10}", f"t{n}") for n in range(400)]
+    counts = {(q, t, s): 2 for q, t in pairs for s in ("queued", "succeeded", "paused")}
+    snapshot = OpsSnapshot(
+        counts=visits.mapping(counts),
+        oldest_due=visits.mapping({(q, t): 100.0 + n for n, (q, t) in enumerate(pairs)}),
+        finished=visits.mapping({(q, t, "succeeded"): [1, 2] for q, t in pairs}),
+        samples=visits.sequence(
+            [
+                FinishedSample(
+                    queue=q,
+                    task=t,
+                    status="succeeded",
+                    run_at=0.0,
+                    started_at=float(n % 7),
+                    finished_at=10.0,
+                )
+                for n, (q, t) in enumerate(pairs)
+            ]
+        ),
+        stuck=[],
+        stuck_counts=visits.mapping(dict.fromkeys(pairs, 1)),
+        workers=[],
+    )
+    entries = len(counts) + 4 * len(pairs)
+    stats = build(snapshot, now=1000.0, alive_within=60)
+    assert visits.count <= 5 * entries
+    totals, first = stats["totals"], stats["queues"][0]
+    assert (totals["counts"]["queued"], totals["counts"]["dead"]) == (800, 800)  # paused: dead
+    assert totals["oldest_queued_age"] == 900.0
+    assert totals["windows"]["5m"]["succeeded"] == 800
+    assert (totals["run_time"]["count"], totals["run_time"]["max"]) == (400, 10.0)
+    assert totals["stuck"] == 400
+    assert first["queue"] == "q0"
+    assert (first["counts"]["succeeded"], first["stuck"]) == (80, 40)
+    assert first["windows"]["1m"]["succeeded"] == 40
+    assert first["tasks"][0]["task"] == "t0"
+    assert first["tasks"][0]["oldest_queued_age"] == 900.0
+    assert first["tasks"][1]["task"] == "t10"
+    assert first["tasks"][1]["run_time"]["p50"] == 7.0  # started at 10 % 7, ended at 10
 
 
 def test_percentiles_use_nearest_rank() -> None:
