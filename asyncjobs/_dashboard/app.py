@@ -315,4 +315,18 @@ def _clip(text: str) -> str:
 
 
 def _pretty(value: object) -> str:
-    return _clip(printable(json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True)))
+    """``value`` as indented JSON, encoded only as far as the page shows it: ``json``
+    indents in Python, seconds for tens of megabytes of small objects. A value cut
+    short does not say how much more there is (that would take encoding it all)."""
+    encoder = json.JSONEncoder(indent=2, ensure_ascii=False, sort_keys=True)
+    chunks = encoder.iterencode(value)
+    text: list[str] = []
+    length = 0
+    for chunk in chunks:
+        text.append(chunk)
+        length += len(chunk)
+        # Past what is shown, with more to come (after one long string, often none).
+        if length > SHOWN_CHARS and next(chunks, None) is not None:
+            shown = printable("".join(text))[:SHOWN_CHARS]
+            return f"{shown}\n\u2026 the rest is not shown (asyncjobs show ID --json)"
+    return _clip(printable("".join(text)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -22,7 +23,7 @@ from starlette.requests import Request
 from starlette.routing import Mount
 
 from asyncjobs import ConfigurationError, Jobs, JobStatus
-from asyncjobs._dashboard.app import LIST_PREVIEW, SHOWN_CHARS
+from asyncjobs._dashboard.app import LIST_PREVIEW, SHOWN_CHARS, _pretty
 from asyncjobs._execution import MAX_ERROR_CHARS
 from asyncjobs.stores import ClaimRequest, JobRow, TaskLimits
 from asyncjobs.stores._sqlite import SQLiteStore
@@ -402,6 +403,40 @@ async def test_a_job_page_cuts_a_huge_result_and_error_short(jobs: Jobs) -> None
     # The error was already cut where it was stored (MAX_ERROR_CHARS): shown as stored.
     assert "characters cut ..." in error_page
     assert len(error_page) < 2 * MAX_ERROR_CHARS
+
+
+async def test_a_big_structured_result_is_indented_only_as_far_as_the_page_shows(
+    jobs: Jobs,
+) -> None:
+    """The page indents JSON in Python: a 44 MB result of small objects (under the 64
+    MiB limit) held the event loop 7 s for a page that shows its first SHOWN_CHARS."""
+
+    @jobs.task(name="report")
+    async def report(n: int) -> list[dict[str, Any]]:
+        return [{"id": i, "ok": True} for i in range(n)]
+
+    job = await jobs.enqueue(report, 30_000)
+    await jobs.drain()
+    async with client_for(jobs, login=True) as client:
+        page = (await client.get(f"/jobs/{job.id}")).text
+    assert "&#34;id&#34;: 0," in page
+    assert "&#34;id&#34;: 29999" not in page
+    assert "the rest is not shown (asyncjobs show ID --json)" in page
+
+    read = 0
+
+    class Items(list[Any]):
+        def __iter__(self) -> Iterator[Any]:
+            nonlocal read
+            for item in super().__iter__():
+                read += 1
+                yield item
+
+    shown = _pretty(Items({"id": i, "ok": True} for i in range(200_000)))
+    assert read < 10_000  # about 2,500 items fill SHOWN_CHARS
+    assert shown.startswith('[\n  {\n    "id": 0,\n    "ok": true\n  },')
+    assert len(shown) < SHOWN_CHARS + 100
+    assert _pretty([1, "\udc80"]) == '[\n  1,\n  "\\udc80"\n]'  # small: whole, as before
 
 
 async def test_paging_through_a_long_list(jobs: Jobs) -> None:
