@@ -256,7 +256,7 @@ class Dashboard:
                 nonce,
                 path=prefix or "/",
                 httponly=True,
-                samesite="strict",
+                samesite="lax",
                 secure=request.url.scheme == "https",
             )
         return response

@@ -9,9 +9,12 @@ failure up to 5 minutes; right credentials reset the count. A callable gets no s
 limit: it decides alone.
 
 Actions are POST forms carrying a token: the HMAC-SHA256 of a random per-browser
-nonce (kept in an HttpOnly, SameSite=Strict cookie) under a key stored in the job
+nonce (kept in an HttpOnly, SameSite=Lax cookie) under a key stored in the job
 store, so every process serving the dashboard accepts the same tokens. A cross-site
-page can neither read the cookie nor compute the HMAC without the key.
+page can neither read the cookie nor compute the HMAC without the key. Lax, not
+Strict: a link followed from another site (an alert email) comes without a Strict
+cookie, so its page would set a new one and every dashboard page already open would
+fail its next action; a cross-site POST still comes without it.
 """
 
 from __future__ import annotations

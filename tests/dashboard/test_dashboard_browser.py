@@ -192,3 +192,40 @@ async def test_dashboard_in_a_real_browser(server: str, seeded: Mix, tmp_path: P
             await context.close()
         finally:
             await browser.close()
+
+
+async def test_a_link_from_another_site_keeps_open_pages_working(server: str, seeded: Mix) -> None:
+    """A link to the dashboard in an alert email or a chat message is a cross-site
+    navigation, which a SameSite=Strict cookie does not go with: the page it opened
+    set a new CSRF cookie, and every dashboard page already open refused its next
+    action (403, "reload the page")."""
+    dashboard = server + PREFIX
+    async with playwright_api.async_playwright() as pw:
+        browser = await pw.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            context = await browser.new_context(
+                http_credentials={"username": USER, "password": PASSWORD}
+            )
+            context.set_default_timeout(15_000)
+            already_open = await context.new_page()
+            await already_open.goto(f"{dashboard}/jobs/{seeded.dead_id}")
+            chat = await context.new_page()
+            await chat.set_content(
+                f'<a id="alert" href="{dashboard}/jobs/{seeded.queued_id}">a job failed</a>'
+            )
+            async with chat.expect_navigation():
+                await chat.click("#alert")
+            assert await chat.locator("#status").inner_text() == "queued"
+
+            async with already_open.expect_navigation():
+                await already_open.click("#retry")
+            assert "CSRF" not in await already_open.content()
+            assert await already_open.locator("#status").inner_text() == "queued"
+            row = await seeded.jobs.store.get(seeded.dead_id)
+            assert row is not None
+            assert row.status == "queued"
+            await context.close()
+        finally:
+            await browser.close()
