@@ -250,7 +250,9 @@ class Dashboard:
             **context,
         )
         response = HTMLResponse(html, status_code=status_code)
-        if new_nonce:
+        # A page a browser asked for sets a cookie it lacked; a POST without one (another
+        # site's forged form) must not replace the cookie of the pages open in it.
+        if new_nonce and request.method in ("GET", "HEAD"):
             response.set_cookie(
                 CSRF_COOKIE,
                 nonce,

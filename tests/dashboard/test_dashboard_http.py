@@ -120,6 +120,22 @@ async def test_posts_without_a_valid_csrf_token_are_refused(mix: Mix) -> None:
     assert (await mix.jobs.get(mix.dead_id)).status == JobStatus.DEAD  # type: ignore[union-attr]
 
 
+async def test_a_refused_post_without_the_cookie_does_not_set_one(mix: Mix) -> None:
+    """A forged cross-site form arrives without the browser's cookie: its 403 page sets
+    no new cookie, so the dashboard pages open in that browser keep their tokens."""
+    async with client_for(mix.jobs, login=True) as client:
+        token = csrf_token((await client.get("/")).text)
+        nonce = client.cookies["asyncjobs_csrf"]
+        client.cookies.clear()  # as a cross-site POST comes: without the SameSite cookie
+        forged = await client.post(f"/jobs/{mix.dead_id}/retry", data={"csrf_token": "0" * 64})
+        assert forged.status_code == 403
+        assert "set-cookie" not in forged.headers
+        client.cookies.set("asyncjobs_csrf", nonce)
+        kept = await client.post(f"/jobs/{mix.dead_id}/retry", data={"csrf_token": token})
+        assert kept.status_code == 303
+    assert (await mix.jobs.get(mix.dead_id)).status == JobStatus.QUEUED  # type: ignore[union-attr]
+
+
 async def test_tokens_are_shared_by_every_process_on_the_store(mix: Mix) -> None:
     """Two dashboards (two processes behind a load balancer) accept each other's tokens."""
     async with client_for(mix.jobs, login=True) as first:
