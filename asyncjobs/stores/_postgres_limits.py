@@ -76,9 +76,14 @@ async def choose(conn: Connection, request: ClaimRequest, now: float) -> Admissi
         wake_at = admission.wake_at
         if admission.task_open(task):
             open_tasks.append(task)
-        elif admission.wake_at != wake_at and not await _has_ready(conn, task):
-            admission.wake_at = wake_at  # its bucket is empty but nothing waits on it
-    keyed_only = {task: admission.keyed_only(task) for task in open_tasks}
+        elif admission.wake_at != wake_at and not await _has_ready(conn, request, task):
+            admission.wake_at = wake_at  # its bucket is empty but nothing here waits on it
+    keyed_only: dict[str, bool] = {}
+    for task in open_tasks:
+        wake_at = admission.wake_at
+        keyed_only[task] = admission.keyed_only(task)
+        if admission.wake_at != wake_at and not await _has_ready(conn, request, task):
+            admission.wake_at = wake_at  # its limiter's shared bucket is empty: none waits here
     page = request.limit + 16
     buffers = await _first_pages(conn, request, open_tasks, keyed_only, page)
     await _load_keyed(conn, admission, stored, [c for b in buffers.values() for c in b])
@@ -148,10 +153,20 @@ async def _load_keyed(
     await _load(conn, stored, wanted)
 
 
-async def _has_ready(conn: Connection, task: str) -> bool:
-    row = await conn.fetchval(
-        "SELECT 1 FROM asyncjobs_jobs WHERE status = 'queued' AND task = $1 LIMIT 1", task
-    )
+_READY = "SELECT 1 FROM asyncjobs_jobs WHERE status = 'queued' AND task = $1 LIMIT 1"
+_READY_IN_QUEUES = (
+    "SELECT 1 FROM asyncjobs_jobs WHERE status = 'queued' AND task = $1 "
+    "AND queue = ANY($2::text[]) LIMIT 1"
+)
+
+
+async def _has_ready(conn: Connection, request: ClaimRequest, task: str) -> bool:
+    """Whether a ready job of ``task`` waits in a queue this claim serves (one it could
+    take once its bucket has a token)."""
+    if request.queues is None:
+        row = await conn.fetchval(_READY, task)
+    else:
+        row = await conn.fetchval(_READY_IN_QUEUES, task, list(request.queues))
     return row is not None
 
 

@@ -76,8 +76,8 @@ def choose(db: sqlite3.Connection, request: ClaimRequest, now: float) -> Admissi
         wake_at = admission.wake_at
         if admission.task_open(task):
             open_tasks.append(task)
-        elif admission.wake_at != wake_at and not _has_ready(db, task):
-            admission.wake_at = wake_at  # its bucket is empty but nothing waits on it
+        elif admission.wake_at != wake_at and not _has_ready(db, request, task):
+            admission.wake_at = wake_at  # its bucket is empty but nothing here waits on it
     page = request.limit + 16
     streams = [_candidates(db, admission, task, page) for task in open_tasks]
     chosen = admission.chosen
@@ -105,10 +105,24 @@ _FIRST_PENDING_KEY = (
 """The first job of a task in claim order whose rate-limit key is pending: one seek."""
 
 
-def _has_ready(db: sqlite3.Connection, task: str) -> bool:
-    row = db.execute(
-        "SELECT 1 FROM asyncjobs_jobs WHERE status = 'queued' AND task = ? LIMIT 1", (task,)
-    ).fetchone()
+_READY = (
+    "SELECT 1 FROM asyncjobs_jobs INDEXED BY asyncjobs_jobs_ready_task "
+    "WHERE status = 'queued' AND task = ? LIMIT 1"
+)
+_READY_IN_QUEUES = (
+    "SELECT 1 FROM asyncjobs_jobs INDEXED BY asyncjobs_jobs_counts WHERE status = 'queued' "
+    "AND queue IN (SELECT value FROM json_each(?)) AND task = ? LIMIT 1"
+)
+"""Whether a job of a task is ready (in the queues a claim serves): a seek (per queue)."""
+
+
+def _has_ready(db: sqlite3.Connection, request: ClaimRequest, task: str) -> bool:
+    """Whether a ready job of ``task`` waits in a queue this claim serves (one it could
+    take once its bucket has a token)."""
+    if request.queues is None:
+        row = db.execute(_READY, (task,)).fetchone()
+    else:
+        row = db.execute(_READY_IN_QUEUES, (json.dumps(list(request.queues)), task)).fetchone()
     return row is not None
 
 
@@ -118,7 +132,10 @@ def _candidates(
     """The task's ready jobs that may be admitted, in claim order, read page by page:
     those of the window (the first ``WINDOW`` in claim order), then, under a keyed
     limiter, those of the keys past it (``_past_window``)."""
+    wake_at = admission.wake_at
     keyed_only = admission.keyed_only(task)
+    if admission.wake_at != wake_at and not _has_ready(db, admission.request, task):
+        admission.wake_at = wake_at  # its limiter's shared bucket is empty: none waits here
     after: tuple[int, int] | None = None
     while True:
         if task in admission.blocked_tasks:

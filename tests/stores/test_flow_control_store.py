@@ -48,11 +48,12 @@ def request(
     *,
     limiters: dict[str, RateLimit] | None = None,
     queue_concurrency: dict[str, int] | None = None,
+    queues: list[str] | None = None,
 ) -> ClaimRequest:
     return ClaimRequest(
         worker=worker,
         tasks=tasks,
-        queues=None,
+        queues=queues,
         limit=limit,
         lease=60,
         limiters=limiters or {},
@@ -97,6 +98,51 @@ async def test_claim_reports_no_refill_time_when_nothing_waits_on_a_bucket(
     idle = await a.claim(request("a", 5, tasks), now=NOW + 1)
     assert isinstance(idle, Claimed)
     assert idle.next_token_at is None
+
+
+async def test_claim_reports_no_refill_time_when_nothing_waits_on_a_limiter(
+    two_stores: tuple[Store, Store],
+) -> None:
+    a, _ = two_stores
+    await a.insert(new_jobs("t", 1), now=NOW)
+    tasks = {"t": TaskLimits(max_attempts=3, limiter="mail"), "u": TaskLimits(max_attempts=3)}
+    mail = {"mail": RateLimit(rate=1, per=60)}
+    assert len(await a.claim(request("a", 5, tasks, limiters=mail), now=NOW)) == 1
+    await a.insert(new_jobs("u", 1), now=NOW)  # a job of another task, not under the limiter
+    claimed = await a.claim(request("a", 5, tasks, limiters=mail), now=NOW + 1)
+    assert isinstance(claimed, Claimed)
+    assert [row.task for row in claimed] == ["u"]
+    assert claimed.next_token_at is None
+
+
+@pytest.mark.parametrize("bucket", ["own", "limiter"])
+async def test_claim_reports_no_refill_time_for_jobs_only_in_queues_it_does_not_serve(
+    two_stores: tuple[Store, Store], bucket: str
+) -> None:
+    """A worker of other queues would wake at each token of a bucket that a worker of
+    the email queue keeps empty, for jobs it can never take."""
+    email, other = two_stores
+    await email.insert(new_jobs("t", 3, queue="email"), now=NOW)
+    rate = RateLimit(rate=1, per=60)
+    if bucket == "own":
+        tasks, limiters = {"t": TaskLimits(max_attempts=3, rate_limit=rate)}, {}
+    else:
+        tasks, limiters = {"t": TaskLimits(max_attempts=3, limiter="mail")}, {"mail": rate}
+    first = await email.claim(
+        request("email", 5, tasks, limiters=limiters, queues=["email"]), now=NOW
+    )
+    assert len(first) == 1
+    idle = await other.claim(
+        request("other", 5, tasks, limiters=limiters, queues=["default"]), now=NOW + 1
+    )
+    assert isinstance(idle, Claimed)
+    assert (len(idle), idle.next_token_at) == (0, None)
+    held = await email.claim(
+        request("email", 5, tasks, limiters=limiters, queues=["email"]), now=NOW + 1
+    )
+    assert isinstance(held, Claimed)
+    assert len(held) == 0
+    assert held.next_token_at == pytest.approx(NOW + 60)  # the email worker still waits
 
 
 async def test_a_named_limiter_is_shared_by_tasks_and_keys_get_their_own_buckets(
