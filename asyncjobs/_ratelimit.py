@@ -14,6 +14,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from asyncjobs._errors import ConfigurationError
@@ -47,11 +48,12 @@ def _positive(value: object, name: str) -> float:
     return number
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, init=False)
 class RateLimit:
     """``rate`` jobs per ``per`` seconds, with bursts of up to ``burst`` jobs.
 
     ``RateLimit(rate=100, per=60, burst=20)``: 100 a minute, at most 20 at once.
+    ``per`` may be a ``timedelta`` too (kept as seconds).
     ``burst`` defaults to ``rate`` (at least 1), as ``"10/s"`` allows 10 at once.
     """
 
@@ -59,10 +61,16 @@ class RateLimit:
     per: float = 1.0
     burst: int | None = None
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self, *, rate: float, per: float | timedelta = 1.0, burst: int | None = None
+    ) -> None:
+        if isinstance(per, timedelta):
+            per = per.total_seconds()
+        object.__setattr__(self, "rate", rate)
+        object.__setattr__(self, "per", per)
+        object.__setattr__(self, "burst", burst)
         _positive(self.rate, "rate")
         _positive(self.per, "per")
-        burst: object = self.burst
         if burst is not None and (isinstance(burst, bool) or not isinstance(burst, int)):
             raise ConfigurationError(f"RateLimit burst must be a whole number, got {burst!r}")
         if burst is not None and burst < 1:

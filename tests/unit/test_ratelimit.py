@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from asyncjobs import ConfigurationError, RateLimit
@@ -40,6 +42,15 @@ def test_burst_defaults_to_the_count() -> None:
     assert parse_rate("100/m").capacity == 100
     assert RateLimit(rate=100, per=60, burst=20).capacity == 20
     assert RateLimit(rate=0.5).capacity == 1  # never less than one whole job
+
+
+def test_a_rate_limit_period_may_be_a_timedelta() -> None:
+    """Durations are seconds or a timedelta everywhere else (delay, every, timeout)."""
+    hourly = RateLimit(rate=100, per=timedelta(hours=1), burst=5)
+    assert hourly == RateLimit(rate=100, per=3600, burst=5)
+    assert hourly.per_second == pytest.approx(100 / 3600)
+    with pytest.raises(ConfigurationError, match="RateLimit per"):
+        RateLimit(rate=1, per=timedelta(0))
 
 
 def test_parse_rate_returns_a_rate_limit_unchanged() -> None:
