@@ -164,24 +164,27 @@ class Batch:
 
     async def wait(self, timeout: float | timedelta | None = None) -> BatchProgress:
         """Wait (real time) until every member finished, and ``on_complete`` too.
+        A ``timeout`` of 0 (or less) reads the batch once, as ``Job.result`` does.
 
         A member (or ``on_complete``) discarded or purged counts as finished."""
-        with anyio.fail_after(wait_timeout(timeout)):
-            if self.on_complete is not None and await self._succeeded(self.on_complete):
+        limit, each = _limits(timeout)
+        with anyio.fail_after(limit):
+            if self.on_complete is not None and await self._succeeded(self.on_complete, each):
                 return await self.progress()  # it ran: every member had finished
             # No on_complete, or it did not succeed (maybe cancelled or deleted before
             # the members finished): wait for them too.
             for job in self.jobs:
-                await self._succeeded(job)
+                await self._succeeded(job, each)
         return await self.progress()
 
-    async def _succeeded(self, job: Job[Any]) -> bool:
-        """Wait for ``job`` to finish; whether it succeeded. A job of the batch that is no
-        longer stored finished (deletion never takes a running job, and cancels an
-        unfinished one) if the store still counts the batch: its jobs are all inserted
-        in one transaction, so none visible means not committed (yet), or forgotten."""
+    async def _succeeded(self, job: Job[Any], timeout: float | None) -> bool:
+        """Wait for ``job`` to finish (``timeout`` as ``Job.result`` takes it); whether
+        it succeeded. A job of the batch that is no longer stored finished (deletion
+        never takes a running job, and cancels an unfinished one) if the store still
+        counts the batch: its jobs are all inserted in one transaction, so none visible
+        means not committed (yet), or forgotten."""
         try:
-            await job.result()
+            await job.result(timeout=timeout)
         except JobFailed:
             return False
         except AsyncJobsError:
@@ -198,9 +201,21 @@ class Batch:
         )
 
     async def results(self, timeout: float | timedelta | None = None) -> list[Any]:
-        """The members' results in order; raises ``JobFailed`` for the first that failed."""
-        with anyio.fail_after(wait_timeout(timeout)):
-            return [await job.result() for job in self.jobs]
+        """The members' results in order; raises ``JobFailed`` for the first that failed.
+        A ``timeout`` of 0 (or less) reads them once, as ``Job.result`` does."""
+        limit, each = _limits(timeout)
+        with anyio.fail_after(limit):
+            return [await job.result(timeout=each) for job in self.jobs]
+
+
+def _limits(timeout: float | timedelta | None) -> tuple[float | None, float | None]:
+    """A batch's wait for ``timeout``: its own limit, and each job's ``Job.result``
+    timeout. One of 0 or less reads each job once (an unfinished one raises
+    ``TimeoutError``) instead of a deadline already past, which no read could meet."""
+    limit = wait_timeout(timeout)
+    if limit is not None and limit <= 0:
+        return None, 0
+    return limit, None
 
 
 def _member(jobs: Jobs, spec: object, what: str) -> JobSpec[Any]:

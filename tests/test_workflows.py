@@ -872,6 +872,33 @@ async def test_a_batch_without_on_complete_reports_progress(jobs: Jobs) -> None:
     assert await batch.results(timeout=timedelta(seconds=5)) == [0, 1, 4, 9]
 
 
+async def test_a_batch_waited_on_with_timeout_zero_reads_it_once(jobs: Jobs) -> None:
+    """As ``job.result(timeout=0)`` and ``chain.result(timeout=0)``: a finished batch
+    answers at once, an unfinished one raises TimeoutError (a poll that never blocks)."""
+
+    @jobs.task
+    async def member(n: int) -> int:
+        return n * n
+
+    @jobs.task
+    async def done() -> None: ...
+
+    batch = await jobs.batch([member.spec(n) for n in range(3)], on_complete=done.spec())
+    plain = await jobs.batch([member.spec(n) for n in range(2)])
+    for unfinished in (batch, plain):
+        with pytest.raises(TimeoutError):
+            await unfinished.wait(timeout=0)
+        with pytest.raises(TimeoutError):
+            await unfinished.results(timeout=timedelta(0))
+    await drain(jobs)
+    finished = BatchProgress(total=3, done=3, succeeded=3, dead=0, cancelled=0)
+    assert await batch.wait(timeout=0) == finished
+    assert await batch.wait(timeout=timedelta(0)) == finished
+    assert await batch.results(timeout=0) == [0, 1, 4]
+    assert (await plain.wait(timeout=-1)).done == 2
+    assert await plain.results(timeout=0) == [0, 1]
+
+
 async def test_on_complete_runs_once_with_two_processes_draining_one_store(
     make_jobs: MakeJobs, db_url: str
 ) -> None:
