@@ -30,6 +30,7 @@ from asyncjobs import (
     current_job,
 )
 from asyncjobs._retention import prune_expired
+from asyncjobs.stores._sqlite_admin import ADMIN_BATCH
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]
@@ -624,6 +625,33 @@ async def test_purging_a_batchs_queued_members_keeps_the_on_complete_they_releas
     assert await jobs.purge(status="queued") == 2
     await drain(jobs)
     assert seen == [{"id": batch.id, "total": 2, "succeeded": 0, "dead": 0, "cancelled": 2}]
+
+
+async def test_a_purge_in_several_steps_deletes_only_what_matched_before_it_began(
+    jobs: Jobs,
+) -> None:
+    """SQLite purges ``ADMIN_BATCH`` rows per transaction: a step must not take what an
+    earlier step changed. A batch as big as a step: the step that cancels its last
+    member releases on_complete (queued now), which the next step took, so it never
+    ran. A chain member retried by hand waits on a cancelled one; deleting that one
+    cancels it, and the next step of a purge of cancelled jobs deleted it too."""
+    member, done, seen = counting_batch(jobs)
+
+    batch = await jobs.batch([member.spec(n) for n in range(ADMIN_BATCH)], on_complete=done.spec())
+    assert await jobs.purge(status="queued") == ADMIN_BATCH
+    await drain(jobs)
+    assert seen == [
+        {"id": batch.id, "total": ADMIN_BATCH, "succeeded": 0, "dead": 0, "cancelled": ADMIN_BATCH}
+    ]
+
+    others = await jobs.chain(*[member.spec(n) for n in range(ADMIN_BATCH - 1)])
+    assert await others.jobs[0].cancel()  # and every member after it
+    chain = await jobs.chain(member.spec(1), member.spec(2))
+    assert await chain.jobs[0].cancel()
+    assert await jobs.retry(chain.jobs[1].id)  # waits for the one before it
+    assert await jobs.purge(status="cancelled") == ADMIN_BATCH
+    follower = await chain.jobs[1].info()
+    assert follower.status == JobStatus.CANCELLED, "cancelled by the purge, not purged"
 
 
 async def test_discarding_the_last_open_batch_member_still_completes_the_batch(

@@ -595,10 +595,10 @@ class SQLiteStore:
         if not where:
             raise ValueError("purge() needs a status or older_than")
         # Only fixed terms with ? placeholders are joined here; values go in params.
-        pick = _PICK_NOT_RUNNING + " AND ".join(where) + " AND seq > ? ORDER BY seq LIMIT ?"
-        total, after = 0, _FIRST_BATCH
-        while after is not None:  # one short transaction a batch
-            deleted, after = await self._transaction(_delete_batch, pick, params, after, now)
+        pick = _PICK_NOT_RUNNING + " AND ".join(where) + " AND seq <= ? ORDER BY seq DESC LIMIT ?"
+        total, below = 0, _NEWEST
+        while below is not None:  # one short transaction a batch, newest jobs first
+            deleted, below = await self._transaction(_delete_batch, pick, params, below, now)
             total += deleted
         return total
 
@@ -740,6 +740,7 @@ def _delete(
 
 
 _FIRST_BATCH: int | None = 0  # the seq the first batch comes after
+_NEWEST: int | None = 2**63 - 1  # no seq is above it: a purge's first batch
 _PICK_NOT_RUNNING = "SELECT id, seq FROM asyncjobs_jobs WHERE status != 'running' AND "
 _BY_ID = "id IN (SELECT value FROM json_each(?))"
 
@@ -750,13 +751,19 @@ def _delete_ids(db: sqlite3.Connection, job_ids: Sequence[str], now: float) -> i
 
 
 def _delete_batch(
-    db: sqlite3.Connection, pick: str, params: Sequence[Any], after: int, now: float
+    db: sqlite3.Connection, pick: str, params: Sequence[Any], below: int, now: float
 ) -> tuple[int, int | None]:
-    """Delete the next ``ADMIN_BATCH`` jobs ``pick`` matches after seq ``after``; return
-    how many, and the seq to go on after (None: that was the last batch)."""
-    rows = db.execute(pick, (*params, after, ADMIN_BATCH)).fetchall()
+    """Delete the newest ``ADMIN_BATCH`` jobs ``pick`` matches whose seq is at most
+    ``below``; return how many, and the next batch's ``below`` (None: that was the last).
+
+    Newest first, so that a purge deletes what its condition matched before it began,
+    as PostgreSQL's one statement does: what a batch changes without deleting it (the
+    on_complete that cancelling a batch's last member releases, a chain member
+    cancelled after one it deletes) was inserted after the job that changed it, in the
+    same insert, so its seq is higher, and no later batch looks at it."""
+    rows = db.execute(pick, (*params, below, ADMIN_BATCH)).fetchall()
     deleted = _delete_ids(db, [job_id for job_id, _ in rows], now) if rows else 0
-    return deleted, rows[-1][1] if len(rows) == ADMIN_BATCH else None
+    return deleted, rows[-1][1] - 1 if len(rows) == ADMIN_BATCH else None
 
 
 def _status_filter(status: str | None, now: float) -> tuple[list[str], list[Any]]:
