@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import sys
 from collections.abc import AsyncIterator, Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import anyio
 import pytest
 
 from asyncjobs import AsyncJobsError, ConfigurationError, Jobs, JobSpec, JobStatus
+from asyncjobs._transaction import _autocommits
 from asyncjobs.stores import SQLiteStore
 from asyncjobs.stores._sqlite_sql import _claim, _finish_and_claim
 from asyncjobs.testing import FakeClock, drain
@@ -310,6 +312,26 @@ async def test_a_python_312_autocommit_connection_without_begin_is_refused(
                 await jobs.enqueue("welcome", 1)
         await db.rollback()
     assert job_count(db_path) == 0
+
+
+def test_a_connection_that_says_autocommit_counts_as_autocommit() -> None:
+    """The check above on this interpreter too: Python 3.12's sqlite3 connections have an
+    ``autocommit`` attribute, and one set to True commits each statement on its own
+    whatever its ``isolation_level``."""
+
+    class Connection:  # what a 3.12 ``sqlite3.connect(path, autocommit=...)`` reports
+        isolation_level = ""
+
+        def __init__(self, autocommit: bool | int) -> None:
+            self.autocommit = autocommit
+
+    assert _autocommits(Connection(True))  # type: ignore[arg-type]
+    assert not _autocommits(Connection(False))  # type: ignore[arg-type]
+    assert not _autocommits(Connection(-1))  # type: ignore[arg-type]  # LEGACY: isolation_level
+    with closing(sqlite3.connect(":memory:", isolation_level=None)) as db:
+        assert _autocommits(db)
+    with closing(sqlite3.connect(":memory:")) as db:
+        assert not _autocommits(db)
 
 
 async def test_connection_to_another_database_file_is_refused(jobs: Jobs, tmp_path: Path) -> None:
