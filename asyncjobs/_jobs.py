@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import timedelta, tzinfo
 from pathlib import Path
@@ -286,7 +286,7 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
     async def enqueue_many(self, specs: Sequence[JobSpec[Any]]) -> list[Job[Any]]:
         """Enqueue several jobs in one transaction: all are stored or none."""
         now = self.clock.now()
-        checked = [self._spec(spec, (), {}) for spec in specs]
+        checked = _specs(specs)
         # A keyed job takes the batch out of the group commit (see _insert), and only
         # the group commit starts jobs inserted running: then none is.
         dispatch = all(spec.options.idempotency_key is None for spec in checked)
@@ -450,6 +450,20 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
             raise AsyncJobsError("drain() is for a Jobs whose workers are not started")
         await self.scheduler.tick()
         await self.runner.drain(max_jobs=positive_int(max_jobs, "max_jobs"))
+
+
+def _specs(specs: object) -> list[JobSpec[Any]]:
+    """``enqueue_many``'s specs, checked: a task or a name in their place would be
+    enqueued without its arguments, and a string as one job per letter."""
+    if isinstance(specs, str | JobSpec) or not isinstance(specs, Iterable):
+        raise TypeError(f"enqueue_many() takes a list of JobSpecs, not {specs!r}")
+    checked = list(specs)
+    for i, spec in enumerate(checked):
+        if not isinstance(spec, JobSpec):
+            raise TypeError(
+                f"enqueue_many() item {i} must be a JobSpec (task.spec(...)), got {spec!r}"
+            )
+    return checked
 
 
 def _default_name(fn: Callable[..., Any]) -> str:

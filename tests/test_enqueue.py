@@ -241,6 +241,29 @@ async def test_enqueue_many_is_one_transaction(jobs: Jobs, db_url: str) -> None:
     assert count_rows(db_url) == 5
 
 
+async def test_enqueue_many_refuses_what_is_not_a_list_of_specs_and_writes_nothing(
+    jobs: Jobs, db_url: str
+) -> None:
+    """A task name given for the list was enqueued as one job per letter, and a task
+    given in place of its spec as a job without its arguments."""
+
+    @jobs.task(name="t")
+    async def t(*args: object) -> None: ...
+
+    await jobs.enqueue(t, 0)  # the store exists
+    with pytest.raises(TypeError, match="list of JobSpecs"):
+        await jobs.enqueue_many("t")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="list of JobSpecs"):
+        await jobs.enqueue_many(t.spec(1))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"item 1 must be a JobSpec \(task.spec"):
+        await jobs.enqueue_many([t.spec(1), t])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="item 0 must be a JobSpec"):
+        await jobs.enqueue_many(["t"])  # type: ignore[list-item]
+    assert count_rows(db_url) == 1
+    made = await jobs.enqueue_many(t.spec(n) for n in range(2))  # type: ignore[arg-type]
+    assert [(await job.info()).args for job in made] == [[0], [1]]
+
+
 async def test_enqueue_by_name_of_a_task_this_process_lacks(jobs: Jobs, make_jobs: object) -> None:
     job = await jobs.enqueue("elsewhere.task", 1, x=2)
     info = await job.info()
