@@ -251,7 +251,8 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
         ``rate`` is ``"10/s"``-style text or a ``RateLimit``. With ``key``, a function
         of the job's arguments (``key(*args, **kwargs)``, run at enqueue), each key
         gets its own bucket of that rate (per customer, per domain); None or ``""``
-        draws from the shared bucket.
+        draws from the shared bucket. A key is text (or an int) of at most 1,000 bytes
+        as UTF-8; a job whose key is not is refused at enqueue.
         """
         name = check_name(name, "limiter name")
         if key is not None and not callable(key):

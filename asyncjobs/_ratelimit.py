@@ -161,6 +161,11 @@ def next_token_at(limit: RateLimit, state: BucketState, now: float) -> float:
     return current.updated_at + (1.0 - current.tokens) / limit.per_second
 
 
+MAX_KEY_BYTES = 1000
+"""The longest bucket key, in UTF-8 bytes. PostgreSQL indexes a bucket by its limiter's
+name and its key, and refuses an index entry over about 2,700 bytes: the claim that
+took the first token of a longer key failed, and with it every claim of the store."""
+
 KeyFunction = Callable[..., Any]
 """Computes a bucket key from a job's arguments: ``key(*args, **kwargs)``."""
 
@@ -190,9 +195,12 @@ class Limiter:
                 "it must return a string, an int or None"
             )
         key = str(value)
-        if not is_storable(key):
+        if not is_storable(key) or (
+            len(key) > MAX_KEY_BYTES // 4 and len(key.encode()) > MAX_KEY_BYTES
+        ):
             raise ConfigurationError(
-                f"the key function of limiter {self.name!r} returned {value!r}; "
-                "a key must be text without NUL characters or lone surrogates"
+                f"the key function of limiter {self.name!r} returned {value!r:.200}; "
+                "a key must be text without NUL characters or lone surrogates, of at most "
+                f"{MAX_KEY_BYTES} bytes as UTF-8 (key on a shorter value, or a hash of it)"
             )
         return key

@@ -76,3 +76,34 @@ async def test_a_limiter_key_with_a_nul_is_refused_at_enqueue(jobs: Jobs) -> Non
     with pytest.raises(ConfigurationError, match="per-customer"):
         await jobs.enqueue(bill, "acme\x00")
     assert await jobs.list() == []
+
+
+async def test_a_limiter_key_too_long_to_index_is_refused_and_blocks_no_claim(
+    make_jobs: MakeJobs, db_url: str
+) -> None:
+    """PostgreSQL refuses an index entry of a bucket over about 2,700 bytes: a job with
+    such a key made every claim of the store fail, other tasks' jobs too. Refused at
+    enqueue where the task is defined; enqueued by name, it takes the shared bucket."""
+    producer, worker = make_jobs(db_url, workers=False), make_jobs(db_url)
+    worker.limiter("per-customer", "10/s", key=lambda customer: customer)
+
+    @worker.task(name="bill", limiter="per-customer")
+    async def bill(customer: str) -> int:
+        return len(customer)
+
+    @worker.task(name="other")
+    async def other() -> str:
+        return "ran"
+
+    long_key = "".join(f"{n:x}" for n in range(1000))  # 2,890 bytes that do not compress
+    by_name = await producer.enqueue("bill", long_key)
+    unrelated = await worker.enqueue(other)
+    await drain(worker)
+    assert await unrelated.result(timeout=5) == "ran"
+    assert await by_name.result(timeout=5) == len(long_key)
+    with pytest.raises(ConfigurationError, match=r"'per-customer'.*at most 1000 bytes"):
+        await worker.enqueue(bill, long_key)
+    assert len(await worker.list()) == 2
+    fits = await worker.enqueue(bill, "é" * 500)  # 1,000 bytes
+    await drain(worker)
+    assert await fits.result(timeout=5) == 500
