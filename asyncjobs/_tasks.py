@@ -141,6 +141,34 @@ class JobSpec(Generic[R]):
         if self.definition is None:  # made by name: checked as an enqueue by name is
             check_name(self.task, "task name")
 
+    def with_options(
+        self,
+        *,
+        delay: Seconds | None = None,
+        run_at: datetime | None = None,
+        priority: int | None = None,
+        queue: str | None = None,
+        idempotency_key: str | None = None,
+        retries: int | None = None,
+        timeout: float | timedelta | None = None,
+        group: str | None = None,
+    ) -> JobSpec[R]:
+        """A copy of this job with these options, checked and layered as
+        ``task.options`` does. For a job of a task this process does not define
+        (``JobSpec(task="reports.send", args=(...))``), the way to give its queue, a
+        delay, a priority or a key: by name it is stored in queue ``default``."""
+        given = make_options(
+            delay=delay,
+            run_at=run_at,
+            priority=priority,
+            queue=queue,
+            idempotency_key=idempotency_key,
+            retries=retries,
+            timeout=timeout,
+            group=group,
+        )
+        return dataclasses.replace(self, options=self.options.merge(given))
+
 
 def accepts_keyword(fn: Callable[..., object], name: str) -> bool:
     """Whether ``fn`` can be called with the keyword argument ``name``."""

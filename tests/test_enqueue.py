@@ -6,13 +6,21 @@ import functools
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio
 import pytest
 
-from asyncjobs import ConfigurationError, Jobs, JobStatus, NotSerializable, PayloadTooLarge
+from asyncjobs import (
+    ConfigurationError,
+    Jobs,
+    JobSpec,
+    JobStatus,
+    NotSerializable,
+    PayloadTooLarge,
+)
 from asyncjobs.testing import FakeClock, drain
 
 
@@ -271,6 +279,37 @@ async def test_enqueue_by_name_of_a_task_this_process_lacks(jobs: Jobs, make_job
     assert info.queue == "default"
     await drain(jobs)  # not claimed: this process does not know the task
     assert (await job.info()).status == "queued"
+
+
+async def test_a_job_by_name_takes_options_and_runs_on_a_worker_of_its_queue(
+    jobs: Jobs, make_jobs: Callable[..., Jobs], clock: FakeClock
+) -> None:
+    """An enqueue-only process that does not import the task gives its job the queue a
+    worker serving only that queue takes (by name alone it lands in ``default``)."""
+    worker = make_jobs(queues=["email"])  # on the same fake clock
+    worker.queue("email", concurrency=1)
+
+    @worker.task(name="send", queue="email")
+    async def send(address: str) -> str:
+        return address
+
+    plain = await jobs.enqueue("send", "a@example.com")
+    spec: JobSpec[str] = JobSpec(task="send", args=("b@example.com",))
+    spec = spec.with_options(queue="email", delay=60)
+    later = spec.with_options(priority=5)  # layered: the delay and the queue stay
+    assert (spec.options.priority, later.options.queue, later.options.delay) == (None, "email", 60)
+    given = await jobs.enqueue(later)
+    info = await given.info()
+    assert (info.queue, info.status, info.priority) == ("email", JobStatus.SCHEDULED, 5)
+    clock.advance(60)
+    await drain(worker)
+    assert (await given.info()).status == JobStatus.SUCCEEDED
+    assert await given.result() == "b@example.com"
+    assert ((await plain.info()).queue, (await plain.info()).status) == ("default", "queued")
+    with pytest.raises(ConfigurationError, match="queue"):
+        JobSpec(task="send").with_options(queue="")
+    with pytest.raises(ConfigurationError, match="either delay or run_at"):
+        JobSpec(task="send").with_options(delay=1, run_at=datetime(2030, 1, 1, tzinfo=UTC))
 
 
 MYAPP = """
