@@ -119,6 +119,27 @@ async def test_windows_slide_and_queued_age_grows(make_jobs: MakeJobs, clock: Fa
     assert stats["totals"]["windows"]["5m"]["succeeded"] == 0
 
 
+async def test_a_job_given_a_past_run_at_waits_from_its_enqueue(
+    make_jobs: MakeJobs, clock: FakeClock, backend_url: str
+) -> None:
+    """A run_at in the past is kept as given, but the job has waited only since it was
+    enqueued: the queue's oldest age and the job's wait time count from then."""
+    jobs = make_jobs(backend_url, workers=False)
+
+    @jobs.task(name="work")
+    async def work() -> None: ...
+
+    await jobs.enqueue(work.options(run_at=clock.datetime() - timedelta(hours=1)))
+    clock.advance(5)
+    stats = await jobs.stats()
+    assert stats["totals"]["counts"]["queued"] == 1
+    assert stats["totals"]["oldest_queued_age"] == pytest.approx(5.0)
+    await drain(jobs)
+    wait = (await jobs.stats())["totals"]["wait_time"]
+    assert wait["count"] == 1
+    assert wait["max"] == pytest.approx(5.0)
+
+
 async def test_stats_of_an_empty_store(jobs: Jobs) -> None:
     stats = await jobs.stats()
     assert stats["queues"] == []

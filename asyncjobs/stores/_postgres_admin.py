@@ -156,7 +156,8 @@ async def snapshot(
     for r in await conn.fetch(
         "SELECT queue, task, count(*) FILTER (WHERE run_at > $1) AS scheduled, "
         "count(*) FILTER (WHERE run_at <= $1) AS queued, "
-        "min(run_at) FILTER (WHERE run_at <= $1) AS oldest FROM asyncjobs_jobs "
+        "min(greatest(run_at, enqueued_at)) FILTER (WHERE run_at <= $1) AS oldest "
+        "FROM asyncjobs_jobs "
         "WHERE status IN ('scheduled', 'queued') GROUP BY queue, task",
         now,
     ):
@@ -184,7 +185,8 @@ async def snapshot(
     samples = [
         FinishedSample(**r)
         for r in await conn.fetch(
-            "SELECT queue, task, status, run_at, started_at, finished_at FROM asyncjobs_jobs "
+            "SELECT queue, task, status, greatest(run_at, enqueued_at) AS run_at, started_at, "
+            "finished_at FROM asyncjobs_jobs "
             "WHERE finished_at IS NOT NULL AND status IN ('succeeded', 'dead') "
             "ORDER BY finished_at DESC LIMIT $1",
             sample,

@@ -574,7 +574,7 @@ class FinishedSample:
     queue: str
     task: str
     status: str
-    run_at: float
+    run_at: float  # when it was due: its run_at, or its enqueue if later (a past run_at)
     started_at: float | None
     finished_at: float
 

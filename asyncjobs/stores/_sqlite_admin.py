@@ -158,10 +158,11 @@ def _snapshot(
         if status not in _PENDING:
             counts[(queue, task, status)] = n
     # Pending jobs are split by run_at as users see them (a store updates that lazily).
+    # A queued job waits from when it was due, or enqueued if later (a run_at in the past).
     oldest_due: dict[tuple[str, str], float] = {}
     for queue, task, scheduled, queued, oldest in db.execute(
         "SELECT queue, task, sum(run_at > ?), sum(run_at <= ?), "
-        "min(CASE WHEN run_at <= ? THEN run_at END) FROM asyncjobs_jobs "
+        "min(CASE WHEN run_at <= ? THEN max(run_at, enqueued_at) END) FROM asyncjobs_jobs "
         "WHERE status IN ('scheduled', 'queued') GROUP BY queue, task",
         (now, now, now),
     ):
@@ -186,8 +187,8 @@ def _snapshot(
     samples = [
         FinishedSample(queue=q, task=t, status=st, run_at=r, started_at=s, finished_at=f)
         for q, t, st, r, s, f in db.execute(
-            "SELECT queue, task, status, run_at, started_at, finished_at FROM asyncjobs_jobs "
-            "INDEXED BY asyncjobs_jobs_finished WHERE finished_at IS NOT NULL "
+            "SELECT queue, task, status, max(run_at, enqueued_at), started_at, finished_at "
+            "FROM asyncjobs_jobs INDEXED BY asyncjobs_jobs_finished WHERE finished_at IS NOT NULL "
             "AND status IN ('succeeded', 'dead') ORDER BY finished_at DESC LIMIT ?",
             (sample,),
         )
