@@ -131,6 +131,14 @@ class _Leases:
 
     async def recover(self) -> None:
         """Requeue jobs whose lease expired (their worker died)."""
+        # This process's own leases first. After the event loop stalled past them (a
+        # blocking call, a suspended machine), this loop may wake before the heartbeat
+        # loop does: it would requeue jobs still running here, which would be stopped
+        # and run again, an attempt spent, though nothing crashed.
+        try:
+            await self.heartbeat_once()
+        except Exception:
+            logger.exception("heartbeat failed; leases may expire")
         for job in await self.jobs.store.recover(now=self.clock.now()):
             extra = {"job_id": job.id, "task": job.task, "attempt": job.attempts}
             if job.status == "dead":

@@ -272,6 +272,55 @@ async def test_a_long_job_keeps_its_lease_over_many_visibility_timeouts(
     assert runs == [1]
 
 
+async def test_a_job_running_through_a_stall_of_the_event_loop_is_not_run_again(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """The loop stalls past the lease (a blocking call, a suspended machine) and lease
+    recovery wakes before the heartbeat: it must not requeue the job still running
+    here, which would be stopped and run again, an attempt spent, with no crash."""
+    jobs = make_jobs(visibility_timeout=30, poll_interval=3600)
+    started, release = anyio.Event(), anyio.Event()
+    runs: list[int] = []
+
+    @jobs.task(name="t")
+    async def t() -> str:
+        runs.append(current_job().attempt)
+        started.set()
+        await release.wait()
+        return "done"
+
+    store = jobs.store
+    assert isinstance(store, SQLiteStore)
+
+    async def settle() -> None:
+        """Let the woken loops run, and their writes land (real time, the store's thread)."""
+        for _ in range(3):
+            for _ in range(30):
+                await anyio.lowlevel.checkpoint()
+            await store._call(lambda db: None)
+
+    async with jobs:
+        job = await t.enqueue()
+        with anyio.fail_after(5):
+            await started.wait()
+        await settle()
+        # Heartbeat due in 10 s, lease recovery in 15 s: after 12 s, recovery is due
+        # first (in 3 s, the heartbeat in 10 s), and the lease ends 30 s after that beat.
+        clock.advance(12)
+        await settle()
+        due = sorted(entry[0] - clock.now() for entry in clock._sleepers)
+        assert due[:2] == [3, 10]
+        clock.advance(40)  # the loop stalled 40 s: both are due, recovery first
+        await settle()
+        info = await job.info()
+        assert (info.status, info.attempts) == ("running", 1)
+        release.set()
+        assert await job.result(timeout=5) == "done"
+    assert runs == [1]
+    info = await job.info()
+    assert (info.status, info.attempts) == ("succeeded", 1)
+
+
 async def test_a_job_that_ends_while_a_heartbeat_asks_about_it_is_not_reported_lost(
     make_jobs: MakeJobs,
     backend_url: str,
@@ -427,7 +476,7 @@ async def test_an_outcome_from_a_worker_that_lost_its_lease_is_ignored(
 
     async def lose_the_lease() -> None:
         clock.advance(61)
-        await jobs.runner.recover()  # another process's maintenance loop would do this
+        await jobs.store.recover(now=clock.now())  # another process's maintenance loop
         await claim_as_dead_worker(jobs, "t", lease=60, max_attempts=4)
         release.set()
 
