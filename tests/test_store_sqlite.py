@@ -271,6 +271,30 @@ async def test_reads_go_on_with_the_open_file_after_it_is_deleted(tmp_path: Path
         await store.close()
 
 
+async def test_checkpoints_after_the_file_is_deleted_do_not_create_it_again(
+    tmp_path: Path,
+) -> None:
+    """Deleted under an open store, the file stays gone while the store writes on in
+    the open one: the checkpointer opened its connection at its first checkpoint, by
+    name, created an empty database at the path (which a new process or the CLI then
+    took for the store) and checkpointed that one instead of the store's log."""
+    store = SQLiteStore(tmp_path / "s.db")
+    await store.open()
+    try:
+        for name in ("s.db", "s.db-wal", "s.db-shm"):
+            os.remove(tmp_path / name)
+        for i in range(CHECKPOINT_EVERY):  # enough commits for a checkpoint
+            await store.insert([new_job(f"job-{i:05d}")], now=0.0)
+        checkpointer = store._checkpointer
+        assert checkpointer is not None
+        await checkpointer.idle()
+        assert checkpointer.checkpoints >= 1
+        assert os.listdir(tmp_path) == []
+        assert len(await store.list(limit=1000, now=0.0)) == CHECKPOINT_EVERY
+    finally:
+        await store.close()
+
+
 def count_thread_calls(store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> list[object]:
     """Record each function the store runs in a connection thread: the writing
     connection's (``_call``) or the reading one's (``_read_call``)."""

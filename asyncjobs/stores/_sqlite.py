@@ -219,7 +219,8 @@ class SQLiteStore:
         self._db, self._raw = await self._thread_connection(min(self.busy_timeout, _BUSY_SLICE))
         try:
             await self._call(self._setup)
-            self._checkpointer = Checkpointer(self.path)
+            checkpointer = self._checkpointer = Checkpointer(self.path)
+            await self._call(lambda _: checkpointer.connect())
             self._watch = await self._call(lambda _: ChangeWatch(self.path))
             if self.synchronous == "NORMAL":  # FULL fsyncs each commit: not on the loop
                 self._inline = await self._call(lambda _: InlineWriter(self.path))

@@ -132,15 +132,26 @@ class Checkpointer:
             asyncio.to_thread(self._checkpoint), name="asyncjobs WAL checkpoint"
         )
 
+    def connect(self) -> sqlite3.Connection:
+        """Open this checkpointer's connection now, beside the store's (blocking: in a
+        thread). Opened at the first checkpoint instead, after the file was deleted under
+        the open store, it created an empty database at the path and checkpointed that
+        one, not the log the store writes. One read opens the log and shared memory the
+        store's connections use."""
+        if self._db is None:
+            db = _side_connection(self._path)
+            # PASSIVE never waits; only the TRUNCATE in _checkpoint does.
+            db.execute("PRAGMA busy_timeout=1000")  # TRUNCATE_WAIT_MS
+            db.execute("SELECT count(*) FROM sqlite_master").fetchall()
+            self._db = db
+        return self._db
+
     def _checkpoint(self) -> None:
         try:
-            if self._db is None:
-                self._db = _side_connection(self._path)
-                # PASSIVE never waits; only the TRUNCATE below does.
-                self._db.execute("PRAGMA busy_timeout=1000")  # TRUNCATE_WAIT_MS
-            ((_, frames, copied),) = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            db = self.connect()
+            ((_, frames, copied),) = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             if frames >= self._truncate_pages and copied < frames:
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             self.checkpoints += 1
         except sqlite3.Error as error:
             # Busy, or the disk failed: the safety net threshold still bounds the log.
