@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import traceback
+from collections.abc import Awaitable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -148,9 +149,7 @@ class _Execution:
                 if timeout is None:  # the common case: no cancel scope at all
                     result = await task.fn(*args, **kwargs)
                 else:
-                    with self.clock.move_on_after(timeout) as deadline:
-                        result = await task.fn(*args, **kwargs)
-                    timed_out = deadline.cancelled_caught
+                    result, timed_out = await self._within(task.fn(*args, **kwargs), timeout)
             except asyncio.CancelledError:
                 this = asyncio.current_task()
                 if this is not None and not this.cancelling() and not running.cancelled_by_user:
@@ -203,6 +202,38 @@ class _Execution:
             return self._cut_off(row, running) or self._failure(row, traceback.format_exc())
         finally:
             _current.reset(token)
+
+    async def _within(self, call: Awaitable[Any], timeout: float) -> tuple[Any, bool]:
+        """Await the job's ``call`` for ``timeout`` seconds of the clock at most; return its
+        result, or None, and whether the timeout cut it off.
+
+        Past the timeout the job is cancelled once, as ``asyncio.timeout()`` does (and a
+        cancel, or shutdown, here), not at every await from then on as a cancel scope
+        would: its cleanup (``finally``, an ``async with`` exit) can still await, to close
+        a connection or roll back."""
+        this = asyncio.current_task()
+        if this is None:  # pragma: no cover - a job always runs in a task of its own
+            raise RuntimeError("a job runs in an asyncio task")
+        fired = False
+
+        async def alarm() -> None:
+            nonlocal fired
+            await self.clock.sleep(timeout)
+            fired = True
+            this.cancel()  # at once: in the job's next step, even one already scheduled
+
+        alarm_task = asyncio.get_running_loop().create_task(alarm())
+        try:
+            result = await call
+        except asyncio.CancelledError:
+            if fired and this.uncancel() == 0:  # the timeout's alone
+                return None, True
+            raise
+        finally:
+            alarm_task.cancel()
+        if fired:  # the job caught the timeout's cancellation and returned all the same
+            this.uncancel()
+        return result, False
 
     def _cut_off(self, row: JobRow, running: _Running) -> Outcome | None:
         """A release, when the job raised as shutdown cancelled it (its cleanup failed:

@@ -199,6 +199,50 @@ async def test_timeout_counts_as_a_failure(jobs: Jobs, clock: FakeClock) -> None
     assert "ran longer than its 30.0s timeout" in (info.error or "")
 
 
+async def test_a_job_cut_off_by_its_timeout_can_still_await_its_cleanup(
+    jobs: Jobs, clock: FakeClock
+) -> None:
+    """Its timeout cancels the job once, as asyncio.timeout() and asyncio.wait_for() do
+    (and as a cancel or shutdown does here), so its ``finally`` and ``async with`` exits
+    can still await: close a connection, roll back. It used to be cancelled again at
+    every await of its cleanup, which left connections open and transactions pending."""
+    started = anyio.Event()
+    cleanup: list[str] = []
+
+    @jobs.task(timeout=30, retries=0)
+    async def holds_a_connection() -> None:
+        try:
+            started.set()
+            await anyio.Event().wait()
+        finally:
+            cleanup.append("closing")
+            await anyio.lowlevel.checkpoint()  # e.g. await conn.close()
+            cleanup.append("closed")
+
+    job = await holds_a_connection.enqueue()
+    await drain_while(jobs, started, lambda: clock.advance(31))
+    info = await job.info()
+    assert (info.status, cleanup) == ("dead", ["closing", "closed"])
+    assert "ran longer than its 30.0s timeout" in (info.error or "")
+
+
+async def test_a_timeout_that_passes_with_the_end_of_a_sleep_cuts_the_job_off(
+    jobs: Jobs, clock: FakeClock
+) -> None:
+    """One advance past both the timeout and the end of the job's sleep: the timeout came
+    first, as it would in real time."""
+    started = anyio.Event()
+
+    @jobs.task(timeout=30, retries=0)
+    async def naps() -> None:
+        started.set()
+        await clock.sleep(31)
+
+    job = await naps.enqueue()
+    await drain_while(jobs, started, lambda: clock.advance(40))
+    assert (await job.info()).status == "dead"
+
+
 @pytest.mark.parametrize("timeout", [None, 30])
 async def test_a_cancelled_error_the_job_raises_itself_is_a_failure(
     jobs: Jobs, clock: FakeClock, timeout: int | None
