@@ -957,3 +957,38 @@ async def test_a_job_whose_cleanup_fails_when_shutdown_cuts_it_off_is_still_rele
         await jobs.stop()
     info = await job.info()
     assert (info.status, info.attempts, info.error) == ("queued", 0, None)
+
+
+def test_workers_whose_event_loop_ended_without_stop_start_again_in_the_next_one(
+    tmp_path: Path,
+) -> None:
+    """A script's ``asyncio.run()`` (or a test's event loop) ended without ``stop()``:
+    closing that loop cancelled the workers, and they gave their jobs back. ``start()``
+    in the next loop took them for running and started none, so its jobs never ran;
+    ``stop()`` there raised the old workers' ``CancelledError``, and ``drain()`` refused to
+    run, taking them for started."""
+    jobs = Jobs("sqlite:///" + str(tmp_path / "jobs.db"), clock=FakeClock())
+
+    @jobs.task(name="double")
+    async def double(n: int) -> int:
+        return 2 * n
+
+    async def run_without_stop(n: int) -> int:
+        await jobs.start()
+        job = await double.enqueue(n)
+        result: int = await job.result(timeout=5)
+        return result
+
+    async def drain_without_workers(n: int) -> int:
+        job = await double.enqueue(n)
+        await drain(jobs)  # was refused: "workers are started"
+        result: int = await job.result(timeout=0)
+        return result
+
+    try:
+        assert asyncio.run(run_without_stop(1)) == 2
+        assert asyncio.run(run_without_stop(2)) == 4
+        assert asyncio.run(drain_without_workers(3)) == 6
+    finally:
+        asyncio.run(jobs.close())
+    assert not jobs.started
