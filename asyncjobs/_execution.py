@@ -183,7 +183,9 @@ class _Execution:
                 )  # fmt: skip
             return self._outcome(row, OutcomeKind.SUCCEEDED, result=encoded)
         except Retry as signal:
-            return self._failure(row, f"Retry: {signal}", delay=signal.delay)
+            return self._cut_off(row, running) or self._failure(
+                row, f"Retry: {signal}", delay=signal.delay
+            )
         except anyio.get_cancelled_exc_class():
             raise
         except BaseExceptionGroup as group:  # from a task group inside the job
@@ -192,7 +194,9 @@ class _Execution:
                 signals = [e for e in _leaves(retries) if isinstance(e, Retry)]
                 delays = [s.delay for s in signals if s.delay is not None]
                 reason = f"Retry: {signals[0]}"
-                return self._failure(row, reason, delay=max(delays) if delays else None)
+                return self._cut_off(row, running) or self._failure(
+                    row, reason, delay=max(delays) if delays else None
+                )
             if not group.split((KeyboardInterrupt, SystemExit))[0]:
                 return self._cut_off(row, running) or self._failure(row, traceback.format_exc())
             raise
@@ -237,8 +241,8 @@ class _Execution:
 
     def _cut_off(self, row: JobRow, running: _Running) -> Outcome | None:
         """A release, when the job raised as shutdown cancelled it (its cleanup failed:
-        the connection it was using was gone): that is still shutdown's doing, and
-        spends no attempt. None when shutdown is not cancelling it."""
+        the connection it was using was gone; or it asked for a retry): that is still
+        shutdown's doing, and spends no attempt. None when shutdown is not cancelling it."""
         this = asyncio.current_task()
         if self._accepting or running.cancelled_by_user or this is None or not this.cancelling():
             return None

@@ -25,6 +25,7 @@ from asyncjobs import (
     JobFailed,
     Jobs,
     JobStatus,
+    Retry,
     StoreError,
     current_job,
 )
@@ -951,6 +952,40 @@ async def test_a_job_whose_cleanup_fails_when_shutdown_cuts_it_off_is_still_rele
             tg.start_soon(hold_the_lock)
 
     job = await locked.enqueue()
+    await jobs.start()
+    with anyio.fail_after(5):
+        await started.wait()
+        await jobs.stop()
+    info = await job.info()
+    assert (info.status, info.attempts, info.error) == ("queued", 0, None)
+
+
+@pytest.mark.parametrize("in_task_group", [False, True])
+async def test_a_job_that_asks_for_a_retry_when_shutdown_cuts_it_off_is_released(
+    make_jobs: MakeJobs, in_task_group: bool
+) -> None:
+    """A job that answers its cancellation with ``raise Retry(...)`` ("interrupted: try
+    again later") was cut off by shutdown all the same: it goes back without spending
+    an attempt, as any job shutdown cuts off. It spent one, and on its last went dead."""
+    jobs = make_jobs(shutdown_timeout=0)
+    started = anyio.Event()
+
+    async def call_the_api() -> None:
+        started.set()
+        try:
+            await anyio.Event().wait()
+        except asyncio.CancelledError:
+            raise Retry(delay=60, reason="interrupted") from None
+
+    @jobs.task(name="sync_account", retries=0)
+    async def sync_account() -> None:
+        if not in_task_group:
+            await call_the_api()
+            return
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call_the_api)
+
+    job = await sync_account.enqueue()
     await jobs.start()
     with anyio.fail_after(5):
         await started.wait()
