@@ -228,16 +228,18 @@ class _Execution:
 
         alarm_task = asyncio.get_running_loop().create_task(alarm())
         try:
-            result = await call
+            return await call, False
         except asyncio.CancelledError:
-            if fired and this.uncancel() == 0:  # the timeout's alone
-                return None, True
-            raise
+            if not fired:
+                raise
+            fired = False  # its cancellation taken back here
+            if this.uncancel() > 0:  # cancelled by someone else too
+                raise
+            return None, True
         finally:
             alarm_task.cancel()
-        if fired:  # the job caught the timeout's cancellation and returned all the same
-            this.uncancel()
-        return result, False
+            if fired:  # the job caught the timeout's cancellation, then returned or raised
+                this.uncancel()  # else it would pass for shutdown's (_cut_off)
 
     def _cut_off(self, row: JobRow, running: _Running) -> Outcome | None:
         """A release, when the job raised as shutdown cancelled it (its cleanup failed:

@@ -994,6 +994,35 @@ async def test_a_job_that_asks_for_a_retry_when_shutdown_cuts_it_off_is_released
     assert (info.status, info.attempts, info.error) == ("queued", 0, None)
 
 
+async def test_a_job_whose_cleanup_fails_after_its_timeout_while_workers_stop_spends_its_attempt(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """Its own timeout cut it off while the workers were stopping, within their
+    shutdown_timeout: a failure like any timeout, not shutdown's doing."""
+    jobs = make_jobs(shutdown_timeout=3600)
+    started = anyio.Event()
+
+    @jobs.task(name="locked", timeout=30, retries=0)
+    async def locked() -> None:
+        started.set()
+        try:
+            await anyio.Event().wait()
+        except asyncio.CancelledError:
+            raise ConnectionError("the lock server hung up") from None
+
+    job = await locked.enqueue()
+    await jobs.start()
+    with anyio.fail_after(5):
+        await started.wait()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(jobs.stop)
+            await until(lambda: not jobs.runner.accepting)
+            clock.advance(31)  # the job's timeout, long before the shutdown's
+    info = await job.info()
+    assert (info.status, info.attempts) == ("dead", 1)
+    assert "ConnectionError: the lock server hung up" in (info.error or "")
+
+
 def test_workers_whose_event_loop_ended_without_stop_start_again_in_the_next_one(
     tmp_path: Path,
 ) -> None:
