@@ -447,7 +447,7 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
     async def drain(self, *, max_jobs: int = 10_000) -> None:
         """Enqueue the cron/periodic slots due now, then run ready jobs until none is
         ready or running, ``max_jobs`` at most (see ``asyncjobs.testing.drain``)."""
-        self._forget_workers_of_an_ended_loop()
+        self._forget_stopped_workers()
         if self._host is not None:
             raise AsyncJobsError("drain() is for a Jobs whose workers are not started")
         await self.scheduler.tick()

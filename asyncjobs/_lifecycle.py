@@ -54,7 +54,7 @@ class _Lifecycle:
     async def start(self) -> None:
         """Open the store and, unless ``workers=False``, start the workers."""
         await self.store.open()
-        self._forget_workers_of_an_ended_loop()
+        self._forget_stopped_workers()
         if self._host is not None or not self.settings.workers:
             return
         if not self.registry:
@@ -133,13 +133,19 @@ class _Lifecycle:
                     await runner.flush_last()
             loops.cancel_scope.cancel()  # the heartbeats too, once those are written
 
-    def _forget_workers_of_an_ended_loop(self) -> asyncio.Task[None] | None:
-        """Forget, and return, workers that ran in an event loop which has ended without
-        ``stop()`` (a script's ``asyncio.run()`` returned, a test's loop closed): closing
-        it cancelled them, and they gave their jobs back. They are not running: a
-        ``start()`` in this loop starts new ones."""
+    def _forget_stopped_workers(self) -> asyncio.Task[None] | None:
+        """Forget, and return, workers that have stopped with no ``stop()`` call left to
+        see it: in an event loop which has ended (a script's ``asyncio.run()`` returned, a
+        test's loop closed: closing it cancelled them, and they gave their jobs back), or
+        after the only ``stop()`` was cancelled while they drained. They are not running:
+        a ``start()`` starts new ones. (Workers that crashed in this loop are kept, for
+        ``stop()`` to raise why.)"""
         host = self._host
-        if host is None or not host.done() or host.get_loop() is asyncio.get_running_loop():
+        if host is None or not host.done():
+            return None
+        if host.get_loop() is asyncio.get_running_loop() and (
+            host.cancelled() or host.exception() is not None
+        ):
             return None
         self._host = None
         return host
@@ -147,7 +153,7 @@ class _Lifecycle:
     async def stop(self) -> None:
         """Stop claiming, let running jobs finish within ``shutdown_timeout``, then
         cancel the rest and give them back without spending an attempt."""
-        ended = self._forget_workers_of_an_ended_loop()
+        ended = self._forget_stopped_workers()
         if ended is not None and not ended.cancelled():
             ended.result()  # raises why they stopped
         host = self._host

@@ -1023,6 +1023,40 @@ async def test_a_job_whose_cleanup_fails_after_its_timeout_while_workers_stop_sp
     assert "ConnectionError: the lock server hung up" in (info.error or "")
 
 
+async def test_workers_that_stopped_after_their_stop_call_was_cancelled_start_again(
+    make_jobs: MakeJobs,
+) -> None:
+    """The only ``stop()`` was cancelled (a bound on the app's shutdown) while a job
+    ran; the workers then finished draining on their own. They were still taken for
+    running: ``start()`` started none, and the jobs enqueued after never ran."""
+    jobs = make_jobs(shutdown_timeout=3600)
+    started, release = anyio.Event(), anyio.Event()
+
+    @jobs.task(name="t")
+    async def t(wait: bool) -> int:
+        if wait:
+            started.set()
+            await release.wait()
+        return 1
+
+    await jobs.start()
+    first = await t.enqueue(True)
+    with anyio.fail_after(5):
+        await started.wait()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(jobs.stop)
+            await until(lambda: not jobs.runner.accepting)
+            tg.cancel_scope.cancel()  # the stop() call gives up; the drain goes on
+        release.set()
+        assert await first.result(timeout=5) == 1
+        await until(lambda: jobs._host is None or jobs._host.done())
+        await jobs.start()
+        assert jobs.started
+        assert await (await t.enqueue(False)).result(timeout=5) == 1
+    await jobs.stop()
+    assert not jobs.started
+
+
 def test_workers_whose_event_loop_ended_without_stop_start_again_in_the_next_one(
     tmp_path: Path,
 ) -> None:
