@@ -166,7 +166,7 @@ class _Lifecycle:
         try:
             await asyncio.shield(host)
         finally:
-            if host.done():
+            if host.done() and self._host is host:  # not workers started since
                 self._host = None
 
     async def close(self) -> None:

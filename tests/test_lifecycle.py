@@ -1057,6 +1057,29 @@ async def test_workers_that_stopped_after_their_stop_call_was_cancelled_start_ag
     assert not jobs.started
 
 
+async def test_a_start_as_the_workers_stop_is_not_undone_by_that_stop(make_jobs: MakeJobs) -> None:
+    """``start()`` called as soon as the workers stopped, before the ``stop()`` call
+    awaiting them resumed: that call forgot the new workers (never stopped after)."""
+    jobs = make_jobs()
+
+    @jobs.task(name="t")
+    async def t() -> int:
+        return 1
+
+    await jobs.start()
+    old = jobs._host
+    assert old is not None
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(jobs.stop)
+            while not old.done():
+                await anyio.lowlevel.checkpoint()
+            await jobs.start()
+        assert jobs.started
+        assert await (await t.enqueue()).result(timeout=5) == 1
+    await jobs.stop()
+
+
 def test_workers_whose_event_loop_ended_without_stop_start_again_in_the_next_one(
     tmp_path: Path,
 ) -> None:
