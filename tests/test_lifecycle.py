@@ -994,6 +994,26 @@ async def test_a_job_that_asks_for_a_retry_when_shutdown_cuts_it_off_is_released
     assert (info.status, info.attempts, info.error) == ("queued", 0, None)
 
 
+async def test_a_job_with_a_timeout_cut_off_by_shutdown_is_released_unspent(
+    make_jobs: MakeJobs,
+) -> None:
+    jobs = make_jobs(shutdown_timeout=0)
+    started = anyio.Event()
+
+    @jobs.task(name="slow", timeout=30, retries=0)
+    async def slow() -> None:
+        started.set()
+        await anyio.Event().wait()
+
+    job = await slow.enqueue()
+    await jobs.start()
+    with anyio.fail_after(5):
+        await started.wait()
+        await jobs.stop()
+    info = await job.info()
+    assert (info.status, info.attempts, info.error) == ("queued", 0, None)
+
+
 async def test_a_job_whose_cleanup_fails_after_its_timeout_while_workers_stop_spends_its_attempt(
     make_jobs: MakeJobs, clock: FakeClock
 ) -> None:

@@ -334,11 +334,12 @@ async def test_cancel_a_queued_job(jobs: Jobs) -> None:
     assert ((await job.info()).status, runs) == ("succeeded", [1])
 
 
-async def test_cancel_a_running_job_stops_it(jobs: Jobs) -> None:
+@pytest.mark.parametrize("timeout", [None, 30])
+async def test_cancel_a_running_job_stops_it(jobs: Jobs, timeout: int | None) -> None:
     started = anyio.Event()
     stopped: list[bool] = []
 
-    @jobs.task
+    @jobs.task(timeout=timeout)
     async def long() -> None:
         started.set()
         try:
