@@ -49,7 +49,9 @@ class _Lifecycle:
 
     @property
     def started(self) -> bool:
-        return self._host is not None
+        """Are the workers running (started, and not stopped since, nor ended with the
+        event loop they ran in)?"""
+        return self._host is not None and not self._host.done()
 
     async def start(self) -> None:
         """Open the store and, unless ``workers=False``, start the workers."""

@@ -30,7 +30,7 @@ from asyncjobs import (
     current_job,
 )
 from asyncjobs.stores import ClaimRequest, SQLiteStore, TaskLimits
-from asyncjobs.testing import FakeClock, drain
+from asyncjobs.testing import FakeClock, drain, replace_store
 
 MakeJobs = Callable[..., Jobs]
 
@@ -1126,10 +1126,17 @@ def test_workers_whose_event_loop_ended_without_stop_start_again_in_the_next_one
         result: int = await job.result(timeout=0)
         return result
 
+    async def in_another_store() -> int:
+        async with replace_store(jobs, "sqlite:///" + str(tmp_path / "other.db")):
+            return await drain_without_workers(4)
+
     try:
         assert asyncio.run(run_without_stop(1)) == 2
         assert asyncio.run(run_without_stop(2)) == 4
         assert asyncio.run(drain_without_workers(3)) == 6
+        asyncio.run(run_without_stop(1))
+        assert not jobs.started  # its loop has ended: nothing runs
+        assert asyncio.run(in_another_store()) == 8  # was refused: "workers are started"
     finally:
         asyncio.run(jobs.close())
     assert not jobs.started
