@@ -316,11 +316,16 @@ class _Execution:
                 "job %s (%s) is dead after %d attempts: %s",
                 row.id, row.task, row.attempts, _last_line(outcome.error), extra=extra,
             )  # fmt: skip
-        elif outcome.kind is OutcomeKind.RELEASE:  # shutdown, or its task unregistered
+        elif outcome.kind is OutcomeKind.RELEASE:
+            if row.task not in self.jobs.registry:  # unregistered between claim and run
+                why = "by a worker without its task"
+            elif not self._accepting:
+                why = "by shutdown"
+            else:  # claimed on its last attempt, and no slot was free (see the runner)
+                why = "for want of a free slot here"
             logger.info(
-                "job %s (%s) released by %s: it runs again, no attempt spent",
-                row.id, row.task, "a worker without its task" if self._accepting else "shutdown",
-                extra=extra,
+                "job %s (%s) released %s: it runs again, no attempt spent",
+                row.id, row.task, why, extra=extra,
             )  # fmt: skip
         else:
             logger.info("job %s (%s) %s", row.id, row.task, outcome.kind, extra=extra)

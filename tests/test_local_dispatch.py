@@ -6,6 +6,7 @@ go through the queue as before."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from pathlib import Path
@@ -483,12 +484,13 @@ def pause_claims(jobs: Jobs) -> tuple[anyio.Event, anyio.Event]:
 
 
 async def test_a_job_dispatched_while_a_claim_is_in_flight_leaves_no_last_attempt_waiting(
-    make_jobs: MakeJobs, backend_url: str
+    make_jobs: MakeJobs, backend_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A claim counted a free slot, and while its answer was on its way an enqueue took
     that slot. The claimed job, on its last attempt (its attempt spent), waited for a
     slot behind the dispatched one: a kill -9 meanwhile left it dead, never run. It is
     given back at once instead, attempt unspent, and runs once a slot frees."""
+    caplog.set_level(logging.INFO, logger="asyncjobs")
     jobs = make_jobs(backend_url, concurrency=1, shutdown_timeout=0)
     producer = make_jobs(backend_url, workers=False)
     release = anyio.Event()
@@ -531,6 +533,14 @@ async def test_a_job_dispatched_while_a_claim_is_in_flight_leaves_no_last_attemp
         with anyio.fail_after(5):
             await waiting.result()
         assert (await waiting.info()).attempts == 1
+    (given_back,) = [
+        r.getMessage() for r in caplog.records
+        if getattr(r, "job_id", None) == waiting.id and getattr(r, "outcome", None) == "release"
+    ]  # fmt: skip
+    # Not "released by a worker without its task": this worker has it, and ran it.
+    assert given_back == f"job {waiting.id} (once) released for want of a free slot here: " + (
+        "it runs again, no attempt spent"
+    )
     assert sorted(ran) == ["hold", "once"]
 
 
