@@ -522,6 +522,23 @@ async def test_fake_clock_an_earlier_deadline_wins_over_a_later_sleep_in_one_adv
     assert out == [True]
 
 
+async def test_fake_clock_forgets_the_deadlines_of_waits_that_ended_early() -> None:
+    """A ``move_on_after`` whose body raised and a ``sleep`` that was cancelled leave no
+    entry behind: a long test's clock does not fill with waits nobody waits on."""
+    clock = FakeClock()
+    for _ in range(3):
+        with pytest.raises(KeyError), clock.move_on_after(60):
+            raise KeyError("the body failed")
+        with anyio.move_on_after(0):  # cancels the sleep at its first step
+            await clock.sleep(3600)
+    assert (clock._scopes, clock._sleepers) == ([], [])
+    with clock.move_on_after(60) as scope:  # one that ends as it should still works
+        clock.advance(60)
+        await anyio.lowlevel.checkpoint()
+    assert scope.cancelled_caught
+    assert (clock._scopes, clock._sleepers) == ([], [])
+
+
 def test_fake_clock_used_by_two_loops_at_once_loses_no_deadline() -> None:
     """Two loops in two threads enter and leave ``move_on_after`` on one clock: every
     deadline stays known to the clock while its scope is open (a cleanup rebuilt the

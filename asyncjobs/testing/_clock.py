@@ -104,7 +104,13 @@ class FakeClock:
         with self._lock:
             entry = (self._now + seconds, next(self._seq), event, asyncio.get_running_loop())
             heapq.heappush(self._sleepers, entry)
-        await event.wait()
+        try:
+            await event.wait()
+        finally:
+            if not event.is_set():  # cancelled: its entry goes, not kept until its time
+                with self._lock:
+                    self._sleepers = [e for e in self._sleepers if e[2] is not event]
+                    heapq.heapify(self._sleepers)
 
     @contextmanager
     def move_on_after(self, seconds: float | None) -> Iterator[anyio.CancelScope]:
@@ -117,12 +123,14 @@ class FakeClock:
                 with self._lock:
                     entry = (self._now + seconds, next(self._seq), scope, loop)
                     heapq.heappush(self._scopes, entry)
-        with scope:
-            yield scope
-        if seconds is not None and seconds > 0:
-            with self._lock:
-                self._scopes = [entry for entry in self._scopes if entry[2] is not scope]
-                heapq.heapify(self._scopes)
+        try:
+            with scope:
+                yield scope
+        finally:  # however the body ends (an error goes through the scope)
+            if seconds is not None and seconds > 0:
+                with self._lock:
+                    self._scopes = [entry for entry in self._scopes if entry[2] is not scope]
+                    heapq.heapify(self._scopes)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
