@@ -52,8 +52,9 @@ class _Leases:
         """Extend our leases; cancel local jobs that are no longer ours."""
         # The attempt each job is at now: by the time the store answers, a job may have
         # ended and been claimed again here, and that attempt is not the one asked about.
-        held = {job_id: running.row.attempts for job_id, running in self.running.items()}
-        held.update((row.id, row.attempts) for row in self._ready)
+        rows = {job_id: running.row for job_id, running in self.running.items()}
+        rows.update((row.id, row) for row in self._ready)
+        held = {job_id: row.attempts for job_id, row in rows.items()}
         # Jobs that ended but whose outcome is not written yet are ours too: while every
         # slot is busy, or a write fails, their lease must not run out (they would run
         # again). One that is not ours any more needs nothing: its write is ignored.
@@ -75,9 +76,10 @@ class _Leases:
         ]
         for job_id in lost:
             # Running here: stop it. Claimed ahead and not started: never start it.
+            extra = {"job_id": job_id, "task": rows[job_id].task, "attempt": held[job_id]}
             logger.warning(
                 "job %s is no longer ours (cancelled, or lease expired); stopping it", job_id,
-                extra={"job_id": job_id},
+                extra=extra,
             )  # fmt: skip
             self.cancel_local(job_id, held[job_id])
         if lost:

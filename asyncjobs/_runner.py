@@ -406,7 +406,8 @@ class Runner(_Leases, _Execution):
             # heartbeat would have; the store ignores its outcome (attempt number).
             logger.warning(
                 "job %s was claimed again while attempt %d still ran here; stopping it",
-                row.id, stale.row.attempts, extra={"job_id": row.id},
+                row.id, stale.row.attempts,
+                extra={"job_id": row.id, "task": row.task, "attempt": stale.row.attempts},
             )  # fmt: skip
             stale.cancelled_by_user = True
             if stale.task is not None:

@@ -380,7 +380,9 @@ async def test_a_running_job_cancelled_from_another_process_is_reported_lost_and
             await jobs.runner.heartbeat_once()
     assert (await job.info()).status == "cancelled"
     lost = f"job {job.id} is no longer ours (cancelled, or lease expired); stopping it"
-    assert [r.levelname for r in caplog.records if r.getMessage() == lost] == ["WARNING"]
+    (record,) = [r for r in caplog.records if r.getMessage() == lost]
+    assert record.levelname == "WARNING"
+    assert (record.job_id, record.task, record.attempt) == (job.id, "t", 1)  # type: ignore[attr-defined]
 
 
 async def test_an_expired_lease_is_recovered_when_workers_start(
