@@ -6,7 +6,9 @@ sharing the file. It reads the head of each task's ready jobs (one index seek pe
 task, see migration 0002), merges them in priority then enqueue order, lets an
 ``Admission`` (asyncjobs/stores/_admission.py) decide, and writes the buckets back. A
 task blocked as a whole (its concurrency is full or its own bucket is empty) is not
-read at all, so a held-back backlog costs one seek however long it is.
+read at all, so a held-back backlog costs one seek however long it is. Past the first
+``WINDOW`` ready jobs of a task, a claim finds the heads of groups (``_group_heads``)
+and the jobs of keys (``_past_window``) a bounded number at a time.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ from asyncjobs.stores._admission import (
 )
 from asyncjobs.stores._protocol import ClaimRequest
 
-__all__ = ["KEYS_PER_CLAIM", "WINDOW", "choose", "has_limits"]
+__all__ = ["GROUPS_PER_CLAIM", "KEYS_PER_CLAIM", "WINDOW", "choose", "has_limits"]
 
 WINDOW = 1000
-"""How many of a task's ready jobs one claim looks through in claim order. Under a keyed
-limiter whose keys filled them without tokens, the keys behind are then found by key
+"""How many of a task's ready jobs one claim looks through in claim order. Behind them,
+the heads of other groups are found by group (``_group_heads``) and, under a keyed
+limiter whose keys filled them without tokens, the keys' jobs by key
 (``_past_window``); other jobs behind this many held back (by a group, a full queue,
 the shared bucket) wait for the head of the line to move."""
 
@@ -130,8 +133,9 @@ def _candidates(
     db: sqlite3.Connection, admission: Admission, task: str, page: int
 ) -> Iterator[Candidate]:
     """The task's ready jobs that may be admitted, in claim order, read page by page:
-    those of the window (the first ``WINDOW`` in claim order), then, under a keyed
-    limiter, those of the keys past it (``_past_window``)."""
+    those of the window (the first ``WINDOW`` in claim order), then those past it that
+    head their group (``_group_heads``) and, under a keyed limiter, those of the keys
+    past it (``_past_window``), each once."""
     wake_at = admission.wake_at
     keyed_only = admission.keyed_only(task)
     if admission.wake_at != wake_at and not _has_ready(db, admission.request, task):
@@ -146,10 +150,26 @@ def _candidates(
         if len(rows) < page:
             break
         after = (rows[-1][1], rows[-1][0])
+    if task in admission.blocked_tasks:
+        return
+    head_where, head_params = _head(admission, task, keyed_only)
+    end = db.execute(
+        "SELECT priority, seq FROM asyncjobs_jobs "  # noqa: S608 - fixed terms, ? placeholders
+        f"WHERE {' AND '.join(head_where)} ORDER BY priority DESC, seq LIMIT 1 OFFSET ?",
+        (*head_params, WINDOW - 1),
+    ).fetchone()
+    if end is None:
+        return  # the window held every ready job
+    past = [_group_heads(db, admission, task, keyed_only, (end[0], end[1]))]
     if admission.request.tasks[task].limiter in admission.request.keyed and (
         admission.blocked_keys_of(task)  # keys without tokens filled the window
     ):
-        yield from _past_window(db, admission, task, keyed_only)
+        past.append(_past_window(db, admission, task, (end[0], end[1])))
+    offered: set[int] = set()  # a group's head may be its key's next job too: offer it once
+    for job in heapq.merge(*past, key=lambda c: c.order):
+        if job.seq not in offered:
+            offered.add(job.seq)
+            yield job
 
 
 def _head(admission: Admission, task: str, keyed_only: bool) -> tuple[list[str], list[Any]]:
@@ -277,29 +297,21 @@ class _KeyRead:
 
 
 def _past_window(
-    db: sqlite3.Connection, admission: Admission, task: str, keyed_only: bool
+    db: sqlite3.Connection, admission: Admission, task: str, end: tuple[int, int]
 ) -> Iterator[Candidate]:
-    """The keyed jobs of ``task`` behind the window, when the window is full and keys
-    of its jobs were found without tokens (this claim got this far: it could take too
-    few jobs there).
+    """The keyed jobs of ``task`` behind the window (after ``end``, its last job in
+    claim order), when keys of its jobs were found without tokens (this claim got this
+    far: it could take too few jobs there).
 
     One statement finds up to ``KEYS_PER_CLAIM`` keys besides those found empty, one
     index seek each (``_keys_past``), with the first job of each past the window, and
     one more reads their buckets. Their jobs are then handed out in claim order; a
     key's are read ``_KEY_PAGE`` at a time, only once the merge gets to it, and only
     while its bucket has a token."""
-    head_where, head_params = _head(admission, task, keyed_only)
-    end = db.execute(
-        "SELECT priority, seq FROM asyncjobs_jobs "  # noqa: S608 - fixed terms, ? placeholders
-        f"WHERE {' AND '.join(head_where)} ORDER BY priority DESC, seq LIMIT 1 OFFSET ?",
-        (*head_params, WINDOW - 1),
-    ).fetchone()
-    if end is None:
-        return  # the window held every ready job
     blocked = admission.blocked_keys_of(task)
     heads = {
         key: (priority, seq)
-        for key, priority, seq in _keys_past(db, admission, task, (end[0], end[1]))
+        for key, priority, seq in _keys_past(db, admission, task, end)
         if priority is not None and seq is not None and key not in blocked
     }
     _preload_buckets(db, admission, task, heads)
@@ -394,3 +406,112 @@ def _read_page(
     read.more = len(rows) == _KEY_PAGE
     if rows:
         read.after = (rows[-1][1], rows[-1][0])
+
+
+GROUPS_PER_CLAIM = 256
+"""Past the window, how many groups one claim looks at: one index seek each for the
+group and one for its head. The next claim goes on from the last (``_GROUP_CURSOR``), so
+with more groups than this each gets its turn, and the claim order between groups holds
+among those a claim looks at."""
+
+_GROUPS_STEP = (
+    "UNION ALL SELECT (SELECT group_key FROM asyncjobs_jobs INDEXED BY asyncjobs_jobs_group "
+    "WHERE group_key IS NOT NULL AND status IN ('scheduled', 'queued', 'running') "
+    "AND group_key > groups.key ORDER BY group_key LIMIT 1) "
+    "FROM groups WHERE groups.key IS NOT NULL LIMIT ?) "
+    "SELECT groups.key, h.seq, h.priority, h.status, h.task, h.queue, h.rate_key, "
+    "h.key_pending FROM groups LEFT JOIN asyncjobs_jobs AS h ON h.seq = "
+    "(SELECT g.seq FROM asyncjobs_jobs AS g INDEXED BY asyncjobs_jobs_group "
+    "WHERE g.group_key = groups.key AND g.status IN ('scheduled', 'queued', 'running') "
+    "ORDER BY g.seq LIMIT 1) WHERE groups.key IS NOT NULL"
+)
+"""The common part of ``_GROUPS_AFTER`` and ``_GROUPS_FIRST``: with each group, its head
+(its unfinished job enqueued first) and what a claim needs to know of it."""
+_GROUPS_AFTER = (
+    "WITH RECURSIVE groups(key) AS (SELECT (SELECT group_key FROM asyncjobs_jobs "  # noqa: S608
+    "INDEXED BY asyncjobs_jobs_group WHERE group_key IS NOT NULL "
+    "AND status IN ('scheduled', 'queued', 'running') AND group_key > ? "
+    "ORDER BY group_key LIMIT 1) " + _GROUPS_STEP
+)
+"""The groups with an unfinished job after a group, in name order, one index seek each
+(a loose index scan of ``asyncjobs_jobs_group``), at most ``?`` of them, each with its
+head."""
+_GROUPS_FIRST = (
+    "WITH RECURSIVE groups(key) AS (SELECT (SELECT group_key FROM asyncjobs_jobs "  # noqa: S608
+    "INDEXED BY asyncjobs_jobs_group WHERE group_key IS NOT NULL "
+    "AND status IN ('scheduled', 'queued', 'running') "
+    "ORDER BY group_key LIMIT 1) " + _GROUPS_STEP
+)
+"""``_GROUPS_AFTER`` from the first group."""
+
+_GROUP_CURSOR = "groups past the window:"
+"""``asyncjobs_meta`` key (with the task's name) of the last group a claim looked at
+past the window, when there were more than it looks at: the next claim, in any process,
+goes on after it, so every group gets its turn."""
+
+_RUNNING_IN_GROUPS = (
+    "SELECT DISTINCT group_key FROM asyncjobs_jobs INDEXED BY asyncjobs_jobs_status "
+    "WHERE status = 'running' AND group_key IN (SELECT value FROM json_each(?))"
+)
+"""Which of some groups run a job: read through the running jobs, which are few (every
+process's concurrency at most), not through each group's backlog."""
+
+
+def _group_heads(
+    db: sqlite3.Connection, admission: Admission, task: str, keyed_only: bool, end: tuple[int, int]
+) -> Iterator[Candidate]:
+    """The heads of groups of ``task`` behind the window (after ``end``, its last job in
+    claim order), in claim order: a group's backlog that filled the window does not
+    hold up the other groups (this claim got this far: it could take too few jobs
+    there).
+
+    One statement finds up to ``GROUPS_PER_CLAIM`` groups, in name order after the
+    cursor (``_GROUP_CURSOR``) and then from the first, each with its head; a head is
+    a candidate if it is queued, of this task, in a queue this claim serves, after
+    ``end``, and no job of its group runs (one more query, over the running jobs)."""
+    if task in admission.blocked_tasks:
+        return
+    queues = admission.request.queues
+    heads: dict[str, Candidate] = {}
+    for group, seq, priority, status, of, queue, rate_key, pending in _groups_past(db, task):
+        if (
+            status != "queued"
+            or of != task
+            or (queues is not None and queue not in queues)
+            or (keyed_only and rate_key is None)
+            or (-priority, seq) <= (-end[0], end[1])
+        ):
+            continue
+        heads[group] = Candidate(seq, priority, task, queue, rate_key or "", bool(pending))
+    if heads:
+        for (running,) in db.execute(_RUNNING_IN_GROUPS, (json.dumps(list(heads)),)):
+            heads.pop(running, None)
+    for job in sorted(heads.values(), key=lambda c: c.order):
+        if task in admission.blocked_tasks:
+            return
+        yield job
+
+
+def _groups_past(db: sqlite3.Connection, task: str) -> list[Any]:
+    """(group, and its head's seq, priority, status, task, queue, rate_key, key_pending):
+    up to ``GROUPS_PER_CLAIM`` groups after the cursor, then from the first. Moves the
+    cursor to the last group read when there may be more."""
+    cursor_key = _GROUP_CURSOR + task
+    row = db.execute("SELECT value FROM asyncjobs_meta WHERE key = ?", (cursor_key,)).fetchone()
+    after: str | None = None if row is None else row[0]
+    if after is None:
+        groups = db.execute(_GROUPS_FIRST, (GROUPS_PER_CLAIM,)).fetchall()
+    else:
+        groups = db.execute(_GROUPS_AFTER, (after, GROUPS_PER_CLAIM)).fetchall()
+        if len(groups) < GROUPS_PER_CLAIM:  # the last group: go round to the first ones
+            first = db.execute(_GROUPS_FIRST, (GROUPS_PER_CLAIM - len(groups),)).fetchall()
+            groups += [g for g in first if g[0] <= after]
+    if len(groups) >= GROUPS_PER_CLAIM:
+        db.execute(
+            "INSERT INTO asyncjobs_meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (cursor_key, groups[-1][0]),
+        )
+    elif after is not None:
+        db.execute("DELETE FROM asyncjobs_meta WHERE key = ?", (cursor_key,))
+    return groups

@@ -1,0 +1,193 @@
+"""Groups behind a backlog longer than a SQLite claim's window (1,000 jobs).
+
+Under a limit a SQLite claim looks through the first ``WINDOW`` ready jobs of a task;
+past it, it finds the heads of groups one index seek each, ``GROUPS_PER_CLAIM`` a
+claim, taken in turn by name across claims. PostgreSQL reads past the backlog. What
+each promises: a group's backlog, run one at a time, does not hold up the other groups
+of its task, and a claim's cost does not grow with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from asyncjobs import Jobs
+from asyncjobs.stores import open_store
+from asyncjobs.stores._admission import Admission
+from asyncjobs.stores._protocol import ClaimRequest, TaskLimits
+from asyncjobs.stores._sqlite_limits import GROUPS_PER_CLAIM, WINDOW, choose
+from asyncjobs.testing import FakeClock, drain
+
+MakeJobs = Callable[..., Jobs]
+BACKLOG = WINDOW + 100
+
+
+async def test_a_groups_backlog_does_not_hold_up_another_group(
+    make_jobs: MakeJobs, backend_url: str, clock: FakeClock
+) -> None:
+    """1,100 jobs of user a run one at a time; user b's job, enqueued after them, runs
+    at once, not after a's first 101 (a task with a limit, as without one)."""
+    jobs = make_jobs(backend_url)
+    ran: list[tuple[str, int]] = []
+
+    @jobs.task(concurrency=5)
+    async def sync(user: str, n: int) -> None:
+        ran.append((user, n))
+
+    await jobs.enqueue_many([sync.options(group="user:a").spec("a", n) for n in range(BACKLOG)])
+    await sync.options(group="user:b").enqueue("b", 0)
+    await drain(jobs)
+    assert len(ran) == BACKLOG + 1
+    assert ran.index(("b", 0)) <= 1, ran.index(("b", 0))
+    assert [n for user, n in ran if user == "a"] == list(range(BACKLOG))
+
+
+async def test_behind_a_groups_backlog_other_groups_run_in_claim_order(
+    make_jobs: MakeJobs, backend_url: str
+) -> None:
+    """Past the window, the other groups' heads are taken in claim order (priority, then
+    enqueue order), by a worker only from its own queues."""
+    jobs = make_jobs(backend_url, queues=["sync"])
+    ran: list[str] = []
+
+    @jobs.task(concurrency=2, queue="sync")
+    async def sync(user: str) -> None:
+        ran.append(user)
+
+    await jobs.enqueue_many([sync.options(group="user:a").spec("a") for _ in range(BACKLOG)])
+    await sync.options(group="user:c", priority=-1).enqueue("c")
+    await sync.options(group="user:d", queue="other").enqueue("d")
+    await sync.options(group="user:b").enqueue("b")
+    await drain(jobs)
+    assert ran[:2] == ["a", "b"]
+    assert ran.index("c") < 10
+    assert "d" not in ran
+    assert len(ran) == BACKLOG + 2
+
+
+async def test_behind_a_groups_backlog_every_group_gets_its_turn(
+    make_jobs: MakeJobs, backend_url: str
+) -> None:
+    """More groups behind the backlog than a SQLite claim looks at: the next claims go
+    on from the last group looked at, each group still runs one job at a time."""
+    jobs = make_jobs(backend_url)
+    ran: list[str] = []
+
+    @jobs.task(concurrency=4)
+    async def sync(user: str) -> None:
+        ran.append(user)
+
+    await jobs.enqueue_many([sync.options(group="user:a").spec("a") for _ in range(BACKLOG)])
+    users = [f"user:{n:04d}" for n in range(2 * GROUPS_PER_CLAIM + 10)]
+    await jobs.enqueue_many([sync.options(group=u).spec(u) for u in users for _ in range(2)])
+    await drain(jobs)
+    assert len(ran) == BACKLOG + 2 * len(users)
+    last = max(i for i, user in enumerate(ran) if user != "a")
+    # The users' jobs take the three slots user a leaves them from the first claim:
+    # about a third as many of a's run meanwhile (not a's first 101, and then those).
+    assert ran[:last].count("a") < 2 * len(users) // 3 + 20, ran[:last].count("a")
+
+
+async def test_past_the_window_a_group_head_of_a_key_takes_one_token(
+    make_jobs: MakeJobs, backend_url: str
+) -> None:
+    """Past the window, a job both heads its group and is its key's next job: the claim
+    takes it once, with one of its key's tokens, and the key's next job with the other."""
+    jobs = make_jobs(backend_url)
+    jobs.limiter("per_domain", "2/m", key=lambda address: address.split("@")[1])
+    ran: list[str] = []
+
+    @jobs.task(limiter="per_domain")
+    async def send(address: str) -> None:
+        ran.append(address)
+
+    await jobs.enqueue_many([send.spec(f"u{n}@bulk.example") for n in range(BACKLOG)])
+    await send.options(group="thread-1").enqueue("a@quiet.example")
+    await send.enqueue("c@quiet.example")
+    await drain(jobs)
+    assert ran == ["u0@bulk.example", "u1@bulk.example", "a@quiet.example", "c@quiet.example"]
+
+
+# -- what a claim reads past the window (SQLite) -----------------------------------------
+
+
+def _claim(
+    tmp_path: Path, name: str, rows: list[tuple[str, str, str, int]]
+) -> tuple[int, Admission]:
+    """SQLite VM steps of one choose() for a task 'sync' (concurrency 5) over ``rows``
+    (status, queue, group, priority) in enqueue order, and its admission."""
+    path = tmp_path / f"{name}.db"
+
+    async def create() -> None:
+        store = open_store(f"sqlite:///{path}")
+        await store.open()
+        await store.close()
+
+    asyncio.run(create())
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("BEGIN")
+    db.executemany(
+        "INSERT INTO asyncjobs_jobs (id, task, queue, status, payload, max_attempts, run_at, "
+        "enqueued_at, group_key, priority) VALUES (?, 'sync', ?, ?, '{}', 3, 0, 0, ?, ?)",
+        [
+            (uuid.uuid4().hex, queue, status, group, priority)
+            for status, queue, group, priority in rows
+        ],
+    )
+    db.execute("COMMIT")
+    request = ClaimRequest(
+        worker="w",
+        tasks={"sync": TaskLimits(max_attempts=3, concurrency=5)},
+        queues=None,
+        limit=8,
+        lease=60,
+    )
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    db.set_progress_handler(count, 100)
+    db.execute("BEGIN IMMEDIATE")
+    admission = choose(db, request, 1000.0)
+    db.execute("ROLLBACK")
+    db.close()
+    return steps, admission
+
+
+def _held_back(backlog: int, groups: int, head: str) -> list[tuple[str, str, str, int]]:
+    """``backlog`` queued jobs over ``groups`` groups, each behind a head in ``head``
+    status (running, or scheduled: waiting out a retry)."""
+    rows = [(head, "default", f"g{n:05d}", 0) for n in range(groups)]
+    rows += [("queued", "default", f"g{n % groups:05d}", 0) for n in range(backlog)]
+    return rows
+
+
+def test_a_claim_behind_a_few_groups_does_not_scan_their_backlog(tmp_path: Path) -> None:
+    small = _claim(tmp_path, "few-small", _held_back(2_000, 3, "running"))
+    large = _claim(tmp_path, "few-large", _held_back(20_000, 3, "running"))
+    assert small[1].chosen == large[1].chosen == []
+    assert large[0] < 2 * small[0], (small[0], large[0])
+
+
+def test_a_claim_behind_many_groups_looks_at_a_bounded_number(tmp_path: Path) -> None:
+    small = _claim(tmp_path, "many-small", _held_back(2_000, 1_000, "scheduled"))
+    large = _claim(tmp_path, "many-large", _held_back(20_000, 10_000, "scheduled"))
+    assert small[1].chosen == large[1].chosen == []
+    assert large[0] < 2 * small[0], (small[0], large[0])
+
+
+def test_past_the_window_a_group_running_a_later_job_is_held(tmp_path: Path) -> None:
+    """Past the window, a group's queued head is not taken while a later job of it runs
+    (a dead job retried by hand); the next group's head is."""
+    rows = [("running", "default", "a", 0)] + [("queued", "default", "a", 0)] * BACKLOG
+    rows += [("queued", "default", "b", 0), ("running", "default", "b", 0)]
+    rows += [("queued", "default", "c", 0)]
+    _, admission = _claim(tmp_path, "later", rows)
+    assert admission.chosen == [len(rows)]
