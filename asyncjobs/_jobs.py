@@ -395,6 +395,8 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
         deleted = await self.store.delete([checked], now=self.clock.now()) == 1
         if deleted:
             logger.info("job %s discarded", checked, extra={"job_id": checked, "action": "discard"})
+            if self._host is not None:
+                self.runner.wake()  # the next job of its group may run now
         return deleted
 
     async def stats(self) -> Stats:

@@ -158,9 +158,10 @@ class _Leases:
                     "job %s (%s) requeued: its lease expired during attempt %d",
                     job.id, job.task, job.attempts, extra=extra,
                 )  # fmt: skip
-                # Our own write does not show in data_version: claim it now, not at
-                # the next poll.
-                self.wake()
+            # Our own write does not show in data_version (nor wakes us by a NOTIFY):
+            # claim now, not at the next poll, the job requeued, or what its end freed
+            # (the next job of its group, its concurrency slot).
+            self.wake()
 
     async def maintenance_loop(self, *, task_status: TaskStatus[None]) -> None:
         task_status.started()

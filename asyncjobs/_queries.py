@@ -152,6 +152,8 @@ class _Queries:
             # A running job ends cancelled when it stops; its worker logs that too.
             logger.info("job %s cancelled", cid, extra={"job_id": cid, "action": "cancel"})
             self.runner.cancel_local(cid)
+        if cancelled and self._host is not None:
+            self.runner.wake()  # the next job of its group may run now
         return bool(cancelled)
 
     async def purge(self, *, status: str | None = None, older_than: Seconds | None = None) -> int:
@@ -164,7 +166,10 @@ class _Queries:
                 raise ValueError("running jobs cannot be purged; cancel them first")
         now = self.clock.now()
         before = None if older_than is None else now - seconds(older_than, "older_than")
-        return await self.store.purge(status=status, older_than=before, now=now)
+        count = await self.store.purge(status=status, older_than=before, now=now)
+        if count and self._host is not None:
+            self.runner.wake()  # the next job of a group whose job went may run now
+        return count
 
     # -- results ---------------------------------------------------------------------
 

@@ -636,7 +636,8 @@ class PostgresStore(_Connections):
 # cancel in between changed any row: finished rows it matches (but not those that
 # cancel just finished), and the unfinished ones found first (not those it released).
 _UNFINISHED = (
-    "SELECT id, chain_next IS NOT NULL OR batch_id IS NOT NULL AS member FROM asyncjobs_jobs "
+    "SELECT id, chain_next IS NOT NULL OR batch_id IS NOT NULL AS member, "
+    "group_key IS NOT NULL AS grouped FROM asyncjobs_jobs "
     "WHERE status IN ('waiting', 'scheduled', 'queued') AND "
 )
 _DELETE = "DELETE FROM asyncjobs_jobs WHERE status != 'running' AND (("
@@ -675,6 +676,8 @@ async def _delete(
     # Last: the tallies' lock order (see _postgres_sql). The followers cancelled above
     # are chain members, which belong to no batch.
     await sql.tally_deleted(conn, deleted)
+    if any(r["grouped"] for r in unfinished):  # the next job of its group may run now
+        await notify(conn)
     return len(deleted)
 
 

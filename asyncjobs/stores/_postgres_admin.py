@@ -66,7 +66,7 @@ async def recover(conn: Connection, now: float) -> list[Recovered]:
         recovered.append(
             Recovered(id=r["id"], task=r["task"], attempts=r["attempts"], status=status)
         )
-    if any(r.status == "queued" for r in recovered):
+    if recovered:  # requeued, or ended: its group and its concurrency slot are free
         await notify(conn)
     return recovered
 

@@ -810,6 +810,7 @@ async def cancel(
 ) -> list[str]:
     cancelled: list[str] = []
     batches: set[str] = set()
+    freed = False
     pending = list(job_ids)
     while pending:
         job_id = pending.pop()
@@ -817,7 +818,7 @@ async def cancel(
             "UPDATE asyncjobs_jobs SET status = 'cancelled', finished_at = $1, "
             "lease_until = NULL, error = coalesce(error, $2) "
             "WHERE id = $3 AND status IN ('waiting', 'scheduled', 'queued') "
-            "RETURNING chain_next, batch_id",
+            "RETURNING chain_next, batch_id, group_key",
             now,
             reason,
             job_id,
@@ -835,6 +836,8 @@ async def cancel(
                 cancelled.append(job_id)
             continue
         cancelled.append(job_id)
+        if record["group_key"] is not None:
+            freed = True  # the next job of its group may run now
         if record["chain_next"] is not None:
             pending.append(record["chain_next"])  # a chain member, of no batch
         if record["batch_id"] is not None:
@@ -844,6 +847,8 @@ async def cancel(
     await lock_callbacks(conn, batches)
     for batch_id in sorted(batches):
         await release_dependents(conn, OutcomeKind.CANCELLED, None, batch_id, now)
+    if freed:
+        await notify(conn)
     return cancelled
 
 
