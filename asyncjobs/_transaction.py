@@ -173,6 +173,12 @@ async def _asyncpg_inserter(jobs: Jobs, conn: Any) -> Inserter:
             f"jobs.transaction() got an asyncpg connection but the job store is {store!r}; "
             "pass a connection to the store's own database"
         )
+    if not callable(getattr(conn, "is_in_transaction", None)):  # a pool, say
+        raise ConfigurationError(
+            f"jobs.transaction() takes an asyncpg connection, not {type(conn).__name__}: "
+            "a pool runs each call on whichever connection it acquires; use "
+            "`async with pool.acquire() as conn, conn.transaction():`"
+        )
     pg: PostgresStore = store
     await pg.open()  # the schema exists before the caller's transaction needs it
     await pg.check_caller(conn)  # on the store's database, or its jobs are lost to it

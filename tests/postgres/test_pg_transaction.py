@@ -193,3 +193,21 @@ async def test_a_caller_connection_decoding_timestamps_its_own_way_is_accepted(
     finally:
         await conn.close()
     assert await jobs.get(job.id) is not None
+
+
+async def test_a_pool_is_refused_with_the_way_to_a_connection(
+    make_jobs: MakeJobs, postgres_url: str
+) -> None:
+    """A pool is no transaction: each of its calls runs on whichever connection it
+    acquires. Refused at once, saying to acquire a connection, not an AttributeError
+    at the first enqueue."""
+    jobs = make_jobs(postgres_url)
+    register(jobs)
+    pool = await asyncpg.create_pool(postgres_url, min_size=1, max_size=1)
+    try:
+        with pytest.raises(ConfigurationError, match=r"pool\.acquire\(\)"):
+            async with jobs.transaction(pool):
+                await jobs.enqueue("welcome", 1)
+        assert await jobs.list() == []
+    finally:
+        await pool.close()
