@@ -267,9 +267,14 @@ async def insert_jobs(
 
 # The schema's NOTIFY channel: 'asyncjobs:' and its name cut to 63 characters, or, when
 # that is over PostgreSQL's 63 bytes (a long non-ASCII name), 'asyncjobs:' and the
-# name's md5. The insert trigger computes the same (migration 0004).
+# name's md5; the md5 too in a SQL_ASCII database when the cut, there at 63 bytes, would
+# end inside a UTF-8 character (byte 64 a continuation byte, 0x80-0xbf): that channel
+# could not be read back. The insert trigger computes the same (migration 0013).
 CHANNEL = (
     "CASE WHEN octet_length(left('asyncjobs:' || current_schema(), 63)) <= 63 "
+    "AND NOT (getdatabaseencoding() = 'SQL_ASCII' AND substring(convert_to("
+    "'asyncjobs:' || current_schema(), 'SQL_ASCII') FROM 64 FOR 1) "
+    "BETWEEN '\\x80'::bytea AND '\\xbf'::bytea) "
     "THEN left('asyncjobs:' || current_schema(), 63) "
     "ELSE 'asyncjobs:' || md5(current_schema()) END"
 )

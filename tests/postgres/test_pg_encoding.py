@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import anyio
 import pytest
-from conftest import new_database
+from conftest import new_database, with_search_path
 
+from asyncjobs import Jobs
 from asyncjobs.stores import NewJob, Outcome, OutcomeKind, PostgresStore, _postgres_sql
 from asyncjobs.stores._postgres_sql import over_limit
 from asyncjobs.stores._protocol import ClaimRequest, TaskLimits
+from asyncjobs.testing import FakeClock
 
 asyncpg = pytest.importorskip("asyncpg")
 
@@ -90,3 +93,32 @@ def test_the_jsonb_limit_counts_bytes_not_characters(monkeypatch: pytest.MonkeyP
     assert not over_limit("a" * 10)
     assert over_limit("a" * 11)
     assert over_limit("é" * 6)  # 6 characters, 12 bytes
+
+
+async def test_a_long_non_ascii_schema_name_in_a_sql_ascii_database_opens_and_wakes_workers(
+    sql_ascii_url: str,
+) -> None:
+    """In SQL_ASCII, PostgreSQL counts a name's bytes as its characters: the channel cut
+    to 63 of them ended inside a UTF-8 letter, and reading it back (every open) failed
+    with 'invalid byte sequence for encoding "UTF8"'. Such a name gets the md5 channel."""
+    schema = "é" * 30  # 60 bytes: 'asyncjobs:' and it are 70
+    admin = await asyncpg.connect(sql_ascii_url)
+    try:
+        await admin.execute(f'CREATE SCHEMA "{schema}"')
+    finally:
+        await admin.close()
+    url = with_search_path(sql_ascii_url, schema)
+    workers = Jobs(url, clock=FakeClock(), poll_interval=600)  # claims only when woken
+    web = Jobs(url, workers=False)
+
+    @workers.task(name="ping")
+    async def ping(n: int) -> int:
+        return n + 1
+
+    try:
+        async with workers:
+            job = await web.enqueue("ping", 41)
+            with anyio.fail_after(10):
+                assert await job.result() == 42
+    finally:
+        await web.close()
