@@ -383,8 +383,7 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
                 "%d dead job(s) retried by hand (queue %s, task %s)", count, queue or "any",
                 task or "any", extra={"queue": queue, "task": task, "action": "retry_dead"},
             )  # fmt: skip
-            if self._host is not None:
-                self.runner.wake()
+            self._wake_workers()
         return count
 
     async def discard(self, job_id: str) -> bool:
@@ -395,8 +394,7 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
         deleted = await self.store.delete([checked], now=self.clock.now()) == 1
         if deleted:
             logger.info("job %s discarded", checked, extra={"job_id": checked, "action": "discard"})
-            if self._host is not None:
-                self.runner.wake()  # the next job of its group may run now
+            self._wake_workers()  # the next job of its group may run now
         return deleted
 
     async def stats(self) -> Stats:

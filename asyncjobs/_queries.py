@@ -74,6 +74,13 @@ class _Queries:
         @property
         def clock(self) -> Clock: ...
 
+    def _wake_workers(self) -> None:
+        """After an admin write that may let a job run (one queued again, a group's or a
+        concurrency slot's job gone): this process's workers, if they run, claim now
+        rather than at their next poll (their own writes wake no one else here)."""
+        if self._host is not None:
+            self.runner.wake()
+
     # -- queries and admin -----------------------------------------------------------
 
     async def get(self, job_id: str) -> JobInfo | None:
@@ -134,8 +141,7 @@ class _Queries:
             logger.info(
                 "job %s retried by hand", checked, extra={"job_id": checked, "action": "retry"}
             )
-            if self._host is not None:
-                self.runner.wake()
+            self._wake_workers()
         return done
 
     async def cancel(self, job_id: str) -> bool:
@@ -152,8 +158,8 @@ class _Queries:
             # A running job ends cancelled when it stops; its worker logs that too.
             logger.info("job %s cancelled", cid, extra={"job_id": cid, "action": "cancel"})
             self.runner.cancel_local(cid)
-        if cancelled and self._host is not None:
-            self.runner.wake()  # the next job of its group may run now
+        if cancelled:
+            self._wake_workers()  # the next job of its group may run now
         return bool(cancelled)
 
     async def purge(self, *, status: str | None = None, older_than: Seconds | None = None) -> int:
@@ -167,8 +173,8 @@ class _Queries:
         now = self.clock.now()
         before = None if older_than is None else now - seconds(older_than, "older_than")
         count = await self.store.purge(status=status, older_than=before, now=now)
-        if count and self._host is not None:
-            self.runner.wake()  # the next job of a group whose job went may run now
+        if count:
+            self._wake_workers()  # the next job of a group whose job went may run now
         return count
 
     # -- results ---------------------------------------------------------------------
