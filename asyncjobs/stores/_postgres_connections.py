@@ -513,8 +513,10 @@ class _Connections:
                 raise StoreError(
                     f"PostgreSQL store {self!r}: no reply before its deadline"
                 ) from None
+            # The statement was sent: it may have taken effect, its reply lost.
             raise TimeoutError(
-                f"no reply within command_timeout={self.command_timeout:g}s"
+                f"no reply within command_timeout={self.command_timeout:g}s "
+                "(what was sent may have taken effect all the same)"
             ) from None
 
     async def _transaction(self, what: str, fn: Callable[[Connection], Awaitable[T]]) -> T:

@@ -734,11 +734,13 @@ async def test_close_while_an_operation_connects_leaves_no_connection_open(
 class FreezingProxy:
     """A TCP proxy to the test server that can go silent: once frozen it forwards
     nothing either way and closes nothing, as a host gone or a firewall dropping
-    packets would (no reset comes)."""
+    packets would (no reset comes). ``replies_muted``: it forwards what the client
+    sends, and drops the server's replies."""
 
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
         self.frozen = False
+        self.replies_muted = False
         self.server: asyncio.Server | None = None
 
     async def start(self) -> int:
@@ -749,13 +751,15 @@ class FreezingProxy:
     async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._pipe, reader, upstream_writer)
-            tg.start_soon(self._pipe, upstream_reader, writer)
+            tg.start_soon(self._pipe, reader, upstream_writer, False)
+            tg.start_soon(self._pipe, upstream_reader, writer, True)
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, replies: bool
+    ) -> None:
         with contextlib.suppress(ConnectionError):
             while data := await reader.read(65536):
-                if not self.frozen:
+                if not (self.frozen or (replies and self.replies_muted)):
                     writer.write(data)
                     await writer.drain()
         writer.close()
@@ -793,6 +797,36 @@ async def test_an_operation_on_a_network_gone_silent_fails_after_the_command_tim
     finally:
         proxy.frozen = False
         await store.close()
+        await proxy.close()
+
+
+async def test_an_enqueue_whose_reply_never_comes_says_it_may_have_been_stored(
+    make_jobs: MakeJobs, postgres_url: str
+) -> None:
+    """The insert reached the server and committed; only its reply was lost. The
+    error must not read as if nothing happened: the job is there, and enqueueing it
+    again without an idempotency key would store it twice."""
+    parts = urlsplit(postgres_url)
+    proxy = FreezingProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    port = await proxy.start()
+    url = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}"))
+    jobs = make_jobs(url + "&command_timeout=0.5", workers=False)
+
+    @jobs.task(name="t")
+    async def t() -> None: ...
+
+    try:
+        await jobs.enqueue(t)  # the enqueue connection is open
+        proxy.replies_muted = True
+        with anyio.fail_after(20), pytest.raises(StoreError) as lost:
+            await jobs.enqueue(t)
+        assert "may have taken effect" in str(lost.value)
+        proxy.replies_muted = False
+        cast(PostgresStore, jobs.store)._failures = 0  # skip the reconnect backoff
+        assert (await jobs.stats())["totals"]["counts"]["queued"] == 2
+    finally:
+        proxy.replies_muted = False
+        await jobs.close()
         await proxy.close()
 
 
