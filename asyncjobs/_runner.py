@@ -110,6 +110,7 @@ class Runner(_Leases, _Execution):
         self.started_at = self.clock.now()
         self.running: dict[str, _Running] = {}
         self.jobs_started = 0  # attempts started here, ever: drain() bounds its own
+        self._start_limit: int | None = None  # drain(): start none once jobs_started is this
         # Claimed ahead, waiting for a slot; popped from the end (highest priority first).
         self._ready: list[JobRow] = []
         self._accepting = True  # False once shutdown begins: nothing new starts
@@ -392,6 +393,8 @@ class Runner(_Leases, _Execution):
         # commit them running, and a job claimed ahead that took one would make them
         # wait in its place.
         free = self.settings.concurrency - len(self.running) - len(self._reserved)
+        if self._start_limit is not None:
+            free = min(free, self._start_limit - self.jobs_started)
         if free <= 0 or not self._ready or not self._accepting:
             return
         for _ in range(min(free, len(self._ready))):
@@ -584,20 +587,15 @@ class Runner(_Leases, _Execution):
         one another without end would otherwise keep it (and the test) running for good.
         """
         await self.recover()
-        stop_after = self.jobs_started + max_jobs
+        # Started jobs run to their end; past the bound none starts (not one per free
+        # slot, cancelled before it ran), and ready jobs left then raise below.
+        self._start_limit = self.jobs_started + max_jobs
         self._accepting = True
         self._context = contextvars.copy_context()
         drained = False
         try:
             while True:
                 self._wakeup = asyncio.Event()  # a job's end, or one enqueued by a job
-                if self.jobs_started > stop_after:
-                    raise AsyncJobsError(
-                        f"drain() started {max_jobs:,} jobs and more are still ready: do jobs "
-                        "enqueue one another without end (a task that enqueues itself)? "
-                        "Give the follow-up a delay, so it waits for jobs.clock.advance(), "
-                        "or pass drain(jobs, max_jobs=...) for more"
-                    )
                 if await self.claim() or self._outbox:
                     continue
                 if not self.running and not self._ready:
@@ -608,8 +606,16 @@ class Runner(_Leases, _Execution):
                         drained = True
                         break  # (with no task, claim() makes nothing ready)
                     continue
+                if not self.running and self.jobs_started >= self._start_limit:
+                    raise AsyncJobsError(
+                        f"drain() started {max_jobs:,} jobs and more are still ready: do jobs "
+                        "enqueue one another without end (a task that enqueues itself)? "
+                        "Give the follow-up a delay, so it waits for jobs.clock.advance(), "
+                        "or pass drain(jobs, max_jobs=...) for more"
+                    )
                 await self._wakeup.wait()
         finally:
+            self._start_limit = None
             with anyio.CancelScope(shield=True):
                 await self.cancel_running()  # drain itself was cancelled
                 await self.flush_outbox()

@@ -202,6 +202,27 @@ async def test_drain_stops_with_an_error_when_jobs_enqueue_one_another_without_e
     assert (await job.info()).status == "succeeded"
 
 
+async def test_drain_runs_max_jobs_before_it_stops_when_more_are_ready(jobs: Jobs) -> None:
+    """With more jobs ready than max_jobs, it started one per free slot, found its bound
+    passed before any had run, cancelled them all and raised "started 2 jobs" having
+    run none. It runs max_jobs of them, then raises; the rest wait, attempts unspent."""
+    ran: list[int] = []
+
+    @jobs.task(name="one")
+    async def one(n: int) -> None:
+        ran.append(n)
+
+    await jobs.enqueue_many([one.spec(n) for n in range(5)])
+    with anyio.fail_after(5), pytest.raises(AsyncJobsError, match="started 2 jobs"):
+        await drain(jobs, max_jobs=2)
+    assert len(ran) == 2
+    infos = await enqueued(jobs, one)
+    assert sorted(str(info.status) for info in infos) == ["queued"] * 3 + ["succeeded"] * 2
+    assert [info.attempts for info in infos if info.status == "queued"] == [0, 0, 0]
+    await drain(jobs)
+    assert sorted(ran) == [0, 1, 2, 3, 4]
+
+
 async def test_what_a_test_registers_on_a_replaced_store_is_gone_after_it(
     tmp_path: Path,
 ) -> None:
