@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -55,7 +56,7 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
 
     def __init__(
         self,
-        url: str | None = None,
+        url: str | os.PathLike[str] | None = None,
         *,
         concurrency: int = 10,
         workers: bool = True,
@@ -72,7 +73,12 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
         clock: Clock | None = None,
         store: Store | None = None,
     ) -> None:
-        url = url if url is not None else default_url()
+        if url is None:
+            url = default_url()
+        elif isinstance(url, os.PathLike):  # a plain file path: Jobs(tmp_path / "jobs.db")
+            url = os.fspath(url)
+        if not isinstance(url, str):  # Jobs(42), a path in bytes: no store reads those
+            raise ConfigurationError(f"url must be text or a path, got {url!r}")
         self.settings = Settings.build(
             url=url,
             concurrency=concurrency,

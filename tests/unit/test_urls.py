@@ -186,3 +186,21 @@ def test_postgres_stores_not_yet_open_are_the_same_by_their_normalised_url(
     """Their repr shows none of the user, password and parameters (search_path)."""
     first, second = open_store(one), open_store(other)
     assert first._same_jobs(second) is same  # type: ignore[attr-defined]
+
+
+async def test_a_pathlib_path_is_taken_as_a_plain_file_path(tmp_path: Path) -> None:
+    """``Jobs(tmp_path / "jobs.db")`` raised AttributeError ('PosixPath' object has no
+    attribute 'startswith'): a plain file path, as Python spells one, was refused."""
+    jobs = Jobs(tmp_path / "jobs.db")
+    try:
+        assert isinstance(jobs.store, SQLiteStore)
+        assert jobs.store.path == tmp_path / "jobs.db"
+        assert await jobs.list() == []
+        assert (tmp_path / "jobs.db").exists()
+    finally:
+        await jobs.close()
+
+
+def test_a_url_that_is_not_text_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="url must be"):
+        Jobs(42)  # type: ignore[arg-type]
