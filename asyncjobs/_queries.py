@@ -174,6 +174,12 @@ class _Queries:
         before = None if older_than is None else now - seconds(older_than, "older_than")
         count = await self.store.purge(status=status, older_than=before, now=now)
         if count:
+            age = None if before is None else now - before
+            logger.info(
+                "%d job(s) purged (status %s%s)", count, status or "any",
+                "" if age is None else f", finished over {age:g}s ago",
+                extra={"action": "purge", "status": status, "older_than": age, "count": count},
+            )  # fmt: skip
             self._wake_workers()  # the next job of a group whose job went may run now
         return count
 

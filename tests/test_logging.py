@@ -107,6 +107,26 @@ async def test_actions_on_jobs_are_logged(jobs: Jobs, caplog: pytest.LogCaptureF
     assert "1 dead job(s) retried" in bulk.getMessage()
 
 
+async def test_a_purge_is_logged_with_what_it_deleted(
+    jobs: Jobs, caplog: pytest.LogCaptureFixture
+) -> None:
+    """jobs.purge() (and the CLI's purge) deleted jobs, queued ones too, without a record,
+    where discard, retry_dead and retention's pruning each leave one."""
+
+    @jobs.task(name="later")
+    async def later() -> None: ...
+
+    caplog.set_level(logging.INFO, logger="asyncjobs")
+    await jobs.enqueue(later.options(delay=60))
+    await jobs.enqueue(later.options(delay=60))
+    assert await jobs.purge(status="scheduled") == 2
+    assert await jobs.purge(status="dead") == 0
+    (record,) = [r for r in caplog.records if getattr(r, "action", None) == "purge"]
+    assert "2 job(s) purged" in record.getMessage()
+    fields = [getattr(record, name) for name in ("status", "older_than", "count")]
+    assert fields == ["scheduled", None, 2]
+
+
 async def test_a_failure_the_store_turns_into_cancelled_is_logged_as_cancelled(
     make_jobs: Callable[..., Jobs],
     backend_url: str,
