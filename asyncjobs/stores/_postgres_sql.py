@@ -810,6 +810,24 @@ async def release_dependents(
         await notify(conn)
 
 
+_CANCEL = (
+    "UPDATE asyncjobs_jobs SET "
+    "status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END, "
+    "finished_at = CASE WHEN status = 'running' THEN finished_at ELSE $1 END, "
+    "lease_until = CASE WHEN status = 'running' THEN lease_until END, "
+    "error = CASE WHEN status = 'running' THEN error ELSE coalesce(error, $2) END, "
+    "cancel_requested_at = CASE WHEN status = 'running' THEN $1 ELSE cancel_requested_at END "
+    "WHERE id = $3 AND (status IN ('waiting', 'scheduled', 'queued') "
+    "OR status = 'running' AND cancel_requested_at IS NULL) "
+    "RETURNING status = 'cancelled' AS ended, chain_next, batch_id, group_key"
+)
+"""A cancel of one job ($3 at $1, error $2): one not yet running ends cancelled, a running
+one is asked to stop. One statement, so it acts on the row as it is once free: in two
+(cancel it if pending, else ask it to stop if running), a running job that went back to
+the queue between them (its retry, its release at shutdown, lease recovery committing
+meanwhile) was neither, the cancel said False, and the job ran again."""
+
+
 async def cancel(
     conn: Connection, job_ids: Sequence[str], now: float, reason: str = "cancelled"
 ) -> list[str]:
@@ -819,28 +837,14 @@ async def cancel(
     pending = list(job_ids)
     while pending:
         job_id = pending.pop()
-        record = await conn.fetchrow(
-            "UPDATE asyncjobs_jobs SET status = 'cancelled', finished_at = $1, "
-            "lease_until = NULL, error = coalesce(error, $2) "
-            "WHERE id = $3 AND status IN ('waiting', 'scheduled', 'queued') "
-            "RETURNING chain_next, batch_id, group_key",
-            now,
-            reason,
-            job_id,
-        )
+        record = await conn.fetchrow(_CANCEL, now, reason, job_id)
         if record is None:
-            # Running: ask its worker to stop it. It holds its slot until then, and its
-            # outcome (cancelled, or what it reached first) moves its chain and batch on.
-            if await conn.fetchval(
-                "UPDATE asyncjobs_jobs SET cancel_requested_at = $1 "
-                "WHERE id = $2 AND status = 'running' AND cancel_requested_at IS NULL "
-                "RETURNING id",
-                now,
-                job_id,
-            ):
-                cancelled.append(job_id)
             continue
         cancelled.append(job_id)
+        if not record["ended"]:
+            # Running: its worker was asked to stop it. It holds its slot until then, and
+            # its outcome (cancelled, or what it reached first) moves its chain and batch on.
+            continue
         if record["group_key"] is not None:
             freed = True  # the next job of its group may run now
         if record["chain_next"] is not None:

@@ -405,3 +405,72 @@ async def test_two_claims_at_once_never_run_two_jobs_of_a_group(
         await watcher.close()
     assert claimed == []
     assert [r.id for r in await store.list(status="running", now=T0)] == ["g1"]
+
+
+@pytest.mark.parametrize("ends", ["retry", "release", "lease recovery"])
+async def test_a_cancel_while_a_running_job_goes_back_to_the_queue_cancels_it(
+    store: Store, postgres_url: str, ends: str
+) -> None:
+    """A running job fails with attempts left (or is given back at shutdown, or its
+    lease is recovered) in a transaction that commits while a cancel waits for its row.
+    The cancel found the job running, so it did not cancel it as a pending job; by the
+    time it could ask the worker to stop, the job was pending again. It must end
+    cancelled (and the cancel say so), not be left to run again."""
+    assert isinstance(store, PostgresStore)
+    request = ClaimRequest(
+        worker="w", tasks={"t": TaskLimits(max_attempts=3)}, queues=None, limit=1, lease=60
+    )
+    await store.insert([new("j", max_attempts=3)], now=T0)
+    (row,) = await store.claim(request, now=T0)
+    other = await asyncpg.connect(postgres_url)
+    watcher = await asyncpg.connect(postgres_url)
+    other_pid = await other.fetchval("SELECT pg_backend_pid()")
+    ending = other.transaction()
+    cancelled: list[str] = []
+    done = anyio.Event()
+
+    async def cancel() -> None:
+        cancelled.extend(await store.cancel(["j"], now=T0 + 2))
+        done.set()
+
+    async def waits_on_the_ending() -> bool:
+        return bool(
+            await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                other_pid,
+            )
+        )
+
+    try:
+        with anyio.fail_after(20):
+            await ending.start()
+            if ends == "lease recovery":
+                assert [r.id for r in await recover_with(other, T0 + 61)] == ["j"]
+            else:
+                kind = OutcomeKind.RETRY if ends == "retry" else OutcomeKind.RELEASE
+                outcome = ended(row, kind)._replace(run_at=T0 + 30, error="boom")
+                assert await finish_with(other, [outcome], T0 + 1) == {"j": kind}
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cancel)
+                while not done.is_set() and not await waits_on_the_ending():
+                    await anyio.lowlevel.checkpoint()
+                await ending.commit()
+    finally:
+        await other.close()
+        await watcher.close()
+    assert cancelled == ["j"]
+    job = await store.get("j")
+    assert job is not None
+    assert job.status == "cancelled"
+
+
+async def finish_with(conn: Any, outcomes: list[Outcome], now: float) -> dict[str, str]:
+    from asyncjobs.stores import _postgres_sql
+
+    return await _postgres_sql.finish(conn, outcomes, now)
+
+
+async def recover_with(conn: Any, now: float) -> list[Any]:
+    from asyncjobs.stores import _postgres_admin
+
+    return await _postgres_admin.recover(conn, now)
