@@ -49,11 +49,17 @@ NOTICES = {
     "stopping": "The job was asked to stop: it is cancelled once its worker has stopped it "
     "(at the worker's next heartbeat).",
     "not-cancelled": "The job had already finished, or was already asked to stop.",
+    "finished-first": "The job was asked to stop, but it finished before its worker stopped it.",
     "discarded": "The job was deleted.",
     "not-discarded": "Running jobs cannot be deleted; cancel them first.",
     "retried-dead": "Every dead job is queued again.",
     "retried-none": "There was no dead job to retry.",
 }
+_CANCEL_NOTICE: dict[JobStatus | None, str] = {
+    JobStatus.RUNNING: "stopping",
+    JobStatus.CANCELLED: "cancelled",
+}
+"""The notice of a cancel, by the job's status read after it (else ``finished-first``)."""
 SECURITY_HEADERS = [
     (
         b"content-security-policy",
@@ -199,8 +205,10 @@ class Dashboard:
             done = "not-cancelled"
             if await self.jobs.cancel(job_id):
                 info = await self.jobs.get(job_id)
-                running = info is not None and info.status == JobStatus.RUNNING
-                done = "stopping" if running else "cancelled"
+                status = None if info is None else info.status
+                # Asked to stop while it ran, it may have ended on its own before its
+                # worker saw that (succeeded, dead): as the CLI's cancel says.
+                done = _CANCEL_NOTICE.get(status, "finished-first")
         elif await self.jobs.discard(job_id):  # Jobs.discard logs it
             return self.redirect(request, "/jobs", done="discarded")
         else:

@@ -25,7 +25,7 @@ from starlette.routing import Mount
 from asyncjobs import ConfigurationError, Jobs, JobStatus
 from asyncjobs._dashboard.app import LIST_PREVIEW, SHOWN_CHARS, _pretty
 from asyncjobs._execution import MAX_ERROR_CHARS
-from asyncjobs.stores import ClaimRequest, JobRow, TaskLimits
+from asyncjobs.stores import ClaimRequest, JobRow, Outcome, OutcomeKind, TaskLimits
 from asyncjobs.stores._sqlite import SQLiteStore
 from asyncjobs.testing import FakeClock
 
@@ -284,6 +284,39 @@ async def test_cancelling_a_job_running_elsewhere_says_it_is_stopping(mix: Mix) 
         assert (await jobs.get(mix.queued_id)).status == JobStatus.RUNNING  # type: ignore[union-attr]
         again = await client.post(f"/jobs/{mix.queued_id}/cancel", data=form)
         assert again.headers["location"].endswith("done=not-cancelled")
+
+
+async def test_cancelling_a_job_that_finishes_before_it_is_stopped_does_not_say_cancelled(
+    mix: Mix, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job runs in another process, which finishes it (succeeded) right after the
+    cancel asked it to stop: the page must not tell the operator it was cancelled."""
+    jobs = mix.jobs
+    request = ClaimRequest(
+        worker="elsewhere:1:w", tasks={"send_email": TaskLimits(max_attempts=3)},
+        queues=None, limit=1, lease=60,
+    )  # fmt: skip
+    (claimed,) = await jobs.store.claim(request, now=jobs.clock.now())
+    cancel = jobs.store.cancel
+
+    async def cancel_then_it_succeeds(job_ids: Any, *, now: float) -> builtins.list[str]:
+        asked = await cancel(job_ids, now=now)
+        done = Outcome(
+            job_id=claimed.id, worker=claimed.worker or "", attempt=claimed.attempts,
+            kind=OutcomeKind.SUCCEEDED, result='"sent"',
+        )  # fmt: skip
+        assert await jobs.store.finish([done], now=now) == [claimed.id]
+        return asked
+
+    monkeypatch.setattr(jobs.store, "cancel", cancel_then_it_succeeds)
+    async with client_for(jobs, login=True) as client:
+        form = {"csrf_token": csrf_token((await client.get("/")).text)}
+        asked = await client.post(f"/jobs/{claimed.id}/cancel", data=form)
+        assert asked.headers["location"] == f"/jobs/{claimed.id}?done=finished-first"
+        page = (await client.get(asked.headers["location"])).text
+        assert "The job was cancelled." not in page
+        assert "finished before" in page
+    assert (await jobs.get(claimed.id)).status == JobStatus.SUCCEEDED  # type: ignore[union-attr]
 
 
 async def test_a_lone_surrogate_in_arguments_or_result_is_shown_escaped(jobs: Jobs) -> None:
