@@ -111,6 +111,7 @@ class Runner(_Leases, _Execution):
         self.running: dict[str, _Running] = {}
         self.jobs_started = 0  # attempts started here, ever: drain() bounds its own
         self._start_limit: int | None = None  # drain(): start none once jobs_started is this
+        self._draining = False
         # Claimed ahead, waiting for a slot; popped from the end (highest priority first).
         self._ready: list[JobRow] = []
         self._accepting = True  # False once shutdown begins: nothing new starts
@@ -586,6 +587,20 @@ class Runner(_Leases, _Execution):
         Past ``max_jobs`` started attempts it stops, with an error: jobs that enqueue
         one another without end would otherwise keep it (and the test) running for good.
         """
+        if self._draining:
+            # Two claim loops on one runner would replace each other's wake-up event,
+            # and both would wait for good.
+            raise AsyncJobsError(
+                "drain() is already running for this Jobs (in another task, or around this "
+                "job): await that one"
+            )
+        self._draining = True
+        try:
+            await self._drain(max_jobs)
+        finally:
+            self._draining = False
+
+    async def _drain(self, max_jobs: int) -> None:
         await self.recover()
         # Started jobs run to their end; past the bound none starts (not one per free
         # slot, cancelled before it ran), and ready jobs left then raise below.

@@ -223,6 +223,29 @@ async def test_drain_runs_max_jobs_before_it_stops_when_more_are_ready(jobs: Job
     assert sorted(ran) == [0, 1, 2, 3, 4]
 
 
+async def test_a_second_drain_while_one_runs_is_refused_not_left_hanging(jobs: Jobs) -> None:
+    """Two drains at once on one Jobs (a drain left running in a task, or one inside a
+    job) shared the runner's wake-up event, each replacing the other's: both then waited
+    for good once a job ended, and the test hung."""
+    started, release = anyio.Event(), anyio.Event()
+
+    @jobs.task(name="slow")
+    async def slow() -> None:
+        started.set()
+        await release.wait()
+
+    job = await slow.enqueue()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain, jobs)
+            await started.wait()
+            with pytest.raises(AsyncJobsError, match="already running"):
+                await drain(jobs)
+            release.set()
+    assert (await job.info()).status == "succeeded"
+    await drain(jobs)  # once the first has returned, a drain runs as before
+
+
 async def test_what_a_test_registers_on_a_replaced_store_is_gone_after_it(
     tmp_path: Path,
 ) -> None:
