@@ -59,6 +59,8 @@ class _Lifecycle:
         self._forget_stopped_workers()
         if self._host is not None or not self.settings.workers:
             return
+        if self.runner.draining:  # its claim loop and the workers' would share the runner
+            raise AsyncJobsError("start() while drain() runs for this Jobs: await the drain first")
         if not self.registry:
             logger.warning("starting workers with no task registered; nothing will run")
         self.runner.starting()

@@ -142,6 +142,11 @@ class Runner(_Leases, _Execution):
     # -- signals ---------------------------------------------------------------------
 
     @property
+    def draining(self) -> bool:
+        """Is a ``drain()`` running?"""
+        return self._draining
+
+    @property
     def accepting(self) -> bool:
         """Is a claim loop running (the workers' or a ``drain()``)?"""
         return self._accepting

@@ -246,6 +246,31 @@ async def test_a_second_drain_while_one_runs_is_refused_not_left_hanging(jobs: J
     await drain(jobs)  # once the first has returned, a drain runs as before
 
 
+async def test_starting_the_workers_while_a_drain_runs_is_refused_not_left_hanging(
+    jobs: Jobs,
+) -> None:
+    """start() during a drain (its workers' claim loop on the drain's runner) left the
+    drain waiting for good once its job ended: as drain() refuses started workers,
+    start() now refuses a running drain."""
+    started, release = anyio.Event(), anyio.Event()
+
+    @jobs.task(name="slow")
+    async def slow() -> None:
+        started.set()
+        await release.wait()
+
+    job = await slow.enqueue()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain, jobs)
+            await started.wait()
+            with pytest.raises(AsyncJobsError, match="drain"):
+                await jobs.start()
+            assert not jobs.started
+            release.set()
+    assert (await job.info()).status == "succeeded"
+
+
 async def test_what_a_test_registers_on_a_replaced_store_is_gone_after_it(
     tmp_path: Path,
 ) -> None:
