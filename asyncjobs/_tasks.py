@@ -140,6 +140,17 @@ class JobSpec(Generic[R]):
     def __post_init__(self) -> None:
         if self.definition is None:  # made by name: checked as an enqueue by name is
             check_name(self.task, "task name")
+            # Taken as given, not coerced: args=("a@example.com") (its comma missing)
+            # would be 13 arguments of one letter, a dict its keys, pairs keywords.
+            args: object = self.args
+            if not isinstance(args, tuple | list):
+                comma = " (a one-item tuple needs its comma: (x,))" if isinstance(args, str) else ""
+                raise TypeError(
+                    f"JobSpec args must be a tuple of the arguments, got {args!r}{comma}"
+                )
+            kwargs: object = self.kwargs
+            if not isinstance(kwargs, Mapping) or not all(type(key) is str for key in kwargs):
+                raise TypeError(f"JobSpec kwargs must be a dict of str keys, got {kwargs!r}")
 
     def with_options(
         self,

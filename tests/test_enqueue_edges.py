@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from asyncjobs import ConfigurationError, Jobs, JobSpec
+from asyncjobs import ConfigurationError, Job, Jobs, JobSpec
 from asyncjobs._errors import DataRefused
 from asyncjobs.stores._protocol import Inserted, NewJob
 from asyncjobs.testing import drain
@@ -41,6 +41,31 @@ async def test_a_jobspec_by_name_is_checked_like_an_enqueue_by_name(jobs: Jobs, 
     with pytest.raises(ConfigurationError, match="task name"):
         await jobs.enqueue_many([echo.spec(1), JobSpec(task=name)])
     assert len(await jobs.list()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        ("a@example.com", {}),  # args=("a@example.com") without its comma
+        ({"to": "a@example.com"}, {}),
+        (iter(["a@example.com"]), {}),
+        (None, {}),
+        ((), [("to", "a@example.com")]),
+        ((), {1: "a@example.com"}),
+    ],
+)
+async def test_a_jobspec_made_by_hand_takes_arguments_as_given_or_is_refused(
+    jobs: Jobs, args: Any, kwargs: Any
+) -> None:
+    """``JobSpec(task="send", args=("a@example.com"))`` (a string, its comma missing) was
+    stored as 13 arguments of one letter each, a dict as its keys, pairs as keyword
+    arguments: silent coercion, which strict JSON refuses; the job failed at every
+    attempt where the task is not defined. Such arguments are refused, naming them."""
+    with pytest.raises(TypeError, match="JobSpec"):
+        await jobs.enqueue(JobSpec(task="send", args=args, kwargs=kwargs))
+    assert await jobs.list() == []
+    stored: Job[Any] = await jobs.enqueue(JobSpec(task="send", args=("a@example.com",)))
+    assert (await stored.info()).args == ["a@example.com"]
 
 
 async def test_a_keyword_argument_named_self_reaches_the_task(jobs: Jobs) -> None:
