@@ -172,7 +172,9 @@ class Runner(_Leases, _Execution):
             self._free_slot()  # the claim loop may wait for room: it writes the outcome
             self.wake()
         running = self.running.get(job_id)
-        if running is not None and this(running.row):
+        # Once: a job being stopped (every heartbeat finds it asked to stop until it
+        # has) is not cancelled again, which would cut its cleanup short.
+        if running is not None and this(running.row) and not running.cancelled_by_user:
             running.cancelled_by_user = True
             if running.started and running.task is not None:
                 running.task.cancel()  # else it sees the flag before it starts

@@ -385,6 +385,43 @@ async def test_a_running_job_cancelled_from_another_process_is_reported_lost_and
     assert (record.job_id, record.task, record.attempt) == (job.id, "t", 1)  # type: ignore[attr-defined]
 
 
+async def test_a_job_cancelled_from_another_process_is_cancelled_once_so_its_cleanup_ends(
+    make_jobs: MakeJobs, backend_url: str
+) -> None:
+    """Its cleanup (a finally that awaits) outlasts a heartbeat: the heartbeats that find
+    it still running, asked to stop, must not cancel it again and cut the cleanup
+    short, as asyncjobs' own cancel, a timeout and shutdown cancel a job once."""
+    jobs = make_jobs(backend_url)
+    other = make_jobs(backend_url, workers=False)
+    started, cleaning, may_finish = anyio.Event(), anyio.Event(), anyio.Event()
+    cleaned: list[bool] = []
+
+    @jobs.task(name="t")
+    async def t() -> None:
+        started.set()
+        try:
+            await anyio.Event().wait()  # ends only when stopped
+        finally:
+            cleaning.set()
+            await may_finish.wait()  # closing a connection, rolling back...
+            cleaned.append(True)
+
+    job = await t.enqueue()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain, jobs)
+            await started.wait()
+            assert await other.cancel(job.id)
+            await jobs.runner.heartbeat_once()
+            await cleaning.wait()
+            await jobs.runner.heartbeat_once()  # still stopping: its cleanup goes on
+            for _ in range(10):
+                await anyio.lowlevel.checkpoint()
+            may_finish.set()
+    assert cleaned == [True]
+    assert (await job.info()).status == "cancelled"
+
+
 async def test_an_expired_lease_is_recovered_when_workers_start(
     make_jobs: MakeJobs, clock: FakeClock
 ) -> None:
