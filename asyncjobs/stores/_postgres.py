@@ -662,7 +662,11 @@ async def _delete(
     dead or cancelled one is cancelled too: nothing is left to release it."""
     unfinished = await conn.fetch(unfinished_sql, *params)
     members = [r["id"] for r in unfinished if r["member"]]
-    changed = await sql.cancel(conn, members, now, reason="discarded") if members else []
+    changed = (
+        await sql.cancel(conn, members, now, reason="discarded", stop_running=False)
+        if members
+        else []
+    )
     matched = [r["id"] for r in unfinished]
     deleted = await conn.fetch(delete_sql, *params, changed, matched)
     followers = [r["chain_next"] for r in deleted if r["chain_next"] is not None]

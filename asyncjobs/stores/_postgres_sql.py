@@ -818,26 +818,34 @@ _CANCEL = (
     "error = CASE WHEN status = 'running' THEN error ELSE coalesce(error, $2) END, "
     "cancel_requested_at = CASE WHEN status = 'running' THEN $1 ELSE cancel_requested_at END "
     "WHERE id = $3 AND (status IN ('waiting', 'scheduled', 'queued') "
-    "OR status = 'running' AND cancel_requested_at IS NULL) "
+    "OR $4 AND status = 'running' AND cancel_requested_at IS NULL) "
     "RETURNING status = 'cancelled' AS ended, chain_next, batch_id, group_key"
 )
 """A cancel of one job ($3 at $1, error $2): one not yet running ends cancelled, a running
-one is asked to stop. One statement, so it acts on the row as it is once free: in two
-(cancel it if pending, else ask it to stop if running), a running job that went back to
-the queue between them (its retry, its release at shutdown, lease recovery committing
-meanwhile) was neither, the cancel said False, and the job ran again."""
+one is asked to stop (if $4). One statement, so it acts on the row as it is once free:
+in two (cancel it if pending, else ask it to stop if running), a running job that went
+back to the queue between them (its retry, its release at shutdown, lease recovery
+committing meanwhile) was neither, the cancel said False, and the job ran again."""
 
 
 async def cancel(
-    conn: Connection, job_ids: Sequence[str], now: float, reason: str = "cancelled"
+    conn: Connection,
+    job_ids: Sequence[str],
+    now: float,
+    reason: str = "cancelled",
+    *,
+    stop_running: bool = True,
 ) -> list[str]:
+    """Cancel ``job_ids`` and the rest of their chains; return those cancelled or (with
+    ``stop_running``) asked to stop. A deletion passes False: the jobs it found pending
+    and a claim took since are left running, not deleted, as its caller says."""
     cancelled: list[str] = []
     batches: set[str] = set()
     freed = False
     pending = list(job_ids)
     while pending:
         job_id = pending.pop()
-        record = await conn.fetchrow(_CANCEL, now, reason, job_id)
+        record = await conn.fetchrow(_CANCEL, now, reason, job_id, stop_running)
         if record is None:
             continue
         cancelled.append(job_id)

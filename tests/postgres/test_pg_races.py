@@ -474,3 +474,56 @@ async def recover_with(conn: Any, now: float) -> list[Any]:
     from asyncjobs.stores import _postgres_admin
 
     return await _postgres_admin.recover(conn, now)
+
+
+async def test_a_discard_of_a_batch_member_claimed_meanwhile_does_not_ask_it_to_stop(
+    store: Store, postgres_url: str
+) -> None:
+    """A discard finds a batch member queued, and cancels it before deleting it (so its
+    batch moves on); a claim commits it running meanwhile. Running jobs are not
+    deleted, and the discard says so: it must not have asked the job to stop either
+    (it would end cancelled though the discard did nothing), as a job in no batch or
+    chain is left running."""
+    assert isinstance(store, PostgresStore)
+    await store.insert([new("m", batch_id="b"), new("b", status="waiting")], now=T0)
+    other = await asyncpg.connect(postgres_url)
+    watcher = await asyncpg.connect(postgres_url)
+    other_pid = await other.fetchval("SELECT pg_backend_pid()")
+    claiming = other.transaction()
+    deleted: list[int] = []
+    done = anyio.Event()
+
+    async def discard() -> None:
+        deleted.append(await store.delete(["m"], now=T0 + 1))
+        done.set()
+
+    async def waits_on_the_claim() -> bool:
+        return bool(
+            await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                other_pid,
+            )
+        )
+
+    try:
+        with anyio.fail_after(20):
+            await claiming.start()
+            await other.execute(
+                "UPDATE asyncjobs_jobs SET status = 'running', attempts = 1, worker = 'w', "
+                "started_at = $1, lease_until = $2 WHERE id = 'm'",
+                T0,
+                T0 + 60,
+            )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(discard)
+                while not done.is_set() and not await waits_on_the_claim():
+                    await anyio.lowlevel.checkpoint()
+                await claiming.commit()
+    finally:
+        await other.close()
+        await watcher.close()
+    assert deleted == [0]
+    assert await store.heartbeat(["m"], worker="w", lease_until=T0 + 90) == {"m"}
+    member = await store.get("m")
+    assert member is not None
+    assert member.status == "running"
