@@ -139,11 +139,24 @@ def _job_values(j: NewJob, now: float) -> tuple[Any, ...]:
 
 
 _KEY_ATTEMPTS = 3
+_ALL_KEYS = 0x616A6B69
+"""The advisory lock (two-part: (_ALL_KEYS, 0), apart from one-number locks) that an
+insert of many keys takes alone, and one of a few keys shares."""
 _LOCK_KEYS = (
-    "SELECT pg_advisory_xact_lock(hashtextextended('asyncjobs idempotency ' || k, 0)) "
-    "FROM unnest($1::text[]) AS k"
+    "SELECT CASE WHEN n = 1 THEN pg_advisory_xact_lock_shared($2::int, 0) "
+    "ELSE pg_advisory_xact_lock(hashtextextended('asyncjobs idempotency ' || k, 0)) END "
+    "FROM unnest($1::text[]) WITH ORDINALITY AS t(k, n)"
 )
-"""Locks idempotency keys in the order given (sorted): unnest keeps the array's order."""
+"""Shares the lock of all keys, then locks each key ($1 from its 2nd element) in the
+order given (sorted): unnest keeps the array's order."""
+_LOCK_ALL_KEYS = "SELECT pg_advisory_xact_lock($1::int, 0)"
+KEY_LOCKS = 64
+"""Keys an insert locks one by one at most; one of more takes the lock of all keys
+instead. Every lock is an entry in the server's one lock table, shared by every
+connection and held to the commit (max_locks_per_transaction x (max_connections +
+max_prepared_transactions) entries, 6,400 by default): with one per key, an
+enqueue_many of 20,000 keys failed with "out of shared memory", and a caller's
+transaction holding thousands left every other connection short."""
 JSONB_LIMIT = 200 * 2**20
 """Bytes of one statement's JSON rows at most: PostgreSQL refuses a jsonb value over
 256 MiB, so a bigger batch of inserts (each job within max_payload_bytes) or outcomes
@@ -195,13 +208,17 @@ async def insert_jobs(
     if len(keys) > 1 and attempt == 1:
         # The INSERT takes each key's slot in the unique index in the order of the rows:
         # two inserts of the same keys in other orders deadlocked. Each first takes a
-        # lock per key in one order (held to its commit), then inserts in its own.
+        # lock per key in one order (held to its commit), then inserts in its own; one
+        # of many keys takes the lock of them all (which the others share) instead.
         if not conn.is_in_transaction():
             async with conn.transaction():
                 return await insert_jobs(
                     conn, jobs, now, table=table, again=again, claim_token=claim_token
                 )
-        await conn.execute(_LOCK_KEYS, keys)
+        if len(keys) > KEY_LOCKS:
+            await conn.execute(_LOCK_ALL_KEYS, _ALL_KEYS)
+        else:
+            await conn.execute(_LOCK_KEYS, ["", *keys], _ALL_KEYS)
     if len(jobs) == 1:
         params: list[Any] = list(_job_values(jobs[0], now))
     else:

@@ -12,7 +12,7 @@ import pytest
 from asyncjobs import Jobs
 from asyncjobs._errors import StoreError
 from asyncjobs.stores import NewJob
-from asyncjobs.stores._postgres_sql import insert_jobs
+from asyncjobs.stores._postgres_sql import KEY_LOCKS, insert_jobs
 
 MakeJobs = Callable[..., Jobs]
 
@@ -165,3 +165,70 @@ async def test_a_command_timeout_past_what_lock_timeout_holds_still_connects(
         assert await store.get("none") is None
     finally:
         await store.close()
+
+
+async def test_an_enqueue_many_of_more_keys_than_the_servers_lock_table_holds(
+    make_jobs: MakeJobs, postgres_url: str
+) -> None:
+    """Each key of an enqueue_many took an advisory lock of its own, held to the commit,
+    and PostgreSQL keeps them in one shared table of max_locks_per_transaction x
+    (max_connections + max_prepared_transactions) entries (6,400 by default): a daily
+    digest keyed per user ("digest:{user}:{day}") for 20,000 users failed with "out of
+    shared memory"."""
+    jobs = make_jobs(postgres_url, workers=False)
+
+    @jobs.task(name="digest")
+    async def digest(user: int) -> None: ...
+
+    await jobs.store.open()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        table = await conn.fetchval(
+            "SELECT current_setting('max_locks_per_transaction')::int * "
+            "(current_setting('max_connections')::int + "
+            "current_setting('max_prepared_transactions')::int)"
+        )
+    finally:
+        await conn.close()
+    users = 2 * table + 1
+    if users > 100_000:
+        pytest.skip(f"the server's lock table holds {table} locks: too many keys to try")
+
+    made = await jobs.enqueue_many(
+        [digest.options(idempotency_key=f"digest:{u}").spec(u) for u in range(users)]
+    )
+
+    assert len({job.id for job in made}) == users
+    again = await jobs.enqueue_many([digest.options(idempotency_key="digest:7").spec(7)])
+    assert again[0].id == made[7].id
+
+
+async def test_a_keyed_enqueue_many_in_a_callers_transaction_holds_few_locks(
+    make_jobs: MakeJobs, postgres_url: str
+) -> None:
+    """The locks that keep two enqueues of the same keys in other orders from
+    deadlocking are held until the caller commits: their number is bounded, not one per
+    key, so a long transaction with a large keyed enqueue_many does not fill the
+    server's lock table (shared by every connection) for everyone else."""
+    jobs = make_jobs(postgres_url, workers=False)
+
+    @jobs.task(name="digest")
+    async def digest(user: int) -> None: ...
+
+    await jobs.store.open()
+    conn = await asyncpg.connect(postgres_url)
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        async with conn.transaction():
+            async with jobs.transaction(conn):
+                await jobs.enqueue_many(
+                    [digest.options(idempotency_key=f"d:{u}").spec(u) for u in range(2000)]
+                )
+            held = await admin.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1",
+                conn.get_server_pid(),
+            )
+        assert 0 < held <= KEY_LOCKS + 1 < 2000
+    finally:
+        await conn.close()
+        await admin.close()

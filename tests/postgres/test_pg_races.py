@@ -27,6 +27,7 @@ from asyncjobs.stores import (
     TaskLimits,
     open_store,
 )
+from asyncjobs.stores._postgres_sql import KEY_LOCKS
 
 asyncpg = pytest.importorskip("asyncpg")
 
@@ -64,17 +65,23 @@ async def store(postgres_url: str) -> AsyncIterator[Store]:
     await opened.close()
 
 
-async def test_inserts_of_the_same_idempotency_keys_in_other_orders(store: Store) -> None:
+FEW, MANY = KEY_LOCKS // 4, KEY_LOCKS * 2  # keys locked one by one; the lock of all keys
+
+
+@pytest.mark.parametrize(("a", "b"), [(FEW, FEW), (MANY, MANY), (FEW, MANY)])
+async def test_inserts_of_the_same_idempotency_keys_in_other_orders(
+    store: Store, a: int, b: int
+) -> None:
     for round_ in range(10):
-        keys = [f"r{round_}-k{i}" for i in range(100)]
+        keys = [f"r{round_}-k{i}" for i in range(max(a, b))]
 
         async def insert(name: str, order: list[str]) -> None:
             await store.insert([new(f"{name}-{k}", idempotency_key=k) for k in order], now=T0)
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(insert, "a", keys)
-            tg.start_soon(insert, "b", keys[::-1])
-    assert len(await store.list(limit=2000, now=T0)) == 1000
+            tg.start_soon(insert, "a", keys[:a])
+            tg.start_soon(insert, "b", keys[::-1][-b:])
+    assert len(await store.list(limit=2000, now=T0)) == 10 * max(a, b)
 
 
 @pytest.mark.parametrize("first_ends", ["succeeded", "deleted"])
