@@ -416,9 +416,11 @@ async def claim(
     params: list[Any] = [now, now + request.lease, request.worker, names, attempts, slots]
     params.append(claim_token)  # $7
     queue_filter = ""
+    in_queues = ""  # the queue test on any alias (_PICK_READY)
     if request.queues is not None:
         params.append(list(request.queues))
-        queue_filter = f"AND j.queue = ANY(${len(params)}::text[])"
+        in_queues = f".queue = ANY(${len(params)}::text[])"
+        queue_filter = "AND j" + in_queues
     next_token_at, unkeyed = None, False
     if limited:  # concurrency, rate limits: chosen by _postgres_limits
         admission = await choose_limited(conn, replace(request, limit=limit), now)
@@ -428,20 +430,21 @@ async def claim(
         params.append(admission.chosen)
         queue_filter += f" AND j.seq = ANY(${len(params)}::bigint[])"
     params.append(limit)
+    limit_at = len(params)
+    if limited:
+        picked = _PICK_CHOSEN.format(queues=queue_filter, limit=f"${limit_at}")
+    else:
+        params.append(limit + WINDOW_MORE)
+        picked = _PICK_READY.format(
+            queues=queue_filter,
+            queues_w="AND w" + in_queues if in_queues else "",
+            queues_f="AND f" + in_queues if in_queues else "",
+            limit=f"${limit_at}",
+            window=f"${len(params)}",
+        )
     records = await conn.fetch(
         f"""
-        WITH picked AS (
-            SELECT j.seq, j.priority FROM asyncjobs_jobs AS j
-            WHERE j.status = 'queued' AND j.task = ANY($4::text[]) {queue_filter}
-              AND (j.group_key IS NULL OR NOT EXISTS (
-                    SELECT 1 FROM asyncjobs_jobs AS g
-                    WHERE g.group_key = j.group_key
-                      AND g.status IN ('scheduled', 'queued', 'running')
-                      AND (g.seq < j.seq OR g.status = 'running')))
-            ORDER BY j.priority DESC, j.seq
-            LIMIT ${len(params)}
-            FOR UPDATE SKIP LOCKED
-        ), ranked AS (
+        WITH RECURSIVE {picked}, ranked AS (
             SELECT seq, row_number() OVER (ORDER BY priority DESC, seq) AS rank FROM picked
         )
         UPDATE asyncjobs_jobs AS t SET
@@ -458,6 +461,85 @@ async def claim(
     claimed = [job_row(r) for r in records]
     claimed.sort(key=lambda r: (-r.priority, r.seq))
     return Claimed(claimed, next_token_at=next_token_at, unkeyed=unkeyed)
+
+
+# Whether job {j} (an alias) heads its group: no earlier job of its group unfinished,
+# and none running. Two tests of a seek each (asyncjobs_jobs_group,
+# asyncjobs_jobs_group_busy): one test of both ("earlier or running") read every
+# unfinished job of the group to find none running.
+HEADS_GROUP = """NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS g
+        WHERE g.group_key = {j}.group_key AND g.status IN ('scheduled', 'queued', 'running')
+        AND g.seq < {j}.seq)
+    AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS g
+        WHERE g.group_key = {j}.group_key AND g.group_key IS NOT NULL AND g.status = 'running')"""
+
+
+# The jobs a claim under limits takes: those _postgres_limits chose (in {queues}).
+_PICK_CHOSEN = f"""picked AS (
+    SELECT j.seq, j.priority FROM asyncjobs_jobs AS j
+    WHERE j.status = 'queued' AND j.task = ANY($4::text[]) {{queues}}
+      AND (j.group_key IS NULL OR {HEADS_GROUP.format(j="j")})
+    ORDER BY j.priority DESC, j.seq LIMIT {{limit}} FOR UPDATE SKIP LOCKED)"""  # noqa: S608 - constants
+
+WINDOW_MORE = 16
+"""A claim of n reads the first n + WINDOW_MORE ready jobs of groups (_PICK_READY)."""
+
+# The first {limit} ready jobs in claim order (priority, then enqueue order) that this
+# claim may take, locked: of the jobs of no group, and of the heads of the groups. Only
+# a group's head can run (one job at a time, in enqueue order), so walking the ready jobs
+# in claim order walked the backlog of a large group, every one of them unclaimable.
+# The heads are read from the first {window} ready jobs of any group, in claim order:
+# the heads among them that this claim may take (its tasks, its queues, not locked by
+# another claim) come first among all such heads, so when there are {limit} of them,
+# or the window held every ready job of a group, they are enough (many small groups:
+# a read in proportion to the batch). Otherwise (a group's backlog fills the window)
+# the heads are read one group at a time: each group's first unfinished job (a loose
+# scan of asyncjobs_jobs_group, a seek a group), if it is ready and its group runs none.
+# The rows of no group are locked as they are read, as are the window's heads, so a
+# concurrent claim takes the next ones instead of coming back short (SKIP LOCKED); a
+# row locked and not taken is free again when the claim commits. The task and queue
+# are tested on the rows as read (they never change): tested on the row joined by seq,
+# a table never analysed had the join driven from asyncjobs_jobs_ready_task.
+# {queues_w}, {queues_f}: the queue filter on w and f ("" for every queue).
+_PICK_READY = f"""plain AS (
+    SELECT j.seq FROM asyncjobs_jobs AS j
+    WHERE j.status = 'queued' AND j.group_key IS NULL AND j.task = ANY($4::text[]) {{queues}}
+    ORDER BY j.priority DESC, j.seq LIMIT {{limit}} FOR UPDATE SKIP LOCKED
+), first_grouped AS MATERIALIZED (
+    SELECT j.seq, j.group_key, j.task, j.queue FROM asyncjobs_jobs AS j
+    WHERE j.status = 'queued' AND j.group_key IS NOT NULL
+    ORDER BY j.priority DESC, j.seq LIMIT {{window}}
+), window_heads AS MATERIALIZED (
+    SELECT j.seq FROM first_grouped AS w JOIN asyncjobs_jobs AS j ON j.seq = w.seq
+    WHERE j.status = 'queued' AND w.task = ANY($4::text[]) {{queues_w}}
+      AND {HEADS_GROUP.format(j="w")}
+    FOR UPDATE OF j SKIP LOCKED
+), group_first AS (
+    (SELECT group_key, seq, status, task, queue FROM asyncjobs_jobs
+     WHERE group_key IS NOT NULL AND status IN ('scheduled', 'queued', 'running')
+     ORDER BY group_key, seq LIMIT 1)
+    UNION ALL
+    SELECT n.* FROM group_first AS f CROSS JOIN LATERAL (
+        SELECT group_key, seq, status, task, queue FROM asyncjobs_jobs
+        WHERE group_key > f.group_key AND status IN ('scheduled', 'queued', 'running')
+        ORDER BY group_key, seq LIMIT 1) AS n
+), candidates AS (
+    SELECT seq FROM plain
+    UNION ALL
+    SELECT seq FROM window_heads
+    WHERE (SELECT count(*) FROM window_heads) >= {{limit}}
+       OR (SELECT count(*) FROM first_grouped) < {{window}}
+    UNION ALL
+    SELECT f.seq FROM group_first AS f
+    WHERE (SELECT count(*) FROM window_heads) < {{limit}}
+      AND (SELECT count(*) FROM first_grouped) >= {{window}}
+      AND f.status = 'queued' AND f.task = ANY($4::text[]) {{queues_f}}
+      AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS g
+          WHERE g.group_key = f.group_key AND g.group_key IS NOT NULL AND g.status = 'running')
+), picked AS (
+    SELECT j.seq, j.priority FROM candidates AS c JOIN asyncjobs_jobs AS j ON j.seq = c.seq
+    WHERE j.status = 'queued'
+    ORDER BY j.priority DESC, j.seq LIMIT {{limit}} FOR UPDATE OF j SKIP LOCKED)"""  # noqa: S608 - constants
 
 
 # A job's attempts under this claim: the claimer's definition applies unless retries
