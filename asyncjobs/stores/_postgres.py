@@ -224,6 +224,9 @@ class PostgresStore(_Connections):
         # By worker: its writes of outcomes whose answer never came (their time, and
         # the claim token of a finish-and-claim).
         self._unanswered_finishes: dict[str, list[Write]] = {}
+        # The concurrency limits the last claim told of: a finish that frees a slot of
+        # one wakes the other processes (``sql.wake_others``).
+        self._slots = sql.NO_SLOTS
 
     def __repr__(self) -> str:
         parts = urlsplit(redacted(self.url))  # a password typed unescaped is no host
@@ -291,6 +294,7 @@ class PostgresStore(_Connections):
     async def claim(self, request: ClaimRequest, *, now: float) -> list[JobRow]:
         if request.limit <= 0 or not request.tasks:
             return []
+        self._slots = sql.Slots.of(request)
         token = self._claim_token()
         with self._unanswered_claims(request, token, now) as earlier:
             tries = _Tries()
@@ -337,7 +341,7 @@ class PostgresStore(_Connections):
 
             async def finish(conn: Connection) -> list[str]:
                 written = [*earlier, Write(now, None)] if tries.again() else earlier
-                return await sql.apply(conn, outcomes, now, written)
+                return await sql.apply(conn, outcomes, now, written, self._slots)
 
             # Not held back by a reconnect backoff: the runner tries a failed write again
             # only after a pause, and at shutdown this is the last chance before the
@@ -349,6 +353,7 @@ class PostgresStore(_Connections):
     ) -> tuple[list[str], list[JobRow]]:
         if request.limit <= 0 or not request.tasks:
             return await self.finish(outcomes, now=now), []
+        self._slots = sql.Slots.of(request)
         token = self._claim_token()
         writes: AbstractContextManager[list[Write]] = (
             self._unanswered_writes(request.worker, now, token) if outcomes else nullcontext([])
@@ -362,7 +367,7 @@ class PostgresStore(_Connections):
                 earlier_writes = [*written, Write(now, token)] if again else written
                 at = _claim_time(request, now)
                 async with conn.transaction():
-                    applied = await sql.apply(conn, outcomes, now, earlier_writes)
+                    applied = await sql.apply(conn, outcomes, now, earlier_writes, self._slots)
                     claimed = await sql.claim_after(conn, request, at, token, earlier, again=again)
                 return applied, claimed
 

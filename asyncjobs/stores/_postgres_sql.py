@@ -295,13 +295,13 @@ CHANNEL = (
     "THEN left('asyncjobs:' || current_schema(), 63) "
     "ELSE 'asyncjobs:' || md5(current_schema()) END"
 )
-_SELECT_CHANNEL = "SELECT " + CHANNEL
+SELECT_CHANNEL = "SELECT " + CHANNEL
 _NOTIFY = "SELECT pg_notify(" + CHANNEL + ", '')"
 
 
 async def channel(conn: Connection) -> str:
     """The channel to LISTEN on for the inserts into this connection's schema."""
-    name: str = await conn.fetchval(_SELECT_CHANNEL)
+    name: str = await conn.fetchval(SELECT_CHANNEL)
     return name
 
 
@@ -578,10 +578,19 @@ FROM (
     FROM jsonb_array_elements($2::jsonb) AS e
 ) AS o
 """  # noqa: S608 - only the constant above is interpolated
+# ...and returns, besides what each outcome did, what it may free for another process
+# (``wake_others``): its job's task and queue (a slot of a concurrency limit), and
+# ``frees``: the job itself given back (queued again), or, the job ended, a due job of
+# its group (the next one; the snapshot shows this one running still). The subquery, a
+# seek in asyncjobs_jobs_group, runs for a job of a group alone.
 _FINISH_OWNED = """
     j.id = o.id AND j.status = 'running' AND j.worker = o.worker AND j.attempts = o.attempt
 RETURNING j.id, CASE WHEN j.status = 'cancelled' THEN 'cancelled' ELSE o.kind END AS kind,
-    j.chain_next, j.batch_id, j.result
+    j.chain_next, j.batch_id, j.result, j.task, j.queue,
+    j.status = 'queued' OR j.group_key IS NOT NULL
+        AND j.status IN ('succeeded', 'dead', 'cancelled')
+        AND EXISTS (SELECT 1 FROM asyncjobs_jobs AS n WHERE n.group_key = j.group_key
+            AND n.status IN ('scheduled', 'queued') AND n.run_at <= $1) AS frees
 """
 _FINISH = _FINISH_SET + "WHERE" + _FINISH_OWNED
 # Only jobs nothing waits on: no dependents to release, so no transaction is needed.
@@ -608,16 +617,45 @@ def _outcome_rows(outcomes: Sequence[Outcome]) -> str:
     )
 
 
-async def finish_plain(conn: Connection, outcomes: Sequence[Outcome], now: float) -> dict[str, str]:
+class Slots(NamedTuple):
+    """The tasks and queues under a concurrency limit (across the store), as the claims
+    of this store's workers last told them: a job of one that stops running frees a
+    slot that a job waiting in another process may take."""
+
+    tasks: frozenset[str] = frozenset()
+    queues: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, request: ClaimRequest) -> Slots:
+        limited = (name for name, limits in request.tasks.items() if limits.concurrency)
+        return cls(frozenset(limited), frozenset(request.queue_concurrency))
+
+
+NO_SLOTS = Slots()
+
+
+async def wake_others(conn: Connection, records: Sequence[asyncpg.Record], slots: Slots) -> None:
+    """NOTIFY (once) if the finished ``records`` freed a job that another process may
+    now claim (``frees``: a job given back, the next job of a group), or a slot of a
+    concurrency limit: that process would otherwise wait for its next poll. The usual
+    finish, of jobs of no group and no limit, sends none."""
+    if any(r["frees"] or r["task"] in slots.tasks or r["queue"] in slots.queues for r in records):
+        await notify(conn)
+
+
+async def finish_plain(
+    conn: Connection, outcomes: Sequence[Outcome], now: float, slots: Slots = NO_SLOTS
+) -> dict[str, str]:
     """Apply the outcomes of jobs nothing waits on, in one statement (atomic on its own;
     a batch over ``JSONB_LIMIT``: several, in a transaction);
     return the kind each applied one took, by id (a retry or release of a job asked to
-    stop ends it cancelled).
+    stop ends it cancelled). What they free wakes other processes (``wake_others``).
 
     Outcomes of chain members and batch members are left for ``finish``, which
     releases their dependents in the same transaction.
     """
     records = await _finish_rows(conn, outcomes, now, plain=True)
+    await wake_others(conn, records, slots)
     return {r["id"]: r["kind"] for r in records}
 
 
@@ -634,25 +672,29 @@ def applied(outcomes: Sequence[Outcome], kinds: dict[str, str]) -> Applied:
 
 
 async def apply(
-    conn: Connection, outcomes: Sequence[Outcome], now: float, earlier: Sequence[Write]
+    conn: Connection,
+    outcomes: Sequence[Outcome],
+    now: float,
+    earlier: Sequence[Write],
+    slots: Slots = NO_SLOTS,
 ) -> Applied:
     """Apply outcomes: in one statement for the usual jobs, in a transaction for chain
     and batch members (``finish``), and report as applied what the ``earlier`` writes,
     unanswered, applied before (``finished_before``). Outside a transaction, each is
     tried again if PostgreSQL ends it to break a deadlock (``retry_deadlocks``)."""
     if conn.is_in_transaction():
-        kinds = await finish_plain(conn, outcomes, now)
+        kinds = await finish_plain(conn, outcomes, now, slots)
         rest = [o for o in outcomes if o.job_id not in kinds]
         if rest:
-            kinds.update(await finish(conn, rest, now))
+            kinds.update(await finish(conn, rest, now, slots))
     else:
-        kinds = await retry_deadlocks("finish", lambda: finish_plain(conn, outcomes, now))
+        kinds = await retry_deadlocks("finish", lambda: finish_plain(conn, outcomes, now, slots))
         rest = [o for o in outcomes if o.job_id not in kinds]
         if rest:
 
             async def in_transaction() -> dict[str, str]:
                 async with conn.transaction():
-                    return await finish(conn, rest, now)
+                    return await finish(conn, rest, now, slots)
 
             kinds.update(await retry_deadlocks("finish", in_transaction))
     kinds.update(await finished_before(conn, outcomes, kinds, earlier))
@@ -692,10 +734,13 @@ async def retry_deadlocks(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def finish(conn: Connection, outcomes: Sequence[Outcome], now: float) -> dict[str, str]:
+async def finish(
+    conn: Connection, outcomes: Sequence[Outcome], now: float, slots: Slots = NO_SLOTS
+) -> dict[str, str]:
     """Apply outcomes and release what waits on them (inside a transaction); return the
     kind each applied one took, by id."""
     records = await _finish_rows(conn, outcomes, now, plain=False)
+    await wake_others(conn, records, slots)
     done = {r["id"]: r for r in records}
     # Only an ending (not a retry or a release) moves a batch on.
     await lock_callbacks(conn, [r["batch_id"] for r in records if r["kind"] not in _GOES_ON])

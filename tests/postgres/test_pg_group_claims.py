@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from conftest import in_schema
 
-from asyncjobs.stores import ClaimRequest, NewJob, TaskLimits, open_store
+from asyncjobs.stores import ClaimRequest, NewJob, Outcome, OutcomeKind, TaskLimits, open_store
 from asyncjobs.stores import _postgres_sql as sql
 from asyncjobs.stores._postgres_sql import WINDOW_MORE
 
@@ -130,3 +130,32 @@ async def test_a_claim_past_a_full_window_takes_the_heads_it_may_in_claim_order(
         assert claimed == []  # every group runs one
     finally:
         await store.close()
+
+
+async def finish_reads(jobs: int) -> int:
+    """The rows a finish of a group's head read, its group ``jobs`` long, on a fresh table
+    (the finish looks for the group's next job: whether to wake other processes)."""
+    async with in_schema(f"asyncjobs_test_{uuid.uuid4().hex[:16]}") as url:
+        store = open_store(url)
+        await store.open()  # the schema
+        await store.close()
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(FILL, jobs, 10**6, 1)  # the head runs
+            outcome = Outcome(job_id="job-0", worker="other", attempt=1, kind=OutcomeKind.SUCCEEDED)
+            async with conn.transaction():
+                before = await conn.fetchval(READ)
+                applied = await sql.apply(conn, [outcome], 2.0, [])
+                after = await conn.fetchval(READ)
+        finally:
+            await conn.close()
+    assert applied == ["job-0"]
+    return int(after - before)
+
+
+@pytest.mark.usefixtures("postgres_url")  # skips without a server
+async def test_finishing_a_group_job_reads_as_many_rows_for_a_backlog_ten_times_larger() -> None:
+    small = await finish_reads(2_000)
+    large = await finish_reads(20_000)
+    assert small > 0
+    assert large <= small + 20, (small, large)

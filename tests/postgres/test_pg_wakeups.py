@@ -14,11 +14,15 @@ import asyncpg
 import pytest
 
 from asyncjobs import Jobs, JobSpec
+from asyncjobs.stores import ClaimRequest, JobRow, Outcome, OutcomeKind, TaskLimits
+from asyncjobs.stores._postgres_sql import SELECT_CHANNEL
 from asyncjobs.testing import FakeClock
 
 HEAD: JobSpec[Any] = JobSpec(task="step", args=(1,)).with_options(group="g", delay=3600)
 NEXT: JobSpec[Any] = JobSpec(task="step", args=(2,)).with_options(group="g")
 CRASHED: JobSpec[Any] = JobSpec(task="step", args=(1,)).with_options(group="g")
+ONE: JobSpec[Any] = JobSpec(task="step", args=(1,))
+TWO: JobSpec[Any] = JobSpec(task="step", args=(2,))
 
 
 @asynccontextmanager
@@ -141,4 +145,125 @@ async def test_lease_recovery_in_the_workers_process_that_ends_a_group_job_wakes
             with anyio.fail_after(10):
                 assert await after.result() == 2
     finally:
+        await web.close()
+
+
+# -- finishing a job elsewhere: what it frees wakes the workers -----------------------
+
+
+def _request(worker: str, *, concurrency: int | None = None) -> ClaimRequest:
+    limits = TaskLimits(max_attempts=3, concurrency=concurrency)
+    return ClaimRequest(worker=worker, tasks={"step": limits}, queues=None, limit=1, lease=600)
+
+
+async def _finish(jobs: Jobs, row: JobRow, kind: OutcomeKind) -> None:
+    outcome = Outcome(job_id=row.id, worker=row.worker or "", attempt=row.attempts, kind=kind)
+    assert await jobs.store.finish([outcome], now=FakeClock().now()) == [row.id]
+
+
+@pytest.mark.parametrize("kind", [OutcomeKind.SUCCEEDED, OutcomeKind.DEAD, OutcomeKind.CANCELLED])
+async def test_a_group_job_ending_elsewhere_wakes_the_workers_for_the_next(
+    postgres_url: str, kind: OutcomeKind
+) -> None:
+    """Another process (here a store's own claim and finish, as a worker's at capacity
+    writes its outcomes) runs the group's head; its end frees the next job."""
+    web = Jobs(postgres_url, workers=False)
+    try:
+        await web.enqueue(ONE.with_options(group="g"))
+        after = await web.enqueue(NEXT)
+        [head] = await web.store.claim(_request("elsewhere"), now=FakeClock().now())
+        async with idle_workers(postgres_url):
+            assert (await web.get(after.id)).status == "queued"  # type: ignore[union-attr]
+            await _finish(web, head, kind)
+            with anyio.fail_after(10):
+                assert await after.result() == 2
+    finally:
+        await web.close()
+
+
+async def test_a_job_given_back_elsewhere_wakes_the_workers(postgres_url: str) -> None:
+    web = Jobs(postgres_url, workers=False)
+    try:
+        job = await web.enqueue(TWO)
+        [row] = await web.store.claim(_request("elsewhere"), now=FakeClock().now())
+        async with idle_workers(postgres_url):
+            await _finish(web, row, OutcomeKind.RELEASE)
+            with anyio.fail_after(10):
+                assert await job.result() == 2
+    finally:
+        await web.close()
+
+
+async def test_a_job_under_a_concurrency_limit_ending_elsewhere_wakes_the_workers(
+    postgres_url: str,
+) -> None:
+    """The slot it held is free: the job waiting for it runs."""
+    web = Jobs(postgres_url, workers=False)
+    workers = Jobs(postgres_url, clock=FakeClock(), poll_interval=600)
+
+    @workers.task(name="step", concurrency=1)
+    async def step(n: int) -> int:
+        return n
+
+    @workers.task(name="probe")
+    async def probe() -> None:
+        pass
+
+    try:
+        await web.enqueue(ONE)
+        waiting = await web.enqueue(TWO)
+        request = _request("elsewhere", concurrency=1)
+        [first] = await web.store.claim(request, now=FakeClock().now())
+        async with workers:
+            heard = await web.enqueue("probe")  # a claim after the others were stored
+            with anyio.fail_after(10):
+                await heard.result()
+            assert (await web.get(waiting.id)).status == "queued"  # type: ignore[union-attr]
+            await _finish(web, first, OutcomeKind.SUCCEEDED)
+            with anyio.fail_after(10):
+                assert await waiting.result() == 2
+    finally:
+        await workers.close()
+        await web.close()
+
+
+@pytest.mark.parametrize(
+    ("specs", "kind"),
+    [
+        ([ONE], OutcomeKind.SUCCEEDED),  # nothing waits on it
+        ([ONE.with_options(group="g")], OutcomeKind.DEAD),  # the last of its group
+        ([ONE.with_options(group="g"), NEXT], OutcomeKind.RETRY),  # its group still waits
+    ],
+    ids=["plain", "last-of-group", "group-retry"],
+)
+async def test_a_finish_that_frees_nothing_sends_no_notification(
+    postgres_url: str, specs: list[JobSpec[Any]], kind: OutcomeKind
+) -> None:
+    web = Jobs(postgres_url, workers=False)
+    heard: list[str] = []
+    probed = anyio.Event()
+
+    def on_notify(conn: object, pid: int, channel: str, payload: object) -> None:
+        heard.append(str(payload))
+        if payload == "probe":
+            probed.set()
+
+    listener = await asyncpg.connect(postgres_url)
+    try:
+        for spec in specs:
+            await web.enqueue(spec)
+        channel = await listener.fetchval(SELECT_CHANNEL)
+        await listener.add_listener(channel, on_notify)
+        [row] = await web.store.claim(_request("elsewhere"), now=FakeClock().now())
+        outcome = Outcome(
+            job_id=row.id, worker="elsewhere", attempt=1, kind=kind, run_at=FakeClock().now()
+        )
+        assert await web.store.finish([outcome], now=FakeClock().now()) == [row.id]
+        # Delivered in the order of their commits: the probe after any of the finish's.
+        await listener.execute("SELECT pg_notify($1, 'probe')", channel)
+        with anyio.fail_after(10):
+            await probed.wait()
+        assert heard == ["probe"]
+    finally:
+        await listener.close()
         await web.close()
