@@ -244,9 +244,17 @@ class _Execution:
     def _cut_off(self, row: JobRow, running: _Running) -> Outcome | None:
         """A release, when the job raised as shutdown cancelled it (its cleanup failed:
         the connection it was using was gone; or it asked for a retry): that is still
-        shutdown's doing, and spends no attempt. None when shutdown is not cancelling it."""
+        shutdown's doing, and spends no attempt. Cancelled, when it raised as a cancel
+        stopped it: what the user asked for, on its last attempt too (not dead), with
+        what it raised. None when neither is cancelling it."""
+        if running.cancelled_by_user:
+            return self._outcome(
+                row, OutcomeKind.CANCELLED,
+                error="cancelled while running; it raised as it stopped:\n"
+                + traceback.format_exc(),
+            )  # fmt: skip
         this = asyncio.current_task()
-        if self._accepting or running.cancelled_by_user or this is None or not this.cancelling():
+        if self._accepting or this is None or not this.cancelling():
             return None
         logger.warning(
             "job %s (%s) raised while shutdown cut it off; given back all the same:\n%s",

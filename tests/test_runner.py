@@ -355,6 +355,37 @@ async def test_cancel_a_running_job_stops_it(jobs: Jobs, timeout: int | None) ->
     assert await job.cancel() is False
 
 
+@pytest.mark.parametrize("retries", [0, 2])
+@pytest.mark.parametrize("raises", ["an error", "Retry"])
+async def test_a_running_job_whose_cleanup_raises_as_it_is_cancelled_ends_cancelled(
+    jobs: Jobs, retries: int, raises: str
+) -> None:
+    """The cancel cuts the job off, and its cleanup raises (the connection it closes is
+    gone) or asks for a retry: the job ends cancelled, as the user asked, on its last
+    attempt too (not dead), with what it raised in its error."""
+    started = anyio.Event()
+
+    @jobs.task(retries=retries)
+    async def long() -> None:
+        started.set()
+        try:
+            await anyio.Event().wait()
+        finally:
+            if raises == "Retry":
+                raise Retry(delay=5)
+            raise ConnectionError("the connection was gone")
+
+    job = await long.enqueue()
+    await drain_while(jobs, started, job.cancel)
+    info = await job.info()
+    assert (info.status, info.attempts) == ("cancelled", 1)
+    assert (
+        "Retry" in (info.error or "")
+        if raises == "Retry"
+        else "ConnectionError" in (info.error or "")
+    )
+
+
 # -- ordering and queues -------------------------------------------------------------
 
 
