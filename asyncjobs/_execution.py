@@ -107,6 +107,15 @@ class _Execution:
                 job_id=row.id, worker=self.worker_id, attempt=row.attempts, kind=OutcomeKind.RELEASE
             )
             raise
+        except BaseException:
+            # KeyboardInterrupt or SystemExit raised by the job: asyncio lets them out
+            # of the event loop, and so does this. The attempt is recorded all the
+            # same, a failure that shows what was raised: written as the workers stop
+            # (the loop's end cancels them), or by the next claim if the process goes
+            # on. Unrecorded, the job stayed running, unexplained, until its lease
+            # expired (and a process that went on had its slot free meanwhile).
+            outcome = self._failure(row, traceback.format_exc())
+            raise
         finally:
             self._complete(running, outcome, started)
 
@@ -197,11 +206,11 @@ class _Execution:
                 return self._cut_off(row, running) or self._failure(
                     row, reason, delay=max(delays) if delays else None
                 )
-            if not group.split((KeyboardInterrupt, SystemExit))[0]:
-                return self._cut_off(row, running) or self._failure(row, traceback.format_exc())
-            raise
+            # With a KeyboardInterrupt or SystemExit in it too: asyncio lets only a bare
+            # one out of the event loop, and the process goes on. A failure all the same.
+            return self._cut_off(row, running) or self._failure(row, traceback.format_exc())
         except (KeyboardInterrupt, SystemExit):
-            raise  # the process is going down: its lease expiry runs the job again
+            raise  # the process is going down (_execute records the failure)
         except BaseException:  # GeneratorExit, a library's own: a failure like any other
             return self._cut_off(row, running) or self._failure(row, traceback.format_exc())
         finally:

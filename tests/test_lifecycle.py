@@ -910,6 +910,72 @@ async def test_retry_dead_with_a_name_no_job_can_have_retries_none(jobs: Jobs) -
     assert await jobs.retry_dead() == 1
 
 
+@pytest.mark.parametrize("raised", ["KeyboardInterrupt", "SystemExit(3)"])
+def test_a_job_that_raises_keyboard_interrupt_or_system_exit_is_recorded_as_failed(
+    tmp_path: Path, raised: str
+) -> None:
+    """Raised by a job, KeyboardInterrupt and SystemExit go on out of the event loop, as
+    asyncio has them do, and the process goes down; the attempt is recorded on the way,
+    a failure to retry that shows what was raised. It was left running, as after a
+    kill -9: unseen until its lease expired."""
+    db = tmp_path / "jobs.db"
+    script = tmp_path / "app.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import asyncio
+            from asyncjobs import Jobs
+
+            jobs = Jobs("sqlite:///{db}")
+
+            @jobs.task(name="t", retries=2)
+            async def t() -> None:
+                raise {raised}
+
+            async def main() -> None:
+                async with jobs:
+                    await t.enqueue()
+                    await asyncio.Event().wait()
+
+            try:
+                asyncio.run(main())
+            except BaseException as error:
+                print("out of the loop:", type(error).__name__)
+            """
+        )
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    name = raised.split("(")[0]
+    assert done.stdout.strip() == f"out of the loop: {name}"
+    with closing(sqlite3.connect(db)) as conn:
+        status, attempts, error, worker = conn.execute(
+            "SELECT status, attempts, error, worker FROM asyncjobs_jobs"
+        ).fetchone()
+    assert (status, attempts, worker) == ("scheduled", 1, None)  # its retry, after backoff
+    assert error.rstrip().endswith(name if name == "KeyboardInterrupt" else f"{name}: 3")
+
+
+async def test_a_job_that_raises_system_exit_in_a_group_is_recorded_as_failed(
+    jobs: Jobs,
+) -> None:
+    """In a group, SystemExit does not take the event loop down (asyncio lets only a
+    bare one out): the process goes on, and the job was left running, its slot free,
+    until its lease expired."""
+
+    @jobs.task(name="t", retries=1)
+    async def t() -> None:
+        raise BaseExceptionGroup("cleanup", [SystemExit(3)])
+
+    job = await t.enqueue()
+    with anyio.fail_after(5):
+        await drain(jobs)
+    info = await job.info()
+    assert (info.status, info.attempts) == (JobStatus.SCHEDULED, 1)
+    assert info.error is not None
+    assert "SystemExit: 3" in info.error
+
+
 def test_a_script_that_enqueues_without_closing_the_store_still_exits(tmp_path: Path) -> None:
     """What DESIGN promises a script: enqueue without workers, and return."""
     db = tmp_path / "jobs.db"
