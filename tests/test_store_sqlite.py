@@ -18,7 +18,7 @@ from asyncjobs._batching import GroupCommit
 from asyncjobs.stores import ClaimRequest, SQLiteStore, TaskLimits
 from asyncjobs.stores._migrations import migration_scripts
 from asyncjobs.stores._protocol import NewJob, Outcome, OutcomeKind
-from asyncjobs.stores._sqlite import INLINE_ROWS
+from asyncjobs.stores._sqlite import INLINE_BYTES, INLINE_ROWS
 from asyncjobs.stores._sqlite_admin import ADMIN_BATCH
 from asyncjobs.stores._sqlite_schema import SCHEMA_VERSION_TABLE, migrate
 from asyncjobs.stores._sqlite_side import CHECKPOINT_EVERY, InlineWriter
@@ -401,6 +401,41 @@ async def test_a_runners_finish_and_claim_skips_the_thread_only_while_the_file_i
         assert {k: r.status for k, r in statuses.items() if r is not None} == {
             "j0": "succeeded", "j1": "succeeded", "j2": "succeeded", "j3": "running",
         }  # fmt: skip
+    finally:
+        await store.close()
+
+
+async def test_outcomes_carrying_large_results_are_written_in_the_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finish counts its rows, not its bytes: the write of a job's 42 MB result ran on
+    the event loop, which it held for about 0.7 s (the connection's thread releases the
+    GIL while SQLite writes). Past INLINE_BYTES of results and errors it goes there."""
+    store = SQLiteStore(tmp_path / "big.db")
+    await store.open()
+    limits = {"t": TaskLimits(max_attempts=1)}
+
+    def request(limit: int) -> ClaimRequest:
+        return ClaimRequest(worker="w", tasks=limits, queues=None, limit=limit, lease=30)
+
+    def succeeded(job_id: str, result: str) -> Outcome:
+        return Outcome(job_id, "w", 1, OutcomeKind.SUCCEEDED, result=result)
+
+    large = '"' + "x" * INLINE_BYTES + '"'
+    try:
+        await store.insert([new_job(f"j{i}") for i in range(4)], now=0.0)
+        await store.claim(request(3), now=1.0)
+        thread_calls = count_thread_calls(store, monkeypatch)
+        assert await store.finish([succeeded("j0", '"small"')], now=2.0) == ["j0"]
+        assert thread_calls == []  # on the loop, as before
+        assert await store.finish([succeeded("j1", large)], now=2.0) == ["j1"]
+        assert len(thread_calls) == 1
+        applied, claimed = await store.finish_and_claim([succeeded("j2", large)], request(1), now=3)
+        assert (applied, [row.id for row in claimed]) == (["j2"], ["j3"])
+        assert len(thread_calls) == 2
+        row = await store.get("j1")
+        assert row is not None
+        assert row.result == large
     finally:
         await store.close()
 

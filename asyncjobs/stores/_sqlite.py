@@ -124,6 +124,11 @@ INLINE_ROWS = 100
 inserts or finishes hold the loop one to two milliseconds. A runner claims at most this
 many jobs at a time, so its finish-and-claim fits."""
 
+INLINE_BYTES = 1024 * 1024
+"""The most bytes of results and errors a finish may write on the event loop thread:
+a job's 42 MB result held the loop about 0.7 s there, and the connection's thread
+releases the GIL while SQLite writes."""
+
 _INLINE_SPIN = 0.002
 """For how long (seconds) a short write refused on the loop thread because another
 connection holds the lock tries again at every turn of the loop. Another process's
@@ -493,14 +498,14 @@ class SQLiteStore:
     async def finish(self, outcomes: Sequence[Outcome], *, now: float) -> list[str]:
         if not outcomes:
             return []
-        return await self._short_transaction(len(outcomes), _finish, outcomes, now)
+        return await self._short_transaction(_weight(outcomes), _finish, outcomes, now)
 
     async def finish_and_claim(
         self, outcomes: Sequence[Outcome], request: ClaimRequest, *, now: float
     ) -> tuple[list[str], list[JobRow]]:
         if request.limit <= 0 or not request.tasks:
             return await self.finish(outcomes, now=now), []
-        rows = max(len(outcomes), request.limit)
+        rows = max(_weight(outcomes), request.limit)
         return await self._short_transaction(rows, _finish_and_claim, outcomes, request, now)
 
     async def heartbeat(
@@ -677,6 +682,15 @@ class SQLiteStore:
 
 
 # -- the functions below run in the connection thread, inside a transaction ---------
+
+
+def _weight(outcomes: Sequence[Outcome]) -> int:
+    """The rows a write of ``outcomes`` counts as against ``INLINE_ROWS``: past that
+    when their results and errors come to over ``INLINE_BYTES``."""
+    size = 0
+    for outcome in outcomes:
+        size += len(outcome.result or "") + len(outcome.error or "")
+    return len(outcomes) if size <= INLINE_BYTES else INLINE_ROWS + 1
 
 
 def _query_only(db: sqlite3.Connection) -> None:
