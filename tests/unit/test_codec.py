@@ -79,6 +79,29 @@ def test_values_json_cannot_represent_exactly_are_refused(value: Any, reason: st
         encode(value, what="the result")
 
 
+def test_a_value_is_read_back_only_when_its_text_holds_a_surrogate_escape(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every value was decoded again to check its round trip, on top of the walk that
+    refuses what JSON would change: nearly half of the time a large result held the
+    event loop. Only a surrogate escape needs it: a pair of lone surrogates reads back
+    as one character, and is refused."""
+    decoded: list[str] = []
+    real = _codec._decode
+
+    def counting(text: str) -> Any:
+        decoded.append(text)
+        return real(text)
+
+    monkeypatch.setattr(_codec, "_decode", counting)
+    assert encode({"a": [1, "é", None]}) == '{"a":[1,"\\u00e9",null]}'
+    assert decoded == []
+    assert encode("\U0001f600") == '"\\ud83d\\ude00"'
+    assert len(decoded) == 1
+    with pytest.raises(NotSerializable, match="surrogate pair"):
+        encode("\ud83d\ude00", what="the result")
+
+
 def test_circular_values_are_refused() -> None:
     loop: list[Any] = []
     loop.append(loop)
