@@ -54,6 +54,8 @@ from asyncjobs.stores._protocol import (
 
 if TYPE_CHECKING:
     from asyncjobs._jobs import Jobs
+    from asyncjobs._ratelimit import RateLimit
+    from asyncjobs.stores import Store
 
 logger = logging.getLogger("asyncjobs")
 
@@ -88,6 +90,9 @@ FINAL_WRITE_TIME = 5.0
 # are written alone, so result waiters and follow-up jobs do not wait on long jobs.
 _OUTBOX_DELAY = 0.01
 
+
+_EmptyKeys = dict[tuple[str, str], tuple["RateLimit", float]]
+"""Limiter buckets (name, key) found without tokens: their limit, and their next token."""
 
 _Finished = tuple[JobRow, Outcome, float]
 """A job that ended, its outcome, and how long it ran."""
@@ -126,6 +131,9 @@ class Runner(_Leases, _Execution):
         # Outboxes taken by writes under way: their leases are renewed too (_take_outbox).
         self._writing: list[list[_Finished]] = []
         self._next_token_at: float | None = None
+        # Keys whose bucket a claim found without tokens, until their next one (the
+        # claims' memory: ClaimRequest.empty_keys), and the store they were found in.
+        self._empty_keys: tuple[Store | None, _EmptyKeys] = (None, {})
         # Local dispatch (reserve / dispatched): ids of jobs being inserted running,
         # each holding a slot; and whether the last claim left ready jobs behind.
         self._reserved: set[str] = set()
@@ -255,8 +263,16 @@ class Runner(_Leases, _Execution):
             limiters={name: limiter.limit for name, limiter in self.jobs.limiters.items()},
             ahead=ahead,
             keyed=frozenset(name for name, lim in self.jobs.limiters.items() if lim.key),
+            empty_keys=self._known_empty_keys(),
             clock=self.clock.now,  # the lease counts from when the store holds the lock
         )
+
+    def _known_empty_keys(self) -> _EmptyKeys:
+        store, known = self._empty_keys
+        if store is not self.jobs.store:  # another store's buckets (replace_store)
+            known = {}
+            self._empty_keys = (self.jobs.store, known)
+        return known
 
     @property
     def _busy(self) -> int:

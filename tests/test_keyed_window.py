@@ -15,11 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import pytest
+
 from asyncjobs import Jobs, RateLimit, Task
 from asyncjobs.stores import open_store
+from asyncjobs.stores._admission import Admission
 from asyncjobs.stores._protocol import ClaimRequest, TaskLimits
 from asyncjobs.stores._sqlite_limits import WINDOW, choose
-from asyncjobs.testing import FakeClock, drain
+from asyncjobs.testing import FakeClock, drain, replace_store
 
 MakeJobs = Callable[..., Jobs]
 BACKLOG = WINDOW + 100
@@ -247,3 +250,53 @@ async def test_past_the_window_task_concurrency_holds(
     await jobs.enqueue_many([send.spec(f"x@k{n}.example") for n in range(5)])
     await drain(jobs)
     assert started == ["u0@bulk.example"] + [f"x@k{n}.example" for n in range(5)]
+
+
+# -- what an idle claim costs: not a look at every key without tokens -----------------
+
+
+async def test_an_idle_claim_does_not_look_again_at_keys_it_found_without_tokens(
+    make_jobs: MakeJobs, backend_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose ready jobs all wait for tokens of their keys claims again every
+    poll interval: each claim read every key's bucket and tried its jobs one by one
+    (110 ms a claim with 1,000 keys, 9% of a core while idle). A bucket gains tokens
+    only with time, so a key found empty is left out by the claim's query until its
+    next token is due; its jobs still run then."""
+    jobs, send, ran = sender(make_jobs(backend_url), "1/h")
+    keys = 50
+    await jobs.enqueue_many([send.spec(f"{n}@k{n}.example") for n in range(keys) for n in (n, n)])
+    await drain(jobs)  # each key's first job takes its token; the second finds none
+    assert len(ran) == keys
+
+    looked: list[tuple[str, str]] = []
+    empty = Admission.empty
+
+    def counting(self: Admission, bucket_id: tuple[str, str], limit: RateLimit) -> bool:
+        looked.append(bucket_id)
+        return empty(self, bucket_id, limit)
+
+    monkeypatch.setattr(Admission, "empty", counting)
+    clock.advance(60)
+    await drain(jobs)
+    assert len(ran) == keys
+    assert len([b for b in looked if b[1]]) < 5  # not one per key
+
+    clock.advance(3600)  # every key's next token is due
+    await drain(jobs)
+    assert len(ran) == 2 * keys
+
+
+async def test_keys_found_without_tokens_in_one_store_run_at_once_in_another(
+    make_jobs: MakeJobs, tmp_path: Path
+) -> None:
+    """The keys a worker remembers without tokens are those of its store: the app's own
+    ``Jobs`` on a test store (``replace_store``) finds every bucket full there."""
+    jobs, send, ran = sender(make_jobs(), "1/h")
+    await jobs.enqueue_many([send.spec("a@k.example"), send.spec("b@k.example")])
+    await drain(jobs)  # k's token taken, its second job found without one
+    assert ran == ["a@k.example"]
+    async with replace_store(jobs, "sqlite:///" + str(tmp_path / "test.db")):
+        await send.enqueue("c@k.example")
+        await drain(jobs)
+    assert ran == ["a@k.example", "c@k.example"]

@@ -42,6 +42,11 @@ BucketId = tuple[str, str]
 """(name, key) of a row in asyncjobs_rate_buckets."""
 
 
+MAX_EMPTY_KEYS = 10_000
+"""The most keys without tokens a claimer remembers (``ClaimRequest.empty_keys``); the
+others are looked at on each claim, as before."""
+
+
 def has_limits(request: ClaimRequest) -> bool:
     """Whether a claim needs admission (else a store's plain claim applies)."""
     for limits in request.tasks.values():
@@ -99,6 +104,26 @@ class Admission:
     held_from: dict[str, tuple[int, int]] = field(default_factory=dict)  # limiter -> order
     chosen: list[int] = field(default_factory=list)  # the seq of the jobs admitted
 
+    def __post_init__(self) -> None:
+        """Block at once the keys an earlier claim found empty, until their next token
+        (``ClaimRequest.empty_keys``): the stores' reads leave their jobs out."""
+        known = self.request.empty_keys
+        if not known:
+            return
+        limiters = {limiter_bucket(name, "")[0]: name for name in self.request.limiters}
+        for (bucket, key), (limit, at) in list(known.items()):
+            if at <= self.now:
+                known.pop((bucket, key), None)  # due: look at it again
+                continue
+            limiter = limiters.get(bucket)
+            if limiter is None:
+                continue
+            now_limit = self.request.limiters[limiter]
+            if now_limit is not limit and now_limit != limit:
+                continue  # the limiter was defined anew since
+            self.blocked_keys.setdefault(limiter, set()).add(key)
+            self.wake_at = at if self.wake_at is None else min(self.wake_at, at)
+
     def count_running(self, rows: list[tuple[str, str, int]]) -> None:
         """Jobs running now in the whole store, as (task, queue, count) rows."""
         for task, queue, n in rows:
@@ -130,6 +155,10 @@ class Admission:
             return False
         at = next_token_at(limit, state, self.now)
         self.wake_at = at if self.wake_at is None else min(self.wake_at, at)
+        known = self.request.empty_keys
+        # As stored, not as this claim left it: a claim rolled back gives its tokens back.
+        if bucket_id[1] and bucket_id not in self.taken and len(known) < MAX_EMPTY_KEYS:
+            known[bucket_id] = (limit, at)
         return True
 
     def changed_buckets(self) -> list[tuple[str, str, float, float]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import builtins
 import enum
 import json
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -219,6 +219,13 @@ class ClaimRequest:
     # (SQLite's write lock): read once the lock is held, it gives the lease, started_at
     # and which jobs are due, instead of the claim's ``now``. None: ``now``.
     clock: Callable[[], float] | None = None
+    # The claimer's memory across its claims, which a claim reads and adds to: the
+    # limiter buckets of keys found without a token, each with its limit and when it
+    # next gets one (``Admission``). Only time brings a token, so until then their
+    # jobs are left out of a claim's reads, not tried one key at a time on each poll.
+    empty_keys: MutableMapping[tuple[str, str], tuple[RateLimit, float]] = field(
+        default_factory=dict
+    )
 
 
 class Claimed(list[JobRow]):
