@@ -192,6 +192,7 @@ class PostgresStore(_Connections):
         self.command_timeout = command_timeout
         self.max_backoff = max_backoff
         self._pool: Pool | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the pool's
         self._opening = asyncio.Lock()
         self._listener: Connection | None = None
         self._producer: Connection | None = None
@@ -413,6 +414,7 @@ class PostgresStore(_Connections):
 
     async def changed(self) -> bool:
         """True when a NOTIFY arrived since the last call; no round trip otherwise."""
+        self._leave_ended_loop()
         if self._pool is None:
             return False
         listener = self._listener

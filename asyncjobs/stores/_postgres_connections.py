@@ -157,6 +157,7 @@ class _Connections:
         max_backoff: float
         _server_settings: dict[str, str]
         _pool: Pool | None
+        _loop: asyncio.AbstractEventLoop | None
         _opening: asyncio.Lock
         _listener: Connection | None
         _producer: Connection | None
@@ -178,6 +179,7 @@ class _Connections:
     # -- connections -----------------------------------------------------------------
 
     async def open(self) -> None:
+        self._leave_ended_loop()
         if self._pool is not None:
             return
         async with self._opening:
@@ -203,8 +205,22 @@ class _Connections:
                     await pool.close()
                     raise
             self._pool = pool
+            self._loop = asyncio.get_running_loop()
+
+    def _leave_ended_loop(self) -> None:
+        """Forget the connections opened in another event loop (a script's or a sync
+        app's earlier ``asyncio.run()``, which ended with the store open): they can be
+        neither used nor closed from this one, and the store opens anew. Their sockets
+        close as Python collects them, which ends their sessions on the server."""
+        if self._loop is None or self._loop is asyncio.get_running_loop():
+            return
+        self._loop = None
+        self._pool = self._listener = self._producer = None
+        self._producing = False
+        self._opening = asyncio.Lock()  # may be bound to the other loop
 
     async def close(self) -> None:
+        self._leave_ended_loop()
         # After an open in progress, which would otherwise finish behind this close
         # and leave a pool connected.
         async with self._opening:
@@ -424,8 +440,8 @@ class _Connections:
                 f"PostgreSQL store {self!r} is unreachable ({what}); "
                 "waiting before the next reconnect attempt"
             )
-        if self._pool is None:
-            await self.open()
+        if self._pool is None or self._loop is not asyncio.get_running_loop():
+            await self.open()  # on first use, or in another event loop than the last
         pool = self._pool
         if pool is None:
             raise NotSent(f"PostgreSQL store {self!r} is closed")
