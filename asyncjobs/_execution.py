@@ -86,6 +86,14 @@ class _Execution:
 
         def _complete(self, running: _Running, outcome: Outcome | None, started: float) -> None: ...
 
+    def called_by_a_job(self) -> bool:
+        """Is the calling code one of this runner's running jobs (or a task it started)?"""
+        context = _current.get(None)
+        if context is None or context._jobs is not self.jobs:
+            return False
+        running = self.running.get(context.id)  # None: a task the job left behind
+        return running is not None and running.row.attempts == context.attempt
+
     # -- running one job -------------------------------------------------------------
 
     async def _execute(self, running: _Running) -> None:

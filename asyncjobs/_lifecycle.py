@@ -156,7 +156,11 @@ class _Lifecycle:
 
     async def stop(self) -> None:
         """Stop claiming, let running jobs finish within ``shutdown_timeout``, then
-        cancel the rest and give them back without spending an attempt."""
+        cancel the rest and give them back without spending an attempt.
+
+        Called by a job of these workers, it asks them to stop and returns at once:
+        waiting for them would wait for that job, which waits here. They stop as above,
+        once the running jobs end, the calling job among them."""
         ended = self._forget_stopped_workers()
         if ended is not None and not ended.cancelled():
             ended.result()  # raises why they stopped
@@ -167,6 +171,8 @@ class _Lifecycle:
         # Nothing new starts from here on, not even a job enqueued (and dispatched to a
         # free slot) before the workers' task has woken up to the request.
         self.runner.stop_accepting()
+        if self.runner.called_by_a_job():
+            return
         try:
             await asyncio.shield(host)
         finally:

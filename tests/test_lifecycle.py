@@ -565,6 +565,44 @@ async def test_stop_waits_for_running_jobs_and_stops_claiming(
     await jobs.close()
 
 
+async def test_stop_called_by_a_job_returns_at_once_and_the_workers_stop_after_it(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """stop() waits for the running jobs: called by one of them, it waited for itself
+    (the whole shutdown_timeout, then the caller was cut off and given back, to run
+    again and stop the workers again). The clock never moves here: it must not wait."""
+    jobs = make_jobs(shutdown_timeout=10)
+    other_started, release_other, stop_returned = anyio.Event(), anyio.Event(), anyio.Event()
+
+    @jobs.task(name="other")
+    async def other() -> str:
+        other_started.set()
+        await release_other.wait()
+        return "other done"
+
+    @jobs.task(name="maintenance")
+    async def maintenance() -> str:
+        await jobs.stop()
+        stop_returned.set()
+        return "stopped them"
+
+    await jobs.start()
+    with anyio.fail_after(5):
+        running = await other.enqueue()
+        await other_started.wait()
+        stopper = await maintenance.enqueue()
+        await stop_returned.wait()
+        late = await other.enqueue()  # the workers are stopping: not claimed
+        release_other.set()
+        await jobs.stop()  # from outside: waits for both jobs
+    assert await stopper.result(timeout=0) == "stopped them"
+    assert await running.result(timeout=0) == "other done"
+    info = await late.info()
+    assert (info.status, info.attempts) == ("queued", 0)
+    assert not jobs.started
+    await jobs.close()
+
+
 async def test_outcomes_are_written_as_jobs_end_while_stop_waits_for_others(
     make_jobs: MakeJobs, clock: FakeClock
 ) -> None:
