@@ -138,6 +138,10 @@ class Runner(_Leases, _Execution):
         # each holding a slot; and whether the last claim left ready jobs behind.
         self._reserved: set[str] = set()
         self._backlog = True
+        # Claims awaiting the store, and the jobs cancelled here meanwhile that were not
+        # in hand: one of those claims may have taken them (cancel_local, claim).
+        self._claims_under_way = 0
+        self._cancelled_unseen: set[str] = set()
 
     def starting(self) -> None:
         """The workers start: in a process forked after this ``Jobs`` was built (a
@@ -180,6 +184,8 @@ class Runner(_Leases, _Execution):
             self._free_slot()  # the claim loop may wait for room: it writes the outcome
             self.wake()
         running = self.running.get(job_id)
+        if not dropped and running is None and attempt is None and self._claims_under_way:
+            self._cancelled_unseen.add(job_id)  # a claim under way may have taken it
         # Once: a job being stopped (every heartbeat finds it asked to stop until it
         # has) is not cancelled again, which would cut its cleanup short.
         if running is not None and this(running.row) and not running.cancelled_by_user:
@@ -312,6 +318,7 @@ class Runner(_Leases, _Execution):
             free = max(0, self.settings.concurrency - self._busy)
             request = self._request(room, ahead=max(0, room - free))
             now = self.clock.now()
+            self._claims_under_way += 1
             try:
                 if outbox:
                     applied, rows = await self.jobs.store.finish_and_claim(
@@ -325,6 +332,11 @@ class Runner(_Leases, _Execution):
                     self._backlog = True  # claim next round, at once
                     return written
                 raise
+            finally:
+                self._claims_under_way -= 1
+        cancelled = self._cancelled_unseen
+        if not self._claims_under_way:
+            self._cancelled_unseen = set()
         self._acknowledged(outbox, applied)
         # When a ready job was held back by an empty rate-limit bucket: its next token.
         self._next_token_at = rows.next_token_at if isinstance(rows, Claimed) else None
@@ -334,6 +346,9 @@ class Runner(_Leases, _Execution):
         if rows:
             handed_back = isinstance(rows, Claimed) and rows.handed_back
             self._add_ready(self._not_held(rows) if handed_back else rows)
+            for row in rows:
+                if row.id in cancelled:  # cancelled here as this claim took it
+                    self.cancel_local(row.id)
         keyed = 0
         if isinstance(rows, Claimed) and rows.unkeyed:
             keyed = await self.assign_keys()

@@ -386,6 +386,40 @@ async def test_a_running_job_whose_cleanup_raises_as_it_is_cancelled_ends_cancel
     )
 
 
+async def test_a_job_cancelled_here_while_a_claim_here_takes_it_never_runs(
+    jobs: Jobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancel lands while this process's claim, committed, is on its way back: the
+    job is running in the store (asked to stop) but not yet in the runner's hands. It
+    must be stopped at once, as every local cancel is, not run until a heartbeat."""
+    runs: list[int] = []
+
+    @jobs.task
+    async def t() -> None:
+        runs.append(1)
+
+    job = await t.enqueue()
+    claimed, go = anyio.Event(), anyio.Event()
+    claim = jobs.store.claim
+
+    async def claim_then_pause(request: Any, *, now: float) -> Any:
+        rows = await claim(request, now=now)
+        if rows:
+            claimed.set()
+            await go.wait()
+        return rows
+
+    monkeypatch.setattr(jobs.store, "claim", claim_then_pause)
+
+    async def cancel() -> None:
+        assert await job.cancel() is True
+        go.set()
+
+    await drain_while(jobs, claimed, cancel)
+    info = await job.info()
+    assert (info.status, runs) == ("cancelled", [])
+
+
 # -- ordering and queues -------------------------------------------------------------
 
 
