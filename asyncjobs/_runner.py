@@ -334,9 +334,9 @@ class Runner(_Leases, _Execution):
                 raise
             finally:
                 self._claims_under_way -= 1
-        cancelled = self._cancelled_unseen
-        if not self._claims_under_way:
-            self._cancelled_unseen = set()
+                cancelled = self._cancelled_unseen
+                if not self._claims_under_way:  # also after a claim that failed: the
+                    self._cancelled_unseen = set()  # ids are of no claim's jobs then
         self._acknowledged(outbox, applied)
         # When a ready job was held back by an empty rate-limit bucket: its next token.
         self._next_token_at = rows.next_token_at if isinstance(rows, Claimed) else None
