@@ -75,6 +75,15 @@ class _Leases:
             if job_id not in owned and self._holds(job_id, attempt)
         ]
         for job_id in lost:
+            running = self.running.get(job_id)
+            if (
+                running is not None
+                and running.cancelled_by_user
+                and running.row.attempts == held[job_id]
+            ):
+                # Being stopped already (cancelled here, or found lost by an earlier
+                # heartbeat), its cleanup not over: cancel_local would do nothing.
+                continue
             # Running here: stop it. Claimed ahead and not started: never start it.
             extra = {"job_id": job_id, "task": rows[job_id].task, "attempt": held[job_id]}
             logger.warning(

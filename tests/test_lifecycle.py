@@ -4,6 +4,7 @@ expired leases, and graceful stop that gives unfinished jobs back."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import subprocess
 import sys
@@ -420,6 +421,52 @@ async def test_a_job_cancelled_from_another_process_is_cancelled_once_so_its_cle
             may_finish.set()
     assert cleaned == [True]
     assert (await job.info()).status == "cancelled"
+
+
+async def test_a_job_cancelled_from_another_process_is_reported_lost_once(
+    make_jobs: MakeJobs, backend_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While its cleanup runs, every heartbeat finds it asked to stop: only the first,
+    which stops it, says so; the others do nothing, and say nothing. Cancelled here, in
+    this process, it is being stopped already: no heartbeat says it is stopping it."""
+    jobs = make_jobs(backend_url)
+    other = make_jobs(backend_url, workers=False)
+    events: dict[str, anyio.Event] = {}
+
+    @jobs.task(name="t")
+    async def t() -> None:
+        events["started"].set()
+        try:
+            await anyio.Event().wait()  # ends only when stopped
+        finally:
+            events["cleaning"].set()
+            await events["may_finish"].wait()
+
+    async def stop_slowly(cancel: Callable[[str], Any]) -> str:
+        events.update(started=anyio.Event(), cleaning=anyio.Event(), may_finish=anyio.Event())
+        started, cleaning, may_finish = events["started"], events["cleaning"], events["may_finish"]
+        job = await t.enqueue()
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(drain, jobs)
+                await started.wait()
+                assert await cancel(job.id)
+                await jobs.runner.heartbeat_once()
+                await cleaning.wait()
+                await jobs.runner.heartbeat_once()  # still stopping
+                await jobs.runner.heartbeat_once()
+                may_finish.set()
+        assert (await job.info()).status == "cancelled"
+        return job.id
+
+    def lost(job_id: str) -> list[logging.LogRecord]:
+        message = f"job {job_id} is no longer ours (cancelled, or lease expired); stopping it"
+        return [r for r in caplog.records if r.getMessage() == message]
+
+    elsewhere = await stop_slowly(other.cancel)
+    assert len(lost(elsewhere)) == 1
+    here = await stop_slowly(jobs.cancel)
+    assert lost(here) == []
 
 
 async def test_an_expired_lease_is_recovered_when_workers_start(
