@@ -401,6 +401,7 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
         if deleted:
             logger.info("job %s discarded", checked, extra={"job_id": checked, "action": "discard"})
             self._wake_workers()  # the next job of its group may run now
+            self._wake_result_waiters()
         return deleted
 
     async def stats(self) -> Stats:

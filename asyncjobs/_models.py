@@ -139,7 +139,8 @@ class Job(Generic[R]):
     async def result(self, timeout: float | timedelta | None = None) -> R:
         """Wait for the job to finish and return its result.
 
-        Raises ``JobFailed`` when it ends dead or cancelled, ``TimeoutError`` when
+        Raises ``JobFailed`` when it ends dead or cancelled, ``AsyncJobsError`` when the
+        job no longer exists (discarded, purged or pruned), ``TimeoutError`` when
         ``timeout`` (seconds or a timedelta, real time) passes first.
         """
         value: Any = await self._jobs._wait_result(self.id, wait_timeout(timeout))

@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("asyncjobs")
 
+# Seconds a result waiter first waits before it reads the job again, doubling up to the
+# poll interval: the job may finish in another process, which cannot wake it.
+_FIRST_POLL = 0.005
+
 
 async def list_rows(store: Store, *, preview: int | None, **filters: Any) -> list[JobRow]:
     """``store.list(**filters)``, reading previews where asked and the store can: a
@@ -160,6 +164,7 @@ class _Queries:
             self.runner.cancel_local(cid)
         if cancelled:
             self._wake_workers()  # the next job of its group may run now
+            self._wake_result_waiters()
         return bool(cancelled)
 
     async def purge(self, *, status: str | None = None, older_than: Seconds | None = None) -> int:
@@ -181,9 +186,18 @@ class _Queries:
                 extra={"action": "purge", "status": status, "older_than": age, "count": count},
             )  # fmt: skip
             self._wake_workers()  # the next job of a group whose job went may run now
+            self._wake_result_waiters()
         return count
 
     # -- results ---------------------------------------------------------------------
+
+    def _wake_result_waiters(self) -> None:
+        """After an admin write that may have ended or deleted jobs (``cancel``, which
+        cancels the rest of a chain too; ``discard``, ``purge``, which cancel what waits
+        on what they delete): every waiter here reads its job again now, not at its
+        next poll. Those whose job goes on wait again."""
+        for job_id in builtins.list(self._result_events):
+            self._notify_finished(job_id)
 
     def _notify_finished(self, job_id: str) -> None:
         for event in self._result_events.pop(job_id, ()):
@@ -193,7 +207,7 @@ class _Queries:
         """Wait (real time) for a job to finish: woken at once when it finishes here,
         polling with backoff when another process runs it. A ``timeout`` of 0 (or
         less) reads the job once: its result if it has finished, else TimeoutError."""
-        delay = 0.005
+        delay = _FIRST_POLL
         once = timeout is not None and timeout <= 0
         event: anyio.Event | None = None  # this waiter's, in _result_events until set
         try:

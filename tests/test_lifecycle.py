@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sqlite3
 import subprocess
 import sys
@@ -19,11 +20,14 @@ from typing import Any
 import anyio
 import pytest
 
+import asyncjobs._queries
 import asyncjobs._runner
 from asyncjobs import (
+    AsyncJobsError,
     ConfigurationError,
     Job,
     JobFailed,
+    JobInfo,
     Jobs,
     JobStatus,
     Retry,
@@ -162,6 +166,58 @@ async def test_waiting_for_results_leaves_nothing_behind(make_jobs: MakeJobs) ->
     assert results == [7, 7]
     assert jobs._result_events == {}
     await jobs.stop()
+
+
+@pytest.mark.parametrize("admin", ["cancel", "cancel the chain", "discard", "purge"])
+async def test_an_admin_call_wakes_the_result_waiters_of_the_jobs_it_ends(
+    jobs: Jobs, monkeypatch: pytest.MonkeyPatch, admin: str
+) -> None:
+    """A job cancelled, discarded or purged in this process: its waiters hear of it at
+    once, as of a job that ends here, not at their next read (the clock never moves,
+    and the waiters never read again on their own)."""
+    monkeypatch.setattr(asyncjobs._queries, "_FIRST_POLL", math.inf)
+
+    @jobs.task
+    async def t() -> None:
+        pass
+
+    chain = await jobs.chain(t.spec(), t.spec())
+    first, last = chain.jobs
+    waited = last if admin == "cancel the chain" else first
+    caught: list[BaseException] = []
+    reads: list[JobInfo | None] = []
+    get = jobs.get
+
+    async def read(job_id: str) -> JobInfo | None:
+        reads.append(await get(job_id))
+        return reads[-1]  # the waiter goes on to wait, before the test goes on
+
+    monkeypatch.setattr(jobs, "get", read)
+
+    async def wait() -> None:
+        try:
+            await waited.result()
+        except AsyncJobsError as error:
+            caught.append(error)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await until(lambda: reads)  # it read the job, unfinished, and waits
+            if admin in ("cancel", "cancel the chain"):
+                assert await jobs.cancel(first.id)
+            elif admin == "discard":
+                assert await jobs.discard(first.id)
+            else:
+                assert await jobs.purge(status="queued") == 1
+    (error,) = caught
+    if admin == "discard" or admin == "purge":
+        assert not isinstance(error, JobFailed)
+        assert str(error) == f"job {waited.id} does not exist (or was purged)"
+    else:
+        assert isinstance(error, JobFailed)
+        assert (error.job_id, error.status) == (waited.id, "cancelled")
+    assert jobs._result_events == {}
 
 
 async def test_list_filters_by_status_and_returns_newest_first(
