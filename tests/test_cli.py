@@ -45,7 +45,9 @@ def env(tmp_path: Path) -> dict[str, str]:
     (tmp_path / "cli_test_app.py").write_text(APP)
     return {
         **os.environ,
-        "PYTHONPATH": str(tmp_path),
+        # Ahead of the caller's own (a checkout under test): not instead of it, which
+        # ran the installed asyncjobs.
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])),
         "CLI_TEST_DB_URL": "sqlite:///" + str(tmp_path / "cli.db"),
         "ASYNCJOBS_APP": "cli_test_app:jobs",
     }

@@ -84,7 +84,9 @@ async def server(tmp_path: Path, seeded: Mix) -> AsyncIterator[str]:
     port = free_port()
     env = {
         **os.environ,
-        "PYTHONPATH": str(tmp_path),
+        # Ahead of the caller's own (a checkout under test): not instead of it, which
+        # ran the installed asyncjobs.
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])),
         "DASHBOARD_TEST_DB_URL": "sqlite:///" + str(tmp_path / "dash.db"),
         "DASHBOARD_USER": USER,
         "DASHBOARD_PASSWORD": PASSWORD,
