@@ -408,8 +408,21 @@ def retry(
         return
     if queue or task:
         raise click.UsageError("--queue and --task go with --all-dead")
-    done = run(ctx, lambda jobs: jobs.retry(job_id))
-    report(job_id, done, as_json, key="retried", said="queued again",
+
+    async def retry_job(jobs: Jobs) -> tuple[bool, bool]:
+        """Whether it was retried, and whether it waits again (see ``Jobs.retry``)."""
+        if not await jobs.retry(job_id):
+            return False, False
+        info = await jobs.get(job_id)
+        return True, info is not None and info.status is JobStatus.WAITING
+
+    done, waits = run(ctx, retry_job)
+    # A chain member that never ran (or a batch's on_complete) waits again: not queued.
+    said = "queued again"
+    if waits:
+        said = ("retried: it waits again for the chain member before it to succeed (or, "
+                "a batch's on_complete, for its members to finish)")  # fmt: skip
+    report(job_id, done, as_json, key="retried", said=said,
            refused="is not dead or cancelled (or does not exist)")  # fmt: skip
 
 

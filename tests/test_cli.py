@@ -191,6 +191,23 @@ async def test_show_retry_cancel(env: dict[str, str], app_jobs: Jobs) -> None:
     assert "no job" in missing.stderr
 
 
+async def test_retrying_a_chain_member_that_waits_again_says_it_waits(
+    env: dict[str, str], app_jobs: Jobs
+) -> None:
+    """A chain member cancelled before it ran, retried, waits again for the member
+    before it (not run yet): not "queued again"."""
+    greet = app_jobs.registry["greet"]
+    first, second = (await app_jobs.chain(greet.spec("a"), greet.spec("b"))).jobs
+    assert await app_jobs.cancel(second.id)
+    said = ok(cli(env, "retry", second.id)).strip()
+    assert said == (
+        f"job {second.id} retried: it waits again for the chain member before it to "
+        "succeed (or, a batch's on_complete, for its members to finish)"
+    )
+    assert (await second.info()).status == JobStatus.WAITING
+    assert (await first.info()).status == JobStatus.QUEUED
+
+
 async def test_a_lone_surrogate_is_printed_escaped(env: dict[str, str], app_jobs: Jobs) -> None:
     job = await app_jobs.enqueue("greet", "caf\u00e9 \ud800")  # strict JSON keeps it
     shown = ok(cli(env, "show", job.id))

@@ -41,6 +41,8 @@ MAX_FORM_BYTES = 16 * 1024
 STATUSES = [s.value for s in JobStatus]
 NOTICES = {
     "retried": "The job is queued again.",
+    "retried-waiting": "The job was retried: it waits again for the chain member before it "
+    "to succeed (or, a batch's on_complete, for its members to finish).",
     "not-retried": "Only dead or cancelled jobs can be retried.",
     "result-gone": "Not retried: this chain member takes the result of the job before it, "
     "which is no longer stored and never passed it one. Enqueue its task again with that "
@@ -201,6 +203,11 @@ class Dashboard:
                 done = "retried" if await self.jobs.retry(job_id) else "not-retried"
             except RetryRefused:
                 done = "result-gone"
+            if done == "retried":
+                # A chain member that never ran (or a batch's on_complete) waits again.
+                info = await self.jobs.get(job_id)
+                if info is not None and info.status is JobStatus.WAITING:
+                    done = "retried-waiting"
         elif action == "cancel":
             done = "not-cancelled"
             if await self.jobs.cancel(job_id):

@@ -267,6 +267,24 @@ async def test_retry_cancel_discard_and_retry_all_dead(mix: Mix) -> None:
         assert "There was no dead job to retry." in nothing
 
 
+async def test_retrying_a_chain_member_that_waits_again_says_it_waits(mix: Mix) -> None:
+    """A chain member cancelled before it ran, retried, waits again for the member
+    before it (not run yet): the page says so, not that it is queued."""
+    jobs = mix.jobs
+    send_email = jobs.registry["send_email"]
+    first, second = (await jobs.chain(send_email.spec("c@x"), send_email.spec("d@x"))).jobs
+    assert await jobs.cancel(second.id)
+    async with client_for(jobs, login=True) as client:
+        form = {"csrf_token": csrf_token((await client.get("/")).text)}
+        retried = await client.post(f"/jobs/{second.id}/retry", data=form)
+        assert retried.headers["location"] == f"/jobs/{second.id}?done=retried-waiting"
+        page = (await client.get(retried.headers["location"])).text
+        assert "The job is queued again." not in page
+        assert "waits again for the chain member before it" in page
+    assert (await second.info()).status == JobStatus.WAITING
+    assert (await first.info()).status == JobStatus.QUEUED
+
+
 async def test_cancelling_a_job_running_elsewhere_says_it_is_stopping(mix: Mix) -> None:
     jobs = mix.jobs
     request = ClaimRequest(
