@@ -54,6 +54,7 @@ NOTICES = {
     "finished-first": "The job was asked to stop, but it finished before its worker stopped it.",
     "discarded": "The job was deleted.",
     "not-discarded": "Running jobs cannot be deleted; cancel them first.",
+    "gone": "The job no longer exists: it was deleted meanwhile.",
     "retried-dead": "Every dead job is queued again.",
     "retried-none": "There was no dead job to retry.",
 }
@@ -220,8 +221,14 @@ class Dashboard:
             return self.redirect(request, "/jobs", done="discarded")
         else:
             done = "not-discarded"
+        if done.startswith("not-") and await self.jobs.get(job_id) is None:
+            # Deleted (in another tab, or pruned) since its page was shown: say that, on
+            # the list, rather than why an existing job refuses the action (or a 404).
+            done = "gone"
         logger.info("dashboard action %s on job %s: %s", action, job_id, done,
                     extra={"job_id": job_id})  # fmt: skip
+        if done == "gone":
+            return self.redirect(request, "/jobs", done=done)
         return self.redirect(request, f"/jobs/{job_id}", done=done)
 
     async def retry_dead(self, request: Request) -> Response:

@@ -285,6 +285,32 @@ async def test_retrying_a_chain_member_that_waits_again_says_it_waits(mix: Mix) 
     assert (await first.info()).status == JobStatus.QUEUED
 
 
+async def test_an_action_on_a_job_deleted_meanwhile_says_it_is_gone(mix: Mix) -> None:
+    """Deleted in another tab (or pruned) since its page was shown: a discard, retry or
+    cancel of it says it no longer exists, not that running jobs cannot be deleted (nor
+    a 404 page that it never was enqueued). A running job still cannot be deleted."""
+    jobs = mix.jobs
+    request = ClaimRequest(
+        worker="elsewhere:1:w", tasks={"send_email": TaskLimits(max_attempts=3)},
+        queues=None, limit=1, lease=60,
+    )  # fmt: skip
+    (running,) = await jobs.store.claim(request, now=jobs.clock.now())
+    async with client_for(jobs, login=True) as client:
+        form = {"csrf_token": csrf_token((await client.get(f"/jobs/{mix.dead_id}")).text)}
+        assert await jobs.discard(mix.dead_id)
+        for action in ("discard", "retry", "cancel"):
+            gone = await client.post(f"/jobs/{mix.dead_id}/{action}", data=form)
+            assert gone.headers["location"] == "/jobs?done=gone", action
+            page = await client.get(gone.headers["location"])
+            assert page.status_code == 200
+            assert "The job no longer exists: it was deleted meanwhile." in page.text
+            assert "Running jobs cannot be deleted" not in page.text
+        kept = await client.post(f"/jobs/{running.id}/discard", data=form)
+        assert kept.headers["location"] == f"/jobs/{running.id}?done=not-discarded"
+        page = await client.get(kept.headers["location"])
+        assert "Running jobs cannot be deleted; cancel them first." in page.text
+
+
 async def test_cancelling_a_job_running_elsewhere_says_it_is_stopping(mix: Mix) -> None:
     jobs = mix.jobs
     request = ClaimRequest(
