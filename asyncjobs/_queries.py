@@ -162,9 +162,9 @@ class _Queries:
             # A running job ends cancelled when it stops; its worker logs that too.
             logger.info("job %s cancelled", cid, extra={"job_id": cid, "action": "cancel"})
             self.runner.cancel_local(cid)
+            self._notify_finished(cid)  # its waiters here read it again (or wait on)
         if cancelled:
             self._wake_workers()  # the next job of its group may run now
-            self._wake_result_waiters()
         return bool(cancelled)
 
     async def purge(self, *, status: str | None = None, older_than: Seconds | None = None) -> int:
@@ -192,10 +192,9 @@ class _Queries:
     # -- results ---------------------------------------------------------------------
 
     def _wake_result_waiters(self) -> None:
-        """After an admin write that may have ended or deleted jobs (``cancel``, which
-        cancels the rest of a chain too; ``discard``, ``purge``, which cancel what waits
-        on what they delete): every waiter here reads its job again now, not at its
-        next poll. Those whose job goes on wait again."""
+        """After a deletion (``discard``, ``purge``, which also cancel what waits on
+        what they delete; which jobs, the store does not say): every waiter here reads
+        its job again now, not at its next poll. Those whose job goes on wait again."""
         for job_id in builtins.list(self._result_events):
             self._notify_finished(job_id)
 
