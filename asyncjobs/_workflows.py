@@ -166,13 +166,17 @@ class Batch:
         """Wait (real time) until every member finished, and ``on_complete`` too.
         A ``timeout`` of 0 (or less) reads the batch once, as ``Job.result`` does.
 
-        A member (or ``on_complete``) discarded or purged counts as finished."""
+        A member (or ``on_complete``) discarded or purged counts as finished; one
+        retried by hand after ``on_complete`` ran does not, until it ends again."""
         limit, each = _limits(timeout)
         with anyio.fail_after(limit):
             if self.on_complete is not None and await self._succeeded(self.on_complete, each):
-                return await self.progress()  # it ran: every member had finished
+                # It ran: every member had finished, unless one was retried by hand since.
+                progress = await self.progress()
+                if progress.finished:
+                    return progress
             # No on_complete, or it did not succeed (maybe cancelled or deleted before
-            # the members finished): wait for them too.
+            # the members finished), or a member runs again: wait for them too.
             for job in self.jobs:
                 await self._succeeded(job, each)
         return await self.progress()

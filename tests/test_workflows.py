@@ -581,6 +581,47 @@ async def test_a_batch_waits_for_a_member_that_is_retried(jobs: Jobs, clock: Fak
     assert await batch.results(timeout=5) == [0, 1, 2]
 
 
+async def test_a_batch_waits_for_a_member_retried_by_hand_after_its_on_complete_ran(
+    jobs: Jobs,
+) -> None:
+    """wait() returns once every member finished and on_complete too: a dead member
+    retried by hand after on_complete ran is unfinished again, and waited for."""
+    tries: list[int] = []
+
+    @jobs.task(retries=0)
+    async def member(n: int) -> int:
+        if n == 0:
+            tries.append(1)
+            if len(tries) == 1:
+                raise RuntimeError("first try")
+        return n
+
+    @jobs.task
+    async def done() -> None: ...
+
+    batch = await jobs.batch([member.spec(0), member.spec(1)], on_complete=done.spec())
+    assert batch.on_complete is not None
+    await drain(jobs)
+    assert (await batch.on_complete.info()).status == "succeeded"
+    assert await batch.wait(timeout=0) == BatchProgress(
+        total=2, done=2, succeeded=1, dead=1, cancelled=0
+    )
+    assert await jobs.retry(batch.jobs[0].id)
+    with pytest.raises(TimeoutError):
+        await batch.wait(timeout=0)  # reads it once: a member is unfinished
+    waited: list[BatchProgress] = []
+
+    async def wait() -> None:
+        waited.append(await batch.wait(timeout=10))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait)
+        for _ in range(3):
+            await anyio.lowlevel.checkpoint()
+        await drain(jobs)
+    assert waited == [BatchProgress(total=2, done=2, succeeded=2, dead=0, cancelled=0)]
+
+
 async def test_pruning_keeps_a_batchs_finished_members_while_its_on_complete_waits(
     make_jobs: MakeJobs, clock: FakeClock
 ) -> None:
