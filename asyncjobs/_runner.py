@@ -401,7 +401,10 @@ class Runner(_Leases, _Execution):
         self._ready.extend(rows)
         self._ready.sort(key=_run_order)
         self._start_ready()
-        if self._ready:
+        # Past drain()'s bound none starts, and the drain gives them all back as it
+        # raises: given back now, those on their last attempt were claimed again at once.
+        spent = self._start_limit is not None and self.jobs_started >= self._start_limit
+        if self._ready and not spent:
             self._give_back_last_attempts()
 
     def _give_back_last_attempts(self) -> None:

@@ -31,11 +31,12 @@ class FakeClock:
                 raise ValueError("FakeClock(start=...) needs a timezone-aware datetime")
             start = start.timestamp()
         real: Clock = SystemClock()
-        # The real time, down to a multiple of 1/64 s: a float that is a whole number of
+        # The real time, up to a multiple of 1/64 s: a float that is a whole number of
         # microseconds, exactly. datetime() then shows the clock's time as it is, not
         # rounded up to the next microsecond, and a run_at of datetime() + 5 s is due
-        # once advance(5) has run (as it is after advances by whole seconds).
-        self._now = float(start) if start is not None else math.floor(real.now() * 64) / 64
+        # once advance(5) has run (as it is after advances by whole seconds). Up, not
+        # down: what a real clock stored just before is not in this clock's future.
+        self._now = float(start) if start is not None else math.ceil(real.now() * 64) / 64
         self._seq = itertools.count()
         # Loops in other threads (a TestClient's) wait on this clock too: the lock keeps
         # their changes to the heaps from losing one another's.
