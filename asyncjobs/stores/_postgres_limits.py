@@ -4,10 +4,10 @@
 advisory lock for the store's schema, so claims under limits from every host are
 serialised (a plain claim, with no limits configured, never takes it): the running
 counts it reads and the tokens it takes cannot race another claimer. Then it reads
-the head of each open task's ready jobs in one round trip, merges them in priority
-then enqueue order, and lets an ``Admission`` (asyncjobs/stores/_admission.py)
-decide; a task whose page was all held back by keyed buckets is read further, up to
-``WINDOW`` rows.
+the head of each open task's ready jobs in one round trip (of a group, only its head:
+``_HEADS``), merges them in priority then enqueue order, and lets an ``Admission``
+(asyncjobs/stores/_admission.py) decide; a task whose page was all held back by keyed
+buckets is read further, up to ``WINDOW`` rows.
 """
 
 from __future__ import annotations
@@ -33,11 +33,69 @@ if TYPE_CHECKING:
 
     from asyncjobs.stores._postgres_sql import Connection
 
-_GROUP_HEAD = (
-    "(j.group_key IS NULL OR NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS g "
-    "WHERE g.group_key = j.group_key AND g.status IN ('scheduled', 'queued', 'running') "
-    "AND (g.seq < j.seq OR g.status = 'running')))"
+# Whether job {j} (an alias) heads its group: no earlier job of its group unfinished,
+# and none running. Two tests of a seek each (asyncjobs_jobs_group,
+# asyncjobs_jobs_group_busy): one test of both ("earlier or running") read every
+# unfinished job of the group to find none running.
+HEADS_GROUP = """NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS g
+        WHERE g.group_key = {j}.group_key AND g.status IN ('scheduled', 'queued', 'running')
+        AND g.seq < {j}.seq)
+    AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS g
+        WHERE g.group_key = {j}.group_key AND g.group_key IS NOT NULL AND g.status = 'running')"""
+
+# The next {page} ($3) ready jobs of each task ($1, with $2: whether only its keyed jobs
+# may run) in claim order that can run by their group: of no group, or their group's
+# head. Only a group's head can run, so walking a task's ready jobs walked the backlog
+# of its large groups, every one of them unclaimable. The first {walk} ($4) of them are
+# walked: the heads among them come first among the task's heads, so when there are
+# {page} of them, or the walk read every ready job of the task, they are the answer.
+# Otherwise (a group's backlog fills the walk) the task's jobs of no group are read
+# (asyncjobs_jobs_ready_task_plain), and each group's first unfinished job (a loose
+# scan of asyncjobs_jobs_group, a seek a group, read once for all tasks and only if a
+# task needs it), if it is ready and its group runs none. {where_j}, {where_h}: further
+# tests (_heads), on the walked jobs and the groups' heads.
+_HEADS = """WITH RECURSIVE group_first AS (
+    (SELECT group_key, seq, status, task, queue, priority, rate_key, key_pending
+     FROM asyncjobs_jobs
+     WHERE group_key IS NOT NULL AND status IN ('scheduled', 'queued', 'running')
+     ORDER BY group_key, seq LIMIT 1)
+    UNION ALL
+    SELECT n.* FROM group_first AS f CROSS JOIN LATERAL (
+        SELECT group_key, seq, status, task, queue, priority, rate_key, key_pending
+        FROM asyncjobs_jobs
+        WHERE group_key > f.group_key AND status IN ('scheduled', 'queued', 'running')
+        ORDER BY group_key, seq LIMIT 1) AS n
+), group_heads AS MATERIALIZED (
+    SELECT f.* FROM group_first AS f WHERE f.status = 'queued'
+      AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS g
+          WHERE g.group_key = f.group_key AND g.group_key IS NOT NULL AND g.status = 'running')
 )
+SELECT t.name, c.seq, c.priority, c.queue, c.rate_key, c.key_pending
+FROM unnest($1::text[], $2::bool[]) AS t(name, keyed_only) CROSS JOIN LATERAL (
+    WITH walk AS MATERIALIZED (
+        SELECT j.seq, j.priority, j.queue, j.rate_key, j.key_pending, j.group_key
+        FROM asyncjobs_jobs AS j WHERE j.status = 'queued' AND j.task = t.name {where_j}
+        ORDER BY j.priority DESC, j.seq LIMIT $4
+    ), heads AS MATERIALIZED (
+        SELECT w.seq, w.priority, w.queue, w.rate_key, w.key_pending FROM walk AS w
+        WHERE w.group_key IS NULL OR {heads_w}
+    ), enough AS MATERIALIZED (
+        SELECT (SELECT count(*) FROM heads) >= $3 OR (SELECT count(*) FROM walk) < $4 AS yes
+    )
+    SELECT * FROM heads WHERE (SELECT yes FROM enough)
+    UNION ALL
+    (SELECT j.seq, j.priority, j.queue, j.rate_key, j.key_pending FROM asyncjobs_jobs AS j
+     WHERE NOT (SELECT yes FROM enough)
+       AND j.status = 'queued' AND j.group_key IS NULL AND j.task = t.name {where_j}
+     ORDER BY j.priority DESC, j.seq LIMIT $3)
+    UNION ALL
+    SELECT h.seq, h.priority, h.queue, h.rate_key, h.key_pending FROM group_heads AS h
+    WHERE NOT (SELECT yes FROM enough) AND h.task = t.name {where_h}
+    ORDER BY priority DESC, seq LIMIT $3
+) AS c"""
+
+WALK = 4
+"""A task's next n heads are looked for among its next WALK * n ready jobs (_HEADS)."""
 
 _FIRST_PENDING_KEYS = (
     "SELECT t.task, p.priority, p.seq FROM unnest($1::text[]) AS t(task) CROSS JOIN LATERAL "
@@ -170,13 +228,6 @@ async def _has_ready(conn: Connection, request: ClaimRequest, task: str) -> bool
     return row is not None
 
 
-def _queue_filter(request: ClaimRequest, params: list[Any]) -> str:
-    if request.queues is None:
-        return ""
-    params.append(list(request.queues))
-    return f"AND j.queue = ANY(${len(params)}::text[])"
-
-
 async def _first_pages(
     conn: Connection,
     request: ClaimRequest,
@@ -188,19 +239,12 @@ async def _first_pages(
     buffers: dict[str, deque[Candidate]] = {task: deque() for task in tasks}
     if not tasks:
         return buffers
-    params: list[Any] = [tasks, [keyed_only[t] for t in tasks], page]
-    queue_filter = _queue_filter(request, params)
-    rows = await conn.fetch(
-        "SELECT t.name, c.seq, c.priority, c.queue, c.rate_key, c.key_pending "  # noqa: S608
-        "FROM unnest($1::text[], $2::bool[]) AS t(name, keyed_only) CROSS JOIN LATERAL ("
-        "SELECT j.seq, j.priority, j.queue, j.rate_key, j.key_pending "
-        "FROM asyncjobs_jobs AS j "
-        "WHERE j.status = 'queued' AND j.task = t.name "
-        f"AND (NOT t.keyed_only OR j.rate_key IS NOT NULL) {queue_filter} AND {_GROUP_HEAD} "
-        "ORDER BY j.priority DESC, j.seq LIMIT $3) AS c",
-        *params,
-    )
-    for r in rows:
+    where: list[str] = []
+    params: list[Any] = [tasks, [keyed_only[t] for t in tasks], page, WALK * page]
+    if request.queues is not None:
+        params.append(list(request.queues))
+        where.append(f"{{x}}.queue = ANY(${len(params)}::text[])")
+    for r in await conn.fetch(_heads(where), *params):
         buffers[r["name"]].append(_candidate(r, r["name"]))
     return buffers
 
@@ -214,33 +258,29 @@ async def _next_page(
     page: int,
 ) -> list[Candidate]:
     """The task's next ready jobs after ``after``, skipping full queues and empty keys."""
-    params: list[Any] = [task, after.priority, after.seq, page]
-    where = [
-        "j.status = 'queued'",
-        "j.task = $1",
-        "(j.priority < $2 OR (j.priority = $2 AND j.seq > $3))",
-        _GROUP_HEAD,
-    ]
-    if keyed_only:
-        where.append("j.rate_key IS NOT NULL")
+    params: list[Any] = [[task], [keyed_only], page, WALK * page, after.priority, after.seq]
+    where = ["({x}.priority < $5 OR ({x}.priority = $5 AND {x}.seq > $6))"]
     if admission.request.queues is not None:
         params.append(list(admission.request.queues))
-        where.append(f"j.queue = ANY(${len(params)}::text[])")
+        where.append(f"{{x}}.queue = ANY(${len(params)}::text[])")
     if admission.full_queues:
         params.append(sorted(admission.full_queues))
-        where.append(f"NOT (j.queue = ANY(${len(params)}::text[]))")
+        where.append(f"NOT ({{x}}.queue = ANY(${len(params)}::text[]))")
     blocked = admission.blocked_keys_of(task)
     if blocked:
         params.append(sorted(blocked))
-        where.append(f"NOT (coalesce(j.rate_key, '') = ANY(${len(params)}::text[]))")
-    # Only fixed terms with $n placeholders are joined; values go in params.
-    rows = await conn.fetch(
-        "SELECT j.seq, j.priority, j.queue, j.rate_key, j.key_pending "  # noqa: S608
-        f"FROM asyncjobs_jobs AS j WHERE {' AND '.join(where)} "
-        "ORDER BY j.priority DESC, j.seq LIMIT $4",
-        *params,
+        where.append(f"NOT (coalesce({{x}}.rate_key, '') = ANY(${len(params)}::text[]))")
+    return [_candidate(r, task) for r in await conn.fetch(_heads(where), *params)]
+
+
+def _heads(where: list[str]) -> str:
+    """_HEADS with the tests ``where`` (of alias ``{x}``, values in parameters)."""
+    where = ["(NOT t.keyed_only OR {x}.rate_key IS NOT NULL)", *where]
+    return _HEADS.format(
+        where_j="".join(" AND " + w.format(x="j") for w in where),
+        where_h="".join(" AND " + w.format(x="h") for w in where),
+        heads_w=HEADS_GROUP.format(j="w"),
     )
-    return [_candidate(r, task) for r in rows]
 
 
 def _candidate(record: asyncpg.Record, task: str) -> Candidate:

@@ -27,6 +27,7 @@ from asyncjobs.stores._dependents import (
     wants,
     with_batch,
 )
+from asyncjobs.stores._postgres_limits import HEADS_GROUP
 from asyncjobs.stores._postgres_limits import choose as choose_limited
 from asyncjobs.stores._protocol import (
     PREVIEWED,
@@ -428,11 +429,11 @@ async def claim(
         if not admission.chosen:
             return Claimed(next_token_at=next_token_at, unkeyed=unkeyed)
         params.append(admission.chosen)
-        queue_filter += f" AND j.seq = ANY(${len(params)}::bigint[])"
     params.append(limit)
     limit_at = len(params)
     if limited:
-        picked = _PICK_CHOSEN.format(queues=queue_filter, limit=f"${limit_at}")
+        chosen = f"${limit_at - 1}"
+        picked = _PICK_CHOSEN.format(chosen=chosen, queues=queue_filter, limit=f"${limit_at}")
     else:
         params.append(limit + WINDOW_MORE)
         picked = _PICK_READY.format(
@@ -463,23 +464,17 @@ async def claim(
     return Claimed(claimed, next_token_at=next_token_at, unkeyed=unkeyed)
 
 
-# Whether job {j} (an alias) heads its group: no earlier job of its group unfinished,
-# and none running. Two tests of a seek each (asyncjobs_jobs_group,
-# asyncjobs_jobs_group_busy): one test of both ("earlier or running") read every
-# unfinished job of the group to find none running.
-HEADS_GROUP = """NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS g
-        WHERE g.group_key = {j}.group_key AND g.status IN ('scheduled', 'queued', 'running')
-        AND g.seq < {j}.seq)
-    AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS g
-        WHERE g.group_key = {j}.group_key AND g.group_key IS NOT NULL AND g.status = 'running')"""
-
-
-# The jobs a claim under limits takes: those _postgres_limits chose (in {queues}).
+# The jobs a claim under limits takes: those _postgres_limits chose ({chosen}), if still
+# ready and heads of their group, each read by its seq (joined to the chosen instead, on
+# a table never analysed the rows were read from asyncjobs_jobs_ready_task: the tasks'
+# whole backlog; a subquery that locks is planned on its own).
 _PICK_CHOSEN = f"""picked AS (
-    SELECT j.seq, j.priority FROM asyncjobs_jobs AS j
-    WHERE j.status = 'queued' AND j.task = ANY($4::text[]) {{queues}}
-      AND (j.group_key IS NULL OR {HEADS_GROUP.format(j="j")})
-    ORDER BY j.priority DESC, j.seq LIMIT {{limit}} FOR UPDATE SKIP LOCKED)"""  # noqa: S608 - constants
+    SELECT j.seq, j.priority FROM unnest({{chosen}}::bigint[]) AS c(seq) CROSS JOIN LATERAL (
+        SELECT j.seq, j.priority FROM asyncjobs_jobs AS j
+        WHERE j.seq = c.seq AND j.status = 'queued' AND j.task = ANY($4::text[]) {{queues}}
+          AND (j.group_key IS NULL OR {HEADS_GROUP.format(j="j")})
+        FOR UPDATE SKIP LOCKED) AS j
+    ORDER BY j.priority DESC, j.seq LIMIT {{limit}})"""  # noqa: S608 - constants
 
 WINDOW_MORE = 16
 """A claim of n reads the first n + WINDOW_MORE ready jobs of groups (_PICK_READY)."""

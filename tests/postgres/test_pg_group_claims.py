@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 from conftest import in_schema
 
+from asyncjobs import RateLimit
 from asyncjobs.stores import ClaimRequest, NewJob, Outcome, OutcomeKind, TaskLimits, open_store
+from asyncjobs.stores import _postgres_limits as limits
 from asyncjobs.stores import _postgres_sql as sql
 from asyncjobs.stores._postgres_sql import WINDOW_MORE
 
@@ -49,31 +51,18 @@ WHERE c.oid = 'asyncjobs_jobs'::regclass
 REQUEST = ClaimRequest(
     worker="w", tasks={"t": TaskLimits(max_attempts=3)}, queues=None, limit=10, lease=30.0
 )
-
-
-async def claim_reads(jobs: int, group: int | None, running: int, plain: int) -> tuple[int, Any]:
-    """The rows one claim read, and what it claimed, on a fresh table of ``jobs`` jobs
-    in groups of ``group``, the first ``running`` of them running, and ``plain`` jobs
-    of no group enqueued after them."""
-    async with in_schema(f"asyncjobs_test_{uuid.uuid4().hex[:16]}") as url:
-        store = open_store(url)
-        await store.open()  # the schema
-        await store.close()
-        conn = await asyncpg.connect(url)
-        try:
-            await conn.execute(FILL, jobs, group, running)
-            await conn.execute(PLAIN, plain)
-            async with conn.transaction():
-                before = await conn.fetchval(READ)
-                claimed = await sql.claim(conn, REQUEST, 2.0, "token")
-                after = await conn.fetchval(READ)
-        finally:
-            await conn.close()
-    return int(after - before), sorted(row.id for row in claimed)
-
-
-@pytest.mark.usefixtures("postgres_url")  # skips without a server
-@pytest.mark.parametrize(
+# Claims under limits, which choose their jobs in asyncjobs/stores/_postgres_limits.py:
+# none of these holds a job back here.
+PLENTY = RateLimit(rate=1000, per=1)
+LIMITED = {
+    "concurrency": replace(REQUEST, tasks={"t": TaskLimits(max_attempts=3, concurrency=100)}),
+    "queue-concurrency": replace(REQUEST, queue_concurrency={"default": 100}),
+    "rate-limit": replace(REQUEST, tasks={"t": TaskLimits(max_attempts=3, rate_limit=PLENTY)}),
+    "limiter": replace(
+        REQUEST, tasks={"t": TaskLimits(max_attempts=3, limiter="l")}, limiters={"l": PLENTY}
+    ),
+}
+CASES = pytest.mark.parametrize(
     ("group", "running", "plain", "expected"),
     [
         (None, 0, 0, None),  # no group: the first ten
@@ -87,11 +76,56 @@ async def claim_reads(jobs: int, group: int | None, running: int, plain: int) ->
     ids=["ungrouped", "one-group", "one-group-running", "one-group-and-plain",
          "one-group-running-and-plain", "groups-of-one", "groups-of-two"],
 )  # fmt: skip
+
+
+async def claim_reads(
+    jobs: int, group: int | None, running: int, plain: int, request: ClaimRequest = REQUEST
+) -> tuple[int, Any]:
+    """The rows one claim (``request``) read, and what it claimed, on a fresh table of
+    ``jobs`` jobs in groups of ``group``, the first ``running`` of them running, and
+    ``plain`` jobs of no group enqueued after them."""
+    async with in_schema(f"asyncjobs_test_{uuid.uuid4().hex[:16]}") as url:
+        store = open_store(url)
+        await store.open()  # the schema
+        await store.close()
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(FILL, jobs, group, running)
+            await conn.execute(PLAIN, plain)
+            async with conn.transaction():
+                before = await conn.fetchval(READ)
+                claimed = await sql.claim(conn, request, 2.0, "token")
+                after = await conn.fetchval(READ)
+        finally:
+            await conn.close()
+    return int(after - before), sorted(row.id for row in claimed)
+
+
+@pytest.mark.usefixtures("postgres_url")  # skips without a server
+@CASES
 async def test_a_claim_reads_as_many_rows_for_a_backlog_ten_times_larger(
     group: int | None, running: int, plain: int, expected: list[str] | None
 ) -> None:
     small, claimed_small = await claim_reads(2_000, group, running, plain)
     large, claimed_large = await claim_reads(20_000, group, running, plain)
+    if expected is None:
+        step = group or 1
+        expected = sorted(f"job-{n * step}" for n in range(10))
+    assert claimed_small == claimed_large == expected
+    assert large <= small + 20, (small, large)
+
+
+@pytest.mark.usefixtures("postgres_url")  # skips without a server
+@pytest.mark.parametrize("limit", sorted(LIMITED))
+@CASES
+async def test_a_claim_under_limits_reads_as_many_rows_for_a_backlog_ten_times_larger(
+    limit: str, group: int | None, running: int, plain: int, expected: list[str] | None
+) -> None:
+    """The same under a concurrency or rate limit: such a claim reads the heads of its
+    tasks' ready jobs (_postgres_limits), then takes those it chose."""
+    request = LIMITED[limit]
+    small, claimed_small = await claim_reads(2_000, group, running, plain, request)
+    large, claimed_large = await claim_reads(20_000, group, running, plain, request)
     if expected is None:
         step = group or 1
         expected = sorted(f"job-{n * step}" for n in range(10))
@@ -128,6 +162,49 @@ async def test_a_claim_past_a_full_window_takes_the_heads_it_may_in_claim_order(
         assert [row.id for row in claimed] == ["urgent-0", "big-0", "plain-0", "plain-1"]
         claimed = await store.claim(replace(REQUEST, queues=["a"]), now=2.0)
         assert claimed == []  # every group runs one
+    finally:
+        await store.close()
+
+
+async def test_a_claim_under_limits_past_a_full_walk_takes_the_heads_it_may_in_claim_order(
+    postgres_url: str,
+) -> None:
+    """Under limits, a group's backlog filling the jobs a claim walks: the heads of the
+    other groups in claim order, also on the next page, read past a queue found full."""
+    store = open_store(postgres_url)
+    try:
+
+        def job(n: int, group: str, **fields: Any) -> NewJob:
+            values: dict[str, Any] = {
+                "task": "t", "queue": "b", "payload": "{}", "status": "queued",
+                "priority": 0, "run_at": 1.0, "max_attempts": 3, "group_key": group,
+            }  # fmt: skip
+            values.update(fields)
+            return NewJob(id=f"{group}-{n}", **values)
+
+        page = REQUEST.limit + 16  # a page of heads (_postgres_limits)
+        await store.insert(
+            [job(n, "big") for n in range(3 * limits.WALK * page)]
+            + [job(0, f"a{n}", queue="a", priority=5) for n in range(page + 10)]
+            + [job(n, "busy") for n in range(2)]
+            + [job(n, "later", status="scheduled", run_at=3600.0) for n in range(2)]
+            + [job(0, "other-task", task="u")]
+            + [job(0, "other-queue", queue="c")]
+            + [job(0, f"b{n}") for n in range(20)],
+            now=1.0,
+        )
+        await store.claim(
+            replace(REQUEST, tasks={"t": TaskLimits(max_attempts=3)}, limit=1, queues=["b"]),
+            now=2.0,
+        )  # big-0 runs: its group is busy
+        request = replace(
+            REQUEST,
+            tasks={"t": TaskLimits(max_attempts=3, concurrency=100)},
+            queues=["a", "b"],
+            queue_concurrency={"a": 1},  # full once a0-0 is taken: the page's a's are not
+        )
+        claimed = await store.claim(request, now=2.0)
+        assert [row.id for row in claimed] == ["a0-0", "busy-0", *(f"b{n}-0" for n in range(8))]
     finally:
         await store.close()
 
