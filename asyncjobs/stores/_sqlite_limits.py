@@ -6,9 +6,11 @@ sharing the file. It reads the head of each task's ready jobs (one index seek pe
 task, see migration 0002), merges them in priority then enqueue order, lets an
 ``Admission`` (asyncjobs/stores/_admission.py) decide, and writes the buckets back. A
 task blocked as a whole (its concurrency is full or its own bucket is empty) is not
-read at all, so a held-back backlog costs one seek however long it is. Past the first
-``WINDOW`` ready jobs of a task, a claim finds the heads of groups (``_group_heads``)
-and the jobs of keys (``_past_window``) a bounded number at a time.
+read at all, so a held-back backlog costs one seek however long it is. The ready
+indexes leave out the jobs behind another of their group (migration 0012): a group's
+backlog is never read, only its first job. Past the first ``WINDOW`` ready jobs of a
+task, a claim finds the heads of groups (``_group_heads``) and the jobs of keys
+(``_past_window``) a bounded number at a time.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ from asyncjobs.stores._protocol import ClaimRequest
 __all__ = ["GROUPS_PER_CLAIM", "KEYS_PER_CLAIM", "WINDOW", "choose", "has_limits"]
 
 WINDOW = 1000
-"""How many of a task's ready jobs one claim looks through in claim order. Behind them,
-the heads of other groups are found by group (``_group_heads``) and, under a keyed
-limiter whose keys filled them without tokens, the keys' jobs by key
-(``_past_window``); other jobs behind this many held back (by a group, a full queue,
-the shared bucket) wait for the head of the line to move."""
+"""How many of a task's ready jobs one claim looks through in claim order (a group's
+backlog is not among them, only its first job). Behind them, the heads of other groups
+are found by group (``_group_heads``) and, under a keyed limiter whose keys filled them
+without tokens, the keys' jobs by key (``_past_window``); other jobs behind this many
+held back (by a group, a full queue, the shared bucket) wait for the head of the line
+to move."""
 
 _GROUP_HEAD = (
     "(j.group_key IS NULL OR NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS g "
@@ -110,13 +113,15 @@ _FIRST_PENDING_KEY = (
 
 _READY = (
     "SELECT 1 FROM asyncjobs_jobs INDEXED BY asyncjobs_jobs_ready_task "
-    "WHERE status = 'queued' AND task = ? LIMIT 1"
+    "WHERE status = 'queued' AND behind IS NULL AND task = ? LIMIT 1"
 )
 _READY_IN_QUEUES = (
     "SELECT 1 FROM asyncjobs_jobs INDEXED BY asyncjobs_jobs_counts WHERE status = 'queued' "
     "AND queue IN (SELECT value FROM json_each(?)) AND task = ? LIMIT 1"
 )
-"""Whether a job of a task is ready (in the queues a claim serves): a seek (per queue)."""
+"""Whether a job of a task is ready (in the queues a claim serves): a seek (per queue).
+In the queues, a job behind another of its group counts too (the index of counts does
+not know it): at worst the runner wakes once for a bucket it cannot use yet."""
 
 
 def _has_ready(db: sqlite3.Connection, request: ClaimRequest, task: str) -> bool:
@@ -174,7 +179,7 @@ def _candidates(
 
 def _head(admission: Admission, task: str, keyed_only: bool) -> tuple[list[str], list[Any]]:
     """The terms (and their parameters) that pick the task's ready jobs for this claim."""
-    where = ["status = 'queued'", "task = ?"]
+    where = ["status = 'queued'", "behind IS NULL", "task = ?"]
     params: list[Any] = [task]
     if keyed_only:
         where.append("rate_key IS NOT NULL")
@@ -238,14 +243,15 @@ for this claim, so a claim reads a bounded number of rows per key."""
 
 _KEYS_STEP = (
     "UNION ALL SELECT (SELECT rate_key FROM asyncjobs_jobs INDEXED BY asyncjobs_jobs_ready_key "
-    "WHERE status = 'queued' AND rate_key IS NOT NULL AND task = ? AND rate_key > keys.key "
-    "ORDER BY rate_key LIMIT 1) FROM keys WHERE keys.key IS NOT NULL LIMIT ?) "
+    "WHERE status = 'queued' AND rate_key IS NOT NULL AND behind IS NULL AND task = ? "
+    "AND rate_key > keys.key ORDER BY rate_key LIMIT 1) FROM keys WHERE keys.key IS NOT NULL "
+    "LIMIT ?) "
     "SELECT keys.key, h.priority, h.seq FROM keys LEFT JOIN asyncjobs_jobs AS h ON h.seq = "
     "coalesce((SELECT j.seq FROM asyncjobs_jobs AS j INDEXED BY asyncjobs_jobs_ready_key "
-    "WHERE j.status = 'queued' AND j.rate_key IS NOT NULL AND j.task = ? "
+    "WHERE j.status = 'queued' AND j.rate_key IS NOT NULL AND j.behind IS NULL AND j.task = ? "
     "AND j.rate_key = keys.key AND j.priority = ? AND j.seq > ? ORDER BY j.seq LIMIT 1), "
     "(SELECT j.seq FROM asyncjobs_jobs AS j INDEXED BY asyncjobs_jobs_ready_key "
-    "WHERE j.status = 'queued' AND j.rate_key IS NOT NULL AND j.task = ? "
+    "WHERE j.status = 'queued' AND j.rate_key IS NOT NULL AND j.behind IS NULL AND j.task = ? "
     "AND j.rate_key = keys.key AND j.priority < ? ORDER BY j.priority DESC, j.seq LIMIT 1)) "
     "WHERE keys.key IS NOT NULL"
 )
@@ -256,7 +262,7 @@ empty among them."""
 _KEYS_AFTER = (
     "WITH RECURSIVE keys(key) AS (SELECT (SELECT rate_key FROM asyncjobs_jobs "  # noqa: S608
     "INDEXED BY asyncjobs_jobs_ready_key WHERE status = 'queued' AND rate_key IS NOT NULL "
-    "AND task = ? AND rate_key > ? ORDER BY rate_key LIMIT 1) " + _KEYS_STEP
+    "AND behind IS NULL AND task = ? AND rate_key > ? ORDER BY rate_key LIMIT 1) " + _KEYS_STEP
 )
 """The keys of a task's ready keyed jobs after a key, in key order, one index seek each
 (a loose index scan), at most ``?`` of them; with each, the first of its jobs after a
@@ -264,7 +270,7 @@ point in claim order (NULL if none)."""
 _KEYS_FIRST = (
     "WITH RECURSIVE keys(key) AS (SELECT (SELECT rate_key FROM asyncjobs_jobs "  # noqa: S608
     "INDEXED BY asyncjobs_jobs_ready_key WHERE status = 'queued' AND rate_key IS NOT NULL "
-    "AND task = ? ORDER BY rate_key LIMIT 1) " + _KEYS_STEP
+    "AND behind IS NULL AND task = ? ORDER BY rate_key LIMIT 1) " + _KEYS_STEP
 )
 """``_KEYS_AFTER`` from the first key."""
 
@@ -277,10 +283,12 @@ goes on after it, so every key gets its turn."""
 _KEY_PAGE_SQL = (
     "WITH page AS (SELECT * FROM (SELECT seq, priority, queue, group_key FROM asyncjobs_jobs "
     "INDEXED BY asyncjobs_jobs_ready_key WHERE status = 'queued' AND rate_key IS NOT NULL "
-    "AND task = ? AND rate_key = ? AND priority = ? AND seq > ? ORDER BY seq LIMIT ?) "
+    "AND behind IS NULL AND task = ? AND rate_key = ? AND priority = ? AND seq > ? "
+    "ORDER BY seq LIMIT ?) "
     "UNION ALL SELECT * FROM (SELECT seq, priority, queue, group_key FROM asyncjobs_jobs "
     "INDEXED BY asyncjobs_jobs_ready_key WHERE status = 'queued' AND rate_key IS NOT NULL "
-    "AND task = ? AND rate_key = ? AND priority < ? ORDER BY priority DESC, seq LIMIT ?) "
+    "AND behind IS NULL AND task = ? AND rate_key = ? AND priority < ? "
+    "ORDER BY priority DESC, seq LIMIT ?) "
     "ORDER BY priority DESC, seq LIMIT ?) "
 )
 """The next ``_KEY_PAGE`` ready jobs of a key after a point in claim order (two seeks,

@@ -15,6 +15,7 @@ import sqlite3
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
+from functools import cache
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from asyncjobs.stores._dependents import (
@@ -95,27 +96,59 @@ _INSERT_INTO = (
 )
 _INSERT_MARKS = "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
 # With a job dispatched at insert, four columns more; with a job whose rate-limit key
-# is pending, one more. Only then, as the driver binds every parameter holding the GIL.
+# is pending, one more; with a job of a group, its mark (``_behind``). Only then, as the
+# driver binds every parameter holding the GIL (a None too, and not for free).
 _STARTED = ", attempts, started_at, lease_until, worker"
 _STARTED_MARKS = ", ?, ?, ?, ?"
 _PENDING = ", key_pending"
 _PENDING_MARK = ", ?"
-# By [dispatched][pending]: the statement's head, and one row's placeholders.
-_INSERT_HEADS = (
-    (_INSERT_INTO + ") VALUES ", _INSERT_INTO + _PENDING + ") VALUES "),
-    (_INSERT_INTO + _STARTED + ") VALUES ", _INSERT_INTO + _STARTED + _PENDING + ") VALUES "),
-)
-_INSERT_ROWS = (
-    ("(" + _INSERT_MARKS + ")", "(" + _INSERT_MARKS + _PENDING_MARK + ")"),
-    (
-        "(" + _INSERT_MARKS + _STARTED_MARKS + ")",
-        "(" + _INSERT_MARKS + _STARTED_MARKS + _PENDING_MARK + ")",
-    ),
-)
+_BEHIND = ", behind"
+_BEHIND_MARK = ", ?"
+
+
+@cache
+def _insert_sql(dispatched: bool, pending: bool, grouped: bool) -> tuple[str, str]:
+    """The statement's head, and one row's placeholders, with the columns these need."""
+    columns, marks = _INSERT_INTO, _INSERT_MARKS
+    if dispatched:
+        columns, marks = columns + _STARTED, marks + _STARTED_MARKS
+    if pending:
+        columns, marks = columns + _PENDING, marks + _PENDING_MARK
+    if grouped:
+        columns, marks = columns + _BEHIND, marks + _BEHIND_MARK
+    return columns + ") VALUES ", "(" + marks + ")"
+
+
 _INSERT_TAIL = " ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
 _NOT_STARTED = (0, None, None, None)
 _INSERT_CHUNK = 500
-"""Rows per INSERT statement (at most 19 values each, well under SQLite's 32,766)."""
+"""Rows per INSERT statement (at most 20 values each, well under SQLite's 32,766)."""
+
+_UNFINISHED = frozenset(("scheduled", "queued", "running"))
+_GROUPS_UNFINISHED = (
+    "SELECT value FROM json_each(?) WHERE EXISTS (SELECT 1 FROM asyncjobs_jobs "
+    "WHERE group_key = value AND status IN ('scheduled', 'queued', 'running'))"
+)
+"""Which of some groups have an unfinished job: a seek each in asyncjobs_jobs_group."""
+
+
+def _behind(db: sqlite3.Connection, jobs: Sequence[NewJob]) -> list[int | None] | None:
+    """Each job's ``behind`` mark (migration 0012): 1 when an unfinished job of its group
+    comes before it, stored or earlier in ``jobs``, so the ready indexes leave it out;
+    None when no job has a group. A job with an idempotency key may not be inserted (its
+    key is taken): the jobs after it are not marked on its account, as a mark too few
+    costs a claim one row and one too many would hold the group."""
+    groups = {j.group_key for j in jobs if j.group_key is not None}
+    if not groups:
+        return None
+    ahead = {g for (g,) in db.execute(_GROUPS_UNFINISHED, (json.dumps(list(groups)),))}
+    marks: list[int | None] = []
+    for j in jobs:
+        unfinished = j.status in _UNFINISHED
+        marks.append(1 if unfinished and j.group_key in ahead else None)
+        if unfinished and j.group_key is not None and j.idempotency_key is None:
+            ahead.add(j.group_key)
+    return marks
 
 
 def insert_jobs(
@@ -132,12 +165,13 @@ def insert_jobs(
     if callable(now):
         now = now()
     seqs: dict[str, int] = {}
+    behind = _behind(db, jobs)
     for start in range(0, len(jobs), _INSERT_CHUNK):
         chunk = jobs[start : start + _INSERT_CHUNK]
         dispatched = any(j.worker is not None for j in chunk)
         pending = any(j.key_pending for j in chunk)
         values: list[Any] = []
-        for j in chunk:
+        for n, j in enumerate(chunk, start):
             values += (
                 j.id, j.task, j.queue, j.status, j.priority, j.payload, j.options,
                 j.max_attempts, j.run_at, now, j.idempotency_key, j.group_key,
@@ -147,8 +181,10 @@ def insert_jobs(
                 values += _NOT_STARTED if j.worker is None else (1, now, j.lease_end(now), j.worker)
             if pending:
                 values.append(1 if j.key_pending else None)
-        row = _INSERT_ROWS[dispatched][pending]
-        sql = _INSERT_HEADS[dispatched][pending] + ", ".join([row] * len(chunk)) + _INSERT_TAIL
+            if behind is not None:
+                values.append(behind[n])
+        head, row = _insert_sql(dispatched, pending, behind is not None)
+        sql = head + ", ".join([row] * len(chunk)) + _INSERT_TAIL
         if dispatched:  # the runner needs their seq; RETURNING lists every inserted row
             returned = db.execute(sql + " RETURNING id, seq, worker", values).fetchall()
             seqs.update((job_id, seq) for job_id, seq, worker in returned if worker is not None)
@@ -279,10 +315,12 @@ def _claim_ready(
 
 # INDEXED BY: without ANALYZE statistics the planner prefers the (status, seq) index
 # and sorts every queued row on each claim (38 ms per claim with a 100k backlog); the
-# partial ready index yields them already in claim order (0.04 ms).
+# partial ready index yields them already in claim order (0.04 ms). It leaves out the
+# jobs behind another of their group (migration 0012), so a group's backlog is not read;
+# the group's first job is still checked (a later one of its group may run).
 _PICK_READY = """
             SELECT j.seq FROM asyncjobs_jobs AS j INDEXED BY asyncjobs_jobs_ready
-            WHERE j.status = 'queued'
+            WHERE j.status = 'queued' AND j.behind IS NULL
               AND j.task IN (SELECT value FROM json_each(?)) {queue_filter}
               AND (j.group_key IS NULL OR NOT EXISTS (
                     SELECT 1 FROM asyncjobs_jobs AS g
