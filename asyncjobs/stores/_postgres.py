@@ -43,7 +43,7 @@ import weakref
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import parse_qsl, unquote_plus, urlsplit
+from urllib.parse import parse_qs, parse_qsl, unquote_plus, urlsplit
 
 from asyncjobs._errors import ConfigurationError, StoreError
 from asyncjobs.stores import _postgres_admin as admin
@@ -186,6 +186,9 @@ class PostgresStore(_Connections):
             {} if "lock_timeout" in query else {"lock_timeout": f"{lock_timeout}ms"}
         )
         self.url = _without_settings(url, _URL_SETTINGS)
+        misread = _misread_by_asyncpg(self.url)
+        if misread is not None:
+            raise ConfigurationError(misread)
         self.pool_min = pool_min
         self.pool_max = pool_max
         self.connect_timeout = connect_timeout
@@ -726,6 +729,30 @@ def _unreadable(url: str) -> str:
         f"cannot read the host and port of {shown!r}: its password must be "
         "percent-encoded (a /, ?, #, [ or ] typed as is breaks the URL)"
     )
+
+
+def _misread_by_asyncpg(url: str) -> str | None:
+    """Why asyncpg would misread ``url``, with its password hidden; None if it would not.
+
+    asyncpg reads the URL only on connecting, and its errors quote what it could not
+    read: an ``&`` typed unescaped in a password parameter left a piece with no ``=``
+    ("bad query field: '...'"), and an ``@`` in the user info (which asyncpg ends at
+    its first ``@``) read the password's tail as the host (looked up in the DNS) and
+    port ("invalid literal for int() ...")."""
+    parts = urlsplit(url)
+    if parts.netloc.count("@") > 1:
+        return (
+            f"cannot read the user name and password of {redacted(url)!r}: they must be "
+            "percent-encoded (an @ typed as is ends them early)"
+        )
+    try:
+        parse_qs(parts.query, strict_parsing=bool(parts.query))
+    except ValueError:
+        return (
+            f"cannot read the parameters of {redacted(url)!r}: each must be name=value, "
+            "percent-encoded (an &, ?, # or @ in a password typed as is breaks them)"
+        )
+    return None
 
 
 def _location(url: str) -> tuple[object, ...]:
