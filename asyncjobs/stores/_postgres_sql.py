@@ -429,10 +429,11 @@ async def claim(
         if not admission.chosen:
             return Claimed(next_token_at=next_token_at, unkeyed=unkeyed)
         params.append(admission.chosen)
+    chosen_at = len(params)  # (limited only)
     params.append(limit)
     limit_at = len(params)
     if limited:
-        chosen = f"${limit_at - 1}"
+        chosen = f"${chosen_at}"
         picked = _PICK_CHOSEN.format(chosen=chosen, queues=queue_filter, limit=f"${limit_at}")
     else:
         params.append(limit + WINDOW_MORE)
