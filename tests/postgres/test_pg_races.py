@@ -429,18 +429,44 @@ async def test_a_cancel_while_a_running_job_goes_back_to_the_queue_cancels_it(
     )
     await store.insert([new("j", max_attempts=3)], now=T0)
     (row,) = await store.claim(request, now=T0)
-    other = await asyncpg.connect(postgres_url)
-    watcher = await asyncpg.connect(postgres_url)
-    other_pid = await other.fetchval("SELECT pg_backend_pid()")
-    ending = other.transaction()
     cancelled: list[str] = []
-    done = anyio.Event()
+
+    async def end_it(other: Any) -> None:
+        if ends == "lease recovery":
+            assert [r.id for r in await recover_with(other, T0 + 61)] == ["j"]
+        else:
+            kind = OutcomeKind.RETRY if ends == "retry" else OutcomeKind.RELEASE
+            outcome = ended(row, kind)._replace(run_at=T0 + 30, error="boom")
+            assert await finish_with(other, [outcome], T0 + 1) == {"j": kind}
 
     async def cancel() -> None:
         cancelled.extend(await store.cancel(["j"], now=T0 + 2))
+
+    await while_held(postgres_url, end_it, cancel)
+    assert cancelled == ["j"]
+    job = await store.get("j")
+    assert job is not None
+    assert job.status == "cancelled"
+
+
+async def while_held(
+    postgres_url: str,
+    hold: Callable[[Any], Awaitable[None]],
+    action: Callable[[], Awaitable[None]],
+) -> None:
+    """Run ``action`` while another connection's open transaction holds what ``hold``
+    did in it, and commit that transaction once ``action`` waits on it (or has ended)."""
+    other = await asyncpg.connect(postgres_url)
+    watcher = await asyncpg.connect(postgres_url)
+    other_pid = await other.fetchval("SELECT pg_backend_pid()")
+    holding = other.transaction()
+    done = anyio.Event()
+
+    async def act() -> None:
+        await action()
         done.set()
 
-    async def waits_on_the_ending() -> bool:
+    async def waits_on_it() -> bool:
         return bool(
             await watcher.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
@@ -450,25 +476,16 @@ async def test_a_cancel_while_a_running_job_goes_back_to_the_queue_cancels_it(
 
     try:
         with anyio.fail_after(20):
-            await ending.start()
-            if ends == "lease recovery":
-                assert [r.id for r in await recover_with(other, T0 + 61)] == ["j"]
-            else:
-                kind = OutcomeKind.RETRY if ends == "retry" else OutcomeKind.RELEASE
-                outcome = ended(row, kind)._replace(run_at=T0 + 30, error="boom")
-                assert await finish_with(other, [outcome], T0 + 1) == {"j": kind}
+            await holding.start()
+            await hold(other)
             async with anyio.create_task_group() as tg:
-                tg.start_soon(cancel)
-                while not done.is_set() and not await waits_on_the_ending():
+                tg.start_soon(act)
+                while not done.is_set() and not await waits_on_it():
                     await anyio.lowlevel.checkpoint()
-                await ending.commit()
+                await holding.commit()
     finally:
         await other.close()
         await watcher.close()
-    assert cancelled == ["j"]
-    job = await store.get("j")
-    assert job is not None
-    assert job.status == "cancelled"
 
 
 async def finish_with(conn: Any, outcomes: list[Outcome], now: float) -> dict[str, str]:
@@ -493,42 +510,20 @@ async def test_a_discard_of_a_batch_member_claimed_meanwhile_does_not_ask_it_to_
     chain is left running."""
     assert isinstance(store, PostgresStore)
     await store.insert([new("m", batch_id="b"), new("b", status="waiting")], now=T0)
-    other = await asyncpg.connect(postgres_url)
-    watcher = await asyncpg.connect(postgres_url)
-    other_pid = await other.fetchval("SELECT pg_backend_pid()")
-    claiming = other.transaction()
     deleted: list[int] = []
-    done = anyio.Event()
+
+    async def claim_it(other: Any) -> None:
+        await other.execute(
+            "UPDATE asyncjobs_jobs SET status = 'running', attempts = 1, worker = 'w', "
+            "started_at = $1, lease_until = $2 WHERE id = 'm'",
+            T0,
+            T0 + 60,
+        )
 
     async def discard() -> None:
         deleted.append(await store.delete(["m"], now=T0 + 1))
-        done.set()
 
-    async def waits_on_the_claim() -> bool:
-        return bool(
-            await watcher.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
-                other_pid,
-            )
-        )
-
-    try:
-        with anyio.fail_after(20):
-            await claiming.start()
-            await other.execute(
-                "UPDATE asyncjobs_jobs SET status = 'running', attempts = 1, worker = 'w', "
-                "started_at = $1, lease_until = $2 WHERE id = 'm'",
-                T0,
-                T0 + 60,
-            )
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(discard)
-                while not done.is_set() and not await waits_on_the_claim():
-                    await anyio.lowlevel.checkpoint()
-                await claiming.commit()
-    finally:
-        await other.close()
-        await watcher.close()
+    await while_held(postgres_url, claim_it, discard)
     assert deleted == [0]
     assert await store.heartbeat(["m"], worker="w", lease_until=T0 + 90) == {"m"}
     member = await store.get("m")
