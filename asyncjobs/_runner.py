@@ -115,8 +115,8 @@ class Runner(_Leases, _Execution):
         self.started_at = self.clock.now()
         self.running: dict[str, _Running] = {}
         self.jobs_started = 0  # attempts started here, ever: drain() bounds its own
-        self._start_limit: int | None = None  # drain(): start none once jobs_started is this
-        self._draining = False
+        # While a drain() runs: start none once jobs_started is this.
+        self._start_limit: int | None = None
         # Claimed ahead, waiting for a slot; popped from the end (highest priority first).
         self._ready: list[JobRow] = []
         self._accepting = True  # False once shutdown begins: nothing new starts
@@ -156,7 +156,7 @@ class Runner(_Leases, _Execution):
     @property
     def draining(self) -> bool:
         """Is a ``drain()`` running?"""
-        return self._draining
+        return self._start_limit is not None
 
     @property
     def accepting(self) -> bool:
@@ -628,24 +628,23 @@ class Runner(_Leases, _Execution):
         Past ``max_jobs`` started attempts it stops, with an error: jobs that enqueue
         one another without end would otherwise keep it (and the test) running for good.
         """
-        if self._draining:
+        if self.draining:
             # Two claim loops on one runner would replace each other's wake-up event,
             # and both would wait for good.
             raise AsyncJobsError(
                 "drain() is already running for this Jobs (in another task, or around this "
                 "job): await that one"
             )
-        self._draining = True
-        try:
-            await self._drain(max_jobs)
-        finally:
-            self._draining = False
-
-    async def _drain(self, max_jobs: int) -> None:
-        await self.recover()
         # Started jobs run to their end; past the bound none starts (not one per free
-        # slot, cancelled before it ran), and ready jobs left then raise below.
-        self._start_limit = self.jobs_started + max_jobs
+        # slot, cancelled before it ran), and ready jobs left then raise (_drain).
+        self._start_limit = limit = self.jobs_started + max_jobs
+        try:
+            await self._drain(max_jobs, limit)
+        finally:
+            self._start_limit = None
+
+    async def _drain(self, max_jobs: int, limit: int) -> None:
+        await self.recover()
         self._accepting = True
         self._context = contextvars.copy_context()
         drained = False
@@ -662,7 +661,7 @@ class Runner(_Leases, _Execution):
                         drained = True
                         break  # (with no task, claim() makes nothing ready)
                     continue
-                if not self.running and self.jobs_started >= self._start_limit:
+                if not self.running and self.jobs_started >= limit:
                     raise AsyncJobsError(
                         f"drain() started {max_jobs:,} jobs and more are still ready: do jobs "
                         "enqueue one another without end (a task that enqueues itself)? "
@@ -671,7 +670,6 @@ class Runner(_Leases, _Execution):
                     )
                 await self._wakeup.wait()
         finally:
-            self._start_limit = None
             with anyio.CancelScope(shield=True):
                 await self.cancel_running()  # drain itself was cancelled
                 await self.flush_outbox()

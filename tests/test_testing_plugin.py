@@ -229,10 +229,14 @@ async def test_drain_runs_max_jobs_before_it_stops_when_more_are_ready(
     assert sorted(ran) == [0, 1, 2, 3, 4]
 
 
-async def test_a_second_drain_while_one_runs_is_refused_not_left_hanging(jobs: Jobs) -> None:
+@pytest.mark.parametrize("second", ["drain", "start"])
+async def test_a_second_claim_loop_while_a_drain_runs_is_refused_not_left_hanging(
+    jobs: Jobs, second: str
+) -> None:
     """Two drains at once on one Jobs (a drain left running in a task, or one inside a
-    job) shared the runner's wake-up event, each replacing the other's: both then waited
-    for good once a job ended, and the test hung."""
+    job), or start() during a drain (its workers' claim loop on the drain's runner),
+    shared the runner's wake-up event, each replacing the other's: both then waited for
+    good once a job ended, and the test hung. The second is refused."""
     started, release = anyio.Event(), anyio.Event()
 
     @jobs.task(name="slow")
@@ -245,36 +249,16 @@ async def test_a_second_drain_while_one_runs_is_refused_not_left_hanging(jobs: J
         async with anyio.create_task_group() as tg:
             tg.start_soon(drain, jobs)
             await started.wait()
-            with pytest.raises(AsyncJobsError, match="already running"):
-                await drain(jobs)
+            if second == "drain":
+                with pytest.raises(AsyncJobsError, match="already running"):
+                    await drain(jobs)
+            else:
+                with pytest.raises(AsyncJobsError, match="drain"):
+                    await jobs.start()
+                assert not jobs.started
             release.set()
     assert (await job.info()).status == "succeeded"
     await drain(jobs)  # once the first has returned, a drain runs as before
-
-
-async def test_starting_the_workers_while_a_drain_runs_is_refused_not_left_hanging(
-    jobs: Jobs,
-) -> None:
-    """start() during a drain (its workers' claim loop on the drain's runner) left the
-    drain waiting for good once its job ended: as drain() refuses started workers,
-    start() now refuses a running drain."""
-    started, release = anyio.Event(), anyio.Event()
-
-    @jobs.task(name="slow")
-    async def slow() -> None:
-        started.set()
-        await release.wait()
-
-    job = await slow.enqueue()
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(drain, jobs)
-            await started.wait()
-            with pytest.raises(AsyncJobsError, match="drain"):
-                await jobs.start()
-            assert not jobs.started
-            release.set()
-    assert (await job.info()).status == "succeeded"
 
 
 async def test_a_run_at_from_the_fake_clocks_datetime_is_due_once_the_clock_gets_there(
