@@ -370,8 +370,7 @@ def _keys_past(
     Moves the cursor to the last key read when there may be more."""
     limit = KEYS_PER_CLAIM + len(admission.blocked_keys_of(task))
     cursor_key = _CURSOR + task
-    row = db.execute("SELECT value FROM asyncjobs_meta WHERE key = ?", (cursor_key,)).fetchone()
-    after: str | None = None if row is None else row[0]
+    after = _cursor(db, cursor_key)
     tail = (task, limit, task, end[0], end[1], task, end[0])
     if after is None:
         keys = db.execute(_KEYS_FIRST, (task, *tail)).fetchall()
@@ -380,15 +379,33 @@ def _keys_past(
         if len(keys) < limit:  # the last key: go round to the first ones
             first = db.execute(_KEYS_FIRST, (task, task, limit - len(keys), *tail[2:]))
             keys += [k for k in first.fetchall() if k[0] <= after]
-    if len(keys) >= limit:
-        db.execute(
-            "INSERT INTO asyncjobs_meta (key, value) VALUES (?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (cursor_key, keys[-1][0]),
-        )
-    elif after is not None:
-        db.execute("DELETE FROM asyncjobs_meta WHERE key = ?", (cursor_key,))
+    _move_cursor(db, cursor_key, keys, limit, after)
     return keys
+
+
+_CURSOR_VALUE = "SELECT value FROM asyncjobs_meta WHERE key = ?"
+_CURSOR_SET = (
+    "INSERT INTO asyncjobs_meta (key, value) VALUES (?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+)
+_CURSOR_CLEAR = "DELETE FROM asyncjobs_meta WHERE key = ?"
+
+
+def _cursor(db: sqlite3.Connection, cursor_key: str) -> str | None:
+    """Where the last claim stopped (``_CURSOR``, ``_GROUP_CURSOR``): None, at the start."""
+    row = db.execute(_CURSOR_VALUE, (cursor_key,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _move_cursor(
+    db: sqlite3.Connection, cursor_key: str, rows: list[Any], limit: int, after: str | None
+) -> None:
+    """After a claim read ``rows`` (name first), ``limit`` at most: the next goes on after
+    the last when there may be more, else from the start."""
+    if len(rows) >= limit:
+        db.execute(_CURSOR_SET, (cursor_key, rows[-1][0]))
+    elif after is not None:
+        db.execute(_CURSOR_CLEAR, (cursor_key,))
 
 
 def _read_page(
@@ -505,8 +522,7 @@ def _groups_past(db: sqlite3.Connection, task: str) -> list[Any]:
     up to ``GROUPS_PER_CLAIM`` groups after the cursor, then from the first. Moves the
     cursor to the last group read when there may be more."""
     cursor_key = _GROUP_CURSOR + task
-    row = db.execute("SELECT value FROM asyncjobs_meta WHERE key = ?", (cursor_key,)).fetchone()
-    after: str | None = None if row is None else row[0]
+    after = _cursor(db, cursor_key)
     if after is None:
         groups = db.execute(_GROUPS_FIRST, (GROUPS_PER_CLAIM,)).fetchall()
     else:
@@ -514,12 +530,5 @@ def _groups_past(db: sqlite3.Connection, task: str) -> list[Any]:
         if len(groups) < GROUPS_PER_CLAIM:  # the last group: go round to the first ones
             first = db.execute(_GROUPS_FIRST, (GROUPS_PER_CLAIM - len(groups),)).fetchall()
             groups += [g for g in first if g[0] <= after]
-    if len(groups) >= GROUPS_PER_CLAIM:
-        db.execute(
-            "INSERT INTO asyncjobs_meta (key, value) VALUES (?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (cursor_key, groups[-1][0]),
-        )
-    elif after is not None:
-        db.execute("DELETE FROM asyncjobs_meta WHERE key = ?", (cursor_key,))
+    _move_cursor(db, cursor_key, groups, GROUPS_PER_CLAIM, after)
     return groups
