@@ -153,6 +153,9 @@ class PostgresStore(_Connections):
             port = parts.port  # an IPv6 host must be in brackets, a port a number
         except ValueError:
             raise ConfigurationError(_unreadable(url)) from None
+        misread = _misread_by_asyncpg(url)
+        if misread is not None:
+            raise ConfigurationError(misread)
         if port == 0:
             raise ConfigurationError(f"the port of {redacted(url)!r} must be 1-65535")
         query = dict(parse_qsl(parts.query))
@@ -186,9 +189,6 @@ class PostgresStore(_Connections):
             {} if "lock_timeout" in query else {"lock_timeout": f"{lock_timeout}ms"}
         )
         self.url = _without_settings(url, _URL_SETTINGS)
-        misread = _misread_by_asyncpg(self.url)
-        if misread is not None:
-            raise ConfigurationError(misread)
         self.pool_min = pool_min
         self.pool_max = pool_max
         self.connect_timeout = connect_timeout
