@@ -168,7 +168,11 @@ class _Queries:
         return bool(cancelled)
 
     async def purge(self, *, status: str | None = None, older_than: Seconds | None = None) -> int:
-        """Delete jobs with ``status`` and/or finished more than ``older_than`` ago."""
+        """Delete jobs with ``status`` and/or finished more than ``older_than`` ago.
+
+        A chain's members after the first are kept until they finish: deleted before
+        they ran, they would leave the chain reading as succeeded. Cancel the chain
+        first to purge them."""
         if status is None and older_than is None:
             raise ValueError("purge() needs a status or older_than")
         if status is not None:

@@ -254,6 +254,33 @@ async def test_purging_queued_jobs_cancels_the_chains_behind_them(jobs: Jobs) ->
     assert [(await job.info()).status for job in chain.jobs[1:]] == ["cancelled"] * 2
 
 
+async def test_purge_leaves_the_unfinished_members_of_a_chain_under_way(jobs: Jobs) -> None:
+    """``purge(status="waiting")`` deleted a chain's waiting members (and one of
+    ``"scheduled"`` its released last member) before they ran, and the chain then read
+    ``succeeded`` once the jobs before them did: no member was left to say it broke. A
+    purge takes a chain's later members once they finished (cancel the chain first)."""
+
+    @jobs.task
+    async def step(n: int) -> int:
+        return n
+
+    chain = await jobs.chain(step.spec(1), step.spec(2), step.spec(3))
+    assert await jobs.purge(status="waiting") == 0
+    await drain(jobs)
+    assert [i.status for i in await chain.infos()] == ["succeeded"] * 3
+    last_queued = await jobs.chain(step.spec(4), step.options(delay=60).spec(5))
+    await drain(jobs)  # its second member is released, due in a minute
+    assert await jobs.purge(status="scheduled") == 0
+    assert await last_queued.status() == JobStatus.SCHEDULED
+
+    assert await last_queued.cancel()
+    assert await jobs.purge(status="cancelled") == 1
+    waiting = await jobs.batch([step.spec(6)], on_complete=step.spec(-1))
+    assert await jobs.purge(status="waiting") == 1  # an on_complete is no chain member
+    assert waiting.on_complete is not None
+    assert await jobs.get(waiting.on_complete.id) is None
+
+
 async def test_a_member_retried_before_its_dead_predecessor_waits_for_it(
     jobs: Jobs, clock: FakeClock
 ) -> None:

@@ -73,7 +73,7 @@ from asyncjobs.stores._protocol import (
     WorkerBeat,
     checked_preview,
 )
-from asyncjobs.stores._statuses import DEAD_AS_READ
+from asyncjobs.stores._statuses import DEAD_AS_READ, PURGEABLE
 
 if TYPE_CHECKING:
     from asyncjobs.stores._postgres_sql import Connection, Pool
@@ -509,6 +509,7 @@ class PostgresStore(_Connections):
             where.append(f"finished_at < ${len(params)}")
         if not where:
             raise ValueError("purge() needs a status or older_than")
+        where.append(PURGEABLE)
         # Only fixed terms with $n placeholders are joined here; values go in params.
         matching = " AND ".join(where)
         end = _DELETE_END.format(changed=len(params) + 1, matched=len(params) + 2)

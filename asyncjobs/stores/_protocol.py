@@ -434,7 +434,8 @@ class Store(Protocol):
     ) -> int:
         """Delete the jobs (never running ones) with that status (as ``list`` filters it)
         and/or finished before ``older_than``; unfinished chain and batch members as
-        ``delete`` does."""
+        ``delete`` does, but for a chain member after the first that has not finished,
+        which is kept (``PURGEABLE``)."""
         ...
 
     async def set_progress(self, job_id: str, progress: float, message: str | None) -> None: ...

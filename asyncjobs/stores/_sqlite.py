@@ -106,7 +106,7 @@ from asyncjobs.stores._sqlite_sql import (
     set_rate_keys,
     tally_deleted,
 )
-from asyncjobs.stores._statuses import DEAD_AS_READ
+from asyncjobs.stores._statuses import DEAD_AS_READ, PURGEABLE
 
 logger = logging.getLogger(__name__)
 
@@ -600,6 +600,7 @@ class SQLiteStore:
             params.append(older_than)
         if not where:
             raise ValueError("purge() needs a status or older_than")
+        where.append(PURGEABLE)
         # Only fixed terms with ? placeholders are joined here; values go in params.
         pick = _PICK_NOT_RUNNING + " AND ".join(where) + " AND seq <= ? ORDER BY seq DESC LIMIT ?"
         total, below = 0, _NEWEST

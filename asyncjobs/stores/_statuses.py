@@ -29,3 +29,13 @@ RETRYABLE = (
     + ")"
 )
 """The jobs a manual retry takes back: those that read as dead, and cancelled ones."""
+
+PURGEABLE = (
+    "(status NOT IN ('waiting', 'scheduled', 'queued') OR NOT EXISTS (SELECT 1 FROM "
+    "asyncjobs_jobs AS before_it WHERE before_it.chain_next = asyncjobs_jobs.id))"
+)
+"""The jobs a purge may take: all but a chain member after the first that has not
+finished. Deleted with the members after it (a purge of ``waiting`` jobs takes them
+all), or as the last one, it left no member to show the chain broke, and the chain read
+``succeeded`` though they never ran. A chain's first member may go: cancelling it first
+cancels the rest, which show it. (Discarding a job by id still takes any of them.)"""
