@@ -380,7 +380,8 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
 
     async def retry_dead(self, *, queue: str | None = None, task: str | None = None) -> int:
         """Put every dead job (of that queue/task) back in the queue; return how many.
-        A job whose stored status this version does not know reads as dead, and is one."""
+        A job whose stored status this version does not know reads as dead, and is one.
+        Each is retried as ``retry()`` does: a chain goes on once its member succeeds."""
         if not could_match(queue=queue, task=task):
             return 0
         count = await self.store.retry_dead(queue=queue, task=task, now=self.clock.now())

@@ -130,9 +130,11 @@ class _Queries:
         """Put a dead or cancelled job back in the queue with one more attempt; False if
         there is no such job, or it is neither.
 
-        A chain member that never ran (cancelled when its chain broke) waits again for
-        the member before it, and runs once that one succeeds: at once, with its result
-        if it takes it, if it already has. If that member is no longer stored (pruned
+        The members after a chain member that were cancelled before they ran, when it
+        ended, wait again: the chain goes on once it succeeds. A chain member that never
+        ran (cancelled when its chain broke) waits again for the member before it, and
+        runs once that one succeeds: at once, with its result if it takes it, if it
+        already has. If that member is no longer stored (pruned
         or purged) there is nothing to wait for, and it runs on its own; unless it takes
         the previous result (``pass_result=True``), which it never got and no longer
         can: then this raises ``RetryRefused`` (run without it, its arguments would be

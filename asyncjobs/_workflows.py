@@ -15,8 +15,10 @@ has a ``batch`` parameter (or ``**kwargs``), it receives the counts as
 A member's ``delay`` counts from when the chain or batch is created; a member
 released later than that runs at once.
 
-``jobs.retry()`` of a chain member cancelled before it ran makes it wait again for
-the member before it (run at once if that one has succeeded). If retention or a
+``jobs.retry()`` (or ``retry_dead``) of a chain member that ended dead or cancelled
+carries the chain on: the members after it that were cancelled before they ran wait
+again, each for the one before it. One cancelled before it ran waits again for the
+member before it (run at once if that one has succeeded). If retention or a
 purge deleted that member, the retried one runs on its own, as a plain job, unless
 it takes the previous result: that retry is refused (``RetryRefused``), since the
 result is gone and the job would run with its arguments shifted.

@@ -281,6 +281,37 @@ async def test_purge_leaves_the_unfinished_members_of_a_chain_under_way(jobs: Jo
     assert await jobs.get(waiting.on_complete.id) is None
 
 
+@pytest.mark.parametrize("how", ["retry", "retry_dead"])
+async def test_retrying_a_dead_chain_member_carries_the_chain_on(jobs: Jobs, how: str) -> None:
+    """The members after it, cancelled before they ran when it ended dead, wait again
+    and run once it succeeds: retrying the failed step resumes the workflow."""
+    ran: list[str] = []
+    failing = {"transcode"}
+
+    @jobs.task(retries=0)
+    async def step(name: str) -> str:
+        ran.append(name)
+        if name in failing:
+            raise RuntimeError("codec missing")
+        return name
+
+    chain = await jobs.chain(
+        step.spec("upload"), step.spec("transcode"), step.spec("thumbnail"), step.spec("notify")
+    )
+    await drain(jobs)
+    assert [i.status for i in await chain.infos()] == ["succeeded", "dead", *["cancelled"] * 2]
+    failing.clear()
+    if how == "retry":
+        assert await jobs.retry(chain.jobs[1].id)
+    else:
+        assert await jobs.retry_dead() == 1
+    assert [i.status for i in await chain.infos()] == ["succeeded", "queued", *["waiting"] * 2]
+    await drain(jobs)
+    assert ran == ["upload", "transcode", "transcode", "thumbnail", "notify"]
+    assert await chain.status() == JobStatus.SUCCEEDED
+    assert await chain.result(timeout=5) == "notify"
+
+
 async def test_a_member_retried_before_its_dead_predecessor_waits_for_it(
     jobs: Jobs, clock: FakeClock
 ) -> None:
@@ -296,22 +327,27 @@ async def test_a_member_retried_before_its_dead_predecessor_waits_for_it(
     async def publish(value: int) -> str:
         return f"published {value}"
 
+    @jobs.task(retries=0)
+    async def announce(text: str) -> str:
+        return f"{text}, announced"
+
     chain = await jobs.chain(
         fetch.spec(),
         publish.spec(),  # type: ignore[call-arg]
+        announce.spec(),  # type: ignore[call-arg]
         pass_result=True,
     )
     await drain(jobs)
-    assert [i.status for i in await chain.infos()] == ["dead", "cancelled"]
+    assert [i.status for i in await chain.infos()] == ["dead", "cancelled", "cancelled"]
 
     assert await jobs.retry(chain.jobs[1].id)  # the follower first: it must not run alone
     await drain(jobs)
-    assert (await chain.jobs[1].info()).status == JobStatus.WAITING
+    assert [i.status for i in await chain.infos()] == ["dead", "waiting", "waiting"]
 
     failing = False
     assert await jobs.retry(chain.jobs[0].id)
     await drain(jobs)
-    assert await chain.result(timeout=5) == "published 7"
+    assert await chain.result(timeout=5) == "published 7, announced"
 
 
 async def test_a_member_waiting_for_a_dead_predecessor_is_cancelled_when_that_is_deleted(
@@ -435,10 +471,16 @@ async def test_a_chain_member_retried_after_its_predecessor_succeeded_gets_the_r
     first, second = chain.jobs
     await drain(jobs)
     assert [i.status for i in await chain.infos()] == ["dead", "cancelled"]
-    assert await jobs.retry(first.id)  # fixed; it succeeds, its follower stays cancelled
+    assert await jobs.retry(first.id)  # fixed: it succeeds, and its follower runs after it
     await drain(jobs)
     assert await first.result(timeout=5) == 7
-    assert (await second.info()).status == "cancelled"
+    assert await second.result(timeout=5) == "published 7"
+    # Cancelled by hand while it waited, it stays so when the one before it succeeds.
+    chain = await jobs.chain(fetch.spec(), publish.spec(), pass_result=True)  # type: ignore[call-arg]
+    first, second = chain.jobs
+    assert await second.cancel()
+    await drain(jobs)
+    assert [i.status for i in await chain.infos()] == ["succeeded", "cancelled"]
     assert await jobs.retry(second.id)  # now the rest of the chain, by hand
     await drain(jobs)
     assert await second.result(timeout=5) == "published 7"

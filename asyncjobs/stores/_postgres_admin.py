@@ -80,6 +80,19 @@ _REQUEUE = (
 )
 """A manual retry: queued now, with one more attempt than it had (``run_at`` is $1), and
 no longer asked to stop if it was cancelled while running."""
+_RESUME_REST = """
+    WITH RECURSIVE rest(id) AS (
+        SELECT chain_next FROM asyncjobs_jobs WHERE id = ANY($1::text[])
+        UNION ALL
+        SELECT j.chain_next FROM asyncjobs_jobs AS j JOIN rest ON j.id = rest.id
+        WHERE j.status = 'cancelled' AND j.attempts = 0
+    )
+    UPDATE asyncjobs_jobs SET status = 'waiting', finished_at = NULL, cancel_requested_at = NULL
+    WHERE id IN (SELECT id FROM rest) AND status = 'cancelled' AND attempts = 0
+"""
+"""As ``_RESUME_REST`` in ``_sqlite_admin.py``: the chain members after the retried ones
+($1) that were cancelled before they ran wait again. Run after the retried rows are
+updated, so it locks a chain in its order, as a finish and a deletion do."""
 PREDECESSOR = "SELECT status, result FROM asyncjobs_jobs WHERE chain_next = $1 FOR UPDATE"
 """The chain member before a job, locked (index asyncjobs_jobs_chain_next, migration 0012)."""
 
@@ -87,7 +100,8 @@ PREDECESSOR = "SELECT status, result FROM asyncjobs_jobs WHERE chain_next = $1 F
 async def retry(conn: Connection, job_id: str, now: float, *, or_skip: bool = False) -> bool:
     """A manual retry of one job (``RETRYABLE``), in the store's transaction; False if it
     is not one. As ``_retry`` in ``_sqlite_admin.py``: one that never ran waits again
-    (``wait_again``); a chain member that takes the previous result and never got it, the
+    (``wait_again``), and so do the chain members after it that its end cancelled
+    (``_RESUME_REST``); a chain member that takes the previous result and never got it, the
     member before it gone, is refused (``RetryRefused``, or False with ``or_skip``)."""
     row = await conn.fetchrow(
         f"SELECT attempts, options FROM asyncjobs_jobs WHERE id = $1 AND {RETRYABLE}",  # noqa: S608
@@ -115,6 +129,7 @@ async def retry(conn: Connection, job_id: str, now: float, *, or_skip: bool = Fa
         return False
     if requeued["attempts"] == 0:  # never ran: it may have been cancelled while it waited
         await wait_again(conn, job_id, predecessor, now)
+    await conn.execute(_RESUME_REST, [job_id])
     return True
 
 
@@ -122,7 +137,8 @@ async def retry_dead(conn: Connection, queue: str | None, task: str | None, now:
     """Retry every job that reads as dead (of that queue/task); return how many. One that
     never ran (a status this version does not know, on a job that was waiting) is retried
     as ``retry`` does, so it waits again for what it waited on (one ``retry`` refuses is
-    left as it is: ``jobs.retry(id)`` says why)."""
+    left as it is: ``jobs.retry(id)`` says why); the chain members after each that its
+    end cancelled wait again too."""
     never_ran = await conn.fetch(
         f"SELECT id FROM asyncjobs_jobs WHERE {DEAD_AS_READ} AND attempts = 0 "  # noqa: S608
         "AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR task = $2) ORDER BY seq",
@@ -132,14 +148,18 @@ async def retry_dead(conn: Connection, queue: str | None, task: str | None, now:
     count = 0
     for record in never_ran:
         count += await retry(conn, record["id"], now, or_skip=True)
-    status = await conn.execute(
+    ran = await conn.fetch(
         f"UPDATE asyncjobs_jobs SET {_REQUEUE} WHERE {DEAD_AS_READ} AND attempts > 0 "  # noqa: S608
-        "AND ($2::text IS NULL OR queue = $2) AND ($3::text IS NULL OR task = $3)",
+        "AND ($2::text IS NULL OR queue = $2) AND ($3::text IS NULL OR task = $3) "
+        "RETURNING id, chain_next IS NOT NULL AS chained",
         now,
         queue,
         task,
     )
-    return count + int(status.rsplit(" ", 1)[-1])
+    chained = [r["id"] for r in ran if r["chained"]]
+    if chained:
+        await conn.execute(_RESUME_REST, chained)
+    return count + len(ran)
 
 
 async def snapshot(

@@ -415,8 +415,10 @@ class Store(Protocol):
         reads as dead) back to queued with at least one more attempt.
 
         One that never ran waits again for what it waited on (the chain member before
-        it, a batch's members). Raises ``RetryRefused`` for a chain member that takes
-        the previous result, never got it, and whose predecessor is no longer stored."""
+        it, a batch's members). The chain members after it that were cancelled before
+        they ran wait again, each for the one before it. Raises ``RetryRefused`` for a
+        chain member that takes the previous result, never got it, and whose
+        predecessor is no longer stored."""
         ...
 
     async def cancel(self, job_ids: Sequence[str], *, now: float) -> builtins.list[str]:

@@ -69,6 +69,21 @@ ADMIN_BATCH = 5000
 """Rows one transaction of ``purge`` or ``retry_dead`` takes at most: a writer in another
 process, or this one's heartbeat, waits for one batch, not for the whole operation."""
 
+_RESUME_REST = """
+    WITH RECURSIVE rest(id) AS (
+        SELECT chain_next FROM asyncjobs_jobs WHERE id IN (SELECT value FROM json_each(?))
+        UNION ALL
+        SELECT j.chain_next FROM asyncjobs_jobs AS j JOIN rest ON j.id = rest.id
+        WHERE j.status = 'cancelled' AND j.attempts = 0
+    )
+    UPDATE asyncjobs_jobs SET status = 'waiting', finished_at = NULL, cancel_requested_at = NULL
+    WHERE id IN (SELECT id FROM rest) AND status = 'cancelled' AND attempts = 0
+"""
+"""A manual retry of chain members (a JSON list of ids) takes back the members after
+each that were cancelled before they ran, when it ended dead or cancelled: they wait
+again, each for the one before it, so the chain goes on once the retried one succeeds.
+The walk stops at the first member that is not one of them."""
+
 _PICK_DEAD = (
     f"SELECT id, seq, attempts FROM asyncjobs_jobs WHERE {DEAD_AS_READ} "  # noqa: S608 - constant
     "AND (? IS NULL OR queue = ?) AND (? IS NULL OR task = ?) AND seq > ? ORDER BY seq LIMIT ?"
@@ -91,6 +106,7 @@ def _requeue_dead_batch(
     ran = [job_id for job_id, _, attempts in rows if attempts]
     if ran:
         db.execute(_REQUEUE_IDS, (now, json.dumps(ran)))
+        db.execute(_RESUME_REST, (json.dumps(ran),))
     requeued = len(ran) + sum(
         _retry(db, job_id, now, or_skip=True) for job_id, _, attempts in rows if not attempts
     )
@@ -105,7 +121,8 @@ PREDECESSOR = "SELECT status, result FROM asyncjobs_jobs WHERE chain_next = ?"
 
 def _retry(db: sqlite3.Connection, job_id: str, now: float, *, or_skip: bool = False) -> bool:
     """A manual retry of one job (``RETRYABLE``); False if it is not one. A job that never
-    ran waits again for what it waited on (``_wait_again``). A chain member that takes
+    ran waits again for what it waited on (``_wait_again``); the chain members after it
+    that its end cancelled wait again too (``_RESUME_REST``). A chain member that takes
     the previous result and never got it, the member before it gone, is refused:
     ``RetryRefused`` (``result_gone``), or False with ``or_skip`` (``retry_dead``)."""
     row = db.execute(_RETRYABLE_ROW, (job_id,)).fetchone()
@@ -122,6 +139,7 @@ def _retry(db: sqlite3.Connection, job_id: str, now: float, *, or_skip: bool = F
     db.execute(_REQUEUE_ONE, (now, job_id))
     if attempts == 0:
         _wait_again(db, job_id, predecessor, now)
+    db.execute(_RESUME_REST, (json.dumps([job_id]),))
     return True
 
 
