@@ -1031,6 +1031,7 @@ async def test_stop_cancels_jobs_after_the_shutdown_timeout_and_refunds_the_atte
     assert 10 <= cut_at[0] - stop_at <= 15  # it had its shutdown_timeout, then was cut off
     info = await job.info()
     assert (info.status, info.attempts) == ("queued", earlier_attempts)
+    assert (info.started_at is None) == (not earlier_attempts), "no start once none counts"
     row = await jobs.store.get(job.id)
     assert row is not None
     assert (row.worker, row.lease_until) == (None, None)

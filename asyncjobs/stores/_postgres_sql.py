@@ -565,6 +565,9 @@ UPDATE asyncjobs_jobs AS j SET
         ELSE j.finished_at END,
     run_at = CASE {_KIND} WHEN 'retry' THEN o.run_at ELSE j.run_at END,
     attempts = CASE {_KIND} WHEN 'release' THEN j.attempts - 1 ELSE j.attempts END,
+    -- a release that refunds the only attempt: the job has not started
+    started_at = CASE WHEN {_KIND} = 'release' AND j.attempts = 1 THEN NULL
+        ELSE j.started_at END,
     worker = CASE WHEN {_KIND} IN ('retry', 'release') THEN NULL ELSE j.worker END,
     lease_until = NULL,
     max_attempts = coalesce(o.max_attempts, j.max_attempts)

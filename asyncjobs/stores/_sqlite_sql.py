@@ -343,7 +343,9 @@ _FINISH_SQL = {
         "status = 'scheduled', result = ?, error = ?, run_at = ?, lease_until = NULL, worker = NULL"
     ),
     OutcomeKind.RELEASE: (
-        "status = 'queued', result = ?, attempts = attempts - 1, lease_until = NULL, worker = NULL"
+        "status = 'queued', result = ?, attempts = attempts - 1, lease_until = NULL, "
+        # The only attempt refunded: the job has not started (the claim set started_at).
+        "worker = NULL, started_at = CASE WHEN attempts = 1 THEN NULL ELSE started_at END"
     ),
 }
 

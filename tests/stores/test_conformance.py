@@ -469,14 +469,23 @@ async def test_finish_dead_and_cancelled_end_the_job(store: Store) -> None:
 
 
 async def test_finish_release_refunds_the_attempt(store: Store) -> None:
+    """With its only attempt refunded, the job has not started: it kept the claim's
+    ``started_at``, shown as its start on a queued job of 0 attempts."""
     await store.insert([new("a")], now=T0)
     (row,) = await claim(store)
     await store.finish([outcome(row, OutcomeKind.RELEASE)], now=T0 + 1)
     released = await store.get("a")
     assert released is not None
     assert (released.status, released.attempts, released.worker) == ("queued", 0, None)
+    assert released.started_at is None
     (again,) = await claim(store, now=T0 + 1)
-    assert again.attempts == 1
+    assert (again.attempts, again.started_at) == (1, T0 + 1)
+    await store.finish([outcome(again, OutcomeKind.RETRY, run_at=T0 + 2)], now=T0 + 1)
+    (third,) = await claim(store, now=T0 + 2)
+    await store.finish([outcome(third, OutcomeKind.RELEASE)], now=T0 + 3)
+    tried = await store.get("a")
+    assert tried is not None
+    assert (tried.attempts, tried.started_at is None) == (1, False)  # it started once
 
 
 async def test_finish_applies_only_for_the_owning_worker_and_attempt(store: Store) -> None:
