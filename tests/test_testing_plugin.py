@@ -100,6 +100,29 @@ async def test_assertions_see_defaults_and_tell_true_from_1(jobs: Jobs) -> None:
         await assert_enqueued(jobs, send, 2, urgent=True)
 
 
+async def test_assertions_refuse_arguments_the_task_could_never_have_been_enqueued_with(
+    jobs: Jobs,
+) -> None:
+    """A misspelt keyword (or one argument too many) matches no job ever: the check
+    would pass whatever was enqueued, so it is refused, naming the task's signature."""
+
+    @jobs.task(name="send")
+    async def send(user_id: int, address: str = "a@example.com") -> None: ...
+
+    await send.enqueue(42)
+    for check in (assert_not_enqueued, assert_enqueued, enqueued):
+        with pytest.raises(TypeError, match=r"send\(usr_id=42\) can never match .*user_id"):
+            await check(jobs, send, usr_id=42)
+    with pytest.raises(TypeError, match=r"send\(42, 'a', 3\) can never match"):
+        await assert_not_enqueued(jobs, "send", 42, "a", 3)
+
+    @jobs.task(name="notify")
+    async def notify(user_id: int) -> None: ...
+
+    with pytest.raises(TypeError, match="can never match"):  # also with none of its jobs stored
+        await assert_not_enqueued(jobs, notify, usr_id=42)
+
+
 async def test_assertions_refuse_a_task_of_a_jobs_on_another_store(
     jobs: Jobs, tmp_path: Path
 ) -> None:

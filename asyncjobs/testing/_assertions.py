@@ -30,15 +30,17 @@ async def enqueued(
     Jobs in every status count: a job that already ran was still enqueued.
     """
     name = _task_name(task)
+    if task is None and (args or kwargs):
+        raise TypeError("give a task to match arguments against")
+    definition = task if isinstance(task, Task) else jobs.registry.get(name or "")
+    if definition is not None:
+        _check_could_match(definition, args, kwargs)
     infos = await jobs.list(task=name, limit=MAX_JOBS)  # opens the store: see _same_jobs
     if isinstance(task, Task):
         _check_same_store(jobs, task)
     infos.reverse()
     if task is None:
-        if args or kwargs:
-            raise TypeError("give a task to match arguments against")
         return infos
-    definition = task if isinstance(task, Task) else jobs.registry.get(name or "")
     return [info for info in infos if _matches(definition, info, args, kwargs)]
 
 
@@ -73,6 +75,25 @@ def _task_name(task: Task[..., Any] | str | None) -> str | None:
     if isinstance(task, Task):
         return task.name
     raise TypeError(f"expected a task or a task name, got {task!r}")
+
+
+def _check_could_match(
+    definition: Task[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Refuse expected arguments that enqueue would have refused (a misspelt keyword, one
+    argument too many): no job can match them, so ``assert_not_enqueued`` would pass
+    whatever was enqueued. Checked against the signature enqueue checks."""
+    signature = definition.arguments.signature
+    if signature is None:
+        return
+    signature = signature.replace(return_annotation=inspect.Signature.empty)  # args only
+    try:
+        signature.bind_partial(*args, **kwargs)
+    except TypeError as error:
+        raise TypeError(
+            f"{_call(definition.name, args, kwargs)} can never match a job of task "
+            f"{definition.name!r}, whose function takes {signature}: {error}"
+        ) from None
 
 
 def _check_same_store(jobs: Jobs, task: Task[..., Any]) -> None:
