@@ -104,6 +104,10 @@ class JobsMiddleware:
             await send({"type": "lifespan.shutdown.failed", "message": "; ".join(problems)})
         else:
             await send({"type": "lifespan.shutdown.complete"})
+        if app.shutdown_error is not None:
+            # The server was told; raise as Starlette does, so that a test client shows
+            # the app's failure as it would without this middleware.
+            raise app.shutdown_error
 
     async def _run_lifespan(
         self, app: _AppLifespan, receive: Receive, send: Send
@@ -180,6 +184,8 @@ class _AppLifespan:
         self._exited = anyio.Event()
         self.error: BaseException | None = None
         """Why startup failed: the app's exception, or asyncjobs' own."""
+        self.shutdown_error: BaseException | None = None
+        """The app's exception once it had started (at shutdown, or while serving)."""
         self._startup_failed: str | None = None
         self._shutdown_failed: str | None = None
 
@@ -203,7 +209,7 @@ class _AppLifespan:
         """Run the app's shutdown (if it is still listening); its failure message or None."""
         if not self.speaks_lifespan or self._exited.is_set():
             self._to_app.close()
-            return None
+            return self._shutdown_failed  # the app's lifespan failed while serving
         try:
             await self._to_app.send({"type": "lifespan.shutdown"})
         except anyio.BrokenResourceError:  # the app's lifespan ended meanwhile
@@ -231,17 +237,20 @@ class _AppLifespan:
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as error:
-            if self._startup_failed is not None and self.error is None:
-                self.error = error
+            if self._startup_failed is not None:
+                if self.error is None:
+                    self.error = error
             elif not self._started.is_set():
                 logger.info(
                     "the wrapped app does not handle ASGI lifespan (%r); "
                     "asyncjobs completes startup and shutdown itself",
                     error,
                 )
-            elif not self._stopped.is_set() and self._startup_failed is None:
-                logger.exception("the app's lifespan failed")
-                self._shutdown_failed = f"the app's lifespan failed: {error!r}"
+            else:
+                self.shutdown_error = error
+                if not self._stopped.is_set():  # the app did not send shutdown.failed
+                    logger.exception("the app's lifespan failed")
+                    self._shutdown_failed = f"the app's lifespan failed: {error!r}"
         finally:
             self._app_inbox.close()
             self._exited.set()

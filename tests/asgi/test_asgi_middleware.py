@@ -56,6 +56,20 @@ def running(jobs: Jobs) -> bool:
     return jobs.started
 
 
+def recording(app: Any, sent: list[dict[str, Any]]) -> Any:
+    """``app``, with the lifespan messages it sends the server appended to ``sent``."""
+
+    async def recorded(scope: Scope, receive: Receive, send: Send) -> None:
+        async def recording_send(message: Any) -> None:
+            if scope["type"] == "lifespan":
+                sent.append(dict(message))
+            await send(message)
+
+        await app(scope, receive, recording_send)
+
+    return recorded
+
+
 def test_starlette_middleware_runs_workers_for_the_app_lifetime(tmp_path: Path) -> None:
     jobs = make_jobs(tmp_path)
     app = Starlette(routes=ROUTES, middleware=[Middleware(JobsMiddleware, jobs=jobs)])
@@ -187,15 +201,7 @@ def test_unwritable_store_fails_startup_with_a_clear_message(tmp_path: Path) -> 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         raise AssertionError("never reached")
 
-    middleware = JobsMiddleware(app, jobs=jobs)
-
-    async def spy(scope: Scope, receive: Receive, send: Send) -> None:
-        async def recording_send(message: Any) -> None:
-            messages.append(dict(message))
-            await send(message)
-
-        await middleware(scope, receive, recording_send)
-
+    spy = recording(JobsMiddleware(app, jobs=jobs), messages)
     with pytest.raises(StoreError, match="cannot open the SQLite store"), TestClient(spy):
         pass
     assert [m["type"] for m in messages] == ["lifespan.startup.failed"]
@@ -246,6 +252,61 @@ def test_app_startup_failure_is_reported_and_workers_never_start(tmp_path: Path)
     with pytest.raises(RuntimeError, match="migrations are missing"), TestClient(app):
         pass
     assert not running(jobs)
+
+
+def test_app_shutdown_failure_is_raised_once_the_jobs_are_stopped_and_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As Starlette raises it without the middleware, so a test client shows it too."""
+    jobs = make_jobs(tmp_path)
+    events: list[str] = []
+    close_store = jobs.store.close
+
+    async def recording_close() -> None:
+        events.append("store closed")
+        await close_store()
+
+    monkeypatch.setattr(jobs.store, "close", recording_close)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        events.append(f"app shutdown, workers running: {jobs.started}")
+        raise RuntimeError("flushing the cache failed")
+
+    app = Starlette(
+        routes=ROUTES, middleware=[Middleware(JobsMiddleware, jobs=jobs)], lifespan=lifespan
+    )
+    sent: list[dict[str, Any]] = []
+    failed = pytest.raises(RuntimeError, match="flushing the cache failed")
+    with failed, TestClient(recording(app, sent)) as client:
+        assert client.post("/double/2").json()["result"] == 4
+    assert events == ["app shutdown, workers running: False", "store closed"]
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.failed"]
+    assert "flushing the cache failed" in sent[-1]["message"]
+
+
+def test_an_app_lifespan_that_crashes_while_serving_is_reported_at_shutdown(
+    tmp_path: Path,
+) -> None:
+    jobs = make_jobs(tmp_path)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await receive()
+            await send({"type": "lifespan.startup.complete"})
+            raise RuntimeError("the cache refresher died")
+
+    sent: list[dict[str, Any]] = []
+    middleware = JobsMiddleware(app, jobs=jobs)
+    with (
+        pytest.raises(RuntimeError, match="cache refresher died"),
+        TestClient(recording(middleware, sent)),
+    ):
+        pass
+    assert not running(jobs)
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.failed"]
+    assert "the cache refresher died" in sent[-1]["message"]
 
 
 def test_jobs_lifespan_for_apps_that_compose_their_own(tmp_path: Path) -> None:
