@@ -49,7 +49,9 @@ def load_jobs(spec: str | None) -> Jobs:
         sys.path.insert(0, os.getcwd())
     try:
         target: Any = importlib.import_module(module_name)
-    except ImportError as error:
+    except ModuleNotFoundError as error:
+        if not _names_the_module(error, module_name):
+            raise  # one the app imports: its traceback shows where, as any error in it
         raise click.BadParameter(
             f"cannot import {module_name!r}: {error}", param_hint="--app"
         ) from error
@@ -67,6 +69,13 @@ def load_jobs(spec: str | None) -> Jobs:
             f"{spec} is a {type(target).__name__}, not an asyncjobs.Jobs", param_hint="--app"
         )
     return target
+
+
+def _names_the_module(error: ModuleNotFoundError, module_name: str) -> bool:
+    """Whether the module missing is the one named (or a package on its path), not one
+    that the app's module imports."""
+    missing = error.name or ""
+    return module_name == missing or module_name.startswith(missing + ".")
 
 
 def run(ctx: click.Context, action: Callable[[Jobs], Awaitable[T]]) -> T:

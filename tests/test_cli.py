@@ -273,6 +273,28 @@ def test_app_errors_are_clear(env: dict[str, str]) -> None:
     assert "not an asyncjobs.Jobs" in result.stderr
 
 
+def test_an_app_whose_own_import_fails_shows_where_not_a_wrong_app_path(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A module the app imports is missing: the traceback into the app, as for any
+    error in it, not 'Invalid value for --app', which sent the user to check the path."""
+    (tmp_path / "broken_app.py").write_text("import os\nimport a_dependency_not_installed\n")
+    for command in (["--app", "broken_app:jobs", "stats"], ["worker", "broken_app:jobs"]):
+        result = cli(env, *command)
+        assert result.returncode == 1, command
+        assert "Invalid value" not in result.stderr
+        assert 'broken_app.py", line 2' in result.stderr
+        assert "No module named 'a_dependency_not_installed'" in result.stderr
+    (tmp_path / "stale_app.py").write_text("from os import a_name_since_removed\n")
+    result = cli(env, "--app", "stale_app:jobs", "stats")
+    assert result.returncode == 1
+    assert "ImportError: cannot import name 'a_name_since_removed'" in result.stderr
+    for missing in ("no_such_app", "no_such_package.app", "cli_test_app.nothing"):
+        result = cli(env, "--app", f"{missing}:jobs", "stats")
+        assert result.returncode == 2, missing
+        assert f"Invalid value for --app: cannot import {missing!r}: No module" in result.stderr
+
+
 async def test_worker_runs_jobs_until_sigterm(env: dict[str, str], app_jobs: Jobs) -> None:
     """``asyncjobs worker APP`` runs queued jobs, and drains and exits 0 on SIGTERM."""
     (queued,) = await app_jobs.list(status="queued")
