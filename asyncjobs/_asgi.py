@@ -133,14 +133,12 @@ class JobsMiddleware:
             await self.jobs.start()
         except Exception as error:
             app.error = error
-            await app.shutdown()
+            why = f"asyncjobs could not start: {error}"
+            app_failed = await app.shutdown()
+            if app_failed is not None:  # the server hears of no shutdown but this one
+                why += f"; then the app's shutdown failed: {app_failed}"
             await _close_quietly(self.jobs)
-            await send(
-                {
-                    "type": "lifespan.startup.failed",
-                    "message": f"asyncjobs could not start: {error}",
-                }
-            )
+            await send({"type": "lifespan.startup.failed", "message": why})
             return None
         await send({"type": "lifespan.startup.complete"})
 

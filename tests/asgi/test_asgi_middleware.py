@@ -210,6 +210,30 @@ def test_unwritable_store_fails_startup_with_a_clear_message(tmp_path: Path) -> 
     assert not running(jobs)
 
 
+def test_an_app_shutdown_failing_after_asyncjobs_could_not_start_is_reported_too(
+    tmp_path: Path,
+) -> None:
+    """The app's shutdown runs since asyncjobs could not start; its failure was lost."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the store's directory should be")
+    jobs = Jobs("sqlite:///" + str(blocker / "jobs.db"))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        raise RuntimeError("closing the connection pool failed")
+
+    app = Starlette(middleware=[Middleware(JobsMiddleware, jobs=jobs)], lifespan=lifespan)
+    sent: list[dict[str, Any]] = []
+    with pytest.raises(StoreError, match="cannot open"), TestClient(recording(app, sent)):
+        pass
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
+    message = sent[0]["message"]
+    assert message.startswith("asyncjobs could not start: cannot open the SQLite store")
+    assert "; then the app's shutdown failed: " in message
+    assert "closing the connection pool failed" in message
+
+
 UNREACHABLE = "postgresql://postgres:secret@127.0.0.1:1/test"  # nothing listens on port 1
 COULD_NOT_CONNECT = (
     "PostgreSQL store could not connect to 'postgresql://postgres:***@127.0.0.1:1/test' "
