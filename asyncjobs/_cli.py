@@ -36,14 +36,15 @@ _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 # -- loading the app ----------------------------------------------------------------
 
 
-def load_jobs(spec: str | None) -> Jobs:
-    """Import ``module:attribute`` (the current directory is importable) as a ``Jobs``."""
+def load_jobs(spec: str | None, *, given_as: str = "--app") -> Jobs:
+    """Import ``module:attribute`` (the current directory is importable) as a ``Jobs``;
+    an error about it names where it was ``given_as``."""
     if not spec:
         raise click.UsageError("name your Jobs with --app module:attribute or $ASYNCJOBS_APP")
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
         raise click.BadParameter(
-            f"{spec!r} is not module:attribute (e.g. myapp:jobs)", param_hint="--app"
+            f"{spec!r} is not module:attribute (e.g. myapp:jobs)", param_hint=given_as
         )
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -53,7 +54,7 @@ def load_jobs(spec: str | None) -> Jobs:
         if not _names_the_module(error, module_name):
             raise  # one the app imports: its traceback shows where, as any error in it
         raise click.BadParameter(
-            f"cannot import {module_name!r}: {error}", param_hint="--app"
+            f"cannot import {module_name!r}: {error}", param_hint=given_as
         ) from error
     except AsyncJobsError as error:  # its Jobs(...) refused a setting: say it, no traceback
         raise click.ClickException(f"importing {module_name!r} failed: {error}") from error
@@ -62,11 +63,11 @@ def load_jobs(spec: str | None) -> Jobs:
             target = getattr(target, part)
         except AttributeError:
             raise click.BadParameter(
-                f"module {module_name!r} has no attribute {attribute!r}", param_hint="--app"
+                f"module {module_name!r} has no attribute {attribute!r}", param_hint=given_as
             ) from None
     if not isinstance(target, Jobs):
         raise click.BadParameter(
-            f"{spec} is a {type(target).__name__}, not an asyncjobs.Jobs", param_hint="--app"
+            f"{spec} is a {type(target).__name__}, not an asyncjobs.Jobs", param_hint=given_as
         )
     return target
 
@@ -501,7 +502,7 @@ def worker(ctx: click.Context, app_arg: str | None, log_level: str) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    jobs = load_jobs(app_arg or ctx.obj)
+    jobs = load_jobs(app_arg or ctx.obj, given_as="MODULE:ATTR" if app_arg else "--app")
     try:
         asyncio.run(run_worker(jobs))
     except AsyncJobsError as error:  # as every other command: say it, no traceback

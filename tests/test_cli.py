@@ -273,6 +273,18 @@ def test_app_errors_are_clear(env: dict[str, str]) -> None:
     assert "not an asyncjobs.Jobs" in result.stderr
 
 
+def test_a_wrong_app_given_to_worker_is_named_as_its_argument_not_as_app(
+    env: dict[str, str],
+) -> None:
+    """``asyncjobs worker myapp:job`` names the argument typed, not an --app never given."""
+    result = cli(env, "worker", "cli_test_app:nothing")
+    assert result.returncode == 2
+    assert "Invalid value for MODULE:ATTR: module 'cli_test_app' has no attr" in result.stderr
+    assert "--app" not in result.stderr
+    result = cli(env, "--app", "cli_test_app:nothing", "worker")
+    assert "Invalid value for --app: module 'cli_test_app' has no attr" in result.stderr
+
+
 def test_an_app_whose_own_import_fails_shows_where_not_a_wrong_app_path(
     env: dict[str, str], tmp_path: Path
 ) -> None:
