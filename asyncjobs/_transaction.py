@@ -94,7 +94,8 @@ async def _sqlite_inserter(jobs: Jobs, conn: Any) -> Inserter:
     raw = getattr(conn, "_connection", None)
     if not isinstance(raw, sqlite3.Connection) or not hasattr(conn, "_execute"):
         raise ConfigurationError(
-            "jobs.transaction() needs an open aiosqlite connection (aiosqlite<0.23)"
+            "jobs.transaction() needs an open aiosqlite connection: this one is not "
+            "opened yet (await aiosqlite.connect(...)) or already closed"
         )
     main_file, in_transaction = await _run(conn, _describe, raw)
     if not main_file or not _same_file(main_file, store.path):

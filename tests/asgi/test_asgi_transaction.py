@@ -347,6 +347,18 @@ async def test_unsupported_connection_types_are_refused(jobs: Jobs) -> None:
             pass
 
 
+async def test_a_connection_not_open_is_refused_as_such(jobs: Jobs, db_path: Path) -> None:
+    unopened = aiosqlite.connect(db_path)  # not awaited: no sqlite3 connection yet
+    with pytest.raises(ConfigurationError, match=r"not opened yet .* or already closed"):
+        async with jobs.transaction(unopened):
+            pass
+    async with aiosqlite.connect(db_path) as closed:
+        pass
+    with pytest.raises(ConfigurationError, match=r"not opened yet .* or already closed"):
+        async with jobs.transaction(closed):
+            pass
+
+
 async def test_asyncpg_connection_with_a_sqlite_store_is_refused(
     jobs: Jobs, postgres_url: str
 ) -> None:
