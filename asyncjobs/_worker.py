@@ -7,10 +7,11 @@ be enqueue-only (``Jobs(..., workers=False)``), sharing the same store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import anyio
@@ -35,9 +36,7 @@ async def run_worker(jobs: Jobs, *, signals: Sequence[signal.Signals] = STOP_SIG
     setup: the web app only enqueues, this process only works). Must run in the
     main thread (signal handlers). Raises if the workers stop on their own.
     """
-    if not jobs.settings.workers:
-        jobs.settings = dataclasses.replace(jobs.settings, workers=True)
-    with anyio.open_signal_receiver(*signals) as received:
+    with _workers_on(jobs), anyio.open_signal_receiver(*signals) as received:
         await jobs.start()
         host = jobs._host
         if host is None:  # pragma: no cover - start() returned with workers running
@@ -81,3 +80,15 @@ async def run_worker(jobs: Jobs, *, signals: Sequence[signal.Signals] = STOP_SIG
                 tg.cancel_scope.cancel()
         if stopped_on_their_own:  # close() re-raises a crash; this is a quiet stop
             raise AsyncJobsError("the asyncjobs workers stopped unexpectedly")
+
+
+@contextlib.contextmanager
+def _workers_on(jobs: Jobs) -> Iterator[None]:
+    """Run ``jobs``' workers even if it was built with ``workers=False``; as it was
+    built again afterwards (enqueue-only, if it is used on after this)."""
+    built = jobs.settings
+    jobs.settings = dataclasses.replace(built, workers=True)
+    try:
+        yield
+    finally:
+        jobs.settings = built

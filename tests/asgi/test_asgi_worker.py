@@ -77,6 +77,7 @@ async def test_run_worker_runs_jobs_from_other_processes_and_drains_on_sigterm(
         assert info.status == JobStatus.SUCCEEDED
         assert info.result == 40
         assert not worker.started
+        assert not worker.settings.workers  # as it was built: enqueue-only again
     finally:
         await web.close()
         await worker.close()
