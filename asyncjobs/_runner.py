@@ -131,6 +131,7 @@ class Runner(_Leases, _Execution):
         # Outboxes taken by writes under way: their leases are renewed too (_take_outbox).
         self._writing: list[list[_Finished]] = []
         self._next_token_at: float | None = None
+        self._partial = False  # the last claim looked at only some jobs (Claimed.partial)
         # Keys whose bucket a claim found without tokens, until their next one (the
         # claims' memory: ClaimRequest.empty_keys), and the store they were found in.
         self._empty_keys: tuple[Store | None, _EmptyKeys] = (None, {})
@@ -305,6 +306,7 @@ class Runner(_Leases, _Execution):
         Returns how many jobs were claimed plus how many outcomes were written.
         """
         room = min(self.room, _CLAIM_MAX)
+        self._partial = False
         if not self.jobs.registry:
             return 0
         if room <= 0:
@@ -340,6 +342,7 @@ class Runner(_Leases, _Execution):
         self._acknowledged(outbox, applied)
         # When a ready job was held back by an empty rate-limit bucket: its next token.
         self._next_token_at = rows.next_token_at if isinstance(rows, Claimed) else None
+        self._partial = isinstance(rows, Claimed) and rows.partial
         # A full claim, or every free slot filled (jobs on their last attempt may wait
         # behind those claimed ahead): more may be ready.
         self._backlog = len(rows) >= room or 0 < free <= len(rows)
@@ -651,8 +654,8 @@ class Runner(_Leases, _Execution):
         try:
             while True:
                 self._wakeup = asyncio.Event()  # a job's end, or one enqueued by a job
-                if await self.claim() or self._outbox:
-                    continue
+                if await self.claim() or self._outbox or self._partial:
+                    continue  # (a partial claim: the next looks at the rest)
                 if not self.running and not self._ready:
                     # A claim makes only so many due jobs ready (DUE_PER_CLAIM), and
                     # those may all be other processes' tasks: claim until none is due.
@@ -733,6 +736,8 @@ class Runner(_Leases, _Execution):
                 wake_at = min(wake_at, next_run)
             if self._next_token_at is not None:
                 wake_at = min(wake_at, self._next_token_at)
+            if self._partial:  # the claim looked at some of the jobs: the rest at the next look
+                wake_at = min(wake_at, self.clock.now() + check_every)
             # A store that hears of writes: its listener open (or reopened) before the
             # wait, so a write from now on wakes it; one heard meanwhile: claim again. As
             # often as the wait below looks at most: a listener the server keeps closing

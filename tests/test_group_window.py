@@ -12,16 +12,17 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import anyio
 import pytest
 
-from asyncjobs import AsyncJobsError, Jobs
+from asyncjobs import AsyncJobsError, Jobs, Task
 from asyncjobs.stores import open_store
 from asyncjobs.stores._admission import Admission
-from asyncjobs.stores._protocol import ClaimRequest, TaskLimits
-from asyncjobs.stores._sqlite_limits import GROUPS_PER_CLAIM, WINDOW, choose
+from asyncjobs.stores._protocol import ClaimRequest, JobRow, Outcome, TaskLimits
+from asyncjobs.stores._sqlite_limits import GROUPS_PER_CLAIM, WINDOW, Walk, choose
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]
@@ -192,3 +193,132 @@ def test_past_the_window_a_group_running_a_later_job_is_held(tmp_path: Path) -> 
     rows += [("queued", "default", "c", 0)]
     _, admission = _claim(tmp_path, "later", rows)
     assert admission.chosen == [len(rows)]
+
+
+# -- an idle worker behind many groups ---------------------------------------------------
+
+GROUPS = WINDOW + 2 * GROUPS_PER_CLAIM + 10
+"""More groups than a claim's window and two claims past it look at."""
+
+
+class Counted:
+    """``jobs.store``'s claims (with a write of outcomes or without), counted."""
+
+    def __init__(self, jobs: Jobs) -> None:
+        self.claims = 0
+        store = jobs.store
+        claim, finish_and_claim = store.claim, store.finish_and_claim
+
+        async def counted_claim(request: ClaimRequest, *, now: float) -> list[JobRow]:
+            self.claims += 1
+            return await claim(request, now=now)
+
+        async def counted_finish_and_claim(
+            outcomes: Sequence[Outcome], request: ClaimRequest, *, now: float
+        ) -> tuple[list[str], list[JobRow]]:
+            self.claims += 1
+            return await finish_and_claim(outcomes, request, now=now)
+
+        store.claim = counted_claim  # type: ignore[method-assign]
+        store.finish_and_claim = counted_finish_and_claim  # type: ignore[method-assign]
+
+
+async def behind_many_groups(jobs: Jobs) -> tuple[Task[[str], None], list[str]]:
+    """``GROUPS`` groups of one job each, in queue 'slow' (concurrency 1), whose first
+    job another worker runs: their heads all wait for the queue. (A task under a limit:
+    a job of it is claimed, never handed to a worker as it is enqueued.)"""
+    jobs.queue("slow", concurrency=1)
+    ran: list[str] = []
+
+    @jobs.task(concurrency=100)
+    async def sync(user: str) -> None:
+        ran.append(user)
+
+    await jobs.enqueue_many(
+        [sync.options(group=f"g{n:05d}", queue="slow").spec(f"g{n:05d}") for n in range(GROUPS)]
+    )
+    other = ClaimRequest(
+        worker="other", tasks={sync.name: TaskLimits(max_attempts=3)}, queues=None, limit=1,
+        lease=3600,
+    )  # fmt: skip
+    assert len(await jobs.store.claim(other, now=jobs.clock.now())) == 1
+    return sync, ran
+
+
+async def tick(jobs: Jobs, clock: FakeClock, seconds: float) -> None:
+    """Move the clock ``seconds`` by 0.1 s, letting the worker claim at each step."""
+    for _ in range(round(seconds * 10)):
+        clock.advance(0.1)
+        for _ in range(3):
+            for _ in range(30):
+                await anyio.lowlevel.checkpoint()
+            await jobs.store._call(lambda db: None)  # type: ignore[attr-defined]
+
+
+async def test_an_idle_worker_behind_many_groups_claims_once_a_poll(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """Each claim looks at the next groups past the window and moved a cursor stored in
+    the file: the worker's check for other processes' writes saw that write, and an idle
+    worker claimed every 0.1 s, for good (5.6% of a core behind 2,000 groups). Once it
+    has been round the groups, it claims at its poll (once a second here)."""
+    jobs = make_jobs()
+    _, ran = await behind_many_groups(jobs)
+    counted = Counted(jobs)
+    async with jobs:
+        await tick(jobs, clock, 3)  # the worker goes round the groups
+        before = counted.claims
+        await tick(jobs, clock, 5)
+    assert counted.claims - before <= 6, counted.claims - before
+    assert ran == []
+
+
+async def test_a_job_behind_many_held_groups_is_claimed_within_a_turn(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """A job enqueued behind them (in another queue), in the group that comes last by
+    name, runs once the worker's claims have gone round the groups, a part each look
+    (0.1 s), not a part each poll interval."""
+    jobs = make_jobs(poll_interval=3600)
+    sync, ran = await behind_many_groups(jobs)
+    async with jobs:
+        await tick(jobs, clock, 3)
+        await sync.options(group="zz").enqueue("zz")
+        await tick(jobs, clock, 0.1 * (GROUPS // GROUPS_PER_CLAIM + 3))
+    assert ran == ["zz"]
+
+
+async def test_drain_runs_a_job_behind_many_held_groups(make_jobs: MakeJobs) -> None:
+    """drain() claims until it has been round the groups: a claim that took nothing
+    had looked at only some of them."""
+    jobs = make_jobs()
+    sync, ran = await behind_many_groups(jobs)
+    await drain(jobs)
+    await sync.options(group="zz").enqueue("zz")
+    await drain(jobs)
+    assert ran == ["zz"]
+
+
+def test_a_walk_goes_round_once_from_where_a_change_found_it() -> None:
+    """Past the window, after a change the claims go round the groups once from where
+    they were (five a claim here, of groups a to l), also when the group they were at
+    is gone: then at most past the last group twice."""
+
+    def turning(after: str, steps: list[tuple[str, bool]]) -> list[bool]:
+        """Whether the walk is still going round after each claim's groups (and whether
+        that claim came to the last group, then went on from the first)."""
+        walk = Walk(after=after, turning=False)
+        walk.turn()
+        states = []
+        for names, at_end in steps:
+            walk.moved([(name,) for name in names], 5, at_end)
+            states.append(walk.turning)
+        return states
+
+    assert turning("c", [("defgh", False), ("ijkla", True), ("bcdef", False)]) == [
+        True, True, False,
+    ]  # fmt: skip
+    # Groups m and after are gone:
+    assert turning("m", [("abcde", True), ("fghij", False), ("klabc", True)]) == [
+        True, True, False,
+    ]  # fmt: skip

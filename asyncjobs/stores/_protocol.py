@@ -234,9 +234,12 @@ class Claimed(list[JobRow]):
     token (None when none was held back), so the runner sleeps until then, and
     ``handed_back``: the rows include those of an earlier try whose reply was lost,
     which may match jobs the runner holds already, and ``unkeyed``: a job under a keyed
-    limiter whose key is pending held back that limiter's jobs (``pending_keys``)."""
+    limiter whose key is pending held back that limiter's jobs (``pending_keys``), and
+    ``partial``: the claim looked at only some of the jobs it might take (SQLite, past
+    its window: some of the groups or keys, the next ones at the next claim), and the
+    claims have not been round them since the store last changed: claim again soon."""
 
-    __slots__ = ("handed_back", "next_token_at", "unkeyed")
+    __slots__ = ("handed_back", "next_token_at", "partial", "unkeyed")
 
     def __init__(
         self,
@@ -245,11 +248,13 @@ class Claimed(list[JobRow]):
         next_token_at: float | None = None,
         handed_back: bool = False,
         unkeyed: bool = False,
+        partial: bool = False,
     ) -> None:
         super().__init__(rows)
         self.next_token_at = next_token_at
         self.handed_back = handed_back
         self.unkeyed = unkeyed
+        self.partial = partial
 
 
 class RateKeyed(NamedTuple):

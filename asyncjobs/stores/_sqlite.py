@@ -73,6 +73,7 @@ from asyncjobs.stores._sqlite_admin import (
     _retry,
     _snapshot,
 )
+from asyncjobs.stores._sqlite_limits import Walks
 from asyncjobs.stores._sqlite_schema import (
     _switch_to_wal,
     migrate,
@@ -186,6 +187,7 @@ class SQLiteStore:
         self._opening = asyncio.Lock()  # first uses at once open it once
         self._open = False  # set up: migrated, side connections made
         self._give_up_at: float | None = None  # time.monotonic(); see set_deadline
+        self._walks = Walks()  # how far the claims went past their window
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
@@ -493,7 +495,8 @@ class SQLiteStore:
     async def claim(self, request: ClaimRequest, *, now: float) -> list[JobRow]:
         if request.limit <= 0 or not request.tasks:
             return []
-        return await self._short_transaction(request.limit, _claim, request, now)
+        walks, version = self._walks, self._version()
+        return await self._short_transaction(request.limit, _claim, request, now, walks, version)
 
     async def finish(self, outcomes: Sequence[Outcome], *, now: float) -> list[str]:
         if not outcomes:
@@ -506,7 +509,14 @@ class SQLiteStore:
         if request.limit <= 0 or not request.tasks:
             return await self.finish(outcomes, now=now), []
         rows = max(_weight(outcomes), request.limit)
-        return await self._short_transaction(rows, _finish_and_claim, outcomes, request, now)
+        walks, version = self._walks, self._version()
+        return await self._short_transaction(
+            rows, _finish_and_claim, outcomes, request, now, walks, version
+        )
+
+    def _version(self) -> int | None:
+        """The file's data version before a claim (``Walks.claiming``): None, unknown."""
+        return None if self._watch is None else self._watch.version()
 
     async def heartbeat(
         self, job_ids: Sequence[str], *, worker: str, lease_until: float | Callable[[], float]

@@ -10,7 +10,7 @@ read at all, so a held-back backlog costs one seek however long it is. The ready
 indexes leave out the jobs behind another of their group (migration 0012): a group's
 backlog is never read, only its first job. Past the first ``WINDOW`` ready jobs of a
 task, a claim finds the heads of groups (``_group_heads``) and the jobs of keys
-(``_past_window``) a bounded number at a time.
+(``_past_window``) a bounded number at a time, going round them in turn (``Walk``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from asyncjobs.stores._admission import (
 )
 from asyncjobs.stores._protocol import ClaimRequest
 
-__all__ = ["GROUPS_PER_CLAIM", "KEYS_PER_CLAIM", "WINDOW", "choose", "has_limits"]
+__all__ = ["GROUPS_PER_CLAIM", "KEYS_PER_CLAIM", "WINDOW", "Walks", "choose", "has_limits"]
 
 WINDOW = 1000
 """How many of a task's ready jobs one claim looks through in claim order (a group's
@@ -50,13 +50,17 @@ _GROUP_HEAD = (
 )
 
 
-def choose(db: sqlite3.Connection, request: ClaimRequest, now: float) -> Admission:
+def choose(
+    db: sqlite3.Connection, request: ClaimRequest, now: float, walks: Walks | None = None
+) -> Admission:
     """Pick the jobs to claim under every limit and take their tokens.
 
     Returns the admission: ``chosen``, their ``seq`` in claim order; ``wake_at``, when
     a ready job was held back by an empty bucket, the earliest time one of those
     buckets gets a token; ``unkeyed``, whether a pending key held a limiter back.
+    ``walks``: how far the store's claims went past the window (None: from the start).
     """
+    walks = Walks() if walks is None else walks
 
     def load(bucket_id: BucketId) -> BucketState | None:
         row = db.execute(
@@ -85,7 +89,7 @@ def choose(db: sqlite3.Connection, request: ClaimRequest, now: float) -> Admissi
         elif admission.wake_at != wake_at and not _has_ready(db, request, task):
             admission.wake_at = wake_at  # its bucket is empty but nothing here waits on it
     page = request.limit + 16
-    streams = [_candidates(db, admission, task, page) for task in open_tasks]
+    streams = [_candidates(db, admission, task, page, walks) for task in open_tasks]
     chosen = admission.chosen
     for job in heapq.merge(*streams, key=lambda c: c.order):
         if admission.admit(job):
@@ -135,7 +139,7 @@ def _has_ready(db: sqlite3.Connection, request: ClaimRequest, task: str) -> bool
 
 
 def _candidates(
-    db: sqlite3.Connection, admission: Admission, task: str, page: int
+    db: sqlite3.Connection, admission: Admission, task: str, page: int, walks: Walks
 ) -> Iterator[Candidate]:
     """The task's ready jobs that may be admitted, in claim order, read page by page:
     those of the window (the first ``WINDOW`` in claim order), then those past it that
@@ -165,11 +169,11 @@ def _candidates(
     ).fetchone()
     if end is None:
         return  # the window held every ready job
-    past = [_group_heads(db, admission, task, keyed_only, (end[0], end[1]))]
+    past = [_group_heads(db, admission, task, keyed_only, (end[0], end[1]), walks)]
     if admission.request.tasks[task].limiter in admission.request.keyed and (
         admission.blocked_keys_of(task)  # keys without tokens filled the window
     ):
-        past.append(_past_window(db, admission, task, (end[0], end[1])))
+        past.append(_past_window(db, admission, task, (end[0], end[1]), walks))
     offered: set[int] = set()  # a group's head may be its key's next job too: offer it once
     for job in heapq.merge(*past, key=lambda c: c.order):
         if job.seq not in offered:
@@ -232,7 +236,7 @@ def _page(
 
 KEYS_PER_CLAIM = 256
 """Past the window, how many keys one claim looks at (besides those it found empty in
-the window): one index seek each. The next claim goes on from the last (``_CURSOR``), so
+the window): one index seek each. The next claim goes on from the last (``Walk``), so
 with more keys than this each gets its turn, and the claim order between keys holds
 among those a claim looks at."""
 
@@ -274,10 +278,8 @@ _KEYS_FIRST = (
 )
 """``_KEYS_AFTER`` from the first key."""
 
-_CURSOR = "keys past the window:"
-"""``asyncjobs_meta`` key (with the task's name) of the last key a claim looked at past
-the window, when there were more than it looks at: the next claim, in any process,
-goes on after it, so every key gets its turn."""
+_KEYS_WALK = "keys past the window:"
+"""The ``Walk`` (with the task's name) through the keys past the window."""
 
 
 _KEY_PAGE_SQL = (
@@ -305,7 +307,7 @@ class _KeyRead:
 
 
 def _past_window(
-    db: sqlite3.Connection, admission: Admission, task: str, end: tuple[int, int]
+    db: sqlite3.Connection, admission: Admission, task: str, end: tuple[int, int], walks: Walks
 ) -> Iterator[Candidate]:
     """The keyed jobs of ``task`` behind the window (after ``end``, its last job in
     claim order), when keys of its jobs were found without tokens (this claim got this
@@ -319,7 +321,7 @@ def _past_window(
     blocked = admission.blocked_keys_of(task)
     heads = {
         key: (priority, seq)
-        for key, priority, seq in _keys_past(db, admission, task, end)
+        for key, priority, seq in _keys_past(db, admission, task, end, walks)
         if priority is not None and seq is not None and key not in blocked
     }
     _preload_buckets(db, admission, task, heads)
@@ -362,50 +364,27 @@ def _preload_buckets(
 
 
 def _keys_past(
-    db: sqlite3.Connection, admission: Admission, task: str, end: tuple[int, int]
+    db: sqlite3.Connection, admission: Admission, task: str, end: tuple[int, int], walks: Walks
 ) -> list[tuple[str, int | None, int | None]]:
     """(key, priority, seq): up to ``KEYS_PER_CLAIM`` keys of ``task``'s ready keyed jobs besides
-    those found empty, in key order after the cursor (``_CURSOR``) and then from the
-    first key, each with its first job after ``end`` (priority and seq None if none).
-    Moves the cursor to the last key read when there may be more."""
+    those found empty, in key order after the last a claim looked at (``Walk``) and
+    then from the first key, each with its first job after ``end`` (priority and seq
+    None if none)."""
     limit = KEYS_PER_CLAIM + len(admission.blocked_keys_of(task))
-    cursor_key = _CURSOR + task
-    after = _cursor(db, cursor_key)
+    walk = walks.walk(_KEYS_WALK + task)
+    after = walk.after
     tail = (task, limit, task, end[0], end[1], task, end[0])
     if after is None:
         keys = db.execute(_KEYS_FIRST, (task, *tail)).fetchall()
+        at_end = len(keys) < limit
     else:
         keys = db.execute(_KEYS_AFTER, (task, after, *tail)).fetchall()
-        if len(keys) < limit:  # the last key: go round to the first ones
+        at_end = len(keys) < limit
+        if at_end:  # the last key: go round to the first ones
             first = db.execute(_KEYS_FIRST, (task, task, limit - len(keys), *tail[2:]))
             keys += [k for k in first.fetchall() if k[0] <= after]
-    _move_cursor(db, cursor_key, keys, limit, after)
+    walks.moved(walk, keys, limit, at_end)
     return keys
-
-
-_CURSOR_VALUE = "SELECT value FROM asyncjobs_meta WHERE key = ?"
-_CURSOR_SET = (
-    "INSERT INTO asyncjobs_meta (key, value) VALUES (?, ?) "
-    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
-)
-_CURSOR_CLEAR = "DELETE FROM asyncjobs_meta WHERE key = ?"
-
-
-def _cursor(db: sqlite3.Connection, cursor_key: str) -> str | None:
-    """Where the last claim stopped (``_CURSOR``, ``_GROUP_CURSOR``): None, at the start."""
-    row = db.execute(_CURSOR_VALUE, (cursor_key,)).fetchone()
-    return None if row is None else str(row[0])
-
-
-def _move_cursor(
-    db: sqlite3.Connection, cursor_key: str, rows: list[Any], limit: int, after: str | None
-) -> None:
-    """After a claim read ``rows`` (name first), ``limit`` at most: the next goes on after
-    the last when there may be more, else from the start."""
-    if len(rows) >= limit:
-        db.execute(_CURSOR_SET, (cursor_key, rows[-1][0]))
-    elif after is not None:
-        db.execute(_CURSOR_CLEAR, (cursor_key,))
 
 
 def _read_page(
@@ -435,7 +414,7 @@ def _read_page(
 
 GROUPS_PER_CLAIM = 256
 """Past the window, how many groups one claim looks at: one index seek each for the
-group and one for its head. The next claim goes on from the last (``_GROUP_CURSOR``), so
+group and one for its head. The next claim goes on from the last (``Walk``), so
 with more groups than this each gets its turn, and the claim order between groups holds
 among those a claim looks at."""
 
@@ -469,10 +448,8 @@ _GROUPS_FIRST = (
 )
 """``_GROUPS_AFTER`` from the first group."""
 
-_GROUP_CURSOR = "groups past the window:"
-"""``asyncjobs_meta`` key (with the task's name) of the last group a claim looked at
-past the window, when there were more than it looks at: the next claim, in any process,
-goes on after it, so every group gets its turn."""
+_GROUPS_WALK = "groups past the window:"
+"""The ``Walk`` (with the task's name) through the groups past the window."""
 
 _RUNNING_IN_GROUPS = (
     "SELECT DISTINCT group_key FROM asyncjobs_jobs INDEXED BY asyncjobs_jobs_status "
@@ -483,7 +460,12 @@ process's concurrency at most), not through each group's backlog."""
 
 
 def _group_heads(
-    db: sqlite3.Connection, admission: Admission, task: str, keyed_only: bool, end: tuple[int, int]
+    db: sqlite3.Connection,
+    admission: Admission,
+    task: str,
+    keyed_only: bool,
+    end: tuple[int, int],
+    walks: Walks,
 ) -> Iterator[Candidate]:
     """The heads of groups of ``task`` behind the window (after ``end``, its last job in
     claim order), in claim order: a group's backlog that filled the window does not
@@ -491,14 +473,15 @@ def _group_heads(
     there).
 
     One statement finds up to ``GROUPS_PER_CLAIM`` groups, in name order after the
-    cursor (``_GROUP_CURSOR``) and then from the first, each with its head; a head is
+    last a claim looked at (``Walk``) and then from the first, each with its head; a head is
     a candidate if it is queued, of this task, in a queue this claim serves, after
     ``end``, and no job of its group runs (one more query, over the running jobs)."""
     if task in admission.blocked_tasks:
         return
     queues = admission.request.queues
     heads: dict[str, Candidate] = {}
-    for group, seq, priority, status, of, queue, rate_key, pending in _groups_past(db, task):
+    groups = _groups_past(db, walks.walk(_GROUPS_WALK + task), walks)
+    for group, seq, priority, status, of, queue, rate_key, pending in groups:
         if (
             status != "queued"
             or of != task
@@ -517,18 +500,84 @@ def _group_heads(
         yield job
 
 
-def _groups_past(db: sqlite3.Connection, task: str) -> list[Any]:
+def _groups_past(db: sqlite3.Connection, walk: Walk, walks: Walks) -> list[Any]:
     """(group, and its head's seq, priority, status, task, queue, rate_key, key_pending):
-    up to ``GROUPS_PER_CLAIM`` groups after the cursor, then from the first. Moves the
-    cursor to the last group read when there may be more."""
-    cursor_key = _GROUP_CURSOR + task
-    after = _cursor(db, cursor_key)
+    up to ``GROUPS_PER_CLAIM`` groups after the last a claim looked at, then from the
+    first."""
+    after = walk.after
     if after is None:
         groups = db.execute(_GROUPS_FIRST, (GROUPS_PER_CLAIM,)).fetchall()
+        at_end = len(groups) < GROUPS_PER_CLAIM
     else:
         groups = db.execute(_GROUPS_AFTER, (after, GROUPS_PER_CLAIM)).fetchall()
-        if len(groups) < GROUPS_PER_CLAIM:  # the last group: go round to the first ones
+        at_end = len(groups) < GROUPS_PER_CLAIM
+        if at_end:  # the last group: go round to the first ones
             first = db.execute(_GROUPS_FIRST, (GROUPS_PER_CLAIM - len(groups),)).fetchall()
             groups += [g for g in first if g[0] <= after]
-    _move_cursor(db, cursor_key, groups, GROUPS_PER_CLAIM, after)
+    walks.moved(walk, groups, GROUPS_PER_CLAIM, at_end)
     return groups
+
+
+@dataclass(slots=True)
+class Walk:
+    """How far a store's claims went through the groups (or keys) of a task past the
+    window, in name order, a bounded number a claim: the next claim goes on after
+    ``after`` (None: from the first), so each gets its turn.
+
+    After a change, the walk goes round once (``turning``): from where it then was
+    (``start``), past the last name (``passed_end``), and back there. A group it looked at
+    before the change may take a job now; one it looks at after, it sees as it is."""
+
+    after: str | None = None
+    turning: bool = True  # a new walk has not been round yet
+    start: str | None = None
+    passed_end: bool = False
+
+    def turn(self) -> None:
+        """Go round once more, from here."""
+        self.turning, self.start, self.passed_end = True, self.after, False
+
+    def moved(self, rows: list[Any], limit: int, at_end: bool) -> None:
+        """A claim read ``rows`` (name first), ``limit`` at most, after ``after`` and, if
+        it came to the last name (``at_end``), then from the first."""
+        again = self.passed_end and at_end  # past the end twice: round, whatever came
+        self.after = rows[-1][0] if len(rows) >= limit else None
+        self.passed_end = self.passed_end or at_end
+        back = self.start is None or self.after is None or self.after >= self.start
+        if again or (self.passed_end and back):
+            self.turning = False
+
+
+class Walks:
+    """A store's walks past the window (``Walk``), by task, in its process's memory.
+
+    Not in the file: a claim that took nothing and moved a cursor stored there still
+    wrote, and a worker's check for other processes' writes (``PRAGMA data_version``)
+    took that write for a change: behind more groups than a claim looks at, an idle
+    worker claimed every 0.1 s, for good. Each process goes round on its own (every
+    group still gets its turn in each); a claim that takes nothing writes nothing.
+
+    Each walk goes round once after the file changed (``claiming``): until it is
+    round, ``more`` asks the worker to claim again soon (``Claimed.partial``). Once round,
+    its claims look further only at their poll or the next change."""
+
+    def __init__(self) -> None:
+        self._walks: dict[str, Walk] = {}
+        self._version: int | None = None
+        self.more = False  # a walk this claim moved has not been round since the change
+
+    def claiming(self, version: int | None) -> None:
+        """A claim begins; ``version``: the file's ``data_version`` before it (None:
+        unknown), which changes with every write of any connection but the reader's."""
+        if version is None or version != self._version:
+            for walk in self._walks.values():
+                walk.turn()
+        self._version = version
+        self.more = False
+
+    def walk(self, name: str) -> Walk:
+        return self._walks.setdefault(name, Walk())
+
+    def moved(self, walk: Walk, rows: list[Any], limit: int, at_end: bool) -> None:
+        walk.moved(rows, limit, at_end)
+        self.more = self.more or walk.turning

@@ -191,13 +191,20 @@ class ChangeWatch:
         return int(version)
 
     def changed(self) -> bool:
-        try:
-            version = self._read()
-        except sqlite3.OperationalError:
+        version = self.version()
+        if version is None:
             return True  # busy (another process is recovering the log): go and look
         changed = version != self._version
         self._version = version
         return changed
+
+    def version(self) -> int | None:
+        """The file's ``data_version`` now: it changes with every commit of another
+        connection (this store's own too). None: busy."""
+        try:
+            return self._read()
+        except sqlite3.OperationalError:
+            return None
 
     def try_read(
         self,

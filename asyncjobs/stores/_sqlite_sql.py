@@ -38,7 +38,7 @@ from asyncjobs.stores._protocol import (
     OutcomeKind,
     RateKeyed,
 )
-from asyncjobs.stores._sqlite_limits import choose, has_limits
+from asyncjobs.stores._sqlite_limits import Walks, choose, has_limits
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -216,7 +216,17 @@ high-priority job due later than 1,000 others waits for those to be made ready (
 Sidekiq's scheduled poller moves jobs in order of due time), not for them to run."""
 
 
-def _claim(db: sqlite3.Connection, request: ClaimRequest, now: float) -> Claimed:
+def _claim(
+    db: sqlite3.Connection,
+    request: ClaimRequest,
+    now: float,
+    walks: Walks | None = None,
+    version: int | None = None,
+) -> Claimed:
+    """``walks``: the store's walks past the window (``Walks``; None: from the start),
+    and ``version`` the file's data version read before the claim."""
+    if walks is not None:
+        walks.claiming(version)
     # The write lock is held (BEGIN IMMEDIATE): read the time now. ``now`` was read
     # before any wait for another process's lock, and a lease counted from it would be
     # written short by that wait, even already expired.
@@ -234,11 +244,11 @@ def _claim(db: sqlite3.Connection, request: ClaimRequest, now: float) -> Claimed
         # a probe of the status index costs a twentieth of the claim's statement.
         return Claimed()
     slots = request.limit - request.ahead
-    claimed = _claim_ready(db, request, slots, now, last_attempts=True)
+    claimed = _claim_ready(db, request, slots, now, walks, last_attempts=True)
     # More may be ready: look ahead (not under concurrency or rate limits, which choose
     # jobs by their own rules).
     if request.ahead and len(claimed) == slots and not has_limits(request):
-        ahead = _claim_ready(db, request, request.ahead, now, last_attempts=False)
+        ahead = _claim_ready(db, request, request.ahead, now, walks, last_attempts=False)
         claimed.extend(ahead)
         claimed.sort(key=lambda r: (-r.priority, r.seq))
     return claimed
@@ -268,7 +278,13 @@ def _task_attempts(request: ClaimRequest) -> tuple[str, int]:
 
 
 def _claim_ready(
-    db: sqlite3.Connection, request: ClaimRequest, limit: int, now: float, *, last_attempts: bool
+    db: sqlite3.Connection,
+    request: ClaimRequest,
+    limit: int,
+    now: float,
+    walks: Walks | None,
+    *,
+    last_attempts: bool,
 ) -> Claimed:
     """Claim up to ``limit`` ready jobs in claim order; without ``last_attempts``,
     leave those about to start their last attempt where they are."""
@@ -276,12 +292,13 @@ def _claim_ready(
         return Claimed()
     attempts = _task_attempts(request)
     params: list[Any] = [now, now + request.lease, request.worker, *attempts]
-    next_token_at, unkeyed = None, False
+    next_token_at, unkeyed, partial = None, False, False
     if has_limits(request):  # concurrency, rate limits: chosen in Python, same transaction
-        admission = choose(db, replace(request, limit=limit), now)
+        admission = choose(db, replace(request, limit=limit), now, walks)
         next_token_at, unkeyed = admission.wake_at, admission.unkeyed
+        partial = walks is not None and walks.more
         if not admission.chosen:
-            return Claimed(next_token_at=next_token_at, unkeyed=unkeyed)
+            return Claimed(next_token_at=next_token_at, unkeyed=unkeyed, partial=partial)
         pick = "SELECT value FROM json_each(?)"
         params.append(json.dumps(admission.chosen))
     else:  # the fast path: one statement
@@ -309,7 +326,7 @@ def _claim_ready(
         params,
     ).fetchall()
     claimed = Claimed(sorted((_row(r) for r in rows), key=lambda r: (-r.priority, r.seq)))
-    claimed.next_token_at, claimed.unkeyed = next_token_at, unkeyed
+    claimed.next_token_at, claimed.unkeyed, claimed.partial = next_token_at, unkeyed, partial
     return claimed
 
 
@@ -351,10 +368,15 @@ _FINISH_SQL = {
 
 
 def _finish_and_claim(
-    db: sqlite3.Connection, outcomes: Sequence[Outcome], request: ClaimRequest, now: float
+    db: sqlite3.Connection,
+    outcomes: Sequence[Outcome],
+    request: ClaimRequest,
+    now: float,
+    walks: Walks | None = None,
+    version: int | None = None,
 ) -> tuple[list[str], Claimed]:
     applied = _finish(db, outcomes, now)
-    return applied, _claim(db, request, now)
+    return applied, _claim(db, request, now, walks, version)
 
 
 # Every success of a flush in one statement (the common case: no-op jobs finish by
