@@ -73,7 +73,7 @@ from asyncjobs.stores._sqlite_admin import (
     _retry,
     _snapshot,
 )
-from asyncjobs.stores._sqlite_limits import Walks
+from asyncjobs.stores._sqlite_limits import Walks, has_limits
 from asyncjobs.stores._sqlite_schema import (
     _switch_to_wal,
     migrate,
@@ -495,7 +495,7 @@ class SQLiteStore:
     async def claim(self, request: ClaimRequest, *, now: float) -> list[JobRow]:
         if request.limit <= 0 or not request.tasks:
             return []
-        walks, version = self._walks, self._version()
+        walks, version = self._walked(request)
         return await self._short_transaction(request.limit, _claim, request, now, walks, version)
 
     async def finish(self, outcomes: Sequence[Outcome], *, now: float) -> list[str]:
@@ -509,14 +509,18 @@ class SQLiteStore:
         if request.limit <= 0 or not request.tasks:
             return await self.finish(outcomes, now=now), []
         rows = max(_weight(outcomes), request.limit)
-        walks, version = self._walks, self._version()
+        walks, version = self._walked(request)
         return await self._short_transaction(
             rows, _finish_and_claim, outcomes, request, now, walks, version
         )
 
-    def _version(self) -> int | None:
-        """The file's data version before a claim (``Walks.claiming``): None, unknown."""
-        return None if self._watch is None else self._watch.version()
+    def _walked(self, request: ClaimRequest) -> tuple[Walks | None, int | None]:
+        """For a claim under limits (the only ones that walk past the window: ``choose``),
+        the store's walks and the file's data version before it (``Walks.claiming``; None:
+        unknown); for any other, (None, None): no read of the version on the hot path."""
+        if not has_limits(request):
+            return None, None
+        return self._walks, None if self._watch is None else self._watch.version()
 
     async def heartbeat(
         self, job_ids: Sequence[str], *, worker: str, lease_until: float | Callable[[], float]
