@@ -431,6 +431,48 @@ async def test_a_cancelled_member_retried_after_retention_pruned_the_one_before_
     assert (info.status, info.attempts, info.max_attempts) == (JobStatus.CANCELLED, 0, 4)
 
 
+async def test_retention_keeps_the_members_a_dead_one_cancelled_as_long_as_it(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """Cancelled jobs are pruned sooner than dead ones: the members after a dead one,
+    cancelled before they ran, went first, and a retry of the dead one then completed
+    the chain without them (``succeeded``, the last step never run). They are kept as
+    long as the member before them is, so they go on with the chain once it is retried."""
+    jobs = make_jobs(retention=60, dead_retention=3600)
+    ran: list[str] = []
+    failing = {"transcode"}
+
+    @jobs.task(retries=0)
+    async def step(name: str) -> None:
+        ran.append(name)
+        if name in failing:
+            raise RuntimeError("codec missing")
+
+    chain = await jobs.chain(
+        step.spec("upload"), step.spec("transcode"), step.spec("thumbnail"), step.spec("notify")
+    )
+    await drain(jobs)
+    clock.advance(120)
+    assert await prune_expired(jobs) == 1  # the succeeded one alone
+    stored = [await jobs.get(j.id) for j in chain.jobs]
+    assert [i and i.status for i in stored] == [None, "dead", "cancelled", "cancelled"]
+
+    failing.clear()
+    assert await jobs.retry(chain.jobs[1].id)
+    await drain(jobs)
+    assert ran == ["upload", "transcode", "transcode", "thumbnail", "notify"]
+    assert await chain.status() == JobStatus.SUCCEEDED
+
+    broken = await jobs.chain(step.spec("a"), step.spec("transcode"), step.spec("b"))
+    failing.add("transcode")
+    await drain(jobs)
+    clock.advance(3601)
+    await prune_expired(jobs)  # the dead one goes on dead_retention, with what ran before
+    assert [bool(await jobs.get(j.id)) for j in broken.jobs] == [False, False, True]
+    assert await prune_expired(jobs) == 1  # and the one it cancelled, at the next prune
+    assert await jobs.get(broken.jobs[2].id) is None
+
+
 async def test_a_chain_member_cancelled_while_waiting_and_retried_waits_again(
     jobs: Jobs,
 ) -> None:

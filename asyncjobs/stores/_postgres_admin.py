@@ -269,7 +269,14 @@ _PRUNE = (
     "WHERE b.id = j.batch_id AND b.status = 'waiting')) "
     # A chain member retried by hand waits for this one to be retried and succeed.
     "AND (chain_next IS NULL OR NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS c "
-    "WHERE c.id = j.chain_next AND c.status = 'waiting')) LIMIT $2 "
+    "WHERE c.id = j.chain_next AND c.status = 'waiting')) "
+    # A chain member cancelled before it ran, behind one that did not succeed, goes
+    # with that one (on its retention): a retry of it takes this one back (_RESUME_REST).
+    # A scalar subquery, a seek in asyncjobs_jobs_chain_next per such row: as NOT EXISTS,
+    # PostgreSQL may hash the whole table's chain members once per prune instead.
+    "AND (status <> 'cancelled' OR attempts > 0 OR coalesce((SELECT p.status "
+    "FROM asyncjobs_jobs AS p WHERE p.chain_next = j.id LIMIT 1), 'succeeded') = 'succeeded') "
+    "LIMIT $2 "
     # Rows another transaction holds are left to the next prune: one retried by hand
     # meanwhile would be deleted once free (the outer DELETE matches by seq alone),
     # and waiting on rows that a bulk retry or delete locks in another order deadlocked.
