@@ -562,6 +562,46 @@ async def test_a_batchs_on_complete_cancelled_and_retried_still_gets_the_counts(
     assert seen[-1] == {"id": other.id, "total": 1, "succeeded": 1, "dead": 0, "cancelled": 0}
 
 
+@pytest.mark.parametrize("how", ["retry", "retry_dead"])
+async def test_an_on_complete_retried_after_it_ran_gets_the_members_current_counts(
+    jobs: Jobs, how: str
+) -> None:
+    """A dead on_complete retried by hand ran with the counts its batch gave it first,
+    though a member retried since had succeeded. Its retry now releases it as the
+    batch's end did: with the members' counts as they are then, once every one of them
+    has finished."""
+    failing = {1}
+    seen: list[BatchCounts] = []
+
+    @jobs.task(retries=0)
+    async def member(n: int) -> None:
+        if n in failing:
+            raise RuntimeError("flaky")
+
+    @jobs.task(retries=0)
+    async def done(**kwargs: Any) -> None:
+        seen.append(kwargs["batch"])
+        if failing:
+            raise RuntimeError("report failed")
+
+    batch = await jobs.batch([member.spec(1), member.spec(2)], on_complete=done.spec())
+    assert batch.on_complete is not None
+    await drain(jobs)
+    assert (await batch.on_complete.info()).status == JobStatus.DEAD
+    failing.clear()
+    assert await jobs.retry(batch.jobs[0].id)
+    if how == "retry":
+        assert await jobs.retry(batch.id)  # before the member ran: it waits for it
+        assert (await batch.on_complete.info()).status == JobStatus.WAITING
+    else:
+        await drain(jobs)
+        assert await jobs.retry_dead() == 1
+    await drain(jobs)
+    assert (await batch.on_complete.info()).status == JobStatus.SUCCEEDED
+    counts = {"id": batch.id, "total": 2, "cancelled": 0}
+    assert seen == [{**counts, "succeeded": 1, "dead": 1}, {**counts, "succeeded": 2, "dead": 0}]
+
+
 async def test_chain_members_go_in_one_transaction_and_are_validated_first(jobs: Jobs) -> None:
     @jobs.task
     async def step(n: object) -> None: ...

@@ -99,10 +99,11 @@ PREDECESSOR = "SELECT status, result FROM asyncjobs_jobs WHERE chain_next = $1 F
 
 async def retry(conn: Connection, job_id: str, now: float, *, or_skip: bool = False) -> bool:
     """A manual retry of one job (``RETRYABLE``), in the store's transaction; False if it
-    is not one. As ``_retry`` in ``_sqlite_admin.py``: one that never ran waits again
-    (``wait_again``), and so do the chain members after it that its end cancelled
-    (``_RESUME_REST``); a chain member that takes the previous result and never got it, the
-    member before it gone, is refused (``RetryRefused``, or False with ``or_skip``)."""
+    is not one. As ``_retry`` in ``_sqlite_admin.py``: one that never ran, or a batch's
+    on_complete, waits again (``wait_again``), and so do the chain members after it that
+    its end cancelled (``_RESUME_REST``); a chain member that takes the previous result
+    and never got it, the member before it gone, is refused (``RetryRefused``, or False
+    with ``or_skip``)."""
     row = await conn.fetchrow(
         f"SELECT attempts, options FROM asyncjobs_jobs WHERE id = $1 AND {RETRYABLE}",  # noqa: S608
         job_id,
@@ -127,10 +128,18 @@ async def retry(conn: Connection, job_id: str, now: float, *, or_skip: bool = Fa
     )
     if requeued is None:
         return False
-    if requeued["attempts"] == 0:  # never ran: it may have been cancelled while it waited
-        await wait_again(conn, job_id, predecessor, now)
+    # Never ran, it may have been cancelled while it waited; an on_complete that ran
+    # takes its batch's counts again.
+    await wait_again(conn, job_id, predecessor, now)
     await conn.execute(_RESUME_REST, [job_id])
     return True
+
+
+_ON_COMPLETE = (
+    "(EXISTS (SELECT 1 FROM asyncjobs_jobs AS m WHERE m.batch_id = asyncjobs_jobs.id) "
+    "OR EXISTS (SELECT 1 FROM asyncjobs_batch_deleted AS d WHERE d.batch_id = asyncjobs_jobs.id))"
+)
+"""Whether the updated job is a batch's on_complete (its members' batch_id)."""
 
 
 async def retry_dead(conn: Connection, queue: str | None, task: str | None, now: float) -> int:
@@ -138,7 +147,8 @@ async def retry_dead(conn: Connection, queue: str | None, task: str | None, now:
     never ran (a status this version does not know, on a job that was waiting) is retried
     as ``retry`` does, so it waits again for what it waited on (one ``retry`` refuses is
     left as it is: ``jobs.retry(id)`` says why); the chain members after each that its
-    end cancelled wait again too."""
+    end cancelled wait again too, and a batch's on_complete that ran is released
+    again (``wait_again``)."""
     never_ran = await conn.fetch(
         f"SELECT id FROM asyncjobs_jobs WHERE {DEAD_AS_READ} AND attempts = 0 "  # noqa: S608
         "AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR task = $2) ORDER BY seq",
@@ -151,7 +161,8 @@ async def retry_dead(conn: Connection, queue: str | None, task: str | None, now:
     ran = await conn.fetch(
         f"UPDATE asyncjobs_jobs SET {_REQUEUE} WHERE {DEAD_AS_READ} AND attempts > 0 "  # noqa: S608
         "AND ($2::text IS NULL OR queue = $2) AND ($3::text IS NULL OR task = $3) "
-        "RETURNING id, chain_next IS NOT NULL AS chained",
+        "RETURNING id, chain_next IS NOT NULL AS chained, "
+        f"{_ON_COMPLETE} AS on_complete",
         now,
         queue,
         task,
@@ -159,6 +170,9 @@ async def retry_dead(conn: Connection, queue: str | None, task: str | None, now:
     chained = [r["id"] for r in ran if r["chained"]]
     if chained:
         await conn.execute(_RESUME_REST, chained)
+    for r in ran:
+        if r["on_complete"]:
+            await wait_again(conn, r["id"], None, now)
     return count + len(ran)
 
 

@@ -836,9 +836,10 @@ async def finished_before(
 async def wait_again(
     conn: Connection, job_id: str, predecessor: asyncpg.Record | None, now: float
 ) -> None:
-    """A job retried by hand that never ran waits again for what it waited on, as
-    ``_wait_again`` in ``_sqlite_admin.py`` describes (the same steps, in PostgreSQL);
-    ``predecessor`` is the chain member before it (status, result), locked, or None."""
+    """A job retried by hand that never ran, or a batch's on_complete, waits again for
+    what it waited on, as ``_wait_again`` in ``_sqlite_admin.py`` describes (the same
+    steps, in PostgreSQL); ``predecessor`` is the chain member before it (status,
+    result), locked, or None."""
     members = sum((await batch_counts(conn, job_id)).values())  # deleted ones too
     status, result = predecessor or (None, None)
     if predecessor is not None or members:

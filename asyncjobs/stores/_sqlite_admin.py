@@ -93,6 +93,13 @@ _REQUEUE_IDS = (
     "WHERE id IN (SELECT value FROM json_each(?))"
 )
 
+_ON_COMPLETES = (
+    "SELECT value FROM json_each(?) WHERE EXISTS (SELECT 1 FROM asyncjobs_jobs "
+    "WHERE batch_id = value) OR EXISTS (SELECT 1 FROM asyncjobs_batch_deleted "
+    "WHERE batch_id = value)"
+)
+"""The batches' on_complete jobs among a JSON list of ids (their members' batch_id)."""
+
 
 def _requeue_dead_batch(
     db: sqlite3.Connection, queue: str | None, task: str | None, after: int, now: float
@@ -101,12 +108,15 @@ def _requeue_dead_batch(
     how many, and the seq to go on after (None: that was the last batch). One that never
     ran (a status this version does not know, on a job that was waiting) is retried as
     ``_retry`` does, so it waits again for what it waited on (one ``_retry`` refuses is
-    left as it is: ``jobs.retry(id)`` says why)."""
+    left as it is: ``jobs.retry(id)`` says why); a batch's on_complete that ran is
+    released again as ``_wait_again`` says."""
     rows = db.execute(_PICK_DEAD, (queue, queue, task, task, after, ADMIN_BATCH)).fetchall()
     ran = [job_id for job_id, _, attempts in rows if attempts]
     if ran:
         db.execute(_REQUEUE_IDS, (now, json.dumps(ran)))
         db.execute(_RESUME_REST, (json.dumps(ran),))
+        for (on_complete,) in db.execute(_ON_COMPLETES, (json.dumps(ran),)).fetchall():
+            _wait_again(db, on_complete, None, now)
     requeued = len(ran) + sum(
         _retry(db, job_id, now, or_skip=True) for job_id, _, attempts in rows if not attempts
     )
@@ -121,10 +131,11 @@ PREDECESSOR = "SELECT status, result FROM asyncjobs_jobs WHERE chain_next = ?"
 
 def _retry(db: sqlite3.Connection, job_id: str, now: float, *, or_skip: bool = False) -> bool:
     """A manual retry of one job (``RETRYABLE``); False if it is not one. A job that never
-    ran waits again for what it waited on (``_wait_again``); the chain members after it
-    that its end cancelled wait again too (``_RESUME_REST``). A chain member that takes
-    the previous result and never got it, the member before it gone, is refused:
-    ``RetryRefused`` (``result_gone``), or False with ``or_skip`` (``retry_dead``)."""
+    ran, or a batch's on_complete, waits again for what it waited on (``_wait_again``);
+    the chain members after it that its end cancelled wait again too (``_RESUME_REST``).
+    A chain member that takes the previous result and never got it, the member before
+    it gone, is refused: ``RetryRefused`` (``result_gone``), or False with ``or_skip``
+    (``retry_dead``)."""
     row = db.execute(_RETRYABLE_ROW, (job_id,)).fetchone()
     if row is None:
         return False
@@ -137,8 +148,7 @@ def _retry(db: sqlite3.Connection, job_id: str, now: float, *, or_skip: bool = F
                 return False
             raise result_gone(job_id)
     db.execute(_REQUEUE_ONE, (now, job_id))
-    if attempts == 0:
-        _wait_again(db, job_id, predecessor, now)
+    _wait_again(db, job_id, predecessor, now)
     db.execute(_RESUME_REST, (json.dumps([job_id]),))
     return True
 
@@ -153,7 +163,11 @@ def _wait_again(
     with the counts). A chain member runs only after its predecessor succeeded: behind
     a dead or cancelled one it waits until that one is retried and succeeds. One whose
     predecessor is gone (pruned or purged) has nothing to wait for and runs on its own
-    (``_retry`` refuses it if it takes the previous result)."""
+    (``_retry`` refuses it if it takes the previous result).
+
+    An on_complete that ran (``predecessor`` None) is released so too: the counts it
+    ran with may be stale, a member retried by hand since having succeeded, and one
+    still under way is waited for."""
     members = sum(n for _, n in _batch_counts(db, job_id))  # deleted ones too
     status, result = predecessor or (None, None)
     if predecessor is not None or members:
