@@ -19,7 +19,9 @@ of a slot, so that a slot missed after that, before any slot ran, is caught up. 
 records the time of the last tick the same way: a slot of a definition changed since
 (02:00 moved to 03:00) that passed while the old one ran was not missed.
 Later ticks enqueue the most recent slot that passed since the previous tick; if
-several passed at once (the process was frozen), they are coalesced into one run.
+several passed at once (the process was frozen), they are coalesced into one run. A slot
+the store records as enqueued (by another process) is not enqueued again: its job may
+have run and been pruned already, freeing its idempotency key, under a short retention.
 """
 
 from __future__ import annotations
@@ -170,7 +172,9 @@ class Scheduler:
                     "schedule %s missed its slot at %s while stopped; running it now",
                     name, slot_datetime(latest).isoformat(), extra={"task": name},
                 )  # fmt: skip
-            elif schedule.cursor is not None and latest <= schedule.cursor:
+            elif (
+                schedule.cursor is not None and latest <= schedule.cursor
+            ) or await self._ran_elsewhere(name, latest):
                 continue
             spec = schedule.task.spec()
             options = dataclasses.replace(
@@ -190,6 +194,14 @@ class Scheduler:
         for schedule in self._schedules.values():
             schedule.cursor = now
         return len(due)
+
+    async def _ran_elsewhere(self, task: str, slot: int) -> bool:
+        """Whether another process already ticked through ``slot``, as the store records.
+        Its job's idempotency key stops a second job only while that job is kept: with
+        a short retention, it may have run and been pruned before this process ticks
+        (busy, or its clock behind), and the key would let the slot run again."""
+        recorded = await self.jobs.store.last_slot(task)
+        return recorded is not None and slot <= recorded
 
     async def _last_slot(self, task: str, now: float) -> int | None:
         """The latest slot of ``task`` recorded, else (recorded by an older version)

@@ -89,7 +89,9 @@ async def test_two_processes_ticking_the_same_slot_store_one_job(
     await second.scheduler.tick()
     clock.advance(60)
     assert await first.scheduler.tick() == 1
-    assert await second.scheduler.tick() == 1
+    # The store records the slot as enqueued: the second does not ask again (ticking at
+    # once, both would, and the slot's idempotency key would keep one job).
+    assert await second.scheduler.tick() == 0
     (job,) = await first.list(task="tick")
     assert job.idempotency_key is not None
     assert job.idempotency_key.startswith("cron:tick:")
@@ -307,6 +309,34 @@ async def test_a_slot_missed_by_another_running_process_is_not_run_twice(
     await run_for([first], clock, 1200, 300)
     second = make_jobs(db_url)
     register_counter(second, runs, every=600)
+    await drain(second)
+    await drain(first)
+    assert len(runs) == 2
+
+
+async def test_a_slot_pruned_before_another_process_ticks_is_not_run_twice(
+    make_jobs: MakeJobs, backend_url: str, clock: FakeClock
+) -> None:
+    """With a short retention, the slot's job ran and was pruned before the second process
+    ticked through the slot (it lagged: busy, or its clock behind): the idempotency key
+    is free again, but the store's record of the slot says it ran."""
+    clock.advance(3600 - clock.now() % 3600 - 30)
+    first = make_jobs(backend_url, retention=0)
+    second = make_jobs(backend_url, retention=0)
+    runs: list[float] = []
+    register_counter(first, runs, every=3600)
+    register_counter(second, runs, every=3600)
+    await drain(first)
+    await drain(second)
+    clock.advance(30)
+    await drain(first)
+    assert len(runs) == 1
+    clock.advance(1)
+    await prune_expired(first)
+    assert await first.list(task="tick") == []
+    await drain(second)
+    assert len(runs) == 1
+    clock.advance(3600)  # the next slot still runs, once
     await drain(second)
     await drain(first)
     assert len(runs) == 2
