@@ -91,6 +91,7 @@ class Scheduler:
         self.jobs = jobs
         self.clock = jobs.settings.clock
         self._schedules: dict[str, _Schedule] = {}
+        self._nap: anyio.CancelScope | None = None  # the running loop's sleep
 
     # -- registration ----------------------------------------------------------------
 
@@ -115,6 +116,11 @@ class Scheduler:
                 ) from None
             task: Task[[], Any] = self.jobs.task(**task_options)(fn)
             self._schedules[task.name] = _Schedule(task=task, slots=slots, catch_up=catch_up)
+            # Declared while the loop sleeps (up to MAX_SLEEP, until a slot of the other
+            # schedules): its first tick, now, must come before its first slot, or that
+            # tick would take the slot for one from before the schedule existed.
+            if self._nap is not None:
+                self._nap.cancel()
             return task
 
         return register
@@ -252,11 +258,19 @@ class Scheduler:
                     wake = self.next_wake()
                 else:
                     wake = self.clock.now() + self.jobs.settings.poll_interval
-                await self.clock.sleep(max(wake - self.clock.now(), 0.0))
+                await self._sleep_until(wake)
                 ok = await self._tick_logged()
         finally:
             with anyio.CancelScope(shield=True), within(self.clock, 5):
                 await self._record_last_ticks()
+
+    async def _sleep_until(self, wake: float) -> None:
+        """Sleep until ``wake``, or until a schedule is declared (``decorator``)."""
+        try:
+            with anyio.CancelScope() as self._nap:
+                await self.clock.sleep(max(wake - self.clock.now(), 0.0))
+        finally:
+            self._nap = None
 
     async def _record_last_ticks(self) -> None:
         """At stop: record the time of each schedule's last tick, as a slot, so that the

@@ -458,6 +458,33 @@ async def test_started_workers_run_slots_as_the_clock_reaches_them(
     assert runs == [next_slot]
 
 
+async def test_a_schedule_declared_after_start_runs_its_first_slot(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """Declared while the scheduler sleeps (up to a minute, its hourly schedule not due):
+    its first tick is not put off past its first slot, which that tick would take for
+    one from before the schedule existed, and skip."""
+    clock.advance(60 - clock.now() % 60 + 10)
+    jobs = make_jobs()
+    register_counter(jobs, [], every=3600)
+    ran = anyio.Event()
+    runs: list[float] = []
+
+    async def tick() -> None:
+        runs.append(clock.now())
+        ran.set()
+
+    async with jobs:
+        with anyio.fail_after(5):
+            jobs.periodic(every=60, name="late")(tick)
+            next_slot = clock.now() + 50
+            for _ in range(5):  # in steps: the scheduler's tick may write in between
+                clock.advance(10)
+                await anyio.lowlevel.checkpoint()
+            await ran.wait()
+    assert runs == [next_slot]
+
+
 async def test_started_workers_catch_up_a_missed_slot_before_start_returns(
     make_jobs: MakeJobs, db_url: str, clock: FakeClock
 ) -> None:
