@@ -158,7 +158,9 @@ class Scheduler:
         now = self.clock.now()
         due: list[JobSpec[Any]] = []
         slots: list[tuple[str, int]] = []
-        for name, schedule in self._schedules.items():
+        # A copy: one declared while this tick awaits the store has its first tick next.
+        schedules = list(self._schedules.items())
+        for name, schedule in schedules:
             latest = schedule.slots.latest_at_or_before(now)
             if latest is None:
                 continue
@@ -197,7 +199,7 @@ class Scheduler:
             # slot's idempotency key still stops a second job at the next start.
             for name, slot in slots:
                 await self.jobs.store.last_slot(name, slot)
-        for schedule in self._schedules.values():
+        for _, schedule in schedules:
             schedule.cursor = now
         return len(due)
 
@@ -278,7 +280,7 @@ class Scheduler:
         not enough: a definition changed meanwhile (02:00 moved to 03:00) would take
         today's 03:00, which passed while this ran, for a slot missed while stopped."""
         try:
-            for name, schedule in self._schedules.items():
+            for name, schedule in list(self._schedules.items()):
                 if schedule.cursor is not None:
                     await self.jobs.store.last_slot(name, math.floor(schedule.cursor))
         except Exception:

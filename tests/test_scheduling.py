@@ -485,6 +485,36 @@ async def test_a_schedule_declared_after_start_runs_its_first_slot(
     assert runs == [next_slot]
 
 
+async def test_a_schedule_declared_while_a_tick_reads_the_store_does_not_fail_the_tick(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """The tick goes through the schedules with awaits in between (the store's record
+    of each): one declared meanwhile changed the dict it was going through."""
+    clock.advance(60 - clock.now() % 60 - 1)
+    jobs = make_jobs()
+    runs: list[float] = []
+    register_counter(jobs, runs, every=60)
+    await jobs.scheduler.tick()
+    record = jobs.store.last_slot
+
+    async def late() -> None:
+        runs.append(-clock.now())
+
+    async def declaring_record(schedule: str, slot: int | None = None) -> int | None:
+        if "late" not in jobs.registry:
+            jobs.periodic(every=60, name="late")(late)
+        return await record(schedule, slot)
+
+    jobs.store.last_slot = declaring_record  # type: ignore[method-assign]
+    clock.advance(1)
+    assert await jobs.scheduler.tick() == 1
+    await drain(jobs)
+    assert clock.now() in runs
+    clock.advance(60)  # and both go on
+    await drain(jobs)
+    assert sorted(runs[-2:]) == [-clock.now(), clock.now()]
+
+
 async def test_started_workers_catch_up_a_missed_slot_before_start_returns(
     make_jobs: MakeJobs, db_url: str, clock: FakeClock
 ) -> None:
