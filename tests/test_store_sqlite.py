@@ -909,15 +909,15 @@ async def test_a_relative_path_is_a_file_name_even_when_it_looks_like_a_uri(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    store = SQLiteStore("file:jobs.db?mode=memory")
+    store = SQLiteStore("file:jobs.db?cache=shared")
     try:
         await store.insert([new_job("a" * 32)], now=0.0)
         monkeypatch.chdir(tmp_path.parent)  # later connections: still the same file
         assert await store.get("a" * 32) is not None
     finally:
         await store.close()
-    assert store.path == tmp_path / "file:jobs.db?mode=memory"
-    assert (tmp_path / "file:jobs.db?mode=memory").exists()
+    assert store.path == tmp_path / "file:jobs.db?cache=shared"
+    assert (tmp_path / "file:jobs.db?cache=shared").exists()
     assert not (tmp_path / "jobs.db").exists()
 
 

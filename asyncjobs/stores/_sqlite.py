@@ -159,6 +159,14 @@ deadline set meanwhile (``set_deadline``) ends the wait within one of them, not 
 end of a whole busy timeout."""
 
 
+def _in_memory(name: str) -> bool:
+    """Whether ``name`` is how SQLite spells an in-memory database: ``:memory:``, or a
+    ``file:`` URI naming one (``file::memory:``, ``file:x?mode=memory``)."""
+    if name == ":memory:":
+        return True
+    return name.startswith("file:") and (":memory:" in name or "mode=memory" in name)
+
+
 class SQLiteStore:
     """A job store in one SQLite file (WAL). Safe for several processes on one host."""
 
@@ -171,6 +179,13 @@ class SQLiteStore:
     ) -> None:
         if synchronous.upper() not in _SYNCHRONOUS:
             raise ConfigurationError(f"synchronous must be 'normal' or 'full', got {synchronous!r}")
+        if _in_memory(os.fspath(path)):
+            raise ConfigurationError(
+                f"SQLite in-memory databases ({os.fspath(path)!r}) cannot hold jobs: each "
+                "of the store's connections would see its own empty database, and nothing "
+                "would outlive the process. Use a file; in tests a temporary one "
+                "(tmp_path / 'jobs.db'), or the `jobs` fixture of asyncjobs' pytest plugin"
+            )
         # Absolute now: every connection, the side ones opened later too, is on the
         # same file if the working directory changes, and a name that begins "file:"
         # is a file name, not a URI for SQLite to parse.

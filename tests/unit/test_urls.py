@@ -210,3 +210,37 @@ async def test_a_pathlib_path_is_taken_as_a_plain_file_path(tmp_path: Path) -> N
 def test_a_url_that_is_not_text_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match="url must be"):
         Jobs(42)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        ":memory:",
+        "sqlite:///:memory:",
+        "file::memory:",
+        "sqlite:///file::memory:?cache=shared",
+        "file:jobs?mode=memory&cache=shared",
+    ],
+)
+def test_an_in_memory_sqlite_database_is_refused_not_made_a_file(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's in-memory names were taken as file names: Jobs(":memory:") created a file
+    called ":memory:" in the working directory. A real in-memory database would be
+    neither durable nor shared by the store's several connections."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigurationError, match="in-memory") as refused:
+        Jobs(url, workers=False)
+    assert "tmp_path" in str(refused.value)
+    with pytest.raises(ConfigurationError, match="in-memory"):
+        SQLiteStore(":memory:")
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_file_in_a_folder_named_memory_is_still_a_file(tmp_path: Path) -> None:
+    jobs = Jobs(tmp_path / ":memory:", workers=False)
+    try:
+        assert await jobs.list() == []
+        assert (tmp_path / ":memory:").exists()
+    finally:
+        await jobs.close()
