@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -119,6 +119,27 @@ def job_id_or_none(value: object) -> str | None:
     return text
 
 
+def _queue_names(queues: object) -> tuple[str, ...]:
+    """``queues=``: the names of the queues to serve, at least one, each once. An empty
+    list would serve none: workers that never claim a job."""
+    if isinstance(queues, str):
+        raise ConfigurationError(f"queues must be a list of names, not the string {queues!r}")
+    if not isinstance(queues, Iterable):
+        raise ConfigurationError(f"queues must be a list of names, got {queues!r}")
+    names = tuple(check_name(q, "queue") for q in queues)
+    if not names:
+        raise ConfigurationError(
+            "queues must name at least one queue; None serves every queue, and an empty "
+            "list would serve none"
+        )
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:  # a typo for another queue, most likely
+            raise ConfigurationError(f"queues names {name!r} twice, got {list(names)!r}")
+        seen.add(name)
+    return names
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     url: str = field(repr=False)  # it may hold a password
@@ -159,8 +180,6 @@ class Settings:
         max_backoff: Seconds,
         clock: Clock,
     ) -> Settings:
-        if isinstance(queues, str):
-            raise ConfigurationError(f"queues must be a list of names, not the string {queues!r}")
         if not isinstance(workers, bool):
             raise ConfigurationError(f"workers must be True or False, got {workers!r}")
         if not isinstance(synchronous, str) or synchronous.lower() not in ("normal", "full"):
@@ -170,7 +189,7 @@ class Settings:
             url=url,
             concurrency=positive_int(concurrency, "concurrency"),
             workers=workers,
-            queues=None if queues is None else tuple(check_name(q, "queue") for q in queues),
+            queues=None if queues is None else _queue_names(queues),
             visibility_timeout=seconds(visibility_timeout, "visibility_timeout", allow_zero=False),
             shutdown_timeout=seconds(shutdown_timeout, "shutdown_timeout"),
             poll_interval=seconds(poll_interval, "poll_interval", allow_zero=False),

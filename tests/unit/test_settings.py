@@ -22,6 +22,11 @@ from asyncjobs import ConfigurationError, Jobs
         ({"visibility_timeout": 0}, "visibility_timeout must be a finite number of seconds > 0"),
         ({"poll_interval": "1"}, "poll_interval must be seconds or a timedelta"),
         ({"queues": "email"}, "queues must be a list of names"),
+        # An empty list served no queue at all: workers that never claim a job.
+        ({"queues": []}, "queues must name at least one queue; None serves every queue"),
+        ({"queues": ("email", "email")}, "queues names 'email' twice"),
+        ({"queues": 5}, "queues must be a list of names, got 5"),
+        ({"queues": ["email", ""]}, "queue must be a non-empty string"),
         ({"max_payload_bytes": 1.5}, "max_payload_bytes must be a whole number"),
         # A backoff past 100 years would schedule a retry no read could turn into a date.
         ({"max_backoff": 1e12}, "max_backoff must be at most 3155760000 seconds"),
