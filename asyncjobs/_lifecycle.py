@@ -181,7 +181,16 @@ class _Lifecycle:
 
     async def close(self) -> None:
         """Stop the workers if they run, let enqueues in flight be written, then close
-        the store (also when the workers crashed: ``stop`` raises why)."""
+        the store (also when the workers crashed: ``stop`` raises why).
+
+        A running job of these workers may not call it: the store would be closed under
+        the workers still running it, and its own outcome would open it again."""
+        if self.runner.called_by_a_job():
+            raise AsyncJobsError(
+                "close() from inside a running job would close the store under the "
+                "workers running it; call `await jobs.stop()` there, and close where "
+                "the workers were started (`async with jobs:`, the app's shutdown)"
+            )
         try:
             await self.stop()
         finally:

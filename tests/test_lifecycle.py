@@ -706,6 +706,53 @@ async def test_stop_called_by_a_job_returns_at_once_and_the_workers_stop_after_i
     await jobs.close()
 
 
+async def test_close_called_by_a_job_is_refused_and_the_workers_go_on(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """close() from a running job closed the store under the workers (stop() returns at
+    once there), and that job's own outcome then opened it again behind close()'s back.
+    It is refused now: a job may call stop(), and whoever started the workers closes."""
+    jobs = make_jobs()
+
+    @jobs.task(name="closer", retries=0)
+    async def closer() -> str:
+        try:
+            await jobs.close()
+        except AsyncJobsError as error:
+            return str(error)
+        return "closed"
+
+    @jobs.task(name="after")
+    async def after() -> str:
+        return "ran"
+
+    await jobs.start()
+    with anyio.fail_after(5):
+        refused = await (await closer.enqueue()).result()
+        assert "close() from inside a running job" in refused
+        assert "stop()" in refused
+        assert jobs.started  # nothing was stopped nor closed
+        assert await (await after.enqueue()).result() == "ran"
+
+
+async def test_close_called_by_a_job_during_a_drain_is_refused(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    jobs = make_jobs()
+    refusals: list[str] = []
+
+    @jobs.task(name="closer", retries=0)
+    async def closer() -> None:
+        with pytest.raises(AsyncJobsError, match=r"close\(\) from inside a running job") as e:
+            await jobs.close()
+        refusals.append(str(e.value))
+
+    job = await closer.enqueue()
+    await drain(jobs)
+    assert len(refusals) == 1
+    assert (await job.info()).status == "succeeded"
+
+
 async def test_outcomes_are_written_as_jobs_end_while_stop_waits_for_others(
     make_jobs: MakeJobs, clock: FakeClock
 ) -> None:
