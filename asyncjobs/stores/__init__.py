@@ -55,23 +55,77 @@ def _secret(parameter: str) -> bool:
 
 
 _SECRET_PARAMETER = re.compile(
-    r"([?&][^=&#?]*password[^=&#?]*=)[^&]*(?:&[^&=]*(?=&|$))*", re.IGNORECASE
+    r"([?&;][^=&#?;]*password[^=&#?;]*=)[^&]*(?:&[^&=]*(?=&|$))*", re.IGNORECASE
 )
 """A parameter such as ``password=`` or ``sslpassword=`` (``_secret``) and its value,
 up to the next ``&`` that starts a parameter: a ``#`` or ``&`` typed unescaped in the
 value would otherwise leave the rest of the password shown as a fragment or as a
-parameter with no ``=`` (which no driver reads as one)."""
+parameter with no ``=`` (which no driver reads as one). One written after a ``;`` (as
+JDBC URLs do) is as secret, though drivers read it as part of the value before."""
 
 
 def redacted(url: str) -> str:
     """``url`` for messages and logs: its password (in the user info, or a parameter
     such as ``password`` or ``sslpassword``) replaced by ``***``.
 
-    Secret parameters are hidden first, wherever they appear. The user info is then
-    taken to run to the URL's last ``@``: a password typed with a ``/``, ``?`` or ``#``
-    not percent-encoded (not a valid URL, but typed all the same) would otherwise read
-    as the host, port or path, and be shown. An ``@`` in another parameter's value then
-    hides more than the password: never less."""
+    A password in user info that urllib reads soundly (one ``@``, a port that is a
+    number) is hidden first, as read: ``&``, ``;`` and ``=`` are allowed there as
+    written and start no parameter. Secret parameters are hidden next, wherever they
+    appear. The user info is then taken to run to the URL's last ``@``: a password
+    typed with a ``/``, ``?`` or ``#`` not percent-encoded (not a valid URL, but typed
+    all the same) would otherwise read as the host, port or path, and be shown. An
+    ``@`` in another parameter's value then hides more than the password: never less.
+    Last, a port that is no number and the fragment (which no driver reads) are hidden:
+    either may be a password's tail."""
+    shown = _hide_secrets(_hide_sound_password(url))
+    return _hide_fragment(_hide_unread_port(shown, had_at="@" in url))
+
+
+def _hide_sound_password(url: str) -> str:
+    """``url`` with the password of its user info hidden, if urllib reads its host and
+    port, and exactly one ``@`` ends the user info; else ``url`` as it is."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError:
+        return url
+    userinfo, at, host = parts.netloc.rpartition("@")
+    scheme, sep, rest = url.partition("://")
+    if not (sep and at and ":" in userinfo and "@" not in userinfo):
+        return url
+    if not rest.startswith(parts.netloc):  # pragma: no cover - urllib keeps it as written
+        return url
+    user = userinfo.partition(":")[0]
+    return f"{scheme}://{user}:***@{host}{rest[len(parts.netloc) :]}"
+
+
+def _hide_unread_port(url: str, *, had_at: bool) -> str:
+    """``url`` with a port that is no number hidden, when the host has no user info
+    left but the URL had an ``@``: a password typed with ``?password=`` or
+    ``&password=`` in it, whose tail and ``@`` the parameter pattern took, leaves its
+    head where the port is read."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    host, colon, port = parts.netloc.partition(":")
+    if not had_at or "@" in parts.netloc or host.startswith("[") or not colon:
+        return url
+    if port.isdigit() or not port:
+        return url
+    return url.replace(parts.netloc, f"{host}:***", 1)
+
+
+def _hide_fragment(url: str) -> str:
+    """No driver reads a URL's fragment, and what follows a ``#`` typed in a password
+    may be the rest of it: shown as ``#***``."""
+    base, hash_mark, _ = url.partition("#")
+    return base + "#***" if hash_mark else url
+
+
+def _hide_secrets(url: str) -> str:
+    """``redacted`` but for its last steps: the secret parameters, and the password of
+    user info that runs to the URL's last ``@``."""
     url = _SECRET_PARAMETER.sub(r"\1***", url)
     scheme, sep, rest = url.partition("://")
     userinfo, at, after = rest.rpartition("@")
@@ -91,7 +145,10 @@ def redacted(url: str) -> str:
     pairs = parse_qsl(parts.query, keep_blank_values=True)
     if netloc == parts.netloc and not any(_secret(key) for key, _ in pairs):
         return url  # nothing to hide (and sqlite://// URLs stay as written)
-    query = [(key, "***" if _secret(key) else value) for key, value in pairs]
+    # A secret's name cut at an "=", which was percent-encoded: its value was in it.
+    query = [
+        (key.partition("=")[0], "***") if _secret(key) else (key, value) for key, value in pairs
+    ]
     return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="*")))
 
 

@@ -108,6 +108,27 @@ async def test_the_store_opens_lazily(tmp_path: Path) -> None:
          "postgresql://db/app?password=***&sslmode=require"),
         ("postgresql://db/app?sslmode=require&password=p&hunter2",
          "postgresql://db/app?sslmode=require&password=***"),
+        ("postgresql://u:ab?hunter2@host/db?SECRET=1", "postgresql://u:***@host/db?SECRET=1"),
+        ("postgresql://u@host/db?password=ab?hunter2&sslpassword=x",
+         "postgresql://u@host/db?password=***&sslpassword=***"),
+        ("postgresql://u@host/db?password=ab?cd#hunter2&SECRET=1",
+         "postgresql://u@host/db?password=***&SECRET=1"),
+        # & ; = are allowed in a password as written (RFC 3986): no parameter starts there.
+        ("postgresql://app:p&password=hunter2@db/app", "postgresql://app:***@db/app"),
+        ("postgresql://app:p;password=hunter2@db:5432/app?sslmode=require",
+         "postgresql://app:***@db:5432/app?sslmode=require"),
+        # A password typed with ? then password=: what reads as the port is hidden too.
+        ("postgresql://app:hunter2?password=x@db/app", "postgresql://app:***?password=***"),
+        # A parameter written after a ; (as in JDBC) is no less secret.
+        ("postgresql://db/app?sslmode=require;password=hunter2",
+         "postgresql://db/app?sslmode=require;password=***"),
+        # No driver reads a fragment; what follows a # may be a password's tail.
+        ("postgresql://db/app?sslmode=require#password=hunter2",
+         "postgresql://db/app?sslmode=require#***"),
+        ("postgresql://app:pw@db/app#hunter2", "postgresql://app:***@db/app#***"),
+        # A parameter name that holds its value (= percent-encoded).
+        ("postgresql://db/app?password%3Dhunter2&sslmode=require",
+         "postgresql://db/app?password=***&sslmode=require"),
     ],
 )  # fmt: skip
 def test_redacted_urls_hide_the_password(url: str, shown: str) -> None:
@@ -137,6 +158,9 @@ def test_redacted_urls_hide_the_password(url: str, shown: str) -> None:
         "postgresql://app:p@hunter2?x@127.0.0.1:5432/app",
         "postgresql://app@azure:p@12:34hunter2@127.0.0.1:5432/app",  # an @ unescaped
         "postgresql://app:p@hunter2@127.0.0.1:5432/app",  # hunter2 looked up as a host
+        "postgresql://app:hunter2?password=x@127.0.0.1/app",  # hunter2 read as the port
+        "postgresql://app@127.0.0.1/app?pool_min=x#password=hunter2",
+        "postgresql://app@127.0.0.1/app?pool_min=x;password=hunter2",
     ],
 )
 def test_a_bad_store_url_is_refused_without_its_password(url: str) -> None:
@@ -166,6 +190,8 @@ def test_the_settings_repr_leaves_the_url_out() -> None:
         # A ? after the /: the rest reads as the query, which the store rewrites to
         # take its own settings out; the host must survive it (not the password).
         "postgresql://app:1/hunter2?x=1@127.0.0.1:5432/app?pool_min=1",
+        # An & in the password: its repr raised ValueError quoting the password's tail.
+        "postgresql://app:p&password=hunter2@127.0.0.1:5432/app",
     ],
 )
 def test_a_store_never_shows_a_password_typed_unescaped(url: str) -> None:
