@@ -746,6 +746,13 @@ class Runner(_Leases, _Execution):
                 looked_at = self.clock.now()
                 if await self._store_changed():
                     continue
+            if wake_at <= self.clock.now():
+                # The poll interval passed during the claim (one shorter than a claim):
+                # claim again, but let the loop in first. On SQLite the claim and the
+                # reads above may not yield, and shutdown cancels this loop only where it
+                # yields outside the shielded claim: stop() would wait for ever.
+                await anyio.lowlevel.checkpoint()
+                continue
             while True:
                 remaining = wake_at - self.clock.now()
                 if remaining <= 0 or self._wakeup.is_set():

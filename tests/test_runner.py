@@ -1035,3 +1035,46 @@ async def test_a_job_claimed_again_while_its_stale_attempt_runs_here_stops_that_
     info = await jobs.get(job.id)
     assert info is not None
     assert (info.status, info.attempts) == ("succeeded", 2)
+
+
+class _ClaimsOutlastThePoll(FakeClock):
+    """A clock that is a second later at every read: every claim outlasts a poll
+    interval of half a second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._reads = 0
+
+    def now(self) -> float:
+        self._reads += 1
+        return super().now() + self._reads
+
+
+async def test_an_idle_runner_whose_poll_interval_passed_during_its_claim_lets_stop_in(
+    make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a poll interval shorter than a claim (Jobs(poll_interval=1e-6) on a real
+    clock), the idle runner found its wake-up time passed and claimed again at once,
+    forever: on SQLite the claim and the reads around it need not yield to the event
+    loop, and outside its shielded claim the loop never did, so stop() (which cancels
+    it) never ended: the process hung at shutdown, at 100% CPU."""
+    jobs = make_jobs(clock=_ClaimsOutlastThePoll(), poll_interval=0.5)
+
+    @jobs.task(name="t")
+    async def t() -> None: ...
+
+    claims = 0
+    claim = jobs.store.claim
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal claims
+        claims += 1
+        if claims > 1000:  # stop() starved: a failed claim makes the runner sleep (on
+            # this clock, for good), so that this test goes on to fail instead of hanging
+            raise StoreError("stop() starved")
+        return await claim(*args, **kwargs)
+
+    monkeypatch.setattr(jobs.store, "claim", counted)
+    await jobs.start()
+    await jobs.stop()
+    assert claims < 1000
