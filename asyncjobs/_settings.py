@@ -42,6 +42,24 @@ def seconds(value: object, name: str, *, allow_zero: bool = True) -> float:
     return value
 
 
+def at_least(value: float, minimum: float, name: str, why: str) -> float:
+    """``value`` (seconds), checked to be at least ``minimum``; ``why`` says what less does."""
+    if value < minimum:
+        raise ConfigurationError(f"{name} must be at least {minimum:g}s ({why}), got {value!r}")
+    return value
+
+
+MIN_VISIBILITY_TIMEOUT = 1.0
+"""The shortest lease: a job's lease is renewed every third of it (one write each), and
+one shorter than a second is lost to any pause of the event loop or of the disk, the
+job then run twice."""
+
+MIN_POLL_INTERVAL = 0.01
+"""The shortest poll interval: an idle runner claims once per interval, so below 10 ms
+it queries the store over a hundred times a second with nothing to do (a local enqueue,
+and on PostgreSQL another process's, wakes it at once anyway)."""
+
+
 def positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError(f"{name} must be a whole number >= 1, got {value!r}")
@@ -190,9 +208,19 @@ class Settings:
             concurrency=positive_int(concurrency, "concurrency"),
             workers=workers,
             queues=None if queues is None else _queue_names(queues),
-            visibility_timeout=seconds(visibility_timeout, "visibility_timeout", allow_zero=False),
+            visibility_timeout=at_least(
+                seconds(visibility_timeout, "visibility_timeout", allow_zero=False),
+                MIN_VISIBILITY_TIMEOUT,
+                "visibility_timeout",
+                "a lease renewed every third of it, lost to any pause: jobs run twice",
+            ),
             shutdown_timeout=seconds(shutdown_timeout, "shutdown_timeout"),
-            poll_interval=seconds(poll_interval, "poll_interval", allow_zero=False),
+            poll_interval=at_least(
+                seconds(poll_interval, "poll_interval", allow_zero=False),
+                MIN_POLL_INTERVAL,
+                "poll_interval",
+                "an idle runner would query the store over a hundred times a second",
+            ),
             retention=kept,
             dead_retention=kept * 4
             if dead_retention is None

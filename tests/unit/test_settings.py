@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,11 @@ from asyncjobs import ConfigurationError, Jobs
         ({"concurrency": 0}, "concurrency must be a whole number >= 1"),
         ({"visibility_timeout": 0}, "visibility_timeout must be a finite number of seconds > 0"),
         ({"poll_interval": "1"}, "poll_interval must be seconds or a timedelta"),
+        # A lease of 3 ms was heartbeated about once a millisecond (350 writes for a job
+        # of 0.3 s), and an idle runner polling every 1e-6 s claimed ~15,000 times a second.
+        ({"visibility_timeout": 0.003}, "visibility_timeout must be at least 1s"),
+        ({"visibility_timeout": timedelta(milliseconds=500)}, "visibility_timeout must be at"),
+        ({"poll_interval": 1e-6}, "poll_interval must be at least 0.01s"),
         ({"queues": "email"}, "queues must be a list of names"),
         # An empty list served no queue at all: workers that never claim a job.
         ({"queues": []}, "queues must name at least one queue; None serves every queue"),
