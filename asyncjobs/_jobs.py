@@ -28,7 +28,14 @@ from asyncjobs._queries import _Queries, could_match
 from asyncjobs._ratelimit import Limiter, RateLimit, parse_rate
 from asyncjobs._runner import Runner
 from asyncjobs._scheduler import ScheduleInfo, Scheduler
-from asyncjobs._settings import Seconds, Settings, check_name, job_id_or_none, positive_int
+from asyncjobs._settings import (
+    Seconds,
+    Settings,
+    check_name,
+    check_store,
+    job_id_or_none,
+    positive_int,
+)
 from asyncjobs._tasks import JobOptions, JobSpec, Task, check_timeout
 from asyncjobs._transaction import bound_insert
 from asyncjobs._transaction import transaction as _transaction
@@ -95,7 +102,11 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
             max_backoff=max_backoff,
             clock=clock or SystemClock(),
         )
-        self.store: Store = store or open_store(url, synchronous=self.settings.synchronous)
+        self.store: Store = (
+            open_store(url, synchronous=self.settings.synchronous)
+            if store is None
+            else check_store(store)
+        )
         self.registry: dict[str, Task[..., Any]] = {}
         self.queue_limits: dict[str, int] = {}
         self.limiters: dict[str, Limiter] = {}

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import TYPE_CHECKING, cast
 
 from asyncjobs._clock import Clock
 from asyncjobs._errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from asyncjobs.stores import Store
 
 Seconds = float | int | timedelta
 
@@ -58,6 +63,39 @@ MIN_POLL_INTERVAL = 0.01
 """The shortest poll interval: an idle runner claims once per interval, so below 10 ms
 it queries the store over a hundred times a second with nothing to do (a local enqueue,
 and on PostgreSQL another process's, wakes it at once anyway)."""
+
+
+def lacks(value: object, protocol: type) -> list[str]:
+    """The methods of ``protocol`` (``Store``, ``Clock``) that ``value`` lacks: one given
+    for it that lacks them would fail only at its first use, far from the mistake."""
+    methods = [name for name, member in vars(protocol).items() if callable(member)]
+    return [name for name in methods if not name.startswith("_") and not _has(value, name)]
+
+
+def _has(value: object, name: str) -> bool:
+    return callable(getattr(value, name, None))
+
+
+def check_store(store: object) -> Store:
+    """``store=``: a ``Store``, one of ours or of your own with the protocol's methods."""
+    from asyncjobs.stores import Store  # here: asyncjobs.stores imports this module
+
+    missing = lacks(store, Store)
+    if missing:
+        hint = (
+            "; a URL or path goes first: Jobs(url)" if isinstance(store, str | os.PathLike) else ""
+        )
+        raise ConfigurationError(
+            f"store must be a Store (SQLiteStore, PostgresStore, or one of your own with "
+            f"the methods of asyncjobs.stores.Store), got {store!r}: it has no "
+            f"{_first(missing)}{hint}"
+        )
+    return cast("Store", store)
+
+
+def _first(names: list[str], shown: int = 4) -> str:
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def positive_int(value: object, name: str) -> int:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from asyncjobs import ConfigurationError, Jobs
+from asyncjobs.stores import SQLiteStore
 
 
 @pytest.mark.parametrize(
@@ -62,3 +63,21 @@ def test_a_delay_too_large_for_a_float_is_refused_naming_it(tmp_path: Path) -> N
         later.options(delay=10**400)
     with pytest.raises(ConfigurationError, match=r"delay must be at most 3155760000 seconds"):
         later.options(delay=4e9)
+
+
+@pytest.mark.parametrize("store", [5, "jobs.db", object()])
+def test_a_store_that_is_not_a_store_is_refused_naming_what_it_lacks(
+    tmp_path: Path, store: Any
+) -> None:
+    """``Jobs(store=5)`` was accepted, and failed only at first use ('int' object has
+    no attribute 'insert'), far from the mistake."""
+    with pytest.raises(ConfigurationError, match=r"store must be a Store .*got .*: it has no open"):
+        Jobs("sqlite:///" + str(tmp_path / "jobs.db"), store=store)
+
+
+def test_a_store_of_your_own_with_the_stores_methods_is_taken(tmp_path: Path) -> None:
+    class Wrapped(SQLiteStore):
+        """A store of one's own: here the SQLite store, with every method it has."""
+
+    store = Wrapped(tmp_path / "jobs.db")
+    assert Jobs("sqlite:///" + str(tmp_path / "jobs.db"), store=store).store is store
