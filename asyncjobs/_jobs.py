@@ -100,7 +100,7 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
             synchronous=synchronous,
             backoff_base=backoff_base,
             max_backoff=max_backoff,
-            clock=clock or SystemClock(),
+            clock=SystemClock() if clock is None else clock,
         )
         self.store: Store = (
             open_store(url, synchronous=self.settings.synchronous)

@@ -98,6 +98,17 @@ def _first(names: list[str], shown: int = 4) -> str:
     return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
+def check_clock(clock: object) -> Clock:
+    """``clock=``: a ``Clock``, such as ``asyncjobs.testing.FakeClock``."""
+    missing = lacks(clock, Clock)
+    if missing:
+        raise ConfigurationError(
+            "clock must be a Clock with now(), sleep(seconds) and move_on_after(seconds), "
+            f"such as asyncjobs.testing.FakeClock, got {clock!r}: it has no {', '.join(missing)}"
+        )
+    return cast("Clock", clock)
+
+
 def positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError(f"{name} must be a whole number >= 1, got {value!r}")
@@ -234,7 +245,7 @@ class Settings:
         synchronous: object,  # checked here: Jobs(synchronous=None) is a ConfigurationError
         backoff_base: Seconds,
         max_backoff: Seconds,
-        clock: Clock,
+        clock: object,  # checked here: Jobs(clock=5) is a ConfigurationError
     ) -> Settings:
         if not isinstance(workers, bool):
             raise ConfigurationError(f"workers must be True or False, got {workers!r}")
@@ -267,5 +278,5 @@ class Settings:
             synchronous=synchronous.lower(),
             backoff_base=seconds(backoff_base, "backoff_base"),
             max_backoff=seconds(max_backoff, "max_backoff"),
-            clock=clock,
+            clock=check_clock(clock),
         )

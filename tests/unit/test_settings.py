@@ -39,12 +39,16 @@ from asyncjobs.stores import SQLiteStore
         ({"max_backoff": 1e12}, "max_backoff must be at most 3155760000 seconds"),
         ({"backoff_base": 10**400}, "backoff_base must be a finite number of seconds"),
         ({"retention": 4e9}, "retention must be at most 3155760000 seconds"),
+        # A clock without now() failed with AttributeError: 'int' object has no attribute 'now'.
+        ({"clock": 5}, "clock must be a Clock with now(), sleep(seconds) and move_on_after"),
+        ({"clock": 0}, "clock must be a Clock .*got 0: it has no now, sleep, move_on_after"),
+        ({"clock": timedelta}, "clock must be a Clock .*: it has no now, sleep, move_on_after"),
     ],
 )
 def test_a_bad_setting_is_refused_naming_it(
     tmp_path: Path, setting: dict[str, Any], message: str
 ) -> None:
-    with pytest.raises(ConfigurationError, match=message.replace("(", r"\(")):
+    with pytest.raises(ConfigurationError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Jobs("sqlite:///" + str(tmp_path / "jobs.db"), **setting)
 
 
