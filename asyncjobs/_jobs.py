@@ -35,6 +35,7 @@ from asyncjobs._settings import (
     check_store,
     job_id_or_none,
     positive_int,
+    store_url,
 )
 from asyncjobs._tasks import JobOptions, JobSpec, Task, check_timeout
 from asyncjobs._transaction import bound_insert
@@ -80,12 +81,15 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
         clock: Clock | None = None,
         store: Store | None = None,
     ) -> None:
-        if url is None:
-            url = default_url()
-        elif isinstance(url, os.PathLike):  # a plain file path: Jobs(tmp_path / "jobs.db")
+        if isinstance(url, os.PathLike):  # a plain file path: Jobs(tmp_path / "jobs.db")
             url = os.fspath(url)
-        if not isinstance(url, str):  # Jobs(42), a path in bytes: no store reads those
+        if url is not None and not isinstance(url, str):  # Jobs(42), a path in bytes
             raise ConfigurationError(f"url must be text or a path, got {url!r}")
+        if store is not None:
+            store = check_store(store)
+            url = store_url(url, store)
+        elif url is None:
+            url = default_url()
         self.settings = Settings.build(
             url=url,
             concurrency=concurrency,
@@ -103,9 +107,7 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
             clock=SystemClock() if clock is None else clock,
         )
         self.store: Store = (
-            open_store(url, synchronous=self.settings.synchronous)
-            if store is None
-            else check_store(store)
+            open_store(url, synchronous=self.settings.synchronous) if store is None else store
         )
         self.registry: dict[str, Task[..., Any]] = {}
         self.queue_limits: dict[str, int] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -91,6 +92,45 @@ def check_store(store: object) -> Store:
             f"{_first(missing)}{hint}"
         )
     return cast("Store", store)
+
+
+def store_url(url: str | None, store: Store) -> str:
+    """The URL ``Jobs`` keeps (``settings.url``) when given a ``store``: the store's own
+    place. A ``url`` given too must name that place: the jobs go to the store alone, and
+    a URL naming another place would send whatever reads it there to find none."""
+    from asyncjobs.stores import default_url, open_store, redacted  # as in check_store
+
+    if url is None:
+        return _url_of(store) or default_url()
+    if _same_place(open_store(url), store):
+        return url
+    ours = _url_of(store) is not None
+    which = "which is not on it" if ours else "a store of your own, which cannot say it is on it"
+    raise ConfigurationError(
+        f"Jobs() was given the url {redacted(url)!r} and store={store!r}, {which}: the "
+        "jobs would go to the store alone. Give the store alone, or the url alone"
+    )
+
+
+def _same_place(named: Store, store: Store) -> bool:
+    """Whether ``store`` is where ``named`` (the store of a URL) is: one of ours of its
+    kind (or of a subclass) that says so, the same SQLite file or PostgreSQL database
+    and schema. A store of your own cannot tell."""
+    same = getattr(store, "_same_jobs", None)
+    return isinstance(store, type(named)) and same is not None and bool(same(named))
+
+
+def _url_of(store: Store) -> str | None:
+    """The URL of one of our stores; None for a store of your own."""
+    from asyncjobs.stores import SQLiteStore  # as in check_store
+
+    if isinstance(store, SQLiteStore):
+        return f"sqlite:///{store.path}"  # an absolute path: sqlite:////...
+    # A PostgresStore exists only once its module (which needs asyncpg) is imported.
+    postgres = sys.modules.get("asyncjobs.stores._postgres")
+    if postgres is not None and isinstance(store, postgres.PostgresStore):
+        return str(store.url)
+    return None
 
 
 def _first(names: list[str], shown: int = 4) -> str:

@@ -10,6 +10,7 @@ import pytest
 
 from asyncjobs import ConfigurationError, Jobs
 from asyncjobs.stores import SQLiteStore
+from asyncjobs.stores._postgres import PostgresStore
 
 
 @pytest.mark.parametrize(
@@ -85,3 +86,71 @@ def test_a_store_of_your_own_with_the_stores_methods_is_taken(tmp_path: Path) ->
 
     store = Wrapped(tmp_path / "jobs.db")
     assert Jobs("sqlite:///" + str(tmp_path / "jobs.db"), store=store).store is store
+
+
+def test_a_url_and_a_store_on_another_file_are_refused(tmp_path: Path) -> None:
+    """``Jobs("a.db", store=SQLiteStore("b.db"))`` put the jobs in b.db and kept a.db as
+    ``settings.url``: whatever read it there (``Jobs(jobs.settings.url)``) found none."""
+    with pytest.raises(
+        ConfigurationError, match=r"url '.*a\.db' and store=SQLiteStore\('.*b\.db'\), which is not"
+    ):
+        Jobs(str(tmp_path / "a.db"), store=SQLiteStore(tmp_path / "b.db"))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:hunter2@127.0.0.1/other",  # another database
+        "postgresql://app:hunter2@127.0.0.1/test?search_path=other",  # another schema
+        "postgresql://other:hunter2@127.0.0.1/test",  # another user: its own search_path
+        "sqlite:///test.db",
+    ],
+)
+def test_a_url_and_a_postgres_store_elsewhere_are_refused_without_the_password(url: str) -> None:
+    store = PostgresStore("postgresql://app:hunter2@127.0.0.1/test")
+    with pytest.raises(ConfigurationError, match=r"store=PostgresStore\(.*which is not on it") as e:
+        Jobs(url, store=store)
+    assert "hunter2" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "place"),
+    [
+        ("sqlite:///{dir}/sub/../jobs.db", "{dir}/jobs.db"),
+        ("{dir}/jobs.db", "{dir}/jobs.db"),
+        ("postgres://app:pw@127.0.0.1:5432/test?pool_max=3", "postgresql://app:pw@127.0.0.1/test"),
+    ],
+)
+def test_a_url_naming_the_stores_place_is_kept(tmp_path: Path, url: str, place: str) -> None:
+    """The url may spell the store's place its own way (tests pass both)."""
+    url, place = url.format(dir=tmp_path), place.format(dir=tmp_path)
+    store = PostgresStore(place) if place.startswith("postgresql:") else SQLiteStore(place)
+    jobs = Jobs(url, store=store)
+    assert (jobs.settings.url, jobs.store) == (url, store)
+
+
+def test_a_store_alone_is_the_url_in_the_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``settings.url`` was ``$ASYNCJOBS_URL`` (or ./asyncjobs.db), where the jobs were not."""
+    monkeypatch.setenv("ASYNCJOBS_URL", str(tmp_path / "elsewhere.db"))
+    sqlite = Jobs(store=SQLiteStore(tmp_path / "jobs.db"))
+    assert sqlite.settings.url == "sqlite:///" + str(tmp_path / "jobs.db")
+    postgres = Jobs(store=PostgresStore("postgresql://app:pw@127.0.0.1/test?pool_max=3"))
+    assert postgres.settings.url == "postgresql://app:pw@127.0.0.1/test"
+
+
+def test_a_url_and_a_store_of_your_own_are_refused(tmp_path: Path) -> None:
+    """Such a store cannot say where it is: the url could name any place."""
+
+    class Proxy:
+        def __init__(self, store: SQLiteStore) -> None:
+            self.store = store
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.store, name)
+
+    store = Proxy(SQLiteStore(tmp_path / "jobs.db"))
+    with pytest.raises(ConfigurationError, match="a store of your own, which cannot say it is"):
+        Jobs(str(tmp_path / "jobs.db"), store=store)
+    assert Jobs(store=store).store is store
