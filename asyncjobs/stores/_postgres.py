@@ -231,6 +231,8 @@ class PostgresStore(_Connections):
         # The concurrency limits the last claim told of: a finish that frees a slot of
         # one wakes the other processes (``sql.wake_others``).
         self._slots = sql.NO_SLOTS
+        # How far the claims went through the groups past a full window.
+        self._group_walk = sql.GroupWalk()
 
     def __repr__(self) -> str:
         parts = urlsplit(redacted(self.url))  # a password typed unescaped is no host
@@ -308,7 +310,9 @@ class PostgresStore(_Connections):
                 # rows of unanswered claims under this token: the next finds them (again).
                 again = tries.again()
                 at = _claim_time(request, now)
-                return await sql.claim_after(conn, request, at, token, earlier, again=again)
+                return await sql.claim_after(
+                    conn, request, at, token, earlier, again=again, walk=self._group_walk
+                )
 
             return await self._run(
                 "claim", lambda conn: retry_deadlocks("claim", lambda: claim(conn))
@@ -372,7 +376,9 @@ class PostgresStore(_Connections):
                 at = _claim_time(request, now)
                 async with conn.transaction():
                     applied = await sql.apply(conn, outcomes, now, earlier_writes, self._slots)
-                    claimed = await sql.claim_after(conn, request, at, token, earlier, again=again)
+                    claimed = await sql.claim_after(
+                        conn, request, at, token, earlier, again=again, walk=self._group_walk
+                    )
                 return applied, claimed
 
             return await self._run(
