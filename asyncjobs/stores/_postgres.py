@@ -50,6 +50,7 @@ from asyncjobs.stores import _postgres_admin as admin
 from asyncjobs.stores import _postgres_sql as sql
 from asyncjobs.stores import redacted
 from asyncjobs.stores._postgres_connections import NotSent, Place, _Connections, backoff
+from asyncjobs.stores._postgres_limits import GroupWalk
 from asyncjobs.stores._postgres_sql import (
     PREVIEW_SELECT,
     SELECT,
@@ -232,7 +233,7 @@ class PostgresStore(_Connections):
         # one wakes the other processes (``sql.wake_others``).
         self._slots = sql.NO_SLOTS
         # How far the claims went through the groups past a full window.
-        self._group_walk = sql.GroupWalk()
+        self._group_walk = GroupWalk()
 
     def __repr__(self) -> str:
         parts = urlsplit(redacted(self.url))  # a password typed unescaped is no host

@@ -43,6 +43,63 @@ HEADS_GROUP = """NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS g
     AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS g
         WHERE g.group_key = {j}.group_key AND g.group_key IS NOT NULL AND g.status = 'running')"""
 
+_GROUP_FIRST = """group_key, seq, status, task, queue, priority, rate_key, key_pending
+     FROM asyncjobs_jobs"""
+
+GROUPS_PER_CLAIM = 256
+"""Past a full window, how many groups one claim looks at (``GROUP_WALK``): a seek each.
+The next claim goes on from the last (``GroupWalk``), so with more groups than this each
+gets its turn, as on SQLite (asyncjobs/stores/_sqlite_limits.py)."""
+
+
+class GroupWalk:
+    """How far a store's claims went through the groups past a full window, in name
+    order (``GROUP_WALK``): the next such claim looks at the groups after ``after`` ('':
+    from the first), then from the first, ``GROUPS_PER_CLAIM`` at most.
+
+    Kept in the store's memory, not in the database: a cursor written by every claim
+    would make concurrent claims wait on its row. Each store goes round on its own."""
+
+    __slots__ = ("after",)
+
+    def __init__(self) -> None:
+        self.after = ""
+
+
+# group_first: the first unfinished job of GROUPS_PER_CLAIM groups at most (a loose scan
+# of asyncjobs_jobs_group, a seek a group), numbered (depth) in name order from the
+# group after {after} ('' at first), then from the first up to {after}. Reading every
+# group read 60,000 rows a claim behind 10,000 groups.
+GROUP_WALK = f"""group_after AS (
+    (SELECT 1 AS depth, {_GROUP_FIRST}
+     WHERE group_key > {{after}} AND status IN ('scheduled', 'queued', 'running')
+     ORDER BY group_key, seq LIMIT 1)
+    UNION ALL
+    SELECT f.depth + 1, n.* FROM group_after AS f CROSS JOIN LATERAL (
+        SELECT {_GROUP_FIRST}
+        WHERE group_key > f.group_key AND status IN ('scheduled', 'queued', 'running')
+        ORDER BY group_key, seq LIMIT 1) AS n
+    WHERE f.depth < {GROUPS_PER_CLAIM}
+), group_before AS (
+    (SELECT (SELECT count(*) FROM group_after) + 1 AS depth, {_GROUP_FIRST}
+     WHERE group_key <= {{after}} AND status IN ('scheduled', 'queued', 'running')
+       AND (SELECT count(*) FROM group_after) < {GROUPS_PER_CLAIM}
+     ORDER BY group_key, seq LIMIT 1)
+    UNION ALL
+    SELECT f.depth + 1, n.* FROM group_before AS f CROSS JOIN LATERAL (
+        SELECT {_GROUP_FIRST}
+        WHERE group_key > f.group_key AND group_key <= {{after}}
+          AND status IN ('scheduled', 'queued', 'running')
+        ORDER BY group_key, seq LIMIT 1) AS n
+    WHERE f.depth < {GROUPS_PER_CLAIM}
+), group_first AS (
+    SELECT * FROM group_after UNION ALL SELECT * FROM group_before
+)"""  # noqa: S608 - constants
+GROUP_TURN = f"""coalesce((SELECT group_key FROM group_first
+    WHERE depth = {GROUPS_PER_CLAIM}), '')"""  # noqa: S608 - constants
+"""Where the next walk goes on (its {after}), once group_first was read: after the last
+of GROUPS_PER_CLAIM groups, or from the first ('') when it read every group."""
+
 # The next {page} ($3) ready jobs of each task ($1, with $2: whether only its keyed jobs
 # may run) in claim order that can run by their group: of no group, or their group's
 # head. Only a group's head can run, so walking a task's ready jobs walked the backlog
@@ -52,25 +109,22 @@ HEADS_GROUP = """NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS g
 # Otherwise (a group's backlog fills the walk) the task's jobs of no group are read
 # (asyncjobs_jobs_ready_task_plain), and each group's first unfinished job (a loose
 # scan of asyncjobs_jobs_group, a seek a group, read once for all tasks and only if a
-# task needs it), if it is ready and its group runs none. {where_j}, {where_h}: further
-# tests (_heads), on the walked jobs and the groups' heads.
-_HEADS = """WITH RECURSIVE group_first AS (
-    (SELECT group_key, seq, status, task, queue, priority, rate_key, key_pending
-     FROM asyncjobs_jobs
-     WHERE group_key IS NOT NULL AND status IN ('scheduled', 'queued', 'running')
-     ORDER BY group_key, seq LIMIT 1)
-    UNION ALL
-    SELECT n.* FROM group_first AS f CROSS JOIN LATERAL (
-        SELECT group_key, seq, status, task, queue, priority, rate_key, key_pending
-        FROM asyncjobs_jobs
-        WHERE group_key > f.group_key AND status IN ('scheduled', 'queued', 'running')
-        ORDER BY group_key, seq LIMIT 1) AS n
-), group_heads AS MATERIALIZED (
+# task needs it), if it is ready and its group runs none, of GROUPS_PER_CLAIM groups
+# (GROUP_WALK, from the one after $5); such a task also gives a row of no job whose
+# turn is where the next claim's walk goes on. {where_j}, {where_h}: further tests
+# (_heads), on the walked jobs and the groups' heads.
+_HEADS = (
+    "WITH RECURSIVE "  # noqa: S608 - constants
+    + GROUP_WALK
+    + """, group_heads AS MATERIALIZED (
     SELECT f.* FROM group_first AS f WHERE f.status = 'queued'
       AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS g
           WHERE g.group_key = f.group_key AND g.group_key IS NOT NULL AND g.status = 'running')
 )
-SELECT t.name, c.seq, c.priority, c.queue, c.rate_key, c.key_pending
+SELECT t.name, c.seq, c.priority, c.queue, c.rate_key, c.key_pending,
+    CASE WHEN c.seq IS NULL THEN """
+    + GROUP_TURN
+    + """ END AS turn
 FROM unnest($1::text[], $2::bool[]) AS t(name, keyed_only) CROSS JOIN LATERAL (
     WITH walk AS MATERIALIZED (
         SELECT j.seq, j.priority, j.queue, j.rate_key, j.key_pending, j.group_key
@@ -82,17 +136,20 @@ FROM unnest($1::text[], $2::bool[]) AS t(name, keyed_only) CROSS JOIN LATERAL (
     ), enough AS MATERIALIZED (
         SELECT (SELECT count(*) FROM heads) >= $3 OR (SELECT count(*) FROM walk) < $4 AS yes
     )
-    SELECT * FROM heads WHERE (SELECT yes FROM enough)
-    UNION ALL
-    (SELECT j.seq, j.priority, j.queue, j.rate_key, j.key_pending FROM asyncjobs_jobs AS j
-     WHERE NOT (SELECT yes FROM enough)
-       AND j.status = 'queued' AND j.group_key IS NULL AND j.task = t.name {where_j}
-     ORDER BY j.priority DESC, j.seq LIMIT $3)
-    UNION ALL
-    SELECT h.seq, h.priority, h.queue, h.rate_key, h.key_pending FROM group_heads AS h
-    WHERE NOT (SELECT yes FROM enough) AND h.task = t.name {where_h}
-    ORDER BY priority DESC, seq LIMIT $3
+    (SELECT * FROM heads WHERE (SELECT yes FROM enough)
+     UNION ALL
+     (SELECT j.seq, j.priority, j.queue, j.rate_key, j.key_pending FROM asyncjobs_jobs AS j
+      WHERE NOT (SELECT yes FROM enough)
+        AND j.status = 'queued' AND j.group_key IS NULL AND j.task = t.name {where_j}
+      ORDER BY j.priority DESC, j.seq LIMIT $3)
+     UNION ALL
+     SELECT h.seq, h.priority, h.queue, h.rate_key, h.key_pending FROM group_heads AS h
+     WHERE NOT (SELECT yes FROM enough) AND h.task = t.name {where_h}
+     ORDER BY priority DESC, seq LIMIT $3)
+    UNION ALL  -- the task read the groups past its walk: where the next claim goes on
+    SELECT NULL, NULL, NULL, NULL, NULL WHERE NOT (SELECT yes FROM enough)
 ) AS c"""
+)
 
 WALK = 4
 """A task's next n heads are looked for among its next WALK * n ready jobs (_HEADS)."""
@@ -105,8 +162,9 @@ _FIRST_PENDING_KEYS = (
 _LOCK = "SELECT pg_advisory_xact_lock(hashtext('asyncjobs claim ' || current_schema()))"
 
 
-async def choose(conn: Connection, request: ClaimRequest, now: float) -> Admission:
-    """Pick the jobs to claim under every limit and take their tokens (in a transaction).
+async def choose(conn: Connection, request: ClaimRequest, now: float, walk: GroupWalk) -> Admission:
+    """Pick the jobs to claim under every limit and take their tokens (in a transaction);
+    past a task's walk, through the groups from where ``walk`` stopped, moving it on.
 
     Returns the admission: ``chosen``, their ``seq`` in claim order; ``wake_at``, when
     a ready job was held back by an empty bucket, the earliest time one of those
@@ -143,7 +201,7 @@ async def choose(conn: Connection, request: ClaimRequest, now: float) -> Admissi
         if admission.wake_at != wake_at and not await _has_ready(conn, request, task):
             admission.wake_at = wake_at  # its limiter's shared bucket is empty: none waits here
     page = request.limit + 16
-    buffers = await _first_pages(conn, request, open_tasks, keyed_only, page)
+    buffers, turn = await _first_pages(conn, request, open_tasks, keyed_only, page, walk.after)
     await _load_keyed(conn, admission, stored, [c for b in buffers.values() for c in b])
     read = {task: len(rows) for task, rows in buffers.items()}
     exhausted = {task: len(rows) < page for task, rows in buffers.items()}
@@ -161,13 +219,18 @@ async def choose(conn: Connection, request: ClaimRequest, now: float) -> Admissi
             and read[task] < WINDOW
             and task not in admission.blocked_tasks
         ):
-            more = await _next_page(conn, admission, task, keyed_only[task], job, page)
+            more, next_turn = await _next_page(
+                conn, admission, task, keyed_only[task], job, page, walk.after
+            )
+            turn = next_turn if turn is None else turn
             await _load_keyed(conn, admission, stored, more)
             buffers[task].extend(more)
             read[task] += len(more)
             exhausted[task] = len(more) < page
         if buffers[task]:
             heapq.heappush(heap, (buffers[task][0].order, task))
+    if turn is not None:  # (every page of this claim read the same groups)
+        walk.after = turn
     changed = admission.changed_buckets()
     if changed:
         await conn.executemany(
@@ -234,19 +297,26 @@ async def _first_pages(
     tasks: list[str],
     keyed_only: dict[str, bool],
     page: int,
-) -> dict[str, deque[Candidate]]:
-    """The head of every open task's ready jobs, in one round trip."""
+    after: str,
+) -> tuple[dict[str, deque[Candidate]], str | None]:
+    """The head of every open task's ready jobs, in one round trip; and where the next
+    claim's walk through the groups goes on if this one read them (``after``: where
+    this one's starts), else None."""
     buffers: dict[str, deque[Candidate]] = {task: deque() for task in tasks}
     if not tasks:
-        return buffers
+        return buffers, None
     where: list[str] = []
-    params: list[Any] = [tasks, [keyed_only[t] for t in tasks], page, WALK * page]
+    params: list[Any] = [tasks, [keyed_only[t] for t in tasks], page, WALK * page, after]
     if request.queues is not None:
         params.append(list(request.queues))
         where.append(f"{{x}}.queue = ANY(${len(params)}::text[])")
+    turn = None
     for r in await conn.fetch(_heads(where), *params):
-        buffers[r["name"]].append(_candidate(r, r["name"]))
-    return buffers
+        if r["seq"] is None:
+            turn = r["turn"]
+        else:
+            buffers[r["name"]].append(_candidate(r, r["name"]))
+    return buffers, turn
 
 
 async def _next_page(
@@ -256,10 +326,15 @@ async def _next_page(
     keyed_only: bool,
     after: Candidate,
     page: int,
-) -> list[Candidate]:
-    """The task's next ready jobs after ``after``, skipping full queues and empty keys."""
-    params: list[Any] = [[task], [keyed_only], page, WALK * page, after.priority, after.seq]
-    where = ["({x}.priority < $5 OR ({x}.priority = $5 AND {x}.seq > $6))"]
+    groups_after: str,
+) -> tuple[list[Candidate], str | None]:
+    """The task's next ready jobs after ``after``, skipping full queues and empty keys
+    (past its walk, of the groups after ``groups_after``, then from the first); and
+    where the next claim's walk goes on if this page read the groups, else None."""
+    params: list[Any] = [
+        [task], [keyed_only], page, WALK * page, groups_after, after.priority, after.seq
+    ]  # fmt: skip
+    where = ["({x}.priority < $6 OR ({x}.priority = $6 AND {x}.seq > $7))"]
     if admission.request.queues is not None:
         params.append(list(admission.request.queues))
         where.append(f"{{x}}.queue = ANY(${len(params)}::text[])")
@@ -270,7 +345,9 @@ async def _next_page(
     if blocked:
         params.append(sorted(blocked))
         where.append(f"NOT (coalesce({{x}}.rate_key, '') = ANY(${len(params)}::text[]))")
-    return [_candidate(r, task) for r in await conn.fetch(_heads(where), *params)]
+    rows = await conn.fetch(_heads(where), *params)
+    turn = next((r["turn"] for r in rows if r["seq"] is None), None)
+    return [_candidate(r, task) for r in rows if r["seq"] is not None], turn
 
 
 def _heads(where: list[str]) -> str:
@@ -280,6 +357,7 @@ def _heads(where: list[str]) -> str:
         where_j="".join(" AND " + w.format(x="j") for w in where),
         where_h="".join(" AND " + w.format(x="h") for w in where),
         heads_w=HEADS_GROUP.format(j="w"),
+        after="$5::text",
     )
 
 

@@ -27,7 +27,12 @@ from asyncjobs.stores._dependents import (
     wants,
     with_batch,
 )
-from asyncjobs.stores._postgres_limits import HEADS_GROUP
+from asyncjobs.stores._postgres_limits import (
+    GROUP_TURN,
+    GROUP_WALK,
+    HEADS_GROUP,
+    GroupWalk,
+)
 from asyncjobs.stores._postgres_limits import choose as choose_limited
 from asyncjobs.stores._protocol import (
     PREVIEWED,
@@ -395,20 +400,6 @@ async def release_claimed(
         await finish(conn, outcomes, now)
 
 
-class GroupWalk:
-    """How far a store's claims went through the groups past a full window, in name
-    order (_PICK_READY): the next such claim looks at the groups after ``after`` ('':
-    from the first), then from the first, ``GROUPS_PER_CLAIM`` at most.
-
-    Kept in the store's memory, not in the database: a cursor written by every claim
-    would make concurrent claims wait on its row. Each store goes round on its own."""
-
-    __slots__ = ("after",)
-
-    def __init__(self) -> None:
-        self.after = ""
-
-
 async def claim(
     conn: Connection,
     request: ClaimRequest,
@@ -449,7 +440,8 @@ async def claim(
         queue_filter = "AND j" + in_queues
     next_token_at, unkeyed = None, False
     if limited:  # concurrency, rate limits: chosen by _postgres_limits
-        admission = await choose_limited(conn, replace(request, limit=limit), now)
+        walk = GroupWalk() if walk is None else walk
+        admission = await choose_limited(conn, replace(request, limit=limit), now, walk)
         next_token_at, unkeyed = admission.wake_at, admission.unkeyed
         if not admission.chosen:
             return Claimed(next_token_at=next_token_at, unkeyed=unkeyed)
@@ -519,11 +511,6 @@ _PICK_CHOSEN = f"""picked AS (
 WINDOW_MORE = 16
 """A claim of n reads the first n + WINDOW_MORE ready jobs of groups (_PICK_READY)."""
 
-GROUPS_PER_CLAIM = 256
-"""Past a full window, how many groups one claim looks at (_PICK_READY): a seek each.
-The next claim goes on from the last (``GroupWalk``), so with more groups than this each
-gets its turn, as on SQLite (asyncjobs/stores/_sqlite_limits.py)."""
-
 # Whether a claim reads the heads past its window (group_first): too few heads this
 # claim may take in a window its groups' backlogs filled.
 _PAST_WINDOW = """(SELECT count(*) FROM window_heads) < {limit}
@@ -532,8 +519,7 @@ _PAST_WINDOW = """(SELECT count(*) FROM window_heads) < {limit}
 # The group a claim that read the heads past its window stopped at, the next one's
 # {after}: the last of GROUPS_PER_CLAIM groups, or '' when it read every group (the next
 # starts from the first); NULL when it read none (the walk stays where it was).
-_TURN = f"""CASE WHEN {_PAST_WINDOW} THEN coalesce((SELECT group_key FROM group_first
-    WHERE depth = {GROUPS_PER_CLAIM}), '') END"""  # noqa: S608 - constants
+_TURN = f"CASE WHEN {_PAST_WINDOW} THEN {GROUP_TURN} END"
 
 # The first {limit} ready jobs in claim order (priority, then enqueue order) that this
 # claim may take, locked: of the jobs of no group, and of the heads of the groups. Only
@@ -546,10 +532,9 @@ _TURN = f"""CASE WHEN {_PAST_WINDOW} THEN coalesce((SELECT group_key FROM group_
 # a read in proportion to the batch). Otherwise (a group's backlog fills the window)
 # the heads are read one group at a time: each group's first unfinished job (a loose
 # scan of asyncjobs_jobs_group, a seek a group), if it is ready and its group runs none,
-# of GROUPS_PER_CLAIM groups at most (group_first): those after the group the store's
-# last such claim stopped at ({after}, '' at first: GroupWalk), then from the first;
-# reading them all read 60,000 rows a claim behind 10,000 groups. The claim order
-# between groups holds among those a claim looks at, as on SQLite.
+# of GROUPS_PER_CLAIM groups at most (group_first, GROUP_WALK): those after the group
+# the store's last such claim stopped at ({after}: GroupWalk), then from the first. The
+# claim order between groups holds among those a claim looks at, as on SQLite.
 # The rows of no group are locked as they are read, as are the window's heads, so a
 # concurrent claim takes the next ones instead of coming back short (SKIP LOCKED); a
 # row locked and not taken is free again when the claim commits. The task and queue
@@ -569,32 +554,7 @@ _PICK_READY = f"""plain AS (
     WHERE j.status = 'queued' AND w.task = ANY($4::text[]) {{queues_w}}
       AND {HEADS_GROUP.format(j="w")}
     FOR UPDATE OF j SKIP LOCKED
-), group_after AS (
-    (SELECT 1 AS depth, group_key, seq, status, task, queue FROM asyncjobs_jobs
-     WHERE group_key > {{after}} AND status IN ('scheduled', 'queued', 'running')
-     ORDER BY group_key, seq LIMIT 1)
-    UNION ALL
-    SELECT f.depth + 1, n.* FROM group_after AS f CROSS JOIN LATERAL (
-        SELECT group_key, seq, status, task, queue FROM asyncjobs_jobs
-        WHERE group_key > f.group_key AND status IN ('scheduled', 'queued', 'running')
-        ORDER BY group_key, seq LIMIT 1) AS n
-    WHERE f.depth < {GROUPS_PER_CLAIM}
-), group_before AS (
-    (SELECT (SELECT count(*) FROM group_after) + 1 AS depth, group_key, seq, status, task,
-            queue FROM asyncjobs_jobs
-     WHERE group_key <= {{after}} AND status IN ('scheduled', 'queued', 'running')
-       AND (SELECT count(*) FROM group_after) < {GROUPS_PER_CLAIM}
-     ORDER BY group_key, seq LIMIT 1)
-    UNION ALL
-    SELECT f.depth + 1, n.* FROM group_before AS f CROSS JOIN LATERAL (
-        SELECT group_key, seq, status, task, queue FROM asyncjobs_jobs
-        WHERE group_key > f.group_key AND group_key <= {{after}}
-          AND status IN ('scheduled', 'queued', 'running')
-        ORDER BY group_key, seq LIMIT 1) AS n
-    WHERE f.depth < {GROUPS_PER_CLAIM}
-), group_first AS (
-    SELECT * FROM group_after UNION ALL SELECT * FROM group_before
-), candidates AS (
+), {GROUP_WALK}, candidates AS (
     SELECT seq FROM plain
     UNION ALL
     SELECT seq FROM window_heads WHERE NOT ({_PAST_WINDOW})

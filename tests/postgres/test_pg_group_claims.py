@@ -239,19 +239,18 @@ async def test_finishing_a_group_job_reads_as_many_rows_for_a_backlog_ten_times_
 
 
 # One-job groups ($1 of them, each job and its group named $3 and their number, enqueued
-# after the jobs already there), queued or running ($2), as the store inserts them.
+# after the jobs already there), of task $2, queued, as the store inserts them.
 ONE_JOB_GROUPS = (
     "INSERT INTO asyncjobs_jobs (id, task, queue, status, priority, payload, max_attempts, "
-    "run_at, enqueued_at, group_key, attempts, worker) "
-    "SELECT $3 || n, 't', 'default', $2, 0, '{\"args\":[],\"kwargs\":{}}', 3, 0.0, 1.0, "
-    "$3 || n, CASE WHEN $2 = 'running' THEN 1 ELSE 0 END, "
-    "CASE WHEN $2 = 'running' THEN 'other' END FROM generate_series(1, $1) AS n"
+    "run_at, enqueued_at, group_key) "
+    "SELECT $3 || n, $2, 'default', 'queued', 0, '{\"args\":[],\"kwargs\":{}}', 3, 0.0, 1.0, "
+    "$3 || n FROM generate_series(1, $1) AS n"
 )
 
 
-async def claim_reads_behind(groups: int) -> tuple[int, Any]:
-    """The rows one claim read, and what it claimed, on a table of a group of 200 queued
-    jobs (its backlog fills the window) then ``groups`` groups of one queued job.
+async def claim_reads_behind(groups: int, request: ClaimRequest) -> tuple[int, Any]:
+    """The rows one claim (``request``) read, and what it claimed, on a table of a group
+    of 200 queued jobs (its backlog fills the window) then ``groups`` one-job groups.
 
     Analysed: what is measured is the walk through the groups, which reads a seek a group
     whatever the statistics; never analysed, the window's read may be planned as a read
@@ -263,32 +262,40 @@ async def claim_reads_behind(groups: int) -> tuple[int, Any]:
         conn = await asyncpg.connect(url)
         try:
             await conn.execute(FILL, 200, 10**6, 0)
-            await conn.execute(ONE_JOB_GROUPS, groups, "queued", "g")
+            await conn.execute(ONE_JOB_GROUPS, groups, "t", "g")
             await conn.execute("ANALYZE asyncjobs_jobs")  # see the docstring
             async with conn.transaction():
                 before = await conn.fetchval(READ)
-                claimed = await sql.claim(conn, REQUEST, 2.0, "token")
+                claimed = await sql.claim(conn, request, 2.0, "token")
                 after = await conn.fetchval(READ)
         finally:
             await conn.close()
     return int(after - before), claimed
 
 
+PLAIN_AND_LIMITED = {"plain": REQUEST, **LIMITED}
+
+
 @pytest.mark.usefixtures("postgres_url")  # skips without a server
-async def test_a_claim_behind_a_full_window_reads_as_many_rows_for_ten_times_the_groups() -> None:
-    """Past a window filled by one group's backlog, a claim looks at a bounded number of
-    groups (sql.GROUPS_PER_CLAIM), not at every group's first job (60,000 rows read
-    behind 10,000 groups)."""
-    small, claimed_small = await claim_reads_behind(1_000)
-    large, claimed_large = await claim_reads_behind(10_000)
+@pytest.mark.parametrize("kind", sorted(PLAIN_AND_LIMITED))
+async def test_a_claim_behind_a_full_window_reads_as_many_rows_for_ten_times_the_groups(
+    kind: str,
+) -> None:
+    """Past a window filled by one group's backlog, a claim (plain, or under limits: past
+    a task's walk) looks at a bounded number of groups (limits.GROUPS_PER_CLAIM), not at
+    every group's first job (60,000 rows read behind 10,000 groups)."""
+    request = PLAIN_AND_LIMITED[kind]
+    small, claimed_small = await claim_reads_behind(1_000, request)
+    large, claimed_large = await claim_reads_behind(10_000, request)
     assert len(claimed_small) == len(claimed_large) == REQUEST.limit
     assert "job-0" in {row.id for row in claimed_small}  # the big group's head
     assert large <= small + 20, (small, large)
 
 
+@pytest.mark.parametrize("kind", sorted(PLAIN_AND_LIMITED))
 @pytest.mark.parametrize("stores", [1, 2])
 async def test_a_head_in_the_last_group_behind_many_is_claimed_within_a_round(
-    postgres_url: str, stores: int
+    postgres_url: str, stores: int, kind: str
 ) -> None:
     """Each claim past a full window goes on through the groups from where the store's
     last one stopped, so the last group by name gets its turn within one round of them,
@@ -299,13 +306,13 @@ async def test_a_head_in_the_last_group_behind_many_is_claimed_within_a_round(
     try:
         await claimers[0].open()  # the schema
         await conn.execute(FILL, 200, 10**6, 1)  # g0: its head runs, its backlog fills the window
-        await conn.execute(ONE_JOB_GROUPS, groups, "running", "g")  # nothing to take there
-        await conn.execute(ONE_JOB_GROUPS, 1, "queued", "zzz")
-        rounds = -(-(groups + 2) // sql.GROUPS_PER_CLAIM) + 1
+        await conn.execute(ONE_JOB_GROUPS, groups, "u", "g")  # of a task not claimed here
+        await conn.execute(ONE_JOB_GROUPS, 1, "t", "zzz")
+        rounds = -(-(groups + 2) // limits.GROUPS_PER_CLAIM) + 1
         claimed: list[str] = []
         for _ in range(rounds):
             for store in claimers:
-                claimed += [row.id for row in await store.claim(REQUEST, now=2.0)]
+                claimed += [row.id for row in await store.claim(PLAIN_AND_LIMITED[kind], now=2.0)]
             if claimed:
                 break
         assert claimed == ["zzz1"]
