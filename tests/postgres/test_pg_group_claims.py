@@ -84,21 +84,28 @@ async def claim_reads(
     """The rows one claim (``request``) read, and what it claimed, on a fresh table of
     ``jobs`` jobs in groups of ``group``, the first ``running`` of them running, and
     ``plain`` jobs of no group enqueued after them."""
+    read, claimed = await rows_read(request, (FILL, jobs, group, running), (PLAIN, plain))
+    return read, sorted(row.id for row in claimed)
+
+
+async def rows_read(request: ClaimRequest, *fill: tuple[Any, ...]) -> tuple[int, Any]:
+    """The rows one claim (``request``) read, and what it claimed, on a fresh table
+    filled by the ``fill`` statements (each a statement, then its arguments)."""
     async with in_schema(f"asyncjobs_test_{uuid.uuid4().hex[:16]}") as url:
         store = open_store(url)
         await store.open()  # the schema
         await store.close()
         conn = await asyncpg.connect(url)
         try:
-            await conn.execute(FILL, jobs, group, running)
-            await conn.execute(PLAIN, plain)
+            for statement, *args in fill:
+                await conn.execute(statement, *args)
             async with conn.transaction():
                 before = await conn.fetchval(READ)
                 claimed = await sql.claim(conn, request, 2.0, "token")
                 after = await conn.fetchval(READ)
         finally:
             await conn.close()
-    return int(after - before), sorted(row.id for row in claimed)
+    return int(after - before), claimed
 
 
 @pytest.mark.usefixtures("postgres_url")  # skips without a server
@@ -255,22 +262,12 @@ async def claim_reads_behind(groups: int, request: ClaimRequest) -> tuple[int, A
     Analysed: what is measured is the walk through the groups, which reads a seek a group
     whatever the statistics; never analysed, the window's read may be planned as a read
     of every ready job of a group (another matter, which this would measure too)."""
-    async with in_schema(f"asyncjobs_test_{uuid.uuid4().hex[:16]}") as url:
-        store = open_store(url)
-        await store.open()  # the schema
-        await store.close()
-        conn = await asyncpg.connect(url)
-        try:
-            await conn.execute(FILL, 200, 10**6, 0)
-            await conn.execute(ONE_JOB_GROUPS, groups, "t", "g")
-            await conn.execute("ANALYZE asyncjobs_jobs")  # see the docstring
-            async with conn.transaction():
-                before = await conn.fetchval(READ)
-                claimed = await sql.claim(conn, request, 2.0, "token")
-                after = await conn.fetchval(READ)
-        finally:
-            await conn.close()
-    return int(after - before), claimed
+    return await rows_read(
+        request,
+        (FILL, 200, 10**6, 0),
+        (ONE_JOB_GROUPS, groups, "t", "g"),
+        ("ANALYZE asyncjobs_jobs",),  # see the docstring
+    )
 
 
 PLAIN_AND_LIMITED = {"plain": REQUEST, **LIMITED}
