@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -51,6 +52,29 @@ def with_search_path(dsn: str, schema: str) -> str:
     query = [(k, v) for k, v in parse_qsl(parts.query) if k != "search_path"]
     query.append(("search_path", schema))
     return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+class Steps:
+    """SQLite VM steps counted (``counting_steps``)."""
+
+    count = 0
+
+
+@contextlib.contextmanager
+def counting_steps(db: sqlite3.Connection) -> Iterator[Steps]:
+    """Count the SQLite VM steps ``db`` takes inside the block: the work of its
+    statements, counted rather than timed."""
+    steps = Steps()
+
+    def step() -> int:
+        steps.count += 1
+        return 0
+
+    db.set_progress_handler(step, 1)
+    try:
+        yield steps
+    finally:
+        db.set_progress_handler(None, 1)
 
 
 @contextlib.asynccontextmanager

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import counting_steps
 
 from asyncjobs.stores import (
     ClaimRequest,
@@ -63,18 +64,11 @@ def _claim_steps(
         insert_jobs(db, jobs, T0)
         assert [r.group_key for r in _claim(db, request(limit=1), T0)] == ["a"]
         db.execute("COMMIT")
-        steps = 0
-
-        def count() -> int:
-            nonlocal steps
-            steps += 1
-            return 0
-
-        db.set_progress_handler(count, 1)
-        db.execute("BEGIN IMMEDIATE")
-        claimed = _claim(db, request(concurrency=10 if limited else None), T0)
-        db.execute("ROLLBACK")
-        return steps, [r.group_key for r in claimed]
+        with counting_steps(db) as steps:
+            db.execute("BEGIN IMMEDIATE")
+            claimed = _claim(db, request(concurrency=10 if limited else None), T0)
+            db.execute("ROLLBACK")
+        return steps.count, [r.group_key for r in claimed]
     finally:
         db.close()
 

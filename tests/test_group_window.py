@@ -17,6 +17,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from conftest import counting_steps
 
 from asyncjobs import AsyncJobsError, Jobs, Task
 from asyncjobs.stores import open_store
@@ -148,19 +149,12 @@ def _claim(
         limit=8,
         lease=60,
     )
-    steps = 0
-
-    def count() -> int:
-        nonlocal steps
-        steps += 1
-        return 0
-
-    db.set_progress_handler(count, 1)  # each step: some claims here take fewer than 100
-    db.execute("BEGIN IMMEDIATE")
-    admission = choose(db, request, 1000.0)
-    db.execute("ROLLBACK")
+    with counting_steps(db) as steps:  # each step: some claims here take fewer than 100
+        db.execute("BEGIN IMMEDIATE")
+        admission = choose(db, request, 1000.0)
+        db.execute("ROLLBACK")
     db.close()
-    return steps, admission
+    return steps.count, admission
 
 
 def _held_back(backlog: int, groups: int, head: str) -> list[tuple[str, str, str, int]]:

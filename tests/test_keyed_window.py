@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+from conftest import counting_steps
 
 from asyncjobs import Jobs, RateLimit, Task
 from asyncjobs.stores import open_store
@@ -183,20 +184,13 @@ def _steps(tmp_path: Path, backlog: int, scenario: str) -> int:
         limiters={"per_domain": RateLimit(rate=1, per=3600)},
         keyed=frozenset({"per_domain"}),
     )
-    steps = 0
-
-    def count() -> int:
-        nonlocal steps
-        steps += 1
-        return 0
-
-    db.set_progress_handler(count, 1)  # each step: some claims here take fewer than 100
-    db.execute("BEGIN IMMEDIATE")
-    admission = choose(db, request, 1000.0)
-    db.execute("ROLLBACK")
+    with counting_steps(db) as steps:  # each step: some claims here take fewer than 100
+        db.execute("BEGIN IMMEDIATE")
+        admission = choose(db, request, 1000.0)
+        db.execute("ROLLBACK")
     db.close()
     assert admission.chosen == []
-    return steps
+    return steps.count
 
 
 def test_a_claim_with_the_queue_full_does_not_scan_the_whole_backlog(tmp_path: Path) -> None:

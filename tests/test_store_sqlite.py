@@ -12,6 +12,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from conftest import counting_steps
 
 from asyncjobs import Jobs, StoreError
 from asyncjobs._batching import GroupCommit
@@ -112,19 +113,11 @@ def steps_to_finish_a_batch_member(path: Path, members: int) -> int:
             [new_job(f"m{i}", batch_id="cb", status="running", worker="w") for i in range(members)],
             0.0,
         )
-        steps = 0
-
-        def step() -> int:
-            nonlocal steps
-            steps += 1
-            return 0
-
-        db.set_progress_handler(step, 1)
         done = Outcome(job_id="m0", worker="w", attempt=1, kind=OutcomeKind.DEAD, error="e")
-        assert _finish(db, [done], 1.0) == ["m0"]
-        db.set_progress_handler(None, 1)
+        with counting_steps(db) as steps:
+            assert _finish(db, [done], 1.0) == ["m0"]
         db.execute("COMMIT")
-        return steps
+        return steps.count
     finally:
         db.close()
 
