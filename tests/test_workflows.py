@@ -281,10 +281,9 @@ async def test_purge_leaves_the_unfinished_members_of_a_chain_under_way(jobs: Jo
     assert await jobs.get(waiting.on_complete.id) is None
 
 
-@pytest.mark.parametrize("how", ["retry", "retry_dead"])
-async def test_retrying_a_dead_chain_member_carries_the_chain_on(jobs: Jobs, how: str) -> None:
-    """The members after it, cancelled before they ran when it ended dead, wait again
-    and run once it succeeds: retrying the failed step resumes the workflow."""
+def media_step(jobs: Jobs) -> tuple[Task[[str], str], list[str], set[str]]:
+    """A chain step (no retries) that returns its name, or fails for the names in a set
+    (a codec missing, "transcode" at first): the task, the names run, that set."""
     ran: list[str] = []
     failing = {"transcode"}
 
@@ -295,6 +294,14 @@ async def test_retrying_a_dead_chain_member_carries_the_chain_on(jobs: Jobs, how
             raise RuntimeError("codec missing")
         return name
 
+    return step, ran, failing
+
+
+@pytest.mark.parametrize("how", ["retry", "retry_dead"])
+async def test_retrying_a_dead_chain_member_carries_the_chain_on(jobs: Jobs, how: str) -> None:
+    """The members after it, cancelled before they ran when it ended dead, wait again
+    and run once it succeeds: retrying the failed step resumes the workflow."""
+    step, ran, failing = media_step(jobs)
     chain = await jobs.chain(
         step.spec("upload"), step.spec("transcode"), step.spec("thumbnail"), step.spec("notify")
     )
@@ -439,15 +446,7 @@ async def test_retention_keeps_the_members_a_dead_one_cancelled_as_long_as_it(
     the chain without them (``succeeded``, the last step never run). They are kept as
     long as the member before them is, so they go on with the chain once it is retried."""
     jobs = make_jobs(retention=60, dead_retention=3600)
-    ran: list[str] = []
-    failing = {"transcode"}
-
-    @jobs.task(retries=0)
-    async def step(name: str) -> None:
-        ran.append(name)
-        if name in failing:
-            raise RuntimeError("codec missing")
-
+    step, ran, failing = media_step(jobs)
     chain = await jobs.chain(
         step.spec("upload"), step.spec("transcode"), step.spec("thumbnail"), step.spec("notify")
     )
