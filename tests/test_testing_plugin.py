@@ -16,7 +16,7 @@ import anyio
 import pytest
 from conftest import in_schema
 
-from asyncjobs import AsyncJobsError, Jobs, JobStatus
+from asyncjobs import AsyncJobsError, Jobs, JobStatus, TaskNotRegistered
 from asyncjobs._clock import SystemClock
 from asyncjobs.testing import (
     FakeClock,
@@ -121,6 +121,28 @@ async def test_assertions_refuse_arguments_the_task_could_never_have_been_enqueu
 
     with pytest.raises(TypeError, match="can never match"):  # also with none of its jobs stored
         await assert_not_enqueued(jobs, notify, usr_id=42)
+
+
+async def test_assertions_refuse_a_task_name_no_task_has(jobs: Jobs) -> None:
+    """A misspelt task name matched no job, so ``assert_not_enqueued(jobs, "sned_email")``
+    passed whatever was enqueued. A name is refused unless a task of ``jobs`` has it or
+    a job of it is stored (a task of another process, enqueued here by name)."""
+
+    @jobs.task(name="send_email")
+    async def send_email(user_id: int) -> None: ...
+
+    await send_email.enqueue(1)
+    for check in (assert_not_enqueued, assert_enqueued, enqueued):
+        with pytest.raises(TaskNotRegistered, match=r"'sned_email'.*did you mean 'send_email'\?"):
+            await check(jobs, "sned_email", 1)
+    with pytest.raises(TaskNotRegistered, match=r"'resize_image'(?!.*did you mean)"):
+        await assert_not_enqueued(jobs, "resize_image")
+
+    await jobs.enqueue("resize_image", 7)  # defined by a worker process, not here
+    await assert_enqueued(jobs, "resize_image", 7)
+    await assert_not_enqueued(jobs, "resize_image", 8)
+    with pytest.raises(TaskNotRegistered, match=r"did you mean 'resize_image'\?"):
+        await assert_not_enqueued(jobs, "resize_imgae")
 
 
 async def test_assertions_refuse_a_task_of_a_jobs_on_another_store(

@@ -7,11 +7,12 @@ signature, ``assert_enqueued(jobs, send, user_id=42)`` matches a job enqueued as
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 from typing import Any
 
-from asyncjobs._errors import AsyncJobsError
+from asyncjobs._errors import AsyncJobsError, TaskNotRegistered
 from asyncjobs._jobs import Jobs
 from asyncjobs._models import JobInfo
 from asyncjobs._tasks import Task
@@ -38,6 +39,8 @@ async def enqueued(
     infos = await jobs.list(task=name, limit=MAX_JOBS)  # opens the store: see _same_jobs
     if isinstance(task, Task):
         _check_same_store(jobs, task)
+    elif name is not None and definition is None and not infos:
+        await _refuse_unknown_name(jobs, name)
     infos.reverse()
     if task is None:
         return infos
@@ -109,6 +112,21 @@ def _check_same_store(jobs: Jobs, task: Task[..., Any]) -> None:
         f"there, not to {ours}. To test your app's own Jobs, point it at the test "
         "store: `jobs = await asyncjobs_isolate(myapp.jobs)` in a fixture (or "
         "asyncjobs.testing.replace_store)"
+    )
+
+
+async def _refuse_unknown_name(jobs: Jobs, name: str) -> None:
+    """A name that no task of ``jobs`` has and no stored job carries (a misspelt one) can
+    match no job, so ``assert_not_enqueued`` would pass whatever was enqueued. A task of
+    another process that this one enqueues by name (a web process with ``workers=False``
+    that never imports the worker's tasks) is known once one of its jobs is stored."""
+    stored = {info.task for info in await jobs.list(limit=MAX_JOBS)}
+    close = difflib.get_close_matches(name, sorted(stored | set(jobs.registry)), n=3)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise TaskNotRegistered(
+        f"task {name!r} is not registered on this Jobs and no job of it is stored, so no "
+        f"job can match it{hint} (to check that none of a task defined only in another "
+        "process was enqueued, look at the task of each job in `await enqueued(jobs)`)"
     )
 
 
