@@ -292,6 +292,7 @@ class Settings:
         if not isinstance(synchronous, str) or synchronous.lower() not in ("normal", "full"):
             raise ConfigurationError(f"synchronous must be 'normal' or 'full', got {synchronous!r}")
         kept = seconds(retention, "retention")
+        base = seconds(backoff_base, "backoff_base")
         return cls(
             url=url,
             concurrency=positive_int(concurrency, "concurrency"),
@@ -316,7 +317,14 @@ class Settings:
             else seconds(dead_retention, "dead_retention"),
             max_payload_bytes=positive_int(max_payload_bytes, "max_payload_bytes"),
             synchronous=synchronous.lower(),
-            backoff_base=seconds(backoff_base, "backoff_base"),
-            max_backoff=seconds(max_backoff, "max_backoff"),
+            backoff_base=base,
+            max_backoff=at_least(
+                seconds(max_backoff, "max_backoff"),
+                base,
+                "max_backoff",
+                "backoff_base, the bound of the first retry's delay: a smaller cap makes "
+                "every retry wait up to max_backoff, as though backoff_base were never "
+                "given; lower backoff_base too",
+            ),
             clock=check_clock(clock),
         )

@@ -39,6 +39,10 @@ from asyncjobs.stores._postgres import PostgresStore
         # A backoff past 100 years would schedule a retry no read could turn into a date.
         ({"max_backoff": 1e12}, "max_backoff must be at most 3155760000 seconds"),
         ({"backoff_base": 10**400}, "backoff_base must be a finite number of seconds"),
+        # A cap below the first step made every retry wait up to max_backoff, as though
+        # backoff_base (the bound of the first retry's delay) had never been given.
+        ({"backoff_base": 10, "max_backoff": 5}, "max_backoff must be at least 10s (backoff_base"),
+        ({"max_backoff": timedelta(milliseconds=500)}, "max_backoff must be at least 1s"),
         ({"retention": 4e9}, "retention must be at most 3155760000 seconds"),
         # A clock without now() failed with AttributeError: 'int' object has no attribute 'now'.
         ({"clock": 5}, "clock must be a Clock with now(), sleep(seconds) and move_on_after"),
