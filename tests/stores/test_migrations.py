@@ -303,3 +303,28 @@ async def test_a_group_running_two_jobs_when_upgraded_keeps_them_and_runs_one_fr
             await conn.execute("UPDATE asyncjobs_jobs SET status = 'running' WHERE id = 'g4'")
     finally:
         await conn.close()
+
+
+async def test_the_claim_cursors_older_versions_stored_are_deleted_on_upgrade(
+    tmp_path: Path,
+) -> None:
+    """Claims under limits once kept their walk past the window in ``asyncjobs_meta``
+    (``keys past the window:<task>``, ``groups past the window:<task>``); they keep it in
+    memory now, and nothing reads those rows: version 13 deletes them, and only them."""
+    url = "sqlite:///" + str(tmp_path / "old.db")
+    await create_old_store(url, 12, T0)
+    kept = [("schedule:nightly", "1000"), ("dashboard secret", "s3cret"), ("keys past", "x")]
+    stale = [("keys past the window:send", "user:7"), ("groups past the window:send", "g")]
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
+        db.executemany("INSERT INTO asyncjobs_meta (key, value) VALUES (?, ?)", kept + stale)
+    db.close()
+    store = open_store(url)
+    try:
+        await store.open()
+    finally:
+        await store.close()
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
+        left = sorted(db.execute("SELECT key, value FROM asyncjobs_meta"))
+    db.close()
+    assert left == sorted(kept)
+    assert await versions(url) == [v for v, _ in migration_scripts("sqlite")]
