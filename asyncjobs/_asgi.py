@@ -5,9 +5,10 @@ wrapped app's own startup first (if the app speaks lifespan), then starts the
 workers; on shutdown it stops the workers first (running jobs get
 ``shutdown_timeout``), then runs the app's shutdown, then closes the store.
 Jobs therefore never run before, or after, the resources the app's lifespan
-manages. An app that does not speak lifespan still gets a complete startup and
-shutdown. Every HTTP and WebSocket scope carries the ``Jobs`` in
-``scope["state"]["jobs"]``, which Starlette shows as ``request.state.jobs``.
+manages. An app that does not speak lifespan (it raises before receiving the startup
+message) still gets a complete startup and shutdown; one that raises after receiving
+it failed its startup, which the server is told. Every HTTP and WebSocket scope carries
+the ``Jobs`` in ``scope["state"]["jobs"]``, which Starlette shows as ``request.state.jobs``.
 """
 
 from __future__ import annotations
@@ -186,6 +187,9 @@ class _AppLifespan:
         """The app's exception once it had started (at shutdown, or while serving)."""
         self._startup_failed: str | None = None
         self._shutdown_failed: str | None = None
+        self._took_startup = False
+        """Whether the app received the startup message: an app that raises before that
+        does not speak lifespan (as uvicorn takes it); one that raises after failed."""
 
     async def startup(self, tg: TaskGroup) -> str | None:
         """Run the app's startup; the app's failure message, or None when it started
@@ -238,6 +242,11 @@ class _AppLifespan:
             if self._startup_failed is not None:
                 if self.error is None:
                     self.error = error
+            elif not self._started.is_set() and self._took_startup:
+                # It took the startup message, so it speaks lifespan: its startup failed
+                # (Starlette would have sent startup.failed itself).
+                self.error = error
+                self._startup_failed = f"the app's startup failed: {error!r}"
             elif not self._started.is_set():
                 logger.info(
                     "the wrapped app does not handle ASGI lifespan (%r); "
@@ -255,9 +264,11 @@ class _AppLifespan:
 
     async def _receive(self) -> Message:
         try:
-            return await self._app_inbox.receive()
+            message = await self._app_inbox.receive()
         except anyio.EndOfStream:  # pragma: no cover - closed only after shutdown was sent
             return {"type": "lifespan.shutdown"}
+        self._took_startup = True
+        return message
 
     async def _send(self, message: Message) -> None:
         kind = message["type"]

@@ -278,6 +278,28 @@ def test_app_startup_failure_is_reported_and_workers_never_start(tmp_path: Path)
     assert not running(jobs)
 
 
+def test_a_raw_app_raising_in_its_startup_fails_the_startup(tmp_path: Path) -> None:
+    """A raw ASGI app (not Starlette, which sends startup.failed itself) that took the
+    startup message and then raised was taken for an app without lifespan: the
+    workers started and the server served an app whose startup had failed."""
+    jobs = make_jobs(tmp_path)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await receive()
+            raise RuntimeError("the database is unreachable")
+
+    sent: list[dict[str, Any]] = []
+    with (
+        pytest.raises(RuntimeError, match="database is unreachable"),
+        TestClient(recording(JobsMiddleware(app, jobs=jobs), sent)),
+    ):
+        pass
+    assert not running(jobs)
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
+    assert "the database is unreachable" in sent[0]["message"]
+
+
 def test_app_shutdown_failure_is_raised_once_the_jobs_are_stopped_and_closed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
