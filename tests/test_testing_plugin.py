@@ -145,6 +145,39 @@ async def test_assertions_refuse_a_task_name_no_task_has(jobs: Jobs) -> None:
         await assert_not_enqueued(jobs, "resize_imgae")
 
 
+async def test_assertions_match_a_chain_member_and_a_callback_before_they_get_their_input(
+    jobs: Jobs,
+) -> None:
+    """A chain member with pass_result=True gets the previous result as its first
+    argument only when released, and a batch's on_complete its counts as ``batch=``:
+    until then its stored arguments were bound one parameter off, so
+    ``assert_not_enqueued(jobs, second, n=5)`` passed while ``second(n=5)`` waited."""
+
+    @jobs.task(name="first")
+    async def first() -> int:
+        return 1
+
+    @jobs.task(name="second")
+    async def second(previous: int, n: int) -> int:
+        return previous + n
+
+    @jobs.task(name="done")
+    async def done(batch: object, tag: str) -> None: ...
+
+    await jobs.chain(first.spec(), second.spec(5), pass_result=True)  # type: ignore[call-arg]
+    await jobs.batch([first.spec()], on_complete=done.spec(tag="x"))  # type: ignore[call-arg]
+    for released in (False, True):
+        await assert_enqueued(jobs, second, n=5)
+        with pytest.raises(AssertionError, match="expected no job"):
+            await assert_not_enqueued(jobs, second, n=5)
+        await assert_not_enqueued(jobs, second, previous=5)
+        await assert_enqueued(jobs, done, tag="x")
+        if not released:
+            await assert_not_enqueued(jobs, second, previous=1)  # not known yet
+            await drain(jobs)
+    await assert_enqueued(jobs, second, 1, 5)
+
+
 async def test_assertions_refuse_a_task_of_a_jobs_on_another_store(
     jobs: Jobs, tmp_path: Path
 ) -> None:

@@ -14,9 +14,10 @@ from typing import Any
 
 from asyncjobs._errors import AsyncJobsError, TaskNotRegistered
 from asyncjobs._jobs import Jobs
-from asyncjobs._models import JobInfo
+from asyncjobs._models import JobInfo, info_from_row
 from asyncjobs._tasks import Task
-from asyncjobs.stores import Store
+from asyncjobs.stores import JobRow, Store
+from asyncjobs.stores._dependents import COUNTS_FLAG, RESULT_FLAG, wants
 
 MAX_JOBS = 100_000
 
@@ -36,15 +37,21 @@ async def enqueued(
     definition = task if isinstance(task, Task) else jobs.registry.get(name or "")
     if definition is not None:
         _check_could_match(definition, args, kwargs)
-    infos = await jobs.list(task=name, limit=MAX_JOBS)  # opens the store: see _same_jobs
+    # Rows, not just JobInfo: their options say what a chain or batch adds at release.
+    rows, now = await jobs._list_rows(None, None, name, MAX_JOBS)  # opens the store: see _same_jobs
     if isinstance(task, Task):
         _check_same_store(jobs, task)
-    elif name is not None and definition is None and not infos:
+    elif name is not None and definition is None and not rows:
         await _refuse_unknown_name(jobs, name)
-    infos.reverse()
+    rows.reverse()
+    infos = [info_from_row(row, now) for row in rows]
     if task is None:
         return infos
-    return [info for info in infos if _matches(definition, info, args, kwargs)]
+    return [
+        info
+        for row, info in zip(rows, infos, strict=True)
+        if _matches(definition, info, args, kwargs, _awaited(row))
+    ]
 
 
 async def assert_enqueued(
@@ -141,16 +148,29 @@ def _same_jobs(one: Store, other: Store) -> bool:
     return type(one) is type(other) and same is not None and bool(same(other))
 
 
+def _awaited(row: JobRow) -> tuple[list[Any], dict[str, Any]]:
+    """Stand-ins for what the job is given only when released, which its stored
+    arguments lack until then: the previous result first (a chain member with
+    ``pass_result=True``), its batch's counts as ``batch=`` (an ``on_complete``).
+    No expected value equals a stand-in: what the job will get is not known yet."""
+    return (
+        [_NOTHING] if wants(row.options, RESULT_FLAG) else [],
+        {"batch": _NOTHING} if wants(row.options, COUNTS_FLAG) else {},
+    )
+
+
 def _matches(
     definition: Task[..., Any] | None,
     info: JobInfo,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    awaited: tuple[list[Any], dict[str, Any]] = ([], {}),
 ) -> bool:
     expected_args, expected_kwargs = _as_json(list(args)), _as_json(kwargs)
     if definition is not None:
+        first, added = awaited
         want = _bind(definition, expected_args, expected_kwargs, partial=True)
-        have = _bind(definition, info.args, info.kwargs, partial=False)
+        have = _bind(definition, first + info.args, {**info.kwargs, **added}, partial=False)
         if want is not None and have is not None:
             return all(_same(have.get(key, _NOTHING), value) for key, value in want.items())
     # No signature to go by: positional arguments must be equal, named ones a subset.
