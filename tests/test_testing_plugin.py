@@ -742,14 +742,22 @@ def test_fake_clock_used_by_two_loops_at_once_loses_no_deadline() -> None:
     assert lost == []
 
 
-@pytest.mark.parametrize("step", [-1.0, float("nan")])
-def test_fake_clock_refuses_to_move_back_or_by_nan(step: float) -> None:
-    """A NaN step would leave ``now()`` NaN for good: no waiter would ever wake."""
+@pytest.mark.parametrize("step", [-1.0, float("nan"), float("inf"), timedelta.max])
+def test_fake_clock_refuses_to_move_back_or_by_nan(step: float | timedelta) -> None:
+    """A NaN step would leave ``now()`` NaN for good: no waiter would ever wake. An
+    infinite one (or one past any date) left it where ``datetime()`` and every job's
+    ``JobInfo`` raised OverflowError."""
     clock = FakeClock()
     before = clock.now()
     with pytest.raises(ValueError, match="only moves forward"):
         clock.advance(step)
     assert clock.now() == before
+
+
+@pytest.mark.parametrize("start", [float("nan"), float("inf"), -float("inf"), 1e300])
+def test_fake_clock_refuses_a_start_that_is_no_time(start: float) -> None:
+    with pytest.raises(ValueError, match="FakeClock"):
+        FakeClock(start)
 
 
 TRANSACTIONAL_APP = """

@@ -11,7 +11,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import anyio
 
@@ -30,6 +30,8 @@ class FakeClock:
             if start.tzinfo is None:
                 raise ValueError("FakeClock(start=...) needs a timezone-aware datetime")
             start = start.timestamp()
+        if start is not None and not _is_time(float(start)):
+            raise ValueError(f"FakeClock(start=...) must be a time a datetime can show: {start!r}")
         real: Clock = SystemClock()
         # The real time, up to a multiple of 1/64 s: a float that is a whole number of
         # microseconds, exactly. datetime() then shows the clock's time as it is, not
@@ -49,8 +51,6 @@ class FakeClock:
         return self._now
 
     def datetime(self) -> datetime:
-        from datetime import UTC
-
         return datetime.fromtimestamp(self._now, UTC)
 
     def advance(self, seconds: float | timedelta) -> None:
@@ -61,6 +61,11 @@ class FakeClock:
             raise ValueError(f"FakeClock only moves forward, by a number of seconds: {seconds!r}")
         due: dict[asyncio.AbstractEventLoop, list[Callable[[], object]]] = {}
         with self._lock:
+            if not _is_time(self._now + seconds):  # inf, or past the year 9999
+                raise ValueError(
+                    "FakeClock only moves forward, to a time a datetime can show: "
+                    f"{seconds!r} seconds from {self._now!r} is none"
+                )
             self._now += seconds
             # In the order of their deadlines, sleepers and scopes together: a deadline
             # that comes before a sleep's end cancels it, as it would in real time.
@@ -137,6 +142,17 @@ class FakeClock:
                 with self._lock:
                     self._scopes = [entry for entry in self._scopes if entry[2] is not scope]
                     heapq.heapify(self._scopes)
+
+
+def _is_time(value: float) -> bool:
+    """Whether ``value`` (epoch seconds) is a time ``datetime`` shows: not NaN, not
+    infinite, not past the year 9999. Past that ``datetime()`` and every ``JobInfo``
+    read at that time would raise."""
+    try:
+        datetime.fromtimestamp(value, UTC)
+    except (OverflowError, ValueError, OSError):
+        return False
+    return True
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
