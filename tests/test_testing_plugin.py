@@ -71,6 +71,27 @@ async def test_assert_enqueued_failure_lists_what_was_enqueued(jobs: Jobs) -> No
         await assert_not_enqueued(jobs, send, 2)
 
 
+async def test_assertions_refuse_to_look_at_only_some_of_the_jobs(
+    jobs: Jobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """They read the newest MAX_JOBS jobs only: past that, ``assert_not_enqueued``
+    passed whatever the older jobs were. They say so instead."""
+    monkeypatch.setattr("asyncjobs.testing._assertions.MAX_JOBS", 2)
+
+    @jobs.task(name="send")
+    async def send(user_id: int) -> None: ...
+
+    for user_id in (1, 2):
+        await send.enqueue(user_id)
+    await assert_not_enqueued(jobs, send, 3)  # all read: as before
+    await send.enqueue(3)
+    for check in (assert_not_enqueued, assert_enqueued, enqueued):
+        with pytest.raises(AsyncJobsError, match=r"more than 2 jobs of task 'send' are stored"):
+            await check(jobs, send, 1)
+    with pytest.raises(AsyncJobsError, match=r"more than 2 jobs are stored"):
+        await enqueued(jobs)
+
+
 async def test_jobs_that_already_ran_still_count_as_enqueued(jobs: Jobs) -> None:
     @jobs.task(name="noop")
     async def noop(n: int) -> int:

@@ -38,11 +38,19 @@ async def enqueued(
     if definition is not None:
         _check_could_match(definition, args, kwargs)
     # Rows, not just JobInfo: their options say what a chain or batch adds at release.
-    rows, now = await jobs._list_rows(None, None, name, MAX_JOBS)  # opens the store: see _same_jobs
+    # One more than it looks at: to tell "all of them" from "some".
+    rows, now = await jobs._list_rows(None, None, name, MAX_JOBS + 1)  # opens the store
     if isinstance(task, Task):
-        _check_same_store(jobs, task)
+        _check_same_store(jobs, task)  # (after the store opened: see _same_jobs)
     elif name is not None and definition is None and not rows:
         await _refuse_unknown_name(jobs, name)
+    if len(rows) > MAX_JOBS:
+        of = "" if name is None else f" of task {name!r}"
+        raise AsyncJobsError(
+            f"more than {MAX_JOBS:,} jobs{of} are stored, more than the assertions read: "
+            "a match among the older ones would go unseen. Purge the jobs earlier tests "
+            "left (`await jobs.purge(...)`), or use a fresh store per test"
+        )
     rows.reverse()
     infos = [info_from_row(row, now) for row in rows]
     if task is None:
