@@ -34,6 +34,7 @@ import builtins
 import json
 import logging
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -159,6 +160,11 @@ deadline set meanwhile (``set_deadline``) ends the wait within one of them, not 
 end of a whole busy timeout."""
 
 
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+"""How a URL begins (``sqlite://``, ``postgresql://``). ``open_store`` takes no name
+with ``://`` for a path either (``sqlite_path``)."""
+
+
 def _in_memory(name: str) -> bool:
     """Whether ``name`` is how SQLite spells an in-memory database: ``:memory:``, or a
     ``file:`` URI naming one (``file::memory:``, ``file:x?mode=memory``)."""
@@ -185,6 +191,14 @@ class SQLiteStore:
                 "of the store's connections would see its own empty database, and nothing "
                 "would outlive the process. Use a file; in tests a temporary one "
                 "(tmp_path / 'jobs.db'), or the `jobs` fixture of asyncjobs' pytest plugin"
+            )
+        scheme = _URL_SCHEME.match(os.fspath(path))
+        if scheme is not None:  # the URL itself is left out: it may hold a password
+            raise ConfigurationError(
+                f"SQLiteStore takes a file path, not a URL ({scheme[0]}...): as a path it "
+                "names a folder called "
+                f"{scheme[0].split('/')[0]!r} in the working directory. Pass the file's "
+                "path, or open the URL with asyncjobs.stores.open_store(url)"
             )
         # Absolute now: every connection, the side ones opened later too, is on the
         # same file if the working directory changes, and a name that begins "file:"

@@ -270,3 +270,17 @@ async def test_a_file_in_a_folder_named_memory_is_still_a_file(tmp_path: Path) -
         assert (tmp_path / ":memory:").exists()
     finally:
         await jobs.close()
+
+
+@pytest.mark.parametrize(
+    "url", ["sqlite:///jobs.db", "sqlite:////abs/jobs.db", "postgresql://db/x"]
+)
+def test_a_url_given_to_sqlitestore_as_its_path_is_refused(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLiteStore takes a file path: given a URL, it made a folder called "sqlite:" in
+    the working directory and kept the jobs there, where nothing else looks."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigurationError, match=r"takes a file path, not a URL.*open_store"):
+        SQLiteStore(url)
+    assert list(tmp_path.iterdir()) == []
