@@ -156,8 +156,9 @@ async def test_assertions_refuse_a_task_name_no_task_has(jobs: Jobs) -> None:
     for check in (assert_not_enqueued, assert_enqueued, enqueued):
         with pytest.raises(TaskNotRegistered, match=r"'sned_email'.*did you mean 'send_email'\?"):
             await check(jobs, "sned_email", 1)
-    with pytest.raises(TaskNotRegistered, match=r"'resize_image'(?!.*did you mean)"):
+    with pytest.raises(TaskNotRegistered, match=r"'resize_image'(?!.*did you mean)") as refused:
         await assert_not_enqueued(jobs, "resize_image")
+    assert "asyncjobs_isolate(myapp.jobs)" in str(refused.value)  # the app's tasks, elsewhere
 
     await jobs.enqueue("resize_image", 7)  # defined by a worker process, not here
     await assert_enqueued(jobs, "resize_image", 7)

@@ -140,8 +140,10 @@ async def _refuse_unknown_name(jobs: Jobs, name: str) -> None:
     hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
     raise TaskNotRegistered(
         f"task {name!r} is not registered on this Jobs and no job of it is stored, so no "
-        f"job can match it{hint} (to check that none of a task defined only in another "
-        "process was enqueued, look at the task of each job in `await enqueued(jobs)`)"
+        f"job can match it{hint}. A task of your app's own Jobs: test that Jobs, on the "
+        "test store (`jobs = await asyncjobs_isolate(myapp.jobs)` in a fixture); one "
+        "defined only in another process: look at the task of each job in "
+        "`await enqueued(jobs)`"
     )
 
 
