@@ -88,7 +88,9 @@ class Dashboard:
             autoescape=True,
             undefined=jinja2.StrictUndefined,
         )
-        self.templates.filters.update(ago=_ago, when=_when, pretty=_pretty, clip=_clip)
+        self.templates.filters.update(
+            ago=_ago, when=_when, pretty=_pretty, clip=_clip, inline=_inline
+        )
         self.app = Starlette(
             routes=[
                 Route("/", self.overview, methods=["GET"]),
@@ -336,6 +338,13 @@ def _clip(text: str) -> str:
         return text
     hidden = len(text) - SHOWN_CHARS
     return f"{text[:SHOWN_CHARS]}\n\u2026 {hidden:,} more characters (asyncjobs show ID --json)"
+
+
+def _inline(value: object) -> str:
+    """``value`` as JSON on one line, for the job list: as the job's page writes it
+    (Jinja's ``tojson`` writes ``'``, ``&``, ``<``, ``>`` and non-ASCII text as ``\\u``
+    escapes, which autoescaping makes unneeded); a plain string, escaped by the page."""
+    return printable(json.dumps(value, ensure_ascii=False, sort_keys=True))
 
 
 def _pretty(value: object) -> str:

@@ -377,6 +377,22 @@ async def test_a_lone_surrogate_in_arguments_or_result_is_shown_escaped(jobs: Jo
         assert "\\udc80" in page.text
 
 
+async def test_the_list_shows_arguments_as_the_job_page_does_not_as_escapes(
+    jobs: Jobs,
+) -> None:
+    """Quotes, ``&``, ``<`` and non-ASCII text read as themselves (escaped for HTML only),
+    not as the ``\\u0027`` and ``\\u65e5`` escapes of Jinja's ``tojson``; a lone
+    surrogate still reads as its JSON escape."""
+    await jobs.enqueue("send", "O'Brien & <Co>", "\u65e5\u672c \ud800", note="x>y")
+    async with client_for(jobs, login=True) as client:
+        page = await client.get("/jobs")
+    assert page.status_code == 200
+    shown = "[&#34;O&#39;Brien &amp; &lt;Co&gt;&#34;, &#34;\u65e5\u672c \\ud800&#34;]"
+    assert f"<code>{shown} {{&#34;note&#34;: &#34;x&gt;y&#34;}}</code>" in page.text
+    assert "\\u0027" not in page.text
+    assert "\\u65e5" not in page.text
+
+
 async def test_the_list_cuts_long_arguments_short(jobs: Jobs) -> None:
     """Arguments the list reads whole (``LIST_PREVIEW``) are shown as JSON, cut short."""
 
@@ -390,8 +406,8 @@ async def test_the_list_cuts_long_arguments_short(jobs: Jobs) -> None:
     assert page.status_code == 200
     assert "x" * 100 not in page.text
     assert "z" * 100 not in page.text
-    assert '["xxxx' in page.text
-    assert '["y"] {"note":...' in page.text
+    assert "[&#34;xxxx" in page.text
+    assert "[&#34;y&#34;] {&#34;note&#34;:..." in page.text
 
 
 async def test_the_list_reads_only_the_start_of_huge_arguments_and_results(
