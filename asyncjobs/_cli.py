@@ -25,6 +25,7 @@ from asyncjobs._models import JobInfo, JobStatus, info_from_row
 from asyncjobs._stats import GroupStats, Stats, human_duration
 from asyncjobs.stores import JobRow, Preview
 from asyncjobs.stores._sqlite import SQLiteStore
+from asyncjobs.stores._sqlite_schema import holds_no_store
 
 T = TypeVar("T")
 
@@ -84,14 +85,22 @@ def run(ctx: click.Context, action: Callable[[Jobs], Awaitable[T]]) -> T:
 
     A SQLite store that does not exist is refused, not created: a mistyped path would
     otherwise read as an empty store (only the app and ``asyncjobs worker`` create it).
+    So is a file without its tables (another database, an empty file), which would get
+    them written into it.
     """
     jobs = load_jobs(ctx.obj)
     store = jobs.store
-    if isinstance(store, SQLiteStore) and not store.path.exists():
-        raise click.ClickException(
-            f"no asyncjobs store at {str(store.path)!r}: start the app (or "
-            "`asyncjobs worker`) once to create it, or check the URL"
-        )
+    if isinstance(store, SQLiteStore):
+        if not store.path.exists():
+            raise click.ClickException(
+                f"no asyncjobs store at {str(store.path)!r}: start the app (or "
+                "`asyncjobs worker`) once to create it, or check the URL"
+            )
+        if holds_no_store(store.path):
+            raise click.ClickException(
+                f"no asyncjobs store in {str(store.path)!r}: the file holds no job tables; "
+                "check the URL, or start the app (or `asyncjobs worker`) once to create them"
+            )
 
     async def main() -> T:
         try:

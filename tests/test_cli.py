@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -379,6 +380,30 @@ def test_a_missing_sqlite_store_is_refused_not_created(env: dict[str, str], tmp_
         assert "no asyncjobs store at" in result.stderr
         assert str(missing) in result.stderr
     assert not missing.parent.exists()
+
+
+def test_a_sqlite_file_without_a_store_is_refused_not_given_one(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A URL naming another database (the app's own, an empty file) read as an empty
+    store, and left the job tables written into it."""
+    other = tmp_path / "app.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+    db.close()
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    for path in (other, empty):
+        wrong = {**env, "CLI_TEST_DB_URL": "sqlite:///" + str(path)}
+        for command in (["list"], ["stats"], ["purge", "--status", "dead"]):
+            result = cli(wrong, *command)
+            assert result.returncode == 1, command
+            assert f"no asyncjobs store in {str(path)!r}" in result.stderr
+    with sqlite3.connect(other) as db:
+        tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master")]
+    db.close()
+    assert tables == ["users"]
+    assert empty.stat().st_size == 0
 
 
 async def test_cancelling_a_running_job_says_it_was_asked_to_stop(

@@ -104,3 +104,25 @@ def opens_without_writing(path: Path) -> bool:
         return False
     finally:
         db.close()
+
+
+def holds_no_store(path: Path) -> bool:
+    """Whether the file at ``path`` is a database without asyncjobs' tables (another
+    database, an empty file), found by a read on a read-only connection of its own: the
+    CLI refuses such a file rather than read it as an empty store, writing the tables
+    into it. False when it cannot tell (busy, unreadable, not a database): opening the
+    store says why."""
+    try:
+        db = sqlite3.connect(path.as_uri() + "?mode=ro", uri=True, timeout=0)
+    except sqlite3.Error:
+        return False
+    try:
+        found = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+            (SCHEMA_VERSION_TABLE,),
+        ).fetchone()
+    except sqlite3.Error:
+        return False
+    finally:
+        db.close()
+    return found is None
