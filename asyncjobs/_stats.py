@@ -321,12 +321,14 @@ def human_duration(seconds: float | None, *, missing: str = "-") -> str:
     4.2 s, 3.5 min, 36.0 h, 3.0 d; ``missing`` when there is none."""
     if seconds is None:
         return missing
-    if seconds < 1:
+    # Each unit ends where its rounded figure would reach the next one (0.9996 s is
+    # "1.0 s", not "1000 ms"), so the figure shown decides, not the exact value.
+    if round(seconds * 1000) < 1000:
         return f"{seconds * 1000:.0f} ms"
-    if seconds < 120:
+    if round(seconds, 1) < 120:
         return f"{seconds:.1f} s"
-    if seconds < 7200:
+    if round(seconds / 60, 1) < 120:
         return f"{seconds / 60:.1f} min"
-    if seconds < 172800:
+    if round(seconds / 3600, 1) < 48:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} d"

@@ -323,6 +323,11 @@ def test_percentiles_use_nearest_rank() -> None:
         (7200.0, "2.0 h"),
         (129600.0, "36.0 h"),
         (259200.0, "3.0 d"),
+        # Just under a unit's end, rounded up into the next unit: not "1000 ms", "120.0 s".
+        (0.9996, "1.0 s"),
+        (119.96, "2.0 min"),
+        (7199.9, "2.0 h"),
+        (172799.0, "2.0 d"),
     ],
 )
 def test_durations_read_as_people_read_them(seconds: float | None, shown: str) -> None:
