@@ -224,7 +224,8 @@ def _cell(value: object) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+        # Three significant digits, but whole from 999.5 on: .3g writes 999.7 as 1e+03.
+        return f"{value:.3g}" if abs(value) < 999.5 else f"{value:.0f}"
     if isinstance(value, datetime):  # aware: said to be UTC, as the dashboard does
         return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     text = terminal(str(value))

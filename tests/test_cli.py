@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from asyncjobs import Jobs, JobStatus
 from asyncjobs._cli import cli as cli_group
+from asyncjobs._cli import table
 from asyncjobs.stores._protocol import ClaimRequest, Outcome, OutcomeKind, TaskLimits
 from asyncjobs.testing import FakeClock
 
@@ -428,6 +429,12 @@ async def test_cancelling_a_running_job_says_it_was_asked_to_stop(
     await app_jobs.retry(dead.id)
     queued = json.loads(ok(cli(env, "cancel", "--json", dead.id)))
     assert queued == {"id": dead.id, "cancelled": True, "stopping": False}
+
+
+def test_a_number_just_under_1000_in_a_table_is_not_in_exponent_form() -> None:
+    """A throughput of 999.7 jobs/s read "1e+03": ``.3g`` rounds it up to four digits."""
+    text = table(["jobs/s 1m"], [[999.7], [999.4], [12.34], [1234.5]])
+    assert text.splitlines()[2:] == ["     1000", "      999", "     12.3", "     1234"]
 
 
 @pytest.mark.usefixtures("fresh_app_module")
