@@ -89,7 +89,7 @@ class Dashboard:
             undefined=jinja2.StrictUndefined,
         )
         self.templates.filters.update(
-            ago=_ago, when=_when, pretty=_pretty, clip=_clip, inline=_inline
+            ago=_ago, when=_when, pretty=_pretty, clip=_clip, inline=_inline, unescaped=_unescaped
         )
         self.app = Starlette(
             routes=[
@@ -345,6 +345,33 @@ def _inline(value: object) -> str:
     (Jinja's ``tojson`` writes ``'``, ``&``, ``<``, ``>`` and non-ASCII text as ``\\u``
     escapes, which autoescaping makes unneeded); a plain string, escaped by the page."""
     return printable(json.dumps(value, ensure_ascii=False, sort_keys=True))
+
+
+_JSON_ESCAPE = re.compile(
+    r"\\(?:u(d[89ab][0-9a-f]{2})\\u(d[c-f][0-9a-f]{2})|u([0-9a-f]{4})|.)", re.I | re.S
+)
+"""An escape in JSON text, read from the left (so ``\\\\u0041`` is an escaped backslash
+and then text): a surrogate pair, another ``\\u`` escape, or any other."""
+
+
+def _unescaped(text: str) -> str:
+    """The start of a stored JSON value (cut short, so it no longer parses) with the
+    ``\\u`` escapes of printable characters written as those characters: the store's
+    JSON escapes every non-ASCII one (``ensure_ascii``), and ``_inline`` writes a whole
+    value without them. An escape cut in two, a lone surrogate, a control or a format
+    character (a right-to-left override) stays escaped."""
+
+    def character(match: re.Match[str]) -> str:
+        high, low, code = match.groups()
+        if high is not None:
+            char = chr(0x10000 + ((int(high, 16) - 0xD800) << 10) + int(low, 16) - 0xDC00)
+        elif code is not None:
+            char = chr(int(code, 16))
+        else:
+            return match.group()
+        return char if char.isprintable() and not 0xD800 <= ord(char) <= 0xDFFF else match.group()
+
+    return _JSON_ESCAPE.sub(character, text)
 
 
 def _pretty(value: object) -> str:

@@ -410,6 +410,22 @@ async def test_the_list_cuts_long_arguments_short(jobs: Jobs) -> None:
     assert "[&#34;y&#34;] {&#34;note&#34;:..." in page.text
 
 
+async def test_the_start_of_long_arguments_shows_their_text_not_its_escapes(jobs: Jobs) -> None:
+    """Cut short, arguments are the start of their stored JSON, which writes every
+    non-ASCII character as an escape (``\\u65e5``, an emoji as two): the list shows
+    the characters, as it does for arguments it shows whole. Escapes of characters that
+    do not print (a lone surrogate, a control) stay, and so does a backslash typed in."""
+    text = "\\u0041 \u00e9\U0001f600\u202e\ud800 " + "\u65e5\u672c " * 400
+    await jobs.enqueue("send", text)
+    async with client_for(jobs, login=True) as client:
+        page = await client.get("/jobs")
+    assert page.status_code == 200
+    assert "(truncated," in page.text
+    shown = "{&#34;args&#34;:[&#34;\\\\u0041 \u00e9\U0001f600\\u202e\\ud800 \u65e5\u672c"
+    assert shown in page.text
+    assert "\\u65e5" not in page.text
+
+
 async def test_the_list_reads_only_the_start_of_huge_arguments_and_results(
     make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
