@@ -343,8 +343,13 @@ def _clip(text: str) -> str:
 def _inline(value: object) -> str:
     """``value`` as JSON on one line, for the job list: as the job's page writes it
     (Jinja's ``tojson`` writes ``'``, ``&``, ``<``, ``>`` and non-ASCII text as ``\\u``
-    escapes, which autoescaping makes unneeded); a plain string, escaped by the page."""
-    return printable(json.dumps(value, ensure_ascii=False, sort_keys=True))
+    escapes, which autoescaping makes unneeded); a plain string, escaped by the page.
+    A character that does not print stays a ``\\u`` escape, as in ``_unescaped``: a
+    right-to-left override would turn the rest of the cell around."""
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in text)
 
 
 _JSON_ESCAPE = re.compile(

@@ -382,12 +382,13 @@ async def test_the_list_shows_arguments_as_the_job_page_does_not_as_escapes(
 ) -> None:
     """Quotes, ``&``, ``<`` and non-ASCII text read as themselves (escaped for HTML only),
     not as the ``\\u0027`` and ``\\u65e5`` escapes of Jinja's ``tojson``; a lone
-    surrogate still reads as its JSON escape."""
-    await jobs.enqueue("send", "O'Brien & <Co>", "\u65e5\u672c \ud800", note="x>y")
+    surrogate, a control or a format character (a right-to-left override, which would
+    turn the rest of the cell around) still reads as its JSON escape."""
+    await jobs.enqueue("send", "O'Brien & <Co>", "\u65e5\u672c \ud800\u202e\x85", note="x>y")
     async with client_for(jobs, login=True) as client:
         page = await client.get("/jobs")
     assert page.status_code == 200
-    shown = "[&#34;O&#39;Brien &amp; &lt;Co&gt;&#34;, &#34;\u65e5\u672c \\ud800&#34;]"
+    shown = "[&#34;O&#39;Brien &amp; &lt;Co&gt;&#34;, &#34;\u65e5\u672c \\ud800\\u202e\\u0085&#34;]"
     assert f"<code>{shown} {{&#34;note&#34;: &#34;x&gt;y&#34;}}</code>" in page.text
     assert "\\u0027" not in page.text
     assert "\\u65e5" not in page.text
