@@ -7,7 +7,7 @@ import logging
 import re
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs, quote, urlencode
 
 import jinja2
 from starlette.applications import Starlette
@@ -280,7 +280,9 @@ class Dashboard:
             response.set_cookie(
                 CSRF_COOKIE,
                 nonce,
-                path=prefix or "/",
+                # As the browser sends the path (percent-encoded): a mount at a path of
+                # any other character would never match, or not fit in a header at all.
+                path=quote(prefix) or "/",
                 httponly=True,
                 samesite="lax",
                 secure=request.url.scheme == "https",

@@ -596,6 +596,27 @@ async def test_mounted_under_a_prefix(mix: Mix) -> None:
         assert response.headers["location"] == f"/admin/jobs/jobs/{mix.dead_id}?done=retried"
 
 
+async def test_mounted_under_a_prefix_that_is_not_ascii(mix: Mix) -> None:
+    """The CSRF cookie's path is the prefix as the browser sends it (percent-encoded):
+    written as text, it failed every first page with a UnicodeEncodeError (a 500)."""
+    outer = Starlette(
+        routes=[
+            Mount("/\u0430\u0434\u043c\u0438\u043d", app=mix.jobs.dashboard(auth=(USER, PASSWORD)))
+        ]
+    )
+    encoded = "/%D0%B0%D0%B4%D0%BC%D0%B8%D0%BD"
+    transport = httpx.ASGITransport(app=outer)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t", auth=AUTH) as client:
+        page = await client.get(f"{encoded}/jobs/{mix.dead_id}")
+        assert page.status_code == 200
+        assert f"Path={encoded};" in page.headers["set-cookie"]
+        response = await client.post(
+            f"{encoded}/jobs/{mix.dead_id}/retry", data={"csrf_token": csrf_token(page.text)}
+        )
+        assert response.status_code == 303
+        assert response.headers["location"] == f"{encoded}/jobs/{mix.dead_id}?done=retried"
+
+
 def test_missing_starlette_names_the_extra(jobs: Jobs, monkeypatch: pytest.MonkeyPatch) -> None:
     real_import = builtins.__import__
 
