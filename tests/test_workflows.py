@@ -466,10 +466,59 @@ async def test_retention_keeps_the_members_a_dead_one_cancelled_as_long_as_it(
     failing.add("transcode")
     await drain(jobs)
     clock.advance(3601)
-    await prune_expired(jobs)  # the dead one goes on dead_retention, with what ran before
-    assert [bool(await jobs.get(j.id)) for j in broken.jobs] == [False, False, True]
-    assert await prune_expired(jobs) == 1  # and the one it cancelled, at the next prune
-    assert await jobs.get(broken.jobs[2].id) is None
+    # The dead one goes on dead_retention, with what ran before and what it cancelled
+    # (and the first chain's last three, which succeeded after the retry).
+    assert await prune_expired(jobs) == 6
+    assert [await jobs.get(j.id) for j in broken.jobs] == [None, None, None]
+
+
+async def test_retention_prunes_a_cancelled_chain_in_one_pass(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """Each member of a chain cancelled before it ran is kept while the one before it is
+    (a retry of that one takes it back), so a pass pruned the first member alone: a
+    chain of N lingered N passes, a minute apart. One pass takes the whole run, still in
+    batches of at most ``batch`` jobs."""
+    jobs = make_jobs(retention=60)
+
+    @jobs.task
+    async def step(n: int) -> None: ...
+
+    chain = await jobs.chain(*(step.spec(n) for n in range(5)))
+    assert await chain.cancel()
+    kept = await jobs.chain(step.spec(5), step.spec(6))
+    assert await kept.cancel()
+    clock.advance(61)
+    assert await prune_expired(jobs, batch=2, max_batches=2) == 4  # bounded batches
+    assert await prune_expired(jobs) == 3
+    assert await jobs.list() == []
+
+
+async def test_one_prune_pass_keeps_a_cancelled_member_that_a_retried_one_waits_for(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """Pruning the run of a cancelled chain stops at a member that a later one, retried
+    by hand, waits for; and it leaves one still within retention (cancelled later)."""
+    jobs = make_jobs(retention=60)
+
+    @jobs.task
+    async def step(n: int) -> None: ...
+
+    chain = await jobs.chain(*(step.spec(n) for n in range(4)))
+    assert await chain.cancel()
+    assert await jobs.retry(chain.jobs[3].id)  # it waits for the third again
+    late = await jobs.chain(step.spec(4), step.spec(5), step.spec(6))
+    assert await late.jobs[0].cancel()
+    clock.advance(30)
+    assert await jobs.retry(late.jobs[2].id)
+    assert await late.jobs[2].cancel()  # cancelled 30 s after the two before it
+    clock.advance(31)
+    assert await prune_expired(jobs) == 4
+    stored = [await jobs.get(j.id) for j in (*chain.jobs, *late.jobs)]
+    assert [i and i.status for i in stored] == [
+        *[None, None, "cancelled", "waiting"],
+        *[None, None, "cancelled"],
+    ]
 
 
 async def test_a_chain_member_cancelled_while_waiting_and_retried_waits_again(

@@ -294,9 +294,26 @@ _PRUNE = (
     # Rows another transaction holds are left to the next prune: one retried by hand
     # meanwhile would be deleted once free (the outer DELETE matches by seq alone),
     # and waiting on rows that a bulk retry or delete locks in another order deadlocked.
-    "FOR UPDATE SKIP LOCKED) RETURNING batch_id, status, finished_at"
+    "FOR UPDATE SKIP LOCKED) RETURNING batch_id, status, finished_at, chain_next"
 )
 _PRUNE_FINISHED = _PRUNE.format(statuses="'succeeded', 'cancelled'")
+# As _PRUNE_FOLLOWERS in _sqlite_admin.py: the run of members cancelled before they ran
+# after the pruned ones goes with them in the same prune, found by id from their
+# chain_next ($1), past retention ($2); those another transaction holds are left.
+_FOLLOWER = (
+    "j.status = 'cancelled' AND j.attempts = 0 AND j.finished_at < $2 "
+    "AND (j.chain_next IS NULL OR NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS c "
+    "WHERE c.id = j.chain_next AND c.status = 'waiting'))"
+)
+_PRUNE_FOLLOWERS = (
+    "WITH RECURSIVE rest(id) AS (SELECT unnest($1::text[]) UNION ALL "  # noqa: S608 - constant
+    "SELECT j.chain_next FROM rest CROSS JOIN asyncjobs_jobs AS j WHERE j.id = rest.id "
+    f"AND j.chain_next IS NOT NULL AND {_FOLLOWER}) "
+    "DELETE FROM asyncjobs_jobs WHERE seq IN (SELECT j.seq FROM rest CROSS JOIN "
+    f"asyncjobs_jobs AS j WHERE j.id = rest.id AND {_FOLLOWER} "
+    "LIMIT $3 FOR UPDATE OF j SKIP LOCKED) "
+    "RETURNING batch_id, status, finished_at, chain_next"
+)
 # The tallies of deleted batch members (``tally_deleted``) go with the last job of
 # their batch, once they are as old as the members retention prunes; those another
 # transaction holds are left to the next prune.
@@ -318,6 +335,11 @@ async def prune(
     deleted = await conn.fetch(_PRUNE_FINISHED, finished_before, limit)
     if len(deleted) < limit:
         deleted += await conn.fetch(_PRUNE_DEAD, dead_before, limit - len(deleted))
+    followers = [r["chain_next"] for r in deleted if r["chain_next"] is not None]
+    if followers and len(deleted) < limit:
+        deleted += await conn.fetch(
+            _PRUNE_FOLLOWERS, followers, finished_before, limit - len(deleted)
+        )
     await tally_deleted(conn, deleted)
     await conn.execute(_PRUNE_TALLIES, dead_before, finished_before)
     await conn.execute("DELETE FROM asyncjobs_workers WHERE last_seen_at < $1", workers_before)

@@ -289,9 +289,27 @@ _PRUNE = (
     "AND (status <> 'cancelled' OR attempts > 0 OR coalesce((SELECT p.status "
     "FROM asyncjobs_jobs AS p WHERE p.chain_next = j.id LIMIT 1), 'succeeded') = 'succeeded') "
     "LIMIT ?) "
-    "RETURNING batch_id, status, finished_at"
+    "RETURNING batch_id, status, finished_at, chain_next"
 )
 _PRUNE_FINISHED = _PRUNE.format(statuses="'succeeded', 'cancelled'")
+# The members after the pruned ones (a JSON list of their chain_next) that were
+# cancelled before they ran, each waiting for the one before it to go (above), go with
+# it in the same prune, a whole run of them at once, by their ids: else a chain of N
+# cancelled members took N prunes. The walk stops where _PRUNE would keep one (not yet
+# past retention, or one retried by hand waits for it), as the run after it then must.
+_FOLLOWER = (
+    "j.status = 'cancelled' AND j.attempts = 0 AND j.finished_at < ? "
+    "AND (j.chain_next IS NULL OR NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS c "
+    "WHERE c.id = j.chain_next AND c.status = 'waiting'))"
+)
+_PRUNE_FOLLOWERS = (
+    "WITH RECURSIVE rest(id) AS (SELECT value FROM json_each(?) UNION ALL "  # noqa: S608 - constant
+    "SELECT j.chain_next FROM rest CROSS JOIN asyncjobs_jobs AS j ON j.id = rest.id "
+    f"WHERE j.chain_next IS NOT NULL AND {_FOLLOWER}) "
+    "DELETE FROM asyncjobs_jobs WHERE seq IN (SELECT j.seq FROM rest "
+    f"CROSS JOIN asyncjobs_jobs AS j ON j.id = rest.id WHERE {_FOLLOWER} LIMIT ?) "
+    "RETURNING batch_id, status, finished_at, chain_next"
+)
 # The tallies of deleted batch members (``tally_deleted``) go with the last job of
 # their batch, once they are as old as the members retention prunes.
 _PRUNE_TALLIES = (
@@ -310,7 +328,11 @@ def _prune(
     deleted = db.execute(_PRUNE_FINISHED, (finished_before, limit)).fetchall()
     if len(deleted) < limit:
         deleted += db.execute(_PRUNE_DEAD, (dead_before, limit - len(deleted))).fetchall()
-    tally_deleted(db, deleted)
+    followers = [chain_next for *_, chain_next in deleted if chain_next is not None]
+    if followers and len(deleted) < limit:
+        params = (json.dumps(followers), finished_before, finished_before, limit - len(deleted))
+        deleted += db.execute(_PRUNE_FOLLOWERS, params).fetchall()
+    tally_deleted(db, [(batch_id, status, at) for batch_id, status, at, _ in deleted])
     db.execute(_PRUNE_TALLIES, (dead_before, finished_before))
     db.execute("DELETE FROM asyncjobs_workers WHERE last_seen_at < ?", (workers_before,))
     return len(deleted)
