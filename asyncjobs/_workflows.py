@@ -101,10 +101,19 @@ class Chain:
     async def status(self) -> JobStatus:
         """The status of the first member that has not succeeded (``succeeded`` when all
         have): ``running`` while one runs, ``dead`` or ``cancelled`` when it broke. A
-        member discarded, purged or pruned is passed over."""
-        for info in await self._stored():
+        member discarded, purged or pruned is passed over, but not the last one: what
+        became of it is gone with it (discarded unrun, dead, or succeeded), so with the
+        rest succeeded this raises ``AsyncJobsError``, as ``result()`` does, rather than
+        report a success it cannot tell."""
+        stored = await self._stored()
+        for info in stored:
             if info.status != JobStatus.SUCCEEDED:
                 return info.status
+        if stored[-1].id != self.jobs[-1].id:
+            raise AsyncJobsError(
+                f"the last job of {self!r}, {self.jobs[-1].id}, is no longer stored "
+                "(discarded, purged or pruned): how the chain ended is not known"
+            )
         return JobStatus.SUCCEEDED
 
     async def result(self, timeout: float | timedelta | None = None) -> Any:

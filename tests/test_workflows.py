@@ -242,6 +242,36 @@ async def test_a_chain_broken_by_a_discarded_member_reports_it_cancelled(jobs: J
         await later.status()
 
 
+async def test_a_chain_whose_last_member_is_gone_does_not_read_succeeded(jobs: Jobs) -> None:
+    """Discarding the last member (unrun: waiting or released, or dead) left no member to
+    show the chain broke, and ``status()`` read ``succeeded`` once the rest had. What
+    became of the last member is no longer stored: ``status()`` says so, as ``result()``
+    does, instead of reporting a success."""
+    step, _, failing = media_step(jobs)
+    waiting = await jobs.chain(step.spec("a"), step.spec("b"), step.spec("c"))
+    released = await jobs.chain(step.spec("d"), step.options(delay=60).spec("e"))
+    dead = await jobs.chain(step.spec("f"), step.spec("transcode"))
+    assert await jobs.discard(waiting.jobs[-1].id)  # from the dashboard, say
+    assert await waiting.status() == JobStatus.QUEUED  # under way: the first is due
+    await drain(jobs)
+    assert (await released.jobs[-1].info()).status == JobStatus.SCHEDULED
+    assert await dead.status() == JobStatus.DEAD
+    assert await jobs.discard(released.jobs[-1].id)
+    assert await jobs.discard(dead.jobs[-1].id)
+    for chain in (waiting, released, dead):
+        with pytest.raises(AsyncJobsError, match=r"last job .* is no longer stored"):
+            await chain.status()
+        with pytest.raises(AsyncJobsError, match="does not exist"):
+            await chain.result(timeout=5)
+    # A chain that succeeded whole still reads so, and one whose first members are
+    # gone too, while its last one is stored.
+    whole = await jobs.chain(step.spec("g"), step.spec("h"))
+    await drain(jobs)
+    assert await jobs.discard(whole.jobs[0].id)
+    assert await whole.status() == JobStatus.SUCCEEDED
+    assert failing == {"transcode"}
+
+
 async def test_purging_queued_jobs_cancels_the_chains_behind_them(jobs: Jobs) -> None:
     @jobs.task
     async def step(n: int) -> None: ...
