@@ -278,16 +278,17 @@ async def record_worker(conn: Connection, beat: WorkerBeat, now: float) -> None:
 _PRUNE = (
     "DELETE FROM asyncjobs_jobs WHERE seq IN (SELECT seq FROM asyncjobs_jobs AS j "
     "WHERE finished_at < $1 AND status IN ({statuses}) "
+    # Each rule below is a scalar subquery, an index seek per candidate row: as NOT
+    # EXISTS, PostgreSQL read every job it names (every waiting one, every chain member)
+    # into a hash once per batch of a prune instead.
     # A batch's on_complete that still waits counts its members when the last ends.
-    "AND (batch_id IS NULL OR NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS b "
-    "WHERE b.id = j.batch_id AND b.status = 'waiting')) "
+    "AND (batch_id IS NULL OR coalesce((SELECT b.status FROM asyncjobs_jobs AS b "
+    "WHERE b.id = j.batch_id), '') <> 'waiting') "
     # A chain member retried by hand waits for this one to be retried and succeed.
-    "AND (chain_next IS NULL OR NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS c "
-    "WHERE c.id = j.chain_next AND c.status = 'waiting')) "
+    "AND (chain_next IS NULL OR coalesce((SELECT c.status FROM asyncjobs_jobs AS c "
+    "WHERE c.id = j.chain_next), '') <> 'waiting') "
     # A chain member cancelled before it ran, behind one that did not succeed, goes
     # with that one (on its retention): a retry of it takes this one back (_RESUME_REST).
-    # A scalar subquery, a seek in asyncjobs_jobs_chain_next per such row: as NOT EXISTS,
-    # PostgreSQL may hash the whole table's chain members once per prune instead.
     "AND (status <> 'cancelled' OR attempts > 0 OR coalesce((SELECT p.status "
     "FROM asyncjobs_jobs AS p WHERE p.chain_next = j.id LIMIT 1), 'succeeded') = 'succeeded') "
     "LIMIT $2 "
@@ -302,8 +303,8 @@ _PRUNE_FINISHED = _PRUNE.format(statuses="'succeeded', 'cancelled'")
 # chain_next ($1), past retention ($2); those another transaction holds are left.
 _FOLLOWER = (
     "j.status = 'cancelled' AND j.attempts = 0 AND j.finished_at < $2 "
-    "AND (j.chain_next IS NULL OR NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS c "
-    "WHERE c.id = j.chain_next AND c.status = 'waiting'))"
+    "AND (j.chain_next IS NULL OR coalesce((SELECT c.status FROM asyncjobs_jobs AS c "
+    "WHERE c.id = j.chain_next), '') <> 'waiting')"
 )
 _PRUNE_FOLLOWERS = (
     "WITH RECURSIVE rest(id) AS (SELECT unnest($1::text[]) UNION ALL "  # noqa: S608 - constant

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from asyncjobs.stores import open_store
+from asyncjobs.stores._postgres_admin import _PRUNE_FINISHED
 from asyncjobs.stores._postgres_sql import _FINISH, _FINISH_PLAIN
 
 asyncpg = pytest.importorskip("asyncpg")
@@ -75,3 +76,50 @@ async def test_finishing_a_batch_compares_each_outcome_with_its_own_row_only(
         if node["Node Type"] == "Function Scan":
             assert node["Actual Loops"] == 1, node
         assert node.get("Rows Removed by Join Filter", 0) <= BATCH, node
+
+
+# Finished jobs past retention, chain members (each the one before the next) and
+# batch members (of a batch whose on_complete ran and went), and many members of
+# chains under way still waiting.
+FILL_CHAINS = (
+    "INSERT INTO asyncjobs_jobs (id, task, queue, status, priority, payload, max_attempts, "
+    "run_at, enqueued_at, finished_at, chain_next, batch_id) "
+    "SELECT 'job-' || lpad(n::text, 6, '0'), "
+    "'t', 'default', CASE WHEN n < $1 THEN 'succeeded' ELSE 'waiting' END, 0, "
+    '\'{"args":[],"kwargs":{}}\', 3, 0.0, 1.0, CASE WHEN n < $1 THEN 1.0 END, '
+    "CASE WHEN n < $1 AND n % 2 = 0 THEN 'job-' || lpad((n + 1)::text, 6, '0') END, "
+    "CASE WHEN n < $1 AND n % 2 = 1 THEN 'gone' END "
+    "FROM generate_series(0, $1::int + $2::int - 1) AS n"
+)
+
+
+@pytest.mark.parametrize("analyzed", [False, True], ids=["fresh", "analyzed"])
+async def test_a_prune_seeks_each_follower_and_on_complete_not_every_waiting_job(
+    postgres_url: str, analyzed: bool
+) -> None:
+    """A prune keeps a batch member while its on_complete waits, and a chain member
+    while the one after it waits for it (retried by hand). As NOT EXISTS, PostgreSQL
+    read every waiting job (every chain member under way, every on_complete) for each
+    batch of 500 it deleted; it looks each one up by id instead."""
+    store = open_store(postgres_url)
+    await store.open()
+    await store.close()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(FILL_CHAINS, 2_000, 20_000)
+        if analyzed:
+            await conn.execute("ANALYZE asyncjobs_jobs")
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        await conn.execute("PREPARE prune AS " + _PRUNE_FINISHED)
+        deleting = conn.transaction()
+        await deleting.start()
+        text = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE prune(2.0, {BATCH})")
+        await deleting.rollback()
+        plan = json.loads(text)[0]["Plan"]
+    finally:
+        await conn.close()
+
+    assert plan["Actual Rows"] == BATCH
+    for node in nodes(plan):
+        if node.get("Alias") in ("b", "c"):  # a batch's on_complete, a chain's follower
+            assert node["Actual Rows"] <= 1, node
