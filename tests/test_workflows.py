@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
 
+import aiosqlite
 import anyio
 import asyncpg
 import httpx
@@ -1222,6 +1224,65 @@ async def test_on_complete_runs_once_with_two_processes_draining_one_store(
     await drain(second)
     assert len(calls) == 1
     assert calls[0]["succeeded"] == 20
+
+
+@contextlib.asynccontextmanager
+async def callers_transaction(db_url: str, *, commit: bool) -> AsyncIterator[Any]:
+    """An app's own connection to the store's database, in an open transaction that
+    commits (or rolls back) after the block."""
+    if db_url.startswith("sqlite:///"):
+        path = db_url.removeprefix("sqlite:///")
+        async with aiosqlite.connect(path, isolation_level=None) as db:
+            await db.execute("BEGIN IMMEDIATE")
+            yield db
+            await db.execute("COMMIT" if commit else "ROLLBACK")
+        return
+    conn = await asyncpg.connect(db_url)
+    try:
+        transaction = conn.transaction()
+        await transaction.start()
+        yield conn
+        await (transaction.commit() if commit else transaction.rollback())
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("commit", [True, False], ids=["committed", "rolled_back"])
+async def test_a_chain_and_a_batch_enqueued_in_a_callers_transaction_exist_if_it_commits(
+    jobs: Jobs, db_url: str, commit: bool
+) -> None:
+    ran: list[int] = []
+
+    @jobs.task
+    async def step(n: int) -> int:
+        ran.append(n)
+        return n
+
+    @jobs.task
+    async def done(batch: BatchCounts) -> int:
+        ran.append(-1)
+        return batch["succeeded"]
+
+    await jobs.list()  # the store (and its schema) open before the app's transaction
+    async with callers_transaction(db_url, commit=commit) as conn, jobs.transaction(conn):
+        chain = await jobs.chain(step.spec(1), step.spec(2))
+        batch = await jobs.batch([step.spec(3), step.spec(4)], on_complete=done.spec())  # type: ignore[call-arg]
+    await drain(jobs)
+    assert batch.on_complete is not None
+    if commit:
+        assert await chain.result(timeout=5) == 2
+        assert await batch.on_complete.result(timeout=5) == 2
+        assert sorted(ran) == [-1, 1, 2, 3, 4]
+        return
+    assert ran == []
+    assert [await jobs.get(j.id) for j in (*chain.jobs, *batch.jobs, batch.on_complete)] == [
+        None
+    ] * 5
+    with pytest.raises(AsyncJobsError, match="no job of <Chain"):
+        await chain.status()
+    with pytest.raises(AsyncJobsError, match="does not exist"):
+        await batch.wait(timeout=5)
+    assert (await batch.progress()).done == 0
 
 
 # -- results and current_job() ------------------------------------------------------
