@@ -3,7 +3,10 @@ lookup, not by reading every job (migration 0011 on SQLite, 0012 on PostgreSQL).
 
 from __future__ import annotations
 
+import json
 import sqlite3
+
+import pytest
 
 from asyncjobs.stores import NewJob, Store, _postgres_admin, _sqlite_admin
 from asyncjobs.stores._sqlite import SQLiteStore
@@ -52,3 +55,57 @@ async def test_the_member_before_a_job_is_found_through_an_index(
         finally:
             await conn.close()
     assert "asyncjobs_jobs_chain_next" in plan, plan
+
+
+@pytest.mark.parametrize("analyzed", [False, True], ids=["fresh", "analyzed"])
+async def test_a_prune_finds_the_cancelled_run_after_what_it_deleted_by_id(
+    store: Store, backend_url: str, analyzed: bool
+) -> None:
+    """The members cancelled before they ran that go with the job before them
+    (``_PRUNE_FOLLOWERS``) are walked one id lookup each, not found among every
+    cancelled job: a cancelled chain of five in a store of 2,000 cancelled jobs."""
+    jobs = [member(n, f"job-{n + 1:04d}" if n % 5 < 4 else None) for n in range(2_000)]
+    await store.insert(jobs, now=1.0)
+    cancel = "UPDATE asyncjobs_jobs SET status = 'cancelled', finished_at = 1.0"
+    first = ["job-0001"]  # after job-0000, pruned: job-0001 to job-0004 go with it
+
+    if isinstance(store, SQLiteStore):
+        path = backend_url.removeprefix("sqlite:///")
+        with sqlite3.connect(path) as db:
+            db.execute(cancel)
+            if analyzed:
+                db.execute("ANALYZE")
+            params = (json.dumps(first), 2.0, 2.0, 500)
+            plan = [
+                row[-1]
+                for row in db.execute(
+                    "EXPLAIN QUERY PLAN " + _sqlite_admin._PRUNE_FOLLOWERS, params
+                )
+            ]
+            deleted = db.execute(_sqlite_admin._PRUNE_FOLLOWERS, params).fetchall()
+        db.close()
+        lookups = [step for step in plan if step.startswith(("SEARCH j ", "SCAN j "))]
+        assert lookups, plan
+        assert all("USING INDEX sqlite_autoindex_asyncjobs_jobs_1 (id=?)" in s for s in lookups), (
+            plan
+        )
+    else:
+        import asyncpg
+
+        conn = await asyncpg.connect(backend_url)
+        try:
+            await conn.execute(cancel)
+            if analyzed:
+                await conn.execute("ANALYZE asyncjobs_jobs")
+            async with conn.transaction():
+                rows = await conn.fetch(
+                    "EXPLAIN " + _postgres_admin._PRUNE_FOLLOWERS, first, 2.0, 500
+                )
+                plan = [r[0] for r in rows]
+                deleted = await conn.fetch(_postgres_admin._PRUNE_FOLLOWERS, first, 2.0, 500)
+        finally:
+            await conn.close()
+        lookups = [step for step in plan if " on asyncjobs_jobs j" in step]
+        assert lookups, plan
+        assert all("Index Scan using asyncjobs_jobs_id_key" in s for s in lookups), plan
+    assert sorted(row[-1] or "" for row in deleted) == ["", "job-0002", "job-0003", "job-0004"]
