@@ -306,13 +306,17 @@ _FOLLOWER = (
     "AND (j.chain_next IS NULL OR coalesce((SELECT c.status FROM asyncjobs_jobs AS c "
     "WHERE c.id = j.chain_next), '') <> 'waiting')"
 )
+# Each member is looked up by id in a LATERAL subquery that the planner cannot flatten
+# (OFFSET 0, FOR UPDATE): joined plainly, statistics that counted few cancelled jobs
+# had it read every cancelled job past retention and match them against the walk.
 _PRUNE_FOLLOWERS = (
     "WITH RECURSIVE rest(id) AS (SELECT unnest($1::text[]) UNION ALL "  # noqa: S608 - constant
-    "SELECT j.chain_next FROM rest CROSS JOIN asyncjobs_jobs AS j WHERE j.id = rest.id "
-    f"AND j.chain_next IS NOT NULL AND {_FOLLOWER}) "
-    "DELETE FROM asyncjobs_jobs WHERE seq IN (SELECT j.seq FROM rest CROSS JOIN "
-    f"asyncjobs_jobs AS j WHERE j.id = rest.id AND {_FOLLOWER} "
-    "LIMIT $3 FOR UPDATE OF j SKIP LOCKED) "
+    "SELECT f.chain_next FROM rest CROSS JOIN LATERAL (SELECT j.chain_next "
+    "FROM asyncjobs_jobs AS j WHERE j.id = rest.id "
+    f"AND j.chain_next IS NOT NULL AND {_FOLLOWER} OFFSET 0) AS f) "
+    "DELETE FROM asyncjobs_jobs WHERE seq IN (SELECT f.seq FROM rest CROSS JOIN LATERAL "
+    "(SELECT j.seq FROM asyncjobs_jobs AS j WHERE j.id = rest.id "
+    f"AND {_FOLLOWER} FOR UPDATE SKIP LOCKED) AS f LIMIT $3) "
     "RETURNING batch_id, status, finished_at, chain_next"
 )
 # The tallies of deleted batch members (``tally_deleted``) go with the last job of
