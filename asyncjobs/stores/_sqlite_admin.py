@@ -297,6 +297,9 @@ _PRUNE_FINISHED = _PRUNE.format(statuses="'succeeded', 'cancelled'")
 # it in the same prune, a whole run of them at once, by their ids: else a chain of N
 # cancelled members took N prunes. The walk stops where _PRUNE would keep one (not yet
 # past retention, or one retried by hand waits for it), as the run after it then must.
+# CROSS JOIN: SQLite keeps that order, so the walk drives a lookup by id per member;
+# as a plain join, without statistics (as stores run), it read every cancelled job
+# through asyncjobs_jobs_status instead.
 _FOLLOWER = (
     "j.status = 'cancelled' AND j.attempts = 0 AND j.finished_at < ? "
     "AND (j.chain_next IS NULL OR NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS c "
