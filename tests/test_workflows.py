@@ -249,7 +249,7 @@ async def test_a_chain_whose_last_member_is_gone_does_not_read_succeeded(jobs: J
     show the chain broke, and ``status()`` read ``succeeded`` once the rest had. What
     became of the last member is no longer stored: ``status()`` says so, as ``result()``
     does, instead of reporting a success."""
-    step, _, failing = media_step(jobs)
+    step, _, _ = media_step(jobs)  # "transcode" fails
     waiting = await jobs.chain(step.spec("a"), step.spec("b"), step.spec("c"))
     released = await jobs.chain(step.spec("d"), step.options(delay=60).spec("e"))
     dead = await jobs.chain(step.spec("f"), step.spec("transcode"))
@@ -271,7 +271,6 @@ async def test_a_chain_whose_last_member_is_gone_does_not_read_succeeded(jobs: J
     await drain(jobs)
     assert await jobs.discard(whole.jobs[0].id)
     assert await whole.status() == JobStatus.SUCCEEDED
-    assert failing == {"transcode"}
 
 
 async def test_purging_queued_jobs_cancels_the_chains_behind_them(jobs: Jobs) -> None:
