@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import traceback
 from collections.abc import Awaitable
 from contextvars import ContextVar
@@ -108,7 +109,7 @@ class _Execution:
                 outcome = await self._attempt(row, running)
         except Exception:  # a bug of ours, not the task's: record it, never lose the job
             logger.exception("running job %s failed inside asyncjobs", row.id)
-            outcome = self._failure(row, traceback.format_exc())
+            outcome = self._failure(row, _traceback())
         except anyio.get_cancelled_exc_class():
             # Shutdown cut it off: give the job back without spending the attempt.
             outcome = Outcome(
@@ -122,7 +123,7 @@ class _Execution:
             # (the loop's end cancels them), or by the next claim if the process goes
             # on. Unrecorded, the job stayed running, unexplained, until its lease
             # expired (and a process that went on had its slot free meanwhile).
-            outcome = self._failure(row, traceback.format_exc())
+            outcome = self._failure(row, _traceback())
             raise
         finally:
             self._complete(running, outcome, started)
@@ -172,7 +173,7 @@ class _Execution:
                 if this is not None and not this.cancelling() and not running.cancelled_by_user:
                     # Nobody cancelled this task: the job's own code raised it (it awaited
                     # something cancelled elsewhere). A failure, not shutdown.
-                    return self._failure(row, traceback.format_exc())
+                    return self._failure(row, _traceback())
                 # Ours alone (cancel_local), not shutdown's too: the job ends cancelled.
                 if not running.cancelled_by_user or this is None or this.uncancel() > 0:
                     raise
@@ -216,11 +217,11 @@ class _Execution:
                 )
             # With a KeyboardInterrupt or SystemExit in it too: asyncio lets only a bare
             # one out of the event loop, and the process goes on. A failure all the same.
-            return self._cut_off(row, running) or self._failure(row, traceback.format_exc())
+            return self._cut_off(row, running) or self._failure(row, _traceback())
         except (KeyboardInterrupt, SystemExit):
             raise  # the process is going down (_execute records the failure)
         except BaseException:  # GeneratorExit, a library's own: a failure like any other
-            return self._cut_off(row, running) or self._failure(row, traceback.format_exc())
+            return self._cut_off(row, running) or self._failure(row, _traceback())
         finally:
             _current.reset(token)
 
@@ -268,14 +269,14 @@ class _Execution:
             return self._outcome(
                 row, OutcomeKind.CANCELLED,
                 error="cancelled while running; it raised as it stopped:\n"
-                + traceback.format_exc(),
+                + _traceback(),
             )  # fmt: skip
         this = asyncio.current_task()
         if self._accepting or this is None or not this.cancelling():
             return None
         logger.warning(
             "job %s (%s) raised while shutdown cut it off; given back all the same:\n%s",
-            row.id, row.task, traceback.format_exc(),
+            row.id, row.task, _traceback(),
             extra={"job_id": row.id, "task": row.task, "attempt": row.attempts},
         )  # fmt: skip
         return self._outcome(row, OutcomeKind.RELEASE)
@@ -370,6 +371,28 @@ def bounded(error: str) -> str:
     tail = MAX_ERROR_CHARS - head
     cut = len(error) - head - tail
     return f"{error[:head]}\n[... {cut:,} characters cut ...]\n{error[-tail:]}"
+
+
+def _traceback() -> str:
+    """The traceback of the exception being handled, as ``traceback.format_exc()`` gives
+    it. Should formatting it fail (on Python 3.11, an exception whose ``__notes__``
+    raises), the exception's type and text, after why: the attempt is recorded all the
+    same. Unrecorded, the job stayed running, unexplained, until its lease expired."""
+    error = sys.exception()
+    try:
+        return traceback.format_exc()
+    except Exception as failure:
+        return f"(the traceback could not be formatted: {_describe(failure)})\n{_describe(error)}"
+
+
+def _describe(error: BaseException | None) -> str:
+    """``module.Type: text`` of ``error``, even when its ``str()`` raises."""
+    kind = type(error)
+    try:
+        text = str(error)
+    except Exception:
+        text = "<exception str() failed>"
+    return f"{kind.__module__}.{kind.__qualname__}: {text}"
 
 
 MAX_RESULT_BYTES = 64 * 1024 * 1024

@@ -693,6 +693,36 @@ async def test_a_huge_error_is_kept_cut_to_its_start_and_end(jobs: Jobs) -> None
     assert "characters cut ..." in error
 
 
+class UnformattableError(Exception):
+    """An exception the traceback module cannot format on Python 3.11: its notes raise."""
+
+    @property
+    def __notes__(self) -> list[str]:  # type: ignore[override]
+        raise RuntimeError("the notes of this exception cannot be read")
+
+
+async def test_a_job_whose_traceback_cannot_be_formatted_still_fails_visibly(
+    jobs: Jobs, clock: FakeClock
+) -> None:
+    """Its attempt is recorded as a failure naming what it raised: not left running,
+    unexplained, until its lease expires and the job runs again."""
+
+    @jobs.task(retries=1)
+    async def odd() -> None:
+        raise UnformattableError("what the job raised")
+
+    job = await odd.enqueue()
+    await drain(jobs)
+    info = await job.info()
+    assert (info.status, info.attempts) == (JobStatus.SCHEDULED, 1)
+    assert "UnformattableError: what the job raised" in (info.error or "")
+    clock.advance(3600)
+    await drain(jobs)
+    info = await job.info()
+    assert (info.status, info.attempts) == (JobStatus.DEAD, 2)
+    assert (info.error or "").splitlines()[-1].endswith("UnformattableError: what the job raised")
+
+
 async def limit_value_length(jobs: Jobs, limit: int) -> None:
     """Make the store's writing connections refuse any value over ``limit`` bytes, as
     SQLite refuses one over a gigabyte (``SQLITE_LIMIT_LENGTH``)."""
