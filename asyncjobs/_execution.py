@@ -49,13 +49,19 @@ class JobContext:
     max_attempts: int
     idempotency_key: str | None
     _jobs: Jobs = field(repr=False)
+    _worker: str = field(repr=False)
 
     async def set_progress(self, progress: float, message: str | None = None) -> None:
-        """Record progress (0.0 to 1.0) and an optional message, shown in ``JobInfo``."""
+        """Record progress (0.0 to 1.0) and an optional message, shown in ``JobInfo``.
+
+        Only while this attempt is the job's: one whose lease was lost (the job runs
+        again meanwhile) writes nothing over the progress of the attempt running now."""
         if not 0.0 <= float(progress) <= 1.0:
             raise ValueError(f"progress must be between 0.0 and 1.0, got {progress!r}")
         text = None if message is None else storable(str(message))
-        await self._jobs.store.set_progress(self.id, float(progress), text)
+        await self._jobs.store.set_progress(
+            self.id, float(progress), text, worker=self._worker, attempt=self.attempt
+        )
 
 
 def current_job() -> JobContext:
@@ -153,6 +159,7 @@ class _Execution:
                 max_attempts=row.max_attempts,
                 idempotency_key=row.idempotency_key,
                 _jobs=self.jobs,
+                _worker=self.worker_id,
             )
         )
         if logger.isEnabledFor(logging.DEBUG):

@@ -633,6 +633,37 @@ async def test_an_outcome_from_a_worker_that_lost_its_lease_is_ignored(
     assert (row.status, row.attempts, row.worker) == ("running", 2, "ghost:1:dead")
 
 
+async def test_progress_from_a_worker_that_lost_its_lease_is_ignored(
+    jobs: Jobs, clock: FakeClock
+) -> None:
+    """The attempt that runs now shows its own progress, not a late one's."""
+    started, release = anyio.Event(), anyio.Event()
+
+    @jobs.task(name="t")
+    async def t() -> None:
+        started.set()
+        await release.wait()
+        await current_job().set_progress(0.9, "the late attempt")
+
+    job = await t.enqueue()
+
+    async def lose_the_lease() -> None:
+        clock.advance(61)
+        await jobs.store.recover(now=clock.now())  # another process's maintenance loop
+        await claim_as_dead_worker(jobs, "t", lease=60, max_attempts=4)
+        release.set()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain, jobs)
+            await started.wait()
+            await lose_the_lease()
+    row = await jobs.store.get(job.id)
+    assert row is not None
+    assert (row.status, row.attempts, row.worker) == ("running", 2, "ghost:1:dead")
+    assert (row.progress, row.progress_message) == (None, None)
+
+
 # -- graceful stop -------------------------------------------------------------------
 
 

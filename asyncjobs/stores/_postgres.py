@@ -527,15 +527,26 @@ class PostgresStore(_Connections):
             ),
         )
 
-    async def set_progress(self, job_id: str, progress: float, message: str | None) -> None:
+    async def set_progress(
+        self,
+        job_id: str,
+        progress: float,
+        message: str | None,
+        *,
+        worker: str | None = None,
+        attempt: int | None = None,
+    ) -> None:
         await self._run(
             "set_progress",
             lambda conn: conn.execute(
                 "UPDATE asyncjobs_jobs SET progress = $1, progress_message = $2 "
-                "WHERE id = $3 AND status = 'running'",
+                "WHERE id = $3 AND status = 'running' "
+                "AND ($4::text IS NULL OR worker = $4) AND ($5::int IS NULL OR attempts = $5)",
                 progress,
                 message,
                 job_id,
+                worker,
+                attempt,
             ),
         )
 

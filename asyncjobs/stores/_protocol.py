@@ -445,7 +445,19 @@ class Store(Protocol):
         which is kept (``PURGEABLE``)."""
         ...
 
-    async def set_progress(self, job_id: str, progress: float, message: str | None) -> None: ...
+    async def set_progress(
+        self,
+        job_id: str,
+        progress: float,
+        message: str | None,
+        *,
+        worker: str | None = None,
+        attempt: int | None = None,
+    ) -> None:
+        """Record the progress of a running job; with ``worker`` and ``attempt``, only
+        while that worker runs that attempt (a late attempt, its lease lost and the job
+        claimed again, writes nothing over the progress of the one running now)."""
+        ...
 
     async def counts(self, *, now: float) -> dict[tuple[str, str, str], int]:
         """Job counts keyed by (queue, task, status); scheduled/queued follow ``run_at``."""

@@ -652,12 +652,21 @@ class SQLiteStore:
             total += deleted
         return total
 
-    async def set_progress(self, job_id: str, progress: float, message: str | None) -> None:
+    async def set_progress(
+        self,
+        job_id: str,
+        progress: float,
+        message: str | None,
+        *,
+        worker: str | None = None,
+        attempt: int | None = None,
+    ) -> None:
         await self._transaction(
             _rowcount,
             "UPDATE asyncjobs_jobs SET progress = ?, progress_message = ? "
-            "WHERE id = ? AND status = 'running'",
-            (progress, message, job_id),
+            "WHERE id = ? AND status = 'running' "
+            "AND (? IS NULL OR worker = ?) AND (? IS NULL OR attempts = ?)",
+            (progress, message, job_id, worker, worker, attempt, attempt),
         )
 
     async def counts(self, *, now: float) -> dict[tuple[str, str, str], int]:

@@ -866,6 +866,25 @@ async def test_set_progress_on_a_running_job(store: Store) -> None:
     assert b.progress is None
 
 
+async def test_set_progress_of_an_attempt_that_is_no_longer_the_jobs_is_ignored(
+    store: Store,
+) -> None:
+    """A late attempt (its lease lost, the job claimed again) writes no progress."""
+    await store.insert([new("a")], now=T0)
+    await claim(store, worker="w1", lease=10)
+    await store.recover(now=T0 + 11)
+    await claim(store, now=T0 + 11, worker="w2")
+    await store.set_progress("a", 0.9, "late", worker="w1", attempt=1)
+    await store.set_progress("a", 0.9, "wrong attempt", worker="w2", attempt=1)
+    row = await store.get("a")
+    assert row is not None
+    assert (row.attempts, row.progress, row.progress_message) == (2, None, None)
+    await store.set_progress("a", 0.2, "now", worker="w2", attempt=2)
+    row = await store.get("a")
+    assert row is not None
+    assert (row.progress, row.progress_message) == (0.2, "now")
+
+
 # -- lifecycle and other connections -----------------------------------------------
 
 
