@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import sys
 import traceback
 from collections.abc import Awaitable
@@ -143,13 +144,13 @@ class _Execution:
             options: dict[str, Any] = json.loads(row.options) if row.options else {}
             if not isinstance(options, dict):
                 raise ValueError("options are not a JSON object")
+            timeout = _stored_timeout(options, task.timeout)
             if options.get(COUNTS_FLAG) and not task.takes_batch:
                 kwargs.pop("batch", None)  # enqueued by a process that did not know
         except (ValueError, RecursionError) as error:  # the latter: nested too deep
             return self._outcome(
                 row, OutcomeKind.DEAD, error=f"the stored payload cannot be decoded: {error}"
             )
-        timeout = options.get("timeout", task.timeout)
         token = _current.set(
             JobContext(
                 id=row.id,
@@ -378,6 +379,20 @@ def bounded(error: str) -> str:
     tail = MAX_ERROR_CHARS - head
     cut = len(error) - head - tail
     return f"{error[:head]}\n[... {cut:,} characters cut ...]\n{error[-tail:]}"
+
+
+def _stored_timeout(options: dict[str, Any], default: float | None) -> float | None:
+    """The timeout a job's stored options give it, else ``default`` (its task's). One
+    that is no number of seconds > 0 (a row written by hand) is refused as corrupt:
+    run with, it gave no timeout at all (its alarm failing unseen) or one long past."""
+    if "timeout" not in options:
+        return default
+    value = options["timeout"]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"the options' timeout {value!r} is not a number of seconds")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"the options' timeout {value!r} is not a finite number of seconds > 0")
+    return float(value)
 
 
 def _traceback() -> str:

@@ -638,6 +638,32 @@ async def test_corrupt_options_send_the_job_to_dead_and_do_not_block_claims(
     assert "cannot be decoded" in (info.error or "")
 
 
+@pytest.mark.parametrize("stored", ['"soon"', "-1", "0", "true", "NaN", "[5]"])
+async def test_a_stored_timeout_that_is_no_duration_sends_the_job_dead_unrun(
+    jobs: Jobs, db_url: str, stored: str
+) -> None:
+    """As corrupt options: a timeout that is not a number of seconds > 0 was run with
+    (no timeout at all, its alarm failing unseen, or one already past)."""
+    runs: list[int] = []
+
+    @jobs.task
+    async def t(i: int) -> int:
+        runs.append(i)
+        return i
+
+    bad = await t.options(timeout=30).enqueue(1)
+    run_sql(
+        db_url, "UPDATE asyncjobs_jobs SET options = ? WHERE id = ?",
+        ('{"timeout": ' + stored + "}", bad.id),
+    )  # fmt: skip
+    with anyio.fail_after(5):
+        await drain(jobs)
+    info = await bad.info()
+    assert (info.status, runs) == ("dead", [])
+    assert "cannot be decoded" in (info.error or "")
+    assert "timeout" in (info.error or "")
+
+
 async def test_a_result_that_is_not_json_sends_the_job_dead_without_running_it_again(
     jobs: Jobs,
 ) -> None:
