@@ -23,7 +23,7 @@ from asyncjobs._execution import MAX_ERROR_CHARS
 from asyncjobs._jobs import Jobs
 from asyncjobs._models import JobInfo, JobStatus, info_from_row
 from asyncjobs._stats import GroupStats, Stats, human_duration
-from asyncjobs.stores import JobRow, Preview
+from asyncjobs.stores import JobRow, Preview, Store, redacted
 from asyncjobs.stores._sqlite import SQLiteStore
 from asyncjobs.stores._sqlite_schema import holds_no_store
 
@@ -86,7 +86,7 @@ def run(ctx: click.Context, action: Callable[[Jobs], Awaitable[T]]) -> T:
     A SQLite store that does not exist is refused, not created: a mistyped path would
     otherwise read as an empty store (only the app and ``asyncjobs worker`` create it).
     So is a file without its tables (another database, an empty file), which would get
-    them written into it.
+    them written into it, and a PostgreSQL schema without them (``_refuse_no_store``).
     """
     jobs = load_jobs(ctx.obj)
     store = jobs.store
@@ -104,6 +104,7 @@ def run(ctx: click.Context, action: Callable[[Jobs], Awaitable[T]]) -> T:
 
     async def main() -> T:
         try:
+            await _refuse_no_store(store)
             return await action(jobs)
         finally:
             await jobs.close()
@@ -112,6 +113,24 @@ def run(ctx: click.Context, action: Callable[[Jobs], Awaitable[T]]) -> T:
         return asyncio.run(main())
     except AsyncJobsError as error:  # a store or setting problem: say it, no traceback
         raise click.ClickException(str(error)) from error
+
+
+async def _refuse_no_store(store: Store) -> None:
+    """Refuse a PostgreSQL store whose schema (the first of the URL's search_path, or
+    ``public``) holds no asyncjobs tables, as ``run`` refuses such a SQLite file: opening
+    it would create them there. Read on a connection of its own, before the store
+    opens; the URL is shown without its password."""
+    # A PostgresStore exists only once its module (which needs asyncpg) is imported.
+    postgres = sys.modules.get("asyncjobs.stores._postgres")
+    if postgres is None or not isinstance(store, postgres.PostgresStore):
+        return
+    schema = await store.schema_without_store()
+    if schema is not None:
+        raise click.ClickException(
+            f"no asyncjobs store in schema {schema!r} of {redacted(store.url)!r}: it holds "
+            "no job tables; check the URL (its search_path), or start the app (or "
+            "`asyncjobs worker`) once to create them"
+        )
 
 
 def parse_duration(_ctx: click.Context, _param: click.Parameter, text: str | None) -> float | None:

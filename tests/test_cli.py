@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import pytest
@@ -405,6 +406,36 @@ def test_a_sqlite_file_without_a_store_is_refused_not_given_one(
     db.close()
     assert tables == ["users"]
     assert empty.stat().st_size == 0
+
+
+async def test_a_postgres_schema_without_a_store_is_refused_not_given_one(
+    env: dict[str, str], postgres_url: str
+) -> None:
+    """A URL whose search_path names a schema without asyncjobs' tables (the app's own,
+    a new one) read as an empty store, and left the job tables written into it. The
+    password is not shown; ``worker`` (as the app) still creates them."""
+    asyncpg = pytest.importorskip("asyncpg")
+    parts = urlsplit(postgres_url)
+    netloc = f"{parts.username}:secret@{parts.hostname}:{parts.port}"
+    with_password = urlunsplit(parts._replace(netloc=netloc))
+    wrong = {**env, "CLI_TEST_DB_URL": with_password}
+    for command in (["list"], ["stats"], ["purge", "--status", "dead"], ["retry", "--all-dead"]):
+        result = cli(wrong, *command)
+        assert result.returncode == 1, command
+        assert "Traceback" not in result.stderr
+        assert "no asyncjobs store in schema 'asyncjobs_test_" in result.stderr
+        assert "secret" not in result.stderr
+        assert ":***@" in result.stderr
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        tables = await conn.fetch("SELECT 1 FROM pg_tables WHERE schemaname = current_schema()")
+    finally:
+        await conn.close()
+    assert tables == []
+    jobs = Jobs(postgres_url, workers=False)
+    await jobs.store.open()  # as the app and `asyncjobs worker` do: creates the tables
+    await jobs.close()
+    assert ok(cli(wrong, "list")).strip() == "no jobs"
 
 
 async def test_cancelling_a_running_job_says_it_was_asked_to_stop(

@@ -24,7 +24,7 @@ import asyncpg
 
 from asyncjobs._errors import ConfigurationError, DataRefused, StoreError
 from asyncjobs.stores import redacted
-from asyncjobs.stores._postgres_schema import migrate
+from asyncjobs.stores._postgres_schema import migrate, schema_without_store
 from asyncjobs.stores._postgres_sql import channel, retry_deadlocks
 
 if TYPE_CHECKING:
@@ -206,6 +206,23 @@ class _Connections:
                     raise
             self._pool = pool
             self._loop = asyncio.get_running_loop()
+
+    async def schema_without_store(self) -> str | None:
+        """The schema the store would create its tables in, if it holds none yet
+        (``_postgres_schema.schema_without_store``), read on a connection of its own
+        before the store opens, so nothing is created. A failure to connect is the
+        one opening the store would report."""
+        async with self._errors("open", opening=True):
+            conn = await asyncpg.connect(
+                self.url,
+                timeout=self.connect_timeout,
+                command_timeout=self.command_timeout,
+                server_settings=self._server_settings,
+            )
+            try:
+                return await schema_without_store(conn)
+            finally:
+                await conn.close(timeout=self.connect_timeout)
 
     def _leave_ended_loop(self) -> None:
         """Forget the connections opened in another event loop (a script's or a sync

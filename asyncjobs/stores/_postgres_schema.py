@@ -62,3 +62,20 @@ async def migrate(conn: Connection) -> None:
                 "VALUES ($1, extract(epoch FROM now()))",
                 version,
             )
+
+
+_FIND_STORE = (
+    "SELECT current_schema(), EXISTS (SELECT 1 FROM pg_catalog.pg_tables "
+    "WHERE schemaname = current_schema() AND tablename = $1)"
+)
+
+
+async def schema_without_store(conn: Connection) -> str | None:
+    """The current schema (where ``migrate`` would create the tables) if it holds no
+    asyncjobs store (no version table): the CLI refuses it rather than read it as an
+    empty store and write the tables into it. Found by a read, which writes nothing.
+    None when it holds one, or when no schema is current (opening the store says so)."""
+    row = await conn.fetchrow(_FIND_STORE, SCHEMA_VERSION_TABLE)
+    if row is None or row[0] is None or row[1]:
+        return None
+    return str(row[0])
