@@ -507,7 +507,8 @@ def cancel(ctx: click.Context, job_id: str, as_json: bool) -> None:
     "older_than",
     metavar="DURATION",
     callback=parse_duration,
-    help="Finished longer ago than this: 90s, 15m, 12h, 7d, 2w.",
+    help="Finished longer ago than this: 90s, 15m, 12h, 7d, 2w (with --status: "
+    "succeeded, dead or cancelled).",
 )
 @json_option
 @click.pass_context
@@ -515,6 +516,12 @@ def purge(ctx: click.Context, status: str | None, older_than: float | None, as_j
     """Delete jobs by status and/or finished longer ago than --older-than."""
     if status is None and older_than is None:
         raise click.UsageError("purge needs --status and/or --older-than")
+    if status is not None and older_than is not None and not JobStatus(status).finished:
+        # It would match none of them: "purged 0 job(s)", however old they are.
+        raise click.UsageError(
+            f"--older-than counts from when a job finished; {status} jobs have not "
+            "finished: purge them with --status alone"
+        )
     count = run(ctx, lambda jobs: jobs.purge(status=status, older_than=older_than))
     click.echo(to_json({"purged": count}) if as_json else f"purged {count} job(s)")
 

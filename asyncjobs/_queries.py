@@ -172,15 +172,22 @@ class _Queries:
     async def purge(self, *, status: str | None = None, older_than: Seconds | None = None) -> int:
         """Delete jobs with ``status`` and/or finished more than ``older_than`` ago.
 
-        A chain's members after the first are kept until they finish: deleted before
-        they ran, they would leave the chain reading as succeeded. Cancel the chain
-        first to purge them."""
+        ``older_than`` with the status of jobs that have not finished (waiting,
+        scheduled, queued) is refused: it would match none of them, and purge 0 as
+        though there were none. A chain's members after the first are kept until they
+        finish: deleted before they ran, they would leave the chain reading as
+        succeeded. Cancel the chain first to purge them."""
         if status is None and older_than is None:
             raise ValueError("purge() needs a status or older_than")
         if status is not None:
             status = JobStatus(status).value
             if status == "running":
                 raise ValueError("running jobs cannot be purged; cancel them first")
+            if older_than is not None and not JobStatus(status).finished:
+                raise ValueError(
+                    f"older_than counts from when a job finished; {status} jobs have not "
+                    "finished: purge them by status alone"
+                )
         now = self.clock.now()
         before = None if older_than is None else now - seconds(older_than, "older_than")
         count = await self.store.purge(status=status, older_than=before, now=now)

@@ -264,6 +264,18 @@ async def test_retry_all_dead_and_purge(env: dict[str, str], app_jobs: Jobs) -> 
     assert cli(env, "purge").returncode == 2
 
 
+async def test_purge_refuses_older_than_with_a_status_that_has_not_finished(
+    env: dict[str, str], app_jobs: Jobs
+) -> None:
+    """``--older-than`` counts from when a job finished: ``--status queued --older-than
+    1d`` was taken, and always purged 0 however old the queued jobs were."""
+    for status in ("waiting", "scheduled", "queued"):
+        result = cli(env, "purge", "--status", status, "--older-than", "1d")
+        assert result.returncode == 2, status
+        assert f"--older-than counts from when a job finished; {status} jobs" in result.stderr
+    assert len(await app_jobs.list(status="queued")) == 1
+
+
 def test_app_errors_are_clear(env: dict[str, str]) -> None:
     no_app = {k: v for k, v in env.items() if k != "ASYNCJOBS_APP"}
     result = cli(no_app, "stats")

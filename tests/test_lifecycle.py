@@ -253,6 +253,18 @@ async def test_purge_deletes_by_status(jobs: Jobs) -> None:
         await jobs.purge()
 
 
+@pytest.mark.parametrize("status", ["waiting", "scheduled", "queued"])
+async def test_purge_refuses_older_than_with_a_status_that_has_not_finished(
+    jobs: Jobs, status: str
+) -> None:
+    """``older_than`` counts from when a job finished: with a status whose jobs have
+    not finished it matched none, and purged 0 as if there were none to purge."""
+    await jobs.enqueue("t")
+    with pytest.raises(ValueError, match=f"{status} jobs have not finished"):
+        await jobs.purge(status=status, older_than=0)
+    assert len(await jobs.list()) == 1
+
+
 # -- leases --------------------------------------------------------------------------
 
 
