@@ -325,12 +325,16 @@ def stats(ctx: click.Context, as_json: bool) -> None:
                 ],
             )
         )
+    # Times below are ISO strings (stats are JSON-shaped): as datetimes, cells say UTC.
     if result["schedules"]:
         click.echo("\nschedules")
         click.echo(
             table(
                 ["task", "schedule", "next run"],
-                [[s["task"], s["schedule"], s["next_run_at"]] for s in result["schedules"]],
+                [
+                    [s["task"], s["schedule"], datetime.fromisoformat(s["next_run_at"])]
+                    for s in result["schedules"]
+                ],
             )
         )
     if result["stuck_jobs"]:
@@ -339,7 +343,7 @@ def stats(ctx: click.Context, as_json: bool) -> None:
             table(
                 ["id", "task", "worker", "lease expired at"],
                 [
-                    [s["id"], s["task"], s["worker"], s["lease_expired_at"]]
+                    [s["id"], s["task"], s["worker"], datetime.fromisoformat(s["lease_expired_at"])]
                     for s in result["stuck_jobs"]
                 ],
             )

@@ -508,6 +508,55 @@ def test_times_in_tables_say_they_are_utc(
     assert line.split(None, 1)[1] == "2026-01-02 03:04:05 UTC"
 
 
+STATS_APP = """
+import os
+from datetime import UTC, datetime
+from asyncjobs import Jobs
+from asyncjobs.testing import FakeClock
+
+jobs = Jobs(
+    os.environ["CLI_TEST_DB_URL"],
+    workers=False,
+    clock=FakeClock(start=datetime(2026, 1, 2, 3, 30, tzinfo=UTC)),
+)
+
+@jobs.periodic(every=3600)
+async def hourly() -> None: ...
+"""
+
+
+@pytest.mark.usefixtures("fresh_app_module")
+def test_stats_tables_say_their_times_are_utc(
+    env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The schedules' next run and the stuck jobs' lease expiry read as ``list`` and
+    ``show`` write times, not as raw ISO strings (``2026-01-02T04:00:00+00:00``)."""
+    monkeypatch.setenv("CLI_TEST_DB_URL", env["CLI_TEST_DB_URL"])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "cli_stats_app.py").write_text(STATS_APP)
+    monkeypatch.delitem(sys.modules, "cli_stats_app", raising=False)
+
+    async def seed() -> None:
+        start = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+        jobs = Jobs(env["CLI_TEST_DB_URL"], workers=False, clock=FakeClock(start=start))
+        await jobs.enqueue("greet", "ada")
+        request = ClaimRequest(
+            worker="gone:1:w", tasks={"greet": TaskLimits(max_attempts=3)},
+            queues=None, limit=1, lease=60,
+        )  # fmt: skip
+        assert len(await jobs.store.claim(request, now=jobs.clock.now())) == 1
+        await jobs.close()
+
+    asyncio.run(seed())
+    said = CliRunner().invoke(cli_group, ["--app", "cli_stats_app:jobs", "stats"])
+    assert said.exit_code == 0, said.output
+    schedules = said.output.split("\nschedules\n")[1].split("\n\n")[0]
+    assert "2026-01-02 04:00:00 UTC" in schedules
+    stuck = said.output.split("\nstuck (lease expired, waiting for recovery)\n")[1]
+    assert "2026-01-02 03:05:05 UTC" in stuck
+    assert "+00:00" not in said.output
+
+
 @pytest.mark.usefixtures("fresh_app_module")
 def test_cancel_of_a_job_that_finishes_first_does_not_say_cancelled(
     env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
