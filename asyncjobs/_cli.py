@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import click
 
-from asyncjobs._codec import printable
+from asyncjobs._codec import visible
 from asyncjobs._errors import AsyncJobsError
 from asyncjobs._execution import MAX_ERROR_CHARS
 from asyncjobs._jobs import Jobs
@@ -221,22 +221,22 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
-_NOT_ESCAPED_BY_JSON = re.compile(r"[\x7f-\x9f]")
-
-
 def json_text(text: str) -> str:
     """JSON from ``json.dumps(..., ensure_ascii=False)``, for the terminal and still
-    JSON: DEL and the C1 controls, which ``json`` leaves raw (an 8-bit CSI, U+009B,
-    starts an escape sequence), become ``\\u`` escapes, as lone surrogates do
-    (``printable``)."""
-    return _NOT_ESCAPED_BY_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", printable(text))
+    JSON, the same value: a character that does not print becomes its ``\\u`` escape
+    (``visible``, as on the dashboard): DEL and the C1 controls, which ``json`` leaves
+    raw (an 8-bit CSI, U+009B, starts an escape sequence), a format character (a
+    right-to-left override turns around what follows it), a lone surrogate."""
+    return visible(text, keep="\n")
 
 
 def terminal(text: str) -> str:
     """``text`` for the operator's terminal: a control character (an escape sequence in
-    an error message or a key could rewrite the screen) shown as its escape, ``\x1b``;
-    newlines and tabs kept."""
-    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), printable(text))
+    an error message or a key could rewrite the screen) shown as its escape, ``\x1b``,
+    and any other character that does not print (a right-to-left override, a lone
+    surrogate) as its ``\\u`` escape (``visible``); newlines and tabs kept."""
+    escaped = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+    return visible(escaped, keep="\n\t")
 
 
 def _cell(value: object) -> str:

@@ -242,10 +242,18 @@ def decode_payload(text: str) -> tuple[list[JSON], dict[str, JSON]]:
     return args, kwargs
 
 
-def printable(text: str) -> str:
-    """``text`` safe to write out as UTF-8: a lone surrogate (which strict JSON keeps,
-    as a ``\\udxxx`` escape) becomes that escape again, so JSON text stays valid."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+def visible(text: str, *, keep: str = "") -> str:
+    """``text`` for a person to read (the dashboard, the CLI): each character that does
+    not print (``str.isprintable``: a control, a format character such as a right-to-left
+    override U+202E, which turns around what follows it, a zero-width space, a lone
+    surrogate) written as its JSON escape, ``\\u202e``, but those in ``keep`` (the line
+    breaks of indented JSON or of a traceback). Still JSON when ``text`` was, and the
+    same value; printable text stays as it reads."""
+    if text.isprintable():
+        return text
+    if keep and text.translate(dict.fromkeys(map(ord, keep))).isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in keep else json.dumps(c)[1:-1] for c in text)
 
 
 def decode(text: str | None) -> JSON:

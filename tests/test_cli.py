@@ -251,6 +251,33 @@ async def test_c1_controls_in_arguments_reach_the_terminal_escaped(
     assert [hostile] in [item["args"] for item in listed]  # still JSON, the same value
 
 
+async def test_format_characters_reach_the_terminal_escaped(
+    env: dict[str, str], app_jobs: Jobs
+) -> None:
+    """A right-to-left override (U+202E) in an error, a key or arguments turned around
+    what the operator reads (a zero-width space hid in it): each is shown as its escape,
+    as on the dashboard; the JSON output still holds the same value."""
+
+    @app_jobs.task(name="spoof", retries=0)
+    async def spoof(text: str) -> None:
+        # Built, so that the line of the traceback does not read as the escapes shown.
+        raise RuntimeError("refund " + chr(0x202E) + "0001$" + chr(0x200B) + " sent")
+
+    job = await app_jobs.enqueue(spoof.options(idempotency_key="k\u202e"), "abc\u202edef")
+    await app_jobs.drain()
+    shown = ok(cli(env, "show", job.id))
+    assert '["abc\\u202edef"]' in shown
+    assert "refund \\u202e0001$\\u200b sent" in shown
+    assert "k\\u202e" in shown
+    as_json = ok(cli(env, "show", job.id, "--json"))
+    listed = ok(cli(env, "list", "--json"))
+    for printed in (shown, as_json, listed):
+        assert "\u202e" not in printed
+        assert "\u200b" not in printed
+    assert json.loads(as_json)["args"] == ["abc\u202edef"]
+    assert ["abc\u202edef"] in [item["args"] for item in json.loads(listed)]
+
+
 async def test_retry_all_dead_and_purge(env: dict[str, str], app_jobs: Jobs) -> None:
     assert json.loads(ok(cli(env, "retry", "--all-dead", "--json"))) == {"retried": 1}
     assert await app_jobs.list(status="dead") == []

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from asyncjobs._codec import printable
+from asyncjobs._codec import visible
 from asyncjobs._dashboard.auth import CSRF_COOKIE, CSRF_FIELD, Authenticator, Csrf
 from asyncjobs._errors import RetryRefused
 from asyncjobs._models import FINISHED, JobStatus, info_from_row
@@ -89,7 +89,13 @@ class Dashboard:
             undefined=jinja2.StrictUndefined,
         )
         self.templates.filters.update(
-            ago=_ago, when=_when, pretty=_pretty, clip=_clip, inline=_inline, unescaped=_unescaped
+            ago=_ago,
+            when=_when,
+            pretty=_pretty,
+            clip=_clip,
+            inline=_inline,
+            unescaped=_unescaped,
+            visible=visible,
         )
         self.app = Starlette(
             routes=[
@@ -335,23 +341,28 @@ SHOWN_CHARS = 100_000
 be 64 MiB, more than a browser will lay out. ``asyncjobs show ID --json`` has it all."""
 
 
+_KEPT = "\n\t"
+"""The characters that do not print a ``<pre>`` shows as they are: the line breaks and
+tabs of indented JSON and of a traceback."""
+
+
 def _clip(text: str) -> str:
+    """The start of ``text`` that the page shows (``SHOWN_CHARS``), a character that
+    does not print written as its escape (``visible``), as in the job list."""
     if len(text) <= SHOWN_CHARS:
-        return text
+        return visible(text, keep=_KEPT)
     hidden = len(text) - SHOWN_CHARS
-    return f"{text[:SHOWN_CHARS]}\n\u2026 {hidden:,} more characters (asyncjobs show ID --json)"
+    shown = visible(text[:SHOWN_CHARS], keep=_KEPT)
+    return f"{shown}\n\u2026 {hidden:,} more characters (asyncjobs show ID --json)"
 
 
 def _inline(value: object) -> str:
     """``value`` as JSON on one line, for the job list: as the job's page writes it
     (Jinja's ``tojson`` writes ``'``, ``&``, ``<``, ``>`` and non-ASCII text as ``\\u``
     escapes, which autoescaping makes unneeded); a plain string, escaped by the page.
-    A character that does not print stays a ``\\u`` escape, as in ``_unescaped``: a
-    right-to-left override would turn the rest of the cell around."""
-    text = json.dumps(value, ensure_ascii=False, sort_keys=True)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in text)
+    A character that does not print stays a ``\\u`` escape (``visible``), as in
+    ``_unescaped``: a right-to-left override would turn the rest of the cell around."""
+    return visible(json.dumps(value, ensure_ascii=False, sort_keys=True))
 
 
 _JSON_ESCAPE = re.compile(
@@ -384,7 +395,8 @@ def _unescaped(text: str) -> str:
 def _pretty(value: object) -> str:
     """``value`` as indented JSON, encoded only as far as the page shows it: ``json``
     indents in Python, seconds for tens of megabytes of small objects. A value cut
-    short does not say how much more there is (that would take encoding it all)."""
+    short does not say how much more there is (that would take encoding it all). A
+    character that does not print is written as its escape (``visible``)."""
     encoder = json.JSONEncoder(indent=2, ensure_ascii=False, sort_keys=True)
     chunks = encoder.iterencode(value)
     text: list[str] = []
@@ -394,6 +406,6 @@ def _pretty(value: object) -> str:
         length += len(chunk)
         # Past what is shown, with more to come (after one long string, often none).
         if length > SHOWN_CHARS and next(chunks, None) is not None:
-            shown = printable("".join(text))[:SHOWN_CHARS]
+            shown = visible("".join(text)[:SHOWN_CHARS], keep=_KEPT)
             return f"{shown}\n\u2026 the rest is not shown (asyncjobs show ID --json)"
-    return _clip(printable("".join(text)))
+    return _clip("".join(text))

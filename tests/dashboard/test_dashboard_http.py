@@ -531,6 +531,33 @@ async def test_a_job_page_cuts_a_huge_result_and_error_short(jobs: Jobs) -> None
     assert len(error_page) < 2 * MAX_ERROR_CHARS
 
 
+async def test_a_job_page_shows_characters_that_do_not_print_as_escapes(jobs: Jobs) -> None:
+    """A right-to-left override (U+202E) in arguments, a result, an error or a key turned
+    around what the operator reads (a zero-width space hid in it): the job's page shows
+    each as its escape, as the job list does; line breaks and tabs of an error stay."""
+
+    @jobs.task(name="spoof", retries=0)
+    async def spoof(text: str) -> str:
+        if text == "fail":
+            # Built, so that the line of the traceback does not read as the escapes shown.
+            raise RuntimeError("refund " + chr(0x202E) + "0001$" + chr(0x200B) + "\n\tsent")
+        return "ok\u202e"
+
+    done = await jobs.enqueue(spoof.options(idempotency_key="k\u202e"), "abc\u202edef")
+    failed = await jobs.enqueue(spoof, "fail")
+    await jobs.drain()
+    async with client_for(jobs, login=True) as client:
+        done_page = (await client.get(f"/jobs/{done.id}")).text
+        failed_page = (await client.get(f"/jobs/{failed.id}")).text
+    for page in (done_page, failed_page):
+        assert "\u202e" not in page
+        assert "\u200b" not in page
+    assert "&#34;abc\\u202edef&#34;" in done_page
+    assert "&#34;ok\\u202e&#34;" in done_page
+    assert "<code>k\\u202e</code>" in done_page
+    assert "refund \\u202e0001$\\u200b\n\tsent" in failed_page
+
+
 async def test_a_big_structured_result_is_indented_only_as_far_as_the_page_shows(
     jobs: Jobs,
 ) -> None:

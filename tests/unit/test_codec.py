@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from asyncjobs import NotSerializable, PayloadTooLarge, _codec
-from asyncjobs._codec import decode, decode_payload, encode, encode_payload
+from asyncjobs._codec import decode, decode_payload, encode, encode_payload, visible
 
 
 @pytest.fixture(autouse=True, params=["c-encoder", "python-encoder"])
@@ -199,3 +199,17 @@ def test_decode_payload_refuses_what_we_did_not_write(text: str) -> None:
 
 def test_decode_of_none_is_none() -> None:
     assert decode(None) is None
+
+
+def test_visible_escapes_what_does_not_print_and_keeps_the_value() -> None:
+    """A control, a format character (even one past U+FFFF) and a lone surrogate read
+    as JSON escapes; printable text and the characters kept stay as they are."""
+    value = ["caf\u00e9 \u65e5\U0001f600", "\u202e\u200b\x85\x7f\ud800\U000e0001", "a\nb\tc"]
+    text = visible(json.dumps(value, ensure_ascii=False))
+    assert text == (
+        '["caf\u00e9 \u65e5\U0001f600", "\\u202e\\u200b\\u0085\\u007f\\ud800\\udb40\\udc01", '
+        '"a\\nb\\tc"]'
+    )
+    assert json.loads(text) == value
+    assert visible("line\n\tnext\u202e", keep="\n\t") == "line\n\tnext\\u202e"
+    assert visible("line\nnext", keep="\n") == "line\nnext"
