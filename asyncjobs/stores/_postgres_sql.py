@@ -521,11 +521,31 @@ _PAST_WINDOW = """(SELECT count(*) FROM window_heads) < {limit}
 # starts from the first); NULL when it read none (the walk stays where it was).
 _TURN = f"CASE WHEN {_PAST_WINDOW} THEN {GROUP_TURN} END"
 
+# The {columns} of the first job (alias j) to pass the tests {where} after row {cursor}
+# in claim order: a seek in the index in claim order (priority DESC, seq) whatever the
+# statistics. Not "j.priority = p AND j.seq > s ORDER BY j.seq": that order PostgreSQL
+# read from the primary key, testing each later job on the way (5,000 rows a step
+# behind a group's backlog); nor one test "after the cursor", which reads again every
+# job before it of the same priority.
+_NEXT = """(SELECT {columns} FROM asyncjobs_jobs AS j
+         WHERE {where} AND j.priority >= {cursor}.priority AND j.priority <= {cursor}.priority
+           AND j.seq > {cursor}.seq ORDER BY j.priority DESC, j.seq LIMIT 1)
+        UNION ALL
+        (SELECT {columns} FROM asyncjobs_jobs AS j
+         WHERE {where} AND j.priority < {cursor}.priority ORDER BY j.priority DESC, j.seq LIMIT 1)
+        LIMIT 1"""
+# The ready jobs of groups (first_grouped), and what a claim reads of them.
+_GROUPED = "j.status = 'queued' AND j.group_key IS NOT NULL"
+_GROUPED_COLUMNS = "j.seq, j.priority, j.group_key, j.task, j.queue"
+
 # The first {limit} ready jobs in claim order (priority, then enqueue order) that this
 # claim may take, locked: of the jobs of no group, and of the heads of the groups. Only
 # a group's head can run (one job at a time, in enqueue order), so walking the ready jobs
 # in claim order walked the backlog of a large group, every one of them unclaimable.
-# The heads are read from the first {window} ready jobs of any group, in claim order:
+# The heads are read from the first {window} ready jobs of any group, in claim order,
+# one seek each (_NEXT): read in one "ORDER BY ... LIMIT {window}", on a table never
+# analysed PostgreSQL read every ready job of a group and sorted them (a bitmap scan:
+# 40,000 rows a claim behind 20,000 jobs of groups, until autovacuum analysed the table):
 # the heads among them that this claim may take (its tasks, its queues, not locked by
 # another claim) come first among all such heads, so when there are {limit} of them,
 # or the window held every ready job of a group, they are enough (many small groups:
@@ -545,10 +565,13 @@ _PICK_READY = f"""plain AS (
     SELECT j.seq FROM asyncjobs_jobs AS j
     WHERE j.status = 'queued' AND j.group_key IS NULL AND j.task = ANY($4::text[]) {{queues}}
     ORDER BY j.priority DESC, j.seq LIMIT {{limit}} FOR UPDATE SKIP LOCKED
-), first_grouped AS MATERIALIZED (
-    SELECT j.seq, j.group_key, j.task, j.queue FROM asyncjobs_jobs AS j
-    WHERE j.status = 'queued' AND j.group_key IS NOT NULL
-    ORDER BY j.priority DESC, j.seq LIMIT {{window}}
+), first_grouped (n, seq, priority, group_key, task, queue) AS (
+    (SELECT 1, {_GROUPED_COLUMNS} FROM asyncjobs_jobs AS j
+     WHERE {_GROUPED} ORDER BY j.priority DESC, j.seq LIMIT 1)
+    UNION ALL
+    SELECT f.n + 1, x.* FROM first_grouped AS f CROSS JOIN LATERAL (
+        {_NEXT.format(where=_GROUPED, cursor="f", columns=_GROUPED_COLUMNS)}) AS x
+    WHERE f.n < {{window}}
 ), window_heads AS MATERIALIZED (
     SELECT j.seq FROM first_grouped AS w JOIN asyncjobs_jobs AS j ON j.seq = w.seq
     WHERE j.status = 'queued' AND w.task = ANY($4::text[]) {{queues_w}}
