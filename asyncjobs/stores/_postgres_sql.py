@@ -446,20 +446,18 @@ async def claim(
         if not admission.chosen:
             return Claimed(next_token_at=next_token_at, unkeyed=unkeyed)
         params.append(admission.chosen)
-    chosen_at = len(params)  # (limited only)
-    params.append(limit)
-    limit_at = len(params)
     turn = "NULL::text"  # (limited: no walk)
     if limited:
-        chosen = f"${chosen_at}"
-        picked = _PICK_CHOSEN.format(chosen=chosen, queues=queue_filter, limit=f"${limit_at}")
+        taken = _TAKE_CHOSEN.format(chosen=f"${len(params)}", queues=queue_filter)
     else:
         walk = GroupWalk() if walk is None else walk
+        params.append(limit)
+        limit_at = len(params)
         params.append(limit + WINDOW_MORE)
         window = f"${len(params)}"
         params.append(walk.after)
         after = f"${len(params)}::text"
-        picked = _PICK_READY.format(
+        taken = _TAKE_READY.format(
             queues=queue_filter,
             queues_w="AND w" + in_queues if in_queues else "",
             queues_f="AND f" + in_queues if in_queues else "",
@@ -467,21 +465,20 @@ async def claim(
             window=window,
             after=after,
         )
-        turn = _TURN.format(limit=f"${limit_at}", window=window)
+        turn = _TURN
     # The claimed rows, each with the walk's next turn; the turn alone when it took none.
     records = await conn.fetch(
         f"""
-        WITH RECURSIVE {picked}, ranked AS (
-            SELECT seq, row_number() OVER (ORDER BY priority DESC, seq) AS rank FROM picked
-        ), claimed AS (
+        WITH RECURSIVE {taken}, claimed AS (
             UPDATE asyncjobs_jobs AS t SET
                 status = 'running', attempts = t.attempts + 1, started_at = $1,
                 lease_until = $2, worker = $3, claim_token = $7, progress = NULL,
                 progress_message = NULL,
                 -- never below this attempt (a manual retry allows one more)
                 max_attempts = GREATEST(t.attempts + 1, {_MAX_ATTEMPTS})
-            FROM ranked WHERE t.seq = ranked.seq
-                AND (ranked.rank <= $6 OR t.attempts + 1 < {_MAX_ATTEMPTS})
+            -- by seq, one seek a row (joined to taken, on a table never analysed, the
+            -- whole table was read and hashed)
+            WHERE t.seq = ANY(ARRAY(SELECT got FROM taken WHERE got IS NOT NULL))
             RETURNING {", ".join("t." + c for c in COLUMNS)}
         )
         SELECT claimed.*, turn.turn_after
@@ -496,30 +493,34 @@ async def claim(
     return Claimed(claimed, next_token_at=next_token_at, unkeyed=unkeyed)
 
 
-# The jobs a claim under limits takes: those _postgres_limits chose ({chosen}), if still
-# ready and heads of their group, each read by its seq (joined to the chosen instead, on
-# a table never analysed the rows were read from asyncjobs_jobs_ready_task: the tasks'
-# whole backlog; a subquery that locks is planned on its own).
-_PICK_CHOSEN = f"""picked AS (
-    SELECT j.seq, j.priority FROM unnest({{chosen}}::bigint[]) AS c(seq) CROSS JOIN LATERAL (
+# A job's attempts under this claim: the claimer's definition applies unless retries
+# were given at enqueue (options is written only by json.dumps; a text test cannot fail
+# on a corrupt row the way a ::jsonb cast would). $5 maps each task name to its attempts:
+# a jsonb object finds a name by binary search, where a table of them was read through
+# once per claimed job (200 tasks: 1.3 ms a claim of 100).
+_MAX_ATTEMPTS_OF = """CASE
+                WHEN {t}.options LIKE '%"retries"%' THEN {t}.max_attempts
+                ELSE coalesce(($5::jsonb ->> {t}.task)::int, {t}.max_attempts)
+                END"""
+_MAX_ATTEMPTS = _MAX_ATTEMPTS_OF.format(t="t")
+
+
+# The jobs a claim under limits takes (got): those _postgres_limits chose ({chosen}), if
+# still ready and heads of their group, each read by its seq (joined to the chosen
+# instead, on a table never analysed the rows were read from asyncjobs_jobs_ready_task:
+# the tasks' whole backlog; a subquery that locks is planned on its own). It chose
+# as many as its limit at most ($6: its slots, all of it), so each row it locks it takes.
+_TAKE_CHOSEN = f"""taken AS (
+    SELECT j.seq AS got FROM unnest({{chosen}}::bigint[]) AS c(seq) CROSS JOIN LATERAL (
         SELECT j.seq, j.priority FROM asyncjobs_jobs AS j
         WHERE j.seq = c.seq AND j.status = 'queued' AND j.task = ANY($4::text[]) {{queues}}
           AND (j.group_key IS NULL OR {HEADS_GROUP.format(j="j")})
         FOR UPDATE SKIP LOCKED) AS j
-    ORDER BY j.priority DESC, j.seq LIMIT {{limit}})"""  # noqa: S608 - constants
+    ORDER BY j.priority DESC, j.seq LIMIT $6)"""  # noqa: S608 - constants
 
 WINDOW_MORE = 16
-"""A claim of n reads the first n + WINDOW_MORE ready jobs of groups (_PICK_READY)."""
+"""A claim of n reads the first n + WINDOW_MORE ready jobs of groups (_TAKE_READY)."""
 
-# Whether a claim reads the heads past its window (group_first): too few heads this
-# claim may take in a window its groups' backlogs filled.
-_PAST_WINDOW = """(SELECT count(*) FROM window_heads) < {limit}
-      AND (SELECT count(*) FROM first_grouped) >= {window}"""
-
-# The group a claim that read the heads past its window stopped at, the next one's
-# {after}: the last of GROUPS_PER_CLAIM groups, or '' when it read every group (the next
-# starts from the first); NULL when it read none (the walk stays where it was).
-_TURN = f"CASE WHEN {_PAST_WINDOW} THEN {GROUP_TURN} END"
 
 # The {columns} of the first job (alias j) to pass the tests {where} after row {cursor}
 # in claim order: a seek in the index in claim order (priority DESC, seq) whatever the
@@ -534,38 +535,65 @@ _NEXT = """(SELECT {columns} FROM asyncjobs_jobs AS j
         (SELECT {columns} FROM asyncjobs_jobs AS j
          WHERE {where} AND j.priority < {cursor}.priority ORDER BY j.priority DESC, j.seq LIMIT 1)
         LIMIT 1"""
-# The ready jobs of groups (first_grouped), and what a claim reads of them.
-_GROUPED = "j.status = 'queued' AND j.group_key IS NOT NULL"
-_GROUPED_COLUMNS = "j.seq, j.priority, j.group_key, j.task, j.queue"
 
-# The first {limit} ready jobs in claim order (priority, then enqueue order) that this
-# claim may take, locked: of the jobs of no group, and of the heads of the groups. Only
-# a group's head can run (one job at a time, in enqueue order), so walking the ready jobs
-# in claim order walked the backlog of a large group, every one of them unclaimable.
-# The heads are read from the first {window} ready jobs of any group, in claim order,
-# one seek each (_NEXT): read in one "ORDER BY ... LIMIT {window}", on a table never
-# analysed PostgreSQL read every ready job of a group and sorted them (a bitmap scan:
-# 40,000 rows a claim behind 20,000 jobs of groups, until autovacuum analysed the table):
-# the heads among them that this claim may take (its tasks, its queues, not locked by
-# another claim) come first among all such heads, so when there are {limit} of them,
-# or the window held every ready job of a group, they are enough (many small groups:
-# a read in proportion to the batch). Otherwise (a group's backlog fills the window)
+# Whether row {x} (an alias) comes after row {y} in claim order.
+_AFTER = "({x}.priority < {y}.priority OR {x}.priority = {y}.priority AND {x}.seq > {y}.seq)"
+
+
+# Whether the claim at row t of taken looked past its window (where h and p, the next
+# head of the window and the next job of no group, are): the window is full (e, its
+# last job), none of its heads is left, and no job of no group comes before its end.
+# Past that point a group's head may come first that the window does not hold.
+_PAST_WINDOW = (
+    f"h.seq IS NULL AND e.seq IS NOT NULL AND (p.seq IS NULL OR {_AFTER.format(x='p', y='e')})"
+)
+
+# The group a claim that read the heads past its window stopped at, the next one's
+# {after}: the last of GROUPS_PER_CLAIM groups, or '' when it read every group (the next
+# starts from the first); NULL when it read none (the walk stays where it was).
+_TURN = f"CASE WHEN (SELECT bool_or(walked) FROM taken) THEN {GROUP_TURN} END"  # noqa: S608
+
+# The jobs a plain claim takes (got), locked: the first {limit} ready jobs in claim
+# order (priority, then enqueue order) that it may take, of the jobs of no group and of
+# the heads of the groups. Only a group's head can run (one job at a time, in enqueue
+# order), so walking the ready jobs in claim order walked the backlog of a large group,
+# every one of them unclaimable.
+#
+# The heads are read from the first {window} ready jobs of any group, in claim order
+# (first_grouped), one seek each (_NEXT): read in one "ORDER BY ... LIMIT {window}", on
+# a table never analysed PostgreSQL read every ready job of a group and sorted them (a
+# bitmap scan: 40,000 rows a claim behind 20,000 jobs of groups). The heads among them
+# that this claim may take (its tasks, its queues) come first among all heads up to the
+# window's last job (window_end, when the window is full: jobs of groups may follow it).
+# Past that point (a group's backlog filled the window, and the claim still wants jobs)
 # the heads are read one group at a time: each group's first unfinished job (a loose
 # scan of asyncjobs_jobs_group, a seek a group), if it is ready and its group runs none,
 # of GROUPS_PER_CLAIM groups at most (group_first, GROUP_WALK): those after the group
 # the store's last such claim stopped at ({after}: GroupWalk), then from the first. The
-# claim order between groups holds among those a claim looks at, as on SQLite.
-# The rows of no group are locked as they are read, as are the window's heads, so a
-# concurrent claim takes the next ones instead of coming back short (SKIP LOCKED); a
-# row locked and not taken is free again when the claim commits. The task and queue
-# are tested on the rows as read (they never change): tested on the row joined by seq,
-# a table never analysed had the join driven from asyncjobs_jobs_ready_task.
+# claim order between groups holds among those a claim looks at, as on SQLite. The task
+# and queue are tested on the rows as read (they never change): tested on the row
+# joined by seq, a table never analysed had the join driven from
+# asyncjobs_jobs_ready_task.
+#
+# taken walks the jobs in claim order, one a step from where the step before stopped
+# (t): the next job of no group (p: a seek in asyncjobs_jobs_ready_plain), the next head
+# of the window (h) or past it (w), whichever comes first (c); and locks it, skipping it
+# if another claim holds it (or took it meanwhile), so a concurrent claim takes the next
+# ones instead of coming back short. The heads are arrays in claim order, read at
+# next_h and next_w (not scanned and sorted again at every step). Only the rows it
+# takes are locked: locking every candidate as it was read (the first {limit} jobs of
+# no group and the window's heads: up to twice {limit} and 16 more, held to the commit)
+# left a concurrent claim only the jobs past them, none at all when they were every
+# job. Of {limit}, those past $6 (the slots: the rest are claimed ahead) leave a job on
+# its last attempt where it is, unlocked (spare), but count it (considered), so the
+# claim stops where it did, as on SQLite. The walk through the groups (walk_heads,
+# GROUP_WALK) runs only once a step looks past the window (walked). The first row of
+# taken is no job: the start.
 # {queues_w}, {queues_f}: the queue filter on w and f ("" for every queue).
-_PICK_READY = f"""plain AS (
-    SELECT j.seq FROM asyncjobs_jobs AS j
-    WHERE j.status = 'queued' AND j.group_key IS NULL AND j.task = ANY($4::text[]) {{queues}}
-    ORDER BY j.priority DESC, j.seq LIMIT {{limit}} FOR UPDATE SKIP LOCKED
-), first_grouped (n, seq, priority, group_key, task, queue) AS (
+_PLAIN = "j.status = 'queued' AND j.group_key IS NULL AND j.task = ANY($4::text[]) {queues}"
+_GROUPED = "j.status = 'queued' AND j.group_key IS NOT NULL"
+_GROUPED_COLUMNS = "j.seq, j.priority, j.group_key, j.task, j.queue"
+_TAKE_READY = f"""first_grouped (n, seq, priority, group_key, task, queue) AS (
     (SELECT 1, {_GROUPED_COLUMNS} FROM asyncjobs_jobs AS j
      WHERE {_GROUPED} ORDER BY j.priority DESC, j.seq LIMIT 1)
     UNION ALL
@@ -573,34 +601,61 @@ _PICK_READY = f"""plain AS (
         {_NEXT.format(where=_GROUPED, cursor="f", columns=_GROUPED_COLUMNS)}) AS x
     WHERE f.n < {{window}}
 ), window_heads AS MATERIALIZED (
-    SELECT j.seq FROM first_grouped AS w JOIN asyncjobs_jobs AS j ON j.seq = w.seq
-    WHERE j.status = 'queued' AND w.task = ANY($4::text[]) {{queues_w}}
-      AND {HEADS_GROUP.format(j="w")}
-    FOR UPDATE OF j SKIP LOCKED
-), {GROUP_WALK}, candidates AS (
-    SELECT seq FROM plain
-    UNION ALL
-    SELECT seq FROM window_heads WHERE NOT ({_PAST_WINDOW})
-    UNION ALL
-    SELECT f.seq FROM group_first AS f
-    WHERE {_PAST_WINDOW} AND f.status = 'queued' AND f.task = ANY($4::text[]) {{queues_f}}
+    SELECT array_agg(w.seq ORDER BY w.priority DESC, w.seq) AS seqs,
+        array_agg(w.priority ORDER BY w.priority DESC, w.seq) AS priorities
+    FROM first_grouped AS w
+    WHERE w.task = ANY($4::text[]) {{queues_w}} AND {HEADS_GROUP.format(j="w")}
+), window_end AS MATERIALIZED (
+    SELECT w.seq, w.priority FROM first_grouped AS w
+    WHERE (SELECT count(*) FROM first_grouped) >= {{window}}
+    ORDER BY w.priority, w.seq DESC LIMIT 1
+), {GROUP_WALK}, walk_heads AS MATERIALIZED (
+    SELECT array_agg(f.seq ORDER BY f.priority DESC, f.seq) AS seqs,
+        array_agg(f.priority ORDER BY f.priority DESC, f.seq) AS priorities
+    FROM group_first AS f, window_end AS e  -- past the window: those in it are its heads
+    WHERE {_AFTER.format(x="f", y="e")}
+      AND f.status = 'queued' AND f.task = ANY($4::text[]) {{queues_f}}
       AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS g
           WHERE g.group_key = f.group_key AND g.group_key IS NOT NULL AND g.status = 'running')
-), picked AS (
-    SELECT j.seq, j.priority FROM candidates AS c JOIN asyncjobs_jobs AS j ON j.seq = c.seq
-    WHERE j.status = 'queued'
-    ORDER BY j.priority DESC, j.seq LIMIT {{limit}} FOR UPDATE OF j SKIP LOCKED)"""  # noqa: S608 - constants
-
-
-# A job's attempts under this claim: the claimer's definition applies unless retries
-# were given at enqueue (options is written only by json.dumps; a text test cannot fail
-# on a corrupt row the way a ::jsonb cast would). $5 maps each task name to its attempts:
-# a jsonb object finds a name by binary search, where a table of them was read through
-# once per claimed job (200 tasks: 1.3 ms a claim of 100).
-_MAX_ATTEMPTS = """CASE
-                WHEN t.options LIKE '%"retries"%' THEN t.max_attempts
-                ELSE coalesce(($5::jsonb ->> t.task)::int, t.max_attempts)
-                END"""
+), taken (priority, seq, considered, got, walked, next_h, next_w) AS (
+    SELECT 2147483647, 0::bigint, 0, NULL::bigint, false, 1, 1
+    UNION ALL
+    SELECT c.priority, c.seq, t.considered + (l.seq IS NOT NULL OR a.spare IS TRUE)::int,
+        l.seq, t.walked OR {_PAST_WINDOW},
+        t.next_h + (c.seq = h.seq IS TRUE)::int, t.next_w + (c.seq = w.seq IS TRUE)::int
+    FROM taken AS t
+    LEFT JOIN window_end AS e ON true
+    LEFT JOIN LATERAL (
+        {_NEXT.format(where=_PLAIN, cursor="t", columns="j.priority, j.seq")}
+    ) AS p ON true
+    LEFT JOIN LATERAL (
+        SELECT h.priorities[t.next_h] AS priority, h.seqs[t.next_h] AS seq
+        FROM window_heads AS h
+    ) AS h ON true
+    LEFT JOIN LATERAL (
+        SELECT w.priorities[t.next_w] AS priority, w.seqs[t.next_w] AS seq
+        FROM walk_heads AS w WHERE {_PAST_WINDOW}
+        LIMIT 1  -- (one row: kept a subquery, so the walk runs only past the window)
+    ) AS w ON true
+    LEFT JOIN LATERAL (
+        SELECT n.priority, n.seq
+        FROM (VALUES (p.priority, p.seq), (h.priority, h.seq), (w.priority, w.seq))
+            AS n(priority, seq)
+        WHERE n.seq IS NOT NULL ORDER BY n.priority DESC, n.seq LIMIT 1
+    ) AS c ON true
+    LEFT JOIN LATERAL (
+        SELECT CASE WHEN t.considered >= $6 THEN (
+            SELECT j.attempts + 1 >= {_MAX_ATTEMPTS_OF.format(t="j")} FROM asyncjobs_jobs AS j
+            WHERE j.seq = c.seq) END AS spare
+    ) AS a ON true
+    LEFT JOIN LATERAL (
+        SELECT j.seq FROM asyncjobs_jobs AS j
+        WHERE a.spare IS NOT TRUE AND j.seq = c.seq AND j.status = 'queued'
+          AND (t.considered < $6 OR j.attempts + 1 < {_MAX_ATTEMPTS_OF.format(t="j")})
+        FOR UPDATE SKIP LOCKED
+    ) AS l ON true
+    WHERE t.seq IS NOT NULL AND t.considered < {{limit}}
+)"""  # noqa: S608 - constants
 
 
 # What an outcome does to its row. A job asked to stop while it ran (cancel_requested_at)

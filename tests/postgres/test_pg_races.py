@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -25,6 +26,7 @@ from asyncjobs.stores import (
     PostgresStore,
     Store,
     TaskLimits,
+    _postgres_sql,
     open_store,
 )
 from asyncjobs.stores._postgres_sql import KEY_LOCKS
@@ -529,3 +531,56 @@ async def test_a_discard_of_a_batch_member_claimed_meanwhile_does_not_ask_it_to_
     member = await store.get("m")
     assert member is not None
     assert member.status == "running"
+
+
+# What a queue holds when two claims of ten meet (the request), and what each takes.
+AT_ONCE = {
+    # Ten jobs of no group, then twenty groups of one job: the first claim takes the ten
+    # plain jobs; it read (and locked) the twenty heads too.
+    "plain-then-heads": (
+        [new(f"p{n}") for n in range(10)] + [new(f"h{n}", group_key=f"g{n}") for n in range(20)],
+        replace(REQUEST, limit=10),
+        [f"p{n}" for n in range(10)],
+        [f"h{n}" for n in range(10)],
+    ),
+    # Thirty groups of one job: the first claim locked the first 26 (its window).
+    "heads": (
+        [new(f"h{n}", group_key=f"g{n}") for n in range(30)],
+        replace(REQUEST, limit=10),
+        [f"h{n}" for n in range(10)],
+        [f"h{n}" for n in range(10, 20)],
+    ),
+    # Jobs on their last attempt, five of the ten claimed ahead: the first claim takes
+    # five and leaves the next five (locked, though it did not take them).
+    "last-attempts-ahead": (
+        [new(f"p{n}") for n in range(20)],
+        replace(REQUEST, limit=10, ahead=5),
+        [f"p{n}" for n in range(5)],
+        [f"p{n}" for n in range(5, 10)],
+    ),
+}
+
+
+@pytest.mark.parametrize("jobs", sorted(AT_ONCE))
+async def test_a_claim_at_the_same_time_as_another_takes_what_the_other_leaves(
+    store: Store, postgres_url: str, jobs: str
+) -> None:
+    """A claim holds its rows locked until its transaction ends (a finish-and-claim's,
+    or its own statement while it runs). A second claim at that moment skips them: it
+    must take the next jobs in claim order that the first one looked at but did not
+    take, not come back short (its worker would idle until its next poll though jobs
+    wait)."""
+    inserted, request, first_takes, second_takes = AT_ONCE[jobs]
+    await store.insert(inserted, now=T0)
+    first: list[JobRow] = []
+    second: list[JobRow] = []
+
+    async def claim_first(other: Any) -> None:
+        first.extend(await _postgres_sql.claim(other, request, T0, "first"))
+
+    async def claim_second() -> None:
+        second.extend(await store.claim(replace(request, worker="w2"), now=T0))
+
+    await while_held(postgres_url, claim_first, claim_second)
+    assert [r.id for r in first] == first_takes
+    assert [r.id for r in second] == second_takes
