@@ -86,6 +86,11 @@ class RateLimit:
         """Tokens gained per second."""
         return self.rate / self.per
 
+    @property
+    def refill_seconds(self) -> float:
+        """Seconds the bucket takes to refill from empty."""
+        return self.capacity / self.per_second
+
     def __str__(self) -> str:
         burst = "" if self.burst is None else f" burst {self.burst}"
         return f"{self.rate:g}/{self.per:g}s{burst}"
@@ -133,11 +138,33 @@ def refill(limit: RateLimit, state: BucketState, now: float) -> BucketState:
     """The bucket at ``now``: tokens gained since ``updated_at``, capped at the burst.
 
     A ``now`` earlier than ``updated_at`` (another process's clock runs ahead) adds
-    nothing and keeps the later time, so skew never mints tokens.
+    nothing and keeps the later time, so a skew of up to a refill never mints tokens;
+    an ``updated_at`` further ahead counts as a refill ahead (``bounded``).
     """
+    state = bounded(limit, state, now)
     elapsed = max(0.0, now - state.updated_at)
     tokens = min(limit.capacity, state.tokens + elapsed * limit.per_second)
     return BucketState(tokens, max(now, state.updated_at))
+
+
+def bounded(limit: RateLimit, state: BucketState, now: float) -> BucketState:
+    """The bucket as ``now`` may trust it: counted at most one refill
+    (``refill_seconds``) after ``now``. The store writes the bounded state back (see
+    ``Admission.bucket``), or each claim would bound it anew from its own ``now``.
+
+    A bucket counted later than ``now`` was counted by a clock ahead of this one: another
+    host's, or this one's before it was set back. Trusted in full, an hour's lead held
+    the bucket empty for the hour. Bounded at a refill, a token comes at most a refill
+    late and at most a bucketful is held back. A skew under a refill (hosts under NTP
+    are milliseconds apart) is still waited out, so it mints nothing; one over a refill
+    mints at most a bucketful each time the host ahead counts after the host behind (as
+    a forward jump of the clock always could), rather than a skew's worth each time, as
+    taking ``now`` for a later ``updated_at`` would.
+    """
+    latest = now + limit.refill_seconds
+    if state.updated_at <= latest:
+        return state
+    return BucketState(state.tokens, latest)
 
 
 def has_token(limit: RateLimit, state: BucketState) -> bool:

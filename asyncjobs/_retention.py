@@ -80,7 +80,7 @@ def refill_times(jobs: Jobs) -> dict[str, float]:
         if task.rate_limit is not None
     }
     limits |= {limiter_bucket(name, "")[0]: lim.limit for name, lim in jobs.limiters.items()}
-    return {name: limit.capacity / limit.per_second for name, limit in limits.items()}
+    return {name: limit.refill_seconds for name, limit in limits.items()}
 
 
 async def prune_full_buckets(

@@ -30,6 +30,7 @@ from asyncjobs._errors import ConfigurationError
 from asyncjobs._ratelimit import (
     BucketState,
     RateLimit,
+    bounded,
     full,
     has_token,
     next_token_at,
@@ -96,6 +97,7 @@ class Admission:
     running_queues: Counter[str] = field(default_factory=Counter)
     buckets: dict[BucketId, BucketState] = field(default_factory=dict)
     taken: set[BucketId] = field(default_factory=set)
+    rebased: set[BucketId] = field(default_factory=set)  # counted too far ahead: bounded
     blocked_tasks: set[str] = field(default_factory=set)
     full_queues: set[str] = field(default_factory=set)
     blocked_keys: dict[str, set[str]] = field(default_factory=dict)  # limiter -> keys
@@ -138,15 +140,30 @@ class Admission:
     def bucket(self, bucket_id: BucketId, limit: RateLimit) -> BucketState:
         state = self.buckets.get(bucket_id)
         if state is None:
-            state = self.load(bucket_id) or full(limit, self.now)
-            self.buckets[bucket_id] = state
+            state = self._loaded(bucket_id, limit, self.load(bucket_id))
         return state
 
     def preload(self, limit: RateLimit, states: dict[BucketId, BucketState | None]) -> None:
         """Bucket states read at once (a claim reads those of many keys in one query),
         as ``bucket`` would load them one by one; None: never used, so full."""
         for bucket_id, state in states.items():
-            self.buckets.setdefault(bucket_id, state or full(limit, self.now))
+            if bucket_id not in self.buckets:
+                self._loaded(bucket_id, limit, state)
+
+    def _loaded(
+        self, bucket_id: BucketId, limit: RateLimit, state: BucketState | None
+    ) -> BucketState:
+        """Keep a bucket as read (None: never used, so full). One counted more than a
+        refill ahead of ``now`` is bounded (``bounded``) and written back so: left as
+        stored, every claim would bound it anew from its own ``now``, and it would get
+        no token until the clocks caught up with it."""
+        if state is None:
+            state = full(limit, self.now)
+        elif (trusted := bounded(limit, state, self.now)) != state:
+            state = trusted
+            self.rebased.add(bucket_id)
+        self.buckets[bucket_id] = state
+        return state
 
     def empty(self, bucket_id: BucketId, limit: RateLimit) -> bool:
         """Whether the bucket has no token now; if so, note when it gets one."""
@@ -162,8 +179,10 @@ class Admission:
         return True
 
     def changed_buckets(self) -> list[tuple[str, str, float, float]]:
-        """(name, key, tokens, updated_at) of every bucket this claim took from."""
-        return [(*b, self.buckets[b].tokens, self.buckets[b].updated_at) for b in self.taken]
+        """(name, key, tokens, updated_at) of every bucket this claim took from or
+        bounded (``_loaded``)."""
+        changed = sorted(self.taken | self.rebased)
+        return [(*b, self.buckets[b].tokens, self.buckets[b].updated_at) for b in changed]
 
     # -- tasks -----------------------------------------------------------------------
 

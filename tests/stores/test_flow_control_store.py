@@ -84,6 +84,47 @@ async def test_a_bucket_is_shared_by_every_store_and_claim_says_when_it_refills(
     assert all(row.attempts == 0 and row.started_at is None for row in remaining)
 
 
+@pytest.mark.parametrize("bucket", ["own", "limiter"])
+async def test_a_bucket_counted_in_the_future_holds_tokens_back_one_refill_at_most(
+    two_stores: tuple[Store, Store], bucket: str
+) -> None:
+    """A claim an hour ahead (a host whose clock ran ahead, or this one's before it was
+    set back) took the burst. A claim at the right time then waited an hour for a token;
+    now it waits as if the burst had been taken one refill (here 1 s) from now at most."""
+    a, b = two_stores
+    await a.insert(new_jobs("t", 30, rate_key="k"), now=NOW)
+    rate = RateLimit(rate=10)
+    if bucket == "own":
+        tasks, limiters = {"t": TaskLimits(max_attempts=3, rate_limit=rate)}, {}
+    else:
+        tasks, limiters = {"t": TaskLimits(max_attempts=3, limiter="mail")}, {"mail": rate}
+    assert len(await a.claim(request("a", 20, tasks, limiters=limiters), now=NOW + 3600)) == 10
+    held = await b.claim(request("b", 20, tasks, limiters=limiters), now=NOW + 60)
+    assert isinstance(held, Claimed)
+    assert len(held) == 0
+    assert held.next_token_at == pytest.approx(NOW + 61.1)
+    assert len(await b.claim(request("b", 20, tasks, limiters=limiters), now=NOW + 61.1)) == 1
+    refilled = await a.claim(request("a", 20, tasks, limiters=limiters), now=NOW + 62.1)
+    assert len(refilled) == 10
+
+
+async def test_a_bucket_counted_less_than_a_refill_ahead_mints_no_tokens(
+    two_stores: tuple[Store, Store],
+) -> None:
+    """Hosts whose clocks differ by less than a refill (NTP keeps them milliseconds
+    apart) share a bucket exactly: the one behind waits out the difference."""
+    ahead, behind = two_stores
+    await ahead.insert(new_jobs("t", 30), now=NOW)
+    tasks = {"t": TaskLimits(max_attempts=3, rate_limit=RateLimit(rate=10))}
+    assert len(await ahead.claim(request("a", 20, tasks), now=NOW)) == 10
+    held = await behind.claim(request("b", 20, tasks), now=NOW - 0.5)
+    assert isinstance(held, Claimed)
+    assert len(held) == 0
+    assert held.next_token_at == pytest.approx(NOW + 0.1)
+    assert len(await behind.claim(request("b", 20, tasks), now=NOW + 0.05)) == 0
+    assert len(await ahead.claim(request("a", 20, tasks), now=NOW + 0.1)) == 1
+
+
 async def test_claim_reports_no_refill_time_when_nothing_waits_on_a_bucket(
     two_stores: tuple[Store, Store],
 ) -> None:

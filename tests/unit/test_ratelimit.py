@@ -10,6 +10,7 @@ from asyncjobs import ConfigurationError, RateLimit
 from asyncjobs._ratelimit import (
     BucketState,
     Limiter,
+    bounded,
     full,
     next_token_at,
     parse_rate,
@@ -123,10 +124,25 @@ def test_next_token_at_is_when_a_whole_token_is_back() -> None:
 
 
 def test_a_clock_behind_the_bucket_mints_no_tokens() -> None:
-    limit = parse_rate("10/s")
+    limit = parse_rate("10/s")  # refills in 1 s
     state = BucketState(0.0, 1000.0)
-    earlier = refill(limit, state, 990.0)
-    assert earlier == BucketState(0.0, 1000.0)
+    assert refill(limit, state, 999.5) == BucketState(0.0, 1000.0)
+    assert next_token_at(limit, state, 999.5) == pytest.approx(1000.1)
+    assert take(limit, state, 999.5) is None
+
+
+def test_a_bucket_counted_further_ahead_than_a_refill_waits_one_refill_at_most() -> None:
+    """A clock set back an hour (or a host an hour behind the one that counted the
+    bucket) waits no longer than the bucket takes to refill, not the hour."""
+    limit = RateLimit(rate=10, per=1, burst=5)  # refills in 0.5 s
+    state = BucketState(0.0, 1000.0)
+    assert refill(limit, state, 990.0) == BucketState(0.0, 990.5)
+    assert next_token_at(limit, state, 990.0) == pytest.approx(990.6)
+    assert refill(limit, BucketState(3.0, 1000.0), 990.0).tokens == 3.0
+    trusted = bounded(limit, state, 990.0)  # as the store writes it back
+    assert trusted == BucketState(0.0, 990.5)
+    assert take(limit, trusted, 990.6) is not None
+    assert bounded(limit, trusted, 990.1) is trusted  # within a refill: as it is
 
 
 def test_limiter_key_is_computed_from_the_job_arguments() -> None:
