@@ -807,7 +807,9 @@ class Runner(_Leases, _Execution):
         """Free the slot now (for the next job claimed ahead, if any); the outcome is
         written by the next claim (or flush)."""
         row = running.row
-        duration = self.clock.now() - started
+        # The wall clock: set back while the job ran (NTP), it gave a negative duration,
+        # which held the mean below zero for dozens of jobs (full look-ahead) and was logged.
+        duration = max(0.0, self.clock.now() - started)
         if outcome is not None:
             self._outbox.append((row, outcome, duration))
         mean = self._mean_duration

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from typing import Any
 
@@ -113,6 +114,44 @@ async def test_long_jobs_are_not_claimed_ahead(make_jobs: MakeJobs, clock: FakeC
     await until_finished(jobs, ids)
     await jobs.close()
     assert await statuses(jobs, ids) == [("succeeded", 1)] * JOBS
+
+
+class SteppedClock:
+    """A ``FakeClock`` whose wall time can be set back, as NTP steps a host's clock."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.offset = 0.0
+
+    def now(self) -> float:
+        return self.clock.now() + self.offset
+
+    async def sleep(self, seconds: float) -> None:
+        await self.clock.sleep(seconds)
+
+    def move_on_after(self, seconds: float | None) -> AbstractContextManager[anyio.CancelScope]:
+        return self.clock.move_on_after(seconds)
+
+
+async def test_a_job_during_which_the_clock_was_set_back_counts_as_taking_no_time(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """Its duration came out at -3600 s: the mean of recent jobs stayed below zero for
+    dozens of jobs, and the worker claimed ahead all it may, even for jobs of a second."""
+    stepped = SteppedClock(clock)
+    jobs = make_jobs(clock=stepped, concurrency=2, shutdown_timeout=10)
+
+    @jobs.task()
+    async def set_back() -> None:
+        stepped.offset -= 3600
+
+    await jobs.start()
+    await (await set_back.enqueue()).result(timeout=5)
+    ids = await run_blocked(jobs, clock, job_seconds=1.0)  # a job of 1 s, then the test's
+    assert await statuses(jobs, ids) == [("running", 1)] * 2 + [("queued", 0)] * (JOBS - 2)
+    jobs.release.set()  # type: ignore[attr-defined]
+    await until_finished(jobs, ids)
+    await jobs.close()
 
 
 async def test_a_cancelled_job_claimed_ahead_never_runs(
