@@ -20,7 +20,11 @@ must not swallow it.
 
 from __future__ import annotations
 
+import math
+import numbers
 from datetime import timedelta
+from decimal import Decimal
+from typing import SupportsFloat
 
 
 class AsyncJobsError(Exception):
@@ -75,12 +79,29 @@ class Retry(Exception):
     Without ``delay`` the task's usual exponential backoff applies.
     """
 
-    def __init__(self, delay: float | timedelta | None = None, reason: str | None = None) -> None:
-        if isinstance(delay, timedelta):
-            delay = delay.total_seconds()
-        # at most 100 years (asyncjobs._settings.MAX_DELAY): later dates are unreadable
-        if delay is not None and not 0 <= delay <= 3_155_760_000:
-            raise ValueError(f"Retry delay must be 0 to 100 years in seconds, got {delay!r}")
+    def __init__(
+        self, delay: SupportsFloat | timedelta | None = None, reason: str | None = None
+    ) -> None:
         super().__init__(reason or "retry requested")
-        self.delay = delay
+        self.delay = None if delay is None else _seconds(delay)
         self.reason = reason
+
+
+def _seconds(delay: object) -> float:
+    """A ``Retry`` delay as float seconds: any real number (an int, a ``Decimal``, a
+    ``Fraction``) or a ``timedelta``. Converted here, since the runner computes with
+    floats: a ``Decimal`` passed the range check, then failed inside the runner, and the
+    attempt was recorded as an internal error instead of the retry asked for."""
+    if isinstance(delay, timedelta):
+        seconds = delay.total_seconds()
+    elif isinstance(delay, bool) or not isinstance(delay, numbers.Real | Decimal):
+        raise TypeError(f"Retry delay must be a number of seconds or a timedelta, got {delay!r}")
+    else:
+        try:
+            seconds = float(delay)
+        except (OverflowError, ValueError):  # too large for a float, or a signalling NaN
+            seconds = math.nan
+    # at most 100 years (asyncjobs._settings.MAX_DELAY): later dates are unreadable
+    if not 0 <= seconds <= 3_155_760_000:
+        raise ValueError(f"Retry delay must be 0 to 100 years in seconds, got {delay!r}")
+    return seconds

@@ -7,6 +7,7 @@ import asyncio
 import random
 import sqlite3
 from collections.abc import Callable, Coroutine
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -123,6 +124,22 @@ async def test_retry_signal_uses_its_delay_and_spends_an_attempt(
     await drain(jobs)
     info = await job.info()
     assert (info.status, info.attempts, len(runs)) == ("dead", 2, 2)
+
+
+async def test_a_retry_delay_given_as_a_decimal_is_waited_out(jobs: Jobs, clock: FakeClock) -> None:
+    """It passed Retry's check, then failed inside the runner: the attempt was recorded
+    as an internal asyncjobs error, not as the retry the task asked for."""
+
+    @jobs.task(retries=1)
+    async def priced() -> None:
+        raise Retry(delay=Decimal("1.5"), reason="quote pending")
+
+    job = await priced.enqueue()
+    await drain(jobs)
+    info = await job.info()
+    assert (info.status, info.attempts) == ("scheduled", 1)
+    assert info.run_at.timestamp() == pytest.approx(clock.now() + 1.5)
+    assert info.error == "Retry: quote pending"
 
 
 async def test_a_retry_signal_from_a_task_group_inside_the_job_keeps_its_delay(
