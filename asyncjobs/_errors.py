@@ -51,7 +51,8 @@ class JobFailed(AsyncJobsError):
     """The job ended ``dead`` or ``cancelled`` instead of succeeding."""
 
     def __init__(self, job_id: str, status: str, error: str | None) -> None:
-        detail = f": {error.strip().splitlines()[-1]}" if error else ""
+        lines = error.strip().splitlines() if error else []  # none if only whitespace
+        detail = f": {lines[-1]}" if lines else ""
         super().__init__(f"job {job_id} ended {status}{detail}")
         self.job_id = job_id
         self.status = status

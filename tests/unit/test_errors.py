@@ -1,4 +1,4 @@
-"""The errors' own checks: ``Retry``'s delay."""
+"""The errors' own checks: ``Retry``'s delay, ``JobFailed``'s message."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import pytest
 
-from asyncjobs import Retry
+from asyncjobs import JobFailed, Retry
 
 
 @pytest.mark.parametrize(
@@ -45,3 +45,15 @@ def test_retry_refuses_a_delay_out_of_range(delay: float) -> None:
 def test_retry_refuses_a_delay_that_is_no_number_saying_so(delay: object) -> None:
     with pytest.raises(TypeError, match="Retry delay must be a number of seconds or a timedelta"):
         Retry(delay=delay)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("error", ["", " ", "\n\t \n", None])
+def test_job_failed_from_an_error_of_only_whitespace_says_no_more(error: str | None) -> None:
+    failed = JobFailed("j1", "dead", error)
+    assert str(failed) == "job j1 ended dead"
+    assert failed.error == error
+
+
+def test_job_failed_names_the_last_line_of_the_error() -> None:
+    failed = JobFailed("j1", "dead", "Traceback ...\n  ...\nValueError: no such user\n\n")
+    assert str(failed) == "job j1 ended dead: ValueError: no such user"
