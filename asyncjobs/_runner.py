@@ -114,6 +114,9 @@ class Runner(_Leases, _Execution):
         self._pid = os.getpid()
         self.started_at = self.clock.now()
         self.running: dict[str, _Running] = {}
+        # Earlier attempts stopped because their job was claimed again here (``_start``):
+        # each keeps its slot until its task ends.
+        self._stopping: list[_Running] = []
         self.jobs_started = 0  # attempts started here, ever: drain() bounds its own
         # While a drain() runs: start none once jobs_started is this.
         self._start_limit: int | None = None
@@ -284,7 +287,7 @@ class Runner(_Leases, _Execution):
     @property
     def _busy(self) -> int:
         """Slots taken or promised: running, claimed ahead, or being dispatched."""
-        return len(self.running) + len(self._ready) + len(self._reserved)
+        return len(self.running) + len(self._stopping) + len(self._ready) + len(self._reserved)
 
     @property
     def room(self) -> int:
@@ -437,7 +440,12 @@ class Runner(_Leases, _Execution):
         # Not in the slots promised to jobs being dispatched (reserve): their inserts
         # commit them running, and a job claimed ahead that took one would make them
         # wait in its place.
-        free = self.settings.concurrency - len(self.running) - len(self._reserved)
+        free = (
+            self.settings.concurrency
+            - len(self.running)
+            - len(self._stopping)
+            - len(self._reserved)
+        )
         if self._start_limit is not None:
             free = min(free, self._start_limit - self.jobs_started)
         if free <= 0 or not self._ready or not self._accepting:
@@ -460,10 +468,21 @@ class Runner(_Leases, _Execution):
             stale.cancelled_by_user = True
             if stale.task is not None:
                 stale.task.cancel()
+                # Until its task ends (its cleanup may take a while), it still takes
+                # the slot: the new attempt takes the one the caller found free.
+                self._stopping.append(stale)
+                stale.task.add_done_callback(lambda _: self._stopped(stale))
         running = self.running[row.id] = _Running(row)
         self.jobs_started += 1
         loop = asyncio.get_running_loop()
         running.task = loop.create_task(self._execute(running), context=self._context.copy())
+
+    def _stopped(self, stale: _Running) -> None:
+        """A stale attempt's task ended (``_start``): its slot is free."""
+        self._stopping = [other for other in self._stopping if other is not stale]
+        self._free_slot()
+        self._start_ready()
+        self.wake()
 
     async def cancel_running(self) -> None:
         """Cancel the jobs still running and wait for each to record its release
@@ -473,7 +492,11 @@ class Runner(_Leases, _Execution):
         ``_execute``'s cleanup): it goes back unspent here. Nothing new starts.
         """
         self.stop_accepting()
-        tasks = [running.task for running in self.running.values() if running.task is not None]
+        tasks = [
+            running.task
+            for running in [*self.running.values(), *self._stopping]
+            if running.task is not None
+        ]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -829,7 +852,7 @@ class Runner(_Leases, _Execution):
         claim comes to write it; left for the end, a job that finished early would stay
         running in the store while others run on, and its lease could expire)."""
         await self.flush_outbox()  # jobs claimed ahead, given back when shutdown began
-        while self.running or self._reserved:
+        while self.running or self._stopping or self._reserved:
             freed = self._slot_freed  # before the write: a job may end during it
             if self._outbox and await self.flush_outbox():
                 continue

@@ -1110,6 +1110,61 @@ async def test_a_job_claimed_again_while_its_stale_attempt_runs_here_stops_that_
     assert (info.status, info.attempts) == ("succeeded", 2)
 
 
+async def test_a_stale_attempt_being_stopped_keeps_its_slot_until_it_ends(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """The attempt stopped because its job was claimed again here still ran (its cleanup
+    took a while) once the newer one started in its slot: a third job started beside
+    them, one more than ``concurrency``."""
+    jobs = make_jobs(concurrency=2, shutdown_timeout=0)
+    started: list[int] = []
+    cleanup, gate = anyio.Event(), anyio.Event()
+    others: list[str] = []
+
+    @jobs.task(name="long")
+    async def long() -> None:
+        attempt = len(started)
+        started.append(attempt)
+        try:
+            await gate.wait()
+        except asyncio.CancelledError:
+            if attempt == 0:
+                await cleanup.wait()  # stopped, it cleans up a while
+            raise
+
+    @jobs.task(name="other")
+    async def other() -> None:
+        others.append("ran")
+
+    async def until(check: Callable[[], object]) -> None:
+        with anyio.fail_after(5):
+            while not check():
+                await anyio.lowlevel.checkpoint()
+
+    async with jobs:
+        await long.enqueue()
+        await until(lambda: started == [0])
+        store: Any = jobs.store
+        heartbeat = store.heartbeat
+
+        async def unreachable(*args: Any, **kwargs: Any) -> Any:
+            raise ConnectionError("store unreachable")
+
+        store.heartbeat = unreachable  # the lease is not extended
+        clock.advance(jobs.settings.visibility_timeout + 1)
+        await jobs.runner.recover()  # requeued; this worker claims it again
+        await until(lambda: started == [0, 1])
+        store.heartbeat = heartbeat
+        job = await other.enqueue()  # both slots are taken: attempt 0 still cleans up
+        for _ in range(20):
+            await anyio.lowlevel.checkpoint()
+        info = await job.info()
+        assert (info.status, others) == ("queued", [])
+        cleanup.set()
+        await until(lambda: others == ["ran"])  # attempt 0 ended: its slot is free
+        gate.set()
+
+
 class _ClaimsOutlastThePoll(FakeClock):
     """A clock that is a second later at every read: every claim outlasts a poll
     interval of half a second."""
