@@ -3,6 +3,7 @@ change detection on the event loop thread."""
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import threading
 from pathlib import Path
@@ -151,3 +152,49 @@ async def test_a_log_that_readers_kept_from_starting_over_is_emptied(tmp_path: P
     finally:
         reader.close()
         await store.close()
+
+
+def test_a_reader_that_never_ends_holds_writers_off_only_a_few_times(tmp_path: Path) -> None:
+    """A read transaction left open (an app's connection that began one and forgot it,
+    in any process) keeps every checkpoint from copying the log past its snapshot. The
+    TRUNCATE checkpoint that waits for readers also holds every writer off while it
+    waits (a whole second): it tried again at every checkpoint once the log was that
+    long, and with such a reader 6,000 enqueues took 59 s instead of 1.4. After one
+    that could not finish, the next waits until the log is twice as long."""
+    path = tmp_path / "s.db"
+    writer = sqlite3.connect(path, isolation_level=None)
+    reader = sqlite3.connect(path, isolation_level=None)
+    checkpointer = Checkpointer(path, every=1, truncate_pages=10)
+    truncates: list[str] = []
+    try:
+        writer.execute("PRAGMA journal_mode=WAL")
+        writer.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's alone
+        writer.execute("CREATE TABLE t (x BLOB)")
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM t").fetchall()  # its snapshot, held for good
+        db = checkpointer.connect()
+        db.execute("PRAGMA busy_timeout=0")  # the waits themselves are not this test's
+        db.set_trace_callback(lambda sql: truncates.append(sql) if "TRUNCATE" in sql else None)
+        for _ in range(300):
+            writer.execute("INSERT INTO t VALUES (zeroblob(3000))")  # a page or so each
+            checkpointer._checkpoint()
+        ((_, frames, _),) = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        assert frames > 300
+        # At 10 pages, then at about 20, 40, 80...: once per doubling.
+        assert 1 <= len(truncates) <= math.log2(frames / 10) + 1
+        reader.execute("COMMIT")  # the reader ends: the log is copied back
+        checkpointer._checkpoint()
+        writer.execute("INSERT INTO t VALUES (zeroblob(3000))")  # and starts over
+        checkpointer._checkpoint()
+        reader.execute("BEGIN")  # readers hold it back again: waited for at 10 pages again
+        reader.execute("SELECT count(*) FROM t").fetchall()
+        truncates.clear()
+        for _ in range(10):
+            writer.execute("INSERT INTO t VALUES (zeroblob(3000))")
+            checkpointer._checkpoint()
+        assert truncates
+    finally:
+        reader.close()
+        writer.close()
+        if checkpointer._db is not None:
+            checkpointer._db.close()

@@ -107,7 +107,10 @@ class Checkpointer:
     checkpoint runs at a time. PASSIVE never waits: with another process's
     checkpoint or a long reader in the way it copies what it can, and the next one
     goes on from there. If readers held back a log ``truncate_pages`` long, a
-    TRUNCATE checkpoint waits for them and empties it.
+    TRUNCATE checkpoint waits for them and empties it. One that could not (a reader
+    stayed the whole wait, meanwhile holding every writer off) is tried again only once
+    the log has doubled: a reader that never ends stalls writers a few times, not at
+    every checkpoint.
     """
 
     def __init__(
@@ -116,6 +119,7 @@ class Checkpointer:
         self._path = path
         self._every = every
         self._truncate_pages = truncate_pages
+        self._truncate_at = truncate_pages  # doubled while a TRUNCATE cannot finish
         self._commits = 0
         self._running: asyncio.Task[None] | None = None
         self._db: sqlite3.Connection | None = None  # one worker thread at a time
@@ -150,8 +154,14 @@ class Checkpointer:
         try:
             db = self.connect()
             ((_, frames, copied),) = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            if frames >= self._truncate_pages and copied < frames:
-                db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            if frames < self._truncate_pages:  # the log started over: readers let it
+                self._truncate_at = self._truncate_pages
+            elif frames >= self._truncate_at and copied < frames:
+                ((busy, _, _),) = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                # Busy: a reader stayed (maybe one that never ends, a transaction left
+                # open in any process). Wait for readers again once the log has doubled,
+                # or every checkpoint from here on would hold writers off the whole wait.
+                self._truncate_at = 2 * frames if busy else self._truncate_pages
             self.checkpoints += 1
         except sqlite3.Error as error:
             # Busy, or the disk failed: the safety net threshold still bounds the log.
