@@ -898,6 +898,90 @@ def test_a_store_used_from_several_event_loops_closes_cleanly(tmp_path: Path) ->
         )
 
 
+# Python 3.12 warns of any fork while other threads run (the parent's connections').
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_store_opened_before_a_fork_opens_anew_in_the_child(tmp_path: Path) -> None:
+    """A script that enqueued, then forks (a multiprocessing pool), or a prefork server
+    whose app used the store on import: the child inherited the open store, whose
+    connection threads did not come along. Its first read waited for ever, and its
+    writes on the loop went through the parent's SQLite connections, which SQLite
+    forbids after a fork."""
+    store = SQLiteStore(tmp_path / "jobs.db")
+    asyncio.run(store.insert([new_job("parent-1")], now=0.0))
+
+    async def in_child() -> None:
+        with anyio.fail_after(10):
+            await store.insert([new_job("child-1")], now=0.0)  # a short write, on the loop
+            assert await store.get("parent-1") is not None  # a read, in the thread
+            more = [new_job(f"child-{i}") for i in range(2, INLINE_ROWS + 3)]
+            await store.insert(more, now=0.0)  # more than the loop writes: in the thread
+            await store.close()
+
+    pid = os.fork()
+    if pid == 0:  # the child: its own connections; report by its exit code
+        code = 1
+        try:
+            asyncio.run(in_child())
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0
+
+    async def in_parent() -> int:  # the parent's connections still work
+        try:
+            await store.insert([new_job("parent-2")], now=0.0)
+            return len(await store.list(limit=1000, now=0.0))
+        finally:
+            await store.close()
+
+    assert asyncio.run(in_parent()) == INLINE_ROWS + 4
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_child_forked_from_an_open_store_keeps_its_jobs_when_the_parent_closes(
+    tmp_path: Path,
+) -> None:
+    """SQLite's locks are per process, and it counts a process's own in memory, which a
+    fork copies: a child's new connections on a file its inherited ones held counted
+    those and took no lock of their own. The parent, closing its store while the child
+    wrote, found itself the last on the file and deleted the log, with the child's
+    later jobs in it. The child closes what it inherited instead, so its locks are real."""
+    path = tmp_path / "jobs.db"
+    store = SQLiteStore(path)
+    asyncio.run(store.insert([new_job("parent")], now=0.0))
+    from_child, child_wrote = os.pipe()  # the child has written
+    parent_closed, to_child = os.pipe()  # the parent has closed its store
+
+    async def in_child() -> None:
+        with anyio.fail_after(10):
+            await store.insert([new_job("child-0")], now=0.0)
+            os.write(child_wrote, b"1")
+            await anyio.to_thread.run_sync(os.read, parent_closed, 1)
+            for i in range(1, 11):
+                await store.insert([new_job(f"child-{i}")], now=0.0)
+            await store.close()
+
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            asyncio.run(in_child())
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        assert os.read(from_child, 1) == b"1"
+        asyncio.run(store.close())
+    finally:
+        os.write(to_child, b"1")
+    assert os.waitpid(pid, 0)[1] == 0
+    for fd in (from_child, child_wrote, parent_closed, to_child):
+        os.close(fd)
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM asyncjobs_jobs").fetchone() == (12,)
+    db.close()
+
+
 async def test_a_relative_path_is_a_file_name_even_when_it_looks_like_a_uri(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -37,6 +37,7 @@ import os
 import re
 import sqlite3
 import time
+import weakref
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -165,6 +166,22 @@ _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 with ``://`` for a path either (``sqlite_path``)."""
 
 
+_STORES: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
+"""Every store of this process, for ``_forget_inherited`` in a forked child."""
+
+_INHERITED: list[tuple[object, ...]] = []
+"""What a forked child inherited from its parent's open stores: kept here, never used
+(see ``SQLiteStore._forget_connections``)."""
+
+
+def _forget_inherited() -> None:
+    for store in list(_STORES):
+        store._forget_connections()
+
+
+os.register_at_fork(after_in_child=_forget_inherited)
+
+
 def _in_memory(name: str) -> bool:
     """Whether ``name`` is how SQLite spells an in-memory database: ``:memory:``, or a
     ``file:`` URI naming one (``file::memory:``, ``file:x?mode=memory``)."""
@@ -217,6 +234,8 @@ class SQLiteStore:
         self._open = False  # set up: migrated, side connections made
         self._give_up_at: float | None = None  # time.monotonic(); see set_deadline
         self._walks = Walks()  # how far the claims went past their window
+        self._in_flight = 0  # calls waiting on a connection's thread (_forget_connections)
+        _STORES.add(self)
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
@@ -272,7 +291,10 @@ class SQLiteStore:
         self, busy_timeout: float
     ) -> tuple[aiosqlite.Connection, sqlite3.Connection]:
         """A new aiosqlite connection, and the sqlite3 one its thread runs."""
-        pending = aiosqlite.connect(self.path, isolation_level=None, timeout=busy_timeout)
+        # check_same_thread=False: a forked child closes its copy (_forget_connections).
+        pending = aiosqlite.connect(
+            self.path, isolation_level=None, timeout=busy_timeout, check_same_thread=False
+        )
         # A script that enqueues and returns without closing the store must still exit:
         # Python waits at exit for every thread that is not a daemon. A write cut off by
         # the exit is rolled back when the file is next opened, as after a crash.
@@ -311,6 +333,39 @@ class SQLiteStore:
         # this close and leave the store open, or find its connection gone.
         async with self._opening:
             await self._disconnect()
+
+    def _forget_connections(self) -> None:
+        """In a child forked after this store opened (a script's multiprocessing pool, a
+        prefork server whose app used the store on import): close the connections it
+        inherited, and let the first use open the store anew. Their threads did not come
+        along, so a read waited for ever. And SQLite keeps count of a process's own
+        locks in memory, which the fork copied: new connections beside inherited ones
+        counted those and took no lock of their own, so the parent, closing its store,
+        found itself the last on the file and deleted the log with the child's later
+        jobs in it. Closing them here takes none of the parent's locks (locks are per
+        process), and the parent's still open file is neither checkpointed nor deleted.
+
+        A connection that a thread may have been using at the fork (a call under way, a
+        checkpoint) may be locked in the child for good: it is kept, unused, instead."""
+        inherited = (
+            self._db, self._raw, self._reader, self._reader_raw,
+            self._checkpointer, self._watch, self._inline,
+        )  # fmt: skip
+        if any(connection is not None for connection in inherited):
+            _INHERITED.append(inherited)  # never collected: aiosqlite's would warn
+            idle = self._in_flight == 0 and not self._opening.locked()
+            for side in (self._watch, self._inline):  # used on the loop's thread only
+                if side is not None:
+                    side.close()
+            if self._checkpointer is not None:
+                self._checkpointer.close_unless_running()
+            for raw in (self._reader_raw, self._raw):
+                if raw is not None and idle:
+                    raw.close()
+        self._db = self._raw = self._reader = self._reader_raw = None
+        self._checkpointer = self._watch = self._inline = None
+        self._open = False
+        self._opening = asyncio.Lock()  # the parent may have held it, opening
 
     async def _disconnect(self) -> None:
         self._open = False
@@ -390,10 +445,13 @@ class SQLiteStore:
             if db is not None and raw is not None:
                 break
             await self.open()  # not open yet, or closed again meanwhile
+        self._in_flight += 1
         try:
             result: T = await db._execute(fn, raw, *args, **kwargs)  # type: ignore[no-untyped-call]
         except sqlite3.Error as error:
             raise self._error(error) from error
+        finally:
+            self._in_flight -= 1
         return result
 
     def _error(self, error: sqlite3.Error) -> StoreError:

@@ -176,6 +176,14 @@ class Checkpointer:
             return  # an earlier event loop's (asyncio.run per call), which waited for it
         await asyncio.shield(running)
 
+    def close_unless_running(self) -> None:
+        """Close the connection now unless a checkpoint is under way on it (in a forked
+        child, where the thread running it did not come along: it is left alone)."""
+        if self._running is None or self._running.done():
+            db, self._db = self._db, None
+            if db is not None:
+                db.close()
+
     async def close(self) -> None:
         await self.idle()
         self._running = None
