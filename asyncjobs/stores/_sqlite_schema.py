@@ -61,9 +61,7 @@ def migrate(db: sqlite3.Connection) -> None:
         f"SELECT coalesce(max(version), 0) FROM {SCHEMA_VERSION_TABLE}"  # noqa: S608 - constant
     ).fetchone()
     scripts = migration_scripts("sqlite")
-    if scripts and current > scripts[-1][0]:
-        main = [file for _, name, file in db.execute("PRAGMA database_list") if name == "main"]
-        refuse_newer(current, scripts, f"the SQLite store's file {''.join(main)!r}")
+    _refuse_newer(db, current, scripts)
     for version, script in scripts:
         if version <= current:
             continue
@@ -75,24 +73,34 @@ def migrate(db: sqlite3.Connection) -> None:
         )
 
 
+def _refuse_newer(db: sqlite3.Connection, current: int, scripts: list[tuple[int, str]]) -> None:
+    if scripts and current > scripts[-1][0]:
+        main = [file for _, name, file in db.execute("PRAGMA database_list") if name == "main"]
+        refuse_newer(current, scripts, f"the SQLite store's file {''.join(main)!r}")
+
+
 def schema_current(db: sqlite3.Connection) -> bool:
     """Whether the file already holds every migration, found by a read: opening a store
     then takes no write lock, so it does not wait for a transaction another connection
-    holds open (a ``jobs.transaction(conn)`` caller reading the store inside its block)."""
+    holds open (a ``jobs.transaction(conn)`` caller reading the store inside its block).
+    A newer version raises ``StoreError`` here, on the read: it waited for the write
+    lock to migrate first, and the newer asyncjobs writing in another process made
+    that "database is locked", not why this one cannot use the file."""
     try:
         (current,) = db.execute(
             f"SELECT coalesce(max(version), 0) FROM {SCHEMA_VERSION_TABLE}"  # noqa: S608 - constant
         ).fetchone()
     except sqlite3.OperationalError:  # no version table: a new file (or a busy one)
         return False
-    # A newer version than the last script is not current either: migrate refuses it.
-    return bool(current == max(version for version, _ in migration_scripts("sqlite")))
+    scripts = migration_scripts("sqlite")
+    _refuse_newer(db, current, scripts)
+    return bool(current == scripts[-1][0])
 
 
 def opens_without_writing(path: Path) -> bool:
     """Whether opening a store on ``path`` writes nothing: the file is in WAL mode and
     holds every migration. Found by a read on a connection of its own, which waits for
-    no lock (a busy or missing file: False)."""
+    no lock (a busy or missing file: False; a newer schema: ``StoreError``)."""
     try:
         db = sqlite3.connect(path.as_uri() + "?mode=ro", uri=True, timeout=0)
     except sqlite3.Error:

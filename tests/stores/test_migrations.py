@@ -190,6 +190,30 @@ async def test_a_schema_newer_than_this_version_is_refused(backend_url: str) -> 
     assert await versions(backend_url) == [v for v, _ in migration_scripts(backend)] + [latest + 1]
 
 
+async def test_a_newer_sqlite_file_is_refused_while_the_newer_process_writes(
+    tmp_path: Path,
+) -> None:
+    """The version is read, not written: the refusal waits for no write lock. It waited
+    for one (to migrate) first, and with the newer asyncjobs in another process writing
+    the whole time, it said "database is locked", not why the file cannot be used."""
+    path = tmp_path / "jobs.db"
+    store = SQLiteStore(path)
+    await store.insert([new("a")], now=T0)
+    await store.close()
+    latest = migration_scripts("sqlite")[-1][0]
+    await record_version("sqlite:///" + str(path), latest + 1)
+    newer = sqlite3.connect(path, isolation_level=None)
+    older = SQLiteStore(path, busy_timeout=0.05)
+    try:
+        newer.execute("BEGIN IMMEDIATE")  # the newer process's write, under way
+        with pytest.raises(StoreError, match=rf"schema version {latest + 1}, newer than"):
+            await older.open()
+    finally:
+        await older.close()
+        newer.execute("ROLLBACK")
+        newer.close()
+
+
 async def test_transactional_enqueue_refuses_a_newer_sqlite_file(tmp_path: Path) -> None:
     """The caller holds the write lock, so the schema is checked through its connection."""
     path = tmp_path / "jobs.db"
