@@ -307,7 +307,9 @@ class SQLiteStore:
             # wait here, with the loop alive, or the thread reports to a closed loop.
             if pending._thread.is_alive():
                 await anyio.to_thread.run_sync(pending._thread.join, 5.0)
-            raise StoreError(f"cannot open the SQLite store at {self.path}: {error}") from error
+            raise StoreError(
+                f"cannot open the SQLite store at {self.path}: {error}{self._open_hint(error)}"
+            ) from error
         # aiosqlite exposes no public way to run a function in its connection thread;
         # _execute is how its own methods do it, and it saves a round trip per statement.
         raw = db._connection
@@ -458,7 +460,20 @@ class SQLiteStore:
         """A driver error as a ``StoreError``; ``DataRefused`` when SQLite refused a
         value itself (``SQLITE_TOOBIG`` and the like), which no retry will change."""
         kind = DataRefused if isinstance(error, sqlite3.DataError) else StoreError
-        return kind(f"SQLite store {self.path}: {error}")
+        return kind(f"SQLite store {self.path}: {error}{self._open_hint(error)}")
+
+    def _open_hint(self, error: Exception) -> str:
+        """What SQLite's "unable to open database file" leaves out: a file that is there
+        and readable fails so in a folder this process cannot write to, when no other
+        process has it open, as SQLite then makes its log and shared memory files."""
+        if "unable to open database file" not in str(error):
+            return ""
+        name = self.path.name
+        return (
+            f" (SQLite keeps {name}-wal and {name}-shm beside the file, and makes them "
+            f"when no other process has it open: can this process write to "
+            f"{self.path.parent}?)"
+        )
 
     def _write(
         self,

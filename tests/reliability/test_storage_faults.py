@@ -220,6 +220,33 @@ async def test_read_only_database_file_gives_a_clear_store_error(tmp_path: Path)
     assert rows(path) == 1
 
 
+async def test_a_read_only_folder_gives_a_store_error_that_names_it(tmp_path: Path) -> None:
+    """A file closed by every process has no log beside it; in a folder this process
+    cannot write to, SQLite cannot make one, and said only "unable to open database
+    file" of a file that is there and readable."""
+    folder = tmp_path / "jobs"
+    path = folder / "jobs.db"
+    jobs = Jobs(str(path), workers=False)
+    await jobs.enqueue("t", 1)
+    await jobs.close()
+    make_read_only(folder)
+    try:
+        jobs = Jobs(str(path), workers=False)
+        try:
+            with anyio.fail_after(30), pytest.raises(StoreError) as refused:
+                await jobs.enqueue("t", 2)
+            message = str(refused.value)
+            assert str(path) in message
+            assert "jobs.db-wal" in message, message
+            assert str(folder) in message.replace(str(path), ""), message
+        finally:
+            await jobs.close()
+    finally:
+        make_writable(folder)
+        folder.chmod(0o755)  # a folder: searchable again
+    assert rows(path) == 1
+
+
 async def test_the_dashboard_still_shows_a_read_only_database(tmp_path: Path) -> None:
     """Its pages only read: a dashboard used before the file turned read-only (its
     CSRF key stored) shows them, as stats() and list() do, not a 500 on every page."""
