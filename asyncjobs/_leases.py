@@ -167,9 +167,9 @@ class _Leases:
                     "job %s (%s) requeued: its lease expired during attempt %d",
                     job.id, job.task, job.attempts, extra=extra,
                 )  # fmt: skip
-            # Our own write does not show in data_version (nor wakes us by a NOTIFY):
-            # claim now, not at the next poll, the job requeued, or what its end freed
-            # (the next job of its group, its concurrency slot).
+            # Our own write wakes nobody at once (no NOTIFY; SQLite's data_version is
+            # read at the next poll): claim now, not then, the job requeued, or what its
+            # end freed (the next job of its group, its concurrency slot).
             self.wake()
 
     async def maintenance_loop(self, *, task_status: TaskStatus[None]) -> None:
