@@ -57,11 +57,14 @@ class JobContext:
 
         Only while this attempt is the job's: one whose lease was lost (the job runs
         again meanwhile) writes nothing over the progress of the attempt running now."""
-        if not 0.0 <= float(progress) <= 1.0:
+        value = float(progress)
+        if not 0.0 <= value <= 1.0:
             raise ValueError(f"progress must be between 0.0 and 1.0, got {progress!r}")
         text = None if message is None else storable(str(message))
+        # + 0.0 makes -0.0 (in range: it equals 0.0) plain 0.0, as SQLite stores it;
+        # PostgreSQL would keep the sign, and the dashboard would show "-0%".
         await self._jobs.store.set_progress(
-            self.id, float(progress), text, worker=self._worker, attempt=self.attempt
+            self.id, value + 0.0, text, worker=self._worker, attempt=self.attempt
         )
 
 

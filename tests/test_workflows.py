@@ -1457,6 +1457,15 @@ async def test_progress_set_by_a_task_shows_in_job_info(jobs: Jobs) -> None:
         await current_job_progress(jobs, 1.5)
 
 
+async def test_a_progress_of_minus_zero_reads_as_zero_on_every_store(jobs: Jobs) -> None:
+    """-0.0 passes the range check (it equals 0.0). SQLite stored it as 0.0 and
+    PostgreSQL kept the sign, so the dashboard showed "-0%" on one store alone."""
+    await current_job_progress(jobs, -0.0)
+    (info,) = await jobs.list(task="progress--0.0")
+    assert info.progress == 0.0
+    assert str(info.progress) == "0.0"
+
+
 async def current_job_progress(jobs: Jobs, value: float) -> None:
     """Run a task that sets ``value`` as its progress and re-raise what it raised."""
     errors: list[BaseException] = []
