@@ -116,6 +116,11 @@ logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
+DRIVER_ERRORS = (sqlite3.Error, UnicodeEncodeError, OverflowError)
+"""What sqlite3 raises for a store call that fails: its own errors, and its refusals to
+bind a value (text no UTF-8 encodes, an int past 64 bits), which asyncpg raises as a
+DataError; both become ``StoreError`` at the store boundary (``SQLiteStore._error``)."""
+
 _SYNCHRONOUS = {
     "NORMAL": "PRAGMA synchronous=NORMAL",
     "FULL": "PRAGMA synchronous=FULL",
@@ -450,16 +455,18 @@ class SQLiteStore:
         self._in_flight += 1
         try:
             result: T = await db._execute(fn, raw, *args, **kwargs)  # type: ignore[no-untyped-call]
-        except sqlite3.Error as error:
+        except DRIVER_ERRORS as error:
             raise self._error(error) from error
         finally:
             self._in_flight -= 1
         return result
 
-    def _error(self, error: sqlite3.Error) -> StoreError:
-        """A driver error as a ``StoreError``; ``DataRefused`` when SQLite refused a
-        value itself (``SQLITE_TOOBIG`` and the like), which no retry will change."""
-        kind = DataRefused if isinstance(error, sqlite3.DataError) else StoreError
+    def _error(self, error: Exception) -> StoreError:
+        """A driver error (``DRIVER_ERRORS``) as a ``StoreError``; ``DataRefused`` when
+        SQLite, or sqlite3 binding it, refused a value itself (``SQLITE_TOOBIG``, text
+        no UTF-8 encodes, an int past 64 bits), which no retry will change."""
+        refused = not isinstance(error, sqlite3.Error) or isinstance(error, sqlite3.DataError)
+        kind = DataRefused if refused else StoreError
         return kind(f"SQLite store {self.path}: {error}{self._open_hint(error)}")
 
     def _open_hint(self, error: Exception) -> str:
@@ -535,7 +542,7 @@ class SQLiteStore:
         while True:
             try:
                 result = write(fn, *args, **kwargs)
-            except sqlite3.Error as error:
+            except DRIVER_ERRORS as error:
                 raise self._error(error) from error
             if result is not None:
                 self._committed()
@@ -638,7 +645,7 @@ class SQLiteStore:
         # A runner asks each time it goes idle: an index lookup, read on the loop.
         try:
             rows = None if self._watch is None else self._watch.try_read(_next_run_at)
-        except sqlite3.Error as error:
+        except DRIVER_ERRORS as error:
             raise self._error(error) from error
         if rows is None:
             rows = await self._read_call(_next_run_at)

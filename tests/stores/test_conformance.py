@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import pytest
 
-from asyncjobs._errors import StoreError
+from asyncjobs._errors import DataRefused, StoreError
 from asyncjobs.stores import (
     ClaimRequest,
     JobRow,
@@ -944,6 +944,22 @@ async def test_driver_errors_become_store_errors(store: Store) -> None:
         # The same id twice in one batch breaks the primary key on every backend.
         await store.insert([new("b"), new("b", idempotency_key="other")], now=T0)
     assert await store.get("b") is None  # the whole insert rolled back
+
+
+async def test_a_value_the_driver_cannot_send_is_refused_as_data(store: Store) -> None:
+    """Text no UTF-8 encodes (a lone surrogate) and an int past 64 bits: asyncpg's
+    refusal came back as DataRefused, sqlite3's escaped the store as UnicodeEncodeError
+    and OverflowError, no StoreError at all."""
+    await store.insert([new("a")], now=T0)
+    with pytest.raises(DataRefused):
+        await store.get("\ud800")
+    with pytest.raises(DataRefused):
+        await store.list(task="\ud800", now=T0)
+    with pytest.raises(DataRefused):
+        await store.list(before_seq=2**63, now=T0)
+    with pytest.raises(DataRefused):
+        await store.insert([new("b", queue="\udcff")], now=T0)
+    assert [row.id for row in await store.list(now=T0)] == ["a"]  # the store goes on
 
 
 async def test_released_jobs_receive_the_result_or_the_batch_counts(store: Store) -> None:
