@@ -353,8 +353,9 @@ _FINISH_SQL = {
         "status = 'succeeded', result = ?, error = NULL, finished_at = ?, lease_until = NULL"
     ),
     OutcomeKind.DEAD: "status = 'dead', result = ?, error = ?, finished_at = ?, lease_until = NULL",
-    OutcomeKind.CANCELLED: (
-        "status = 'cancelled', result = ?, error = ?, finished_at = ?, lease_until = NULL"
+    OutcomeKind.CANCELLED: (  # as a cancel writes it when the outcome gives no error
+        "status = 'cancelled', result = ?, error = coalesce(?, 'cancelled'), finished_at = ?, "
+        "lease_until = NULL"
     ),
     OutcomeKind.RETRY: (
         "status = 'scheduled', result = ?, error = ?, run_at = ?, lease_until = NULL, worker = NULL"

@@ -468,6 +468,17 @@ async def test_finish_dead_and_cancelled_end_the_job(store: Store) -> None:
     assert await status(store, "b") == "cancelled"
 
 
+async def test_a_cancelled_outcome_without_an_error_says_cancelled(store: Store) -> None:
+    """As a cancel does (and a retry of a job asked to stop): PostgreSQL wrote
+    'cancelled', SQLite left the error empty."""
+    await store.insert([new("a")], now=T0)
+    (a,) = await claim(store)
+    assert await store.finish([outcome(a, OutcomeKind.CANCELLED)], now=T0 + 1) == ["a"]
+    row = await store.get("a")
+    assert row is not None
+    assert (row.status, row.error, row.finished_at) == ("cancelled", "cancelled", T0 + 1)
+
+
 async def test_finish_release_refunds_the_attempt(store: Store) -> None:
     """With its only attempt refunded, the job has not started: it kept the claim's
     ``started_at``, shown as its start on a queued job of 0 attempts."""
