@@ -230,7 +230,7 @@ async def snapshot(
         StuckJob(**r)
         for r in await conn.fetch(
             "SELECT id, queue, task, worker, attempts, lease_until FROM asyncjobs_jobs "
-            "WHERE status = 'running' AND lease_until < $1 ORDER BY lease_until LIMIT 1000",
+            "WHERE status = 'running' AND lease_until < $1 ORDER BY lease_until, seq LIMIT 1000",
             now,
         )
     ]

@@ -624,6 +624,6 @@ class OpsSnapshot:
     oldest_due: dict[tuple[str, str], float]  # (queue, task) -> min run_at of due jobs
     finished: dict[tuple[str, str, str], list[int]]  # (queue, task, status) -> per window
     samples: list[FinishedSample]  # newest first
-    stuck: list[StuckJob]  # the 1,000 longest stuck
+    stuck: list[StuckJob]  # the 1,000 longest stuck (lease end, then enqueue order)
     stuck_counts: dict[tuple[str, str], int]  # (queue, task) -> every stuck job
     workers: list[WorkerRow]

@@ -229,7 +229,7 @@ def _snapshot(
         StuckJob(id=i, queue=q, task=t, worker=w, attempts=a, lease_until=lu)
         for i, q, t, w, a, lu in db.execute(
             "SELECT id, queue, task, worker, attempts, lease_until FROM asyncjobs_jobs "
-            "WHERE status = 'running' AND lease_until < ? ORDER BY lease_until LIMIT 1000",
+            "WHERE status = 'running' AND lease_until < ? ORDER BY lease_until, seq LIMIT 1000",
             (now,),
         )
     ]

@@ -49,6 +49,18 @@ async def test_running_jobs_with_an_expired_lease_are_stuck(store: Store) -> Non
     assert snap.stuck_counts == {("q", "t"): 1}
 
 
+async def test_stuck_jobs_with_the_same_lease_end_are_listed_in_enqueue_order(
+    store: Store,
+) -> None:
+    """One claim leases its jobs to the same end, so a worker that dies leaves them stuck
+    together: in the order they were enqueued on every store, not the order the claim
+    took them (priority) on one and the order the rows happen to lie in on another."""
+    await store.insert([new(f"j{i}", priority=i) for i in range(5)], now=T0)
+    assert await claim_all(store, now=T0, lease=10) == ["j4", "j3", "j2", "j1", "j0"]
+    snap = await store.snapshot(now=T0 + 11, windows=[60], sample=10, workers_since=T0)
+    assert [s.id for s in snap.stuck] == ["j0", "j1", "j2", "j3", "j4"]
+
+
 async def test_every_stuck_job_is_counted_though_only_a_thousand_are_listed(
     store: Store,
 ) -> None:
