@@ -222,7 +222,7 @@ async def snapshot(
             "SELECT queue, task, status, greatest(run_at, enqueued_at) AS run_at, started_at, "
             "finished_at FROM asyncjobs_jobs "
             "WHERE finished_at IS NOT NULL AND status IN ('succeeded', 'dead') "
-            "ORDER BY finished_at DESC LIMIT $1",
+            "ORDER BY finished_at DESC, seq DESC LIMIT $1",
             sample,
         )
     ]

@@ -221,7 +221,7 @@ def _snapshot(
         for q, t, st, r, s, f in db.execute(
             "SELECT queue, task, status, max(run_at, enqueued_at), started_at, finished_at "
             "FROM asyncjobs_jobs INDEXED BY asyncjobs_jobs_finished WHERE finished_at IS NOT NULL "
-            "AND status IN ('succeeded', 'dead') ORDER BY finished_at DESC LIMIT ?",
+            "AND status IN ('succeeded', 'dead') ORDER BY finished_at DESC, seq DESC LIMIT ?",
             (sample,),
         )
     ]

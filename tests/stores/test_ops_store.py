@@ -61,6 +61,19 @@ async def test_stuck_jobs_with_the_same_lease_end_are_listed_in_enqueue_order(
     assert [s.id for s in snap.stuck] == ["j0", "j1", "j2", "j3", "j4"]
 
 
+async def test_the_newest_finished_jobs_sampled_are_the_last_enqueued_of_a_tie(
+    store: Store,
+) -> None:
+    """Outcomes written together share their finish time: the timing sample's cut-off
+    falls inside such a group, and takes its last enqueued jobs on every store."""
+    await store.insert([new(f"j{i}", queue=f"q{i}") for i in range(5)], now=T0)
+    await claim_all(store, now=T0)
+    for i in (2, 0, 4, 1, 3):  # written in this order, all at one time
+        await finish(store, f"j{i}", OutcomeKind.SUCCEEDED, now=T0 + 1)
+    snap = await store.snapshot(now=T0 + 2, windows=[60], sample=3, workers_since=T0)
+    assert [s.queue for s in snap.samples] == ["q4", "q3", "q2"]
+
+
 async def test_every_stuck_job_is_counted_though_only_a_thousand_are_listed(
     store: Store,
 ) -> None:
