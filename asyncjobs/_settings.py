@@ -155,6 +155,21 @@ def positive_int(value: object, name: str) -> int:
     return value
 
 
+MAX_CONCURRENCY = 2**31 - 1
+"""The most jobs at once ``Jobs(concurrency=)`` takes: recorded with the worker, in an
+integer column on PostgreSQL (32 bits), which refused a larger one at every heartbeat
+while SQLite (64 bits) kept it."""
+
+
+def check_concurrency(value: object) -> int:
+    """``Jobs(concurrency=)``: a whole number from 1 to ``MAX_CONCURRENCY``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONCURRENCY:
+        raise ConfigurationError(
+            f"concurrency must be a whole number from 1 to {MAX_CONCURRENCY}, got {value!r}"
+        )
+    return value
+
+
 def check_name(value: object, what: str) -> str:
     """Task, queue and group names: non-empty printable text of at most 200 characters."""
     if not isinstance(value, str) or not value or len(value) > 200:
@@ -295,7 +310,7 @@ class Settings:
         base = seconds(backoff_base, "backoff_base")
         return cls(
             url=url,
-            concurrency=positive_int(concurrency, "concurrency"),
+            concurrency=check_concurrency(concurrency),
             workers=workers,
             queues=None if queues is None else _queue_names(queues),
             visibility_timeout=at_least(

@@ -372,6 +372,20 @@ def test_workers_forked_from_one_jobs_each_report_as_themselves(tmp_path: Path) 
     assert len({worker["id"] for worker in seen}) == 2
 
 
+async def test_a_worker_of_the_highest_concurrency_shows_in_stats_on_every_store(
+    make_jobs: MakeJobs, backend_url: str
+) -> None:
+    """The highest concurrency Jobs takes fits the workers table of every store."""
+    jobs = make_jobs(backend_url, concurrency=2**31 - 1)
+
+    @jobs.task
+    async def noop() -> None: ...
+
+    async with jobs:
+        (worker,) = (await jobs.stats())["workers"]
+    assert worker["concurrency"] == 2**31 - 1
+
+
 async def test_workers_started_again_in_their_process_show_the_new_start(
     make_jobs: MakeJobs, clock: FakeClock, backend_url: str
 ) -> None:

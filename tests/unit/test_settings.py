@@ -21,7 +21,10 @@ from asyncjobs.stores._postgres import PostgresStore
         ({"synchronous": "fast"}, "synchronous must be 'normal' or 'full'"),
         ({"workers": "no"}, "workers must be True or False, got 'no'"),
         ({"workers": None}, "workers must be True or False"),
-        ({"concurrency": 0}, "concurrency must be a whole number >= 1"),
+        ({"concurrency": 0}, "concurrency must be a whole number from 1 to 2147483647"),
+        # Recorded with the worker: PostgreSQL's integer column refused it at every
+        # heartbeat (the worker missing from stats), where SQLite took it.
+        ({"concurrency": 2**31}, "concurrency must be a whole number from 1 to 2147483647"),
         ({"visibility_timeout": 0}, "visibility_timeout must be a finite number of seconds > 0"),
         ({"poll_interval": "1"}, "poll_interval must be seconds or a timedelta"),
         # A lease of 3 ms was heartbeated about once a millisecond (350 writes for a job
