@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from asyncjobs._errors import ConfigurationError, StoreError
+from asyncjobs._errors import ConfigurationError
 from asyncjobs.stores._protocol import NewJob
-from asyncjobs.stores._sqlite import SQLiteStore
+from asyncjobs.stores._sqlite import DRIVER_ERRORS, SQLiteStore, error_kind
 from asyncjobs.stores._sqlite_schema import migrate
 from asyncjobs.stores._sqlite_sql import insert_jobs
 
@@ -151,11 +151,14 @@ def _same_file(a: str, b: Path) -> bool:
 
 
 async def _run(conn: Any, fn: Any, *args: Any) -> Any:
-    """Run ``fn(*args)`` in the aiosqlite connection's thread; map driver errors."""
+    """Run ``fn(*args)`` in the aiosqlite connection's thread; map driver errors, as the
+    store does its own (``DataRefused`` for a value SQLite refuses, as PostgreSQL's
+    caller connection says it too)."""
     try:
         return await conn._execute(fn, *args)
-    except sqlite3.Error as error:
-        raise StoreError(f"transactional enqueue through {conn!r} failed: {error}") from error
+    except DRIVER_ERRORS as error:
+        kind = error_kind(error)
+        raise kind(f"transactional enqueue through {conn!r} failed: {error}") from error
 
 
 # -- PostgreSQL -----------------------------------------------------------------------

@@ -119,7 +119,16 @@ T = TypeVar("T")
 DRIVER_ERRORS = (sqlite3.Error, UnicodeEncodeError, OverflowError)
 """What sqlite3 raises for a store call that fails: its own errors, and its refusals to
 bind a value (text no UTF-8 encodes, an int past 64 bits), which asyncpg raises as a
-DataError; both become ``StoreError`` at the store boundary (``SQLiteStore._error``)."""
+DataError; both become ``StoreError`` at the store boundary (``error_kind``)."""
+
+
+def error_kind(error: Exception) -> type[StoreError]:
+    """``DataRefused`` when SQLite, or sqlite3 binding it, refused a value itself
+    (``SQLITE_TOOBIG``, text no UTF-8 encodes, an int past 64 bits), which no retry will
+    change; else ``StoreError``. For one of ``DRIVER_ERRORS``."""
+    refused = not isinstance(error, sqlite3.Error) or isinstance(error, sqlite3.DataError)
+    return DataRefused if refused else StoreError
+
 
 _SYNCHRONOUS = {
     "NORMAL": "PRAGMA synchronous=NORMAL",
@@ -462,12 +471,8 @@ class SQLiteStore:
         return result
 
     def _error(self, error: Exception) -> StoreError:
-        """A driver error (``DRIVER_ERRORS``) as a ``StoreError``; ``DataRefused`` when
-        SQLite, or sqlite3 binding it, refused a value itself (``SQLITE_TOOBIG``, text
-        no UTF-8 encodes, an int past 64 bits), which no retry will change."""
-        refused = not isinstance(error, sqlite3.Error) or isinstance(error, sqlite3.DataError)
-        kind = DataRefused if refused else StoreError
-        return kind(f"SQLite store {self.path}: {error}{self._open_hint(error)}")
+        """A driver error (``DRIVER_ERRORS``) as a ``StoreError`` (``error_kind``)."""
+        return error_kind(error)(f"SQLite store {self.path}: {error}{self._open_hint(error)}")
 
     def _open_hint(self, error: Exception) -> str:
         """What SQLite's "unable to open database file" leaves out: a file that is there

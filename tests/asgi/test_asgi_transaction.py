@@ -13,7 +13,7 @@ import aiosqlite
 import anyio
 import pytest
 
-from asyncjobs import AsyncJobsError, ConfigurationError, Jobs, JobSpec, JobStatus
+from asyncjobs import AsyncJobsError, ConfigurationError, DataRefused, Jobs, JobSpec, JobStatus
 from asyncjobs._transaction import _autocommits
 from asyncjobs.stores import SQLiteStore
 from asyncjobs.stores._sqlite_sql import _claim, _finish_and_claim
@@ -287,6 +287,24 @@ async def test_entering_the_block_after_a_deferred_begin_neither_locks_nor_reads
     assert await jobs.get(job.id) is not None
     ((users,),) = await conn.execute_fetchall("SELECT count(*) FROM users")
     assert users == 2
+
+
+async def test_a_value_sqlite_refuses_in_the_callers_transaction_is_data_refused(
+    jobs: Jobs, conn: aiosqlite.Connection
+) -> None:
+    """As through the store's own connections, and as PostgreSQL's caller connection
+    says it: the same enqueue fails the same way every time, unlike a locked file."""
+    register(jobs)
+    await jobs.store.open()
+    raw = conn._connection
+    assert raw is not None
+    # In the connection's thread: SQLITE_TOOBIG for a value past 200 bytes.
+    await conn._execute(raw.setlimit, sqlite3.SQLITE_LIMIT_LENGTH, 200)  # type: ignore[no-untyped-call]
+    await conn.execute("BEGIN IMMEDIATE")
+    async with jobs.transaction(conn):
+        with pytest.raises(DataRefused, match="too big"):
+            await jobs.enqueue("welcome", "x" * 300)
+    await conn.execute("ROLLBACK")
 
 
 async def test_autocommit_connection_without_begin_is_refused_and_nothing_is_written(
