@@ -124,12 +124,24 @@ async def nightly_cleanup() -> int:
 # -- HTTP ---------------------------------------------------------------------------------
 
 
+async def json_object(request: Request) -> dict[str, Any] | None:
+    """The request's body as a JSON object, or None when it is not one (a typo in a
+    curl command gets a 422 saying what to send, not a 500)."""
+    try:
+        data = await request.json()
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+    return data if isinstance(data, dict) else None
+
+
 async def signup(request: Request) -> JSONResponse:
     """Create the user and enqueue the verification email in one transaction."""
-    data = await request.json()
-    email = str(data.get("email", "")).strip().lower()
+    data = await json_object(request)
+    email = "" if data is None else str(data.get("email", "")).strip().lower()
     if "@" not in email:
-        return JSONResponse({"error": "give an email address"}, status_code=422)
+        return JSONResponse(
+            {"error": 'give an email address: {"email": "ada@example.com"}'}, status_code=422
+        )
     jobs: Jobs = request.state.jobs
     async with aiosqlite.connect(DB_PATH, isolation_level=None, timeout=10) as db:
         await db.execute("BEGIN IMMEDIATE")
@@ -155,8 +167,10 @@ async def signup(request: Request) -> JSONResponse:
 
 async def upload(request: Request) -> JSONResponse:
     """An upload runs scan -> thumbnail -> notify, each step once the previous succeeded."""
-    data = await request.json()
-    user_id = int(data.get("user_id", 0))
+    data = await json_object(request)
+    user_id = None if data is None else data.get("user_id")
+    if not isinstance(user_id, int) or isinstance(user_id, bool):
+        return JSONResponse({"error": 'give a user id: {"user_id": 1}'}, status_code=422)
     upload_id = f"upload-{random.randrange(10**9)}"  # noqa: S311
     chain = await request.state.jobs.chain(
         scan_upload.spec(upload_id),

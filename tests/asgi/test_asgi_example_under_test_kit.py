@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 
 
@@ -34,3 +35,34 @@ async def test_drain_runs_the_example_apps_jobs_under_the_fake_clock(
         await jobs.drain()
     assert await thumbnail.result(timeout=1) == "upload-1-thumb.png"
     assert (await email.result(timeout=1)).startswith("msg-")
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/signup", "not json"),
+        ("/signup", '["ada@example.com"]'),
+        ("/uploads", "not json"),
+        ("/uploads", "{}"),
+        ("/uploads", '{"user_id": "one"}'),
+    ],
+)
+async def test_the_example_answers_a_malformed_body_with_422_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, asyncjobs_isolate: Any, path: str, body: str
+) -> None:
+    """A newcomer trying the README's curl commands with a typo got a 500 and a
+    traceback in the server's log; the example says what it wants instead."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[2]))
+    monkeypatch.setenv("APP_DB", str(tmp_path / "app.db"))
+    monkeypatch.delitem(sys.modules, "examples.starlette_app.app", raising=False)
+    example = importlib.import_module("examples.starlette_app.app")
+    monkeypatch.delitem(sys.modules, "examples.starlette_app.app")
+    jobs = await asyncjobs_isolate(example.jobs)
+    async with example.lifespan(example.app):
+        pass
+    transport = httpx.ASGITransport(app=example.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        response = await client.post(path, content=body)
+    assert response.status_code == 422, response.text
+    assert "error" in response.json()
+    assert await jobs.list() == []
