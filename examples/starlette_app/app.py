@@ -48,7 +48,9 @@ EMAIL_RATE = os.environ.get("EMAIL_RATE", "5/s")
 jobs = Jobs(
     "sqlite:///" + str(DB_PATH),
     shutdown_timeout=float(os.environ.get("SHUTDOWN_TIMEOUT", "10")),
-    backoff_base=1.0,  # retries after ~1 s, ~2 s, ~4 s ... so they are visible
+    # The default, spelled out: retry n waits a random 0 to 2**(n-1) s (full jitter),
+    # so the retries of a failed email show in the log within 1, 2, 4, 8 s.
+    backoff_base=1.0,
 )
 jobs.limiter("email-provider", EMAIL_RATE)  # the provider's quota, across all processes
 
