@@ -129,11 +129,13 @@ class Job(Generic[R]):
         return hash(self.id)
 
     async def info(self) -> JobInfo:
+        """The job as stored now; raises ``AsyncJobsError`` when it no longer exists
+        (discarded, purged or pruned)."""
         info = await self._jobs.get(self.id)
         if info is None:
             from asyncjobs._errors import AsyncJobsError
 
-            raise AsyncJobsError(f"job {self.id} no longer exists (pruned or purged)")
+            raise AsyncJobsError(f"job {self.id} no longer exists (discarded, purged or pruned)")
         return info
 
     async def result(self, timeout: float | timedelta | None = None) -> R:

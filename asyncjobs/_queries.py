@@ -88,6 +88,8 @@ class _Queries:
     # -- queries and admin -----------------------------------------------------------
 
     async def get(self, job_id: str) -> JobInfo | None:
+        """The job as stored now, or None when no job has that id (never stored, or
+        discarded, purged or pruned since)."""
         checked = job_id_or_none(job_id)
         row = None if checked is None else await self.store.get(checked)
         return None if row is None else info_from_row(row, self.clock.now())

@@ -276,9 +276,13 @@ class Task(Generic[P, R]):
         return copy
 
     def spec(self, /, *args: P.args, **kwargs: P.kwargs) -> JobSpec[R]:
+        """A job of this task (with this copy's options) not yet enqueued, for
+        ``jobs.enqueue``, ``enqueue_many``, ``chain`` and ``batch``, which check its
+        arguments."""
         return JobSpec(
             task=self.name, args=tuple(args), kwargs=kwargs, options=self._options, definition=self
         )
 
     async def enqueue(self, /, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
+        """Store a job of this task and return its handle: ``jobs.enqueue(task, ...)``."""
         return await self.jobs.enqueue(self.spec(*args, **kwargs))
