@@ -200,7 +200,7 @@ async def test_a_pruned_slot_is_not_run_again_after_a_restart(
 ) -> None:
     """An older slot kept longer (dead) than the newer one (succeeded, pruned) is not
     taken for the last that ran: the newer one is not run a second time."""
-    clock.advance(DAY - clock.now() % DAY - 60)  # a minute before midnight
+    clock.advance((DAY - clock.now() % DAY - 60) % DAY)  # to a minute before midnight
     first = make_jobs(db_url, retention=3600, dead_retention=30 * DAY)
     runs: list[float] = []
 
@@ -320,7 +320,7 @@ async def test_a_slot_pruned_before_another_process_ticks_is_not_run_twice(
     """With a short retention, the slot's job ran and was pruned before the second process
     ticked through the slot (it lagged: busy, or its clock behind): the idempotency key
     is free again, but the store's record of the slot says it ran."""
-    clock.advance(3600 - clock.now() % 3600 - 30)
+    clock.advance((3600 - clock.now() % 3600 - 30) % 3600)  # to 30 s before an hour
     first = make_jobs(backend_url, retention=0)
     second = make_jobs(backend_url, retention=0)
     runs: list[float] = []
@@ -490,7 +490,7 @@ async def test_a_schedule_declared_while_a_tick_reads_the_store_does_not_fail_th
 ) -> None:
     """The tick goes through the schedules with awaits in between (the store's record
     of each): one declared meanwhile changed the dict it was going through."""
-    clock.advance(60 - clock.now() % 60 - 1)
+    clock.advance((60 - clock.now() % 60 - 1) % 60)  # to a second before a minute
     jobs = make_jobs()
     runs: list[float] = []
     register_counter(jobs, runs, every=60)
