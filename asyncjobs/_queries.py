@@ -178,7 +178,9 @@ class _Queries:
         scheduled, queued) is refused: it would match none of them, and purge 0 as
         though there were none. A chain's members after the first are kept until they
         finish: deleted before they ran, they would leave the chain reading as
-        succeeded. Cancel the chain first to purge them."""
+        succeeded. Cancel the chain first to purge them. The members a dead or cancelled
+        one cancelled before they ran are kept while it is stored, as retention keeps
+        them (retrying it runs them), and go with it when this purge takes it too."""
         if status is None and older_than is None:
             raise ValueError("purge() needs a status or older_than")
         if status is not None:

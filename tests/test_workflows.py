@@ -503,6 +503,46 @@ async def test_retention_keeps_the_members_a_dead_one_cancelled_as_long_as_it(
     assert [await jobs.get(j.id) for j in broken.jobs] == [None, None, None]
 
 
+async def test_a_purge_keeps_the_members_a_dead_one_cancelled_as_long_as_it(
+    jobs: Jobs, clock: FakeClock
+) -> None:
+    """As retention does: a purge of cancelled (or of all finished) jobs took the members
+    after a dead one, cancelled before they ran, and a retry of the dead one then
+    finished the chain without them. They stay while the member before them is stored,
+    and go when the same purge takes that one; a purge of dead jobs leaves them."""
+    step, ran, failing = media_step(jobs)
+    chain = await jobs.chain(
+        step.spec("upload"), step.spec("transcode"), step.spec("thumbnail"), step.spec("notify")
+    )
+    await drain(jobs)
+    clock.advance(1)
+    assert await jobs.purge(status="cancelled") == 0
+    assert await jobs.purge(status="succeeded") == 1
+    stored = [await jobs.get(j.id) for j in chain.jobs]
+    assert [i and i.status for i in stored] == [None, "dead", "cancelled", "cancelled"]
+    failing.clear()
+    assert await jobs.retry(chain.jobs[1].id)
+    await drain(jobs)
+    assert ran == ["upload", "transcode", "transcode", "thumbnail", "notify"]
+    assert await chain.status() == JobStatus.SUCCEEDED
+
+    failing.add("transcode")
+    broken = await jobs.chain(step.spec("transcode"), step.spec("a"), step.spec("b"))
+    unrun = await jobs.chain(step.spec("c"), step.spec("d"))
+    assert await unrun.cancel()
+    await drain(jobs)
+    clock.advance(1)
+    assert await jobs.purge(status="dead") == 1  # the members after it stay, free to go
+    assert await jobs.purge(status="cancelled") == 4
+    assert [await jobs.get(j.id) for j in (*broken.jobs, *unrun.jobs)] == [None] * 5
+
+    await jobs.chain(step.spec("transcode"), step.spec("e"), step.spec("f"))
+    await drain(jobs)
+    clock.advance(1)
+    assert await jobs.purge(older_than=0) == 6  # the dead one takes them in the same call
+    assert await jobs.list() == []
+
+
 async def test_retention_prunes_a_cancelled_chain_in_one_pass(
     make_jobs: MakeJobs, clock: FakeClock
 ) -> None:

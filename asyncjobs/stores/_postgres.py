@@ -74,7 +74,7 @@ from asyncjobs.stores._protocol import (
     WorkerBeat,
     checked_preview,
 )
-from asyncjobs.stores._statuses import DEAD_AS_READ, PURGEABLE
+from asyncjobs.stores._statuses import DEAD_AS_READ, PURGE_FOLLOWER, PURGEABLE
 
 if TYPE_CHECKING:
     from asyncjobs.stores._postgres_sql import Connection, Pool
@@ -516,14 +516,15 @@ class PostgresStore(_Connections):
             where.append(f"finished_at < ${len(params)}")
         if not where:
             raise ValueError("purge() needs a status or older_than")
-        where.append(PURGEABLE)
         # Only fixed terms with $n placeholders are joined here; values go in params.
+        walk = _PURGE_FOLLOWERS.format(matching=" AND ".join(where), after=len(params) + 1)
+        where.append(PURGEABLE)
         matching = " AND ".join(where)
         end = _DELETE_END.format(changed=len(params) + 1, matched=len(params) + 2)
         return await self._transaction(
             "purge",
             lambda conn: _delete(
-                conn, _UNFINISHED + matching, _DELETE + matching + end, params, now
+                conn, _UNFINISHED + matching, _DELETE + matching + end, params, now, walk
             ),
         )
 
@@ -679,16 +680,44 @@ _DELETE_END = (
     "AND id <> ALL(${changed}::text[]) OR id = ANY(${matched}::text[])) "
     "RETURNING chain_next, batch_id, status, finished_at"
 )
+# The run of chain members after the jobs a purge deleted (their chain_next: ${after},
+# .format(after=n + 1) after the condition's n parameters) that PURGEABLE kept while
+# the one before each was stored: cancelled before they ran, they go with it when the
+# purge's condition ({matching}) takes them too. The walk stops at the first that is
+# not one. Each member is looked up by id in a LATERAL subquery the planner cannot
+# flatten (OFFSET 0, FOR UPDATE), as _PRUNE_FOLLOWERS does: joined plainly, it may read
+# every cancelled job and match them against the walk. FOR UPDATE waits for a row
+# another transaction holds and then checks it again (one retried meanwhile is left).
+# A member the deletion itself just cancelled (finished now, never before the purge
+# began) is no match for any condition a purge takes: none of dead, cancelled with
+# nothing unfinished matched, or finished before ``now``.
+_PURGE_FOLLOWERS = (
+    "WITH RECURSIVE rest(id) AS (SELECT unnest(${after}::text[]) UNION ALL "  # noqa: S608 - constant
+    "SELECT f.chain_next FROM rest CROSS JOIN LATERAL (SELECT j.chain_next "
+    "FROM asyncjobs_jobs AS j WHERE j.id = rest.id AND j.chain_next IS NOT NULL "
+    f"AND {PURGE_FOLLOWER} AND {{matching}} OFFSET 0) AS f) "
+    "DELETE FROM asyncjobs_jobs WHERE seq IN (SELECT f.seq FROM rest CROSS JOIN LATERAL "
+    "(SELECT j.seq FROM asyncjobs_jobs AS j WHERE j.id = rest.id "
+    f"AND {PURGE_FOLLOWER} AND {{matching}} FOR UPDATE) AS f) "
+    "RETURNING chain_next, batch_id, status, finished_at"
+)
 
 
 async def _delete(
-    conn: Connection, unfinished_sql: str, delete_sql: str, params: list[Any], now: float
+    conn: Connection,
+    unfinished_sql: str,
+    delete_sql: str,
+    params: list[Any],
+    now: float,
+    walk_sql: str | None = None,
 ) -> int:
     """Delete the jobs a condition matches, unless running (inside a transaction). An
     unfinished member of a chain or batch is cancelled first, as ``cancel`` would, so
     what waits on it moves on (the rest of its chain is cancelled, its batch's
     on_complete still comes). A chain member retried by hand that waits for a deleted
-    dead or cancelled one is cancelled too: nothing is left to release it."""
+    dead or cancelled one is cancelled too: nothing is left to release it. A purge's
+    ``walk_sql`` (``_PURGE_FOLLOWERS``) then takes the members that ``PURGEABLE`` kept
+    for the ones deleted."""
     unfinished = await conn.fetch(unfinished_sql, *params)
     members = [r["id"] for r in unfinished if r["member"]]
     changed = (
@@ -698,6 +727,9 @@ async def _delete(
     )
     matched = [r["id"] for r in unfinished]
     deleted = await conn.fetch(delete_sql, *params, changed, matched)
+    after = [r["chain_next"] for r in deleted if r["chain_next"] is not None]
+    if walk_sql is not None and after:
+        deleted += await conn.fetch(walk_sql, *params, after)
     followers = [r["chain_next"] for r in deleted if r["chain_next"] is not None]
     if followers:
         waiting = await conn.fetch(

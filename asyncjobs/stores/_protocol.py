@@ -442,7 +442,9 @@ class Store(Protocol):
         """Delete the jobs (never running ones) with that status (as ``list`` filters it)
         and/or finished before ``older_than``; unfinished chain and batch members as
         ``delete`` does, but for a chain member after the first that has not finished,
-        which is kept (``PURGEABLE``)."""
+        which is kept (``PURGEABLE``), and one cancelled before it ran behind one that
+        did not succeed, kept while that one is stored and taken with it when the
+        purge takes it too."""
         ...
 
     async def set_progress(

@@ -109,7 +109,7 @@ from asyncjobs.stores._sqlite_sql import (
     set_rate_keys,
     tally_deleted,
 )
-from asyncjobs.stores._statuses import DEAD_AS_READ, PURGEABLE
+from asyncjobs.stores._statuses import DEAD_AS_READ, PURGE_FOLLOWER, PURGEABLE
 
 logger = logging.getLogger(__name__)
 
@@ -722,18 +722,11 @@ class SQLiteStore:
     async def purge(
         self, *, status: str | None = None, older_than: float | None = None, now: float
     ) -> int:
-        where, params = _status_filter(status, now)
-        if older_than is not None:
-            where.append("finished_at < ?")
-            params.append(older_than)
-        if not where:
+        if status is None and older_than is None:
             raise ValueError("purge() needs a status or older_than")
-        where.append(PURGEABLE)
-        # Only fixed terms with ? placeholders are joined here; values go in params.
-        pick = _PICK_NOT_RUNNING + " AND ".join(where) + " AND seq <= ? ORDER BY seq DESC LIMIT ?"
         total, below = 0, _NEWEST
         while below is not None:  # one short transaction a batch, newest jobs first
-            deleted, below = await self._transaction(_delete_batch, pick, params, below, now)
+            deleted, below = await self._transaction(_delete_batch, status, older_than, below, now)
             total += deleted
         return total
 
@@ -867,19 +860,31 @@ _DELETE_END = (
 
 
 def _delete(
-    db: sqlite3.Connection, unfinished_sql: str, delete_sql: str, params: Sequence[Any], now: float
+    db: sqlite3.Connection,
+    unfinished_sql: str,
+    delete_sql: str,
+    params: Sequence[Any],
+    now: float,
+    walk_sql: str | None = None,
+    walk_params: Sequence[Any] = (),
 ) -> int:
     """Delete the jobs a condition matches, unless running. An unfinished member of a
     chain or batch is cancelled first, as ``cancel`` would, so what waits on it moves on
     (the rest of its chain is cancelled, its batch's on_complete still comes). A chain
     member retried by hand that waits for a deleted dead or cancelled one is cancelled
-    too: nothing is left to release it."""
+    too: nothing is left to release it. A purge's ``walk_sql`` (``_PURGE_FOLLOWERS``,
+    its condition's ``walk_params``) then takes the members that ``PURGEABLE`` kept for
+    the ones deleted."""
     unfinished = db.execute(unfinished_sql, params).fetchall()
     members = [job_id for job_id, member in unfinished if member]
     changed = _cancel(db, members, now, reason="discarded") if members else []
     matched = [job_id for job_id, _ in unfinished]
     deleted = db.execute(delete_sql, (*params, json.dumps(changed), json.dumps(matched)))
     rows = deleted.fetchall()
+    after = [chain_next for chain_next, _, _, _ in rows if chain_next is not None]
+    if walk_sql is not None and after:
+        walk = (json.dumps(after), *walk_params, *walk_params)
+        rows += db.execute(walk_sql, walk).fetchall()
     tally_deleted(db, [(batch_id, status, at) for _, batch_id, status, at in rows])
     followers = [chain_next for chain_next, _, _, _ in rows if chain_next is not None]
     if followers:
@@ -895,6 +900,22 @@ def _delete(
 _FIRST_BATCH: int | None = 0  # the seq the first batch comes after
 _NEWEST: int | None = 2**63 - 1  # no seq is above it: a purge's first batch
 _PICK_NOT_RUNNING = "SELECT id, seq FROM asyncjobs_jobs WHERE status != 'running' AND "
+# The run of chain members after the jobs a purge deleted (a JSON list of their
+# chain_next) that PURGEABLE kept while the one before each was stored: cancelled before
+# they ran, they go with it when the purge's condition ({matching}, whose parameters
+# follow the list twice) takes them too. The walk stops at the first that is not one.
+# CROSS JOIN: the walk drives a lookup by id per member (as _PRUNE_FOLLOWERS). A member
+# the deletion itself just cancelled (finished now, never before the purge began) is no
+# match for any condition a purge takes: none of dead, cancelled with nothing
+# unfinished matched, or finished before ``now``.
+_PURGE_FOLLOWERS = (
+    "WITH RECURSIVE rest(id) AS (SELECT value FROM json_each(?) UNION ALL "  # noqa: S608 - constant
+    "SELECT j.chain_next FROM rest CROSS JOIN asyncjobs_jobs AS j ON j.id = rest.id "
+    f"WHERE j.chain_next IS NOT NULL AND {PURGE_FOLLOWER} AND {{matching}}) "
+    "DELETE FROM asyncjobs_jobs WHERE seq IN (SELECT j.seq FROM rest "
+    f"CROSS JOIN asyncjobs_jobs AS j ON j.id = rest.id WHERE {PURGE_FOLLOWER} "
+    "AND {matching}) RETURNING chain_next, batch_id, status, finished_at"
+)
 _BY_ID = "id IN (SELECT value FROM json_each(?))"
 
 
@@ -904,18 +925,31 @@ def _delete_ids(db: sqlite3.Connection, job_ids: Sequence[str], now: float) -> i
 
 
 def _delete_batch(
-    db: sqlite3.Connection, pick: str, params: Sequence[Any], below: int, now: float
+    db: sqlite3.Connection, status: str | None, older_than: float | None, below: int, now: float
 ) -> tuple[int, int | None]:
-    """Delete the newest ``ADMIN_BATCH`` jobs ``pick`` matches whose seq is at most
-    ``below``; return how many, and the next batch's ``below`` (None: that was the last).
+    """Delete the newest ``ADMIN_BATCH`` jobs a purge matches (``PURGEABLE`` among those
+    with ``status``, finished before ``older_than``) whose seq is at most ``below``;
+    return how many, and the next batch's ``below`` (None: that was the last).
 
     Newest first, so that a purge deletes what its condition matched before it began,
     as PostgreSQL's one statement does: what a batch changes without deleting it (the
     on_complete that cancelling a batch's last member releases, a chain member
     cancelled after one it deletes) was inserted after the job that changed it, in the
-    same insert, so its seq is higher, and no later batch looks at it."""
+    same insert, so its seq is higher, and no later batch looks at it. The members
+    after a deleted one that ``walk`` (``_PURGE_FOLLOWERS``) takes with it come after
+    it too: this batch takes the whole run of them, seen by an earlier batch or not."""
+    where, params = _status_filter(status, now)
+    if older_than is not None:
+        where.append("finished_at < ?")
+        params.append(older_than)
+    # Only fixed terms with ? placeholders are joined here; values go in params.
+    matching = " AND ".join(where)
+    walk = _PURGE_FOLLOWERS.format(matching=matching)
+    pick = f"{_PICK_NOT_RUNNING}{matching} AND {PURGEABLE} AND seq <= ? ORDER BY seq DESC LIMIT ?"
     rows = db.execute(pick, (*params, below, ADMIN_BATCH)).fetchall()
-    deleted = _delete_ids(db, [job_id for job_id, _ in rows], now) if rows else 0
+    ids = (json.dumps([job_id for job_id, _ in rows]),)
+    unfinished, delete = _UNFINISHED + _BY_ID, _DELETE + _BY_ID + _DELETE_END
+    deleted = _delete(db, unfinished, delete, ids, now, walk, params) if rows else 0
     return deleted, rows[-1][1] - 1 if len(rows) == ADMIN_BATCH else None
 
 

@@ -31,11 +31,28 @@ RETRYABLE = (
 """The jobs a manual retry takes back: those that read as dead, and cancelled ones."""
 
 PURGEABLE = (
-    "(status NOT IN ('waiting', 'scheduled', 'queued') OR NOT EXISTS (SELECT 1 FROM "
-    "asyncjobs_jobs AS before_it WHERE before_it.chain_next = asyncjobs_jobs.id))"
+    "(status NOT IN ('waiting', 'scheduled', 'queued', 'cancelled') "
+    "OR status = 'cancelled' AND attempts > 0 "
+    "OR NOT coalesce((SELECT asyncjobs_jobs.status <> 'cancelled' "
+    "OR before_it.status <> 'succeeded' FROM asyncjobs_jobs AS before_it "
+    "WHERE before_it.chain_next = asyncjobs_jobs.id LIMIT 1), FALSE))"
 )
-"""The jobs a purge may take: all but a chain member after the first that has not
-finished. Deleted with the members after it (a purge of ``waiting`` jobs takes them
-all), or as the last one, it left no member to show the chain broke, and the chain read
-``succeeded`` though they never ran. A chain's first member may go: cancelling it first
-cancels the rest, which show it. (Discarding a job by id still takes any of them.)"""
+"""The jobs a purge may take at first: all but a chain member after the first that has
+not finished, or was cancelled before it ran behind one that did not succeed (a dead
+or cancelled one). Deleted with the members after it (a purge of ``waiting`` jobs
+takes them all), or as the last one, an unfinished member left no member to show the
+chain broke, and the chain read ``succeeded`` though they never ran. A cancelled one
+is kept, as retention keeps it, while the member before it is stored: a retry of that
+one takes it back (``_RESUME_REST``), and without it finished the chain. It goes when
+the same purge takes that member (each store's ``_PURGE_FOLLOWERS``). A chain's first
+member may go: cancelling it first cancels the rest, which show it. (Discarding a job
+by id still takes any of them.)
+
+The member before a job is one scalar subquery, a seek in ``asyncjobs_jobs_chain_next``
+per candidate row: as ``NOT EXISTS``, PostgreSQL may hash every chain member once."""
+
+PURGE_FOLLOWER = "status = 'cancelled' AND attempts = 0"
+"""A chain member that ``PURGEABLE`` keeps while the member before it is stored, and
+that a purge then takes after that member, walking the run of them from its
+``chain_next`` by id (each store's ``_PURGE_FOLLOWERS``), if the purge's condition
+matches it too."""
