@@ -87,12 +87,16 @@ class Chain:
         return f"<Chain of {len(self.jobs)} jobs, first {self.jobs[0].id}>"
 
     async def infos(self) -> list[JobInfo]:
-        return [await job.info() for job in self.jobs]
+        """The members still stored, in order, each with its ``id``. One discarded,
+        purged or pruned is left out, as ``status()`` passes over it (it had finished:
+        an unfinished one is cancelled first, and the rest of the chain with it), so a
+        chain broken by a discarded step can still be looked into. Raises
+        ``AsyncJobsError`` when none is stored."""
+        return await self._stored()
 
     async def _stored(self) -> list[JobInfo]:
-        """The members still stored, in order. One discarded, purged or pruned had
-        finished: an unfinished one is cancelled first, and the rest of the chain with
-        it. Raises ``AsyncJobsError`` when none is stored."""
+        """The members still stored, in order (``infos()``); ``AsyncJobsError`` when
+        none is."""
         stored = [info for job in self.jobs if (info := await self._jobs.get(job.id))]
         if not stored:
             raise AsyncJobsError(f"no job of {self!r} is stored any more (pruned or purged)")

@@ -244,6 +244,29 @@ async def test_a_chain_broken_by_a_discarded_member_reports_it_cancelled(jobs: J
         await later.status()
 
 
+async def test_a_chain_with_a_member_gone_lists_the_members_still_stored(jobs: Jobs) -> None:
+    """``infos()`` raised once any member was gone (discarded, purged or pruned), though
+    ``status()`` and ``result()`` pass over it: the chain whose step was discarded, the
+    one to look into, could not be listed. It lists the members still stored, in order
+    (each with its id), and raises only when none is, as ``status()`` does."""
+
+    @jobs.task
+    async def step(n: int) -> int:
+        return n
+
+    chain = await jobs.chain(step.spec(1), step.spec(2), step.spec(3))
+    assert await jobs.discard(chain.jobs[1].id)
+    first, _, last = chain.jobs
+    infos = await chain.infos()
+    assert [(i.id, i.status) for i in infos] == [(first.id, "queued"), (last.id, "cancelled")]
+    await drain(jobs)
+    assert [i.status for i in await chain.infos()] == ["succeeded", "cancelled"]
+    assert await jobs.discard(first.id)
+    assert await jobs.discard(last.id)
+    with pytest.raises(AsyncJobsError, match="no job of <Chain"):
+        await chain.infos()
+
+
 async def test_a_chain_whose_last_member_is_gone_does_not_read_succeeded(jobs: Jobs) -> None:
     """Discarding the last member (unrun: waiting or released, or dead) left no member to
     show the chain broke, and ``status()`` read ``succeeded`` once the rest had. What
