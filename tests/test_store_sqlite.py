@@ -1027,3 +1027,30 @@ async def test_purge_and_retry_dead_of_many_rows_go_in_short_transactions(
         assert await store.counts(now=2.0) == {}
     finally:
         await store.close()
+
+
+async def test_a_purge_takes_the_cancelled_run_after_a_member_an_earlier_step_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A purge goes newest first, ``ADMIN_BATCH`` rows a step: a step that passes over
+    (keeps) a dead member's cancelled followers, the dead one left to a later step, does
+    not lose them: the step that deletes the dead one takes them by id."""
+    monkeypatch.setattr("asyncjobs.stores._sqlite.ADMIN_BATCH", 2)
+    store = SQLiteStore(tmp_path / "jobs.db")
+    await store.open()
+    chain = [new_job(f"m{n}", chain_next=f"m{n + 1}" if n < 3 else None) for n in range(4)]
+    others = [new_job("v"), new_job("w")]  # between the dead one and its followers
+    with sqlite3.connect(tmp_path / "jobs.db") as db:
+        insert_jobs(db, [chain[0], *others, *chain[1:], new_job("x")], 0.0)
+        db.execute(
+            "UPDATE asyncjobs_jobs SET finished_at = 1.0, status = CASE WHEN id = 'm0' "
+            "THEN 'dead' WHEN id IN ('v', 'w') THEN 'succeeded' ELSE 'cancelled' END "
+            "WHERE id <> 'x'"
+        )
+    db.close()
+    try:
+        # Step one: m3 to m1 kept (m0 is stored), w and v deleted; step two: m0, m1 to m3.
+        assert await store.purge(older_than=2.0, now=2.0) == 6
+        assert [row.id for row in await store.list(now=2.0)] == ["x"]
+    finally:
+        await store.close()
