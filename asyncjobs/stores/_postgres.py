@@ -688,9 +688,10 @@ _DELETE_END = (
 # flatten (OFFSET 0, FOR UPDATE), as _PRUNE_FOLLOWERS does: joined plainly, it may read
 # every cancelled job and match them against the walk. FOR UPDATE waits for a row
 # another transaction holds and then checks it again (one retried meanwhile is left).
-# A member the deletion itself just cancelled (finished now, never before the purge
-# began) is no match for any condition a purge takes: none of dead, cancelled with
-# nothing unfinished matched, or finished before ``now``.
+# It takes nothing the purge itself cancelled: the member waiting for a deleted one
+# is cancelled after the walk (_delete), and the rest of an unfinished job it deletes
+# finished now, which no purge condition matches (not dead, not finished before
+# ``now``, and a purge of cancelled jobs matches no unfinished job).
 _PURGE_FOLLOWERS = (
     "WITH RECURSIVE rest(id) AS (SELECT unnest(${after}::text[]) UNION ALL "  # noqa: S608 - constant
     "SELECT f.chain_next FROM rest CROSS JOIN LATERAL (SELECT j.chain_next "

@@ -904,10 +904,11 @@ _PICK_NOT_RUNNING = "SELECT id, seq FROM asyncjobs_jobs WHERE status != 'running
 # chain_next) that PURGEABLE kept while the one before each was stored: cancelled before
 # they ran, they go with it when the purge's condition ({matching}, whose parameters
 # follow the list twice) takes them too. The walk stops at the first that is not one.
-# CROSS JOIN: the walk drives a lookup by id per member (as _PRUNE_FOLLOWERS). A member
-# the deletion itself just cancelled (finished now, never before the purge began) is no
-# match for any condition a purge takes: none of dead, cancelled with nothing
-# unfinished matched, or finished before ``now``.
+# CROSS JOIN: the walk drives a lookup by id per member (as _PRUNE_FOLLOWERS).
+# It takes nothing the purge itself cancelled: the member waiting for a deleted one
+# is cancelled after the walk (_delete), and the rest of an unfinished job it deletes
+# finished now, which no purge condition matches (not dead, not finished before
+# ``now``, and a purge of cancelled jobs matches no unfinished job).
 _PURGE_FOLLOWERS = (
     "WITH RECURSIVE rest(id) AS (SELECT value FROM json_each(?) UNION ALL "  # noqa: S608 - constant
     "SELECT j.chain_next FROM rest CROSS JOIN asyncjobs_jobs AS j ON j.id = rest.id "
@@ -935,9 +936,9 @@ def _delete_batch(
     as PostgreSQL's one statement does: what a batch changes without deleting it (the
     on_complete that cancelling a batch's last member releases, a chain member
     cancelled after one it deletes) was inserted after the job that changed it, in the
-    same insert, so its seq is higher, and no later batch looks at it. The members
-    after a deleted one that ``walk`` (``_PURGE_FOLLOWERS``) takes with it come after
-    it too: this batch takes the whole run of them, seen by an earlier batch or not."""
+    same insert, so its seq is higher, and no later batch looks at it. The run after a
+    deleted member that ``_PURGE_FOLLOWERS`` takes with it is taken whole in this batch,
+    whether an earlier batch passed over it (kept then) or not."""
     where, params = _status_filter(status, now)
     if older_than is not None:
         where.append("finished_at < ?")
