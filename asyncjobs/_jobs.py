@@ -29,6 +29,7 @@ from asyncjobs._ratelimit import Limiter, RateLimit, parse_rate
 from asyncjobs._runner import Runner
 from asyncjobs._scheduler import ScheduleInfo, Scheduler
 from asyncjobs._settings import (
+    SYNCHRONOUS_DEFAULT,
     Seconds,
     Settings,
     check_name,
@@ -75,7 +76,7 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
         retention: Seconds = timedelta(days=7),
         dead_retention: Seconds | None = None,
         max_payload_bytes: int = 256 * 1024,
-        synchronous: str = "normal",
+        synchronous: str = SYNCHRONOUS_DEFAULT,  # "normal"; with a SQLite store=, the store's
         backoff_base: Seconds = 1.0,
         max_backoff: Seconds = 3600,
         clock: Clock | None = None,
@@ -102,6 +103,7 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
             dead_retention=dead_retention,
             max_payload_bytes=max_payload_bytes,
             synchronous=synchronous,
+            store=store,
             backoff_base=backoff_base,
             max_backoff=max_backoff,
             clock=SystemClock() if clock is None else clock,

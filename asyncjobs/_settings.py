@@ -133,6 +133,41 @@ def _url_of(store: Store) -> str | None:
     return None
 
 
+class _StoreOrNormal(str):
+    """The type of ``SYNCHRONOUS_DEFAULT`` alone."""
+
+    __slots__ = ()
+
+
+SYNCHRONOUS_DEFAULT: str = _StoreOrNormal("normal")
+"""``Jobs(synchronous=)`` when it is not given: "normal", or with a SQLite ``store=`` that
+store's own. It equals "normal" (the signature DESIGN.md fixes) but is this one object,
+so that ``check_synchronous`` can tell it from a "normal" given on purpose."""
+
+
+def check_synchronous(value: object, store: Store | None) -> str:
+    """``synchronous=``: "normal" or "full". With a SQLite ``store=`` it is that store's,
+    which opens with its own (``Jobs`` passes it none), so that ``settings.synchronous``
+    tells how the jobs are written; one given that differs is refused, where the store
+    ran at its own silently. PostgreSQL has no such setting (its durability is the
+    server's ``synchronous_commit``): with it, and with a store of your own, the value is
+    kept as given, as with a URL alone."""
+    from asyncjobs.stores import SQLiteStore  # as in check_store
+
+    ours = store.synchronous.lower() if isinstance(store, SQLiteStore) else None
+    if ours is not None and value is SYNCHRONOUS_DEFAULT:
+        return ours
+    if not isinstance(value, str) or value.lower() not in ("normal", "full"):
+        raise ConfigurationError(f"synchronous must be 'normal' or 'full', got {value!r}")
+    if ours is not None and value.lower() != ours:
+        raise ConfigurationError(
+            f"Jobs() was given synchronous={value!r} and store={store!r}, which runs at "
+            f"synchronous={ours!r}: the store's applies. Give it to the store "
+            f"(SQLiteStore(path, synchronous={value.lower()!r})), or leave Jobs' out"
+        )
+    return value.lower()
+
+
 def _first(names: list[str], shown: int = 4) -> str:
     more = len(names) - shown
     return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
@@ -298,14 +333,13 @@ class Settings:
         dead_retention: Seconds | None,
         max_payload_bytes: int,
         synchronous: object,  # checked here: Jobs(synchronous=None) is a ConfigurationError
+        store: Store | None,  # the store given to Jobs, if any: see check_synchronous
         backoff_base: Seconds,
         max_backoff: Seconds,
         clock: object,  # checked here: Jobs(clock=5) is a ConfigurationError
     ) -> Settings:
         if not isinstance(workers, bool):
             raise ConfigurationError(f"workers must be True or False, got {workers!r}")
-        if not isinstance(synchronous, str) or synchronous.lower() not in ("normal", "full"):
-            raise ConfigurationError(f"synchronous must be 'normal' or 'full', got {synchronous!r}")
         kept = seconds(retention, "retention")
         base = seconds(backoff_base, "backoff_base")
         return cls(
@@ -331,7 +365,7 @@ class Settings:
             if dead_retention is None
             else seconds(dead_retention, "dead_retention"),
             max_payload_bytes=positive_int(max_payload_bytes, "max_payload_bytes"),
-            synchronous=synchronous.lower(),
+            synchronous=check_synchronous(synchronous, store),
             backoff_base=base,
             max_backoff=at_least(
                 seconds(max_backoff, "max_backoff"),

@@ -161,3 +161,46 @@ def test_a_url_and_a_store_of_your_own_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="a store of your own, which cannot say it is"):
         Jobs(str(tmp_path / "jobs.db"), store=store)
     assert Jobs(store=store).store is store
+
+
+@pytest.mark.parametrize("synchronous", ["normal", "full"])
+def test_a_sqlite_store_alone_gives_the_settings_its_synchronous(
+    tmp_path: Path, synchronous: str
+) -> None:
+    """``Jobs(store=SQLiteStore(p, synchronous="full"))`` reported "normal": the store
+    runs at its own, which the settings now tell."""
+    jobs = Jobs(store=SQLiteStore(tmp_path / "jobs.db", synchronous=synchronous.upper()))
+    assert jobs.settings.synchronous == synchronous
+
+
+@pytest.mark.parametrize(("given", "stores"), [("full", "normal"), ("normal", "full")])
+def test_a_synchronous_other_than_the_sqlite_stores_is_refused(
+    tmp_path: Path, given: str, stores: str
+) -> None:
+    """``Jobs(store=SQLiteStore(p), synchronous="full")`` ran the store at "normal",
+    silently: commits a power loss could take, where "full" was asked for."""
+    store = SQLiteStore(tmp_path / "jobs.db", synchronous=stores)
+    with pytest.raises(
+        ConfigurationError,
+        match=rf"synchronous='{given}' and store=SQLiteStore\(.*\), which runs at "
+        rf"synchronous='{stores}'",
+    ):
+        Jobs(store=store, synchronous=given)
+
+
+def test_a_synchronous_the_sqlite_store_has_is_taken(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "jobs.db", synchronous="full")
+    assert Jobs(store=store, synchronous="FULL").settings.synchronous == "full"
+    with pytest.raises(ConfigurationError, match="synchronous must be 'normal' or 'full'"):
+        Jobs(store=store, synchronous="fast")  # a bad value is refused as one, not as a conflict
+
+
+def test_synchronous_with_a_postgres_store_is_as_given(tmp_path: Path) -> None:
+    """PostgreSQL has no such setting (its durability is the server's): ``synchronous=``
+    is taken as with its URL alone, and checked the same."""
+    url = "postgresql://app:pw@127.0.0.1/test"
+    assert Jobs(store=PostgresStore(url), synchronous="full").settings.synchronous == "full"
+    assert Jobs(url, synchronous="full").settings.synchronous == "full"
+    assert Jobs(store=PostgresStore(url)).settings.synchronous == "normal"
+    with pytest.raises(ConfigurationError, match="synchronous must be 'normal' or 'full'"):
+        Jobs(store=PostgresStore(url), synchronous="fast")
