@@ -754,6 +754,63 @@ async def test_a_failed_enqueue_flush_raises_and_writes_nothing_then_enqueue_wor
     assert [info.args for info in await jobs.list()] == [[2]]
 
 
+def held_before_wal(path: Path, lock: str) -> sqlite3.Connection:
+    """A connection holding a new file, not yet in WAL mode (another process's, or an
+    sqlite3 shell's): a read lock, or a write lock ("BEGIN IMMEDIATE"), until it ends."""
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")  # in the default journal mode (DELETE)
+    holder.execute(lock)
+    holder.execute("SELECT * FROM t").fetchall()
+    return holder
+
+
+@pytest.mark.parametrize("lock", ["BEGIN IMMEDIATE", "BEGIN"])
+async def test_a_new_file_another_connection_holds_fails_to_open_saying_so(
+    tmp_path: Path, lock: str
+) -> None:
+    """Switching a file to WAL mode needs it to itself. Against another connection's
+    lock the open made 30 tries whatever the busy timeout (4.4 s against a write lock,
+    10 s against a read lock with busy_timeout=0.2), then failed with a bare "database
+    is locked". It waits as a write does (five busy timeouts), then says what it did."""
+    path = tmp_path / "held.db"
+    holder = held_before_wal(path, lock)
+    store = SQLiteStore(path, busy_timeout=0.02)
+    try:
+        with (
+            anyio.fail_after(4),
+            pytest.raises(
+                StoreError,
+                match=r"could not switch .*held\.db to WAL mode: another connection held the "
+                r"file .*database is locked",
+            ) as caught,
+        ):
+            await store.open()
+        assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    try:
+        assert await store.insert([new_job("a")], now=0.0) == ["a"]  # opens once let go
+    finally:
+        await store.close()
+
+
+async def test_switching_a_new_file_to_wal_gives_up_at_the_deadline(tmp_path: Path) -> None:
+    """Five busy timeouts of a minute, but a deadline (``set_deadline``, at shutdown)
+    already past: the open tries once, as a write does."""
+    path = tmp_path / "held.db"
+    holder = held_before_wal(path, "BEGIN IMMEDIATE")
+    store = SQLiteStore(path, busy_timeout=60.0)
+    store.set_deadline(0.0)
+    try:
+        with anyio.fail_after(4), pytest.raises(StoreError, match="to WAL mode: another"):
+            await store.open()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        await store.close()
+
+
 async def test_many_connections_opening_a_new_file_at_once_all_succeed(tmp_path: Path) -> None:
     """Switching a new file to WAL races between openers; none may fail with "locked"."""
     for round_ in range(30):

@@ -77,10 +77,10 @@ from asyncjobs.stores._sqlite_admin import (
 )
 from asyncjobs.stores._sqlite_limits import Walks, has_limits
 from asyncjobs.stores._sqlite_schema import (
-    _switch_to_wal,
     migrate,
     opens_without_writing,
     schema_current,
+    switch_to_wal,
 )
 from asyncjobs.stores._sqlite_side import (
     ChangeWatch,
@@ -173,6 +173,12 @@ _BUSY_SLICE = 0.25
 when it connects): a write waits for a busy file in waits this long, so that a
 deadline set meanwhile (``set_deadline``) ends the wait within one of them, not at the
 end of a whole busy timeout."""
+
+
+_WAL_PAUSE = 0.01
+"""Seconds between tries to switch a file to WAL mode (``_switch_to_wal``), which SQLite
+refuses at once, without its busy handler's wait, while another connection holds the
+write lock: several processes opening a new file at once, each switching it."""
 
 
 _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
@@ -334,8 +340,8 @@ class SQLiteStore:
         return db, raw
 
     def _setup(self, db: sqlite3.Connection) -> None:
-        (mode,) = _switch_to_wal(db)
-        if str(mode).lower() != "wal":
+        mode = self._switch_to_wal(db)
+        if mode.lower() != "wal":
             raise StoreError(f"could not switch {self.path} to WAL mode (got {mode!r})")
         # PRAGMAs take no parameters: a fixed statement per setting; the busy timeout
         # is set by connect(timeout=...) through sqlite3_busy_timeout.
@@ -343,6 +349,22 @@ class SQLiteStore:
         set_log_policy(db)
         if not schema_current(db):
             self._write(db, migrate)
+
+    def _switch_to_wal(self, db: sqlite3.Connection) -> str:
+        """Switch the file to WAL mode, tried again while another connection holds it
+        as a write is (``_while_busy``: five busy timeouts, or until the deadline), with
+        a pause between tries: against a write lock SQLite refuses at once."""
+        try:
+            return self._while_busy(db, lambda: switch_to_wal(db), pause=_WAL_PAUSE)
+        except sqlite3.OperationalError as error:
+            if not is_busy(error):
+                raise
+            raise StoreError(
+                f"could not switch {self.path} to WAL mode: another connection held the "
+                f"file ({error}; an open waits up to {_BUSY_RETRIES} busy timeouts, "
+                f"busy_timeout={self.busy_timeout:g}s). A program that has it open without "
+                "WAL (an sqlite3 shell, a backup) must let go of it first"
+            ) from error
 
     async def close(self) -> None:
         # After an open in progress (first uses), which would otherwise finish behind
@@ -409,11 +431,14 @@ class SQLiteStore:
         # Real time, as SQLite's busy waits are (read in the connection thread).
         self._give_up_at = None if seconds is None else time.monotonic() + seconds  # noqa: TID251
 
-    def _while_busy(self, db: sqlite3.Connection, write: Callable[[], T]) -> T:
+    def _while_busy(
+        self, db: sqlite3.Connection, write: Callable[[], T], *, pause: float = 0.0
+    ) -> T:
         """Run ``write`` (one statement, or a whole transaction), again while the file is
         busy, for ``_BUSY_RETRIES`` busy timeouts in all (a long writer is ridden out),
         or until the deadline (``set_deadline``); past that, it is tried once. Each try
-        waits at most ``_BUSY_SLICE`` (the connection's busy timeout). Runs in the
+        waits at most ``_BUSY_SLICE`` (the connection's busy timeout), then ``pause``
+        seconds (for a statement SQLite refuses without waiting). Runs in the
         connection thread."""
         # The thread's own waits are real time, as SQLite's busy handler's are.
         started = time.monotonic()  # noqa: TID251
@@ -432,6 +457,8 @@ class SQLiteStore:
             if now >= warn_at:
                 warn_at += self.busy_timeout
                 logger.warning("SQLite store busy: another connection holds the write lock")
+            if pause:
+                time.sleep(pause)  # in the connection thread, not the loop
 
     async def _call(
         self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs

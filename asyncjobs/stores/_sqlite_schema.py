@@ -13,27 +13,17 @@ from pathlib import Path
 
 from asyncjobs._errors import ConfigurationError
 from asyncjobs.stores._migrations import migration_scripts, refuse_newer
-from asyncjobs.stores._sqlite_side import is_busy
 
 SCHEMA_VERSION_TABLE = "asyncjobs_migrations"
 
 
-def _switch_to_wal(db: sqlite3.Connection) -> tuple[str]:
-    """``PRAGMA journal_mode=WAL``, retried: when several processes open a new file at
-    once, the switch can fail with SQLITE_BUSY without waiting on the busy timeout."""
-    for attempt in range(_WAL_RETRIES):
-        try:
-            row: tuple[str] = db.execute("PRAGMA journal_mode=WAL").fetchone()
-        except sqlite3.OperationalError as error:
-            if not is_busy(error) or attempt == _WAL_RETRIES - 1:
-                raise
-            time.sleep(0.01 * (attempt + 1))  # in the connection thread, not the loop
-        else:
-            return row
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-_WAL_RETRIES = 30
+def switch_to_wal(db: sqlite3.Connection) -> str:
+    """``PRAGMA journal_mode=WAL``, once; the journal mode the file is in after it. It
+    needs the file to itself, and may fail with SQLITE_BUSY; against another
+    connection's write lock without waiting on the busy timeout (``SQLiteStore`` tries
+    again, pausing, as when several processes open a new file at once)."""
+    (mode,) = db.execute("PRAGMA journal_mode=WAL").fetchone()
+    return str(mode)
 
 
 def _statements(script: str) -> list[str]:
