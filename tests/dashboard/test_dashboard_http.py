@@ -26,6 +26,7 @@ from asyncjobs import ConfigurationError, Jobs, JobStatus
 from asyncjobs._dashboard.app import LIST_PREVIEW, SHOWN_CHARS, _pretty
 from asyncjobs._execution import MAX_ERROR_CHARS
 from asyncjobs.stores import ClaimRequest, JobRow, Outcome, OutcomeKind, TaskLimits
+from asyncjobs.stores._protocol import WorkerBeat
 from asyncjobs.stores._sqlite import SQLiteStore
 from asyncjobs.testing import FakeClock
 
@@ -556,6 +557,30 @@ async def test_a_job_page_shows_characters_that_do_not_print_as_escapes(jobs: Jo
     assert "&#34;ok\\u202e&#34;" in done_page
     assert "<code>k\\u202e</code>" in done_page
     assert "refund \\u202e0001$\\u200b\n\tsent" in failed_page
+
+
+async def test_the_overview_shows_worker_ids_that_do_not_print_as_escapes(
+    mix: Mix, clock: FakeClock
+) -> None:
+    """A worker's id starts with its host's name, which may hold a right-to-left override
+    (U+202E): the overview's workers and stuck jobs showed it raw, turned around."""
+    jobs, worker = mix.jobs, "host\u202e:1:w"
+    beat = WorkerBeat(
+        id=worker, host="host\u202e", pid=1, started_at=clock.now(), running=1,
+        concurrency=1, queues=None,
+    )  # fmt: skip
+    await jobs.store.record_worker(beat, now=clock.now())
+    request = ClaimRequest(
+        worker=worker, tasks={"send_email": TaskLimits(max_attempts=3)},
+        queues=None, limit=1, lease=60,
+    )  # fmt: skip
+    assert len(await jobs.store.claim(request, now=clock.now())) == 1
+    clock.advance(61)  # its lease expired, not yet recovered: a stuck job
+    async with client_for(jobs, login=True) as client:
+        page = (await client.get("/")).text
+    assert "Stuck jobs" in page
+    assert "\u202e" not in page
+    assert page.count("<code>host\\u202e:1:w</code>") == 2  # the worker, its stuck job
 
 
 async def test_a_big_structured_result_is_indented_only_as_far_as_the_page_shows(
