@@ -421,7 +421,12 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
         return deleted
 
     async def stats(self) -> Stats:
-        """Counts, ages, throughput, failure rate, timings, workers: see ``_stats.Stats``."""
+        """The store's numbers as a JSON-shaped dict (``asyncjobs stats --json`` prints
+        it). ``totals``, each of ``queues`` and each of its ``tasks`` hold jobs by
+        status, the oldest due job's wait, throughput and failure rate over the last one
+        and five minutes, run and wait time percentiles, and how many are stuck;
+        ``stuck_jobs`` lists those, ``workers`` the processes seen in the last hour,
+        ``schedules`` this process's cron and periodic tasks; ``generated_at`` says when."""
         from asyncjobs._stats import collect
 
         return await collect(self)
