@@ -153,11 +153,14 @@ def check_synchronous(value: object, store: Store | None) -> str:
     server's ``synchronous_commit``): with it, and with a store of your own, the value is
     kept as given, as with a URL alone."""
     from asyncjobs.stores import SQLiteStore  # as in check_store
+    from asyncjobs.stores._sqlite import _SYNCHRONOUS
 
     ours = store.synchronous.lower() if isinstance(store, SQLiteStore) else None
     if ours is not None and value is SYNCHRONOUS_DEFAULT:
         return ours
-    if not isinstance(value, str) or value.lower() not in ("normal", "full"):
+    # What SQLiteStore takes, its unadvertised "extra" too: a Jobs given such a store
+    # reports it, and replace_store passes it on to Jobs(url, synchronous=...).
+    if not isinstance(value, str) or value.upper() not in _SYNCHRONOUS:
         raise ConfigurationError(f"synchronous must be 'normal' or 'full', got {value!r}")
     if ours is not None and value.lower() != ours:
         raise ConfigurationError(

@@ -18,6 +18,7 @@ from conftest import in_schema
 
 from asyncjobs import AsyncJobsError, Jobs, JobStatus, TaskNotRegistered
 from asyncjobs._clock import SystemClock
+from asyncjobs.stores import SQLiteStore
 from asyncjobs.testing import (
     FakeClock,
     assert_enqueued,
@@ -439,6 +440,20 @@ async def test_replace_store_runs_the_apps_own_tasks_on_a_test_store_and_restore
         assert not (tmp_path / "app.db").exists() or await app_jobs.list() == []
     finally:
         await app_jobs.close()
+
+
+@pytest.mark.parametrize("synchronous", ["full", "extra"])
+async def test_replace_store_carries_the_synchronous_of_a_sqlite_store_given(
+    tmp_path: Path, synchronous: str
+) -> None:
+    """``settings.synchronous`` is a given SQLite store's own, and replace_store passes
+    it to ``Jobs(url, ...)``: whatever the store took (its "extra" too), Jobs takes."""
+    app_jobs = Jobs(store=SQLiteStore(tmp_path / "app.db", synchronous=synchronous))
+    async with replace_store(app_jobs, "sqlite:///" + str(tmp_path / "t.db")):
+        assert isinstance(app_jobs.store, SQLiteStore)
+        assert app_jobs.store.synchronous == synchronous.upper()
+    assert app_jobs.settings.synchronous == synchronous
+    await app_jobs.close()
 
 
 async def test_a_schedule_on_a_replaced_store_starts_afresh_in_each_test(tmp_path: Path) -> None:
