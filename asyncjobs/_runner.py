@@ -728,6 +728,11 @@ class Runner(_Leases, _Execution):
         check_every = min(self.settings.poll_interval, 0.1)
         last_full_poll = self.clock.now()
         looked_at = -math.inf  # the last look at the store before an idle wait
+        if hears:
+            # The listener opens before the first claim, which is the look its opening
+            # calls for (what was written before it listened went unheard). Opened at
+            # the first idle wait instead, it made the runner claim again for nothing.
+            await self._store_changed()
         while True:
             if self.room <= 0:
                 await self._wait_for_room()

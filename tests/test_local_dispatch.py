@@ -60,9 +60,9 @@ def spy_inserts(jobs: Jobs) -> list[NewJob]:
     return inserted
 
 
-def with_a_task(make_jobs: MakeJobs) -> Jobs:
-    """Two slots and one no-op task, ``plain``."""
-    jobs = make_jobs(concurrency=2)
+def with_a_task(make_jobs: MakeJobs, url: str | None = None) -> Jobs:
+    """Two slots and one no-op task, ``plain`` (on ``url``, else the test's SQLite file)."""
+    jobs = make_jobs(url, concurrency=2)
 
     @jobs.task(name="plain")
     async def plain() -> None:
@@ -157,12 +157,13 @@ async def test_a_dispatched_job_does_not_see_the_context_of_the_code_that_enqueu
 
 
 async def test_writing_the_outcomes_of_dispatched_jobs_costs_no_extra_claim(
-    make_jobs: MakeJobs,
+    make_jobs: MakeJobs, backend_url: str
 ) -> None:
     """Each outcome is written with a claim for freed slots (finish_and_claim); when that
     claim found every ready job, the runner waits for its next wake-up instead of
-    claiming again at once: under load that empty claim cost as much as the write."""
-    jobs = with_a_task(make_jobs)
+    claiming again at once: under load that empty claim cost as much as the write.
+    (PostgreSQL: nor does the opening of the LISTEN connection cost one.)"""
+    jobs = with_a_task(make_jobs, backend_url)
     plain_claims: list[ClaimRequest] = []
     store: Any = jobs.store
     claim = store.claim

@@ -6,8 +6,8 @@ any number of hosts claim disjoint jobs without waiting on each other. Inserts
 the application's own connection wakes workers too); one dedicated connection
 ``LISTEN``s: another process's insert wakes the runner at once (``on_change``), and
 ``changed()`` reports what it heard. Polling stays the fallback.
-That connection opens on the first ``changed()`` (a runner waiting for work), so
-a process that only enqueues holds no extra connection and is not interrupted by
+That connection opens on the first ``changed()`` (a runner's, as its workers start),
+so a process that only enqueues holds no extra connection and is not interrupted by
 every insert's notification.
 
 Connections: the pool (``pool_min`` to ``pool_max``) for everything but two

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from asyncjobs import Jobs, JobSpec
-from asyncjobs.stores import open_store
+from asyncjobs.stores import ClaimRequest, JobRow, open_store
 from asyncjobs.testing import FakeClock
 
 
@@ -85,3 +85,30 @@ async def test_only_other_connections_inserts_wake_the_runner(postgres_url: str)
         own.store.on_change(None)
         await own.close()
         await other.close()
+
+
+async def test_the_listener_is_open_before_the_first_claim(postgres_url: str) -> None:
+    """Opening the listener calls for a look at the store (what was written before it
+    listened went unheard): the first claim is that look. Opened at the first idle wait,
+    after that claim, it cost an empty claim at every start."""
+    workers = Jobs(postgres_url, clock=FakeClock(), poll_interval=60)
+    store: Any = workers.store
+    listening: list[bool] = []
+    claim = store.claim
+
+    async def spy_claim(request: ClaimRequest, *, now: float) -> list[JobRow]:
+        listening.append(store._listener is not None)
+        rows: list[JobRow] = await claim(request, now=now)
+        return rows
+
+    store.claim = spy_claim
+
+    @workers.task(name="ping")
+    async def ping() -> None:
+        return None
+
+    async with workers:
+        with anyio.fail_after(10):
+            while not listening:
+                await anyio.lowlevel.checkpoint()
+    assert listening[0] is True
