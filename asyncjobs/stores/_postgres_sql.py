@@ -28,6 +28,7 @@ from asyncjobs.stores._dependents import (
     with_batch,
 )
 from asyncjobs.stores._postgres_limits import (
+    GROUP_IDLE,
     GROUP_TURN,
     GROUP_WALK,
     HEADS_GROUP,
@@ -615,8 +616,7 @@ _TAKE_READY = f"""first_grouped (n, seq, priority, group_key, task, queue) AS (
     FROM group_first AS f, window_end AS e  -- past the window: those in it are its heads
     WHERE {_AFTER.format(x="f", y="e")}
       AND f.status = 'queued' AND f.task = ANY($4::text[]) {{queues_f}}
-      AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS g
-          WHERE g.group_key = f.group_key AND g.group_key IS NOT NULL AND g.status = 'running')
+      AND {GROUP_IDLE.format(j="f")}
 ), taken (priority, seq, considered, got, walked, next_h, next_w) AS (
     SELECT 2147483647, 0::bigint, 0, NULL::bigint, false, 1, 1
     UNION ALL
