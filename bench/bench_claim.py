@@ -9,7 +9,8 @@ temporary directory) is made and dropped for each count.
 then claims of 100 by a worker that runs all ``N`` tasks, through ``Store.claim``.
 Prints the median claim time for each ``N``, and its ratio to one task's on the same
 store in the same run: an app with many tasks should claim about as fast as an app
-with one.
+with one. ``--groups``: each job in an ordered group of its own (20,000 one-job groups),
+the claim that reads group heads instead of plain jobs.
 """
 
 from __future__ import annotations
@@ -30,20 +31,22 @@ from asyncjobs.stores import ClaimRequest, NewJob, TaskLimits, open_store
 JOBS, CLAIM, CLAIMS = 20_000, 100, 20
 
 
-def new_job(n: int, task: str) -> NewJob:
+def new_job(n: int, task: str, grouped: bool) -> NewJob:
     return NewJob(
         id=f"{task}-{n:06d}", task=task, queue="default", payload='{"args":[],"kwargs":{}}',
         status="queued", priority=0, run_at=0.0, max_attempts=3,
+        group_key=f"g{n:06d}" if grouped else None,
     )  # fmt: skip
 
 
-async def median_claim(url: str, tasks: int) -> float:
-    """The median seconds of a claim of ``CLAIM`` jobs over ``tasks`` task names."""
+async def median_claim(url: str, tasks: int, grouped: bool) -> float:
+    """The median seconds of a claim of ``CLAIM`` jobs over ``tasks`` task names (each
+    job in a group of its own when ``grouped``)."""
     store = open_store(url)
     await store.open()
     try:
         names = [f"task{i:04d}" for i in range(tasks)]
-        jobs = [new_job(n, names[n % tasks]) for n in range(JOBS)]
+        jobs = [new_job(n, names[n % tasks], grouped) for n in range(JOBS)]
         for first in range(0, JOBS, 1000):
             await store.insert(jobs[first : first + 1000], now=1.0)
         if url.startswith("postgresql"):
@@ -83,14 +86,16 @@ async def main() -> None:
     parser.add_argument(
         "--stores", nargs="+", choices=["sqlite", "postgres"], default=["sqlite", "postgres"]
     )
+    parser.add_argument("--groups", action="store_true", help="each job in a group of its own")
     args = parser.parse_args()
-    print(f"\nclaims of {CLAIM} from {JOBS:,} queued jobs (median of {CLAIMS})\n")
+    kind = " in one-job groups" if args.groups else ""
+    print(f"\nclaims of {CLAIM} from {JOBS:,} queued jobs{kind} (median of {CLAIMS})\n")
     print(f"{'store':<10}{'tasks':>6}{'claim ms':>10}{'vs fewest':>11}")
     for store in args.stores:
         results: dict[int, float] = {}
         for tasks in sorted(set(args.tasks)):
             async with fresh_store(store, args.dsn, f"claim{tasks}") as url:
-                results[tasks] = await median_claim(url, tasks)
+                results[tasks] = await median_claim(url, tasks, args.groups)
         base = results[min(results)]
         for tasks, seconds in results.items():
             print(f"{store:<10}{tasks:>6}{seconds * 1000:>10.2f}{seconds / base:>10.2f}x")
