@@ -46,11 +46,14 @@ GROUP_IDLE = """NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS g
 # Whether job {j} (an alias) heads its group: no earlier job of its group unfinished,
 # and none running. Two tests of a seek each (asyncjobs_jobs_group,
 # asyncjobs_jobs_group_busy): one test of both ("earlier or running") read every
-# unfinished job of the group to find none running.
+# unfinished job of the group to find none running. OFFSET 0, as in GROUP_IDLE: as an
+# anti-join, on a table never analysed, the first test read every unfinished job of any
+# group for each job it tested (a bitmap scan of asyncjobs_jobs_group, the group and seq
+# only a join filter: 116,000 index entries for a claim of 100 beside 1,000 groups).
 HEADS_GROUP = (
     """NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS g
         WHERE g.group_key = {j}.group_key AND g.status IN ('scheduled', 'queued', 'running')
-        AND g.seq < {j}.seq)
+        AND g.seq < {j}.seq OFFSET 0)
     AND """  # noqa: S608 - constants
     + GROUP_IDLE
 )

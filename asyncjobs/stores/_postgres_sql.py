@@ -506,6 +506,14 @@ _MAX_ATTEMPTS_OF = """CASE
 _MAX_ATTEMPTS = _MAX_ATTEMPTS_OF.format(t="t")
 
 
+# Whether job j, read by its seq (a seek in the primary key), is still queued. Not an
+# index condition ("IS TRUE"): as one, on a table never analysed, PostgreSQL could read
+# the job from any index on the queued jobs instead, each row it locked a read of them
+# all: asyncjobs_jobs_counts, whose queued jobs of one task and queue PostgreSQL keeps
+# as one key (a page, up to about 1,300 jobs), looked cheaper than the primary key.
+_STILL_QUEUED = "(j.status = 'queued') IS TRUE"
+
+
 # The jobs a claim under limits takes (got): those _postgres_limits chose ({chosen}), if
 # still ready and heads of their group, each read by its seq (joined to the chosen
 # instead, on a table never analysed the rows were read from asyncjobs_jobs_ready_task:
@@ -514,7 +522,7 @@ _MAX_ATTEMPTS = _MAX_ATTEMPTS_OF.format(t="t")
 _TAKE_CHOSEN = f"""taken AS (
     SELECT j.seq AS got FROM unnest({{chosen}}::bigint[]) AS c(seq) CROSS JOIN LATERAL (
         SELECT j.seq, j.priority FROM asyncjobs_jobs AS j
-        WHERE j.seq = c.seq AND j.status = 'queued' AND j.task = ANY($4::text[]) {{queues}}
+        WHERE j.seq = c.seq AND {_STILL_QUEUED} AND j.task = ANY($4::text[]) {{queues}}
           AND (j.group_key IS NULL OR {HEADS_GROUP.format(j="j")})
         FOR UPDATE SKIP LOCKED) AS j
     ORDER BY j.priority DESC, j.seq LIMIT $6)"""  # noqa: S608 - constants
@@ -650,7 +658,7 @@ _TAKE_READY = f"""first_grouped (n, seq, priority, group_key, task, queue) AS (
     ) AS a ON true
     LEFT JOIN LATERAL (
         SELECT j.seq FROM asyncjobs_jobs AS j
-        WHERE a.spare IS NOT TRUE AND j.seq = c.seq AND j.status = 'queued'
+        WHERE a.spare IS NOT TRUE AND j.seq = c.seq AND {_STILL_QUEUED}
           AND (t.considered < $6 OR j.attempts + 1 < {_MAX_ATTEMPTS_OF.format(t="j")})
         FOR UPDATE SKIP LOCKED
     ) AS l ON true
