@@ -34,7 +34,7 @@ from asyncjobs import (
     StoreError,
     current_job,
 )
-from asyncjobs.stores import ClaimRequest, SQLiteStore, TaskLimits
+from asyncjobs.stores import ClaimRequest, JobRow, SQLiteStore, TaskLimits
 from asyncjobs.testing import FakeClock, drain, replace_store
 
 MakeJobs = Callable[..., Jobs]
@@ -615,19 +615,12 @@ async def test_a_lease_that_expires_on_the_last_attempt_makes_the_job_dead(
     assert runs == []  # not run again
 
 
-async def test_an_outcome_from_a_worker_that_lost_its_lease_is_ignored(
-    jobs: Jobs, clock: FakeClock
-) -> None:
-    """At least once: the late worker's ack must not overwrite the new attempt's state."""
-    started, release = anyio.Event(), anyio.Event()
-
-    @jobs.task(name="t")
-    async def t() -> str:
-        started.set()
-        await release.wait()
-        return "late"
-
-    job = await t.enqueue()
+async def run_and_lose_the_lease(
+    jobs: Jobs, clock: FakeClock, job: Job[Any], started: anyio.Event, release: anyio.Event
+) -> JobRow:
+    """Run ``job`` (task "t") until it has ``started``; meanwhile its lease expires and a
+    dead worker claims it again (attempt 2); then ``release`` the first attempt, let it
+    end, and return the job's row, still the second attempt's."""
 
     async def lose_the_lease() -> None:
         clock.advance(61)
@@ -643,6 +636,23 @@ async def test_an_outcome_from_a_worker_that_lost_its_lease_is_ignored(
     row = await jobs.store.get(job.id)
     assert row is not None
     assert (row.status, row.attempts, row.worker) == ("running", 2, "ghost:1:dead")
+    return row
+
+
+async def test_an_outcome_from_a_worker_that_lost_its_lease_is_ignored(
+    jobs: Jobs, clock: FakeClock
+) -> None:
+    """At least once: the late worker's ack must not overwrite the new attempt's state."""
+    started, release = anyio.Event(), anyio.Event()
+
+    @jobs.task(name="t")
+    async def t() -> str:
+        started.set()
+        await release.wait()
+        return "late"
+
+    job = await t.enqueue()
+    await run_and_lose_the_lease(jobs, clock, job, started, release)
 
 
 async def test_progress_from_a_worker_that_lost_its_lease_is_ignored(
@@ -658,21 +668,7 @@ async def test_progress_from_a_worker_that_lost_its_lease_is_ignored(
         await current_job().set_progress(0.9, "the late attempt")
 
     job = await t.enqueue()
-
-    async def lose_the_lease() -> None:
-        clock.advance(61)
-        await jobs.store.recover(now=clock.now())  # another process's maintenance loop
-        await claim_as_dead_worker(jobs, "t", lease=60, max_attempts=4)
-        release.set()
-
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(drain, jobs)
-            await started.wait()
-            await lose_the_lease()
-    row = await jobs.store.get(job.id)
-    assert row is not None
-    assert (row.status, row.attempts, row.worker) == ("running", 2, "ghost:1:dead")
+    row = await run_and_lose_the_lease(jobs, clock, job, started, release)
     assert (row.progress, row.progress_message) == (None, None)
 
 
