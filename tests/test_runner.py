@@ -1059,6 +1059,31 @@ async def test_status_enum_compares_to_plain_strings() -> None:
     }  # fmt: skip
 
 
+async def until(check: Callable[[], object]) -> None:
+    """Wait (loop turns, 5 s at most) until ``check()`` is true."""
+    with anyio.fail_after(5):
+        while not check():
+            await anyio.lowlevel.checkpoint()
+
+
+async def claim_again_here(jobs: Jobs, clock: FakeClock, started: list[int]) -> None:
+    """The job whose attempt 0 runs here loses its lease (heartbeats fail: the store
+    stalled), recovery requeues it, and this worker claims it again: attempt 1 starts."""
+    store: Any = jobs.store
+    heartbeat = store.heartbeat
+
+    async def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("store unreachable")
+
+    store.heartbeat = unreachable  # the lease is not extended
+    try:
+        clock.advance(jobs.settings.visibility_timeout + 1)
+        await jobs.runner.recover()  # requeued; this worker claims it again
+        await until(lambda: started == [0, 1])
+    finally:
+        store.heartbeat = heartbeat
+
+
 async def test_a_job_claimed_again_while_its_stale_attempt_runs_here_stops_that_attempt(
     make_jobs: MakeJobs, clock: FakeClock
 ) -> None:
@@ -1081,26 +1106,11 @@ async def test_a_job_claimed_again_while_its_stale_attempt_runs_here_stops_that_
             raise
         return f"attempt {attempt}"
 
-    async def until(check: Callable[[], object]) -> None:
-        with anyio.fail_after(5):
-            while not check():
-                await anyio.lowlevel.checkpoint()
-
     async with jobs:
         job = await long.enqueue()
         await until(lambda: started == [0])
-        store: Any = jobs.store
-        heartbeat = store.heartbeat
-
-        async def unreachable(*args: Any, **kwargs: Any) -> Any:
-            raise ConnectionError("store unreachable")
-
-        store.heartbeat = unreachable  # the lease is not extended
-        clock.advance(jobs.settings.visibility_timeout + 1)
-        await jobs.runner.recover()  # requeued; this worker claims it again
-        await until(lambda: started == [0, 1])
+        await claim_again_here(jobs, clock, started)
         await until(lambda: stopped == [0])  # the stale attempt was stopped
-        store.heartbeat = heartbeat
         assert list(jobs.runner.running) == [job.id]
         gates[1].set()
         with anyio.fail_after(5):
@@ -1136,25 +1146,10 @@ async def test_a_stale_attempt_being_stopped_keeps_its_slot_until_it_ends(
     async def other() -> None:
         others.append("ran")
 
-    async def until(check: Callable[[], object]) -> None:
-        with anyio.fail_after(5):
-            while not check():
-                await anyio.lowlevel.checkpoint()
-
     async with jobs:
         await long.enqueue()
         await until(lambda: started == [0])
-        store: Any = jobs.store
-        heartbeat = store.heartbeat
-
-        async def unreachable(*args: Any, **kwargs: Any) -> Any:
-            raise ConnectionError("store unreachable")
-
-        store.heartbeat = unreachable  # the lease is not extended
-        clock.advance(jobs.settings.visibility_timeout + 1)
-        await jobs.runner.recover()  # requeued; this worker claims it again
-        await until(lambda: started == [0, 1])
-        store.heartbeat = heartbeat
+        await claim_again_here(jobs, clock, started)
         job = await other.enqueue()  # both slots are taken: attempt 0 still cleans up
         for _ in range(20):
             await anyio.lowlevel.checkpoint()
