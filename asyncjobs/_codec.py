@@ -147,18 +147,40 @@ def _refused(value: Any, depth: int) -> tuple[list[str], str] | None:
 _PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
 
 
-def _surrogate_pair(value: Any) -> str | None:
-    """Describe a string holding a surrogate pair (JSON reads it back as one character)."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if type(item) is str and _PAIR.search(item):
-            return f"the string {item!r} holds a surrogate pair, which JSON reads back as one"
-        if type(item) is list:
-            stack.extend(item)
-        elif type(item) is dict:
-            stack.extend(item)
-            stack.extend(item.values())
+def _unreadable(value: Any) -> tuple[list[str], str] | None:
+    """The path (innermost step first) to the first part of ``value`` that JSON text
+    cannot hold or reads back otherwise, and why; or None. For a value the walk
+    (``_refused``) let through, so without cycles and at most ``_DEPTH_LIMIT`` deep:
+    only to word a refusal, not on the enqueue path."""
+    kind = type(value)
+    if kind is int:
+        try:
+            repr(value)
+        except ValueError:  # more digits than sys.get_int_max_str_digits() allows
+            return [], f" is an int of {value.bit_length()} bits, too many digits for JSON text"
+    elif kind is str and _PAIR.search(value):
+        return [], f" is the str {value!r}, which holds a surrogate pair: JSON reads it back as one"
+    elif kind is list:
+        for index, item in enumerate(value):
+            found = _unreadable(item)
+            if found is not None:
+                found[0].append(f"[{index}]")
+                return found
+    elif kind is dict:
+        for key, item in value.items():
+            if _PAIR.search(key):
+                return [], f" has a key {key!r} holding a surrogate pair: JSON reads it back as one"
+            found = _unreadable(item)
+            if found is not None:
+                found[0].append(f"[{key!r}]")
+                return found
+    return None
+
+
+def _surrogate_pair(text: str) -> str | None:
+    """Describe ``text`` if it holds a surrogate pair (JSON reads it back as one character)."""
+    if _PAIR.search(text):
+        return f"the string {text!r} holds a surrogate pair, which JSON reads back as one"
     return None
 
 
@@ -176,11 +198,11 @@ def encode(value: JSON, *, what: str = "value", depth: int = 0) -> str:
             return text
     except (TypeError, ValueError, RecursionError) as error:
         failure = f" ({error})"  # e.g. an int longer than Python converts to text
-    reason = (
-        _problem(value, depth)
-        or _surrogate_pair(value)
-        or f"it does not round-trip through JSON{failure}"
-    )
+    reason = _problem(value, depth)
+    if reason is None and (found := _unreadable(value)) is not None:
+        steps, why = found
+        reason = ("".join(reversed(steps)) or "value") + why
+    reason = reason or f"it does not round-trip through JSON{failure}"
     raise NotSerializable(f"{what} cannot be stored as JSON: {reason}")
 
 

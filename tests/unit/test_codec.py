@@ -163,6 +163,18 @@ def test_encode_payload_names_the_bad_argument() -> None:
         encode_payload([], {"to": {"a": float("nan")}}, max_bytes=1000, task="send")
 
 
+def test_an_int_too_long_or_a_surrogate_pair_deep_inside_is_refused_by_its_path() -> None:
+    """Like every other refusal, these two name where the value is inside the argument
+    (they were found only by the round trip, and named the argument alone)."""
+    huge = 10**5000  # more digits than Python converts to text
+    with pytest.raises(NotSerializable, match=r"'user' of task 't'.*: \['tags'\]\[2\] is an int"):
+        encode_payload([], {"user": {"tags": [1, 2, huge]}}, max_bytes=100_000, task="t")
+    with pytest.raises(NotSerializable, match=r"argument 0 of task 't'.*: \[1\]\['a'\] is the str"):
+        encode_payload([[0, {"a": "\U0001f600 \ud83d\ude00"}]], {}, max_bytes=1000, task="t")
+    with pytest.raises(NotSerializable, match=r"the result .*: \[0\] has a key '.*' holding"):
+        encode([{"\ud83d\ude00": 1}], what="the result")
+
+
 def test_payload_limit_counts_encoded_bytes() -> None:
     text = encode_payload(["é"], {}, max_bytes=1000, task="t")
     limit = len(text.encode())
