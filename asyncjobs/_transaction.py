@@ -15,8 +15,10 @@ caller commits, and then the runner's change polling picks it up.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -186,13 +188,30 @@ async def _asyncpg_inserter(jobs: Jobs, conn: Any) -> Inserter:
     pg: PostgresStore = store
     await pg.open()  # the schema exists before the caller's transaction needs it
     await pg.check_caller(conn)  # on the store's database, or its jobs are lost to it
+    turns = _turns(conn)
 
     async def insert(new: Sequence[NewJob], now: float) -> list[str]:
-        if not conn.is_in_transaction():
-            raise ConfigurationError(
-                "jobs.transaction(conn): the asyncpg connection has no open transaction, so "
-                "the job would be committed on its own; use `async with conn.transaction():`"
-            )
-        return await pg.insert_with(conn, new, now=now)
+        async with turns:
+            if not conn.is_in_transaction():
+                raise ConfigurationError(
+                    "jobs.transaction(conn): the asyncpg connection has no open transaction, "
+                    "so the job would be committed on its own; use `async with "
+                    "conn.transaction():`"
+                )
+            return await pg.insert_with(conn, new, now=now)
 
     return insert
+
+
+_caller_turns: weakref.WeakKeyDictionary[Any, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _turns(conn: Any) -> asyncio.Lock:
+    """The lock that the enqueues through ``conn`` take turns on. The tasks started
+    inside a block share its connection, which runs one query at a time: at once,
+    all but one failed (asyncpg: "another operation is in progress"). One lock per
+    connection, for every block on it."""
+    try:
+        return _caller_turns.setdefault(conn, asyncio.Lock())
+    except TypeError:  # no weak reference to it: its blocks take turns each on their own
+        return asyncio.Lock()

@@ -3,6 +3,7 @@ database, and its failures are the caller's, never the store's."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -211,3 +212,28 @@ async def test_a_pool_is_refused_with_the_way_to_a_connection(
         assert await jobs.list() == []
     finally:
         await pool.close()
+
+
+async def test_tasks_started_inside_the_block_enqueue_at_once_through_the_one_connection(
+    make_jobs: MakeJobs, postgres_url: str
+) -> None:
+    """The tasks of a gather inside the block share the caller's connection, which
+    runs one query at a time: all but the first of them failed with StoreError
+    (asyncpg's "another operation is in progress"). Their inserts now take turns, as
+    do those of a second block on the same connection."""
+    jobs = make_jobs(postgres_url)
+    register(jobs)
+    welcome = jobs.registry["welcome"]
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        async with conn.transaction(), jobs.transaction(conn):
+            outer = [asyncio.create_task(jobs.enqueue("welcome", i)) for i in range(3)]
+            async with jobs.transaction(conn):
+                await asyncio.gather(
+                    *outer,
+                    jobs.enqueue_many([welcome.spec(3), welcome.spec(4)]),
+                    *(jobs.enqueue("welcome", i) for i in range(5, 8)),
+                )
+    finally:
+        await conn.close()
+    assert sorted(info.args[0] for info in await jobs.list()) == list(range(8))
