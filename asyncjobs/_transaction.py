@@ -131,11 +131,17 @@ def _describe(db: sqlite3.Connection) -> tuple[str, bool]:
 
 
 def _insert_in_transaction(db: sqlite3.Connection, new: Sequence[NewJob], now: float) -> list[str]:
-    if not db.in_transaction and _autocommits(db):
-        raise ConfigurationError(
-            "jobs.transaction(conn): the connection is in autocommit mode with no open "
-            "transaction, so the job would be committed on its own; run BEGIN first"
-        )
+    if not db.in_transaction:
+        if _autocommits(db):
+            raise ConfigurationError(
+                "jobs.transaction(conn): the connection is in autocommit mode with no open "
+                "transaction, so the job would be committed on its own; run BEGIN first"
+            )
+        # sqlite3's legacy mode (aiosqlite's default) begins at the first write, after
+        # the insert's read of the jobs' groups: another connection's commit in between
+        # (the group's last job finished) left a new job marked behind nothing, which
+        # held its group. Begin here, taking the write lock the insert takes anyway.
+        db.execute("BEGIN IMMEDIATE")
     return insert_jobs(db, new, now)
 
 

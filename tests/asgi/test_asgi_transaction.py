@@ -15,7 +15,7 @@ import pytest
 
 from asyncjobs import AsyncJobsError, ConfigurationError, DataRefused, Jobs, JobSpec, JobStatus
 from asyncjobs._transaction import _autocommits
-from asyncjobs.stores import SQLiteStore
+from asyncjobs.stores import SQLiteStore, _sqlite_sql
 from asyncjobs.stores._sqlite_sql import _claim, _finish_and_claim
 from asyncjobs.testing import FakeClock, drain
 
@@ -468,3 +468,43 @@ async def test_a_batch_not_yet_committed_is_not_finished(
     with pytest.raises(AsyncJobsError, match="does not exist"):
         await batch.wait(timeout=5)
     await conn.execute("ROLLBACK")
+
+
+async def test_a_grouped_job_first_written_in_a_legacy_transaction_is_never_held_by_a_stale_mark(
+    jobs: Jobs, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiosqlite's default mode begins the transaction at the first write, so the insert's
+    read of its group (is a job of it unfinished: mark the new one behind) ran before
+    it, outside the transaction. A commit in between that finished the group's last job
+    left the new one marked behind nothing, which held its group for good. The read is
+    now in the caller's transaction, so another connection cannot write in between."""
+    register(jobs)
+    welcome = jobs.registry["welcome"]
+    ahead = await jobs.enqueue(welcome.spec(1).with_options(group="g"))
+    real_behind = _sqlite_sql._behind
+    interleaved: list[str] = []
+
+    def behind_then_another_commit(db: sqlite3.Connection, new: Any) -> Any:
+        marks = real_behind(db, new)
+        with closing(sqlite3.connect(db_path, timeout=0)) as other:
+            try:  # an operator's cancel, say, committed between the read and the insert
+                with other:
+                    other.execute(
+                        "UPDATE asyncjobs_jobs SET status = 'cancelled' WHERE id = ?", (ahead.id,)
+                    )
+                interleaved.append("cancelled")
+            except sqlite3.OperationalError:  # locked: nothing can come in between
+                interleaved.append("locked")
+        return marks
+
+    monkeypatch.setattr(_sqlite_sql, "_behind", behind_then_another_commit)
+    async with aiosqlite.connect(db_path) as db:
+        async with jobs.transaction(db):
+            job = await jobs.enqueue(welcome.spec(2).with_options(group="g"))
+        await db.commit()
+    monkeypatch.undo()
+    await drain(jobs)
+    info = await jobs.get(job.id)
+    assert info is not None
+    assert info.status == JobStatus.SUCCEEDED  # was: queued behind nothing, for good
+    assert interleaved == ["locked"]
