@@ -537,13 +537,13 @@ def purge(ctx: click.Context, status: str | None, older_than: float | None, as_j
 @click.pass_context
 def worker(ctx: click.Context, app_arg: str | None, log_level: str) -> None:
     """Run workers until SIGTERM or SIGINT, then drain (finish or release running jobs)."""
-    from asyncjobs._worker import run_worker
+    from asyncjobs._worker import run_worker_process
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     jobs = load_jobs(app_arg or ctx.obj, given_as="MODULE:ATTR" if app_arg else "--app")
     try:
-        asyncio.run(run_worker(jobs))
+        run_worker_process(jobs)
     except AsyncJobsError as error:  # as every other command: say it, no traceback
         raise click.ClickException(str(error)) from error

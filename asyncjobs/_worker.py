@@ -10,9 +10,11 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
+import sys
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import anyio
 
@@ -24,6 +26,69 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+LEFTOVER_GRACE = 1.0
+"""Seconds the tasks still pending once ``run_worker`` returned get after one more
+cancellation, before the worker process exits without them."""
+
+
+def run_worker_process(jobs: Jobs) -> None:
+    """``asyncjobs worker``: ``run_worker`` in an event loop of its own, closed once it
+    returns; the process exits then, also when a job swallows every cancellation.
+
+    ``asyncio.run`` would wait for such a job's task for good after the workers went on
+    without it (it keeps its lease, and runs again once that expires): the process never
+    exited. Here the tasks left get one more cancellation and ``LEFTOVER_GRACE``; if
+    some are still pending, they are logged and the process ends at once (``os._exit``,
+    as a crash would): collected at exit, each would run its cleanup with no event loop.
+    """
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(run_worker(jobs))
+    finally:
+        try:
+            stuck = _cancel_leftovers(loop)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+        if stuck:
+            _exit_without(stuck, failure=sys.exc_info()[1])
+
+
+def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> set[asyncio.Task[object]]:
+    """Cancel the tasks still pending in ``loop``, as ``asyncio.run`` does, but wait
+    ``LEFTOVER_GRACE`` at most for them; those still pending."""
+    tasks = asyncio.all_tasks(loop)
+    if not tasks:
+        return set()
+    for task in tasks:
+        task.cancel()
+    done, pending = loop.run_until_complete(asyncio.wait(tasks, timeout=LEFTOVER_GRACE))
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            loop.call_exception_handler(
+                {"message": "unhandled exception while the worker exited",
+                 "exception": task.exception(), "task": task}
+            )  # fmt: skip
+    return pending
+
+
+def _exit_without(stuck: set[asyncio.Task[object]], failure: BaseException | None) -> NoReturn:
+    """End the process now, leaving ``stuck`` behind (said in the log), with the exit
+    status it would have had: 1 if the worker failed (said in the log too), else 0."""
+    if failure is not None:
+        logger.error("the worker failed: %s", failure, exc_info=failure)
+    logger.error(
+        "exiting without %d task(s) that ignored their cancellation: %s",
+        len(stuck), ", ".join(sorted(task.get_name() for task in stuck)),
+    )  # fmt: skip
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if failure is None else 1)
 
 
 async def run_worker(jobs: Jobs, *, signals: Sequence[signal.Signals] = STOP_SIGNALS) -> None:

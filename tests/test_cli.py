@@ -373,6 +373,66 @@ async def test_worker_runs_jobs_until_sigterm(env: dict[str, str], app_jobs: Job
     assert info.result == "hi later"
 
 
+STUBBORN_APP = """
+import asyncio
+import os
+
+import asyncjobs._runner
+from asyncjobs import Jobs
+
+asyncjobs._runner.CANCEL_GRACE = 0.2  # the test's patience, not the 5 s of a real worker
+
+jobs = Jobs(os.environ["CLI_TEST_DB_URL"], poll_interval=0.05, shutdown_timeout=0.1)
+
+@jobs.task(name="stubborn")
+async def stubborn() -> None:
+    never = asyncio.Event()
+    while True:  # swallows every cancellation
+        try:
+            await never.wait()
+        except asyncio.CancelledError:
+            pass
+"""
+
+
+async def test_a_worker_exits_after_sigterm_though_a_job_swallows_every_cancellation(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The worker logged that it went on without such a job (left running, with its lease,
+    to run again once that expires), then never exited: ``asyncio.run`` waited for the
+    job's task for good. The process now exits; the job is neither lost nor succeeded."""
+    (tmp_path / "stubborn_app.py").write_text(STUBBORN_APP)
+    jobs = Jobs(env["CLI_TEST_DB_URL"], workers=False)
+    try:
+        job = await jobs.enqueue("stubborn")
+        async with await anyio.open_process(
+            [str(ENTRY_POINT), "worker", "stubborn_app:jobs"], env=env
+        ) as process:
+            try:
+                with anyio.fail_after(20):
+                    # Real time: the job runs in another process.
+                    while (info := await jobs.get(job.id)) and info.status != "running":
+                        assert process.returncode is None
+                        await jobs.clock.sleep(0.05)
+                    process.send_signal(signal.SIGTERM)
+                    await process.wait()
+            finally:
+                if process.returncode is None:  # else leaving the block waits for it
+                    process.kill()
+            assert process.stderr is not None
+            stderr = b""
+            async for chunk in process.stderr:
+                stderr += chunk
+        assert process.returncode == 0, stderr.decode()
+        assert b"exiting without 1 task(s) that ignored their cancellation" in stderr
+        assert b"Traceback" not in stderr  # its task is not collected with no event loop
+        info = await jobs.get(job.id)
+        assert info is not None
+        assert (info.status, info.attempts) == ("running", 1)  # its lease expires: it runs again
+    finally:
+        await jobs.close()
+
+
 def test_a_store_error_is_a_clean_message_not_a_traceback(
     env: dict[str, str], tmp_path: Path
 ) -> None:
