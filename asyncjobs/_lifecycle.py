@@ -82,6 +82,14 @@ class _Lifecycle:
         """Own every long-lived task of this ``Jobs``: loops and running jobs."""
         try:
             await self._run_workers(ready)
+        except Exception:
+            if ready.is_set():  # else start() raises it
+                # Said now: the app serves on, and stop() raises it only at its shutdown.
+                logger.exception(
+                    "the asyncjobs workers crashed: no job runs in this process until "
+                    "they are started again (restart it)"
+                )
+            raise
         finally:  # enqueues go on after the workers stop (the app's own shutdown)
             self.store.set_deadline(None)
         logger.info("asyncjobs workers stopped")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.abc
 import httpx
 import pytest
 from fastapi import FastAPI, Request
@@ -353,6 +356,40 @@ def test_an_app_lifespan_that_crashes_while_serving_is_reported_at_shutdown(
     assert not running(jobs)
     assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.failed"]
     assert "the cache refresher died" in sent[-1]["message"]
+
+
+def test_workers_that_crash_while_the_app_serves_say_so_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The app served on, its jobs queued up with no worker, and nothing said so until
+    the server's shutdown (``stop()`` raising the crash): the log now says it when the
+    workers stop."""
+    jobs = make_jobs(tmp_path)
+    crash = anyio.Event()
+
+    async def heartbeat_loop(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        task_status.started()
+        await crash.wait()
+        raise StoreError("the store went away")
+
+    jobs.runner.heartbeat_loop = heartbeat_loop  # type: ignore[method-assign]
+    app = Starlette(routes=ROUTES, middleware=[Middleware(JobsMiddleware, jobs=jobs)])
+
+    async def crash_the_workers() -> None:
+        host = jobs._host
+        assert host is not None
+        crash.set()
+        await asyncio.wait({host})
+
+    with TestClient(app) as client:
+        assert client.portal is not None
+        client.portal.call(crash_the_workers)
+        (logged,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert logged.getMessage().startswith("the asyncjobs workers crashed: ")
+        assert logged.exc_info is not None
+        assert "the store went away" in caplog.text
+    # The server is still told at shutdown (lifespan.shutdown.failed).
+    assert "stopping the asyncjobs workers failed" in caplog.text
 
 
 def test_jobs_lifespan_for_apps_that_compose_their_own(tmp_path: Path) -> None:
