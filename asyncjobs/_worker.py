@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 import anyio
@@ -102,7 +102,13 @@ async def run_worker(jobs: Jobs, *, signals: Sequence[signal.Signals] = STOP_SIG
     main thread (signal handlers). Raises if the workers stop on their own.
     """
     with _workers_on(jobs), anyio.open_signal_receiver(*signals) as received:
-        await jobs.start()
+        if not await _start_unless_signalled(jobs, received):
+            with anyio.CancelScope(shield=True):
+                try:
+                    await jobs.close()
+                except Exception as error:  # workers cut off while starting: asked to stop
+                    logger.warning("asyncjobs could not start: %s", error)
+            return
         host = jobs._host
         if host is None:  # pragma: no cover - start() returned with workers running
             raise AsyncJobsError("the workers did not start")
@@ -145,6 +151,38 @@ async def run_worker(jobs: Jobs, *, signals: Sequence[signal.Signals] = STOP_SIG
                 tg.cancel_scope.cancel()
         if stopped_on_their_own:  # close() re-raises a crash; this is a quiet stop
             raise AsyncJobsError("the asyncjobs workers stopped unexpectedly")
+
+
+async def _start_unless_signalled(jobs: Jobs, received: AsyncIterator[int]) -> bool:
+    """Start ``jobs``' workers; False if a signal came first, which cancels the start.
+
+    Opening the store may wait long (a lock held by another process): a SIGTERM was
+    heard only once it gave up, and the worker then exited as failed. A start that
+    fails once a signal came (a wait in the store's thread is not cut short) is logged:
+    the worker was asked to stop, and does."""
+    signalled = False
+    error: Exception | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def stop_starting() -> None:
+            nonlocal signalled
+            async for signum in received:
+                logger.info("received %s while starting: stopping", signal.Signals(signum).name)
+                signalled = True
+                tg.cancel_scope.cancel()
+                return
+
+        tg.start_soon(stop_starting)
+        try:
+            await jobs.start()
+        except Exception as failed:  # raised as it is, not in an exception group
+            error = failed
+        tg.cancel_scope.cancel()
+    if error is not None and not signalled:
+        raise error
+    if error is not None:
+        logger.warning("asyncjobs could not start: %s", error)
+    return not signalled
 
 
 @contextlib.contextmanager

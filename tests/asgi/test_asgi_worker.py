@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -80,6 +81,47 @@ async def test_run_worker_runs_jobs_from_other_processes_and_drains_on_sigterm(
         assert not worker.settings.workers  # as it was built: enqueue-only again
     finally:
         await web.close()
+        await worker.close()
+
+
+@pytest.mark.parametrize("cancellable", [True, False], ids=["cancellable", "in-a-thread"])
+async def test_a_signal_while_the_store_opens_stops_the_worker(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, cancellable: bool
+) -> None:
+    """The store's open may wait (a lock held by another process: five busy timeouts,
+    some 25 s on SQLite): SIGTERM was heard only once it gave up, and the worker then
+    exited as failed ("database is locked"). It now stops at once if the wait can be
+    cut short, and quietly (the failure logged) once it ends if it cannot (SQLite
+    waits in its connection thread)."""
+    caplog.set_level(logging.INFO, logger="asyncjobs")
+    worker = Jobs("sqlite:///" + str(tmp_path / "jobs.db"), poll_interval=0.05)
+
+    @worker.task(name="noop")
+    async def noop() -> None: ...
+
+    opening, gave_up = anyio.Event(), anyio.Event()
+
+    async def open_waiting_on_a_lock() -> None:
+        opening.set()
+        with anyio.CancelScope(shield=not cancellable):
+            await gave_up.wait()
+        raise StoreError("database is locked")
+
+    worker.store.open = open_waiting_on_a_lock  # type: ignore[method-assign]
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_worker, worker)
+                await opening.wait()
+                os.kill(os.getpid(), signal.SIGTERM)
+                try:
+                    while "received SIGTERM while starting" not in caplog.text:
+                        await worker.clock.sleep(0.01)
+                finally:  # also on a timeout: a shielded wait would hold the test for good
+                    gave_up.set()
+        assert not worker.started
+        assert ("database is locked" in caplog.text) is not cancellable
+    finally:
         await worker.close()
 
 
