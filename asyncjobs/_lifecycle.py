@@ -68,9 +68,11 @@ class _Lifecycle:
         ready = anyio.Event()
         self._host = asyncio.get_running_loop().create_task(self._main(ready), name="asyncjobs")
         waiter = asyncio.ensure_future(ready.wait())
-        done, _ = await asyncio.wait({self._host, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if self._host in done:
+        try:
+            done, _ = await asyncio.wait({self._host, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this call is cancelled: a start that fails never sets ready
             waiter.cancel()
+        if self._host in done:
             host, self._host = self._host, None
             try:
                 host.result()  # raises why it stopped

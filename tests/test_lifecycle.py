@@ -1473,3 +1473,37 @@ def test_workers_whose_event_loop_ended_without_stop_start_again_in_the_next_one
     finally:
         asyncio.run(jobs.close())
     assert not jobs.started
+
+
+async def test_a_start_cancelled_while_the_workers_start_leaves_nothing_waiting(
+    make_jobs: MakeJobs,
+) -> None:
+    """``start()`` was cancelled (a bound on the app's startup) while the workers were
+    starting, and their start then failed: the future it had waited on for them to be
+    ready was left pending for good (a task waiting on an event nobody sets)."""
+    jobs = make_jobs()
+
+    @jobs.task(name="t")
+    async def t() -> None: ...
+
+    waiting, gate = anyio.Event(), anyio.Event()
+
+    async def recover() -> None:  # the startup's lease recovery, held, then failing
+        waiting.set()
+        await gate.wait()
+        raise RuntimeError("the recovery failed")
+
+    jobs.runner.recover = recover  # type: ignore[method-assign]
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(jobs.start)
+            await waiting.wait()
+            tg.cancel_scope.cancel()  # the start() call gives up; the start goes on
+        gate.set()
+        await until(lambda: jobs._host is not None and jobs._host.done())
+        for _ in range(5):
+            await anyio.lowlevel.checkpoint()
+    left = [task for task in asyncio.all_tasks() if "Event.wait" in repr(task.get_coro())]
+    assert left == []
+    with pytest.raises(RuntimeError, match="the recovery failed"):
+        await jobs.stop()
