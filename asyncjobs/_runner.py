@@ -285,9 +285,14 @@ class Runner(_Leases, _Execution):
         return known
 
     @property
+    def _held(self) -> int:
+        """Slots held by a job's task: running, or a stale attempt being stopped."""
+        return len(self.running) + len(self._stopping)
+
+    @property
     def _busy(self) -> int:
-        """Slots taken or promised: running, claimed ahead, or being dispatched."""
-        return len(self.running) + len(self._stopping) + len(self._ready) + len(self._reserved)
+        """Slots taken or promised: held, claimed ahead, or being dispatched."""
+        return self._held + len(self._ready) + len(self._reserved)
 
     @property
     def room(self) -> int:
@@ -440,12 +445,7 @@ class Runner(_Leases, _Execution):
         # Not in the slots promised to jobs being dispatched (reserve): their inserts
         # commit them running, and a job claimed ahead that took one would make them
         # wait in its place.
-        free = (
-            self.settings.concurrency
-            - len(self.running)
-            - len(self._stopping)
-            - len(self._reserved)
-        )
+        free = self.settings.concurrency - self._held - len(self._reserved)
         if self._start_limit is not None:
             free = min(free, self._start_limit - self.jobs_started)
         if free <= 0 or not self._ready or not self._accepting:

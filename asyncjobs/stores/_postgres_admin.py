@@ -30,7 +30,7 @@ from asyncjobs.stores._protocol import (
     WorkerBeat,
     WorkerRow,
 )
-from asyncjobs.stores._statuses import DEAD_AS_READ, RETRYABLE
+from asyncjobs.stores._statuses import DEAD_AS_READ, PURGE_FOLLOWER, RETRYABLE
 
 if TYPE_CHECKING:
     from asyncjobs.stores._postgres_sql import Connection
@@ -302,7 +302,7 @@ _PRUNE_FINISHED = _PRUNE.format(statuses="'succeeded', 'cancelled'")
 # after the pruned ones goes with them in the same prune, found by id from their
 # chain_next ($1), past retention ($2); those another transaction holds are left.
 _FOLLOWER = (
-    "j.status = 'cancelled' AND j.attempts = 0 AND j.finished_at < $2 "
+    f"{PURGE_FOLLOWER} AND j.finished_at < $2 "  # noqa: S608 - constants
     "AND (j.chain_next IS NULL OR coalesce((SELECT c.status FROM asyncjobs_jobs AS c "
     "WHERE c.id = j.chain_next), '') <> 'waiting')"
 )

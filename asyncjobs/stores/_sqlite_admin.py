@@ -25,7 +25,7 @@ from asyncjobs.stores._protocol import (
     WorkerRow,
 )
 from asyncjobs.stores._sqlite_sql import _batch_counts, _release_dependents, tally_deleted
-from asyncjobs.stores._statuses import DEAD_AS_READ, RETRYABLE
+from asyncjobs.stores._statuses import DEAD_AS_READ, PURGE_FOLLOWER, RETRYABLE
 
 _PENDING = ("scheduled", "queued")
 
@@ -301,7 +301,7 @@ _PRUNE_FINISHED = _PRUNE.format(statuses="'succeeded', 'cancelled'")
 # as a plain join, without statistics (as stores run), it read every cancelled job
 # through asyncjobs_jobs_status instead.
 _FOLLOWER = (
-    "j.status = 'cancelled' AND j.attempts = 0 AND j.finished_at < ? "
+    f"{PURGE_FOLLOWER} AND j.finished_at < ? "  # noqa: S608 - constants
     "AND (j.chain_next IS NULL OR NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS c "
     "WHERE c.id = j.chain_next AND c.status = 'waiting'))"
 )

@@ -52,7 +52,8 @@ The member before a job is one scalar subquery, a seek in ``asyncjobs_jobs_chain
 per candidate row: as ``NOT EXISTS``, PostgreSQL may hash every chain member once."""
 
 PURGE_FOLLOWER = "status = 'cancelled' AND attempts = 0"
-"""A chain member that ``PURGEABLE`` keeps while the member before it is stored, and
-that a purge then takes after that member, walking the run of them from its
-``chain_next`` by id (each store's ``_PURGE_FOLLOWERS``), if the purge's condition
+"""A chain member that ``PURGEABLE`` (and retention's prune) keeps while the member
+before it is stored, and that a purge (a prune) then takes after that member, walking
+the run of them from its ``chain_next`` by id (each store's ``_PURGE_FOLLOWERS``, and
+``_PRUNE_FOLLOWERS`` in its admin module), if the purge's condition (past retention)
 matches it too."""
