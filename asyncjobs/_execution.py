@@ -82,6 +82,9 @@ class _Running:
     task: asyncio.Task[None] | None = None  # the job's own task, once created
     started: bool = False  # its code may be running: cancel the task to stop it
     cancelled_by_user: bool = False
+    # Stopped because its lease could not be renewed (``_Leases``), not by a cancel:
+    # its outcome is a failed attempt, as lease recovery would record it.
+    lease_lost: bool = False
 
 
 class _Execution:
@@ -114,7 +117,7 @@ class _Execution:
         started = self.clock.now()
         try:
             if running.cancelled_by_user:  # before its task first ran
-                outcome = self._outcome(row, OutcomeKind.CANCELLED, error="cancelled before it ran")
+                outcome = self._stopped_before_it_ran(row, running)
             else:
                 outcome = await self._attempt(row, running)
         except Exception:  # a bug of ours, not the task's: record it, never lose the job
@@ -189,7 +192,7 @@ class _Execution:
                 if not running.cancelled_by_user or this is None or this.uncancel() > 0:
                     raise
             if running.cancelled_by_user:
-                return self._outcome(row, OutcomeKind.CANCELLED, error="cancelled while running")
+                return self._stopped_while_running(row, running)
             if timed_out:
                 return self._failure(
                     row, f"TimeoutError: the job ran longer than its {timeout}s timeout"
@@ -275,13 +278,12 @@ class _Execution:
         the connection it was using was gone; or it asked for a retry): that is still
         shutdown's doing, and spends no attempt. Cancelled, when it raised as a cancel
         stopped it: what the user asked for, on its last attempt too (not dead), with
-        what it raised. None when neither is cancelling it."""
+        what it raised (stopped as its lease was lost: a failed attempt that says so).
+        None when neither is cancelling it."""
         if running.cancelled_by_user:
-            return self._outcome(
-                row, OutcomeKind.CANCELLED,
-                error="cancelled while running; it raised as it stopped:\n"
-                + _traceback(),
-            )  # fmt: skip
+            return self._stopped_while_running(
+                row, running, raised="; it raised as it stopped:\n" + _traceback()
+            )
         this = asyncio.current_task()
         if self._accepting or this is None or not this.cancelling():
             return None
@@ -291,6 +293,22 @@ class _Execution:
             extra={"job_id": row.id, "task": row.task, "attempt": row.attempts},
         )  # fmt: skip
         return self._outcome(row, OutcomeKind.RELEASE)
+
+    def _stopped_before_it_ran(self, row: JobRow, running: _Running) -> Outcome:
+        """Stopped before its code ran: cancelled; or, its lease lost, given back
+        unspent (a job claimed ahead is too)."""
+        if running.lease_lost:
+            return self._outcome(row, OutcomeKind.RELEASE)
+        return self._outcome(row, OutcomeKind.CANCELLED, error="cancelled before it ran")
+
+    def _stopped_while_running(self, row: JobRow, running: _Running, raised: str = "") -> Outcome:
+        """Stopped as it ran: cancelled, as asked; or, its lease lost, a failed attempt
+        due again at once (dead if it was the last), as lease recovery records it. The
+        store applies it only while the attempt is still this worker's: then nobody took
+        the job over, and it must not end cancelled, which nobody asked for."""
+        if running.lease_lost:
+            return self._failure(row, LEASE_LOST + raised, delay=0.0)
+        return self._outcome(row, OutcomeKind.CANCELLED, error="cancelled while running" + raised)
 
     def _outcome(
         self,
@@ -358,8 +376,10 @@ class _Execution:
                 why = "by a worker without its task"
             elif not self._accepting:
                 why = "by shutdown"
-            else:  # claimed on its last attempt, and no slot was free (see the runner)
-                why = "for want of a free slot here"
+            elif row.attempts >= row.max_attempts:  # claimed on its last attempt, and no
+                why = "for want of a free slot here"  # slot was free (see the runner)
+            else:  # claimed ahead, or not started yet, as its lease ran out (_Leases)
+                why = "before it started, its lease not renewed (heartbeats failing)"
             logger.info(
                 "job %s (%s) released %s: it runs again, no attempt spent",
                 row.id, row.task, why, extra=extra,
@@ -367,6 +387,11 @@ class _Execution:
         else:
             logger.info("job %s (%s) %s", row.id, row.task, outcome.kind, extra=extra)
 
+
+LEASE_LOST = (
+    "lease lost: this worker could not renew the job's lease (its heartbeats failed), "
+    "so it stopped the attempt before the lease ran out and another worker could take it"
+)
 
 MAX_ERROR_CHARS = 64 * 1024
 """The most of an error (a traceback) a job keeps: a task may raise an exception whose

@@ -2,12 +2,18 @@
 record this worker in the store, and lease recovery, which requeues the jobs of a
 worker that died (``recover``, run with pruning by ``maintenance_loop``).
 
+A worker whose heartbeats fail (the store unreachable, a disk error) stops its own
+attempts before their leases run out: once a lease ends, any process's recovery may
+requeue the job and another worker start it, and the two attempts would overlap
+(``_watch_leases``).
+
 ``_Leases`` holds these methods of ``Runner``, which inherits them.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 from typing import TYPE_CHECKING
@@ -37,6 +43,7 @@ class _Leases:
         _ready: list[JobRow]
         _outbox: list[tuple[JobRow, Outcome, float]]
         _writing: list[list[tuple[JobRow, Outcome, float]]]
+        _confirmed: dict[str, tuple[int, float]]
         worker_id: str
         started_at: float
         settings: Settings
@@ -45,6 +52,10 @@ class _Leases:
         def wake(self) -> None: ...
 
         def cancel_local(self, job_id: str, attempt: int | None = None) -> None: ...
+
+        def _give_back(self, rows: list[JobRow]) -> None: ...
+
+        def _free_slot(self) -> None: ...
 
     # -- leases ----------------------------------------------------------------------
 
@@ -58,13 +69,23 @@ class _Leases:
         # Jobs that ended but whose outcome is not written yet are ours too: while every
         # slot is busy, or a write fails, their lease must not run out (they would run
         # again). One that is not ours any more needs nothing: its write is ignored.
-        ended = {row.id for row, _, _ in self._outbox}
-        ended.update(row.id for taken in self._writing for row, _, _ in taken)
+        ended = {row.id: row.attempts for row, _, _ in self._outbox}
+        ended.update((row.id, row.attempts) for taken in self._writing for row, _, _ in taken)
         if not held and not ended:
+            self._confirmed = {}
             return
+        granted: list[float] = []
+
+        def lease_until() -> float:
+            granted.append(self._lease_until())
+            return granted[-1]
+
         owned = await self.jobs.store.heartbeat(
-            list(ended.union(held)), worker=self.worker_id, lease_until=self._lease_until
+            list(ended.keys() | held.keys()), worker=self.worker_id, lease_until=lease_until
         )
+        if granted:  # the lease the store wrote: the last it asked for (it may retry)
+            attempts = ended | held
+            self._confirmed = {job_id: (attempts[job_id], granted[-1]) for job_id in owned}
         # Of those left out, only the attempts still held here were taken away. One that
         # ended while the store was asked may have had its outcome written before this
         # update ran, and the store rightly left it out: nothing to stop, and its write
@@ -99,6 +120,100 @@ class _Leases:
         before a wait for another process's lock, the lease would be short by that wait."""
         return self.clock.now() + self.settings.visibility_timeout
 
+    # -- leases that cannot be renewed -----------------------------------------------
+
+    def _lease_end(self, row: JobRow) -> float | None:
+        """Until when this worker's lease of attempt ``row`` is known to hold: its claim's
+        lease, or the last a successful heartbeat wrote for that attempt."""
+        attempt, renewed = self._confirmed.get(row.id, (0, -math.inf))
+        if attempt == row.attempts and (row.lease_until is None or renewed > row.lease_until):
+            return renewed
+        return row.lease_until
+
+    def _lapsing(self, now: float) -> tuple[list[JobRow], float]:
+        """The attempts held here (running, or claimed ahead) to stop now, their leases
+        ending within half a heartbeat interval unrenewed; and when the next is due.
+
+        Why then: any process's recovery may requeue a job the moment its lease ends
+        (``lease_until < now``, by that process's clock), and another worker start it at
+        once; the attempt here must have stopped before, its cleanup included. Not a
+        whole interval before: the last heartbeat before the end comes about then, and
+        it must have its chance to renew the lease. Half an interval is left to it, and
+        half to the job's cleanup (its ``finally`` blocks) and to clocks a little apart.
+        Jobs that ended, their outcome not written yet, are left alone: nothing of
+        theirs runs, and their outcome, written late, is ignored if the job ran again."""
+        margin = self.settings.heartbeat_interval / 2
+        rows = [r.row for r in self.running.values() if not r.cancelled_by_user]
+        rows.extend(self._ready)  # (one being stopped already, above, is not again)
+        lapsing: list[JobRow] = []
+        due = math.inf
+        for row in rows:
+            end = self._lease_end(row)
+            if end is None:
+                continue
+            if end - margin <= now:
+                lapsing.append(row)
+            else:
+                due = min(due, end - margin)
+        return lapsing, due
+
+    def _stop_lapsing(self) -> float:
+        """Stop the attempts whose leases are about to end unrenewed (``_lapsing``);
+        return when the next lease is due to be given up."""
+        now = self.clock.now()
+        lapsing, due = self._lapsing(now)
+        for row in lapsing:
+            end = self._lease_end(row) or now
+            logger.warning(
+                "job %s (%s): its lease could not be renewed (heartbeats failing) and ends "
+                "in %.1fs; stopping attempt %d, which another worker may start then",
+                row.id, row.task, end - now, row.attempts,
+                extra={"job_id": row.id, "task": row.task, "attempt": row.attempts},
+            )  # fmt: skip
+            self._lose(row)
+        if lapsing:
+            self.wake()  # write their outcomes; a slot promised to one may be free again
+        return due
+
+    def _lose(self, row: JobRow) -> None:
+        """Stop attempt ``row``, its lease lost: running, it is cancelled, and ends a
+        failed attempt (``_Running.lease_lost``); claimed ahead, it goes back unstarted,
+        attempt unspent. Not as ``cancelled``: the store may still hold it as this
+        worker's, and would end it so, though nobody asked."""
+        if any(ready is row for ready in self._ready):
+            self._ready = [ready for ready in self._ready if ready is not row]
+            self._give_back([row])
+            self._free_slot()  # the claim loop may wait for room: it writes the release
+            return
+        running = self.running.get(row.id)
+        if running is not None and running.row is row:
+            running.lease_lost = True
+            self.cancel_local(row.id, row.attempts)
+
+    async def _watch_leases(self) -> None:
+        """The heartbeat loop's watch: stops each attempt whose lease is about to end
+        unrenewed (``_lapsing``). A task of its own, on a timer of its own: a heartbeat
+        or a worker record may wait on an unreachable store for longer than a lease."""
+        interval = self.settings.heartbeat_interval
+        while True:
+            now = self.clock.now()
+            lapsing, _ = self._lapsing(now)
+            if any((self._lease_end(row) or now) <= now for row in lapsing):
+                # Over already, not about to be: this loop did not run for a while (the
+                # event loop stalled: a blocking call, a suspended machine), nor did the
+                # heartbeats. Ask the store (for half an interval at most) before
+                # stopping the job: if nobody took it over, the lease is renewed.
+                with self.clock.move_on_after(interval / 2):
+                    await self._beat()
+            due = self._stop_lapsing()
+            await self.clock.sleep(min(due - self.clock.now(), interval))
+
+    async def _beat(self) -> None:
+        try:
+            await self.heartbeat_once()
+        except Exception:
+            logger.exception("heartbeat failed; leases may expire")
+
     def _holds(self, job_id: str, attempt: int) -> bool:
         """Is attempt ``attempt`` at ``job_id`` running here, or claimed ahead?"""
         running = self.running.get(job_id)
@@ -110,14 +225,18 @@ class _Leases:
         self.started_at = self.clock.now()
         await self.record_beat()
         task_status.started()
+        interval = self.settings.heartbeat_interval
         try:
-            while True:
-                await self.clock.sleep(self.settings.heartbeat_interval)
-                try:
-                    await self.heartbeat_once()
-                except Exception:
-                    logger.exception("heartbeat failed; leases may expire")
-                await self.record_beat()
+            async with anyio.create_task_group() as watch:
+                watch.start_soon(self._watch_leases)
+                # Every interval from the last beat's start, not its end: a beat that
+                # fails slowly does not push back the next, the last chance (_lapsing).
+                beat_at = self.clock.now()
+                while True:
+                    beat_at = max(beat_at + interval, self.clock.now())
+                    await self.clock.sleep(beat_at - self.clock.now())
+                    await self._beat()
+                    await self.record_beat()
         finally:
             with anyio.CancelScope(shield=True), self.clock.move_on_after(5):
                 await self.record_beat(stopped=True)
@@ -145,11 +264,13 @@ class _Leases:
         # This process's own leases first. After the event loop stalled past them (a
         # blocking call, a suspended machine), this loop may wake before the heartbeat
         # loop does: it would requeue jobs still running here, which would be stopped
-        # and run again, an attempt spent, though nothing crashed.
+        # and run again, an attempt spent, though nothing crashed. Failing, it stops the
+        # attempts whose leases end: they would be requeued while they still run here.
         try:
             await self.heartbeat_once()
         except Exception:
             logger.exception("heartbeat failed; leases may expire")
+            self._stop_lapsing()
         for job in await self.jobs.store.recover(now=self.clock.now()):
             extra = {"job_id": job.id, "task": job.task, "attempt": job.attempts}
             if job.status == "dead":

@@ -131,6 +131,10 @@ class Runner(_Leases, _Execution):
         self._wakeup = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._outbox: list[_Finished] = []  # finished, outcome not yet written
+        # Per job held, the attempt the last successful heartbeat renewed, and its lease
+        # end then (_Leases._lease_end). Written by heartbeats only: a claim's row carries
+        # its own lease.
+        self._confirmed: dict[str, tuple[int, float]] = {}
         # Outboxes taken by writes under way: their leases are renewed too (_take_outbox).
         self._writing: list[list[_Finished]] = []
         self._next_token_at: float | None = None
@@ -465,13 +469,14 @@ class Runner(_Leases, _Execution):
                 row.id, stale.row.attempts,
                 extra={"job_id": row.id, "task": row.task, "attempt": stale.row.attempts},
             )  # fmt: skip
-            stale.cancelled_by_user = True
             if stale.task is not None:
-                stale.task.cancel()
+                if not stale.cancelled_by_user:  # else being stopped already (its lease
+                    stale.task.cancel()  # lost): cancelled again, its cleanup is cut short
                 # Until its task ends (its cleanup may take a while), it still takes
                 # the slot: the new attempt takes the one the caller found free.
                 self._stopping.append(stale)
                 stale.task.add_done_callback(lambda _: self._stopped(stale))
+            stale.cancelled_by_user = True
         running = self.running[row.id] = _Running(row)
         self.jobs_started += 1
         loop = asyncio.get_running_loop()

@@ -319,6 +319,9 @@ class Settings:
 
     @property
     def heartbeat_interval(self) -> float:
+        """Seconds between heartbeats: a lease ends three after its last renewal. When
+        two in a row fail, the job is stopped half of one before it ends (``_lapsing``
+        in ``_leases.py``)."""
         return self.visibility_timeout / 3
 
     @classmethod

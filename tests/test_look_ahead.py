@@ -14,7 +14,7 @@ from typing import Any
 
 import anyio
 
-from asyncjobs import Jobs, Retry, current_job
+from asyncjobs import Jobs, Retry, StoreError, current_job
 from asyncjobs._runner import _PREFETCH_MAX
 from asyncjobs.stores import SQLiteStore
 from asyncjobs.testing import FakeClock, drain
@@ -184,6 +184,34 @@ async def test_a_job_claimed_ahead_and_cancelled_by_another_process_never_runs(
     assert not still_ready
     assert (await statuses(jobs, ids))[2] == ("cancelled", 1)
     assert sorted(jobs.ran) == [-1, 0, 1, *range(3, JOBS)]  # type: ignore[attr-defined]
+
+
+async def test_jobs_claimed_ahead_whose_leases_cannot_be_renewed_go_back_unspent(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """Heartbeats fail until the leases are about to end: the running jobs are stopped
+    (a failed attempt, retried) and those claimed ahead go back unstarted, attempt
+    unspent, not cancelled (nobody asked for that, and the store still holds them as
+    this worker's)."""
+    jobs = make_jobs(concurrency=2, shutdown_timeout=10)
+    ids = await run_blocked(jobs, clock, job_seconds=0.0)
+    await until(lambda: len(jobs.runner._ready) == AHEAD)  # ids[2:2 + AHEAD] claimed ahead
+    store: Any = jobs.store
+    heartbeat = store.heartbeat
+
+    async def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise StoreError("the store is unreachable")
+
+    store.heartbeat = unreachable
+    try:
+        clock.advance(jobs.settings.visibility_timeout * 5 / 6)  # half a beat left
+        await until(lambda: jobs.ran.count(0) == 2)  # type: ignore[attr-defined]
+    finally:
+        store.heartbeat = heartbeat
+        jobs.release.set()  # type: ignore[attr-defined]
+    await until_finished(jobs, ids)
+    await jobs.close()
+    assert await statuses(jobs, ids) == [("succeeded", 2)] * 2 + [("succeeded", 1)] * (JOBS - 2)
 
 
 async def test_a_heartbeat_answer_about_an_earlier_attempt_leaves_the_next_one_alone(

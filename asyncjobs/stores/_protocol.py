@@ -366,8 +366,12 @@ class Store(Protocol):
         self, job_ids: Sequence[str], *, worker: str, lease_until: float | Callable[[], float]
     ) -> set[str]:
         """Extend the leases of jobs still running under ``worker`` to ``lease_until``
-        (or what it returns, called once the store holds the lock); return those ids,
-        less the ones asked to stop (cancelled while running)."""
+        (or what it returns, called once the store holds the lock, and again for each
+        try of a write tried again: the last call gives the lease written); return
+        those ids, less the ones asked to stop (cancelled while running).
+
+        The runner counts on that lease: a job it cannot renew in time (this raises
+        until the lease is about to end) it stops, before another worker may take it."""
         ...
 
     async def recover(self, *, now: float) -> list[Recovered]:
