@@ -153,7 +153,7 @@ def check_synchronous(value: object, store: Store | None) -> str:
     server's ``synchronous_commit``): with it, and with a store of your own, the value is
     kept as given, as with a URL alone."""
     from asyncjobs.stores import SQLiteStore  # as in check_store
-    from asyncjobs.stores._sqlite import _SYNCHRONOUS
+    from asyncjobs.stores._sqlite_connections import _SYNCHRONOUS
 
     ours = store.synchronous.lower() if isinstance(store, SQLiteStore) else None
     if ours is not None and value is SYNCHRONOUS_DEFAULT:

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from asyncjobs._errors import ConfigurationError
 from asyncjobs.stores._protocol import NewJob
-from asyncjobs.stores._sqlite import DRIVER_ERRORS, SQLiteStore, error_kind
+from asyncjobs.stores._sqlite import SQLiteStore
+from asyncjobs.stores._sqlite_connections import DRIVER_ERRORS, error_kind
 from asyncjobs.stores._sqlite_schema import migrate
 from asyncjobs.stores._sqlite_sql import insert_jobs
 

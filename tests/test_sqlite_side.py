@@ -13,7 +13,7 @@ import pytest
 
 from asyncjobs.stores import SQLiteStore
 from asyncjobs.stores._protocol import NewJob
-from asyncjobs.stores._sqlite import INLINE_ROWS
+from asyncjobs.stores._sqlite_hot_path import INLINE_ROWS
 from asyncjobs.stores._sqlite_side import (
     AUTOCHECKPOINT_PAGES,
     CHECKPOINT_EVERY,

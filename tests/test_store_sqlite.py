@@ -19,8 +19,8 @@ from asyncjobs._batching import GroupCommit
 from asyncjobs.stores import ClaimRequest, SQLiteStore, TaskLimits
 from asyncjobs.stores._migrations import migration_scripts
 from asyncjobs.stores._protocol import NewJob, Outcome, OutcomeKind
-from asyncjobs.stores._sqlite import INLINE_BYTES, INLINE_ROWS
 from asyncjobs.stores._sqlite_admin import ADMIN_BATCH
+from asyncjobs.stores._sqlite_hot_path import INLINE_BYTES, INLINE_ROWS
 from asyncjobs.stores._sqlite_schema import SCHEMA_VERSION_TABLE, migrate
 from asyncjobs.stores._sqlite_side import CHECKPOINT_EVERY, InlineWriter
 from asyncjobs.stores._sqlite_sql import _PICK_READY, DUE_PER_CLAIM, _finish, insert_jobs
