@@ -86,6 +86,11 @@ _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 """How a URL begins (``sqlite://``, ``postgresql://``). ``open_store`` takes no name
 with ``://`` for a path either (``sqlite_path``)."""
 
+_URL_WITHOUT_SLASHES = re.compile(r"(sqlite|postgresql|postgres):(?!//)", re.IGNORECASE)
+"""A store URL typed without its two slashes (``sqlite:jobs.db``, ``sqlite:/jobs.db``),
+which ``open_store`` refuses too (``sqlite_path``). A ``Path`` made of a URL folds its
+slashes into one: ``Path("sqlite:///jobs.db")`` is ``sqlite:/jobs.db``."""
+
 
 def _in_memory(name: str) -> bool:
     """Whether ``name`` is how SQLite spells an in-memory database: ``:memory:``, or a
@@ -121,6 +126,17 @@ class SQLiteStore(_HotPath):
                 "names a folder called "
                 f"{scheme[0].split('/')[0]!r} in the working directory. Pass the file's "
                 "path, or open the URL with asyncjobs.stores.open_store(url)"
+            )
+        slashless = _URL_WITHOUT_SLASHES.match(os.fspath(path))
+        if slashless is not None:  # not repeated either: it may hold a password
+            scheme_name = slashless[1].lower()
+            example = "sqlite:///jobs.db" if scheme_name == "sqlite" else f"{scheme_name}://..."
+            raise ConfigurationError(
+                f"SQLiteStore takes a file path, not a URL ({slashless[0]}... without the "
+                "two slashes after the colon): as a path it names a file or folder in the "
+                "working directory whose name begins with "
+                f"{slashless[0]!r}. Pass the file's path (SQLiteStore('jobs.db')), or open "
+                f"the URL with asyncjobs.stores.open_store({example!r})"
             )
         # Absolute now: every connection, the side ones opened later too, is on the
         # same file if the working directory changes, and a name that begins "file:"

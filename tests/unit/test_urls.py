@@ -284,3 +284,27 @@ def test_a_url_given_to_sqlitestore_as_its_path_is_refused(
     with pytest.raises(ConfigurationError, match=r"takes a file path, not a URL.*open_store"):
         SQLiteStore(url)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "sqlite:jobs.db",
+        "sqlite:/jobs.db",
+        "SQLite:jobs.db",
+        Path("sqlite:///jobs.db"),  # a Path folds the slashes: sqlite:/jobs.db
+        "postgresql:/app:secret@db/app",
+    ],
+)
+def test_a_url_without_its_slashes_given_to_sqlitestore_is_refused(
+    path: str | Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store URL typed without its two slashes is no file path either: SQLiteStore
+    made a file called "sqlite:jobs.db" (or a folder "sqlite:") in the working directory
+    and kept the jobs there, where nothing else looks. The value is not repeated: a
+    PostgreSQL URL may hold a password."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigurationError, match=r"not a URL.*open_store") as raised:
+        SQLiteStore(path)
+    assert "secret" not in str(raised.value)
+    assert list(tmp_path.iterdir()) == []
