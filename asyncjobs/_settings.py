@@ -146,7 +146,7 @@ so that ``check_synchronous`` can tell it from a "normal" given on purpose."""
 
 
 def check_synchronous(value: object, store: Store | None) -> str:
-    """``synchronous=``: "normal" or "full". With a SQLite ``store=`` it is that store's,
+    """``synchronous=``: "normal", "full" or "extra". With a SQLite ``store=`` it is that store's,
     which opens with its own (``Jobs`` passes it none), so that ``settings.synchronous``
     tells how the jobs are written; one given that differs is refused, where the store
     ran at its own silently. PostgreSQL has no such setting (its durability is the
@@ -158,10 +158,10 @@ def check_synchronous(value: object, store: Store | None) -> str:
     ours = store.synchronous.lower() if isinstance(store, SQLiteStore) else None
     if ours is not None and value is SYNCHRONOUS_DEFAULT:
         return ours
-    # What SQLiteStore takes, its unadvertised "extra" too: a Jobs given such a store
-    # reports it, and replace_store passes it on to Jobs(url, synchronous=...).
+    # What SQLiteStore takes: a Jobs given such a store reports it, and replace_store
+    # passes it on to Jobs(url, synchronous=...).
     if not isinstance(value, str) or value.upper() not in _SYNCHRONOUS:
-        raise ConfigurationError(f"synchronous must be 'normal' or 'full', got {value!r}")
+        raise ConfigurationError(f"synchronous must be 'normal', 'full' or 'extra', got {value!r}")
     if ours is not None and value.lower() != ours:
         raise ConfigurationError(
             f"Jobs() was given synchronous={value!r} and store={store!r}, which runs at "

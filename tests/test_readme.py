@@ -29,6 +29,7 @@ from starlette.routing import Route
 
 import asyncjobs
 from asyncjobs import Jobs, JobSpec, JobStatus, RateLimit
+from asyncjobs.stores._sqlite_connections import _SYNCHRONOUS
 from asyncjobs.testing import drain
 
 README = Path(__file__).parent.parent / "README.md"
@@ -114,6 +115,14 @@ def test_the_module_map_names_every_module() -> None:
         for path in modules
         if not is_named(path) and (path.parent in listed or f"{path.parent.name}/" not in named)
     ]
+    assert missing == []
+
+
+def test_the_settings_name_every_synchronous_level_the_store_takes() -> None:
+    """SQLiteStore (and so ``Jobs(synchronous=)``) took "extra" too, which the README's
+    settings left out: each level it takes is named there, with what it does."""
+    section = README.read_text().split("\n### Settings\n")[1].split("\n## ")[0]
+    missing = [level for level in _SYNCHRONOUS if f'"{level.lower()}"' not in section]
     assert missing == []
 
 

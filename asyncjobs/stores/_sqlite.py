@@ -111,7 +111,9 @@ class SQLiteStore(_HotPath):
         busy_timeout: float = 5.0,
     ) -> None:
         if synchronous.upper() not in _SYNCHRONOUS:
-            raise ConfigurationError(f"synchronous must be 'normal' or 'full', got {synchronous!r}")
+            raise ConfigurationError(
+                f"synchronous must be 'normal', 'full' or 'extra', got {synchronous!r}"
+            )
         if _in_memory(os.fspath(path)):
             raise ConfigurationError(
                 f"SQLite in-memory databases ({os.fspath(path)!r}) cannot hold jobs: each "

@@ -16,9 +16,9 @@ from asyncjobs.stores._postgres import PostgresStore
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
-        ({"synchronous": None}, "synchronous must be 'normal' or 'full', got None"),
-        ({"synchronous": 2}, "synchronous must be 'normal' or 'full', got 2"),
-        ({"synchronous": "fast"}, "synchronous must be 'normal' or 'full'"),
+        ({"synchronous": None}, "synchronous must be 'normal', 'full' or 'extra', got None"),
+        ({"synchronous": 2}, "synchronous must be 'normal', 'full' or 'extra', got 2"),
+        ({"synchronous": "fast"}, "synchronous must be 'normal', 'full' or 'extra'"),
         ({"workers": "no"}, "workers must be True or False, got 'no'"),
         ({"workers": None}, "workers must be True or False"),
         ({"concurrency": 0}, "concurrency must be a whole number from 1 to 2147483647"),
@@ -191,7 +191,7 @@ def test_a_synchronous_other_than_the_sqlite_stores_is_refused(
 def test_a_synchronous_the_sqlite_store_has_is_taken(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "jobs.db", synchronous="full")
     assert Jobs(store=store, synchronous="FULL").settings.synchronous == "full"
-    with pytest.raises(ConfigurationError, match="synchronous must be 'normal' or 'full'"):
+    with pytest.raises(ConfigurationError, match="synchronous must be 'normal', 'full' or 'extra'"):
         Jobs(store=store, synchronous="fast")  # a bad value is refused as one, not as a conflict
 
 
@@ -202,5 +202,5 @@ def test_synchronous_with_a_postgres_store_is_as_given(tmp_path: Path) -> None:
     assert Jobs(store=PostgresStore(url), synchronous="full").settings.synchronous == "full"
     assert Jobs(url, synchronous="full").settings.synchronous == "full"
     assert Jobs(store=PostgresStore(url)).settings.synchronous == "normal"
-    with pytest.raises(ConfigurationError, match="synchronous must be 'normal' or 'full'"):
+    with pytest.raises(ConfigurationError, match="synchronous must be 'normal', 'full' or 'extra'"):
         Jobs(store=PostgresStore(url), synchronous="fast")
