@@ -599,7 +599,13 @@ _TURN = f"CASE WHEN (SELECT bool_or(walked) FROM taken) THEN {GROUP_TURN} END"  
 # GROUP_WALK) runs only once a step looks past the window (walked). The first row of
 # taken is no job: the start.
 # {queues_w}, {queues_f}: the queue filter on w and f ("" for every queue).
-_PLAIN = "j.status = 'queued' AND j.group_key IS NULL AND j.task = ANY($4::text[]) {queues}"
+#
+# The task is no index condition in _PLAIN's seeks ("IS TRUE"): as one, on a table never
+# analysed, PostgreSQL read the first step's jobs from asyncjobs_jobs_ready_task_plain
+# (by task) and sorted them, every queued job of the claim's tasks (a million rows).
+_PLAIN = (
+    "j.status = 'queued' AND j.group_key IS NULL AND (j.task = ANY($4::text[])) IS TRUE {queues}"
+)
 _GROUPED = "j.status = 'queued' AND j.group_key IS NOT NULL"
 _GROUPED_COLUMNS = "j.seq, j.priority, j.group_key, j.task, j.queue"
 _TAKE_READY = f"""first_grouped (n, seq, priority, group_key, task, queue) AS (

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from asyncjobs.stores import open_store
+from asyncjobs.stores import ClaimRequest, TaskLimits, open_store
 from asyncjobs.stores._postgres_admin import _PRUNE_FINISHED
-from asyncjobs.stores._postgres_sql import _FINISH, _FINISH_PLAIN
+from asyncjobs.stores._postgres_sql import _FINISH, _FINISH_PLAIN, claim
 
 asyncpg = pytest.importorskip("asyncpg")
 
@@ -123,3 +123,76 @@ async def test_a_prune_seeks_each_follower_and_on_complete_not_every_waiting_job
     for node in nodes(plan):
         if node.get("Alias") in ("b", "c"):  # a batch's on_complete, a chain's follower
             assert node["Actual Rows"] <= 1, node
+
+
+class Explained:
+    """A connection whose claim statement (the one WITH RECURSIVE) is run under EXPLAIN
+    (ANALYZE, BUFFERS) instead: its plan in ``plan``, as PostgreSQL ran it."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self.plan: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    async def fetch(self, query: str, *args: Any) -> list[Any]:
+        if "WITH RECURSIVE" not in query:
+            return list(await self._conn.fetch(query, *args))
+        text = await self._conn.fetchval("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + query, *args)
+        self.plan = json.loads(text)[0]["Plan"]
+        return []
+
+
+CLAIM = ClaimRequest(
+    worker="w", tasks={"t": TaskLimits(max_attempts=3)}, queues=None, limit=BATCH, lease=30.0
+)
+STEP = 10
+"""Rows (and pages) a claim reads per job it takes, at most: a seek in the ready index,
+the row by its seq, and the row it locks (about 3)."""
+
+
+# 500 and 1,200 never analysed: each step read every queued job through
+# asyncjobs_jobs_counts (one page: one key) and sorted them (100,000 rows a claim);
+# 1,000,000 never analysed: the first step read them all through
+# asyncjobs_jobs_ready_task_plain (by task) and sorted them.
+@pytest.mark.parametrize("jobs", [10, 100, 500, 1_200, 20_000, 1_000_000])
+@pytest.mark.parametrize("analyzed", [False, True], ids=["fresh", "analyzed"])
+async def test_a_claim_walks_the_ready_jobs_in_claim_order(
+    postgres_url: str, analyzed: bool, jobs: int
+) -> None:
+    """A claim of 100 reads each next job with one seek in claim order, whatever the
+    table's statistics: rows and pages in proportion to what it takes. The update that
+    follows may read a small table once, not counted: it is no step. A table of a page
+    or two (100 jobs, analysed), PostgreSQL reads whole at each step rather than seek in
+    an index, as many pages: there only the pages are bounded."""
+    store = open_store(postgres_url)
+    await store.open()  # the schema
+    await store.close()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(FILL, jobs)
+        if analyzed:
+            await conn.execute("ANALYZE asyncjobs_jobs")
+        explained = Explained(conn)
+        async with conn.transaction():
+            await claim(explained, CLAIM, 2.0, "token")  # type: ignore[arg-type]
+    finally:
+        await conn.close()
+
+    updated = [n for n in nodes(explained.plan) if n["Node Type"] == "ModifyTable"]
+    assert [n["Actual Rows"] for n in updated] == [min(jobs, BATCH)]
+    steps = [
+        n
+        for n in nodes(explained.plan)
+        if n.get("Relation Name") == "asyncjobs_jobs"
+        and n["Node Type"] != "ModifyTable"
+        and n not in updated[0].get("Plans", [])  # the update's own read of its rows
+    ]
+    rows = sum(
+        (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"] for n in steps
+    )
+    pages = sum(n["Shared Hit Blocks"] + n["Shared Read Blocks"] for n in steps)
+    assert pages <= STEP * BATCH, pages
+    if jobs > BATCH:
+        assert rows <= STEP * BATCH, rows
