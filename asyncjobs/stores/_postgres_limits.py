@@ -176,16 +176,57 @@ _FIRST_PENDING_KEYS = (
 )
 _LOCK = "SELECT pg_advisory_xact_lock(hashtext('asyncjobs claim ' || current_schema()))"
 
+# Of the chosen jobs ($1), those this claim locks: still queued, heads of their group,
+# and held by no other transaction (a plain claim's, a cancel's). Each read by its seq,
+# as the claim's take reads them (_postgres_sql._TAKE_CHOSEN), which then skips none.
+_LOCK_CHOSEN = f"""SELECT j.seq FROM unnest($1::bigint[]) AS c(seq) CROSS JOIN LATERAL (
+    SELECT j.seq FROM asyncjobs_jobs AS j
+    WHERE j.seq = c.seq AND (j.status = 'queued') IS TRUE
+      AND (j.group_key IS NULL OR {HEADS_GROUP.format(j="j")})
+    FOR UPDATE SKIP LOCKED) AS j"""  # noqa: S608 - constants
+
 
 async def choose(conn: Connection, request: ClaimRequest, now: float, walk: GroupWalk) -> Admission:
     """Pick the jobs to claim under every limit and take their tokens (in a transaction);
     past a task's walk, through the groups from where ``walk`` stopped, moving it on.
 
-    Returns the admission: ``chosen``, their ``seq`` in claim order; ``wake_at``, when
-    a ready job was held back by an empty bucket, the earliest time one of those
-    buckets gets a token; ``unkeyed``, whether a pending key held a limiter back.
+    Returns the admission: ``chosen``, their ``seq`` in claim order, each locked by this
+    transaction; ``wake_at``, when a ready job was held back by an empty bucket, the
+    earliest time one of those buckets gets a token; ``unkeyed``, whether a pending key
+    held a limiter back.
+
+    Other claimers are serialised, but not the other writers of queued rows (a plain
+    claim, a cancel): a chosen job one of them holds the take would skip, and its token
+    was spent for nothing (the task ran below its rate while others claimed). So the
+    chosen are locked before their tokens are written, and if any was held, the choice
+    is made again without it (rare: another round trip or two).
     """
     await conn.execute(_LOCK)
+    after, held = walk.after, set[int]()
+    while True:
+        walk.after = after
+        admission = await _admit(conn, request, now, walk, held)
+        chosen = admission.chosen
+        locked = {r["seq"] for r in await conn.fetch(_LOCK_CHOSEN, chosen)} if chosen else set()
+        if len(locked) == len(chosen):
+            break
+        held.update(seq for seq in chosen if seq not in locked)
+    changed = admission.changed_buckets()
+    if changed:
+        await conn.executemany(
+            "INSERT INTO asyncjobs_rate_buckets (name, key, tokens, updated_at) "
+            "VALUES ($1, $2, $3, $4) ON CONFLICT (name, key) DO UPDATE SET "
+            "tokens = excluded.tokens, updated_at = excluded.updated_at",
+            changed,
+        )
+    return admission
+
+
+async def _admit(
+    conn: Connection, request: ClaimRequest, now: float, walk: GroupWalk, held: set[int]
+) -> Admission:
+    """``choose``'s choice, its tokens not yet written, passing over the jobs in
+    ``held`` (locked by another transaction)."""
     stored: dict[BucketId, BucketState] = {}
     admission = Admission(request, now, stored.get)
     if needs_running_counts(request):
@@ -226,7 +267,7 @@ async def choose(conn: Connection, request: ClaimRequest, now: float, walk: Grou
     while heap and len(chosen) < request.limit:
         _, task = heapq.heappop(heap)
         job = buffers[task].popleft()
-        if admission.admit(job):
+        if job.seq not in held and admission.admit(job):
             chosen.append(job.seq)
         if (
             not buffers[task]
@@ -246,14 +287,6 @@ async def choose(conn: Connection, request: ClaimRequest, now: float, walk: Grou
             heapq.heappush(heap, (buffers[task][0].order, task))
     if turn is not None:  # (every page of this claim read the same groups)
         walk.after = turn
-    changed = admission.changed_buckets()
-    if changed:
-        await conn.executemany(
-            "INSERT INTO asyncjobs_rate_buckets (name, key, tokens, updated_at) "
-            "VALUES ($1, $2, $3, $4) ON CONFLICT (name, key) DO UPDATE SET "
-            "tokens = excluded.tokens, updated_at = excluded.updated_at",
-            changed,
-        )
     return admission
 
 
