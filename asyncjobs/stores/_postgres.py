@@ -49,7 +49,7 @@ from asyncjobs._errors import ConfigurationError, StoreError
 from asyncjobs.stores import _postgres_admin as admin
 from asyncjobs.stores import _postgres_sql as sql
 from asyncjobs.stores import redacted
-from asyncjobs.stores._postgres_connections import NotSent, Place, _Connections, backoff
+from asyncjobs.stores._postgres_connections import NotSent, Place, _Connections, backoff, refused
 from asyncjobs.stores._postgres_limits import GroupWalk
 from asyncjobs.stores._postgres_sql import (
     PREVIEW_SELECT,
@@ -275,10 +275,14 @@ class PostgresStore(_Connections):
             return await self._run("enqueue", insert, producer=True)
         except NotSent:
             raise
-        except BaseException:
+        except BaseException as error:
             # Jobs dispatched to a worker's free slot are inserted running, under this
             # insert's claim token: if it committed unanswered, that worker's next claim
             # hands them out (or its stop gives them back), as an unanswered claim's.
+            # Not when it was never sent, or its one try was refused: nothing committed
+            # (a second try's refusal says nothing of the first, whose answer was lost).
+            if tries.count == 0 or (tries.count == 1 and refused(error)):
+                raise
             for job in jobs:  # one worker, one lease end: one entry for them all
                 if job.worker is not None and (ends := job.lease_end(began)) is not None:
                     self._unanswered.setdefault(job.worker, []).append((token, ends))

@@ -106,6 +106,16 @@ def _refused_kind(error: BaseException) -> type[StoreError]:
     return StoreError
 
 
+def refused(error: BaseException) -> bool:
+    """Whether ``error``, an operation's failure, is the server's answer refusing its
+    statement (or a value refused before it was sent): nothing of it committed, unlike
+    a failure with no answer (a connection lost, a timeout), after which it may have."""
+    if isinstance(error, DataRefused):
+        return True
+    cause = error.__cause__
+    return isinstance(cause, asyncpg.PostgresError) and not is_connection_error(cause)
+
+
 def _session(conn: Any) -> Any:
     """The connection behind ``conn``: a pool's proxy is new at each acquire (and
     cannot be weakly referenced), the connection it lends is the session."""

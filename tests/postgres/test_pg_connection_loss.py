@@ -18,7 +18,7 @@ import pytest
 import asyncjobs._runner
 from asyncjobs import ConfigurationError, Jobs, JobStatus, StoreError, Task, current_job
 from asyncjobs._errors import DataRefused
-from asyncjobs.stores import ClaimRequest, PostgresStore, TaskLimits
+from asyncjobs.stores import ClaimRequest, PostgresStore, TaskLimits, _postgres_sql
 from asyncjobs.stores._protocol import Claimed, Inserted, NewJob, Outcome, OutcomeKind, WorkerBeat
 from asyncjobs.testing import FakeClock
 
@@ -1124,5 +1124,39 @@ async def test_a_retry_that_lease_recovery_made_is_not_reported_as_applied_by_a_
         assert lost
         assert [r.id for r in claimed] == ["j"]
         assert applied == []
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("key", [None, "k"], ids=["plain", "keyed"])
+async def test_a_dispatched_insert_the_server_refused_is_not_looked_for_later(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, key: str | None
+) -> None:
+    """An insert of a job dispatched to w that the server refused (a value it cannot
+    store) committed nothing: w's next claim has no unanswered write to look for (it
+    made a lookup of its claim token, and w's stop a transaction to give its jobs back)."""
+    store = PostgresStore(postgres_url)
+    await store.open()
+    looked: list[object] = []
+    claim_again = _postgres_sql.claim_again
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        looked.append(args)
+        return await claim_again(*args, **kwargs)
+
+    monkeypatch.setattr(_postgres_sql, "claim_again", counted)
+    try:
+        request = ClaimRequest(
+            worker="w", tasks={"t": TaskLimits(max_attempts=1)}, queues=None, limit=1,
+            lease=60.0,
+        )  # fmt: skip
+        refused = new_job("d")._replace(
+            status="running", worker="w", lease=60, idempotency_key=key,
+            payload='{"args":["\x00"],"kwargs":{}}',
+        )  # fmt: skip
+        with pytest.raises(DataRefused):
+            await store.insert([refused], now=100.0)
+        assert await store.claim(request, now=101.0) == []
+        assert looked == []
     finally:
         await store.close()
