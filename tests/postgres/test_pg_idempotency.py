@@ -232,3 +232,36 @@ async def test_a_keyed_enqueue_many_in_a_callers_transaction_holds_few_locks(
     finally:
         await conn.close()
         await admin.close()
+
+
+async def test_a_keyed_enqueue_on_the_callers_connection_waits_as_that_connection_says(
+    make_jobs: MakeJobs, postgres_url: str
+) -> None:
+    """Inside jobs.transaction(conn) the enqueue is the caller's statement: the store
+    sets no lock_timeout there (a SET LOCAL would hold for the rest of the caller's
+    transaction), so a key another open transaction holds is waited for as that
+    connection's own lock_timeout says, and the enqueue fails with a StoreError once it
+    runs out. (A guard of a documented choice: README, idempotency_key.)"""
+    jobs = make_jobs(postgres_url, workers=False)
+
+    @jobs.task(name="charge")
+    async def charge(order: int) -> None: ...
+
+    await jobs.store.open()
+    holder = await asyncpg.connect(postgres_url)
+    caller = await asyncpg.connect(postgres_url, server_settings={"lock_timeout": "20ms"})
+    try:
+        async with holder.transaction():
+            async with jobs.transaction(holder):
+                await jobs.enqueue(charge.options(idempotency_key="order:1"), 1)
+            with anyio.fail_after(10):
+                async with caller.transaction():
+                    async with jobs.transaction(caller):
+                        await jobs.enqueue(charge.options(idempotency_key="order:2"), 2)
+                    assert await caller.fetchval("SHOW lock_timeout") == "20ms"
+                with pytest.raises(StoreError, match="lock timeout"):
+                    async with caller.transaction(), jobs.transaction(caller):
+                        await jobs.enqueue(charge.options(idempotency_key="order:1"), 1)
+    finally:
+        await holder.close()
+        await caller.close()
