@@ -17,6 +17,7 @@ import pytest
 
 from asyncjobs.stores import ClaimRequest, TaskLimits, open_store
 from asyncjobs.stores._postgres_admin import _PRUNE_FINISHED
+from asyncjobs.stores._postgres_limits import _READY, _READY_IN_QUEUES
 from asyncjobs.stores._postgres_sql import _FINISH, _FINISH_PLAIN, claim
 
 asyncpg = pytest.importorskip("asyncpg")
@@ -196,3 +197,46 @@ async def test_a_claim_walks_the_ready_jobs_in_claim_order(
     assert pages <= STEP * BATCH, pages
     if jobs > BATCH:
         assert rows <= STEP * BATCH, rows
+
+
+# Finished jobs of five tasks, and queued jobs of the first alone (every tenth job).
+FILL_FINISHED = (
+    "INSERT INTO asyncjobs_jobs (id, task, queue, status, priority, payload, max_attempts, "
+    "run_at, enqueued_at, finished_at) SELECT 'job-' || n, 't' || (n % 5), 'default', "
+    "CASE WHEN n % 10 = 0 THEN 'queued' ELSE 'succeeded' END, 0, "
+    '\'{"args":[],"kwargs":{}}\', 3, 0.0, 1.0, CASE WHEN n % 10 > 0 THEN 2.0 END '
+    "FROM generate_series(0, $1 - 1) AS n"
+)
+
+
+@pytest.mark.parametrize("analyzed", [False, True], ids=["fresh", "analyzed"])
+@pytest.mark.parametrize("queues", [None, ["default"]], ids=["any-queue", "in-queues"])
+@pytest.mark.parametrize("mode", ["force_custom_plan", "force_generic_plan"])
+async def test_whether_a_task_has_a_ready_job_is_one_seek(
+    postgres_url: str, analyzed: bool, queues: list[str] | None, mode: str
+) -> None:
+    """A claim under a rate limit asks whether a task whose bucket is empty has a job
+    waiting (_has_ready). Of a task with none, PostgreSQL counted (from the statistics:
+    a tenth queued, a fifth of this task) thousands, and read the table from the start
+    to find the first: all 200,000 rows, at every claim until the bucket refilled."""
+    store = open_store(postgres_url)
+    await store.open()
+    await store.close()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(FILL_FINISHED, 200_000)
+        if analyzed:
+            await conn.execute("ANALYZE asyncjobs_jobs")
+        statement, args = (
+            (_READY, "'t3'") if queues is None else (_READY_IN_QUEUES, "'t3', '{default}'")
+        )
+        await conn.execute(f"SET plan_cache_mode = {mode}")
+        await conn.execute("PREPARE ready AS " + statement)
+        text = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE ready({args})")
+        plan = json.loads(text)[0]["Plan"]
+    finally:
+        await conn.close()
+    assert plan["Actual Rows"] == 0
+    for node in nodes(plan):
+        assert node.get("Rows Removed by Filter", 0) <= 10, node
+        assert node["Shared Hit Blocks"] + node["Shared Read Blocks"] <= 10, node
