@@ -143,9 +143,11 @@ class Runner(_Leases, _Execution):
         # claims' memory: ClaimRequest.empty_keys), and the store they were found in.
         self._empty_keys: tuple[Store | None, _EmptyKeys] = (None, {})
         # Local dispatch (reserve / dispatched): ids of jobs being inserted running,
-        # each holding a slot; and whether the last claim left ready jobs behind.
+        # each holding a slot; whether the last claim left ready jobs behind; and how
+        # many jobs reserve() sent to the queue for want of a free slot (see claim).
         self._reserved: set[str] = set()
         self._backlog = True
+        self._queued_for_room = 0
         # Claims awaiting the store, and the jobs cancelled here meanwhile that were not
         # in hand: one of those claims may have taken them (cancel_local, claim).
         self._claims_under_way = 0
@@ -211,7 +213,13 @@ class Runner(_Leases, _Execution):
         worker knows: a slot is free (not promised to a job claimed ahead or being
         dispatched), and the last claim found every ready job, so a job jumps no queue.
         """
-        if not self._accepting or self._backlog or self._busy >= self.settings.concurrency:
+        if not self._accepting or self._backlog:
+            return False
+        if self._busy >= self.settings.concurrency:
+            # It waits in the store for a slot: a job enqueued once one frees, before a
+            # claim took this one, would run first (and ahead of its higher priority).
+            self._backlog = True
+            self._queued_for_room += 1
             return False
         self._reserved.add(job_id)
         return True
@@ -332,6 +340,7 @@ class Runner(_Leases, _Execution):
             free = max(0, self.settings.concurrency - self._busy)
             request = self._request(room, ahead=max(0, room - free))
             now = self.clock.now()
+            queued_for_room = self._queued_for_room
             self._claims_under_way += 1
             try:
                 if outbox:
@@ -356,8 +365,11 @@ class Runner(_Leases, _Execution):
         self._next_token_at = rows.next_token_at if isinstance(rows, Claimed) else None
         self._partial = isinstance(rows, Claimed) and rows.partial
         # A full claim, or every free slot filled (jobs on their last attempt may wait
-        # behind those claimed ahead): more may be ready.
-        self._backlog = len(rows) >= room or 0 < free <= len(rows)
+        # behind those claimed ahead): more may be ready. So may a job queued here for
+        # want of a slot while the claim was under way: it may have read the store first.
+        self._backlog = (
+            len(rows) >= room or 0 < free <= len(rows) or self._queued_for_room != queued_for_room
+        )
         if rows:
             handed_back = isinstance(rows, Claimed) and rows.handed_back
             self._add_ready(self._not_held(rows) if handed_back else rows)

@@ -675,3 +675,58 @@ async def test_a_slot_freed_by_a_cancelled_enqueue_is_claimed_while_another_is_d
             await (await first).result()
             await other.result()
     assert sorted(ran) == [1, 3]
+
+
+async def test_jobs_queued_here_while_every_slot_was_busy_are_not_jumped_by_a_later_one(
+    make_jobs: MakeJobs, backend_url: str
+) -> None:
+    """Enqueued while the one slot was busy, two jobs waited in the store. The slot
+    freed, and an enqueue that came before the claim for it took the slot at once: the
+    newest job ran before the older ones, the higher priority one among them. A job
+    this process queued itself waits in the store as surely as another's does."""
+    jobs = make_jobs(backend_url, concurrency=1, shutdown_timeout=0)
+    release = anyio.Event()
+    ran: list[str] = []
+
+    @jobs.task(name="work")
+    async def work(name: str) -> None:
+        ran.append(name)
+        if name == "first":
+            await release.wait()
+
+    async with jobs:
+        await settled(jobs)
+        store: Any = jobs.store
+        claim, finish_and_claim = store.claim, store.finish_and_claim
+        reached, go = anyio.Event(), anyio.Event()
+
+        async def held(call: Any) -> Any:
+            if release.is_set():  # the first claim once the slot freed
+                reached.set()
+                await go.wait()
+            return await call()
+
+        store.claim = lambda request, *, now: held(lambda: claim(request, now=now))
+        store.finish_and_claim = lambda outcomes, request, *, now: held(
+            lambda: finish_and_claim(outcomes, request, now=now)
+        )
+        try:
+            first = await work.enqueue("first")  # dispatched: the slot is busy
+            with anyio.fail_after(5):
+                while "first" not in ran:
+                    await anyio.lowlevel.checkpoint()
+            older = await work.enqueue("older")
+            urgent = await work.options(priority=5).enqueue("urgent")
+            assert {(await j.info()).status for j in (older, urgent)} == {"queued"}
+            release.set()
+            with anyio.fail_after(5):
+                await reached.wait()  # the slot is free; the claim for it not yet made
+            newest = await work.enqueue("newest")
+            assert (await newest.info()).status == "queued"
+        finally:
+            release.set()
+            go.set()
+        with anyio.fail_after(5):
+            for job in (first, older, urgent, newest):
+                await job.result()
+    assert ran == ["first", "urgent", "older", "newest"]
