@@ -151,6 +151,38 @@ async def test_a_keyed_limiter_gives_each_key_its_own_bucket(jobs: Jobs, clock: 
     assert (await statuses(jobs)) == {"succeeded": 6, "queued": 2}
 
 
+async def test_a_limiter_whose_key_was_dropped_puts_the_keyed_backlog_in_its_shared_bucket(
+    make_jobs: MakeJobs, backend_url: str, clock: FakeClock
+) -> None:
+    """A deploy turned a per-domain limiter into one for all (the provider counts every
+    send): the jobs queued under the old definition kept drawing from their domains'
+    buckets, so the backlog ran a bucketful per domain at once, past the limit now set."""
+    old = make_jobs(backend_url)
+    old.limiter("resend", "1/m", key=lambda address: address.split("@")[1])
+
+    @old.task(name="send", limiter="resend")
+    async def send(address: str) -> None: ...
+
+    for n in range(3):
+        for domain in ("a", "b", "c", "d"):
+            await send.enqueue(f"{n}@{domain}.example")
+    await old.close()
+
+    new = make_jobs(backend_url)
+    new.limiter("resend", "1/m")
+    ran: list[str] = []
+
+    @new.task(name="send", limiter="resend")
+    async def send_now(address: str) -> None:
+        ran.append(address)
+
+    await drain(new)
+    assert ran == ["0@a.example"]
+    clock.advance(60)  # one more token, for the oldest job of any domain
+    await drain(new)
+    assert ran == ["0@a.example", "0@b.example"]
+
+
 async def test_a_limiter_key_function_that_fails_fails_the_enqueue(jobs: Jobs) -> None:
     jobs.limiter("per_customer", "5/s", key=lambda customer: customer["id"])
 

@@ -8,7 +8,8 @@ buckets it changed. The rules:
   in the whole store (counted before the claim, plus those it admits);
 - a job of a task with its own ``rate_limit`` takes a token from ``task:<task>``; of a
   task with a named ``limiter``, from ``limiter:<name>`` under the job's rate key ('' if
-  none); it needs every bucket it uses to hold a token, or it is skipped;
+  none, or if the limiter has no key function now: a key stored while it had one counts
+  for nothing); it needs every bucket it uses to hold a token, or it is skipped;
 - a skipped job is simply left queued (no attempt spent); ``wake_at`` records when the
   first empty bucket that held a job back gets its next token;
 - while a job under a keyed limiter waits for its key (enqueued by name where its
@@ -200,11 +201,21 @@ class Admission:
 
     def task_open(self, task: str) -> bool:
         """Whether jobs of ``task`` may be admitted at all (checked before reading them)."""
-        limits, _ = self.limits_of(task)
+        limits, named = self.limits_of(task)
         if limits.concurrency is not None and self.running_tasks[task] >= limits.concurrency:
             return False
         own = limits.rate_limit
-        return own is None or not self.empty(own_bucket(task), own)
+        if own is not None and self.empty(own_bucket(task), own):
+            return False
+        # Under a limiter without keys every job draws from its shared bucket: empty, it
+        # holds the task back as the task's own bucket does.
+        return named is None or self.keyed(task) or not self.key_empty(task, "")
+
+    def keyed(self, task: str) -> bool:
+        """Whether ``task``'s limiter gives each key its own bucket now. Keys stored with
+        jobs while the limiter had a key function (an earlier deploy) are not used once
+        it has none: each would take a bucketful past the limit now set."""
+        return self.request.tasks[task].limiter in self.request.keyed
 
     def keyed_only(self, task: str) -> bool:
         """Whether only keyed jobs of ``task`` can run: its limiter's shared bucket is empty."""
@@ -264,10 +275,11 @@ class Admission:
                 )
                 return False
         if named is not None and limits.limiter:
+            key = job.rate_key if self.keyed(job.task) else ""
             blocked = self.blocked_keys.setdefault(limits.limiter, set())
-            shared = limiter_bucket(limits.limiter, job.rate_key)
-            if job.rate_key in blocked or self.empty(shared, named):
-                blocked.add(job.rate_key)
+            shared = limiter_bucket(limits.limiter, key)
+            if key in blocked or self.empty(shared, named):
+                blocked.add(key)
                 return False
             wanted.append((shared, named))
         for bucket_id, limit in wanted:

@@ -49,6 +49,7 @@ def request(
     limiters: dict[str, RateLimit] | None = None,
     queue_concurrency: dict[str, int] | None = None,
     queues: list[str] | None = None,
+    keyed: frozenset[str] = frozenset(),
 ) -> ClaimRequest:
     return ClaimRequest(
         worker=worker,
@@ -58,6 +59,7 @@ def request(
         lease=60,
         limiters=limiters or {},
         queue_concurrency=queue_concurrency or {},
+        keyed=keyed,
     )
 
 
@@ -196,8 +198,9 @@ async def test_a_named_limiter_is_shared_by_tasks_and_keys_get_their_own_buckets
     limits = TaskLimits(max_attempts=3, limiter="mail")
     tasks = {"welcome": limits, "receipt": limits}
     mail = {"mail": RateLimit(rate=2)}
-    claimed = await a.claim(request("a", 10, tasks, limiters=mail), now=NOW)
-    assert len(await b.claim(request("b", 10, tasks, limiters=mail), now=NOW)) == 0
+    keyed = frozenset(mail)  # its key function gave the jobs their keys
+    claimed = await a.claim(request("a", 10, tasks, limiters=mail, keyed=keyed), now=NOW)
+    assert len(await b.claim(request("b", 10, tasks, limiters=mail, keyed=keyed), now=NOW)) == 0
     keys = sorted(row.id.rsplit("-", 1)[0] for row in claimed)
     # Two per bucket: the busy key's backlog (more than a page) does not hide the
     # quiet key's jobs queued behind it in the same task.
