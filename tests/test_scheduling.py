@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta, tzinfo
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import anyio
@@ -603,3 +604,70 @@ async def test_a_slot_whose_enqueue_failed_is_enqueued_after_the_poll_interval(
                 await anyio.lowlevel.checkpoint()
     (info,) = await jobs.list(task="tick")
     assert info.run_at.timestamp() == slot
+
+
+@pytest.mark.parametrize("one_at_a_time", [False, True], ids=["overlapping", "queue-of-one"])
+async def test_a_slot_runs_while_the_one_before_still_runs_unless_its_queue_takes_one(
+    make_jobs: MakeJobs, clock: FakeClock, *, one_at_a_time: bool
+) -> None:
+    """As with Sidekiq's or Oban's cron, each slot's job is enqueued and run whether or
+    not the one before has ended; a queue of its own limited to one keeps the runs apart
+    (the README says so)."""
+    clock.advance(60 - clock.now() % 60 + 1)  # just past a minute
+    jobs = make_jobs()
+    if one_at_a_time:
+        jobs.queue("report", concurrency=1)
+    release = anyio.Event()
+    runs: list[bool] = []  # for each run as it starts: had the one before ended?
+
+    @jobs.periodic(every=60, name="report", queue="report")
+    async def report() -> None:
+        runs.append(release.is_set())
+        await release.wait()
+
+    async with jobs:
+        try:
+            with anyio.fail_after(5):
+                clock.advance(59)  # the first slot
+                while not runs:
+                    await anyio.lowlevel.checkpoint()
+                clock.advance(60)  # the next, the first still running
+                while len(await jobs.list(task="report")) < 2:
+                    await anyio.lowlevel.checkpoint()
+                if one_at_a_time:
+                    await claimed_once_more(jobs)  # the second was there to be claimed
+                    second, _ = await jobs.list(task="report")
+                    assert second.status == JobStatus.QUEUED
+                while not one_at_a_time and len(runs) < 2:
+                    await anyio.lowlevel.checkpoint()
+            assert runs == ([False] if one_at_a_time else [False, False])
+        finally:
+            release.set()
+        with anyio.fail_after(5):
+            while len(runs) < 2:
+                await anyio.lowlevel.checkpoint()
+    assert runs == ([False, True] if one_at_a_time else [False, False])
+
+
+async def claimed_once_more(jobs: Jobs) -> None:
+    """Wake the workers and wait until a claim that began now has ended."""
+    store: Any = jobs.store
+    claim, finish_and_claim = store.claim, store.finish_and_claim
+    ended = anyio.Event()
+
+    async def spy_claim(request: Any, *, now: float) -> Any:
+        rows = await claim(request, now=now)
+        ended.set()
+        return rows
+
+    async def spy_finish_and_claim(outcomes: Any, request: Any, *, now: float) -> Any:
+        result = await finish_and_claim(outcomes, request, now=now)
+        ended.set()
+        return result
+
+    store.claim, store.finish_and_claim = spy_claim, spy_finish_and_claim
+    try:
+        jobs.runner.wake()
+        await ended.wait()
+    finally:
+        store.claim, store.finish_and_claim = claim, finish_and_claim
