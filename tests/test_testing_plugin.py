@@ -791,6 +791,27 @@ def test_fake_clock_refuses_to_move_back_or_by_nan(step: float | timedelta) -> N
     assert clock.now() == before
 
 
+async def test_fake_clock_refuses_to_wait_nan_seconds() -> None:
+    """``sleep(nan)`` and ``move_on_after(nan)`` were taken: the NaN deadline counted as
+    due at the next ``advance``, of any length (even 0), so the wait ended at once. The
+    clock's heap of deadlines held an entry that compares with none. Both are refused
+    now; a negative wait is no wait, an infinite one never ends, as in real time."""
+    clock = FakeClock()
+    with anyio.fail_after(5), pytest.raises(ValueError, match="nan"):  # it waited for good
+        await clock.sleep(float("nan"))
+    with pytest.raises(ValueError, match="nan"), clock.move_on_after(float("nan")):
+        pass
+    assert (clock._sleepers, clock._scopes) == ([], [])
+    await clock.sleep(-1)  # returns at once, as asyncio.sleep(-1) does
+    with clock.move_on_after(-1) as scope:
+        await anyio.lowlevel.checkpoint()
+    assert scope.cancelled_caught
+    with clock.move_on_after(float("inf")) as scope:
+        clock.advance(timedelta(days=365))
+        await anyio.lowlevel.checkpoint()
+    assert not scope.cancelled_caught
+
+
 @pytest.mark.parametrize("start", [float("nan"), float("inf"), -float("inf"), 1e300])
 def test_fake_clock_refuses_a_start_that_is_no_time(start: float) -> None:
     with pytest.raises(ValueError, match="FakeClock"):

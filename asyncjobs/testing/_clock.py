@@ -108,6 +108,7 @@ class FakeClock:
                     continue
 
     async def sleep(self, seconds: float) -> None:
+        _check_wait(seconds, "sleep")
         if seconds <= 0:
             await anyio.lowlevel.checkpoint()
             return
@@ -127,6 +128,7 @@ class FakeClock:
     def move_on_after(self, seconds: float | None) -> Iterator[anyio.CancelScope]:
         scope = anyio.CancelScope()
         if seconds is not None:
+            _check_wait(seconds, "move_on_after")
             if seconds <= 0:
                 scope.cancel()
             else:
@@ -142,6 +144,14 @@ class FakeClock:
                 with self._lock:
                     self._scopes = [entry for entry in self._scopes if entry[2] is not scope]
                     heapq.heapify(self._scopes)
+
+
+def _check_wait(seconds: float, call: str) -> None:
+    """Refuse a NaN wait: its deadline compares with none, so it counted as due at the
+    next ``advance`` of any length, and the wait ended at once. (A negative wait is
+    none, an infinite one never ends, as in real time.)"""
+    if math.isnan(seconds):
+        raise ValueError(f"FakeClock.{call}() takes a number of seconds, not {seconds!r}")
 
 
 def _is_time(value: float) -> bool:
