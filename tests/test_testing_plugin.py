@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from unittest.mock import ANY
 
 import anyio
 import pytest
@@ -199,6 +200,45 @@ async def test_assertions_match_a_chain_member_and_a_callback_before_they_get_th
             await assert_not_enqueued(jobs, second, previous=1)  # not known yet
             await drain(jobs)
     await assert_enqueued(jobs, second, 1, 5)
+
+
+async def test_assertions_match_the_input_a_chain_member_awaits_with_mock_any(
+    jobs: Jobs,
+) -> None:
+    """``unittest.mock.ANY`` for the result a pass_result chain member is given when
+    released (and for an on_complete's ``batch=``): no job matched before its release,
+    since the value is not known yet, though ANY stands for any value."""
+
+    @jobs.task(name="fetch")
+    async def fetch(url: str) -> str:
+        return "<html>"
+
+    @jobs.task(name="parse")
+    async def parse(html: str, url: str) -> None: ...
+
+    @jobs.task(name="report")
+    async def report(batch: object, tag: str) -> None: ...
+
+    await jobs.chain(fetch.spec("u"), parse.spec(url="u"), pass_result=True)  # type: ignore[call-arg]
+    await jobs.batch([fetch.spec("v")], on_complete=report.spec(tag="x"))  # type: ignore[call-arg]
+    for released in (False, True):
+        await assert_enqueued(jobs, parse, ANY, "u")
+        await assert_enqueued(jobs, parse, ANY, url="u")
+        await assert_enqueued(jobs, parse, html=ANY, url="u")
+        await assert_not_enqueued(jobs, parse, ANY, "v")
+        await assert_enqueued(jobs, report, batch=ANY, tag="x")
+        await assert_not_enqueued(jobs, report, batch=ANY, tag="y")
+        if not released:
+            await assert_not_enqueued(jobs, parse, "<html>", "u")  # not known yet
+            await drain(jobs)
+    await assert_enqueued(jobs, parse, "<html>", "u")
+
+    @jobs.task(name="notify")
+    async def notify(**fields: int) -> None: ...
+
+    await notify.enqueue(a=1)
+    await assert_enqueued(jobs, notify, a=ANY)
+    await assert_not_enqueued(jobs, notify, b=ANY)  # never given: ANY matches no argument
 
 
 async def test_assertions_refuse_a_task_of_a_jobs_on_another_store(

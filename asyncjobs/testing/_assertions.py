@@ -11,6 +11,7 @@ import difflib
 import inspect
 import json
 from typing import Any
+from unittest.mock import ANY
 
 from asyncjobs._errors import AsyncJobsError, TaskNotRegistered
 from asyncjobs._jobs import Jobs
@@ -22,6 +23,7 @@ from asyncjobs.stores._dependents import COUNTS_FLAG, RESULT_FLAG, wants
 MAX_JOBS = 100_000
 
 _NOTHING = object()
+_AWAITED = object()  # an argument the job is given only when released (see _awaited)
 
 
 async def enqueued(
@@ -162,10 +164,11 @@ def _awaited(row: JobRow) -> tuple[list[Any], dict[str, Any]]:
     """Stand-ins for what the job is given only when released, which its stored
     arguments lack until then: the previous result first (a chain member with
     ``pass_result=True``), its batch's counts as ``batch=`` (an ``on_complete``).
-    No expected value equals a stand-in: what the job will get is not known yet."""
+    Only ``unittest.mock.ANY`` matches a stand-in: what the job will get is not known
+    yet, and ANY is the one expected value that needs not know it."""
     return (
-        [_NOTHING] if wants(row.options, RESULT_FLAG) else [],
-        {"batch": _NOTHING} if wants(row.options, COUNTS_FLAG) else {},
+        [_AWAITED] if wants(row.options, RESULT_FLAG) else [],
+        {"batch": _AWAITED} if wants(row.options, COUNTS_FLAG) else {},
     )
 
 
@@ -193,6 +196,8 @@ def _matches(
 
 def _same(have: Any, want: Any) -> bool:
     """Equal as JSON: unlike ``==``, true is not 1 and 1.0 is not 1."""
+    if have is _AWAITED:
+        return want is ANY
     if have is _NOTHING:
         return False
     try:
