@@ -536,7 +536,8 @@ def purge(ctx: click.Context, status: str | None, older_than: float | None, as_j
               type=click.Choice(["debug", "info", "warning", "error"]))  # fmt: skip
 @click.pass_context
 def worker(ctx: click.Context, app_arg: str | None, log_level: str) -> None:
-    """Run workers until SIGTERM or SIGINT, then drain (finish or release running jobs)."""
+    """Run workers until SIGTERM or SIGINT, then drain (finish or release running jobs);
+    a second signal stops at once (running jobs are released to run again), exit 1."""
     from asyncjobs._worker import run_worker_process
 
     logging.basicConfig(

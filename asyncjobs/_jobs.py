@@ -125,6 +125,7 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
         self._result_events: dict[str, list[anyio.Event]] = {}
         self._host: asyncio.Task[None] | None = None
         self._stop_requested = anyio.Event()
+        self._stop_now = anyio.Event()
 
     def __repr__(self) -> str:
         return f"<Jobs {self.store!r} tasks={len(self.registry)}>"

@@ -41,6 +41,7 @@ class _Lifecycle:
         scheduler: Scheduler
         _host: asyncio.Task[None] | None
         _stop_requested: anyio.Event
+        _stop_now: anyio.Event
         _inserts: GroupCommit[NewJob, str]
         _keyed_inserts: InFlight
 
@@ -65,6 +66,7 @@ class _Lifecycle:
             logger.warning("starting workers with no task registered; nothing will run")
         self.runner.starting()
         self._stop_requested = anyio.Event()
+        self._stop_now = anyio.Event()
         ready = anyio.Event()
         self._host = asyncio.get_running_loop().create_task(self._main(ready), name="asyncjobs")
         waiter = asyncio.ensure_future(ready.wait())
@@ -131,8 +133,13 @@ class _Lifecycle:
                 # given back (serve's last step) before the final flush below.
                 await claiming_stopped.wait()
                 with within(self.clock, stop_by - self.clock.now()):
-                    await runner.wait_idle()
-                if runner.running:
+                    await self._wait_idle_unless_stopped_now()
+                if runner.running and self._stop_now.is_set():
+                    logger.warning(
+                        "shutdown: stopping at once: cancelling %d job(s) still running; "
+                        "they will run again", len(runner.running),
+                    )  # fmt: skip
+                elif runner.running:
                     logger.warning(
                         "shutdown: cancelling %d job(s) still running after %ss; "
                         "they will run again",
@@ -146,6 +153,30 @@ class _Lifecycle:
                     # and the event loop cancels every task as it closes).
                     await runner.flush_last()
             loops.cancel_scope.cancel()  # the heartbeats too, once those are written
+
+    async def _wait_idle_unless_stopped_now(self) -> None:
+        """Shutdown: wait for the running jobs to end, or until ``_stop_at_once``."""
+        async with anyio.create_task_group() as race:
+
+            async def cut_short() -> None:
+                await self._stop_now.wait()
+                race.cancel_scope.cancel()
+
+            race.start_soon(cut_short)
+            await self.runner.wait_idle()
+            race.cancel_scope.cancel()
+
+    def _stop_at_once(self) -> bool:
+        """Ask the workers to stop, and not to wait for the running jobs: they are
+        cancelled and given back, as when ``shutdown_timeout`` runs out (``asyncjobs
+        worker``'s second signal). ``stop()`` or ``close()`` still waits for that.
+        Whether there were workers still running to ask."""
+        if self._host is None or self._host.done():
+            return False
+        self._stop_requested.set()
+        self._stop_now.set()
+        self.runner.stop_accepting()
+        return True
 
     def _forget_stopped_workers(self) -> asyncio.Task[None] | None:
         """Forget, and return, workers that have stopped with no ``stop()`` call left to

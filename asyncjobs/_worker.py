@@ -95,8 +95,10 @@ async def run_worker(jobs: Jobs, *, signals: Sequence[signal.Signals] = STOP_SIG
     """Start ``jobs``' workers and run until one of ``signals``; then drain and close.
 
     Draining stops claiming, gives running jobs ``shutdown_timeout`` and releases
-    the rest (they run again later, no attempt spent). Further signals while
-    draining are logged and ignored, so a second Ctrl-C cannot lose a release.
+    the rest (they run again later, no attempt spent). A second signal while it
+    drains stops it at once (a cold shutdown): the running jobs are cancelled and
+    released as when ``shutdown_timeout`` runs out, then it raises to say so (exit
+    status 1). Further signals are logged and ignored, so they cannot lose a release.
     The workers run even if ``jobs`` was built with ``workers=False`` (the usual
     setup: the web app only enqueues, this process only works). Must run in the
     main thread (signal handlers). Raises if the workers stop on their own.
@@ -136,21 +138,41 @@ async def run_worker(jobs: Jobs, *, signals: Sequence[signal.Signals] = STOP_SIG
                 tg.start_soon(wait_for_signal)
                 tg.start_soon(watch_workers)
         finally:
-            async with anyio.create_task_group() as tg:
-
-                async def ignore_signals() -> None:
-                    async for signum in received:
-                        logger.warning(
-                            "received %s while draining; still finishing running jobs",
-                            signal.Signals(signum).name,
-                        )
-
-                tg.start_soon(ignore_signals)
-                with anyio.CancelScope(shield=True):
-                    await jobs.close()
-                tg.cancel_scope.cancel()
+            stopped_at_once = await _close_unless_signalled_again(jobs, received)
         if stopped_on_their_own:  # close() re-raises a crash; this is a quiet stop
             raise AsyncJobsError("the asyncjobs workers stopped unexpectedly")
+        if stopped_at_once:
+            raise AsyncJobsError(
+                "stopped at once on a second signal: the jobs still running were cancelled "
+                "and given back to the queue (they run again later)"
+            )
+
+
+async def _close_unless_signalled_again(jobs: Jobs, received: AsyncIterator[int]) -> bool:
+    """Drain and close ``jobs``; a signal meanwhile stops the workers at once (the
+    running jobs cancelled and given back) instead of waiting ``shutdown_timeout`` for
+    them. Whether one did. Signals after that one are logged and ignored."""
+    stopped_at_once = False
+    async with anyio.create_task_group() as tg:
+
+        async def listen() -> None:
+            nonlocal stopped_at_once
+            async for signum in received:
+                name = signal.Signals(signum).name
+                if stopped_at_once or not jobs._stop_at_once():
+                    logger.warning("received %s while stopping; still stopping", name)
+                    continue
+                logger.warning(
+                    "received %s while draining: stopping at once; running jobs are "
+                    "cancelled and given back to the queue", name,
+                )  # fmt: skip
+                stopped_at_once = True
+
+        tg.start_soon(listen)
+        with anyio.CancelScope(shield=True):
+            await jobs.close()
+        tg.cancel_scope.cancel()
+    return stopped_at_once
 
 
 async def _start_unless_signalled(jobs: Jobs, received: AsyncIterator[int]) -> bool:

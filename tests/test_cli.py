@@ -433,6 +433,75 @@ async def test_a_worker_exits_after_sigterm_though_a_job_swallows_every_cancella
         await jobs.close()
 
 
+SLOW_APP = """
+import asyncio
+import os
+
+from asyncjobs import Jobs
+
+jobs = Jobs(os.environ["CLI_TEST_DB_URL"], poll_interval=0.05, shutdown_timeout=600)
+
+@jobs.task(name="slow")
+async def slow() -> None:
+    await asyncio.Event().wait()  # runs until cancelled
+"""
+
+
+async def test_a_second_signal_while_the_worker_drains_stops_it_at_once_and_loses_nothing(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The first SIGTERM drains (here up to shutdown_timeout=600 s); a second one was
+    logged and ignored, so the worker could not be stopped short of SIGKILL (whose jobs
+    wait out their leases). It now stops at once, as Celery's cold shutdown does: the
+    running job is cancelled and given back, attempt unspent, and the exit is non-zero."""
+    (tmp_path / "slow_app.py").write_text(SLOW_APP)
+    jobs = Jobs(env["CLI_TEST_DB_URL"], workers=False)
+    try:
+        job = await jobs.enqueue("slow")
+        async with await anyio.open_process(
+            [str(ENTRY_POINT), "worker", "slow_app:jobs"], env=env
+        ) as process:
+            assert process.stderr is not None
+            stderr = b""
+            try:
+                with anyio.fail_after(30):
+                    # Real time: the job runs in another process.
+                    while (info := await jobs.get(job.id)) and info.status != "running":
+                        assert process.returncode is None
+                        await jobs.clock.sleep(0.05)
+                    process.send_signal(signal.SIGTERM)
+                    async for chunk in process.stderr:
+                        stderr += chunk
+                        if b"received SIGTERM: draining" in stderr:
+                            break
+                    process.send_signal(signal.SIGINT)
+                    await process.wait()
+            finally:
+                if process.returncode is None:  # else leaving the block waits for it
+                    process.kill()
+            async for chunk in process.stderr:
+                stderr += chunk
+        assert process.returncode == 1, stderr.decode()
+        assert b"received SIGINT while draining: stopping at once" in stderr
+        info = await jobs.get(job.id)
+        assert info is not None
+        assert (info.status, info.attempts) == ("queued", 0)  # given back, attempt unspent
+
+        again = Jobs(env["CLI_TEST_DB_URL"], clock=FakeClock())
+
+        @again.task(name="slow")
+        async def slow() -> str:
+            return "ran"
+
+        try:
+            await again.drain()
+        finally:
+            await again.close()
+        assert await job.result(timeout=0) == "ran"
+    finally:
+        await jobs.close()
+
+
 def test_a_store_error_is_a_clean_message_not_a_traceback(
     env: dict[str, str], tmp_path: Path
 ) -> None:
