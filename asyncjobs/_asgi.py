@@ -5,8 +5,10 @@ wrapped app's own startup first (if the app speaks lifespan), then starts the
 workers; on shutdown it stops the workers first (running jobs get
 ``shutdown_timeout``), then runs the app's shutdown, then closes the store.
 Jobs therefore never run before, or after, the resources the app's lifespan
-manages. An app that does not speak lifespan (it raises before receiving the startup
-message) still gets a complete startup and shutdown; one that raises after receiving
+manages. Entries of one ``Jobs`` are counted (with ``jobs.lifespan`` and ``async with
+jobs:``): the workers start at the first and stop, the store closing, at the last exit.
+An app that does not speak lifespan (it raises before receiving the startup message)
+still gets a complete startup and shutdown; one that raises after receiving
 it failed its startup, which the server is told. Every HTTP and WebSocket scope carries
 the ``Jobs`` in ``scope["state"]["jobs"]``, which Starlette shows as ``request.state.jobs``.
 """
@@ -125,13 +127,18 @@ class JobsMiddleware:
     async def _serve(
         self, app: _AppLifespan, tg: TaskGroup, receive: Receive, send: Send
     ) -> list[str] | None:
+        before = self.jobs._entries
         failed = await app.startup(tg)
+        # Entries the wrapped app's startup made (jobs.lifespan in its own lifespan) are
+        # nested in this one: their exits come in the app's shutdown, after the workers
+        # stop, as they would without them.
+        apps_own = max(self.jobs._entries - before, 0)
         if failed is not None:
             await _close_quietly(self.jobs)
             await send({"type": "lifespan.startup.failed", "message": failed})
             return None
         try:
-            await self.jobs.start()
+            await self.jobs._enter()
         except Exception as error:
             app.error = error
             why = f"asyncjobs could not start: {error}"
@@ -147,23 +154,30 @@ class JobsMiddleware:
         while message["type"] != "lifespan.shutdown":  # pragma: no cover - server bug
             message = await receive()
         problems: list[str] = []
-        try:
-            await self.jobs.stop()
-        except Exception as error:
-            logger.exception("stopping the asyncjobs workers failed")
-            problems.append(f"stopping asyncjobs failed: {error}")
+        self.jobs._leave()
+        last = self.jobs._entries <= apps_own  # else another app still needs the workers
+        if last:
+            try:
+                await self.jobs.stop()
+            except Exception as error:
+                logger.exception("stopping the asyncjobs workers failed")
+                problems.append(f"stopping asyncjobs failed: {error}")
         app_failed = await app.shutdown()
         if app_failed is not None:
             problems.append(app_failed)
-        try:
-            await self.jobs.close()
-        except Exception as error:
-            logger.exception("closing the asyncjobs store failed")
-            problems.append(f"closing the asyncjobs store failed: {error}")
+        if last and not self.jobs._in_use:
+            try:
+                await self.jobs.close()
+            except Exception as error:
+                logger.exception("closing the asyncjobs store failed")
+                problems.append(f"closing the asyncjobs store failed: {error}")
         return problems
 
 
 async def _close_quietly(jobs: Jobs) -> None:
+    """Close after a failed startup, unless another app still uses ``jobs``."""
+    if jobs._in_use:
+        return
     try:
         await jobs.close()
     except Exception:
@@ -292,13 +306,16 @@ async def lifespan(jobs: Jobs) -> AsyncIterator[dict[str, Any]]:
     """Start ``jobs`` for the app's lifetime; yield the lifespan state ``{"jobs": jobs}``.
 
     A failure to start is logged in the words ``JobsMiddleware`` sends the server, then
-    raised: the framework reports it as its lifespan's failure (with its traceback)."""
+    raised: the framework reports it as its lifespan's failure (with its traceback).
+    Nested in another lifespan of ``jobs`` (or ``async with jobs:``), its exit leaves
+    the workers to the last one to exit."""
     try:
-        await jobs.start()
+        await jobs._enter()
     except Exception as error:
         logger.error("asyncjobs could not start: %s", error)
         raise
     try:
         yield {STATE_KEY: jobs}
     finally:
-        await jobs.close()
+        if jobs._leave():
+            await jobs.close()

@@ -126,6 +126,7 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
         self._host: asyncio.Task[None] | None = None
         self._stop_requested = anyio.Event()
         self._stop_now = anyio.Event()
+        self._entries = 0  # lifetimes entered and not left (_Lifecycle._enter)
 
     def __repr__(self) -> str:
         return f"<Jobs {self.store!r} tasks={len(self.registry)}>"
@@ -448,7 +449,11 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
     # -- lifecycle -------------------------------------------------------------------
 
     def lifespan(self, app: object = None) -> AbstractAsyncContextManager[dict[str, Any]]:
-        """ASGI lifespan: ``Starlette(lifespan=jobs.lifespan)``; the state holds ``jobs``."""
+        """ASGI lifespan: ``Starlette(lifespan=jobs.lifespan)``; the state holds ``jobs``.
+
+        Entered more than once at a time (two apps sharing this ``Jobs``, with
+        ``JobsMiddleware`` or ``async with jobs:`` too), the workers start at the first
+        entry and stop, the store closing, at the last exit."""
         return _lifespan(self)
 
     def transaction(self, conn: Any) -> AbstractAsyncContextManager[None]:
@@ -460,7 +465,9 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
         return _transaction(self, conn)
 
     async def __aenter__(self) -> Jobs:
-        await self.start()
+        """Start the workers; nested in another ``async with jobs:`` or a lifespan of
+        this ``Jobs``, they are running already, and its exit leaves them running."""
+        await self._enter()
         return self
 
     async def __aexit__(
@@ -469,7 +476,8 @@ class Jobs(_Queries, _Lifecycle, _NewJobs):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.close()
+        if self._leave():
+            await self.close()
 
     # -- testing hooks ---------------------------------------------------------------
 

@@ -3,6 +3,13 @@ task of their own (``_main``, which owns every long-lived loop and running job);
 ``stop`` lets running jobs finish within ``shutdown_timeout`` and gives the rest
 back; ``close`` also closes the store.
 
+``async with jobs:``, ``jobs.lifespan`` and ``JobsMiddleware``'s lifespan are counted
+entries (``_enter``/``_leave``): the first starts the workers, and only the last exit
+stops them and closes the store. Two apps sharing one ``Jobs`` (mounted sub-apps whose
+lifespans the parent's runs, a test fixture's ``async with jobs:`` around an app's
+lifespan) each keep it running for as long as they need it. ``start``, ``stop`` and
+``close`` called by hand act at once, counted or not.
+
 ``_Lifecycle`` holds these methods of ``Jobs``, which inherits them.
 """
 
@@ -42,6 +49,7 @@ class _Lifecycle:
         _host: asyncio.Task[None] | None
         _stop_requested: anyio.Event
         _stop_now: anyio.Event
+        _entries: int
         _inserts: GroupCommit[NewJob, str]
         _keyed_inserts: InFlight
 
@@ -53,6 +61,22 @@ class _Lifecycle:
         """Are the workers running (started, and not stopped since, nor ended with the
         event loop they ran in)?"""
         return self._host is not None and not self._host.done()
+
+    async def _enter(self) -> None:
+        """Enter one of the workers' lifetimes: start them unless they run already."""
+        await self.start()
+        self._entries += 1
+
+    def _leave(self) -> bool:
+        """Leave one of the workers' lifetimes; whether it was the last one, whose
+        caller stops the workers and closes the store."""
+        self._entries = max(self._entries - 1, 0)
+        return self._entries == 0
+
+    @property
+    def _in_use(self) -> bool:
+        """Is a lifetime entered and not left (``_enter``)? Then none other closes."""
+        return self._entries > 0
 
     async def start(self) -> None:
         """Open the store and, unless ``workers=False``, start the workers."""

@@ -746,6 +746,33 @@ async def test_stop_called_by_a_job_returns_at_once_and_the_workers_stop_after_i
     await jobs.close()
 
 
+async def test_a_jobs_entered_twice_runs_its_workers_until_the_last_exit(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """A test fixture's ``async with jobs:`` around an app's ``jobs.lifespan`` (or two
+    lifespans of one Jobs): the inner exit stopped the workers and closed the store
+    under the outer one, which went on with no worker. Entries are counted now."""
+    jobs = make_jobs()
+
+    @jobs.task(name="double")
+    async def double(x: int) -> int:
+        return 2 * x
+
+    with anyio.fail_after(5):
+        async with jobs:
+            async with jobs.lifespan() as state:
+                assert state["jobs"] is jobs
+                async with jobs:
+                    assert jobs.started
+                assert jobs.started
+            assert jobs.started
+            assert await (await double.enqueue(2)).result() == 4
+        assert not jobs.started
+        async with jobs:  # and it starts again
+            assert await (await double.enqueue(3)).result() == 6
+    assert not jobs.started
+
+
 async def test_close_called_by_a_job_is_refused_and_the_workers_go_on(
     make_jobs: MakeJobs, clock: FakeClock
 ) -> None:

@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request as StarletteRequest
 from starlette.responses import JSONResponse, PlainTextResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
 from asyncjobs import Jobs, JobsMiddleware, JobStatus, StoreError
@@ -417,6 +417,106 @@ def test_jobs_lifespan_nested_in_an_app_lifespan(tmp_path: Path) -> None:
         assert client.get("/name").text == "demo"
         assert client.post("/double/3").json()["result"] == 6
     assert not running(jobs)
+
+
+def test_two_mounted_apps_sharing_one_jobs_keep_its_workers_until_the_last_stops(
+    tmp_path: Path,
+) -> None:
+    """Starlette runs no mounted app's lifespan: the parent's runs theirs. Each entered
+    ``jobs.lifespan``; the first to end stopped the workers and closed the store while
+    the other app still served (and its shutdown could still be enqueueing). The
+    workers now stop at the last exit."""
+    jobs = make_jobs(tmp_path)
+    api = Starlette(routes=ROUTES, lifespan=jobs.lifespan)
+    admin = Starlette(lifespan=jobs.lifespan)
+    seen: list[bool] = []
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        async with api.router.lifespan_context(api) as state:
+            async with admin.router.lifespan_context(admin):
+                yield dict(state or {})
+            seen.append(running(jobs))  # the admin app has stopped; the api goes on
+            job = await jobs.enqueue("double", 5)  # the api's shutdown enqueues a job
+            seen.append(await job.result(timeout=5) == 10)
+        seen.append(running(jobs))
+
+    app = Starlette(routes=[Mount("/api", api), Mount("/admin", admin)], lifespan=lifespan)
+    with TestClient(app) as client:
+        assert client.post("/api/double/4").json()["result"] == 8
+    assert seen == [True, True, False]
+
+
+def test_a_jobs_under_its_middleware_and_in_the_apps_lifespan_stops_before_the_apps_shutdown(
+    tmp_path: Path,
+) -> None:
+    """Both entered (the README shows them as alternatives): it starts once. The
+    middleware still stops the workers before the app's shutdown, whose resources (here
+    those its lifespan opens inside ``jobs.lifespan``) a job may use; the store closes
+    once both have ended."""
+    jobs = make_jobs(tmp_path)
+    events: list[tuple[str, bool]] = []
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        async with jobs.lifespan(app) as state:
+            events.append(("app startup", running(jobs)))
+            yield state
+            events.append(("app shutdown", running(jobs)))
+        events.append(("app lifespan ended", running(jobs)))
+
+    app = Starlette(
+        routes=ROUTES, middleware=[Middleware(JobsMiddleware, jobs=jobs)], lifespan=lifespan
+    )
+    with TestClient(app) as client:
+        assert client.post("/double/4").json()["result"] == 8
+    assert events == [
+        ("app startup", True),
+        ("app shutdown", False),
+        ("app lifespan ended", False),
+    ]
+    assert not running(jobs)
+    assert jobs._entries == 0
+
+
+@asynccontextmanager
+async def asgi_lifespan(app: Any) -> AsyncIterator[None]:
+    """Run ``app``'s ASGI lifespan in this event loop (a TestClient runs its own)."""
+    to_app, inbox = anyio.create_memory_object_stream[dict[str, Any]](2)
+    sent: list[str] = []
+    answered = anyio.Event()
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message["type"])
+        answered.set()
+
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    async with to_app, inbox, anyio.create_task_group() as tg:
+        tg.start_soon(app, scope, inbox.receive, send)
+        await to_app.send({"type": "lifespan.startup"})
+        await answered.wait()
+        assert sent == ["lifespan.startup.complete"]
+        yield
+        await to_app.send({"type": "lifespan.shutdown"})
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+async def test_a_jobs_under_its_middleware_and_another_apps_lifespan_runs_until_both_end(
+    tmp_path: Path,
+) -> None:
+    """An app under JobsMiddleware, and beside it another app's ``jobs.lifespan`` that
+    outlives it: the middleware's shutdown leaves the workers to the other."""
+    jobs = make_jobs(tmp_path)
+    app = Starlette(routes=ROUTES, middleware=[Middleware(JobsMiddleware, jobs=jobs)])
+    with anyio.fail_after(10):
+        async with jobs.lifespan():  # the other app's
+            async with asgi_lifespan(app):
+                transport = httpx.ASGITransport(app=app)
+                async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                    assert (await client.post("/double/4")).json()["result"] == 8
+            assert running(jobs)
+            assert await (await jobs.enqueue("double", 5)).result(timeout=5) == 10
+        assert not running(jobs)
 
 
 def test_requests_without_a_lifespan_warn_once_that_no_worker_runs(
