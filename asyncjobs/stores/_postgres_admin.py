@@ -275,9 +275,14 @@ async def record_worker(conn: Connection, beat: WorkerBeat, now: float) -> None:
     )
 
 
+# The batch is the oldest finished jobs, read from asyncjobs_jobs_finished in order up to
+# the limit. The status test is kept out of the planner's reach (IS TRUE): as a plain
+# IN it read the status index, every succeeded (or dead) job still within retention,
+# for each batch. The DELETE takes the batch's seqs as an array, a seek each: as
+# IN (subquery), once analysed, it hashed them against a scan of the whole table.
 _PRUNE = (
-    "DELETE FROM asyncjobs_jobs WHERE seq IN (SELECT seq FROM asyncjobs_jobs AS j "
-    "WHERE finished_at < $1 AND status IN ({statuses}) "
+    "DELETE FROM asyncjobs_jobs WHERE seq = ANY(ARRAY(SELECT seq FROM asyncjobs_jobs AS j "
+    "WHERE finished_at < $1 AND (status IN ({statuses})) IS TRUE "
     # Each rule below is a scalar subquery, an index seek per candidate row: as NOT
     # EXISTS, PostgreSQL read every job it names (every waiting one, every chain member)
     # into a hash once per batch of a prune instead.
@@ -291,11 +296,11 @@ _PRUNE = (
     # with that one (on its retention): a retry of it takes this one back (_RESUME_REST).
     "AND (status <> 'cancelled' OR attempts > 0 OR coalesce((SELECT p.status "
     "FROM asyncjobs_jobs AS p WHERE p.chain_next = j.id LIMIT 1), 'succeeded') = 'succeeded') "
-    "LIMIT $2 "
+    "ORDER BY finished_at LIMIT $2 "
     # Rows another transaction holds are left to the next prune: one retried by hand
     # meanwhile would be deleted once free (the outer DELETE matches by seq alone),
     # and waiting on rows that a bulk retry or delete locks in another order deadlocked.
-    "FOR UPDATE SKIP LOCKED) RETURNING batch_id, status, finished_at, chain_next"
+    "FOR UPDATE SKIP LOCKED)) RETURNING batch_id, status, finished_at, chain_next"
 )
 _PRUNE_FINISHED = _PRUNE.format(statuses="'succeeded', 'cancelled'")
 # As _PRUNE_FOLLOWERS in _sqlite_admin.py: the run of members cancelled before they ran

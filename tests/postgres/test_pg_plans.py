@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from asyncjobs.stores import ClaimRequest, TaskLimits, open_store
-from asyncjobs.stores._postgres_admin import _PRUNE_FINISHED
+from asyncjobs.stores._postgres_admin import _PRUNE_DEAD, _PRUNE_FINISHED
 from asyncjobs.stores._postgres_limits import _READY, _READY_IN_QUEUES
 from asyncjobs.stores._postgres_sql import _FINISH, _FINISH_PLAIN, claim
 
@@ -240,3 +240,58 @@ async def test_whether_a_task_has_a_ready_job_is_one_seek(
     for node in nodes(plan):
         assert node.get("Rows Removed by Filter", 0) <= 10, node
         assert node["Shared Hit Blocks"] + node["Shared Read Blocks"] <= 10, node
+
+
+# Jobs of one status finished at $3 (NULL: unfinished), named $1 || n.
+FILL_STATUS = (
+    "INSERT INTO asyncjobs_jobs (id, task, queue, status, priority, payload, max_attempts, "
+    "run_at, enqueued_at, finished_at) SELECT $1 || n, 't', 'default', $2, 0, "
+    '\'{"args":[],"kwargs":{}}\', 3, 0.0, 1.0, $3::float8 FROM generate_series(1, $4) AS n'
+)
+
+
+def rows_read(plan: dict[str, Any]) -> int:
+    """Rows (index entries) every scan of the plan read, kept or filtered out."""
+    return sum(
+        (node["Actual Rows"] + node.get("Rows Removed by Filter", 0)) * node["Actual Loops"]
+        for node in nodes(plan)
+        if "Scan" in node["Node Type"]
+    )
+
+
+@pytest.mark.parametrize("analyzed", [False, True], ids=["fresh", "analyzed"])
+@pytest.mark.parametrize(
+    ("statement", "status", "kept"),
+    [(_PRUNE_FINISHED, "succeeded", "succeeded"), (_PRUNE_DEAD, "dead", "dead")],
+    ids=["finished", "dead"],
+)
+async def test_a_prune_batch_reads_rows_in_proportion_to_the_batch_not_the_backlog(
+    postgres_url: str, statement: str, status: str, kept: str, analyzed: bool
+) -> None:
+    """Queued jobs and finished ones still within retention cost a prune nothing: it
+    walks the finished jobs oldest first and stops at its batch. It read the status
+    index for them instead (every succeeded job, or every dead one), and its DELETE
+    matched the batch by a hash of the whole table once analysed."""
+    store = open_store(postgres_url)
+    await store.open()
+    await store.close()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(FILL_STATUS, "queued-", "queued", None, 50_000)
+        # Still within retention, and first in the status index (earlier in the heap).
+        await conn.execute(FILL_STATUS, "kept-", kept, 5.0, 20_000)
+        await conn.execute(FILL_STATUS, "old-", status, 1.0, 2_000)
+        if analyzed:
+            await conn.execute("ANALYZE asyncjobs_jobs")
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        await conn.execute("PREPARE prune AS " + statement)
+        deleting = conn.transaction()
+        await deleting.start()
+        text = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE prune(2.0, {BATCH})")
+        await deleting.rollback()
+        plan = json.loads(text)[0]["Plan"]
+    finally:
+        await conn.close()
+
+    assert plan["Actual Rows"] == BATCH
+    assert rows_read(plan) <= 4 * BATCH, plan
