@@ -5,11 +5,15 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 
 import anyio
+from conftest import counting_steps
 
 from asyncjobs import Jobs, JobStatus
 from asyncjobs._retention import prune_expired
+from asyncjobs.stores._sqlite_admin import _prune
+from asyncjobs.stores._sqlite_schema import migrate
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]
@@ -160,3 +164,37 @@ async def test_rate_limit_buckets_are_pruned_once_they_have_refilled(
     clock.advance(61)
     await prune_expired(jobs)
     assert await bucket_keys(backend_url) == []
+
+
+# Jobs of one status finished at the given time (NULL: unfinished), named prefix || n.
+FILL = (
+    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) "
+    "INSERT INTO asyncjobs_jobs (id, task, queue, status, payload, max_attempts, run_at, "
+    "enqueued_at, finished_at) SELECT ? || i, 't', 'default', ?, '{}', 3, 0.0, 0.0, ? FROM n"
+)
+
+
+def steps_to_prune_a_batch(path: Path, backlog: int) -> int:
+    """SQLite VM steps of one prune batch of 100, out of 1,000 jobs past retention,
+    behind ``backlog`` queued jobs and as many succeeded ones still within retention."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        migrate(db)
+        db.execute(FILL, (backlog, "queued-", "queued", None))
+        db.execute(FILL, (backlog, "kept-", "succeeded", 5.0))
+        db.execute(FILL, (1_000, "old-", "succeeded", 1.0))
+        with counting_steps(db) as steps:
+            assert _prune(db, 2.0, 0.0, 0.0, 100) == 100
+        db.execute("COMMIT")
+        return steps.count
+    finally:
+        db.close()
+
+
+def test_a_prune_batch_costs_the_same_behind_a_small_and_a_big_backlog(tmp_path: Path) -> None:
+    """Queued jobs and finished ones still within retention are not read: a batch walks
+    the finished jobs past retention, oldest first, and stops at its size."""
+    small = steps_to_prune_a_batch(tmp_path / "small.db", 100)
+    big = steps_to_prune_a_batch(tmp_path / "big.db", 50_000)
+    assert big < 2 * small, (small, big)
