@@ -195,18 +195,22 @@ class _Leases:
         unrenewed (``_lapsing``). A task of its own, on a timer of its own: a heartbeat
         or a worker record may wait on an unreachable store for longer than a lease."""
         interval = self.settings.heartbeat_interval
+        wake_at = self.clock.now()
         while True:
             now = self.clock.now()
             lapsing, _ = self._lapsing(now)
-            if any((self._lease_end(row) or now) <= now for row in lapsing):
-                # Over already, not about to be: this loop did not run for a while (the
-                # event loop stalled: a blocking call, a suspended machine), nor did the
-                # heartbeats. Ask the store (for half an interval at most) before
-                # stopping the job: if nobody took it over, the lease is renewed.
+            # Woken late, or a lease over already, not about to be: this loop did not run
+            # for a while (the event loop stalled: a blocking call, a suspended machine),
+            # nor did the heartbeats, which may not have failed at all. Ask the store
+            # (for half an interval at most) before stopping the job: if nobody took it
+            # over, the lease is renewed.
+            stalled = now - wake_at > interval / 4
+            if lapsing and (stalled or any((self._lease_end(r) or now) <= now for r in lapsing)):
                 with self.clock.move_on_after(interval / 2):
                     await self._beat()
             due = self._stop_lapsing()
-            await self.clock.sleep(min(due - self.clock.now(), interval))
+            wake_at = min(due, self.clock.now() + interval)
+            await self.clock.sleep(wake_at - self.clock.now())
 
     async def _beat(self) -> None:
         try:

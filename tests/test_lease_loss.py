@@ -288,3 +288,35 @@ async def test_lease_recovery_here_stops_an_attempt_before_it_requeues_its_job(
             clock.advance(LEASE + 1)
             await jobs.runner.recover()  # before any other loop runs
             assert stopping[:1] == [True]
+
+
+async def test_a_stall_of_the_event_loop_into_the_last_half_beat_stops_nothing(
+    make_jobs: MakeJobs, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The loop stalls 26 s (a blocking call): no heartbeat ran, none failed, and the
+    lease, which ends in 4 s, is still this worker's. The watch wakes within its last
+    half beat: it asks the store first, which renews the lease; the job runs on."""
+    jobs = make_jobs(visibility_timeout=LEASE, poll_interval=3600)
+    started, release = anyio.Event(), anyio.Event()
+    runs: list[int] = []
+
+    @jobs.task(name="t")
+    async def t() -> str:
+        runs.append(current_job().attempt)
+        started.set()
+        await release.wait()
+        return "done"
+
+    async with jobs:
+        job = await t.enqueue()
+        with anyio.fail_after(5):
+            await started.wait()
+        await settle(jobs)
+        clock.advance(LEASE * 5 / 6 + 1)
+        await settle(jobs)
+        assert stop_warnings(caplog) == []
+        release.set()
+        assert await job.result(timeout=5) == "done"
+    assert runs == [1]
+    info = await job.info()
+    assert (info.status, info.attempts) == ("succeeded", 1)
