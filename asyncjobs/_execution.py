@@ -85,6 +85,7 @@ class _Running:
     # Stopped because its lease could not be renewed (``_Leases``), not by a cancel:
     # its outcome is a failed attempt, as lease recovery would record it.
     lease_lost: bool = False
+    overran: bool = False  # so stopped, it still ran as its lease ended (reported once)
 
 
 class _Execution:

@@ -44,6 +44,7 @@ class _Leases:
         _outbox: list[tuple[JobRow, Outcome, float]]
         _writing: list[list[tuple[JobRow, Outcome, float]]]
         _confirmed: dict[str, tuple[int, float]]
+        _stopping: list[_Running]
         worker_id: str
         started_at: float
         settings: Settings
@@ -190,6 +191,34 @@ class _Leases:
             running.lease_lost = True
             self.cancel_local(row.id, row.attempts)
 
+    def _report_overruns(self) -> float:
+        """Report, once each, the attempts stopped for their lease (``_lose``) that still
+        run as it ends unrenewed (their code caught the cancellation and went on, or
+        their cleanup takes that long): another worker may run the job at the same time
+        from then on. Nothing more stops them (shutdown reports such a job too). Return
+        when the next such lease ends."""
+        now = self.clock.now()
+        due = math.inf
+        for running in [*self.running.values(), *self._stopping]:
+            task, row = running.task, running.row
+            if not running.lease_lost or running.overran or task is None or task.done():
+                continue
+            end = self._lease_end(row)
+            if end is None:
+                continue
+            if end > now:
+                due = min(due, end)
+                continue
+            running.overran = True
+            logger.error(
+                "job %s (%s): attempt %d, stopped as its lease could not be renewed, "
+                "still runs as the lease ends (it caught its cancellation, or its cleanup "
+                "takes that long): another worker may run the job at the same time",
+                row.id, row.task, row.attempts,
+                extra={"job_id": row.id, "task": row.task, "attempt": row.attempts},
+            )  # fmt: skip
+        return due
+
     async def _watch_leases(self) -> None:
         """The heartbeat loop's watch: stops each attempt whose lease is about to end
         unrenewed (``_lapsing``). A task of its own, on a timer of its own: a heartbeat
@@ -208,7 +237,7 @@ class _Leases:
             if lapsing and (stalled or any((self._lease_end(r) or now) <= now for r in lapsing)):
                 with self.clock.move_on_after(interval / 2):
                     await self._beat()
-            due = self._stop_lapsing()
+            due = min(self._stop_lapsing(), self._report_overruns())
             wake_at = min(due, self.clock.now() + interval)
             await self.clock.sleep(wake_at - self.clock.now())
 

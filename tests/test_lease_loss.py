@@ -320,3 +320,43 @@ async def test_a_stall_of_the_event_loop_into_the_last_half_beat_stops_nothing(
     assert runs == [1]
     info = await job.info()
     assert (info.status, info.attempts) == ("succeeded", 1)
+
+
+async def test_a_job_that_ignores_its_stop_is_reported_as_its_lease_ends(
+    make_jobs: MakeJobs, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its code catches the cancellation and goes on. Nothing can stop it; once its
+    lease ends unrenewed, another worker may run the job at the same time: that is
+    logged, once, as an error naming the job (as shutdown does for such a job)."""
+    jobs = make_jobs(visibility_timeout=LEASE)
+    started, caught, go_on = anyio.Event(), anyio.Event(), anyio.Event()
+
+    @jobs.task(name="t")
+    async def t() -> str:
+        started.set()
+        try:
+            await anyio.Event().wait()  # ends only when stopped
+        except BaseException:
+            caught.set()
+        await go_on.wait()
+        return "done"
+
+    async with jobs:
+        job = await t.enqueue()
+        with anyio.fail_after(5):
+            await started.wait()
+        with failing(jobs, "heartbeat", "finish", "finish_and_claim", "claim", "recover"):
+            clock.advance(LEASE * 5 / 6)
+            with anyio.fail_after(5):
+                await caught.wait()
+            await settle(jobs)
+            assert not [r for r in caplog.records if "still runs" in r.getMessage()]
+            clock.advance(LEASE / 6)  # the lease ends, the job still runs
+            await settle(jobs)
+            clock.advance(LEASE)
+            await settle(jobs)
+        go_on.set()
+        await until(lambda: not jobs.runner.running)
+    (record,) = [r for r in caplog.records if "still runs" in r.getMessage()]
+    assert record.levelname == "ERROR"
+    assert (record.job_id, record.attempt) == (job.id, 1)  # type: ignore[attr-defined]
