@@ -222,24 +222,36 @@ class _Leases:
     async def _watch_leases(self) -> None:
         """The heartbeat loop's watch: stops each attempt whose lease is about to end
         unrenewed (``_lapsing``). A task of its own, on a timer of its own: a heartbeat
-        or a worker record may wait on an unreachable store for longer than a lease."""
+        or a worker record may wait on an unreachable store for longer than a lease.
+
+        A failure of its own (a bug) is logged, and it watches on at the next interval:
+        raised, it would end the heartbeat loop, whose task group it shares, and with it
+        the workers."""
         interval = self.settings.heartbeat_interval
         wake_at = self.clock.now()
         while True:
-            now = self.clock.now()
-            lapsing, _ = self._lapsing(now)
-            # Woken late, or a lease over already, not about to be: this loop did not run
-            # for a while (the event loop stalled: a blocking call, a suspended machine),
-            # nor did the heartbeats, which may not have failed at all. Ask the store
-            # (for half an interval at most) before stopping the job: if nobody took it
-            # over, the lease is renewed.
-            stalled = now - wake_at > interval / 4
-            if lapsing and (stalled or any((self._lease_end(r) or now) <= now for r in lapsing)):
-                with self.clock.move_on_after(interval / 2):
-                    await self._beat()
-            due = min(self._stop_lapsing(), self._report_overruns())
+            try:
+                due = await self._watch_once(stalled=self.clock.now() - wake_at > interval / 4)
+            except Exception:
+                logger.exception("watching the leases of running jobs failed")
+                due = math.inf
             wake_at = min(due, self.clock.now() + interval)
             await self.clock.sleep(wake_at - self.clock.now())
+
+    async def _watch_once(self, *, stalled: bool) -> float:
+        """Stop the attempts whose leases are about to end unrenewed, report those still
+        running past it; return when to look again. ``stalled``: this loop woke late."""
+        now = self.clock.now()
+        lapsing, _ = self._lapsing(now)
+        # Woken late, or a lease over already, not about to be: this loop did not run for
+        # a while (the event loop stalled: a blocking call, a suspended machine), nor did
+        # the heartbeats, which may not have failed at all. Ask the store (for half an
+        # interval at most) before stopping the job: if nobody took it over, the lease
+        # is renewed.
+        if lapsing and (stalled or any((self._lease_end(r) or now) <= now for r in lapsing)):
+            with self.clock.move_on_after(self.settings.heartbeat_interval / 2):
+                await self._beat()
+        return min(self._stop_lapsing(), self._report_overruns())
 
     async def _beat(self) -> None:
         try:

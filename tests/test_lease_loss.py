@@ -360,3 +360,50 @@ async def test_a_job_that_ignores_its_stop_is_reported_as_its_lease_ends(
     (record,) = [r for r in caplog.records if "still runs" in r.getMessage()]
     assert record.levelname == "ERROR"
     assert (record.job_id, record.attempt) == (job.id, 1)  # type: ignore[attr-defined]
+
+
+async def test_a_failure_inside_the_lease_watch_is_logged_and_the_workers_go_on(
+    make_jobs: MakeJobs,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug of ours in the watch (here: it raises once) must not take the workers down
+    with it (the heartbeats run in its task group): it is logged, and it watches on."""
+    jobs = make_jobs(visibility_timeout=LEASE)
+    started = anyio.Event()
+
+    @jobs.task(name="t")
+    async def t() -> None:
+        started.set()
+        await anyio.Event().wait()  # ends only when stopped
+
+    async with jobs:
+        job = await t.enqueue()
+        with anyio.fail_after(5):
+            await started.wait()
+        runner: Any = jobs.runner
+        lapsing = runner._lapsing
+        calls: list[float] = []
+
+        def broken(now: float) -> Any:
+            calls.append(now)
+            if len(calls) == 1:
+                raise RuntimeError("a bug in the watch")
+            return lapsing(now)
+
+        monkeypatch.setattr(runner, "_lapsing", broken)
+        clock.advance(LEASE / 3)
+        await settle(jobs)
+        assert calls
+        assert jobs.runner.accepting
+        with failing(jobs, "heartbeat"):  # it still stops the job in time
+            clock.advance(LEASE / 3)
+            await settle(jobs)
+            clock.advance(LEASE / 3)
+            await settle(jobs)
+            clock.advance(LEASE / 6)  # half a beat before the lease renewed above ends
+            with anyio.fail_after(5):
+                while (await job.info()).attempts < 2:
+                    await settle(jobs)
+    assert any("a bug in the watch" in (r.exc_text or "") for r in caplog.records)
