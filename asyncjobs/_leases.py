@@ -47,6 +47,7 @@ class _Leases:
         _stopping: list[_Running]
         worker_id: str
         started_at: float
+        _accepting: bool
         settings: Settings
         clock: Clock
 
@@ -144,7 +145,7 @@ class _Leases:
         Jobs that ended, their outcome not written yet, are left alone: nothing of
         theirs runs, and their outcome, written late, is ignored if the job ran again."""
         margin = self.settings.heartbeat_interval / 2
-        rows = [r.row for r in self.running.values() if not r.cancelled_by_user]
+        rows = [r.row for r in self.running.values() if not self._being_stopped(r)]
         rows.extend(self._ready)  # (one being stopped already, above, is not again)
         lapsing: list[JobRow] = []
         due = math.inf
@@ -157,6 +158,16 @@ class _Leases:
             else:
                 due = min(due, end - margin)
         return lapsing, due
+
+    def _being_stopped(self, running: _Running) -> bool:
+        """Is the attempt being stopped already? Cancelled here (by the user, or as its
+        lease was lost), or by shutdown, which cancels every job left at its end
+        (``cancel_running``) and gives it back. Cancelled again, its cleanup (its
+        ``finally`` blocks) would be cut short."""
+        if running.cancelled_by_user:
+            return True
+        task = running.task
+        return not self._accepting and task is not None and task.cancelling() > 0
 
     def _stop_lapsing(self) -> float:
         """Stop the attempts whose leases are about to end unrenewed (``_lapsing``);

@@ -5,6 +5,7 @@ recover in time stop nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -407,3 +408,45 @@ async def test_a_failure_inside_the_lease_watch_is_logged_and_the_workers_go_on(
                 while (await job.info()).attempts < 2:
                     await settle(jobs)
     assert any("a bug in the watch" in (r.exc_text or "") for r in caplog.records)
+
+
+async def test_a_job_that_shutdown_cancelled_is_not_cancelled_again_as_its_lease_lapses(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """Shutdown cancelled the job, which cleans up (a rollback, say) as its lease comes
+    within half a beat of its end, heartbeats failing. It is being stopped already:
+    cancelled again, its cleanup would be cut short. It goes back, attempt unspent."""
+    jobs = make_jobs(visibility_timeout=LEASE, shutdown_timeout=0)
+    started, cleaning, cleaned = anyio.Event(), anyio.Event(), anyio.Event()
+    cut: list[bool] = []
+
+    @jobs.task(name="t")
+    async def t() -> None:
+        started.set()
+        try:
+            await anyio.Event().wait()  # ends only when stopped
+        except asyncio.CancelledError:
+            cleaning.set()
+            try:
+                await cleaned.wait()
+            except asyncio.CancelledError:
+                cut.append(True)
+            raise
+
+    await jobs.start()
+    job = await t.enqueue()
+    with anyio.fail_after(5):
+        await started.wait()
+    with failing(jobs, "heartbeat"):
+        clock.advance(LEASE * 5 / 6 - 1)  # a second before the job would be stopped
+        await settle(jobs)
+        async with anyio.create_task_group() as stopping:
+            stopping.start_soon(jobs.stop)
+            with anyio.fail_after(5):
+                await cleaning.wait()
+            clock.advance(1)
+            await settle(jobs)
+            cleaned.set()
+    assert cut == []
+    info = await job.info()
+    assert (info.status, info.attempts) == ("queued", 0)
