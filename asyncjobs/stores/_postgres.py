@@ -49,7 +49,14 @@ from asyncjobs._errors import ConfigurationError, StoreError
 from asyncjobs.stores import _postgres_admin as admin
 from asyncjobs.stores import _postgres_sql as sql
 from asyncjobs.stores import redacted
-from asyncjobs.stores._postgres_connections import NotSent, Place, _Connections, backoff, refused
+from asyncjobs.stores._postgres_connections import (
+    NotSent,
+    Place,
+    _Connections,
+    answered,
+    backoff,
+    refused,
+)
 from asyncjobs.stores._postgres_limits import GroupWalk
 from asyncjobs.stores._postgres_sql import (
     PREVIEW_SELECT,
@@ -95,35 +102,58 @@ M = TypeVar("M")
 
 
 @contextmanager
-def _unanswered(memory: dict[str, list[M]], worker: str, moment: M) -> Iterator[list[M]]:
+def _unanswered(
+    memory: dict[str, list[M]], worker: str, moment: M, tries: _Tries
+) -> Iterator[list[M]]:
     """The operations of ``worker`` whose answer never came (``memory``), for this one
-    to settle; it joins them (as ``moment``) if it fails too, unless nothing of it
-    reached the server, and clears them if it succeeds."""
+    to settle; it joins them (as ``moment``) if it fails too, unless none of its
+    ``tries`` may have committed (``_Tries.unsettled``), and clears them if it succeeds."""
     earlier = memory.pop(worker, [])
     try:
         yield earlier
-    except NotSent:
-        memory[worker] = [*earlier, *memory.get(worker, [])]
-        raise
     except BaseException:
         # With those another operation of the worker added meanwhile (an insert of jobs
         # dispatched to it, its reply lost by the same network fault).
-        memory[worker] = [*earlier, moment, *memory.get(worker, [])][-_UNANSWERED_MAX:]
+        mine = [moment] if tries.unsettled else []
+        memory[worker] = [*earlier, *mine, *memory.get(worker, [])][-_UNANSWERED_MAX:]
         raise
 
 
 class _Tries:
     """The tries of one operation: ``_run`` tries it again on a fresh connection when
-    the first one's was lost, and the second try must find what the first may have
-    committed before its reply was lost."""
+    the first one's was lost, ``retry_deadlocks`` when PostgreSQL ended it to break a
+    deadlock. A try must find what one before it may have committed, its reply lost;
+    and an operation that failed may have committed only then too: if one of its tries
+    was not refused by the server (``unsettled``). A try it refused rolled back, unless
+    a part of it committed on its own first (``committed``)."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.unsettled = False
+        self._partly = False
 
     def again(self) -> bool:
         """Count a try: True from the second on."""
         self.count += 1
         return self.count > 1
+
+    @contextmanager
+    def one(self) -> Iterator[bool]:
+        """A try, in its ``with``; gives whether one before it may have committed (not
+        after tries the server refused: a deadlock's, another claim's at once)."""
+        self.count += 1
+        self._partly = False
+        try:
+            yield self.unsettled
+        except BaseException as error:
+            if self._partly or not answered(error):
+                self.unsettled = True
+            raise
+        self.unsettled = True  # (its answer may still be lost on its way out)
+
+    def committed(self) -> None:
+        """A statement of this try committed on its own: its refusal leaves that."""
+        self._partly = True
 
 
 def _claim_time(request: ClaimRequest, now: float) -> float:
@@ -307,54 +337,61 @@ class PostgresStore(_Connections):
             return []
         self._slots = sql.Slots.of(request)
         token = self._claim_token()
-        with self._unanswered_claims(request, token, now) as earlier:
-            tries = _Tries()
+        tries = _Tries()
+        with self._unanswered_claims(request, token, now, tries) as earlier:
 
             async def claim(conn: Connection) -> list[JobRow]:
                 # A try ended by another claim (retry_deadlocks) may have handed out the
-                # rows of unanswered claims under this token: the next finds them (again).
-                again = tries.again()
-                at = _claim_time(request, now)
-                return await sql.claim_after(
-                    conn, request, at, token, earlier, again=again, walk=self._group_walk
-                )
+                # rows of unanswered claims under this token (a statement committed on
+                # its own): the next finds them (again).
+                with tries.one() as again:
+                    if earlier:
+                        tries.committed()
+                    at = _claim_time(request, now)
+                    return await sql.claim_after(
+                        conn, request, at, token, earlier, again=again, walk=self._group_walk
+                    )
 
             return await self._run(
                 "claim", lambda conn: retry_deadlocks("claim", lambda: claim(conn))
             )
 
     def _unanswered_claims(
-        self, request: ClaimRequest, token: str, now: float
+        self, request: ClaimRequest, token: str, now: float, tries: _Tries
     ) -> AbstractContextManager[list[tuple[str, float]]]:
         """The earlier claims of ``request.worker`` whose answer never came, as (claim
         token, lease end), for this claim (``token``) to hand their rows out
         (``sql.claim_again``). A claim that fails, its committed reply lost or late past
-        ``command_timeout``, or on a connection lost on its retry too, joins them; one
-        that succeeds clears them. A claim whose lease ran out is dropped: recovery has
-        its rows."""
+        ``command_timeout``, or on a connection lost on its retry too, joins them (not
+        one the server refused, its every try: ``tries``); one that succeeds clears
+        them. A claim whose lease ran out is dropped: recovery has its rows."""
         earlier = [m for m in self._unanswered.pop(request.worker, []) if m[1] > now]
         self._unanswered[request.worker] = earlier
-        return _unanswered(self._unanswered, request.worker, (token, now + request.lease))
+        return _unanswered(self._unanswered, request.worker, (token, now + request.lease), tries)
 
     def _unanswered_writes(
-        self, worker: str, now: float, token: str | None = None
+        self, worker: str, now: float, tries: _Tries, token: str | None = None
     ) -> AbstractContextManager[list[Write]]:
         """The earlier writes of outcomes by ``worker`` whose answer never came (their
         time, and the claim token of a finish-and-claim): the runner sends those
         outcomes again, and what such a write applied is reported as applied
         (``sql.finished_before``), not as no longer ours. A write that fails unanswered
-        joins them; one that succeeds clears them."""
-        return _unanswered(self._unanswered_finishes, worker, Write(now, token))
+        joins them (not one the server refused: ``tries``); one that succeeds clears
+        them."""
+        return _unanswered(self._unanswered_finishes, worker, Write(now, token), tries)
 
     async def finish(self, outcomes: Sequence[Outcome], *, now: float) -> list[str]:
         if not outcomes:
             return []
         tries = _Tries()
-        with self._unanswered_writes(outcomes[0].worker, now) as earlier:
+        with self._unanswered_writes(outcomes[0].worker, now, tries) as earlier:
 
             async def finish(conn: Connection) -> list[str]:
-                written = [*earlier, Write(now, None)] if tries.again() else earlier
-                return await sql.apply(conn, outcomes, now, written, self._slots)
+                with tries.one() as again:
+                    written = [*earlier, Write(now, None)] if again else earlier
+                    return await sql.apply(
+                        conn, outcomes, now, written, self._slots, committed=tries.committed
+                    )
 
             # Not held back by a reconnect backoff: the runner tries a failed write again
             # only after a pause, and at shutdown this is the last chance before the
@@ -368,23 +405,26 @@ class PostgresStore(_Connections):
             return await self.finish(outcomes, now=now), []
         self._slots = sql.Slots.of(request)
         token = self._claim_token()
+        tries = _Tries()
         writes: AbstractContextManager[list[Write]] = (
-            self._unanswered_writes(request.worker, now, token) if outcomes else nullcontext([])
+            self._unanswered_writes(request.worker, now, tries, token)
+            if outcomes
+            else nullcontext([])
         )
-        with self._unanswered_claims(request, token, now) as earlier, writes as written:
-            tries = _Tries()
+        with self._unanswered_claims(request, token, now, tries) as earlier, writes as written:
 
             async def both(conn: Connection) -> tuple[list[str], list[JobRow]]:
-                # One transaction: one commit (one WAL flush) for the acks and the claim.
-                again = tries.again()
-                earlier_writes = [*written, Write(now, token)] if again else written
-                at = _claim_time(request, now)
-                async with conn.transaction():
-                    applied = await sql.apply(conn, outcomes, now, earlier_writes, self._slots)
-                    claimed = await sql.claim_after(
-                        conn, request, at, token, earlier, again=again, walk=self._group_walk
-                    )
-                return applied, claimed
+                # One transaction: one commit (one WAL flush) for the acks and the claim;
+                # a try the server refused left nothing.
+                with tries.one() as again:
+                    earlier_writes = [*written, Write(now, token)] if again else written
+                    at = _claim_time(request, now)
+                    async with conn.transaction():
+                        applied = await sql.apply(conn, outcomes, now, earlier_writes, self._slots)
+                        claimed = await sql.claim_after(
+                            conn, request, at, token, earlier, again=again, walk=self._group_walk
+                        )
+                    return applied, claimed
 
             return await self._run(
                 "claim", lambda conn: retry_deadlocks("claim", lambda: both(conn))

@@ -110,10 +110,13 @@ def refused(error: BaseException) -> bool:
     """Whether ``error``, an operation's failure, is the server's answer refusing its
     statement (or a value refused before it was sent): nothing of it committed, unlike
     a failure with no answer (a connection lost, a timeout), after which it may have."""
-    if isinstance(error, DataRefused):
-        return True
-    cause = error.__cause__
-    return isinstance(cause, asyncpg.PostgresError) and not is_connection_error(cause)
+    return isinstance(error, DataRefused) or answered(error.__cause__)
+
+
+def answered(error: BaseException | None) -> bool:
+    """Whether ``error``, a statement's (as the driver raised it), is the server's
+    answer refusing it: the statement, and the transaction it was in, rolled back."""
+    return isinstance(error, asyncpg.PostgresError) and not is_connection_error(error)
 
 
 def _session(conn: Any) -> Any:

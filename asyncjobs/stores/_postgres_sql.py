@@ -799,11 +799,13 @@ async def apply(
     now: float,
     earlier: Sequence[Write],
     slots: Slots = NO_SLOTS,
+    committed: Callable[[], None] = lambda: None,
 ) -> Applied:
     """Apply outcomes: in one statement for the usual jobs, in a transaction for chain
     and batch members (``finish``), and report as applied what the ``earlier`` writes,
     unanswered, applied before (``finished_before``). Outside a transaction, each is
-    tried again if PostgreSQL ends it to break a deadlock (``retry_deadlocks``)."""
+    tried again if PostgreSQL ends it to break a deadlock (``retry_deadlocks``), and
+    ``committed`` is told once the first committed (a failure after it leaves that)."""
     if conn.is_in_transaction():
         kinds = await finish_plain(conn, outcomes, now, slots)
         rest = [o for o in outcomes if o.job_id not in kinds]
@@ -811,6 +813,7 @@ async def apply(
             kinds.update(await finish(conn, rest, now, slots))
     else:
         kinds = await retry_deadlocks("finish", lambda: finish_plain(conn, outcomes, now, slots))
+        committed()
         rest = [o for o in outcomes if o.job_id not in kinds]
         if rest:
 
