@@ -330,6 +330,9 @@ _READY = (
     "SELECT 1 FROM asyncjobs_jobs WHERE status = 'queued' AND task = $1 "
     "ORDER BY priority DESC, seq LIMIT 1"
 )
+# In queues: the queue is only a filter there (no index of queued jobs has it since
+# migration 16), so a task whose ready jobs all wait in other queues has them all read
+# (100,000 rows, 1,539-1,925 pages), as the claim's own walk does (_HEADS, the plain claim's).
 _READY_IN_QUEUES = (
     "SELECT 1 FROM asyncjobs_jobs WHERE status = 'queued' AND task = $1 "
     "AND queue = ANY($2::text[]) ORDER BY priority DESC, seq LIMIT 1"
