@@ -377,10 +377,10 @@ STUBBORN_APP = """
 import asyncio
 import os
 
-import asyncjobs._runner
+import asyncjobs._slots
 from asyncjobs import Jobs
 
-asyncjobs._runner.CANCEL_GRACE = 0.2  # the test's patience, not the 5 s of a real worker
+asyncjobs._slots.CANCEL_GRACE = 0.2  # the test's patience, not the 5 s of a real worker
 
 jobs = Jobs(os.environ["CLI_TEST_DB_URL"], poll_interval=0.05, shutdown_timeout=0.1)
 

@@ -20,8 +20,8 @@ from typing import Any
 import anyio
 import pytest
 
+import asyncjobs._outbox
 import asyncjobs._queries
-import asyncjobs._runner
 from asyncjobs import (
     AsyncJobsError,
     ConfigurationError,
@@ -918,7 +918,7 @@ async def test_stop_ends_in_time_while_another_process_holds_the_file(
     five busy timeouts (5 s here), one after another: stop() ends after
     ``shutdown_timeout`` and ``FINAL_WRITE_TIME`` instead (about 1 s), says which job
     will run again, and that job does run again once its lease expires."""
-    monkeypatch.setattr(asyncjobs._runner, "FINAL_WRITE_TIME", 0.5)
+    monkeypatch.setattr(asyncjobs._outbox, "FINAL_WRITE_TIME", 0.5)
     jobs = make_jobs(shutdown_timeout=0.5, visibility_timeout=60)
     store = jobs.store
     assert isinstance(store, SQLiteStore)
@@ -948,7 +948,7 @@ async def test_an_outcome_the_store_failed_to_write_is_not_logged_as_no_longer_o
     """The write failed, the job is still ours: the log must not send an operator
     looking for who cancelled it or why its lease expired. Shutdown tries again for
     ``FINAL_WRITE_TIME``, then says which jobs will run again."""
-    monkeypatch.setattr(asyncjobs._runner, "FINAL_WRITE_TIME", 0.3)
+    monkeypatch.setattr(asyncjobs._outbox, "FINAL_WRITE_TIME", 0.3)
     jobs = make_jobs(shutdown_timeout=600)
     started, go = anyio.Event(), anyio.Event()
 

@@ -15,7 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import pytest
 
-import asyncjobs._runner
+import asyncjobs._outbox
+import asyncjobs._slots
 from asyncjobs import ConfigurationError, Jobs, JobStatus, StoreError, Task, current_job
 from asyncjobs._errors import DataRefused
 from asyncjobs.stores import ClaimRequest, PostgresStore, TaskLimits, _postgres_sql
@@ -1009,8 +1010,8 @@ async def test_stop_ends_in_time_while_the_network_goes_silent_under_a_claim(
     deadline stop sets cuts that wait short (it was timed by command_timeout, 4 s
     here), as it does the waits for a connection after it. Before, stop() waited
     for the shielded claim, then for each later write: over 6 s."""
-    monkeypatch.setattr(asyncjobs._runner, "FINAL_WRITE_TIME", 0.2)
-    monkeypatch.setattr(asyncjobs._runner, "CANCEL_GRACE", 0.2)
+    monkeypatch.setattr(asyncjobs._outbox, "FINAL_WRITE_TIME", 0.2)
+    monkeypatch.setattr(asyncjobs._slots, "CANCEL_GRACE", 0.2)
     parts = urlsplit(postgres_url)
     proxy = FreezingProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
     port = await proxy.start()

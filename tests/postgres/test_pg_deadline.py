@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 import anyio
 import pytest
 
-import asyncjobs._runner
+import asyncjobs._outbox
 from asyncjobs import Jobs
 from asyncjobs.stores import PostgresStore
 
@@ -39,7 +39,7 @@ async def test_a_stop_whose_last_write_hit_the_deadline_leaves_the_store_usable(
     server answered all along: the worker's stop is still recorded, and the app's own
     shutdown can enqueue, and the same Jobs start again, at once. (The timeouts were
     counted as the server being unreachable, and everything after was refused.)"""
-    monkeypatch.setattr(asyncjobs._runner, "FINAL_WRITE_TIME", 0.3)
+    monkeypatch.setattr(asyncjobs._outbox, "FINAL_WRITE_TIME", 0.3)
     jobs = Jobs(postgres_url, shutdown_timeout=0.3, poll_interval=0.1)
     started, go = anyio.Event(), anyio.Event()
 
