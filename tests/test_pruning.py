@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import anyio
+import pytest
 from conftest import counting_steps
 
 from asyncjobs import Jobs, JobStatus
@@ -198,3 +199,33 @@ def test_a_prune_batch_costs_the_same_behind_a_small_and_a_big_backlog(tmp_path:
     small = steps_to_prune_a_batch(tmp_path / "small.db", 100)
     big = steps_to_prune_a_batch(tmp_path / "big.db", 50_000)
     assert big < 2 * small, (small, big)
+
+
+def steps_behind_dead_jobs(path: Path, dead: int, expired: int) -> int:
+    """SQLite VM steps of one prune batch of 100 (``expired`` succeeded jobs past
+    retention), behind ``dead`` dead jobs older than them but within dead retention."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        migrate(db)
+        db.execute(FILL, (dead, "dead-", "dead", 1.0))
+        if expired:  # FILL inserts at least one
+            db.execute(FILL, (expired, "old-", "succeeded", 1.5))
+        with counting_steps(db) as steps:
+            assert _prune(db, 2.0, 0.0, 0.0, 100) == min(expired, 100)
+        db.execute("COMMIT")
+        return steps.count
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("expired", [1_000, 0])
+def test_a_prune_batch_does_not_read_the_dead_jobs_kept_longer(
+    tmp_path: Path, expired: int
+) -> None:
+    """Dead jobs are kept longer than succeeded and cancelled ones: a batch of those
+    walks their own jobs past retention, not every dead job older than them. It read
+    them all, every minute in every process, even when nothing was to be pruned."""
+    small = steps_behind_dead_jobs(tmp_path / "small.db", 100, expired)
+    big = steps_behind_dead_jobs(tmp_path / "big.db", 100_000, expired)
+    assert big < 2 * small + 1_000, (small, big)

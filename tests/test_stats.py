@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -12,10 +13,13 @@ from typing import Any
 
 import anyio
 import pytest
+from conftest import counting_steps
 
 from asyncjobs import Jobs
 from asyncjobs._stats import build, human_duration, percentile, timing
 from asyncjobs.stores._protocol import ClaimRequest, FinishedSample, OpsSnapshot, TaskLimits
+from asyncjobs.stores._sqlite_admin import _snapshot
+from asyncjobs.stores._sqlite_schema import migrate
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]
@@ -405,3 +409,52 @@ async def test_workers_started_again_in_their_process_show_the_new_start(
         assert worker["stopped_at"] is None
         started_at = datetime.fromisoformat(worker["started_at"]).timestamp()
         assert started_at == pytest.approx(clock.now(), abs=0.001)
+
+
+# Jobs of one status finished at ? + i (i from 1), named ? || i.
+FILL_FINISHED = (
+    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) "
+    "INSERT INTO asyncjobs_jobs (id, task, queue, status, payload, max_attempts, run_at, "
+    "enqueued_at, started_at, finished_at) "
+    "SELECT ? || i, 't', 'default', ?, '{}', 3, 0.0, 0.0, 0.0, ? + i FROM n"
+)
+
+
+def steps_of_the_finished_reads(path: Path, older: int) -> dict[str, int]:
+    """SQLite VM steps of each statement of the snapshot that reads the finished index
+    (its windows, its samples), behind ``older`` succeeded and as many dead jobs that
+    finished before the windows."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        migrate(db)
+        for status in ("succeeded", "dead", "cancelled"):
+            db.execute(FILL_FINISHED, (older, f"old-{status}-", status, 0.0))
+            db.execute(FILL_FINISHED, (50, f"new-{status}-", status, 1_000_000.0))
+        statements: list[str] = []
+        db.set_trace_callback(statements.append)
+        snapshot = _snapshot(db, 1_000_100.0, [60.0, 300.0], 20, 0.0)
+        db.set_trace_callback(None)
+        assert [s.finished_at for s in snapshot.samples] == sorted(
+            [1_000_000.0 + i for i in range(41, 51)] * 2, reverse=True
+        )
+        steps = {}
+        for statement in statements:
+            if "asyncjobs_jobs_finished" in statement:
+                with counting_steps(db) as counted:
+                    db.execute(statement).fetchall()
+                steps[statement] = counted.count
+        assert len(steps) == 2, statements
+        return steps
+    finally:
+        db.close()
+
+
+def test_the_snapshot_reads_the_newest_finished_jobs_not_all_of_them(tmp_path: Path) -> None:
+    """The windows (jobs finished in the last minute, 5 minutes) and the samples (the
+    newest succeeded and dead jobs) read each status's newest jobs in the finished
+    index, (status, finished_at): older finished jobs cost them nothing."""
+    small = steps_of_the_finished_reads(tmp_path / "small.db", 100)
+    big = steps_of_the_finished_reads(tmp_path / "big.db", 100_000)
+    assert small.keys() == big.keys()
+    for statement, steps in big.items():
+        assert steps < 2 * small[statement], (statement, small[statement], steps)

@@ -176,6 +176,32 @@ async def retry_dead(conn: Connection, queue: str | None, task: str | None, now:
     return count + len(ran)
 
 
+# The jobs of each status that ``stats()`` counts, finished since each of the windows'
+# starts ($1), the earliest $2: each status is a range of asyncjobs_jobs_finished
+# (status, finished_at), read from $2 on.
+_WINDOWS = (
+    "SELECT queue, task, status, array_agg(n ORDER BY i) AS per_window FROM ("
+    "  SELECT queue, task, status, w.i, count(*) FILTER (WHERE finished_at >= w.since) AS n"
+    "  FROM asyncjobs_jobs CROSS JOIN unnest($1::float8[]) WITH ORDINALITY AS w(since, i)"
+    "  WHERE status IN ('succeeded', 'dead', 'cancelled') AND finished_at >= $2"
+    "  GROUP BY queue, task, status, w.i"
+    ") AS c GROUP BY queue, task, status"
+)
+# The newest succeeded and dead jobs: each status is read from its newest in the
+# finished index on its own and the two merged; as one IN of both, PostgreSQL could
+# not read them in order and sorted every succeeded and dead job.
+_SAMPLE = (
+    "(SELECT queue, task, status, greatest(run_at, enqueued_at) AS run_at, started_at, "
+    "finished_at, seq FROM asyncjobs_jobs WHERE status = '{status}' "
+    "AND finished_at IS NOT NULL ORDER BY finished_at DESC, seq DESC LIMIT $1)"
+)
+_SAMPLES = (
+    "SELECT queue, task, status, run_at, started_at, finished_at FROM ("  # noqa: S608 - constants
+    f"{_SAMPLE.format(status='succeeded')} UNION ALL {_SAMPLE.format(status='dead')}"
+    ") AS s ORDER BY finished_at DESC, seq DESC LIMIT $1"
+)
+
+
 async def snapshot(
     conn: Connection, now: float, windows: Sequence[float], sample: int, since: float
 ) -> OpsSnapshot:
@@ -205,27 +231,10 @@ async def snapshot(
     finished: dict[tuple[str, str, str], list[int]] = {}
     if windows:
         since_each = [now - w for w in windows]
-        for r in await conn.fetch(
-            "SELECT queue, task, status, array_agg(n ORDER BY i) AS per_window FROM ("
-            "  SELECT queue, task, status, w.i, count(*) FILTER (WHERE finished_at >= w.since) AS n"
-            "  FROM asyncjobs_jobs CROSS JOIN unnest($1::float8[]) WITH ORDINALITY AS w(since, i)"
-            "  WHERE finished_at >= $2 GROUP BY queue, task, status, w.i"
-            ") AS c GROUP BY queue, task, status",
-            since_each,
-            min(since_each),
-        ):
+        for r in await conn.fetch(_WINDOWS, since_each, min(since_each)):
             finished[(r["queue"], r["task"], r["status"])] = [int(n) for n in r["per_window"]]
     # Each query selects exactly the fields of its dataclass, by name.
-    samples = [
-        FinishedSample(**r)
-        for r in await conn.fetch(
-            "SELECT queue, task, status, greatest(run_at, enqueued_at) AS run_at, started_at, "
-            "finished_at FROM asyncjobs_jobs "
-            "WHERE finished_at IS NOT NULL AND status IN ('succeeded', 'dead') "
-            "ORDER BY finished_at DESC, seq DESC LIMIT $1",
-            sample,
-        )
-    ]
+    samples = [FinishedSample(**r) for r in await conn.fetch(_SAMPLES, sample)]
     stuck = [
         StuckJob(**r)
         for r in await conn.fetch(
@@ -275,14 +284,16 @@ async def record_worker(conn: Connection, beat: WorkerBeat, now: float) -> None:
     )
 
 
-# The batch is the oldest finished jobs, read from asyncjobs_jobs_finished in order up to
-# the limit. The status test is kept out of the planner's reach (IS TRUE): as a plain
-# IN it read the status index, every succeeded (or dead) job still within retention,
-# for each batch. The DELETE takes the batch's seqs as an array, a seek each: as
-# IN (subquery), once analysed, it hashed them against a scan of the whole table.
+# The batch is the oldest finished jobs of one status, read from asyncjobs_jobs_finished
+# (status, finished_at) in order up to the limit: each status is a range of its own,
+# walked up to its own retention. By finished_at alone, a prune of succeeded jobs
+# walked past every dead one still kept (for longer), and an IN of two statuses could
+# not be read in order: each status is pruned in turn. The DELETE takes the batch's
+# seqs as an array, a seek each: as IN (subquery), once analysed, it hashed them
+# against a scan of the whole table.
 _PRUNE = (
     "DELETE FROM asyncjobs_jobs WHERE seq = ANY(ARRAY(SELECT seq FROM asyncjobs_jobs AS j "
-    "WHERE finished_at < $1 AND (status IN ({statuses})) IS TRUE "
+    "WHERE status = '{status}' AND finished_at < $1 "
     # Each rule below is a scalar subquery, an index seek per candidate row: as NOT
     # EXISTS, PostgreSQL read every job it names (every waiting one, every chain member)
     # into a hash once per batch of a prune instead.
@@ -302,7 +313,8 @@ _PRUNE = (
     # and waiting on rows that a bulk retry or delete locks in another order deadlocked.
     "FOR UPDATE SKIP LOCKED)) RETURNING batch_id, status, finished_at, chain_next"
 )
-_PRUNE_FINISHED = _PRUNE.format(statuses="'succeeded', 'cancelled'")
+_PRUNE_SUCCEEDED = _PRUNE.format(status="succeeded")
+_PRUNE_CANCELLED = _PRUNE.format(status="cancelled")
 # As _PRUNE_FOLLOWERS in _sqlite_admin.py: the run of members cancelled before they ran
 # after the pruned ones goes with them in the same prune, found by id from their
 # chain_next ($1), past retention ($2); those another transaction holds are left.
@@ -335,14 +347,16 @@ _PRUNE_TALLIES = (
     "AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS j WHERE j.id = d.batch_id) "
     "FOR UPDATE SKIP LOCKED)"
 )
-_PRUNE_DEAD = _PRUNE.format(statuses="'dead'")
+_PRUNE_DEAD = _PRUNE.format(status="dead")
 
 
 async def prune(
     conn: Connection, finished_before: float, dead_before: float, workers_before: float,
     limit: int,
 ) -> int:  # fmt: skip
-    deleted = await conn.fetch(_PRUNE_FINISHED, finished_before, limit)
+    deleted = await conn.fetch(_PRUNE_SUCCEEDED, finished_before, limit)
+    if len(deleted) < limit:
+        deleted += await conn.fetch(_PRUNE_CANCELLED, finished_before, limit - len(deleted))
     if len(deleted) < limit:
         deleted += await conn.fetch(_PRUNE_DEAD, dead_before, limit - len(deleted))
     followers = [r["chain_next"] for r in deleted if r["chain_next"] is not None]

@@ -178,6 +178,24 @@ def _wait_again(
         _release_dependents(db, OutcomeKind.SUCCEEDED, None, job_id, now)
 
 
+# The statuses of finished jobs that the windows of ``stats()`` count, each a range of
+# the finished index.
+_FINISHED = "'succeeded', 'dead', 'cancelled'"
+# The newest succeeded and dead jobs: the finished index is by (status, finished_at),
+# so each status is walked from its newest on its own, and the two samples merged (a
+# sort of theirs alone); one walk of both statuses sorted every succeeded and dead job.
+_SAMPLE = (
+    "SELECT * FROM (SELECT queue, task, status, max(run_at, enqueued_at), started_at, "
+    "finished_at, seq FROM asyncjobs_jobs INDEXED BY asyncjobs_jobs_finished "
+    "WHERE status = '{status}' AND finished_at IS NOT NULL "
+    "ORDER BY finished_at DESC, seq DESC LIMIT ?)"
+)
+_SAMPLES = (
+    f"{_SAMPLE.format(status='succeeded')} UNION ALL {_SAMPLE.format(status='dead')} "
+    "ORDER BY finished_at DESC, seq DESC LIMIT ?"
+)
+
+
 def _snapshot(
     db: sqlite3.Connection, now: float, windows: Sequence[float], sample: int, since: float
 ) -> OpsSnapshot:
@@ -210,20 +228,15 @@ def _snapshot(
         sums = ", ".join("sum(finished_at >= ?)" for _ in windows)
         rows = db.execute(
             f"SELECT queue, task, status, {sums} FROM asyncjobs_jobs "  # noqa: S608 - constant
-            "INDEXED BY asyncjobs_jobs_finished WHERE finished_at >= ? "
-            "GROUP BY queue, task, status",
+            f"INDEXED BY asyncjobs_jobs_finished WHERE status IN ({_FINISHED}) "
+            "AND finished_at >= ? GROUP BY queue, task, status",
             (*since_each, min(since_each)),
         )
         for queue, task, status, *per_window in rows:
             finished[(queue, task, status)] = [int(n or 0) for n in per_window]
     samples = [
         FinishedSample(queue=q, task=t, status=st, run_at=r, started_at=s, finished_at=f)
-        for q, t, st, r, s, f in db.execute(
-            "SELECT queue, task, status, max(run_at, enqueued_at), started_at, finished_at "
-            "FROM asyncjobs_jobs INDEXED BY asyncjobs_jobs_finished WHERE finished_at IS NOT NULL "
-            "AND status IN ('succeeded', 'dead') ORDER BY finished_at DESC, seq DESC LIMIT ?",
-            (sample,),
-        )
+        for q, t, st, r, s, f, _ in db.execute(_SAMPLES, (sample, sample, sample))
     ]
     stuck = [
         StuckJob(id=i, queue=q, task=t, worker=w, attempts=a, lease_until=lu)
@@ -273,9 +286,12 @@ def _record_worker(db: sqlite3.Connection, beat: WorkerBeat, now: float) -> None
     )
 
 
+# The finished index is by (status, finished_at): each status is a range of its own,
+# walked from the oldest up to its retention. By finished_at alone, a prune of the
+# succeeded and cancelled jobs walked past every dead one still kept (for longer).
 _PRUNE = (
     "DELETE FROM asyncjobs_jobs WHERE seq IN (SELECT seq FROM asyncjobs_jobs AS j "
-    "INDEXED BY asyncjobs_jobs_finished WHERE finished_at < ? AND status IN ({statuses}) "
+    "INDEXED BY asyncjobs_jobs_finished WHERE status IN ({statuses}) AND finished_at < ? "
     # A batch's on_complete that still waits counts its members when the last ends.
     "AND (batch_id IS NULL OR NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS b "
     "WHERE b.id = j.batch_id AND b.status = 'waiting')) "
