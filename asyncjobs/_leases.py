@@ -12,6 +12,7 @@ requeue the job and another worker start it, and the two attempts would overlap
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -327,6 +328,7 @@ class _Leases:
         except Exception:
             logger.exception("heartbeat failed; leases may expire")
             self._stop_lapsing()
+        await self._let_stopped_attempts_end()
         for job in await self.jobs.store.recover(now=self.clock.now()):
             extra = {"job_id": job.id, "task": job.task, "attempt": job.attempts}
             if job.status == "dead":
@@ -348,6 +350,28 @@ class _Leases:
             # read at the next poll): claim now, not then, the job requeued, or what its
             # end freed (the next job of its group, its concurrency slot).
             self.wake()
+
+    async def _let_stopped_attempts_end(self) -> None:
+        """Before this process requeues the jobs whose leases are over: wait for those of
+        its own attempts stopped for their lease (``_lose``) to end, their cleanup (their
+        ``finally`` blocks) included. The stop only asked for it: requeued at once, the
+        job could start on another worker while this attempt still cleans up.
+
+        Half a heartbeat interval at most, the time a stop leaves a job's cleanup before
+        its lease ends: a job that ignores its stop (reported, ``_report_overruns``) does
+        not hold up the recovery of other workers' jobs for good."""
+        now = self.clock.now()
+        tasks = [
+            running.task
+            for running in [*self.running.values(), *self._stopping]
+            if running.lease_lost
+            and running.task is not None
+            and not running.task.done()
+            and (self._lease_end(running.row) or now) <= now  # requeued now, else not
+        ]
+        if tasks:
+            with self.clock.move_on_after(self.settings.heartbeat_interval / 2):
+                await asyncio.wait(tasks)
 
     async def maintenance_loop(self, *, task_status: TaskStatus[None]) -> None:
         task_status.started()

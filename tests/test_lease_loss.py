@@ -280,8 +280,10 @@ async def test_lease_recovery_here_stops_an_attempt_before_it_requeues_its_job(
         store_recover = jobs.store.recover
 
         async def recover(**kwargs: Any) -> Any:
-            running = jobs.runner.running.get(job.id)
-            stopping.append(running is None or running.cancelled_by_user)
+            running = jobs.runner.running.get(job.id)  # attempt 2: 1 ended, retried
+            stopping.append(
+                running is None or running.cancelled_by_user or running.row.attempts > 1
+            )
             return await store_recover(**kwargs)
 
         monkeypatch.setattr(jobs.store, "recover", recover)

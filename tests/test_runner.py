@@ -1068,7 +1068,8 @@ async def until(check: Callable[[], object]) -> None:
 
 async def claim_again_here(jobs: Jobs, clock: FakeClock, started: list[int]) -> None:
     """The job whose attempt 0 runs here loses its lease (heartbeats fail: the store
-    stalled), recovery requeues it, and this worker claims it again: attempt 1 starts."""
+    stalled), another process's recovery requeues it (this one's would wait for the
+    attempt to end), and this worker claims it again: attempt 1 starts."""
     store: Any = jobs.store
     heartbeat = store.heartbeat
 
@@ -1078,7 +1079,8 @@ async def claim_again_here(jobs: Jobs, clock: FakeClock, started: list[int]) -> 
     store.heartbeat = unreachable  # the lease is not extended
     try:
         clock.advance(jobs.settings.visibility_timeout + 1)
-        await jobs.runner.recover()  # requeued; this worker claims it again
+        await jobs.store.recover(now=clock.now())  # requeued
+        jobs.runner.wake()  # this worker claims it again
         await until(lambda: started == [0, 1])
     finally:
         store.heartbeat = heartbeat
