@@ -86,6 +86,8 @@ class _Running:
     # its outcome is a failed attempt, as lease recovery would record it.
     lease_lost: bool = False
     overran: bool = False  # so stopped, it still ran as its lease ended (reported once)
+    # So stopped, then cancelled by the user: it ends cancelled, as asked (_Leases).
+    cancel_asked: bool = False
 
 
 class _Execution:
@@ -307,9 +309,9 @@ class _Execution:
         due again at once (dead if it was the last), as lease recovery records it. The
         store applies it only while the attempt is still this worker's: then nobody took
         the job over, and it must not end cancelled, which nobody asked for."""
-        if running.lease_lost:
+        if running.lease_lost and not running.cancel_asked:
             return self._failure(row, LEASE_LOST + raised, delay=0.0)
-        return self._outcome(row, OutcomeKind.CANCELLED, error="cancelled while running" + raised)
+        return self._outcome(row, OutcomeKind.CANCELLED, error=CANCELLED_WHILE_RUNNING + raised)
 
     def _outcome(
         self,
@@ -388,6 +390,8 @@ class _Execution:
         else:
             logger.info("job %s (%s) %s", row.id, row.task, outcome.kind, extra=extra)
 
+
+CANCELLED_WHILE_RUNNING = "cancelled while running"
 
 LEASE_LOST = (
     "lease lost: this worker could not renew the job's lease (its heartbeats failed), "

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.abc import TaskStatus
 
+from asyncjobs._execution import CANCELLED_WHILE_RUNNING, LEASE_LOST
 from asyncjobs._retention import Pruner
-from asyncjobs.stores._protocol import JobRow, WorkerBeat
+from asyncjobs.stores._protocol import JobRow, OutcomeKind, WorkerBeat
 
 if TYPE_CHECKING:
     from asyncjobs._clock import Clock
@@ -60,6 +61,16 @@ class _Leases:
 
         def _free_slot(self) -> None: ...
 
+        def _outcome(
+            self,
+            row: JobRow,
+            kind: OutcomeKind,
+            *,
+            result: str | None = None,
+            error: str | None = None,
+            run_at: float | None = None,
+        ) -> Outcome: ...
+
     # -- leases ----------------------------------------------------------------------
 
     async def heartbeat_once(self) -> None:
@@ -89,6 +100,8 @@ class _Leases:
         if granted:  # the lease the store wrote: the last it asked for (it may retry)
             attempts = ended | held
             self._confirmed = {job_id: (attempts[job_id], granted[-1]) for job_id in owned}
+            for job_id in attempts.keys() - owned:  # cancelled, or taken over
+                self.cancel_asked(job_id, attempts[job_id])
         # Of those left out, only the attempts still held here were taken away. One that
         # ended while the store was asked may have had its outcome written before this
         # update ran, and the store rightly left it out: nothing to stop, and its write
@@ -117,6 +130,29 @@ class _Leases:
             self.cancel_local(job_id, held[job_id])
         if lost:
             self.wake()  # a slot promised to a job claimed ahead may be free again
+
+    def cancel_asked(self, job_id: str, attempt: int | None = None) -> None:
+        """The user cancelled ``job_id`` (only attempt ``attempt``, if given), or the
+        store no longer holds it as this worker's. An attempt here stopped for its lease
+        (``_lose``) ends cancelled, as the user asked, not a failed attempt whose error
+        says 'lease lost' (the store ends it cancelled all the same, with that error).
+
+        Taken over instead, the job is not this worker's: the outcome, whichever, is
+        ignored. Its outcome written already (``_writing``), nothing is left to say."""
+        running = self.running.get(job_id)
+        if running is not None and running.lease_lost and attempt in (None, running.row.attempts):
+            running.cancel_asked = True
+        for i, (row, outcome, duration) in enumerate(self._outbox):
+            if (
+                row.id == job_id
+                and attempt in (None, row.attempts)
+                and outcome.kind in (OutcomeKind.RETRY, OutcomeKind.DEAD)
+                and (outcome.error or "").startswith(LEASE_LOST)
+            ):
+                raised = (outcome.error or "")[len(LEASE_LOST) :]
+                error = CANCELLED_WHILE_RUNNING + raised
+                cancelled = self._outcome(row, OutcomeKind.CANCELLED, error=error)
+                self._outbox[i] = (row, cancelled, duration)
 
     def _lease_until(self) -> float:
         """A lease from now. The store calls it once it holds the lock: counted from

@@ -166,6 +166,7 @@ class _Queries:
             # A running job ends cancelled when it stops; its worker logs that too.
             logger.info("job %s cancelled", cid, extra={"job_id": cid, "action": "cancel"})
             self.runner.cancel_local(cid)
+            self.runner.cancel_asked(cid)  # one stopped for its lease ends cancelled too
             self._notify_finished(cid)  # its waiters here read it again (or wait on)
         if cancelled:
             self._wake_workers()  # the next job of its group may run now

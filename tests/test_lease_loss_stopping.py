@@ -9,7 +9,7 @@ from typing import Any
 
 import anyio
 import pytest
-from test_lease_loss import LEASE, failing, settle
+from test_lease_loss import LEASE, failing, settle, until
 
 from asyncjobs import Jobs
 from asyncjobs.testing import FakeClock
@@ -101,3 +101,82 @@ async def test_lease_recovery_here_waits_for_a_stopping_job_half_a_beat_at_most(
             assert row is not None
             assert (row.status, row.attempts) != ("running", 1)  # requeued (and run again)
             cleaned.set()
+
+
+async def test_a_job_the_user_cancels_as_it_stops_for_its_lease_says_it_was_cancelled(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """Stopped for its lease, its cleanup running, the job is cancelled by the user: it
+    ends cancelled, and its error says so, not 'lease lost' (nobody took it over)."""
+    jobs = make_jobs(visibility_timeout=LEASE)
+    started, cleaning, cleaned = cleaning_task(jobs)
+
+    async with jobs:
+        job = await jobs.enqueue("t")
+        with anyio.fail_after(5):
+            await started.wait()
+        with failing(jobs, "heartbeat"):
+            clock.advance(LEASE * 5 / 6)
+            with anyio.fail_after(5):
+                await cleaning.wait()
+            assert await job.cancel()
+            cleaned.set()
+            with anyio.fail_after(5):
+                while (await job.info()).status == "running":
+                    await settle(jobs)
+    info = await job.info()
+    assert info.status == "cancelled"
+    assert info.error is not None
+    assert "lease lost" not in info.error
+    assert "cancelled" in info.error
+
+
+async def test_a_job_the_user_cancels_after_it_stopped_for_its_lease_says_so(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """As above, the attempt over already, its outcome not written yet (the store
+    unreachable for its writes too): the user's cancel is what the job shows."""
+    jobs = make_jobs(visibility_timeout=LEASE)
+    started, _, cleaned = cleaning_task(jobs)
+    cleaned.set()
+
+    async with jobs:
+        job = await jobs.enqueue("t")
+        with anyio.fail_after(5):
+            await started.wait()
+        with failing(jobs, "heartbeat", "finish", "finish_and_claim", "claim"):
+            clock.advance(LEASE * 5 / 6)
+            await until(lambda: jobs.runner._outbox)
+            assert await job.cancel()
+        await jobs.runner.flush_outbox()  # the store reachable again
+    info = await job.info()
+    assert info.status == "cancelled"
+    assert info.error is not None
+    assert "lease lost" not in info.error
+
+
+async def test_a_job_cancelled_elsewhere_after_it_stopped_for_its_lease_says_so(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """As above, cancelled from another process: the heartbeat that reaches the store
+    again finds the job no longer this worker's, and its outcome says cancelled."""
+    jobs = make_jobs(visibility_timeout=LEASE)
+    elsewhere = make_jobs(visibility_timeout=LEASE)
+    started, _, cleaned = cleaning_task(jobs)
+    cleaned.set()
+
+    async with jobs:
+        job = await jobs.enqueue("t")
+        with anyio.fail_after(5):
+            await started.wait()
+        with failing(jobs, "finish", "finish_and_claim", "claim"):
+            with failing(jobs, "heartbeat"):
+                clock.advance(LEASE * 5 / 6)
+                await until(lambda: jobs.runner._outbox)
+            assert await elsewhere.cancel(job.id)
+            await jobs.runner.heartbeat_once()  # the store reachable again, but for writes
+        await jobs.runner.flush_outbox()
+    info = await job.info()
+    assert info.status == "cancelled"
+    assert info.error is not None
+    assert "lease lost" not in info.error
