@@ -308,8 +308,13 @@ class _Execution:
         """Stopped as it ran: cancelled, as asked; or, its lease lost, a failed attempt
         due again at once (dead if it was the last), as lease recovery records it. The
         store applies it only while the attempt is still this worker's: then nobody took
-        the job over, and it must not end cancelled, which nobody asked for."""
+        the job over, and it must not end cancelled, which nobody asked for. Once
+        shutdown began, given back instead, attempt unspent, as shutdown's cancellation
+        a moment later would have: which of the two stopped the job is a matter of
+        timing, and nothing in its code failed."""
         if running.lease_lost and not running.cancel_asked:
+            if not self._accepting:
+                return self._outcome(row, OutcomeKind.RELEASE)
             return self._failure(row, LEASE_LOST + raised, delay=0.0)
         return self._outcome(row, OutcomeKind.CANCELLED, error=CANCELLED_WHILE_RUNNING + raised)
 

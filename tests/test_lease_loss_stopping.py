@@ -185,3 +185,29 @@ async def test_a_job_cancelled_elsewhere_after_it_stopped_for_its_lease_says_so(
     assert info.status == "cancelled"
     assert info.error is not None
     assert "lease lost" not in info.error
+
+
+async def test_a_job_stopped_for_its_lease_while_shutdown_waits_for_it_is_given_back(
+    make_jobs: MakeJobs, clock: FakeClock
+) -> None:
+    """Shutdown waits for the running job; heartbeats failing, its lease comes within
+    half a beat of its end first, and it is stopped. It goes back, attempt unspent, as
+    if shutdown had cancelled it a moment later: nothing in its code failed."""
+    jobs = make_jobs(visibility_timeout=LEASE, shutdown_timeout=LEASE * 10)
+    started, cleaning, cleaned = cleaning_task(jobs)
+    cleaned.set()
+
+    await jobs.start()
+    job = await jobs.enqueue("t")
+    with anyio.fail_after(5):
+        await started.wait()
+    with failing(jobs, "heartbeat"):
+        async with anyio.create_task_group() as stopping:
+            stopping.start_soon(jobs.stop)
+            await until(lambda: not jobs.runner.accepting)
+            await settle(jobs)
+            clock.advance(LEASE * 5 / 6)
+            with anyio.fail_after(5):
+                await cleaning.wait()
+    info = await job.info()
+    assert (info.status, info.attempts) == ("queued", 0)
