@@ -435,9 +435,11 @@ async def claim(
     params.append(claim_token)  # $7
     queue_filter = ""
     in_queues = ""  # the queue test on any alias (_PICK_READY)
+    queues = ""  # their array
     if request.queues is not None:
-        params.append(list(request.queues))
-        in_queues = f".queue = ANY(${len(params)}::text[])"
+        params.append(sorted(set(request.queues)))  # each once: a seek each (_TAKE_READY)
+        queues = f"${len(params)}::text[]"
+        in_queues = f".queue = ANY({queues})"
         queue_filter = "AND j" + in_queues
     next_token_at, unkeyed = None, False
     if limited:  # concurrency, rate limits: chosen by _postgres_limits
@@ -459,7 +461,7 @@ async def claim(
         params.append(walk.after)
         after = f"${len(params)}::text"
         taken = _TAKE_READY.format(
-            queues=queue_filter,
+            plain_next=_PLAIN_NEXT_IN_QUEUES.format(queues=queues) if queues else _PLAIN_NEXT,
             queues_w="AND w" + in_queues if in_queues else "",
             queues_f="AND f" + in_queues if in_queues else "",
             limit=f"${limit_at}",
@@ -603,9 +605,17 @@ _TURN = f"CASE WHEN (SELECT bool_or(walked) FROM taken) THEN {GROUP_TURN} END"  
 # The task is no index condition in _PLAIN's seeks ("IS TRUE"): as one, on a table never
 # analysed, PostgreSQL read the first step's jobs from asyncjobs_jobs_ready_task_plain
 # (by task) and sorted them, every queued job of the claim's tasks (a million rows).
-_PLAIN = (
-    "j.status = 'queued' AND j.group_key IS NULL AND (j.task = ANY($4::text[])) IS TRUE {queues}"
-)
+_PLAIN = "j.status = 'queued' AND j.group_key IS NULL AND (j.task = ANY($4::text[])) IS TRUE"
+_PLAIN_NEXT = _NEXT.format(where=_PLAIN, cursor="t", columns="j.priority, j.seq")
+
+# ...of a claim from some queues ({queues}: their array, each once): the first of each
+# queue's next job of no group, each a seek in asyncjobs_jobs_ready_queue (migration
+# 17). One walk of asyncjobs_jobs_ready_plain testing the queue read through every
+# other queue's jobs before (100,000 rows a claim of 100 behind 100,000 in another).
+_PLAIN_NEXT_IN_QUEUES = f"""SELECT n.priority, n.seq FROM unnest({{queues}}) AS q(queue)
+        CROSS JOIN LATERAL ({
+    _NEXT.format(where=_PLAIN + " AND j.queue = q.queue", cursor="t", columns="j.priority, j.seq")
+}) AS n ORDER BY n.priority DESC, n.seq LIMIT 1"""  # noqa: S608 - constants
 _GROUPED = "j.status = 'queued' AND j.group_key IS NOT NULL"
 _GROUPED_COLUMNS = "j.seq, j.priority, j.group_key, j.task, j.queue"
 _TAKE_READY = f"""first_grouped (n, seq, priority, group_key, task, queue) AS (
@@ -640,7 +650,7 @@ _TAKE_READY = f"""first_grouped (n, seq, priority, group_key, task, queue) AS (
     FROM taken AS t
     LEFT JOIN window_end AS e ON true
     LEFT JOIN LATERAL (
-        {_NEXT.format(where=_PLAIN, cursor="t", columns="j.priority, j.seq")}
+        {{plain_next}}
     ) AS p ON true
     LEFT JOIN LATERAL (
         SELECT h.priorities[t.next_h] AS priority, h.seqs[t.next_h] AS seq

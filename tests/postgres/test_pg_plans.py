@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -203,6 +204,60 @@ async def test_a_claim_walks_the_ready_jobs_in_claim_order(
     assert pages <= STEP * BATCH, pages
     if jobs > BATCH:
         assert rows <= STEP * BATCH, rows
+
+
+# Queued jobs of task t in queue $2, named $1 || n, one in $4 of priority 1.
+FILL_QUEUE = (
+    "INSERT INTO asyncjobs_jobs (id, task, queue, status, priority, payload, max_attempts, "
+    "run_at, enqueued_at) SELECT $1 || n, 't', $2, 'queued', (n % $4 = 0)::int, "
+    '\'{"args":[],"kwargs":{}}\', 3, 0.0, 1.0 FROM generate_series(1, $3) AS n'
+)
+
+
+# Every one fresh or analysed, before the per-queue walk: the claim read the other
+# queue's backlog whole (100,000 rows, 12,000 pages behind 100,000 jobs).
+@pytest.mark.parametrize("others", [10, 1_000, 100_000, 1_000_000])
+@pytest.mark.parametrize("analyzed", [False, True], ids=["fresh", "analyzed"])
+async def test_a_claim_from_some_queues_reads_none_of_the_other_queues_jobs(
+    postgres_url: str, analyzed: bool, others: int
+) -> None:
+    """A worker serving queues b and c beside a backlog in queue a: its claim reads
+    each queue's next job in claim order (a seek a queue a step), in proportion to what
+    it takes, whatever the backlog elsewhere and the table's statistics. A table of a
+    few pages, analysed, PostgreSQL reads whole at each step: there only the pages are
+    bounded, as in test_a_claim_walks_the_ready_jobs_in_claim_order."""
+    store = open_store(postgres_url)
+    await store.open()  # the schema
+    await store.close()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(FILL_QUEUE, "a-", "a", others, 7)
+        await conn.execute(FILL_QUEUE, "b-", "b", 150, 5)
+        await conn.execute(FILL_QUEUE, "c-", "c", 50, 3)
+        if analyzed:
+            await conn.execute("ANALYZE asyncjobs_jobs")
+        explained = Explained(conn)
+        async with conn.transaction():
+            await claim(explained, replace(CLAIM, queues=["b", "c"]), 2.0, "token")  # type: ignore[arg-type]
+    finally:
+        await conn.close()
+
+    updated = [n for n in nodes(explained.plan) if n["Node Type"] == "ModifyTable"]
+    assert [n["Actual Rows"] for n in updated] == [BATCH]
+    steps = [
+        n
+        for n in nodes(explained.plan)
+        if n.get("Relation Name") == "asyncjobs_jobs"
+        and n["Node Type"] != "ModifyTable"
+        and n not in updated[0].get("Plans", [])  # the update's own read of its rows
+    ]
+    rows = sum(
+        (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"] for n in steps
+    )
+    pages = sum(n["Shared Hit Blocks"] + n["Shared Read Blocks"] for n in steps)
+    assert pages <= 2 * STEP * BATCH, pages
+    if others > BATCH:  # (210 jobs analysed: the table whole at each step, 4 pages)
+        assert rows <= 2 * STEP * BATCH, rows
 
 
 # Finished jobs of five tasks, and queued jobs of the first alone (every tenth job).

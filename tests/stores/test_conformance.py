@@ -244,6 +244,23 @@ async def test_claim_takes_only_known_tasks_and_listed_queues(store: Store) -> N
     assert await claim(store, limit=0) == []
 
 
+async def test_a_claim_from_several_queues_takes_their_jobs_in_claim_order(store: Store) -> None:
+    """Each queue of the filter is read apart (in PostgreSQL): the jobs still come in
+    priority, then enqueue, order across them, the limit counted over all."""
+    await store.insert(
+        [
+            new("a1", queue="a"), new("b1", queue="b", priority=5), new("x1", queue="x"),
+            new("a2", queue="a", priority=5), new("b2", queue="b"), new("a3", queue="a"),
+            new("b3", queue="b", priority=-1), new("x2", queue="x", priority=9),
+        ],
+        now=T0,
+    )  # fmt: skip
+    assert [r.id for r in await claim(store, queues=["b", "a", "b"], limit=5)] == [
+        "b1", "a2", "a1", "b2", "a3"
+    ]  # fmt: skip
+    assert [r.id for r in await claim(store, queues=["a", "b"])] == ["b3"]
+
+
 async def test_claim_waits_for_run_at(store: Store) -> None:
     await store.insert([new("later", status="scheduled", run_at=T0 + 60)], now=T0)
     assert await store.next_run_at() == T0 + 60
