@@ -674,8 +674,8 @@ STORE_MUTATIONS = {
     ),
     "value in an f-string fragment": (
         "stores/_sqlite_sql.py",
-        'queue_filter = "AND j.queue IN (SELECT value FROM json_each(?))"',
-        'queue_filter = f"AND j.queue IN {request.queues}"',
+        "picks.append(_PICK_QUEUE)",
+        """picks.append(f"{_PICK_QUEUE} AND j.queue = '{queue}'")""",
     ),
     "value in a forwarded helper call": (
         "stores/_sqlite.py",
