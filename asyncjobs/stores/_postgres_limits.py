@@ -330,9 +330,10 @@ _READY = (
     "SELECT 1 FROM asyncjobs_jobs WHERE status = 'queued' AND task = $1 "
     "ORDER BY priority DESC, seq LIMIT 1"
 )
-# In queues: the queue is only a filter there (no index of queued jobs has it since
-# migration 16), so a task whose ready jobs all wait in other queues has them all read
-# (100,000 rows, 1,539-1,925 pages), as the claim's own walk does (_HEADS, the plain claim's).
+# In queues: the queue is only a filter there (of the indexes of queued jobs only
+# asyncjobs_jobs_ready_queue has it, migration 17, without the task: the plain claim's),
+# so a task whose ready jobs all wait in other queues has them all read (100,000 rows,
+# 1,539-1,925 pages), as the limited claim's own walk does (_HEADS).
 _READY_IN_QUEUES = (
     "SELECT 1 FROM asyncjobs_jobs WHERE status = 'queued' AND task = $1 "
     "AND queue = ANY($2::text[]) ORDER BY priority DESC, seq LIMIT 1"
