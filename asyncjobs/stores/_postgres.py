@@ -55,7 +55,6 @@ from asyncjobs.stores._postgres_connections import (
     _Connections,
     answered,
     backoff,
-    refused,
 )
 from asyncjobs.stores._postgres_limits import GroupWalk
 from asyncjobs.stores._postgres_sql import (
@@ -128,20 +127,13 @@ class _Tries:
     a part of it committed on its own first (``committed``)."""
 
     def __init__(self) -> None:
-        self.count = 0
         self.unsettled = False
         self._partly = False
-
-    def again(self) -> bool:
-        """Count a try: True from the second on."""
-        self.count += 1
-        return self.count > 1
 
     @contextmanager
     def one(self) -> Iterator[bool]:
         """A try, in its ``with``; gives whether one before it may have committed (not
         after tries the server refused: a deadlock's, another claim's at once)."""
-        self.count += 1
         self._partly = False
         try:
             yield self.unsettled
@@ -299,19 +291,19 @@ class PostgresStore(_Connections):
         token = self._claim_token()  # stored on the jobs dispatched here alone
 
         async def insert(conn: Connection) -> Inserted:
-            return await insert_jobs(conn, jobs, now, again=tries.again(), claim_token=token)
+            with tries.one() as again:
+                return await insert_jobs(conn, jobs, now, again=again, claim_token=token)
 
         try:
             return await self._run("enqueue", insert, producer=True)
         except NotSent:
             raise
-        except BaseException as error:
+        except BaseException:
             # Jobs dispatched to a worker's free slot are inserted running, under this
             # insert's claim token: if it committed unanswered, that worker's next claim
             # hands them out (or its stop gives them back), as an unanswered claim's.
-            # Not when it was never sent, or its one try was refused: nothing committed
-            # (a second try's refusal says nothing of the first, whose answer was lost).
-            if tries.count == 0 or (tries.count == 1 and refused(error)):
+            # Not when no try may have committed (never sent, or refused by the server).
+            if not tries.unsettled:
                 raise
             for job in jobs:  # one worker, one lease end: one entry for them all
                 if job.worker is not None and (ends := job.lease_end(began)) is not None:

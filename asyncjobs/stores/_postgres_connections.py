@@ -106,13 +106,6 @@ def _refused_kind(error: BaseException) -> type[StoreError]:
     return StoreError
 
 
-def refused(error: BaseException) -> bool:
-    """Whether ``error``, an operation's failure, is the server's answer refusing its
-    statement (or a value refused before it was sent): nothing of it committed, unlike
-    a failure with no answer (a connection lost, a timeout), after which it may have."""
-    return isinstance(error, DataRefused) or answered(error.__cause__)
-
-
 def answered(error: BaseException | None) -> bool:
     """Whether ``error``, a statement's (as the driver raised it), is the server's
     answer refusing it: the statement, and the transaction it was in, rolled back."""
