@@ -8,7 +8,7 @@ their slots).
 
 from __future__ import annotations
 
-import asyncio
+import inspect
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import tzinfo
@@ -86,7 +86,7 @@ class _Registry:
         rate = None if rate_limit is None else parse_rate(rate_limit)  # fail at the decorator
 
         def register(fn: Callable[P, Awaitable[R]]) -> Task[P, R]:
-            if not asyncio.iscoroutinefunction(fn):
+            if not inspect.iscoroutinefunction(fn):
                 raise ConfigurationError(
                     f"{getattr(fn, '__qualname__', fn)!r} is not an async def; tasks must be "
                     "coroutine functions"

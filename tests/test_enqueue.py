@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from unittest.mock import AsyncMock
 
 import anyio
 import pytest
@@ -347,6 +348,22 @@ def test_a_callable_without_a_qualified_name_needs_a_name(jobs: Jobs) -> None:
     with pytest.raises(ConfigurationError, match="name="):
         jobs.task(functools.partial(send, subject="hi"))
     assert jobs.task(name="greet")(functools.partial(send, subject="hi")).name == "greet"
+
+
+def test_a_task_must_be_a_coroutine_function(jobs: Jobs) -> None:
+    def send(to: str) -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"'.*send' is not an async def"):
+        jobs.task(send)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="not an async def"):
+        jobs.task(name="lambda")(lambda: None)  # type: ignore[arg-type,return-value]
+
+    async def greet(to: str, greeting: str) -> str:
+        return f"{greeting}, {to}"
+
+    # A partial of an async def, and an AsyncMock, are coroutine functions too.
+    assert jobs.task(name="hello")(functools.partial(greet, greeting="hello")).name == "hello"
+    assert jobs.task(name="mocked")(AsyncMock()).name == "mocked"
 
 
 async def test_a_tasks_name_may_be_given_first_as_design_writes_it(jobs: Jobs) -> None:
