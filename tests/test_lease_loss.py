@@ -373,7 +373,7 @@ async def test_a_failure_inside_the_lease_watch_is_logged_and_the_workers_go_on(
 ) -> None:
     """A bug of ours in the watch (here: it raises once) must not take the workers down
     with it (the heartbeats run in its task group): it is logged, and it watches on."""
-    jobs = make_jobs(visibility_timeout=LEASE)
+    jobs = make_jobs(visibility_timeout=LEASE, shutdown_timeout=0)
     started = anyio.Event()
 
     @jobs.task(name="t")
