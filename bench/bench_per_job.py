@@ -32,8 +32,10 @@ from pathlib import Path
 from asyncjobs import Jobs
 from asyncjobs._models import new_job_id
 from asyncjobs.stores._protocol import ClaimRequest, NewJob, Outcome, OutcomeKind, TaskLimits
+from asyncjobs.stores._sqlite_claim import _claim
+from asyncjobs.stores._sqlite_finish import _finish
 from asyncjobs.stores._sqlite_schema import migrate
-from asyncjobs.stores._sqlite_sql import _claim, _finish, insert_jobs
+from asyncjobs.stores._sqlite_sql import insert_jobs
 
 # -- part 1: in process ----------------------------------------------------------------
 

@@ -26,9 +26,10 @@ from asyncjobs.stores import (
     open_store,
 )
 from asyncjobs.stores._migrations import migration_scripts
+from asyncjobs.stores._sqlite_claim import _claim
 from asyncjobs.stores._sqlite_limits import WINDOW
 from asyncjobs.stores._sqlite_schema import _statements, migrate
-from asyncjobs.stores._sqlite_sql import _claim, insert_jobs
+from asyncjobs.stores._sqlite_sql import insert_jobs
 
 T0 = 1_000_000.0
 

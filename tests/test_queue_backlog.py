@@ -10,8 +10,9 @@ from pathlib import Path
 from conftest import counting_steps
 
 from asyncjobs.stores import ClaimRequest, NewJob, TaskLimits
+from asyncjobs.stores._sqlite_claim import _claim
 from asyncjobs.stores._sqlite_schema import migrate
-from asyncjobs.stores._sqlite_sql import _claim, insert_jobs
+from asyncjobs.stores._sqlite_sql import insert_jobs
 
 T0 = 1_000_000.0
 

@@ -20,10 +20,12 @@ from asyncjobs.stores import ClaimRequest, SQLiteStore, TaskLimits
 from asyncjobs.stores._migrations import migration_scripts
 from asyncjobs.stores._protocol import NewJob, Outcome, OutcomeKind
 from asyncjobs.stores._sqlite_admin import ADMIN_BATCH
+from asyncjobs.stores._sqlite_claim import _PICK_READY, DUE_PER_CLAIM
+from asyncjobs.stores._sqlite_finish import _finish
 from asyncjobs.stores._sqlite_hot_path import INLINE_BYTES, INLINE_ROWS
 from asyncjobs.stores._sqlite_schema import SCHEMA_VERSION_TABLE, migrate
 from asyncjobs.stores._sqlite_side import CHECKPOINT_EVERY, InlineWriter
-from asyncjobs.stores._sqlite_sql import _PICK_READY, DUE_PER_CLAIM, _finish, insert_jobs
+from asyncjobs.stores._sqlite_sql import insert_jobs
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]

@@ -21,8 +21,9 @@ maintenance calls, with the SQL of deleting jobs (``delete``, ``purge``). The re
 lives in modules beside it: ``_sqlite_connections`` (the connections and the thread
 calls above) and ``_sqlite_hot_path`` (enqueue, claim, finish, and the short writes
 on the event loop thread), both of which ``SQLiteStore`` inherits; and the SQL it
-runs, ``_sqlite_sql`` (enqueue, claim, finish), ``_sqlite_admin`` (operator and
-maintenance calls) and ``_sqlite_schema`` (WAL mode and migrations).
+runs, ``_sqlite_sql`` (enqueue, heartbeat), ``_sqlite_claim`` (claim),
+``_sqlite_finish`` (finish, cancel, and the chain and batch releases), ``_sqlite_admin``
+(operator and maintenance calls) and ``_sqlite_schema`` (WAL mode and migrations).
 """
 
 from __future__ import annotations
@@ -61,19 +62,17 @@ from asyncjobs.stores._sqlite_admin import (
     _snapshot,
 )
 from asyncjobs.stores._sqlite_connections import _STORES, _SYNCHRONOUS
+from asyncjobs.stores._sqlite_finish import _batch_counts, _cancel, tally_deleted
 from asyncjobs.stores._sqlite_hot_path import _HotPath
 from asyncjobs.stores._sqlite_limits import Walks
 from asyncjobs.stores._sqlite_sql import (
     _PREVIEW_SELECT,
     _SELECT,
     COLUMNS,
-    _batch_counts,
-    _cancel,
     _read,
     _row,
     pending_keys,
     set_rate_keys,
-    tally_deleted,
 )
 from asyncjobs.stores._statuses import DEAD_AS_READ, PURGE_FOLLOWER, PURGEABLE
 

@@ -4,8 +4,8 @@ pruning and the store's metadata.
 
 Each function runs in the store's connection thread on the connection it is given:
 ``_snapshot`` inside one read transaction (``_read``), the others inside the write
-transaction the store opened. Cancelling lives in ``_sqlite_sql``, with the chain and
-batch releases it calls and that call it.
+transaction the store opened. Cancelling lives in ``_sqlite_finish``, with the chain
+and batch releases it calls and that call it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from asyncjobs.stores._protocol import (
     WorkerBeat,
     WorkerRow,
 )
-from asyncjobs.stores._sqlite_sql import _batch_counts, _release_dependents, tally_deleted
+from asyncjobs.stores._sqlite_finish import _batch_counts, _release_dependents, tally_deleted
 from asyncjobs.stores._statuses import DEAD_AS_READ, PURGE_FOLLOWER, RETRYABLE
 
 _PENDING = ("scheduled", "queued")

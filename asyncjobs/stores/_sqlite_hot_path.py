@@ -9,7 +9,8 @@ find the file locked for long, go through the connection thread
 (``_sqlite_connections``).
 
 ``_HotPath`` holds these methods of ``SQLiteStore``, which inherits them. The SQL they
-run lives in ``_sqlite_sql``.
+run lives in ``_sqlite_sql`` (enqueue, heartbeat), ``_sqlite_claim`` and
+``_sqlite_finish``.
 """
 
 from __future__ import annotations
@@ -24,17 +25,11 @@ import anyio.lowlevel
 
 from asyncjobs.stores._protocol import ClaimRequest, Inserted, JobRow, NewJob, Outcome, Recovered
 from asyncjobs.stores._sqlite_admin import _recover
+from asyncjobs.stores._sqlite_claim import _claim, _finish_and_claim
 from asyncjobs.stores._sqlite_connections import DRIVER_ERRORS, _Connections
+from asyncjobs.stores._sqlite_finish import _finish
 from asyncjobs.stores._sqlite_limits import Walks, has_limits
-from asyncjobs.stores._sqlite_sql import (
-    _INSERT_CHUNK,
-    _claim,
-    _finish,
-    _finish_and_claim,
-    _heartbeat,
-    _next_run_at,
-    insert_jobs,
-)
+from asyncjobs.stores._sqlite_sql import _INSERT_CHUNK, _heartbeat, _next_run_at, insert_jobs
 
 P = ParamSpec("P")
 T = TypeVar("T")

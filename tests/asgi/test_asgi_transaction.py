@@ -16,7 +16,7 @@ import pytest
 from asyncjobs import AsyncJobsError, ConfigurationError, DataRefused, Jobs, JobSpec, JobStatus
 from asyncjobs._transaction import _autocommits
 from asyncjobs.stores import SQLiteStore, _sqlite_sql
-from asyncjobs.stores._sqlite_sql import _claim, _finish_and_claim
+from asyncjobs.stores._sqlite_claim import _claim, _finish_and_claim
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]

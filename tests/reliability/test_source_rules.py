@@ -59,7 +59,7 @@ ALLOWED: dict[tuple[str, str, str], str] = {
         "[row] * len(chunk)",
     ): "constant text and one constant '(?, ...)' group per row; values are parameters",
     (
-        "stores/_sqlite_sql.py",
+        "stores/_sqlite_finish.py",
         "_finish",
         "[_FINISH_SUCCEEDED_ROW] * len(chunk)",
     ): "one constant '(?, ...)' group per outcome; the outcomes are parameters",
@@ -673,7 +673,7 @@ STORE_MUTATIONS = {
         'where.append("finished_at < " + str(older_than))',
     ),
     "value in an f-string fragment": (
-        "stores/_sqlite_sql.py",
+        "stores/_sqlite_claim.py",
         "picks.append(_PICK_QUEUE)",
         """picks.append(f"{_PICK_QUEUE} AND j.queue = '{queue}'")""",
     ),
