@@ -23,7 +23,8 @@ from asyncjobs import AsyncJobsError, Jobs, Task
 from asyncjobs.stores import open_store
 from asyncjobs.stores._admission import Admission
 from asyncjobs.stores._protocol import ClaimRequest, JobRow, Outcome, TaskLimits
-from asyncjobs.stores._sqlite_limits import GROUPS_PER_CLAIM, WINDOW, Walk, choose
+from asyncjobs.stores._sqlite_limits import WINDOW, choose
+from asyncjobs.stores._sqlite_walks import GROUPS_PER_CLAIM, Walk
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]

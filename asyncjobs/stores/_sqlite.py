@@ -64,7 +64,6 @@ from asyncjobs.stores._sqlite_admin import (
 from asyncjobs.stores._sqlite_connections import _STORES, _SYNCHRONOUS
 from asyncjobs.stores._sqlite_finish import _batch_counts, _cancel, tally_deleted
 from asyncjobs.stores._sqlite_hot_path import _HotPath
-from asyncjobs.stores._sqlite_limits import Walks
 from asyncjobs.stores._sqlite_sql import (
     _PREVIEW_SELECT,
     _SELECT,
@@ -74,6 +73,7 @@ from asyncjobs.stores._sqlite_sql import (
     pending_keys,
     set_rate_keys,
 )
+from asyncjobs.stores._sqlite_walks import Walks
 from asyncjobs.stores._statuses import DEAD_AS_READ, PURGE_FOLLOWER, PURGEABLE
 
 if TYPE_CHECKING:

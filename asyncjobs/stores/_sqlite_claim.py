@@ -17,8 +17,9 @@ from typing import Any
 
 from asyncjobs.stores._protocol import Claimed, ClaimRequest, Outcome
 from asyncjobs.stores._sqlite_finish import _finish
-from asyncjobs.stores._sqlite_limits import Walks, choose, has_limits
+from asyncjobs.stores._sqlite_limits import choose, has_limits
 from asyncjobs.stores._sqlite_sql import _SELECT, _row
+from asyncjobs.stores._sqlite_walks import Walks
 
 _ANY_QUEUED = "SELECT 1 FROM asyncjobs_jobs WHERE status = 'queued' LIMIT 1"
 

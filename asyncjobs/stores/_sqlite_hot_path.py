@@ -28,8 +28,9 @@ from asyncjobs.stores._sqlite_admin import _recover
 from asyncjobs.stores._sqlite_claim import _claim, _finish_and_claim
 from asyncjobs.stores._sqlite_connections import DRIVER_ERRORS, _Connections
 from asyncjobs.stores._sqlite_finish import _finish
-from asyncjobs.stores._sqlite_limits import Walks, has_limits
+from asyncjobs.stores._sqlite_limits import has_limits
 from asyncjobs.stores._sqlite_sql import _INSERT_CHUNK, _heartbeat, _next_run_at, insert_jobs
+from asyncjobs.stores._sqlite_walks import Walks
 
 P = ParamSpec("P")
 T = TypeVar("T")
