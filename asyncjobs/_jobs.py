@@ -42,7 +42,7 @@ from asyncjobs._transaction import bound_insert
 from asyncjobs._transaction import transaction as _transaction
 from asyncjobs._workflows import Batch, Chain, create_batch, create_chain
 from asyncjobs.stores import Store, default_url, open_store
-from asyncjobs.stores._protocol import NewJob
+from asyncjobs.stores._job_rows import NewJob
 
 if TYPE_CHECKING:
     from asyncjobs._dashboard.auth import DashboardAuth

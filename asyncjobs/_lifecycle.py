@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from asyncjobs._settings import Settings
     from asyncjobs._tasks import Task
     from asyncjobs.stores import Store
-    from asyncjobs.stores._protocol import NewJob
+    from asyncjobs.stores._job_rows import NewJob
 
 logger = logging.getLogger("asyncjobs")
 

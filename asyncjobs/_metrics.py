@@ -19,7 +19,7 @@ from asyncjobs._errors import ConfigurationError
 from asyncjobs._stats import Stats, build, read_schedules, read_snapshot
 from asyncjobs._stats import run_times as run_times_of
 from asyncjobs._stats import wait_times as wait_times_of
-from asyncjobs.stores._protocol import FinishedSample, OpsSnapshot
+from asyncjobs.stores._ops_rows import FinishedSample, OpsSnapshot
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric

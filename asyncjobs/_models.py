@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from asyncjobs._clock import to_datetime
 from asyncjobs._codec import JSON, decode, decode_payload
 from asyncjobs._settings import wait_timeout
-from asyncjobs.stores._protocol import JobRow
+from asyncjobs.stores._job_rows import JobRow
 from asyncjobs.stores._statuses import STATUSES
 
 if TYPE_CHECKING:

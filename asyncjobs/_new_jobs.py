@@ -16,7 +16,7 @@ from asyncjobs._models import new_job_id
 from asyncjobs._settings import check_name
 from asyncjobs._tasks import JobOptions, JobSpec, Task
 from asyncjobs.stores._dependents import COUNTS_FLAG, RESULT_FLAG
-from asyncjobs.stores._protocol import NewJob
+from asyncjobs.stores._job_rows import NewJob
 
 if TYPE_CHECKING:
     from asyncjobs._ratelimit import Limiter

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TypedDict
 
 from asyncjobs._models import JobStatus
-from asyncjobs.stores._protocol import FinishedSample, OpsSnapshot
+from asyncjobs.stores._ops_rows import FinishedSample, OpsSnapshot
 
 if TYPE_CHECKING:
     from asyncjobs._jobs import Jobs

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from asyncjobs._errors import ConfigurationError
-from asyncjobs.stores._protocol import NewJob
+from asyncjobs.stores._job_rows import NewJob
 from asyncjobs.stores._sqlite import SQLiteStore
 from asyncjobs.stores._sqlite_connections import DRIVER_ERRORS, error_kind
 from asyncjobs.stores._sqlite_schema import migrate

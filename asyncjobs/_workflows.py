@@ -38,7 +38,7 @@ from asyncjobs._models import FINISHED, Job, JobInfo, JobStatus, new_job_id
 from asyncjobs._settings import wait_timeout
 from asyncjobs._tasks import JobSpec
 from asyncjobs.stores._dependents import with_batch
-from asyncjobs.stores._protocol import NewJob
+from asyncjobs.stores._job_rows import NewJob
 
 if TYPE_CHECKING:
     from asyncjobs._jobs import Jobs

@@ -31,7 +31,9 @@ from pathlib import Path
 
 from asyncjobs import Jobs
 from asyncjobs._models import new_job_id
-from asyncjobs.stores._protocol import ClaimRequest, NewJob, Outcome, OutcomeKind, TaskLimits
+from asyncjobs.stores._claims import ClaimRequest, TaskLimits
+from asyncjobs.stores._job_rows import NewJob
+from asyncjobs.stores._outcomes import Outcome, OutcomeKind
 from asyncjobs.stores._sqlite_claim import _claim
 from asyncjobs.stores._sqlite_finish import _finish
 from asyncjobs.stores._sqlite_schema import migrate

@@ -29,7 +29,7 @@ from typing import Any
 import anyio
 
 from asyncjobs import Jobs, JobSpec
-from asyncjobs.stores._protocol import ClaimRequest
+from asyncjobs.stores._claims import ClaimRequest
 
 Setup = Callable[[Jobs], Any]
 

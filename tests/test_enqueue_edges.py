@@ -11,7 +11,7 @@ import pytest
 
 from asyncjobs import ConfigurationError, Job, Jobs, JobSpec
 from asyncjobs._errors import DataRefused
-from asyncjobs.stores._protocol import Inserted, NewJob
+from asyncjobs.stores._job_rows import Inserted, NewJob
 from asyncjobs.testing import drain
 
 

@@ -22,7 +22,9 @@ from conftest import counting_steps
 from asyncjobs import AsyncJobsError, Jobs, Task
 from asyncjobs.stores import open_store
 from asyncjobs.stores._admission import Admission
-from asyncjobs.stores._protocol import ClaimRequest, JobRow, Outcome, TaskLimits
+from asyncjobs.stores._claims import ClaimRequest, TaskLimits
+from asyncjobs.stores._job_rows import JobRow
+from asyncjobs.stores._outcomes import Outcome
 from asyncjobs.stores._sqlite_limits import WINDOW, choose
 from asyncjobs.stores._sqlite_walks import GROUPS_PER_CLAIM, Walk
 from asyncjobs.testing import FakeClock, drain

@@ -21,7 +21,7 @@ from conftest import counting_steps
 from asyncjobs import Jobs, RateLimit, Task
 from asyncjobs.stores import open_store
 from asyncjobs.stores._admission import Admission
-from asyncjobs.stores._protocol import ClaimRequest, TaskLimits
+from asyncjobs.stores._claims import ClaimRequest, TaskLimits
 from asyncjobs.stores._sqlite_limits import WINDOW, choose
 from asyncjobs.testing import FakeClock, drain, replace_store
 

@@ -18,7 +18,7 @@ import pytest
 
 from asyncjobs import Jobs, NotSerializable, StoreError
 from asyncjobs.stores import ClaimRequest, JobRow, Outcome
-from asyncjobs.stores._protocol import NewJob
+from asyncjobs.stores._job_rows import NewJob
 from asyncjobs.testing import FakeClock
 
 MakeJobs = Callable[..., Jobs]

@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from asyncjobs import Jobs, JobStatus, current_job
-from asyncjobs.stores._protocol import ClaimRequest, TaskLimits
+from asyncjobs.stores._claims import ClaimRequest, TaskLimits
 from asyncjobs.testing import FakeClock, drain
 
 SECRET = "hunter2-secret-token"

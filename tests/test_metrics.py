@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from asyncjobs import ConfigurationError, Jobs
-from asyncjobs.stores._protocol import ClaimRequest, TaskLimits
+from asyncjobs.stores._claims import ClaimRequest, TaskLimits
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]

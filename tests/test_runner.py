@@ -17,7 +17,7 @@ import pytest
 from asyncjobs import Jobs, JobStatus, Retry, StoreError, _execution, current_job
 from asyncjobs._clock import SystemClock
 from asyncjobs.stores import SQLiteStore
-from asyncjobs.stores._protocol import Outcome
+from asyncjobs.stores._outcomes import Outcome
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]

@@ -13,7 +13,7 @@ import pytest
 
 from asyncjobs import ConfigurationError, Job, Jobs, JobStatus, ScheduleInfo, StoreError
 from asyncjobs._retention import prune_expired
-from asyncjobs.stores._protocol import Inserted, NewJob
+from asyncjobs.stores._job_rows import Inserted, NewJob
 from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]

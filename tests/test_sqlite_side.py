@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from asyncjobs.stores import SQLiteStore
-from asyncjobs.stores._protocol import NewJob
+from asyncjobs.stores._job_rows import NewJob
 from asyncjobs.stores._sqlite_hot_path import INLINE_ROWS
 from asyncjobs.stores._sqlite_side import (
     AUTOCHECKPOINT_PAGES,

@@ -17,7 +17,8 @@ from conftest import counting_steps
 
 from asyncjobs import Jobs
 from asyncjobs._stats import build, human_duration, percentile, timing
-from asyncjobs.stores._protocol import ClaimRequest, FinishedSample, OpsSnapshot, TaskLimits
+from asyncjobs.stores._claims import ClaimRequest, TaskLimits
+from asyncjobs.stores._ops_rows import FinishedSample, OpsSnapshot
 from asyncjobs.stores._sqlite_admin import _snapshot
 from asyncjobs.stores._sqlite_schema import migrate
 from asyncjobs.testing import FakeClock, drain

@@ -14,7 +14,7 @@ import pytest
 
 from asyncjobs import StoreError
 from asyncjobs.stores import PostgresStore, SQLiteStore, Store, open_store
-from asyncjobs.stores._protocol import NewJob
+from asyncjobs.stores._job_rows import NewJob
 
 
 def new_job(job_id: str) -> NewJob:

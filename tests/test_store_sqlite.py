@@ -17,8 +17,9 @@ from conftest import counting_steps
 from asyncjobs import Jobs, StoreError
 from asyncjobs._batching import GroupCommit
 from asyncjobs.stores import ClaimRequest, SQLiteStore, TaskLimits
+from asyncjobs.stores._job_rows import NewJob
 from asyncjobs.stores._migrations import migration_scripts
-from asyncjobs.stores._protocol import NewJob, Outcome, OutcomeKind
+from asyncjobs.stores._outcomes import Outcome, OutcomeKind
 from asyncjobs.stores._sqlite_admin import ADMIN_BATCH
 from asyncjobs.stores._sqlite_claim import _PICK_READY, DUE_PER_CLAIM
 from asyncjobs.stores._sqlite_finish import _finish

@@ -9,17 +9,10 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from asyncjobs._errors import ConfigurationError
-from asyncjobs.stores._protocol import (
-    ClaimRequest,
-    JobRow,
-    NewJob,
-    Outcome,
-    OutcomeKind,
-    Preview,
-    Recovered,
-    Store,
-    TaskLimits,
-)
+from asyncjobs.stores._claims import ClaimRequest, TaskLimits
+from asyncjobs.stores._job_rows import JobRow, NewJob
+from asyncjobs.stores._outcomes import Outcome, OutcomeKind, Recovered
+from asyncjobs.stores._protocol import Preview, Store
 from asyncjobs.stores._sqlite import SQLiteStore
 
 __all__ = [

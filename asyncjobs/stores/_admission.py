@@ -38,7 +38,7 @@ from asyncjobs._ratelimit import (
     refill,
     take,
 )
-from asyncjobs.stores._protocol import ClaimRequest, TaskLimits
+from asyncjobs.stores._claims import ClaimRequest, TaskLimits
 
 BucketId = tuple[str, str]
 """(name, key) of a row in asyncjobs_rate_buckets."""

@@ -8,110 +8,54 @@ given ``now`` (epoch seconds). Only a lease, which must be counted from when it 
 written, is counted from the caller's clock read once the store holds the lock
 (``ClaimRequest.clock``, a ``heartbeat``'s ``lease_until``): a write that first waited
 for another process's lock would otherwise write a lease already short by that wait.
+
+This module holds the ``Store`` protocol, and what ``Store.list(preview=N)`` gives
+(``Preview``, ``previewed``). The values it takes and returns live in modules beside
+it: ``_job_rows`` (jobs to insert, stored jobs), ``_claims`` (a claim's request and
+result), ``_outcomes`` (how attempts end) and ``_ops_rows`` (workers and the operations
+snapshot). They can be imported from here too (``__all__``), as the PostgreSQL store
+and the runner do.
 """
 
 from __future__ import annotations
 
 import builtins
-import enum
-import json
-from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any, Protocol
 
-from asyncjobs._ratelimit import RateLimit
+from asyncjobs.stores._claims import Claimed, ClaimRequest, RateKeyed, TaskLimits
+from asyncjobs.stores._job_rows import Inserted, JobRow, NewJob
+from asyncjobs.stores._ops_rows import FinishedSample, OpsSnapshot, StuckJob, WorkerBeat, WorkerRow
+from asyncjobs.stores._outcomes import Applied, Outcome, OutcomeKind, Recovered
+
+__all__ = [
+    "MAX_PREVIEW",
+    "PREVIEWED",
+    "SLOT_KEY",
+    "Applied",
+    "ClaimRequest",
+    "Claimed",
+    "FinishedSample",
+    "Inserted",
+    "JobRow",
+    "NewJob",
+    "OpsSnapshot",
+    "Outcome",
+    "OutcomeKind",
+    "Preview",
+    "RateKeyed",
+    "Recovered",
+    "Store",
+    "StuckJob",
+    "TaskLimits",
+    "WorkerBeat",
+    "WorkerRow",
+    "checked_preview",
+    "previewed",
+]
 
 SLOT_KEY = "schedule:"
 """The ``asyncjobs_meta`` key of a schedule's last slot: this, then the schedule's name."""
-
-
-class NewJob(NamedTuple):
-    """A job to insert. ``payload`` and ``options`` are JSON text.
-
-    Named tuples, this and ``Outcome`` (one per job on the enqueue and finish paths):
-    immutable like a frozen dataclass, built three times faster. Build them with
-    keywords."""
-
-    id: str
-    task: str
-    queue: str
-    payload: str
-    status: str  # "queued", "scheduled", "waiting", or "running" when ``worker`` is set
-    priority: int
-    run_at: float
-    max_attempts: int
-    options: str | None = None  # per-call settings that win over the task definition
-    idempotency_key: str | None = None
-    group_key: str | None = None
-    chain_next: str | None = None  # released when this job succeeds
-    batch_id: str | None = None  # the batch's on_complete job, released when all finish
-    rate_key: str | None = None  # bucket key within the task's named limiter (None: shared)
-    # Local dispatch: the enqueuing process runs the job at once. Inserted 'running',
-    # first attempt started at insert, leased to ``worker`` for ``lease`` seconds from
-    # the insert's time (``Inserted.at``), not from the enqueue's: an insert that waited
-    # for the write lock would otherwise write a lease short by that wait.
-    worker: str | None = None
-    lease: float | None = None
-    # Enqueued by name where its task is not defined: a keyed limiter's key for it
-    # is computed by a worker that defines the task (``Store.pending_keys``).
-    key_pending: bool = False
-
-    def lease_end(self, now: float) -> float | None:
-        """When the lease of this job, inserted running at ``now``, ends (None: it is
-        not inserted running)."""
-        return None if self.worker is None or self.lease is None else now + self.lease
-
-
-class Inserted(list[str]):
-    """What ``insert`` returns: the job ids in order, plus ``seqs``, the ``seq`` of
-    every job inserted running (local dispatch), which the runner orders them by, and
-    ``at``, the time the insert wrote as the jobs' enqueue and such a job's start."""
-
-    __slots__ = ("at", "seqs")
-
-    def __init__(
-        self,
-        ids: Iterable[str] = (),
-        *,
-        seqs: Mapping[str, int] | None = None,
-        at: float | None = None,
-    ) -> None:
-        super().__init__(ids)
-        self.seqs: Mapping[str, int] = seqs or {}
-        self.at = at
-
-
-class JobRow(NamedTuple):
-    """A stored job. Times are epoch seconds; JSON columns are raw text.
-
-    A named tuple, not a frozen dataclass: a claim builds one per job, and from the
-    driver's row tuple that costs a twentieth as much (the fields are the column order).
-    """
-
-    id: str
-    seq: int
-    task: str
-    queue: str
-    status: str
-    priority: int
-    payload: str
-    options: str | None
-    attempts: int
-    max_attempts: int
-    run_at: float
-    enqueued_at: float
-    started_at: float | None
-    finished_at: float | None
-    lease_until: float | None
-    worker: str | None
-    result: str | None
-    error: str | None
-    idempotency_key: str | None
-    group_key: str | None
-    progress: float | None
-    progress_message: str | None
-    chain_next: str | None
-    batch_id: str | None
 
 
 PREVIEWED = ("payload", "result", "error")
@@ -160,133 +104,6 @@ def previewed(row: JobRow, preview: int, sizes: Sequence[int | None]) -> JobRow:
         if isinstance(value := getattr(row, name), str) and len(value) > preview
     }
     return row._replace(**cut) if cut else row
-
-
-class OutcomeKind(enum.StrEnum):
-    SUCCEEDED = "succeeded"
-    RETRY = "retry"  # back to scheduled at run_at; the attempt is spent
-    DEAD = "dead"
-    RELEASE = "release"  # cut off by shutdown: back to queued, attempt refunded
-    CANCELLED = "cancelled"
-
-
-class Outcome(NamedTuple):
-    """How one attempt ended, decided by the runner, applied by the store.
-
-    The store applies it only while the job is still ``running`` under
-    ``worker`` at ``attempt``: a job whose lease expired and was claimed again,
-    or that was cancelled meanwhile, is left alone.
-    """
-
-    job_id: str
-    worker: str
-    attempt: int
-    kind: OutcomeKind
-    result: str | None = None
-    error: str | None = None
-    run_at: float | None = None  # for RETRY
-    max_attempts: int | None = None  # the claiming worker's view, stored for lease expiry
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TaskLimits:
-    """What the claiming process knows of one task it can run."""
-
-    max_attempts: int  # from the worker's definition; per-job options win
-    concurrency: int | None = None  # across all processes
-    limiter: str | None = None  # name of the shared limiter (ClaimRequest.limiters) it draws from
-    rate_limit: RateLimit | None = None  # the task's own bucket
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ClaimRequest:
-    worker: str
-    tasks: Mapping[str, TaskLimits]
-    queues: Collection[str] | None  # None: every queue
-    limit: int
-    lease: float  # seconds
-    queue_concurrency: Mapping[str, int] = field(default_factory=dict)
-    limiters: Mapping[str, RateLimit] = field(default_factory=dict)  # named, shared buckets
-    # Of ``limit``, how many are claimed ahead of a free slot (the runner's look-ahead).
-    # Those skip jobs on their last attempt: a claim spends the attempt, and a crash
-    # before the job starts would leave it dead without ever running. Claims under
-    # concurrency or rate limits take none ahead: ``limit - ahead`` at most.
-    ahead: int = 0
-    # Named limiters with a key function: while a job of theirs waits for its key, the
-    # claim takes none of the limiter's jobs (``Claimed.unkeyed``).
-    keyed: frozenset[str] = frozenset()
-    # The claimer's clock (epoch seconds), for a store whose claim waits for a lock
-    # (SQLite's write lock): read once the lock is held, it gives the lease, started_at
-    # and which jobs are due, instead of the claim's ``now``. None: ``now``.
-    clock: Callable[[], float] | None = None
-    # The claimer's memory across its claims, which a claim reads and adds to: the
-    # limiter buckets of keys found without a token, each with its limit and when it
-    # next gets one (``Admission``). Only time brings a token, so until then their
-    # jobs are left out of a claim's reads, not tried one key at a time on each poll.
-    empty_keys: MutableMapping[tuple[str, str], tuple[RateLimit, float]] = field(
-        default_factory=dict
-    )
-
-
-class Claimed(list[JobRow]):
-    """What ``claim`` may return: the claimed rows, plus ``next_token_at``, the
-    earliest time a due job held back by an empty rate-limit bucket can get a
-    token (None when none was held back), so the runner sleeps until then, and
-    ``handed_back``: the rows include those of an earlier try whose reply was lost,
-    which may match jobs the runner holds already, and ``unkeyed``: a job under a keyed
-    limiter whose key is pending held back that limiter's jobs (``pending_keys``), and
-    ``partial``: the claim looked at only some of the jobs it might take (SQLite, past
-    its window: some of the groups or keys, the next ones at the next claim), and the
-    claims have not been round them since the store last changed: claim again soon."""
-
-    __slots__ = ("handed_back", "next_token_at", "partial", "unkeyed")
-
-    def __init__(
-        self,
-        rows: Iterable[JobRow] = (),
-        *,
-        next_token_at: float | None = None,
-        handed_back: bool = False,
-        unkeyed: bool = False,
-        partial: bool = False,
-    ) -> None:
-        super().__init__(rows)
-        self.next_token_at = next_token_at
-        self.handed_back = handed_back
-        self.unkeyed = unkeyed
-        self.partial = partial
-
-
-class RateKeyed(NamedTuple):
-    """The rate-limit key a worker computed for a job whose key was pending."""
-
-    job_id: str
-    rate_key: str | None  # None: the limiter's shared bucket
-
-
-class Applied(list[str]):
-    """What ``finish`` may return: the ids of the outcomes applied, plus
-    ``cancelled``: those of them, a retry or a release, that ended their job
-    cancelled instead, as it was asked to stop while it ran (from another process,
-    after this worker's last heartbeat)."""
-
-    __slots__ = ("cancelled",)
-
-    def __init__(self, ids: Iterable[str] = (), *, cancelled: Iterable[str] = ()) -> None:
-        super().__init__(ids)
-        self.cancelled = frozenset(cancelled)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Recovered:
-    """A job whose lease expired: requeued, dead when it had no attempts left, or
-    cancelled when it had been asked to stop."""
-
-    id: str
-    task: str
-    attempts: int
-    status: str
-    """``queued``, ``dead`` or ``cancelled``."""
 
 
 class Store(Protocol):
@@ -543,93 +360,3 @@ class Store(Protocol):
         ``slot``, record it first (a later slot already recorded is kept). Kept apart
         from the jobs, so pruning their rows never loses it."""
         ...
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WorkerBeat:
-    """What a worker process reports about itself on each heartbeat."""
-
-    id: str
-    host: str
-    pid: int
-    started_at: float
-    running: int
-    concurrency: int
-    queues: tuple[str, ...] | None
-    stopped: bool = False
-    visibility_timeout: float | None = None
-    """Its own: it heartbeats every third of it, so others judge it alive by it."""
-
-    def columns(self, now: float) -> tuple[Any, ...]:
-        """The values both stores write to ``asyncjobs_workers`` for this beat, in the
-        order ``WorkerRow.from_columns`` reads them back (queues as JSON)."""
-        return (
-            self.id, self.host, self.pid, self.started_at, now, now if self.stopped else None,
-            self.running, self.concurrency,
-            None if self.queues is None else json.dumps(list(self.queues)),
-            self.visibility_timeout,
-        )  # fmt: skip
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WorkerRow:
-    id: str
-    host: str
-    pid: int
-    started_at: float
-    last_seen_at: float
-    stopped_at: float | None
-    running: int
-    concurrency: int
-    queues: tuple[str, ...] | None
-    visibility_timeout: float | None = None
-    """The worker's own; None if it did not say (an earlier version)."""
-
-    @classmethod
-    def from_columns(cls, values: Iterable[Any]) -> WorkerRow:
-        """A row of ``asyncjobs_workers`` as both stores select it: id, host, pid,
-        started_at, last_seen_at, stopped_at, running, concurrency, queues (JSON),
-        visibility_timeout."""
-        (id_, host, pid, started_at, last_seen_at, stopped_at, running, concurrency, queues,
-         visibility_timeout) = values  # fmt: skip
-        return cls(
-            id=id_, host=host, pid=pid, started_at=started_at, last_seen_at=last_seen_at,
-            stopped_at=stopped_at, running=running, concurrency=concurrency,
-            queues=None if queues is None else tuple(json.loads(queues)),
-            visibility_timeout=visibility_timeout,
-        )  # fmt: skip
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FinishedSample:
-    """Timings of one recently finished job (its last attempt)."""
-
-    queue: str
-    task: str
-    status: str
-    run_at: float  # when it was due: its run_at, or its enqueue if later (a past run_at)
-    started_at: float | None
-    finished_at: float
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StuckJob:
-    """A running job whose lease expired: its worker stopped heartbeating."""
-
-    id: str
-    queue: str
-    task: str
-    worker: str | None
-    attempts: int
-    lease_until: float
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class OpsSnapshot:
-    counts: dict[tuple[str, str, str], int]  # (queue, task, status) -> jobs
-    oldest_due: dict[tuple[str, str], float]  # (queue, task) -> min run_at of due jobs
-    finished: dict[tuple[str, str, str], list[int]]  # (queue, task, status) -> per window
-    samples: list[FinishedSample]  # newest first
-    stuck: list[StuckJob]  # the 1,000 longest stuck (lease end, then enqueue order)
-    stuck_counts: dict[tuple[str, str], int]  # (queue, task) -> every stuck job
-    workers: list[WorkerRow]

@@ -39,16 +39,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from asyncjobs._errors import ConfigurationError
-from asyncjobs.stores._protocol import (
-    PREVIEWED,
-    SLOT_KEY,
-    JobRow,
-    OpsSnapshot,
-    RateKeyed,
-    WorkerBeat,
-    checked_preview,
-    previewed,
-)
+from asyncjobs.stores._claims import RateKeyed
+from asyncjobs.stores._job_rows import JobRow
+from asyncjobs.stores._ops_rows import OpsSnapshot, WorkerBeat
+from asyncjobs.stores._protocol import PREVIEWED, SLOT_KEY, checked_preview, previewed
 from asyncjobs.stores._sqlite_admin import (
     ADMIN_BATCH,
     META_VALUE,

@@ -15,15 +15,8 @@ import sqlite3
 from collections.abc import Mapping, Sequence
 
 from asyncjobs.stores._dependents import RESULT_FLAG, result_gone, wants
-from asyncjobs.stores._protocol import (
-    FinishedSample,
-    OpsSnapshot,
-    OutcomeKind,
-    Recovered,
-    StuckJob,
-    WorkerBeat,
-    WorkerRow,
-)
+from asyncjobs.stores._ops_rows import FinishedSample, OpsSnapshot, StuckJob, WorkerBeat, WorkerRow
+from asyncjobs.stores._outcomes import OutcomeKind, Recovered
 from asyncjobs.stores._sqlite_finish import _batch_counts, _release_dependents, tally_deleted
 from asyncjobs.stores._statuses import DEAD_AS_READ, PURGE_FOLLOWER, RETRYABLE
 

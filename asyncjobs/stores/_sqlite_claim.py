@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from asyncjobs.stores._protocol import Claimed, ClaimRequest, Outcome
+from asyncjobs.stores._claims import Claimed, ClaimRequest
+from asyncjobs.stores._outcomes import Outcome
 from asyncjobs.stores._sqlite_finish import _finish
 from asyncjobs.stores._sqlite_limits import choose, has_limits
 from asyncjobs.stores._sqlite_sql import _SELECT, _row

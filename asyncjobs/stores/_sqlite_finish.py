@@ -22,7 +22,7 @@ from asyncjobs.stores._dependents import (
     wants,
     with_batch,
 )
-from asyncjobs.stores._protocol import Applied, Outcome, OutcomeKind
+from asyncjobs.stores._outcomes import Applied, Outcome, OutcomeKind
 
 _FINISH_SQL = {
     OutcomeKind.SUCCEEDED: (

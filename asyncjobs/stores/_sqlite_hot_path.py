@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 import anyio
 import anyio.lowlevel
 
-from asyncjobs.stores._protocol import ClaimRequest, Inserted, JobRow, NewJob, Outcome, Recovered
+from asyncjobs.stores._claims import ClaimRequest
+from asyncjobs.stores._job_rows import Inserted, JobRow, NewJob
+from asyncjobs.stores._outcomes import Outcome, Recovered
 from asyncjobs.stores._sqlite_admin import _recover
 from asyncjobs.stores._sqlite_claim import _claim, _finish_and_claim
 from asyncjobs.stores._sqlite_connections import DRIVER_ERRORS, _Connections

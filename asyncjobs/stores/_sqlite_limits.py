@@ -32,7 +32,7 @@ from asyncjobs.stores._admission import (
     limiter_bucket,
     needs_running_counts,
 )
-from asyncjobs.stores._protocol import ClaimRequest
+from asyncjobs.stores._claims import ClaimRequest
 from asyncjobs.stores._sqlite_walks import _GROUPS_WALK, Walks, _groups_past, _keys_past
 
 __all__ = ["WINDOW", "choose", "has_limits"]

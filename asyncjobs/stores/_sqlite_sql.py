@@ -19,7 +19,9 @@ from collections.abc import Callable, Collection, Sequence
 from functools import cache
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from asyncjobs.stores._protocol import PREVIEWED, Inserted, JobRow, NewJob, RateKeyed
+from asyncjobs.stores._claims import RateKeyed
+from asyncjobs.stores._job_rows import Inserted, JobRow, NewJob
+from asyncjobs.stores._protocol import PREVIEWED
 
 P = ParamSpec("P")
 T = TypeVar("T")

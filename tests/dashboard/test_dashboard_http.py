@@ -26,7 +26,7 @@ from asyncjobs import ConfigurationError, Jobs, JobStatus
 from asyncjobs._dashboard.app import LIST_PREVIEW, SHOWN_CHARS, _pretty
 from asyncjobs._execution import MAX_ERROR_CHARS
 from asyncjobs.stores import ClaimRequest, JobRow, Outcome, OutcomeKind, TaskLimits
-from asyncjobs.stores._protocol import WorkerBeat
+from asyncjobs.stores._ops_rows import WorkerBeat
 from asyncjobs.stores._sqlite import SQLiteStore
 from asyncjobs.testing import FakeClock
 

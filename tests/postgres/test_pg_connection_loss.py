@@ -20,7 +20,10 @@ import asyncjobs._slots
 from asyncjobs import ConfigurationError, Jobs, JobStatus, StoreError, Task, current_job
 from asyncjobs._errors import DataRefused
 from asyncjobs.stores import ClaimRequest, PostgresStore, TaskLimits, _postgres_sql
-from asyncjobs.stores._protocol import Claimed, Inserted, NewJob, Outcome, OutcomeKind, WorkerBeat
+from asyncjobs.stores._claims import Claimed
+from asyncjobs.stores._job_rows import Inserted, NewJob
+from asyncjobs.stores._ops_rows import WorkerBeat
+from asyncjobs.stores._outcomes import Outcome, OutcomeKind
 from asyncjobs.testing import FakeClock
 
 MakeJobs = Callable[..., Jobs]

@@ -13,8 +13,8 @@ from conftest import new_database, with_search_path
 
 from asyncjobs import Jobs
 from asyncjobs.stores import NewJob, Outcome, OutcomeKind, PostgresStore, _postgres_sql
+from asyncjobs.stores._claims import ClaimRequest, TaskLimits
 from asyncjobs.stores._postgres_sql import over_limit
-from asyncjobs.stores._protocol import ClaimRequest, TaskLimits
 from asyncjobs.testing import FakeClock
 
 asyncpg = pytest.importorskip("asyncpg")

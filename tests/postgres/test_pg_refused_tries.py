@@ -12,7 +12,8 @@ import pytest
 
 from asyncjobs import StoreError
 from asyncjobs.stores import ClaimRequest, PostgresStore, TaskLimits, _postgres_sql
-from asyncjobs.stores._protocol import NewJob, Outcome, OutcomeKind
+from asyncjobs.stores._job_rows import NewJob
+from asyncjobs.stores._outcomes import Outcome, OutcomeKind
 
 asyncpg = pytest.importorskip("asyncpg")
 

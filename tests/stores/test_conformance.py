@@ -27,7 +27,7 @@ from asyncjobs.stores import (
     TaskLimits,
     open_store,
 )
-from asyncjobs.stores._protocol import WorkerBeat
+from asyncjobs.stores._ops_rows import WorkerBeat
 
 T0 = 1_000_000.0
 

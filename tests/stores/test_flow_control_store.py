@@ -10,7 +10,8 @@ import pytest
 
 from asyncjobs import RateLimit
 from asyncjobs.stores import Store, open_store
-from asyncjobs.stores._protocol import Claimed, ClaimRequest, NewJob, TaskLimits
+from asyncjobs.stores._claims import Claimed, ClaimRequest, TaskLimits
+from asyncjobs.stores._job_rows import NewJob
 
 NOW = 1_000_000.0
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from asyncjobs.stores import ClaimRequest, NewJob, Outcome, OutcomeKind, Store, TaskLimits
-from asyncjobs.stores._protocol import WorkerBeat
+from asyncjobs.stores._ops_rows import WorkerBeat
 
 T0 = 2_000_000.0
 
