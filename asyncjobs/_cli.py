@@ -1,136 +1,40 @@
-"""Commands of the ``asyncjobs`` CLI (click). Entry point: ``asyncjobs.cli.main``."""
+"""Commands of the ``asyncjobs`` CLI (click). Entry point: ``asyncjobs.cli.main``.
+
+The commands are here; ``_cli_app`` loads the app they work on and runs their actions,
+and ``_cli_output`` formats what they print. ``asyncjobs worker`` runs the worker
+process of ``asyncjobs._worker``.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import enum
-import importlib
 import json
 import logging
-import os
 import re
-import sys
-from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
-from typing import Any, TypeVar
+from datetime import datetime
 
 import click
 
-from asyncjobs._codec import visible
+from asyncjobs._cli_app import load_jobs, run
+from asyncjobs._cli_output import (
+    LIST_PREVIEW,
+    _cell,
+    _rate,
+    job_dict,
+    json_text,
+    listed_dict,
+    report,
+    table,
+    terminal,
+    to_json,
+)
 from asyncjobs._errors import AsyncJobsError
-from asyncjobs._execution import MAX_ERROR_CHARS
 from asyncjobs._jobs import Jobs
-from asyncjobs._models import JobInfo, JobStatus, info_from_row
-from asyncjobs._stats import GroupStats, Stats, human_duration
-from asyncjobs.stores import JobRow, Preview, Store, redacted
-from asyncjobs.stores._sqlite import SQLiteStore
-from asyncjobs.stores._sqlite_schema import holds_no_store
-
-T = TypeVar("T")
+from asyncjobs._models import JobStatus, info_from_row
+from asyncjobs._stats import Stats, human_duration
 
 APP_HELP = "Your Jobs as module:attribute, e.g. myapp:jobs (or set $ASYNCJOBS_APP)."
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-# -- loading the app ----------------------------------------------------------------
-
-
-def load_jobs(spec: str | None, *, given_as: str = "--app") -> Jobs:
-    """Import ``module:attribute`` (the current directory is importable) as a ``Jobs``;
-    an error about it names where it was ``given_as``."""
-    if not spec:
-        raise click.UsageError("name your Jobs with --app module:attribute or $ASYNCJOBS_APP")
-    module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
-        raise click.BadParameter(
-            f"{spec!r} is not module:attribute (e.g. myapp:jobs)", param_hint=given_as
-        )
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if not _names_the_module(error, module_name):
-            raise  # one the app imports: its traceback shows where, as any error in it
-        raise click.BadParameter(
-            f"cannot import {module_name!r}: {error}", param_hint=given_as
-        ) from error
-    except AsyncJobsError as error:  # its Jobs(...) refused a setting: say it, no traceback
-        raise click.ClickException(f"importing {module_name!r} failed: {error}") from error
-    for part in attribute.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError:
-            raise click.BadParameter(
-                f"module {module_name!r} has no attribute {attribute!r}", param_hint=given_as
-            ) from None
-    if not isinstance(target, Jobs):
-        raise click.BadParameter(
-            f"{spec} is a {type(target).__name__}, not an asyncjobs.Jobs", param_hint=given_as
-        )
-    return target
-
-
-def _names_the_module(error: ModuleNotFoundError, module_name: str) -> bool:
-    """Whether the module missing is the one named (or a package on its path), not one
-    that the app's module imports."""
-    missing = error.name or ""
-    return module_name == missing or module_name.startswith(missing + ".")
-
-
-def run(ctx: click.Context, action: Callable[[Jobs], Awaitable[T]]) -> T:
-    """Load the app, run ``action(jobs)`` in a fresh event loop, close the store.
-
-    A SQLite store that does not exist is refused, not created: a mistyped path would
-    otherwise read as an empty store (only the app and ``asyncjobs worker`` create it).
-    So is a file without its tables (another database, an empty file), which would get
-    them written into it, and a PostgreSQL schema without them (``_refuse_no_store``).
-    """
-    jobs = load_jobs(ctx.obj)
-    store = jobs.store
-    if isinstance(store, SQLiteStore):
-        if not store.path.exists():
-            raise click.ClickException(
-                f"no asyncjobs store at {str(store.path)!r}: start the app (or "
-                "`asyncjobs worker`) once to create it, or check the URL"
-            )
-        if holds_no_store(store.path):
-            raise click.ClickException(
-                f"no asyncjobs store in {str(store.path)!r}: the file holds no job tables; "
-                "check the URL, or start the app (or `asyncjobs worker`) once to create them"
-            )
-
-    async def main() -> T:
-        try:
-            await _refuse_no_store(store)
-            return await action(jobs)
-        finally:
-            await jobs.close()
-
-    try:
-        return asyncio.run(main())
-    except AsyncJobsError as error:  # a store or setting problem: say it, no traceback
-        raise click.ClickException(str(error)) from error
-
-
-async def _refuse_no_store(store: Store) -> None:
-    """Refuse a PostgreSQL store whose schema (the first of the URL's search_path, or
-    ``public``) holds no asyncjobs tables, as ``run`` refuses such a SQLite file: opening
-    it would create them there. Read on a connection of its own, before the store
-    opens; the URL is shown without its password."""
-    # A PostgresStore exists only once its module (which needs asyncpg) is imported.
-    postgres = sys.modules.get("asyncjobs.stores._postgres")
-    if postgres is None or not isinstance(store, postgres.PostgresStore):
-        return
-    schema = await store.schema_without_store()
-    if schema is not None:
-        raise click.ClickException(
-            f"no asyncjobs store in schema {schema!r} of {redacted(store.url)!r}: it holds "
-            "no job tables; check the URL (its search_path), or start the app (or "
-            "`asyncjobs worker`) once to create them"
-        )
 
 
 def parse_duration(_ctx: click.Context, _param: click.Parameter, text: str | None) -> float | None:
@@ -142,118 +46,6 @@ def parse_duration(_ctx: click.Context, _param: click.Parameter, text: str | Non
     if match is None:
         raise click.BadParameter(f"{text!r} is not a duration like 90s, 15m, 12h, 7d or 2w")
     return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-# -- output -------------------------------------------------------------------------
-
-
-def to_json(value: object) -> str:
-    def default(obj: object) -> object:
-        if isinstance(obj, datetime):
-            return obj.isoformat()
-        if isinstance(obj, enum.Enum):
-            return obj.value
-        raise TypeError(f"cannot encode {type(obj).__name__}")
-
-    return json_text(json.dumps(value, default=default, indent=2, ensure_ascii=False))
-
-
-def report(job_id: str, done: bool, as_json: bool, *, key: str, said: str, refused: str) -> None:
-    """The outcome of an action on one job: JSON or a line; exit 1 when it did not apply."""
-    if as_json:
-        click.echo(to_json({"id": job_id, key: done}))
-    elif done:
-        click.echo(f"job {job_id} {said}")
-    if not done:
-        raise click.ClickException(f"job {job_id} {refused}")
-
-
-def job_dict(info: JobInfo) -> dict[str, object]:
-    data = dataclasses.asdict(info)
-    data["status"] = info.status.value
-    return data
-
-
-LIST_PREVIEW = 2 * MAX_ERROR_CHARS
-"""The most of each job's stored arguments, result and error ``list --json`` reads
-(characters): a result may be 64 MiB. An error as the runner stores it fits unless
-its escaping (``storable``) grew it.
-``show ID --json`` prints a job whole."""
-
-
-def listed_dict(row: JobRow, now: float) -> dict[str, object]:
-    """A job as ``list --json`` prints it: ``job_dict``, where a value whose stored JSON
-    was longer than ``LIST_PREVIEW`` is null and ``truncated`` maps its name to that
-    JSON's size in bytes (``{}`` when nothing was cut)."""
-    data = job_dict(info_from_row(row, now))
-    truncated: dict[str, int] = {}
-    for value, keys in ((row.payload, ("args", "kwargs")), (row.result, ("result",)),
-                        (row.error, ("error",))):  # fmt: skip
-        if isinstance(value, Preview):
-            for key in keys:
-                data[key] = None
-                truncated[key] = value.size
-    data["truncated"] = truncated
-    return data
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A plain text table with aligned columns (numbers right-aligned)."""
-    cells = [[_cell(v) for v in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    numeric = [
-        all(isinstance(row[i], int | float) or row[i] is None for row in rows)
-        for i in range(len(headers))
-    ]
-
-    def line(values: Sequence[str]) -> str:
-        parts = [
-            v.rjust(w) if num else v.ljust(w)
-            for v, w, num in zip(values, widths, numeric, strict=True)
-        ]
-        return "  ".join(parts).rstrip()
-
-    out = [line(list(headers)), line(["-" * w for w in widths])]
-    out += [line(row) for row in cells]
-    return "\n".join(out)
-
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def json_text(text: str) -> str:
-    """JSON from ``json.dumps(..., ensure_ascii=False)``, for the terminal and still
-    JSON, the same value: a character that does not print becomes its ``\\u`` escape
-    (``visible``, as on the dashboard): DEL and the C1 controls, which ``json`` leaves
-    raw (an 8-bit CSI, U+009B, starts an escape sequence), a format character (a
-    right-to-left override turns around what follows it), a lone surrogate."""
-    return visible(text, keep="\n")
-
-
-def terminal(text: str) -> str:
-    """``text`` for the operator's terminal: a control character (an escape sequence in
-    an error message or a key could rewrite the screen) shown as its escape, ``\x1b``,
-    and any other character that does not print (a right-to-left override, a lone
-    surrogate) as its ``\\u`` escape (``visible``); newlines and tabs kept."""
-    escaped = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
-    return visible(escaped, keep="\n\t")
-
-
-def _cell(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        # Three significant digits, but whole from 999.5 on: .3g writes 999.7 as 1e+03.
-        return f"{value:.3g}" if abs(value) < 999.5 else f"{value:.0f}"
-    if isinstance(value, datetime):  # aware: said to be UTC, as the dashboard does
-        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    text = terminal(str(value))
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _rate(group: GroupStats, window: str) -> str:
-    rate = group["windows"][window]["failure_rate"]
-    return "-" if rate is None else f"{rate:.0%}"
 
 
 # -- commands -----------------------------------------------------------------------

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from asyncjobs import Jobs, JobStatus
 from asyncjobs._cli import cli as cli_group
-from asyncjobs._cli import table
+from asyncjobs._cli_output import table
 from asyncjobs.stores._claims import ClaimRequest, TaskLimits
 from asyncjobs.stores._outcomes import Outcome, OutcomeKind
 from asyncjobs.testing import FakeClock
