@@ -27,9 +27,10 @@ tried again after an exponential backoff; a connection that died under a
 restart is replaced and the operation retried once.
 
 The code lives in modules beside this one: ``_postgres_connections`` (the connection
-handling above, which ``PostgresStore`` inherits), ``_postgres_sql`` (enqueue, claim,
-finish), ``_postgres_admin`` (lease recovery, operator and maintenance calls) and
-``_postgres_schema`` (migrations).
+handling above, which ``PostgresStore`` inherits); the SQL it runs, ``_postgres_enqueue``,
+``_postgres_claim``, ``_postgres_finish``, ``_postgres_release`` (chain and batch
+releases, cancelling) and ``_postgres_sql`` (what they share); ``_postgres_admin`` (lease
+recovery, operator and maintenance calls) and ``_postgres_schema`` (migrations).
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ from urllib.parse import parse_qs, parse_qsl, unquote_plus, urlsplit
 
 from asyncjobs._errors import ConfigurationError, StoreError
 from asyncjobs.stores import _postgres_admin as admin
-from asyncjobs.stores import _postgres_sql as sql
+from asyncjobs.stores import _postgres_claim as claims
+from asyncjobs.stores import _postgres_enqueue as enqueue
+from asyncjobs.stores import _postgres_finish as finishes
+from asyncjobs.stores import _postgres_release as releases
 from asyncjobs.stores import redacted
 from asyncjobs.stores._postgres_connections import (
     NotSent,
@@ -56,12 +60,12 @@ from asyncjobs.stores._postgres_connections import (
     answered,
     backoff,
 )
+from asyncjobs.stores._postgres_enqueue import insert_jobs
+from asyncjobs.stores._postgres_finish import Write
 from asyncjobs.stores._postgres_limits import GroupWalk
 from asyncjobs.stores._postgres_sql import (
     PREVIEW_SELECT,
     SELECT,
-    Write,
-    insert_jobs,
     job_row,
     notify,
     preview_row,
@@ -252,8 +256,8 @@ class PostgresStore(_Connections):
         # the claim token of a finish-and-claim).
         self._unanswered_finishes: dict[str, list[Write]] = {}
         # The concurrency limits the last claim told of: a finish that frees a slot of
-        # one wakes the other processes (``sql.wake_others``).
-        self._slots = sql.NO_SLOTS
+        # one wakes the other processes (``finishes.wake_others``).
+        self._slots = finishes.NO_SLOTS
         # How far the claims went through the groups past a full window.
         self._group_walk = GroupWalk()
 
@@ -276,7 +280,7 @@ class PostgresStore(_Connections):
     def _claim_token(self) -> str:
         """A token for one claim (or one insert of jobs dispatched to a free slot): it
         marks the rows that write takes, so that, its answer lost, they are found by it
-        alone (``sql.claim_again``, ``sql.release_claimed``), not by its worker and time,
+        alone (``claims.claim_again``, ``claims.release_claimed``), not by its worker and time,
         which a job dispatched or claimed at the same clock reading shares."""
         return f"{self._token_prefix}{next(self._token_count)}"
 
@@ -327,7 +331,7 @@ class PostgresStore(_Connections):
     async def claim(self, request: ClaimRequest, *, now: float) -> list[JobRow]:
         if request.limit <= 0 or not request.tasks:
             return []
-        self._slots = sql.Slots.of(request)
+        self._slots = finishes.Slots.of(request)
         token = self._claim_token()
         tries = _Tries()
         with self._unanswered_claims(request, token, now, tries) as earlier:
@@ -340,7 +344,7 @@ class PostgresStore(_Connections):
                     if earlier:
                         tries.committed()
                     at = _claim_time(request, now)
-                    return await sql.claim_after(
+                    return await claims.claim_after(
                         conn, request, at, token, earlier, again=again, walk=self._group_walk
                     )
 
@@ -353,7 +357,7 @@ class PostgresStore(_Connections):
     ) -> AbstractContextManager[list[tuple[str, float]]]:
         """The earlier claims of ``request.worker`` whose answer never came, as (claim
         token, lease end), for this claim (``token``) to hand their rows out
-        (``sql.claim_again``). A claim that fails, its committed reply lost or late past
+        (``claims.claim_again``). A claim that fails, its committed reply lost or late past
         ``command_timeout``, or on a connection lost on its retry too, joins them (not
         one the server refused, its every try: ``tries``); one that succeeds clears
         them. A claim whose lease ran out is dropped: recovery has its rows."""
@@ -367,7 +371,7 @@ class PostgresStore(_Connections):
         """The earlier writes of outcomes by ``worker`` whose answer never came (their
         time, and the claim token of a finish-and-claim): the runner sends those
         outcomes again, and what such a write applied is reported as applied
-        (``sql.finished_before``), not as no longer ours. A write that fails unanswered
+        (``finishes.finished_before``), not as no longer ours. A write that fails unanswered
         joins them (not one the server refused: ``tries``); one that succeeds clears
         them."""
         return _unanswered(self._unanswered_finishes, worker, Write(now, token), tries)
@@ -381,7 +385,7 @@ class PostgresStore(_Connections):
             async def finish(conn: Connection) -> list[str]:
                 with tries.one() as again:
                     written = [*earlier, Write(now, None)] if again else earlier
-                    return await sql.apply(
+                    return await finishes.apply(
                         conn, outcomes, now, written, self._slots, committed=tries.committed
                     )
 
@@ -395,7 +399,7 @@ class PostgresStore(_Connections):
     ) -> tuple[list[str], list[JobRow]]:
         if request.limit <= 0 or not request.tasks:
             return await self.finish(outcomes, now=now), []
-        self._slots = sql.Slots.of(request)
+        self._slots = finishes.Slots.of(request)
         token = self._claim_token()
         tries = _Tries()
         writes: AbstractContextManager[list[Write]] = (
@@ -412,8 +416,10 @@ class PostgresStore(_Connections):
                     earlier_writes = [*written, Write(now, token)] if again else written
                     at = _claim_time(request, now)
                     async with conn.transaction():
-                        applied = await sql.apply(conn, outcomes, now, earlier_writes, self._slots)
-                        claimed = await sql.claim_after(
+                        applied = await finishes.apply(
+                            conn, outcomes, now, earlier_writes, self._slots
+                        )
+                        claimed = await claims.claim_after(
                             conn, request, at, token, earlier, again=again, walk=self._group_walk
                         )
                     return applied, claimed
@@ -540,7 +546,7 @@ class PostgresStore(_Connections):
         return await self._transaction("retry", retry)
 
     async def cancel(self, job_ids: Sequence[str], *, now: float) -> builtins.list[str]:
-        return await self._transaction("cancel", lambda conn: sql.cancel(conn, job_ids, now))
+        return await self._transaction("cancel", lambda conn: releases.cancel(conn, job_ids, now))
 
     async def purge(
         self, *, status: str | None = None, older_than: float | None = None, now: float
@@ -600,14 +606,16 @@ class PostgresStore(_Connections):
         return {(r["queue"], r["task"], r["s"]): r["n"] for r in rows}
 
     async def batch_counts(self, batch_id: str) -> dict[str, int]:
-        return await self._run("batch_counts", lambda conn: sql.batch_counts(conn, batch_id))
+        return await self._run("batch_counts", lambda conn: releases.batch_counts(conn, batch_id))
 
     async def pending_keys(self, tasks: Collection[str], *, limit: int) -> builtins.list[JobRow]:
-        return await self._run("pending_keys", lambda conn: sql.pending_keys(conn, tasks, limit))
+        return await self._run(
+            "pending_keys", lambda conn: enqueue.pending_keys(conn, tasks, limit)
+        )
 
     async def set_rate_keys(self, keys: Sequence[RateKeyed]) -> None:
         if keys:
-            await self._run("set_rate_keys", lambda conn: sql.set_rate_keys(conn, keys))
+            await self._run("set_rate_keys", lambda conn: enqueue.set_rate_keys(conn, keys))
 
     # -- operations (see asyncjobs/_stats.py) -----------------------------------------
 
@@ -636,7 +644,7 @@ class PostgresStore(_Connections):
 
         async def release(conn: Connection) -> None:
             async with conn.transaction():
-                await sql.release_claimed(conn, worker, earlier, now)
+                await claims.release_claimed(conn, worker, earlier, now)
 
         try:
             # Once, now: not held back by the reconnect backoff that the failed claim
@@ -758,7 +766,7 @@ async def _delete(
     unfinished = await conn.fetch(unfinished_sql, *params)
     members = [r["id"] for r in unfinished if r["member"]]
     changed = (
-        await sql.cancel(conn, members, now, reason="discarded", stop_running=False)
+        await releases.cancel(conn, members, now, reason="discarded", stop_running=False)
         if members
         else []
     )
@@ -774,10 +782,10 @@ async def _delete(
             "FOR UPDATE",
             followers,
         )
-        await sql.cancel(conn, [r["id"] for r in waiting], now)
-    # Last: the tallies' lock order (see _postgres_sql). The followers cancelled above
+        await releases.cancel(conn, [r["id"] for r in waiting], now)
+    # Last: the tallies' lock order (see _postgres_release). The followers cancelled above
     # are chain members, which belong to no batch.
-    await sql.tally_deleted(conn, deleted)
+    await releases.tally_deleted(conn, deleted)
     if any(r["grouped"] for r in unfinished):  # the next job of its group may run now
         await notify(conn)
     return len(deleted)

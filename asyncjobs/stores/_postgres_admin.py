@@ -5,8 +5,8 @@ store's metadata.
 Each function runs on the asyncpg connection it is given: ``snapshot`` inside the
 store's REPEATABLE READ transaction, ``recover`` and ``prune`` inside the transaction
 the store opened. Lease recovery locks rows with ``FOR UPDATE SKIP LOCKED``, as claims
-do. Cancelling lives in ``_postgres_sql``, with the chain and batch releases it calls
-and that call it.
+do. Cancelling lives in ``_postgres_release``, with the chain and batch releases it
+calls and that call it.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from asyncjobs.stores._dependents import RESULT_FLAG, result_gone, wants
-from asyncjobs.stores._postgres_sql import (
+from asyncjobs.stores._postgres_release import (
     lock_callbacks,
-    notify,
     release_dependents,
     tally_deleted,
     wait_again,
 )
+from asyncjobs.stores._postgres_sql import notify
 from asyncjobs.stores._protocol import (
     FinishedSample,
     OpsSnapshot,

@@ -178,7 +178,7 @@ _LOCK = "SELECT pg_advisory_xact_lock(hashtext('asyncjobs claim ' || current_sch
 
 # Of the chosen jobs ($1), those this claim locks: still queued, heads of their group,
 # and held by no other transaction (a plain claim's, a cancel's). Each read by its seq,
-# as the claim's take reads them (_postgres_sql._TAKE_CHOSEN), which then skips none.
+# as the claim's take reads them (_postgres_claim._TAKE_CHOSEN), which then skips none.
 _LOCK_CHOSEN = f"""SELECT j.seq FROM unnest($1::bigint[]) AS c(seq) CROSS JOIN LATERAL (
     SELECT j.seq FROM asyncjobs_jobs AS j
     WHERE j.seq = c.seq AND (j.status = 'queued') IS TRUE

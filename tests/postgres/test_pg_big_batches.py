@@ -11,7 +11,8 @@ import pytest
 
 from asyncjobs import Jobs
 from asyncjobs.stores import NewJob, Outcome, OutcomeKind, _postgres_sql
-from asyncjobs.stores._postgres_sql import _FINISH, _outcome_rows, finish, finish_plain, insert_jobs
+from asyncjobs.stores._postgres_enqueue import insert_jobs
+from asyncjobs.stores._postgres_finish import _FINISH, _outcome_rows, finish, finish_plain
 
 MakeJobs = Callable[..., Jobs]
 

@@ -19,7 +19,7 @@ import asyncjobs._outbox
 import asyncjobs._slots
 from asyncjobs import ConfigurationError, Jobs, JobStatus, StoreError, Task, current_job
 from asyncjobs._errors import DataRefused
-from asyncjobs.stores import ClaimRequest, PostgresStore, TaskLimits, _postgres_sql
+from asyncjobs.stores import ClaimRequest, PostgresStore, TaskLimits, _postgres_claim
 from asyncjobs.stores._claims import Claimed
 from asyncjobs.stores._job_rows import Inserted, NewJob
 from asyncjobs.stores._ops_rows import WorkerBeat
@@ -1142,13 +1142,13 @@ async def test_a_dispatched_insert_the_server_refused_is_not_looked_for_later(
     store = PostgresStore(postgres_url)
     await store.open()
     looked: list[object] = []
-    claim_again = _postgres_sql.claim_again
+    claim_again = _postgres_claim.claim_again
 
     async def counted(*args: Any, **kwargs: Any) -> Any:
         looked.append(args)
         return await claim_again(*args, **kwargs)
 
-    monkeypatch.setattr(_postgres_sql, "claim_again", counted)
+    monkeypatch.setattr(_postgres_claim, "claim_again", counted)
     try:
         request = ClaimRequest(
             worker="w", tasks={"t": TaskLimits(max_attempts=1)}, queues=None, limit=1,

@@ -17,9 +17,10 @@ from conftest import in_schema
 
 from asyncjobs import RateLimit
 from asyncjobs.stores import ClaimRequest, NewJob, Outcome, OutcomeKind, TaskLimits, open_store
+from asyncjobs.stores import _postgres_claim as claims
+from asyncjobs.stores import _postgres_finish as finishes
 from asyncjobs.stores import _postgres_limits as limits
-from asyncjobs.stores import _postgres_sql as sql
-from asyncjobs.stores._postgres_sql import WINDOW_MORE
+from asyncjobs.stores._postgres_claim import WINDOW_MORE
 
 asyncpg = pytest.importorskip("asyncpg")
 
@@ -107,7 +108,7 @@ async def rows_read(
                 await conn.execute(statement, *args)
             async with conn.transaction():
                 before = await conn.fetchval(read)
-                claimed = await sql.claim(conn, request, 2.0, "token")
+                claimed = await claims.claim(conn, request, 2.0, "token")
                 after = await conn.fetchval(read)
         finally:
             await conn.close()
@@ -238,7 +239,7 @@ async def finish_reads(jobs: int) -> int:
             outcome = Outcome(job_id="job-0", worker="other", attempt=1, kind=OutcomeKind.SUCCEEDED)
             async with conn.transaction():
                 before = await conn.fetchval(READ)
-                applied = await sql.apply(conn, [outcome], 2.0, [])
+                applied = await finishes.apply(conn, [outcome], 2.0, [])
                 after = await conn.fetchval(READ)
         finally:
             await conn.close()

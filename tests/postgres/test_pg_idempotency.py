@@ -12,7 +12,7 @@ import pytest
 from asyncjobs import Jobs
 from asyncjobs._errors import StoreError
 from asyncjobs.stores import NewJob
-from asyncjobs.stores._postgres_sql import KEY_LOCKS, insert_jobs
+from asyncjobs.stores._postgres_enqueue import KEY_LOCKS, insert_jobs
 
 MakeJobs = Callable[..., Jobs]
 

@@ -24,8 +24,9 @@ from asyncjobs.stores._postgres_admin import (
     _SAMPLES,
     _WINDOWS,
 )
+from asyncjobs.stores._postgres_claim import claim
+from asyncjobs.stores._postgres_finish import _FINISH, _FINISH_PLAIN
 from asyncjobs.stores._postgres_limits import _READY, _READY_IN_QUEUES
-from asyncjobs.stores._postgres_sql import _FINISH, _FINISH_PLAIN, claim
 
 asyncpg = pytest.importorskip("asyncpg")
 

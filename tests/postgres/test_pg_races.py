@@ -26,10 +26,10 @@ from asyncjobs.stores import (
     PostgresStore,
     Store,
     TaskLimits,
-    _postgres_sql,
+    _postgres_claim,
     open_store,
 )
-from asyncjobs.stores._postgres_sql import KEY_LOCKS
+from asyncjobs.stores._postgres_enqueue import KEY_LOCKS
 
 asyncpg = pytest.importorskip("asyncpg")
 
@@ -491,9 +491,9 @@ async def while_held(
 
 
 async def finish_with(conn: Any, outcomes: list[Outcome], now: float) -> dict[str, str]:
-    from asyncjobs.stores import _postgres_sql
+    from asyncjobs.stores import _postgres_finish
 
-    return await _postgres_sql.finish(conn, outcomes, now)
+    return await _postgres_finish.finish(conn, outcomes, now)
 
 
 async def recover_with(conn: Any, now: float) -> list[Any]:
@@ -576,7 +576,7 @@ async def test_a_claim_at_the_same_time_as_another_takes_what_the_other_leaves(
     second: list[JobRow] = []
 
     async def claim_first(other: Any) -> None:
-        first.extend(await _postgres_sql.claim(other, request, T0, "first"))
+        first.extend(await _postgres_claim.claim(other, request, T0, "first"))
 
     async def claim_second() -> None:
         second.extend(await store.claim(replace(request, worker="w2"), now=T0))

@@ -14,7 +14,7 @@ import pytest
 
 from asyncjobs import RateLimit
 from asyncjobs.stores import ClaimRequest, NewJob, PostgresStore, TaskLimits, open_store
-from asyncjobs.stores import _postgres_sql as sql
+from asyncjobs.stores import _postgres_claim as claims
 
 asyncpg = pytest.importorskip("asyncpg")
 
@@ -59,7 +59,7 @@ async def test_a_job_another_claim_holds_spends_no_token(
     other = await asyncpg.connect(postgres_url)
     try:
         async with other.transaction():
-            held = await sql.claim(other, PLAIN, T0, "other")
+            held = await claims.claim(other, PLAIN, T0, "other")
             assert [r.id for r in held] == ["j0"]
             claimed = await store.claim(request, now=T0)
     finally:

@@ -6,12 +6,20 @@ same operation were refused before or after it (a deadlock, a refused value)."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from types import ModuleType
 from typing import Any
 
 import pytest
 
 from asyncjobs import StoreError
-from asyncjobs.stores import ClaimRequest, PostgresStore, TaskLimits, _postgres_sql
+from asyncjobs.stores import (
+    ClaimRequest,
+    PostgresStore,
+    TaskLimits,
+    _postgres_claim,
+    _postgres_finish,
+    _postgres_sql,
+)
 from asyncjobs.stores._job_rows import NewJob
 from asyncjobs.stores._outcomes import Outcome, OutcomeKind
 
@@ -59,12 +67,17 @@ class RefusingNth:
         return await self._statement("fetch", query, *args)
 
 
+# The module of each function ``scripted`` replaces: the store calls it through there.
+SCRIPTED: dict[str, ModuleType] = {"claim_after": _postgres_claim, "apply": _postgres_finish}
+
+
 def scripted(monkeypatch: pytest.MonkeyPatch, name: str, tries: list[str]) -> list[str]:
-    """Each try of ``_postgres_sql.<name>`` (claim_after, apply) as the next of ``tries``
+    """Each try of ``<module>.<name>`` (claim_after, apply) as the next of ``tries``
     says, then as it is: "deadlock" (PostgreSQL ends it to break one: answered, rolled
     back), "refused" (the server refuses its first statement), "refused-second" (its
     second), "lost" (it commits, its reply is lost), "ok". Returns what is left."""
-    real: Callable[..., Awaitable[Any]] = getattr(_postgres_sql, name)
+    module = SCRIPTED[name]
+    real: Callable[..., Awaitable[Any]] = getattr(module, name)
     left = list(tries)
 
     async def one_try(conn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -78,7 +91,7 @@ def scripted(monkeypatch: pytest.MonkeyPatch, name: str, tries: list[str]) -> li
             raise lost()
         return result
 
-    monkeypatch.setattr(_postgres_sql, name, one_try)
+    monkeypatch.setattr(module, name, one_try)
     return left
 
 
@@ -87,8 +100,8 @@ def counting_lookups(monkeypatch: pytest.MonkeyPatch) -> tuple[list[object], lis
     each write of outcomes looks for (finished_before's ``earlier``)."""
     claims: list[object] = []
     writes: list[object] = []
-    claim_again = _postgres_sql.claim_again
-    finished_before = _postgres_sql.finished_before
+    claim_again = _postgres_claim.claim_again
+    finished_before = _postgres_finish.finished_before
 
     async def counted_claims(*args: Any, **kwargs: Any) -> Any:
         claims.append(args[4])
@@ -98,8 +111,8 @@ def counting_lookups(monkeypatch: pytest.MonkeyPatch) -> tuple[list[object], lis
         writes.extend(args[3])
         return await finished_before(*args, **kwargs)
 
-    monkeypatch.setattr(_postgres_sql, "claim_again", counted_claims)
-    monkeypatch.setattr(_postgres_sql, "finished_before", counted_writes)
+    monkeypatch.setattr(_postgres_claim, "claim_again", counted_claims)
+    monkeypatch.setattr(_postgres_finish, "finished_before", counted_writes)
     return claims, writes
 
 

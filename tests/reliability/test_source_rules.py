@@ -78,11 +78,11 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     ("stores/_postgres_schema.py", "migrate", "script"): (
         "scripts come from the migration .sql files shipped inside the package"
     ),
-    ("stores/_postgres_sql.py", "_insert_sql", "table"): (
+    ("stores/_postgres_enqueue.py", "_insert_sql", "table"): (
         "an identifier, not a value: the constant default of insert_jobs, or the schema from "
         "current_schema() quoted with doubled double quotes by PostgresStore.insert_with"
     ),
-    ("stores/_postgres_sql.py", "insert_jobs", "table"): (
+    ("stores/_postgres_enqueue.py", "insert_jobs", "table"): (
         "as above: insert_jobs(table=...) is only given a quoted identifier"
     ),
     ("stores/_postgres_limits.py", "_heads", "where"): (
