@@ -2,6 +2,10 @@
 the rest of it cancelled) and its batch's on_complete released, a job retried by hand
 waiting again, cancelling jobs, and the tallies of deleted batch members. Each function
 runs on one asyncpg connection, inside the transaction the store opened.
+
+The statements of deleting jobs (``PostgresStore.delete`` and ``purge``, which cancel
+the unfinished ones first, then tally the deleted members) are here too; ``_delete`` in
+``_postgres.py`` runs them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from asyncjobs.stores._dependents import (
 )
 from asyncjobs.stores._postgres_sql import notify
 from asyncjobs.stores._protocol import OutcomeKind
+from asyncjobs.stores._statuses import PURGE_FOLLOWER
 
 if TYPE_CHECKING:
     from asyncjobs.stores._postgres_sql import Connection
@@ -222,3 +227,47 @@ async def lock_callbacks(conn: Connection, batch_ids: Iterable[str | None]) -> N
         await conn.execute(
             "SELECT 1 FROM asyncjobs_jobs WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE", ids
         )
+
+
+# A deletion (discard, purge) of the jobs matching a condition: _UNFINISHED + condition
+# finds the unfinished ones (and whether they belong to a chain or batch), and
+# _DELETE + condition + _DELETE_END deletes what the condition matched before the
+# cancel in between changed any row: finished rows it matches (but not those that
+# cancel just finished), and the unfinished ones found first (not those it released).
+_UNFINISHED = (
+    "SELECT id, chain_next IS NOT NULL OR batch_id IS NOT NULL AS member, "
+    "group_key IS NOT NULL AS grouped FROM asyncjobs_jobs "
+    "WHERE status IN ('waiting', 'scheduled', 'queued') AND "
+)
+_DELETE = "DELETE FROM asyncjobs_jobs WHERE status != 'running' AND (("
+
+
+# ...the condition's parameters come first, then the two lists: .format(changed=n + 1,
+# matched=n + 2) for a condition of n parameters.
+_DELETE_END = (
+    ") AND status NOT IN ('waiting', 'scheduled', 'queued') "
+    "AND id <> ALL(${changed}::text[]) OR id = ANY(${matched}::text[])) "
+    "RETURNING chain_next, batch_id, status, finished_at"
+)
+# The run of chain members after the jobs a purge deleted (their chain_next: ${after},
+# .format(after=n + 1) after the condition's n parameters) that PURGEABLE kept while
+# the one before each was stored: cancelled before they ran, they go with it when the
+# purge's condition ({matching}) takes them too. The walk stops at the first that is
+# not one. Each member is looked up by id in a LATERAL subquery the planner cannot
+# flatten (OFFSET 0, FOR UPDATE), as _PRUNE_FOLLOWERS does: joined plainly, it may read
+# every cancelled job and match them against the walk. FOR UPDATE waits for a row
+# another transaction holds and then checks it again (one retried meanwhile is left).
+# It takes nothing the purge itself cancelled: the member waiting for a deleted one
+# is cancelled after the walk (_delete), and the rest of an unfinished job it deletes
+# finished now, which no purge condition matches (not dead, not finished before
+# ``now``, and a purge of cancelled jobs matches no unfinished job).
+_PURGE_FOLLOWERS = (
+    "WITH RECURSIVE rest(id) AS (SELECT unnest(${after}::text[]) UNION ALL "  # noqa: S608 - constant
+    "SELECT f.chain_next FROM rest CROSS JOIN LATERAL (SELECT j.chain_next "
+    "FROM asyncjobs_jobs AS j WHERE j.id = rest.id AND j.chain_next IS NOT NULL "
+    f"AND {PURGE_FOLLOWER} AND {{matching}} OFFSET 0) AS f) "
+    "DELETE FROM asyncjobs_jobs WHERE seq IN (SELECT f.seq FROM rest CROSS JOIN LATERAL "
+    "(SELECT j.seq FROM asyncjobs_jobs AS j WHERE j.id = rest.id "
+    f"AND {PURGE_FOLLOWER} AND {{matching}} FOR UPDATE) AS f) "
+    "RETURNING chain_next, batch_id, status, finished_at"
+)

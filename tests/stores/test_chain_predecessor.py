@@ -9,7 +9,14 @@ import sqlite3
 
 import pytest
 
-from asyncjobs.stores import NewJob, Store, _postgres, _postgres_admin, _sqlite, _sqlite_admin
+from asyncjobs.stores import (
+    NewJob,
+    Store,
+    _postgres_admin,
+    _postgres_release,
+    _sqlite,
+    _sqlite_admin,
+)
 from asyncjobs.stores._sqlite import SQLiteStore
 from asyncjobs.stores._statuses import PURGEABLE
 
@@ -162,9 +169,9 @@ async def test_a_purge_finds_the_member_before_each_job_and_the_run_after_by_id(
         import asyncpg
 
         # As PostgresStore.purge(status="cancelled") builds them.
-        end = _postgres._DELETE_END.format(changed=2, matched=3)
-        delete = _postgres._DELETE + "status = $1 AND " + PURGEABLE + end
-        walk = _postgres._PURGE_FOLLOWERS.format(matching="status = $1", after=2)
+        end = _postgres_release._DELETE_END.format(changed=2, matched=3)
+        delete = _postgres_release._DELETE + "status = $1 AND " + PURGEABLE + end
+        walk = _postgres_release._PURGE_FOLLOWERS.format(matching="status = $1", after=2)
         conn = await asyncpg.connect(backend_url)
         try:
             await conn.execute(cancel)
