@@ -7,7 +7,10 @@ The caller's own connection (transactional enqueue) is checked to be on the stor
 database (``check_caller``), and its errors are the caller's (``_caller_errors``): they
 never count towards the store's backoff.
 
-``_Connections`` holds these methods of ``PostgresStore``, which inherits them.
+``_Connections`` holds these methods of ``PostgresStore``, which inherits them. What the
+driver's errors mean lives in ``_postgres_errors``, and the waits that the store's
+deadline cuts short in ``_postgres_deadlines`` (``_Deadlines``, which ``_Connections``
+inherits).
 """
 
 from __future__ import annotations
@@ -15,15 +18,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import asyncpg
 
-from asyncjobs._errors import ConfigurationError, DataRefused, StoreError
+from asyncjobs._errors import ConfigurationError, StoreError
 from asyncjobs.stores import redacted
+from asyncjobs.stores._postgres_deadlines import _Deadlines
+from asyncjobs.stores._postgres_errors import (
+    _LOST,
+    DRIVER_ERRORS,
+    NotSent,
+    _connection_lost,
+    _refused_kind,
+    backoff,
+    is_connection_error,
+)
 from asyncjobs.stores._postgres_schema import migrate, schema_without_store
 from asyncjobs.stores._postgres_sql import channel, retry_deadlocks
 
@@ -34,34 +46,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PAST_DEADLINE_WAIT = 1.0
-"""Seconds a statement sent past the store's deadline (``set_deadline``) waits for its
-reply: a healthy server answers in milliseconds, so a stopping worker's last records
-(its stop, the jobs it gives back) and an enqueue from a job's cleanup still get
-through; a server that holds the statement (a lock, a silent network) does not hold
-``stop()``."""
-
 OWN_PIDS = 256
 """The server pids of its own connections a store remembers (the newest): more than a
 pool holds at once, while the pool replaces idle ones over the hours."""
-
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    asyncpg.ConnectionDoesNotExistError,
-    asyncpg.TooManyConnectionsError,
-    # A connection the server cut mid-operation can be left in an inconsistent state.
-    asyncpg.InternalClientError,
-)
-DRIVER_ERRORS: tuple[type[BaseException], ...] = (
-    *CONNECTION_ERRORS,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-)
 
 
 Place: TypeAlias = tuple[str, str]
@@ -79,13 +66,6 @@ async def where(conn: Connection) -> Place:
     return (row[0], row[1])
 
 
-def is_connection_error(error: BaseException) -> bool:
-    """Whether ``error`` means the server is (or was just) out of reach."""
-    if isinstance(error, CONNECTION_ERRORS):
-        return True
-    return isinstance(error, asyncpg.InterfaceError) and "closed" in str(error)
-
-
 async def _keep_session(conn: Connection) -> None:
     """Release a pooled connection without asyncpg's default reset round trip.
 
@@ -98,20 +78,6 @@ async def _keep_session(conn: Connection) -> None:
     """
 
 
-def _refused_kind(error: BaseException) -> type[StoreError]:
-    """``DataRefused`` for class 22 (data exception) and 54 (program limit exceeded):
-    the server refused a value itself, as it will every time."""
-    if isinstance(error, (asyncpg.DataError, asyncpg.ProgramLimitExceededError)):
-        return DataRefused
-    return StoreError
-
-
-def answered(error: BaseException | None) -> bool:
-    """Whether ``error``, a statement's (as the driver raised it), is the server's
-    answer refusing it: the statement, and the transaction it was in, rolled back."""
-    return isinstance(error, asyncpg.PostgresError) and not is_connection_error(error)
-
-
 def _session(conn: Any) -> Any:
     """The connection behind ``conn``: a pool's proxy is new at each acquire (and
     cannot be weakly referenced), the connection it lends is the session."""
@@ -119,38 +85,7 @@ def _session(conn: Any) -> Any:
     return conn if inner is None else inner
 
 
-_LOST: tuple[type[BaseException], ...] = (
-    asyncpg.ConnectionDoesNotExistError,
-    asyncpg.AdminShutdownError,
-    ConnectionResetError,
-    asyncpg.InterfaceError,  # closed under a transaction: its __aexit__'s
-    # A session the server ended (a restart, pg_terminate_backend, idle_session_timeout)
-    # whose end the driver has read but not yet acted on: the connection still looks
-    # open, and the next statement is refused before it is sent.
-    asyncpg.InternalClientError,
-)
-"""Errors of an operation whose connection may have died under it (``_connection_lost``)."""
-
-
-def _connection_lost(error: BaseException) -> bool:
-    """Whether the connection died under the operation (the server restarted, or cut
-    it), not the operation's own failure: worth one retry on a fresh connection."""
-    if isinstance(error, asyncpg.InterfaceError):
-        return "connection is closed" in str(error)
-    return True
-
-
-class NotSent(StoreError):
-    """An operation refused before anything reached the server (backing off, closed)."""
-
-
-def backoff(failures: int, maximum: float) -> float:
-    """Seconds to wait after ``failures`` failed connections in a row: 0.1 s, doubling
-    up to ``maximum``."""
-    return min(maximum, 0.1 * 2.0 ** (failures - 1))
-
-
-class _Connections:
+class _Connections(_Deadlines):
     """``PostgresStore``'s pool, LISTEN and enqueue connections, and running an
     operation on one of them."""
 
@@ -159,7 +94,6 @@ class _Connections:
         pool_min: int
         pool_max: int
         connect_timeout: float
-        command_timeout: float
         max_backoff: float
         _server_settings: dict[str, str]
         _pool: Pool | None
@@ -177,8 +111,6 @@ class _Connections:
         _retry_at: float
         _listen_failures: int
         _listen_retry_at: float
-        _give_up_at: float | None
-        _waiting: dict[asyncio.Timeout, float | None]
         _database: Place | None
         _callers: weakref.WeakKeyDictionary[Any, Place]
 
@@ -406,46 +338,6 @@ class _Connections:
         self._retry_at = now + delay
         return delay
 
-    def set_deadline(self, seconds: float | None) -> None:
-        # On the loop's clock, as the waits' timeouts are.
-        loop_now = asyncio.get_running_loop().time()
-        self._give_up_at = give_up_at = None if seconds is None else loop_now + seconds
-        for timeout, ends_at in self._waiting.items():  # waits under way
-            if not timeout.expired():  # (one that expired is ending its wait)
-                # A deadline lifted (the workers stopped in time) gives them back their own.
-                end = ends_at if give_up_at is None else min(ends_at or math.inf, give_up_at)
-                timeout.reschedule(end)
-
-    @contextlib.asynccontextmanager
-    async def _until(self, ends_at: float | None) -> AsyncIterator[asyncio.Timeout]:
-        """A wait (for a reply, a connection) that ends at ``ends_at`` (None: at none
-        of its own), or at the deadline (``set_deadline``) when that comes first, also
-        one set while it waits; one that begins past the deadline gets
-        ``PAST_DEADLINE_WAIT``. The timeout says whether it ended the wait."""
-        end = ends_at
-        if self._give_up_at is not None:
-            now = asyncio.get_running_loop().time()
-            end = min(ends_at or math.inf, max(self._give_up_at, now + PAST_DEADLINE_WAIT))
-        timeout = asyncio.timeout_at(end)
-        async with timeout:
-            self._waiting[timeout] = ends_at
-            try:
-                yield timeout
-            finally:
-                del self._waiting[timeout]
-
-    @contextlib.asynccontextmanager
-    async def _by_deadline(self, what: str) -> AsyncIterator[None]:
-        """A wait outside a statement (for a free or a new connection) that the
-        deadline ends too, as a ``StoreError``."""
-        try:
-            async with self._until(None) as timeout:
-                yield
-        except TimeoutError:
-            if not timeout.expired():
-                raise
-            raise StoreError(f"PostgreSQL store {self!r}: no {what} before its deadline") from None
-
     async def _run(
         self,
         what: str,
@@ -529,34 +421,6 @@ class _Connections:
                 raise
         finally:
             self._producing = False
-
-    async def _bounded(self, conn: Connection, fn: Callable[[Connection], Awaitable[T]]) -> T:
-        """``fn(conn)`` within ``command_timeout``. A network that goes silent (a host
-        gone, a firewall dropping packets) sends no reset: a statement would wait for
-        TCP to give up, a quarter of an hour, and a runner's claim, which shutdown lets
-        finish, would hold ``stop()`` as long. Past the timeout the connection is
-        dropped (its state is unknown), and the operation fails as unreachable.
-
-        The store's deadline (``set_deadline``) can cut the wait shorter, also for a
-        statement already waiting: then it fails as past the deadline, which says
-        nothing of the server's reachability (no reconnect backoff)."""
-        reply_by = asyncio.get_running_loop().time() + self.command_timeout
-        try:
-            async with self._until(reply_by) as timeout:
-                return await fn(conn)
-        except TimeoutError:
-            if not timeout.expired():
-                raise  # fn's own
-            conn.terminate()  # closed without a word to the server: nothing to wait on
-            if (timeout.when() or reply_by) < reply_by:
-                raise StoreError(
-                    f"PostgreSQL store {self!r}: no reply before its deadline"
-                ) from None
-            # The statement was sent: it may have taken effect, its reply lost.
-            raise TimeoutError(
-                f"no reply within command_timeout={self.command_timeout:g}s "
-                "(what was sent may have taken effect all the same)"
-            ) from None
 
     async def _transaction(self, what: str, fn: Callable[[Connection], Awaitable[T]]) -> T:
         """Run ``fn`` in a transaction, again if PostgreSQL ends it to break a deadlock

@@ -24,8 +24,9 @@ from asyncjobs._errors import StoreError
 from asyncjobs.stores import _postgres_admin as admin
 from asyncjobs.stores import _postgres_claim as claims
 from asyncjobs.stores import _postgres_finish as finishes
-from asyncjobs.stores._postgres_connections import NotSent, _Connections, answered, backoff
+from asyncjobs.stores._postgres_connections import _Connections
 from asyncjobs.stores._postgres_enqueue import insert_jobs
+from asyncjobs.stores._postgres_errors import NotSent, answered, backoff
 from asyncjobs.stores._postgres_finish import Write
 from asyncjobs.stores._postgres_sql import retry_deadlocks
 from asyncjobs.stores._protocol import (
