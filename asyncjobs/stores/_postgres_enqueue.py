@@ -40,7 +40,7 @@ def _insert_sql(table: str, *, rows: int, again: bool, keyed: bool) -> str:
     (``_job_values``). One JSON text costs the client far less to encode than one
     array per column, and the server parses it once (jsonb). A job with a ``worker``
     (local dispatch) starts its first attempt at ``now``, marked with the insert's
-    claim token, the last parameter (``_CLAIMED_BY``)."""
+    claim token, the last parameter (``_CLAIMED_BY`` in ``_postgres_claim``)."""
     if rows == 1:
         return (
             f"INSERT INTO {table} ({_INSERT_COLUMNS}) "  # noqa: S608 - identifier, constants
@@ -109,8 +109,8 @@ async def insert_jobs(
     several, in a transaction). A job whose idempotency key is already
     stored is not inserted again; only then is the stored id read back (a second
     round trip). Jobs inserted running (local dispatch) have their seq returned, and
-    carry ``claim_token``, this insert's own (``_CLAIMED_BY``). A clock for ``now`` is
-    read here, once the connection is held (see ``NewJob.lease``).
+    carry ``claim_token``, this insert's own (``_CLAIMED_BY``, in ``_postgres_claim``).
+    A clock for ``now`` is read here, once the connection is held (see ``NewJob.lease``).
     """
     if callable(now):
         now = now()

@@ -64,7 +64,7 @@ _GROUP_FIRST = """group_key, seq, status, task, queue, priority, rate_key, key_p
 GROUPS_PER_CLAIM = 256
 """Past a full window, how many groups one claim looks at (``GROUP_WALK``): a seek each.
 The next claim goes on from the last (``GroupWalk``), so with more groups than this each
-gets its turn, as on SQLite (asyncjobs/stores/_sqlite_limits.py)."""
+gets its turn, as on SQLite (asyncjobs/stores/_sqlite_walks.py)."""
 
 
 class GroupWalk:

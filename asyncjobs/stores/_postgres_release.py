@@ -254,11 +254,12 @@ _DELETE_END = (
 # the one before each was stored: cancelled before they ran, they go with it when the
 # purge's condition ({matching}) takes them too. The walk stops at the first that is
 # not one. Each member is looked up by id in a LATERAL subquery the planner cannot
-# flatten (OFFSET 0, FOR UPDATE), as _PRUNE_FOLLOWERS does: joined plainly, it may read
-# every cancelled job and match them against the walk. FOR UPDATE waits for a row
-# another transaction holds and then checks it again (one retried meanwhile is left).
-# It takes nothing the purge itself cancelled: the member waiting for a deleted one
-# is cancelled after the walk (_delete), and the rest of an unfinished job it deletes
+# flatten (OFFSET 0, FOR UPDATE), as _PRUNE_FOLLOWERS (in _postgres_admin) does:
+# joined plainly, it may read every cancelled job and match them against the walk. FOR
+# UPDATE waits for a row another transaction holds and then checks it again (one
+# retried meanwhile is left). It takes nothing the purge itself cancelled: the member
+# waiting for a deleted one is cancelled after the walk (_delete, in _postgres.py), and
+# the rest of an unfinished job it deletes
 # finished now, which no purge condition matches (not dead, not finished before
 # ``now``, and a purge of cancelled jobs matches no unfinished job).
 _PURGE_FOLLOWERS = (
