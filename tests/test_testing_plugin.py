@@ -241,6 +241,46 @@ async def test_assertions_match_the_input_a_chain_member_awaits_with_mock_any(
     await assert_not_enqueued(jobs, notify, b=ANY)  # never given: ANY matches no argument
 
 
+def all_succeeded(batch_id: str, total: int) -> dict[str, object]:
+    """The ``batch=`` counts of a batch of ``total`` members that all succeeded."""
+    return {"id": batch_id, "total": total, "succeeded": total, "dead": 0, "cancelled": 0}
+
+
+async def test_assertions_match_the_counts_an_on_complete_was_given_once_released(
+    jobs: Jobs,
+) -> None:
+    """Once its batch released it, an on_complete holds its counts as ``batch=``: they
+    are known, and match as any argument does. They were still taken for not known
+    yet, so ``assert_not_enqueued(jobs, report, batch=counts)`` passed for the job
+    that ran with those very counts (and only ANY matched them)."""
+
+    @jobs.task(name="member")
+    async def member() -> None: ...
+
+    @jobs.task(name="report")
+    async def report(batch: object, tag: str) -> None: ...
+
+    batch = await jobs.batch([member.spec()], on_complete=report.spec(tag="x"))  # type: ignore[call-arg]
+    empty = await jobs.batch([], on_complete=report.spec(tag="empty"))  # type: ignore[call-arg]
+    # A placeholder for a type checker: the counts replace it, once the batch releases it.
+    held = await jobs.batch([member.spec()], on_complete=report.spec(batch=None, tag="held"))
+    placeheld = await jobs.batch([member.spec()], on_complete=report.spec(batch=None, tag="p"))
+    assert placeheld.on_complete is not None
+    assert await placeheld.on_complete.cancel()  # never released: never given its counts
+    await drain(jobs)
+    await assert_enqueued(jobs, report, batch=all_succeeded(held.id, 1), tag="held")
+    await assert_not_enqueued(jobs, report, batch=None)
+    await assert_enqueued(jobs, report, batch=ANY, tag="p")
+    counts = all_succeeded(batch.id, 1)
+    none = all_succeeded(empty.id, 0)
+    await assert_enqueued(jobs, report, batch=counts, tag="x")
+    await assert_enqueued(jobs, report, none, "empty")
+    await assert_enqueued(jobs, report, batch=ANY, tag="x")
+    with pytest.raises(AssertionError, match="expected no job"):
+        await assert_not_enqueued(jobs, report, batch=counts)
+    await assert_not_enqueued(jobs, report, batch={**counts, "succeeded": 0, "dead": 1})
+
+
 async def test_assertions_refuse_a_task_of_a_jobs_on_another_store(
     jobs: Jobs, tmp_path: Path
 ) -> None:

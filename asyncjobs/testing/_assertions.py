@@ -15,7 +15,7 @@ from unittest.mock import ANY
 
 from asyncjobs._errors import AsyncJobsError, TaskNotRegistered
 from asyncjobs._jobs import Jobs
-from asyncjobs._models import JobInfo, info_from_row
+from asyncjobs._models import JobInfo, JobStatus, info_from_row
 from asyncjobs._tasks import Task
 from asyncjobs.stores import JobRow, Store
 from asyncjobs.stores._dependents import COUNTS_FLAG, RESULT_FLAG, wants
@@ -60,7 +60,7 @@ async def enqueued(
     return [
         info
         for row, info in zip(rows, infos, strict=True)
-        if _matches(definition, info, args, kwargs, _awaited(row))
+        if _matches(definition, info, args, kwargs, _awaited(row, info))
     ]
 
 
@@ -160,15 +160,25 @@ def _same_jobs(one: Store, other: Store) -> bool:
     return type(one) is type(other) and same is not None and bool(same(other))
 
 
-def _awaited(row: JobRow) -> tuple[list[Any], dict[str, Any]]:
+def _awaited(row: JobRow, info: JobInfo) -> tuple[list[Any], dict[str, Any]]:
     """Stand-ins for what the job is given only when released, which its stored
     arguments lack until then: the previous result first (a chain member with
     ``pass_result=True``), its batch's counts as ``batch=`` (an ``on_complete``).
     Only ``unittest.mock.ANY`` matches a stand-in: what the job will get is not known
-    yet, and ANY is the one expected value that needs not know it."""
+    yet, and ANY is the one expected value that needs not know it. Once released, the
+    job holds what it was given, and that matches as any argument does: a chain member's
+    flag says so, an ``on_complete``'s counts are in its arguments: a ``batch`` whose
+    ``id`` is the batch's, which is the ``on_complete``'s own id (not a placeholder the
+    spec was given, which the counts replace), unless it waits again, retried, for
+    counts it has not been given yet."""
+    given = info.kwargs.get("batch")
+    counts_awaited = wants(row.options, COUNTS_FLAG) and (
+        row.status == JobStatus.WAITING
+        or not (isinstance(given, dict) and given.get("id") == row.id)
+    )
     return (
         [_AWAITED] if wants(row.options, RESULT_FLAG) else [],
-        {"batch": _AWAITED} if wants(row.options, COUNTS_FLAG) else {},
+        {"batch": _AWAITED} if counts_awaited else {},
     )
 
 
