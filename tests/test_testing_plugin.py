@@ -17,7 +17,7 @@ import anyio
 import pytest
 from conftest import in_schema
 
-from asyncjobs import AsyncJobsError, Jobs, JobStatus, TaskNotRegistered
+from asyncjobs import AsyncJobsError, Jobs, JobSpec, JobStatus, TaskNotRegistered
 from asyncjobs._clock import SystemClock
 from asyncjobs.stores import SQLiteStore
 from asyncjobs.testing import (
@@ -279,6 +279,45 @@ async def test_assertions_match_the_counts_an_on_complete_was_given_once_release
     with pytest.raises(AssertionError, match="expected no job"):
         await assert_not_enqueued(jobs, report, batch=counts)
     await assert_not_enqueued(jobs, report, batch={**counts, "succeeded": 0, "dead": 1})
+
+
+async def test_assertions_match_the_input_a_job_enqueued_by_name_awaits_with_mock_any(
+    make_jobs: MakeJobs,
+) -> None:
+    """A process that chains (or batches) tasks by name, which only the worker defines:
+    with no signature to bind, the stored arguments were compared without the result
+    a pass_result member awaits (or an on_complete's ``batch=``), so ANY matched
+    nothing, and ``assert_not_enqueued(jobs, "parse", ANY, url="u")`` passed for that
+    very job. As with a signature, ANY stands for it until the job is released."""
+    web = make_jobs(workers=False)
+    worker = make_jobs()
+
+    @worker.task(name="fetch")
+    async def fetch(url: str) -> str:
+        return "<html>"
+
+    @worker.task(name="parse")
+    async def parse(html: str, url: str) -> None: ...
+
+    @worker.task(name="report")
+    async def report(tag: str, batch: object = None) -> None: ...
+
+    await web.chain(
+        JobSpec(task="fetch", args=("u",)), JobSpec(task="parse", args=(), kwargs={"url": "u"}),
+        pass_result=True,
+    )  # fmt: skip
+    on_complete: JobSpec[None] = JobSpec(task="report", kwargs={"tag": "x"})
+    batch = await web.batch([JobSpec(task="fetch", args=("v",))], on_complete=on_complete)
+    await assert_enqueued(web, "parse", ANY, url="u")
+    with pytest.raises(AssertionError, match="expected no job"):
+        await assert_not_enqueued(web, "parse", ANY, url="u")
+    await assert_enqueued(web, "parse", url="u")  # only the arguments named are compared
+    await assert_not_enqueued(web, "parse", "<html>", url="u")  # not known yet
+    await assert_enqueued(web, "report", tag="x", batch=ANY)
+    await assert_not_enqueued(web, "report", tag="y", batch=ANY)
+    await drain(worker)
+    await assert_enqueued(web, "parse", "<html>", url="u")
+    await assert_enqueued(web, "report", tag="x", batch=all_succeeded(batch.id, 1))
 
 
 async def test_assertions_refuse_a_task_of_a_jobs_on_another_store(
