@@ -13,7 +13,7 @@ from conftest import counting_steps
 
 from asyncjobs import Jobs, JobStatus
 from asyncjobs._retention import prune_expired
-from asyncjobs.stores._sqlite_admin import _prune
+from asyncjobs.stores._sqlite_admin import _prune, _prune_buckets
 from asyncjobs.stores._sqlite_schema import migrate
 from asyncjobs.testing import FakeClock, drain
 
@@ -229,3 +229,46 @@ def test_a_prune_batch_does_not_read_the_dead_jobs_kept_longer(
     small = steps_behind_dead_jobs(tmp_path / "small.db", 100, expired)
     big = steps_behind_dead_jobs(tmp_path / "big.db", 100_000, expired)
     assert big < 2 * small + 1_000, (small, big)
+
+
+# Buckets of one limiter, counted one a second after the time given, keyed prefix || n.
+FILL_BUCKETS = (
+    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) "
+    "INSERT INTO asyncjobs_rate_buckets (name, key, tokens, updated_at) "
+    "SELECT ?, ? || i, 0.0, ? + i FROM n"
+)
+PER_USER = "limiter:per_user"
+
+
+def steps_to_prune_buckets(path: Path, kept: int, due: int) -> tuple[int, int]:
+    """SQLite VM steps of one bucket prune batch of 100 (and what it deleted), out of
+    ``due`` buckets of one keyed limiter that have refilled and ``kept`` that have
+    not (first by key), beside ``kept`` of another limiter that have refilled."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        migrate(db)
+        db.execute(FILL_BUCKETS, (kept, PER_USER, "a-kept-", 5_000_000.0))
+        db.execute(FILL_BUCKETS, (kept, "limiter:other", "old-", 0.0))  # another name
+        if due:  # FILL inserts at least one
+            db.execute(FILL_BUCKETS, (due, PER_USER, "b-due-", 0.0))
+        with counting_steps(db) as steps:
+            deleted = _prune_buckets(db, {PER_USER: 1_000_000.0}, 100)
+        db.execute("COMMIT")
+        return steps.count, deleted
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("due", [1_000, 0])
+def test_a_bucket_prune_reads_the_buckets_it_deletes_not_every_key(
+    tmp_path: Path, due: int
+) -> None:
+    """A keyed limiter keeps a bucket per key (a user, a domain): a prune batch reads
+    the ones that have refilled, up to its size, not every bucket of the limiter.
+    It read them all (100,000 here), in every process, even when none had refilled."""
+    small, deleted = steps_to_prune_buckets(tmp_path / "small.db", 100, due)
+    assert deleted == min(due, 100)
+    big, deleted = steps_to_prune_buckets(tmp_path / "big.db", 100_000, due)
+    assert deleted == min(due, 100)
+    assert big < 2 * small + 100, (small, big)

@@ -370,11 +370,18 @@ async def prune(
     return len(deleted)
 
 
+# The oldest buckets of the name counted before the time, read in order from
+# asyncjobs_rate_buckets_age (name, updated_at), migration 0019, up to the limit: those
+# that have not refilled are not read. Unordered, PostgreSQL read a bitmap of every one
+# due, or (analysed) the whole table. The DELETE takes the batch's row addresses, a
+# seek each, stable while it holds their locks: as IN (subquery), once analysed, it
+# hashed them against a scan of the whole table.
 _PRUNE_BUCKETS = (
-    "DELETE FROM asyncjobs_rate_buckets WHERE (name, key) IN (SELECT name, key "
-    "FROM asyncjobs_rate_buckets WHERE name = $1 AND updated_at < $2 LIMIT $3 "
+    "DELETE FROM asyncjobs_rate_buckets WHERE ctid = ANY(ARRAY(SELECT ctid "
+    "FROM asyncjobs_rate_buckets WHERE name = $1 AND updated_at < $2 "
+    "ORDER BY updated_at LIMIT $3 "
     # A bucket a claim holds is in use, not full: left to the next prune.
-    "FOR UPDATE SKIP LOCKED) RETURNING key"
+    "FOR UPDATE SKIP LOCKED)) RETURNING key"
 )
 
 

@@ -350,6 +350,8 @@ def _prune(
     return len(deleted)
 
 
+# The buckets of the name counted before the time, read in asyncjobs_rate_buckets_age
+# (name, updated_at), migration 0016: those that have not refilled are not read.
 _PRUNE_BUCKETS = (
     "DELETE FROM asyncjobs_rate_buckets WHERE (name, key) IN (SELECT name, key "
     "FROM asyncjobs_rate_buckets WHERE name = ? AND updated_at < ? LIMIT ?)"

@@ -67,3 +67,28 @@ async def test_a_job_another_claim_holds_spends_no_token(
     assert [r.id for r in claimed] == ["j1", "j2"]
     # ...and a minute's two tokens are spent.
     assert await store.claim(request, now=T0 + 1) == []
+
+
+async def test_a_prune_leaves_a_bucket_a_claim_holds_and_deletes_the_oldest_first(
+    store: PostgresStore, postgres_url: str
+) -> None:
+    """A bucket locked by a claim under way is in use: the prune deletes the other
+    buckets that have refilled, the oldest first, and leaves it to the next prune."""
+    other = await asyncpg.connect(postgres_url)
+    try:
+        await other.executemany(
+            "INSERT INTO asyncjobs_rate_buckets VALUES ('limiter:l', $1, 0, $2)",
+            [("x", 4.0), ("y", 3.0), ("z", 2.0), ("held", 1.0), ("new", T0)],
+        )
+        left = "SELECT key FROM asyncjobs_rate_buckets ORDER BY key"
+        async with other.transaction():
+            await other.execute(
+                "SELECT 1 FROM asyncjobs_rate_buckets WHERE key = 'held' FOR UPDATE"
+            )
+            assert await store.prune_buckets(full_before={"limiter:l": T0}, limit=2) == 2
+            assert [r["key"] for r in await other.fetch(left)] == ["held", "new", "x"]
+            assert await store.prune_buckets(full_before={"limiter:l": T0}, limit=2) == 1
+        assert [r["key"] for r in await other.fetch(left)] == ["held", "new"]
+        assert await store.prune_buckets(full_before={"limiter:l": T0}, limit=2) == 1
+    finally:
+        await other.close()

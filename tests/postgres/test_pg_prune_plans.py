@@ -1,0 +1,79 @@
+"""The plans PostgreSQL picks for the prune statements of rate-limit buckets and batch
+tallies, with the statistics it really has (as ``test_pg_plans.py`` does for jobs): a
+prune batch reads rows in proportion to what it deletes, not to the table."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from asyncjobs.stores import open_store
+from asyncjobs.stores._postgres_admin import _PRUNE_BUCKETS
+
+asyncpg = pytest.importorskip("asyncpg")
+
+BATCH = 100
+
+
+def nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from nodes(child)
+
+
+def rows_read(plan: dict[str, Any]) -> int:
+    """Rows (index entries) every scan of the plan read, kept or filtered out."""
+    return sum(
+        (node["Actual Rows"] + node.get("Rows Removed by Filter", 0)) * node["Actual Loops"]
+        for node in nodes(plan)
+        if "Scan" in node["Node Type"]
+    )
+
+
+# Buckets of limiter $1 counted one a second from $3 on, keyed $2 || n.
+FILL_BUCKETS = (
+    "INSERT INTO asyncjobs_rate_buckets (name, key, tokens, updated_at) "
+    "SELECT $1, $2 || n, 0.0, $3::float8 + n FROM generate_series(1, $4) AS n"
+)
+PER_USER = "limiter:per_user"
+
+
+@pytest.mark.parametrize("mode", ["force_custom_plan", "force_generic_plan"])
+@pytest.mark.parametrize("analyzed", [False, True], ids=["fresh", "analyzed"])
+@pytest.mark.parametrize("due", [1_000, 0])
+async def test_a_bucket_prune_reads_the_buckets_it_deletes_not_every_key(
+    postgres_url: str, due: int, analyzed: bool, mode: str
+) -> None:
+    """A keyed limiter keeps a bucket per key (a user, a domain): a prune batch reads
+    the ones that have refilled, up to its size, not every bucket of the limiter.
+    It read them all (100,000 rows removed by filter), in every process, even when
+    none had refilled."""
+    store = open_store(postgres_url)
+    await store.open()
+    await store.close()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        # Not refilled, and first in the primary key and in the heap.
+        await conn.execute(FILL_BUCKETS, PER_USER, "a-kept-", 5_000_000.0, 100_000)
+        await conn.execute(FILL_BUCKETS, "limiter:other", "old-", 0.0, 20_000)
+        await conn.execute(FILL_BUCKETS, PER_USER, "b-due-", 0.0, due)
+        if analyzed:
+            await conn.execute("ANALYZE asyncjobs_rate_buckets")
+        await conn.execute(f"SET plan_cache_mode = {mode}")
+        await conn.execute("PREPARE prune AS " + _PRUNE_BUCKETS)
+        deleting = conn.transaction()
+        await deleting.start()
+        text = await conn.fetchval(
+            f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE prune('{PER_USER}', 1000000.0, {BATCH})"
+        )
+        await deleting.rollback()
+        plan = json.loads(text)[0]["Plan"]
+    finally:
+        await conn.close()
+
+    assert plan["Actual Rows"] == min(due, BATCH)
+    read = rows_read(plan)
+    assert read <= 4 * BATCH, (read, plan)
