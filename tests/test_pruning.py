@@ -272,3 +272,53 @@ def test_a_bucket_prune_reads_the_buckets_it_deletes_not_every_key(
     big, deleted = steps_to_prune_buckets(tmp_path / "big.db", 100_000, due)
     assert deleted == min(due, 100)
     assert big < 2 * small + 100, (small, big)
+
+
+# Tallies of deleted batch members, of batches prefix || n, finished at the time given.
+FILL_TALLIES = (
+    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) "
+    "INSERT INTO asyncjobs_batch_deleted (batch_id, status, n, finished_at) "
+    "SELECT ? || i, 'succeeded', 1, ? FROM n"
+)
+# A dead member of each of those batches, kept (dead retention is longer).
+FILL_MEMBERS = (
+    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) "
+    "INSERT INTO asyncjobs_jobs (id, task, queue, status, payload, max_attempts, run_at, "
+    "enqueued_at, finished_at, batch_id) "
+    "SELECT 'member-' || i, 't', 'default', 'dead', '{}', 3, 0.0, 0.0, 1.0, ? || i FROM n"
+)
+
+
+def steps_behind_tallies(path: Path, tallies: int, expired: int) -> int:
+    """SQLite VM steps of one prune batch of 100 (``expired`` succeeded jobs past
+    retention), beside ``tallies`` tallies of deleted batch members within retention,
+    and as many past it whose batch keeps a dead member (when the batch is full)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        migrate(db)
+        db.execute(FILL_TALLIES, (tallies, "recent-", 5.0))
+        if expired:
+            db.execute(FILL_TALLIES, (tallies, "kept-", 1.0))
+            db.execute(FILL_MEMBERS, (tallies, "kept-"))
+            db.execute(FILL, (expired, "old-", "succeeded", 1.5))
+        with counting_steps(db) as steps:
+            assert _prune(db, 2.0, 0.0, 0.0, 100) == min(expired, 100)
+        db.execute("COMMIT")
+        return steps.count
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("expired", [1_000, 0])
+def test_a_prune_batch_does_not_read_every_tally_of_deleted_batch_members(
+    tmp_path: Path, expired: int
+) -> None:
+    """The tallies of deleted batch members go once no job of their batch is left and
+    they are past retention. Every prune batch read them all (and PostgreSQL every
+    batch member); now a full batch leaves them to the last batch of the prune, which
+    reads those past retention (the rows that are read until their batch's last job
+    goes), not the recent ones."""
+    small = steps_behind_tallies(tmp_path / "small.db", 100, expired)
+    big = steps_behind_tallies(tmp_path / "big.db", 100_000, expired)
+    assert big < 2 * small + 1_000, (small, big)

@@ -338,14 +338,18 @@ _PRUNE_FOLLOWERS = (
 )
 # The tallies of deleted batch members (``tally_deleted``) go with the last job of
 # their batch, once they are as old as the members retention prunes; those another
-# transaction holds are left to the next prune.
+# transaction holds are left to the next prune. Those past the later of the two times
+# are read in asyncjobs_batch_deleted_age (finished_at), migration 0019, and their
+# batch's jobs looked up by scalar subqueries, a seek each: as NOT EXISTS, PostgreSQL
+# hashed every batch member and every job id against every tally, once per batch of
+# a prune. The DELETE takes their row addresses, as _PRUNE_BUCKETS does.
 _PRUNE_TALLIES = (
-    "DELETE FROM asyncjobs_batch_deleted WHERE (batch_id, status) IN ("
-    "SELECT batch_id, status FROM asyncjobs_batch_deleted AS d "
-    "WHERE finished_at < CASE WHEN status = 'dead' THEN $1::float8 ELSE $2::float8 END "
-    "AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS j WHERE j.batch_id = d.batch_id) "
-    "AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs AS j WHERE j.id = d.batch_id) "
-    "FOR UPDATE SKIP LOCKED)"
+    "DELETE FROM asyncjobs_batch_deleted WHERE ctid = ANY(ARRAY(SELECT ctid "
+    "FROM asyncjobs_batch_deleted AS d WHERE finished_at < greatest($1::float8, $2::float8) "
+    "AND finished_at < CASE WHEN status = 'dead' THEN $1::float8 ELSE $2::float8 END "
+    "AND (SELECT 1 FROM asyncjobs_jobs AS j WHERE j.batch_id = d.batch_id LIMIT 1) IS NULL "
+    "AND (SELECT 1 FROM asyncjobs_jobs AS j WHERE j.id = d.batch_id) IS NULL "
+    "FOR UPDATE SKIP LOCKED))"
 )
 _PRUNE_DEAD = _PRUNE.format(status="dead")
 
@@ -365,7 +369,8 @@ async def prune(
             _PRUNE_FOLLOWERS, followers, finished_before, limit - len(deleted)
         )
     await tally_deleted(conn, deleted)
-    await conn.execute(_PRUNE_TALLIES, dead_before, finished_before)
+    if len(deleted) < limit:  # the last batch of a prune, as in _sqlite_admin's _prune
+        await conn.execute(_PRUNE_TALLIES, dead_before, finished_before)
     await conn.execute("DELETE FROM asyncjobs_workers WHERE last_seen_at < $1", workers_before)
     return len(deleted)
 

@@ -328,7 +328,10 @@ class Store(Protocol):
     ) -> int:
         """Delete up to ``limit`` succeeded/cancelled jobs finished before
         ``finished_before`` and dead ones before ``dead_before`` (one transaction),
-        and workers not seen since ``workers_before``; return the jobs deleted."""
+        and workers not seen since ``workers_before``; return the jobs deleted. A
+        call that deletes fewer than ``limit`` (the last of a prune's batches) also
+        deletes the tallies of deleted batch members past those times whose batch
+        has no job left."""
         ...
 
     async def prune_buckets(self, *, full_before: Mapping[str, float], limit: int) -> int:

@@ -323,10 +323,12 @@ _PRUNE_FOLLOWERS = (
     "RETURNING batch_id, status, finished_at, chain_next"
 )
 # The tallies of deleted batch members (``tally_deleted``) go with the last job of
-# their batch, once they are as old as the members retention prunes.
+# their batch, once they are as old as the members retention prunes. Those past the
+# later of the two times are read in asyncjobs_batch_deleted_age (finished_at),
+# migration 0016, a seek or two each: the recent ones are not read.
 _PRUNE_TALLIES = (
-    "DELETE FROM asyncjobs_batch_deleted AS d "
-    "WHERE finished_at < CASE WHEN status = 'dead' THEN ? ELSE ? END "
+    "DELETE FROM asyncjobs_batch_deleted AS d WHERE finished_at < max(?, ?) "
+    "AND finished_at < CASE WHEN status = 'dead' THEN ? ELSE ? END "
     "AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs WHERE batch_id = d.batch_id) "
     "AND NOT EXISTS (SELECT 1 FROM asyncjobs_jobs WHERE id = d.batch_id)"
 )
@@ -345,7 +347,10 @@ def _prune(
         params = (json.dumps(followers), finished_before, finished_before, limit - len(deleted))
         deleted += db.execute(_PRUNE_FOLLOWERS, params).fetchall()
     tally_deleted(db, [(batch_id, status, at) for batch_id, status, at, _ in deleted])
-    db.execute(_PRUNE_TALLIES, (dead_before, finished_before))
+    # The tallies once a prune, in its last batch (``in_batches`` stops at the first
+    # that deletes fewer than ``limit``), not once a batch.
+    if len(deleted) < limit:
+        db.execute(_PRUNE_TALLIES, (dead_before, finished_before) * 2)
     db.execute("DELETE FROM asyncjobs_workers WHERE last_seen_at < ?", (workers_before,))
     return len(deleted)
 

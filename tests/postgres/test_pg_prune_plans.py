@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from asyncjobs.stores import open_store
-from asyncjobs.stores._postgres_admin import _PRUNE_BUCKETS
+from asyncjobs.stores._postgres_admin import _PRUNE_BUCKETS, _PRUNE_TALLIES
 
 asyncpg = pytest.importorskip("asyncpg")
 
@@ -77,3 +77,51 @@ async def test_a_bucket_prune_reads_the_buckets_it_deletes_not_every_key(
     assert plan["Actual Rows"] == min(due, BATCH)
     read = rows_read(plan)
     assert read <= 4 * BATCH, (read, plan)
+
+
+# Tallies of deleted batch members, of batches $1 || n, finished at $2.
+FILL_TALLIES = (
+    "INSERT INTO asyncjobs_batch_deleted (batch_id, status, n, finished_at) "
+    "SELECT $1 || n, 'succeeded', 1, $2::float8 FROM generate_series(1, $3) AS n"
+)
+# Jobs of status $2 in batches $1 || n, one each, finished at 1.0.
+FILL_MEMBERS = (
+    "INSERT INTO asyncjobs_jobs (id, task, queue, status, priority, payload, max_attempts, "
+    "run_at, enqueued_at, finished_at, batch_id) SELECT $1 || n || '-member', 't', "
+    "'default', $2, 0, '{}', 3, 0.0, 1.0, 1.0, $1 || n FROM generate_series(1, $3) AS n"
+)
+RECENT, KEPT, DUE = 50_000, 1_000, 10
+
+
+@pytest.mark.parametrize("mode", ["force_custom_plan", "force_generic_plan"])
+@pytest.mark.parametrize("analyzed", [False, True], ids=["fresh", "analyzed"])
+async def test_a_tally_prune_reads_the_tallies_past_retention_and_seeks_their_jobs(
+    postgres_url: str, analyzed: bool, mode: str
+) -> None:
+    """The tallies of deleted batch members go past retention once their batch has no
+    job left. A prune read every tally, and hashed every batch member and every job
+    id against them (a read of the whole job table, once per batch of a prune); it
+    reads the tallies past retention, and looks up each one's batch by a seek."""
+    store = open_store(postgres_url)
+    await store.open()
+    await store.close()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(FILL_TALLIES, "recent-", 5.0, RECENT)  # within retention
+        await conn.execute(FILL_TALLIES, "kept-", 1.0, KEPT)  # each batch keeps a job
+        await conn.execute(FILL_MEMBERS, "kept-", "dead", KEPT)
+        await conn.execute(FILL_TALLIES, "gone-", 1.0, DUE)
+        await conn.execute(FILL_MEMBERS, "running-", "running", RECENT)  # other batches
+        if analyzed:
+            await conn.execute("ANALYZE")
+        await conn.execute(f"SET plan_cache_mode = {mode}")
+        await conn.execute("PREPARE prune AS " + _PRUNE_TALLIES)
+        text = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE prune(0.0, 2.0)")
+        plan = json.loads(text)[0]["Plan"]
+        left = await conn.fetchval("SELECT count(*) FROM asyncjobs_batch_deleted")
+    finally:
+        await conn.close()
+
+    assert left == RECENT + KEPT
+    read = rows_read(plan)
+    assert read <= 4 * KEPT + 100, (read, plan)

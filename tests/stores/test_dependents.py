@@ -146,6 +146,22 @@ async def test_prune_drops_a_tally_with_the_last_job_of_its_batch_past_retention
     assert await store.batch_counts("b2") == {"succeeded": 1, "running": 1}
 
 
+async def test_the_tallies_are_pruned_once_a_prune_in_its_last_batch(store: Store) -> None:
+    """A prune deletes in batches until one deletes fewer than its limit: the tallies
+    past retention go in that last batch, once a prune, not in each full one (each
+    read the tallies past retention, and then every tally)."""
+    await store.insert([new("m1", batch_id="b1")], now=T0)
+    await store.finish([done(row, OutcomeKind.SUCCEEDED) for row in await claim(store)], now=T0)
+    assert await store.purge(status="succeeded", now=T0) == 1  # b1 has no job left
+    await store.insert([new("x1"), new("x2")], now=T0)
+    await store.finish([done(row, OutcomeKind.SUCCEEDED) for row in await claim(store)], now=T0)
+    after = {"finished_before": T0 + 1, "dead_before": T0 + 1, "workers_before": 0}
+    assert await store.prune(**after, limit=2) == 2  # a full batch: more may follow
+    assert await store.batch_counts("b1") == {"succeeded": 1}
+    assert await store.prune(**after, limit=2) == 0  # the last batch
+    assert await store.batch_counts("b1") == {}
+
+
 def test_payload_helpers() -> None:
     assert wants('{"pass_result": true}', "pass_result")
     assert not wants('{"pass_result": 1}', "pass_result")
