@@ -36,6 +36,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("asyncjobs")
 
+STOP_AT_ONCE_GRACE = 1.0
+"""Seconds the store's waits get once the workers are told to stop at once
+(``_stop_at_once``, ``asyncjobs worker``'s second signal), instead of what is left of
+``shutdown_timeout`` and ``FINAL_WRITE_TIME``: a free store takes the releases of the
+jobs cancelled, while one that another process holds does not hold the stop. Past it a
+write is still tried once (as past any deadline: ``Store.set_deadline``); a release
+that could not be written leaves its job running with its lease, to run again once that
+expires, as after a crash."""
+
 
 class _Lifecycle:
     """``Jobs``' start, workers' main task, stop and close."""
@@ -148,10 +157,12 @@ class _Lifecycle:
                 ready.set()
                 await self._stop_requested.wait()
                 # One deadline for the jobs and the store's waits (another process may
-                # hold the database): stop() must end in time.
+                # hold the database): stop() must end in time. (Told to stop at once,
+                # the store has a shorter one already.)
                 timeout = self.settings.shutdown_timeout
                 stop_by = self.clock.now() + timeout
-                self.store.set_deadline(timeout)
+                if not self._stop_now.is_set():
+                    self.store.set_deadline(timeout)
                 claim_scope.cancel()
                 # A claim in flight is shielded: let it land, so the jobs it took are
                 # given back (serve's last step) before the final flush below.
@@ -175,7 +186,7 @@ class _Lifecycle:
                     # Outcomes of the last jobs, released ones too; also when this task
                     # is cancelled (a server's forced exit skips the lifespan shutdown,
                     # and the event loop cancels every task as it closes).
-                    await runner.flush_last()
+                    await self._write_last_outcomes()
             loops.cancel_scope.cancel()  # the heartbeats too, once those are written
 
     async def _wait_idle_unless_stopped_now(self) -> None:
@@ -190,13 +201,44 @@ class _Lifecycle:
             await self.runner.wait_idle()
             race.cancel_scope.cancel()
 
+    async def _write_last_outcomes(self) -> None:
+        """Shutdown's last write (``Runner.flush_last``, tried for ``FINAL_WRITE_TIME``),
+        or, once told to stop at once (before it or while it is tried), tried within
+        ``STOP_AT_ONCE_GRACE``: the store's deadline, set then, bounds each try, and the
+        jobs whose outcomes are left are named, to run again once their leases expire."""
+        if self._stop_now.is_set():
+            await self.runner.flush_outbox()  # once: the store's waits end with the grace
+        else:
+            with anyio.CancelScope() as retries:
+                async with anyio.create_task_group() as race:
+
+                    async def cut_short() -> None:
+                        await self._stop_now.wait()
+                        with within(self.clock, STOP_AT_ONCE_GRACE):
+                            await anyio.sleep_forever()
+                        retries.cancel()
+
+                    race.start_soon(cut_short)
+                    await self.runner.flush_last()  # names the jobs left, if it ends
+                    race.cancel_scope.cancel()
+            if not retries.cancelled_caught:
+                return
+        for row, outcome, _ in self.runner._outbox:
+            logger.error(
+                "shutdown: stopping at once: could not record the outcome (%s) of job %s "
+                "(%s); it will run again once its lease expires", outcome.kind, row.id,
+                row.task, extra={"job_id": row.id, "task": row.task, "attempt": row.attempts},
+            )  # fmt: skip
+
     def _stop_at_once(self) -> bool:
         """Ask the workers to stop, and not to wait for the running jobs: they are
         cancelled and given back, as when ``shutdown_timeout`` runs out (``asyncjobs
-        worker``'s second signal). ``stop()`` or ``close()`` still waits for that.
-        Whether there were workers still running to ask."""
+        worker``'s second signal). The store's waits, a claim under way and the last
+        outcomes, get ``STOP_AT_ONCE_GRACE`` from now. ``stop()`` or ``close()`` still
+        waits for that. Whether there were workers still running to ask."""
         if self._host is None or self._host.done():
             return False
+        self.store.set_deadline(STOP_AT_ONCE_GRACE)
         self._stop_requested.set()
         self._stop_now.set()
         self.runner.stop_accepting()

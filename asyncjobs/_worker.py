@@ -97,10 +97,12 @@ async def run_worker(jobs: Jobs, *, signals: Sequence[signal.Signals] = STOP_SIG
     Draining stops claiming, gives running jobs ``shutdown_timeout`` and releases
     the rest (they run again later, no attempt spent). A second signal while it
     drains stops it at once (a cold shutdown): the running jobs are cancelled and
-    released as when ``shutdown_timeout`` runs out, then it raises to say so (exit
-    status 1). Further signals are logged and ignored, so they cannot lose a release.
-    The workers run even if ``jobs`` was built with ``workers=False`` (the usual
-    setup: the web app only enqueues, this process only works). Must run in the
+    released as when ``shutdown_timeout`` runs out, the store's waits (a claim under
+    way, the releases) cut to ``STOP_AT_ONCE_GRACE`` (a release the store did not take
+    by then leaves its job to its lease, as a crash would), then it raises to say so
+    (exit status 1). Further signals are logged and ignored, so they cannot lose a
+    release. The workers run even if ``jobs`` was built with ``workers=False`` (the
+    usual setup: the web app only enqueues, this process only works). Must run in the
     main thread (signal handlers). Raises if the workers stop on their own.
     """
     with _workers_on(jobs), anyio.open_signal_receiver(*signals) as received:
@@ -144,7 +146,8 @@ async def run_worker(jobs: Jobs, *, signals: Sequence[signal.Signals] = STOP_SIG
         if stopped_at_once:
             raise AsyncJobsError(
                 "stopped at once on a second signal: the jobs still running were cancelled "
-                "and given back to the queue (they run again later)"
+                "and given back to the queue, or left to their leases where the store did "
+                "not take that in time (either way they run again later)"
             )
 
 

@@ -503,6 +503,92 @@ async def test_a_second_signal_while_the_worker_drains_stops_it_at_once_and_lose
         await jobs.close()
 
 
+LOCKED_OUT_APP = """
+import asyncio
+import os
+
+import asyncjobs._outbox
+from asyncjobs import Jobs
+
+asyncjobs._outbox.FINAL_WRITE_TIME = 60  # a drain would try the release this long
+
+jobs = Jobs(os.environ["CLI_TEST_DB_URL"], poll_interval=0.05, shutdown_timeout=600)
+
+@jobs.task(name="slow")
+async def slow() -> None:
+    await asyncio.Event().wait()  # runs until cancelled
+"""
+
+
+async def test_a_second_signal_stops_the_worker_promptly_while_another_process_holds_the_file(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Another process takes the file's write lock as the worker drains, then a second
+    signal comes. The worker still waited for the store as a drain does (the release of
+    the job it cancelled tried for ``FINAL_WRITE_TIME``, here 60 s; a claim under way
+    for ``shutdown_timeout``). It now gives the store ``STOP_AT_ONCE_GRACE`` (1 s) and
+    exits; the job it could not give back keeps its lease, and runs again once that
+    expires, as after a crash."""
+    (tmp_path / "locked_out_app.py").write_text(LOCKED_OUT_APP)
+    jobs = Jobs(env["CLI_TEST_DB_URL"], workers=False)
+    holder = sqlite3.connect(tmp_path / "cli.db", isolation_level=None, check_same_thread=False)
+    try:
+        job = await jobs.enqueue("slow")
+        async with await anyio.open_process(
+            [str(ENTRY_POINT), "worker", "locked_out_app:jobs"], env=env
+        ) as process:
+            assert process.stderr is not None
+            stderr = b""
+            try:
+                with anyio.fail_after(30):
+                    # Real time: the job runs in another process.
+                    while (info := await jobs.get(job.id)) and info.status != "running":
+                        assert process.returncode is None
+                        await jobs.clock.sleep(0.05)
+                    process.send_signal(signal.SIGTERM)
+                    async for chunk in process.stderr:
+                        stderr += chunk
+                        if b"received SIGTERM: draining" in stderr:
+                            break
+                holder.execute("BEGIN IMMEDIATE")  # the other process's write, under way
+                process.send_signal(signal.SIGINT)
+                with anyio.fail_after(10):  # the grace, a last try of each write, the exit
+                    await process.wait()
+            finally:
+                if process.returncode is None:  # else leaving the block waits for it
+                    process.kill()
+                if holder.in_transaction:
+                    holder.execute("ROLLBACK")
+            async for chunk in process.stderr:
+                stderr += chunk
+        assert process.returncode == 1, stderr.decode()
+        assert b"received SIGINT while draining: stopping at once" in stderr
+        assert b"could not record the outcome (release) of job " + job.id.encode() in stderr
+        info = await jobs.get(job.id)
+        assert info is not None
+        assert (info.status, info.attempts) == ("running", 1)  # to its lease
+
+        clock = FakeClock()
+        again = Jobs(env["CLI_TEST_DB_URL"], clock=clock)
+
+        @again.task(name="slow")
+        async def slow() -> str:
+            return "ran"
+
+        try:
+            clock.advance(again.settings.visibility_timeout + 1)
+            await again.drain()
+        finally:
+            await again.close()
+        assert await job.result(timeout=0) == "ran"
+        info = await jobs.get(job.id)
+        assert info is not None
+        assert info.attempts == 2  # the lease recovered, as after a crash
+    finally:
+        holder.close()
+        await jobs.close()
+
+
 def test_a_store_error_is_a_clean_message_not_a_traceback(
     env: dict[str, str], tmp_path: Path
 ) -> None:
