@@ -320,8 +320,10 @@ class _Leases:
         task_status.started()
         interval = self.settings.heartbeat_interval
         try:
-            async with anyio.create_task_group() as watch:
-                watch.start_soon(self._watch_leases)
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._watch_leases)
+                recorded = anyio.Event()
+                recorded.set()
                 # Every interval from the last beat's start, not its end: a beat that
                 # fails slowly does not push back the next, the last chance (_lapsing).
                 beat_at = self.clock.now()
@@ -329,10 +331,31 @@ class _Leases:
                     beat_at = max(beat_at + interval, self.clock.now())
                     await self.clock.sleep(beat_at - self.clock.now())
                     await self._beat()
-                    await self.record_beat()
+                    # The worker record (stats, the dashboard) in a task of its own: a
+                    # write of it that hangs (a locked table, a stuck connection) must
+                    # not push back the next beat, which renews the leases. One at a
+                    # time: while the last is still under way, this beat records none.
+                    if recorded.is_set():
+                        recorded = anyio.Event()
+                        tasks.start_soon(self._record_apart, recorded)
         finally:
             with anyio.CancelScope(shield=True), self.clock.move_on_after(5):
                 await self.record_beat(stopped=True)
+
+    async def _record_apart(self, recorded: anyio.Event) -> None:
+        """The heartbeat loop's worker record, cut off after a heartbeat interval: one
+        that hangs for good (a stuck connection) does not keep the next from trying."""
+        interval = self.settings.heartbeat_interval
+        try:
+            with self.clock.move_on_after(interval) as scope:
+                await self.record_beat()
+            if scope.cancelled_caught:
+                logger.warning(
+                    "recording this worker's heartbeat took over %.1fs; cut off, tried "
+                    "again at the next heartbeat (the leases are renewed apart)", interval,
+                )  # fmt: skip
+        finally:
+            recorded.set()
 
     async def record_beat(self, *, stopped: bool = False) -> None:
         """Upsert this process in the store's workers table (``jobs.stats()["workers"]``)."""
