@@ -88,6 +88,9 @@ class _Running:
     overran: bool = False  # so stopped, it still ran as its lease ended (reported once)
     # So stopped, then cancelled by the user: it ends cancelled, as asked (_Leases).
     cancel_asked: bool = False
+    # So stopped, its outcome is that failed attempt (_stopped_while_running): what it
+    # raised as it stopped ("" if nothing). The outbox entry keeps it (_Finished).
+    lease_lost_raised: str | None = None
 
 
 class _Execution:
@@ -315,6 +318,7 @@ class _Execution:
         if running.lease_lost and not running.cancel_asked:
             if not self._accepting:
                 return self._outcome(row, OutcomeKind.RELEASE)
+            running.lease_lost_raised = raised
             return self._failure(row, LEASE_LOST + raised, delay=0.0)
         return self._outcome(row, OutcomeKind.CANCELLED, error=CANCELLED_WHILE_RUNNING + raised)
 

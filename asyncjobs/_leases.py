@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.abc import TaskStatus
 
-from asyncjobs._execution import CANCELLED_WHILE_RUNNING, LEASE_LOST
+from asyncjobs._execution import CANCELLED_WHILE_RUNNING
+from asyncjobs._outbox import _Finished
 from asyncjobs._retention import Pruner
 from asyncjobs.stores._protocol import JobRow, OutcomeKind, WorkerBeat
 
@@ -43,8 +44,8 @@ class _Leases:
         jobs: Jobs
         running: dict[str, _Running]
         _ready: list[JobRow]
-        _outbox: list[tuple[JobRow, Outcome, float]]
-        _writing: list[list[tuple[JobRow, Outcome, float]]]
+        _outbox: list[_Finished]
+        _writing: list[list[_Finished]]
         _confirmed: dict[str, tuple[int, float]]
         _stopping: list[_Running]
         worker_id: str
@@ -83,8 +84,8 @@ class _Leases:
         # Jobs that ended but whose outcome is not written yet are ours too: while every
         # slot is busy, or a write fails, their lease must not run out (they would run
         # again). One that is not ours any more needs nothing: its write is ignored.
-        ended = {row.id: row.attempts for row, _, _ in self._outbox}
-        ended.update((row.id, row.attempts) for taken in self._writing for row, _, _ in taken)
+        ended = {finished.row.id: finished.row.attempts for finished in self._outbox}
+        ended.update((f.row.id, f.row.attempts) for taken in self._writing for f in taken)
         if not held and not ended:
             self._confirmed = {}
             return
@@ -142,17 +143,12 @@ class _Leases:
         running = self.running.get(job_id)
         if running is not None and running.lease_lost and attempt in (None, running.row.attempts):
             running.cancel_asked = True
-        for i, (row, outcome, duration) in enumerate(self._outbox):
-            if (
-                row.id == job_id
-                and attempt in (None, row.attempts)
-                and outcome.kind in (OutcomeKind.RETRY, OutcomeKind.DEAD)
-                and (outcome.error or "").startswith(LEASE_LOST)
-            ):
-                raised = (outcome.error or "")[len(LEASE_LOST) :]
+        for i, finished in enumerate(self._outbox):
+            row, raised = finished.row, finished.lease_lost
+            if row.id == job_id and attempt in (None, row.attempts) and raised is not None:
                 error = CANCELLED_WHILE_RUNNING + raised
                 cancelled = self._outcome(row, OutcomeKind.CANCELLED, error=error)
-                self._outbox[i] = (row, cancelled, duration)
+                self._outbox[i] = _Finished(row, cancelled, finished.duration)
 
     def _lease_until(self) -> float:
         """A lease from now. The store calls it once it holds the lock: counted from

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import anyio
 
@@ -42,8 +42,18 @@ logger = logging.getLogger("asyncjobs")
 # attempt ends dead.
 FINAL_WRITE_TIME = 5.0
 
-_Finished = tuple[JobRow, Outcome, float]
-"""A job that ended, its outcome, and how long it ran."""
+
+class _Finished(NamedTuple):
+    """A job that ended, its outcome, and how long it ran."""
+
+    row: JobRow
+    outcome: Outcome
+    duration: float
+    # Set when the outcome is the failed attempt of a job stopped as its lease could not
+    # be renewed (``_stopped_while_running``): what the job raised as it stopped ("" if
+    # nothing). A cancel asked before the write makes it a cancel (``cancel_asked``).
+    lease_lost: str | None = None
+
 
 # Outcomes that carry data of their own (a result, an error) the database may refuse.
 _REFUSABLE = frozenset({OutcomeKind.SUCCEEDED, OutcomeKind.RETRY, OutcomeKind.DEAD})
@@ -108,7 +118,7 @@ class _Outbox:
                 with within(self.clock, self.settings.poll_interval):
                     await freed.wait()
                 await self.flush_outbox()
-        for row, outcome, _ in self._outbox:
+        for row, outcome, *_ in self._outbox:
             logger.error(
                 "shutdown: could not record the outcome (%s) of job %s (%s) within %ss; "
                 "it will run again once its lease expires", outcome.kind, row.id, row.task,
@@ -122,7 +132,7 @@ class _Outbox:
         with self._take_outbox() as outbox, anyio.CancelScope(shield=True):
             try:
                 applied = await self.jobs.store.finish(
-                    [outcome for _, outcome, _ in outbox], now=self.clock.now()
+                    [finished.outcome for finished in outbox], now=self.clock.now()
                 )
             except BaseException as error:
                 written = await self._put_back(outbox, error)
@@ -156,7 +166,7 @@ class _Outbox:
         with self._take_outbox() as outbox:
             try:
                 while outbox:
-                    row, outcome, duration = outbox[0]
+                    row, outcome, duration, _ = outbox[0]
                     try:
                         applied = await store.finish([outcome], now=self.clock.now())
                     except DataRefused as refused:
@@ -172,7 +182,7 @@ class _Outbox:
                                        "attempt": row.attempts},
                             )  # fmt: skip
                     outbox.pop(0)
-                    self._acknowledged([(row, outcome, duration)], applied)
+                    self._acknowledged([_Finished(row, outcome, duration)], applied)
                     written += 1
             except Exception:  # the caller raises its own failure, the same store's
                 logger.debug("writing outcomes one at a time failed too", exc_info=True)
@@ -195,7 +205,7 @@ class _Outbox:
     def _acknowledged(self, outbox: list[_Finished], applied: Sequence[str]) -> None:
         ids = set(applied)
         cancelled = applied.cancelled if isinstance(applied, Applied) else frozenset()
-        for row, outcome, duration in outbox:
+        for row, outcome, duration, _ in outbox:
             if row.id in cancelled:  # asked to stop while it ran: not retried, cancelled
                 outcome = outcome._replace(kind=OutcomeKind.CANCELLED)
             self._log(row, outcome, row.id in ids, duration)

@@ -167,7 +167,7 @@ class Runner(_ClaimLoop, _Slots, _Outbox, _Leases, _Execution):
             self._ready = [row for row in self._ready if not this(row)]
             for row in dropped:
                 outcome = self._outcome(row, OutcomeKind.CANCELLED, error="cancelled before it ran")
-                self._outbox.append((row, outcome, 0.0))
+                self._outbox.append(_Finished(row, outcome, 0.0))
             self._free_slot()  # the claim loop may wait for room: it writes the outcome
             self.wake()
         running = self.running.get(job_id)
@@ -183,7 +183,7 @@ class Runner(_ClaimLoop, _Slots, _Outbox, _Leases, _Execution):
     def _give_back(self, rows: Sequence[JobRow]) -> None:
         """Queue jobs that never started to go back with the next write, attempt unspent."""
         for row in rows:
-            self._outbox.append((row, self._outcome(row, OutcomeKind.RELEASE), 0.0))
+            self._outbox.append(_Finished(row, self._outcome(row, OutcomeKind.RELEASE), 0.0))
 
     # -- claiming --------------------------------------------------------------------
 
@@ -257,7 +257,7 @@ class Runner(_ClaimLoop, _Slots, _Outbox, _Leases, _Execution):
             try:
                 if outbox:
                     applied, rows = await self.jobs.store.finish_and_claim(
-                        [outcome for _, outcome, _ in outbox], request, now=now
+                        [finished.outcome for finished in outbox], request, now=now
                     )
                 else:
                     applied, rows = [], await self.jobs.store.claim(request, now=now)
@@ -327,7 +327,7 @@ class Runner(_ClaimLoop, _Slots, _Outbox, _Leases, _Execution):
         retried after its reply was lost hands out again the rows its first try took
         (PostgreSQL), found by that try's claim token: none of them should be held here,
         but one handed out twice would run twice, so they are checked all the same."""
-        held = {(row.id, row.attempts) for row, _, _ in self._outbox}
+        held = {(finished.row.id, finished.row.attempts) for finished in self._outbox}
         held.update((row.id, row.attempts) for row in self._ready)
         held.update((job.row.id, job.row.attempts) for job in self.running.values())
         return [

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 
 from asyncjobs._clock import within
 from asyncjobs._execution import _Running
+from asyncjobs._outbox import _Finished
 from asyncjobs.stores._protocol import Inserted, JobRow, NewJob, Outcome
 
 if TYPE_CHECKING:
     import contextvars
 
     from asyncjobs._clock import Clock
-    from asyncjobs._outbox import _Finished
     from asyncjobs._settings import Settings
 
 logger = logging.getLogger("asyncjobs")
@@ -220,7 +220,7 @@ class _Slots:
         # which held the mean below zero for dozens of jobs (full look-ahead) and was logged.
         duration = max(0.0, self.clock.now() - started)
         if outcome is not None:
-            self._outbox.append((row, outcome, duration))
+            self._outbox.append(_Finished(row, outcome, duration, running.lease_lost_raised))
         mean = self._mean_duration
         self._mean_duration = duration if mean is None else mean + (duration - mean) / 8
         if self.running.get(row.id) is running:  # not a later attempt's entry

@@ -252,7 +252,7 @@ async def test_a_job_that_ended_is_not_stopped_while_its_outcome_waits_to_be_wri
             await until(lambda: jobs.runner._outbox)
             clock.advance(LEASE * 5 / 6)
             await settle(jobs)
-            assert [row.id for row, _, _ in jobs.runner._outbox] == [job.id]
+            assert [finished.row.id for finished in jobs.runner._outbox] == [job.id]
             assert stop_warnings(caplog) == []
     info = await job.info()
     assert (info.status, info.attempts) == ("succeeded", 1)

@@ -12,6 +12,7 @@ import pytest
 from test_lease_loss import LEASE, failing, settle, until
 
 from asyncjobs import Jobs
+from asyncjobs._execution import LEASE_LOST
 from asyncjobs.testing import FakeClock
 
 MakeJobs = Callable[..., Jobs]
@@ -211,3 +212,40 @@ async def test_a_job_stopped_for_its_lease_while_shutdown_waits_for_it_is_given_
                 await cleaning.wait()
     info = await job.info()
     assert (info.status, info.attempts) == ("queued", 0)
+
+
+@pytest.mark.parametrize(("retries", "status"), [(0, "dead"), (1, "cancelled")])
+async def test_a_failure_whose_text_reads_like_a_lost_lease_keeps_its_error_when_cancelled(
+    make_jobs: MakeJobs, retries: int, status: str
+) -> None:
+    """The job fails on its own (its lease held), its traceback starting with the very
+    words a lost lease's error starts with; the user cancels it before its outcome is
+    written. Its outcome is what it reached first, with its own error: dead on its last
+    attempt, else cancelled (not retried). It is not taken for one stopped for its lease."""
+    jobs = make_jobs(visibility_timeout=LEASE)
+    head, _, rest = LEASE_LOST.partition(": ")
+    # An exception never raised, as the cause: its traceback shows "type: text" first.
+    lookalike = type(head, (Exception,), {"__module__": "builtins"})
+
+    started, fail = anyio.Event(), anyio.Event()
+
+    @jobs.task(name="t", retries=retries)
+    async def t() -> None:
+        started.set()
+        await fail.wait()
+        raise RuntimeError("the job's own failure") from lookalike(rest)
+
+    async with jobs:
+        job = await jobs.enqueue("t")
+        with anyio.fail_after(5):
+            await started.wait()
+        with failing(jobs, "finish", "finish_and_claim", "claim"):
+            fail.set()
+            await until(lambda: jobs.runner._outbox)
+            assert await job.cancel()
+        await jobs.runner.flush_outbox()  # the store reachable again
+    info = await job.info()
+    assert info.status == status
+    assert info.error is not None
+    assert info.error.startswith(LEASE_LOST)
+    assert "the job's own failure" in info.error
