@@ -19,6 +19,7 @@ from anyio.abc import TaskStatus
 
 from asyncjobs._clock import within
 from asyncjobs._errors import AsyncJobsError
+from asyncjobs._leases import FINAL_RECORD_TIME
 
 if TYPE_CHECKING:
     from asyncjobs._clock import Clock
@@ -135,7 +136,7 @@ class _ClaimLoop:
                 # keep them. Record a stop, as the workers do: that gives them back,
                 # attempt unspent, instead of leaving them to wait out their leases and
                 # spend an attempt. (Run to its end, a drain's last claim handed them out.)
-                with anyio.CancelScope(shield=True), self.clock.move_on_after(5):
+                with anyio.CancelScope(shield=True), within(self.clock, FINAL_RECORD_TIME):
                     await self.record_beat(stopped=True)
 
     async def serve(self, *, task_status: TaskStatus[None]) -> None:

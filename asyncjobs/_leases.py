@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.abc import TaskStatus
 
+from asyncjobs._clock import within
 from asyncjobs._execution import CANCELLED_WHILE_RUNNING
 from asyncjobs._outbox import _Finished
 from asyncjobs._retention import Pruner
@@ -35,6 +36,11 @@ if TYPE_CHECKING:
     from asyncjobs.stores._protocol import Outcome
 
 logger = logging.getLogger("asyncjobs")
+
+# Seconds shutdown (and a drain cut short) gives its last worker record, the one that
+# says this worker stopped, of the clock's time and of real time: a test's fake clock
+# that nobody advances must not hold stop() for good behind a store that hangs.
+FINAL_RECORD_TIME = 5.0
 
 
 class _Leases:
@@ -335,7 +341,7 @@ class _Leases:
                         recorded = anyio.Event()
                         tasks.start_soon(self._record_apart, recorded)
         finally:
-            with anyio.CancelScope(shield=True), self.clock.move_on_after(5):
+            with anyio.CancelScope(shield=True), within(self.clock, FINAL_RECORD_TIME):
                 await self.record_beat(stopped=True)
 
     async def _record_apart(self, recorded: anyio.Event) -> None:

@@ -11,6 +11,7 @@ import anyio
 import pytest
 from test_lease_loss import LEASE, settle, stop_warnings, until
 
+import asyncjobs._leases
 from asyncjobs import Jobs
 from asyncjobs.testing import FakeClock
 
@@ -87,3 +88,25 @@ async def test_a_worker_record_that_hangs_holds_up_no_heartbeat(
         assert await job.result(timeout=5) == "done"
     info = await job.info()
     assert (info.status, info.attempts) == ("succeeded", 1)
+
+
+async def test_stop_ends_though_the_last_worker_record_hangs(
+    make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown's last worker record (stopped) hangs, under a fake clock nobody
+    advances: it is given up after ``FINAL_RECORD_TIME`` of real time, and stop() ends."""
+    monkeypatch.setattr(asyncjobs._leases, "FINAL_RECORD_TIME", 0.2)
+    jobs = make_jobs()
+    await jobs.start()
+    unblocked = anyio.Event()
+
+    async def record_worker(*args: Any, **kwargs: Any) -> None:
+        await unblocked.wait()
+
+    monkeypatch.setattr(jobs.store, "record_worker", record_worker)
+    try:
+        with anyio.move_on_after(3) as waited:  # real time: the fake clock stays put
+            await jobs.stop()
+    finally:
+        unblocked.set()  # (a stop still under way ends now)
+    assert not waited.cancelled_caught
