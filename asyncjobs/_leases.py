@@ -420,7 +420,9 @@ class _Leases:
 
         Half a heartbeat interval at most, the time a stop leaves a job's cleanup before
         its lease ends: a job that ignores its stop (reported, ``_report_overruns``) does
-        not hold up the recovery of other workers' jobs for good."""
+        not hold up the recovery of other workers' jobs for good. Of the clock's time and
+        of real time: under a fake clock nobody advances, an attempt that outlived
+        shutdown would hold the next start() or drain(), which recover first, for good."""
         now = self.clock.now()
         tasks = [
             running.task
@@ -431,7 +433,7 @@ class _Leases:
             and (self._lease_end(running.row) or now) <= now  # requeued now, else not
         ]
         if tasks:
-            with self.clock.move_on_after(self.settings.heartbeat_interval / 2):
+            with within(self.clock, self.settings.heartbeat_interval / 2):
                 await asyncio.wait(tasks)
 
     async def maintenance_loop(self, *, task_status: TaskStatus[None]) -> None:

@@ -11,9 +11,10 @@ import anyio
 import pytest
 from test_lease_loss import LEASE, failing, settle, until
 
+import asyncjobs._slots
 from asyncjobs import Jobs
 from asyncjobs._execution import LEASE_LOST
-from asyncjobs.testing import FakeClock
+from asyncjobs.testing import FakeClock, drain
 
 MakeJobs = Callable[..., Jobs]
 
@@ -249,3 +250,49 @@ async def test_a_failure_whose_text_reads_like_a_lost_lease_keeps_its_error_when
     assert info.error is not None
     assert info.error.startswith(LEASE_LOST)
     assert "the job's own failure" in info.error
+
+
+async def test_a_drain_after_a_stopped_attempt_outlived_shutdown_does_not_wait_for_it_for_good(
+    make_jobs: MakeJobs, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An attempt stopped for its lease ignores its stop; its job runs again here and
+    ends, and shutdown goes on without the old attempt, which still runs. A drain() then
+    (time no longer moving) begins with lease recovery, which waits for such attempts
+    half a heartbeat interval: of real time too, not of a fake clock nobody advances."""
+    monkeypatch.setattr(asyncjobs._slots, "CANCEL_GRACE", 0.1)
+    lease = 1.0  # half a heartbeat interval: 1/6 s
+    jobs = make_jobs(visibility_timeout=lease, shutdown_timeout=0)
+    runs: list[int] = []
+    caught, zombie_ends = anyio.Event(), anyio.Event()
+
+    @jobs.task(name="t")
+    async def t() -> None:
+        runs.append(len(runs) + 1)
+        if len(runs) > 1:
+            return
+        while not zombie_ends.is_set():
+            try:
+                await zombie_ends.wait()
+            except asyncio.CancelledError:  # ignored: it goes on
+                caught.set()
+
+    try:
+        await jobs.start()
+        await jobs.enqueue("t")
+        await until(lambda: runs == [1])
+        with failing(jobs, "heartbeat"):
+            clock.advance(lease * 5 / 6)  # stopped for its lease: it goes on
+            with anyio.fail_after(5):
+                await caught.wait()
+            clock.advance(lease / 6 + 1)  # its lease is over
+            async with anyio.create_task_group() as recovering:
+                recovering.start_soon(jobs.runner.recover)  # requeues it, in half a beat
+                await settle(jobs)
+                clock.advance(lease / 6)
+            await until(lambda: runs == [1, 2])
+        await jobs.stop()  # the old attempt is left running
+        with anyio.move_on_after(3) as waited:  # real time: the fake clock stays put
+            await drain(jobs)
+        assert not waited.cancelled_caught
+    finally:
+        zombie_ends.set()
