@@ -12,7 +12,6 @@ import asyncio
 import contextvars
 import logging
 import math
-from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import TaskStatus
@@ -20,14 +19,7 @@ from anyio.abc import TaskStatus
 from asyncjobs._clock import within
 from asyncjobs._errors import AsyncJobsError
 from asyncjobs._leases import FINAL_RECORD_TIME
-
-if TYPE_CHECKING:
-    from asyncjobs._clock import Clock
-    from asyncjobs._execution import _Running
-    from asyncjobs._jobs import Jobs
-    from asyncjobs._outbox import _Finished
-    from asyncjobs._settings import Settings
-    from asyncjobs.stores._protocol import JobRow
+from asyncjobs._runner_state import _RunnerState
 
 logger = logging.getLogger("asyncjobs")
 
@@ -38,45 +30,8 @@ logger = logging.getLogger("asyncjobs")
 _OUTBOX_DELAY = 0.01
 
 
-class _ClaimLoop:
+class _ClaimLoop(_RunnerState):
     """``Runner``'s claim loops (``serve``, ``drain``)."""
-
-    if TYPE_CHECKING:
-        jobs: Jobs
-        settings: Settings
-        clock: Clock
-        running: dict[str, _Running]
-        jobs_started: int
-        _start_limit: int | None
-        _ready: list[JobRow]
-        _accepting: bool
-        _context: contextvars.Context
-        _wakeup: asyncio.Event
-        _slot_freed: asyncio.Event
-        _outbox: list[_Finished]
-        _next_token_at: float | None
-        _partial: bool
-        _backlog: bool
-
-        @property
-        def draining(self) -> bool: ...
-
-        @property
-        def room(self) -> int: ...
-
-        def wake(self) -> None: ...
-
-        async def claim(self) -> int: ...
-
-        def stop_accepting(self) -> None: ...
-
-        async def cancel_running(self) -> None: ...
-
-        async def flush_outbox(self) -> int: ...
-
-        async def recover(self) -> None: ...
-
-        async def record_beat(self, *, stopped: bool = False) -> None: ...
 
     async def drain(self, *, max_jobs: int) -> None:
         """Run ready jobs until none is ready or running (workers must not be started).

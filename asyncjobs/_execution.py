@@ -25,14 +25,13 @@ import anyio
 from asyncjobs._backoff import backoff_delay
 from asyncjobs._codec import decode_payload, encode
 from asyncjobs._errors import NotSerializable, Retry
+from asyncjobs._runner_state import _RunnerState
 from asyncjobs._settings import storable
 from asyncjobs.stores._dependents import COUNTS_FLAG
 from asyncjobs.stores._protocol import JobRow, Outcome, OutcomeKind
 
 if TYPE_CHECKING:
-    from asyncjobs._clock import Clock
     from asyncjobs._jobs import Jobs
-    from asyncjobs._settings import Settings
 
 logger = logging.getLogger("asyncjobs")
 
@@ -93,18 +92,8 @@ class _Running:
     lease_lost_raised: str | None = None
 
 
-class _Execution:
+class _Execution(_RunnerState):
     """``Runner``'s steps for one job: run an attempt, build its outcome, log it."""
-
-    if TYPE_CHECKING:
-        jobs: Jobs
-        settings: Settings
-        clock: Clock
-        worker_id: str
-        running: dict[str, _Running]
-        _accepting: bool
-
-        def _complete(self, running: _Running, outcome: Outcome | None, started: float) -> None: ...
 
     def called_by_a_job(self) -> bool:
         """Is the calling code one of this runner's running jobs (or a task it started)?"""

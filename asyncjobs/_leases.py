@@ -26,14 +26,11 @@ from asyncjobs._clock import within
 from asyncjobs._execution import CANCELLED_WHILE_RUNNING
 from asyncjobs._outbox import _Finished
 from asyncjobs._retention import Pruner
+from asyncjobs._runner_state import _RunnerState
 from asyncjobs.stores._protocol import JobRow, OutcomeKind, WorkerBeat
 
 if TYPE_CHECKING:
-    from asyncjobs._clock import Clock
     from asyncjobs._execution import _Running
-    from asyncjobs._jobs import Jobs
-    from asyncjobs._settings import Settings
-    from asyncjobs.stores._protocol import Outcome
 
 logger = logging.getLogger("asyncjobs")
 
@@ -43,40 +40,8 @@ logger = logging.getLogger("asyncjobs")
 FINAL_RECORD_TIME = 5.0
 
 
-class _Leases:
+class _Leases(_RunnerState):
     """``Runner``'s heartbeat, worker record and lease recovery loops."""
-
-    if TYPE_CHECKING:
-        jobs: Jobs
-        running: dict[str, _Running]
-        _ready: list[JobRow]
-        _outbox: list[_Finished]
-        _writing: list[list[_Finished]]
-        _confirmed: dict[str, tuple[int, float]]
-        _stopping: list[_Running]
-        worker_id: str
-        started_at: float
-        _accepting: bool
-        settings: Settings
-        clock: Clock
-
-        def wake(self) -> None: ...
-
-        def cancel_local(self, job_id: str, attempt: int | None = None) -> None: ...
-
-        def _give_back(self, rows: list[JobRow]) -> None: ...
-
-        def _free_slot(self) -> None: ...
-
-        def _outcome(
-            self,
-            row: JobRow,
-            kind: OutcomeKind,
-            *,
-            result: str | None = None,
-            error: str | None = None,
-            run_at: float | None = None,
-        ) -> Outcome: ...
 
     # -- leases ----------------------------------------------------------------------
 

@@ -16,21 +16,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import anyio
 
 from asyncjobs._clock import within
 from asyncjobs._errors import DataRefused
+from asyncjobs._runner_state import _RunnerState
 from asyncjobs.stores._protocol import Applied, JobRow, Outcome, OutcomeKind
-
-if TYPE_CHECKING:
-    import asyncio
-
-    from asyncjobs._clock import Clock
-    from asyncjobs._execution import _Running
-    from asyncjobs._jobs import Jobs
-    from asyncjobs._settings import Settings
 
 logger = logging.getLogger("asyncjobs")
 
@@ -59,23 +52,8 @@ class _Finished(NamedTuple):
 _REFUSABLE = frozenset({OutcomeKind.SUCCEEDED, OutcomeKind.RETRY, OutcomeKind.DEAD})
 
 
-class _Outbox:
+class _Outbox(_RunnerState):
     """``Runner``'s writes of finished jobs' outcomes."""
-
-    if TYPE_CHECKING:
-        jobs: Jobs
-        settings: Settings
-        clock: Clock
-        running: dict[str, _Running]
-        _stopping: list[_Running]
-        _reserved: set[str]
-        _slot_freed: asyncio.Event
-        _outbox: list[_Finished]
-        _writing: list[list[_Finished]]
-
-        def _failure(self, row: JobRow, error: str, *, delay: float | None = None) -> Outcome: ...
-
-        def _log(self, row: JobRow, outcome: Outcome, applied: bool, duration: float) -> None: ...
 
     async def flush_outbox(self) -> int:
         """Write finished jobs' outcomes now (shutdown, or no claim coming); a failed

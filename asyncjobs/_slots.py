@@ -15,18 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from asyncjobs._clock import within
 from asyncjobs._execution import _Running
 from asyncjobs._outbox import _Finished
+from asyncjobs._runner_state import _RunnerState
 from asyncjobs.stores._protocol import Inserted, JobRow, NewJob, Outcome
-
-if TYPE_CHECKING:
-    import contextvars
-
-    from asyncjobs._clock import Clock
-    from asyncjobs._settings import Settings
 
 logger = logging.getLogger("asyncjobs")
 
@@ -37,31 +31,8 @@ logger = logging.getLogger("asyncjobs")
 CANCEL_GRACE = 5.0
 
 
-class _Slots:
+class _Slots(_RunnerState):
     """``Runner``'s slots: local dispatch, starting ready jobs, freeing slots."""
-
-    if TYPE_CHECKING:
-        settings: Settings
-        clock: Clock
-        running: dict[str, _Running]
-        _stopping: list[_Running]
-        jobs_started: int
-        _start_limit: int | None
-        _ready: list[JobRow]
-        _accepting: bool
-        _context: contextvars.Context
-        _mean_duration: float | None
-        _slot_freed: asyncio.Event
-        _outbox: list[_Finished]
-        _reserved: set[str]
-        _backlog: bool
-        _queued_for_room: int
-
-        def wake(self) -> None: ...
-
-        def _give_back(self, rows: Sequence[JobRow]) -> None: ...
-
-        async def _execute(self, running: _Running) -> None: ...
 
     # -- local dispatch --------------------------------------------------------------
 
