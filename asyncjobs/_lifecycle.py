@@ -223,7 +223,7 @@ class _Lifecycle:
                     race.cancel_scope.cancel()
             if not retries.cancelled_caught:
                 return
-        for row, outcome, _ in self.runner._outbox:
+        for row, outcome in self.runner.unwritten():
             logger.error(
                 "shutdown: stopping at once: could not record the outcome (%s) of job %s "
                 "(%s); it will run again once its lease expires", outcome.kind, row.id,

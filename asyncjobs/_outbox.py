@@ -69,6 +69,10 @@ class _Outbox(_RunnerState):
             )  # fmt: skip
             return 0
 
+    def unwritten(self) -> list[tuple[JobRow, Outcome]]:
+        """The finished jobs whose outcomes are not written yet, with those outcomes."""
+        return [(entry.row, entry.outcome) for entry in self._outbox]
+
     async def wait_idle(self) -> None:
         """Shutdown: wait until no job runs, writing each outcome as its job ends (no
         claim comes to write it; left for the end, a job that finished early would stay
