@@ -211,7 +211,9 @@ class _Slots(_RunnerState):
         (``CANCEL_GRACE`` at most).
 
         A job whose task was cancelled before its first step never ran its code (nor
-        ``_execute``'s cleanup): it goes back unspent here. Nothing new starts.
+        ``_execute``'s cleanup): it goes back unspent here. Nothing new starts. Those
+        still running past the grace (stale attempts being stopped too) are forgotten,
+        logged: they take no slot once the workers start again.
         """
         self.stop_accepting()
         tasks = [
@@ -236,7 +238,19 @@ class _Slots(_RunnerState):
                 "it, it will run again once its lease expires", row.id, row.task, CANCEL_GRACE,
                 extra={"job_id": row.id, "task": row.task, "attempt": row.attempts},
             )  # fmt: skip
+        for stale in self._stopping:
+            if stale.task is not None and not stale.task.done():
+                row = stale.row
+                logger.error(
+                    "shutdown: attempt %d of job %s (%s), stopped as the job was claimed "
+                    "again here, ignored its cancellation and outlived shutdown; going on "
+                    "without it", row.attempts, row.id, row.task,
+                    extra={"job_id": row.id, "task": row.task, "attempt": row.attempts},
+                )  # fmt: skip
+        # Forgotten, as the running ones: kept, an attempt that outlived shutdown would
+        # hold its slot (and the lease recovery) after a start() of the same Jobs.
         self.running.clear()
+        self._stopping = []
         self._give_back(never_started)
         self._free_slot()
 

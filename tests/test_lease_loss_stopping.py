@@ -296,3 +296,60 @@ async def test_a_drain_after_a_stopped_attempt_outlived_shutdown_does_not_wait_f
         assert not waited.cancelled_caught
     finally:
         zombie_ends.set()
+
+
+async def test_an_attempt_that_outlived_shutdown_takes_no_slot_after_a_restart(
+    make_jobs: MakeJobs, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """An attempt stopped for its lease ignores its stop; its job runs again here, and
+    shutdown goes on without the old attempt, which still runs. Started again, the same
+    ``Jobs`` has every slot: the old attempt, forgotten at shutdown (and said so), takes
+    none (two jobs that each wait for the other run together, at concurrency 2)."""
+    monkeypatch.setattr(asyncjobs._slots, "CANCEL_GRACE", 0.1)
+    lease = 1.0  # half a heartbeat interval: 1/6 s
+    jobs = make_jobs(visibility_timeout=lease, shutdown_timeout=0, concurrency=2)
+    runs: list[int] = []
+    caught, zombie_ends = anyio.Event(), anyio.Event()
+
+    @jobs.task(name="t")
+    async def t() -> None:
+        runs.append(len(runs) + 1)
+        if len(runs) > 1:
+            return
+        while not zombie_ends.is_set():
+            try:
+                await zombie_ends.wait()
+            except asyncio.CancelledError:  # ignored: it goes on
+                caught.set()
+
+    pair: list[anyio.Event] = [anyio.Event(), anyio.Event()]
+
+    @jobs.task(name="pair")
+    async def pair_task(i: int) -> None:
+        pair[i].set()
+        await pair[1 - i].wait()
+
+    try:
+        await jobs.start()
+        await jobs.enqueue("t")
+        await until(lambda: runs == [1])
+        with failing(jobs, "heartbeat"):
+            clock.advance(lease * 5 / 6)  # stopped for its lease: it goes on
+            with anyio.fail_after(5):
+                await caught.wait()
+            clock.advance(lease / 6 + 1)  # its lease is over
+            async with anyio.create_task_group() as recovering:
+                recovering.start_soon(jobs.runner.recover)  # requeues it, in half a beat
+                await settle(jobs)
+                clock.advance(lease / 6)
+            await until(lambda: runs == [1, 2])
+        await jobs.stop()  # the old attempt is left running
+        await jobs.start()
+        first = await jobs.enqueue("pair", 0)
+        second = await jobs.enqueue("pair", 1)
+        with anyio.fail_after(5):
+            assert await first.result() is None
+            assert await second.result() is None
+        assert "outlived" in caplog.text
+    finally:
+        zombie_ends.set()
