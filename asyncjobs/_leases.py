@@ -38,6 +38,10 @@ logger = logging.getLogger("asyncjobs")
 # says this worker stopped, of the clock's time and of real time: a test's fake clock
 # that nobody advances must not hold stop() for good behind a store that hangs.
 FINAL_RECORD_TIME = 5.0
+# Seconds start() waits for the first worker record, of the clock's time and of real
+# time: one that hangs (a locked workers table) must not hold the app's startup for
+# good. Cut off, it is tried again at the next heartbeat.
+FIRST_RECORD_TIME = 5.0
 
 
 class _Leases(_RunnerState):
@@ -283,7 +287,15 @@ class _Leases(_RunnerState):
 
     async def heartbeat_loop(self, *, task_status: TaskStatus[None]) -> None:
         self.started_at = self.clock.now()
-        await self.record_beat()
+        recorded_first = False
+        with within(self.clock, FIRST_RECORD_TIME):
+            await self.record_beat()
+            recorded_first = True
+        if not recorded_first:
+            logger.warning(
+                "recording this worker's heartbeat took over %.1fs as the workers started; "
+                "cut off, tried again at the next heartbeat", FIRST_RECORD_TIME,
+            )  # fmt: skip
         task_status.started()
         interval = self.settings.heartbeat_interval
         try:

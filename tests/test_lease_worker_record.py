@@ -110,3 +110,34 @@ async def test_stop_ends_though_the_last_worker_record_hangs(
     finally:
         unblocked.set()  # (a stop still under way ends now)
     assert not waited.cancelled_caught
+
+
+async def test_start_ends_though_the_first_worker_record_hangs(
+    make_jobs: MakeJobs, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker record written as the workers start hangs (a locked workers table),
+    under a fake clock nobody advances: it is given up after ``FIRST_RECORD_TIME`` of
+    real time, start() ends (the app's startup with it), and jobs run."""
+    monkeypatch.setattr(asyncjobs._leases, "FIRST_RECORD_TIME", 0.2)
+    jobs = make_jobs()
+
+    @jobs.task(name="t")
+    async def t() -> str:
+        return "done"
+
+    unblocked = anyio.Event()
+
+    async def record_worker(*args: Any, **kwargs: Any) -> None:
+        await unblocked.wait()
+
+    monkeypatch.setattr(jobs.store, "record_worker", record_worker)
+    try:
+        with anyio.move_on_after(3) as waited:  # real time: the fake clock stays put
+            await jobs.start()
+        assert not waited.cancelled_caught
+        job = await t.enqueue()
+        with anyio.fail_after(5):
+            assert await job.result() == "done"
+        assert "recording this worker" in caplog.text
+    finally:
+        unblocked.set()  # (a start still under way ends now)
