@@ -46,10 +46,10 @@ from asyncjobs.stores._protocol import PREVIEWED, SLOT_KEY, checked_preview, pre
 from asyncjobs.stores._sqlite_admin import (
     ADMIN_BATCH,
     META_VALUE,
-    _last_slot,
     _meta,
     _prune,
     _prune_buckets,
+    _record_slot,
     _record_worker,
     _requeue_dead_batch,
     _retry,
@@ -296,8 +296,11 @@ class SQLiteStore(_HotPath):
             return 0
         return await self._transaction(_delete_ids, job_ids, now)
 
-    # meta and last_slot stay on the writing connection: meta stores its default on
-    # first use, last_slot records a slot when given one.
+    # meta and last_slot write only when they must: meta stores its default on first
+    # use, last_slot records a slot when given one. Otherwise they read, on the reading
+    # connection: no write lock, so neither waits for other processes' writes nor holds
+    # them up (a schedule's last slot is read on each of its due ticks), and a file that
+    # turned read-only still serves them.
 
     async def meta(self, key: str, default: str) -> str:
         stored = await self._read_call(_fetchall, META_VALUE, (key,))  # no write if stored
@@ -306,7 +309,11 @@ class SQLiteStore(_HotPath):
         return await self._transaction(_meta, key, default)
 
     async def last_slot(self, schedule: str, slot: int | None = None) -> int | None:
-        return await self._transaction(_last_slot, SLOT_KEY + schedule, slot)
+        key = SLOT_KEY + schedule
+        if slot is not None:
+            return await self._transaction(_record_slot, key, slot)
+        stored = await self._read_call(_fetchall, META_VALUE, (key,))
+        return int(stored[0][0]) if stored else None
 
 
 # -- the functions below run in the connection thread, inside a transaction ---------

@@ -372,21 +372,22 @@ def _prune_buckets(db: sqlite3.Connection, full_before: Mapping[str, float], lim
     return deleted
 
 
-def _last_slot(db: sqlite3.Connection, key: str, slot: int | None) -> int | None:
-    if slot is not None:
-        db.execute(
-            "INSERT INTO asyncjobs_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
-            "SET value = CAST(max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER)) "
-            "AS TEXT)",
-            (key, str(slot)),
-        )
-    row = db.execute("SELECT value FROM asyncjobs_meta WHERE key = ?", (key,)).fetchone()
-    return None if row is None else int(row[0])
-
-
 META_VALUE = "SELECT value FROM asyncjobs_meta WHERE key = ?"
 """A stored metadata value: read first, so a store whose file turned read-only still
-serves the ones it has (the dashboard's CSRF key, on every page)."""
+serves the ones it has (the dashboard's CSRF key, on every page). A schedule's last
+slot is read with it alone, on the reading connection: each due tick reads it."""
+
+_RECORD_SLOT = (
+    "INSERT INTO asyncjobs_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
+    "SET value = CAST(max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER)) AS TEXT)"
+)
+
+
+def _record_slot(db: sqlite3.Connection, key: str, slot: int) -> int:
+    """Record ``slot`` (a later one recorded is kept); return the one recorded now."""
+    db.execute(_RECORD_SLOT, (key, str(slot)))
+    (value,) = db.execute(META_VALUE, (key,)).fetchone()
+    return int(value)
 
 
 def _meta(db: sqlite3.Connection, key: str, default: str) -> str:

@@ -1,11 +1,25 @@
 """Operations methods of the Store protocol on every store: stuck jobs, pruning limits,
-worker upserts, filtered retry of dead jobs, delete never touching running jobs."""
+worker upserts, filtered retry of dead jobs, delete never touching running jobs, the
+last slot of a schedule read while another process writes."""
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator
 from typing import Any
 
-from asyncjobs.stores import ClaimRequest, NewJob, Outcome, OutcomeKind, Store, TaskLimits
+import anyio
+
+from asyncjobs.stores import (
+    ClaimRequest,
+    NewJob,
+    Outcome,
+    OutcomeKind,
+    SQLiteStore,
+    Store,
+    TaskLimits,
+)
 from asyncjobs.stores._ops_rows import WorkerBeat
 
 T0 = 2_000_000.0
@@ -137,3 +151,40 @@ async def test_retry_dead_filters_and_delete_spares_running_jobs(store: Store) -
     assert await store.delete(["r"], now=T0) == 0  # running
     assert await store.get("r") is not None
     assert await store.delete([], now=T0) == 0
+
+
+@contextlib.asynccontextmanager
+async def another_process_writing(store: Store, backend_url: str) -> AsyncIterator[None]:
+    """Another connection's write under way on the store's database, until the block
+    ends: SQLite's write lock (BEGIN IMMEDIATE); on PostgreSQL, a lock on the metadata
+    table that every write to it waits for, and no plain read does."""
+    if isinstance(store, SQLiteStore):
+        db = sqlite3.connect(store.path, isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            yield
+        finally:
+            db.close()  # rolls back
+        return
+    import asyncpg
+
+    conn = await asyncpg.connect(backend_url)
+    try:
+        async with conn.transaction():
+            await conn.execute("LOCK TABLE asyncjobs_meta IN EXCLUSIVE MODE")
+            yield
+    finally:
+        await conn.close()
+
+
+async def test_the_last_slot_is_read_without_waiting_for_another_processs_write(
+    store: Store, backend_url: str
+) -> None:
+    """Each due tick of a schedule reads its last slot: a plain read, which neither
+    waits for the writes of the processes sharing the store nor holds theirs up (on
+    SQLite it took the file's write lock, and failed as busy while another held it)."""
+    assert await store.last_slot("nightly", 1_800_000_000) == 1_800_000_000
+    async with another_process_writing(store, backend_url):
+        with anyio.fail_after(5):
+            assert await store.last_slot("nightly") == 1_800_000_000
+            assert await store.last_slot("hourly") is None
