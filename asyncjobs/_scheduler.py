@@ -17,7 +17,10 @@ default) and none runs when ``catch_up=False``. A schedule never seen in the sto
 has nothing to catch up: its first tick records the time it was first seen in place
 of a slot, so that a slot missed after that, before any slot ran, is caught up. A stop
 records the time of the last tick the same way: a slot of a definition changed since
-(02:00 moved to 03:00) that passed while the old one ran was not missed.
+(02:00 moved to 03:00) that passed while the old one ran was not missed. Unless the last
+slot before that tick is one this start skipped (``catch_up=False``) and no process has
+recorded it since: another process, running then, whose tick for it is late (busy, its
+clock behind) still runs it, and would take such a record for the slot run here.
 Later ticks enqueue the most recent slot that passed since the previous tick; if
 several passed at once (the process was frozen), they are coalesced into one run. A slot
 the store records as enqueued (by another process) is not enqueued again: its job may
@@ -82,6 +85,7 @@ class _Schedule:
     slots: Slots
     catch_up: bool
     cursor: float | None = None  # time of this process's previous tick
+    skipped: int | None = None  # the slot its first tick left alone (catch_up=False)
 
 
 class Scheduler:
@@ -130,7 +134,7 @@ class Scheduler:
         tick. With copies: ``replace_store`` carries the schedules of the app's own
         scheduler over, and neither the app nor a later test may see this one's ticks."""
         self._schedules = {
-            name: dataclasses.replace(schedule, cursor=None)
+            name: dataclasses.replace(schedule, cursor=None, skipped=None)
             for name, schedule in self._schedules.items()
         }
 
@@ -166,6 +170,7 @@ class Scheduler:
                 continue
             if schedule.cursor is None and latest < now:  # first tick: was a slot missed?
                 if not schedule.catch_up:
+                    schedule.skipped = latest
                     continue
                 last = await self._last_slot(name, now)
                 if last is None:
@@ -250,7 +255,7 @@ class Scheduler:
         missed slots, run or skipped as ``catch_up`` says.
         """
         for schedule in self._schedules.values():
-            schedule.cursor = None
+            schedule.cursor, schedule.skipped = None, None
         ok = await self._tick_logged()
         task_status.started()
         try:
@@ -281,10 +286,24 @@ class Scheduler:
         today's 03:00, which passed while this ran, for a slot missed while stopped."""
         try:
             for name, schedule in list(self._schedules.items()):
-                if schedule.cursor is not None:
+                if schedule.cursor is not None and not await self._left_to_others(schedule):
                     await self.jobs.store.last_slot(name, math.floor(schedule.cursor))
         except Exception:
             logger.exception("recording the last tick of the schedules failed")
+
+    async def _left_to_others(self, schedule: _Schedule) -> bool:
+        """Whether the last slot up to the last tick is one the first tick skipped
+        (``catch_up=False``: missed while stopped) that no process has recorded yet. A
+        process running meanwhile, whose tick for it comes after this stop (busy, its
+        clock behind), runs it, unless the stop records a time after it: then that
+        process takes it for a slot run here (``_ran_elsewhere``), and it runs nowhere."""
+        skipped, cursor = schedule.skipped, schedule.cursor
+        if skipped is None or cursor is None:
+            return False
+        if schedule.slots.latest_at_or_before(cursor) != skipped:
+            return False  # a later tick went through a slot after it
+        recorded = await self.jobs.store.last_slot(schedule.task.name)
+        return recorded is None or recorded < skipped
 
     async def _tick_logged(self) -> bool:
         try:

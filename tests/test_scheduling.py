@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
@@ -341,6 +342,50 @@ async def test_a_slot_pruned_before_another_process_ticks_is_not_run_twice(
     await drain(second)
     await drain(first)
     assert len(runs) == 2
+
+
+async def test_a_slot_skipped_at_a_start_without_catch_up_still_runs_in_a_process_running(
+    make_jobs: MakeJobs, backend_url: str
+) -> None:
+    """A process started just after a slot with catch_up=False skips it (missed while it
+    was stopped), and stopped within the second: the other process, running all along
+    but whose tick for the slot comes later (its clock a little behind, or busy), still
+    runs it. The stop recorded the time of its last tick, after the slot, and the
+    running process took the slot for one run elsewhere: it ran nowhere."""
+    slot = at(2026, 11, 23, 10, 0, tz=UTC)
+    behind = FakeClock(start=slot - 30)
+    running = make_jobs(backend_url, clock=behind)
+    runs: list[float] = []
+    register_counter(running, runs, every=3600)
+    await drain(running)  # ticking, the slot not come yet by its clock
+    restarted = make_jobs(backend_url, clock=FakeClock(start=slot + 0.5))
+    register_counter(restarted, runs, every=3600, catch_up=False)
+    async with restarted:
+        assert await restarted.list(task="tick") == []  # skipped here
+    behind.advance(30)
+    await drain(running)
+    assert runs == [slot]
+
+
+async def test_a_process_that_skipped_a_slot_at_start_records_its_stop_once_the_slot_ran(
+    make_jobs: MakeJobs, db_url: str, clock: FakeClock
+) -> None:
+    """Once the slot it skipped ran elsewhere, a stop records its last tick as ever (a
+    definition changed meanwhile must not take a slot that passed while this one ran
+    for one missed while stopped)."""
+    clock.advance((3600 - clock.now() % 3600 - 30) % 3600)  # to 30 s before an hour
+    running = make_jobs(db_url)
+    runs: list[float] = []
+    register_counter(running, runs, every=3600)
+    await drain(running)
+    clock.advance(35)  # 5 s past the slot
+    restarted = make_jobs(db_url)
+    register_counter(restarted, runs, every=3600, catch_up=False)
+    await restarted.start()  # its first tick skips the slot
+    await drain(running)  # which enqueues it
+    assert len(await running.list(task="tick")) == 1
+    await restarted.stop()
+    assert await restarted.store.last_slot("tick") == math.floor(clock.now())
 
 
 async def test_schedules_lists_each_with_its_next_run_time(
