@@ -398,6 +398,11 @@ async def test_a_failure_inside_the_lease_watch_is_logged_and_the_workers_go_on(
         monkeypatch.setattr(runner, "_lapsing", broken)
         clock.advance(LEASE / 3)
         await settle(jobs)
+        # The lease this heartbeat writes is read from the clock once the store holds the
+        # lock: its write must be over before the clock moves on, or the lease counts
+        # from a later time and the stop below comes a beat later.
+        renewed_to = clock.now() + LEASE
+        await until(lambda: runner._confirmed.get(job.id, (0, 0.0))[1] == renewed_to)
         assert calls
         assert jobs.runner.accepting
         with failing(jobs, "heartbeat"):  # it still stops the job in time
