@@ -252,7 +252,9 @@ async def test_an_open_waits_for_another_process_migrating_however_long_it_takes
         await migrating.execute(  # what the other process's migrate holds
             "SELECT pg_advisory_xact_lock(hashtext('asyncjobs.migrate:' || current_schema()))"
         )
-        store = PostgresStore(postgres_url + "&command_timeout=0.2")  # lock_timeout 180 ms
+        # lock_timeout 900 ms. (0.2 s made the open's own statements, the migrations
+        # run once the lock is free among them, fail now and then on a busy machine.)
+        store = PostgresStore(postgres_url + "&command_timeout=1")
         opening = asyncio.ensure_future(store.open())
         try:
             pid = await migrating.fetchval("SELECT pg_backend_pid()")
@@ -263,7 +265,7 @@ async def test_an_open_waits_for_another_process_migrating_however_long_it_takes
                     pid,
                 ):
                     assert not opening.done()
-            await migrating.execute("SELECT pg_sleep(0.5)")  # its migration goes on
+            await migrating.execute("SELECT pg_sleep(1.2)")  # its migration goes on
             await transaction.commit()
             with anyio.fail_after(10):
                 await opening
