@@ -4,7 +4,8 @@ stops: this process's own lease recovery, a cancel by the user, and shutdown."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -252,16 +253,13 @@ async def test_a_failure_whose_text_reads_like_a_lost_lease_keeps_its_error_when
     assert "the job's own failure" in info.error
 
 
-async def test_a_drain_after_a_stopped_attempt_outlived_shutdown_does_not_wait_for_it_for_good(
-    make_jobs: MakeJobs, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An attempt stopped for its lease ignores its stop; its job runs again here and
-    ends, and shutdown goes on without the old attempt, which still runs. A drain() then
-    (time no longer moving) begins with lease recovery, which waits for such attempts
-    half a heartbeat interval: of real time too, not of a fake clock nobody advances."""
-    monkeypatch.setattr(asyncjobs._slots, "CANCEL_GRACE", 0.1)
-    lease = 1.0  # half a heartbeat interval: 1/6 s
-    jobs = make_jobs(visibility_timeout=lease, shutdown_timeout=0)
+@contextlib.asynccontextmanager
+async def an_attempt_outliving_shutdown(jobs: Jobs, clock: FakeClock) -> AsyncIterator[None]:
+    """With ``jobs`` built with ``visibility_timeout=1`` and ``CANCEL_GRACE`` made short:
+    task "t" starts; its first attempt, stopped for its lease, ignores its stop and goes
+    on; its job runs again here and ends, and the workers stop, the old attempt left
+    running. It ends on leaving the block."""
+    lease = jobs.settings.visibility_timeout  # half a heartbeat interval: 1/6 of it
     runs: list[int] = []
     caught, zombie_ends = anyio.Event(), anyio.Event()
 
@@ -291,11 +289,24 @@ async def test_a_drain_after_a_stopped_attempt_outlived_shutdown_does_not_wait_f
                 clock.advance(lease / 6)
             await until(lambda: runs == [1, 2])
         await jobs.stop()  # the old attempt is left running
+        yield
+    finally:
+        zombie_ends.set()
+
+
+async def test_a_drain_after_a_stopped_attempt_outlived_shutdown_does_not_wait_for_it_for_good(
+    make_jobs: MakeJobs, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An attempt stopped for its lease ignores its stop; its job runs again here and
+    ends, and shutdown goes on without the old attempt, which still runs. A drain() then
+    (time no longer moving) begins with lease recovery, which waits for such attempts
+    half a heartbeat interval: of real time too, not of a fake clock nobody advances."""
+    monkeypatch.setattr(asyncjobs._slots, "CANCEL_GRACE", 0.1)
+    jobs = make_jobs(visibility_timeout=1.0, shutdown_timeout=0)
+    async with an_attempt_outliving_shutdown(jobs, clock):
         with anyio.move_on_after(3) as waited:  # real time: the fake clock stays put
             await drain(jobs)
         assert not waited.cancelled_caught
-    finally:
-        zombie_ends.set()
 
 
 async def test_an_attempt_that_outlived_shutdown_takes_no_slot_after_a_restart(
@@ -306,22 +317,7 @@ async def test_an_attempt_that_outlived_shutdown_takes_no_slot_after_a_restart(
     ``Jobs`` has every slot: the old attempt, forgotten at shutdown (and said so), takes
     none (two jobs that each wait for the other run together, at concurrency 2)."""
     monkeypatch.setattr(asyncjobs._slots, "CANCEL_GRACE", 0.1)
-    lease = 1.0  # half a heartbeat interval: 1/6 s
-    jobs = make_jobs(visibility_timeout=lease, shutdown_timeout=0, concurrency=2)
-    runs: list[int] = []
-    caught, zombie_ends = anyio.Event(), anyio.Event()
-
-    @jobs.task(name="t")
-    async def t() -> None:
-        runs.append(len(runs) + 1)
-        if len(runs) > 1:
-            return
-        while not zombie_ends.is_set():
-            try:
-                await zombie_ends.wait()
-            except asyncio.CancelledError:  # ignored: it goes on
-                caught.set()
-
+    jobs = make_jobs(visibility_timeout=1.0, shutdown_timeout=0, concurrency=2)
     pair: list[anyio.Event] = [anyio.Event(), anyio.Event()]
 
     @jobs.task(name="pair")
@@ -329,21 +325,7 @@ async def test_an_attempt_that_outlived_shutdown_takes_no_slot_after_a_restart(
         pair[i].set()
         await pair[1 - i].wait()
 
-    try:
-        await jobs.start()
-        await jobs.enqueue("t")
-        await until(lambda: runs == [1])
-        with failing(jobs, "heartbeat"):
-            clock.advance(lease * 5 / 6)  # stopped for its lease: it goes on
-            with anyio.fail_after(5):
-                await caught.wait()
-            clock.advance(lease / 6 + 1)  # its lease is over
-            async with anyio.create_task_group() as recovering:
-                recovering.start_soon(jobs.runner.recover)  # requeues it, in half a beat
-                await settle(jobs)
-                clock.advance(lease / 6)
-            await until(lambda: runs == [1, 2])
-        await jobs.stop()  # the old attempt is left running
+    async with an_attempt_outliving_shutdown(jobs, clock):
         await jobs.start()
         first = await jobs.enqueue("pair", 0)
         second = await jobs.enqueue("pair", 1)
@@ -351,5 +333,3 @@ async def test_an_attempt_that_outlived_shutdown_takes_no_slot_after_a_restart(
             assert await first.result() is None
             assert await second.result() is None
         assert "outlived" in caplog.text
-    finally:
-        zombie_ends.set()
