@@ -14,13 +14,17 @@ pruning finished jobs never loses it; a schedule recorded before that existed fa
 back to the idempotency keys of its recent jobs. If slots passed since then (the app
 was down), the most recent one runs once at start when ``catch_up=True`` (the
 default) and none runs when ``catch_up=False``. A schedule never seen in the store
-has nothing to catch up: its first tick records the time it was first seen in place
-of a slot, so that a slot missed after that, before any slot ran, is caught up. A stop
-records the time of the last tick the same way: a slot of a definition changed since
-(02:00 moved to 03:00) that passed while the old one ran was not missed. Unless the last
-slot before that tick is one this start skipped (``catch_up=False``) and no process has
-recorded it since: another process, running then, whose tick for it is late (busy, its
-clock behind) still runs it, and would take such a record for the slot run here.
+has nothing to catch up: its first tick records the time it was first seen, so that a
+slot missed after that, before any slot ran, is caught up. Not as a slot handled
+(``Store.seen_until``, apart from ``Store.last_slot``): a process that saw it before
+(``catch_up=False``, which records nothing at its start) may run the slot just before
+that time, its tick for it late (busy, its clock behind), and would take such a record
+for the slot run elsewhere. A stop records the time of the last tick as a slot: a slot
+of a definition changed since (02:00 moved to 03:00) that passed while the old one ran
+was not missed. Unless the last slot before that tick is one this start left alone
+(skipped with ``catch_up=False``, or from before the schedule was seen) and no process
+has recorded it since: another process, running then, whose tick for it is late still
+runs it. The stop records the time the schedule was seen up to then instead.
 Later ticks enqueue the most recent slot that passed since the previous tick; if
 several passed at once (the process was frozen), they are coalesced into one run. A slot
 the store records as enqueued (by another process) is not enqueued again: its job may
@@ -85,7 +89,7 @@ class _Schedule:
     slots: Slots
     catch_up: bool
     cursor: float | None = None  # time of this process's previous tick
-    skipped: int | None = None  # the slot its first tick left alone (catch_up=False)
+    skipped: int | None = None  # the slot its first tick left alone (not run here)
 
 
 class Scheduler:
@@ -169,17 +173,8 @@ class Scheduler:
             if latest is None:
                 continue
             if schedule.cursor is None and latest < now:  # first tick: was a slot missed?
-                if not schedule.catch_up:
-                    schedule.skipped = latest
-                    continue
-                last = await self._last_slot(name, now)
-                if last is None:
-                    # Never seen: its slots so far came before it existed. Record that it
-                    # exists from now on, so that a slot missed while the app is down
-                    # before its first run is caught up all the same.
-                    await self.jobs.store.last_slot(name, math.floor(now))
-                    continue
-                if latest <= last:
+                if not schedule.catch_up or not await self._missed(name, latest, now):
+                    schedule.skipped = latest  # left alone here (see _left_to_others)
                     continue
                 logger.info(
                     "schedule %s missed its slot at %s while stopped; running it now",
@@ -215,6 +210,22 @@ class Scheduler:
         (busy, or its clock behind), and the key would let the slot run again."""
         recorded = await self.jobs.store.last_slot(task)
         return recorded is not None and slot <= recorded
+
+    async def _missed(self, task: str, slot: int, now: float) -> bool:
+        """Whether ``slot``, the latest before the first tick, was missed while stopped:
+        it came after the last slot recorded, else after the time the schedule was seen
+        up to. A schedule never seen has nothing to catch up: its slots so far came
+        before it existed. Its first tick records that it is seen from now on, so that a
+        slot missed while the app is down before its first run is caught up all the same;
+        apart from the last slot: ``slot`` may have come after another process saw it
+        (catch_up=False: it recorded nothing at its start), whose tick for it is late."""
+        last = await self._last_slot(task, now)
+        if last is None:
+            last = await self.jobs.store.seen_until(task)
+        if last is None:
+            await self.jobs.store.seen_until(task, math.floor(now))
+            return False
+        return slot > last
 
     async def _last_slot(self, task: str, now: float) -> int | None:
         """The latest slot of ``task`` recorded, else (recorded by an older version)
@@ -283,20 +294,28 @@ class Scheduler:
         """At stop: record the time of each schedule's last tick, as a slot, so that the
         next start catches up only slots that came after it. The last slot enqueued is
         not enough: a definition changed meanwhile (02:00 moved to 03:00) would take
-        today's 03:00, which passed while this ran, for a slot missed while stopped."""
+        today's 03:00, which passed while this ran, for a slot missed while stopped.
+        As the time the schedule was seen up to if that slot is left to others."""
         try:
             for name, schedule in list(self._schedules.items()):
-                if schedule.cursor is not None and not await self._left_to_others(schedule):
-                    await self.jobs.store.last_slot(name, math.floor(schedule.cursor))
+                if schedule.cursor is None:
+                    continue
+                last_tick = math.floor(schedule.cursor)
+                if await self._left_to_others(schedule):
+                    await self.jobs.store.seen_until(name, last_tick)
+                else:
+                    await self.jobs.store.last_slot(name, last_tick)
         except Exception:
             logger.exception("recording the last tick of the schedules failed")
 
     async def _left_to_others(self, schedule: _Schedule) -> bool:
-        """Whether the last slot up to the last tick is one the first tick skipped
-        (``catch_up=False``: missed while stopped) that no process has recorded yet. A
-        process running meanwhile, whose tick for it comes after this stop (busy, its
-        clock behind), runs it, unless the stop records a time after it: then that
-        process takes it for a slot run here (``_ran_elsewhere``), and it runs nowhere."""
+        """Whether the last slot up to the last tick is one the first tick left alone
+        (``catch_up=False``: missed while stopped; or from before the schedule was seen)
+        that no process has recorded yet. A process running meanwhile, whose tick for it
+        comes after this stop (busy, its clock behind), runs it, unless the stop records
+        a time after it as a slot: then that process takes it for a slot run here
+        (``_ran_elsewhere``), and it runs nowhere. The stop records that time as the time
+        the schedule was seen up to instead (``Store.seen_until``)."""
         skipped, cursor = schedule.skipped, schedule.cursor
         if skipped is None or cursor is None:
             return False

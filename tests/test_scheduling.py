@@ -300,6 +300,29 @@ async def test_a_schedule_moved_to_a_later_time_does_not_run_again_at_the_next_s
     assert len(await second.list(task="tick")) == 1
 
 
+async def test_a_new_schedule_moved_before_it_first_ran_does_not_run_at_the_next_start(
+    make_jobs: MakeJobs, db_url: str
+) -> None:
+    """Deployed at 10:00, nightly at 02:00, stopped at 12:00 for the next version, which
+    runs it at 11:00: today's 11:00 was not missed while the app was down (it was running
+    then), though no slot ran yet: the stop records the time it was seen up to."""
+    clock = FakeClock(start=datetime(2026, 11, 23, 10, 0, tzinfo=UTC))
+    first = make_jobs(db_url, clock=clock)
+    runs: list[float] = []
+    register_counter(first, runs, cron="0 2 * * *")
+    async with first:
+        with anyio.fail_after(5):
+            clock.advance(2 * 3600)
+            while first.scheduler._schedules["tick"].cursor != clock.now():
+                await anyio.lowlevel.checkpoint()
+    second = make_jobs(db_url, clock=clock)
+    register_counter(second, runs, cron="0 11 * * *")
+    async with second:
+        pass
+    assert runs == []
+    assert await second.list(task="tick") == []
+
+
 async def test_a_slot_missed_by_another_running_process_is_not_run_twice(
     make_jobs: MakeJobs, db_url: str, clock: FakeClock
 ) -> None:
@@ -362,6 +385,36 @@ async def test_a_slot_skipped_at_a_start_without_catch_up_still_runs_in_a_proces
     register_counter(restarted, runs, every=3600, catch_up=False)
     async with restarted:
         assert await restarted.list(task="tick") == []  # skipped here
+    behind.advance(30)
+    await drain(running)
+    assert runs == [slot]
+
+
+@pytest.mark.parametrize("stopped", [False, True], ids=["ticking", "stopped"])
+async def test_a_slot_just_before_a_catch_up_process_first_sees_the_schedule_runs_elsewhere(
+    make_jobs: MakeJobs, backend_url: str, *, stopped: bool
+) -> None:
+    """Mid-deploy, processes disagree on catch_up: one with catch_up=False runs the
+    schedule, no slot come since it started (nothing recorded). One with catch_up=True sees
+    it for the first time just after a slot, before the first one's tick for that slot (its
+    clock a little behind, or busy): for it the slot came before the schedule existed, but
+    the first one still runs it. Its first tick (and its stop) recorded the time it was
+    seen as a slot handled, and the first one took the slot for one run elsewhere: it ran
+    nowhere."""
+    slot = at(2026, 11, 23, 10, 0, tz=UTC)
+    behind = FakeClock(start=slot - 30)
+    running = make_jobs(backend_url, clock=behind)
+    runs: list[float] = []
+    register_counter(running, runs, every=3600, catch_up=False)
+    await drain(running)  # ticking, the slot not come yet by its clock
+    started = make_jobs(backend_url, clock=FakeClock(start=slot + 0.5))
+    register_counter(started, runs, every=3600)
+    if stopped:
+        async with started:
+            pass
+    else:
+        await drain(started)
+    assert await started.list(task="tick") == []  # not run there: before it existed
     behind.advance(30)
     await drain(running)
     assert runs == [slot]

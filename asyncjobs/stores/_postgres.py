@@ -76,6 +76,7 @@ from asyncjobs.stores._postgres_url import (
     _without_settings,
 )
 from asyncjobs.stores._protocol import (
+    SEEN_KEY,
     SLOT_KEY,
     JobRow,
     OpsSnapshot,
@@ -424,6 +425,10 @@ class PostgresStore(_HotPath):
     async def last_slot(self, schedule: str, slot: int | None = None) -> int | None:
         key = SLOT_KEY + schedule
         return await self._run("last_slot", lambda conn: admin.last_slot(conn, key, slot))
+
+    async def seen_until(self, schedule: str, at: int | None = None) -> int | None:
+        key = SEEN_KEY + schedule
+        return await self._run("seen_until", lambda conn: admin.last_slot(conn, key, at))
 
 
 async def _delete(

@@ -31,6 +31,7 @@ from asyncjobs.stores._outcomes import Applied, Outcome, OutcomeKind, Recovered
 __all__ = [
     "MAX_PREVIEW",
     "PREVIEWED",
+    "SEEN_KEY",
     "SLOT_KEY",
     "Applied",
     "ClaimRequest",
@@ -56,6 +57,9 @@ __all__ = [
 
 SLOT_KEY = "schedule:"
 """The ``asyncjobs_meta`` key of a schedule's last slot: this, then the schedule's name."""
+
+SEEN_KEY = "schedule-seen:"
+"""The ``asyncjobs_meta`` key of the time up to which a schedule was seen (``seen_until``)."""
 
 
 PREVIEWED = ("payload", "result", "error")
@@ -362,4 +366,11 @@ class Store(Protocol):
         """The latest slot (epoch seconds) recorded for ``schedule``, or None; with
         ``slot``, record it first (a later slot already recorded is kept). Kept apart
         from the jobs, so pruning their rows never loses it."""
+        ...
+
+    async def seen_until(self, schedule: str, at: int | None = None) -> int | None:
+        """The latest time (epoch seconds) up to which a process saw ``schedule``, or
+        None; with ``at``, record it first (a later time already recorded is kept). Apart
+        from ``last_slot``: a slot at or before it was not missed while the app was down,
+        but it may not have run yet (a process that runs it ticks later)."""
         ...

@@ -42,7 +42,13 @@ from asyncjobs._errors import ConfigurationError
 from asyncjobs.stores._claims import RateKeyed
 from asyncjobs.stores._job_rows import JobRow
 from asyncjobs.stores._ops_rows import OpsSnapshot, WorkerBeat
-from asyncjobs.stores._protocol import PREVIEWED, SLOT_KEY, checked_preview, previewed
+from asyncjobs.stores._protocol import (
+    PREVIEWED,
+    SEEN_KEY,
+    SLOT_KEY,
+    checked_preview,
+    previewed,
+)
 from asyncjobs.stores._sqlite_admin import (
     ADMIN_BATCH,
     META_VALUE,
@@ -296,11 +302,11 @@ class SQLiteStore(_HotPath):
             return 0
         return await self._transaction(_delete_ids, job_ids, now)
 
-    # meta and last_slot write only when they must: meta stores its default on first
-    # use, last_slot records a slot when given one. Otherwise they read, on the reading
-    # connection: no write lock, so neither waits for other processes' writes nor holds
-    # them up (a schedule's last slot is read on each of its due ticks), and a file that
-    # turned read-only still serves them.
+    # meta, last_slot and seen_until write only when they must: meta stores its default
+    # on first use, the others record a time when given one. Otherwise they read, on the
+    # reading connection: no write lock, so none waits for other processes' writes nor
+    # holds them up (a schedule's last slot is read on each of its due ticks), and a file
+    # that turned read-only still serves them.
 
     async def meta(self, key: str, default: str) -> str:
         stored = await self._read_call(_fetchall, META_VALUE, (key,))  # no write if stored
@@ -309,9 +315,14 @@ class SQLiteStore(_HotPath):
         return await self._transaction(_meta, key, default)
 
     async def last_slot(self, schedule: str, slot: int | None = None) -> int | None:
-        key = SLOT_KEY + schedule
-        if slot is not None:
-            return await self._transaction(_record_slot, key, slot)
+        return await self._latest(SLOT_KEY + schedule, slot)
+
+    async def seen_until(self, schedule: str, at: int | None = None) -> int | None:
+        return await self._latest(SEEN_KEY + schedule, at)
+
+    async def _latest(self, key: str, value: int | None) -> int | None:
+        if value is not None:
+            return await self._transaction(_record_slot, key, value)
         stored = await self._read_call(_fetchall, META_VALUE, (key,))
         return int(stored[0][0]) if stored else None
 

@@ -1052,6 +1052,10 @@ async def test_operations_snapshot_prune_meta_retry_dead_delete(store: Store) ->
     assert await store.last_slot("nightly", 1_700_000_000) == 1_800_000_000  # later kept
     assert await store.last_slot("hourly", 1_799_996_400) == 1_799_996_400
     assert await store.last_slot("nightly") == 1_800_000_000
+    assert await store.seen_until("nightly") is None  # apart from the last slot
+    assert await store.seen_until("nightly", 1_800_000_300) == 1_800_000_300
+    assert await store.seen_until("nightly", 1_800_000_200) == 1_800_000_300  # later kept
+    assert await store.last_slot("nightly") == 1_800_000_000
     assert await store.retry_dead(queue=None, task="t", now=T0 + 31) == 1
     assert await status(store, "b") == "queued"
     assert (

@@ -188,3 +188,4 @@ async def test_the_last_slot_is_read_without_waiting_for_another_processs_write(
         with anyio.fail_after(5):
             assert await store.last_slot("nightly") == 1_800_000_000
             assert await store.last_slot("hourly") is None
+            assert await store.seen_until("nightly") is None
