@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from plan_tables import PlanTables, fill, shared_tables
 
 from asyncjobs.stores import ClaimRequest, TaskLimits, open_store
 from asyncjobs.stores._postgres_admin import (
@@ -31,6 +32,13 @@ from asyncjobs.stores._postgres_limits import _READY, _READY_IN_QUEUES
 asyncpg = pytest.importorskip("asyncpg")
 
 RUNNING, BATCH = 250, 100
+
+
+@pytest.fixture(scope="module")
+def tables() -> Iterator[PlanTables]:
+    """Tables the read-only tests share (skips without a server)."""
+    with shared_tables() as shared:
+        yield shared
 
 
 def nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -275,20 +283,16 @@ FILL_FINISHED = (
 @pytest.mark.parametrize("queues", [None, ["default"]], ids=["any-queue", "in-queues"])
 @pytest.mark.parametrize("mode", ["force_custom_plan", "force_generic_plan"])
 async def test_whether_a_task_has_a_ready_job_is_one_seek(
-    postgres_url: str, analyzed: bool, queues: list[str] | None, mode: str
+    tables: PlanTables, analyzed: bool, queues: list[str] | None, mode: str
 ) -> None:
     """A claim under a rate limit asks whether a task whose bucket is empty has a job
     waiting (_has_ready). Of a task with none, PostgreSQL counted (from the statistics:
     a tenth queued, a fifth of this task) thousands, and read the table from the start
     to find the first: all 200,000 rows, at every claim until the bucket refilled."""
-    store = open_store(postgres_url)
-    await store.open()
-    await store.close()
-    conn = await asyncpg.connect(postgres_url)
+    rows = fill((FILL_FINISHED, [200_000]))
+    url = await tables.url(rows, "ANALYZE asyncjobs_jobs" if analyzed else None)
+    conn = await asyncpg.connect(url)  # the statement only reads: the table is shared
     try:
-        await conn.execute(FILL_FINISHED, 200_000)
-        if analyzed:
-            await conn.execute("ANALYZE asyncjobs_jobs")
         statement, args = (
             (_READY, "'t3'") if queues is None else (_READY_IN_QUEUES, "'t3', '{default}'")
         )
@@ -427,21 +431,24 @@ FILL_SPREAD = FILL_STATUS.replace("$3::float8", "$3::float8 + n")
     ],
 )
 async def test_the_snapshot_reads_the_newest_finished_jobs_not_all_of_them(
-    postgres_url: str, statement: str, args: str, analyzed: bool, mode: str
+    tables: PlanTables, statement: str, args: str, analyzed: bool, mode: str
 ) -> None:
     """The windows (jobs finished in the last minute, 5 minutes) and the samples (the
     newest succeeded and dead jobs) read each status's newest jobs in the finished
     index, (status, finished_at): older finished jobs cost them nothing."""
-    store = open_store(postgres_url)
-    await store.open()
-    await store.close()
-    conn = await asyncpg.connect(postgres_url)
+    rows = fill(
+        *(
+            step
+            for status in ("succeeded", "dead", "cancelled")
+            for step in (
+                (FILL_SPREAD, [f"old-{status}-", status, 0.0, 50_000]),
+                (FILL_SPREAD, [f"new-{status}-", status, 999_500.0, 50]),
+            )
+        )
+    )
+    url = await tables.url(rows, "ANALYZE asyncjobs_jobs" if analyzed else None)
+    conn = await asyncpg.connect(url)  # the statements only read: the table is shared
     try:
-        for status in ("succeeded", "dead", "cancelled"):
-            await conn.execute(FILL_SPREAD, f"old-{status}-", status, 0.0, 50_000)
-            await conn.execute(FILL_SPREAD, f"new-{status}-", status, 999_500.0, 50)
-        if analyzed:
-            await conn.execute("ANALYZE asyncjobs_jobs")
         await conn.execute(f"SET plan_cache_mode = {mode}")
         await conn.execute("PREPARE snapshot AS " + statement)
         text = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE snapshot({args})")

@@ -9,13 +9,19 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from plan_tables import PlanTables, fill, shared_tables
 
-from asyncjobs.stores import open_store
 from asyncjobs.stores._postgres_admin import _PRUNE_BUCKETS, _PRUNE_TALLIES
 
 asyncpg = pytest.importorskip("asyncpg")
 
 BATCH = 100
+
+
+@pytest.fixture(scope="module")
+def tables() -> Iterator[PlanTables]:
+    with shared_tables() as shared:
+        yield shared
 
 
 def nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -45,23 +51,21 @@ PER_USER = "limiter:per_user"
 @pytest.mark.parametrize("analyzed", [False, True], ids=["fresh", "analyzed"])
 @pytest.mark.parametrize("due", [1_000, 0])
 async def test_a_bucket_prune_reads_the_buckets_it_deletes_not_every_key(
-    postgres_url: str, due: int, analyzed: bool, mode: str
+    tables: PlanTables, due: int, analyzed: bool, mode: str
 ) -> None:
     """A keyed limiter keeps a bucket per key (a user, a domain): a prune batch reads
     the ones that have refilled, up to its size, not every bucket of the limiter.
     It read them all (100,000 rows removed by filter), in every process, even when
     none had refilled."""
-    store = open_store(postgres_url)
-    await store.open()
-    await store.close()
-    conn = await asyncpg.connect(postgres_url)
-    try:
+    rows = fill(
         # Not refilled, and first in the primary key and in the heap.
-        await conn.execute(FILL_BUCKETS, PER_USER, "a-kept-", 5_000_000.0, 100_000)
-        await conn.execute(FILL_BUCKETS, "limiter:other", "old-", 0.0, 20_000)
-        await conn.execute(FILL_BUCKETS, PER_USER, "b-due-", 0.0, due)
-        if analyzed:
-            await conn.execute("ANALYZE asyncjobs_rate_buckets")
+        (FILL_BUCKETS, [PER_USER, "a-kept-", 5_000_000.0, 100_000]),
+        (FILL_BUCKETS, ["limiter:other", "old-", 0.0, 20_000]),
+        (FILL_BUCKETS, [PER_USER, "b-due-", 0.0, due]),
+    )
+    url = await tables.url(rows, "ANALYZE asyncjobs_rate_buckets" if analyzed else None)
+    conn = await asyncpg.connect(url)  # the prune is rolled back: the table is shared
+    try:
         await conn.execute(f"SET plan_cache_mode = {mode}")
         await conn.execute("PREPARE prune AS " + _PRUNE_BUCKETS)
         deleting = conn.transaction()
@@ -96,29 +100,30 @@ RECENT, KEPT, DUE = 50_000, 1_000, 10
 @pytest.mark.parametrize("mode", ["force_custom_plan", "force_generic_plan"])
 @pytest.mark.parametrize("analyzed", [False, True], ids=["fresh", "analyzed"])
 async def test_a_tally_prune_reads_the_tallies_past_retention_and_seeks_their_jobs(
-    postgres_url: str, analyzed: bool, mode: str
+    tables: PlanTables, analyzed: bool, mode: str
 ) -> None:
     """The tallies of deleted batch members go past retention once their batch has no
     job left. A prune read every tally, and hashed every batch member and every job
     id against them (a read of the whole job table, once per batch of a prune); it
     reads the tallies past retention, and looks up each one's batch by a seek."""
-    store = open_store(postgres_url)
-    await store.open()
-    await store.close()
-    conn = await asyncpg.connect(postgres_url)
+    rows = fill(
+        (FILL_TALLIES, ["recent-", 5.0, RECENT]),  # within retention
+        (FILL_TALLIES, ["kept-", 1.0, KEPT]),  # each batch keeps a job
+        (FILL_MEMBERS, ["kept-", "dead", KEPT]),
+        (FILL_TALLIES, ["gone-", 1.0, DUE]),
+        (FILL_MEMBERS, ["running-", "running", RECENT]),  # other batches
+    )
+    url = await tables.url(rows, "ANALYZE" if analyzed else None)
+    conn = await asyncpg.connect(url)
     try:
-        await conn.execute(FILL_TALLIES, "recent-", 5.0, RECENT)  # within retention
-        await conn.execute(FILL_TALLIES, "kept-", 1.0, KEPT)  # each batch keeps a job
-        await conn.execute(FILL_MEMBERS, "kept-", "dead", KEPT)
-        await conn.execute(FILL_TALLIES, "gone-", 1.0, DUE)
-        await conn.execute(FILL_MEMBERS, "running-", "running", RECENT)  # other batches
-        if analyzed:
-            await conn.execute("ANALYZE")
         await conn.execute(f"SET plan_cache_mode = {mode}")
         await conn.execute("PREPARE prune AS " + _PRUNE_TALLIES)
+        pruning = conn.transaction()  # rolled back: the table is shared
+        await pruning.start()
         text = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE prune(0.0, 2.0)")
         plan = json.loads(text)[0]["Plan"]
         left = await conn.fetchval("SELECT count(*) FROM asyncjobs_batch_deleted")
+        await pruning.rollback()
     finally:
         await conn.close()
 
