@@ -1,7 +1,8 @@
 """Retention: delete finished jobs after ``retention`` and dead ones after ``dead_retention``.
 
 Rate-limit buckets go too once they have refilled (a missing bucket is a full one), so
-a keyed limiter's buckets (one per customer, per domain) do not pile up.
+a keyed limiter's buckets (one per customer, per domain) do not pile up; so do those
+of a limiter this process does not define (dropped or renamed) once long unused.
 
 The runner's maintenance loop calls ``prune_expired`` about once a minute. It
 deletes in bounded batches, one short transaction each, so a large backlog of
@@ -83,17 +84,30 @@ def refill_times(jobs: Jobs) -> dict[str, float]:
     return {name: limit.refill_seconds for name, limit in limits.items()}
 
 
+def unused_bucket_age(jobs: Jobs, refills: dict[str, float]) -> float:
+    """Seconds after which a bucket of a name this process does not define is deleted.
+
+    Such a name's rate is not known here: the limiter was dropped or renamed, or only
+    another deploy sharing the store defines it (a rolling deploy, a service with other
+    tasks). Its bucket goes once unused for as long as the store keeps any job
+    (``retention``, ``dead_retention``) or any bucket of this process takes to refill,
+    whichever is longest: a rate that takes longer still to refill gets its bucket back
+    full that much early, once that long unused."""
+    settings = jobs.settings
+    return max(settings.retention, settings.dead_retention, *refills.values())
+
+
 async def prune_full_buckets(
     jobs: Jobs, *, batch: int = BATCH, max_batches: int = MAX_BATCHES
 ) -> int:
-    """Delete the rate-limit buckets that have refilled since they were last used."""
+    """Delete the rate-limit buckets that have refilled since they were last used, and
+    those of names this process does not define unused for ``unused_bucket_age``."""
     refills = refill_times(jobs)
-    if not refills:
-        return 0
+    unused = unused_bucket_age(jobs, refills)
 
     def full(now: float) -> Awaitable[int]:
         before = {name: now - seconds for name, seconds in refills.items()}
-        return jobs.store.prune_buckets(full_before=before, limit=batch)
+        return jobs.store.prune_buckets(full_before=before, others_before=now - unused, limit=batch)
 
     return await in_batches(jobs, full, batch, max_batches)
 

@@ -167,6 +167,43 @@ async def test_rate_limit_buckets_are_pruned_once_they_have_refilled(
     assert await bucket_keys(backend_url) == []
 
 
+async def test_buckets_of_a_limiter_no_process_defines_are_pruned_once_long_unused(
+    make_jobs: MakeJobs, clock: FakeClock, backend_url: str
+) -> None:
+    """A limiter the app dropped or renamed left its buckets forever: pruning went by the
+    names the pruning process defines. Buckets of other names go once unused for
+    longer than the store keeps any job (another deploy sharing the store may still
+    define the name, with a rate this process does not know); one in use stays."""
+    old = make_jobs(backend_url, retention=HOUR)  # the deploy before a rename
+    old.limiter("per_customer", "1/m", key=lambda customer: customer)
+
+    @old.task(name="notify", limiter="per_customer")
+    async def notify(customer: str) -> None: ...
+
+    other = make_jobs(backend_url, retention=HOUR)  # a deploy that still uses its limiter
+    other.limiter("reports", "1/h")
+
+    @other.task(name="report", limiter="reports")
+    async def report() -> None: ...
+
+    pruner = make_jobs(backend_url, retention=HOUR)  # dead_retention: 4 h; no limits
+    abandoned, live = ("limiter:per_customer", "ann"), ("limiter:reports", "")
+    await old.enqueue(notify, "ann")
+    await drain(old)
+    assert await bucket_keys(backend_url) == [abandoned]
+    clock.advance(4 * HOUR - 10)
+    await other.enqueue(report)
+    await drain(other)
+    await prune_expired(pruner)
+    assert await bucket_keys(backend_url) == [abandoned, live]  # not yet 4 h unused
+    clock.advance(20)
+    await prune_expired(pruner)
+    assert await bucket_keys(backend_url) == [live]
+    clock.advance(4 * HOUR)
+    await prune_expired(pruner)
+    assert await bucket_keys(backend_url) == []
+
+
 # Jobs of one status finished at the given time (NULL: unfinished), named prefix || n.
 FILL = (
     "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) "
@@ -253,7 +290,7 @@ def steps_to_prune_buckets(path: Path, kept: int, due: int) -> tuple[int, int]:
         if due:  # FILL inserts at least one
             db.execute(FILL_BUCKETS, (due, PER_USER, "b-due-", 0.0))
         with counting_steps(db) as steps:
-            deleted = _prune_buckets(db, {PER_USER: 1_000_000.0}, 100)
+            deleted = _prune_buckets(db, {PER_USER: 1_000_000.0}, None, 100)
         db.execute("COMMIT")
         return steps.count, deleted
     finally:
@@ -270,6 +307,39 @@ def test_a_bucket_prune_reads_the_buckets_it_deletes_not_every_key(
     small, deleted = steps_to_prune_buckets(tmp_path / "small.db", 100, due)
     assert deleted == min(due, 100)
     big, deleted = steps_to_prune_buckets(tmp_path / "big.db", 100_000, due)
+    assert deleted == min(due, 100)
+    assert big < 2 * small + 100, (small, big)
+
+
+def steps_to_prune_other_names(path: Path, live: int, due: int) -> tuple[int, int]:
+    """SQLite VM steps of one bucket prune batch of 100 (and what it deleted) of the
+    names not given, out of ``due`` buckets of a dropped limiter long unused, beside
+    ``live`` buckets in use of a limiter not given and ``live`` of one given."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        migrate(db)
+        db.execute(FILL_BUCKETS, (live, "limiter:another_deploys", "a-", 5_000_000.0))
+        db.execute(FILL_BUCKETS, (live, PER_USER, "a-", 5_000_000.0))
+        if due:  # FILL inserts at least one
+            db.execute(FILL_BUCKETS, (due, "limiter:dropped", "b-", 0.0))
+        with counting_steps(db) as steps:
+            deleted = _prune_buckets(db, {PER_USER: 1_000_000.0}, 1_000_000.0, 100)
+        db.execute("COMMIT")
+        return steps.count, deleted
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("due", [1_000, 0])
+def test_a_prune_of_other_names_reads_the_names_and_the_buckets_it_deletes(
+    tmp_path: Path, due: int
+) -> None:
+    """The names not given are found by a seek each, not by reading their buckets, and
+    those in use (counted after the time) are not read either."""
+    small, deleted = steps_to_prune_other_names(tmp_path / "small.db", 100, due)
+    assert deleted == min(due, 100)
+    big, deleted = steps_to_prune_other_names(tmp_path / "big.db", 100_000, due)
     assert deleted == min(due, 100)
     assert big < 2 * small + 100, (small, big)
 

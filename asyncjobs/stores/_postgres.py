@@ -392,11 +392,14 @@ class PostgresStore(_HotPath):
             lambda conn: admin.prune(conn, finished_before, dead_before, workers_before, limit),
         )
 
-    async def prune_buckets(self, *, full_before: Mapping[str, float], limit: int) -> int:
-        if not full_before:
+    async def prune_buckets(
+        self, *, full_before: Mapping[str, float], limit: int, others_before: float | None = None
+    ) -> int:
+        if not full_before and others_before is None:
             return 0
         return await self._transaction(
-            "prune_buckets", lambda conn: admin.prune_buckets(conn, full_before, limit)
+            "prune_buckets",
+            lambda conn: admin.prune_buckets(conn, full_before, others_before, limit),
         )
 
     async def retry_dead(self, *, queue: str | None, task: str | None, now: float) -> int:

@@ -338,12 +338,19 @@ class Store(Protocol):
         has no job left."""
         ...
 
-    async def prune_buckets(self, *, full_before: Mapping[str, float], limit: int) -> int:
+    async def prune_buckets(
+        self, *, full_before: Mapping[str, float], limit: int, others_before: float | None = None
+    ) -> int:
         """Delete up to ``limit`` rate-limit buckets (one transaction) whose name is in
         ``full_before`` and whose tokens were counted before the time given for that
         name; return how many. The caller, which knows each name's rate, gives the
         time by which such a bucket has refilled: deleting it changes nothing (a missing
-        bucket is a full one), and a keyed limiter's buckets do not pile up."""
+        bucket is a full one), and a keyed limiter's buckets do not pile up.
+
+        With ``others_before``, also the buckets of every other name stored (a limiter
+        the app dropped or renamed, or one only another deploy defines) counted before
+        that time. Reads the names stored by seeks, not their buckets, and each name's
+        buckets in the order they were counted, as for ``full_before``."""
         ...
 
     async def retry_dead(self, *, queue: str | None, task: str | None, now: float) -> int:

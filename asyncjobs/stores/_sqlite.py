@@ -285,10 +285,12 @@ class SQLiteStore(_HotPath):
     ) -> int:
         return await self._transaction(_prune, finished_before, dead_before, workers_before, limit)
 
-    async def prune_buckets(self, *, full_before: Mapping[str, float], limit: int) -> int:
-        if not full_before:
+    async def prune_buckets(
+        self, *, full_before: Mapping[str, float], limit: int, others_before: float | None = None
+    ) -> int:
+        if not full_before and others_before is None:
             return 0
-        return await self._transaction(_prune_buckets, full_before, limit)
+        return await self._transaction(_prune_buckets, full_before, others_before, limit)
 
     async def retry_dead(self, *, queue: str | None, task: str | None, now: float) -> int:
         total, after = 0, _FIRST_BATCH

@@ -363,7 +363,22 @@ _PRUNE_BUCKETS = (
 )
 
 
-def _prune_buckets(db: sqlite3.Connection, full_before: Mapping[str, float], limit: int) -> int:
+# The names that have buckets, ascending, one seek each in the primary key (name, key):
+# a keyed limiter's buckets are stepped over, not read.
+BUCKET_NAMES = (
+    "WITH RECURSIVE names(name) AS (SELECT min(name) FROM asyncjobs_rate_buckets "
+    "UNION ALL SELECT (SELECT min(name) FROM asyncjobs_rate_buckets WHERE name > names.name) "
+    "FROM names WHERE names.name IS NOT NULL) SELECT name FROM names WHERE name IS NOT NULL"
+)
+
+
+def _prune_buckets(
+    db: sqlite3.Connection, full_before: Mapping[str, float], others_before: float | None,
+    limit: int,
+) -> int:  # fmt: skip
+    if others_before is not None:
+        stored = [name for (name,) in db.execute(BUCKET_NAMES)]
+        full_before = {name: full_before.get(name, others_before) for name in stored}
     deleted = 0
     for name, before in full_before.items():
         if deleted >= limit:

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from plan_tables import PlanTables, fill, shared_tables
 
-from asyncjobs.stores._postgres_admin import _PRUNE_BUCKETS, _PRUNE_TALLIES
+from asyncjobs.stores import open_store
+from asyncjobs.stores._postgres_admin import _PRUNE_BUCKETS, _PRUNE_TALLIES, BUCKET_NAMES
 
 asyncpg = pytest.importorskip("asyncpg")
 
@@ -81,6 +82,34 @@ async def test_a_bucket_prune_reads_the_buckets_it_deletes_not_every_key(
     assert plan["Actual Rows"] == min(due, BATCH)
     read = rows_read(plan)
     assert read <= 4 * BATCH, (read, plan)
+
+
+@pytest.mark.parametrize("analyzed", [False, True], ids=["fresh", "analyzed"])
+async def test_the_names_of_the_buckets_are_read_by_a_seek_each_not_every_bucket(
+    postgres_url: str, analyzed: bool
+) -> None:
+    """A prune of the names the process does not define (dropped, renamed, another
+    deploy's) lists the names stored: it steps from one to the next in the index,
+    reading a few entries a name, not the 100,000 buckets of a keyed limiter."""
+    store = open_store(postgres_url)
+    await store.open()
+    await store.close()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(FILL_BUCKETS, PER_USER, "k-", 0.0, 100_000)
+        await conn.execute(FILL_BUCKETS, "limiter:dropped", "k-", 0.0, 1_000)
+        await conn.execute(FILL_BUCKETS, "task:send", "", 0.0, 1)
+        if analyzed:
+            await conn.execute("ANALYZE asyncjobs_rate_buckets")
+        names = [r["name"] for r in await conn.fetch(BUCKET_NAMES)]
+        text = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + BUCKET_NAMES)
+        plan = json.loads(text)[0]["Plan"]
+    finally:
+        await conn.close()
+
+    assert names == ["limiter:dropped", PER_USER, "task:send"]
+    read = rows_read(plan)
+    assert read <= 20, (read, plan)
 
 
 # Tallies of deleted batch members, of batches $1 || n, finished at $2.
