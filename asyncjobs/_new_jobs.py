@@ -16,7 +16,7 @@ from asyncjobs._models import new_job_id
 from asyncjobs._settings import check_name
 from asyncjobs._tasks import JobOptions, JobSpec, Task
 from asyncjobs.stores._dependents import COUNTS_FLAG, RESULT_FLAG
-from asyncjobs.stores._job_rows import NewJob
+from asyncjobs.stores._job_rows import CheckedJob, NewJob
 
 if TYPE_CHECKING:
     from asyncjobs._ratelimit import Limiter
@@ -139,7 +139,9 @@ class _NewJobs:
         ):
             status, worker = "running", self.runner.worker_id
             lease = self.settings.visibility_timeout
-        return NewJob(
+        # Checked: what it is built from was (options, definition, arguments), so the
+        # store does not check it again (``check_new_jobs``).
+        return CheckedJob(
             id=job_id,
             task=spec.task,
             queue=queue,

@@ -193,6 +193,20 @@ MAX_KEY_BYTES = 1000
 name and its key, and refuses an index entry over about 2,700 bytes: the claim that
 took the first token of a longer key failed, and with it every claim of the store."""
 
+
+def is_bucket_key(key: str) -> bool:
+    """Whether a bucket can be stored under ``key``: storable text of at most
+    ``MAX_KEY_BYTES`` as UTF-8."""
+    return is_storable(key) and (
+        len(key) <= MAX_KEY_BYTES // 4 or len(key.encode()) <= MAX_KEY_BYTES
+    )
+
+
+KEY_RULE = (
+    "a key must be text without NUL characters or lone surrogates, of at most "
+    f"{MAX_KEY_BYTES} bytes as UTF-8 (key on a shorter value, or a hash of it)"
+)
+
 KeyFunction = Callable[..., Any]
 """Computes a bucket key from a job's arguments: ``key(*args, **kwargs)``."""
 
@@ -222,12 +236,8 @@ class Limiter:
                 "it must return a string, an int or None"
             )
         key = str(value)
-        if not is_storable(key) or (
-            len(key) > MAX_KEY_BYTES // 4 and len(key.encode()) > MAX_KEY_BYTES
-        ):
+        if not is_bucket_key(key):
             raise ConfigurationError(
-                f"the key function of limiter {self.name!r} returned {value!r:.200}; "
-                "a key must be text without NUL characters or lone surrogates, of at most "
-                f"{MAX_KEY_BYTES} bytes as UTF-8 (key on a shorter value, or a hash of it)"
+                f"the key function of limiter {self.name!r} returned {value!r:.200}; {KEY_RULE}"
             )
         return key

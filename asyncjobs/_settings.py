@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, cast
 
 from asyncjobs._clock import Clock
@@ -229,6 +229,18 @@ def is_name(value: str) -> bool:
 MAX_DELAY = 100 * 365.25 * 86400.0
 """The furthest ahead a job can be scheduled (100 years): beyond it dates stop being
 representable as ``datetime`` and every read of the job would fail."""
+
+
+def check_instant(value: object, what: str) -> float:
+    """An instant in epoch seconds (a job's ``run_at``) that reads back as a ``datetime``:
+    a NaN, an infinity or a date past year 9999 made every read of the job fail."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(f"{what} must be epoch seconds, got {value!r}")
+    try:
+        datetime.fromtimestamp(value, UTC)
+    except (OverflowError, ValueError, OSError) as error:
+        raise ConfigurationError(f"{what} is out of range: {error}") from None
+    return float(value)
 
 
 def check_text(value: object, what: str, *, max_length: int) -> str:

@@ -6,7 +6,7 @@ import dataclasses
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Generic, ParamSpec, TypeVar
 
 from asyncjobs._arguments import Arguments
@@ -15,6 +15,7 @@ from asyncjobs._errors import ConfigurationError
 from asyncjobs._ratelimit import RateLimit, parse_rate
 from asyncjobs._settings import (
     Seconds,
+    check_instant,
     check_name,
     check_text,
     positive_int,
@@ -42,10 +43,29 @@ def check_priority(priority: object) -> int:
     return priority
 
 
+MAX_RETRIES = 1000
+
+
 def check_retries(retries: object) -> int:
-    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 1000:
-        raise ConfigurationError(f"retries must be a whole number from 0 to 1000, got {retries!r}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
+        raise ConfigurationError(
+            f"retries must be a whole number from 0 to {MAX_RETRIES}, got {retries!r}"
+        )
     return retries
+
+
+def check_max_attempts(max_attempts: object) -> int:
+    """A job's ``max_attempts`` as stored: its retries plus one."""
+    if (
+        isinstance(max_attempts, bool)
+        or not isinstance(max_attempts, int)
+        or not 1 <= max_attempts <= MAX_RETRIES + 1
+    ):
+        raise ConfigurationError(
+            f"max_attempts must be a whole number from 1 to {MAX_RETRIES + 1} (retries + 1), "
+            f"got {max_attempts!r}"
+        )
+    return max_attempts
 
 
 def check_delay(delay: Seconds) -> float:
@@ -109,10 +129,10 @@ def make_options(
                 f"run_at must be timezone-aware (e.g. datetime.now(UTC)), got naive {run_at!r}"
             )
         try:
-            run_at_epoch = run_at.timestamp()
-            datetime.fromtimestamp(run_at_epoch, UTC)  # readable back as a datetime
+            epoch = run_at.timestamp()
         except (OverflowError, ValueError, OSError) as error:
             raise ConfigurationError(f"run_at {run_at!r} is out of range: {error}") from None
+        run_at_epoch = check_instant(epoch, f"run_at {run_at!r}")  # readable back
     if idempotency_key is not None:
         check_text(idempotency_key, "idempotency_key", max_length=500)
     return JobOptions(

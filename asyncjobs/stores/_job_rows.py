@@ -2,13 +2,28 @@
 an insert returns; and ``JobRow``, a stored job.
 
 Values of the contract between asyncjobs and a database (``_protocol``): times are
-epoch seconds, JSON columns raw text.
+epoch seconds, JSON columns raw text. A store checks the jobs it is given to insert
+(``check_new_jobs``) with the checks ``Jobs`` applies to what it is given: the
+``CheckedJob`` rows ``Jobs`` builds from what it checked are not checked again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
+
+from asyncjobs._codec import decode, decode_payload
+from asyncjobs._errors import ConfigurationError
+from asyncjobs._ratelimit import KEY_RULE, is_bucket_key
+from asyncjobs._settings import (
+    check_instant,
+    check_name,
+    check_text,
+    is_storable,
+    job_id_or_none,
+    seconds,
+)
+from asyncjobs._tasks import check_max_attempts, check_priority
 
 
 class NewJob(NamedTuple):
@@ -46,6 +61,91 @@ class NewJob(NamedTuple):
         """When the lease of this job, inserted running at ``now``, ends (None: it is
         not inserted running)."""
         return None if self.worker is None or self.lease is None else now + self.lease
+
+
+class CheckedJob(NewJob):
+    """A ``NewJob`` that ``Jobs`` built from what it checked (the task's definition, the
+    options given, the arguments it encoded): a store inserts it without checking it
+    again, so an enqueue is checked once."""
+
+    __slots__ = ()
+
+
+def check_new_jobs(jobs: Sequence[NewJob]) -> None:
+    """Refuse (``ConfigurationError``) a job ``Jobs`` would never build, before a store
+    writes any of ``jobs``: each but a ``CheckedJob`` goes through ``check_new_job``."""
+    for job in jobs:
+        if type(job) is not CheckedJob:
+            check_new_job(job)
+
+
+_INSERTED_AS = ("queued", "scheduled", "waiting", "running")
+
+
+def check_new_job(job: NewJob) -> None:
+    """Check a job given to ``Store.insert``, as ``Jobs`` checks what it is given.
+
+    Such a row broke what reads it: a priority beyond PostgreSQL's integer, a date no
+    ``datetime`` holds (every list of jobs failed), a job running without a worker or a
+    lease (never recovered), a payload that is not what ``encode_payload`` writes, an
+    empty queue no worker names, a bucket key over PostgreSQL's index limit (every claim
+    of its limiter failed)."""
+    ids: tuple[tuple[object, str], ...] = (
+        (job.id, "job id"), (job.chain_next, "chain_next"), (job.batch_id, "batch_id")
+    )  # fmt: skip
+    for value, what in ids:
+        if value is not None and (not isinstance(value, str) or job_id_or_none(value) is None):
+            raise ConfigurationError(
+                f"{what} must be a job id: a non-empty string of at most 1000 characters "
+                f"without NUL characters or lone surrogates, got {value!r:.200}"
+            )
+    check_name(job.task, "task name")
+    check_name(job.queue, "queue")
+    if job.group_key is not None:
+        check_name(job.group_key, "group")
+    check_priority(job.priority)
+    check_max_attempts(job.max_attempts)
+    check_instant(job.run_at, "run_at")
+    if job.idempotency_key is not None:
+        check_text(job.idempotency_key, "idempotency_key", max_length=500)
+    if job.status not in _INSERTED_AS:
+        raise ConfigurationError(
+            f"a job is inserted {', '.join(map(repr, _INSERTED_AS))}, got status {job.status!r}"
+        )
+    if (job.status == "running") != (job.worker is not None):
+        raise ConfigurationError(
+            "a job is inserted 'running' with the worker that runs it, and only then: got "
+            f"status {job.status!r} and worker {job.worker!r}"
+        )
+    if job.worker is not None:
+        check_text(job.worker, "worker", max_length=1000)
+        seconds(job.lease, "lease", allow_zero=False)
+    rate_key: object = job.rate_key
+    if rate_key is not None and (not isinstance(rate_key, str) or not is_bucket_key(rate_key)):
+        raise ConfigurationError(f"rate_key {rate_key!r:.200} is refused: {KEY_RULE}")
+    _check_json(job)
+
+
+def _check_json(job: NewJob) -> None:
+    try:
+        decode_payload(job.payload)  # ValueError if not text, or not such an object
+        if not is_storable(job.payload):  # PostgreSQL refuses NUL, UTF-8 a lone surrogate
+            raise ValueError("NUL characters or lone surrogates")
+    except ValueError as error:
+        raise ConfigurationError(
+            'payload must be JSON text of an object {"args": [...], "kwargs": {...}}, as '
+            f"asyncjobs.Jobs encodes arguments; got {job.payload!r:.200} ({error})"
+        ) from None
+    text: object = job.options
+    if text is not None:
+        try:
+            options = decode(text) if isinstance(text, str) else None
+        except ValueError:
+            options = None
+        if not isinstance(options, dict):
+            raise ConfigurationError(
+                f"options must be None or JSON text of an object, got {text!r:.200}"
+            )
 
 
 class Inserted(list[str]):

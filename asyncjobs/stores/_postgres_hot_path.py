@@ -24,6 +24,7 @@ from asyncjobs._errors import StoreError
 from asyncjobs.stores import _postgres_admin as admin
 from asyncjobs.stores import _postgres_claim as claims
 from asyncjobs.stores import _postgres_finish as finishes
+from asyncjobs.stores._job_rows import check_new_jobs
 from asyncjobs.stores._postgres_connections import _Connections
 from asyncjobs.stores._postgres_enqueue import insert_jobs
 from asyncjobs.stores._postgres_errors import NotSent, answered, backoff
@@ -132,6 +133,7 @@ class _HotPath(_Connections):
     # -- enqueue ---------------------------------------------------------------------
 
     async def insert(self, jobs: Sequence[NewJob], *, now: float | Callable[[], float]) -> Inserted:
+        check_new_jobs(jobs)
         began = now() if callable(now) else now  # no later than the insert's own time
         if not jobs:
             return Inserted(at=began)
@@ -164,6 +166,7 @@ class _HotPath(_Connections):
         self, conn: Connection, jobs: Sequence[NewJob], *, now: float
     ) -> Inserted:
         """Insert through the caller's connection (and so its open transaction)."""
+        check_new_jobs(jobs)
         await self.open()
         if self._schema is None:  # pragma: no cover - set by open()
             raise StoreError(f"PostgreSQL store {self!r} is closed")

@@ -145,6 +145,10 @@ class Store(Protocol):
         ``seqs``. ``now`` may be a clock, read once the store holds the write lock
         (or a connection), so that no wait for it comes off the lease; the time read
         is the result's ``at``.
+
+        Refuses (``ConfigurationError``, nothing written) a job ``Jobs`` would never
+        build (``_job_rows.check_new_jobs``): one given as a ``CheckedJob``, built by
+        ``Jobs`` from what it checked, is taken as it is.
         """
         ...
 

@@ -24,7 +24,7 @@ import anyio
 import anyio.lowlevel
 
 from asyncjobs.stores._claims import ClaimRequest
-from asyncjobs.stores._job_rows import Inserted, JobRow, NewJob
+from asyncjobs.stores._job_rows import Inserted, JobRow, NewJob, check_new_jobs
 from asyncjobs.stores._outcomes import Outcome, Recovered
 from asyncjobs.stores._sqlite_admin import _recover
 from asyncjobs.stores._sqlite_claim import _claim, _finish_and_claim
@@ -133,6 +133,7 @@ class _HotPath(_Connections):
     # -- enqueue ---------------------------------------------------------------------
 
     async def insert(self, jobs: Sequence[NewJob], *, now: float | Callable[[], float]) -> Inserted:
+        check_new_jobs(jobs)
         if len(jobs) <= _INSERT_CHUNK and all(j.idempotency_key is None for j in jobs):
             # The common enqueue is one INSERT statement, atomic on its own (autocommit);
             # like BEGIN IMMEDIATE it takes the write lock up front, in two fewer steps.

@@ -21,7 +21,7 @@ from asyncjobs import ConfigurationError, Jobs, JobStatus, StoreError, Task, cur
 from asyncjobs._errors import DataRefused
 from asyncjobs.stores import ClaimRequest, PostgresStore, TaskLimits, _postgres_claim
 from asyncjobs.stores._claims import Claimed
-from asyncjobs.stores._job_rows import Inserted, NewJob
+from asyncjobs.stores._job_rows import CheckedJob, Inserted, NewJob
 from asyncjobs.stores._ops_rows import WorkerBeat
 from asyncjobs.stores._outcomes import Outcome, OutcomeKind
 from asyncjobs.testing import FakeClock
@@ -1154,10 +1154,11 @@ async def test_a_dispatched_insert_the_server_refused_is_not_looked_for_later(
             worker="w", tasks={"t": TaskLimits(max_attempts=1)}, queues=None, limit=1,
             lease=60.0,
         )  # fmt: skip
-        refused = new_job("d")._replace(
+        # As Jobs built it (CheckedJob): the store's own checks would refuse it first.
+        refused = CheckedJob(*new_job("d")._replace(
             status="running", worker="w", lease=60, idempotency_key=key,
             payload='{"args":["\x00"],"kwargs":{}}',
-        )  # fmt: skip
+        ))  # fmt: skip
         with pytest.raises(DataRefused):
             await store.insert([refused], now=100.0)
         assert await store.claim(request, now=101.0) == []

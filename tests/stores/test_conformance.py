@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import pytest
 
-from asyncjobs._errors import DataRefused, StoreError
+from asyncjobs._errors import ConfigurationError, DataRefused, StoreError
 from asyncjobs.stores import (
     ClaimRequest,
     JobRow,
@@ -27,6 +27,7 @@ from asyncjobs.stores import (
     TaskLimits,
     open_store,
 )
+from asyncjobs.stores._job_rows import CheckedJob
 from asyncjobs.stores._ops_rows import WorkerBeat
 
 T0 = 1_000_000.0
@@ -985,8 +986,10 @@ async def test_a_value_the_driver_cannot_send_is_refused_as_data(store: Store) -
         await store.list(task="\ud800", now=T0)
     with pytest.raises(DataRefused):
         await store.list(before_seq=2**63, now=T0)
-    with pytest.raises(DataRefused):
+    with pytest.raises(ConfigurationError):  # the store's own check, before the driver
         await store.insert([new("b", queue="\udcff")], now=T0)
+    with pytest.raises(DataRefused):  # past it (as Jobs built it): the driver's refusal
+        await store.insert([CheckedJob(*new("b", queue="\udcff"))], now=T0)
     assert [row.id for row in await store.list(now=T0)] == ["a"]  # the store goes on
 
 
