@@ -164,12 +164,8 @@ def _candidates(
         after = (rows[-1][1], rows[-1][0])
     if task in admission.blocked_tasks:
         return
-    head_where, head_params = _head(admission, task, keyed_only)
-    end = db.execute(
-        "SELECT priority, seq FROM asyncjobs_jobs "  # noqa: S608 - fixed terms, ? placeholders
-        f"WHERE {' AND '.join(head_where)} ORDER BY priority DESC, seq LIMIT 1 OFFSET ?",
-        (*head_params, WINDOW - 1),
-    ).fetchone()
+    last, last_params = _ready(admission, task, keyed_only, last=True)
+    end = db.execute(last, (*last_params, WINDOW - 1)).fetchone()
     if end is None:
         return  # the window held every ready job
     past = [_group_heads(db, admission, task, keyed_only, (end[0], end[1]), walks)]
@@ -184,17 +180,42 @@ def _candidates(
             yield job
 
 
-def _head(admission: Admission, task: str, keyed_only: bool) -> tuple[list[str], list[Any]]:
-    """The terms (and their parameters) that pick the task's ready jobs for this claim."""
-    where = ["status = 'queued'", "behind IS NULL", "task = ?"]
-    params: list[Any] = [task]
+def _ready(
+    admission: Admission, task: str, keyed_only: bool, *, last: bool = False
+) -> tuple[str, list[Any]]:
+    """A select of the task's ready jobs this claim may take (in its queues), in claim
+    order, among its first ``WINDOW``, and its parameters; it ends in a ``LIMIT ?``, whose
+    value the caller adds (``last``: the priority and seq of one, ``LIMIT 1 OFFSET ?``).
+
+    From some queues, a walk of asyncjobs_jobs_ready_task_queue (migration 0018) a
+    queue, merged in claim order: one walk of the task's ready jobs testing the queue
+    read every other queue's jobs of the task on the way (214,000 VM steps a claim of
+    100 behind 20,000 in another, 34,000 alone)."""
+    columns = "priority, seq" if last else "seq, priority, queue, rate_key, group_key, key_pending"
+    tail = "LIMIT 1 OFFSET ?" if last else "LIMIT ?"
+    where = "status = 'queued' AND behind IS NULL AND task = ?"
     if keyed_only:
-        where.append("rate_key IS NOT NULL")
+        where += " AND rate_key IS NOT NULL"
     queues = admission.request.queues
-    if queues is not None:
-        where.append("queue IN (SELECT value FROM json_each(?))")
-        params.append(json.dumps(list(queues)))
-    return where, params
+    if queues is None:
+        return (
+            f"SELECT {columns} FROM asyncjobs_jobs WHERE {where} "  # noqa: S608 - constants
+            f"ORDER BY priority DESC, seq {tail}",
+            [task],
+        )
+    arms: list[str] = []
+    params: list[Any] = []
+    names: list[str | None] = [*sorted(set(queues))] or [None]  # []: "queue = NULL", none
+    for queue in names:
+        arms.append(
+            f"SELECT {columns} FROM asyncjobs_jobs "  # noqa: S608 - constants
+            f"INDEXED BY asyncjobs_jobs_ready_task_queue WHERE {where} AND queue = ?"
+        )
+        params.extend((task, queue))
+    # A compound's ORDER BY merges its arms, each read in the index's order, and stops
+    # at the LIMIT; arms of their own ORDER BY ... LIMIT were each sorted again.
+    union = " UNION ALL ".join(arms)
+    return f"{union} ORDER BY priority DESC, seq {tail}", params
 
 
 def _filters(admission: Admission, task: str, *, keys: bool) -> tuple[list[str], list[Any]]:
@@ -221,16 +242,14 @@ def _page(
     after: tuple[int, int] | None,
     keyed_only: bool,
 ) -> list[Any]:
-    head_where, head_params = _head(admission, task, keyed_only)
+    head, head_params = _ready(admission, task, keyed_only)
     where, params = _filters(admission, task, keys=True)
     if after is not None:
         where.append("(j.priority < ? OR (j.priority = ? AND j.seq > ?))")
         params.extend((after[0], after[0], after[1]))
     # Only fixed terms with ? placeholders are joined; values go in params.
     sql = (
-        "WITH head AS (SELECT seq, priority, queue, rate_key, group_key, key_pending "  # noqa: S608
-        f"FROM asyncjobs_jobs WHERE {' AND '.join(head_where)} "
-        "ORDER BY priority DESC, seq LIMIT ?) "
+        f"WITH head AS ({head}) "  # noqa: S608 - fixed terms, ? placeholders
         "SELECT j.seq, j.priority, j.queue, j.rate_key, j.key_pending FROM head AS j "
         f"WHERE {' AND '.join(where)} ORDER BY j.priority DESC, j.seq LIMIT ?"
     )
