@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from plan_tables import PlanTables, fill, shared_tables
 
+from asyncjobs import RateLimit
 from asyncjobs.stores import ClaimRequest, TaskLimits, open_store
 from asyncjobs.stores._postgres_admin import (
     _PRUNE_CANCELLED,
@@ -267,6 +268,78 @@ async def test_a_claim_from_some_queues_reads_none_of_the_other_queues_jobs(
     assert pages <= 2 * STEP * BATCH, pages
     if others > BATCH:  # (210 jobs analysed: the table whole at each step, 4 pages)
         assert rows <= 2 * STEP * BATCH, rows
+
+
+class ExplainedHeads:
+    """A connection whose statements that read the heads of the tasks' ready jobs under
+    limits (_postgres_limits._HEADS) are run under EXPLAIN (ANALYZE, BUFFERS) too: their
+    plans in ``plans``. Each is then run as usual, so the claim goes on."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self.plans: list[dict[str, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    async def fetch(self, query: str, *args: Any) -> list[Any]:
+        if "AS t(name, keyed_only)" in query:
+            explain = "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + query
+            self.plans.append(json.loads(await self._conn.fetchval(explain, *args))[0]["Plan"])
+        return list(await self._conn.fetch(query, *args))
+
+
+# Before the walk per queue, every one of 20,000 fresh or analysed: the claim read the
+# task's jobs in queue a on its way (20,000 rows).
+@pytest.mark.parametrize("others", [10, 20_000])
+@pytest.mark.parametrize("analyzed", [False, True], ids=["fresh", "analyzed"])
+@pytest.mark.parametrize(
+    "limits",
+    [
+        TaskLimits(max_attempts=3, concurrency=1_000),
+        TaskLimits(max_attempts=3, rate_limit=RateLimit(rate=1_000, per=1)),
+    ],
+    ids=["concurrency", "rate_limit"],
+)
+async def test_a_limited_claim_from_some_queues_reads_none_of_the_other_queues_jobs(
+    postgres_url: str, analyzed: bool, others: int, limits: TaskLimits
+) -> None:
+    """As test_a_claim_from_some_queues_reads_none_of_the_other_queues_jobs, under a
+    concurrency or rate limit on the task: the heads of its ready jobs are read a queue
+    at a time, in proportion to what the claim takes, whatever the backlog of the task
+    in another queue."""
+    store = open_store(postgres_url)
+    await store.open()  # the schema
+    await store.close()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(FILL_QUEUE, "a-", "a", others, 7)
+        await conn.execute(FILL_QUEUE, "b-", "b", 150, 5)
+        await conn.execute(FILL_QUEUE, "c-", "c", 50, 3)
+        if analyzed:
+            await conn.execute("ANALYZE asyncjobs_jobs")
+        explained = ExplainedHeads(conn)
+        request = replace(CLAIM, tasks={"t": limits}, queues=["b", "c"])
+        async with conn.transaction():
+            claimed = await claim(explained, request, 2.0, "token")  # type: ignore[arg-type]
+    finally:
+        await conn.close()
+
+    assert len(claimed) == BATCH
+    assert {job.queue for job in claimed} == {"b", "c"}
+    assert explained.plans
+    steps = [
+        n
+        for plan in explained.plans
+        for n in nodes(plan)
+        if n.get("Relation Name") == "asyncjobs_jobs"
+    ]
+    rows = sum(
+        (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"] for n in steps
+    )
+    pages = sum(n["Shared Hit Blocks"] + n["Shared Read Blocks"] for n in steps)
+    assert pages <= 2 * STEP * BATCH, pages
+    assert rows <= 2 * STEP * BATCH, rows
 
 
 # Finished jobs of five tasks, and queued jobs of the first alone (every tenth job).

@@ -89,6 +89,10 @@ ALLOWED: dict[tuple[str, str, str], str] = {
         "tests of a row built by _first_pages and _next_page: constant text but for their "
         "$n parameter numbers (len(params)); the values are parameters"
     ),
+    ("stores/_postgres_limits.py", "_heads", "queues"): (
+        "the array of queues of _first_pages and _next_page: '$n::text[]', constant text but "
+        "for its parameter number (len(params)); the queues are a parameter"
+    ),
 }
 
 
