@@ -176,6 +176,12 @@ async def claim(
         after = f"${len(params)}::text"
         taken = _TAKE_READY.format(
             plain_next=_PLAIN_NEXT_IN_QUEUES.format(queues=queues) if queues else _PLAIN_NEXT,
+            grouped_first=(
+                _GROUPED_FIRST_IN_QUEUES.format(queues=queues) if queues else _GROUPED_FIRST
+            ),
+            grouped_next=(
+                _GROUPED_NEXT_IN_QUEUES.format(queues=queues) if queues else _GROUPED_NEXT
+            ),
             queues_w="AND w" + in_queues if in_queues else "",
             queues_f="AND f" + in_queues if in_queues else "",
             limit=f"${limit_at}",
@@ -284,8 +290,9 @@ _TURN = f"CASE WHEN (SELECT bool_or(walked) FROM taken) THEN {GROUP_TURN} END"  
 # order), so walking the ready jobs in claim order walked the backlog of a large group,
 # every one of them unclaimable.
 #
-# The heads are read from the first {window} ready jobs of any group, in claim order
-# (first_grouped), one seek each (_NEXT): read in one "ORDER BY ... LIMIT {window}", on
+# The heads are read from the first {window} ready jobs of any group (of the claim's
+# queues, if it serves some: _GROUPED_NEXT_IN_QUEUES), in claim order (first_grouped),
+# one seek each (_NEXT): read in one "ORDER BY ... LIMIT {window}", on
 # a table never analysed PostgreSQL read every ready job of a group and sorted them (a
 # bitmap scan: 40,000 rows a claim behind 20,000 jobs of groups). The heads among them
 # that this claim may take (its tasks, its queues) come first among all heads up to the
@@ -332,12 +339,27 @@ _PLAIN_NEXT_IN_QUEUES = f"""SELECT n.priority, n.seq FROM unnest({{queues}}) AS 
 }) AS n ORDER BY n.priority DESC, n.seq LIMIT 1"""  # noqa: S608 - constants
 _GROUPED = "j.status = 'queued' AND j.group_key IS NOT NULL"
 _GROUPED_COLUMNS = "j.seq, j.priority, j.group_key, j.task, j.queue"
+_GROUPED_FIRST = f"""SELECT 1, {_GROUPED_COLUMNS} FROM asyncjobs_jobs AS j
+     WHERE {_GROUPED} ORDER BY j.priority DESC, j.seq LIMIT 1"""  # noqa: S608 - constants
+_GROUPED_NEXT = _NEXT.format(where=_GROUPED, cursor="f", columns=_GROUPED_COLUMNS)
+# ...of a claim from some queues ({queues}): each queue's first or next job of a group,
+# a seek each in asyncjobs_jobs_ready_queue_grouped (migration 21), and the first of
+# them. The window of every queue's was filled by other queues' groups: the claim then
+# found its queues' heads only on its walk through the groups past the window
+# (GROUPS_PER_CLAIM a claim, in name order), none at all while those were others'.
+_GROUPED_FIRST_IN_QUEUES = f"""SELECT 1, n.* FROM unnest({{queues}}) AS q(queue)
+     CROSS JOIN LATERAL (SELECT {_GROUPED_COLUMNS} FROM asyncjobs_jobs AS j
+        WHERE {_GROUPED} AND j.queue = q.queue ORDER BY j.priority DESC, j.seq LIMIT 1) AS n
+     ORDER BY n.priority DESC, n.seq LIMIT 1"""  # noqa: S608 - constants
+_GROUPED_NEXT_IN_QUEUES = f"""SELECT n.* FROM unnest({{queues}}) AS q(queue)
+        CROSS JOIN LATERAL ({
+    _NEXT.format(where=_GROUPED + " AND j.queue = q.queue", cursor="f", columns=_GROUPED_COLUMNS)
+}) AS n ORDER BY n.priority DESC, n.seq LIMIT 1"""  # noqa: S608 - constants
 _TAKE_READY = f"""first_grouped (n, seq, priority, group_key, task, queue) AS (
-    (SELECT 1, {_GROUPED_COLUMNS} FROM asyncjobs_jobs AS j
-     WHERE {_GROUPED} ORDER BY j.priority DESC, j.seq LIMIT 1)
+    ({{grouped_first}})
     UNION ALL
     SELECT f.n + 1, x.* FROM first_grouped AS f CROSS JOIN LATERAL (
-        {_NEXT.format(where=_GROUPED, cursor="f", columns=_GROUPED_COLUMNS)}) AS x
+        {{grouped_next}}) AS x
     WHERE f.n < {{window}}
 ), window_heads AS MATERIALIZED (
     SELECT array_agg(w.seq ORDER BY w.priority DESC, w.seq) AS seqs,

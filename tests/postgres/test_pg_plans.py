@@ -270,6 +270,59 @@ async def test_a_claim_from_some_queues_reads_none_of_the_other_queues_jobs(
         assert rows <= 2 * STEP * BATCH, rows
 
 
+# As FILL_QUEUE, each job in a group of its own ($1 || n).
+FILL_QUEUE_GROUPS = FILL_QUEUE.replace(
+    "run_at, enqueued_at)", "run_at, enqueued_at, group_key)"
+).replace("1.0 FROM", "1.0, $1 || n FROM")
+
+
+# Before the window a queue at a time, 20,000 fresh or analysed: the claim took none.
+@pytest.mark.parametrize("others", [10, 20_000])
+@pytest.mark.parametrize("analyzed", [False, True], ids=["fresh", "analyzed"])
+async def test_a_claim_from_some_queues_reads_their_groups_heads_not_the_other_queues(
+    postgres_url: str, analyzed: bool, others: int
+) -> None:
+    """As test_a_claim_from_some_queues_reads_none_of_the_other_queues_jobs, every job in
+    a group of its own. The window of the heads of groups a claim reads first (in claim
+    order) was the first jobs of groups of every queue: filled by queue a's, the claim
+    looked for b's and c's heads only on its walk through the groups past it, 256 groups a
+    claim in name order (here a's alone), and took none."""
+    store = open_store(postgres_url)
+    await store.open()  # the schema
+    await store.close()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(FILL_QUEUE_GROUPS, "a-", "a", others, 7)
+        await conn.execute(FILL_QUEUE_GROUPS, "b-", "b", 150, 5)
+        await conn.execute(FILL_QUEUE_GROUPS, "c-", "c", 50, 3)
+        if analyzed:
+            await conn.execute("ANALYZE asyncjobs_jobs")
+        explained = Explained(conn)
+        async with conn.transaction():
+            await claim(explained, replace(CLAIM, queues=["b", "c"]), 2.0, "token")  # type: ignore[arg-type]
+    finally:
+        await conn.close()
+
+    updated = [n for n in nodes(explained.plan) if n["Node Type"] == "ModifyTable"]
+    assert [n["Actual Rows"] for n in updated] == [BATCH]
+    steps = [
+        n
+        for n in nodes(explained.plan)
+        if n.get("Relation Name") == "asyncjobs_jobs"
+        and n["Node Type"] != "ModifyTable"
+        and n not in updated[0].get("Plans", [])  # the update's own read of its rows
+    ]
+    rows = sum(
+        (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"] for n in steps
+    )
+    pages = sum(n["Shared Hit Blocks"] + n["Shared Read Blocks"] for n in steps)
+    # Each step reads each queue's next job of a group (two seeks a queue) and tests the
+    # head's group (two more): about 2,300 pages here, beside 10 jobs in a or 20,000.
+    assert pages <= 3 * STEP * BATCH, pages
+    if others > BATCH:  # (210 jobs analysed: the table whole at each step, 6 pages)
+        assert rows <= 2 * STEP * BATCH, rows
+
+
 class ExplainedHeads:
     """A connection whose statements that read the heads of the tasks' ready jobs under
     limits (_postgres_limits._HEADS) are run under EXPLAIN (ANALYZE, BUFFERS) too: their

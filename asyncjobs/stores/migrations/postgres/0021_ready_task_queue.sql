@@ -11,6 +11,15 @@
 -- them), and merges them in claim order. A job is in one of the two: each insert and
 -- each claim of a queued job writes one more index entry.
 --
+-- A plain claim from some queues reads the heads of groups first among the first jobs
+-- of groups in claim order (_postgres_claim._TAKE_READY), one seek a job in
+-- asyncjobs_jobs_ready_grouped: those of every queue, so a backlog of groups in another
+-- queue filled them, and the claim found its queues' heads only on its walk through the
+-- groups, 256 a claim in name order (behind 20,000 groups in another queue named before
+-- them: none). It now reads its queues' first jobs of groups, a seek a queue a step,
+-- through asyncjobs_jobs_ready_queue_grouped. Each insert and claim of a queued job of
+-- a group writes one more index entry.
+--
 -- CREATE INDEX (not CONCURRENTLY: migrations run in a transaction) blocks writes to the
 -- job table while it builds, a moment for a table of a few million rows.
 CREATE INDEX asyncjobs_jobs_ready_task_queue_plain
@@ -18,4 +27,6 @@ CREATE INDEX asyncjobs_jobs_ready_task_queue_plain
     WHERE status = 'queued' AND group_key IS NULL;
 CREATE INDEX asyncjobs_jobs_ready_task_queue_grouped
     ON asyncjobs_jobs (task, queue, priority DESC, seq)
+    WHERE status = 'queued' AND group_key IS NOT NULL;
+CREATE INDEX asyncjobs_jobs_ready_queue_grouped ON asyncjobs_jobs (queue, priority DESC, seq)
     WHERE status = 'queued' AND group_key IS NOT NULL;
