@@ -343,7 +343,7 @@ _GROUPED_FIRST = f"""SELECT 1, {_GROUPED_COLUMNS} FROM asyncjobs_jobs AS j
      WHERE {_GROUPED} ORDER BY j.priority DESC, j.seq LIMIT 1"""  # noqa: S608 - constants
 _GROUPED_NEXT = _NEXT.format(where=_GROUPED, cursor="f", columns=_GROUPED_COLUMNS)
 # ...of a claim from some queues ({queues}): each queue's first or next job of a group,
-# a seek each in asyncjobs_jobs_ready_queue_grouped (migration 21), and the first of
+# a seek each in asyncjobs_jobs_ready_queue_grouped (migration 20), and the first of
 # them. The window of every queue's was filled by other queues' groups: the claim then
 # found its queues' heads only on its walk through the groups past the window
 # (GROUPS_PER_CLAIM a claim, in name order), none at all while those were others'.

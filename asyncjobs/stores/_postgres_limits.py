@@ -175,7 +175,7 @@ _PLAIN = f"""SELECT {_COLUMNS} FROM asyncjobs_jobs AS j
 # From some queues ({queues}: their array, each once), the same a queue at a time, each
 # queue's first in claim order, then the first of them all: the jobs of no group and of
 # groups apart, a walk each of asyncjobs_jobs_ready_task_queue_plain and _grouped
-# (migration 21). Read through the task's ready jobs of every queue, testing the queue,
+# (migration 20). Read through the task's ready jobs of every queue, testing the queue,
 # a claim of 100 read 20,200 rows behind 20,000 jobs of the task in another queue.
 _IN_QUEUE = "j.status = 'queued' AND j.task = t.name AND j.queue = q.queue"
 _WALK_IN_QUEUES = f"""SELECT w.* FROM unnest({{queues}}) AS q(queue) CROSS JOIN LATERAL (

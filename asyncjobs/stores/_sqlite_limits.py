@@ -187,7 +187,7 @@ def _ready(
     order, among its first ``WINDOW``, and its parameters; it ends in a ``LIMIT ?``, whose
     value the caller adds (``last``: the priority and seq of one, ``LIMIT 1 OFFSET ?``).
 
-    From some queues, a walk of asyncjobs_jobs_ready_task_queue (migration 0018) a
+    From some queues, a walk of asyncjobs_jobs_ready_task_queue (migration 0017) a
     queue, merged in claim order: one walk of the task's ready jobs testing the queue
     read every other queue's jobs of the task on the way (214,000 VM steps a claim of
     100 behind 20,000 in another, 34,000 alone)."""

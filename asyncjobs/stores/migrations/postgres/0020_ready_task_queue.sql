@@ -1,4 +1,4 @@
--- asyncjobs schema, version 21 (PostgreSQL): a claim under limits from some queues
+-- asyncjobs schema, version 20 (PostgreSQL): a claim under limits from some queues
 -- reads their jobs, not every queue's.
 --
 -- A claim under a concurrency or rate limit reads each task's next ready jobs in claim

@@ -1,4 +1,4 @@
--- asyncjobs schema, version 18 (SQLite): a claim under limits from some queues reads
+-- asyncjobs schema, version 17 (SQLite): a claim under limits from some queues reads
 -- their jobs, not every queue's.
 --
 -- A claim under a concurrency or rate limit walks each task's first ready jobs in
