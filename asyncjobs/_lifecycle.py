@@ -16,13 +16,15 @@ lifespan) each keep it running for as long as they need it. ``start``, ``stop`` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from asyncjobs._clock import within
-from asyncjobs._errors import AsyncJobsError
+from asyncjobs._errors import AsyncJobsError, StoreError
 
 if TYPE_CHECKING:
     from asyncjobs._batching import GroupCommit, InFlight
@@ -44,6 +46,56 @@ jobs cancelled, while one that another process holds does not hold the stop. Pas
 write is still tried once (as past any deadline: ``Store.set_deadline``); a release
 that could not be written leaves its job running with its lease, to run again once that
 expires, as after a crash."""
+
+START_TIME = 60.0
+"""Seconds ``start()`` gives the store to open and to get through the first lease
+recovery, which the workers run before they start: the store's deadline
+(``Store.set_deadline``), set meanwhile, ends its waits then, and start() fails naming
+what it waited on (the app's startup is refused). As long as the longest of the stores'
+own default waits (PostgreSQL's ``command_timeout``; its ``lock_timeout`` and SQLite's
+five busy timeouts are shorter), which end a wait for another process's lock as
+before: what it ends is a wait with no end of its own (another process migrating a
+PostgreSQL schema holds the migration lock; a server that does not answer an open)."""
+
+PAST_START_TIME = 5.0
+"""Seconds past ``START_TIME`` that ``start()`` still waits for a store that did not end
+its wait at its deadline (a stuck connection, a store that takes no deadline): past a
+deadline, each wait is still tried once with next to no wait (SQLite a quarter of a
+second, PostgreSQL a second)."""
+
+_KEPT = (
+    "; another process may hold the store (a lock on its jobs, a transaction left "
+    "open), or it does not answer. The workers did not start; the jobs stay in the store "
+    "for the next start"
+)
+
+
+@contextlib.contextmanager
+def _starting(clock: Clock, what: str, gives_up_at: float, *, named: bool) -> Iterator[None]:
+    """A step of ``start()`` (opening the store, the first lease recovery), which the
+    store's deadline, set by start() for ``gives_up_at`` (the loop's time), ends: failing
+    past it, a ``StoreError`` naming ``what`` (and any, if ``named``). A step still under
+    way ``PAST_START_TIME`` later (the store's wait did not end) is given up on, of the
+    clock's time and of real time (a fake clock nobody advances)."""
+    left = gives_up_at - anyio.current_time() + PAST_START_TIME
+    ended = False
+    with anyio.move_on_after(left), clock.move_on_after(left):
+        try:
+            yield
+        except StoreError as error:
+            if anyio.current_time() >= gives_up_at:
+                raise StoreError(
+                    f"{what} did not get through within {START_TIME:g}s: {error}{_KEPT}"
+                ) from error
+            if not named:
+                raise
+            raise StoreError(f"{what} failed: {error}") from error
+        ended = True
+    if not ended:
+        raise StoreError(
+            f"{what} did not end within {START_TIME:g}s (the store did not end its wait "
+            f"at its deadline){_KEPT}"
+        )
 
 
 class _Lifecycle:
@@ -88,9 +140,26 @@ class _Lifecycle:
         return self._entries > 0
 
     async def start(self) -> None:
-        """Open the store and, unless ``workers=False``, start the workers."""
-        await self.store.open()
+        """Open the store and, unless ``workers=False``, start the workers.
+
+        Opening it and the first lease recovery get ``START_TIME``: ``StoreError``
+        past it, naming what it waited on (another process holding the store)."""
         self._forget_stopped_workers()
+        if self._host is not None:  # running: the store is open (or opens on first use)
+            await self.store.open()
+            return
+        gives_up_at = anyio.current_time() + START_TIME
+        self.store.set_deadline(START_TIME)
+        try:
+            await self._start(gives_up_at)
+        finally:
+            if self._host is None:  # else the workers lift it once they recovered
+                self.store.set_deadline(None)
+
+    async def _start(self, gives_up_at: float) -> None:
+        with _starting(self.clock, "opening the store", gives_up_at, named=False):
+            await self.store.open()
+        # Another start() may have started the workers while this one opened the store.
         if self._host is not None or not self.settings.workers:
             return
         if self.runner.draining:  # its claim loop and the workers' would share the runner
@@ -101,7 +170,9 @@ class _Lifecycle:
         self._stop_requested = anyio.Event()
         self._stop_now = anyio.Event()
         ready = anyio.Event()
-        self._host = asyncio.get_running_loop().create_task(self._main(ready), name="asyncjobs")
+        self._host = asyncio.get_running_loop().create_task(
+            self._main(ready, gives_up_at), name="asyncjobs"
+        )
         waiter = asyncio.ensure_future(ready.wait())
         try:
             done, _ = await asyncio.wait({self._host, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -115,10 +186,10 @@ class _Lifecycle:
             finally:  # an open store's thread would keep the process from exiting
                 await self.store.close()
 
-    async def _main(self, ready: anyio.Event) -> None:
+    async def _main(self, ready: anyio.Event, gives_up_at: float) -> None:
         """Own every long-lived task of this ``Jobs``: loops and running jobs."""
         try:
-            await self._run_workers(ready)
+            await self._run_workers(ready, gives_up_at)
         except Exception:
             if ready.is_set():  # else start() raises it
                 # Said now: the app serves on, and stop() raises it only at its shutdown.
@@ -131,9 +202,13 @@ class _Lifecycle:
             self.store.set_deadline(None)
         logger.info("asyncjobs workers stopped")
 
-    async def _run_workers(self, ready: anyio.Event) -> None:
+    async def _run_workers(self, ready: anyio.Event, gives_up_at: float) -> None:
         runner = self.runner
-        await runner.recover()
+        what = "the first lease recovery (requeueing the jobs of workers that stopped)"
+        with _starting(self.clock, what, gives_up_at, named=True):
+            await runner.recover()
+        if not self._stop_now.is_set():  # start()'s deadline; not a stop at once's
+            self.store.set_deadline(None)
         async with anyio.create_task_group() as loops:
             claim_scope = anyio.CancelScope()
             claiming_stopped = anyio.Event()

@@ -1,0 +1,261 @@
+"""``start()`` while another process holds the store (SQLite a lock on the file,
+PostgreSQL a lock on the jobs table or the migration lock), or while the store hangs:
+opening the store and the first lease recovery get ``START_TIME`` in all, then start()
+fails with an error naming what it waited on, and the app's startup is refused with it.
+The store's own waits (SQLite five busy timeouts, PostgreSQL ``command_timeout``, none
+for the migration lock) were all that bounded them. Nothing is lost: the jobs stay in
+the store, and run once a start gets through."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+import asyncjobs._lifecycle
+from asyncjobs import Jobs, JobsMiddleware, StoreError
+from asyncjobs.stores import PostgresStore, SQLiteStore, Store
+
+MakeJobs = Callable[..., Jobs]
+
+START = 0.5
+"""The tests' START_TIME: real time, as the store's waits are."""
+
+PAST_START = 3.0
+"""The tests' PAST_START_TIME: a wait that the deadline ends takes a little longer than
+``START`` (PostgreSQL rolls back the statement it cancels)."""
+
+FAILS_BY = 8.0
+"""Seconds a start that fails may take here: ``START`` and ``PAST_START``, closing the
+store, and a loaded machine's delays. The store's own waits are far longer
+(``patient_jobs``), and the migration lock's has no end."""
+
+
+@pytest.fixture
+def db_url(backend_url: str) -> str:
+    return backend_url
+
+
+@pytest.fixture(autouse=True)
+def short_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(asyncjobs._lifecycle, "START_TIME", START, raising=False)
+    monkeypatch.setattr(asyncjobs._lifecycle, "PAST_START_TIME", PAST_START, raising=False)
+
+
+def patient_jobs(make_jobs: MakeJobs, url: str) -> Jobs:
+    """A ``Jobs`` whose store waits 60 s for another writer before giving up on its own
+    (SQLite five busy timeouts of 12 s, PostgreSQL a command_timeout of 60 s)."""
+    if url.startswith("postgres"):
+        separator = "&" if "?" in url else "?"
+        return make_jobs(f"{url}{separator}command_timeout=60")
+    jobs = make_jobs(url)
+    assert isinstance(jobs.store, SQLiteStore)
+    jobs.store.busy_timeout = 12.0
+    return jobs
+
+
+@asynccontextmanager
+async def holding_the_jobs(store: Store, url: str) -> AsyncIterator[None]:
+    """Another process holding the jobs against writes, and on PostgreSQL reads too, until
+    the block ends (SQLite the file's write lock, PostgreSQL ACCESS EXCLUSIVE on the
+    jobs table); the store opens."""
+    if isinstance(store, SQLiteStore):
+        other = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            yield
+        finally:
+            other.close()
+        return
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        async with conn.transaction():
+            await conn.execute("LOCK TABLE asyncjobs_jobs IN ACCESS EXCLUSIVE MODE")
+            yield
+    finally:
+        await conn.close()
+
+
+@asynccontextmanager
+async def holding_the_store(store: Store, url: str) -> AsyncIterator[None]:
+    """Another process holding what opening the store waits for, until the block ends:
+    SQLite the whole file (exclusive locking mode: not even a read gets through),
+    PostgreSQL the lock another process migrating the schema holds."""
+    if isinstance(store, SQLiteStore):
+        other = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+        try:
+            other.execute("PRAGMA locking_mode = EXCLUSIVE")
+            other.execute("BEGIN EXCLUSIVE")
+            yield
+        finally:
+            other.close()
+        return
+    import asyncpg
+
+    assert isinstance(store, PostgresStore)
+    conn = await asyncpg.connect(url)
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('asyncjobs.migrate:' || current_schema()))"
+            )
+            yield
+    finally:
+        await conn.close()
+
+
+async def queued_job(jobs: Jobs) -> tuple[str, Callable[[], Any]]:
+    """A job queued in the store (which that opens), the store closed again."""
+
+    @jobs.task(name="t")
+    async def t() -> str:
+        return "done"
+
+    job = await t.enqueue()
+    await jobs.store.close()
+    return job.id, t
+
+
+async def runs_once_started(jobs: Jobs, job_id: str) -> None:
+    """Nothing was lost: the job is still queued, and runs once the workers start."""
+    info = await jobs.get(job_id)
+    assert info is not None
+    assert (info.status, info.attempts) == ("queued", 0)
+    await jobs.start()
+    with anyio.fail_after(5):
+        while (info := await jobs.get(job_id)) is None or info.status != "succeeded":
+            await anyio.lowlevel.checkpoint()
+    assert info.result == "done"
+
+
+async def test_start_fails_in_time_while_another_process_holds_the_jobs(
+    backend_url: str, make_jobs: MakeJobs
+) -> None:
+    """The first lease recovery waits on the other process's lock: start() fails after
+    ``START_TIME``, naming it, and not after the store's own waits (60 s here)."""
+    jobs = patient_jobs(make_jobs, backend_url)
+    job_id, _ = await queued_job(jobs)
+    async with holding_the_jobs(jobs.store, backend_url):
+        with anyio.fail_after(FAILS_BY), pytest.raises(StoreError) as raised:
+            await jobs.start()
+    message = str(raised.value)
+    assert message.startswith("the first lease recovery (requeueing the jobs")
+    assert f"did not get through within {START:g}s" in message
+    assert not jobs.started
+    await runs_once_started(jobs, job_id)
+
+
+async def test_start_fails_in_time_while_the_store_cannot_be_opened(
+    backend_url: str, make_jobs: MakeJobs
+) -> None:
+    """Opening the store waits on another process (SQLite one that holds the whole file,
+    PostgreSQL one migrating the schema, a wait with no end of its own): start()
+    fails after ``START_TIME``, naming it."""
+    jobs = patient_jobs(make_jobs, backend_url)
+    job_id, _ = await queued_job(jobs)
+    async with holding_the_store(jobs.store, backend_url):
+        with anyio.fail_after(FAILS_BY), pytest.raises(StoreError) as raised:
+            await jobs.start()
+    message = str(raised.value)
+    assert message.startswith("opening the store")
+    assert f"did not get through within {START:g}s" in message
+    assert not jobs.started
+    await runs_once_started(jobs, job_id)
+
+
+def a_recovery_that_hangs(jobs: Jobs, monkeypatch: pytest.MonkeyPatch) -> anyio.Event:
+    """The store's ``recover`` hangs, deadline or not (a stuck connection), until the
+    event is set. (Nothing to wait for past ``START_TIME``: a short ``PAST_START_TIME``.)"""
+    monkeypatch.setattr(asyncjobs._lifecycle, "PAST_START_TIME", 0.2)
+    unblocked = anyio.Event()
+
+    async def recover(*args: Any, **kwargs: Any) -> Any:
+        await unblocked.wait()
+        return []
+
+    monkeypatch.setattr(jobs.store, "recover", recover)
+    return unblocked
+
+
+async def test_start_fails_in_time_when_the_first_lease_recovery_hangs(
+    make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recovery that the store's deadline does not end, under a fake clock nobody
+    advances: start() gives up on it shortly after ``START_TIME`` of real time."""
+    jobs = make_jobs()
+    job_id, _ = await queued_job(jobs)
+    unblocked = a_recovery_that_hangs(jobs, monkeypatch)
+    try:
+        with anyio.fail_after(FAILS_BY), pytest.raises(StoreError) as raised:
+            await jobs.start()
+    finally:
+        unblocked.set()
+    message = str(raised.value)
+    assert message.startswith("the first lease recovery (requeueing the jobs")
+    assert f"did not end within {START:g}s" in message
+    assert not jobs.started
+    monkeypatch.undo()
+    await runs_once_started(jobs, job_id)
+
+
+async def test_the_app_refuses_to_start_when_the_first_lease_recovery_hangs(
+    make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through ``JobsMiddleware``: the server is told the startup failed, and why."""
+    jobs = make_jobs()
+    unblocked = a_recovery_that_hangs(jobs, monkeypatch)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("never reached")  # an app without lifespan
+
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(dict(message))
+
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    try:
+        with anyio.fail_after(FAILS_BY), pytest.raises(StoreError):
+            await JobsMiddleware(app, jobs=jobs)(scope, receive, send)
+    finally:
+        unblocked.set()
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
+    assert sent[0]["message"].startswith(
+        "asyncjobs could not start: the first lease recovery (requeueing the jobs"
+    )
+    assert not jobs.started
+
+
+async def test_two_starts_at_once_start_one_set_of_workers_and_lift_the_deadline(
+    make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two ``start()`` calls at once (two lifespans entering), both opening the store:
+    the second finds the workers the first started, and the store's deadline is lifted
+    once they recovered, not left to cut short every wait from then on."""
+    jobs = make_jobs()
+    started: list[int] = []
+    main = jobs._main
+
+    async def counted(*args: Any) -> None:
+        started.append(1)
+        await main(*args)
+
+    monkeypatch.setattr(jobs, "_main", counted)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(jobs.start)
+            tg.start_soon(jobs.start)
+    assert jobs.started
+    assert started == [1]
+    store: Any = jobs.store
+    assert store._give_up_at is None
+    await jobs.stop()
