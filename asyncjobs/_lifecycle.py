@@ -199,7 +199,7 @@ class _Lifecycle:
                 )
             raise
         finally:  # enqueues go on after the workers stop (the app's own shutdown)
-            self.store.set_deadline(None)
+            self.runner.set_store_deadline(None)
         logger.info("asyncjobs workers stopped")
 
     async def _run_workers(self, ready: anyio.Event, gives_up_at: float) -> None:
@@ -237,7 +237,7 @@ class _Lifecycle:
                 timeout = self.settings.shutdown_timeout
                 stop_by = self.clock.now() + timeout
                 if not self._stop_now.is_set():
-                    self.store.set_deadline(timeout)
+                    self.runner.set_store_deadline(timeout)
                 claim_scope.cancel()
                 # A claim in flight is shielded: let it land, so the jobs it took are
                 # given back (serve's last step) before the final flush below.
@@ -313,7 +313,7 @@ class _Lifecycle:
         waits for that. Whether there were workers still running to ask."""
         if self._host is None or self._host.done():
             return False
-        self.store.set_deadline(STOP_AT_ONCE_GRACE)
+        self.runner.set_store_deadline(STOP_AT_ONCE_GRACE)
         self._stop_requested.set()
         self._stop_now.set()
         self.runner.stop_accepting()

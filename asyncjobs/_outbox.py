@@ -14,6 +14,7 @@ written apart (``_write_apart``). Shutdown writes what is left (``wait_idle``,
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -21,7 +22,7 @@ from typing import NamedTuple
 import anyio
 
 from asyncjobs._clock import within
-from asyncjobs._errors import DataRefused
+from asyncjobs._errors import DataRefused, StoreError
 from asyncjobs._runner_state import _RunnerState
 from asyncjobs.stores._protocol import Applied, JobRow, Outcome, OutcomeKind
 
@@ -34,6 +35,13 @@ logger = logging.getLogger("asyncjobs")
 # expire, as after a crash: a job that succeeded runs twice, and one cut off on its last
 # attempt ends dead.
 FINAL_WRITE_TIME = 5.0
+
+PAST_DEADLINE_TIME = 5.0
+"""Seconds past the store's deadline (``set_store_deadline``) that a shielded write of
+the runner (a claim landing, outcomes written) is still waited for: past a deadline the
+store tries each wait once more with next to no wait (SQLite a quarter of a second,
+PostgreSQL a second), and one that does not end it (a stuck connection) is given up on
+then, as a failed write, so that it does not hold ``stop()`` for good."""
 
 
 class _Finished(NamedTuple):
@@ -69,6 +77,38 @@ class _Outbox(_RunnerState):
             )  # fmt: skip
             return 0
 
+    def set_store_deadline(self, seconds: float | None) -> None:
+        """Set the store's deadline (``Store.set_deadline``; ``None`` lifts it), and
+        bound the shielded writes under way and to come to ``PAST_DEADLINE_TIME`` past it,
+        in real time as the store's waits are: cancellation does not reach them
+        (shutdown lets a claim land and writes the last outcomes), so a store that did
+        not end its wait at its deadline held ``stop()`` for good."""
+        self.jobs.store.set_deadline(seconds)
+        give_up_at = None
+        if seconds is not None:
+            give_up_at = anyio.current_time() + seconds + PAST_DEADLINE_TIME
+        self._writes_give_up_at = give_up_at
+        for scope in self._shielded_writes:
+            scope.deadline = math.inf if give_up_at is None else give_up_at
+
+    @contextmanager
+    def _by_store_deadline(self) -> Iterator[None]:
+        """A store write inside a shield, given up on past the store's deadline (with
+        ``StoreError``: ``set_store_deadline``), also one set while it waits."""
+        give_up_at = self._writes_give_up_at
+        scope = anyio.CancelScope(deadline=math.inf if give_up_at is None else give_up_at)
+        self._shielded_writes.add(scope)
+        try:
+            with scope:
+                yield
+        finally:
+            self._shielded_writes.discard(scope)
+        if scope.cancelled_caught:
+            raise StoreError(
+                "the store did not end its wait at its deadline (a stuck connection?): "
+                f"given up on {PAST_DEADLINE_TIME:g}s past it"
+            )
+
     def unwritten(self) -> list[tuple[JobRow, Outcome]]:
         """The finished jobs whose outcomes are not written yet, with those outcomes."""
         return [(entry.row, entry.outcome) for entry in self._outbox]
@@ -92,7 +132,7 @@ class _Outbox(_RunnerState):
         """Shutdown's last write, after ``cancel_running``: the outcomes left, tried
         again until written or ``FINAL_WRITE_TIME`` has passed (the store's waits are
         bounded to it too). Heartbeats go on renewing their leases meanwhile."""
-        self.jobs.store.set_deadline(FINAL_WRITE_TIME)
+        self.set_store_deadline(FINAL_WRITE_TIME)
         with within(self.clock, FINAL_WRITE_TIME):
             await self.flush_outbox()
             while self._outbox:
@@ -113,9 +153,10 @@ class _Outbox(_RunnerState):
             return 0
         with self._take_outbox() as outbox, anyio.CancelScope(shield=True):
             try:
-                applied = await self.jobs.store.finish(
-                    [finished.outcome for finished in outbox], now=self.clock.now()
-                )
+                with self._by_store_deadline():
+                    applied = await self.jobs.store.finish(
+                        [finished.outcome for finished in outbox], now=self.clock.now()
+                    )
             except BaseException as error:
                 written = await self._put_back(outbox, error)
                 if written:

@@ -129,6 +129,10 @@ class Runner(_ClaimLoop, _Slots, _Outbox, _Leases, _Execution):
         # in hand: one of those claims may have taken them (cancel_local, claim).
         self._claims_under_way = 0
         self._cancelled_unseen: set[str] = set()
+        # The shielded store writes under way, and when they are given up on: past the
+        # store's deadline (_Outbox.set_store_deadline).
+        self._writes_give_up_at: float | None = None
+        self._shielded_writes: set[anyio.CancelScope] = set()
 
     def starting(self) -> None:
         """The workers start: in a process forked after this ``Jobs`` was built (a
@@ -255,12 +259,13 @@ class Runner(_ClaimLoop, _Slots, _Outbox, _Leases, _Execution):
             queued_for_room = self._queued_for_room
             self._claims_under_way += 1
             try:
-                if outbox:
-                    applied, rows = await self.jobs.store.finish_and_claim(
-                        [finished.outcome for finished in outbox], request, now=now
-                    )
-                else:
-                    applied, rows = [], await self.jobs.store.claim(request, now=now)
+                with self._by_store_deadline():
+                    if outbox:
+                        applied, rows = await self.jobs.store.finish_and_claim(
+                            [finished.outcome for finished in outbox], request, now=now
+                        )
+                    else:
+                        applied, rows = [], await self.jobs.store.claim(request, now=now)
             except BaseException as error:
                 written = await self._put_back(outbox, error)
                 if written:

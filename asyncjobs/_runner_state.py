@@ -14,6 +14,9 @@ if TYPE_CHECKING:
     import asyncio
     import contextvars
     from collections.abc import Sequence
+    from contextlib import AbstractContextManager
+
+    import anyio
 
     from asyncjobs._clock import Clock
     from asyncjobs._execution import _Running
@@ -50,6 +53,8 @@ class _RunnerState:
     _reserved: set[str]
     _backlog: bool
     _queued_for_room: int
+    _writes_give_up_at: float | None  # see _Outbox.set_store_deadline
+    _shielded_writes: set[anyio.CancelScope]
 
     if TYPE_CHECKING:
 
@@ -78,6 +83,10 @@ class _RunnerState:
 
         # _Outbox
         async def flush_outbox(self) -> int: ...
+
+        def set_store_deadline(self, seconds: float | None) -> None: ...
+
+        def _by_store_deadline(self) -> AbstractContextManager[None]: ...
 
         # _Leases
         async def recover(self) -> None: ...
