@@ -48,14 +48,15 @@ that could not be written leaves its job running with its lease, to run again on
 expires, as after a crash."""
 
 START_TIME = 60.0
-"""Seconds ``start()`` gives the store to open and to get through the first lease
-recovery, which the workers run before they start: the store's deadline
-(``Store.set_deadline``), set meanwhile, ends its waits then, and start() fails naming
-what it waited on (the app's startup is refused). As long as the longest of the stores'
-own default waits (PostgreSQL's ``command_timeout``; its ``lock_timeout`` and SQLite's
-five busy timeouts are shorter), which end a wait for another process's lock as
-before: what it ends is a wait with no end of its own (another process migrating a
-PostgreSQL schema holds the migration lock; a server that does not answer an open)."""
+"""Seconds ``start()`` gives the workers' first lease recovery (run before they start):
+the store's deadline (``Store.set_deadline``), set meanwhile, ends its waits then, and
+start() fails naming what it waited on (the app's startup is refused). As long as the
+longest of the stores' own default waits (PostgreSQL's ``command_timeout``; its
+``lock_timeout`` and SQLite's five busy timeouts are shorter), which end a wait for
+another process's lock as before: what it ends is a wait with no end of its own (a
+store that hangs). Opening the store is left to the store's own waits: a migration,
+its own or another process's, takes however long it takes (an index built over a
+large table), and cut short it would roll back at every start."""
 
 PAST_START_TIME = 5.0
 """Seconds past ``START_TIME`` that ``start()`` still waits for a store that did not end
@@ -71,10 +72,10 @@ _KEPT = (
 
 
 @contextlib.contextmanager
-def _starting(clock: Clock, what: str, gives_up_at: float, *, named: bool) -> Iterator[None]:
-    """A step of ``start()`` (opening the store, the first lease recovery), which the
-    store's deadline, set by start() for ``gives_up_at`` (the loop's time), ends: failing
-    past it, a ``StoreError`` naming ``what`` (and any, if ``named``). A step still under
+def _starting(clock: Clock, what: str, gives_up_at: float) -> Iterator[None]:
+    """A step of ``start()`` (the first lease recovery), which the store's deadline, set
+    by start() for ``gives_up_at`` (the loop's time), ends: failing, a ``StoreError``
+    naming ``what`` (and, past the deadline, the time it had). A step still under
     way ``PAST_START_TIME`` later (the store's wait did not end) is given up on, of the
     clock's time and of real time (a fake clock nobody advances)."""
     left = gives_up_at - anyio.current_time() + PAST_START_TIME
@@ -87,8 +88,6 @@ def _starting(clock: Clock, what: str, gives_up_at: float, *, named: bool) -> It
                 raise StoreError(
                     f"{what} did not get through within {START_TIME:g}s: {error}{_KEPT}"
                 ) from error
-            if not named:
-                raise
             raise StoreError(f"{what} failed: {error}") from error
         ended = True
     if not ended:
@@ -142,11 +141,12 @@ class _Lifecycle:
     async def start(self) -> None:
         """Open the store and, unless ``workers=False``, start the workers.
 
-        Opening it and the first lease recovery get ``START_TIME``: ``StoreError``
-        past it, naming what it waited on (another process holding the store)."""
+        The first lease recovery gets ``START_TIME``: ``StoreError`` past it, naming
+        what it waited on (another process holding the store, a store that hangs)."""
         self._forget_stopped_workers()
-        if self._host is not None:  # running: the store is open (or opens on first use)
-            await self.store.open()
+        await self.store.open()  # its own waits: a migration takes what it takes
+        # Another start() may have started the workers while this one opened the store.
+        if self._host is not None or not self.settings.workers:
             return
         gives_up_at = anyio.current_time() + START_TIME
         self.store.set_deadline(START_TIME)
@@ -157,11 +157,6 @@ class _Lifecycle:
                 self.store.set_deadline(None)
 
     async def _start(self, gives_up_at: float) -> None:
-        with _starting(self.clock, "opening the store", gives_up_at, named=False):
-            await self.store.open()
-        # Another start() may have started the workers while this one opened the store.
-        if self._host is not None or not self.settings.workers:
-            return
         if self.runner.draining:  # its claim loop and the workers' would share the runner
             raise AsyncJobsError("start() while drain() runs for this Jobs: await the drain first")
         if not self.registry:
@@ -205,7 +200,7 @@ class _Lifecycle:
     async def _run_workers(self, ready: anyio.Event, gives_up_at: float) -> None:
         runner = self.runner
         what = "the first lease recovery (requeueing the jobs of workers that stopped)"
-        with _starting(self.clock, what, gives_up_at, named=True):
+        with _starting(self.clock, what, gives_up_at):
             await runner.recover()
         if not self._stop_now.is_set():  # start()'s deadline; not a stop at once's
             self.store.set_deadline(None)

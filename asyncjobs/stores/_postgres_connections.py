@@ -85,13 +85,6 @@ def _session(conn: Any) -> Any:
     return conn if inner is None else inner
 
 
-_OPENED = (
-    "schema checked and migrated (another process migrating it may hold the migration "
-    "lock, or the server does not answer)"
-)
-"""What an open waits for once connected, named when the deadline ends that wait."""
-
-
 class _Connections(_Deadlines):
     """``PostgresStore``'s pool, LISTEN and enqueue connections, and running an
     operation on one of them."""
@@ -141,10 +134,7 @@ class _Connections(_Deadlines):
                     server_settings=self._server_settings,
                 )
                 try:
-                    # The deadline (start() sets one) ends it too: the wait for another
-                    # process's migration has no end of its own, nor have these
-                    # statements (the pool's connections take no command_timeout).
-                    async with self._by_deadline(_OPENED), pool.acquire() as conn:
+                    async with pool.acquire() as conn:
                         await migrate(conn)
                         self._schema = await conn.fetchval("SELECT current_schema()")
                         self._database = await where(conn)

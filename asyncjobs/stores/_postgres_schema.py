@@ -29,8 +29,7 @@ _LOCK_MIGRATIONS = (
 """Take the lock that serializes migrations of the current schema, however long another
 process's migration holds it (an index built over a large table): the store's
 ``lock_timeout`` bounds the waits of the job path, not this one, and would fail to open
-every process but one of those started at once. Only the store's deadline ends this wait
-(``Jobs.start()`` sets one: ``_lifecycle.START_TIME``)."""
+every process but one of those started at once."""
 
 
 async def migrate(conn: Connection) -> None:
