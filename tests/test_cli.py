@@ -841,3 +841,44 @@ def test_cancel_of_a_job_that_finishes_first_does_not_say_cancelled(
     as_json = runner.invoke(cli_group, ["--app", "cli_test_app:jobs", "cancel", "--json", other_id])
     assert as_json.exit_code == 1
     assert json.loads(as_json.stdout) == {"id": other_id, "cancelled": False, "stopping": False}
+
+
+OPTIONAL_EXTRAS = ("asyncpg", "croniter", "jinja2", "prometheus_client", "starlette")
+
+EXTRAS_PROBE = """
+import importlib.util, sys
+from asyncjobs.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+extras = {extras!r}
+missing = [name for name in extras if importlib.util.find_spec(name) is None]
+assert not missing, f"install the dev extras to run this test: {{missing}}"
+print(",".join(name for name in extras if name in sys.modules))
+"""
+
+
+def loaded_extras(env: dict[str, str], *args: str) -> list[str]:
+    """The optional extras in ``sys.modules`` after the command ran, in its process."""
+    probe = EXTRAS_PROBE.format(extras=OPTIONAL_EXTRAS)
+    result = subprocess.run(
+        [sys.executable, "-c", probe, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return list(filter(None, result.stdout.splitlines()[-1].split(",")))
+
+
+@pytest.mark.parametrize("args", [("--help",), ("list", "--json"), ("stats", "--json")])
+async def test_a_command_imports_none_of_the_optional_extras(
+    env: dict[str, str], app_jobs: Jobs, args: tuple[str, ...]
+) -> None:
+    """``--help``, and commands that read a SQLite store, load no optional extra (the
+    dashboard's starlette and jinja2, prometheus_client, asyncpg, croniter): each would
+    cost every command its import time. What needs one imports it when used."""
+    assert loaded_extras(env, *args) == []
