@@ -57,6 +57,48 @@ def nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from nodes(child)
 
 
+async def claimed_from_b_and_c(
+    url: str, fill_queue: str, others: int, analyzed: bool
+) -> tuple[list[int], int, int]:
+    """A claim of ``BATCH`` from queues b and c (150 and 50 jobs filled by ``fill_queue``)
+    beside ``others`` jobs in queue a, explained: ``claim_reads`` of its plan."""
+    store = open_store(url)
+    await store.open()  # the schema
+    await store.close()
+    conn = await asyncpg.connect(url)
+    try:
+        await statistics_as_asked(conn)
+        await conn.execute(fill_queue, "a-", "a", others, 7)
+        await conn.execute(fill_queue, "b-", "b", 150, 5)
+        await conn.execute(fill_queue, "c-", "c", 50, 3)
+        if analyzed:
+            await conn.execute("ANALYZE asyncjobs_jobs")
+        explained = Explained(conn)
+        async with conn.transaction():
+            await claim(explained, replace(CLAIM, queues=["b", "c"]), 2.0, "token")  # type: ignore[arg-type]
+    finally:
+        await conn.close()
+    return claim_reads(explained.plan)
+
+
+def claim_reads(plan: dict[str, Any]) -> tuple[list[int], int, int]:
+    """A claim's plan: the rows each update took, and the rows and pages its steps read
+    (not the update's own read of the rows it takes)."""
+    updated = [n for n in nodes(plan) if n["Node Type"] == "ModifyTable"]
+    steps = [
+        n
+        for n in nodes(plan)
+        if n.get("Relation Name") == "asyncjobs_jobs"
+        and n["Node Type"] != "ModifyTable"
+        and n not in updated[0].get("Plans", [])  # the update's own read of its rows
+    ]
+    rows = sum(
+        (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"] for n in steps
+    )
+    pages = sum(n["Shared Hit Blocks"] + n["Shared Read Blocks"] for n in steps)
+    return [n["Actual Rows"] for n in updated], rows, pages
+
+
 # The jobs as the store inserts them, queued, in one statement (200,000 in a second).
 FILL = (
     "INSERT INTO asyncjobs_jobs (id, task, queue, status, priority, payload, max_attempts, "
@@ -210,19 +252,8 @@ async def test_a_claim_walks_the_ready_jobs_in_claim_order(
     finally:
         await conn.close()
 
-    updated = [n for n in nodes(explained.plan) if n["Node Type"] == "ModifyTable"]
-    assert [n["Actual Rows"] for n in updated] == [min(jobs, BATCH)]
-    steps = [
-        n
-        for n in nodes(explained.plan)
-        if n.get("Relation Name") == "asyncjobs_jobs"
-        and n["Node Type"] != "ModifyTable"
-        and n not in updated[0].get("Plans", [])  # the update's own read of its rows
-    ]
-    rows = sum(
-        (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"] for n in steps
-    )
-    pages = sum(n["Shared Hit Blocks"] + n["Shared Read Blocks"] for n in steps)
+    updated, rows, pages = claim_reads(explained.plan)
+    assert updated == [min(jobs, BATCH)]
     assert pages <= STEP * BATCH, pages
     if jobs > BATCH:
         assert rows <= STEP * BATCH, rows
@@ -248,36 +279,8 @@ async def test_a_claim_from_some_queues_reads_none_of_the_other_queues_jobs(
     it takes, whatever the backlog elsewhere and the table's statistics. A table of a
     few pages, analysed, PostgreSQL reads whole at each step: there only the pages are
     bounded, as in test_a_claim_walks_the_ready_jobs_in_claim_order."""
-    store = open_store(postgres_url)
-    await store.open()  # the schema
-    await store.close()
-    conn = await asyncpg.connect(postgres_url)
-    try:
-        await statistics_as_asked(conn)
-        await conn.execute(FILL_QUEUE, "a-", "a", others, 7)
-        await conn.execute(FILL_QUEUE, "b-", "b", 150, 5)
-        await conn.execute(FILL_QUEUE, "c-", "c", 50, 3)
-        if analyzed:
-            await conn.execute("ANALYZE asyncjobs_jobs")
-        explained = Explained(conn)
-        async with conn.transaction():
-            await claim(explained, replace(CLAIM, queues=["b", "c"]), 2.0, "token")  # type: ignore[arg-type]
-    finally:
-        await conn.close()
-
-    updated = [n for n in nodes(explained.plan) if n["Node Type"] == "ModifyTable"]
-    assert [n["Actual Rows"] for n in updated] == [BATCH]
-    steps = [
-        n
-        for n in nodes(explained.plan)
-        if n.get("Relation Name") == "asyncjobs_jobs"
-        and n["Node Type"] != "ModifyTable"
-        and n not in updated[0].get("Plans", [])  # the update's own read of its rows
-    ]
-    rows = sum(
-        (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"] for n in steps
-    )
-    pages = sum(n["Shared Hit Blocks"] + n["Shared Read Blocks"] for n in steps)
+    updated, rows, pages = await claimed_from_b_and_c(postgres_url, FILL_QUEUE, others, analyzed)
+    assert updated == [BATCH]
     assert pages <= 2 * STEP * BATCH, pages
     if others > BATCH:  # (210 jobs analysed: the table whole at each step, 4 pages)
         assert rows <= 2 * STEP * BATCH, rows
@@ -300,36 +303,10 @@ async def test_a_claim_from_some_queues_reads_their_groups_heads_not_the_other_q
     order) was the first jobs of groups of every queue: filled by queue a's, the claim
     looked for b's and c's heads only on its walk through the groups past it, 256 groups a
     claim in name order (here a's alone), and took none."""
-    store = open_store(postgres_url)
-    await store.open()  # the schema
-    await store.close()
-    conn = await asyncpg.connect(postgres_url)
-    try:
-        await statistics_as_asked(conn)
-        await conn.execute(FILL_QUEUE_GROUPS, "a-", "a", others, 7)
-        await conn.execute(FILL_QUEUE_GROUPS, "b-", "b", 150, 5)
-        await conn.execute(FILL_QUEUE_GROUPS, "c-", "c", 50, 3)
-        if analyzed:
-            await conn.execute("ANALYZE asyncjobs_jobs")
-        explained = Explained(conn)
-        async with conn.transaction():
-            await claim(explained, replace(CLAIM, queues=["b", "c"]), 2.0, "token")  # type: ignore[arg-type]
-    finally:
-        await conn.close()
-
-    updated = [n for n in nodes(explained.plan) if n["Node Type"] == "ModifyTable"]
-    assert [n["Actual Rows"] for n in updated] == [BATCH]
-    steps = [
-        n
-        for n in nodes(explained.plan)
-        if n.get("Relation Name") == "asyncjobs_jobs"
-        and n["Node Type"] != "ModifyTable"
-        and n not in updated[0].get("Plans", [])  # the update's own read of its rows
-    ]
-    rows = sum(
-        (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"] for n in steps
+    updated, rows, pages = await claimed_from_b_and_c(
+        postgres_url, FILL_QUEUE_GROUPS, others, analyzed
     )
-    pages = sum(n["Shared Hit Blocks"] + n["Shared Read Blocks"] for n in steps)
+    assert updated == [BATCH]
     # Each step reads each queue's next job of a group (two seeks a queue) and tests the
     # head's group (two more): about 2,300 pages here, beside 10 jobs in a or 20,000.
     assert pages <= 3 * STEP * BATCH, pages

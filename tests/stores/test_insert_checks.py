@@ -15,29 +15,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from test_conformance import T0, new  # a queued job of task t, with fields changed
 
 from asyncjobs import ConfigurationError, Jobs
 from asyncjobs._ratelimit import MAX_KEY_BYTES
 from asyncjobs._tasks import make_options
 from asyncjobs.stores import NewJob, Store, _job_rows
 from asyncjobs.testing import FakeClock, drain
-
-T0 = 1_000_000.0
-
-
-def new(job_id: str = "j1", **fields: Any) -> NewJob:
-    values: dict[str, Any] = {
-        "task": "t",
-        "queue": "default",
-        "payload": '{"args": [], "kwargs": {}}',
-        "status": "queued",
-        "priority": 0,
-        "run_at": T0,
-        "max_attempts": 3,
-    }
-    values.update(fields)
-    return NewJob(id=job_id, **values)
-
 
 # A field of a job inserted directly, and what Jobs says of that value where it takes it.
 REFUSED: list[tuple[dict[str, Any], Callable[[], object] | None]] = [
