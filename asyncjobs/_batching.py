@@ -16,6 +16,10 @@ it is written); one cancelled after its batch started may still be written. A
 waiter elected to lead the next flush leads it even if it is cancelled meanwhile,
 without its own items, so leadership is never lost.
 
+Closing waits for the submissions made (``wait_idle``), and gives up on those whose
+write does not come back (``give_up``: a store that hangs): each of their callers
+hears of it, with the error given, instead of waiting for good.
+
 Waiters use plain asyncio futures (asyncjobs runs on asyncio only): this is the
 enqueue hot path, and they cost a fraction of an ``anyio.Event`` plus a scope.
 """
@@ -68,10 +72,32 @@ class GroupCommit(Generic[T, R]):
         # same loop iteration; a lone producer flushes at once (one loop turn sooner).
         self._gather = False
         self._idle = _IdleWaiters()
+        self._flushing: tuple[asyncio.Task[None], list[_Waiter[T, R]]] | None = None
+        self._given_up: BaseException | None = None  # the error of a flush given up on
 
     @property
     def idle(self) -> bool:
         return not self._busy and not self._queue
+
+    def give_up(self, error: BaseException) -> list[T]:
+        """Give up on every submission not flushed yet, the flush under way's too (it is
+        cancelled: its write may or may not have been committed): their callers get
+        ``error``. Returns their items."""
+        left: list[T] = []
+        # One elected to lead the next flush keeps its place: it leads (see above).
+        queued = self._queue
+        self._queue = [waiter for waiter in queued if waiter.future.done()]
+        for waiter in queued:
+            if not waiter.future.done():
+                left.extend(waiter.items)
+                waiter.error, waiter.done = error, True
+                waiter.future.set_result(True)
+        if self._flushing is not None and not self._flushing[0].done():
+            flush, batch = self._flushing
+            left.extend(item for waiter in batch for item in waiter.items)
+            self._given_up = error
+            flush.cancel()
+        return left
 
     async def wait_idle(self) -> None:
         """Wait until every submission made so far has been flushed."""
@@ -131,6 +157,7 @@ class GroupCommit(Generic[T, R]):
                 waiting = len(self._queue)
             batch = self._take_batch()
             flush = asyncio.get_running_loop().create_task(self._lead(batch))
+            self._flushing = flush, batch
             if own in batch and not cancelled:
                 try:
                     await own.future  # set as the flush ends: no wait on the task's end
@@ -172,8 +199,9 @@ class GroupCommit(Generic[T, R]):
         except BaseException as error:
             for waiter in batch:
                 if not waiter.results and waiter.error is None:
-                    waiter.error = error
+                    waiter.error = self._given_up or error
         finally:
+            self._given_up = self._flushing = None
             for waiter in batch:
                 waiter.done = True
                 if not waiter.future.done():
@@ -190,25 +218,55 @@ class GroupCommit(Generic[T, R]):
         self._idle.wake()
 
 
-class InFlight:
+class _Call(Generic[T]):
+    __slots__ = ("error", "items", "scope")
+
+    def __init__(self, items: Sequence[T]) -> None:
+        self.items = items
+        self.scope = anyio.CancelScope()
+        self.error: BaseException | None = None  # given up on: what its caller gets
+
+
+class InFlight(Generic[T]):
     """Counts calls under way, so that closing can wait for them (writes that bypass
-    the group commit)."""
+    the group commit), or give up on them (``give_up``)."""
 
     def __init__(self) -> None:
-        self._count = 0
+        self._calls: list[_Call[T]] = []
         self._idle = _IdleWaiters()
 
-    async def run(self, call: Awaitable[R]) -> R:
-        self._count += 1
+    @property
+    def idle(self) -> bool:
+        return not self._calls
+
+    async def run(self, call: Awaitable[R], items: Sequence[T] = ()) -> R:
+        """Await ``call``, which writes ``items``."""
+        under_way = _Call(items)
+        self._calls.append(under_way)
         try:
-            return await call
+            with under_way.scope:
+                return await call
+            if under_way.error is not None:  # given up on
+                raise under_way.error
+            raise asyncio.CancelledError  # pragma: no cover - only give_up cancels it
         finally:
-            self._count -= 1
-            if not self._count:
+            self._calls.remove(under_way)
+            if not self._calls:
                 self._idle.wake()
 
+    def give_up(self, error: BaseException) -> list[T]:
+        """Give up on the calls under way (cancelled: their writes may or may not have
+        been committed): their callers get ``error``. Returns their items."""
+        left: list[T] = []
+        for under_way in self._calls:
+            if under_way.error is None:
+                under_way.error = error
+                under_way.scope.cancel()
+                left.extend(under_way.items)
+        return left
+
     async def wait_idle(self) -> None:
-        await self._idle.wait(lambda: self._count > 0)
+        await self._idle.wait(lambda: not self.idle)
 
 
 class _IdleWaiters:

@@ -120,7 +120,7 @@ class Jobs(_Registry, _Queries, _Lifecycle, _NewJobs):
         self._inserts: GroupCommit[NewJob, str] = GroupCommit(
             self._flush_inserts, apart=lambda error: isinstance(error, DataRefused)
         )
-        self._keyed_inserts = InFlight()  # on their own: see _insert
+        self._keyed_inserts: InFlight[NewJob] = InFlight()  # on their own: see _insert
         self._result_events: dict[str, list[anyio.Event]] = {}
         self._host: asyncio.Task[None] | None = None
         self._stop_requested = anyio.Event()
@@ -223,7 +223,7 @@ class Jobs(_Registry, _Queries, _Lifecycle, _NewJobs):
             # wait must hold up this caller only (it may be the holder's own enqueue).
             # Keyed jobs never run at once, nor do the others of their enqueue_many,
             # so there is no local slot to give back.
-            ids = await self._keyed_inserts.run(self.store.insert(new, now=self.clock.now()))
+            ids = await self._keyed_inserts.run(self.store.insert(new, now=self.clock.now()), new)
         else:
             try:
                 ids = await self._inserts.submit_many(new)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from asyncjobs import _outbox
 from asyncjobs._clock import within
 from asyncjobs._errors import AsyncJobsError, StoreError
 
@@ -63,6 +64,13 @@ PAST_START_TIME = 5.0
 its wait at its deadline (a stuck connection, a store that takes no deadline): past a
 deadline, each wait is still tried once with next to no wait (SQLite a quarter of a
 second, PostgreSQL a second)."""
+
+CLOSE_TIME = 5.0
+"""Seconds ``close()`` gives the enqueues still in flight (their writes would open the
+store again behind its close): the store's deadline ends their waits then, and one
+still under way ``PAST_DEADLINE_TIME`` later (a store that hangs) is given up on, its
+caller told with ``StoreError`` and its job named in the log. Given up on, its write
+may or may not have been committed."""
 
 _KEPT = (
     "; another process may hold the store (a lock on its jobs, a transaction left "
@@ -111,7 +119,7 @@ class _Lifecycle:
         _stop_now: anyio.Event
         _entries: int
         _inserts: GroupCommit[NewJob, str]
-        _keyed_inserts: InFlight
+        _keyed_inserts: InFlight[NewJob]
 
         @property
         def clock(self) -> Clock: ...
@@ -371,6 +379,35 @@ class _Lifecycle:
         try:
             await self.stop()
         finally:
-            await self._inserts.wait_idle()  # else their write would open it again
-            await self._keyed_inserts.wait_idle()
+            await self._wait_for_enqueues()  # else their write would open it again
             await self.store.close()
+
+    async def _wait_for_enqueues(self) -> None:
+        """``close()``: wait for the enqueues in flight, within ``CLOSE_TIME`` (the
+        store's deadline) and ``PAST_DEADLINE_TIME`` past it; give up on those left."""
+        if self._inserts.idle and self._keyed_inserts.idle:
+            return
+        deadline = not self.started  # else the workers' (a stop() cancelled meanwhile)
+        if deadline:
+            self.store.set_deadline(CLOSE_TIME)
+        try:
+            with within(self.clock, CLOSE_TIME + _outbox.PAST_DEADLINE_TIME):
+                await self._inserts.wait_idle()
+                await self._keyed_inserts.wait_idle()
+            error = StoreError(
+                f"close() waited {CLOSE_TIME:g}s for this enqueue's write, and gave up on "
+                "it: the store did not answer (a stuck connection?); the job may or may "
+                "not have been written"
+            )
+            for job in self._inserts.give_up(error) + self._keyed_inserts.give_up(error):
+                logger.error(
+                    "close: gave up on the enqueue of job %s (%s) after %ss: the store did "
+                    "not answer; it may or may not have been written", job.id, job.task,
+                    CLOSE_TIME, extra={"job_id": job.id, "task": job.task},
+                )  # fmt: skip
+            with within(self.clock, _outbox.PAST_DEADLINE_TIME):  # their ends, cancelled
+                await self._inserts.wait_idle()
+                await self._keyed_inserts.wait_idle()
+        finally:
+            if deadline:
+                self.store.set_deadline(None)
