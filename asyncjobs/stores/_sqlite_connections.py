@@ -85,6 +85,15 @@ deadline set meanwhile (``set_deadline``) ends the wait within one of them, not 
 end of a whole busy timeout."""
 
 
+THREAD_CLOSE_TIME = 5.0
+"""Seconds of real time ``close()`` waits for a connection's thread to close its
+connection: the close is queued behind the call under way there, which the store's own
+waits end in time (at the store's deadline, which shutdown sets), so a thread still in
+it is stuck (a connection that does not answer). It is not waited for then: the call
+goes on, a write in it is committed or not as if the store were open, and the thread
+closes its connection and ends once it returns (a daemon, it does not hold the
+process's exit)."""
+
 _WAL_PAUSE = 0.01
 """Seconds between tries to switch a file to WAL mode (``_switch_to_wal``), which SQLite
 refuses at once, without its busy handler's wait, while another connection holds the
@@ -281,10 +290,22 @@ class _Connections:
         finally:
             try:
                 if reader is not None:
-                    await reader.close()
+                    await self._close_thread(reader, "reading")
             finally:
                 if db is not None:  # last: the connection that may write closes the file
-                    await db.close()
+                    await self._close_thread(db, "writing")
+
+    async def _close_thread(self, db: aiosqlite.Connection, which: str) -> None:
+        """Close ``db``, queued behind the call under way in its thread, for at most
+        ``THREAD_CLOSE_TIME``: past it, the thread is stuck, and left to close it."""
+        with anyio.move_on_after(THREAD_CLOSE_TIME) as waited:
+            await db.close()
+        if waited.cancelled_caught:
+            logger.error(
+                "SQLite store %s: the %s connection's thread is stuck in a call (%ss); "
+                "not waiting for it to close: it closes once the call returns",
+                self.path, which, THREAD_CLOSE_TIME,
+            )  # fmt: skip
 
     def set_deadline(self, seconds: float | None) -> None:
         # Real time, as SQLite's busy waits are (read in the connection thread).
