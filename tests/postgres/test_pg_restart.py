@@ -1,16 +1,20 @@
 """PostgreSQL restarts under load and nothing is lost.
 
-Restarting the server cuts every connection on it, so this test runs only when
-``ASYNCJOBS_TEST_PG_RESTART=1`` says the server may be restarted (``.ci/run``
-sets it; it owns the server there). It needs ``pg_ctlcluster`` and the rights to
-use it.
+The test starts a PostgreSQL server of its own (``initdb`` into a temporary
+directory, on a free port) and restarts that one, so it cuts no other test's
+connections and can run beside them. It needs the PostgreSQL server binaries
+(``initdb``, ``pg_ctl``); as root it runs them as the ``postgres`` user.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
+import socket
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -20,25 +24,87 @@ import pytest
 from asyncjobs import Jobs
 from asyncjobs._errors import StoreError
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        os.environ.get("ASYNCJOBS_TEST_PG_RESTART") != "1" or not shutil.which("pg_ctlcluster"),
-        reason="restarts the PostgreSQL server: set ASYNCJOBS_TEST_PG_RESTART=1 (.ci/run does)",
-    ),
-]
+pytestmark = pytest.mark.slow
 
 JOBS = 1500
 
 
-def pg_ctl(action: str, check: bool = True) -> None:
-    version = sorted(os.listdir("/etc/postgresql"), key=lambda v: [int(p) for p in v.split(".")])
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", version[-1], "main", action],
-        check=check,
-        capture_output=True,
-        timeout=60,
-    )
+def server_bin() -> Path | None:
+    """The newest directory holding ``initdb`` and ``pg_ctl``: on PATH, or Debian's."""
+    on_path = shutil.which("initdb")
+    found = [Path(on_path).parent] if on_path else []
+    debian = Path("/usr/lib/postgresql")
+    if debian.is_dir():
+        versions = [d.name for d in debian.iterdir() if d.name.isdigit()]
+        found += [debian / v / "bin" for v in sorted(versions, key=int, reverse=True)]
+    return next((d for d in found if (d / "initdb").exists() and (d / "pg_ctl").exists()), None)
+
+
+def as_server_user() -> list[str]:
+    """``initdb`` refuses root: run the server binaries as ``postgres`` there."""
+    if os.geteuid() != 0:
+        return []
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        pytest.skip("running as root with no `postgres` user to run a server as")
+    return ["runuser", "-u", "postgres", "--"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Server:
+    """A throwaway PostgreSQL server: trust auth on 127.0.0.1, no fsync."""
+
+    def __init__(self, bindir: Path, home: Path) -> None:
+        self.bindir, self.home, self.port = bindir, home, free_port()
+        self.prefix = as_server_user()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def run(self, *argv: str, check: bool = True) -> None:
+        subprocess.run(
+            [*self.prefix, str(self.bindir / argv[0]), *argv[1:]],
+            check=check,
+            capture_output=True,
+            timeout=60,
+        )
+
+    def initdb(self) -> None:
+        self.run("initdb", "-D", str(self.home / "data"), "-U", "postgres", "--auth=trust",
+                 "--no-sync", "--encoding=UTF8", "--no-locale")  # fmt: skip
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.home} -c listen_addresses=127.0.0.1 -c fsync=off"
+        data, log = str(self.home / "data"), str(self.home / "server.log")
+        self.run("pg_ctl", "-D", data, "-l", log, "-w", "-t", "60", "-o", options, "start")
+
+    def stop(self, check: bool = True) -> None:
+        self.run("pg_ctl", "-D", str(self.home / "data"), "-m", "fast", "-w", "stop", check=check)
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    bindir = server_bin()
+    if bindir is None:
+        pytest.skip("restarts a PostgreSQL server of its own: needs initdb and pg_ctl")
+    home = Path(tempfile.mkdtemp(prefix="asyncjobs-pg-"))  # not tmp_path: `postgres` reads it
+    try:
+        if os.geteuid() == 0:
+            shutil.chown(home, "postgres", "postgres")
+        server = Server(bindir, home)
+        server.initdb()
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop(check=False)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 async def succeeded(url: str, ids: set[str]) -> int:
@@ -55,9 +121,9 @@ async def succeeded(url: str, ids: set[str]) -> int:
         await conn.close()
 
 
-async def test_a_server_restart_under_load_loses_nothing(postgres_url: str, tmp_path: Path) -> None:
+async def test_a_server_restart_under_load_loses_nothing(server: Server) -> None:
     ran: set[int] = set()
-    jobs = Jobs(postgres_url, concurrency=10, poll_interval=0.2, visibility_timeout=5)
+    jobs = Jobs(server.url, concurrency=10, poll_interval=0.2, visibility_timeout=5)
 
     @jobs.task(name="record")
     async def record(i: int) -> None:
@@ -86,9 +152,9 @@ async def test_a_server_restart_under_load_loses_nothing(postgres_url: str, tmp_
 
     async def restart() -> None:
         await down.wait()
-        await anyio.to_thread.run_sync(pg_ctl, "stop")
+        await anyio.to_thread.run_sync(server.stop)
         await anyio.sleep(1.0)  # noqa: TID251 - keep the server down for a moment
-        await anyio.to_thread.run_sync(pg_ctl, "start")
+        await anyio.to_thread.run_sync(server.start)
         back.set()
 
     try:
@@ -98,12 +164,12 @@ async def test_a_server_restart_under_load_loses_nothing(postgres_url: str, tmp_
                     tg.start_soon(produce)
                     tg.start_soon(restart)
                 while True:
-                    if await succeeded(postgres_url, enqueued) == len(enqueued):
+                    if await succeeded(server.url, enqueued) == len(enqueued):
                         break
                     await anyio.sleep(0.2)  # noqa: TID251 - waiting on real workers
     finally:
         if not back.is_set():
-            await anyio.to_thread.run_sync(pg_ctl, "start", False)
+            await anyio.to_thread.run_sync(server.start)
         await jobs.close()
     assert len(enqueued) == JOBS
     assert ran == set(range(JOBS))
