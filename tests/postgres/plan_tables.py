@@ -33,13 +33,17 @@ Fill = tuple[tuple[str, tuple[Any, ...]], ...]
 SHARED = ("asyncjobs_jobs", "asyncjobs_rate_buckets", "asyncjobs_batch_deleted")
 
 
+_TABLES = "SELECT tablename FROM pg_catalog.pg_tables WHERE schemaname = current_schema()"
+
+
 def fill(*steps: tuple[str, Sequence[Any]]) -> Fill:
     return tuple((statement, tuple(args)) for statement, args in steps)
 
 
 class PlanTables:
     """Schemas by (fill, statistics): ``analyze`` is the ANALYZE statement run after the
-    fill, or None for a table never analysed."""
+    fill (a bare ``ANALYZE``: every table of the schema), or None for a table never
+    analysed."""
 
     def __init__(self, dsn: str) -> None:
         self._dsn = dsn
@@ -52,13 +56,14 @@ class PlanTables:
         if key in self._schemas:
             return with_search_path(self._dsn, self._schemas[key])
         schema = await self._fill(rows)
-        if analyze == "ANALYZE":  # every table of the database: none is fresh now
-            for stale in [k for k in self._schemas if k[1] is None]:
-                del self._schemas[stale]
         if analyze is not None:
             conn = await asyncpg.connect(with_search_path(self._dsn, schema))
             try:
-                await conn.execute(analyze)
+                if analyze == "ANALYZE":  # the schema's tables, not the database's: tests
+                    for table in await conn.fetch(_TABLES):  # beside this one keep theirs
+                        await conn.execute(f'ANALYZE "{table[0]}"')
+                else:
+                    await conn.execute(analyze)
             finally:
                 await conn.close()
         self._schemas[key] = schema

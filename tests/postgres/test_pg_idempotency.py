@@ -93,7 +93,8 @@ async def test_a_keyed_enqueue_waiting_on_an_open_transaction_holds_up_no_one_el
                     tg.start_soon(retry_of_the_same_order)
                     while not await admin.fetchval(
                         "SELECT count(*) FROM pg_stat_activity "
-                        "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                        "WHERE $1 = ANY(pg_blocking_pids(pid))",
+                        conn.get_server_pid(),
                     ):
                         await anyio.lowlevel.checkpoint()  # B's insert waits on A's row
                     with anyio.fail_after(5):
