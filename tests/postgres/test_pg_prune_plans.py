@@ -1,6 +1,7 @@
 """The plans PostgreSQL picks for the prune statements of rate-limit buckets and batch
 tallies, with the statistics it really has (as ``test_pg_plans.py`` does for jobs): a
-prune batch reads rows in proportion to what it deletes, not to the table."""
+prune batch reads rows in proportion to what it deletes, not to the table; and the
+store's connections compile none of them with JIT."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 from plan_tables import PlanTables, fill, shared_tables
 
-from asyncjobs.stores import open_store
+from asyncjobs.stores import PostgresStore, open_store
 from asyncjobs.stores._postgres_admin import _PRUNE_BUCKETS, _PRUNE_TALLIES, BUCKET_NAMES
 
 asyncpg = pytest.importorskip("asyncpg")
@@ -124,6 +125,13 @@ FILL_MEMBERS = (
     "'default', $2, 0, '{}', 3, 0.0, 1.0, 1.0, $1 || n FROM generate_series(1, $3) AS n"
 )
 RECENT, KEPT, DUE = 50_000, 1_000, 10
+TALLIES = fill(
+    (FILL_TALLIES, ["recent-", 5.0, RECENT]),  # within retention
+    (FILL_TALLIES, ["kept-", 1.0, KEPT]),  # each batch keeps a job
+    (FILL_MEMBERS, ["kept-", "dead", KEPT]),
+    (FILL_TALLIES, ["gone-", 1.0, DUE]),
+    (FILL_MEMBERS, ["running-", "running", RECENT]),  # other batches
+)
 
 
 @pytest.mark.parametrize("mode", ["force_custom_plan", "force_generic_plan"])
@@ -135,14 +143,7 @@ async def test_a_tally_prune_reads_the_tallies_past_retention_and_seeks_their_jo
     job left. A prune read every tally, and hashed every batch member and every job
     id against them (a read of the whole job table, once per batch of a prune); it
     reads the tallies past retention, and looks up each one's batch by a seek."""
-    rows = fill(
-        (FILL_TALLIES, ["recent-", 5.0, RECENT]),  # within retention
-        (FILL_TALLIES, ["kept-", 1.0, KEPT]),  # each batch keeps a job
-        (FILL_MEMBERS, ["kept-", "dead", KEPT]),
-        (FILL_TALLIES, ["gone-", 1.0, DUE]),
-        (FILL_MEMBERS, ["running-", "running", RECENT]),  # other batches
-    )
-    url = await tables.url(rows, "ANALYZE" if analyzed else None)
+    url = await tables.url(TALLIES, "ANALYZE" if analyzed else None)
     conn = await asyncpg.connect(url)
     try:
         await conn.execute(f"SET plan_cache_mode = {mode}")
@@ -159,3 +160,42 @@ async def test_a_tally_prune_reads_the_tallies_past_retention_and_seeks_their_jo
     assert left == RECENT + KEPT
     read = rows_read(plan)
     assert read <= 4 * KEPT + 100, (read, plan)
+
+
+async def explain_tally_prune(conn: Any) -> dict[str, Any]:
+    """The tally prune's EXPLAIN (ANALYZE), its DELETE rolled back: the table is shared."""
+    pruning = conn.transaction()
+    await pruning.start()
+    try:
+        text = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + _PRUNE_TALLIES, 0.0, 2.0)
+    finally:
+        await pruning.rollback()
+    result: dict[str, Any] = json.loads(text)[0]
+    return result
+
+
+async def test_the_store_compiles_no_statement_with_jit(tables: PlanTables) -> None:
+    """A statement the planner costs past jit_above_cost (the tally prune over 50,000
+    tallies, on a table never analysed) is compiled by LLVM on a server that has JIT
+    (on by default) at each run: 12-30 ms here, under the prune's locks, for a statement
+    that takes 5 ms without. The store's connections have it off."""
+    url = await tables.url(TALLIES, None)
+    conn = await asyncpg.connect(url)
+    try:
+        if not await conn.fetchval("SELECT pg_jit_available()"):
+            pytest.skip("this PostgreSQL has no JIT (built without LLVM)")
+        plain = await explain_tally_prune(conn)
+    finally:
+        await conn.close()
+    assert "JIT" in plain, plain  # the default: what the store turns off
+    store = PostgresStore(url)
+    try:
+        own = await store._run("explain", explain_tally_prune)
+    finally:
+        await store.close()
+    assert "JIT" not in own, own["JIT"]
+
+
+def test_a_jit_in_the_url_wins() -> None:
+    assert PostgresStore("postgresql://h/db")._server_settings["jit"] == "off"
+    assert "jit" not in PostgresStore("postgresql://h/db?jit=on")._server_settings
