@@ -14,17 +14,22 @@ pruning finished jobs never loses it; a schedule recorded before that existed fa
 back to the idempotency keys of its recent jobs. If slots passed since then (the app
 was down), the most recent one runs once at start when ``catch_up=True`` (the
 default) and none runs when ``catch_up=False``. A schedule never seen in the store
-has nothing to catch up: its first tick records the time it was first seen, so that a
-slot missed after that, before any slot ran, is caught up. Not as a slot handled
-(``Store.seen_until``, apart from ``Store.last_slot``): a process that saw it before
-(``catch_up=False``, which records nothing at its start) may run the slot just before
-that time, its tick for it late (busy, its clock behind), and would take such a record
-for the slot run elsewhere. A stop records the time of the last tick as a slot: a slot
-of a definition changed since (02:00 moved to 03:00) that passed while the old one ran
-was not missed. Unless the last slot before that tick is one this start left alone
-(skipped with ``catch_up=False``, or from before the schedule was seen) and no process
-has recorded it since: another process, running then, whose tick for it is late still
-runs it. The stop records the time the schedule was seen up to then instead.
+has nothing to catch up: its first tick, whatever ``catch_up``, records the time it was
+first seen, so that a slot missed after that, before any slot ran, is caught up (even if
+the one process that saw it crashed). Not as a slot handled (``Store.seen_until``, apart
+from ``Store.last_slot``): a process that saw it too without recording it (its first tick
+at the same time, or an older version's ``catch_up=False`` start) may run the slot just
+before that time, its tick for it late (busy, its clock behind), and would take such a
+record for the slot run elsewhere. Mid-deploy, until all are replaced, processes of a
+version before ``seen_until`` still record the time they first see a schedule as a slot
+handled (a slot just before it that another process ticks late then runs nowhere) and
+ignore ``seen_until`` (a slot missed before the first run is not caught up). A stop
+records the time of the last tick as a slot: a slot of a definition changed since
+(02:00 moved to 03:00) that passed while the old one ran was not missed. Unless the
+last slot before that tick is one this start left alone (skipped with
+``catch_up=False``, or from before the schedule was seen) and no process has recorded
+it since: another process, running then, whose tick for it is late still runs it. The
+stop records the time the schedule was seen up to then instead.
 Later ticks enqueue the most recent slot that passed since the previous tick; if
 several passed at once (the process was frozen), they are coalesced into one run. A slot
 the store records as enqueued (by another process) is not enqueued again: its job may
@@ -173,7 +178,9 @@ class Scheduler:
             if latest is None:
                 continue
             if schedule.cursor is None and latest < now:  # first tick: was a slot missed?
-                if not schedule.catch_up or not await self._missed(name, latest, now):
+                # Asked with catch_up=False too: it records a schedule never seen as seen.
+                missed = await self._missed(name, latest, now)
+                if not schedule.catch_up or not missed:
                     schedule.skipped = latest  # left alone here (see _left_to_others)
                     continue
                 logger.info(
@@ -218,7 +225,8 @@ class Scheduler:
         before it existed. Its first tick records that it is seen from now on, so that a
         slot missed while the app is down before its first run is caught up all the same;
         apart from the last slot: ``slot`` may have come after another process saw it
-        (catch_up=False: it recorded nothing at its start), whose tick for it is late."""
+        without recording it (see the module's docstring), whose tick for it is late.
+        Asked with catch_up=False too, for that record."""
         last = await self._last_slot(task, now)
         if last is None:
             last = await self.jobs.store.seen_until(task)

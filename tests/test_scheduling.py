@@ -271,6 +271,31 @@ async def test_a_slot_missed_while_down_is_caught_up_even_before_the_schedule_fi
     assert caught_up.run_at == datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
 
 
+@pytest.mark.parametrize("down_over", [1, 3], ids=["one-slot", "three-slots"])
+async def test_a_slot_missed_after_only_a_process_without_catch_up_saw_the_schedule_is_caught_up(
+    make_jobs: MakeJobs, backend_url: str, clock: FakeClock, *, down_over: int
+) -> None:
+    """Only a process with catch_up=False ran the schedule, and it ended before any slot
+    came (a crash: no stop record; ``drain`` ticks without the loop that writes one). The
+    app was down over the next slots: they came after the schedule was seen, so a process
+    with catch_up=True runs the latest of them once, and none from before."""
+    clock.advance(3600 - clock.now() % 3600 + 120)  # 2 minutes past an hour
+    first = make_jobs(backend_url)
+    runs: list[float] = []
+    register_counter(first, runs, every=3600, catch_up=False)
+    await drain(first)
+    await run_for([first], clock, 1800, 600)  # no slot yet
+    assert runs == []
+    await first.close()
+    clock.advance(down_over * 3600)
+    second = make_jobs(backend_url)
+    register_counter(second, runs, every=3600)
+    await drain(second)
+    assert runs == [clock.now()]
+    (caught_up,) = await second.list(task="tick")
+    assert caught_up.run_at.timestamp() == clock.now() // 3600 * 3600
+
+
 async def test_a_schedule_moved_to_a_later_time_does_not_run_again_at_the_next_start(
     make_jobs: MakeJobs, db_url: str
 ) -> None:
@@ -391,21 +416,32 @@ async def test_a_slot_skipped_at_a_start_without_catch_up_still_runs_in_a_proces
 
 
 @pytest.mark.parametrize("stopped", [False, True], ids=["ticking", "stopped"])
-async def test_a_slot_just_before_a_catch_up_process_first_sees_the_schedule_runs_elsewhere(
-    make_jobs: MakeJobs, backend_url: str, *, stopped: bool
-) -> None:
+@pytest.mark.parametrize("previous", [False, True], ids=["this-release", "previous-release"])
+async def test_a_slot_just_before_a_catch_up_process_starts_runs_once_though_another_ticks_late(
+    make_jobs: MakeJobs, backend_url: str, monkeypatch: pytest.MonkeyPatch, *,
+    stopped: bool, previous: bool,
+) -> None:  # fmt: skip
     """Mid-deploy, processes disagree on catch_up: one with catch_up=False runs the
-    schedule, no slot come since it started (nothing recorded). One with catch_up=True sees
-    it for the first time just after a slot, before the first one's tick for that slot (its
-    clock a little behind, or busy): for it the slot came before the schedule existed, but
-    the first one still runs it. Its first tick (and its stop) recorded the time it was
-    seen as a slot handled, and the first one took the slot for one run elsewhere: it ran
-    nowhere."""
+    schedule, no slot come since it started. One with catch_up=True starts just after a
+    slot, before the first one's tick for that slot (its clock a little behind, or busy).
+    The first one's first tick recorded the time it saw the schedule: the slot came after
+    it, and the second, which cannot tell a process ticking late from one that crashed,
+    runs it as missed; the first finds it recorded and leaves it. On the previous release
+    the first recorded nothing: for the second the slot came before the schedule existed,
+    and the first runs it. When the second recorded the time it first saw the schedule as
+    a slot handled, the first took the slot for one run elsewhere: it ran nowhere."""
     slot = at(2026, 11, 23, 10, 0, tz=UTC)
     behind = FakeClock(start=slot - 30)
     running = make_jobs(backend_url, clock=behind)
     runs: list[float] = []
     register_counter(running, runs, every=3600, catch_up=False)
+    if previous:  # its catch_up=False start records nothing
+        seen_until = running.store.seen_until
+
+        async def reads_only(schedule: str, at: int | None = None) -> int | None:
+            return await seen_until(schedule)
+
+        monkeypatch.setattr(running.store, "seen_until", reads_only)
     await drain(running)  # ticking, the slot not come yet by its clock
     started = make_jobs(backend_url, clock=FakeClock(start=slot + 0.5))
     register_counter(started, runs, every=3600)
@@ -414,10 +450,13 @@ async def test_a_slot_just_before_a_catch_up_process_first_sees_the_schedule_run
             pass
     else:
         await drain(started)
-    assert await started.list(task="tick") == []  # not run there: before it existed
+    if previous:
+        assert await started.list(task="tick") == []  # not run there: before it existed
     behind.advance(30)
     await drain(running)
-    assert runs == [slot]
+    assert len(runs) == 1
+    (job,) = await running.list(task="tick")
+    assert job.run_at.timestamp() == slot
 
 
 async def test_a_process_that_skipped_a_slot_at_start_records_its_stop_once_the_slot_ran(
