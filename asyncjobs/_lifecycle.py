@@ -57,7 +57,9 @@ longest of the stores' own default waits (PostgreSQL's ``command_timeout``; its
 another process's lock as before: what it ends is a wait with no end of its own (a
 store that hangs). Opening the store is left to the store's own waits: a migration,
 its own or another process's, takes however long it takes (an index built over a
-large table), and cut short it would roll back at every start."""
+large table), and cut short it would roll back at every start. A stop meanwhile (the
+app told to shut down as it starts) does not wait for the recovery: it gets
+``STOP_AT_ONCE_GRACE`` (``_recover_first``)."""
 
 PAST_START_TIME = 5.0
 """Seconds past ``START_TIME`` that ``start()`` still waits for a store that did not end
@@ -76,6 +78,11 @@ _KEPT = (
     "; another process may hold the store (a lock on its jobs, a transaction left "
     "open), or it does not answer. The workers did not start; the jobs stay in the store "
     "for the next start"
+)
+
+_CUT_SHORT = (
+    "start() was cut short by stop() or close(), called during the workers' first lease "
+    "recovery: the workers did not start; the jobs stay in the store for the next start"
 )
 
 
@@ -185,6 +192,8 @@ class _Lifecycle:
             host, self._host = self._host, None
             try:
                 host.result()  # raises why it stopped
+                if self._stop_requested.is_set():
+                    raise AsyncJobsError(_CUT_SHORT)
                 raise AsyncJobsError("the workers stopped while starting")
             finally:  # an open store's thread would keep the process from exiting
                 await self.store.close()
@@ -207,9 +216,8 @@ class _Lifecycle:
 
     async def _run_workers(self, ready: anyio.Event, gives_up_at: float) -> None:
         runner = self.runner
-        what = "the first lease recovery (requeueing the jobs of workers that stopped)"
-        with _starting(self.clock, what, gives_up_at):
-            await runner.recover()
+        if not await self._recover_first(gives_up_at):
+            return
         if not self._stop_now.is_set():  # start()'s deadline; not a stop at once's
             self.store.set_deadline(None)
         async with anyio.create_task_group() as loops:
@@ -266,6 +274,45 @@ class _Lifecycle:
                     # and the event loop cancels every task as it closes).
                     await self._write_last_outcomes()
             loops.cancel_scope.cancel()  # the heartbeats too, once those are written
+
+    async def _recover_first(self, gives_up_at: float) -> bool:
+        """The workers' first lease recovery, within start()'s bound (``_starting``).
+        A stop meanwhile (the app told to shut down as it starts) cuts it short instead
+        of waiting for it: the store's waits get ``STOP_AT_ONCE_GRACE``, and one still
+        under way ``PAST_START_TIME`` later (a store that hangs) is given up on. Then the
+        workers do not start (False), and nothing is lost: the recovery only requeues,
+        and the next start does it again."""
+        what = "the first lease recovery (requeueing the jobs of workers that stopped)"
+        failed: Exception | None = None
+        with anyio.CancelScope() as recovery:
+            async with anyio.create_task_group() as race:
+
+                async def cut_short() -> None:
+                    await self._stop_requested.wait()
+                    if not self._stop_now.is_set():  # else _stop_at_once cut it already
+                        self.runner.set_store_deadline(STOP_AT_ONCE_GRACE)
+                    with within(self.clock, STOP_AT_ONCE_GRACE + PAST_START_TIME):
+                        await anyio.sleep_forever()
+                    recovery.cancel()
+
+                race.start_soon(cut_short)
+                try:
+                    with _starting(self.clock, what, gives_up_at):
+                        await self.runner.recover()
+                except Exception as error:  # raised as it is, not in an exception group
+                    failed = error
+                race.cancel_scope.cancel()
+        if not self._stop_requested.is_set():
+            if failed is not None:
+                raise failed
+            return True
+        logger.log(
+            logging.WARNING if failed else logging.INFO,
+            "asyncjobs workers stopped while starting, during %s%s: they did not start; "
+            "the jobs stay in the store for the next start", what,
+            f" (cut short: {failed})" if failed else "",
+        )  # fmt: skip
+        return False
 
     async def _wait_idle_unless_stopped_now(self) -> None:
         """Shutdown: wait for the running jobs to end, or until ``_stop_at_once``."""

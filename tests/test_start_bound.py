@@ -18,7 +18,7 @@ import anyio
 import pytest
 
 import asyncjobs._lifecycle
-from asyncjobs import Jobs, JobsMiddleware, StoreError
+from asyncjobs import AsyncJobsError, Jobs, JobsMiddleware, StoreError
 from asyncjobs.stores import SQLiteStore, Store
 from asyncjobs.testing import FakeClock
 
@@ -189,6 +189,85 @@ async def test_the_app_refuses_to_start_when_the_first_lease_recovery_hangs(
         "asyncjobs could not start: the first lease recovery (requeueing the jobs"
     )
     assert not jobs.started
+
+
+GRACE = 0.2
+"""The tests' STOP_AT_ONCE_GRACE: real time, as the store's waits are."""
+
+STOPPED_BY = 5.0
+"""Seconds a stop during start() may take here: ``GRACE``, a try past it, closing the
+store, and a loaded machine's delays; far less than ``START_TIME``, 60 s in these
+tests, as it is."""
+
+
+async def stopped_while_starting(jobs: Jobs, stop: Callable[[], Any]) -> AsyncJobsError:
+    """Start ``jobs``, and call ``stop`` (``jobs.stop``, ``jobs.close``) once start()
+    waits for the first lease recovery: stop must end within ``STOPPED_BY``, and no
+    workers run then. What start() raised."""
+    raised: list[AsyncJobsError] = []
+
+    async def start() -> None:
+        with pytest.raises(AsyncJobsError) as error:
+            await jobs.start()
+        raised.append(error.value)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(start)
+        with anyio.fail_after(STOPPED_BY):
+            while jobs._host is None:
+                await anyio.lowlevel.checkpoint()
+            await stop()
+        assert not jobs.started
+        with anyio.fail_after(STOPPED_BY):  # start() saw the stop
+            while not raised:
+                await anyio.lowlevel.checkpoint()
+    assert not jobs.started
+    assert jobs._host is None
+    await jobs.stop()  # nothing left to stop
+    return raised[0]
+
+
+@pytest.fixture
+def long_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``START_TIME`` as it is (a stop waited for all of it), the stop's grace short."""
+    monkeypatch.setattr(asyncjobs._lifecycle, "START_TIME", 60.0)
+    monkeypatch.setattr(asyncjobs._lifecycle, "STOP_AT_ONCE_GRACE", GRACE)
+
+
+@pytest.mark.usefixtures("long_start")
+async def test_a_stop_during_start_cuts_the_wait_for_another_processs_lock_short(
+    backend_url: str, make_jobs: MakeJobs
+) -> None:
+    """The app told to shut down (``stop()``) while the first lease recovery waits on
+    another process's lock: the store's wait gets the stop's grace, not what is left of
+    ``START_TIME``; start() fails saying it was stopped, no workers run, and the job is
+    still queued for the next start, which runs it."""
+    jobs = patient_jobs(make_jobs, backend_url)
+    job_id, _ = await queued_job(jobs)
+    async with holding_the_jobs(jobs.store, backend_url):
+        error = await stopped_while_starting(jobs, jobs.stop)
+    assert "cut short by stop() or close()" in str(error)
+    assert "the jobs stay in the store for the next start" in str(error)
+    await runs_once_started(jobs, job_id)
+
+
+@pytest.mark.usefixtures("long_start")
+async def test_a_close_during_start_gives_up_on_a_first_lease_recovery_that_hangs(
+    make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``close()`` while the first lease recovery hangs (a stuck connection, which its
+    deadline does not end, under a fake clock nobody advances): the recovery is given
+    up on ``PAST_START_TIME`` past the stop's grace, of real time, and the store closes."""
+    jobs = make_jobs()
+    job_id, _ = await queued_job(jobs)
+    unblocked = a_recovery_that_hangs(jobs, monkeypatch)
+    try:
+        error = await stopped_while_starting(jobs, jobs.close)
+    finally:
+        unblocked.set()
+    assert "cut short by stop() or close()" in str(error)
+    monkeypatch.undo()
+    await runs_once_started(jobs, job_id)
 
 
 async def test_two_starts_at_once_start_one_set_of_workers_and_lift_the_deadline(

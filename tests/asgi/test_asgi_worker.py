@@ -12,6 +12,7 @@ import anyio
 import anyio.abc
 import pytest
 
+import asyncjobs._lifecycle
 from asyncjobs import Jobs, JobStatus, StoreError
 from asyncjobs._worker import run_worker
 from asyncjobs.testing import FakeClock, drain
@@ -120,6 +121,41 @@ async def test_a_signal_while_the_store_opens_stops_the_worker(
         assert not worker.started
         assert ("database is locked" in caplog.text) is not cancellable
     finally:
+        await worker.close()
+
+
+async def test_a_signal_during_the_first_lease_recovery_stops_the_worker_promptly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM while the workers' first lease recovery hangs (a stuck connection): the
+    worker stops within the stop's grace (and a try past it), not once ``START_TIME``
+    (60 s) ran out. No workers started; the jobs stay for the next start."""
+    caplog.set_level(logging.INFO, logger="asyncjobs")
+    monkeypatch.setattr(asyncjobs._lifecycle, "STOP_AT_ONCE_GRACE", 0.2)
+    monkeypatch.setattr(asyncjobs._lifecycle, "PAST_START_TIME", 0.2)
+    worker = Jobs("sqlite:///" + str(tmp_path / "jobs.db"), poll_interval=0.05)
+
+    @worker.task(name="noop")
+    async def noop() -> None: ...
+
+    recovering, unblocked = anyio.Event(), anyio.Event()
+
+    async def recover(*args: object, **kwargs: object) -> list[object]:
+        recovering.set()
+        await unblocked.wait()
+        return []
+
+    monkeypatch.setattr(worker.store, "recover", recover)
+    try:
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_worker, worker)
+                await recovering.wait()
+                os.kill(os.getpid(), signal.SIGTERM)
+        assert "received SIGTERM while starting" in caplog.text
+        assert not worker.started
+    finally:
+        unblocked.set()
         await worker.close()
 
 
