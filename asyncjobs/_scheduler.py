@@ -13,7 +13,11 @@ enqueued, which the store records apart from the jobs (``Store.last_slot``), so
 pruning finished jobs never loses it; a schedule recorded before that existed falls
 back to the idempotency keys of its recent jobs. If slots passed since then (the app
 was down), the most recent one runs once at start when ``catch_up=True`` (the
-default) and none runs when ``catch_up=False``. A schedule never seen in the store
+default) and none runs when ``catch_up=False``. The first start after the downtime
+decides: a slot it skipped (``catch_up=False``) is not run by a later start either,
+whether the process that skipped it still runs, stopped or crashed. Its first tick
+records the time it saw the schedule up to (``Store.seen_until``), and a first tick
+counts the later of that time and the last slot. A schedule never seen in the store
 has nothing to catch up: its first tick, whatever ``catch_up``, records the time it was
 first seen, so that a slot missed after that, before any slot ran, is caught up (even if
 the one process that saw it crashed). Not as a slot handled (``Store.seen_until``, apart
@@ -181,6 +185,8 @@ class Scheduler:
                 # Asked with catch_up=False too: it records a schedule never seen as seen.
                 missed = await self._missed(name, latest, now)
                 if not schedule.catch_up or not missed:
+                    if missed:  # skipped for good: a later start must not run it either
+                        await self.jobs.store.seen_until(name, math.floor(now))
                     schedule.skipped = latest  # left alone here (see _left_to_others)
                     continue
                 logger.info(
@@ -220,20 +226,19 @@ class Scheduler:
 
     async def _missed(self, task: str, slot: int, now: float) -> bool:
         """Whether ``slot``, the latest before the first tick, was missed while stopped:
-        it came after the last slot recorded, else after the time the schedule was seen
-        up to. A schedule never seen has nothing to catch up: its slots so far came
-        before it existed. Its first tick records that it is seen from now on, so that a
-        slot missed while the app is down before its first run is caught up all the same;
-        apart from the last slot: ``slot`` may have come after another process saw it
-        without recording it (see the module's docstring), whose tick for it is late.
-        Asked with catch_up=False too, for that record."""
-        last = await self._last_slot(task, now)
-        if last is None:
-            last = await self.jobs.store.seen_until(task)
-        if last is None:
+        it came after both the last slot recorded and the time the schedule was seen up to
+        (a start with catch_up=False that skipped it recorded a time after it, as its stop
+        may have: a later start leaves it too). A schedule never seen has nothing to catch
+        up: its slots so far came before it existed. Its first tick records that it is seen
+        from now on, so that a slot missed while the app is down before its first run is
+        caught up all the same; apart from the last slot: ``slot`` may have come after
+        another process saw it without recording it (see the module's docstring), whose tick
+        for it is late. Asked with catch_up=False too, for that record."""
+        recorded = (await self._last_slot(task, now), await self.jobs.store.seen_until(task))
+        if recorded == (None, None):
             await self.jobs.store.seen_until(task, math.floor(now))
             return False
-        return slot > last
+        return slot > max(time for time in recorded if time is not None)
 
     async def _last_slot(self, task: str, now: float) -> int | None:
         """The latest slot of ``task`` recorded, else (recorded by an older version)

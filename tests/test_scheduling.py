@@ -296,6 +296,41 @@ async def test_a_slot_missed_after_only_a_process_without_catch_up_saw_the_sched
     assert caught_up.run_at.timestamp() == clock.now() // 3600 * 3600
 
 
+@pytest.mark.parametrize("slot_ran", [False, True], ids=["no-slot-ran", "a-slot-ran"])
+@pytest.mark.parametrize("stopped", [False, True], ids=["crashed", "stopped"])
+async def test_a_slot_skipped_by_the_first_start_without_catch_up_is_not_run_by_a_later_start(
+    make_jobs: MakeJobs, backend_url: str, clock: FakeClock, *, stopped: bool, slot_ran: bool
+) -> None:
+    """The app was down over a slot; the first process to start after it has
+    catch_up=False and skips it. A process started later with catch_up=True does not run
+    it: whether the first stopped (its stop record) or crashed (none), and whether or not
+    a slot ran before, the first start after the downtime decided."""
+    clock.advance(3600 - clock.now() % 3600 + 120)  # 2 minutes past an hour
+    first = make_jobs(backend_url)
+    runs: list[float] = []
+    register_counter(first, runs, every=3600)
+    await drain(first)  # the schedule is seen
+    if slot_ran:
+        await run_for([first], clock, 3600, 600)
+        assert len(runs) == 1
+    await first.close()  # no stop record: drain ticks without the loop
+    clock.advance(3600)  # down over a slot
+    skipping = make_jobs(backend_url)
+    register_counter(skipping, runs, every=3600, catch_up=False)
+    if stopped:
+        async with skipping:
+            pass
+    else:
+        await drain(skipping)
+    await skipping.close()
+    clock.advance(600)
+    later = make_jobs(backend_url)
+    register_counter(later, runs, every=3600)
+    await drain(later)
+    assert len(runs) == (1 if slot_ran else 0)
+    assert len(await later.list(task="tick")) == len(runs)
+
+
 async def test_a_schedule_moved_to_a_later_time_does_not_run_again_at_the_next_start(
     make_jobs: MakeJobs, db_url: str
 ) -> None:

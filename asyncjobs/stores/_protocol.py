@@ -382,6 +382,7 @@ class Store(Protocol):
     async def seen_until(self, schedule: str, at: int | None = None) -> int | None:
         """The latest time (epoch seconds) up to which a process saw ``schedule``, or
         None; with ``at``, record it first (a later time already recorded is kept). Apart
-        from ``last_slot``: a slot at or before it was not missed while the app was down,
-        but it may not have run yet (a process that runs it ticks later)."""
+        from ``last_slot``: a slot at or before it is not caught up (it was not missed
+        while the app was down, or a start with catch_up=False skipped it), but it may
+        not have run yet (a process that runs it ticks later)."""
         ...
