@@ -57,9 +57,10 @@ longest of the stores' own default waits (PostgreSQL's ``command_timeout``; its
 another process's lock as before: what it ends is a wait with no end of its own (a
 store that hangs). Opening the store is left to the store's own waits: a migration,
 its own or another process's, takes however long it takes (an index built over a
-large table), and cut short it would roll back at every start. A stop meanwhile (the
-app told to shut down as it starts) does not wait for the recovery: it gets
-``STOP_AT_ONCE_GRACE`` (``_recover_first``)."""
+large table), and cut short it would roll back at every start (only a ``close()``
+meanwhile cuts it short: ``stores._opening``). A stop meanwhile (the app told to shut
+down as it starts) does not wait for the recovery: it gets ``STOP_AT_ONCE_GRACE``
+(``_recover_first``)."""
 
 PAST_START_TIME = 5.0
 """Seconds past ``START_TIME`` that ``start()`` still waits for a store that did not end
@@ -413,7 +414,9 @@ class _Lifecycle:
 
     async def close(self) -> None:
         """Stop the workers if they run, let enqueues in flight be written, then close
-        the store (also when the workers crashed: ``stop`` raises why).
+        the store (also when the workers crashed: ``stop`` raises why). An open of the
+        store under way (a ``start()`` waiting on another process's migration) is
+        cancelled after ``OPEN_CLOSE_TIME`` (``stores._opening``).
 
         A running job of these workers may not call it: the store would be closed under
         the workers still running it, and its own outcome would open it again."""

@@ -57,6 +57,7 @@ from asyncjobs.stores import _postgres_enqueue as enqueue
 from asyncjobs.stores import _postgres_finish as finishes
 from asyncjobs.stores import _postgres_release as releases
 from asyncjobs.stores import redacted
+from asyncjobs.stores._opening import Opening
 from asyncjobs.stores._postgres_connections import Place
 from asyncjobs.stores._postgres_hot_path import _HotPath
 from asyncjobs.stores._postgres_limits import GroupWalk
@@ -161,7 +162,7 @@ class PostgresStore(_HotPath):
         self.max_backoff = max_backoff
         self._pool: Pool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the pool's
-        self._opening = asyncio.Lock()
+        self._opening = Opening()
         self._listener: Connection | None = None
         self._producer: Connection | None = None
         self._producing = False

@@ -26,6 +26,7 @@ import asyncpg
 
 from asyncjobs._errors import ConfigurationError, StoreError
 from asyncjobs.stores import redacted
+from asyncjobs.stores._opening import Opening
 from asyncjobs.stores._postgres_deadlines import _Deadlines
 from asyncjobs.stores._postgres_errors import (
     _LOST,
@@ -85,6 +86,14 @@ def _session(conn: Any) -> Any:
     return conn if inner is None else inner
 
 
+async def _close_pool(pool: Pool) -> None:
+    """Close ``pool`` within 5 s; past that, or failing, terminate its connections."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout=5)
+    except DRIVER_ERRORS:
+        pool.terminate()
+
+
 class _Connections(_Deadlines):
     """``PostgresStore``'s pool, LISTEN and enqueue connections, and running an
     operation on one of them."""
@@ -98,7 +107,7 @@ class _Connections(_Deadlines):
         _server_settings: dict[str, str]
         _pool: Pool | None
         _loop: asyncio.AbstractEventLoop | None
-        _opening: asyncio.Lock
+        _opening: Opening
         _listener: Connection | None
         _producer: Connection | None
         _producing: bool
@@ -120,30 +129,34 @@ class _Connections(_Deadlines):
         self._leave_ended_loop()
         if self._pool is not None:
             return
-        async with self._opening:
+        async with self._opening.lock:
             if self._is_open():
                 return
-            async with self._errors("open", opening=True):
-                pool = await asyncpg.create_pool(
-                    self.url,
-                    min_size=self.pool_min,
-                    max_size=self.pool_max,
-                    timeout=self.connect_timeout,
-                    reset=_keep_session,
-                    init=self._own,
-                    server_settings=self._server_settings,
-                )
-                try:
-                    async with pool.acquire() as conn:
-                        await migrate(conn)
-                        self._schema = await conn.fetchval("SELECT current_schema()")
-                        self._database = await where(conn)
-                        self._channel = await channel(conn)
-                except BaseException:
-                    await pool.close()
-                    raise
-            self._pool = pool
-            self._loop = asyncio.get_running_loop()
+            await self._opening.run(self, self._connect)
+
+    async def _connect(self) -> None:
+        """Open the pool and migrate the schema (``open``, in a task of its own)."""
+        async with self._errors("open", opening=True):
+            pool = await asyncpg.create_pool(
+                self.url,
+                min_size=self.pool_min,
+                max_size=self.pool_max,
+                timeout=self.connect_timeout,
+                reset=_keep_session,
+                init=self._own,
+                server_settings=self._server_settings,
+            )
+            try:
+                async with pool.acquire() as conn:
+                    await migrate(conn)
+                    self._schema = await conn.fetchval("SELECT current_schema()")
+                    self._database = await where(conn)
+                    self._channel = await channel(conn)
+            except BaseException:
+                await _close_pool(pool)
+                raise
+        self._pool = pool
+        self._loop = asyncio.get_running_loop()
 
     async def schema_without_store(self) -> str | None:
         """The schema the store would create its tables in, if it holds none yet
@@ -172,13 +185,13 @@ class _Connections(_Deadlines):
         self._loop = None
         self._pool = self._listener = self._producer = None
         self._producing = False
-        self._opening = asyncio.Lock()  # may be bound to the other loop
+        self._opening = Opening()  # its lock may be bound to the other loop
 
     async def close(self) -> None:
         self._leave_ended_loop()
-        # After an open in progress, which would otherwise finish behind this close
-        # and leave a pool connected.
-        async with self._opening:
+        # After an open in progress, cancelled (``Opening``), which would otherwise
+        # finish behind this close and leave a pool connected.
+        async with self._opening.closing(self):
             await self._disconnect()
 
     async def _disconnect(self) -> None:
@@ -190,10 +203,7 @@ class _Connections(_Deadlines):
                 with contextlib.suppress(Exception):
                     await conn.close(timeout=2)
         if pool is not None:
-            try:
-                await asyncio.wait_for(pool.close(), timeout=5)
-            except DRIVER_ERRORS:
-                pool.terminate()
+            await _close_pool(pool)
 
     def _is_open(self) -> bool:
         return self._pool is not None

@@ -28,7 +28,6 @@ runs, ``_sqlite_sql`` (enqueue, heartbeat), ``_sqlite_claim`` (claim),
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import json
 import os
@@ -41,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from asyncjobs._errors import ConfigurationError
 from asyncjobs.stores._claims import RateKeyed
 from asyncjobs.stores._job_rows import JobRow
+from asyncjobs.stores._opening import Opening
 from asyncjobs.stores._ops_rows import OpsSnapshot, WorkerBeat
 from asyncjobs.stores._protocol import (
     PREVIEWED,
@@ -152,7 +152,7 @@ class SQLiteStore(_HotPath):
         self._checkpointer: Checkpointer | None = None
         self._watch: ChangeWatch | None = None
         self._inline: InlineWriter | None = None  # synchronous=NORMAL only
-        self._opening = asyncio.Lock()  # first uses at once open it once
+        self._opening = Opening()  # first uses at once open it once
         self._open = False  # set up: migrated, side connections made
         self._give_up_at: float | None = None  # time.monotonic(); see set_deadline
         self._walks = Walks()  # how far the claims went past their window

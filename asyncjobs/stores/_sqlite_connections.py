@@ -20,7 +20,6 @@ sees every write committed before (on any connection).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sqlite3
@@ -35,6 +34,7 @@ import anyio
 import anyio.to_thread
 
 from asyncjobs._errors import DataRefused, StoreError
+from asyncjobs.stores._opening import Opening
 from asyncjobs.stores._sqlite_schema import (
     migrate,
     opens_without_writing,
@@ -131,7 +131,7 @@ class _Connections:
         _checkpointer: Checkpointer | None
         _watch: ChangeWatch | None
         _inline: InlineWriter | None
-        _opening: asyncio.Lock
+        _opening: Opening
         _open: bool
         _give_up_at: float | None
         _in_flight: int
@@ -141,9 +141,9 @@ class _Connections:
     async def open(self) -> None:
         if self._open:
             return
-        async with self._opening:
+        async with self._opening.lock:
             if not self._open:  # else another first use opened it meanwhile
-                await self._connect()
+                await self._opening.run(self, self._connect)
                 self._open = True
 
     async def open_unless_it_writes(self) -> bool:
@@ -172,8 +172,22 @@ class _Connections:
             self._reader, self._reader_raw = reader, reader_raw
             await self._read_call(_query_only)
         except BaseException:
-            await self._disconnect()
+            await self._abandon_open()
             raise
+
+    async def _abandon_open(self) -> None:
+        """Close what an open that failed, or was cancelled (``close()``, its caller),
+        made. The call still under way in the writing connection's thread (a migration)
+        is ended first, so that it does not go on behind the close, nor hold it for
+        ``THREAD_CLOSE_TIME``: its statement is interrupted (rolled back), and a wait for
+        another connection's lock gives up at its next try (a deadline of now)."""
+        if self._raw is not None:
+            self._raw.interrupt()
+        deadline, self._give_up_at = self._give_up_at, time.monotonic()  # noqa: TID251
+        try:
+            await self._disconnect()
+        finally:
+            self._give_up_at = deadline
 
     async def _thread_connection(
         self, busy_timeout: float
@@ -235,9 +249,9 @@ class _Connections:
             ) from error
 
     async def close(self) -> None:
-        # After an open in progress (first uses), which would otherwise finish behind
-        # this close and leave the store open, or find its connection gone.
-        async with self._opening:
+        # After an open in progress (first uses), cancelled (``Opening``), which would
+        # otherwise finish behind this close and leave the store open.
+        async with self._opening.closing(self):
             await self._disconnect()
 
     def _forget_connections(self) -> None:
@@ -271,7 +285,7 @@ class _Connections:
         self._db = self._raw = self._reader = self._reader_raw = None
         self._checkpointer = self._watch = self._inline = None
         self._open = False
-        self._opening = asyncio.Lock()  # the parent may have held it, opening
+        self._opening = Opening()  # the parent may have held it, opening
 
     async def _disconnect(self) -> None:
         self._open = False
