@@ -1,10 +1,12 @@
 """``close()`` of a SQLite store whose writing connection's thread is stuck in a call
 (a connection that does not answer): the close, queued behind that call, is given up on
 in real time, so that ``close()``, and ``start()`` failing (which closes the store),
-end; the thread closes its connection and ends once the call returns."""
+end; the thread closes its connection and ends once the call returns. So is the WAL
+checkpoint's thread, stuck in disk I/O."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import threading
@@ -18,6 +20,7 @@ from test_close_bound import CLOSES_BY, MakeJobs
 import asyncjobs._lifecycle
 import asyncjobs.stores._sqlite_connections
 from asyncjobs import StoreError
+from asyncjobs.stores._sqlite_side import CHECKPOINT_EVERY
 
 
 @pytest.fixture(autouse=True)
@@ -92,3 +95,43 @@ async def test_sqlite_start_failing_closes_the_store_though_its_thread_is_stuck(
     assert stuck.is_set()  # the recovery was stuck in the thread
     await closed_threads(threads)
     assert not jobs.started
+
+
+async def test_sqlite_close_ends_though_the_wal_checkpoint_is_stuck(
+    make_jobs: MakeJobs, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The WAL checkpoint's thread is stuck (disk I/O that does not return): close()
+    does not wait for it for good; its connection closes once it returns."""
+    jobs = make_jobs(workers=False)
+    await jobs.store.open()
+    store: Any = jobs.store
+    checkpointer = store._checkpointer
+    stuck, released = threading.Event(), threading.Event()
+    connect = checkpointer.connect
+    connections: list[sqlite3.Connection] = []
+
+    def stuck_connect() -> sqlite3.Connection:
+        db: sqlite3.Connection = connect()
+        connections.append(db)
+        stuck.set()  # the checkpoint's call on it does not return until released
+        released.wait(30)
+        return db
+
+    checkpointer.connect = stuck_connect
+    checkpointer.committed(CHECKPOINT_EVERY)
+    running = checkpointer._running
+    try:
+        await anyio.to_thread.run_sync(stuck.wait, 5)
+        with anyio.fail_after(CLOSES_BY), caplog.at_level(logging.ERROR, "asyncjobs"):
+            await jobs.close()
+    finally:
+        released.set()
+    with anyio.fail_after(5):
+        await asyncio.wait({running})
+        await anyio.lowlevel.checkpoint()  # the task's callbacks: the close's thread
+    closing = [t for t in threading.enumerate() if "checkpointer's connection" in t.name]
+    await closed_threads(closing)
+    assert checkpointer.checkpoints == 1  # it went on once released
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        connections[0].execute("SELECT 1")
+    assert any("checkpoint's thread is stuck" in r.message for r in caplog.records)

@@ -148,7 +148,7 @@ async def test_a_log_that_readers_kept_from_starting_over_is_emptied(tmp_path: P
         assert wal.stat().st_size == 0  # noqa: ASYNC240
         await store.insert([new_job("after")], now=0.0)  # and the log starts over
         assert wal.stat().st_size < 100 * 4096  # noqa: ASYNC240
-        await checkpointer.close()
+        await checkpointer.close(5)
     finally:
         reader.close()
         await store.close()

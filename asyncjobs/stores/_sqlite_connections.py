@@ -92,7 +92,8 @@ waits end in time (at the store's deadline, which shutdown sets), so a thread st
 it is stuck (a connection that does not answer). It is not waited for then: the call
 goes on, a write in it is committed or not as if the store were open, and the thread
 closes its connection and ends once it returns (a daemon, it does not hold the
-process's exit)."""
+process's exit). So long too for the WAL checkpoint under way, which only stuck disk
+I/O holds (``Checkpointer.close``)."""
 
 _WAL_PAUSE = 0.01
 """Seconds between tries to switch a file to WAL mode (``_switch_to_wal``), which SQLite
@@ -300,7 +301,7 @@ class _Connections:
             if watch is not None:
                 watch.close()
             if checkpointer is not None:
-                await checkpointer.close()
+                await checkpointer.close(THREAD_CLOSE_TIME)
         finally:
             try:
                 if reader is not None:

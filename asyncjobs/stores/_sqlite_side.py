@@ -20,9 +20,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
+
+import anyio
 
 logger = logging.getLogger("asyncjobs")
 
@@ -169,12 +172,7 @@ class Checkpointer:
 
     async def idle(self) -> None:
         """Wait for the checkpoint in progress, if any."""
-        running = self._running
-        if running is None or running.done():
-            return
-        if running.get_loop() is not asyncio.get_running_loop():
-            return  # an earlier event loop's (asyncio.run per call), which waited for it
-        await asyncio.shield(running)
+        await _ended(self._running)
 
     def close_unless_running(self) -> None:
         """Close the connection now unless a checkpoint is under way on it (in a forked
@@ -184,11 +182,23 @@ class Checkpointer:
             if db is not None:
                 db.close()
 
-    async def close(self) -> None:
-        await self.idle()
+    async def close(self, wait: float) -> None:
+        """Close the connection once the checkpoint under way, if any, has ended, for
+        at most ``wait`` seconds of real time: past it, its thread is stuck (disk I/O
+        that does not return), and closes the connection once it does."""
+        running = self._running
+        with anyio.move_on_after(wait) as waited:
+            await _ended(running)
         self._running = None
         db, self._db = self._db, None
-        if db is not None:
+        if running is not None and waited.cancelled_caught:
+            logger.error(
+                "SQLite store %s: the WAL checkpoint's thread is stuck (%ss); not waiting "
+                "for it: its connection closes once it returns", self._path, wait,
+            )  # fmt: skip
+            if db is not None:  # in a thread: the last connection to close checkpoints
+                running.add_done_callback(lambda _: _close_in_a_thread(db))
+        elif db is not None:
             db.close()
 
 
@@ -302,3 +312,19 @@ class InlineWriter:
 
     def close(self) -> None:
         self._db.close()
+
+
+async def _ended(running: asyncio.Task[None] | None) -> None:
+    """Wait for a checkpoint's task, if it is under way in this event loop."""
+    if running is None or running.done():
+        return
+    if running.get_loop() is not asyncio.get_running_loop():
+        return  # an earlier event loop's (asyncio.run per call), which waited for it
+    await asyncio.shield(running)
+
+
+def _close_in_a_thread(db: sqlite3.Connection) -> None:
+    """Close ``db`` off the event loop: the last connection to a file closing checkpoints
+    its log (disk I/O, which may be slow where a checkpoint was stuck)."""
+    name = "asyncjobs: close the WAL checkpointer's connection"
+    threading.Thread(target=db.close, name=name, daemon=True).start()
