@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from collections.abc import Callable
 from datetime import timedelta
 from fnmatch import fnmatch
@@ -33,6 +34,8 @@ from asyncjobs.stores._sqlite_connections import _SYNCHRONOUS
 from asyncjobs.testing import drain
 
 README = Path(__file__).parent.parent / "README.md"
+
+pytest_plugins = ["pytester"]
 
 MakeJobs = Callable[..., Jobs]
 
@@ -254,6 +257,54 @@ async def test_the_transactional_enqueue_example_stores_user_and_job_together(
         assert [(i.args, i.kwargs) for i in stored] == [([1], {"address": "a@example.com"})]
     else:
         assert (users, stored) == ([], [])
+
+
+TESTED_APP = """
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from asyncjobs import Jobs, JobsMiddleware
+
+    jobs = Jobs("sqlite:///app-jobs.db")  # the app's real store; the test never opens it
+    sent: list[str] = []
+
+    @jobs.task(queue="email")
+    async def send_welcome(address: str) -> None:
+        sent.append(address)
+
+    async def signup(request: Request) -> JSONResponse:
+        data = await request.json()
+        await request.state.jobs.enqueue(send_welcome, address=data["email"])
+        return JSONResponse({}, status_code=202)
+
+    app = Starlette(
+        routes=[Route("/signup", signup, methods=["POST"])],
+        middleware=[Middleware(JobsMiddleware, jobs=jobs)],
+    )
+"""
+
+
+@pytest.mark.parametrize("mode", ["strict", "auto"])
+def test_the_testing_example_runs_as_written_in_a_project_of_its_own(
+    pytester: pytest.Pytester, mode: str
+) -> None:
+    """Pasted into a new project, whose pytest-asyncio runs in its default (strict) mode,
+    the block's test failed: "async def functions are not natively supported". In
+    strict mode as written; in auto mode with the fixture decorator its comment gives."""
+    block = python_block("Testing your app")
+    if mode == "auto":
+        assert "@pytest_asyncio.fixture " in block
+        block = block.replace("@pytest_asyncio.fixture ", "@pytest.fixture ")
+    pytester.makeini(f"[pytest]\nasyncio_mode = {mode}\n")
+    pytester.makepyfile(myapp=textwrap.dedent(TESTED_APP), test_myapp=block)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-o", "asyncio_default_fixture_loop_scope=function"
+    )
+    result.assert_outcomes(passed=1)
+    assert not (pytester.path / "app-jobs.db").exists(), "the app's real store was touched"
 
 
 async def test_the_operations_example_mounts_the_dashboard_and_metrics(
