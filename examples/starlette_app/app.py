@@ -216,9 +216,13 @@ async def list_jobs(request: Request) -> JSONResponse:
 
 
 async def retry_job(request: Request) -> JSONResponse:
-    """``POST /jobs/{id}/retry`` puts a dead job back in the queue."""
-    retried = await request.state.jobs.retry(request.path_params["job_id"])
-    return JSONResponse({"retried": retried}, status_code=202 if retried else 409)
+    """``POST /jobs/{id}/retry`` puts a dead (or cancelled) job back in the queue."""
+    jobs, job_id = request.state.jobs, request.path_params["job_id"]
+    if await jobs.retry(job_id):
+        return JSONResponse({"retried": True}, status_code=202)
+    if await jobs.get(job_id) is None:
+        return JSONResponse({"error": "no such job"}, status_code=404)
+    return JSONResponse({"retried": False}, status_code=409)  # not dead or cancelled
 
 
 async def health(request: Request) -> JSONResponse:

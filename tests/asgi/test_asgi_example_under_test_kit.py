@@ -66,3 +66,34 @@ async def test_the_example_answers_a_malformed_body_with_422_not_a_crash(
     assert response.status_code == 422, response.text
     assert "error" in response.json()
     assert await jobs.list() == []
+
+
+async def test_the_example_retries_a_dead_job_and_tells_apart_an_unknown_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, asyncjobs_isolate: Any
+) -> None:
+    """``POST /jobs/{id}/retry``: 202 for a dead job, 409 for one that is not dead or
+    cancelled, and 404 for an id that names no job (as ``GET /jobs/{id}`` answers),
+    not a 409 that reads as if the job existed."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[2]))
+    monkeypatch.setenv("APP_DB", str(tmp_path / "app.db"))
+    monkeypatch.setenv("EMAIL_FAILURE_RATE", "1")
+    monkeypatch.setenv("EMAIL_DELAY", "0")
+    monkeypatch.delitem(sys.modules, "examples.starlette_app.app", raising=False)
+    example = importlib.import_module("examples.starlette_app.app")
+    monkeypatch.delitem(sys.modules, "examples.starlette_app.app")
+    jobs = await asyncjobs_isolate(example.jobs)
+    async with example.lifespan(example.app):
+        pass
+    dead = await example.send_verification_email.options(retries=0).enqueue(1, "a@example.com")
+    with anyio.fail_after(10):
+        await jobs.drain()
+    assert (await jobs.get(dead.id)).status == "dead"
+    transport = httpx.ASGITransport(app=example.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        retried = await client.post(f"/jobs/{dead.id}/retry")
+        again = await client.post(f"/jobs/{dead.id}/retry")  # queued now, not dead
+        unknown = await client.post("/jobs/no-such-job/retry")
+    assert (retried.status_code, retried.json()) == (202, {"retried": True})
+    assert (again.status_code, again.json()) == (409, {"retried": False})
+    assert unknown.status_code == 404, unknown.text
+    assert unknown.json() == {"error": "no such job"}
