@@ -160,18 +160,21 @@ class _Connections:
     async def _connect(self) -> None:
         # The writer's busy handler waits a slice at a time (_while_busy); reads wait
         # the whole busy timeout, as WAL makes them wait only on rare occasions.
-        self._db, self._raw = await self._thread_connection(min(self.busy_timeout, _BUSY_SLICE))
+        # Set now, for _abandon_open to interrupt and close; the store's calls use them
+        # once the open has ended (_in_thread), these calls of the open's own before.
+        db, raw = self._db, self._raw = await self._thread_connection(
+            min(self.busy_timeout, _BUSY_SLICE)
+        )
         try:
-            await self._call(self._setup)
+            await self._run(db, raw, self._setup)
             checkpointer = self._checkpointer = Checkpointer(self.path)
-            await self._call(lambda _: checkpointer.connect())
-            self._watch = await self._call(lambda _: ChangeWatch(self.path))
+            await self._run(db, raw, lambda _: checkpointer.connect())
+            self._watch = await self._run(db, raw, lambda _: ChangeWatch(self.path))
             if self.synchronous == "NORMAL":  # FULL fsyncs each commit: not on the loop
-                self._inline = await self._call(lambda _: InlineWriter(self.path))
-            # Last: a read that finds it set finds the schema migrated.
+                self._inline = await self._run(db, raw, lambda _: InlineWriter(self.path))
             reader, reader_raw = await self._thread_connection(self.busy_timeout)
             self._reader, self._reader_raw = reader, reader_raw
-            await self._read_call(_query_only)
+            await self._run(reader, reader_raw, _query_only)
         except BaseException:
             await self._abandon_open()
             raise
@@ -377,12 +380,26 @@ class _Connections:
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T:
-        """Run ``fn`` on the reading or the writing connection; map driver errors."""
+        """Run ``fn`` on the reading or the writing connection once the store is open:
+        an open under way in another task is waited for. The writing connection is set
+        before the open sets up and migrates the file through it, and a call queued
+        there behind that setup ran even when the open failed or was cancelled: on an
+        unmigrated file, or on one a newer asyncjobs migrated, which the open refused."""
         while True:
             db, raw = (self._reader, self._reader_raw) if reading else (self._db, self._raw)
-            if db is not None and raw is not None:
-                break
+            if self._open and db is not None and raw is not None:
+                return await self._run(db, raw, fn, *args, **kwargs)
             await self.open()  # not open yet, or closed again meanwhile
+
+    async def _run(
+        self,
+        db: aiosqlite.Connection,
+        raw: sqlite3.Connection,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """Run ``fn(raw, ...)`` in ``db``'s thread; map driver errors."""
         self._in_flight += 1
         try:
             result: T = await db._execute(fn, raw, *args, **kwargs)  # type: ignore[no-untyped-call]
