@@ -184,7 +184,8 @@ async def test_close_interrupts_a_sqlite_migration_under_way(
     ended: list[BaseException] = []
 
     def migrate(db: sqlite3.Connection) -> None:
-        running.set()
+        # Set once the statement runs: an interrupt before it would miss it.
+        db.set_progress_handler(running.set, 1000)
         try:  # a minute's work, or more
             db.execute(
                 "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
@@ -193,6 +194,8 @@ async def test_close_interrupts_a_sqlite_migration_under_way(
         except sqlite3.Error as error:
             ended.append(error)
             raise
+        finally:
+            db.set_progress_handler(None, 0)
 
     monkeypatch.setattr(asyncjobs.stores._sqlite_connections, "migrate", migrate)
     jobs = Jobs(f"sqlite:///{tmp_path / 'jobs.db'}", clock=clock)
