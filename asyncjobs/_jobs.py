@@ -126,6 +126,7 @@ class Jobs(_Registry, _Queries, _Lifecycle, _NewJobs):
         self._stop_requested = anyio.Event()
         self._stop_now = anyio.Event()
         self._entries = 0  # lifetimes entered and not left (_Lifecycle._enter)
+        self._stops = 0  # stop() calls so far: one during a start() cuts it short
 
     def __repr__(self) -> str:
         return f"<Jobs {self.store!r} tasks={len(self.registry)}>"

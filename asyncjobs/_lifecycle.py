@@ -82,8 +82,9 @@ _KEPT = (
 )
 
 _CUT_SHORT = (
-    "start() was cut short by stop() or close(), called during the workers' first lease "
-    "recovery: the workers did not start; the jobs stay in the store for the next start"
+    "start() was cut short by stop() or close(), called while it opened the store or during "
+    "the workers' first lease recovery: the workers did not start; the jobs stay in the "
+    "store for the next start"
 )
 
 
@@ -126,6 +127,7 @@ class _Lifecycle:
         _stop_requested: anyio.Event
         _stop_now: anyio.Event
         _entries: int
+        _stops: int
         _inserts: GroupCommit[NewJob, str]
         _keyed_inserts: InFlight[NewJob]
 
@@ -160,9 +162,16 @@ class _Lifecycle:
         The first lease recovery gets ``START_TIME``: ``StoreError`` past it, naming
         what it waited on (another process holding the store, a store that hangs)."""
         self._forget_stopped_workers()
+        stops = self._stops
         await self.store.open()  # its own waits: a migration takes what it takes
+        if not self.settings.workers:
+            return
+        if self._stops != stops:  # it found no workers to stop: workers started now
+            if self._host is None:  # would open the store again behind a close
+                await self.store.close()
+            raise AsyncJobsError(_CUT_SHORT)
         # Another start() may have started the workers while this one opened the store.
-        if self._host is not None or not self.settings.workers:
+        if self._host is not None:
             return
         gives_up_at = anyio.current_time() + START_TIME
         self.store.set_deadline(START_TIME)
@@ -394,6 +403,7 @@ class _Lifecycle:
         Called by a job of these workers, it asks them to stop and returns at once:
         waiting for them would wait for that job, which waits here. They stop as above,
         once the running jobs end, the calling job among them."""
+        self._stops += 1  # a start() under way, opening the store, does not start them
         ended = self._forget_stopped_workers()
         if ended is not None and not ended.cancelled():
             ended.result()  # raises why they stopped

@@ -1,0 +1,135 @@
+"""``stop()``/``close()`` landing while ``start()`` is under way, and ``start()``
+cancelled: no workers are left running either way. A close that landed once the store's
+open had ended, but before the workers' task existed, found no workers to stop and
+closed the store; start() then started workers, which opened the store again behind
+the close. And a cancelled start (a lifespan's startup cancelled, ``asyncio.wait_for``
+timing out) left its workers starting, running until a later stop or the loop's end.
+(A stop or close during the first lease recovery: tests/test_start_bound.py.)"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import pytest
+from test_close_during_open import open_held
+from test_start_bound import (
+    GRACE,
+    STOPPED_BY,
+    MakeJobs,
+    queued_job,
+    runs_once_started,
+)
+
+import asyncjobs._lifecycle
+import asyncjobs.stores._opening
+from asyncjobs import AsyncJobsError, Jobs, StoreError
+from asyncjobs.stores import Store
+
+
+@pytest.fixture
+def db_url(backend_url: str) -> str:
+    return backend_url
+
+
+@pytest.fixture(autouse=True)
+def short_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(asyncjobs._lifecycle, "STOP_AT_ONCE_GRACE", GRACE)
+
+
+def is_open(store: Store) -> bool:
+    held: Any = store
+    return held._pool is not None if hasattr(held, "_pool") else bool(held._open)
+
+
+def paused_after_open(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> tuple[anyio.Event, anyio.Event]:
+    """The store's first open pauses once it has ended, before its caller goes on: set
+    (the first event) then, it goes on once the second is set."""
+    opened, go_on = anyio.Event(), anyio.Event()
+    store_open = store.open
+
+    async def open() -> None:
+        await store_open()
+        if not opened.is_set():
+            opened.set()
+            await go_on.wait()
+
+    monkeypatch.setattr(store, "open", open)
+    return opened, go_on
+
+
+async def failed_start(
+    jobs: Jobs, during: Callable[[Callable[[], object]], Awaitable[None]]
+) -> BaseException:
+    """Run ``during(begin)``, which calls ``begin()`` to start ``jobs`` beside it and
+    sees start() under way: start() fails, and no workers run then. What it raised."""
+    raised: list[BaseException] = []
+
+    async def start() -> None:
+        with pytest.raises((AsyncJobsError, StoreError)) as error:
+            await jobs.start()
+        raised.append(error.value)
+
+    with anyio.fail_after(STOPPED_BY):
+        async with anyio.create_task_group() as tg:
+            await during(lambda: tg.start_soon(start))
+    assert not jobs.started
+    assert jobs._host is None
+    return raised[0]
+
+
+@pytest.mark.parametrize("stop", ["stop", "close"])
+async def test_a_stop_once_the_store_opened_and_before_the_workers_start_cuts_start_short(
+    make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch, stop: str
+) -> None:
+    """stop() or close() lands between the end of start()'s open and the workers' task:
+    start() fails saying it was cut short, no workers start, the store is left closed
+    (nothing opens it behind the close), and the job runs at the next start."""
+    jobs = make_jobs()
+    job_id, _ = await queued_job(jobs)
+    opened, go_on = paused_after_open(jobs.store, monkeypatch)
+
+    async def stop_meanwhile(begin: Callable[[], object]) -> None:
+        begin()
+        await opened.wait()
+        await getattr(jobs, stop)()
+        go_on.set()
+
+    error = await failed_start(jobs, stop_meanwhile)
+    assert "cut short by stop() or close()" in str(error)
+    assert not is_open(jobs.store)
+    monkeypatch.undo()
+    await runs_once_started(jobs, job_id)
+
+
+async def test_a_close_that_waits_for_the_open_in_progress_leaves_no_workers(
+    backend_url: str, make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() while start()'s open waits on another process (its migration lock), which
+    lets go within ``OPEN_CLOSE_TIME``: the open ends, and start() then started workers
+    (the close had found none), which opened the store again behind the close. Now
+    start() fails, and the store stays closed."""
+    monkeypatch.setattr(asyncjobs.stores._opening, "OPEN_CLOSE_TIME", STOPPED_BY)
+    jobs = make_jobs()
+    closing = anyio.Event()
+    store_close = jobs.store.close
+
+    async def close() -> None:
+        closing.set()
+        await store_close()
+
+    monkeypatch.setattr(jobs.store, "close", close)
+
+    async def close_meanwhile(begin: Callable[[], object]) -> None:
+        async with anyio.create_task_group() as tg, open_held(jobs, backend_url) as waiting:
+            begin()
+            await waiting()
+            tg.start_soon(jobs.close)
+            await closing.wait()  # close() is past its stop(), closing the store
+
+    error = await failed_start(jobs, close_meanwhile)
+    assert "cut short by stop() or close()" in str(error)
+    assert not is_open(jobs.store)
