@@ -190,16 +190,19 @@ class _Lifecycle:
         self._stop_requested = anyio.Event()
         self._stop_now = anyio.Event()
         ready = anyio.Event()
-        self._host = asyncio.get_running_loop().create_task(
+        host = self._host = asyncio.get_running_loop().create_task(
             self._main(ready, gives_up_at), name="asyncjobs"
         )
         waiter = asyncio.ensure_future(ready.wait())
         try:
-            done, _ = await asyncio.wait({self._host, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({host, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # this call cancelled (a startup cancelled, a wait_for)
+            await self._unstart(host)
+            raise
         finally:  # also when this call is cancelled: a start that fails never sets ready
             waiter.cancel()
-        if self._host in done:
-            host, self._host = self._host, None
+        if host in done:
+            self._host = None
             try:
                 host.result()  # raises why it stopped
                 if self._stop_requested.is_set():
@@ -207,6 +210,18 @@ class _Lifecycle:
                 raise AsyncJobsError("the workers stopped while starting")
             finally:  # an open store's thread would keep the process from exiting
                 await self.store.close()
+
+    async def _unstart(self, host: asyncio.Task[None]) -> None:
+        """A cancelled ``start()``: stop the workers it started, at once, and close the
+        store, as a start that fails does. They ran on, unseen, until a stop()."""
+        with anyio.CancelScope(shield=True):  # bounded: STOP_AT_ONCE_GRACE and past it
+            self._stop_at_once()
+            await asyncio.wait({host})
+            if self._host is host:
+                self._host = None
+            await self.store.close()
+        if not host.cancelled() and (error := host.exception()) is not None:
+            logger.warning("asyncjobs workers stopped, start() cancelled: %s", error)
 
     async def _main(self, ready: anyio.Event, gives_up_at: float) -> None:
         """Own every long-lived task of this ``Jobs``: loops and running jobs."""

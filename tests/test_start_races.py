@@ -8,6 +8,7 @@ timing out) left its workers starting, running until a later stop or the loop's 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,6 +19,8 @@ from test_start_bound import (
     GRACE,
     STOPPED_BY,
     MakeJobs,
+    holding_the_jobs,
+    patient_jobs,
     queued_job,
     runs_once_started,
 )
@@ -133,3 +136,34 @@ async def test_a_close_that_waits_for_the_open_in_progress_leaves_no_workers(
     error = await failed_start(jobs, close_meanwhile)
     assert "cut short by stop() or close()" in str(error)
     assert not is_open(jobs.store)
+
+
+@pytest.mark.parametrize("how", ["task.cancel()", "cancel scope"])
+async def test_a_cancelled_start_stops_the_workers_it_started(
+    backend_url: str, make_jobs: MakeJobs, how: str
+) -> None:
+    """start() cancelled while the first lease recovery waits on another process's lock
+    (a lifespan's startup cancelled, ``asyncio.wait_for`` timing out): the workers it
+    started stop with it, in time, rather than running on until a later stop()."""
+    jobs = patient_jobs(make_jobs, backend_url)
+    job_id, _ = await queued_job(jobs)
+    async with holding_the_jobs(jobs.store, backend_url):
+        with anyio.fail_after(STOPPED_BY):
+            if how == "task.cancel()":
+                task = asyncio.get_running_loop().create_task(jobs.start())
+                while jobs._host is None:
+                    await anyio.lowlevel.checkpoint()
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            else:
+                with anyio.CancelScope() as scope:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(jobs.start)
+                        while jobs._host is None:
+                            await anyio.lowlevel.checkpoint()
+                        scope.cancel()
+                assert scope.cancelled_caught
+        assert not jobs.started
+        assert jobs._host is None
+    await runs_once_started(jobs, job_id)
