@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
+import anyio.abc
 import pytest
 from click.testing import CliRunner
 
@@ -350,6 +351,26 @@ def test_an_app_whose_own_import_fails_shows_where_not_a_wrong_app_path(
         assert f"Invalid value for --app: cannot import {missing!r}: No module" in result.stderr
 
 
+async def started(process: anyio.abc.Process, jobs: Jobs, job_id: str) -> bytes:
+    """The worker's stderr up to "asyncjobs worker running", once ``job_id`` runs there.
+    A signal before that line reaches a worker still in ``start()``, which stops at once
+    ("while starting"), not the drain these tests are about: a job can run as soon as
+    the workers are ready, a moment before ``start()`` returns."""
+    assert process.stderr is not None
+    stderr = b""
+    async for chunk in process.stderr:
+        stderr += chunk
+        if b"asyncjobs worker running" in stderr:
+            break
+    else:
+        raise AssertionError(f"the worker exited as it started: {stderr.decode()}")
+    # Real time: the job runs in another process.
+    while (info := await jobs.get(job_id)) and info.status != "running":
+        assert process.returncode is None
+        await jobs.clock.sleep(0.05)
+    return stderr
+
+
 async def test_worker_runs_jobs_until_sigterm(env: dict[str, str], app_jobs: Jobs) -> None:
     """``asyncjobs worker APP`` runs queued jobs, and drains and exits 0 on SIGTERM."""
     (queued,) = await app_jobs.list(status="queued")
@@ -409,19 +430,16 @@ async def test_a_worker_exits_after_sigterm_though_a_job_swallows_every_cancella
         async with await anyio.open_process(
             [str(ENTRY_POINT), "worker", "stubborn_app:jobs"], env=env
         ) as process:
+            stderr = b""
             try:
                 with anyio.fail_after(20):
-                    # Real time: the job runs in another process.
-                    while (info := await jobs.get(job.id)) and info.status != "running":
-                        assert process.returncode is None
-                        await jobs.clock.sleep(0.05)
+                    stderr = await started(process, jobs, job.id)
                     process.send_signal(signal.SIGTERM)
                     await process.wait()
             finally:
                 if process.returncode is None:  # else leaving the block waits for it
                     process.kill()
             assert process.stderr is not None
-            stderr = b""
             async for chunk in process.stderr:
                 stderr += chunk
         assert process.returncode == 0, stderr.decode()
@@ -466,10 +484,7 @@ async def test_a_second_signal_while_the_worker_drains_stops_it_at_once_and_lose
             stderr = b""
             try:
                 with anyio.fail_after(30):
-                    # Real time: the job runs in another process.
-                    while (info := await jobs.get(job.id)) and info.status != "running":
-                        assert process.returncode is None
-                        await jobs.clock.sleep(0.05)
+                    stderr = await started(process, jobs, job.id)
                     process.send_signal(signal.SIGTERM)
                     async for chunk in process.stderr:
                         stderr += chunk
@@ -541,10 +556,7 @@ async def test_a_second_signal_stops_the_worker_promptly_while_another_process_h
             stderr = b""
             try:
                 with anyio.fail_after(30):
-                    # Real time: the job runs in another process.
-                    while (info := await jobs.get(job.id)) and info.status != "running":
-                        assert process.returncode is None
-                        await jobs.clock.sleep(0.05)
+                    stderr = await started(process, jobs, job.id)
                     process.send_signal(signal.SIGTERM)
                     async for chunk in process.stderr:
                         stderr += chunk
