@@ -13,22 +13,33 @@ import httpx
 import pytest
 
 
+async def load_example(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolate: Any, **env: str
+) -> tuple[Any, Any]:
+    """The example app, imported afresh with ``env`` (its settings), and its ``Jobs`` on
+    the plugin's temporary store and fake clock; its own tables made."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[2]))  # the repo: examples/
+    monkeypatch.setenv("APP_DB", str(tmp_path / "app.db"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delitem(sys.modules, "examples.starlette_app.app", raising=False)
+    example = importlib.import_module("examples.starlette_app.app")
+    monkeypatch.delitem(sys.modules, "examples.starlette_app.app")  # as before, after
+    jobs = await isolate(example.jobs)
+    async with example.lifespan(example.app):  # the app's own tables
+        pass
+    return example, jobs
+
+
 async def test_drain_runs_the_example_apps_jobs_under_the_fake_clock(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, asyncjobs_isolate: Any
 ) -> None:
     """The example's tasks simulate a slow provider. Waiting on ``jobs.clock`` for it,
     under the test's fake clock, ``drain`` never returned: nobody advances the clock
     while the test awaits it. Their latency is real time."""
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[2]))  # the repo: examples/
-    monkeypatch.setenv("APP_DB", str(tmp_path / "app.db"))
-    monkeypatch.setenv("EMAIL_FAILURE_RATE", "0")
-    monkeypatch.setenv("EMAIL_DELAY", "0.01")
-    monkeypatch.delitem(sys.modules, "examples.starlette_app.app", raising=False)
-    example = importlib.import_module("examples.starlette_app.app")
-    monkeypatch.delitem(sys.modules, "examples.starlette_app.app")  # as before, after
-    jobs = await asyncjobs_isolate(example.jobs)
-    async with example.lifespan(example.app):  # the app's own tables
-        pass
+    example, jobs = await load_example(
+        tmp_path, monkeypatch, asyncjobs_isolate, EMAIL_FAILURE_RATE="0", EMAIL_DELAY="0.01"
+    )
     thumbnail = await example.make_thumbnail.enqueue("upload-1")
     email = await example.send_verification_email.enqueue(1, "ada@example.com")
     with anyio.fail_after(10):
@@ -52,14 +63,7 @@ async def test_the_example_answers_a_malformed_body_with_422_not_a_crash(
 ) -> None:
     """A newcomer trying the README's curl commands with a typo got a 500 and a
     traceback in the server's log; the example says what it wants instead."""
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[2]))
-    monkeypatch.setenv("APP_DB", str(tmp_path / "app.db"))
-    monkeypatch.delitem(sys.modules, "examples.starlette_app.app", raising=False)
-    example = importlib.import_module("examples.starlette_app.app")
-    monkeypatch.delitem(sys.modules, "examples.starlette_app.app")
-    jobs = await asyncjobs_isolate(example.jobs)
-    async with example.lifespan(example.app):
-        pass
+    example, jobs = await load_example(tmp_path, monkeypatch, asyncjobs_isolate)
     transport = httpx.ASGITransport(app=example.app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         response = await client.post(path, content=body)
@@ -74,16 +78,9 @@ async def test_the_example_retries_a_dead_job_and_tells_apart_an_unknown_one(
     """``POST /jobs/{id}/retry``: 202 for a dead job, 409 for one that is not dead or
     cancelled, and 404 for an id that names no job (as ``GET /jobs/{id}`` answers),
     not a 409 that reads as if the job existed."""
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[2]))
-    monkeypatch.setenv("APP_DB", str(tmp_path / "app.db"))
-    monkeypatch.setenv("EMAIL_FAILURE_RATE", "1")
-    monkeypatch.setenv("EMAIL_DELAY", "0")
-    monkeypatch.delitem(sys.modules, "examples.starlette_app.app", raising=False)
-    example = importlib.import_module("examples.starlette_app.app")
-    monkeypatch.delitem(sys.modules, "examples.starlette_app.app")
-    jobs = await asyncjobs_isolate(example.jobs)
-    async with example.lifespan(example.app):
-        pass
+    example, jobs = await load_example(
+        tmp_path, monkeypatch, asyncjobs_isolate, EMAIL_FAILURE_RATE="1", EMAIL_DELAY="0"
+    )
     dead = await example.send_verification_email.options(retries=0).enqueue(1, "a@example.com")
     with anyio.fail_after(10):
         await jobs.drain()
