@@ -164,12 +164,12 @@ class _Lifecycle:
         self._forget_stopped_workers()
         stops = self._stops
         await self.store.open()  # its own waits: a migration takes what it takes
-        if not self.settings.workers:
-            return
         if self._stops != stops:  # it found no workers to stop: workers started now
             if self._host is None:  # would open the store again behind a close
                 await self.store.close()
-            raise AsyncJobsError(_CUT_SHORT)
+            raise AsyncJobsError(_CUT_SHORT)  # also with no workers: the store is closed
+        if not self.settings.workers:
+            return
         # Another start() may have started the workers while this one opened the store.
         if self._host is not None:
             return

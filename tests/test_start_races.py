@@ -108,15 +108,17 @@ async def test_a_stop_once_the_store_opened_and_before_the_workers_start_cuts_st
     await runs_once_started(jobs, job_id)
 
 
+@pytest.mark.parametrize("workers", [True, False])
 async def test_a_close_that_waits_for_the_open_in_progress_leaves_no_workers(
-    backend_url: str, make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch
+    backend_url: str, make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch, workers: bool
 ) -> None:
     """close() while start()'s open waits on another process (its migration lock), which
     lets go within ``OPEN_CLOSE_TIME``: the open ends, and start() then started workers
     (the close had found none), which opened the store again behind the close. Now
-    start() fails, and the store stays closed."""
+    start() fails, and the store stays closed. (With no workers, start() returned
+    success, the store closed behind it.)"""
     monkeypatch.setattr(asyncjobs.stores._opening, "OPEN_CLOSE_TIME", STOPPED_BY)
-    jobs = make_jobs()
+    jobs = make_jobs(workers=workers)
     closing = anyio.Event()
     store_close = jobs.store.close
 
@@ -134,6 +136,28 @@ async def test_a_close_that_waits_for_the_open_in_progress_leaves_no_workers(
             await closing.wait()  # close() is past its stop(), closing the store
 
     error = await failed_start(jobs, close_meanwhile)
+    assert "cut short by stop() or close()" in str(error)
+    assert not is_open(jobs.store)
+
+
+@pytest.mark.parametrize("stop", ["stop", "close"])
+async def test_with_no_workers_a_stop_during_the_open_cuts_start_short_too(
+    make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch, stop: str
+) -> None:
+    """``workers=False``: stop() or close() while start() opens the store. start()
+    returned success with the store already closed behind it (its caller went on as if
+    it were open); now it fails the same way as with workers, and the store stays
+    closed."""
+    jobs = make_jobs(workers=False)
+    opened, go_on = paused_after_open(jobs.store, monkeypatch)
+
+    async def stop_meanwhile(begin: Callable[[], object]) -> None:
+        begin()
+        await opened.wait()
+        await getattr(jobs, stop)()
+        go_on.set()
+
+    error = await failed_start(jobs, stop_meanwhile)
     assert "cut short by stop() or close()" in str(error)
     assert not is_open(jobs.store)
 
