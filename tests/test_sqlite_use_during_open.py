@@ -18,6 +18,7 @@ import pytest
 from test_store_sqlite import new_job
 
 import asyncjobs.stores._sqlite_connections
+import asyncjobs.stores._sqlite_hot_path
 from asyncjobs import StoreError
 from asyncjobs.stores import SQLiteStore
 from asyncjobs.stores._migrations import migration_scripts
@@ -123,3 +124,49 @@ async def test_a_write_made_while_an_open_refuses_a_newer_file_is_refused_too(
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT count(*) FROM asyncjobs_jobs").fetchone() == (0,)
     db.close()
+
+
+async def test_a_write_paused_on_the_loop_when_the_open_fails_goes_through_its_own_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short write made during the open's last step (the file set up, its side
+    connections made) runs on the loop, and pauses while another connection holds the
+    file. The open then fails and closes those side connections: the write tried again
+    on the one it had started with, and failed ("Cannot operate on a closed database").
+    Now it goes through the connection thread, whose own open lets it in."""
+    monkeypatch.setattr(asyncjobs.stores._sqlite_hot_path, "_INLINE_SPIN", 0.0)
+    monkeypatch.setattr(asyncjobs.stores._sqlite_hot_path, "_INLINE_PAUSES", (0.05,) * 100)
+    reached, go = threading.Event(), threading.Event()
+    query_only = asyncjobs.stores._sqlite_connections._query_only
+
+    def failing_once(db: sqlite3.Connection) -> None:
+        if not reached.is_set():
+            reached.set()
+            go.wait(5)
+            raise sqlite3.OperationalError("disk I/O error")
+        query_only(db)
+
+    monkeypatch.setattr(asyncjobs.stores._sqlite_connections, "_query_only", failing_once)
+    store = SQLiteStore(tmp_path / "jobs.db")
+    opening = asyncio.create_task(store.open())
+    writing: asyncio.Task[object] | None = None
+    other = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+    try:
+        assert await anyio.to_thread.run_sync(reached.wait, 5)
+        other.execute("BEGIN IMMEDIATE")  # the write pauses on the loop
+        writing = asyncio.create_task(store.insert([new_job(JOB)], now=0.0))
+        await made(writing)
+        go.set()
+        with anyio.fail_after(10):
+            with pytest.raises(StoreError, match="disk I/O error"):
+                await opening
+            other.rollback()
+            assert await writing == [JOB]
+        assert await store.get(JOB) is not None
+    finally:
+        go.set()
+        other.close()
+        opening.cancel()
+        if writing is not None:
+            writing.cancel()
+        await store.close()

@@ -87,12 +87,14 @@ class _HotPath(_Connections):
         (``InlineWriter``: synchronous=NORMAL, file free now or after a few short
         pauses); ``fn`` runs one statement unless ``transaction``. None: not written,
         go through the thread."""
-        if self._inline is None:
-            return None
-        write = self._inline.try_transaction if transaction else self._inline.try_write
         pauses = iter(_INLINE_PAUSES)
         spin_until: float | None = None
         while True:
+            # Looked up at each try: a close (or an open that failed) during a pause
+            # closed the one before; the thread then opens the store again.
+            if (inline := self._inline) is None:
+                return None
+            write = inline.try_transaction if transaction else inline.try_write
             try:
                 result = write(fn, *args, **kwargs)
             except DRIVER_ERRORS as error:
