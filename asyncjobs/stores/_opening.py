@@ -2,14 +2,13 @@
 (``Opening``).
 
 Opening is not bounded: a migration takes what it takes (an index built over a large
-table, another process's migration holding the lock). But ``close()`` (the app's
-shutdown, SIGTERM) waited for an open in progress without a bound, so the shutdown hung
-for as long as that did, for ever behind another process's migration lock. The open
-runs in a task of its own; close() waits ``OPEN_CLOSE_TIME`` for it, so that a first
-use's open (a connect, a look at the schema) ends and that use goes through, then
-cancels it. An open writes no job, so nothing is lost: a migration under way rolls
-back, whole, and runs again at the next start, and the store would have been closed
-right after it opened.
+table, another process's migration holding the lock). ``close()`` (the app's shutdown,
+SIGTERM) must not wait for it as long, for ever behind another process's migration
+lock. So the open runs in a task of its own; close() waits ``OPEN_CLOSE_TIME`` for it,
+so that a first use's open (a connect, a look at the schema) ends and that use goes
+through, then cancels it. An open writes no job, so nothing is lost: a migration under
+way rolls back, whole, and runs again at the next start, and the store would have been
+closed right after it opened.
 """
 
 from __future__ import annotations
@@ -40,16 +39,16 @@ class Opening:
     def __init__(self) -> None:
         self.lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
-        self._closing = 0  # close() calls waiting for the lock
+        self._closing = 0  # close() calls under way (waiting for the open, or closing)
 
     def locked(self) -> bool:
         return self.lock.locked()
 
     async def run(self, store: object, connect: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run ``connect()`` (the caller holds the lock) in a task of its own; fail with
-        ``StoreError`` if ``close()`` cancels it, or was called while this waited for the
-        lock: the store stays closed, not opened again behind the close. A cancelled
-        caller cancels the open too, and waits for it to clean up."""
+        ``StoreError`` if ``close()`` cancels it, or is still under way once this has the
+        lock (this waited behind it): the store stays closed, not opened again behind the
+        close. A cancelled caller cancels the open too, and waits for it to clean up."""
         if self._closing:
             raise StoreError(f"{store} was closed while this waited to open it")
         task = asyncio.get_running_loop().create_task(connect(), name=f"asyncjobs: open {store}")
