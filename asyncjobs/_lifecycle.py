@@ -164,10 +164,13 @@ class _Lifecycle:
         self._forget_stopped_workers()
         stops = self._stops
         await self.store.open()  # its own waits: a migration takes what it takes
-        if self._stops != stops:  # it found no workers to stop: workers started now
-            if self._host is None:  # would open the store again behind a close
+        # A stop() or close() while the store opened found no workers to stop: none
+        # start (with workers=False too). The store is closed as a failing start closes
+        # it (after a close(), once more), unless workers another start() began use it.
+        if self._stops != stops:
+            if self._host is None:
                 await self.store.close()
-            raise AsyncJobsError(_CUT_SHORT)  # also with no workers: the store is closed
+            raise AsyncJobsError(_CUT_SHORT)
         if not self.settings.workers:
             return
         # Another start() may have started the workers while this one opened the store.
@@ -207,13 +210,15 @@ class _Lifecycle:
                 host.result()  # raises why it stopped
                 if self._stop_requested.is_set():
                     raise AsyncJobsError(_CUT_SHORT)
+                # Not expected: before ready, _main returns only once a stop was asked.
                 raise AsyncJobsError("the workers stopped while starting")
             finally:  # an open store's thread would keep the process from exiting
                 await self.store.close()
 
     async def _unstart(self, host: asyncio.Task[None]) -> None:
         """A cancelled ``start()``: stop the workers it started, at once, and close the
-        store, as a start that fails does. They ran on, unseen, until a stop()."""
+        store, as a start that fails does; else they would run on, unseen, until a
+        stop()."""
         with anyio.CancelScope(shield=True):  # bounded: STOP_AT_ONCE_GRACE and past it
             self._stop_at_once()
             await asyncio.wait({host})
