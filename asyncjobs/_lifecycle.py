@@ -75,16 +75,17 @@ still under way ``PAST_DEADLINE_TIME`` later (a store that hangs) is given up on
 caller told with ``StoreError`` and its job named in the log. Given up on, its write
 may or may not have been committed."""
 
+_NOT_STARTED = "the workers did not start; the jobs stay in the store for the next start"
+"""How every failed or cut-short ``start()`` ends its message."""
+
 _KEPT = (
     "; another process may hold the store (a lock on its jobs, a transaction left "
-    "open), or it does not answer. The workers did not start; the jobs stay in the store "
-    "for the next start"
+    f"open), or it does not answer. {_NOT_STARTED.capitalize()}"
 )
 
 _CUT_SHORT = (
     "start() was cut short by stop() or close(), called while it opened the store or during "
-    "the workers' first lease recovery: the workers did not start; the jobs stay in the "
-    "store for the next start"
+    f"the workers' first lease recovery: {_NOT_STARTED}"
 )
 
 
@@ -338,9 +339,8 @@ class _Lifecycle:
             return True
         logger.log(
             logging.WARNING if failed else logging.INFO,
-            "asyncjobs workers stopped while starting, during %s%s: they did not start; "
-            "the jobs stay in the store for the next start", what,
-            f" (cut short: {failed})" if failed else "",
+            "asyncjobs workers stopped while starting, during %s%s: %s", what,
+            f" (cut short: {failed})" if failed else "", _NOT_STARTED,
         )  # fmt: skip
         return False
 
