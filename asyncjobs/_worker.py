@@ -107,11 +107,14 @@ async def run_worker(jobs: Jobs, *, signals: Sequence[signal.Signals] = STOP_SIG
     """
     with _workers_on(jobs), anyio.open_signal_receiver(*signals) as received:
         if not await _start_unless_signalled(jobs, received):
+            # Workers the start() began are stopped, the store closed (_unstart, or the
+            # failed start); this closes a store whose open the signal cancelled, and
+            # waits for the enqueues in flight.
             with anyio.CancelScope(shield=True):
                 try:
                     await jobs.close()
-                except Exception as error:  # workers cut off while starting: asked to stop
-                    logger.warning("asyncjobs could not start: %s", error)
+                except Exception as error:  # the start's own error is logged already
+                    logger.warning("closing asyncjobs after a signal while starting: %s", error)
             return
         host = jobs._host
         if host is None:  # pragma: no cover - start() returned with workers running
@@ -181,10 +184,10 @@ async def _close_unless_signalled_again(jobs: Jobs, received: AsyncIterator[int]
 async def _start_unless_signalled(jobs: Jobs, received: AsyncIterator[int]) -> bool:
     """Start ``jobs``' workers; False if a signal came first, which cancels the start.
 
-    Opening the store may wait long (a lock held by another process): a SIGTERM was
-    heard only once it gave up, and the worker then exited as failed. A start that
-    fails once a signal came (a wait in the store's thread is not cut short) is logged:
-    the worker was asked to stop, and does."""
+    Opening the store may wait long (a lock held by another process): a signal does not
+    wait for it (else it would be heard only once the open gave up, and the worker exit
+    as failed). A start that fails once a signal came (a wait in the store's thread is
+    not cut short) is logged, not raised: the worker was asked to stop, and does."""
     signalled = False
     error: Exception | None = None
     async with anyio.create_task_group() as tg:
