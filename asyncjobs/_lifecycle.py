@@ -41,8 +41,9 @@ logger = logging.getLogger("asyncjobs")
 
 STOP_AT_ONCE_GRACE = 1.0
 """Seconds the store's waits get once the workers are told to stop at once
-(``_stop_at_once``, ``asyncjobs worker``'s second signal), instead of what is left of
-``shutdown_timeout`` and ``FINAL_WRITE_TIME``: a free store takes the releases of the
+(``_stop_at_once``: ``asyncjobs worker``'s second signal, a cancelled ``start()``), or
+stopped during their first lease recovery (``_recover_first``), instead of what is left
+of ``shutdown_timeout`` and ``FINAL_WRITE_TIME``: a free store takes the releases of the
 jobs cancelled, while one that another process holds does not hold the stop. Past it a
 write is still tried once (as past any deadline: ``Store.set_deadline``); a release
 that could not be written leaves its job running with its lease, to run again once that
@@ -161,7 +162,9 @@ class _Lifecycle:
         """Open the store and, unless ``workers=False``, start the workers.
 
         The first lease recovery gets ``START_TIME``: ``StoreError`` past it, naming
-        what it waited on (another process holding the store, a store that hangs)."""
+        what it waited on (another process holding the store, a store that hangs). A
+        ``stop()`` or ``close()`` meanwhile makes it fail (``_CUT_SHORT``, or a close's
+        ``StoreError`` for the open it cancelled); cancelled, it stops its workers."""
         self._forget_stopped_workers()
         stops = self._stops
         await self.store.open()  # its own waits: a migration takes what it takes
