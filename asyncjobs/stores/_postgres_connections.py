@@ -127,7 +127,7 @@ class _Connections(_Deadlines):
 
     async def open(self) -> None:
         self._leave_ended_loop()
-        if self._pool is not None:
+        if self._is_open():
             return
         async with self._opening.lock:
             if self._is_open():
@@ -189,8 +189,8 @@ class _Connections(_Deadlines):
 
     async def close(self) -> None:
         self._leave_ended_loop()
-        # After an open in progress, cancelled (``Opening``), which would otherwise
-        # finish behind this close and leave a pool connected.
+        # Once an open in progress has ended, or been cancelled past OPEN_CLOSE_TIME
+        # (``Opening.closing``): else it would leave a pool connected behind this.
         async with self._opening.closing(self):
             await self._disconnect()
 

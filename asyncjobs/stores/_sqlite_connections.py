@@ -253,8 +253,8 @@ class _Connections:
             ) from error
 
     async def close(self) -> None:
-        # After an open in progress (first uses), cancelled (``Opening``), which would
-        # otherwise finish behind this close and leave the store open.
+        # Once an open in progress (first uses) has ended, or been cancelled past
+        # OPEN_CLOSE_TIME (``Opening.closing``): else it would open the store behind this.
         async with self._opening.closing(self):
             await self._disconnect()
 
@@ -382,8 +382,8 @@ class _Connections:
     ) -> T:
         """Run ``fn`` on the reading or the writing connection once the store is open:
         an open under way in another task is waited for. The writing connection is set
-        before the open sets up and migrates the file through it, and a call queued
-        there behind that setup ran even when the open failed or was cancelled: on an
+        before the open sets up and migrates the file through it: a call queued there
+        behind that setup would run even when the open failed or was cancelled, on an
         unmigrated file, or on one a newer asyncjobs migrated, which the open refused."""
         while True:
             db, raw = (self._reader, self._reader_raw) if reading else (self._db, self._raw)
