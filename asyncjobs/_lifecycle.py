@@ -250,10 +250,9 @@ class _Lifecycle:
 
     async def _run_workers(self, ready: anyio.Event, gives_up_at: float) -> None:
         runner = self.runner
-        if not await self._recover_first(gives_up_at):
+        if not await self._recover_first(gives_up_at):  # False once a stop was asked
             return
-        if not self._stop_now.is_set():  # start()'s deadline; not a stop at once's
-            self.store.set_deadline(None)
+        self.store.set_deadline(None)  # start()'s: recovered, with no stop asked meanwhile
         async with anyio.create_task_group() as loops:
             claim_scope = anyio.CancelScope()
             claiming_stopped = anyio.Event()
