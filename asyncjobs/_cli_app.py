@@ -102,8 +102,8 @@ def run(ctx: click.Context, action: Callable[[Jobs], Awaitable[T]]) -> T:
 
 
 async def _refuse_no_store(store: Store) -> None:
-    """Refuse a PostgreSQL store whose schema (the first of the URL's search_path, or
-    ``public``) holds no asyncjobs tables, as ``run`` refuses such a SQLite file: opening
+    """Refuse a PostgreSQL store whose schema (the first of the URL's search_path that
+    exists, or ``public``) holds no asyncjobs tables, as ``run`` refuses such a SQLite file: opening
     it would create them there. Read on a connection of its own, before the store
     opens; the URL is shown without its password."""
     # A PostgresStore exists only once its module (which needs asyncpg) is imported.
