@@ -455,12 +455,21 @@ MAX_RESULT_BYTES = 64 * 1024 * 1024
 _INFO_OUTCOMES = frozenset({OutcomeKind.SUCCEEDED, OutcomeKind.CANCELLED, OutcomeKind.RELEASE})
 
 
+_LOGGED_LINE = 1_000
+"""Characters of a failure's last line that its log record carries: the message of an
+exception can be a whole response body (the stored error keeps more)."""
+
+
 def _last_line(text: str | None) -> str:
     """The traceback's last line that names an exception (an exception group's
-    traceback ends with its box drawing, not with what was raised)."""
+    traceback ends with its box drawing, not with what was raised), cut to
+    ``_LOGGED_LINE`` characters."""
     for line in reversed((text or "").splitlines()):
         shown = line.strip(" |")
         if shown and not shown.startswith("+-"):
+            if len(shown) > _LOGGED_LINE:
+                cut = len(shown) - _LOGGED_LINE
+                return f"{shown[:_LOGGED_LINE]} [... {cut:,} characters cut]"
             return shown
     return ""
 

@@ -175,3 +175,30 @@ async def test_a_job_cut_off_by_shutdown_is_logged_as_released(
         f"job {job.id} (stuck) released by shutdown: it runs again, no attempt spent"
     )
     assert (await job.info()).status == JobStatus.QUEUED
+
+
+async def test_a_failures_logged_line_is_cut_short_where_its_message_is_huge(
+    jobs: Jobs, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failure's log line carried its exception's last line whole: 140,000 characters
+    of one message (a response body in an error) in each record. The stored error keeps
+    it (up to its own cap); the log line says how much it cut."""
+
+    @jobs.task(name="upload", retries=1)
+    async def upload() -> None:
+        raise RuntimeError("bad response: " + "x" * 140_000)
+
+    caplog.set_level(logging.INFO, logger="asyncjobs")
+    job = await jobs.enqueue(upload)
+    await drain(jobs)  # a retry
+    clock.advance(3600)
+    await drain(jobs)  # dead
+    retry, dead = (r for r in job_records(caplog, job.id) if r.levelno >= logging.WARNING)
+    for record in (retry, dead):
+        line = record.getMessage()
+        assert len(line) < 1_200, len(line)
+        assert line.endswith(" characters cut]"), line[-100:]
+    info = await jobs.get(job.id)
+    assert info is not None
+    assert info.error is not None
+    assert len(info.error) > 60_000  # the stored error keeps more than the log line
