@@ -15,10 +15,11 @@ import pytest
 
 import asyncjobs._lifecycle
 import asyncjobs._outbox
-from asyncjobs import Jobs, StoreError
+from asyncjobs import Jobs, StoreError, Task
 from asyncjobs.testing import FakeClock
 
 MakeJobs = Callable[..., Jobs]
+Enqueuing = tuple[Jobs, Task[[], None]]
 
 CLOSES_BY = 5.0
 """Seconds a close may take here: ``CLOSE_TIME`` (0.3 s) and ``PAST_DEADLINE_TIME``
@@ -34,6 +35,19 @@ def db_url(backend_url: str) -> str:
 def short_waits(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(asyncjobs._lifecycle, "CLOSE_TIME", 0.3, raising=False)
     monkeypatch.setattr(asyncjobs._outbox, "PAST_DEADLINE_TIME", 0.2)
+
+
+@pytest.fixture
+async def enqueuing(make_jobs: MakeJobs) -> Enqueuing:
+    """An enqueue-only ``Jobs`` with a task ``t``, its store open."""
+    jobs = make_jobs(workers=False)
+
+    @jobs.task(name="t")
+    async def t() -> None:
+        pass
+
+    await jobs.store.open()
+    return jobs, t
 
 
 async def until(check: Callable[[], object]) -> None:
@@ -58,7 +72,7 @@ def inserts_hang(jobs: Jobs, monkeypatch: pytest.MonkeyPatch) -> anyio.Event:
 
 @pytest.mark.parametrize("keyed", [False, True], ids=["group-commit", "keyed"])
 async def test_close_gives_up_on_an_enqueue_that_hangs_and_its_caller_hears_of_it(
-    make_jobs: MakeJobs,
+    enqueuing: Enqueuing,
     clock: FakeClock,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -66,13 +80,7 @@ async def test_close_gives_up_on_an_enqueue_that_hangs_and_its_caller_hears_of_i
 ) -> None:
     """Under a fake clock nobody advances: close() ends shortly after ``CLOSE_TIME`` of
     real time, the enqueue's caller gets ``StoreError``, and the log names the job."""
-    jobs = make_jobs(workers=False)
-
-    @jobs.task(name="t")
-    async def t() -> None:
-        pass
-
-    await jobs.store.open()
+    jobs, t = enqueuing
     unblocked = inserts_hang(jobs, monkeypatch)
     heard: list[BaseException] = []
 
@@ -103,17 +111,11 @@ async def test_close_gives_up_on_an_enqueue_that_hangs_and_its_caller_hears_of_i
 
 
 async def test_close_waits_for_an_enqueue_that_gets_through(
-    make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch
+    enqueuing: Enqueuing, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An enqueue in flight whose write comes back while close() waits is written, and
     its caller gets its job: nothing committed is given up on."""
-    jobs = make_jobs(workers=False)
-
-    @jobs.task(name="t")
-    async def t() -> None:
-        pass
-
-    await jobs.store.open()
+    jobs, t = enqueuing
     insert = jobs.store.insert
     unblocked, waiting = anyio.Event(), anyio.Event()
 
@@ -147,18 +149,12 @@ async def test_close_waits_for_an_enqueue_that_gets_through(
 
 
 async def test_close_gives_up_on_enqueues_queued_behind_a_write_that_hangs(
-    make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    enqueuing: Enqueuing, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An enqueue waiting in the group commit's queue behind the flush that hangs is
     given up on too (not flushed into the store being closed): both callers hear of it,
     and both jobs are named."""
-    jobs = make_jobs(workers=False)
-
-    @jobs.task(name="t")
-    async def t() -> None:
-        pass
-
-    await jobs.store.open()
+    jobs, t = enqueuing
     unblocked = inserts_hang(jobs, monkeypatch)
     heard: list[BaseException] = []
 
