@@ -1,6 +1,6 @@
 """``Jobs``: the façade users hold. Settings, enqueue, operations, start/stop; it inherits
 the task registry (``_registry.py``), queries (``_queries.py``), the worker lifecycle
-(``_lifecycle.py``) and the building of new rows (``_new_jobs.py``)."""
+(``_lifecycle.py``, with ``_shutdown.py``) and the building of new rows (``_new_jobs.py``)."""
 
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ from typing import Any
 import anyio
 import pytest
 
-import asyncjobs._lifecycle
 import asyncjobs._outbox
+import asyncjobs._shutdown
 from asyncjobs import Jobs, StoreError, Task
 from asyncjobs.testing import FakeClock
 
@@ -33,7 +33,7 @@ def db_url(backend_url: str) -> str:
 
 @pytest.fixture(autouse=True)
 def short_waits(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(asyncjobs._lifecycle, "CLOSE_TIME", 0.3, raising=False)
+    monkeypatch.setattr(asyncjobs._shutdown, "CLOSE_TIME", 0.3, raising=False)
     monkeypatch.setattr(asyncjobs._outbox, "PAST_DEADLINE_TIME", 0.2)
 
 

@@ -18,6 +18,7 @@ import anyio
 import pytest
 
 import asyncjobs._lifecycle
+import asyncjobs._shutdown
 from asyncjobs import AsyncJobsError, Jobs, JobsMiddleware, StoreError
 from asyncjobs.stores import SQLiteStore, Store
 from asyncjobs.testing import FakeClock
@@ -231,7 +232,7 @@ async def stopped_while_starting(jobs: Jobs, stop: Callable[[], Any]) -> AsyncJo
 def long_start(monkeypatch: pytest.MonkeyPatch) -> None:
     """``START_TIME`` as it is (a stop waited for all of it), the stop's grace short."""
     monkeypatch.setattr(asyncjobs._lifecycle, "START_TIME", 60.0)
-    monkeypatch.setattr(asyncjobs._lifecycle, "STOP_AT_ONCE_GRACE", GRACE)
+    monkeypatch.setattr(asyncjobs._shutdown, "STOP_AT_ONCE_GRACE", GRACE)
 
 
 @pytest.mark.usefixtures("long_start")

@@ -25,7 +25,7 @@ from test_start_bound import (
     runs_once_started,
 )
 
-import asyncjobs._lifecycle
+import asyncjobs._shutdown
 import asyncjobs.stores._opening
 from asyncjobs import AsyncJobsError, Jobs, StoreError
 from asyncjobs.stores import Store
@@ -38,7 +38,7 @@ def db_url(backend_url: str) -> str:
 
 @pytest.fixture(autouse=True)
 def short_grace(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(asyncjobs._lifecycle, "STOP_AT_ONCE_GRACE", GRACE)
+    monkeypatch.setattr(asyncjobs._shutdown, "STOP_AT_ONCE_GRACE", GRACE)
 
 
 def is_open(store: Store) -> bool:

@@ -14,8 +14,8 @@ from typing import Any
 import anyio
 import pytest
 
-import asyncjobs._lifecycle
 import asyncjobs._outbox
+import asyncjobs._shutdown
 from asyncjobs import Job, Jobs
 from asyncjobs.stores import PostgresStore, SQLiteStore, Store
 from asyncjobs.testing import FakeClock, drain
@@ -34,7 +34,7 @@ machine's delays. The waits it cuts short are longer: the store's own (10 s,
 
 @pytest.fixture(autouse=True)
 def short_grace(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(asyncjobs._lifecycle, "STOP_AT_ONCE_GRACE", GRACE, raising=False)
+    monkeypatch.setattr(asyncjobs._shutdown, "STOP_AT_ONCE_GRACE", GRACE, raising=False)
     monkeypatch.setattr(asyncjobs._outbox, "FINAL_WRITE_TIME", 30.0)
 
 

@@ -13,6 +13,7 @@ import anyio.abc
 import pytest
 
 import asyncjobs._lifecycle
+import asyncjobs._shutdown
 from asyncjobs import Jobs, JobStatus, StoreError
 from asyncjobs._worker import run_worker
 from asyncjobs.testing import FakeClock, drain
@@ -131,7 +132,7 @@ async def test_a_signal_during_the_first_lease_recovery_stops_the_worker_promptl
     worker stops within the stop's grace (and a try past it), not once ``START_TIME``
     (60 s) ran out. No workers started; the jobs stay for the next start."""
     caplog.set_level(logging.INFO, logger="asyncjobs")
-    monkeypatch.setattr(asyncjobs._lifecycle, "STOP_AT_ONCE_GRACE", 0.2)
+    monkeypatch.setattr(asyncjobs._shutdown, "STOP_AT_ONCE_GRACE", 0.2)
     monkeypatch.setattr(asyncjobs._lifecycle, "PAST_START_TIME", 0.2)
     worker = Jobs("sqlite:///" + str(tmp_path / "jobs.db"), poll_interval=0.05)
 
