@@ -125,6 +125,7 @@ class Jobs(_Registry, _Queries, _Lifecycle, _NewJobs):
         self._host: asyncio.Task[None] | None = None
         self._stop_requested = anyio.Event()
         self._stop_now = anyio.Event()
+        self._workers_ready = anyio.Event()  # set once the workers started (start())
         self._entries = 0  # lifetimes entered and not left (_Lifecycle._enter)
         self._stops = 0  # stop() calls so far: one during a start() cuts it short
 

@@ -103,12 +103,20 @@ class _Lifecycle(_Shutdown):
         registry: dict[str, Task[..., Any]]
         scheduler: Scheduler
         _entries: int
+        _workers_ready: anyio.Event
 
     @property
     def started(self) -> bool:
         """Are the workers running (started, and not stopped since, nor ended with the
         event loop they ran in)?"""
         return self._host is not None and not self._host.done()
+
+    @property
+    def _ready(self) -> bool:
+        """Are the workers ready (their first lease recovery done, their loops started:
+        what ``start()`` waits for), and running? From then on they have started, even
+        before start() has returned: a stop drains them, as any stop does."""
+        return self.started and self._workers_ready.is_set()
 
     async def _enter(self) -> None:
         """Enter one of the workers' lifetimes: start them unless they run already."""
@@ -131,8 +139,12 @@ class _Lifecycle(_Shutdown):
 
         The first lease recovery gets ``START_TIME``: ``StoreError`` past it, naming
         what it waited on (another process holding the store, a store that hangs). A
-        ``stop()`` or ``close()`` meanwhile makes it fail (``_CUT_SHORT``, or a close's
-        ``StoreError`` for the open it cancelled); cancelled, it stops its workers."""
+        ``stop()`` or ``close()`` before the workers are ready makes it fail
+        (``_CUT_SHORT``, or a close's ``StoreError`` for the open it cancelled), and
+        they stop at once (``_recover_first``); cancelled then, it stops them at once.
+        Once they are ready it has succeeded, even if it has not returned yet: a stop
+        from then on drains them as any stop does (``shutdown_timeout``), and so does
+        its cancellation, which then waits for that drain and closes the store."""
         self._forget_stopped_workers()
         stops = self._stops
         await self.store.open()  # its own waits: a migration takes what it takes
@@ -164,7 +176,7 @@ class _Lifecycle(_Shutdown):
         self.runner.starting()
         self._stop_requested = anyio.Event()
         self._stop_now = anyio.Event()
-        ready = anyio.Event()
+        ready = self._workers_ready = anyio.Event()
         host = self._host = asyncio.get_running_loop().create_task(
             self._main(ready, gives_up_at), name="asyncjobs"
         )
@@ -176,6 +188,11 @@ class _Lifecycle(_Shutdown):
             raise
         finally:  # also when this call is cancelled: a start that fails never sets ready
             waiter.cancel()
+        if ready.is_set():
+            # They started: a stop asked since, before this call went on, is a stop like
+            # any other (it drains them), not a start cut short; a crash since was
+            # logged, and stop() raises it.
+            return
         if host in done:
             self._host = None
             try:
@@ -188,11 +205,18 @@ class _Lifecycle(_Shutdown):
                 await self.store.close()
 
     async def _unstart(self, host: asyncio.Task[None]) -> None:
-        """A cancelled ``start()``: stop the workers it started, at once, and close the
-        store, as a start that fails does; else they would run on, unseen, until a
-        stop()."""
-        with anyio.CancelScope(shield=True):  # bounded: STOP_AT_ONCE_GRACE and past it
-            self._stop_at_once()
+        """A cancelled ``start()``: stop the workers it started and close the store, as
+        a start that fails does; else they would run on, unseen, until a stop(). At once
+        while they start; once they are ready (the call was cancelled just before it
+        returned), they have started, and drain as they would on a stop() then: their
+        running jobs get ``shutdown_timeout``, not cancelled for a stop at once."""
+        # Bounded: STOP_AT_ONCE_GRACE and past it, or a drain's shutdown_timeout and
+        # FINAL_WRITE_TIME.
+        with anyio.CancelScope(shield=True):
+            if self._ready and not self._stop_now.is_set():
+                self._ask_to_drain()
+            else:
+                self._stop_at_once()
             await asyncio.wait({host})
             if self._host is host:
                 self._host = None

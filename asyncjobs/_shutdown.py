@@ -109,6 +109,14 @@ class _Shutdown:
                 row.task, extra={"job_id": row.id, "task": row.task, "attempt": row.attempts},
             )  # fmt: skip
 
+    def _ask_to_drain(self) -> None:
+        """Ask the workers to stop as ``stop()`` does: no claim from now on, the running
+        jobs get ``shutdown_timeout``."""
+        self._stop_requested.set()
+        # Nothing new starts from here on, not even a job enqueued (and dispatched to a
+        # free slot) before the workers' task has woken up to the request.
+        self.runner.stop_accepting()
+
     def _stop_at_once(self) -> bool:
         """Ask the workers to stop, and not to wait for the running jobs: they are
         cancelled and given back, as when ``shutdown_timeout`` runs out (``asyncjobs
@@ -154,10 +162,7 @@ class _Shutdown:
         host = self._host
         if host is None:
             return
-        self._stop_requested.set()
-        # Nothing new starts from here on, not even a job enqueued (and dispatched to a
-        # free slot) before the workers' task has woken up to the request.
-        self.runner.stop_accepting()
+        self._ask_to_drain()
         if self.runner.called_by_a_job():
             return
         try:

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Literal, NoReturn
 
 import anyio
 
@@ -106,7 +106,8 @@ async def run_worker(jobs: Jobs, *, signals: Sequence[signal.Signals] = STOP_SIG
     main thread (signal handlers). Raises if the workers stop on their own.
     """
     with _workers_on(jobs), anyio.open_signal_receiver(*signals) as received:
-        if not await _start_unless_signalled(jobs, received):
+        started = await _start_unless_signalled(jobs, received)
+        if started == "stopped":
             # Workers the start() began are stopped, the store closed (_unstart, or the
             # failed start); this closes a store whose open the signal cancelled, and
             # waits for the enqueues in flight.
@@ -119,29 +120,10 @@ async def run_worker(jobs: Jobs, *, signals: Sequence[signal.Signals] = STOP_SIG
         host = jobs._host
         if host is None:  # pragma: no cover - start() returned with workers running
             raise AsyncJobsError("the workers did not start")
-        logger.info("asyncjobs worker running; send SIGTERM or SIGINT to stop")
         stopped_on_their_own = False
         try:
-            async with anyio.create_task_group() as tg:
-
-                async def wait_for_signal() -> None:
-                    async for signum in received:
-                        logger.info(
-                            "received %s: draining (up to %ss)",
-                            signal.Signals(signum).name,
-                            jobs.settings.shutdown_timeout,
-                        )
-                        break
-                    tg.cancel_scope.cancel()
-
-                async def watch_workers() -> None:
-                    nonlocal stopped_on_their_own
-                    await asyncio.wait({host})
-                    stopped_on_their_own = True
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(wait_for_signal)
-                tg.start_soon(watch_workers)
+            if started == "started":  # else the first signal came as they got ready
+                stopped_on_their_own = await _run_until_signalled(jobs, host, received)
         finally:
             stopped_at_once = await _close_unless_signalled_again(jobs, received)
         if stopped_on_their_own:  # close() re-raises a crash; this is a quiet stop
@@ -152,6 +134,31 @@ async def run_worker(jobs: Jobs, *, signals: Sequence[signal.Signals] = STOP_SIG
                 "and given back to the queue, or left to their leases where the store did "
                 "not take that in time (either way they run again later)"
             )
+
+
+async def _run_until_signalled(
+    jobs: Jobs, host: asyncio.Task[None], received: AsyncIterator[int]
+) -> bool:
+    """Let the workers run until a signal; True if they stopped on their own first."""
+    logger.info("asyncjobs worker running; send SIGTERM or SIGINT to stop")
+    stopped_on_their_own = False
+    async with anyio.create_task_group() as tg:
+
+        async def wait_for_signal() -> None:
+            async for signum in received:
+                _log_draining(jobs, signum)
+                break
+            tg.cancel_scope.cancel()
+
+        async def watch_workers() -> None:
+            nonlocal stopped_on_their_own
+            await asyncio.wait({host})
+            stopped_on_their_own = True
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(wait_for_signal)
+        tg.start_soon(watch_workers)
+    return stopped_on_their_own
 
 
 async def _close_unless_signalled_again(jobs: Jobs, received: AsyncIterator[int]) -> bool:
@@ -181,22 +188,44 @@ async def _close_unless_signalled_again(jobs: Jobs, received: AsyncIterator[int]
     return stopped_at_once
 
 
-async def _start_unless_signalled(jobs: Jobs, received: AsyncIterator[int]) -> bool:
-    """Start ``jobs``' workers; False if a signal came first, which cancels the start.
+def _log_draining(jobs: Jobs, signum: int) -> None:
+    logger.info(
+        "received %s: draining (up to %ss)",
+        signal.Signals(signum).name, jobs.settings.shutdown_timeout,
+    )  # fmt: skip
+
+
+async def _start_unless_signalled(
+    jobs: Jobs, received: AsyncIterator[int]
+) -> Literal["started", "draining", "stopped"]:
+    """Start ``jobs``' workers: "started"; "stopped" if a signal came while they
+    started, which stops them at once and cancels the start; "draining" if it came
+    once they were ready, a moment before start() returned: they have started, and
+    that first signal drains them (the caller's ``_close_unless_signalled_again``,
+    where a second one stops them at once), as it would a moment later. (Taken for a
+    signal while starting, it cancelled start(), which stopped them at once, their
+    running jobs cancelled; or, if start() returned first, they were closed deaf to a
+    second signal.)
 
     Opening the store may wait long (a lock held by another process): a signal does not
     wait for it (else it would be heard only once the open gave up, and the worker exit
     as failed). A start that fails once a signal came (a wait in the store's thread is
     not cut short) is logged, not raised: the worker was asked to stop, and does."""
-    signalled = False
+    signalled = draining = False
     error: Exception | None = None
     async with anyio.create_task_group() as tg:
 
         async def stop_starting() -> None:
-            nonlocal signalled
+            nonlocal signalled, draining
             async for signum in received:
+                if jobs._ready:  # start() returns in a moment, not cancelled
+                    _log_draining(jobs, signum)
+                    draining = True
+                    return
                 logger.info("received %s while starting: stopping", signal.Signals(signum).name)
                 signalled = True
+                # At once, even if they get ready before the cancellation reaches start().
+                jobs._stop_at_once()
                 tg.cancel_scope.cancel()
                 return
 
@@ -210,7 +239,7 @@ async def _start_unless_signalled(jobs: Jobs, received: AsyncIterator[int]) -> b
         raise error
     if error is not None:
         logger.warning("asyncjobs could not start: %s", error)
-    return not signalled
+    return "stopped" if signalled else "draining" if draining else "started"
 
 
 @contextlib.contextmanager

@@ -353,9 +353,9 @@ def test_an_app_whose_own_import_fails_shows_where_not_a_wrong_app_path(
 
 async def started(process: anyio.abc.Process, jobs: Jobs, job_id: str) -> bytes:
     """The worker's stderr up to "asyncjobs worker running", once ``job_id`` runs there.
-    A signal before that line reaches a worker still in ``start()``, which stops at once
-    ("while starting"), not the drain these tests are about: a job can run as soon as
-    the workers are ready, a moment before ``start()`` returns."""
+    A signal before the workers are ready reaches a worker still starting, which stops
+    at once ("while starting"), not the drain these tests are about; that line comes
+    once they are (a signal from then on drains, even before ``start()`` returned)."""
     assert process.stderr is not None
     stderr = b""
     async for chunk in process.stderr:
