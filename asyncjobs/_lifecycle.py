@@ -144,7 +144,9 @@ class _Lifecycle(_Shutdown):
         they stop at once (``_recover_first``); cancelled then, it stops them at once.
         Once they are ready it has succeeded, even if it has not returned yet: a stop
         from then on drains them as any stop does (``shutdown_timeout``), and so does
-        its cancellation, which then waits for that drain and closes the store."""
+        its cancellation, which then waits for that drain and closes the store. Called
+        while another start() starts them, it returns once they are ready, or fails as
+        that one does (``_join_start``)."""
         self._forget_stopped_workers()
         stops = self._stops
         await self.store.open()  # its own waits: a migration takes what it takes
@@ -159,6 +161,7 @@ class _Lifecycle(_Shutdown):
             return
         # Another start() may have started the workers while this one opened the store.
         if self._host is not None:
+            await self._join_start(self._host)
             return
         gives_up_at = anyio.current_time() + START_TIME
         self.store.set_deadline(START_TIME)
@@ -196,13 +199,33 @@ class _Lifecycle(_Shutdown):
         if host in done:
             self._host = None
             try:
-                host.result()  # raises why it stopped
-                if self._stop_requested.is_set():
-                    raise AsyncJobsError(_CUT_SHORT)
-                # Not expected: before ready, _main returns only once a stop was asked.
-                raise AsyncJobsError("the workers stopped while starting")
+                self._raise_why_not_started(host)
             finally:  # an open store's thread would keep the process from exiting
                 await self.store.close()
+
+    async def _join_start(self, host: asyncio.Task[None]) -> None:
+        """``start()`` while another start() has begun the workers: return once they
+        are ready, or fail as that start() does if they do not start (their first lease
+        recovery failed, a stop cut it short). Returning at once, it let a second app's
+        startup go on as if they were running (the store's deadline still set, the
+        recovery under way), or report success for workers that never started."""
+        ready = self._workers_ready
+        if not ready.is_set():
+            waiter = asyncio.ensure_future(ready.wait())
+            try:
+                await asyncio.wait({host, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+        if not ready.is_set():
+            self._raise_why_not_started(host)
+
+    def _raise_why_not_started(self, host: asyncio.Task[None]) -> None:
+        """Workers that ended before they were ready: why, as start() raises it."""
+        host.result()  # raises why it stopped
+        if self._stop_requested.is_set():
+            raise AsyncJobsError(_CUT_SHORT)
+        # Not expected: before ready, _main returns only once a stop was asked.
+        raise AsyncJobsError("the workers stopped while starting")
 
     async def _unstart(self, host: asyncio.Task[None]) -> None:
         """A cancelled ``start()``: stop the workers it started and close the store, as

@@ -360,3 +360,87 @@ async def test_a_stop_once_the_workers_are_ready_drains_and_start_succeeds(
         await stops[0]
     assert await job.result(timeout=0) == "done"
     assert not jobs.started
+
+
+# -- two starts at once (two lifespans entering) ---------------------------------------
+
+
+def a_recovery_held(jobs: Jobs, fails: bool = False) -> tuple[anyio.Event, anyio.Event]:
+    """The workers' first lease recovery waits (the first event set then) until the
+    second event is set, then ends, or fails if ``fails``."""
+    waiting, gate = anyio.Event(), anyio.Event()
+    recover = jobs.runner.recover
+
+    async def held() -> None:
+        waiting.set()
+        await gate.wait()
+        if fails:
+            raise RuntimeError("the recovery failed")
+        await recover()
+
+    jobs.runner.recover = held  # type: ignore[method-assign]
+    return waiting, gate
+
+
+async def test_a_second_start_during_the_first_lease_recovery_waits_until_the_workers_are_ready(
+    make_jobs: MakeJobs,
+) -> None:
+    """A second ``start()`` (another lifespan entering) while the first start() was
+    still in the workers' first lease recovery returned at once, the workers not ready
+    (its app served, taking them for started). It now returns once they are."""
+    jobs = make_jobs()
+    job_id, _ = await queued_job(jobs)
+    waiting, gate = a_recovery_held(jobs)
+    returned: list[str] = []
+
+    async def start(which: str) -> None:
+        await jobs.start()
+        returned.append(which)
+
+    with anyio.fail_after(STOPPED_BY):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(start, "first")
+            await waiting.wait()
+            tg.start_soon(start, "second")
+            for _ in range(50):
+                await anyio.lowlevel.checkpoint()
+            assert returned == []
+            gate.set()
+        assert sorted(returned) == ["first", "second"]
+        assert jobs._ready
+        while (info := await jobs.get(job_id)) is None or info.status != "succeeded":
+            await anyio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize("how", ["recovery fails", "stop()"])
+async def test_a_second_start_fails_as_the_first_when_the_workers_do_not_start(
+    make_jobs: MakeJobs, how: str
+) -> None:
+    """The workers the first ``start()`` began do not start (their first lease recovery
+    failed, or a stop() cut it short): the second start(), called meanwhile, fails too,
+    with the same error, rather than returning success with no workers."""
+    jobs = make_jobs()
+    waiting, gate = a_recovery_held(jobs, fails=how == "recovery fails")
+    raised: dict[str, BaseException] = {}
+
+    async def start(which: str) -> None:
+        with pytest.raises((RuntimeError, AsyncJobsError)) as error:
+            await jobs.start()
+        raised[which] = error.value
+
+    with anyio.fail_after(STOPPED_BY):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(start, "first")
+            await waiting.wait()
+            tg.start_soon(start, "second")
+            for _ in range(50):
+                await anyio.lowlevel.checkpoint()
+            if how == "stop()":
+                tg.start_soon(jobs.stop)
+                for _ in range(50):
+                    await anyio.lowlevel.checkpoint()
+            gate.set()
+    expected = "the recovery failed" if how == "recovery fails" else "cut short by stop()"
+    assert expected in str(raised["first"])
+    assert expected in str(raised["second"])
+    assert not jobs.started
