@@ -96,6 +96,14 @@ def _starting(clock: Clock, what: str, gives_up_at: float) -> Iterator[None]:
         )
 
 
+def _described(error: BaseException) -> str:
+    """``error`` as ``Type: message``, or its leaves' for a group (a task group's own
+    message names none)."""
+    if isinstance(error, BaseExceptionGroup):
+        return "; ".join(_described(inner) for inner in error.exceptions)
+    return f"{type(error).__name__}: {error}"
+
+
 class _Lifecycle(_Shutdown):
     """``Jobs``' start and workers' main task."""
 
@@ -146,8 +154,13 @@ class _Lifecycle(_Shutdown):
         from then on drains them as any stop does (``shutdown_timeout``), and so does
         its cancellation, which then waits for that drain and closes the store. Called
         while another start() starts them, it returns once they are ready, or fails as
-        that one does (``_join_start``)."""
+        that one does (``_join_start``).
+
+        Workers that crashed are kept until ``stop()`` raises why: until then start()
+        refuses (``AsyncJobsError`` naming the crash) rather than start new ones over a
+        crash nobody has seen, as arq's and SAQ's workers end with theirs."""
         self._forget_stopped_workers()
+        self._refuse_crashed_workers()
         stops = self._stops
         await self.store.open()  # its own waits: a migration takes what it takes
         # A stop() or close() while the store opened found no workers to stop: none
@@ -170,6 +183,21 @@ class _Lifecycle(_Shutdown):
         finally:
             if self._host is None:  # else the workers lift it once they recovered
                 self.store.set_deadline(None)
+
+    def _refuse_crashed_workers(self) -> None:
+        """``start()`` while the workers that crashed (or were cancelled) in this event
+        loop are kept for ``stop()`` to raise why (``_forget_stopped_workers``): it
+        returned success and started none, so no job ran from then on."""
+        host = self._host
+        if host is None or not host.done():
+            return
+        error = None if host.cancelled() else host.exception()
+        why = "were cancelled" if error is None else f"crashed ({_described(error)})"
+        raise AsyncJobsError(
+            f"start(): the asyncjobs workers {why} and no stop() has seen it since; no "
+            "job runs in this process until they are started again: call `await "
+            "jobs.stop()` first (it raises why they stopped), then start()"
+        ) from error
 
     async def _start(self, gives_up_at: float) -> None:
         if self.runner.draining:  # its claim loop and the workers' would share the runner
@@ -256,7 +284,7 @@ class _Lifecycle(_Shutdown):
                 # Said now: the app serves on, and stop() raises it only at its shutdown.
                 logger.exception(
                     "the asyncjobs workers crashed: no job runs in this process until "
-                    "they are started again (restart it)"
+                    "they are started again (restart it, or stop() then start())"
                 )
             raise
         finally:  # enqueues go on after the workers stop (the app's own shutdown)

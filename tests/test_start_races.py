@@ -444,3 +444,44 @@ async def test_a_second_start_fails_as_the_first_when_the_workers_do_not_start(
     assert expected in str(raised["first"])
     assert expected in str(raised["second"])
     assert not jobs.started
+
+
+# -- start() after the workers crashed --------------------------------------------------
+
+
+async def test_start_after_the_workers_crashed_says_so_until_stop_reports_the_crash(
+    make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workers crashed (a loop of theirs raised); they are kept for ``stop()`` to
+    raise why. ``start()`` then did nothing, returning success with no workers running
+    (no job ran). It now fails, naming the crash and telling to call stop() first; once
+    stop() has raised the crash, start() starts new workers."""
+    jobs = make_jobs()
+    await queued_job(jobs)
+    heartbeats = jobs.runner.heartbeat_loop
+    crash = anyio.Event()
+
+    async def heartbeat_loop(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        task_status.started()
+        await crash.wait()
+        raise StoreError("the store went away")
+
+    monkeypatch.setattr(jobs.runner, "heartbeat_loop", heartbeat_loop)
+    with anyio.fail_after(STOPPED_BY):
+        await jobs.start()
+        crash.set()
+        host = jobs._host
+        assert host is not None
+        await asyncio.wait({host})
+        monkeypatch.setattr(jobs.runner, "heartbeat_loop", heartbeats)
+        job = await jobs.enqueue("t")
+        with pytest.raises(AsyncJobsError, match="crashed") as refused:
+            await jobs.start()
+        assert "StoreError: the store went away" in str(refused.value)
+        assert "stop()" in str(refused.value)
+        assert not jobs.started
+        with pytest.raises(ExceptionGroup) as crashed:
+            await jobs.stop()
+        assert crashed.group_contains(StoreError, match="the store went away")
+        await jobs.start()
+        assert await job.result(timeout=5) == "done"
