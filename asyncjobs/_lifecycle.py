@@ -168,7 +168,7 @@ class _Lifecycle(_Shutdown):
         # it (after a close(), once more), unless workers another start() began use it.
         if self._stops != stops:
             if self._host is None:
-                await self.store.close()
+                await self._close_store_unstarted()
             raise AsyncJobsError(_CUT_SHORT)
         if not self.settings.workers:
             return
@@ -228,8 +228,8 @@ class _Lifecycle(_Shutdown):
             self._host = None
             try:
                 self._raise_why_not_started(host)
-            finally:  # an open store's thread would keep the process from exiting
-                await self.store.close()
+            finally:
+                await self._close_store_unstarted()
 
     async def _join_start(self, host: asyncio.Task[None]) -> None:
         """``start()`` while another start() has begun the workers: return once they
@@ -271,9 +271,18 @@ class _Lifecycle(_Shutdown):
             await asyncio.wait({host})
             if self._host is host:
                 self._host = None
-            await self.store.close()
+        await self._close_store_unstarted()
         if not host.cancelled() and (error := host.exception()) is not None:
             logger.warning("asyncjobs workers stopped, start() cancelled: %s", error)
+
+    async def _close_store_unstarted(self) -> None:
+        """Close the store after a start() that failed, was cut short or cancelled: an
+        open store's connections (SQLite's threads) would keep the process from exiting.
+        Shielded: its caller cancelled meanwhile (a bound on the app's startup) cut the
+        close short, and left them open. Bounded by the stores' own closes (a thread
+        stuck in a call, a pool's connections, an open under way: ``OPEN_CLOSE_TIME``)."""
+        with anyio.CancelScope(shield=True):
+            await self.store.close()
 
     async def _main(self, ready: anyio.Event, gives_up_at: float) -> None:
         """Own every long-lived task of this ``Jobs``: loops and running jobs."""

@@ -9,6 +9,7 @@ timing out) left its workers starting, running until a later stop or the loop's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -485,3 +486,58 @@ async def test_start_after_the_workers_crashed_says_so_until_stop_reports_the_cr
         assert crashed.group_contains(StoreError, match="the store went away")
         await jobs.start()
         assert await job.result(timeout=5) == "done"
+
+
+# -- a start() cut short, cancelled as it closes the store ------------------------------
+
+
+class CancelledAsItCloses:
+    """The store's close cancels the caller's ``scope`` as it begins (a bound on the
+    app's startup running out then), and notes whether it ran to its end."""
+
+    def __init__(self, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.scope = anyio.CancelScope()
+        self.closed = False
+        store_close = store.close
+
+        async def close() -> None:
+            self.scope.cancel()
+            await store_close()
+            self.closed = True
+
+        monkeypatch.setattr(store, "close", close)
+
+
+@pytest.mark.parametrize("when", ["during the open", "during the first recovery"])
+async def test_a_start_cut_short_and_cancelled_as_it_closes_the_store_closes_it(
+    make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """start() cut short by stop() (during the store's open, or the workers' first lease
+    recovery) closes the store, as a failing start does; its caller cancelled then
+    cut that close short, unshielded, leaving the store's connections open (SQLite's
+    threads keep the process from exiting). The close is shielded now, as a cancelled
+    start's is."""
+    jobs = make_jobs()
+    await queued_job(jobs)
+    if when == "during the open":
+        opened, go_on = paused_after_open(jobs.store, monkeypatch)
+    else:
+        opened, go_on = a_recovery_held(jobs)
+    closing = CancelledAsItCloses(jobs.store, monkeypatch)
+
+    async def start() -> None:
+        # Cut short, then cancelled: it raises either (the close is what matters here).
+        with closing.scope, contextlib.suppress(AsyncJobsError):
+            await jobs.start()
+
+    with anyio.fail_after(STOPPED_BY):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(start)
+            await opened.wait()
+            tg.start_soon(jobs.stop)
+            for _ in range(20):
+                await anyio.lowlevel.checkpoint()
+            go_on.set()
+    assert closing.scope.cancel_called
+    assert closing.closed
+    assert not jobs.started
