@@ -14,6 +14,10 @@ process serves both endpoints (same app, same process, same run):
 collector's runs and time per request, and how many of the store's writes on the event
 loop found the file locked by another connection (with ``--worker-process``).
 
+``--gc-freeze`` has the app call ``gc.freeze()`` once its startup is done (an app's own
+choice); ``--gc-off``, a diagnostic, turns the collector off in the server, to show what
+each endpoint costs without it.
+
 ``--reference`` adds two endpoints that do no job work at all, to show what any
 endpoint that waits costs before a job is built or written:
 
@@ -107,7 +111,14 @@ class ServerStats:
             setattr(InlineWriter, name, counted)
 
 
-def serve(port: int, db: str, workers: bool, stats: bool = False, freeze: bool = False) -> None:
+def serve(
+    port: int,
+    db: str,
+    workers: bool,
+    stats: bool = False,
+    freeze: bool = False,
+    gc_off: bool = False,
+) -> None:
     import uvicorn
     from starlette.applications import Starlette
     from starlette.background import BackgroundTasks
@@ -161,6 +172,8 @@ def serve(port: int, db: str, workers: bool, stats: bool = False, freeze: bool =
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if freeze:  # --gc-freeze: what an app can do once its startup is done
             gc.freeze()
+        if gc_off:  # --gc-off: a diagnostic, what every endpoint costs without the collector
+            gc.disable()
         yield
 
     app = Starlette(
@@ -378,6 +391,12 @@ def main() -> None:
         help="the app calls gc.freeze() once its startup is done (every endpoint: one "
         "server), so the collector's full runs skip the objects of startup",
     )
+    parser.add_argument(
+        "--gc-off",
+        action="store_true",
+        help="a diagnostic: the server turns the garbage collector off (gc.disable()) once "
+        "its startup is done, to show what each endpoint costs without its runs",
+    )
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--db", help=argparse.SUPPRESS)
     parser.add_argument("--load", help=argparse.SUPPRESS)
@@ -394,6 +413,7 @@ def main() -> None:
             workers=not args.no_workers,
             stats=args.server_stats,
             freeze=args.gc_freeze,
+            gc_off=args.gc_off,
         )
         return
     if args.load is not None:
@@ -418,6 +438,8 @@ def main() -> None:
             serve_args.append("--server-stats")
         if args.gc_freeze:
             serve_args.append("--gc-freeze")
+        if args.gc_off:
+            serve_args.append("--gc-off")
         server = subprocess.Popen([sys.executable, __file__, *serve_args])
         worker = None
         caught_up: float | None = None
@@ -489,6 +511,8 @@ def main() -> None:
     print(f"durable endpoint: {workers}")
     if args.gc_freeze:
         print("the app calls gc.freeze() once its startup is done (--gc-freeze)")
+    if args.gc_off:
+        print("the server runs with the garbage collector off (--gc-off)")
     if caught_up is not None:
         print(
             f"worker process: caught up {caught_up:.1f}s after the last round, {left} job(s) left"
