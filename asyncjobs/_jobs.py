@@ -128,6 +128,7 @@ class Jobs(_Registry, _Queries, _Lifecycle, _NewJobs):
         self._workers_ready = anyio.Event()  # set once the workers started (start())
         self._entries = 0  # lifetimes entered and not left (_Lifecycle._enter)
         self._stops = 0  # stop() calls so far: one during a start() cuts it short
+        self._close_owed = False  # close() cancelled as the workers drained (_Shutdown)
 
     def __repr__(self) -> str:
         return f"<Jobs {self.store!r} tasks={len(self.registry)}>"

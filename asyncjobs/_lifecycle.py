@@ -170,6 +170,7 @@ class _Lifecycle(_Shutdown):
             if self._host is None:
                 await self._close_store_unstarted()
             raise AsyncJobsError(_CUT_SHORT)
+        self._close_owed = False  # the store is this start's now, not a drain's to close
         if not self.settings.workers:
             return
         # Another start() may have started the workers while this one opened the store.
@@ -279,10 +280,11 @@ class _Lifecycle(_Shutdown):
         """Close the store after a start() that failed, was cut short or cancelled: an
         open store's connections (SQLite's threads) would keep the process from exiting.
         Shielded: its caller cancelled meanwhile (a bound on the app's startup) cut the
-        close short, and left them open. Bounded by the stores' own closes (a thread
-        stuck in a call, a pool's connections, an open under way: ``OPEN_CLOSE_TIME``)."""
-        with anyio.CancelScope(shield=True):
-            await self.store.close()
+        close short, and left them open; also asyncio's own cancellation, which an anyio
+        shield lets through (``_shutdown.to_its_end``). Bounded by the stores' own closes
+        (a thread stuck in a call, a pool's connections, an open under way:
+        ``OPEN_CLOSE_TIME``)."""
+        await _shutdown.to_its_end(self.store.close(), f"asyncjobs: close {self.store}")
 
     async def _main(self, ready: anyio.Event, gives_up_at: float) -> None:
         """Own every long-lived task of this ``Jobs``: loops and running jobs."""
@@ -298,6 +300,8 @@ class _Lifecycle(_Shutdown):
             raise
         finally:  # enqueues go on after the workers stop (the app's own shutdown)
             self.runner.set_store_deadline(None)
+            if self._close_owed:  # by a close() cancelled as they drained
+                await self._close_store()
         logger.info("asyncjobs workers stopped")
 
     async def _run_workers(self, ready: anyio.Event, gives_up_at: float) -> None:

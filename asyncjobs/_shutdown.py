@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -48,6 +49,26 @@ caller told with ``StoreError`` and its job named in the log. Given up on, its w
 may or may not have been committed."""
 
 
+async def to_its_end(step: Coroutine[Any, Any, None], name: str) -> None:
+    """Run ``step`` (closing the store) to its end, whatever cancels the caller, then
+    raise the caller's cancellation, if any. In a task of its own, which the caller
+    waits on shielded: an anyio shield stops cancel scopes (``anyio.fail_after``), not
+    asyncio's own cancellation (``task.cancel()``, ``asyncio.timeout``, the tasks
+    cancelled as ``asyncio.run`` ends), which would cut it short, the store left open.
+    Bounded by ``step``'s own bounds (``CLOSE_TIME``, the stores' closes)."""
+    task = asyncio.get_running_loop().create_task(step, name=name)
+    cancelled = False
+    with anyio.CancelScope(shield=True):
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    task.result()
+
+
 class _Shutdown:
     """``Jobs``' stop and close, and the workers' last steps."""
 
@@ -59,6 +80,7 @@ class _Shutdown:
         _stop_requested: anyio.Event
         _stop_now: anyio.Event
         _stops: int
+        _close_owed: bool
         _inserts: GroupCommit[NewJob, str]
         _keyed_inserts: InFlight[NewJob]
 
@@ -177,6 +199,17 @@ class _Shutdown:
         store under way (a ``start()`` waiting on another process's migration) is
         cancelled after ``OPEN_CLOSE_TIME`` (``stores._opening``).
 
+        Cancelled (a bound on the app's shutdown, a server's forced exit), it still
+        closes the store: left open, its connections (SQLite's threads) keep the process
+        from exiting. But not under the workers: cancelled while they drain (``stop()``
+        shields them, they go on), the store is theirs until they end, and closed now,
+        their last writes would open it again behind the close (or, cut short, leave it
+        open). So the close is owed (``_close_owed``), and their task closes the store
+        as it ends, after their last outcomes (``_main``). With no workers running,
+        the close is shielded (``_close_store``), bounded as it is uncancelled:
+        ``CLOSE_TIME`` for the enqueues in flight, the stores' own bounds for the close.
+        A ``start()`` since takes the store back (it is open again): nothing is owed.
+
         A running job of these workers may not call it: the store would be closed under
         the workers still running it, and its own outcome would open it again."""
         if self.runner.called_by_a_job():
@@ -188,17 +221,30 @@ class _Shutdown:
         try:
             await self.stop()
         finally:
-            await self._wait_for_enqueues()  # else their write would open it again
+            host = self._host
+            if host is not None and not host.done():  # stop() cancelled: they drain on
+                self._close_owed = True
+            else:
+                await self._close_store()
+
+    async def _close_store(self) -> None:
+        """``close()``'s last steps, run to their end (``to_its_end``): wait for the
+        enqueues in flight (else their write would open the store again), then close
+        the store."""
+        self._close_owed = False
+
+        async def close() -> None:
+            await self._wait_for_enqueues()
             await self.store.close()
+
+        await to_its_end(close(), f"asyncjobs: close {self.store}")
 
     async def _wait_for_enqueues(self) -> None:
         """``close()``: wait for the enqueues in flight, within ``CLOSE_TIME`` (the
         store's deadline) and ``PAST_DEADLINE_TIME`` past it; give up on those left."""
         if self._inserts.idle and self._keyed_inserts.idle:
             return
-        deadline = not self.started  # else the workers' (a stop() cancelled meanwhile)
-        if deadline:
-            self.store.set_deadline(CLOSE_TIME)
+        self.store.set_deadline(CLOSE_TIME)  # the workers', if any, have ended
         try:
             with within(self.clock, CLOSE_TIME + _outbox.PAST_DEADLINE_TIME):
                 await self._inserts.wait_idle()
@@ -218,5 +264,4 @@ class _Shutdown:
                 await self._inserts.wait_idle()
                 await self._keyed_inserts.wait_idle()
         finally:
-            if deadline:
-                self.store.set_deadline(None)
+            self.store.set_deadline(None)
