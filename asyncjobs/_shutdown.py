@@ -69,6 +69,24 @@ async def to_its_end(step: Coroutine[Any, Any, None], name: str) -> None:
     task.result()
 
 
+def _raise_why_stopped(host: asyncio.Task[None]) -> None:
+    """``stop()``, once the workers have ended: raise why, if not for a stop. Their task
+    cancelled in this event loop (by something else than stop(): its own cancellation
+    only leaves them draining) raised its ``CancelledError`` to a caller nobody
+    cancelled, which anyio and asyncio take for the caller's own cancellation (a
+    lifespan's shutdown aborted). It is an ``AsyncJobsError`` now, as for a crash: the
+    app ran with no workers since, unseen (``start()`` refuses them, for stop() to say
+    so: ``_refuse_crashed_workers``). Their running jobs were given back, as at any
+    stop (``_run_workers``), so only the caller hears of it."""
+    if host.cancelled():
+        raise AsyncJobsError(
+            "the asyncjobs workers were cancelled (their task was cancelled, not by stop()): "
+            "no job ran in this process since; the jobs they ran were given back to the "
+            "queue (or left to their leases), and start() starts new workers"
+        )
+    host.result()  # raises why they crashed
+
+
 class _Shutdown:
     """``Jobs``' stop and close, and the workers' last steps."""
 
@@ -158,8 +176,8 @@ class _Shutdown:
         see it: in an event loop which has ended (a script's ``asyncio.run()`` returned, a
         test's loop closed: closing it cancelled them, and they gave their jobs back), or
         after the only ``stop()`` was cancelled while they drained. They are not running:
-        a ``start()`` starts new ones. (Workers that crashed in this loop are kept, for
-        ``stop()`` to raise why.)"""
+        a ``start()`` starts new ones. (Workers that crashed, or were cancelled, in this
+        loop are kept, for ``stop()`` to raise why: ``_raise_why_stopped``.)"""
         host = self._host
         if host is None or not host.done():
             return None
@@ -176,7 +194,10 @@ class _Shutdown:
 
         Called by a job of these workers, it asks them to stop and returns at once:
         waiting for them would wait for that job, which waits here. They stop as above,
-        once the running jobs end, the calling job among them."""
+        once the running jobs end, the calling job among them.
+
+        Workers that crashed: it raises why (``AsyncJobsError`` if their task was
+        cancelled: ``_raise_why_stopped``), once, and start() starts new ones after."""
         self._stops += 1  # a start() under way, opening the store, does not start them
         ended = self._forget_stopped_workers()
         if ended is not None and not ended.cancelled():
@@ -188,10 +209,11 @@ class _Shutdown:
         if self.runner.called_by_a_job():
             return
         try:
-            await asyncio.shield(host)
+            await asyncio.wait({host})  # cancelled, this call leaves them draining
         finally:
             if host.done() and self._host is host:  # not workers started since
                 self._host = None
+        _raise_why_stopped(host)
 
     async def close(self) -> None:
         """Stop the workers if they run, let enqueues in flight be written, then close

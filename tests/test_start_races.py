@@ -305,6 +305,55 @@ async def test_start_after_the_workers_crashed_says_so_until_stop_reports_the_cr
         assert await job.result(timeout=5) == "done"
 
 
+@pytest.mark.parametrize("when", ["before stop()", "while stop() waits"])
+@pytest.mark.parametrize("call", ["stop", "close"])
+async def test_stop_after_the_workers_task_was_cancelled_says_so_and_is_not_cancelled(
+    make_jobs: MakeJobs, call: str, when: str
+) -> None:
+    """The workers' task was cancelled in this event loop, not by a stop(): stop() (and
+    close()) raised its ``CancelledError`` to a caller nobody cancelled, which anyio and
+    asyncio take for the caller's own cancellation (a lifespan's shutdown aborted). It
+    now raises ``AsyncJobsError`` saying so, as start() refuses them meanwhile; the
+    running job was given back, and start() then starts new workers, which run it."""
+    jobs = make_jobs(shutdown_timeout=600)
+    running, release = anyio.Event(), anyio.Event()
+
+    @jobs.task(name="held")
+    async def held() -> str:
+        running.set()
+        await release.wait()
+        return "done"
+
+    await jobs.start()
+    host = jobs._host
+    assert host is not None
+    job = await held.enqueue()
+    with anyio.fail_after(STOPPED_BY):
+        await running.wait()
+        if when == "before stop()":
+            host.cancel()
+            await asyncio.wait({host})
+            with pytest.raises(AsyncJobsError, match="were cancelled"):
+                await jobs.start()
+            with pytest.raises(AsyncJobsError, match="were cancelled") as raised:
+                await getattr(jobs, call)()
+        else:
+            stopping = asyncio.get_running_loop().create_task(getattr(jobs, call)())
+            while jobs.runner.accepting:
+                await anyio.lowlevel.checkpoint()
+            host.cancel()
+            with pytest.raises(AsyncJobsError, match="were cancelled") as raised:
+                await stopping
+        assert "not by stop()" in str(raised.value)
+        assert jobs._host is None
+        if call == "close":
+            assert not is_open(jobs.store)
+        release.set()
+        await jobs.start()
+        assert await job.result(timeout=5) == "done"
+    await jobs.stop()
+
+
 # -- a start() cut short, cancelled as it closes the store ------------------------------
 
 
