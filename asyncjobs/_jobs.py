@@ -340,6 +340,7 @@ class Jobs(_Registry, _Queries, _Lifecycle, _NewJobs):
         """Enqueue the cron/periodic slots due now, then run ready jobs until none is
         ready or running, ``max_jobs`` at most (see ``asyncjobs.testing.drain``)."""
         self._forget_stopped_workers()
+        self._refuse_crashed_workers("drain()")  # kept for stop() to raise why
         if self._host is not None:
             raise AsyncJobsError("drain() is for a Jobs whose workers are not started")
         await self.scheduler.tick()

@@ -160,7 +160,7 @@ class _Lifecycle(_Shutdown):
         refuses (``AsyncJobsError`` naming the crash) rather than start new ones over a
         crash nobody has seen, as arq's and SAQ's workers end with theirs."""
         self._forget_stopped_workers()
-        self._refuse_crashed_workers()
+        self._refuse_crashed_workers("start()")
         stops = self._stops
         await self.store.open()  # its own waits: a migration takes what it takes
         # A stop() or close() while the store opened found no workers to stop: none
@@ -185,19 +185,20 @@ class _Lifecycle(_Shutdown):
             if self._host is None:  # else the workers lift it once they recovered
                 self.store.set_deadline(None)
 
-    def _refuse_crashed_workers(self) -> None:
-        """``start()`` while the workers that crashed (or were cancelled) in this event
-        loop are kept for ``stop()`` to raise why (``_forget_stopped_workers``): it
-        returned success and started none, so no job ran from then on."""
+    def _refuse_crashed_workers(self, call: str) -> None:
+        """``start()`` (``call``) while the workers that crashed (or were cancelled) in
+        this event loop are kept for ``stop()`` to raise why (``_forget_stopped_workers``):
+        it returned success and started none, so no job ran from then on. ``drain()``
+        then said the workers were started: they had crashed."""
         host = self._host
         if host is None or not host.done():
             return
         error = None if host.cancelled() else host.exception()
         why = "were cancelled" if error is None else f"crashed ({_described(error)})"
         raise AsyncJobsError(
-            f"start(): the asyncjobs workers {why} and no stop() has seen it since; no "
+            f"{call}: the asyncjobs workers {why} and no stop() has seen it since; no "
             "job runs in this process until they are started again: call `await "
-            "jobs.stop()` first (it raises why they stopped), then start()"
+            f"jobs.stop()` first (it raises why they stopped), then {call}"
         ) from error
 
     async def _start(self, gives_up_at: float) -> None:

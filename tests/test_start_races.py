@@ -305,6 +305,42 @@ async def test_start_after_the_workers_crashed_says_so_until_stop_reports_the_cr
         assert await job.result(timeout=5) == "done"
 
 
+async def test_drain_after_the_workers_crashed_says_they_crashed(
+    make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """drain() after the workers crashed (kept for ``stop()`` to raise why) refused with
+    "drain() is for a Jobs whose workers are not started": they were not running. It now
+    says they crashed, and why, and to call stop() first; after it, drain() runs."""
+    jobs = make_jobs()
+    await queued_job(jobs)
+    crash = anyio.Event()
+
+    async def heartbeat_loop(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        task_status.started()
+        await crash.wait()
+        raise StoreError("the store went away")
+
+    monkeypatch.setattr(jobs.runner, "heartbeat_loop", heartbeat_loop)
+    with anyio.fail_after(STOPPED_BY):
+        await jobs.start()
+        crash.set()
+        host = jobs._host
+        assert host is not None
+        await asyncio.wait({host})
+        with pytest.raises(AsyncJobsError) as refused:
+            await jobs.drain()
+        message = str(refused.value)
+        assert "are not started" not in message
+        assert "crashed (StoreError: the store went away)" in message
+        assert "call `await jobs.stop()` first" in message
+        assert message.startswith("drain():")
+        with pytest.raises(ExceptionGroup):
+            await jobs.stop()
+        job = await jobs.enqueue("t")
+        await jobs.drain()
+        assert await job.result(timeout=0) == "done"
+
+
 @pytest.mark.parametrize("when", ["before stop()", "while stop() waits"])
 @pytest.mark.parametrize("call", ["stop", "close"])
 async def test_stop_after_the_workers_task_was_cancelled_says_so_and_is_not_cancelled(
