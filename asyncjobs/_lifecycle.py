@@ -250,7 +250,15 @@ class _Lifecycle(_Shutdown):
             self._raise_why_not_started(host)
 
     def _raise_why_not_started(self, host: asyncio.Task[None]) -> None:
-        """Workers that ended before they were ready: why, as start() raises it."""
+        """Workers that ended before they were ready: why, as start() raises it. Their
+        task cancelled (not by a stop, nor by cancelling start(), which ``_unstart``
+        handles) raised its ``CancelledError`` to callers nobody cancelled (an app's
+        startup taken for cancelled): an ``AsyncJobsError``, as stop() raises it."""
+        if host.cancelled():
+            raise AsyncJobsError(
+                "start(): the asyncjobs workers were cancelled while they started (their "
+                f"task was cancelled, not by stop() nor by cancelling start()): {_NOT_STARTED}"
+            )
         host.result()  # raises why it stopped
         if self._stop_requested.is_set():
             raise AsyncJobsError(_CUT_SHORT)

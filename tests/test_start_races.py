@@ -390,6 +390,46 @@ async def test_stop_after_the_workers_task_was_cancelled_says_so_and_is_not_canc
     await jobs.stop()
 
 
+@pytest.mark.parametrize("which", ["start()", "a second start()"])
+async def test_a_start_whose_workers_task_is_cancelled_as_they_start_fails_and_is_not_cancelled(
+    make_jobs: MakeJobs, which: str
+) -> None:
+    """The workers' task cancelled during their first lease recovery (not by a stop, nor
+    by cancelling start()): start(), and a second start() waiting for the same workers,
+    raised its ``CancelledError`` to callers nobody cancelled (an app's startup taken
+    for cancelled). It fails with ``AsyncJobsError`` now, and a start() after runs."""
+    jobs = make_jobs()
+    job_id, _ = await queued_job(jobs)
+    waiting, gate = a_recovery_held(jobs)
+    raised: list[BaseException] = []
+
+    async def start() -> None:
+        try:
+            await jobs.start()
+        except BaseException as error:  # CancelledError too: nobody cancelled this call
+            raised.append(error)
+
+    with anyio.fail_after(STOPPED_BY):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(start)
+            await waiting.wait()
+            if which == "a second start()":
+                tg.start_soon(start)
+                for _ in range(20):
+                    await anyio.lowlevel.checkpoint()
+            host = jobs._host
+            assert host is not None
+            host.cancel()
+        gate.set()
+        assert len(raised) == (2 if which == "a second start()" else 1)
+        for error in raised:
+            assert isinstance(error, AsyncJobsError), repr(error)
+            assert "cancelled" in str(error)
+        assert not jobs.started
+        assert jobs._host is None  # forgotten: start() has said why
+        await runs_once_started(jobs, job_id)
+
+
 # -- a start() cut short, cancelled as it closes the store ------------------------------
 
 
