@@ -158,7 +158,10 @@ class _Lifecycle(_Shutdown):
 
         Workers that crashed are kept until ``stop()`` raises why: until then start()
         refuses (``AsyncJobsError`` naming the crash) rather than start new ones over a
-        crash nobody has seen, as arq's and SAQ's workers end with theirs."""
+        crash nobody has seen, as arq's and SAQ's workers end with theirs. Called while
+        a stop drains them, it waits for that drain, then starts new ones
+        (``_wait_for_drain``)."""
+        await self._wait_for_drain()
         self._forget_stopped_workers()
         self._refuse_crashed_workers("start()")
         stops = self._stops
@@ -184,6 +187,22 @@ class _Lifecycle(_Shutdown):
         finally:
             if self._host is None:  # else the workers lift it once they recovered
                 self.store.set_deadline(None)
+
+    async def _wait_for_drain(self) -> None:
+        """``start()`` while a stop drains the workers (``stop()`` waiting, or cancelled
+        since, or called by a job): wait until they have ended. It joined them instead,
+        returning success for workers about to end, and no job ran from then on. New
+        workers cannot start beside them either: they share the runner. Called by a
+        job of theirs, it would wait for itself: it fails instead."""
+        while (host := self._host) is not None and not host.done():
+            if not self._stop_requested.is_set():
+                return  # running, or starting: start() joins them
+            if self.runner.called_by_a_job():
+                raise AsyncJobsError(
+                    "start() from inside a running job while its workers stop: they stop "
+                    "once this job ends; start them again where they were stopped"
+                )
+            await asyncio.wait({host})
 
     def _refuse_crashed_workers(self, call: str) -> None:
         """``start()`` (``call``) while the workers that crashed (or were cancelled) in

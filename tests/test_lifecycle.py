@@ -1461,6 +1461,69 @@ async def test_a_start_as_the_workers_stop_is_not_undone_by_that_stop(make_jobs:
     await jobs.stop()
 
 
+async def test_a_start_while_a_stop_drains_the_workers_starts_new_ones_once_it_ends(
+    make_jobs: MakeJobs,
+) -> None:
+    """``start()`` while ``stop()`` drained the workers (a job running) joined them,
+    taking them for running, and returned: they ended with the drain, no workers ran
+    from then on, and the jobs enqueued after never ran. It now waits for the drain,
+    then starts new workers."""
+    jobs = make_jobs(shutdown_timeout=600)
+    running, release = anyio.Event(), anyio.Event()
+
+    @jobs.task(name="held")
+    async def held(wait: bool) -> str:
+        if wait:
+            running.set()
+            await release.wait()
+        return "done"
+
+    await jobs.start()
+    old = jobs._host
+    first = await held.enqueue(True)
+    with anyio.fail_after(5):
+        await running.wait()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(jobs.stop)
+            await until(lambda: not jobs.runner.accepting)
+            tg.start_soon(jobs.start)
+            for _ in range(20):
+                await anyio.lowlevel.checkpoint()
+            assert jobs._host is old  # the new start waits for the drain
+            release.set()
+        assert jobs.started
+        assert jobs._host is not old
+        assert await first.result(timeout=5) == "done"
+        assert await (await held.enqueue(False)).result(timeout=5) == "done"
+    await jobs.stop()
+
+
+async def test_a_start_from_a_job_of_workers_that_stop_fails_instead_of_waiting_for_itself(
+    make_jobs: MakeJobs,
+) -> None:
+    """start() waits for a drain under way, but called by a job of the draining workers
+    it would wait for its own end: it fails, and the workers stop once the job ends."""
+    jobs = make_jobs(shutdown_timeout=600)
+    refused: list[AsyncJobsError] = []
+
+    @jobs.task(name="restarts")
+    async def restarts() -> str:
+        await jobs.stop()  # asks them to stop, returns at once
+        try:
+            await jobs.start()
+        except AsyncJobsError as error:
+            refused.append(error)
+        return "done"
+
+    await jobs.start()
+    job = await restarts.enqueue()
+    with anyio.fail_after(5):
+        assert await job.result(timeout=5) == "done"
+        await jobs.stop()
+    assert "start() from inside a running job" in str(refused[0])
+    assert not jobs.started
+
+
 def test_workers_whose_event_loop_ended_without_stop_start_again_in_the_next_one(
     tmp_path: Path,
 ) -> None:
