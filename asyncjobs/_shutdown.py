@@ -230,7 +230,8 @@ class _Shutdown:
         as it ends, after their last outcomes (``_main``). With no workers running,
         the close is shielded (``_close_store``), bounded as it is uncancelled:
         ``CLOSE_TIME`` for the enqueues in flight, the stores' own bounds for the close.
-        A ``start()`` since takes the store back (it is open again): nothing is owed.
+        A ``start()`` meanwhile waits for that drain (and close), then opens the store
+        again; one that opened it since takes it back: nothing is owed then.
 
         A running job of these workers may not call it: the store would be closed under
         the workers still running it, and its own outcome would open it again."""
