@@ -217,3 +217,35 @@ async def test_a_close_cancelled_while_the_workers_drain_closes_the_store_once_t
         assert await again.result(timeout=5) == "done"
     await jobs.close()
     assert not is_open(jobs.store)
+
+
+async def test_a_start_after_a_close_cancelled_while_the_workers_drain_waits_and_reopens(
+    make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """start() while the workers drain on after a cancelled close(): it waits for them
+    to end (and close the store, as owed), then opens the store again and starts new
+    workers, which run the jobs enqueued since."""
+    jobs = make_jobs(shutdown_timeout=600)
+    held, running, release = held_task(jobs)
+    await jobs.start()
+    old = jobs._host
+    job = await held.enqueue()
+    watch = StoreWatch(jobs.store, monkeypatch)
+    with anyio.fail_after(5), released_at_exit(release):
+        await running.wait()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(jobs.close)
+            await until(lambda: not jobs.runner.accepting)
+            tg.cancel_scope.cancel()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(jobs.start)
+            for _ in range(20):
+                await anyio.lowlevel.checkpoint()
+            assert jobs._host is old  # waits for the drain
+            release.set()
+        assert jobs.started
+        assert watch.events == ["closed", "opened"]
+        assert await job.result(timeout=5) == "done"
+        assert await (await held.enqueue()).result(timeout=5) == "done"
+    await jobs.close()
+    assert not is_open(jobs.store)
