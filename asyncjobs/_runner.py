@@ -94,6 +94,9 @@ class Runner(_ClaimLoop, _Slots, _Outbox, _Leases, _Execution):
         # Earlier attempts stopped because their job was claimed again here (``_start``):
         # each keeps its slot until its task ends.
         self._stopping: list[_Running] = []
+        # Tasks of jobs that shutdown went on without (_Slots.cancel_running): held
+        # until they end, as asyncio holds tasks weakly.
+        self._left_behind: set[asyncio.Task[None]] = set()
         self.jobs_started = 0  # attempts started here, ever: drain() bounds its own
         # While a drain() runs: start none once jobs_started is this.
         self._start_limit: int | None = None

@@ -37,6 +37,7 @@ class _RunnerState:
     started_at: float
     running: dict[str, _Running]  # attempts running here, by job id
     _stopping: list[_Running]  # earlier attempts stopping, their job claimed again here
+    _left_behind: set[asyncio.Task[None]]  # tasks shutdown went on without
     jobs_started: int
     _start_limit: int | None
     _ready: list[JobRow]  # claimed ahead, waiting for a slot

@@ -248,7 +248,15 @@ class _Slots(_RunnerState):
                     extra={"job_id": row.id, "task": row.task, "attempt": row.attempts},
                 )  # fmt: skip
         # Forgotten, as the running ones: kept, an attempt that outlived shutdown would
-        # hold its slot (and the lease recovery) after a start() of the same Jobs.
+        # hold its slot (and the lease recovery) after a start() of the same Jobs. Their
+        # tasks are held until they end: asyncio holds tasks weakly, and one waiting on
+        # what only it reaches was collected mid-run ("Task was destroyed but it is
+        # pending!", its code thrown GeneratorExit), unseen by ``asyncjobs worker``,
+        # which waits for the tasks left at its exit (``_worker._cancel_leftovers``).
+        for task in tasks:
+            if not task.done():
+                self._left_behind.add(task)
+                task.add_done_callback(self._left_behind.discard)
         self.running.clear()
         self._stopping = []
         self._give_back(never_started)

@@ -4,6 +4,8 @@ expired leases, and graceful stop that gives unfinished jobs back."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
 import math
 import sqlite3
@@ -1098,6 +1100,42 @@ async def test_stop_goes_on_without_a_job_that_ignores_its_cancellation(
     # A heartbeat may have renewed the lease at the clock's last reading: past that.
     await jobs.store.recover(now=clock.now() + 61)
     assert (await job.info()).status == "queued"  # the lease expired: it runs again
+
+
+async def test_a_job_that_stop_went_on_without_is_not_collected_while_it_runs(
+    make_jobs: MakeJobs, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Once stop() went on without a job that ignores its cancellation, the runner held
+    its task no more, and asyncio holds tasks weakly: a job waiting on something only
+    it can reach was collected mid-run ("Task was destroyed but it is pending!"), its
+    code thrown ``GeneratorExit``, and ``asyncjobs worker`` never saw it to wait for
+    at its exit (tests/test_cli.py's stubborn worker, now and then). It is kept."""
+    jobs = make_jobs(shutdown_timeout=10)
+    started, done = anyio.Event(), anyio.Event()
+
+    @jobs.task(name="stubborn")
+    async def stubborn() -> None:
+        started.set()
+        never = asyncio.Event()  # nothing else reaches it, nor so the job's task
+        while not done.is_set():
+            with contextlib.suppress(asyncio.CancelledError):  # swallowed
+                await never.wait()
+
+    await stubborn.enqueue()
+    await jobs.start()
+    with anyio.fail_after(5):
+        await started.wait()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(jobs.stop)
+            await until(lambda: not jobs.started, clock)
+    gc.collect()
+    left = [t for t in asyncio.all_tasks() if "_execute" in repr(t.get_coro())]
+    assert "Task was destroyed but it is pending" not in caplog.text
+    assert len(left) == 1
+    done.set()
+    left[0].cancel()
+    with anyio.fail_after(5):
+        await asyncio.wait(left)
 
 
 @pytest.mark.parametrize("earlier_attempts", [0, 1])
