@@ -162,6 +162,13 @@ class JobsMiddleware:
             except Exception as error:
                 logger.exception("stopping the asyncjobs workers failed")
                 problems.append(f"stopping asyncjobs failed: {error}")
+            except BaseException:
+                # Cancelled (a server's forced exit, a bound on the shutdown): no close
+                # follows, and the store's connections would keep the process from
+                # exiting. The workers drain on; they close it as they end.
+                if not self.jobs._in_use:
+                    await self.jobs._close_once_stopped()
+                raise
         app_failed = await app.shutdown()
         if app_failed is not None:
             problems.append(app_failed)

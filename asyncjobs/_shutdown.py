@@ -244,11 +244,16 @@ class _Shutdown:
         try:
             await self.stop()
         finally:
-            host = self._host
-            if host is not None and not host.done():  # stop() cancelled: they drain on
-                self._close_owed = True
-            else:
-                await self._close_store()
+            await self._close_once_stopped()
+
+    async def _close_once_stopped(self) -> None:
+        """Close the store now if no workers run (``_close_store``), else (a stop
+        cancelled while they drain) leave it to their task, as they end: owed."""
+        host = self._host
+        if host is not None and not host.done():
+            self._close_owed = True
+        else:
+            await self._close_store()
 
     async def _close_store(self) -> None:
         """``close()``'s last steps, run to their end (``to_its_end``): wait for the

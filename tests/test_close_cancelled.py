@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 import anyio
@@ -20,7 +20,7 @@ from test_start_races import is_open
 
 import asyncjobs._outbox
 import asyncjobs._shutdown
-from asyncjobs import Jobs, Task
+from asyncjobs import Jobs, JobsMiddleware, Task
 from asyncjobs.stores import Store
 
 MakeJobs = Callable[..., Jobs]
@@ -249,3 +249,44 @@ async def test_a_start_after_a_close_cancelled_while_the_workers_drain_waits_and
         assert await (await held.enqueue()).result(timeout=5) == "done"
     await jobs.close()
     assert not is_open(jobs.store)
+
+
+async def test_a_middleware_shutdown_cancelled_as_the_workers_drain_still_closes_the_store(
+    make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``JobsMiddleware``'s shutdown stops the workers, then runs the app's shutdown,
+    then closes the store: cancelled during the stop (a server's forced exit), nothing
+    closed the store. The workers, draining on, now close it as they end."""
+    jobs = make_jobs(shutdown_timeout=600)
+    held, running, release = held_task(jobs)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        message = await receive()
+        await send({"type": f"{message['type']}.complete"})
+        message = await receive()
+        await send({"type": f"{message['type']}.complete"})
+
+    middleware = JobsMiddleware(app, jobs=jobs)
+    to_app, inbox = anyio.create_memory_object_stream[MutableMapping[str, Any]](10)
+    outbox, from_app = anyio.create_memory_object_stream[MutableMapping[str, Any]](10)
+    with anyio.fail_after(5), released_at_exit(release), to_app, inbox, outbox, from_app:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(middleware, {"type": "lifespan", "state": {}}, inbox.receive, outbox.send)
+            await to_app.send({"type": "lifespan.startup"})
+            assert (await from_app.receive())["type"] == "lifespan.startup.complete"
+            job = await held.enqueue()
+            await running.wait()
+            host = jobs._host
+            assert host is not None
+            watch = StoreWatch(jobs.store, monkeypatch)
+            await to_app.send({"type": "lifespan.shutdown"})
+            await until(lambda: not jobs.runner.accepting)
+            tg.cancel_scope.cancel()
+        assert host is not None  # (a task group's exit may swallow what it raised)
+        assert not host.done()  # draining: the job runs on
+        release.set()
+        await asyncio.wait({host})
+    assert watch.events == ["closed"]
+    assert not is_open(jobs.store)
+    monkeypatch.undo()
+    assert await job.result(timeout=0) == "done"
