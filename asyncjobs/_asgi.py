@@ -156,20 +156,21 @@ class JobsMiddleware:
         problems: list[str] = []
         self.jobs._leave()
         last = self.jobs._entries <= apps_own  # else another app still needs the workers
-        if last:
-            try:
-                await self.jobs.stop()
-            except Exception as error:
-                logger.exception("stopping the asyncjobs workers failed")
-                problems.append(f"stopping asyncjobs failed: {error}")
-            except BaseException:
-                # Cancelled (a server's forced exit, a bound on the shutdown): no close
-                # follows, and the store's connections would keep the process from
-                # exiting. The workers drain on; they close it as they end.
-                if not self.jobs._in_use:
-                    await self.jobs._close_once_stopped()
-                raise
-        app_failed = await app.shutdown()
+        try:
+            if last:
+                try:
+                    await self.jobs.stop()
+                except Exception as error:
+                    logger.exception("stopping the asyncjobs workers failed")
+                    problems.append(f"stopping asyncjobs failed: {error}")
+            app_failed = await app.shutdown()
+        except BaseException:
+            # Cancelled (a server's forced exit, a bound on the shutdown): no close
+            # follows, and the store's connections would keep the process from exiting.
+            # Workers still draining close it as they end (_close_once_stopped).
+            if last and not self.jobs._in_use:
+                await self.jobs._close_once_stopped()
+            raise
         if app_failed is not None:
             problems.append(app_failed)
         if last and not self.jobs._in_use:

@@ -251,20 +251,24 @@ async def test_a_start_after_a_close_cancelled_while_the_workers_drain_waits_and
     assert not is_open(jobs.store)
 
 
-async def test_a_middleware_shutdown_cancelled_as_the_workers_drain_still_closes_the_store(
-    make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("when", ["as the workers drain", "in the app's shutdown"])
+async def test_a_middleware_shutdown_cancelled_still_closes_the_store(
+    make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch, when: str
 ) -> None:
     """``JobsMiddleware``'s shutdown stops the workers, then runs the app's shutdown,
-    then closes the store: cancelled during the stop (a server's forced exit), nothing
-    closed the store. The workers, draining on, now close it as they end."""
+    then closes the store: cancelled before the close (a server's forced exit), nothing
+    closed the store. It is closed now, at once if the workers have stopped, else by
+    them, draining on, as they end."""
     jobs = make_jobs(shutdown_timeout=600)
     held, running, release = held_task(jobs)
+    in_app_shutdown = anyio.Event()
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         message = await receive()
         await send({"type": f"{message['type']}.complete"})
         message = await receive()
-        await send({"type": f"{message['type']}.complete"})
+        in_app_shutdown.set()
+        await anyio.sleep_forever()  # until cancelled
 
     middleware = JobsMiddleware(app, jobs=jobs)
     to_app, inbox = anyio.create_memory_object_stream[MutableMapping[str, Any]](10)
@@ -280,10 +284,16 @@ async def test_a_middleware_shutdown_cancelled_as_the_workers_drain_still_closes
             assert host is not None
             watch = StoreWatch(jobs.store, monkeypatch)
             await to_app.send({"type": "lifespan.shutdown"})
-            await until(lambda: not jobs.runner.accepting)
+            if when == "as the workers drain":
+                await until(lambda: not jobs.runner.accepting)
+            else:
+                release.set()
+                await in_app_shutdown.wait()
             tg.cancel_scope.cancel()
         assert host is not None  # (a task group's exit may swallow what it raised)
-        assert not host.done()  # draining: the job runs on
+        if when == "as the workers drain":
+            assert not host.done()  # draining: the job runs on
+            assert watch.events == []
         release.set()
         await asyncio.wait({host})
     assert watch.events == ["closed"]
