@@ -223,12 +223,12 @@ class _Shutdown:
 
         Cancelled (a bound on the app's shutdown, a server's forced exit), it still
         closes the store: left open, its connections (SQLite's threads) keep the process
-        from exiting. But not under the workers: cancelled while they drain (``stop()``
-        shields them, they go on), the store is theirs until they end, and closed now,
+        from exiting. But not under the workers: cancelled while they drain (a cancelled
+        ``stop()`` leaves them draining), the store is theirs until they end; closed now,
         their last writes would open it again behind the close (or, cut short, leave it
         open). So the close is owed (``_close_owed``), and their task closes the store
         as it ends, after their last outcomes (``_main``). With no workers running,
-        the close is shielded (``_close_store``), bounded as it is uncancelled:
+        the close runs to its end (``_close_store``), bounded as it is uncancelled:
         ``CLOSE_TIME`` for the enqueues in flight, the stores' own bounds for the close.
         A ``start()`` meanwhile waits for that drain (and close), then opens the store
         again; one that opened it since takes it back: nothing is owed then.
