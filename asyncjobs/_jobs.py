@@ -127,6 +127,8 @@ class Jobs(_Registry, _Queries, _Lifecycle, _NewJobs):
         self._stop_now = anyio.Event()
         self._workers_ready = anyio.Event()  # set once the workers started (start())
         self._entries = 0  # lifetimes entered and not left (_Lifecycle._enter)
+        self._joined = 0  # start() calls that joined the workers' start (_Lifecycle)
+        self._left_by: asyncio.Task[None] | None = None  # workers whose start() left them
         self._stops = 0  # stop() calls so far: one during a start() cuts it short
         self._close_owed = False  # close() cancelled as the workers drained (_Shutdown)
 

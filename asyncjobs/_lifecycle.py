@@ -111,6 +111,8 @@ class _Lifecycle(_Shutdown):
         registry: dict[str, Task[..., Any]]
         scheduler: Scheduler
         _entries: int
+        _joined: int
+        _left_by: asyncio.Task[None] | None
         _workers_ready: anyio.Event
 
     @property
@@ -154,7 +156,10 @@ class _Lifecycle(_Shutdown):
         from then on drains them as any stop does (``shutdown_timeout``), and so does
         its cancellation, which then waits for that drain and closes the store. Called
         while another start() starts them, it returns once they are ready, or fails as
-        that one does (``_join_start``).
+        that one does (``_join_start``). Those start() calls share the workers: one
+        cancelled leaves them to the others, waiting on them or returned (two lifespans
+        entering at once, one startup cancelled); the last one cancelled stops them
+        (``_unstart``).
 
         Workers that crashed are kept until ``stop()`` raises why: until then start()
         refuses (``AsyncJobsError`` naming the crash) rather than start new ones over a
@@ -232,11 +237,12 @@ class _Lifecycle(_Shutdown):
         host = self._host = asyncio.get_running_loop().create_task(
             self._main(ready, gives_up_at), name="asyncjobs"
         )
+        self._joined, self._left_by = 0, None  # start() calls sharing them (_join_start)
         waiter = asyncio.ensure_future(ready.wait())
         try:
             done, _ = await asyncio.wait({host, waiter}, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:  # this call cancelled (a startup cancelled, a wait_for)
-            await self._unstart(host)
+            await self._unstart(host, joined=False)
             raise
         finally:  # also when this call is cancelled: a start that fails never sets ready
             waiter.cancel()
@@ -257,16 +263,37 @@ class _Lifecycle(_Shutdown):
         are ready, or fail as that start() does if they do not start (their first lease
         recovery failed, a stop cut it short). Returning at once, it let a second app's
         startup go on as if they were running (the store's deadline still set, the
-        recovery under way), or report success for workers that never started."""
+        recovery under way), or report success for workers that never started.
+
+        Counted (``_joined``, reset as ``_start`` begins new workers): the workers are
+        this call's too, waiting on them or returned, and a cancelled start() leaves
+        them running (``_unstart``). The one that began them cancelled (and gone), if
+        they do not start, the first joiner to see it closes the store, which nobody
+        else would."""
         ready = self._workers_ready
+        self._joined += 1
         if not ready.is_set():
             waiter = asyncio.ensure_future(ready.wait())
             try:
                 await asyncio.wait({host, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:  # this call cancelled
+                await self._unstart(host, joined=True)
+                raise
             finally:
                 waiter.cancel()
-        if not ready.is_set():
+        if ready.is_set():
+            return
+        # Left to this call (the start() that began them cancelled), and to no other.
+        closes = self._left_by is host
+        if closes:
+            self._left_by = None
+            if self._host is host:
+                self._host = None
+        try:
             self._raise_why_not_started(host)
+        finally:
+            if closes:
+                await self._close_store_unstarted()
 
     def _raise_why_not_started(self, host: asyncio.Task[None]) -> None:
         """Workers that ended before they were ready: why, as start() raises it. Their
@@ -284,12 +311,18 @@ class _Lifecycle(_Shutdown):
         # Not expected: before ready, _main returns only once a stop was asked.
         raise AsyncJobsError("the workers stopped while starting")
 
-    async def _unstart(self, host: asyncio.Task[None]) -> None:
-        """A cancelled ``start()``: stop the workers it started and close the store, as
-        a start that fails does; else they would run on, unseen, until a stop(). At once
-        while they start; once they are ready (the call was cancelled just before it
-        returned), they have started, and drain as they would on a stop() then: their
-        running jobs get ``shutdown_timeout``, not cancelled for a stop at once."""
+    async def _unstart(self, host: asyncio.Task[None], *, joined: bool) -> None:
+        """A cancelled ``start()`` (``joined`` another's, or began them): stop the
+        workers and close the store, as a start that fails does; else they would run
+        on, unseen, until a stop(). At once while they start; once they are ready (the
+        call was cancelled just before it returned), they have started, and drain as
+        they would on a stop() then: their running jobs get ``shutdown_timeout``, not
+        cancelled for a stop at once. But not under another start() sharing them,
+        waiting on them or returned (``_left_to_others``): stopped, it failed saying a
+        stop() cut it short, or its app served with no workers and the store closed.
+        The cancellation goes on, the workers left to it."""
+        if self._left_to_others(host, joined=joined):
+            return
         # Bounded: STOP_AT_ONCE_GRACE and past it, or a drain's shutdown_timeout and
         # FINAL_WRITE_TIME.
         with anyio.CancelScope(shield=True):
@@ -303,6 +336,21 @@ class _Lifecycle(_Shutdown):
         await self._close_store_unstarted()
         if not host.cancelled() and (error := host.exception()) is not None:
             logger.warning("asyncjobs workers stopped, start() cancelled: %s", error)
+
+    def _left_to_others(self, host: asyncio.Task[None], *, joined: bool) -> bool:
+        """A cancelled ``start()`` (``joined`` another's, or began them): are the
+        workers left to the other start() calls that share them, waiting on them or
+        returned? The last one to leave stops them (``_unstart``)."""
+        if self._host is not host:  # ended, forgotten: nobody shares them
+            return False
+        if joined:
+            self._joined -= 1
+        if self._joined > 0:
+            if not joined:
+                self._left_by = host  # a joiner closes the store if they do not start
+            return True
+        # A joiner cancelled: the start() that began them still waits, unless it left.
+        return joined and self._left_by is not host
 
     async def _close_store_unstarted(self) -> None:
         """Close the store after a start() that failed, was cut short or cancelled: an

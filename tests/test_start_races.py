@@ -4,10 +4,10 @@ open had ended, but before the workers' task existed, found no workers to stop a
 closed the store; start() then started workers, which opened the store again behind
 the close. And a cancelled start (a lifespan's startup cancelled, ``asyncio.wait_for``
 timing out) left its workers starting, running until a later stop or the loop's end.
-Also a second start() while the first starts, start() after the workers crashed, and a
-start() cut short whose caller is cancelled as it closes the store. (A stop or close
-during the first lease recovery: tests/test_start_bound.py; a stop once the workers are
-ready: tests/test_start_ready.py.)"""
+Also a second start() while the first starts (either one cancelled), start() after the
+workers crashed, and a start() cut short whose caller is cancelled as it closes the
+store. (A stop or close during the first lease recovery: tests/test_start_bound.py; a
+stop once the workers are ready: tests/test_start_ready.py.)"""
 
 from __future__ import annotations
 
@@ -262,6 +262,106 @@ async def test_a_second_start_fails_as_the_first_when_the_workers_do_not_start(
     assert expected in str(raised["first"])
     assert expected in str(raised["second"])
     assert not jobs.started
+
+
+async def checkpoints(n: int = 50) -> None:
+    for _ in range(n):
+        await anyio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize("when", ["while they start", "once they are ready"])
+async def test_a_cancelled_start_leaves_the_workers_a_second_start_joined(
+    make_jobs: MakeJobs, when: str
+) -> None:
+    """Two starts at once (two lifespans entering), the first one cancelled (its app's
+    startup cancelled, an ``asyncio.wait_for`` around it timing out): its ``_unstart``
+    stopped the workers that the second, not cancelled, waits on or has returned for.
+    While they started the second failed with "cut short by stop() or close()", neither
+    called; once they were ready it returned success, then the first's cancellation
+    drained them and closed the store. The second start() now gets running workers."""
+    from test_start_ready import as_the_workers_get_ready  # which imports this module
+
+    jobs = make_jobs()
+    waiting, gate = a_recovery_held(jobs)
+    first = anyio.CancelScope()
+    second: list[str] = []
+
+    async def start_first() -> None:
+        with first:
+            await jobs.start()
+
+    async def start_second() -> None:
+        try:
+            await jobs.start()
+        except AsyncJobsError as error:
+            second.append(f"failed: {error}")
+        else:
+            second.append("returned")
+
+    with anyio.fail_after(STOPPED_BY):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(start_first)
+            await waiting.wait()
+            tg.start_soon(start_second)
+            await checkpoints()
+            if when == "while they start":
+                first.cancel()
+                await checkpoints()
+                gate.set()
+            else:
+                with as_the_workers_get_ready(first.cancel):
+                    gate.set()
+                    while not first.cancel_called or not second:
+                        await anyio.lowlevel.checkpoint()
+    assert first.cancelled_caught
+    assert second == ["returned"]
+    assert jobs.started
+    assert is_open(jobs.store)
+
+
+@pytest.mark.parametrize(
+    "then", ["the second is cancelled too", "the recovery fails", "the first goes on"]
+)
+async def test_workers_a_cancelled_start_left_to_a_second_end_with_it(
+    make_jobs: MakeJobs, then: str
+) -> None:
+    """Of two starts at once, the one cancelled leaves the workers to the other. The
+    first cancelled, the second is left to stop them and close the store: cancelled too,
+    or failing as the workers do not start (nobody else would: they ran on unseen, the
+    store left open). The second cancelled, the first goes on and starts them."""
+    jobs = make_jobs()
+    waiting, gate = a_recovery_held(jobs, fails=then == "the recovery fails")
+    first, second = anyio.CancelScope(), anyio.CancelScope()
+    raised: list[str] = []
+
+    async def start(scope: anyio.CancelScope) -> None:
+        with scope:
+            try:
+                await jobs.start()
+            except RuntimeError as error:
+                raised.append(str(error))
+
+    with anyio.fail_after(STOPPED_BY):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(start, first)
+            await waiting.wait()
+            tg.start_soon(start, second)
+            await checkpoints()
+            (second if then == "the first goes on" else first).cancel()
+            await checkpoints()
+            if then == "the second is cancelled too":
+                second.cancel()
+                await checkpoints()
+            gate.set()
+    if then == "the first goes on":
+        assert (first.cancelled_caught, second.cancelled_caught) == (False, True)
+        assert jobs.started
+        assert is_open(jobs.store)
+        return
+    assert raised == ([] if then == "the second is cancelled too" else ["the recovery failed"])
+    assert not jobs.started
+    assert jobs._host is None
+    assert not is_open(jobs.store)
 
 
 # -- start() after the workers crashed --------------------------------------------------
