@@ -367,15 +367,10 @@ async def test_workers_a_cancelled_start_left_to_a_second_end_with_it(
 # -- start() after the workers crashed --------------------------------------------------
 
 
-async def test_start_after_the_workers_crashed_says_so_until_stop_reports_the_crash(
-    make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The workers crashed (a loop of theirs raised); they are kept for ``stop()`` to
-    raise why. ``start()`` then did nothing, returning success with no workers running
-    (no job ran). It now fails, naming the crash and telling to call stop() first; once
-    stop() has raised the crash, start() starts new workers."""
-    jobs = make_jobs()
-    await queued_job(jobs)
+async def start_then_crash(jobs: Jobs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start ``jobs``' workers, then crash them (their heartbeat loop raises a
+    ``StoreError``, "the store went away") and wait until they have ended; the loop is
+    put back for the next start."""
     heartbeats = jobs.runner.heartbeat_loop
     crash = anyio.Event()
 
@@ -385,13 +380,25 @@ async def test_start_after_the_workers_crashed_says_so_until_stop_reports_the_cr
         raise StoreError("the store went away")
 
     monkeypatch.setattr(jobs.runner, "heartbeat_loop", heartbeat_loop)
+    await jobs.start()
+    crash.set()
+    host = jobs._host
+    assert host is not None
+    await asyncio.wait({host})
+    monkeypatch.setattr(jobs.runner, "heartbeat_loop", heartbeats)
+
+
+async def test_start_after_the_workers_crashed_says_so_until_stop_reports_the_crash(
+    make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workers crashed (a loop of theirs raised); they are kept for ``stop()`` to
+    raise why. ``start()`` then did nothing, returning success with no workers running
+    (no job ran). It now fails, naming the crash and telling to call stop() first; once
+    stop() has raised the crash, start() starts new workers."""
+    jobs = make_jobs()
+    await queued_job(jobs)
     with anyio.fail_after(STOPPED_BY):
-        await jobs.start()
-        crash.set()
-        host = jobs._host
-        assert host is not None
-        await asyncio.wait({host})
-        monkeypatch.setattr(jobs.runner, "heartbeat_loop", heartbeats)
+        await start_then_crash(jobs, monkeypatch)
         job = await jobs.enqueue("t")
         with pytest.raises(AsyncJobsError, match="crashed") as refused:
             await jobs.start()
@@ -413,20 +420,8 @@ async def test_drain_after_the_workers_crashed_says_they_crashed(
     says they crashed, and why, and to call stop() first; after it, drain() runs."""
     jobs = make_jobs()
     await queued_job(jobs)
-    crash = anyio.Event()
-
-    async def heartbeat_loop(*, task_status: anyio.abc.TaskStatus[None]) -> None:
-        task_status.started()
-        await crash.wait()
-        raise StoreError("the store went away")
-
-    monkeypatch.setattr(jobs.runner, "heartbeat_loop", heartbeat_loop)
     with anyio.fail_after(STOPPED_BY):
-        await jobs.start()
-        crash.set()
-        host = jobs._host
-        assert host is not None
-        await asyncio.wait({host})
+        await start_then_crash(jobs, monkeypatch)
         with pytest.raises(AsyncJobsError) as refused:
             await jobs.drain()
         message = str(refused.value)
