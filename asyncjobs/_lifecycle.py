@@ -147,25 +147,24 @@ class _Lifecycle(_Shutdown):
     async def start(self) -> None:
         """Open the store and, unless ``workers=False``, start the workers.
 
-        The first lease recovery gets ``START_TIME``: ``StoreError`` past it, naming
-        what it waited on (another process holding the store, a store that hangs). A
-        ``stop()`` or ``close()`` before the workers are ready makes it fail
-        (``_CUT_SHORT``, or a close's ``StoreError`` for the open it cancelled), and
-        they stop at once (``_recover_first``); cancelled then, it stops them at once.
-        Once they are ready it has succeeded, even if it has not returned yet: a stop
-        from then on drains them as any stop does (``shutdown_timeout``), and so does
-        its cancellation, which then waits for that drain and closes the store. Called
-        while another start() starts them, it returns once they are ready, or fails as
-        that one does (``_join_start``). Those start() calls share the workers: one
-        cancelled leaves them to the others, waiting on them or returned (two lifespans
-        entering at once, one startup cancelled); the last one cancelled stops them
-        (``_unstart``).
-
-        Workers that crashed are kept until ``stop()`` raises why: until then start()
-        refuses (``AsyncJobsError`` naming the crash) rather than start new ones over a
-        crash nobody has seen, as arq's and SAQ's workers end with theirs. Called while
-        a stop drains them, it waits for that drain, then starts new ones
-        (``_wait_for_drain``)."""
+        - The first lease recovery gets ``START_TIME``: ``StoreError`` past it, naming
+          what it waited on (another process holding the store, a store that hangs).
+        - A ``stop()`` or ``close()`` before the workers are ready makes it fail
+          (``_CUT_SHORT``, or a close's ``StoreError`` for the open it cancelled), and
+          they stop at once (``_recover_first``); cancelled then, it stops them at once.
+        - Once they are ready it has succeeded, even if it has not returned yet: a stop
+          from then on drains them as any stop does (``shutdown_timeout``), and so does
+          its cancellation, which then waits for that drain and closes the store.
+        - Called while another start() starts them, it returns once they are ready, or
+          fails as that one does (``_join_start``). Those start() calls share the
+          workers: one cancelled leaves them to the others, waiting on them or returned
+          (two lifespans entering at once, one startup cancelled); the last one
+          cancelled stops them (``_unstart``).
+        - Called while a stop drains them, it waits for that drain, then starts new ones
+          (``_wait_for_drain``).
+        - Workers that crashed are kept until ``stop()`` raises why: until then it
+          refuses (``AsyncJobsError`` naming the crash) rather than start new ones over
+          a crash nobody has seen, as arq's and SAQ's workers end with theirs."""
         await self._wait_for_drain()
         self._forget_stopped_workers()
         self._refuse_crashed_workers("start()")
