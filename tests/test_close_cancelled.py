@@ -16,11 +16,11 @@ from typing import Any
 
 import anyio
 import pytest
-from test_start_races import is_open
+from test_start_races import held_task, is_open
 
 import asyncjobs._outbox
 import asyncjobs._shutdown
-from asyncjobs import Jobs, JobsMiddleware, Task
+from asyncjobs import Jobs, JobsMiddleware
 from asyncjobs.stores import Store
 
 MakeJobs = Callable[..., Jobs]
@@ -75,19 +75,6 @@ def released_at_exit(release: anyio.Event) -> Iterator[None]:
         yield
     finally:
         release.set()
-
-
-def held_task(jobs: Jobs) -> tuple[Task[[], str], anyio.Event, anyio.Event]:
-    """A task ``held`` whose job runs (the first event set then) until the second is set."""
-    running, release = anyio.Event(), anyio.Event()
-
-    @jobs.task(name="held")
-    async def held() -> str:
-        running.set()
-        await release.wait()
-        return "done"
-
-    return held, running, release
 
 
 @pytest.mark.parametrize("cancel", ["cancel scope", "task.cancel()"])

@@ -32,7 +32,7 @@ from test_start_bound import (
 
 import asyncjobs._shutdown
 import asyncjobs.stores._opening
-from asyncjobs import AsyncJobsError, Jobs, StoreError
+from asyncjobs import AsyncJobsError, Jobs, StoreError, Task
 from asyncjobs.stores import Store
 
 
@@ -49,6 +49,19 @@ def short_grace(monkeypatch: pytest.MonkeyPatch) -> None:
 def is_open(store: Store) -> bool:
     held: Any = store
     return held._pool is not None if hasattr(held, "_pool") else bool(held._open)
+
+
+def held_task(jobs: Jobs) -> tuple[Task[[], str], anyio.Event, anyio.Event]:
+    """A task ``held`` whose job runs (the first event set then) until the second is set."""
+    running, release = anyio.Event(), anyio.Event()
+
+    @jobs.task(name="held")
+    async def held() -> str:
+        running.set()
+        await release.wait()
+        return "done"
+
+    return held, running, release
 
 
 def paused_after_open(
@@ -447,14 +460,7 @@ async def test_stop_after_the_workers_task_was_cancelled_says_so_and_is_not_canc
     now raises ``AsyncJobsError`` saying so, as start() refuses them meanwhile; the
     running job was given back, and start() then starts new workers, which run it."""
     jobs = make_jobs(shutdown_timeout=600)
-    running, release = anyio.Event(), anyio.Event()
-
-    @jobs.task(name="held")
-    async def held() -> str:
-        running.set()
-        await release.wait()
-        return "done"
-
+    held, running, release = held_task(jobs)
     await jobs.start()
     host = jobs._host
     assert host is not None
