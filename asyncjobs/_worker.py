@@ -218,7 +218,10 @@ async def _start_unless_signalled(
         async def stop_starting() -> None:
             nonlocal signalled, draining
             async for signum in received:
-                if jobs._ready:  # start() returns in a moment, not cancelled
+                # Ready, even if they crashed since: start() returns in a moment, not
+                # cancelled, and close() raises the crash (exit status 1, as a moment
+                # later). Taken for a signal while starting, it was only logged.
+                if jobs._host is not None and jobs._workers_ready.is_set():
                     _log_draining(jobs, signum)
                     draining = True
                     return

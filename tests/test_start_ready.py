@@ -10,8 +10,10 @@ import functools
 import logging
 import os
 import signal
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -19,8 +21,9 @@ import pytest
 from test_start_bound import STOPPED_BY, MakeJobs
 from test_start_races import is_open
 
+import asyncjobs._lifecycle
 import asyncjobs._shutdown
-from asyncjobs import AsyncJobsError, Jobs
+from asyncjobs import AsyncJobsError, Jobs, StoreError
 from asyncjobs._worker import run_worker
 
 
@@ -208,4 +211,58 @@ async def test_a_stop_once_the_workers_are_ready_drains_and_start_succeeds(
         held.released.set()
         await stops[0]
     assert await job.result(timeout=0) == "done"
+    assert not jobs.started
+
+
+def start_resumes_once_the_workers_crashed(jobs: Jobs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workers crash (their heartbeat loop raises a ``StoreError``) right after they
+    got ready, and ``start()`` resumes only once they have ended and a SIGTERM has been
+    received (as on a busy event loop): its wait for them (``asyncio.wait`` in
+    ``_lifecycle``) is held that long."""
+    crash, received = anyio.Event(), anyio.Event()
+
+    async def heartbeat_loop(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        task_status.started()
+        await crash.wait()
+        raise StoreError("the store went away")
+
+    monkeypatch.setattr(jobs.runner, "heartbeat_loop", heartbeat_loop)
+    wait = asyncio.wait
+
+    async def held_wait(aws: Any, **kwargs: Any) -> Any:
+        outcome = await wait(aws, **kwargs)
+        host = jobs._host
+        if crash.is_set() or host is None or host not in aws or not jobs._workers_ready.is_set():
+            return outcome
+        crash.set()
+        await wait({host})
+        os.kill(os.getpid(), signal.SIGTERM)
+        await received.wait()
+        return outcome
+
+    class Received(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("received SIGTERM"):
+                received.set()
+
+    held = types.ModuleType("asyncio")
+    held.__dict__.update(vars(asyncio), wait=held_wait)
+    monkeypatch.setattr(asyncjobs._lifecycle, "asyncio", held)
+    logger = logging.getLogger("asyncjobs")
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    monkeypatch.setattr(logger, "handlers", [*logger.handlers, Received()])
+
+
+async def test_a_signal_after_the_workers_crashed_before_start_resumed_makes_the_worker_fail(
+    make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``asyncjobs worker``: its workers crashed right after they got ready, and SIGTERM
+    came before ``start()`` resumed. Taken for a signal while starting (the crashed
+    workers were not running), it cancelled start() and exited 0, the crash only logged;
+    a moment later, the same crash made it exit 1. It raises the crash now."""
+    jobs = make_jobs()
+    start_resumes_once_the_workers_crashed(jobs, monkeypatch)
+    with anyio.fail_after(STOPPED_BY), pytest.raises(ExceptionGroup) as raised:
+        await run_worker(jobs)
+    assert raised.group_contains(StoreError, match="the store went away")
     assert not jobs.started
