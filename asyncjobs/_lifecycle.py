@@ -177,6 +177,8 @@ class _Lifecycle(_Shutdown):
             if self._host is None:
                 await self._close_store_unstarted()
             raise AsyncJobsError(_CUT_SHORT)
+        # Workers that crashed while it opened: joined, they were taken for running.
+        self._refuse_crashed_workers("start()")
         self._close_owed = False  # the store is this start's now, not a drain's to close
         if not self.settings.workers:
             return
@@ -217,6 +219,8 @@ class _Lifecycle(_Shutdown):
         if host is None or not host.done():
             return
         error = None if host.cancelled() else host.exception()
+        if error is None and not host.cancelled():
+            return  # ended on a stop (one ending as start() opened the store): not refused
         why = "were cancelled" if error is None else f"crashed ({_described(error)})"
         raise AsyncJobsError(
             f"{call}: the asyncjobs workers {why} and no stop() has seen it since; no "

@@ -380,11 +380,9 @@ async def test_workers_a_cancelled_start_left_to_a_second_end_with_it(
 # -- start() after the workers crashed --------------------------------------------------
 
 
-async def start_then_crash(jobs: Jobs, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Start ``jobs``' workers, then crash them (their heartbeat loop raises a
-    ``StoreError``, "the store went away") and wait until they have ended; the loop is
-    put back for the next start."""
-    heartbeats = jobs.runner.heartbeat_loop
+def crashing_heartbeats(jobs: Jobs, monkeypatch: pytest.MonkeyPatch) -> anyio.Event:
+    """The workers' heartbeat loop raises a ``StoreError`` ("the store went away"), a
+    crash, once the event returned is set."""
     crash = anyio.Event()
 
     async def heartbeat_loop(*, task_status: anyio.abc.TaskStatus[None]) -> None:
@@ -393,6 +391,14 @@ async def start_then_crash(jobs: Jobs, monkeypatch: pytest.MonkeyPatch) -> None:
         raise StoreError("the store went away")
 
     monkeypatch.setattr(jobs.runner, "heartbeat_loop", heartbeat_loop)
+    return crash
+
+
+async def start_then_crash(jobs: Jobs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start ``jobs``' workers, then crash them (``crashing_heartbeats``) and wait until
+    they have ended; the loop is put back for the next start."""
+    heartbeats = jobs.runner.heartbeat_loop
+    crash = crashing_heartbeats(jobs, monkeypatch)
     await jobs.start()
     crash.set()
     host = jobs._host
@@ -423,6 +429,39 @@ async def test_start_after_the_workers_crashed_says_so_until_stop_reports_the_cr
         assert crashed.group_contains(StoreError, match="the store went away")
         await jobs.start()
         assert await job.result(timeout=5) == "done"
+
+
+async def test_a_start_during_whose_open_the_workers_crash_refuses_them(
+    make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workers crashed while a second ``start()`` (another lifespan entering) opened
+    the store: it joined them once the open ended and, their ready event set, returned
+    success with no workers running (its app served, no job ran). It now refuses them
+    as a start() called after the crash does."""
+    jobs = make_jobs()
+    crash = crashing_heartbeats(jobs, monkeypatch)
+    await jobs.start()
+    host = jobs._host
+    assert host is not None
+    opened, go_on = paused_after_open(jobs.store, monkeypatch)
+    raised: list[BaseException] = []
+
+    async def start() -> None:
+        with pytest.raises(AsyncJobsError) as refused:
+            await jobs.start()
+        raised.append(refused.value)
+
+    with anyio.fail_after(STOPPED_BY):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(start)
+            await opened.wait()
+            crash.set()
+            await asyncio.wait({host})
+            go_on.set()
+        assert "crashed (StoreError: the store went away)" in str(raised[0])
+        assert "call `await jobs.stop()` first" in str(raised[0])
+        with pytest.raises(ExceptionGroup):
+            await jobs.stop()
 
 
 async def test_drain_after_the_workers_crashed_says_they_crashed(
