@@ -234,7 +234,7 @@ class _Lifecycle(_Shutdown):
         if not self.registry:
             logger.warning("starting workers with no task registered; nothing will run")
         self.runner.starting()
-        self._stop_requested = anyio.Event()
+        stop_requested = self._stop_requested = anyio.Event()
         self._stop_now = anyio.Event()
         ready = self._workers_ready = anyio.Event()
         host = self._host = asyncio.get_running_loop().create_task(
@@ -257,7 +257,7 @@ class _Lifecycle(_Shutdown):
         if host in done:
             self._host = None
             try:
-                self._raise_why_not_started(host)
+                self._raise_why_not_started(host, stop_requested)
             finally:
                 await self._close_store_unstarted()
 
@@ -273,7 +273,7 @@ class _Lifecycle(_Shutdown):
         them running (``_unstart``). The one that began them cancelled (and gone), if
         they do not start, the first joiner to see it closes the store, which nobody
         else would."""
-        ready = self._workers_ready
+        ready, stop_requested = self._workers_ready, self._stop_requested  # host's
         self._joined += 1
         if not ready.is_set():
             waiter = asyncio.ensure_future(ready.wait())
@@ -293,23 +293,26 @@ class _Lifecycle(_Shutdown):
             if self._host is host:
                 self._host = None
         try:
-            self._raise_why_not_started(host)
+            self._raise_why_not_started(host, stop_requested)
         finally:
             if closes:
                 await self._close_store_unstarted()
 
-    def _raise_why_not_started(self, host: asyncio.Task[None]) -> None:
-        """Workers that ended before they were ready: why, as start() raises it. Their
-        task cancelled (not by a stop, nor by cancelling start(), which ``_unstart``
-        handles) raised its ``CancelledError`` to callers nobody cancelled (an app's
-        startup taken for cancelled): an ``AsyncJobsError``, as stop() raises it."""
+    def _raise_why_not_started(self, host: asyncio.Task[None], stop_requested: anyio.Event) -> None:
+        """Workers that ended before they were ready: why, as start() raises it. A stop
+        asked of them is read from ``stop_requested``, their own event: a start() since
+        has replaced ``_stop_requested`` (a joiner read the new one, not set, and did not
+        say it was cut short). Their task cancelled (not by a stop, nor by cancelling
+        start(), which ``_unstart`` handles) raised its ``CancelledError`` to callers
+        nobody cancelled (an app's startup taken for cancelled): an ``AsyncJobsError``,
+        as stop() raises it."""
         if host.cancelled():
             raise AsyncJobsError(
                 "start(): the asyncjobs workers were cancelled while they started (their "
                 f"task was cancelled, not by stop() nor by cancelling start()): {_NOT_STARTED}"
             )
         host.result()  # raises why it stopped
-        if self._stop_requested.is_set():
+        if stop_requested.is_set():
             raise AsyncJobsError(_CUT_SHORT)
         # Not expected: before ready, _main returns only once a stop was asked.
         raise AsyncJobsError("the workers stopped while starting")

@@ -277,6 +277,45 @@ async def test_a_second_start_fails_as_the_first_when_the_workers_do_not_start(
     assert not jobs.started
 
 
+async def test_a_second_start_cut_short_says_so_though_a_third_start_began_new_workers(
+    make_jobs: MakeJobs,
+) -> None:
+    """A second ``start()`` waits on the workers the first began, and a stop() cuts them
+    short; a third start() begins new workers as soon as those have ended, before the
+    second has resumed. The second read the third's stop event, not set, and said "the
+    workers stopped while starting"; it says it was cut short, as the first does."""
+    jobs = make_jobs()
+    waiting, gate = a_recovery_held(jobs)
+    raised: dict[str, BaseException] = {}
+    loop = asyncio.get_running_loop()
+    third: list[asyncio.Task[None]] = []
+
+    async def start(which: str) -> None:
+        try:
+            await jobs.start()
+        except Exception as error:
+            raised[which] = error
+
+    with anyio.fail_after(STOPPED_BY):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(start, "first")
+            await waiting.wait()
+            host = jobs._host
+            assert host is not None
+            # Called back before the second start() is woken: the third runs first.
+            host.add_done_callback(lambda _: third.append(loop.create_task(start("third"))))
+            tg.start_soon(start, "second")
+            await checkpoints()
+            tg.start_soon(jobs.stop)
+            await checkpoints()
+            gate.set()
+        await asyncio.wait(third)
+        assert "cut short by stop()" in str(raised["first"])
+        assert "cut short by stop()" in str(raised["second"])
+        with contextlib.suppress(Exception):
+            await jobs.close()
+
+
 async def checkpoints(n: int = 50) -> None:
     for _ in range(n):
         await anyio.lowlevel.checkpoint()
