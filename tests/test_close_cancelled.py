@@ -16,11 +16,11 @@ from typing import Any
 
 import anyio
 import pytest
-from test_start_races import held_task, is_open
+from test_start_races import held_task, is_open, started_with_a_held_job
 
 import asyncjobs._outbox
 import asyncjobs._shutdown
-from asyncjobs import Jobs, JobsMiddleware
+from asyncjobs import Job, Jobs, JobsMiddleware
 from asyncjobs.stores import Store
 
 MakeJobs = Callable[..., Jobs]
@@ -158,6 +158,17 @@ async def test_a_close_cancelled_while_it_waits_for_an_enqueue_still_closes_the_
     assert await jobs.get(ids[0]) is not None
 
 
+async def closed_once_they_ended(
+    jobs: Jobs, watch: StoreWatch, monkeypatch: pytest.MonkeyPatch, job: Job[str]
+) -> None:
+    """The workers have ended: the store was closed once, by them, and their job's
+    outcome was written before it."""
+    assert watch.events == ["closed"]
+    assert not is_open(jobs.store)
+    monkeypatch.undo()
+    assert await job.result(timeout=0) == "done"
+
+
 @pytest.mark.parametrize("cancel", ["cancel scope", "task.cancel()"])
 async def test_a_close_cancelled_while_the_workers_drain_closes_the_store_once_they_end(
     make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch, cancel: str
@@ -167,11 +178,7 @@ async def test_a_close_cancelled_while_the_workers_drain_closes_the_store_once_t
     cut the close short, the store left open; a task's cancellation closed it under the
     workers, and their last write opened it again.) A later start() opens it again."""
     jobs = make_jobs(shutdown_timeout=600)
-    held, running, release = held_task(jobs)
-    await jobs.start()
-    host = jobs._host
-    assert host is not None
-    job = await held.enqueue()
+    held, running, release, host, job = await started_with_a_held_job(jobs)
     watch = StoreWatch(jobs.store, monkeypatch)
     with anyio.fail_after(5), released_at_exit(release):
         await running.wait()
@@ -193,10 +200,7 @@ async def test_a_close_cancelled_while_the_workers_drain_closes_the_store_once_t
         assert watch.events == []  # not closed under them
         release.set()
         await asyncio.wait({host})
-    assert watch.events == ["closed"]
-    assert not is_open(jobs.store)
-    monkeypatch.undo()
-    assert await job.result(timeout=0) == "done"
+    await closed_once_they_ended(jobs, watch, monkeypatch, job)
     with anyio.fail_after(5):
         await jobs.start()
         again = await held.enqueue()
@@ -283,7 +287,4 @@ async def test_a_middleware_shutdown_cancelled_still_closes_the_store(
             assert watch.events == []
         release.set()
         await asyncio.wait({host})
-    assert watch.events == ["closed"]
-    assert not is_open(jobs.store)
-    monkeypatch.undo()
-    assert await job.result(timeout=0) == "done"
+    await closed_once_they_ended(jobs, watch, monkeypatch, job)

@@ -32,7 +32,7 @@ from test_start_bound import (
 
 import asyncjobs._shutdown
 import asyncjobs.stores._opening
-from asyncjobs import AsyncJobsError, Jobs, StoreError, Task
+from asyncjobs import AsyncJobsError, Job, Jobs, StoreError, Task
 from asyncjobs.stores import Store
 
 
@@ -62,6 +62,19 @@ def held_task(jobs: Jobs) -> tuple[Task[[], str], anyio.Event, anyio.Event]:
         return "done"
 
     return held, running, release
+
+
+async def started_with_a_held_job(
+    jobs: Jobs,
+) -> tuple[Task[[], str], anyio.Event, anyio.Event, asyncio.Task[None], Job[str]]:
+    """Start ``jobs``' workers and enqueue a ``held_task`` job: the task, its two
+    events (running, release), the workers' task and the job."""
+    held, running, release = held_task(jobs)
+    await jobs.start()
+    host = jobs._host
+    assert host is not None
+    job = await held.enqueue()
+    return held, running, release, host, job
 
 
 def paused_after_open(
@@ -538,11 +551,7 @@ async def test_stop_after_the_workers_task_was_cancelled_says_so_and_is_not_canc
     now raises ``AsyncJobsError`` saying so, as start() refuses them meanwhile; the
     running job was given back, and start() then starts new workers, which run it."""
     jobs = make_jobs(shutdown_timeout=600)
-    held, running, release = held_task(jobs)
-    await jobs.start()
-    host = jobs._host
-    assert host is not None
-    job = await held.enqueue()
+    _, running, release, host, job = await started_with_a_held_job(jobs)
     with anyio.fail_after(STOPPED_BY):
         await running.wait()
         if when == "before stop()":
